@@ -1,0 +1,74 @@
+"""The fully resolved configuration of one cell, and its content-hashed identity.
+
+A cell id is the hash of the canonical JSON of everything that can change a cell's result (model
+and revision, task, method and its resolved settings, budget, seed, evaluation settings) plus the
+results schema version. Scheduling details (GPUs, retries, where results go) are deliberately not
+part of it, so the same cell run on a laptop or on a cluster is recognised as done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import Field
+
+from workers.config import StrictConfig
+from workers.schema import SCHEMA_VERSION
+
+LADDER_PREFIX = "ladder:"
+
+
+class ModelSpec(StrictConfig):
+    id: str = Field(description="hub id, local directory, or ladder:<size> / ladder:<recipe>/<size>")
+    revision: str | None = Field(None, description="hub revision; for ladder models the recipe hash (filled in)")
+    family: str | None = Field(None, description="model family for pooled fits; default: inferred from the id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = Field(False, description="run code shipped with a hub model; off unless asked for")
+
+    @property
+    def label(self) -> str:
+        """A short readable name for slugs and tables."""
+        tail = self.id.removeprefix(LADDER_PREFIX).rstrip("/").split("/")[-1]
+        return ("ladder-" if self.id.startswith(LADDER_PREFIX) else "") + tail
+
+    @property
+    def family_name(self) -> str:
+        if self.family:
+            return self.family
+        if self.id.startswith(LADDER_PREFIX):
+            return "ladder"
+        return re.split(r"[-_.]", self.id.rstrip("/").split("/")[-1])[0].lower()
+
+
+class EvalConfig(StrictConfig):
+    test_size: int = Field(200, ge=1, description="test examples per cell (the same questions for every cell)")
+    validation_size: int = Field(64, ge=0, description="the shared validation set every method selects on")
+    validation_seed: int = Field(0, description="fixed across cells so every method sees the same validation set")
+    neutral_size: int = Field(32, ge=0, description="neutral texts for KL / perplexity-ratio selectivity")
+    batch_size: int = Field(64, ge=1)
+
+
+class CellConfig(StrictConfig):
+    sweep: str
+    model: ModelSpec
+    task: str
+    method: str
+    method_config: dict[str, Any] = Field(default_factory=dict, description="the method's resolved config")
+    budget: int = Field(ge=0)
+    seed: int
+    eval: EvalConfig = EvalConfig()
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def cell_id(self) -> str:
+        identity = self.model_dump(mode="json", exclude={"sweep"})
+        canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+    @property
+    def slug(self) -> str:
+        return f"{self.model.label}__{self.task}__{self.method}__n{self.budget}__s{self.seed}"

@@ -1,0 +1,128 @@
+"""A causal LM with its tokenizer, and the three things tasks and methods ask of it.
+
+Everything here works for any Hugging Face causal LM: prompts and continuations are tokenized
+separately and concatenated (as lm-evaluation-harness does), batches are right-padded with
+explicit position ids, so a batched forward gives the same numbers as one example at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids with a mask over the continuation tokens (the ones that are scored)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    target_mask: torch.Tensor  # 1 where the token at t+1 is part of the continuation, aligned to logits[t]
+
+    @property
+    def target_tokens(self) -> int:
+        return int(self.target_mask.sum())
+
+
+@dataclass
+class LanguageModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    batch_size: int = 32
+    max_length: int | None = None
+    forward_tokens: int = 0  # every token this wrapper has run through the model: the basis of FLOP counts
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _ids(self, text: str, *, prompt: bool) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=prompt)["input_ids"]
+        return list(ids)
+
+    def batches(
+        self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int | None = None
+    ) -> Iterator[Batch]:
+        """Token batches of prompt+continuation pairs, `batch_size` (default: the LM's) at a time."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        size = batch_size or self.batch_size
+        for start in range(0, len(prompts), size):
+            rows = []
+            for prompt, cont in zip(prompts[start : start + size], continuations[start : start + size]):
+                p, c = self._ids(prompt, prompt=True), self._ids(cont, prompt=False)
+                ids = p + c
+                if self.max_length is not None and len(ids) > self.max_length:
+                    ids = ids[-self.max_length :]  # keep the continuation; drop the oldest context
+                rows.append((ids, len(ids) - len(c)))
+            width = max(len(ids) for ids, _ in rows)
+            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(rows), width), dtype=torch.long)
+            target = torch.zeros((len(rows), width), dtype=torch.bool)
+            for i, (ids, cont_start) in enumerate(rows):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                attention[i, : len(ids)] = 1
+                target[i, max(cont_start - 1, 0) : len(ids) - 1] = True
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)
+            yield Batch(*(t.to(self.device) for t in (input_ids, attention, positions, target)))
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        self.forward_tokens += int(batch.attention_mask.sum())
+        return self.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits
+
+    def token_nll(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token NLL of the continuation (zero elsewhere), shape (batch, seq-1)."""
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+        return nll * batch.target_mask[:, :-1]
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Mean continuation NLL over the batch's target tokens: the training loss of every method."""
+        return self.token_nll(batch, self.forward(batch)).sum() / batch.target_mask.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def target_nll(self, prompts: Sequence[str], targets: Sequence[str]) -> float:
+        """Mean NLL per continuation token over all pairs (nats)."""
+        total, count = 0.0, 0
+        for batch in self.batches(prompts, targets):
+            total += float(self.token_nll(batch, self.forward(batch)).sum())
+            count += batch.target_tokens
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+        """Summed log-probability of each choice after its prompt, as a ragged list per prompt."""
+        flat_prompts = [p for p, cs in zip(prompts, choices) for _ in cs]
+        flat_choices = [c for cs in choices for c in cs]
+        scores: list[float] = []
+        for batch in self.batches(flat_prompts, flat_choices):
+            scores.extend((-self.token_nll(batch, self.forward(batch)).sum(-1)).tolist())
+        out, i = [], 0
+        for cs in choices:
+            out.append(scores[i : i + len(cs)])
+            i += len(cs)
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy continuations (left-padded batches; `generate` derives positions from the mask)."""
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            outs: list[str] = []
+            for start in range(0, len(prompts), self.batch_size):
+                enc = tok(list(prompts[start : start + self.batch_size]), return_tensors="pt", padding=True).to(self.device)
+                gen = self.model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+                self.forward_tokens += int(gen.shape[0] * gen.shape[1])  # upper bound: padding included
+                outs.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+            return outs
+        finally:
+            tok.padding_side = side

@@ -1,0 +1,30 @@
+"""`base`: no post-training at all — the reference every gain is measured from."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import ContextManager
+
+from workers.config import StrictConfig
+from workers.methods.protocol import FitContext, FitReport
+
+
+class BaseConfig(StrictConfig):
+    """`base` takes no settings."""
+
+
+@dataclass
+class Untouched:
+    report: FitReport = field(default_factory=FitReport)
+
+    def applied(self) -> ContextManager[None]:
+        return nullcontext()
+
+
+class Base:
+    name = "base"
+    config_class = BaseConfig
+
+    def fit(self, ctx: FitContext, config: BaseConfig) -> Untouched:
+        return Untouched()

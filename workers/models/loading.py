@@ -1,0 +1,87 @@
+"""Load any causal LM the same way: `from_pretrained` on a hub id, a local directory or a ladder rung.
+
+Weights load from safetensors only, and `trust_remote_code` stays off unless the model's config
+asks for it by name. Ladder rungs are built on first use (deterministically, from their recipe),
+so a fresh worker on a cluster node needs nothing copied to it.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from workers.cell import LADDER_PREFIX, ModelSpec
+from workers.lm import LanguageModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: ModelSpec) -> str:
+    if spec.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec.device
+
+
+def parse_ladder_id(model_id: str) -> tuple[str, str]:
+    """`ladder:s` -> ("default", "s"); `ladder:test/s` -> ("test", "s")."""
+    rest = model_id.removeprefix(LADDER_PREFIX)
+    recipe, _, size = rest.rpartition("/")
+    return recipe or "default", size
+
+
+def resolve_path(spec: ModelSpec) -> str:
+    """Where `from_pretrained` should look: a built ladder directory, or the id itself."""
+    if not spec.id.startswith(LADDER_PREFIX):
+        return spec.id
+    from workers.models import ladder  # imported here: hub models need no ladder code
+
+    recipe, size = parse_ladder_id(spec.id)
+    if spec.revision is not None and spec.revision != ladder.recipe_hash(recipe):
+        raise ValueError(
+            f"{spec.id}: the cell was planned for ladder recipe hash {spec.revision}, but the recipe "
+            f"now hashes to {ladder.recipe_hash(recipe)}; re-plan the sweep"
+        )
+    return str(ladder.ensure_built(size, recipe, progress=False))
+
+
+def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
+    """(total, non-embedding) parameter counts; tied input/output embeddings are counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() already de-duplicates tied weights
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    embedding_ids = {id(model.get_input_embeddings().weight)}
+    output = model.get_output_embeddings()
+    if output is not None:
+        embedding_ids.add(id(output.weight))
+    embedding = sum(p.numel() for p in model.parameters() if id(p) in embedding_ids)
+    position = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2's learned positions
+    if position is not None:
+        embedding += position.weight.numel()
+    return total, total - embedding
+
+
+def _dtype_kwarg() -> str:
+    """transformers renamed `torch_dtype` to `dtype` in 4.56; older releases only know the old name."""
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def load_language_model(spec: ModelSpec, batch_size: int = 32) -> LanguageModel:
+    path = resolve_path(spec)
+    revision = None if spec.id.startswith(LADDER_PREFIX) else spec.revision  # ladder revisions are recipe hashes
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 and Pythia ship without a pad token
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=revision,
+        use_safetensors=True,
+        trust_remote_code=spec.trust_remote_code,
+        **{_dtype_kwarg(): DTYPES[spec.dtype]},
+    ).to(resolve_device(spec))
+    model.eval()
+    return LanguageModel(model=model, tokenizer=tokenizer, batch_size=batch_size)

@@ -1,0 +1,42 @@
+"""Write result rows as one Parquet file, atomically, to a local path or a `pyarrow.fs` URI.
+
+The file appears under its final name only once complete (temp file + fsync + rename), so a process
+killed mid-write leaves at most a `.tmp-*` file that readers ignore, never half a row.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow.parquet as pq
+from pyarrow import fs
+
+from workers.schema import to_table
+
+TEMP_PREFIX = ".tmp-"
+
+
+def filesystem_and_path(uri: str) -> tuple[fs.FileSystem, str]:
+    """(`pyarrow` filesystem, path inside it) for a local path or a URI such as file://, s3://, gs://."""
+    if "://" in uri:
+        return fs.FileSystem.from_uri(uri)
+    return fs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def write_rows(uri: str, rows: list[dict]) -> None:
+    filesystem, path = filesystem_and_path(uri)
+    directory, name = path.rsplit("/", 1)
+    filesystem.create_dir(directory, recursive=True)
+    temp = f"{directory}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    table = to_table(rows)
+    if isinstance(filesystem, fs.LocalFileSystem):
+        with open(temp, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)  # atomic on POSIX
+    else:  # object stores publish an object only when its upload completes; the move keeps that true elsewhere
+        with filesystem.open_output_stream(temp) as stream:
+            pq.write_table(table, stream)
+        filesystem.move(temp, path)

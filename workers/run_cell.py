@@ -1,0 +1,185 @@
+"""One cell -> one result row. The only entry point the orchestrator uses; needs no Ray.
+
+    python -m workers.run_cell cell.json out.parquet
+
+runs a single cell on any machine with torch/transformers/peft (a GPU box without Ray included)
+and writes its row atomically. A cell that raises becomes a `failed` row carrying the error, so
+a sweep never loses the record of what was tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from workers.cell import CellConfig, ModelSpec
+from workers.lm import LanguageModel
+from workers.methods import FitContext, get_method, resolve_config
+from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
+from workers.models.loading import count_parameters, load_language_model, resolve_device
+from workers.rowfile import write_rows
+from workers.schema import SCHEMA_VERSION
+from workers.tasks import get_task, neutral_texts
+
+ModelLoader = Callable[[ModelSpec, int], LanguageModel]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def library_versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@dataclass
+class CellRun:
+    """What a worker passes in besides the cell: a model loader (a cache, for actors) and the attempt."""
+
+    load_model: ModelLoader = load_language_model
+    attempt: int = 1
+
+
+def identity_columns(cell: CellConfig, attempt: int) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "sweep": cell.sweep,
+        "cell_id": cell.cell_id,
+        "slug": cell.slug,
+        "attempt": attempt,
+        "model": cell.model.id,
+        "family": cell.model.family_name,
+        "task": cell.task,
+        "method": cell.method,
+        "budget": cell.budget,
+        "seed": cell.seed,
+        "versions": json.dumps(library_versions(), sort_keys=True),
+        "git_sha": git_sha(),
+        "device": resolve_device(cell.model),
+    }
+
+
+def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
+    """The measured columns of an ok row. Raises on any failure; `run_cell` turns that into a row."""
+    seed_everything(cell.seed)
+    lm = run.load_model(cell.model, cell.eval.batch_size)
+    device = str(lm.device)
+    reset_peak_memory(device)
+    task = get_task(cell.task)
+    method = get_method(cell.method)
+    config = resolve_config(cell.method, cell.method_config, path="cell.method_config")
+    train = task.examples("train", cell.budget, cell.seed)
+    validation = task.examples("validation", cell.eval.validation_size, cell.eval.validation_seed)
+    test = task.examples("test", cell.eval.test_size, 0)
+
+    started = time.perf_counter()
+    base = task.evaluate(lm, test)
+    elicited = task.evaluate(lm, test, elicited=True) if any(ex.elicited_prompt for ex in test) else None
+    reference = neutral_reference(lm, neutral_texts(cell.eval.neutral_size))
+    base_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    adapter = method.fit(FitContext(lm=lm, task=task, train=train, validation=validation, seed=cell.seed), config)
+    train_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    with adapter.applied():
+        result = task.evaluate(lm, test)
+        kl, ppl_ratio = neutral_shift(lm, reference)
+    eval_seconds = time.perf_counter() - started + base_seconds
+
+    total, nonembed = count_parameters(lm.model)
+    report = adapter.report
+    return {
+        "params_total": total,
+        "params_nonembed": nonembed,
+        "task_type": task.task_type,
+        "train_tokens": report.train_tokens,
+        "score": result.score,
+        "score_base": base.score,
+        "score_elicited": elicited.score if elicited else None,
+        "nll": result.nll,
+        "nll_base": base.nll,
+        "neutral_kl": kl,
+        "neutral_ppl_ratio": ppl_ratio,
+        "trainable_params": report.trainable_params,
+        "post_train_flops": report.post_train_flops,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "layer": report.layer,
+        "alpha": report.alpha,
+        "selection": report.selection,
+        "val_labels": report.val_labels,
+        "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
+    }
+
+
+def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
+    """The cell's row: `status` ok with its metrics, or `failed` with the error. Never raises."""
+    run = run or CellRun()
+    started_at = _now()
+    row = identity_columns(cell, run.attempt)
+    try:
+        row.update(evaluate_cell(cell, run), status="ok", error=None)
+    except Exception as exc:  # a failed cell is data: keep the error, let the sweep go on
+        trace = traceback.format_exc(limit=-4)
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}\n{trace}"[-4000:])
+    row.update(started_at=started_at, finished_at=_now())
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.run_cell", description=__doc__.split("\n")[0])
+    parser.add_argument("cell", type=Path, help="JSON file with a resolved CellConfig")
+    parser.add_argument("out", type=Path, help="Parquet file to write the row to (atomically)")
+    args = parser.parse_args(argv)
+    cell = CellConfig.model_validate_json(args.cell.read_text())
+    torch.set_num_threads(int(os.environ.get("STEERSCALE_THREADS", torch.get_num_threads())))
+    row = run_cell(cell)
+    write_rows(str(args.out), [row])
+    print(f"{row['slug']}: {row['status']}" + (f" score={row.get('score'):.3f}" if row["status"] == "ok" else f"\n{row['error']}"))
+    return 0 if row["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

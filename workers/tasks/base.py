@@ -1,0 +1,85 @@
+"""What a task is: examples in three disjoint splits, contrast pairs for steering, and a scorer.
+
+A task answers two questions for a cell: which labelled examples a method may learn from (the
+budget is drawn from `train`; hyper-parameter choices use `validation`; scores come from `test`),
+and how well a (possibly post-trained) model does. Most tasks are multiple choice and share
+`score_choices`; a task that must run an episode (agentic) scores itself by acting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence
+
+from workers.lm import LanguageModel
+
+Split = Literal["train", "validation", "test"]
+TaskType = Literal["general", "reasoning", "agentic"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example. `target` is the continuation the model should produce after `prompt`.
+
+    `choices` lists candidate continuations (target among them) for likelihood scoring; it is empty
+    when the task scores by running an episode. `elicited_prompt` is the same question with the
+    behaviour asked for explicitly (a persona header, an instruction): the base model's score on it
+    is the latent ceiling steering can reach without teaching anything new. `meta` carries what a
+    task needs to score the example (an environment's start state, say) as plain JSON-able values.
+    """
+
+    prompt: str
+    target: str
+    choices: tuple[str, ...] = ()
+    elicited_prompt: str | None = None
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's result on a list of examples: task score in [0, 1] and mean target NLL (nats/token)."""
+
+    score: float
+    nll: float
+
+
+class Task(Protocol):
+    """The interface every task module implements (see workers/tasks/__init__.py for the registry)."""
+
+    name: str
+    task_type: TaskType
+
+    def examples(self, split: Split, n: int, seed: int) -> list[Example]:
+        """`n` examples of `split`, deterministic in (split, n, seed); splits never share a prompt.
+
+        Train and validation draws depend on `seed` (a cell's seed resamples its data); the test
+        split does not, so every cell of a task is scored on the same questions.
+        """
+        ...
+
+    def contrast_pairs(self, examples: Sequence[Example]) -> list[tuple[str, str]]:
+        """(positive, negative) texts whose activation difference points toward the behaviour."""
+        ...
+
+    def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
+        """Score `lm` on `examples` (with their elicited prompts when `elicited`)."""
+        ...
+
+
+def score_choices(lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
+    """Accuracy of argmax-likelihood over each example's choices, plus the target's NLL."""
+    prompts = [(ex.elicited_prompt or ex.prompt) if elicited else ex.prompt for ex in examples]
+    logprobs = lm.choice_logprobs(prompts, [ex.choices for ex in examples])
+    correct = [ex.choices[max(range(len(lp)), key=lp.__getitem__)] == ex.target for ex, lp in zip(examples, logprobs)]
+    nll = lm.target_nll(prompts, [ex.target for ex in examples])
+    return Evaluation(score=sum(correct) / max(len(correct), 1), nll=nll)
+
+
+def answer_contrast(examples: Sequence[Example]) -> list[tuple[str, str]]:
+    """CAA-style pairs: the prompt followed by the right answer vs by the next wrong choice."""
+    pairs = []
+    for ex in examples:
+        wrong = [c for c in ex.choices if c != ex.target]
+        if wrong:
+            pairs.append((ex.prompt + ex.target, ex.prompt + wrong[len(pairs) % len(wrong)]))
+    return pairs
