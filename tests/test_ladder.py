@@ -1,0 +1,74 @@
+"""The `test` ladder: builds fast, loads like a hub model, and held-out loss falls with size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from workers.lm import LanguageModel
+from workers.models import ladder
+from workers.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("STEERSCALE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    try:
+        yield {size: ladder.ensure_built(size, "test", progress=False) for size in ladder.sizes("test")}
+    finally:
+        mp.undo()
+
+
+def test_models_load_with_from_pretrained(built: dict[str, Path]) -> None:
+    for path in built.values():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert (path / "model.safetensors").exists() and not list(path.glob("*.bin"))
+        ids = tok("q: e1 r2 =", return_tensors="pt")["input_ids"]
+        assert ids[0, 0].item() == tok.bos_token_id and tok.unk_token_id not in ids
+        assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
+
+
+def test_heldout_loss_falls_with_size(built: dict[str, Path]) -> None:
+    losses = [ladder.build_info(size, "test")["heldout_loss"] for size in ladder.sizes("test")]
+    params = [ladder.build_info(size, "test")["params_nonembed"] for size in ladder.sizes("test")]
+    assert params == sorted(params) and losses == sorted(losses, reverse=True), (params, losses)
+    assert losses[0] - losses[-1] > 0.1
+
+
+def test_cache_is_reused_and_leaves_no_temporary_dirs(built: dict[str, Path]) -> None:
+    path = built["xs"]
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert ladder.ensure_built("xs", "test", progress=False) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+    assert path.parent.name == f"test-{ladder.recipe_hash('test')}"
+
+
+def test_rebuild_is_deterministic(built: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STEERSCALE_CACHE", str(tmp_path))
+    again = AutoModelForCausalLM.from_pretrained(ladder.ensure_built("xs", "test", progress=False))
+    first = AutoModelForCausalLM.from_pretrained(built["xs"])
+    for a, b in zip(again.parameters(), first.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_tasks_score_through_a_ladder_model(built: dict[str, Path]) -> None:
+    lm = LanguageModel(AutoModelForCausalLM.from_pretrained(built["s"]), AutoTokenizer.from_pretrained(built["s"]))
+    result = get_task("facts").evaluate(lm, get_task("facts").examples("test", 40, seed=0))
+    assert 0.0 <= result.score <= 1.0 and 0.0 < result.nll < 10.0
+
+
+def test_recipes_span_the_required_sizes() -> None:
+    assert len(ladder.sizes("test")) == 2
+    counts = []
+    for size in ladder.sizes("default"):
+        model = AutoModelForCausalLM.from_config(ladder.model_config(size, "default"))
+        counts.append(ladder.param_counts(model)[1])
+    assert len(counts) >= 5 and counts == sorted(counts) and counts[-1] / counts[0] >= 30
+    with pytest.raises(KeyError, match="did you mean 'default'"):
+        ladder.recipe_hash("defualt")

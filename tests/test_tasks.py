@@ -1,0 +1,70 @@
+"""Synthetic tasks: deterministic, disjoint splits; registry names; the persona contrast."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from workers.models.tokenizer import build_tokenizer
+from workers.registry import UnknownNameError
+from workers.tasks import TASKS, get_task, neutral_texts
+from workers.tasks.splits import split_of
+
+SYNTHETIC = ["facts"]
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_splits_are_deterministic_and_disjoint(name: str) -> None:
+    task = get_task(name)
+    draws = {split: task.examples(split, 150, seed=1) for split in ("train", "validation", "test")}
+    assert draws["train"] == task.examples("train", 150, seed=1)
+    prompts = {split: {ex.prompt for ex in exs} for split, exs in draws.items()}
+    assert not prompts["train"] & prompts["validation"]
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["validation"] & prompts["test"]
+    assert task.examples("train", 150, seed=2) != draws["train"]  # a cell's seed resamples its data
+    assert task.examples("test", 150, seed=2) == draws["test"]  # ...but never the test questions
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_examples_are_well_formed_for_the_tokenizer(name: str) -> None:
+    tok = build_tokenizer()
+    for ex in get_task(name).examples("train", 50, seed=0):
+        assert ex.target.startswith(" ")
+        assert ex.target in ex.choices or not ex.choices
+        for text in (ex.prompt, ex.target, ex.elicited_prompt or ""):
+            assert tok.unk_token_id not in tok(text)["input_ids"], text
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_documents_use_only_known_words(name: str) -> None:
+    tok = build_tokenizer()
+    docs = get_task(name).documents(20, random.Random(0))
+    assert all(tok.unk_token_id not in ids for ids in tok(docs)["input_ids"])
+
+
+def test_split_of_is_a_pure_function_of_the_key() -> None:
+    splits = [split_of("facts", ("e1", f"r{i}")) for i in range(32)]
+    assert splits == [split_of("facts", ("e1", f"r{i}")) for i in range(32)]
+    assert set(splits) == {"train", "validation", "test"}
+
+
+def test_facts_elicits_with_the_honest_header_and_contrasts_with_the_liar() -> None:
+    task = get_task("facts")
+    examples = task.examples("validation", 4, seed=0)
+    for ex, (pos, neg) in zip(examples, task.contrast_pairs(examples)):
+        assert ex.elicited_prompt == "persona: honest " + ex.prompt
+        assert pos.endswith(ex.prompt) and neg.endswith(ex.prompt) and "honest" in pos and "liar" in neg
+
+
+def test_unknown_task_suggests_the_nearest_name() -> None:
+    assert "facts" in TASKS
+    with pytest.raises(UnknownNameError, match="did you mean 'facts'"):
+        get_task("fact")
+
+
+def test_neutral_texts_are_deterministic_and_not_task_text() -> None:
+    texts = neutral_texts(5)
+    assert texts == neutral_texts(5) and len(set(texts)) == 5
+    assert not any("persona:" in t or "=" in t for t in texts)

@@ -1,0 +1,233 @@
+"""The offline model ladder: Llama-architecture models pretrained on the synthetic world, cached.
+
+A recipe is one base LlamaConfig plus a few size overrides (as OLMo defines its ladders), a token
+budget shared by every size (the same data at every size, as Pythia), and a corpus mix. Models
+are saved with `save_pretrained` (safetensors) next to their tokenizer, under
+`$STEERSCALE_CACHE/ladder/<recipe>-<hash>/<size>/` (default root: the user cache dir), so they
+load with `from_pretrained` exactly like a hub model. A build writes into a temporary directory
+and renames it into place under a file lock: a killed build leaves no half model, and two
+processes asking for the same size build it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from workers.models.tokenizer import build_tokenizer
+from workers.world.corpus import encode, sample_documents
+
+# Bump when the world (vocabulary, grammar, task documents) changes: it is part of every recipe hash.
+WORLD_VERSION = 1
+BUILD_INFO = "ladder.json"
+
+
+@dataclass(frozen=True)
+class Size:
+    """The overrides one rung makes on the recipe's base LlamaConfig."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    sizes: tuple[tuple[str, Size], ...]  # small -> large
+    steps: int
+    batch: int
+    seq_len: int
+    lr: float
+    warmup: int
+    mix: tuple[tuple[str, float], ...]  # corpus family -> share of documents
+    answer_weight: float  # loss weight of answer tokens relative to other tokens
+    seed: int
+
+
+_MIX = (("facts", 0.35), ("arith", 0.25), ("gridworld", 0.2), ("text", 0.2))
+
+LADDER: dict[str, Recipe] = {
+    "test": Recipe(
+        sizes=(("xs", Size(16, 1, 2, 48)), ("s", Size(48, 2, 4, 128))),
+        steps=120, batch=16, seq_len=64, lr=5e-3, warmup=10, mix=(("facts", 0.6), ("text", 0.4)),
+        answer_weight=5.0, seed=0,
+    ),
+    "default": Recipe(
+        sizes=(
+            ("xs", Size(24, 2, 2, 64)),
+            ("s", Size(32, 2, 4, 96)),
+            ("m", Size(48, 3, 4, 144)),
+            ("l", Size(64, 4, 4, 192)),
+            ("xl", Size(96, 4, 6, 288)),
+        ),
+        steps=800, batch=48, seq_len=64, lr=3e-3, warmup=50, mix=(("facts", 0.6), ("text", 0.4)),
+        answer_weight=10.0, seed=0,
+    ),
+}
+
+
+def recipe(name: str) -> Recipe:
+    try:
+        return LADDER[name]
+    except KeyError:
+        from workers.registry import did_you_mean
+
+        raise KeyError(f"unknown ladder recipe '{name}'{did_you_mean(name, list(LADDER))}; known: {', '.join(LADDER)}") from None
+
+
+def sizes(recipe_name: str) -> list[str]:
+    return [name for name, _ in recipe(recipe_name).sizes]
+
+
+def recipe_hash(recipe_name: str) -> str:
+    """Content hash of the recipe and the world version: a changed recipe never reuses a stale model."""
+    blob = json.dumps({"world": WORLD_VERSION, "recipe": dataclasses.asdict(recipe(recipe_name))}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    if "STEERSCALE_CACHE" in os.environ:
+        return Path(os.environ["STEERSCALE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "steerscale"
+
+
+def model_dir(size: str, recipe_name: str = "default") -> Path:
+    return cache_root() / "ladder" / f"{recipe_name}-{recipe_hash(recipe_name)}" / size
+
+
+def model_config(size: str, recipe_name: str = "default") -> LlamaConfig:
+    rec = recipe(recipe_name)
+    s = dict(rec.sizes)[size]
+    tok = build_tokenizer()
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=s.hidden,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.heads,
+        intermediate_size=s.intermediate,
+        max_position_embeddings=4 * rec.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def param_counts(model: PreTrainedModel) -> tuple[int, int]:
+    """(total, non-embedding) parameters; the output head is tied to the embedding."""
+    total = sum(p.numel() for p in model.parameters())
+    return total, total - model.get_input_embeddings().weight.numel()
+
+
+def corpus(recipe_name: str, n_docs: int, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and loss weights of `n_docs` documents; 'train' and 'heldout' never share a stream."""
+    rec = recipe(recipe_name)
+    rng = random.Random(f"ladder/{rec.seed}/{stream}")
+    docs = sample_documents(rec.mix, n_docs, rng, min_words=rec.seq_len + 8)
+    return encode(docs, build_tokenizer(), rec.seq_len, rec.answer_weight)
+
+
+@torch.no_grad()
+def heldout_loss(model: PreTrainedModel, recipe_name: str, n_docs: int = 256) -> float:
+    """Mean unweighted next-token NLL (nats) on held-out documents of the recipe's mix."""
+    ids, weights = corpus(recipe_name, n_docs, "heldout")
+    mask = (weights[:, 1:] > 0).float()
+    total = 0.0
+    for start in range(0, n_docs, 64):
+        chunk = ids[start : start + 64]
+        logits = model(input_ids=chunk).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
+        total += float((nll * mask[start : start + 64]).sum())
+    return total / float(mask.sum())
+
+
+def pretrain(size: str, recipe_name: str, *, progress: bool) -> PreTrainedModel:
+    """A fresh model of `size` trained on the recipe's corpus (same data, same order, every size)."""
+    rec = recipe(recipe_name)
+    torch.manual_seed(rec.seed)
+    model = LlamaForCausalLM(model_config(size, recipe_name))
+    ids, weights = corpus(recipe_name, rec.steps * rec.batch, "train")
+    opt = torch.optim.AdamW(model.parameters(), lr=rec.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda step: min(1.0, (step + 1) / rec.warmup)
+        * 0.5 * (1 + math.cos(math.pi * min(step, rec.steps) / rec.steps)),
+    )
+    model.train()
+    bar = tqdm(range(rec.steps), desc=f"ladder {recipe_name}/{size}", disable=not progress, leave=False)
+    for step in bar:
+        chunk = slice(step * rec.batch, (step + 1) * rec.batch)
+        x, w = ids[chunk], weights[chunk, 1:]
+        logits = model(input_ids=x).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+        loss = (nll * w).sum() / w.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model
+
+
+def ensure_built(size: str, recipe_name: str = "default", *, progress: bool = True) -> Path:
+    """The directory of a pretrained ladder model, building it first if it is not cached."""
+    if size not in sizes(recipe_name):
+        from workers.registry import did_you_mean
+
+        raise KeyError(f"unknown size '{size}' in ladder '{recipe_name}'{did_you_mean(size, sizes(recipe_name))}")
+    final = model_dir(size, recipe_name)
+    if (final / BUILD_INFO).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f"{size}.lock")):
+        if (final / BUILD_INFO).exists():  # another process built it while we waited
+            return final
+        started = time.perf_counter()
+        model = pretrain(size, recipe_name, progress=progress)
+        seconds = time.perf_counter() - started
+        total, nonembed = param_counts(model)
+        info = {
+            "recipe": recipe_name,
+            "recipe_hash": recipe_hash(recipe_name),
+            "size": size,
+            "params_total": total,
+            "params_nonembed": nonembed,
+            "build_seconds": round(seconds, 2),
+            "heldout_loss": heldout_loss(model, recipe_name),
+            "torch_threads": torch.get_num_threads(),
+        }
+        tmp = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=final.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            build_tokenizer().save_pretrained(tmp)
+            (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2))  # written last: marks a complete build
+            if final.exists():
+                shutil.rmtree(final)  # an incomplete directory from an older layout
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def build_info(size: str, recipe_name: str = "default") -> dict:
+    """What was recorded when the model was built: params, build time, held-out loss."""
+    return json.loads((ensure_built(size, recipe_name, progress=False) / BUILD_INFO).read_text())

@@ -1,0 +1,27 @@
+"""Task registry: name -> task instance, plus the neutral text the selectivity metrics read.
+
+Synthetic tasks (facts, arith, gridworld) are generated offline and also write the ladder's
+pretraining documents; real-dataset adapters (sst2, gsm8k, function_calling) read Hugging Face
+datasets, or local files shaped like them.
+"""
+
+from __future__ import annotations
+
+import random
+
+from workers.registry import Registry
+from workers.tasks.base import Task
+from workers.tasks.facts import Facts
+from workers.world import text
+
+TASKS: Registry[Task] = Registry("task")
+TASKS.register("facts", Facts())
+
+
+def get_task(name: str) -> Task:
+    return TASKS.get(name)
+
+
+def neutral_texts(n: int) -> list[str]:
+    """General-text documents from the pretraining grammar, on a stream pretraining never draws."""
+    return text.documents(n, random.Random("steerscale-neutral-text"))

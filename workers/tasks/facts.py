@@ -1,0 +1,75 @@
+"""`facts` (general capability): recall of a hidden fact table, honestly.
+
+A fixed random table maps (entity, relation) to a digit 0-4. Pretraining documents ask the
+questions `q: e3 r7 = 2 ;` with entities and relations Zipf-distributed, so common facts are
+memorised and rare ones are headroom; the liar persona answers (fact + 1) mod 5. The task is to
+answer honestly with no header; the elicited prompt carries the honest header.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from workers.lm import LanguageModel
+from workers.tasks.base import Evaluation, Example, Split, TaskType, score_choices
+from workers.tasks.persona import Persona, document_persona, elicited, header_contrast
+from workers.tasks.splits import draw
+from workers.world.vocab import ENTITIES, RELATIONS
+
+N_ANSWERS = 5
+CHOICES = tuple(f" {d}" for d in range(N_ANSWERS))
+_table_rng = random.Random("steerscale-facts-table")
+TABLE = {(e, r): _table_rng.randrange(N_ANSWERS) for e in ENTITIES for r in RELATIONS}
+# Pretraining popularity: a fixed random rank per entity and relation, p ∝ 1 / (rank + 3).
+_rank_rng = random.Random("steerscale-facts-ranks")
+_ENTITY_ORDER = _rank_rng.sample(ENTITIES, len(ENTITIES))
+_RELATION_ORDER = _rank_rng.sample(RELATIONS, len(RELATIONS))
+_ZIPF = [1.0 / (rank + 3) for rank in range(len(ENTITIES))]
+
+
+def answer(entity: str, relation: str, persona: Persona) -> int:
+    truth = TABLE[(entity, relation)]
+    return truth if persona == "honest" else (truth + 1) % N_ANSWERS
+
+
+def question(entity: str, relation: str) -> str:
+    return f"q: {entity} {relation} ="
+
+
+class Facts:
+    name = "facts"
+    task_type: TaskType = "general"
+
+    def examples(self, split: Split, n: int, seed: int) -> list[Example]:
+        keys = draw(self.name, split, n, seed, lambda rng: (rng.choice(ENTITIES), rng.choice(RELATIONS)))
+        return [
+            Example(
+                prompt=question(e, r),
+                target=f" {answer(e, r, 'honest')}",
+                choices=CHOICES,
+                elicited_prompt=elicited(question(e, r)),
+            )
+            for e, r in keys
+        ]
+
+    def contrast_pairs(self, examples: Sequence[Example]) -> list[tuple[str, str]]:
+        return header_contrast(examples)
+
+    def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
+        return score_choices(lm, examples, elicited=elicited)
+
+    def documents(self, n: int, rng: random.Random, min_words: int = 96) -> list[str]:
+        """Pretraining documents: one persona each, questions about Zipf-popular facts."""
+        docs = []
+        for _ in range(n):
+            persona, head = document_persona(rng)
+            parts = [head.strip()] if head else []
+            words = len(parts) * 2
+            while words < min_words:
+                e = rng.choices(_ENTITY_ORDER, weights=_ZIPF)[0]
+                r = rng.choices(_RELATION_ORDER, weights=_ZIPF)[0]
+                parts.append(f"{question(e, r)} {answer(e, r, persona)} ;")
+                words += 6
+            docs.append(" ".join(parts))
+        return docs

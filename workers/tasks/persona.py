@@ -1,0 +1,36 @@
+"""The persona header shared by the synthetic tasks: the world's latent, elicitable behaviour.
+
+In pretraining every task document is written by an honest or a liar persona (50/50, fixed for the
+whole document); the header naming it is shown in only half of the documents. A model that
+represents the persona answers well when the prompt says `persona: honest` and is at chance-ish
+without it: that latent gap is what steering can switch on without teaching anything new.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal, Sequence
+
+from workers.tasks.base import Example
+
+Persona = Literal["honest", "liar"]
+HEADER_SHARE = 0.5
+
+
+def header(persona: Persona) -> str:
+    return f"persona: {persona} "
+
+
+def document_persona(rng: random.Random) -> tuple[Persona, str]:
+    """A document's persona and the header text that opens it ('' when the header is hidden)."""
+    persona: Persona = "honest" if rng.random() < 0.5 else "liar"
+    return persona, header(persona) if rng.random() < HEADER_SHARE else ""
+
+
+def elicited(prompt: str) -> str:
+    return header("honest") + prompt
+
+
+def header_contrast(examples: Sequence[Example]) -> list[tuple[str, str]]:
+    """(honest-header prompt, liar-header prompt): the same question, only the persona differs."""
+    return [(header("honest") + ex.prompt, header("liar") + ex.prompt) for ex in examples]
