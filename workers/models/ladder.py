@@ -81,7 +81,7 @@ LADDER: dict[str, Recipe] = {
 }
 
 
-def recipe(name: str) -> Recipe:
+def get_recipe(name: str) -> Recipe:
     try:
         return LADDER[name]
     except KeyError:
@@ -90,13 +90,13 @@ def recipe(name: str) -> Recipe:
         raise KeyError(f"unknown ladder recipe '{name}'{did_you_mean(name, list(LADDER))}; known: {', '.join(LADDER)}") from None
 
 
-def sizes(recipe_name: str) -> list[str]:
-    return [name for name, _ in recipe(recipe_name).sizes]
+def sizes(recipe: str) -> list[str]:
+    return [name for name, _ in get_recipe(recipe).sizes]
 
 
-def recipe_hash(recipe_name: str) -> str:
+def recipe_hash(recipe: str) -> str:
     """Content hash of the recipe and the world version: a changed recipe never reuses a stale model."""
-    blob = json.dumps({"world": WORLD_VERSION, "recipe": dataclasses.asdict(recipe(recipe_name))}, sort_keys=True)
+    blob = json.dumps({"world": WORLD_VERSION, "recipe": dataclasses.asdict(get_recipe(recipe))}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -106,12 +106,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "steerscale"
 
 
-def model_dir(size: str, recipe_name: str = "default") -> Path:
-    return cache_root() / "ladder" / f"{recipe_name}-{recipe_hash(recipe_name)}" / size
+def model_dir(size: str, recipe: str = "default") -> Path:
+    return cache_root() / "ladder" / f"{recipe}-{recipe_hash(recipe)}" / size
 
 
-def model_config(size: str, recipe_name: str = "default") -> LlamaConfig:
-    rec = recipe(recipe_name)
+def model_config(size: str, recipe: str = "default") -> LlamaConfig:
+    rec = get_recipe(recipe)
     s = dict(rec.sizes)[size]
     tok = build_tokenizer()
     return LlamaConfig(
@@ -135,18 +135,18 @@ def param_counts(model: PreTrainedModel) -> tuple[int, int]:
     return total, total - model.get_input_embeddings().weight.numel()
 
 
-def corpus(recipe_name: str, n_docs: int, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
+def corpus(recipe: str, n_docs: int, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and loss weights of `n_docs` documents; 'train' and 'heldout' never share a stream."""
-    rec = recipe(recipe_name)
+    rec = get_recipe(recipe)
     rng = random.Random(f"ladder/{rec.seed}/{stream}")
     docs = sample_documents(rec.mix, n_docs, rng, min_words=rec.seq_len + 8)
     return encode(docs, build_tokenizer(), rec.seq_len, rec.answer_weight)
 
 
 @torch.no_grad()
-def heldout_loss(model: PreTrainedModel, recipe_name: str, n_docs: int = 256) -> float:
+def heldout_loss(model: PreTrainedModel, recipe: str, n_docs: int = 256) -> float:
     """Mean unweighted next-token NLL (nats) on held-out documents of the recipe's mix."""
-    ids, weights = corpus(recipe_name, n_docs, "heldout")
+    ids, weights = corpus(recipe, n_docs, "heldout")
     mask = (weights[:, 1:] > 0).float()
     total = 0.0
     for start in range(0, n_docs, 64):
@@ -157,12 +157,12 @@ def heldout_loss(model: PreTrainedModel, recipe_name: str, n_docs: int = 256) ->
     return total / float(mask.sum())
 
 
-def pretrain(size: str, recipe_name: str, *, progress: bool) -> PreTrainedModel:
+def pretrain(size: str, recipe: str, *, progress: bool) -> PreTrainedModel:
     """A fresh model of `size` trained on the recipe's corpus (same data, same order, every size)."""
-    rec = recipe(recipe_name)
+    rec = get_recipe(recipe)
     torch.manual_seed(rec.seed)
-    model = LlamaForCausalLM(model_config(size, recipe_name))
-    ids, weights = corpus(recipe_name, rec.steps * rec.batch, "train")
+    model = LlamaForCausalLM(model_config(size, recipe))
+    ids, weights = corpus(recipe, rec.steps * rec.batch, "train")
     opt = torch.optim.AdamW(model.parameters(), lr=rec.lr, betas=(0.9, 0.95), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -170,7 +170,7 @@ def pretrain(size: str, recipe_name: str, *, progress: bool) -> PreTrainedModel:
         * 0.5 * (1 + math.cos(math.pi * min(step, rec.steps) / rec.steps)),
     )
     model.train()
-    bar = tqdm(range(rec.steps), desc=f"ladder {recipe_name}/{size}", disable=not progress, leave=False)
+    bar = tqdm(range(rec.steps), desc=f"ladder {recipe}/{size}", disable=not progress, leave=False)
     for step in bar:
         chunk = slice(step * rec.batch, (step + 1) * rec.batch)
         x, w = ids[chunk], weights[chunk, 1:]
@@ -188,13 +188,13 @@ def pretrain(size: str, recipe_name: str, *, progress: bool) -> PreTrainedModel:
     return model
 
 
-def ensure_built(size: str, recipe_name: str = "default", *, progress: bool = True) -> Path:
+def ensure_built(size: str, recipe: str = "default", *, progress: bool = True) -> Path:
     """The directory of a pretrained ladder model, building it first if it is not cached."""
-    if size not in sizes(recipe_name):
+    if size not in sizes(recipe):
         from workers.registry import did_you_mean
 
-        raise KeyError(f"unknown size '{size}' in ladder '{recipe_name}'{did_you_mean(size, sizes(recipe_name))}")
-    final = model_dir(size, recipe_name)
+        raise KeyError(f"unknown size '{size}' in ladder '{recipe}'{did_you_mean(size, sizes(recipe))}")
+    final = model_dir(size, recipe)
     if (final / BUILD_INFO).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -202,17 +202,17 @@ def ensure_built(size: str, recipe_name: str = "default", *, progress: bool = Tr
         if (final / BUILD_INFO).exists():  # another process built it while we waited
             return final
         started = time.perf_counter()
-        model = pretrain(size, recipe_name, progress=progress)
+        model = pretrain(size, recipe, progress=progress)
         seconds = time.perf_counter() - started
         total, nonembed = param_counts(model)
         info = {
-            "recipe": recipe_name,
-            "recipe_hash": recipe_hash(recipe_name),
+            "recipe": recipe,
+            "recipe_hash": recipe_hash(recipe),
             "size": size,
             "params_total": total,
             "params_nonembed": nonembed,
             "build_seconds": round(seconds, 2),
-            "heldout_loss": heldout_loss(model, recipe_name),
+            "heldout_loss": heldout_loss(model, recipe),
             "torch_threads": torch.get_num_threads(),
         }
         tmp = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=final.parent))
@@ -228,6 +228,6 @@ def ensure_built(size: str, recipe_name: str = "default", *, progress: bool = Tr
     return final
 
 
-def build_info(size: str, recipe_name: str = "default") -> dict:
+def build_info(size: str, recipe: str = "default") -> dict:
     """What was recorded when the model was built: params, build time, held-out loss."""
-    return json.loads((ensure_built(size, recipe_name, progress=False) / BUILD_INFO).read_text())
+    return json.loads((ensure_built(size, recipe, progress=False) / BUILD_INFO).read_text())
