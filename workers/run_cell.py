@@ -30,7 +30,7 @@ from workers.cell import CellConfig, ModelSpec
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
-from workers.models.loading import count_parameters, load_language_model, resolve_device
+from workers.models.loading import count_parameters, ladder_revision, load_language_model, resolve_device, resolve_path
 from workers.rowfile import write_rows
 from workers.schema import SCHEMA_VERSION
 from workers.tasks import get_task, neutral_texts
@@ -69,6 +69,16 @@ def git_sha() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def model_revision(spec: ModelSpec) -> str | None:
+    """What pins a model's weights (a ladder recipe hash); part of every cell id that uses it."""
+    return ladder_revision(spec)
+
+
+def prepare_model(spec: ModelSpec) -> str:
+    """Make the model available before cells need it (builds a ladder rung once); returns its path."""
+    return resolve_path(spec)
 
 
 @dataclass

@@ -30,6 +30,15 @@ def parse_ladder_id(model_id: str) -> tuple[str, str]:
     return recipe or "default", size
 
 
+def ladder_revision(spec: ModelSpec) -> str | None:
+    """The recipe hash a ladder model is pinned to (None for hub models and local directories)."""
+    if not spec.id.startswith(LADDER_PREFIX):
+        return spec.revision
+    from workers.models import ladder
+
+    return ladder.recipe_hash(parse_ladder_id(spec.id)[0])
+
+
 def resolve_path(spec: ModelSpec) -> str:
     """Where `from_pretrained` should look: a built ladder directory, or the id itself."""
     if not spec.id.startswith(LADDER_PREFIX):

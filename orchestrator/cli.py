@@ -1,0 +1,185 @@
+"""`steerscale`: plan, run, watch and fit sweeps. Every subcommand has --help."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter, defaultdict
+from typing import Sequence
+
+from workers.config import ConfigError
+from workers.registry import UnknownNameError
+
+from orchestrator.grid import PlannedCell, expand
+from orchestrator.spec import SweepSpec, load_spec
+from orchestrator.store import ResultsStore, StoreScan, read_manifest, write_manifest
+
+
+def _table(header: Sequence[str], rows: list[Sequence[object]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+def _plan(spec: SweepSpec) -> tuple[list[PlannedCell], ResultsStore, StoreScan]:
+    cells = expand(spec)
+    store = ResultsStore(spec.results_dir)
+    return cells, store, store.scan()
+
+
+def _report_quarantine(scan: StoreScan) -> None:
+    for name, reason in scan.quarantined:
+        print(f"set aside unreadable results file {name} (moved to quarantine/): {reason}", file=sys.stderr)
+
+
+def _status_table(entries: list[dict], status: dict[str, str]) -> str:
+    counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for entry in entries:
+        counts[(entry["model"], entry["method"])][status.get(entry["cell_id"], "remaining")] += 1
+    rows = [
+        (model, method, c["ok"], c["failed"], c["remaining"], sum(c.values()))
+        for (model, method), c in sorted(counts.items())
+    ]
+    return _table(("model", "method", "done", "failed", "remaining", "total"), rows)
+
+
+def _manifest_entries(cells: list[PlannedCell]) -> list[dict]:
+    return [
+        {"cell_id": c.cell_id, "slug": c.config.slug, "model": c.config.model.label, "method": c.config.method}
+        for c in cells
+    ]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_spec(args.config, args.overrides)
+    cells, store, scan = _plan(spec)
+    _report_quarantine(scan)
+    statuses = [scan.status.get(c.cell_id) for c in cells]
+    dims = (
+        f"{len(spec.models)} models × {len(spec.tasks)} tasks × {len(spec.methods)} methods × "
+        f"budgets {spec.budgets} × {len(spec.seeds)} seeds"
+    )
+    print(f"sweep {spec.sweep} -> {spec.results_dir}")
+    print(f"grid: {len(cells)} cells ({dims}; per-method budgets: {spec.method_budgets or 'none'})")
+    print(f"done {statuses.count('ok')} · failed {statuses.count('failed')} · to run {statuses.count(None)}")
+    print(_status_table(_manifest_entries(cells), scan.status))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestrator.driver import run_cells  # imported here: `plan` and `status` need no Ray
+    from workers.run_cell import prepare_model
+
+    spec = load_spec(args.config, args.overrides)
+    cells, store, scan = _plan(spec)
+    _report_quarantine(scan)
+    write_manifest(store, _manifest_entries(cells))
+    skip = set() if args.force else {cid for cid, st in scan.status.items() if st == "ok" or not args.retry_failed}
+    todo = [c for c in cells if c.cell_id not in skip]
+    print(f"sweep {spec.sweep}: {len(cells)} cells, {len(cells) - len(todo)} already stored, {len(todo)} to run")
+    if not args.address:  # a local run builds ladder rungs here once, instead of in every worker at once
+        for model in {c.config.model.id: c.config.model for c in todo}.values():
+            prepare_model(model)
+    outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress, dashboard=not args.no_dashboard)
+    print(f"ran {outcome.ok + outcome.failed} cells in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed")
+    print(f"results: {store.uri}/cells/  (one Parquet file per cell)")
+    if outcome.failed:
+        print("failed cells are stored with their error; rerun them with --retry-failed")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store = ResultsStore(args.results_dir)
+    scan = store.scan()
+    _report_quarantine(scan)
+    entries = read_manifest(store)
+    known = {e["cell_id"] for e in entries}
+    if len(known) < len(scan.status):  # rows from cells no longer in the plan: show them too
+        table = store.read()
+        for row in table.select(["cell_id", "model", "method"]).to_pylist():
+            if row["cell_id"] not in known:
+                entries.append(row)
+    counts = scan.counts()
+    print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {len(entries) - len(scan.status)} remaining")
+    print(_status_table(entries, scan.status))
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from analysis import fit_results
+
+    summary = fit_results(args.results_dir, bootstrap=args.bootstrap)
+    print(summary.to_text())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis import write_report
+
+    print(f"report: {write_report(args.results_dir)}")
+    return 0
+
+
+def cmd_ladder_build(args: argparse.Namespace) -> int:
+    from workers.models import ladder
+
+    sizes = args.sizes or ladder.sizes(args.recipe)
+    for size in sizes:
+        print(f"{size}: {ladder.ensure_built(size, args.recipe, progress=True)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerscale", description="Scaling-law sweeps: steering vs fine-tuning, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="sweep YAML, e.g. configs/quickstart.yaml")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config value (YAML-parsed)")
+
+    p = sub.add_parser("plan", help="show the grid and what is done, run nothing")
+    with_config(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run every cell that has no stored row yet")
+    with_config(p)
+    p.add_argument("--retry-failed", action="store_true", help="also rerun cells stored as failed")
+    p.add_argument("--force", action="store_true", help="rerun every cell, replacing stored rows")
+    p.add_argument("--address", help="join an existing Ray cluster ('auto' inside `ray job submit`)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-dashboard", action="store_true", help="start the local Ray without its dashboard")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="done / failed / remaining per model and method, from the store alone")
+    p.add_argument("results_dir")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json")
+    p.add_argument("results_dir")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("report", help="plots, report.md and a self-contained report.html")
+    p.add_argument("results_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("ladder", help="the offline model ladder")
+    ladder_sub = p.add_subparsers(dest="ladder_command", required=True)
+    b = ladder_sub.add_parser("build", help="pretrain (or find cached) ladder models")
+    b.add_argument("--recipe", default="default")
+    b.add_argument("--sizes", nargs="*", help="sizes to build (default: all of the recipe)")
+    b.set_defaults(func=cmd_ladder_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, UnknownNameError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Expanding a sweep spec into its cells: a pure, deterministic function of the spec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.cell import LADDER_PREFIX, CellConfig, ModelSpec
+from workers.methods import resolve_config
+from workers.run_cell import model_revision
+
+from orchestrator.spec import ModelEntry, SweepSpec
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """A cell and what scheduling needs to know about it (not part of its identity)."""
+
+    config: CellConfig
+    gpus: float
+
+    @property
+    def cell_id(self) -> str:
+        return self.config.cell_id
+
+
+def resolved_model(entry: ModelEntry) -> ModelSpec:
+    """The model as the cell sees it: scheduling fields dropped, ladder recipe hash pinned."""
+    spec = ModelSpec.model_validate(entry.model_dump(exclude={"gpus_per_cell"}))
+    if spec.id.startswith(LADDER_PREFIX) and spec.revision is None:
+        spec = spec.model_copy(update={"revision": model_revision(spec)})
+    return spec
+
+
+def expand(spec: SweepSpec) -> list[PlannedCell]:
+    """Every (model, task, method, budget, seed) cell, in a stable order, with resolved configs."""
+    methods = {name: resolve_config(name, raw, f"methods.{name}").model_dump(mode="json") for name, raw in spec.methods.items()}
+    cells = []
+    for entry in spec.models:
+        model = resolved_model(entry)
+        for task in spec.tasks:
+            for method, method_config in methods.items():
+                for budget in spec.budgets_for(method):
+                    for seed in spec.seeds:
+                        config = CellConfig(
+                            sweep=spec.sweep,
+                            model=model,
+                            task=task,
+                            method=method,
+                            method_config=method_config,
+                            budget=budget,
+                            seed=seed,
+                            eval=spec.eval,
+                        )
+                        cells.append(PlannedCell(config=config, gpus=entry.gpus_per_cell))
+    ids = [c.cell_id for c in cells]
+    if len(set(ids)) != len(ids):
+        raise ValueError("the sweep lists the same cell twice (duplicate models, tasks, budgets or seeds)")
+    return cells

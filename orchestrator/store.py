@@ -1,0 +1,96 @@
+"""The results store: `<results_dir>/cells/<cell_id>.parquet`, one row per cell.
+
+It is a plain Parquet dataset (any reader — pandas, polars, duckdb — can open `cells/`), on a local
+disk or any `pyarrow.fs` URI. Writes are atomic (see `workers.rowfile`); a file that cannot be read
+(truncated, foreign) is moved to `quarantine/` and reported, so reading and fitting go on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs
+
+from workers.rowfile import TEMP_PREFIX, filesystem_and_path, write_rows
+from workers.schema import RESULT_SCHEMA
+
+
+@dataclass
+class StoreScan:
+    """Status of every readable cell file, and the files that were set aside."""
+
+    status: dict[str, str] = field(default_factory=dict)  # cell_id -> "ok" | "failed"
+    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+
+    def counts(self) -> Counter:
+        return Counter(self.status.values())
+
+
+class ResultsStore:
+    def __init__(self, uri: str) -> None:
+        self.uri = uri.rstrip("/")
+        self.filesystem, self.root = filesystem_and_path(self.uri)
+        self.cells_dir = f"{self.root}/cells"
+
+    def _uri(self, path_in_fs: str) -> str:
+        return path_in_fs if isinstance(self.filesystem, fs.LocalFileSystem) else self.uri + path_in_fs[len(self.root) :]
+
+    def write(self, row: dict) -> None:
+        write_rows(self._uri(f"{self.cells_dir}/{row['cell_id']}.parquet"), [row])
+
+    def _cell_files(self) -> list[fs.FileInfo]:
+        selector = fs.FileSelector(self.cells_dir, allow_not_found=True)
+        return [
+            info
+            for info in self.filesystem.get_file_info(selector)
+            if info.type == fs.FileType.File and info.base_name.endswith(".parquet") and not info.base_name.startswith(TEMP_PREFIX)
+        ]
+
+    def _quarantine(self, info: fs.FileInfo) -> None:
+        self.filesystem.create_dir(f"{self.root}/quarantine", recursive=True)
+        self.filesystem.move(info.path, f"{self.root}/quarantine/{info.base_name}")
+
+    def scan(self) -> StoreScan:
+        """Read the status column of every cell file; set aside what is unreadable or foreign."""
+        scan = StoreScan()
+        for info in self._cell_files():
+            try:
+                table = pq.read_table(info.path, columns=["cell_id", "status"], filesystem=self.filesystem)
+                cell_id, status = table.column("cell_id")[0].as_py(), table.column("status")[0].as_py()
+                if f"{cell_id}.parquet" != info.base_name:
+                    raise ValueError(f"row's cell_id {cell_id} does not match its file name")
+            except (pa.ArrowException, KeyError, ValueError, IndexError, OSError) as err:
+                scan.quarantined.append((info.base_name, f"{type(err).__name__}: {err}"))
+                self._quarantine(info)
+                continue
+            scan.status[cell_id] = status
+        return scan
+
+    def read(self) -> pa.Table:
+        """All rows, in the current schema (older files' missing columns become null)."""
+        self.scan()  # quarantines unreadable files first
+        tables = [pq.read_table(info.path, filesystem=self.filesystem) for info in self._cell_files()]
+        if not tables:
+            return RESULT_SCHEMA.empty_table()
+        return pa.concat_tables(tables, promote_options="default")
+
+
+MANIFEST = "plan.json"
+
+
+def write_manifest(store: ResultsStore, cells: list[dict]) -> None:
+    """Record the planned cells (id, slug, model, method) so `status` knows what remains from the store alone."""
+    with store.filesystem.open_output_stream(f"{store.root}/{MANIFEST}") as stream:
+        stream.write(json.dumps(cells, indent=0).encode())
+
+
+def read_manifest(store: ResultsStore) -> list[dict]:
+    try:
+        with store.filesystem.open_input_stream(f"{store.root}/{MANIFEST}") as stream:
+            return json.loads(stream.read().decode())
+    except FileNotFoundError:
+        return []
