@@ -1,0 +1,9 @@
+"""Scaling-law analysis of steerscale results: reads the cells' Parquet rows, never the workers.
+
+The CLI calls three functions: `load_results`, `fit_results` and `write_report`.
+"""
+
+from analysis.io import LoadedResults, SkippedFile, load_results
+from analysis.summary import FitSummary, fit_results
+
+__all__ = ["FitSummary", "LoadedResults", "SkippedFile", "fit_results", "load_results"]

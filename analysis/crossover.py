@@ -1,0 +1,128 @@
+"""The crossover budget D*(N): where a fine-tuning curve overtakes a steering curve.
+
+Only the measured budget range is searched — a power law extrapolated past the data says little
+about where two methods cross — so "no crossover within the measured range" is a real answer.
+The CI comes from evaluating both fitted curves for every bootstrap resample at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from analysis.bootstrap import percentile_interval
+from analysis.curves import LawFit
+from analysis.methods import method_kind
+from analysis.metrics import HIGHER_IS_BETTER, from_loss
+
+GRID_POINTS = 512
+
+
+@dataclass(frozen=True)
+class Crossover:
+    """D* for one (task, model, steering method, fine-tuning method)."""
+
+    task: str
+    model: str
+    n_params: float
+    steering: str
+    finetuning: str
+    d_min: float
+    d_max: float
+    d_star: float  # NaN when there is no crossover within [d_min, d_max]
+    d_star_lo: float
+    d_star_hi: float
+    share: float  # fraction of bootstrap resamples that cross within the range
+    verdict: str
+
+    def record(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> np.ndarray:
+    """Metric of the budget law for each parameter set (rows) at each budget in `d` (columns)."""
+    e, b, beta = (np.atleast_1d(params[name])[:, None] for name in ("E", "B", "beta"))
+    return from_loss(e + b * d[None, :] ** -beta, metric)
+
+
+def first_crossing(advantage: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Per row, the first budget where `advantage` turns from negative to nonnegative.
+
+    Interpolated linearly in log D between grid points; NaN where it never does, or where it is
+    nonnegative from the start (nothing is overtaken).
+    """
+    behind = advantage < 0
+    turns = behind[:, :-1] & ~behind[:, 1:]
+    has = turns.any(axis=1) & behind[:, 0]
+    i = np.argmax(turns, axis=1)
+    rows = np.arange(len(advantage))
+    a0, a1 = advantage[rows, i], advantage[rows, i + 1]
+    logd = np.log(d)
+    frac = a0 / np.where(a0 == a1, -1.0, a0 - a1)
+    d_star = np.exp(logd[i] + frac * (logd[i + 1] - logd[i]))
+    return np.where(has, d_star, np.nan)
+
+
+def crossover(steer: LawFit, tune: LawFit) -> Crossover:
+    """Where `tune` (a fine-tuning budget curve) overtakes `steer` on the same task and model."""
+    d_min = max(steer.points.d.min(), tune.points.d.min())
+    d_max = min(steer.points.d.max(), tune.points.d.max())
+    d = np.geomspace(d_min, d_max, GRID_POINTS)
+    metric = steer.metric
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0  # advantage of fine-tuning, in "better" units
+    point = sign * (budget_curves(tune.fit.params, d, metric) - budget_curves(steer.fit.params, d, metric))
+    d_star = float(first_crossing(point, d)[0])
+    if steer.boot is not None and tune.boot is not None:
+        samples = first_crossing(sign * (budget_curves(tune.boot.params(), d, metric) - budget_curves(steer.boot.params(), d, metric)), d)
+        share = float(np.mean(np.isfinite(samples)))
+        lo, hi = percentile_interval(samples)
+    else:
+        share, lo, hi = np.nan, np.nan, np.nan
+    if np.isfinite(d_star):
+        verdict = f"{tune.method} overtakes {steer.method} at D* ≈ {d_star:.3g}"
+    elif point[0, 0] >= 0:
+        verdict = f"no crossover within the measured range: {tune.method} is ahead throughout"
+    else:
+        verdict = f"no crossover within the measured range: {steer.method} stays ahead"
+    return Crossover(steer.task, steer.model, steer.n_params, steer.method, tune.method, float(d_min), float(d_max), d_star, lo, hi, share, verdict)
+
+
+def find_crossovers(fits: list[LawFit]) -> list[Crossover]:
+    """Every steering × fine-tuning pair that has fitted budget curves on the same task and model."""
+    curves = [f for f in fits if f.ok and f.model != "*"]
+    found = []
+    for steer in (f for f in curves if method_kind(f.method) == "steering"):
+        for tune in (f for f in curves if method_kind(f.method) == "finetuning"):
+            if (tune.task, tune.model) == (steer.task, steer.model):
+                found.append(crossover(steer, tune))
+    return sorted(found, key=lambda c: (c.task, c.steering, c.finetuning, c.n_params))
+
+
+@dataclass(frozen=True)
+class CrossoverScaling:
+    """How D* grows with model size: D* ∝ N^gamma, from the models where a crossover was found."""
+
+    task: str
+    steering: str
+    finetuning: str
+    gamma: float
+    n_models: int
+
+    def record(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def crossover_scaling(crossovers: list[Crossover]) -> list[CrossoverScaling]:
+    """Least-squares slope of log D* on log N per pair; needs two model sizes with a crossover."""
+    pairs: dict[tuple[str, str, str], list[Crossover]] = {}
+    for c in crossovers:
+        if np.isfinite(c.d_star) and np.isfinite(c.n_params):
+            pairs.setdefault((c.task, c.steering, c.finetuning), []).append(c)
+    result = []
+    for (task, steering, finetuning), found in sorted(pairs.items()):
+        n = np.log([c.n_params for c in found])
+        if len(np.unique(n)) >= 2:
+            gamma = float(np.polyfit(n, np.log([c.d_star for c in found]), 1)[0])
+            result.append(CrossoverScaling(task, steering, finetuning, gamma, len(found)))
+    return result

@@ -1,0 +1,154 @@
+"""Fitting the study's curves from result rows, one group of cells at a time.
+
+Per (task, method, model) the main curve is the saturating power law in the post-training budget,
+loss(D) = E + B·D^-β (score = 1 − loss, so S∞ = 1 − E). Per (task, method) across model sizes the
+joint additive and multiplicative laws in (N, D) are fitted too, validated by leaving the largest
+model out. Groups that cannot support a law get a row that says why instead of an exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.bootstrap import Bootstrap, bootstrap_fit, percentile_interval
+from analysis.fitting import Fit, FitError, LawData, fit_law
+from analysis.laws import ADDITIVE, LAWS, MULTIPLICATIVE, POWER_D, Law
+from analysis.methods import method_kind
+from analysis.metrics import from_loss, to_loss
+
+ALL_PARAMS = tuple(dict.fromkeys(p for law in LAWS.values() for p in law.params))
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Rows of a group that could not enter the fit, by reason."""
+
+    failed: int
+    nan: int
+    no_budget: int
+
+
+@dataclass(frozen=True)
+class Points:
+    """The usable cells of a group: inputs N and D and the metric value."""
+
+    n: np.ndarray
+    d: np.ndarray
+    value: np.ndarray
+
+
+@dataclass(frozen=True)
+class LawFit:
+    """One law fitted to one group of cells, or the reason it was not."""
+
+    task: str
+    method: str
+    model: str  # "*" for a law fitted across model sizes
+    n_params: float
+    law: Law
+    metric: str
+    points: Points
+    excluded: Exclusions
+    fit: Fit | None
+    boot: Bootstrap | None
+    message: str
+    holdout: str
+    holdout_error: float
+
+    @property
+    def ok(self) -> bool:
+        return self.fit is not None
+
+    def asymptote_samples(self) -> np.ndarray:
+        """The metric's value as D (and N) → ∞, per bootstrap resample."""
+        return from_loss(self.boot.params()["E"], self.metric) if self.boot else np.array([])
+
+    def predict(self, n: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """The fitted metric (not loss) at (N, D)."""
+        return from_loss(self.fit.predict({"N": n, "D": d}), self.metric)
+
+    def record(self) -> dict[str, object]:
+        """A flat row for fits.parquet: parameters with percentile CIs, counts, validation."""
+        row: dict[str, object] = {
+            "task": self.task, "method": self.method, "kind": method_kind(self.method),
+            "model": self.model, "n_params": self.n_params, "law": self.law.name,
+            "formula": self.law.formula, "metric": self.metric, "status": "ok" if self.ok else "not fitted",
+            "message": self.message, "n_points": len(self.points.value),
+            "n_failed": self.excluded.failed, "n_nan": self.excluded.nan, "n_no_budget": self.excluded.no_budget,
+            "objective": self.fit.objective if self.fit else np.nan,
+            "n_bootstrap": len(self.boot.thetas) if self.boot else 0,
+            "holdout": self.holdout, "holdout_error": self.holdout_error,
+        }  # fmt: skip
+        params = self.fit.params if self.fit else {}
+        intervals = self.boot.intervals() if self.boot else {}
+        for name in ALL_PARAMS:
+            row[name] = params.get(name, np.nan)
+            row[f"{name}_lo"], row[f"{name}_hi"] = intervals.get(name, (np.nan, np.nan))
+        row["asymptote"] = from_loss(params["E"], self.metric).item() if self.fit else np.nan
+        row["asymptote_lo"], row["asymptote_hi"] = sorted(percentile_interval(self.asymptote_samples()))
+        return row
+
+
+def exclusions(rows: pd.DataFrame, metric: str, n_column: str) -> tuple[pd.DataFrame, Exclusions]:
+    """Split a group's rows into usable ones and counts of why the others were left out."""
+    ok = rows["status"] == "ok"
+    finite = ok & np.isfinite(rows[metric].astype(float)) & np.isfinite(rows[n_column].astype(float))
+    budget = finite & (rows["budget"].astype(float) > 0)
+    counts = Exclusions(failed=int((~ok).sum()), nan=int((ok & ~finite).sum()), no_budget=int((finite & ~budget).sum()))
+    return rows[budget], counts
+
+
+def _fit(law: Law, points: Points, metric: str) -> Fit:
+    x = {"N": points.n, "D": points.d}
+    return fit_law(LawData.build(law, x, to_loss(points.value, metric)))
+
+
+def _holdout_error(law: Law, points: Points, metric: str, held: np.ndarray) -> float:
+    """Mean absolute error, in metric units, on held-out points of a fit made without them."""
+    train = Points(points.n[~held], points.d[~held], points.value[~held])
+    try:
+        fit = _fit(law, train, metric)
+    except FitError:
+        return np.nan
+    predicted = from_loss(fit.predict({"N": points.n[held], "D": points.d[held]}), metric)
+    return float(np.mean(np.abs(predicted - points.value[held])))
+
+
+def fit_group(
+    task: str, method: str, model: str, law: Law, rows: pd.DataFrame, *,
+    metric: str, n_column: str, bootstrap: int, rng: np.random.Generator,
+) -> LawFit:  # fmt: skip
+    """Fit `law` to a group of rows, with bootstrap CIs and a leave-the-largest-out error."""
+    usable, excluded = exclusions(rows, metric, n_column)
+    points = Points(usable[n_column].to_numpy(float), usable["budget"].to_numpy(float), usable[metric].to_numpy(float))
+    joint = "N" in law.inputs
+    n_params = np.nan if joint else float(np.median(points.n)) if len(points.n) else np.nan
+    holdout = "largest model" if joint else "largest budget"
+    try:
+        data = LawData.build(law, {"N": points.n, "D": points.d}, to_loss(points.value, metric))
+    except FitError as err:
+        return LawFit(task, method, model, n_params, law, metric, points, excluded, None, None, str(err), holdout, np.nan)
+    fit = fit_law(data)
+    boot = bootstrap_fit(fit, data, bootstrap, rng) if bootstrap > 0 else None
+    held = points.n == points.n.max() if joint else points.d == points.d.max()
+    error = _holdout_error(law, points, metric, held)
+    return LawFit(task, method, model, n_params, law, metric, points, excluded, fit, boot, "", holdout, error)
+
+
+def fit_curves(
+    frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, n_column: str = "params_nonembed"
+) -> list[LawFit]:
+    """Per (task, method): a budget curve for each model size, then the joint laws in (N, D)."""
+    rng = np.random.default_rng(seed)
+    fits = []
+    for (task, method), rows in frame.groupby(["task", "method"], sort=True):
+        if method_kind(method) == "reference" and not (rows["budget"].astype(float) > 0).any():
+            continue  # `base` has no budget axis; it enters the report as a reference level
+        for model, model_rows in rows.groupby("model", sort=False):
+            fits.append(fit_group(task, method, model, POWER_D, model_rows, metric=metric, n_column=n_column, bootstrap=bootstrap, rng=rng))
+        for law in (ADDITIVE, MULTIPLICATIVE):
+            fits.append(fit_group(task, method, "*", law, rows, metric=metric, n_column=n_column, bootstrap=bootstrap, rng=rng))
+    return fits

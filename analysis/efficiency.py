@@ -1,0 +1,67 @@
+"""Data efficiency: how many examples a method needs to reach x % of its asymptotic gain.
+
+The gain is measured from the base model: with loss(D) = E + B·D^-β and the base model's loss L0,
+the asymptotic gain is L0 − E and x % of it is reached at D_x = (B / ((1 − x)(L0 − E)))^(1/β).
+A method whose asymptote is no better than the base model has no D_x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.bootstrap import percentile_interval
+from analysis.curves import LawFit
+from analysis.metrics import BASE_COLUMN, to_loss
+
+FRACTIONS = (0.5, 0.9)
+
+
+@dataclass(frozen=True)
+class DataEfficiency:
+    task: str
+    method: str
+    model: str
+    n_params: float
+    fraction: float
+    examples: float  # NaN when the asymptote does not beat the base model
+    examples_lo: float
+    examples_hi: float
+
+    def record(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def examples_to_reach(params: dict[str, np.ndarray], base_loss: float, fraction: float) -> np.ndarray:
+    e, b, beta = (np.atleast_1d(np.asarray(params[name], dtype=float)) for name in ("E", "B", "beta"))
+    gain = base_loss - e
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = (b / ((1.0 - fraction) * gain)) ** (1.0 / beta)
+    return np.where((gain > 0) & (b > 0) & (beta > 0), d, np.nan)
+
+
+def base_level(ok: pd.DataFrame, task: str, model: str, metric: str) -> float:
+    """The base model's metric on a task: the rows' base column, else the `base` method's cells."""
+    rows = ok[(ok["task"] == task) & (ok["model"] == model)]
+    column = BASE_COLUMN[metric]
+    values = rows[column].astype(float) if column in rows else pd.Series(dtype=float)
+    if not np.isfinite(values).any():
+        values = rows.loc[rows["method"] == "base", metric].astype(float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else np.nan
+
+
+def data_efficiency(fits: list[LawFit], ok: pd.DataFrame, fractions: tuple[float, ...] = FRACTIONS) -> list[DataEfficiency]:
+    result = []
+    for curve in (f for f in fits if f.ok and f.model != "*"):
+        base = base_level(ok, curve.task, curve.model, curve.metric)
+        if not np.isfinite(base):
+            continue
+        base_loss = float(to_loss(np.array([base]), curve.metric)[0])
+        for fraction in fractions:
+            point = float(examples_to_reach(curve.fit.params, base_loss, fraction)[0])
+            lo, hi = percentile_interval(examples_to_reach(curve.boot.params(), base_loss, fraction)) if curve.boot else (np.nan, np.nan)
+            result.append(DataEfficiency(curve.task, curve.method, curve.model, curve.n_params, fraction, point, lo, hi))
+    return result

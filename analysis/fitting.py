@@ -1,0 +1,302 @@
+"""Fitting a law to points: Chinchilla approach 3, made fast with variable projection.
+
+The objective is approach 3's: Σ huber_δ(log L̂(x) − log y) with δ = 1e-3, where
+log L̂ = LSE_k(log c_k + log φ_k(x; exponents)), minimised by L-BFGS-B. The plain way runs
+L-BFGS-B from every point of a grid of starts (4,500 for the additive law). Because L̂ is linear in
+the coefficients once the exponents are fixed, we instead scan a grid of exponents only, solve the
+coefficients at each grid point (nonnegative, Huber-reweighted Gauss-Newton in log space), refine
+the few best together with a batched Levenberg-Marquardt, and finish the best with the same
+L-BFGS-B. Same optimum, a few hundredths of the work.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+from scipy.optimize import minimize
+
+from analysis.laws import Law
+
+HUBER_DELTA = 1e-3
+LOG_COEF_BOUNDS = (-30.0, 30.0)
+MIN_DISTINCT = 3  # distinct values each input needs for its exponent to be identified
+
+
+class FitError(ValueError):
+    """The points cannot support this law (too few, too few distinct inputs)."""
+
+
+def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+    a = np.abs(r)
+    m = np.minimum(a, delta)
+    return m * (a - 0.5 * m)
+
+
+def huber_weight(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+    """ψ(r)/r: the IRLS weight whose weighted least squares majorises the Huber loss."""
+    return np.minimum(1.0, delta / np.maximum(np.abs(r), 1e-300))
+
+
+@dataclass(frozen=True)
+class LawData:
+    """Points prepared for one law: inputs, target and the law's log-design tensor."""
+
+    law: Law
+    x: dict[str, np.ndarray]
+    y: np.ndarray
+    g: np.ndarray
+    dropped_highest: int
+
+    @property
+    def logy(self) -> np.ndarray:
+        return np.log(self.y)
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    @classmethod
+    def build(
+        cls, law: Law, x: Mapping[str, np.ndarray], y: np.ndarray, *, drop_highest_loss: int = 0
+    ) -> LawData:
+        """Validate points; `drop_highest_loss` removes the k largest-y points first.
+
+        Epoch's Chinchilla replication drops the 5 highest-loss points (tiny models trained on
+        little data that the law does not describe); here that exclusion is explicit, never silent.
+        """
+        y = np.asarray(y, dtype=float)
+        xs = {name: np.asarray(x[name], dtype=float) for name in law.inputs}
+        if not (np.all(np.isfinite(y)) and np.all(y > 0)):
+            raise ValueError("targets must be finite and positive (the fit is in log space)")
+        for name, values in xs.items():
+            if not (np.all(np.isfinite(values)) and np.all(values > 0)):
+                raise ValueError(f"input {name} must be finite and positive")
+        if drop_highest_loss:
+            keep = np.sort(np.argsort(y)[: len(y) - drop_highest_loss])
+            y = y[keep]
+            xs = {name: values[keep] for name, values in xs.items()}
+        if len(y) < len(law.params) + 1:
+            raise FitError(f"{law.name} has {len(law.params)} parameters; needs at least {len(law.params) + 1} points, got {len(y)}")
+        for name, values in xs.items():
+            distinct = len(np.unique(values))
+            if distinct < MIN_DISTINCT:
+                raise FitError(f"{law.name} needs at least {MIN_DISTINCT} distinct values of {name}, got {distinct}")
+        g = law.design({name: np.log(values) for name, values in xs.items()})
+        return cls(law=law, x=xs, y=y, g=g, dropped_highest=drop_highest_loss)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A fitted law. `theta` is the approach-3 vector: log coefficients, then exponents."""
+
+    law: Law
+    theta: np.ndarray
+    objective: float
+    n_points: int
+
+    @property
+    def params(self) -> dict[str, float]:
+        return params_from_theta(self.law, self.theta)
+
+    def predict(self, x: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.law.predict(self.params, x)
+
+
+def params_from_theta(law: Law, theta: np.ndarray) -> dict[str, float]:
+    k = len(law.coefs)
+    values = np.concatenate([np.exp(theta[:k]), theta[k:]])
+    return dict(zip(law.params, values.tolist()))
+
+
+def theta_bounds(law: Law) -> list[tuple[float, float]]:
+    return [LOG_COEF_BOUNDS] * len(law.coefs) + list(law.exponent_bounds)
+
+
+def log_predict(theta: np.ndarray, g: np.ndarray, n_coefs: int) -> tuple[np.ndarray, np.ndarray]:
+    """log L̂ and the softmax weight of each term, for one theta (p,) or a batch (B, p).
+
+    The softmax weights are ∂ log L̂ / ∂ log c_k; the exponents' derivatives follow from them and G.
+    """
+    z = theta[..., None, :n_coefs] + np.einsum("nkm,...m->...nk", g, theta[..., n_coefs:])
+    zmax = z.max(axis=-1, keepdims=True)
+    ez = np.exp(z - zmax)
+    total = ez.sum(axis=-1, keepdims=True)
+    return (zmax + np.log(total))[..., 0], ez / total
+
+
+def jacobian(softmax: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """∂ log L̂ / ∂ theta: shape (..., n, p)."""
+    return np.concatenate([softmax, np.einsum("...nk,nkm->...nm", softmax, g)], axis=-1)
+
+
+def objective(theta: np.ndarray, data: LawData, weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Approach-3 loss and its gradient (weights: bootstrap counts per point, default 1)."""
+    w = np.ones(data.n) if weights is None else weights
+    logp, soft = log_predict(theta, data.g, len(data.law.coefs))
+    r = logp - data.logy
+    psi = w * np.clip(r, -HUBER_DELTA, HUBER_DELTA)
+    return float(np.sum(w * huber(r))), psi @ jacobian(soft, data.g)
+
+
+def _lbfgs(theta0: np.ndarray, data: LawData, weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    # The loss is ~1e-5 per point, so scipy's default tolerances would stop at the start.
+    res = minimize(
+        objective, theta0, args=(data, weights), jac=True, method="L-BFGS-B", bounds=theta_bounds(data.law),
+        options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20},
+    )
+    return res.x, float(res.fun)
+
+
+def start_grid(law: Law) -> np.ndarray:
+    """Approach 3's grid of starts, in theta order (log coefficients, then exponents)."""
+    grid = dict(law.start_grid)
+    axes = [grid[c.lower()] for c in law.coefs] + [grid[e] for e in law.exponents]
+    return np.array(list(itertools.product(*axes)), dtype=float)
+
+
+def fit_plain(data: LawData, starts: np.ndarray | None = None) -> Fit:
+    """Approach 3 as published: L-BFGS-B from every start, keep the best. The reference fit."""
+    starts = start_grid(data.law) if starts is None else starts
+    lo, hi = np.array(theta_bounds(data.law)).T
+    best_theta, best_f = starts[0], np.inf
+    for start in starts:
+        theta, f = _lbfgs(np.clip(start, lo, hi), data)
+        if f < best_f:
+            best_theta, best_f = theta, f
+    return Fit(data.law, best_theta, best_f, data.n)
+
+
+def _nnls_batch(a: np.ndarray, t: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """min_{c ≥ 0} Σ_i w_i (a_i·c − t_i)² for a batch of tiny problems (a: (G, n, k)).
+
+    With k ≤ 3 columns the exact answer is the best feasible unconstrained solution over the 2^k − 1
+    supports, which vectorises where scipy's nnls would need a Python loop.
+    """
+    aw = a * w[..., None]
+    ata = np.swapaxes(aw, 1, 2) @ a
+    atb = np.einsum("gnk,gn->gk", aw, t)
+    scale = np.sqrt(np.maximum(np.einsum("gkk->gk", ata), 1e-300))
+    ata = ata / (scale[:, :, None] * scale[:, None, :])
+    atb = atb / scale
+    k = a.shape[-1]
+    best_c = np.zeros(atb.shape)
+    best_gain = np.zeros(len(a))  # objective = Σwt² − gain; the empty support gains 0
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            idx = list(support)
+            sub = ata[:, idx][:, :, idx] + 1e-10 * np.eye(size)
+            c = np.linalg.solve(sub, atb[:, idx][..., None])[..., 0]
+            gain = np.einsum("gk,gk->g", c, atb[:, idx])
+            better = np.all(c >= 0, axis=-1) & (gain > best_gain)
+            best_gain = np.where(better, gain, best_gain)
+            best_c[np.ix_(better, idx)] = c[better]
+    return best_c / scale
+
+
+def project_coefs(data: LawData, exps: np.ndarray, iterations: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Best nonnegative coefficients for each exponent vector in `exps` (G, m), and the loss there.
+
+    Start from relative least squares (log L̂ − log y ≈ (L̂ − y)/y), then Gauss-Newton steps in log
+    space with Huber IRLS weights; each step is again a small nonnegative least-squares problem.
+    """
+    phi = np.exp(np.einsum("nkm,gm->gnk", data.g, exps))
+    logy = data.logy
+    pred = np.broadcast_to(data.y, phi.shape[:2])
+    r = np.zeros(phi.shape[:2])
+    best_c = np.zeros((len(exps), phi.shape[-1]))
+    best_f = np.full(len(exps), np.inf)
+    for _ in range(iterations):
+        c = _nnls_batch(phi / pred[..., None], 1.0 - r, huber_weight(r))
+        pred = np.maximum(np.einsum("gnk,gk->gn", phi, c), 1e-12 * data.y)  # all-zero c: huge residual, no overflow
+        r = np.log(pred) - logy
+        f = huber(r).sum(axis=-1)
+        better = f < best_f
+        best_f = np.where(better, f, best_f)
+        best_c[better] = c[better]
+    return best_c, best_f
+
+
+def exponent_grid(law: Law, step: float = 0.1) -> np.ndarray:
+    """Cell centres of a regular grid over the exponents' bounds (G, m)."""
+    axes = [np.arange(lo + step / 2, hi, step) for lo, hi in law.exponent_bounds]
+    return np.array(list(itertools.product(*axes)), dtype=float)
+
+
+def _losses(logp: np.ndarray, logy: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    return np.sum(weights * huber(logp - logy), axis=-1)
+
+
+def refine(data: LawData, thetas: np.ndarray, weights: np.ndarray | None = None, iterations: int = 60) -> np.ndarray:
+    """Minimise the (weighted) approach-3 loss from each row of `thetas` (B, p), all at once.
+
+    Levenberg-Marquardt on IRLS-weighted residuals, with a per-resample damping that only accepts
+    steps that lower that resample's Huber loss, so every resample ends no worse than its start.
+    Cells share inputs (seeds of one budget), so predictions and Jacobians are computed once per
+    distinct input and summed through an indicator matrix.
+    """
+    lo, hi = np.array(theta_bounds(data.law)).T
+    k = len(data.law.coefs)
+    flat = data.g.reshape(data.n, -1)
+    unique, inverse = np.unique(flat, axis=0, return_inverse=True)
+    g = unique.reshape(len(unique), *data.g.shape[1:])
+    member = np.zeros((data.n, len(unique)))
+    member[np.arange(data.n), inverse.ravel()] = 1.0
+    logy = data.logy
+
+    def predict(thetas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logp, soft = log_predict(thetas, g, k)
+        return logp[:, inverse.ravel()], soft
+
+    weights = np.ones((len(thetas), data.n)) if weights is None else weights
+    thetas = np.array(thetas, dtype=float)
+    losses = _losses(predict(thetas)[0], logy, weights)
+    damping = np.full(len(weights), 1e-3)
+    active = np.arange(len(weights))  # resamples still improving
+    eye = np.eye(thetas.shape[1])
+    for _ in range(iterations):
+        if len(active) == 0:
+            break
+        theta, w = thetas[active], weights[active]
+        logp, soft = predict(theta)
+        r = logp - logy
+        jac = jacobian(soft, g)  # (b, U, p)
+        h = w * huber_weight(r)
+        jtj = np.swapaxes(jac * (h @ member)[..., None], 1, 2) @ jac
+        grad = np.einsum("bup,bu->bp", jac, (h * r) @ member)
+        diag = np.einsum("bpp->bp", jtj)[:, :, None] * eye
+        lam = damping[active][:, None, None]
+        step = np.linalg.solve(jtj + lam * (diag + 1e-12 * eye), -grad[..., None])[..., 0]
+        candidate = np.clip(theta + step, lo, hi)
+        new_losses = _losses(predict(candidate)[0], logy, w)
+        better = new_losses < losses[active]
+        gain = np.where(better, losses[active] - new_losses, 0.0)
+        thetas[active[better]] = candidate[better]
+        losses[active[better]] = new_losses[better]
+        damping[active] = np.where(better, damping[active] * 0.3, damping[active] * 10)
+        stalled = damping[active] >= 1e6
+        converged = better & (gain <= 1e-10 * losses[active])
+        active = active[~(stalled | converged)]
+    return thetas
+    return thetas
+
+
+def fit_law(data: LawData, *, step: float = 0.1, polish: int = 4, chunk: int = 256) -> Fit:
+    """Variable-projection fit: scan exponents, project coefficients, polish the best by L-BFGS-B."""
+    exps = exponent_grid(data.law, step)
+    coefs, losses = [], []
+    for lo in range(0, len(exps), chunk):
+        c, f = project_coefs(data, exps[lo : lo + chunk])
+        coefs.append(c)
+        losses.append(f)
+    coef, loss = np.concatenate(coefs), np.concatenate(losses)
+    log_lo, log_hi = LOG_COEF_BOUNDS
+    best = np.argsort(loss)[:polish]
+    starts = np.concatenate([np.clip(np.log(np.maximum(coef[best], 1e-300)), log_lo, log_hi), exps[best]], axis=1)
+    refined = refine(data, starts)
+    losses = [objective(theta, data)[0] for theta in refined]
+    # Finish with approach 3's own optimiser; from here it needs only a few iterations.
+    theta, f = _lbfgs(refined[int(np.argmin(losses))], data)
+    return Fit(data.law, theta, f, data.n)

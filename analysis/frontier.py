@@ -1,0 +1,65 @@
+"""Trade-offs across methods: score per unit of post-training compute, and gain against damage.
+
+Both work on cell means per (task, model, method, budget) — an operating point someone could pick —
+rather than on fitted laws, so they need no minimum number of budgets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analysis.metrics import improvement
+
+KEYS = ["task", "model", "method", "budget"]
+
+
+def operating_points(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Cell means per (task, model, method, budget) of the metric and the cost/selectivity columns."""
+    columns = [metric, "post_train_flops", "score", "score_base", "score_elicited", "neutral_kl", "offtask_score_delta", "neutral_ppl_ratio"]
+    columns = list(dict.fromkeys(columns))
+    usable = ok[np.isfinite(ok[metric].astype(float))]
+    points = usable.groupby(KEYS, sort=True)[columns].mean().reset_index()
+    return points.assign(n_cells=usable.groupby(KEYS, sort=True).size().to_numpy())
+
+
+def compute_frontier(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Operating points with positive FLOPs, flagged `on_frontier` if nothing cheaper is as good.
+
+    Pareto per task: walking up in compute, a point is on the frontier when it beats every point
+    that costs no more than it.
+    """
+    points = operating_points(ok, metric)
+    points = points[np.isfinite(points["post_train_flops"]) & (points["post_train_flops"] > 0)]
+    frames = []
+    for _, task_points in points.groupby("task", sort=True):
+        better = improvement(task_points[metric].to_numpy(), 0.0, metric)
+        order = np.lexsort((-better, task_points["post_train_flops"].to_numpy()))
+        ordered = task_points.iloc[order].assign(_better=better[order])
+        previous_best = ordered["_better"].cummax().shift(fill_value=-np.inf)
+        frames.append(ordered.assign(on_frontier=ordered["_better"] > previous_best).drop(columns="_better"))
+    return pd.concat(frames, ignore_index=True) if frames else points.assign(on_frontier=pd.Series(dtype=bool))
+
+
+def frontier_by_compute(frontier: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """For each power-of-ten compute level, the best operating point affordable at that level."""
+    rows = []
+    for task, points in frontier[frontier["on_frontier"]].groupby("task", sort=True):
+        flops = points["post_train_flops"].to_numpy()
+        for level in 10.0 ** np.arange(np.ceil(np.log10(flops.min())), np.ceil(np.log10(flops.max())) + 1):
+            affordable = points[flops <= level]
+            best = affordable.iloc[-1]  # frontier points are in increasing compute and quality
+            rows.append({"task": task, "flops_level": level, "method": best["method"], "model": best["model"], "budget": best["budget"], metric: best[metric]})
+    return pd.DataFrame(rows)
+
+
+def selectivity(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Gain over the base model against damage elsewhere, and the share of the elicitation gap closed.
+
+    `gap_closed` = (score − score_base)/(score_elicited − score_base): how much of what the base
+    model can already do when asked explicitly a method recovers.
+    """
+    points = operating_points(ok, metric)
+    gain = points["score"] - points["score_base"]
+    gap = points["score_elicited"] - points["score_base"]
+    return points.assign(gain=gain, gap_closed=np.where(np.abs(gap) > 1e-12, gain / gap.where(np.abs(gap) > 1e-12), np.nan))

@@ -1,0 +1,116 @@
+"""Reading cell rows from a results directory (local path or URI) and writing outputs beside them.
+
+One unreadable file must not hide a thousand good ones, so a file that is truncated, not Parquet,
+or lacks the columns analysis needs is recorded as skipped, with its name and the reason, and the
+read goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+REQUIRED_COLUMNS = ("cell_id", "status", "model", "task", "method", "budget", "score")
+NUMERIC_COLUMNS = (
+    "params_total", "params_nonembed", "budget", "train_tokens", "seed", "score", "score_base",
+    "score_elicited", "nll", "nll_base", "offtask_score_delta", "neutral_kl", "neutral_ppl_ratio",
+    "trainable_params", "post_train_flops", "train_seconds", "eval_seconds",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoadedResults:
+    """All rows found (ok and failed) and the files that could not be read, with why."""
+
+    frame: pd.DataFrame
+    skipped: tuple[SkippedFile, ...]
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.frame[self.frame["status"] == "ok"]
+
+
+def resolve(results_dir: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and base path for a local directory or a URI (file://, s3://, gs://)."""
+    if "://" in results_dir:
+        return pafs.FileSystem.from_uri(results_dir)
+    return pafs.LocalFileSystem(), Path(results_dir).resolve().as_posix()
+
+
+def _read_cell(fs: pafs.FileSystem, path: str) -> pd.DataFrame:
+    table = pq.read_table(path, filesystem=fs)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"not a results row: missing columns {missing}")
+    return table.to_pandas()
+
+
+def load_results(results_dir: str) -> LoadedResults:
+    """Every `<results_dir>/cells/*.parquet` row; a cell id seen twice keeps its ok, latest row."""
+    fs, root = resolve(results_dir)
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/cells", allow_not_found=True))
+    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    frames, skipped = [], []
+    for path in paths:
+        try:
+            frames.append(_read_cell(fs, path))
+        except (OSError, ValueError, pa.ArrowException) as err:
+            skipped.append(SkippedFile(path, f"{type(err).__name__}: {err}"))
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(REQUIRED_COLUMNS))
+    for column in NUMERIC_COLUMNS:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame else float("nan")
+    if "finished_at" in frame and frame["cell_id"].duplicated().any():
+        frame = (
+            frame.assign(_ok=frame["status"] == "ok")
+            .sort_values(["_ok", "finished_at"], na_position="first")
+            .drop_duplicates("cell_id", keep="last")
+            .drop(columns="_ok")
+            .sort_index()
+        )
+    return LoadedResults(frame.reset_index(drop=True), tuple(skipped))
+
+
+def write_bytes(results_dir: str, name: str, data: bytes) -> str:
+    """Write `<results_dir>/<name>` on whatever filesystem holds the results; returns its path."""
+    fs, root = resolve(results_dir)
+    path = f"{root}/{name}"
+    with fs.open_output_stream(path) as out:
+        out.write(data)
+    return path
+
+
+def write_table(results_dir: str, name: str, frame: pd.DataFrame) -> str:
+    fs, root = resolve(results_dir)
+    path = f"{root}/{name}"
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, filesystem=fs)
+    return path
+
+
+def write_json(results_dir: str, name: str, payload: object) -> str:
+    return write_bytes(results_dir, name, json.dumps(jsonable(payload), indent=2, allow_nan=False).encode())
+
+
+def jsonable(value: object) -> object:
+    """Plain JSON values: NumPy scalars unwrapped, NaN/inf as null (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,119 @@
+"""`fit_results`: every answer of the study from one results directory, saved beside the cells."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from analysis.composition import CompositionGain, composition_gains
+from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, find_crossovers
+from analysis.curves import LawFit, fit_curves
+from analysis.efficiency import DataEfficiency, data_efficiency
+from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
+from analysis.io import LoadedResults, load_results, write_json, write_table
+from analysis.metrics import check_metric
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything derived from one set of rows; the report and the saved fits read from here."""
+
+    loaded: LoadedResults
+    metric: str
+    fits: list[LawFit]
+    crossovers: list[Crossover]
+    scaling: list[CrossoverScaling]
+    compositions: list[CompositionGain]
+    efficiency: list[DataEfficiency]
+    frontier: pd.DataFrame
+    frontier_levels: pd.DataFrame
+    selectivity: pd.DataFrame
+
+    def fits_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([f.record() for f in self.fits])
+
+
+def analyse(loaded: LoadedResults, *, metric: str = "score", bootstrap: int = 200, seed: int = 0) -> Analysis:
+    check_metric(metric)
+    ok = loaded.ok
+    fits = fit_curves(loaded.frame, metric=metric, bootstrap=bootstrap, seed=seed)
+    crossovers = find_crossovers(fits)
+    frontier = compute_frontier(ok, metric)
+    return Analysis(
+        loaded=loaded, metric=metric, fits=fits, crossovers=crossovers, scaling=crossover_scaling(crossovers),
+        compositions=composition_gains(ok, metric=metric, bootstrap=bootstrap, seed=seed),
+        efficiency=data_efficiency(fits, ok), frontier=frontier,
+        frontier_levels=frontier_by_compute(frontier, metric), selectivity=selectivity(ok, metric),
+    )  # fmt: skip
+
+
+def _ci(value: float, lo: float, hi: float) -> str:
+    if not np.isfinite(value):
+        return "-"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{value:.3g}"
+    return f"{value:.3g} [{lo:.3g}, {hi:.3g}]"
+
+
+@dataclass(frozen=True)
+class FitSummary:
+    analysis: Analysis
+    paths: dict[str, str] = field(default_factory=dict)
+
+    def to_text(self) -> str:
+        """The table `steerscale fit` prints: one line per fitted (or unfittable) curve."""
+        a = self.analysis
+        frame = a.loaded.frame
+        n_failed = int((frame["status"] != "ok").sum()) if len(frame) else 0
+        lines = [f"{len(frame)} rows ({n_failed} failed), {len(a.loaded.skipped)} unreadable files skipped; metric {a.metric}, 95% bootstrap CIs"]
+        lines += [f"  skipped {s.path}: {s.reason}" for s in a.loaded.skipped]
+        header = ("task", "method", "model", "law", "exponent", "asymptote", "n", "failed", "nan", "holdout err", "note")
+        table = [header]
+        for f in a.fits:
+            r = f.record()
+            exponents = [f"{p}={_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents] if f.ok else ["-"]
+            table.append((
+                f.task, f.method, f.model, f.law.name, " ".join(exponents),
+                _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]), str(r["n_points"]), str(r["n_failed"]),
+                str(r["n_nan"]), "-" if not np.isfinite(r["holdout_error"]) else f"{r['holdout_error']:.3g}", f.message,
+            ))  # fmt: skip
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+        if a.crossovers:
+            lines.append("crossovers (fine-tuning overtaking steering):")
+            for c in a.crossovers:
+                ci = f" CI [{c.d_star_lo:.3g}, {c.d_star_hi:.3g}], {c.share:.0%} of resamples cross" if np.isfinite(c.d_star) else ""
+                lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}")
+        for s in a.scaling:
+            lines.append(f"  {s.task}: D*({s.steering} -> {s.finetuning}) ∝ N^{s.gamma:.2f} over {s.n_models} model sizes")
+        if a.compositions:
+            lines.append("composition gains (over the best single part):")
+            for g in a.compositions:
+                lines.append(f"  {g.task} {g.model} D={g.budget:g}: {g.composition} vs {g.best_single}: {_ci(g.gain, g.gain_lo, g.gain_hi)}")
+        lines += [f"wrote {path}" for path in self.paths.values()]
+        return "\n".join(lines)
+
+
+def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
+    """fits.parquet (one row per law fit) and fits.json (those rows plus every derived answer)."""
+    frame = analysis.fits_frame()
+    payload = {
+        "metric": analysis.metric,
+        "rows": len(analysis.loaded.frame),
+        "skipped_files": [s.__dict__ for s in analysis.loaded.skipped],
+        "fits": frame.to_dict(orient="records"),
+        "crossovers": [c.record() for c in analysis.crossovers],
+        "crossover_scaling": [s.record() for s in analysis.scaling],
+        "composition_gains": [g.record() for g in analysis.compositions],
+        "data_efficiency": [e.record() for e in analysis.efficiency],
+        "compute_frontier": analysis.frontier_levels.to_dict(orient="records"),
+    }
+    return {"fits.parquet": write_table(results_dir, "fits.parquet", frame), "fits.json": write_json(results_dir, "fits.json", payload)}
+
+
+def fit_results(results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0) -> FitSummary:
+    """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json."""
+    analysis = analyse(load_results(results_dir), metric=metric, bootstrap=bootstrap, seed=seed)
+    return FitSummary(analysis, save_fits(results_dir, analysis))

@@ -1,0 +1,119 @@
+"""Law fitting against known truths: Chinchilla's published fit, and synthetic data with noise."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.bootstrap import bootstrap_fit, resample_weights, refit_weighted
+from analysis.fitting import FitError, LawData, _lbfgs, fit_law, fit_plain, params_from_theta, start_grid
+from analysis.laws import ADDITIVE, MULTIPLICATIVE, POWER_D
+
+CHINCHILLA = Path("/work/shared/data/chinchilla_points.csv")
+PUBLISHED = {"E": 1.82, "A": 482.0, "B": 2085.4, "alpha": 0.348, "beta": 0.366}
+
+
+def chinchilla_data(drop_highest_loss: int) -> LawData:
+    points = pd.read_csv(CHINCHILLA)
+    n = points["Model Size"].to_numpy()
+    d = points["Training FLOP"].to_numpy() / (6 * n)
+    return LawData.build(ADDITIVE, {"N": n, "D": d}, points["loss"].to_numpy(), drop_highest_loss=drop_highest_loss)
+
+
+@pytest.mark.skipif(not CHINCHILLA.exists(), reason="shared Chinchilla points not available")
+def test_chinchilla_approach3_reproduces_published_fit() -> None:
+    data = chinchilla_data(drop_highest_loss=5)
+    start = time.perf_counter()
+    fit = fit_law(data)
+    seconds = time.perf_counter() - start
+    p = fit.params
+    print(f"\nChinchilla approach 3 (240 points, varpro): {', '.join(f'{k}={v:.4g}' for k, v in p.items())} in {seconds:.2f}s")
+    assert data.n == 240
+    assert abs(p["alpha"] - PUBLISHED["alpha"]) <= 0.02
+    assert abs(p["beta"] - PUBLISHED["beta"]) <= 0.02
+    assert abs(p["E"] - PUBLISHED["E"]) <= 0.05
+    assert abs(p["A"] / PUBLISHED["A"] - 1) <= 0.15
+    assert abs(p["B"] / PUBLISHED["B"] - 1) <= 0.15
+    assert seconds < 10  # the naive 4,500-start grid takes minutes
+
+
+@pytest.mark.skipif(not CHINCHILLA.exists(), reason="shared Chinchilla points not available")
+def test_chinchilla_outliers_matter_so_dropping_them_is_explicit() -> None:
+    p = fit_law(chinchilla_data(drop_highest_loss=0)).params
+    print(f"\nChinchilla, all 245 points: beta={p['beta']:.3f} B={p['B']:.0f}")
+    assert p["beta"] > 0.42 and p["B"] > 8000
+
+
+@pytest.mark.skipif(not CHINCHILLA.exists(), reason="shared Chinchilla points not available")
+def test_variable_projection_matches_plain_approach3() -> None:
+    data = chinchilla_data(drop_highest_loss=5)
+    starts = start_grid(ADDITIVE)
+    assert len(starts) == 4500  # the published grid
+    subset = starts[np.random.default_rng(0).choice(len(starts), 16, replace=False)]
+    plain, fast = fit_plain(data, subset), fit_law(data)
+    assert fast.objective <= plain.objective * (1 + 1e-9)
+    for name, value in plain.params.items():
+        assert fast.params[name] == pytest.approx(value, rel=1e-3)
+
+
+def _grid_data(law, truth: dict[str, float], noise: float, seed: int) -> LawData:
+    rng = np.random.default_rng(seed)
+    n, d = np.meshgrid(np.geomspace(1e7, 3e9, 6), np.geomspace(1e8, 1e11, 8))
+    x = {"N": n.ravel(), "D": d.ravel()}
+    y = law.predict(truth, x) * np.exp(rng.normal(0, noise, n.size))
+    return LawData.build(law, x, y)
+
+
+@pytest.mark.parametrize(
+    ("law", "truth"),
+    [
+        (ADDITIVE, {"E": 1.7, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.28}),
+        (MULTIPLICATIVE, {"E": 0.5, "A": 2.0e3, "alpha": 0.3, "beta": 0.2}),
+    ],
+)
+def test_recovers_known_parameters_from_noisy_points(law, truth: dict[str, float]) -> None:
+    """Tolerance: exponents ±0.03, E ±3 %, coefficients ±30 % at 1 % multiplicative noise."""
+    p = fit_law(_grid_data(law, truth, noise=0.01, seed=1)).params
+    for name in law.exponents:
+        assert abs(p[name] - truth[name]) <= 0.03, name
+    assert p["E"] == pytest.approx(truth["E"], rel=0.03)
+    for name in set(law.coefs) - {"E"}:
+        assert p[name] == pytest.approx(truth[name], rel=0.3), name
+
+
+def test_batched_bootstrap_refit_matches_one_lbfgs_per_resample() -> None:
+    data = _grid_data(ADDITIVE, {"E": 1.7, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.28}, 0.01, seed=2)
+    fit = fit_law(data)
+    weights = resample_weights(data.n, 3, np.random.default_rng(0))
+    batched = refit_weighted(fit, data, weights)
+    for w, theta in zip(weights, batched):
+        reference, _ = _lbfgs(fit.theta, data, w)
+        for name, value in params_from_theta(ADDITIVE, reference).items():
+            assert params_from_theta(ADDITIVE, theta)[name] == pytest.approx(value, rel=1e-2, abs=1e-3), name
+
+
+def test_bootstrap_intervals_cover_the_truth_near_nominal_rate() -> None:
+    """40 synthetic budget curves: the 95 % interval for beta should cover the truth ~95 % of the time."""
+    truth = {"E": 0.2, "B": 3.0, "beta": 0.5}
+    budgets = np.repeat([16.0, 32, 64, 128, 256, 512, 1024], 3)
+    rng = np.random.default_rng(3)
+    covered = 0
+    trials = 40
+    for _ in range(trials):
+        y = POWER_D.predict(truth, {"D": budgets}) * np.exp(rng.normal(0, 0.03, budgets.size))
+        data = LawData.build(POWER_D, {"D": budgets}, y)
+        lo, hi = bootstrap_fit(fit_law(data), data, 200, rng).intervals()["beta"]
+        covered += lo <= truth["beta"] <= hi
+    print(f"\nbootstrap 95% CI coverage of beta: {covered}/{trials}")
+    assert covered / trials >= 0.8
+
+
+def test_too_few_points_is_a_clear_error() -> None:
+    with pytest.raises(FitError, match="distinct values of D"):
+        LawData.build(POWER_D, {"D": np.array([1.0, 1, 2, 2, 2])}, np.ones(5))
+    with pytest.raises(FitError, match="needs at least 4 points"):
+        LawData.build(POWER_D, {"D": np.array([1.0, 2, 3])}, np.ones(3))
