@@ -1,0 +1,159 @@
+"""From a results directory of Parquet cells to fits, crossovers and counts, on known curves."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from scipy.optimize import brentq
+
+import analysis
+from analysis.crossover import first_crossing
+from analysis.synthetic import TrueCurve, synthetic_rows
+from workers.schema import to_table
+
+BUDGETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+STEER = TrueCurve(e=0.35, b=0.6, beta=0.4)  # quick to gain, low ceiling
+TUNE = TrueCurve(e=0.05, b=3.0, beta=0.45)  # slow to start, high ceiling
+WORSE = TrueCurve(e=0.45, b=3.0, beta=0.45)  # never catches up with STEER
+TRUE_D_STAR = brentq(lambda d: STEER.score(d) - TUNE.score(d), 8, 2048)
+
+
+def write_cells(results: Path, rows: list[dict]) -> None:
+    cells = results / "cells"
+    cells.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        pq.write_table(to_table([row]), cells / f"{row['cell_id']}.parquet")
+
+
+def build_results(results: Path) -> None:
+    """Three model sizes on `facts` (steering vs lora, lora catches up), one on `never` (it doesn't)."""
+    rng = np.random.default_rng(1)
+    sizes = {"m1": 1_000_000, "m2": 4_000_000, "m3": 16_000_000}
+    curves = {}
+    for i, model in enumerate(sizes):
+        shrink = 0.8**i  # bigger models: lower loss for both methods
+        curves[("facts", "steer_mean", model)] = TrueCurve(STEER.e * shrink, STEER.b * shrink, STEER.beta)
+        curves[("facts", "lora", model)] = TrueCurve(TUNE.e * shrink, TUNE.b * shrink, TUNE.beta)
+    curves[("never", "steer_mean", "m1")] = STEER
+    curves[("never", "lora", "m1")] = WORSE
+    rows = synthetic_rows(curves, sizes, BUDGETS, seeds=3, noise=0.01, rng=rng)
+    failed = dict(rows[0], cell_id="failed-1", status="failed", error="CUDA OOM", score=None, method="lora", model="m1", task="facts")
+    nan = dict(rows[0], cell_id="nan-1", score=float("nan"), method="lora", model="m1", task="facts")
+    write_cells(results, [*rows, failed, dict(failed, cell_id="failed-2"), nan])
+    base = [dict(rows[0], cell_id=f"base-{m}", method="base", budget=0, model=m, score=0.2) for m in sizes]
+    write_cells(results, base)
+    good = (results / "cells" / f"{rows[1]['cell_id']}.parquet").read_bytes()
+    (results / "cells" / "truncated.parquet").write_bytes(good[: len(good) // 2])
+    pq.write_table(pd.DataFrame({"foo": [1]}).pipe(lambda f: __import__("pyarrow").Table.from_pandas(f)), results / "cells" / "foreign.parquet")
+    (results / "cells" / "partial.parquet.tmp").write_bytes(b"in flight")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("results")
+    build_results(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def summary(results: Path) -> analysis.FitSummary:
+    return analysis.fit_results(str(results), bootstrap=200, seed=0)
+
+
+def test_unreadable_files_are_skipped_and_named(results: Path) -> None:
+    loaded = analysis.load_results(str(results))
+    names = sorted(Path(s.path).name for s in loaded.skipped)
+    assert names == ["foreign.parquet", "truncated.parquet"]
+    assert "missing columns" in next(s.reason for s in loaded.skipped if s.path.endswith("foreign.parquet"))
+    assert len(loaded.frame) == 2 * 3 * 9 * 3 + 2 * 9 * 3 + 3 + 3
+    assert (loaded.frame["status"] == "failed").sum() == 2
+
+
+def test_uri_results_dir_reads_the_same(tmp_path: Path) -> None:
+    rows = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, (8, 64), seeds=2, noise=0.01, rng=np.random.default_rng(0))
+    write_cells(tmp_path, rows)
+    by_uri = analysis.load_results(tmp_path.as_uri()).frame
+    assert len(by_uri) == 4 and by_uri["cell_id"].tolist() == analysis.load_results(str(tmp_path)).frame["cell_id"].tolist()
+
+
+def test_failed_and_nan_rows_are_excluded_and_counted(summary: analysis.FitSummary) -> None:
+    fits = pd.read_parquet(summary.paths["fits.parquet"])
+    row = fits[(fits.task == "facts") & (fits.method == "lora") & (fits.model == "m1")].iloc[0]
+    assert (row.n_failed, row.n_nan, row.n_points) == (2, 1, 27)
+    joint = fits[(fits.task == "facts") & (fits.method == "lora") & (fits.law == "additive")].iloc[0]
+    assert (joint.n_failed, joint.n_nan, joint.n_points) == (2, 1, 81)
+
+
+def test_budget_curves_recover_their_truth(summary: analysis.FitSummary) -> None:
+    fits = pd.read_parquet(summary.paths["fits.parquet"])
+    row = fits[(fits.task == "never") & (fits.method == "steer_mean")].iloc[0]
+    assert row.beta == pytest.approx(STEER.beta, abs=0.05)
+    assert row.asymptote == pytest.approx(1 - STEER.e, abs=0.02)
+    assert row.beta_lo <= STEER.beta <= row.beta_hi
+    assert row.holdout_error < 0.02
+
+
+def test_crossover_found_where_the_curves_cross(summary: analysis.FitSummary) -> None:
+    found = [c for c in summary.analysis.crossovers if c.task == "never"] + [c for c in summary.analysis.crossovers if (c.task, c.model) == ("facts", "m1")]
+    never, facts = found
+    assert facts.d_star == pytest.approx(TRUE_D_STAR, rel=0.15)
+    assert facts.d_star_lo <= TRUE_D_STAR <= facts.d_star_hi
+    assert not np.isfinite(never.d_star)
+    assert "no crossover within the measured range" in never.verdict
+    print(f"\ncrossover: true D*={TRUE_D_STAR:.1f}, fitted {facts.d_star:.1f} [{facts.d_star_lo:.1f}, {facts.d_star_hi:.1f}]")
+
+
+def test_crossover_budget_scales_with_model_size(summary: analysis.FitSummary) -> None:
+    (scaling,) = [s for s in summary.analysis.scaling if s.task == "facts"]
+    assert scaling.n_models == 3 and np.isfinite(scaling.gamma)
+
+
+def test_first_crossing_on_known_curves() -> None:
+    d = np.geomspace(8, 2048, 512)
+    advantage = np.stack([TUNE.score(d) - STEER.score(d), WORSE.score(d) - STEER.score(d), np.ones_like(d)])
+    crossing = first_crossing(advantage, d)
+    assert crossing[0] == pytest.approx(TRUE_D_STAR, rel=1e-3)
+    assert np.isnan(crossing[1]) and np.isnan(crossing[2])  # never overtakes; ahead from the start
+
+
+def test_outputs_and_text(summary: analysis.FitSummary, results: Path) -> None:
+    payload = json.loads(Path(summary.paths["fits.json"]).read_text())  # strict JSON: NaN written as null
+    assert payload["skipped_files"] and payload["crossovers"] and payload["data_efficiency"]
+    text = summary.to_text()
+    assert "truncated.parquet" in text and "foreign.parquet" in text
+    assert "no crossover within the measured range" in text
+    print("\n" + text)
+
+
+def test_one_model_size_and_few_budgets_say_what_cannot_be_fitted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, (8, 16, 32, 64), seeds=2, noise=0.01, rng=rng)
+    rows += synthetic_rows({("t", "steer_mean", "m1"): STEER}, {"m1": 10**6}, (8, 64), seeds=2, noise=0.01, rng=rng)
+    write_cells(tmp_path, rows)
+    summary = analysis.fit_results(str(tmp_path), bootstrap=50)
+    messages = {(f.method, f.law.name): f.message for f in summary.analysis.fits}
+    assert messages[("lora", "power_D")] == ""
+    assert "distinct values of N, got 1" in messages[("lora", "additive")]
+    assert "needs at least 4 points, got 4" not in messages[("steer_mean", "power_D")]
+    assert "distinct values of D, got 2" in messages[("steer_mean", "power_D")]
+    assert summary.analysis.crossovers == []  # steering has no curve to cross
+    assert "not fitted" in pd.read_parquet(summary.paths["fits.parquet"])["status"].tolist()
+
+
+def test_empty_results_dir_does_not_crash(tmp_path: Path) -> None:
+    summary = analysis.fit_results(str(tmp_path))
+    assert "0 rows" in summary.to_text()
+
+
+def test_analysis_imports_neither_workers_orchestrator_nor_torch() -> None:
+    forbidden = {"workers", "orchestrator", "torch"}
+    for path in Path(analysis.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not {n.split(".")[0] for n in names} & forbidden, path.name
