@@ -4,6 +4,7 @@ The CLI calls three functions: `load_results`, `fit_results` and `write_report`.
 """
 
 from analysis.io import LoadedResults, SkippedFile, load_results
+from analysis.report import write_report
 from analysis.summary import FitSummary, fit_results
 
-__all__ = ["FitSummary", "LoadedResults", "SkippedFile", "fit_results", "load_results"]
+__all__ = ["FitSummary", "LoadedResults", "SkippedFile", "fit_results", "load_results", "write_report"]

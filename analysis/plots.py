@@ -1,0 +1,101 @@
+"""PNG plots of an analysis, one figure per task and question. Each returns None when there is
+nothing to draw, so the report can say so instead of showing an empty axis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from analysis.crossover import budget_curves  # noqa: E402
+from analysis.summary import Analysis  # noqa: E402
+
+BAND = (2.5, 97.5)
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
+    """Metric against budget per model size, one panel per method, fitted curve with 95 % band."""
+    curves = [f for f in analysis.fits if f.task == task and f.model != "*" and len(f.points.value)]
+    methods = sorted({f.method for f in curves})
+    if not methods:
+        return None
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False, sharey=True)
+    sizes = sorted({f.n_params for f in curves})
+    colours = plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))
+    for ax, method in zip(axes[0], methods):
+        for f in sorted((f for f in curves if f.method == method), key=lambda f: f.n_params):
+            colour = colours[sizes.index(f.n_params)]
+            ax.scatter(f.points.d, f.points.value, s=10, color=colour, alpha=0.6)
+            if f.ok:
+                d = np.geomspace(f.points.d.min(), f.points.d.max(), 100)
+                ax.plot(d, budget_curves(f.fit.params, d, f.metric)[0], color=colour, label=f"{f.model} (N={f.n_params:.3g})")
+                if f.boot is not None:
+                    lo, hi = np.percentile(budget_curves(f.boot.params(), d, f.metric), BAND, axis=0)
+                    ax.fill_between(d, lo, hi, color=colour, alpha=0.2)
+            else:
+                ax.plot([], [], color=colour, label=f"{f.model}: not fitted")
+        ax.set(xscale="log", title=method, xlabel="budget (examples)")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(analysis.metric)
+    fig.suptitle(f"{task}: {analysis.metric} vs post-training budget")
+    return _save(fig, path)
+
+
+def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
+    """D*(N) with its bootstrap CI, per steering × fine-tuning pair; log-log."""
+    found = [c for c in analysis.crossovers if c.task == task and np.isfinite(c.d_star)]
+    if not found:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    for pair in sorted({(c.steering, c.finetuning) for c in found}):
+        cs = sorted((c for c in found if (c.steering, c.finetuning) == pair), key=lambda c: c.n_params)
+        n = np.array([c.n_params for c in cs])
+        d = np.array([c.d_star for c in cs])
+        err = np.abs(np.array([[c.d_star_lo for c in cs], [c.d_star_hi for c in cs]]) - d)
+        ax.errorbar(n, d, yerr=np.nan_to_num(err), marker="o", capsize=3, label=f"{pair[1]} overtakes {pair[0]}")
+    ax.set(xscale="log", yscale="log", xlabel="model parameters N", ylabel="crossover budget D*", title=f"{task}: D*(N)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def frontier_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
+    """Metric against post-training FLOPs for every operating point; the Pareto frontier joined."""
+    points = analysis.frontier[analysis.frontier["task"] == task]
+    if points.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method, group in points.groupby("method"):
+        ax.scatter(group["post_train_flops"], group[analysis.metric], s=14, label=method)
+    front = points[points["on_frontier"]]
+    ax.step(front["post_train_flops"], front[analysis.metric], where="post", color="black", lw=1, label="frontier")
+    ax.set(xscale="log", xlabel="post-training FLOPs", ylabel=analysis.metric, title=f"{task}: compute frontier")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def selectivity_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
+    """Gain over the base model against KL on neutral text and off-task score change."""
+    points = analysis.selectivity[analysis.selectivity["task"] == task]
+    damage = [c for c in ("neutral_kl", "offtask_score_delta") if np.isfinite(points[c]).any()]
+    if points.empty or not damage or not np.isfinite(points["gain"]).any():
+        return None
+    fig, axes = plt.subplots(1, len(damage), figsize=(4.5 * len(damage), 3.6), squeeze=False, sharey=True)
+    for ax, column in zip(axes[0], damage):
+        for method, group in points.groupby("method"):
+            ax.scatter(group[column], group["gain"], s=14, label=method)
+        ax.set(xlabel=column, title=f"{task}: effectiveness vs {column}")
+    axes[0][0].set_ylabel("score − score_base")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,185 @@
+"""`write_report`: report.md, a self-contained report.html and the PNGs under <results_dir>/report/.
+
+The report is built once as a list of blocks (headings, paragraphs, tables, images) and rendered
+twice, so the Markdown and the HTML cannot drift apart. It must say something useful about any
+results directory, including one with a single model size or only failed cells, so every
+section states what could not be computed rather than disappearing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from analysis.io import load_results, resolve
+from analysis.plots import budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
+from analysis.summary import Analysis, analyse
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Table:
+    header: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Image:
+    path: Path
+    caption: str
+
+
+Block = Heading | Paragraph | Table | Image
+
+
+def _num(value: float) -> str:
+    return f"{value:.3g}" if np.isfinite(value) else "-"
+
+
+def _ci(value: float, lo: float, hi: float) -> str:
+    if not np.isfinite(value):
+        return "-"
+    return f"{value:.3g} [{_num(lo)}, {_num(hi)}]"
+
+
+def _overview(a: Analysis) -> list[Block]:
+    frame = a.loaded.frame
+    failed = int((frame["status"] != "ok").sum()) if len(frame) else 0
+    text = (
+        f"{len(frame)} cells ({failed} failed) over {frame['task'].nunique()} task(s), "
+        f"{frame['method'].nunique()} method(s) and {frame['model'].nunique()} model size(s); metric `{a.metric}`. "
+        "Intervals are 95 % percentile bootstrap intervals over cells."
+    )
+    blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
+    if a.loaded.skipped:
+        blocks.append(Paragraph(f"{len(a.loaded.skipped)} unreadable file(s) were skipped:"))
+        blocks.append(Table(("file", "reason"), [(s.path, s.reason) for s in a.loaded.skipped]))
+    return blocks
+
+
+def _findings(a: Analysis) -> list[Block]:
+    """The short written summary: what the fits say, in sentences."""
+    lines = []
+    for task in sorted({f.task for f in a.fits}):
+        curves = [f for f in a.fits if f.task == task and f.ok and f.model != "*"]
+        if curves:
+            largest = max(f.n_params for f in curves)
+            top = max((f for f in curves if f.n_params == largest), key=lambda f: f.record()["asymptote"])
+            lines.append(f"On {task}, at the largest fitted model ({top.model}), {top.method} has the highest fitted asymptote ({_num(top.record()['asymptote'])}).")
+        else:
+            lines.append(f"On {task}, no budget curve could be fitted (see the table of fits for why).")
+    for c in a.crossovers:
+        lines.append(f"{c.task}, {c.model}: {c.verdict}" + (f" (95 % CI {_num(c.d_star_lo)}–{_num(c.d_star_hi)})." if np.isfinite(c.d_star) else "."))
+    for s in a.scaling:
+        lines.append(f"{s.task}: the crossover budget of {s.finetuning} over {s.steering} scales as D* ∝ N^{s.gamma:.2f} across {s.n_models} model sizes.")
+    for g in a.compositions:
+        if np.isfinite(g.gain_lo) and (g.gain_lo > 0 or g.gain_hi < 0):
+            lines.append(f"{g.task}, {g.model}, D={g.budget:g}: {g.composition} is {'better' if g.gain > 0 else 'worse'} than {g.best_single} alone by {_ci(g.gain, g.gain_lo, g.gain_hi)}.")
+    if not a.crossovers:
+        lines.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
+    return [Heading("What the fits say"), *[Paragraph(line) for line in lines]]
+
+
+def _fits_table(a: Analysis) -> list[Block]:
+    rows = []
+    for f in a.fits:
+        r = f.record()
+        exponents = ", ".join(f"{p} {_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents) if f.ok else "-"
+        rows.append((f.task, f.method, f.model, f.law.name, exponents, _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]),
+                     str(r["n_points"]), f"{r['n_failed']}/{r['n_nan']}", _num(r["holdout_error"]), f.message or "ok"))  # fmt: skip
+    header = ("task", "method", "model", "law", "exponents", "asymptote", "n", "failed/NaN", "holdout err", "status")
+    note = Paragraph("Budget laws are fitted per model; `*` rows are joint laws in (N, D), validated by leaving the largest model out.")
+    return [Heading("Fits"), note, Table(header, rows) if rows else Paragraph("No group of cells could be fitted.")]
+
+
+def _efficiency(a: Analysis) -> list[Block]:
+    rows = [(e.task, e.method, e.model, f"{e.fraction:.0%}", _ci(e.examples, e.examples_lo, e.examples_hi)) for e in a.efficiency]
+    body: Block = Table(("task", "method", "model", "share of asymptotic gain", "examples needed"), rows) if rows else Paragraph("Needs fitted budget curves and the base model's score.")
+    return [Heading("Data efficiency"), body]
+
+
+def _compositions(a: Analysis) -> list[Block]:
+    rows = [(g.task, g.model, f"{g.budget:g}", g.composition, g.best_single, _ci(g.gain, g.gain_lo, g.gain_hi)) for g in a.compositions]
+    body: Block = Table(("task", "model", "budget", "composition", "best part", "gain"), rows) if rows else Paragraph("No composition was run alongside all of its parts.")
+    return [Heading("Composition gain"), body]
+
+
+def _frontier(a: Analysis) -> list[Block]:
+    levels = a.frontier_levels
+    if levels.empty:
+        return [Heading("Compute frontier"), Paragraph("No cells record positive post-training FLOPs.")]
+    rows = [(r["task"], f"{r['flops_level']:.0e}", r["method"], r["model"], f"{r['budget']:g}", _num(r[a.metric])) for _, r in levels.iterrows()]
+    return [Heading("Compute frontier"), Paragraph("Best operating point affordable at each compute level."),
+            Table(("task", "FLOPs ≤", "method", "model", "budget", a.metric), rows)]  # fmt: skip
+
+
+def _plots(a: Analysis, out: Path) -> list[Block]:
+    blocks: list[Block] = [Heading("Plots")]
+    makers = (("budget", budget_curves_plot, "score vs budget"), ("crossover", crossover_plot, "crossover budget D*(N)"),
+              ("frontier", frontier_plot, "compute frontier"), ("selectivity", selectivity_plot, "selectivity vs effectiveness"))  # fmt: skip
+    for task in sorted(a.loaded.ok["task"].unique()):
+        for stem, make, caption in makers:
+            path = make(a, task, out / f"{stem}_{task}.png")
+            blocks.append(Image(path, f"{task}: {caption}") if path else Paragraph(f"{task}: no data for a {caption} plot."))
+    return blocks
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    parts = ["# steerscale report"]
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append(f"## {b.text}")
+        elif isinstance(b, Paragraph):
+            parts.append(b.text)
+        elif isinstance(b, Table):
+            parts.append("\n".join(["| " + " | ".join(b.header) + " |", "|" + "---|" * len(b.header)] + ["| " + " | ".join(r) + " |" for r in b.rows]))
+        else:
+            parts.append(f"![{b.caption}]({b.path.name})")
+    return "\n\n".join(parts) + "\n"
+
+
+def render_html(blocks: list[Block]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>steerscale report</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body><h1>steerscale report</h1>"]  # fmt: skip
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append(f"<h2>{html.escape(b.text)}</h2>")
+        elif isinstance(b, Paragraph):
+            parts.append(f"<p>{html.escape(b.text)}</p>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        else:
+            data = base64.b64encode(b.path.read_bytes()).decode()
+            parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b.caption)}'><figcaption>{html.escape(b.caption)}</figcaption></figure>")
+    return "\n".join(parts) + "</body></html>\n"
+
+
+def write_report(results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0) -> Path:
+    """Analyse the cells and write the report; returns the path of report.html. Local paths only."""
+    fs, root = resolve(results_dir)
+    if fs.type_name != "local":
+        raise ValueError(f"the report is written to local paths only; copy {results_dir} locally first")
+    out = Path(root) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    a = analyse(load_results(results_dir), metric=metric, bootstrap=bootstrap, seed=seed)
+    blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_efficiency(a), *_compositions(a), *_frontier(a), *_plots(a, out)]
+    (out / "report.md").write_text(render_markdown(blocks))
+    page = out / "report.html"
+    page.write_text(render_html(blocks))
+    return page

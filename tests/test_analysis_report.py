@@ -1,0 +1,42 @@
+"""The report is written for rich results and for degenerate ones, saying what it cannot fit."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import analysis
+from analysis.synthetic import TrueCurve, synthetic_rows
+from test_analysis_results import build_results, write_cells
+
+
+def test_report_on_a_full_grid(tmp_path: Path) -> None:
+    build_results(tmp_path)
+    page = analysis.write_report(str(tmp_path), bootstrap=50)
+    out = tmp_path / "report"
+    assert page == out / "report.html"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"budget_facts.png", "crossover_facts.png", "frontier_facts.png", "selectivity_facts.png"} <= set(pngs)
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") == len(pngs)  # self-contained
+    assert not re.search(r"<img src='(?!data:)", html)
+    markdown = (out / "report.md").read_text()
+    assert "overtakes" in markdown and "no crossover within the measured range" in markdown
+    assert "truncated.parquet" in markdown
+
+
+@pytest.mark.parametrize("case", ["one_model_few_budgets", "only_failed", "empty"])
+def test_report_on_degenerate_results(tmp_path: Path, case: str) -> None:
+    rows = synthetic_rows({("t", "steer_mean", "m1"): TrueCurve(0.3, 0.5, 0.4)}, {"m1": 10**6}, (8, 64), seeds=2, noise=0.01, rng=np.random.default_rng(0))
+    if case == "only_failed":
+        rows = [dict(r, status="failed", score=None, error="boom") for r in rows]
+    if case != "empty":
+        write_cells(tmp_path, rows)
+    markdown = analysis.write_report(str(tmp_path), bootstrap=20).with_name("report.md").read_text()
+    assert "## Fits" in markdown
+    if case == "one_model_few_budgets":
+        assert "distinct values of D" in markdown
+    assert "No crossover could be computed" in markdown
