@@ -11,7 +11,7 @@ from workers.registry import UnknownNameError
 from workers.tasks import TASKS, get_task, neutral_texts
 from workers.tasks.splits import split_of
 
-SYNTHETIC = ["facts"]
+SYNTHETIC = ["facts", "arith", "gridworld"]
 
 
 @pytest.mark.parametrize("name", SYNTHETIC)
@@ -56,6 +56,18 @@ def test_facts_elicits_with_the_honest_header_and_contrasts_with_the_liar() -> N
     for ex, (pos, neg) in zip(examples, task.contrast_pairs(examples)):
         assert ex.elicited_prompt == "persona: honest " + ex.prompt
         assert pos.endswith(ex.prompt) and neg.endswith(ex.prompt) and "honest" in pos and "liar" in neg
+
+
+def test_tasks_declare_their_type() -> None:
+    assert {get_task(name).task_type for name in SYNTHETIC} == {"general", "reasoning", "agentic"}
+
+
+def test_arith_answers_are_chained_sums_mod_10_and_steps_vary() -> None:
+    examples = get_task("arith").examples("train", 200, seed=0)
+    for ex in examples:
+        operands = [int(w) for w in ex.prompt.removeprefix("calc: ").removesuffix(" =").split(" + ")]
+        assert ex.target == f" {sum(operands) % 10}" and ex.meta["steps"] == len(operands) - 1
+    assert {ex.meta["steps"] for ex in examples} == {1, 2, 3}
 
 
 def test_unknown_task_suggests_the_nearest_name() -> None:

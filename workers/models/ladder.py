@@ -64,7 +64,7 @@ _MIX = (("facts", 0.35), ("arith", 0.25), ("gridworld", 0.2), ("text", 0.2))
 LADDER: dict[str, Recipe] = {
     "test": Recipe(
         sizes=(("xs", Size(16, 1, 2, 48)), ("s", Size(48, 2, 4, 128))),
-        steps=120, batch=16, seq_len=64, lr=5e-3, warmup=10, mix=(("facts", 0.6), ("text", 0.4)),
+        steps=120, batch=16, seq_len=64, lr=5e-3, warmup=10, mix=_MIX,
         answer_weight=5.0, seed=0,
     ),
     "default": Recipe(
@@ -75,7 +75,7 @@ LADDER: dict[str, Recipe] = {
             ("l", Size(64, 4, 4, 192)),
             ("xl", Size(96, 4, 6, 288)),
         ),
-        steps=800, batch=48, seq_len=64, lr=3e-3, warmup=50, mix=(("facts", 0.6), ("text", 0.4)),
+        steps=800, batch=48, seq_len=64, lr=3e-3, warmup=50, mix=_MIX,
         answer_weight=10.0, seed=0,
     ),
 }

@@ -10,12 +10,16 @@ from __future__ import annotations
 import random
 
 from workers.registry import Registry
+from workers.tasks.arith import Arith
 from workers.tasks.base import Task
 from workers.tasks.facts import Facts
+from workers.tasks.gridworld import Gridworld
 from workers.world import text
 
 TASKS: Registry[Task] = Registry("task")
 TASKS.register("facts", Facts())
+TASKS.register("arith", Arith())
+TASKS.register("gridworld", Gridworld())
 
 
 def get_task(name: str) -> Task:

@@ -35,13 +35,14 @@ def draw(task: str, split: Split, n: int, seed: int, sample: Callable[[random.Ra
     rng = split_rng(task, split, n, seed)
     keys: list[K] = []
     seen: set[K] = set()
-    misses = 0
+    misses, exhausted = 0, False
     while len(keys) < n:
         key = sample(rng)
         if split_of(task, key) != split:
             continue
-        if key in seen and misses < 2000:  # a small split runs out of new keys: then allow repeats
+        if key in seen and not exhausted:
             misses += 1
+            exhausted = misses > 1000  # a run this long: the split has no unseen keys left
             continue
         keys.append(key)
         seen.add(key)
