@@ -13,13 +13,19 @@ from workers.registry import Registry
 from workers.tasks.arith import Arith
 from workers.tasks.base import Task
 from workers.tasks.facts import Facts
+from workers.tasks.function_calling import FunctionCalling
 from workers.tasks.gridworld import Gridworld
+from workers.tasks.gsm8k import GSM8K
+from workers.tasks.sst2 import SST2
 from workers.world import text
 
 TASKS: Registry[Task] = Registry("task")
 TASKS.register("facts", Facts())
 TASKS.register("arith", Arith())
 TASKS.register("gridworld", Gridworld())
+TASKS.register("sst2", SST2())
+TASKS.register("gsm8k", GSM8K())
+TASKS.register("function_calling", FunctionCalling())
 
 
 def get_task(name: str) -> Task:

@@ -1,0 +1,96 @@
+"""Real-dataset adapters, run on local fixture files shaped like the hub datasets (no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+from workers.tasks import TASKS
+from workers.tasks.base import Example
+from workers.tasks.function_calling import FunctionCalling, canonical_calls
+from workers.tasks.gsm8k import GSM8K, final_answer
+from workers.tasks.hub import HubSource
+from workers.tasks.sst2 import SST2
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def adapters() -> dict[str, object]:
+    return {
+        "sst2": SST2(HubSource(str(FIXTURES / "sst2"))),
+        "gsm8k": GSM8K(HubSource(str(FIXTURES / "gsm8k"))),
+        "function_calling": FunctionCalling(HubSource(str(FIXTURES / "xlam"))),
+    }
+
+
+class ScriptedLM:
+    """A dummy backend: generates a fixed reply per prompt and prefers one choice per prompt."""
+
+    def __init__(self, replies: dict[str, str]) -> None:
+        self.replies = replies
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        return [self.replies.get(p, "") for p in prompts]
+
+    def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+        return [[0.0 if c == self.replies.get(p) else -1.0 for c in cs] for p, cs in zip(prompts, choices)]
+
+    def target_nll(self, prompts: Sequence[str], targets: Sequence[str]) -> float:
+        return 0.5
+
+
+def test_adapters_are_registered_under_hub_names_with_their_types() -> None:
+    assert {TASKS.get(n).task_type for n in ("sst2", "gsm8k", "function_calling")} == {"general", "reasoning", "agentic"}
+    assert TASKS.get("gsm8k").source == HubSource("openai/gsm8k", "main")
+
+
+@pytest.mark.parametrize("name", ["sst2", "gsm8k", "function_calling"])
+def test_fixtures_become_examples_in_disjoint_deterministic_splits(name: str) -> None:
+    task = adapters()[name]
+    splits = {s: task.examples(s, 100, seed=0) for s in ("train", "validation", "test")}
+    assert all(splits.values()) and all(isinstance(ex, Example) for exs in splits.values() for ex in exs)
+    prompts = {s: {ex.prompt for ex in exs} for s, exs in splits.items()}
+    assert not (prompts["train"] & prompts["validation"] or prompts["train"] & prompts["test"] or prompts["validation"] & prompts["test"])
+    assert task.examples("test", 100, seed=5) == splits["test"]
+    assert [ex.prompt for ex in task.examples("train", 3, seed=1)] != [ex.prompt for ex in task.examples("train", 3, seed=2)]
+    for ex in splits["train"]:
+        assert ex.target.startswith(" ") and ex.elicited_prompt and ex.elicited_prompt.endswith(ex.prompt)
+    assert task.contrast_pairs(splits["train"])
+
+
+def test_sst2_targets_follow_labels() -> None:
+    rows = [json.loads(line) for line in (FIXTURES / "sst2" / "validation.jsonl").read_text().splitlines()]
+    by_prompt = {f"Review: {r['sentence'].strip()}\nSentiment:": r["label"] for r in rows}
+    examples = adapters()["sst2"].examples("test", 100, seed=0)
+    assert len(examples) == len(rows)
+    assert all(ex.target == (" positive" if by_prompt[ex.prompt] else " negative") for ex in examples)
+    right = ScriptedLM({ex.prompt: ex.target for ex in examples})
+    assert adapters()["sst2"].evaluate(right, examples).score == 1.0
+
+
+def test_gsm8k_scores_the_generated_final_number() -> None:
+    task = adapters()["gsm8k"]
+    examples = task.examples("test", 100, seed=0)
+    right = ScriptedLM({ex.prompt: f"some steps\n#### {ex.meta['answer']}" for ex in examples})
+    wrong = ScriptedLM({ex.prompt: f"#### {int(ex.meta['answer']) + 1}" for ex in examples})
+    assert task.evaluate(right, examples).score == 1.0
+    assert task.evaluate(wrong, examples).score == 0.0
+    assert final_answer("so 3 + 4 = 7 then 1,200 apples") == "1200"
+    assert final_answer("#### 12.0 and then 5") == "12"
+    assert final_answer("no number") is None
+
+
+def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:
+    task = adapters()["function_calling"]
+    examples = task.examples("test", 100, seed=0)
+    reordered = {}
+    for ex in examples:
+        calls = json.loads(ex.target)
+        reordered[ex.prompt] = "Sure: " + json.dumps(list(reversed(calls)), indent=1) + " done"
+    assert task.evaluate(ScriptedLM(reordered), examples).score == 1.0
+    assert task.evaluate(ScriptedLM({}), examples).score == 0.0
+    assert canonical_calls('[{"name": "f", "arguments": {"a": 1}}]') == canonical_calls('[{"arguments": {"a": 1}, "name": "f"}]')
+    assert canonical_calls('[{"name": "f"}]') is None and canonical_calls("[oops") is None

@@ -1,0 +1,77 @@
+"""`function_calling` (agentic, real data): pick a tool and its arguments, scored by checking the call.
+
+Hub `Salesforce/xlam-function-calling-60k`: `query`, `tools` and `answers`, the latter two JSON
+strings (tools: name, description, parameters; answers: a list of {name, arguments}). The model
+sees the tools and the query and must emit the calls as JSON; the score parses the generation
+and requires the same set of calls (names and argument values), not the same string. The hub has
+one split, so validation and test are carved from it by hash.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from workers.lm import LanguageModel
+from workers.tasks.base import Evaluation, Example, Split, TaskType
+from workers.tasks.hub import HubSource, SplitPlan, sample
+
+INSTRUCTION = "Answer with a JSON list of function calls, each {\"name\": ..., \"arguments\": {...}}.\n"
+MAX_NEW_TOKENS = 128
+
+
+def prompt(tools: str, query: str) -> str:
+    return f"Tools: {json.dumps(json.loads(tools), sort_keys=True)}\nQuery: {query.strip()}\nCalls:"
+
+
+def canonical_calls(text: str) -> frozenset[str] | None:
+    """The calls in `text` (its first JSON list) as a set of canonical strings; None if unparseable."""
+    start = text.find("[")
+    if start < 0:
+        return None
+    try:
+        calls, _ = json.JSONDecoder().raw_decode(text[start:])
+        return frozenset(json.dumps({"name": c["name"], "arguments": c["arguments"]}, sort_keys=True) for c in calls)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class FunctionCalling:
+    name = "function_calling"
+    task_type: TaskType = "agentic"
+    plan = SplitPlan(train="train", validation="train", test="train")
+
+    def __init__(self, source: HubSource = HubSource("Salesforce/xlam-function-calling-60k")) -> None:
+        self.source = source
+
+    def examples(self, split: Split, n: int, seed: int) -> list[Example]:
+        rows = sample(self.plan.rows(self.name, self.source, split, "query"), self.name, split, n, seed)
+        examples = []
+        for row in rows:
+            calls = json.loads(row["answers"])
+            text = prompt(row["tools"], row["query"])
+            examples.append(
+                Example(
+                    prompt=text,
+                    target=" " + json.dumps(calls, sort_keys=True),
+                    elicited_prompt=INSTRUCTION + text,
+                    meta={"calls": sorted(canonical_calls(json.dumps(calls)) or ())},
+                )
+            )
+        return examples
+
+    def contrast_pairs(self, examples: Sequence[Example]) -> list[tuple[str, str]]:
+        """The right calls vs another query's calls, after the same prompt."""
+        pairs = []
+        for i, ex in enumerate(examples):
+            other = examples[(i + 1) % len(examples)]
+            if other.target != ex.target:
+                pairs.append((ex.prompt + ex.target, ex.prompt + other.target))
+        return pairs
+
+    def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
+        prompts = [(ex.elicited_prompt or ex.prompt) if elicited else ex.prompt for ex in examples]
+        outputs = lm.generate(prompts, MAX_NEW_TOKENS)
+        correct = [canonical_calls(out) == frozenset(ex.meta["calls"]) for out, ex in zip(outputs, examples)]
+        nll = lm.target_nll(prompts, [ex.target for ex in examples])
+        return Evaluation(score=sum(correct) / max(len(correct), 1), nll=nll)

@@ -1,0 +1,72 @@
+"""`gsm8k` (reasoning, real data): grade-school word problems, scored on the generated final answer.
+
+Hub `openai/gsm8k` (config `main`): `question`, and `answer` = worked solution ending in
+`#### <number>`. The target is the whole solution (fine-tuning learns to reason and to end with the
+marker); the score is exact match of the number after `####` in a greedy generation (or its last
+number when the marker is missing). Validation is carved from the hub's train split.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from workers.lm import LanguageModel
+from workers.tasks.base import Evaluation, Example, Split, TaskType
+from workers.tasks.hub import HubSource, SplitPlan, sample
+
+INSTRUCTION = "Solve the problem step by step, then give the final number after '####'.\n"
+MAX_NEW_TOKENS = 256
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def prompt(question: str) -> str:
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+def final_answer(text: str) -> str | None:
+    """The number after '####' (else the last number), without commas or a trailing '.0'."""
+    marked = text.split("####", 1)[1] if "####" in text else text
+    numbers = _NUMBER.findall(marked)
+    if not numbers:
+        return None
+    value = (numbers[0] if "####" in text else numbers[-1]).replace(",", "")
+    return value[:-2] if value.endswith(".0") else value
+
+
+class GSM8K:
+    name = "gsm8k"
+    task_type: TaskType = "reasoning"
+    plan = SplitPlan(train="train", validation="train", test="test")
+
+    def __init__(self, source: HubSource = HubSource("openai/gsm8k", "main")) -> None:
+        self.source = source
+
+    def examples(self, split: Split, n: int, seed: int) -> list[Example]:
+        rows = sample(self.plan.rows(self.name, self.source, split, "question"), self.name, split, n, seed)
+        return [
+            Example(
+                prompt=prompt(row["question"]),
+                target=" " + row["answer"].strip(),
+                elicited_prompt=INSTRUCTION + prompt(row["question"]),
+                meta={"answer": final_answer(row["answer"])},
+            )
+            for row in rows
+        ]
+
+    def contrast_pairs(self, examples: Sequence[Example]) -> list[tuple[str, str]]:
+        """Worked solution vs the same solution with another problem's final answer."""
+        pairs = []
+        for i, ex in enumerate(examples):
+            other = examples[(i + 1) % len(examples)].meta["answer"]
+            if other != ex.meta["answer"]:
+                wrong = ex.target.rsplit("####", 1)[0] + f"#### {other}"
+                pairs.append((ex.prompt + ex.target, ex.prompt + wrong))
+        return pairs
+
+    def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
+        prompts = [(ex.elicited_prompt or ex.prompt) if elicited else ex.prompt for ex in examples]
+        outputs = lm.generate(prompts, MAX_NEW_TOKENS)
+        correct = [final_answer(out) == ex.meta["answer"] for out, ex in zip(outputs, examples)]
+        nll = lm.target_nll(prompts, [ex.target for ex in examples])
+        return Evaluation(score=sum(correct) / max(len(correct), 1), nll=nll)

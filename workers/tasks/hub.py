@@ -1,0 +1,65 @@
+"""Shared plumbing of the real-dataset adapters: load rows, carve disjoint splits, draw examples.
+
+A source is a Hugging Face hub id (loaded with `datasets.load_dataset`) or a local directory of
+`<split>.jsonl` files shaped like the hub dataset, which is how tests run offline. Hub datasets
+rarely ship the three splits a cell needs, so validation (and test, where the hub has none or its
+labels are hidden) is carved from a hub split by a hash of each row's text: disjoint, and the same
+whatever seed a cell draws with.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.tasks.base import Split
+from workers.tasks.splits import split_of
+
+
+@dataclass(frozen=True)
+class HubSource:
+    path: str  # hub id, or a local directory of <split>.jsonl files shaped like it
+    config: str | None = None
+
+
+@functools.lru_cache(maxsize=16)
+def load_rows(source: HubSource, split: str) -> tuple[dict, ...]:
+    import datasets  # imported on use: the synthetic world never needs it
+
+    local = Path(source.path)
+    if local.is_dir():
+        ds = datasets.load_dataset("json", data_files=str(local / f"{split}.jsonl"), split="train")
+    else:
+        ds = datasets.load_dataset(source.path, source.config, split=split)
+    return tuple(ds)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which hub split feeds each of ours; rows of a shared hub split are divided by hash."""
+
+    train: str
+    validation: str
+    test: str
+
+    def rows(self, task: str, source: HubSource, split: Split, key: str) -> list[dict]:
+        hub = getattr(self, split)
+        sharing = [s for s in ("train", "validation", "test") if getattr(self, s) == hub]
+        rows = load_rows(source, hub)
+        if len(sharing) == 1:
+            return list(rows)
+        return [row for row in rows if _carve(task, str(row[key]), sharing) == split]
+
+
+def _carve(task: str, text: str, sharing: list[str]) -> str:
+    """The split a row of a shared hub split belongs to: validation/test take a fifth each."""
+    ours = split_of(task, text)
+    return ours if ours in sharing else "train"
+
+
+def sample(rows: list[dict], task: str, split: Split, n: int, seed: int) -> list[dict]:
+    """`n` rows (all of them when the split is smaller); the test draw ignores the seed."""
+    rng = random.Random(f"{task}/{split}/{seed if split != 'test' else 0}")
+    return rng.sample(rows, min(n, len(rows)))

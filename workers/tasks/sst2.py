@@ -1,0 +1,48 @@
+"""`sst2` (general, real data): binary sentiment of movie-review sentences (GLUE SST-2).
+
+Hub `stanfordnlp/sst2` has hidden test labels, so our test split is its validation split and our
+validation is carved from its train split. Scored by likelihood of " negative" vs " positive";
+the elicited prompt states the task as an instruction.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from workers.lm import LanguageModel
+from workers.tasks.base import Evaluation, Example, Split, TaskType, answer_contrast, score_choices
+from workers.tasks.hub import HubSource, SplitPlan, sample
+
+LABELS = (" negative", " positive")
+INSTRUCTION = "Classify the sentiment of the movie review as positive or negative.\n"
+
+
+def prompt(sentence: str) -> str:
+    return f"Review: {sentence.strip()}\nSentiment:"
+
+
+class SST2:
+    name = "sst2"
+    task_type: TaskType = "general"
+    plan = SplitPlan(train="train", validation="train", test="validation")
+
+    def __init__(self, source: HubSource = HubSource("stanfordnlp/sst2")) -> None:
+        self.source = source
+
+    def examples(self, split: Split, n: int, seed: int) -> list[Example]:
+        rows = sample(self.plan.rows(self.name, self.source, split, "sentence"), self.name, split, n, seed)
+        return [
+            Example(
+                prompt=prompt(row["sentence"]),
+                target=LABELS[row["label"]],
+                choices=LABELS,
+                elicited_prompt=INSTRUCTION + prompt(row["sentence"]),
+            )
+            for row in rows
+        ]
+
+    def contrast_pairs(self, examples: Sequence[Example]) -> list[tuple[str, str]]:
+        return answer_contrast(examples)
+
+    def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
+        return score_choices(lm, examples, elicited=elicited)
