@@ -121,7 +121,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_ladder_build(args: argparse.Namespace) -> int:
-    from workers.models import ladder
+    import workers.models.ladder as ladder
 
     sizes = args.sizes or ladder.sizes(args.recipe)
     for size in sizes:

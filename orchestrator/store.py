@@ -84,6 +84,7 @@ MANIFEST = "plan.json"
 
 def write_manifest(store: ResultsStore, cells: list[dict]) -> None:
     """Record the planned cells (id, slug, model, method) so `status` knows what remains from the store alone."""
+    store.filesystem.create_dir(store.root, recursive=True)
     with store.filesystem.open_output_stream(f"{store.root}/{MANIFEST}") as stream:
         stream.write(json.dumps(cells, indent=0).encode())
 

@@ -1,0 +1,76 @@
+"""Grid expansion is a pure, deterministic function; cell ids are content hashes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from orchestrator.grid import expand
+from orchestrator.spec import load_spec
+from workers.cell import CellConfig
+
+SPEC = {
+    "sweep": "grid",
+    "models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/s", "gpus_per_cell": 0.5}],
+    "tasks": ["facts"],
+    "methods": {"base": {}, "steer_mean": {}, "lora": {"rank": 2}},
+    "budgets": [4, 16],
+    "method_budgets": {"base": [0]},
+    "seeds": [0, 1],
+}
+
+
+def _ids_in_subprocess(path) -> list[str]:
+    code = "import sys; from orchestrator.grid import expand; from orchestrator.spec import load_spec; print(' '.join(c.cell_id for c in expand(load_spec(sys.argv[1]))))"
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_grid_size_order_and_scheduling_fields(write_sweep):
+    cells = expand(load_spec(write_sweep(SPEC)))
+    # per model: base 1 budget + 2 methods x 2 budgets, each x 2 seeds = 10
+    assert len(cells) == 2 * 1 * (1 + 2 + 2) * 2
+    assert [c.config.slug for c in cells][:2] == ["ladder-xs__facts__base__n0__s0", "ladder-xs__facts__base__n0__s1"]
+    assert {c.gpus for c in cells} == {0.0, 0.5}
+    assert all(c.config.model.revision for c in cells), "ladder recipe hash must be pinned in every cell"
+
+
+def test_ids_are_stable_across_processes(write_sweep):
+    path = write_sweep(SPEC)
+    here = [c.cell_id for c in expand(load_spec(path))]
+    assert _ids_in_subprocess(path) == here
+    assert len(set(here)) == len(here)
+
+
+def test_id_changes_when_any_setting_changes(write_sweep):
+    cell = expand(load_spec(write_sweep(SPEC)))[-1].config
+    variants = {
+        "budget": cell.model_copy(update={"budget": cell.budget + 1}),
+        "seed": cell.model_copy(update={"seed": 7}),
+        "method_config": cell.model_copy(update={"method_config": {**cell.method_config, "rank": 3}}),
+        "eval": cell.model_copy(update={"eval": cell.eval.model_copy(update={"test_size": 1})}),
+        "model revision": cell.model_copy(update={"model": cell.model.model_copy(update={"revision": "other"})}),
+        "schema": cell.model_copy(update={"schema_version": cell.schema_version + 1}),
+    }
+    for what, changed in variants.items():
+        assert changed.cell_id != cell.cell_id, f"changing the {what} must change the cell id"
+    # but scheduling and the sweep's name are not identity:
+    assert cell.model_copy(update={"sweep": "renamed"}).cell_id == cell.cell_id
+
+
+def test_defaults_are_resolved_into_the_id(write_sweep):
+    """Writing a default explicitly gives the same cell as leaving it out."""
+    from workers.methods import get_method
+
+    default_alpha = get_method("lora").config_class().alpha
+    explicit = {**SPEC, "methods": {**SPEC["methods"], "lora": {"rank": 2, "alpha": default_alpha}}}
+    implicit_ids = [c.cell_id for c in expand(load_spec(write_sweep(SPEC)))]
+    explicit_ids = [c.cell_id for c in expand(load_spec(write_sweep(explicit, "explicit.yaml")))]
+    assert implicit_ids == explicit_ids
+
+
+def test_cell_config_round_trips_through_json(write_sweep):
+    cell = expand(load_spec(write_sweep(SPEC)))[3].config
+    again = CellConfig.model_validate_json(json.dumps(json.loads(cell.model_dump_json())))
+    assert again == cell and again.cell_id == cell.cell_id

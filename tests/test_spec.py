@@ -1,0 +1,68 @@
+"""Sweep spec validation: bad input fails early, naming the key's path and what was meant."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.spec import apply_overrides, load_spec
+from workers.config import ConfigError
+
+BASE = {
+    "sweep": "unit",
+    "models": [{"id": "ladder:test/xs"}],
+    "tasks": ["facts"],
+    "methods": {"base": {}, "lora": {"rank": 2}},
+    "budgets": [4, 16],
+}
+
+
+def test_valid_spec_loads_with_defaults(write_sweep):
+    spec = load_spec(write_sweep(BASE))
+    assert spec.seeds == [0]
+    assert spec.methods["lora"] == {"rank": 2}
+    assert spec.results_dir.endswith("results/unit")
+
+
+def test_unknown_top_level_key_names_path_and_suggestion(write_sweep):
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep({**BASE, "budgetz": [1]}))
+    assert "budgetz: unknown key (did you mean 'budgets'?)" in str(err.value)
+
+
+def test_unknown_nested_key_names_full_path(write_sweep):
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep({**BASE, "models": [{"id": "x", "gpus_per_cel": 1}]}))
+    assert "models.0.gpus_per_cel: unknown key (did you mean 'gpus_per_cell'?)" in str(err.value)
+
+
+def test_unknown_method_setting_is_reported_by_the_methods_own_config(write_sweep):
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep({**BASE, "methods": {"lora": {"rnak": 2}}}))
+    assert "methods.lora.rnak: unknown key (did you mean 'rank'?)" in str(err.value)
+
+
+def test_unknown_method_and_task_get_did_you_mean(write_sweep):
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep({**BASE, "methods": {"lorra": {}}, "tasks": ["fact"]}))
+    message = str(err.value)
+    assert "did you mean 'lora'?" in message
+    assert "tasks.0" in message and "did you mean 'facts'?" in message
+
+
+def test_overrides_parse_yaml_values_and_are_validated(write_sweep):
+    spec = load_spec(write_sweep(BASE), ["methods.lora.rank=8", "budgets=[1, 2]", "eval.test_size=5"])
+    assert spec.methods["lora"]["rank"] == 8 and spec.budgets == [1, 2] and spec.eval.test_size == 5
+    with pytest.raises(ConfigError, match=r"eval.test_sise: unknown key \(did you mean 'test_size'\?\)"):
+        load_spec(write_sweep(BASE), ["eval.test_sise=5"])
+
+
+def test_override_into_list_and_malformed_override():
+    data = apply_overrides({"models": [{"id": "a"}]}, ["models.0.id=b"])
+    assert data["models"][0]["id"] == "b"
+    with pytest.raises(ConfigError, match="not of the form"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_wrong_type_is_reported_with_path(write_sweep):
+    with pytest.raises(ConfigError, match="budgets.0"):
+        load_spec(write_sweep({**BASE, "budgets": ["many"]}))

@@ -1,0 +1,94 @@
+"""The results store: atomic writes, skipping what is done, setting aside unreadable files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timezone
+
+import pyarrow.parquet as pq
+
+from orchestrator.store import ResultsStore
+from workers.schema import COLUMNS, SCHEMA_VERSION
+
+
+def _row(cell_id: str, status: str = "ok", **extra) -> dict:
+    now = datetime.now(timezone.utc)
+    return {
+        "schema_version": SCHEMA_VERSION, "sweep": "s", "cell_id": cell_id, "slug": f"slug-{cell_id}",
+        "status": status, "score": 0.5, "started_at": now, "finished_at": now, **extra,
+    }
+
+
+def test_rows_round_trip_with_every_schema_column(tmp_path):
+    store = ResultsStore(str(tmp_path / "r"))
+    store.write(_row("a1"))
+    store.write(_row("b2", status="failed", error="boom"))
+    table = store.read()
+    assert table.column_names == list(COLUMNS)
+    assert sorted(table.column("cell_id").to_pylist()) == ["a1", "b2"]
+    assert store.scan().status == {"a1": "ok", "b2": "failed"}
+    meta = pq.read_schema(tmp_path / "r" / "cells" / "a1.parquet").metadata
+    assert meta[b"steerscale.schema_version"] == str(SCHEMA_VERSION).encode()
+
+
+def test_rewriting_a_cell_replaces_its_row_instead_of_duplicating(tmp_path):
+    store = ResultsStore(str(tmp_path / "r"))
+    store.write(_row("a1", status="failed", error="first try"))
+    store.write(_row("a1", status="ok"))
+    assert store.read().num_rows == 1 and store.scan().status == {"a1": "ok"}
+
+
+def test_file_uri_works_like_a_path(tmp_path):
+    store = ResultsStore(f"file://{tmp_path}/uri")
+    store.write(_row("c3"))
+    assert (tmp_path / "uri" / "cells" / "c3.parquet").exists()
+    assert store.scan().status == {"c3": "ok"}
+
+
+def test_write_killed_halfway_leaves_no_readable_partial_file(tmp_path):
+    """SIGKILL a writer after its bytes are on disk but before the rename: no row may appear."""
+    results = tmp_path / "r"
+    script = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from datetime import datetime, timezone
+        real_fsync = os.fsync
+        def stall(fd):
+            real_fsync(fd)
+            print("written", flush=True)
+            time.sleep(60)  # killed here, between the data and the rename
+        os.fsync = stall
+        from orchestrator.store import ResultsStore
+        now = datetime.now(timezone.utc)
+        ResultsStore({str(results)!r}).write({{"schema_version": 1, "sweep": "s", "cell_id": "k1", "slug": "k",
+            "status": "ok", "error": "x" * 200000, "started_at": now, "finished_at": now}})
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "written"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    leftovers = os.listdir(results / "cells")
+    assert "k1.parquet" not in leftovers
+    assert any(name.startswith(".tmp-") for name in leftovers), "the kill should have hit the temp file"
+    store = ResultsStore(str(results))
+    assert store.scan().status == {} and store.read().num_rows == 0
+
+
+def test_truncated_and_foreign_files_are_set_aside_and_reported(tmp_path):
+    store = ResultsStore(str(tmp_path / "r"))
+    store.write(_row("good"))
+    cells = tmp_path / "r" / "cells"
+    data = (cells / "good.parquet").read_bytes()
+    (cells / "trunc.parquet").write_bytes(data[: len(data) // 2])
+    (cells / "foreign.parquet").write_bytes(b"not parquet at all")
+    scan = store.scan()
+    assert scan.status == {"good": "ok"}
+    assert sorted(name for name, _ in scan.quarantined) == ["foreign.parquet", "trunc.parquet"]
+    assert sorted(os.listdir(tmp_path / "r" / "quarantine")) == ["foreign.parquet", "trunc.parquet"]
+    assert store.read().num_rows == 1
