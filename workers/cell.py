@@ -49,6 +49,7 @@ class EvalConfig(StrictConfig):
     validation_size: int = Field(64, ge=0, description="the shared validation set every method selects on")
     validation_seed: int = Field(0, description="fixed across cells so every method sees the same validation set")
     neutral_size: int = Field(32, ge=0, description="neutral texts for KL / perplexity-ratio selectivity")
+    offtask_size: int = Field(0, ge=0, description="test examples per other task of the sweep (0: skip off-task)")
     batch_size: int = Field(64, ge=1)
 
 
@@ -61,6 +62,7 @@ class CellConfig(StrictConfig):
     budget: int = Field(ge=0)
     seed: int
     eval: EvalConfig = EvalConfig()
+    offtask: tuple[str, ...] = Field((), description="the sweep's other tasks, scored for selectivity")
     schema_version: int = SCHEMA_VERSION
 
     @property

@@ -21,21 +21,22 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from workers.cache import PROCESS_CACHE, Baseline, WorkerCache
 from workers.cell import CellConfig, ModelSpec
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
-from workers.models.loading import count_parameters, ladder_revision, load_language_model, resolve_device, resolve_path
+from workers.models.loading import count_parameters, ladder_revision, resolve_device, resolve_path
 from workers.rowfile import write_rows
 from workers.schema import SCHEMA_VERSION
 from workers.tasks import get_task, neutral_texts
+from workers.tasks.base import Example, Task
 
-ModelLoader = Callable[[ModelSpec, int], LanguageModel]
 
 
 def _now() -> datetime:
@@ -83,9 +84,9 @@ def prepare_model(spec: ModelSpec) -> str:
 
 @dataclass
 class CellRun:
-    """What a worker passes in besides the cell: a model loader (a cache, for actors) and the attempt."""
+    """What a worker passes in besides the cell: the cache it keeps across cells, and the attempt."""
 
-    load_model: ModelLoader = load_language_model
+    cache: WorkerCache = PROCESS_CACHE
     attempt: int = 1
 
 
@@ -108,10 +109,22 @@ def identity_columns(cell: CellConfig, attempt: int) -> dict[str, Any]:
     }
 
 
+def baseline(
+    lm: LanguageModel, task: Task, test: list[Example], offtask: dict[str, list[Example]], neutral_size: int
+) -> Baseline:
+    """The untouched model on the test split (plain and elicited), neutral text and the other tasks."""
+    return Baseline(
+        test=task.evaluate(lm, test),
+        elicited=task.evaluate(lm, test, elicited=True) if any(ex.elicited_prompt for ex in test) else None,
+        neutral=neutral_reference(lm, neutral_texts(neutral_size)),
+        offtask={name: get_task(name).evaluate(lm, examples) for name, examples in offtask.items()},
+    )
+
+
 def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     """The measured columns of an ok row. Raises on any failure; `run_cell` turns that into a row."""
     seed_everything(cell.seed)
-    lm = run.load_model(cell.model, cell.eval.batch_size)
+    lm = run.cache.model(cell.model, cell.eval.batch_size)
     device = str(lm.device)
     reset_peak_memory(device)
     task = get_task(cell.task)
@@ -120,11 +133,11 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     train = task.examples("train", cell.budget, cell.seed)
     validation = task.examples("validation", cell.eval.validation_size, cell.eval.validation_seed)
     test = task.examples("test", cell.eval.test_size, 0)
+    offtask = {name: get_task(name).examples("test", cell.eval.offtask_size, 0) for name in cell.offtask}
 
     started = time.perf_counter()
-    base = task.evaluate(lm, test)
-    elicited = task.evaluate(lm, test, elicited=True) if any(ex.elicited_prompt for ex in test) else None
-    reference = neutral_reference(lm, neutral_texts(cell.eval.neutral_size))
+    context = json.dumps([cell.task, cell.offtask, cell.eval.model_dump(mode="json")])
+    base = run.cache.baseline(cell.model, context, lambda: baseline(lm, task, test, offtask, cell.eval.neutral_size))
     base_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -134,7 +147,8 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     started = time.perf_counter()
     with adapter.applied():
         result = task.evaluate(lm, test)
-        kl, ppl_ratio = neutral_shift(lm, reference)
+        kl, ppl_ratio = neutral_shift(lm, base.neutral)
+        offtask_scores = {name: get_task(name).evaluate(lm, examples).score for name, examples in offtask.items()}
     eval_seconds = time.perf_counter() - started + base_seconds
 
     total, nonembed = count_parameters(lm.model)
@@ -145,10 +159,13 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "task_type": task.task_type,
         "train_tokens": report.train_tokens,
         "score": result.score,
-        "score_base": base.score,
-        "score_elicited": elicited.score if elicited else None,
+        "score_base": base.test.score,
+        "score_elicited": base.elicited.score if base.elicited else None,
         "nll": result.nll,
-        "nll_base": base.nll,
+        "nll_base": base.test.nll,
+        "offtask_score_delta": (
+            float(np.mean([offtask_scores[name] - base.offtask[name].score for name in offtask])) if offtask else None
+        ),
         "neutral_kl": kl,
         "neutral_ppl_ratio": ppl_ratio,
         "trainable_params": report.trainable_params,

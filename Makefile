@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# GPU machines: `make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.steerscale-installed
+CONFIG ?= configs/quickstart.yaml
+RESULTS ?= results/quickstart
+PYTEST_ARGS ?=
+
+# Small L-BFGS problems in the fitter run ~30x slower when OpenBLAS spreads them over busy cores.
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: setup demo test test-fast test-peers clean-results
+
+# torch goes in first, on its own: a bare `torch` requirement with no torch installed pulls a
+# multi-GB CUDA build. The stamp makes a second `make` reuse the venv until pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/steerscale ladder build
+	$(BIN)/steerscale run $(CONFIG)
+	$(BIN)/steerscale fit $(RESULTS)
+	$(BIN)/steerscale report $(RESULTS)
+	@echo "results: $(RESULTS)/cells/   fits: $(RESULTS)/fits.json   report: $(RESULTS)/report/report.html"
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Parity against peers that pin old versions (steering-vectors needs transformers<5) runs in its own venv.
+test-peers: setup
+	bash tests/peers/run_peer_tests.sh
+
+clean-results:
+	rm -rf results
