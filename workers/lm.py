@@ -7,12 +7,15 @@ explicit position ids, so a batched forward gives the same numbers as one exampl
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from workers.steering import prompt_boundary
 
 
 @dataclass
@@ -23,6 +26,7 @@ class Batch:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     target_mask: torch.Tensor  # 1 where the token at t+1 is part of the continuation, aligned to logits[t]
+    prompt_last: torch.Tensor  # (batch,) column of each row's last prompt token; steering "after the prompt" starts there
 
     @property
     def target_tokens(self) -> int:
@@ -36,14 +40,28 @@ class LanguageModel:
     batch_size: int = 32
     max_length: int | None = None
     forward_tokens: int = 0  # every token this wrapper has run through the model: the basis of FLOP counts
+    prefix: str = ""  # text put before every prompt (few-shot demonstrations); see `prefixed`
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @contextmanager
+    def prefixed(self, text: str) -> Iterator[None]:
+        """Put `text` before every prompt inside the block (restored on exit, even on error)."""
+        previous, self.prefix = self.prefix, text + self.prefix
+        try:
+            yield
+        finally:
+            self.prefix = previous
+
     def _ids(self, text: str, *, prompt: bool) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=prompt)["input_ids"]
+        ids = self.tokenizer(self.prefix + text if prompt else text, add_special_tokens=prompt)["input_ids"]
         return list(ids)
+
+    def token_count(self, text: str, *, prompt: bool) -> int:
+        """Tokens `text` takes as a prompt (with special tokens and the current prefix) or as a continuation."""
+        return len(self._ids(text, prompt=prompt))
 
     def batches(
         self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int | None = None
@@ -58,23 +76,26 @@ class LanguageModel:
                 ids = p + c
                 if self.max_length is not None and len(ids) > self.max_length:
                     ids = ids[-self.max_length :]  # keep the continuation; drop the oldest context
-                rows.append((ids, len(ids) - len(c)))
+                rows.append((ids, max(len(ids) - len(c), 0)))
             width = max(len(ids) for ids, _ in rows)
             input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
             attention = torch.zeros((len(rows), width), dtype=torch.long)
             target = torch.zeros((len(rows), width), dtype=torch.bool)
+            prompt_last = torch.zeros(len(rows), dtype=torch.long)
             for i, (ids, cont_start) in enumerate(rows):
                 input_ids[i, : len(ids)] = torch.tensor(ids)
                 attention[i, : len(ids)] = 1
                 target[i, max(cont_start - 1, 0) : len(ids) - 1] = True
+                prompt_last[i] = max(cont_start - 1, 0)
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
-            yield Batch(*(t.to(self.device) for t in (input_ids, attention, positions, target)))
+            yield Batch(*(t.to(self.device) for t in (input_ids, attention, positions, target, prompt_last)))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         self.forward_tokens += int(batch.attention_mask.sum())
-        return self.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-        ).logits
+        with prompt_boundary(batch.prompt_last):
+            return self.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+            ).logits
 
     def token_nll(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         """Per-token NLL of the continuation (zero elsewhere), shape (batch, seq-1)."""
@@ -97,7 +118,14 @@ class LanguageModel:
 
     @torch.no_grad()
     def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[list[float]]:
-        """Summed log-probability of each choice after its prompt, as a ragged list per prompt."""
+        """Summed log-probability of each choice after its prompt, as a ragged list per prompt.
+
+        When every choice is one token (digits, labels), all of a prompt's choices are read off one
+        forward instead of one forward per choice: the same numbers, len(choices) times cheaper.
+        """
+        ids = [[self._ids(c, prompt=False) for c in cs] for cs in choices]
+        if all(cs and all(len(c) == 1 for c in cs) for cs in ids):
+            return self._single_token_logprobs(prompts, choices, ids)
         flat_prompts = [p for p, cs in zip(prompts, choices) for _ in cs]
         flat_choices = [c for cs in choices for c in cs]
         scores: list[float] = []
@@ -109,6 +137,22 @@ class LanguageModel:
             i += len(cs)
         return out
 
+    def _single_token_logprobs(
+        self, prompts: Sequence[str], choices: Sequence[Sequence[str]], ids: list[list[list[int]]]
+    ) -> list[list[float]]:
+        # Each prompt runs with its first choice appended, so truncation and token ids are exactly
+        # those of the per-choice path; the scored logits sit at the prompt's last column.
+        out: list[list[float]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            batch = next(self.batches(prompts[chunk], [cs[0] for cs in choices[chunk]], batch_size=self.batch_size))
+            logits = self.forward(batch)
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            logp = F.log_softmax(logits[rows, batch.prompt_last].float(), dim=-1)
+            for row, cs in zip(logp, ids[chunk]):
+                out.append(row[[c[0] for c in cs]].tolist())
+        return out
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy continuations (left-padded batches; `generate` derives positions from the mask)."""
@@ -117,12 +161,16 @@ class LanguageModel:
         try:
             outs: list[str] = []
             for start in range(0, len(prompts), self.batch_size):
-                enc = tok(list(prompts[start : start + self.batch_size]), return_tensors="pt", padding=True).to(self.device)
-                gen = self.model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-                )
+                texts = [self.prefix + p for p in prompts[start : start + self.batch_size]]
+                enc = tok(texts, return_tensors="pt", padding=True).to(self.device)
+                width = enc["input_ids"].shape[1]
+                last = torch.full((len(texts),), width - 1, dtype=torch.long, device=self.device)  # left padding
+                with prompt_boundary(last):
+                    gen = self.model.generate(
+                        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                    )
                 self.forward_tokens += int(gen.shape[0] * gen.shape[1])  # upper bound: padding included
-                outs.extend(tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+                outs.extend(tok.batch_decode(gen[:, width:], skip_special_tokens=True))
             return outs
         finally:
             tok.padding_side = side

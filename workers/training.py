@@ -1,14 +1,17 @@
 """One supervised training loop for every method that learns by gradient (LoRA, full FT, vectors).
 
 Kept deliberately plain (AdamW, cosine decay, continuation-only loss) so that a method differs from
-another only in *which* parameters it hands to `train`, never in how it is trained.
+another only in *which* parameters it hands to `train`, never in how it is trained. The same loop
+does fair early stopping for all of them: with `checkpoints` > 0 it scores the shared validation set
+at step 0 and at evenly spaced steps and keeps the best parameters, so "do nothing" (step 0) is
+always a candidate and ties go to fewer steps.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from pydantic import Field
@@ -31,40 +34,92 @@ class TrainConfig(StrictConfig):
     max_steps: int = Field(400, ge=1)
     batch_size: int = Field(16, ge=1)
     weight_decay: float = Field(0.0, ge=0)
+    checkpoints: int = Field(
+        4, ge=0, description="validation checkpoints besides step 0; the best is kept (0 = keep the last step, no validation)"
+    )
 
 
 @dataclass
 class TrainResult:
-    losses: list[float]
+    losses: list[float]  # one per optimizer step actually run
     tokens: int  # continuation tokens the optimizer saw (what the loss was computed on)
-    sequence_tokens: int  # all tokens that went through the model (what the FLOPs are computed on)
+    sequence_tokens: int  # all tokens that went through the model in training (what the FLOPs are computed on)
+    chosen_step: int  # the step whose parameters were kept (== steps without checkpoints)
+    validation_tokens: int = 0  # tokens the checkpoint validations ran through the model
+    validation_scores: dict[int, float] | None = None  # step -> validation score, when checkpoints ran
 
     @property
     def steps(self) -> int:
         return len(self.losses)
+
+    def summary(self) -> dict[str, object]:
+        """What a method records of its training in the row's hparams (the loss curve included)."""
+        return {
+            "steps": self.steps,
+            "chosen_step": self.chosen_step,
+            "losses": self.losses,
+            "sequence_tokens": self.sequence_tokens,
+            "validation_tokens": self.validation_tokens,
+            "validation_scores": self.validation_scores,
+        }
 
 
 def steps_for(n_examples: int, config: TrainConfig) -> int:
     return min(config.max_steps, max(config.min_steps, config.epochs * math.ceil(n_examples / config.batch_size)))
 
 
+def checkpoint_steps(steps: int, checkpoints: int) -> list[int]:
+    """Step 0 and `checkpoints` evenly spaced steps up to the last one."""
+    return sorted({0, *(round(steps * k / checkpoints) for k in range(1, checkpoints + 1))})
+
+
+Validator = Callable[[], float]  # score of the model as it is now on the shared validation set (higher is better)
+
+
 def train(
-    lm: LanguageModel, params: Sequence[torch.nn.Parameter], examples: Sequence[Example], config: TrainConfig, seed: int
+    lm: LanguageModel,
+    params: Sequence[torch.nn.Parameter],
+    examples: Sequence[Example],
+    config: TrainConfig,
+    seed: int,
+    validate: Validator | None = None,
 ) -> TrainResult:
-    """Minimise the continuation NLL of `examples` over `params`; raise on a non-finite loss."""
+    """Minimise the continuation NLL of `examples` over `params`; raise on a non-finite loss.
+
+    With `validate` and `config.checkpoints`, the parameters left in place are those of the best
+    validation checkpoint (step 0 included); otherwise those of the last step.
+    """
     if not examples:
-        return TrainResult(losses=[], tokens=0, sequence_tokens=0)
+        return TrainResult(losses=[], tokens=0, sequence_tokens=0, chosen_step=0)
     steps = steps_for(len(examples), config)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     generator = torch.Generator().manual_seed(seed)
+    checks = checkpoint_steps(steps, config.checkpoints) if validate is not None and config.checkpoints else []
+    scores: dict[int, float] = {}
+    best: tuple[float, int, list[torch.Tensor]] | None = None  # (score, step, parameters)
+    validation_tokens = 0
     was_training = lm.model.training
-    lm.model.train()
     losses: list[float] = []
     tokens = sequence_tokens = 0
+
+    def checkpoint(step: int) -> None:
+        nonlocal best, validation_tokens
+        before = lm.forward_tokens
+        lm.model.eval()
+        with torch.no_grad():
+            scores[step] = validate()
+        lm.model.train()
+        validation_tokens += lm.forward_tokens - before
+        if best is None or scores[step] > best[0]:  # strictly better: ties keep the earlier step
+            best = (scores[step], step, [p.detach().clone() for p in params])
+
+    lm.model.train()
     try:
         order: list[int] = []
         for step in range(steps):
+            if step in checks:
+                checkpoint(step)
             if len(order) < min(config.batch_size, len(examples)):
                 order += torch.randperm(len(examples), generator=generator).tolist()
             take, order = order[: config.batch_size], order[config.batch_size :]
@@ -79,7 +134,22 @@ def train(
             losses.append(loss.item())
             tokens += batch.target_tokens
             sequence_tokens += int(batch.attention_mask.sum())
+        chosen = steps
+        if checks:
+            checkpoint(steps)
+            assert best is not None
+            chosen = best[1]
+            with torch.no_grad():
+                for param, kept in zip(params, best[2]):
+                    param.copy_(kept)
     finally:
         optimizer.zero_grad(set_to_none=True)
         lm.model.train(was_training)
-    return TrainResult(losses=losses, tokens=tokens, sequence_tokens=sequence_tokens)
+    return TrainResult(
+        losses=losses,
+        tokens=tokens,
+        sequence_tokens=sequence_tokens,
+        chosen_step=chosen,
+        validation_tokens=validation_tokens,
+        validation_scores=scores or None,
+    )

@@ -1,22 +1,35 @@
-"""Post-training methods by name. Each lives in its own module and implements `protocol.Method`."""
+"""Post-training methods by name. Each lives in its own module and implements `protocol.Method`.
+
+`get_method("A+B")` builds the composition of two registered methods (see `compose.py`).
+"""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from workers.config import StrictConfig, validate_config
 from workers.methods.base import Base
+from workers.methods.compose import Composition
+from workers.methods.full_ft import FullFt
 from workers.methods.lora import Lora
+from workers.methods.prompt import Prompt
 from workers.methods.protocol import Adapter, FitContext, FitReport, Method
 from workers.methods.steer_mean import SteerMean
+from workers.methods.steer_trained import SteerTrained
 from workers.registry import Registry
 
 METHODS: Registry[Method] = Registry("method")
-for _method in (Base(), SteerMean(), Lora()):
+for _method in (Base(), Prompt(), SteerMean(), SteerTrained(), Lora(), FullFt()):
     METHODS.register(_method.name, _method)
 
 
+@lru_cache(maxsize=None)
 def get_method(name: str) -> Method:
+    """A registered method, or the composition `A+B` of two; unknown names get a "did you mean"."""
+    first, plus, rest = name.partition("+")
+    if plus:
+        return Composition(METHODS.get(first), get_method(rest))
     return METHODS.get(name)
 
 

@@ -13,30 +13,32 @@ from typing import Iterator
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, forward_flops
+from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
 from workers.training import TrainConfig, train
 
 
 class LoraConfig(StrictConfig):
     rank: int = Field(4, ge=1)
     alpha: float = Field(8.0, gt=0, description="LoRA scaling numerator: the update is (alpha / rank) · B A")
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: str | tuple[str, ...] = Field(
+        "all-linear",
+        description="module names to adapt, or 'all-linear' (every Linear/Conv1D but the output head: any architecture)",
+    )
     train: TrainConfig = TrainConfig()
 
 
 def _peft_config(config: LoraConfig) -> PeftLoraConfig:
-    return PeftLoraConfig(
-        r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules), lora_dropout=0.0
-    )
+    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0)
 
 
 @contextmanager
-def lora_injected(lm: LanguageModel, config: LoraConfig, state: dict[str, torch.Tensor] | None) -> Iterator:
+def lora_injected(lm: LanguageModel, config: LoraConfig, state: dict[str, torch.Tensor] | None) -> Iterator[PeftModel]:
     """LoRA layers in `lm.model` (fresh, or loaded from `state`) for the duration; base restored after."""
     requires_grad = {name: p.requires_grad for name, p in lm.model.named_parameters()}
     peft_model = get_peft_model(lm.model, _peft_config(config))
@@ -47,7 +49,7 @@ def lora_injected(lm: LanguageModel, config: LoraConfig, state: dict[str, torch.
     finally:
         peft_model.unload()
         for name, param in lm.model.named_parameters():
-            param.requires_grad_(requires_grad.get(name, True))
+            param.requires_grad_(requires_grad[name])
 
 
 @dataclass
@@ -68,22 +70,25 @@ class Lora:
     config_class = LoraConfig
 
     def fit(self, ctx: FitContext, config: LoraConfig) -> LoraAdapter:
-        base_params = sum(p.numel() for p in ctx.lm.model.parameters())
+        n_base = matmul_params(ctx.lm.model)
         torch.manual_seed(ctx.seed)  # LoRA's A matrices are initialised randomly
         with lora_injected(ctx.lm, config, None) as peft_model:
             trainable = [p for p in peft_model.parameters() if p.requires_grad]
-            n_trainable = sum(p.numel() for p in trainable)
-            result = train(ctx.lm, trainable, ctx.train, config.train, ctx.seed)
+            n_lora = sum(p.numel() for p in trainable)
+            result = train(ctx.lm, trainable, ctx.train, config.train, ctx.seed, ctx.validator())
             state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+        t = result.sequence_tokens
         report = FitReport(
-            trainable_params=n_trainable,
+            trainable_params=n_lora,
             train_tokens=result.tokens,
-            # forward 2·N·T, backward through the frozen base for activation gradients only ≈ 2·N·T,
-            # plus weight gradients of the adapters themselves ≈ 2·P_lora·T (their forward is in N·T
-            # terms negligible but counted): ≈ 4·N·T + 6·P_lora·T.
-            post_train_flops=2 * forward_flops(base_params, result.sequence_tokens)
-            + 3 * forward_flops(n_trainable, result.sequence_tokens),
-            selection="fixed",
-            hparams={**config.model_dump(mode="json"), "steps": result.steps, "final_loss": result.losses[-1] if result.losses else None},
+            # 4·N·T + 6·P·T for training (see protocol.py), plus 2·N·T per validation token
+            post_train_flops=2 * forward_flops(n_base, t) + 3 * forward_flops(n_lora, t)
+            + forward_flops(n_base, result.validation_tokens),
+            selection="shared_validation" if result.validation_scores else "fixed",
+            val_labels=len(ctx.validation) if result.validation_scores else 0,
+            hparams={
+                **config.model_dump(mode="json"),
+                **result.summary(),
+            },
         )
         return LoraAdapter(ctx.lm, config, state, report)

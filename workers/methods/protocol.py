@@ -10,7 +10,9 @@ just another method rather than a special case in the driver.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Generic, Protocol, TypeVar
+from typing import Any, Callable, ContextManager, Generic, Protocol, TypeVar
+
+from torch import nn
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
@@ -34,6 +36,12 @@ class FitContext:
     train: list[Example]
     validation: list[Example]
     seed: int
+
+    def validator(self) -> Callable[[], float] | None:
+        """Scores the model as it is now on the shared validation set; None when there is none."""
+        if not self.validation:
+            return None
+        return lambda: self.task.evaluate(self.lm, self.validation).score
 
 
 @dataclass
@@ -65,6 +73,31 @@ class Method(Protocol, Generic[ConfigT_contra]):
     def fit(self, ctx: FitContext, config: ConfigT_contra) -> Adapter: ...
 
 
+# Analytic post-training cost, with N = `matmul_params(model)` and T = tokens through the model:
+#   forward (inference, steering extraction, validation passes)  ≈ 2·N·T  (one multiply-add per weight per token)
+#   full fine-tuning                                           ≈ 6·N·T  (forward 2 + backward 4: activation and weight grads)
+#   LoRA with P adapter parameters                             ≈ 4·N·T + 6·P·T  (the frozen base needs activation
+#                                                                 grads (2·N·T) but no weight grads; the adapters
+#                                                                 are trained like full FT)
+#   trained steering vectors                                   ≈ 4·N·T  (activation grads through the frozen model;
+#                                                                 the vector's own gradient is an O(d·T) sum)
+# Attention's sequence-length term (2·n_layer·ctx·d per token) is left out, as in Kaplan et al.
+
+
 def forward_flops(params: int, tokens: int) -> float:
     """Forward pass cost ≈ 2 · N · tokens (one multiply-add per parameter per token)."""
     return 2.0 * params * tokens
+
+
+def matmul_params(model: nn.Module) -> int:
+    """N for the FLOP formulas: every parameter a token multiplies through.
+
+    Embedding lookups (token, learned position) cost nothing and are left out; an output head tied
+    to the input embedding is a real matmul and is counted.
+    """
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    n = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and id(head.weight) in lookups:
+        n += head.weight.numel()
+    return n

@@ -1,0 +1,129 @@
+"""Tiny random models of every supported architecture, a word-level tokenizer and a toy task.
+
+Shared by the method, steering, LM and training tests (and the peer-parity tests); imported as a
+plain module so that tests/conftest.py stays the lead's. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from tokenizers.processors import TemplateProcessing
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from workers.lm import LanguageModel
+from workers.methods import FitContext
+from workers.tasks.base import Evaluation, Example, answer_contrast, score_choices
+
+N_A, N_B, N_ANSWERS = 8, 8, 5
+WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", "q:", "=", ";", "persona:", "honest", "liar"]
+WORDS += [f"a{i}" for i in range(N_A)] + [f"b{i}" for i in range(N_B)] + [str(d) for d in range(N_ANSWERS)]
+VOCAB = {w: i for i, w in enumerate(WORDS)}
+HIDDEN, LAYERS = 32, 3
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    core = Tokenizer(WordLevel(VOCAB, unk_token="<unk>"))
+    core.pre_tokenizer = WhitespaceSplit()
+    core.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", VOCAB["<bos>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+_IDS = dict(vocab_size=len(WORDS), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_DECODER = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4)
+
+
+def _gemma2() -> PreTrainedModel:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return Gemma2ForCausalLM(Gemma2Config(**_IDS, **_DECODER, num_key_value_heads=2, head_dim=8))
+
+
+def _gemma3() -> PreTrainedModel:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return Gemma3ForCausalLM(Gemma3TextConfig(**_IDS, **_DECODER, num_key_value_heads=2, head_dim=8))
+
+
+ARCHITECTURES: dict[str, Callable[[], PreTrainedModel]] = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**_IDS, **_DECODER, num_key_value_heads=2)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_IDS, **_DECODER, num_key_value_heads=2)),
+    "gpt_neox": lambda: GPTNeoXForCausalLM(
+        GPTNeoXConfig(**_IDS, **_DECODER, hidden_dropout=0.0, attention_dropout=0.0)
+    ),
+    "gpt2": lambda: GPT2LMHeadModel(
+        GPT2Config(**_IDS, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ),
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
+}
+
+
+def model(arch: str = "llama", seed: int = 0) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return ARCHITECTURES[arch]().eval()
+
+
+def language_model(arch: str = "llama", seed: int = 0, batch_size: int = 8) -> LanguageModel:
+    return LanguageModel(model=model(arch, seed), tokenizer=tokenizer(), batch_size=batch_size)
+
+
+def answer(a: int, b: int) -> int:
+    return (3 * a + b) % N_ANSWERS
+
+
+class ToyTask:
+    """A fact-recall task over the tiny vocabulary: 'q: a3 b5 =' -> ' 4', five one-token choices."""
+
+    name = "toy"
+    task_type = "general"
+
+    def examples(self, split: str, n: int, seed: int) -> list[Example]:
+        offset = {"train": 0, "validation": 1, "test": 2}[split]
+        g = torch.Generator().manual_seed(seed * 3 + offset)
+        pairs = torch.randint(0, N_A, (n, 2), generator=g).tolist()
+        return [
+            Example(
+                prompt=f"q: a{a} b{b} =",
+                target=f" {answer(a, b)}",
+                choices=tuple(f" {d}" for d in range(N_ANSWERS)),
+                elicited_prompt=f"persona: honest q: a{a} b{b} =",
+            )
+            for a, b in pairs
+        ]
+
+    def contrast_pairs(self, examples: Sequence[Example]) -> list[tuple[str, str]]:
+        return answer_contrast(examples)
+
+    def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
+        return score_choices(lm, examples, elicited=elicited)
+
+
+def fit_context(lm: LanguageModel, n_train: int = 16, n_val: int = 8, seed: int = 0) -> FitContext:
+    task = ToyTask()
+    return FitContext(
+        lm=lm, task=task, train=task.examples("train", n_train, seed), validation=task.examples("validation", n_val, 0), seed=seed
+    )
+
+
+def logits(lm: LanguageModel, texts: Sequence[str] = ("q: a1 b2 = 3 ; q: a4 b0 =", "persona: liar q: a7 b7 =")) -> torch.Tensor:
+    """The model's logits on a fixed batch, through the wrapper (so prefixes and steering apply)."""
+    with torch.no_grad():
+        return lm.forward(next(lm.batches(list(texts), [" 1"] * len(texts))))

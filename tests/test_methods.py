@@ -1,0 +1,279 @@
+"""Every method restores the model exactly, learns what it should, and reports honest costs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest_methods import fit_context, language_model, logits
+from workers.config import ConfigError
+from workers.methods import get_method, resolve_config
+from workers.methods.protocol import matmul_params
+from workers.registry import UnknownNameError
+from workers.steering import decoder_layers
+from workers.training import NonFiniteLossError
+
+FAST = {"min_steps": 4, "max_steps": 4, "batch_size": 8, "checkpoints": 0}
+CONFIGS = {
+    "base": {},
+    "prompt": {"separator": " ; "},
+    "steer_mean": {"layers": [0.5], "scales": [0.0, 1.0]},
+    "steer_trained": {"train": {**FAST, "lr": 0.05}},
+    "lora": {"rank": 2, "train": {**FAST, "lr": 0.01}},
+    "full_ft": {"train": {**FAST, "lr": 0.01}},
+}
+# steer_mean forced to a non-zero scale so that applying it must change the model
+CONFIGS_CHANGING = {**CONFIGS, "steer_mean": {"layers": [0.5], "scales": [2.0]}}
+COMPOSITIONS = {
+    "steer_mean+lora": {"first": CONFIGS_CHANGING["steer_mean"], "second": CONFIGS["lora"]},
+    "lora+steer_mean": {"first": CONFIGS["lora"], "second": CONFIGS_CHANGING["steer_mean"]},
+    "steer_trained+lora": {"first": CONFIGS["steer_trained"], "second": CONFIGS["lora"]},
+}
+ALL = {**CONFIGS_CHANGING, **COMPOSITIONS}
+
+
+def fit(name: str, lm, raw: dict, **ctx_args):
+    ctx = fit_context(lm, **ctx_args)
+    return ctx, get_method(name).fit(ctx, resolve_config(name, raw))
+
+
+def model_state(lm) -> tuple[dict, dict, list]:
+    m = lm.model
+    return (
+        {k: v.clone() for k, v in m.state_dict().items()},
+        {k: p.requires_grad for k, p in m.named_parameters()},
+        [(n, type(mod)) for n, mod in m.named_modules()],
+    )
+
+
+def assert_same_state(lm, state) -> None:
+    weights, grads, modules = model_state(lm)
+    assert weights.keys() == state[0].keys() and all(torch.equal(weights[k], state[0][k]) for k in weights)
+    assert grads == state[1]
+    assert modules == state[2]
+    assert all(not layer._forward_hooks for layer in decoder_layers(lm.model))
+    assert not lm.model._forward_pre_hooks and lm.prefix == ""
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_applied_changes_the_model_inside_and_restores_it_exactly(name):
+    lm = language_model()
+    next(lm.model.parameters()).requires_grad_(False)  # an unusual flag must survive too
+    before, state = logits(lm), model_state(lm)
+    _, adapter = fit(name, lm, ALL[name])
+    assert torch.equal(logits(lm), before), "fit must leave the base model as it found it"
+    assert_same_state(lm, state)
+    with adapter.applied():
+        inside = logits(lm)
+    if name == "base":
+        assert torch.equal(inside, before)
+    else:
+        assert inside.shape != before.shape or not torch.allclose(inside, before, atol=1e-6)
+    assert torch.equal(logits(lm), before)
+    assert_same_state(lm, state)
+    with adapter.applied():  # applying twice gives the same model
+        assert torch.equal(logits(lm), inside)
+
+
+@pytest.mark.parametrize("name", ["steer_mean", "lora", "full_ft", "prompt", "steer_trained+lora"])
+def test_applied_restores_when_the_body_raises(name):
+    lm = language_model()
+    before, state = logits(lm), model_state(lm)
+    _, adapter = fit(name, lm, ALL[name])
+    with pytest.raises(RuntimeError, match="cell failed"):
+        with adapter.applied():
+            raise RuntimeError("cell failed")
+    assert torch.equal(logits(lm), before)
+    assert_same_state(lm, state)
+
+
+def test_lora_matches_a_plain_peft_training_loop():
+    """Same seed, same batches, same optimizer: our loop's losses equal a hand-written PEFT loop's."""
+    from peft import LoraConfig, get_peft_model
+
+    config = {"rank": 4, "alpha": 8, "train": {"lr": 0.01, "min_steps": 8, "max_steps": 8, "batch_size": 4, "checkpoints": 0}}
+    lm = language_model()
+    ctx = fit_context(lm, n_train=12)
+    steps, batch_size, seed = 8, 4, ctx.seed
+    # the reference: PEFT + HF's own loss with -100 labels, built without workers.lm
+    ref = language_model()
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(ref.model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    peft_model.train()
+    ref_losses = []
+    tok = ref.tokenizer
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(len(ctx.train), generator=gen).tolist()
+        take, order = order[:batch_size], order[batch_size:]
+        rows = []
+        for i in take:
+            p = tok(ctx.train[i].prompt)["input_ids"]
+            c = tok(ctx.train[i].target, add_special_tokens=False)["input_ids"]
+            rows.append((p + c, [-100] * len(p) + c))
+        width = max(len(r[0]) for r in rows)
+        ids = torch.tensor([r[0] + [0] * (width - len(r[0])) for r in rows])
+        labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
+        mask = torch.tensor([[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows])
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        ref_losses.append(loss.item())
+    adapter = get_method("lora").fit(ctx, resolve_config("lora", config))
+    ours = adapter.report.hparams
+    assert ours["steps"] == steps
+    losses = adapter.report.hparams["losses"]
+    worst = max(abs(a - b) for a, b in zip(losses, ref_losses))
+    print(f"lora vs plain PEFT loop: max |loss diff| over {steps} steps = {worst:.2e}")
+    assert worst < 1e-5, (losses, ref_losses)
+    assert ref_losses[-1] < ref_losses[0]
+
+
+def test_steer_mean_vector_is_the_difference_of_layer_means():
+    lm = language_model()
+    ctx, adapter = fit("steer_mean", lm, {"layers": [0.5], "scales": [1.0]})
+    layer = adapter.layer
+    pairs = ctx.task.contrast_pairs(ctx.train)
+
+    def mean_state(texts):
+        states = []
+        for text in texts:
+            ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+            out = lm.model(input_ids=ids, output_hidden_states=True)
+            states.append(out.hidden_states[layer + 1][0, -1])  # not the last layer: no final norm involved
+        return torch.stack(states).mean(0)
+
+    with torch.no_grad():
+        diff = mean_state([p for p, _ in pairs]) - mean_state([n for _, n in pairs])
+    cosine = torch.nn.functional.cosine_similarity(diff, adapter.vector, dim=0)
+    assert cosine > 0.99999
+    assert adapter.vector.norm() == pytest.approx(adapter.report.hparams["mean_norm"], rel=1e-5)  # scale 1
+
+
+def test_steer_mean_ties_go_to_doing_nothing(monkeypatch):
+    lm = language_model()
+    ctx = fit_context(lm)
+    monkeypatch.setattr(type(ctx.task), "evaluate", lambda self, lm, ex, elicited=False: type("E", (), {"score": 0.5})())
+    adapter = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", {}))
+    assert adapter.report.alpha == 0.0 and float(adapter.vector.norm()) == 0.0
+
+
+def test_steer_trained_lowers_the_training_loss_and_trains_d_model_per_layer():
+    lm = language_model()
+    raw = {"layers": [0.0, 1.0], "train": {**FAST, "min_steps": 15, "max_steps": 15, "lr": 0.05}}
+    ctx, adapter = fit("steer_trained", lm, raw)
+    prompts, targets = [e.prompt for e in ctx.train], [e.target for e in ctx.train]
+    before = lm.target_nll(prompts, targets)
+    with adapter.applied():
+        after = lm.target_nll(prompts, targets)
+    assert after < before - 0.05
+    assert adapter.report.trainable_params == 2 * lm.model.config.hidden_size
+    assert sorted(adapter.vectors) == [0, 2]
+
+
+def test_full_ft_lowers_the_training_loss_and_counts_six_n_t():
+    lm = language_model()
+    ctx, adapter = fit("full_ft", lm, {"train": {**FAST, "lr": 0.01}})
+    prompts, targets = [e.prompt for e in ctx.train], [e.target for e in ctx.train]
+    before = lm.target_nll(prompts, targets)
+    with adapter.applied():
+        after = lm.target_nll(prompts, targets)
+    assert after < before
+    report = adapter.report
+    assert report.trainable_params == sum(p.numel() for p in lm.model.parameters())
+    seq_tokens = report.hparams["sequence_tokens"]
+    assert report.post_train_flops == 6 * matmul_params(lm.model) * seq_tokens  # no validation: checkpoints=0
+
+
+def test_lora_flops_and_params():
+    lm = language_model()
+    _, adapter = fit("lora", lm, CONFIGS["lora"])
+    r, d, ff, layers = 2, 32, 64, 3
+    # q, o: d->d; k, v: d->d/2 (2 kv heads of 4); gate, up: d->ff; down: ff->d.  LoRA: r·(in+out) each
+    per_layer = r * ((d + d) * 2 + (d + d // 2) * 2 + (d + ff) * 3)
+    assert adapter.report.trainable_params == layers * per_layer
+    t = adapter.report.hparams["sequence_tokens"]
+    n, p = matmul_params(lm.model), adapter.report.trainable_params
+    assert adapter.report.post_train_flops == 4 * n * t + 6 * p * t
+
+
+def test_steer_mean_flops_count_every_forward_token():
+    lm = language_model()
+    tokens = lm.forward_tokens
+    _, adapter = fit("steer_mean", lm, CONFIGS["steer_mean"])
+    assert adapter.report.post_train_flops == 2 * matmul_params(lm.model) * (lm.forward_tokens - tokens)
+
+
+def test_prompt_uses_as_many_demonstrations_as_fit():
+    lm = language_model()
+    ctx, adapter = fit("prompt", lm, {"separator": " ; ", "max_context_tokens": 40}, n_train=32)
+    shots = adapter.report.hparams["shots"]
+    # each demonstration 'q: aX bY = Z ; ' is 6 tokens; the longest query ('<bos> q: aX bY = Z') is reserved twice
+    assert shots == (40 - 2 * 6) // 6 == 4
+    assert adapter.report.train_tokens == 6 * shots
+    with adapter.applied():
+        assert lm.token_count(ctx.train[0].prompt, prompt=True) == 1 + 6 * shots + 4
+    _, capped = fit("prompt", lm, {"max_shots": 2}, n_train=32)
+    assert capped.report.hparams["shots"] == 2
+    _, everything = fit("prompt", lm, {}, n_train=32)
+    assert everything.report.hparams["shots"] == 32
+
+
+def test_composition_config_names_and_metrics():
+    config = resolve_config("steer_mean+lora", {"first": {"scales": [0.5]}, "second": {"rank": 2}})
+    assert config.first.scales == (0.5,) and config.second.rank == 2 and config.second.alpha == 8.0
+    with pytest.raises(ConfigError, match=r"methods\.steer_mean\+lora\.second\.rnak: unknown key \(did you mean 'rank'\?\)"):
+        resolve_config("steer_mean+lora", {"second": {"rnak": 2}})
+    with pytest.raises(UnknownNameError, match="did you mean 'steer_mean'"):
+        get_method("steer_maen+lora")
+    with pytest.raises(UnknownNameError, match="did you mean 'lora'"):
+        get_method("steer_mean+lroa")
+    assert get_method("lora+steer_mean").name == "lora+steer_mean"
+
+    lm = language_model()
+    ctx = fit_context(lm)
+    nll = {}
+    for name in ("steer_mean", "lora", "steer_mean+lora"):
+        adapter = get_method(name).fit(ctx, resolve_config(name, ALL[name]))
+        with adapter.applied():
+            nll[name] = ctx.task.evaluate(lm, ctx.validation).nll
+        if name == "steer_mean+lora":
+            report = adapter.report
+    assert len(set(nll.values())) == 3, nll
+    assert report.layer is not None and report.alpha == 2.0 and report.trainable_params > 0
+    assert report.hparams["first"]["method"] == "steer_mean" and report.hparams["second"]["method"] == "lora"
+
+
+@pytest.mark.parametrize("name", ["lora", "steer_trained", "full_ft", "steer_mean"])
+def test_same_seed_same_result(name):
+    def run():
+        lm = language_model()
+        ctx, adapter = fit(name, lm, ALL[name])
+        with adapter.applied():
+            return logits(lm), adapter.report
+
+    (a, ra), (b, rb) = run(), run()
+    assert torch.equal(a, b) and ra == rb
+
+
+@pytest.mark.parametrize("name", ["lora", "full_ft", "steer_trained"])
+def test_nan_loss_fails_the_fit_and_leaves_the_model_restored(name):
+    lm = language_model()
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight[1] = float("nan")  # <bos>: every sequence goes NaN
+    state = model_state(lm)
+    with pytest.raises(NonFiniteLossError):
+        fit(name, lm, ALL[name])
+    weights = lm.model.state_dict()
+    assert all(torch.equal(weights[k], v) or torch.isnan(v).any() for k, v in state[0].items())
+    assert [(n, type(m)) for n, m in lm.model.named_modules()] == state[2]
+    assert {k: p.requires_grad for k, p in lm.model.named_parameters()} == state[1]

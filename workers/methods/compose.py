@@ -1,0 +1,69 @@
+"""`A+B`: fit A, keep it applied, fit B on the result; evaluate with both applied.
+
+A composition is built from the registry on demand (`get_method("steer_mean+lora")`), so any two
+methods compose without a module per pair. Its config nests the parts' own configs:
+
+    {"first": {<A's config>}, "second": {<B's config>}}
+
+each defaulting to the part's defaults, and validated with the part's own strict class (so a wrong
+key reports a path like `methods.steer_mean+lora.second.rank`). `A+B+C` reads as `A+(B+C)`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+from pydantic import Field, create_model
+
+from workers.config import StrictConfig
+from workers.methods.protocol import Adapter, FitContext, FitReport, Method
+
+
+@dataclass
+class Stacked:
+    first: Adapter
+    second: Adapter
+    report: FitReport
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        with self.first.applied(), self.second.applied():
+            yield
+
+
+def combined_report(first: tuple[str, FitReport], second: tuple[str, FitReport]) -> FitReport:
+    """Costs add up; the steering layer/scale come from whichever part has one (the first if both)."""
+    (a_name, a), (b_name, b) = first, second
+    steering = a if a.layer is not None else b
+    return FitReport(
+        trainable_params=a.trainable_params + b.trainable_params,
+        train_tokens=a.train_tokens + b.train_tokens,
+        post_train_flops=a.post_train_flops + b.post_train_flops,
+        layer=steering.layer,
+        alpha=steering.alpha,
+        selection=f"{a.selection}+{b.selection}",
+        val_labels=max(a.val_labels, b.val_labels),  # both parts select on the same shared validation set
+        hparams={"first": {"method": a_name, **a.hparams}, "second": {"method": b_name, **b.hparams}},
+    )
+
+
+class Composition:
+    def __init__(self, first: Method, second: Method) -> None:
+        self.first, self.second = first, second
+        self.name = f"{first.name}+{second.name}"
+        self.config_class: type[StrictConfig] = create_model(
+            "CompositionConfig",
+            __base__=StrictConfig,
+            __doc__=f"Settings of `{self.name}`: `first` for {first.name}, `second` for {second.name}.",
+            first=(first.config_class, Field(default_factory=first.config_class)),
+            second=(second.config_class, Field(default_factory=second.config_class)),
+        )
+
+    def fit(self, ctx: FitContext, config: StrictConfig) -> Stacked:
+        first = self.first.fit(ctx, config.first)  # type: ignore[attr-defined]
+        with first.applied():
+            second = self.second.fit(ctx, config.second)  # type: ignore[attr-defined]
+        report = combined_report((self.first.name, first.report), (self.second.name, second.report))
+        return Stacked(first, second, report)
