@@ -1,0 +1,95 @@
+"""The LM wrapper: batched == unbatched, the single-token fast path, prefixes, half precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest_methods import fit_context, language_model
+from workers.methods import get_method, resolve_config
+from workers.steering import steer
+
+PROMPTS = ["q: a1 b2 =", "persona: honest q: a4 b0 = 2 ; q: a5 b5 =", "q: a3 ="]
+DIGITS = [tuple(f" {d}" for d in range(5))] * 3
+
+
+def slow_choice_logprobs(lm, prompts, choices):
+    """One forward per (prompt, choice), summed continuation log-probability: the general path."""
+    out = []
+    for prompt, cs in zip(prompts, choices):
+        row = []
+        for c in cs:
+            b = next(lm.batches([prompt], [c]))
+            row.append(float(-lm.token_nll(b, lm.forward(b)).sum()))
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_single_token_fast_path_matches_the_slow_path_with_fewer_tokens(arch):
+    lm = language_model(arch, batch_size=2)
+    with torch.no_grad():
+        slow = slow_choice_logprobs(lm, PROMPTS, DIGITS)
+    tokens = lm.forward_tokens
+    fast = lm.choice_logprobs(PROMPTS, DIGITS)
+    used = lm.forward_tokens - tokens
+    for a, b in zip(fast, slow):
+        assert a == pytest.approx(b, abs=1e-5)
+    prompt_tokens = sum(len(lm.tokenizer(p)["input_ids"]) for p in PROMPTS)
+    assert used == prompt_tokens + len(PROMPTS)  # one forward per prompt (with its first choice appended)
+
+
+def test_mixed_length_choices_take_the_general_path():
+    lm = language_model()
+    choices = [(" 0", " 1 2"), (" 3", " 4"), (" 0 ;", " 1")]
+    with torch.no_grad():
+        fast, slow = lm.choice_logprobs(PROMPTS, choices), slow_choice_logprobs(lm, PROMPTS, choices)
+    for a, b in zip(fast, slow):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "gemma3"])
+def test_batched_equals_one_at_a_time(arch):
+    lm = language_model(arch, batch_size=3)
+    targets = [" 1 2", " 3", " 0 ; q:"]
+    assert lm.target_nll(PROMPTS, targets) == pytest.approx(
+        sum(lm.target_nll([p], [t]) * len(t.split()) for p, t in zip(PROMPTS, targets)) / 6, abs=1e-5
+    )
+    assert lm.generate(PROMPTS, 4) == [lm.generate([p], 4)[0] for p in PROMPTS]
+
+
+def test_prefix_applies_to_every_entry_point_and_is_restored_on_error():
+    lm = language_model()
+    plain = lm.target_nll(PROMPTS, [" 1"] * 3)
+    with pytest.raises(KeyError):
+        with lm.prefixed("q: a0 b0 = 3 ; "):
+            assert lm.token_count("q:", prompt=True) == 8  # <bos> + 6 prefix tokens + q:
+            assert lm.target_nll(PROMPTS, [" 1"] * 3) != plain
+            raise KeyError("cell failed")
+    assert lm.prefix == "" and lm.target_nll(PROMPTS, [" 1"] * 3) == plain
+
+
+def test_truncation_keeps_the_continuation():
+    lm = language_model()
+    lm.max_length = 4
+    b = next(lm.batches(["persona: honest q: a1 b2 ="], [" 3"]))
+    assert b.input_ids.shape[1] == 4 and b.target_tokens == 1 and int(b.prompt_last[0]) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_paths_run(dtype):
+    """bf16/fp16 scoring, steering and LoRA training, wherever this torch build supports them on CPU."""
+    lm = language_model()
+    lm.model.to(dtype)
+    try:
+        scores = lm.choice_logprobs(PROMPTS, DIGITS)
+    except RuntimeError as err:  # e.g. an op without a CPU half kernel in this torch build
+        pytest.skip(f"{dtype} not supported on this device: {err}")
+    assert all(torch.isfinite(torch.tensor(s)).all() for s in scores)
+    with steer(lm.model, {1: torch.ones(lm.model.config.hidden_size)}, "after_prompt"):
+        assert lm.choice_logprobs(PROMPTS, DIGITS) != scores
+    ctx = fit_context(lm, n_train=8)
+    config = resolve_config("lora", {"rank": 2, "train": {"min_steps": 2, "max_steps": 2, "checkpoints": 1}})
+    adapter = get_method("lora").fit(ctx, config)
+    assert all(torch.isfinite(torch.tensor(adapter.report.hparams["losses"])))
+    assert next(lm.model.parameters()).dtype == dtype

@@ -1,0 +1,154 @@
+"""Steering hooks on every supported architecture: exact, differentiable, positional, cache-safe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest_methods import ARCHITECTURES, HIDDEN, language_model
+from workers.steering import _add, decoder_layers, last_token_states, prompt_boundary, steer
+
+ARCHS = list(ARCHITECTURES)
+TEXTS = ["q: a1 b2 = 3 ; q: a4 b0 =", "persona: liar q: a7 =", "q: a3 b3 ="]
+
+
+def vector(seed: int = 1, norm: float = 8.0) -> torch.Tensor:
+    v = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm() * norm
+
+
+def batch(lm, texts=TEXTS, conts=None):
+    return next(lm.batches(texts, conts or [" 1 2"] * len(texts)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_steering_adds_exactly_the_vector_at_the_layer(arch):
+    lm = language_model(arch)
+    b = batch(lm)
+    v = vector()
+    plain = last_token_states(lm.model, b.input_ids, b.attention_mask)
+    with steer(lm.model, {1: v}):
+        steered = last_token_states(lm.model, b.input_ids, b.attention_mask)
+    assert torch.allclose(plain[0], steered[0])  # layers before are untouched
+    assert torch.allclose(steered[1] - plain[1], v.expand_as(plain[1]), atol=1e-5)
+    assert not torch.allclose(plain[2], steered[2])  # and later layers see it
+    assert not any(layer._forward_hooks for layer in decoder_layers(lm.model))
+
+
+def test_tuple_outputs_are_steered_and_rest_kept():
+    hidden, extra = torch.zeros(2, 3, 4), object()
+    out = _add((hidden, extra), torch.ones(4), None)
+    assert isinstance(out, tuple) and out[1] is extra and torch.equal(out[0], torch.ones(2, 3, 4))
+    assert torch.equal(hidden, torch.zeros(2, 3, 4)), "the layer's own output must not be edited in place"
+    masked = _add(hidden, torch.ones(4), torch.tensor([[True, False, True]] * 2))
+    assert masked[:, 1].abs().sum() == 0 and masked[:, 0].sum() == 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradients_flow_through_a_steered_model(arch):
+    lm = language_model(arch)
+    v = torch.nn.Parameter(torch.zeros(HIDDEN))
+    with steer(lm.model, {1: v}, "after_prompt"):
+        lm.loss(batch(lm)).backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "gemma3"])
+def test_after_prompt_leaves_prompt_positions_alone(arch):
+    lm = language_model(arch)
+    b = batch(lm)
+    plain = lm.forward(b)
+    with steer(lm.model, {0: vector()}, "after_prompt"):
+        after = lm.forward(b)
+    with steer(lm.model, {0: vector()}, "all"):
+        everywhere = lm.forward(b)
+    for row, last in enumerate(b.prompt_last.tolist()):
+        n = int(b.attention_mask[row].sum())
+        assert torch.allclose(after[row, :last], plain[row, :last], atol=1e-6)
+        assert not torch.allclose(after[row, last:n], plain[row, last:n], atol=1e-4)
+        assert not torch.allclose(everywhere[row, :last], plain[row, :last], atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "gemma2"])
+def test_batched_equals_one_at_a_time_under_steering(arch):
+    lm = language_model(arch)
+    choices = [(" 0", " 1 2", " 3"), (" 4", " 0 ;"), (" 1", " 2")]
+    with steer(lm.model, {1: vector()}, "after_prompt"):
+        batched = lm.choice_logprobs(TEXTS, choices)
+        single = [lm.choice_logprobs([t], [c])[0] for t, c in zip(TEXTS, choices)]
+    for a, b in zip(batched, single):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def greedy_without_cache(lm, prompt: str, steps: int, vectors, positions) -> list[int]:
+    """The reference: re-run the whole sequence each step, steering from the prompt's last token."""
+    ids = lm.tokenizer(prompt)["input_ids"]
+    last = torch.tensor([len(ids) - 1])
+    with steer(lm.model, vectors, positions), prompt_boundary(last), torch.no_grad():
+        for _ in range(steps):
+            logits = lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(lm.tokenizer(prompt)["input_ids"]) :]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "gemma3"])
+def test_generation_with_cache_steers_only_after_the_prompt(arch):
+    lm = language_model(arch)
+    vectors = {1: vector(norm=20.0)}
+    prompts = ["q: a1 b2 =", "persona: liar q: a7 b7 = 3 ; q: a2 b2 ="]
+    with steer(lm.model, vectors, "after_prompt"):
+        batched = lm.generate(prompts, max_new_tokens=5)  # left padding, KV cache
+        single = [lm.generate([p], max_new_tokens=5)[0] for p in prompts]
+    reference = [lm.tokenizer.decode(greedy_without_cache(lm, p, 5, vectors, "after_prompt")) for p in prompts]
+    plain = lm.generate(prompts, max_new_tokens=5)
+    assert batched == single == reference
+    assert batched != plain, "the vector is large enough that steering must change the greedy output"
+
+
+def test_hooks_are_removed_when_the_body_raises():
+    lm = language_model()
+    with pytest.raises(ValueError, match="boom"):
+        with steer(lm.model, {0: vector(), 2: vector()}, "after_prompt"):
+            raise ValueError("boom")
+    assert not any(layer._forward_hooks for layer in decoder_layers(lm.model))
+    assert not lm.model._forward_pre_hooks
+
+
+def test_unknown_layout_fails_loudly():
+    with pytest.raises(ValueError, match="cannot find decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_boundary_must_match_the_batch():
+    lm = language_model()
+    with steer(lm.model, {0: vector()}, "after_prompt"), prompt_boundary(torch.tensor([1])):
+        with pytest.raises(ValueError, match="covers 1 rows"):
+            lm.model(input_ids=torch.ones(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma3"])
+def test_cached_generation_logits_match_a_full_recompute(arch):
+    """Step by step, generation's logits (KV cache, left padding) equal re-running the whole sequence."""
+    lm = language_model(arch)
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    prompts = ["q: a1 b2 =", "persona: liar q: a7 b7 = 3 ; q: a2 b2 ="]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    width = enc["input_ids"].shape[1]
+    vectors = {1: vector(norm=3.0)}
+    with steer(lm.model, vectors, "after_prompt"), prompt_boundary(torch.full((2,), width - 1)), torch.no_grad():
+        out = lm.model.generate(
+            **enc, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+        )
+    cached = torch.stack(out.scores, 1)  # (batch, steps, vocab)
+    for row, prompt in enumerate(prompts):
+        ids = tok(prompt)["input_ids"]
+        generated = out.sequences[row, width:].tolist()
+        full = torch.tensor([ids + generated])
+        recomputed = {}
+        for positions in ("after_prompt", "all"):
+            with steer(lm.model, vectors, positions), prompt_boundary(torch.tensor([len(ids) - 1])), torch.no_grad():
+                logits = lm.model(input_ids=full, use_cache=False).logits[0, len(ids) - 1 : -1]
+            recomputed[positions] = logits
+        assert torch.allclose(cached[row], recomputed["after_prompt"], atol=1e-4)
+        assert not torch.allclose(cached[row], recomputed["all"], atol=1e-3)

@@ -1,0 +1,77 @@
+"""The shared training loop: non-finite losses fail loudly; checkpoints keep the best (or nothing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest_methods import fit_context, language_model
+from workers.training import NonFiniteLossError, TrainConfig, checkpoint_steps, steps_for, train
+
+
+def test_step_count_and_checkpoints():
+    config = TrainConfig(epochs=2, batch_size=4, min_steps=3, max_steps=10)
+    assert steps_for(1, config) == 3 and steps_for(12, config) == 6 and steps_for(100, config) == 10
+    assert checkpoint_steps(10, 4) == [0, 2, 5, 8, 10]
+    assert checkpoint_steps(2, 4) == [0, 1, 2]
+
+
+def _setup(**overrides):
+    lm = language_model()
+    ctx = fit_context(lm, n_train=8)
+    param = torch.nn.Parameter(torch.zeros(lm.model.config.hidden_size))
+    head = lm.model.get_output_embeddings()
+    bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
+    handle = head.register_forward_hook(lambda _m, _i, out: out + bias + 0 * param.sum())
+    config = TrainConfig(lr=0.1, min_steps=6, max_steps=6, batch_size=4, **overrides)
+    return lm, ctx, [bias, param], handle, config
+
+
+def test_losses_are_reproducible_and_decrease():
+    runs = []
+    for _ in range(2):
+        lm, ctx, params, handle, config = _setup(checkpoints=0)
+        runs.append(train(lm, params, ctx.train, config, seed=3))
+        handle.remove()
+    assert runs[0].losses == runs[1].losses and runs[0].losses[-1] < runs[0].losses[0]
+    assert runs[0].chosen_step == 6 and runs[0].tokens == 6 * 4
+
+
+@pytest.mark.parametrize(("scores", "chosen"), [([0.5, 0.4, 0.3, 0.2], 0), ([0.1, 0.2, 0.3, 0.9], 6), ([0.1, 0.5, 0.5, 0.5], 2)])
+def test_checkpoints_keep_the_best_and_ties_keep_fewer_steps(scores, chosen):
+    lm, ctx, params, handle, config = _setup(checkpoints=3)
+    seen = []
+    snapshots = {}
+
+    def validate() -> float:
+        snapshots[len(seen)] = params[0].detach().clone()
+        seen.append(None)
+        return scores[len(seen) - 1]
+
+    result = train(lm, params, ctx.train, config, seed=0, validate=validate)
+    handle.remove()
+    assert sorted(result.validation_scores) == [0, 2, 4, 6]
+    assert result.chosen_step == chosen
+    assert torch.equal(params[0].detach(), snapshots[[0, 2, 4, 6].index(chosen)])
+    assert result.validation_tokens == 0  # this validator runs no forwards
+    assert result.steps == 6  # training always runs to the end; only the kept parameters differ
+
+
+def test_nan_loss_raises():
+    lm, ctx, params, handle, config = _setup(checkpoints=0)
+    with torch.no_grad():
+        params[0].fill_(float("nan"))
+    handle.remove()
+    head = lm.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, _i, out: out + params[0].sum())
+    with pytest.raises(NonFiniteLossError, match="step 0"):
+        train(lm, params, ctx.train, config, seed=0)
+    handle.remove()
+    assert lm.model.training is False  # mode restored
+
+
+def test_no_examples_trains_nothing():
+    lm, ctx, params, handle, config = _setup()
+    result = train(lm, params, [], config, seed=0)
+    handle.remove()
+    assert result.steps == 0 and result.chosen_step == 0 and torch.equal(params[0], torch.zeros_like(params[0]))
