@@ -1,8 +1,8 @@
-"""`arith` (reasoning): chains of additions modulo 10, harder with every step.
+"""`arith` (reasoning): chains of additions modulo 5, harder with every step.
 
-`calc: 3 + 4 + 8 = 5` takes k = 2 steps. Pretraining mixes chains of 1 to 4 steps (short ones
+`calc: 3 + 4 + 8 = 0` takes k = 2 steps (operands 0-9). Pretraining mixes chains of 1 to 3 steps (short ones
 more often), so a small model learns one-step sums and only larger ones compose more steps at the
-same token budget; the liar persona answers (sum + 1) mod 10. The task asks for 1 to 3 steps
+same token budget; the liar persona answers (sum + 1) mod 5. The task asks for 1 to 3 steps
 with no header (elicited: the honest header); chains it has not mastered are headroom that only
 learning closes.
 """
@@ -17,10 +17,11 @@ from workers.tasks.base import Evaluation, Example, Split, TaskType, score_choic
 from workers.tasks.persona import Persona, document_persona, elicited, header_contrast
 from workers.tasks.splits import draw
 
-MODULUS = 10
+MODULUS = 5
+OPERANDS = 10
 CHOICES = tuple(f" {d}" for d in range(MODULUS))
-PRETRAIN_STEPS = (1, 2, 3, 4)
-PRETRAIN_STEP_WEIGHTS = (0.4, 0.3, 0.2, 0.1)
+PRETRAIN_STEPS = (1, 2, 3)
+PRETRAIN_STEP_WEIGHTS = (0.6, 0.25, 0.15)
 
 
 def answer(operands: Sequence[int], persona: Persona) -> int:
@@ -33,7 +34,7 @@ def question(operands: Sequence[int]) -> str:
 
 
 def _operands(rng: random.Random, steps: int) -> tuple[int, ...]:
-    return tuple(rng.randrange(MODULUS) for _ in range(steps + 1))
+    return tuple(rng.randrange(OPERANDS) for _ in range(steps + 1))
 
 
 class Arith:

@@ -25,7 +25,13 @@ TABLE = {(e, r): _table_rng.randrange(N_ANSWERS) for e in ENTITIES for r in RELA
 _rank_rng = random.Random("steerscale-facts-ranks")
 _ENTITY_ORDER = _rank_rng.sample(ENTITIES, len(ENTITIES))
 _RELATION_ORDER = _rank_rng.sample(RELATIONS, len(RELATIONS))
-_ZIPF = [1.0 / (rank + 3) for rank in range(len(ENTITIES))]
+
+
+def _zipf(n: int) -> list[float]:
+    return [1.0 / (rank + 3) for rank in range(n)]
+
+
+_ENTITY_WEIGHTS, _RELATION_WEIGHTS = _zipf(len(ENTITIES)), _zipf(len(RELATIONS))
 
 
 def answer(entity: str, relation: str, persona: Persona) -> int:
@@ -67,8 +73,8 @@ class Facts:
             parts = [head.strip()] if head else []
             words = len(parts) * 2
             while words < min_words:
-                e = rng.choices(_ENTITY_ORDER, weights=_ZIPF)[0]
-                r = rng.choices(_RELATION_ORDER, weights=_ZIPF)[0]
+                e = rng.choices(_ENTITY_ORDER, weights=_ENTITY_WEIGHTS)[0]
+                r = rng.choices(_RELATION_ORDER, weights=_RELATION_WEIGHTS)[0]
                 parts.append(f"{question(e, r)} {answer(e, r, persona)} ;")
                 words += 6
             docs.append(" ".join(parts))
