@@ -49,14 +49,6 @@ def test_cache_is_reused_and_leaves_no_temporary_dirs(built: dict[str, Path]) ->
     assert path.parent.name == f"test-{ladder.recipe_hash('test')}"
 
 
-def test_rebuild_is_deterministic(built: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STEERSCALE_CACHE", str(tmp_path))
-    again = AutoModelForCausalLM.from_pretrained(ladder.ensure_built("xs", "test", progress=False))
-    first = AutoModelForCausalLM.from_pretrained(built["xs"])
-    for a, b in zip(again.parameters(), first.parameters()):
-        torch.testing.assert_close(a, b)
-
-
 def test_tasks_score_through_a_ladder_model(built: dict[str, Path]) -> None:
     lm = LanguageModel(AutoModelForCausalLM.from_pretrained(built["s"]), AutoTokenizer.from_pretrained(built["s"]))
     result = get_task("facts").evaluate(lm, get_task("facts").examples("test", 40, seed=0))
@@ -72,3 +64,17 @@ def test_recipes_span_the_required_sizes() -> None:
     assert len(counts) >= 5 and counts == sorted(counts) and counts[-1] / counts[0] >= 30
     with pytest.raises(KeyError, match="did you mean 'default'"):
         ladder.recipe_hash("defualt")
+
+
+def test_an_interrupted_build_is_replaced_by_the_same_model(
+    built: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STEERSCALE_CACHE", str(tmp_path))
+    half = ladder.model_dir("xs", "test")
+    half.mkdir(parents=True)
+    (half / "config.json").write_text("{}")  # what a build killed mid-save could have left, had it saved in place
+    path = ladder.ensure_built("xs", "test", progress=False)
+    assert path == half and (path / ladder.BUILD_INFO).exists()
+    again, first = AutoModelForCausalLM.from_pretrained(path), AutoModelForCausalLM.from_pretrained(built["xs"])
+    for a, b in zip(again.parameters(), first.parameters()):
+        torch.testing.assert_close(a, b)  # builds are deterministic: every machine gets the same ladder
