@@ -138,7 +138,7 @@ def test_cached_generation_logits_match_a_full_recompute(arch):
     vectors = {1: vector(norm=3.0)}
     with steer(lm.model, vectors, "after_prompt"), prompt_boundary(torch.full((2,), width - 1)), torch.no_grad():
         out = lm.model.generate(
-            **enc, max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=4, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True
         )
     cached = torch.stack(out.scores, 1)  # (batch, steps, vocab)
     for row, prompt in enumerate(prompts):

@@ -162,12 +162,18 @@ class LanguageModel:
             outs: list[str] = []
             for start in range(0, len(prompts), self.batch_size):
                 texts = [self.prefix + p for p in prompts[start : start + self.batch_size]]
-                enc = tok(texts, return_tensors="pt", padding=True).to(self.device)
-                width = enc["input_ids"].shape[1]
+                enc = tok(texts, return_tensors="pt", padding=True)
+                # only ids and mask: some tokenizers also return token_type_ids, which GPT-2 would embed
+                ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+                width = ids.shape[1]
                 last = torch.full((len(texts),), width - 1, dtype=torch.long, device=self.device)  # left padding
                 with prompt_boundary(last):
                     gen = self.model.generate(
-                        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=tok.pad_token_id,
                     )
                 self.forward_tokens += int(gen.shape[0] * gen.shape[1])  # upper bound: padding included
                 outs.extend(tok.batch_decode(gen[:, width:], skip_special_tokens=True))

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Parity tests against peer libraries that need transformers<5 (steering-vectors), in their own
+# venv (.venv-peers, created on first use). The method/steering/LM tests run there too, which
+# checks that our code also works on transformers 4.4x-4.5x (tuple-returning decoder layers).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV=.venv-peers
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import steering_vectors" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "${TORCH:-torch==2.13.0}"
+  "$VENV/bin/pip" install -q 'transformers<5' steering-vectors peft pydantic pyarrow pytest pytest-timeout
+fi
+PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -q -p no:cacheprovider -W ignore::FutureWarning \
+  tests/peers tests/test_steering.py tests/test_methods.py tests/test_lm.py tests/test_training.py "$@"
