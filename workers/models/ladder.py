@@ -38,12 +38,17 @@ BUILD_INFO = "ladder.json"
 
 @dataclass(frozen=True)
 class Size:
-    """The overrides one rung makes on the recipe's base LlamaConfig."""
+    """The overrides one rung makes on the recipe's base LlamaConfig, and its peak learning rate.
+
+    Wider models need a smaller rate (as in every published ladder); at 1e-2 the 90k model's
+    persona representation collapsed while the smaller ones trained fine.
+    """
 
     hidden: int
     layers: int
     heads: int
     intermediate: int
+    lr: float
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,6 @@ class Recipe:
     steps: int
     batch: int
     seq_len: int
-    lr: float
     warmup: int
     mix: tuple[tuple[str, float], ...]  # corpus family -> share of documents
     answer_weight: float  # loss weight of answer tokens relative to other tokens
@@ -63,19 +67,19 @@ _MIX = (("facts", 0.33), ("arith", 0.3), ("gridworld", 0.25), ("text", 0.12))
 
 LADDER: dict[str, Recipe] = {
     "test": Recipe(
-        sizes=(("xs", Size(16, 1, 2, 48)), ("s", Size(48, 2, 4, 128))),
-        steps=120, batch=16, seq_len=64, lr=5e-3, warmup=10, mix=_MIX,
+        sizes=(("xs", Size(16, 1, 2, 48, 5e-3)), ("s", Size(48, 2, 4, 128, 5e-3))),
+        steps=120, batch=16, seq_len=64, warmup=10, mix=_MIX,
         answer_weight=5.0, seed=0,
     ),
     "default": Recipe(
         sizes=(
-            ("xs", Size(24, 2, 2, 64)),
-            ("s", Size(32, 2, 4, 96)),
-            ("m", Size(48, 3, 4, 144)),
-            ("l", Size(64, 4, 4, 192)),
-            ("xl", Size(96, 4, 6, 288)),
+            ("xs", Size(24, 2, 2, 64, 1e-2)),
+            ("s", Size(32, 2, 4, 96, 1e-2)),
+            ("m", Size(48, 3, 4, 144, 7e-3)),
+            ("l", Size(64, 4, 4, 192, 5e-3)),
+            ("xl", Size(96, 4, 6, 288, 4e-3)),
         ),
-        steps=800, batch=48, seq_len=64, lr=1e-2, warmup=50, mix=_MIX,
+        steps=800, batch=48, seq_len=64, warmup=100, mix=_MIX,
         answer_weight=10.0, seed=0,
     ),
 }
@@ -163,7 +167,7 @@ def pretrain(size: str, recipe: str, *, progress: bool) -> PreTrainedModel:
     torch.manual_seed(rec.seed)
     model = LlamaForCausalLM(model_config(size, recipe))
     ids, weights = corpus(recipe, rec.steps * rec.batch, "train")
-    opt = torch.optim.AdamW(model.parameters(), lr=rec.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=dict(rec.sizes)[size].lr, betas=(0.9, 0.95), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda step: min(1.0, (step + 1) / rec.warmup)
