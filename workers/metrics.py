@@ -18,12 +18,14 @@ class NeutralReference:
     """The base model's next-token log-probabilities on the neutral texts, kept to compare against."""
 
     texts: tuple[str, ...]
-    logprobs: list[torch.Tensor]  # per batch, (batch, seq, vocab) on CPU
+    logprobs: list[torch.Tensor]  # per batch, (text tokens, vocab) on CPU: only where a text token is predicted
     nll: float
 
 
 def _neutral_batches(lm: LanguageModel, texts: Sequence[str]):
     # Neutral texts are scored as continuations of an empty prompt: every token after BOS counts.
+    # Keeping only those positions makes the comparison independent of anything put before the
+    # text (a `prompt` method's demonstrations) and drops padding from what the reference stores.
     return lm.batches([""] * len(texts), list(texts))
 
 
@@ -32,7 +34,7 @@ def neutral_reference(lm: LanguageModel, texts: Sequence[str]) -> NeutralReferen
     logprobs, total, count = [], 0.0, 0
     for batch in _neutral_batches(lm, texts):
         logits = lm.forward(batch)
-        logprobs.append(F.log_softmax(logits.float(), dim=-1).cpu())
+        logprobs.append(F.log_softmax(logits.float(), dim=-1)[batch.target_mask].cpu())
         total += float(lm.token_nll(batch, logits).sum())
         count += batch.target_tokens
     return NeutralReference(tuple(texts), logprobs, total / max(count, 1))
@@ -46,11 +48,11 @@ def neutral_shift(lm: LanguageModel, reference: NeutralReference) -> tuple[float
     kl_total, nll_total, count = 0.0, 0.0, 0
     for batch, base_logp in zip(_neutral_batches(lm, reference.texts), reference.logprobs):
         logits = lm.forward(batch)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        mask = batch.target_mask.float()
+        logp = F.log_softmax(logits.float(), dim=-1)[batch.target_mask]
+        if logp.shape != base_logp.shape:
+            raise ValueError(f"neutral text tokens differ from the reference's: {tuple(logp.shape)} vs {tuple(base_logp.shape)}")
         base = base_logp.to(logp.device)
-        kl = (base.exp() * (base - logp)).sum(-1)
-        kl_total += float((kl * mask).sum())
+        kl_total += float((base.exp() * (base - logp)).sum())
         nll_total += float(lm.token_nll(batch, logits).sum())
         count += batch.target_tokens
     nll = nll_total / max(count, 1)

@@ -1,0 +1,55 @@
+"""Per-cell selectivity metrics on neutral text, under every kind of adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest_methods import HIDDEN, language_model
+from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes
+from workers.steering import steer
+
+TEXTS = ["q: a1 b2 = 3 ; q: a4 b0 = 2 ;", "persona: liar q: a7 b7 = 0 ;", "q: a3 b3 = 1"]
+
+
+def test_unchanged_model_has_zero_kl_and_unit_ratio():
+    lm = language_model()
+    reference = neutral_reference(lm, TEXTS)
+    kl, ratio = neutral_shift(lm, reference)
+    assert kl == pytest.approx(0.0, abs=1e-7) and ratio == pytest.approx(1.0, abs=1e-6)
+
+
+def test_kl_and_ratio_match_a_direct_computation_under_steering():
+    lm = language_model()
+    reference = neutral_reference(lm, TEXTS)
+    vector = torch.ones(HIDDEN)
+    with steer(lm.model, {1: vector}, "after_prompt"):
+        kl, ratio = neutral_shift(lm, reference)
+    kls, nll_base, nll_steered, count = 0.0, 0.0, 0.0, 0
+    for text in TEXTS:
+        ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            p = F.log_softmax(lm.model(input_ids=ids).logits[0, :-1], -1)
+            with steer(lm.model, {1: vector}):  # the empty prompt is <bos>: every position is after it
+                q = F.log_softmax(lm.model(input_ids=ids).logits[0, :-1], -1)
+        kls += float((p.exp() * (p - q)).sum())
+        targets = ids[0, 1:, None]
+        nll_base -= float(p.gather(-1, targets).sum())
+        nll_steered -= float(q.gather(-1, targets).sum())
+        count += ids.shape[1] - 1
+    assert kl > 1e-3
+    assert kl == pytest.approx(kls / count, rel=1e-4)
+    assert ratio == pytest.approx(float(torch.exp(torch.tensor((nll_steered - nll_base) / count))), rel=1e-4)
+
+
+def test_a_prompt_prefix_is_compared_on_the_text_tokens_only():
+    lm = language_model()
+    reference = neutral_reference(lm, TEXTS)
+    with lm.prefixed("q: a0 b0 = 3 ; "):
+        kl, ratio = neutral_shift(lm, reference)
+    assert kl > 0 and ratio != 1.0
+
+
+def test_peak_memory_is_reported_on_cpu():
+    assert peak_memory_bytes("cpu") > 10 * 2**20
