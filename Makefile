@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Small L-BFGS problems in the fitter run ~30x slower when OpenBLAS spreads them over busy cores.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-fast test-peers clean-results
+.PHONY: setup demo test test-slow test-peers clean-results
 
 # torch goes in first, on its own: a bare `torch` requirement with no torch installed pulls a
 # multi-GB CUDA build. The stamp makes a second `make` reuse the venv until pyproject.toml changes.
@@ -32,11 +32,13 @@ demo: setup
 	$(BIN)/steerscale report $(RESULTS)
 	@echo "results: $(RESULTS)/cells/   fits: $(RESULTS)/fits.json   report: $(RESULTS)/report/report.html"
 
+# The suite: unit tests, real tiny models, and a real local-Ray sweep end to end (~10 min on 2 cores).
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
-
-test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Fault injection with real processes (kill -9 workers and drivers, a `ray start --head` cluster).
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 # Parity against peers that pin old versions (steering-vectors needs transformers<5) runs in its own venv.
 test-peers: setup

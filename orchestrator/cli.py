@@ -81,7 +81,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             prepare_model(model)
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress, dashboard=not args.no_dashboard)
-    print(f"ran {outcome.ok + outcome.failed} cells in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed")
+    print(
+        f"ran {outcome.ok + outcome.failed} cells in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed; "
+        f"{outcome.total_model_loads} model loads by {len(outcome.model_loads)} workers"
+    )
+    if outcome.skipped_claimed:
+        print(f"{outcome.skipped_claimed} cells were left alone: another live driver has claimed them")
     print(f"results: {store.uri}/cells/  (one Parquet file per cell)")
     if outcome.failed:
         print("failed cells are stored with their error; rerun them with --retry-failed")

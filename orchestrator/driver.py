@@ -2,61 +2,103 @@
 
 Completions are consumed with `ray.wait` in the order they finish, never `ray.get` in submission
 order, so one slow cell never stalls the others' rows. A cell that raises comes back as a `failed`
-row from `workers.run_cell`; a worker process that dies is retried by Ray (`max_retries`) and then
-stored as `failed` with Ray's reason. The driver is the only writer of the store.
+row from `workers.run_cell`; a worker process that dies (killed, OOM-killed, node lost) is resubmitted
+by the driver up to `max_retries` times, with the attempt number recorded, and then stored as
+`failed` with Ray's reason. The driver is the only writer of the store.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import ray
+from ray.util import metrics
 from tqdm import tqdm
 
 from workers.cell import CellConfig
 from workers.run_cell import identity_columns
 
+from orchestrator.claims import Claims
 from orchestrator.grid import PlannedCell
 from orchestrator.spec import Resources
 from orchestrator.store import ResultsStore
+
+HEARTBEAT_SECONDS = 60.0
 
 
 @dataclass
 class SweepOutcome:
     ok: int = 0
     failed: int = 0
+    skipped_claimed: int = 0  # cells another live driver was running
     wall_seconds: float = 0.0
+    cell_seconds: float = 0.0  # sum over cells of their own run time
+    model_loads: dict[str, int] = field(default_factory=dict)  # worker -> models it loaded
+
+    @property
+    def total_model_loads(self) -> int:
+        return sum(self.model_loads.values())
 
 
-def _execute_cell(cell_json: str, threads: int) -> dict:
+def _execute_cell(cell_json: str, threads: int, attempt: int) -> tuple[dict, str, int]:
     """Runs inside a Ray worker: one cell, with torch limited to the cell's CPU share."""
     import torch
 
-    from workers.run_cell import run_cell
+    from workers.run_cell import CellRun, run_cell
+    from workers.cache import PROCESS_CACHE
 
     # Two torch processes with all threads each on 2 cores were ~9x slower (shared/notes/offline-world.md).
     torch.set_num_threads(threads)
-    return run_cell(CellConfig.model_validate_json(cell_json))
+    row = run_cell(CellConfig.model_validate_json(cell_json), CellRun(cache=PROCESS_CACHE, attempt=attempt))
+    return row, f"{os.uname().nodename}:{os.getpid()}", PROCESS_CACHE.loads
 
 
-def connect(address: str | None, *, dashboard: bool = True) -> None:
-    """Join `address` (e.g. "auto"), or start a private local Ray with the dashboard on 127.0.0.1."""
+def connect(address: str | None, *, dashboard: bool = True) -> str | None:
+    """Join `address` (e.g. "auto"), or start a private local Ray with the dashboard on 127.0.0.1.
+
+    Returns the dashboard's URL when there is one.
+    """
     if ray.is_initialized():
-        return
+        return None
     if address:
-        ray.init(address=address, log_to_driver=False)
+        context = ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
+        context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
+    return context.dashboard_url or None
 
 
-def crashed_row(cell: CellConfig, error: BaseException, attempts: int) -> dict:
-    """The row for a cell whose worker died on every attempt: its identity, `failed`, and Ray's reason."""
+def crashed_row(cell: CellConfig, error: BaseException, attempt: int) -> dict:
+    """The row for a cell whose worker died on its last attempt: identity, `failed`, and Ray's reason."""
     now = datetime.now(timezone.utc)
-    row = identity_columns(cell, attempts)
+    row = identity_columns(cell, attempt)
     row.update(status="failed", error=f"{type(error).__name__}: {error}"[-4000:], started_at=now, finished_at=now)
     return row
+
+
+class _Metrics:
+    """Custom metrics in the Ray dashboard (Prometheus): cells done/failed, cell seconds, tokens/s."""
+
+    def __init__(self, sweep: str) -> None:
+        tags = ("sweep", "model", "method")
+        self.sweep = sweep
+        self.done = metrics.Counter("steerscale_cells_done", "cells stored ok", tag_keys=tags)
+        self.failed = metrics.Counter("steerscale_cells_failed", "cells stored failed", tag_keys=tags)
+        self.seconds = metrics.Histogram(
+            "steerscale_cell_seconds", "wall time of one cell", boundaries=[1, 5, 15, 60, 300, 1800], tag_keys=tags
+        )
+        self.tokens = metrics.Gauge("steerscale_train_tokens_per_second", "post-training tokens/s", tag_keys=tags)
+
+    def record(self, row: dict) -> None:
+        tags = {"sweep": self.sweep, "model": str(row.get("model")), "method": str(row.get("method"))}
+        (self.done if row["status"] == "ok" else self.failed).inc(1, tags=tags)
+        seconds = (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
+        if seconds:
+            self.seconds.observe(seconds, tags=tags)
+        if row.get("train_tokens") and row.get("train_seconds"):
+            self.tokens.set(row["train_tokens"] / row["train_seconds"], tags=tags)
 
 
 def run_cells(
@@ -72,29 +114,53 @@ def run_cells(
     if not cells:
         return outcome
     started = time.perf_counter()
-    connect(address, dashboard=dashboard)
+    url = connect(address, dashboard=dashboard)
+    if url and progress:
+        print(f"Ray dashboard: http://{url}  (if it asks for a token: `ray get-auth-token`)")
+    claims = Claims(store)
     threads = max(1, int(resources.cpus_per_cell))
     remote = ray.remote(_execute_cell)
-    in_flight = {}
-    for cell in cells:
+    dashboard_metrics = _Metrics(cells[0].config.sweep)
+    in_flight: dict[ray.ObjectRef, tuple[PlannedCell, int]] = {}
+
+    def submit(cell: PlannedCell, attempt: int) -> None:
         ref = remote.options(
             name=cell.config.slug,  # what the Ray dashboard shows for the task
             num_cpus=resources.cpus_per_cell,
             num_gpus=cell.gpus,
-            max_retries=resources.max_retries,
-        ).remote(cell.config.model_dump_json(), threads)
-        in_flight[ref] = cell
+            max_retries=0,  # retries are ours, so the row can say which attempt it was
+        ).remote(cell.config.model_dump_json(), threads, attempt)
+        in_flight[ref] = (cell, attempt)
+
+    for cell in cells:  # grid order keeps a model's cells together, so workers rarely reload
+        if claims.acquire(cell.cell_id):
+            submit(cell, 1)
+        else:
+            outcome.skipped_claimed += 1
     capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // resources.cpus_per_cell))
-    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(in_flight), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True)
+    last_heartbeat = time.monotonic()
     try:
         while in_flight:
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            cell = in_flight.pop(done[0])
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_SECONDS)
+            if time.monotonic() - last_heartbeat > HEARTBEAT_SECONDS / 2:
+                claims.heartbeat()
+                last_heartbeat = time.monotonic()
+            if not done:
+                continue
+            cell, attempt = in_flight.pop(done[0])
             try:
-                row = ray.get(done[0])
-            except ray.exceptions.RayError as err:  # the worker died (killed, OOM-killed, node lost) every attempt
-                row = crashed_row(cell.config, err, resources.max_retries + 1)
+                row, worker, loads = ray.get(done[0])
+                outcome.model_loads[worker] = loads
+            except ray.exceptions.RayError as err:  # the worker process died, not the cell's code
+                if attempt <= resources.max_retries:
+                    submit(cell, attempt + 1)
+                    continue
+                row = crashed_row(cell.config, err, attempt)
             store.write(row)
+            claims.release(cell.cell_id)
+            dashboard_metrics.record(row)
+            outcome.cell_seconds += (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
             if row["status"] == "ok":
                 outcome.ok += 1
             else:
@@ -104,6 +170,6 @@ def run_cells(
             bar.update()
     finally:
         bar.close()
+        claims.release_all()  # cells still running when we were interrupted go back to the pool
     outcome.wall_seconds = time.perf_counter() - started
     return outcome
-

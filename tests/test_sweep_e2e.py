@@ -10,8 +10,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-pytestmark = pytest.mark.slow
-
 
 def steerscale(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(

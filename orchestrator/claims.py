@@ -1,0 +1,107 @@
+"""Claims: so two drivers on the same results directory never run the same cell at once.
+
+A driver claims a cell by creating `claims/<cell_id>.json` exclusively before submitting it and
+deletes the claim once the row is stored. A claim is stale — and may be taken over — when its
+driver's process is gone (same host, pid not alive: e.g. a SIGKILLed driver, so an immediate rerun
+resumes at once) or when its heartbeat is older than `ttl` (a driver on another host that died).
+Exclusive creation is atomic on local and shared POSIX filesystems; on object stores it is
+best effort (check, then write), which the docs say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from pyarrow import fs
+
+from orchestrator.store import ResultsStore
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@dataclass
+class Claims:
+    store: ResultsStore
+    ttl_seconds: float = 900.0
+    owner: dict = field(
+        default_factory=lambda: {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex[:8]}
+    )
+    held: set[str] = field(default_factory=set)
+
+    @property
+    def directory(self) -> str:
+        return f"{self.store.root}/claims"
+
+    def _path(self, cell_id: str) -> str:
+        return f"{self.directory}/{cell_id}.json"
+
+    def _is_stale(self, path: str) -> bool:
+        try:
+            with self.store.filesystem.open_input_stream(path) as stream:
+                claim = json.loads(stream.read().decode())
+            info = self.store.filesystem.get_file_info(path)
+        except (FileNotFoundError, ValueError, OSError):
+            return True  # vanished or unreadable: nobody holds it usefully
+        if claim.get("host") == self.owner["host"] and not _alive(int(claim.get("pid", -1))):
+            return True
+        age = time.time() - (info.mtime.timestamp() if info.mtime else 0)
+        return age > self.ttl_seconds
+
+    def _create(self, path: str) -> bool:
+        payload = json.dumps({**self.owner, "claimed_at": time.time()}).encode()
+        if isinstance(self.store.filesystem, fs.LocalFileSystem):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(payload)
+            return True
+        if self.store.filesystem.get_file_info(path).type != fs.FileType.NotFound:
+            return False
+        with self.store.filesystem.open_output_stream(path) as stream:
+            stream.write(payload)
+        return True
+
+    def acquire(self, cell_id: str) -> bool:
+        """Claim the cell; False when another live driver holds it."""
+        self.store.filesystem.create_dir(self.directory, recursive=True)
+        path = self._path(cell_id)
+        if not self._create(path):
+            if not self._is_stale(path):
+                return False
+            self.store.filesystem.delete_file(path)
+            if not self._create(path):  # another driver took over the stale claim first
+                return False
+        self.held.add(cell_id)
+        return True
+
+    def release(self, cell_id: str) -> None:
+        self.held.discard(cell_id)
+        try:
+            self.store.filesystem.delete_file(self._path(cell_id))
+        except FileNotFoundError:
+            pass
+
+    def heartbeat(self) -> None:
+        """Refresh the mtime of every held claim, so long cells are not taken over by other hosts."""
+        for cell_id in list(self.held):
+            with self.store.filesystem.open_output_stream(self._path(cell_id)) as stream:
+                stream.write(json.dumps({**self.owner, "heartbeat_at": time.time()}).encode())
+
+    def release_all(self) -> None:
+        for cell_id in list(self.held):
+            self.release(cell_id)

@@ -1,0 +1,154 @@
+"""Fault injection with real processes: a worker killed mid-cell, a driver SIGKILLed mid-sweep,
+two drivers on one results directory, and joining a cluster started with `ray start --head`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow  # ~10 minutes on 2 cores: CI runs them after `make test`
+
+
+def _spec(root: Path, test_ladder: list[str], **changes) -> Path:
+    spec = {
+        "sweep": "faults",
+        "results_dir": str(root / "results"),
+        "models": [{"id": m} for m in test_ladder],
+        "tasks": ["facts"],
+        "methods": {"lora": {"rank": 2, "train": {"min_steps": 60, "max_steps": 60}}, "steer_mean": {}},
+        "budgets": [16, 64],
+        "seeds": [0, 1],
+        "eval": {"test_size": 60, "validation_size": 16, "neutral_size": 4},
+        "resources": {"cpus_per_cell": 1, "max_retries": 1},
+        **changes,
+    }
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", *args]
+
+
+def _rows(results: Path):
+    return pq.read_table(results / "cells").to_pandas() if (results / "cells").exists() else None
+
+
+def _cell_files(results: Path) -> dict[str, int]:
+    cells = results / "cells"
+    return {p.name: p.stat().st_mtime_ns for p in cells.glob("*.parquet")} if cells.exists() else {}
+
+
+def _running_cell_pids() -> list[int]:
+    """Ray workers titled after a running cell's slug (`ray::ladder-...`)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::ladder-" in line]
+
+
+def test_worker_killed_mid_cell_is_retried_and_recorded(tmp_path, test_ladder):
+    path = _spec(tmp_path, test_ladder)
+    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, killed = time.time() + 300, None
+    while killed is None and time.time() < deadline and driver.poll() is None:
+        pids = _running_cell_pids()
+        if pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    out, err = driver.communicate(timeout=600)
+    assert killed is not None, "never saw a worker running a cell"
+    assert driver.returncode == 0, err[-3000:]
+    rows = _rows(tmp_path / "results")
+    assert len(rows) == 16 and rows.cell_id.is_unique
+    assert (rows.status == "ok").all(), rows[rows.status != "ok"].error.tolist()
+    assert rows.attempt.max() == 2, "the killed cell must have been rerun as attempt 2"
+
+
+def test_worker_dying_on_every_attempt_becomes_a_failed_row(tmp_path, test_ladder):
+    path = _spec(tmp_path, test_ladder[:1], methods={"steer_mean": {}}, budgets=[16], seeds=[0], resources={"max_retries": 1})
+    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kills = 0
+    deadline = time.time() + 300
+    while driver.poll() is None and time.time() < deadline:
+        for pid in _running_cell_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                kills += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+    out, err = driver.communicate(timeout=60)
+    assert driver.returncode == 0, err[-3000:]
+    rows = _rows(tmp_path / "results")
+    assert len(rows) == 1 and rows.status[0] == "failed" and rows.attempt[0] == 2
+    assert "died" in rows.error[0].lower() or "crash" in rows.error[0].lower() or "worker" in rows.error[0].lower()
+
+
+def test_driver_sigkilled_mid_sweep_resumes_without_duplicates(tmp_path, test_ladder):
+    path = _spec(tmp_path, test_ladder)
+    results = tmp_path / "results"
+    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while len(_cell_files(results)) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
+    driver.wait(timeout=30)
+    before = _cell_files(results)
+    assert 3 <= len(before) < 16, f"kill landed at {len(before)} rows"
+    again = subprocess.run(_cli("run", str(path), "--no-progress", "--no-dashboard"), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{16 - len(before)} to run" in again.stdout
+    after = _cell_files(results)
+    assert len(after) == 16 and all(after[name] == t for name, t in before.items()), "stored rows must not be redone"
+    rows = _rows(results)
+    assert rows.cell_id.is_unique and len(rows) == 16 and (rows.status == "ok").all()
+
+
+def test_two_drivers_never_run_the_same_cell(tmp_path, test_ladder):
+    path = _spec(tmp_path, test_ladder)
+    drivers = [
+        subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [d.communicate(timeout=900) for d in drivers]
+    assert all(d.returncode == 0 for d in drivers), [o[1][-2000:] for o in outputs]
+    ran = [int(o[0].split("ran ")[1].split(" cells")[0]) for o in outputs]
+    rows = _rows(tmp_path / "results")
+    assert len(rows) == 16 and rows.cell_id.is_unique and (rows.attempt == 1).all()
+    assert sum(ran) == 16, f"cells run per driver: {ran} (a cell run by both would make the sum exceed 16)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_run_joins_a_cluster_started_with_ray_start(tmp_path, test_ladder):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    start = subprocess.run(
+        [ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        path = _spec(tmp_path, test_ladder[:1], budgets=[16], seeds=[0])
+        run = subprocess.run(
+            _cli("run", str(path), "--no-progress", "--address", "auto"), capture_output=True, text=True, timeout=600
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows = _rows(tmp_path / "results")
+        assert len(rows) == 2 and (rows.status == "ok").all()
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
