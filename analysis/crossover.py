@@ -60,7 +60,8 @@ def first_crossing(advantage: np.ndarray, d: np.ndarray) -> np.ndarray:
     a0, a1 = advantage[rows, i], advantage[rows, i + 1]
     logd = np.log(d)
     frac = a0 / np.where(a0 == a1, -1.0, a0 - a1)
-    d_star = np.exp(logd[i] + frac * (logd[i + 1] - logd[i]))
+    with np.errstate(over="ignore", invalid="ignore"):  # rows without a crossing are masked out below
+        d_star = np.exp(logd[i] + frac * (logd[i + 1] - logd[i]))
     return np.where(has, d_star, np.nan)
 
 

@@ -131,8 +131,11 @@ def fit_group(
         data = LawData.build(law, {"N": points.n, "D": points.d}, to_loss(points.value, metric))
     except FitError as err:
         return LawFit(task, method, model, n_params, law, metric, points, excluded, None, None, str(err), holdout, np.nan)
-    fit = fit_law(data)
-    boot = bootstrap_fit(fit, data, bootstrap, rng) if bootstrap > 0 else None
+    try:
+        fit = fit_law(data)
+        boot = bootstrap_fit(fit, data, bootstrap, rng) if bootstrap > 0 else None
+    except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError) as err:  # one bad group must not sink the rest
+        return LawFit(task, method, model, n_params, law, metric, points, excluded, None, None, f"fit failed: {err}", holdout, np.nan)
     held = points.n == points.n.max() if joint else points.d == points.d.max()
     error = _holdout_error(law, points, metric, held)
     return LawFit(task, method, model, n_params, law, metric, points, excluded, fit, boot, "", holdout, error)

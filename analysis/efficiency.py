@@ -37,7 +37,7 @@ class DataEfficiency:
 def examples_to_reach(params: dict[str, np.ndarray], base_loss: float, fraction: float) -> np.ndarray:
     e, b, beta = (np.atleast_1d(np.asarray(params[name], dtype=float)) for name in ("E", "B", "beta"))
     gain = base_loss - e
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # invalid cases masked below
         d = (b / ((1.0 - fraction) * gain)) ** (1.0 / beta)
     return np.where((gain > 0) & (b > 0) & (beta > 0), d, np.nan)
 

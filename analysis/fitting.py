@@ -268,7 +268,7 @@ def refine(data: LawData, thetas: np.ndarray, weights: np.ndarray | None = None,
         grad = np.einsum("bup,bu->bp", jac, (h * r) @ member)
         diag = np.einsum("bpp->bp", jtj)[:, :, None] * eye
         lam = damping[active][:, None, None]
-        step = np.linalg.solve(jtj + lam * (diag + 1e-12 * eye), -grad[..., None])[..., 0]
+        step = _solve(jtj + lam * (diag + 1e-12 * eye), -grad[..., None])[..., 0]
         candidate = np.clip(theta + step, lo, hi)
         new_losses = _losses(predict(candidate)[0], logy, w)
         better = new_losses < losses[active]
@@ -280,7 +280,14 @@ def refine(data: LawData, thetas: np.ndarray, weights: np.ndarray | None = None,
         converged = better & (gain <= 1e-10 * losses[active])
         active = active[~(stalled | converged)]
     return thetas
-    return thetas
+
+
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Batched solve that survives singular systems (flat curves make whole Jacobian columns zero)."""
+    try:
+        return np.linalg.solve(a, b)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(a) @ b
 
 
 def fit_law(data: LawData, *, step: float = 0.1, polish: int = 4, chunk: int = 256) -> Fit:

@@ -62,7 +62,11 @@ def load_results(results_dir: str) -> LoadedResults:
     """Every `<results_dir>/cells/*.parquet` row; a cell id seen twice keeps its ok, latest row."""
     fs, root = resolve(results_dir)
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/cells", allow_not_found=True))
-    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    # Hidden files are writes in flight (`.tmp-*`, see workers/rowfile.py), ignored as Parquet datasets do.
+    paths = sorted(
+        i.path for i in infos
+        if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not i.base_name.startswith((".", "_"))
+    )
     frames, skipped = [], []
     for path in paths:
         try:

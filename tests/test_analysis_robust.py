@@ -1,0 +1,36 @@
+"""The fitter on the data real sweeps produce: flat curves and writes caught in flight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+import analysis
+from workers.schema import to_table
+
+
+def _row(cell_id: str, method: str, budget: int, score: float, seed: int) -> dict:
+    return {
+        "schema_version": 1, "sweep": "flat", "cell_id": cell_id, "slug": cell_id, "status": "ok",
+        "model": "m", "task": "facts", "method": method, "budget": budget, "seed": seed,
+        "params_nonembed": 1000, "params_total": 2000, "score": score, "score_base": 0.2,
+    }
+
+
+def test_flat_curves_and_in_flight_files_do_not_break_the_fit(tmp_path: Path) -> None:
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    rows = [
+        _row(f"{method}-{budget}-{seed}", method, budget, 0.2, seed)  # a method that chose "do nothing" everywhere
+        for method in ("steer_mean", "lora") for budget in (4, 16, 64, 256) for seed in (0, 1)
+    ]
+    for row in rows:
+        pq.write_table(to_table([row]), cells / f"{row['cell_id']}.parquet")
+    pq.write_table(to_table([rows[0]]), cells / f".tmp-123-{rows[0]['cell_id']}.parquet")  # a complete write not yet renamed
+    loaded = analysis.load_results(str(tmp_path))
+    assert len(loaded.frame) == len(rows) and loaded.skipped == ()
+    summary = analysis.fit_results(str(tmp_path), bootstrap=20)
+    text = summary.to_text()
+    assert "steer_mean" in text and "lora" in text
+    assert all(Path(p).exists() for p in summary.paths.values())
