@@ -14,6 +14,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Qwen2Config, Qwen2Fo
 
 from workers.cell import CellConfig, EvalConfig, ModelSpec
 from workers.models.tokenizer import build_tokenizer
+import workers.cache
 from workers.cache import WorkerCache
 from workers.run_cell import CellRun, run_cell
 
@@ -43,19 +44,22 @@ def save_checkpoint(arch: str, path) -> None:
     tok.save_pretrained(path)
 
 
-class WorldTokenizerCache(WorkerCache):
-    def model(self, spec: ModelSpec, batch_size: int):
-        lm = super().model(spec, batch_size)
+def with_world_tokenizer(load):
+    def loader(*args, **kwargs):  # passes through whatever the worker cache's loader is given
+        lm = load(*args, **kwargs)
         lm.tokenizer = build_tokenizer()
         return lm
+
+    return loader
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt_neox", "qwen2"])
-def test_every_method_runs_as_a_cell_on_a_local_checkpoint(arch, tmp_path):
+def test_every_method_runs_as_a_cell_on_a_local_checkpoint(arch, tmp_path, monkeypatch):
     save_checkpoint(arch, tmp_path)
+    monkeypatch.setattr(workers.cache, "load_language_model", with_world_tokenizer(workers.cache.load_language_model))
     rows = {}
-    run = CellRun(cache=WorldTokenizerCache())  # one loaded model serves every cell, as in a worker
+    run = CellRun(cache=WorkerCache())  # one loaded model serves every cell, as in a worker
     for method, config in METHODS.items():
         cell = CellConfig(
             sweep="local", model=ModelSpec(id=str(tmp_path)), task="facts", method=method, method_config=config,
