@@ -43,17 +43,16 @@ class SweepOutcome:
         return sum(self.model_loads.values())
 
 
-def _execute_cell(cell_json: str, threads: int, attempt: int) -> tuple[dict, str, int]:
+def _execute_cell(cell_json: str, threads: int, attempt: int, shard: bool) -> tuple[dict, str, int]:
     """Runs inside a Ray worker: one cell, with torch limited to the cell's CPU share."""
     import torch
 
-    from workers.run_cell import CellRun, run_cell
-    from workers.cache import PROCESS_CACHE
+    from workers.run_cell import CellRun, model_loads, run_cell
 
     # Two torch processes with all threads each on 2 cores were ~9x slower (shared/notes/offline-world.md).
     torch.set_num_threads(threads)
-    row = run_cell(CellConfig.model_validate_json(cell_json), CellRun(cache=PROCESS_CACHE, attempt=attempt))
-    return row, f"{os.uname().nodename}:{os.getpid()}", PROCESS_CACHE.loads
+    row = run_cell(CellConfig.model_validate_json(cell_json), CellRun(attempt=attempt, shard=shard))
+    return row, f"{os.uname().nodename}:{os.getpid()}", model_loads()
 
 
 def connect(address: str | None, *, dashboard: bool = True) -> str | None:
@@ -129,7 +128,7 @@ def run_cells(
             num_cpus=resources.cpus_per_cell,
             num_gpus=cell.gpus,
             max_retries=0,  # retries are ours, so the row can say which attempt it was
-        ).remote(cell.config.model_dump_json(), threads, attempt)
+        ).remote(cell.config.model_dump_json(), threads, attempt, cell.gpus > 1)
         in_flight[ref] = (cell, attempt)
 
     for cell in cells:  # grid order keeps a model's cells together, so workers rarely reload

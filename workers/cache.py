@@ -32,16 +32,16 @@ class WorkerCache:
     def __init__(self, max_models: int = 1) -> None:
         self.max_models = max_models
         self.loads = 0
-        self._models: OrderedDict[str, LanguageModel] = OrderedDict()
+        self._models: OrderedDict[tuple[str, bool], LanguageModel] = OrderedDict()  # (spec, sharded)
         self._baselines: dict[tuple[str, str], Baseline] = {}
 
-    def model(self, spec: ModelSpec, batch_size: int) -> LanguageModel:
-        key = spec.model_dump_json()
+    def model(self, spec: ModelSpec, batch_size: int, *, shard: bool = False) -> LanguageModel:
+        key = (spec.model_dump_json(), shard)
         if key not in self._models:
             while len(self._models) >= self.max_models:  # least recently used goes first
-                evicted, _ = self._models.popitem(last=False)
+                (evicted, _), _ = self._models.popitem(last=False)
                 self._baselines = {k: v for k, v in self._baselines.items() if k[0] != evicted}
-            self._models[key] = load_language_model(spec, batch_size)
+            self._models[key] = load_language_model(spec, batch_size, shard=shard)
             self.loads += 1
         self._models.move_to_end(key)
         lm = self._models[key]
@@ -50,7 +50,7 @@ class WorkerCache:
 
     def baseline(self, spec: ModelSpec, context: str, compute: Callable[[], Baseline]) -> Baseline:
         """The cached baseline for `spec` under `context` (task + eval settings), computed once."""
-        key = (spec.model_dump_json(), context)
+        key = (spec.model_dump_json(), context)  # placement-independent: sharded or not, same numbers
         if key not in self._baselines:
             self._baselines[key] = compute()
         return self._baselines[key]

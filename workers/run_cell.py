@@ -82,12 +82,18 @@ def prepare_model(spec: ModelSpec) -> str:
     return resolve_path(spec)
 
 
+def model_loads() -> int:
+    """How many models this process has loaded so far (the driver reports reuse with it)."""
+    return PROCESS_CACHE.loads
+
+
 @dataclass
 class CellRun:
     """What a worker passes in besides the cell: the cache it keeps across cells, and the attempt."""
 
     cache: WorkerCache = PROCESS_CACHE
     attempt: int = 1
+    shard: bool = False  # the cell reserved more than one GPU: spread the model over them
 
 
 def identity_columns(cell: CellConfig, attempt: int) -> dict[str, Any]:
@@ -124,7 +130,7 @@ def baseline(
 def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     """The measured columns of an ok row. Raises on any failure; `run_cell` turns that into a row."""
     seed_everything(cell.seed)
-    lm = run.cache.model(cell.model, cell.eval.batch_size)
+    lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
     device = str(lm.device)
     reset_peak_memory(device)
     task = get_task(cell.task)

@@ -79,7 +79,12 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def load_language_model(spec: ModelSpec, batch_size: int = 32) -> LanguageModel:
+def load_language_model(spec: ModelSpec, batch_size: int = 32, *, shard: bool = False) -> LanguageModel:
+    """Load tokenizer and model; `shard` spreads the layers over every visible GPU with accelerate.
+
+    Sharding is a placement decision (the cell reserved more than one GPU), not part of the cell's
+    identity: the same weights give the same numbers wherever their layers sit.
+    """
     path = resolve_path(spec)
     revision = None if spec.id.startswith(LADDER_PREFIX) else spec.revision  # ladder revisions are recipe hashes
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
@@ -90,7 +95,10 @@ def load_language_model(spec: ModelSpec, batch_size: int = 32) -> LanguageModel:
         revision=revision,
         use_safetensors=True,
         trust_remote_code=spec.trust_remote_code,
+        device_map="auto" if shard else None,
         **{_dtype_kwarg(): DTYPES[spec.dtype]},
-    ).to(resolve_device(spec))
+    )
+    if not shard:
+        model = model.to(resolve_device(spec))
     model.eval()
     return LanguageModel(model=model, tokenizer=tokenizer, batch_size=batch_size)

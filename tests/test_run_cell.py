@@ -1,0 +1,64 @@
+"""One cell on a real tiny ladder model: reuse of a loaded model is invisible in the results."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.cache import WorkerCache
+from workers.cell import CellConfig, EvalConfig, ModelSpec
+from workers.methods import resolve_config
+from workers.run_cell import CellRun, model_revision, run_cell
+
+MEASURED = ("score", "score_base", "nll", "nll_base", "neutral_kl", "neutral_ppl_ratio", "offtask_score_delta",
+            "trainable_params", "post_train_flops", "train_tokens", "layer", "alpha", "hparams")
+
+
+def _cell(model_id: str, method: str, budget: int = 32, settings: dict | None = None) -> CellConfig:
+    spec = ModelSpec(id=model_id)
+    spec = spec.model_copy(update={"revision": model_revision(spec)})
+    return CellConfig(
+        sweep="unit", model=spec, task="facts", method=method,
+        method_config=resolve_config(method, settings or {}).model_dump(mode="json"),
+        budget=budget, seed=3, eval=EvalConfig(test_size=40, validation_size=16, neutral_size=4, offtask_size=10),
+        offtask=("arith",),
+    )
+
+
+def _measured(row: dict) -> dict:
+    assert row["status"] == "ok", row["error"]
+    return {k: row[k] for k in MEASURED}
+
+
+@pytest.fixture(scope="module")
+def model_id(test_ladder) -> str:
+    return test_ladder[-1]
+
+
+def test_a_reused_model_gives_the_same_rows_as_a_fresh_load(model_id):
+    """Cells that trained, steered and tuned fully on the same loaded model must leave no trace."""
+    lora = _cell(model_id, "lora", settings={"train": {"lr": 3e-2, "checkpoints": 1}})
+    fresh = _measured(run_cell(lora, CellRun(cache=WorkerCache())))
+    shared = WorkerCache()
+    for method in ("full_ft", "steer_mean"):  # the most invasive fit, and hooks
+        assert run_cell(_cell(model_id, method), CellRun(cache=shared))["status"] == "ok"
+    reused = _measured(run_cell(lora, CellRun(cache=shared)))
+    assert shared.loads == 1
+    assert reused == fresh
+    assert fresh["neutral_kl"] > 0, "the LoRA in this test must really change the model"
+
+
+def test_sharded_placement_gives_the_same_numbers(model_id):
+    """`gpus_per_cell > 1` loads with accelerate's device_map; on a CPU box every layer lands on CPU."""
+    cell = _cell(model_id, "steer_mean")
+    cache = WorkerCache()
+    sharded = _measured(run_cell(cell, CellRun(cache=cache, shard=True)))
+    assert cache.loads == 1
+    assert sharded == _measured(run_cell(cell, CellRun(cache=WorkerCache())))
+
+
+def test_a_cell_that_raises_is_a_failed_row_with_the_error(model_id):
+    cell = _cell(model_id, "lora").model_copy(update={"task": "no_such_task"})
+    row = run_cell(cell, CellRun(cache=WorkerCache(), attempt=2))
+    assert row["status"] == "failed" and row["attempt"] == 2
+    assert "unknown task 'no_such_task'" in row["error"]
+    assert row["cell_id"] == cell.cell_id and row.get("score") is None
