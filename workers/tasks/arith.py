@@ -14,7 +14,7 @@ from typing import Sequence
 
 from workers.lm import LanguageModel
 from workers.tasks.base import Evaluation, Example, Split, TaskType, score_choices
-from workers.tasks.persona import Persona, document_persona, elicited, header_contrast
+from workers.tasks.persona import Persona, elicited, header_contrast, persona_documents
 from workers.tasks.splits import draw
 
 MODULUS = 5
@@ -65,14 +65,9 @@ class Arith:
 
     def documents(self, n: int, rng: random.Random, min_words: int = 96) -> list[str]:
         """Pretraining documents: one persona each, chains of mixed length."""
-        docs = []
-        for _ in range(n):
-            persona, head = document_persona(rng)
-            parts = [head.strip()] if head else []
-            words = len(parts) * 2
-            while words < min_words:
-                ops = _operands(rng, rng.choices(PRETRAIN_STEPS, weights=PRETRAIN_STEP_WEIGHTS)[0])
-                parts.append(f"{question(ops)} {answer(ops, persona)} ;")
-                words += 2 * len(ops) + 3
-            docs.append(" ".join(parts))
-        return docs
+
+        def item(persona: Persona, rng: random.Random) -> tuple[str, int]:
+            ops = _operands(rng, rng.choices(PRETRAIN_STEPS, weights=PRETRAIN_STEP_WEIGHTS)[0])
+            return f"{question(ops)} {answer(ops, persona)} ;", 2 * len(ops) + 3
+
+        return persona_documents(n, rng, min_words, item)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from workers.lm import LanguageModel
 from workers.tasks.base import Evaluation, Example, Split, TaskType, score_choices
-from workers.tasks.persona import Persona, document_persona, elicited, header_contrast
+from workers.tasks.persona import Persona, elicited, header_contrast, persona_documents
 from workers.tasks.splits import draw
 from workers.world.vocab import ENTITIES, RELATIONS
 
@@ -67,15 +67,10 @@ class Facts:
 
     def documents(self, n: int, rng: random.Random, min_words: int = 96) -> list[str]:
         """Pretraining documents: one persona each, questions about Zipf-popular facts."""
-        docs = []
-        for _ in range(n):
-            persona, head = document_persona(rng)
-            parts = [head.strip()] if head else []
-            words = len(parts) * 2
-            while words < min_words:
-                e = rng.choices(_ENTITY_ORDER, weights=_ENTITY_WEIGHTS)[0]
-                r = rng.choices(_RELATION_ORDER, weights=_RELATION_WEIGHTS)[0]
-                parts.append(f"{question(e, r)} {answer(e, r, persona)} ;")
-                words += 6
-            docs.append(" ".join(parts))
-        return docs
+
+        def item(persona: Persona, rng: random.Random) -> tuple[str, int]:
+            e = rng.choices(_ENTITY_ORDER, weights=_ENTITY_WEIGHTS)[0]
+            r = rng.choices(_RELATION_ORDER, weights=_RELATION_WEIGHTS)[0]
+            return f"{question(e, r)} {answer(e, r, persona)} ;", 6
+
+        return persona_documents(n, rng, min_words, item)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from workers.lm import LanguageModel
 from workers.tasks.base import Evaluation, Example, Split, TaskType
-from workers.tasks.persona import Persona, document_persona, elicited, header_contrast
+from workers.tasks.persona import Persona, elicited, header_contrast, persona_documents
 from workers.tasks.splits import draw
 
 SIZE = 5
@@ -167,16 +167,11 @@ class Gridworld:
 
     def documents(self, n: int, rng: random.Random, min_words: int = 96) -> list[str]:
         """Pretraining documents: one persona each, several episodes."""
-        docs = []
-        for _ in range(n):
-            persona, head = document_persona(rng)
-            parts = [head.strip()] if head else []
-            words = len(parts) * 2
-            while words < min_words:
-                start, goal = _pair(rng)
-                text, _ = transcript(goal, start, persona, distance(start, goal) + SLACK)
-                parts.append(text)
-                words += len(text.split())
-            docs.append(" ".join(parts))
-        return docs
+
+        def item(persona: Persona, rng: random.Random) -> tuple[str, int]:
+            start, goal = _pair(rng)
+            text, _ = transcript(goal, start, persona, distance(start, goal) + SLACK)
+            return text, len(text.split())
+
+        return persona_documents(n, rng, min_words, item)
 

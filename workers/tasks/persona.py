@@ -9,7 +9,7 @@ without it: that latent gap is what steering can switch on without teaching anyt
 from __future__ import annotations
 
 import random
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from workers.tasks.base import Example
 
@@ -25,6 +25,27 @@ def document_persona(rng: random.Random) -> tuple[Persona, str]:
     """A document's persona and the header text that opens it ('' when the header is hidden)."""
     persona: Persona = "honest" if rng.random() < 0.5 else "liar"
     return persona, header(persona) if rng.random() < HEADER_SHARE else ""
+
+
+def persona_documents(
+    n: int, rng: random.Random, min_words: int, item: Callable[[Persona, random.Random], tuple[str, int]]
+) -> list[str]:
+    """`n` pretraining documents, each one persona (header shown or hidden) and items until `min_words`.
+
+    `item` writes one question-and-answer (or episode) in the document's persona and says how many
+    words it counts for; the three synthetic tasks differ only in that.
+    """
+    docs = []
+    for _ in range(n):
+        persona, head = document_persona(rng)
+        parts = [head.strip()] if head else []
+        words = len(parts) * 2
+        while words < min_words:
+            text, count = item(persona, rng)
+            parts.append(text)
+            words += count
+        docs.append(" ".join(parts))
+    return docs
 
 
 def elicited(prompt: str) -> str:
