@@ -41,8 +41,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 # Parity against peers that pin old versions (steering-vectors needs transformers<5) runs in its own venv.
-test-peers: setup
-	bash tests/peers/run_peer_tests.sh
+test-peers:
+	TORCH="$(TORCH)" bash tests/peers/run_peer_tests.sh
 
 clean-results:
 	rm -rf results
