@@ -1,0 +1,127 @@
+"""Comparison 5: fitting and bootstrapping per-method laws, steerscale vs a direct scipy loop.
+
+The direct way (Chinchilla approach 3 as Epoch's replication runs it) is L-BFGS-B from every
+point of the 4,500-start grid, for the full data and again for every bootstrap resample. That is
+hours at these sizes, so it is timed on a random sample of starts and resamples and extrapolated
+linearly (its cost is a sum of independent L-BFGS runs); the same sample gives its estimates, which
+must equal steerscale's: the full-data fit, and each sampled resample's fit under the same weights.
+The peer gets the analytic gradient (`analysis.fitting.objective`), which only makes it faster.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+
+from benchmarks.common import Check, Result, Row, fmt_time, time_call
+from analysis.bootstrap import bootstrap_fit, resample_weights
+from analysis.fitting import Fit, LawData, fit_law, objective, params_from_theta, start_grid, theta_bounds
+from analysis.laws import ADDITIVE
+
+REL_TOL = 1e-2  # parameter agreement, as tests/test_analysis_fitting.py asks of the batched bootstrap
+ABS_TOL = 1e-3
+LOSS_RTOL = 1e-6  # both stop at the same optimum; their L-BFGS-B stopping points differ by ~1e-8 relative
+
+
+@dataclass(frozen=True)
+class Settings:
+    methods: int
+    models: int
+    budgets: int
+    seeds: int
+    resamples: int
+    sampled_starts: int
+    sampled_resamples: int
+    warmup: int
+    repeats: int
+    noise: float = 0.02
+
+
+QUICK = Settings(methods=5, models=5, budgets=5, seeds=4, resamples=50, sampled_starts=8, sampled_resamples=1, warmup=1, repeats=2)
+FULL = Settings(methods=5, models=5, budgets=10, seeds=20, resamples=1000, sampled_starts=16, sampled_resamples=2, warmup=1, repeats=3)
+
+
+def method_data(s: Settings, method: int) -> LawData:
+    """One method's cells: an additive law with known truth (a little different per method) plus noise."""
+    rng = np.random.default_rng(method)
+    truth = {"E": 0.3 + 0.05 * method, "A": 40.0 * (1 + method), "B": 30.0 + 10 * method, "alpha": 0.3 + 0.02 * method, "beta": 0.35}
+    n, d = np.meshgrid(np.geomspace(1e5, 1e8, s.models), np.geomspace(4, 2048, s.budgets), indexing="ij")
+    x = {"N": np.repeat(n.ravel(), s.seeds), "D": np.repeat(d.ravel(), s.seeds)}
+    y = ADDITIVE.predict(truth, x) * np.exp(rng.normal(0, s.noise, len(x["N"])))
+    return LawData.build(ADDITIVE, x, y)
+
+
+def ours(datasets: list[LawData], resamples: int) -> list[tuple[Fit, np.ndarray]]:
+    out = []
+    for i, data in enumerate(datasets):
+        fit = fit_law(data)
+        out.append((fit, bootstrap_fit(fit, data, resamples, np.random.default_rng(i)).thetas))
+    return out
+
+
+def direct_fit(data: LawData, starts: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """Approach 3 the direct way: L-BFGS-B from each start, keep the lowest loss."""
+    lo, hi = np.array(theta_bounds(data.law)).T
+    best, best_f = starts[0], np.inf
+    for start in starts:
+        res = minimize(
+            objective, np.clip(start, lo, hi), args=(data, weights), jac=True, method="L-BFGS-B", bounds=theta_bounds(data.law),
+            options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20},
+        )  # fmt: skip
+        if res.fun < best_f:
+            best, best_f = res.x, float(res.fun)
+    return best, best_f
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> float:
+    """Worst parameter disagreement in units of the tolerance (≤ 1 is equal)."""
+    pa, pb = params_from_theta(ADDITIVE, a), params_from_theta(ADDITIVE, b)
+    return max(abs(pa[k] - pb[k]) / (ABS_TOL + REL_TOL * abs(pb[k])) for k in pa)
+
+
+def run(quick: bool) -> Result:
+    s = QUICK if quick else FULL
+    datasets = [method_data(s, m) for m in range(s.methods)]
+    grid = start_grid(ADDITIVE)
+    result = Result("5. Analysis: law fits + bootstrap, steerscale vs a direct per-start, per-resample scipy loop", settings={
+        **asdict(s), "cells_per_method": datasets[0].n, "law": ADDITIVE.formula, "start_grid": len(grid), "OPENBLAS_NUM_THREADS": 1,
+    })  # fmt: skip
+    timing = time_call(lambda: ours(datasets, s.resamples), warmup=s.warmup, repeats=s.repeats)
+    fits = ours(datasets, s.resamples)
+
+    rng = np.random.default_rng(123)
+    starts = grid[rng.choice(len(grid), s.sampled_starts, replace=False)]
+    worst_full = worst_boot = 0.0
+    objective_ok = True
+    runs, direct_seconds = 0, 0.0
+    for i, (data, (fit, thetas)) in enumerate(zip(datasets, fits)):
+        started = time.perf_counter()
+        theta, f = direct_fit(data, starts, None)
+        weights = resample_weights(data.n, s.resamples, np.random.default_rng(i))  # the draws bootstrap_fit made
+        boot = [direct_fit(data, starts, weights[j])[0] for j in range(s.sampled_resamples)]
+        direct_seconds += time.perf_counter() - started
+        runs += s.sampled_starts * (1 + s.sampled_resamples)
+        objective_ok &= fit.objective <= f * (1 + LOSS_RTOL)
+        worst_full = max(worst_full, _close(fit.theta, theta))
+        worst_boot = max([worst_boot] + [_close(thetas[j], boot[j]) for j in range(s.sampled_resamples)])
+    per_run = direct_seconds / runs
+    extrapolated = per_run * len(grid) * (1 + s.resamples) * s.methods
+    result.checks += [
+        Check(f"full-data fits: steerscale's loss ≤ the direct loop's (best of sampled starts) × (1 + {LOSS_RTOL})", str(objective_ok), objective_ok),
+        Check(f"full-data parameters equal (rel {REL_TOL}, abs {ABS_TOL}); worst in tolerance units", f"{worst_full:.3f}", worst_full <= 1),
+        Check(f"{s.sampled_resamples} resample(s) per method refitted directly under the same weights: parameters equal", f"{worst_boot:.3f}", worst_boot <= 1),
+    ]
+    result.rows.append(Row(
+        f"{s.methods} methods × {datasets[0].n} cells, fit + {s.resamples} bootstrap resamples",
+        fmt_time(timing),
+        f"{extrapolated:.3g} s (extrapolated: {per_run * 1e3:.1f} ms per L-BFGS run × {len(grid)} starts × {1 + s.resamples} fits × {s.methods})",
+        f"{extrapolated / timing.median:.3g}×", "≥ 10×",
+    ))  # fmt: skip
+    result.notes.append(
+        f"Direct loop measured on {runs} L-BFGS-B runs ({s.sampled_starts} random grid starts × (full data + "
+        f"{s.sampled_resamples} resamples) × {s.methods} methods) in {direct_seconds:.1f} s."
+    )
+    return result

@@ -1,0 +1,57 @@
+"""Runs inside `.venv-peers` (steering-vectors needs transformers<5): both extractions, timed, as JSON.
+
+Both sides run in this one process on the same model object, so the comparison is not skewed by
+the two venvs' transformers versions. Reads its settings as JSON on stdin, writes JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import steering_vectors as sv
+import torch
+from transformers import LlamaForCausalLM
+
+from benchmarks.common import time_alternating
+from workers.lm import LanguageModel
+from workers.methods.steer_mean import mean_difference
+from workers.models.tokenizer import build_tokenizer
+
+
+def main() -> None:
+    args = json.load(sys.stdin)
+    torch.set_num_threads(args["threads"])
+    model = LlamaForCausalLM.from_pretrained(args["path"]).eval()
+    lm = LanguageModel(model=model, tokenizer=build_tokenizer(), batch_size=args["batch_size"])
+    pairs = [tuple(p) for p in args["pairs"]]
+    layers = list(range(model.config.num_hidden_layers))
+
+    def ours() -> torch.Tensor:
+        return mean_difference(lm, pairs)[0]
+
+    def theirs(batch_size: int) -> torch.Tensor:
+        vector = sv.train_steering_vector(model, lm.tokenizer, pairs, layers=layers, read_token_index=-1, batch_size=batch_size)
+        return torch.stack([vector.layer_activations[i].float() for i in layers])
+
+    a, b = ours(), theirs(args["batch_size"])
+    cosines = torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist()
+    sides = {"ours": ours, "theirs_same_batch": lambda: theirs(args["batch_size"])}
+    if args["peer_default_batch"]:  # one text per forward: slow, so only in the full run
+        sides["theirs_default_batch"] = lambda: theirs(1)
+    times = time_alternating(sides, warmup=args["warmup"], repeats=args["repeats"])
+    json.dump({
+        "cosines": cosines, "max_abs_diff": float((a - b).abs().max()),
+        "seconds": {k: list(t.seconds) for k, t in times.items()},
+        "versions": {"transformers": __import__("transformers").__version__, "steering_vectors": _version("steering-vectors")},
+    }, sys.stdout)  # fmt: skip
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    return version(dist)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""RESULTS.md: the machine, the library versions, the exact settings, then one table per comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from benchmarks.common import Result
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "ray", "numpy", "scipy", "pyarrow")
+
+
+def machine() -> dict[str, str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    mem_kib = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), 0)
+    return {
+        "cpu": cpu, "cores": str(os.cpu_count()), "memory": f"{mem_kib / 2**20:.1f} GiB", "os": platform.platform(),
+        "python": platform.python_version(), "load average (1/5/15 min)": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }  # fmt: skip
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_sha() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False)
+    return done.stdout.strip() or "unknown"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render(results: list[tuple[Result, float]], *, quick: bool) -> str:
+    lines = [
+        "# steerscale benchmarks",
+        "",
+        f"Written by `python -m benchmarks{' --quick' if quick else ''}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} "
+        f"at git {git_sha()}. Every number below was measured by that run; nothing is copied in by hand.",
+        "",
+        "Timings are medians over repeats with the min–max spread; runs of the two sides alternate so that "
+        "load from other processes on this shared machine hits both alike. Ratios > 1× mean steerscale is faster.",
+        "",
+        "## Machine",
+        "",
+        *(f"- {k}: {v}" for k, v in machine().items()),
+        "",
+        "## Libraries (main venv)",
+        "",
+        *(f"- {k} {v}" for k, v in versions().items()),
+        "",
+    ]
+    for result, seconds in results:
+        lines += [f"## {result.title}", "", f"Settings: `{json.dumps(result.settings, default=str)}`  (ran {seconds:.0f} s)", ""]
+        lines += ["Equality checks:", ""]
+        lines += [f"- {'✅' if c.ok else '❌'} {_cell(c.what)}: {_cell(c.value)}" for c in result.checks] or ["- (none)"]
+        if result.rows:
+            lines += ["", "| measure | steerscale | peer | ratio | goal |", "|---|---|---|---|---|"]
+            lines += [f"| {_cell(r.measure)} | {_cell(r.steerscale)} | {_cell(r.peer)} | {_cell(r.ratio)} | {_cell(r.goal)} |" for r in result.rows]
+        if result.notes:
+            lines += ["", *(f"- {_cell(n)}" for n in result.notes)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, results: list[tuple[Result, float]], *, quick: bool) -> None:
+    path.write_text(render(results, quick=quick))

@@ -1,0 +1,76 @@
+"""Comparison 2: steering-vector extraction, steerscale's `mean_difference` vs `steering-vectors`.
+
+The peer pins transformers<5, so the work runs in `.venv-peers` (tests/peers/run_peer_tests.sh
+makes it) through `benchmarks/peer_steering.py`; both sides run there, on the same model object
+and the same contrastive pairs, every layer, read at each text's last token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import Check, Result, Row, Timing, fmt_time
+from workers.models.ladder import ensure_built
+from workers.models.loading import parse_ladder_id
+from workers.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+MIN_COSINE = 0.999
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    task: str
+    examples: int
+    batch_size: int
+    warmup: int
+    repeats: int
+    peer_default_batch: bool
+    threads: int = 1
+
+
+QUICK = Settings("ladder:test/s", "facts", examples=64, batch_size=32, warmup=1, repeats=3, peer_default_batch=False)
+FULL = Settings("ladder:default/xl", "facts", examples=512, batch_size=32, warmup=1, repeats=5, peer_default_batch=True)
+
+
+def run(quick: bool) -> Result:
+    s = QUICK if quick else FULL
+    result = Result("2. Steering-vector extraction: steerscale vs steering-vectors", settings=asdict(s))
+    if not PEER_PYTHON.exists():
+        result.checks.append(Check("peer venv present", f"{PEER_PYTHON} missing: run `make test-peers` once", False))
+        return result
+    recipe, size = parse_ladder_id(s.model)
+    task = get_task(s.task)
+    pairs = task.contrast_pairs(task.examples("train", s.examples, 0))
+    args = {**asdict(s), "path": str(ensure_built(size, recipe, progress=False)), "pairs": pairs}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [str(PEER_PYTHON), "-W", "ignore", "-m", "benchmarks.peer_steering"], input=json.dumps(args), env=env,
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        result.checks.append(Check("peer run", out.stderr.strip().splitlines()[-1] if out.stderr else "failed", False))
+        return result
+    data = json.loads(out.stdout)
+    result.settings.update(pairs=len(pairs), peer_versions=data["versions"], main_torch=torch.__version__)
+    worst = min(data["cosines"])
+    result.checks.append(Check(f"cosine per layer ({len(data['cosines'])} layers), min ≥ {MIN_COSINE}", f"{worst:.7f} (max |Δ| {data['max_abs_diff']:.1e})", worst >= MIN_COSINE))
+    times = {k: Timing(tuple(v)) for k, v in data["seconds"].items()}
+    ours = times["ours"]
+    labels = {"theirs_same_batch": f"batch_size={s.batch_size} (same as ours)", "theirs_default_batch": "batch_size=1 (its default)"}
+    for key in sorted(times.keys() - {"ours"}, reverse=True):
+        label = labels[key]
+        result.rows.append(Row(
+            f"extraction time, {len(pairs)} pairs, all layers; peer {label}", fmt_time(ours), fmt_time(times[key]),
+            f"{times[key].median / ours.median:.2f}×", "≥ 2×",
+        ))  # fmt: skip
+    return result

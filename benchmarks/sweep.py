@@ -1,0 +1,221 @@
+"""Comparison 4: one small sweep three ways — steerscale's driver, a Ray Tune grid search calling the
+same worker code, and a plain loop that loads the model for every cell.
+
+All three run the same planned cells through `workers.run_cell.run_cell`, so their rows must agree
+(scores equal, NLLs within float noise); what differs is scheduling and model reuse. Each Ray side
+starts its own local Ray inside the timed region (a user pays that start-up too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from benchmarks.common import Check, Result, Row
+from orchestrator.driver import run_cells
+from orchestrator.grid import PlannedCell, expand
+from orchestrator.spec import Resources, SweepSpec
+from orchestrator.store import ResultsStore
+from workers.cache import WorkerCache
+from workers.cell import CellConfig
+from workers.run_cell import CellRun, prepare_model, run_cell
+
+ROOT = Path(__file__).resolve().parents[1]
+NLL_ATOL = 1e-5
+ROW_FIELDS = ("cell_id", "status", "score", "nll", "train_seconds", "eval_seconds", "peak_mem_bytes")
+
+
+@dataclass(frozen=True)
+class Settings:
+    models: tuple[str, ...]
+    task: str
+    budgets: tuple[int, ...]
+    seeds: tuple[int, ...]
+    lora_steps: int
+    test_size: int
+    validation_size: int
+    workers: int = 2
+
+
+QUICK = Settings(("ladder:test/xs", "ladder:test/s"), "facts", budgets=(8,), seeds=(0,), lora_steps=4, test_size=16, validation_size=8)
+FULL = Settings(("ladder:test/xs", "ladder:test/s"), "facts", budgets=(8, 32, 128), seeds=(0, 1), lora_steps=12, test_size=64, validation_size=16)
+
+
+def planned_cells(s: Settings, results_dir: str) -> list[PlannedCell]:
+    spec = SweepSpec(
+        sweep="bench", results_dir=results_dir, models=[{"id": m} for m in s.models], tasks=[s.task],
+        methods={
+            "steer_mean": {"layers": [0.5], "scales": [0.0, 1.0, 2.0]},
+            "lora": {"rank": 4, "train": {"lr": 3e-3, "min_steps": s.lora_steps, "max_steps": s.lora_steps, "batch_size": 8, "checkpoints": 2}},
+        },
+        budgets=list(s.budgets), seeds=list(s.seeds),
+        eval={"test_size": s.test_size, "validation_size": s.validation_size, "neutral_size": 4, "offtask_size": 0, "batch_size": 64},
+        resources={"cpus_per_cell": 1, "max_retries": 0},
+    )  # fmt: skip
+    return expand(spec)
+
+
+def _start_ray(workers: int) -> None:
+    # Tune's trainable lives in this package, which is not installed: let the workers import it.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+@dataclass
+class SideOutcome:
+    wall: float
+    rows: dict[str, dict]  # cell_id -> row
+    loads: int
+    workers: int
+
+    @property
+    def cell_seconds(self) -> float:
+        return sum((r.get("train_seconds") or 0) + (r.get("eval_seconds") or 0) for r in self.rows.values())
+
+    @property
+    def efficiency(self) -> float:
+        return self.cell_seconds / (self.wall * self.workers)
+
+    @property
+    def peak_rss(self) -> int:
+        return max(int(r.get("peak_mem_bytes") or 0) for r in self.rows.values())
+
+
+def run_steerscale(cells: list[PlannedCell], s: Settings) -> SideOutcome:
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        _start_ray(s.workers)
+        try:
+            outcome = run_cells(cells, ResultsStore(out), Resources(cpus_per_cell=1, max_retries=0), progress=False, dashboard=False)
+            wall = time.perf_counter() - started
+        finally:
+            ray.shutdown()
+        table = ResultsStore(out).read().to_pylist()
+    return SideOutcome(wall, {r["cell_id"]: r for r in table}, outcome.total_model_loads, s.workers)
+
+
+def _tune_trainable(config: dict) -> dict:
+    """What a user would write: the cell in, the worker's row fields out."""
+    from workers.cache import PROCESS_CACHE  # imported here: a by-value pickled function would count a copy's loads
+
+    torch.set_num_threads(1)
+    row = run_cell(CellConfig.model_validate_json(config["cell"]))
+    return {**{k: row.get(k) for k in ROW_FIELDS}, "pid": os.getpid(), "loads": PROCESS_CACHE.loads}
+
+
+def run_tune(cells: list[PlannedCell], s: Settings) -> SideOutcome:
+    with tempfile.TemporaryDirectory() as out:
+        started = time.perf_counter()
+        _start_ray(s.workers)
+        try:
+            tuner = tune.Tuner(
+                tune.with_resources(_tune_trainable, {"cpu": 1}),
+                param_space={"cell": tune.grid_search([c.config.model_dump_json() for c in cells])},
+                # reusing actors keeps each worker's model cache across trials: the best case for Tune
+                tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=s.workers),
+                run_config=tune.RunConfig(storage_path=out, name="bench", verbose=0),
+            )
+            frame = tuner.fit().get_dataframe()
+            wall = time.perf_counter() - started
+        finally:
+            ray.shutdown()
+    rows = {r["cell_id"]: r for r in frame.to_dict("records")}
+    loads = int(frame.groupby("pid")["loads"].max().sum())
+    return SideOutcome(wall, rows, loads, s.workers)
+
+
+def run_sequential(cells: list[PlannedCell]) -> SideOutcome:
+    started = time.perf_counter()
+    loads = 0
+    rows = {}
+    for cell in cells:
+        cache = WorkerCache()  # a fresh process per cell, in effect: load the model, score the base, run
+        rows[cell.cell_id] = run_cell(cell.config, CellRun(cache=cache))
+        loads += cache.loads
+    return SideOutcome(time.perf_counter() - started, rows, loads, 1)
+
+
+def _json_rows(rows: dict[str, dict]) -> dict[str, dict]:
+    return {k: {f: r.get(f) for f in ROW_FIELDS} for k, r in rows.items()}
+
+
+def _compare(a: SideOutcome, b: SideOutcome) -> tuple[bool, str]:
+    if set(a.rows) != set(b.rows):
+        return False, f"different cells: {len(a.rows)} vs {len(b.rows)}"
+    bad = [k for k in a.rows if a.rows[k]["status"] != "ok" or b.rows[k]["status"] != "ok"]
+    d_score = max(abs(a.rows[k]["score"] - b.rows[k]["score"]) for k in a.rows if k not in bad) if len(bad) < len(a.rows) else float("nan")
+    d_nll = max(abs(a.rows[k]["nll"] - b.rows[k]["nll"]) for k in a.rows if k not in bad) if len(bad) < len(a.rows) else float("nan")
+    ok = not bad and d_score == 0 and d_nll <= NLL_ATOL
+    return ok, f"{len(a.rows)} cells, not ok: {len(bad)}, max |Δscore| {d_score:.2g}, max |Δnll| {d_nll:.2g}"
+
+
+SIDES = {"steerscale": run_steerscale, "tune": run_tune, "loop": lambda cells, s: run_sequential(cells)}
+
+
+def run_side(side: str, quick: bool) -> SideOutcome:
+    """One side in a fresh process: a second local Ray in one process was seen to hang, and memory stays apart."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from benchmarks.sweep import main; main()", side] + (["--quick"] if quick else []),
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"sweep side {side} failed: {out.stderr.strip()[-2000:]}")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return SideOutcome(data["wall"], data["rows"], data["loads"], data["workers"])
+
+
+def run(quick: bool) -> Result:
+    s = QUICK if quick else FULL
+    cells = planned_cells(s, "unused")
+    for model in {c.config.model for c in cells}:
+        prepare_model(model)  # build ladder rungs outside the timed region
+    result = Result(f"4. A {len(cells)}-cell sweep: steerscale driver vs Ray Tune grid search vs a plain loop", settings={
+        **asdict(s), "cells": len(cells), "methods": ["steer_mean", "lora"], "torch_threads_per_cell": 1,
+    })  # fmt: skip
+    ours, tuned, plain = (run_side(side, quick) for side in SIDES)
+    for name, other in (("Ray Tune", tuned), ("plain loop", plain)):
+        ok, text = _compare(ours, other)
+        result.checks.append(Check(f"same rows as {name}", text, ok))
+    result.rows += [
+        Row("wall time", f"{ours.wall:.1f} s", f"Tune {tuned.wall:.1f} s / loop {plain.wall:.1f} s",
+            f"Tune÷ours {tuned.wall / ours.wall:.2f}×, loop÷ours {plain.wall / ours.wall:.2f}×", "ours ≤ 0.8× Tune's wall"),
+        Row("model loads", str(ours.loads), f"Tune {tuned.loads} / loop {plain.loads}", "", "one per (worker, model)"),
+        Row("efficiency: Σ cell compute ÷ (wall × workers)", f"{ours.efficiency:.2f} ({ours.workers} workers)",
+            f"Tune {tuned.efficiency:.2f} ({tuned.workers}) / loop {plain.efficiency:.2f} ({plain.workers})", "", "≥ 0.9"),
+        Row("Σ cell compute (train + eval seconds in rows)", f"{ours.cell_seconds:.1f} s", f"Tune {tuned.cell_seconds:.1f} s / loop {plain.cell_seconds:.1f} s", ""),
+        Row("peak RSS of a worker (max over rows)", f"{ours.peak_rss / 2**20:.0f} MiB",
+            f"Tune {tuned.peak_rss / 2**20:.0f} MiB / loop {plain.peak_rss / 2**20:.0f} MiB", ""),
+    ]  # fmt: skip
+    result.notes.append(
+        "One run per side (a sweep is too long to repeat within the time budget); the loop is one process with one "
+        "torch thread, the Ray sides two single-thread workers. Cell compute excludes model loading, so a side that "
+        "reloads shows it as lost efficiency."
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="run one side of the sweep comparison; prints its outcome as JSON")
+    parser.add_argument("side", choices=sorted(SIDES))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(sys.argv[1:])
+    torch.set_num_threads(1)
+    s = QUICK if args.quick else FULL
+    outcome = SIDES[args.side](planned_cells(s, "unused"), s)
+    data = {"wall": outcome.wall, "rows": _json_rows(outcome.rows), "loads": outcome.loads, "workers": outcome.workers}
+    print(json.dumps(data, default=lambda v: v.item()))  # numpy scalars from the Tune dataframe
+
+
+if __name__ == "__main__":
+    main()
