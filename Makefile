@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Small L-BFGS problems in the fitter run ~30x slower when OpenBLAS spreads them over busy cores.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-slow test-peers clean-results
+.PHONY: setup demo test test-slow test-peers bench clean-results
 
 # torch goes in first, on its own: a bare `torch` requirement with no torch installed pulls a
 # multi-GB CUDA build. The stamp makes a second `make` reuse the venv until pyproject.toml changes.
@@ -43,6 +43,13 @@ test-slow: setup
 # Parity against peers that pin old versions (steering-vectors needs transformers<5) runs in its own venv.
 test-peers:
 	TORCH="$(TORCH)" bash tests/peers/run_peer_tests.sh
+
+# Side-by-side timings against the peers (HF Trainer+PEFT, steering-vectors, Ray Tune, scipy);
+# writes benchmarks/RESULTS.md. `make bench BENCH_ARGS=--quick` for the 5-minute version.
+BENCH_ARGS ?=
+bench: setup
+	test -x .venv-peers/bin/python || bash tests/peers/run_peer_tests.sh -q
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean-results:
 	rm -rf results
