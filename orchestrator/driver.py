@@ -142,31 +142,34 @@ def run_cells(
     try:
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_SECONDS)
+            if done:  # drain everything else already finished, so the loop costs one turn per batch, not per cell
+                first = set(done)
+                rest = [ref for ref in in_flight if ref not in first]
+                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
             if time.monotonic() - last_heartbeat > HEARTBEAT_SECONDS / 2:
                 claims.heartbeat()
                 last_heartbeat = time.monotonic()
-            if not done:
-                continue
-            cell, attempt = in_flight.pop(done[0])
-            try:
-                row, worker, loads = ray.get(done[0])
-                outcome.model_loads[worker] = loads
-            except ray.exceptions.RayError as err:  # the worker process died, not the cell's code
-                if attempt <= resources.max_retries:
-                    submit(cell, attempt + 1)
-                    continue
-                row = crashed_row(cell.config, err, attempt)
-            store.write(row)
-            claims.release(cell.cell_id)
-            dashboard_metrics.record(row)
-            outcome.cell_seconds += (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
-            if row["status"] == "ok":
-                outcome.ok += 1
-            else:
-                outcome.failed += 1
-                bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}")
+            for ref in done:
+                cell, attempt = in_flight.pop(ref)
+                try:
+                    row, worker, loads = ray.get(ref)
+                    outcome.model_loads[worker] = loads
+                except ray.exceptions.RayError as err:  # the worker process died, not the cell's code
+                    if attempt <= resources.max_retries:
+                        submit(cell, attempt + 1)
+                        continue
+                    row = crashed_row(cell.config, err, attempt)
+                store.write(row)
+                claims.release(cell.cell_id)
+                dashboard_metrics.record(row)
+                outcome.cell_seconds += (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
+                if row["status"] == "ok":
+                    outcome.ok += 1
+                else:
+                    outcome.failed += 1
+                    bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}")
+                bar.update()
             bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=min(len(in_flight), capacity))
-            bar.update()
     finally:
         bar.close()
         claims.release_all()  # cells still running when we were interrupted go back to the pool
