@@ -83,9 +83,9 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     if np.isfinite(d_star):
         verdict = f"{tune.method} overtakes {steer.method} at D* ≈ {d_star:.3g}"
     elif point[0, 0] >= 0:
-        verdict = f"no crossover within the measured range: {tune.method} is ahead throughout"
+        verdict = f"no crossover within the measured range: {tune.method} is ahead of {steer.method} throughout"
     else:
-        verdict = f"no crossover within the measured range: {steer.method} stays ahead"
+        verdict = f"no crossover within the measured range: {steer.method} stays ahead of {tune.method}"
     return Crossover(steer.task, steer.model, steer.n_params, steer.method, tune.method, float(d_min), float(d_max), d_star, lo, hi, share, verdict)
 
 
