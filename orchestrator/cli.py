@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter, defaultdict
 from typing import Sequence
+
+from tqdm import tqdm
 
 from workers.config import ConfigError
 from workers.registry import UnknownNameError
@@ -125,12 +128,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_rung(size: str, recipe: str) -> str:
+    """One ladder rung in its own process, on one thread (small models do not scale across threads)."""
+    import torch
+
+    import workers.models.ladder as ladder
+
+    torch.set_num_threads(1)
+    return str(ladder.ensure_built(size, recipe, progress=False))
+
+
 def cmd_ladder_build(args: argparse.Namespace) -> int:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     import workers.models.ladder as ladder
 
     sizes = args.sizes or ladder.sizes(args.recipe)
-    for size in sizes:
-        print(f"{size}: {ladder.ensure_built(size, args.recipe, progress=True)}")
+    missing = [s for s in sizes if not (ladder.model_dir(s, args.recipe) / ladder.BUILD_INFO).exists()]
+    for size in sorted(set(sizes) - set(missing), key=sizes.index):
+        print(f"{size}: {ladder.model_dir(size, args.recipe)} (cached)")
+    if not missing:
+        return 0
+    workers = max(1, min(len(missing), args.jobs or os.cpu_count() or 1))
+    # Largest rungs first, so the longest build starts at once and the small ones fill the other cores.
+    order = sorted(missing, key=sizes.index, reverse=True)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_build_rung, size, args.recipe): size for size in order}
+        with tqdm(total=len(futures), desc=f"ladder {args.recipe} ({workers} parallel builds)", unit="model") as bar:
+            for future in as_completed(futures):
+                bar.write(f"{futures[future]}: {future.result()}")
+                bar.update()
     return 0
 
 
@@ -173,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = ladder_sub.add_parser("build", help="pretrain (or find cached) ladder models")
     b.add_argument("--recipe", default="default")
     b.add_argument("--sizes", nargs="*", help="sizes to build (default: all of the recipe)")
+    b.add_argument("--jobs", type=int, help="parallel builds (default: one per CPU core)")
     b.set_defaults(func=cmd_ladder_build)
     return parser
 
