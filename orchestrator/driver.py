@@ -19,6 +19,7 @@ from ray.util import metrics
 from tqdm import tqdm
 
 from workers.cell import CellConfig
+from workers.config import ConfigError
 from workers.run_cell import identity_columns
 
 from orchestrator.claims import Claims
@@ -69,6 +70,21 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
     return context.dashboard_url or None
 
 
+def check_fits(cells: list[PlannedCell], resources: Resources) -> None:
+    """Refuse cells the cluster can never schedule: Ray would otherwise wait for them forever."""
+    available = ray.cluster_resources()
+    gpus, cpus = available.get("GPU", 0.0), available.get("CPU", 0.0)
+    needs = max(cell.gpus for cell in cells)
+    if needs > gpus:
+        slugs = [c.config.slug for c in cells if c.gpus > gpus][:3]
+        raise ConfigError(
+            f"models.*.gpus_per_cell asks for {needs:g} GPUs per cell but the cluster has {gpus:g} "
+            f"(e.g. {', '.join(slugs)}); lower gpus_per_cell, or set it to 0 to run on CPUs"
+        )
+    if resources.cpus_per_cell > cpus:
+        raise ConfigError(f"resources.cpus_per_cell is {resources.cpus_per_cell:g} but the cluster has {cpus:g} CPUs")
+
+
 def crashed_row(cell: CellConfig, error: BaseException, attempt: int) -> dict:
     """The row for a cell whose worker died on its last attempt: identity, `failed`, and Ray's reason."""
     now = datetime.now(timezone.utc)
@@ -116,6 +132,7 @@ def run_cells(
     url = connect(address, dashboard=dashboard)
     if url and progress:
         print(f"Ray dashboard: http://{url}  (if it asks for a token: `ray get-auth-token`)")
+    check_fits(cells, resources)
     claims = Claims(store)
     threads = max(1, int(resources.cpus_per_cell))
     remote = ray.remote(_execute_cell)

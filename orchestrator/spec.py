@@ -104,7 +104,10 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such sweep config")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     data = apply_overrides(data, list(overrides))

@@ -1,0 +1,69 @@
+"""Malformed sweeps fail before anything runs: exit status 2, one paragraph naming the problem, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+GOOD = {
+    "sweep": "bad",
+    "models": [{"id": "ladder:test/xs"}],
+    "tasks": ["facts"],
+    "methods": {"base": {}, "lora": {}},
+    "budgets": [4],
+}
+
+CASES = {
+    "unknown key": ({**GOOD, "seedz": [0]}, "seedz: unknown key (did you mean 'seeds'?)"),
+    "wrong type": ({**GOOD, "budgets": "many"}, "budgets: Input should be a valid list"),
+    "negative budget": ({**GOOD, "budgets": [-4]}, "budgets must be >= 0"),
+    "unknown method": ({**GOOD, "methods": {"steer_maen": {}}}, "unknown method 'steer_maen' (did you mean 'steer_mean'?)"),
+    "unknown task": ({**GOOD, "tasks": ["gridwrld"]}, "unknown task 'gridwrld' (did you mean 'gridworld'?)"),
+    "empty grid": ({**GOOD, "models": []}, "models: List should have at least 1 item"),
+    "unknown method setting": ({**GOOD, "methods": {"lora": {"train": {"lr": 1e-3, "epoch": 2}}}}, "methods.lora.train.epoch: unknown key (did you mean 'epochs'?)"),
+}
+
+
+def _plan(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", str(path)], capture_output=True, text=True, timeout=120)
+
+
+def _assert_clean_error(out: subprocess.CompletedProcess, expected: str) -> None:
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert expected in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_config_is_a_clean_error(case, tmp_path):
+    data, expected = CASES[case]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"results_dir": str(tmp_path / "r"), **data}))
+    _assert_clean_error(_plan(path), expected)
+    assert not (tmp_path / "r").exists(), "nothing may be written for a config that does not validate"
+
+
+def test_bad_yaml_syntax(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("sweep: bad\nmodels: [ {id: x\n")
+    _assert_clean_error(_plan(path), "not valid YAML")
+
+
+def test_missing_file(tmp_path):
+    _assert_clean_error(_plan(tmp_path / "nope.yaml"), "no such sweep config")
+
+
+def test_more_gpus_per_cell_than_the_cluster_has(tmp_path, test_ladder):
+    path = tmp_path / "sweep.yaml"
+    data = {**GOOD, "models": [{"id": test_ladder[0], "gpus_per_cell": 64}], "results_dir": str(tmp_path / "r")}
+    path.write_text(yaml.safe_dump(data))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(path), "--no-progress", "--no-dashboard"],
+        capture_output=True, text=True, timeout=300,
+    )
+    _assert_clean_error(out, "gpus_per_cell asks for 64 GPUs per cell but the cluster has 0")
+    assert not list((tmp_path / "r").glob("cells/*.parquet")), "no cell may have run"
