@@ -117,6 +117,16 @@ def _compositions(a: Analysis) -> list[Block]:
     return [Heading("Composition gain"), body]
 
 
+def _links(a: Analysis) -> list[Block]:
+    rows = [(k.task, _num(k.floor), _num(k.ceiling), _num(k.slope), _num(k.midpoint), str(k.n_points), _num(k.rmse)) for k in a.links]
+    if not rows:
+        return [Heading("From loss to score"), Paragraph("Too few cells per task to fit a sigmoid link.")]
+    return [Heading("From loss to score"),
+            Paragraph("score = floor + (ceiling − floor) / (1 + exp(slope · (nll − midpoint))), fitted per task over every ok cell: "
+                      "how a fitted NLL curve translates into the bounded score, and how tightly score follows loss (rmse)."),
+            Table(("task", "floor", "ceiling", "slope", "midpoint", "n", "rmse"), rows)]  # fmt: skip
+
+
 def _frontier(a: Analysis) -> list[Block]:
     levels = a.frontier_levels
     if levels.empty:
@@ -178,7 +188,7 @@ def write_report(results_dir: str, *, metric: str = "score", bootstrap: int = 20
     out = Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     a = analyse(load_results(results_dir), metric=metric, bootstrap=bootstrap, seed=seed)
-    blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_efficiency(a), *_compositions(a), *_frontier(a), *_plots(a, out)]
+    blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_efficiency(a), *_compositions(a), *_links(a), *_frontier(a), *_plots(a, out)]
     (out / "report.md").write_text(render_markdown(blocks))
     page = out / "report.html"
     page.write_text(render_html(blocks))

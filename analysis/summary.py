@@ -13,6 +13,7 @@ from analysis.curves import LawFit, fit_curves
 from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
 from analysis.io import LoadedResults, load_results, write_json, write_table
+from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric
 
 
@@ -30,6 +31,7 @@ class Analysis:
     frontier: pd.DataFrame
     frontier_levels: pd.DataFrame
     selectivity: pd.DataFrame
+    links: list[SigmoidLink]
 
     def fits_frame(self) -> pd.DataFrame:
         return pd.DataFrame([f.record() for f in self.fits])
@@ -46,6 +48,7 @@ def analyse(loaded: LoadedResults, *, metric: str = "score", bootstrap: int = 20
         compositions=composition_gains(ok, metric=metric, bootstrap=bootstrap, seed=seed),
         efficiency=data_efficiency(fits, ok), frontier=frontier,
         frontier_levels=frontier_by_compute(frontier, metric), selectivity=selectivity(ok, metric),
+        links=fit_links(ok) if len(ok) else [],
     )  # fmt: skip
 
 
@@ -92,6 +95,13 @@ class FitSummary:
             lines.append("composition gains (over the best single part):")
             for g in a.compositions:
                 lines.append(f"  {g.task} {g.model} D={g.budget:g}: {g.composition} vs {g.best_single}: {_ci(g.gain, g.gain_lo, g.gain_hi)}")
+        if a.links:
+            lines.append("sigmoid links, score = floor + (ceiling - floor) / (1 + exp(slope (nll - midpoint))):")
+            for k in a.links:
+                lines.append(
+                    f"  {k.task}: floor {k.floor:.3g}, ceiling {k.ceiling:.3g}, slope {k.slope:.3g}, "
+                    f"midpoint {k.midpoint:.3g} (n {k.n_points}, rmse {k.rmse:.3g})"
+                )
         lines += [f"wrote {path}" for path in self.paths.values()]
         return "\n".join(lines)
 
@@ -109,6 +119,7 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
         "composition_gains": [g.record() for g in analysis.compositions],
         "data_efficiency": [e.record() for e in analysis.efficiency],
         "compute_frontier": analysis.frontier_levels.to_dict(orient="records"),
+        "sigmoid_links": [k.record() for k in analysis.links],
     }
     return {"fits.parquet": write_table(results_dir, "fits.parquet", frame), "fits.json": write_json(results_dir, "fits.json", payload)}
 

@@ -1,0 +1,79 @@
+"""A sigmoid link from a loss to a bounded score (accuracy, success rate).
+
+A score is stuck at chance while the loss is high and saturates at a ceiling when it is low, so a
+power law fitted to the loss predicts the score only through such a link (the two-step prediction
+of the Llama 3 report: compute -> target NLL -> accuracy). Fitted per task on the cells' own
+(target NLL, score) pairs, it turns any fitted NLL curve into a score curve, and says how tightly
+score follows loss on this task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares
+
+MIN_POINTS = 6
+
+
+@dataclass(frozen=True)
+class SigmoidLink:
+    """score = floor + (ceiling − floor) / (1 + exp(slope · (loss − midpoint)))."""
+
+    task: str
+    floor: float
+    ceiling: float
+    slope: float
+    midpoint: float
+    n_points: int
+    rmse: float
+
+    def score(self, loss: np.ndarray | float) -> np.ndarray:
+        return sigmoid_score(np.asarray(loss, dtype=float), self.floor, self.ceiling, self.slope, self.midpoint)
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def sigmoid_score(loss: np.ndarray, floor: float, ceiling: float, slope: float, midpoint: float) -> np.ndarray:
+    z = np.clip(slope * (loss - midpoint), -50.0, 50.0)  # exp overflows long after the sigmoid is flat
+    return floor + (ceiling - floor) / (1.0 + np.exp(z))
+
+
+def fit_sigmoid_link(loss: np.ndarray, score: np.ndarray, task: str = "") -> SigmoidLink:
+    """Least squares from a small grid of slopes and midpoints (the loss surface has flat plateaus)."""
+    loss, score = np.asarray(loss, dtype=float), np.asarray(score, dtype=float)
+    keep = np.isfinite(loss) & np.isfinite(score)
+    loss, score = loss[keep], score[keep]
+    if len(loss) < MIN_POINTS or np.ptp(loss) == 0:
+        raise ValueError(f"a sigmoid link needs at least {MIN_POINTS} points with distinct losses, got {len(loss)}")
+    span = float(np.ptp(loss))
+    lower = [0.0, 0.0, 1e-3 / span, loss.min() - span]
+    upper = [1.0, 1.0, 1e3 / span, loss.max() + span]
+
+    def residual(p: np.ndarray) -> np.ndarray:
+        return sigmoid_score(loss, *p) - score
+
+    best = None
+    for slope in (1.0 / span, 5.0 / span, 25.0 / span):
+        for midpoint in np.quantile(loss, [0.25, 0.5, 0.75]):
+            start = [float(score.min()), float(score.max()), slope, float(midpoint)]
+            fit = least_squares(residual, np.clip(start, lower, upper), bounds=(lower, upper))
+            if best is None or fit.cost < best.cost:
+                best = fit
+    floor, ceiling, slope, midpoint = best.x
+    rmse = float(np.sqrt(np.mean(best.fun**2)))
+    return SigmoidLink(task, float(floor), float(ceiling), float(slope), float(midpoint), len(loss), rmse)
+
+
+def fit_links(ok: pd.DataFrame, loss_column: str = "nll", score_column: str = "score") -> list[SigmoidLink]:
+    """One link per task over every ok cell (all methods, sizes and budgets), where there are enough."""
+    links = []
+    for task, rows in ok.groupby("task", sort=True):
+        try:
+            links.append(fit_sigmoid_link(rows[loss_column].to_numpy(float), rows[score_column].to_numpy(float), str(task)))
+        except ValueError:
+            continue  # too few cells on this task: the report lists the tasks that have a link
+    return links

@@ -1,0 +1,38 @@
+"""The sigmoid link from loss to a bounded score recovers a known link and survives too few points."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.link import fit_links, fit_sigmoid_link, sigmoid_score
+
+TRUE = {"floor": 0.2, "ceiling": 0.9, "slope": 6.0, "midpoint": 1.2}
+
+
+def test_recovers_a_known_link_from_noisy_points():
+    rng = np.random.default_rng(0)
+    loss = rng.uniform(0.4, 2.2, 300)
+    score = sigmoid_score(loss, **TRUE) + rng.normal(0, 0.02, loss.size)
+    link = fit_sigmoid_link(loss, score, "t")
+    assert link.floor == pytest.approx(TRUE["floor"], abs=0.03)
+    assert link.ceiling == pytest.approx(TRUE["ceiling"], abs=0.03)
+    assert link.slope == pytest.approx(TRUE["slope"], rel=0.15)
+    assert link.midpoint == pytest.approx(TRUE["midpoint"], abs=0.03)
+    assert link.rmse == pytest.approx(0.02, abs=0.005)
+    assert link.score(TRUE["midpoint"]) == pytest.approx((TRUE["floor"] + TRUE["ceiling"]) / 2, abs=0.03)
+
+
+def test_tasks_with_too_few_points_are_left_out():
+    rng = np.random.default_rng(1)
+    loss = rng.uniform(0.4, 2.2, 40)
+    frame = pd.DataFrame({
+        "task": ["a"] * 40 + ["b"] * 3,
+        "nll": np.concatenate([loss, [1.0, 1.1, 1.2]]),
+        "score": np.concatenate([sigmoid_score(loss, **TRUE), [0.5, 0.5, 0.5]]),
+    })  # fmt: skip
+    links = fit_links(frame)
+    assert [k.task for k in links] == ["a"]
+    with pytest.raises(ValueError, match="at least 6 points"):
+        fit_sigmoid_link(np.array([1.0, 2.0]), np.array([0.5, 0.4]))
