@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Small L-BFGS problems in the fitter run ~30x slower when OpenBLAS spreads them over busy cores.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-slow test-peers bench clean-results
+.PHONY: setup demo test test-slow test-peers peers-venv bench clean-results
 
 # torch goes in first, on its own: a bare `torch` requirement with no torch installed pulls a
 # multi-GB CUDA build. The stamp makes a second `make` reuse the venv until pyproject.toml changes.
@@ -36,9 +36,13 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Fault injection with real processes (kill -9 workers and drivers, a `ray start --head` cluster).
-test-slow: setup
+# Fault injection with real processes (kill -9 workers and drivers, a `ray start --head` cluster),
+# and the quick benchmarks (which compare against steering-vectors in .venv-peers).
+test-slow: setup peers-venv
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+peers-venv:
+	test -x .venv-peers/bin/python || TORCH="$(TORCH)" bash tests/peers/run_peer_tests.sh -q
 
 # Parity against peers that pin old versions (steering-vectors needs transformers<5) runs in its own venv.
 test-peers:
@@ -47,8 +51,7 @@ test-peers:
 # Side-by-side timings against the peers (HF Trainer+PEFT, steering-vectors, Ray Tune, scipy);
 # writes benchmarks/RESULTS.md. `make bench BENCH_ARGS=--quick` for the 5-minute version.
 BENCH_ARGS ?=
-bench: setup
-	test -x .venv-peers/bin/python || bash tests/peers/run_peer_tests.sh -q
+bench: setup peers-venv
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean-results:
