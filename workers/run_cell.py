@@ -10,6 +10,7 @@ a sweep never loses the record of what was tried.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -49,6 +50,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@functools.cache  # once per process: versions and the checkout do not change between cells
 def library_versions() -> dict[str, str]:
     import peft
     import transformers
@@ -62,6 +64,7 @@ def library_versions() -> dict[str, str]:
     }
 
 
+@functools.cache
 def git_sha() -> str | None:
     try:
         out = subprocess.run(
