@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import dataclass
+from math import nan
 from typing import Sequence
 
 import torch
@@ -19,7 +20,8 @@ class NeutralReference:
 
     texts: tuple[str, ...]
     logprobs: list[torch.Tensor]  # per batch, (text tokens, vocab) on CPU: only where a text token is predicted
-    nll: float
+    nll: float  # nats per token; NaN without texts
+    nll_per_byte: float  # nats per UTF-8 byte: comparable across tokenizers, so across model families
 
 
 def _neutral_batches(lm: LanguageModel, texts: Sequence[str]):
@@ -37,7 +39,8 @@ def neutral_reference(lm: LanguageModel, texts: Sequence[str]) -> NeutralReferen
         logprobs.append(F.log_softmax(logits.float(), dim=-1)[batch.target_mask].cpu())
         total += float(lm.token_nll(batch, logits).sum())
         count += batch.target_tokens
-    return NeutralReference(tuple(texts), logprobs, total / max(count, 1))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return NeutralReference(tuple(texts), logprobs, total / count if count else nan, total / n_bytes if n_bytes else nan)
 
 
 @torch.no_grad()

@@ -172,6 +172,8 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "score_elicited": base.elicited.score if base.elicited else None,
         "nll": result.nll,
         "nll_base": base.test.nll,
+        "base_neutral_nll": base.neutral.nll,
+        "base_neutral_nll_per_byte": base.neutral.nll_per_byte,
         "offtask_score_delta": (
             float(np.mean([offtask_scores[name] - base.offtask[name].score for name in offtask])) if offtask else None
         ),

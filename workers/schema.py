@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: base_neutral_nll, base_neutral_nll_per_byte
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -36,6 +36,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("score_elicited", pa.float64()),
         pa.field("nll", pa.float64()),
         pa.field("nll_base", pa.float64()),
+        pa.field("base_neutral_nll", pa.float64()),  # base model on neutral (pretraining-like) text, nats/token
+        pa.field("base_neutral_nll_per_byte", pa.float64()),  # the same per UTF-8 byte: tokenizer-free capability
         pa.field("offtask_score_delta", pa.float64()),
         pa.field("neutral_kl", pa.float64()),
         pa.field("neutral_ppl_ratio", pa.float64()),
