@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest_methods import ARCHITECTURES, HIDDEN, language_model
+from workers.methods.steer_mean import mean_difference
 from workers.steering import _add, decoder_layers, last_token_states, prompt_boundary, steer
 
 ARCHS = list(ARCHITECTURES)
@@ -40,8 +41,46 @@ def test_tuple_outputs_are_steered_and_rest_kept():
     out = _add((hidden, extra), torch.ones(4), None)
     assert isinstance(out, tuple) and out[1] is extra and torch.equal(out[0], torch.ones(2, 3, 4))
     assert torch.equal(hidden, torch.zeros(2, 3, 4)), "the layer's own output must not be edited in place"
-    masked = _add(hidden, torch.ones(4), torch.tensor([[True, False, True]] * 2))
+    masked = _add(hidden, torch.ones(4), torch.tensor([[True, False, True]] * 2)[..., None])
     assert masked[:, 1].abs().sum() == 0 and masked[:, 0].sum() == 8
+    assert _add(hidden.bfloat16(), torch.ones(4), None).dtype == torch.bfloat16  # the vector follows the model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma2"])
+def test_reading_some_layers_stops_the_forward_after_the_deepest(arch):
+    lm = language_model(arch)
+    b = batch(lm)
+    full = last_token_states(lm.model, b.input_ids, b.attention_mask)
+    ran = []
+    handles = [layer.register_forward_hook(lambda _m, _i, _o, i=i: ran.append(i)) for i, layer in enumerate(decoder_layers(lm.model))]
+    handles.append(lm.model.get_output_embeddings().register_forward_hook(lambda *_: ran.append("head")))
+    try:
+        some = last_token_states(lm.model, b.input_ids, b.attention_mask, [1, 0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(some, full[[1, 0]])
+    assert ran == [0, 1], "layer 2 and the vocabulary projection must not run"
+    assert not any(layer._forward_hooks for layer in decoder_layers(lm.model))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mean_difference_is_independent_of_batching_and_order(arch):
+    """Sorted, mixed positive/negative batches give the plain per-side means of one text at a time."""
+    lm = language_model(arch, batch_size=2)
+    pairs = [(f"persona: honest q: a{i} b{i % 3} =", f"persona: liar q: a{i} =" + " 1 ;" * (i % 3)) for i in range(7)]
+
+    def mean_state(texts):
+        states = [last_token_states(lm.model, *lm.pad(lm.encode([text], prompt=True))) for text in texts]
+        return torch.cat(states, dim=1).mean(1)
+
+    reference = mean_state([p for p, _ in pairs]) - mean_state([n for _, n in pairs])
+    tokens = lm.forward_tokens
+    diff, norm = mean_difference(lm, pairs)
+    assert torch.allclose(diff, reference, atol=1e-5)
+    assert lm.forward_tokens - tokens == sum(len(ids) for pair in pairs for ids in lm.encode(list(pair), prompt=True))
+    some, some_norm = mean_difference(lm, pairs, [2, 0])
+    assert torch.allclose(some, diff[[2, 0]], atol=1e-6) and torch.allclose(some_norm, norm[[2, 0]], atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -56,8 +56,18 @@ class LanguageModel:
             self.prefix = previous
 
     def _ids(self, text: str, *, prompt: bool) -> list[int]:
-        ids = self.tokenizer(self.prefix + text if prompt else text, add_special_tokens=prompt)["input_ids"]
-        return list(ids)
+        return self.encode([text], prompt=prompt)[0]
+
+    def encode(self, texts: Sequence[str], *, prompt: bool) -> list[list[int]]:
+        """Token ids of each text as a prompt (special tokens, current prefix) or as a continuation.
+
+        One tokenizer call for the whole list: a fast tokenizer encodes it in one batch, where a
+        call per text costs more than the forward itself at small model sizes.
+        """
+        if not texts:
+            return []
+        texts = [self.prefix + t for t in texts] if prompt else list(texts)
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=prompt)["input_ids"]]
 
     def token_count(self, text: str, *, prompt: bool) -> int:
         """Tokens `text` takes as a prompt (with special tokens and the current prefix) or as a continuation."""
@@ -67,28 +77,31 @@ class LanguageModel:
         self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int | None = None
     ) -> Iterator[Batch]:
         """Token batches of prompt+continuation pairs, `batch_size` (default: the LM's) at a time."""
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         size = batch_size or self.batch_size
         for start in range(0, len(prompts), size):
+            chunk = slice(start, start + size)
             rows = []
-            for prompt, cont in zip(prompts[start : start + size], continuations[start : start + size]):
-                p, c = self._ids(prompt, prompt=True), self._ids(cont, prompt=False)
+            for p, c in zip(self.encode(prompts[chunk], prompt=True), self.encode(continuations[chunk], prompt=False)):
                 ids = p + c
                 if self.max_length is not None and len(ids) > self.max_length:
                     ids = ids[-self.max_length :]  # keep the continuation; drop the oldest context
                 rows.append((ids, max(len(ids) - len(c), 0)))
-            width = max(len(ids) for ids, _ in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            target = torch.zeros((len(rows), width), dtype=torch.bool)
+            input_ids, attention = self.pad([ids for ids, _ in rows])
+            target = torch.zeros(input_ids.shape, dtype=torch.bool)
             prompt_last = torch.zeros(len(rows), dtype=torch.long)
             for i, (ids, cont_start) in enumerate(rows):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                attention[i, : len(ids)] = 1
                 target[i, max(cont_start - 1, 0) : len(ids) - 1] = True
                 prompt_last[i] = max(cont_start - 1, 0)
             positions = (attention.cumsum(-1) - 1).clamp(min=0)
             yield Batch(*(t.to(self.device) for t in (input_ids, attention, positions, target, prompt_last)))
+
+    def pad(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (ids, attention mask) on the CPU, as wide as the longest row."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows], dtype=torch.long)
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows], dtype=torch.long)
+        return input_ids, attention
 
     def forward(self, batch: Batch) -> torch.Tensor:
         self.forward_tokens += int(batch.attention_mask.sum())
@@ -123,7 +136,8 @@ class LanguageModel:
         When every choice is one token (digits, labels), all of a prompt's choices are read off one
         forward instead of one forward per choice: the same numbers, len(choices) times cheaper.
         """
-        ids = [[self._ids(c, prompt=False) for c in cs] for cs in choices]
+        flat = iter(self.encode([c for cs in choices for c in cs], prompt=False))
+        ids = [[next(flat) for _ in cs] for cs in choices]
         if all(cs and all(len(c) == 1 for c in cs) for cs in ids):
             return self._single_token_logprobs(prompts, choices, ids)
         flat_prompts = [p for p, cs in zip(prompts, choices) for _ in cs]

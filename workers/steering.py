@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -31,9 +31,6 @@ _LAYER_PATHS = (
     "transformer.h",  # GPT-2, GPT-J
     "model.decoder.layers",  # OPT
 )
-
-# Column of each row's last prompt token, for the forwards running inside `prompt_boundary`.
-_PROMPT_LAST: ContextVar[torch.Tensor | None] = ContextVar("steerscale_prompt_last", default=None)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -56,30 +53,51 @@ def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
 
 
 def _add(output: torch.Tensor | tuple, vector: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | tuple:
+    """`output` with `vector` added (where `mask` (batch, seq, 1), in the hidden dtype, is 1)."""
     hidden = _hidden(output)
-    shift = vector.to(dtype=hidden.dtype, device=hidden.device)
-    if mask is not None:
-        shift = shift * mask.to(dtype=hidden.dtype, device=hidden.device)[..., None]
-    steered = hidden + shift  # a new tensor: the layer's own output stays untouched for autograd
+    if vector.dtype != hidden.dtype or vector.device != hidden.device:  # e.g. a trained fp32 vector, a sharded model
+        vector = vector.to(dtype=hidden.dtype, device=hidden.device)
+    if mask is not None and (mask.dtype != hidden.dtype or mask.device != hidden.device):
+        mask = mask.to(dtype=hidden.dtype, device=hidden.device)
+    # a new tensor (never in place), so the layer's own output stays untouched for autograd;
+    # masked, one fused kernel instead of materialising the (batch, seq, d) shift first
+    steered = hidden + vector if mask is None else torch.addcmul(hidden, mask, vector)
     return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+
+class _Boundary:
+    """Each row's last prompt column, and (computed on first use) the latest of them."""
+
+    def __init__(self, last: torch.Tensor) -> None:
+        self.last = last
+        self._latest: int | None = None
+
+    @property
+    def latest(self) -> int:
+        if self._latest is None:  # one device sync per boundary, not one per forward of a generation
+            self._latest = int(self.last.max())
+        return self._latest
+
+
+# Each row's last prompt column, for the forwards running inside `prompt_boundary`.
+_PROMPT_LAST: ContextVar[_Boundary | None] = ContextVar("steerscale_prompt_last", default=None)
 
 
 @contextmanager
 def prompt_boundary(last_prompt_column: torch.Tensor) -> Iterator[None]:
     """Declare each row's last prompt column (batch,) for the forwards inside; `after_prompt` steers from it."""
-    token = _PROMPT_LAST.set(last_prompt_column)
+    token = _PROMPT_LAST.set(_Boundary(last_prompt_column))
     try:
         yield
     finally:
         _PROMPT_LAST.reset(token)
 
 
-def _chunk_columns(args: tuple, kwargs: dict[str, Any]) -> tuple[int, torch.Tensor]:
-    """(batch size, absolute column of each position) of the chunk a model forward is about to run."""
+def _chunk(args: tuple, kwargs: dict[str, Any]) -> tuple[int, int, int, torch.device]:
+    """(batch size, first absolute column, width, device) of the chunk a model forward is about to run."""
     ids = kwargs.get("input_ids", args[0] if args else None)
-    embeds = kwargs.get("inputs_embeds")
-    batch, width = ids.shape[:2] if ids is not None else embeds.shape[:2]
-    device = (ids if ids is not None else embeds).device
+    source = ids if ids is not None else kwargs["inputs_embeds"]
+    batch, width = source.shape[:2]
     cache_position, mask, past = kwargs.get("cache_position"), kwargs.get("attention_mask"), kwargs.get("past_key_values")
     if cache_position is not None:
         offset = int(cache_position.reshape(-1)[0])
@@ -89,7 +107,7 @@ def _chunk_columns(args: tuple, kwargs: dict[str, Any]) -> tuple[int, torch.Tens
         offset = int(past.get_seq_length())
     else:
         offset = 0
-    return batch, torch.arange(offset, offset + width, device=device)
+    return batch, offset, width, source.device
 
 
 @contextmanager
@@ -99,50 +117,93 @@ def steer(model: nn.Module, vectors: Mapping[int, torch.Tensor], positions: Posi
     With `after_prompt`, a position is steered when its column is at or after the row's last prompt
     token (the one whose output predicts the first answer token), as in CAA. Forwards that run
     outside any `prompt_boundary` have no known prompt and are steered everywhere.
+
+    The hooks are on every forward of a steered evaluation, so they do as little as possible: a
+    vector that is not being trained is converted to the model's dtype and device once, the mask is
+    built once per forward (not per layer) and skipped when the whole chunk is after the prompt
+    (every step of cached generation), and the add is one kernel.
     """
     layers = decoder_layers(model)
-    state: dict[str, torch.Tensor | None] = {"mask": None}
+    dtype, device = _dtype_device(model)
+    state: list[torch.Tensor | None] = [None]  # the current forward's mask, (batch, seq, 1) in `dtype`
 
     def set_mask(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        last = _PROMPT_LAST.get()
-        if last is None:
-            state["mask"] = None
+        boundary = _PROMPT_LAST.get()
+        if boundary is None:
+            state[0] = None
             return
-        batch, columns = _chunk_columns(args, kwargs)
-        if last.shape[0] != batch:
-            raise ValueError(f"prompt boundary covers {last.shape[0]} rows but the forward has {batch}")
-        state["mask"] = columns[None, :] >= last.to(columns.device)[:, None]
+        batch, offset, width, at = _chunk(args, kwargs)
+        if boundary.last.shape[0] != batch:
+            raise ValueError(f"prompt boundary covers {boundary.last.shape[0]} rows but the forward has {batch}")
+        if offset >= boundary.latest:
+            state[0] = None  # every row's prompt ends at or before this chunk: steer all of it
+            return
+        columns = torch.arange(offset, offset + width, device=at)
+        state[0] = (columns[None, :] >= boundary.last.to(at)[:, None]).to(dtype)[..., None]
+
+    def hook(vector: torch.Tensor) -> Any:
+        if not vector.requires_grad:  # a trained vector must stay the leaf the optimiser updates
+            vector = vector.detach().to(dtype=dtype, device=device)
+        return lambda _m, _i, out: _add(out, vector, state[0])
 
     handles = []
     try:
         if positions == "after_prompt":
             handles.append(model.register_forward_pre_hook(set_mask, with_kwargs=True))
         for index, vector in vectors.items():
-            handles.append(layers[index].register_forward_hook(lambda _m, _i, out, v=vector: _add(out, v, state["mask"])))
+            handles.append(layers[index].register_forward_hook(hook(vector)))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-@torch.no_grad()
-def last_token_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each decoder layer's output at each row's last real token (right padding): (layers, batch, d).
+def _dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """Dtype and device of the model's floating-point weights (where its residual stream lives)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    raise ValueError(f"{type(model).__name__} has no floating-point parameters")
 
-    Read with hooks on the layers themselves, not from `output_hidden_states`, whose last entry is
-    after the final norm in most architectures: this is exactly what a steering hook adds to.
+
+class _StopForward(Exception):
+    """Raised by the deepest reading hook: nothing after that layer is needed."""
+
+
+@torch.no_grad()
+def last_token_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Decoder layers' outputs at each row's last real token (right padding): (len(layers), batch, d).
+
+    `layers` defaults to all of them. Read with hooks on the layers themselves, not from
+    `output_hidden_states`, whose last entry is after the final norm in most architectures: this is
+    exactly what a steering hook adds to. The forward stops (raised from the hook) once the deepest
+    wanted layer has run, so the blocks after it, the final norm and the vocabulary projection —
+    often the largest matmul of all — are never computed.
     """
+    blocks = decoder_layers(model)
+    wanted = list(range(len(blocks))) if layers is None else [range(len(blocks))[i] for i in layers]
+    deepest = max(wanted)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     last = attention_mask.sum(-1) - 1
-    captured: list[torch.Tensor] = []
-    handles = [
-        layer.register_forward_hook(lambda _m, _i, out: captured.append(_hidden(out)[rows, last].float()))
-        for layer in decoder_layers(model)
-    ]
+    captured: dict[int, torch.Tensor] = {}
+
+    def read(index: int) -> Any:
+        def hook(_m: nn.Module, _i: tuple, out: torch.Tensor | tuple) -> None:
+            captured[index] = _hidden(out)[rows, last].float()
+            if index == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[i].register_forward_hook(read(i)) for i in set(wanted)]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+    except _StopForward:
+        pass
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack(captured)
+    return torch.stack([captured[i] for i in wanted])

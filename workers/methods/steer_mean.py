@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from pydantic import Field
@@ -51,18 +51,32 @@ def layer_indices(fractions: tuple[float, ...], depth: int) -> list[int]:
     return sorted({min(depth - 1, max(0, round(f * (depth - 1)))) for f in fractions})
 
 
-def mean_difference(lm: LanguageModel, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer difference of means and mean residual norm over the pairs: each (layers, d) / (layers,)."""
-    sums: dict[bool, torch.Tensor] = {}
-    norm_sum = torch.zeros(())
-    for positive in (True, False):
-        texts = [p if positive else n for p, n in pairs]
-        for batch in lm.batches(texts, [""] * len(texts)):
-            states = last_token_states(lm.model, batch.input_ids, batch.attention_mask)  # (L, B, d)
-            sums[positive] = sums[positive] + states.sum(1) if positive in sums else states.sum(1)
-            norm_sum = norm_sum + states.norm(dim=-1).sum(1)
-            lm.forward_tokens += int(batch.attention_mask.sum())
-    return (sums[True] - sums[False]) / len(pairs), norm_sum / (2 * len(pairs))
+def mean_difference(
+    lm: LanguageModel, pairs: list[tuple[str, str]], layers: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Difference of means and mean residual norm over the pairs, per layer: (len(layers), d) / (len(layers),).
+
+    `layers` defaults to all. Both sides of every pair go through the same forwards, sorted by
+    length so that a batch holds texts of about one length (little padding); each forward holds
+    `lm.batch_size` pairs (twice the LM's scoring batch in texts: it computes no logits, which at a
+    real vocabulary are most of a scoring forward's memory) and stops after the deepest layer read.
+    """
+    texts = [p for p, _ in pairs] + [n for _, n in pairs]
+    sign = torch.cat([torch.ones(len(pairs)), -torch.ones(len(pairs))])
+    ids = lm.encode(texts, prompt=True)
+    if lm.max_length is not None:
+        ids = [row[-lm.max_length :] for row in ids]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    diff_sum: torch.Tensor | float = 0.0
+    norm_sum: torch.Tensor | float = 0.0
+    for start in range(0, len(order), 2 * lm.batch_size):
+        take = order[start : start + 2 * lm.batch_size]
+        input_ids, attention = lm.pad([ids[i] for i in take])
+        states = last_token_states(lm.model, input_ids.to(lm.device), attention.to(lm.device), layers)  # (L, B, d)
+        diff_sum = diff_sum + torch.einsum("lbd,b->ld", states, sign[take].to(states.device))
+        norm_sum = norm_sum + states.norm(dim=-1).sum(1)
+        lm.forward_tokens += int(attention.sum())
+    return diff_sum / len(pairs), norm_sum / (2 * len(pairs))
 
 
 class SteerMean:
@@ -77,13 +91,14 @@ class SteerMean:
             report = FitReport(layer=candidates[0], alpha=0.0, selection="no_pairs", hparams={"pairs": 0})
             return SteeringVector(ctx.lm, candidates[0], zero, config.positions, report)
         tokens_before = ctx.lm.forward_tokens
-        diff, mean_norm = mean_difference(ctx.lm, pairs)
+        diff, mean_norm = mean_difference(ctx.lm, pairs, candidates)
         extraction_tokens = ctx.lm.forward_tokens - tokens_before
+        norms = dict(zip(candidates, mean_norm.tolist()))
         best: tuple[float, float, int, float, torch.Tensor] | None = None  # (score, -|scale|, layer, scale, vector)
-        for layer in candidates:
-            unit = (diff[layer] / diff[layer].norm().clamp(min=1e-12)).to(ctx.lm.device)
+        for layer, direction in zip(candidates, diff):
+            unit = (direction / direction.norm().clamp(min=1e-12)).to(ctx.lm.device)
             for scale in config.scales:
-                vector = unit * scale * mean_norm[layer].item()
+                vector = unit * scale * norms[layer]
                 with steer(ctx.lm.model, {layer: vector}, config.positions):
                     score = ctx.task.evaluate(ctx.lm, ctx.validation).score
                 if best is None or (score, -abs(scale)) > best[:2]:  # ties go to the smaller scale
@@ -105,7 +120,7 @@ class SteerMean:
                 "scale": scale,
                 "pairs": len(pairs),
                 "vector_norm": float(vector.norm()),
-                "mean_norm": float(mean_norm[layer]),
+                "mean_norm": norms[layer],
             },
         )
         return SteeringVector(ctx.lm, layer, vector, config.positions, report)
