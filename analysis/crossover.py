@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from analysis.bootstrap import percentile_interval
+from analysis.capability import Axis
 from analysis.curves import LawFit
 from analysis.methods import method_kind
 from analysis.metrics import HIGHER_IS_BETTER, from_loss
@@ -102,28 +104,49 @@ def find_crossovers(fits: list[LawFit]) -> list[Crossover]:
 
 @dataclass(frozen=True)
 class CrossoverScaling:
-    """How D* grows with model size: D* ∝ N^gamma, from the models where a crossover was found."""
+    """How D* grows with model size or capability: D* ∝ x^gamma over the models that cross.
+
+    `holdout_error` is the mean |ln D*| missed when each model in turn is predicted from the line
+    through the others (needs three models). With one D* per model and a two-parameter line this
+    costs nothing, and unlike leaving out only the top model it holds out the same models on every
+    axis, so axes compare on equal terms.
+    """
 
     task: str
     steering: str
     finetuning: str
+    x: str
     gamma: float
     n_models: int
+    holdout_error: float
 
     def record(self) -> dict[str, object]:
         return dict(self.__dict__)
 
 
-def crossover_scaling(crossovers: list[Crossover]) -> list[CrossoverScaling]:
-    """Least-squares slope of log D* on log N per pair; needs two model sizes with a crossover."""
-    pairs: dict[tuple[str, str, str], list[Crossover]] = {}
+def _leave_one_out(logx: np.ndarray, logd: np.ndarray) -> float:
+    errors = []
+    for i in range(len(logx)):
+        rest = np.arange(len(logx)) != i
+        if len(np.unique(logx[rest])) < 2:
+            return np.nan
+        slope, intercept = np.polyfit(logx[rest], logd[rest], 1)
+        errors.append(abs(slope * logx[i] + intercept - logd[i]))
+    return float(np.mean(errors)) if len(errors) >= 3 else np.nan
+
+
+def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, axis: Axis) -> list[CrossoverScaling]:
+    """Least-squares slope of log D* on log x per pair; needs two models with a crossover and an x."""
+    x_of = capabilities.set_index(["task", "model"])[axis.name].to_dict() if len(capabilities) else {}
+    pairs: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
     for c in crossovers:
-        if np.isfinite(c.d_star) and np.isfinite(c.n_params):
-            pairs.setdefault((c.task, c.steering, c.finetuning), []).append(c)
+        x = x_of.get((c.task, c.model), np.nan)
+        if np.isfinite(c.d_star) and np.isfinite(x):
+            pairs.setdefault((c.task, c.steering, c.finetuning), []).append((float(np.log(x)), float(np.log(c.d_star))))
     result = []
     for (task, steering, finetuning), found in sorted(pairs.items()):
-        n = np.log([c.n_params for c in found])
-        if len(np.unique(n)) >= 2:
-            gamma = float(np.polyfit(n, np.log([c.d_star for c in found]), 1)[0])
-            result.append(CrossoverScaling(task, steering, finetuning, gamma, len(found)))
+        logx, logd = np.array(found).T
+        if len(np.unique(logx)) >= 2:
+            gamma = float(np.polyfit(logx, logd, 1)[0])
+            result.append(CrossoverScaling(task, steering, finetuning, axis.name, gamma, len(found), _leave_one_out(logx, logd)))
     return result

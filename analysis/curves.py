@@ -1,21 +1,24 @@
 """Fitting the study's curves from result rows, one group of cells at a time.
 
 Per (task, method, model) the main curve is the saturating power law in the post-training budget,
-loss(D) = E + B·D^-β (score = 1 − loss, so S∞ = 1 − E). Per (task, method) across model sizes the
-joint additive and multiplicative laws in (N, D) are fitted too, validated by leaving the largest
-model out. Groups that cannot support a law get a row that says why instead of an exception.
+loss(D) = E + B·D^-β (score = 1 − loss, so S∞ = 1 − E). Per (task, method) across models the joint
+additive and multiplicative laws in (N, D) are fitted too, N being parameters or a base-model
+capability (analysis/capability.py), validated by leaving the model at the top of that axis out.
+Groups that cannot support a law get a row that says why instead of an exception.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
 
 from analysis.bootstrap import Bootstrap, bootstrap_fit, percentile_interval
+from analysis.capability import X_COLUMN, Axis, get_axis, with_x
 from analysis.fitting import Fit, FitError, LawData, fit_law
-from analysis.laws import ADDITIVE, LAWS, MULTIPLICATIVE, POWER_D, Law
+from analysis.laws import LAWS, POWER_D, Law
 from analysis.methods import method_kind
 from analysis.metrics import from_loss, to_loss
 
@@ -48,6 +51,7 @@ class LawFit:
     method: str
     model: str  # "*" for a law fitted across model sizes
     n_params: float
+    x: str | None  # the axis standing for N in a joint law (capability.AXES); None for a budget curve
     law: Law
     metric: str
     points: Points
@@ -74,7 +78,7 @@ class LawFit:
         """A flat row for fits.parquet: parameters with percentile CIs, counts, validation."""
         row: dict[str, object] = {
             "task": self.task, "method": self.method, "kind": method_kind(self.method),
-            "model": self.model, "n_params": self.n_params, "law": self.law.name,
+            "model": self.model, "n_params": self.n_params, "x": self.x, "law": self.law.name,
             "formula": self.law.formula, "metric": self.metric, "status": "ok" if self.ok else "not fitted",
             "message": self.message, "n_points": len(self.points.value),
             "n_failed": self.excluded.failed, "n_nan": self.excluded.nan, "n_no_budget": self.excluded.no_budget,
@@ -119,39 +123,72 @@ def _holdout_error(law: Law, points: Points, metric: str, held: np.ndarray) -> f
 
 def fit_group(
     task: str, method: str, model: str, law: Law, rows: pd.DataFrame, *,
-    metric: str, n_column: str, bootstrap: int, rng: np.random.Generator,
+    metric: str, axis: Axis | None, bootstrap: int, rng: np.random.Generator,
 ) -> LawFit:  # fmt: skip
-    """Fit `law` to a group of rows, with bootstrap CIs and a leave-the-largest-out error."""
+    """Fit `law` to a group of rows, with bootstrap CIs and a leave-the-top-out error.
+
+    A joint law takes N from `axis` (rows carry it in X_COLUMN) and leaves out the model at the top
+    of that axis; a budget curve leaves out the largest budget and records the model's parameters.
+    """
+    joint = "N" in law.inputs
+    n_column = X_COLUMN if joint else "params_nonembed"
     usable, excluded = exclusions(rows, metric, n_column)
     points = Points(usable[n_column].to_numpy(float), usable["budget"].to_numpy(float), usable[metric].to_numpy(float))
-    joint = "N" in law.inputs
+    x = axis.name if joint else None
     n_params = np.nan if joint else float(np.median(points.n)) if len(points.n) else np.nan
-    holdout = "largest model" if joint else "largest budget"
+    top_of = points.n if joint else points.d
+    held = top_of == top_of.max() if len(top_of) else np.zeros(0, bool)
+    if joint:
+        top = ", ".join(sorted(usable.loc[held, "model"].astype(str).unique()))
+        holdout = f"{axis.held_out} ({top})" if top else axis.held_out
+    else:
+        holdout = "largest budget"
+
+    def unfitted(message: str) -> LawFit:
+        return LawFit(task, method, model, n_params, x, law, metric, points, excluded, None, None, message, holdout, np.nan)
+
+    ok = rows["status"] == "ok"
+    if joint and ok.any() and not np.isfinite(rows.loc[ok, X_COLUMN].astype(float)).any():
+        return unfitted(f"no ok row has a usable {axis.column}, which x={axis.name} needs")
     try:
         data = LawData.build(law, {"N": points.n, "D": points.d}, to_loss(points.value, metric))
     except FitError as err:
-        return LawFit(task, method, model, n_params, law, metric, points, excluded, None, None, str(err), holdout, np.nan)
+        return unfitted(str(err))
     try:
         fit = fit_law(data)
         boot = bootstrap_fit(fit, data, bootstrap, rng) if bootstrap > 0 else None
     except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError) as err:  # one bad group must not sink the rest
-        return LawFit(task, method, model, n_params, law, metric, points, excluded, None, None, f"fit failed: {err}", holdout, np.nan)
-    held = points.n == points.n.max() if joint else points.d == points.d.max()
+        return unfitted(f"fit failed: {err}")
     error = _holdout_error(law, points, metric, held)
-    return LawFit(task, method, model, n_params, law, metric, points, excluded, fit, boot, "", holdout, error)
+    return LawFit(task, method, model, n_params, x, law, metric, points, excluded, fit, boot, "", holdout, error)
 
 
-def fit_curves(
-    frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, n_column: str = "params_nonembed"
-) -> list[LawFit]:
-    """Per (task, method): a budget curve for each model size, then the joint laws in (N, D)."""
-    rng = np.random.default_rng(seed)
-    fits = []
+def fitted_groups(frame: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """(task, method, rows) for every group with a budget axis; `base` is a reference level only."""
     for (task, method), rows in frame.groupby(["task", "method"], sort=True):
         if method_kind(method) == "reference" and not (rows["budget"].astype(float) > 0).any():
-            continue  # `base` has no budget axis; it enters the report as a reference level
+            continue
+        yield task, method, rows
+
+
+def joint_fits(frame: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, rng: np.random.Generator) -> list[LawFit]:
+    """The joint laws in (N, D) per (task, method), N taken from `axis`."""
+    framed = with_x(frame, axis)
+    return [
+        fit_group(task, method, "*", law, rows, metric=metric, axis=axis, bootstrap=bootstrap, rng=rng)
+        for task, method, rows in fitted_groups(framed) for law in axis.joint_laws
+    ]  # fmt: skip
+
+
+def fit_curves(frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, x: str = "params") -> list[LawFit]:
+    """Per (task, method): a budget curve for each model, then the joint laws in (N, D) with N from `x`."""
+    axis = get_axis(x)
+    rng = np.random.default_rng(seed)
+    framed = with_x(frame, axis)
+    fits = []
+    for task, method, rows in fitted_groups(framed):
         for model, model_rows in rows.groupby("model", sort=False):
-            fits.append(fit_group(task, method, model, POWER_D, model_rows, metric=metric, n_column=n_column, bootstrap=bootstrap, rng=rng))
-        for law in (ADDITIVE, MULTIPLICATIVE):
-            fits.append(fit_group(task, method, "*", law, rows, metric=metric, n_column=n_column, bootstrap=bootstrap, rng=rng))
+            fits.append(fit_group(task, method, model, POWER_D, model_rows, metric=metric, axis=None, bootstrap=bootstrap, rng=rng))
+        for law in axis.joint_laws:
+            fits.append(fit_group(task, method, "*", law, rows, metric=metric, axis=axis, bootstrap=bootstrap, rng=rng))
     return fits

@@ -219,9 +219,13 @@ def project_coefs(data: LawData, exps: np.ndarray, iterations: int = 8) -> tuple
     return best_c, best_f
 
 
-def exponent_grid(law: Law, step: float = 0.1) -> np.ndarray:
-    """Cell centres of a regular grid over the exponents' bounds (G, m)."""
-    axes = [np.arange(lo + step / 2, hi, step) for lo, hi in law.exponent_bounds]
+def exponent_grid(law: Law, cells: int = 30) -> np.ndarray:
+    """Cell centres of a regular grid over the exponents' bounds (G, m), `cells` per exponent.
+
+    A fixed count rather than a fixed step keeps the scan's cost the same for wider bounds (the
+    capability axes'); it only supplies starts, which the refinement then polishes.
+    """
+    axes = [lo + (hi - lo) * (np.arange(cells) + 0.5) / cells for lo, hi in law.exponent_bounds]
     return np.array(list(itertools.product(*axes)), dtype=float)
 
 
@@ -290,9 +294,9 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.linalg.pinv(a) @ b
 
 
-def fit_law(data: LawData, *, step: float = 0.1, polish: int = 4, chunk: int = 256) -> Fit:
+def fit_law(data: LawData, *, cells: int = 30, polish: int = 4, chunk: int = 256) -> Fit:
     """Variable-projection fit: scan exponents, project coefficients, polish the best by L-BFGS-B."""
-    exps = exponent_grid(data.law, step)
+    exps = exponent_grid(data.law, cells)
     coefs, losses = [], []
     for lo in range(0, len(exps), chunk):
         c, f = project_coefs(data, exps[lo : lo + chunk])

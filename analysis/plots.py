@@ -10,8 +10,10 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
+from analysis.capability import AXES  # noqa: E402
 from analysis.crossover import budget_curves  # noqa: E402
 from analysis.summary import Analysis  # noqa: E402
 
@@ -54,19 +56,43 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
 
 
 def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
-    """D*(N) with its bootstrap CI, per steering × fine-tuning pair; log-log."""
+    """D* against each axis (parameters and capabilities) with bootstrap CIs, log-log, one panel per
+    axis that has values; marker = model family, colour = steering × fine-tuning pair, line = the
+    least-squares trend D* ∝ x^gamma over every family pooled (the point of a capability axis)."""
     found = [c for c in analysis.crossovers if c.task == task and np.isfinite(c.d_star)]
-    if not found:
+    table = analysis.capabilities[analysis.capabilities["task"] == task].set_index("model")
+    axes = [a for a in AXES.values() if a.name in table and np.isfinite(table[a.name].to_numpy(float)).any()]
+    if not found or not axes:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    for pair in sorted({(c.steering, c.finetuning) for c in found}):
-        cs = sorted((c for c in found if (c.steering, c.finetuning) == pair), key=lambda c: c.n_params)
-        n = np.array([c.n_params for c in cs])
-        d = np.array([c.d_star for c in cs])
-        err = np.abs(np.array([[c.d_star_lo for c in cs], [c.d_star_hi for c in cs]]) - d)
-        ax.errorbar(n, d, yerr=np.nan_to_num(err), marker="o", capsize=3, label=f"{pair[1]} overtakes {pair[0]}")
-    ax.set(xscale="log", yscale="log", xlabel="model parameters N", ylabel="crossover budget D*", title=f"{task}: D*(N)")
-    ax.legend(fontsize=7)
+    pairs = sorted({(c.steering, c.finetuning) for c in found})
+    families = sorted(table["family"].unique())
+    colours = dict(zip(pairs, plt.cm.tab10.colors))
+    markers = dict(zip(families, "osD^vPX<>*" * 3))
+    trends = {(s.x, s.steering, s.finetuning): s for s in analysis.axes.trends if s.task == task}
+    fig, panels = plt.subplots(1, len(axes), figsize=(4.6 * len(axes), 3.9), squeeze=False, sharey=True)
+    for ax, axis in zip(panels[0], axes):
+        for pair in pairs:
+            cs = [c for c in found if (c.steering, c.finetuning) == pair and np.isfinite(table[axis.name].get(c.model, np.nan))]
+            x = np.array([table.loc[c.model, axis.name] for c in cs])
+            d = np.array([c.d_star for c in cs])
+            for c, xi, di in zip(cs, x, d):
+                err = np.abs(np.array([[c.d_star_lo], [c.d_star_hi]]) - di)
+                ax.errorbar([xi], [di], yerr=np.nan_to_num(err), marker=markers[table.loc[c.model, "family"]], color=colours[pair], capsize=3, ls="none")
+            trend = trends.get((axis.name, *pair))
+            if trend is not None and len(np.unique(x)) >= 2:
+                slope, intercept = np.polyfit(np.log(x), np.log(d), 1)
+                grid = np.geomspace(x.min(), x.max(), 50)
+                held = f", held-out {trend.holdout_error:.2f}" if np.isfinite(trend.holdout_error) else ""
+                ax.plot(grid, np.exp(intercept) * grid**slope, color=colours[pair], lw=1, label=f"{pair[1]} over {pair[0]}: γ={slope:.2f}{held}")
+        ax.set(xscale="log", yscale="log", xlabel=axis.label, title=f"x = {axis.name}")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # capability axes span less than a decade
+    for family, marker in markers.items():
+        panels[0][0].plot([], [], marker=marker, color="grey", ls="none", label=f"family {family}")
+    for ax in panels[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+    panels[0][0].set_ylabel("crossover budget D*")
+    fig.suptitle(f"{task}: crossover budget against model size and capability (held-out: mean |ln D*|, each model left out)")
     return _save(fig, path)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.axis_choice import TREND
+from analysis.capability import AXES, get_axis
 from analysis.io import load_results, resolve
 from analysis.plots import budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, analyse
@@ -60,7 +62,8 @@ def _overview(a: Analysis) -> list[Block]:
     failed = int((frame["status"] != "ok").sum()) if len(frame) else 0
     text = (
         f"{len(frame)} cells ({failed} failed) over {frame['task'].nunique()} task(s), "
-        f"{frame['method'].nunique()} method(s) and {frame['model'].nunique()} model size(s); metric `{a.metric}`. "
+        f"{frame['method'].nunique()} method(s) and {frame['model'].nunique()} model size(s); metric `{a.metric}`; "
+        f"N in the joint laws is `{a.x}`. "
         "Intervals are 95 % percentile bootstrap intervals over cells."
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
@@ -84,7 +87,9 @@ def _findings(a: Analysis) -> list[Block]:
     for c in a.crossovers:
         lines.append(f"{c.task}, {c.model}: {c.verdict}" + (f" (95 % CI {_num(c.d_star_lo)}–{_num(c.d_star_hi)})." if np.isfinite(c.d_star) else "."))
     for s in a.scaling:
-        lines.append(f"{s.task}: the crossover budget of {s.finetuning} over {s.steering} scales as D* ∝ N^{s.gamma:.2f} across {s.n_models} model sizes.")
+        lines.append(f"{s.task}: the crossover budget of {s.finetuning} over {s.steering} scales as D* ∝ {s.x}^{s.gamma:.2f} across {s.n_models} models.")
+    if a.axes.best:
+        lines.append(f"Of the three x-axes, `{a.axes.best}` gives the tighter laws (smallest held-out error in the most groups; see below).")
     for g in a.compositions:
         if np.isfinite(g.gain_lo) and (g.gain_lo > 0 or g.gain_hi < 0):
             lines.append(f"{g.task}, {g.model}, D={g.budget:g}: {g.composition} is {'better' if g.gain > 0 else 'worse'} than {g.best_single} alone by {_ci(g.gain, g.gain_lo, g.gain_hi)}.")
@@ -98,11 +103,40 @@ def _fits_table(a: Analysis) -> list[Block]:
     for f in a.fits:
         r = f.record()
         exponents = ", ".join(f"{p} {_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents) if f.ok else "-"
-        rows.append((f.task, f.method, f.model, f.law.name, exponents, _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]),
+        rows.append((f.task, f.method, f.model, f.law.name if f.x is None else f"{f.law.name}[{f.x}]", exponents, _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]),
                      str(r["n_points"]), f"{r['n_failed']}/{r['n_nan']}", _num(r["holdout_error"]), f.message or "ok"))  # fmt: skip
     header = ("task", "method", "model", "law", "exponents", "asymptote", "n", "failed/NaN", "holdout err", "status")
-    note = Paragraph("Budget laws are fitted per model; `*` rows are joint laws in (N, D), validated by leaving the largest model out.")
+    note = Paragraph(f"Budget laws are fitted per model; `*` rows are joint laws in (N, D) with N = `{a.x}`, "
+                     f"validated by leaving out the {get_axis(a.x).held_out} (named in the holdout column of fits.parquet).")
     return [Heading("Fits"), note, Table(header, rows) if rows else Paragraph("No group of cells could be fitted.")]
+
+
+def _capability(a: Analysis) -> list[Block]:
+    """Parameters against base-model capability as N: the models on each axis, then which is tighter."""
+    blocks: list[Block] = [Heading("Capability as the x-axis"), Paragraph(
+        "Families differ, so N may also be the base model's capability: `neutral_loss` is 1 / (its NLL per byte on neutral, "
+        "pretraining-like text), `task_score` is 1 / (1 − its score on the task). Both are reciprocals of a base-model loss, "
+        "so a law's A/x^alpha term reads A·loss^alpha (a loss-to-loss power law; alpha is an elasticity). Every joint law and "
+        "the crossover trend are fitted on each axis; a law is judged by its error on the model at the top of that axis when that "
+        "model is left out, the trend D* ∝ x^gamma by leaving out each model in turn.")]  # fmt: skip
+    caps = a.capabilities
+    if len(caps):
+        rows = [(r["task"], r["model"], r["family"], *(_num(r[name]) for name in AXES)) for _, r in caps.iterrows()]
+        blocks.append(Table(("task", "model", "family", *AXES), rows))
+    groups = [g for g in a.axes.error_table() if any(np.isfinite(e) for e in g[3].values())]
+    if not groups:
+        return [*blocks, Paragraph("No joint law or crossover trend could be fitted on any axis (they need three models).")]
+    rows = []
+    for task, subject, law, errors in groups:
+        finite = {x: e for x, e in errors.items() if np.isfinite(e)}
+        rows.append((task, subject, law, *(_num(errors.get(x, np.nan)) for x in AXES), min(finite, key=finite.get) if len(finite) >= 2 else "-"))
+    blocks.append(Paragraph(f"Held-out error per axis: laws in `{a.metric}` units, the trend {TREND} in mean |ln D*| missed."))
+    blocks.append(Table(("task", "method / pair", "law", *AXES, "tightest"), rows))
+    for v in a.axes.verdicts:
+        blocks.append(Paragraph(f"`{v.x}`: not usable ({v.note})." if v.note else
+                                f"`{v.x}`: tightest in {v.wins} of the {v.fitted} groups it fits; median law error {_num(v.median_error)}."))  # fmt: skip
+    verdict = f"Verdict: `{a.axes.best}` gives the tighter law." if a.axes.best else "Verdict: nothing to compare (needs two usable axes)."
+    return [*blocks, Paragraph(verdict)]
 
 
 def _efficiency(a: Analysis) -> list[Block]:
@@ -138,7 +172,7 @@ def _frontier(a: Analysis) -> list[Block]:
 
 def _plots(a: Analysis, out: Path) -> list[Block]:
     blocks: list[Block] = [Heading("Plots")]
-    makers = (("budget", budget_curves_plot, "score vs budget"), ("crossover", crossover_plot, "crossover budget D*(N)"),
+    makers = (("budget", budget_curves_plot, "score vs budget"), ("crossover", crossover_plot, "crossover budget D* against size and capability"),
               ("frontier", frontier_plot, "compute frontier"), ("selectivity", selectivity_plot, "selectivity vs effectiveness"))  # fmt: skip
     for task in sorted(a.loaded.ok["task"].unique()):
         for stem, make, caption in makers:
@@ -180,15 +214,19 @@ def render_html(blocks: list[Block]) -> str:
     return "\n".join(parts) + "</body></html>\n"
 
 
-def write_report(results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0) -> Path:
-    """Analyse the cells and write the report; returns the path of report.html. Local paths only."""
+def write_report(results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params") -> Path:
+    """Analyse the cells and write the report; returns the path of report.html. Local paths only.
+
+    `x` is what stands for N in the joint laws: "params", "neutral_loss" or "task_score".
+    """
+    get_axis(x)  # a wrong name fails before any file is read or written
     fs, root = resolve(results_dir)
     if fs.type_name != "local":
         raise ValueError(f"the report is written to local paths only; copy {results_dir} locally first")
     out = Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    a = analyse(load_results(results_dir), metric=metric, bootstrap=bootstrap, seed=seed)
-    blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_efficiency(a), *_compositions(a), *_links(a), *_frontier(a), *_plots(a, out)]
+    a = analyse(load_results(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x)
+    blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_links(a), *_frontier(a), *_plots(a, out)]
     (out / "report.md").write_text(render_markdown(blocks))
     page = out / "report.html"
     page.write_text(render_html(blocks))

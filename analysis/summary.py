@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from analysis.axis_choice import AxisComparison, compare_axes
+from analysis.capability import capability_table, get_axis
 from analysis.composition import CompositionGain, composition_gains
 from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, find_crossovers
 from analysis.curves import LawFit, fit_curves
@@ -23,6 +25,7 @@ class Analysis:
 
     loaded: LoadedResults
     metric: str
+    x: str  # what stands for N in the joint laws and the crossover trend (capability.AXES)
     fits: list[LawFit]
     crossovers: list[Crossover]
     scaling: list[CrossoverScaling]
@@ -32,23 +35,28 @@ class Analysis:
     frontier_levels: pd.DataFrame
     selectivity: pd.DataFrame
     links: list[SigmoidLink]
+    capabilities: pd.DataFrame  # per (task, model): family and the value on every axis
+    axes: AxisComparison
 
     def fits_frame(self) -> pd.DataFrame:
         return pd.DataFrame([f.record() for f in self.fits])
 
 
-def analyse(loaded: LoadedResults, *, metric: str = "score", bootstrap: int = 200, seed: int = 0) -> Analysis:
+def analyse(loaded: LoadedResults, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params") -> Analysis:
     check_metric(metric)
+    axis = get_axis(x)
     ok = loaded.ok
-    fits = fit_curves(loaded.frame, metric=metric, bootstrap=bootstrap, seed=seed)
+    fits = fit_curves(loaded.frame, metric=metric, bootstrap=bootstrap, seed=seed, x=x)
     crossovers = find_crossovers(fits)
+    capabilities = capability_table(loaded.frame)
+    axes = compare_axes(loaded.frame, metric=metric, fits=fits, crossovers=crossovers, capabilities=capabilities, rng=np.random.default_rng(seed))
     frontier = compute_frontier(ok, metric)
     return Analysis(
-        loaded=loaded, metric=metric, fits=fits, crossovers=crossovers, scaling=crossover_scaling(crossovers),
+        loaded=loaded, metric=metric, x=x, fits=fits, crossovers=crossovers, scaling=crossover_scaling(crossovers, capabilities, axis),
         compositions=composition_gains(ok, metric=metric, bootstrap=bootstrap, seed=seed),
         efficiency=data_efficiency(fits, ok), frontier=frontier,
         frontier_levels=frontier_by_compute(frontier, metric), selectivity=selectivity(ok, metric),
-        links=fit_links(ok) if len(ok) else [],
+        links=fit_links(ok) if len(ok) else [], capabilities=capabilities, axes=axes,
     )  # fmt: skip
 
 
@@ -70,7 +78,8 @@ class FitSummary:
         a = self.analysis
         frame = a.loaded.frame
         n_failed = int((frame["status"] != "ok").sum()) if len(frame) else 0
-        lines = [f"{len(frame)} rows ({n_failed} failed), {len(a.loaded.skipped)} unreadable files skipped; metric {a.metric}, 95% bootstrap CIs"]
+        lines = [f"{len(frame)} rows ({n_failed} failed), {len(a.loaded.skipped)} unreadable files skipped; metric {a.metric}, "
+                 f"N = {a.x} in the joint laws, 95% bootstrap CIs"]
         lines += [f"  skipped {s.path}: {s.reason}" for s in a.loaded.skipped]
         header = ("task", "method", "model", "law", "exponent", "asymptote", "n", "failed", "nan", "holdout err", "note")
         table = [header]
@@ -78,19 +87,19 @@ class FitSummary:
             r = f.record()
             exponents = [f"{p}={_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents] if f.ok else ["-"]
             table.append((
-                f.task, f.method, f.model, f.law.name, " ".join(exponents),
+                f.task, f.method, f.model, f.law.name if f.x is None else f"{f.law.name}[{f.x}]", " ".join(exponents),
                 _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]), str(r["n_points"]), str(r["n_failed"]),
                 str(r["n_nan"]), "-" if not np.isfinite(r["holdout_error"]) else f"{r['holdout_error']:.3g}", f.message,
             ))  # fmt: skip
-        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+        lines += _aligned(table)
         if a.crossovers:
             lines.append("crossovers (fine-tuning overtaking steering):")
             for c in a.crossovers:
                 ci = f" CI [{c.d_star_lo:.3g}, {c.d_star_hi:.3g}], {c.share:.0%} of resamples cross" if np.isfinite(c.d_star) else ""
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}")
         for s in a.scaling:
-            lines.append(f"  {s.task}: D*({s.steering} -> {s.finetuning}) ∝ N^{s.gamma:.2f} over {s.n_models} model sizes")
+            held = f", each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
+            lines.append(f"  {s.task}: D*({s.steering} -> {s.finetuning}) ∝ {s.x}^{s.gamma:.2f} over {s.n_models} models{held}")
         if a.compositions:
             lines.append("composition gains (over the best single part):")
             for g in a.compositions:
@@ -102,8 +111,34 @@ class FitSummary:
                     f"  {k.task}: floor {k.floor:.3g}, ceiling {k.ceiling:.3g}, slope {k.slope:.3g}, "
                     f"midpoint {k.midpoint:.3g} (n {k.n_points}, rmse {k.rmse:.3g})"
                 )
+        lines += axes_text(a)
         lines += [f"wrote {path}" for path in self.paths.values()]
         return "\n".join(lines)
+
+
+def _aligned(table: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+
+
+def axes_text(a: Analysis) -> list[str]:
+    """Which x gives the tighter law: held-out error per group and axis, then the verdict."""
+    groups = a.axes.error_table()
+    if not groups:
+        return ["x-axis comparison: no joint law or crossover trend could be fitted on any axis"]
+    names = [v.x for v in a.axes.verdicts]
+    table = [("task", "method / pair", "law", *names, "tightest")]
+    for task, subject, law, errors in groups:
+        finite = {x: e for x, e in errors.items() if np.isfinite(e)}
+        table.append((task, subject, law, *(f"{errors[x]:.3g}" if x in finite else "-" for x in names),
+                      min(finite, key=finite.get) if len(finite) >= 2 else "-"))  # fmt: skip
+    lines = [f"x-axis comparison: held-out error (laws: the model at the top of each axis left out, in {a.metric} units; "
+             "the D* trend: each model left out, mean |ln D*|):", *("  " + line for line in _aligned(table))]  # fmt: skip
+    for v in a.axes.verdicts:
+        median = f", median law error {v.median_error:.3g}" if np.isfinite(v.median_error) else ""
+        lines.append(f"  {v.x}: not usable ({v.note})" if v.note else f"  {v.x}: tightest in {v.wins} of the groups it fits ({v.fitted}){median}")
+    lines.append(f"  tighter law: x = {a.axes.best}" if a.axes.best else "  tighter law: nothing to compare (needs two usable axes)")
+    return lines
 
 
 def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
@@ -111,6 +146,7 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
     frame = analysis.fits_frame()
     payload = {
         "metric": analysis.metric,
+        "x": analysis.x,
         "rows": len(analysis.loaded.frame),
         "skipped_files": [s.__dict__ for s in analysis.loaded.skipped],
         "fits": frame.to_dict(orient="records"),
@@ -120,11 +156,18 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
         "data_efficiency": [e.record() for e in analysis.efficiency],
         "compute_frontier": analysis.frontier_levels.to_dict(orient="records"),
         "sigmoid_links": [k.record() for k in analysis.links],
+        "capabilities": analysis.capabilities.to_dict(orient="records"),
+        "axis_comparison": analysis.axes.record(),
     }
     return {"fits.parquet": write_table(results_dir, "fits.parquet", frame), "fits.json": write_json(results_dir, "fits.json", payload)}
 
 
-def fit_results(results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0) -> FitSummary:
-    """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json."""
-    analysis = analyse(load_results(results_dir), metric=metric, bootstrap=bootstrap, seed=seed)
+def fit_results(results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params") -> FitSummary:
+    """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json.
+
+    `x` names what stands for N in the joint laws and the crossover trend: "params",
+    "neutral_loss" or "task_score" (analysis/capability.py); every axis is compared regardless.
+    """
+    get_axis(x)  # a wrong name fails before any file is read
+    analysis = analyse(load_results(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x)
     return FitSummary(analysis, save_fits(results_dir, analysis))

@@ -35,7 +35,7 @@ def synthetic_rows(
                 loss = (1.0 - curve.score(budget)) * float(np.exp(rng.normal(0.0, noise)))
                 cell = f"{model}__{task}__{method}__n{budget}__s{seed}"
                 rows.append({
-                    "schema_version": 1, "sweep": "synthetic", "cell_id": cell, "slug": cell, "status": "ok",
+                    "schema_version": 2, "sweep": "synthetic", "cell_id": cell, "slug": cell, "status": "ok",
                     "model": model, "family": "synthetic", "params_total": n_params[model] * 2,
                     "params_nonembed": n_params[model], "task": task, "task_type": "classification",
                     "method": method, "budget": budget, "seed": seed, "score": 1.0 - loss,
@@ -43,4 +43,46 @@ def synthetic_rows(
                     "neutral_kl": 0.01 * budget ** 0.5, "offtask_score_delta": -0.001 * budget ** 0.3,
                     "post_train_flops": 1e9 * budget * n_params[model] / 1e6,
                 })  # fmt: skip
+    return rows
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base model as the rows see it: its family, its size and what it can do before post-training."""
+
+    name: str
+    family: str
+    params: int
+    neutral_nll_per_byte: float
+    score_base: float
+
+
+@dataclass(frozen=True)
+class CapabilityLaw:
+    """loss(x, D) = e + a·x^-alpha + b·D^-beta with x = 1 / (neutral NLL per byte): a truth in capability."""
+
+    e: float
+    a: float
+    alpha: float
+    b: float
+    beta: float
+
+    def curve(self, model: BaseModel) -> TrueCurve:
+        """The budget curve this law gives `model`: its capability moves only the floor."""
+        return TrueCurve(self.e + self.a * model.neutral_nll_per_byte**self.alpha, self.b, self.beta)
+
+
+def capability_rows(
+    laws: dict[tuple[str, str], CapabilityLaw], models: list[BaseModel], budgets: tuple[int, ...],
+    seeds: int, noise: float, rng: np.random.Generator,
+) -> list[dict]:  # fmt: skip
+    """Rows for every (task, method) law on every model, carrying each model's family and capability."""
+    by_name = {m.name: m for m in models}
+    curves = {(task, method, m.name): law.curve(m) for (task, method), law in laws.items() for m in models}
+    rows = synthetic_rows(curves, {m.name: m.params for m in models}, budgets, seeds, noise, rng)
+    for row in rows:
+        m = by_name[row["model"]]
+        neutral_per_token = m.neutral_nll_per_byte * 4.0  # any tokenizer: per-byte is what the axis reads
+        row.update(family=m.family, score_base=m.score_base, base_neutral_nll=neutral_per_token,
+                   base_neutral_nll_per_byte=m.neutral_nll_per_byte)  # fmt: skip
     return rows
