@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+
+from analysis.capability import get_axis
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,16 @@ class BaseModel:
     neutral_nll_per_byte: float
     score_base: float
 
+    def columns(self) -> dict[str, object]:
+        """Its per-model results columns (per-token neutral NLL as if 4 bytes a token: the axes read per byte)."""
+        return {"family": self.family, "params_nonembed": self.params, "params_total": self.params * 2,
+                "score_base": self.score_base, "base_neutral_nll": self.neutral_nll_per_byte * 4.0,
+                "base_neutral_nll_per_byte": self.neutral_nll_per_byte}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class CapabilityLaw:
-    """loss(x, D) = e + a·x^-alpha + b·D^-beta with x = 1 / (neutral NLL per byte): a truth in capability."""
+    """loss(x, D) = e + a·x^-alpha + b·D^-beta with x a model's value on one axis: the truth to recover."""
 
     e: float
     a: float
@@ -67,22 +76,19 @@ class CapabilityLaw:
     b: float
     beta: float
 
-    def curve(self, model: BaseModel) -> TrueCurve:
-        """The budget curve this law gives `model`: its capability moves only the floor."""
-        return TrueCurve(self.e + self.a * model.neutral_nll_per_byte**self.alpha, self.b, self.beta)
+    def curve(self, x: float) -> TrueCurve:
+        """The budget curve of a model at `x`: capability moves only the floor."""
+        return TrueCurve(self.e + self.a * x**-self.alpha, self.b, self.beta)
 
 
 def capability_rows(
-    laws: dict[tuple[str, str], CapabilityLaw], models: list[BaseModel], budgets: tuple[int, ...],
+    laws: dict[tuple[str, str], CapabilityLaw], models: list[BaseModel], x: str, budgets: tuple[int, ...],
     seeds: int, noise: float, rng: np.random.Generator,
 ) -> list[dict]:  # fmt: skip
-    """Rows for every (task, method) law on every model, carrying each model's family and capability."""
-    by_name = {m.name: m for m in models}
-    curves = {(task, method, m.name): law.curve(m) for (task, method), law in laws.items() for m in models}
+    """Rows for every (task, method) law on every model, the law's x read from axis `x`."""
+    axis = get_axis(x)
+    at = {m.name: float(axis.values(pd.DataFrame([m.columns()]))[0]) for m in models}
+    curves = {(task, method, m.name): law.curve(at[m.name]) for (task, method), law in laws.items() for m in models}
     rows = synthetic_rows(curves, {m.name: m.params for m in models}, budgets, seeds, noise, rng)
-    for row in rows:
-        m = by_name[row["model"]]
-        neutral_per_token = m.neutral_nll_per_byte * 4.0  # any tokenizer: per-byte is what the axis reads
-        row.update(family=m.family, score_base=m.score_base, base_neutral_nll=neutral_per_token,
-                   base_neutral_nll_per_byte=m.neutral_nll_per_byte)  # fmt: skip
-    return rows
+    by_name = {m.name: m for m in models}
+    return [dict(row, **by_name[row["model"]].columns()) for row in rows]

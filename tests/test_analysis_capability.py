@@ -1,0 +1,131 @@
+"""Base-model capability as the x-axis: two families whose sizes disagree with what they can do.
+
+Family `b` is smaller but better trained, so its 2M model beats family `a`'s 8M one. Post-training
+loss follows a law in capability; a law in parameters cannot pool the families.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import analysis
+from analysis.synthetic import BaseModel, CapabilityLaw, capability_rows, synthetic_rows
+from test_analysis_results import write_cells
+
+MODELS = [
+    BaseModel("a-1m", "a", 1_000_000, 1.20, 0.22), BaseModel("a-2m", "a", 2_000_000, 1.00, 0.32),
+    BaseModel("a-4m", "a", 4_000_000, 0.85, 0.41), BaseModel("a-8m", "a", 8_000_000, 0.75, 0.47),
+    BaseModel("b-500k", "b", 500_000, 0.90, 0.36), BaseModel("b-1m", "b", 1_000_000, 0.70, 0.50),
+    BaseModel("b-2m", "b", 2_000_000, 0.55, 0.60),
+]  # fmt: skip
+TUNE = CapabilityLaw(e=0.02, a=0.25, alpha=1.5, b=3.0, beta=0.45)
+STEER = CapabilityLaw(e=0.10, a=0.35, alpha=1.5, b=0.6, beta=0.4)
+BUDGETS = (8, 32, 128, 512, 2048)
+
+
+def _joint(summary: analysis.FitSummary, method: str, law: str = "additive"):
+    (fit,) = [f for f in summary.analysis.fits if f.method == method and f.law.name == law]
+    return fit
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("families")
+    laws = {("facts", "lora"): TUNE, ("facts", "steer_mean"): STEER}
+    write_cells(path, capability_rows(laws, MODELS, "neutral_loss", BUDGETS, seeds=2, noise=0.01, rng=np.random.default_rng(0)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def by_capability(results: Path) -> analysis.FitSummary:
+    return analysis.fit_results(str(results), bootstrap=30, x="neutral_loss")
+
+
+def test_capability_pools_families_that_parameters_cannot(by_capability: analysis.FitSummary) -> None:
+    """Same rows, N as capability vs N as parameters: the capability law predicts the held-out model far better."""
+    errors = {(s.subject, s.x): s.holdout_error for s in by_capability.analysis.axes.scores if s.law == "additive"}
+    for method in ("lora", "steer_mean"):
+        assert errors[(method, "neutral_loss")] < errors[(method, "params")] / 3, errors
+        fit = _joint(by_capability, method)
+        assert fit.x == "neutral_loss" and "b-2m" in fit.holdout  # the most capable model, not the largest (a-8m)
+        assert fit.fit.params["alpha"] == pytest.approx(1.5, abs=0.2)
+        assert fit.fit.params["beta"] == pytest.approx((TUNE if method == "lora" else STEER).beta, abs=0.05)
+    assert by_capability.analysis.axes.best == "neutral_loss"
+
+
+def test_crossover_trend_is_tighter_in_capability(by_capability: analysis.FitSummary) -> None:
+    """D* of all seven models lies on one line in capability; in parameters the families split."""
+    trends = {t.x: t for t in by_capability.analysis.axes.trends}
+    assert trends["neutral_loss"].n_models == 7
+    assert trends["neutral_loss"].holdout_error < trends["params"].holdout_error / 2
+    assert trends["neutral_loss"].gamma > 0  # better base models need more data before fine-tuning wins
+    (scaling,) = by_capability.analysis.scaling
+    assert scaling.x == "neutral_loss" and scaling.gamma == trends["neutral_loss"].gamma
+
+
+def test_fits_json_text_and_report_carry_the_comparison(by_capability: analysis.FitSummary, results: Path) -> None:
+    payload = json.loads(Path(by_capability.paths["fits.json"]).read_text())
+    assert payload["x"] == "neutral_loss" and payload["axis_comparison"]["best"] == "neutral_loss"
+    assert {c["family"] for c in payload["capabilities"]} == {"a", "b"}
+    text = by_capability.to_text()
+    assert "tighter law: x = neutral_loss" in text and "additive[neutral_loss]" in text
+    page = analysis.write_report(str(results), bootstrap=10, x="task_score")
+    markdown = page.with_name("report.md").read_text()
+    assert "## Capability as the x-axis" in markdown and "Verdict: `neutral_loss` gives the tighter law." in markdown
+    assert "additive[task_score]" in markdown
+    assert (page.parent / "crossover_facts.png").stat().st_size > 0
+
+
+def test_a_law_in_task_score_is_recovered_on_that_axis(tmp_path: Path) -> None:
+    """The truth on the task axis: that axis recovers its exponent and beats parameters."""
+    law = CapabilityLaw(e=0.02, a=0.3, alpha=1.2, b=3.0, beta=0.45)
+    write_cells(tmp_path, capability_rows({("facts", "lora"): law}, MODELS, "task_score", BUDGETS, seeds=2, noise=0.01, rng=np.random.default_rng(1)))
+    summary = analysis.fit_results(str(tmp_path), bootstrap=0, x="task_score")
+    fit = _joint(summary, "lora")
+    assert fit.fit.params["alpha"] == pytest.approx(1.2, abs=0.2)
+    errors = {s.x: s.holdout_error for s in summary.analysis.axes.scores if s.law == "additive"}
+    assert errors["task_score"] < errors["params"] / 3, errors
+
+
+def test_unknown_x_names_the_valid_choices(tmp_path: Path) -> None:
+    for call in (analysis.fit_results, analysis.write_report):
+        with pytest.raises(ValueError, match=r"unknown x 'neutral'.*did you mean 'neutral_loss'.*params, neutral_loss, task_score"):
+            call(str(tmp_path), x="neutral")
+    assert not (tmp_path / "fits.json").exists() and not (tmp_path / "report").exists()
+
+
+def test_rows_without_the_neutral_column_say_why(tmp_path: Path) -> None:
+    """Rows written before schema 2 have no base-model neutral loss: that axis is reported as unusable."""
+    rows = synthetic_rows({("t", "lora", m.name): TUNE.curve(1 / m.neutral_nll_per_byte) for m in MODELS[:4]},
+                          {m.name: m.params for m in MODELS[:4]}, BUDGETS, seeds=1, noise=0.01, rng=np.random.default_rng(2))  # fmt: skip
+    write_cells(tmp_path, rows)
+    summary = analysis.fit_results(str(tmp_path), bootstrap=0, x="neutral_loss")
+    assert "no ok row has a usable base_neutral_nll_per_byte" in _joint(summary, "lora").message
+    notes = {v.x: v.note for v in summary.analysis.axes.verdicts}
+    assert "base_neutral_nll_per_byte" in notes["neutral_loss"] and notes["params"] == ""
+    assert "neutral_loss: not usable" in summary.to_text()
+
+
+def test_run_cell_records_the_base_models_neutral_loss(test_ladder: list[str]) -> None:
+    """The new columns come from the cached baseline: equal to a fresh neutral reference of the same model."""
+    from workers.cache import WorkerCache
+    from workers.cell import CellConfig, EvalConfig, ModelSpec
+    from workers.metrics import neutral_reference
+    from workers.run_cell import CellRun, model_revision, run_cell
+    from workers.tasks import neutral_texts
+
+    spec = ModelSpec(id=test_ladder[0])
+    spec = spec.model_copy(update={"revision": model_revision(spec)})
+    cell = CellConfig(sweep="unit", model=spec, task="facts", method="base", budget=0, seed=0,
+                      eval=EvalConfig(test_size=8, validation_size=0, neutral_size=4, batch_size=4))  # fmt: skip
+    cache = WorkerCache()
+    row = run_cell(cell, CellRun(cache=cache))
+    assert row["status"] == "ok", row["error"]
+    reference = neutral_reference(cache.model(spec, 4), neutral_texts(4))
+    assert row["base_neutral_nll"] == pytest.approx(reference.nll, rel=1e-6)
+    assert row["base_neutral_nll_per_byte"] == pytest.approx(reference.nll_per_byte, rel=1e-6)
+    assert 0 < row["base_neutral_nll_per_byte"] < row["base_neutral_nll"]  # a token spans at least one byte
