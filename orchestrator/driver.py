@@ -1,16 +1,18 @@
 """Run planned cells on Ray and store each row the moment its cell finishes.
 
-Completions are consumed with `ray.wait` in the order they finish, never `ray.get` in submission
-order, so one slow cell never stalls the others' rows. A cell that raises comes back as a `failed`
-row from `workers.run_cell`; a worker process that dies (killed, OOM-killed, node lost) is resubmitted
-by the driver up to `max_retries` times, with the attempt number recorded, and then stored as
-`failed` with Ray's reason. The driver is the only writer of the store.
+Cells run on long-lived worker actors (orchestrator/pool.py) that keep base models loaded; waiting
+cells are grouped by model and a free worker takes the next cell of a model it holds, so a model
+loads about once per worker. Completions are consumed with `ray.wait` in the order they finish,
+never `ray.get` in submission order, so one slow cell never stalls the others' rows. A cell that
+raises comes back as a `failed` row from `workers.run_cell`; a worker that dies (killed, OOM-killed,
+node lost) is replaced and its cell run again, up to `max_retries` times with the attempt number
+recorded, then stored as `failed` with Ray's reason. The driver is the only writer of the store.
 """
 
 from __future__ import annotations
 
-import os
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -24,6 +26,7 @@ from workers.run_cell import identity_columns
 
 from orchestrator.claims import Claims
 from orchestrator.grid import PlannedCell
+from orchestrator.pool import POOL, CellResult, Shape, Worker, next_model
 from orchestrator.spec import Resources
 from orchestrator.store import ResultsStore
 
@@ -37,23 +40,12 @@ class SweepOutcome:
     skipped_claimed: int = 0  # cells another live driver was running
     wall_seconds: float = 0.0
     cell_seconds: float = 0.0  # sum over cells of their own run time
-    model_loads: dict[str, int] = field(default_factory=dict)  # worker -> models it loaded
+    model_loads: dict[str, int] = field(default_factory=dict)  # worker -> models it loaded during this run
+    loads: Counter[tuple[str, str]] = field(default_factory=Counter)  # (worker, model id) -> loads: reloads show here
 
     @property
     def total_model_loads(self) -> int:
         return sum(self.model_loads.values())
-
-
-def _execute_cell(cell_json: str, threads: int, attempt: int, shard: bool) -> tuple[dict, str, int]:
-    """Runs inside a Ray worker: one cell, with torch limited to the cell's CPU share."""
-    import torch
-
-    from workers.run_cell import CellRun, model_loads, run_cell
-
-    # Two torch processes with all threads each on 2 cores were ~9x slower (shared/notes/offline-world.md).
-    torch.set_num_threads(threads)
-    row = run_cell(CellConfig.model_validate_json(cell_json), CellRun(attempt=attempt, shard=shard))
-    return row, f"{os.uname().nodename}:{os.getpid()}", model_loads()
 
 
 def connect(address: str | None, *, dashboard: bool = True) -> str | None:
@@ -125,6 +117,11 @@ def run_cells(
     progress: bool = True,
     dashboard: bool = True,
 ) -> SweepOutcome:
+    """Run `cells` on the pool's worker actors and store each row as it finishes.
+
+    Callable again and again in one process (an adaptive loop submitting batch after batch): the
+    workers, and the models they hold, carry over from one call to the next.
+    """
     outcome = SweepOutcome()
     if not cells:
         return outcome
@@ -133,30 +130,49 @@ def run_cells(
     if url and progress:
         print(f"Ray dashboard: http://{url}  (if it asks for a token: `ray get-auth-token`)")
     check_fits(cells, resources)
+    POOL.attach()
     claims = Claims(store)
-    threads = max(1, int(resources.cpus_per_cell))
-    remote = ray.remote(_execute_cell)
     dashboard_metrics = _Metrics(cells[0].config.sweep)
-    in_flight: dict[ray.ObjectRef, tuple[PlannedCell, int]] = {}
+    # cells waiting for a worker, by the worker shape they need, then by model: a worker takes its own model's next
+    queues: dict[Shape, dict[str, deque[tuple[PlannedCell, int]]]] = {}
+    in_flight: dict[ray.ObjectRef, tuple[Worker, PlannedCell, int]] = {}
 
-    def submit(cell: PlannedCell, attempt: int) -> None:
-        ref = remote.options(
-            name=cell.config.slug,  # what the Ray dashboard shows for the task
-            num_cpus=resources.cpus_per_cell,
-            num_gpus=cell.gpus,
-            max_retries=0,  # retries are ours, so the row can say which attempt it was
-        ).remote(cell.config.model_dump_json(), threads, attempt, cell.gpus > 1)
-        in_flight[ref] = (cell, attempt)
+    def enqueue(cell: PlannedCell, attempt: int) -> None:
+        shape = Shape(resources.cpus_per_cell, cell.gpus, resources.model_cache_bytes)
+        queues.setdefault(shape, {}).setdefault(cell.config.model.model_dump_json(), deque()).append((cell, attempt))
 
-    for cell in cells:  # grid order keeps a model's cells together, so workers rarely reload
+    def submit(worker: Worker, model: str) -> None:
+        cell, attempt = queues[worker.shape][model].popleft()
+        ref = worker.actor.run.options(name=cell.config.slug).remote(cell.config.model_dump_json(), attempt)  # the dashboard's task name
+        worker.running = model
+        in_flight[ref] = (worker, cell, attempt)
+
+    def dispatch() -> None:
+        """Give every idle worker a cell, then start workers while cells wait and the cluster has room."""
+        for shape, by_model in queues.items():
+            for worker in POOL.idle(shape):
+                if any(by_model.values()):
+                    submit(worker, next_model(worker, by_model, [w for w in POOL.workers if w is not worker]))
+            while any(by_model.values()) and POOL.has_room(shape):
+                worker = POOL.start(shape)
+                submit(worker, next_model(worker, by_model, [w for w in POOL.workers if w is not worker]))
+        waiting = {shape for shape, by_model in queues.items() if any(by_model.values())}
+        spare = [w for w in POOL.idle() if w.shape not in waiting]  # resources no waiting cell can use
+        if waiting and spare:
+            for worker in spare:
+                POOL.retire(worker)
+            dispatch()
+
+    for cell in cells:
         if claims.acquire(cell.cell_id):
-            submit(cell, 1)
+            enqueue(cell, 1)
         else:
             outcome.skipped_claimed += 1
-    capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // resources.cpus_per_cell))
-    bar = tqdm(total=len(in_flight), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(len(q) for by_model in queues.values() for q in by_model.values()), desc="cells",
+               unit="cell", disable=not progress, dynamic_ncols=True)  # fmt: skip
     last_heartbeat = time.monotonic()
     try:
+        dispatch()
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_SECONDS)
             if done:  # drain everything else already finished, so the loop costs one turn per batch, not per cell
@@ -167,15 +183,20 @@ def run_cells(
                 claims.heartbeat()
                 last_heartbeat = time.monotonic()
             for ref in done:
-                cell, attempt = in_flight.pop(ref)
+                worker, cell, attempt = in_flight.pop(ref)
+                worker.running = None
                 try:
-                    row, worker, loads = ray.get(ref)
-                    outcome.model_loads[worker] = loads
-                except ray.exceptions.RayError as err:  # the worker process died, not the cell's code
+                    result: CellResult = ray.get(ref)
+                except ray.exceptions.RayError as err:  # the worker died (killed, OOM-killed, node lost), not the cell's code
+                    POOL.retire(worker)
                     if attempt <= resources.max_retries:
-                        submit(cell, attempt + 1)
+                        enqueue(cell, attempt + 1)
                         continue
                     row = crashed_row(cell.config, err, attempt)
+                else:
+                    row, worker.held = result.row, list(result.held)
+                    outcome.model_loads[result.worker] = outcome.model_loads.get(result.worker, 0) + result.loaded
+                    outcome.loads[(result.worker, cell.config.model.id)] += result.loaded
                 store.write(row)
                 claims.release(cell.cell_id)
                 dashboard_metrics.record(row)
@@ -186,9 +207,17 @@ def run_cells(
                     outcome.failed += 1
                     bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}")
                 bar.update()
-            bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=min(len(in_flight), capacity))
+            dispatch()
+            bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy())
     finally:
         bar.close()
-        claims.release_all()  # cells still running when we were interrupted go back to the pool
+        for worker, _, _ in in_flight.values():  # interrupted: stop what still runs, it is no longer claimed
+            POOL.retire(worker)
+        claims.release_all()  # cells still running or waiting when we were interrupted go back to the pool
     outcome.wall_seconds = time.perf_counter() - started
     return outcome
+
+
+def shutdown_workers() -> None:
+    """Stop the worker actors (and free the models they hold) before this process is done with Ray."""
+    POOL.shutdown()

@@ -29,6 +29,12 @@ class ModelEntry(ModelSpec):
 class Resources(StrictConfig):
     cpus_per_cell: float = Field(1.0, gt=0, description="also the torch thread count inside the cell")
     max_retries: int = Field(1, ge=0, description="re-runs of a cell whose worker process died")
+    model_cache_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="base models a worker keeps loaded between cells (least recently used evicted); "
+        "default: half of the worker's share of its GPUs' memory, or of RAM on CPU-only workers",
+    )
 
 
 class SweepSpec(StrictConfig):

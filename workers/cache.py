@@ -1,21 +1,38 @@
-"""What a worker process keeps between cells: loaded models and their baseline evaluations.
+"""What a worker keeps between cells: loaded models, bounded by bytes, and their baseline evaluations.
 
-Ray reuses worker processes across tasks, so a module-level cache turns "load the model, score the
-base model" from a per-cell cost into a per-model cost. Methods restore the model exactly after
-every cell (see methods/protocol.py), which is what makes sharing a loaded model safe.
+A long-lived worker runs many cells; keeping base models loaded turns "load the model, score the
+base model" from a per-cell cost into a per-model cost. Models stay until the bytes they take would
+exceed `max_bytes`; then the least recently used go first, *before* the newcomer loads (its size is
+known from its config), so memory never holds more than the budget plus what the cell itself needs.
+Methods restore the model exactly after every cell (see methods/protocol.py), which is what makes
+sharing a loaded model safe; a cell that failed is not trusted to have done so (`discard`).
+
+Test only: $STEERSCALE_TEST_LOAD_FAULTS, a JSON object {"<model id>": "MemoryError" |
+"OutOfMemoryError"}, makes loading those models raise that error, as a model too big for its device
+would; the fault tests use it because nothing a cell config can say raises Python's MemoryError on
+a CPU box, nor torch's (CUDA) OutOfMemoryError. Leave it unset in real use.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from workers.cell import ModelSpec
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from workers.cell import LADDER_PREFIX, ModelSpec
 from workers.lm import LanguageModel
 from workers.metrics import NeutralReference
-from workers.models.loading import load_language_model
+from workers.models.loading import DTYPES, load_language_model, resolve_path
 from workers.tasks.base import Evaluation
+
+
+LOAD_FAULTS_ENV = "STEERSCALE_TEST_LOAD_FAULTS"
+_LOAD_FAULTS: dict[str, type[Exception]] = {"MemoryError": MemoryError, "OutOfMemoryError": torch.OutOfMemoryError}
 
 
 @dataclass(frozen=True)
@@ -28,25 +45,82 @@ class Baseline:
     offtask: dict[str, Evaluation]
 
 
+def model_bytes(model: torch.nn.Module) -> int:
+    """Parameters and buffers, tied weights once: what a loaded model occupies."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def estimated_bytes(spec: ModelSpec) -> int:
+    """What loading `spec` will occupy, from its config alone: the model built on the meta device.
+
+    Weights loaded in `spec.dtype` take its item size; buffers (rotary tables, masks) keep the size
+    they are built with. Exact for the ladder and for plain hub checkpoints (checked in tests).
+    """
+    revision = None if spec.id.startswith(LADDER_PREFIX) else spec.revision  # as load_language_model does
+    config = AutoConfig.from_pretrained(resolve_path(spec), revision=revision, trust_remote_code=spec.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    params = {id(p): p for p in model.parameters()}
+    buffers = {id(b): b for b in model.buffers()}
+    return sum(p.numel() for p in params.values()) * DTYPES[spec.dtype].itemsize + sum(
+        b.numel() * b.element_size() for b in buffers.values()
+    )
+
+
+def _raise_injected_fault(spec: ModelSpec) -> None:
+    """Test only (see the module docstring): raise the out-of-memory error $STEERSCALE_TEST_LOAD_FAULTS names."""
+    fault = json.loads(os.environ.get(LOAD_FAULTS_ENV) or "{}").get(spec.id)
+    if fault is not None:
+        raise _LOAD_FAULTS[fault](f"{LOAD_FAULTS_ENV} made loading {spec.id} run out of memory")
+
+
 class WorkerCache:
-    def __init__(self, max_models: int = 1) -> None:
-        self.max_models = max_models
+    """Loaded models, least recently used evicted past `max_bytes`, and each model's baselines.
+
+    `max_bytes=0` keeps only the model in use. A model bigger than the whole budget still loads
+    (its cell needs it), with every other model evicted first.
+    """
+
+    def __init__(self, max_bytes: int = 0) -> None:
+        self.max_bytes = max_bytes
         self.loads = 0
-        self._models: OrderedDict[tuple[str, bool], LanguageModel] = OrderedDict()  # (spec, sharded)
+        self._models: OrderedDict[tuple[str, bool], LanguageModel] = OrderedDict()  # (spec, sharded), MRU last
+        self._bytes: dict[tuple[str, bool], int] = {}
         self._baselines: dict[tuple[str, str], Baseline] = {}
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def held(self) -> list[str]:
+        """The loaded models' specs (JSON), least recently used first."""
+        return [spec for spec, _ in self._models]
 
     def model(self, spec: ModelSpec, batch_size: int, *, shard: bool = False) -> LanguageModel:
         key = (spec.model_dump_json(), shard)
         if key not in self._models:
-            while len(self._models) >= self.max_models:  # least recently used goes first
-                (evicted, _), _ = self._models.popitem(last=False)
-                self._baselines = {k: v for k, v in self._baselines.items() if k[0] != evicted}
-            self._models[key] = load_language_model(spec, batch_size, shard=shard)
+            needed = estimated_bytes(spec)
+            while self._models and self.resident_bytes + needed > self.max_bytes:
+                self._evict(next(iter(self._models)))
+            _raise_injected_fault(spec)
+            lm = load_language_model(spec, batch_size, shard=shard)
+            self._models[key], self._bytes[key] = lm, model_bytes(lm.model)
             self.loads += 1
         self._models.move_to_end(key)
         lm = self._models[key]
         lm.batch_size = batch_size
         return lm
+
+    def discard(self, spec: ModelSpec) -> None:
+        """Forget `spec`'s loaded copies (sharded or not), e.g. after a cell that may have left it modified."""
+        for key in [k for k in self._models if k[0] == spec.model_dump_json()]:
+            del self._models[key], self._bytes[key]  # its baselines stay: they were scored before the cell ran
+
+    def _evict(self, key: tuple[str, bool]) -> None:
+        del self._models[key], self._bytes[key]
+        if not any(k[0] == key[0] for k in self._models):  # baselines are placement-independent
+            self._baselines = {k: v for k, v in self._baselines.items() if k[0] != key[0]}
 
     def baseline(self, spec: ModelSpec, context: str, compute: Callable[[], Baseline]) -> Baseline:
         """The cached baseline for `spec` under `context` (task + eval settings), computed once."""

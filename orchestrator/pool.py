@@ -1,0 +1,143 @@
+"""Long-lived worker actors that keep base models loaded across cells, and the pool that places them.
+
+A `CellWorker` is a Ray actor that holds one cell's resources (`cpus_per_cell`, the model's
+`gpus_per_cell`; more than one GPU means the model is sharded with accelerate inside it) for its
+whole life. It imports torch, transformers and peft once and keeps the models it loaded in a cache
+bounded by `resources.model_cache_bytes`, least recently used evicted. The pool starts workers while
+the cluster has room, retires idle ones whose resources no pending cell needs, and gives a free
+worker the next cell of a model it already holds (`next_model`), so reloads are rare. Workers
+outlive one `run_cells` call: a loop that runs batch after batch in one process keeps its models.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+
+import ray
+import torch
+from ray.actor import ActorHandle
+
+from workers.cell import CellConfig
+from workers.run_cell import CellRun, WorkerCache, git_sha, library_versions, run_cell
+
+CACHE_FRACTION = 0.5  # of the worker's memory share kept for cached models; the rest is for the cell's work
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a worker reserves; a cell runs on a worker of its own shape."""
+
+    cpus: float
+    gpus: float
+    cache_bytes: int | None  # None: CACHE_FRACTION of the worker's memory share
+
+
+@dataclass(frozen=True)
+class CellResult:
+    row: dict
+    worker: str  # host:pid of the actor
+    loaded: bool  # the cell had to load its model
+    held: tuple[str, ...]  # models (spec JSON) loaded after the cell, least recently used first
+
+
+def default_cache_bytes(shape: Shape) -> int:
+    """Half of the worker's share of memory: of its GPUs (part of one for a fractional cell), else of RAM."""
+    if shape.gpus > 0 and torch.cuda.is_available():
+        visible = sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+        return int(CACHE_FRACTION * visible * min(shape.gpus, 1.0))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(CACHE_FRACTION * ram * min(1.0, shape.cpus / (os.cpu_count() or 1)))
+
+
+class CellWorker:
+    """Runs cells one at a time in one process, keeping loaded models between them."""
+
+    def __init__(self, shape: Shape) -> None:
+        # Two torch processes with all threads each on 2 cores were ~9x slower (shared/notes/offline-world.md).
+        torch.set_num_threads(max(1, int(shape.cpus)))
+        library_versions(), git_sha()  # paid once here (imports, a git call), not in the first cell
+        self.shard = shape.gpus > 1
+        self.cache = WorkerCache(default_cache_bytes(shape) if shape.cache_bytes is None else shape.cache_bytes)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self, cell_json: str, attempt: int) -> CellResult:
+        cell = CellConfig.model_validate_json(cell_json)
+        loads = self.cache.loads
+        row = run_cell(cell, CellRun(cache=self.cache, attempt=attempt, shard=self.shard))
+        if row["status"] != "ok":  # the cell may have died half-way through changing its model
+            self.cache.discard(cell.model)
+        return CellResult(row, self.name, self.cache.loads > loads, tuple(self.cache.held()))
+
+
+_RemoteCellWorker = ray.remote(CellWorker)
+
+
+@dataclass(eq=False)
+class Worker:
+    """The driver's view of one actor: what it reserves, holds and is running."""
+
+    actor: ActorHandle
+    shape: Shape
+    held: list[str] = field(default_factory=list)  # mirror of the actor's cache, least recently used first
+    running: str | None = None  # model of the cell in flight, if any
+
+
+def next_model(worker: Worker, queues: dict[str, deque], others: list[Worker]) -> str:
+    """The model whose next cell `worker` runs: the most recently used one it holds that has cells
+    waiting; else the one with the most waiting cells per worker already on it (so two workers
+    spread over two models instead of both loading the first)."""
+    for model in reversed(worker.held):
+        if queues.get(model):
+            return model
+    on = {m: sum(m in w.held or m == w.running for w in others) for m in queues}
+    return max((m for m in queues if queues[m]), key=lambda m: len(queues[m]) / (1 + on[m]))
+
+
+class WorkerPool:
+    """The live workers of this process's Ray session."""
+
+    def __init__(self) -> None:
+        self.workers: list[Worker] = []
+        self._session: str | None = None
+
+    def attach(self) -> None:
+        """Forget workers of an earlier Ray session: they died with it."""
+        session = ray.get_runtime_context().get_job_id()
+        if session != self._session:
+            self.workers, self._session = [], session
+
+    def idle(self, shape: Shape | None = None) -> list[Worker]:
+        return [w for w in self.workers if w.running is None and (shape is None or w.shape == shape)]
+
+    def busy(self) -> int:
+        return sum(w.running is not None for w in self.workers)
+
+    def has_room(self, shape: Shape) -> bool:
+        """Whether the cluster has the resources for one more worker of `shape` besides ours."""
+        total = ray.cluster_resources()
+        cpus = sum(w.shape.cpus for w in self.workers) + shape.cpus
+        gpus = sum(w.shape.gpus for w in self.workers) + shape.gpus
+        return cpus <= total.get("CPU", 0) + 1e-9 and gpus <= total.get("GPU", 0) + 1e-9
+
+    def start(self, shape: Shape) -> Worker:
+        actor = _RemoteCellWorker.options(
+            num_cpus=shape.cpus, num_gpus=shape.gpus, max_restarts=0, max_task_retries=0
+        ).remote(shape)  # calls queue until its __init__ (the imports) is done: they overlap the first cells
+        worker = Worker(actor, shape)
+        self.workers.append(worker)
+        return worker
+
+    def retire(self, worker: Worker) -> None:
+        """Stop the actor and give its resources back (also what to do with one that died)."""
+        self.workers.remove(worker)
+        ray.kill(worker.actor, no_restart=True)
+
+    def shutdown(self) -> None:
+        for worker in list(self.workers):
+            self.retire(worker)
+
+
+POOL = WorkerPool()

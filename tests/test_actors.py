@@ -1,0 +1,110 @@
+"""Worker model cache and the long-lived worker actors: memory-bounded LRU, and loads per worker."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from orchestrator.driver import run_cells, shutdown_workers
+from orchestrator.grid import expand
+from orchestrator.pool import POOL
+from orchestrator.spec import load_spec
+from orchestrator.store import ResultsStore
+from workers.cache import WorkerCache, estimated_bytes, model_bytes
+from workers.cell import ModelSpec
+
+
+@pytest.fixture(scope="module")
+def specs(test_ladder) -> dict[str, ModelSpec]:
+    xs, s = (ModelSpec(id=m) for m in test_ladder)
+    return {"xs": xs, "s": s, "s16": s.model_copy(update={"dtype": "bfloat16"})}
+
+
+@pytest.fixture(scope="module")
+def sizes(specs) -> dict[str, int]:
+    return {name: model_bytes(WorkerCache().model(spec, 8).model) for name, spec in specs.items()}
+
+
+def test_the_size_estimate_is_what_the_loaded_model_takes(specs, sizes):
+    assert {name: estimated_bytes(spec) for name, spec in specs.items()} == sizes
+    assert sizes["xs"] < sizes["s16"] < sizes["s"], sizes  # the eviction test below relies on this order
+
+
+def test_least_recently_used_models_are_evicted_by_bytes(specs, sizes):
+    cache = WorkerCache(max_bytes=sizes["xs"] + sizes["s"])
+    held = lambda: [ModelSpec.model_validate_json(s) for s in cache.held()]  # noqa: E731
+    cache.model(specs["xs"], 8), cache.model(specs["s"], 8)
+    assert held() == [specs["xs"], specs["s"]] and cache.loads == 2  # both fit exactly
+    cache.model(specs["xs"], 8)  # a hit: xs becomes the most recently used
+    assert held() == [specs["s"], specs["xs"]] and cache.loads == 2
+    cache.model(specs["s16"], 8)  # xs + s + s16 is over budget: s, least recently used, goes
+    assert held() == [specs["xs"], specs["s16"]] and cache.loads == 3
+    assert cache.resident_bytes == sizes["xs"] + sizes["s16"] <= cache.max_bytes
+    cache.model(specs["s"], 8)  # s16 + s is over budget too: xs and then s16 go
+    assert held() == [specs["s"]] and cache.loads == 4
+
+
+def test_a_model_bigger_than_the_budget_still_loads_alone(specs):
+    cache = WorkerCache(max_bytes=0)
+    cache.model(specs["xs"], 8), cache.model(specs["s"], 8)
+    assert [ModelSpec.model_validate_json(s) for s in cache.held()] == [specs["s"]] and cache.loads == 2
+
+
+def test_a_discarded_model_reloads_but_keeps_its_baselines(specs):
+    cache = WorkerCache(max_bytes=10**9)
+    first = cache.model(specs["xs"], 8)
+    computed = []
+    cache.baseline(specs["xs"], "ctx", lambda: computed.append(1) or "baseline")
+    cache.discard(specs["xs"])
+    assert cache.held() == [] and cache.model(specs["xs"], 8) is not first and cache.loads == 2
+    assert cache.baseline(specs["xs"], "ctx", lambda: computed.append(1) or "again") == "baseline" and computed == [1]
+
+
+@pytest.fixture(scope="module")
+def local_ray(ladder_cache):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        shutdown_workers()
+        ray.shutdown()
+
+
+@pytest.mark.slow  # ~1 minute on 2 busy cores, most of it Ray and two workers starting
+def test_two_batches_over_two_models_load_each_model_once_per_worker(local_ray, test_ladder, write_sweep):
+    """Two workers, two models, two `run_cells` calls: the workers (and what they hold) carry over."""
+    spec = load_spec(write_sweep({
+        "sweep": "actors", "models": [{"id": m} for m in test_ladder], "tasks": ["facts"], "methods": {"base": {}},
+        "budgets": [0], "seeds": list(range(6)), "eval": {"test_size": 20, "validation_size": 0, "neutral_size": 2},
+    }))  # fmt: skip
+    cells = expand(spec)
+    assert len(cells) == 12
+    store = ResultsStore(spec.results_dir)
+    batches = [[c for c in cells if c.config.seed < 3], [c for c in cells if c.config.seed >= 3]]
+    outcomes = [run_cells(batch, store, spec.resources, progress=False, dashboard=False) for batch in batches]
+
+    assert [o.ok for o in outcomes] == [6, 6] and [o.failed for o in outcomes] == [0, 0]
+    rows = store.read().to_pandas()
+    assert len(rows) == 12 and rows.cell_id.is_unique and (rows.status == "ok").all()
+    loads = outcomes[0].loads + outcomes[1].loads
+    assert loads and max(loads.values()) == 1, f"a worker loaded a model twice: {loads}"
+    assert {model for _, model in loads} == set(test_ladder)
+    workers = set(outcomes[0].model_loads) | set(outcomes[1].model_loads)
+    assert len(workers) == 2 and len(POOL.workers) == 2, "the second batch must run on the first batch's workers"
+    assert sum(o.total_model_loads for o in outcomes) == sum(loads.values()) <= 4
+
+
+@pytest.mark.slow  # ~1 minute: two fresh workers (the budget is part of what a worker is)
+def test_workers_hold_no_more_models_than_their_memory_budget(local_ray, test_ladder, write_sweep, sizes):
+    """Three models on two workers: someone must switch, and a budget that fits one model evicts the other."""
+    budget = sizes["s16"]  # xs fits, s16 fits, xs + s16 does not (and s, over budget, loads alone)
+    xs, s = test_ladder
+    spec = load_spec(write_sweep({
+        "sweep": "budget", "models": [{"id": xs}, {"id": s}, {"id": s, "dtype": "bfloat16"}], "tasks": ["facts"],
+        "methods": {"base": {}}, "budgets": [0], "seeds": [0, 1], "eval": {"test_size": 20, "validation_size": 0, "neutral_size": 2},
+        "resources": {"model_cache_bytes": budget},
+    }))  # fmt: skip
+    outcome = run_cells(expand(spec), ResultsStore(spec.results_dir), spec.resources, progress=False, dashboard=False)
+    assert outcome.ok == 6 and outcome.total_model_loads >= 3
+    assert len(POOL.workers) == 2 and all(w.shape.cache_bytes == budget for w in POOL.workers)
+    assert [len(w.held) for w in POOL.workers] == [1, 1], "what each worker reported holding after its last cell"
