@@ -66,19 +66,22 @@ def test_reading_some_layers_stops_the_forward_after_the_deepest(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_mean_difference_is_independent_of_batching_and_order(arch):
-    """Sorted, mixed positive/negative batches give the plain per-side means of one text at a time."""
+    """Sorted, deduplicated, mixed positive/negative batches give the plain per-side means of one text at a time."""
     lm = language_model(arch, batch_size=2)
     pairs = [(f"persona: honest q: a{i} b{i % 3} =", f"persona: liar q: a{i} =" + " 1 ;" * (i % 3)) for i in range(7)]
+    pairs += pairs[:3] + [(pairs[4][1], pairs[5][0])]  # repeats, and a text on both sides
 
-    def mean_state(texts):
-        states = [last_token_states(lm.model, *lm.pad(lm.encode([text], prompt=True))) for text in texts]
-        return torch.cat(states, dim=1).mean(1)
+    def states(texts):  # (layers, texts, d), one forward per text
+        return torch.cat([last_token_states(lm.model, *lm.pad(lm.encode([text], prompt=True))) for text in texts], dim=1)
 
-    reference = mean_state([p for p, _ in pairs]) - mean_state([n for _, n in pairs])
+    positive, negative = states([p for p, _ in pairs]), states([n for _, n in pairs])
+    reference = positive.mean(1) - negative.mean(1)
+    reference_norm = torch.cat([positive, negative], dim=1).norm(dim=-1).mean(1)
     tokens = lm.forward_tokens
     diff, norm = mean_difference(lm, pairs)
-    assert torch.allclose(diff, reference, atol=1e-5)
-    assert lm.forward_tokens - tokens == sum(len(ids) for pair in pairs for ids in lm.encode(list(pair), prompt=True))
+    assert torch.allclose(diff, reference, atol=1e-5) and torch.allclose(norm, reference_norm, atol=1e-5)
+    distinct = {text for pair in pairs for text in pair}
+    assert lm.forward_tokens - tokens == sum(map(len, lm.encode(sorted(distinct), prompt=True)))  # each text once
     some, some_norm = mean_difference(lm, pairs, [2, 0])
     assert torch.allclose(some, diff[[2, 0]], atol=1e-6) and torch.allclose(some_norm, norm[[2, 0]], atol=1e-6)
 

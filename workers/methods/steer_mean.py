@@ -56,25 +56,34 @@ def mean_difference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Difference of means and mean residual norm over the pairs, per layer: (len(layers), d) / (len(layers),).
 
-    `layers` defaults to all. Both sides of every pair go through the same forwards, sorted by
-    length so that a batch holds texts of about one length (little padding); each forward holds
-    `lm.batch_size` pairs (twice the LM's scoring batch in texts: it computes no logits, which at a
-    real vocabulary are most of a scoring forward's memory) and stops after the deepest layer read.
+    `layers` defaults to all. Each distinct text runs once, weighted by how often it occurs on
+    each side (small training pools repeat examples; the means are the same). Positives and
+    negatives share forwards, sorted by length so that a batch holds texts of about one length
+    (little padding); a forward holds `lm.batch_size` pairs — twice the LM's scoring batch in texts,
+    as it computes no logits, most of a scoring forward's memory at a real vocabulary — and stops
+    after the deepest layer read.
     """
-    texts = [p for p, _ in pairs] + [n for _, n in pairs]
-    sign = torch.cat([torch.ones(len(pairs)), -torch.ones(len(pairs))])
+    weight: dict[str, list[int]] = {}  # text -> [count as positive - count as negative, count on either side]
+    for pair in pairs:
+        for text, sign in zip(pair, (1, -1)):
+            w = weight.setdefault(text, [0, 0])
+            w[0] += sign
+            w[1] += 1
+    texts = list(weight)
     ids = lm.encode(texts, prompt=True)
     if lm.max_length is not None:
         ids = [row[-lm.max_length :] for row in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    weights = torch.tensor([weight[t] for t in texts], dtype=torch.float32)  # (texts, 2)
     diff_sum: torch.Tensor | float = 0.0
     norm_sum: torch.Tensor | float = 0.0
     for start in range(0, len(order), 2 * lm.batch_size):
         take = order[start : start + 2 * lm.batch_size]
         input_ids, attention = lm.pad([ids[i] for i in take])
         states = last_token_states(lm.model, input_ids.to(lm.device), attention.to(lm.device), layers)  # (L, B, d)
-        diff_sum = diff_sum + torch.einsum("lbd,b->ld", states, sign[take].to(states.device))
-        norm_sum = norm_sum + states.norm(dim=-1).sum(1)
+        w = weights[take].to(states.device)
+        diff_sum = diff_sum + torch.einsum("lbd,b->ld", states, w[:, 0])
+        norm_sum = norm_sum + states.norm(dim=-1) @ w[:, 1]
         lm.forward_tokens += int(attention.sum())
     return diff_sum / len(pairs), norm_sum / (2 * len(pairs))
 
@@ -92,7 +101,8 @@ class SteerMean:
             return SteeringVector(ctx.lm, candidates[0], zero, config.positions, report)
         tokens_before = ctx.lm.forward_tokens
         diff, mean_norm = mean_difference(ctx.lm, pairs, candidates)
-        extraction_tokens = ctx.lm.forward_tokens - tokens_before
+        # the data's tokens, repeats included (the extraction forwards each distinct text once)
+        extraction_tokens = sum(map(len, ctx.lm.encode([text for pair in pairs for text in pair], prompt=True)))
         norms = dict(zip(candidates, mean_norm.tolist()))
         best: tuple[float, float, int, float, torch.Tensor] | None = None  # (score, -|scale|, layer, scale, vector)
         for layer, direction in zip(candidates, diff):
