@@ -1,8 +1,10 @@
 """Fault injection with real processes: a worker killed mid-cell, a driver SIGKILLed mid-sweep,
-two drivers on one results directory, and joining a cluster started with `ray start --head`."""
+two drivers on one results directory, joining a cluster started with `ray start --head`, and cells
+that raise, whose loss goes NaN, or that run out of memory (Python's MemoryError, torch's allocator)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -152,3 +154,86 @@ def test_run_joins_a_cluster_started_with_ray_start(tmp_path, test_ladder):
         assert len(rows) == 2 and (rows.status == "ok").all()
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+# --- cells that fail inside their own code: each a `failed` row with its error; the sweep goes on ---
+
+FAULT_CELLS = 15  # 5 models x 3 methods
+
+
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory, test_ladder):
+    """One sweep whose cells fail every way a cell's own code can, next to cells that must be ok.
+
+    Real triggers where there are: a model that does not exist (raises), full fine-tuning at an
+    absurd learning rate (the loss goes NaN), a LoRA of rank 10^9 (torch's allocator cannot allocate
+    the matrices: a CPU allocation error here, torch.OutOfMemoryError on a GPU). Python's MemoryError
+    and torch's OutOfMemoryError cannot be provoked on a CPU box by any setting, so two copies of a
+    rung are named in the test-only $STEERSCALE_TEST_LOAD_FAULTS, which makes loading them raise.
+    """
+    from workers.cell import ModelSpec
+    from workers.models.loading import resolve_path
+
+    root = tmp_path_factory.mktemp("failing")
+    xs, s = test_ladder
+    rung = resolve_path(ModelSpec(id=xs))
+    oom_python, oom_torch = root / "too-big-python", root / "too-big-torch"
+    oom_python.symlink_to(rung, target_is_directory=True)
+    oom_torch.symlink_to(rung, target_is_directory=True)
+    path = _spec(
+        root,
+        [xs, s, str(root / "no-such-model"), str(oom_python), str(oom_torch)],
+        methods={
+            "steer_mean": {},
+            "full_ft": {"train": {"lr": 1e30, "min_steps": 3, "max_steps": 3, "checkpoints": 0}},
+            "lora": {"rank": 10**9, "train": {"min_steps": 1, "max_steps": 1, "checkpoints": 0}},
+        },
+        budgets=[16], seeds=[0], eval={"test_size": 30, "validation_size": 8, "neutral_size": 2},
+    )  # fmt: skip
+    env = {**os.environ, "STEERSCALE_TEST_LOAD_FAULTS": json.dumps({str(oom_python): "MemoryError", str(oom_torch): "OutOfMemoryError"})}
+    run = subprocess.run(_cli("run", str(path), "--no-progress", "--no-dashboard"), capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = _rows(root / "results")
+    assert len(rows) == FAULT_CELLS and rows.cell_id.is_unique, "zero lost cells, zero duplicates"
+    return path, root / "results", run, rows, env
+
+
+def _failed(rows, mask):
+    chosen = rows[mask]
+    assert len(chosen) and (chosen.status == "failed").all() and (chosen.attempt == 1).all(), chosen[["slug", "status", "attempt"]]
+    assert chosen.score.isna().all() and chosen.finished_at.notna().all()
+    return chosen.error.tolist()
+
+
+def test_a_cell_that_raises_is_a_failed_row(failing_sweep):
+    *_, rows, _ = failing_sweep
+    errors = _failed(rows, rows.model.str.endswith("no-such-model"))
+    assert len(errors) == 3 and all("no-such-model" in e for e in errors), errors
+
+
+def test_a_cell_whose_loss_goes_nan_is_a_failed_row(failing_sweep):
+    *_, rows, _ = failing_sweep
+    errors = _failed(rows, (rows.method == "full_ft") & rows.model.str.startswith("ladder:"))
+    assert len(errors) == 2 and all(e.startswith("NonFiniteLossError: loss became") for e in errors), errors
+
+
+def test_a_cell_out_of_memory_is_a_failed_row(failing_sweep):
+    *_, rows, _ = failing_sweep
+    python = _failed(rows, rows.model.str.endswith("too-big-python"))
+    torch_oom = _failed(rows, rows.model.str.endswith("too-big-torch"))
+    allocator = _failed(rows, (rows.method == "lora") & rows.model.str.startswith("ladder:"))
+    assert len(python) == 3 and all(e.startswith("MemoryError: ") for e in python), python
+    assert len(torch_oom) == 3 and all(e.startswith("OutOfMemoryError: ") for e in torch_oom), torch_oom
+    assert len(allocator) == 2 and all("can't allocate memory" in e or "out of memory" in e.lower() for e in allocator), allocator
+
+
+def test_the_sweep_goes_on_past_failed_cells_and_a_rerun_adds_nothing(failing_sweep, test_ladder):
+    path, results, run, rows, env = failing_sweep
+    ok = rows[rows.status == "ok"]
+    assert sorted(ok.model) == sorted(test_ladder)
+    assert (ok.method == "steer_mean").all() and ok.score.between(0, 1).all()
+    assert f"2 ok, {FAULT_CELLS - 2} failed" in run.stdout
+    before = _cell_files(results)
+    again = subprocess.run(_cli("run", str(path), "--no-progress", "--no-dashboard"), capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout + again.stderr[-2000:]
+    assert _cell_files(results) == before
