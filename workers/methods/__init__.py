@@ -17,10 +17,11 @@ from workers.methods.prompt import Prompt
 from workers.methods.protocol import Adapter, FitContext, FitReport, Method
 from workers.methods.steer_mean import SteerMean
 from workers.methods.steer_trained import SteerTrained
+from workers.methods.task_vector import TaskVector
 from workers.registry import Registry
 
 METHODS: Registry[Method] = Registry("method")
-for _method in (Base(), Prompt(), SteerMean(), SteerTrained(), Lora(), FullFt()):
+for _method in (Base(), Prompt(), SteerMean(), SteerTrained(), Lora(), FullFt(), TaskVector()):
     METHODS.register(_method.name, _method)
 
 
