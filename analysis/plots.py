@@ -85,7 +85,10 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
                 held = f", held-out {trend.holdout_error:.2f}" if np.isfinite(trend.holdout_error) else ""
                 ax.plot(grid, np.exp(intercept) * grid**slope, color=colours[pair], lw=1, label=f"{pair[1]} over {pair[0]}: γ={slope:.2f}{held}")
         ax.set(xscale="log", yscale="log", xlabel=axis.label, title=f"x = {axis.name}")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # capability axes span less than a decade
+        known = table[axis.name].to_numpy(float)
+        ticks = np.geomspace(np.nanmin(known), np.nanmax(known), 4)  # capability axes span less than a decade
+        ax.set_xticks(ticks, labels=[f"{t:.3g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     for family, marker in markers.items():
         panels[0][0].plot([], [], marker=marker, color="grey", ls="none", label=f"family {family}")
     for ax in panels[0]:
