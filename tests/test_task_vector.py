@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest_methods import N_A, N_ANSWERS, ToyTask, language_model
+from conftest_methods import ARCHITECTURES, N_A, N_ANSWERS, ToyTask, fit_context, language_model, logits
 
 from workers.cache import WorkerCache
 from workers.cell import CellConfig, EvalConfig, ModelSpec
@@ -112,7 +112,8 @@ def test_lambda_is_chosen_on_the_shared_validation_set(cells):
     scores = {float(k): v for k, v in hparams["lambda_scores"].items()}
     assert sorted(scores) == grid
     best = max(scores.values())
-    assert chosen["alpha"] == min((s for s in grid if scores[s] == best), key=abs)
+    # ties go to the smallest |λ| ("do nothing" first), then to adding over removing
+    assert chosen["alpha"] == max((s for s in grid if scores[s] == best), key=lambda s: (-abs(s), s))
     assert chosen["selection"] == "shared_validation" and chosen["val_labels"] == EVAL.validation_size
     assert hparams["delta_norm"] == json.loads(fixed["hparams"])["delta_norm"]
     # the cost: the fine-tune's plus one forward pass over the validation set per λ
@@ -169,6 +170,32 @@ def test_removal_loses_to_doing_nothing_on_validation():
     scores = adapter.report.hparams["lambda_scores"]
     assert scores["0.0"] > max(scores["-1.0"], scores["-0.5"])
     assert adapter.report.alpha == 0.0
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_merged_lora_update_matches_peft_on_every_architecture(arch):
+    """λ = 1 with a LoRA source is PEFT's own forward, also where weights are stored transposed (GPT-2's Conv1D)."""
+    lm = language_model(arch)
+    ctx = fit_context(lm)
+    lora = {"rank": 2, "train": {**FAST, "lr": 3e-2, "min_steps": 3, "max_steps": 3}}
+    peft = get_method("lora").fit(ctx, resolve_config("lora", lora))
+    merged = get_method("task_vector").fit(ctx, resolve_config("task_vector", {"finetune": "lora", "lora": lora, "lambdas": [1.0]}))
+    base = logits(lm)
+    with peft.applied():
+        expected = logits(lm)
+    with merged.applied():
+        got = logits(lm)
+    assert not torch.allclose(expected, base, atol=1e-4), "the LoRA must really change the logits"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_grid_without_a_validation_set_fails_before_training():
+    lm = language_model()
+    ctx = fit_context(lm, n_val=0)
+    with pytest.raises(ValueError, match="give a single λ"):
+        get_method("task_vector").fit(ctx, resolve_config("task_vector", {"lambdas": [0.0, 1.0]}))
+    adapter = get_method("task_vector").fit(ctx, resolve_config("task_vector", {"full_ft": {"train": {**FAST, "min_steps": 2, "max_steps": 2}}, "lambdas": [1.0]}))
+    assert adapter.report.alpha == 1.0 and adapter.report.selection == "fixed" and adapter.report.val_labels == 0
 
 
 def _state(lm: LanguageModel) -> dict[str, torch.Tensor]:

@@ -123,23 +123,25 @@ class TaskVector:
     config_class = TaskVectorConfig
 
     def fit(self, ctx: FitContext, config: TaskVectorConfig) -> WeightArithmetic:
+        candidates = list(dict.fromkeys(config.lambdas))
+        validate = ctx.validator()
+        if len(candidates) > 1 and validate is None:  # checked before the fine-tune, which would be wasted
+            raise ValueError(
+                f"task_vector chooses λ among {candidates} on the shared validation set, "
+                "but this cell has none (eval.validation_size = 0); give a single λ"
+            )
         source = SOURCES[config.finetune]
         tuned = source.method.fit(ctx, config.source_config())  # type: ignore[arg-type]
         deltas = source.deltas(ctx.lm, tuned)
-        validate = ctx.validator()
         scores: dict[float, float] = {}
         before = ctx.lm.forward_tokens
-        if len(set(config.lambdas)) > 1:
-            if validate is None:
-                raise ValueError(
-                    f"task_vector chooses λ among {list(config.lambdas)} on the shared validation set, "
-                    "but this cell has none (eval.validation_size = 0); give a single λ"
-                )
-            for scale in config.lambdas:
+        if len(candidates) > 1:
+            assert validate is not None
+            for scale in candidates:
                 with added(ctx.lm, deltas, scale):
                     scores[scale] = validate()
         # ties go to the smaller |λ| (0, "do nothing", first), then to adding over removing
-        scale = max(config.lambdas, key=lambda s: (scores.get(s, 0.0), -abs(s), s))
+        scale = max(candidates, key=lambda s: (scores.get(s, 0.0), -abs(s), s))
         selection_tokens = ctx.lm.forward_tokens - before
         inner = tuned.report
         report = FitReport(
