@@ -1,6 +1,7 @@
 """Scaling-law analysis of steerscale results: reads the cells' Parquet rows, never the workers.
 
-The CLI calls three functions: `load_results`, `fit_results` and `write_report`.
+The CLI calls three functions: `load_results`, `fit_results` and `write_report`; the last two take
+`x=` ("params" | "neutral_loss" | "task_score"), what stands for model size N in the joint laws.
 """
 
 from analysis.io import LoadedResults, SkippedFile, load_results

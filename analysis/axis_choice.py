@@ -62,12 +62,14 @@ class AxisComparison:
     def record(self) -> dict[str, object]:
         return {"best": self.best, "verdicts": [v.record() for v in self.verdicts], "scores": [s.record() for s in self.scores]}
 
-    def error_table(self) -> list[tuple[str, str, str, dict[str, float]]]:
-        """(task, subject, law, {x: held-out error}) per group, in the order found."""
+    def error_table(self) -> list[tuple[str, str, str, dict[str, float], str]]:
+        """(task, subject, law, {x: finite held-out error}, tightest x or "-") per group that any axis fitted."""
         groups: dict[tuple[str, str, str], dict[str, float]] = {}
         for s in self.scores:
-            groups.setdefault((s.task, s.subject, s.law), {})[s.x] = s.holdout_error
-        return [(*key, errors) for key, errors in groups.items()]
+            errors = groups.setdefault((s.task, s.subject, s.law), {})
+            if np.isfinite(s.holdout_error):
+                errors[s.x] = s.holdout_error
+        return [(*key, e, min(e, key=e.get) if len(e) >= 2 else "-") for key, e in groups.items() if e]
 
 
 def _law_score(f: LawFit) -> AxisScore:
@@ -95,23 +97,17 @@ def compare_axes(
 
 
 def _verdicts(scores: list[AxisScore], notes: dict[str, str]) -> tuple[list[AxisVerdict], str | None]:
-    groups: dict[tuple[str, str, str], dict[str, float]] = {}
-    for s in scores:
-        if np.isfinite(s.holdout_error):
-            groups.setdefault((s.task, s.subject, s.law), {})[s.x] = s.holdout_error
+    table = AxisComparison(scores, [], None, []).error_table()
     usable = [name for name in AXES if name not in notes]
-    wins = dict.fromkeys(AXES, 0)
-    for errors in groups.values():
-        if len(errors) >= 2:
-            wins[min(errors, key=errors.get)] += 1
-    common = [e for (_, _, law), e in groups.items() if law != TREND and all(name in e for name in usable)]
+    wins = {name: sum(tightest == name for *_, tightest in table) for name in AXES}
+    common = [e for _, _, law, e, _ in table if law != TREND and all(name in e for name in usable)]
     verdicts = [
         AxisVerdict(
-            name, sum(name in e for e in groups.values()), wins[name],
+            name, sum(name in e for _, _, _, e, _ in table), wins[name],
             float(np.median([e[name] for e in common])) if common and name in usable else np.nan, notes.get(name, ""),
         )
         for name in AXES
     ]  # fmt: skip
-    compared = [v for v in verdicts if v.fitted and any(len(e) >= 2 for e in groups.values())]
-    best = min(compared, key=lambda v: (-v.wins, np.nan_to_num(v.median_error, nan=np.inf))).x if compared else None
-    return verdicts, best
+    compared = any(tightest != "-" for *_, tightest in table)
+    ranked = sorted(verdicts, key=lambda v: (-v.wins, np.nan_to_num(v.median_error, nan=np.inf)))
+    return verdicts, ranked[0].x if compared else None

@@ -123,13 +123,10 @@ def _capability(a: Analysis) -> list[Block]:
     if len(caps):
         rows = [(r["task"], r["model"], r["family"], *(_num(r[name]) for name in AXES)) for _, r in caps.iterrows()]
         blocks.append(Table(("task", "model", "family", *AXES), rows))
-    groups = [g for g in a.axes.error_table() if any(np.isfinite(e) for e in g[3].values())]
+    groups = a.axes.error_table()
     if not groups:
         return [*blocks, Paragraph("No joint law or crossover trend could be fitted on any axis (they need three models).")]
-    rows = []
-    for task, subject, law, errors in groups:
-        finite = {x: e for x, e in errors.items() if np.isfinite(e)}
-        rows.append((task, subject, law, *(_num(errors.get(x, np.nan)) for x in AXES), min(finite, key=finite.get) if len(finite) >= 2 else "-"))
+    rows = [(task, subject, law, *(_num(errors.get(x, np.nan)) for x in AXES), tightest) for task, subject, law, errors, tightest in groups]
     blocks.append(Paragraph(f"Held-out error per axis: laws in `{a.metric}` units, the trend {TREND} in mean |ln D*| missed."))
     blocks.append(Table(("task", "method / pair", "law", *AXES, "tightest"), rows))
     for v in a.axes.verdicts:

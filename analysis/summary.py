@@ -128,10 +128,8 @@ def axes_text(a: Analysis) -> list[str]:
         return ["x-axis comparison: no joint law or crossover trend could be fitted on any axis"]
     names = [v.x for v in a.axes.verdicts]
     table = [("task", "method / pair", "law", *names, "tightest")]
-    for task, subject, law, errors in groups:
-        finite = {x: e for x, e in errors.items() if np.isfinite(e)}
-        table.append((task, subject, law, *(f"{errors[x]:.3g}" if x in finite else "-" for x in names),
-                      min(finite, key=finite.get) if len(finite) >= 2 else "-"))  # fmt: skip
+    table += [(task, subject, law, *(f"{errors[x]:.3g}" if x in errors else "-" for x in names), tightest)
+              for task, subject, law, errors, tightest in groups]  # fmt: skip
     lines = [f"x-axis comparison: held-out error (laws: the model at the top of each axis left out, in {a.metric} units; "
              "the D* trend: each model left out, mean |ln D*|):", *("  " + line for line in _aligned(table))]  # fmt: skip
     for v in a.axes.verdicts:
