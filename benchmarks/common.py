@@ -14,13 +14,24 @@ from typing import Callable
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds of the timed repeats (warm-up runs excluded)."""
+    """Wall and process-CPU seconds of the timed repeats (warm-up runs excluded).
+
+    Wall time is what a user waits for and the headline. CPU time is recorded next to it because
+    this machine is shared: at a load of 5-10 on 2 cores, a single-threaded run's wall time is
+    mostly how long it waited for a core, while its CPU time is close to its wall time on an
+    idle machine.
+    """
 
     seconds: tuple[float, ...]
+    cpu_seconds: tuple[float, ...] = ()
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else float("nan")
 
     @property
     def spread(self) -> str:
@@ -28,15 +39,17 @@ class Timing:
         return f"{min(self.seconds):.3g}–{max(self.seconds):.3g} s (n={len(self.seconds)})"
 
 
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def time_call(fn: Callable[[], object], *, warmup: int, repeats: int) -> Timing:
     for _ in range(warmup):
         fn()
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - started)
-    return Timing(tuple(seconds))
+    runs = [_timed(fn) for _ in range(repeats)]
+    return Timing(tuple(w for w, _ in runs), tuple(c for _, c in runs))
 
 
 def time_alternating(
@@ -46,13 +59,17 @@ def time_alternating(
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            started = time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - started)
-    return {name: Timing(tuple(s)) for name, s in seconds.items()}
+            runs[name].append(_timed(fn))
+    return {name: Timing(tuple(w for w, _ in r), tuple(c for _, c in r)) for name, r in runs.items()}
+
+
+def paired_ratio(slow: Timing, fast: Timing, *, cpu: bool = False) -> float:
+    """Median over repeats of slow/fast, repeat by repeat: adjacent runs share the machine's load."""
+    a, b = (slow.cpu_seconds, fast.cpu_seconds) if cpu else (slow.seconds, fast.seconds)
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 @dataclass(frozen=True)
@@ -91,8 +108,13 @@ class Result:
 
 
 def fmt_time(t: Timing) -> str:
-    return f"{t.median:.3g} s [{t.spread}]"
+    cpu = f"; CPU {t.cpu_median:.3g} s" if t.cpu_seconds else ""
+    return f"{t.median:.3g} s [{t.spread}{cpu}]"
 
 
-def ratio(slow: float, fast: float) -> str:
-    return f"{slow / fast:.2f}×" if fast > 0 else "n/a"
+def fmt_speedup(slow: Timing, fast: Timing) -> str:
+    """How many times faster `fast` is: wall medians, and CPU medians where both sides have them."""
+    text = f"{slow.median / fast.median:.2f}×"
+    if slow.cpu_seconds and fast.cpu_seconds:
+        text += f" (CPU time {slow.cpu_median / fast.cpu_median:.2f}×)"
+    return text

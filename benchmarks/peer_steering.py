@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from benchmarks.common import time_alternating
 from workers.lm import LanguageModel
-from workers.methods.steer_mean import mean_difference
+from workers.methods.steer_mean import SteerMeanConfig, layer_indices, mean_difference
 from workers.models.tokenizer import build_tokenizer
 
 
@@ -25,24 +25,30 @@ def main() -> None:
     model = LlamaForCausalLM.from_pretrained(args["path"]).eval()
     lm = LanguageModel(model=model, tokenizer=build_tokenizer(), batch_size=args["batch_size"])
     pairs = [tuple(p) for p in args["pairs"]]
-    layers = list(range(model.config.num_hidden_layers))
+    every = list(range(model.config.num_hidden_layers))
+    candidates = layer_indices(SteerMeanConfig().layers, len(every))  # what steer_mean reads by default
 
-    def ours() -> torch.Tensor:
-        return mean_difference(lm, pairs)[0]
+    def ours(layers: list[int]) -> torch.Tensor:
+        return mean_difference(lm, pairs, layers)[0]
 
-    def theirs(batch_size: int) -> torch.Tensor:
+    def theirs(layers: list[int], batch_size: int) -> torch.Tensor:
         vector = sv.train_steering_vector(model, lm.tokenizer, pairs, layers=layers, read_token_index=-1, batch_size=batch_size)
         return torch.stack([vector.layer_activations[i].float() for i in layers])
 
-    a, b = ours(), theirs(args["batch_size"])
+    a, b = ours(every), theirs(every, args["batch_size"])
     cosines = torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist()
-    sides = {"ours": ours, "theirs_same_batch": lambda: theirs(args["batch_size"])}
-    if args["peer_default_batch"]:  # one text per forward: slow, so only in the full run
-        sides["theirs_default_batch"] = lambda: theirs(1)
+    sides = {
+        "ours_every": lambda: ours(every),
+        "theirs_every": lambda: theirs(every, args["batch_size"]),
+        "ours_candidates": lambda: ours(candidates),
+        "theirs_candidates": lambda: theirs(candidates, args["batch_size"]),
+    }
+    if args["peer_default_batch"]:  # one pair per step: slow, so only in the full run
+        sides["theirs_every_default_batch"] = lambda: theirs(every, 1)
     times = time_alternating(sides, warmup=args["warmup"], repeats=args["repeats"])
     json.dump({
-        "cosines": cosines, "max_abs_diff": float((a - b).abs().max()),
-        "seconds": {k: list(t.seconds) for k, t in times.items()},
+        "cosines": cosines, "max_abs_diff": float((a - b).abs().max()), "candidates": candidates,
+        "seconds": {k: [list(t.seconds), list(t.cpu_seconds)] for k, t in times.items()},
         "versions": {"transformers": __import__("transformers").__version__, "steering_vectors": _version("steering-vectors")},
     }, sys.stdout)  # fmt: skip
 

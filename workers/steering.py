@@ -126,6 +126,7 @@ def steer(model: nn.Module, vectors: Mapping[int, torch.Tensor], positions: Posi
     layers = decoder_layers(model)
     dtype, device = _dtype_device(model)
     state: list[torch.Tensor | None] = [None]  # the current forward's mask, (batch, seq, 1) in `dtype`
+    columns: dict[tuple[int, int, torch.device], torch.Tensor] = {}  # arange is slow to build, a width recurs
 
     def set_mask(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         boundary = _PROMPT_LAST.get()
@@ -135,11 +136,13 @@ def steer(model: nn.Module, vectors: Mapping[int, torch.Tensor], positions: Posi
         batch, offset, width, at = _chunk(args, kwargs)
         if boundary.last.shape[0] != batch:
             raise ValueError(f"prompt boundary covers {boundary.last.shape[0]} rows but the forward has {batch}")
-        if offset >= boundary.latest:
-            state[0] = None  # every row's prompt ends at or before this chunk: steer all of it
+        if offset > 0 and offset >= boundary.latest:
+            state[0] = None  # every row's prompt ends before this chunk (a step of cached generation): steer all of it
             return
-        columns = torch.arange(offset, offset + width, device=at)
-        state[0] = (columns[None, :] >= boundary.last.to(at)[:, None]).to(dtype)[..., None]
+        key = (offset, width, at)
+        if key not in columns:
+            columns[key] = torch.arange(offset, offset + width, device=at).view(1, width, 1)
+        state[0] = (columns[key] >= boundary.last.to(at).view(batch, 1, 1)).to(dtype)
 
     def hook(vector: torch.Tensor) -> Any:
         if not vector.requires_grad:  # a trained vector must stay the leaf the optimiser updates
