@@ -40,8 +40,8 @@ class Settings:
     noise: float = 0.02
 
 
-QUICK = Settings(methods=5, models=5, budgets=5, seeds=4, resamples=50, sampled_starts=8, sampled_resamples=1, warmup=1, repeats=2)
-FULL = Settings(methods=5, models=5, budgets=10, seeds=20, resamples=1000, sampled_starts=16, sampled_resamples=2, warmup=1, repeats=3)
+QUICK = Settings(methods=5, models=5, budgets=5, seeds=4, resamples=50, sampled_starts=8, sampled_resamples=3, warmup=1, repeats=3)
+FULL = Settings(methods=5, models=5, budgets=10, seeds=20, resamples=1000, sampled_starts=16, sampled_resamples=4, warmup=1, repeats=3)
 
 
 def method_data(s: Settings, method: int) -> LawData:
@@ -91,6 +91,11 @@ def run(quick: bool) -> Result:
     })  # fmt: skip
     timing = time_call(lambda: ours(datasets, s.resamples), warmup=s.warmup, repeats=s.repeats)
     fits = ours(datasets, s.resamples)
+    full_fits = [fit for fit, _ in fits]
+    boot_timing = time_call(
+        lambda: [bootstrap_fit(f, d, s.resamples, np.random.default_rng(i)) for i, (f, d) in enumerate(zip(full_fits, datasets))],
+        warmup=0, repeats=s.repeats,
+    )  # fmt: skip
 
     rng = np.random.default_rng(123)
     starts = grid[rng.choice(len(grid), s.sampled_starts, replace=False)]
@@ -112,7 +117,7 @@ def run(quick: bool) -> Result:
     result.checks += [
         Check(f"full-data fits: steerscale's loss ≤ the direct loop's (best of sampled starts) × (1 + {LOSS_RTOL})", str(objective_ok), objective_ok),
         Check(f"full-data parameters equal (rel {REL_TOL}, abs {ABS_TOL}); worst in tolerance units", f"{worst_full:.3f}", worst_full <= 1),
-        Check(f"{s.sampled_resamples} resample(s) per method refitted directly under the same weights: parameters equal", f"{worst_boot:.3f}", worst_boot <= 1),
+        Check(f"{s.sampled_resamples} resamples per method refitted directly under the same weights: parameters equal; worst in tolerance units", f"{worst_boot:.3f}", worst_boot <= 1),
     ]
     result.rows.append(Row(
         f"{s.methods} methods × {datasets[0].n} cells, fit + {s.resamples} bootstrap resamples",
@@ -120,8 +125,18 @@ def run(quick: bool) -> Result:
         f"{extrapolated:.3g} s (extrapolated: {per_run * 1e3:.1f} ms per L-BFGS run × {len(grid)} starts × {1 + s.resamples} fits × {s.methods})",
         f"{extrapolated / timing.median:.3g}×", "≥ 10×",
     ))  # fmt: skip
+    result.rows.append(Row(
+        f"the bootstrap alone: {s.methods} methods × {datasets[0].n} cells × {s.resamples} resamples", fmt_time(boot_timing), "", "",
+        "< 10 s at 5 × 1000 × 1000",
+    ))  # fmt: skip
     result.notes.append(
         f"Direct loop measured on {runs} L-BFGS-B runs ({s.sampled_starts} random grid starts × (full data + "
         f"{s.sampled_resamples} resamples) × {s.methods} methods) in {direct_seconds:.1f} s."
+    )
+    result.notes.append(
+        "The bootstrap refit takes Levenberg-Marquardt steps from two Gauss-Newton models at once (the exact Huber "
+        "curvature, which converges in ~15 steps once enough residuals sit inside δ, and the IRLS majoriser, which "
+        "carries the resamples where too few do) and sums per distinct (N, D) with reduceat; it used to take IRLS "
+        "steps only, capped at 60, which left some resamples of small fits short of the optimum."
     )
     return result
