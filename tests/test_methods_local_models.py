@@ -26,6 +26,7 @@ METHODS = {
     "steer_trained": {"train": FAST},
     "lora": {"rank": 2, "train": FAST},
     "full_ft": {"train": FAST},
+    "task_vector": {"full_ft": {"train": FAST}, "lambdas": [0.0, 1.0]},
     "steer_mean+lora": {"first": {"layers": [0.5], "scales": [1.0]}, "second": {"rank": 2, "train": FAST}},
     "lora+steer_mean": {"first": {"rank": 2, "train": FAST}, "second": {"layers": [0.5], "scales": [1.0]}},
     "steer_trained+lora": {"first": {"train": FAST}, "second": {"rank": 2, "train": FAST}},
