@@ -55,14 +55,20 @@ def time_call(fn: Callable[[], object], *, warmup: int, repeats: int) -> Timing:
 def time_alternating(
     fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int
 ) -> dict[str, Timing]:
-    """Time several callables interleaved (A B A B ...), so load from other jobs hits them alike."""
+    """Time several callables interleaved, so load from other jobs hits them alike.
+
+    The order flips every repeat (A B, B A, A B, ...): whichever runs second in a pair inherits
+    the first's allocator and cache state, a bias of a few percent at these sizes that a fixed
+    order would book against one side.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            runs[name].append(_timed(fn))
+    names = list(fns)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            runs[name].append(_timed(fns[name]))
     return {name: Timing(tuple(w for w, _ in r), tuple(c for _, c in r)) for name, r in runs.items()}
 
 
