@@ -48,7 +48,8 @@ def _rows(results: Path):
 
 def _cell_files(results: Path) -> dict[str, int]:
     cells = results / "cells"
-    return {p.name: p.stat().st_mtime_ns for p in cells.glob("*.parquet")} if cells.exists() else {}
+    files = cells.glob("*.parquet") if cells.exists() else []
+    return {p.name: p.stat().st_mtime_ns for p in files if not p.name.startswith(".tmp-")}  # not a write in flight
 
 
 def _running_cell_pids() -> list[int]:
