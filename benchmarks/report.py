@@ -12,6 +12,7 @@ from pathlib import Path
 
 from benchmarks.common import Result
 
+CHANGES = Path(__file__).with_name("CHANGES.md")
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "ray", "numpy", "scipy", "pyarrow")
 
 
@@ -48,10 +49,12 @@ def render(results: list[tuple[Result, float]], *, quick: bool) -> str:
         "# steerscale benchmarks",
         "",
         f"Written by `python -m benchmarks{' --quick' if quick else ''}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} "
-        f"at git {git_sha()}. Every number below was measured by that run; nothing is copied in by hand.",
+        f"at git {git_sha()}. Every number in the sections up to \"What changed\" was measured by that run; "
+        "nothing there is copied in by hand.",
         "",
-        "Timings are medians over repeats with the min–max spread; runs of the two sides alternate so that "
-        "load from other processes on this shared machine hits both alike. Ratios > 1× mean steerscale is faster.",
+        "Timings are medians over repeats with the min–max spread and the median process CPU time; runs of the two "
+        "sides alternate (in flipping order) so that load from other processes on this shared machine hits both alike. "
+        "Ratios > 1× mean steerscale is faster.",
         "",
         "## Machine",
         "",
@@ -72,6 +75,8 @@ def render(results: list[tuple[Result, float]], *, quick: bool) -> str:
         if result.notes:
             lines += ["", *(f"- {_cell(n)}" for n in result.notes)]
         lines.append("")
+    if CHANGES.exists():  # the hand-written log of fixes, with their before/after runs
+        lines += ["## What changed (benchmarks/CHANGES.md, written by hand; not measured by this run)", "", CHANGES.read_text()]
     return "\n".join(lines)
 
 
