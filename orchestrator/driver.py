@@ -26,7 +26,7 @@ from workers.run_cell import identity_columns
 
 from orchestrator.claims import Claims
 from orchestrator.grid import PlannedCell
-from orchestrator.pool import POOL, CellResult, Shape, Worker, next_model
+from orchestrator.pool import POOL, CellResult, Shape, Worker, live_nodes, next_model, node_capacity
 from orchestrator.spec import Resources
 from orchestrator.store import ResultsStore
 
@@ -75,6 +75,13 @@ def check_fits(cells: list[PlannedCell], resources: Resources) -> None:
         )
     if resources.cpus_per_cell > cpus:
         raise ConfigError(f"resources.cpus_per_cell is {resources.cpus_per_cell:g} but the cluster has {cpus:g} CPUs")
+    nodes = live_nodes()
+    for gpus in sorted({cell.gpus for cell in cells}):
+        if node_capacity(Shape(resources.cpus_per_cell, gpus, resources.model_cache_bytes), nodes) == 0:
+            raise ConfigError(
+                f"no node of the cluster has room for one cell: {resources.cpus_per_cell:g} CPUs and {gpus:g} GPUs "
+                "(resources.cpus_per_cell, models.*.gpus_per_cell) must fit on a single node"
+            )
 
 
 def crashed_row(cell: CellConfig, error: BaseException, attempt: int) -> dict:
@@ -209,6 +216,9 @@ def run_cells(
                 bar.update()
             dispatch()
             bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy())
+        unplaced = sum(len(q) for by_model in queues.values() for q in by_model.values())
+        if unplaced:  # cannot happen once check_fits passed; never return as if they had run
+            raise RuntimeError(f"{unplaced} cells found no worker: the cluster has no room for their resources")
     finally:
         bar.close()
         for worker, _, _ in in_flight.values():  # interrupted: stop what still runs, it is no longer claimed

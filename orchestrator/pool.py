@@ -11,6 +11,7 @@ outlive one `run_cells` call: a loop that runs batch after batch in one process 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections import deque
@@ -50,6 +51,26 @@ def default_cache_bytes(shape: Shape) -> int:
         return int(CACHE_FRACTION * visible * min(shape.gpus, 1.0))
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(CACHE_FRACTION * ram * min(1.0, shape.cpus / (os.cpu_count() or 1)))
+
+
+def live_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the cluster."""
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def node_capacity(shape: Shape, nodes: list[dict[str, float]]) -> int:
+    """How many workers of `shape` the nodes can hold at once, counted node by node as Ray places
+    them: a fraction of a GPU never spans two GPUs, more than one GPU means whole GPUs on one node.
+    (Cluster totals would overcount: 3 workers of 0.6 GPU "fit" in 2 GPUs, and the third never starts.)"""
+    count = 0
+    for resources in nodes:
+        fits = math.floor(resources.get("CPU", 0) / shape.cpus + 1e-9)
+        if shape.gpus > 0:
+            gpus = int(resources.get("GPU", 0) + 1e-9)
+            per_gpu = math.floor(1 / shape.gpus + 1e-9) * gpus if shape.gpus < 1 else math.floor(gpus / shape.gpus + 1e-9)
+            fits = min(fits, per_gpu)
+        count += fits
+    return count
 
 
 class CellWorker:
@@ -116,11 +137,14 @@ class WorkerPool:
         return sum(w.running is not None for w in self.workers)
 
     def has_room(self, shape: Shape) -> bool:
-        """Whether the cluster has the resources for one more worker of `shape` besides ours."""
+        """Whether the cluster has the resources for one more worker of `shape` besides ours (exactly
+        when all workers have one shape; with several, node by node for this shape and in total)."""
         total = ray.cluster_resources()
         cpus = sum(w.shape.cpus for w in self.workers) + shape.cpus
         gpus = sum(w.shape.gpus for w in self.workers) + shape.gpus
-        return cpus <= total.get("CPU", 0) + 1e-9 and gpus <= total.get("GPU", 0) + 1e-9
+        if cpus > total.get("CPU", 0) + 1e-9 or gpus > total.get("GPU", 0) + 1e-9:
+            return False
+        return sum(w.shape == shape for w in self.workers) < node_capacity(shape, live_nodes())
 
     def start(self, shape: Shape) -> Worker:
         actor = _RemoteCellWorker.options(

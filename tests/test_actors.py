@@ -7,7 +7,7 @@ import ray
 
 from orchestrator.driver import run_cells, shutdown_workers
 from orchestrator.grid import expand
-from orchestrator.pool import POOL
+from orchestrator.pool import POOL, Shape, node_capacity
 from orchestrator.spec import load_spec
 from orchestrator.store import ResultsStore
 from workers.cache import WorkerCache, estimated_bytes, model_bytes
@@ -108,3 +108,13 @@ def test_workers_hold_no_more_models_than_their_memory_budget(local_ray, test_la
     assert outcome.ok == 6 and outcome.total_model_loads >= 3
     assert len(POOL.workers) == 2 and all(w.shape.cache_bytes == budget for w in POOL.workers)
     assert [len(w.held) for w in POOL.workers] == [1, 1], "what each worker reported holding after its last cell"
+
+
+def test_node_capacity_counts_gpus_as_ray_places_them():
+    two_gpus, four_cpus = {"CPU": 16.0, "GPU": 2.0}, {"CPU": 4.0}
+    fits = lambda cpus, gpus, nodes: node_capacity(Shape(cpus, gpus, None), nodes)  # noqa: E731
+    assert fits(1, 0.6, [two_gpus]) == 2  # not 3: a fraction of a GPU never spans two
+    assert fits(1, 0.25, [two_gpus]) == 8 and fits(4, 0.25, [two_gpus]) == 4  # CPUs bound it too
+    assert fits(1, 2, [two_gpus, two_gpus]) == 2 and fits(1, 4, [two_gpus, two_gpus]) == 0  # sharded: one node's GPUs
+    assert fits(3, 0, [four_cpus, four_cpus]) == 2 and fits(8, 0, [four_cpus, four_cpus]) == 0  # 8 CPUs in total, 4 per node
+    assert fits(1, 1, [four_cpus]) == 0
