@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections import Counter, defaultdict
-from typing import Sequence
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -69,7 +69,55 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+ADAPTIVE_FLAGS = ("budget_flops", "max_cells", "target_width", "target_exponent_width", "batch_size")
+
+
+def _adaptive_flag_error(args: argparse.Namespace) -> str | None:
+    """Why the adaptive flags do not go together (None when they do)."""
+    given = [f"--{name.replace('_', '-')}" for name in ADAPTIVE_FLAGS if getattr(args, name) is not None]
+    if not args.adaptive:
+        return f"{', '.join(given)} only apply with --adaptive" if given else None
+    if args.budget_flops is None and args.max_cells is None:
+        return "--adaptive needs a budget to stop at: --budget-flops X and/or --max-cells K"
+    if args.force or args.retry_failed:
+        return "--adaptive chooses among cells without a stored row; it does not combine with --force or --retry-failed"
+    return None
+
+
+def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[PlannedCell], store: ResultsStore) -> int:
+    """Run the grid as an adaptive sweep (orchestrator/adaptive.py), one `run_cells` call per batch."""
+    from orchestrator.adaptive import Settings, run_adaptive
+    from orchestrator.cellcost import estimate_params
+    from orchestrator.driver import run_cells
+    from workers.run_cell import prepare_model
+
+    params = {}
+    if not args.address:  # local: build ladder rungs once here; their sizes are the cost model's prior
+        for model in {c.config.model.id: c.config.model for c in cells}.values():
+            n = estimate_params(prepare_model(model))
+            if n:
+                params[model.id] = n
+
+    def execute(batch: list[PlannedCell]) -> None:
+        outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress, dashboard=not args.no_dashboard)
+        print(f"  ran {outcome.ok + outcome.failed} cells in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed")
+
+    settings = Settings(**{name: getattr(args, name) for name in ADAPTIVE_FLAGS if getattr(args, name) is not None})
+    try:
+        outcome = run_adaptive(cells, store, execute, settings, params)
+    except ValueError as err:  # a grid the design cannot fit
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"adaptive: {outcome.cells_stored} of {len(cells)} cells stored, {outcome.flops_spent:.3g} post-training FLOPs")
+    print(f"choices and their reasons: {store.uri}/adaptive.jsonl; results: {store.uri}/cells/")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    problem = _adaptive_flag_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from orchestrator.driver import run_cells  # imported here: `plan` and `status` need no Ray
     from workers.run_cell import prepare_model
 
@@ -77,6 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cells, store, scan = _plan(spec)
     _report_quarantine(scan)
     write_manifest(store, _manifest_entries(cells))
+    if args.adaptive:
+        return _run_adaptive(args, spec, cells, store)
     skip = set() if args.force else {cid for cid, st in scan.status.items() if st == "ok" or not args.retry_failed}
     todo = [c for c in cells if c.cell_id not in skip]
     print(f"sweep {spec.sweep}: {len(cells)} cells, {len(cells) - len(todo)} already stored, {len(todo)} to run")
@@ -162,6 +212,21 @@ def cmd_ladder_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(kind: type) -> Callable[[str], float]:
+    """An argparse type: a number > 0 (argparse reports anything else and exits 2)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not value > 0:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steerscale", description="Scaling-law sweeps: steering vs fine-tuning, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join an existing Ray cluster ('auto' inside `ray job submit`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-dashboard", action="store_true", help="start the local Ray without its dashboard")
+    a = p.add_argument_group("adaptive sweeps", "choose cells that narrow the crossover D*(N) most per FLOP (orchestrator/adaptive.py)")
+    a.add_argument("--adaptive", action="store_true", help="run the grid adaptively; needs --budget-flops and/or --max-cells")
+    a.add_argument("--budget-flops", type=_positive(float), metavar="X", help="stop at X post-training FLOPs over the sweep's stored cells")
+    a.add_argument("--max-cells", type=_positive(int), metavar="K", help="stop at K stored cells (ok or failed)")
+    a.add_argument("--target-width", type=_positive(float), metavar="W",
+                   help="stop when every D* 95%% CI is narrower than W in log10 (default 0.3: a factor of 2)")
+    a.add_argument("--target-exponent-width", type=_positive(float), metavar="W", help="also require every curve's beta CI narrower than W")
+    a.add_argument("--batch-size", type=_positive(int), metavar="B", help="cells chosen per round (default 8)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / failed / remaining per model and method, from the store alone")

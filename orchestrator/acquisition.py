@@ -1,0 +1,329 @@
+"""Choosing the next cells of an adaptive sweep: a space-filling design, then variance removed per FLOP.
+
+Both phases are pure functions of the planned cells, the stored rows and the current fits.
+
+1. **Design.** A budget curve loss(D) = E + B·D^-β (one per task × method × model, fitted by
+   `analysis.curves`) can be fitted from 4 ok cells over 3 distinct budgets, but its bootstrap
+   interval is trusted only from 6 (two per parameter). Each curve gets those first, in a space-filling order: the smallest and the largest budget (so the
+   crossover search sees the grid's whole range), then interior budgets staggered across model
+   sizes so that the models together cover every budget level, then the other seeds. A failed
+   cell is simply passed over for the next one in that order. Cells without a budget axis
+   (`base`, budget 0) get one seed per model and task: the report's reference level.
+
+2. **Acquisition.** The targets are log10 D\\* for every (task, model, steering method,
+   fine-tuning method) — where the fine-tuning curve overtakes the steering curve — and, when
+   asked, every curve's exponent β. Each target's uncertainty comes from the bootstrap resamples
+   of the fits: per resample, D\\* is where that resample's two curves cross (censored at the end
+   of the budget range when they do not, so "no crossover" is an answer with a width too). A
+   target is resolved when its 95% percentile interval is narrower than its goal.
+
+   A candidate cell measures one curve's loss at one budget. The bootstrap resamples form an
+   ensemble: the same resamples give the curve's predicted log-loss f(D) at every budget and
+   every target's value, so their sample covariance says how the two move together. Observing
+   y = f(D) + ε, with ε the pooled residual noise of the fits (variance σ²), would remove
+
+       Cov(t, f(D))² / (Var f(D) + σ²)
+
+   from Var(t) in the linear-Gaussian approximation (the Kalman / kriging update). A cell's value
+   is that sum over the unresolved targets, each divided by its goal variance (so a log10 D\\*
+   and a β are both counted in units of "how far from done"), per FLOP of
+   `CostModel.ranking_cost`. A batch is built greedily: take the best cell, apply its update to
+   the covariance (so a second cell at the same curve and budget is now worth less, and cells of
+   other curves keep their value), repeat. That update is the batch's diversity; no ad-hoc
+   spacing rule is needed.
+
+Covariances between different curves are set to zero: their bootstraps are independent, so any
+sample covariance between them is noise (the "localisation" of ensemble Kalman filters). Every
+column is winsorised at its 2.5/97.5 percentiles first, so a few wild resamples do not dominate.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy.stats import norm
+
+import pandas as pd
+
+from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval
+from analysis.crossover import GRID_POINTS, budget_curves, first_crossing
+from analysis.fitting import MIN_DISTINCT, Fit, FitError, LawData, fit_law
+from analysis.laws import POWER_D
+from analysis.methods import method_kind
+from analysis.metrics import HIGHER_IS_BETTER, to_loss
+
+from orchestrator.cellcost import CostModel, Planned
+
+CurveKey = tuple[str, str, str]  # (task, method, model id)
+METRIC = "score"  # the study's main metric: the crossover is where fine-tuning's score overtakes steering's
+# The fitter needs params + 1 points; a bootstrap over cells needs more to mean anything (with 4 points
+# for 3 parameters, resampled intervals came out narrow and missed the truth in the simulated world).
+DESIGN_POINTS = 2 * len(POWER_D.params)
+Z = float(norm.ppf(0.5 + CI_LEVEL / 2))  # a normal interval at the bootstrap's level is 2·Z·sd wide
+
+
+def curve_key(cell: Planned) -> CurveKey:
+    return (cell.config.task, cell.config.method, cell.config.model.id)
+
+
+def label(key: CurveKey) -> str:
+    return "/".join(key)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One cell picked for the next batch, with why."""
+
+    cell: Planned
+    phase: str  # "design" | "acquisition"
+    reason: str
+    flops: float  # expected post-training FLOPs
+    value: float  # goal variances removed per ranking FLOP (NaN in the design phase)
+
+
+@dataclass(frozen=True)
+class CurveFit:
+    """One budget curve loss(D) = E + B·D^-β fitted to its stored ok cells, with bootstrap resamples.
+
+    The same law, loss transform, exclusions and fitter as `analysis.curves.fit_group` uses for a
+    budget curve; built here from `analysis.fitting` directly so that a round does not also fit the
+    joint (N, D) laws, which the loop never reads.
+    """
+
+    key: CurveKey
+    d: np.ndarray
+    loss: np.ndarray
+    fit: Fit
+    boot: Bootstrap
+
+
+def fit_curve(key: CurveKey, rows: pd.DataFrame, bootstrap: int, rng: np.random.Generator) -> CurveFit | None:
+    """The curve `key` fitted to its rows of `rows`; None when they cannot support it yet."""
+    task, method, model = key
+    usable = rows[(rows["task"] == task) & (rows["method"] == method) & (rows["model"] == model) & (rows["status"] == "ok")]
+    usable = usable[np.isfinite(usable[METRIC].astype(float)) & (usable["budget"].astype(float) > 0)]
+    d, loss = usable["budget"].to_numpy(float), to_loss(usable[METRIC].to_numpy(float), METRIC)
+    try:
+        data = LawData.build(POWER_D, {"D": d}, loss)
+        fit = fit_law(data)
+        return CurveFit(key, d, loss, fit, bootstrap_fit(fit, data, bootstrap, rng))
+    except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError):  # as fit_group: the curve waits for more cells
+        return None
+
+
+def check_grid(cells: Sequence[Planned]) -> None:
+    """Refuse grids whose curves could never be fitted: every curve needs 4 cells over 3 budgets."""
+    curves = curves_of(cells)
+    short = sorted({k[1] for k, group in curves.items() if not fittable(group)})
+    if short:
+        raise ValueError(
+            f"an adaptive sweep fits loss(D) per task × method × model, which needs at least {DESIGN_POINTS} cells "
+            f"over {MIN_DISTINCT} distinct budgets > 0; not so for: {', '.join(short)} (add budgets or seeds)"
+        )
+
+
+def fittable(cells: Sequence[Planned]) -> bool:
+    return len(cells) >= DESIGN_POINTS and len({c.config.budget for c in cells}) >= MIN_DISTINCT
+
+
+def curves_of(cells: Sequence[Planned]) -> dict[CurveKey, list[Planned]]:
+    """The cells of every budget curve (budget > 0), in grid order."""
+    curves: dict[CurveKey, list[Planned]] = defaultdict(list)
+    for cell in cells:
+        if cell.config.budget > 0:
+            curves[curve_key(cell)].append(cell)
+    return dict(curves)
+
+
+def design_order(cells: Sequence[Planned], rank: float) -> list[Planned]:
+    """A curve's cells as the design takes them: range ends, staggered interior, the rest; seed by seed.
+
+    `rank` in [0, 1) is the model's place among the sweep's models: with k = DESIGN_POINTS − 2 interior
+    picks, model i of n takes the interior budgets at fractions (j + (i + 1/2)/n)/k, j = 0..k−1, so
+    the n models together cover n·k interior levels (all of them, when there are that few).
+    """
+    budgets = sorted({c.config.budget for c in cells})
+    interior = budgets[1:-1]
+    k = DESIGN_POINTS - 2
+    staggered = [interior[int((j + rank) / k * len(interior))] for j in range(k)] if interior else []
+    preferred = list(dict.fromkeys([budgets[0], budgets[-1], *staggered, *interior]))
+    seeds = sorted({c.config.seed for c in cells})
+    return sorted(cells, key=lambda c: (seeds.index(c.config.seed), preferred.index(c.config.budget)))
+
+
+def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: CostModel) -> list[Choice]:
+    """Cells still missing from the design (see the module docstring); empty once every curve can be fitted."""
+    choices = []
+    references: dict[CurveKey, list[Planned]] = defaultdict(list)
+    for cell in cells:
+        if cell.config.budget == 0:
+            references[curve_key(cell)].append(cell)
+    for key, group in references.items():
+        if not any(c.cell_id in status for c in group):
+            cell = min(group, key=lambda c: c.config.seed)
+            reason = f"reference level: {label(key)} has no budget axis; one cell per model and task"
+            choices.append(Choice(cell, "design", reason, cost.post_train(cell.config), float("nan")))
+    models = list(dict.fromkeys(c.config.model.id for c in cells))
+    for key, group in curves_of(cells).items():
+        ok = [c for c in group if status.get(c.cell_id) == "ok"]
+        n_ok, budgets = len(ok), {c.config.budget for c in ok}
+        for cell in design_order(group, (models.index(key[2]) + 0.5) / len(models)):
+            if n_ok >= DESIGN_POINTS and len(budgets) >= MIN_DISTINCT:
+                break
+            if cell.cell_id in status:
+                continue
+            reason = (
+                f"design: {label(key)} has {n_ok} ok cells over {len(budgets)} budgets; its curve needs {DESIGN_POINTS} "
+                f"over {MIN_DISTINCT} before its bootstrap is trusted (order: range ends, staggered interior, more seeds)"
+            )
+            choices.append(Choice(cell, "design", reason, cost.post_train(cell.config), float("nan")))
+            n_ok, budgets = n_ok + 1, budgets | {cell.config.budget}
+    return choices
+
+
+@dataclass(frozen=True)
+class Target:
+    """A quantity the sweep should pin down, as bootstrap samples, and the interval width that is enough."""
+
+    name: str
+    unit: str  # "log10 D*" or "beta"
+    curves: tuple[CurveKey, ...]
+    samples: np.ndarray
+    goal: float
+    note: str = ""
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return percentile_interval(self.samples)
+
+    @property
+    def width(self) -> float:
+        lo, hi = self.interval
+        return hi - lo
+
+    @property
+    def resolved(self) -> bool:
+        return bool(self.width <= self.goal)
+
+    def record(self) -> dict[str, object]:
+        lo, hi = self.interval
+        return {"target": self.name, "unit": self.unit, "lo": lo, "hi": hi, "width": self.width,
+                "goal": self.goal, "resolved": self.resolved, "note": self.note}  # fmt: skip
+
+    def describe(self) -> str:
+        lo, hi = self.interval
+        mark = "done" if self.resolved else "open"
+        return f"{self.unit} {self.name}: [{lo:.3g}, {hi:.3g}] width {self.width:.3g} (goal {self.goal:.3g}, {mark}){self.note}"
+
+
+def crossover_samples(steer: CurveFit, tune: CurveFit) -> tuple[np.ndarray, float]:
+    """log10 D* per bootstrap resample, on the measured budget range as `analysis.crossover` searches it,
+    and the share of resamples that cross inside it.
+
+    A resample whose curves do not cross is censored at the end of the range it is beyond: at the
+    smallest budget when fine-tuning is ahead throughout, at the largest when steering stays ahead.
+    """
+    d_min, d_max = max(steer.d.min(), tune.d.min()), min(steer.d.max(), tune.d.max())
+    d = np.geomspace(d_min, d_max, GRID_POINTS)
+    sign = 1.0 if HIGHER_IS_BETTER[METRIC] else -1.0
+    advantage = sign * (budget_curves(tune.boot.params(), d, METRIC) - budget_curves(steer.boot.params(), d, METRIC))
+    d_star = first_crossing(advantage, d)
+    censored = np.where(np.isfinite(d_star), d_star, np.where(advantage[:, 0] >= 0, d_min, d_max))
+    return np.log10(censored), float(np.mean(np.isfinite(d_star)))
+
+
+def targets_from(fits: Mapping[CurveKey, CurveFit], crossover_goal: float | None, exponent_goal: float | None) -> list[Target]:
+    """Every steering × fine-tuning pair of fitted curves, and (when asked) every curve's exponent."""
+    targets = []
+    if crossover_goal is not None:
+        for (task, steering, model), steer in fits.items():
+            if method_kind(steering) != "steering":
+                continue
+            for (task2, tuning, model2), tune in fits.items():
+                if (task2, model2) == (task, model) and method_kind(tuning) == "finetuning":
+                    samples, share = crossover_samples(steer, tune)
+                    name = f"{task}/{model} {steering}->{tuning}"
+                    curves = ((task, steering, model), (task, tuning, model))
+                    note = f"; {share:.0%} of resamples cross inside the range"
+                    targets.append(Target(name, "log10 D*", curves, samples, crossover_goal, note))
+    if exponent_goal is not None:
+        for key, fit in fits.items():
+            targets.append(Target(label(key), "beta", (key,), fit.boot.params()["beta"], exponent_goal))
+    return targets
+
+
+def noise_variance(fits: Mapping[CurveKey, CurveFit]) -> float:
+    """Pooled variance of one cell's log-loss around its curve: Σ residual² / Σ (points − parameters).
+
+    Not a median-based estimate: the Huber fit (δ = 1e-3, nearly least absolute deviations) passes
+    exactly through as many points as it has parameters, so most residuals of a small curve are 0.
+    """
+    squares = sum(float(np.sum((np.log(f.fit.predict({"D": f.d})) - np.log(f.loss)) ** 2)) for f in fits.values())
+    dof = sum(len(f.d) - len(POWER_D.params) for f in fits.values())
+    return max(squares / dof, 1e-8) if dof > 0 else 1e-2
+
+
+def _winsorise(x: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(x, [2.5, 97.5])
+    return np.clip(x, lo, hi)
+
+
+def predicted_log_loss(fit: CurveFit, budget: float) -> np.ndarray:
+    p = fit.boot.params()
+    return np.log(p["E"] + p["B"] * float(budget) ** -p["beta"])
+
+
+def acquisition_choices(
+    targets: Sequence[Target], fits: Mapping[CurveKey, CurveFit], candidates: Sequence[Planned], cost: CostModel,
+    noise: float, *, size: int, flops_left: float,
+) -> list[Choice]:  # fmt: skip
+    """Up to `size` cells, greedily by goal variances removed per FLOP (see the module docstring)."""
+    slots: dict[tuple[CurveKey, int], list[Planned]] = defaultdict(list)  # (curve, budget) -> cells, seed order
+    for cell in sorted(candidates, key=lambda c: c.config.seed):
+        if curve_key(cell) in fits:
+            slots[(curve_key(cell), cell.config.budget)].append(cell)
+    if not targets or not slots:
+        return []
+    columns = [t.samples for t in targets] + [predicted_log_loss(fits[k], b) for k, b in slots]
+    owners = [set(t.curves) for t in targets] + [{k} for k, _ in slots]
+    samples = np.column_stack([_winsorise(np.nan_to_num(c, nan=np.nanmedian(c))) for c in columns])
+    index = {key: i for i, key in enumerate(fits)}
+    incidence = np.zeros((len(owners), len(index)))
+    for i, curves in enumerate(owners):
+        incidence[i, [index[k] for k in curves]] = 1.0
+    cov = np.cov(samples, rowvar=False) * ((incidence @ incidence.T) > 0)
+    n_targets = len(targets)
+    weight = np.array([0.0 if t.resolved else (2 * Z / t.goal) ** 2 for t in targets])
+    slot_keys = list(slots)
+    choices: list[Choice] = []
+    while len(choices) < size:
+        best: tuple[float, int] | None = None
+        for j, key in enumerate(slot_keys):
+            if not slots[key] or cost.post_train(slots[key][0].config) > flops_left:
+                continue
+            col = n_targets + j
+            removed = weight * cov[:n_targets, col] ** 2 / (cov[col, col] + noise)
+            value = removed.sum() / cost.ranking_cost(slots[key][0].config)
+            if value > 0 and (best is None or value > best[0]):
+                best = (value, j)
+        if best is None:
+            break
+        value, j = best
+        col = n_targets + j
+        cell = slots[slot_keys[j]].pop(0)
+        removed = cov[:n_targets, col] ** 2 / (cov[col, col] + noise)
+        helped = [i for i in np.argsort(-weight * removed) if weight[i] > 0 and removed[i] > 0][:2]
+        effects = "; ".join(
+            f"{targets[i].unit} {targets[i].name} width ≈{2 * Z * np.sqrt(cov[i, i]):.3g}→"
+            f"{2 * Z * np.sqrt(max(cov[i, i] - removed[i], 0.0)):.3g} (goal {targets[i].goal:.3g})"
+            for i in helped
+        )
+        flops = cost.post_train(cell.config)
+        reason = f"expected to narrow {effects}; {value:.3g} goal-variances per FLOP"
+        choices.append(Choice(cell, "acquisition", reason, flops, value))
+        flops_left -= flops
+        cov = cov - np.outer(cov[:, col], cov[col, :]) / (cov[col, col] + noise)
+    return choices

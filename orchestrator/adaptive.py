@@ -1,0 +1,197 @@
+"""Adaptive sweeps: run the cells that narrow the answer most per FLOP, stop when it is narrow enough.
+
+A dense grid spends most of its compute on cells that barely move the crossover D*(N). The loop
+here runs a sweep's grid as a pool of candidates instead:
+
+    read the stored rows -> fit every budget curve (with bootstrap) -> stop, or choose a batch
+    (`orchestrator.acquisition`) -> log every choice and its reason -> run the batch -> repeat
+
+It stops when every target interval is narrower than its goal, at the compute budget (post-
+training FLOPs, `orchestrator.cellcost`), at the cell budget, or when the grid is used up.
+
+Running a batch is the caller's `execute(cells)`: production passes one that calls
+`orchestrator.driver.run_cells` on Ray, tests one that answers cells from a known law. The loop
+keeps no state of its own beyond the store: every round starts from the rows found there, and
+`adaptive.jsonl` beside them (written through the store's `pyarrow` filesystem, so local paths
+and URIs alike) records each choice with its reason, each round's target intervals and why the
+loop stopped. Rerunning the same command resumes from what is stored — a cell with a row is never
+a candidate again, so no cell runs twice.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.io import jsonable, load_results
+
+from orchestrator.acquisition import (
+    Choice, CurveFit, CurveKey, Target, acquisition_choices, check_grid, curves_of, design_choices, fit_curve,
+    noise_variance, targets_from,
+)  # fmt: skip
+from orchestrator.cellcost import CostModel, Planned
+from orchestrator.store import ResultsStore
+
+LOG_NAME = "adaptive.jsonl"
+
+Executor = Callable[[list[Planned]], None]  # runs cells and stores their rows
+
+
+@dataclass(frozen=True)
+class Settings:
+    budget_flops: float | None = None  # post-training FLOPs of all stored cells of the sweep
+    max_cells: int | None = None  # stored cells (ok or failed) of the sweep
+    target_width: float | None = 0.3  # 95% CI width of log10 D* (0.3: known within a factor of 2)
+    target_exponent_width: float | None = None  # 95% CI width of every curve's beta; None: not a target
+    batch_size: int = 8
+    bootstrap: int = 1000  # resamples per curve and round: the stop rule compares 2.5/97.5 percentiles
+    seed: int = 0
+
+
+@dataclass
+class Outcome:
+    stop_reason: str
+    rounds: int
+    cells_stored: int
+    flops_spent: float
+    targets: list[Target] = field(default_factory=list)
+
+
+class DecisionLog:
+    """`<results>/adaptive.jsonl`: one JSON object per event, rewritten whole through a temp file and a move.
+
+    Object stores cannot append, so each write rewrites the (small) log; the move publishes it whole.
+    """
+
+    def __init__(self, store: ResultsStore) -> None:
+        self.filesystem, self.path = store.filesystem, f"{store.root}/{LOG_NAME}"
+        self.directory = store.root
+
+    def read(self) -> list[dict]:
+        try:
+            with self.filesystem.open_input_stream(self.path) as stream:
+                text = stream.read().decode()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def append(self, records: Sequence[dict]) -> None:
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        lines = [json.dumps(jsonable({"time": now, **r}), allow_nan=False) for r in records]
+        existing = self.read()
+        text = "".join(json.dumps(r) + "\n" for r in existing) + "".join(line + "\n" for line in lines)
+        self.filesystem.create_dir(self.directory, recursive=True)
+        temp = f"{self.directory}/.tmp-{uuid.uuid4().hex}-{LOG_NAME}"
+        with self.filesystem.open_output_stream(temp) as stream:
+            stream.write(text.encode())
+        self.filesystem.move(temp, self.path)
+
+
+def stored_rows(store: ResultsStore, cells: Sequence[Planned]) -> pd.DataFrame:
+    """The rows of this grid's cells (a results directory may hold others)."""
+    frame = load_results(store.uri).frame
+    return frame[frame["cell_id"].isin({c.cell_id for c in cells})].reset_index(drop=True)
+
+
+def fit_budget_curves(cells: Sequence[Planned], rows: pd.DataFrame, bootstrap: int, seed: int) -> dict[CurveKey, CurveFit]:
+    """Every budget curve of the grid that its stored rows can support."""
+    rng = np.random.default_rng(seed)
+    fits = {key: fit_curve(key, rows, bootstrap, rng) for key in curves_of(cells)}
+    return {key: fit for key, fit in fits.items() if fit is not None}
+
+
+def _choice_record(round_: int, choice: Choice) -> dict:
+    c = choice.cell.config
+    return {
+        "event": "choice", "round": round_, "phase": choice.phase, "cell_id": choice.cell.cell_id, "slug": c.slug,
+        "task": c.task, "model": c.model.id, "method": c.method, "budget": c.budget, "seed": c.seed,
+        "expected_flops": choice.flops, "value_per_flop": choice.value, "reason": choice.reason,
+    }  # fmt: skip
+
+
+def _within(choices: list[Choice], flops_left: float, cells_left: float) -> list[Choice]:
+    """The prefix of `choices` that the remaining budgets allow."""
+    kept, flops = [], 0.0
+    for choice in choices:
+        if len(kept) >= cells_left or flops + choice.flops > flops_left:
+            break
+        kept.append(choice)
+        flops += choice.flops
+    return kept
+
+
+def run_adaptive(
+    cells: Sequence[Planned], store: ResultsStore, execute: Executor, settings: Settings,
+    params_prior: Mapping[str, float], *, echo: Callable[[str], None] = print,
+) -> Outcome:  # fmt: skip
+    """The loop of the module docstring; `params_prior` maps model id -> parameter count for unrun models."""
+    check_grid(cells)
+    log = DecisionLog(store)
+    history = log.read()
+    round_ = 1 + max((r.get("round", -1) for r in history), default=-1)
+    if history:
+        echo(f"adaptive: resuming at round {round_} from {store.uri}/{LOG_NAME} and the stored rows")
+        log.append([{"event": "resume", "round": round_}])
+    flops_budget = settings.budget_flops if settings.budget_flops is not None else float("inf")
+    cells_budget = settings.max_cells if settings.max_cells is not None else float("inf")
+    while True:
+        rows = stored_rows(store, cells)
+        status = dict(zip(rows["cell_id"], rows["status"]))
+        cost = CostModel.calibrate(cells, rows, params_prior)
+        spent = cost.spent(cells, rows)
+        flops_left, cells_left = flops_budget - spent, cells_budget - len(status)
+        candidates = [c for c in cells if c.cell_id not in status]
+        targets: list[Target] = []
+        design = design_choices(cells, status, cost)
+        if design:
+            choices = _within(design, flops_left, cells_left)
+            echo(f"round {round_}: design, {len(design)} cells needed before every curve can be fitted")
+        else:
+            fits = fit_budget_curves(cells, rows, settings.bootstrap, settings.seed + round_)
+            targets = targets_from(fits, settings.target_width, settings.target_exponent_width)
+            noise = noise_variance(fits)
+            log.append([{"event": "round", "round": round_, "cells_stored": len(status), "flops_spent": spent,
+                         "noise_sd": float(np.sqrt(noise)), "targets": [t.record() for t in targets]}])  # fmt: skip
+            echo(f"round {round_}: {len(status)} cells stored, {spent:.3g} post-training FLOPs, noise sd {np.sqrt(noise):.3g} (log loss)")
+            for target in targets:
+                echo(f"  {target.describe()}")
+            if not targets:
+                return _stop(log, echo, round_, "no target: no curve pair (steering × fine-tuning) could be fitted, and no exponent goal was given", status, spent, targets)
+            if all(t.resolved for t in targets):
+                return _stop(log, echo, round_, "every target interval is narrower than its goal", status, spent, targets)
+            size = int(min(settings.batch_size, cells_left))
+            choices = acquisition_choices(targets, fits, candidates, cost, noise, size=size, flops_left=flops_left)
+        if not choices:
+            if not candidates:
+                reason = "every cell of the grid is stored"
+            elif cells_left <= 0:
+                reason = f"cell budget reached ({len(status)} of --max-cells {settings.max_cells:g})"
+            elif design or min(cost.post_train(c.config) for c in candidates) > flops_left:
+                reason = f"compute budget reached ({spent:.3g} of --budget-flops {flops_budget:.3g}; the next cell would exceed it)"
+            else:
+                reason = "no remaining cell is expected to narrow an open target"
+            if design:
+                reason += "; the design is incomplete, so nothing could be fitted"
+            return _stop(log, echo, round_, reason, status, spent, targets)
+        log.append([_choice_record(round_, choice) for choice in choices])
+        for choice in choices:
+            echo(f"  + {choice.cell.config.slug} (≈{choice.flops:.3g} FLOPs): {choice.reason}")
+        execute([choice.cell for choice in choices])
+        after = set(stored_rows(store, cells)["cell_id"])
+        if not any(choice.cell.cell_id in after for choice in choices):
+            return _stop(log, echo, round_, "no progress: none of the chosen cells was stored (claimed by another driver?)", status, spent, targets)
+        round_ += 1
+
+
+def _stop(log: DecisionLog, echo: Callable[[str], None], round_: int, reason: str, status: Mapping[str, str],
+          spent: float, targets: list[Target]) -> Outcome:  # fmt: skip
+    log.append([{"event": "stop", "round": round_, "reason": reason, "cells_stored": len(status), "flops_spent": spent,
+                 "targets": [t.record() for t in targets]}])  # fmt: skip
+    echo(f"adaptive: stopped after round {round_}: {reason}")
+    return Outcome(reason, round_, len(status), spent, targets)

@@ -1,0 +1,151 @@
+"""What a cell costs, in post-training FLOPs, before it runs: a prior refined by the rows already stored.
+
+The prior follows the FLOP formulas the methods record (workers/methods/protocol.py), in units of
+N · examples · tokens-per-example:
+
+    a method with a `train` section (LoRA, full FT, trained steering vectors)
+        ≈ 6 · N · steps · batch_size · T      steps = the trainer's own rule (see `train_steps`)
+    a method without one (mean-difference steering, few-shot prompting)
+        ≈ 2 · N · budget · T                   one forward pass over the budget's examples
+
+with N the model's parameter count (from stored rows, else the estimate the caller passes, e.g.
+read from the model's `config.json`) and T = 32 tokens per example until something is measured.
+Once rows exist, the prior's shape is kept and its scale replaced by the measured one:
+`post_train_flops / prior` of the stored rows, taken from the most specific group that has rows
+— the same (task, method, model) curve, else (task, method), else the method, else every row —
+so a curve's cost is right after its first cell and a new model borrows its method's scale.
+
+The budget of an adaptive sweep counts post-training FLOPs only (measured where stored, as the
+compute frontier does). Ranking cells by value per FLOP also adds the forward cost of the cell's
+evaluation, so methods that post-train for free (`base`, `prompt`) do not look infinitely cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+
+from workers.cell import CellConfig
+
+TOKENS_PER_EXAMPLE = 32.0  # the prior's T; measured rows replace it
+
+
+class Planned(Protocol):
+    """What the adaptive loop needs of a planned cell (`orchestrator.grid.PlannedCell` is one)."""
+
+    config: CellConfig
+
+    @property
+    def cell_id(self) -> str: ...
+
+
+def train_steps(n_examples: int, train: Mapping[str, Any]) -> int:
+    # Mirrors workers.training.steps_for, which the orchestrator may not import (it pulls in torch).
+    steps = train["epochs"] * math.ceil(n_examples / train["batch_size"])
+    return min(train["max_steps"], max(train["min_steps"], steps))
+
+
+def _train_sections(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every `train` settings block in a resolved method config (a composition nests its parts')."""
+    found = [config["train"]] if isinstance(config.get("train"), Mapping) else []
+    for value in config.values():
+        if isinstance(value, Mapping) and value is not config.get("train"):
+            found += _train_sections(value)
+    return found
+
+
+def work_units(cell: CellConfig) -> float:
+    """Prior post-training work in examples × passes (multiply by N and T for FLOPs)."""
+    sections = _train_sections(cell.method_config)
+    if sections:
+        return float(sum(6 * train_steps(cell.budget, t) * t["batch_size"] for t in sections))
+    return 2.0 * cell.budget
+
+
+def eval_units(cell: CellConfig) -> float:
+    """Forward work of the cell's evaluation: test, shared validation, neutral and off-task examples."""
+    e = cell.eval
+    return 2.0 * (e.test_size + e.validation_size + e.neutral_size + e.offtask_size * len(cell.offtask))
+
+
+def estimate_params(model_dir: str | Path) -> float | None:
+    """Parameter count from a model directory without loading weights; None when it cannot tell.
+
+    A ladder rung records its count (`ladder.json`); any other Hugging Face model gets Kaplan et
+    al.'s non-embedding estimate 12 · layers · width² from its `config.json`.
+    """
+    root = Path(model_dir)
+    if (root / "ladder.json").is_file():
+        return float(json.loads((root / "ladder.json").read_text())["params_total"])
+    if not (root / "config.json").is_file():
+        return None
+    config = json.loads((root / "config.json").read_text())
+    width = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
+    layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
+    return float(12 * layers * width**2) if width and layers else None
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Prior cell costs with scales measured from stored rows (see the module docstring)."""
+
+    params: dict[str, float]  # model id -> N
+    scales: dict[tuple[str, ...], float]  # (), (method,), (task, method), (task, method, model) -> FLOPs per unit
+
+    @classmethod
+    def calibrate(cls, cells: Sequence[Planned], rows: pd.DataFrame, params_prior: Mapping[str, float]) -> CostModel:
+        """Scales from the stored rows of `cells` that report post-training FLOPs."""
+        params = dict(params_prior)
+        if len(rows):
+            measured = rows.dropna(subset=["params_total"]).groupby("model")["params_total"].median()
+            params.update({model: float(n) for model, n in measured.items() if n > 0})
+        known = [n for n in params.values() if n > 0]
+        fallback = float(np.exp(np.mean(np.log(known)))) if known else 1.0
+        for cell in cells:
+            params.setdefault(cell.config.model.id, fallback)
+        by_id = {c.cell_id: c.config for c in cells}
+        ratios: dict[tuple[str, ...], list[float]] = {}
+        flops = rows[["cell_id", "post_train_flops"]].dropna() if len(rows) else rows
+        for cell_id, value in zip(flops.get("cell_id", []), flops.get("post_train_flops", [])):
+            config = by_id.get(cell_id)
+            if config is None:
+                continue
+            units = work_units(config) * params[config.model.id]
+            if units <= 0:
+                continue
+            keys = [(config.method,), (config.task, config.method), (config.task, config.method, config.model.id)]
+            # A method that post-trains for free (prompting) says nothing about tokens per example.
+            for key in keys + ([()] if value > 0 else []):
+                ratios.setdefault(key, []).append(float(value) / units)
+        scales = {key: float(np.median(values)) for key, values in ratios.items()}
+        return cls(params=params, scales=scales)
+
+    def _scale(self, config: CellConfig) -> float:
+        for key in ((config.task, config.method, config.model.id), (config.task, config.method), (config.method,), ()):
+            if key in self.scales:
+                return self.scales[key]
+        return TOKENS_PER_EXAMPLE
+
+    def post_train(self, config: CellConfig) -> float:
+        """Expected post-training FLOPs of a cell not yet run."""
+        return work_units(config) * self.params[config.model.id] * self._scale(config)
+
+    def ranking_cost(self, config: CellConfig) -> float:
+        """Post-training FLOPs plus the evaluation's forward FLOPs: what running the cell really takes."""
+        tokens = self.scales.get((), TOKENS_PER_EXAMPLE) or TOKENS_PER_EXAMPLE
+        return self.post_train(config) + eval_units(config) * self.params[config.model.id] * tokens
+
+    def spent(self, cells: Sequence[Planned], rows: pd.DataFrame) -> float:
+        """Post-training FLOPs of the stored cells: measured, or the prior where a row has none (failed)."""
+        by_id = {c.cell_id: c.config for c in cells}
+        total = 0.0
+        for cell_id, value in zip(rows.get("cell_id", []), rows.get("post_train_flops", [])):
+            if cell_id in by_id:
+                total += float(value) if np.isfinite(value) else self.post_train(by_id[cell_id])
+        return total
