@@ -85,11 +85,6 @@ def prepare_model(spec: ModelSpec) -> str:
     return resolve_path(spec)
 
 
-def model_loads() -> int:
-    """How many models this process has loaded so far (the driver reports reuse with it)."""
-    return PROCESS_CACHE.loads
-
-
 @dataclass
 class CellRun:
     """What a worker passes in besides the cell: the cache it keeps across cells, and the attempt."""
