@@ -163,10 +163,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _x_axis(name: str) -> str:
+    """`--x` checked when parsed (analysis imported only then, so `run` does not pay for it)."""
+    from analysis.capability import get_axis
+
+    try:
+        return get_axis(name).name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _with_fit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results_dir")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
+    p.add_argument(
+        "--x", type=_x_axis, default="params",
+        help="what stands for model scale N: params (non-embedding parameters), neutral_loss (base model's loss "
+        "on neutral text) or task_score (base model's score on the task); every axis is compared either way",
+    )  # fmt: skip
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from analysis import fit_results
 
-    summary = fit_results(args.results_dir, bootstrap=args.bootstrap)
+    summary = fit_results(args.results_dir, bootstrap=args.bootstrap, x=args.x)
     print(summary.to_text())
     return 0
 
@@ -174,7 +194,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis import write_report
 
-    print(f"report: {write_report(args.results_dir)}")
+    print(f"report: {write_report(args.results_dir, bootstrap=args.bootstrap, x=args.x)}")
     return 0
 
 
@@ -261,12 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json")
-    p.add_argument("results_dir")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
+    _with_fit_options(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("report", help="plots, report.md and a self-contained report.html")
-    p.add_argument("results_dir")
+    _with_fit_options(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ladder", help="the offline model ladder")

@@ -129,3 +129,15 @@ def test_run_cell_records_the_base_models_neutral_loss(test_ladder: list[str]) -
     assert row["base_neutral_nll"] == pytest.approx(reference.nll, rel=1e-6)
     assert row["base_neutral_nll_per_byte"] == pytest.approx(reference.nll_per_byte, rel=1e-6)
     assert 0 < row["base_neutral_nll_per_byte"] < row["base_neutral_nll"]  # a token spans at least one byte
+
+
+def test_cli_fit_takes_the_axis_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`steerscale fit --x NAME` reaches fits.json; a wrong name is a usage error (exit 2) that suggests the right one."""
+    from orchestrator.cli import main
+
+    write_cells(tmp_path, capability_rows({("facts", "lora"): TUNE}, MODELS, "task_score", BUDGETS, seeds=1, noise=0.01, rng=np.random.default_rng(2)))
+    assert main(["fit", str(tmp_path), "--x", "task_score", "--bootstrap", "0"]) == 0
+    assert json.loads((tmp_path / "fits.json").read_text())["x"] == "task_score"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", str(tmp_path), "--x", "neutral"])
+    assert exit_info.value.code == 2 and "did you mean 'neutral_loss'" in capsys.readouterr().err
