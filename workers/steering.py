@@ -137,7 +137,7 @@ def steer(model: nn.Module, vectors: Mapping[int, torch.Tensor], positions: Posi
         if boundary.last.shape[0] != batch:
             raise ValueError(f"prompt boundary covers {boundary.last.shape[0]} rows but the forward has {batch}")
         if offset > 0 and offset >= boundary.latest:
-            state[0] = None  # every row's prompt ends before this chunk (a step of cached generation): steer all of it
+            state[0] = None  # every row's prompt ends at or before this chunk (cached generation): steer all of it
             return
         key = (offset, width, at)
         if key not in columns:
