@@ -20,6 +20,7 @@ a candidate again, so no cell runs twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -99,11 +100,26 @@ def stored_rows(store: ResultsStore, cells: Sequence[Planned]) -> pd.DataFrame:
     return frame[frame["cell_id"].isin({c.cell_id for c in cells})].reset_index(drop=True)
 
 
-def fit_budget_curves(cells: Sequence[Planned], rows: pd.DataFrame, bootstrap: int, seed: int) -> dict[CurveKey, CurveFit]:
-    """Every budget curve of the grid that its stored rows can support."""
-    rng = np.random.default_rng(seed)
-    fits = {key: fit_curve(key, rows, bootstrap, rng) for key in curves_of(cells)}
-    return {key: fit for key, fit in fits.items() if fit is not None}
+def fit_budget_curves(
+    cells: Sequence[Planned], rows: pd.DataFrame, bootstrap: int, seed: int, cache: dict | None = None
+) -> dict[CurveKey, CurveFit]:
+    """Every budget curve of the grid that its stored rows can support.
+
+    Each curve's resamples are seeded by `seed` and the ids of its ok cells, so a fit is a function
+    of its data alone: a rerun reproduces it, and `cache` can keep it until a new cell of the curve lands.
+    """
+    cache = {} if cache is None else cache
+    fits = {}
+    ok = rows[rows["status"] == "ok"]
+    for key in curves_of(cells):
+        task, method, model = key
+        ids = tuple(sorted(ok["cell_id"][(ok["task"] == task) & (ok["method"] == method) & (ok["model"] == model)]))
+        if (key, ids, bootstrap, seed) not in cache:
+            rng = np.random.default_rng([seed, int(hashlib.sha256("".join(ids).encode()).hexdigest()[:15], 16)])
+            cache[(key, ids, bootstrap, seed)] = fit_curve(key, rows, bootstrap, rng)
+        if cache[(key, ids, bootstrap, seed)] is not None:
+            fits[key] = cache[(key, ids, bootstrap, seed)]
+    return fits
 
 
 def _choice_record(round_: int, choice: Choice) -> dict:
@@ -140,11 +156,16 @@ def run_adaptive(
         log.append([{"event": "resume", "round": round_}])
     flops_budget = settings.budget_flops if settings.budget_flops is not None else float("inf")
     cells_budget = settings.max_cells if settings.max_cells is not None else float("inf")
+    fit_cache: dict = {}
+    submitted: list[Choice] = []
     while True:
         rows = stored_rows(store, cells)
         status = dict(zip(rows["cell_id"], rows["status"]))
         cost = CostModel.calibrate(cells, rows, params_prior)
         spent = cost.spent(cells, rows)
+        if submitted and not any(choice.cell.cell_id in status for choice in submitted):
+            reason = "no progress: none of the chosen cells was stored (claimed by another driver?)"
+            return _stop(log, echo, round_, reason, status, spent, [])
         flops_left, cells_left = flops_budget - spent, cells_budget - len(status)
         candidates = [c for c in cells if c.cell_id not in status]
         targets: list[Target] = []
@@ -153,7 +174,7 @@ def run_adaptive(
             choices = _within(design, flops_left, cells_left)
             echo(f"round {round_}: design, {len(design)} cells needed before every curve can be fitted")
         else:
-            fits = fit_budget_curves(cells, rows, settings.bootstrap, settings.seed + round_)
+            fits = fit_budget_curves(cells, rows, settings.bootstrap, settings.seed, fit_cache)
             targets = targets_from(fits, settings.target_width, settings.target_exponent_width)
             noise = noise_variance(fits)
             log.append([{"event": "round", "round": round_, "cells_stored": len(status), "flops_spent": spent,
@@ -183,9 +204,7 @@ def run_adaptive(
         for choice in choices:
             echo(f"  + {choice.cell.config.slug} (≈{choice.flops:.3g} FLOPs): {choice.reason}")
         execute([choice.cell for choice in choices])
-        after = set(stored_rows(store, cells)["cell_id"])
-        if not any(choice.cell.cell_id in after for choice in choices):
-            return _stop(log, echo, round_, "no progress: none of the chosen cells was stored (claimed by another driver?)", status, spent, targets)
+        submitted = choices
         round_ += 1
 
 

@@ -1,0 +1,236 @@
+"""Adaptive sweeps: a simulated world with a known law (no training, no Ray, no torch), then the CLI on real Ray.
+
+The world: one task, three model sizes, a steering curve that saturates early and a fine-tuning
+curve that keeps improving, so fine-tuning overtakes steering at a known D*(N) inside a budget
+range of three decades; every cell's loss is the law times log-normal noise, and its post-training
+FLOPs follow the methods' own formulas (fine-tuning cost grows with the budget, steering's is a
+forward pass). The full grid is 11 budgets × 3 seeds per curve, as a dense sweep would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from analysis.synthetic import TrueCurve
+from orchestrator.acquisition import DESIGN_POINTS, curves_of, design_order, targets_from
+from orchestrator.adaptive import DecisionLog, Settings, fit_budget_curves, run_adaptive, stored_rows
+from orchestrator.cellcost import CostModel, work_units
+from orchestrator.store import ResultsStore
+from workers.cell import CellConfig, EvalConfig, ModelSpec
+
+MODELS = {"sim-s": 1e5, "sim-m": 4e5, "sim-l": 1.6e6}
+BUDGETS = [4 * 2**k for k in range(11)]
+SEEDS = [0, 1, 2]
+TRAIN = {"lr": 1e-3, "epochs": 4, "min_steps": 20, "max_steps": 1000, "batch_size": 16}
+METHODS = {"steer_mean": {}, "lora": {"rank": 4, "train": TRAIN}}
+TOKENS_PER_EXAMPLE = 40.0  # the world's; the cost model starts from 32 and must find 40
+NOISE = 0.05  # log-normal noise on each cell's loss
+
+
+def truth(method: str, model: str) -> TrueCurve:
+    i = list(MODELS).index(model)
+    return TrueCurve(0.40 - 0.05 * i, 1.0, 0.8) if method == "steer_mean" else TrueCurve(0.05, 2.0, 0.45)
+
+
+def true_log10_dstar(model: str) -> float:
+    d = np.geomspace(BUDGETS[0], BUDGETS[-1], 400_000)
+    advantage = truth("lora", model).score(d) - truth("steer_mean", model).score(d)
+    return float(np.log10(d[np.argmax(advantage >= 0)]))
+
+
+@dataclass(frozen=True)
+class SimCell:
+    """A planned cell of the simulated grid (what `orchestrator.grid.PlannedCell` offers the loop)."""
+
+    config: CellConfig
+
+    @property
+    def cell_id(self) -> str:
+        return self.config.cell_id
+
+
+def grid() -> list[SimCell]:
+    evaluation = EvalConfig(test_size=100, validation_size=32, neutral_size=16)
+    return [
+        SimCell(CellConfig(sweep="sim", model=ModelSpec(id=model), task="facts", method=method, method_config=config,
+                           budget=budget, seed=seed, eval=evaluation))  # fmt: skip
+        for model in MODELS for method, config in METHODS.items() for budget in BUDGETS for seed in SEEDS
+    ]
+
+
+class World:
+    """The executor of the simulated world: each cell answered from its law, stored as a real Parquet row."""
+
+    def __init__(self, store: ResultsStore, *, interrupt_at_call: int | None = None) -> None:
+        self.store, self.interrupt_at_call, self.calls, self.ran = store, interrupt_at_call, 0, []
+
+    def __call__(self, cells: list[SimCell]) -> None:
+        self.calls += 1
+        for i, cell in enumerate(cells):
+            if self.calls == self.interrupt_at_call and i == 2:
+                raise KeyboardInterrupt  # the driver is killed mid-batch: two cells stored, the rest not
+            c = cell.config
+            rng = np.random.default_rng(int(cell.cell_id[:12], 16))  # the same cell always gets the same answer
+            loss = (1 - truth(c.method, c.model.id).score(c.budget)) * math.exp(rng.normal(0, NOISE))
+            n = MODELS[c.model.id]
+            self.ran.append(cell.cell_id)
+            self.store.write({
+                "schema_version": 1, "sweep": c.sweep, "cell_id": cell.cell_id, "slug": c.slug, "status": "ok",
+                "model": c.model.id, "family": "sim", "params_total": int(n), "params_nonembed": int(0.9 * n),
+                "task": c.task, "method": c.method, "budget": c.budget, "seed": c.seed, "score": 1 - loss,
+                "post_train_flops": work_units(c) * n * TOKENS_PER_EXAMPLE,
+            })  # fmt: skip
+
+
+def crossover_widths(store: ResultsStore, cells: list[SimCell]) -> dict[str, tuple[float, float, float]]:
+    """model -> (95% CI width of log10 D*, lo, hi), from 2000 fresh resamples (not the loop's own)."""
+    targets = targets_from(fit_budget_curves(cells, stored_rows(store, cells), 2000, seed=12345), 1.0, None)
+    return {t.curves[0][2]: (t.width, *t.interval) for t in targets}
+
+
+@pytest.fixture(scope="module")
+def full_grid(tmp_path_factory):
+    cells = grid()
+    store = ResultsStore(str(tmp_path_factory.mktemp("full")))
+    World(store)(cells)
+    return store, crossover_widths(store, cells), float(stored_rows(store, cells)["post_train_flops"].sum())
+
+
+@pytest.fixture(scope="module")
+def adaptive(tmp_path_factory, full_grid):
+    """The adaptive run, killed mid-batch in its third round and resumed by running it again.
+
+    Its goal is the full grid's widest log10 D* interval: the sweep's CI width.
+    """
+    _, full_widths, full_flops = full_grid
+    cells = grid()
+    store = ResultsStore(str(tmp_path_factory.mktemp("adaptive")))
+    goal = max(w for w, _, _ in full_widths.values())
+    settings = Settings(budget_flops=full_flops, target_width=goal, batch_size=12, bootstrap=400)  # fewer rounds, faster fits
+    world = World(store, interrupt_at_call=3)
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_adaptive(cells, store, world, settings, MODELS, echo=lines.append)
+    outcome = run_adaptive(cells, store, world, settings, MODELS, echo=lines.append)
+    return store, cells, world, outcome, lines, crossover_widths(store, cells)
+
+
+def test_adaptive_reaches_the_full_grids_interval_with_at_most_half_the_compute(full_grid, adaptive):
+    _, full_widths, full_flops = full_grid
+    store, cells, _, outcome, _, reached = adaptive
+    assert outcome.stop_reason == "every target interval is narrower than its goal"
+    spent = float(stored_rows(store, cells)["post_train_flops"].sum())
+    assert spent <= 0.5 * full_flops, f"adaptive used {spent / full_flops:.0%} of the full grid's compute"
+    # The loop judged its own widths (400 resamples); recompute them from 2000 fresh ones. A 95%
+    # percentile interval's width carries about 5% Monte Carlo error at 400 resamples: allow that.
+    widest = max(w for w, _, _ in reached.values())
+    assert widest <= 1.05 * max(w for w, _, _ in full_widths.values()), (reached, full_widths)
+    assert len(stored_rows(store, cells)) < len(cells)
+
+
+def test_adaptive_intervals_cover_the_true_crossover(adaptive):
+    *_, reached = adaptive
+    for model, (_, lo, hi) in reached.items():
+        assert lo <= true_log10_dstar(model) <= hi, (model, lo, hi, true_log10_dstar(model))
+
+
+def test_every_stored_cell_was_chosen_once_with_a_reason(adaptive):
+    store, cells, world, *_ = adaptive
+    log = DecisionLog(store).read()
+    choices = [r for r in log if r["event"] == "choice"]
+    stored = set(stored_rows(store, cells)["cell_id"])
+    chosen = {r["cell_id"] for r in choices}
+    assert stored <= chosen
+    assert all(r["reason"] and r["slug"] and r["expected_flops"] > 0 for r in choices)
+    assert {r["phase"] for r in choices} == {"design", "acquisition"}
+    assert all(r["reason"].startswith("expected to narrow log10 D*") for r in choices if r["phase"] == "acquisition")
+    rounds = [r for r in log if r["event"] == "round"]
+    assert rounds and all(len(r["targets"]) == len(MODELS) for r in rounds)
+    events = [r["event"] for r in log]
+    assert events[-1] == "stop" and all(after == "resume" for before, after in zip(events, events[1:]) if before == "stop")
+
+
+def test_resuming_after_a_kill_runs_no_cell_twice(adaptive):
+    store, cells, world, outcome, lines, _ = adaptive
+    log = DecisionLog(store).read()
+    assert len(world.ran) == len(set(world.ran)), "a cell ran twice"
+    assert set(world.ran) == set(stored_rows(store, cells)["cell_id"])
+    resumed = [r for r in log if r["event"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["round"] == 3  # rounds 0-2 happened before the kill
+    assert any(line.startswith("adaptive: resuming at round 3") for line in lines)
+    # a rerun after the stop changes nothing: the same decision from the same rows
+    before = len(world.ran)
+    settings = Settings(budget_flops=1e30, target_width=outcome.targets[0].goal, batch_size=12, bootstrap=400)
+    again = run_adaptive(cells, store, world, settings, MODELS, echo=lambda _: None)
+    assert len(world.ran) == before and again.stop_reason == outcome.stop_reason
+
+
+def test_design_covers_the_range_ends_and_staggers_the_interior():
+    curves = curves_of(grid())
+    interior_taken = set()
+    for (task, method, model), cells in curves.items():
+        first = design_order(cells, (list(MODELS).index(model) + 0.5) / len(MODELS))[:DESIGN_POINTS]
+        budgets = {c.config.budget for c in first}
+        assert len(budgets) == DESIGN_POINTS and {BUDGETS[0], BUDGETS[-1]} <= budgets
+        assert {c.config.seed for c in first} == {0}
+        interior_taken |= budgets - {BUDGETS[0], BUDGETS[-1]}
+    assert interior_taken == set(BUDGETS[1:-1])  # three models × four staggered picks cover all nine
+
+
+def test_cost_model_learns_the_worlds_cost_from_stored_rows(tmp_path):
+    cells = grid()
+    store = ResultsStore(str(tmp_path))
+    prior = CostModel.calibrate(cells, stored_rows(store, cells), MODELS)
+    probe = next(c for c in cells if c.config.method == "lora" and c.config.budget == 1024 and c.config.model.id == "sim-l")
+    true_flops = work_units(probe.config) * MODELS["sim-l"] * TOKENS_PER_EXAMPLE
+    assert prior.post_train(probe.config) == pytest.approx(true_flops * 32 / 40)  # the prior's 32 tokens per example
+    World(store)([c for c in cells if c.config.model.id == "sim-s" and c.config.budget in (4, 64)])
+    measured = CostModel.calibrate(cells, stored_rows(store, cells), MODELS)
+    assert measured.post_train(probe.config) == pytest.approx(true_flops)  # a model not yet run borrows its method's scale
+    steer = next(c for c in cells if c.config.method == "steer_mean" and c.config.budget == 8)
+    assert measured.post_train(steer.config) < measured.post_train(probe.config) / 100
+    assert measured.spent(cells, stored_rows(store, cells)) == pytest.approx(
+        sum(work_units(c.config) * MODELS["sim-s"] * TOKENS_PER_EXAMPLE for c in cells if c.config.model.id == "sim-s" and c.config.budget in (4, 64))
+    )
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def steerscale(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--budget-flops", "1e12"], "--budget-flops only apply with --adaptive"),
+        (["--adaptive"], "--adaptive needs a budget to stop at"),
+        (["--adaptive", "--budget-flops", "-5"], "argument --budget-flops: must be > 0, got -5"),
+        (["--adaptive", "--max-cells", "0"], "argument --max-cells: must be > 0, got 0"),
+        (["--adaptive", "--max-cells", "three"], "argument --max-cells: expected an integer, got 'three'"),
+        (["--adaptive", "--max-cells", "4", "--force"], "does not combine with --force"),
+    ],
+)
+def test_bad_adaptive_flags_exit_2_with_a_clear_message(tmp_path, capsys, flags, message):
+    from orchestrator.cli import main
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"sweep": "flags", "models": [{"id": "ladder:test/xs"}], "tasks": ["facts"],
+                                      "methods": {"lora": {}}, "budgets": [4], "results_dir": str(tmp_path / "r")}))  # fmt: skip
+    try:
+        code = main(["run", str(config), *flags])
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
