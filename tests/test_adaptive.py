@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -234,3 +235,29 @@ def test_bad_adaptive_flags_exit_2_with_a_clear_message(tmp_path, capsys, flags,
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow  # real Ray and fourteen real cells: about 30 s on two cores
+def test_cli_adaptive_run_on_the_test_ladder_stores_at_most_k_cells_and_its_log(tmp_path, test_ladder, write_sweep):
+    config = write_sweep({
+        "sweep": "adaptive-cli", "models": [{"id": test_ladder[0]}], "tasks": ["facts"],
+        "methods": {"steer_mean": {"scales": [0.0, 1.0, 4.0]}, "lora": {"rank": 2, "train": {"lr": 3e-2, "checkpoints": 0, "max_steps": 20}}},
+        "budgets": [4, 8, 16, 32], "seeds": [0, 1],
+        "eval": {"test_size": 30, "validation_size": 8, "neutral_size": 4}, "resources": {"cpus_per_cell": 1},
+    })  # fmt: skip
+    # an exponent goal no curve can meet keeps the loop choosing until --max-cells stops it
+    flags = ["--adaptive", "--max-cells", "14", "--batch-size", "2", "--target-exponent-width", "1e-6", "--no-progress", "--no-dashboard"]
+    first = steerscale("run", str(config), *flags)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = tmp_path / "results" / "adaptive-cli"
+    rows = pq.read_table(results / "cells").to_pandas()
+    assert len(rows) == 14 and rows.cell_id.is_unique and (rows.status == "ok").all()  # 12 design cells + one batch of 2
+    log = [json.loads(line) for line in (results / "adaptive.jsonl").read_text().splitlines()]
+    choices = [r for r in log if r["event"] == "choice"]
+    assert {r["cell_id"] for r in choices} == set(rows.cell_id)
+    assert [r["phase"] for r in choices].count("acquisition") == 2 and all(r["reason"] for r in choices)
+    assert log[-1]["event"] == "stop" and log[-1]["reason"].startswith("cell budget reached (14 of --max-cells 14)")
+    assert "expected to narrow" in first.stdout and "adaptive: stopped after round 2" in first.stdout
+    again = steerscale("run", str(config), *flags)  # resumes from the store, finds the cell budget spent
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at round 3" in again.stdout and len(pq.read_table(results / "cells").to_pandas()) == 14
