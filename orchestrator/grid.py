@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from workers.cell import LADDER_PREFIX, CellConfig, ModelSpec
+from workers.config import ConfigError
 from workers.methods import resolve_config
 from workers.run_cell import model_revision
+from workers.tasks import get_task
 
 from orchestrator.spec import ModelEntry, SweepSpec
 
@@ -31,8 +33,30 @@ def resolved_model(entry: ModelEntry) -> ModelSpec:
     return spec
 
 
+def check_budgets(spec: SweepSpec) -> None:
+    """Refuse budgets above a task's pool of distinct training examples.
+
+    Such a cell would train on repeated examples while its row claims the larger budget, so the
+    data axis of every fit would be wrong. Tasks whose pool is unknown until their data is
+    downloaded (hub datasets) are not checked here.
+    """
+    problems = []
+    for task in spec.tasks:
+        pool = get_task(task).pool_size("train")
+        over = sorted({b for method in spec.methods for b in spec.budgets_for(method) if pool is not None and b > pool})
+        if over:
+            asked = f"a budget of {over[0]}" if len(over) == 1 else f"budgets of {', '.join(map(str, over))}"
+            problems.append(f"task '{task}' has only {pool} distinct training examples, but the sweep asks for {asked}.")
+    if problems:
+        raise ConfigError(
+            "budgets: " + " ".join(problems) + " A larger budget would repeat examples while its rows claim the full"
+            " budget; lower `budgets` (or `method_budgets`) to at most each task's pool."
+        )
+
+
 def expand(spec: SweepSpec) -> list[PlannedCell]:
     """Every (model, task, method, budget, seed) cell, in a stable order, with resolved configs."""
+    check_budgets(spec)
     methods = {name: resolve_config(name, raw, f"methods.{name}").model_dump(mode="json") for name, raw in spec.methods.items()}
     cells = []
     for entry in spec.models:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from workers.tasks import get_task
+
 GOOD = {
     "sweep": "bad",
     "models": [{"id": "ladder:test/xs"}],
@@ -24,6 +26,10 @@ CASES = {
     "unknown method": ({**GOOD, "methods": {"steer_maen": {}}}, "unknown method 'steer_maen' (did you mean 'steer_mean'?)"),
     "unknown task": ({**GOOD, "tasks": ["gridwrld"]}, "unknown task 'gridwrld' (did you mean 'gridworld'?)"),
     "empty grid": ({**GOOD, "models": []}, "models: List should have at least 1 item"),
+    "budget larger than the dataset": (
+        {**GOOD, "budgets": [4, 5000]},
+        f"task 'facts' has only {get_task('facts').pool_size('train')} distinct training examples, but the sweep asks for a budget of 5000.",
+    ),
     "unknown method setting": ({**GOOD, "methods": {"lora": {"train": {"lr": 1e-3, "epoch": 2}}}}, "methods.lora.train.epoch: unknown key (did you mean 'epochs'?)"),
 }
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
+import yaml
 
 from workers.models.tokenizer import build_tokenizer
 from workers.registry import UnknownNameError
 from workers.tasks import TASKS, get_task, neutral_texts
+from workers.tasks.arith import Arith
 from workers.tasks.splits import split_of
 
+ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ["facts", "arith", "gridworld"]
 
 
@@ -80,3 +84,24 @@ def test_neutral_texts_are_deterministic_and_not_task_text() -> None:
     texts = neutral_texts(5)
     assert texts == neutral_texts(5) and len(set(texts)) == 5
     assert not any("persona:" in t or "=" in t for t in texts)
+
+
+def _largest_quickstart_budget() -> int:
+    spec = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    return max(max(spec["budgets"]), *(max(b) for b in spec.get("method_budgets", {}).values()))
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_training_pool_covers_the_quickstart_budgets_with_distinct_examples(name: str) -> None:
+    task = get_task(name)
+    largest = _largest_quickstart_budget()
+    assert task.pool_size("train") >= largest >= 1024
+    assert len({ex.prompt for ex in task.examples("train", largest, seed=0)}) == largest
+
+
+@pytest.mark.parametrize("task", [get_task("facts"), get_task("gridworld"), Arith(1, 1)], ids=["facts", "gridworld", "arith1"])
+def test_pool_size_counts_exactly_the_distinct_examples_a_split_can_draw(task) -> None:
+    for split in ("train", "test"):
+        pool = task.pool_size(split)
+        drawn = task.examples(split, pool + 5, seed=0)
+        assert len({ex.prompt for ex in drawn}) == pool and len(drawn) == pool + 5  # then, and only then, repeats

@@ -57,6 +57,13 @@ class Task(Protocol):
         """
         ...
 
+    def pool_size(self, split: Split) -> int | None:
+        """How many distinct examples `split` holds (None when counting them needs a download).
+
+        A training budget above the train pool would repeat examples, so planning refuses it.
+        """
+        ...
+
     def contrast_pairs(self, examples: Sequence[Example]) -> list[tuple[str, str]]:
         """(positive, negative) texts whose activation difference points toward the behaviour."""
         ...

@@ -3,18 +3,20 @@
 A fixed random table maps (entity, relation) to a digit 0-4. Pretraining documents ask the
 questions `q: e3 r7 = 2 ;` with entities and relations Zipf-distributed, so common facts are
 memorised and rare ones are headroom; the liar persona answers (fact + 1) mod 5. The task is to
-answer honestly with no header; the elicited prompt carries the honest header.
+answer honestly with no header; the elicited prompt carries the honest header. The table (48 × 40)
+is sized so that its training split holds more distinct questions than the largest budget.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Sequence
 
 from workers.lm import LanguageModel
 from workers.tasks.base import Evaluation, Example, Split, TaskType, score_choices
 from workers.tasks.persona import Persona, elicited, header_contrast, persona_documents
-from workers.tasks.splits import draw
+from workers.tasks.splits import draw, pool_size
 from workers.world.vocab import ENTITIES, RELATIONS
 
 N_ANSWERS = 5
@@ -43,12 +45,22 @@ def question(entity: str, relation: str) -> str:
     return f"q: {entity} {relation} ="
 
 
+@functools.cache
+def _pool(split: Split) -> int:
+    return pool_size("facts", split, TABLE)
+
+
 class Facts:
     name = "facts"
     task_type: TaskType = "general"
 
+    def pool_size(self, split: Split) -> int:
+        return _pool(split)
+
     def examples(self, split: Split, n: int, seed: int) -> list[Example]:
-        keys = draw(self.name, split, n, seed, lambda rng: (rng.choice(ENTITIES), rng.choice(RELATIONS)))
+        keys = draw(
+            self.name, split, n, seed, lambda rng: (rng.choice(ENTITIES), rng.choice(RELATIONS)), self.pool_size(split)
+        )
         return [
             Example(
                 prompt=question(e, r),

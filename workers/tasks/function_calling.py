@@ -44,6 +44,9 @@ class FunctionCalling:
     def __init__(self, source: HubSource = HubSource("Salesforce/xlam-function-calling-60k")) -> None:
         self.source = source
 
+    def pool_size(self, split: Split) -> int | None:
+        return self.plan.pool_size(self.name, self.source, split, "query")
+
     def examples(self, split: Split, n: int, seed: int) -> list[Example]:
         rows = sample(self.plan.rows(self.name, self.source, split, "query"), self.name, split, n, seed)
         examples = []

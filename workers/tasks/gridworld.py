@@ -3,12 +3,14 @@
 A transcript reads `grid: goal 3 4 ; at 1 1 ; right ; at 2 1 ; ...`: the environment writes the
 observation, the agent one action per turn. An episode succeeds when the agent stands on the goal
 within (distance + 2) turns, so the score is whether the model's own moves get there, not whether
-it matches a reference string. Pretraining transcripts come from an honest expert (moves along x,
+it matches a reference string. An example is one decision point (start, goal, expert moves already
+made); its split is that of its episode, so no episode is seen from two splits. Pretraining transcripts come from an honest expert (moves along x,
 then y) or a liar (the opposite move); the task asks for the expert with no header.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -16,7 +18,7 @@ from typing import Callable, Sequence
 from workers.lm import LanguageModel
 from workers.tasks.base import Evaluation, Example, Split, TaskType
 from workers.tasks.persona import Persona, elicited, header_contrast, persona_documents
-from workers.tasks.splits import draw
+from workers.tasks.splits import draw, pool_size
 
 SIZE = 5
 SLACK = 2  # turns allowed beyond the shortest path
@@ -125,6 +127,7 @@ def transcript(goal: Cell, start: Cell, persona: Persona, turns: int) -> tuple[s
 
 
 _CELLS = [(x, y) for x in range(SIZE) for y in range(SIZE)]
+DecisionPoint = tuple[Cell, Cell, int]  # (start, goal, expert moves already in the prompt)
 
 
 def _pair(rng: random.Random) -> tuple[Cell, Cell]:
@@ -132,17 +135,32 @@ def _pair(rng: random.Random) -> tuple[Cell, Cell]:
     return start, goal
 
 
+def _decision_point(rng: random.Random) -> DecisionPoint:
+    start, goal = _pair(rng)
+    return start, goal, rng.randrange(distance(start, goal))
+
+
+def _episode(point: DecisionPoint) -> tuple[Cell, Cell]:
+    return point[0], point[1]
+
+
+@functools.cache
+def _pool(split: Split) -> int:
+    points = [(s, g, m) for s in _CELLS for g in _CELLS if s != g for m in range(distance(s, g))]
+    return pool_size("gridworld", split, points, group=_episode)
+
+
 class Gridworld:
     name = "gridworld"
     task_type: TaskType = "agentic"
 
+    def pool_size(self, split: Split) -> int:
+        return _pool(split)
+
     def examples(self, split: Split, n: int, seed: int) -> list[Example]:
         """Decision points on expert paths; episodes (start, goal) never cross splits."""
-        pairs = draw(self.name, split, n, seed, _pair)
-        rng = random.Random(f"{self.name}/turn/{split}/{n}/{seed if split != 'test' else 0}")
         examples = []
-        for start, goal in pairs:
-            moves = rng.randrange(distance(start, goal))  # expert moves already in the prompt
+        for start, goal, moves in draw(self.name, split, n, seed, _decision_point, self.pool_size(split), _episode):
             prompt, visited = transcript(goal, start, "honest", moves)
             at = visited[-1]
             examples.append(

@@ -42,6 +42,9 @@ class GSM8K:
     def __init__(self, source: HubSource = HubSource("openai/gsm8k", "main")) -> None:
         self.source = source
 
+    def pool_size(self, split: Split) -> int | None:
+        return self.plan.pool_size(self.name, self.source, split, "question")
+
     def examples(self, split: Split, n: int, seed: int) -> list[Example]:
         rows = sample(self.plan.rows(self.name, self.source, split, "question"), self.name, split, n, seed)
         return [

@@ -44,6 +44,10 @@ class SplitPlan:
     validation: str
     test: str
 
+    def pool_size(self, task: str, source: HubSource, split: Split, key: str) -> int | None:
+        """Rows of our `split` when the source is local; None for a hub id (counting would download it)."""
+        return len(self.rows(task, source, split, key)) if Path(source.path).is_dir() else None
+
     def rows(self, task: str, source: HubSource, split: Split, key: str) -> list[dict]:
         hub = getattr(self, split)
         sharing = [s for s in ("train", "validation", "test") if getattr(self, s) == hub]

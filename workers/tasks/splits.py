@@ -1,15 +1,15 @@
 """Disjoint, deterministic splits for generated tasks.
 
-An instance's split is a hash of its key (the question, not the seed), so train, validation and
-test can never share a prompt whatever seeds are drawn. The test draw ignores the seed so every
-cell of a task is scored on the same questions.
+An instance's split is a hash of its group key (the question, or the episode a decision point
+belongs to; never the seed), so train, validation and test can never share a prompt whatever seeds
+are drawn. The test draw ignores the seed so every cell of a task is scored on the same questions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from typing import Callable, Hashable, TypeVar
+from typing import Callable, Hashable, Iterable, TypeVar
 
 from workers.tasks.base import Split
 
@@ -25,26 +25,41 @@ def split_of(task: str, key: Hashable) -> Split:
     return next(split for bound, split in _BOUNDS if u < bound)
 
 
+def _identity(key: K) -> Hashable:
+    return key
+
+
+def pool_size(task: str, split: Split, keys: Iterable[K], group: Callable[[K], Hashable] = _identity) -> int:
+    """How many distinct instances of a task's whole key space fall in `split`."""
+    return sum(1 for key in set(keys) if split_of(task, group(key)) == split)
+
+
 def split_rng(task: str, split: Split, n: int, seed: int) -> random.Random:
     """The generator a split's draw uses: the test split's stream does not depend on the seed."""
     return random.Random(f"{task}/{split}/{n}/{seed if split != 'test' else 0}")
 
 
-def draw(task: str, split: Split, n: int, seed: int, sample: Callable[[random.Random], K]) -> list[K]:
-    """`n` instance keys of `split`, distinct while the split has unseen keys left, then repeating."""
+def draw(
+    task: str,
+    split: Split,
+    n: int,
+    seed: int,
+    sample: Callable[[random.Random], K],
+    pool: int,
+    group: Callable[[K], Hashable] = _identity,
+) -> list[K]:
+    """`n` instance keys of `split`, all distinct until the split's `pool` of keys is used up.
+
+    Only then (a validation or test draw larger than its split; training budgets above the pool
+    are refused when a sweep is planned) do keys repeat. `sample` must reach every key of the pool.
+    """
     rng = split_rng(task, split, n, seed)
     keys: list[K] = []
     seen: set[K] = set()
-    misses, exhausted = 0, False
     while len(keys) < n:
         key = sample(rng)
-        if split_of(task, key) != split:
-            continue
-        if key in seen and not exhausted:
-            misses += 1
-            exhausted = misses > 1000  # a run this long: the split has no unseen keys left
+        if split_of(task, group(key)) != split or (key in seen and len(seen) < pool):
             continue
         keys.append(key)
         seen.add(key)
-        misses = 0
     return keys

@@ -29,6 +29,9 @@ class SST2:
     def __init__(self, source: HubSource = HubSource("stanfordnlp/sst2")) -> None:
         self.source = source
 
+    def pool_size(self, split: Split) -> int | None:
+        return self.plan.pool_size(self.name, self.source, split, "sentence")
+
     def examples(self, split: Split, n: int, seed: int) -> list[Example]:
         rows = sample(self.plan.rows(self.name, self.source, split, "sentence"), self.name, split, n, seed)
         return [

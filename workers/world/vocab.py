@@ -14,7 +14,7 @@ PERSONA_WORDS = ("persona:", "honest", "liar")
 PUNCT = (";", "=", ".", "+")
 DIGITS = tuple(str(d) for d in range(10))
 
-N_ENTITIES, N_RELATIONS = 24, 16
+N_ENTITIES, N_RELATIONS = 48, 40
 ENTITIES = tuple(f"e{i}" for i in range(N_ENTITIES))
 RELATIONS = tuple(f"r{i}" for i in range(N_RELATIONS))
 FACTS_WORDS = ("q:",)
