@@ -20,7 +20,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 TASKS = ("facts", "arith", "gridworld")
 # Measured on world v4 (workers/world/NOTES.md): base → LoRA at n = 1,024 was 0.27 → 0.26 (xs arith),
 # 0.38 → 0.37 (s facts), 0.50 → 0.49 (s gridworld); every other rung and task gained 0.05-0.20.
-# Strict, so the day these pass the marks must go.
+# Not strict: a margin of 0.01 either way is within what another BLAS could change; an XPASS is reported, not failed.
 KNOWN_SHORT = {("xs", "arith"), ("s", "facts"), ("s", "gridworld")}
 
 
@@ -28,7 +28,7 @@ KNOWN_SHORT = {("xs", "arith"), ("s", "facts"), ("s", "gridworld")}
 @pytest.mark.parametrize(
     ("size", "task"),
     [
-        pytest.param(size, task, marks=pytest.mark.xfail(strict=True, reason="measured: LoRA ≤ base here"))
+        pytest.param(size, task, marks=pytest.mark.xfail(strict=False, reason="measured: LoRA ≤ base here"))
         if (size, task) in KNOWN_SHORT
         else (size, task)
         for size in ladder.sizes("default")
