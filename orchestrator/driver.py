@@ -217,8 +217,11 @@ def run_cells(
             dispatch()
             bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy())
         unplaced = sum(len(q) for by_model in queues.values() for q in by_model.values())
-        if unplaced:  # cannot happen once check_fits passed; never return as if they had run
-            raise RuntimeError(f"{unplaced} cells found no worker: the cluster has no room for their resources")
+        if unplaced:  # check_fits passed, so the cluster shrank (a node or the local raylet died); never return as if they had run
+            raise RuntimeError(
+                f"{unplaced} cells found no worker: the cluster has no room for their resources any more "
+                "(did a Ray node die?); every finished row is stored — rerun the same command to run the rest"
+            )
     finally:
         bar.close()
         for worker, _, _ in in_flight.values():  # interrupted: stop what still runs, it is no longer claimed
