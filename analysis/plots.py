@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from analysis.capability import AXES  # noqa: E402
 from analysis.crossover import budget_curves  # noqa: E402
+from analysis.decisions import Decisions  # noqa: E402
 from analysis.summary import Analysis  # noqa: E402
 
 BAND = (2.5, 97.5)
@@ -127,4 +128,25 @@ def selectivity_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
         ax.set(xlabel=column, title=f"{task}: effectiveness vs {column}")
     axes[0][0].set_ylabel("score − score_base")
     axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def adaptive_plot(decisions: Decisions, path: Path) -> Path | None:
+    """Each target's interval width against the post-training FLOPs spent when it was measured, with
+    its goal: how much narrower each round of chosen cells made the answer."""
+    history = decisions.width_history()
+    if not history:
+        return None
+    goals = {(t["target"], t["unit"]): t["goal"] for r in decisions.rounds for t in r["targets"]}
+    units = sorted({unit for _, unit in history})
+    fig, panels = plt.subplots(1, len(units), figsize=(5.5 * len(units), 3.8), squeeze=False)
+    for ax, unit in zip(panels[0], units):
+        for (name, u), points in sorted(history.items()):
+            if u != unit:
+                continue
+            flops, width = zip(*points)
+            line = ax.plot(flops, width, marker="o", ms=3, label=name)[0]
+            ax.axhline(goals[(name, u)], color=line.get_color(), ls=":", lw=1)
+        ax.set(xscale="log", xlabel="post-training FLOPs spent", ylabel=f"95 % interval width ({unit})", title=f"{unit}: interval per round (dotted: goal)")
+        ax.legend(fontsize=6)
     return _save(fig, path)

@@ -17,8 +17,9 @@ import numpy as np
 
 from analysis.axis_choice import TREND
 from analysis.capability import AXES, get_axis
+from analysis.decisions import Decisions, read_decisions
 from analysis.io import load_results, resolve
-from analysis.plots import budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
+from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, analyse
 
 
@@ -167,6 +168,38 @@ def _frontier(a: Analysis) -> list[Block]:
             Table(("task", "FLOPs ≤", "method", "model", "budget", a.metric), rows)]  # fmt: skip
 
 
+def _adaptive(decisions: Decisions | None, a: Analysis, out: Path) -> list[Block]:
+    """Which cells an adaptive run chose and why, how far its intervals narrowed, and why it stopped."""
+    heading = Heading("Adaptive sweep")
+    if decisions is None:
+        return [heading, Paragraph("No adaptive.jsonl here: the cells were run as a grid (`steerscale run --adaptive` chooses them and logs why).")]
+    stored = a.loaded.frame.set_index("cell_id")
+    chosen = [c for c in decisions.choices if c["cell_id"] in stored.index]
+    phases = {phase: sum(c["phase"] == phase for c in decisions.choices) for phase in sorted({c["phase"] for c in decisions.choices})}
+    stop = decisions.stops[-1] if decisions.stops else None
+    ending = (f"It stopped after round {stop['round']} with {stop['cells_stored']} cells stored and {_num(stop['flops_spent'])} "
+              f"post-training FLOPs spent: {stop['reason']}." if stop else "It has not stopped yet (running, or interrupted: rerunning the command resumes).")  # fmt: skip
+    blocks: list[Block] = [heading, Paragraph(
+        f"{len(decisions.choices)} cells chosen ({', '.join(f'{n} {p}' for p, n in phases.items()) or 'none'}), "
+        f"{len(chosen)} of them stored. {ending}")]  # fmt: skip
+    targets = decisions.final_targets
+    if targets:
+        rows = [(t["target"], t["unit"], f"[{_num(t['lo'])}, {_num(t['hi'])}]", _num(t["width"]), _num(t["goal"]), "done" if t["resolved"] else "open") for t in targets]
+        blocks += [Paragraph("Target intervals at the end (95 % bootstrap):"), Table(("target", "unit", "interval", "width", "goal", "status"), rows)]
+    path = adaptive_plot(decisions, out / "adaptive.png")
+    if path:
+        blocks.append(Image(path, "interval width per round against the compute spent"))
+    rows = []
+    for c in decisions.choices:
+        row = stored.loc[c["cell_id"]] if c["cell_id"] in stored.index else None
+        outcome = "not stored" if row is None else (f"ok, {a.metric} {_num(float(row[a.metric]))}" if row["status"] == "ok" else str(row["status"]))
+        rows.append((str(c["round"]), c["phase"], c["slug"], _num(c["expected_flops"]), outcome, c["reason"]))
+    if rows:
+        blocks += [Paragraph("Every choice, in order, with its reason and what the cell stored:"),
+                   Table(("round", "phase", "cell", "expected FLOPs", "stored", "reason"), rows)]  # fmt: skip
+    return blocks
+
+
 def _plots(a: Analysis, out: Path) -> list[Block]:
     blocks: list[Block] = [Heading("Plots")]
     makers = (("budget", budget_curves_plot, "score vs budget"), ("crossover", crossover_plot, "crossover budget D* against size and capability"),
@@ -223,7 +256,9 @@ def write_report(results_dir: str, *, metric: str = "score", bootstrap: int = 20
     out = Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     a = analyse(load_results(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x)
-    blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_links(a), *_frontier(a), *_plots(a, out)]
+    decisions = read_decisions(results_dir)
+    blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_links(a), *_frontier(a),
+              *_adaptive(decisions, a, out), *_plots(a, out)]  # fmt: skip
     (out / "report.md").write_text(render_markdown(blocks))
     page = out / "report.html"
     page.write_text(render_html(blocks))

@@ -30,6 +30,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.decisions import LOG_NAME
 from analysis.io import jsonable, load_results
 
 from orchestrator.acquisition import (
@@ -38,8 +39,6 @@ from orchestrator.acquisition import (
 )  # fmt: skip
 from orchestrator.cellcost import CostModel, Planned
 from orchestrator.store import ResultsStore
-
-LOG_NAME = "adaptive.jsonl"
 
 Executor = Callable[[list[Planned]], None]  # runs cells and stores their rows
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from analysis.report import write_report
 from analysis.synthetic import TrueCurve
 from orchestrator.acquisition import DESIGN_POINTS, curves_of, design_order, targets_from
 from orchestrator.adaptive import DecisionLog, Settings, fit_budget_curves, run_adaptive, stored_rows
@@ -172,6 +173,34 @@ def test_resuming_after_a_kill_runs_no_cell_twice(adaptive):
     settings = Settings(budget_flops=1e30, target_width=outcome.targets[0].goal, batch_size=12, bootstrap=400)
     again = run_adaptive(cells, store, world, settings, MODELS, echo=lambda _: None)
     assert len(world.ran) == before and again.stop_reason == outcome.stop_reason
+
+
+def test_the_report_lists_every_choice_its_stored_outcome_and_why_the_run_stopped(adaptive):
+    store, cells, *_ = adaptive
+    report = write_report(store.root, bootstrap=20)
+    text = (report.parent / "report.md").read_text()
+    log = DecisionLog(store).read()
+    choices, stop = [r for r in log if r["event"] == "choice"], [r for r in log if r["event"] == "stop"][-1]
+    section = text.split("## Adaptive sweep")[1].split("\n## ")[0]
+    assert f"{len(choices)} cells chosen" in section and stop["reason"] in section
+    table = [line for line in section.splitlines() if line.startswith("| ") and "| round |" not in line and "| target |" not in line]
+    stored = stored_rows(store, cells).set_index("cell_id")
+    choice_rows = [line for line in table if " | design | " in line or " | acquisition | " in line]
+    assert len(choice_rows) == len(choices)  # one line per choice, in the log's order
+    for choice, line in zip(choices, choice_rows):
+        assert choice["slug"] in line and choice["reason"] in line
+        expected = f"ok, score {stored.loc[choice['cell_id'], 'score']:.3g}" if choice["cell_id"] in stored.index else "not stored"
+        assert expected in line
+    final = {t["target"]: t for t in stop["targets"]}
+    target_rows = [line for line in table if line not in choice_rows]
+    assert len(target_rows) == len(final) and all(f"{final[name]['width']:.3g}" in line for name in final for line in target_rows if f"| {name} |" in line)
+    assert (report.parent / "adaptive.png").stat().st_size > 10_000
+
+
+def test_a_grid_run_reports_that_no_cell_was_chosen(full_grid):
+    store, *_ = full_grid
+    text = (write_report(store.root, bootstrap=20).parent / "report.md").read_text()
+    assert "No adaptive.jsonl here: the cells were run as a grid" in text.split("## Adaptive sweep")[1]
 
 
 def test_design_covers_the_range_ends_and_staggers_the_interior():

@@ -1,0 +1,61 @@
+"""The adaptive sweep's decision log, read back for the report.
+
+`steerscale run --adaptive` (orchestrator/adaptive.py) writes `<results_dir>/adaptive.jsonl`
+beside the rows: every cell it chose and why, each round's target intervals, and why it stopped.
+The analysis side only reads it, so that anyone looking at a report can see which cells were run on
+purpose and how far the intervals narrowed for the compute spent — without the orchestrator.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from analysis.io import resolve
+
+LOG_NAME = "adaptive.jsonl"
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """The events of one results directory's log, split by kind (each keeps the log's order)."""
+
+    choices: list[dict]
+    rounds: list[dict]
+    stops: list[dict]
+
+    @property
+    def final_targets(self) -> list[dict]:
+        """The intervals at the last stop that fitted anything, else at the last fitted round."""
+        for event in reversed(self.stops + self.rounds):
+            if event.get("targets"):
+                return event["targets"]
+        return []
+
+    def width_history(self) -> dict[tuple[str, str], list[tuple[float, float]]]:
+        """(target, unit) -> [(post-training FLOPs spent, interval width)] over the fitted rounds."""
+        history: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for event in self.rounds:
+            for target in event["targets"]:
+                if target.get("width") is not None:
+                    history.setdefault((target["target"], target["unit"]), []).append((event["flops_spent"], target["width"]))
+        return history
+
+
+def read_decisions(results_dir: str) -> Decisions | None:
+    """The log of `results_dir`, or None when the sweep was not run with --adaptive."""
+    fs, root = resolve(results_dir)
+    try:
+        with fs.open_input_stream(f"{root}/{LOG_NAME}") as stream:
+            text = stream.read().decode()
+    except FileNotFoundError:
+        return None
+    return parse_decisions(text)
+
+
+def parse_decisions(text: str) -> Decisions:
+    events = [json.loads(line) for line in text.splitlines() if line.strip()]
+    by_kind: dict[str, list[dict]] = {"choice": [], "round": [], "stop": []}
+    for event in events:
+        by_kind.get(event.get("event", ""), []).append(event)
+    return Decisions(by_kind["choice"], by_kind["round"], by_kind["stop"])
