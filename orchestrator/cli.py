@@ -13,6 +13,7 @@ from tqdm import tqdm
 from workers.config import ConfigError
 from workers.registry import UnknownNameError
 
+from orchestrator.errors import ClusterShrankError
 from orchestrator.grid import PlannedCell, expand
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.store import ResultsStore, StoreScan, read_manifest, write_manifest
@@ -305,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UnknownNameError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ClusterShrankError as err:  # an expected outcome on a real cluster, not a bug: no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

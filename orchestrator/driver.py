@@ -25,6 +25,7 @@ from workers.config import ConfigError
 from workers.run_cell import identity_columns
 
 from orchestrator.claims import Claims
+from orchestrator.errors import ClusterShrankError
 from orchestrator.grid import PlannedCell
 from orchestrator.pool import POOL, CellResult, Shape, Worker, live_nodes, next_model, node_capacity
 from orchestrator.spec import Resources
@@ -218,7 +219,7 @@ def run_cells(
             bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy())
         unplaced = sum(len(q) for by_model in queues.values() for q in by_model.values())
         if unplaced:  # check_fits passed, so the cluster shrank (a node or the local raylet died); never return as if they had run
-            raise RuntimeError(
+            raise ClusterShrankError(
                 f"{unplaced} cells found no worker: the cluster has no room for their resources any more "
                 "(did a Ray node die?); every finished row is stored — rerun the same command to run the rest"
             )
