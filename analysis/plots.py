@@ -147,6 +147,7 @@ def adaptive_plot(decisions: Decisions, path: Path) -> Path | None:
             flops, width = zip(*points)
             line = ax.plot(flops, width, marker="o", ms=3, label=name)[0]
             ax.axhline(goals[(name, u)], color=line.get_color(), ls=":", lw=1)
-        ax.set(xscale="log", xlabel="post-training FLOPs spent", ylabel=f"95 % interval width ({unit})", title=f"{unit}: interval per round (dotted: goal)")
+        spent = [f for points in history.values() for f, _ in points]
+        ax.set(xscale="log" if max(spent) > 10 * min(spent) else "linear", xlabel="post-training FLOPs spent", ylabel=f"95 % interval width ({unit})", title=f"{unit}: interval per round (dotted: goal)")
         ax.legend(fontsize=6)
     return _save(fig, path)
