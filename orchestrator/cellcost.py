@@ -8,8 +8,8 @@ N · examples · tokens-per-example:
     a method without one (mean-difference steering, few-shot prompting)
         ≈ 2 · N · budget · T                   one forward pass over the budget's examples
 
-with N the model's parameter count (from stored rows, else the estimate the caller passes, e.g.
-read from the model's `config.json`) and T = 32 tokens per example until something is measured.
+with N the model's parameter count (from stored rows, else the prior the caller passes: the CLI
+counts it on the meta device with `workers.run_cell.estimated_params`) and T = 32 tokens per example until something is measured.
 Once rows exist, the prior's shape is kept and its scale replaced by the measured one:
 `post_train_flops / prior` of the stored rows, taken from the most specific group that has rows
 — the same (task, method, model) curve, else (task, method), else the method, else every row —
@@ -22,10 +22,8 @@ evaluation, so methods that post-train for free (`base`, `prompt`) do not look i
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -72,23 +70,6 @@ def eval_units(cell: CellConfig) -> float:
     """Forward work of the cell's evaluation: test, shared validation, neutral and off-task examples."""
     e = cell.eval
     return 2.0 * (e.test_size + e.validation_size + e.neutral_size + e.offtask_size * len(cell.offtask))
-
-
-def estimate_params(model_dir: str | Path) -> float | None:
-    """Parameter count from a model directory without loading weights; None when it cannot tell.
-
-    A ladder rung records its count (`ladder.json`); any other Hugging Face model gets Kaplan et
-    al.'s non-embedding estimate 12 · layers · width² from its `config.json`.
-    """
-    root = Path(model_dir)
-    if (root / "ladder.json").is_file():
-        return float(json.loads((root / "ladder.json").read_text())["params_total"])
-    if not (root / "config.json").is_file():
-        return None
-    config = json.loads((root / "config.json").read_text())
-    width = config.get("hidden_size") or config.get("n_embd") or config.get("d_model")
-    layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
-    return float(12 * layers * width**2) if width and layers else None
 
 
 @dataclass(frozen=True)

@@ -88,16 +88,14 @@ def _adaptive_flag_error(args: argparse.Namespace) -> str | None:
 def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[PlannedCell], store: ResultsStore) -> int:
     """Run the grid as an adaptive sweep (orchestrator/adaptive.py), one `run_cells` call per batch."""
     from orchestrator.adaptive import Settings, run_adaptive
-    from orchestrator.cellcost import estimate_params
     from orchestrator.driver import run_cells
-    from workers.run_cell import prepare_model
+    from workers.run_cell import estimated_params, prepare_model
 
     params = {}
     if not args.address:  # local: build ladder rungs once here; their sizes are the cost model's prior
         for model in {c.config.model.id: c.config.model for c in cells}.values():
-            n = estimate_params(prepare_model(model))
-            if n:
-                params[model.id] = n
+            prepare_model(model)
+            params[model.id] = float(estimated_params(model))
 
     def execute(batch: list[PlannedCell]) -> None:
         outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress, dashboard=not args.no_dashboard)

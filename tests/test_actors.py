@@ -10,7 +10,8 @@ from orchestrator.grid import expand
 from orchestrator.pool import POOL, Shape, node_capacity
 from orchestrator.spec import load_spec
 from orchestrator.store import ResultsStore
-from workers.cache import WorkerCache, estimated_bytes, model_bytes
+from workers.cache import WorkerCache, estimated_bytes, estimated_params, model_bytes
+from workers.models.loading import count_parameters
 from workers.cell import ModelSpec
 
 
@@ -28,6 +29,14 @@ def sizes(specs) -> dict[str, int]:
 def test_the_size_estimate_is_what_the_loaded_model_takes(specs, sizes):
     assert {name: estimated_bytes(spec) for name, spec in specs.items()} == sizes
     assert sizes["xs"] < sizes["s16"] < sizes["s"], sizes  # the eviction test below relies on this order
+
+
+def test_the_parameter_estimate_is_what_a_row_records(specs):
+    """The adaptive cost model's prior for an unrun model: the count its rows will store (run_cell
+    records count_parameters of the loaded model as params_total)."""
+    counts = {name: estimated_params(spec) for name, spec in specs.items()}
+    assert counts == {name: count_parameters(WorkerCache().model(spec, 8).model)[0] for name, spec in specs.items()}
+    assert 0 < counts["xs"] < counts["s"] == counts["s16"], counts
 
 
 def test_least_recently_used_models_are_evicted_by_bytes(specs, sizes):

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from workers.cell import LADDER_PREFIX, ModelSpec
 from workers.lm import LanguageModel
 from workers.metrics import NeutralReference
-from workers.models.loading import DTYPES, load_language_model, resolve_path
+from workers.models.loading import DTYPES, count_parameters, load_language_model, resolve_path
 from workers.tasks.base import Evaluation
 
 
@@ -51,21 +51,28 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _meta_model(spec: ModelSpec) -> torch.nn.Module:
+    """`spec`'s architecture built on the meta device from its config: shapes without reading weights."""
+    revision = None if spec.id.startswith(LADDER_PREFIX) else spec.revision  # as load_language_model does
+    config = AutoConfig.from_pretrained(resolve_path(spec), revision=revision, trust_remote_code=spec.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+
+
+def estimated_params(spec: ModelSpec) -> int:
+    """`spec`'s parameter count as its rows' `params_total` will record it, from its config alone."""
+    return count_parameters(_meta_model(spec))[0]
+
+
 def estimated_bytes(spec: ModelSpec) -> int:
     """What loading `spec` will occupy, from its config alone: the model built on the meta device.
 
     Weights loaded in `spec.dtype` take its item size; buffers (rotary tables, masks) keep the size
     they are built with. Exact for the ladder and for plain hub checkpoints (checked in tests).
     """
-    revision = None if spec.id.startswith(LADDER_PREFIX) else spec.revision  # as load_language_model does
-    config = AutoConfig.from_pretrained(resolve_path(spec), revision=revision, trust_remote_code=spec.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
-    params = {id(p): p for p in model.parameters()}
+    model = _meta_model(spec)
     buffers = {id(b): b for b in model.buffers()}
-    return sum(p.numel() for p in params.values()) * DTYPES[spec.dtype].itemsize + sum(
-        b.numel() * b.element_size() for b in buffers.values()
-    )
+    return count_parameters(model)[0] * DTYPES[spec.dtype].itemsize + sum(b.numel() * b.element_size() for b in buffers.values())
 
 
 def _raise_injected_fault(spec: ModelSpec) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.cache import PROCESS_CACHE, Baseline, WorkerCache
+from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params
 from workers.cell import CellConfig, ModelSpec
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
