@@ -4,8 +4,10 @@ that raise, whose loss goes NaN, or that run out of memory (Python's MemoryError
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -154,6 +156,58 @@ def test_run_joins_a_cluster_started_with_ray_start(tmp_path, test_ladder):
         rows = _rows(tmp_path / "results")
         assert len(rows) == 2 and (rows.status == "ok").all()
     finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_a_node_dying_mid_sweep_ends_the_run_cleanly_and_a_rerun_on_a_new_node_finishes_it(tmp_path, test_ladder):
+    """A head with no CPUs and one worker node: when that node dies, the cells left have nowhere to run.
+    The driver must say so (exit 3, no traceback), keep every finished row, and a rerun must resume."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    head = subprocess.run(
+        [ray_bin, "start", "--head", f"--port={_free_port()}", "--num-cpus=0", "--include-dashboard=false", "--disable-usage-stats"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert head.returncode == 0, head.stderr[-2000:]
+    address = re.search(r"ray start --address='([^']+)'", head.stdout).group(1)  # Ray binds the machine's own address
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # joining by address sends the head's token (~/.ray/auth_token)
+
+    def worker_node() -> subprocess.Popen:
+        # --block keeps the node's processes under this one, so killing its group kills the node.
+        return subprocess.Popen([ray_bin, "start", f"--address={address}", "--num-cpus=2", "--block"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)  # fmt: skip
+
+    def wait_for_the_node() -> None:
+        deadline = time.time() + 120
+        while "/2.0 CPU" not in subprocess.run([ray_bin, "status", f"--address={address}"], capture_output=True, text=True, env=env).stdout:
+            assert time.time() < deadline, "the worker node never joined"
+            time.sleep(1)
+
+    node = worker_node()
+    try:
+        wait_for_the_node()
+        path = _spec(tmp_path, test_ladder)
+        results = tmp_path / "results"
+        driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--address", address), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 300
+        while len(_cell_files(results)) < 3 and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.05)
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=30)
+        out, err = driver.communicate(timeout=600)
+        before = _cell_files(results)
+        assert driver.returncode == 3, (out, err[-3000:])
+        assert "cells found no worker" in err and "rerun the same command" in err and "Traceback" not in err, err[-3000:]
+        assert 3 <= len(before) < 16, f"the node died after {len(before)} rows"
+        node = worker_node()
+        wait_for_the_node()
+        again = subprocess.run(_cli("run", str(path), "--no-progress", "--address", address), capture_output=True, text=True, timeout=900, env=env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        rows = _rows(results)
+        assert len(rows) == 16 and rows.cell_id.is_unique, "zero lost cells, zero duplicates"
+        assert all(_cell_files(results)[name] == t for name, t in before.items()), "stored rows must not be redone"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the first node is gone already
+            os.killpg(node.pid, signal.SIGKILL)
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
 
 
