@@ -206,11 +206,18 @@ def test_lora_flops_and_params():
     assert adapter.report.post_train_flops == 4 * n * t + 6 * p * t
 
 
-def test_steer_mean_flops_count_every_forward_token():
+def test_steer_mean_flops_count_every_forward_token_through_the_layers_it_ran():
     lm = language_model()
     tokens = lm.forward_tokens
     _, adapter = fit("steer_mean", lm, CONFIGS["steer_mean"])
-    assert adapter.report.post_train_flops == 2 * matmul_params(lm.model) * (lm.forward_tokens - tokens)
+    report = adapter.report
+    extraction = report.hparams["extraction_forward_tokens"]
+    assert 0 < extraction < lm.forward_tokens - tokens
+    # layer 0.5 of 3 is block 1: extraction runs blocks 0 and 1 only; the selection passes run everything
+    blocks = lm.model.model.layers
+    through = sum(p.numel() for block in blocks[:2] for p in block.parameters())
+    assert report.layer == 1 and through < matmul_params(lm.model)
+    assert report.post_train_flops == 2 * through * extraction + 2 * matmul_params(lm.model) * (lm.forward_tokens - tokens - extraction)
 
 
 def test_prompt_uses_as_many_demonstrations_as_fit():

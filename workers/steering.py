@@ -173,6 +173,12 @@ class _StopForward(Exception):
     """Raised by the deepest reading hook: nothing after that layer is needed."""
 
 
+def matmul_params_through(model: nn.Module, layer: int) -> int:
+    """N for the FLOP formula of a forward that `last_token_states` stops after decoder layer `layer`:
+    the blocks up to it (the embedding lookup costs nothing; nothing after the block runs)."""
+    return sum(p.numel() for block in decoder_layers(model)[: layer + 1] for p in block.parameters())
+
+
 @torch.inference_mode()  # cheaper per op than no_grad; results used outside it become ordinary tensors
 def last_token_states(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int] | None = None

@@ -18,7 +18,7 @@ from pydantic import Field
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
-from workers.steering import Positions, decoder_layers, last_token_states, steer
+from workers.steering import Positions, decoder_layers, last_token_states, matmul_params_through, steer
 
 
 class SteerMeanConfig(StrictConfig):
@@ -101,6 +101,7 @@ class SteerMean:
             return SteeringVector(ctx.lm, candidates[0], zero, config.positions, report)
         tokens_before = ctx.lm.forward_tokens
         diff, mean_norm = mean_difference(ctx.lm, pairs, candidates)
+        extraction_forward = ctx.lm.forward_tokens - tokens_before  # forwards stopped after the deepest candidate
         # the data's tokens, repeats included (the extraction forwards each distinct text once)
         extraction_tokens = sum(map(len, ctx.lm.encode([text for pair in pairs for text in pair], prompt=True)))
         norms = dict(zip(candidates, mean_norm.tolist()))
@@ -118,8 +119,10 @@ class SteerMean:
         report = FitReport(
             trainable_params=0,  # nothing is trained; the d_model numbers are computed, not learned
             train_tokens=extraction_tokens,
-            # extraction (a forward over both sides of every pair) + selection (a validation pass per candidate)
-            post_train_flops=forward_flops(matmul_params(ctx.lm.model), ctx.lm.forward_tokens - tokens_before),
+            # extraction (a forward over both sides of every pair, up to the deepest candidate layer)
+            # + selection (a full validation pass per candidate)
+            post_train_flops=forward_flops(matmul_params_through(ctx.lm.model, max(candidates)), extraction_forward)
+            + forward_flops(matmul_params(ctx.lm.model), ctx.lm.forward_tokens - tokens_before - extraction_forward),
             layer=layer,
             alpha=scale,
             selection="shared_validation",
@@ -129,6 +132,7 @@ class SteerMean:
                 "layer": layer,
                 "scale": scale,
                 "pairs": len(pairs),
+                "extraction_forward_tokens": extraction_forward,
                 "vector_norm": float(vector.norm()),
                 "mean_norm": norms[layer],
             },
