@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -161,7 +162,12 @@ def test_run_joins_a_cluster_started_with_ray_start(tmp_path, test_ladder):
 
 def test_a_node_dying_mid_sweep_ends_the_run_cleanly_and_a_rerun_on_a_new_node_finishes_it(tmp_path, test_ladder):
     """A head with no CPUs and one worker node: when that node dies, the cells left have nowhere to run.
-    The driver must say so (exit 3, no traceback), keep every finished row, and a rerun must resume."""
+
+    What the driver sees depends on when Ray marks the node dead (a missed-heartbeat timeout): once it
+    is, cells still waiting find no room and the run ends with exit 3 and a message (no traceback);
+    before it is, their retries go to workers that can never start and come back as `failed` rows
+    saying the worker died, and the run ends 0. Either way every finished row is kept, and a rerun
+    with --retry-failed on a new node stores all 16 ok, with no duplicates and no ok row redone."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.run(
         [ray_bin, "start", "--head", f"--port={_free_port()}", "--num-cpus=0", "--include-dashboard=false", "--disable-usage-stats"],
@@ -172,9 +178,15 @@ def test_a_node_dying_mid_sweep_ends_the_run_cleanly_and_a_rerun_on_a_new_node_f
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # joining by address sends the head's token (~/.ray/auth_token)
 
     def worker_node() -> subprocess.Popen:
-        # --block keeps the node's processes under this one, so killing its group kills the node.
+        # --block keeps the node's processes (raylet, object store, workers) under this one.
         return subprocess.Popen([ray_bin, "start", f"--address={address}", "--num-cpus=2", "--block"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)  # fmt: skip
+
+    def kill_tree(pid: int) -> None:
+        parent = psutil.Process(pid)
+        for process in [*parent.children(recursive=True), parent]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
     def wait_for_the_node() -> None:
         deadline = time.time() + 120
@@ -191,23 +203,31 @@ def test_a_node_dying_mid_sweep_ends_the_run_cleanly_and_a_rerun_on_a_new_node_f
         deadline = time.time() + 300
         while len(_cell_files(results)) < 3 and time.time() < deadline and driver.poll() is None:
             time.sleep(0.05)
-        os.killpg(node.pid, signal.SIGKILL)
+        kill_tree(node.pid)  # the node's raylet, its object store and the workers on it
         node.wait(timeout=30)
         out, err = driver.communicate(timeout=600)
-        before = _cell_files(results)
-        assert driver.returncode == 3, (out, err[-3000:])
-        assert "cells found no worker" in err and "rerun the same command" in err and "Traceback" not in err, err[-3000:]
-        assert 3 <= len(before) < 16, f"the node died after {len(before)} rows"
+        assert "Traceback" not in err, err[-3000:]
+        first = _rows(results)
+        ok_before = {name: t for name, t in _cell_files(results).items() if name.removesuffix(".parquet") in set(first.cell_id[first.status == "ok"])}
+        assert 3 <= len(ok_before) < 16, f"the node died after {len(ok_before)} ok rows"
+        print(f"node killed after {len(ok_before)} ok rows; the driver exited {driver.returncode}; {len(first)} rows stored")
+        if driver.returncode == 3:
+            assert "cells found no worker" in err and "rerun the same command" in err, err[-3000:]
+        else:
+            assert driver.returncode == 0, (out, err[-3000:])
+            failed = first[first.status != "ok"]
+            assert len(first) == 16 and len(failed) and all("died" in e.lower() or "worker" in e.lower() for e in failed.error), failed.error.tolist()
         node = worker_node()
         wait_for_the_node()
-        again = subprocess.run(_cli("run", str(path), "--no-progress", "--address", address), capture_output=True, text=True, timeout=900, env=env)
+        again = subprocess.run(_cli("run", str(path), "--retry-failed", "--no-progress", "--address", address),
+                               capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
         assert again.returncode == 0, again.stderr[-3000:]
         rows = _rows(results)
-        assert len(rows) == 16 and rows.cell_id.is_unique, "zero lost cells, zero duplicates"
-        assert all(_cell_files(results)[name] == t for name, t in before.items()), "stored rows must not be redone"
+        assert len(rows) == 16 and rows.cell_id.is_unique and (rows.status == "ok").all(), "zero lost cells, zero duplicates"
+        assert all(_cell_files(results)[name] == t for name, t in ok_before.items()), "stored ok rows must not be redone"
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the first node is gone already
-            os.killpg(node.pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):  # the first node is gone already
+            kill_tree(node.pid)
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
 
 
