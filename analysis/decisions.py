@@ -53,9 +53,13 @@ def read_decisions(results_dir: str) -> Decisions | None:
     return parse_decisions(text)
 
 
+def parse_events(text: str) -> list[dict]:
+    """The log's events in order, one JSON object a line (what the orchestrator's loop also resumes from)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def parse_decisions(text: str) -> Decisions:
-    events = [json.loads(line) for line in text.splitlines() if line.strip()]
     by_kind: dict[str, list[dict]] = {"choice": [], "round": [], "stop": []}
-    for event in events:
+    for event in parse_events(text):
         by_kind.get(event.get("event", ""), []).append(event)
     return Decisions(by_kind["choice"], by_kind["round"], by_kind["stop"])

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.decisions import LOG_NAME
+from analysis.decisions import LOG_NAME, parse_events
 from analysis.io import jsonable, load_results
 
 from orchestrator.acquisition import (
@@ -79,7 +79,7 @@ class DecisionLog:
                 text = stream.read().decode()
         except FileNotFoundError:
             return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return parse_events(text)
 
     def append(self, records: Sequence[dict]) -> None:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
