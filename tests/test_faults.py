@@ -188,15 +188,18 @@ def test_a_node_dying_mid_sweep_ends_the_run_cleanly_and_a_rerun_on_a_new_node_f
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
 
-    def wait_for_the_node() -> None:
-        deadline = time.time() + 120
-        while "/2.0 CPU" not in subprocess.run([ray_bin, "status", f"--address={address}"], capture_output=True, text=True, env=env).stdout:
-            assert time.time() < deadline, "the worker node never joined"
+    def wait_for_cpus(cpus: int) -> None:
+        # Asks the GCS, as the driver does (ray.cluster_resources): `ray status` can still list a dead
+        # node's CPUs after the GCS has dropped it, and a rerun started then finds 0 CPUs.
+        probe = f"import ray; ray.init(address={address!r}, logging_level='ERROR'); print(ray.cluster_resources().get('CPU', 0))"
+        deadline = time.time() + 180
+        while float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout.split()[-1]) != cpus:
+            assert time.time() < deadline, f"the cluster never reached {cpus} CPUs"
             time.sleep(1)
 
     node = worker_node()
     try:
-        wait_for_the_node()
+        wait_for_cpus(2)
         path = _spec(tmp_path, test_ladder)
         results = tmp_path / "results"
         driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--address", address), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -217,8 +220,9 @@ def test_a_node_dying_mid_sweep_ends_the_run_cleanly_and_a_rerun_on_a_new_node_f
             assert driver.returncode == 0, (out, err[-3000:])
             failed = first[first.status != "ok"]
             assert len(first) == 16 and len(failed) and all("died" in e.lower() or "worker" in e.lower() for e in failed.error), failed.error.tolist()
+        wait_for_cpus(0)  # the dead node is out of the cluster, so the CPUs counted next are the new node's
         node = worker_node()
-        wait_for_the_node()
+        wait_for_cpus(2)
         again = subprocess.run(_cli("run", str(path), "--retry-failed", "--no-progress", "--address", address),
                                capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
         assert again.returncode == 0, again.stderr[-3000:]
