@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,9 @@ class Planned(Protocol):
 
     @property
     def cell_id(self) -> str: ...
+
+
+P = TypeVar("P", bound=Planned)
 
 
 def train_steps(n_examples: int, train: Mapping[str, Any]) -> int:
@@ -70,6 +73,17 @@ def eval_units(cell: CellConfig) -> float:
     """Forward work of the cell's evaluation: test, shared validation, neutral and off-task examples."""
     e = cell.eval
     return 2.0 * (e.test_size + e.validation_size + e.neutral_size + e.offtask_size * len(cell.offtask))
+
+
+def longest_first(cells: Sequence[P]) -> list[P]:
+    """The cells, most prior work first (post-training plus evaluation passes), ties in plan order.
+
+    The driver hands them out in this order: with the long cells first, a sweep ends on short ones
+    that even out across workers (the longest-processing-time rule), instead of on one long cell
+    while the other workers idle. Only the order within a model matters for cost (the driver keeps
+    a worker on its own model), so the prior needs no parameter count.
+    """
+    return sorted(cells, key=lambda c: work_units(c.config) + eval_units(c.config), reverse=True)
 
 
 @dataclass(frozen=True)

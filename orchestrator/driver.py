@@ -2,7 +2,8 @@
 
 Cells run on long-lived worker actors (orchestrator/pool.py) that keep base models loaded; waiting
 cells are grouped by model and a free worker takes the next cell of a model it holds, so a model
-loads about once per worker. Completions are consumed with `ray.wait` in the order they finish,
+loads about once per worker; within a model the longest cells go first (`cellcost.longest_first`),
+so a sweep ends on short cells. Completions are consumed with `ray.wait` in the order they finish,
 never `ray.get` in submission order, so one slow cell never stalls the others' rows. A cell that
 raises comes back as a `failed` row from `workers.run_cell`; a worker that dies (killed, OOM-killed,
 node lost) is replaced and its cell run again, up to `max_retries` times with the attempt number
@@ -24,6 +25,7 @@ from workers.cell import CellConfig
 from workers.config import ConfigError
 from workers.run_cell import identity_columns
 
+from orchestrator.cellcost import longest_first
 from orchestrator.claims import Claims
 from orchestrator.errors import ClusterShrankError
 from orchestrator.grid import PlannedCell
@@ -171,7 +173,7 @@ def run_cells(
                 POOL.retire(worker)
             dispatch()
 
-    for cell in cells:
+    for cell in longest_first(cells):
         if claims.acquire(cell.cell_id):
             enqueue(cell, 1)
         else:
