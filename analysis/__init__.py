@@ -4,8 +4,8 @@ The CLI calls three functions: `load_results`, `fit_results` and `write_report`;
 `x=` ("params" | "neutral_loss" | "task_score"), what stands for model size N in the joint laws.
 """
 
-from analysis.io import LoadedResults, SkippedFile, load_results
+from analysis.io import LoadedResults, NoResultsError, SkippedFile, load_results
 from analysis.report import write_report
 from analysis.summary import FitSummary, fit_results
 
-__all__ = ["FitSummary", "LoadedResults", "SkippedFile", "fit_results", "load_results", "write_report"]
+__all__ = ["FitSummary", "LoadedResults", "NoResultsError", "SkippedFile", "fit_results", "load_results", "write_report"]

@@ -25,6 +25,10 @@ NUMERIC_COLUMNS = (
 )  # fmt: skip
 
 
+class NoResultsError(ValueError):
+    """The results directory asked for does not exist (fitting it would write fits into a typo)."""
+
+
 @dataclass(frozen=True)
 class SkippedFile:
     path: str
@@ -85,6 +89,17 @@ def load_results(results_dir: str) -> LoadedResults:
             .sort_index()
         )
     return LoadedResults(frame.reset_index(drop=True), tuple(skipped))
+
+
+def load_rows_to_fit(results_dir: str) -> LoadedResults:
+    """`load_results` for the fit and the report: a directory that does not exist is a mistyped path.
+
+    An existing one without rows yet (a sweep just started) still gets its "0 rows" fit and report.
+    """
+    fs, root = resolve(results_dir)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        raise NoResultsError(f"no results directory {results_dir}: give a sweep's results_dir, or its YAML")
+    return load_results(results_dir)
 
 
 def write_bytes(results_dir: str, name: str, data: bytes) -> str:

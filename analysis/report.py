@@ -18,7 +18,7 @@ import numpy as np
 from analysis.axis_choice import TREND
 from analysis.capability import AXES, get_axis
 from analysis.decisions import Decisions, read_decisions
-from analysis.io import load_results, resolve
+from analysis.io import load_rows_to_fit, resolve
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, analyse
 
@@ -253,9 +253,9 @@ def write_report(results_dir: str, *, metric: str = "score", bootstrap: int = 20
     fs, root = resolve(results_dir)
     if fs.type_name != "local":
         raise ValueError(f"the report is written to local paths only; copy {results_dir} locally first")
+    a = analyse(load_rows_to_fit(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x)
     out = Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    a = analyse(load_results(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x)
     decisions = read_decisions(results_dir)
     blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_links(a), *_frontier(a),
               *_adaptive(decisions, a, out), *_plots(a, out)]  # fmt: skip

@@ -14,7 +14,7 @@ from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, f
 from analysis.curves import LawFit, fit_curves
 from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
-from analysis.io import LoadedResults, load_results, write_json, write_table
+from analysis.io import LoadedResults, load_rows_to_fit, write_json, write_table
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric
 
@@ -167,5 +167,5 @@ def fit_results(results_dir: str, *, metric: str = "score", bootstrap: int = 200
     "neutral_loss" or "task_score" (analysis/capability.py); every axis is compared regardless.
     """
     get_axis(x)  # a wrong name fails before any file is read
-    analysis = analyse(load_results(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x)
+    analysis = analyse(load_rows_to_fit(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x)
     return FitSummary(analysis, save_fits(results_dir, analysis))

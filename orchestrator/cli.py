@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections import Counter, defaultdict
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from tqdm import tqdm
 
@@ -14,9 +14,14 @@ from workers.config import ConfigError
 from workers.registry import UnknownNameError
 
 from orchestrator.errors import ClusterShrankError
-from orchestrator.grid import PlannedCell, expand
-from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.store import ResultsStore, StoreScan, read_manifest, write_manifest
+
+if TYPE_CHECKING:
+    from orchestrator.grid import PlannedCell
+    from orchestrator.spec import SweepSpec
+
+# Commands import what they need when they run: planning pulls in torch and the method modules,
+# `run` Ray, `fit` and `report` scipy and matplotlib; `status` and `--help` need none of them.
 
 
 def _table(header: Sequence[str], rows: list[Sequence[object]]) -> str:
@@ -25,7 +30,24 @@ def _table(header: Sequence[str], rows: list[Sequence[object]]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
 
 
+def _load_spec(args: argparse.Namespace) -> SweepSpec:
+    from orchestrator.spec import load_spec
+
+    return load_spec(args.config, args.overrides)
+
+
+def _results_dir(given: str) -> str:
+    """A results directory or URI as given, or a sweep YAML's `results_dir` (`status configs/x.yaml` works too)."""
+    if given.endswith((".yaml", ".yml")) and os.path.isfile(given):
+        from orchestrator.spec import load_spec
+
+        return load_spec(given, []).results_dir
+    return given
+
+
 def _plan(spec: SweepSpec) -> tuple[list[PlannedCell], ResultsStore, StoreScan]:
+    from orchestrator.grid import expand
+
     cells = expand(spec)
     store = ResultsStore(spec.results_dir)
     return cells, store, store.scan()
@@ -55,7 +77,7 @@ def _manifest_entries(cells: list[PlannedCell]) -> list[dict]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    spec = load_spec(args.config, args.overrides)
+    spec = _load_spec(args)
     cells, store, scan = _plan(spec)
     _report_quarantine(scan)
     statuses = [scan.status.get(c.cell_id) for c in cells]
@@ -120,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.driver import run_cells  # imported here: `plan` and `status` need no Ray
     from workers.run_cell import prepare_model
 
-    spec = load_spec(args.config, args.overrides)
+    spec = _load_spec(args)
     cells, store, scan = _plan(spec)
     _report_quarantine(scan)
     write_manifest(store, _manifest_entries(cells))
@@ -146,10 +168,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store = ResultsStore(args.results_dir)
+    store = ResultsStore(_results_dir(args.results_dir))
     scan = store.scan()
     _report_quarantine(scan)
     entries = read_manifest(store)
+    if not entries and not scan.status:
+        print(f"error: no sweep at {store.uri}: neither a plan (plan.json) nor stored rows; `steerscale run CONFIG` makes both",
+              file=sys.stderr)
+        return 2
     known = {e["cell_id"] for e in entries}
     if len(known) < len(scan.status):  # rows from cells no longer in the plan: show them too
         table = store.read()
@@ -172,8 +198,11 @@ def _x_axis(name: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+RESULTS_DIR_HELP = "a sweep's results directory or URI (its results_dir), or the sweep YAML itself"
+
+
 def _with_fit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results_dir")
+    p.add_argument("results_dir", help=RESULTS_DIR_HELP)
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
     p.add_argument(
         "--x", type=_x_axis, default="params",
@@ -183,17 +212,26 @@ def _with_fit_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from analysis import fit_results
+    from analysis import NoResultsError, fit_results
 
-    summary = fit_results(args.results_dir, bootstrap=args.bootstrap, x=args.x)
+    try:
+        summary = fit_results(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x)
+    except NoResultsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(summary.to_text())
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from analysis import write_report
+    from analysis import NoResultsError, write_report
 
-    print(f"report: {write_report(args.results_dir, bootstrap=args.bootstrap, x=args.x)}")
+    try:
+        page = write_report(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x)
+    except NoResultsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {page}")
     return 0
 
 
@@ -276,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / failed / remaining per model and method, from the store alone")
-    p.add_argument("results_dir")
+    p.add_argument("results_dir", help=RESULTS_DIR_HELP)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json")

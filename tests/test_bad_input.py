@@ -63,6 +63,14 @@ def test_missing_file(tmp_path):
     _assert_clean_error(_plan(tmp_path / "nope.yaml"), "no such sweep config")
 
 
+@pytest.mark.parametrize("command", ["status", "fit", "report"])
+def test_reading_a_directory_without_a_sweep_is_a_clean_error(command, tmp_path):
+    nowhere = tmp_path / "results" / "typo"
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", command, str(nowhere)], capture_output=True, text=True, timeout=120)
+    _assert_clean_error(out, str(nowhere))
+    assert not nowhere.exists(), "nothing may be written where no sweep is"
+
+
 def test_more_gpus_per_cell_than_the_cluster_has(tmp_path, test_ladder):
     path = tmp_path / "sweep.yaml"
     data = {**GOOD, "models": [{"id": test_ladder[0], "gpus_per_cell": 64}], "results_dir": str(tmp_path / "r")}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +43,27 @@ def test_orchestrator_uses_only_the_public_worker_surface():
               "workers.registry", "workers.methods", "workers.tasks", "workers.models.ladder"}
     used = {name for name in imported_roots("orchestrator") if name.split(".")[0] == "workers"}
     assert used <= public, used - public
+
+
+def modules_loaded_by(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code` (from the repository root)."""
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_planning_a_sweep_loads_neither_transformers_models_nor_peft():
+    """The driver plans from config types; transformers' modeling code and peft cost seconds to import."""
+    loaded = modules_loaded_by(
+        "import contextlib, io\nfrom orchestrator.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n    assert main(['plan', 'configs/quickstart.yaml']) == 0"
+    )
+    assert "orchestrator.grid" in loaded and "workers.methods.lora" in loaded  # it did plan, with every method
+    heavy = {"peft", "transformers.modeling_utils", "transformers.models.llama.modeling_llama"}
+    assert loaded.isdisjoint(heavy), loaded & heavy
+
+
+def test_status_loads_no_torch(tmp_path):
+    loaded = modules_loaded_by(f"from orchestrator.cli import main\nassert main(['status', {str(tmp_path)!r}]) == 2")
+    assert "orchestrator.store" in loaded and "torch" not in loaded

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+import transformers
 
 from workers.cell import LADDER_PREFIX, ModelSpec
 from workers.lm import LanguageModel
@@ -54,9 +54,9 @@ def model_bytes(model: torch.nn.Module) -> int:
 def _meta_model(spec: ModelSpec) -> torch.nn.Module:
     """`spec`'s architecture built on the meta device from its config: shapes without reading weights."""
     revision = None if spec.id.startswith(LADDER_PREFIX) else spec.revision  # as load_language_model does
-    config = AutoConfig.from_pretrained(resolve_path(spec), revision=revision, trust_remote_code=spec.trust_remote_code)
+    config = transformers.AutoConfig.from_pretrained(resolve_path(spec), revision=revision, trust_remote_code=spec.trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+        return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
 
 
 def estimated_params(spec: ModelSpec) -> int:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
 from workers.steering import prompt_boundary
+
+if TYPE_CHECKING:  # annotations only: importing them loads transformers' modeling code (seconds), see workers/__init__.py
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
 from workers.training import TrainConfig, train
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 class LoraConfig(StrictConfig):
@@ -32,19 +33,18 @@ class LoraConfig(StrictConfig):
     train: TrainConfig = TrainConfig()
 
 
-def _peft_config(config: LoraConfig) -> PeftLoraConfig:
-    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
-    return PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0)
-
-
 @contextmanager
 def lora_injected(lm: LanguageModel, config: LoraConfig, state: dict[str, torch.Tensor] | None) -> Iterator[PeftModel]:
     """LoRA layers in `lm.model` (fresh, or loaded from `state`) for the duration; base restored after."""
+    import peft  # here, not at the top: planning imports this module, and peft takes seconds (workers/__init__.py)
+
+    targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    peft_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0)
     requires_grad = {name: p.requires_grad for name, p in lm.model.named_parameters()}
-    peft_model = get_peft_model(lm.model, _peft_config(config))
+    peft_model = peft.get_peft_model(lm.model, peft_config)
     try:
         if state is not None:
-            set_peft_model_state_dict(peft_model, state)
+            peft.set_peft_model_state_dict(peft_model, state)
         yield peft_model
     finally:
         peft_model.unload()
@@ -72,6 +72,8 @@ class Lora:
     def fit(self, ctx: FitContext, config: LoraConfig) -> LoraAdapter:
         n_base = matmul_params(ctx.lm.model)
         torch.manual_seed(ctx.seed)  # LoRA's A matrices are initialised randomly
+        from peft import get_peft_model_state_dict  # imported late, as in lora_injected
+
         with lora_injected(ctx.lm, config, None) as peft_model:
             trainable = [p for p in peft_model.parameters() if p.requires_grad]
             n_lora = sum(p.numel() for p in trainable)

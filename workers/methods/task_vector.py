@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterator, Literal
 
 import torch
-from peft.tuners.lora import LoraLayer
 from pydantic import Field, model_validator
 
 from workers.config import StrictConfig
@@ -36,6 +35,8 @@ def full_ft_deltas(lm: LanguageModel, tuned: TrainedWeights) -> Deltas:
 
 def lora_deltas(lm: LanguageModel, tuned: LoraAdapter) -> Deltas:
     """PEFT's merged update scale·B·A of each adapted weight, keyed by the base weight's name."""
+    from peft.tuners.lora import LoraLayer  # imported late, as in lora_injected
+
     names = {id(param): name for name, param in lm.model.named_parameters()}
     with lora_injected(lm, tuned.config, tuned.state) as peft_model, torch.no_grad():
         return {

@@ -22,14 +22,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import transformers
 from filelock import FileLock
 from tqdm.auto import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from workers.models.tokenizer import build_tokenizer
 from workers.world.corpus import encode, sample_documents
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PreTrainedModel
 
 # Bump when the world (vocabulary, grammar, task documents) changes: it is part of every recipe hash.
 WORLD_VERSION = 4
@@ -124,7 +128,7 @@ def model_config(size: str, recipe: str = "default") -> LlamaConfig:
     rec = get_recipe(recipe)
     s = dict(rec.sizes)[size]
     tok = build_tokenizer()
-    return LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=len(tok),
         hidden_size=s.hidden,
         num_hidden_layers=s.layers,
@@ -171,7 +175,7 @@ def pretrain(size: str, recipe: str, *, progress: bool) -> PreTrainedModel:
     """A fresh model of `size` trained on the recipe's corpus (same data, same order, every size)."""
     rec = get_recipe(recipe)
     torch.manual_seed(rec.seed)
-    model = LlamaForCausalLM(model_config(size, recipe))
+    model = transformers.LlamaForCausalLM(model_config(size, recipe))
     ids, weights = corpus(recipe, rec.steps * rec.batch, "train")
     opt = torch.optim.AdamW(model.parameters(), lr=dict(rec.sizes)[size].lr, betas=(0.9, 0.95), weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -7,12 +7,16 @@ so a fresh worker on a cluster node needs nothing copied to it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from workers.cell import LADDER_PREFIX, ModelSpec
 from workers.lm import LanguageModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,10 +91,10 @@ def load_language_model(spec: ModelSpec, batch_size: int = 32, *, shard: bool = 
     """
     path = resolve_path(spec)
     revision = None if spec.id.startswith(LADDER_PREFIX) else spec.revision  # ladder revisions are recipe hashes
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, revision=revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 and Pythia ship without a pad token
-    model = AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         path,
         revision=revision,
         use_safetensors=True,
