@@ -36,6 +36,7 @@ class Crossover:
     d_star_lo: float
     d_star_hi: float
     share: float  # fraction of bootstrap resamples that cross within the range
+    outcome: str  # "crosses", "finetuning_ahead" (from the smallest budget on) or "steering_ahead" (throughout)
     verdict: str
 
     def record(self) -> dict[str, object]:
@@ -83,12 +84,12 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     else:
         share, lo, hi = np.nan, np.nan, np.nan
     if np.isfinite(d_star):
-        verdict = f"{tune.method} overtakes {steer.method} at D* ≈ {d_star:.3g}"
+        outcome, verdict = "crosses", f"{tune.method} overtakes {steer.method} at D* ≈ {d_star:.3g}"
     elif point[0, 0] >= 0:
-        verdict = f"no crossover within the measured range: {tune.method} is ahead of {steer.method} throughout"
+        outcome, verdict = "finetuning_ahead", f"no crossover within the measured range: {tune.method} is ahead of {steer.method} throughout"
     else:
-        verdict = f"no crossover within the measured range: {steer.method} stays ahead of {tune.method}"
-    return Crossover(steer.task, steer.model, steer.n_params, steer.method, tune.method, float(d_min), float(d_max), d_star, lo, hi, share, verdict)
+        outcome, verdict = "steering_ahead", f"no crossover within the measured range: {steer.method} stays ahead of {tune.method}"
+    return Crossover(steer.task, steer.model, steer.n_params, steer.method, tune.method, float(d_min), float(d_max), d_star, lo, hi, share, outcome, verdict)
 
 
 def find_crossovers(fits: list[LawFit]) -> list[Crossover]:

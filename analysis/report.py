@@ -17,6 +17,7 @@ import numpy as np
 
 from analysis.axis_choice import TREND
 from analysis.capability import AXES, get_axis
+from analysis.crossover import Crossover
 from analysis.decisions import Decisions, read_decisions
 from analysis.io import load_rows_to_fit, resolve
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
@@ -85,8 +86,6 @@ def _findings(a: Analysis) -> list[Block]:
             lines.append(f"On {task}, at the largest fitted model ({top.model}), {top.method} has the highest fitted asymptote ({_num(top.record()['asymptote'])}).")
         else:
             lines.append(f"On {task}, no budget curve could be fitted (see the table of fits for why).")
-    for c in a.crossovers:
-        lines.append(f"{c.task}, {c.model}: {c.verdict}" + (f" (95 % CI {_num(c.d_star_lo)}–{_num(c.d_star_hi)})." if np.isfinite(c.d_star) else "."))
     for s in a.scaling:
         lines.append(f"{s.task}: the crossover budget of {s.finetuning} over {s.steering} scales as D* ∝ {s.x}^{s.gamma:.2f} across {s.n_models} models.")
     if a.axes.best:
@@ -96,7 +95,33 @@ def _findings(a: Analysis) -> list[Block]:
             lines.append(f"{g.task}, {g.model}, D={g.budget:g}: {g.composition} is {'better' if g.gain > 0 else 'worse'} than {g.best_single} alone by {_ci(g.gain, g.gain_lo, g.gain_hi)}.")
     if not a.crossovers:
         lines.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
-    return [Heading("What the fits say"), *[Paragraph(line) for line in lines]]
+    return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]
+
+
+CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead"}
+
+
+def _crossover_table(a: Analysis) -> list[Block]:
+    """D* of every steering → fine-tuning pair on every model, smallest model left: the study's answer at a glance."""
+    if not a.crossovers:
+        return []
+    sizes = {c.model: c.n_params for c in a.crossovers}
+    models = sorted(sizes, key=lambda m: (np.nan_to_num(sizes[m], nan=np.inf), m))
+    cells = {(c.task, c.steering, c.finetuning, c.model): c for c in a.crossovers}
+    pairs = sorted({(c.task, c.steering, c.finetuning) for c in a.crossovers})
+
+    def cell(c: Crossover | None) -> str:
+        if c is None:
+            return ""
+        return f"{_num(c.d_star)} [{_num(c.d_star_lo)}–{_num(c.d_star_hi)}]" if c.outcome == "crosses" else CROSSOVER_CELLS[c.outcome]
+
+    rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
+    legend = Paragraph(
+        "D*: the budget (training examples) at which the fine-tuning method overtakes the steering method, with its 95 % "
+        "bootstrap interval; `FT ahead`: fine-tuning is ahead over the whole measured range; `steering ahead`: it never "
+        "catches up there; blank: one of the two curves could not be fitted."
+    )
+    return [Table(("task", "steering → fine-tuning", *models), rows), legend]
 
 
 def _fits_table(a: Analysis) -> list[Block]:

@@ -24,7 +24,9 @@ def test_report_on_a_full_grid(tmp_path: Path) -> None:
     assert html.count("data:image/png;base64,") == len(pngs)  # self-contained
     assert not re.search(r"<img src='(?!data:)", html)
     markdown = (out / "report.md").read_text()
-    assert "overtakes" in markdown and "no crossover within the measured range" in markdown
+    table = markdown.split("| task | steering → fine-tuning | m1 | m2 | m3 |", 1)[1].split("\n\n", 1)[0]  # models smallest first
+    assert re.search(r"\| facts \| steer_mean → lora \| [0-9.]+ \[[0-9.]+–[0-9.]+\] \|", table), table  # lora catches up: a D* with its CI
+    assert "| never | steer_mean → lora | steering ahead |  |  |" in table, table  # never on m1 only: m2, m3 blank
     assert "truncated.parquet" in markdown
 
 
