@@ -106,6 +106,7 @@ def test_crossover_found_where_the_curves_cross(summary: analysis.FitSummary) ->
     assert facts.d_star_lo <= TRUE_D_STAR <= facts.d_star_hi
     assert not np.isfinite(never.d_star)
     assert "no crossover within the measured range" in never.verdict
+    assert (facts.outcome, never.outcome) == ("crosses", "steering_ahead")  # WORSE never catches up with STEER
     print(f"\ncrossover: true D*={TRUE_D_STAR:.1f}, fitted {facts.d_star:.1f} [{facts.d_star_lo:.1f}, {facts.d_star_hi:.1f}]")
 
 
