@@ -98,7 +98,9 @@ def _chunk(args: tuple, kwargs: dict[str, Any]) -> tuple[int, int, int, torch.de
     ids = kwargs.get("input_ids", args[0] if args else None)
     source = ids if ids is not None else kwargs["inputs_embeds"]
     batch, width = source.shape[:2]
-    cache_position, mask, past = kwargs.get("cache_position"), kwargs.get("attention_mask"), kwargs.get("past_key_values")
+    cache_position, mask = kwargs.get("cache_position"), kwargs.get("attention_mask")
+    # transformers 5.2x renamed `past_key_values` to `cache` and stopped passing `cache_position`
+    past = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache_position is not None:
         offset = int(cache_position.reshape(-1)[0])
     elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
