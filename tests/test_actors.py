@@ -119,15 +119,19 @@ def test_workers_hold_no_more_models_than_their_memory_budget(local_ray, test_la
     assert [len(w.held) for w in POOL.workers] == [1, 1], "what each worker reported holding after its last cell"
 
 
-@pytest.mark.slow  # ~30 s: the module's two workers, six small cells
+@pytest.mark.slow  # ~30 s: one fresh worker, six small cells
 def test_the_longest_cells_are_handed_out_first(local_ray, test_ladder, write_sweep):
-    """Planned cheapest first (base, then LoRA by budget); they must start longest first, so the
-    sweep's last cells are its shortest and no worker waits on one long straggler."""
+    """Planned cheapest first (base, then LoRA by budget); they must be handed out longest first, so
+    the sweep's last cells are its shortest and no worker waits on one long straggler.
+
+    One worker (2 CPUs a cell), so start order is hand-out order: with two, a worker whose start-up
+    (imports) ends a second earlier runs its first cell and takes the next before the other starts.
+    """
     spec = load_spec(write_sweep({
         "sweep": "order", "models": [{"id": test_ladder[0]}], "tasks": ["facts"],
         "methods": {"base": {}, "lora": {"rank": 2, "train": {"batch_size": 4, "epochs": 1, "min_steps": 1, "max_steps": 8, "checkpoints": 1}}},
         "budgets": [4, 16], "method_budgets": {"base": [0]}, "seeds": [0, 1],
-        "eval": {"test_size": 8, "validation_size": 4, "neutral_size": 2},
+        "eval": {"test_size": 8, "validation_size": 4, "neutral_size": 2}, "resources": {"cpus_per_cell": 2},
     }))  # fmt: skip
     cells = expand(spec)
     assert [(c.config.method, c.config.budget) for c in cells][::2] == [("base", 0), ("lora", 4), ("lora", 16)]
