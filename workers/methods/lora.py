@@ -7,6 +7,7 @@ back: outside `applied()` the model is bit-for-bit the base model again.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -41,7 +42,11 @@ def lora_injected(lm: LanguageModel, config: LoraConfig, state: dict[str, torch.
     targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
     peft_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0)
     requires_grad = {name: p.requires_grad for name, p in lm.model.named_parameters()}
-    peft_model = peft.get_peft_model(lm.model, peft_config)
+    with warnings.catch_warnings():
+        # PEFT (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` on every wrap; the
+        # FutureWarning is about PEFT's code, not the user's, and would print once per LoRA cell
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = peft.get_peft_model(lm.model, peft_config)
     try:
         if state is not None:
             peft.set_peft_model_state_dict(peft_model, state)
