@@ -236,12 +236,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _build_rung(size: str, recipe: str) -> str:
-    """One ladder rung in its own process, on one thread (small models do not scale across threads)."""
-    import torch
-
+    """One ladder rung in its own process (pretraining runs on one thread: rungs build side by side)."""
     import workers.models.ladder as ladder
 
-    torch.set_num_threads(1)
     return str(ladder.ensure_built(size, recipe, progress=False))
 
 

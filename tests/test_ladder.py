@@ -81,9 +81,9 @@ def test_an_interrupted_build_is_replaced_by_the_same_model(
 
 
 @pytest.mark.slow
-def test_default_ladder_heldout_loss_falls_with_size() -> None:
-    """Every rung of the default ladder beats the one below it on held-out pretraining text (builds it if missing)."""
-    infos = [ladder.build_info(size, "default") for size in ladder.sizes("default")]
+def test_default_ladder_heldout_loss_falls_with_size(default_ladder: list[str]) -> None:
+    """Every rung of the default ladder beats the one below it on held-out pretraining text."""
+    infos = [ladder.build_info(size, "default") for size in default_ladder]
     losses = [info["heldout_loss"] for info in infos]
     assert [info["params_nonembed"] for info in infos] == sorted(info["params_nonembed"] for info in infos)
     assert losses == sorted(losses, reverse=True), losses

@@ -26,7 +26,7 @@ TASKS = ("facts", "arith", "gridworld")
 
 
 @pytest.fixture(scope="module")
-def largest_budget_rows() -> dict[tuple[str, str], dict]:
+def largest_budget_rows(default_ladder: list[str]) -> dict[tuple[str, str], dict]:
     """(size, task) -> the row of the quickstart's LoRA cell at its largest budget, seed 0."""
     spec = load_spec(QUICKSTART)
     largest = max(spec.budgets_for("lora"))
@@ -36,7 +36,7 @@ def largest_budget_rows() -> dict[tuple[str, str], dict]:
         if c.config.method == "lora" and c.config.budget == largest and c.config.seed == spec.seeds[0]
     }
     rows = {}
-    for size in ladder.sizes("default"):
+    for size in default_ladder:
         for task in TASKS:
             rows[(size, task)] = row = run_cell(cells[(size, task)])
             assert row["status"] == "ok", row["error"]
