@@ -28,7 +28,6 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/steerscale ladder build
 	$(BIN)/steerscale run $(CONFIG)
-	$(BIN)/steerscale fit $(RESULTS)
 	$(BIN)/steerscale report $(RESULTS)
 	@echo "results: $(RESULTS)/cells/   fits: $(RESULTS)/fits.json   report: $(RESULTS)/report/report.html"
 

@@ -1,4 +1,4 @@
-"""`write_report`: report.md, a self-contained report.html and the PNGs under <results_dir>/report/.
+"""`write_report`: the fits, then report.md, a self-contained report.html and the PNGs under <results_dir>/report/.
 
 The report is built once as a list of blocks (headings, paragraphs, tables, images) and rendered
 twice, so the Markdown and the HTML cannot drift apart. It must say something useful about any
@@ -21,7 +21,7 @@ from analysis.crossover import Crossover
 from analysis.decisions import Decisions, read_decisions
 from analysis.io import load_rows_to_fit, resolve
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
-from analysis.summary import Analysis, analyse
+from analysis.summary import Analysis, FitSummary, analyse, save_fits
 
 
 @dataclass(frozen=True)
@@ -269,16 +269,18 @@ def render_html(blocks: list[Block]) -> str:
     return "\n".join(parts) + "</body></html>\n"
 
 
-def write_report(results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params") -> Path:
-    """Analyse the cells and write the report; returns the path of report.html. Local paths only.
+def write_report(results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params") -> FitSummary:
+    """Analyse the cells once, save the fits (as `fit_results` does) and write the report beside them.
 
-    `x` is what stands for N in the joint laws: "params", "neutral_loss" or "task_score".
+    Local paths only. `x` is what stands for N in the joint laws: "params", "neutral_loss" or
+    "task_score". The returned summary's `paths` include "report.html".
     """
     get_axis(x)  # a wrong name fails before any file is read or written
     fs, root = resolve(results_dir)
     if fs.type_name != "local":
         raise ValueError(f"the report is written to local paths only; copy {results_dir} locally first")
     a = analyse(load_rows_to_fit(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x)
+    paths = save_fits(results_dir, a)
     out = Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     decisions = read_decisions(results_dir)
@@ -287,4 +289,4 @@ def write_report(results_dir: str, *, metric: str = "score", bootstrap: int = 20
     (out / "report.md").write_text(render_markdown(blocks))
     page = out / "report.html"
     page.write_text(render_html(blocks))
-    return page
+    return FitSummary(a, {**paths, "report.html": str(page)})

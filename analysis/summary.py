@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -114,6 +115,13 @@ class FitSummary:
         lines += axes_text(a)
         lines += [f"wrote {path}" for path in self.paths.values()]
         return "\n".join(lines)
+
+    @property
+    def report_page(self) -> Path:
+        """report.html, when `write_report` made this summary."""
+        if "report.html" not in self.paths:
+            raise ValueError("no report was written with these fits (steerscale report writes one)")
+        return Path(self.paths["report.html"])
 
 
 def _aligned(table: list[tuple[str, ...]]) -> list[str]:

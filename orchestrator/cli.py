@@ -227,11 +227,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from analysis import NoResultsError, write_report
 
     try:
-        page = write_report(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x)
+        summary = write_report(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x)
     except NoResultsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"report: {page}")
+    print(summary.to_text())
+    print(f"report: {summary.report_page}")
     return 0
 
 
@@ -318,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _with_fit_options(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("report", help="plots, report.md and a self-contained report.html")
+    p = sub.add_parser("report", help="fit (writing what `fit` writes), then plots, report.md and a self-contained report.html")
     _with_fit_options(p)
     p.set_defaults(func=cmd_report)
 

@@ -177,7 +177,7 @@ def test_resuming_after_a_kill_runs_no_cell_twice(adaptive):
 
 def test_the_report_lists_every_choice_its_stored_outcome_and_why_the_run_stopped(adaptive):
     store, cells, *_ = adaptive
-    report = write_report(store.root, bootstrap=20)
+    report = write_report(store.root, bootstrap=20).report_page
     text = (report.parent / "report.md").read_text()
     log = DecisionLog(store).read()
     choices, stop = [r for r in log if r["event"] == "choice"], [r for r in log if r["event"] == "stop"][-1]
@@ -199,7 +199,7 @@ def test_the_report_lists_every_choice_its_stored_outcome_and_why_the_run_stoppe
 
 def test_a_grid_run_reports_that_no_cell_was_chosen(full_grid):
     store, *_ = full_grid
-    text = (write_report(store.root, bootstrap=20).parent / "report.md").read_text()
+    text = (write_report(store.root, bootstrap=20).report_page.parent / "report.md").read_text()
     assert "No adaptive.jsonl here: the cells were run as a grid" in text.split("## Adaptive sweep")[1]
 
 

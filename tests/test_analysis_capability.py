@@ -73,7 +73,7 @@ def test_fits_json_text_and_report_carry_the_comparison(by_capability: analysis.
     assert {c["family"] for c in payload["capabilities"]} == {"a", "b"}
     text = by_capability.to_text()
     assert "tighter law: x = neutral_loss" in text and "additive[neutral_loss]" in text
-    page = analysis.write_report(str(results), bootstrap=10, x="task_score")
+    page = analysis.write_report(str(results), bootstrap=10, x="task_score").report_page
     markdown = page.with_name("report.md").read_text()
     assert "## Capability as the x-axis" in markdown and "Verdict: `neutral_loss` gives the tighter law." in markdown
     assert "additive[task_score]" in markdown

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from test_analysis_results import build_results, write_cells
 
 def test_report_on_a_full_grid(tmp_path: Path) -> None:
     build_results(tmp_path)
-    page = analysis.write_report(str(tmp_path), bootstrap=50)
+    page = analysis.write_report(str(tmp_path), bootstrap=50).report_page
     out = tmp_path / "report"
     assert page == out / "report.html"
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -30,6 +31,17 @@ def test_report_on_a_full_grid(tmp_path: Path) -> None:
     assert "truncated.parquet" in markdown
 
 
+def test_the_report_saves_the_fits_it_reports(tmp_path: Path) -> None:
+    """One analysis serves both: `steerscale report` writes the same fits `steerscale fit` would."""
+    build_results(tmp_path)
+    reported = analysis.write_report(str(tmp_path), bootstrap=20, seed=3)
+    written = json.loads((tmp_path / "fits.json").read_text())
+    fitted = analysis.fit_results(str(tmp_path), bootstrap=20, seed=3)
+    assert written == json.loads((tmp_path / "fits.json").read_text())
+    assert set(reported.paths) == {"fits.parquet", "fits.json", "report.html"} and set(fitted.paths) == {"fits.parquet", "fits.json"}
+    assert reported.to_text().splitlines()[:-3] == fitted.to_text().splitlines()[:-2]  # the same table, then what each wrote
+
+
 @pytest.mark.parametrize("case", ["one_model_few_budgets", "only_failed", "empty"])
 def test_report_on_degenerate_results(tmp_path: Path, case: str) -> None:
     rows = synthetic_rows({("t", "steer_mean", "m1"): TrueCurve(0.3, 0.5, 0.4)}, {"m1": 10**6}, (8, 64), seeds=2, noise=0.01, rng=np.random.default_rng(0))
@@ -37,7 +49,7 @@ def test_report_on_degenerate_results(tmp_path: Path, case: str) -> None:
         rows = [dict(r, status="failed", score=None, error="boom") for r in rows]
     if case != "empty":
         write_cells(tmp_path, rows)
-    markdown = analysis.write_report(str(tmp_path), bootstrap=20).with_name("report.md").read_text()
+    markdown = analysis.write_report(str(tmp_path), bootstrap=20).report_page.with_name("report.md").read_text()
     assert "## Fits" in markdown
     if case == "one_model_few_budgets":
         assert "distinct values of D" in markdown
