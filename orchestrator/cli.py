@@ -212,27 +212,26 @@ def _with_fit_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from analysis import NoResultsError, fit_results
-
-    try:
-        summary = fit_results(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x)
-    except NoResultsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(summary.to_text())
-    return 0
+    return _fit_and_print(args, report=False)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from analysis import NoResultsError, write_report
+    return _fit_and_print(args, report=True)
 
+
+def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
+    """Fit the stored rows (and for `report` write the report from that same analysis); print the table."""
+    from analysis import NoResultsError, fit_results, write_report
+
+    analyse = write_report if report else fit_results
     try:
-        summary = write_report(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x)
+        summary = analyse(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x)
     except NoResultsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary.to_text())
-    print(f"report: {summary.report_page}")
+    if report:
+        print(f"report: {summary.report_page}")
     return 0
 
 
