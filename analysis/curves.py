@@ -177,14 +177,14 @@ def joint_fits(frame: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, 
     framed = with_x(frame, axis)
     return [
         fit_group(task, method, "*", law, rows, metric=metric, axis=axis, bootstrap=bootstrap, rng=rng)
-        for task, method, rows in _progress(fitted_groups(framed), framed, f"joint laws, N = {axis.name}") for law in axis.joint_laws
+        for task, method, rows in _progress(framed, f"joint laws, N = {axis.name}") for law in axis.joint_laws
     ]  # fmt: skip
 
 
-def _progress(groups: Iterator[tuple[str, str, pd.DataFrame]], frame: pd.DataFrame, what: str) -> Iterator[tuple[str, str, pd.DataFrame]]:
-    """A bar over (task, method) groups on a terminal (none in logs or tests): a study's fits take minutes."""
-    total = frame.groupby(["task", "method"]).ngroups
-    return tqdm(groups, total=total, desc=what, unit="group", disable=None, leave=False)
+def _progress(frame: pd.DataFrame, what: str) -> Iterator[tuple[str, str, pd.DataFrame]]:
+    """`fitted_groups` with a bar on a terminal (none in logs or tests): a study's fits take minutes."""
+    groups = list(fitted_groups(frame))
+    return tqdm(groups, desc=what, unit="group", disable=None, leave=False)
 
 
 def fit_curves(frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, x: str = "params") -> list[LawFit]:
@@ -193,7 +193,7 @@ def fit_curves(frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, x
     rng = np.random.default_rng(seed)
     framed = with_x(frame, axis)
     fits = []
-    for task, method, rows in _progress(fitted_groups(framed), framed, f"budget curves and joint laws, N = {axis.name}"):
+    for task, method, rows in _progress(framed, f"budget curves and joint laws, N = {axis.name}"):
         for model, model_rows in rows.groupby("model", sort=False):
             fits.append(fit_group(task, method, model, POWER_D, model_rows, metric=metric, axis=None, bootstrap=bootstrap, rng=rng))
         for law in axis.joint_laws:
