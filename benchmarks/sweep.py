@@ -1,5 +1,6 @@
-"""Comparison 4: one small sweep three ways — steerscale's driver, a Ray Tune grid search calling the
-same worker code, and a plain loop that loads the model for every cell.
+"""Comparison 4: one small sweep four ways — steerscale's driver, a Ray Tune grid search calling the
+same worker code (with actors reused, and with Tune's defaults), and a plain loop that loads the
+model for every cell.
 
 All three run the same planned cells through `workers.run_cell.run_cell`, so their rows must agree
 (scores equal, NLLs within float noise); what differs is scheduling and model reuse. Each Ray side
@@ -8,6 +9,8 @@ on a cluster, where Ray is already running); the Ray start-up is reported on its
 start-up (a process importing torch and transformers) is inside the sweep time: every sweep pays it.
 The full run uses rungs of the default ladder, whose cells take seconds as a real cell would; the
 quick run the test ladder, whose cells take milliseconds, so there start-up dominates efficiency.
+The full run then repeats the first run with LoRA cells 4x as long (`LONGER`), which shows how much
+of the efficiency lost is that fixed start-up.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import ray
@@ -51,10 +54,14 @@ class Settings:
     validation_size: int
     workers: int = 2
     repeats: int = 1  # runs of each Ray side, alternating which goes first; the loop runs once
+    again: bool = True  # each Ray side runs the sweep a second time in the same process
 
 
 QUICK = Settings(("ladder:test/xs", "ladder:test/s"), "facts", budgets=(8,), seeds=(0,), lora_steps=4, test_size=16, validation_size=8)
 FULL = Settings(("ladder:l", "ladder:xl"), "facts", budgets=(32, 128, 512), seeds=(0, 1), lora_steps=150, test_size=100, validation_size=32, repeats=3)
+# The same grid with LoRA cells 4x as long, once per Ray side: a first run's fixed costs (worker
+# processes importing torch and transformers) against more compute, as real cells have.
+LONGER = replace(FULL, lora_steps=600, repeats=1, again=False)
 
 
 def planned_cells(s: Settings, results_dir: str) -> list[PlannedCell]:
@@ -87,7 +94,7 @@ class SideOutcome:
     loads: int
     workers: int
     ray_start: float = 0.0
-    first_start: float | None = None  # seconds from submission to the first cell's start: worker start-up
+    first_start: float | None = None  # seconds from submission to the first cell's own compute: worker start-up, first model load
     again_wall: float | None = None  # the same sweep again in the same process (an adaptive loop's next round)
     warm_efficiency: float | None = None  # steerscale: that second run's efficiency, on the pool the first started
 
@@ -105,8 +112,8 @@ class SideOutcome:
 
 
 def run_steerscale(cells: list[PlannedCell], s: Settings) -> SideOutcome:
-    """The sweep, then the same cells again into a second store on the now-warm worker pool: what every
-    adaptive round after the first, or a second sweep from one process, sees."""
+    """The sweep, then (with `s.again`) the same cells again into a second store on the now-warm worker
+    pool: what every adaptive round after the first, or a second sweep from one process, sees."""
     resources = Resources(cpus_per_cell=1, max_retries=0)
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as again:
         ray_start = _start_ray(s.workers)
@@ -114,14 +121,24 @@ def run_steerscale(cells: list[PlannedCell], s: Settings) -> SideOutcome:
             submitted, started = time.time(), time.perf_counter()
             outcome = run_cells(cells, ResultsStore(out), resources, progress=False, dashboard=False)
             wall = time.perf_counter() - started
-            warm = run_cells(cells, ResultsStore(again), resources, progress=False, dashboard=False)
+            warm = run_cells(cells, ResultsStore(again), resources, progress=False, dashboard=False) if s.again else None
         finally:
             ray.shutdown()
         table = ResultsStore(out).read().to_pylist()
-    first_start = min(r["started_at"].timestamp() for r in table) - submitted
-    side = SideOutcome(wall, {r["cell_id"]: r for r in table}, outcome.total_model_loads, s.workers, ray_start, first_start, warm.wall_seconds)
-    side.warm_efficiency = warm.cell_seconds / (warm.wall_seconds * s.workers)
+    side = SideOutcome(wall, {r["cell_id"]: r for r in table}, outcome.total_model_loads, s.workers, ray_start,
+                       _first_compute(table) - submitted)  # fmt: skip
+    if warm:
+        side.again_wall, side.warm_efficiency = warm.wall_seconds, warm.cell_seconds / (warm.wall_seconds * s.workers)
     return side
+
+
+def _first_compute(rows: list[dict]) -> float:
+    """When the first cell's own compute began (its end less its train + eval seconds), as a timestamp.
+
+    A row's `started_at` is no fair mark of start-up: a Tune trial stamps it before its process
+    imports peft and loads the model, a steerscale worker after (in the actor's set-up).
+    """
+    return min(r["finished_at"].timestamp() - (r.get("train_seconds") or 0) - (r.get("eval_seconds") or 0) for r in rows)
 
 
 def _tune_trainable(config: dict) -> dict:
@@ -130,36 +147,38 @@ def _tune_trainable(config: dict) -> dict:
 
     torch.set_num_threads(1)
     row = run_cell(CellConfig.model_validate_json(config["cell"]))
-    return {**{k: row.get(k) for k in ROW_FIELDS}, "started": row["started_at"].timestamp(), "pid": os.getpid(), "loads": PROCESS_CACHE.loads}
+    return {**{k: row.get(k) for k in ROW_FIELDS}, "compute_began": _first_compute([row]), "pid": os.getpid(), "loads": PROCESS_CACHE.loads}
 
 
-def _tune_fit(cells: list[PlannedCell], s: Settings, storage: str, name: str):
+def _tune_fit(cells: list[PlannedCell], s: Settings, storage: str, name: str, *, reuse_actors: bool):
     tuner = tune.Tuner(
         tune.with_resources(_tune_trainable, {"cpu": 1}),
         param_space={"cell": tune.grid_search([c.config.model_dump_json() for c in cells])},
-        # reusing actors keeps each worker's model cache across trials: the best case for Tune
-        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=s.workers),
+        # reusing actors keeps each worker's model cache across trials (not Tune's default)
+        tune_config=tune.TuneConfig(reuse_actors=reuse_actors, max_concurrent_trials=s.workers),
         run_config=tune.RunConfig(storage_path=storage, name=name, verbose=0),
     )
     return tuner.fit().get_dataframe()
 
 
-def run_tune(cells: list[PlannedCell], s: Settings) -> SideOutcome:
-    """The grid, then the same grid again in the same process, as an adaptive loop's next round would."""
+def run_tune(cells: list[PlannedCell], s: Settings, *, reuse_actors: bool = True) -> SideOutcome:
+    """The grid, then (with `s.again`) the same grid again in the same process, as an adaptive loop's next round would."""
     with tempfile.TemporaryDirectory() as out:
         ray_start = _start_ray(s.workers)
         try:
             submitted, started = time.time(), time.perf_counter()
-            frame = _tune_fit(cells, s, out, "bench")
+            frame = _tune_fit(cells, s, out, "bench", reuse_actors=reuse_actors)
             wall = time.perf_counter() - started
             started = time.perf_counter()
-            _tune_fit(cells, s, out, "again")
-            again_wall = time.perf_counter() - started
+            again_wall = None
+            if s.again:
+                _tune_fit(cells, s, out, "again", reuse_actors=reuse_actors)
+                again_wall = time.perf_counter() - started
         finally:
             ray.shutdown()
     rows = {r["cell_id"]: r for r in frame.to_dict("records")}
     loads = int(frame.groupby("pid")["loads"].max().sum())
-    return SideOutcome(wall, rows, loads, s.workers, ray_start, float(frame["started"].min()) - submitted, again_wall)
+    return SideOutcome(wall, rows, loads, s.workers, ray_start, float(frame["compute_began"].min()) - submitted, again_wall)
 
 
 def run_sequential(cells: list[PlannedCell]) -> SideOutcome:
@@ -187,13 +206,18 @@ def _compare(a: SideOutcome, b: SideOutcome) -> tuple[bool, str]:
     return ok, f"{len(a.rows)} cells, not ok: {len(bad)}, max |Δscore| {d_score:.2g}, max |Δnll| {d_nll:.2g}"
 
 
-SIDES = {"steerscale": run_steerscale, "tune": run_tune, "loop": lambda cells, s: run_sequential(cells)}
+SIDES = {
+    "steerscale": run_steerscale,
+    "tune": run_tune,  # reuse_actors=True: Tune at its best here
+    "tune_defaults": lambda cells, s: run_tune(cells, s, reuse_actors=False),  # a new trial actor (process) per cell
+    "loop": lambda cells, s: run_sequential(cells),
+}
 
 
-def run_side(side: str, quick: bool) -> SideOutcome:
+def run_side(side: str, s: Settings) -> SideOutcome:
     """One side in a fresh process: a second local Ray in one process was seen to hang, and memory stays apart."""
     out = subprocess.run(
-        [sys.executable, "-c", "from benchmarks.sweep import main; main()", side] + (["--quick"] if quick else []),
+        [sys.executable, "-c", "from benchmarks.sweep import main; main()", side, json.dumps(asdict(s))],
         capture_output=True, text=True, cwd=ROOT, check=False,
     )  # fmt: skip
     if out.returncode != 0:
@@ -207,29 +231,36 @@ def run(quick: bool) -> Result:
     s = QUICK if quick else FULL
     cells = planned_cells(s, "unused")
     for model in {c.config.model for c in cells}:
-        prepare_model(model)  # build ladder rungs outside the timed region
+        prepare_model(model)  # build ladder rungs outside the timed region (LONGER uses the same ones)
     result = Result(f"4. A {len(cells)}-cell sweep: steerscale driver vs Ray Tune grid search vs a plain loop", settings={
         **asdict(s), "cells": len(cells), "methods": ["steer_mean", "lora"], "torch_threads_per_cell": 1,
     })  # fmt: skip
     runs: dict[str, list[SideOutcome]] = {"steerscale": [], "tune": []}
     for repeat in range(s.repeats):  # alternate the order, so drifting load on a shared machine hits both alike
         for side in (("steerscale", "tune") if repeat % 2 == 0 else ("tune", "steerscale")):
-            runs[side].append(run_side(side, quick))
-    plain = run_side("loop", quick)
-    for name, others in (("Ray Tune", runs["tune"]), ("steerscale's other runs", runs["steerscale"][1:]), ("plain loop", [plain])):
+            runs[side].append(run_side(side, s))
+    plain = run_side("loop", s)
+    defaults = run_side("tune_defaults", replace(s, again=False))  # once: at a new process per cell it is far behind
+    comparisons = (("Ray Tune", runs["tune"]), ("Ray Tune with its defaults", [defaults]), ("steerscale's other runs", runs["steerscale"][1:]),
+                   ("plain loop", [plain]))  # fmt: skip
+    for name, others in comparisons:
         for other in others:
             ok, text = _compare(runs["steerscale"][0], other)
             result.checks.append(Check(f"same rows as {name}", text, ok))
     ours, tuned = (sorted(runs[side], key=lambda o: o.wall)[len(runs[side]) // 2] for side in ("steerscale", "tune"))  # the median run
     spread = {side: f"[{min(o.wall for o in runs[side]):.1f}–{max(o.wall for o in runs[side]):.1f} s, n={len(runs[side])}]" for side in runs}
     result.rows += [
-        Row("sweep wall time (Ray up), median run", f"{ours.wall:.1f} s {spread['steerscale']}", f"Tune {tuned.wall:.1f} s {spread['tune']} / loop {plain.wall:.1f} s",
-            f"Tune÷ours {tuned.wall / ours.wall:.2f}×, loop÷ours {plain.wall / ours.wall:.2f}×", "ours ≤ 0.8× Tune's wall"),
-        Row("model loads", str(ours.loads), f"Tune {tuned.loads} / loop {plain.loads}", "", "one per (worker, model)"),
+        Row("sweep wall time (Ray up), median run", f"{ours.wall:.1f} s {spread['steerscale']}",
+            f"Tune {tuned.wall:.1f} s {spread['tune']} / Tune defaults {defaults.wall:.1f} s / loop {plain.wall:.1f} s",
+            f"Tune÷ours {tuned.wall / ours.wall:.2f}×, Tune defaults÷ours {defaults.wall / ours.wall:.2f}×, loop÷ours {plain.wall / ours.wall:.2f}×",
+            "ours ≤ 0.8× Tune's wall"),
+        Row("model loads", str(ours.loads), f"Tune {tuned.loads} / Tune defaults {defaults.loads} / loop {plain.loads}", "", "one per (worker, model)"),
         Row("efficiency: Σ cell compute ÷ (wall × workers)", f"{ours.efficiency:.2f} ({ours.workers} workers)",
-            f"Tune {tuned.efficiency:.2f} ({tuned.workers}) / loop {plain.efficiency:.2f} ({plain.workers})", "", "≥ 0.9"),
-        Row("start-up: submission to the first cell's start (worker processes importing torch, transformers, peft; first model load)",
-            f"{ours.first_start:.1f} s", f"Tune {tuned.first_start:.1f} s", "", "paid by every first run: ≈ this ÷ wall of the efficiency is lost to it"),
+            f"Tune {tuned.efficiency:.2f} ({tuned.workers}) / Tune defaults {defaults.efficiency:.2f} ({defaults.workers}) / "
+            f"loop {plain.efficiency:.2f} ({plain.workers})", "", "≥ 0.9"),
+        Row("start-up: submission to the first cell's own compute (worker processes importing torch, transformers, peft; first model load)",
+            f"{ours.first_start:.1f} s", f"Tune {tuned.first_start:.1f} s / Tune defaults {defaults.first_start:.1f} s", "",
+            "paid by every first run: ≈ this ÷ wall of the efficiency is lost to it"),
         Row("the same sweep again in the same process (an adaptive loop's next round): wall", f"{ours.again_wall:.1f} s (warm worker pool)",
             f"Tune {tuned.again_wall:.1f} s (a second Tuner.fit)", f"Tune÷ours {tuned.again_wall / ours.again_wall:.2f}×", "ours ≤ 0.8× Tune's wall"),
         Row("efficiency of that second run", f"{ours.warm_efficiency:.2f}", "-", "", "≥ 0.9"),
@@ -238,22 +269,38 @@ def run(quick: bool) -> Result:
         Row("peak RSS of a worker (max over rows)", f"{ours.peak_rss / 2**20:.0f} MiB",
             f"Tune {tuned.peak_rss / 2**20:.0f} MiB / loop {plain.peak_rss / 2**20:.0f} MiB", ""),
     ]  # fmt: skip
+    if not quick:
+        result.rows += _longer_cells(result)
     result.notes.append(
-        "Each Ray side ran `repeats` times, alternating which went first; its row shows the median run (by wall). The loop ran once, "
-        "as one process with one "
-        "torch thread, the Ray sides two single-thread workers. Cell compute excludes model loading, so a side that "
-        "reloads shows it as lost efficiency."
+        "\"Tune\" is Tune at its best here, `reuse_actors=True` (each trial actor keeps its process and so its loaded model); "
+        "\"Tune defaults\" is the same grid with Tune's default `reuse_actors=False`, a new actor process per trial, as a user "
+        "who does not know to change it gets (run once). Each of steerscale and Tune ran `repeats` times, alternating which went "
+        "first; its row shows the median run (by wall). The loop ran once, as one process with one torch thread, the Ray sides "
+        "two single-thread workers. Cell compute excludes model loading, so a side that reloads shows it as lost efficiency."
     )
     return result
+
+
+def _longer_cells(result: Result) -> list[Row]:
+    """The first run again with LoRA cells 4x as long: how much of the efficiency lost is a fixed start-up."""
+    ours, tuned = run_side("steerscale", LONGER), run_side("tune", LONGER)
+    ok, text = _compare(ours, tuned)
+    result.checks.append(Check(f"same rows as Ray Tune, LoRA cells of {LONGER.lora_steps} steps", text, ok))
+    return [
+        Row(f"first run with LoRA cells of {LONGER.lora_steps} steps (4× as long; one run each): wall",
+            f"{ours.wall:.1f} s", f"Tune {tuned.wall:.1f} s", f"Tune÷ours {tuned.wall / ours.wall:.2f}×", "ours ≤ 0.8× Tune's wall"),
+        Row("efficiency of that run", f"{ours.efficiency:.2f} (start-up {ours.first_start:.1f} s)",
+            f"Tune {tuned.efficiency:.2f} (start-up {tuned.first_start:.1f} s)", "", "≥ 0.9"),
+    ]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="run one side of the sweep comparison; prints its outcome as JSON")
     parser.add_argument("side", choices=sorted(SIDES))
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("settings", help="the Settings as JSON")
     args = parser.parse_args(sys.argv[1:])
     torch.set_num_threads(1)
-    s = QUICK if args.quick else FULL
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.settings).items()})
     outcome = SIDES[args.side](planned_cells(s, "unused"), s)
     data = {"wall": outcome.wall, "rows": _json_rows(outcome.rows), "loads": outcome.loads, "workers": outcome.workers, "ray_start": outcome.ray_start,
             "first_start": outcome.first_start, "again_wall": outcome.again_wall, "warm_efficiency": outcome.warm_efficiency}
