@@ -69,6 +69,34 @@ def test_prefix_applies_to_every_entry_point_and_is_restored_on_error():
     assert lm.prefix == "" and lm.target_nll(PROMPTS, [" 1"] * 3) == plain
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_loss_is_the_mean_target_nll_and_its_gradient(arch):
+    """`loss` (fused cross-entropy, what training minimises) is `token_nll`'s mean over target tokens,
+    value and gradient, on a batch with padding and targets of different lengths."""
+    lm = language_model(arch)
+    batch = next(lm.batches(PROMPTS, [" 1 2", " 3", " 0 ; q:"]))
+    reference = lm.token_nll(batch, lm.forward(batch)).sum() / batch.target_tokens
+    grads = torch.autograd.grad(reference, list(lm.model.parameters()), allow_unused=True)
+    loss = lm.loss(batch)
+    assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+    for ours, theirs in zip(torch.autograd.grad(loss, list(lm.model.parameters()), allow_unused=True), grads):
+        if theirs is not None:
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_pairs_encoded_once_collate_to_the_same_batches():
+    """The training loop encodes its examples once and collates each step from the ids."""
+    lm = language_model()
+    targets = [" 1 2", " 3", " 0 ; q:"]
+    with lm.prefixed("q: a0 b0 = 3 ; "):
+        lm.max_length = 9  # truncation happens at encoding, so it must carry over too
+        direct = next(lm.batches(PROMPTS, targets))
+        collated = lm.collate(lm.encode_pairs(PROMPTS, targets))
+    for name in ("input_ids", "attention_mask", "position_ids", "target_mask", "prompt_last"):
+        assert torch.equal(getattr(direct, name), getattr(collated, name)), name
+    assert collated.input_ids.shape[1] == 9 and collated.target_tokens == 6  # truncated, every continuation kept
+
+
 def test_truncation_keeps_the_continuation():
     lm = language_model()
     lm.max_length = 4

@@ -114,6 +114,7 @@ def train(
         if best is None or scores[step] > best[0]:  # strictly better: ties keep the earlier step
             best = (scores[step], step, [p.detach().clone() for p in params])
 
+    pairs = lm.encode_pairs([ex.prompt for ex in examples], [ex.target for ex in examples])  # once, not every step
     lm.model.train()
     try:
         order: list[int] = []
@@ -123,7 +124,7 @@ def train(
             if len(order) < min(config.batch_size, len(examples)):
                 order += torch.randperm(len(examples), generator=generator).tolist()
             take, order = order[: config.batch_size], order[config.batch_size :]
-            batch = next(lm.batches([examples[i].prompt for i in take], [examples[i].target for i in take], batch_size=len(take)))
+            batch = lm.collate([pairs[i] for i in take])
             loss = lm.loss(batch)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss became {loss.item()} at step {step}")
