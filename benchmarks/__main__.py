@@ -19,7 +19,7 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from benchmarks.common import Check, Result  # noqa: E402
-from benchmarks.report import write_results  # noqa: E402
+from benchmarks.report import git_sha, write_results  # noqa: E402
 
 COMPARISONS = {
     "1": "benchmarks.finetune",
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=sorted(COMPARISONS), help="run only these comparisons")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
     args = parser.parse_args(argv)
+    sha = git_sha()
     import torch
 
     # One thread: the machine is shared, and oversubscribed multi-thread torch is erratic (~9× slower seen).
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in result.rows:
             print(f"  {row.measure}: steerscale {row.steerscale} | peer {row.peer} | {row.ratio} (goal {row.goal or '-'})")
         print(f"  ({seconds:.0f} s)", flush=True)
-    write_results(args.out, results, quick=args.quick)
+    write_results(args.out, results, quick=args.quick, sha=sha)
     print(f"[bench] wrote {args.out}")
     return 0 if all(r.checks_ok for r, _ in results) else 1
 

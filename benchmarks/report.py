@@ -44,12 +44,12 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render(results: list[tuple[Result, float]], *, quick: bool) -> str:
+def render(results: list[tuple[Result, float]], *, quick: bool, sha: str) -> str:
     lines = [
         "# steerscale benchmarks",
         "",
         f"Written by `python -m benchmarks{' --quick' if quick else ''}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} "
-        f"at git {git_sha()}. Every number in the sections up to \"What changed\" was measured by that run; "
+        f"at git {sha} (the commit checked out when it began). Every number in the sections up to \"What changed\" was measured by that run; "
         "nothing there is copied in by hand.",
         "",
         "Timings are medians over repeats with the min–max spread and the median process CPU time; runs of the two "
@@ -80,5 +80,6 @@ def render(results: list[tuple[Result, float]], *, quick: bool) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, results: list[tuple[Result, float]], *, quick: bool) -> None:
-    path.write_text(render(results, quick=quick))
+def write_results(path: Path, results: list[tuple[Result, float]], *, quick: bool, sha: str) -> None:
+    """`sha`: read when the run began, so a commit made while it runs is not credited with its numbers."""
+    path.write_text(render(results, quick=quick, sha=sha))
