@@ -2,7 +2,7 @@
 same worker code (with actors reused, and with Tune's defaults), and a plain loop that loads the
 model for every cell.
 
-All three run the same planned cells through `workers.run_cell.run_cell`, so their rows must agree
+Every side runs the same planned cells through `workers.run_cell.run_cell`, so their rows must agree
 (scores equal, NLLs within float noise); what differs is scheduling and model reuse. Each Ray side
 starts its own local Ray first and times the sweep from submission to the last row, with Ray up (as
 on a cluster, where Ray is already running); the Ray start-up is reported on its own line. Worker
