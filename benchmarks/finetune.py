@@ -30,7 +30,7 @@ from workers.tasks import get_task
 from workers.tasks.base import Example
 from workers.training import TrainConfig, TrainResult, train
 
-LOSS_ATOL = 2e-3  # per-step loss agreement; fp32, same data and init, fused vs foreach AdamW
+LOSS_ATOL = 2e-3  # per-step loss agreement; fp32, same data, init and fused AdamW
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def run(quick: bool) -> Result:
 
     result = Result("1. Fine-tuning throughput: steerscale train loop vs HF Trainer + PEFT", settings={
         **s.__dict__, "matmul_params": n, "examples": len(examples), "threads": torch.get_num_threads(),
-        "hf_optim": "Trainer default (adamw_torch_fused)", "ours_optim": "torch.optim.AdamW (foreach)",
+        "hf_optim": "Trainer default (adamw_torch_fused)", "ours_optim": "torch.optim.AdamW (fused)",
     })  # fmt: skip
     peak = mm_peak(s.mm_size)
     result.settings["mm_peak_gflops"] = round(peak / 1e9, 2)

@@ -102,7 +102,7 @@ def test_lora_matches_a_plain_peft_training_loop():
     torch.manual_seed(seed)
     peft_model = get_peft_model(ref.model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.0, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
