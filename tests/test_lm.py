@@ -70,12 +70,18 @@ def test_prefix_applies_to_every_entry_point_and_is_restored_on_error():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_training_loss_is_the_mean_target_nll_and_its_gradient(arch):
-    """`loss` (fused cross-entropy, what training minimises) is `token_nll`'s mean over target tokens,
-    value and gradient, on a batch with padding and targets of different lengths."""
+def test_token_nll_and_training_loss_match_log_softmax_gather_mask(arch):
+    """`token_nll` (fused cross-entropy, ignored labels) equals the textbook log-softmax → gather →
+    mask per token, and `loss` (what training minimises) is its mean over target tokens, value and
+    gradient, on a batch with padding and targets of different lengths."""
     lm = language_model(arch)
     batch = next(lm.batches(PROMPTS, [" 1 2", " 3", " 0 ; q:"]))
-    reference = lm.token_nll(batch, lm.forward(batch)).sum() / batch.target_tokens
+    logits = lm.forward(batch)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    per_token = -logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1) * batch.target_mask[:, :-1]
+    torch.testing.assert_close(lm.token_nll(batch, logits), per_token, rtol=1e-6, atol=1e-7)
+    assert int((per_token != 0).sum()) == batch.target_tokens == 6  # " 1 2", " 3", " 0 ; q:" minus padding
+    reference = per_token.sum() / batch.target_tokens
     grads = torch.autograd.grad(reference, list(lm.model.parameters()), allow_unused=True)
     loss = lm.loss(batch)
     assert float(loss) == pytest.approx(float(reference), rel=1e-6)

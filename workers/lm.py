@@ -135,21 +135,19 @@ class LanguageModel:
             ).logits
 
     def token_nll(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
-        """Per-token NLL of the continuation (zero elsewhere), shape (batch, seq-1)."""
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-        return nll * batch.target_mask[:, :-1]
+        """Per-token NLL of the continuation (zero elsewhere), shape (batch, seq-1).
+
+        Through fused cross-entropy with prompt and padding labels ignored: the same numbers as
+        log-softmax, gather and mask, and a backward ~9 % of a training step faster on the ladder.
+        """
+        labels = batch.input_ids[:, 1:].masked_fill(~batch.target_mask[:, :-1], IGNORED)
+        logits = logits[:, :-1]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORED, reduction="none")
+        return nll.view(labels.shape)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        """Mean continuation NLL over the batch's target tokens: the training loss of every method.
-
-        The same sum as `token_nll`'s, through fused cross-entropy: its backward is ~9 % of a
-        training step faster on the ladder's models than log-softmax, gather and mask.
-        """
-        logits = self.forward(batch)[:, :-1]
-        labels = batch.input_ids[:, 1:].masked_fill(~batch.target_mask[:, :-1], IGNORED)
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORED, reduction="sum")
-        return total / batch.target_mask.sum().clamp(min=1)
+        """Mean continuation NLL over the batch's target tokens: the training loss of every method."""
+        return self.token_nll(batch, self.forward(batch)).sum() / batch.target_mask.sum().clamp(min=1)
 
     @torch.no_grad()
     def target_nll(self, prompts: Sequence[str], targets: Sequence[str]) -> float:
