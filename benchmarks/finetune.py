@@ -49,11 +49,9 @@ class Settings:
 
 
 QUICK = Settings("ladder:test/s", "arith", steps=6, batch_size=8, lr_lora=3e-3, lr_full=1e-4, lora_rank=4, warmup=1, repeats=2, mm_size=1024)
-# batch 64: at the ladder's widths (d_model ≤ 112) a step of 16 short sequences is mostly per-op
+# batch 64: at the ladder's widths (d_model ≤ 96) a step of 16 short sequences is mostly per-op
 # overhead; 64 lifts full FT on xl from ~20 % to ~30 % of the torch.mm peak (see RESULTS.md)
-# 60 steps: at 30 (~2.5 s a run) the shared box's hiccups moved the paired median by ±0.1× from run
-# to run; per step the two sides differ by ~1.27× (10- vs 40-step runs, benchmarks/CHANGES.md)
-FULL = Settings("ladder:default/xl", "arith", steps=60, batch_size=64, lr_lora=3e-3, lr_full=1e-4, lora_rank=4, warmup=1, repeats=5, mm_size=2048)
+FULL = Settings("ladder:default/xl", "arith", steps=30, batch_size=64, lr_lora=3e-3, lr_full=1e-4, lora_rank=4, warmup=1, repeats=5, mm_size=2048)
 
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
