@@ -28,7 +28,7 @@ from workers.methods.protocol import forward_flops, matmul_params
 from workers.models.loading import load_language_model
 from workers.tasks import get_task
 from workers.tasks.base import Example
-from workers.training import TrainConfig, TrainResult, train
+from workers.training import TrainConfig, TrainResult, batch_order, train
 
 LOSS_ATOL = 2e-3  # per-step loss agreement; fp32, same data, init and fused AdamW
 
@@ -52,19 +52,6 @@ QUICK = Settings("ladder:test/s", "arith", steps=6, batch_size=8, lr_lora=3e-3, 
 # batch 64: at the ladder's widths (d_model ≤ 96) a step of 16 short sequences is mostly per-op
 # overhead; 64 lifts full FT on xl from ~20 % to ~30 % of the torch.mm peak (see RESULTS.md)
 FULL = Settings("ladder:default/xl", "arith", steps=30, batch_size=64, lr_lora=3e-3, lr_full=1e-4, lora_rank=4, warmup=1, repeats=5, mm_size=2048)
-
-
-def batch_order(n: int, steps: int, batch_size: int, seed: int) -> list[int]:
-    """The example indices steerscale's loop draws, step after step (see workers/training.py)."""
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    drawn: list[int] = []
-    for _ in range(steps):
-        if len(order) < min(batch_size, n):
-            order += torch.randperm(n, generator=generator).tolist()
-        drawn += order[:batch_size]
-        order = order[batch_size:]
-    return drawn
 
 
 class _InOrderTrainer(Trainer):
@@ -158,7 +145,7 @@ def run(quick: bool) -> Result:
     ours_lm, hf_lm = load_language_model(spec), load_language_model(spec)
     base = {k: v.clone() for k, v in ours_lm.model.state_dict().items()}
     examples = get_task(s.task).examples("train", 4 * s.batch_size, s.seed)
-    order = batch_order(len(examples), s.steps, s.batch_size, s.seed)
+    order = [i for take in batch_order(len(examples), s.steps, s.batch_size, s.seed) for i in take]
     n = matmul_params(ours_lm.model)
     n_lora = _lora_params(ours_lm, s)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from pydantic import Field
@@ -68,6 +68,18 @@ def steps_for(n_examples: int, config: TrainConfig) -> int:
     return min(config.max_steps, max(config.min_steps, config.epochs * math.ceil(n_examples / config.batch_size)))
 
 
+def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Each step's example indices: seeded reshuffles of the examples, drawn `batch_size` at a time
+    (a batch may span two shuffles). Public so a reference loop can feed its batches in this order."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < min(batch_size, n_examples):
+            order += torch.randperm(n_examples, generator=generator).tolist()
+        take, order = order[:batch_size], order[batch_size:]
+        yield take
+
+
 def checkpoint_steps(steps: int, checkpoints: int) -> list[int]:
     """Step 0 and `checkpoints` evenly spaced steps up to the last one."""
     return sorted({0, *(round(steps * k / checkpoints) for k in range(1, checkpoints + 1))})
@@ -96,7 +108,6 @@ def train(
     # LoRA matrices made the foreach update ~5 % of a step on the ladder's models (benchmarks/CHANGES.md)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    generator = torch.Generator().manual_seed(seed)
     checks = checkpoint_steps(steps, config.checkpoints) if validate is not None and config.checkpoints else []
     scores: dict[int, float] = {}
     best: tuple[float, int, list[torch.Tensor]] | None = None  # (score, step, parameters)
@@ -119,13 +130,9 @@ def train(
     pairs = lm.encode_pairs([ex.prompt for ex in examples], [ex.target for ex in examples])  # once, not every step
     lm.model.train()
     try:
-        order: list[int] = []
-        for step in range(steps):
+        for step, take in enumerate(batch_order(len(examples), steps, config.batch_size, seed)):
             if step in checks:
                 checkpoint(step)
-            if len(order) < min(config.batch_size, len(examples)):
-                order += torch.randperm(len(examples), generator=generator).tolist()
-            take, order = order[: config.batch_size], order[config.batch_size :]
             batch = lm.collate([pairs[i] for i in take])
             loss = lm.loss(batch)
             if not torch.isfinite(loss):
