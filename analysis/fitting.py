@@ -265,8 +265,9 @@ def refine(data: LawData, thetas: np.ndarray, weights: np.ndarray | None = None,
     the points inside δ), which lands on the optimum in a few steps once the points inside δ pin
     down every parameter, and the IRLS majoriser (ψ(r)/r weights), which always has full rank and
     carries the resamples with too few points inside δ for that (it alone converges linearly:
-    tens to hundreds of steps at δ = 1e-3, where the loss is nearly L1). Iteration stops per
-    resample once a step gains less than 1e-10 of its loss.
+    tens to hundreds of steps at δ = 1e-3, where the loss is nearly L1). Parameters on a bound
+    that the gradient pushes outward are held there for the step. Iteration stops per resample
+    once a step gains less than 1e-10 of its loss.
     """
     lo, hi = np.array(theta_bounds(data.law)).T
     k = len(data.law.coefs)
@@ -295,9 +296,16 @@ def refine(data: LawData, thetas: np.ndarray, weights: np.ndarray | None = None,
         a = np.abs(r)
         grad = np.einsum("bup,bu->bp", jac, inputs.per_input(w * np.clip(r, -HUBER_DELTA, HUBER_DELTA)))
         lam = damping[active][:, None, None]
+        # A parameter on a bound that descent would push out of the box stays put (projected
+        # Newton): solving for it and clipping afterwards spoils the other parameters' step, and
+        # a resample whose optimum sits on a bound then crawls until the iteration cap.
+        free = ~(((theta <= lo) & (grad > 0)) | ((theta >= hi) & (grad < 0)))
+        pinned = eye * ~free[:, :, None]
+        grad = grad * free
         best_theta, best_loss = theta, np.full(len(active), np.inf)
         for h in (w * (a < HUBER_DELTA), w * huber_weight(r)):  # exact Huber curvature, then the IRLS majoriser
             jtj = np.swapaxes(jac * inputs.per_input(h)[..., None], 1, 2) @ jac
+            jtj = jtj * (free[:, :, None] & free[:, None, :]) + pinned
             diag = np.einsum("bpp->bp", jtj)[:, :, None] * eye
             step = _solve(jtj + lam * (diag + 1e-12 * eye), -grad[..., None])[..., 0]
             candidate = np.clip(theta + step, lo, hi)
