@@ -167,6 +167,25 @@ def test_steer_mean_ties_go_to_doing_nothing(monkeypatch):
     assert adapter.report.alpha == 0.0 and float(adapter.vector.norm()) == 0.0
 
 
+def test_steer_mean_scores_scale_zero_once_for_all_layers(monkeypatch):
+    lm = language_model()
+    ctx = fit_context(lm)
+    probe = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        unsteered = lm.model(input_ids=probe).logits
+    steered: list[bool] = []  # per validation pass: did the applied vector change the model?
+
+    def evaluate(self, lm, examples, elicited=False):
+        with torch.no_grad():
+            steered.append(not torch.equal(lm.model(input_ids=probe).logits, unsteered))
+        return type("E", (), {"score": 0.5})()
+
+    monkeypatch.setattr(type(ctx.task), "evaluate", evaluate)
+    adapter = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", {"layers": [0.0, 0.5, 1.0], "scales": [0.0, 1.0, 2.0]}))
+    assert steered == [False] + [True] * 6  # scale 0 once, then 2 scales x 3 layers
+    assert adapter.report.alpha == 0.0 and adapter.report.layer == 0  # the tie still goes to doing nothing
+
+
 def test_steer_trained_lowers_the_training_loss_and_trains_d_model_per_layer():
     lm = language_model()
     raw = {"layers": [0.0, 1.0], "train": {**FAST, "min_steps": 15, "max_steps": 15, "lr": 0.05}}

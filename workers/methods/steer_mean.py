@@ -106,9 +106,13 @@ class SteerMean:
         extraction_tokens = sum(map(len, ctx.lm.encode([text for pair in pairs for text in pair], prompt=True)))
         norms = dict(zip(candidates, mean_norm.tolist()))
         best: tuple[float, float, int, float, torch.Tensor] | None = None  # (score, -|scale|, layer, scale, vector)
+        zero_scored = False
         for layer, direction in zip(candidates, diff):
             unit = (direction / direction.norm().clamp(min=1e-12)).to(ctx.lm.device)
             for scale in config.scales:
+                if scale == 0 and zero_scored:
+                    continue  # a zero vector leaves the model as it is at every layer: one pass (the first layer's) says it
+                zero_scored = zero_scored or scale == 0
                 vector = unit * scale * norms[layer]
                 with steer(ctx.lm.model, {layer: vector}, config.positions):
                     score = ctx.task.evaluate(ctx.lm, ctx.validation).score
