@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from conftest_methods import fit_context, language_model
 from workers.methods import get_method, resolve_config
+from workers.metrics import neutral_reference
 from workers.steering import steer
 
 PROMPTS = ["q: a1 b2 =", "persona: honest q: a4 b0 = 2 ; q: a5 b5 =", "q: a3 ="]
@@ -127,3 +130,44 @@ def test_half_precision_paths_run(dtype):
     adapter = get_method("lora").fit(ctx, config)
     assert all(torch.isfinite(torch.tensor(adapter.report.hparams["losses"])))
     assert next(lm.model.parameters()).dtype == dtype
+
+
+DEMOS = "q: a0 b0 = 3 ; q: a1 b1 = 4 ; q: a2 b2 = 0 ; q: a3 b3 = 1 ; q: a4 b4 = 2 ; q: a5 b5 = 3 ; "  # 42 shared tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "gemma3"])
+@pytest.mark.parametrize("steering", [None, "after_prompt", "all"])
+def test_shared_demonstrations_run_once_with_the_same_scores(arch, steering, monkeypatch):
+    """Rows that begin with the same demonstrations (a `prompt` method's) run them once, as a
+    batch of one, and continue from its key/value cache: the scores of every scoring path equal
+    those of the plain forward, steered or not, with fewer tokens through the model."""
+    lm = language_model(arch, batch_size=3)
+    targets = [" 1 2", " 3", " 0 ; q:"]
+    vector = {1: 0.5 * torch.ones(lm.model.config.hidden_size)}
+
+    def scores() -> tuple[list, int]:
+        tokens = lm.forward_tokens
+        with lm.prefixed(DEMOS), (steer(lm.model, vector, steering) if steering else contextlib.nullcontext()):
+            values = [lm.target_nll(PROMPTS, targets), lm.choice_logprobs(PROMPTS, DIGITS), lm.choice_logprobs(PROMPTS, [(" 0 ;", " 1")] * 3),
+                      neutral_reference(lm, ["a1 b2 = 3", "q: a4"]).nll]  # fmt: skip
+        return values, lm.forward_tokens - tokens
+
+    shared, shared_tokens = scores()
+    monkeypatch.setattr("workers.lm.SHARED_PREFIX_MIN_TOKENS", 10**9)  # every forward over the whole batch
+    plain, plain_tokens = scores()
+    assert shared[0] == pytest.approx(plain[0], abs=1e-5) and shared[3] == pytest.approx(plain[3], abs=1e-5)
+    for ours, theirs in zip(shared[1] + shared[2], plain[1] + plain[2]):
+        assert ours == pytest.approx(theirs, abs=1e-5)
+    demo_tokens = lm.token_count(DEMOS, prompt=True) - 1  # <bos> + demonstrations, less a seam token the prompt may merge into
+    # four forwards of 3 rows and the neutral texts' one of 2 ran the demonstrations once, not once per row
+    assert plain_tokens - shared_tokens >= (4 * 2 + 1) * (demo_tokens - 1)
+
+
+def test_rows_that_share_too_little_take_the_plain_forward():
+    lm = language_model(batch_size=3)
+    batch = next(lm.batches(PROMPTS, [" 1"] * 3))
+    assert lm._shared_columns(batch) == 0
+    with lm.prefixed(DEMOS):
+        batch = next(lm.batches(PROMPTS, [" 1"] * 3))
+        single = next(lm.batches(PROMPTS[:1], [" 1"]))
+    assert lm._shared_columns(batch) >= 32 and lm._shared_columns(single) == 0

@@ -35,9 +35,9 @@ def _neutral_batches(lm: LanguageModel, texts: Sequence[str]):
 def neutral_reference(lm: LanguageModel, texts: Sequence[str]) -> NeutralReference:
     logprobs, total, count = [], 0.0, 0
     for batch in _neutral_batches(lm, texts):
-        logits = lm.forward(batch)
-        logprobs.append(F.log_softmax(logits.float(), dim=-1)[batch.target_mask].cpu())
-        total += float(lm.token_nll(batch, logits).sum())
+        logits, start = lm.scoring_logits(batch)
+        logprobs.append(F.log_softmax(logits.float(), dim=-1)[batch.target_mask[:, start:]].cpu())
+        total += float(lm.token_nll(batch, logits, start).sum())
         count += batch.target_tokens
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return NeutralReference(tuple(texts), logprobs, total / count if count else nan, total / n_bytes if n_bytes else nan)
@@ -50,13 +50,13 @@ def neutral_shift(lm: LanguageModel, reference: NeutralReference) -> tuple[float
         return float("nan"), float("nan")
     kl_total, nll_total, count = 0.0, 0.0, 0
     for batch, base_logp in zip(_neutral_batches(lm, reference.texts), reference.logprobs):
-        logits = lm.forward(batch)
-        logp = F.log_softmax(logits.float(), dim=-1)[batch.target_mask]
+        logits, start = lm.scoring_logits(batch)
+        logp = F.log_softmax(logits.float(), dim=-1)[batch.target_mask[:, start:]]
         if logp.shape != base_logp.shape:
             raise ValueError(f"neutral text tokens differ from the reference's: {tuple(logp.shape)} vs {tuple(base_logp.shape)}")
         base = base_logp.to(logp.device)
         kl_total += float((base.exp() * (base - logp)).sum())
-        nll_total += float(lm.token_nll(batch, logits).sum())
+        nll_total += float(lm.token_nll(batch, logits, start).sum())
         count += batch.target_tokens
     nll = nll_total / max(count, 1)
     return kl_total / max(count, 1), float(torch.exp(torch.tensor(nll - reference.nll)))

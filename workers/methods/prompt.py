@@ -1,9 +1,11 @@
 """`prompt`: the budget's examples as few-shot demonstrations in front of every prompt.
 
 No weight changes: the adapter puts the demonstrations before each prompt the model sees (through
-`LanguageModel.prefixed`), so every task scores it without knowing. As many demonstrations as fit
-the context are used, in the budget's (seeded) order, leaving room for twice the longest question
-seen; the number used is recorded, since with a large budget it is far below the budget.
+`LanguageModel.prefixed`), so every task scores it without knowing; scoring runs the shared
+demonstrations once per batch, not once per question (`LanguageModel.scoring_logits`). As many
+demonstrations as fit the context are used, in the budget's (seeded) order, leaving room for twice
+the longest question seen; the number used is recorded, since with a large budget it is far below
+the budget.
 """
 
 from __future__ import annotations
