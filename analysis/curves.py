@@ -9,12 +9,12 @@ Groups that cannot support a law get a row that says why instead of an exception
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from analysis.bootstrap import Bootstrap, bootstrap_fit, percentile_interval
 from analysis.capability import X_COLUMN, Axis, get_axis, with_x
@@ -22,6 +22,7 @@ from analysis.fitting import Fit, FitError, LawData, fit_law
 from analysis.laws import LAWS, POWER_D, Law
 from analysis.methods import method_kind
 from analysis.metrics import from_loss, to_loss
+from analysis.parallel import parallel_map
 
 ALL_PARAMS = tuple(dict.fromkeys(p for law in LAWS.values() for p in law.params))
 
@@ -122,15 +123,35 @@ def _holdout_error(law: Law, points: Points, metric: str, held: np.ndarray) -> f
     return float(np.mean(np.abs(predicted - points.value[held])))
 
 
-def fit_group(
-    task: str, method: str, model: str, law: Law, rows: pd.DataFrame, *,
-    metric: str, axis: Axis | None, bootstrap: int, rng: np.random.Generator,
-) -> LawFit:  # fmt: skip
-    """Fit `law` to a group of rows, with bootstrap CIs and a leave-the-top-out error.
+@dataclass(frozen=True)
+class GroupJob:
+    """One law to fit to one group of rows, as a worker process receives it (the axis by name)."""
 
-    A joint law takes N from `axis` (rows carry it in X_COLUMN) and leaves out the model at the top
+    task: str
+    method: str
+    model: str  # "*" for a joint law across models
+    law: Law
+    rows: pd.DataFrame
+    metric: str
+    axis: str | None  # where a joint law takes N from; None for a budget curve
+    bootstrap: int
+    seed: int
+
+    def rng(self) -> np.random.Generator:
+        """The group's own stream, from the study's seed and the group's name: the same numbers
+        whichever order, or process, the groups are fitted in."""
+        name = "/".join((self.task, self.method, self.model, self.law.name, self.axis or ""))
+        return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+
+
+def fit_group(job: GroupJob) -> LawFit:
+    """Fit `job.law` to a group of rows, with bootstrap CIs and a leave-the-top-out error.
+
+    A joint law takes N from the axis (rows carry it in X_COLUMN) and leaves out the model at the top
     of that axis; a budget curve leaves out the largest budget and records the model's parameters.
     """
+    task, method, model, law, rows, metric = job.task, job.method, job.model, job.law, job.rows, job.metric
+    axis = get_axis(job.axis) if job.axis else None
     joint = "N" in law.inputs
     n_column = X_COLUMN if joint else "params_nonembed"
     usable, excluded = exclusions(rows, metric, n_column)
@@ -157,7 +178,7 @@ def fit_group(
         return unfitted(str(err))
     try:
         fit = fit_law(data)
-        boot = bootstrap_fit(fit, data, bootstrap, rng) if bootstrap > 0 else None
+        boot = bootstrap_fit(fit, data, job.bootstrap, job.rng()) if job.bootstrap > 0 else None
     except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError) as err:  # one bad group must not sink the rest
         return unfitted(f"fit failed: {err}")
     error = _holdout_error(law, points, metric, held)
@@ -172,30 +193,29 @@ def fitted_groups(frame: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]
         yield task, method, rows
 
 
-def joint_fits(frame: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, rng: np.random.Generator) -> list[LawFit]:
-    """The joint laws in (N, D) per (task, method), N taken from `axis`."""
-    framed = with_x(frame, axis)
+def joint_jobs(framed: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int) -> list[GroupJob]:
+    """The joint laws in (N, D) per (task, method), N taken from `axis` (rows already `with_x`)."""
     return [
-        fit_group(task, method, "*", law, rows, metric=metric, axis=axis, bootstrap=bootstrap, rng=rng)
-        for task, method, rows in _progress(framed, f"joint laws, N = {axis.name}") for law in axis.joint_laws
+        GroupJob(task, method, "*", law, rows, metric, axis.name, bootstrap, seed)
+        for task, method, rows in fitted_groups(framed) for law in axis.joint_laws
     ]  # fmt: skip
 
 
-def _progress(frame: pd.DataFrame, what: str) -> Iterator[tuple[str, str, pd.DataFrame]]:
-    """`fitted_groups` with a bar on a terminal (none in logs or tests): a study's fits take minutes."""
-    groups = list(fitted_groups(frame))
-    return tqdm(groups, desc=what, unit="group", disable=None, leave=False)
+def joint_fits(frame: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int, workers: int = 1) -> list[LawFit]:
+    """The joint laws in (N, D) per (task, method), N taken from `axis`."""
+    jobs = joint_jobs(with_x(frame, axis), metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)
+    return parallel_map(fit_group, jobs, workers=workers, desc=f"joint laws, N = {axis.name}")
 
 
-def fit_curves(frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, x: str = "params") -> list[LawFit]:
-    """Per (task, method): a budget curve for each model, then the joint laws in (N, D) with N from `x`."""
+def fit_curves(frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, x: str = "params", workers: int = 1) -> list[LawFit]:
+    """Per (task, method): a budget curve for each model, then the joint laws in (N, D) with N from `x`.
+
+    `workers` > 1 fits that many groups at once in worker processes (analysis/parallel.py).
+    """
     axis = get_axis(x)
-    rng = np.random.default_rng(seed)
     framed = with_x(frame, axis)
-    fits = []
-    for task, method, rows in _progress(framed, f"budget curves and joint laws, N = {axis.name}"):
-        for model, model_rows in rows.groupby("model", sort=False):
-            fits.append(fit_group(task, method, model, POWER_D, model_rows, metric=metric, axis=None, bootstrap=bootstrap, rng=rng))
-        for law in axis.joint_laws:
-            fits.append(fit_group(task, method, "*", law, rows, metric=metric, axis=axis, bootstrap=bootstrap, rng=rng))
-    return fits
+    jobs = []
+    for task, method, rows in fitted_groups(framed):
+        jobs += [GroupJob(task, method, model, POWER_D, model_rows, metric, None, bootstrap, seed) for model, model_rows in rows.groupby("model", sort=False)]
+        jobs += joint_jobs(rows, metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)
+    return parallel_map(fit_group, jobs, workers=workers, desc=f"budget curves and joint laws, N = {axis.name}")

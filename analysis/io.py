@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+READ_THREADS = 8
 REQUIRED_COLUMNS = ("cell_id", "status", "model", "task", "method", "budget", "score")
 NUMERIC_COLUMNS = (
     "params_total", "params_nonembed", "budget", "train_tokens", "seed", "score", "score_base",
@@ -54,12 +56,16 @@ def resolve(results_dir: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), Path(results_dir).resolve().as_posix()
 
 
-def _read_cell(fs: pafs.FileSystem, path: str) -> pd.DataFrame:
-    table = pq.read_table(path, filesystem=fs)
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise ValueError(f"not a results row: missing columns {missing}")
-    return table.to_pandas()
+def _read_cell(fs: pafs.FileSystem, path: str) -> pa.Table | SkippedFile:
+    try:
+        with fs.open_input_file(path) as source:
+            table = pq.ParquetFile(source).read()
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"not a results row: missing columns {missing}")
+    except (OSError, ValueError, pa.ArrowException) as err:
+        return SkippedFile(path, f"{type(err).__name__}: {err}")
+    return table
 
 
 def load_results(results_dir: str) -> LoadedResults:
@@ -71,13 +77,16 @@ def load_results(results_dir: str) -> LoadedResults:
         i.path for i in infos
         if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not i.base_name.startswith((".", "_"))
     )
-    frames, skipped = [], []
-    for path in paths:
-        try:
-            frames.append(_read_cell(fs, path))
-        except (OSError, ValueError, pa.ArrowException) as err:
-            skipped.append(SkippedFile(path, f"{type(err).__name__}: {err}"))
-    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(REQUIRED_COLUMNS))
+    # Files are read by a few threads (Arrow releases the GIL; on object stores each read is a
+    # round trip) and joined as Arrow tables, then converted once: a DataFrame per file cost ~4 ms each.
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        read = list(pool.map(lambda path: _read_cell(fs, path), paths))
+    tables = [t for t in read if isinstance(t, pa.Table)]
+    skipped = [t for t in read if isinstance(t, SkippedFile)]
+    if tables:  # rows of older schema versions lack newer columns, and all-null columns have no type: promote
+        frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    else:
+        frame = pd.DataFrame(columns=list(REQUIRED_COLUMNS))
     for column in NUMERIC_COLUMNS:
         frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame else float("nan")
     if "finished_at" in frame and frame["cell_id"].duplicated().any():

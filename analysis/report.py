@@ -269,17 +269,19 @@ def render_html(blocks: list[Block]) -> str:
     return "\n".join(parts) + "</body></html>\n"
 
 
-def write_report(results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params") -> FitSummary:
+def write_report(
+    results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1
+) -> FitSummary:
     """Analyse the cells once, save the fits (as `fit_results` does) and write the report beside them.
 
     Local paths only. `x` is what stands for N in the joint laws: "params", "neutral_loss" or
-    "task_score". The returned summary's `paths` include "report.html".
+    "task_score"; `workers` as for `fit_results`. The returned summary's `paths` include "report.html".
     """
     get_axis(x)  # a wrong name fails before any file is read or written
     fs, root = resolve(results_dir)
     if fs.type_name != "local":
         raise ValueError(f"the report is written to local paths only; copy {results_dir} locally first")
-    a = analyse(load_rows_to_fit(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x)
+    a = analyse(load_rows_to_fit(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     paths = save_fits(results_dir, a)
     out = Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -43,14 +43,17 @@ class Analysis:
         return pd.DataFrame([f.record() for f in self.fits])
 
 
-def analyse(loaded: LoadedResults, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params") -> Analysis:
+def analyse(
+    loaded: LoadedResults, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1
+) -> Analysis:
+    """Every answer of the study; `workers` > 1 fits that many groups at once (analysis/parallel.py)."""
     check_metric(metric)
     axis = get_axis(x)
     ok = loaded.ok
-    fits = fit_curves(loaded.frame, metric=metric, bootstrap=bootstrap, seed=seed, x=x)
+    fits = fit_curves(loaded.frame, metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     crossovers = find_crossovers(fits)
     capabilities = capability_table(loaded.frame)
-    axes = compare_axes(loaded.frame, metric=metric, fits=fits, crossovers=crossovers, capabilities=capabilities, rng=np.random.default_rng(seed))
+    axes = compare_axes(loaded.frame, metric=metric, fits=fits, crossovers=crossovers, capabilities=capabilities, seed=seed, workers=workers)
     frontier = compute_frontier(ok, metric)
     return Analysis(
         loaded=loaded, metric=metric, x=x, fits=fits, crossovers=crossovers, scaling=crossover_scaling(crossovers, capabilities, axis),
@@ -168,12 +171,15 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
     return {"fits.parquet": write_table(results_dir, "fits.parquet", frame), "fits.json": write_json(results_dir, "fits.json", payload)}
 
 
-def fit_results(results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params") -> FitSummary:
+def fit_results(
+    results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1
+) -> FitSummary:
     """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json.
 
     `x` names what stands for N in the joint laws and the crossover trend: "params",
     "neutral_loss" or "task_score" (analysis/capability.py); every axis is compared regardless.
+    `workers` > 1 fits that many groups at once, in worker processes; the numbers do not change.
     """
     get_axis(x)  # a wrong name fails before any file is read
-    analysis = analyse(load_rows_to_fit(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x)
+    analysis = analyse(load_rows_to_fit(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     return FitSummary(analysis, save_fits(results_dir, analysis))

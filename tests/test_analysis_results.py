@@ -14,6 +14,7 @@ from scipy.optimize import brentq
 
 import analysis
 from analysis.crossover import first_crossing
+from analysis.curves import fit_curves
 from analysis.synthetic import TrueCurve, synthetic_rows
 from workers.schema import to_table
 
@@ -157,3 +158,29 @@ def test_analysis_imports_neither_workers_orchestrator_nor_torch() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not {n.split(".")[0] for n in names} & forbidden, path.name
+
+
+def test_groups_fitted_in_worker_processes_match_the_whole_serial_fit(results: Path, summary: analysis.FitSummary) -> None:
+    """Two worker processes, one method's rows only (fitted after lora's in the serial run): every
+    group still draws its own bootstrap stream (seeded by its name), so its fit and intervals equal
+    those of the serial fit of everything."""
+    frame = analysis.load_results(str(results)).frame
+    subset = fit_curves(frame[frame["method"] == "steer_mean"], metric="score", bootstrap=200, seed=0, workers=2)
+    serial = {(f.task, f.method, f.model, f.law.name): f for f in summary.analysis.fits}
+    assert len(subset) == sum(key[1] == "steer_mean" for key in serial) > 4
+    for fit in subset:
+        reference = serial[(fit.task, fit.method, fit.model, fit.law.name)]
+        assert fit.ok == reference.ok and fit.message == reference.message
+        if fit.ok:
+            np.testing.assert_array_equal(fit.fit.theta, reference.fit.theta)
+            np.testing.assert_array_equal(fit.boot.thetas, reference.boot.thetas)
+
+
+def test_rows_of_an_older_schema_load_beside_newer_ones(tmp_path: Path) -> None:
+    rows = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, (8, 16), seeds=1, noise=0.01, rng=np.random.default_rng(0))
+    write_cells(tmp_path, rows[:1])
+    older = to_table(rows[1:]).drop_columns(["neutral_kl"])  # written before the column existed
+    pq.write_table(older, tmp_path / "cells" / "older.parquet")
+    frame = analysis.load_results(str(tmp_path)).frame.set_index("cell_id")
+    assert frame.loc[rows[0]["cell_id"], "neutral_kl"] == pytest.approx(rows[0]["neutral_kl"])
+    assert np.isnan(frame.loc[rows[1]["cell_id"], "neutral_kl"]) and frame.loc[rows[1]["cell_id"], "score"] == pytest.approx(rows[1]["score"])
