@@ -11,6 +11,7 @@ is the verdict.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +80,7 @@ def _law_score(f: LawFit) -> AxisScore:
 
 def compare_axes(
     frame: pd.DataFrame, *, metric: str, fits: list[LawFit], crossovers: list[Crossover],
-    capabilities: pd.DataFrame, seed: int, workers: int = 1,
+    capabilities: pd.DataFrame, seed: int, pool: Executor | None = None,
 ) -> AxisComparison:  # fmt: skip
     """Every axis' joint laws (reusing `fits` where they were fitted on that axis) and trends."""
     scores, trends, notes = [], [], {}
@@ -88,7 +89,7 @@ def compare_axes(
             notes[name] = f"no ok row has a usable {axis.column}"
             continue
         done = [f for f in fits if f.x == name]
-        laws = done or joint_fits(frame, metric=metric, axis=axis, bootstrap=0, seed=seed, workers=workers)
+        laws = done or joint_fits(frame, metric=metric, axis=axis, bootstrap=0, seed=seed, pool=pool)
         scores += [_law_score(f) for f in laws]
         for t in crossover_scaling(crossovers, capabilities, axis):
             trends.append(t)

@@ -10,6 +10,7 @@ Groups that cannot support a law get a row that says why instead of an exception
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -201,16 +202,20 @@ def joint_jobs(framed: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int,
     ]  # fmt: skip
 
 
-def joint_fits(frame: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int, workers: int = 1) -> list[LawFit]:
+def joint_fits(
+    frame: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int, pool: Executor | None = None
+) -> list[LawFit]:
     """The joint laws in (N, D) per (task, method), N taken from `axis`."""
     jobs = joint_jobs(with_x(frame, axis), metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)
-    return parallel_map(fit_group, jobs, workers=workers, desc=f"joint laws, N = {axis.name}")
+    return parallel_map(fit_group, jobs, pool=pool, desc=f"joint laws, N = {axis.name}")
 
 
-def fit_curves(frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, x: str = "params", workers: int = 1) -> list[LawFit]:
+def fit_curves(
+    frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, x: str = "params", pool: Executor | None = None
+) -> list[LawFit]:
     """Per (task, method): a budget curve for each model, then the joint laws in (N, D) with N from `x`.
 
-    `workers` > 1 fits that many groups at once in worker processes (analysis/parallel.py).
+    With a `pool` (analysis/parallel.py), groups are fitted in its worker processes.
     """
     axis = get_axis(x)
     framed = with_x(frame, axis)
@@ -218,4 +223,4 @@ def fit_curves(frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, x
     for task, method, rows in fitted_groups(framed):
         jobs += [GroupJob(task, method, model, POWER_D, model_rows, metric, None, bootstrap, seed) for model, model_rows in rows.groupby("model", sort=False)]
         jobs += joint_jobs(rows, metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)
-    return parallel_map(fit_group, jobs, workers=workers, desc=f"budget curves and joint laws, N = {axis.name}")
+    return parallel_map(fit_group, jobs, pool=pool, desc=f"budget curves and joint laws, N = {axis.name}")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Callable, Sequence, TypeVar
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -26,25 +27,33 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, workers: int, desc: str) -> list[R]:
-    """`[fn(item) for item in items]` on up to `workers` processes, with a progress bar on a terminal.
+@contextmanager
+def worker_pool(workers: int) -> Iterator[Executor | None]:
+    """Processes for `parallel_map`, shared by every stage of one analysis (each spawned process
+    imports numpy, scipy and pandas again, about a second); None, run here, for `workers` ≤ 1."""
+    if workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
 
-    `fn` must be a module-level function and items and results picklable. With `workers` ≤ 1 (or
-    one item) everything runs here, in this process: what a library call gets unless it asks.
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, pool: Executor | None, desc: str) -> list[R]:
+    """`[fn(item) for item in items]`, on `pool` if there is one, with a progress bar on a terminal.
+
+    `fn` must be a module-level function and items and results picklable (a process pool sends them).
     """
     bar = tqdm(total=len(items), desc=desc, unit="group", disable=None, leave=False)
     try:
-        if workers <= 1 or len(items) <= 1:
+        if pool is None:
             results = []
             for item in items:
                 results.append(fn(item))
                 bar.update()
             return results
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context) as pool:
-            futures = [pool.submit(fn, item) for item in items]
-            for _ in as_completed(futures):
-                bar.update()
-            return [future.result() for future in futures]
+        futures = [pool.submit(fn, item) for item in items]
+        for _ in as_completed(futures):
+            bar.update()
+        return [future.result() for future in futures]
     finally:
         bar.close()

@@ -18,6 +18,7 @@ from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
 from analysis.io import LoadedResults, load_rows_to_fit, write_json, write_table
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric
+from analysis.parallel import worker_pool
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ def analyse(
     check_metric(metric)
     axis = get_axis(x)
     ok = loaded.ok
-    fits = fit_curves(loaded.frame, metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
-    crossovers = find_crossovers(fits)
     capabilities = capability_table(loaded.frame)
-    axes = compare_axes(loaded.frame, metric=metric, fits=fits, crossovers=crossovers, capabilities=capabilities, seed=seed, workers=workers)
+    with worker_pool(workers) as pool:
+        fits = fit_curves(loaded.frame, metric=metric, bootstrap=bootstrap, seed=seed, x=x, pool=pool)
+        crossovers = find_crossovers(fits)
+        axes = compare_axes(loaded.frame, metric=metric, fits=fits, crossovers=crossovers, capabilities=capabilities, seed=seed, pool=pool)
     frontier = compute_frontier(ok, metric)
     return Analysis(
         loaded=loaded, metric=metric, x=x, fits=fits, crossovers=crossovers, scaling=crossover_scaling(crossovers, capabilities, axis),

@@ -15,6 +15,7 @@ from scipy.optimize import brentq
 import analysis
 from analysis.crossover import first_crossing
 from analysis.curves import fit_curves
+from analysis.parallel import worker_pool
 from analysis.synthetic import TrueCurve, synthetic_rows
 from workers.schema import to_table
 
@@ -165,7 +166,8 @@ def test_groups_fitted_in_worker_processes_match_the_whole_serial_fit(results: P
     group still draws its own bootstrap stream (seeded by its name), so its fit and intervals equal
     those of the serial fit of everything."""
     frame = analysis.load_results(str(results)).frame
-    subset = fit_curves(frame[frame["method"] == "steer_mean"], metric="score", bootstrap=200, seed=0, workers=2)
+    with worker_pool(2) as pool:
+        subset = fit_curves(frame[frame["method"] == "steer_mean"], metric="score", bootstrap=200, seed=0, pool=pool)
     serial = {(f.task, f.method, f.model, f.law.name): f for f in summary.analysis.fits}
     assert len(subset) == sum(key[1] == "steer_mean" for key in serial) > 4
     for fit in subset:
