@@ -164,11 +164,12 @@ class LanguageModel:
                 input_ids=batch.input_ids[:1, shared], attention_mask=batch.attention_mask[:1, shared],
                 position_ids=batch.position_ids[:1, shared], use_cache=True,
             )  # fmt: skip
+        self.forward_tokens += start
         cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.2x
         if not hasattr(cache, "batch_repeat_interleave"):  # a cache type that cannot be shared across rows
             return self.forward(batch), 0
         cache.batch_repeat_interleave(batch.input_ids.shape[0])
-        self.forward_tokens += start + int(batch.attention_mask[:, start:].sum())
+        self.forward_tokens += int(batch.attention_mask[:, start:].sum())
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # a peft wrapper passes it on
         with prompt_boundary(batch.prompt_last):
             logits = self.model(
@@ -244,9 +245,9 @@ class LanguageModel:
         for start in range(0, len(prompts), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             batch = next(self.batches(prompts[chunk], [cs[0] for cs in choices[chunk]], batch_size=self.batch_size))
-            logits, start = self.scoring_logits(batch)
+            logits, offset = self.scoring_logits(batch)
             rows = torch.arange(logits.shape[0], device=logits.device)
-            logp = F.log_softmax(logits[rows, batch.prompt_last - start].float(), dim=-1)
+            logp = F.log_softmax(logits[rows, batch.prompt_last - offset].float(), dim=-1)
             for row, cs in zip(logp, ids[chunk]):
                 out.append(row[[c[0] for c in cs]].tolist())
         return out
