@@ -68,6 +68,16 @@ def _read_cell(fs: pafs.FileSystem, path: str) -> pa.Table | SkippedFile:
     return table
 
 
+def _frame(tables: list[pa.Table]) -> pd.DataFrame:
+    """One DataFrame of all rows. Rows of older schema versions lack newer columns and all-null
+    columns have no type, which Arrow promotes; files that disagree on a column's type (written by
+    something else) cannot be joined as Arrow tables and go through pandas, as object columns."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+
+
 def load_results(results_dir: str) -> LoadedResults:
     """Every `<results_dir>/cells/*.parquet` row; a cell id seen twice keeps its ok, latest row."""
     fs, root = resolve(results_dir)
@@ -83,10 +93,7 @@ def load_results(results_dir: str) -> LoadedResults:
         read = list(pool.map(lambda path: _read_cell(fs, path), paths))
     tables = [t for t in read if isinstance(t, pa.Table)]
     skipped = [t for t in read if isinstance(t, SkippedFile)]
-    if tables:  # rows of older schema versions lack newer columns, and all-null columns have no type: promote
-        frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
-    else:
-        frame = pd.DataFrame(columns=list(REQUIRED_COLUMNS))
+    frame = _frame(tables) if tables else pd.DataFrame(columns=list(REQUIRED_COLUMNS))
     for column in NUMERIC_COLUMNS:
         frame[column] = pd.to_numeric(frame[column], errors="coerce") if column in frame else float("nan")
     if "finished_at" in frame and frame["cell_id"].duplicated().any():

@@ -3,7 +3,9 @@
 Each group's fit is a few tenths of a second to seconds of numpy on arrays too small for BLAS
 threads to help, and a study has hundreds of groups, so the groups — not the operations inside
 one — are what to spread. Worker processes are spawned, not forked: the caller may hold threads
-(an adaptive sweep's Ray driver, a progress bar), which a forked child would inherit mid-state.
+(a Ray driver's, a progress bar's), which a forked child would inherit mid-state. Each worker runs
+one BLAS thread: the pool already fills the cores, and OpenBLAS spreading tiny problems over busy
+cores made them ~30x slower (see the Makefile).
 Written on the standard library's process pool rather than Ray because `analysis` runs wherever
 the Parquet files are, with no cluster (DESIGN.md: it imports neither workers nor orchestrator).
 """
@@ -22,20 +24,42 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the OS reports one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+DEFAULT_MAX_WORKERS = 8  # past this, a study's few hundred groups gain less than the processes cost to start
+
+
+def default_workers() -> int:
+    """Every core this process may run on (its CPU affinity where the OS reports one), up to 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, DEFAULT_MAX_WORKERS)
 
 
 @contextmanager
 def worker_pool(workers: int) -> Iterator[Executor | None]:
     """Processes for `parallel_map`, shared by every stage of one analysis (each spawned process
-    imports numpy, scipy and pandas again, about a second); None, run here, for `workers` ≤ 1."""
+    imports numpy, scipy and pandas again, about a second); None, run here, for `workers` ≤ 1.
+
+    On an error or Ctrl-C the groups not yet started are cancelled instead of fitted first.
+    """
     if workers <= 1:
         yield None
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    saved = {name: os.environ.get(name) for name in BLAS_THREADS}
+    os.environ.update({name: "1" for name in BLAS_THREADS})  # read by each worker as it starts
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    failed = False
+    try:
         yield pool
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=failed)  # once: a second call would reset the cancelling
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, pool: Executor | None, desc: str) -> list[R]:

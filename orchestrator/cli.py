@@ -211,7 +211,7 @@ RESULTS_DIR_HELP = "a sweep's results directory or URI (its results_dir), or the
 def _with_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("results_dir", help=RESULTS_DIR_HELP)
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
-    p.add_argument("--workers", type=_positive_int, default=None, help="groups fitted at once, in worker processes (default: every core)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="groups fitted at once, in worker processes (default: every core, up to 8)")
     p.add_argument(
         "--x", type=_x_axis, default="params",
         help="what stands for model scale N: params (non-embedding parameters), neutral_loss (base model's loss "
@@ -230,11 +230,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     """Fit the stored rows (and for `report` write the report from that same analysis); print the table."""
     from analysis import NoResultsError, fit_results, write_report
-    from analysis.parallel import available_cores
+    from analysis.parallel import default_workers
 
     analyse = write_report if report else fit_results
     try:
-        summary = analyse(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x, workers=args.workers or available_cores())
+        summary = analyse(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x, workers=args.workers or default_workers())
     except NoResultsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from scipy.optimize import brentq
@@ -15,7 +16,7 @@ from scipy.optimize import brentq
 import analysis
 from analysis.crossover import first_crossing
 from analysis.curves import fit_curves
-from analysis.parallel import worker_pool
+from analysis.summary import analyse
 from analysis.synthetic import TrueCurve, synthetic_rows
 from workers.schema import to_table
 
@@ -161,21 +162,32 @@ def test_analysis_imports_neither_workers_orchestrator_nor_torch() -> None:
             assert not {n.split(".")[0] for n in names} & forbidden, path.name
 
 
-def test_groups_fitted_in_worker_processes_match_the_whole_serial_fit(results: Path, summary: analysis.FitSummary) -> None:
-    """Two worker processes, one method's rows only (fitted after lora's in the serial run): every
-    group still draws its own bootstrap stream (seeded by its name), so its fit and intervals equal
-    those of the serial fit of everything."""
-    frame = analysis.load_results(str(results)).frame
-    with worker_pool(2) as pool:
-        subset = fit_curves(frame[frame["method"] == "steer_mean"], metric="score", bootstrap=200, seed=0, pool=pool)
-    serial = {(f.task, f.method, f.model, f.law.name): f for f in summary.analysis.fits}
-    assert len(subset) == sum(key[1] == "steer_mean" for key in serial) > 4
-    for fit in subset:
-        reference = serial[(fit.task, fit.method, fit.model, fit.law.name)]
-        assert fit.ok == reference.ok and fit.message == reference.message
+def _same_fits(fits: list, reference: list) -> None:
+    by_key = {(f.task, f.method, f.model, f.law.name, f.x): f for f in reference}
+    for fit in fits:
+        other = by_key[(fit.task, fit.method, fit.model, fit.law.name, fit.x)]
+        assert fit.ok == other.ok and fit.message == other.message
         if fit.ok:
-            np.testing.assert_array_equal(fit.fit.theta, reference.fit.theta)
-            np.testing.assert_array_equal(fit.boot.thetas, reference.boot.thetas)
+            np.testing.assert_array_equal(fit.fit.theta, other.fit.theta)
+            if fit.boot is not None:
+                np.testing.assert_array_equal(fit.boot.thetas, other.boot.thetas)
+
+
+def test_analysis_in_worker_processes_equals_the_serial_one(results: Path, summary: analysis.FitSummary) -> None:
+    parallel = analyse(analysis.load_results(str(results)), bootstrap=200, seed=0, workers=2)
+    assert len(parallel.fits) == len(summary.analysis.fits)
+    _same_fits(parallel.fits, summary.analysis.fits)
+    same = json.dumps(parallel.axes.record(), default=str) == json.dumps(summary.analysis.axes.record(), default=str)  # NaN as NaN
+    assert same  # every axis' joint laws, fitted in the pool too
+
+
+def test_a_groups_bootstrap_does_not_depend_on_the_other_groups(results: Path, summary: analysis.FitSummary) -> None:
+    """One method's rows alone (fitted after lora's in the whole run): each group draws its own
+    bootstrap stream, seeded by its name, so its fit and intervals are those of the whole run."""
+    frame = analysis.load_results(str(results)).frame
+    subset = fit_curves(frame[frame["method"] == "steer_mean"], metric="score", bootstrap=200, seed=0)
+    assert len(subset) == sum(f.method == "steer_mean" for f in summary.analysis.fits) > 4
+    _same_fits(subset, summary.analysis.fits)
 
 
 def test_rows_of_an_older_schema_load_beside_newer_ones(tmp_path: Path) -> None:
@@ -186,3 +198,13 @@ def test_rows_of_an_older_schema_load_beside_newer_ones(tmp_path: Path) -> None:
     frame = analysis.load_results(str(tmp_path)).frame.set_index("cell_id")
     assert frame.loc[rows[0]["cell_id"], "neutral_kl"] == pytest.approx(rows[0]["neutral_kl"])
     assert np.isnan(frame.loc[rows[1]["cell_id"], "neutral_kl"]) and frame.loc[rows[1]["cell_id"], "score"] == pytest.approx(rows[1]["score"])
+
+
+def test_a_file_that_disagrees_on_a_column_type_still_loads(tmp_path: Path) -> None:
+    rows = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, (8, 16), seeds=1, noise=0.01, rng=np.random.default_rng(0))
+    write_cells(tmp_path, rows[:1])
+    foreign = pd.DataFrame([{"cell_id": "x", "status": "ok", "model": "m1", "task": "t", "method": "lora", "budget": "32", "score": "0.5"}])
+    pq.write_table(pa.Table.from_pandas(foreign), tmp_path / "cells" / "strings.parquet")  # numbers as text
+    loaded = analysis.load_results(str(tmp_path))
+    assert loaded.skipped == () and len(loaded.frame) == 2
+    assert loaded.frame.set_index("cell_id").loc["x", "score"] == 0.5 and sorted(loaded.frame["budget"]) == [8, 32]
