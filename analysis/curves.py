@@ -194,19 +194,17 @@ def fitted_groups(frame: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]
         yield task, method, rows
 
 
-def joint_jobs(framed: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int) -> list[GroupJob]:
-    """The joint laws in (N, D) per (task, method), N taken from `axis` (rows already `with_x`)."""
-    return [
-        GroupJob(task, method, "*", law, rows, metric, axis.name, bootstrap, seed)
-        for task, method, rows in fitted_groups(framed) for law in axis.joint_laws
-    ]  # fmt: skip
+def joint_jobs(task: str, method: str, rows: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int) -> list[GroupJob]:
+    """The joint laws in (N, D) of one (task, method), N taken from `axis` (rows already `with_x`)."""
+    return [GroupJob(task, method, "*", law, rows, metric, axis.name, bootstrap, seed) for law in axis.joint_laws]
 
 
 def joint_fits(
     frame: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int, pool: Executor | None = None
 ) -> list[LawFit]:
     """The joint laws in (N, D) per (task, method), N taken from `axis`."""
-    jobs = joint_jobs(with_x(frame, axis), metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)
+    groups = fitted_groups(with_x(frame, axis))
+    jobs = [job for task, method, rows in groups for job in joint_jobs(task, method, rows, metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)]
     return parallel_map(fit_group, jobs, pool=pool, desc=f"joint laws, N = {axis.name}")
 
 
@@ -222,5 +220,5 @@ def fit_curves(
     jobs = []
     for task, method, rows in fitted_groups(framed):
         jobs += [GroupJob(task, method, model, POWER_D, model_rows, metric, None, bootstrap, seed) for model, model_rows in rows.groupby("model", sort=False)]
-        jobs += joint_jobs(rows, metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)
+        jobs += joint_jobs(task, method, rows, metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)
     return parallel_map(fit_group, jobs, pool=pool, desc=f"budget curves and joint laws, N = {axis.name}")
