@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import pytest
 import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -57,7 +58,8 @@ def _gemma2() -> PreTrainedModel:
 
 
 def _gemma3() -> PreTrainedModel:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    transformers = pytest.importorskip("transformers", minversion="4.50", reason="Gemma 3 arrived in transformers 4.50")
+    Gemma3ForCausalLM, Gemma3TextConfig = transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig
 
     return Gemma3ForCausalLM(Gemma3TextConfig(**_IDS, **_DECODER, num_key_value_heads=2, head_dim=8))
 

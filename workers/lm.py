@@ -56,6 +56,20 @@ def _cache_argument(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def shareable_cache(cache: object) -> object | None:
+    """`cache` as an object whose rows can be repeated, or None for a cache type that cannot be.
+
+    transformers < 4.47 hands back the legacy tuple of (key, value) pairs unless a Cache object
+    was passed in; `DynamicCache.from_legacy_cache` (removed in 5.x, where no tuples come back)
+    wraps it without copying.
+    """
+    if isinstance(cache, tuple):
+        from transformers import DynamicCache  # here, not at the top: see the TYPE_CHECKING note above
+
+        cache = DynamicCache.from_legacy_cache(cache) if hasattr(DynamicCache, "from_legacy_cache") else None
+    return cache if hasattr(cache, "batch_repeat_interleave") else None
+
+
 @dataclass
 class LanguageModel:
     model: PreTrainedModel
@@ -165,8 +179,8 @@ class LanguageModel:
                 position_ids=batch.position_ids[:1, shared], use_cache=True,
             )  # fmt: skip
         self.forward_tokens += start
-        cache = out.cache if "cache" in out else out.past_key_values  # renamed in transformers 5.2x
-        if not hasattr(cache, "batch_repeat_interleave"):  # a cache type that cannot be shared across rows
+        cache = shareable_cache(out.cache if "cache" in out else out.past_key_values)  # renamed in transformers 5.2x
+        if cache is None:
             return self.forward(batch), 0
         cache.batch_repeat_interleave(batch.input_ids.shape[0])
         self.forward_tokens += int(batch.attention_mask[:, start:].sum())
