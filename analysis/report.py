@@ -17,6 +17,7 @@ import numpy as np
 
 from analysis.axis_choice import TREND
 from analysis.capability import AXES, get_axis
+from analysis.composition import CompositionGain
 from analysis.crossover import Crossover
 from analysis.decisions import Decisions, read_decisions
 from analysis.io import load_rows_to_fit, resolve
@@ -92,13 +93,22 @@ def _findings(a: Analysis) -> list[Block]:
         lines.append(f"Of the three x-axes, `{a.axes.best}` gives the tighter laws (smallest held-out error in the most groups; see below).")
     for g in a.compositions:
         if np.isfinite(g.gain_lo) and (g.gain_lo > 0 or g.gain_hi < 0):
-            lines.append(f"{g.task}, {g.model}, D={g.budget:g}: {g.composition} is {'better' if g.gain > 0 else 'worse'} than {g.best_single} alone by {_ci(g.gain, g.gain_lo, g.gain_hi)}.")
+            lines.append(composition_finding(g))
     if not a.crossovers:
         lines.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
     return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]
 
 
 CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead"}
+
+
+def composition_finding(g: CompositionGain) -> str:
+    """One sentence for a composition whose gain is clear of zero; the margin is a size, so a loss reads
+    "worse ... by 0.1 [0.05, 0.2]" rather than "worse ... by -0.1"."""
+    sign = 1.0 if g.gain > 0 else -1.0
+    lo, hi = sorted((sign * g.gain_lo, sign * g.gain_hi))
+    verdict = "better" if g.gain > 0 else "worse"
+    return f"{g.task}, {g.model}, D={g.budget:g}: {g.composition} is {verdict} than {g.best_single} alone by {_ci(sign * g.gain, lo, hi)}."
 
 
 def _crossover_table(a: Analysis) -> list[Block]:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import analysis
+from analysis.composition import CompositionGain
+from analysis.report import composition_finding
 from analysis.synthetic import TrueCurve, synthetic_rows
 from test_analysis_results import build_results, write_cells
 
@@ -54,3 +56,12 @@ def test_report_on_degenerate_results(tmp_path: Path, case: str) -> None:
     if case == "one_model_few_budgets":
         assert "distinct values of D" in markdown
     assert "No crossover could be computed" in markdown
+
+
+@pytest.mark.parametrize("gain, lo, hi, words", [
+    (-0.135, -0.15, -0.12, "worse than lora alone by 0.135 [0.12, 0.15]"),
+    (0.05, 0.02, 0.08, "better than lora alone by 0.05 [0.02, 0.08]"),
+])  # fmt: skip
+def test_a_composition_finding_states_its_margin_as_a_size(gain, lo, hi, words) -> None:
+    finding = composition_finding(CompositionGain("arith", "ladder:s", 32.0, "steer_mean+lora", "lora", gain, lo, hi, 4))
+    assert finding == f"arith, ladder:s, D=32: steer_mean+lora is {words}."
