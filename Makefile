@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Small L-BFGS problems in the fitter run ~30x slower when OpenBLAS spreads them over busy cores.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-slow test-peers peers-venv bench clean-results
+.PHONY: setup demo test test-slow test-peers test-oldest peers-venv bench clean-results
 
 # torch goes in first, on its own: a bare `torch` requirement with no torch installed pulls a
 # multi-GB CUDA build. The stamp makes a second `make` reuse the venv until pyproject.toml changes.
@@ -46,6 +46,19 @@ peers-venv:
 # Parity against peers that pin old versions (steering-vectors needs transformers<5) runs in its own venv.
 test-peers:
 	TORCH="$(TORCH)" bash tests/peers/run_peer_tests.sh
+
+# The oldest transformers and peft that pyproject.toml admits, in their own venv: the quick tier
+# passes there too (legacy tuple caches, no Gemma 3, HybridCache), not just on today's releases.
+OLDEST ?= transformers==4.44.2 peft==0.12.0
+OLDEST_STAMP := .venv-oldest/.steerscale-installed
+$(OLDEST_STAMP): pyproject.toml
+	test -x .venv-oldest/bin/python || $(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-oldest/bin/python -m pip install --quiet -e ".[dev]" $(OLDEST)
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	.venv-oldest/bin/python -m pytest -q -m "not slow" -p no:cacheprovider -W ignore::FutureWarning $(PYTEST_ARGS)
 
 # Side-by-side timings against the peers (HF Trainer+PEFT, steering-vectors, Ray Tune, scipy);
 # writes benchmarks/RESULTS.md. `make bench BENCH_ARGS=--quick` for the 5-minute version.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Parity tests against peer libraries that need transformers<5 (steering-vectors), in their own
 # venv (.venv-peers, created on first use). The method/steering/LM tests run there too, which
-# checks that our code also works on transformers 4.4x-4.5x (tuple-returning decoder layers).
+# checks that our code also works on the last 4.x release (tuple-returning decoder layers);
+# `make test-oldest` runs the quick tier on the oldest transformers pyproject.toml admits.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=.venv-peers
