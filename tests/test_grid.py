@@ -8,7 +8,7 @@ import sys
 
 from orchestrator.grid import expand
 from orchestrator.spec import load_spec
-from workers.cell import CellConfig
+from workers.cell import CellConfig, ModelSpec
 
 SPEC = {
     "sweep": "grid",
@@ -50,6 +50,7 @@ def test_id_changes_when_any_setting_changes(write_sweep):
         "seed": cell.model_copy(update={"seed": 7}),
         "method_config": cell.model_copy(update={"method_config": {**cell.method_config, "rank": 3}}),
         "eval": cell.model_copy(update={"eval": cell.eval.model_copy(update={"test_size": 1})}),
+        "selection metric": cell.model_copy(update={"eval": cell.eval.model_copy(update={"selection_metric": "score"})}),
         "model revision": cell.model_copy(update={"model": cell.model.model_copy(update={"revision": "other"})}),
         "schema": cell.model_copy(update={"schema_version": cell.schema_version + 1}),
     }
@@ -57,6 +58,17 @@ def test_id_changes_when_any_setting_changes(write_sweep):
         assert changed.cell_id != cell.cell_id, f"changing the {what} must change the cell id"
     # but scheduling and the sweep's name are not identity:
     assert cell.model_copy(update={"sweep": "renamed"}).cell_id == cell.cell_id
+
+
+def test_cells_stored_before_a_setting_existed_keep_their_ids():
+    """eval.selection_metric came later (cells chose on the score before): asked for by name, `score`
+    gives the id such a cell was stored under (computed with the code of d7d4784), so a rerun skips
+    it; the new default (nll) is a different cell."""
+    cell = CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts",
+                      method="lora", method_config={"rank": 2}, budget=16, seed=1)  # fmt: skip
+    by_score = cell.model_copy(update={"eval": cell.eval.model_copy(update={"selection_metric": "score"})})
+    assert by_score.cell_id == "2d5a7d8ed5c228e51de6"
+    assert cell.eval.selection_metric == "nll" and cell.cell_id != by_score.cell_id
 
 
 def test_defaults_are_resolved_into_the_id(write_sweep):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from workers.methods import get_method, resolve_config
 from workers.methods.protocol import matmul_params
 from workers.registry import UnknownNameError
 from workers.steering import decoder_layers
+from workers.tasks.base import Evaluation
 from workers.training import NonFiniteLossError
 
 FAST = {"min_steps": 4, "max_steps": 4, "batch_size": 8, "checkpoints": 0}
@@ -162,7 +164,7 @@ def test_steer_mean_vector_is_the_difference_of_layer_means():
 def test_steer_mean_ties_go_to_doing_nothing(monkeypatch):
     lm = language_model()
     ctx = fit_context(lm)
-    monkeypatch.setattr(type(ctx.task), "evaluate", lambda self, lm, ex, elicited=False: type("E", (), {"score": 0.5})())
+    monkeypatch.setattr(type(ctx.task), "evaluate", lambda self, lm, ex, elicited=False: Evaluation(0.5, 1.0))
     adapter = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", {}))
     assert adapter.report.alpha == 0.0 and float(adapter.vector.norm()) == 0.0
 
@@ -178,12 +180,34 @@ def test_steer_mean_scores_scale_zero_once_for_all_layers(monkeypatch):
     def evaluate(self, lm, examples, elicited=False):
         with torch.no_grad():
             steered.append(not torch.equal(lm.model(input_ids=probe).logits, unsteered))
-        return type("E", (), {"score": 0.5})()
+        return Evaluation(0.5, 1.0)
 
     monkeypatch.setattr(type(ctx.task), "evaluate", evaluate)
     adapter = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", {"layers": [0.0, 0.5, 1.0], "scales": [0.0, 1.0, 2.0]}))
     assert steered == [False] + [True] * 6  # scale 0 once, then 2 scales x 3 layers
     assert adapter.report.alpha == 0.0 and adapter.report.layer == 0  # the tie still goes to doing nothing
+
+
+@pytest.mark.parametrize("metric, layer, scale, label", [("score", 2, 2.0, "shared_validation"), ("nll", 0, 1.0, "shared_validation_nll")])
+def test_steer_mean_maximises_the_sweeps_selection_metric(monkeypatch, metric, layer, scale, label):
+    """eval.selection_metric = nll chooses the candidate with the lowest validation NLL, not the one
+    with the best (coarse, small-set) accuracy; every method's validator reads it the same way."""
+    lm = language_model()
+    ctx = dataclasses.replace(fit_context(lm), selection_metric=metric)
+    # validation passes in order: layer 0 at scales 0, 1, 2, then layer 2 at scales 1, 2
+    results = iter([(0.50, 1.0), (0.50, 0.8), (0.55, 1.2), (0.50, 0.9), (0.60, 2.0), (0.40, 1.3)])
+    monkeypatch.setattr(type(ctx.task), "evaluate", lambda self, lm, ex, elicited=False: Evaluation(*next(results)))
+    adapter = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", {"layers": [0.0, 1.0], "scales": [0.0, 1.0, 2.0]}))
+    assert (adapter.report.layer, adapter.report.alpha, adapter.report.selection) == (layer, scale, label)
+    assert ctx.validator()() == {"score": 0.40, "nll": -1.3}[metric]
+
+
+def test_steer_mean_without_a_validation_set_says_it_cannot_choose():
+    ctx = fit_context(language_model(), n_val=0)
+    with pytest.raises(ValueError, match=r"eval.validation_size = 0\); give one layer and one scale"):
+        get_method("steer_mean").fit(ctx, resolve_config("steer_mean", {}))
+    single = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", {"layers": [0.5], "scales": [1.0]}))
+    assert single.report.alpha == 1.0
 
 
 def test_steer_trained_lowers_the_training_loss_and_trains_d_model_per_layer():

@@ -36,7 +36,8 @@ def model_id(test_ladder) -> str:
 
 def test_a_reused_model_gives_the_same_rows_as_a_fresh_load(model_id):
     """Cells that trained, steered and tuned fully on the same loaded model must leave no trace."""
-    lora = _cell(model_id, "lora", settings={"train": {"lr": 3e-2, "checkpoints": 1}})
+    # two checkpoints: the validation NLL keeps the middle one, so reuse must also restore a mid-run checkpoint
+    lora = _cell(model_id, "lora", settings={"train": {"lr": 3e-3, "checkpoints": 2}})
     fresh = _measured(run_cell(lora, CellRun(cache=WorkerCache())))
     shared = WorkerCache()
     for method in ("full_ft", "steer_mean"):  # the most invasive fit, and hooks

@@ -56,7 +56,7 @@ def test_every_cell_has_exactly_one_row_and_ok_rows_are_real(sweep):
     base = ok[ok.method == "base"]
     assert (base.score == base.score_base).all() and (base.neutral_kl.abs() < 1e-9).all()
     steer = ok[ok.method == "steer_mean"]
-    assert steer.alpha.isin([0.0, 1.0, 4.0]).all() and steer.selection.eq("shared_validation").all()
+    assert steer.alpha.isin([0.0, 1.0, 4.0]).all() and steer.selection.eq("shared_validation_nll").all()
     assert ((steer.alpha > 0) == (steer.neutral_kl > 0)).all(), "a non-zero vector must shift the distribution"
     # the bigger rung has more parameters: the two ladder sizes really differ
     assert ok.groupby("model").params_nonembed.first().nunique() == 2

@@ -114,7 +114,7 @@ def test_lambda_is_chosen_on_the_shared_validation_set(cells):
     best = max(scores.values())
     # ties go to the smallest |λ| ("do nothing" first), then to adding over removing
     assert chosen["alpha"] == max((s for s in grid if scores[s] == best), key=lambda s: (-abs(s), s))
-    assert chosen["selection"] == "shared_validation" and chosen["val_labels"] == EVAL.validation_size
+    assert chosen["selection"] == "shared_validation_nll" and chosen["val_labels"] == EVAL.validation_size
     assert hparams["delta_norm"] == json.loads(fixed["hparams"])["delta_norm"]
     # the cost: the fine-tune's plus one forward pass over the validation set per λ
     lm = cells.cache.model(_cell(cells.model_id, "base", {}).model, EVAL.batch_size)

@@ -51,6 +51,18 @@ class EvalConfig(StrictConfig):
     neutral_size: int = Field(32, ge=0, description="neutral texts for KL / perplexity-ratio selectivity")
     offtask_size: int = Field(0, ge=0, description="test examples per other task of the sweep (0: skip off-task)")
     batch_size: int = Field(64, ge=1)
+    selection_metric: Literal["nll", "score"] = Field(
+        "nll",
+        description="what every method's choices (layer, scale, λ, early-stopping step) maximise on the shared "
+        "validation set: the answers' log-likelihood (−NLL), which moves in finer steps than accuracy on a few "
+        "dozen questions and so overfits the set less (workers/world/NOTES.md), or the task score itself",
+    )
+
+
+# Settings added after results were first stored, left out of a cell's identity at the value cells
+# had before the setting existed: those cells keep their ids, so a rerun that asks for the old
+# behaviour by name skips them instead of redoing them.
+_ADDED_LATER: dict[str, dict[str, object]] = {"eval": {"selection_metric": "score"}}
 
 
 class CellConfig(StrictConfig):
@@ -68,6 +80,10 @@ class CellConfig(StrictConfig):
     @property
     def cell_id(self) -> str:
         identity = self.model_dump(mode="json", exclude={"sweep"})
+        for section, defaults in _ADDED_LATER.items():
+            for key, default in defaults.items():
+                if identity[section][key] == default:
+                    del identity[section][key]
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 

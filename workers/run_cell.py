@@ -145,7 +145,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     base_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    adapter = method.fit(FitContext(lm=lm, task=task, train=train, validation=validation, seed=cell.seed), config)
+    adapter = method.fit(FitContext(lm, task, train, validation, cell.seed, cell.eval.selection_metric), config)
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()

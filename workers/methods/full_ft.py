@@ -69,7 +69,7 @@ class FullFt:
             train_tokens=result.tokens,
             # 6·N·T for training (see protocol.py), plus 2·N·T per validation token
             post_train_flops=3 * forward_flops(n, result.sequence_tokens) + forward_flops(n, result.validation_tokens),
-            selection="shared_validation" if result.validation_scores else "fixed",
+            selection=ctx.selection if result.validation_scores else "fixed",
             val_labels=len(ctx.validation) if result.validation_scores else 0,
             hparams={
                 **config.model_dump(mode="json"),

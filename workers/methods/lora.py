@@ -91,7 +91,7 @@ class Lora:
             # 4·N·T + 6·P·T for training (see protocol.py), plus 2·N·T per validation token
             post_train_flops=2 * forward_flops(n_base, t) + 3 * forward_flops(n_lora, t)
             + forward_flops(n_base, result.validation_tokens),
-            selection="shared_validation" if result.validation_scores else "fixed",
+            selection=ctx.selection if result.validation_scores else "fixed",
             val_labels=len(ctx.validation) if result.validation_scores else 0,
             hparams={
                 **config.model_dump(mode="json"),

@@ -10,7 +10,7 @@ just another method rather than a special case in the driver.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Generic, Protocol, TypeVar
+from typing import Any, Callable, ContextManager, Generic, Literal, Protocol, TypeVar
 
 from torch import nn
 
@@ -36,12 +36,24 @@ class FitContext:
     train: list[Example]
     validation: list[Example]
     seed: int
+    selection_metric: Literal["nll", "score"] = "nll"  # the sweep's eval.selection_metric
 
     def validator(self) -> Callable[[], float] | None:
-        """Scores the model as it is now on the shared validation set; None when there is none."""
+        """The model as it is now on the shared validation set, higher is better (−NLL, or the task
+        score, per `selection_metric`): what every method's choices maximise. None when there is no set."""
         if not self.validation:
             return None
-        return lambda: self.task.evaluate(self.lm, self.validation).score
+
+        def value() -> float:
+            result = self.task.evaluate(self.lm, self.validation)
+            return result.score if self.selection_metric == "score" else -result.nll
+
+        return value
+
+    @property
+    def selection(self) -> str:
+        """The rows' `selection` label for a choice made by `validator`."""
+        return "shared_validation_nll" if self.selection_metric == "nll" else "shared_validation"
 
 
 @dataclass

@@ -99,6 +99,12 @@ class SteerMean:
             zero = torch.zeros(ctx.lm.model.config.hidden_size, device=ctx.lm.device)
             report = FitReport(layer=candidates[0], alpha=0.0, selection="no_pairs", hparams={"pairs": 0})
             return SteeringVector(ctx.lm, candidates[0], zero, config.positions, report)
+        validate = ctx.validator()
+        if validate is None and len(candidates) * len(config.scales) > 1:  # every candidate would tie at "do nothing"
+            raise ValueError(
+                f"steer_mean chooses a layer among {candidates} and a scale among {list(config.scales)} on the shared "
+                "validation set, but this cell has none (eval.validation_size = 0); give one layer and one scale"
+            )
         tokens_before = ctx.lm.forward_tokens
         diff, mean_norm = mean_difference(ctx.lm, pairs, candidates)
         extraction_forward = ctx.lm.forward_tokens - tokens_before  # forwards stopped after the deepest candidate
@@ -115,7 +121,7 @@ class SteerMean:
                 zero_scored = zero_scored or scale == 0
                 vector = unit * scale * norms[layer]
                 with steer(ctx.lm.model, {layer: vector}, config.positions):
-                    score = ctx.task.evaluate(ctx.lm, ctx.validation).score
+                    score = validate() if validate is not None else 0.0
                 if best is None or (score, -abs(scale)) > best[:2]:  # ties go to the smaller scale
                     best = (score, -abs(scale), layer, scale, vector)
         assert best is not None
@@ -129,7 +135,7 @@ class SteerMean:
             + forward_flops(matmul_params(ctx.lm.model), ctx.lm.forward_tokens - tokens_before - extraction_forward),
             layer=layer,
             alpha=scale,
-            selection="shared_validation",
+            selection=ctx.selection,
             val_labels=len(ctx.validation),
             hparams={
                 **config.model_dump(mode="json"),

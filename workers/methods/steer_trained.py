@@ -74,7 +74,7 @@ class SteerTrained:
             # 4·N·T for training (see protocol.py), plus 2·N·T per validation token
             post_train_flops=2 * forward_flops(n, result.sequence_tokens) + forward_flops(n, result.validation_tokens),
             layer=layers[0] if len(layers) == 1 else None,
-            selection="shared_validation" if result.validation_scores else "fixed",
+            selection=ctx.selection if result.validation_scores else "fixed",
             val_labels=len(ctx.validation) if result.validation_scores else 0,
             hparams={
                 **config.model_dump(mode="json"),

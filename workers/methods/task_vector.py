@@ -151,7 +151,7 @@ class TaskVector:
             # the fine-tune's own cost (see protocol.py) + 2·N·T per λ validation token
             post_train_flops=inner.post_train_flops + forward_flops(matmul_params(ctx.lm.model), selection_tokens),
             alpha=scale,
-            selection="shared_validation" if scores or inner.selection == "shared_validation" else "fixed",
+            selection=ctx.selection if scores or inner.selection == ctx.selection else "fixed",
             val_labels=len(ctx.validation) if scores else inner.val_labels,
             hparams={
                 "finetune": config.finetune,
