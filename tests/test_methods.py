@@ -14,7 +14,7 @@ from workers.methods import get_method, resolve_config
 from workers.methods.protocol import matmul_params
 from workers.registry import UnknownNameError
 from workers.steering import decoder_layers
-from workers.tasks.base import Evaluation
+from workers.tasks.base import Evaluation, score_choices
 from workers.training import NonFiniteLossError
 
 FAST = {"min_steps": 4, "max_steps": 4, "batch_size": 8, "checkpoints": 0}
@@ -265,17 +265,44 @@ def test_steer_mean_flops_count_every_forward_token_through_the_layers_it_ran():
 
 def test_prompt_uses_as_many_demonstrations_as_fit():
     lm = language_model()
-    ctx, adapter = fit("prompt", lm, {"separator": " ; ", "max_context_tokens": 40}, n_train=32)
+    fixed = {"separator": " ; ", "choose_shots": False}
+    ctx, adapter = fit("prompt", lm, {**fixed, "max_context_tokens": 40}, n_train=32)
     shots = adapter.report.hparams["shots"]
     # each demonstration 'q: aX bY = Z ; ' is 6 tokens; the longest query ('<bos> q: aX bY = Z') is reserved twice
-    assert shots == (40 - 2 * 6) // 6 == 4
+    assert shots == adapter.report.hparams["shots_fit"] == (40 - 2 * 6) // 6 == 4
     assert adapter.report.train_tokens == 6 * shots
+    assert adapter.report.selection == "fixed" and adapter.report.post_train_flops == 0
     with adapter.applied():
         assert lm.token_count(ctx.train[0].prompt, prompt=True) == 1 + 6 * shots + 4
-    _, capped = fit("prompt", lm, {"max_shots": 2}, n_train=32)
+    _, capped = fit("prompt", lm, {**fixed, "max_shots": 2}, n_train=32)
     assert capped.report.hparams["shots"] == 2
-    _, everything = fit("prompt", lm, {}, n_train=32)
+    _, everything = fit("prompt", lm, fixed, n_train=32)
     assert everything.report.hparams["shots"] == 32
+
+
+@pytest.mark.parametrize("best, chosen", [(4, 4), (None, 0)])
+def test_prompt_chooses_how_many_demonstrations_on_validation(monkeypatch, best, chosen):
+    """Among 0, 1, 2, 4, … and all that fit, the count with the best validation value; ties go to fewer."""
+    lm = language_model()
+    ctx = fit_context(lm, n_train=32)
+    tried: list[int] = []
+
+    def evaluate(self, lm, examples, elicited=False):
+        tried.append(lm.prefix.count(" ; "))  # demonstrations in front of the validation questions
+        score_choices(lm, examples)  # the real pass, whose tokens the FLOP count must include
+        return Evaluation(0.5, 1.0 if best is None else 1.0 + abs(tried[-1] - best))
+
+    monkeypatch.setattr(type(ctx.task), "evaluate", evaluate)
+    adapter = get_method("prompt").fit(ctx, resolve_config("prompt", {"separator": " ; "}))
+    report = adapter.report
+    assert tried == [0, 1, 2, 4, 8, 16, 32] and report.hparams["shots_fit"] == 32
+    assert report.hparams["shots"] == chosen and report.train_tokens == 6 * chosen
+    assert report.selection == "shared_validation_nll" and report.val_labels == len(ctx.validation)
+    lm.forward_tokens = 0
+    for k in tried:
+        with lm.prefixed(" ; ".join(f"{ex.prompt}{ex.target}" for ex in ctx.train[:k]) + " ; " * bool(k)):
+            score_choices(lm, ctx.validation)
+    assert report.post_train_flops == 2 * matmul_params(lm.model) * lm.forward_tokens  # the seven passes that chose
 
 
 def test_composition_config_names_and_metrics():

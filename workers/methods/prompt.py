@@ -2,10 +2,11 @@
 
 No weight changes: the adapter puts the demonstrations before each prompt the model sees (through
 `LanguageModel.prefixed`), so every task scores it without knowing; scoring runs the shared
-demonstrations once per batch, not once per question (`LanguageModel.scoring_logits`). As many
-demonstrations as fit the context are used, in the budget's (seeded) order, leaving room for twice
-the longest question seen; the number used is recorded, since with a large budget it is far below
-the budget.
+demonstrations once per batch, not once per question (`LanguageModel.scoring_logits`). At most as
+many demonstrations as fit the context are used, in the budget's (seeded) order, leaving room for
+twice the longest question seen; how many is chosen on the shared validation set like every other
+method's settings (0, "do nothing", included), since more demonstrations are not always better — a
+small model pretrained on short documents gets worse once they run past its documents' length.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport
+from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
 
 
 class PromptConfig(StrictConfig):
@@ -26,6 +27,11 @@ class PromptConfig(StrictConfig):
     max_shots: int | None = Field(None, ge=0, description="at most this many demonstrations; None = as many as fit")
     max_context_tokens: int = Field(
         2048, ge=1, description="cap on prompt length in tokens; the model's own position limit applies when smaller"
+    )
+    choose_shots: bool = Field(
+        True,
+        description="choose how many demonstrations on the shared validation set among 0, 1, 2, 4, … and all that "
+        "fit (ties go to fewer); false: all that fit",
     )
 
 
@@ -67,11 +73,33 @@ class Prompt:
             shots += 1
         while shots and lm.token_count("".join(demos[:shots]), prompt=False) + reserve > limit:
             shots -= 1
+        fitting = shots
+        validate = ctx.validator() if config.choose_shots else None
+        candidates = shot_counts(fitting) if validate is not None else [fitting]
+        values: dict[int, float] = {}
+        before = lm.forward_tokens
+        if len(candidates) > 1:
+            assert validate is not None
+            for k in candidates:
+                with lm.prefixed("".join(demos[:k])):
+                    values[k] = validate()
+        shots = max(candidates, key=lambda k: (values.get(k, 0.0), -k))
         prefix = "".join(demos[:shots])
         prefix_tokens = lm.token_count(prefix, prompt=False) if shots else 0
         report = FitReport(
-            train_tokens=prefix_tokens,  # what the model reads of the budget; no FLOPs before evaluation
-            selection="fixed",
-            hparams={**config.model_dump(mode="json"), "shots": shots, "prefix_tokens": prefix_tokens, "context_limit": limit},
+            train_tokens=prefix_tokens,  # what the model reads of the budget
+            post_train_flops=forward_flops(matmul_params(lm.model), lm.forward_tokens - before),  # the choice's passes
+            selection=ctx.selection if values else "fixed",
+            val_labels=len(ctx.validation) if values else 0,
+            hparams={
+                **config.model_dump(mode="json"), "shots": shots, "shots_fit": fitting,
+                "shot_values": {str(k): v for k, v in values.items()}, "prefix_tokens": prefix_tokens, "context_limit": limit,
+            },  # fmt: skip
         )
         return Demonstrations(lm, prefix, report)
+
+
+def shot_counts(fitting: int) -> list[int]:
+    """The numbers of demonstrations tried: 0, then powers of two below `fitting`, then `fitting`."""
+    counts = [0] + [2**i for i in range(fitting.bit_length()) if 2**i < fitting]
+    return counts + [fitting] if fitting else counts
