@@ -145,7 +145,10 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     base_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
-    adapter = method.fit(FitContext(lm, task, train, validation, cell.seed, cell.eval.selection_metric), config)
+    fit_context = FitContext(
+        lm=lm, task=task, train=train, validation=validation, seed=cell.seed, selection_metric=cell.eval.selection_metric
+    )
+    adapter = method.fit(fit_context, config)
     train_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
