@@ -6,7 +6,8 @@ here runs a sweep's grid as a pool of candidates instead:
     read the stored rows -> fit every budget curve (with bootstrap) -> stop, or choose a batch
     (`orchestrator.acquisition`) -> log every choice and its reason -> run the batch -> repeat
 
-It stops when every target interval is narrower than its goal, at the compute budget (post-
+It stops when every target interval is narrower than its goal (checked again on more resamples
+before it believes so), at the compute budget (post-
 training FLOPs, `orchestrator.cellcost`), at the cell budget, or when the grid is used up.
 
 Running a batch is the caller's `execute(cells)`: production passes one that calls
@@ -51,6 +52,7 @@ class Settings:
     target_exponent_width: float | None = None  # 95% CI width of every curve's beta; None: not a target
     batch_size: int = 8
     bootstrap: int = 1000  # resamples per curve and round: the stop rule compares 2.5/97.5 percentiles
+    confirm_bootstrap: int = 4000  # resamples that must agree before the loop stops (see run_adaptive)
     seed: int = 0
 
 
@@ -173,12 +175,20 @@ def run_adaptive(
             choices = _within(design, flops_left, cells_left)
             echo(f"round {round_}: design, {len(design)} cells needed before every curve can be fitted")
         else:
-            fits = fit_budget_curves(cells, rows, settings.bootstrap, settings.seed, fit_cache)
+            resamples = settings.bootstrap
+            fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache)
             targets = targets_from(fits, settings.target_width, settings.target_exponent_width)
+            if targets and all(t.resolved for t in targets) and settings.confirm_bootstrap > resamples:
+                # A width from few resamples is noisy, and stopping on the first round whose estimate dips
+                # under the goal favours the low draws: the stop is confirmed on more resamples first.
+                resamples = settings.confirm_bootstrap
+                fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache)
+                targets = targets_from(fits, settings.target_width, settings.target_exponent_width)
             noise = noise_variance(fits)
             log.append([{"event": "round", "round": round_, "cells_stored": len(status), "flops_spent": spent,
-                         "noise_sd": float(np.sqrt(noise)), "targets": [t.record() for t in targets]}])  # fmt: skip
-            echo(f"round {round_}: {len(status)} cells stored, {spent:.3g} post-training FLOPs, noise sd {np.sqrt(noise):.3g} (log loss)")
+                         "noise_sd": float(np.sqrt(noise)), "resamples": resamples,
+                         "targets": [t.record() for t in targets]}])  # fmt: skip
+            echo(f"round {round_}: {len(status)} cells stored, {spent:.3g} post-training FLOPs, noise sd {np.sqrt(noise):.3g} (log loss), {resamples} resamples")
             for target in targets:
                 echo(f"  {target.describe()}")
             if not targets:

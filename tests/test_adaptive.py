@@ -35,6 +35,7 @@ TRAIN = {"lr": 1e-3, "epochs": 4, "min_steps": 20, "max_steps": 1000, "batch_siz
 METHODS = {"steer_mean": {}, "lora": {"rank": 4, "train": TRAIN}}
 TOKENS_PER_EXAMPLE = 40.0  # the world's; the cost model starts from 32 and must find 40
 NOISE = 0.05  # log-normal noise on each cell's loss
+GOAL_OVER_FULL_GRID = 1.1  # the adaptive run's goal, over the full grid's widest interval (see `adaptive`)
 
 
 def truth(method: str, model: str) -> TrueCurve:
@@ -60,10 +61,7 @@ class SimCell:
 
 
 def grid() -> list[SimCell]:
-    # Each simulated cell's noise is seeded by its id; `score` keeps the ids (and so the draws) this
-    # test was written with, before eval.selection_metric existed. With the draws of the nll ids the
-    # loop ended on "no remaining cells with an open target" instead (not investigated further).
-    evaluation = EvalConfig(test_size=100, validation_size=32, neutral_size=16, selection_metric="score")
+    evaluation = EvalConfig(test_size=100, validation_size=32, neutral_size=16)
     return [
         SimCell(CellConfig(sweep="sim", model=ModelSpec(id=model), task="facts", method=method, method_config=config,
                            budget=budget, seed=seed, eval=evaluation))  # fmt: skip
@@ -113,12 +111,14 @@ def full_grid(tmp_path_factory):
 def adaptive(tmp_path_factory, full_grid):
     """The adaptive run, killed mid-batch in its third round and resumed by running it again.
 
-    Its goal is the full grid's widest log10 D* interval: the sweep's CI width.
+    Its goal is 1.1x the full grid's widest log10 D* interval. Exactly that width sits on a knife
+    edge: a curve's interval from all of its grid cells lands on either side of it by Monte Carlo
+    noise alone, and over 12 noise draws the loop then ran out of cells in 2.
     """
     _, full_widths, full_flops = full_grid
     cells = grid()
     store = ResultsStore(str(tmp_path_factory.mktemp("adaptive")))
-    goal = max(w for w, _, _ in full_widths.values())
+    goal = GOAL_OVER_FULL_GRID * max(w for w, _, _ in full_widths.values())
     settings = Settings(budget_flops=full_flops, target_width=goal, batch_size=12, bootstrap=400)  # fewer rounds, faster fits
     world = World(store, interrupt_at_call=3)
     lines: list[str] = []
@@ -128,16 +128,16 @@ def adaptive(tmp_path_factory, full_grid):
     return store, cells, world, outcome, lines, crossover_widths(store, cells)
 
 
-def test_adaptive_reaches_the_full_grids_interval_with_at_most_half_the_compute(full_grid, adaptive):
+def test_adaptive_comes_within_a_tenth_of_the_full_grids_interval_on_at_most_half_the_compute(full_grid, adaptive):
     _, full_widths, full_flops = full_grid
     store, cells, _, outcome, _, reached = adaptive
     assert outcome.stop_reason == "every target interval is narrower than its goal"
     spent = float(stored_rows(store, cells)["post_train_flops"].sum())
     assert spent <= 0.5 * full_flops, f"adaptive used {spent / full_flops:.0%} of the full grid's compute"
-    # The loop judged its own widths (400 resamples); recompute them from 2000 fresh ones. A 95%
-    # percentile interval's width carries about 5% Monte Carlo error at 400 resamples: allow that.
+    # The loop confirmed its stop on 4000 resamples; recompute the widths from 2000 fresh ones, whose
+    # 95% interval widths carry a few % Monte Carlo error: allow that.
     widest = max(w for w, _, _ in reached.values())
-    assert widest <= 1.05 * max(w for w, _, _ in full_widths.values()), (reached, full_widths)
+    assert widest <= 1.05 * GOAL_OVER_FULL_GRID * max(w for w, _, _ in full_widths.values()), (reached, full_widths)
     assert len(stored_rows(store, cells)) < len(cells)
 
 
