@@ -184,3 +184,20 @@ def test_rows_that_share_too_little_take_the_plain_forward():
         batch = next(lm.batches(PROMPTS, [" 1"] * 3))
         single = next(lm.batches(PROMPTS[:1], [" 1"]))
     assert lm._shared_columns(batch) >= 32 and lm._shared_columns(single) == 0
+
+
+def test_texts_past_the_models_positions_lose_their_oldest_tokens():
+    """GPT-2's learned position table ends at n_positions; a longer few-shot prompt or transcript
+    must be cut from the left, not index past the table (which is what happens without the limit)."""
+    lm = language_model("gpt2")
+    assert lm.max_length == lm.model.config.n_positions == 256
+    long_prompt = "persona: honest " * 200 + "q: a1 b2 ="
+    assert lm.token_count(long_prompt, prompt=True) > 256
+    batch = next(lm.batches([long_prompt], [" 3"]))
+    assert batch.input_ids.shape[1] == 256 and batch.target_tokens == 1
+    assert torch.isfinite(torch.tensor(lm.target_nll([long_prompt], [" 3"])))
+    (text,) = lm.generate([long_prompt], max_new_tokens=4)
+    assert lm.token_count(text, prompt=False) >= 1
+    lm.max_length = None  # the model's own behaviour past its table
+    with pytest.raises(IndexError):
+        lm.target_nll([long_prompt], [" 3"])

@@ -70,14 +70,27 @@ def shareable_cache(cache: object) -> object | None:
     return cache if hasattr(cache, "batch_repeat_interleave") else None
 
 
+def context_window(config: object) -> int | None:
+    """The positions a model was built for, or None when its config names none.
+
+    Past them a learned position table (GPT-2) indexes out of range and a rotary model runs where it
+    never trained, so longer texts lose their oldest tokens instead (see `encode_pairs`, `generate`).
+    """
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 @dataclass
 class LanguageModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     batch_size: int = 32
-    max_length: int | None = None
+    max_length: int | None = None  # tokens per sequence; None: the model's own position limit (`context_window`)
     forward_tokens: int = 0  # every token this wrapper has run through the model: the basis of FLOP counts
     prefix: str = ""  # text put before every prompt (few-shot demonstrations); see `prefixed`
+
+    def __post_init__(self) -> None:
+        if self.max_length is None:
+            self.max_length = context_window(getattr(self.model, "config", None))
 
     @property
     def device(self) -> torch.device:
@@ -270,12 +283,16 @@ class LanguageModel:
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy continuations (left-padded batches; `generate` derives positions from the mask)."""
         tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
+        limit = None if self.max_length is None else self.max_length - max_new_tokens
+        if limit is not None and limit < 1:
+            raise ValueError(f"{max_new_tokens} new tokens leave no room for a prompt in the model's {self.max_length} positions")
+        sides = tok.padding_side, tok.truncation_side
+        tok.padding_side = tok.truncation_side = "left"  # a long prompt loses its oldest tokens, as in `encode_pairs`
         try:
             outs: list[str] = []
             for start in range(0, len(prompts), self.batch_size):
                 texts = [self.prefix + p for p in prompts[start : start + self.batch_size]]
-                enc = tok(texts, return_tensors="pt", padding=True)
+                enc = tok(texts, return_tensors="pt", padding=True, truncation=limit is not None, max_length=limit)
                 # only ids and mask: some tokenizers also return token_type_ids, which GPT-2 would embed
                 ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
                 width = ids.shape[1]
@@ -292,4 +309,4 @@ class LanguageModel:
                 outs.extend(tok.batch_decode(gen[:, width:], skip_special_tokens=True))
             return outs
         finally:
-            tok.padding_side = side
+            tok.padding_side, tok.truncation_side = sides

@@ -48,9 +48,7 @@ class Demonstrations:
 
 
 def context_limit(lm: LanguageModel, cap: int) -> int:
-    config = lm.model.config
-    own = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return min(cap, own) if own else cap
+    return min(cap, lm.max_length) if lm.max_length else cap
 
 
 class Prompt:
