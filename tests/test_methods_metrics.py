@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest_methods import HIDDEN, language_model
-from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes
+from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
 from workers.steering import steer
 
 TEXTS = ["q: a1 b2 = 3 ; q: a4 b0 = 2 ;", "persona: liar q: a7 b7 = 0 ;", "q: a3 b3 = 1"]
@@ -51,5 +54,13 @@ def test_a_prompt_prefix_is_compared_on_the_text_tokens_only():
     assert kl > 0 and ratio != 1.0
 
 
-def test_peak_memory_is_reported_on_cpu():
-    assert peak_memory_bytes("cpu") > 10 * 2**20
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the RSS peak resets through Linux's /proc")
+def test_a_cells_cpu_peak_memory_does_not_inherit_an_earlier_cells():
+    big = 400 * 2**20
+    reset_peak_memory("cpu")
+    resident = peak_memory_bytes("cpu")  # right after a reset the peak is what the process holds now
+    block = np.ones(big // 8)  # an earlier cell's peak: touched, then freed back to the system
+    del block
+    assert peak_memory_bytes("cpu") > resident + 0.9 * big
+    reset_peak_memory("cpu")
+    assert 10 * 2**20 < peak_memory_bytes("cpu") < resident + big / 4

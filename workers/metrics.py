@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -62,14 +63,31 @@ def neutral_shift(lm: LanguageModel, reference: NeutralReference) -> tuple[float
     return kl_total / max(count, 1), float(torch.exp(torch.tensor(nll - reference.nll)))
 
 
+_PROC = "/proc/self"  # Linux: the resident-set high-water mark can be read and reset per process
+
+
 def reset_peak_memory(device: str) -> None:
+    """Start a cell's peak-memory window: every visible GPU's allocator peak, or the process's RSS peak.
+
+    On Linux writing 5 to clear_refs resets VmHWM, so a worker's later cells do not inherit an
+    earlier cell's peak; elsewhere the CPU figure stays the process's lifetime peak.
+    """
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+    elif os.path.exists(f"{_PROC}/clear_refs"):
+        with open(f"{_PROC}/clear_refs", "w") as handle:
+            handle.write("5")
 
 
 def peak_memory_bytes(device: str) -> int:
-    """CUDA peak since the last reset on GPU; on CPU the process's peak RSS (it cannot be reset)."""
+    """Peak since `reset_peak_memory`: summed over the GPUs (a sharded model spans several), or peak RSS."""
     if device.startswith("cuda"):
-        return int(torch.cuda.max_memory_allocated())
+        return sum(int(torch.cuda.max_memory_allocated(index)) for index in range(torch.cuda.device_count()))
+    if os.path.exists(f"{_PROC}/status"):
+        with open(f"{_PROC}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
