@@ -127,7 +127,6 @@ def baseline(
 
 def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     """The measured columns of an ok row. Raises on any failure; `run_cell` turns that into a row."""
-    seed_everything(cell.seed)
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
     device = str(lm.device)
     reset_peak_memory(device)
@@ -144,6 +143,9 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     base = run.cache.baseline(cell.model, context, lambda: baseline(lm, task, test, offtask, cell.eval.neutral_size))
     base_seconds = time.perf_counter() - started
 
+    # Seeded here, after the model load and the baseline: whether those came from the worker's cache
+    # (and drew random numbers, as building a ladder rung does) must not change what the method draws.
+    seed_everything(cell.seed)
     started = time.perf_counter()
     fit_context = FitContext(
         lm=lm, task=task, train=train, validation=validation, seed=cell.seed, selection_metric=cell.eval.selection_metric
