@@ -258,6 +258,8 @@ def cmd_ladder_build(args: argparse.Namespace) -> int:
     import workers.models.ladder as ladder
 
     sizes = args.sizes or ladder.sizes(args.recipe)
+    for size in sizes:  # every name checked before any build starts
+        ladder.check_size(size, args.recipe)
     missing = [s for s in sizes if not (ladder.model_dir(s, args.recipe) / ladder.BUILD_INFO).exists()]
     for size in sorted(set(sizes) - set(missing), key=sizes.index):
         print(f"{size}: {ladder.model_dir(size, args.recipe)} (cached)")

@@ -13,9 +13,10 @@ from typing import Any
 import yaml
 from pydantic import Field, field_validator
 
-from workers.cell import EvalConfig, ModelSpec
+from workers.cell import LADDER_PREFIX, EvalConfig, ModelSpec
 from workers.config import ConfigError, StrictConfig, validate_config
 from workers.methods import resolve_config
+from workers.models.loading import parse_ladder_id
 from workers.registry import UnknownNameError
 from workers.tasks import get_task
 
@@ -58,6 +59,14 @@ class SweepSpec(StrictConfig):
             raise ValueError("budgets must be >= 0")
         return budgets
 
+    @field_validator("method_budgets")
+    @classmethod
+    def _non_negative_per_method(cls, budgets: dict[str, list[int]]) -> dict[str, list[int]]:
+        for method, values in budgets.items():
+            if not values or any(b < 0 for b in values):
+                raise ValueError(f"method_budgets.{method} must list budgets >= 0")
+        return budgets
+
     def budgets_for(self, method: str) -> list[int]:
         return self.method_budgets.get(method, self.budgets)
 
@@ -82,8 +91,33 @@ def check_names(spec: SweepSpec) -> None:
         for name in spec.method_budgets
         if name not in spec.methods
     ]
+    problems += [f"models.{i}.id: {err}" for i, err in enumerate(map(model_problem, spec.models)) if err]
+    lists = {"tasks": spec.tasks, "budgets": spec.budgets, "seeds": spec.seeds,
+             **{f"method_budgets.{name}": values for name, values in spec.method_budgets.items()}}  # fmt: skip
+    problems += [f"{name}.{i}: {values[i]} is listed twice" for name, values in lists.items() for i in repeated(values)]
+    models = [m.model_dump_json() for m in spec.models]
+    problems += [f"models.{i}: {spec.models[i].id} is listed twice with the same settings" for i in repeated(models)]
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def model_problem(entry: ModelEntry) -> str | None:
+    """Why the sweep cannot load `entry`, when that is knowable before any worker tries (ladder names, local paths)."""
+    if entry.id.startswith(LADDER_PREFIX):
+        from workers.models import ladder  # imported here: a hub-only sweep needs no ladder code
+
+        try:
+            ladder.check_size(*reversed(parse_ladder_id(entry.id)))
+        except UnknownNameError as err:
+            return str(err)
+    elif entry.id.startswith((".", "/", "~")) and not Path(entry.id).expanduser().is_dir():
+        return f"no model directory at {entry.id}"
+    return None
+
+
+def repeated(values: list) -> list[int]:
+    """Indices of the values that equal an earlier one (such a sweep would plan the same cell twice)."""
+    return [i for i, value in enumerate(values) if value in values[:i]]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -92,16 +126,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{override}' is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{override}': the value is not valid YAML ({err.problem})") from None
         node: Any = data
         parts = key.split(".")
-        for part in parts[:-1]:
-            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-        last = parts[-1]
-        value = yaml.safe_load(raw)
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
+        for depth, part in enumerate(parts):
+            path = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override '{override}': {path} is not an index of a list of {len(node)}")
+                index: int | str = int(part)
+            elif isinstance(node, dict):
+                index = part
+            else:
+                raise ConfigError(f"override '{override}': {'.'.join(parts[:depth])} is a value, not a mapping or list")
+            if depth == len(parts) - 1:
+                node[index] = value
+            else:
+                node = node.setdefault(index, {}) if isinstance(node, dict) else node[index]
     return data
 
 

@@ -66,3 +66,36 @@ def test_override_into_list_and_malformed_override():
 def test_wrong_type_is_reported_with_path(write_sweep):
     with pytest.raises(ConfigError, match="budgets.0"):
         load_spec(write_sweep({**BASE, "budgets": ["many"]}))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("budgets.0.x=1", "override 'budgets.0.x=1': budgets.0 is a value, not a mapping or list"),
+        ("budgets.x=5", "budgets.x is not an index of a list of 2"),
+        ("models.7.id=x", "models.7 is not an index of a list of 1"),
+        ("seeds=[0", "override 'seeds=[0': the value is not valid YAML"),
+    ],
+)
+def test_an_override_that_cannot_apply_names_itself(override, message, write_sweep):
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep(BASE), [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seeds": [0, 1, 0]}, "seeds.2: 0 is listed twice"),
+        ({"tasks": ["facts", "facts"]}, "tasks.1: facts is listed twice"),
+        ({"models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/xs"}]}, "models.1: ladder:test/xs is listed twice"),
+        ({"method_budgets": {"lora": [-5]}}, "method_budgets.lora must list budgets >= 0"),
+        ({"models": [{"id": "ladder:test/xxs"}]}, "models.0.id: unknown size 'xxs' in ladder 'test' (did you mean 'xs'?)"),
+        ({"models": [{"id": "ladder:bogus/s"}]}, "models.0.id: unknown ladder recipe 'bogus'"),
+        ({"models": [{"id": "./no/such/dir"}]}, "models.0.id: no model directory at ./no/such/dir"),
+    ],
+)
+def test_a_grid_that_cannot_run_fails_at_load_naming_the_entry(change, message, write_sweep):
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep({**BASE, **change}))
+    assert message in str(err.value)

@@ -31,6 +31,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from workers.models.tokenizer import build_tokenizer
+from workers.registry import UnknownNameError, did_you_mean
 from workers.world.corpus import encode, sample_documents
 
 if TYPE_CHECKING:
@@ -100,13 +101,18 @@ def get_recipe(name: str) -> Recipe:
     try:
         return LADDER[name]
     except KeyError:
-        from workers.registry import did_you_mean
-
-        raise KeyError(f"unknown ladder recipe '{name}'{did_you_mean(name, list(LADDER))}; known: {', '.join(LADDER)}") from None
+        raise UnknownNameError(f"unknown ladder recipe '{name}'{did_you_mean(name, list(LADDER))}; known: {', '.join(LADDER)}") from None
 
 
 def sizes(recipe: str) -> list[str]:
     return [name for name, _ in get_recipe(recipe).sizes]
+
+
+def check_size(size: str, recipe: str = "default") -> None:
+    """Raise `UnknownNameError` naming the nearest rung unless the recipe has `size`."""
+    known = sizes(recipe)
+    if size not in known:
+        raise UnknownNameError(f"unknown size '{size}' in ladder '{recipe}'{did_you_mean(size, known)}; known: {', '.join(known)}")
 
 
 def recipe_hash(recipe: str) -> str:
@@ -218,10 +224,7 @@ def pretrain(size: str, recipe: str, *, progress: bool) -> PreTrainedModel:
 
 def ensure_built(size: str, recipe: str = "default", *, progress: bool = True) -> Path:
     """The directory of a pretrained ladder model, building it first if it is not cached."""
-    if size not in sizes(recipe):
-        from workers.registry import did_you_mean
-
-        raise KeyError(f"unknown size '{size}' in ladder '{recipe}'{did_you_mean(size, sizes(recipe))}")
+    check_size(size, recipe)
     final = model_dir(size, recipe)
     if (final / BUILD_INFO).exists():
         return final
