@@ -45,17 +45,18 @@ def _results_dir(given: str) -> str:
     return given
 
 
-def _plan(spec: SweepSpec) -> tuple[list[PlannedCell], ResultsStore, StoreScan]:
+def _plan(spec: SweepSpec, *, set_aside: bool) -> tuple[list[PlannedCell], ResultsStore, StoreScan]:
     from orchestrator.grid import expand
 
     cells = expand(spec)
     store = ResultsStore(spec.results_dir)
-    return cells, store, store.scan()
+    return cells, store, store.scan(set_aside=set_aside)
 
 
-def _report_quarantine(scan: StoreScan) -> None:
+def _report_quarantine(scan: StoreScan, *, set_aside: bool) -> None:
+    where = "moved to quarantine/" if set_aside else "`steerscale run` moves such files to quarantine/"
     for name, reason in scan.quarantined:
-        print(f"set aside unreadable results file {name} (moved to quarantine/): {reason}", file=sys.stderr)
+        print(f"unreadable results file {name} ({where}): {reason}", file=sys.stderr)
 
 
 def _status_table(entries: list[dict], status: dict[str, str]) -> str:
@@ -78,8 +79,8 @@ def _manifest_entries(cells: list[PlannedCell]) -> list[dict]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     spec = _load_spec(args)
-    cells, store, scan = _plan(spec)
-    _report_quarantine(scan)
+    cells, store, scan = _plan(spec, set_aside=False)
+    _report_quarantine(scan, set_aside=False)
     statuses = [scan.status.get(c.cell_id) for c in cells]
     dims = (
         f"{len(spec.models)} models × {len(spec.tasks)} tasks × {len(spec.methods)} methods × "
@@ -143,8 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from workers.run_cell import prepare_model
 
     spec = _load_spec(args)
-    cells, store, scan = _plan(spec)
-    _report_quarantine(scan)
+    cells, store, scan = _plan(spec, set_aside=True)
+    _report_quarantine(scan, set_aside=True)
     write_manifest(store, _manifest_entries(cells))
     if args.adaptive:
         return _run_adaptive(args, spec, cells, store)
@@ -169,21 +170,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     store = ResultsStore(_results_dir(args.results_dir))
-    scan = store.scan()
-    _report_quarantine(scan)
+    scan = store.scan(set_aside=False)
+    _report_quarantine(scan, set_aside=False)
     entries = read_manifest(store)
     if not entries and not scan.status:
         print(f"error: no sweep at {store.uri}: neither a plan (plan.json) nor stored rows; `steerscale run CONFIG` makes both",
               file=sys.stderr)
         return 2
     known = {e["cell_id"] for e in entries}
-    if len(known) < len(scan.status):  # rows from cells no longer in the plan: show them too
-        table = store.read()
-        for row in table.select(["cell_id", "model", "method"]).to_pylist():
-            if row["cell_id"] not in known:
-                entries.append(row)
+    remaining = sum(e["cell_id"] not in scan.status for e in entries)
+    unplanned = set(scan.status) - known
+    if unplanned:  # rows from cells no longer in the plan (an earlier config): show them too
+        table = store.read(set_aside=False)
+        entries += [row for row in table.select(["cell_id", "model", "method"]).to_pylist() if row["cell_id"] in unplanned]
     counts = scan.counts()
-    print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {len(entries) - len(scan.status)} remaining")
+    print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {remaining} remaining")
+    if unplanned and known:
+        print(f"{len(unplanned)} stored rows are from cells not in the current plan (an earlier config?); they are in the table")
     print(_status_table(entries, scan.status))
     return 0
 

@@ -54,8 +54,13 @@ class ResultsStore:
         self.filesystem.create_dir(f"{self.root}/quarantine", recursive=True)
         self.filesystem.move(info.path, f"{self.root}/quarantine/{info.base_name}")
 
-    def scan(self) -> StoreScan:
-        """Read the status column of every cell file; set aside what is unreadable or foreign."""
+    def scan(self, *, set_aside: bool = True) -> StoreScan:
+        """Read the status column of every cell file; set aside what is unreadable or foreign.
+
+        Only what a file holds sends it to quarantine (not Parquet, no such columns, a row under
+        another id): an I/O error (a remote store's hiccup) is raised, since moving a good row
+        aside would run its cell again. `set_aside=False` only reports (read-only commands).
+        """
         scan = StoreScan()
         for info in self._cell_files():
             try:
@@ -63,17 +68,19 @@ class ResultsStore:
                 cell_id, status = table.column("cell_id")[0].as_py(), table.column("status")[0].as_py()
                 if f"{cell_id}.parquet" != info.base_name:
                     raise ValueError(f"row's cell_id {cell_id} does not match its file name")
-            except (pa.ArrowException, KeyError, ValueError, IndexError, OSError) as err:
+            except (pa.ArrowInvalid, KeyError, ValueError, IndexError) as err:
                 scan.quarantined.append((info.base_name, f"{type(err).__name__}: {err}"))
-                self._quarantine(info)
+                if set_aside:
+                    self._quarantine(info)
                 continue
             scan.status[cell_id] = status
         return scan
 
-    def read(self) -> pa.Table:
+    def read(self, *, set_aside: bool = True) -> pa.Table:
         """All rows, in the current schema (older files' missing columns become null)."""
-        self.scan()  # quarantines unreadable files first
-        tables = [pq.read_table(info.path, filesystem=self.filesystem) for info in self._cell_files()]
+        unreadable = {name for name, _ in self.scan(set_aside=set_aside).quarantined}
+        files = [info for info in self._cell_files() if info.base_name not in unreadable]
+        tables = [pq.read_table(info.path, filesystem=self.filesystem) for info in files]
         if not tables:
             return RESULT_SCHEMA.empty_table()
         return pa.concat_tables(tables, promote_options="default")

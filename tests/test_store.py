@@ -11,8 +11,10 @@ import time
 from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
+import pytest
 
-from orchestrator.store import ResultsStore
+from orchestrator.cli import main
+from orchestrator.store import ResultsStore, write_manifest
 from workers.schema import COLUMNS, SCHEMA_VERSION
 
 
@@ -92,3 +94,39 @@ def test_truncated_and_foreign_files_are_set_aside_and_reported(tmp_path):
     assert sorted(name for name, _ in scan.quarantined) == ["foreign.parquet", "trunc.parquet"]
     assert sorted(os.listdir(tmp_path / "r" / "quarantine")) == ["foreign.parquet", "trunc.parquet"]
     assert store.read().num_rows == 1
+
+
+def test_read_only_commands_report_unreadable_files_without_moving_them(tmp_path):
+    store = ResultsStore(str(tmp_path / "r"))
+    store.write(_row("good"))
+    (tmp_path / "r" / "cells" / "trunc.parquet").write_bytes(b"PAR1 cut short")
+    scan = store.scan(set_aside=False)
+    assert scan.status == {"good": "ok"} and [name for name, _ in scan.quarantined] == ["trunc.parquet"]
+    assert store.read(set_aside=False).num_rows == 1
+    assert sorted(os.listdir(tmp_path / "r" / "cells")) == ["good.parquet", "trunc.parquet"]
+    assert not (tmp_path / "r" / "quarantine").exists()
+
+
+def test_an_io_error_is_raised_and_moves_no_good_row_aside(tmp_path, monkeypatch):
+    """A remote store's hiccup is not a broken file: quarantining the row would run its cell again."""
+    store = ResultsStore(str(tmp_path / "r"))
+    store.write(_row("good"))
+
+    def flaky_read(*args, **kwargs):  # stands in for pq.read_table on a store that times out
+        raise OSError("When reading information for key 'cells/good.parquet': AWS Error NETWORK_CONNECTION")
+
+    monkeypatch.setattr(pq, "read_table", flaky_read)
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+        store.scan()
+    assert os.listdir(tmp_path / "r" / "cells") == ["good.parquet"]
+
+
+def test_status_counts_what_remains_of_the_plan_and_shows_rows_from_outside_it(tmp_path, capsys):
+    store = ResultsStore(str(tmp_path / "r"))
+    write_manifest(store, [{"cell_id": f"p{i}", "slug": f"p{i}", "model": "m", "method": "lora"} for i in range(10)])
+    for cell_id in ["p0", "p1", "p2", "p3", "p4", "old0", "old1", "old2"]:  # old*: an earlier config's cells
+        store.write(_row(cell_id, model="m", method="lora"))
+    assert main(["status", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert ": 8 ok, 0 failed, 5 remaining" in out
+    assert "3 stored rows are from cells not in the current plan" in out
