@@ -8,6 +8,7 @@ from typing import Sequence
 
 import pytest
 
+from workers.run_cell import training_examples
 from workers.tasks import TASKS
 from workers.tasks.base import Example
 from workers.tasks.function_calling import FunctionCalling, canonical_calls
@@ -94,3 +95,15 @@ def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:
     assert task.evaluate(ScriptedLM({}), examples).score == 0.0
     assert canonical_calls('[{"name": "f", "arguments": {"a": 1}}]') == canonical_calls('[{"arguments": {"a": 1}, "name": "f"}]')
     assert canonical_calls('[{"name": "f"}]') is None and canonical_calls("[oops") is None
+
+
+def test_a_budget_above_the_split_fails_the_cell_instead_of_training_on_fewer() -> None:
+    """A hub id's pool is unknown at planning; the cell must not store a row claiming more examples than it had."""
+    task = adapters()["sst2"]
+    available = len(task.examples("train", 10_000, seed=0))
+    assert len(training_examples(task, available, seed=0)) == available
+    with pytest.raises(ValueError, match=f"has {available} distinct training examples, fewer than the cell's budget of {available + 1}"):
+        training_examples(task, available + 1, seed=0)
+    facts = TASKS.get("facts")  # a synthetic pool would repeat examples instead: refused the same way
+    with pytest.raises(ValueError, match="fewer than the cell's budget"):
+        training_examples(facts, facts.pool_size("train") + 1, seed=0)

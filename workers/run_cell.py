@@ -125,6 +125,21 @@ def baseline(
     )
 
 
+def training_examples(task: Task, budget: int, seed: int) -> list[Example]:
+    """The cell's `budget` training examples; raises when the task has fewer distinct ones.
+
+    A short pool would train on fewer (a hub split) or repeated (a synthetic draw) examples while the
+    row claims the full budget, putting the cell at the wrong place on every fit's data axis.
+    Planning refuses the pools it can count; this catches the rest (hub ids, cells run by hand).
+    """
+    examples = task.examples("train", budget, seed)
+    pool = task.pool_size("train")
+    distinct = len(examples) if pool is None else min(len(examples), pool)
+    if distinct < budget:
+        raise ValueError(f"task '{task.name}' has {distinct} distinct training examples, fewer than the cell's budget of {budget}")
+    return examples
+
+
 def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     """The measured columns of an ok row. Raises on any failure; `run_cell` turns that into a row."""
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
@@ -133,7 +148,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     task = get_task(cell.task)
     method = get_method(cell.method)
     config = resolve_config(cell.method, cell.method_config, path="cell.method_config")
-    train = task.examples("train", cell.budget, cell.seed)
+    train = training_examples(task, cell.budget, cell.seed)
     validation = task.examples("validation", cell.eval.validation_size, cell.eval.validation_seed)
     test = task.examples("test", cell.eval.test_size, 0)
     offtask = {name: get_task(name).examples("test", cell.eval.offtask_size, 0) for name in cell.offtask}
