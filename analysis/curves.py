@@ -22,9 +22,10 @@ from analysis.capability import X_COLUMN, Axis, get_axis, with_x
 from analysis.fitting import Fit, FitError, LawData, fit_law
 from analysis.laws import LAWS, POWER_D, Law
 from analysis.methods import method_kind
-from analysis.metrics import from_loss, to_loss
+from analysis.metrics import LOSS_FLOOR, from_loss, to_loss
 from analysis.parallel import parallel_map
 
+BOUND_TOLERANCE = 1e-3  # an exponent this close to its bound is at it
 ALL_PARAMS = tuple(dict.fromkeys(p for law in LAWS.values() for p in law.params))
 
 
@@ -73,6 +74,29 @@ class LawFit:
         """The metric's value as D (and N) → ∞, per bootstrap resample."""
         return from_loss(self.boot.params()["E"], self.metric) if self.boot else np.array([])
 
+    def bound_notes(self) -> list[str]:
+        """Parameters the fit pushed to a limit: the data do not pin them down, so read them as such.
+
+        An exponent at its bound is a flat curve (0) or a step (the upper bound); a floor E at the
+        loss floor is a curve still falling where the data end, whose asymptote is the metric's limit.
+        """
+        if not self.fit:
+            return []
+        notes = [
+            f"{name}={self.fit.params[name]:.3g} at its {'lower' if side == 0 else 'upper'} bound"
+            for name, bounds in zip(self.law.exponents, self.law.exponent_bounds)
+            for side in (0, 1)
+            if abs(self.fit.params[name] - bounds[side]) <= BOUND_TOLERANCE
+        ]
+        if self.fit.params["E"] <= LOSS_FLOOR:
+            notes.append("E at the loss floor (asymptote = the metric's limit)")
+        return notes
+
+    @property
+    def note(self) -> str:
+        """Why the group was not fitted, or which parameters sit at a bound ('' for a clean fit)."""
+        return self.message or "; ".join(self.bound_notes())
+
     def predict(self, n: np.ndarray, d: np.ndarray) -> np.ndarray:
         """The fitted metric (not loss) at (N, D)."""
         return from_loss(self.fit.predict({"N": n, "D": d}), self.metric)
@@ -83,7 +107,7 @@ class LawFit:
             "task": self.task, "method": self.method, "kind": method_kind(self.method),
             "model": self.model, "n_params": self.n_params, "x": self.x, "law": self.law.name,
             "formula": self.law.formula, "metric": self.metric, "status": "ok" if self.ok else "not fitted",
-            "message": self.message, "n_points": len(self.points.value),
+            "message": self.message, "bounds": "; ".join(self.bound_notes()), "n_points": len(self.points.value),
             "n_failed": self.excluded.failed, "n_nan": self.excluded.nan, "n_no_budget": self.excluded.no_budget,
             "objective": self.fit.objective if self.fit else np.nan,
             "n_bootstrap": len(self.boot.thetas) if self.boot else 0,

@@ -17,6 +17,7 @@ from analysis.curves import LawFit
 from analysis.metrics import BASE_COLUMN, to_loss
 
 FRACTIONS = (0.5, 0.9)
+EXTRAPOLATION_LIMIT = 100.0  # D_x beyond this many times the largest measured budget is reported as such
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,11 @@ class DataEfficiency:
     examples: float  # NaN when the asymptote does not beat the base model
     examples_lo: float
     examples_hi: float
+    largest_budget: float  # the curve's largest measured budget: past EXTRAPOLATION_LIMIT times it, D_x is a guess
+
+    @property
+    def extrapolated(self) -> bool:
+        return bool(self.examples > EXTRAPOLATION_LIMIT * self.largest_budget)
 
     def record(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -63,5 +69,5 @@ def data_efficiency(fits: list[LawFit], ok: pd.DataFrame, fractions: tuple[float
         for fraction in fractions:
             point = float(examples_to_reach(curve.fit.params, base_loss, fraction)[0])
             lo, hi = percentile_interval(examples_to_reach(curve.boot.params(), base_loss, fraction)) if curve.boot else (np.nan, np.nan)
-            result.append(DataEfficiency(curve.task, curve.method, curve.model, curve.n_params, fraction, point, lo, hi))
+            result.append(DataEfficiency(curve.task, curve.method, curve.model, curve.n_params, fraction, point, lo, hi, float(curve.points.d.max())))
     return result

@@ -51,6 +51,9 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
                 ax.plot([], [], color=colour, label=f"{f.model}: not fitted")
         ax.set(xscale="log", title=method, xlabel="budget (examples)")
         ax.legend(fontsize=7)
+    values = np.concatenate([f.points.value for f in curves])
+    pad = 0.1 * (values.max() - values.min()) or 0.05
+    axes[0][0].set_ylim(values.min() - pad, values.max() + pad)  # the data's range: a wide band must not flatten it
     axes[0][0].set_ylabel(analysis.metric)
     fig.suptitle(f"{task}: {analysis.metric} vs post-training budget")
     return _save(fig, path)

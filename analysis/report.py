@@ -19,8 +19,11 @@ from analysis.axis_choice import TREND
 from analysis.capability import AXES, get_axis
 from analysis.composition import CompositionGain
 from analysis.crossover import Crossover
+from analysis.curves import LawFit
 from analysis.decisions import Decisions, read_decisions
+from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import load_rows_to_fit, resolve
+from analysis.metrics import HIGHER_IS_BETTER
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, save_fits
 
@@ -81,12 +84,12 @@ def _findings(a: Analysis) -> list[Block]:
     lines = []
     for task in sorted({f.task for f in a.fits}):
         curves = [f for f in a.fits if f.task == task and f.ok and f.model != "*"]
-        if curves:
-            largest = max(f.n_params for f in curves)
-            top = max((f for f in curves if f.n_params == largest), key=lambda f: f.record()["asymptote"])
-            lines.append(f"On {task}, at the largest fitted model ({top.model}), {top.method} has the highest fitted asymptote ({_num(top.record()['asymptote'])}).")
-        else:
-            lines.append(f"On {task}, no budget curve could be fitted (see the table of fits for why).")
+        lines.append(best_measured(task, curves, a.metric) if curves else f"On {task}, no budget curve could be fitted (see the table of fits for why).")
+    fitted = [f for f in a.fits if f.ok]
+    bounded = sum(bool(f.bound_notes()) for f in fitted)
+    if bounded:
+        lines.append(f"{bounded} of the {len(fitted)} fits put a parameter at its bound (marked in the table of fits): there the data do "
+                     "not pin the curve down, so its exponent and asymptote are not findings; D* within the measured range still is.")
     for s in a.scaling:
         lines.append(f"{s.task}: the crossover budget of {s.finetuning} over {s.steering} scales as D* ∝ {s.x}^{s.gamma:.2f} across {s.n_models} models.")
     if a.axes.best:
@@ -97,6 +100,25 @@ def _findings(a: Analysis) -> list[Block]:
     if not a.crossovers:
         lines.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
     return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]
+
+
+def best_measured(task: str, curves: list[LawFit], metric: str) -> str:
+    """Which method measured best on the largest model at its largest budget: the data, not an extrapolated asymptote."""
+    largest = max(curves, key=lambda f: f.n_params)
+    levels = []
+    for f in (f for f in curves if f.n_params == largest.n_params):
+        top = f.points.d == f.points.d.max()
+        levels.append((float(np.mean(f.points.value[top])), f.method, float(f.points.d.max()), int(top.sum())))
+    levels.sort(key=lambda level: (-level[0] if HIGHER_IS_BETTER[metric] else level[0], level[1]))
+    (value, method, budget, cells), *rest = levels
+    tied = [m for v, m, _, _ in rest if v == value]
+    rest = [level for level in rest if level[0] != value]
+    who = f"{method} measured best" if not tied else f"{' and '.join([method, *tied])} measured best (tied)"
+    sentence = (f"On {task}, on the largest fitted model ({largest.model}), {who} at the largest budget: "
+                f"{metric} {value:.3g} at D={budget:g} (mean of {cells} cells)")  # fmt: skip
+    if rest:
+        sentence += "; then " + ", ".join(f"{m} {v:.3g}" for v, m, _, _ in rest[:3])
+    return sentence + "."
 
 
 CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead"}
@@ -123,12 +145,15 @@ def _crossover_table(a: Analysis) -> list[Block]:
     def cell(c: Crossover | None) -> str:
         if c is None:
             return ""
-        return f"{_num(c.d_star)} [{_num(c.d_star_lo)}–{_num(c.d_star_hi)}]" if c.outcome == "crosses" else CROSSOVER_CELLS[c.outcome]
+        if c.outcome != "crosses":
+            return CROSSOVER_CELLS[c.outcome]
+        return f"{_num(c.d_star)} [{_num(c.d_star_lo)}–{_num(c.d_star_hi)}], {c.share:.0%} cross"
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
     legend = Paragraph(
         "D*: the budget (training examples) at which the fine-tuning method overtakes the steering method, with its 95 % "
-        "bootstrap interval; `FT ahead`: fine-tuning is ahead over the whole measured range; `steering ahead`: it never "
+        "bootstrap interval and the share of resamples whose curves cross inside the measured range (under half: the "
+        "crossing itself is uncertain, not only where it falls); `FT ahead`: fine-tuning is ahead over the whole measured range; `steering ahead`: it never "
         "catches up there; blank: one of the two curves could not be fitted."
     )
     return [Table(("task", "steering → fine-tuning", *models), rows), legend]
@@ -140,7 +165,7 @@ def _fits_table(a: Analysis) -> list[Block]:
         r = f.record()
         exponents = ", ".join(f"{p} {_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents) if f.ok else "-"
         rows.append((f.task, f.method, f.model, f.law.name if f.x is None else f"{f.law.name}[{f.x}]", exponents, _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]),
-                     str(r["n_points"]), f"{r['n_failed']}/{r['n_nan']}", _num(r["holdout_error"]), f.message or "ok"))  # fmt: skip
+                     str(r["n_points"]), f"{r['n_failed']}/{r['n_nan']}", _num(r["holdout_error"]), f.note or "ok"))  # fmt: skip
     header = ("task", "method", "model", "law", "exponents", "asymptote", "n", "failed/NaN", "holdout err", "status")
     note = Paragraph(f"Budget laws are fitted per model; `*` rows are joint laws in (N, D) with N = `{a.x}`, "
                      f"validated by leaving out the {get_axis(a.x).held_out} (named in the holdout column of fits.parquet).")
@@ -172,8 +197,16 @@ def _capability(a: Analysis) -> list[Block]:
     return [*blocks, Paragraph(verdict)]
 
 
+def _examples_needed(e: DataEfficiency) -> str:
+    if e.extrapolated:
+        return f"> {EXTRAPOLATION_LIMIT:g}× the largest budget measured ({e.largest_budget:g}): not measurable here"
+    limit = EXTRAPOLATION_LIMIT * e.largest_budget
+    hi = f"> {_num(limit)}" if not e.examples_hi <= limit else _num(e.examples_hi)
+    return f"{_num(e.examples)} [{_num(e.examples_lo)}, {hi}]" if np.isfinite(e.examples_lo) else _num(e.examples)
+
+
 def _efficiency(a: Analysis) -> list[Block]:
-    rows = [(e.task, e.method, e.model, f"{e.fraction:.0%}", _ci(e.examples, e.examples_lo, e.examples_hi)) for e in a.efficiency]
+    rows = [(e.task, e.method, e.model, f"{e.fraction:.0%}", _examples_needed(e)) for e in a.efficiency]
     body: Block = Table(("task", "method", "model", "share of asymptotic gain", "examples needed"), rows) if rows else Paragraph("Needs fitted budget curves and the base model's score.")
     return [Heading("Data efficiency"), body]
 
@@ -298,6 +331,10 @@ def write_report(
     decisions = read_decisions(results_dir)
     blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_links(a), *_frontier(a),
               *_adaptive(decisions, a, out), *_plots(a, out)]  # fmt: skip
+    drawn = {b.path for b in blocks if isinstance(b, Image)}
+    ours = {path for pattern in ("budget_*.png", "crossover_*.png", "frontier_*.png", "selectivity_*.png", "adaptive.png") for path in out.glob(pattern)}
+    for stale in ours - drawn:  # an earlier report's plot of something this one has no data for
+        stale.unlink()
     (out / "report.md").write_text(render_markdown(blocks))
     page = out / "report.html"
     page.write_text(render_html(blocks))

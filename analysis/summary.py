@@ -95,7 +95,7 @@ class FitSummary:
             table.append((
                 f.task, f.method, f.model, f.law.name if f.x is None else f"{f.law.name}[{f.x}]", " ".join(exponents),
                 _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]), str(r["n_points"]), str(r["n_failed"]),
-                str(r["n_nan"]), "-" if not np.isfinite(r["holdout_error"]) else f"{r['holdout_error']:.3g}", f.message,
+                str(r["n_nan"]), "-" if not np.isfinite(r["holdout_error"]) else f"{r['holdout_error']:.3g}", f.note,
             ))  # fmt: skip
         lines += _aligned(table)
         if a.crossovers:

@@ -18,19 +18,26 @@ from test_analysis_results import build_results, write_cells
 
 def test_report_on_a_full_grid(tmp_path: Path) -> None:
     build_results(tmp_path)
-    page = analysis.write_report(str(tmp_path), bootstrap=50).report_page
     out = tmp_path / "report"
+    out.mkdir()
+    (out / "crossover_gone.png").write_bytes(b"an earlier report's plot of a task no longer stored")
+    (out / "mine.png").write_bytes(b"the user's own file")
+    page = analysis.write_report(str(tmp_path), bootstrap=50).report_page
     assert page == out / "report.html"
-    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert not (out / "crossover_gone.png").exists() and (out / "mine.png").exists()
+    pngs = sorted(p.name for p in out.glob("*.png") if p.name != "mine.png")
     assert {"budget_facts.png", "crossover_facts.png", "frontier_facts.png", "selectivity_facts.png"} <= set(pngs)
     html = page.read_text()
     assert html.count("data:image/png;base64,") == len(pngs)  # self-contained
     assert not re.search(r"<img src='(?!data:)", html)
     markdown = (out / "report.md").read_text()
     table = markdown.split("| task | steering → fine-tuning | m1 | m2 | m3 |", 1)[1].split("\n\n", 1)[0]  # models smallest first
-    assert re.search(r"\| facts \| steer_mean → lora \| [0-9.]+ \[[0-9.]+–[0-9.]+\] \|", table), table  # lora catches up: a D* with its CI
+    assert re.search(r"\| facts \| steer_mean → lora \| [0-9.]+ \[[0-9.]+–[0-9.]+\], [0-9]+% cross \|", table), table  # lora catches up: a D* with its CI
     assert "| never | steer_mean → lora | steering ahead |  |  |" in table, table  # never on m1 only: m2, m3 blank
     assert "truncated.parquet" in markdown
+    # the truth: at D=2048 on m3 lora scores .91, steer_mean .76; on `never` (m1 only) lora never catches up
+    assert "On facts, on the largest fitted model (m3), lora measured best at the largest budget: score 0.9" in markdown
+    assert "On never, on the largest fitted model (m1), steer_mean measured best" in markdown
 
 
 def test_the_report_saves_the_fits_it_reports(tmp_path: Path) -> None:
@@ -65,3 +72,17 @@ def test_report_on_degenerate_results(tmp_path: Path, case: str) -> None:
 def test_a_composition_finding_states_its_margin_as_a_size(gain, lo, hi, words) -> None:
     finding = composition_finding(CompositionGain("arith", "ladder:s", 32.0, "steer_mean+lora", "lora", gain, lo, hi, 4))
     assert finding == f"arith, ladder:s, D=32: steer_mean+lora is {words}."
+
+
+def test_fits_at_a_bound_are_marked_and_their_asymptotes_not_offered_as_findings(tmp_path: Path) -> None:
+    """A curve still falling where the data end fits E at the loss floor: its 'asymptote' is the metric's limit, not a finding."""
+    truth = {("t", "lora", "m1"): TrueCurve(0.0, 0.8, 0.3), ("t", "steer_mean", "m1"): TrueCurve(0.3, 0.5, 0.5)}
+    rows = synthetic_rows(truth, {"m1": 10**6}, (4, 16, 64, 256, 1024), seeds=3, noise=0.005, rng=np.random.default_rng(0))
+    write_cells(tmp_path, rows)
+    summary = analysis.write_report(str(tmp_path), bootstrap=20)
+    fits = {f.method: f for f in summary.analysis.fits if f.model == "m1"}
+    assert fits["lora"].bound_notes() == ["E at the loss floor (asymptote = the metric's limit)"]
+    assert fits["steer_mean"].bound_notes() == [] and fits["steer_mean"].note == ""
+    markdown = summary.report_page.with_name("report.md").read_text()
+    assert "E at the loss floor" in markdown and "fits put a parameter at its bound" in markdown
+    assert "fitted asymptote" not in markdown
