@@ -43,6 +43,7 @@ class LoadedResults:
 
     frame: pd.DataFrame
     skipped: tuple[SkippedFile, ...]
+    unplanned: int = 0  # stored rows left out as not in the sweep's plan.json (see `load_rows_to_fit`)
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -107,15 +108,35 @@ def load_results(results_dir: str) -> LoadedResults:
     return LoadedResults(frame.reset_index(drop=True), tuple(skipped))
 
 
-def load_rows_to_fit(results_dir: str) -> LoadedResults:
+def load_rows_to_fit(results_dir: str, *, all_rows: bool = False) -> LoadedResults:
     """`load_results` for the fit and the report: a directory that does not exist is a mistyped path.
 
     An existing one without rows yet (a sweep just started) still gets its "0 rows" fit and report.
+    Rows of cells that the sweep's current plan (`plan.json`, written by `steerscale run`) does not
+    hold are left out unless `all_rows`: they come from an earlier config (another LoRA rank, the
+    other selection metric), and a curve must not mix two settings under one method name.
     """
     fs, root = resolve(results_dir)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise NoResultsError(f"no results directory {results_dir}: give a sweep's results_dir, or its YAML")
-    return load_results(results_dir)
+    loaded = load_results(results_dir)
+    planned = None if all_rows else planned_cells(fs, root)
+    if planned is None:
+        return loaded
+    keep = loaded.frame["cell_id"].isin(planned)
+    return LoadedResults(loaded.frame[keep].reset_index(drop=True), loaded.skipped, int((~keep).sum()))
+
+
+PLAN_NAME = "plan.json"  # the planned cells (id, slug, model, method), written by `steerscale run`
+
+
+def planned_cells(fs: pafs.FileSystem, root: str) -> set[str] | None:
+    """The cell ids of the sweep's plan, or None when there is no plan (rows written some other way)."""
+    try:
+        with fs.open_input_stream(f"{root}/{PLAN_NAME}") as stream:
+            return {entry["cell_id"] for entry in json.loads(stream.read().decode())}
+    except FileNotFoundError:
+        return None
 
 
 def write_bytes(results_dir: str, name: str, data: bytes) -> str:

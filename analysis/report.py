@@ -73,6 +73,9 @@ def _overview(a: Analysis) -> list[Block]:
         "Intervals are 95 % percentile bootstrap intervals over cells."
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
+    if a.loaded.unplanned:
+        blocks.append(Paragraph(f"{a.loaded.unplanned} stored rows of cells not in the sweep's plan.json (an earlier config's) were "
+                                "left out, so no curve mixes two settings of a method; `--all-rows` includes them."))  # fmt: skip
     if a.loaded.skipped:
         blocks.append(Paragraph(f"{len(a.loaded.skipped)} unreadable file(s) were skipped:"))
         blocks.append(Table(("file", "reason"), [(s.path, s.reason) for s in a.loaded.skipped]))
@@ -313,7 +316,8 @@ def render_html(blocks: list[Block]) -> str:
 
 
 def write_report(
-    results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1
+    results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
+    all_rows: bool = False,
 ) -> FitSummary:
     """Analyse the cells once, save the fits (as `fit_results` does) and write the report beside them.
 
@@ -324,7 +328,7 @@ def write_report(
     fs, root = resolve(results_dir)
     if fs.type_name != "local":
         raise ValueError(f"the report is written to local paths only; copy {results_dir} locally first")
-    a = analyse(load_rows_to_fit(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
+    a = analyse(load_rows_to_fit(results_dir, all_rows=all_rows), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     paths = save_fits(results_dir, a)
     out = Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)

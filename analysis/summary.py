@@ -87,6 +87,8 @@ class FitSummary:
         lines = [f"{len(frame)} rows ({n_failed} failed), {len(a.loaded.skipped)} unreadable files skipped; metric {a.metric}, "
                  f"N = {a.x} in the joint laws, 95% bootstrap CIs"]
         lines += [f"  skipped {s.path}: {s.reason}" for s in a.loaded.skipped]
+        if a.loaded.unplanned:
+            lines.append(f"  left out {a.loaded.unplanned} rows of cells not in plan.json (an earlier config's); --all-rows fits them too")
         header = ("task", "method", "model", "law", "exponent", "asymptote", "n", "failed", "nan", "holdout err", "note")
         table = [header]
         for f in a.fits:
@@ -174,7 +176,8 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
 
 
 def fit_results(
-    results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1
+    results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
+    all_rows: bool = False,
 ) -> FitSummary:
     """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json.
 
@@ -183,5 +186,5 @@ def fit_results(
     `workers` > 1 fits that many groups at once, in worker processes; the numbers do not change.
     """
     get_axis(x)  # a wrong name fails before any file is read
-    analysis = analyse(load_rows_to_fit(results_dir), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
+    analysis = analyse(load_rows_to_fit(results_dir, all_rows=all_rows), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     return FitSummary(analysis, save_fits(results_dir, analysis))

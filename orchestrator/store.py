@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs
 
+from analysis.io import PLAN_NAME
 from workers.rowfile import TEMP_PREFIX, filesystem_and_path, write_rows
 from workers.schema import RESULT_SCHEMA
 
@@ -86,7 +87,7 @@ class ResultsStore:
         return pa.concat_tables(tables, promote_options="default")
 
 
-MANIFEST = "plan.json"
+MANIFEST = PLAN_NAME  # analysis reads it too: the fit leaves out rows of cells no longer planned
 
 
 def write_manifest(store: ResultsStore, cells: list[dict]) -> None:
