@@ -99,3 +99,12 @@ def test_a_grid_that_cannot_run_fails_at_load_naming_the_entry(change, message, 
     with pytest.raises(ConfigError) as err:
         load_spec(write_sweep({**BASE, **change}))
     assert message in str(err.value)
+
+
+def test_a_value_out_of_range_says_what_the_setting_means(write_sweep):
+    """Layer indices where fractions of depth are meant used to be clamped to the last layer in silence."""
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep({**BASE, "methods": {"steer_mean": {"layers": [4, 8]}}}))
+    message = str(err.value)
+    assert "methods.steer_mean.layers.0: Input should be less than or equal to 1 (layers: candidate layers, as fractions of depth" in message
+    assert "at least 1 item" not in message  # the emptied tuple is a consequence, not a second mistake

@@ -52,16 +52,35 @@ def _fields_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted({name for model in candidates for name in model.model_fields})
 
 
+def _description_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """The description of the field that `loc` (a value's path) lies in, when it has one."""
+    candidates, found = [cls], None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = [model.model_fields[str(part)] for model in candidates if str(part) in model.model_fields]
+        if not fields:
+            return found
+        found = fields[0].description
+        candidates = [c for field in fields for c in _model_classes(field.annotation)] or candidates
+    return found
+
+
 def format_errors(cls: type[BaseModel], err: ValidationError, prefix: str = "") -> str:
+    errors = err.errors()
+    locs = [tuple(e["loc"]) for e in errors]
     lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
+    for e, loc in zip(errors, locs):
+        if e["type"] == "too_short" and any(other[: len(loc)] == loc and len(other) > len(loc) for other in locs):
+            continue  # the list came out short because an item failed: that item's error says why
         path = ".".join(str(p) for p in (prefix, *loc) if p != "")
         if e["type"] == "extra_forbidden":
             valid = _fields_at(cls, loc[:-1])
             lines.append(f"{path}: unknown key{did_you_mean(str(loc[-1]), valid)}; valid keys: {', '.join(valid)}")
         else:
-            lines.append(f"{path or '<root>'}: {e['msg']}")
+            about = _description_at(cls, loc)
+            name = next((str(part) for part in reversed(loc) if isinstance(part, str)), "")
+            lines.append(f"{path or '<root>'}: {e['msg']}" + (f" ({name}: {about})" if about else ""))
     return "\n".join(lines)
 
 

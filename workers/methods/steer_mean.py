@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Annotated, Iterator, Sequence
 
 import torch
 from pydantic import Field
@@ -21,8 +21,13 @@ from workers.methods.protocol import FitContext, FitReport, forward_flops, matmu
 from workers.steering import Positions, decoder_layers, last_token_states, matmul_params_through, steer
 
 
+# A layer is named by its place in the stack, so one config serves every rung of a ladder; an
+# index such as 4 would mean a different depth on each model (and is refused, not clamped).
+DepthFraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 class SteerMeanConfig(StrictConfig):
-    layers: tuple[float, ...] = Field(
+    layers: tuple[DepthFraction, ...] = Field(
         (0.25, 0.5, 0.75), min_length=1, description="candidate layers, as fractions of depth (0 = first block, 1 = last)"
     )
     scales: tuple[float, ...] = Field(

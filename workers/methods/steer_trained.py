@@ -17,13 +17,13 @@ from pydantic import Field
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
-from workers.methods.steer_mean import layer_indices
+from workers.methods.steer_mean import DepthFraction, layer_indices
 from workers.steering import Positions, decoder_layers, steer
 from workers.training import TrainConfig, train
 
 
 class SteerTrainedConfig(StrictConfig):
-    layers: tuple[float, ...] = Field(
+    layers: tuple[DepthFraction, ...] = Field(
         (0.5,), min_length=1, description="layers to steer, as fractions of depth; one vector is trained per layer"
     )
     positions: Positions = Field("after_prompt", description="steer from the prompt's last token on, or every position")
