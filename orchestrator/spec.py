@@ -16,7 +16,6 @@ from pydantic import Field, field_validator
 from workers.cell import LADDER_PREFIX, EvalConfig, ModelSpec
 from workers.config import ConfigError, StrictConfig, validate_config
 from workers.methods import resolve_config
-from workers.models.loading import parse_ladder_id
 from workers.registry import UnknownNameError
 from workers.tasks import get_task
 
@@ -104,10 +103,10 @@ def check_names(spec: SweepSpec) -> None:
 def model_problem(entry: ModelEntry) -> str | None:
     """Why the sweep cannot load `entry`, when that is knowable before any worker tries (ladder names, local paths)."""
     if entry.id.startswith(LADDER_PREFIX):
-        from workers.models import ladder  # imported here: a hub-only sweep needs no ladder code
+        import workers.models.ladder as ladder  # imported here: a hub-only sweep needs no ladder code
 
         try:
-            ladder.check_size(*reversed(parse_ladder_id(entry.id)))
+            ladder.check_model_id(entry.id)
         except UnknownNameError as err:
             return str(err)
     elif entry.id.startswith((".", "/", "~")) and not Path(entry.id).expanduser().is_dir():

@@ -108,6 +108,14 @@ def sizes(recipe: str) -> list[str]:
     return [name for name, _ in get_recipe(recipe).sizes]
 
 
+def check_model_id(model_id: str) -> None:
+    """Raise `UnknownNameError` unless `ladder:[recipe/]size` names a rung of a known recipe."""
+    from workers.models.loading import parse_ladder_id  # here: loading imports this module lazily too
+
+    recipe, size = parse_ladder_id(model_id)
+    check_size(size, recipe)
+
+
 def check_size(size: str, recipe: str = "default") -> None:
     """Raise `UnknownNameError` naming the nearest rung unless the recipe has `size`."""
     known = sizes(recipe)
