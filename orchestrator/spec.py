@@ -109,8 +109,12 @@ def model_problem(entry: ModelEntry) -> str | None:
             ladder.check_model_id(entry.id)
         except UnknownNameError as err:
             return str(err)
-    elif entry.id.startswith((".", "/", "~")) and not Path(entry.id).expanduser().is_dir():
-        return f"no model directory at {entry.id}"
+    elif entry.id.startswith((".", "/", "~")):
+        path = Path(entry.id).expanduser()
+        if not path.is_dir():
+            return f"no model directory at {entry.id}"
+        if not (path / "config.json").is_file():
+            return f"{entry.id} holds no config.json, so it is not a saved model (`save_pretrained` writes one)"
     return None
 
 

@@ -257,11 +257,13 @@ def failing_sweep(tmp_path_factory, test_ladder):
     xs, s = test_ladder
     rung = resolve_path(ModelSpec(id=xs))
     oom_python, oom_torch = root / "too-big-python", root / "too-big-torch"
+    (root / "not-a-model").mkdir()  # a broken checkpoint: it passes planning, and loading it raises in every cell
+    (root / "not-a-model" / "config.json").write_text("{}")
     oom_python.symlink_to(rung, target_is_directory=True)
     oom_torch.symlink_to(rung, target_is_directory=True)
     path = _spec(
         root,
-        [xs, s, str(root / "no-such-model"), str(oom_python), str(oom_torch)],
+        [xs, s, str(root / "not-a-model"), str(oom_python), str(oom_torch)],
         methods={
             "steer_mean": {},
             "full_ft": {"train": {"lr": 1e30, "min_steps": 3, "max_steps": 3, "checkpoints": 0}},
@@ -286,8 +288,8 @@ def _failed(rows, mask):
 
 def test_a_cell_that_raises_is_a_failed_row(failing_sweep):
     *_, rows, _ = failing_sweep
-    errors = _failed(rows, rows.model.str.endswith("no-such-model"))
-    assert len(errors) == 3 and all("no-such-model" in e for e in errors), errors
+    errors = _failed(rows, rows.model.str.endswith("not-a-model"))
+    assert len(errors) == 3 and all("not-a-model" in e for e in errors), errors
 
 
 def test_a_cell_whose_loss_goes_nan_is_a_failed_row(failing_sweep):

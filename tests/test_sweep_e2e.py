@@ -22,10 +22,13 @@ def sweep(tmp_path_factory, test_ladder):
     root = tmp_path_factory.mktemp("e2e")
     import yaml
 
+    (root / "broken-model").mkdir()  # a broken checkpoint: it passes planning, and loading it fails in every cell
+    (root / "broken-model" / "config.json").write_text("{}")
+
     spec = {
         "sweep": "e2e",
         "results_dir": str(root / "results"),
-        "models": [{"id": m} for m in test_ladder] + [{"id": str(root / "no-such-model")}],
+        "models": [{"id": m} for m in test_ladder] + [{"id": str(root / "broken-model")}],
         "tasks": ["facts"],
         "methods": {"base": {}, "steer_mean": {"scales": [0.0, 1.0, 4.0]}, "lora": {"rank": 2, "train": {"lr": 3e-2, "checkpoints": 0}}},  # always keep the trained LoRA
         "budgets": [8, 32],
@@ -66,7 +69,7 @@ def test_a_failing_cell_is_a_failed_row_and_the_sweep_goes_on(sweep):
     _, results, first = sweep
     table = pq.read_table(results / "cells").to_pandas()
     failed = table[table.status == "failed"]
-    assert len(failed) == 5 and failed.model.str.endswith("no-such-model").all()
+    assert len(failed) == 5 and failed.model.str.endswith("broken-model").all()
     assert failed.error.str.len().gt(0).all() and failed.score.isna().all()
     assert "5 failed" in first.stdout
 
