@@ -88,8 +88,6 @@ class CellWorker:
         cell = CellConfig.model_validate_json(cell_json)
         loads = self.cache.loads
         row = run_cell(cell, CellRun(cache=self.cache, attempt=attempt, shard=self.shard))
-        if row["status"] != "ok":  # the cell may have died half-way through changing its model
-            self.cache.discard(cell.model)
         return CellResult(row, self.name, self.cache.loads > loads, tuple(self.cache.held()))
 
 

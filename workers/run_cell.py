@@ -217,6 +217,7 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
     except Exception as exc:  # a failed cell is data: keep the error, let the sweep go on
         trace = traceback.format_exc(limit=-4)
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}\n{trace}"[-4000:])
+        run.cache.discard(cell.model)  # the cell may have died half-way through changing its model
     row.update(started_at=started_at, finished_at=_now())
     return row
 
