@@ -4,7 +4,7 @@ The prior follows the FLOP formulas the methods record (workers/methods/protocol
 N · examples · tokens-per-example:
 
     a method with a `train` section (LoRA, full FT, trained steering vectors)
-        ≈ 6 · N · steps · batch_size · T      steps = the trainer's own rule (see `train_steps`)
+        ≈ 6 · N · steps · batch_size · T      steps = the trainer's own rule (`workers.training.steps_for`)
     a method without one (mean-difference steering, few-shot prompting)
         ≈ 2 · N · budget · T                   one forward pass over the budget's examples
 
@@ -22,7 +22,6 @@ evaluation, so methods that post-train for free (`base`, `prompt`) do not look i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence, TypeVar
 
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from workers.cell import CellConfig
+from workers.training import TrainConfig, steps_for
 
 TOKENS_PER_EXAMPLE = 32.0  # the prior's T; measured rows replace it
 
@@ -46,12 +46,6 @@ class Planned(Protocol):
 P = TypeVar("P", bound=Planned)
 
 
-def train_steps(n_examples: int, train: Mapping[str, Any]) -> int:
-    # Mirrors workers.training.steps_for, which the orchestrator may not import (it pulls in torch).
-    steps = train["epochs"] * math.ceil(n_examples / train["batch_size"])
-    return min(train["max_steps"], max(train["min_steps"], steps))
-
-
 def _train_sections(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """Every `train` settings block in a resolved method config (a composition nests its parts')."""
     found = [config["train"]] if isinstance(config.get("train"), Mapping) else []
@@ -65,7 +59,8 @@ def work_units(cell: CellConfig) -> float:
     """Prior post-training work in examples × passes (multiply by N and T for FLOPs)."""
     sections = _train_sections(cell.method_config)
     if sections:
-        return float(sum(6 * train_steps(cell.budget, t) * t["batch_size"] for t in sections))
+        configs = [TrainConfig.model_validate(t) for t in sections]
+        return float(sum(6 * steps_for(cell.budget, t) * t.batch_size for t in configs))
     return 2.0 * cell.budget
 
 

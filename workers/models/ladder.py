@@ -30,6 +30,7 @@ import transformers
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from workers.models.loading import count_parameters, parse_ladder_id
 from workers.models.tokenizer import build_tokenizer
 from workers.registry import UnknownNameError, did_you_mean
 from workers.world.corpus import encode, sample_documents
@@ -110,8 +111,6 @@ def sizes(recipe: str) -> list[str]:
 
 def check_model_id(model_id: str) -> None:
     """Raise `UnknownNameError` unless `ladder:[recipe/]size` names a rung of a known recipe."""
-    from workers.models.loading import parse_ladder_id  # here: loading imports this module lazily too
-
     recipe, size = parse_ladder_id(model_id)
     check_size(size, recipe)
 
@@ -156,12 +155,6 @@ def model_config(size: str, recipe: str = "default") -> LlamaConfig:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-
-
-def param_counts(model: PreTrainedModel) -> tuple[int, int]:
-    """(total, non-embedding) parameters; the output head is tied to the embedding."""
-    total = sum(p.numel() for p in model.parameters())
-    return total, total - model.get_input_embeddings().weight.numel()
 
 
 def corpus(recipe: str, n_docs: int, stream: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +236,7 @@ def ensure_built(size: str, recipe: str = "default", *, progress: bool = True) -
         started, cpu_started = time.perf_counter(), time.process_time()
         model = pretrain(size, recipe, progress=progress)
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-        total, nonembed = param_counts(model)
+        total, nonembed = count_parameters(model)
         info = {
             "recipe": recipe,
             "recipe_hash": recipe_hash(recipe),
