@@ -27,6 +27,7 @@ class Analysis:
 
     loaded: LoadedResults
     metric: str
+    bootstrap: int  # resamples behind every interval (0: point estimates only)
     x: str  # what stands for N in the joint laws and the crossover trend (capability.AXES)
     fits: list[LawFit]
     crossovers: list[Crossover]
@@ -58,7 +59,7 @@ def analyse(
         axes = compare_axes(loaded.frame, metric=metric, fits=fits, crossovers=crossovers, capabilities=capabilities, seed=seed, pool=pool)
     frontier = compute_frontier(ok, metric)
     return Analysis(
-        loaded=loaded, metric=metric, x=x, fits=fits, crossovers=crossovers, scaling=crossover_scaling(crossovers, capabilities, axis),
+        loaded=loaded, metric=metric, bootstrap=bootstrap, x=x, fits=fits, crossovers=crossovers, scaling=crossover_scaling(crossovers, capabilities, axis),
         compositions=composition_gains(ok, metric=metric, bootstrap=bootstrap, seed=seed),
         efficiency=data_efficiency(fits, ok), frontier=frontier,
         frontier_levels=frontier_by_compute(frontier, metric), selectivity=selectivity(ok, metric),
@@ -85,7 +86,7 @@ class FitSummary:
         frame = a.loaded.frame
         n_failed = int((frame["status"] != "ok").sum()) if len(frame) else 0
         lines = [f"{len(frame)} rows ({n_failed} failed), {len(a.loaded.skipped)} unreadable files skipped; metric {a.metric}, "
-                 f"N = {a.x} in the joint laws, 95% bootstrap CIs"]
+                 f"N = {a.x} in the joint laws, " + ("95% bootstrap CIs" if a.bootstrap else "no CIs (--bootstrap 0)")]
         lines += [f"  skipped {s.path}: {s.reason}" for s in a.loaded.skipped]
         if a.loaded.unplanned:
             lines.append(f"  left out {a.loaded.unplanned} rows of cells not in plan.json (an earlier config's); --all-rows fits them too")

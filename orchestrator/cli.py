@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -191,6 +192,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -213,7 +221,7 @@ RESULTS_DIR_HELP = "a sweep's results directory or URI (its results_dir), or the
 
 def _with_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("results_dir", help=RESULTS_DIR_HELP)
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for confidence intervals")
+    p.add_argument("--bootstrap", type=_non_negative_int, default=200, help="bootstrap resamples for confidence intervals (0: none)")
     p.add_argument("--workers", type=_positive_int, default=None, help="groups fitted at once, in worker processes (default: every core, up to 8)")
     p.add_argument(
         "--x", type=_x_axis, default="params",
@@ -350,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `steerscale status DIR | head` ends quietly, as Unix tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
