@@ -80,6 +80,8 @@ def _manifest_entries(cells: list[PlannedCell]) -> list[dict]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     spec = _load_spec(args)
+    if args.cell:
+        return _print_cell(spec, args.cell)
     cells, store, scan = _plan(spec, set_aside=False)
     _report_quarantine(scan, set_aside=False)
     statuses = [scan.status.get(c.cell_id) for c in cells]
@@ -91,6 +93,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"grid: {len(cells)} cells ({dims}; per-method budgets: {spec.method_budgets or 'none'})")
     print(f"done {statuses.count('ok')} · failed {statuses.count('failed')} · to run {statuses.count(None)}")
     print(_status_table(_manifest_entries(cells), scan.status))
+    return 0
+
+
+def _print_cell(spec: SweepSpec, wanted: str) -> int:
+    """One planned cell's CellConfig JSON: what a worker runs, to run it alone (`python -m workers.run_cell`)."""
+    from orchestrator.grid import expand
+    from workers.registry import did_you_mean
+
+    planned = expand(spec)
+    cells = {c.config.slug: c for c in planned} | {c.cell_id: c for c in planned}
+    if wanted not in cells:
+        slugs = [name for name in cells if "__" in name]
+        raise ConfigError(f"--cell {wanted}: no such cell in {spec.sweep}{did_you_mean(wanted, slugs)}; `steerscale plan` lists the grid")
+    print(cells[wanted].config.model_dump_json(indent=2))
     return 0
 
 
@@ -316,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show the grid and what is done, run nothing")
     with_config(p)
+    p.add_argument("--cell", metavar="SLUG_OR_ID",
+                   help="print that cell's resolved config as JSON instead (input of `python -m workers.run_cell`)")  # fmt: skip
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run every cell that has no stored row yet")

@@ -110,7 +110,9 @@ def test_a_single_cell_runs_without_ray(tmp_path, sweep):
 
     path, _, _ = sweep
     cell = next(c.config for c in expand(load_spec(path)) if c.config.method == "steer_mean")
-    (tmp_path / "cell.json").write_text(cell.model_dump_json())
+    printed = steerscale("plan", str(path), "--cell", cell.slug)  # what the README tells a user to run
+    assert printed.returncode == 0, printed.stderr
+    (tmp_path / "cell.json").write_text(printed.stdout)
     blocker = "import runpy, sys; sys.modules['ray'] = None; sys.argv = ['run_cell'] + sys.argv[1:]; runpy.run_module('workers.run_cell', run_name='__main__')"
     out = subprocess.run(
         [sys.executable, "-c", blocker, str(tmp_path / "cell.json"), str(tmp_path / "out.parquet")],
