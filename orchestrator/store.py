@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs
 
-from analysis.io import PLAN_NAME
 from workers.rowfile import TEMP_PREFIX, filesystem_and_path, write_rows
 from workers.schema import RESULT_SCHEMA
+
+
+READ_THREADS = 8  # cell files read at once by `scan`
 
 
 @dataclass
@@ -63,19 +66,29 @@ class ResultsStore:
         aside would run its cell again. `set_aside=False` only reports (read-only commands).
         """
         scan = StoreScan()
-        for info in self._cell_files():
-            try:
-                table = pq.read_table(info.path, columns=["cell_id", "status"], filesystem=self.filesystem)
-                cell_id, status = table.column("cell_id")[0].as_py(), table.column("status")[0].as_py()
-                if f"{cell_id}.parquet" != info.base_name:
-                    raise ValueError(f"row's cell_id {cell_id} does not match its file name")
-            except (pa.ArrowInvalid, KeyError, ValueError, IndexError) as err:
-                scan.quarantined.append((info.base_name, f"{type(err).__name__}: {err}"))
+        files = self._cell_files()
+        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # Arrow releases the GIL; a remote read is a round trip
+            read = list(pool.map(self._status_of, files))
+        for info, found in zip(files, read):
+            if isinstance(found, Exception):
+                scan.quarantined.append((info.base_name, f"{type(found).__name__}: {found}"))
                 if set_aside:
                     self._quarantine(info)
-                continue
-            scan.status[cell_id] = status
+            else:
+                scan.status[found[0]] = found[1]
         return scan
+
+    def _status_of(self, info: fs.FileInfo) -> tuple[str, str] | Exception:
+        """(cell_id, status) of one cell file, or what is wrong with its content (I/O errors raise)."""
+        try:
+            with self.filesystem.open_input_file(info.path) as source:  # ParquetFile: ~5x faster than read_table per file
+                table = pq.ParquetFile(source).read(columns=["cell_id", "status"])
+            cell_id, status = table.column("cell_id")[0].as_py(), table.column("status")[0].as_py()
+            if f"{cell_id}.parquet" != info.base_name:
+                raise ValueError(f"row's cell_id {cell_id} does not match its file name")
+        except (pa.ArrowInvalid, KeyError, ValueError, IndexError) as err:
+            return err
+        return cell_id, status
 
     def read(self, *, set_aside: bool = True) -> pa.Table:
         """All rows, in the current schema (older files' missing columns become null)."""
@@ -87,7 +100,7 @@ class ResultsStore:
         return pa.concat_tables(tables, promote_options="default")
 
 
-MANIFEST = PLAN_NAME  # analysis reads it too: the fit leaves out rows of cells no longer planned
+MANIFEST = "plan.json"  # analysis.io.PLAN_NAME reads it too (the fit leaves out cells no longer planned)
 
 
 def write_manifest(store: ResultsStore, cells: list[dict]) -> None:

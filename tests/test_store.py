@@ -112,10 +112,10 @@ def test_an_io_error_is_raised_and_moves_no_good_row_aside(tmp_path, monkeypatch
     store = ResultsStore(str(tmp_path / "r"))
     store.write(_row("good"))
 
-    def flaky_read(*args, **kwargs):  # stands in for pq.read_table on a store that times out
+    def flaky_read(*args, **kwargs):  # stands in for reading a file on a store that times out
         raise OSError("When reading information for key 'cells/good.parquet': AWS Error NETWORK_CONNECTION")
 
-    monkeypatch.setattr(pq, "read_table", flaky_read)
+    monkeypatch.setattr(pq, "ParquetFile", flaky_read)
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):
         store.scan()
     assert os.listdir(tmp_path / "r" / "cells") == ["good.parquet"]
@@ -130,3 +130,12 @@ def test_status_counts_what_remains_of_the_plan_and_shows_rows_from_outside_it(t
     out = capsys.readouterr().out
     assert ": 8 ok, 0 failed, 5 remaining" in out
     assert "3 stored rows are from cells not in the current plan" in out
+
+
+def test_the_plan_the_driver_writes_is_the_one_the_fit_reads():
+    """The name is written twice (analysis may not import the orchestrator, and importing the
+    analysis package would cost `status` two seconds): they must agree."""
+    from analysis.io import PLAN_NAME
+    from orchestrator.store import MANIFEST
+
+    assert MANIFEST == PLAN_NAME
