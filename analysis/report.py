@@ -230,6 +230,27 @@ def _links(a: Analysis) -> list[Block]:
             Table(("task", "floor", "ceiling", "slope", "midpoint", "n", "rmse"), rows)]  # fmt: skip
 
 
+def _selectivity(a: Analysis) -> list[Block]:
+    """What each method buys and what it costs elsewhere, at its largest budget on each task's largest model."""
+    heading = Heading("Selectivity and the elicitation gap")
+    points = a.selectivity
+    if points.empty:
+        return [heading, Paragraph("No ok cells.")]
+    size = a.loaded.ok.groupby("model")["params_nonembed"].max()
+    rows = []
+    for task, on_task in points.groupby("task", sort=True):
+        model = max(on_task["model"].unique(), key=lambda m: (np.nan_to_num(size.get(m, np.nan), nan=-1.0), m))
+        for method, at in on_task[on_task["model"] == model].groupby("method", sort=True):
+            r = at.loc[at["budget"].idxmax()]
+            rows.append((task, model, method, f"{r['budget']:g}", _num(r["gain"]), _num(r["gap_closed"]), _num(r["neutral_kl"]),
+                         _num(r["offtask_score_delta"])))  # fmt: skip
+    note = Paragraph("Gain: score over the base model. Gap closed: that gain over what the base model scores when asked "
+                     "explicitly (the elicited prompt), 1 = all of it; blank when the task has no elicited prompt. Neutral KL: "
+                     "shift of the next-token distribution on neutral text (nats per token). Off-task: score change on the "
+                     "sweep's other tasks. Means over seeds; every budget is in the selectivity plots.")  # fmt: skip
+    return [heading, note, Table(("task", "model", "method", "budget", "gain", "gap closed", "neutral KL", "off-task Δ"), rows)]
+
+
 def _frontier(a: Analysis) -> list[Block]:
     levels = a.frontier_levels
     if levels.empty:
@@ -333,7 +354,7 @@ def write_report(
     out = Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     decisions = read_decisions(results_dir)
-    blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_links(a), *_frontier(a),
+    blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_selectivity(a), *_links(a), *_frontier(a),
               *_adaptive(decisions, a, out), *_plots(a, out)]  # fmt: skip
     drawn = {b.path for b in blocks if isinstance(b, Image)}
     ours = {path for pattern in ("budget_*.png", "crossover_*.png", "frontier_*.png", "selectivity_*.png", "adaptive.png") for path in out.glob(pattern)}

@@ -38,6 +38,8 @@ def test_report_on_a_full_grid(tmp_path: Path) -> None:
     # the truth: at D=2048 on m3 lora scores .91, steer_mean .76; on `never` (m1 only) lora never catches up
     assert "On facts, on the largest fitted model (m3), lora measured best at the largest budget: score 0.9" in markdown
     assert "On never, on the largest fitted model (m1), steer_mean measured best" in markdown
+    # selectivity at the largest budget on the largest model: lora's .906 over the base model's .2
+    assert re.search(r"\| facts \| m3 \| lora \| 2048 \| 0\.(69|70|71)\d* \|", markdown), markdown.split("## Selectivity")[1][:800]
 
 
 def test_the_report_saves_the_fits_it_reports(tmp_path: Path) -> None:
