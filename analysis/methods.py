@@ -3,7 +3,8 @@
 The crossover question compares steering with fine-tuning, so every method name must land in one
 group without a registry import (analysis never imports workers): names containing "steer" are
 steering, `base` and `prompt` are references, compositions `A+B` are their own group, and the rest
-(lora, full_ft, ...) are fine-tuning.
+(lora, full_ft, ...) are fine-tuning. Each method in `workers.methods` declares its `kind` as well,
+and tests/test_methods.py holds the declaration and this rule equal.
 """
 
 from __future__ import annotations

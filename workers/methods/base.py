@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import ContextManager
 
 from workers.config import StrictConfig
-from workers.methods.protocol import FitContext, FitReport
+from workers.methods.protocol import FitContext, FitReport, MethodKind
 
 
 class BaseConfig(StrictConfig):
@@ -24,6 +24,7 @@ class Untouched:
 
 class Base:
     name = "base"
+    kind: MethodKind = "reference"
     config_class = BaseConfig
 
     def fit(self, ctx: FitContext, config: BaseConfig) -> Untouched:

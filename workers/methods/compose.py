@@ -18,7 +18,7 @@ from typing import Iterator
 from pydantic import Field, create_model
 
 from workers.config import StrictConfig
-from workers.methods.protocol import Adapter, FitContext, FitReport, Method
+from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind
 
 
 @dataclass
@@ -53,6 +53,7 @@ class Composition:
     def __init__(self, first: Method, second: Method) -> None:
         self.first, self.second = first, second
         self.name = f"{first.name}+{second.name}"
+        self.kind: MethodKind = "composition"
         self.config_class: type[StrictConfig] = create_model(
             "CompositionConfig",
             __base__=StrictConfig,

@@ -16,7 +16,7 @@ from torch import nn
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
 from workers.training import TrainConfig, train
 
 
@@ -48,6 +48,7 @@ class TrainedWeights:
 
 class FullFt:
     name = "full_ft"
+    kind: MethodKind = "finetuning"
     config_class = FullFtConfig
 
     def fit(self, ctx: FitContext, config: FullFtConfig) -> TrainedWeights:

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
 from workers.training import TrainConfig, train
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ class LoraAdapter:
 
 class Lora:
     name = "lora"
+    kind: MethodKind = "finetuning"
     config_class = LoraConfig
 
     def fit(self, ctx: FitContext, config: LoraConfig) -> LoraAdapter:

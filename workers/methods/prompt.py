@@ -19,7 +19,7 @@ from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
 
 
 class PromptConfig(StrictConfig):
@@ -53,6 +53,7 @@ def context_limit(lm: LanguageModel, cap: int) -> int:
 
 class Prompt:
     name = "prompt"
+    kind: MethodKind = "reference"
     config_class = PromptConfig
 
     def fit(self, ctx: FitContext, config: PromptConfig) -> Demonstrations:

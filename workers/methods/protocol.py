@@ -78,8 +78,15 @@ class Adapter(Protocol):
         ...
 
 
+# Which side of the study a method is on. The analysis (which never imports workers) derives it
+# from the method's name by `analysis.methods.method_kind`; each method declares it here too, and a
+# test holds the two equal, so a new steering method must be named so the analysis sees it as one.
+MethodKind = Literal["reference", "steering", "finetuning", "composition"]
+
+
 class Method(Protocol, Generic[ConfigT_contra]):
     name: str
+    kind: MethodKind
     config_class: type[StrictConfig]
 
     def fit(self, ctx: FitContext, config: ConfigT_contra) -> Adapter: ...

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
 from workers.steering import Positions, decoder_layers, last_token_states, matmul_params_through, steer
 
 
@@ -95,6 +95,7 @@ def mean_difference(
 
 class SteerMean:
     name = "steer_mean"
+    kind: MethodKind = "steering"
     config_class = SteerMeanConfig
 
     def fit(self, ctx: FitContext, config: SteerMeanConfig) -> SteeringVector:

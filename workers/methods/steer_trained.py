@@ -16,7 +16,7 @@ from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
 from workers.methods.steer_mean import DepthFraction, layer_indices
 from workers.steering import Positions, decoder_layers, steer
 from workers.training import TrainConfig, train
@@ -58,6 +58,7 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 
 class SteerTrained:
     name = "steer_trained"
+    kind: MethodKind = "steering"
     config_class = SteerTrainedConfig
 
     def fit(self, ctx: FitContext, config: SteerTrainedConfig) -> TrainedVectors:

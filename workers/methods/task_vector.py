@@ -22,7 +22,7 @@ from workers.config import StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.full_ft import FullFt, FullFtConfig, TrainedWeights
 from workers.methods.lora import Lora, LoraAdapter, LoraConfig, lora_injected
-from workers.methods.protocol import FitContext, FitReport, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
 
 Deltas = dict[str, torch.Tensor]  # parameter name (as in `model.named_parameters()`) -> Δθ of that parameter
 
@@ -121,6 +121,7 @@ def delta_norm(deltas: Deltas) -> float:
 
 class TaskVector:
     name = "task_vector"
+    kind: MethodKind = "finetuning"
     config_class = TaskVectorConfig
 
     def fit(self, ctx: FitContext, config: TaskVectorConfig) -> WeightArithmetic:
