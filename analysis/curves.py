@@ -232,6 +232,13 @@ def joint_fits(
     return parallel_map(fit_group, jobs, pool=pool, desc=f"joint laws, N = {axis.name}")
 
 
+def by_size(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(model, its rows), smallest model first (by non-embedding parameters; unknown sizes last): the tables' order."""
+    groups = list(rows.groupby("model", sort=False))
+    size = {model: float(pd.to_numeric(g["params_nonembed"], errors="coerce").median()) for model, g in groups}
+    return sorted(groups, key=lambda group: (np.isnan(size[group[0]]), np.nan_to_num(size[group[0]]), str(group[0])))
+
+
 def fit_curves(
     frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, x: str = "params", pool: Executor | None = None
 ) -> list[LawFit]:
@@ -243,6 +250,6 @@ def fit_curves(
     framed = with_x(frame, axis)
     jobs = []
     for task, method, rows in fitted_groups(framed):
-        jobs += [GroupJob(task, method, model, POWER_D, model_rows, metric, None, bootstrap, seed) for model, model_rows in rows.groupby("model", sort=False)]
+        jobs += [GroupJob(task, method, model, POWER_D, model_rows, metric, None, bootstrap, seed) for model, model_rows in by_size(rows)]
         jobs += joint_jobs(task, method, rows, metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)
     return parallel_map(fit_group, jobs, pool=pool, desc=f"budget curves and joint laws, N = {axis.name}")

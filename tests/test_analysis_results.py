@@ -132,6 +132,8 @@ def test_outputs_and_text(summary: analysis.FitSummary, results: Path) -> None:
     text = summary.to_text()
     assert "truncated.parquet" in text and "foreign.parquet" in text
     assert "no crossover within the measured range" in text
+    curves = [(f.task, f.method, f.model) for f in summary.analysis.fits if f.model != "*"]
+    assert [m for t, meth, m in curves if (t, meth) == ("facts", "lora")] == ["m1", "m2", "m3"]  # smallest model first
     print("\n" + text)
 
 
