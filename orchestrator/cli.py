@@ -93,7 +93,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"grid: {len(cells)} cells ({dims}; per-method budgets: {spec.method_budgets or 'none'})")
     print(f"done {statuses.count('ok')} · failed {statuses.count('failed')} · to run {statuses.count(None)}")
     print(_status_table(_manifest_entries(cells), scan.status))
+    print(_compute_to_go(cells, scan))
     return 0
+
+
+def _compute_to_go(cells: list[PlannedCell], scan: StoreScan) -> str:
+    """Cell compute the cells still to run will take, from the stored cells of the same model and method."""
+    seconds: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for cell in cells:
+        if scan.status.get(cell.cell_id) == "ok" and cell.cell_id in scan.seconds:
+            seconds[(cell.config.model.id, cell.config.method)].append(scan.seconds[cell.cell_id])
+    to_run = [c for c in cells if c.cell_id not in scan.status]
+    if not to_run:
+        return "nothing to run"
+    known = [sum(seconds[key]) / len(seconds[key]) for c in to_run if (key := (c.config.model.id, c.config.method)) in seconds]
+    if not known:
+        return "cell compute to go: unknown until a cell of each model and method is stored"
+    unknown = len(to_run) - len(known)
+    rest = f"; {unknown} cells have no stored cell of their model and method to go by" if unknown else ""
+    return (f"cell compute to go: ≈ {sum(known) / 60:.1f} min over {len(known)} cells (each at the mean of the stored cells "
+            f"of its model and method; divide by the workers for wall time){rest}")  # fmt: skip
 
 
 def _print_cell(spec: SweepSpec, wanted: str) -> int:

@@ -21,6 +21,7 @@ from workers.schema import RESULT_SCHEMA
 
 
 READ_THREADS = 8  # cell files read at once by `scan`
+SECONDS = ("train_seconds", "eval_seconds")  # a cell's own compute, summed by `scan` for `plan`'s estimate
 
 
 @dataclass
@@ -28,6 +29,7 @@ class StoreScan:
     """Status of every readable cell file, and the files that were set aside."""
 
     status: dict[str, str] = field(default_factory=dict)  # cell_id -> "ok" | "failed"
+    seconds: dict[str, float] = field(default_factory=dict)  # cell_id -> train + eval seconds, where recorded
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
 
     def counts(self) -> Counter:
@@ -75,20 +77,24 @@ class ResultsStore:
                 if set_aside:
                     self._quarantine(info)
             else:
-                scan.status[found[0]] = found[1]
+                cell_id, scan.status[cell_id], seconds = found
+                if seconds is not None:
+                    scan.seconds[cell_id] = seconds
         return scan
 
-    def _status_of(self, info: fs.FileInfo) -> tuple[str, str] | Exception:
-        """(cell_id, status) of one cell file, or what is wrong with its content (I/O errors raise)."""
+    def _status_of(self, info: fs.FileInfo) -> tuple[str, str, float | None] | Exception:
+        """(cell_id, status, train + eval seconds) of one cell file, or what is wrong with its content (I/O errors raise)."""
         try:
             with self.filesystem.open_input_file(info.path) as source:  # ParquetFile: ~5x faster than read_table per file
-                table = pq.ParquetFile(source).read(columns=["cell_id", "status"])
-            cell_id, status = table.column("cell_id")[0].as_py(), table.column("status")[0].as_py()
-            if f"{cell_id}.parquet" != info.base_name:
-                raise ValueError(f"row's cell_id {cell_id} does not match its file name")
+                parquet = pq.ParquetFile(source)
+                timed = [name for name in SECONDS if name in parquet.schema_arrow.names]
+                row = parquet.read(columns=["cell_id", "status", *timed]).to_pylist()[0]
+            if f"{row['cell_id']}.parquet" != info.base_name:
+                raise ValueError(f"row's cell_id {row['cell_id']} does not match its file name")
         except (pa.ArrowInvalid, KeyError, ValueError, IndexError) as err:
             return err
-        return cell_id, status
+        seconds = [row[name] for name in timed if row[name] is not None]
+        return row["cell_id"], row["status"], sum(seconds) if len(seconds) == len(SECONDS) else None
 
     def read(self, *, set_aside: bool = True) -> pa.Table:
         """All rows, in the current schema (older files' missing columns become null)."""

@@ -93,6 +93,19 @@ def test_plan_and_status_read_the_store(sweep):
         assert status.returncode == 0 and "10 ok, 5 failed, 0 remaining" in status.stdout, status.stdout + status.stderr
 
 
+def test_plan_estimates_the_compute_to_go_from_stored_cells(sweep):
+    """A second seed doubles the grid: its cells should take what the first seed's took, model and method alike."""
+    path, results, _ = sweep
+    ok = pq.read_table(results / "cells").to_pandas().query("status == 'ok'")
+    mean = (ok.train_seconds + ok.eval_seconds).groupby([ok.model, ok.method]).mean()
+    cells_per_seed = {"base": 1, "steer_mean": 2, "lora": 2}  # budgets per method
+    expected = sum(mean[(model, method)] * n for model in ok.model.unique() for method, n in cells_per_seed.items())
+    plan = steerscale("plan", str(path), "seeds=[0, 1]")
+    assert plan.returncode == 0, plan.stderr
+    assert f"cell compute to go: ≈ {expected / 60:.1f} min over 10 cells" in plan.stdout, plan.stdout
+    assert "5 cells have no stored cell of their model and method" in plan.stdout  # the broken model has no ok cell
+
+
 def test_retry_failed_reruns_only_the_failed_cells(sweep):
     path, results, _ = sweep
     ok_before = {p.name: p.stat().st_mtime_ns for p in (results / "cells").iterdir()}
