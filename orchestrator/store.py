@@ -1,8 +1,9 @@
 """The results store: `<results_dir>/cells/<cell_id>.parquet`, one row per cell.
 
 It is a plain Parquet dataset (any reader — pandas, polars, duckdb — can open `cells/`), on a local
-disk or any `pyarrow.fs` URI. Writes are atomic (see `workers.rowfile`); a file that cannot be read
-(truncated, foreign) is moved to `quarantine/` and reported, so reading and fitting go on.
+disk or any `pyarrow.fs` URI. Writes are atomic (see `workers.rowfile`); a file whose content cannot
+be read (truncated, foreign) is reported, and moved to `quarantine/` by `run` (not by the read-only
+`plan` and `status`), so reading and fitting go on. An I/O error reading the store raises instead.
 """
 
 from __future__ import annotations
@@ -83,18 +84,24 @@ class ResultsStore:
         return scan
 
     def _status_of(self, info: fs.FileInfo) -> tuple[str, str, float | None] | Exception:
-        """(cell_id, status, train + eval seconds) of one cell file, or what is wrong with its content (I/O errors raise)."""
+        """(cell_id, status, train + eval seconds) of one cell file, or what is wrong with its content.
+
+        The bytes are read first, so an I/O error (the store, not the file) raises; whatever goes
+        wrong parsing them (a cut file, a foreign one, an unknown codec) is the file's own fault.
+        """
+        with self.filesystem.open_input_file(info.path) as source:
+            data = source.read()
         try:
-            with self.filesystem.open_input_file(info.path) as source:  # ParquetFile: ~5x faster than read_table per file
-                parquet = pq.ParquetFile(source)
-                timed = [name for name in SECONDS if name in parquet.schema_arrow.names]
-                row = parquet.read(columns=["cell_id", "status", *timed]).to_pylist()[0]
-            if f"{row['cell_id']}.parquet" != info.base_name:
-                raise ValueError(f"row's cell_id {row['cell_id']} does not match its file name")
-        except (pa.ArrowInvalid, KeyError, ValueError, IndexError) as err:
+            parquet = pq.ParquetFile(pa.BufferReader(data))
+            timed = [name for name in SECONDS if name in parquet.schema_arrow.names]
+            row = parquet.read(columns=["cell_id", "status", *timed]).to_pylist()[0]
+            cell_id, status = row["cell_id"], row["status"]
+            if f"{cell_id}.parquet" != info.base_name:
+                raise ValueError(f"row's cell_id {cell_id} does not match its file name")
+        except Exception as err:  # any parse failure is the file's content (I/O errors raised above)
             return err
         seconds = [row[name] for name in timed if row[name] is not None]
-        return row["cell_id"], row["status"], sum(seconds) if len(seconds) == len(SECONDS) else None
+        return cell_id, status, sum(seconds) if len(seconds) == len(SECONDS) else None
 
     def read(self, *, set_aside: bool = True) -> pa.Table:
         """All rows, in the current schema (older files' missing columns become null)."""

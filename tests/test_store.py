@@ -10,6 +10,7 @@ import textwrap
 import time
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -96,6 +97,20 @@ def test_truncated_and_foreign_files_are_set_aside_and_reported(tmp_path):
     assert store.read().num_rows == 1
 
 
+def test_a_damaged_footer_or_a_row_without_status_is_set_aside_not_raised(tmp_path):
+    """pyarrow reports a garbled footer as OSError ("Couldn't deserialize thrift"): still the file's fault."""
+    store = ResultsStore(str(tmp_path / "r"))
+    store.write(_row("good"))
+    cells = tmp_path / "r" / "cells"
+    data = (cells / "good.parquet").read_bytes()
+    (cells / "garbled.parquet").write_bytes(data[:-60] + b"\x07" * 52 + data[-8:])
+    pq.write_table(pa.table({"cell_id": ["nostatus"]}), cells / "nostatus.parquet")
+    scan = store.scan()
+    assert scan.status == {"good": "ok"}
+    assert sorted(name for name, _ in scan.quarantined) == ["garbled.parquet", "nostatus.parquet"]
+    assert sorted(os.listdir(tmp_path / "r" / "quarantine")) == ["garbled.parquet", "nostatus.parquet"]
+
+
 def test_read_only_commands_report_unreadable_files_without_moving_them(tmp_path):
     store = ResultsStore(str(tmp_path / "r"))
     store.write(_row("good"))
@@ -112,10 +127,15 @@ def test_an_io_error_is_raised_and_moves_no_good_row_aside(tmp_path, monkeypatch
     store = ResultsStore(str(tmp_path / "r"))
     store.write(_row("good"))
 
-    def flaky_read(*args, **kwargs):  # stands in for reading a file on a store that times out
-        raise OSError("When reading information for key 'cells/good.parquet': AWS Error NETWORK_CONNECTION")
+    class FlakyStore:  # the store's filesystem, timing out on every read
+        def __getattr__(self, name):
+            return getattr(store_fs, name)
 
-    monkeypatch.setattr(pq, "ParquetFile", flaky_read)
+        def open_input_file(self, path):
+            raise OSError("When reading information for key 'cells/good.parquet': AWS Error NETWORK_CONNECTION")
+
+    store_fs = store.filesystem
+    monkeypatch.setattr(store, "filesystem", FlakyStore())
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):
         store.scan()
     assert os.listdir(tmp_path / "r" / "cells") == ["good.parquet"]
