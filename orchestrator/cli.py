@@ -42,7 +42,7 @@ def _results_dir(given: str) -> str:
     if given.endswith((".yaml", ".yml")) and os.path.isfile(given):
         from orchestrator.spec import load_spec
 
-        return load_spec(given, []).results_dir
+        return load_spec(given, [], check_models=False).results_dir  # its results may be read away from its models
     return given
 
 
@@ -121,11 +121,13 @@ def _print_cell(spec: SweepSpec, wanted: str) -> int:
     from workers.registry import did_you_mean
 
     planned = expand(spec)
-    cells = {c.config.slug: c for c in planned} | {c.cell_id: c for c in planned}
-    if wanted not in cells:
-        slugs = [name for name in cells if "__" in name]
+    found = [c for c in planned if wanted in (c.config.slug, c.cell_id)]
+    if not found:
+        slugs = [c.config.slug for c in planned]
         raise ConfigError(f"--cell {wanted}: no such cell in {spec.sweep}{did_you_mean(wanted, slugs)}; `steerscale plan` lists the grid")
-    print(cells[wanted].config.model_dump_json(indent=2))
+    if len(found) > 1:
+        raise ConfigError(f"--cell {wanted}: {len(found)} cells share that slug; give one of their ids: {', '.join(c.cell_id for c in found)}")
+    print(found[0].config.model_dump_json(indent=2))
     return 0
 
 

@@ -70,8 +70,12 @@ class SweepSpec(StrictConfig):
         return self.method_budgets.get(method, self.budgets)
 
 
-def check_names(spec: SweepSpec) -> None:
-    """Every task and method name known and every method's settings valid, all reported at once."""
+def check_names(spec: SweepSpec, *, models: bool = True) -> None:
+    """Every task and method name known and every method's settings valid, all reported at once.
+
+    `models`: also that every model can be found from here (ladder names, local directories); off
+    for commands that only read a sweep's results, which may be read away from the cluster's disks.
+    """
     problems = []
     for i, task in enumerate(spec.tasks):
         try:
@@ -90,11 +94,12 @@ def check_names(spec: SweepSpec) -> None:
         for name in spec.method_budgets
         if name not in spec.methods
     ]
-    problems += [f"models.{i}.id: {err}" for i, err in enumerate(map(model_problem, spec.models)) if err]
+    if models:
+        problems += [f"models.{i}.id: {err}" for i, err in enumerate(map(model_problem, spec.models)) if err]
     lists = {"tasks": spec.tasks, "budgets": spec.budgets, "seeds": spec.seeds,
              **{f"method_budgets.{name}": values for name, values in spec.method_budgets.items()}}  # fmt: skip
     problems += [f"{name}.{i}: {values[i]} is listed twice" for name, values in lists.items() for i in repeated(values)]
-    models = [m.model_dump_json() for m in spec.models]
+    models = [m.model_dump_json(exclude={"gpus_per_cell"}) for m in spec.models]  # a scheduling field: not the cell's
     problems += [f"models.{i}: {spec.models[i].id} is listed twice with the same settings" for i in repeated(models)]
     if problems:
         raise ConfigError("\n".join(problems))
@@ -109,8 +114,8 @@ def model_problem(entry: ModelEntry) -> str | None:
             ladder.check_model_id(entry.id)
         except UnknownNameError as err:
             return str(err)
-    elif entry.id.startswith((".", "/", "~")):
-        path = Path(entry.id).expanduser()
+    elif entry.id.startswith((".", "/")):  # a local directory (transformers does not expand "~", so neither does this)
+        path = Path(entry.id)
         if not path.is_dir():
             return f"no model directory at {entry.id}"
         if not (path / "config.json").is_file():
@@ -152,8 +157,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
-    """Read a sweep YAML (safe_load only), apply overrides, validate."""
+def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool = True) -> SweepSpec:
+    """Read a sweep YAML (safe_load only), apply overrides, validate (models too unless `check_models` is off)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such sweep config")
@@ -168,7 +173,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
         data.setdefault("results_dir", f"results/{data['sweep']}")
     try:
         spec = validate_config(SweepSpec, data)
-        check_names(spec)
+        check_names(spec, models=check_models)
     except ConfigError as err:
         raise ConfigError(f"{path}:\n{err}") from None
     return spec

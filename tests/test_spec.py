@@ -89,6 +89,7 @@ def test_an_override_that_cannot_apply_names_itself(override, message, write_swe
         ({"seeds": [0, 1, 0]}, "seeds.2: 0 is listed twice"),
         ({"tasks": ["facts", "facts"]}, "tasks.1: facts is listed twice"),
         ({"models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/xs"}]}, "models.1: ladder:test/xs is listed twice"),
+        ({"models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/xs", "gpus_per_cell": 0.5}]}, "models.1: ladder:test/xs is listed twice"),
         ({"method_budgets": {"lora": [-5]}}, "method_budgets.lora must list budgets >= 0"),
         ({"models": [{"id": "ladder:test/xxs"}]}, "models.0.id: unknown size 'xxs' in ladder 'test' (did you mean 'xs'?)"),
         ({"models": [{"id": "ladder:bogus/s"}]}, "models.0.id: unknown ladder recipe 'bogus'"),
@@ -109,3 +110,11 @@ def test_a_value_out_of_range_says_what_the_setting_means(write_sweep):
     message = str(err.value)
     assert "methods.steer_mean.layers.0: Input should be less than or equal to 1 (layers: candidate layers, as fractions of depth" in message
     assert "at least 1 item" not in message  # the emptied tuple is a consequence, not a second mistake
+
+
+def test_reading_a_sweeps_results_through_its_yaml_does_not_need_its_models(write_sweep):
+    """`status` / `fit` / `report` given the YAML run where the cluster's model paths may not exist."""
+    path = write_sweep({**BASE, "models": [{"id": "/mnt/cluster/models/m1"}]})
+    with pytest.raises(ConfigError, match="no model directory at /mnt/cluster/models/m1"):
+        load_spec(path)
+    assert load_spec(path, check_models=False).results_dir.endswith("results/unit")
