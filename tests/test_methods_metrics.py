@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest_methods import HIDDEN, language_model
-from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
+from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory, reset_rss_peak
 from workers.steering import steer
 
 TEXTS = ["q: a1 b2 = 3 ; q: a4 b0 = 2 ;", "persona: liar q: a7 b7 = 0 ;", "q: a3 b3 = 1"]
@@ -54,7 +52,7 @@ def test_a_prompt_prefix_is_compared_on_the_text_tokens_only():
     assert kl > 0 and ratio != 1.0
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="the RSS peak resets through Linux's /proc")
+@pytest.mark.skipif(not reset_rss_peak(), reason="this system does not let a process reset its RSS peak")
 def test_a_cells_cpu_peak_memory_does_not_inherit_an_earlier_cells():
     big = 400 * 2**20
     reset_peak_memory("cpu")

@@ -75,9 +75,19 @@ def reset_peak_memory(device: str) -> None:
     if device.startswith("cuda"):
         for index in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(index)
-    elif os.path.exists(f"{_PROC}/clear_refs"):
+    else:
+        reset_rss_peak()
+
+
+def reset_rss_peak() -> bool:
+    """Reset the process's RSS high-water mark; False where the system does not allow it (then the
+    CPU figure stays the lifetime peak: not Linux, a kernel before 4.0, a container that forbids it)."""
+    try:
         with open(f"{_PROC}/clear_refs", "w") as handle:
             handle.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def peak_memory_bytes(device: str) -> int:
