@@ -43,7 +43,8 @@ class LoadedResults:
 
     frame: pd.DataFrame
     skipped: tuple[SkippedFile, ...]
-    unplanned: int = 0  # stored rows left out as not in the sweep's plan.json (see `load_rows_to_fit`)
+    unplanned: int = 0  # stored rows of cells the sweep's plan.json does not list (see `load_rows_to_fit`)
+    planned_only: bool = False  # whether those rows were left out
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -108,23 +109,33 @@ def load_results(results_dir: str) -> LoadedResults:
     return LoadedResults(frame.reset_index(drop=True), tuple(skipped))
 
 
-def load_rows_to_fit(results_dir: str, *, all_rows: bool = False) -> LoadedResults:
+def load_rows_to_fit(results_dir: str, *, planned_only: bool = False) -> LoadedResults:
     """`load_results` for the fit and the report: a directory that does not exist is a mistyped path.
 
     An existing one without rows yet (a sweep just started) still gets its "0 rows" fit and report.
-    Rows of cells that the sweep's current plan (`plan.json`, written by `steerscale run`) does not
-    hold are left out unless `all_rows`: they come from an earlier config (another LoRA rank, the
-    other selection metric), and a curve must not mix two settings under one method name.
+    Rows of cells that the sweep's latest plan (`plan.json`, written by `steerscale run`) does not
+    list are counted, and left out with `planned_only`: they come from an earlier config (another
+    LoRA rank: a curve should not mix the two) or from a run that planned fewer seeds or budgets
+    (rows a curve should keep), which only the user can tell apart.
     """
     fs, root = resolve(results_dir)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise NoResultsError(f"no results directory {results_dir}: give a sweep's results_dir, or its YAML")
     loaded = load_results(results_dir)
-    planned = None if all_rows else planned_cells(fs, root)
+    planned = planned_cells(fs, root)
     if planned is None:
         return loaded
-    keep = loaded.frame["cell_id"].isin(planned)
-    return LoadedResults(loaded.frame[keep].reset_index(drop=True), loaded.skipped, int((~keep).sum()))
+    listed = loaded.frame["cell_id"].isin(planned)
+    frame = loaded.frame[listed].reset_index(drop=True) if planned_only else loaded.frame
+    return LoadedResults(frame, loaded.skipped, int((~listed).sum()), planned_only)
+
+
+def unplanned_note(loaded: LoadedResults) -> str:
+    """What the fit did with rows of cells the latest plan does not list, and how to do the other thing."""
+    if loaded.planned_only:
+        return f"left out {loaded.unplanned} stored rows of cells not in plan.json (drop --planned-only to fit them)"
+    return (f"{loaded.unplanned} stored rows are of cells not in plan.json, the latest run's plan: fitted too; if they come "
+            "from an earlier config of a method (not just other seeds or budgets), --planned-only leaves them out")
 
 
 PLAN_NAME = "plan.json"  # the planned cells (id, slug, model, method), written by `steerscale run`
@@ -135,7 +146,7 @@ def planned_cells(fs: pafs.FileSystem, root: str) -> set[str] | None:
     try:
         with fs.open_input_stream(f"{root}/{PLAN_NAME}") as stream:
             return {entry["cell_id"] for entry in json.loads(stream.read().decode())}
-    except FileNotFoundError:
+    except (FileNotFoundError, json.JSONDecodeError):  # no plan, or one cut short by a killed writer
         return None
 
 

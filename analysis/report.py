@@ -22,7 +22,7 @@ from analysis.crossover import Crossover
 from analysis.curves import LawFit
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
-from analysis.io import load_rows_to_fit, resolve
+from analysis.io import load_rows_to_fit, resolve, unplanned_note
 from analysis.metrics import HIGHER_IS_BETTER
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, save_fits
@@ -74,8 +74,7 @@ def _overview(a: Analysis) -> list[Block]:
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
     if a.loaded.unplanned:
-        blocks.append(Paragraph(f"{a.loaded.unplanned} stored rows of cells not in the sweep's plan.json (an earlier config's) were "
-                                "left out, so no curve mixes two settings of a method; `--all-rows` includes them."))  # fmt: skip
+        blocks.append(Paragraph(unplanned_note(a.loaded)))
     if a.loaded.skipped:
         blocks.append(Paragraph(f"{len(a.loaded.skipped)} unreadable file(s) were skipped:"))
         blocks.append(Table(("file", "reason"), [(s.path, s.reason) for s in a.loaded.skipped]))
@@ -338,7 +337,7 @@ def render_html(blocks: list[Block]) -> str:
 
 def write_report(
     results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
-    all_rows: bool = False,
+    planned_only: bool = False,
 ) -> FitSummary:
     """Analyse the cells once, save the fits (as `fit_results` does) and write the report beside them.
 
@@ -349,7 +348,7 @@ def write_report(
     fs, root = resolve(results_dir)
     if fs.type_name != "local":
         raise ValueError(f"the report is written to local paths only; copy {results_dir} locally first")
-    a = analyse(load_rows_to_fit(results_dir, all_rows=all_rows), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
+    a = analyse(load_rows_to_fit(results_dir, planned_only=planned_only), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     paths = save_fits(results_dir, a)
     out = Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)

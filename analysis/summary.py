@@ -15,7 +15,7 @@ from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, f
 from analysis.curves import LawFit, fit_curves
 from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
-from analysis.io import LoadedResults, load_rows_to_fit, write_json, write_table
+from analysis.io import LoadedResults, load_rows_to_fit, unplanned_note, write_json, write_table
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric
 from analysis.parallel import worker_pool
@@ -89,7 +89,7 @@ class FitSummary:
                  f"N = {a.x} in the joint laws, " + ("95% bootstrap CIs" if a.bootstrap else "no CIs (--bootstrap 0)")]
         lines += [f"  skipped {s.path}: {s.reason}" for s in a.loaded.skipped]
         if a.loaded.unplanned:
-            lines.append(f"  left out {a.loaded.unplanned} rows of cells not in plan.json (an earlier config's); --all-rows fits them too")
+            lines.append(f"  {unplanned_note(a.loaded)}")
         header = ("task", "method", "model", "law", "exponent", "asymptote", "n", "failed", "nan", "holdout err", "note")
         table = [header]
         for f in a.fits:
@@ -178,7 +178,7 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
 
 def fit_results(
     results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
-    all_rows: bool = False,
+    planned_only: bool = False,
 ) -> FitSummary:
     """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json.
 
@@ -187,5 +187,5 @@ def fit_results(
     `workers` > 1 fits that many groups at once, in worker processes; the numbers do not change.
     """
     get_axis(x)  # a wrong name fails before any file is read
-    analysis = analyse(load_rows_to_fit(results_dir, all_rows=all_rows), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
+    analysis = analyse(load_rows_to_fit(results_dir, planned_only=planned_only), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     return FitSummary(analysis, save_fits(results_dir, analysis))

@@ -265,8 +265,8 @@ def _with_fit_options(p: argparse.ArgumentParser) -> None:
         help="what stands for model scale N: params (non-embedding parameters), neutral_loss (base model's loss "
         "on neutral text) or task_score (base model's score on the task); every axis is compared either way",
     )  # fmt: skip
-    p.add_argument("--all-rows", action="store_true",
-                   help="fit every stored row, also those of cells not in the sweep's plan.json (an earlier config's)")  # fmt: skip
+    p.add_argument("--planned-only", action="store_true",
+                   help="fit only the rows of cells in the latest run's plan.json (leave out an earlier config's)")  # fmt: skip
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -285,7 +285,7 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     analyse = write_report if report else fit_results
     try:
         summary = analyse(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x,
-                          workers=args.workers or default_workers(), all_rows=args.all_rows)  # fmt: skip
+                          workers=args.workers or default_workers(), planned_only=args.planned_only)  # fmt: skip
     except NoResultsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -119,8 +119,10 @@ MANIFEST = "plan.json"  # analysis.io.PLAN_NAME reads it too (the fit leaves out
 def write_manifest(store: ResultsStore, cells: list[dict]) -> None:
     """Record the planned cells (id, slug, model, method) so `status` knows what remains from the store alone."""
     store.filesystem.create_dir(store.root, recursive=True)
-    with store.filesystem.open_output_stream(f"{store.root}/{MANIFEST}") as stream:
+    temp = f"{store.root}/{TEMP_PREFIX}{MANIFEST}"
+    with store.filesystem.open_output_stream(temp) as stream:
         stream.write(json.dumps(cells, indent=0).encode())
+    store.filesystem.move(temp, f"{store.root}/{MANIFEST}")  # whole or not at all, as the rows are written
 
 
 def read_manifest(store: ResultsStore) -> list[dict]:

@@ -151,22 +151,24 @@ def test_one_model_size_and_few_budgets_say_what_cannot_be_fitted(tmp_path: Path
     assert "not fitted" in pd.read_parquet(summary.paths["fits.parquet"])["status"].tolist()
 
 
-def test_rows_of_cells_no_longer_planned_stay_out_of_the_curves(tmp_path: Path) -> None:
-    """A changed config reruns a method under the same name into the same directory: its old rows must not join the new curve."""
+def test_rows_outside_the_latest_plan_are_fitted_and_said_or_left_out_when_asked(tmp_path: Path) -> None:
+    """A changed config reruns a method under the same name into the same directory: the fit says so, and
+    --planned-only keeps the old rows out of the new curve (by default nothing stored is dropped: a
+    narrower rerun, seeds=[0], also leaves rows outside the latest plan)."""
     rng = np.random.default_rng(0)
     current = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, BUDGETS, seeds=2, noise=0.01, rng=rng)
     earlier = synthetic_rows({("t", "lora", "m1"): WORSE}, {"m1": 10**6}, BUDGETS, seeds=2, noise=0.01, rng=rng)
     earlier = [dict(r, cell_id=f"earlier-{r['cell_id']}") for r in earlier]
     write_cells(tmp_path, current + earlier)
     (tmp_path / "plan.json").write_text(json.dumps([{"cell_id": r["cell_id"], "slug": "", "model": "m1", "method": "lora"} for r in current]))
-    planned = analysis.fit_results(str(tmp_path), bootstrap=20)
-    (fit,) = [f for f in planned.analysis.fits if f.model == "m1"]
-    assert len(fit.points.value) == len(current) and planned.analysis.loaded.unplanned == len(earlier)
-    assert fit.fit.params["E"] == pytest.approx(TUNE.e, abs=0.03)
-    assert f"left out {len(earlier)} rows of cells not in plan.json" in planned.to_text()
-    everything = analysis.fit_results(str(tmp_path), bootstrap=20, all_rows=True)
+    everything = analysis.fit_results(str(tmp_path), bootstrap=20)
     (mixed,) = [f for f in everything.analysis.fits if f.model == "m1"]
-    assert len(mixed.points.value) == len(current) + len(earlier) and everything.analysis.loaded.unplanned == 0
+    assert len(mixed.points.value) == len(current) + len(earlier)
+    assert f"{len(earlier)} stored rows are of cells not in plan.json" in everything.to_text()
+    planned = analysis.fit_results(str(tmp_path), bootstrap=20, planned_only=True)
+    (fit,) = [f for f in planned.analysis.fits if f.model == "m1"]
+    assert len(fit.points.value) == len(current) and fit.fit.params["E"] == pytest.approx(TUNE.e, abs=0.03)
+    assert f"left out {len(earlier)} stored rows of cells not in plan.json" in planned.to_text()
 
 
 def test_empty_results_dir_does_not_crash(tmp_path: Path) -> None:
