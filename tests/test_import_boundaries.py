@@ -67,3 +67,13 @@ def test_planning_a_sweep_loads_neither_transformers_models_nor_peft():
 def test_status_loads_no_torch(tmp_path):
     loaded = modules_loaded_by(f"from orchestrator.cli import main\nassert main(['status', {str(tmp_path)!r}]) == 2")
     assert "orchestrator.store" in loaded and "torch" not in loaded
+
+
+def test_every_method_declares_the_side_the_analysis_puts_it_on():
+    """The analysis (no workers import) sorts methods into steering / fine-tuning / reference by name;
+    a new steering method whose name says otherwise would silently pair as fine-tuning in every D*."""
+    from analysis.methods import method_kind
+    from workers.methods import METHODS, get_method
+
+    names = [*METHODS.names(), "steer_mean+lora", "lora+steer_trained"]
+    assert {name: get_method(name).kind for name in names} == {name: method_kind(name) for name in names}

@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 
-from analysis.methods import method_kind
 from conftest_methods import fit_context, language_model, logits
 from workers.config import ConfigError
-from workers.methods import METHODS, get_method, resolve_config
+from workers.methods import get_method, resolve_config
 from workers.methods.protocol import matmul_params
 from workers.registry import UnknownNameError
 from workers.steering import decoder_layers
@@ -355,10 +354,3 @@ def test_nan_loss_fails_the_fit_and_leaves_the_model_restored(name):
     assert all(torch.equal(weights[k], v) or torch.isnan(v).any() for k, v in state[0].items())
     assert [(n, type(m)) for n, m in lm.model.named_modules()] == state[2]
     assert {k: p.requires_grad for k, p in lm.model.named_parameters()} == state[1]
-
-
-def test_every_method_declares_the_side_the_analysis_puts_it_on():
-    """The analysis (no workers import) sorts methods into steering / fine-tuning / reference by name;
-    a new steering method whose name says otherwise would silently pair as fine-tuning in every D*."""
-    names = [*METHODS.names(), "steer_mean+lora", "lora+steer_trained"]
-    assert {name: get_method(name).kind for name in names} == {name: method_kind(name) for name in names}
