@@ -159,3 +159,16 @@ def test_the_plan_the_driver_writes_is_the_one_the_fit_reads():
     from orchestrator.store import MANIFEST
 
     assert MANIFEST == PLAN_NAME
+
+
+def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path):
+    """`steerscale status DIR | head`: exit 0 and no BrokenPipeError traceback once head has its lines."""
+    store = ResultsStore(str(tmp_path / "r"))
+    write_manifest(store, [{"cell_id": f"c{i}", "slug": "", "model": f"model-{i}", "method": "lora"} for i in range(20_000)])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "status", str(tmp_path / "r")], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout.readline().startswith(b"/")  # the first line names the results directory
+    proc.stdout.close()
+    errors = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in errors, errors
