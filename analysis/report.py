@@ -70,7 +70,7 @@ def _overview(a: Analysis) -> list[Block]:
         f"{len(frame)} cells ({failed} failed) over {frame['task'].nunique()} task(s), "
         f"{frame['method'].nunique()} method(s) and {frame['model'].nunique()} model size(s); metric `{a.metric}`; "
         f"N in the joint laws is `{a.x}`. "
-        "Intervals are 95 % percentile bootstrap intervals over cells."
+        + ("Intervals are 95 % percentile bootstrap intervals over cells." if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
     if a.loaded.unplanned:
@@ -149,6 +149,8 @@ def _crossover_table(a: Analysis) -> list[Block]:
             return ""
         if c.outcome != "crosses":
             return CROSSOVER_CELLS[c.outcome]
+        if not np.isfinite(c.share):  # no resamples (--bootstrap 0): the point estimate alone
+            return _num(c.d_star)
         return f"{_num(c.d_star)} [{_num(c.d_star_lo)}–{_num(c.d_star_hi)}], {c.share:.0%} cross"
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]

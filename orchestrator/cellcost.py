@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from workers.cell import CellConfig
-from workers.training import TrainConfig, steps_for
+from workers.methods import TrainConfig, steps_for
 
 TOKENS_PER_EXAMPLE = 32.0  # the prior's T; measured rows replace it
 

@@ -88,3 +88,11 @@ def test_fits_at_a_bound_are_marked_and_their_asymptotes_not_offered_as_findings
     markdown = summary.report_page.with_name("report.md").read_text()
     assert "E at the loss floor" in markdown and "fits put a parameter at its bound" in markdown
     assert "fitted asymptote" not in markdown
+
+
+def test_a_report_without_resamples_shows_point_estimates_only(tmp_path: Path) -> None:
+    build_results(tmp_path)
+    markdown = analysis.write_report(str(tmp_path), bootstrap=0).report_page.with_name("report.md").read_text()
+    assert "No intervals (--bootstrap 0)." in markdown and "bootstrap intervals over cells" not in markdown
+    table = markdown.split("| task | steering → fine-tuning |", 1)[1].split("\n\n", 1)[0]
+    assert re.search(r"\| facts \| steer_mean → lora \| [0-9.]+ \|", table) and "nan" not in table, table

@@ -40,7 +40,7 @@ def test_analysis_reads_parquet_only():
 
 def test_orchestrator_uses_only_the_public_worker_surface():
     public = {"workers.run_cell", "workers.cell", "workers.config", "workers.schema", "workers.rowfile",
-              "workers.registry", "workers.methods", "workers.tasks", "workers.models.ladder", "workers.training"}
+              "workers.registry", "workers.methods", "workers.tasks", "workers.models.ladder"}
     used = {name for name in imported_roots("orchestrator") if name.split(".")[0] == "workers"}
     assert used <= public, used - public
 

@@ -52,8 +52,8 @@ def _fields_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted({name for model in candidates for name in model.model_fields})
 
 
-def _description_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
-    """The description of the field that `loc` (a value's path) lies in, when it has one."""
+def _description_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, str] | None:
+    """(name, description) of the innermost field that `loc` (a value's path) lies in, when it has one."""
     candidates, found = [cls], None
     for part in loc:
         if isinstance(part, int):
@@ -61,7 +61,7 @@ def _description_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
         fields = [model.model_fields[str(part)] for model in candidates if str(part) in model.model_fields]
         if not fields:
             return found
-        found = fields[0].description
+        found = (str(part), fields[0].description) if fields[0].description else None
         candidates = [c for field in fields for c in _model_classes(field.annotation)] or candidates
     return found
 
@@ -79,8 +79,7 @@ def format_errors(cls: type[BaseModel], err: ValidationError, prefix: str = "") 
             lines.append(f"{path}: unknown key{did_you_mean(str(loc[-1]), valid)}; valid keys: {', '.join(valid)}")
         else:
             about = _description_at(cls, loc)
-            name = next((str(part) for part in reversed(loc) if isinstance(part, str)), "")
-            lines.append(f"{path or '<root>'}: {e['msg']}" + (f" ({name}: {about})" if about else ""))
+            lines.append(f"{path or '<root>'}: {e['msg']}" + (f" ({about[0]}: {about[1]})" if about else ""))
     return "\n".join(lines)
 
 
