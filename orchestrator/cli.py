@@ -228,18 +228,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum`."""
 
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
 
 
 def _x_axis(name: str) -> str:
@@ -257,8 +256,8 @@ RESULTS_DIR_HELP = "a sweep's results directory or URI (its results_dir), or the
 
 def _with_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("results_dir", help=RESULTS_DIR_HELP)
-    p.add_argument("--bootstrap", type=_non_negative_int, default=200, help="bootstrap resamples for confidence intervals (0: none)")
-    p.add_argument("--workers", type=_positive_int, default=None, help="groups fitted at once, in worker processes (default: every core, up to 8)")
+    p.add_argument("--bootstrap", type=_int_at_least(0), default=200, help="bootstrap resamples for confidence intervals (0: none)")
+    p.add_argument("--workers", type=_int_at_least(1), default=None, help="groups fitted at once, in worker processes (default: every core, up to 8)")
     p.add_argument(
         "--x", type=_x_axis, default="params",
         help="what stands for model scale N: params (non-embedding parameters), neutral_loss (base model's loss "
@@ -339,6 +338,7 @@ def _positive(kind: type) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
 
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
     return parse
 
 
