@@ -99,8 +99,8 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
     lists = {"tasks": spec.tasks, "budgets": spec.budgets, "seeds": spec.seeds,
              **{f"method_budgets.{name}": values for name, values in spec.method_budgets.items()}}  # fmt: skip
     problems += [f"{name}.{i}: {values[i]} is listed twice" for name, values in lists.items() for i in repeated(values)]
-    models = [m.model_dump_json(exclude={"gpus_per_cell"}) for m in spec.models]  # a scheduling field: not the cell's
-    problems += [f"models.{i}: {spec.models[i].id} is listed twice with the same settings" for i in repeated(models)]
+    model_keys = [m.model_dump_json(exclude={"gpus_per_cell"}) for m in spec.models]  # a scheduling field: not the cell's
+    problems += [f"models.{i}: {spec.models[i].id} is listed twice with the same settings" for i in repeated(model_keys)]
     if problems:
         raise ConfigError("\n".join(problems))
 
