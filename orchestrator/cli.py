@@ -60,19 +60,23 @@ def _report_quarantine(scan: StoreScan, *, set_aside: bool) -> None:
 
 
 def _status_table(entries: list[dict], status: dict[str, str]) -> str:
+    """Done / failed / remaining per (model, method), models in the order the entries name them (the
+    config's, smallest first in a ladder sweep), methods likewise within a model."""
     counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
     for entry in entries:
         counts[(entry["model"], entry["method"])][status.get(entry["cell_id"], "remaining")] += 1
+    model_order = {model: i for i, model in enumerate(dict.fromkeys(model for model, _ in counts))}
+    method_order = {method: i for i, method in enumerate(dict.fromkeys(method for _, method in counts))}
     rows = [
         (model, method, c["ok"], c["failed"], c["remaining"], sum(c.values()))
-        for (model, method), c in sorted(counts.items())
+        for (model, method), c in sorted(counts.items(), key=lambda kv: (model_order[kv[0][0]], method_order[kv[0][1]]))
     ]
     return _table(("model", "method", "done", "failed", "remaining", "total"), rows)
 
 
 def _manifest_entries(cells: list[PlannedCell]) -> list[dict]:
     return [
-        {"cell_id": c.cell_id, "slug": c.config.slug, "model": c.config.model.label, "method": c.config.method}
+        {"cell_id": c.cell_id, "slug": c.config.slug, "model": c.config.model.id, "method": c.config.method}
         for c in cells
     ]
 
@@ -217,9 +221,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     known = {e["cell_id"] for e in entries}
     remaining = sum(e["cell_id"] not in scan.status for e in entries)
     unplanned = set(scan.status) - known
-    if unplanned:  # rows from cells no longer in the plan (an earlier config): show them too
-        table = store.read(set_aside=False)
-        entries += [row for row in table.select(["cell_id", "model", "method"]).to_pylist() if row["cell_id"] in unplanned]
+    for cell_id in sorted(unplanned):  # rows from cells no longer in the plan (an earlier config): show them too
+        model, method = scan.model_method[cell_id]
+        entries.append({"cell_id": cell_id, "model": model, "method": method})
     counts = scan.counts()
     print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {remaining} remaining")
     if unplanned and known:

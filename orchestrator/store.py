@@ -12,6 +12,7 @@ import json
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,12 +26,23 @@ READ_THREADS = 8  # cell files read at once by `scan`
 SECONDS = ("train_seconds", "eval_seconds")  # a cell's own compute, summed by `scan` for `plan`'s estimate
 
 
+class StoredCell(NamedTuple):
+    """What `scan` reads of one cell file: enough for status tables and compute estimates."""
+
+    cell_id: str
+    status: str  # "ok" | "failed"
+    model: str
+    method: str
+    seconds: float | None  # train + eval seconds, where recorded
+
+
 @dataclass
 class StoreScan:
     """Status of every readable cell file, and the files that were set aside."""
 
     status: dict[str, str] = field(default_factory=dict)  # cell_id -> "ok" | "failed"
     seconds: dict[str, float] = field(default_factory=dict)  # cell_id -> train + eval seconds, where recorded
+    model_method: dict[str, tuple[str, str]] = field(default_factory=dict)  # cell_id -> (model id, method)
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
 
     def counts(self) -> Counter:
@@ -78,13 +90,14 @@ class ResultsStore:
                 if set_aside:
                     self._quarantine(info)
             else:
-                cell_id, scan.status[cell_id], seconds = found
-                if seconds is not None:
-                    scan.seconds[cell_id] = seconds
+                scan.status[found.cell_id] = found.status
+                scan.model_method[found.cell_id] = (found.model, found.method)
+                if found.seconds is not None:
+                    scan.seconds[found.cell_id] = found.seconds
         return scan
 
-    def _status_of(self, info: fs.FileInfo) -> tuple[str, str, float | None] | Exception:
-        """(cell_id, status, train + eval seconds) of one cell file, or what is wrong with its content.
+    def _status_of(self, info: fs.FileInfo) -> StoredCell | Exception:
+        """What `scan` needs of one cell file, or what is wrong with its content.
 
         The bytes are read first, so an I/O error (the store, not the file) raises; whatever goes
         wrong parsing them (a cut file, a foreign one, an unknown codec) is the file's own fault.
@@ -94,14 +107,14 @@ class ResultsStore:
         try:
             parquet = pq.ParquetFile(pa.BufferReader(data))
             timed = [name for name in SECONDS if name in parquet.schema_arrow.names]
-            row = parquet.read(columns=["cell_id", "status", *timed]).to_pylist()[0]
-            cell_id, status = row["cell_id"], row["status"]
-            if f"{cell_id}.parquet" != info.base_name:
-                raise ValueError(f"row's cell_id {cell_id} does not match its file name")
+            row = parquet.read(columns=["cell_id", "status", "model", "method", *timed]).to_pylist()[0]
+            cell = StoredCell(row["cell_id"], row["status"], row["model"], row["method"], None)
+            if f"{cell.cell_id}.parquet" != info.base_name:
+                raise ValueError(f"row's cell_id {cell.cell_id} does not match its file name")
         except Exception as err:  # any parse failure is the file's content (I/O errors raised above)
             return err
         seconds = [row[name] for name in timed if row[name] is not None]
-        return cell_id, status, sum(seconds) if len(seconds) == len(SECONDS) else None
+        return cell._replace(seconds=sum(seconds)) if len(seconds) == len(SECONDS) else cell
 
     def read(self, *, set_aside: bool = True) -> pa.Table:
         """All rows, in the current schema (older files' missing columns become null)."""

@@ -143,13 +143,23 @@ def test_an_io_error_is_raised_and_moves_no_good_row_aside(tmp_path, monkeypatch
 
 def test_status_counts_what_remains_of_the_plan_and_shows_rows_from_outside_it(tmp_path, capsys):
     store = ResultsStore(str(tmp_path / "r"))
-    write_manifest(store, [{"cell_id": f"p{i}", "slug": f"p{i}", "model": "m", "method": "lora"} for i in range(10)])
-    for cell_id in ["p0", "p1", "p2", "p3", "p4", "old0", "old1", "old2"]:  # old*: an earlier config's cells
-        store.write(_row(cell_id, model="m", method="lora"))
+    plan = [{"cell_id": f"p{i}", "slug": f"p{i}", "model": "ladder:xs" if i < 5 else "ladder:l", "method": "lora"}
+            for i in range(10)]  # fmt: skip
+    write_manifest(store, plan)
+    for cell_id in ["p0", "p1", "p2", "p3", "p4"]:
+        store.write(_row(cell_id, model="ladder:xs", method="lora"))
+    for cell_id in ["old0", "old1", "old2"]:  # an earlier config's cells
+        store.write(_row(cell_id, status="failed" if cell_id == "old2" else "ok", model="gpt2", method="prompt"))
     assert main(["status", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    assert ": 8 ok, 0 failed, 5 remaining" in out
+    assert ": 7 ok, 1 failed, 5 remaining" in out
     assert "3 stored rows are from cells not in the current plan" in out
+    table = [line.split() for line in out.splitlines()[3:]]  # after the summary, the note, the header and its rule
+    assert table[1:] == [  # the plan's models in its order (smallest first), not alphabetical; then the unplanned rows
+        ["ladder:xs", "lora", "5", "0", "0", "5"],
+        ["ladder:l", "lora", "0", "0", "5", "5"],
+        ["gpt2", "prompt", "2", "1", "0", "3"],
+    ], out
 
 
 def test_the_plan_the_driver_writes_is_the_one_the_fit_reads():
