@@ -1,4 +1,4 @@
-"""The crossover budget D*(N): where a fine-tuning curve overtakes a steering curve.
+"""The crossover budget D*(N): where a fine-tuning curve overtakes a steering curve (or the reverse).
 
 Only the measured budget range is searched — a power law extrapolated past the data says little
 about where two methods cross — so "no crossover within the measured range" is a real answer.
@@ -7,7 +7,7 @@ The CI comes from evaluating both fitted curves for every bootstrap resample at 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -32,15 +32,17 @@ class Crossover:
     finetuning: str
     d_min: float
     d_max: float
-    d_star: float  # NaN when there is no crossover within [d_min, d_max]
+    d_star: float  # where the curves swap places; NaN when they do not within [d_min, d_max]
     d_star_lo: float
     d_star_hi: float
-    share: float  # fraction of bootstrap resamples that cross within the range
-    outcome: str  # "crosses", "finetuning_ahead" (from the smallest budget on) or "steering_ahead" (throughout)
+    share: float  # fraction of bootstrap resamples with the same outcome (near one half: a coin flip)
+    outcome: str  # one of OUTCOMES, or "no_overlap" (the two methods share no budget range)
     verdict: str
+    overtakes: np.ndarray = field(default_factory=lambda: np.array([]), repr=False, compare=False)  # per resample: D*
+    # where fine-tuning overtakes, NaN where it does not (what the trend's interval resamples)
 
     def record(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "overtakes"}
 
 
 def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> np.ndarray:
@@ -49,47 +51,59 @@ def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> 
     return from_loss(e + b * d[None, :] ** -beta, metric)
 
 
-def first_crossing(advantage: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Per row, the first budget where `advantage` turns from negative to nonnegative.
+OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead")  # codes 0..3 of `outcomes`
 
-    Interpolated linearly in log D between grid points; NaN where it never does, or where it is
-    nonnegative from the start (nothing is overtaken).
+
+def outcomes(advantage: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `advantage` (fine-tuning minus steering, in "better" units, over budgets `d`): the
+    outcome (an index into OUTCOMES) and the crossing budget, NaN unless the two curves swap places.
+
+    The ends of the range decide: behind at the smallest budget and ahead at the largest is
+    "crosses" (fine-tuning overtakes), the reverse is "steering_overtakes"; D* is the last change of
+    sign (after it, the winner stays ahead to the end of the range), interpolated linearly in log D.
+    Curves that cross and cross back count by their ends.
     """
-    behind = advantage < 0
-    turns = behind[:, :-1] & ~behind[:, 1:]
-    has = turns.any(axis=1) & behind[:, 0]
-    i = np.argmax(turns, axis=1)
+    ahead = advantage >= 0
+    start, end = ahead[:, 0], ahead[:, -1]
+    code = np.select([~start & end, start & ~end, start & end], [0, 1, 2], default=3)
+    flips = ahead[:, :-1] != ahead[:, 1:]
+    i = flips.shape[1] - 1 - np.argmax(flips[:, ::-1], axis=1)  # the last flip of each row
     rows = np.arange(len(advantage))
     a0, a1 = advantage[rows, i], advantage[rows, i + 1]
     logd = np.log(d)
-    frac = a0 / np.where(a0 == a1, -1.0, a0 - a1)
-    with np.errstate(over="ignore", invalid="ignore"):  # rows without a crossing are masked out below
-        d_star = np.exp(logd[i] + frac * (logd[i + 1] - logd[i]))
-    return np.where(has, d_star, np.nan)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # rows without a crossing are masked out below
+        d_star = np.exp(logd[i] + a0 / (a0 - a1) * (logd[i + 1] - logd[i]))
+    return code, np.where(code <= 1, d_star, np.nan)
 
 
 def crossover(steer: LawFit, tune: LawFit) -> Crossover:
-    """Where `tune` (a fine-tuning budget curve) overtakes `steer` on the same task and model."""
+    """Where `tune` (a fine-tuning budget curve) and `steer` swap places on the same task and model."""
     d_min = max(steer.points.d.min(), tune.points.d.min())
     d_max = min(steer.points.d.max(), tune.points.d.max())
+    identity = (steer.task, steer.model, steer.n_params, steer.method, tune.method, float(d_min), float(d_max))
+    if d_min >= d_max:
+        verdict = f"no shared budget range: {steer.method} was measured on D in [{steer.points.d.min():g}, {steer.points.d.max():g}], " \
+                  f"{tune.method} on [{tune.points.d.min():g}, {tune.points.d.max():g}]"  # fmt: skip
+        return Crossover(*identity, np.nan, np.nan, np.nan, np.nan, "no_overlap", verdict)
     d = np.geomspace(d_min, d_max, GRID_POINTS)
     metric = steer.metric
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0  # advantage of fine-tuning, in "better" units
-    point = sign * (budget_curves(tune.fit.params, d, metric) - budget_curves(steer.fit.params, d, metric))
-    d_star = float(first_crossing(point, d)[0])
+    code, d_star = (v[0] for v in outcomes(sign * (budget_curves(tune.fit.params, d, metric) - budget_curves(steer.fit.params, d, metric)), d))
     if steer.boot is not None and tune.boot is not None:
-        samples = first_crossing(sign * (budget_curves(tune.boot.params(), d, metric) - budget_curves(steer.boot.params(), d, metric)), d)
-        share = float(np.mean(np.isfinite(samples)))
-        lo, hi = percentile_interval(samples)
+        codes, samples = outcomes(sign * (budget_curves(tune.boot.params(), d, metric) - budget_curves(steer.boot.params(), d, metric)), d)
+        share = float(np.mean(codes == code))
+        lo, hi = percentile_interval(samples[codes == code]) if code <= 1 else (np.nan, np.nan)
+        overtakes = np.where(codes == 0, samples, np.nan)
     else:
-        share, lo, hi = np.nan, np.nan, np.nan
-    if np.isfinite(d_star):
-        outcome, verdict = "crosses", f"{tune.method} overtakes {steer.method} at D* ≈ {d_star:.3g}"
-    elif point[0, 0] >= 0:
-        outcome, verdict = "finetuning_ahead", f"no crossover within the measured range: {tune.method} is ahead of {steer.method} throughout"
-    else:
-        outcome, verdict = "steering_ahead", f"no crossover within the measured range: {steer.method} stays ahead of {tune.method}"
-    return Crossover(steer.task, steer.model, steer.n_params, steer.method, tune.method, float(d_min), float(d_max), d_star, lo, hi, share, outcome, verdict)
+        share, lo, hi, overtakes = np.nan, np.nan, np.nan, np.array([])
+    outcome = OUTCOMES[code]
+    verdict = {
+        "crosses": f"{tune.method} overtakes {steer.method} at D* ≈ {d_star:.3g}",
+        "steering_overtakes": f"{steer.method} overtakes {tune.method} at D* ≈ {d_star:.3g}",
+        "finetuning_ahead": f"no crossover within the measured range: {tune.method} is ahead of {steer.method} at both ends",
+        "steering_ahead": f"no crossover within the measured range: {steer.method} stays ahead of {tune.method}",
+    }[outcome]
+    return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, overtakes)
 
 
 def find_crossovers(fits: list[LawFit]) -> list[Crossover]:
@@ -105,12 +119,15 @@ def find_crossovers(fits: list[LawFit]) -> list[Crossover]:
 
 @dataclass(frozen=True)
 class CrossoverScaling:
-    """How D* grows with model size or capability: D* ∝ x^gamma over the models that cross.
+    """How D* grows with model size or capability: D* ∝ x^gamma over the models where fine-tuning overtakes.
 
-    `holdout_error` is the mean |ln D*| missed when each model in turn is predicted from the line
-    through the others (needs three models). With one D* per model and a two-parameter line this
-    costs nothing, and unlike leaving out only the top model it holds out the same models on every
-    axis, so axes compare on equal terms.
+    Models where it does not (ahead at both ends: D* below the smallest budget; never: above the
+    largest; or steering overtaking) are censored, not fitted, and counted in `n_pairs - n_models`:
+    a trend through the rest can say the opposite of what they show. The interval refits the line
+    on every bootstrap resample, over the models whose resampled curves cross. `holdout_error` is
+    the mean |ln D*| missed when each model in turn is predicted from the line through the others
+    (needs three models); unlike leaving out only the top model, it holds out the same models on
+    every axis, so axes compare on equal terms.
     """
 
     task: str
@@ -118,11 +135,21 @@ class CrossoverScaling:
     finetuning: str
     x: str
     gamma: float
-    n_models: int
+    gamma_lo: float
+    gamma_hi: float
+    n_models: int  # models the line goes through (fine-tuning overtakes inside the measured range)
+    n_pairs: int  # models with both curves fitted and an x, crossing or not
     holdout_error: float
 
     def record(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+    def describe(self) -> str:
+        """The trend in words, with its interval and the models it leaves out."""
+        ci = f" [{self.gamma_lo:.2f}, {self.gamma_hi:.2f}]" if np.isfinite(self.gamma_lo) else ""
+        others = f"; on the other {self.n_pairs - self.n_models} fine-tuning does not overtake inside the range" if self.n_pairs > self.n_models else ""
+        return (f"{self.task}: the crossover budget of {self.finetuning} over {self.steering} scales as "
+                f"D* ∝ {self.x}^{self.gamma:.2f}{ci} across the {self.n_models} models where it crosses{others}")  # fmt: skip
 
 
 def _leave_one_out(logx: np.ndarray, logd: np.ndarray) -> float:
@@ -136,18 +163,41 @@ def _leave_one_out(logx: np.ndarray, logd: np.ndarray) -> float:
     return float(np.mean(errors)) if len(errors) >= 3 else np.nan
 
 
+def _resampled_slopes(logx: np.ndarray, overtakes: np.ndarray) -> np.ndarray:
+    """Least-squares slope of log D* on log x per resample (rows of `overtakes`, one column per model),
+    over the models that cross in that resample; NaN where fewer than two distinct x do."""
+    use = np.isfinite(overtakes)
+    logd = np.log(np.where(use, overtakes, 1.0))
+    count = use.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x_mean = (use * logx).sum(axis=1) / count
+        y_mean = (use * logd).sum(axis=1) / count
+        dx = np.where(use, logx - x_mean[:, None], 0.0)
+        sxx = (dx**2).sum(axis=1)
+        slope = (dx * (logd - y_mean[:, None])).sum(axis=1) / sxx
+    return np.where(sxx > 1e-12, slope, np.nan)
+
+
 def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, axis: Axis) -> list[CrossoverScaling]:
-    """Least-squares slope of log D* on log x per pair; needs two models with a crossover and an x."""
+    """Least-squares slope of log D* on log x per pair; needs two models where fine-tuning overtakes, with an x."""
     x_of = capabilities.set_index(["task", "model"])[axis.name].to_dict() if len(capabilities) else {}
-    pairs: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    pairs: dict[tuple[str, str, str], list[tuple[float, Crossover]]] = {}
     for c in crossovers:
         x = x_of.get((c.task, c.model), np.nan)
-        if np.isfinite(c.d_star) and np.isfinite(x):
-            pairs.setdefault((c.task, c.steering, c.finetuning), []).append((float(np.log(x)), float(np.log(c.d_star))))
+        if np.isfinite(x) and c.outcome != "no_overlap":
+            pairs.setdefault((c.task, c.steering, c.finetuning), []).append((float(np.log(x)), c))
     result = []
     for (task, steering, finetuning), found in sorted(pairs.items()):
-        logx, logd = np.array(found).T
-        if len(np.unique(logx)) >= 2:
-            gamma = float(np.polyfit(logx, logd, 1)[0])
-            result.append(CrossoverScaling(task, steering, finetuning, axis.name, gamma, len(found), _leave_one_out(logx, logd)))
+        crossing = [(logx, c) for logx, c in found if c.outcome == "crosses"]
+        logx = np.array([lx for lx, _ in crossing])
+        if len(np.unique(logx)) < 2:
+            continue
+        logd = np.log([c.d_star for _, c in crossing])
+        gamma = float(np.polyfit(logx, logd, 1)[0])
+        every_logx = np.array([lx for lx, _ in found])
+        resamples = {len(c.overtakes) for _, c in found}
+        lo, hi = (percentile_interval(_resampled_slopes(every_logx, np.stack([c.overtakes for _, c in found], axis=1)))
+                  if len(resamples) == 1 and resamples != {0} else (np.nan, np.nan))  # fmt: skip
+        result.append(CrossoverScaling(task, steering, finetuning, axis.name, gamma, lo, hi, len(crossing), len(found),
+                                       _leave_one_out(logx, logd)))  # fmt: skip
     return result

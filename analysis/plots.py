@@ -63,7 +63,7 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     """D* against each axis (parameters and capabilities) with bootstrap CIs, log-log, one panel per
     axis that has values; marker = model family, colour = steering × fine-tuning pair, line = the
     least-squares trend D* ∝ x^gamma over every family pooled (the point of a capability axis)."""
-    found = [c for c in analysis.crossovers if c.task == task and np.isfinite(c.d_star)]
+    found = [c for c in analysis.crossovers if c.task == task and c.outcome == "crosses"]
     table = analysis.capabilities[analysis.capabilities["task"] == task].set_index("model")
     axes = [a for a in AXES.values() if a.name in table and np.isfinite(table[a.name].to_numpy(float)).any()]
     if not found or not axes:

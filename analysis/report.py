@@ -91,9 +91,11 @@ def _findings(a: Analysis) -> list[Block]:
     bounded = sum(bool(f.bound_notes()) for f in fitted)
     if bounded:
         lines.append(f"{bounded} of the {len(fitted)} fits put a parameter at its bound (marked in the table of fits): there the data do "
-                     "not pin the curve down, so its exponent and asymptote are not findings; D* within the measured range still is.")
+                     "not pin the curve down, so its exponent and asymptote are not findings. A D* compares two curves only where "
+                     "there are data; the share of resamples that agree with it says how firm it is.")
     for s in a.scaling:
-        lines.append(f"{s.task}: the crossover budget of {s.finetuning} over {s.steering} scales as D* ∝ {s.x}^{s.gamma:.2f} across {s.n_models} models.")
+        if s.n_models >= MIN_TREND_MODELS:  # a line through two points has no error to show
+            lines.append(s.describe() + ".")
     if a.axes.best:
         lines.append(f"Of the three x-axes, `{a.axes.best}` gives the tighter laws (smallest held-out error in the most groups; see below).")
     for g in a.compositions:
@@ -123,7 +125,8 @@ def best_measured(task: str, curves: list[LawFit], metric: str) -> str:
     return sentence + "."
 
 
-CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead"}
+CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead", "no_overlap": "no shared budgets"}
+MIN_TREND_MODELS = 3  # crossing models before "What the fits say" states a D* trend
 
 
 def composition_finding(g: CompositionGain) -> str:
@@ -147,18 +150,21 @@ def _crossover_table(a: Analysis) -> list[Block]:
     def cell(c: Crossover | None) -> str:
         if c is None:
             return ""
-        if c.outcome != "crosses":
-            return CROSSOVER_CELLS[c.outcome]
-        if not np.isfinite(c.share):  # no resamples (--bootstrap 0): the point estimate alone
-            return _num(c.d_star)
-        return f"{_num(c.d_star)} [{_num(c.d_star_lo)}–{_num(c.d_star_hi)}], {c.share:.0%} cross"
+        text = CROSSOVER_CELLS.get(c.outcome, "")
+        if np.isfinite(c.d_star):
+            interval = f" [{_num(c.d_star_lo)}–{_num(c.d_star_hi)}]" if np.isfinite(c.d_star_lo) else ""
+            text = ("steering from " if c.outcome == "steering_overtakes" else "") + _num(c.d_star) + interval
+        agree = f" ({c.share:.0%})" if np.isfinite(c.share) else ""  # NaN: no resamples (--bootstrap 0)
+        return text + agree
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
     legend = Paragraph(
         "D*: the budget (training examples) at which the fine-tuning method overtakes the steering method, with its 95 % "
-        "bootstrap interval and the share of resamples whose curves cross inside the measured range (under half: the "
-        "crossing itself is uncertain, not only where it falls); `FT ahead`: fine-tuning is ahead over the whole measured range; `steering ahead`: it never "
-        "catches up there; blank: one of the two curves could not be fitted."
+        "bootstrap interval; `steering from D*`: the reverse, fine-tuning is ahead at the smallest shared budget and "
+        "steering overtakes it; `FT ahead`: fine-tuning is ahead at both ends of the measured range; `steering ahead`: "
+        "fine-tuning never catches up there; `no shared budgets`: the two were measured on budget ranges that do not "
+        "overlap; blank: one of the two curves could not be fitted. In brackets, the share of bootstrap resamples with "
+        "the same outcome: near one half, the outcome is a coin flip (the curves are tied), not only where D* falls."
     )
     return [Table(("task", "steering → fine-tuning", *models), rows), legend]
 

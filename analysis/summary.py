@@ -102,13 +102,14 @@ class FitSummary:
             ))  # fmt: skip
         lines += _aligned(table)
         if a.crossovers:
-            lines.append("crossovers (fine-tuning overtaking steering):")
+            lines.append("crossovers (where fine-tuning and steering swap places):")
             for c in a.crossovers:
-                ci = f" CI [{c.d_star_lo:.3g}, {c.d_star_hi:.3g}], {c.share:.0%} of resamples cross" if np.isfinite(c.d_star) else ""
-                lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}")
+                ci = f" CI [{c.d_star_lo:.3g}, {c.d_star_hi:.3g}]" if np.isfinite(c.d_star_lo) else ""
+                agree = f", {c.share:.0%} of resamples agree" if np.isfinite(c.share) else ""
+                lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}")
         for s in a.scaling:
-            held = f", each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
-            lines.append(f"  {s.task}: D*({s.steering} -> {s.finetuning}) ∝ {s.x}^{s.gamma:.2f} over {s.n_models} models{held}")
+            held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
+            lines.append(f"  {s.describe()}{held}")
         if a.compositions:
             lines.append("composition gains (over the best single part):")
             for g in a.compositions:

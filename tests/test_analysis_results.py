@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from scipy.optimize import brentq
 
 import analysis
-from analysis.crossover import first_crossing
+from analysis.crossover import OUTCOMES, crossover, outcomes
 from analysis.curves import fit_curves
 from analysis.summary import analyse
 from analysis.synthetic import TrueCurve, synthetic_rows
@@ -114,16 +115,37 @@ def test_crossover_found_where_the_curves_cross(summary: analysis.FitSummary) ->
 
 
 def test_crossover_budget_scales_with_model_size(summary: analysis.FitSummary) -> None:
+    """Both facts curves shrink by the same factor with size, so D* is the same on every model: gamma is 0."""
     (scaling,) = [s for s in summary.analysis.scaling if s.task == "facts"]
-    assert scaling.n_models == 3 and np.isfinite(scaling.gamma)
+    assert (scaling.n_models, scaling.n_pairs) == (3, 3)
+    assert scaling.gamma_lo <= 0 <= scaling.gamma_hi and scaling.gamma_hi - scaling.gamma_lo < 0.5
+    assert scaling.gamma_lo <= scaling.gamma <= scaling.gamma_hi
 
 
-def test_first_crossing_on_known_curves() -> None:
+def test_outcomes_on_known_curves() -> None:
+    """Fine-tuning overtaking, steering overtaking, ahead at both ends (across a dip), never ahead."""
     d = np.geomspace(8, 2048, 512)
-    advantage = np.stack([TUNE.score(d) - STEER.score(d), WORSE.score(d) - STEER.score(d), np.ones_like(d)])
-    crossing = first_crossing(advantage, d)
-    assert crossing[0] == pytest.approx(TRUE_D_STAR, rel=1e-3)
-    assert np.isnan(crossing[1]) and np.isnan(crossing[2])  # never overtakes; ahead from the start
+    dip = np.where((d > 50) & (d < 200), -0.1, 0.1)  # ahead, behind in the middle, ahead again
+    advantage = np.stack([TUNE.score(d) - STEER.score(d), STEER.score(d) - TUNE.score(d), dip, WORSE.score(d) - STEER.score(d)])
+    code, d_star = outcomes(advantage, d)
+    assert [OUTCOMES[c] for c in code] == ["crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead"]
+    assert d_star[:2] == pytest.approx([TRUE_D_STAR, TRUE_D_STAR], rel=1e-3)
+    assert np.isnan(d_star[2:]).all()
+
+
+def test_steering_overtaking_and_budgets_that_do_not_overlap(summary: analysis.FitSummary) -> None:
+    """The reverse crossing is found (it used to read "fine-tuning ahead throughout"), and two methods
+    measured on disjoint budgets get no verdict instead of one extrapolated backwards."""
+    fits = {(f.method, f.model): f for f in summary.analysis.fits if f.task == "facts" and f.model != "*"}
+    steer, tune = fits[("steer_mean", "m1")], fits[("lora", "m1")]
+    reverse = crossover(dataclasses.replace(tune, method="steer_mean"), dataclasses.replace(steer, method="lora"))
+    forward = crossover(steer, tune)
+    assert (forward.outcome, reverse.outcome) == ("crosses", "steering_overtakes")
+    assert reverse.d_star == pytest.approx(forward.d_star) and reverse.share == pytest.approx(forward.share)
+    assert "steer_mean overtakes lora" in reverse.verdict
+    moved = dataclasses.replace(tune, points=dataclasses.replace(tune.points, d=tune.points.d * 10_000))
+    apart = crossover(steer, moved)
+    assert apart.outcome == "no_overlap" and np.isnan(apart.d_star) and "no shared budget range" in apart.verdict
 
 
 def test_outputs_and_text(summary: analysis.FitSummary, results: Path) -> None:
