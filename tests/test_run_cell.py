@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from workers.cache import WorkerCache
 from workers.cell import CellConfig, EvalConfig, ModelSpec
@@ -66,3 +67,22 @@ def test_a_cell_that_raises_is_a_failed_row_with_the_error(model_id):
     assert row["cell_id"] == cell.cell_id and row.get("score") is None
     # a failed cell may have left its model half-changed: whoever runs the next cell loads it afresh
     assert run_cell(_cell(model_id, "base"), CellRun(cache=cache))["status"] == "ok" and cache.loads == 2
+
+
+def test_a_model_whose_outputs_go_nan_is_a_failed_row_not_an_ok_one(model_id, tmp_path):
+    """With NaN log-probabilities every multiple-choice argmax picks choice 0: a score, but garbage."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from workers.models.loading import resolve_path
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(resolve_path(ModelSpec(id=model_id)), broken)
+    weights = load_file(broken / "model.safetensors")
+    norm = next(name for name in weights if name.endswith("norm.weight") and "layers" not in name)  # the final norm
+    weights[norm] = torch.full_like(weights[norm], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    row = run_cell(_cell(str(broken), "base"), CellRun(cache=WorkerCache()))
+    assert row["status"] == "failed" and "NonFiniteMetricError" in row["error"], row.get("error")
+    assert "nll=nan" in row["error"] and row.get("score") is None

@@ -140,6 +140,19 @@ def training_examples(task: Task, budget: int, seed: int) -> list[Example]:
     return examples
 
 
+class NonFiniteMetricError(FloatingPointError):
+    """A measured column came out NaN or infinite: the model's outputs overflowed (fp16, a large
+    steering scale, weights gone NaN). The cell fails with this instead of storing the garbage:
+    with NaN log-probabilities every multiple-choice argmax picks the first choice."""
+
+
+def check_finite(measured: dict[str, Any], expected: tuple[str, ...]) -> None:
+    """Raise NonFiniteMetricError naming the `expected` columns of `measured` that are not finite."""
+    bad = [name for name in expected if not np.isfinite(float(measured[name]))]
+    if bad:
+        raise NonFiniteMetricError(", ".join(f"{name}={measured[name]}" for name in bad) + " (the model's outputs are not finite)")
+
+
 def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     """The measured columns of an ok row. Raises on any failure; `run_cell` turns that into a row."""
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
@@ -177,7 +190,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
 
     total, nonembed = count_parameters(lm.model)
     report = adapter.report
-    return {
+    measured = {
         "params_total": total,
         "params_nonembed": nonembed,
         "task_type": task.task_type,
@@ -205,6 +218,9 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
     }
+    neutral = ("base_neutral_nll", "neutral_kl", "neutral_ppl_ratio") if cell.eval.neutral_size else ()
+    check_finite(measured, ("score", "nll", "score_base", "nll_base", *neutral, *(("offtask_score_delta",) if offtask else ())))
+    return measured
 
 
 def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ just another method rather than a special case in the driver.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Generic, Literal, Protocol, TypeVar
 
@@ -46,6 +47,8 @@ class FitContext:
 
         def value() -> float:
             result = self.task.evaluate(self.lm, self.validation)
+            if not math.isfinite(result.nll):  # outputs gone NaN: the worst candidate (a NaN would never lose a
+                return -math.inf  # comparison it came first in; with NaN log-probs a score is that of always choice 0)
             return result.score if self.selection_metric == "score" else -result.nll
 
         return value
