@@ -77,6 +77,13 @@ class CellWorker:
     """Runs cells one at a time in one process, keeping loaded models between them."""
 
     def __init__(self, shape: Shape) -> None:
+        if shape.gpus == 0:
+            # Ray >= 2.48 no longer hides GPUs from an actor that reserved none: every such worker on a
+            # GPU node would pick `cuda` (device auto) and crowd onto GPU 0 unreserved. Set before
+            # anything here initialises CUDA.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        elif shape.gpus < 1 and torch.cuda.is_available():  # a fractional worker keeps to its share of the GPU
+            torch.cuda.set_per_process_memory_fraction(shape.gpus)
         # Two torch processes with all threads each on 2 cores were ~9x slower (shared/notes/offline-world.md).
         torch.set_num_threads(max(1, int(shape.cpus)))
         library_versions(), git_sha()  # paid once here (imports, a git call), not in the first cell

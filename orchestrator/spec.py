@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from workers.cell import LADDER_PREFIX, EvalConfig, ModelSpec
 from workers.config import ConfigError, StrictConfig, validate_config
@@ -23,7 +23,16 @@ from workers.tasks import get_task
 class ModelEntry(ModelSpec):
     """A model of the sweep: what to load, plus how many GPUs each of its cells reserves."""
 
-    gpus_per_cell: float = Field(0.0, ge=0, description="fractional packs small models on one GPU; >1 shards")
+    gpus_per_cell: float = Field(
+        0.0, ge=0, description="0 runs on CPU (GPUs hidden from the cell); fractional packs small models on one GPU; >1 shards"
+    )
+
+    @model_validator(mode="after")
+    def _gpu_reserved_for_cuda(self) -> "ModelEntry":
+        if self.device == "cuda" and self.gpus_per_cell == 0:
+            raise ValueError("device: cuda needs a GPU reserved for each cell: set gpus_per_cell (1, or 0.25 to pack four "
+                             "cells on a GPU), or device: cpu")  # fmt: skip
+        return self
 
 
 class Resources(StrictConfig):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import ray
+import torch
 
 from orchestrator.driver import run_cells, shutdown_workers
 from orchestrator.grid import expand
-from orchestrator.pool import POOL, Shape, node_capacity
+from orchestrator.pool import POOL, CellWorker, Shape, node_capacity
 from orchestrator.spec import load_spec
 from orchestrator.store import ResultsStore
 from workers.cache import WorkerCache, estimated_bytes, estimated_params, model_bytes
@@ -150,3 +153,14 @@ def test_node_capacity_counts_gpus_as_ray_places_them():
     assert fits(1, 2, [two_gpus, two_gpus]) == 2 and fits(1, 4, [two_gpus, two_gpus]) == 0  # sharded: one node's GPUs
     assert fits(3, 0, [four_cpus, four_cpus]) == 2 and fits(8, 0, [four_cpus, four_cpus]) == 0  # 8 CPUs in total, 4 per node
     assert fits(1, 1, [four_cpus]) == 0
+
+
+def test_a_worker_that_reserved_no_gpu_cannot_see_one(monkeypatch):
+    """Ray >= 2.48 leaves CUDA_VISIBLE_DEVICES alone for zero-GPU actors: device `auto` would pick GPU 0 unreserved."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    threads = torch.get_num_threads()
+    try:
+        CellWorker(Shape(1.0, 0.0, 1 << 20))
+    finally:
+        torch.set_num_threads(threads)  # the worker sets its own thread count; this is the test process
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""

@@ -95,6 +95,7 @@ def test_an_override_that_cannot_apply_names_itself(override, message, write_swe
         ({"models": [{"id": "ladder:bogus/s"}]}, "models.0.id: unknown ladder recipe 'bogus'"),
         ({"models": [{"id": "./no/such/dir"}]}, "models.0.id: no model directory at ./no/such/dir"),
         ({"models": [{"id": "."}]}, "models.0.id: . holds no config.json, so it is not a saved model"),
+        ({"models": [{"id": "ladder:test/xs", "device": "cuda"}]}, "models.0: Value error, device: cuda needs a GPU reserved"),
     ],
 )
 def test_a_grid_that_cannot_run_fails_at_load_naming_the_entry(change, message, write_sweep):

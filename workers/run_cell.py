@@ -234,6 +234,8 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
         trace = traceback.format_exc(limit=-4)
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}\n{trace}"[-4000:])
         run.cache.discard(cell.model)  # the cell may have died half-way through changing its model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # an out-of-memory cell's blocks would otherwise stay held from the GPU's other workers
     row.update(started_at=started_at, finished_at=_now())
     return row
 
