@@ -203,7 +203,8 @@ def last_token_states(
 
     def read(index: int) -> Any:
         def hook(_m: nn.Module, _i: tuple, out: torch.Tensor | tuple) -> None:
-            captured[index] = _hidden(out)[rows, last].float()
+            hidden = _hidden(out)  # on a sharded model, on this layer's GPU: index there, keep on the input's
+            captured[index] = hidden[rows.to(hidden.device), last.to(hidden.device)].float().to(input_ids.device)
             if index == deepest:
                 raise _StopForward
 
