@@ -34,7 +34,8 @@ class Exclusions:
     """Rows of a group that could not enter the fit, by reason."""
 
     failed: int
-    nan: int
+    nan: int  # ok rows without a finite metric
+    no_x: int  # ok rows with a metric but no N, which only a joint law needs
     no_budget: int
 
 
@@ -108,7 +109,7 @@ class LawFit:
             "model": self.model, "n_params": self.n_params, "x": self.x, "law": self.law.name,
             "formula": self.law.formula, "metric": self.metric, "status": "ok" if self.ok else "not fitted",
             "message": self.message, "bounds": "; ".join(self.bound_notes()), "n_points": len(self.points.value),
-            "n_failed": self.excluded.failed, "n_nan": self.excluded.nan, "n_no_budget": self.excluded.no_budget,
+            "n_failed": self.excluded.failed, "n_nan": self.excluded.nan, "n_no_x": self.excluded.no_x, "n_no_budget": self.excluded.no_budget,
             "objective": self.fit.objective if self.fit else np.nan,
             "n_bootstrap": len(self.boot.thetas) if self.boot else 0,
             "holdout": self.holdout, "holdout_error": self.holdout_error,
@@ -123,12 +124,18 @@ class LawFit:
         return row
 
 
-def exclusions(rows: pd.DataFrame, metric: str, n_column: str) -> tuple[pd.DataFrame, Exclusions]:
-    """Split a group's rows into usable ones and counts of why the others were left out."""
+def exclusions(rows: pd.DataFrame, metric: str, n_column: str | None) -> tuple[pd.DataFrame, Exclusions]:
+    """Split a group's rows into usable ones and counts of why the others were left out.
+
+    `n_column` is where a joint law reads N; a budget curve (None) does not use N, so a row without
+    one (params_nonembed not recorded) still belongs on it.
+    """
     ok = rows["status"] == "ok"
-    finite = ok & np.isfinite(rows[metric].astype(float)) & np.isfinite(rows[n_column].astype(float))
-    budget = finite & (rows["budget"].astype(float) > 0)
-    counts = Exclusions(failed=int((~ok).sum()), nan=int((ok & ~finite).sum()), no_budget=int((finite & ~budget).sum()))
+    measured = ok & np.isfinite(rows[metric].astype(float))
+    placed = measured & np.isfinite(rows[n_column].astype(float)) if n_column else measured
+    budget = placed & (rows["budget"].astype(float) > 0)
+    counts = Exclusions(failed=int((~ok).sum()), nan=int((ok & ~measured).sum()), no_x=int((measured & ~placed).sum()),
+                        no_budget=int((placed & ~budget).sum()))  # fmt: skip
     return rows[budget], counts
 
 
@@ -179,10 +186,11 @@ def fit_group(job: GroupJob) -> LawFit:
     axis = get_axis(job.axis) if job.axis else None
     joint = "N" in law.inputs
     n_column = X_COLUMN if joint else "params_nonembed"
-    usable, excluded = exclusions(rows, metric, n_column)
+    usable, excluded = exclusions(rows, metric, n_column if joint else None)
     points = Points(usable[n_column].to_numpy(float), usable["budget"].to_numpy(float), usable[metric].to_numpy(float))
     x = axis.name if joint else None
-    n_params = np.nan if joint else float(np.median(points.n)) if len(points.n) else np.nan
+    known = points.n[np.isfinite(points.n)]
+    n_params = float(np.median(known)) if not joint and len(known) else np.nan
     top_of = points.n if joint else points.d
     held = top_of == top_of.max() if len(top_of) else np.zeros(0, bool)
     if joint:

@@ -108,9 +108,9 @@ def _findings(a: Analysis) -> list[Block]:
 
 def best_measured(task: str, curves: list[LawFit], metric: str) -> str:
     """Which method measured best on the largest model at its largest budget: the data, not an extrapolated asymptote."""
-    largest = max(curves, key=lambda f: f.n_params)
+    largest = max(curves, key=lambda f: np.nan_to_num(f.n_params, nan=-np.inf))  # a model without params_nonembed: unknown size
     levels = []
-    for f in (f for f in curves if f.n_params == largest.n_params):
+    for f in (f for f in curves if f.model == largest.model):
         top = f.points.d == f.points.d.max()
         levels.append((float(np.mean(f.points.value[top])), f.method, float(f.points.d.max()), int(top.sum())))
     levels.sort(key=lambda level: (-level[0] if HIGHER_IS_BETTER[metric] else level[0], level[1]))
@@ -175,8 +175,8 @@ def _fits_table(a: Analysis) -> list[Block]:
         r = f.record()
         exponents = ", ".join(f"{p} {_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents) if f.ok else "-"
         rows.append((f.task, f.method, f.model, f.law.name if f.x is None else f"{f.law.name}[{f.x}]", exponents, _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]),
-                     str(r["n_points"]), f"{r['n_failed']}/{r['n_nan']}", _num(r["holdout_error"]), f.note or "ok"))  # fmt: skip
-    header = ("task", "method", "model", "law", "exponents", "asymptote", "n", "failed/NaN", "holdout err", "status")
+                     str(r["n_points"]), f"{r['n_failed']}/{r['n_nan']}/{r['n_no_x']}", _num(r["holdout_error"]), f.note or "ok"))  # fmt: skip
+    header = ("task", "method", "model", "law", "exponents", "asymptote", "n", "failed/NaN/no N", "holdout err", "status")
     note = Paragraph(f"Budget laws are fitted per model; `*` rows are joint laws in (N, D) with N = `{a.x}`, "
                      f"validated by leaving out the {get_axis(a.x).held_out} (named in the holdout column of fits.parquet).")
     return [Heading("Fits"), note, Table(header, rows) if rows else Paragraph("No group of cells could be fitted.")]

@@ -17,6 +17,7 @@ from scipy.optimize import brentq
 import analysis
 from analysis.crossover import OUTCOMES, crossover, outcomes
 from analysis.curves import fit_curves
+from analysis.report import best_measured
 from analysis.summary import analyse
 from analysis.synthetic import TrueCurve, synthetic_rows
 from workers.schema import to_table
@@ -252,3 +253,21 @@ def test_a_file_that_disagrees_on_a_column_type_still_loads(tmp_path: Path) -> N
     loaded = analysis.load_results(str(tmp_path))
     assert loaded.skipped == () and len(loaded.frame) == 2
     assert loaded.frame.set_index("cell_id").loc["x", "score"] == 0.5 and sorted(loaded.frame["budget"]) == [8, 32]
+
+
+def test_rows_without_params_still_make_budget_curves(tmp_path: Path) -> None:
+    """params_nonembed is N for the joint laws only: a model that did not record it keeps its budget
+    curve, and its rows are counted as missing N (not as a missing metric) where N is needed."""
+    rng = np.random.default_rng(0)
+    sizes = {"m1": 1_000_000, "m2": 4_000_000, "m3": 16_000_000}
+    rows = synthetic_rows({("t", "lora", m): TUNE for m in sizes}, sizes, BUDGETS[:4], seeds=2, noise=0.01, rng=rng)
+    rows = [dict(r, params_nonembed=None, params_total=None) if r["model"] == "m1" else r for r in rows]
+    write_cells(tmp_path, rows)
+    frame = analysis.load_results(str(tmp_path)).frame
+    fits = {(f.model, f.law.name): f for f in fit_curves(frame, metric="score", bootstrap=0, seed=0)}
+    curve = fits[("m1", "power_D")]
+    assert curve.ok and len(curve.points.value) == 8 and np.isnan(curve.n_params)
+    assert (curve.excluded.nan, curve.excluded.no_x) == (0, 0)
+    joint = fits[("*", "additive")].record()
+    assert (joint["n_nan"], joint["n_no_x"], joint["n_points"]) == (0, 8, 16)
+    assert "On t, on the largest fitted model (m3)" in best_measured("t", [f for f in fits.values() if f.ok and f.model != "*"], "score")
