@@ -88,6 +88,51 @@ def checkpoint_steps(steps: int, checkpoints: int) -> list[int]:
 Validator = Callable[[], float]  # score of the model as it is now on the shared validation set (higher is better)
 
 
+class MasterWeights:
+    """fp32 copies of half-precision parameters, for the optimizer to update (mixed precision,
+    Micikevicius et al. 2018). An AdamW step on bf16 weights themselves is lost to rounding: near
+    1.0 (norm weights) bf16's spacing is 2^-7, so steps of lr 1e-3 leave them unchanged. fp16
+    gradients also get a dynamic loss scale, so that small ones do not underflow to zero.
+    fp32 parameters are their own masters: for them this is a no-op.
+    """
+
+    GROWTH_INTERVAL = 2000  # overflow-free steps before the fp16 loss scale doubles
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in self.params]
+        self.scale = 2.0**16 if any(p.dtype == torch.float16 for p in self.params) else 1.0
+        self._good_steps = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.scale if self.scale != 1.0 else loss).backward()
+
+    def gradients_to_masters(self) -> bool:
+        """Move the (unscaled) gradients to the masters; False when they overflowed (skip the step)."""
+        for param, master in zip(self.params, self.masters):
+            if param.grad is None:
+                continue
+            if master is not param:
+                master.grad, param.grad = param.grad.float(), None
+            if self.scale != 1.0:
+                master.grad.div_(self.scale)
+        if self.scale == 1.0:
+            return True
+        finite = all(bool(torch.isfinite(m.grad).all()) for m in self.masters if m.grad is not None)
+        self._good_steps = self._good_steps + 1 if finite else 0
+        if not finite:
+            self.scale /= 2
+        elif self._good_steps % self.GROWTH_INTERVAL == 0:
+            self.scale *= 2
+        return finite
+
+    @torch.no_grad()
+    def masters_to_params(self) -> None:
+        for param, master in zip(self.params, self.masters):
+            if master is not param:
+                param.copy_(master)
+
+
 def train(
     lm: LanguageModel,
     params: Sequence[torch.nn.Parameter],
@@ -106,7 +151,8 @@ def train(
     steps = steps_for(len(examples), config)
     # fused: one kernel over all parameters instead of a handful per group of tensors; the small
     # LoRA matrices made the foreach update ~5 % of a step on the ladder's models (benchmarks/CHANGES.md)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    weights = MasterWeights(params)
+    optimizer = torch.optim.AdamW(weights.masters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     checks = checkpoint_steps(steps, config.checkpoints) if validate is not None and config.checkpoints else []
     scores: dict[int, float] = {}
@@ -125,7 +171,7 @@ def train(
         lm.model.train()
         validation_tokens += lm.forward_tokens - before
         if best is None or scores[step] > best[0]:  # strictly better: ties keep the earlier step
-            best = (scores[step], step, [p.detach().clone() for p in params])
+            best = (scores[step], step, [m.detach().clone() for m in weights.masters])
 
     pairs = lm.encode_pairs([ex.prompt for ex in examples], [ex.target for ex in examples])  # once, not every step
     lm.model.train()
@@ -138,9 +184,11 @@ def train(
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss became {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            weights.backward(loss)
+            if weights.gradients_to_masters():  # an fp16 overflow skips the step, and the schedule with it
+                optimizer.step()
+                weights.masters_to_params()
+                schedule.step()
             losses.append(loss.item())
             tokens += batch.target_tokens
             sequence_tokens += int(batch.attention_mask.sum())
@@ -154,6 +202,8 @@ def train(
                     param.copy_(kept)
     finally:
         optimizer.zero_grad(set_to_none=True)
+        for param in params:
+            param.grad = None  # a half-precision parameter's gradient is moved to its master, unless a step raised first
         lm.model.train(was_training)
     return TrainResult(
         losses=losses,
