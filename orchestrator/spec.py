@@ -7,6 +7,7 @@ reported with its full path and the nearest valid key before anything runs.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +184,25 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
     try:
         spec = validate_config(SweepSpec, data)
         check_names(spec, models=check_models)
+        check_results_dir(spec.results_dir, os.getcwd())
     except ConfigError as err:
         raise ConfigError(f"{path}:\n{err}") from None
     return spec
 
 
-__all__ = ["ConfigError", "ModelEntry", "Resources", "SweepSpec", "apply_overrides", "check_names", "load_spec"]
+RAY_JOB_COPY = "/runtime_resources/working_dir_files/"  # where `ray job submit --working-dir` unpacks the job's files
+
+
+def check_results_dir(results_dir: str, cwd: str) -> None:
+    """Refuse a relative results_dir in a Ray job: it would resolve inside Ray's temporary copy of
+    the working dir, which Ray deletes, and which a resubmission after any edit gets afresh (the
+    sweep would start over, its earlier rows out of sight)."""
+    if RAY_JOB_COPY in cwd and "://" not in results_dir and not os.path.isabs(results_dir):
+        raise ConfigError(
+            f"results_dir: {results_dir} is relative, and this runs as a Ray job in Ray's temporary copy of the "
+            f"working dir ({cwd}), where rows would be lost; give a URI (results_dir=s3://bucket/...) or an absolute "
+            "path on storage every node and you can reach"
+        )
+
+
+__all__ = ["ConfigError", "ModelEntry", "Resources", "SweepSpec", "apply_overrides", "check_names", "check_results_dir", "load_spec"]

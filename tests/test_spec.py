@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.spec import apply_overrides, load_spec
+from orchestrator.spec import apply_overrides, check_results_dir, load_spec
 from workers.config import ConfigError
 
 BASE = {
@@ -119,3 +119,15 @@ def test_reading_a_sweeps_results_through_its_yaml_does_not_need_its_models(writ
     with pytest.raises(ConfigError, match="no model directory at /mnt/cluster/models/m1"):
         load_spec(path)
     assert load_spec(path, check_models=False).results_dir.endswith("results/unit")
+
+
+@pytest.mark.parametrize("results_dir", ["results/x", "./out", "s3://bucket/x", "/shared/x"])
+def test_a_ray_job_refuses_a_relative_results_dir(results_dir):
+    """`ray job submit --working-dir .` runs the driver in Ray's temporary copy of the directory: rows would land there."""
+    job = "/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_abc"
+    if "://" in results_dir or results_dir.startswith("/"):
+        check_results_dir(results_dir, job)
+    else:
+        with pytest.raises(ConfigError, match="relative, and this runs as a Ray job"):
+            check_results_dir(results_dir, job)
+    check_results_dir(results_dir, "/home/me/project")  # not a job: relative is relative to where you are
