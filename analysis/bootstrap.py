@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.fitting import Fit, LawData, refine
+from analysis.fitting import Fit, LawData, negligible_terms, refine, unidentified
 
 CI_LEVEL = 0.95
 
@@ -22,6 +22,7 @@ class Bootstrap:
 
     fit: Fit
     thetas: np.ndarray
+    x: dict[str, np.ndarray]  # the points' inputs: over them a term must matter for its exponent to mean anything
 
     def params(self) -> dict[str, np.ndarray]:
         """Natural parameters per resample: coefficients exponentiated, exponents as they are."""
@@ -30,8 +31,19 @@ class Bootstrap:
         return {name: values[:, i] for i, name in enumerate(self.fit.law.params)}
 
     def intervals(self, level: float = CI_LEVEL) -> dict[str, tuple[float, float]]:
-        """Percentile intervals per natural parameter."""
-        return {name: percentile_interval(v, level) for name, v in self.params().items()}
+        """Percentile intervals per natural parameter.
+
+        A resample whose term is ~0 over the data (fitting.negligible_terms) leaves that term's
+        exponents arbitrary, so it is left out of their intervals; where more than 1 − level of the
+        resamples are such, the exponent could be anything there and has no interval (NaN).
+        """
+        params = self.params()
+        lost = unidentified(self.fit.law, negligible_terms(self.fit.law, params, self.x))
+        result = {}
+        for name, values in params.items():
+            gone = lost.get(name, np.zeros(len(values), dtype=bool))
+            result[name] = percentile_interval(values[~gone], level) if gone.mean() <= 1 - level else (np.nan, np.nan)
+        return result
 
 
 def percentile_interval(values: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
@@ -56,4 +68,4 @@ def refit_weighted(fit: Fit, data: LawData, weights: np.ndarray) -> np.ndarray:
 def bootstrap_fit(fit: Fit, data: LawData, n_resamples: int, rng: np.random.Generator) -> Bootstrap:
     """Bootstrap over cells (points), refitting every resample in one batch."""
     weights = resample_weights(data.n, n_resamples, rng)
-    return Bootstrap(fit, refit_weighted(fit, data, weights))
+    return Bootstrap(fit, refit_weighted(fit, data, weights), data.x)

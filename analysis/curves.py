@@ -19,7 +19,7 @@ import pandas as pd
 
 from analysis.bootstrap import Bootstrap, bootstrap_fit, percentile_interval
 from analysis.capability import X_COLUMN, Axis, get_axis, with_x
-from analysis.fitting import Fit, FitError, LawData, fit_law
+from analysis.fitting import NEGLIGIBLE_SHARE, Fit, FitError, LawData, fit_law, negligible_terms, unidentified
 from analysis.laws import LAWS, POWER_D, Law
 from analysis.methods import method_kind
 from analysis.metrics import LOSS_FLOOR, from_loss, to_loss
@@ -93,10 +93,38 @@ class LawFit:
             notes.append("E at the loss floor (asymptote = the metric's limit)")
         return notes
 
+    def unidentified(self) -> list[str]:
+        """Exponents whose every term is ~0 over the data (fitting.negligible_terms): any value fits as well,
+        so they have no interval and are not findings."""
+        if not self.fit:
+            return []
+        lost = unidentified(self.law, self._negligible())
+        return [name for name in self.law.exponents if lost[name][0]]
+
+    def _negligible(self) -> np.ndarray:
+        return negligible_terms(self.law, self.fit.params, {"N": self.points.n, "D": self.points.d})
+
+    def identification_notes(self) -> list[str]:
+        """What the data cannot say: a metric that does not move, and each term ~0 over the data with
+        the exponents it leaves unidentified (its coefficient, as fitted, is a bound, not a size)."""
+        if not self.fit:
+            return []
+        notes = []
+        loss = np.log(to_loss(self.points.value, self.metric))
+        if np.ptp(loss) < NEGLIGIBLE_SHARE:
+            lo, hi = np.min(self.points.value), np.max(self.points.value)
+            notes.append(f"no spread in {self.metric} ({lo:.3g} to {hi:.3g} over {len(loss)} cells): only its level is measured")
+        lost = set(self.unidentified())
+        for term, negligible in zip(self.law.terms, self._negligible()[0]):
+            exponents = [name for _, name in term.powers if name in lost]
+            if negligible and exponents:
+                notes.append(f"{term.coef}≈0: {', '.join(exponents)} not identified")
+        return notes
+
     @property
     def note(self) -> str:
-        """Why the group was not fitted, or which parameters sit at a bound ('' for a clean fit)."""
-        return self.message or "; ".join(self.bound_notes())
+        """Why the group was not fitted, what the data cannot identify, or which parameters sit at a bound ('' for a clean fit)."""
+        return self.message or "; ".join([*self.identification_notes(), *self.bound_notes()])
 
     def predict(self, n: np.ndarray, d: np.ndarray) -> np.ndarray:
         """The fitted metric (not loss) at (N, D)."""
@@ -108,7 +136,8 @@ class LawFit:
             "task": self.task, "method": self.method, "kind": method_kind(self.method),
             "model": self.model, "n_params": self.n_params, "x": self.x, "law": self.law.name,
             "formula": self.law.formula, "metric": self.metric, "status": "ok" if self.ok else "not fitted",
-            "message": self.message, "bounds": "; ".join(self.bound_notes()), "n_points": len(self.points.value),
+            "message": self.message, "bounds": "; ".join(self.bound_notes()),
+            "identification": "; ".join(self.identification_notes()), "n_points": len(self.points.value),
             "n_failed": self.excluded.failed, "n_nan": self.excluded.nan, "n_no_x": self.excluded.no_x, "n_no_budget": self.excluded.no_budget,
             "objective": self.fit.objective if self.fit else np.nan,
             "n_bootstrap": len(self.boot.thetas) if self.boot else 0,
@@ -116,6 +145,7 @@ class LawFit:
         }  # fmt: skip
         params = self.fit.params if self.fit else {}
         intervals = self.boot.intervals() if self.boot else {}
+        intervals.update({name: (np.nan, np.nan) for name in self.unidentified()})
         for name in ALL_PARAMS:
             row[name] = params.get(name, np.nan)
             row[f"{name}_lo"], row[f"{name}_hi"] = intervals.get(name, (np.nan, np.nan))

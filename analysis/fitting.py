@@ -23,6 +23,7 @@ from analysis.laws import Law
 HUBER_DELTA = 1e-3
 LOG_COEF_BOUNDS = (-30.0, 30.0)
 MIN_DISTINCT = 3  # distinct values each input needs for its exponent to be identified
+NEGLIGIBLE_SHARE = 1e-3  # a term under this share of the fitted loss at every point is ~0 on the data's scale
 
 
 class FitError(ValueError):
@@ -109,6 +110,27 @@ def params_from_theta(law: Law, theta: np.ndarray) -> dict[str, float]:
     k = len(law.coefs)
     values = np.concatenate([np.exp(theta[:k]), theta[k:]])
     return dict(zip(law.params, values.tolist()))
+
+
+def negligible_terms(law: Law, params: Mapping[str, np.ndarray], x: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(B, terms): True where a term stays under NEGLIGIBLE_SHARE of the law's value at every point of `x`,
+    for B parameter sets (scalars are one set).
+
+    Such a term's coefficient is ~0 where there are data (on flat data the fit drives it to its
+    bound, e^-30), so the data say nothing about the term's exponents: any value fits as well.
+    """
+    g = law.design({name: np.log(np.asarray(x[name], dtype=float)) for name in law.inputs})
+    g = np.unique(g.reshape(len(g), -1), axis=0).reshape(-1, *g.shape[1:])  # seeds share inputs
+    exps = np.stack([np.atleast_1d(np.asarray(params[e], dtype=float)) for e in law.exponents], axis=-1)
+    coefs = np.stack([np.atleast_1d(np.asarray(params[c], dtype=float)) for c in law.coefs], axis=-1)
+    terms = coefs[:, None, :] * np.exp(np.einsum("nkm,bm->bnk", g, exps))
+    return np.all(terms < NEGLIGIBLE_SHARE * terms.sum(axis=-1, keepdims=True), axis=1)
+
+
+def unidentified(law: Law, negligible: np.ndarray) -> dict[str, np.ndarray]:
+    """Per exponent, (B,): True where every term that carries it is negligible (`negligible_terms`)."""
+    carriers = {e: [k for k, term in enumerate(law.terms) if e in (name for _, name in term.powers)] for e in law.exponents}
+    return {e: negligible[:, ks].all(axis=1) for e, ks in carriers.items()}
 
 
 def theta_bounds(law: Law) -> list[tuple[float, float]]:

@@ -93,6 +93,12 @@ def _findings(a: Analysis) -> list[Block]:
         lines.append(f"{bounded} of the {len(fitted)} fits put a parameter at its bound (marked in the table of fits): there the data do "
                      "not pin the curve down, so its exponent and asymptote are not findings. A D* compares two curves only where "
                      "there are data; the share of resamples that agree with it says how firm it is.")
+    unidentified = sum(bool(f.unidentified()) for f in fitted)
+    if unidentified:
+        flat = sum(any(n.startswith("no spread") for n in f.identification_notes()) for f in fitted)
+        lines.append(f"In {unidentified} of the {len(fitted)} fits a term is ≈ 0 over the data (marked 'not identified'): any value of its "
+                     "exponent fits as well, so that exponent has no interval and is not a finding"
+                     + (f"; in {flat} of them the metric does not move at all, so only its level is measured." if flat else "."))
     for s in a.scaling:
         if s.n_models >= MIN_TREND_MODELS:  # a line through two points has no error to show
             lines.append(s.describe() + ".")
@@ -173,7 +179,8 @@ def _fits_table(a: Analysis) -> list[Block]:
     rows = []
     for f in a.fits:
         r = f.record()
-        exponents = ", ".join(f"{p} {_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents) if f.ok else "-"
+        lost = f.unidentified()
+        exponents = ", ".join(f"{p} not identified" if p in lost else f"{p} {_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents) if f.ok else "-"
         rows.append((f.task, f.method, f.model, f.law.name if f.x is None else f"{f.law.name}[{f.x}]", exponents, _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]),
                      str(r["n_points"]), f"{r['n_failed']}/{r['n_nan']}/{r['n_no_x']}", _num(r["holdout_error"]), f.note or "ok"))  # fmt: skip
     header = ("task", "method", "model", "law", "exponents", "asymptote", "n", "failed/NaN/no N", "holdout err", "status")

@@ -94,7 +94,8 @@ class FitSummary:
         table = [header]
         for f in a.fits:
             r = f.record()
-            exponents = [f"{p}={_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents] if f.ok else ["-"]
+            lost = f.unidentified()
+            exponents = [f"{p}=not identified" if p in lost else f"{p}={_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents] if f.ok else ["-"]
             table.append((
                 f.task, f.method, f.model, f.law.name if f.x is None else f"{f.law.name}[{f.x}]", " ".join(exponents),
                 _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]), str(r["n_points"]), str(r["n_failed"]),

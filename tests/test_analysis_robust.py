@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 import analysis
 from workers.schema import to_table
@@ -30,7 +32,16 @@ def test_flat_curves_and_in_flight_files_do_not_break_the_fit(tmp_path: Path) ->
     pq.write_table(to_table([rows[0]]), cells / f".tmp-123-{rows[0]['cell_id']}.parquet")  # a complete write not yet renamed
     loaded = analysis.load_results(str(tmp_path))
     assert len(loaded.frame) == len(rows) and loaded.skipped == ()
-    summary = analysis.fit_results(str(tmp_path), bootstrap=20)
+    summary = analysis.write_report(str(tmp_path), bootstrap=20)
     text = summary.to_text()
     assert "steer_mean" in text and "lora" in text
     assert all(Path(p).exists() for p in summary.paths.values())
+    # a flat curve fits B ≈ 0, where any beta fits as well: said, with no interval, and no value printed
+    for curve in (f for f in summary.analysis.fits if f.model == "m"):
+        assert curve.identification_notes() == ["no spread in score (0.2 to 0.2 over 8 cells): only its level is measured",
+                                                "B≈0: beta not identified"], curve.note  # fmt: skip
+        record = curve.record()
+        assert np.isnan(record["beta_lo"]) and np.isnan(record["beta_hi"]) and record["asymptote"] == pytest.approx(0.2)
+    markdown = summary.report_page.with_name("report.md").read_text()
+    assert "beta=not identified" in text and "| beta not identified |" in markdown
+    assert "In 2 of the 2 fits a term is ≈ 0 over the data" in markdown and "in 2 of them the metric does not move" in markdown

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.bootstrap import refit_weighted, resample_weights
+from analysis.bootstrap import bootstrap_fit, refit_weighted, resample_weights
 from analysis.fitting import LawData, _lbfgs, fit_law, objective, params_from_theta
-from analysis.laws import ADDITIVE, MULTIPLICATIVE, Law
+from analysis.laws import ADDITIVE, MULTIPLICATIVE, POWER_D, Law
 
 
 ADDITIVE_TRUTH = {"E": 0.4, "A": 120.0, "B": 50.0, "alpha": 0.34, "beta": 0.35}
@@ -43,3 +43,24 @@ def test_every_resample_matches_lbfgs_from_the_same_start(models: int, budgets: 
         ours = params_from_theta(law, theta)
         for name, value in params_from_theta(law, reference).items():
             assert ours[name] == pytest.approx(value, rel=1e-3, abs=1e-4), name
+
+
+def test_an_exponent_whose_term_is_zero_over_the_data_has_no_interval() -> None:
+    """Scores that do not move (8 cells at 0.23) fit B ≈ e^-30, and then any β fits as well: it came out as
+    an arbitrary value with a zero-width interval. Now it has none, while the level E keeps its own."""
+    data = LawData.build(POWER_D, {"D": np.repeat([4.0, 16.0, 64.0, 256.0], 2)}, np.full(8, 0.77))
+    fit = fit_law(data)
+    assert fit.params["B"] < 1e-6
+    intervals = bootstrap_fit(fit, data, 50, np.random.default_rng(0)).intervals()
+    assert np.isnan(intervals["beta"]).all()
+    assert intervals["E"] == pytest.approx((0.77, 0.77))
+
+
+def test_only_the_exponent_of_the_vanishing_term_loses_its_interval() -> None:
+    """A joint law on data that do not depend on N: A ≈ 0 leaves alpha arbitrary, beta is still measured."""
+    truth = {"E": 0.4, "A": 0.0, "B": 50.0, "alpha": 0.0, "beta": 0.35}
+    data = noisy_grid(3, 4, 5, 3, ADDITIVE, truth)
+    boot = bootstrap_fit(fit_law(data), data, 50, np.random.default_rng(0))
+    intervals = boot.intervals()
+    assert np.isnan(intervals["alpha"]).all()
+    assert intervals["beta"][0] < 0.35 < intervals["beta"][1]
