@@ -2,7 +2,8 @@
 
 The gain is measured from the base model: with loss(D) = E + B·D^-β and the base model's loss L0,
 the asymptotic gain is L0 − E and x % of it is reached at D_x = (B / ((1 − x)(L0 − E)))^(1/β).
-A method whose asymptote is no better than the base model has no D_x.
+A method whose asymptote is no better than the base model has no D_x. A D_x outside the measured
+budgets is the law's extrapolation (a flat curve puts it at 1e-180), so it is marked as such.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import pandas as pd
 
 from analysis.bootstrap import percentile_interval
 from analysis.curves import LawFit
+from analysis.fitting import NEGLIGIBLE_SHARE
 from analysis.metrics import BASE_COLUMN, to_loss
 
 FRACTIONS = (0.5, 0.9)
-EXTRAPOLATION_LIMIT = 100.0  # D_x beyond this many times the largest measured budget is reported as such
+EXTRAPOLATION_LIMIT = 100.0  # D_x beyond this many times the largest measured budget is not even printed
 
 
 @dataclass(frozen=True)
@@ -28,24 +30,28 @@ class DataEfficiency:
     n_params: float
     fraction: float
     examples: float  # NaN when the asymptote does not beat the base model
-    examples_lo: float
+    examples_lo: float  # the interval is over the resamples that have a D_x
     examples_hi: float
-    largest_budget: float  # the curve's largest measured budget: past EXTRAPOLATION_LIMIT times it, D_x is a guess
+    finite_share: float  # resamples with a D_x (their asymptote beats the base model); NaN without resamples
+    smallest_budget: float  # the curve's measured budgets: outside them D_x is the law's guess
+    largest_budget: float
 
     @property
     def extrapolated(self) -> bool:
-        return bool(self.examples > EXTRAPOLATION_LIMIT * self.largest_budget)
+        return bool(self.examples < self.smallest_budget or self.examples > self.largest_budget)
 
     def record(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "extrapolated": self.extrapolated}
 
 
 def examples_to_reach(params: dict[str, np.ndarray], base_loss: float, fraction: float) -> np.ndarray:
+    """D_x per parameter set; NaN where the asymptote does not beat the base model by more than a
+    negligible share of its loss (an asymptote equal to it, up to rounding, would put D_x anywhere)."""
     e, b, beta = (np.atleast_1d(np.asarray(params[name], dtype=float)) for name in ("E", "B", "beta"))
     gain = base_loss - e
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # invalid cases masked below
         d = (b / ((1.0 - fraction) * gain)) ** (1.0 / beta)
-    return np.where((gain > 0) & (b > 0) & (beta > 0), d, np.nan)
+    return np.where((gain > NEGLIGIBLE_SHARE * base_loss) & (b > 0) & (beta > 0), d, np.nan)
 
 
 def base_level(ok: pd.DataFrame, task: str, model: str, metric: str) -> float:
@@ -68,6 +74,9 @@ def data_efficiency(fits: list[LawFit], ok: pd.DataFrame, fractions: tuple[float
         base_loss = float(to_loss(np.array([base]), curve.metric)[0])
         for fraction in fractions:
             point = float(examples_to_reach(curve.fit.params, base_loss, fraction)[0])
-            lo, hi = percentile_interval(examples_to_reach(curve.boot.params(), base_loss, fraction)) if curve.boot else (np.nan, np.nan)
-            result.append(DataEfficiency(curve.task, curve.method, curve.model, curve.n_params, fraction, point, lo, hi, float(curve.points.d.max())))
+            samples = examples_to_reach(curve.boot.params(), base_loss, fraction) if curve.boot else np.array([])
+            lo, hi = percentile_interval(samples)
+            share = float(np.isfinite(samples).mean()) if len(samples) else np.nan
+            result.append(DataEfficiency(curve.task, curve.method, curve.model, curve.n_params, fraction, point, lo, hi, share,
+                                         float(curve.points.d.min()), float(curve.points.d.max())))  # fmt: skip
     return result

@@ -215,17 +215,34 @@ def _capability(a: Analysis) -> list[Block]:
 
 
 def _examples_needed(e: DataEfficiency) -> str:
-    if e.extrapolated:
-        return f"> {EXTRAPOLATION_LIMIT:g}× the largest budget measured ({e.largest_budget:g}): not measurable here"
+    """D_x with its interval; outside the measured budgets it is marked extrapolated, and below the smallest
+    or past EXTRAPOLATION_LIMIT × the largest only the side is said (the law's number there means nothing)."""
+    share = f"; D_x exists in {e.finite_share:.0%} of resamples" if e.finite_share < 1 else ""  # NaN: no resamples
+    if not np.isfinite(e.examples):
+        return f"none: the asymptote does not beat the base model{share}"
     limit = EXTRAPOLATION_LIMIT * e.largest_budget
-    hi = f"> {_num(limit)}" if not e.examples_hi <= limit else _num(e.examples_hi)
-    return f"{_num(e.examples)} [{_num(e.examples_lo)}, {hi}]" if np.isfinite(e.examples_lo) else _num(e.examples)
+    if e.examples > limit:
+        return f"> {EXTRAPOLATION_LIMIT:g}× the largest budget measured ({e.largest_budget:g}): not measurable here{share}"
+    if e.examples < e.smallest_budget:
+        return f"< {e.smallest_budget:g}, the smallest budget measured: reached before the data start (extrapolated){share}"
+
+    def end(value: float) -> str:  # an interval end outside what the report prints, as a side: the order is kept
+        return f"< {e.smallest_budget:g}" if value < e.smallest_budget else f"> {_num(limit)}" if value > limit else _num(value)
+
+    lo, hi = end(e.examples_lo), end(e.examples_hi)
+    interval = "" if not np.isfinite(e.examples_lo) else f" [{lo}]" if lo == hi else f" [{lo}, {hi}]"
+    past = f" (extrapolated past the largest budget measured, {e.largest_budget:g})" if e.extrapolated else ""
+    return f"{_num(e.examples)}{interval}{past}{share}"
 
 
 def _efficiency(a: Analysis) -> list[Block]:
     rows = [(e.task, e.method, e.model, f"{e.fraction:.0%}", _examples_needed(e)) for e in a.efficiency]
-    body: Block = Table(("task", "method", "model", "share of asymptotic gain", "examples needed"), rows) if rows else Paragraph("Needs fitted budget curves and the base model's score.")
-    return [Heading("Data efficiency"), body]
+    if not rows:
+        return [Heading("Data efficiency"), Paragraph("Needs fitted budget curves and the base model's score.")]
+    note = Paragraph("Examples needed: the budget at which the fitted curve reaches that share of the gain over the base model it "
+                     "tends to, with its 95 % bootstrap interval over the resamples that reach it at all. Outside the budgets the curve "
+                     "was measured on it is the law's extrapolation and marked as such.")  # fmt: skip
+    return [Heading("Data efficiency"), note, Table(("task", "method", "model", "share of asymptotic gain", "examples needed"), rows)]
 
 
 def _compositions(a: Analysis) -> list[Block]:

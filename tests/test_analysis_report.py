@@ -11,7 +11,8 @@ import pytest
 
 import analysis
 from analysis.composition import CompositionGain
-from analysis.report import composition_finding
+from analysis.efficiency import DataEfficiency
+from analysis.report import _examples_needed, composition_finding
 from analysis.synthetic import TrueCurve, synthetic_rows
 from test_analysis_results import build_results, write_cells
 
@@ -96,3 +97,24 @@ def test_a_report_without_resamples_shows_point_estimates_only(tmp_path: Path) -
     assert "No intervals (--bootstrap 0)." in markdown and "bootstrap intervals over cells" not in markdown
     table = markdown.split("| task | steering → fine-tuning |", 1)[1].split("\n\n", 1)[0]
     assert re.search(r"\| facts \| steer_mean → lora \| [0-9.]+ \|", table) and "nan" not in table, table
+
+
+def _efficiency(examples: float, lo: float, hi: float, share: float = 1.0) -> DataEfficiency:
+    return DataEfficiency("t", "lora", "m", 1e6, 0.5, examples, lo, hi, share, smallest_budget=4.0, largest_budget=1024.0)
+
+
+@pytest.mark.parametrize("examples, lo, hi, share, words, absent", [
+    (0.068, 0.01, 3.0, 1.0, "< 4, the smallest budget measured: reached before the data start (extrapolated)", "0.068"),
+    (7.9e-182, 1e-200, 1e-150, 1.0, "< 4, the smallest budget measured", "e-182"),
+    (float("nan"), 10.0, 50.0, 0.3, "none: the asymptote does not beat the base model; D_x exists in 30% of resamples", "["),
+    (500.0, 2e5, 3e5, 1.0, "500 [> 1.02e+05]", "[2e+05"),  # the point below its own interval: no "[2e+05, > 1.02e+05]"
+    (2000.0, 1.0, 2e5, 0.62, "2e+03 [< 4, > 1.02e+05] (extrapolated past the largest budget measured, 1024); D_x exists in 62% of resamples", "nan"),
+    (100.0, 50.0, 200.0, 1.0, "100 [50, 200]", "extrapolated"),
+])  # fmt: skip
+def test_examples_needed_outside_the_measured_budgets_is_marked(examples, lo, hi, share, words, absent) -> None:
+    """Only a D_x inside [smallest, largest budget] is measured; below it the law's number (0.068, 1e-182)
+    is not printed, a missing D_x shows no interval, and an interval is never printed inverted."""
+    e = _efficiency(examples, lo, hi, share)
+    text = _examples_needed(e)
+    assert words in text and absent not in text, text
+    assert e.extrapolated == (np.isfinite(examples) and not 4 <= examples <= 1024)

@@ -17,6 +17,7 @@ from scipy.optimize import brentq
 import analysis
 from analysis.crossover import OUTCOMES, crossover, outcomes
 from analysis.curves import fit_curves
+from analysis.efficiency import examples_to_reach
 from analysis.report import best_measured
 from analysis.summary import analyse
 from analysis.synthetic import TrueCurve, synthetic_rows
@@ -271,3 +272,13 @@ def test_rows_without_params_still_make_budget_curves(tmp_path: Path) -> None:
     joint = fits[("*", "additive")].record()
     assert (joint["n_nan"], joint["n_no_x"], joint["n_points"]) == (0, 8, 16)
     assert "On t, on the largest fitted model (m3)" in best_measured("t", [f for f in fits.values() if f.ok and f.model != "*"], "score")
+
+
+def test_a_data_efficiency_outside_the_measured_budgets_is_extrapolated(summary: analysis.FitSummary) -> None:
+    """m3's steering curve reaches half its gain over the base model at D ≈ 2, below the smallest budget (8):
+    that is the law's extrapolation. An asymptote equal to the base model's level has no D_x at all."""
+    found = {(e.task, e.method, e.model, e.fraction): e for e in summary.analysis.efficiency}
+    below = found[("facts", "steer_mean", "m3", 0.5)]
+    assert below.examples < 8 and below.extrapolated and below.smallest_budget == 8 and below.finite_share == 1
+    assert not found[("facts", "lora", "m1", 0.5)].extrapolated
+    assert np.isnan(examples_to_reach({"E": 0.8 - 1e-15, "B": 1e-13, "beta": 1.75}, 0.8, 0.5)).all()  # flat at the base level
