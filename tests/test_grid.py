@@ -56,8 +56,10 @@ def test_id_changes_when_any_setting_changes(write_sweep):
     }
     for what, changed in variants.items():
         assert changed.cell_id != cell.cell_id, f"changing the {what} must change the cell id"
-    # but scheduling and the sweep's name are not identity:
+    # but scheduling, placement and the sweep's name are not identity:
     assert cell.model_copy(update={"sweep": "renamed"}).cell_id == cell.cell_id
+    assert cell.model_copy(update={"eval": cell.eval.model_copy(update={"batch_size": 8})}).cell_id == cell.cell_id
+    assert cell.model_copy(update={"model": cell.model.model_copy(update={"device": "cuda"})}).cell_id == cell.cell_id
 
 
 def test_cells_stored_before_a_setting_existed_keep_their_ids():

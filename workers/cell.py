@@ -2,8 +2,9 @@
 
 A cell id is the hash of the canonical JSON of everything that can change a cell's result (model
 and revision, task, method and its resolved settings, budget, seed, evaluation settings) plus the
-results schema version. Scheduling details (GPUs, retries, where results go) are deliberately not
-part of it, so the same cell run on a laptop or on a cluster is recognised as done.
+results schema version. Scheduling details (GPUs, retries, where results go, the device, the
+evaluation batch size) are deliberately not part of it, so the same cell run on a laptop or on a
+cluster is recognised as done.
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ class EvalConfig(StrictConfig):
 # behaviour by name skips them instead of redoing them.
 _ADDED_LATER: dict[str, dict[str, object]] = {"eval": {"selection_metric": "score"}}
 
+# Settings that change where or how fast a cell runs, not what it computes (batched equals unbatched;
+# the device moves numbers only by rounding): pinned at their defaults in the identity, so a smaller
+# evaluation batch after an out-of-memory, or `cuda` instead of `auto`, finds the cells already done
+# (and cells stored with the defaults keep their ids).
+_PLACEMENT: dict[str, dict[str, object]] = {
+    "eval": {"batch_size": EvalConfig.model_fields["batch_size"].default},
+    "model": {"device": ModelSpec.model_fields["device"].default},
+}
+
 
 class CellConfig(StrictConfig):
     sweep: str
@@ -80,6 +90,8 @@ class CellConfig(StrictConfig):
     @property
     def cell_id(self) -> str:
         identity = self.model_dump(mode="json", exclude={"sweep"})
+        for section, pinned in _PLACEMENT.items():
+            identity[section].update(pinned)
         for section, defaults in _ADDED_LATER.items():
             for key, default in defaults.items():
                 if identity[section][key] == default:
