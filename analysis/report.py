@@ -17,7 +17,7 @@ import numpy as np
 
 from analysis.axis_choice import TREND
 from analysis.capability import AXES, get_axis
-from analysis.composition import CompositionGain
+from analysis.composition import MIN_SEEDS, CompositionGain
 from analysis.crossover import Crossover
 from analysis.curves import LawFit
 from analysis.decisions import Decisions, read_decisions
@@ -107,6 +107,10 @@ def _findings(a: Analysis) -> list[Block]:
     for g in a.compositions:
         if np.isfinite(g.gain_lo) and (g.gain_lo > 0 or g.gain_hi < 0):
             lines.append(composition_finding(g))
+    few = sum(bool(g.seeds_note()) for g in a.compositions)
+    if few and a.bootstrap:
+        lines.append(f"{few} of the {len(a.compositions)} composition gains rest on fewer than {MIN_SEEDS} seeds a side: they have "
+                     "no interval, so none of them is stated as a finding (see Composition gain).")
     if not a.crossovers:
         lines.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
     return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]
@@ -245,10 +249,19 @@ def _efficiency(a: Analysis) -> list[Block]:
     return [Heading("Data efficiency"), note, Table(("task", "method", "model", "share of asymptotic gain", "examples needed"), rows)]
 
 
+def composition_gain(g: CompositionGain, bootstrap: int) -> str:
+    """The gain with its interval, or why it has none (too few seeds a side to resample)."""
+    return f"{_num(g.gain)} ({g.seeds_note()})" if bootstrap and g.seeds_note() else _ci(g.gain, g.gain_lo, g.gain_hi)
+
+
 def _compositions(a: Analysis) -> list[Block]:
-    rows = [(g.task, g.model, f"{g.budget:g}", g.composition, g.best_single, _ci(g.gain, g.gain_lo, g.gain_hi)) for g in a.compositions]
-    body: Block = Table(("task", "model", "budget", "composition", "best part", "gain"), rows) if rows else Paragraph("No composition was run alongside all of its parts.")
-    return [Heading("Composition gain"), body]
+    rows = [(g.task, g.model, f"{g.budget:g}", g.composition, g.best_single, composition_gain(g, a.bootstrap)) for g in a.compositions]
+    if not rows:
+        return [Heading("Composition gain"), Paragraph("No composition was run alongside all of its parts.")]
+    note = Paragraph(f"Gain of the composition over its better part, cell mean against cell mean. Its interval resamples the seeds "
+                     f"of each side, so it needs {MIN_SEEDS} seeds a side (two that agree give a zero-width interval); only a "
+                     "gain whose interval excludes zero is stated in \"What the fits say\".")  # fmt: skip
+    return [Heading("Composition gain"), note, Table(("task", "model", "budget", "composition", "best part", "gain"), rows)]
 
 
 def _links(a: Analysis) -> list[Block]:

@@ -114,7 +114,8 @@ class FitSummary:
         if a.compositions:
             lines.append("composition gains (over the best single part):")
             for g in a.compositions:
-                lines.append(f"  {g.task} {g.model} D={g.budget:g}: {g.composition} vs {g.best_single}: {_ci(g.gain, g.gain_lo, g.gain_hi)}")
+                few = f" ({g.seeds_note()})" if a.bootstrap and g.seeds_note() else ""
+                lines.append(f"  {g.task} {g.model} D={g.budget:g}: {g.composition} vs {g.best_single}: {_ci(g.gain, g.gain_lo, g.gain_hi)}{few}")
         if a.links:
             lines.append("sigmoid links, score = floor + (ceiling - floor) / (1 + exp(slope (nll - midpoint))):")
             for k in a.links:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import analysis
-from analysis.composition import CompositionGain
+from analysis.composition import CompositionGain, composition_gains
 from analysis.efficiency import DataEfficiency
-from analysis.report import _examples_needed, composition_finding
+from analysis.report import _examples_needed, _findings, composition_finding, composition_gain
 from analysis.synthetic import TrueCurve, synthetic_rows
 from test_analysis_results import build_results, write_cells
 
@@ -73,7 +75,7 @@ def test_report_on_degenerate_results(tmp_path: Path, case: str) -> None:
     (0.05, 0.02, 0.08, "better than lora alone by 0.05 [0.02, 0.08]"),
 ])  # fmt: skip
 def test_a_composition_finding_states_its_margin_as_a_size(gain, lo, hi, words) -> None:
-    finding = composition_finding(CompositionGain("arith", "ladder:s", 32.0, "steer_mean+lora", "lora", gain, lo, hi, 4))
+    finding = composition_finding(CompositionGain("arith", "ladder:s", 32.0, "steer_mean+lora", "lora", gain, lo, hi, 6, 3))
     assert finding == f"arith, ladder:s, D=32: steer_mean+lora is {words}."
 
 
@@ -118,3 +120,24 @@ def test_examples_needed_outside_the_measured_budgets_is_marked(examples, lo, hi
     text = _examples_needed(e)
     assert words in text and absent not in text, text
     assert e.extrapolated == (np.isfinite(examples) and not 4 <= examples <= 1024)
+
+
+def _composition_cells(seeds: int) -> pd.DataFrame:
+    """steer_mean+lora a steady 0.01 below lora's 0.40 on every seed (and steer_mean far below)."""
+    scores = {"lora": 0.40, "steer_mean": 0.30, "steer_mean+lora": 0.39}
+    return pd.DataFrame([{"task": "arith", "model": "s", "budget": 32, "method": m, "seed": i, "score": v}
+                         for m, v in scores.items() for i in range(seeds)])  # fmt: skip
+
+
+def test_a_composition_gain_needs_three_seeds_a_side_for_an_interval_or_a_finding() -> None:
+    """Two seeds that agree resample to a zero-width interval ("worse by 0.01 [0.01, 0.01]"), which made a finding."""
+    (two,) = composition_gains(_composition_cells(2), metric="score", bootstrap=200, seed=0)
+    assert two.gain == pytest.approx(-0.01) and np.isnan([two.gain_lo, two.gain_hi]).all() and two.seeds == 2
+    assert composition_gain(two, 200) == "-0.01 (no interval: 2 seed(s) on a side, 3 needed)"
+    (three,) = composition_gains(_composition_cells(3), metric="score", bootstrap=200, seed=0)
+    assert three.gain_lo == pytest.approx(-0.01) and composition_gain(three, 200).startswith("-0.01 [")
+    for gain, stated in ((two, False), (three, True)):
+        a = SimpleNamespace(fits=[], scaling=[], crossovers=[], compositions=[gain], metric="score", bootstrap=200, axes=SimpleNamespace(best=None))
+        text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
+        assert ("steer_mean+lora is worse than lora alone" in text) == stated, text
+        assert ("rest on fewer than 3 seeds a side" in text) != stated, text
