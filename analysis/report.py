@@ -117,21 +117,36 @@ def _findings(a: Analysis) -> list[Block]:
 
 
 def best_measured(task: str, curves: list[LawFit], metric: str) -> str:
-    """Which method measured best on the largest model at its largest budget: the data, not an extrapolated asymptote."""
+    """Which method measured best on the largest model: the data, not an extrapolated asymptote.
+
+    Methods are compared at one budget, the largest every method on that model was measured at (each
+    at its own largest would credit whichever had the larger budget). Where no budget is shared by
+    all, the largest shared by the most methods, naming those it leaves out.
+    """
     largest = max(curves, key=lambda f: np.nan_to_num(f.n_params, nan=-np.inf))  # a model without params_nonembed: unknown size
+    on_model = [f for f in curves if f.model == largest.model]
+    budgets = {f.method: set(f.points.d.tolist()) for f in on_model}
+    shared = {d: sum(d in b for b in budgets.values()) for d in set().union(*budgets.values())}
+    budget = max(shared, key=lambda d: (shared[d], d))
+    intro = f"On {task}, on the largest fitted model ({largest.model})"
+    if shared[budget] < min(2, len(on_model)):
+        own = ", ".join(f"{f.method} {f.points.value[f.points.d == f.points.d.max()].mean():.3g} at D={f.points.d.max():g}" for f in on_model)
+        return f"{intro}, no two methods were measured at the same budget, so none is compared: {own}."
     levels = []
-    for f in (f for f in curves if f.model == largest.model):
-        top = f.points.d == f.points.d.max()
-        levels.append((float(np.mean(f.points.value[top])), f.method, float(f.points.d.max()), int(top.sum())))
+    for f in (f for f in on_model if budget in budgets[f.method]):
+        at = f.points.d == budget
+        levels.append((float(np.mean(f.points.value[at])), f.method, int(at.sum())))
     levels.sort(key=lambda level: (-level[0] if HIGHER_IS_BETTER[metric] else level[0], level[1]))
-    (value, method, budget, cells), *rest = levels
-    tied = [m for v, m, _, _ in rest if v == value]
+    (value, method, cells), *rest = levels
+    tied = [m for v, m, _ in rest if v == value]
     rest = [level for level in rest if level[0] != value]
     who = f"{method} measured best" if not tied else f"{' and '.join([method, *tied])} measured best (tied)"
-    sentence = (f"On {task}, on the largest fitted model ({largest.model}), {who} at the largest budget: "
-                f"{metric} {value:.3g} at D={budget:g} (mean of {cells} cells)")  # fmt: skip
+    left_out = sorted(set(budgets) - {m for _, m, _ in levels})
+    where = (f"at the largest budget all its methods share (D={budget:g})" if not left_out else
+             f"at D={budget:g}, the largest budget shared by {len(levels)} of its {len(on_model)} methods ({', '.join(left_out)} not measured there)")  # fmt: skip
+    sentence = f"{intro}, {who} {where}: {metric} {value:.3g} (mean of {cells} cells)"
     if rest:
-        sentence += "; then " + ", ".join(f"{m} {v:.3g}" for v, m, _, _ in rest[:3])
+        sentence += "; then " + ", ".join(f"{m} {v:.3g}" for v, m, _ in rest[:3])
     return sentence + "."
 
 

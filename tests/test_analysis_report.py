@@ -14,9 +14,10 @@ import pytest
 import analysis
 from analysis.composition import CompositionGain, composition_gains
 from analysis.efficiency import DataEfficiency
-from analysis.report import _examples_needed, _findings, composition_finding, composition_gain
+from analysis.curves import fit_curves
+from analysis.report import _examples_needed, _findings, best_measured, composition_finding, composition_gain
 from analysis.synthetic import TrueCurve, synthetic_rows
-from test_analysis_results import build_results, write_cells
+from test_analysis_results import STEER, TUNE, build_results, write_cells
 
 
 def test_report_on_a_full_grid(tmp_path: Path) -> None:
@@ -39,7 +40,7 @@ def test_report_on_a_full_grid(tmp_path: Path) -> None:
     assert "| never | steer_mean → lora | steering ahead (100%) |  |  |" in table, table  # never on m1 only: m2, m3 blank
     assert "truncated.parquet" in markdown
     # the truth: at D=2048 on m3 lora scores .91, steer_mean .76; on `never` (m1 only) lora never catches up
-    assert "On facts, on the largest fitted model (m3), lora measured best at the largest budget: score 0.9" in markdown
+    assert "On facts, on the largest fitted model (m3), lora measured best at the largest budget all its methods share (D=2048): score 0.9" in markdown
     assert "On never, on the largest fitted model (m1), steer_mean measured best" in markdown
     # selectivity at the largest budget on the largest model: lora's .906 over the base model's .2
     assert re.search(r"\| facts \| m3 \| lora \| 2048 \| 0\.(69|70|71)\d* \|", markdown), markdown.split("## Selectivity")[1][:800]
@@ -141,3 +142,21 @@ def test_a_composition_gain_needs_three_seeds_a_side_for_an_interval_or_a_findin
         text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
         assert ("steer_mean+lora is worse than lora alone" in text) == stated, text
         assert ("rest on fewer than 3 seeds a side" in text) != stated, text
+
+
+def test_the_best_measured_method_is_judged_at_a_budget_every_compared_method_has() -> None:
+    """lora measured to D=2048 scores .91 there, steer_mean measured to D=64 only .53, but at 64 steer_mean
+    is ahead (.53 vs .48): comparing each at its own largest budget named lora. A method sharing no budget
+    with the others is left out and named."""
+    rng = np.random.default_rng(0)
+    rows = synthetic_rows({("t", "lora", "m"): TUNE}, {"m": 10**6}, (8, 16, 32, 64, 256, 1024, 2048), seeds=2, noise=0.005, rng=rng)
+    rows += synthetic_rows({("t", "steer_mean", "m"): STEER}, {"m": 10**6}, (8, 16, 32, 64), seeds=2, noise=0.005, rng=rng)
+    frame = pd.DataFrame(rows)
+    curves = [f for f in fit_curves(frame, metric="score", bootstrap=0, seed=0) if f.model == "m"]
+    sentence = best_measured("t", curves, "score")
+    assert "steer_mean measured best at the largest budget all its methods share (D=64): score 0.53" in sentence, sentence
+    assert "; then lora 0.48" in sentence, sentence
+    late = synthetic_rows({("t", "full_ft", "m"): TUNE}, {"m": 10**6}, (2048, 4096, 8192), seeds=2, noise=0.005, rng=rng)
+    curves = [f for f in fit_curves(pd.DataFrame(rows + late), metric="score", bootstrap=0, seed=0) if f.model == "m"]
+    sentence = best_measured("t", curves, "score")
+    assert "at D=2048, the largest budget shared by 2 of its 3 methods (steer_mean not measured there)" in sentence, sentence
