@@ -102,8 +102,6 @@ def _findings(a: Analysis) -> list[Block]:
     for s in a.scaling:
         if s.n_models >= MIN_TREND_MODELS:  # a line through two points has no error to show
             lines.append(s.describe() + ".")
-    if a.axes.best:
-        lines.append(f"Of the three x-axes, `{a.axes.best}` gives the tighter laws (smallest held-out error in the most groups; see below).")
     for g in a.compositions:
         if np.isfinite(g.gain_lo) and (g.gain_lo > 0 or g.gain_hi < 0):
             lines.append(composition_finding(g))
@@ -230,7 +228,22 @@ def _capability(a: Analysis) -> list[Block]:
         blocks.append(Paragraph(f"`{v.x}`: not usable ({v.note})." if v.note else
                                 f"`{v.x}`: tightest in {v.wins} of the {v.fitted} groups it fits; median law error {_num(v.median_error)}."))  # fmt: skip
     verdict = f"Verdict: `{a.axes.best}` gives the tighter law." if a.axes.best else "Verdict: nothing to compare (needs two usable axes)."
-    return [*blocks, Paragraph(verdict)]
+    return [*blocks, Paragraph(verdict), Paragraph(axis_caveat(a))]
+
+
+def axis_caveat(a: Analysis) -> str:
+    """Why the axis verdict is not a finding: each axis leaves out its own top model, and `task_score` reads
+    the held-out model's base score off the test set its post-trained cells are scored on."""
+    held: dict[str, set[str]] = {}
+    for s in a.axes.scores:
+        if s.law != TREND and np.isfinite(s.holdout_error):
+            held.setdefault(s.x, set()).add(s.held_out)
+    named = "; ".join(f"{x}: {', '.join(sorted(models))}" for x, models in held.items())
+    where = (f"the held-out model differs between axes ({named}), so their errors are on different models"
+             if len({frozenset(m) for m in held.values()}) > 1 else "each axis leaves out the model at its own top, which can differ between axes")
+    return (f"Not a like-for-like comparison, so not stated as a finding: {where}; and `task_score` places the held-out model by its "
+            "own base score on the task's test set, the set its post-trained cells are scored on, so that law is told part of what it "
+            "predicts.")  # fmt: skip
 
 
 def _examples_needed(e: DataEfficiency) -> str:

@@ -154,8 +154,10 @@ def axes_text(a: Analysis) -> list[str]:
     for v in a.axes.verdicts:
         median = f", median law error {v.median_error:.3g}" if np.isfinite(v.median_error) else ""
         lines.append(f"  {v.x}: not usable ({v.note})" if v.note else f"  {v.x}: tightest in {v.wins} of the groups it fits ({v.fitted}){median}")
-    lines.append(f"  tighter law: x = {a.axes.best}" if a.axes.best else "  tighter law: nothing to compare (needs two usable axes)")
-    return lines
+    if not a.axes.best:
+        return [*lines, "  tighter law: nothing to compare (needs two usable axes)"]
+    return [*lines, f"  tighter law: x = {a.axes.best} (not like-for-like: each axis leaves out its own top model, and task_score "
+                    "reads the held-out model's base score off the test set)"]  # fmt: skip
 
 
 def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
