@@ -86,3 +86,31 @@ def test_a_model_whose_outputs_go_nan_is_a_failed_row_not_an_ok_one(model_id, tm
     row = run_cell(_cell(str(broken), "base"), CellRun(cache=WorkerCache()))
     assert row["status"] == "failed" and "NonFiniteMetricError" in row["error"], row.get("error")
     assert "nll=nan" in row["error"] and row.get("score") is None
+
+
+def test_a_hub_model_row_records_the_commit_its_weights_came_from(model_id, tmp_path):
+    """A hub id without a revision follows `main`: the row says which commit it got. Loaded offline
+    from a hub cache laid out as huggingface_hub lays it out, through `python -m workers.run_cell`."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    from workers.models.loading import resolve_path
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--steerscale-test--tiny"
+    shutil.copytree(resolve_path(ModelSpec(id=model_id)), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    cell = _cell(model_id, "base").model_copy(update={"model": ModelSpec(id="steerscale-test/tiny")})
+    (tmp_path / "cell.json").write_text(cell.model_dump_json())
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "workers.run_cell", str(tmp_path / "cell.json"), str(tmp_path / "row.parquet")],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    row = pq.read_table(tmp_path / "row.parquet").to_pylist()[0]
+    assert row["status"] == "ok" and json.loads(row["versions"])["model_commit"] == commit

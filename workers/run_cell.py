@@ -32,7 +32,7 @@ from workers.cell import CellConfig, ModelSpec
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
-from workers.models.loading import count_parameters, ladder_revision, resolve_device, resolve_path
+from workers.models.loading import count_parameters, hub_commit, ladder_revision, resolve_device, resolve_path
 from workers.rowfile import write_rows
 from workers.schema import SCHEMA_VERSION
 from workers.tasks import get_task, neutral_texts
@@ -51,6 +51,12 @@ def seed_everything(seed: int) -> None:
 
 
 @functools.cache  # once per process: versions and the checkout do not change between cells
+def versions_json(model_commit: str | None = None) -> str:
+    """The row's `versions`: the libraries, and the hub commit the weights came from once they are loaded
+    (a hub id without a revision follows `main`, which can move between a sweep's cells)."""
+    return json.dumps({**library_versions(), **({"model_commit": model_commit} if model_commit else {})}, sort_keys=True)
+
+
 def library_versions() -> dict[str, str]:
     import peft
     import transformers
@@ -107,7 +113,7 @@ def identity_columns(cell: CellConfig, attempt: int) -> dict[str, Any]:
         "method": cell.method,
         "budget": cell.budget,
         "seed": cell.seed,
-        "versions": json.dumps(library_versions(), sort_keys=True),
+        "versions": versions_json(),
         "git_sha": git_sha(),
         "device": resolve_device(cell.model),
     }
@@ -217,6 +223,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "selection": report.selection,
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
+        "versions": versions_json(hub_commit(cell.model)),
     }
     neutral = ("base_neutral_nll", "neutral_kl", "neutral_ppl_ratio") if cell.eval.neutral_size else ()
     check_finite(measured, ("score", "nll", "score_base", "nll_base", *neutral, *(("offtask_score_delta",) if offtask else ())))

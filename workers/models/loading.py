@@ -7,6 +7,8 @@ so a fresh worker on a cluster node needs nothing copied to it.
 
 from __future__ import annotations
 
+import os
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,6 +60,18 @@ def resolve_path(spec: ModelSpec) -> str:
     return str(ladder.ensure_built(size, recipe, progress=False))
 
 
+def hub_commit(spec: ModelSpec) -> str | None:
+    """The commit a hub model's files were loaded from (its snapshot in the local hub cache); None
+    for ladder rungs and local directories, whose identity is their recipe hash or path."""
+    if spec.id.startswith(LADDER_PREFIX) or os.path.isdir(spec.id):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(spec.id, "config.json", revision=spec.revision)
+    match = re.search(r"/snapshots/([0-9a-f]{40})/", str(found).replace(os.sep, "/")) if isinstance(found, str) else None
+    return match.group(1) if match else None
+
+
 def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
     """(total, non-embedding) parameter counts; tied input/output embeddings are counted once."""
     seen: set[int] = set()
@@ -91,7 +105,7 @@ def load_language_model(spec: ModelSpec, batch_size: int = 32, *, shard: bool = 
     """
     path = resolve_path(spec)
     revision = None if spec.id.startswith(LADDER_PREFIX) else spec.revision  # ladder revisions are recipe hashes
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, revision=revision)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=spec.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 and Pythia ship without a pad token
     model = transformers.AutoModelForCausalLM.from_pretrained(
