@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs
 
-from workers.rowfile import TEMP_PREFIX, filesystem_and_path, write_rows
+from workers.rowfile import TEMP_PREFIX, filesystem_and_path, write_rows_at
 from workers.schema import RESULT_SCHEMA
 
 
@@ -55,11 +55,8 @@ class ResultsStore:
         self.filesystem, self.root = filesystem_and_path(self.uri)
         self.cells_dir = f"{self.root}/cells"
 
-    def _uri(self, path_in_fs: str) -> str:
-        return path_in_fs if isinstance(self.filesystem, fs.LocalFileSystem) else self.uri + path_in_fs[len(self.root) :]
-
     def write(self, row: dict) -> None:
-        write_rows(self._uri(f"{self.cells_dir}/{row['cell_id']}.parquet"), [row])
+        write_rows_at(self.filesystem, f"{self.cells_dir}/{row['cell_id']}.parquet", [row])
 
     def _cell_files(self) -> list[fs.FileInfo]:
         selector = fs.FileSelector(self.cells_dir, allow_not_found=True)

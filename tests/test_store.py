@@ -182,3 +182,16 @@ def test_a_reader_that_stops_early_ends_the_output_quietly(tmp_path):
     proc.stdout.close()
     errors = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in errors, errors
+
+
+def test_rows_are_written_through_the_stores_own_filesystem(tmp_path, monkeypatch):
+    """The store used to rebuild a URI per row and parse it again: `s3://b/x?region=r` became
+    `...?region=r/cells/id.parquet` (the region garbled, the object written at the prefix)."""
+    store = ResultsStore(str(tmp_path / "r"))
+
+    def no_reparsing(uri: str):
+        raise AssertionError(f"the store re-parsed {uri}")
+
+    monkeypatch.setattr("workers.rowfile.filesystem_and_path", no_reparsing)
+    store.write(_row("a1"))
+    assert store.scan().status == {"a1": "ok"}

@@ -25,7 +25,13 @@ def filesystem_and_path(uri: str) -> tuple[fs.FileSystem, str]:
 
 
 def write_rows(uri: str, rows: list[dict]) -> None:
-    filesystem, path = filesystem_and_path(uri)
+    """`write_rows_at` a local path or URI (a one-off write: `python -m workers.run_cell`)."""
+    write_rows_at(*filesystem_and_path(uri), rows)
+
+
+def write_rows_at(filesystem: fs.FileSystem, path: str, rows: list[dict]) -> None:
+    """Write `rows` to `path` inside `filesystem`. A store passes the filesystem it already has: a URI
+    rebuilt from it would lose (or garble) options such as `?region=` and cost a new client per row."""
     directory, name = path.rsplit("/", 1)
     filesystem.create_dir(directory, recursive=True)
     temp = f"{directory}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
