@@ -95,7 +95,24 @@ class CellWorker:
         cell = CellConfig.model_validate_json(cell_json)
         loads = self.cache.loads
         row = run_cell(cell, CellRun(cache=self.cache, attempt=attempt, shard=self.shard))
+        if row["status"] == "failed" and not cuda_usable():
+            # An illegal memory access or a device-side assert breaks the process's CUDA context for
+            # good: every later cell here would fail in seconds, and this idle worker would be fed the
+            # queue. Dying instead makes the driver retry the cell on a fresh worker (a dead worker).
+            print(f"{self.name}: CUDA unusable after {cell.slug}; exiting so the cell is retried elsewhere", flush=True)
+            os._exit(1)
         return CellResult(row, self.name, self.cache.loads > loads, tuple(self.cache.held()))
+
+
+def cuda_usable() -> bool:
+    """Whether this process can still run CUDA work (trivially so when it never started CUDA)."""
+    if not torch.cuda.is_initialized():
+        return True
+    try:
+        torch.cuda.synchronize()
+        return torch.ones(1, device="cuda").add_(1).item() == 2
+    except RuntimeError:
+        return False
 
 
 _RemoteCellWorker = ray.remote(CellWorker)
