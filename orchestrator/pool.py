@@ -99,7 +99,8 @@ class CellWorker:
             # An illegal memory access or a device-side assert breaks the process's CUDA context for
             # good: every later cell here would fail in seconds, and this idle worker would be fed the
             # queue. Dying instead makes the driver retry the cell on a fresh worker (a dead worker).
-            print(f"{self.name}: CUDA unusable after {cell.slug}; exiting so the cell is retried elsewhere", flush=True)
+            error = str(row["error"]).splitlines()[0]
+            print(f"{self.name}: CUDA unusable after {cell.slug} ({error}); exiting so the cell is retried elsewhere", flush=True)
             os._exit(1)
         return CellResult(row, self.name, self.cache.loads > loads, tuple(self.cache.held()))
 
