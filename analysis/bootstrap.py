@@ -30,6 +30,10 @@ class Bootstrap:
         values = np.concatenate([np.exp(self.thetas[:, :k]), self.thetas[:, k:]], axis=1)
         return {name: values[:, i] for i, name in enumerate(self.fit.law.params)}
 
+    def unidentified_resamples(self) -> dict[str, np.ndarray]:
+        """Per exponent, (B,): True in the resamples where every term carrying it is ~0 over the data."""
+        return unidentified(self.fit.law, negligible_terms(self.fit.law, self.params(), self.x))
+
     def intervals(self, level: float = CI_LEVEL) -> dict[str, tuple[float, float]]:
         """Percentile intervals per natural parameter.
 
@@ -38,7 +42,7 @@ class Bootstrap:
         resamples are such, the exponent could be anything there and has no interval (NaN).
         """
         params = self.params()
-        lost = unidentified(self.fit.law, negligible_terms(self.fit.law, params, self.x))
+        lost = self.unidentified_resamples()
         result = {}
         for name, values in params.items():
             gone = lost.get(name, np.zeros(len(values), dtype=bool))

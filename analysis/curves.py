@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from analysis.bootstrap import Bootstrap, bootstrap_fit, percentile_interval
+from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval
 from analysis.capability import X_COLUMN, Axis, get_axis, with_x
 from analysis.fitting import NEGLIGIBLE_SHARE, Fit, FitError, LawData, fit_law, negligible_terms, unidentified
 from analysis.laws import LAWS, POWER_D, Law
@@ -105,8 +105,9 @@ class LawFit:
         return negligible_terms(self.law, self.fit.params, {"N": self.points.n, "D": self.points.d})
 
     def identification_notes(self) -> list[str]:
-        """What the data cannot say: a metric that does not move, and each term ~0 over the data with
-        the exponents it leaves unidentified (its coefficient, as fitted, is a bound, not a size)."""
+        """What the data cannot say: a metric that does not move, each term ~0 over the data with the
+        exponents it leaves unidentified (its coefficient, as fitted, is a bound, not a size), and an
+        exponent left without an interval because its term vanishes in too many resamples."""
         if not self.fit:
             return []
         notes = []
@@ -119,6 +120,9 @@ class LawFit:
             exponents = [name for _, name in term.powers if name in lost]
             if negligible and exponents:
                 notes.append(f"{term.coef}≈0: {', '.join(exponents)} not identified")
+        shares = {name: lost_in.mean() for name, lost_in in self.boot.unidentified_resamples().items()} if self.boot else {}
+        notes += [f"{name} not identified in {share:.0%} of resamples: no interval" for name, share in shares.items()
+                  if name not in lost and share > 1 - CI_LEVEL]  # fmt: skip
         return notes
 
     @property

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.axis_choice import TREND
+from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
 from analysis.composition import MIN_SEEDS, CompositionGain
 from analysis.crossover import Crossover
@@ -99,6 +100,10 @@ def _findings(a: Analysis) -> list[Block]:
         lines.append(f"In {unidentified} of the {len(fitted)} fits a term is ≈ 0 over the data (marked 'not identified'): any value of its "
                      "exponent fits as well, so that exponent has no interval and is not a finding"
                      + (f"; in {flat} of them the metric does not move at all, so only its level is measured." if flat else "."))
+    shaky = sum(not f.unidentified() and any("of resamples: no interval" in n for n in f.identification_notes()) for f in fitted)
+    if shaky:
+        lines.append(f"In {shaky} more, that happens in over {1 - CI_LEVEL:.0%} of the bootstrap resamples: the exponent's value is shown "
+                     "without an interval.")
     for s in a.scaling:
         if s.n_models >= MIN_TREND_MODELS:  # a line through two points has no error to show
             lines.append(s.describe() + ".")
