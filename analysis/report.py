@@ -254,7 +254,7 @@ def axis_caveat(a: Analysis) -> str:
 def _examples_needed(e: DataEfficiency) -> str:
     """D_x with its interval; outside the measured budgets it is marked extrapolated, and below the smallest
     or past EXTRAPOLATION_LIMIT × the largest only the side is said (the law's number there means nothing)."""
-    share = f"; D_x exists in {e.finite_share:.0%} of resamples" if e.finite_share < 1 else ""  # NaN: no resamples
+    share = f"; D_x exists in {e.finite_share:.0%} of resamples" if 0 < e.finite_share < 1 else ""  # NaN: no resamples
     if not np.isfinite(e.examples):
         return f"none: the asymptote does not beat the base model{share}"
     limit = EXTRAPOLATION_LIMIT * e.largest_budget

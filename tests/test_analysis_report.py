@@ -113,6 +113,7 @@ def _efficiency(examples: float, lo: float, hi: float, share: float = 1.0) -> Da
     (500.0, 2e5, 3e5, 1.0, "500 [> 1.02e+05]", "[2e+05"),  # the point below its own interval: no "[2e+05, > 1.02e+05]"
     (2000.0, 1.0, 2e5, 0.62, "2e+03 [< 4, > 1.02e+05] (extrapolated past the largest budget measured, 1024); D_x exists in 62% of resamples", "nan"),
     (100.0, 50.0, 200.0, 1.0, "100 [50, 200]", "extrapolated"),
+    (float("nan"), float("nan"), float("nan"), 0.0, "none: the asymptote does not beat the base model", "resamples"),
 ])  # fmt: skip
 def test_examples_needed_outside_the_measured_budgets_is_marked(examples, lo, hi, share, words, absent) -> None:
     """Only a D_x inside [smallest, largest budget] is measured; below it the law's number (0.068, 1e-182)
