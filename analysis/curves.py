@@ -104,6 +104,19 @@ class LawFit:
     def _negligible(self) -> np.ndarray:
         return negligible_terms(self.law, self.fit.params, {"N": self.points.n, "D": self.points.d})
 
+    def unidentified_in_resamples(self) -> dict[str, float]:
+        """Exponents the fit identifies but more than 1 − CI_LEVEL of the resamples do not, with that share:
+        they have no interval (Bootstrap.intervals)."""
+        if not self.boot:
+            return {}
+        lost = set(self.unidentified())
+        shares = {name: float(gone.mean()) for name, gone in self.boot.unidentified_resamples().items()}
+        return {name: share for name, share in shares.items() if name not in lost and share > 1 - CI_LEVEL}
+
+    def no_spread(self) -> bool:
+        """The metric does not move over the group's cells: only its level is measured."""
+        return self.ok and bool(np.ptp(np.log(to_loss(self.points.value, self.metric))) < NEGLIGIBLE_SHARE)
+
     def identification_notes(self) -> list[str]:
         """What the data cannot say: a metric that does not move, each term ~0 over the data with the
         exponents it leaves unidentified (its coefficient, as fitted, is a bound, not a size), and an
@@ -111,18 +124,15 @@ class LawFit:
         if not self.fit:
             return []
         notes = []
-        loss = np.log(to_loss(self.points.value, self.metric))
-        if np.ptp(loss) < NEGLIGIBLE_SHARE:
+        if self.no_spread():
             lo, hi = np.min(self.points.value), np.max(self.points.value)
-            notes.append(f"no spread in {self.metric} ({lo:.3g} to {hi:.3g} over {len(loss)} cells): only its level is measured")
+            notes.append(f"no spread in {self.metric} ({lo:.3g} to {hi:.3g} over {len(self.points.value)} cells): only its level is measured")
         lost = set(self.unidentified())
         for term, negligible in zip(self.law.terms, self._negligible()[0]):
             exponents = [name for _, name in term.powers if name in lost]
             if negligible and exponents:
                 notes.append(f"{term.coef}≈0: {', '.join(exponents)} not identified")
-        shares = {name: lost_in.mean() for name, lost_in in self.boot.unidentified_resamples().items()} if self.boot else {}
-        notes += [f"{name} not identified in {share:.0%} of resamples: no interval" for name, share in shares.items()
-                  if name not in lost and share > 1 - CI_LEVEL]  # fmt: skip
+        notes += [f"{name} not identified in {share:.0%} of resamples: no interval" for name, share in self.unidentified_in_resamples().items()]
         return notes
 
     @property

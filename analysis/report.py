@@ -96,14 +96,14 @@ def _findings(a: Analysis) -> list[Block]:
                      "there are data; the share of resamples that agree with it says how firm it is.")
     unidentified = sum(bool(f.unidentified()) for f in fitted)
     if unidentified:
-        flat = sum(any(n.startswith("no spread") for n in f.identification_notes()) for f in fitted)
+        flat = sum(f.no_spread() for f in fitted)
         lines.append(f"In {unidentified} of the {len(fitted)} fits a term is ≈ 0 over the data (marked 'not identified'): any value of its "
                      "exponent fits as well, so that exponent has no interval and is not a finding"
                      + (f"; in {flat} of them the metric does not move at all, so only its level is measured." if flat else "."))
-    shaky = sum(not f.unidentified() and any("of resamples: no interval" in n for n in f.identification_notes()) for f in fitted)
+    shaky = sum(bool(f.unidentified_in_resamples()) for f in fitted)
     if shaky:
-        lines.append(f"In {shaky} more, that happens in over {1 - CI_LEVEL:.0%} of the bootstrap resamples: the exponent's value is shown "
-                     "without an interval.")
+        lines.append(f"In {shaky} of the {len(fitted)} fits a term is ≈ 0 in over {1 - CI_LEVEL:.0%} of the bootstrap resamples (marked "
+                     "'not identified in … of resamples'): the exponent's value is shown, without an interval.")
     for s in a.scaling:
         if s.n_models >= MIN_TREND_MODELS:  # a line through two points has no error to show
             lines.append(s.describe() + ".")
