@@ -15,11 +15,14 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pyarrow import fs
 
 from orchestrator.store import ResultsStore
+
+IO_THREADS = 16  # claim files written or deleted at once (each a round trip on an object store)
 
 
 def _alive(pid: int) -> bool:
@@ -76,9 +79,16 @@ class Claims:
             stream.write(payload)
         return True
 
-    def acquire(self, cell_id: str) -> bool:
-        """Claim the cell; False when another live driver holds it."""
+    def acquire_many(self, cell_ids: list[str]) -> set[str]:
+        """Claim every cell another live driver does not hold; return those claimed. The claims are
+        made side by side: on an object store each is a few round trips, one after another minutes
+        for a large grid before the first cell starts."""
         self.store.filesystem.create_dir(self.directory, recursive=True)
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+            return {cell_id for cell_id, ok in zip(cell_ids, pool.map(self._acquire, cell_ids)) if ok}
+
+    def _acquire(self, cell_id: str) -> bool:
+        """Claim the cell; False when another live driver holds it."""
         path = self._path(cell_id)
         if not self._create(path):
             if not self._is_stale(path):
@@ -97,11 +107,17 @@ class Claims:
             pass
 
     def heartbeat(self) -> None:
-        """Refresh the mtime of every held claim, so long cells are not taken over by other hosts."""
-        for cell_id in list(self.held):
+        """Refresh the mtime of every held claim, so long cells are not taken over by other hosts
+        (side by side, as `acquire_many`: the driver schedules no cell while this runs)."""
+        payload = json.dumps({**self.owner, "heartbeat_at": time.time()}).encode()
+
+        def refresh(cell_id: str) -> None:
             with self.store.filesystem.open_output_stream(self._path(cell_id)) as stream:
-                stream.write(json.dumps({**self.owner, "heartbeat_at": time.time()}).encode())
+                stream.write(payload)
+
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+            list(pool.map(refresh, list(self.held)))
 
     def release_all(self) -> None:
-        for cell_id in list(self.held):
-            self.release(cell_id)
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+            list(pool.map(self.release, list(self.held)))

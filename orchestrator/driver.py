@@ -173,8 +173,10 @@ def run_cells(
                 POOL.retire(worker)
             dispatch()
 
-    for cell in longest_first(cells):
-        if claims.acquire(cell.cell_id):
+    ordered = longest_first(cells)
+    claimed = claims.acquire_many([cell.cell_id for cell in ordered])
+    for cell in ordered:
+        if cell.cell_id in claimed:
             enqueue(cell, 1)
         else:
             outcome.skipped_claimed += 1
