@@ -51,7 +51,8 @@ def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> 
     return from_loss(e + b * d[None, :] ** -beta, metric)
 
 
-OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead")  # codes 0..3 of `outcomes`
+OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied")  # codes 0..4 of `outcomes`
+TIE = 1e-6  # in metric units: curves closer than this everywhere (both doing nothing, say) are the same curve
 
 
 def outcomes(advantage: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,11 +62,13 @@ def outcomes(advantage: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarr
     The ends of the range decide: behind at the smallest budget and ahead at the largest is
     "crosses" (fine-tuning overtakes), the reverse is "steering_overtakes"; D* is the last change of
     sign (after it, the winner stays ahead to the end of the range), interpolated linearly in log D.
-    Curves that cross and cross back count by their ends.
+    Curves that cross and cross back count by their ends; curves within TIE of each other over the
+    whole range are "tied" (a zero advantage would otherwise count as fine-tuning ahead).
     """
     ahead = advantage >= 0
     start, end = ahead[:, 0], ahead[:, -1]
-    code = np.select([~start & end, start & ~end, start & end], [0, 1, 2], default=3)
+    tied = np.abs(advantage).max(axis=1) <= TIE
+    code = np.select([tied, ~start & end, start & ~end, start & end], [4, 0, 1, 2], default=3)
     flips = ahead[:, :-1] != ahead[:, 1:]
     i = flips.shape[1] - 1 - np.argmax(flips[:, ::-1], axis=1)  # the last flip of each row
     rows = np.arange(len(advantage))
@@ -102,6 +105,7 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
         "steering_overtakes": f"{steer.method} overtakes {tune.method} at D* ≈ {d_star:.3g}",
         "finetuning_ahead": f"no crossover within the measured range: {tune.method} is ahead of {steer.method} at both ends",
         "steering_ahead": f"no crossover within the measured range: {steer.method} stays ahead of {tune.method}",
+        "tied": f"no crossover: {steer.method} and {tune.method} fit the same curve over the measured range",
     }[outcome]
     return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, overtakes)
 

@@ -153,7 +153,7 @@ def best_measured(task: str, curves: list[LawFit], metric: str) -> str:
     return sentence + "."
 
 
-CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead", "no_overlap": "no shared budgets"}
+CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead", "tied": "tied", "no_overlap": "no shared budgets"}
 MIN_TREND_MODELS = 3  # crossing models before "What the fits say" states a D* trend
 
 
@@ -190,7 +190,8 @@ def _crossover_table(a: Analysis) -> list[Block]:
         "D*: the budget (training examples) at which the fine-tuning method overtakes the steering method, with its 95 % "
         "bootstrap interval; `steering from D*`: the reverse, fine-tuning is ahead at the smallest shared budget and "
         "steering overtakes it; `FT ahead`: fine-tuning is ahead at both ends of the measured range; `steering ahead`: "
-        "fine-tuning never catches up there; `no shared budgets`: the two were measured on budget ranges that do not "
+        "fine-tuning never catches up there; `tied`: the two fitted curves are the same (both doing nothing, say); "
+        "`no shared budgets`: the two were measured on budget ranges that do not "
         "overlap; blank: one of the two curves could not be fitted. In brackets, the share of bootstrap resamples with "
         "the same outcome: near one half, the outcome is a coin flip (the curves are tied), not only where D* falls."
     )
