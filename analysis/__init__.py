@@ -5,7 +5,7 @@ The CLI calls three functions: `load_results`, `fit_results` and `write_report`;
 """
 
 from analysis.io import LoadedResults, NoResultsError, SkippedFile, load_results
-from analysis.report import write_report
+from analysis.report import ReportLocationError, write_report
 from analysis.summary import FitSummary, fit_results
 
-__all__ = ["FitSummary", "LoadedResults", "NoResultsError", "SkippedFile", "fit_results", "load_results", "write_report"]
+__all__ = ["FitSummary", "LoadedResults", "NoResultsError", "ReportLocationError", "SkippedFile", "fit_results", "load_results", "write_report"]

@@ -414,22 +414,26 @@ def render_html(blocks: list[Block]) -> str:
     return "\n".join(parts) + "</body></html>\n"
 
 
+class ReportLocationError(ValueError):
+    """The report (plots and pages) needs a local directory, and none was given for remote results."""
+
+
 def write_report(
     results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
-    planned_only: bool = False,
+    planned_only: bool = False, out_dir: str | None = None,
 ) -> FitSummary:
-    """Analyse the cells once, save the fits (as `fit_results` does) and write the report beside them.
-
-    Local paths only. `x` is what stands for N in the joint laws: "params", "neutral_loss" or
+    """Analyse the cells once, save the fits (as `fit_results` does, beside the cells, remote too)
+    and write the report to `out_dir`: a local directory, by default `<results_dir>/report` when
+    the results are local. `x` is what stands for N in the joint laws: "params", "neutral_loss" or
     "task_score"; `workers` as for `fit_results`. The returned summary's `paths` include "report.html".
     """
     get_axis(x)  # a wrong name fails before any file is read or written
     fs, root = resolve(results_dir)
-    if fs.type_name != "local":
-        raise ValueError(f"the report is written to local paths only; copy {results_dir} locally first")
+    if out_dir is None and fs.type_name != "local":
+        raise ReportLocationError(f"{results_dir} is not on a local disk: give a local directory for the report's plots and pages (--out DIR)")
     a = analyse(load_rows_to_fit(results_dir, planned_only=planned_only), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     paths = save_fits(results_dir, a)
-    out = Path(root) / "report"
+    out = Path(out_dir) if out_dir is not None else Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
     decisions = read_decisions(results_dir)
     blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_selectivity(a), *_links(a), *_frontier(a),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections import Counter, defaultdict
@@ -281,14 +282,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     """Fit the stored rows (and for `report` write the report from that same analysis); print the table."""
-    from analysis import NoResultsError, fit_results, write_report
+    from analysis import NoResultsError, ReportLocationError, fit_results, write_report
     from analysis.parallel import default_workers
 
-    analyse = write_report if report else fit_results
+    analyse = functools.partial(write_report, out_dir=args.out) if report else fit_results
     try:
         summary = analyse(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x,
                           workers=args.workers or default_workers(), planned_only=args.planned_only)  # fmt: skip
-    except NoResultsError as err:
+    except (NoResultsError, ReportLocationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary.to_text())
@@ -387,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="fit (writing what `fit` writes), then plots, report.md and a self-contained report.html")
     _with_fit_options(p)
+    p.add_argument("--out", metavar="DIR", help="local directory for the report (default: <results_dir>/report; needed for remote results)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ladder", help="the offline model ladder")

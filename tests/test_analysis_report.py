@@ -102,6 +102,21 @@ def test_a_report_without_resamples_shows_point_estimates_only(tmp_path: Path) -
     assert re.search(r"\| facts \| steer_mean → lora \| [0-9.]+ \|", table) and "nan" not in table, table
 
 
+def test_the_report_goes_where_out_says_and_remote_results_need_it(tmp_path: Path, capsys) -> None:
+    """The fits stay beside the cells; the plots and pages go to --out. For results on an object store
+    the report used to end in a ValueError traceback."""
+    from orchestrator.cli import main
+
+    build_results(tmp_path / "r")
+    assert main(["report", str(tmp_path / "r"), "--bootstrap", "0", "--workers", "1", "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "report.html").is_file() and (tmp_path / "r" / "fits.json").is_file()
+    assert not (tmp_path / "r" / "report").exists()
+    capsys.readouterr()
+    assert main(["report", "mock:///bucket/sweep", "--bootstrap", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "mock:///bucket/sweep is not on a local disk" in error and "(--out DIR)" in error and "Traceback" not in error
+
+
 def _efficiency(examples: float, lo: float, hi: float, share: float = 1.0) -> DataEfficiency:
     return DataEfficiency("t", "lora", "m", 1e6, 0.5, examples, lo, hi, share, smallest_budget=4.0, largest_budget=1024.0)
 
