@@ -156,11 +156,14 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
     from orchestrator.driver import run_cells
     from workers.run_cell import estimated_params, prepare_model
 
-    params = {}
-    if not args.address:  # local: build ladder rungs once here; their sizes are the cost model's prior
-        for model in {c.config.model.id: c.config.model for c in cells}.values():
-            prepare_model(model)
+    params = {}  # model sizes: the cost model's prior, from configs alone (ladder rungs: their recipes)
+    for model in {c.config.model.id: c.config.model for c in cells}.values():
+        if not args.address:
+            prepare_model(model)  # local: build each ladder rung once here, not in two workers at once
+        try:
             params[model.id] = float(estimated_params(model))
+        except OSError as err:  # a hub config this driver cannot fetch: the cost model learns that model's cost from its cells
+            print(f"note: no size prior for {model.id} ({err})", file=sys.stderr)
 
     def execute(batch: list[PlannedCell]) -> None:
         outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress, dashboard=not args.no_dashboard)

@@ -27,7 +27,7 @@ import transformers
 from workers.cell import LADDER_PREFIX, ModelSpec
 from workers.lm import LanguageModel
 from workers.metrics import NeutralReference
-from workers.models.loading import DTYPES, count_parameters, load_language_model, resolve_path
+from workers.models.loading import DTYPES, count_parameters, load_language_model, parse_ladder_id
 from workers.tasks.base import Evaluation
 
 
@@ -52,9 +52,15 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def _meta_model(spec: ModelSpec) -> torch.nn.Module:
-    """`spec`'s architecture built on the meta device from its config: shapes without reading weights."""
-    revision = None if spec.id.startswith(LADDER_PREFIX) else spec.revision  # as load_language_model does
-    config = transformers.AutoConfig.from_pretrained(resolve_path(spec), revision=revision, trust_remote_code=spec.trust_remote_code)
+    """`spec`'s architecture built on the meta device from its config: shapes without reading weights.
+    A ladder rung's config comes from its recipe, so nothing is built (a driver on a cluster can size it)."""
+    if spec.id.startswith(LADDER_PREFIX):
+        from workers.models import ladder
+
+        recipe, size = parse_ladder_id(spec.id)
+        config = ladder.model_config(size, recipe)
+    else:
+        config = transformers.AutoConfig.from_pretrained(spec.id, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     with torch.device("meta"):
         return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
 
