@@ -91,7 +91,8 @@ def crashed_row(cell: CellConfig, error: BaseException, attempt: int) -> dict:
     """The row for a cell whose worker died on its last attempt: identity, `failed`, and Ray's reason."""
     now = datetime.now(timezone.utc)
     row = identity_columns(cell, attempt)
-    row.update(status="failed", error=f"{type(error).__name__}: {error}"[-4000:], started_at=now, finished_at=now)
+    # built on the driver: its device (a CPU head node's "cpu" for a GPU cell) says nothing of the worker's
+    row.update(status="failed", error=f"{type(error).__name__}: {error}"[-4000:], started_at=now, finished_at=now, device=None)
     return row
 
 

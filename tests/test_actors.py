@@ -164,3 +164,13 @@ def test_a_worker_that_reserved_no_gpu_cannot_see_one(monkeypatch):
     finally:
         torch.set_num_threads(threads)  # the worker sets its own thread count; this is the test process
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_a_crashed_cells_row_does_not_claim_the_drivers_device(specs):
+    """The row of a worker that died is written by the driver, whose device is not the worker's."""
+    from orchestrator.driver import crashed_row
+    from workers.cell import CellConfig
+
+    cell = CellConfig(sweep="s", model=specs["xs"], task="facts", method="base", budget=0, seed=0)
+    row = crashed_row(cell, RuntimeError("worker died"), attempt=2)
+    assert (row["status"], row["attempt"], row["device"]) == ("failed", 2, None) and "worker died" in row["error"]
