@@ -108,15 +108,17 @@ def load_language_model(spec: ModelSpec, batch_size: int = 32, *, shard: bool = 
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=spec.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 and Pythia ship without a pad token
+    device = resolve_device(spec)
+    # On a GPU the weights load straight onto it: through host memory first, eight workers of a node
+    # loading a 7B model at once would need eight copies in RAM (and Ray's memory monitor kills them).
+    placement = "auto" if shard else {"": device} if device != "cpu" else None
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path,
         revision=revision,
         use_safetensors=True,
         trust_remote_code=spec.trust_remote_code,
-        device_map="auto" if shard else None,
+        device_map=placement,
         **{_dtype_kwarg(): DTYPES[spec.dtype]},
     )
-    if not shard:
-        model = model.to(resolve_device(spec))
     model.eval()
     return LanguageModel(model=model, tokenizer=tokenizer, batch_size=batch_size)
