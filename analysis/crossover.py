@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.bootstrap import percentile_interval
+from analysis.bootstrap import CI_LEVEL, percentile_interval
 from analysis.capability import Axis
 from analysis.curves import LawFit
 from analysis.methods import method_kind
@@ -36,7 +36,7 @@ class Crossover:
     d_star_lo: float
     d_star_hi: float
     share: float  # fraction of bootstrap resamples with the same outcome (near one half: a coin flip)
-    outcome: str  # one of OUTCOMES, or "no_overlap" (the two methods share no budget range)
+    outcome: str  # one of OUTCOMES, "no_overlap" (the two methods share no budget range) or "not_finite"
     verdict: str
     overtakes: np.ndarray = field(default_factory=lambda: np.array([]), repr=False, compare=False)  # per resample: D*
     # where fine-tuning overtakes, NaN where it does not (what the trend's interval resamples)
@@ -51,7 +51,7 @@ def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> 
     return from_loss(e + b * d[None, :] ** -beta, metric)
 
 
-OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied")  # codes 0..4 of `outcomes`
+OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied")  # codes 0..4 of `outcomes` (-1: not finite)
 TIE = 1e-6  # in metric units: curves closer than this everywhere (both doing nothing, say) are the same curve
 
 
@@ -68,7 +68,8 @@ def outcomes(advantage: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarr
     ahead = advantage >= 0
     start, end = ahead[:, 0], ahead[:, -1]
     tied = np.abs(advantage).max(axis=1) <= TIE
-    code = np.select([tied, ~start & end, start & ~end, start & end], [4, 0, 1, 2], default=3)
+    broken = ~np.isfinite(advantage).all(axis=1)  # a resample whose fit went non-finite agrees with no outcome
+    code = np.select([broken, tied, ~start & end, start & ~end, start & end], [-1, 4, 0, 1, 2], default=3)
     flips = ahead[:, :-1] != ahead[:, 1:]
     i = flips.shape[1] - 1 - np.argmax(flips[:, ::-1], axis=1)  # the last flip of each row
     rows = np.arange(len(advantage))
@@ -76,7 +77,7 @@ def outcomes(advantage: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarr
     logd = np.log(d)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # rows without a crossing are masked out below
         d_star = np.exp(logd[i] + a0 / (a0 - a1) * (logd[i + 1] - logd[i]))
-    return code, np.where(code <= 1, d_star, np.nan)
+    return code, np.where((code == 0) | (code == 1), d_star, np.nan)
 
 
 def crossover(steer: LawFit, tune: LawFit) -> Crossover:
@@ -92,10 +93,12 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     metric = steer.metric
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0  # advantage of fine-tuning, in "better" units
     code, d_star = (v[0] for v in outcomes(sign * (budget_curves(tune.fit.params, d, metric) - budget_curves(steer.fit.params, d, metric)), d))
+    if code < 0:
+        return Crossover(*identity, np.nan, np.nan, np.nan, np.nan, "not_finite", "no verdict: a fitted curve is not finite over the range")
     if steer.boot is not None and tune.boot is not None:
         codes, samples = outcomes(sign * (budget_curves(tune.boot.params(), d, metric) - budget_curves(steer.boot.params(), d, metric)), d)
         share = float(np.mean(codes == code))
-        lo, hi = percentile_interval(samples[codes == code]) if code <= 1 else (np.nan, np.nan)
+        lo, hi = percentile_interval(samples[codes == code]) if code in (0, 1) else (np.nan, np.nan)
         overtakes = np.where(codes == 0, samples, np.nan)
     else:
         share, lo, hi, overtakes = np.nan, np.nan, np.nan, np.array([])
@@ -200,8 +203,10 @@ def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, a
         gamma = float(np.polyfit(logx, logd, 1)[0])
         every_logx = np.array([lx for lx, _ in found])
         resamples = {len(c.overtakes) for _, c in found}
-        lo, hi = (percentile_interval(_resampled_slopes(every_logx, np.stack([c.overtakes for _, c in found], axis=1)))
-                  if len(resamples) == 1 and resamples != {0} else (np.nan, np.nan))  # fmt: skip
+        slopes = (_resampled_slopes(every_logx, np.stack([c.overtakes for _, c in found], axis=1))
+                  if len(resamples) == 1 and resamples != {0} else np.array([]))  # fmt: skip
+        # resamples where fewer than two models cross have no slope: past 1 − CI_LEVEL of them, no interval
+        lo, hi = percentile_interval(slopes) if len(slopes) and np.isfinite(slopes).mean() >= CI_LEVEL else (np.nan, np.nan)
         result.append(CrossoverScaling(task, steering, finetuning, axis.name, gamma, lo, hi, len(crossing), len(found),
                                        _leave_one_out(logx, logd)))  # fmt: skip
     return result

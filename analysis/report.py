@@ -153,7 +153,7 @@ def best_measured(task: str, curves: list[LawFit], metric: str) -> str:
     return sentence + "."
 
 
-CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead", "tied": "tied", "no_overlap": "no shared budgets"}
+CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead", "tied": "tied", "no_overlap": "no shared budgets", "not_finite": "not finite"}
 MIN_TREND_MODELS = 3  # crossing models before "What the fits say" states a D* trend
 
 
@@ -234,7 +234,7 @@ def _capability(a: Analysis) -> list[Block]:
         blocks.append(Paragraph(f"`{v.x}`: not usable ({v.note})." if v.note else
                                 f"`{v.x}`: tightest in {v.wins} of the {v.fitted} groups it fits; median law error {_num(v.median_error)}."))  # fmt: skip
     verdict = f"Verdict: `{a.axes.best}` gives the tighter law." if a.axes.best else "Verdict: nothing to compare (needs two usable axes)."
-    return [*blocks, Paragraph(verdict), Paragraph(axis_caveat(a))]
+    return [*blocks, Paragraph(verdict), *([Paragraph(axis_caveat(a))] if a.axes.best else [])]
 
 
 def axis_caveat(a: Analysis) -> str:
@@ -435,12 +435,13 @@ def write_report(
     paths = save_fits(results_dir, a)
     out = Path(out_dir) if out_dir is not None else Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)
+    earlier_report = (out / "report.md").exists()  # plots are only cleaned up where a report was before (--out may be any dir)
     decisions = read_decisions(results_dir)
     blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_selectivity(a), *_links(a), *_frontier(a),
               *_adaptive(decisions, a, out), *_plots(a, out)]  # fmt: skip
     drawn = {b.path for b in blocks if isinstance(b, Image)}
     ours = {path for pattern in ("budget_*.png", "crossover_*.png", "frontier_*.png", "selectivity_*.png", "adaptive.png") for path in out.glob(pattern)}
-    for stale in ours - drawn:  # an earlier report's plot of something this one has no data for
+    for stale in ours - drawn if earlier_report else ():  # an earlier report's plot of something this one has no data for
         stale.unlink()
     (out / "report.md").write_text(render_markdown(blocks))
     page = out / "report.html"

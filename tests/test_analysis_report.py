@@ -24,6 +24,7 @@ def test_report_on_a_full_grid(tmp_path: Path) -> None:
     build_results(tmp_path)
     out = tmp_path / "report"
     out.mkdir()
+    (out / "report.md").write_text("an earlier report")
     (out / "crossover_gone.png").write_bytes(b"an earlier report's plot of a task no longer stored")
     (out / "mine.png").write_bytes(b"the user's own file")
     page = analysis.write_report(str(tmp_path), bootstrap=50).report_page
@@ -111,6 +112,10 @@ def test_the_report_goes_where_out_says_and_remote_results_need_it(tmp_path: Pat
     assert main(["report", str(tmp_path / "r"), "--bootstrap", "0", "--workers", "1", "--out", str(tmp_path / "elsewhere")]) == 0
     assert (tmp_path / "elsewhere" / "report.html").is_file() and (tmp_path / "r" / "fits.json").is_file()
     assert not (tmp_path / "r" / "report").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "budget_mine.png").write_bytes(b"the user's own plot, in a directory that held no report")
+    assert main(["report", str(tmp_path / "r"), "--bootstrap", "0", "--workers", "1", "--out", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "budget_mine.png").exists()
     capsys.readouterr()
     assert main(["report", "mock:///bucket/sweep", "--bootstrap", "0"]) == 2
     error = capsys.readouterr().err

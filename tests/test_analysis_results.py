@@ -134,6 +134,8 @@ def test_outcomes_on_known_curves() -> None:
     assert [OUTCOMES[c] for c in code] == ["crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied"]
     assert d_star[:2] == pytest.approx([TRUE_D_STAR, TRUE_D_STAR], rel=1e-3)
     assert np.isnan(d_star[2:]).all()
+    broken, _ = outcomes(np.stack([np.full_like(d, np.nan)]), d)
+    assert broken.tolist() == [-1]  # a resample whose fit went non-finite agrees with no outcome (it read "steering ahead")
 
 
 def test_steering_overtaking_and_budgets_that_do_not_overlap(summary: analysis.FitSummary) -> None:

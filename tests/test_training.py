@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest_methods import fit_context, language_model
-from workers.training import NonFiniteLossError, TrainConfig, checkpoint_steps, steps_for, train
+from workers.training import MasterWeights, NonFiniteLossError, TrainConfig, checkpoint_steps, steps_for, train
 
 
 def test_step_count_and_checkpoints():
@@ -91,3 +91,15 @@ def test_half_precision_weights_train_through_fp32_masters(dtype):
     assert norm.dtype == dtype and all(p.grad is None for p in lm.model.parameters())
     assert (norm.detach() != before).float().mean() > 0.5, "the norm weights must move"
     assert result.losses[-1] < result.losses[0]
+
+
+def test_an_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
+    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    weights = MasterWeights([weight], fp16_model=True)
+    assert weights.scale == 2.0**16 and weights.masters[0].dtype == torch.float32
+    weights.backward((weight * 1e4).sum())  # 1e4 x 2^16 overflows fp16's 65504: the gradient is inf
+    assert not weights.gradients_to_masters() and weights.scale == 2.0**15
+    weights.masters[0].grad = None
+    weights.backward((weight * 1e-8).sum())  # a gradient of 1e-8 is 0 in fp16; scaled by 2^15 it survives the backward
+    assert weights.gradients_to_masters()
+    assert weights.masters[0].grad == pytest.approx(torch.full((4,), 1e-8), rel=1e-2) and weight.grad is None

@@ -6,7 +6,7 @@ import os
 import resource
 import sys
 from dataclasses import dataclass
-from math import nan
+from math import exp, inf, nan
 from typing import Sequence
 
 import torch
@@ -60,7 +60,8 @@ def neutral_shift(lm: LanguageModel, reference: NeutralReference) -> tuple[float
         nll_total += float(lm.token_nll(batch, logits, start).sum())
         count += batch.target_tokens
     nll = nll_total / max(count, 1)
-    return kl_total / max(count, 1), float(torch.exp(torch.tensor(nll - reference.nll)))
+    rise = nll - reference.nll  # in Python floats: torch's fp32 exp overflowed past 88 nats, math.exp raises past 709
+    return kl_total / max(count, 1), exp(rise) if rise < 709 else inf
 
 
 _PROC = "/proc/self"  # Linux: the resident-set high-water mark can be read and reset per process

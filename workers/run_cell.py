@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import platform
@@ -32,7 +33,7 @@ from workers.cell import CellConfig, ModelSpec
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
-from workers.models.loading import count_parameters, hub_commit, ladder_revision, resolve_device, resolve_path
+from workers.models.loading import count_parameters, ladder_revision, resolve_device, resolve_path
 from workers.rowfile import write_rows
 from workers.schema import SCHEMA_VERSION
 from workers.tasks import get_task, neutral_texts
@@ -50,13 +51,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@functools.cache  # once per process: versions and the checkout do not change between cells
 def versions_json(model_commit: str | None = None) -> str:
     """The row's `versions`: the libraries, and the hub commit the weights came from once they are loaded
     (a hub id without a revision follows `main`, which can move between a sweep's cells)."""
     return json.dumps({**library_versions(), **({"model_commit": model_commit} if model_commit else {})}, sort_keys=True)
 
 
+@functools.cache  # once per process: versions do not change between cells
 def library_versions() -> dict[str, str]:
     import peft
     import transformers
@@ -223,7 +224,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "selection": report.selection,
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
-        "versions": versions_json(hub_commit(cell.model)),
+        "versions": versions_json(lm.commit),
     }
     neutral = ("base_neutral_nll", "neutral_kl", "neutral_ppl_ratio") if cell.eval.neutral_size else ()
     check_finite(measured, ("score", "nll", "score_base", "nll_base", *neutral, *(("offtask_score_delta",) if offtask else ())))
@@ -241,10 +242,22 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
         trace = traceback.format_exc(limit=-4)
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}\n{trace}"[-4000:])
         run.cache.discard(cell.model)  # the cell may have died half-way through changing its model
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # an out-of-memory cell's blocks would otherwise stay held from the GPU's other workers
+    if row["status"] == "failed":
+        release_gpu_memory()  # here, not in the except block: its traceback still holds the failed cell's tensors
     row.update(started_at=started_at, finished_at=_now())
     return row
+
+
+def release_gpu_memory() -> None:
+    """Return a failed cell's cached GPU blocks, so that an out-of-memory cell does not keep them from
+    the GPU's other workers. A broken CUDA context refuses; the worker finds that out next (pool.cuda_usable)."""
+    if not torch.cuda.is_initialized():
+        return
+    gc.collect()
+    try:
+        torch.cuda.empty_cache()
+    except RuntimeError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

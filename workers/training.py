@@ -92,16 +92,19 @@ class MasterWeights:
     """fp32 copies of half-precision parameters, for the optimizer to update (mixed precision,
     Micikevicius et al. 2018). An AdamW step on bf16 weights themselves is lost to rounding: near
     1.0 (norm weights) bf16's spacing is 2^-7, so steps of lr 1e-3 leave them unchanged. fp16
-    gradients also get a dynamic loss scale, so that small ones do not underflow to zero.
-    fp32 parameters are their own masters: for them this is a no-op.
+    gradients also get a dynamic loss scale, so that small ones do not underflow to zero; so do
+    fp32 parameters trained through an fp16 model (LoRA adapters, steering vectors), whose gradients
+    flow back through its fp16 activations. fp32 parameters are their own masters. The cost: an fp32
+    copy and fp32 optimizer state for half-precision parameters (full fine-tuning in bf16 holds
+    about twice the memory of the weights it would in fp32-free training).
     """
 
     GROWTH_INTERVAL = 2000  # overflow-free steps before the fp16 loss scale doubles
 
-    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+    def __init__(self, params: Sequence[torch.nn.Parameter], *, fp16_model: bool) -> None:
         self.params = list(params)
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in self.params]
-        self.scale = 2.0**16 if any(p.dtype == torch.float16 for p in self.params) else 1.0
+        self.scale = 2.0**16 if fp16_model or any(p.dtype == torch.float16 for p in self.params) else 1.0
         self._good_steps = 0
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -151,7 +154,7 @@ def train(
     steps = steps_for(len(examples), config)
     # fused: one kernel over all parameters instead of a handful per group of tensors; the small
     # LoRA matrices made the foreach update ~5 % of a step on the ladder's models (benchmarks/CHANGES.md)
-    weights = MasterWeights(params)
+    weights = MasterWeights(params, fp16_model=any(p.dtype == torch.float16 for p in lm.model.parameters()))
     optimizer = torch.optim.AdamW(weights.masters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     checks = checkpoint_steps(steps, config.checkpoints) if validate is not None and config.checkpoints else []
@@ -171,7 +174,7 @@ def train(
         lm.model.train()
         validation_tokens += lm.forward_tokens - before
         if best is None or scores[step] > best[0]:  # strictly better: ties keep the earlier step
-            best = (scores[step], step, [m.detach().clone() for m in weights.masters])
+            best = (scores[step], step, [p.detach().clone() for p in params])  # in their own dtype: what is restored
 
     pairs = lm.encode_pairs([ex.prompt for ex in examples], [ex.target for ex in examples])  # once, not every step
     lm.model.train()

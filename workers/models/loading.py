@@ -121,4 +121,5 @@ def load_language_model(spec: ModelSpec, batch_size: int = 32, *, shard: bool = 
         **{_dtype_kwarg(): DTYPES[spec.dtype]},
     )
     model.eval()
-    return LanguageModel(model=model, tokenizer=tokenizer, batch_size=batch_size)
+    # read right after the load: a later look at the hub cache could find `main` moved by another worker's download
+    return LanguageModel(model=model, tokenizer=tokenizer, batch_size=batch_size, commit=hub_commit(spec))
