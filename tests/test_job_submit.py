@@ -53,5 +53,5 @@ def test_a_sweep_submitted_as_a_ray_job_stores_its_rows(tmp_path, test_ladder, w
         rows = pq.read_table(tmp_path / "results" / "job" / "cells").to_pandas()
         assert sorted(rows.method) == ["base", "steer_mean"] and (rows.status == "ok").all(), rows[["method", "error"]]
     finally:
-        _ray("stop", "--force", env=env, timeout=120)
+        _ray("stop", "--force", env=env, timeout=120)  # stops every local Ray process: tests never share the box with another
         shutil.rmtree(temp, ignore_errors=True)
