@@ -14,7 +14,7 @@ from tqdm import tqdm
 from workers.config import ConfigError
 from workers.registry import UnknownNameError
 
-from orchestrator.errors import ClusterShrankError
+from orchestrator.errors import SweepStoppedError
 from orchestrator.store import ResultsStore, StoreScan, read_manifest, write_manifest
 
 if TYPE_CHECKING:
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UnknownNameError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except ClusterShrankError as err:  # an expected outcome on a real cluster, not a bug: no traceback
+    except SweepStoppedError as err:  # an expected outcome on a real cluster, not a bug: no traceback
         print(f"error: {err}", file=sys.stderr)
         return 3
 

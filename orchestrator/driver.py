@@ -7,7 +7,9 @@ so a sweep ends on short cells. Completions are consumed with `ray.wait` in the 
 never `ray.get` in submission order, so one slow cell never stalls the others' rows. A cell that
 raises comes back as a `failed` row from `workers.run_cell`; a worker that dies (killed, OOM-killed,
 node lost) is replaced and its cell run again, up to `max_retries` times with the attempt number
-recorded, then stored as `failed` with Ray's reason. The driver is the only writer of the store.
+recorded, then stored as `failed` with Ray's reason. Cells go only to workers that have started, so
+workers asked for on an autoscaling cluster (`resources.max_workers`) hold no cell while they wait
+for a node. The driver is the only writer of the store.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ from workers.run_cell import identity_columns
 
 from orchestrator.cellcost import longest_first
 from orchestrator.claims import Claims
-from orchestrator.errors import ClusterShrankError
+from orchestrator.errors import ClusterShrankError, WorkersNotStartingError
 from orchestrator.grid import PlannedCell
 from orchestrator.pool import POOL, CellResult, Shape, Worker, live_nodes, next_model, node_capacity
 from orchestrator.spec import Resources
 from orchestrator.store import ResultsStore
 
 HEARTBEAT_SECONDS = 60.0
+START_POLL_SECONDS = 5.0  # how often a driver waiting on workers to start looks again (a node lost, the timeout)
+START_FAILURES = 3  # workers in a row that die while starting: the run stops with the last one's reason
+ANNOUNCE_WAIT_SECONDS = 60.0  # a worker not started by then is waiting for a node: say so once
 
 
 @dataclass
@@ -66,7 +71,13 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
 
 
 def check_fits(cells: list[PlannedCell], resources: Resources) -> None:
-    """Refuse cells the cluster can never schedule: Ray would otherwise wait for them forever."""
+    """Refuse cells the cluster can never schedule: Ray would otherwise wait for them forever.
+
+    With `resources.max_workers` the cluster may grow (an autoscaler adds nodes for the workers asked
+    for), so nothing is refused here: `resources.start_timeout_s` ends a wait for a node that never comes.
+    """
+    if resources.max_workers is not None:
+        return
     available = ray.cluster_resources()
     gpus, cpus = available.get("GPU", 0.0), available.get("CPU", 0.0)
     needs = max(cell.gpus for cell in cells)
@@ -159,20 +170,60 @@ def run_cells(
         in_flight[ref] = (worker, cell, attempt)
 
     def dispatch() -> None:
-        """Give every idle worker a cell, then start workers while cells wait and the cluster has room."""
+        """Give every idle worker a cell, then ask for workers while more cells wait than workers are starting."""
         for shape, by_model in queues.items():
             for worker in POOL.idle(shape):
                 if any(by_model.values()):
                     submit(worker, next_model(worker, by_model, [w for w in POOL.workers if w is not worker]))
-            while any(by_model.values()) and POOL.has_room(shape):
-                worker = POOL.start(shape)
-                submit(worker, next_model(worker, by_model, [w for w in POOL.workers if w is not worker]))
+            while sum(map(len, by_model.values())) > len(POOL.pending(shape)) and POOL.has_room(shape, resources.max_workers):
+                POOL.start(shape)
         waiting = {shape for shape, by_model in queues.items() if any(by_model.values())}
+        for worker in POOL.pending():
+            if worker.shape not in waiting:  # its cells went to workers that started first: withdraw the demand
+                POOL.retire(worker)
         spare = [w for w in POOL.idle() if w.shape not in waiting]  # resources no waiting cell can use
         if waiting and spare:
             for worker in spare:
                 POOL.retire(worker)
             dispatch()
+
+    start_failures: list[BaseException] = []
+    announced: set[Shape] = set()
+
+    def mark_started(worker: Worker, ref: ray.ObjectRef) -> None:
+        """A worker's start resolved: it takes cells from now on, or it died starting (three in a row stop the run)."""
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as err:
+            POOL.retire(worker)
+            start_failures.append(err)
+            if len(start_failures) >= START_FAILURES:
+                raise WorkersNotStartingError(
+                    f"{START_FAILURES} workers in a row died while starting; the last: {str(err)[-2000:]}\n"
+                    "every finished row is stored — fix the cause and rerun the same command to run the rest"
+                ) from err
+        else:
+            worker.started = True
+            start_failures.clear()
+
+    def check_waits() -> None:
+        """Say once when workers wait for a node; stop when a shape's first worker has waited past the timeout."""
+        now = time.monotonic()
+        for worker in POOL.pending():
+            shape, waited = worker.shape, now - worker.asked_at
+            if any(w.started for w in POOL.workers if w.shape == shape):
+                continue
+            what = f"{shape.cpus:g} CPUs and {shape.gpus:g} GPUs"
+            if waited > resources.start_timeout_s:
+                raise WorkersNotStartingError(
+                    f"no worker with {what} started within resources.start_timeout_s ({resources.start_timeout_s:g} s): "
+                    "no node could take one (an autoscaler without such a node type, or at its maximum?); "
+                    "every finished row is stored — rerun the same command when the cluster has room"
+                )
+            if waited > ANNOUNCE_WAIT_SECONDS and shape not in announced:
+                announced.add(shape)
+                bar.write(f"waiting for Ray to place workers with {what}: no live node has room yet "
+                          f"(an autoscaler adds one; resources.start_timeout_s {resources.start_timeout_s:g} s)")  # fmt: skip
 
     ordered = longest_first(cells)
     claimed = claims.acquire_many([cell.cell_id for cell in ordered])
@@ -186,16 +237,21 @@ def run_cells(
     last_heartbeat = time.monotonic()
     try:
         dispatch()
-        while in_flight:
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=HEARTBEAT_SECONDS)
+        while in_flight or POOL.pending():
+            starting = {worker.ready_ref: worker for worker in POOL.pending()}
+            refs = [*in_flight, *starting]
+            done, _ = ray.wait(refs, num_returns=1, timeout=START_POLL_SECONDS if starting else HEARTBEAT_SECONDS)
             if done:  # drain everything else already finished, so the loop costs one turn per batch, not per cell
                 first = set(done)
-                rest = [ref for ref in in_flight if ref not in first]
+                rest = [ref for ref in refs if ref not in first]
                 done += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
             if time.monotonic() - last_heartbeat > HEARTBEAT_SECONDS / 2:
                 claims.heartbeat()
                 last_heartbeat = time.monotonic()
             for ref in done:
+                if ref in starting:
+                    mark_started(starting[ref], ref)
+                    continue
                 worker, cell, attempt = in_flight.pop(ref)
                 worker.running = None
                 try:
@@ -220,8 +276,11 @@ def run_cells(
                     outcome.failed += 1
                     bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}")
                 bar.update()
+            if resources.max_workers is None:
+                POOL.drop_unplaceable()
+            check_waits()
             dispatch()
-            bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy())
+            bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy(), starting=len(POOL.pending()))
         unplaced = sum(len(q) for by_model in queues.values() for q in by_model.values())
         if unplaced:  # check_fits passed, so the cluster shrank (a node or the local raylet died); never return as if they had run
             raise ClusterShrankError(
@@ -231,6 +290,8 @@ def run_cells(
     finally:
         bar.close()
         for worker, _, _ in in_flight.values():  # interrupted: stop what still runs, it is no longer claimed
+            POOL.retire(worker)
+        for worker in POOL.pending():  # no cell waits for them: withdraw the demand
             POOL.retire(worker)
         claims.release_all()  # cells still running or waiting when we were interrupted go back to the pool
     outcome.wall_seconds = time.perf_counter() - started

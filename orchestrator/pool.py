@@ -4,9 +4,12 @@ A `CellWorker` is a Ray actor that holds one cell's resources (`cpus_per_cell`, 
 `gpus_per_cell`; more than one GPU means the model is sharded with accelerate inside it) for its
 whole life. It imports torch, transformers and peft once and keeps the models it loaded in a cache
 bounded by `resources.model_cache_bytes`, least recently used evicted. The pool starts workers while
-the cluster has room, retires idle ones whose resources no pending cell needs, and gives a free
-worker the next cell of a model it already holds (`next_model`), so reloads are rare. Workers
-outlive one `run_cells` call: a loop that runs batch after batch in one process keeps its models.
+the live nodes have room (or, with `resources.max_workers`, up to that many whether or not they
+have: Ray holds the ones no node can take yet, and an autoscaler adds nodes for them), retires idle
+ones whose resources no pending cell needs, and gives a free worker the next cell of a model it
+already holds (`next_model`), so reloads are rare. A worker gets cells only once it has started, so
+no cell waits on a worker that never does. Workers outlive one `run_cells` call: a loop that runs
+batch after batch in one process keeps its models.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import ray
 import torch
+from ray import ObjectRef
 from ray.actor import ActorHandle
 
 from workers.cell import CellConfig
@@ -91,6 +96,10 @@ class CellWorker:
         self.cache = WorkerCache(default_cache_bytes(shape) if shape.cache_bytes is None else shape.cache_bytes)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
+    def ready(self) -> str:
+        """Answers once Ray has placed this actor and its `__init__` (the imports) is done."""
+        return self.name
+
     def run(self, cell_json: str, attempt: int) -> CellResult:
         cell = CellConfig.model_validate_json(cell_json)
         loads = self.cache.loads
@@ -125,6 +134,9 @@ class Worker:
 
     actor: ActorHandle
     shape: Shape
+    ready_ref: ObjectRef  # resolves when the actor has started (or raises: it died starting)
+    asked_at: float = field(default_factory=time.monotonic)
+    started: bool = False  # cells go only to started workers: one Ray cannot place yet may never start
     held: list[str] = field(default_factory=list)  # mirror of the actor's cache, least recently used first
     running: str | None = None  # model of the cell in flight, if any
 
@@ -154,14 +166,22 @@ class WorkerPool:
             self.workers, self._session = [], session
 
     def idle(self, shape: Shape | None = None) -> list[Worker]:
-        return [w for w in self.workers if w.running is None and (shape is None or w.shape == shape)]
+        return [w for w in self.workers if w.started and w.running is None and (shape is None or w.shape == shape)]
+
+    def pending(self, shape: Shape | None = None) -> list[Worker]:
+        """Workers asked for that have not started: Ray has no node for them yet, or they are importing."""
+        return [w for w in self.workers if not w.started and (shape is None or w.shape == shape)]
 
     def busy(self) -> int:
         return sum(w.running is not None for w in self.workers)
 
-    def has_room(self, shape: Shape) -> bool:
-        """Whether the cluster has the resources for one more worker of `shape` besides ours (exactly
-        when all workers have one shape; with several, node by node for this shape and in total)."""
+    def has_room(self, shape: Shape, max_workers: int | None = None) -> bool:
+        """Whether to ask for one more worker of `shape`: with `max_workers`, while there are fewer
+        (the cluster may grow to hold them); else whether the live nodes have the resources for it
+        besides ours (exactly when all workers have one shape; with several, node by node for this
+        shape and in total)."""
+        if max_workers is not None:
+            return len(self.workers) < max_workers
         total = ray.cluster_resources()
         cpus = sum(w.shape.cpus for w in self.workers) + shape.cpus
         gpus = sum(w.shape.gpus for w in self.workers) + shape.gpus
@@ -170,12 +190,19 @@ class WorkerPool:
         return sum(w.shape == shape for w in self.workers) < node_capacity(shape, live_nodes())
 
     def start(self, shape: Shape) -> Worker:
-        actor = _RemoteCellWorker.options(
-            num_cpus=shape.cpus, num_gpus=shape.gpus, max_restarts=0, max_task_retries=0
-        ).remote(shape)  # calls queue until its __init__ (the imports) is done: they overlap the first cells
-        worker = Worker(actor, shape)
+        actor = _RemoteCellWorker.options(num_cpus=shape.cpus, num_gpus=shape.gpus, max_restarts=0, max_task_retries=0).remote(shape)
+        worker = Worker(actor, shape, actor.ready.remote())
         self.workers.append(worker)
         return worker
+
+    def drop_unplaceable(self) -> None:
+        """Retire workers not yet started beyond what the live nodes hold (a node died since they were
+        asked for): without `max_workers` nothing will add a node for them."""
+        nodes = None
+        for worker in reversed(self.pending()):
+            nodes = live_nodes() if nodes is None else nodes
+            if sum(w.shape == worker.shape for w in self.workers) > node_capacity(worker.shape, nodes):
+                self.retire(worker)
 
     def retire(self, worker: Worker) -> None:
         """Stop the actor and give its resources back (also what to do with one that died)."""

@@ -45,6 +45,18 @@ class Resources(StrictConfig):
         description="base models a worker keeps loaded between cells (least recently used evicted); "
         "default: half of the worker's share of its GPUs' memory, or of RAM on CPU-only workers",
     )
+    max_workers: int | None = Field(
+        None,
+        ge=1,
+        description="workers to ask for, whether or not the nodes up now can hold them: on an autoscaling "
+        "cluster the ones waiting are what makes it add nodes; default: as many as the live nodes hold",
+    )
+    start_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="how long cells wait for a first worker of their shape to start (an autoscaler adding "
+        "a node) before the run stops; what finished is stored and a rerun resumes",
+    )
 
 
 class SweepSpec(StrictConfig):

@@ -8,7 +8,9 @@ import pytest
 import ray
 import torch
 
+from orchestrator import pool
 from orchestrator.driver import run_cells, shutdown_workers
+from orchestrator.errors import WorkersNotStartingError
 from orchestrator.grid import expand
 from orchestrator.pool import POOL, CellWorker, Shape, node_capacity
 from orchestrator.spec import load_spec
@@ -143,6 +145,49 @@ def test_the_longest_cells_are_handed_out_first(local_ray, test_ladder, write_sw
     rows = ResultsStore(spec.results_dir).read().to_pandas().sort_values("started_at")
     started = list(zip(rows.method, rows.budget))
     assert started == [("lora", 16)] * 2 + [("lora", 4)] * 2 + [("base", 0)] * 2, started
+
+
+def _base_sweep(write_sweep, test_ladder, name: str, seeds: int, resources: dict):
+    return load_spec(write_sweep({
+        "sweep": name, "models": [{"id": test_ladder[0]}], "tasks": ["facts"], "methods": {"base": {}}, "budgets": [0],
+        "seeds": list(range(seeds)), "eval": {"test_size": 8, "validation_size": 0, "neutral_size": 2}, "resources": resources,
+    }))  # fmt: skip
+
+
+@pytest.mark.slow  # ~30 s: one worker starts
+def test_workers_asked_for_beyond_what_the_cluster_holds_get_no_cells(local_ray, test_ladder, write_sweep):
+    """max_workers 3 where one worker fits (2 CPUs a cell of 2): the other two wait, as they would
+    for an autoscaler's node; a cell handed to one would wait forever. The started one runs every
+    cell, and the two waiting are withdrawn when no cell is left for them."""
+    shutdown_workers()  # an empty pool, whatever ran before
+    spec = _base_sweep(write_sweep, test_ladder, "waiting", 4, {"cpus_per_cell": 2, "max_workers": 3})
+    outcome = run_cells(expand(spec), ResultsStore(spec.results_dir), spec.resources, progress=False, dashboard=False)
+    assert outcome.ok == 4 and len(outcome.model_loads) == 1, outcome
+    assert len(POOL.workers) == 1 and not POOL.pending(), "the workers that never started must be withdrawn"
+    shutdown_workers()
+
+
+@pytest.mark.slow  # ~30 s: three workers start and die, then one starts
+def test_workers_dying_as_they_start_stop_the_run_and_lose_nothing(local_ray, test_ladder, write_sweep, monkeypatch):
+    """A worker whose start fails (a broken environment on its node) takes no cell; three in a row
+    stop the run with the reason, every cell unclaimed, so a rerun with working workers runs them all."""
+
+    class BrokenWorker(CellWorker):  # defined here, so Ray ships it by value to its worker processes
+        def __init__(self, shape: Shape) -> None:
+            raise ImportError("no module named 'flash_attn' on this node")
+
+    shutdown_workers()
+    spec = _base_sweep(write_sweep, test_ladder, "broken", 2, {"cpus_per_cell": 1})
+    store = ResultsStore(spec.results_dir)
+    monkeypatch.setattr(pool, "_RemoteCellWorker", ray.remote(BrokenWorker))
+    with pytest.raises(WorkersNotStartingError, match=r"(?s)3 workers in a row died while starting.*flash_attn"):
+        run_cells(expand(spec), store, spec.resources, progress=False, dashboard=False)
+    assert store.read().num_rows == 0
+    monkeypatch.undo()
+    assert not POOL.workers
+    outcome = run_cells(expand(spec), store, spec.resources, progress=False, dashboard=False)
+    assert outcome.ok == 2 and outcome.skipped_claimed == 0, "the failed run must leave no cell claimed"
+    shutdown_workers()
 
 
 def test_node_capacity_counts_gpus_as_ray_places_them():
