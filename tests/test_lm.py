@@ -11,7 +11,7 @@ from packaging.version import Version
 
 from conftest_methods import fit_context, language_model
 from workers.methods import get_method, resolve_config
-from workers.lm import shareable_cache
+from workers.lm import _logit_selection, shareable_cache
 from workers.metrics import neutral_reference
 from workers.steering import steer
 
@@ -26,7 +26,7 @@ def slow_choice_logprobs(lm, prompts, choices):
         row = []
         for c in cs:
             b = next(lm.batches([prompt], [c]))
-            row.append(float(-lm.token_nll(b, lm.forward(b)).sum()))
+            row.append(float(-lm.token_nll(b, lm.forward(b)[b.target_mask]).sum()))  # every position's logits, then the scored
         out.append(row)
     return out
 
@@ -75,22 +75,32 @@ def test_prefix_applies_to_every_entry_point_and_is_restored_on_error():
     assert lm.prefix == "" and lm.target_nll(PROMPTS, [" 1"] * 3) == plain
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
 def test_token_nll_and_training_loss_match_log_softmax_gather_mask(arch):
-    """`token_nll` (fused cross-entropy, ignored labels) equals the textbook log-softmax → gather →
-    mask per token, and `loss` (what training minimises) is its mean over target tokens, value and
-    gradient, on a batch with padding and targets of different lengths."""
+    """`token_nll` on the scored positions' logits equals the textbook log-softmax → gather → mask
+    over every position's, per token and summed per row, and `loss` (what training minimises) is its
+    mean over target tokens, value and gradient, on a batch with padding and targets of different
+    lengths. Where transformers can (5.x), the output head runs on the scored positions alone."""
     lm = language_model(arch)
     batch = next(lm.batches(PROMPTS, [" 1 2", " 3", " 0 ; q:"]))
     logits = lm.forward(batch)
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     per_token = -logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1) * batch.target_mask[:, :-1]
-    torch.testing.assert_close(lm.token_nll(batch, logits), per_token, rtol=1e-6, atol=1e-7)
+    head_rows = []
+    hook = lm.model.get_output_embeddings().register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    try:
+        scored = lm.scored_logits(batch)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(lm.token_nll(batch, scored), per_token[batch.target_mask[:, :-1]], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lm.row_sums(batch, lm.token_nll(batch, lm.scoring_logits(batch))), per_token.sum(-1), rtol=1e-6, atol=1e-6)
     assert int((per_token != 0).sum()) == batch.target_tokens == 6  # " 1 2", " 3", " 0 ; q:" minus padding
+    if _logit_selection(type(lm.model)) == "mask":
+        assert head_rows == [batch.target_tokens], f"the output head ran on {head_rows} positions, not the {batch.target_tokens} scored"
     reference = per_token.sum() / batch.target_tokens
     grads = torch.autograd.grad(reference, list(lm.model.parameters()), allow_unused=True)
     loss = lm.loss(batch)
-    assert float(loss) == pytest.approx(float(reference), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
     for ours, theirs in zip(torch.autograd.grad(loss, list(lm.model.parameters()), allow_unused=True), grads):
         if theirs is not None:
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,17 @@ class EncodedPair:
 # Scoring runs the tokens every row of a batch begins with once, when there are at least this many
 # (few-shot demonstrations, shared instructions); for fewer, the second forward costs more than it saves.
 SHARED_PREFIX_MIN_TOKENS = 32
+
+
+@functools.cache
+def _logit_selection(model_class: type) -> str | None:
+    """How `model_class`'s forward computes logits at chosen positions only (`logits_to_keep`):
+    "mask", a boolean (batch, seq) tensor (transformers 5's `slice_logits_to_keep`, which its module
+    imports); "columns", a 1-D tensor of positions kept in every row (transformers 4.50+); or None,
+    every position (older versions, and remote code, whose handling of the argument is unknown)."""
+    if not model_class.__module__.startswith("transformers.") or "logits_to_keep" not in inspect.signature(model_class.forward).parameters:
+        return None
+    return "mask" if hasattr(sys.modules[model_class.__module__], "slice_logits_to_keep") else "columns"
 
 
 @functools.cache
@@ -165,26 +177,53 @@ class LanguageModel:
         attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in rows], dtype=torch.long)
         return input_ids, attention
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch, keep: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The model's logits for `batch`: at every position, or where `keep` (see `_head_positions`) says."""
         self.forward_tokens += int(batch.attention_mask.sum())
         with prompt_boundary(batch.prompt_last):
             return self.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, **(keep or {})
             ).logits
 
+    def scored_logits(self, batch: Batch) -> torch.Tensor:
+        """Logits (scored tokens, vocab) at the positions that predict a continuation token, row by
+        row: the True entries of `batch.target_mask` (whose last column is always False).
+
+        The output head runs only at those positions where the model can: the prompt's positions
+        need no logits, and at a 150k vocabulary theirs (and their gradients) would be most of a
+        training step's memory. Same numbers as the full forward's rows.
+        """
+        keep, pick = self._head_positions(batch.target_mask)
+        return pick(self.forward(batch, keep))
+
+    def _head_positions(self, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """The forward's `logits_to_keep` for the True entries of `mask` (rows, columns), and how to
+        take exactly those entries' logits, row by row, from what the forward then returns."""
+        how = _logit_selection(type(self._base_model()))
+        if how == "mask":
+            return {"logits_to_keep": mask}, lambda logits: logits
+        if how == "columns":
+            columns = mask.any(0).nonzero().squeeze(1)
+            return {"logits_to_keep": columns}, lambda logits: logits[mask[:, columns]]
+        return {}, lambda logits: logits[mask]
+
+    def _base_model(self) -> PreTrainedModel:
+        """The transformers model itself, inside a peft wrapper if there is one."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     @torch.no_grad()
-    def scoring_logits(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        """Logits of the batch's columns from `start` on, and `start`, for scoring (no gradients).
+    def scoring_logits(self, batch: Batch) -> torch.Tensor:
+        """`scored_logits` for scoring (no gradients), running shared leading columns once.
 
         Columns before `start` hold tokens every row begins with (a `prompt` method's
         demonstrations, a task's shared instructions) and are scored by no row: they run once,
         as a batch of one, and every row continues from their key/value cache. Same numbers as
-        `forward` up to float rounding; a many-shot prompt then costs its demonstrations once per
-        batch instead of once per row (on the ladder, a 230-token prefix: ~5x less work).
+        `scored_logits` up to float rounding; a many-shot prompt then costs its demonstrations once
+        per batch instead of once per row (on the ladder, a 230-token prefix: ~5x less work).
         """
         start = self._shared_columns(batch)
         if start == 0:
-            return self.forward(batch), 0
+            return self.scored_logits(batch)
         shared = slice(0, start)
         with prompt_boundary(batch.prompt_last.min().view(1)):  # nothing shared is after any row's prompt
             out = self.model(
@@ -194,16 +233,17 @@ class LanguageModel:
         self.forward_tokens += start
         cache = shareable_cache(out.cache if "cache" in out else out.past_key_values)  # renamed in transformers 5.2x
         if cache is None:
-            return self.forward(batch), 0
+            return self.scored_logits(batch)
         cache.batch_repeat_interleave(batch.input_ids.shape[0])
         self.forward_tokens += int(batch.attention_mask[:, start:].sum())
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # a peft wrapper passes it on
+        keep, pick = self._head_positions(batch.target_mask[:, start:])
+        base = self._base_model()  # a peft wrapper passes it on
         with prompt_boundary(batch.prompt_last):
             logits = self.model(
                 input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids[:, start:], use_cache=True, **{_cache_argument(type(base)): cache},
+                position_ids=batch.position_ids[:, start:], use_cache=True, **{_cache_argument(type(base)): cache}, **keep,
             ).logits  # fmt: skip
-        return logits, start
+        return pick(logits)
 
     @staticmethod
     def _shared_columns(batch: Batch) -> int:
@@ -216,31 +256,29 @@ class LanguageModel:
         start = int(differs[0]) if len(differs) else limit
         return start if start >= SHARED_PREFIX_MIN_TOKENS else 0
 
-    def token_nll(self, batch: Batch, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Per-token NLL of the continuation (zero elsewhere), shape (batch, seq-1-start), for
-        `logits` of the columns from `start` on (see `scoring_logits`).
+    @staticmethod
+    def token_nll(batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+        """NLL of each continuation token (scored tokens,), row by row, from the logits at the scored
+        positions (`scored_logits` / `scoring_logits`): fused cross-entropy, in fp32."""
+        labels = batch.input_ids[:, 1:][batch.target_mask[:, :-1]]
+        return F.cross_entropy(logits.float(), labels, reduction="none")
 
-        Through fused cross-entropy on the continuation positions alone: the same numbers as
-        log-softmax, gather and mask, a backward ~9 % of a training step faster on the ladder, and
-        only those rows of the logits cast to fp32 (all of them, at a 150k vocabulary and batch 64,
-        would be tens of GB for the few answer tokens that are scored).
-        """
-        scored = batch.target_mask[:, start:-1]
-        labels = batch.input_ids[:, start + 1 :]
-        nll = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-        nll[scored] = F.cross_entropy(logits[:, :-1][scored].float(), labels[scored], reduction="none")
-        return nll
+    @staticmethod
+    def row_sums(batch: Batch, per_token: torch.Tensor) -> torch.Tensor:
+        """Per-token values (scored tokens,), row by row, summed per row of `batch`: (batch,)."""
+        rows = batch.target_mask.nonzero()[:, 0]
+        return torch.zeros(batch.input_ids.shape[0], dtype=per_token.dtype, device=per_token.device).index_add_(0, rows, per_token)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Mean continuation NLL over the batch's target tokens: the training loss of every method."""
-        return self.token_nll(batch, self.forward(batch)).sum() / batch.target_mask.sum().clamp(min=1)
+        return self.token_nll(batch, self.scored_logits(batch)).sum() / batch.target_mask.sum().clamp(min=1)
 
     @torch.no_grad()
     def target_nll(self, prompts: Sequence[str], targets: Sequence[str]) -> float:
         """Mean NLL per continuation token over all pairs (nats)."""
         total, count = 0.0, 0
         for batch in self.batches(prompts, targets):
-            total += float(self.token_nll(batch, *self.scoring_logits(batch)).sum())
+            total += float(self.token_nll(batch, self.scoring_logits(batch)).sum())
             count += batch.target_tokens
         return total / max(count, 1)
 
@@ -259,7 +297,7 @@ class LanguageModel:
         flat_choices = [c for cs in choices for c in cs]
         scores: list[float] = []
         for batch in self.batches(flat_prompts, flat_choices):
-            scores.extend((-self.token_nll(batch, *self.scoring_logits(batch)).sum(-1)).tolist())
+            scores.extend((-self.row_sums(batch, self.token_nll(batch, self.scoring_logits(batch)))).tolist())
         out, i = [], 0
         for cs in choices:
             out.append(scores[i : i + len(cs)])
@@ -270,14 +308,16 @@ class LanguageModel:
         self, prompts: Sequence[str], choices: Sequence[Sequence[str]], ids: list[list[list[int]]]
     ) -> list[list[float]]:
         # Each prompt runs with its first choice appended, so truncation and token ids are exactly
-        # those of the per-choice path; the scored logits sit at the prompt's last column.
+        # those of the per-choice path; its one scored position is the prompt's last column, whose
+        # logits give every choice's.
         out: list[list[float]] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             batch = next(self.batches(prompts[chunk], [cs[0] for cs in choices[chunk]], batch_size=self.batch_size))
-            logits, offset = self.scoring_logits(batch)
-            rows = torch.arange(logits.shape[0], device=logits.device)
-            logp = F.log_softmax(logits[rows, batch.prompt_last - offset].float(), dim=-1)
+            logits = self.scoring_logits(batch)
+            if logits.shape[0] != batch.input_ids.shape[0]:
+                raise ValueError("a choice needs at least one prompt token before it (an empty prompt, and no BOS token?)")
+            logp = F.log_softmax(logits.float(), dim=-1)
             for row, cs in zip(logp, ids[chunk]):
                 out.append(row[[c[0] for c in cs]].tolist())
         return out

@@ -36,9 +36,9 @@ def _neutral_batches(lm: LanguageModel, texts: Sequence[str]):
 def neutral_reference(lm: LanguageModel, texts: Sequence[str]) -> NeutralReference:
     logprobs, total, count = [], 0.0, 0
     for batch in _neutral_batches(lm, texts):
-        logits, start = lm.scoring_logits(batch)
-        logprobs.append(F.log_softmax(logits.float(), dim=-1)[batch.target_mask[:, start:]].cpu())
-        total += float(lm.token_nll(batch, logits, start).sum())
+        logits = lm.scoring_logits(batch)
+        logprobs.append(F.log_softmax(logits.float(), dim=-1).cpu())
+        total += float(lm.token_nll(batch, logits).sum())
         count += batch.target_tokens
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return NeutralReference(tuple(texts), logprobs, total / count if count else nan, total / n_bytes if n_bytes else nan)
@@ -51,13 +51,13 @@ def neutral_shift(lm: LanguageModel, reference: NeutralReference) -> tuple[float
         return float("nan"), float("nan")
     kl_total, nll_total, count = 0.0, 0.0, 0
     for batch, base_logp in zip(_neutral_batches(lm, reference.texts), reference.logprobs):
-        logits, start = lm.scoring_logits(batch)
-        logp = F.log_softmax(logits.float(), dim=-1)[batch.target_mask[:, start:]]
+        logits = lm.scoring_logits(batch)
+        logp = F.log_softmax(logits.float(), dim=-1)
         if logp.shape != base_logp.shape:
             raise ValueError(f"neutral text tokens differ from the reference's: {tuple(logp.shape)} vs {tuple(base_logp.shape)}")
         base = base_logp.to(logp.device)
         kl_total += float((base.exp() * (base - logp)).sum())
-        nll_total += float(lm.token_nll(batch, logits, start).sum())
+        nll_total += float(lm.token_nll(batch, logits).sum())
         count += batch.target_tokens
     nll = nll_total / max(count, 1)
     rise = nll - reference.nll  # in Python floats: torch's fp32 exp overflowed past 88 nats, math.exp raises past 709
