@@ -88,7 +88,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _print_cell(spec, args.cell)
     cells, store, scan = _plan(spec, set_aside=False)
     _report_quarantine(scan, set_aside=False)
-    statuses = [scan.status.get(c.cell_id) for c in cells]
+    status = scan.status
+    statuses = [status.get(c.cell_id) for c in cells]
     dims = (
         f"{len(spec.models)} models × {len(spec.tasks)} tasks × {len(spec.methods)} methods × "
         f"budgets {spec.budgets} × {len(spec.seeds)} seeds"
@@ -96,7 +97,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"sweep {spec.sweep} -> {spec.results_dir}")
     print(f"grid: {len(cells)} cells ({dims}; per-method budgets: {spec.method_budgets or 'none'})")
     print(f"done {statuses.count('ok')} · failed {statuses.count('failed')} · to run {statuses.count(None)}")
-    print(_status_table(_manifest_entries(cells), scan.status))
+    print(_status_table(_manifest_entries(cells), status))
     print(_compute_to_go(cells, scan))
     return 0
 
@@ -105,9 +106,10 @@ def _compute_to_go(cells: list[PlannedCell], scan: StoreScan) -> str:
     """Cell compute the cells still to run will take, from the stored cells of the same model and method."""
     seconds: dict[tuple[str, str], list[float]] = defaultdict(list)
     for cell in cells:
-        if scan.status.get(cell.cell_id) == "ok" and cell.cell_id in scan.seconds:
-            seconds[(cell.config.model.id, cell.config.method)].append(scan.seconds[cell.cell_id])
-    to_run = [c for c in cells if c.cell_id not in scan.status]
+        stored = scan.cells.get(cell.cell_id)
+        if stored is not None and stored.status == "ok" and stored.seconds is not None:
+            seconds[(cell.config.model.id, cell.config.method)].append(stored.seconds)
+    to_run = [c for c in cells if c.cell_id not in scan.cells]
     if not to_run:
         return "nothing to run"
     known = [sum(seconds[key]) / len(seconds[key]) for c in to_run if (key := (c.config.model.id, c.config.method)) in seconds]
@@ -194,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     write_manifest(store, _manifest_entries(cells))
     if args.adaptive:
         return _run_adaptive(args, spec, cells, store)
-    skip = set() if args.force else {cid for cid, st in scan.status.items() if st == "ok" or not args.retry_failed}
+    skip = set() if args.force else {cid for cid, cell in scan.cells.items() if cell.status == "ok" or not args.retry_failed}
     todo = [c for c in cells if c.cell_id not in skip]
     print(f"sweep {spec.sweep}: {len(cells)} cells, {len(cells) - len(todo)} already stored, {len(todo)} to run")
     if not args.address:  # a local run builds ladder rungs here once, instead of in every worker at once
@@ -218,16 +220,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     scan = store.scan(set_aside=False)
     _report_quarantine(scan, set_aside=False)
     entries = read_manifest(store)
-    if not entries and not scan.status:
+    if not entries and not scan.cells:
         print(f"error: no sweep at {store.uri}: neither a plan (plan.json) nor stored rows; `steerscale run CONFIG` makes both",
               file=sys.stderr)
         return 2
     known = {e["cell_id"] for e in entries}
-    remaining = sum(e["cell_id"] not in scan.status for e in entries)
-    unplanned = set(scan.status) - known
+    remaining = sum(e["cell_id"] not in scan.cells for e in entries)
+    unplanned = set(scan.cells) - known
     for cell_id in sorted(unplanned):  # rows from cells no longer in the plan (an earlier config): show them too
-        model, method = scan.model_method[cell_id]
-        entries.append({"cell_id": cell_id, "model": model, "method": method})
+        stored = scan.cells[cell_id]
+        entries.append({"cell_id": cell_id, "model": stored.model, "method": stored.method})
     counts = scan.counts()
     print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {remaining} remaining")
     if unplanned and known:

@@ -169,6 +169,10 @@ def run_cells(
         worker.running = model
         in_flight[ref] = (worker, cell, attempt)
 
+    def waiting() -> set[Shape]:
+        """The shapes some cell waits for a worker of."""
+        return {shape for shape, by_model in queues.items() if any(by_model.values())}
+
     def dispatch() -> None:
         """Give every idle worker a cell, then ask for workers while more cells wait than workers are starting."""
         for shape, by_model in queues.items():
@@ -177,12 +181,13 @@ def run_cells(
                     submit(worker, next_model(worker, by_model, [w for w in POOL.workers if w is not worker]))
             while sum(map(len, by_model.values())) > len(POOL.pending(shape)) and POOL.has_room(shape, resources.max_workers):
                 POOL.start(shape)
-        waiting = {shape for shape, by_model in queues.items() if any(by_model.values())}
-        for worker in POOL.pending():
-            if worker.shape not in waiting:  # its cells went to workers that started first: withdraw the demand
-                POOL.retire(worker)
-        spare = [w for w in POOL.idle() if w.shape not in waiting]  # resources no waiting cell can use
-        if waiting and spare:
+        needed = waiting()
+        # workers waiting for a node that no cell needs any more (their cells went to workers that
+        # started first): withdraw the demand; without max_workers none waits for a node that may come
+        pending = {worker.shape for worker in POOL.pending()}
+        POOL.drop_unplaceable(pending if resources.max_workers is None else pending - needed)
+        spare = [w for w in POOL.idle() if w.shape not in needed]  # resources no waiting cell can use
+        if needed and spare:
             for worker in spare:
                 POOL.retire(worker)
             dispatch()
@@ -208,10 +213,10 @@ def run_cells(
 
     def check_waits() -> None:
         """Say once when workers wait for a node; stop when a shape's first worker has waited past the timeout."""
-        now = time.monotonic()
+        now, needed = time.monotonic(), waiting()
         for worker in POOL.pending():
             shape, waited = worker.shape, now - worker.asked_at
-            if any(w.started for w in POOL.workers if w.shape == shape):
+            if shape not in needed or any(w.started for w in POOL.workers if w.shape == shape):
                 continue
             what = f"{shape.cpus:g} CPUs and {shape.gpus:g} GPUs"
             if waited > resources.start_timeout_s:
@@ -237,7 +242,7 @@ def run_cells(
     last_heartbeat = time.monotonic()
     try:
         dispatch()
-        while in_flight or POOL.pending():
+        while in_flight or (POOL.pending() and waiting()):  # workers still importing stay for the next call
             starting = {worker.ready_ref: worker for worker in POOL.pending()}
             refs = [*in_flight, *starting]
             done, _ = ray.wait(refs, num_returns=1, timeout=START_POLL_SECONDS if starting else HEARTBEAT_SECONDS)
@@ -276,8 +281,6 @@ def run_cells(
                     outcome.failed += 1
                     bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}")
                 bar.update()
-            if resources.max_workers is None:
-                POOL.drop_unplaceable()
             check_waits()
             dispatch()
             bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy(), starting=len(POOL.pending()))
@@ -287,12 +290,15 @@ def run_cells(
                 f"{unplaced} cells found no worker: the cluster has no room for their resources any more "
                 "(did a Ray node die?); every finished row is stored — rerun the same command to run the rest"
             )
+    except BaseException:
+        for worker in POOL.pending():  # the run stopped: nothing will give them cells
+            POOL.retire(worker)
+        raise
     finally:
         bar.close()
         for worker, _, _ in in_flight.values():  # interrupted: stop what still runs, it is no longer claimed
             POOL.retire(worker)
-        for worker in POOL.pending():  # no cell waits for them: withdraw the demand
-            POOL.retire(worker)
+        POOL.drop_unplaceable({worker.shape for worker in POOL.pending()})  # no cell waits for a node any more
         claims.release_all()  # cells still running or waiting when we were interrupted go back to the pool
     outcome.wall_seconds = time.perf_counter() - started
     return outcome

@@ -195,14 +195,16 @@ class WorkerPool:
         self.workers.append(worker)
         return worker
 
-    def drop_unplaceable(self) -> None:
-        """Retire workers not yet started beyond what the live nodes hold (a node died since they were
-        asked for): without `max_workers` nothing will add a node for them."""
+    def drop_unplaceable(self, shapes: set[Shape]) -> None:
+        """Retire workers of `shapes` not yet started beyond what the live nodes hold: the ones
+        waiting for a node (to withdraw an autoscaler's demand, or because a node died since they
+        were asked for). Those a live node holds are only importing: they stay, to take cells soon."""
         nodes = None
         for worker in reversed(self.pending()):
-            nodes = live_nodes() if nodes is None else nodes
-            if sum(w.shape == worker.shape for w in self.workers) > node_capacity(worker.shape, nodes):
-                self.retire(worker)
+            if worker.shape in shapes:
+                nodes = live_nodes() if nodes is None else nodes
+                if sum(w.shape == worker.shape for w in self.workers) > node_capacity(worker.shape, nodes):
+                    self.retire(worker)
 
     def retire(self, worker: Worker) -> None:
         """Stop the actor and give its resources back (also what to do with one that died)."""

@@ -38,15 +38,18 @@ class StoredCell(NamedTuple):
 
 @dataclass
 class StoreScan:
-    """Status of every readable cell file, and the files that were set aside."""
+    """Every readable cell file, and the files that were set aside."""
 
-    status: dict[str, str] = field(default_factory=dict)  # cell_id -> "ok" | "failed"
-    seconds: dict[str, float] = field(default_factory=dict)  # cell_id -> train + eval seconds, where recorded
-    model_method: dict[str, tuple[str, str]] = field(default_factory=dict)  # cell_id -> (model id, method)
+    cells: dict[str, StoredCell] = field(default_factory=dict)  # by cell_id
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
 
+    @property
+    def status(self) -> dict[str, str]:
+        """cell_id -> "ok" | "failed"."""
+        return {cell_id: cell.status for cell_id, cell in self.cells.items()}
+
     def counts(self) -> Counter:
-        return Counter(self.status.values())
+        return Counter(cell.status for cell in self.cells.values())
 
 
 class ResultsStore:
@@ -87,10 +90,7 @@ class ResultsStore:
                 if set_aside:
                     self._quarantine(info)
             else:
-                scan.status[found.cell_id] = found.status
-                scan.model_method[found.cell_id] = (found.model, found.method)
-                if found.seconds is not None:
-                    scan.seconds[found.cell_id] = found.seconds
+                scan.cells[found.cell_id] = found
         return scan
 
     def _status_of(self, info: fs.FileInfo) -> StoredCell | Exception:

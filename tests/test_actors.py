@@ -94,8 +94,10 @@ def test_two_batches_over_two_models_load_each_model_once_per_worker(local_ray, 
     cells = expand(spec)
     assert len(cells) == 12
     store = ResultsStore(spec.results_dir)
-    batches = [[c for c in cells if c.config.seed < 3], [c for c in cells if c.config.seed >= 3]]
-    outcomes = [run_cells(batch, store, spec.resources, progress=False, dashboard=False) for batch in batches]
+    first = run_cells([c for c in cells if c.config.seed < 3], store, spec.resources, progress=False, dashboard=False)
+    workers_after_first = list(POOL.workers)  # a worker still importing when the batch ended is kept for the next
+    second = run_cells([c for c in cells if c.config.seed >= 3], store, spec.resources, progress=False, dashboard=False)
+    outcomes = [first, second]
 
     assert [o.ok for o in outcomes] == [6, 6] and [o.failed for o in outcomes] == [0, 0]
     rows = store.read().to_pandas()
@@ -103,8 +105,7 @@ def test_two_batches_over_two_models_load_each_model_once_per_worker(local_ray, 
     loads = outcomes[0].loads + outcomes[1].loads
     assert loads and max(loads.values()) == 1, f"a worker loaded a model twice: {loads}"
     assert {model for _, model in loads} == set(test_ladder)
-    workers = set(outcomes[0].model_loads) | set(outcomes[1].model_loads)
-    assert len(workers) == 2 and len(POOL.workers) == 2, "the second batch must run on the first batch's workers"
+    assert len(POOL.workers) == 2 and POOL.workers == workers_after_first, "the second batch must run on the first batch's workers"
     assert sum(o.total_model_loads for o in outcomes) == sum(loads.values()) <= 4
 
 
@@ -121,7 +122,9 @@ def test_workers_hold_no_more_models_than_their_memory_budget(local_ray, test_la
     outcome = run_cells(expand(spec), ResultsStore(spec.results_dir), spec.resources, progress=False, dashboard=False)
     assert outcome.ok == 6 and outcome.total_model_loads >= 3
     assert len(POOL.workers) == 2 and all(w.shape.cache_bytes == budget for w in POOL.workers)
-    assert [len(w.held) for w in POOL.workers] == [1, 1], "what each worker reported holding after its last cell"
+    # what each worker reported holding after its last cell (one that was still importing when the
+    # other had run every cell holds nothing)
+    assert sorted(len(w.held) for w in POOL.workers) in ([1, 1], [0, 1])
 
 
 @pytest.mark.slow  # ~30 s: one fresh worker, six small cells
