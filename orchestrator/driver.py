@@ -169,9 +169,15 @@ def run_cells(
         worker.running = model
         in_flight[ref] = (worker, cell, attempt)
 
+    def queued(shape: Shape) -> int:
+        return sum(map(len, queues.get(shape, {}).values()))
+
     def waiting() -> set[Shape]:
         """The shapes some cell waits for a worker of."""
-        return {shape for shape, by_model in queues.items() if any(by_model.values())}
+        return {shape for shape in queues if queued(shape)}
+
+    def started_any(shape: Shape) -> bool:
+        return any(w.started for w in POOL.workers if w.shape == shape)
 
     def dispatch() -> None:
         """Give every idle worker a cell, then ask for workers while more cells wait than workers are starting."""
@@ -179,45 +185,49 @@ def run_cells(
             for worker in POOL.idle(shape):
                 if any(by_model.values()):
                     submit(worker, next_model(worker, by_model, [w for w in POOL.workers if w is not worker]))
-            while sum(map(len, by_model.values())) > len(POOL.pending(shape)) and POOL.has_room(shape, resources.max_workers):
+            while queued(shape) > len(POOL.pending(shape)) and POOL.has_room(shape, resources.max_workers):
                 POOL.start(shape)
-        needed = waiting()
-        # workers waiting for a node that no cell needs any more (their cells went to workers that
-        # started first): withdraw the demand; without max_workers none waits for a node that may come
-        pending = {worker.shape for worker in POOL.pending()}
-        POOL.drop_unplaceable(pending if resources.max_workers is None else pending - needed)
-        spare = [w for w in POOL.idle() if w.shape not in needed]  # resources no waiting cell can use
-        if needed and spare:
+        for shape in {worker.shape for worker in POOL.pending()}:
+            # workers waiting for a node beyond the cells left for them (theirs went to workers that
+            # started first): withdraw that demand; without max_workers nothing adds a node for them
+            POOL.drop_unplaceable(shape, keep=0 if resources.max_workers is None else queued(shape))
+        short = {shape for shape in waiting() if queued(shape) > len(POOL.pending(shape))}  # cells the cluster had no room for
+        spare = [w for w in POOL.idle() if w.shape not in waiting()]  # resources no waiting cell can use
+        if short and spare:
             for worker in spare:
                 POOL.retire(worker)
             dispatch()
 
-    start_failures: list[BaseException] = []
+    start_failures: dict[Shape, int] = Counter()  # workers of a shape that died starting since one last started
+    starved_since: dict[Shape, float] = {}  # shapes whose cells wait on workers asked for, none started
     announced: set[Shape] = set()
 
     def mark_started(worker: Worker, ref: ray.ObjectRef) -> None:
-        """A worker's start resolved: it takes cells from now on, or it died starting (three in a row stop the run)."""
+        """A worker's start resolved: it takes cells from now on, or it died starting. Three of a
+        shape in a row, with no worker of that shape running, stop the run (a broken environment)."""
         try:
             ray.get(ref)
         except ray.exceptions.RayError as err:
             POOL.retire(worker)
-            start_failures.append(err)
-            if len(start_failures) >= START_FAILURES:
+            start_failures[worker.shape] += 1
+            if start_failures[worker.shape] >= START_FAILURES and not started_any(worker.shape):
                 raise WorkersNotStartingError(
                     f"{START_FAILURES} workers in a row died while starting; the last: {str(err)[-2000:]}\n"
                     "every finished row is stored — fix the cause and rerun the same command to run the rest"
                 ) from err
         else:
             worker.started = True
-            start_failures.clear()
+            start_failures[worker.shape] = 0
 
     def check_waits() -> None:
-        """Say once when workers wait for a node; stop when a shape's first worker has waited past the timeout."""
-        now, needed = time.monotonic(), waiting()
-        for worker in POOL.pending():
-            shape, waited = worker.shape, now - worker.asked_at
-            if shape not in needed or any(w.started for w in POOL.workers if w.shape == shape):
+        """Time each shape whose cells wait on workers asked for, none of which has started: say so
+        once after a minute, stop past `start_timeout_s`."""
+        now = time.monotonic()
+        for shape in list(queues):
+            if not (queued(shape) and POOL.pending(shape) and not started_any(shape)):
+                starved_since.pop(shape, None)
                 continue
+            waited = now - starved_since.setdefault(shape, now)
             what = f"{shape.cpus:g} CPUs and {shape.gpus:g} GPUs"
             if waited > resources.start_timeout_s:
                 raise WorkersNotStartingError(
@@ -253,7 +263,7 @@ def run_cells(
             if time.monotonic() - last_heartbeat > HEARTBEAT_SECONDS / 2:
                 claims.heartbeat()
                 last_heartbeat = time.monotonic()
-            for ref in done:
+            for ref in sorted(done, key=lambda ref: ref in starting):  # rows first: a start failure may stop the run
                 if ref in starting:
                     mark_started(starting[ref], ref)
                     continue
@@ -298,7 +308,8 @@ def run_cells(
         bar.close()
         for worker, _, _ in in_flight.values():  # interrupted: stop what still runs, it is no longer claimed
             POOL.retire(worker)
-        POOL.drop_unplaceable({worker.shape for worker in POOL.pending()})  # no cell waits for a node any more
+        for shape in {worker.shape for worker in POOL.pending()}:  # no cell waits for a node any more
+            POOL.drop_unplaceable(shape)
         claims.release_all()  # cells still running or waiting when we were interrupted go back to the pool
     outcome.wall_seconds = time.perf_counter() - started
     return outcome

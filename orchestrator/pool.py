@@ -195,16 +195,19 @@ class WorkerPool:
         self.workers.append(worker)
         return worker
 
-    def drop_unplaceable(self, shapes: set[Shape]) -> None:
-        """Retire workers of `shapes` not yet started beyond what the live nodes hold: the ones
-        waiting for a node (to withdraw an autoscaler's demand, or because a node died since they
-        were asked for). Those a live node holds are only importing: they stay, to take cells soon."""
-        nodes = None
-        for worker in reversed(self.pending()):
-            if worker.shape in shapes:
-                nodes = live_nodes() if nodes is None else nodes
-                if sum(w.shape == worker.shape for w in self.workers) > node_capacity(worker.shape, nodes):
-                    self.retire(worker)
+    def drop_unplaceable(self, shape: Shape, keep: int = 0) -> None:
+        """Retire workers of `shape` not yet started, newest first, while more than `keep` are and
+        the live nodes cannot hold every worker of the shape: the ones waiting for a node (to
+        withdraw an autoscaler's demand, or because a node died since they were asked for). Those a
+        live node holds are only importing: they stay, to take cells soon."""
+        pending = self.pending(shape)
+        if len(pending) <= keep:
+            return
+        capacity = node_capacity(shape, live_nodes())
+        for worker in reversed(pending[keep:]):
+            if sum(w.shape == shape for w in self.workers) <= capacity:
+                return
+            self.retire(worker)
 
     def retire(self, worker: Worker) -> None:
         """Stop the actor and give its resources back (also what to do with one that died)."""

@@ -199,7 +199,12 @@ class LanguageModel:
     def _head_positions(self, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
         """The forward's `logits_to_keep` for the True entries of `mask` (rows, columns), and how to
         take exactly those entries' logits, row by row, from what the forward then returns."""
-        how = _logit_selection(type(self._base_model()))
+        base = self._base_model()
+        how = _logit_selection(type(base))
+        if len(set(getattr(base, "hf_device_map", {}).values())) > 1:
+            # sharded over GPUs: the head's input sits on the last one, the batch on the first, and
+            # a tensor indexes across devices only from the CPU
+            mask = mask.cpu()
         if how == "mask":
             return {"logits_to_keep": mask}, lambda logits: logits
         if how == "columns":
@@ -225,10 +230,11 @@ class LanguageModel:
         if start == 0:
             return self.scored_logits(batch)
         shared = slice(0, start)
+        no_logits = {"logits_to_keep": 1} if _logit_selection(type(self._base_model())) else {}  # only the cache is read
         with prompt_boundary(batch.prompt_last.min().view(1)):  # nothing shared is after any row's prompt
             out = self.model(
                 input_ids=batch.input_ids[:1, shared], attention_mask=batch.attention_mask[:1, shared],
-                position_ids=batch.position_ids[:1, shared], use_cache=True,
+                position_ids=batch.position_ids[:1, shared], use_cache=True, **no_logits,
             )  # fmt: skip
         self.forward_tokens += start
         cache = shareable_cache(out.cache if "cache" in out else out.past_key_values)  # renamed in transformers 5.2x
