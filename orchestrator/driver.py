@@ -37,7 +37,7 @@ from orchestrator.store import ResultsStore
 
 HEARTBEAT_SECONDS = 60.0
 START_POLL_SECONDS = 5.0  # how often a driver waiting on workers to start looks again (a node lost, the timeout)
-START_FAILURES = 3  # workers in a row that die while starting: the run stops with the last one's reason
+START_FAILURES = 3  # workers of a shape in a row that die while starting, none of it running: the run stops
 ANNOUNCE_WAIT_SECONDS = 60.0  # a worker not started by then is waiting for a node: say so once
 
 

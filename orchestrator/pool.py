@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -135,7 +134,6 @@ class Worker:
     actor: ActorHandle
     shape: Shape
     ready_ref: ObjectRef  # resolves when the actor has started (or raises: it died starting)
-    asked_at: float = field(default_factory=time.monotonic)
     started: bool = False  # cells go only to started workers: one Ray cannot place yet may never start
     held: list[str] = field(default_factory=list)  # mirror of the actor's cache, least recently used first
     running: str | None = None  # model of the cell in flight, if any
