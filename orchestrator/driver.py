@@ -191,8 +191,9 @@ def run_cells(
             # workers waiting for a node beyond the cells left for them (theirs went to workers that
             # started first): withdraw that demand; without max_workers nothing adds a node for them
             POOL.drop_unplaceable(shape, keep=0 if resources.max_workers is None else queued(shape))
-        short = {shape for shape in waiting() if queued(shape) > len(POOL.pending(shape))}  # cells the cluster had no room for
-        spare = [w for w in POOL.idle() if w.shape not in waiting()]  # resources no waiting cell can use
+        needed = waiting()
+        short = {shape for shape in needed if queued(shape) > len(POOL.pending(shape))}  # cells the cluster had no room for
+        spare = [w for w in POOL.idle() if w.shape not in needed]  # resources no waiting cell can use
         if short and spare:
             for worker in spare:
                 POOL.retire(worker)
