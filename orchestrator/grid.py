@@ -74,7 +74,7 @@ def expand(spec: SweepSpec) -> list[PlannedCell]:
                             budget=budget,
                             seed=seed,
                             eval=spec.eval,
-                            offtask=tuple(t for t in spec.tasks if t != task) if spec.eval.offtask_size else (),
+                            offtask=tuple(sorted(t for t in spec.tasks if t != task)) if spec.eval.offtask_size else (),  # a set: order-free ids
                         )
                         cells.append(PlannedCell(config=config, gpus=entry.gpus_per_cell))
     ids = [c.cell_id for c in cells]

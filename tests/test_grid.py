@@ -88,3 +88,22 @@ def test_cell_config_round_trips_through_json(write_sweep):
     cell = expand(load_spec(write_sweep(SPEC)))[3].config
     again = CellConfig.model_validate_json(json.dumps(json.loads(cell.model_dump_json())))
     assert again == cell and again.cell_id == cell.cell_id
+
+
+def test_a_partly_given_train_config_keeps_the_methods_own_defaults(write_sweep):
+    """full_ft trains at lr 1e-4 and steer_trained at 1e-2 by default; setting another `train` key
+    must not reset their lr to the generic TrainConfig's 1e-3."""
+    spec = {**SPEC, "method_budgets": {}, "methods": {"full_ft": {"train": {"max_steps": 7}}, "steer_trained": {"train": {"max_steps": 9}},
+                                "task_vector": {"full_ft": {"train": {"epochs": 2}}}}}  # fmt: skip
+    trains = {c.config.method: c.config.method_config for c in expand(load_spec(write_sweep(spec)))}
+    assert (trains["full_ft"]["train"]["lr"], trains["full_ft"]["train"]["max_steps"]) == (1e-4, 7)
+    assert (trains["steer_trained"]["train"]["lr"], trains["steer_trained"]["train"]["max_steps"]) == (1e-2, 9)
+    assert (trains["task_vector"]["full_ft"]["train"]["lr"], trains["task_vector"]["full_ft"]["train"]["epochs"]) == (1e-4, 2)
+
+
+def test_ids_do_not_depend_on_the_order_tasks_are_listed_in(write_sweep):
+    """The off-task set of a cell is a set: listing the tasks in another order is the same sweep."""
+    spec = {**SPEC, "tasks": ["facts", "arith", "gridworld"], "eval": {"offtask_size": 4}}
+    ids = {c.cell_id for c in expand(load_spec(write_sweep(spec)))}
+    reordered = {c.cell_id for c in expand(load_spec(write_sweep({**spec, "tasks": ["gridworld", "facts", "arith"]}, "re.yaml")))}
+    assert ids == reordered

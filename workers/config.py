@@ -10,7 +10,7 @@ from __future__ import annotations
 import typing
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from workers.registry import did_you_mean
 
@@ -19,6 +19,31 @@ C = TypeVar("C", bound=BaseModel)
 
 class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_field_defaults(cls, data: Any) -> Any:
+        """A sub-config given in part keeps the rest of its field's default.
+
+        `full_ft`'s default training has lr 1e-4; `{"train": {"max_steps": 1000}}` must keep that lr,
+        not fall back to TrainConfig's generic 1e-3 because pydantic builds the sub-config afresh.
+        """
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, field in cls.model_fields.items():
+            if isinstance(field.default, BaseModel) and isinstance(data.get(name), dict):
+                merged[name] = _deep_merge(field.default.model_dump(exclude_unset=True), data[name])
+        return merged
+
+
+def _deep_merge(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """`given` over `base`, merging nested mappings key by key."""
+    merged = dict(base)
+    for key, value in given.items():
+        both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _deep_merge(merged[key], value) if both_maps else value
+    return merged
 
 
 class ConfigError(ValueError):
