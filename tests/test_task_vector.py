@@ -21,6 +21,7 @@ from workers.config import ConfigError
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
 from workers.methods.protocol import forward_flops, matmul_params
+from workers.methods.task_vector import added
 from workers.run_cell import CellRun, model_revision, run_cell
 from workers.tasks import get_task
 from workers.tasks.base import Example
@@ -222,6 +223,23 @@ def test_outside_applied_the_model_is_the_base_model_bit_for_bit(finetune):
             raise RuntimeError("inside")
     assert _same(lm, base)
     assert {name: p.requires_grad for name, p in lm.model.named_parameters()} == flags
+
+
+def test_a_lora_task_vector_on_a_bf16_model_keeps_its_dtype_and_restores_it():
+    """PEFT keeps LoRA weights in fp32 on a bf16 model; θ + λ·Δθ must still be bf16, or the λ forwards
+    fail on mixed dtypes (and the restored model would not be the one that was loaded)."""
+    lm = language_model()
+    lm.model.to(torch.bfloat16)
+    ctx = fit_context(lm)
+    base, before = _state(lm), logits(lm)
+    lora = {"rank": 2, "train": {**FAST, "lr": 3e-2, "min_steps": 3, "max_steps": 3}}
+    adapter = get_method("task_vector").fit(ctx, resolve_config("task_vector", {"finetune": "lora", "lora": lora, "lambdas": [0.0, 1.0, 2.0]}))
+    assert sorted(adapter.report.hparams["lambda_scores"]) == ["0.0", "1.0", "2.0"]
+    with added(lm, adapter.deltas, 1.0):
+        assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+        assert not _same(lm, base)
+    assert _same(lm, base) and torch.equal(logits(lm), before)
+    assert all(v.dtype == base[k].dtype for k, v in lm.model.state_dict().items())
 
 
 def test_config_is_strict_and_holds_only_the_chosen_finetune():

@@ -34,16 +34,18 @@ def full_ft_deltas(lm: LanguageModel, tuned: TrainedWeights) -> Deltas:
 
 
 def lora_deltas(lm: LanguageModel, tuned: LoraAdapter) -> Deltas:
-    """PEFT's merged update scale·B·A of each adapted weight, keyed by the base weight's name."""
+    """PEFT's merged update scale·B·A of each adapted weight, keyed by the base weight's name, in that
+    weight's dtype: PEFT keeps adapters in fp32 on a bf16/fp16 model, and θ + λ·Δθ must stay in θ's dtype."""
     from peft.tuners.lora import LoraLayer  # imported late, as in lora_injected
 
     names = {id(param): name for name, param in lm.model.named_parameters()}
+    deltas: Deltas = {}
     with lora_injected(lm, tuned.config, tuned.state) as peft_model, torch.no_grad():
-        return {
-            names[id(layer.get_base_layer().weight)]: layer.get_delta_weight(peft_model.active_adapter).detach().clone()
-            for layer in peft_model.modules()
-            if isinstance(layer, LoraLayer)
-        }
+        for layer in peft_model.modules():
+            if isinstance(layer, LoraLayer):
+                weight = layer.get_base_layer().weight
+                deltas[names[id(weight)]] = layer.get_delta_weight(peft_model.active_adapter).to(weight.dtype, copy=True)
+    return deltas
 
 
 @dataclass(frozen=True)
