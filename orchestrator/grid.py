@@ -77,7 +77,17 @@ def expand(spec: SweepSpec) -> list[PlannedCell]:
                             offtask=tuple(sorted(t for t in spec.tasks if t != task)) if spec.eval.offtask_size else (),  # a set: order-free ids
                         )
                         cells.append(PlannedCell(config=config, gpus=entry.gpus_per_cell))
-    ids = [c.cell_id for c in cells]
-    if len(set(ids)) != len(ids):
-        raise ValueError("the sweep lists the same cell twice (duplicate models, tasks, budgets or seeds)")
+    check_unique(cells)
     return cells
+
+
+def check_unique(cells: list[PlannedCell]) -> None:
+    """Refuse a grid that holds one cell twice, e.g. two model entries differing only in where they run."""
+    first: dict[str, PlannedCell] = {}
+    twice = sorted({cell.config.model.id for cell in cells if first.setdefault(cell.cell_id, cell) is not cell})
+    if twice:
+        raise ConfigError(
+            f"models: {', '.join(twice)} listed twice with settings that differ only in where the cells run "
+            "(device, gpus_per_cell) or in values the cell would resolve to anyway (a ladder's revision): "
+            "each of its cells would be planned twice; list each model once"
+        )

@@ -73,6 +73,16 @@ class SweepSpec(StrictConfig):
     eval: EvalConfig = EvalConfig()
     resources: Resources = Resources()
 
+    @field_validator("results_dir")
+    @classmethod
+    def _a_path_or_a_uri(cls, results_dir: str) -> str:
+        """`~` is the home directory (YAML does not expand it); `file:/x` is a URI missing its `//`,
+        which pyarrow would take for a directory named `file:` under the current one."""
+        scheme, colon, rest = results_dir.partition(":")
+        if colon and len(scheme) > 1 and scheme.replace("+", "").isalnum() and not rest.startswith("//"):
+            raise ValueError(f"{results_dir} looks like a URI without '//' after '{scheme}:'; write {scheme}://...")
+        return os.path.expanduser(results_dir)
+
     @field_validator("budgets")
     @classmethod
     def _non_negative(cls, budgets: list[int]) -> list[int]:
@@ -179,13 +189,34 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`'s loader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last of two equal keys without a word, so a second `lora:` under `methods`
+    (or a second `budgets:`) would silently replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice in one mapping (lines {lines[key]} and {line}); keep one",
+                    key_node.start_mark,
+                )  # fmt: skip
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool = True) -> SweepSpec:
     """Read a sweep YAML (safe_load only), apply overrides, validate (models too unless `check_models` is off)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such sweep config")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):

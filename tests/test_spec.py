@@ -131,3 +131,32 @@ def test_a_ray_job_refuses_a_relative_results_dir(results_dir):
         with pytest.raises(ConfigError, match="relative, and this runs as a Ray job"):
             check_results_dir(results_dir, job)
     check_results_dir(results_dir, "/home/me/project")  # not a job: relative is relative to where you are
+
+
+def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text(f"sweep: unit\nresults_dir: {tmp_path / 'r'}\nmodels: [{{id: 'ladder:test/xs'}}]\ntasks: [facts]\n"
+                    "methods:\n  lora: {rank: 4}\n  base: {}\n  lora: {rank: 16}\nbudgets: [4]\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"key 'lora' is given twice in one mapping \(lines 6 and 8\)"):
+        load_spec(path)
+
+
+def test_results_dir_expands_home_and_refuses_a_uri_without_slashes(write_sweep, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_spec(write_sweep({**BASE, "results_dir": "~/ss"})).results_dir == str(tmp_path / "ss")
+    with pytest.raises(ConfigError, match="file:/data/x looks like a URI without '//'"):
+        load_spec(write_sweep({**BASE, "results_dir": "file:/data/x"}))
+
+
+def test_a_model_listed_twice_differing_only_in_placement_is_a_config_error(write_sweep):
+    from orchestrator.grid import expand
+
+    twice = {**BASE, "models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/xs", "device": "cpu", "gpus_per_cell": 0}]}
+    with pytest.raises(ConfigError, match="ladder:test/xs listed twice"):
+        expand(load_spec(write_sweep(twice)))
+
+
+def test_the_default_ladder_has_one_spelling():
+    from workers.cell import ModelSpec
+
+    assert ModelSpec(id="ladder:default/xs").id == "ladder:xs" and ModelSpec(id="ladder:test/xs").id == "ladder:test/xs"

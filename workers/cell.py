@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from workers.config import StrictConfig
 from workers.schema import SCHEMA_VERSION
@@ -29,6 +29,12 @@ class ModelSpec(StrictConfig):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     trust_remote_code: bool = Field(False, description="run code shipped with a hub model; off unless asked for")
+
+    @field_validator("id")
+    @classmethod
+    def _one_spelling_per_rung(cls, model_id: str) -> str:
+        """`ladder:default/xs` is `ladder:xs`: one spelling, so one cell id and one slug per rung."""
+        return model_id.replace(f"{LADDER_PREFIX}default/", LADDER_PREFIX, 1) if model_id.startswith(LADDER_PREFIX) else model_id
 
     @property
     def label(self) -> str:
