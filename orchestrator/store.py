@@ -9,6 +9,7 @@ be read (truncated, foreign) is reported, and moved to `quarantine/` by `run` (n
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs
 
-from workers.rowfile import TEMP_PREFIX, filesystem_and_path, write_rows_at
+from workers.rowfile import TEMP_PREFIX, filesystem_and_path, write_atomically, write_rows_at
 from workers.schema import RESULT_SCHEMA
 
 
@@ -128,16 +129,18 @@ MANIFEST = "plan.json"  # analysis.io.PLAN_NAME reads it too (the fit leaves out
 
 def write_manifest(store: ResultsStore, cells: list[dict]) -> None:
     """Record the planned cells (id, slug, model, method) so `status` knows what remains from the store alone."""
-    store.filesystem.create_dir(store.root, recursive=True)
-    temp = f"{store.root}/{TEMP_PREFIX}{MANIFEST}"
-    with store.filesystem.open_output_stream(temp) as stream:
-        stream.write(json.dumps(cells, indent=0).encode())
-    store.filesystem.move(temp, f"{store.root}/{MANIFEST}")  # whole or not at all, as the rows are written
+    write_atomically(store.filesystem, f"{store.root}/{MANIFEST}", json.dumps(cells, indent=0).encode())
 
 
 def read_manifest(store: ResultsStore) -> list[dict]:
+    """The planned cells, or [] when there is no plan or it cannot be read (the rows are what counts;
+    the next `run` or `plan` writes the plan again)."""
     try:
         with store.filesystem.open_input_stream(f"{store.root}/{MANIFEST}") as stream:
-            return json.loads(stream.read().decode())
+            entries = json.loads(stream.read().decode())
     except FileNotFoundError:
         return []
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError: a file damaged outside steerscale
+        print(f"note: {store.root}/{MANIFEST} is unreadable ({err}); going by the stored rows alone", file=sys.stderr)
+        return []
+    return entries

@@ -195,3 +195,14 @@ def test_rows_are_written_through_the_stores_own_filesystem(tmp_path, monkeypatc
     monkeypatch.setattr("workers.rowfile.filesystem_and_path", no_reparsing)
     store.write(_row("a1"))
     assert store.scan().status == {"a1": "ok"}
+
+
+def test_status_goes_by_the_rows_when_the_plan_file_is_damaged(tmp_path, capsys):
+    store = ResultsStore(str(tmp_path / "r"))
+    write_manifest(store, [{"cell_id": "p0", "slug": "p0", "model": "ladder:xs", "method": "lora"}])
+    store.write(_row("p0", model="ladder:xs", method="lora"))
+    plan = tmp_path / "r" / "plan.json"
+    plan.write_bytes(plan.read_bytes()[:-7])  # cut short outside steerscale
+    assert main(["status", str(tmp_path / "r")]) == 0
+    captured = capsys.readouterr()
+    assert "plan.json is unreadable" in captured.err and ": 1 ok, 0 failed, 0 remaining" in captured.out

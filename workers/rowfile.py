@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs
 
@@ -32,17 +33,23 @@ def write_rows(uri: str, rows: list[dict]) -> None:
 def write_rows_at(filesystem: fs.FileSystem, path: str, rows: list[dict]) -> None:
     """Write `rows` to `path` inside `filesystem`. A store passes the filesystem it already has: a URI
     rebuilt from it would lose (or garble) options such as `?region=` and cost a new client per row."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(to_table(rows), buffer)
+    write_atomically(filesystem, path, buffer.getvalue().to_pybytes())
+
+
+def write_atomically(filesystem: fs.FileSystem, path: str, data: bytes) -> None:
+    """`data` at `path`, whole or not at all: written to a temp name, synced, then renamed."""
     directory, name = path.rsplit("/", 1)
     filesystem.create_dir(directory, recursive=True)
     temp = f"{directory}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
-    table = to_table(rows)
     if isinstance(filesystem, fs.LocalFileSystem):
         with open(temp, "wb") as handle:
-            pq.write_table(table, handle)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)  # atomic on POSIX
     else:  # object stores publish an object only when its upload completes; the move keeps that true elsewhere
         with filesystem.open_output_stream(temp) as stream:
-            pq.write_table(table, stream)
+            stream.write(data)
         filesystem.move(temp, path)
