@@ -69,6 +69,40 @@ def test_a_cell_that_raises_is_a_failed_row_with_the_error(model_id):
     assert run_cell(_cell(model_id, "base"), CellRun(cache=cache))["status"] == "ok" and cache.loads == 2
 
 
+def test_an_error_inside_a_model_forward_names_the_phase_it_happened_in(model_id):
+    """The innermost frames of an error in a forward are torch's; the row must still say that the fit
+    (here LoRA's training loop) failed, not the baseline or the final evaluation."""
+    from workers.steering import decoder_layers
+
+    cell = _cell(model_id, "lora", settings={"train": {"min_steps": 2, "max_steps": 2, "checkpoints": 0}})
+    cache = WorkerCache()
+    lm = cache.model(cell.model, cell.eval.batch_size)
+
+    def broken_in_training(module, args, output):
+        if torch.is_grad_enabled():  # training forwards only: the baseline's evaluation runs without grad
+            raise RuntimeError("a forward broke")
+
+    decoder_layers(lm.model)[0].register_forward_hook(broken_in_training)
+    row = run_cell(cell, CellRun(cache=cache))
+    error = row["error"]
+    assert row["status"] == "failed" and error.startswith("RuntimeError: a forward broke\n"), error
+    assert "in evaluate_cell\n    adapter = method.fit(fit_context, config)" in error
+    assert "workers/methods/lora.py" in error and "workers/training.py" in error
+    assert "in broken_in_training\n" in error  # the innermost frame stays
+    assert "library frames left out" in error and len(error) <= 4000
+
+
+def test_a_long_error_keeps_both_ends_within_the_bound():
+    from workers.run_cell import error_text
+
+    try:
+        raise ValueError("head " + "x" * 20000 + " tail")
+    except ValueError as exc:
+        error = error_text(exc, limit=4000)
+    assert len(error) <= 4000 and error.startswith("ValueError: head ") and " tail\n" in error
+    assert "in test_a_long_error_keeps_both_ends_within_the_bound" in error
+
+
 def test_a_model_whose_outputs_go_nan_is_a_failed_row_not_an_ok_one(model_id, tmp_path):
     """With NaN log-probabilities every multiple-choice argmax picks choice 0: a score, but garbage."""
     import shutil

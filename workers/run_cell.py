@@ -231,6 +231,44 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     return measured
 
 
+OWN_CODE = Path(__file__).resolve().parent  # workers/: the frames that say what the cell was doing
+
+
+def _is_own(frame: traceback.FrameSummary) -> bool:
+    return Path(frame.filename).resolve().is_relative_to(OWN_CODE)
+
+
+def _shorten(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters, its middle left out: both ends say the most."""
+    if len(text) <= limit:
+        return text
+    cut = "\n  ...\n"
+    half = (limit - len(cut)) // 2
+    return f"{text[:half]}{cut}{text[len(text) - half :]}"
+
+
+def error_text(exc: BaseException, innermost: int = 4, limit: int = 4000) -> str:
+    """A failed row's `error`: the exception, then the frames that place it.
+
+    Those are every frame in steerscale's own code, which say whether the baseline, the fit, its
+    selection or the final evaluation failed (and on which line of which method), and the innermost
+    `innermost`, where it was raised (often torch's or transformers' code); the library frames
+    between them are counted, not printed. At most `limit` characters.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    lines, left_out = ["Traceback (steerscale's frames and the innermost ones):\n"], 0
+    for i, frame in enumerate(frames):
+        if i < len(frames) - innermost and not _is_own(frame):
+            left_out += 1
+            continue
+        if left_out:
+            lines.append(f"  ... {left_out} library frame{'s' * (left_out > 1)} left out\n")
+            left_out = 0
+        lines.extend(traceback.format_list([frame]))
+    message = _shorten(f"{type(exc).__name__}: {exc}", limit // 4)
+    return f"{message}\n{_shorten(''.join(lines), limit - len(message) - 1)}"
+
+
 def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
     """The cell's row: `status` ok with its metrics, or `failed` with the error. Never raises."""
     run = run or CellRun()
@@ -239,8 +277,7 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
     try:
         row.update(evaluate_cell(cell, run), status="ok", error=None)
     except Exception as exc:  # a failed cell is data: keep the error, let the sweep go on
-        trace = traceback.format_exc(limit=-4)
-        row.update(status="failed", error=f"{type(exc).__name__}: {exc}\n{trace}"[-4000:])
+        row.update(status="failed", error=error_text(exc))
         run.cache.discard(cell.model)  # the cell may have died half-way through changing its model
     if row["status"] == "failed":
         release_gpu_memory()  # here, not in the except block: its traceback still holds the failed cell's tensors
