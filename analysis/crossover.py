@@ -33,8 +33,8 @@ class Crossover:
     d_min: float
     d_max: float
     d_star: float  # where the curves swap places; NaN when they do not within [d_min, d_max]
-    d_star_lo: float
-    d_star_hi: float
+    d_star_lo: float  # over every resample: −inf where the winner leads throughout (D* below d_min),
+    d_star_hi: float  # +inf where it is behind at d_max (D* above it, if anywhere)
     share: float  # fraction of bootstrap resamples with the same outcome (near one half: a coin flip)
     outcome: str  # one of OUTCOMES, "no_overlap" (the two methods share no budget range) or "not_finite"
     verdict: str
@@ -43,6 +43,18 @@ class Crossover:
 
     def record(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if k != "overtakes"}
+
+    def interval(self) -> str:
+        """D*'s interval as '[lo, hi]', an end outside the measured range as the side it is on
+        ('< d_min', '> d_max', once if both ends are); '' without one."""
+        if np.isnan(self.d_star_lo):
+            return ""
+
+        def end(value: float) -> str:
+            return f"< {self.d_min:.3g}" if value < self.d_min else f"> {self.d_max:.3g}" if value > self.d_max else f"{value:.3g}"
+
+        lo, hi = end(self.d_star_lo), end(self.d_star_hi)
+        return f"[{lo}]" if lo == hi and not np.isfinite(self.d_star_lo) else f"[{lo}, {hi}]"
 
 
 def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> np.ndarray:
@@ -53,6 +65,19 @@ def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> 
 
 OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied")  # codes 0..4 of `outcomes` (-1: not finite)
 TIE = 1e-6  # in metric units: curves closer than this everywhere (both doing nothing, say) are the same curve
+
+
+def _last_flip(advantage: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Per row: the budget of the last change of sign, interpolated linearly in log D; NaN without one."""
+    ahead = advantage >= 0
+    flips = ahead[:, :-1] != ahead[:, 1:]
+    i = flips.shape[1] - 1 - np.argmax(flips[:, ::-1], axis=1)  # the last flip of each row
+    rows = np.arange(len(advantage))
+    a0, a1 = advantage[rows, i], advantage[rows, i + 1]
+    logd = np.log(d)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # rows without a flip are masked out below
+        d_star = np.exp(logd[i] + a0 / (a0 - a1) * (logd[i + 1] - logd[i]))
+    return np.where(flips.any(axis=1), d_star, np.nan)
 
 
 def outcomes(advantage: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,14 +95,31 @@ def outcomes(advantage: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarr
     tied = np.abs(advantage).max(axis=1) <= TIE
     broken = ~np.isfinite(advantage).all(axis=1)  # a resample whose fit went non-finite agrees with no outcome
     code = np.select([broken, tied, ~start & end, start & ~end, start & end], [-1, 4, 0, 1, 2], default=3)
-    flips = ahead[:, :-1] != ahead[:, 1:]
-    i = flips.shape[1] - 1 - np.argmax(flips[:, ::-1], axis=1)  # the last flip of each row
-    rows = np.arange(len(advantage))
-    a0, a1 = advantage[rows, i], advantage[rows, i + 1]
-    logd = np.log(d)
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # rows without a crossing are masked out below
-        d_star = np.exp(logd[i] + a0 / (a0 - a1) * (logd[i + 1] - logd[i]))
-    return code, np.where((code == 0) | (code == 1), d_star, np.nan)
+    return code, np.where((code == 0) | (code == 1), _last_flip(advantage, d), np.nan)
+
+
+def lead_from(advantage: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Per row: the budget from which the side `advantage` favours stays ahead to the end of the range,
+    censored at the ends: −inf when it is ahead throughout (D* below the range), +inf when it is behind
+    at the largest budget (D* above it, if anywhere); NaN where the row is tied or not finite.
+
+    Every resample gets a value on one scale, so an interval over them counts the resamples that do
+    not cross inside the range instead of leaving them out.
+    """
+    ahead = advantage >= 0
+    censored = np.select([~ahead[:, -1], ahead.all(axis=1)], [np.inf, -np.inf], default=_last_flip(advantage, d))
+    void = ~np.isfinite(advantage).all(axis=1) | (np.abs(advantage).max(axis=1) <= TIE)
+    return np.where(void, np.nan, censored)
+
+
+def censored_interval(values: np.ndarray, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Percentile interval of values that may be ±inf (censored at an end of the range): the order
+    statistics outward of each tail, which an infinite neighbour cannot turn into NaN as interpolation would."""
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(values, tail, method="lower")), float(np.percentile(values, 100 - tail, method="higher"))
 
 
 def crossover(steer: LawFit, tune: LawFit) -> Crossover:
@@ -96,9 +138,11 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     if code < 0:
         return Crossover(*identity, np.nan, np.nan, np.nan, np.nan, "not_finite", "no verdict: a fitted curve is not finite over the range")
     if steer.boot is not None and tune.boot is not None:
-        codes, samples = outcomes(sign * (budget_curves(tune.boot.params(), d, metric) - budget_curves(steer.boot.params(), d, metric)), d)
+        advantage = sign * (budget_curves(tune.boot.params(), d, metric) - budget_curves(steer.boot.params(), d, metric))
+        codes, samples = outcomes(advantage, d)
         share = float(np.mean(codes == code))
-        lo, hi = percentile_interval(samples[codes == code]) if code in (0, 1) else (np.nan, np.nan)
+        winner = 1.0 if code == 0 else -1.0  # the side ahead at the largest budget
+        lo, hi = censored_interval(lead_from(winner * advantage, d)) if code in (0, 1) else (np.nan, np.nan)
         overtakes = np.where(codes == 0, samples, np.nan)
     else:
         share, lo, hi, overtakes = np.nan, np.nan, np.nan, np.array([])

@@ -62,7 +62,8 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
 def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     """D* against each axis (parameters and capabilities) with bootstrap CIs, log-log, one panel per
     axis that has values; marker = model family, colour = steering × fine-tuning pair, line = the
-    least-squares trend D* ∝ x^gamma over every family pooled (the point of a capability axis)."""
+    least-squares trend D* ∝ x^gamma over every family pooled (the point of a capability axis).
+    An interval end outside the measured range (a censored D*) is drawn to the range's edge."""
     found = [c for c in analysis.crossovers if c.task == task and c.outcome == "crosses"]
     table = analysis.capabilities[analysis.capabilities["task"] == task].set_index("model")
     axes = [a for a in AXES.values() if a.name in table and np.isfinite(table[a.name].to_numpy(float)).any()]
@@ -80,8 +81,9 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
             x = np.array([table.loc[c.model, axis.name] for c in cs])
             d = np.array([c.d_star for c in cs])
             for c, xi, di in zip(cs, x, d):
-                err = np.abs(np.array([[c.d_star_lo], [c.d_star_hi]]) - di)
-                ax.errorbar([xi], [di], yerr=np.nan_to_num(err), marker=markers[table.loc[c.model, "family"]], color=colours[pair], capsize=3, ls="none")
+                if np.isfinite([c.d_star_lo, c.d_star_hi]).any():  # drawn from end to end: D* need not lie inside its interval
+                    ax.vlines(xi, *np.clip([c.d_star_lo, c.d_star_hi], c.d_min, c.d_max), color=colours[pair], lw=1)
+                ax.plot([xi], [di], marker=markers[table.loc[c.model, "family"]], color=colours[pair], ls="none")
             trend = trends.get((axis.name, *pair))
             if trend is not None and len(np.unique(x)) >= 2:
                 slope, intercept = np.polyfit(np.log(x), np.log(d), 1)

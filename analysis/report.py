@@ -180,7 +180,7 @@ def _crossover_table(a: Analysis) -> list[Block]:
             return ""
         text = CROSSOVER_CELLS.get(c.outcome, "")
         if np.isfinite(c.d_star):
-            interval = f" [{_num(c.d_star_lo)}–{_num(c.d_star_hi)}]" if np.isfinite(c.d_star_lo) else ""
+            interval = f" {c.interval()}" if c.interval() else ""
             text = ("steering from " if c.outcome == "steering_overtakes" else "") + _num(c.d_star) + interval
         agree = f" ({c.share:.0%})" if np.isfinite(c.share) else ""  # NaN: no resamples (--bootstrap 0)
         return text + agree
@@ -188,7 +188,8 @@ def _crossover_table(a: Analysis) -> list[Block]:
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
     legend = Paragraph(
         "D*: the budget (training examples) at which the fine-tuning method overtakes the steering method, with its 95 % "
-        "bootstrap interval; `steering from D*`: the reverse, fine-tuning is ahead at the smallest shared budget and "
+        "bootstrap interval over every resample, an end `< D` or `> D` where resamples put it outside the measured range "
+        "(the winner ahead throughout, or still behind at the largest budget); `steering from D*`: the reverse, fine-tuning is ahead at the smallest shared budget and "
         "steering overtakes it; `FT ahead`: fine-tuning is ahead at both ends of the measured range; `steering ahead`: "
         "fine-tuning never catches up there; `tied`: the two fitted curves are the same (both doing nothing, say); "
         "`no shared budgets`: the two were measured on budget ranges that do not "

@@ -105,7 +105,7 @@ class FitSummary:
         if a.crossovers:
             lines.append("crossovers (where fine-tuning and steering swap places):")
             for c in a.crossovers:
-                ci = f" CI [{c.d_star_lo:.3g}, {c.d_star_hi:.3g}]" if np.isfinite(c.d_star_lo) else ""
+                ci = f" CI {c.interval()}" if c.interval() else ""
                 agree = f", {c.share:.0%} of resamples agree" if np.isfinite(c.share) else ""
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}")
         for s in a.scaling:

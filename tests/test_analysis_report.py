@@ -37,7 +37,7 @@ def test_report_on_a_full_grid(tmp_path: Path) -> None:
     assert not re.search(r"<img src='(?!data:)", html)
     markdown = (out / "report.md").read_text()
     table = markdown.split("| task | steering → fine-tuning | m1 | m2 | m3 |", 1)[1].split("\n\n", 1)[0]  # models smallest first
-    assert re.search(r"\| facts \| steer_mean → lora \| [0-9.]+ \[[0-9.]+–[0-9.]+\] \([0-9]+%\) \|", table), table  # lora catches up: a D* with its CI
+    assert re.search(r"\| facts \| steer_mean → lora \| [0-9.]+ \[[0-9.]+, [0-9.]+\] \([0-9]+%\) \|", table), table  # lora catches up: a D* with its CI
     assert "| never | steer_mean → lora | steering ahead (100%) |  |  |" in table, table  # never on m1 only: m2, m3 blank
     assert "truncated.parquet" in markdown
     # the truth: at D=2048 on m3 lora scores .91, steer_mean .76; on `never` (m1 only) lora never catches up
