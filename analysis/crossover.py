@@ -195,12 +195,22 @@ class CrossoverScaling:
     def record(self) -> dict[str, object]:
         return dict(self.__dict__)
 
+    @property
+    def has_interval(self) -> bool:
+        """Resampled: without resamples (--bootstrap 0), or with a slope in too few of them, the trend is a line through points, not a finding."""
+        return bool(np.isfinite(self.gamma_lo) and np.isfinite(self.gamma_hi))
+
     def describe(self) -> str:
-        """The trend in words, with its interval and the models it leaves out."""
-        ci = f" [{self.gamma_lo:.2f}, {self.gamma_hi:.2f}]" if np.isfinite(self.gamma_lo) else ""
+        """The trend in words, with its interval (whether it excludes 0) and the models it leaves out."""
         others = f"; on the other {self.n_pairs - self.n_models} fine-tuning does not overtake inside the range" if self.n_pairs > self.n_models else ""
-        return (f"{self.task}: the crossover budget of {self.finetuning} over {self.steering} scales as "
-                f"D* ∝ {self.x}^{self.gamma:.2f}{ci} across the {self.n_models} models where it crosses{others}")  # fmt: skip
+        if not self.has_interval:
+            ci = "; no interval, so not a finding"
+        elif self.gamma_lo > 0 or self.gamma_hi < 0:
+            ci = f"; 95 % interval [{self.gamma_lo:.2f}, {self.gamma_hi:.2f}], which excludes 0"
+        else:
+            ci = f"; 95 % interval [{self.gamma_lo:.2f}, {self.gamma_hi:.2f}], which includes 0: no clear trend"
+        return (f"{self.task}: the crossover budget of {self.finetuning} over {self.steering} goes as "
+                f"D* ∝ {self.x}^{self.gamma:.2f} across the {self.n_models} models where it crosses{others}{ci}")  # fmt: skip
 
 
 def _leave_one_out(logx: np.ndarray, logd: np.ndarray) -> float:
@@ -235,7 +245,7 @@ def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, a
     pairs: dict[tuple[str, str, str], list[tuple[float, Crossover]]] = {}
     for c in crossovers:
         x = x_of.get((c.task, c.model), np.nan)
-        if np.isfinite(x) and c.outcome != "no_overlap":
+        if np.isfinite(x) and c.outcome not in ("no_overlap", "not_finite"):  # no verdict, and no resamples to line up with the others
             pairs.setdefault((c.task, c.steering, c.finetuning), []).append((float(np.log(x)), c))
     result = []
     for (task, steering, finetuning), found in sorted(pairs.items()):

@@ -104,9 +104,12 @@ def _findings(a: Analysis) -> list[Block]:
     if shaky:
         lines.append(f"In {shaky} of the {len(fitted)} fits a term is ≈ 0 in over {1 - CI_LEVEL:.0%} of the bootstrap resamples (marked "
                      "'not identified in … of resamples'): the exponent's value is shown, without an interval.")
-    for s in a.scaling:
-        if s.n_models >= MIN_TREND_MODELS:  # a line through two points has no error to show
-            lines.append(s.describe() + ".")
+    trends = [s for s in a.scaling if s.n_models >= MIN_TREND_MODELS]  # a line through two points has no error to show
+    lines += [s.describe() + "." for s in trends if s.has_interval]
+    bare = sum(not s.has_interval for s in trends)
+    if bare:
+        lines.append(f"{bare} D* trend(s) across models have no interval ({'--bootstrap 0' if not a.bootstrap else f'fewer than {CI_LEVEL:.0%} of the resamples give a slope'}), "
+                     "so they are not stated here (see the fit's text and fits.json).")  # fmt: skip
     for g in a.compositions:
         if np.isfinite(g.gain_lo) and (g.gain_lo > 0 or g.gain_hi < 0):
             lines.append(composition_finding(g))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,8 +11,10 @@ import pandas as pd
 import pytest
 
 import analysis.plots as plots
-from analysis.crossover import Crossover, find_crossovers, lead_from
+from analysis.capability import get_axis
+from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, find_crossovers, lead_from
 from analysis.curves import fit_curves
+from analysis.report import _findings
 from analysis.synthetic import TrueCurve, synthetic_rows
 
 
@@ -57,3 +60,35 @@ def test_the_plot_draws_each_interval_from_its_own_ends(tmp_path: Path, monkeypa
     assert plots.crossover_plot(a, "t", tmp_path / "x.png") is not None
     spans = sorted((float(min(s[:, 1])), float(max(s[:, 1]))) for col in figures[0].axes[0].collections for s in col.get_segments())
     assert spans == [(4.0, 70.0), (120.0, 300.0)]
+
+
+def _trend_pairs(resamples: int) -> tuple[list[Crossover], pd.DataFrame]:
+    """D* ∝ params^0.5 on three models, each D* resampled with 10 % noise, and a fourth model whose curve went non-finite."""
+    rng = np.random.default_rng(0)
+    sizes = {"a": 1e6, "b": 4e6, "c": 16e6, "d": 64e6}
+    found = []
+    for model, n in list(sizes.items())[:3]:
+        d_star = 10 * (n / 1e6) ** 0.5
+        c = _crossover(model, d_star, d_star * 0.8, d_star * 1.2, n)
+        found.append(dataclasses.replace(c, overtakes=d_star * np.exp(rng.normal(0, 0.1, resamples))))
+    found.append(Crossover("t", "d", 64e6, "steer_mean", "lora", 4.0, 1024.0, *[np.nan] * 4, "not_finite", "no verdict"))
+    return found, pd.DataFrame({"task": "t", "model": list(sizes), "params": list(sizes.values())})
+
+
+def test_a_model_without_a_verdict_does_not_take_the_trends_interval_away() -> None:
+    """The non-finite model's empty resample array made the resample counts disagree, and the interval was dropped."""
+    found, capabilities = _trend_pairs(200)
+    (trend,) = crossover_scaling(found, capabilities, get_axis("params"))
+    assert (trend.n_models, trend.n_pairs) == (3, 3) and trend.has_interval
+    assert trend.gamma_lo < 0.5 < trend.gamma_hi and trend.gamma_lo > 0
+    assert "which excludes 0" in trend.describe()
+
+
+@pytest.mark.parametrize("lo, hi, stated", [(np.nan, np.nan, None), (0.3, 0.7, "which excludes 0"), (-0.2, 0.7, "includes 0: no clear trend")])
+def test_a_d_star_trend_is_stated_only_with_an_interval(lo: float, hi: float, stated: str | None) -> None:
+    trend = CrossoverScaling("t", "steer_mean", "lora", "params", 0.5, lo, hi, 3, 3, 0.1)
+    a = SimpleNamespace(fits=[], scaling=[trend], crossovers=[], compositions=[], metric="score", bootstrap=200, axes=SimpleNamespace(best=None))
+    text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
+    assert ("D* ∝ params^0.50" in text) == (stated is not None), text
+    assert stated is None or stated in text
+    assert ("1 D* trend(s) across models have no interval" in text) == (stated is None), text
