@@ -32,6 +32,8 @@ COMPOSITIONS = {
     "steer_mean+lora": {"first": CONFIGS_CHANGING["steer_mean"], "second": CONFIGS["lora"]},
     "lora+steer_mean": {"first": CONFIGS["lora"], "second": CONFIGS_CHANGING["steer_mean"]},
     "steer_trained+lora": {"first": CONFIGS["steer_trained"], "second": CONFIGS["lora"]},
+    # LoRA applied as plain weights under a second LoRA: the way to stack two LoRAs (see the next test)
+    "task_vector+lora": {"first": {"finetune": "lora", "lora": CONFIGS["lora"], "lambdas": [1.0]}, "second": CONFIGS["lora"]},
 }
 ALL = {**CONFIGS_CHANGING, **COMPOSITIONS}
 
@@ -328,6 +330,20 @@ def test_composition_config_names_and_metrics():
     assert len(set(nll.values())) == 3, nll
     assert report.layer is not None and report.alpha == 2.0 and report.trainable_params > 0
     assert report.hparams["first"]["method"] == "steer_mean" and report.hparams["second"]["method"] == "lora"
+
+
+@pytest.mark.parametrize("name, raw", [
+    ("lora+lora", {}),
+    ("lora+task_vector", {"second": {"finetune": "lora"}}),
+    ("steer_mean+lora+lora", {"second": {}}),
+])
+def test_a_composition_nesting_peft_layers_is_refused_when_its_config_is_resolved(name, raw):
+    """PEFT cannot inject a LoRA inside another and remove only the inner one: refused before anything
+    trains, with the config's path, rather than a KeyError after the first part's training."""
+    with pytest.raises(ConfigError, match=r"methods\.\S+: .*cannot run: lora keeps its PEFT LoRA layers in the model while applied"):
+        resolve_config(name, raw)
+    for fine in ("lora+task_vector", "task_vector+lora", "lora+steer_mean", "steer_mean+lora"):  # no LoRA inside a LoRA
+        resolve_config(fine, {"first": {"finetune": "lora"}} if fine.startswith("task_vector") else {})
 
 
 @pytest.mark.parametrize("name", ["lora", "steer_trained", "full_ft", "steer_mean"])

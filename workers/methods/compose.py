@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from pydantic import Field, create_model
+from pydantic import Field, create_model, model_validator
 
 from workers.config import StrictConfig
-from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind
+from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, PeftUse, peft_use
 
 
 @dataclass
@@ -60,7 +60,27 @@ class Composition:
             __doc__=f"Settings of `{self.name}`: `first` for {first.name}, `second` for {second.name}.",
             first=(first.config_class, Field(default_factory=first.config_class)),
             second=(second.config_class, Field(default_factory=second.config_class)),
+            # a function of the config alone: pydantic would hand a bound method the validation info instead
+            __validators__={"peft_layers_do_not_nest": model_validator(mode="after")(lambda config: self._refuse_nested_peft(config))},
         )
+
+    def peft_use(self, config: StrictConfig) -> PeftUse:
+        """A's layers are in the model while B fits; both parts' while applied."""
+        first, second = peft_use(self.first, config.first), peft_use(self.second, config.second)  # type: ignore[attr-defined]
+        return PeftUse(fitting=first.fitting or first.applied or second.fitting, applied=first.applied or second.applied)
+
+    def _refuse_nested_peft(self, config: StrictConfig) -> StrictConfig:
+        """Refused when the config is resolved (so `steerscale plan` says so), not half-way through a cell:
+        B would inject PEFT layers while A's are in the model, which PEFT cannot undo for B alone."""
+        first, second = peft_use(self.first, config.first), peft_use(self.second, config.second)  # type: ignore[attr-defined]
+        if first.applied and (second.fitting or second.applied):
+            raise ValueError(
+                f"'{self.name}' cannot run: {self.first.name} keeps its PEFT LoRA layers in the model while applied, "
+                f"and {self.second.name} injects LoRA layers of its own on top, which PEFT cannot remove without "
+                f"removing {self.first.name}'s too; put a weight-space part first instead "
+                "(e.g. task_vector with finetune: lora, which applies as plain weights)"
+            )
+        return config
 
     def fit(self, ctx: FitContext, config: StrictConfig) -> Stacked:
         first = self.first.fit(ctx, config.first)  # type: ignore[attr-defined]

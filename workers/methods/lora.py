@@ -2,7 +2,8 @@
 
 PEFT injects its layers into the model in place, so the adapter is applied by injecting a fresh
 LoRA with the trained weights and removed by `unload()`, which puts the original Linear modules
-back: outside `applied()` the model is bit-for-bit the base model again.
+back: outside `applied()` the model is bit-for-bit the base model again. That `unload()` removes every
+LoRA layer, so a second injection cannot run inside this one: compositions refuse it (`PeftUse`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind, PeftUse, forward_flops, matmul_params
 from workers.training import TrainConfig, train
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ class Lora:
     name = "lora"
     kind: MethodKind = "finetuning"
     config_class = LoraConfig
+
+    def peft_use(self, config: LoraConfig) -> PeftUse:
+        return PeftUse(fitting=True, applied=True)
 
     def fit(self, ctx: FitContext, config: LoraConfig) -> LoraAdapter:
         n_base = matmul_params(ctx.lm.model)

@@ -94,6 +94,24 @@ class Method(Protocol, Generic[ConfigT_contra]):
 
     def fit(self, ctx: FitContext, config: ConfigT_contra) -> Adapter: ...
 
+    # Optional: `peft_use(config) -> PeftUse`, for a method that puts PEFT layers into the model.
+
+
+@dataclass(frozen=True)
+class PeftUse:
+    """When a method has PEFT (LoRA) layers in the model. PEFT injects them in place under one adapter
+    name and its `unload()` removes every LoRA layer, so one injection cannot run inside another:
+    compositions refuse that pairing (see compose.py)."""
+
+    fitting: bool = False  # during `fit`
+    applied: bool = False  # inside `adapter.applied()`
+
+
+def peft_use(method: Method, config: StrictConfig) -> PeftUse:
+    """`method`'s PeftUse under `config`; none for a method that does not declare one."""
+    declared: Callable[[StrictConfig], PeftUse] | None = getattr(method, "peft_use", None)
+    return declared(config) if declared is not None else PeftUse()
+
 
 # Analytic post-training cost, with N = `matmul_params(model)` and T = tokens through the model:
 #   forward (inference, steering extraction, validation passes)  ≈ 2·N·T  (one multiply-add per weight per token)

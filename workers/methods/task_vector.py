@@ -22,7 +22,7 @@ from workers.config import StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.full_ft import FullFt, FullFtConfig, TrainedWeights
 from workers.methods.lora import Lora, LoraAdapter, LoraConfig, lora_injected
-from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind, PeftUse, forward_flops, matmul_params, peft_use
 
 Deltas = dict[str, torch.Tensor]  # parameter name (as in `model.named_parameters()`) -> Δθ of that parameter
 
@@ -125,6 +125,11 @@ class TaskVector:
     name = "task_vector"
     kind: MethodKind = "finetuning"
     config_class = TaskVectorConfig
+
+    def peft_use(self, config: TaskVectorConfig) -> PeftUse:
+        """The fine-tune's layers while fitting (Δθ is read off them too); applied, Δθ is plain weights."""
+        source = peft_use(SOURCES[config.finetune].method, config.source_config())
+        return PeftUse(fitting=source.fitting or source.applied)
 
     def fit(self, ctx: FitContext, config: TaskVectorConfig) -> WeightArithmetic:
         candidates = list(dict.fromkeys(config.lambdas))
