@@ -18,7 +18,7 @@ import numpy as np
 from analysis.axis_choice import TREND
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
-from analysis.composition import MIN_SEEDS, CompositionGain
+from analysis.composition import CompositionGain, holm
 from analysis.crossover import Crossover
 from analysis.curves import LawFit
 from analysis.decisions import Decisions, read_decisions
@@ -71,7 +71,8 @@ def _overview(a: Analysis) -> list[Block]:
         f"{len(frame)} cells ({failed} failed) over {frame['task'].nunique()} task(s), "
         f"{frame['method'].nunique()} method(s) and {frame['model'].nunique()} model size(s); metric `{a.metric}`; "
         f"N in the joint laws is `{a.x}`. "
-        + ("Intervals are 95 % percentile bootstrap intervals over cells." if a.bootstrap else "No intervals (--bootstrap 0).")
+        + ("Intervals are 95 % percentile bootstrap intervals over cells; composition gains have Welch t-intervals over seeds."
+           if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
     if a.loaded.unplanned:
@@ -110,13 +111,7 @@ def _findings(a: Analysis) -> list[Block]:
     if bare:
         lines.append(f"{bare} D* trend(s) across models have no interval ({'--bootstrap 0' if not a.bootstrap else f'fewer than {CI_LEVEL:.0%} of the resamples give a slope'}), "
                      "so they are not stated here (see the fit's text and fits.json).")  # fmt: skip
-    for g in a.compositions:
-        if np.isfinite(g.gain_lo) and (g.gain_lo > 0 or g.gain_hi < 0):
-            lines.append(composition_finding(g))
-    few = sum(bool(g.seeds_note()) for g in a.compositions)
-    if few and a.bootstrap:
-        lines.append(f"{few} of the {len(a.compositions)} composition gains rest on fewer than {MIN_SEEDS} seeds a side: they have "
-                     "no interval, so none of them is stated as a finding (see Composition gain).")
+    lines += composition_findings(a.compositions)
     if not a.crossovers:
         lines.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
     return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]
@@ -160,13 +155,31 @@ CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering a
 MIN_TREND_MODELS = 3  # crossing models before "What the fits say" states a D* trend
 
 
-def composition_finding(g: CompositionGain) -> str:
-    """One sentence for a composition whose gain is clear of zero; the margin is a size, so a loss reads
-    "worse ... by 0.1 [0.05, 0.2]" rather than "worse ... by -0.1"."""
+def composition_finding(g: CompositionGain, compared: int) -> str:
+    """One sentence for a composition whose gain is clear of zero after Holm's correction over the `compared`
+    gains with an interval; the margin is a size, so a loss reads "worse ... by 0.1 [0.05, 0.2]" rather than "worse ... by -0.1"."""
     sign = 1.0 if g.gain > 0 else -1.0
     lo, hi = sorted((sign * g.gain_lo, sign * g.gain_hi))
     verdict = "better" if g.gain > 0 else "worse"
-    return f"{g.task}, {g.model}, D={g.budget:g}: {g.composition} is {verdict} than {g.best_single} alone by {_ci(sign * g.gain, lo, hi)}."
+    return (f"{g.task}, {g.model}, D={g.budget:g}: {g.composition} is {verdict} than {g.best_single} alone by {_ci(sign * g.gain, lo, hi)} "
+            f"(p = {g.p_value:.2g}, significant after Holm's correction over the {compared} composition comparison(s) with an interval).")  # fmt: skip
+
+
+def composition_findings(gains: list[CompositionGain]) -> list[str]:
+    """The gains that are findings: their 95 % interval clears 0 even after Holm's correction for the number
+    compared (with dozens of (task, model, budget) cells, some would clear it by chance); the others, counted."""
+    tested = [g for g in gains if np.isfinite(g.p_value)]
+    found = holm(np.array([g.p_value for g in tested]))
+    lines = [composition_finding(g, len(tested)) for g, kept in zip(tested, found) if kept]
+    chance = sum(g.p_value < 1 - CI_LEVEL for g, kept in zip(tested, found) if not kept)
+    if chance:
+        lines.append(f"{chance} more composition gain(s) have a 95 % interval that excludes 0 but do not survive Holm's correction over the "
+                     f"{len(tested)} comparisons, so they are not stated as findings (see Composition gain).")  # fmt: skip
+    bare = sum(bool(g.note) for g in gains)
+    if bare:
+        lines.append(f"{bare} of the {len(gains)} composition gains have no interval (too few seeds, or seeds that all scored the same), "
+                     "so none of them is stated as a finding (see Composition gain).")  # fmt: skip
+    return lines
 
 
 def _crossover_table(a: Analysis) -> list[Block]:
@@ -287,19 +300,23 @@ def _efficiency(a: Analysis) -> list[Block]:
     return [Heading("Data efficiency"), note, Table(("task", "method", "model", "share of asymptotic gain", "examples needed"), rows)]
 
 
-def composition_gain(g: CompositionGain, bootstrap: int) -> str:
-    """The gain with its interval, or why it has none (too few seeds a side to resample)."""
-    return f"{_num(g.gain)} ({g.seeds_note()})" if bootstrap and g.seeds_note() else _ci(g.gain, g.gain_lo, g.gain_hi)
+def composition_gain(g: CompositionGain) -> str:
+    """The gain with its interval, or why it has none."""
+    if g.note:
+        return f"{_num(g.gain)} ({g.note})"
+    return _ci(g.gain, g.gain_lo, g.gain_hi) if np.isfinite(g.gain_lo) else _num(g.gain)  # --bootstrap 0: none asked for
 
 
 def _compositions(a: Analysis) -> list[Block]:
-    rows = [(g.task, g.model, f"{g.budget:g}", g.composition, g.best_single, composition_gain(g, a.bootstrap)) for g in a.compositions]
+    rows = [(g.task, g.model, f"{g.budget:g}", g.composition, g.best_single, composition_gain(g), f"{g.p_value:.2g}" if np.isfinite(g.p_value) else "-")
+            for g in a.compositions]  # fmt: skip
     if not rows:
         return [Heading("Composition gain"), Paragraph("No composition was run alongside all of its parts.")]
-    note = Paragraph(f"Gain of the composition over its better part, cell mean against cell mean. Its interval resamples the seeds "
-                     f"of each side, so it needs {MIN_SEEDS} seeds a side (two that agree give a zero-width interval); only a "
-                     "gain whose interval excludes zero is stated in \"What the fits say\".")  # fmt: skip
-    return [Heading("Composition gain"), note, Table(("task", "model", "budget", "composition", "best part", "gain"), rows)]
+    note = Paragraph("Gain of the composition over its better part, cell mean against cell mean, with a 95 % interval from Welch's t "
+                     "over the seeds of each side (one per part, Bonferroni over the parts, so no part is picked as the better one in "
+                     "advance); it needs two seeds a side and some spread among them. p: for a gain of 0, not corrected; only gains "
+                     "that stay clear of 0 after Holm's correction over every gain with an interval are stated in \"What the fits say\".")  # fmt: skip
+    return [Heading("Composition gain"), note, Table(("task", "model", "budget", "composition", "best part", "gain", "p"), rows)]
 
 
 def _links(a: Analysis) -> list[Block]:

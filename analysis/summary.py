@@ -60,7 +60,7 @@ def analyse(
     frontier = compute_frontier(ok, metric)
     return Analysis(
         loaded=loaded, metric=metric, bootstrap=bootstrap, x=x, fits=fits, crossovers=crossovers, scaling=crossover_scaling(crossovers, capabilities, axis),
-        compositions=composition_gains(ok, metric=metric, bootstrap=bootstrap, seed=seed),
+        compositions=composition_gains(ok, metric=metric, intervals=bootstrap > 0),
         efficiency=data_efficiency(fits, ok), frontier=frontier,
         frontier_levels=frontier_by_compute(frontier, metric), selectivity=selectivity(ok, metric),
         links=fit_links(ok) if len(ok) else [], capabilities=capabilities, axes=axes,
@@ -114,7 +114,7 @@ class FitSummary:
         if a.compositions:
             lines.append("composition gains (over the best single part):")
             for g in a.compositions:
-                few = f" ({g.seeds_note()})" if a.bootstrap and g.seeds_note() else ""
+                few = f" ({g.note})" if g.note else ""
                 lines.append(f"  {g.task} {g.model} D={g.budget:g}: {g.composition} vs {g.best_single}: {_ci(g.gain, g.gain_lo, g.gain_hi)}{few}")
         if a.links:
             lines.append("sigmoid links, score = floor + (ceiling - floor) / (1 + exp(slope (nll - midpoint))):")

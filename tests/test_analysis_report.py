@@ -77,8 +77,8 @@ def test_report_on_degenerate_results(tmp_path: Path, case: str) -> None:
     (0.05, 0.02, 0.08, "better than lora alone by 0.05 [0.02, 0.08]"),
 ])  # fmt: skip
 def test_a_composition_finding_states_its_margin_as_a_size(gain, lo, hi, words) -> None:
-    finding = composition_finding(CompositionGain("arith", "ladder:s", 32.0, "steer_mean+lora", "lora", gain, lo, hi, 6, 3))
-    assert finding == f"arith, ladder:s, D=32: steer_mean+lora is {words}."
+    finding = composition_finding(CompositionGain("arith", "ladder:s", 32.0, "steer_mean+lora", "lora", gain, lo, hi, 6, 3, 0.001), 4)
+    assert finding.startswith(f"arith, ladder:s, D=32: steer_mean+lora is {words} (p = 0.001, significant after Holm's correction over the 4 ")
 
 
 def test_fits_at_a_bound_are_marked_and_their_asymptotes_not_offered_as_findings(tmp_path: Path) -> None:
@@ -144,25 +144,30 @@ def test_examples_needed_outside_the_measured_budgets_is_marked(examples, lo, hi
     assert e.extrapolated == (np.isfinite(examples) and not 4 <= examples <= 1024)
 
 
-def _composition_cells(seeds: int) -> pd.DataFrame:
-    """steer_mean+lora a steady 0.01 below lora's 0.40 on every seed (and steer_mean far below)."""
+def _composition_cells(seeds: int, spread: float) -> pd.DataFrame:
+    """steer_mean+lora 0.01 below lora's 0.40 on average (and steer_mean far below), seeds `spread` apart."""
     scores = {"lora": 0.40, "steer_mean": 0.30, "steer_mean+lora": 0.39}
-    return pd.DataFrame([{"task": "arith", "model": "s", "budget": 32, "method": m, "seed": i, "score": v}
+    offsets = spread * (np.arange(seeds) - (seeds - 1) / 2)
+    return pd.DataFrame([{"task": "arith", "model": "s", "budget": 32, "method": m, "seed": i, "score": v + offsets[i]}
                          for m, v in scores.items() for i in range(seeds)])  # fmt: skip
 
 
-def test_a_composition_gain_needs_three_seeds_a_side_for_an_interval_or_a_finding() -> None:
-    """Two seeds that agree resample to a zero-width interval ("worse by 0.01 [0.01, 0.01]"), which made a finding."""
-    (two,) = composition_gains(_composition_cells(2), metric="score", bootstrap=200, seed=0)
-    assert two.gain == pytest.approx(-0.01) and np.isnan([two.gain_lo, two.gain_hi]).all() and two.seeds == 2
-    assert composition_gain(two, 200) == "-0.01 (no interval: 2 seed(s) on a side, 3 needed)"
-    (three,) = composition_gains(_composition_cells(3), metric="score", bootstrap=200, seed=0)
-    assert three.gain_lo == pytest.approx(-0.01) and composition_gain(three, 200).startswith("-0.01 [")
-    for gain, stated in ((two, False), (three, True)):
+def test_a_composition_gain_needs_two_seeds_a_side_and_some_spread_for_an_interval_or_a_finding() -> None:
+    """Seeds that agree resampled to a zero-width interval ("worse by 0.01 [0.01, 0.01]"), which made a finding;
+    with one seed there is no variance at all."""
+    (one,) = composition_gains(_composition_cells(1, 0.0), metric="score")
+    assert np.isnan([one.gain_lo, one.gain_hi, one.p_value]).all() and composition_gain(one) == "-0.01 (no interval: 1 seed(s) on a side, 2 needed)"
+    (same,) = composition_gains(_composition_cells(3, 0.0), metric="score")
+    assert np.isnan([same.gain_lo, same.gain_hi]).all() and "all scored the same" in composition_gain(same)
+    (noisy,) = composition_gains(_composition_cells(3, 0.001), metric="score")
+    assert noisy.gain_lo < -0.01 < noisy.gain_hi < 0 and composition_gain(noisy).startswith("-0.01 [")
+    (unasked,) = composition_gains(_composition_cells(3, 0.001), metric="score", intervals=False)
+    assert np.isnan(unasked.gain_lo) and composition_gain(unasked) == "-0.01"  # --bootstrap 0: no intervals anywhere, no note
+    for gain, stated in ((same, False), (noisy, True)):
         a = SimpleNamespace(fits=[], scaling=[], crossovers=[], compositions=[gain], metric="score", bootstrap=200, axes=SimpleNamespace(best=None))
         text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
         assert ("steer_mean+lora is worse than lora alone" in text) == stated, text
-        assert ("rest on fewer than 3 seeds a side" in text) != stated, text
+        assert ("composition gains have no interval" in text) != stated, text
 
 
 def test_the_best_measured_method_is_judged_at_a_budget_every_compared_method_has() -> None:
