@@ -49,6 +49,23 @@ def test_a_reused_model_gives_the_same_rows_as_a_fresh_load(model_id):
     assert fresh["neutral_kl"] > 0, "the LoRA in this test must really change the model"
 
 
+def test_cells_of_different_tasks_share_one_neutral_reference(model_id, monkeypatch):
+    """The neutral texts do not depend on the task: a worker computes and holds their full-vocabulary
+    reference once per model, and the KL measured against it is the same as with a reference of its own."""
+    import workers.run_cell
+
+    cells = [_cell(model_id, "lora", settings={"train": {"lr": 3e-3, "min_steps": 4, "max_steps": 4, "checkpoints": 0}})]
+    cells.append(cells[0].model_copy(update={"task": "arith", "offtask": ("facts",)}))
+    alone = [_measured(run_cell(cell, CellRun(cache=WorkerCache()))) for cell in cells]
+    used = []  # the reference each cell's KL was measured against
+    shift = workers.run_cell.neutral_shift
+    monkeypatch.setattr(workers.run_cell, "neutral_shift", lambda lm, reference: used.append(reference) or shift(lm, reference))
+    shared = WorkerCache()
+    together = [_measured(run_cell(cell, CellRun(cache=shared))) for cell in cells]
+    assert len(used) == 2 and used[0] is used[1] and shared.loads == 1
+    assert together == alone and all(row["neutral_kl"] > 0 for row in together)
+
+
 def test_sharded_placement_gives_the_same_numbers(model_id):
     """`gpus_per_cell > 1` loads with accelerate's device_map; on a CPU box every layer lands on CPU."""
     cell = _cell(model_id, "steer_mean")

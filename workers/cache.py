@@ -41,7 +41,7 @@ class Baseline:
 
     test: Evaluation
     elicited: Evaluation | None
-    neutral: NeutralReference
+    neutral: NeutralReference  # not the task's: one object shared by the baselines of every task (`WorkerCache.neutral`)
     offtask: dict[str, Evaluation]
 
 
@@ -101,6 +101,7 @@ class WorkerCache:
         self._models: OrderedDict[tuple[str, bool], LanguageModel] = OrderedDict()  # (spec, sharded), MRU last
         self._bytes: dict[tuple[str, bool], int] = {}
         self._baselines: dict[tuple[str, str], Baseline] = {}
+        self._neutral: dict[tuple[str, str], NeutralReference] = {}
 
     @property
     def resident_bytes(self) -> int:
@@ -134,6 +135,7 @@ class WorkerCache:
         del self._models[key], self._bytes[key]
         if not any(k[0] == key[0] for k in self._models):  # baselines are placement-independent
             self._baselines = {k: v for k, v in self._baselines.items() if k[0] != key[0]}
+            self._neutral = {k: v for k, v in self._neutral.items() if k[0] != key[0]}
 
     def baseline(self, spec: ModelSpec, context: str, compute: Callable[[], Baseline]) -> Baseline:
         """The cached baseline for `spec` under `context` (task + eval settings), computed once."""
@@ -141,6 +143,17 @@ class WorkerCache:
         if key not in self._baselines:
             self._baselines[key] = compute()
         return self._baselines[key]
+
+    def neutral(self, spec: ModelSpec, settings: str, compute: Callable[[], NeutralReference]) -> NeutralReference:
+        """The cached neutral-text reference for `spec` under `settings` (which texts, how batched), computed once.
+
+        Keyed apart from the baselines because the neutral texts do not depend on the task: the
+        reference (full-vocabulary fp32 log-probs, the largest thing a baseline holds) is kept once per
+        model, not once per task."""
+        key = (spec.model_dump_json(), settings)
+        if key not in self._neutral:
+            self._neutral[key] = compute()
+        return self._neutral[key]
 
 
 PROCESS_CACHE = WorkerCache()

@@ -32,7 +32,7 @@ from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params
 from workers.cell import CellConfig, ModelSpec
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
-from workers.metrics import neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
+from workers.metrics import NeutralReference, neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
 from workers.models.loading import count_parameters, ladder_revision, resolve_device, resolve_path
 from workers.rowfile import write_rows
 from workers.schema import SCHEMA_VERSION
@@ -121,15 +121,22 @@ def identity_columns(cell: CellConfig, attempt: int) -> dict[str, Any]:
 
 
 def baseline(
-    lm: LanguageModel, task: Task, test: list[Example], offtask: dict[str, list[Example]], neutral_size: int
+    lm: LanguageModel, task: Task, test: list[Example], offtask: dict[str, list[Example]], neutral: NeutralReference
 ) -> Baseline:
-    """The untouched model on the test split (plain and elicited), neutral text and the other tasks."""
+    """The untouched model on the test split (plain and elicited) and the other tasks, with its neutral reference."""
     return Baseline(
         test=task.evaluate(lm, test),
         elicited=task.evaluate(lm, test, elicited=True) if any(ex.elicited_prompt for ex in test) else None,
-        neutral=neutral_reference(lm, neutral_texts(neutral_size)),
+        neutral=neutral,
         offtask={name: get_task(name).evaluate(lm, examples) for name, examples in offtask.items()},
     )
+
+
+def cached_neutral(cell: CellConfig, run: CellRun, lm: LanguageModel) -> NeutralReference:
+    """The base model's neutral reference, one per worker for the cells of every task: the texts depend
+    only on their number, and the batches `neutral_shift` zips it with on the batch size."""
+    settings = json.dumps([cell.eval.neutral_size, cell.eval.batch_size])
+    return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, neutral_texts(cell.eval.neutral_size)))
 
 
 def training_examples(task: Task, budget: int, seed: int) -> list[Example]:
@@ -175,7 +182,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
 
     started = time.perf_counter()
     context = json.dumps([cell.task, cell.offtask, cell.eval.model_dump(mode="json")])
-    base = run.cache.baseline(cell.model, context, lambda: baseline(lm, task, test, offtask, cell.eval.neutral_size))
+    base = run.cache.baseline(cell.model, context, lambda: baseline(lm, task, test, offtask, cached_neutral(cell, run, lm)))
     base_seconds = time.perf_counter() - started
 
     # Seeded here, after the model load and the baseline: whether those came from the worker's cache
