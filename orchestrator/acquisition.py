@@ -56,6 +56,7 @@ from analysis.methods import method_kind
 from analysis.metrics import HIGHER_IS_BETTER, to_loss
 
 from orchestrator.cellcost import CostModel, Planned
+from workers.config import ConfigError
 
 CurveKey = tuple[str, str, str]  # (task, method, model id)
 METRIC = "score"  # the study's main metric: the crossover is where fine-tuning's score overtakes steering's
@@ -115,11 +116,11 @@ def fit_curve(key: CurveKey, rows: pd.DataFrame, bootstrap: int, rng: np.random.
 
 
 def check_grid(cells: Sequence[Planned]) -> None:
-    """Refuse grids whose curves could never be fitted: every curve needs 4 cells over 3 budgets."""
+    """Refuse grids whose curves could never be fitted: every curve needs DESIGN_POINTS cells over 3 budgets."""
     curves = curves_of(cells)
     short = sorted({k[1] for k, group in curves.items() if not fittable(group)})
     if short:
-        raise ValueError(
+        raise ConfigError(
             f"an adaptive sweep fits loss(D) per task × method × model, which needs at least {DESIGN_POINTS} cells "
             f"over {MIN_DISTINCT} distinct budgets > 0; not so for: {', '.join(short)} (add budgets or seeds)"
         )

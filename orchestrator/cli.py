@@ -172,11 +172,7 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
         print(f"  ran {outcome.ok + outcome.failed} cells in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed")
 
     settings = Settings(**{name: getattr(args, name) for name in ADAPTIVE_FLAGS if getattr(args, name) is not None})
-    try:
-        outcome = run_adaptive(cells, store, execute, settings, params)
-    except ValueError as err:  # a grid the design cannot fit
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    outcome = run_adaptive(cells, store, execute, settings, params)
     print(f"adaptive: {outcome.cells_stored} of {len(cells)} cells stored, {outcome.flops_spent:.3g} post-training FLOPs")
     print(f"choices and their reasons: {store.uri}/adaptive.jsonl; results: {store.uri}/cells/")
     return 0
@@ -192,6 +188,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = _load_spec(args)
     cells, store, scan = _plan(spec, set_aside=True)
+    if args.adaptive:
+        from orchestrator.acquisition import check_grid
+
+        check_grid(cells)  # a grid the adaptive design cannot fit: ConfigError (exit 2) before anything is written
     _report_quarantine(scan, set_aside=True)
     write_manifest(store, _manifest_entries(cells))
     if args.adaptive:

@@ -251,6 +251,7 @@ def steerscale(*args: str) -> subprocess.CompletedProcess:
         (["--adaptive", "--max-cells", "0"], "argument --max-cells: must be > 0, got 0"),
         (["--adaptive", "--max-cells", "three"], "argument --max-cells: expected an integer, got 'three'"),
         (["--adaptive", "--max-cells", "4", "--force"], "does not combine with --force"),
+        (["--adaptive", "--max-cells", "4"], "over 3 distinct budgets > 0; not so for: lora"),  # one budget: no curve
     ],
 )
 def test_bad_adaptive_flags_exit_2_with_a_clear_message(tmp_path, capsys, flags, message):
