@@ -53,13 +53,35 @@ def frontier_by_compute(frontier: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+MIN_GAP_QUESTIONS = 2  # an elicitation gap of one question or less is noise: a share of it reads −4 or ±10×
+FALLBACK_RESOLUTION = 0.01  # one "question" for scores that are not fractions of a test set (partial credit, say)
+MAX_TEST_SIZE = 100_000
+
+
+def score_resolution(values: np.ndarray) -> float:
+    """One question of the test set: 1/n for the smallest n (up to MAX_TEST_SIZE) of which every score is
+    a multiple, as accuracies over n questions are k/n (a larger divisor only makes the gap's bar higher);
+    FALLBACK_RESOLUTION where the scores are not such fractions."""
+    n = np.arange(1, MAX_TEST_SIZE + 1)
+    for v in np.unique(values[np.isfinite(values)]):
+        n = n[np.abs(v * n - np.round(v * n)) < 1e-6]
+        if len(n) == 0:
+            return FALLBACK_RESOLUTION
+    return 1.0 / n[0] if len(n) else FALLBACK_RESOLUTION
+
+
 def selectivity(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Gain over the base model against damage elsewhere, and the share of the elicitation gap closed.
 
     `gap_closed` = (score − score_base)/(score_elicited − score_base): how much of what the base
-    model can already do when asked explicitly a method recovers.
+    model can already do when asked explicitly a method recovers. NaN unless the gap is at least
+    MIN_GAP_QUESTIONS questions of the task's test set (score_resolution): a negative gap or one of a
+    question makes the share meaningless.
     """
     points = operating_points(ok, metric)
     gain = points["score"] - points["score_base"]
     gap = points["score_elicited"] - points["score_base"]
-    return points.assign(gain=gain, gap_closed=np.where(np.abs(gap) > 1e-12, gain / gap.where(np.abs(gap) > 1e-12), np.nan))
+    columns = ["score", "score_base", "score_elicited"]
+    resolution = {task: score_resolution(rows[columns].to_numpy(float).ravel()) for task, rows in ok.groupby("task")}
+    enough = gap >= MIN_GAP_QUESTIONS * points["task"].map(resolution) - 1e-9
+    return points.assign(gain=gain, gap_closed=(gain / gap).where(enough))

@@ -344,7 +344,8 @@ def _selectivity(a: Analysis) -> list[Block]:
             rows.append((task, model, method, f"{r['budget']:g}", _num(r["gain"]), _num(r["gap_closed"]), _num(r["neutral_kl"]),
                          _num(r["offtask_score_delta"])))  # fmt: skip
     note = Paragraph("Gain: score over the base model. Gap closed: that gain over what the base model scores when asked "
-                     "explicitly (the elicited prompt), 1 = all of it (past 1: beyond it); - when the task has no elicited prompt. Neutral KL: "
+                     "explicitly (the elicited prompt), 1 = all of it (past 1: beyond it); - when the task has no elicited prompt or that gap is "
+                     "negative or under two questions of the test set (a share of it would be noise). Neutral KL: "
                      "shift of the next-token distribution on neutral text (nats per token). Off-task: score change on the "
                      "sweep's other tasks. Means over seeds; every budget is in the selectivity plots.")  # fmt: skip
     return [heading, note, Table(("task", "model", "method", "budget", "gain", "gap closed", "neutral KL", "off-task Δ"), rows)]
