@@ -212,6 +212,19 @@ def test_steer_mean_without_a_validation_set_says_it_cannot_choose():
     assert single.report.alpha == 1.0
 
 
+@pytest.mark.parametrize("n_val, raw", [
+    (0, {"layers": [0.5], "scales": [1.0]}),
+    (8, {"layers": [0.5], "scales": [1.0, 1.0]}),
+    (8, {"layers": [0.0, 1.0], "scales": [0.0]}),  # scale 0 is the same model at every layer
+])
+def test_steer_mean_with_one_candidate_records_a_fixed_choice(monkeypatch, n_val, raw):
+    """Nothing was chosen, so no validation pass is run or charged, and the row must not claim a selection."""
+    ctx = fit_context(language_model(), n_val=n_val)
+    monkeypatch.setattr(type(ctx.task), "evaluate", lambda *args, **kwargs: pytest.fail("no validation pass expected"))
+    report = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", raw)).report
+    assert (report.selection, report.val_labels, report.alpha) == ("fixed", 0, raw["scales"][0])
+
+
 def test_steer_trained_lowers_the_training_loss_and_trains_d_model_per_layer():
     lm = language_model()
     raw = {"layers": [0.0, 1.0], "train": {**FAST, "min_steps": 15, "max_steps": 15, "lr": 0.05}}

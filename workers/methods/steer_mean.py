@@ -93,6 +93,15 @@ def mean_difference(
     return diff_sum / len(pairs), norm_sum / (2 * len(pairs))
 
 
+def candidate_trials(layers: list[int], scales: Sequence[float]) -> list[tuple[int, float]]:
+    """The (layer, scale) candidates worth a validation pass, in order: a zero vector leaves the model as
+    it is at every layer, so scale 0 is one candidate (at the first layer), and a repeated scale is one."""
+    trials: list[tuple[int, float]] = []
+    for layer in layers:
+        trials += [(layer, scale) for scale in dict.fromkeys(scales) if scale != 0 or not any(s == 0 for _, s in trials)]
+    return trials
+
+
 class SteerMean:
     name = "steer_mean"
     kind: MethodKind = "steering"
@@ -105,8 +114,9 @@ class SteerMean:
             zero = torch.zeros(ctx.lm.model.config.hidden_size, device=ctx.lm.device)
             report = FitReport(layer=candidates[0], alpha=0.0, selection="no_pairs", hparams={"pairs": 0})
             return SteeringVector(ctx.lm, candidates[0], zero, config.positions, report)
-        validate = ctx.validator()
-        if validate is None and len(candidates) * len(config.scales) > 1:  # every candidate would tie at "do nothing"
+        trials = candidate_trials(candidates, config.scales)
+        validate = ctx.validator() if len(trials) > 1 else None  # one candidate: nothing to choose, no validation pass
+        if len(trials) > 1 and validate is None:  # every candidate would tie at "do nothing"
             raise ValueError(
                 f"steer_mean chooses a layer among {candidates} and a scale among {list(config.scales)} on the shared "
                 "validation set, but this cell has none (eval.validation_size = 0); give one layer and one scale"
@@ -117,21 +127,15 @@ class SteerMean:
         # the data's tokens, repeats included (the extraction forwards each distinct text once)
         extraction_tokens = sum(map(len, ctx.lm.encode([text for pair in pairs for text in pair], prompt=True)))
         norms = dict(zip(candidates, mean_norm.tolist()))
-        best: tuple[float, float, int, float, torch.Tensor] | None = None  # (score, -|scale|, layer, scale, vector)
-        zero_scored = False
-        for layer, direction in zip(candidates, diff):
-            unit = (direction / direction.norm().clamp(min=1e-12)).to(ctx.lm.device)
-            for scale in config.scales:
-                if scale == 0 and zero_scored:
-                    continue  # a zero vector leaves the model as it is at every layer: one pass (the first layer's) says it
-                zero_scored = zero_scored or scale == 0
-                vector = unit * scale * norms[layer]
-                with steer(ctx.lm.model, {layer: vector}, config.positions):
-                    score = validate() if validate is not None else 0.0
-                if best is None or (score, -abs(scale)) > best[:2]:  # ties go to the smaller scale
-                    best = (score, -abs(scale), layer, scale, vector)
-        assert best is not None
-        _, _, layer, scale, vector = best
+        units = {layer: (d / d.norm().clamp(min=1e-12)).to(ctx.lm.device) for layer, d in zip(candidates, diff)}
+        scores: dict[tuple[int, float], float] = {}
+        if validate is not None:
+            for layer, scale in trials:
+                with steer(ctx.lm.model, {layer: units[layer] * scale * norms[layer]}, config.positions):
+                    scores[layer, scale] = validate()
+        # ties go to the smaller scale, then to the earlier candidate
+        layer, scale = max(trials, key=lambda trial: (scores.get(trial, 0.0), -abs(trial[1])))
+        vector = units[layer] * scale * norms[layer]
         report = FitReport(
             trainable_params=0,  # nothing is trained; the d_model numbers are computed, not learned
             train_tokens=extraction_tokens,
@@ -141,8 +145,8 @@ class SteerMean:
             + forward_flops(matmul_params(ctx.lm.model), ctx.lm.forward_tokens - tokens_before - extraction_forward),
             layer=layer,
             alpha=scale,
-            selection=ctx.selection,
-            val_labels=len(ctx.validation),
+            selection=ctx.selection if scores else "fixed",
+            val_labels=len(ctx.validation) if scores else 0,
             hparams={
                 **config.model_dump(mode="json"),
                 "layer": layer,
