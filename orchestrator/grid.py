@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Iterator
+
+from pydantic import BaseModel
 
 from workers.cell import LADDER_PREFIX, CellConfig, ModelSpec
 from workers.config import ConfigError
-from workers.methods import resolve_config
+from workers.methods import TrainConfig, resolve_config
 from workers.run_cell import model_revision
 from workers.tasks import get_task
 
@@ -54,10 +58,40 @@ def check_budgets(spec: SweepSpec) -> None:
         )
 
 
+def training_configs(config: BaseModel, path: str) -> Iterator[tuple[str, TrainConfig]]:
+    """Every TrainConfig inside a method's config, with its key path (compositions and task
+    vectors nest the training of their parts)."""
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, TrainConfig):
+            yield f"{path}.{name}", value
+        elif isinstance(value, BaseModel):
+            yield from training_configs(value, f"{path}.{name}")
+
+
+def check_training_covers_budgets(spec: SweepSpec, methods: dict[str, BaseModel]) -> None:
+    """Refuse a budget the training would not show in full: past `max_steps × batch_size` examples,
+    the rest of the budget is never seen while the row claims all of it, and the data axis bends."""
+    problems = []
+    for name, config in methods.items():
+        for path, train in training_configs(config, f"methods.{name}"):
+            largest = max(spec.budgets_for(name))
+            if largest > train.max_steps * train.batch_size:
+                problems.append(
+                    f"{path}: a budget of {largest} needs {math.ceil(largest / train.batch_size)} steps of {train.batch_size} "
+                    f"to show every example once, but max_steps is {train.max_steps}; raise max_steps (or batch_size), "
+                    "or lower the budget"
+                )  # fmt: skip
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def expand(spec: SweepSpec) -> list[PlannedCell]:
     """Every (model, task, method, budget, seed) cell, in a stable order, with resolved configs."""
     check_budgets(spec)
-    methods = {name: resolve_config(name, raw, f"methods.{name}").model_dump(mode="json") for name, raw in spec.methods.items()}
+    resolved = {name: resolve_config(name, raw, f"methods.{name}") for name, raw in spec.methods.items()}
+    check_training_covers_budgets(spec, resolved)
+    methods = {name: config.model_dump(mode="json") for name, config in resolved.items()}
     cells = []
     for entry in spec.models:
         model = resolved_model(entry)

@@ -107,3 +107,19 @@ def test_ids_do_not_depend_on_the_order_tasks_are_listed_in(write_sweep):
     ids = {c.cell_id for c in expand(load_spec(write_sweep(spec)))}
     reordered = {c.cell_id for c in expand(load_spec(write_sweep({**spec, "tasks": ["gridworld", "facts", "arith"]}, "re.yaml")))}
     assert ids == reordered
+
+
+def test_a_budget_the_training_would_not_show_in_full_is_refused(write_sweep):
+    """400 steps of 16 show 6,400 examples: a budget of 8,192 would leave a fifth unseen while its
+    row claimed all of them. Nested trainings (a composition's LoRA) are checked too."""
+    import pytest
+
+    from workers.config import ConfigError
+
+    spec = {**SPEC, "methods": {"lora": {"rank": 2}, "steer_mean+lora": {"second": {"train": {"max_steps": 10}}}},
+            "method_budgets": {}, "budgets": [4, 200]}  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        expand(load_spec(write_sweep(spec)))
+    assert str(err.value) == ("methods.steer_mean+lora.second.train: a budget of 200 needs 13 steps of 16 to show every "
+                              "example once, but max_steps is 10; raise max_steps (or batch_size), or lower the budget")  # fmt: skip
+    assert len(expand(load_spec(write_sweep({**spec, "budgets": [4, 160]}, "ok.yaml")))) == 16
