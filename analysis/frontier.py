@@ -83,5 +83,5 @@ def selectivity(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
     gap = points["score_elicited"] - points["score_base"]
     columns = ["score", "score_base", "score_elicited"]
     resolution = {task: score_resolution(rows[columns].to_numpy(float).ravel()) for task, rows in ok.groupby("task")}
-    enough = gap >= MIN_GAP_QUESTIONS * points["task"].map(resolution) - 1e-9
+    enough = gap >= MIN_GAP_QUESTIONS * points["task"].map(resolution).astype(float) - 1e-9  # float: an empty map keeps the task's string type
     return points.assign(gain=gain, gap_closed=(gain / gap).where(enough))
