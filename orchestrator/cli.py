@@ -273,6 +273,8 @@ def _with_fit_options(p: argparse.ArgumentParser) -> None:
         help="what stands for model scale N: params (non-embedding parameters), neutral_loss (base model's loss "
         "on neutral text) or task_score (base model's score on the task); every axis is compared either way",
     )  # fmt: skip
+    p.add_argument("--metric", choices=("score", "nll"), default="score",
+                   help="what the laws describe: the task score (fitted as 1 - score) or the answers' NLL on the test set")  # fmt: skip
     p.add_argument("--planned-only", action="store_true",
                    help="fit only the rows of cells in the latest run's plan.json (leave out an earlier config's)")  # fmt: skip
 
@@ -292,7 +294,7 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
 
     analyse = functools.partial(write_report, out_dir=args.out) if report else fit_results
     try:
-        summary = analyse(_results_dir(args.results_dir), bootstrap=args.bootstrap, x=args.x,
+        summary = analyse(_results_dir(args.results_dir), metric=args.metric, bootstrap=args.bootstrap, x=args.x,
                           workers=args.workers or default_workers(), planned_only=args.planned_only)  # fmt: skip
     except (NoResultsError, ReportLocationError) as err:
         print(f"error: {err}", file=sys.stderr)
