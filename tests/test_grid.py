@@ -123,3 +123,13 @@ def test_a_budget_the_training_would_not_show_in_full_is_refused(write_sweep):
     assert str(err.value) == ("methods.steer_mean+lora.second.train: a budget of 200 needs 13 steps of 16 to show every "
                               "example once, but max_steps is 10; raise max_steps (or batch_size), or lower the budget")  # fmt: skip
     assert len(expand(load_spec(write_sweep({**spec, "budgets": [4, 160]}, "ok.yaml")))) == 16
+
+
+def test_a_models_family_is_its_name_without_the_size():
+    """Families pool sizes trained alike: Qwen2 and Qwen2.5, or deduped Pythia, are not one family;
+    a ladder's family is its recipe."""
+    names = {"Qwen/Qwen2.5-0.5B": "qwen2.5", "Qwen/Qwen2-7B": "qwen2", "EleutherAI/pythia-160m-deduped": "pythia-deduped",
+             "EleutherAI/pythia-1.4b": "pythia", "meta-llama/Meta-Llama-3-8B": "meta-llama-3", "gpt2-medium": "gpt2",
+             "HuggingFaceTB/SmolLM2-135M": "smollm2", "ladder:xs": "ladder", "ladder:test/s": "ladder-test"}  # fmt: skip
+    assert {name: ModelSpec(id=name).family_name for name in names} == names
+    assert ModelSpec(id="gpt2", family="mine").family_name == "mine"

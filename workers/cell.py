@@ -22,6 +22,9 @@ from workers.schema import SCHEMA_VERSION
 LADDER_PREFIX = "ladder:"
 
 
+_SIZE_WORD = re.compile(r"\d+(\.\d+)?[kmbt]|tiny|small|medium|large|x+l")  # the part of a model name that gives its size
+
+
 class ModelSpec(StrictConfig):
     id: str = Field(description="hub id, local directory, or ladder:<size> / ladder:<recipe>/<size>")
     revision: str | None = Field(None, description="hub revision; for ladder models the recipe hash (filled in)")
@@ -44,11 +47,15 @@ class ModelSpec(StrictConfig):
 
     @property
     def family_name(self) -> str:
+        """The models trained alike at different sizes: the name without its size (`Qwen2.5-0.5B` ->
+        `qwen2.5`, `pythia-160m-deduped` -> `pythia-deduped`); a ladder's family is its recipe."""
         if self.family:
             return self.family
         if self.id.startswith(LADDER_PREFIX):
-            return "ladder"
-        return re.split(r"[-_.]", self.id.rstrip("/").split("/")[-1])[0].lower()
+            recipe = self.id.removeprefix(LADDER_PREFIX).rpartition("/")[0]
+            return f"ladder-{recipe}" if recipe else "ladder"
+        words = re.split(r"[-_]", self.id.rstrip("/").split("/")[-1].lower())
+        return "-".join(word for word in words if not _SIZE_WORD.fullmatch(word)) or words[0]
 
 
 class EvalConfig(StrictConfig):
