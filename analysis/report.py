@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from analysis.axis_choice import TREND
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
 from analysis.composition import CompositionGain, holm
 from analysis.crossover import Crossover
-from analysis.curves import LawFit
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import load_rows_to_fit, resolve, unplanned_note
@@ -86,9 +86,9 @@ def _overview(a: Analysis) -> list[Block]:
 def _findings(a: Analysis) -> list[Block]:
     """The short written summary: what the fits say, in sentences."""
     lines = []
-    for task in sorted({f.task for f in a.fits}):
-        curves = [f for f in a.fits if f.task == task and f.ok and f.model != "*"]
-        lines.append(best_measured(task, curves, a.metric) if curves else f"On {task}, no budget curve could be fitted (see the table of fits for why).")
+    ok = a.loaded.ok
+    for task in sorted({f.task for f in a.fits} | set(ok["task"] if len(ok) else ())):
+        lines.append(best_measured(task, ok, a.metric))
     fitted = [f for f in a.fits if f.ok]
     bounded = sum(bool(f.bound_notes()) for f in fitted)
     if bounded:
@@ -117,35 +117,41 @@ def _findings(a: Analysis) -> list[Block]:
     return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]
 
 
-def best_measured(task: str, curves: list[LawFit], metric: str) -> str:
-    """Which method measured best on the largest model: the data, not an extrapolated asymptote.
+def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
+    """Which method measured best on the largest model: cell means of every method measured there (ok rows at
+    a positive budget), fitted or not, and not an extrapolated asymptote.
 
     Methods are compared at one budget, the largest every method on that model was measured at (each
     at its own largest would credit whichever had the larger budget). Where no budget is shared by
     all, the largest shared by the most methods, naming those it leaves out.
     """
-    largest = max(curves, key=lambda f: np.nan_to_num(f.n_params, nan=-np.inf))  # a model without params_nonembed: unknown size
-    on_model = [f for f in curves if f.model == largest.model]
-    budgets = {f.method: set(f.points.d.tolist()) for f in on_model}
+    rows = ok[(ok["task"] == task) & (ok["budget"].astype(float) > 0) & np.isfinite(ok[metric].astype(float))] if len(ok) else ok
+    if rows.empty:
+        return f"On {task}, no cell is ok with a finite {metric} at a positive budget, so no method is compared."
+    size = {m: float(pd.to_numeric(g["params_nonembed"], errors="coerce").median()) for m, g in rows.groupby("model")}
+    largest = max(size, key=lambda m: (np.nan_to_num(size[m], nan=-np.inf), m))  # a model without params_nonembed: unknown size
+    cells = {method: g for method, g in rows[rows["model"] == largest].groupby("method")}
+    budgets = {method: set(g["budget"].astype(float)) for method, g in cells.items()}
     shared = {d: sum(d in b for b in budgets.values()) for d in set().union(*budgets.values())}
     budget = max(shared, key=lambda d: (shared[d], d))
-    intro = f"On {task}, on the largest fitted model ({largest.model})"
-    if shared[budget] < min(2, len(on_model)):
-        own = ", ".join(f"{f.method} {f.points.value[f.points.d == f.points.d.max()].mean():.3g} at D={f.points.d.max():g}" for f in on_model)
+    intro = f"On {task}, on the largest model measured ({largest})"
+
+    def at(method: str, d: float) -> pd.Series:
+        return cells[method].loc[cells[method]["budget"].astype(float) == d, metric].astype(float)
+
+    if shared[budget] < min(2, len(cells)):
+        own = ", ".join(f"{m} {at(m, max(budgets[m])).mean():.3g} at D={max(budgets[m]):g}" for m in cells)
         return f"{intro}, no two methods were measured at the same budget, so none is compared: {own}."
-    levels = []
-    for f in (f for f in on_model if budget in budgets[f.method]):
-        at = f.points.d == budget
-        levels.append((float(np.mean(f.points.value[at])), f.method, int(at.sum())))
+    levels = [(float(at(m, budget).mean()), m, len(at(m, budget))) for m in cells if budget in budgets[m]]
     levels.sort(key=lambda level: (-level[0] if HIGHER_IS_BETTER[metric] else level[0], level[1]))
-    (value, method, cells), *rest = levels
+    (value, method, n_cells), *rest = levels
     tied = [m for v, m, _ in rest if v == value]
     rest = [level for level in rest if level[0] != value]
     who = f"{method} measured best" if not tied else f"{' and '.join([method, *tied])} measured best (tied)"
     left_out = sorted(set(budgets) - {m for _, m, _ in levels})
     where = (f"at the largest budget all its methods share (D={budget:g})" if not left_out else
-             f"at D={budget:g}, the largest budget shared by {len(levels)} of its {len(on_model)} methods ({', '.join(left_out)} not measured there)")  # fmt: skip
-    sentence = f"{intro}, {who} {where}: {metric} {value:.3g} (mean of {cells} cells)"
+             f"at D={budget:g}, the largest budget shared by {len(levels)} of its {len(cells)} methods ({', '.join(left_out)} not measured there)")  # fmt: skip
+    sentence = f"{intro}, {who} {where}: {metric} {value:.3g} (mean of {n_cells} cells)"
     if rest:
         sentence += "; then " + ", ".join(f"{m} {v:.3g}" for v, m, _ in rest[:3])
     return sentence + "."

@@ -14,7 +14,6 @@ import pytest
 import analysis
 from analysis.composition import CompositionGain, composition_gains
 from analysis.efficiency import DataEfficiency
-from analysis.curves import fit_curves
 from analysis.report import _examples_needed, _findings, best_measured, composition_finding, composition_gain
 from analysis.synthetic import TrueCurve, synthetic_rows
 from test_analysis_results import STEER, TUNE, build_results, write_cells
@@ -41,8 +40,8 @@ def test_report_on_a_full_grid(tmp_path: Path) -> None:
     assert "| never | steer_mean → lora | steering ahead (100%) |  |  |" in table, table  # never on m1 only: m2, m3 blank
     assert "truncated.parquet" in markdown
     # the truth: at D=2048 on m3 lora scores .91, steer_mean .76; on `never` (m1 only) lora never catches up
-    assert "On facts, on the largest fitted model (m3), lora measured best at the largest budget all its methods share (D=2048): score 0.9" in markdown
-    assert "On never, on the largest fitted model (m1), steer_mean measured best" in markdown
+    assert "On facts, on the largest model measured (m3), lora measured best at the largest budget all its methods share (D=2048): score 0.9" in markdown
+    assert "On never, on the largest model measured (m1), steer_mean measured best" in markdown
     # selectivity at the largest budget on the largest model: lora's .906 over the base model's .2
     assert re.search(r"\| facts \| m3 \| lora \| 2048 \| 0\.(69|70|71)\d* \|", markdown), markdown.split("## Selectivity")[1][:800]
 
@@ -164,7 +163,7 @@ def test_a_composition_gain_needs_two_seeds_a_side_and_some_spread_for_an_interv
     (unasked,) = composition_gains(_composition_cells(3, 0.001), metric="score", intervals=False)
     assert np.isnan(unasked.gain_lo) and composition_gain(unasked) == "-0.01"  # --bootstrap 0: no intervals anywhere, no note
     for gain, stated in ((same, False), (noisy, True)):
-        a = SimpleNamespace(fits=[], scaling=[], crossovers=[], compositions=[gain], metric="score", bootstrap=200, axes=SimpleNamespace(best=None))
+        a = SimpleNamespace(fits=[], scaling=[], crossovers=[], compositions=[gain], metric="score", loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))
         text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
         assert ("steer_mean+lora is worse than lora alone" in text) == stated, text
         assert ("composition gains have no interval" in text) != stated, text
@@ -177,12 +176,23 @@ def test_the_best_measured_method_is_judged_at_a_budget_every_compared_method_ha
     rng = np.random.default_rng(0)
     rows = synthetic_rows({("t", "lora", "m"): TUNE}, {"m": 10**6}, (8, 16, 32, 64, 256, 1024, 2048), seeds=2, noise=0.005, rng=rng)
     rows += synthetic_rows({("t", "steer_mean", "m"): STEER}, {"m": 10**6}, (8, 16, 32, 64), seeds=2, noise=0.005, rng=rng)
-    frame = pd.DataFrame(rows)
-    curves = [f for f in fit_curves(frame, metric="score", bootstrap=0, seed=0) if f.model == "m"]
-    sentence = best_measured("t", curves, "score")
+    sentence = best_measured("t", pd.DataFrame(rows), "score")
     assert "steer_mean measured best at the largest budget all its methods share (D=64): score 0.53" in sentence, sentence
     assert "; then lora 0.48" in sentence, sentence
     late = synthetic_rows({("t", "full_ft", "m"): TUNE}, {"m": 10**6}, (2048, 4096, 8192), seeds=2, noise=0.005, rng=rng)
-    curves = [f for f in fit_curves(pd.DataFrame(rows + late), metric="score", bootstrap=0, seed=0) if f.model == "m"]
-    sentence = best_measured("t", curves, "score")
+    sentence = best_measured("t", pd.DataFrame(rows + late), "score")
     assert "at D=2048, the largest budget shared by 2 of its 3 methods (steer_mean not measured there)" in sentence, sentence
+
+
+def test_the_best_measured_method_counts_methods_whose_curve_did_not_fit(tmp_path: Path) -> None:
+    """full_ft measured at two budgets (too few for a curve) scores .98 at D=256, ahead of lora and steer_mean
+    there; comparing the fitted curves' points only left it out and named lora."""
+    rng = np.random.default_rng(0)
+    truth = {("t", "lora", "m"): TUNE, ("t", "steer_mean", "m"): STEER}
+    rows = synthetic_rows(truth, {"m": 10**6}, (8, 32, 256), seeds=2, noise=0.005, rng=rng)
+    rows += synthetic_rows({("t", "full_ft", "m"): TrueCurve(0.02, 0.1, 0.5)}, {"m": 10**6}, (32, 256), seeds=2, noise=0.005, rng=rng)
+    write_cells(tmp_path, rows)
+    a = analysis.fit_results(str(tmp_path), bootstrap=0).analysis
+    assert not next(f for f in a.fits if (f.method, f.model) == ("full_ft", "m")).ok
+    text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
+    assert "On t, on the largest model measured (m), full_ft measured best at the largest budget all its methods share (D=256): score 0.97" in text, text

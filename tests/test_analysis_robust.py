@@ -58,11 +58,12 @@ def test_an_exponent_lost_in_many_resamples_has_a_value_but_no_interval(tmp_path
         for seed in (0, 1):
             row = _row(f"lora-{budget}-{seed}", "lora", budget, 0.20 if (budget, seed) == (4, 0) else 0.23, seed)
             pq.write_table(to_table([row]), cells / f"{row['cell_id']}.parquet")
-    (curve,) = [f for f in analysis.fit_results(str(tmp_path), bootstrap=200).analysis.fits if f.model == "m"]
+    fitted = analysis.fit_results(str(tmp_path), bootstrap=200).analysis
+    (curve,) = [f for f in fitted.fits if f.model == "m"]
     assert curve.unidentified() == [] and curve.fit.params["B"] > 1e-3
     assert any(n.startswith("beta not identified in ") and n.endswith("% of resamples: no interval") for n in curve.identification_notes()), curve.note
     record = curve.record()
     assert np.isfinite(record["beta"]) and np.isnan([record["beta_lo"], record["beta_hi"]]).all()
-    a = SimpleNamespace(fits=[curve], scaling=[], crossovers=[], compositions=[], metric="score", bootstrap=200)
+    a = SimpleNamespace(fits=[curve], scaling=[], crossovers=[], compositions=[], metric="score", bootstrap=200, loaded=fitted.loaded)
     findings = " ".join(getattr(b, "text", "") for b in _findings(a))
     assert "In 1 of the 1 fits a term is ≈ 0 in over 5% of the bootstrap resamples" in findings, findings
