@@ -8,6 +8,7 @@ reported with its full path and the nearest valid key before anything runs.
 from __future__ import annotations
 
 import os
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,9 @@ class SweepSpec(StrictConfig):
         scheme, colon, rest = results_dir.partition(":")
         if colon and len(scheme) > 1 and scheme.replace("+", "").isalnum() and not rest.startswith("//"):
             raise ValueError(f"{results_dir} looks like a URI without '//' after '{scheme}:'; write {scheme}://...")
+        if "://" in results_dir and quote(results_dir, safe=URI_SAFE) != results_dir:
+            raise ValueError(f"{results_dir} is a URI with characters a URI cannot hold (spaces, non-ASCII); "
+                             f"percent-encode them: {quote(results_dir, safe=URI_SAFE)}")  # fmt: skip
         return os.path.expanduser(results_dir)
 
     @field_validator("budgets")
@@ -233,6 +237,7 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
     return spec
 
 
+URI_SAFE = "/:?&=%@+,;~!$'()*[]#"  # characters a URI may hold as they are (RFC 3986, with '%' for escapes)
 RAY_JOB_COPY = "/runtime_resources/working_dir_files/"  # where `ray job submit --working-dir` unpacks the job's files
 
 

@@ -146,6 +146,8 @@ def test_results_dir_expands_home_and_refuses_a_uri_without_slashes(write_sweep,
     assert load_spec(write_sweep({**BASE, "results_dir": "~/ss"})).results_dir == str(tmp_path / "ss")
     with pytest.raises(ConfigError, match="file:/data/x looks like a URI without '//'"):
         load_spec(write_sweep({**BASE, "results_dir": "file:/data/x"}))
+    with pytest.raises(ConfigError, match="percent-encode them: file:///data/r%C3%A9sultats%20v2"):
+        load_spec(write_sweep({**BASE, "results_dir": "file:///data/résultats v2"}))
 
 
 def test_a_model_listed_twice_differing_only_in_placement_is_a_config_error(write_sweep):
