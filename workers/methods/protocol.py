@@ -64,7 +64,7 @@ class FitReport:
     """What the fit did and chose, in the units of the results schema."""
 
     trainable_params: int = 0
-    train_tokens: int = 0
+    train_tokens: int = 0  # what the method read of the budget, its own way (README: results schema)
     post_train_flops: float = 0.0
     layer: int | None = None
     alpha: float | None = None
