@@ -38,6 +38,7 @@ class Crossover:
     share: float  # fraction of bootstrap resamples with the same outcome (near one half: a coin flip)
     outcome: str  # one of OUTCOMES, "no_overlap" (the two methods share no budget range) or "not_finite"
     verdict: str
+    d_star_2: float = np.nan  # "crosses_twice": where they swap back (d_star is the first crossing)
     overtakes: np.ndarray = field(default_factory=lambda: np.array([]), repr=False, compare=False)  # per resample: D*
     # where fine-tuning overtakes, NaN where it does not (what the trend's interval resamples)
 
@@ -63,15 +64,15 @@ def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> 
     return from_loss(e + b * d[None, :] ** -beta, metric)
 
 
-OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied")  # codes 0..4 of `outcomes` (-1: not finite)
+OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied", "crosses_twice")  # codes 0..5 of `outcomes` (-1: not finite)
 TIE = 1e-6  # in metric units: curves closer than this everywhere (both doing nothing, say) are the same curve
 
 
-def _last_flip(advantage: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Per row: the budget of the last change of sign, interpolated linearly in log D; NaN without one."""
+def _flip(advantage: np.ndarray, d: np.ndarray, last: bool = True) -> np.ndarray:
+    """Per row: the budget of the last (or first) change of sign, interpolated linearly in log D; NaN without one."""
     ahead = advantage >= 0
     flips = ahead[:, :-1] != ahead[:, 1:]
-    i = flips.shape[1] - 1 - np.argmax(flips[:, ::-1], axis=1)  # the last flip of each row
+    i = flips.shape[1] - 1 - np.argmax(flips[:, ::-1], axis=1) if last else np.argmax(flips, axis=1)
     rows = np.arange(len(advantage))
     a0, a1 = advantage[rows, i], advantage[rows, i + 1]
     logd = np.log(d)
@@ -84,18 +85,20 @@ def outcomes(advantage: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """Per row of `advantage` (fine-tuning minus steering, in "better" units, over budgets `d`): the
     outcome (an index into OUTCOMES) and the crossing budget, NaN unless the two curves swap places.
 
-    The ends of the range decide: behind at the smallest budget and ahead at the largest is
-    "crosses" (fine-tuning overtakes), the reverse is "steering_overtakes"; D* is the last change of
-    sign (after it, the winner stays ahead to the end of the range), interpolated linearly in log D.
-    Curves that cross and cross back count by their ends; curves within TIE of each other over the
-    whole range are "tied" (a zero advantage would otherwise count as fine-tuning ahead).
+    Behind at the smallest budget and ahead at the largest, swapping places once, is "crosses"
+    (fine-tuning overtakes), the reverse is "steering_overtakes"; D* is that change of sign,
+    interpolated linearly in log D. Two curves E + B·D^-β can also swap places twice (one leads in
+    the middle of the range only): "crosses_twice", whatever the ends say, with no single D*.
+    Curves within TIE of each other over the whole range are "tied" (a zero advantage would
+    otherwise count as fine-tuning ahead).
     """
     ahead = advantage >= 0
     start, end = ahead[:, 0], ahead[:, -1]
     tied = np.abs(advantage).max(axis=1) <= TIE
     broken = ~np.isfinite(advantage).all(axis=1)  # a resample whose fit went non-finite agrees with no outcome
-    code = np.select([broken, tied, ~start & end, start & ~end, start & end], [-1, 4, 0, 1, 2], default=3)
-    return code, np.where((code == 0) | (code == 1), _last_flip(advantage, d), np.nan)
+    twice = (ahead[:, :-1] != ahead[:, 1:]).sum(axis=1) >= 2
+    code = np.select([broken, tied, twice, ~start & end, start & ~end, start & end], [-1, 4, 5, 0, 1, 2], default=3)
+    return code, np.where((code == 0) | (code == 1), _flip(advantage, d), np.nan)
 
 
 def lead_from(advantage: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -107,7 +110,7 @@ def lead_from(advantage: np.ndarray, d: np.ndarray) -> np.ndarray:
     not cross inside the range instead of leaving them out.
     """
     ahead = advantage >= 0
-    censored = np.select([~ahead[:, -1], ahead.all(axis=1)], [np.inf, -np.inf], default=_last_flip(advantage, d))
+    censored = np.select([~ahead[:, -1], ahead.all(axis=1)], [np.inf, -np.inf], default=_flip(advantage, d))
     void = ~np.isfinite(advantage).all(axis=1) | (np.abs(advantage).max(axis=1) <= TIE)
     return np.where(void, np.nan, censored)
 
@@ -134,7 +137,8 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     d = np.geomspace(d_min, d_max, GRID_POINTS)
     metric = steer.metric
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0  # advantage of fine-tuning, in "better" units
-    code, d_star = (v[0] for v in outcomes(sign * (budget_curves(tune.fit.params, d, metric) - budget_curves(steer.fit.params, d, metric)), d))
+    fitted = sign * (budget_curves(tune.fit.params, d, metric) - budget_curves(steer.fit.params, d, metric))
+    code, d_star = (v[0] for v in outcomes(fitted, d))
     if code < 0:
         return Crossover(*identity, np.nan, np.nan, np.nan, np.nan, "not_finite", "no verdict: a fitted curve is not finite over the range")
     if steer.boot is not None and tune.boot is not None:
@@ -147,14 +151,18 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     else:
         share, lo, hi, overtakes = np.nan, np.nan, np.nan, np.array([])
     outcome = OUTCOMES[code]
+    first, second = (float(_flip(fitted, d, last)[0]) if code == 5 else np.nan for last in (False, True))
+    leader, middle = (tune.method, steer.method) if fitted[0, 0] >= 0 else (steer.method, tune.method)
     verdict = {
         "crosses": f"{tune.method} overtakes {steer.method} at D* ≈ {d_star:.3g}",
         "steering_overtakes": f"{steer.method} overtakes {tune.method} at D* ≈ {d_star:.3g}",
         "finetuning_ahead": f"no crossover within the measured range: {tune.method} is ahead of {steer.method} at both ends",
         "steering_ahead": f"no crossover within the measured range: {steer.method} stays ahead of {tune.method}",
         "tied": f"no crossover: {steer.method} and {tune.method} fit the same curve over the measured range",
+        "crosses_twice": f"the curves cross twice: {leader} is ahead below D ≈ {first:.3g} and above D ≈ {second:.3g}, {middle} in between",
     }[outcome]
-    return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, overtakes)
+    d_star = first if code == 5 else d_star
+    return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, overtakes=overtakes)
 
 
 def find_crossovers(fits: list[LawFit]) -> list[Crossover]:

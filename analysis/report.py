@@ -201,7 +201,9 @@ def _crossover_table(a: Analysis) -> list[Block]:
         if c is None:
             return ""
         text = CROSSOVER_CELLS.get(c.outcome, "")
-        if np.isfinite(c.d_star):
+        if c.outcome == "crosses_twice":
+            text = f"crosses twice: {_num(c.d_star)}, {_num(c.d_star_2)}"
+        elif np.isfinite(c.d_star):
             interval = f" {c.interval()}" if c.interval() else ""
             text = ("steering from " if c.outcome == "steering_overtakes" else "") + _num(c.d_star) + interval
         agree = f" ({c.share:.0%})" if np.isfinite(c.share) else ""  # NaN: no resamples (--bootstrap 0)
@@ -213,7 +215,8 @@ def _crossover_table(a: Analysis) -> list[Block]:
         "bootstrap interval over every resample, an end `< D` or `> D` where resamples put it outside the measured range "
         "(the winner ahead throughout, or still behind at the largest budget); `steering from D*`: the reverse, fine-tuning is ahead at the smallest shared budget and "
         "steering overtakes it; `FT ahead`: fine-tuning is ahead at both ends of the measured range; `steering ahead`: "
-        "fine-tuning never catches up there; `tied`: the two fitted curves are the same (both doing nothing, say); "
+        "fine-tuning never catches up there; `crosses twice: D1, D2`: one method is ahead only between D1 and D2, the "
+        "other below and above (see the fit's text for which); `tied`: the two fitted curves are the same (both doing nothing, say); "
         "`no shared budgets`: the two were measured on budget ranges that do not "
         "overlap; blank: one of the two curves could not be fitted. In brackets, the share of bootstrap resamples with "
         "the same outcome: near one half, the outcome is a coin flip (the curves are tied), not only where D* falls."

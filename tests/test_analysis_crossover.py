@@ -12,7 +12,7 @@ import pytest
 
 import analysis.plots as plots
 from analysis.capability import get_axis
-from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, find_crossovers, lead_from
+from analysis.crossover import Crossover, CrossoverScaling, crossover, crossover_scaling, find_crossovers, lead_from
 from analysis.curves import fit_curves
 from analysis.report import _findings
 from analysis.synthetic import TrueCurve, synthetic_rows
@@ -92,3 +92,21 @@ def test_a_d_star_trend_is_stated_only_with_an_interval(lo: float, hi: float, st
     assert ("D* ∝ params^0.50" in text) == (stated is not None), text
     assert stated is None or stated in text
     assert ("1 D* trend(s) across models have no interval" in text) == (stated is None), text
+
+
+def _budget_curve(method: str, e: float, b: float, beta: float) -> SimpleNamespace:
+    """Just what `crossover` reads of a fitted budget curve, without resamples."""
+    return SimpleNamespace(task="t", model="m", n_params=1e6, method=method, metric="score", boot=None,
+                           points=SimpleNamespace(d=np.array([8.0, 4096.0])), fit=SimpleNamespace(params={"E": e, "B": b, "beta": beta}))  # fmt: skip
+
+
+def test_curves_that_cross_twice_are_said_to_instead_of_judged_by_their_ends() -> None:
+    """Fine-tuning (E .25, B 6, β 1) against steering (E .12, B 1, β .3) over D 8–4096: steering leads at both
+    ends, fine-tuning in between (over half the range); the verdict read "steering stays ahead"."""
+    steer, tune = _budget_curve("steer_mean", 0.12, 1.0, 0.3), _budget_curve("lora", 0.25, 6.0, 1.0)
+    c = crossover(steer, tune)
+    d = np.array([c.d_star, c.d_star_2])
+    gap = tune.fit.params["E"] + 6.0 / d - (steer.fit.params["E"] + 1.0 * d**-0.3)  # the loss gap is 0 where they cross
+    assert c.outcome == "crosses_twice" and 8 < c.d_star < c.d_star_2 < 4096 and np.abs(gap).max() < 1e-3
+    assert c.verdict.startswith(f"the curves cross twice: steer_mean is ahead below D ≈ {c.d_star:.3g} and above D ≈ {c.d_star_2:.3g}, lora in between")
+    assert "steering stays ahead" not in c.verdict and np.isnan([c.d_star_lo, c.share]).all()

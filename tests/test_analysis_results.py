@@ -125,13 +125,13 @@ def test_crossover_budget_scales_with_model_size(summary: analysis.FitSummary) -
 
 
 def test_outcomes_on_known_curves() -> None:
-    """Fine-tuning overtaking, steering overtaking, ahead at both ends (across a dip), never ahead."""
+    """Fine-tuning overtaking, steering overtaking, crossing twice (behind only in a dip), never ahead, tied."""
     d = np.geomspace(8, 2048, 512)
     dip = np.where((d > 50) & (d < 200), -0.1, 0.1)  # ahead, behind in the middle, ahead again
     same = np.zeros_like(d)  # two methods that both chose to do nothing
     advantage = np.stack([TUNE.score(d) - STEER.score(d), STEER.score(d) - TUNE.score(d), dip, WORSE.score(d) - STEER.score(d), same])
     code, d_star = outcomes(advantage, d)
-    assert [OUTCOMES[c] for c in code] == ["crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied"]
+    assert [OUTCOMES[c] for c in code] == ["crosses", "steering_overtakes", "crosses_twice", "steering_ahead", "tied"]
     assert d_star[:2] == pytest.approx([TRUE_D_STAR, TRUE_D_STAR], rel=1e-3)
     assert np.isnan(d_star[2:]).all()
     broken, _ = outcomes(np.stack([np.full_like(d, np.nan)]), d)
