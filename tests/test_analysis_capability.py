@@ -132,7 +132,7 @@ def test_run_cell_records_the_base_models_neutral_loss(test_ladder: list[str]) -
     cache = WorkerCache()
     row = run_cell(cell, CellRun(cache=cache))
     assert row["status"] == "ok", row["error"]
-    reference = neutral_reference(cache.model(spec, 4), neutral_texts(4))
+    reference = neutral_reference(cache.model(spec, 4), neutral_texts(4, 48))
     assert row["base_neutral_nll"] == pytest.approx(reference.nll, rel=1e-6)
     assert row["base_neutral_nll_per_byte"] == pytest.approx(reference.nll_per_byte, rel=1e-6)
     assert 0 < row["base_neutral_nll_per_byte"] < row["base_neutral_nll"]  # a token spans at least one byte

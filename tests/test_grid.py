@@ -65,12 +65,14 @@ def test_id_changes_when_any_setting_changes(write_sweep):
 def test_cells_stored_before_a_setting_existed_keep_their_ids():
     """eval.selection_metric came later (cells chose on the score before): asked for by name, `score`
     gives the id such a cell was stored under (computed with the code of d7d4784), so a rerun skips
-    it; the new default (nll) is a different cell."""
+    it; the new default (nll) is a different cell. The same for eval.neutral_min_words (96 before)."""
     cell = CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts",
                       method="lora", method_config={"rank": 2}, budget=16, seed=1)  # fmt: skip
-    by_score = cell.model_copy(update={"eval": cell.eval.model_copy(update={"selection_metric": "score"})})
-    assert by_score.cell_id == "2d5a7d8ed5c228e51de6"
-    assert cell.eval.selection_metric == "nll" and cell.cell_id != by_score.cell_id
+    old = cell.model_copy(update={"eval": cell.eval.model_copy(update={"selection_metric": "score", "neutral_min_words": 96})})
+    assert old.cell_id == "2d5a7d8ed5c228e51de6"
+    assert cell.eval.selection_metric == "nll" and cell.eval.neutral_min_words == 48 and cell.cell_id != old.cell_id
+    short_texts_by_score = old.model_copy(update={"eval": old.eval.model_copy(update={"neutral_min_words": 48})})
+    assert short_texts_by_score.cell_id not in {old.cell_id, cell.cell_id}
 
 
 def test_defaults_are_resolved_into_the_id(write_sweep):

@@ -81,9 +81,21 @@ def test_unknown_task_suggests_the_nearest_name() -> None:
 
 
 def test_neutral_texts_are_deterministic_and_not_task_text() -> None:
-    texts = neutral_texts(5)
-    assert texts == neutral_texts(5) and len(set(texts)) == 5
+    texts = neutral_texts(5, 48)
+    assert texts == neutral_texts(5, 48) and len(set(texts)) == 5
     assert not any("persona:" in t or "=" in t for t in texts)
+
+
+def test_neutral_texts_by_default_fit_the_context_the_ladder_was_pretrained_in() -> None:
+    """Scored past the 64 tokens a rung trained on, the neutral NLL (a capability axis) and KL would
+    partly measure position extrapolation, which differs by rung."""
+    from workers.cell import EvalConfig
+    from workers.models.ladder import get_recipe
+    from workers.models.tokenizer import build_tokenizer
+
+    tokenizer, settings = build_tokenizer(), EvalConfig()
+    lengths = [len(tokenizer(t)["input_ids"]) for t in neutral_texts(settings.neutral_size, settings.neutral_min_words)]
+    assert max(lengths) <= get_recipe("default").seq_len < max(len(tokenizer(t)["input_ids"]) for t in neutral_texts(32, 96))
 
 
 def _largest_quickstart_budget() -> int:

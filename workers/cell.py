@@ -63,6 +63,10 @@ class EvalConfig(StrictConfig):
     validation_size: int = Field(64, ge=0, description="the shared validation set every method selects on")
     validation_seed: int = Field(0, description="fixed across cells so every method sees the same validation set")
     neutral_size: int = Field(32, ge=0, description="neutral texts for KL / perplexity-ratio selectivity")
+    neutral_min_words: int = Field(
+        48, ge=1, description="words per neutral text, at least: 48 keeps each within the 64 tokens the ladder was "
+        "pretrained on (at 96, a third of the scored tokens sat at positions no rung had trained at)"
+    )
     offtask_size: int = Field(0, ge=0, description="test examples per other task of the sweep (0: skip off-task)")
     batch_size: int = Field(64, ge=1)
     selection_metric: Literal["nll", "score"] = Field(
@@ -76,7 +80,7 @@ class EvalConfig(StrictConfig):
 # Settings added after results were first stored, left out of a cell's identity at the value cells
 # had before the setting existed: those cells keep their ids, so a rerun that asks for the old
 # behaviour by name skips them instead of redoing them.
-_ADDED_LATER: dict[str, dict[str, object]] = {"eval": {"selection_metric": "score"}}
+_ADDED_LATER: dict[str, dict[str, object]] = {"eval": {"selection_metric": "score", "neutral_min_words": 96}}
 
 # Settings that change where or how fast a cell runs, not what it computes (batched equals unbatched;
 # the device moves numbers only by rounding): pinned at their defaults in the identity, so a smaller

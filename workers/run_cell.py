@@ -135,8 +135,9 @@ def baseline(
 def cached_neutral(cell: CellConfig, run: CellRun, lm: LanguageModel) -> NeutralReference:
     """The base model's neutral reference, one per worker for the cells of every task: the texts depend
     only on their number, and the batches `neutral_shift` zips it with on the batch size."""
-    settings = json.dumps([cell.eval.neutral_size, cell.eval.batch_size])
-    return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, neutral_texts(cell.eval.neutral_size)))
+    settings = json.dumps([cell.eval.neutral_size, cell.eval.neutral_min_words, cell.eval.batch_size])
+    texts = functools.partial(neutral_texts, cell.eval.neutral_size, cell.eval.neutral_min_words)
+    return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, texts()))
 
 
 def training_examples(task: Task, budget: int, seed: int) -> list[Example]:

@@ -32,6 +32,6 @@ def get_task(name: str) -> Task:
     return TASKS.get(name)
 
 
-def neutral_texts(n: int) -> list[str]:
+def neutral_texts(n: int, min_words: int) -> list[str]:
     """General-text documents from the pretraining grammar, on a stream pretraining never draws."""
-    return text.documents(n, random.Random("steerscale-neutral-text"))
+    return text.documents(n, random.Random("steerscale-neutral-text"), min_words)
