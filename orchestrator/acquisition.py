@@ -49,7 +49,7 @@ from scipy.stats import norm
 import pandas as pd
 
 from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval
-from analysis.crossover import GRID_POINTS, budget_curves, outcomes
+from analysis.crossover import GRID_POINTS, budget_curves, lead_from
 from analysis.fitting import MIN_DISTINCT, Fit, FitError, LawData, fit_law
 from analysis.laws import POWER_D
 from analysis.methods import method_kind
@@ -224,17 +224,17 @@ def crossover_samples(steer: CurveFit, tune: CurveFit) -> tuple[np.ndarray, floa
     """log10 D* per bootstrap resample, on the measured budget range as `analysis.crossover` searches it,
     and the share of resamples that cross inside it.
 
-    A resample in which fine-tuning does not overtake is censored at an end of the range: at the
-    smallest budget when fine-tuning is ahead there, at the largest when steering is.
+    D* is where fine-tuning goes ahead to stay, as the report's interval counts it (`lead_from`): a
+    resample in which it leads throughout is censored at the smallest budget, one in which it is behind
+    at the largest (steering overtaking included) at the largest; a tied resample at the end it leads at.
     """
     d_min, d_max = max(steer.d.min(), tune.d.min()), min(steer.d.max(), tune.d.max())
     d = np.geomspace(d_min, d_max, GRID_POINTS)
     sign = 1.0 if HIGHER_IS_BETTER[METRIC] else -1.0
     advantage = sign * (budget_curves(tune.boot.params(), d, METRIC) - budget_curves(steer.boot.params(), d, METRIC))
-    code, d_star = outcomes(advantage, d)
-    crosses = code == 0  # fine-tuning overtakes steering
-    censored = np.where(crosses, d_star, np.where(advantage[:, 0] >= 0, d_min, d_max))
-    return np.log10(censored), float(np.mean(crosses))
+    lead = lead_from(advantage, d)
+    censored = np.where(np.isnan(lead), np.where(advantage[:, 0] >= 0, d_min, d_max), np.clip(lead, d_min, d_max))
+    return np.log10(censored), float(np.mean(np.isfinite(lead)))
 
 
 def targets_from(fits: Mapping[CurveKey, CurveFit], crossover_goal: float | None, exponent_goal: float | None) -> list[Target]:

@@ -293,3 +293,23 @@ def test_cli_adaptive_run_on_the_test_ladder_stores_at_most_k_cells_and_its_log(
     again = steerscale("run", str(config), *flags)  # resumes from the store, finds the cell budget spent
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming at round 3" in again.stdout and len(pq.read_table(results / "cells").to_pandas()) == 14
+
+
+def test_crossover_samples_count_d_star_as_the_report_does():
+    """A resample in which steering overtakes has fine-tuning behind at the end: D* above the range
+    (the largest budget), not below it; one in which fine-tuning overtakes gives its crossing."""
+    from types import SimpleNamespace
+
+    from orchestrator.acquisition import crossover_samples
+
+    def curve(e: list[float], b: list[float], beta: list[float]) -> SimpleNamespace:
+        params = {"E": np.array(e), "B": np.array(b), "beta": np.array(beta)}
+        return SimpleNamespace(d=np.array([4.0, 1024.0]), boot=SimpleNamespace(params=lambda: params))
+
+    steer = curve([0.1, 0.3], [1.0, 0.2], [0.3, 0.3])  # loss = E + B·D^-beta (the score's 1 − score)
+    tune = curve([0.3, 0.05], [0.5, 2.0], [1.0, 1.0])  # resample 0: ahead, then overtaken; 1: behind, then ahead
+    samples, share = crossover_samples(steer, tune)
+    assert samples[0] == pytest.approx(np.log10(1024.0))
+    d_star = 10 ** samples[1]
+    assert 4 < d_star < 1024 and 0.05 + 2 / d_star == pytest.approx(0.3 + 0.2 * d_star**-0.3, abs=2e-3)
+    assert share == 0.5
