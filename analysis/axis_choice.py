@@ -7,17 +7,23 @@ and names it, since axes can disagree on which model that is. The crossover tren
 judged by leaving out every model in turn (crossover.CrossoverScaling). Errors are compared only
 within one group (same task, method and law), where they share units; the axis with the most wins
 is the verdict.
+
+The comparison asks which x lets one law span every family, so every axis is scored pooled. Where the
+fits split parameters by family (a sweep of several families: capability.split_by_family), the params
+column is the pooled law and trend those fits do not state: the baseline a capability axis must beat,
+not the per-family laws, which have a parameter set per family and leave out each family's own top
+model. The plotted trends (`AxisComparison.trends`) are the ones the analysis states: per family there.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from analysis.capability import AXES
+from analysis.capability import AXES, split_by_family
 from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling
 from analysis.curves import LawFit, joint_fits
 
@@ -58,10 +64,18 @@ class AxisComparison:
     scores: list[AxisScore]
     verdicts: list[AxisVerdict]
     best: str | None  # most wins, ties broken by the smaller median error; None if nothing compared
-    trends: list[CrossoverScaling]  # D* against every usable axis, for the plot
+    trends: list[CrossoverScaling]  # D* against every usable axis, as the analysis states it (per family on params), for the plot
+    pooled: list[str] = field(default_factory=list)  # axes scored pooled although the fits split them by family
 
     def record(self) -> dict[str, object]:
-        return {"best": self.best, "verdicts": [v.record() for v in self.verdicts], "scores": [s.record() for s in self.scores]}
+        """The verdict and every score; `pooled` only where an axis was scored pooled against the fits' split."""
+        pooled = {"pooled_across_families": self.pooled} if self.pooled else {}
+        return {"best": self.best, "verdicts": [v.record() for v in self.verdicts], "scores": [s.record() for s in self.scores], **pooled}
+
+    def pooled_note(self) -> str:
+        """What the columns of `pooled` compare, for the report and the fit's text."""
+        return (f"{', '.join(self.pooled)}: scored as one law and one trend over every family, which the fits split by family (a law in it cannot "
+                "pool families): the baseline a capability axis must beat to span the families, not the per-family laws.")  # fmt: skip
 
     def error_table(self) -> list[tuple[str, str, str, dict[str, float], str]]:
         """(task, subject, law, {x: finite held-out error}, tightest x or "-") per group that any axis fitted."""
@@ -82,19 +96,22 @@ def compare_axes(
     frame: pd.DataFrame, *, metric: str, fits: list[LawFit], crossovers: list[Crossover],
     capabilities: pd.DataFrame, seed: int, pool: Executor | None = None,
 ) -> AxisComparison:  # fmt: skip
-    """Every axis' joint laws (reusing `fits` where they were fitted on that axis) and trends."""
-    scores, trends, notes = [], [], {}
+    """Every axis' pooled joint laws (reusing `fits` where they were fitted pooled on that axis) and pooled
+    trends, scored; the trends as the analysis states them, for the plot."""
+    scores, trends, notes, pooled = [], [], {}, []
     for name, axis in AXES.items():
         if not (len(capabilities) and np.isfinite(capabilities[name].to_numpy(float)).any()):
             notes[name] = f"no ok row has a usable {axis.column}"
             continue
-        done = [f for f in fits if f.x == name]
-        laws = done or joint_fits(frame, metric=metric, axis=axis, bootstrap=0, seed=seed, pool=pool)
+        done = [f for f in fits if f.x == name and not f.family]
+        laws = done or joint_fits(frame, metric=metric, axis=axis, bootstrap=0, seed=seed, pool=pool, pooled=True)
         scores += [_law_score(f) for f in laws]
-        for t in crossover_scaling(crossovers, capabilities, axis):
-            trends.append(t)
-            scores.append(AxisScore(t.task, f"{t.steering} -> {t.finetuning}", TREND, name, t.gamma, "each model", t.holdout_error, ""))
-    return AxisComparison(scores, *_verdicts(scores, notes), trends)
+        scored = crossover_scaling(crossovers, capabilities, axis, pooled=True)
+        scores += [AxisScore(t.task, f"{t.steering} -> {t.finetuning}", TREND, name, t.gamma, "each model", t.holdout_error, "") for t in scored]
+        split = split_by_family(axis, capabilities)
+        trends += crossover_scaling(crossovers, capabilities, axis) if split else scored
+        pooled += [name] if split else []
+    return AxisComparison(scores, *_verdicts(scores, notes), trends, pooled)
 
 
 def _verdicts(scores: list[AxisScore], notes: dict[str, str]) -> tuple[list[AxisVerdict], str | None]:

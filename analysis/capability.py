@@ -46,6 +46,7 @@ class Axis:
     transform: Callable[[np.ndarray], np.ndarray]
     exponent_max: float
     held_out: str  # what leave-one-out drops: the model at the top of this axis
+    within_family: bool = False  # True where values do not compare across families (parameters): laws on it are fitted per family
 
     def values(self, rows: pd.DataFrame) -> np.ndarray:
         """Per row: the capability, NaN where the column is missing or not positive."""
@@ -65,7 +66,8 @@ class Axis:
 AXES: dict[str, Axis] = {
     axis.name: axis
     for axis in (
-        Axis("params", "non-embedding parameters N", "params_nonembed", lambda n: n, ADDITIVE.exponent_bounds[0][1], "largest model"),
+        Axis("params", "non-embedding parameters N", "params_nonembed", lambda n: n, ADDITIVE.exponent_bounds[0][1], "largest model",
+             within_family=True),
         Axis("neutral_loss", "1 / base NLL per byte on neutral text", "base_neutral_nll_per_byte", lambda nll: 1.0 / nll,
              CAPABILITY_EXPONENT_MAX, "most capable model"),
         Axis("task_score", "1 / (1 − base task score)", "score_base", lambda s: 1.0 / to_loss(s, "score"),
@@ -82,6 +84,21 @@ def get_axis(name: str) -> Axis:
     return AXES[name]
 
 
+def family_of(rows: pd.DataFrame) -> pd.Series:
+    """Each row's model family, "?" where unknown; rows written before the column existed are one family."""
+    if "family" not in rows:
+        return pd.Series("?", index=rows.index, dtype=object)
+    return rows["family"].fillna("?").astype(str)
+
+
+def split_by_family(axis: Axis, rows: pd.DataFrame) -> bool:
+    """Whether laws on `axis` are fitted per family here: the axis cannot pool families and the rows hold several.
+
+    One family keeps the pooled fit (and its "*" label), so a one-family sweep reads as it always did.
+    """
+    return axis.within_family and family_of(rows).nunique() > 1
+
+
 def capability_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per (task, model): its family and its value on every axis (median over its ok rows).
 
@@ -93,9 +110,7 @@ def capability_table(frame: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame(columns=columns)
     values = ok.assign(**{name: axis.values(ok) for name, axis in AXES.items()})
-    if "family" not in values:
-        values = values.assign(family=None)
-    values = values.assign(family=values["family"].fillna("?").astype(str))
+    values = values.assign(family=family_of(values))
     table = values.groupby(["task", "model"], sort=True).agg(
         family=("family", "first"), **{name: (name, "median") for name in AXES}
     )

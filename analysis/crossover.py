@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.bootstrap import CI_LEVEL, percentile_interval
-from analysis.capability import Axis
+from analysis.capability import Axis, family_of, split_by_family
 from analysis.curves import LawFit
 from analysis.methods import method_kind
 from analysis.metrics import HIGHER_IS_BETTER, from_loss
@@ -167,7 +167,7 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
 
 def find_crossovers(fits: list[LawFit]) -> list[Crossover]:
     """Every steering × fine-tuning pair that has fitted budget curves on the same task and model."""
-    curves = [f for f in fits if f.ok and f.model != "*"]
+    curves = [f for f in fits if f.ok and not f.joint]
     found = []
     for steer in (f for f in curves if method_kind(f.method) == "steering"):
         for tune in (f for f in curves if method_kind(f.method) == "finetuning"):
@@ -186,7 +186,8 @@ class CrossoverScaling:
     on every bootstrap resample, over the models whose resampled curves cross. `holdout_error` is
     the mean |ln D*| missed when each model in turn is predicted from the line through the others
     (needs three models); unlike leaving out only the top model, it holds out the same models on
-    every axis, so axes compare on equal terms.
+    every axis, so axes compare on equal terms. On an axis that cannot pool families (parameters) a
+    sweep of several families gets one trend per family, named in `family` ("" when pooled).
     """
 
     task: str
@@ -199,9 +200,11 @@ class CrossoverScaling:
     n_models: int  # models the line goes through (fine-tuning overtakes inside the measured range)
     n_pairs: int  # models with both curves fitted and an x, crossing or not
     holdout_error: float
+    family: str = ""
 
     def record(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        """Its fields; `family` only where the trend is one family's, so a pooled trend's row is unchanged."""
+        return {k: v for k, v in self.__dict__.items() if k != "family" or self.family}
 
     @property
     def has_interval(self) -> bool:
@@ -217,8 +220,9 @@ class CrossoverScaling:
             ci = f"; 95 % interval [{self.gamma_lo:.2f}, {self.gamma_hi:.2f}], which excludes 0"
         else:
             ci = f"; 95 % interval [{self.gamma_lo:.2f}, {self.gamma_hi:.2f}], which includes 0: no clear trend"
+        within = f" of family {self.family}" if self.family else ""
         return (f"{self.task}: the crossover budget of {self.finetuning} over {self.steering} goes as "
-                f"D* ∝ {self.x}^{self.gamma:.2f} across the {self.n_models} models where it crosses{others}{ci}")  # fmt: skip
+                f"D* ∝ {self.x}^{self.gamma:.2f} across the {self.n_models} models{within} where it crosses{others}{ci}")  # fmt: skip
 
 
 def _leave_one_out(logx: np.ndarray, logd: np.ndarray) -> float:
@@ -247,16 +251,22 @@ def _resampled_slopes(logx: np.ndarray, overtakes: np.ndarray) -> np.ndarray:
     return np.where(sxx > 1e-12, slope, np.nan)
 
 
-def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, axis: Axis) -> list[CrossoverScaling]:
-    """Least-squares slope of log D* on log x per pair; needs two models where fine-tuning overtakes, with an x."""
-    x_of = capabilities.set_index(["task", "model"])[axis.name].to_dict() if len(capabilities) else {}
-    pairs: dict[tuple[str, str, str], list[tuple[float, Crossover]]] = {}
+def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, axis: Axis, pooled: bool = False) -> list[CrossoverScaling]:
+    """Least-squares slope of log D* on log x per pair; needs two models where fine-tuning overtakes, with an x.
+
+    Per pair and family where `axis` cannot pool the families in `capabilities` (capability.split_by_family),
+    unless `pooled` asks for one trend over them all.
+    """
+    keys = capabilities.set_index(["task", "model"]) if len(capabilities) else pd.DataFrame()
+    x_of = keys[axis.name].to_dict() if len(keys) else {}
+    family_at = family_of(keys).to_dict() if not pooled and split_by_family(axis, capabilities) else {}
+    pairs: dict[tuple[str, str, str, str], list[tuple[float, Crossover]]] = {}
     for c in crossovers:
         x = x_of.get((c.task, c.model), np.nan)
         if np.isfinite(x) and c.outcome not in ("no_overlap", "not_finite"):  # no verdict, and no resamples to line up with the others
-            pairs.setdefault((c.task, c.steering, c.finetuning), []).append((float(np.log(x)), c))
+            pairs.setdefault((c.task, c.steering, c.finetuning, family_at.get((c.task, c.model), "")), []).append((float(np.log(x)), c))
     result = []
-    for (task, steering, finetuning), found in sorted(pairs.items()):
+    for (task, steering, finetuning, family), found in sorted(pairs.items()):
         crossing = [(logx, c) for logx, c in found if c.outcome == "crosses"]
         logx = np.array([lx for lx, _ in crossing])
         if len(np.unique(logx)) < 2:
@@ -270,5 +280,5 @@ def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, a
         # resamples where fewer than two models cross have no slope: past 1 − CI_LEVEL of them, no interval
         lo, hi = percentile_interval(slopes) if len(slopes) and np.isfinite(slopes).mean() >= CI_LEVEL else (np.nan, np.nan)
         result.append(CrossoverScaling(task, steering, finetuning, axis.name, gamma, lo, hi, len(crossing), len(found),
-                                       _leave_one_out(logx, logd)))  # fmt: skip
+                                       _leave_one_out(logx, logd), family))  # fmt: skip
     return result

@@ -4,6 +4,8 @@ Per (task, method, model) the main curve is the saturating power law in the post
 loss(D) = E + B·D^-β (score = 1 − loss, so S∞ = 1 − E). Per (task, method) across models the joint
 additive and multiplicative laws in (N, D) are fitted too, N being parameters or a base-model
 capability (analysis/capability.py), validated by leaving the model at the top of that axis out.
+Parameters do not compare across families, so on that axis a sweep of several families gets one
+joint law per family ("* (family)") instead of one over all of them ("*").
 Groups that cannot support a law get a row that says why instead of an exception.
 """
 
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval
-from analysis.capability import X_COLUMN, Axis, get_axis, with_x
+from analysis.capability import X_COLUMN, Axis, family_of, get_axis, split_by_family, with_x
 from analysis.fitting import NEGLIGIBLE_SHARE, Fit, FitError, LawData, fit_law, negligible_terms, unidentified
 from analysis.laws import LAWS, POWER_D, Law
 from analysis.methods import method_kind
@@ -27,6 +29,12 @@ from analysis.parallel import parallel_map
 
 BOUND_TOLERANCE = 1e-3  # an exponent this close to its bound is at it
 ALL_PARAMS = tuple(dict.fromkeys(p for law in LAWS.values() for p in law.params))
+JOINT = "*"  # the model label of a joint law over models
+
+
+def joint_label(family: str) -> str:
+    """The model label of a joint law: "*" over every family, "* (family)" within one."""
+    return f"{JOINT} ({family})" if family else JOINT
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class LawFit:
 
     task: str
     method: str
-    model: str  # "*" for a law fitted across model sizes
+    model: str  # joint_label(family) for a law fitted across model sizes
     n_params: float
     x: str | None  # the axis standing for N in a joint law (capability.AXES); None for a budget curve
     law: Law
@@ -66,10 +74,16 @@ class LawFit:
     message: str
     holdout: str
     holdout_error: float
+    family: str = ""  # the family a joint law was fitted within; "" when pooled, and for a budget curve
 
     @property
     def ok(self) -> bool:
         return self.fit is not None
+
+    @property
+    def joint(self) -> bool:
+        """A law in (N, D) across models, rather than one model's budget curve."""
+        return self.x is not None
 
     def asymptote_samples(self) -> np.ndarray:
         """The metric's value as D (and N) → ∞, per bootstrap resample."""
@@ -205,13 +219,14 @@ class GroupJob:
 
     task: str
     method: str
-    model: str  # "*" for a joint law across models
+    model: str  # joint_label(family) for a joint law across models
     law: Law
     rows: pd.DataFrame
     metric: str
     axis: str | None  # where a joint law takes N from; None for a budget curve
     bootstrap: int
     seed: int
+    family: str = ""  # a joint law fitted within one family; "" when pooled
 
     def rng(self) -> np.random.Generator:
         """The group's own stream, from the study's seed and the group's name: the same numbers
@@ -244,7 +259,7 @@ def fit_group(job: GroupJob) -> LawFit:
         holdout = "largest budget"
 
     def unfitted(message: str) -> LawFit:
-        return LawFit(task, method, model, n_params, x, law, metric, points, excluded, None, None, message, holdout, np.nan)
+        return LawFit(task, method, model, n_params, x, law, metric, points, excluded, None, None, message, holdout, np.nan, job.family)
 
     ok = rows["status"] == "ok"
     if joint and ok.any() and not np.isfinite(rows.loc[ok, X_COLUMN].astype(float)).any():
@@ -259,7 +274,7 @@ def fit_group(job: GroupJob) -> LawFit:
     except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError) as err:  # one bad group must not sink the rest
         return unfitted(f"fit failed: {err}")
     error = _holdout_error(law, points, metric, held)
-    return LawFit(task, method, model, n_params, x, law, metric, points, excluded, fit, boot, "", holdout, error)
+    return LawFit(task, method, model, n_params, x, law, metric, points, excluded, fit, boot, "", holdout, error, job.family)
 
 
 def fitted_groups(frame: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:
@@ -270,17 +285,25 @@ def fitted_groups(frame: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]
         yield task, method, rows
 
 
-def joint_jobs(task: str, method: str, rows: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int) -> list[GroupJob]:
-    """The joint laws in (N, D) of one (task, method), N taken from `axis` (rows already `with_x`)."""
-    return [GroupJob(task, method, "*", law, rows, metric, axis.name, bootstrap, seed) for law in axis.joint_laws]
+def joint_jobs(
+    task: str, method: str, rows: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int, by_family: bool
+) -> list[GroupJob]:
+    """The joint laws in (N, D) of one (task, method), N taken from `axis` (rows already `with_x`):
+    over all rows, or `by_family` one set per family, each leaving out its own family's top model."""
+    groups = list(rows.groupby(family_of(rows), sort=True)) if by_family else [("", rows)]
+    return [GroupJob(task, method, joint_label(family), law, family_rows, metric, axis.name, bootstrap, seed, family)
+            for family, family_rows in groups for law in axis.joint_laws]  # fmt: skip
 
 
 def joint_fits(
-    frame: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int, pool: Executor | None = None
+    frame: pd.DataFrame, *, metric: str, axis: Axis, bootstrap: int, seed: int, pool: Executor | None = None, pooled: bool = False
 ) -> list[LawFit]:
-    """The joint laws in (N, D) per (task, method), N taken from `axis`."""
+    """The joint laws in (N, D) per (task, method), N taken from `axis`: per family where the axis cannot
+    pool the sweep's families (capability.split_by_family), unless `pooled` asks for one law over them all."""
+    by_family = not pooled and split_by_family(axis, frame)
     groups = fitted_groups(with_x(frame, axis))
-    jobs = [job for task, method, rows in groups for job in joint_jobs(task, method, rows, metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)]
+    jobs = [job for task, method, rows in groups
+            for job in joint_jobs(task, method, rows, metric=metric, axis=axis, bootstrap=bootstrap, seed=seed, by_family=by_family)]  # fmt: skip
     return parallel_map(fit_group, jobs, pool=pool, desc=f"joint laws, N = {axis.name}")
 
 
@@ -294,14 +317,16 @@ def by_size(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 def fit_curves(
     frame: pd.DataFrame, *, metric: str, bootstrap: int, seed: int, x: str = "params", pool: Executor | None = None
 ) -> list[LawFit]:
-    """Per (task, method): a budget curve for each model, then the joint laws in (N, D) with N from `x`.
+    """Per (task, method): a budget curve for each model, then the joint laws in (N, D) with N from `x`
+    (per family where `x` cannot pool the sweep's families).
 
     With a `pool` (analysis/parallel.py), groups are fitted in its worker processes.
     """
     axis = get_axis(x)
     framed = with_x(frame, axis)
+    by_family = split_by_family(axis, frame)
     jobs = []
     for task, method, rows in fitted_groups(framed):
         jobs += [GroupJob(task, method, model, POWER_D, model_rows, metric, None, bootstrap, seed) for model, model_rows in by_size(rows)]
-        jobs += joint_jobs(task, method, rows, metric=metric, axis=axis, bootstrap=bootstrap, seed=seed)
+        jobs += joint_jobs(task, method, rows, metric=metric, axis=axis, bootstrap=bootstrap, seed=seed, by_family=by_family)
     return parallel_map(fit_group, jobs, pool=pool, desc=f"budget curves and joint laws, N = {axis.name}")

@@ -67,7 +67,7 @@ def base_level(ok: pd.DataFrame, task: str, model: str, metric: str) -> float:
 
 def data_efficiency(fits: list[LawFit], ok: pd.DataFrame, fractions: tuple[float, ...] = FRACTIONS) -> list[DataEfficiency]:
     result = []
-    for curve in (f for f in fits if f.ok and f.model != "*"):
+    for curve in (f for f in fits if f.ok and not f.joint):
         base = base_level(ok, curve.task, curve.model, curve.metric)
         if not np.isfinite(base):
             continue

@@ -14,7 +14,7 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from analysis.capability import AXES  # noqa: E402
-from analysis.crossover import budget_curves  # noqa: E402
+from analysis.crossover import CrossoverScaling, budget_curves  # noqa: E402
 from analysis.decisions import Decisions  # noqa: E402
 from analysis.summary import Analysis  # noqa: E402
 
@@ -30,7 +30,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     """Metric against budget per model size, one panel per method, fitted curve with 95 % band."""
-    curves = [f for f in analysis.fits if f.task == task and f.model != "*" and len(f.points.value)]
+    curves = [f for f in analysis.fits if f.task == task and not f.joint and len(f.points.value)]
     methods = sorted({f.method for f in curves})
     if not methods:
         return None
@@ -62,7 +62,8 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
 def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     """D* against each axis (parameters and capabilities) with bootstrap CIs, log-log, one panel per
     axis that has values; marker = model family, colour = steering × fine-tuning pair, line = the
-    least-squares trend D* ∝ x^gamma over every family pooled (the point of a capability axis).
+    least-squares trend D* ∝ x^gamma as the analysis states it: over every family pooled (the point of a
+    capability axis), one line per family on parameters when there are several.
     An interval end outside the measured range (a censored D*) is drawn to the range's edge."""
     found = [c for c in analysis.crossovers if c.task == task and c.outcome == "crosses"]
     table = analysis.capabilities[analysis.capabilities["task"] == task].set_index("model")
@@ -73,7 +74,10 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     families = sorted(table["family"].unique())
     colours = dict(zip(pairs, plt.cm.tab10.colors))
     markers = dict(zip(families, "osD^vPX<>*" * 3))
-    trends = {(s.x, s.steering, s.finetuning): s for s in analysis.axes.trends if s.task == task}
+    trends: dict[tuple[str, str, str], list[CrossoverScaling]] = {}
+    for s in analysis.axes.trends:
+        if s.task == task:
+            trends.setdefault((s.x, s.steering, s.finetuning), []).append(s)
     fig, panels = plt.subplots(1, len(axes), figsize=(4.6 * len(axes), 3.9), squeeze=False, sharey=True)
     for ax, axis in zip(panels[0], axes):
         for pair in pairs:
@@ -84,12 +88,8 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
                 if np.isfinite([c.d_star_lo, c.d_star_hi]).any():  # drawn from end to end: D* need not lie inside its interval
                     ax.vlines(xi, *np.clip([c.d_star_lo, c.d_star_hi], c.d_min, c.d_max), color=colours[pair], lw=1)
                 ax.plot([xi], [di], marker=markers[table.loc[c.model, "family"]], color=colours[pair], ls="none")
-            trend = trends.get((axis.name, *pair))
-            if trend is not None and len(np.unique(x)) >= 2:
-                slope, intercept = np.polyfit(np.log(x), np.log(d), 1)
-                grid = np.geomspace(x.min(), x.max(), 50)
-                held = f", held-out {trend.holdout_error:.2f}" if np.isfinite(trend.holdout_error) else ""
-                ax.plot(grid, np.exp(intercept) * grid**slope, color=colours[pair], lw=1, label=f"{pair[1]} over {pair[0]}: γ={slope:.2f}{held}")
+            for trend in trends.get((axis.name, *pair), []):
+                _trend_line(ax, trend, x, d, [table.loc[c.model, "family"] for c in cs], colours[pair])
         ax.set(xscale="log", yscale="log", xlabel=axis.label, title=f"x = {axis.name}")
         known = table[axis.name].to_numpy(float)
         ticks = np.geomspace(np.nanmin(known), np.nanmax(known), 4)  # capability axes span less than a decade
@@ -103,6 +103,19 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     panels[0][0].set_ylabel("crossover budget D*")
     fig.suptitle(f"{task}: crossover budget against model size and capability (held-out: mean |ln D*|, each model left out)")
     return _save(fig, path)
+
+
+def _trend_line(ax: plt.Axes, trend: CrossoverScaling, x: np.ndarray, d: np.ndarray, families: list[str], colour: object) -> None:
+    """The trend's line through the D* it was fitted to: its family's only, where it is one family's."""
+    mine = np.array([not trend.family or f == trend.family for f in families], dtype=bool)
+    if len(np.unique(x[mine])) < 2:
+        return
+    slope, intercept = np.polyfit(np.log(x[mine]), np.log(d[mine]), 1)
+    grid = np.geomspace(x[mine].min(), x[mine].max(), 50)
+    held = f", held-out {trend.holdout_error:.2f}" if np.isfinite(trend.holdout_error) else ""
+    within = f" ({trend.family})" if trend.family else ""
+    label = f"{trend.finetuning} over {trend.steering}{within}: γ={slope:.2f}{held}"
+    ax.plot(grid, np.exp(intercept) * grid**slope, color=colour, lw=1, label=label)
 
 
 def frontier_plot(analysis: Analysis, task: str, path: Path) -> Path | None:

@@ -233,8 +233,12 @@ def _fits_table(a: Analysis) -> list[Block]:
         rows.append((f.task, f.method, f.model, f.law.name if f.x is None else f"{f.law.name}[{f.x}]", exponents, _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]),
                      str(r["n_points"]), f"{r['n_failed']}/{r['n_nan']}/{r['n_no_x']}", _num(r["holdout_error"]), f.note or "ok"))  # fmt: skip
     header = ("task", "method", "model", "law", "exponents", "asymptote", "n", "failed/NaN/no N", "holdout err", "status")
-    note = Paragraph(f"Budget laws are fitted per model; `*` rows are joint laws in (N, D) with N = `{a.x}`, "
-                     f"validated by leaving out the {get_axis(a.x).held_out} (named in the holdout column of fits.parquet).")
+    per_family = any(f.family for f in a.fits)
+    rows_are = ("`* (family)` rows are joint laws in (N, D) fitted within one family (parameters do not compare across families)"
+                if per_family else "`*` rows are joint laws in (N, D)")  # fmt: skip
+    note = Paragraph(f"Budget laws are fitted per model; {rows_are} with N = `{a.x}`, "
+                     f"validated by leaving out the {get_axis(a.x).held_out}{' of the family' if per_family else ''} "
+                     "(named in the holdout column of fits.parquet).")  # fmt: skip
     return [Heading("Fits"), note, Table(header, rows) if rows else Paragraph("No group of cells could be fitted.")]
 
 
@@ -256,6 +260,8 @@ def _capability(a: Analysis) -> list[Block]:
     rows = [(task, subject, law, *(_num(errors.get(x, np.nan)) for x in AXES), tightest) for task, subject, law, errors, tightest in groups]
     blocks.append(Paragraph(f"Held-out error per axis: laws in `{a.metric}` units, the trend {TREND} in mean |ln D*| missed."))
     blocks.append(Table(("task", "method / pair", "law", *AXES, "tightest"), rows))
+    if a.axes.pooled:
+        blocks.append(Paragraph(a.axes.pooled_note()))
     for v in a.axes.verdicts:
         blocks.append(Paragraph(f"`{v.x}`: not usable ({v.note})." if v.note else
                                 f"`{v.x}`: tightest in {v.wins} of the {v.fitted} groups it fits; median law error {_num(v.median_error)}."))  # fmt: skip

@@ -151,6 +151,8 @@ def axes_text(a: Analysis) -> list[str]:
               for task, subject, law, errors, tightest in groups]  # fmt: skip
     lines = [f"x-axis comparison: held-out error (laws: the model at the top of each axis left out, in {a.metric} units; "
              "the D* trend: each model left out, mean |ln D*|):", *("  " + line for line in _aligned(table))]  # fmt: skip
+    if a.axes.pooled:
+        lines.append(f"  {a.axes.pooled_note()}")
     for v in a.axes.verdicts:
         median = f", median law error {v.median_error:.3g}" if np.isfinite(v.median_error) else ""
         lines.append(f"  {v.x}: not usable ({v.note})" if v.note else f"  {v.x}: tightest in {v.wins} of the groups it fits ({v.fitted}){median}")
