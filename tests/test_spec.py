@@ -139,6 +139,11 @@ def test_a_key_given_twice_is_refused_not_silently_replaced(tmp_path):
                     "methods:\n  lora: {rank: 4}\n  base: {}\n  lora: {rank: 16}\nbudgets: [4]\n")  # fmt: skip
     with pytest.raises(ConfigError, match=r"key 'lora' is given twice in one mapping \(lines 6 and 8\)"):
         load_spec(path)
+    merged = tmp_path / "merged.yaml"  # YAML merge keys still load, and a key may override a merged one
+    merged.write_text(f"sweep: unit\nresults_dir: {tmp_path / 'r'}\nmodels: [{{id: 'ladder:test/xs'}}]\ntasks: [facts]\n"
+                      "methods:\n  lora: {train: &t {lr: 0.003, max_steps: 50}}\n  full_ft: {train: {<<: *t, max_steps: 60}}\n"
+                      "budgets: [4]\n")  # fmt: skip
+    assert load_spec(merged).methods["full_ft"] == {"train": {"lr": 0.003, "max_steps": 60}}
 
 
 def test_results_dir_expands_home_and_refuses_a_uri_without_slashes(write_sweep, monkeypatch, tmp_path):
