@@ -132,6 +132,8 @@ def test_a_models_family_is_its_name_without_the_size():
     a ladder's family is its recipe."""
     names = {"Qwen/Qwen2.5-0.5B": "qwen2.5", "Qwen/Qwen2-7B": "qwen2", "EleutherAI/pythia-160m-deduped": "pythia-deduped",
              "EleutherAI/pythia-1.4b": "pythia", "meta-llama/Meta-Llama-3-8B": "meta-llama-3", "gpt2-medium": "gpt2",
-             "HuggingFaceTB/SmolLM2-135M": "smollm2", "ladder:xs": "ladder", "ladder:test/s": "ladder-test"}  # fmt: skip
+             "HuggingFaceTB/SmolLM2-135M": "smollm2", "ladder:xs": "ladder", "ladder:test/s": "ladder-test",
+             "bigscience/bloom-1b7": "bloom", "bigscience/bloom-560m": "bloom", "stabilityai/stablelm-2-1_6b": "stablelm-2",
+             "t5-small": "t5", "t5-base": "t5"}  # fmt: skip
     assert {name: ModelSpec(id=name).family_name for name in names} == names
     assert ModelSpec(id="gpt2", family="mine").family_name == "mine"

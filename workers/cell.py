@@ -22,7 +22,7 @@ from workers.schema import SCHEMA_VERSION
 LADDER_PREFIX = "ladder:"
 
 
-_SIZE_WORD = re.compile(r"\d+(\.\d+)?[kmbt]|tiny|small|medium|large|x+l")  # the part of a model name that gives its size
+_SIZE_WORD = re.compile(r"\d+([._]\d+)?[kmbt]\d*|tiny|small|base|medium|large|x+l")  # the part of a model name that gives its size
 
 
 class ModelSpec(StrictConfig):
@@ -54,7 +54,7 @@ class ModelSpec(StrictConfig):
         if self.id.startswith(LADDER_PREFIX):
             recipe = self.id.removeprefix(LADDER_PREFIX).rpartition("/")[0]
             return f"ladder-{recipe}" if recipe else "ladder"
-        words = re.split(r"[-_]", self.id.rstrip("/").split("/")[-1].lower())
+        words = self.id.rstrip("/").split("/")[-1].lower().split("-")
         return "-".join(word for word in words if not _SIZE_WORD.fullmatch(word)) or words[0]
 
 
