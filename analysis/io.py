@@ -45,6 +45,7 @@ class LoadedResults:
     skipped: tuple[SkippedFile, ...]
     unplanned: int = 0  # stored rows of cells the sweep's plan.json does not list (see `load_rows_to_fit`)
     planned_only: bool = False  # whether those rows were left out
+    superseded: int = 0  # unplanned rows left out because the plan's cell of the same slug has a row
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -116,26 +117,38 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False) -> LoadedR
     Rows of cells that the sweep's latest plan (`plan.json`, written by `steerscale run`) does not
     list are counted, and left out with `planned_only`: they come from an earlier config (another
     LoRA rank: a curve should not mix the two) or from a run that planned fewer seeds or budgets
-    (rows a curve should keep), which only the user can tell apart.
+    (rows a curve should keep), which only the user can tell apart. One case is not ambiguous: an
+    unplanned row whose slug (model, task, method, budget, seed) belongs to a planned cell that has its
+    own row is that cell under an earlier config, superseded; it is always left out, or the fit would
+    count the cell twice.
     """
     fs, root = resolve(results_dir)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise NoResultsError(f"no results directory {results_dir}: give a sweep's results_dir, or its YAML")
     loaded = load_results(results_dir)
     planned = planned_cells(fs, root)
-    if planned is None:
+    if planned is None or not len(loaded.frame):
         return loaded
-    listed = loaded.frame["cell_id"].isin(planned)
-    frame = loaded.frame[listed].reset_index(drop=True) if planned_only else loaded.frame
-    return LoadedResults(frame, loaded.skipped, int((~listed).sum()), planned_only)
+    frame = loaded.frame
+    listed = frame["cell_id"].isin(planned)
+    superseded = ~listed & frame["slug"].isin(set(frame.loc[listed, "slug"]))
+    keep = listed if planned_only else ~superseded
+    return LoadedResults(frame[keep].reset_index(drop=True), loaded.skipped, int((~listed & ~superseded).sum()), planned_only,
+                         int(superseded.sum()))  # fmt: skip
 
 
 def unplanned_note(loaded: LoadedResults) -> str:
     """What the fit did with rows of cells the latest plan does not list, and how to do the other thing."""
+    superseded = (f"{loaded.superseded} stored rows left out: the plan's cell of the same model, task, method, budget and seed "
+                  "has its own row (an earlier config's row, superseded)") if loaded.superseded else ""  # fmt: skip
+    if not loaded.unplanned:
+        return superseded
     if loaded.planned_only:
-        return f"left out {loaded.unplanned} stored rows of cells not in plan.json (drop --planned-only to fit them)"
-    return (f"{loaded.unplanned} stored rows are of cells not in plan.json, the latest run's plan: fitted too; if they come "
-            "from an earlier config of a method (not just other seeds or budgets), --planned-only leaves them out")
+        unplanned = f"left out {loaded.unplanned} stored rows of cells not in plan.json (drop --planned-only to fit them)"
+    else:
+        unplanned = (f"{loaded.unplanned} stored rows are of cells not in plan.json, the latest run's plan: fitted too; if they "
+                     "come from an earlier config of a method (not just other seeds or budgets), --planned-only leaves them out")
+    return "; ".join(filter(None, [unplanned, superseded]))
 
 
 PLAN_NAME = "plan.json"  # the planned cells (id, slug, model, method), written by `steerscale run`
@@ -146,7 +159,7 @@ def planned_cells(fs: pafs.FileSystem, root: str) -> set[str] | None:
     try:
         with fs.open_input_stream(f"{root}/{PLAN_NAME}") as stream:
             return {entry["cell_id"] for entry in json.loads(stream.read().decode())}
-    except (FileNotFoundError, json.JSONDecodeError):  # no plan, or one cut short by a killed writer
+    except (FileNotFoundError, ValueError):  # no plan, or one damaged (JSONDecodeError, UnicodeDecodeError)
         return None
 
 

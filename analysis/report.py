@@ -75,7 +75,7 @@ def _overview(a: Analysis) -> list[Block]:
            if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
-    if a.loaded.unplanned:
+    if a.loaded.unplanned or a.loaded.superseded:
         blocks.append(Paragraph(unplanned_note(a.loaded)))
     if a.loaded.skipped:
         blocks.append(Paragraph(f"{len(a.loaded.skipped)} unreadable file(s) were skipped:"))

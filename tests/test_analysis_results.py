@@ -179,23 +179,28 @@ def test_one_model_size_and_few_budgets_say_what_cannot_be_fitted(tmp_path: Path
 
 
 def test_rows_outside_the_latest_plan_are_fitted_and_said_or_left_out_when_asked(tmp_path: Path) -> None:
-    """A changed config reruns a method under the same name into the same directory: the fit says so, and
-    --planned-only keeps the old rows out of the new curve (by default nothing stored is dropped: a
-    narrower rerun, seeds=[0], also leaves rows outside the latest plan)."""
+    """A changed config reruns a method under the same name into the same directory. A stored row of
+    a planned cell's slug (same model, task, method, budget, seed) whose planned cell has its own row is
+    superseded and always left out, or the fit would count the cell twice; other rows outside the plan
+    (a wider earlier run: seed 2 here) are fitted and said, and --planned-only leaves them out."""
     rng = np.random.default_rng(0)
     current = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, BUDGETS, seeds=2, noise=0.01, rng=rng)
-    earlier = synthetic_rows({("t", "lora", "m1"): WORSE}, {"m1": 10**6}, BUDGETS, seeds=2, noise=0.01, rng=rng)
+    earlier = synthetic_rows({("t", "lora", "m1"): WORSE}, {"m1": 10**6}, BUDGETS, seeds=3, noise=0.01, rng=rng)
     earlier = [dict(r, cell_id=f"earlier-{r['cell_id']}") for r in earlier]
+    extra = [r for r in earlier if r["seed"] == 2]  # no planned cell has these slugs
     write_cells(tmp_path, current + earlier)
-    (tmp_path / "plan.json").write_text(json.dumps([{"cell_id": r["cell_id"], "slug": "", "model": "m1", "method": "lora"} for r in current]))
+    (tmp_path / "plan.json").write_text(json.dumps([{"cell_id": r["cell_id"], "slug": r["slug"], "model": "m1", "method": "lora"}
+                                                    for r in current]))  # fmt: skip
     everything = analysis.fit_results(str(tmp_path), bootstrap=20)
     (mixed,) = [f for f in everything.analysis.fits if f.model == "m1"]
-    assert len(mixed.points.value) == len(current) + len(earlier)
-    assert f"{len(earlier)} stored rows are of cells not in plan.json" in everything.to_text()
+    assert len(mixed.points.value) == len(current) + len(extra)
+    text = everything.to_text()
+    assert f"{len(extra)} stored rows are of cells not in plan.json" in text
+    assert f"{len(earlier) - len(extra)} stored rows left out: the plan's cell of the same model" in text
     planned = analysis.fit_results(str(tmp_path), bootstrap=20, planned_only=True)
     (fit,) = [f for f in planned.analysis.fits if f.model == "m1"]
     assert len(fit.points.value) == len(current) and fit.fit.params["E"] == pytest.approx(TUNE.e, abs=0.03)
-    assert f"left out {len(earlier)} stored rows of cells not in plan.json" in planned.to_text()
+    assert f"left out {len(extra)} stored rows of cells not in plan.json" in planned.to_text()
 
 
 def test_empty_results_dir_does_not_crash(tmp_path: Path) -> None:
