@@ -85,10 +85,19 @@ def get_axis(name: str) -> Axis:
 
 
 def family_of(rows: pd.DataFrame) -> pd.Series:
-    """Each row's model family, "?" where unknown; rows written before the column existed are one family."""
+    """Each row's model family, "?" where unknown; rows written before the column existed are one family.
+
+    A model has one family: that of its latest row, so rows stored before a family's naming changed
+    (`qwen2` then `qwen2.5` for Qwen2.5) do not split one model's cells between two families.
+    """
     if "family" not in rows:
         return pd.Series("?", index=rows.index, dtype=object)
-    return rows["family"].fillna("?").astype(str)
+    family = rows["family"].fillna("?").astype(str)
+    if "model" not in rows or not len(rows):
+        return family
+    order = rows.sort_values("finished_at", na_position="first", kind="stable").index if "finished_at" in rows else rows.index
+    latest = family.loc[order].groupby(rows.loc[order, "model"], sort=False).last()
+    return rows["model"].map(latest).fillna(family)
 
 
 def split_by_family(axis: Axis, rows: pd.DataFrame) -> bool:

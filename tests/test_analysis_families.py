@@ -127,3 +127,13 @@ def test_fits_json_text_report_and_axis_comparison_name_the_families(two: pd.Dat
     assert "`* (family)` rows are joint laws in (N, D) fitted within one family" in markdown
     assert "params: scored as one law and one trend over every family" in markdown.split("## Capability as the x-axis", 1)[1]
     assert (summary.report_page.parent / "crossover_facts.png").stat().st_size > 0
+
+
+def test_a_model_keeps_one_family_when_its_rows_disagree() -> None:
+    """Rows stored before the family naming changed say `qwen2`, newer ones `qwen2.5`: one model, one
+    family (its latest row's), so its cells are not split between two families."""
+    from analysis.capability import family_of
+
+    rows = pd.DataFrame({"model": ["Qwen2.5-0.5B", "Qwen2.5-0.5B", "pythia-70m"], "family": ["qwen2.5", "qwen2", "pythia"],
+                         "finished_at": pd.to_datetime(["2026-12-02", "2026-11-01", "2026-11-01"], utc=True)})  # fmt: skip
+    assert family_of(rows).tolist() == ["qwen2.5", "qwen2.5", "pythia"]
