@@ -85,7 +85,7 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
             x = np.array([table.loc[c.model, axis.name] for c in cs])
             d = np.array([c.d_star for c in cs])
             for c, xi, di in zip(cs, x, d):
-                if np.isfinite([c.d_star_lo, c.d_star_hi]).any():  # drawn from end to end: D* need not lie inside its interval
+                if not np.isnan([c.d_star_lo, c.d_star_hi]).any():  # end to end, open ends at the range's: D* need not lie inside
                     ax.vlines(xi, *np.clip([c.d_star_lo, c.d_star_hi], c.d_min, c.d_max), color=colours[pair], lw=1)
                 ax.plot([xi], [di], marker=markers[table.loc[c.model, "family"]], color=colours[pair], ls="none")
             for trend in trends.get((axis.name, *pair), []):

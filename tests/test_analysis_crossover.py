@@ -50,16 +50,18 @@ def test_an_interval_wholly_outside_the_range_is_said_once() -> None:
 
 def test_the_plot_draws_each_interval_from_its_own_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A D* of 100 with an interval [120, 300] (the point outside it) was drawn from 80 to 300 (|lo − D*| below
-    the point); an interval open below the range is drawn down to the range's smallest budget."""
-    found = [_crossover("a", 100.0, 120.0, 300.0, 1e6), _crossover("b", 50.0, -np.inf, 70.0, 4e6)]
-    capabilities = pd.DataFrame({"task": "t", "model": ["a", "b"], "family": "f", "params": [1e6, 4e6], "neutral_loss": np.nan,
-                                 "task_score": np.nan})  # fmt: skip
+    the point); an interval open below the range is drawn down to the range's smallest budget, and one open
+    at both ends (the least certain D*) over the whole range, not left out."""
+    found = [_crossover("a", 100.0, 120.0, 300.0, 1e6), _crossover("b", 50.0, -np.inf, 70.0, 4e6),
+             _crossover("c", 60.0, -np.inf, np.inf, 16e6)]  # fmt: skip
+    capabilities = pd.DataFrame({"task": "t", "model": ["a", "b", "c"], "family": "f", "params": [1e6, 4e6, 16e6],
+                                 "neutral_loss": np.nan, "task_score": np.nan})  # fmt: skip
     a = SimpleNamespace(crossovers=found, capabilities=capabilities, axes=SimpleNamespace(trends=[]))
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
     assert plots.crossover_plot(a, "t", tmp_path / "x.png") is not None
     spans = sorted((float(min(s[:, 1])), float(max(s[:, 1]))) for col in figures[0].axes[0].collections for s in col.get_segments())
-    assert spans == [(4.0, 70.0), (120.0, 300.0)]
+    assert spans == [(4.0, 70.0), (4.0, 1024.0), (120.0, 300.0)]
 
 
 def _trend_pairs(resamples: int) -> tuple[list[Crossover], pd.DataFrame]:

@@ -11,7 +11,8 @@ from analysis.frontier import FALLBACK_RESOLUTION, score_resolution, selectivity
 
 def test_one_question_is_read_off_the_scores() -> None:
     assert score_resolution(np.array([37, 120, 181, 200, np.nan]) / 200) == pytest.approx(1 / 200)
-    assert score_resolution(np.array([0.25, 0.5])) == pytest.approx(1 / 4)  # a coarser grid only raises the bar
+    assert score_resolution(np.array([0.3, 0.5])) == pytest.approx(1 / 10)  # a coarser grid only raises the bar
+    assert score_resolution(np.array([0.0, 0.5, 1.0])) == FALLBACK_RESOLUTION  # 0, ½, 1 do not mean two questions
     assert score_resolution(np.array([0.2, 0.7342917, 0.5])) == FALLBACK_RESOLUTION  # partial credit: not k/n
 
 
