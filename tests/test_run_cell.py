@@ -120,6 +120,20 @@ def test_a_long_error_keeps_both_ends_within_the_bound():
     assert "in test_a_long_error_keeps_both_ends_within_the_bound" in error
 
 
+def test_an_error_raised_while_handling_another_keeps_the_first():
+    """A restore failing after an out-of-memory must not hide the out-of-memory."""
+    from workers.run_cell import error_text
+
+    try:
+        try:
+            raise MemoryError("out of memory in the fit")
+        finally:
+            raise KeyError("restore failed")
+    except KeyError as exc:
+        error = error_text(exc)
+    assert error.startswith("KeyError: 'restore failed'\n  while handling MemoryError: out of memory in the fit\n")
+
+
 def test_a_model_whose_outputs_go_nan_is_a_failed_row_not_an_ok_one(model_id, tmp_path):
     """With NaN log-probabilities every multiple-choice argmax picks choice 0: a score, but garbage."""
     import shutil

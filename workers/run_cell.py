@@ -273,8 +273,20 @@ def error_text(exc: BaseException, innermost: int = 4, limit: int = 4000) -> str
             lines.append(f"  ... {left_out} library frame{'s' * (left_out > 1)} left out\n")
             left_out = 0
         lines.extend(traceback.format_list([frame]))
-    message = _shorten(f"{type(exc).__name__}: {exc}", limit // 4)
+    message = _shorten("\n".join(_chain(exc)), limit // 4)
     return f"{message}\n{_shorten(''.join(lines), limit - len(message) - 1)}"
+
+
+def _chain(exc: BaseException) -> list[str]:
+    """The exception, then what it was raised from or while handling (a restore failing after an
+    out-of-memory must not hide the out-of-memory)."""
+    lines, seen = [f"{type(exc).__name__}: {exc}"], {id(exc)}
+    link = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        lines.append(f"  {'raised from' if link is exc.__cause__ else 'while handling'} {type(link).__name__}: {link}")
+        exc, link = link, link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    return lines
 
 
 def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
