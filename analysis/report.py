@@ -329,7 +329,7 @@ def _compositions(a: Analysis) -> list[Block]:
         return [Heading("Composition gain"), Paragraph("No composition was run alongside all of its parts.")]
     note = Paragraph("Gain of the composition over its better part, cell mean against cell mean, with a 95 % interval from Welch's t "
                      "over the seeds of each side (one per part, Bonferroni over the parts, so no part is picked as the better one in "
-                     "advance); it needs two seeds a side and some spread among them. p: for a gain of 0, not corrected; only gains "
+                     "advance); it needs two seeds a side and some spread among them. p: for a gain of 0, corrected for the parts, not across gains; only gains "
                      "that stay clear of 0 after Holm's correction over every gain with an interval are stated in \"What the fits say\".")  # fmt: skip
     return [Heading("Composition gain"), note, Table(("task", "model", "budget", "composition", "best part", "gain", "p"), rows)]
 
