@@ -150,7 +150,9 @@ def model_problem(entry: ModelEntry) -> str | None:
             ladder.check_model_id(entry.id)
         except UnknownNameError as err:
             return str(err)
-    elif entry.id.startswith((".", "/")):  # a local directory (transformers does not expand "~", so neither does this)
+    elif entry.id.startswith("~"):
+        return f"{entry.id}: '~' is not expanded when a model loads; write the directory's absolute path"
+    elif entry.id.startswith((".", "/")) or Path(entry.id).exists():  # a local directory (loading prefers one to a hub id)
         path = Path(entry.id)
         if not path.is_dir():
             return f"no model directory at {entry.id}"

@@ -95,6 +95,7 @@ def test_an_override_that_cannot_apply_names_itself(override, message, write_swe
         ({"models": [{"id": "ladder:bogus/s"}]}, "models.0.id: unknown ladder recipe 'bogus'"),
         ({"models": [{"id": "./no/such/dir"}]}, "models.0.id: no model directory at ./no/such/dir"),
         ({"models": [{"id": "."}]}, "models.0.id: . holds no config.json, so it is not a saved model"),
+        ({"models": [{"id": "~/models/x"}]}, "models.0.id: ~/models/x: '~' is not expanded when a model loads"),
         ({"models": [{"id": "ladder:test/xs", "device": "cuda"}]}, "models.0: Value error, device: cuda needs a GPU reserved"),
     ],
 )
@@ -167,3 +168,11 @@ def test_the_default_ladder_has_one_spelling():
     from workers.cell import ModelSpec
 
     assert ModelSpec(id="ladder:default/xs").id == "ladder:xs" and ModelSpec(id="ladder:test/xs").id == "ladder:test/xs"
+
+
+def test_a_relative_model_directory_is_checked_like_a_local_one(write_sweep, tmp_path, monkeypatch):
+    """`models/x` exists here, so loading would take the directory, not a hub id of that name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "x").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="models.0.id: models/x holds no config.json"):
+        load_spec(write_sweep({**BASE, "models": [{"id": "models/x"}]}))
