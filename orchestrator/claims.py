@@ -10,6 +10,7 @@ best effort (check, then write), which the docs say.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -23,6 +24,28 @@ from pyarrow import fs
 from orchestrator.store import ResultsStore
 
 IO_THREADS = 16  # claim files written or deleted at once (each a round trip on an object store)
+
+
+def _write_local(path: str, payload: bytes, *, exclusive: bool) -> bool:
+    """Put a whole claim at `path` at once; with `exclusive`, only if none is there (False if one is).
+
+    Written to a temp name first, then linked (exclusive: fails on an existing claim) or renamed into
+    place: opening the claim itself with O_EXCL and writing after left an instant in which another
+    driver read an empty claim, took it for stale, and ran the cell too.
+    """
+    temp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(temp, "wb") as handle:
+        handle.write(payload)
+    if not exclusive:
+        os.replace(temp, path)
+        return True
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(temp)
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -66,29 +89,26 @@ class Claims:
     def _create(self, path: str) -> bool:
         payload = json.dumps({**self.owner, "claimed_at": time.time()}).encode()
         if isinstance(self.store.filesystem, fs.LocalFileSystem):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-            return True
+            return _write_local(path, payload, exclusive=True)
         if self.store.filesystem.get_file_info(path).type != fs.FileType.NotFound:
             return False
         with self.store.filesystem.open_output_stream(path) as stream:
             stream.write(payload)
         return True
 
-    def acquire_many(self, cell_ids: list[str]) -> set[str]:
-        """Claim every cell another live driver does not hold; return those claimed. The claims are
-        made side by side: on an object store each is a few round trips, one after another minutes
-        for a large grid before the first cell starts."""
+    def acquire_many(self, cell_ids: list[str], *, planned_at: float) -> set[str]:
+        """Claim every cell another live driver does not hold and none has stored since `planned_at`
+        (when this driver read the store); return those claimed. The claims are made side by side: on
+        an object store each is a few round trips, one after another minutes for a large grid before
+        the first cell starts."""
         self.store.filesystem.create_dir(self.directory, recursive=True)
+        acquire = functools.partial(self._acquire, planned_at=planned_at)
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-            return {cell_id for cell_id, ok in zip(cell_ids, pool.map(self._acquire, cell_ids)) if ok}
+            return {cell_id for cell_id, ok in zip(cell_ids, pool.map(acquire, cell_ids)) if ok}
 
-    def _acquire(self, cell_id: str) -> bool:
-        """Claim the cell; False when another live driver holds it."""
+    def _acquire(self, cell_id: str, planned_at: float) -> bool:
+        """Claim the cell; False when another live driver holds it, or stored its row after this
+        driver planned (and released its claim: the row is written first)."""
         path = self._path(cell_id)
         if not self._create(path):
             if not self._is_stale(path):
@@ -97,6 +117,9 @@ class Claims:
             if not self._create(path):  # another driver took over the stale claim first
                 return False
         self.held.add(cell_id)
+        if self.store.written_since(cell_id, planned_at):
+            self.release(cell_id)
+            return False
         return True
 
     def release(self, cell_id: str) -> None:
@@ -112,6 +135,9 @@ class Claims:
         payload = json.dumps({**self.owner, "heartbeat_at": time.time()}).encode()
 
         def refresh(cell_id: str) -> None:
+            if isinstance(self.store.filesystem, fs.LocalFileSystem):  # never an empty claim another driver could read as stale
+                _write_local(self._path(cell_id), payload, exclusive=False)
+                return
             with self.store.filesystem.open_output_stream(self._path(cell_id)) as stream:
                 stream.write(payload)
 

@@ -148,6 +148,7 @@ def run_cells(
     if not cells:
         return outcome
     started = time.perf_counter()
+    planned_at = time.time()  # a row another driver stores after this (while Ray starts, say) is not run again
     url = connect(address, dashboard=dashboard)
     if url and progress:
         print(f"Ray dashboard: http://{url}  (if it asks for a token: `ray get-auth-token`)")
@@ -242,7 +243,7 @@ def run_cells(
                           f"(an autoscaler adds one; resources.start_timeout_s {resources.start_timeout_s:g} s)")  # fmt: skip
 
     ordered = longest_first(cells)
-    claimed = claims.acquire_many([cell.cell_id for cell in ordered])
+    claimed = claims.acquire_many([cell.cell_id for cell in ordered], planned_at=planned_at)
     for cell in ordered:
         if cell.cell_id in claimed:
             enqueue(cell, 1)

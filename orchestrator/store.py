@@ -62,6 +62,12 @@ class ResultsStore:
     def write(self, row: dict) -> None:
         write_rows_at(self.filesystem, f"{self.cells_dir}/{row['cell_id']}.parquet", [row])
 
+    def written_since(self, cell_id: str, since: float) -> bool:
+        """Whether the cell's row was stored at or after `since` (epoch seconds): by another driver,
+        between this one's plan and its claim."""
+        info = self.filesystem.get_file_info(f"{self.cells_dir}/{cell_id}.parquet")
+        return info.type == fs.FileType.File and info.mtime is not None and info.mtime.timestamp() >= since
+
     def _cell_files(self) -> list[fs.FileInfo]:
         selector = fs.FileSelector(self.cells_dir, allow_not_found=True)
         return [
