@@ -104,8 +104,11 @@ def split_by_family(axis: Axis, rows: pd.DataFrame) -> bool:
     """Whether laws on `axis` are fitted per family here: the axis cannot pool families and the rows hold several.
 
     One family keeps the pooled fit (and its "*" label), so a one-family sweep reads as it always did.
+    Only ok rows count (where there is a status): the laws and the trends, which see different
+    frames, then agree on a family whose every cell failed.
     """
-    return axis.within_family and family_of(rows).nunique() > 1
+    ok = rows[rows["status"] == "ok"] if "status" in rows else rows
+    return axis.within_family and family_of(ok).nunique() > 1
 
 
 def capability_table(frame: pd.DataFrame) -> pd.DataFrame:

@@ -137,3 +137,12 @@ def test_a_model_keeps_one_family_when_its_rows_disagree() -> None:
     rows = pd.DataFrame({"model": ["Qwen2.5-0.5B", "Qwen2.5-0.5B", "pythia-70m"], "family": ["qwen2.5", "qwen2", "pythia"],
                          "finished_at": pd.to_datetime(["2026-12-02", "2026-11-01", "2026-11-01"], utc=True)})  # fmt: skip
     assert family_of(rows).tolist() == ["qwen2.5", "qwen2.5", "pythia"]
+
+
+def test_a_family_whose_cells_all_failed_does_not_split_the_laws() -> None:
+    """The trends see ok rows only; the laws, all rows: both must agree that one family is left."""
+    from analysis.capability import split_by_family
+
+    rows = pd.DataFrame({"model": ["a", "b"], "family": ["p", "q"], "status": ["ok", "failed"]})
+    assert not split_by_family(get_axis("params"), rows)
+    assert split_by_family(get_axis("params"), rows.assign(status="ok"))
