@@ -135,9 +135,9 @@ def baseline(
 def cached_neutral(cell: CellConfig, run: CellRun, lm: LanguageModel) -> NeutralReference:
     """The base model's neutral reference, one per worker for the cells of every task: the texts depend
     only on their number, and the batches `neutral_shift` zips it with on the batch size."""
-    settings = json.dumps([cell.eval.neutral_size, cell.eval.neutral_min_words, cell.eval.batch_size])
-    texts = functools.partial(neutral_texts, cell.eval.neutral_size, cell.eval.neutral_min_words)
-    return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, texts()))
+    size, words = cell.eval.neutral_size, cell.eval.neutral_min_words
+    settings = json.dumps([size, words, cell.eval.batch_size])
+    return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, neutral_texts(size, words)))
 
 
 def training_examples(task: Task, budget: int, seed: int) -> list[Example]:
@@ -281,11 +281,10 @@ def _chain(exc: BaseException) -> list[str]:
     """The exception, then what it was raised from or while handling (a restore failing after an
     out-of-memory must not hide the out-of-memory)."""
     lines, seen = [f"{type(exc).__name__}: {exc}"], {id(exc)}
-    link = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-    while link is not None and id(link) not in seen:
+    while (link := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None and id(link) not in seen:
         seen.add(id(link))
         lines.append(f"  {'raised from' if link is exc.__cause__ else 'while handling'} {type(link).__name__}: {link}")
-        exc, link = link, link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+        exc = link
     return lines
 
 
