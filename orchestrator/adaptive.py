@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,7 +42,7 @@ from orchestrator.acquisition import (
 from orchestrator.cellcost import CostModel, Planned
 from orchestrator.store import ResultsStore
 
-Executor = Callable[[list[Planned]], None]  # runs cells and stores their rows
+Executor = Callable[[list[Planned], float], None]  # runs cells chosen from the store as read at the time given; stores their rows
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ def run_adaptive(
     fit_cache: dict = {}
     submitted: list[Choice] = []
     while True:
+        read_at = time.time()  # a cell another driver stores after this is not run again (run_cells' planned_at)
         rows = stored_rows(store, cells)
         status = dict(zip(rows["cell_id"], rows["status"]))
         cost = CostModel.calibrate(cells, rows, params_prior)
@@ -212,7 +214,7 @@ def run_adaptive(
         log.append([_choice_record(round_, choice) for choice in choices])
         for choice in choices:
             echo(f"  + {choice.cell.config.slug} (≈{choice.flops:.3g} FLOPs): {choice.reason}")
-        execute([choice.cell for choice in choices])
+        execute([choice.cell for choice in choices], read_at)
         submitted = choices
         round_ += 1
 

@@ -4,7 +4,7 @@ The prior follows the FLOP formulas the methods record (workers/methods/protocol
 N · examples · tokens-per-example:
 
     a method with a `train` section (LoRA, full FT, trained steering vectors)
-        ≈ 6 · N · steps · batch_size · T      steps = the trainer's own rule (`workers.training.steps_for`)
+        ≈ 6 · N · steps · min(batch_size, budget) · T      steps: the trainer's own rule (`workers.training.steps_for`)
     a method without one (mean-difference steering, few-shot prompting)
         ≈ 2 · N · budget · T                   one forward pass over the budget's examples
 
@@ -60,7 +60,8 @@ def work_units(cell: CellConfig) -> float:
     sections = _train_sections(cell.method_config)
     if sections:
         configs = [TrainConfig.model_validate(t) for t in sections]
-        return float(sum(6 * steps_for(cell.budget, t) * t.batch_size for t in configs))
+        # a step draws min(batch_size, budget) examples: a budget smaller than a batch is one whole pass per step
+        return float(sum(6 * steps_for(cell.budget, t) * min(t.batch_size, cell.budget) for t in configs))
     return 2.0 * cell.budget
 
 

@@ -6,6 +6,7 @@ import argparse
 import functools
 import os
 import sys
+import time
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -167,8 +168,9 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
         except OSError as err:  # a hub config this driver cannot fetch: the cost model learns that model's cost from its cells
             print(f"note: no size prior for {model.id} ({err})", file=sys.stderr)
 
-    def execute(batch: list[PlannedCell]) -> None:
-        outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress, dashboard=not args.no_dashboard)
+    def execute(batch: list[PlannedCell], planned_at: float) -> None:
+        outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress,
+                            dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
         print(f"  ran {outcome.ok + outcome.failed} cells in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed")
 
     settings = Settings(**{name: getattr(args, name) for name in ADAPTIVE_FLAGS if getattr(args, name) is not None})
@@ -187,6 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from workers.run_cell import prepare_model
 
     spec = _load_spec(args)
+    planned_at = time.time()  # before the store is read: a row another driver stores after it is not run again
     cells, store, scan = _plan(spec, set_aside=True)
     if args.adaptive:
         from orchestrator.acquisition import check_grid
@@ -202,7 +205,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.address:  # a local run builds ladder rungs here once, instead of in every worker at once
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             prepare_model(model)
-    outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress, dashboard=not args.no_dashboard)
+    outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,
+                        dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
     print(
         f"ran {outcome.ok + outcome.failed} cells in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed; "
         f"{outcome.total_model_loads} model loads by {len(outcome.model_loads)} workers"

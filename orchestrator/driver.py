@@ -138,9 +138,12 @@ def run_cells(
     address: str | None = None,
     progress: bool = True,
     dashboard: bool = True,
+    planned_at: float | None = None,
 ) -> SweepOutcome:
     """Run `cells` on the pool's worker actors and store each row as it finishes.
 
+    `planned_at` is when the caller read the store to choose `cells` (default: now): a cell another
+    driver stored after that is not run again, so its row is never overwritten by a rerun.
     Callable again and again in one process (an adaptive loop submitting batch after batch): the
     workers, and the models they hold, carry over from one call to the next.
     """
@@ -148,12 +151,13 @@ def run_cells(
     if not cells:
         return outcome
     started = time.perf_counter()
-    planned_at = time.time()  # a row another driver stores after this (while Ray starts, say) is not run again
+    planned_at = time.time() if planned_at is None else planned_at
     url = connect(address, dashboard=dashboard)
     if url and progress:
         print(f"Ray dashboard: http://{url}  (if it asks for a token: `ray get-auth-token`)")
     check_fits(cells, resources)
     POOL.attach()
+    POOL.forget_dead()
     claims = Claims(store)
     dashboard_metrics = _Metrics(cells[0].config.sweep)
     # cells waiting for a worker, by the worker shape they need, then by model: a worker takes its own model's next
@@ -225,8 +229,11 @@ def run_cells(
         """Time each shape whose cells wait on workers asked for, none of which has started: say so
         once after a minute, stop past `start_timeout_s`."""
         now = time.monotonic()
+        others_running = {worker.shape for worker in POOL.workers if worker.running is not None}
         for shape in list(queues):
-            if not (queued(shape) and POOL.pending(shape) and not started_any(shape)):
+            # while workers of another shape run cells, a node may be full of them (fractions of a GPU
+            # left that this shape cannot use): their cells ending makes room, so the clock waits
+            if not (queued(shape) and POOL.pending(shape) and not started_any(shape)) or others_running - {shape}:
                 starved_since.pop(shape, None)
                 continue
             waited = now - starved_since.setdefault(shape, now)
@@ -275,6 +282,7 @@ def run_cells(
                     result: CellResult = ray.get(ref)
                 except ray.exceptions.RayError as err:  # the worker died (killed, OOM-killed, node lost), not the cell's code
                     POOL.retire(worker)
+                    POOL.forget_dead()  # idle workers on the same lost node
                     if attempt <= resources.max_retries:
                         enqueue(cell, attempt + 1)
                         continue
@@ -283,6 +291,13 @@ def run_cells(
                     row, worker.held = result.row, list(result.held)
                     outcome.model_loads[result.worker] = outcome.model_loads.get(result.worker, 0) + result.loaded
                     outcome.loads[(result.worker, cell.config.model.id)] += result.loaded
+                    if result.broken:
+                        bar.write(f"{result.worker}: CUDA unusable after {cell.config.slug} "
+                                  f"({str(row['error']).splitlines()[0]}); the worker is replaced")  # fmt: skip
+                        POOL.retire(worker)
+                        if attempt <= resources.max_retries:
+                            enqueue(cell, attempt + 1)
+                            continue
                 store.write(row)
                 claims.release(cell.cell_id)
                 dashboard_metrics.record(row)

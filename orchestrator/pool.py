@@ -46,6 +46,10 @@ class CellResult:
     worker: str  # host:pid of the actor
     loaded: bool  # the cell had to load its model
     held: tuple[str, ...]  # models (spec JSON) loaded after the cell, least recently used first
+    # The cell failed and left the worker's CUDA context unusable (an illegal memory access, a
+    # device-side assert break it for good): every later cell there would fail in seconds, so the
+    # driver retires the worker and retries the cell on a fresh one, keeping this row's error if none is left.
+    broken: bool = False
 
 
 def default_cache_bytes(shape: Shape) -> int:
@@ -103,25 +107,18 @@ class CellWorker:
         cell = CellConfig.model_validate_json(cell_json)
         loads = self.cache.loads
         row = run_cell(cell, CellRun(cache=self.cache, attempt=attempt, shard=self.shard))
-        if row["status"] == "failed" and not cuda_usable():
-            # An illegal memory access or a device-side assert breaks the process's CUDA context for
-            # good: every later cell here would fail in seconds, and this idle worker would be fed the
-            # queue. Dying instead makes the driver retry the cell on a fresh worker (a dead worker).
-            error = str(row["error"]).splitlines()[0]
-            print(f"{self.name}: CUDA unusable after {cell.slug} ({error}); exiting so the cell is retried elsewhere", flush=True)
-            os._exit(1)
-        return CellResult(row, self.name, self.cache.loads > loads, tuple(self.cache.held()))
+        broken = row["status"] == "failed" and not self.device_usable()
+        return CellResult(row, self.name, self.cache.loads > loads, tuple(self.cache.held()), broken)
 
-
-def cuda_usable() -> bool:
-    """Whether this process can still run CUDA work (trivially so when it never started CUDA)."""
-    if not torch.cuda.is_initialized():
-        return True
-    try:
-        torch.cuda.synchronize()
-        return torch.ones(1, device="cuda").add_(1).item() == 2
-    except RuntimeError:
-        return False
+    def device_usable(self) -> bool:
+        """Whether this process can still run CUDA work (trivially so when it never started CUDA)."""
+        if not torch.cuda.is_initialized():
+            return True
+        try:
+            torch.cuda.synchronize()
+            return torch.ones(1, device="cuda").add_(1).item() == 2
+        except RuntimeError:
+            return False
 
 
 _RemoteCellWorker = ray.remote(CellWorker)
@@ -158,8 +155,9 @@ class WorkerPool:
         self._session: str | None = None
 
     def attach(self) -> None:
-        """Forget workers of an earlier Ray session: they died with it."""
-        session = ray.get_runtime_context().get_job_id()
+        """Forget workers of an earlier Ray connection: they died with it. (Keyed on this driver's
+        worker id: a fresh local cluster's first job reuses the same job id.)"""
+        session = ray.get_runtime_context().get_worker_id()
         if session != self._session:
             self.workers, self._session = [], session
 
@@ -192,6 +190,18 @@ class WorkerPool:
         worker = Worker(actor, shape, actor.ready.remote())
         self.workers.append(worker)
         return worker
+
+    def forget_dead(self, timeout_s: float = 10.0) -> None:
+        """Retire idle workers that no longer answer: their node died while they waited (between an
+        adaptive loop's batches, say). A cell handed to one would fail and use up one of its retries,
+        and its reservation would keep a replacement from being asked for."""
+        pings = {worker.actor.ready.remote(): worker for worker in self.idle()}
+        done, _ = ray.wait(list(pings), num_returns=len(pings), timeout=timeout_s) if pings else ([], [])
+        for ref in done:  # one that has not answered within the timeout is slow, not known dead: it stays
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                self.retire(pings[ref])
 
     def drop_unplaceable(self, shape: Shape, keep: int = 0) -> None:
         """Retire workers of `shape` not yet started, newest first, while more than `keep` are and

@@ -7,6 +7,7 @@ reported with its full path and the nearest valid key before anything runs.
 
 from __future__ import annotations
 
+import math
 import os
 from urllib.parse import quote
 from pathlib import Path
@@ -28,6 +29,13 @@ class ModelEntry(ModelSpec):
     gpus_per_cell: float = Field(
         0.0, ge=0, description="0 runs on CPU (GPUs hidden from the cell); fractional packs small models on one GPU; >1 shards"
     )
+
+    @field_validator("gpus_per_cell")
+    @classmethod
+    def _whole_gpus_above_one(cls, gpus: float) -> float:
+        if gpus > 1 and gpus != int(gpus):  # Ray refuses it when the first worker is asked for, mid-run
+            raise ValueError(f"{gpus:g} GPUs: above 1, a cell reserves whole GPUs (its model is sharded over them); use {math.ceil(gpus)}")
+        return gpus
 
     @model_validator(mode="after")
     def _gpu_reserved_for_cuda(self) -> "ModelEntry":

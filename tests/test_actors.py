@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import ray
@@ -18,6 +19,7 @@ from orchestrator.store import ResultsStore
 from workers.cache import WorkerCache, estimated_bytes, estimated_params, model_bytes
 from workers.models.loading import count_parameters
 from workers.cell import ModelSpec
+from workers.metrics import neutral_reference
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,32 @@ def test_a_discarded_model_reloads_but_keeps_its_baselines(specs):
     cache.discard(specs["xs"])
     assert cache.held() == [] and cache.model(specs["xs"], 8) is not first and cache.loads == 2
     assert cache.baseline(specs["xs"], "ctx", lambda: computed.append(1) or "again") == "baseline" and computed == [1]
+
+
+def test_neutral_references_count_against_the_budget_and_leave_with_their_model(specs, sizes):
+    """A reference is full-vocabulary log-probs in host memory (gigabytes at a 150k vocabulary):
+    it counts against the budget, and one of a model no longer loaded is dropped."""
+    cache = WorkerCache(max_bytes=sizes["xs"] + sizes["s"])  # both models fit exactly, without references
+    texts = ["the river runs past the old mill and on to the sea"] * 4
+    lm = cache.model(specs["xs"], 8)
+    reference = cache.neutral(specs["xs"], "n", lambda: neutral_reference(lm, texts))
+    assert reference.nbytes > 0 and cache.resident_bytes == sizes["xs"] + reference.nbytes
+    cache.model(specs["s"], 8)  # xs + its reference + s is over budget: xs goes, and its reference with it
+    assert cache.held() == [specs["s"].model_dump_json()] and cache.resident_bytes == sizes["s"]
+    lm = cache.model(specs["s"], 8)
+    cache.neutral(specs["s"], "n", lambda: neutral_reference(lm, texts))
+    cache.discard(specs["s"])  # a failed cell: s is dropped, its reference kept for a reload
+    assert cache.resident_bytes > 0
+    cache.model(specs["xs"], 8)  # another model comes instead: s's reference is of no use any more
+    assert cache.resident_bytes == sizes["xs"]
+
+
+def test_a_cells_memory_peak_leaves_out_the_other_models_its_worker_holds(specs, sizes):
+    cache = WorkerCache(max_bytes=10**9)
+    cache.model(specs["xs"], 8), cache.model(specs["s"], 8)
+    assert cache.others_bytes(specs["s"], torch.device("cpu")) == sizes["xs"]
+    assert cache.others_bytes(specs["xs"], torch.device("cpu")) == sizes["s"]
+    assert cache.others_bytes(specs["s"], torch.device("cuda", 0)) == 0  # the CPU copies are not in a GPU's peak
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +219,77 @@ def test_workers_dying_as_they_start_stop_the_run_and_lose_nothing(local_ray, te
     outcome = run_cells(expand(spec), store, spec.resources, progress=False, dashboard=False)
     assert outcome.ok == 2 and outcome.skipped_claimed == 0, "the failed run must leave no cell claimed"
     shutdown_workers()
+
+
+@pytest.mark.slow  # ~30 s: two workers start, one after the other
+def test_a_worker_whose_device_broke_is_replaced_and_the_last_attempt_keeps_the_cells_error(local_ray, test_ladder, write_sweep, monkeypatch, tmp_path):
+    """A failed cell that leaves CUDA unusable (simulated: no CUDA here) retires its worker and runs
+    again on a fresh one; with no retry left its row is stored with the cell's own error, not Ray's
+    "the actor died"."""
+
+    class UnusableDeviceWorker(CellWorker):  # defined here, so Ray ships it by value to its worker processes
+        def device_usable(self) -> bool:
+            return False
+
+    shutdown_workers()
+    (tmp_path / "broken-checkpoint").mkdir()
+    (tmp_path / "broken-checkpoint" / "config.json").write_text("{}")  # plans, and fails to load in the cell
+    spec = load_spec(write_sweep({
+        "sweep": "device", "models": [{"id": str(tmp_path / "broken-checkpoint")}], "tasks": ["facts"], "methods": {"base": {}},
+        "budgets": [0], "seeds": [0], "eval": {"test_size": 8, "validation_size": 0, "neutral_size": 2},
+        "resources": {"cpus_per_cell": 2, "max_retries": 1},
+    }))  # fmt: skip
+    monkeypatch.setattr(pool, "_RemoteCellWorker", ray.remote(UnusableDeviceWorker))
+    store = ResultsStore(spec.results_dir)
+    outcome = run_cells(expand(spec), store, spec.resources, progress=False, dashboard=False)
+    row = store.read().to_pandas().iloc[0]
+    assert outcome.failed == 1 and row.attempt == 2, (outcome, row.attempt)
+    assert "ActorDiedError" not in row.error and "config" in row.error.lower(), row.error[:400]
+    assert not POOL.workers, "both workers that ran it were retired"
+
+
+@pytest.mark.slow  # ~30 s: one worker, then its replacement
+def test_an_idle_worker_that_died_is_not_handed_a_cell(local_ray, test_ladder, write_sweep):
+    """A worker whose node died while it sat idle (between an adaptive loop's batches) must not
+    take the next batch's cells: with no retries they would be stored failed without having run."""
+    shutdown_workers()
+    spec = _base_sweep(write_sweep, test_ladder, "idle-death", 4, {"cpus_per_cell": 2, "max_retries": 0})
+    cells, store = expand(spec), ResultsStore(spec.results_dir)
+    assert run_cells(cells[:2], store, spec.resources, progress=False, dashboard=False).ok == 2
+    [idle] = POOL.workers
+    ray.kill(idle.actor, no_restart=True)  # the driver is not told, as when a node goes away
+    outcome = run_cells(cells[2:], store, spec.resources, progress=False, dashboard=False)
+    assert (outcome.ok, outcome.failed) == (2, 0), outcome
+    assert idle not in POOL.workers
+    shutdown_workers()
+
+
+@pytest.mark.slow  # ~20 s: one worker
+def test_a_cell_stored_after_the_caller_read_the_store_is_not_run_again(local_ray, test_ladder, write_sweep):
+    """Another driver stored the cell between this driver's reading the store and its run: the row stays as it is."""
+    spec = _base_sweep(write_sweep, test_ladder, "planned", 1, {"cpus_per_cell": 2})
+    cells, store = expand(spec), ResultsStore(spec.results_dir)
+    read_at = time.time()
+    assert run_cells(cells, store, spec.resources, progress=False, dashboard=False).ok == 1  # "the other driver"
+    stored = store.read().to_pandas().started_at.tolist()
+    outcome = run_cells(cells, store, spec.resources, progress=False, dashboard=False, planned_at=read_at)
+    assert (outcome.ok, outcome.skipped_claimed) == (0, 1), outcome
+    assert store.read().to_pandas().started_at.tolist() == stored
+
+
+@pytest.mark.slow  # ~40 s: Ray restarts in this process
+def test_a_fresh_ray_in_the_same_process_gets_fresh_workers(local_ray, test_ladder, write_sweep):
+    """A notebook's `ray.shutdown(); ray.init()`: the new cluster's first job has the old one's job
+    id, and the pool must not hand cells to the dead cluster's workers."""
+    spec = _base_sweep(write_sweep, test_ladder, "restart", 2, {"cpus_per_cell": 2, "max_retries": 0})
+    cells, store = expand(spec), ResultsStore(spec.results_dir)
+    assert run_cells(cells[:1], store, spec.resources, progress=False, dashboard=False).ok == 1
+    before = ray.get_runtime_context().get_job_id()
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    assert ray.get_runtime_context().get_job_id() == before  # what made a job id a poor key
+    outcome = run_cells(cells[1:], store, spec.resources, progress=False, dashboard=False)
+    assert (outcome.ok, outcome.failed) == (1, 0), outcome
 
 
 def test_node_capacity_counts_gpus_as_ray_places_them():

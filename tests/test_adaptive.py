@@ -27,6 +27,7 @@ from orchestrator.adaptive import DecisionLog, Settings, fit_budget_curves, run_
 from orchestrator.cellcost import CostModel, work_units
 from orchestrator.store import ResultsStore
 from workers.cell import CellConfig, EvalConfig, ModelSpec
+from workers.training import TrainConfig, batch_order, steps_for
 
 MODELS = {"sim-s": 1e5, "sim-m": 4e5, "sim-l": 1.6e6}
 BUDGETS = [4 * 2**k for k in range(11)]
@@ -75,7 +76,7 @@ class World:
     def __init__(self, store: ResultsStore, *, interrupt_at_call: int | None = None) -> None:
         self.store, self.interrupt_at_call, self.calls, self.ran = store, interrupt_at_call, 0, []
 
-    def __call__(self, cells: list[SimCell]) -> None:
+    def __call__(self, cells: list[SimCell], planned_at: float = 0.0) -> None:  # one driver: nothing to skip
         self.calls += 1
         for i, cell in enumerate(cells):
             if self.calls == self.interrupt_at_call and i == 2:
@@ -233,6 +234,16 @@ def test_cost_model_learns_the_worlds_cost_from_stored_rows(tmp_path):
     assert measured.spent(cells, stored_rows(store, cells)) == pytest.approx(
         sum(work_units(c.config) * MODELS["sim-s"] * TOKENS_PER_EXAMPLE for c in cells if c.config.model.id == "sim-s" and c.config.budget in (4, 64))
     )
+
+
+@pytest.mark.parametrize("budget", [1, 4, 16, 100])
+def test_the_cost_prior_counts_the_examples_the_trainer_draws(budget):
+    """Below a batch, a step draws the whole budget, not a batch: the prior once made budget 1 cost 16x its work."""
+    cell = CellConfig(sweep="sim", model=ModelSpec(id="sim-s"), task="facts", method="lora", method_config=METHODS["lora"],
+                      budget=budget, seed=0, eval=EvalConfig(test_size=10))  # fmt: skip
+    train = TrainConfig.model_validate(TRAIN)
+    drawn = sum(len(take) for take in batch_order(budget, steps_for(budget, train), train.batch_size, seed=0))
+    assert work_units(cell) == 6 * drawn
 
 
 # --- the command line ---------------------------------------------------------------------------

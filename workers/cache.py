@@ -105,7 +105,15 @@ class WorkerCache:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(self._bytes.values())
+        """Loaded models plus their neutral references (host memory, counted too: at a 150k vocabulary
+        a reference is gigabytes, and eight workers' worth is what gets a node's workers killed)."""
+        return sum(self._bytes.values()) + sum(ref.nbytes for ref in self._neutral.values())
+
+    def others_bytes(self, spec: ModelSpec, device: torch.device) -> int:
+        """Bytes of the loaded models other than `spec` on `device`'s kind: resident while `spec`'s
+        cell runs, and so in its memory peak, but not the cell's own."""
+        name = spec.model_dump_json()
+        return sum(self._bytes[k] for k, lm in self._models.items() if k[0] != name and lm.device.type == device.type)
 
     def held(self) -> list[str]:
         """The loaded models' specs (JSON), least recently used first."""
@@ -115,6 +123,7 @@ class WorkerCache:
         key = (spec.model_dump_json(), shard)
         if key not in self._models:
             needed = estimated_bytes(spec)
+            self._forget_unloaded(besides=key[0])
             while self._models and self.resident_bytes + needed > self.max_bytes:
                 self._evict(next(iter(self._models)))
             _raise_injected_fault(spec)
@@ -130,6 +139,14 @@ class WorkerCache:
         """Forget `spec`'s loaded copies (sharded or not), e.g. after a cell that may have left it modified."""
         for key in [k for k in self._models if k[0] == spec.model_dump_json()]:
             del self._models[key], self._bytes[key]  # its baselines stay: they were scored before the cell ran
+
+    def _forget_unloaded(self, besides: str) -> None:
+        """Drop the baselines of models no longer loaded (discarded after a failed cell and not
+        reloaded since), except `besides`, about to load: kept only for a reload, they would stay for
+        the worker's lifetime otherwise."""
+        loaded = {k[0] for k in self._models} | {besides}
+        self._baselines = {k: v for k, v in self._baselines.items() if k[0] in loaded}
+        self._neutral = {k: v for k, v in self._neutral.items() if k[0] in loaded}
 
     def _evict(self, key: tuple[str, bool]) -> None:
         del self._models[key], self._bytes[key]

@@ -24,6 +24,11 @@ class NeutralReference:
     nll: float  # nats per token; NaN without texts
     nll_per_byte: float  # nats per UTF-8 byte: comparable across tokenizers, so across model families
 
+    @property
+    def nbytes(self) -> int:
+        """Host memory the log-probs take (~0.1 GB per 1000 tokens at a 150k vocabulary)."""
+        return sum(t.numel() * t.element_size() for t in self.logprobs)
+
 
 def _neutral_batches(lm: LanguageModel, texts: Sequence[str]):
     # Neutral texts are scored as continuations of an empty prompt: every token after BOS counts.

@@ -172,6 +172,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     """The measured columns of an ok row. Raises on any failure; `run_cell` turns that into a row."""
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
     device = str(lm.device)
+    others = run.cache.others_bytes(cell.model, lm.device)  # resident in the peak below, not this cell's
     reset_peak_memory(device)
     task = get_task(cell.task)
     method = get_method(cell.method)
@@ -226,7 +227,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "post_train_flops": report.post_train_flops,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
-        "peak_mem_bytes": peak_memory_bytes(device),
+        "peak_mem_bytes": peak_memory_bytes(device) - others,
         "layer": report.layer,
         "alpha": report.alpha,
         "selection": report.selection,
@@ -306,7 +307,7 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
 
 def release_gpu_memory() -> None:
     """Return a failed cell's cached GPU blocks, so that an out-of-memory cell does not keep them from
-    the GPU's other workers. A broken CUDA context refuses; the worker finds that out next (pool.cuda_usable)."""
+    the GPU's other workers. A broken CUDA context refuses; the worker finds that out next (CellWorker.device_usable)."""
     if not torch.cuda.is_initialized():
         return
     gc.collect()
