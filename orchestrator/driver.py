@@ -163,6 +163,7 @@ def run_cells(
     # cells waiting for a worker, by the worker shape they need, then by model: a worker takes its own model's next
     queues: dict[Shape, dict[str, deque[tuple[PlannedCell, int]]]] = {}
     in_flight: dict[ray.ObjectRef, tuple[Worker, PlannedCell, int]] = {}
+    deadlines: dict[ray.ObjectRef, float] = {}  # with resources.cell_timeout_s: when each cell in flight is stopped
 
     def enqueue(cell: PlannedCell, attempt: int) -> None:
         shape = Shape(resources.cpus_per_cell, cell.gpus, resources.model_cache_bytes)
@@ -173,6 +174,8 @@ def run_cells(
         ref = worker.actor.run.options(name=cell.config.slug).remote(cell.config.model_dump_json(), attempt)  # the dashboard's task name
         worker.running = model
         in_flight[ref] = (worker, cell, attempt)
+        if resources.cell_timeout_s is not None:
+            deadlines[ref] = time.monotonic() + resources.cell_timeout_s
 
     def queued(shape: Shape) -> int:
         return sum(map(len, queues.get(shape, {}).values()))
@@ -225,6 +228,28 @@ def run_cells(
             worker.started = True
             start_failures[worker.shape] = 0
 
+    def store_row(cell: PlannedCell, row: dict) -> None:
+        store.write(row)
+        claims.release(cell.cell_id)
+        dashboard_metrics.record(row)
+        outcome.cell_seconds += (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
+        if row["status"] == "ok":
+            outcome.ok += 1
+        else:
+            outcome.failed += 1
+            bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}")
+        bar.update()
+
+    def stop_overdue() -> None:
+        """Store the cells past resources.cell_timeout_s as failed, stopping their workers."""
+        now = time.monotonic()
+        for ref in [ref for ref, due in deadlines.items() if due <= now]:
+            worker, cell, attempt = in_flight.pop(ref)
+            del deadlines[ref]
+            POOL.retire(worker)
+            error = TimeoutError(f"the cell ran past resources.cell_timeout_s ({resources.cell_timeout_s:g} s); its worker was stopped")
+            store_row(cell, crashed_row(cell.config, error, attempt))
+
     def check_waits() -> None:
         """Time each shape whose cells wait on workers asked for, none of which has started: say so
         once after a minute, stop past `start_timeout_s`."""
@@ -264,19 +289,27 @@ def run_cells(
         while in_flight or (POOL.pending() and waiting()):  # workers still importing stay for the next call
             starting = {worker.ready_ref: worker for worker in POOL.pending()}
             refs = [*in_flight, *starting]
-            done, _ = ray.wait(refs, num_returns=1, timeout=START_POLL_SECONDS if starting else HEARTBEAT_SECONDS)
+            timeout = START_POLL_SECONDS if starting else HEARTBEAT_SECONDS
+            if deadlines:
+                timeout = max(0.0, min(timeout, min(deadlines.values()) - time.monotonic()))
+            done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
             if done:  # drain everything else already finished, so the loop costs one turn per batch, not per cell
                 first = set(done)
                 rest = [ref for ref in refs if ref not in first]
                 done += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
             if time.monotonic() - last_heartbeat > HEARTBEAT_SECONDS / 2:
-                claims.heartbeat()
+                try:
+                    claims.heartbeat()
+                except OSError as err:  # a store hiccup: the next one, in HEARTBEAT_SECONDS / 2, tries again
+                    bar.write(f"warning: could not refresh the claims ({err}); another driver takes a claim over only "
+                              f"after {claims.ttl_seconds / 60:g} minutes without one")  # fmt: skip
                 last_heartbeat = time.monotonic()
             for ref in sorted(done, key=lambda ref: ref in starting):  # rows first: a start failure may stop the run
                 if ref in starting:
                     mark_started(starting[ref], ref)
                     continue
                 worker, cell, attempt = in_flight.pop(ref)
+                deadlines.pop(ref, None)
                 worker.running = None
                 try:
                     result: CellResult = ray.get(ref)
@@ -298,16 +331,8 @@ def run_cells(
                         if attempt <= resources.max_retries:
                             enqueue(cell, attempt + 1)
                             continue
-                store.write(row)
-                claims.release(cell.cell_id)
-                dashboard_metrics.record(row)
-                outcome.cell_seconds += (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
-                if row["status"] == "ok":
-                    outcome.ok += 1
-                else:
-                    outcome.failed += 1
-                    bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}")
-                bar.update()
+                store_row(cell, row)
+            stop_overdue()
             check_waits()
             dispatch()
             bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy(), starting=len(POOL.pending()))

@@ -60,6 +60,13 @@ class Resources(StrictConfig):
         description="workers to ask for, whether or not the nodes up now can hold them: on an autoscaling "
         "cluster the ones waiting are what makes it add nodes; default: as many as the live nodes hold",
     )
+    cell_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="a cell still running after this long (a hang: a collective that never returns, an "
+        "environment that never ends) has its worker stopped and is stored failed with a TimeoutError; "
+        "default: no limit. Not retried: `run --retry-failed` runs it again",
+    )
     start_timeout_s: float = Field(
         1800.0,
         gt=0,

@@ -18,7 +18,7 @@ from orchestrator.spec import load_spec
 from orchestrator.store import ResultsStore
 from workers.cache import WorkerCache, estimated_bytes, estimated_params, model_bytes
 from workers.models.loading import count_parameters
-from workers.cell import ModelSpec
+from workers.cell import CellConfig, ModelSpec
 from workers.metrics import neutral_reference
 
 
@@ -290,6 +290,27 @@ def test_a_fresh_ray_in_the_same_process_gets_fresh_workers(local_ray, test_ladd
     assert ray.get_runtime_context().get_job_id() == before  # what made a job id a poor key
     outcome = run_cells(cells[1:], store, spec.resources, progress=False, dashboard=False)
     assert (outcome.ok, outcome.failed) == (1, 0), outcome
+
+
+@pytest.mark.slow  # ~40 s: two workers, one cell hangs for the timeout
+def test_a_cell_past_its_timeout_is_a_failed_row_and_the_sweep_goes_on(local_ray, test_ladder, write_sweep, monkeypatch):
+    class HangingWorker(CellWorker):  # defined here, so Ray ships it by value to its worker processes
+        def run(self, cell_json: str, attempt: int):
+            if CellConfig.model_validate_json(cell_json).seed == 0:
+                time.sleep(3600)  # a collective that never returns
+            return super().run(cell_json, attempt)
+
+    shutdown_workers()
+    spec = _base_sweep(write_sweep, test_ladder, "hang", 3, {"cpus_per_cell": 1, "cell_timeout_s": 15})
+    monkeypatch.setattr(pool, "_RemoteCellWorker", ray.remote(HangingWorker))
+    store = ResultsStore(spec.results_dir)
+    outcome = run_cells(expand(spec), store, spec.resources, progress=False, dashboard=False)
+    rows = store.read().to_pandas().set_index("seed")
+    assert (outcome.ok, outcome.failed) == (2, 1) and len(rows) == 3, outcome
+    assert rows.status[0] == "failed" and rows.error[0].startswith("TimeoutError: the cell ran past resources.cell_timeout_s (15 s)")
+    assert (rows.status[[1, 2]] == "ok").all()
+    assert all(w.running is None for w in POOL.workers) and len(POOL.workers) == 1, "the hung worker was stopped"
+    shutdown_workers()
 
 
 def test_node_capacity_counts_gpus_as_ray_places_them():
