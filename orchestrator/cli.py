@@ -38,13 +38,28 @@ def _load_spec(args: argparse.Namespace) -> SweepSpec:
     return load_spec(args.config, args.overrides)
 
 
+def _is_sweep_yaml(given: str) -> bool:
+    return given.endswith((".yaml", ".yml")) and os.path.isfile(given)
+
+
 def _results_dir(given: str) -> str:
     """A results directory or URI as given, or a sweep YAML's `results_dir` (`status configs/x.yaml` works too)."""
-    if given.endswith((".yaml", ".yml")) and os.path.isfile(given):
+    if _is_sweep_yaml(given):
         from orchestrator.spec import load_spec
 
         return load_spec(given, [], check_models=False).results_dir  # its results may be read away from its models
     return given
+
+
+def _planned_entries(given: str, store: ResultsStore) -> list[dict]:
+    """The cells a command given `given` asks about: a sweep YAML's own grid (not the plan of whichever
+    run last wrote to its results directory, which may be another config's), else the store's plan.json."""
+    if not _is_sweep_yaml(given):
+        return read_manifest(store)
+    from orchestrator.grid import expand
+    from orchestrator.spec import load_spec
+
+    return _manifest_entries(expand(load_spec(given, [], check_models=False)))
 
 
 def _plan(spec: SweepSpec, *, set_aside: bool) -> tuple[list[PlannedCell], ResultsStore, StoreScan]:
@@ -223,7 +238,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = ResultsStore(_results_dir(args.results_dir))
     scan = store.scan(set_aside=False)
     _report_quarantine(scan, set_aside=False)
-    entries = read_manifest(store)
+    entries = _planned_entries(args.results_dir, store)
     if not entries and not scan.cells:
         print(f"error: no sweep at {store.uri}: neither a plan (plan.json) nor stored rows; `steerscale run CONFIG` makes both",
               file=sys.stderr)
@@ -237,7 +252,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     counts = scan.counts()
     print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {remaining} remaining")
     if unplanned and known:
-        print(f"{len(unplanned)} stored rows are from cells not in the current plan (an earlier config?); they are in the table")
+        print(f"{len(unplanned)} stored rows are from cells not in the plan (an earlier config, another sweep?); they are in the table")
     print(_status_table(entries, scan.status))
     return 0
 

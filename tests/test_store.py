@@ -153,13 +153,29 @@ def test_status_counts_what_remains_of_the_plan_and_shows_rows_from_outside_it(t
     assert main(["status", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert ": 7 ok, 1 failed, 5 remaining" in out
-    assert "3 stored rows are from cells not in the current plan" in out
+    assert "3 stored rows are from cells not in the plan" in out
     table = [line.split() for line in out.splitlines()[3:]]  # after the summary, the note, the header and its rule
     assert table[1:] == [  # the plan's models in its order (smallest first), not alphabetical; then the unplanned rows
         ["ladder:xs", "lora", "5", "0", "0", "5"],
         ["ladder:l", "lora", "0", "0", "5", "5"],
         ["gpt2", "prompt", "2", "1", "0", "3"],
     ], out
+
+
+def test_status_of_a_sweep_yaml_counts_that_yamls_grid_not_the_latest_runs_plan(write_sweep, capsys):
+    """Another config run into the same directory last wrote plan.json; `status THIS.yaml` is about this one."""
+    from orchestrator.grid import expand
+    from orchestrator.spec import load_spec
+
+    path = write_sweep({"sweep": "mine", "models": [{"id": "ladder:test/xs"}], "tasks": ["facts"], "methods": {"base": {}},
+                        "budgets": [0], "seeds": [0, 1, 2]})  # fmt: skip
+    spec = load_spec(str(path), [], check_models=False)
+    store = ResultsStore(spec.results_dir)
+    write_manifest(store, [{"cell_id": "theirs", "slug": "theirs", "model": "gpt2", "method": "prompt"}])  # the other config's
+    store.write(_row(expand(spec)[0].cell_id, model="ladder:test/xs", method="base"))
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert ": 1 ok, 0 failed, 2 remaining" in out, out
 
 
 def test_the_plan_the_driver_writes_is_the_one_the_fit_reads():
