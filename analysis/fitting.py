@@ -24,6 +24,7 @@ HUBER_DELTA = 1e-3
 LOG_COEF_BOUNDS = (-30.0, 30.0)
 MIN_DISTINCT = 3  # distinct values each input needs for its exponent to be identified
 NEGLIGIBLE_SHARE = 1e-3  # a term under this share of the fitted loss at every point is ~0 on the data's scale
+INPUT_NAMES = {"D": "budgets", "N": "model sizes"}
 
 
 class FitError(ValueError):
@@ -79,14 +80,27 @@ class LawData:
             keep = np.sort(np.argsort(y)[: len(y) - drop_highest_loss])
             y = y[keep]
             xs = {name: values[keep] for name, values in xs.items()}
-        if len(y) < len(law.params) + 1:
-            raise FitError(f"{law.name} has {len(law.params)} parameters; needs at least {len(law.params) + 1} points, got {len(y)}")
         for name, values in xs.items():
             distinct = len(np.unique(values))
             if distinct < MIN_DISTINCT:
                 raise FitError(f"{law.name} needs at least {MIN_DISTINCT} distinct values of {name}, got {distinct}")
+        inputs = _distinct_inputs(xs)
+        if inputs < len(law.params) + 1:
+            raise FitError(f"{law.name} has {len(law.params)} parameters; needs at least {len(law.params) + 1} distinct "
+                           f"{_input_points(law)}, got {inputs}")  # fmt: skip
         g = law.design({name: np.log(values) for name, values in xs.items()})
         return cls(law=law, x=xs, y=y, g=g, dropped_highest=drop_highest_loss)
+
+
+def _distinct_inputs(xs: Mapping[str, np.ndarray]) -> int:
+    """Distinct input points. Seeds repeat an input, and k parameters through k distinct inputs fit them
+    exactly whatever the seeds say (a curve through 3 budgets has an asymptote that is pure extrapolation)."""
+    return len(np.unique(np.stack(list(xs.values()), axis=1), axis=0))
+
+
+def _input_points(law: Law) -> str:
+    """What a law's distinct inputs are called in its refusal."""
+    return INPUT_NAMES[law.inputs[0]] if len(law.inputs) == 1 else f"({', '.join(law.inputs)}) points"
 
 
 @dataclass(frozen=True)

@@ -115,5 +115,18 @@ def test_bootstrap_intervals_cover_the_truth_near_nominal_rate() -> None:
 def test_too_few_points_is_a_clear_error() -> None:
     with pytest.raises(FitError, match="distinct values of D"):
         LawData.build(POWER_D, {"D": np.array([1.0, 1, 2, 2, 2])}, np.ones(5))
-    with pytest.raises(FitError, match="needs at least 4 points"):
+    with pytest.raises(FitError, match="needs at least 4 distinct budgets, got 3"):
         LawData.build(POWER_D, {"D": np.array([1.0, 2, 3])}, np.ones(3))
+
+
+def test_seeds_do_not_count_as_distinct_inputs() -> None:
+    """Ten seeds at each of 3 budgets are 30 points but 3 distinct budgets: a 3-parameter curve through them
+    fits exactly whatever the seeds say, so its asymptote is extrapolation. The same for a joint law's (N, D)."""
+    rng = np.random.default_rng(0)
+    d = np.repeat([4.0, 16.0, 64.0], 10)
+    y = POWER_D.predict({"E": 1.5, "B": 1.0, "beta": 0.5}, {"D": d}) * np.exp(rng.normal(0, 0.01, d.size))
+    with pytest.raises(FitError, match="needs at least 4 distinct budgets, got 3"):
+        LawData.build(POWER_D, {"D": d}, y)
+    n = np.repeat([1e6, 4e6, 16e6], 10)  # each model measured at its own budget: 3 distinct (N, D) for 5 parameters
+    with pytest.raises(FitError, match=r"needs at least 6 distinct \(N, D\) points, got 3"):
+        LawData.build(ADDITIVE, {"N": n, "D": d}, y)
