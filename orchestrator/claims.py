@@ -1,7 +1,7 @@
 """Claims: so two drivers on the same results directory never run the same cell at once.
 
-A driver claims a cell by creating `claims/<cell_id>.json` exclusively before submitting it and
-deletes the claim once the row is stored. A claim is stale — and may be taken over — when its
+A driver claims a cell by creating `claims/<cell_id>.json` exclusively when it hands the cell to a
+worker and deletes the claim once the row is stored, so two drivers split a sweep's cells between them. A claim is stale — and may be taken over — when its
 driver's process is gone (same host, pid not alive: e.g. a SIGKILLed driver, so an immediate rerun
 resumes at once) or when its heartbeat is older than `ttl` (a driver on another host that died).
 Exclusive creation is atomic on local and shared POSIX filesystems; on object stores it is
@@ -10,7 +10,6 @@ best effort (check, then write), which the docs say.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import socket
@@ -66,6 +65,7 @@ class Claims:
         default_factory=lambda: {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex[:8]}
     )
     held: set[str] = field(default_factory=set)
+    _directory_made: bool = False
 
     @property
     def directory(self) -> str:
@@ -96,19 +96,15 @@ class Claims:
             stream.write(payload)
         return True
 
-    def acquire_many(self, cell_ids: list[str], *, planned_at: float) -> set[str]:
-        """Claim every cell another live driver does not hold and none has stored since `planned_at`
-        (when this driver read the store); return those claimed. The claims are made side by side: on
-        an object store each is a few round trips, one after another minutes for a large grid before
-        the first cell starts."""
-        self.store.filesystem.create_dir(self.directory, recursive=True)
-        acquire = functools.partial(self._acquire, planned_at=planned_at)
-        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-            return {cell_id for cell_id, ok in zip(cell_ids, pool.map(acquire, cell_ids)) if ok}
-
-    def _acquire(self, cell_id: str, planned_at: float) -> bool:
+    def acquire(self, cell_id: str, *, planned_at: float) -> bool:
         """Claim the cell; False when another live driver holds it, or stored its row after this
-        driver planned (and released its claim: the row is written first)."""
+        driver read the store at `planned_at` (and released its claim: the row is written first).
+
+        The driver claims a cell when it hands it to a worker, not all of them up front: a second
+        driver started on the same directory then takes the cells the first has not reached yet."""
+        if not self._directory_made:
+            self.store.filesystem.create_dir(self.directory, recursive=True)
+            self._directory_made = True
         path = self._path(cell_id)
         if not self._create(path):
             if not self._is_stale(path):
@@ -131,7 +127,7 @@ class Claims:
 
     def heartbeat(self) -> None:
         """Refresh the mtime of every held claim, so long cells are not taken over by other hosts
-        (side by side, as `acquire_many`: the driver schedules no cell while this runs)."""
+        (side by side: on an object store each is a round trip, and the driver schedules no cell while this runs)."""
         payload = json.dumps({**self.owner, "heartbeat_at": time.time()}).encode()
 
         def refresh(cell_id: str) -> None:

@@ -211,7 +211,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_grid(cells)  # a grid the adaptive design cannot fit: ConfigError (exit 2) before anything is written
     _report_quarantine(scan, set_aside=True)
-    write_manifest(store, _manifest_entries(cells))
+    try:
+        write_manifest(store, _manifest_entries(cells))  # the run's first write: a directory it cannot write stops it here
+    except OSError as err:
+        raise ConfigError(f"results_dir {store.uri}: cannot write there ({err})") from err
     if args.adaptive:
         return _run_adaptive(args, spec, cells, store)
     skip = set() if args.force else {cid for cid, cell in scan.cells.items() if cell.status == "ok" or not args.retry_failed}
@@ -311,6 +314,12 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     from analysis import NoResultsError, ReportLocationError, fit_results, write_report
     from analysis.parallel import default_workers
 
+    if report and args.out:
+        try:
+            os.makedirs(args.out, exist_ok=True)  # checked before the fit, not after minutes of it
+        except OSError as err:
+            print(f"error: --out {args.out}: cannot write there ({err})", file=sys.stderr)
+            return 2
     analyse = functools.partial(write_report, out_dir=args.out) if report else fit_results
     try:
         summary = analyse(_results_dir(args.results_dir), metric=args.metric, bootstrap=args.bootstrap, x=args.x,
@@ -374,8 +383,10 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="steerscale", description="Scaling-law sweeps: steering vs fine-tuning, on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # no abbreviated flags: `--max-cell 3` silently meaning --max-cells hides typos in scripts
+    parser_class = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    parser = parser_class(prog="steerscale", description="Scaling-law sweeps: steering vs fine-tuning, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="sweep YAML, e.g. configs/quickstart.yaml")
@@ -418,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ladder", help="the offline model ladder")
-    ladder_sub = p.add_subparsers(dest="ladder_command", required=True)
+    ladder_sub = p.add_subparsers(dest="ladder_command", required=True, parser_class=parser_class)
     b = ladder_sub.add_parser("build", help="pretrain (or find cached) ladder models")
     b.add_argument("--recipe", default="default")
     b.add_argument("--sizes", nargs="*", help="sizes to build (default: all of the recipe)")
@@ -440,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     except SweepStoppedError as err:  # an expected outcome on a real cluster, not a bug: no traceback
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        done = "; every finished row is stored: rerun the same command to resume" if args.command == "run" else ""
+        print(f"\ninterrupted{done}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

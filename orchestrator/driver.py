@@ -169,13 +169,22 @@ def run_cells(
         shape = Shape(resources.cpus_per_cell, cell.gpus, resources.model_cache_bytes)
         queues.setdefault(shape, {}).setdefault(cell.config.model.model_dump_json(), deque()).append((cell, attempt))
 
-    def submit(worker: Worker, model: str) -> None:
-        cell, attempt = queues[worker.shape][model].popleft()
-        ref = worker.actor.run.options(name=cell.config.slug).remote(cell.config.model_dump_json(), attempt)  # the dashboard's task name
-        worker.running = model
-        in_flight[ref] = (worker, cell, attempt)
-        if resources.cell_timeout_s is not None:
-            deadlines[ref] = time.monotonic() + resources.cell_timeout_s
+    def submit(worker: Worker, model: str) -> bool:
+        """Hand `worker` the next cell of `model` this driver can claim; False when none is left."""
+        queue = queues[worker.shape][model]
+        while queue:
+            cell, attempt = queue.popleft()
+            if attempt == 1 and not claims.acquire(cell.cell_id, planned_at=planned_at):  # a retry keeps its claim
+                outcome.skipped_claimed += 1  # another driver runs it, or has stored it since we read the store
+                bar.total -= 1
+                continue
+            ref = worker.actor.run.options(name=cell.config.slug).remote(cell.config.model_dump_json(), attempt)  # the dashboard's task name
+            worker.running = model
+            in_flight[ref] = (worker, cell, attempt)
+            if resources.cell_timeout_s is not None:
+                deadlines[ref] = time.monotonic() + resources.cell_timeout_s
+            return True
+        return False
 
     def queued(shape: Shape) -> int:
         return sum(map(len, queues.get(shape, {}).values()))
@@ -191,8 +200,9 @@ def run_cells(
         """Give every idle worker a cell, then ask for workers while more cells wait than workers are starting."""
         for shape, by_model in queues.items():
             for worker in POOL.idle(shape):
-                if any(by_model.values()):
-                    submit(worker, next_model(worker, by_model, [w for w in POOL.workers if w is not worker]))
+                others = [w for w in POOL.workers if w is not worker]
+                while any(by_model.values()) and not submit(worker, next_model(worker, by_model, others)):
+                    pass  # every cell of that model was another driver's: try the next model
             while queued(shape) > len(POOL.pending(shape)) and POOL.has_room(shape, resources.max_workers):
                 POOL.start(shape)
         for shape in {worker.shape for worker in POOL.pending()}:
@@ -238,7 +248,11 @@ def run_cells(
         else:
             outcome.failed += 1
             bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}")
+        show_counts(refresh=False)  # the bar's count and its ok/failed move together
         bar.update()
+
+    def show_counts(refresh: bool = True) -> None:
+        bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy(), starting=len(POOL.pending()), refresh=refresh)
 
     def stop_overdue() -> None:
         """Store the cells past resources.cell_timeout_s as failed, stopping their workers."""
@@ -274,15 +288,9 @@ def run_cells(
                 bar.write(f"waiting for Ray to place workers with {what}: no live node has room yet "
                           f"(an autoscaler adds one; resources.start_timeout_s {resources.start_timeout_s:g} s)")  # fmt: skip
 
-    ordered = longest_first(cells)
-    claimed = claims.acquire_many([cell.cell_id for cell in ordered], planned_at=planned_at)
-    for cell in ordered:
-        if cell.cell_id in claimed:
-            enqueue(cell, 1)
-        else:
-            outcome.skipped_claimed += 1
-    bar = tqdm(total=sum(len(q) for by_model in queues.values() for q in by_model.values()), desc="cells",
-               unit="cell", disable=not progress, dynamic_ncols=True)  # fmt: skip
+    for cell in longest_first(cells):
+        enqueue(cell, 1)
+    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True)
     last_heartbeat = time.monotonic()
     try:
         dispatch()
@@ -335,7 +343,7 @@ def run_cells(
             stop_overdue()
             check_waits()
             dispatch()
-            bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy(), starting=len(POOL.pending()))
+            show_counts()
         unplaced = sum(len(q) for by_model in queues.values() for q in by_model.values())
         if unplaced:  # check_fits passed, so the cluster shrank (a node or the local raylet died); never return as if they had run
             raise ClusterShrankError(

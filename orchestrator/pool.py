@@ -155,9 +155,11 @@ class WorkerPool:
         self._session: str | None = None
 
     def attach(self) -> None:
-        """Forget workers of an earlier Ray connection: they died with it. (Keyed on this driver's
-        worker id: a fresh local cluster's first job reuses the same job id.)"""
-        session = ray.get_runtime_context().get_worker_id()
+        """Forget workers of an earlier Ray connection: they died with it. Keyed on the job and the
+        node this driver runs on: a fresh local cluster's first job has the old one's job id (and so
+        the same driver worker id), but a new node id; a new job on the same cluster, a new job id."""
+        context = ray.get_runtime_context()
+        session = f"{context.get_job_id()}@{context.get_node_id()}"
         if session != self._session:
             self.workers, self._session = [], session
 

@@ -81,3 +81,33 @@ def test_more_gpus_per_cell_than_the_cluster_has(tmp_path, test_ladder):
     )
     _assert_clean_error(out, "gpus_per_cell asks for 64 GPUs per cell but the cluster has 0")
     assert not list((tmp_path / "r").glob("cells/*.parquet")), "no cell may have run"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_results_dir_that_cannot_be_written_is_a_clean_error_before_ray_starts(tmp_path, test_ladder):
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "methods": {"base": {}}, "budgets": [0], "results_dir": str(tmp_path / "a-file" / "r")}))
+    _assert_clean_error(_cli("run", str(path), "--no-progress", "--no-dashboard"), f"results_dir {tmp_path / 'a-file' / 'r'}: cannot write there")
+
+
+def test_a_report_directory_that_cannot_be_written_is_refused_before_the_fit(tmp_path):
+    from datetime import datetime, timezone
+
+    from orchestrator.store import ResultsStore
+    from workers.schema import SCHEMA_VERSION
+
+    results, now = tmp_path / "results", datetime.now(timezone.utc)
+    ResultsStore(str(results)).write({"schema_version": SCHEMA_VERSION, "sweep": "s", "cell_id": "a", "slug": "a", "status": "ok",
+                                      "score": 0.5, "started_at": now, "finished_at": now})  # fmt: skip
+    (tmp_path / "a-file").write_text("")
+    _assert_clean_error(_cli("report", str(results), "--out", str(tmp_path / "a-file" / "report")), "cannot write there")
+    assert not (results / "fits.json").exists(), "the fit must not have run"
+
+
+def test_an_abbreviated_flag_is_refused(tmp_path):
+    out = _cli("run", str(tmp_path / "sweep.yaml"), "--max-cell", "3")
+    assert out.returncode == 2 and "unrecognized arguments: --max-cell 3" in out.stderr, out.stderr

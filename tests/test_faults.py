@@ -123,6 +123,23 @@ def test_driver_sigkilled_mid_sweep_resumes_without_duplicates(tmp_path, test_la
     assert rows.cell_id.is_unique and len(rows) == 16 and (rows.status == "ok").all()
 
 
+def test_ctrl_c_mid_sweep_says_how_to_resume_and_a_rerun_finishes(tmp_path, test_ladder):
+    path = _spec(tmp_path, test_ladder)
+    results = tmp_path / "results"
+    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while len(_cell_files(results)) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGINT)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130, err[-3000:]
+    assert "interrupted; every finished row is stored: rerun the same command to resume" in err and "Traceback" not in err, err[-3000:]
+    again = subprocess.run(_cli("run", str(path), "--no-progress", "--no-dashboard"), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "were left alone" not in again.stdout, again.stdout + again.stderr[-3000:]  # no claim left behind
+    rows = _rows(results)
+    assert rows.cell_id.is_unique and len(rows) == 16 and (rows.status == "ok").all()
+
+
 def test_two_drivers_never_run_the_same_cell(tmp_path, test_ladder):
     path = _spec(tmp_path, test_ladder)
     drivers = [
