@@ -21,6 +21,7 @@ from orchestrator.store import ResultsStore, StoreScan, read_manifest, write_man
 if TYPE_CHECKING:
     from orchestrator.grid import PlannedCell
     from orchestrator.spec import SweepSpec
+    from workers.cell import ModelSpec
 
 # Commands import what they need when they run: planning pulls in torch and the method modules,
 # `run` Ray, `fit` and `report` scipy and matplotlib; `status` and `--help` need none of them.
@@ -168,16 +169,28 @@ def _adaptive_flag_error(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _prepare_locally(model: ModelSpec) -> None:
+    """A local run builds each ladder rung and downloads each hub model here, once, instead of in
+    every worker at once; one that cannot be had stops the run before any cell, naming it. (On a
+    cluster, `--address`, the driver's machine may not be where the models are read.)"""
+    from workers.run_cell import prepare_model
+
+    try:
+        prepare_model(model)
+    except Exception as err:  # noqa: BLE001 - hub, network and build errors alike: re-raised as the config's problem
+        raise ConfigError(f"model {model.id} cannot be loaded here: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+
+
 def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[PlannedCell], store: ResultsStore) -> int:
     """Run the grid as an adaptive sweep (orchestrator/adaptive.py), one `run_cells` call per batch."""
     from orchestrator.adaptive import Settings, run_adaptive
     from orchestrator.driver import run_cells
-    from workers.run_cell import estimated_params, prepare_model
+    from workers.run_cell import estimated_params
 
     params = {}  # model sizes: the cost model's prior, from configs alone (ladder rungs: their recipes)
     for model in {c.config.model.id: c.config.model for c in cells}.values():
         if not args.address:
-            prepare_model(model)  # local: build each ladder rung once here, not in two workers at once
+            _prepare_locally(model)
         try:
             params[model.id] = float(estimated_params(model))
         except OSError as err:  # a hub config this driver cannot fetch: the cost model learns that model's cost from its cells
@@ -201,7 +214,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from orchestrator.driver import run_cells  # imported here: `plan` and `status` need no Ray
-    from workers.run_cell import prepare_model
 
     spec = _load_spec(args)
     planned_at = time.time()  # before the store is read: a row another driver stores after it is not run again
@@ -220,9 +232,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     skip = set() if args.force else {cid for cid, cell in scan.cells.items() if cell.status == "ok" or not args.retry_failed}
     todo = [c for c in cells if c.cell_id not in skip]
     print(f"sweep {spec.sweep}: {len(cells)} cells, {len(cells) - len(todo)} already stored, {len(todo)} to run")
-    if not args.address:  # a local run builds ladder rungs here once, instead of in every worker at once
+    if not args.address:
         for model in {c.config.model.id: c.config.model for c in todo}.values():
-            prepare_model(model)
+            _prepare_locally(model)
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,
                         dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
     print(

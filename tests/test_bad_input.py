@@ -111,3 +111,16 @@ def test_a_report_directory_that_cannot_be_written_is_refused_before_the_fit(tmp
 def test_an_abbreviated_flag_is_refused(tmp_path):
     out = _cli("run", str(tmp_path / "sweep.yaml"), "--max-cell", "3")
     assert out.returncode == 2 and "unrecognized arguments: --max-cell 3" in out.stderr, out.stderr
+
+
+def test_a_hub_model_that_cannot_be_fetched_stops_a_local_run_before_any_cell(tmp_path):
+    """Once, up front, naming the model: not one network timeout and one failed row per cell."""
+    import os
+
+    path = tmp_path / "sweep.yaml"
+    data = {**GOOD, "models": [{"id": "nobody-here/no-such-model"}], "methods": {"base": {}}, "budgets": [0], "results_dir": str(tmp_path / "r")}
+    path.write_text(yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path), "--no-progress", "--no-dashboard"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    _assert_clean_error(out, "model nobody-here/no-such-model cannot be loaded here: LocalEntryNotFoundError")
+    assert not (tmp_path / "r" / "cells").exists(), "no cell may have run"

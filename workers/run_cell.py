@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params
-from workers.cell import CellConfig, ModelSpec
+from workers.cell import LADDER_PREFIX, CellConfig, ModelSpec
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import NeutralReference, neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
@@ -87,9 +87,22 @@ def model_revision(spec: ModelSpec) -> str | None:
     return ladder_revision(spec)
 
 
+# what `load_language_model` reads of a hub repository (safetensors weights only): not .bin/.pt copies
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
 def prepare_model(spec: ModelSpec) -> str:
-    """Make the model available before cells need it (builds a ladder rung once); returns its path."""
-    return resolve_path(spec)
+    """Make the model available before cells need it: build a ladder rung, or download a hub model's
+    files into the local hub cache, once, here (a local run's driver) instead of in every worker at
+    once. A hub model that cannot be fetched fails here, once, instead of in each of its cells after
+    a network timeout. Returns the path `from_pretrained` reads."""
+    path = resolve_path(spec)
+    if not spec.id.startswith(LADDER_PREFIX) and not os.path.isdir(spec.id):
+        from huggingface_hub import snapshot_download
+
+        patterns = [*HUB_FILES, "*.py"] if spec.trust_remote_code else HUB_FILES
+        snapshot_download(spec.id, revision=spec.revision, allow_patterns=patterns)  # a cached snapshot is used offline
+    return path
 
 
 @dataclass
