@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.capability import AXES, split_by_family
-from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling
+from analysis.crossover import MIN_TREND_MODELS, Crossover, CrossoverScaling, crossover_scaling
 from analysis.curves import LawFit, joint_fits
+from analysis.fitting import MIN_DISTINCT
 
 TREND = "D* ∝ x^gamma"
 
@@ -41,7 +42,8 @@ class AxisScore:
     exponent: float  # alpha of a law, gamma of a trend
     held_out: str
     holdout_error: float  # metric units for a law; mean |ln D*| missed for a trend
-    message: str
+    message: str  # why a law was not fitted
+    models: int  # models a law had usable cells of; for a trend, models with a finite D*
 
     def record(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -86,10 +88,28 @@ class AxisComparison:
                 errors[s.x] = s.holdout_error
         return [(*key, e, min(e, key=e.get) if len(e) >= 2 else "-") for key, e in groups.items() if e]
 
+    def why_no_errors(self) -> str:
+        """Why no law or trend has a held-out error, in the sweep's own counts: with three models a joint law
+        is fitted, but leaving its top model out leaves two, too few to fit it again."""
+        laws = [s for s in self.scores if s.law != TREND]
+        fitted = [s.models for s in laws if not s.message]
+        if fitted:
+            most = max(fitted)
+            short = f": {most - 1} left, fewer than the {MIN_DISTINCT} a law needs" if most - 1 < MIN_DISTINCT else ""
+            law = f"the joint laws were fitted over at most {most} models, but not again without the top one{short}"
+        else:
+            law = f"no joint law could be fitted ({laws[0].message})" if laws else "no axis has values to fit a joint law on"
+        crossing = max((s.models for s in self.scores if s.law == TREND), default=0)
+        finite = f"at most {crossing} models" if crossing else "fewer than two models"
+        trend = (f"the D* trend has {finite} with a finite D* (fine-tuning overtaking inside the measured range), "
+                 f"and leaving each out needs {MIN_TREND_MODELS}")  # fmt: skip
+        return f"{law}; {trend}"
+
 
 def _law_score(f: LawFit) -> AxisScore:
     exponent = f.fit.params["alpha"] if f.ok else np.nan
-    return AxisScore(f.task, f.method, f.law.name, str(f.x), exponent, f.holdout, f.holdout_error, f.message)
+    models = len(np.unique(f.points.n))
+    return AxisScore(f.task, f.method, f.law.name, str(f.x), exponent, f.holdout, f.holdout_error, f.message, models)
 
 
 def compare_axes(
@@ -107,7 +127,8 @@ def compare_axes(
         laws = done or joint_fits(frame, metric=metric, axis=axis, bootstrap=0, seed=seed, pool=pool, pooled=True)
         scores += [_law_score(f) for f in laws]
         scored = crossover_scaling(crossovers, capabilities, axis, pooled=True)
-        scores += [AxisScore(t.task, f"{t.steering} -> {t.finetuning}", TREND, name, t.gamma, "each model", t.holdout_error, "") for t in scored]
+        scores += [AxisScore(t.task, f"{t.steering} -> {t.finetuning}", TREND, name, t.gamma, "each model", t.holdout_error, "", t.n_models)
+                   for t in scored]  # fmt: skip
         split = split_by_family(axis, capabilities)
         trends += crossover_scaling(crossovers, capabilities, axis) if split else scored
         pooled += [name] if split else []

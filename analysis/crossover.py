@@ -19,6 +19,7 @@ from analysis.methods import method_kind
 from analysis.metrics import HIGHER_IS_BETTER, from_loss
 
 GRID_POINTS = 512
+MIN_TREND_MODELS = 3  # models with a finite D* before a trend is stated or drawn: a line through two fits them exactly
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,11 @@ class CrossoverScaling:
         return {k: v for k, v in self.__dict__.items() if k != "family" or self.family}
 
     @property
+    def enough_models(self) -> bool:
+        """Through MIN_TREND_MODELS crossing models or more: fewer leave the line no error to show (README: a finding from three models on)."""
+        return self.n_models >= MIN_TREND_MODELS
+
+    @property
     def has_interval(self) -> bool:
         """Resampled: without resamples (--bootstrap 0), or with a slope in too few of them, the trend is a line through points, not a finding."""
         return bool(np.isfinite(self.gamma_lo) and np.isfinite(self.gamma_hi))
@@ -214,7 +220,9 @@ class CrossoverScaling:
     def describe(self) -> str:
         """The trend in words, with its interval (whether it excludes 0) and the models it leaves out."""
         others = f"; on the other {self.n_pairs - self.n_models} fine-tuning does not overtake inside the range" if self.n_pairs > self.n_models else ""
-        if not self.has_interval:
+        if not self.enough_models:
+            ci = f"; a line through {self.n_models} points, not a finding (it needs {MIN_TREND_MODELS} models with a finite D*)"
+        elif not self.has_interval:
             ci = "; no interval, so not a finding"
         elif self.gamma_lo > 0 or self.gamma_hi < 0:
             ci = f"; 95 % interval [{self.gamma_lo:.2f}, {self.gamma_hi:.2f}], which excludes 0"
@@ -233,7 +241,7 @@ def _leave_one_out(logx: np.ndarray, logd: np.ndarray) -> float:
             return np.nan
         slope, intercept = np.polyfit(logx[rest], logd[rest], 1)
         errors.append(abs(slope * logx[i] + intercept - logd[i]))
-    return float(np.mean(errors)) if len(errors) >= 3 else np.nan
+    return float(np.mean(errors)) if len(errors) >= MIN_TREND_MODELS else np.nan
 
 
 def _resampled_slopes(logx: np.ndarray, overtakes: np.ndarray) -> np.ndarray:

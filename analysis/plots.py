@@ -63,7 +63,8 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     """D* against each axis (parameters and capabilities) with bootstrap CIs, log-log, one panel per
     axis that has values; marker = model family, colour = steering × fine-tuning pair, line = the
     least-squares trend D* ∝ x^gamma as the analysis states it: over every family pooled (the point of a
-    capability axis), one line per family on parameters when there are several.
+    capability axis), one line per family on parameters when there are several, and only through three
+    models with a finite D* or more (crossover.MIN_TREND_MODELS), as the text states it.
     An interval end outside the measured range (a censored D*) is drawn to the range's edge."""
     found = [c for c in analysis.crossovers if c.task == task and c.outcome == "crosses"]
     table = analysis.capabilities[analysis.capabilities["task"] == task].set_index("model")
@@ -76,7 +77,7 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     markers = dict(zip(families, "osD^vPX<>*" * 3))
     trends: dict[tuple[str, str, str], list[CrossoverScaling]] = {}
     for s in analysis.axes.trends:
-        if s.task == task:
+        if s.task == task and s.enough_models:
             trends.setdefault((s.x, s.steering, s.finetuning), []).append(s)
     fig, panels = plt.subplots(1, len(axes), figsize=(4.6 * len(axes), 3.9), squeeze=False, sharey=True)
     for ax, axis in zip(panels[0], axes):

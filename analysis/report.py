@@ -105,7 +105,7 @@ def _findings(a: Analysis) -> list[Block]:
     if shaky:
         lines.append(f"In {shaky} of the {len(fitted)} fits a term is ≈ 0 in over {1 - CI_LEVEL:.0%} of the bootstrap resamples (marked "
                      "'not identified in … of resamples'): the exponent's value is shown, without an interval.")
-    trends = [s for s in a.scaling if s.n_models >= MIN_TREND_MODELS]  # a line through two points has no error to show
+    trends = [s for s in a.scaling if s.enough_models]
     lines += [s.describe() + "." for s in trends if s.has_interval]
     bare = sum(not s.has_interval for s in trends)
     if bare:
@@ -158,7 +158,6 @@ def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
 
 
 CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead", "tied": "tied", "no_overlap": "no shared budgets", "not_finite": "not finite"}
-MIN_TREND_MODELS = 3  # crossing models before "What the fits say" states a D* trend
 
 
 def composition_finding(g: CompositionGain, compared: int) -> str:
@@ -256,7 +255,7 @@ def _capability(a: Analysis) -> list[Block]:
         blocks.append(Table(("task", "model", "family", *AXES), rows))
     groups = a.axes.error_table()
     if not groups:
-        return [*blocks, Paragraph("No joint law or crossover trend could be fitted on any axis (they need three models).")]
+        return [*blocks, Paragraph(f"No axis has a held-out error to compare: {a.axes.why_no_errors()}.")]
     rows = [(task, subject, law, *(_num(errors.get(x, np.nan)) for x in AXES), tightest) for task, subject, law, errors, tightest in groups]
     blocks.append(Paragraph(f"Held-out error per axis: laws in `{a.metric}` units, the trend {TREND} in mean |ln D*| missed."))
     blocks.append(Table(("task", "method / pair", "law", *AXES, "tightest"), rows))

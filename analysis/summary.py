@@ -144,7 +144,7 @@ def axes_text(a: Analysis) -> list[str]:
     """Which x gives the tighter law: held-out error per group and axis, then the verdict."""
     groups = a.axes.error_table()
     if not groups:
-        return ["x-axis comparison: no joint law or crossover trend could be fitted on any axis"]
+        return [f"x-axis comparison: no axis has a held-out error to compare: {a.axes.why_no_errors()}"]
     names = [v.x for v in a.axes.verdicts]
     table = [("task", "method / pair", "law", *names, "tightest")]
     table += [(task, subject, law, *(f"{errors[x]:.3g}" if x in errors else "-" for x in names), tightest)

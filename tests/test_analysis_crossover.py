@@ -10,12 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import analysis
 import analysis.plots as plots
 from analysis.capability import get_axis
 from analysis.crossover import Crossover, CrossoverScaling, crossover, crossover_scaling, find_crossovers, lead_from
 from analysis.curves import fit_curves
-from analysis.report import _findings
+from analysis.report import _capability, _findings
 from analysis.synthetic import TrueCurve, synthetic_rows
+from test_analysis_capability import MODELS
+from test_analysis_results import STEER, TUNE, write_cells
+
+AHEAD = TrueCurve(e=0.1, b=0.2, beta=0.4)  # a steering curve below TUNE's loss over every budget
 
 
 def _crossover(model: str, d_star: float, lo: float, hi: float, n_params: float = 1e6) -> Crossover:
@@ -62,6 +67,43 @@ def test_the_plot_draws_each_interval_from_its_own_ends(tmp_path: Path, monkeypa
     assert plots.crossover_plot(a, "t", tmp_path / "x.png") is not None
     spans = sorted((float(min(s[:, 1])), float(max(s[:, 1]))) for col in figures[0].axes[0].collections for s in col.get_segments())
     assert spans == [(4.0, 70.0), (4.0, 1024.0), (120.0, 300.0)]
+
+
+@pytest.mark.parametrize("crossing", [2, 3])
+def test_the_plot_draws_a_d_star_trend_only_where_the_text_states_one(crossing: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three models, fine-tuning overtaking on `crossing` of them: a line through two D* fitted them exactly and was
+    drawn with its γ while the text said no trend could be fitted; from three models on both state it."""
+    sizes = {"a": 1e6, "b": 4e6, "c": 16e6}
+    found = [_crossover(m, 10 * (n / 1e6) ** 0.5, 5.0, 100.0, n) for m, n in list(sizes.items())[3 - crossing :]]
+    capabilities = pd.DataFrame({"task": "t", "model": list(sizes), "family": "f", "params": list(sizes.values()),
+                                 "neutral_loss": np.nan, "task_score": np.nan})  # fmt: skip
+    trends = crossover_scaling(found, capabilities, get_axis("params"))
+    assert [t.n_models for t in trends] == [crossing]
+    a = SimpleNamespace(crossovers=found, capabilities=capabilities, axes=SimpleNamespace(trends=trends))
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    assert plots.crossover_plot(a, "t", tmp_path / "x.png") is not None
+    labels = [line.get_label() for line in figures[0].axes[0].get_lines() if "γ=" in line.get_label()]
+    assert len(labels) == (crossing >= 3), labels
+    assert ("a line through 2 points, not a finding" in trends[0].describe()) == (crossing < 3)
+
+
+def test_no_axis_error_says_why_when_there_were_three_models(tmp_path: Path) -> None:
+    """Three models fit a joint law, but leaving out the top one leaves two; fine-tuning overtakes on two of
+    them, and a trend through two D* has no leave-one-out error. The report said "they need three models"."""
+    models = MODELS[:3]  # one family, so parameters pool too
+    curves = {("t", "lora", m.name): TUNE for m in models}
+    curves |= {("t", "steer_mean", m.name): STEER for m in models[:2]} | {("t", "steer_mean", models[2].name): AHEAD}
+    rows = synthetic_rows(curves, {m.name: m.params for m in models}, (8, 32, 128, 512, 2048), seeds=2, noise=0.01, rng=np.random.default_rng(0))
+    by_name = {m.name: m for m in models}
+    write_cells(tmp_path, [dict(row, **by_name[row["model"]].columns()) for row in rows])
+    summary = analysis.fit_results(str(tmp_path), bootstrap=0)
+    assert sorted(c.outcome for c in summary.analysis.crossovers) == ["crosses", "crosses", "steering_ahead"]
+    report = " ".join(b.text for b in _capability(summary.analysis) if hasattr(b, "text"))
+    for text in (report, summary.to_text()):
+        assert "they need three models" not in text and "could be fitted on any axis" not in text
+        assert "fitted over at most 3 models, but not again without the top one: 2 left, fewer than the 3 a law needs" in text
+        assert "the D* trend has at most 2 models with a finite D*" in text
 
 
 def _trend_pairs(resamples: int) -> tuple[list[Crossover], pd.DataFrame]:
