@@ -137,3 +137,11 @@ def test_a_models_family_is_its_name_without_the_size():
              "t5-small": "t5", "t5-base": "t5"}  # fmt: skip
     assert {name: ModelSpec(id=name).family_name for name in names} == names
     assert ModelSpec(id="gpt2", family="mine").family_name == "mine"
+
+
+def test_a_budget_of_exactly_the_tasks_pool_is_planned(write_sweep):
+    from workers.tasks import get_task
+
+    pool = get_task("facts").pool_size("train")
+    spec = {**SPEC, "models": [{"id": "ladder:test/xs"}], "methods": {"steer_mean": {}}, "method_budgets": {}, "budgets": [pool], "seeds": [0]}
+    assert [c.config.budget for c in expand(load_spec(write_sweep(spec)))] == [pool]

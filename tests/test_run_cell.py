@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -150,7 +152,7 @@ def test_a_model_whose_outputs_go_nan_is_a_failed_row_not_an_ok_one(model_id, tm
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     row = run_cell(_cell(str(broken), "base"), CellRun(cache=WorkerCache()))
     assert row["status"] == "failed" and "NonFiniteMetricError" in row["error"], row.get("error")
-    assert "nll=nan" in row["error"] and row.get("score") is None
+    assert re.search(r"(^|[ ,])nll=nan", row["error"]) and row.get("score") is None  # the test NLL itself, not only base_neutral_nll
 
 
 def test_a_hub_model_row_records_the_commit_its_weights_came_from(model_id, tmp_path):
@@ -179,3 +181,20 @@ def test_a_hub_model_row_records_the_commit_its_weights_came_from(model_id, tmp_
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     row = pq.read_table(tmp_path / "row.parquet").to_pylist()[0]
     assert row["status"] == "ok" and json.loads(row["versions"])["model_commit"] == commit
+
+
+def test_a_rows_base_columns_are_the_base_models_and_its_deltas_are_adapted_minus_base(model_id, monkeypatch):
+    """nll_base and score_base are what a `base` cell measures; offtask_score_delta is the adapted
+    model's off-task score minus the base model's, in that order (a flipped sign reads damage as gain)."""
+    from workers.tasks import get_task
+
+    lora = _cell(model_id, "lora", settings={"train": {"lr": 1e-2, "min_steps": 8, "max_steps": 8, "checkpoints": 0}})
+    base = _measured(run_cell(_cell(model_id, "base"), CellRun(cache=WorkerCache())))
+    arith = type(get_task("arith"))
+    scores = []  # every off-task evaluation of the LoRA cell, in order: the base model's, then the adapted one's
+    evaluate = arith.evaluate
+    monkeypatch.setattr(arith, "evaluate", lambda self, lm, examples: scores.append(evaluate(self, lm, examples)) or scores[-1])
+    row = _measured(run_cell(lora, CellRun(cache=WorkerCache())))
+    assert (row["nll_base"], row["score_base"]) == (base["nll"], base["score"]) and row["nll"] != row["nll_base"]
+    assert len(scores) == 2 and scores[0].score != scores[1].score, "the LoRA must move the off-task score for the sign to show"
+    assert row["offtask_score_delta"] == pytest.approx(scores[1].score - scores[0].score)

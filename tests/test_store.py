@@ -80,7 +80,8 @@ def test_write_killed_halfway_leaves_no_readable_partial_file(tmp_path):
     assert "k1.parquet" not in leftovers
     assert any(name.startswith(".tmp-") for name in leftovers), "the kill should have hit the temp file"
     store = ResultsStore(str(results))
-    assert store.scan().status == {} and store.read().num_rows == 0
+    scan = store.scan()
+    assert scan.status == {} and scan.quarantined == [] and store.read().num_rows == 0, "a write in flight is not a broken file"
 
 
 def test_truncated_and_foreign_files_are_set_aside_and_reported(tmp_path):
@@ -90,10 +91,11 @@ def test_truncated_and_foreign_files_are_set_aside_and_reported(tmp_path):
     data = (cells / "good.parquet").read_bytes()
     (cells / "trunc.parquet").write_bytes(data[: len(data) // 2])
     (cells / "foreign.parquet").write_bytes(b"not parquet at all")
+    (cells / "renamed.parquet").write_bytes(data)  # a whole row under another cell's name: `good`'s row twice
     scan = store.scan()
     assert scan.status == {"good": "ok"}
-    assert sorted(name for name, _ in scan.quarantined) == ["foreign.parquet", "trunc.parquet"]
-    assert sorted(os.listdir(tmp_path / "r" / "quarantine")) == ["foreign.parquet", "trunc.parquet"]
+    assert sorted(name for name, _ in scan.quarantined) == ["foreign.parquet", "renamed.parquet", "trunc.parquet"]
+    assert sorted(os.listdir(tmp_path / "r" / "quarantine")) == ["foreign.parquet", "renamed.parquet", "trunc.parquet"]
     assert store.read().num_rows == 1
 
 

@@ -12,6 +12,7 @@ from workers.training import MasterWeights, NonFiniteLossError, TrainConfig, che
 def test_step_count_and_checkpoints():
     config = TrainConfig(epochs=2, batch_size=4, min_steps=3, max_steps=10)
     assert steps_for(1, config) == 3 and steps_for(12, config) == 6 and steps_for(100, config) == 10
+    assert steps_for(13, config) == 8  # a last, partial batch is a step of its own: 2 epochs of ceil(13/4)
     assert checkpoint_steps(10, 4) == [0, 2, 5, 8, 10]
     assert checkpoint_steps(2, 4) == [0, 1, 2]
 
@@ -103,3 +104,22 @@ def test_an_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
     weights.backward((weight * 1e-8).sum())  # a gradient of 1e-8 is 0 in fp16; scaled by 2^15 it survives the backward
     assert weights.gradients_to_masters()
     assert weights.masters[0].grad == pytest.approx(torch.full((4,), 1e-8), rel=1e-2) and weight.grad is None
+
+
+def test_sequence_tokens_count_the_real_tokens_not_the_padding():
+    """post_train_flops is 6·N·sequence_tokens: padding to a batch's longest example is not work the method needs."""
+    from workers.tasks import get_task
+    from workers.training import batch_order
+
+    lm = language_model()
+    examples = get_task("gridworld").examples("train", 24, 0)  # prompts of very different lengths
+    lengths = [len(pair.ids) for pair in lm.encode_pairs([e.prompt for e in examples], [e.target for e in examples])]
+    assert len(set(lengths)) > 1
+    param = torch.nn.Parameter(torch.zeros(()))
+    handle = lm.model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out + param)
+    config = TrainConfig(lr=0.1, min_steps=5, max_steps=5, batch_size=8, checkpoints=0)
+    try:
+        result = train(lm, [param], examples, config, seed=1)
+    finally:
+        handle.remove()
+    assert result.sequence_tokens == sum(lengths[i] for take in batch_order(len(examples), 5, 8, 1) for i in take)
