@@ -169,6 +169,13 @@ def _adaptive_flag_error(args: argparse.Namespace) -> str | None:
     return None
 
 
+def cells_to_run(cells: list[PlannedCell], scan: StoreScan, *, force: bool, retry_failed: bool) -> list[PlannedCell]:
+    """Those without a stored row; with `retry_failed` also the failed ones; with `force` all of them."""
+    if force:
+        return list(cells)
+    return [c for c in cells if c.cell_id not in scan.cells or (retry_failed and scan.cells[c.cell_id].status == "failed")]
+
+
 def _prepare_locally(model: ModelSpec) -> None:
     """A local run builds each ladder rung and downloads each hub model here, once, instead of in
     every worker at once; one that cannot be had stops the run before any cell, naming it. (On a
@@ -229,8 +236,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"results_dir {store.uri}: cannot write there ({err})") from err
     if args.adaptive:
         return _run_adaptive(args, spec, cells, store)
-    skip = set() if args.force else {cid for cid, cell in scan.cells.items() if cell.status == "ok" or not args.retry_failed}
-    todo = [c for c in cells if c.cell_id not in skip]
+    todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)
     print(f"sweep {spec.sweep}: {len(cells)} cells, {len(cells) - len(todo)} already stored, {len(todo)} to run")
     if not args.address:
         for model in {c.config.model.id: c.config.model for c in todo}.values():

@@ -224,3 +224,19 @@ def test_status_goes_by_the_rows_when_the_plan_file_is_damaged(tmp_path, capsys)
     assert main(["status", str(tmp_path / "r")]) == 0
     captured = capsys.readouterr()
     assert "plan.json is unreadable" in captured.err and ": 1 ok, 0 failed, 0 remaining" in captured.out
+
+
+def test_a_rerun_runs_the_unstored_cells_and_failed_ones_only_when_asked(tmp_path):
+    from orchestrator.cli import cells_to_run
+    from orchestrator.store import StoredCell, StoreScan
+
+    class Planned:  # what cells_to_run reads of a planned cell
+        def __init__(self, cell_id: str) -> None:
+            self.cell_id = cell_id
+
+    cells = [Planned(i) for i in ("ok", "failed", "new")]
+    scan = StoreScan(cells={"ok": StoredCell("ok", "ok", "m", "base", 1.0), "failed": StoredCell("failed", "failed", "m", "base", None)})
+    ids = lambda **flags: [c.cell_id for c in cells_to_run(cells, scan, **flags)]  # noqa: E731
+    assert ids(force=False, retry_failed=False) == ["new"]
+    assert ids(force=False, retry_failed=True) == ["failed", "new"]
+    assert ids(force=True, retry_failed=False) == ["ok", "failed", "new"]
