@@ -149,7 +149,8 @@ def _print_cell(spec: SweepSpec, wanted: str) -> int:
         slugs = [c.config.slug for c in planned]
         raise ConfigError(f"--cell {wanted}: no such cell in {spec.sweep}{did_you_mean(wanted, slugs)}; `steerscale plan` lists the grid")
     if len(found) > 1:
-        raise ConfigError(f"--cell {wanted}: {len(found)} cells share that slug; give one of their ids: {', '.join(c.cell_id for c in found)}")
+        which = ", ".join(f"{c.cell_id} ({c.config.model.id})" for c in found)
+        raise ConfigError(f"--cell {wanted}: {len(found)} cells share that slug; give one of their ids: {which}")
     print(found[0].config.model_dump_json(indent=2))
     return 0
 

@@ -145,3 +145,16 @@ def test_a_budget_of_exactly_the_tasks_pool_is_planned(write_sweep):
     pool = get_task("facts").pool_size("train")
     spec = {**SPEC, "models": [{"id": "ladder:test/xs"}], "methods": {"steer_mean": {}}, "method_budgets": {}, "budgets": [pool], "seeds": [0]}
     assert [c.config.budget for c in expand(load_spec(write_sweep(spec)))] == [pool]
+
+
+def test_a_slug_two_models_share_is_refused_with_each_ids_model(write_sweep, capsys):
+    """`ladder:test/xs` and `ladder:xs` both slug as ladder-xs: `plan --cell` must say which id is which."""
+    from orchestrator.cli import main
+
+    spec = {**SPEC, "models": [{"id": "ladder:test/xs"}, {"id": "ladder:xs"}], "methods": {"base": {}}, "method_budgets": {}, "budgets": [0], "seeds": [0]}
+    path = write_sweep(spec)
+    cells = expand(load_spec(path))
+    assert cells[0].config.slug == cells[1].config.slug
+    assert main(["plan", str(path), "--cell", cells[0].config.slug]) == 2
+    err = capsys.readouterr().err
+    assert all(f"{c.cell_id} ({c.config.model.id})" in err for c in cells), err
