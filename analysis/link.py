@@ -30,11 +30,31 @@ class SigmoidLink:
     n_points: int
     rmse: float
 
+    @property
+    def inverted(self) -> bool:
+        """The score rises with the loss over these cells (ceiling below floor; slope is positive by its bounds).
+
+        The fit is left free rather than held to ceiling ≥ floor: held, it would come out a flat line that hides
+        what the cells show. But such a fit does not describe "lower loss → higher score", so it is flagged and
+        cannot turn a loss curve into a score curve.
+        """
+        return self.ceiling < self.floor
+
+    @property
+    def note(self) -> str:
+        """Why the link must not be used ('' when it may)."""
+        if not self.inverted:
+            return ""
+        return (f"inverted: the score rises with the loss across these cells (floor {self.floor:.3g} above ceiling {self.ceiling:.3g}), "
+                "not lower loss → higher score; do not use it to translate a loss into a score")  # fmt: skip
+
     def score(self, loss: np.ndarray | float) -> np.ndarray:
+        if self.inverted:
+            raise ValueError(f"{self.task}: {self.note}")
         return sigmoid_score(np.asarray(loss, dtype=float), self.floor, self.ceiling, self.slope, self.midpoint)
 
     def record(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "note": self.note}
 
 
 def sigmoid_score(loss: np.ndarray, floor: float, ceiling: float, slope: float, midpoint: float) -> np.ndarray:

@@ -334,13 +334,16 @@ def _compositions(a: Analysis) -> list[Block]:
 
 
 def _links(a: Analysis) -> list[Block]:
-    rows = [(k.task, _num(k.floor), _num(k.ceiling), _num(k.slope), _num(k.midpoint), str(k.n_points), _num(k.rmse)) for k in a.links]
+    rows = [(k.task, _num(k.floor), _num(k.ceiling), _num(k.slope), _num(k.midpoint), str(k.n_points), _num(k.rmse), k.note or "ok")
+            for k in a.links]  # fmt: skip
     if not rows:
         return [Heading("From loss to score"), Paragraph("Too few cells per task to fit a sigmoid link.")]
     return [Heading("From loss to score"),
             Paragraph("score = floor + (ceiling − floor) / (1 + exp(slope · (nll − midpoint))), fitted per task over every ok cell: "
-                      "how a fitted NLL curve translates into the bounded score, and how tightly score follows loss (rmse)."),
-            Table(("task", "floor", "ceiling", "slope", "midpoint", "n", "rmse"), rows)]  # fmt: skip
+                      "how a fitted NLL curve translates into the bounded score, and how tightly score follows loss (rmse). "
+                      "A link with its floor above its ceiling is inverted (the score rises with the loss over these cells) and "
+                      "is marked: it does not translate a loss into a score."),
+            Table(("task", "floor", "ceiling", "slope", "midpoint", "n", "rmse", "status"), rows)]  # fmt: skip
 
 
 def _selectivity(a: Analysis) -> list[Block]:

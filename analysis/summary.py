@@ -119,9 +119,10 @@ class FitSummary:
         if a.links:
             lines.append("sigmoid links, score = floor + (ceiling - floor) / (1 + exp(slope (nll - midpoint))):")
             for k in a.links:
+                flag = f"; {k.note}" if k.note else ""
                 lines.append(
                     f"  {k.task}: floor {k.floor:.3g}, ceiling {k.ceiling:.3g}, slope {k.slope:.3g}, "
-                    f"midpoint {k.midpoint:.3g} (n {k.n_points}, rmse {k.rmse:.3g})"
+                    f"midpoint {k.midpoint:.3g} (n {k.n_points}, rmse {k.rmse:.3g}){flag}"
                 )
         lines += axes_text(a)
         lines += [f"wrote {path}" for path in self.paths.values()]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from analysis.link import fit_links, fit_sigmoid_link, sigmoid_score
+from analysis.report import _links
 
 TRUE = {"floor": 0.2, "ceiling": 0.9, "slope": 6.0, "midpoint": 1.2}
 
@@ -36,3 +39,19 @@ def test_tasks_with_too_few_points_are_left_out():
     assert [k.task for k in links] == ["a"]
     with pytest.raises(ValueError, match="at least 6 points"):
         fit_sigmoid_link(np.array([1.0, 2.0]), np.array([0.5, 0.4]))
+
+
+def test_a_link_where_the_score_rises_with_the_loss_is_flagged_and_not_used():
+    """Across models the score can rise with the NLL (a larger model scoring better with a higher NLL): the fit
+    then puts its floor above its ceiling, and was printed as a link without comment."""
+    rng = np.random.default_rng(2)
+    loss = rng.uniform(1.6, 2.6, 200)
+    score = sigmoid_score(loss, floor=0.9, ceiling=0.1, slope=8.0, midpoint=2.1) + rng.normal(0, 0.02, loss.size)
+    (link,) = fit_links(pd.DataFrame({"task": "arith", "nll": loss, "score": score}))
+    assert link.floor > link.ceiling
+    with pytest.raises(ValueError, match="inverted"):
+        link.score(2.0)
+    (table,) = [b for b in _links(SimpleNamespace(links=[link])) if hasattr(b, "rows")]
+    assert "do not use it to translate a loss into a score" in table.rows[0][-1]
+    assert link.inverted and link.record()["note"] == link.note == table.rows[0][-1]
+    assert fit_sigmoid_link(loss, sigmoid_score(loss, **TRUE), "t").note == ""
