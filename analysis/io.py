@@ -38,14 +38,24 @@ class SkippedFile:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """The cells a sweep planned, and what to call that plan in notes: the results directory's
+    plan.json (the latest run's), or a sweep YAML's own grid (`steerscale fit CONFIG.yaml`)."""
+
+    name: str
+    cell_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
 class LoadedResults:
     """All rows found (ok and failed) and the files that could not be read, with why."""
 
     frame: pd.DataFrame
     skipped: tuple[SkippedFile, ...]
-    unplanned: int = 0  # stored rows of cells the sweep's plan.json does not list (see `load_rows_to_fit`)
+    unplanned: int = 0  # stored rows of cells the plan does not list (see `load_rows_to_fit`)
     planned_only: bool = False  # whether those rows were left out
     superseded: int = 0  # unplanned rows left out because the plan's cell of the same slug has a row
+    plan_name: str = "plan.json"  # the plan those counts are against
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -110,12 +120,12 @@ def load_results(results_dir: str) -> LoadedResults:
     return LoadedResults(frame.reset_index(drop=True), tuple(skipped))
 
 
-def load_rows_to_fit(results_dir: str, *, planned_only: bool = False) -> LoadedResults:
+def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan | None = None) -> LoadedResults:
     """`load_results` for the fit and the report: a directory that does not exist is a mistyped path.
 
     An existing one without rows yet (a sweep just started) still gets its "0 rows" fit and report.
-    Rows of cells that the sweep's latest plan (`plan.json`, written by `steerscale run`) does not
-    list are counted, and left out with `planned_only`: they come from an earlier config (another
+    Rows of cells that the plan (`plan`, by default the sweep's latest, `plan.json`, written by
+    `steerscale run`) does not list are counted, and left out with `planned_only`: they come from an earlier config (another
     LoRA rank: a curve should not mix the two) or from a run that planned fewer seeds or budgets
     (rows a curve should keep), which only the user can tell apart. One case is not ambiguous: an
     unplanned row whose slug (model, task, method, budget, seed) belongs to a planned cell that has its
@@ -126,15 +136,17 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False) -> LoadedR
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise NoResultsError(f"no results directory {results_dir}: give a sweep's results_dir, or its YAML")
     loaded = load_results(results_dir)
-    planned = planned_cells(fs, root)
-    if planned is None or not len(loaded.frame):
+    if plan is None:
+        stored_plan = planned_cells(fs, root)
+        plan = None if stored_plan is None else Plan(PLAN_NAME, frozenset(stored_plan))
+    if plan is None or not len(loaded.frame):
         return loaded
     frame = loaded.frame
-    listed = frame["cell_id"].isin(planned)
+    listed = frame["cell_id"].isin(plan.cell_ids)
     superseded = ~listed & frame["slug"].isin(set(frame.loc[listed, "slug"]))
     keep = listed if planned_only else ~superseded
     return LoadedResults(frame[keep].reset_index(drop=True), loaded.skipped, int((~listed & ~superseded).sum()), planned_only,
-                         int(superseded.sum()))  # fmt: skip
+                         int(superseded.sum()), plan.name)  # fmt: skip
 
 
 def unplanned_note(loaded: LoadedResults) -> str:
@@ -144,10 +156,11 @@ def unplanned_note(loaded: LoadedResults) -> str:
     if not loaded.unplanned:
         return superseded
     if loaded.planned_only:
-        unplanned = f"left out {loaded.unplanned} stored rows of cells not in plan.json (drop --planned-only to fit them)"
+        unplanned = f"left out {loaded.unplanned} stored rows of cells not in {loaded.plan_name} (drop --planned-only to fit them)"
     else:
-        unplanned = (f"{loaded.unplanned} stored rows are of cells not in plan.json, the latest run's plan: fitted too; if they "
-                     "come from an earlier config of a method (not just other seeds or budgets), --planned-only leaves them out")
+        which = ", the latest run's plan" if loaded.plan_name == PLAN_NAME else ""
+        unplanned = (f"{loaded.unplanned} stored rows are of cells not in {loaded.plan_name}{which}: fitted too; if they come "
+                     "from an earlier config of a method or another sweep (not just other seeds or budgets), --planned-only leaves them out")
     return "; ".join(filter(None, [unplanned, superseded]))
 
 

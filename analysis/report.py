@@ -23,7 +23,7 @@ from analysis.composition import CompositionGain, holm
 from analysis.crossover import Crossover
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
-from analysis.io import load_rows_to_fit, resolve, unplanned_note
+from analysis.io import Plan, load_rows_to_fit, resolve, unplanned_note
 from analysis.metrics import HIGHER_IS_BETTER
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, save_fits
@@ -459,18 +459,18 @@ class ReportLocationError(ValueError):
 
 def write_report(
     results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
-    planned_only: bool = False, out_dir: str | None = None,
+    planned_only: bool = False, plan: Plan | None = None, out_dir: str | None = None,
 ) -> FitSummary:
     """Analyse the cells once, save the fits (as `fit_results` does, beside the cells, remote too)
     and write the report to `out_dir`: a local directory, by default `<results_dir>/report` when
     the results are local. `x` is what stands for N in the joint laws: "params", "neutral_loss" or
-    "task_score"; `workers` as for `fit_results`. The returned summary's `paths` include "report.html".
+    "task_score"; `workers` and `plan` as for `fit_results`. The returned summary's `paths` include "report.html".
     """
     get_axis(x)  # a wrong name fails before any file is read or written
     fs, root = resolve(results_dir)
     if out_dir is None and fs.type_name != "local":
         raise ReportLocationError(f"{results_dir} is not on a local disk: give a local directory for the report's plots and pages (--out DIR)")
-    a = analyse(load_rows_to_fit(results_dir, planned_only=planned_only), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
+    a = analyse(load_rows_to_fit(results_dir, planned_only=planned_only, plan=plan), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     paths = save_fits(results_dir, a)
     out = Path(out_dir) if out_dir is not None else Path(root) / "report"
     out.mkdir(parents=True, exist_ok=True)

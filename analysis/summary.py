@@ -15,7 +15,7 @@ from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, f
 from analysis.curves import LawFit, fit_curves
 from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
-from analysis.io import LoadedResults, load_rows_to_fit, unplanned_note, write_json, write_table
+from analysis.io import LoadedResults, Plan, load_rows_to_fit, unplanned_note, write_json, write_table
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric
 from analysis.parallel import worker_pool
@@ -186,14 +186,15 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
 
 def fit_results(
     results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
-    planned_only: bool = False,
+    planned_only: bool = False, plan: Plan | None = None,
 ) -> FitSummary:
     """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json.
 
     `x` names what stands for N in the joint laws and the crossover trend: "params",
     "neutral_loss" or "task_score" (analysis/capability.py); every axis is compared regardless.
     `workers` > 1 fits that many groups at once, in worker processes; the numbers do not change.
+    `plan` is the sweep's planned cells (`load_rows_to_fit`; default: the results' plan.json).
     """
     get_axis(x)  # a wrong name fails before any file is read
-    analysis = analyse(load_rows_to_fit(results_dir, planned_only=planned_only), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
+    analysis = analyse(load_rows_to_fit(results_dir, planned_only=planned_only, plan=plan), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     return FitSummary(analysis, save_fits(results_dir, analysis))

@@ -19,6 +19,7 @@ from orchestrator.errors import SweepStoppedError
 from orchestrator.store import ResultsStore, StoreScan, read_manifest, write_manifest
 
 if TYPE_CHECKING:
+    from analysis.io import Plan
     from orchestrator.grid import PlannedCell
     from orchestrator.spec import SweepSpec
     from workers.cell import ModelSpec
@@ -61,6 +62,15 @@ def _planned_entries(given: str, store: ResultsStore) -> list[dict]:
     from orchestrator.spec import load_spec
 
     return _manifest_entries(expand(load_spec(given, [], check_models=False)))
+
+
+def _plan_to_fit(given: str) -> Plan | None:
+    """For `fit`/`report` given a sweep YAML: its grid is the plan (default: the results' plan.json)."""
+    if not _is_sweep_yaml(given):
+        return None
+    from analysis.io import Plan
+
+    return Plan(f"{given}'s grid", frozenset(e["cell_id"] for e in _planned_entries(given, ResultsStore(_results_dir(given)))))
 
 
 def _plan(spec: SweepSpec, *, set_aside: bool) -> tuple[list[PlannedCell], ResultsStore, StoreScan]:
@@ -317,7 +327,8 @@ def _with_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", choices=("score", "nll"), default="score",
                    help="what the laws describe: the task score (fitted as 1 - score) or the answers' NLL on the test set")  # fmt: skip
     p.add_argument("--planned-only", action="store_true",
-                   help="fit only the rows of cells in the latest run's plan.json (leave out an earlier config's)")  # fmt: skip
+                   help="fit only the rows of the plan's cells (given a sweep YAML, its grid; else the latest run's "
+                   "plan.json), leaving out an earlier config's or another sweep's")  # fmt: skip
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -342,7 +353,8 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     analyse = functools.partial(write_report, out_dir=args.out) if report else fit_results
     try:
         summary = analyse(_results_dir(args.results_dir), metric=args.metric, bootstrap=args.bootstrap, x=args.x,
-                          workers=args.workers or default_workers(), planned_only=args.planned_only)  # fmt: skip
+                          workers=args.workers or default_workers(), planned_only=args.planned_only,
+                          plan=_plan_to_fit(args.results_dir))  # fmt: skip
     except (NoResultsError, ReportLocationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -33,3 +33,34 @@ def test_fit_metric_nll_fits_the_nll_column(tmp_path: Path, capsys) -> None:
     assert np.isclose(score["E"], 0.1, rtol=1e-3) and np.isclose(nll["E"], 0.2, rtol=1e-3)
     assert np.isclose(nll["B"], 2 * score["B"], rtol=1e-3) and np.isclose(nll["beta"], score["beta"], rtol=1e-3)
     capsys.readouterr()
+
+
+def test_fit_of_a_sweep_yaml_with_planned_only_fits_that_yamls_grid_not_the_latest_plan(tmp_path: Path, write_sweep, capsys) -> None:
+    """Another sweep run into the same directory last wrote plan.json: `fit MINE.yaml --planned-only`
+    fits the cells of MINE.yaml, and says how many stored rows it left out."""
+    from orchestrator.grid import expand
+    from orchestrator.spec import load_spec
+    from orchestrator.store import ResultsStore, write_manifest
+
+    budgets = (4, 8, 16, 32, 64)
+    path = write_sweep({"sweep": "mine", "models": [{"id": "ladder:test/xs"}], "tasks": ["facts"], "methods": {"steer_mean": {}},
+                        "budgets": list(budgets), "seeds": [0]})  # fmt: skip
+    spec = load_spec(str(path), [], check_models=False)
+    planned = {c.config.budget: c for c in expand(spec)}
+    mine = synthetic_rows({("facts", "steer_mean", "ladder:test/xs"): TrueCurve(0.1, 1.5, 0.5)}, {"ladder:test/xs": 10**6}, budgets,
+                          seeds=1, noise=0.0, rng=np.random.default_rng(0))  # fmt: skip
+    mine = [{**row, "cell_id": planned[row["budget"]].cell_id, "slug": planned[row["budget"]].config.slug} for row in mine]
+    theirs = synthetic_rows({("facts", "steer_mean", "ladder:test/xs"): TrueCurve(0.5, 1.5, 0.5)}, {"ladder:test/xs": 10**6}, (128, 256, 512),
+                            seeds=1, noise=0.0, rng=np.random.default_rng(1))  # another sweep's cells, another config  # fmt: skip
+    theirs = [{**row, "cell_id": f"theirs{i}", "slug": f"theirs{i}"} for i, row in enumerate(theirs)]
+    cells = Path(spec.results_dir) / "cells"
+    cells.mkdir(parents=True)
+    for row in mine + theirs:
+        pq.write_table(to_table([row]), cells / f"{row['cell_id']}.parquet")
+    write_manifest(ResultsStore(spec.results_dir), [{"cell_id": r["cell_id"], "slug": r["slug"], "model": r["model"], "method": r["method"]} for r in theirs])
+    capsys.readouterr()
+    assert main(["fit", str(path), "--planned-only", "--bootstrap", "0", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"left out 3 stored rows of cells not in {path}'s grid" in out, out
+    (curve,) = [f for f in json.loads((Path(spec.results_dir) / "fits.json").read_text())["fits"] if f["law"] == "power_D"]
+    assert curve["n_points"] == len(budgets) and np.isclose(curve["E"], 0.1, rtol=1e-3), curve
