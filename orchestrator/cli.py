@@ -187,6 +187,15 @@ def cells_to_run(cells: list[PlannedCell], scan: StoreScan, *, force: bool, retr
     return [c for c in cells if c.cell_id not in scan.cells or (retry_failed and scan.cells[c.cell_id].status == "failed")]
 
 
+def _note_other_sweeps(sweep: str, config: str, scan: StoreScan) -> None:
+    """Say when the results directory holds another sweep's rows: `fit DIR` fits every row there together."""
+    others = Counter(cell.sweep for cell in scan.cells.values() if cell.sweep != sweep)
+    if others:
+        names = ", ".join(f"'{name}' ({count})" for name, count in others.most_common())
+        print(f"note: this results_dir also holds rows of other sweeps: {names}. A cell both grids share is stored once and "
+              f"not rerun; `fit`/`report` of the directory fit every row together, `fit {config} --planned-only` this sweep's grid alone")  # fmt: skip
+
+
 def _prepare_locally(model: ModelSpec) -> None:
     """A local run builds each ladder rung and downloads each hub model here, once, instead of in
     every worker at once; one that cannot be had stops the run before any cell, naming it. (On a
@@ -249,6 +258,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_adaptive(args, spec, cells, store)
     todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)
     print(f"sweep {spec.sweep}: {len(cells)} cells, {len(cells) - len(todo)} already stored, {len(todo)} to run")
+    _note_other_sweeps(spec.sweep, args.config, scan)
     if not args.address:
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             _prepare_locally(model)

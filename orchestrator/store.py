@@ -35,6 +35,7 @@ class StoredCell(NamedTuple):
     model: str
     method: str
     seconds: float | None  # train + eval seconds, where recorded
+    sweep: str = ""  # the sweep that stored it (cell ids leave the sweep's name out: another sweep's identical cell is this one)
 
 
 @dataclass
@@ -111,8 +112,8 @@ class ResultsStore:
         try:
             parquet = pq.ParquetFile(pa.BufferReader(data))
             timed = [name for name in SECONDS if name in parquet.schema_arrow.names]
-            row = parquet.read(columns=["cell_id", "status", "model", "method", *timed]).to_pylist()[0]
-            cell = StoredCell(row["cell_id"], row["status"], row["model"], row["method"], None)
+            row = parquet.read(columns=["cell_id", "status", "model", "method", "sweep", *timed]).to_pylist()[0]
+            cell = StoredCell(row["cell_id"], row["status"], row["model"], row["method"], None, row["sweep"])
             if f"{cell.cell_id}.parquet" != info.base_name:
                 raise ValueError(f"row's cell_id {cell.cell_id} does not match its file name")
         except Exception as err:  # any parse failure is the file's content (I/O errors raised above)

@@ -240,3 +240,18 @@ def test_a_rerun_runs_the_unstored_cells_and_failed_ones_only_when_asked(tmp_pat
     assert ids(force=False, retry_failed=False) == ["new"]
     assert ids(force=False, retry_failed=True) == ["failed", "new"]
     assert ids(force=True, retry_failed=False) == ["ok", "failed", "new"]
+
+
+def test_a_run_into_a_directory_holding_another_sweeps_rows_says_so(tmp_path, capsys):
+    from orchestrator.cli import _note_other_sweeps
+
+    store = ResultsStore(str(tmp_path / "r"))
+    store.write(_row("a"))  # sweep "s"
+    store.write({**_row("b"), "sweep": "mine"})
+    _note_other_sweeps("mine", "mine.yaml", store.scan())
+    assert "also holds rows of other sweeps: 's' (1)" in capsys.readouterr().out
+    _note_other_sweeps("s", "s.yaml", ResultsStore(str(tmp_path / "r")).scan())
+    assert "'mine' (1)" in capsys.readouterr().out
+    store.write({**_row("a"), "sweep": "mine"})
+    _note_other_sweeps("mine", "mine.yaml", store.scan())
+    assert capsys.readouterr().out == ""
