@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis.composition import CompositionGain, composition_gains, holm
+from analysis.metrics import improvement
 from analysis.report import _findings
 
 
@@ -37,6 +38,13 @@ def test_a_real_gain_is_covered_and_found_with_enough_seeds() -> None:
     gains = [_simulated_gain(rng, 5, 0.05) for _ in range(200)]
     assert np.mean([g.gain_lo <= 0.05 <= g.gain_hi for g in gains]) >= 0.93
     assert np.mean([g.gain_lo > 0 for g in gains]) > 0.8
+
+
+def test_a_lower_nll_is_an_improvement() -> None:
+    """Composition gains and the frontier rank methods by `improvement`: were a lower NLL counted as worse,
+    the worst part would be taken for the best one under --metric nll."""
+    assert improvement(np.array([1.0]), np.array([2.0]), "nll").tolist() == [1.0]
+    assert improvement(np.array([0.5]), np.array([0.25]), "score").tolist() == [0.25]
 
 
 def test_holm_rejects_step_down() -> None:

@@ -97,7 +97,10 @@ def test_batched_bootstrap_refit_matches_one_lbfgs_per_resample() -> None:
 
 
 def test_bootstrap_intervals_cover_the_truth_near_nominal_rate() -> None:
-    """40 synthetic budget curves: the 95 % interval for beta should cover the truth ~95 % of the time."""
+    """40 synthetic budget curves: the 95 % interval for beta should cover the truth ~95 % of the time.
+
+    A coarse check only: 40 trials cannot tell a 95 % interval from a 90 % one (over 24 seeds they covered
+    37–40 and 36–39 times), so test_bootstrap checks the interval's tails exactly."""
     truth = {"E": 0.2, "B": 3.0, "beta": 0.5}
     budgets = np.repeat([16.0, 32, 64, 128, 256, 512, 1024], 3)
     rng = np.random.default_rng(3)

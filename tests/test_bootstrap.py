@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.bootstrap import bootstrap_fit, refit_weighted, resample_weights
+from analysis.bootstrap import Bootstrap, bootstrap_fit, percentile_interval, refit_weighted, resample_weights
 from analysis.fitting import LawData, _lbfgs, fit_law, objective, params_from_theta
 from analysis.laws import ADDITIVE, MULTIPLICATIVE, POWER_D, Law
 
@@ -64,3 +64,28 @@ def test_only_the_exponent_of_the_vanishing_term_loses_its_interval() -> None:
     intervals = boot.intervals()
     assert np.isnan(intervals["alpha"]).all()
     assert intervals["beta"][0] < 0.35 < intervals["beta"][1]
+
+
+def test_a_95_percent_interval_leaves_two_and_a_half_percent_in_each_tail() -> None:
+    """A tail of 1 − level on each side is a 90 % interval printed as a 95 % one."""
+    assert percentile_interval(np.arange(1001.0), 0.95) == pytest.approx((25.0, 975.0))
+
+
+def test_every_resample_draws_as_many_cells_as_there_are() -> None:
+    """A resample of n − 1 cells is a smaller sample, so its intervals come out too wide."""
+    weights = resample_weights(7, 500, np.random.default_rng(0))
+    assert weights.shape == (500, 7) and (weights.sum(axis=1) == 7).all()
+
+
+def test_resamples_where_a_term_vanishes_are_left_out_of_its_exponents_interval() -> None:
+    """4 of 100 resamples put B at e^-30, where beta (here 5) is arbitrary: under the 5 % that takes the
+    interval away, they are dropped from it instead of setting its upper end."""
+    x = {"D": np.repeat([4.0, 16.0, 64.0, 256.0], 2)}
+    data = LawData.build(POWER_D, x, POWER_D.predict({"E": 0.2, "B": 1.0, "beta": 0.5}, x))
+    rng = np.random.default_rng(0)
+    thetas = np.column_stack([np.full(100, np.log(0.2)), np.zeros(100), rng.uniform(0.45, 0.55, 100)])  # log E, log B, beta
+    thetas[:4, 1:] = (-30.0, 5.0)
+    boot = Bootstrap(fit_law(data), thetas, data.x)
+    assert boot.unidentified_resamples()["beta"].sum() == 4
+    lo, hi = boot.intervals()["beta"]
+    assert 0.45 <= lo < hi <= 0.55
