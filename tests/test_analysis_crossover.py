@@ -36,16 +36,51 @@ def test_lead_from_censors_the_resamples_that_do_not_cross_inside_the_range() ->
     assert np.isnan(lead[4])  # tied: no D* at all
 
 
+EARLY, LATE = TrueCurve(0.1, 0.7, 0.5), TrueCurve(0.25, 0.23, 0.3)  # EARLY overtakes LATE near the smallest budget
+
+
+def _one_crossover(steering: TrueCurve, finetuning: TrueCurve, metric: str = "score") -> Crossover:
+    """steer_mean against lora on one model (8 noisy cells each, 200 resamples); each cell's loss is also stored as its NLL."""
+    curves = {("t", "lora", "m1"): finetuning, ("t", "steer_mean", "m1"): steering}
+    rows = synthetic_rows(curves, {"m1": 10**6}, (4, 32, 256, 1024), seeds=2, noise=0.08, rng=np.random.default_rng(2))
+    frame = pd.DataFrame([dict(row, nll=1.0 - row["score"]) for row in rows])
+    (c,) = find_crossovers(fit_curves(frame, metric=metric, bootstrap=200, seed=0))
+    return c
+
+
 def test_the_d_star_interval_counts_resamples_where_the_curves_do_not_cross() -> None:
     """lora crosses steer_mean near the smallest budget, and in about a fifth of the resamples it is ahead
     already there: those resamples put D* below the range. Taken over the crossing resamples only, the
     interval read [4.4, 14], inside the range and narrower than the resamples say."""
-    curves = {("t", "lora", "m1"): TrueCurve(0.1, 0.7, 0.5), ("t", "steer_mean", "m1"): TrueCurve(0.25, 0.23, 0.3)}
-    rows = synthetic_rows(curves, {"m1": 10**6}, (4, 32, 256, 1024), seeds=2, noise=0.08, rng=np.random.default_rng(2))
-    (c,) = find_crossovers(fit_curves(pd.DataFrame(rows), metric="score", bootstrap=200, seed=0))
+    c = _one_crossover(steering=LATE, finetuning=EARLY)
     assert c.outcome == "crosses" and c.share < 0.95
     assert c.d_star_lo == -np.inf and c.d_star < c.d_star_hi < c.d_max
     assert c.interval().startswith("[< 4, ") and "inf" not in c.interval()
+
+
+def test_the_interval_of_steering_overtaking_is_where_steering_leads_from() -> None:
+    """The methods swapped: steer_mean overtakes lora, and its D* interval counts the resamples from steering's
+    side, around D*; counted from fine-tuning's side (behind at the largest budget: +inf) it was [> 1.02e+03]."""
+    c = _one_crossover(steering=EARLY, finetuning=LATE)
+    assert c.outcome == "steering_overtakes" and c.verdict.startswith("steer_mean overtakes lora")
+    assert c.d_min < c.d_star_lo <= c.d_star <= c.d_star_hi < c.d_max
+
+
+def test_a_crossing_in_nll_is_the_same_crossing_as_in_score() -> None:
+    """The same losses read as an NLL, where lower is better: the same outcome, D* and interval as the scores
+    give. With the direction ignored, "lora overtakes steer_mean" read "steer_mean overtakes lora"."""
+    score, nll = (_one_crossover(steering=LATE, finetuning=EARLY, metric=metric) for metric in ("score", "nll"))
+    assert (nll.outcome, nll.verdict) == (score.outcome, score.verdict) and score.outcome == "crosses"
+    assert [nll.d_star, nll.d_star_lo, nll.d_star_hi, nll.share] == pytest.approx([score.d_star, score.d_star_lo, score.d_star_hi, score.share])
+
+
+def test_the_d_star_trend_is_the_slope_of_log_d_star_on_log_x() -> None:
+    """ln D* = 1, 3, 3 at ln x = 0, 1, 2: the least-squares slope of ln D* on ln x is 1. The inverse regression
+    (ln x on ln D*) gives 4/3 here, and the same as this one wherever the D* lie on a line."""
+    found = [_crossover(model, np.exp(logd), 1.0, 100.0, np.exp(logx)) for model, logx, logd in (("a", 0, 1), ("b", 1, 3), ("c", 2, 3))]
+    capabilities = pd.DataFrame({"task": "t", "model": ["a", "b", "c"], "params": np.exp([0.0, 1.0, 2.0])})
+    (trend,) = crossover_scaling(found, capabilities, get_axis("params"))
+    assert trend.n_models == 3 and trend.gamma == pytest.approx(1.0)
 
 
 def test_an_interval_wholly_outside_the_range_is_said_once() -> None:
