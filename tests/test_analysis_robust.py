@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -67,3 +68,24 @@ def test_an_exponent_lost_in_many_resamples_has_a_value_but_no_interval(tmp_path
     a = SimpleNamespace(fits=[curve], scaling=[], crossovers=[], compositions=[], metric="score", bootstrap=200, loaded=fitted.loaded)
     findings = " ".join(getattr(b, "text", "") for b in _findings(a))
     assert "In 1 of the 1 fits a term is ≈ 0 in over 5% of the bootstrap resamples" in findings, findings
+
+
+def test_a_cell_stored_twice_keeps_its_ok_latest_row(tmp_path: Path) -> None:
+    """A cell id in two files (a row under another file's name, a rerun's copy): its ok row wins over a failed
+    one even when the failed one is newer; between two ok rows the newer wins. The kept row is read first
+    here, so keeping whichever row comes first in the sort instead of last keeps the wrong one."""
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    at = {day: pd.Timestamp(f"2026-01-0{day}", tz="UTC") for day in (1, 2)}
+    stored = {
+        "a-ok-old": dict(_row("rerun", "lora", 4, 0.6, 0), finished_at=at[1]),
+        "b-failed-new": dict(_row("rerun", "lora", 4, 0.6, 0), status="failed", error="RuntimeError: CUDA out of memory", score=None, finished_at=at[2]),
+        "c-ok-new": dict(_row("again", "lora", 4, 0.7, 0), finished_at=at[2]),
+        "d-ok-old": dict(_row("again", "lora", 4, 0.5, 0), finished_at=at[1]),
+    }  # fmt: skip
+    for name, row in stored.items():
+        pq.write_table(to_table([row]), cells / f"{name}.parquet")
+    frame = analysis.load_results(str(tmp_path)).frame.set_index("cell_id")
+    assert sorted(frame.index) == ["again", "rerun"]
+    assert (frame.loc["rerun", "status"], frame.loc["rerun", "score"]) == ("ok", 0.6)
+    assert frame.loc["again", "score"] == 0.7
