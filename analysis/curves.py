@@ -213,6 +213,13 @@ def _holdout_error(law: Law, points: Points, metric: str, held: np.ndarray) -> f
     return float(np.mean(np.abs(predicted - points.value[held])))
 
 
+def all_failed(rows: pd.DataFrame) -> str:
+    """Why a group none of whose cells is ok has no fit: their count and the first error's first line,
+    which is often the one cause they share (a model that cannot be loaded fails every cell)."""
+    errors = [str(e).strip() for e in rows.get("error", pd.Series(dtype=object)).dropna() if str(e).strip()]
+    return f"all {len(rows)} cells failed" + (f" (first error: {errors[0].splitlines()[0]})" if errors else "")
+
+
 @dataclass(frozen=True)
 class GroupJob:
     """One law to fit to one group of rows, as a worker process receives it (the axis by name)."""
@@ -262,6 +269,8 @@ def fit_group(job: GroupJob) -> LawFit:
         return LawFit(task, method, model, n_params, x, law, metric, points, excluded, None, None, message, holdout, np.nan, job.family)
 
     ok = rows["status"] == "ok"
+    if len(rows) and not ok.any():  # "needs 3 distinct values of D, got 0" hid why: a model that never loaded, say
+        return unfitted(all_failed(rows))
     if joint and ok.any() and not np.isfinite(rows.loc[ok, X_COLUMN].astype(float)).any():
         return unfitted(f"no ok row has a usable {axis.column}, which x={axis.name} needs")
     try:

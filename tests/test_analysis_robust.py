@@ -89,3 +89,23 @@ def test_a_cell_stored_twice_keeps_its_ok_latest_row(tmp_path: Path) -> None:
     assert sorted(frame.index) == ["again", "rerun"]
     assert (frame.loc["rerun", "status"], frame.loc["rerun", "score"]) == ("ok", 0.6)
     assert frame.loc["again", "score"] == 0.7
+
+
+def test_a_model_whose_every_cell_failed_is_said_to_have_failed(tmp_path: Path) -> None:
+    """A model that could not be loaded fails all its cells; its curves read "power_D needs at least 3 distinct
+    values of D, got 0", as if too few budgets had been planned. Now they say that every cell failed, and why."""
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    error = "OSError: big-model is not a valid model identifier\nTraceback (steerscale's frames and the innermost ones):\n  ..."
+    for budget in (4, 16, 64, 256):
+        rows = [_row(f"m-{budget}", "lora", budget, 0.5 - 0.5 * budget**-0.5, 0),
+                dict(_row(f"big-{budget}", "lora", budget, 0.0, 0), model="big-model", status="failed", score=None, error=error)]  # fmt: skip
+        for row in rows:
+            pq.write_table(to_table([row]), cells / f"{row['cell_id']}.parquet")
+    summary = analysis.write_report(str(tmp_path), bootstrap=0)
+    (curve,) = [f for f in summary.analysis.fits if f.model == "big-model"]
+    said = "all 4 cells failed (first error: OSError: big-model is not a valid model identifier)"
+    assert curve.note == said
+    markdown = summary.report_page.with_name("report.md").read_text()
+    for text in (summary.to_text(), markdown):
+        assert said in text and "distinct values of D, got 0" not in text and "Traceback" not in text
