@@ -26,7 +26,7 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 
 from workers.cell import CellConfig
-from workers.run_cell import CellRun, WorkerCache, git_sha, library_versions, run_cell
+from workers.run_cell import CellRun, WorkerCache, deterministic_cuda, git_sha, library_versions, run_cell
 
 CACHE_FRACTION = 0.5  # of the worker's memory share kept for cached models; the rest is for the cell's work
 
@@ -90,8 +90,10 @@ class CellWorker:
             # GPU node would pick `cuda` (device auto) and crowd onto GPU 0 unreserved. Set before
             # anything here initialises CUDA.
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        elif shape.gpus < 1 and torch.cuda.is_available():  # a fractional worker keeps to its share of the GPU
-            torch.cuda.set_per_process_memory_fraction(shape.gpus)
+        else:
+            deterministic_cuda()
+            if shape.gpus < 1 and torch.cuda.is_available():  # a fractional worker keeps to its share of the GPU
+                torch.cuda.set_per_process_memory_fraction(shape.gpus)
         # Two torch processes with all threads each on 2 cores were ~9x slower (shared/notes/offline-world.md).
         torch.set_num_threads(max(1, int(shape.cpus)))
         library_versions(), git_sha()  # paid once here (imports, a git call), not in the first cell

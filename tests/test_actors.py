@@ -323,6 +323,19 @@ def test_node_capacity_counts_gpus_as_ray_places_them():
     assert fits(1, 1, [four_cpus]) == 0
 
 
+def test_a_gpu_worker_asks_cuda_for_deterministic_kernels_before_cuda_starts(monkeypatch):
+    """cuBLAS and some kernels sum in a run-dependent order unless told otherwise: a retried cell would differ."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        CellWorker(Shape(1.0, 1.0, 1 << 20))
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)  # this is the test process
+        torch.set_num_threads(threads)
+
+
 def test_a_worker_that_reserved_no_gpu_cannot_see_one(monkeypatch):
     """Ray >= 2.48 leaves CUDA_VISIBLE_DEVICES alone for zero-GPU actors: device `auto` would pick GPU 0 unreserved."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")

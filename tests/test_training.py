@@ -123,3 +123,17 @@ def test_sequence_tokens_count_the_real_tokens_not_the_padding():
     finally:
         handle.remove()
     assert result.sequence_tokens == sum(lengths[i] for take in batch_order(len(examples), 5, 8, 1) for i in take)
+
+
+def test_training_whose_every_fp16_step_overflows_raises_instead_of_reporting_an_untrained_model():
+    lm = language_model()
+    ctx = fit_context(lm, n_train=8)
+    param = torch.nn.Parameter(torch.zeros(lm.model.get_output_embeddings().weight.shape[0], dtype=torch.float16))
+    handle = lm.model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out + (param * 1e4).float())
+    try:
+        with pytest.raises(NonFiniteLossError, match="every one of 4 steps overflowed in fp16"):
+            train(lm, [param], ctx.train, TrainConfig(lr=0.1, min_steps=4, max_steps=4, batch_size=4, checkpoints=0), seed=0)
+        result = train(lm, [param], ctx.train, TrainConfig(lr=0.1, min_steps=20, max_steps=20, batch_size=4, checkpoints=0), seed=0)
+    finally:
+        handle.remove()
+    assert 0 < result.skipped_steps < 20 and result.summary()["skipped_steps"] == result.skipped_steps  # the scale came down far enough

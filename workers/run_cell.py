@@ -318,6 +318,15 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
     return row
 
 
+def deterministic_cuda() -> None:
+    """The same row for the same cell on a GPU, as on a CPU: cuBLAS (split-K) and a few kernels
+    (index_add_, attention and embedding backward) otherwise sum in a run-dependent order, and a
+    retried or rerun cell could select another checkpoint, layer or scale. Call before CUDA starts;
+    `warn_only`: an op with no deterministic kernel warns instead of failing the cell."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def release_gpu_memory() -> None:
     """Return a failed cell's cached GPU blocks, so that an out-of-memory cell does not keep them from
     the GPU's other workers. A broken CUDA context refuses; the worker finds that out next (CellWorker.device_usable)."""
@@ -337,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cell = CellConfig.model_validate_json(args.cell.read_text())
     torch.set_num_threads(int(os.environ.get("STEERSCALE_THREADS", torch.get_num_threads())))
+    if torch.cuda.is_available():
+        deterministic_cuda()
     row = run_cell(cell)
     write_rows(str(args.out), [row])
     print(f"{row['slug']}: {row['status']}" + (f" score={row.get('score'):.3f}" if row["status"] == "ok" else f"\n{row['error']}"))

@@ -47,6 +47,7 @@ class TrainResult:
     chosen_step: int  # the step whose parameters were kept (== steps without checkpoints)
     validation_tokens: int = 0  # tokens the checkpoint validations ran through the model
     validation_scores: dict[int, float] | None = None  # step -> validation score, when checkpoints ran
+    skipped_steps: int = 0  # fp16 steps whose gradients overflowed: not taken (their losses are still listed)
 
     @property
     def steps(self) -> int:
@@ -61,6 +62,7 @@ class TrainResult:
             "sequence_tokens": self.sequence_tokens,
             "validation_tokens": self.validation_tokens,
             "validation_scores": self.validation_scores,
+            "skipped_steps": self.skipped_steps,
         }
 
 
@@ -163,7 +165,7 @@ def train(
     validation_tokens = 0
     was_training = lm.model.training
     losses: list[float] = []
-    tokens = sequence_tokens = 0
+    tokens = sequence_tokens = skipped = 0
 
     def checkpoint(step: int) -> None:
         nonlocal best, validation_tokens
@@ -192,9 +194,13 @@ def train(
                 optimizer.step()
                 weights.masters_to_params()
                 schedule.step()
+            else:
+                skipped += 1
             losses.append(loss.item())
             tokens += batch.target_tokens
             sequence_tokens += int(batch.attention_mask.sum())
+        if skipped == steps:  # the model never changed: a row would report an untrained model as trained
+            raise NonFiniteLossError(f"every one of {steps} steps overflowed in fp16 (loss scale down to {weights.scale:g}); train in bf16 or fp32")
         chosen = steps
         if checks:
             checkpoint(steps)
@@ -215,4 +221,5 @@ def train(
         chosen_step=chosen,
         validation_tokens=validation_tokens,
         validation_scores=scores or None,
+        skipped_steps=skipped,
     )
