@@ -35,19 +35,20 @@ def main() -> None:
         vector = sv.train_steering_vector(model, lm.tokenizer, pairs, layers=layers, read_token_index=-1, batch_size=batch_size)
         return torch.stack([vector.layer_activations[i].float() for i in layers])
 
-    a, b = ours(every), theirs(every, args["batch_size"])
+    texts = 2 * args["batch_size"]  # ours runs a batch's positives and negatives in one forward: the peer as many texts
+    a, b = ours(every), theirs(every, texts)
     cosines = torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist()
     sides = {
         "ours_every": lambda: ours(every),
-        "theirs_every": lambda: theirs(every, args["batch_size"]),
+        "theirs_every": lambda: theirs(every, texts),
         "ours_candidates": lambda: ours(candidates),
-        "theirs_candidates": lambda: theirs(candidates, args["batch_size"]),
+        "theirs_candidates": lambda: theirs(candidates, texts),
     }
     if args["peer_default_batch"]:  # one pair per step: slow, so only in the full run
         sides["theirs_every_default_batch"] = lambda: theirs(every, 1)
     times = time_alternating(sides, warmup=args["warmup"], repeats=args["repeats"])
     json.dump({
-        "cosines": cosines, "max_abs_diff": float((a - b).abs().max()), "candidates": candidates,
+        "cosines": cosines, "max_abs_diff": float((a - b).abs().max()), "max_abs": float(a.abs().max()), "candidates": candidates,
         "seconds": {k: [list(t.seconds), list(t.cpu_seconds)] for k, t in times.items()},
         "versions": {"transformers": __import__("transformers").__version__, "steering_vectors": _version("steering-vectors")},
     }, sys.stdout)  # fmt: skip

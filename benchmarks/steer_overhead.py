@@ -59,11 +59,14 @@ def run(quick: bool) -> Result:
 
     zero = torch.zeros_like(vector)
     plain = score(None)
-    same_scores, same_text, changed = score(zero) == plain, generate(zero) == generate(None), score(vector) != plain
+    plain_text = generate(None)
+    same_scores, same_text, changed = score(zero) == plain, generate(zero) == plain_text, score(vector) != plain
+    moved = sum(a != b for a, b in zip(generate(vector), plain_text))
     result.checks += [
         Check("zero vector: scoring identical to unsteered", str(same_scores), same_scores),
         Check("zero vector: generations identical to unsteered", str(same_text), same_text),
         Check("the real vector changes the scores (the hook is live)", str(changed), changed),
+        Check("the real vector changes generations (the hook is live while generating)", f"{moved} of {len(prompts)} differ", moved > 0),
     ]
     for name, fn in (("scoring (choice log-probs + target NLL)", score), (f"greedy generation, {s.new_tokens} new tokens", generate)):
         times = time_alternating({"plain": lambda: fn(None), "steered": lambda: fn(vector)}, warmup=s.warmup, repeats=s.repeats)
