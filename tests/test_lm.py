@@ -42,7 +42,9 @@ def test_single_token_fast_path_matches_the_slow_path_with_fewer_tokens(arch):
     for a, b in zip(fast, slow):
         assert a == pytest.approx(b, abs=1e-5)
     prompt_tokens = sum(len(lm.tokenizer(p)["input_ids"]) for p in PROMPTS)
-    assert used == prompt_tokens + len(PROMPTS)  # one forward per prompt (with its first choice appended)
+    # one forward per prompt, with its first choice appended (which the longest rows of a batch do not
+    # run: the last column is a label only)
+    assert prompt_tokens <= used <= prompt_tokens + len(PROMPTS)
 
 
 def test_mixed_length_choices_take_the_general_path():
@@ -97,6 +99,13 @@ def test_token_nll_and_training_loss_match_log_softmax_gather_mask(arch):
     assert int((per_token != 0).sum()) == batch.target_tokens == 6  # " 1 2", " 3", " 0 ; q:" minus padding
     if _logit_selection(type(lm.model)) == "mask":
         assert head_rows == [batch.target_tokens], f"the output head ran on {head_rows} positions, not the {batch.target_tokens} scored"
+    widths = []
+    hook = lm.model.get_input_embeddings().register_forward_hook(lambda module, args, out: widths.append(args[0].shape[1]))
+    try:
+        lm.scored_logits(batch)
+    finally:
+        hook.remove()
+    assert widths == [batch.input_ids.shape[1] - 1], "the last column is a label only: it must not run"
     reference = per_token.sum() / batch.target_tokens
     grads = torch.autograd.grad(reference, list(lm.model.parameters()), allow_unused=True)
     loss = lm.loss(batch)

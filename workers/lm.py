@@ -36,6 +36,15 @@ class Batch:
     def target_tokens(self) -> int:
         return int(self.target_mask.sum())
 
+    def without_last_column(self) -> Batch:
+        """The batch less its last column, which is only ever a label: it holds the longest rows'
+        last tokens (they predict nothing scored: `target_mask`'s last column is always False) or
+        padding. Causal attention leaves every other position's output as it was; the forward does
+        1/width less work (~9 % on the ladder's tasks, whose sequences are ~11 tokens)."""
+        if self.input_ids.shape[1] < 2:
+            return self
+        return Batch(self.input_ids[:, :-1], self.attention_mask[:, :-1], self.position_ids[:, :-1], self.target_mask[:, :-1], self.prompt_last)
+
 
 @dataclass(frozen=True)
 class EncodedPair:
@@ -191,10 +200,12 @@ class LanguageModel:
 
         The output head runs only at those positions where the model can: the prompt's positions
         need no logits, and at a 150k vocabulary theirs (and their gradients) would be most of a
-        training step's memory. Same numbers as the full forward's rows.
+        training step's memory. Same numbers as the full forward's rows (up to float rounding: the
+        last column, a label only, does not run).
         """
-        keep, pick = self._head_positions(batch.target_mask)
-        return pick(self.forward(batch, keep))
+        inputs = batch.without_last_column()
+        keep, pick = self._head_positions(inputs.target_mask)
+        return pick(self.forward(inputs, keep))
 
     def _head_positions(self, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
         """The forward's `logits_to_keep` for the True entries of `mask` (rows, columns), and how to
