@@ -103,13 +103,19 @@ def test_worker_dying_on_every_attempt_becomes_a_failed_row(tmp_path, test_ladde
     assert "died" in rows.error[0].lower() or "crash" in rows.error[0].lower() or "worker" in rows.error[0].lower()
 
 
-def test_driver_sigkilled_mid_sweep_resumes_without_duplicates(tmp_path, test_ladder):
-    path = _spec(tmp_path, test_ladder)
-    results = tmp_path / "results"
-    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def _driver_past_three_rows(path: Path, results: Path, **popen) -> subprocess.Popen:
+    """`steerscale run` started, returned once it has stored 3 rows (or after 5 minutes): to interrupt it mid-sweep."""
+    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), **popen)
     deadline = time.time() + 300
     while len(_cell_files(results)) < 3 and time.time() < deadline:
         time.sleep(0.05)
+    return driver
+
+
+def test_driver_sigkilled_mid_sweep_resumes_without_duplicates(tmp_path, test_ladder):
+    path = _spec(tmp_path, test_ladder)
+    results = tmp_path / "results"
+    driver = _driver_past_three_rows(path, results, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, at once
     driver.wait(timeout=30)
     before = _cell_files(results)
@@ -126,10 +132,7 @@ def test_driver_sigkilled_mid_sweep_resumes_without_duplicates(tmp_path, test_la
 def test_ctrl_c_mid_sweep_says_how_to_resume_and_a_rerun_finishes(tmp_path, test_ladder):
     path = _spec(tmp_path, test_ladder)
     results = tmp_path / "results"
-    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while len(_cell_files(results)) < 3 and time.time() < deadline:
-        time.sleep(0.05)
+    driver = _driver_past_three_rows(path, results, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     driver.send_signal(signal.SIGINT)
     out, err = driver.communicate(timeout=120)
     assert driver.returncode == 130, err[-3000:]
