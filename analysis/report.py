@@ -420,6 +420,11 @@ def _plots(a: Analysis, out: Path) -> list[Block]:
     return blocks
 
 
+def _cell(text: str) -> str:
+    """A table cell's text: a `|` (in an error message, say) would end the cell, a line break the row."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def render_markdown(blocks: list[Block]) -> str:
     parts = ["# steerscale report"]
     for b in blocks:
@@ -428,7 +433,8 @@ def render_markdown(blocks: list[Block]) -> str:
         elif isinstance(b, Paragraph):
             parts.append(b.text)
         elif isinstance(b, Table):
-            parts.append("\n".join(["| " + " | ".join(b.header) + " |", "|" + "---|" * len(b.header)] + ["| " + " | ".join(r) + " |" for r in b.rows]))
+            lines = ["| " + " | ".join(map(_cell, b.header)) + " |", "|" + "---|" * len(b.header)]
+            parts.append("\n".join(lines + ["| " + " | ".join(map(_cell, r)) + " |" for r in b.rows]))
         else:
             parts.append(f"![{b.caption}]({b.path.name})")
     return "\n\n".join(parts) + "\n"

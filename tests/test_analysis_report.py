@@ -196,3 +196,12 @@ def test_the_best_measured_method_counts_methods_whose_curve_did_not_fit(tmp_pat
     assert not next(f for f in a.fits if (f.method, f.model) == ("full_ft", "m")).ok
     text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
     assert "On t, on the largest model measured (m), full_ft measured best at the largest budget all its methods share (D=256): score 0.97" in text, text
+
+
+def test_a_table_cell_with_a_pipe_or_a_line_break_stays_one_cell():
+    """An error message in a cell (`a | b`, a traceback's lines) must not split the row of report.md."""
+    from analysis.report import Table, render_markdown
+
+    text = render_markdown([Table(("model", "note"), [("m1", "all 2 cells failed (first error: x | y\nmore)")])])
+    row = next(line for line in text.splitlines() if line.startswith("| m1"))
+    assert row == "| m1 | all 2 cells failed (first error: x \\| y more) |"
