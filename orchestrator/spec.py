@@ -38,10 +38,13 @@ class ModelEntry(ModelSpec):
         return gpus
 
     @model_validator(mode="after")
-    def _gpu_reserved_for_cuda(self) -> "ModelEntry":
+    def _gpus_match_the_device(self) -> "ModelEntry":
         if self.device == "cuda" and self.gpus_per_cell == 0:
             raise ValueError("device: cuda needs a GPU reserved for each cell: set gpus_per_cell (1, or 0.25 to pack four "
                              "cells on a GPU), or device: cpu")  # fmt: skip
+        if self.device == "cpu" and self.gpus_per_cell > 0:  # the GPUs would sit idle (or, above 1, take the sharded model)
+            raise ValueError(f"device: cpu runs on CPUs, but gpus_per_cell {self.gpus_per_cell:g} reserves GPUs for each cell: "
+                             "set gpus_per_cell: 0, or device: cuda (or auto)")  # fmt: skip
         return self
 
 

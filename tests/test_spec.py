@@ -99,6 +99,7 @@ def test_an_override_that_cannot_apply_names_itself(override, message, write_swe
         ({"models": [{"id": "~/models/x"}]}, "models.0.id: ~/models/x: '~' is not expanded when a model loads"),
         ({"models": [{"id": "ladder:test/xs", "device": "cuda"}]}, "models.0: Value error, device: cuda needs a GPU reserved"),
         ({"models": [{"id": "ladder:test/xs", "gpus_per_cell": 1.5}]}, "models.0.gpus_per_cell: Value error, 1.5 GPUs: above 1, a cell reserves whole GPUs"),
+        ({"models": [{"id": "ladder:test/xs", "device": "cpu", "gpus_per_cell": 2}]}, "models.0: Value error, device: cpu runs on CPUs, but gpus_per_cell 2"),
     ],
 )
 def test_a_grid_that_cannot_run_fails_at_load_naming_the_entry(change, message, write_sweep):
