@@ -121,7 +121,7 @@ def load_language_model(spec: ModelSpec, batch_size: int = 32, *, shard: bool = 
         **{_dtype_kwarg(): DTYPES[spec.dtype]},
     )
     offloaded = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values() if str(d) in ("cpu", "disk")})
-    if offloaded:  # accelerate put layers off the GPUs: full_ft's and task_vector's weight swaps break on them, or crawl
+    if shard and torch.cuda.is_available() and offloaded:  # layers put off the GPUs: full_ft's and task_vector's weight swaps break on them, or crawl
         raise MemoryError(f"{spec.id} does not fit the GPUs reserved for it (accelerate placed layers on {', '.join(offloaded)}); raise gpus_per_cell")
     model.eval()
     # read right after the load: a later look at the hub cache could find `main` moved by another worker's download
