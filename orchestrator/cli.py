@@ -53,15 +53,18 @@ def _results_dir(given: str) -> str:
     return given
 
 
-def _planned_entries(given: str, store: ResultsStore) -> list[dict]:
-    """The cells a command given `given` asks about: a sweep YAML's own grid (not the plan of whichever
-    run last wrote to its results directory, which may be another config's), else the store's plan.json."""
-    if not _is_sweep_yaml(given):
-        return read_manifest(store)
+def _yaml_grid(path: str) -> list[dict]:
+    """A sweep YAML's own planned cells, as plan.json lists them."""
     from orchestrator.grid import expand
     from orchestrator.spec import load_spec
 
-    return _manifest_entries(expand(load_spec(given, [], check_models=False)))
+    return _manifest_entries(expand(load_spec(path, [], check_models=False)))
+
+
+def _planned_entries(given: str, store: ResultsStore) -> list[dict]:
+    """The cells a command given `given` asks about: a sweep YAML's own grid (not the plan of whichever
+    run last wrote to its results directory, which may be another config's), else the store's plan.json."""
+    return _yaml_grid(given) if _is_sweep_yaml(given) else read_manifest(store)
 
 
 def _plan_to_fit(given: str) -> Plan | None:
@@ -70,7 +73,7 @@ def _plan_to_fit(given: str) -> Plan | None:
         return None
     from analysis.io import Plan
 
-    return Plan(f"{given}'s grid", frozenset(e["cell_id"] for e in _planned_entries(given, ResultsStore(_results_dir(given)))))
+    return Plan(f"{given}'s grid", frozenset(e["cell_id"] for e in _yaml_grid(given)))
 
 
 def _plan(spec: SweepSpec, *, set_aside: bool) -> tuple[list[PlannedCell], ResultsStore, StoreScan]:
