@@ -125,7 +125,9 @@ class WorkerCache:
             needed = estimated_bytes(spec)
             self._forget_unloaded(besides=key[0])
             while self._models and self.resident_bytes + needed > self.max_bytes:
-                self._evict(next(iter(self._models)))
+                oldest = next(iter(self._models))
+                del self._models[oldest], self._bytes[oldest]
+                self._forget_unloaded(besides=key[0])  # its baselines and neutral reference go with it
             _raise_injected_fault(spec)
             lm = load_language_model(spec, batch_size, shard=shard)
             self._models[key], self._bytes[key] = lm, model_bytes(lm.model)
@@ -141,18 +143,12 @@ class WorkerCache:
             del self._models[key], self._bytes[key]  # its baselines stay: they were scored before the cell ran
 
     def _forget_unloaded(self, besides: str) -> None:
-        """Drop the baselines of models no longer loaded (discarded after a failed cell and not
-        reloaded since), except `besides`, about to load: kept only for a reload, they would stay for
-        the worker's lifetime otherwise."""
+        """Drop the baselines and neutral references of models no longer loaded (evicted, or discarded
+        after a failed cell and not reloaded since), except `besides`'s, about to load: kept only for
+        a reload, they would stay for the worker's lifetime otherwise."""
         loaded = {k[0] for k in self._models} | {besides}
         self._baselines = {k: v for k, v in self._baselines.items() if k[0] in loaded}
         self._neutral = {k: v for k, v in self._neutral.items() if k[0] in loaded}
-
-    def _evict(self, key: tuple[str, bool]) -> None:
-        del self._models[key], self._bytes[key]
-        if not any(k[0] == key[0] for k in self._models):  # baselines are placement-independent
-            self._baselines = {k: v for k, v in self._baselines.items() if k[0] != key[0]}
-            self._neutral = {k: v for k, v in self._neutral.items() if k[0] != key[0]}
 
     def baseline(self, spec: ModelSpec, context: str, compute: Callable[[], Baseline]) -> Baseline:
         """The cached baseline for `spec` under `context` (task + eval settings), computed once."""
