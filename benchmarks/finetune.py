@@ -20,7 +20,7 @@ from peft import get_peft_model
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainingArguments
 
-from benchmarks.common import Check, Result, Row, Timing, fmt_time, paired_ratio, time_alternating
+from benchmarks.common import Check, Result, Row, Timing, fmt_time, paired_ratio, time_alternating, time_call
 from workers.cell import ModelSpec
 from workers.lm import LanguageModel
 from workers.methods.lora import LoraConfig, lora_injected
@@ -133,6 +133,24 @@ def mm_peak(size: int, repeats: int = 5) -> float:
     return 2.0 * size**3 / best
 
 
+def mm_rate_at_shapes(model: torch.nn.Module, rows: int, *, weight_grads: bool) -> float:
+    """FLOP/s of torch.mm alone at a training step's matmul shapes: each decoder linear's forward
+    (rows × in @ in × out), its input gradient and, with `weight_grads` (full FT), its weight gradient.
+    How far a step's FLOP/s is below this says how much of it is work other than its matmuls."""
+    shapes: dict[tuple[int, int, int], int] = {}  # (m, k, n) -> how many matmuls of it a step runs
+    for module in model.get_decoder().modules():
+        if isinstance(module, torch.nn.Linear):
+            d_in, d_out = module.in_features, module.out_features
+            for shape in [(rows, d_in, d_out), (rows, d_out, d_in)] + ([(d_out, rows, d_in)] if weight_grads else []):
+                shapes[shape] = shapes.get(shape, 0) + 1
+    flops = seconds = 0.0
+    for (m, k, n), count in shapes.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        seconds += count * min(time_call(lambda: torch.mm(a, b), warmup=3, repeats=20).seconds)
+        flops += count * 2.0 * m * k * n
+    return flops / seconds
+
+
 def _profile(fn: Callable[[], object], top: int = 6) -> str:
     """The top operators by self CPU time of one run: where a low FLOP/s fraction goes."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -197,6 +215,11 @@ def run(quick: bool) -> Result:
                 f"({ours.tokens / s.steps:.0f} scored; the output head counted at those only)",
                 f"{100 * flops / times['ours'].median / peak:.2f} %", f"{100 * flops / times['hf'].median / peak:.2f} %", "",
                 "≥ 25 % on the largest rung (full run; the quick run's model is far narrower)"),
+            Row(f"{name}: torch.mm alone at this step's matmul shapes (each decoder linear's forward, input gradient"
+                f"{' and weight gradient' if not lora else ''} at {tokens / s.steps:.0f} rows, warm cache) ÷ the same peak: "
+                "what the step's matmuls could reach; the gap to the row above is its other work (norms, rotary, attention, "
+                "activations, autograd; the profile below)",
+                f"{100 * mm_rate_at_shapes(ours_lm.model, round(tokens / s.steps), weight_grads=not lora) / peak:.1f} %", "", "", ""),
         ]  # fmt: skip
         result.notes.append(
             f"{name}: each side is timed from its set-up to the end of training, fixed costs included: the Trainer's "

@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from benchmarks.common import time_alternating
 from workers.lm import LanguageModel
-from workers.methods.steer_mean import SteerMeanConfig, layer_indices, mean_difference
+from workers.methods.steer_mean import SteerMeanConfig, contrast_batches, layer_indices, mean_difference, run_contrast_batches
 from workers.models.tokenizer import build_tokenizer
 
 
@@ -35,13 +35,21 @@ def main() -> None:
         vector = sv.train_steering_vector(model, lm.tokenizer, pairs, layers=layers, read_token_index=-1, batch_size=batch_size)
         return torch.stack([vector.layer_activations[i].float() for i in layers])
 
+    planned = contrast_batches(lm, pairs)  # ours with its texts already encoded, deduplicated, sorted and padded
+
+    def ours_forwards(layers: list[int]) -> torch.Tensor:
+        return run_contrast_batches(lm, planned, layers)[0]
+
     texts = 2 * args["batch_size"]  # ours runs a batch's positives and negatives in one forward: the peer as many texts
     a, b = ours(every), theirs(every, texts)
+    if not torch.equal(a, ours_forwards(every)):
+        raise AssertionError("the forwards-only side computes another vector than mean_difference")
     cosines = torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist()
     sides = {
         "ours_every": lambda: ours(every),
         "theirs_every": lambda: theirs(every, texts),
         "ours_candidates": lambda: ours(candidates),
+        "ours_forwards_every": lambda: ours_forwards(every),
         "theirs_candidates": lambda: theirs(candidates, texts),
     }
     if args["peer_default_batch"]:  # one pair per step: slow, so only in the full run

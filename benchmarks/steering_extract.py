@@ -76,15 +76,17 @@ def run(quick: bool) -> Result:
     times = {k: Timing(tuple(wall), tuple(cpu)) for k, (wall, cpu) in data["seconds"].items()}
     same = f"{2 * s.batch_size} texts per forward on both sides ({s.batch_size} pairs)"
     rows = [
-        ("ours_every", "theirs_every", f"every layer; {same}"),
-        ("ours_candidates", "theirs_candidates", f"steer_mean's default layers {data['candidates']}; {same}"),
-        ("ours_every", "theirs_every_default_batch", f"every layer; peer batch_size=1 (its default), ours {s.batch_size} pairs"),
+        ("ours_every", "theirs_every", f"every layer; {same}", "≥ 2×"),
+        ("ours_candidates", "theirs_candidates", f"steer_mean's default layers {data['candidates']}; {same}", "≥ 2×"),
+        ("ours_every", "theirs_every_default_batch", f"every layer; peer batch_size=1 (its default), ours {s.batch_size} pairs", "≥ 2×"),
+        ("ours_forwards_every", "theirs_every", f"every layer; {same}; ours timed over its forwards alone (texts encoded, "
+         "deduplicated, sorted and padded beforehand): the ratio were all else free, a ceiling on the first row's", ""),
     ]
-    for ours, theirs, label in rows:
+    for ours, theirs, label, goal in rows:
         if theirs in times:
             result.rows.append(Row(
                 f"extraction time, {len(pairs)} pairs, {label}", fmt_time(times[ours]), fmt_time(times[theirs]),
-                fmt_speedup(times[theirs], times[ours]), "≥ 2×",
+                fmt_speedup(times[theirs], times[ours]), goal,
             ))  # fmt: skip
     result.notes.append(
         "steerscale: positives and negatives of a batch in one forward, texts sorted by length (little padding), "

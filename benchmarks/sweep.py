@@ -199,6 +199,31 @@ def _json_rows(rows: dict[str, dict]) -> dict[str, dict]:
     return {k: {f: r.get(f) for f in ROW_FIELDS} for k, r in rows.items()}
 
 
+# What a worker imports before its first cell: the actor's module, the row's library versions (peft), a model's code.
+WORKER_IMPORTS = (
+    "import time; t = time.perf_counter(); import orchestrator.pool, workers.run_cell as r; r.library_versions(); "
+    "import transformers.models.llama.modeling_llama; print(time.perf_counter() - t)"
+)
+
+
+def worker_import_seconds(repeats: int = 3) -> float:
+    """Median seconds a fresh process takes to import what a worker needs: a floor under any first
+    run's start-up (Tune's trial actors import the same), before Ray places the actor or a model loads."""
+    runs = [subprocess.run([sys.executable, "-c", WORKER_IMPORTS], capture_output=True, text=True, cwd=ROOT, check=True) for _ in range(repeats)]
+    return sorted(float(r.stdout.strip().splitlines()[-1]) for r in runs)[repeats // 2]
+
+
+def floor_row(label: str, ours: SideOutcome, tuned: SideOutcome, imports: float) -> Row:
+    """The least wall a first run can take: the workers' imports, then the cells' compute split evenly."""
+    floor = imports + ours.cell_seconds / ours.workers
+    return Row(
+        f"{label}: floor — a fresh process imports a worker's libraries in {imports:.1f} s; no first run's wall is below "
+        "that + Σ cell compute ÷ workers", f"{floor:.1f} s (ours {ours.wall:.1f} s: {ours.wall - floor:+.1f} s)",
+        f"Tune {tuned.wall:.1f} s", f"at the floor: Tune÷ours ≤ {tuned.wall / floor:.2f}×, efficiency ≤ {ours.cell_seconds / (floor * ours.workers):.2f}",
+        "shows whether the goals (0.8× Tune's wall, efficiency 0.9) can be met at this sweep's size",
+    )
+
+
 def _compare(a: SideOutcome, b: SideOutcome) -> tuple[bool, str]:
     if set(a.rows) != set(b.rows):
         return False, f"different cells: {len(a.rows)} vs {len(b.rows)}"
@@ -279,8 +304,10 @@ def run(quick: bool) -> Result:
             "less other models it keeps; not the load's own spike)", f"{ours.peak_rss / 2**20:.0f} MiB",
             f"Tune {tuned.peak_rss / 2**20:.0f} MiB / loop {plain.peak_rss / 2**20:.0f} MiB", ""),
     ]  # fmt: skip
+    imports = worker_import_seconds()
+    result.rows.append(floor_row("first run", ours, tuned, imports))
     if not quick:
-        result.rows += _longer_cells(result)
+        result.rows += _longer_cells(result, imports)
     result.notes.append(
         "\"Tune\" is Tune at its best here, `reuse_actors=True` (each trial actor keeps its process and so its loaded model); "
         "\"Tune defaults\" is the same grid with Tune's default `reuse_actors=False`, a new actor process per trial, as a user "
@@ -293,7 +320,7 @@ def run(quick: bool) -> Result:
     return result
 
 
-def _longer_cells(result: Result) -> list[Row]:
+def _longer_cells(result: Result, imports: float) -> list[Row]:
     """The first run again with LoRA cells 4x as long: how much of the efficiency lost is a fixed start-up."""
     ours, tuned = run_side("steerscale", LONGER), run_side("tune", LONGER)
     ok, text = _compare(ours, tuned)
@@ -303,6 +330,7 @@ def _longer_cells(result: Result) -> list[Row]:
             f"{ours.wall:.1f} s", f"Tune {tuned.wall:.1f} s", f"Tune÷ours {tuned.wall / ours.wall:.2f}×", "ours ≤ 0.8× Tune's wall"),
         Row("efficiency of that run", f"{ours.efficiency:.2f} (start-up {ours.first_start:.1f} s)",
             f"Tune {tuned.efficiency:.2f} (start-up {tuned.first_start:.1f} s)", "", "≥ 0.9"),
+        floor_row(f"LoRA cells of {LONGER.lora_steps} steps", ours, tuned, imports),
     ]  # fmt: skip
 
 

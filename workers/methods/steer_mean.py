@@ -56,6 +56,35 @@ def layer_indices(fractions: tuple[float, ...], depth: int) -> list[int]:
     return sorted({min(depth - 1, max(0, round(f * (depth - 1)))) for f in fractions})
 
 
+@dataclass(frozen=True)
+class ContrastBatches:
+    """The forwards `mean_difference` runs: each distinct text of the pairs once, sorted by length and padded."""
+
+    weights: torch.Tensor  # (texts, 2): count as positive − count as negative, count on either side
+    batches: list[tuple[list[int], torch.Tensor, torch.Tensor]]  # (rows of `weights`, input ids, attention mask)
+    pairs: int
+
+
+def contrast_batches(lm: LanguageModel, pairs: list[tuple[str, str]]) -> ContrastBatches:
+    """Encode the pairs' distinct texts (one tokenizer call) into right-padded batches of `lm.batch_size` pairs."""
+    weight: dict[str, list[int]] = {}  # text -> [count as positive - count as negative, count on either side]
+    for pair in pairs:
+        for text, sign in zip(pair, (1, -1)):
+            w = weight.setdefault(text, [0, 0])
+            w[0] += sign
+            w[1] += 1
+    texts = list(weight)
+    ids = lm.encode(texts, prompt=True)
+    if lm.max_length is not None:
+        ids = [row[-lm.max_length :] for row in ids]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = []
+    for start in range(0, len(order), 2 * lm.batch_size):
+        take = order[start : start + 2 * lm.batch_size]
+        batches.append((take, *lm.pad([ids[i] for i in take])))
+    return ContrastBatches(torch.tensor([weight[t] for t in texts], dtype=torch.float32), batches, len(pairs))
+
+
 def mean_difference(
     lm: LanguageModel, pairs: list[tuple[str, str]], layers: Sequence[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,29 +97,22 @@ def mean_difference(
     as it computes no logits, most of a scoring forward's memory at a real vocabulary — and stops
     after the deepest layer read.
     """
-    weight: dict[str, list[int]] = {}  # text -> [count as positive - count as negative, count on either side]
-    for pair in pairs:
-        for text, sign in zip(pair, (1, -1)):
-            w = weight.setdefault(text, [0, 0])
-            w[0] += sign
-            w[1] += 1
-    texts = list(weight)
-    ids = lm.encode(texts, prompt=True)
-    if lm.max_length is not None:
-        ids = [row[-lm.max_length :] for row in ids]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    weights = torch.tensor([weight[t] for t in texts], dtype=torch.float32)  # (texts, 2)
+    return run_contrast_batches(lm, contrast_batches(lm, pairs), layers)
+
+
+def run_contrast_batches(
+    lm: LanguageModel, planned: ContrastBatches, layers: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forwards of `contrast_batches`, summed into `mean_difference`'s means."""
     diff_sum: torch.Tensor | float = 0.0
     norm_sum: torch.Tensor | float = 0.0
-    for start in range(0, len(order), 2 * lm.batch_size):
-        take = order[start : start + 2 * lm.batch_size]
-        input_ids, attention = lm.pad([ids[i] for i in take])
+    for take, input_ids, attention in planned.batches:
         states = last_token_states(lm.model, input_ids.to(lm.device), attention.to(lm.device), layers)  # (L, B, d)
-        w = weights[take].to(states.device)
+        w = planned.weights[take].to(states.device)
         diff_sum = diff_sum + torch.einsum("lbd,b->ld", states, w[:, 0])
         norm_sum = norm_sum + states.norm(dim=-1) @ w[:, 1]
         lm.forward_tokens += int(attention.sum())
-    return diff_sum / len(pairs), norm_sum / (2 * len(pairs))
+    return diff_sum / planned.pairs, norm_sum / (2 * planned.pairs)
 
 
 def candidate_trials(layers: list[int], scales: Sequence[float]) -> list[tuple[int, float]]:
