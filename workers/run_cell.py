@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params
-from workers.cell import LADDER_PREFIX, CellConfig, ModelSpec
+from workers.cell import CellConfig, ModelSpec
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import NeutralReference, neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
-from workers.models.loading import count_parameters, ladder_revision, resolve_device, resolve_path
+from workers.models.loading import count_parameters, is_hub_model, ladder_revision, resolve_device, resolve_path
 from workers.rowfile import write_rows
 from workers.schema import SCHEMA_VERSION
 from workers.tasks import get_task, neutral_texts
@@ -97,7 +97,7 @@ def prepare_model(spec: ModelSpec) -> str:
     once. A hub model that cannot be fetched fails here, once, instead of in each of its cells after
     a network timeout. Returns the path `from_pretrained` reads."""
     path = resolve_path(spec)
-    if not spec.id.startswith(LADDER_PREFIX) and not os.path.isdir(spec.id):
+    if is_hub_model(spec):
         from huggingface_hub import snapshot_download
 
         patterns = [*HUB_FILES, "*.py"] if spec.trust_remote_code else HUB_FILES

@@ -60,10 +60,15 @@ def resolve_path(spec: ModelSpec) -> str:
     return str(ladder.ensure_built(size, recipe, progress=False))
 
 
+def is_hub_model(spec: ModelSpec) -> bool:
+    """Whether `spec` names a model on the hub: not a ladder rung, not a local directory."""
+    return not spec.id.startswith(LADDER_PREFIX) and not os.path.isdir(spec.id)
+
+
 def hub_commit(spec: ModelSpec) -> str | None:
     """The commit a hub model's files were loaded from (its snapshot in the local hub cache); None
     for ladder rungs and local directories, whose identity is their recipe hash or path."""
-    if spec.id.startswith(LADDER_PREFIX) or os.path.isdir(spec.id):
+    if not is_hub_model(spec):
         return None
     from huggingface_hub import try_to_load_from_cache
 
