@@ -194,3 +194,27 @@ def test_cached_generation_logits_match_a_full_recompute(arch):
             recomputed[positions] = logits
         assert torch.allclose(cached[row], recomputed["after_prompt"], atol=1e-4)
         assert not torch.allclose(cached[row], recomputed["all"], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_extraction_under_an_after_prompt_vector_steers_only_the_token_read(arch):
+    """A composition's second steering part is extracted on the model steered by its first: an
+    `after_prompt` vector then acts where it acts on a prompt at evaluation, at the last token only,
+    not at every position of the contrast texts."""
+    lm = language_model(arch)
+    ids, mask = lm.pad(lm.encode(TEXTS, prompt=True))
+    v = vector(seed=3)
+    with steer(lm.model, {0: v}, "after_prompt"):
+        got = last_token_states(lm.model, ids, mask)
+    last = mask.sum(-1) - 1
+    only_last = torch.zeros(*ids.shape, 1)
+    only_last[torch.arange(len(TEXTS)), last] = 1.0
+    handle = decoder_layers(lm.model)[0].register_forward_hook(lambda _m, _i, out: _add(out, v, only_last))
+    try:
+        expected = last_token_states(lm.model, ids, mask)
+    finally:
+        handle.remove()
+    with steer(lm.model, {0: v}, "all"):
+        everywhere = last_token_states(lm.model, ids, mask)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got[1:], everywhere[1:], atol=1e-3), "steering every position must give other states"

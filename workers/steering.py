@@ -212,7 +212,10 @@ def last_token_states(
 
     handles = [blocks[i].register_forward_hook(read(i)) for i in set(wanted)]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        # The texts are read at their last token, which is where an `after_prompt` vector already on
+        # the model (a composition's first part) acts on a prompt at evaluation: there only, not at every position.
+        with prompt_boundary(last):
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
     except _StopForward:
         pass
     finally:
