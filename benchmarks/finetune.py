@@ -199,27 +199,29 @@ def run(quick: bool) -> Result:
             restore()
 
         times: dict[str, Timing] = time_alternating({"ours": run_ours, "hf": run_hf}, warmup=s.warmup, repeats=s.repeats)
-        tokens = ours.sequence_tokens
-        # The analytic counts of workers/methods/protocol.py (6·N·T full, 4·N·T + 6·P·T LoRA), with
-        # the output head counted only at the scored tokens: the work the loss needs. The Trainer
-        # runs the head at every position, steerscale only there (`LanguageModel.scored_logits`).
-        forward = forward_flops(n - head, tokens) + forward_flops(head, ours.tokens)
-        flops = 2 * forward + 3 * forward_flops(n_lora, tokens) if lora else 3 * forward
+        tokens = sum(len(rows[i]["prompt"]) + len(rows[i]["target"]) for i in order)  # the data's, padding aside
+        ran = ours.sequence_tokens  # less each batch's last column, labels only, which steerscale does not run
+        # The analytic counts of workers/methods/protocol.py (6·N·T full, 4·N·T + 6·P·T LoRA) on the
+        # tokens the loss needs run, with the output head counted only at the scored tokens. The
+        # Trainer also runs the last column, and the head at every position (steerscale only where
+        # scored: `LanguageModel.scored_logits`); that work is not counted for either side.
+        forward = forward_flops(n - head, ran) + forward_flops(head, ours.tokens)
+        flops = 2 * forward + 3 * forward_flops(n_lora, ran) if lora else 3 * forward
         tps = {k: tokens / t.median for k, t in times.items()}
         result.rows += [
             Row(f"{name}: tokens/s ({tokens} tokens, {s.steps} steps)", f"{tps['ours']:.0f}  ({fmt_time(times['ours'])})",
                 f"{tps['hf']:.0f}  ({fmt_time(times['hf'])})",
                 f"{paired_ratio(times['hf'], times['ours']):.2f}× (median paired; CPU time {paired_ratio(times['hf'], times['ours'], cpu=True):.2f}×)", "≥ 1.2×"),
             Row(f"{name}: achieved FLOP/s ÷ one core's torch.mm peak (each side trains on one thread, as a cell does), "
-                f"{s.model}, {tokens / s.steps:.0f} real tokens per step "
+                f"{s.model}, {ran / s.steps:.0f} tokens run per step of {tokens / s.steps:.0f} "
                 f"({ours.tokens / s.steps:.0f} scored; the output head counted at those only)",
                 f"{100 * flops / times['ours'].median / peak:.2f} %", f"{100 * flops / times['hf'].median / peak:.2f} %", "",
                 "≥ 25 % on the largest rung (full run; the quick run's model is far narrower)"),
             Row(f"{name}: torch.mm alone at this step's matmul shapes (each decoder linear's forward, input gradient"
-                f"{' and weight gradient' if not lora else ''} at {tokens / s.steps:.0f} rows, warm cache) ÷ the same peak: "
+                f"{' and weight gradient' if not lora else ''} at {ran / s.steps:.0f} rows, warm cache) ÷ the same peak: "
                 "what the step's matmuls could reach; the gap to the row above is its other work (norms, rotary, attention, "
                 "activations, autograd; the profile below)",
-                f"{100 * mm_rate_at_shapes(ours_lm.model, round(tokens / s.steps), weight_grads=not lora) / peak:.1f} %", "", "", ""),
+                f"{100 * mm_rate_at_shapes(ours_lm.model, round(ran / s.steps), weight_grads=not lora) / peak:.1f} %", "", "", ""),
         ]  # fmt: skip
         result.notes.append(
             f"{name}: each side is timed from its set-up to the end of training, fixed costs included: the Trainer's "

@@ -185,7 +185,9 @@ def train(
             if step in checks:
                 checkpoint(step)
             batch = lm.collate([pairs[i] for i in take])
+            before = lm.forward_tokens
             loss = lm.loss(batch)
+            sequence_tokens += lm.forward_tokens - before  # what ran: a batch's last column (labels only) does not
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss became {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -198,7 +200,6 @@ def train(
                 skipped += 1
             losses.append(loss.item())
             tokens += batch.target_tokens
-            sequence_tokens += int(batch.attention_mask.sum())
         if skipped == steps:  # the model never changed: a row would report an untrained model as trained
             raise NonFiniteLossError(f"every one of {steps} steps overflowed in fp16 (loss scale down to {weights.scale:g}); train in bf16 or fp32")
         chosen = steps
