@@ -13,7 +13,7 @@ from workers.config import ConfigError
 from workers.methods import get_method, resolve_config
 from workers.methods.protocol import matmul_params
 from workers.registry import UnknownNameError
-from workers.steering import decoder_layers
+from workers.steering import decoder_layers, matmul_params_through
 from workers.tasks.base import Evaluation, score_choices
 from workers.training import NonFiniteLossError
 
@@ -236,6 +236,16 @@ def test_steer_trained_lowers_the_training_loss_and_trains_d_model_per_layer():
     assert after < before - 0.05
     assert adapter.report.trainable_params == 2 * lm.model.config.hidden_size
     assert sorted(adapter.vectors) == [0, 2]
+
+
+def test_steer_trained_flops_count_the_backward_only_after_the_earliest_steered_layer():
+    """The model is frozen: a step's backward runs from the loss to the earliest vector, not through the blocks before it."""
+    lm = language_model()
+    _, adapter = fit("steer_trained", lm, {"layers": [0.5, 1.0], "train": {**FAST, "checkpoints": 0}})
+    n, t = matmul_params(lm.model), adapter.report.hparams["sequence_tokens"]
+    after = n - matmul_params_through(lm.model, 1)  # layer 1 of 3 is the earliest steered
+    assert 0 < after < n
+    assert adapter.report.post_train_flops == 2 * n * t + 2 * after * t
 
 
 def test_full_ft_lowers_the_training_loss_and_counts_six_n_t():

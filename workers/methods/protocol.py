@@ -119,8 +119,10 @@ def peft_use(method: Method, config: StrictConfig) -> PeftUse:
 #   LoRA with P adapter parameters                             ≈ 4·N·T + 6·P·T  (the frozen base needs activation
 #                                                                 grads (2·N·T) but no weight grads; the adapters
 #                                                                 are trained like full FT)
-#   trained steering vectors                                   ≈ 4·N·T  (activation grads through the frozen model;
-#                                                                 the vector's own gradient is an O(d·T) sum)
+#   trained steering vectors                                   ≈ 2·N·T + 2·N_after·T  (activation grads through the
+#                                                                 frozen blocks after the earliest steered layer and the
+#                                                                 head, N_after of N; none before it; the vector's own
+#                                                                 gradient is an O(d·T) sum)
 # Attention's sequence-length term (2·n_layer·ctx·d per token) is left out, as in Kaplan et al.
 
 
