@@ -85,17 +85,26 @@ class LawData:
             if distinct < MIN_DISTINCT:
                 raise FitError(f"{law.name} needs at least {MIN_DISTINCT} distinct values of {name}, got {distinct}")
         inputs = _distinct_inputs(xs)
-        if inputs < len(law.params) + 1:
-            raise FitError(f"{law.name} has {len(law.params)} parameters; needs at least {len(law.params) + 1} distinct "
+        if inputs < min_inputs(law):
+            raise FitError(f"{law.name} has {len(law.params)} parameters; needs at least {min_inputs(law)} distinct "
                            f"{_input_points(law)}, got {inputs}")  # fmt: skip
         g = law.design({name: np.log(values) for name, values in xs.items()})
         return cls(law=law, x=xs, y=y, g=g, dropped_highest=drop_highest_loss)
 
 
+def min_inputs(law: Law) -> int:
+    """Distinct input points a fit of `law` needs: k parameters through k distinct inputs fit them exactly
+    whatever the seeds say (a curve through 3 budgets has an asymptote that is pure extrapolation)."""
+    return len(law.params) + 1
+
+
+def input_index(xs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Each point's distinct input (0, 1, …): the seeds of one budget, or of one (N, D), share it."""
+    return np.unique(np.stack(list(xs.values()), axis=1), axis=0, return_inverse=True)[1].ravel()
+
+
 def _distinct_inputs(xs: Mapping[str, np.ndarray]) -> int:
-    """Distinct input points. Seeds repeat an input, and k parameters through k distinct inputs fit them
-    exactly whatever the seeds say (a curve through 3 budgets has an asymptote that is pure extrapolation)."""
-    return len(np.unique(np.stack(list(xs.values()), axis=1), axis=0))
+    return len(np.unique(input_index(xs)))
 
 
 def _input_points(law: Law) -> str:

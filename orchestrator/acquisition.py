@@ -3,8 +3,9 @@
 Both phases are pure functions of the planned cells, the stored rows and the current fits.
 
 1. **Design.** A budget curve loss(D) = E + B·D^-β (one per task × method × model, fitted by
-   `analysis.curves`) can be fitted from 4 ok cells over 3 distinct budgets, but its bootstrap
-   interval is trusted only from 6 (two per parameter). Each curve gets those first, in a space-filling order: the smallest and the largest budget (so the
+   `analysis.curves`) can be fitted from ok cells over 4 distinct budgets (one more than its
+   parameters, as the fitter asks), but its bootstrap interval is trusted only from 6 cells (two
+   per parameter). Each curve gets those first, in a space-filling order: the smallest and the largest budget (so the
    crossover search sees the grid's whole range), then interior budgets staggered across model
    sizes so that the models together cover every budget level, then the other seeds. A failed
    cell is simply passed over for the next one in that order. Cells without a budget axis
@@ -50,7 +51,7 @@ import pandas as pd
 
 from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval
 from analysis.crossover import GRID_POINTS, budget_curves, lead_from
-from analysis.fitting import MIN_DISTINCT, Fit, FitError, LawData, fit_law
+from analysis.fitting import Fit, FitError, LawData, fit_law, min_inputs
 from analysis.laws import POWER_D
 from analysis.methods import method_kind
 from analysis.metrics import HIGHER_IS_BETTER, to_loss
@@ -63,6 +64,7 @@ METRIC = "score"  # the study's main metric: the crossover is where fine-tuning'
 # The fitter needs params + 1 points; a bootstrap over cells needs more to mean anything (with 4 points
 # for 3 parameters, resampled intervals came out narrow and missed the truth in the simulated world).
 DESIGN_POINTS = 2 * len(POWER_D.params)
+MIN_BUDGETS = min_inputs(POWER_D)  # distinct budgets the fitter refuses a curve without
 Z = float(norm.ppf(0.5 + CI_LEVEL / 2))  # a normal interval at the bootstrap's level is 2·Z·sd wide
 
 
@@ -116,18 +118,18 @@ def fit_curve(key: CurveKey, rows: pd.DataFrame, bootstrap: int, rng: np.random.
 
 
 def check_grid(cells: Sequence[Planned]) -> None:
-    """Refuse grids whose curves could never be fitted: every curve needs DESIGN_POINTS cells over 3 budgets."""
+    """Refuse grids whose curves could never be fitted: every curve needs DESIGN_POINTS cells over MIN_BUDGETS budgets."""
     curves = curves_of(cells)
     short = sorted({k[1] for k, group in curves.items() if not fittable(group)})
     if short:
         raise ConfigError(
             f"an adaptive sweep fits loss(D) per task × method × model, which needs at least {DESIGN_POINTS} cells "
-            f"over {MIN_DISTINCT} distinct budgets > 0; not so for: {', '.join(short)} (add budgets or seeds)"
+            f"over {MIN_BUDGETS} distinct budgets > 0; not so for: {', '.join(short)} (add budgets or seeds)"
         )
 
 
 def fittable(cells: Sequence[Planned]) -> bool:
-    return len(cells) >= DESIGN_POINTS and len({c.config.budget for c in cells}) >= MIN_DISTINCT
+    return len(cells) >= DESIGN_POINTS and len({c.config.budget for c in cells}) >= MIN_BUDGETS
 
 
 def curves_of(cells: Sequence[Planned]) -> dict[CurveKey, list[Planned]]:
@@ -172,13 +174,13 @@ def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: Co
         ok = [c for c in group if status.get(c.cell_id) == "ok"]
         n_ok, budgets = len(ok), {c.config.budget for c in ok}
         for cell in design_order(group, (models.index(key[2]) + 0.5) / len(models)):
-            if n_ok >= DESIGN_POINTS and len(budgets) >= MIN_DISTINCT:
+            if n_ok >= DESIGN_POINTS and len(budgets) >= MIN_BUDGETS:
                 break
             if cell.cell_id in status:
                 continue
             reason = (
                 f"design: {label(key)} has {n_ok} ok cells over {len(budgets)} budgets; its curve needs {DESIGN_POINTS} "
-                f"over {MIN_DISTINCT} before its bootstrap is trusted (order: range ends, staggered interior, more seeds)"
+                f"over {MIN_BUDGETS} before its bootstrap is trusted (order: range ends, staggered interior, more seeds)"
             )
             choices.append(Choice(cell, "design", reason, cost.post_train(cell.config), float("nan")))
             n_ok, budgets = n_ok + 1, budgets | {cell.config.budget}

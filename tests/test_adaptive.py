@@ -22,11 +22,12 @@ import yaml
 
 from analysis.report import write_report
 from analysis.synthetic import TrueCurve
-from orchestrator.acquisition import DESIGN_POINTS, curves_of, design_order, targets_from
+from orchestrator.acquisition import DESIGN_POINTS, check_grid, curves_of, design_choices, design_order, targets_from
 from orchestrator.adaptive import DecisionLog, Settings, fit_budget_curves, run_adaptive, stored_rows
 from orchestrator.cellcost import CostModel, work_units
 from orchestrator.store import ResultsStore
 from workers.cell import CellConfig, EvalConfig, ModelSpec
+from workers.config import ConfigError
 from workers.training import TrainConfig, batch_order, steps_for
 
 MODELS = {"sim-s": 1e5, "sim-m": 4e5, "sim-l": 1.6e6}
@@ -219,6 +220,23 @@ def test_design_covers_the_range_ends_and_staggers_the_interior():
     assert interior_taken == set(BUDGETS[1:-1])  # three models × four staggered picks cover all nine
 
 
+def test_a_grid_of_three_budgets_is_refused_before_anything_runs():
+    """The budget law has 3 parameters and the fitter needs 4 distinct budgets: 3 budgets × 2 seeds passed the check
+    (6 cells over 3 budgets), and the loop then fitted nothing and stopped with "no target"."""
+    with pytest.raises(ConfigError, match="needs at least 6 cells over 4 distinct budgets > 0; not so for: lora, steer_mean"):
+        check_grid([c for c in grid() if c.config.budget in BUDGETS[:3] and c.config.seed < 2])
+
+
+def test_the_design_asks_for_the_budget_a_failed_cell_left_missing(tmp_path):
+    """Every curve has 6 ok cells over 3 budgets and its seed-0 cell at a 4th failed: the design counted the curve
+    as done, and the fitter then refused it, so it dropped out of the sweep. It asks for the 4th budget's other seed."""
+    cells = [c for c in grid() if c.config.budget in BUDGETS[:4] and c.config.seed < 2]
+    status = {c.cell_id: "ok" if c.config.budget < BUDGETS[3] else "failed" for c in cells if c.config.budget < BUDGETS[3] or c.config.seed == 0}
+    cost = CostModel.calibrate(cells, stored_rows(ResultsStore(str(tmp_path)), cells), MODELS)
+    chosen = design_choices(cells, status, cost)
+    assert sorted((c.cell.config.budget, c.cell.config.seed) for c in chosen) == [(BUDGETS[3], 1)] * len(curves_of(cells))
+
+
 def test_cost_model_learns_the_worlds_cost_from_stored_rows(tmp_path):
     cells = grid()
     store = ResultsStore(str(tmp_path))
@@ -262,7 +280,7 @@ def steerscale(*args: str) -> subprocess.CompletedProcess:
         (["--adaptive", "--max-cells", "0"], "argument --max-cells: must be > 0, got 0"),
         (["--adaptive", "--max-cells", "three"], "argument --max-cells: expected an integer, got 'three'"),
         (["--adaptive", "--max-cells", "4", "--force"], "does not combine with --force"),
-        (["--adaptive", "--max-cells", "4"], "over 3 distinct budgets > 0; not so for: lora"),  # one budget: no curve
+        (["--adaptive", "--max-cells", "4"], "over 4 distinct budgets > 0; not so for: lora"),  # one budget: no curve
     ],
 )
 def test_bad_adaptive_flags_exit_2_with_a_clear_message(tmp_path, capsys, flags, message):
