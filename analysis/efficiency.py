@@ -3,7 +3,9 @@
 The gain is measured from the base model: with loss(D) = E + B·D^-β and the base model's loss L0,
 the asymptotic gain is L0 − E and x % of it is reached at D_x = (B / ((1 − x)(L0 − E)))^(1/β).
 A method whose asymptote is no better than the base model has no D_x. A D_x outside the measured
-budgets is the law's extrapolation (a flat curve puts it at 1e-180), so it is marked as such.
+budgets is the law's extrapolation (a flat curve puts it at 1e-180), so it is marked as such. A
+resample that never reaches the gain counts as needing more than any budget, as D* counts a
+resample that does not cross: leaving it out would pull the interval's upper end down.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.bootstrap import percentile_interval
+from analysis.crossover import censored_interval
 from analysis.curves import LawFit
 from analysis.fitting import NEGLIGIBLE_SHARE
 from analysis.metrics import BASE_COLUMN, to_loss
@@ -30,7 +32,7 @@ class DataEfficiency:
     n_params: float
     fraction: float
     examples: float  # NaN when the asymptote does not beat the base model
-    examples_lo: float  # the interval is over the resamples that have a D_x
+    examples_lo: float  # over every resample: one without a D_x counts as +inf
     examples_hi: float
     finite_share: float  # resamples with a D_x (their asymptote beats the base model); NaN without resamples
     smallest_budget: float  # the curve's measured budgets: outside them D_x is the law's guess
@@ -75,7 +77,7 @@ def data_efficiency(fits: list[LawFit], ok: pd.DataFrame, fractions: tuple[float
         for fraction in fractions:
             point = float(examples_to_reach(curve.fit.params, base_loss, fraction)[0])
             samples = examples_to_reach(curve.boot.params(), base_loss, fraction) if curve.boot else np.array([])
-            lo, hi = percentile_interval(samples)
+            lo, hi = censored_interval(np.where(np.isnan(samples), np.inf, samples))
             share = float(np.isfinite(samples).mean()) if len(samples) else np.nan
             result.append(DataEfficiency(curve.task, curve.method, curve.model, curve.n_params, fraction, point, lo, hi, share,
                                          float(curve.points.d.min()), float(curve.points.d.max())))  # fmt: skip

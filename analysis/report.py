@@ -309,7 +309,8 @@ def _efficiency(a: Analysis) -> list[Block]:
     if not rows:
         return [Heading("Data efficiency"), Paragraph("Needs fitted budget curves and the base model's score.")]
     note = Paragraph("Examples needed: the budget at which the fitted curve reaches that share of the gain over the base model it "
-                     "tends to, with its 95 % bootstrap interval over the resamples that reach it at all. Outside the budgets the curve "
+                     "tends to, with its 95 % bootstrap interval over every resample (one that never reaches it counts as needing more than any "
+                     "budget). Outside the budgets the curve "
                      "was measured on it is the law's extrapolation and marked as such.")  # fmt: skip
     return [Heading("Data efficiency"), note, Table(("task", "method", "model", "share of asymptotic gain", "examples needed"), rows)]
 

@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -17,8 +18,8 @@ from scipy.optimize import brentq
 import analysis
 from analysis.crossover import OUTCOMES, crossover, outcomes
 from analysis.curves import fit_curves
-from analysis.efficiency import examples_to_reach
-from analysis.report import best_measured
+from analysis.efficiency import data_efficiency, examples_to_reach
+from analysis.report import _examples_needed, best_measured
 from analysis.summary import analyse
 from analysis.synthetic import TrueCurve, synthetic_rows
 from workers.schema import to_table
@@ -280,6 +281,21 @@ def test_rows_without_params_still_make_budget_curves(tmp_path: Path) -> None:
     joint = fits[("*", "additive")].record()
     assert (joint["n_nan"], joint["n_no_x"], joint["n_points"]) == (0, 8, 16)
     assert "On t, on the largest model measured (m3)" in best_measured("t", frame[frame["status"] == "ok"], "score")
+
+
+def test_the_data_efficiency_interval_counts_the_resamples_that_never_reach_the_gain() -> None:
+    """A fifth of the resamples put the asymptote above the base model's loss: they never reach half the gain,
+    so they need more than any budget. Left out, the interval read [10.8, 22.8], as if those did not exist."""
+    rng = np.random.default_rng(0)
+    params = {"E": np.where(np.arange(100) < 20, 0.85, 0.3), "B": rng.uniform(0.8, 1.2, 100), "beta": np.full(100, 0.5)}
+    curve = SimpleNamespace(ok=True, joint=False, task="t", method="lora", model="m", n_params=1e6, metric="score",
+                            fit=SimpleNamespace(params={"E": 0.3, "B": 1.0, "beta": 0.5}), boot=SimpleNamespace(params=lambda: params),
+                            points=SimpleNamespace(d=np.array([4.0, 1024.0])))  # fmt: skip
+    base = pd.DataFrame({"task": ["t"], "model": ["m"], "method": ["base"], "score_base": [0.2]})  # base loss 0.8
+    (half,) = data_efficiency([curve], base, fractions=(0.5,))
+    assert half.examples == pytest.approx(16.0) and half.finite_share == 0.8
+    assert 10 < half.examples_lo < 16 and half.examples_hi == np.inf
+    assert _examples_needed(half).startswith(f"16 [{half.examples_lo:.3g}, > 1.02e+05]")
 
 
 def test_a_data_efficiency_outside_the_measured_budgets_is_extrapolated(summary: analysis.FitSummary) -> None:
