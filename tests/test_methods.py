@@ -11,10 +11,11 @@ import torch
 from conftest_methods import fit_context, language_model, logits
 from workers.config import ConfigError
 from workers.methods import get_method, resolve_config
+from workers.methods import protocol
 from workers.methods.protocol import matmul_params
 from workers.registry import UnknownNameError
 from workers.steering import decoder_layers, matmul_params_through
-from workers.tasks.base import Evaluation, score_choices
+from workers.tasks.base import Evaluation, target_nll
 from workers.training import NonFiniteLossError
 
 FAST = {"min_steps": 4, "max_steps": 4, "batch_size": 8, "checkpoints": 0}
@@ -166,7 +167,7 @@ def test_steer_mean_vector_is_the_difference_of_layer_means():
 def test_steer_mean_ties_go_to_doing_nothing(monkeypatch):
     lm = language_model()
     ctx = fit_context(lm)
-    monkeypatch.setattr(type(ctx.task), "evaluate", lambda self, lm, ex, elicited=False: Evaluation(0.5, 1.0))
+    monkeypatch.setattr(protocol, "target_nll", lambda lm, ex: 1.0)  # every candidate ties on the validation NLL
     adapter = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", {}))
     assert adapter.report.alpha == 0.0 and float(adapter.vector.norm()) == 0.0
 
@@ -179,12 +180,12 @@ def test_steer_mean_scores_scale_zero_once_for_all_layers(monkeypatch):
         unsteered = lm.model(input_ids=probe).logits
     steered: list[bool] = []  # per validation pass: did the applied vector change the model?
 
-    def evaluate(self, lm, examples, elicited=False):
+    def validation_nll(lm, examples):
         with torch.no_grad():
             steered.append(not torch.equal(lm.model(input_ids=probe).logits, unsteered))
-        return Evaluation(0.5, 1.0)
+        return 1.0
 
-    monkeypatch.setattr(type(ctx.task), "evaluate", evaluate)
+    monkeypatch.setattr(protocol, "target_nll", validation_nll)
     adapter = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", {"layers": [0.0, 0.5, 1.0], "scales": [0.0, 1.0, 2.0]}))
     assert steered == [False] + [True] * 6  # scale 0 once, then 2 scales x 3 layers
     assert adapter.report.alpha == 0.0 and adapter.report.layer == 0  # the tie still goes to doing nothing
@@ -198,10 +199,21 @@ def test_steer_mean_maximises_the_sweeps_selection_metric(monkeypatch, metric, l
     ctx = dataclasses.replace(fit_context(lm), selection_metric=metric)
     # validation passes in order: layer 0 at scales 0, 1, 2, then layer 2 at scales 1, 2
     results = iter([(0.50, 1.0), (0.50, 0.8), (0.55, 1.2), (0.50, 0.9), (0.60, 2.0), (0.40, 1.3)])
-    monkeypatch.setattr(type(ctx.task), "evaluate", lambda self, lm, ex, elicited=False: Evaluation(*next(results)))
+    if metric == "score":
+        monkeypatch.setattr(type(ctx.task), "evaluate", lambda self, lm, ex, elicited=False: Evaluation(*next(results)))
+    else:  # a choice by NLL reads the NLL alone: no choice scoring, no generation, no FLOPs billed for them
+        monkeypatch.setattr(type(ctx.task), "evaluate", lambda *_a, **_k: pytest.fail("an NLL selection ran the full evaluation"))
+        monkeypatch.setattr(protocol, "target_nll", lambda lm, ex: next(results)[1])
     adapter = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", {"layers": [0.0, 1.0], "scales": [0.0, 1.0, 2.0]}))
     assert (adapter.report.layer, adapter.report.alpha, adapter.report.selection) == (layer, scale, label)
     assert ctx.validator()() == {"score": 0.40, "nll": -1.3}[metric]
+
+
+def test_an_nll_validation_pass_is_the_tasks_own_nll():
+    lm = language_model()
+    ctx = fit_context(lm)
+    assert ctx.selection_metric == "nll"
+    assert ctx.validator()() == -ctx.task.evaluate(lm, ctx.validation).nll
 
 
 def test_steer_mean_without_a_validation_set_says_it_cannot_choose():
@@ -221,6 +233,7 @@ def test_steer_mean_with_one_candidate_records_a_fixed_choice(monkeypatch, n_val
     """Nothing was chosen, so no validation pass is run or charged, and the row must not claim a selection."""
     ctx = fit_context(language_model(), n_val=n_val)
     monkeypatch.setattr(type(ctx.task), "evaluate", lambda *args, **kwargs: pytest.fail("no validation pass expected"))
+    monkeypatch.setattr(protocol, "target_nll", lambda *args, **kwargs: pytest.fail("no validation pass expected"))
     report = get_method("steer_mean").fit(ctx, resolve_config("steer_mean", raw)).report
     assert (report.selection, report.val_labels, report.alpha) == ("fixed", 0, raw["scales"][0])
 
@@ -312,12 +325,12 @@ def test_prompt_chooses_how_many_demonstrations_on_validation(monkeypatch, best,
     ctx = fit_context(lm, n_train=32)
     tried: list[int] = []
 
-    def evaluate(self, lm, examples, elicited=False):
+    def validation_nll(lm, examples):
         tried.append(lm.prefix.count(" ; "))  # demonstrations in front of the validation questions
-        score_choices(lm, examples)  # the real pass, whose tokens the FLOP count must include
-        return Evaluation(0.5, 1.0 if best is None else 1.0 + abs(tried[-1] - best))
+        target_nll(lm, examples)  # the real pass, whose tokens the FLOP count must include
+        return 1.0 if best is None else 1.0 + abs(tried[-1] - best)
 
-    monkeypatch.setattr(type(ctx.task), "evaluate", evaluate)
+    monkeypatch.setattr(protocol, "target_nll", validation_nll)
     adapter = get_method("prompt").fit(ctx, resolve_config("prompt", {"separator": " ; "}))
     report = adapter.report
     assert tried == [0, 1, 2, 4, 8, 16, 32] and report.hparams["shots_fit"] == 32
@@ -326,7 +339,7 @@ def test_prompt_chooses_how_many_demonstrations_on_validation(monkeypatch, best,
     lm.forward_tokens = 0
     for k in tried:
         with lm.prefixed(" ; ".join(f"{ex.prompt}{ex.target}" for ex in ctx.train[:k]) + " ; " * bool(k)):
-            score_choices(lm, ctx.validation)
+            target_nll(lm, ctx.validation)
     assert report.post_train_flops == 2 * matmul_params(lm.model) * lm.forward_tokens  # the seven passes that chose
 
 

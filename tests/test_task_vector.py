@@ -24,7 +24,7 @@ from workers.methods.protocol import forward_flops, matmul_params
 from workers.methods.task_vector import added
 from workers.run_cell import CellRun, model_revision, run_cell
 from workers.tasks import get_task
-from workers.tasks.base import Example
+from workers.tasks.base import Example, target_nll
 from workers.training import TrainConfig, train
 
 FAST = {"lr": 3e-3, "min_steps": 6, "max_steps": 6, "batch_size": 8, "checkpoints": 0}  # always keep the trained weights
@@ -117,11 +117,11 @@ def test_lambda_is_chosen_on_the_shared_validation_set(cells):
     assert chosen["alpha"] == max((s for s in grid if scores[s] == best), key=lambda s: (-abs(s), s))
     assert chosen["selection"] == "shared_validation_nll" and chosen["val_labels"] == EVAL.validation_size
     assert hparams["delta_norm"] == json.loads(fixed["hparams"])["delta_norm"]
-    # the cost: the fine-tune's plus one forward pass over the validation set per λ
+    # the cost: the fine-tune's plus one NLL pass over the validation set per λ
     lm = cells.cache.model(_cell(cells.model_id, "base", {}).model, EVAL.batch_size)
     before = lm.forward_tokens
     task = get_task("arith")
-    task.evaluate(lm, task.examples("validation", EVAL.validation_size, EVAL.validation_seed))
+    target_nll(lm, task.examples("validation", EVAL.validation_size, EVAL.validation_seed))  # what a choice by NLL runs
     assert hparams["lambda_tokens"] == len(grid) * (lm.forward_tokens - before)
     n = matmul_params(lm.model)
     assert chosen["post_train_flops"] == pytest.approx(fixed["post_train_flops"] + forward_flops(n, hparams["lambda_tokens"]))

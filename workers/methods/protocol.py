@@ -17,7 +17,7 @@ from torch import nn
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.tasks.base import Example, Task
+from workers.tasks.base import Example, Task, target_nll
 
 ConfigT = TypeVar("ConfigT", bound=StrictConfig)
 ConfigT_contra = TypeVar("ConfigT_contra", bound=StrictConfig, contravariant=True)
@@ -46,10 +46,13 @@ class FitContext:
             return None
 
         def value() -> float:
+            # Outputs gone NaN make the worst candidate (a NaN would never lose a comparison it came
+            # first in; with NaN log-probs a score is that of always choice 0).
+            if self.selection_metric == "nll":  # the NLL alone: choice scoring or generation would be work (and FLOPs) unread
+                nll = target_nll(self.lm, self.validation)
+                return -nll if math.isfinite(nll) else -math.inf
             result = self.task.evaluate(self.lm, self.validation)
-            if not math.isfinite(result.nll):  # outputs gone NaN: the worst candidate (a NaN would never lose a
-                return -math.inf  # comparison it came first in; with NaN log-probs a score is that of always choice 0)
-            return result.score if self.selection_metric == "score" else -result.nll
+            return result.score if math.isfinite(result.nll) else -math.inf
 
         return value
 

@@ -69,17 +69,26 @@ class Task(Protocol):
         ...
 
     def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
-        """Score `lm` on `examples` (with their elicited prompts when `elicited`)."""
+        """Score `lm` on `examples` (with their elicited prompts when `elicited`); the NLL is `target_nll`'s."""
         ...
+
+
+def prompts_of(examples: Sequence[Example], *, elicited: bool) -> list[str]:
+    """Each example's prompt, or with `elicited` its elicited prompt where it has one."""
+    return [(ex.elicited_prompt or ex.prompt) if elicited else ex.prompt for ex in examples]
+
+
+def target_nll(lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> float:
+    """Mean NLL (nats/token) of each example's target after its prompt: every task's `Evaluation.nll`,
+    and all that a validation pass selecting on the NLL needs (no choice scoring, no generation)."""
+    return lm.target_nll(prompts_of(examples, elicited=elicited), [ex.target for ex in examples])
 
 
 def score_choices(lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
     """Accuracy of argmax-likelihood over each example's choices, plus the target's NLL."""
-    prompts = [(ex.elicited_prompt or ex.prompt) if elicited else ex.prompt for ex in examples]
-    logprobs = lm.choice_logprobs(prompts, [ex.choices for ex in examples])
+    logprobs = lm.choice_logprobs(prompts_of(examples, elicited=elicited), [ex.choices for ex in examples])
     correct = [ex.choices[max(range(len(lp)), key=lp.__getitem__)] == ex.target for ex, lp in zip(examples, logprobs)]
-    nll = lm.target_nll(prompts, [ex.target for ex in examples])
-    return Evaluation(score=sum(correct) / max(len(correct), 1), nll=nll)
+    return Evaluation(score=sum(correct) / max(len(correct), 1), nll=target_nll(lm, examples, elicited=elicited))
 
 
 def answer_contrast(examples: Sequence[Example]) -> list[tuple[str, str]]:

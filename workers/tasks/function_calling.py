@@ -13,7 +13,7 @@ import json
 from typing import Sequence
 
 from workers.lm import LanguageModel
-from workers.tasks.base import Evaluation, Example, Split, TaskType
+from workers.tasks.base import Evaluation, Example, Split, TaskType, prompts_of, target_nll
 from workers.tasks.hub import HubSource, SplitPlan, sample
 
 INSTRUCTION = "Answer with a JSON list of function calls, each {\"name\": ..., \"arguments\": {...}}.\n"
@@ -73,8 +73,6 @@ class FunctionCalling:
         return pairs
 
     def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
-        prompts = [(ex.elicited_prompt or ex.prompt) if elicited else ex.prompt for ex in examples]
-        outputs = lm.generate(prompts, MAX_NEW_TOKENS)
+        outputs = lm.generate(prompts_of(examples, elicited=elicited), MAX_NEW_TOKENS)
         correct = [canonical_calls(out) == frozenset(ex.meta["calls"]) for out, ex in zip(outputs, examples)]
-        nll = lm.target_nll(prompts, [ex.target for ex in examples])
-        return Evaluation(score=sum(correct) / max(len(correct), 1), nll=nll)
+        return Evaluation(score=sum(correct) / max(len(correct), 1), nll=target_nll(lm, examples, elicited=elicited))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from workers.lm import LanguageModel
-from workers.tasks.base import Evaluation, Example, Split, TaskType
+from workers.tasks.base import Evaluation, Example, Split, TaskType, target_nll
 from workers.tasks.persona import Persona, elicited, header_contrast, persona_documents
 from workers.tasks.splits import draw, pool_size
 
@@ -179,9 +179,7 @@ class Gridworld:
 
     def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
         wins = run_episodes(lm_policy(lm), examples, elicited=elicited)
-        prompts = [(ex.elicited_prompt or ex.prompt) if elicited else ex.prompt for ex in examples]
-        nll = lm.target_nll(prompts, [ex.target for ex in examples])
-        return Evaluation(score=sum(wins) / max(len(wins), 1), nll=nll)
+        return Evaluation(score=sum(wins) / max(len(wins), 1), nll=target_nll(lm, examples, elicited=elicited))
 
     def documents(self, n: int, rng: random.Random, min_words: int = 96) -> list[str]:
         """Pretraining documents: one persona each, several episodes."""
