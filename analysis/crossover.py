@@ -184,7 +184,9 @@ class CrossoverScaling:
     Models where it does not (ahead at both ends: D* below the smallest budget; never: above the
     largest; or steering overtaking) are censored, not fitted, and counted in `n_pairs - n_models`:
     a trend through the rest can say the opposite of what they show. The interval refits the line
-    on every bootstrap resample, over the models whose resampled curves cross. `holdout_error` is
+    on every bootstrap resample through the same models as γ: a resample in which one of them does
+    not cross gives no slope (`resample_share` is the share that do), and a line through other models
+    would not be a resample of γ. `holdout_error` is
     the mean |ln D*| missed when each model in turn is predicted from the line through the others
     (needs three models); unlike leaving out only the top model, it holds out the same models on
     every axis, so axes compare on equal terms. On an axis that cannot pool families (parameters) a
@@ -202,6 +204,7 @@ class CrossoverScaling:
     n_pairs: int  # models with both curves fitted and an x, crossing or not
     holdout_error: float
     family: str = ""
+    resample_share: float = np.nan  # resamples in which every model of the line crosses, so that they give a slope
 
     def record(self) -> dict[str, object]:
         """Its fields; `family` only where the trend is one family's, so a pooled trend's row is unchanged."""
@@ -223,7 +226,8 @@ class CrossoverScaling:
         if not self.enough_models:
             ci = f"; a line through {self.n_models} points, not a finding (it needs {MIN_TREND_MODELS} models with a finite D*)"
         elif not self.has_interval:
-            ci = "; no interval, so not a finding"
+            share = "" if np.isnan(self.resample_share) else f" ({self.finetuning} overtakes on all {self.n_models} in {self.resample_share:.0%} of resamples)"
+            ci = f"; no interval{share}, so not a finding"
         elif self.gamma_lo > 0 or self.gamma_hi < 0:
             ci = f"; 95 % interval [{self.gamma_lo:.2f}, {self.gamma_hi:.2f}], which excludes 0"
         else:
@@ -245,18 +249,10 @@ def _leave_one_out(logx: np.ndarray, logd: np.ndarray) -> float:
 
 
 def _resampled_slopes(logx: np.ndarray, overtakes: np.ndarray) -> np.ndarray:
-    """Least-squares slope of log D* on log x per resample (rows of `overtakes`, one column per model),
-    over the models that cross in that resample; NaN where fewer than two distinct x do."""
-    use = np.isfinite(overtakes)
-    logd = np.log(np.where(use, overtakes, 1.0))
-    count = use.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        x_mean = (use * logx).sum(axis=1) / count
-        y_mean = (use * logd).sum(axis=1) / count
-        dx = np.where(use, logx - x_mean[:, None], 0.0)
-        sxx = (dx**2).sum(axis=1)
-        slope = (dx * (logd - y_mean[:, None])).sum(axis=1) / sxx
-    return np.where(sxx > 1e-12, slope, np.nan)
+    """Least-squares slope of log D* on log x per resample (rows of `overtakes`, one column per model of the
+    point fit's line); NaN where one of those models does not cross in that resample."""
+    dx = logx - logx.mean()
+    return np.log(overtakes) @ dx / (dx @ dx)
 
 
 def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, axis: Axis, pooled: bool = False) -> list[CrossoverScaling]:
@@ -281,12 +277,12 @@ def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, a
             continue
         logd = np.log([c.d_star for _, c in crossing])
         gamma = float(np.polyfit(logx, logd, 1)[0])
-        every_logx = np.array([lx for lx, _ in found])
-        resamples = {len(c.overtakes) for _, c in found}
-        slopes = (_resampled_slopes(every_logx, np.stack([c.overtakes for _, c in found], axis=1))
+        resamples = {len(c.overtakes) for _, c in crossing}
+        slopes = (_resampled_slopes(logx, np.stack([c.overtakes for _, c in crossing], axis=1))
                   if len(resamples) == 1 and resamples != {0} else np.array([]))  # fmt: skip
-        # resamples where fewer than two models cross have no slope: past 1 − CI_LEVEL of them, no interval
-        lo, hi = percentile_interval(slopes) if len(slopes) and np.isfinite(slopes).mean() >= CI_LEVEL else (np.nan, np.nan)
+        share = float(np.isfinite(slopes).mean()) if len(slopes) else np.nan
+        # resamples in which a model of the line does not cross have no slope: past 1 − CI_LEVEL of them, no interval
+        lo, hi = percentile_interval(slopes) if share >= CI_LEVEL else (np.nan, np.nan)
         result.append(CrossoverScaling(task, steering, finetuning, axis.name, gamma, lo, hi, len(crossing), len(found),
-                                       _leave_one_out(logx, logd), family))  # fmt: skip
+                                       _leave_one_out(logx, logd), family, share))  # fmt: skip
     return result

@@ -163,6 +163,32 @@ def test_a_model_without_a_verdict_does_not_take_the_trends_interval_away() -> N
     assert "which excludes 0" in trend.describe()
 
 
+def _three_crossing(resamples: int) -> tuple[list[Crossover], pd.DataFrame]:
+    """`_trend_pairs`'s three models that cross, D* ∝ params^0.5, without the non-finite one."""
+    found, capabilities = _trend_pairs(resamples)
+    return found[:3], capabilities
+
+
+def test_a_model_the_point_trend_leaves_out_stays_out_of_every_resample() -> None:
+    """A fourth model on which steering stays ahead (so γ leaves it out) whose resampled curves all cross at D* = 4:
+    each resample's line went through it too, and the interval came out [−0.19, −0.11], nowhere near γ = 0.5."""
+    found, capabilities = _three_crossing(200)
+    ahead = Crossover("t", "d", 64e6, "steer_mean", "lora", 4.0, 1024.0, np.nan, np.nan, np.nan, 0.9, "steering_ahead", "steer_mean stays ahead")
+    (trend,) = crossover_scaling([*found, dataclasses.replace(ahead, overtakes=np.full(200, 4.0))], capabilities, get_axis("params"))
+    assert 0 < trend.gamma_lo < 0.5 < trend.gamma_hi, (trend.gamma_lo, trend.gamma_hi)
+    assert (trend.n_models, trend.n_pairs, trend.resample_share) == (3, 4, 1.0)
+
+
+def test_a_resample_where_a_model_of_the_trend_does_not_cross_gives_no_slope() -> None:
+    """The top model crosses in only 90 % of the resamples: the other 10 % drew a line through the other two models
+    and counted as slopes of γ, so the trend had an interval; now they have none, and 90 % is under the 95 % needed."""
+    found, capabilities = _three_crossing(200)
+    found[2] = dataclasses.replace(found[2], overtakes=np.where(np.arange(200) < 20, np.nan, found[2].overtakes))
+    (trend,) = crossover_scaling(found, capabilities, get_axis("params"))
+    assert not trend.has_interval and trend.resample_share == 0.9
+    assert "no interval (lora overtakes on all 3 in 90% of resamples), so not a finding" in trend.describe()
+
+
 @pytest.mark.parametrize("lo, hi, stated", [(np.nan, np.nan, None), (0.3, 0.7, "which excludes 0"), (-0.2, 0.7, "includes 0: no clear trend")])
 def test_a_d_star_trend_is_stated_only_with_an_interval(lo: float, hi: float, stated: str | None) -> None:
     trend = CrossoverScaling("t", "steer_mean", "lora", "params", 0.5, lo, hi, 3, 3, 0.1)
