@@ -46,18 +46,19 @@ class Planned(Protocol):
 P = TypeVar("P", bound=Planned)
 
 
-def _train_sections(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """Every `train` settings block in a resolved method config (a composition nests its parts')."""
-    found = [config["train"]] if isinstance(config.get("train"), Mapping) else []
-    for value in config.values():
-        if isinstance(value, Mapping) and value is not config.get("train"):
-            found += _train_sections(value)
+def train_sections(config: Mapping[str, Any], path: str = "") -> list[tuple[str, Mapping[str, Any]]]:
+    """Every `train` settings block in a resolved method config, with its dotted path under `path`
+    (a composition nests its parts': `second.train`)."""
+    found = [(f"{path}.train", config["train"])] if isinstance(config.get("train"), Mapping) else []
+    for key, value in config.items():
+        if isinstance(value, Mapping) and key != "train":
+            found += train_sections(value, f"{path}.{key}")
     return found
 
 
 def work_units(cell: CellConfig) -> float:
     """Prior post-training work in examples × passes (multiply by N and T for FLOPs)."""
-    sections = _train_sections(cell.method_config)
+    sections = [section for _, section in train_sections(cell.method_config)]
     if sections:
         configs = [TrainConfig.model_validate(t) for t in sections]
         # a step draws min(batch_size, budget) examples: a budget smaller than a batch is one whole pass per step
