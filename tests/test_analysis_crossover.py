@@ -39,20 +39,20 @@ def test_lead_from_censors_the_resamples_that_do_not_cross_inside_the_range() ->
 EARLY, LATE = TrueCurve(0.1, 0.7, 0.5), TrueCurve(0.25, 0.23, 0.3)  # EARLY overtakes LATE near the smallest budget
 
 
-def _one_crossover(steering: TrueCurve, finetuning: TrueCurve, metric: str = "score") -> Crossover:
-    """steer_mean against lora on one model (8 noisy cells each, 200 resamples); each cell's loss is also stored as its NLL."""
+def _one_crossover(steering: TrueCurve, finetuning: TrueCurve, metric: str = "score", seeds: int = 2, noise: float = 0.08) -> Crossover:
+    """steer_mean against lora on one model (4 budgets × `seeds` noisy cells each, 200 resamples); each cell's loss is also stored as its NLL."""
     curves = {("t", "lora", "m1"): finetuning, ("t", "steer_mean", "m1"): steering}
-    rows = synthetic_rows(curves, {"m1": 10**6}, (4, 32, 256, 1024), seeds=2, noise=0.08, rng=np.random.default_rng(2))
+    rows = synthetic_rows(curves, {"m1": 10**6}, (4, 32, 256, 1024), seeds=seeds, noise=noise, rng=np.random.default_rng(2))
     frame = pd.DataFrame([dict(row, nll=1.0 - row["score"]) for row in rows])
     (c,) = find_crossovers(fit_curves(frame, metric=metric, bootstrap=200, seed=0))
     return c
 
 
 def test_the_d_star_interval_counts_resamples_where_the_curves_do_not_cross() -> None:
-    """lora crosses steer_mean near the smallest budget, and in about a fifth of the resamples it is ahead
-    already there: those resamples put D* below the range. Taken over the crossing resamples only, the
-    interval read [4.4, 14], inside the range and narrower than the resamples say."""
-    c = _one_crossover(steering=LATE, finetuning=EARLY)
+    """lora crosses steer_mean near the smallest budget, and in some of the resamples it is ahead already
+    there: those resamples put D* below the range. Taken over the crossing resamples only, the interval
+    started inside the range, narrower than the resamples say."""
+    c = _one_crossover(steering=LATE, finetuning=EARLY, seeds=3, noise=0.12)
     assert c.outcome == "crosses" and c.share < 0.95
     assert c.d_star_lo == -np.inf and c.d_star < c.d_star_hi < c.d_max
     assert c.interval().startswith("[< 4, ") and "inf" not in c.interval()

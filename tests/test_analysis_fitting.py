@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis.bootstrap import bootstrap_fit, resample_weights, refit_weighted
-from analysis.fitting import FitError, LawData, _lbfgs, fit_law, fit_plain, params_from_theta, start_grid
+from analysis.fitting import FitError, LawData, _lbfgs, fit_law, fit_plain, input_index, params_from_theta, start_grid
 from analysis.laws import ADDITIVE, MULTIPLICATIVE, POWER_D
 
 CHINCHILLA = Path("/work/shared/data/chinchilla_points.csv")
@@ -88,7 +88,7 @@ def test_recovers_known_parameters_from_noisy_points(law, truth: dict[str, float
 def test_batched_bootstrap_refit_matches_one_lbfgs_per_resample() -> None:
     data = _grid_data(ADDITIVE, {"E": 1.7, "A": 400.0, "B": 1500.0, "alpha": 0.34, "beta": 0.28}, 0.01, seed=2)
     fit = fit_law(data)
-    weights = resample_weights(data.n, 3, np.random.default_rng(0))
+    weights = resample_weights(input_index(data.x), 3, np.random.default_rng(0))
     batched = refit_weighted(fit, data, weights)
     for w, theta in zip(weights, batched):
         reference, _ = _lbfgs(fit.theta, data, w)
