@@ -18,11 +18,9 @@ from pydantic import Field, field_validator, model_validator
 
 from workers.cell import LADDER_PREFIX, EvalConfig, ModelSpec
 from workers.config import ConfigError, StrictConfig, validate_config
-from workers.methods import TrainConfig, resolve_config, steps_for
+from workers.methods import resolve_config
 from workers.registry import UnknownNameError
 from workers.tasks import get_task
-
-from orchestrator.cellcost import train_sections
 
 
 class ModelEntry(ModelSpec):
@@ -140,13 +138,11 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
             problems.append(f"tasks.{i}: {err}")
     for name, settings in spec.methods.items():
         try:
-            config = resolve_config(name, settings, f"methods.{name}")
+            resolve_config(name, settings, f"methods.{name}")
         except UnknownNameError as err:
             problems.append(f"methods.{name}: {err}")
         except ConfigError as err:
             problems.append(str(err))
-        else:
-            problems += unread_budget_problems(f"methods.{name}", config.model_dump(mode="json"), spec.budgets_for(name))
     problems += [
         f"method_budgets.{name}: not one of the sweep's methods ({', '.join(spec.methods)})"
         for name in spec.method_budgets
@@ -161,22 +157,6 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
     problems += [f"models.{i}: {spec.models[i].id} is listed twice with the same settings" for i in repeated(model_keys)]
     if problems:
         raise ConfigError("\n".join(problems))
-
-
-def unread_budget_problems(path: str, config: dict[str, Any], budgets: list[int]) -> list[str]:
-    """A training section whose `max_steps` stops it before one pass over the largest budget: the
-    examples past max_steps × batch_size are never read, so that cell's budget is not the data it used."""
-    problems = []
-    largest = max(budgets, default=0)
-    for where, section in train_sections(config, path):
-        train = TrainConfig.model_validate(section)
-        read = steps_for(largest, train) * min(train.batch_size, largest)
-        if read < largest:
-            problems.append(
-                f"{where}.max_steps: {train.max_steps} steps × batch_size {train.batch_size} read {read} examples, "
-                f"fewer than the budget {largest}: raise max_steps to at least {math.ceil(largest / train.batch_size)}"
-            )
-    return problems
 
 
 def model_problem(entry: ModelEntry) -> str | None:
