@@ -4,7 +4,8 @@ The prior follows the FLOP formulas the methods record (workers/methods/protocol
 N · examples · tokens-per-example:
 
     a method with a `train` section (LoRA, full FT, trained steering vectors)
-        ≈ 6 · N · steps · min(batch_size, budget) · T      steps: the trainer's own rule (`workers.training.steps_for`)
+        ≈ 6 · N · steps · min(batch_size, budget) · T · rates      steps: the trainer's own rule (`workers.training.steps_for`),
+                                                            rates: the learning rates it tries (`train.lr_search`)
     a method without one (mean-difference steering, few-shot prompting)
         ≈ 2 · N · budget · T                   one forward pass over the budget's examples
 
@@ -46,23 +47,22 @@ class Planned(Protocol):
 P = TypeVar("P", bound=Planned)
 
 
-def train_sections(config: Mapping[str, Any], path: str = "") -> list[tuple[str, Mapping[str, Any]]]:
-    """Every `train` settings block in a resolved method config, with its dotted path under `path`
-    (a composition nests its parts': `second.train`)."""
-    found = [(f"{path}.train", config["train"])] if isinstance(config.get("train"), Mapping) else []
-    for key, value in config.items():
-        if isinstance(value, Mapping) and key != "train":
-            found += train_sections(value, f"{path}.{key}")
+def _train_sections(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every `train` settings block in a resolved method config (a composition nests its parts')."""
+    found = [config["train"]] if isinstance(config.get("train"), Mapping) else []
+    for value in config.values():
+        if isinstance(value, Mapping) and value is not config.get("train"):
+            found += _train_sections(value)
     return found
 
 
 def work_units(cell: CellConfig) -> float:
     """Prior post-training work in examples × passes (multiply by N and T for FLOPs)."""
-    sections = [section for _, section in train_sections(cell.method_config)]
+    sections = _train_sections(cell.method_config)
     if sections:
         configs = [TrainConfig.model_validate(t) for t in sections]
         # a step draws min(batch_size, budget) examples: a budget smaller than a batch is one whole pass per step
-        return float(sum(6 * steps_for(cell.budget, t) * min(t.batch_size, cell.budget) for t in configs))
+        return float(sum(6 * len(t.learning_rates) * steps_for(cell.budget, t) * min(t.batch_size, cell.budget) for t in configs))
     return 2.0 * cell.budget
 
 

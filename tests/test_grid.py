@@ -158,3 +158,14 @@ def test_a_slug_two_models_share_is_refused_with_each_ids_model(write_sweep, cap
     assert main(["plan", str(path), "--cell", cells[0].config.slug]) == 2
     err = capsys.readouterr().err
     assert all(f"{c.cell_id} ({c.config.model.id})" in err for c in cells), err
+
+
+def test_a_learning_rate_search_multiplies_a_cells_prior_cost(write_sweep):
+    """The driver's cost prior (longest cells first, the adaptive loop's FLOPs) counts every rate tried."""
+    from orchestrator.cellcost import work_units
+
+    base = {"sweep": "unit", "models": [{"id": "ladder:test/xs"}], "tasks": ["facts"], "budgets": [16]}
+    one = expand(load_spec(write_sweep({**base, "methods": {"lora": {"train": {"lr": 1e-3}}}})))[0]
+    three = expand(load_spec(write_sweep({**base, "methods": {"lora": {"train": {"lr": 1e-3, "lr_search": [3e-3, 1e-2]}}}})))[0]
+    assert work_units(three.config) == 3 * work_units(one.config) > 0
+    assert three.cell_id != one.cell_id

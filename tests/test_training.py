@@ -139,3 +139,41 @@ def test_training_whose_every_fp16_step_overflows_raises_instead_of_reporting_an
     finally:
         handle.remove()
     assert 0 < result.skipped_steps < 20 and result.summary()["skipped_steps"] == result.skipped_steps  # the scale came down far enough
+
+
+def test_a_learning_rate_search_keeps_the_best_run_exactly_and_bills_every_run():
+    """Each rate trains from the same start on the same batches: the kept parameters are those a run
+    at the winning rate alone leaves, and the cost (sequence and validation tokens) is every run's."""
+    lm, ctx, params, handle, config = _setup(checkpoints=2)
+    validate = ctx.validator()
+    try:
+        alone = {}
+        for lr in (1e-6, 0.1):
+            for p in params:
+                p.data.zero_()
+            alone[lr] = (train(lm, params, ctx.train, config.model_copy(update={"lr": lr}), 3, validate), [p.detach().clone() for p in params])
+        for p in params:
+            p.data.zero_()
+        searched = train(lm, params, ctx.train, config.model_copy(update={"lr": 1e-6, "lr_search": (0.1,)}), 3, validate)
+    finally:
+        handle.remove()
+    best = max(alone, key=lambda lr: alone[lr][0].validation_scores[alone[lr][0].chosen_step])
+    assert best == 0.1 and searched.chosen_lr == 0.1, "a rate of 1e-6 barely moves: the search must pick 0.1"
+    assert all(torch.equal(p, kept) for p, kept in zip(params, alone[0.1][1]))
+    assert searched.losses == alone[0.1][0].losses and searched.tokens == alone[0.1][0].tokens
+    assert searched.sequence_tokens == sum(r.sequence_tokens for r, _ in alone.values())
+    assert searched.validation_tokens == sum(r.validation_tokens for r, _ in alone.values())
+    assert searched.lr_scores == {lr: r.validation_scores[r.chosen_step] for lr, (r, _) in alone.items()}
+    assert searched.summary()["chosen_lr"] == 0.1
+
+
+def test_a_learning_rate_search_needs_validation():
+    with pytest.raises(ValueError, match="lr_search chooses on validation checkpoints"):
+        TrainConfig(lr_search=(0.1,), checkpoints=0)
+    lm, ctx, params, handle, config = _setup(checkpoints=2)
+    try:
+        with pytest.raises(ValueError, match="there is none"):
+            train(lm, params, ctx.train, config.model_copy(update={"lr_search": (0.5,)}), 3, None)
+    finally:
+        handle.remove()
+    assert TrainConfig(lr=0.1, lr_search=(0.1, 0.3)).learning_rates == (0.1, 0.3)  # a rate given twice is tried once

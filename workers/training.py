@@ -9,12 +9,13 @@ always a candidate and ties go to fewer steps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveFloat, model_validator
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
@@ -37,6 +38,21 @@ class TrainConfig(StrictConfig):
     checkpoints: int = Field(
         4, ge=0, description="validation checkpoints besides step 0; the best is kept (0 = keep the last step, no validation)"
     )
+    lr_search: tuple[PositiveFloat, ...] = Field(
+        (), description="more learning rates to try besides `lr`, each from the same start; the best validation "
+        "checkpoint of any wins, and the cell's cost counts every try (tunes training as steering tunes its layer and scale)"
+    )
+
+    @model_validator(mode="after")
+    def _a_search_needs_checkpoints(self) -> "TrainConfig":
+        if self.lr_search and not self.checkpoints:
+            raise ValueError("lr_search chooses on validation checkpoints: set checkpoints >= 1")
+        return self
+
+    @property
+    def learning_rates(self) -> tuple[float, ...]:
+        """The learning rates one training tries, `lr` first (it wins ties)."""
+        return tuple(dict.fromkeys((self.lr, *self.lr_search)))
 
 
 @dataclass
@@ -48,6 +64,8 @@ class TrainResult:
     validation_tokens: int = 0  # tokens the checkpoint validations ran through the model
     validation_scores: dict[int, float] | None = None  # step -> validation score, when checkpoints ran
     skipped_steps: int = 0  # fp16 steps whose gradients overflowed: not taken (their losses are still listed)
+    lr_scores: dict[float, float] | None = None  # with lr_search: each learning rate's best validation score
+    chosen_lr: float | None = None  # with lr_search: the one kept (losses, steps and scores above are its run's)
 
     @property
     def steps(self) -> int:
@@ -63,6 +81,7 @@ class TrainResult:
             "validation_tokens": self.validation_tokens,
             "validation_scores": self.validation_scores,
             "skipped_steps": self.skipped_steps,
+            **({"lr_scores": self.lr_scores, "chosen_lr": self.chosen_lr} if self.lr_scores is not None else {}),
         }
 
 
@@ -149,15 +168,57 @@ def train(
     """Minimise the continuation NLL of `examples` over `params`; raise on a non-finite loss.
 
     With `validate` and `config.checkpoints`, the parameters left in place are those of the best
-    validation checkpoint (step 0 included); otherwise those of the last step.
+    validation checkpoint (step 0 included); otherwise those of the last step. With
+    `config.lr_search`, each learning rate trains from the same start on the same batches and the
+    best checkpoint over all of them is kept; the sequence and validation tokens (the cost) are
+    every run's, the rest (losses, training tokens read, scores) the kept run's.
     """
+    rates = config.learning_rates
+    if len(rates) == 1 or not examples:
+        return _train_at(lm, params, examples, config, config.lr, seed, validate)
+    if validate is None:
+        raise ValueError("train.lr_search chooses on the shared validation set, and there is none (eval.validation_size = 0)")
+    start = [p.detach().clone() for p in params]
+    results: dict[float, TrainResult] = {}
+    best: tuple[float, float, list[torch.Tensor]] | None = None  # (validation score, lr, its parameters)
+    for lr in rates:
+        with torch.no_grad():
+            for param, first in zip(params, start):
+                param.copy_(first)
+        result = results[lr] = _train_at(lm, params, examples, config, lr, seed, validate)
+        score = (result.validation_scores or {})[result.chosen_step]  # checkpoints >= 1: TrainConfig checks
+        if best is None or score > best[0]:  # strictly better: ties keep the earlier rate, `lr` first
+            best = (score, lr, [p.detach().clone() for p in params])
+    assert best is not None
+    with torch.no_grad():
+        for param, value in zip(params, best[2]):
+            param.copy_(value)
+    return dataclasses.replace(
+        results[best[1]],
+        sequence_tokens=sum(r.sequence_tokens for r in results.values()),
+        validation_tokens=sum(r.validation_tokens for r in results.values()),
+        lr_scores={lr: (r.validation_scores or {})[r.chosen_step] for lr, r in results.items()},
+        chosen_lr=best[1],
+    )
+
+
+def _train_at(
+    lm: LanguageModel,
+    params: Sequence[torch.nn.Parameter],
+    examples: Sequence[Example],
+    config: TrainConfig,
+    lr: float,
+    seed: int,
+    validate: Validator | None,
+) -> TrainResult:
+    """One training run at learning rate `lr` (see `train`)."""
     if not examples:
         return TrainResult(losses=[], tokens=0, sequence_tokens=0, chosen_step=0)
     steps = steps_for(len(examples), config)
     # fused: one kernel over all parameters instead of a handful per group of tensors; the small
     # LoRA matrices made the foreach update ~5 % of a step on the ladder's models (benchmarks/CHANGES.md)
     weights = MasterWeights(params, fp16_model=any(p.dtype == torch.float16 for p in lm.model.parameters()))
-    optimizer = torch.optim.AdamW(weights.masters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(weights.masters, lr=lr, weight_decay=config.weight_decay, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     checks = checkpoint_steps(steps, config.checkpoints) if validate is not None and config.checkpoints else []
     scores: dict[int, float] = {}
