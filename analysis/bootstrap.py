@@ -1,12 +1,14 @@
-"""Bootstrap over cells, stratified by design point, all resamples at once.
+"""Bootstrap over cells, stratified by design point where every point has cells to redraw, all resamples at once.
 
 A resample redraws, with replacement, the cells (seeds) of each distinct input — each budget of a
 budget curve, each (N, D) of a joint law — as many times as it has cells, so the design stays the
 one the point fit saw. Drawn from the whole curve instead, 4 budgets × 2 seeds lost a budget in
 ~38 % of the resamples, which then fitted 3 parameters through 3 budgets or fewer: fits the point
-fit refuses. A design point with a single cell stays fixed in every resample, so with n seeds per
-point the bootstrap variance is about (n − 1)/n of the sampling variance (half with 2 seeds, none
-with 1): the intervals are √((n − 1)/n) as wide as they should be.
+fit refuses. With n seeds per point the stratified bootstrap variance is about (n − 1)/n of the
+sampling variance (half with 2 seeds): its intervals are √((n − 1)/n) as wide as they should be.
+A point measured once has nothing to redraw and would stay fixed in every resample (with one seed
+everywhere, every resample would be the point fit: intervals of zero width), so a design with any
+such point is resampled over the whole curve, as an unstratified bootstrap (`design_strata`).
 
 A resample is the same points with counts as weights, so every resample can start from the
 full-data optimum (it is close) and all of them are refined together by the fitter's batched
@@ -81,6 +83,14 @@ def resample_weights(strata: np.ndarray, n_resamples: int, rng: np.random.Genera
     return np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n).astype(float)
 
 
+def design_strata(xs: dict[str, np.ndarray]) -> np.ndarray:
+    """The strata `bootstrap_fit` draws within: each cell's design point when every point holds two
+    or more cells, else one stratum for the whole curve (see the module docstring)."""
+    points = input_index(xs)
+    _, counts = np.unique(points, return_counts=True)
+    return points if counts.min() >= 2 else np.zeros(len(points), dtype=int)
+
+
 def refit_weighted(fit: Fit, data: LawData, weights: np.ndarray) -> np.ndarray:
     """Every resample's fit, all started from the full-data optimum and refined together."""
     return refine(data, np.tile(fit.theta, (len(weights), 1)), weights)
@@ -89,7 +99,7 @@ def refit_weighted(fit: Fit, data: LawData, weights: np.ndarray) -> np.ndarray:
 def bootstrap_fit(
     fit: Fit, data: LawData, n_resamples: int, rng: np.random.Generator, *, strata: np.ndarray | None = None
 ) -> Bootstrap:
-    """Bootstrap over cells within each stratum, by default each design point (see the module docstring),
+    """Bootstrap over cells within each stratum, by default `design_strata` (see the module docstring),
     refitting every resample in one batch."""
-    weights = resample_weights(input_index(data.x) if strata is None else strata, n_resamples, rng)
+    weights = resample_weights(design_strata(data.x) if strata is None else strata, n_resamples, rng)
     return Bootstrap(fit, refit_weighted(fit, data, weights), data.x)

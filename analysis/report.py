@@ -72,8 +72,8 @@ def _overview(a: Analysis) -> list[Block]:
         f"{frame['method'].nunique()} method(s) and {frame['model'].nunique()} model size(s); metric `{a.metric}`; "
         f"N in the joint laws is `{a.x}`. "
         + ("Intervals are 95 % percentile bootstrap intervals over cells, redrawn within each budget (each (N, D) for the joint "
-           "laws): with n seeds per point they carry about (n − 1)/n of the sampling variance, and a point measured once is held "
-           "fixed; composition gains have Welch t-intervals over seeds."
+           "laws) where every one has two or more seeds — with n seeds per point they carry about (n − 1)/n of the sampling "
+           "variance — and over the whole curve where some point was measured once; composition gains have Welch t-intervals over seeds."
            if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]

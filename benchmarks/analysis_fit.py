@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from benchmarks.common import Check, Result, Row, fmt_time, time_call
-from analysis.bootstrap import bootstrap_fit, resample_weights
+from analysis.bootstrap import bootstrap_fit, design_strata, resample_weights
 from analysis.fitting import Fit, LawData, fit_law, objective, params_from_theta, start_grid, theta_bounds
 from analysis.laws import ADDITIVE
 
@@ -110,7 +110,7 @@ def run(quick: bool) -> Result:
         started = time.perf_counter()
         theta, f = direct_fit(data, starts, None)
         grid_seconds += time.perf_counter() - started
-        weights = resample_weights(data.n, s.resamples, np.random.default_rng(i))  # the draws bootstrap_fit made
+        weights = resample_weights(design_strata(data.x), s.resamples, np.random.default_rng(i))  # the draws bootstrap_fit made
         started = time.perf_counter()
         boot = [direct_fit(data, theta[None], weights[j])[0] for j in range(s.sampled_resamples)]  # warm-started
         boot_seconds += time.perf_counter() - started

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.bootstrap import Bootstrap, bootstrap_fit, percentile_interval, refit_weighted, resample_weights
+from analysis.bootstrap import Bootstrap, bootstrap_fit, design_strata, percentile_interval, refit_weighted, resample_weights
 from analysis.fitting import LawData, _lbfgs, fit_law, input_index, objective, params_from_theta
 from analysis.laws import ADDITIVE, MULTIPLICATIVE, POWER_D, Law
 
@@ -95,6 +95,17 @@ def test_seeds_that_agree_make_every_resample_the_point_fit() -> None:
     fit = fit_law(data)
     boot = bootstrap_fit(fit, data, 200, np.random.default_rng(0))
     assert np.abs(boot.thetas - fit.theta).max() < 1e-6
+
+
+def test_a_design_with_a_point_measured_once_is_resampled_over_the_whole_curve() -> None:
+    """Stratified, a one-seed design would make every resample the point fit: intervals of zero width."""
+    x = {"D": np.array([4.0, 16.0, 64.0, 256.0, 1024.0])}
+    y = POWER_D.predict({"E": 0.2, "B": 1.0, "beta": 0.5}, x) * np.exp([0.05, -0.04, 0.03, -0.05, 0.04])
+    data = LawData.build(POWER_D, x, y)
+    assert (design_strata(data.x) == 0).all()
+    assert (design_strata({"D": np.repeat(x["D"], 2)}) == input_index({"D": np.repeat(x["D"], 2)})).all()
+    lo, hi = bootstrap_fit(fit_law(data), data, 200, np.random.default_rng(0)).intervals()["beta"]
+    assert hi - lo > 0.05
 
 
 def test_resamples_where_a_term_vanishes_are_left_out_of_its_exponents_interval() -> None:
