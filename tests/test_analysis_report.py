@@ -179,9 +179,21 @@ def test_the_best_measured_method_is_judged_at_a_budget_every_compared_method_ha
     sentence = best_measured("t", pd.DataFrame(rows), "score")
     assert "steer_mean measured best at the largest budget all its methods share (D=64): score 0.53" in sentence, sentence
     assert "; then lora 0.48" in sentence, sentence
+    assert "ahead of lora by 0.0" in sentence and "(clear of 0: 95 % Welch interval over their cells)" in sentence, sentence
     late = synthetic_rows({("t", "full_ft", "m"): TUNE}, {"m": 10**6}, (2048, 4096, 8192), seeds=2, noise=0.005, rng=rng)
     sentence = best_measured("t", pd.DataFrame(rows + late), "score")
     assert "at D=2048, the largest budget shared by 2 of its 3 methods (steer_mean not measured there)" in sentence, sentence
+
+
+def test_a_lead_the_seeds_cannot_resolve_is_said_to_be_within_noise() -> None:
+    """Two methods .01 apart on means of 2 cells that scatter by .1: an order the report must not state as a finding."""
+    rows = [{"task": "t", "model": "m", "params_nonembed": 1e6, "budget": 64, "method": method, "seed": seed, "score": score}
+            for method, scores in (("lora", (0.45, 0.57)), ("steer_mean", (0.40, 0.60))) for seed, score in enumerate(scores)]
+    sentence = best_measured("t", pd.DataFrame(rows), "score")
+    assert "lora measured best" in sentence and "ahead of steer_mean by 0.01 [" in sentence, sentence
+    assert "(within noise: 95 % Welch interval over their cells)" in sentence, sentence
+    one = best_measured("t", pd.DataFrame([r for r in rows if r["seed"] == 0]), "score")
+    assert "ahead of steer_mean by 0.05 (one cell on a side: no interval)" in one, one
 
 
 def test_the_best_measured_method_counts_methods_whose_curve_did_not_fit(tmp_path: Path) -> None:
