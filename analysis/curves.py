@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval
 from analysis.capability import X_COLUMN, Axis, family_of, get_axis, split_by_family, with_x
-from analysis.fitting import NEGLIGIBLE_SHARE, Fit, FitError, LawData, fit_law, negligible_terms, unidentified
+from analysis.fitting import LOG_COEF_BOUNDS, NEGLIGIBLE_SHARE, Fit, FitError, LawData, fit_law, negligible_terms, unidentified
 from analysis.laws import LAWS, POWER_D, Law
 from analysis.methods import method_kind
 from analysis.metrics import LOSS_FLOOR, from_loss, to_loss
@@ -105,6 +105,13 @@ class LawFit:
         ]
         if self.fit.params["E"] <= LOSS_FLOOR:
             notes.append("E at the loss floor (asymptote = the metric's limit)")
+        # A coefficient at e^30 caps the exponent it multiplies: at N ≈ 1e9 the multiplicative law's
+        # ln A ≈ 20.7·alpha + ..., so alpha stops near 1.3 whatever the data say.
+        notes += [
+            f"{name} at its upper bound (e^{LOG_COEF_BOUNDS[1]:g}; the exponent with it is capped)"
+            for name, log_coef in zip(self.law.coefs, self.fit.theta)
+            if log_coef >= LOG_COEF_BOUNDS[1] - BOUND_TOLERANCE
+        ]
         return notes
 
     def unidentified(self) -> list[str]:

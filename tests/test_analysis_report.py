@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -89,6 +90,9 @@ def test_fits_at_a_bound_are_marked_and_their_asymptotes_not_offered_as_findings
     fits = {f.method: f for f in summary.analysis.fits if f.model == "m1"}
     assert fits["lora"].bound_notes() == ["E at the loss floor (asymptote = the metric's limit)"]
     assert fits["steer_mean"].bound_notes() == [] and fits["steer_mean"].note == ""
+    capped = dataclasses.replace(fits["steer_mean"].fit, theta=fits["steer_mean"].fit.theta.copy())
+    capped.theta[list(capped.law.coefs).index("B")] = 30.0  # B = e^30: its exponent can rise no further
+    assert dataclasses.replace(fits["steer_mean"], fit=capped).bound_notes() == ["B at its upper bound (e^30; the exponent with it is capped)"]
     markdown = summary.report_page.with_name("report.md").read_text()
     assert "E at the loss floor" in markdown and "fits put a parameter at its bound" in markdown
     assert "fitted asymptote" not in markdown
