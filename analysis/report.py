@@ -256,7 +256,9 @@ def _fits_table(a: Analysis) -> list[Block]:
                 if per_family else "`*` rows are joint laws in (N, D)")  # fmt: skip
     note = Paragraph(f"Budget laws are fitted per model; {rows_are} with N = `{a.x}`, "
                      f"validated by leaving out the {get_axis(a.x).held_out}{' of the family' if per_family else ''} "
-                     "(named in the holdout column of fits.parquet).")  # fmt: skip
+                     "(named in the holdout column of fits.parquet); a budget law's holdout leaves out its largest budget. "
+                     "A holdout error of - means what was left could not fit the law (a budget law needs 5 budgets for one: "
+                     "the 3 left by 4 cannot pin down 3 parameters).")  # fmt: skip
     return [Heading("Fits"), note, Table(header, rows) if rows else Paragraph("No group of cells could be fitted.")]
 
 
