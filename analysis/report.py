@@ -258,7 +258,9 @@ def _fits_table(a: Analysis) -> list[Block]:
                      f"validated by leaving out the {get_axis(a.x).held_out}{' of the family' if per_family else ''} "
                      "(named in the holdout column of fits.parquet); a budget law's holdout leaves out its largest budget. "
                      "A holdout error of - means what was left could not fit the law (a budget law needs 5 budgets for one: "
-                     "the 3 left by 4 cannot pin down 3 parameters).")  # fmt: skip
+                     "the 3 left by 4 cannot pin down 3 parameters). A joint law's intervals redraw seeds and keep its models: "
+                     "they carry seed noise, not how far each model sits off the law, and with 3–5 models are narrower than "
+                     "the law's uncertainty across models.")  # fmt: skip
     return [Heading("Fits"), note, Table(header, rows) if rows else Paragraph("No group of cells could be fitted.")]
 
 
