@@ -56,6 +56,13 @@ class SweepOutcome:
         return sum(self.model_loads.values())
 
 
+def starved(shape: Shape, queued: int, pending: int, started: bool, running: set[Shape]) -> bool:
+    """Whether `shape`'s start clock runs: cells of it wait on workers asked for, none of which has
+    started, and no worker of another shape is running a cell. While one is, a node may be full of
+    them (the fractions of a GPU left that this shape cannot use): their cells ending makes room."""
+    return bool(queued and pending and not started and not running - {shape})
+
+
 def connect(address: str | None, *, dashboard: bool = True) -> str | None:
     """Join `address` (e.g. "auto"), or start a private local Ray with the dashboard on 127.0.0.1.
 
@@ -268,11 +275,9 @@ def run_cells(
         """Time each shape whose cells wait on workers asked for, none of which has started: say so
         once after a minute, stop past `start_timeout_s`."""
         now = time.monotonic()
-        others_running = {worker.shape for worker in POOL.workers if worker.running is not None}
+        running = {worker.shape for worker in POOL.workers if worker.running is not None}
         for shape in list(queues):
-            # while workers of another shape run cells, a node may be full of them (fractions of a GPU
-            # left that this shape cannot use): their cells ending makes room, so the clock waits
-            if not (queued(shape) and POOL.pending(shape) and not started_any(shape)) or others_running - {shape}:
+            if not starved(shape, queued(shape), len(POOL.pending(shape)), started_any(shape), running):
                 starved_since.pop(shape, None)
                 continue
             waited = now - starved_since.setdefault(shape, now)

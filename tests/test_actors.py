@@ -10,7 +10,7 @@ import ray
 import torch
 
 from orchestrator import pool
-from orchestrator.driver import run_cells, shutdown_workers
+from orchestrator.driver import run_cells, shutdown_workers, starved
 from orchestrator.errors import WorkersNotStartingError
 from orchestrator.grid import expand
 from orchestrator.pool import POOL, CellWorker, Shape, node_capacity
@@ -321,6 +321,18 @@ def test_node_capacity_counts_gpus_as_ray_places_them():
     assert fits(1, 2, [two_gpus, two_gpus]) == 2 and fits(1, 4, [two_gpus, two_gpus]) == 0  # sharded: one node's GPUs
     assert fits(3, 0, [four_cpus, four_cpus]) == 2 and fits(8, 0, [four_cpus, four_cpus]) == 0  # 8 CPUs in total, 4 per node
     assert fits(1, 1, [four_cpus]) == 0
+
+
+def test_a_shapes_start_clock_waits_while_another_shapes_workers_run_cells():
+    """Half-GPU cells wait for workers while 0.6-GPU workers fill the GPUs: their cells ending makes room, so a
+    healthy mixed run must not hit start_timeout_s. The clock runs only when nothing of another shape runs."""
+    half, most = Shape(1, 0.5, None), Shape(1, 0.6, None)
+    assert not starved(half, queued=4, pending=2, started=False, running={most})
+    assert starved(half, queued=4, pending=2, started=False, running=set())
+    assert starved(half, queued=4, pending=2, started=False, running={half})  # its own (none started) cannot be running
+    assert not starved(half, queued=4, pending=2, started=True, running=set())  # one started: it takes the cells
+    assert not starved(half, queued=0, pending=2, started=False, running=set())  # nothing waits
+    assert not starved(half, queued=4, pending=0, started=False, running=set())  # no worker asked for yet
 
 
 def test_a_gpu_worker_asks_cuda_for_deterministic_kernels_before_cuda_starts(monkeypatch):
