@@ -177,3 +177,30 @@ def test_a_learning_rate_search_needs_validation():
     finally:
         handle.remove()
     assert TrainConfig(lr=0.1, lr_search=(0.1, 0.3)).learning_rates == (0.1, 0.3)  # a rate given twice is tried once
+
+
+def test_a_rate_that_diverges_drops_out_of_the_search_and_is_still_billed():
+    """A high rate in the search going NaN must not fail the cell when another rate trains: it is recorded
+    and its tokens counted; only every rate diverging fails the training."""
+    lm = language_model()
+    ctx = fit_context(lm, n_train=8)
+    head = lm.model.get_output_embeddings()
+    bias = torch.nn.Parameter(torch.zeros(head.weight.shape[0]))
+    # the logits go NaN once the bias has moved far: a rate of 100 gets there in one step, 0.1 never does
+    handle = head.register_forward_hook(lambda _m, _i, out: out + bias + (float("nan") if bias.detach().abs().max() > 10 else 0.0))
+    config = TrainConfig(lr=0.1, min_steps=6, max_steps=6, batch_size=4, checkpoints=2)
+    try:
+        alone = train(lm, [bias], ctx.train, config, 3, ctx.validator())
+        bias.data.zero_()
+        searched = train(lm, [bias], ctx.train, config.model_copy(update={"lr_search": (100.0,)}), 3, ctx.validator())
+        kept = bias.detach().clone()
+        bias.data.zero_()
+        with pytest.raises(NonFiniteLossError, match=r"every learning rate of train.lr_search diverged \(lr 100: loss became nan at step 1; lr 200"):
+            train(lm, [bias], ctx.train, config.model_copy(update={"lr": 100.0, "lr_search": (200.0,)}), 3, ctx.validator())
+    finally:
+        handle.remove()
+    assert searched.chosen_lr == 0.1 and list(searched.lr_scores) == [0.1] and list(searched.lr_diverged) == [100.0]
+    assert "loss became nan at step 1" in searched.lr_diverged[100.0]
+    assert searched.losses == alone.losses and kept.abs().max() < 10
+    assert searched.sequence_tokens > alone.sequence_tokens  # the diverged run's step 0 and 1 forwards are billed
+    assert searched.validation_tokens > alone.validation_tokens  # and its step-0 validation

@@ -23,7 +23,14 @@ from workers.tasks.base import Example
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training produced a NaN or infinite loss; the cell fails with this instead of storing garbage."""
+    """Training produced a NaN or infinite loss; the cell fails with this instead of storing garbage.
+
+    `spent`: the (sequence, validation) tokens the run had put through the model by then, which a
+    learning-rate search that goes on without this rate still bills."""
+
+    def __init__(self, message: str, spent: tuple[int, int] = (0, 0)) -> None:
+        super().__init__(message)
+        self.spent = spent
 
 
 class TrainConfig(StrictConfig):
@@ -66,6 +73,7 @@ class TrainResult:
     skipped_steps: int = 0  # fp16 steps whose gradients overflowed: not taken (their losses are still listed)
     lr_scores: dict[float, float] | None = None  # with lr_search: each learning rate's best validation score
     chosen_lr: float | None = None  # with lr_search: the one kept (losses, steps and scores above are its run's)
+    lr_diverged: dict[float, str] | None = None  # with lr_search: the rates whose loss went non-finite, and how
 
     @property
     def steps(self) -> int:
@@ -81,7 +89,7 @@ class TrainResult:
             "validation_tokens": self.validation_tokens,
             "validation_scores": self.validation_scores,
             "skipped_steps": self.skipped_steps,
-            **({"lr_scores": self.lr_scores, "chosen_lr": self.chosen_lr} if self.lr_scores is not None else {}),
+            **({"lr_scores": self.lr_scores, "chosen_lr": self.chosen_lr, "lr_diverged": self.lr_diverged} if self.lr_scores is not None else {}),
         }
 
 
@@ -171,7 +179,9 @@ def train(
     validation checkpoint (step 0 included); otherwise those of the last step. With
     `config.lr_search`, each learning rate trains from the same start on the same batches and the
     best checkpoint over all of them is kept; the sequence and validation tokens (the cost) are
-    every run's, the rest (losses, training tokens read, scores) the kept run's.
+    every run's, the rest (losses, training tokens read, scores) the kept run's. A rate whose loss
+    goes non-finite drops out of the search (recorded, its tokens billed); only all of them failing
+    fails the training.
     """
     rates = config.learning_rates
     if len(rates) == 1 or not examples:
@@ -180,25 +190,34 @@ def train(
         raise ValueError("train.lr_search chooses on the shared validation set, and there is none (eval.validation_size = 0)")
     start = [p.detach().clone() for p in params]
     results: dict[float, TrainResult] = {}
+    diverged: dict[float, NonFiniteLossError] = {}
     best: tuple[float, float, list[torch.Tensor]] | None = None  # (validation score, lr, its parameters)
     for lr in rates:
         with torch.no_grad():
             for param, first in zip(params, start):
                 param.copy_(first)
-        result = results[lr] = _train_at(lm, params, examples, config, lr, seed, validate)
+        try:
+            result = results[lr] = _train_at(lm, params, examples, config, lr, seed, validate)
+        except NonFiniteLossError as err:  # a rate too high for this model: the search goes on without it
+            diverged[lr] = err
+            continue
         score = (result.validation_scores or {})[result.chosen_step]  # checkpoints >= 1: TrainConfig checks
         if best is None or score > best[0]:  # strictly better: ties keep the earlier rate, `lr` first
             best = (score, lr, [p.detach().clone() for p in params])
-    assert best is not None
+    spent = [(r.sequence_tokens, r.validation_tokens) for r in results.values()] + [err.spent for err in diverged.values()]
+    if best is None:
+        reasons = "; ".join(f"lr {lr:g}: {err}" for lr, err in diverged.items())
+        raise NonFiniteLossError(f"every learning rate of train.lr_search diverged ({reasons})", tuple(map(sum, zip(*spent))))
     with torch.no_grad():
         for param, value in zip(params, best[2]):
             param.copy_(value)
     return dataclasses.replace(
         results[best[1]],
-        sequence_tokens=sum(r.sequence_tokens for r in results.values()),
-        validation_tokens=sum(r.validation_tokens for r in results.values()),
+        sequence_tokens=sum(sequence for sequence, _ in spent),
+        validation_tokens=sum(validation for _, validation in spent),
         lr_scores={lr: (r.validation_scores or {})[r.chosen_step] for lr, r in results.items()},
         chosen_lr=best[1],
+        lr_diverged={lr: str(err) for lr, err in diverged.items()},
     )
 
 
@@ -250,7 +269,7 @@ def _train_at(
             loss = lm.loss(batch)
             sequence_tokens += lm.forward_tokens - before  # what ran: a batch's last column (labels only) does not
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss became {loss.item()} at step {step}")
+                raise NonFiniteLossError(f"loss became {loss.item()} at step {step}", (sequence_tokens, validation_tokens))
             optimizer.zero_grad(set_to_none=True)
             weights.backward(loss)
             if weights.gradients_to_masters():  # an fp16 overflow skips the step, and the schedule with it
@@ -262,7 +281,10 @@ def _train_at(
             losses.append(loss.item())
             tokens += batch.target_tokens
         if skipped == steps:  # the model never changed: a row would report an untrained model as trained
-            raise NonFiniteLossError(f"every one of {steps} steps overflowed in fp16 (loss scale down to {weights.scale:g}); train in bf16 or fp32")
+            raise NonFiniteLossError(
+                f"every one of {steps} steps overflowed in fp16 (loss scale down to {weights.scale:g}); train in bf16 or fp32",
+                (sequence_tokens, validation_tokens),
+            )
         chosen = steps
         if checks:
             checkpoint(steps)
