@@ -24,13 +24,13 @@ evaluation, so methods that post-train for free (`base`, `prompt`) do not look i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence, TypeVar
+from typing import Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from workers.cell import CellConfig
-from workers.methods import TrainConfig, steps_for
+from workers.methods import resolve_config, steps_for, training_configs
 
 TOKENS_PER_EXAMPLE = 32.0  # the prior's T; measured rows replace it
 
@@ -47,20 +47,10 @@ class Planned(Protocol):
 P = TypeVar("P", bound=Planned)
 
 
-def _train_sections(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """Every `train` settings block in a resolved method config (a composition nests its parts')."""
-    found = [config["train"]] if isinstance(config.get("train"), Mapping) else []
-    for value in config.values():
-        if isinstance(value, Mapping) and value is not config.get("train"):
-            found += _train_sections(value)
-    return found
-
-
 def work_units(cell: CellConfig) -> float:
     """Prior post-training work in examples × passes (multiply by N and T for FLOPs)."""
-    sections = _train_sections(cell.method_config)
-    if sections:
-        configs = [TrainConfig.model_validate(t) for t in sections]
+    configs = [train for _, train in training_configs(resolve_config(cell.method, cell.method_config))]
+    if configs:
         # a step draws min(batch_size, budget) examples: a budget smaller than a batch is one whole pass per step
         return float(sum(6 * len(t.learning_rates) * steps_for(cell.budget, t) * min(t.batch_size, cell.budget) for t in configs))
     return 2.0 * cell.budget

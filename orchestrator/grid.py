@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 from pydantic import BaseModel
 
 from workers.cell import LADDER_PREFIX, CellConfig, ModelSpec
 from workers.config import ConfigError
-from workers.methods import TrainConfig, resolve_config
+from workers.methods import resolve_config, training_configs
 from workers.run_cell import model_revision
 from workers.tasks import get_task
 
@@ -56,17 +55,6 @@ def check_budgets(spec: SweepSpec) -> None:
             "budgets: " + " ".join(problems) + " A larger budget would repeat examples while its rows claim the full"
             " budget; lower `budgets` (or `method_budgets`) to at most each task's pool."
         )
-
-
-def training_configs(config: BaseModel, path: str) -> Iterator[tuple[str, TrainConfig]]:
-    """Every TrainConfig inside a method's config, with its key path (compositions and task
-    vectors nest the training of their parts)."""
-    for name in type(config).model_fields:
-        value = getattr(config, name)
-        if isinstance(value, TrainConfig):
-            yield f"{path}.{name}", value
-        elif isinstance(value, BaseModel):
-            yield from training_configs(value, f"{path}.{name}")
 
 
 def check_training_covers_budgets(spec: SweepSpec, methods: dict[str, BaseModel]) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-from pydantic import Field, PositiveFloat, model_validator
+from pydantic import BaseModel, Field, PositiveFloat, model_validator
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
@@ -91,6 +91,17 @@ class TrainResult:
             "skipped_steps": self.skipped_steps,
             **({"lr_scores": self.lr_scores, "chosen_lr": self.chosen_lr, "lr_diverged": self.lr_diverged} if self.lr_scores is not None else {}),
         }
+
+
+def training_configs(config: BaseModel, path: str = "") -> Iterator[tuple[str, TrainConfig]]:
+    """Every TrainConfig inside a method's config, with its key path (compositions and task
+    vectors nest the training of their parts)."""
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, TrainConfig):
+            yield f"{path}.{name}", value
+        elif isinstance(value, BaseModel):
+            yield from training_configs(value, f"{path}.{name}")
 
 
 def steps_for(n_examples: int, config: TrainConfig) -> int:
