@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from orchestrator.grid import expand
 from orchestrator.spec import load_spec
 from workers.cell import CellConfig, ModelSpec
@@ -73,6 +75,25 @@ def test_cells_stored_before_a_setting_existed_keep_their_ids():
     assert cell.eval.selection_metric == "nll" and cell.eval.neutral_min_words == 48 and cell.cell_id != old.cell_id
     short_texts_by_score = old.model_copy(update={"eval": old.eval.model_copy(update={"neutral_min_words": 48})})
     assert short_texts_by_score.cell_id not in {old.cell_id, cell.cell_id}
+
+
+@pytest.mark.parametrize("method, stored", [
+    ("lora", "7c096e346bc775c84f7a"), ("steer_mean+lora", "4361540782a0f3a84a6d"), ("task_vector", "3bff0bea3b91fe105b2f"),
+])  # fmt: skip
+def test_gradient_cells_stored_before_lr_search_existed_keep_their_ids(method, stored):
+    """train.lr_search came later: at its default (no search) a cell has the id it was stored under
+    (computed with the code of 6baea49), wherever its training sits; asking for a search is another cell."""
+    from workers.methods import resolve_config
+
+    def cell(raw):
+        config = resolve_config(method, raw).model_dump(mode="json")
+        return CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts",
+                          method=method, method_config=config, budget=16, seed=1)  # fmt: skip
+
+    assert cell({"rank": 2} if method == "lora" else {}).cell_id == stored
+    searched = {"lora": {"rank": 2, "train": {"lr_search": [0.1]}}, "steer_mean+lora": {"second": {"train": {"lr_search": [0.1]}}},
+                "task_vector": {"full_ft": {"train": {"lr_search": [0.1]}}}}[method]  # fmt: skip
+    assert cell(searched).cell_id != stored
 
 
 def test_defaults_are_resolved_into_the_id(write_sweep):

@@ -81,6 +81,19 @@ class EvalConfig(StrictConfig):
 # had before the setting existed: those cells keep their ids, so a rerun that asks for the old
 # behaviour by name skips them instead of redoing them.
 _ADDED_LATER: dict[str, dict[str, object]] = {"eval": {"selection_metric": "score", "neutral_min_words": 96}}
+# The same for a method's training settings, wherever a `train` section sits in its config (a
+# composition's parts, a task vector's fine-tune): at these values they are left out of the id.
+_TRAIN_ADDED_LATER: dict[str, object] = {"lr_search": []}
+
+
+def _without_later_train_defaults(config: Any) -> Any:
+    """`config` (a method config as JSON) without the `_TRAIN_ADDED_LATER` settings at their old values."""
+    if not isinstance(config, dict):
+        return config
+    out = {key: _without_later_train_defaults(value) for key, value in config.items()}
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if not (k in _TRAIN_ADDED_LATER and v == _TRAIN_ADDED_LATER[k])}
+    return out
 
 # Settings that change where or how fast a cell runs, not what it computes (batched equals unbatched;
 # the device moves numbers only by rounding): pinned at their defaults in the identity, so a smaller
@@ -113,6 +126,7 @@ class CellConfig(StrictConfig):
             for key, default in defaults.items():
                 if identity[section][key] == default:
                     del identity[section][key]
+        identity["method_config"] = _without_later_train_defaults(identity["method_config"])
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
