@@ -93,9 +93,10 @@ class CurveFit:
 
     The same law, loss transform, exclusions and fitter as `analysis.curves.fit_group` uses for a
     budget curve; built here from `analysis.fitting` directly so that a round does not also fit the
-    joint (N, D) laws, which the loop never reads. Its resamples draw cells from the whole curve, not
-    within each budget as the report's do: the design measures one seed per budget first, and there a
-    resample within budgets is the data itself, with no spread for the acquisition to reduce.
+    joint (N, D) laws, which the loop never reads. Its resamples always draw cells from the whole
+    curve, where the report's redraw within each budget once every budget has two or more seeds: the
+    loop measures one seed per budget first and adds seeds where they narrow an interval, and its
+    widths must stay comparable from round to round as the design fills in.
     """
 
     key: CurveKey
@@ -114,7 +115,7 @@ def fit_curve(key: CurveKey, rows: pd.DataFrame, bootstrap: int, rng: np.random.
     try:
         data = LawData.build(POWER_D, {"D": d}, loss)
         fit = fit_law(data)
-        return CurveFit(key, d, loss, fit, bootstrap_fit(fit, data, bootstrap, rng, strata=np.zeros(len(d))))
+        return CurveFit(key, d, loss, fit, bootstrap_fit(fit, data, bootstrap, rng, strata=np.zeros(data.n)))
     except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError):  # as fit_group: the curve waits for more cells
         return None
 

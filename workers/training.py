@@ -199,22 +199,26 @@ def train(
         return _train_at(lm, params, examples, config, config.lr, seed, validate)
     if validate is None:
         raise ValueError("train.lr_search chooses on the shared validation set, and there is none (eval.validation_size = 0)")
-    start = [p.detach().clone() for p in params]
+    # The start and the best run so far are kept in host memory: a full fine-tune's search would
+    # otherwise hold two more copies of the model on its GPU.
+    start = [p.detach().to("cpu", copy=True) for p in params]
     results: dict[float, TrainResult] = {}
     diverged: dict[float, NonFiniteLossError] = {}
     best: tuple[float, float, list[torch.Tensor]] | None = None  # (validation score, lr, its parameters)
+    start_score: float | None = None  # every rate starts from the same parameters: step 0 is validated once
     for lr in rates:
         with torch.no_grad():
             for param, first in zip(params, start):
                 param.copy_(first)
         try:
-            result = results[lr] = _train_at(lm, params, examples, config, lr, seed, validate)
+            result = results[lr] = _train_at(lm, params, examples, config, lr, seed, validate, start_score)
         except NonFiniteLossError as err:  # a rate too high for this model: the search goes on without it
             diverged[lr] = err
             continue
-        score = (result.validation_scores or {})[result.chosen_step]  # checkpoints >= 1: TrainConfig checks
+        start_score = (result.validation_scores or {})[0]  # checkpoints >= 1: TrainConfig checks
+        score = (result.validation_scores or {})[result.chosen_step]
         if best is None or score > best[0]:  # strictly better: ties keep the earlier rate, `lr` first
-            best = (score, lr, [p.detach().clone() for p in params])
+            best = (score, lr, [p.detach().to("cpu", copy=True) for p in params])
     spent = [(r.sequence_tokens, r.validation_tokens) for r in results.values()] + [err.spent for err in diverged.values()]
     if best is None:
         reasons = "; ".join(f"lr {lr:g}: {err}" for lr, err in diverged.items())
@@ -240,8 +244,10 @@ def _train_at(
     lr: float,
     seed: int,
     validate: Validator | None,
+    start_score: float | None = None,
 ) -> TrainResult:
-    """One training run at learning rate `lr` (see `train`)."""
+    """One training run at learning rate `lr` (see `train`); `start_score`, when known, is step 0's
+    validation score (the parameters as they are now), which is then not run again."""
     if not examples:
         return TrainResult(losses=[], tokens=0, sequence_tokens=0, chosen_step=0)
     steps = steps_for(len(examples), config)
@@ -263,7 +269,7 @@ def _train_at(
         before = lm.forward_tokens
         lm.model.eval()
         with torch.no_grad():
-            scores[step] = validate()
+            scores[step] = start_score if step == 0 and start_score is not None else validate()
         lm.model.train()
         validation_tokens += lm.forward_tokens - before
         if best is None or scores[step] > best[0]:  # strictly better: ties keep the earlier step
