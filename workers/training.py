@@ -79,6 +79,11 @@ class TrainResult:
     def steps(self) -> int:
         return len(self.losses)
 
+    @property
+    def chosen_score(self) -> float:
+        """The validation score of the parameters kept (of a run with validation checkpoints)."""
+        return (self.validation_scores or {})[self.chosen_step]
+
     def summary(self) -> dict[str, object]:
         """What a method records of its training in the row's hparams (the loss curve included)."""
         return {
@@ -216,9 +221,8 @@ def train(
             diverged[lr] = err
             continue
         start_score = (result.validation_scores or {})[0]  # checkpoints >= 1: TrainConfig checks
-        score = (result.validation_scores or {})[result.chosen_step]
-        if best is None or score > best[0]:  # strictly better: ties keep the earlier rate, `lr` first
-            best = (score, lr, [p.detach().to("cpu", copy=True) for p in params])
+        if best is None or result.chosen_score > best[0]:  # strictly better: ties keep the earlier rate, `lr` first
+            best = (result.chosen_score, lr, [p.detach().to("cpu", copy=True) for p in params])
     spent = [(r.sequence_tokens, r.validation_tokens) for r in results.values()] + [err.spent for err in diverged.values()]
     if best is None:
         reasons = "; ".join(f"lr {lr:g}: {err}" for lr, err in diverged.items())
@@ -230,7 +234,7 @@ def train(
         results[best[1]],
         sequence_tokens=sum(sequence for sequence, _ in spent),
         validation_tokens=sum(validation for _, validation in spent),
-        lr_scores={lr: (r.validation_scores or {})[r.chosen_step] for lr, r in results.items()},
+        lr_scores={lr: r.chosen_score for lr, r in results.items()},
         chosen_lr=best[1],
         lr_diverged={lr: str(err) for lr, err in diverged.items()},
     )
