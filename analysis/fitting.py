@@ -377,19 +377,29 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.linalg.pinv(a) @ b
 
 
-def fit_law(data: LawData, *, cells: int = 30, polish: int = 4, chunk: int = 256) -> Fit:
-    """Variable-projection fit: scan exponents, project coefficients, polish the best by L-BFGS-B."""
+def scan(data: LawData, *, cells: int = 30, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Approach 3's search for starts by variable projection: for each cell of the exponent grid, the
+    best nonnegative coefficients there. Returns the starts (G, p) in theta order and their losses (G,)."""
     exps = exponent_grid(data.law, cells)
     coefs, losses = [], []
     for lo in range(0, len(exps), chunk):
         c, f = project_coefs(data, exps[lo : lo + chunk])
         coefs.append(c)
         losses.append(f)
-    coef, loss = np.concatenate(coefs), np.concatenate(losses)
     log_lo, log_hi = LOG_COEF_BOUNDS
-    best = np.argsort(loss)[:polish]
-    starts = np.concatenate([np.clip(np.log(np.maximum(coef[best], 1e-300)), log_lo, log_hi), exps[best]], axis=1)
-    refined = refine(data, starts)
+    log_coefs = np.clip(np.log(np.maximum(np.concatenate(coefs), 1e-300)), log_lo, log_hi)
+    return np.concatenate([log_coefs, exps], axis=1), np.concatenate(losses)
+
+
+def point_losses(data: LawData, thetas: np.ndarray) -> np.ndarray:
+    """Each point's Huber loss under each of `thetas` (B, p): (B, n). A weight vector's loss is then one product."""
+    return huber(log_predict(thetas, data.g, len(data.law.coefs))[0] - data.logy)
+
+
+def fit_law(data: LawData, *, cells: int = 30, polish: int = 4) -> Fit:
+    """Variable-projection fit: scan exponents, project coefficients, polish the best by L-BFGS-B."""
+    starts, loss = scan(data, cells=cells)
+    refined = refine(data, starts[np.argsort(loss)[:polish]])
     losses = [objective(theta, data)[0] for theta in refined]
     # Finish with approach 3's own optimiser; from here it needs only a few iterations.
     theta, f = _lbfgs(refined[int(np.argmin(losses))], data)
