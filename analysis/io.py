@@ -123,7 +123,8 @@ def load_results(results_dir: str) -> LoadedResults:
 def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan | None = None) -> LoadedResults:
     """`load_results` for the fit and the report: a directory that does not exist is a mistyped path.
 
-    An existing one without rows yet (a sweep just started) still gets its "0 rows" fit and report.
+    An existing one without rows yet (a sweep just started: its plan is written) still gets its "0 rows"
+    fit and report; a folder that holds neither a plan nor cells/ is no sweep, and is refused.
     Rows of cells that the plan (`plan`, by default the sweep's latest, `plan.json`, written by
     `steerscale run`) does not list are counted, and left out with `planned_only`: they come from an earlier config (another
     LoRA rank: a curve should not mix the two) or from a run that planned fewer seeds or budgets
@@ -133,8 +134,15 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan
     count the cell twice.
     """
     fs, root = resolve(results_dir)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.NotFound:
         raise NoResultsError(f"no results directory {results_dir}: give a sweep's results_dir, or its YAML")
+    if kind != pafs.FileType.Directory:
+        raise NoResultsError(f"{results_dir} is a file: give a sweep's results_dir, or its YAML")
+    if fs.get_file_info(f"{root}/{PLAN_NAME}").type != pafs.FileType.File and fs.get_file_info(f"{root}/cells").type != pafs.FileType.Directory:
+        # the parent of results dirs, or a sweep's cells/ itself: fitting it would write fits files in there
+        raise NoResultsError(f"no sweep at {results_dir}: neither a plan ({PLAN_NAME}) nor a cells/ folder; give a sweep's results_dir "
+                             "(the folder holding cells/), or its YAML")  # fmt: skip
     loaded = load_results(results_dir)
     if plan is None:
         stored_plan = planned_cells(fs, root)

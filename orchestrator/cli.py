@@ -482,8 +482,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with `key=value` overrides also after flags (`run X.yaml --retry-failed seeds=[3]`):
+    argparse ends a `nargs="*"` positional at the first flag, and its intermixed parsing refuses subcommands."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.func(args)
     except BrokenPipeError:  # `steerscale status DIR | head`: the reader has gone, so stop quietly

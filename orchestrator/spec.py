@@ -105,6 +105,14 @@ class SweepSpec(StrictConfig):
                              f"percent-encode them: {quote(results_dir, safe=URI_SAFE)}")  # fmt: skip
         return os.path.expanduser(results_dir)
 
+    @field_validator("seeds")
+    @classmethod
+    def _seedable(cls, seeds: list[int]) -> list[int]:
+        # numpy's generators take 0 ≤ seed < 2^32: outside it, every cell of the seed failed at run time
+        if any(not 0 <= s < 2**32 for s in seeds):
+            raise ValueError("seeds must be between 0 and 2**32 - 1")
+        return seeds
+
     @field_validator("budgets")
     @classmethod
     def _non_negative(cls, budgets: list[int]) -> list[int]:

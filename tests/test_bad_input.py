@@ -23,6 +23,7 @@ CASES = {
     "unknown key": ({**GOOD, "seedz": [0]}, "seedz: unknown key (did you mean 'seeds'?)"),
     "wrong type": ({**GOOD, "budgets": "many"}, "budgets: Input should be a valid list"),
     "negative budget": ({**GOOD, "budgets": [-4]}, "budgets must be >= 0"),
+    "negative seed": ({**GOOD, "seeds": [0, -1]}, "seeds must be between 0 and 2**32 - 1"),
     "unknown method": ({**GOOD, "methods": {"steer_maen": {}}}, "unknown method 'steer_maen' (did you mean 'steer_mean'?)"),
     "unknown task": ({**GOOD, "tasks": ["gridwrld"]}, "unknown task 'gridwrld' (did you mean 'gridworld'?)"),
     "empty grid": ({**GOOD, "models": []}, "models: List should have at least 1 item"),

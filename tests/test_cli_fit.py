@@ -64,3 +64,21 @@ def test_fit_of_a_sweep_yaml_with_planned_only_fits_that_yamls_grid_not_the_late
     assert f"left out 3 stored rows of cells not in {path}'s grid" in out, out
     (curve,) = [f for f in json.loads((Path(spec.results_dir) / "fits.json").read_text())["fits"] if f["law"] == "power_D"]
     assert curve["n_points"] == len(budgets) and np.isclose(curve["E"], 0.1, rtol=1e-3), curve
+
+
+def test_fit_of_a_folder_that_is_no_sweep_is_refused_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    """The parent of results dirs, or a sweep's own cells/: fitting either wrote fits.parquet and
+    fits.json into it (in cells/, files that broke reading the rows as one Parquet dataset) and exited 0."""
+    rows = synthetic_rows({("facts", "lora", "m1"): TrueCurve(0.1, 1.5, 0.5)}, {"m1": 10**6}, (4, 8, 16, 32),
+                          seeds=1, noise=0.0, rng=np.random.default_rng(0))  # fmt: skip
+    cells = tmp_path / "sweep" / "cells"
+    cells.mkdir(parents=True)
+    for row in rows:
+        pq.write_table(to_table([row]), cells / f"{row['cell_id']}.parquet")
+    for wrong in (tmp_path, cells, cells / f"{rows[0]['cell_id']}.parquet"):
+        before = sorted(p.name for p in wrong.parent.rglob("*"))
+        assert main(["fit", str(wrong), "--bootstrap", "0", "--workers", "1"]) == 2
+        assert "give a sweep's results_dir" in capsys.readouterr().err
+        assert sorted(p.name for p in wrong.parent.rglob("*")) == before
+    assert main(["fit", str(tmp_path / "sweep"), "--bootstrap", "0", "--workers", "1"]) == 0  # cells/ without a plan: rows written some other way
+    capsys.readouterr()

@@ -190,3 +190,15 @@ def test_a_learning_rate_search_multiplies_a_cells_prior_cost(write_sweep):
     three = expand(load_spec(write_sweep({**base, "methods": {"lora": {"train": {"lr": 1e-3, "lr_search": [3e-3, 1e-2]}}}})))[0]
     assert work_units(three.config) == 3 * work_units(one.config) > 0
     assert three.cell_id != one.cell_id
+
+
+def test_overrides_after_a_flag_apply_as_before_it(write_sweep, capsys):
+    """`plan X.yaml --cell SLUG seeds=[3]` was refused ("unrecognized arguments"): overrides had to come first."""
+    from orchestrator.cli import parse
+
+    path = str(write_sweep({**SPEC, "models": [{"id": "ladder:test/xs"}], "methods": {"base": {}}, "method_budgets": {}, "budgets": [0], "seeds": [0]}))
+    assert parse(["plan", path, "--cell", "x", "seeds=[3]", "budgets=[0]"]).overrides == ["seeds=[3]", "budgets=[0]"]
+    assert parse(["run", path, "seeds=[3]", "--retry-failed", "budgets=[0]"]).overrides == ["seeds=[3]", "budgets=[0]"]
+    with pytest.raises(SystemExit):
+        parse(["run", path, "--retry-failed", "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
