@@ -401,20 +401,32 @@ def _frontier(a: Analysis) -> list[Block]:
             Table(("task", "FLOPs ≤", "method", "model", "budget", a.metric), rows)]  # fmt: skip
 
 
+def _latest_choices(choices: list[dict]) -> list[dict]:
+    """Each cell's last choice, in the log's order: a round is logged before its cells run, so one cut short
+    (Ctrl-C) and chosen again on resume appears twice, and only the later record's round ran the cell."""
+    last = {c["cell_id"]: i for i, c in enumerate(choices)}
+    return [c for i, c in enumerate(choices) if last[c["cell_id"]] == i]
+
+
 def _adaptive(decisions: Decisions | None, a: Analysis, out: Path) -> list[Block]:
     """Which cells an adaptive run chose and why, how far its intervals narrowed, and why it stopped."""
     heading = Heading("Adaptive sweep")
     if decisions is None:
         return [heading, Paragraph("No adaptive.jsonl here: the cells were run as a grid (`steerscale run --adaptive` chooses them and logs why).")]
     stored = a.loaded.frame.set_index("cell_id")
-    chosen = [c for c in decisions.choices if c["cell_id"] in stored.index]
-    phases = {phase: sum(c["phase"] == phase for c in decisions.choices) for phase in sorted({c["phase"] for c in decisions.choices})}
+    choices = _latest_choices(decisions.choices)
+    superseded = len(decisions.choices) - len(choices)
+    chosen = [c for c in choices if c["cell_id"] in stored.index]
+    phases = {phase: sum(c["phase"] == phase for c in choices) for phase in sorted({c["phase"] for c in choices})}
     stop = decisions.stops[-1] if decisions.stops else None
     ending = (f"It stopped after round {stop['round']} with {stop['cells_stored']} cells stored and {_num(stop['flops_spent'])} "
               f"post-training FLOPs spent: {stop['reason']}." if stop else "It has not stopped yet (running, or interrupted: rerunning the command resumes).")  # fmt: skip
     blocks: list[Block] = [heading, Paragraph(
-        f"{len(decisions.choices)} cells chosen ({', '.join(f'{n} {p}' for p, n in phases.items()) or 'none'}), "
-        f"{len(chosen)} of them stored. {ending}")]  # fmt: skip
+        f"{len(choices)} cells chosen ({', '.join(f'{n} {p}' for p, n in phases.items()) or 'none'}), "
+        f"{len(chosen)} of them stored. "
+        + (f"{superseded} choice{'s' * (superseded > 1)} of an interrupted round made again on resume "
+           f"{'are' if superseded > 1 else 'is'} counted once. " if superseded else "")
+        + ending)]  # fmt: skip
     targets = decisions.final_targets
     if targets:
         rows = [(t["target"], t["unit"], f"[{_num(t['lo'])}, {_num(t['hi'])}]", _num(t["width"]), _num(t["goal"]), "done" if t["resolved"] else "open") for t in targets]
@@ -423,7 +435,7 @@ def _adaptive(decisions: Decisions | None, a: Analysis, out: Path) -> list[Block
     if path:
         blocks.append(Image(path, "interval width per round against the compute spent"))
     rows = []
-    for c in decisions.choices:
+    for c in choices:
         row = stored.loc[c["cell_id"]] if c["cell_id"] in stored.index else None
         outcome = "not stored" if row is None else (f"ok, {a.metric} {_num(float(row[a.metric]))}" if row["status"] == "ok" else str(row["status"]))
         rows.append((str(c["round"]), c["phase"], c["slug"], _num(c["expected_flops"]), outcome, c["reason"]))

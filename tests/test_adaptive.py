@@ -185,13 +185,15 @@ def test_the_report_lists_every_choice_its_stored_outcome_and_why_the_run_stoppe
     report = write_report(store.root, bootstrap=20).report_page
     text = (report.parent / "report.md").read_text()
     log = DecisionLog(store).read()
-    choices, stop = [r for r in log if r["event"] == "choice"], [r for r in log if r["event"] == "stop"][-1]
+    records, stop = [r for r in log if r["event"] == "choice"], [r for r in log if r["event"] == "stop"][-1]
+    last = {r["cell_id"]: i for i, r in enumerate(records)}
+    choices = [r for i, r in enumerate(records) if last[r["cell_id"]] == i]  # the killed round's unstored cells were chosen again
     section = text.split("## Adaptive sweep")[1].split("\n## ")[0]
     assert f"{len(choices)} cells chosen" in section and stop["reason"] in section
     table = [line for line in section.splitlines() if line.startswith("| ") and "| round |" not in line and "| target |" not in line]
     stored = stored_rows(store, cells).set_index("cell_id")
     choice_rows = [line for line in table if " | design | " in line or " | acquisition | " in line]
-    assert len(choice_rows) == len(choices)  # one line per choice, in the log's order
+    assert len(choice_rows) == len(choices)  # one line per cell, at its last choice, in the log's order
     for choice, line in zip(choices, choice_rows):
         assert choice["slug"] in line and choice["reason"] in line
         expected = f"ok, score {stored.loc[choice['cell_id'], 'score']:.3g}" if choice["cell_id"] in stored.index else "not stored"
@@ -200,6 +202,31 @@ def test_the_report_lists_every_choice_its_stored_outcome_and_why_the_run_stoppe
     target_rows = [line for line in table if line not in choice_rows]
     assert len(target_rows) == len(final) and all(f"{final[name]['width']:.3g}" in line for name in final for line in target_rows if f"| {name} |" in line)
     assert (report.parent / "adaptive.png").stat().st_size > 10_000
+
+
+def test_the_report_counts_a_cell_chosen_again_on_resume_once(tmp_path):
+    """A round is logged before its cells run: killed after storing one of three, it was chosen again on resume
+    (the other two), and the report said "7 cells chosen ..., 7 of them stored" over 5 cells, listing 2 twice."""
+    cells = [c for c in grid() if c.config.model.id == "sim-s" and c.config.seed == 0][:5]
+    store = ResultsStore(str(tmp_path))
+    World(store)(cells)
+    a, b, c, d, e = cells
+
+    def choice(round_: int, phase: str, cell: SimCell) -> dict:
+        return {"event": "choice", "round": round_, "phase": phase, "cell_id": cell.cell_id, "slug": cell.config.slug,
+                "expected_flops": 1e9, "reason": f"round {round_} wants it"}  # fmt: skip
+
+    DecisionLog(store).append([choice(0, "design", a), choice(0, "design", b), *(choice(1, "acquisition", x) for x in (c, d, e)),
+                               {"event": "resume", "round": 2}, choice(2, "acquisition", d), choice(2, "acquisition", e),
+                               {"event": "stop", "round": 3, "reason": "every cell of the grid is stored", "cells_stored": 5,
+                                "flops_spent": 5e9, "targets": []}])  # fmt: skip
+    text = (write_report(store.root, bootstrap=20).report_page.parent / "report.md").read_text()
+    section = text.split("## Adaptive sweep")[1].split("\n## ")[0]
+    assert "5 cells chosen (3 acquisition, 2 design), 5 of them stored. " in section
+    assert "2 choices of an interrupted round made again on resume are counted once." in section
+    rows = [line for line in section.splitlines() if " | design | " in line or " | acquisition | " in line]
+    assert [(line.split(" | ")[0], line.split(" | ")[2]) for line in rows] == [
+        ("| 0", a.config.slug), ("| 0", b.config.slug), ("| 1", c.config.slug), ("| 2", d.config.slug), ("| 2", e.config.slug)]
 
 
 def test_a_grid_run_reports_that_no_cell_was_chosen(full_grid):
