@@ -29,7 +29,7 @@ from workers.run_cell import identity_columns
 
 from orchestrator.cellcost import longest_first
 from orchestrator.claims import Claims
-from orchestrator.errors import ClusterShrankError, WorkersNotStartingError
+from orchestrator.errors import ClusterShrankError, ClusterUnreachableError, WorkersNotStartingError
 from orchestrator.grid import PlannedCell
 from orchestrator.pool import POOL, CellResult, Shape, Worker, live_nodes, next_model, node_capacity
 from orchestrator.spec import Resources
@@ -71,7 +71,13 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
     if ray.is_initialized():
         return None
     if address:
-        context = ray.init(address=address, log_to_driver=False)
+        try:
+            context = ray.init(address=address, log_to_driver=False)
+        except ConnectionError as err:
+            raise ClusterUnreachableError(
+                f"no Ray cluster to join at --address {address} ({err}); start one (`ray start --head`), or leave "
+                "--address out to run on a private local Ray. Nothing ran; rerun the same command once it is up"
+            ) from err
     else:
         context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
     return context.dashboard_url or None

@@ -12,3 +12,7 @@ class ClusterShrankError(SweepStoppedError):
 
 class WorkersNotStartingError(SweepStoppedError):
     """Cells wait on workers that do not start: no node for them arrived in time, or they die starting."""
+
+
+class ClusterUnreachableError(SweepStoppedError):
+    """`--address` names no Ray cluster this driver can join; nothing ran."""

@@ -65,6 +65,8 @@ def test_report_on_degenerate_results(tmp_path: Path, case: str) -> None:
         rows = [dict(r, status="failed", score=None, error="boom") for r in rows]
     if case != "empty":
         write_cells(tmp_path, rows)
+    else:
+        (tmp_path / "plan.json").write_text("[]")  # a sweep just started: its plan written, no row yet
     markdown = analysis.write_report(str(tmp_path), bootstrap=20).report_page.with_name("report.md").read_text()
     assert "## Fits" in markdown
     if case == "one_model_few_budgets":

@@ -205,6 +205,7 @@ def test_rows_outside_the_latest_plan_are_fitted_and_said_or_left_out_when_asked
 
 
 def test_empty_results_dir_does_not_crash(tmp_path: Path) -> None:
+    (tmp_path / "cells").mkdir()  # a sweep's folder, no row in it yet
     summary = analysis.fit_results(str(tmp_path))
     assert "0 rows" in summary.to_text()
 

@@ -378,3 +378,24 @@ def test_the_sweep_goes_on_past_failed_cells_and_a_rerun_adds_nothing(failing_sw
     again = subprocess.run(_cli("run", str(path), "--no-progress", "--no-dashboard"), capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and "0 to run" in again.stdout, again.stdout + again.stderr[-2000:]
     assert _cell_files(results) == before
+
+
+def test_an_address_with_no_cluster_is_a_clean_error_with_the_clusters_exit_code(tmp_path, capsys):
+    """`run --address auto` with no cluster up printed Ray's ConnectionError traceback, exit 1."""
+    import ray
+
+    from orchestrator.cli import main
+    from orchestrator.driver import connect
+    from orchestrator.errors import ClusterUnreachableError
+
+    from ray._private.services import find_gcs_addresses
+
+    if ray.is_initialized() or find_gcs_addresses():  # "auto" joins any Ray on this machine (another test's)
+        pytest.skip("a Ray is running here: --address auto would join it")
+    with pytest.raises(ClusterUnreachableError, match="no Ray cluster to join at --address auto"):
+        connect("auto")
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"sweep": "unreachable", "results_dir": str(tmp_path / "r"), "models": [{"id": "ladder:test/xs"}],
+                                      "tasks": ["facts"], "methods": {"base": {}}, "budgets": [0]}))  # fmt: skip
+    assert main(["run", str(config), "--address", "auto"]) == 3
+    assert "no Ray cluster to join" in capsys.readouterr().err
