@@ -50,6 +50,8 @@ def _results_dir(given: str) -> str:
         from orchestrator.spec import load_spec
 
         return load_spec(given, [], check_models=False).results_dir  # its results may be read away from its models
+    if "://" not in given and os.path.isfile(given):
+        raise ConfigError(f"{given} is a file: give a sweep's results_dir, or its YAML")
     return given
 
 

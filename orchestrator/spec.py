@@ -249,6 +249,8 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such sweep config")
+    if path.is_dir():
+        raise ConfigError(f"{path}: a directory; give a sweep config (a YAML file)")
     try:
         data = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as err:

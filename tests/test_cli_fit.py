@@ -82,3 +82,13 @@ def test_fit_of_a_folder_that_is_no_sweep_is_refused_and_writes_nothing(tmp_path
         assert sorted(p.name for p in wrong.parent.rglob("*")) == before
     assert main(["fit", str(tmp_path / "sweep"), "--bootstrap", "0", "--workers", "1"]) == 0  # cells/ without a plan: rows written some other way
     capsys.readouterr()
+
+
+def test_status_of_a_file_and_plan_of_a_directory_are_clean_errors(tmp_path: Path, capsys) -> None:
+    """`status some.json` and `plan results/x` ended in NotADirectoryError / IsADirectoryError tracebacks, exit 1."""
+    afile = tmp_path / "fits.json"
+    afile.write_text("{}")
+    assert main(["status", str(afile)]) == 2
+    assert "is a file: give a sweep's results_dir" in capsys.readouterr().err
+    assert main(["plan", str(tmp_path)]) == 2
+    assert "a directory; give a sweep config" in capsys.readouterr().err
