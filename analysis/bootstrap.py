@@ -106,7 +106,8 @@ def refit_weighted(fit: Fit, data: LawData, weights: np.ndarray) -> np.ndarray:
     (up to 30 % on one curve) ended ≥ 0.1 % above a lower optimum, and β's interval could shrink to its
     bound, [3, 3] (tests/test_bootstrap.py). A far start converges slowly, so each is first tried on
     `SCREEN` resamples and run on all only where it finds a lower optimum for one of them: a
-    well-determined law, whose resamples all share one basin, pays about one extra bootstrap of `SCREEN`.
+    well-determined law, whose resamples all share one basin, pays SPREAD^m × `SCREEN` extra resample
+    fits (m exponents: 150 for a budget law, 450 for a joint law).
     """
     best = refine(data, np.tile(fit.theta, (len(weights), 1)), weights)
     best_loss = _losses(data, best, weights)
