@@ -57,6 +57,29 @@ def check_budgets(spec: SweepSpec) -> None:
         )
 
 
+def check_eval_sizes(spec: SweepSpec) -> None:
+    """Refuse a test, validation or off-task draw larger than its task's split.
+
+    Past the pool the draw repeats questions, so a score would weigh some of them twice while the
+    row claims `test_size` distinct ones (and no validation could choose better for it).
+    """
+    e = spec.eval
+    draws = [("test_size", "test", e.test_size, spec.tasks), ("validation_size", "validation", e.validation_size, spec.tasks)]
+    if e.offtask_size and len(spec.tasks) > 1:  # off-task scores read the other tasks' test splits
+        draws.append(("offtask_size", "test", e.offtask_size, spec.tasks))
+    problems = []
+    for key, split, size, tasks in draws:
+        for task in tasks:
+            pool = get_task(task).pool_size(split)
+            if pool is not None and size > pool:
+                problems.append(
+                    f"eval.{key}: {size} exceeds the {pool} distinct {split} examples of task '{task}'; "
+                    f"a larger draw would repeat questions; set it to at most {pool}"
+                )
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def check_training_covers_budgets(spec: SweepSpec, methods: dict[str, BaseModel]) -> None:
     """Refuse a budget the training would not show in full: past `max_steps × batch_size` examples,
     the rest of the budget is never seen while the row claims all of it, and the data axis bends."""
@@ -77,6 +100,7 @@ def check_training_covers_budgets(spec: SweepSpec, methods: dict[str, BaseModel]
 def expand(spec: SweepSpec) -> list[PlannedCell]:
     """Every (model, task, method, budget, seed) cell, in a stable order, with resolved configs."""
     check_budgets(spec)
+    check_eval_sizes(spec)
     resolved = {name: resolve_config(name, raw, f"methods.{name}") for name, raw in spec.methods.items()}
     check_training_covers_budgets(spec, resolved)
     methods = {name: config.model_dump(mode="json") for name, config in resolved.items()}

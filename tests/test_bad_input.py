@@ -31,6 +31,10 @@ CASES = {
         {**GOOD, "budgets": [4, 5000]},
         f"task 'facts' has only {get_task('facts').pool_size('train')} distinct training examples, but the sweep asks for a budget of 5000.",
     ),
+    "test draw larger than the test split": (
+        {**GOOD, "eval": {"test_size": 5000}},
+        f"eval.test_size: 5000 exceeds the {get_task('facts').pool_size('test')} distinct test examples of task 'facts'",
+    ),
     "unknown method setting": ({**GOOD, "methods": {"lora": {"train": {"lr": 1e-3, "epoch": 2}}}}, "methods.lora.train.epoch: unknown key (did you mean 'epochs'?)"),
 }
 

@@ -50,8 +50,8 @@ def draw(
 ) -> list[K]:
     """`n` instance keys of `split`, all distinct until the split's `pool` of keys is used up.
 
-    Only then (a validation or test draw larger than its split; training budgets above the pool
-    are refused when a sweep is planned) do keys repeat. `sample` must reach every key of the pool.
+    Only then do keys repeat: planning refuses training budgets and evaluation draws larger than
+    their split, so only a library caller gets repeats. `sample` must reach every key of the pool.
     """
     rng = split_rng(task, split, n, seed)
     keys: list[K] = []
