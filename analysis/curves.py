@@ -276,7 +276,7 @@ def fit_group(job: GroupJob) -> LawFit:
         return LawFit(task, method, model, n_params, x, law, metric, points, excluded, None, None, message, holdout, np.nan, job.family)
 
     ok = rows["status"] == "ok"
-    if len(rows) and not ok.any():  # "needs 3 distinct values of D, got 0" hid why: a model that never loaded, say
+    if len(rows) and not ok.any():  # "needs at least 4 distinct budgets, got 0" hid why: a model that never loaded, say
         return unfitted(all_failed(rows))
     if joint and ok.any() and not np.isfinite(rows.loc[ok, X_COLUMN].astype(float)).any():
         return unfitted(f"no ok row has a usable {axis.column}, which x={axis.name} needs")

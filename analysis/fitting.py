@@ -80,14 +80,10 @@ class LawData:
             keep = np.sort(np.argsort(y)[: len(y) - drop_highest_loss])
             y = y[keep]
             xs = {name: values[keep] for name, values in xs.items()}
-        for name, values in xs.items():
-            distinct = len(np.unique(values))
-            if distinct < MIN_DISTINCT:
-                raise FitError(f"{law.name} needs at least {MIN_DISTINCT} distinct values of {name}, got {distinct}")
-        inputs = _distinct_inputs(xs)
-        if inputs < min_inputs(law):
-            raise FitError(f"{law.name} has {len(law.params)} parameters; needs at least {min_inputs(law)} distinct "
-                           f"{_input_points(law)}, got {inputs}")  # fmt: skip
+        short = [(need, what, got) for need, what, got in _requirements(law, xs) if got < need]
+        if short:  # every shortfall at once: one more budget must not just reveal the next requirement
+            needs = "; at least ".join(f"{need} distinct {what}, got {got}" for need, what, got in short)
+            raise FitError(f"{law.name} has {len(law.params)} parameters; needs at least {needs}")
         g = law.design({name: np.log(values) for name, values in xs.items()})
         return cls(law=law, x=xs, y=y, g=g, dropped_highest=drop_highest_loss)
 
@@ -103,13 +99,15 @@ def input_index(xs: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.unique(np.stack(list(xs.values()), axis=1), axis=0, return_inverse=True)[1].ravel()
 
 
-def _distinct_inputs(xs: Mapping[str, np.ndarray]) -> int:
-    return len(np.unique(input_index(xs)))
-
-
-def _input_points(law: Law) -> str:
-    """What a law's distinct inputs are called in its refusal."""
-    return INPUT_NAMES[law.inputs[0]] if len(law.inputs) == 1 else f"({', '.join(law.inputs)}) points"
+def _requirements(law: Law, xs: Mapping[str, np.ndarray]) -> list[tuple[int, str, int]]:
+    """(needed, what, present) for each count a fit of `law` needs: `MIN_DISTINCT` values of each input for
+    its exponent, and `min_inputs` distinct input points for its parameters; for a one-input law these
+    are one count (its points are its values), stated once at the larger need."""
+    points = len(np.unique(input_index(xs)))
+    if len(law.inputs) == 1:
+        return [(max(MIN_DISTINCT, min_inputs(law)), INPUT_NAMES[law.inputs[0]], points)]
+    each = [(MIN_DISTINCT, f"values of {name}", len(np.unique(values))) for name, values in xs.items()]
+    return each + [(min_inputs(law), f"({', '.join(law.inputs)}) points", points)]
 
 
 @dataclass(frozen=True)

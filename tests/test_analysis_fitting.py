@@ -118,7 +118,7 @@ def test_bootstrap_intervals_cover_the_truth_near_nominal_rate() -> None:
 
 
 def test_too_few_points_is_a_clear_error() -> None:
-    with pytest.raises(FitError, match="distinct values of D"):
+    with pytest.raises(FitError, match="needs at least 4 distinct budgets, got 2"):  # not "3 distinct values of D" first
         LawData.build(POWER_D, {"D": np.array([1.0, 1, 2, 2, 2])}, np.ones(5))
     with pytest.raises(FitError, match="needs at least 4 distinct budgets, got 3"):
         LawData.build(POWER_D, {"D": np.array([1.0, 2, 3])}, np.ones(3))

@@ -70,7 +70,7 @@ def test_report_on_degenerate_results(tmp_path: Path, case: str) -> None:
     markdown = analysis.write_report(str(tmp_path), bootstrap=20).report_page.with_name("report.md").read_text()
     assert "## Fits" in markdown
     if case == "one_model_few_budgets":
-        assert "distinct values of D" in markdown
+        assert "needs at least 4 distinct budgets, got 2" in markdown
     assert "No crossover could be computed" in markdown
 
 

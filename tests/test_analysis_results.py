@@ -173,8 +173,11 @@ def test_one_model_size_and_few_budgets_say_what_cannot_be_fitted(tmp_path: Path
     summary = analysis.fit_results(str(tmp_path), bootstrap=50)
     messages = {(f.method, f.law.name): f.message for f in summary.analysis.fits}
     assert messages[("lora", "power_D")] == ""
-    assert "distinct values of N, got 1" in messages[("lora", "additive")]
-    assert "distinct values of D, got 2" in messages[("steer_mean", "power_D")]
+    # every shortfall at once: one model size, and 4 (N, D) points for 5 parameters
+    assert messages[("lora", "additive")] == (
+        "additive has 5 parameters; needs at least 3 distinct values of N, got 1; at least 6 distinct (N, D) points, got 4"
+    )
+    assert messages[("steer_mean", "power_D")] == "power_D has 3 parameters; needs at least 4 distinct budgets, got 2"
     assert summary.analysis.crossovers == []  # steering has no curve to cross
     assert "not fitted" in pd.read_parquet(summary.paths["fits.parquet"])["status"].tolist()
 

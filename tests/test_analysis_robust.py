@@ -92,8 +92,8 @@ def test_a_cell_stored_twice_keeps_its_ok_latest_row(tmp_path: Path) -> None:
 
 
 def test_a_model_whose_every_cell_failed_is_said_to_have_failed(tmp_path: Path) -> None:
-    """A model that could not be loaded fails all its cells; its curves read "power_D needs at least 3 distinct
-    values of D, got 0", as if too few budgets had been planned. Now they say that every cell failed, and why."""
+    """A model that could not be loaded fails all its cells; its curves read "power_D ... needs at least 4
+    distinct budgets, got 0", as if too few budgets had been planned. Now they say that every cell failed, and why."""
     cells = tmp_path / "cells"
     cells.mkdir()
     error = "OSError: big-model is not a valid model identifier\nTraceback (steerscale's frames and the innermost ones):\n  ..."
@@ -108,4 +108,4 @@ def test_a_model_whose_every_cell_failed_is_said_to_have_failed(tmp_path: Path) 
     assert curve.note == said
     markdown = summary.report_page.with_name("report.md").read_text()
     for text in (summary.to_text(), markdown):
-        assert said in text and "distinct values of D, got 0" not in text and "Traceback" not in text
+        assert said in text and "distinct budgets, got 0" not in text and "Traceback" not in text
