@@ -131,7 +131,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"done {statuses.count('ok')} · failed {statuses.count('failed')} · to run {statuses.count(None)}")
     print(_status_table(_manifest_entries(cells), status))
     print(_compute_to_go(cells, scan))
+    _note_unfittable(cells)
     return 0
+
+
+def _note_unfittable(cells: list[PlannedCell]) -> None:
+    """Say, before anything runs, which methods' loss(D) curves the fitter will refuse for too few budgets."""
+    from orchestrator.acquisition import MIN_BUDGETS, curves_of
+
+    budgets: dict[str, set[int]] = defaultdict(set)
+    for (_task, method, _model), group in curves_of(cells).items():
+        budgets[method] |= {c.config.budget for c in group}
+    short = {method: len(b) for method, b in budgets.items() if len(b) < MIN_BUDGETS}
+    if short:
+        listed = ", ".join(f"{method} ({n})" for method, n in sorted(short.items()))
+        print(f"note: a loss(D) curve needs at least {MIN_BUDGETS} distinct budgets > 0; these methods have fewer: {listed}. "
+              "Their cells run and are stored, but `fit` will fit no curve (and no crossover) for them; add budgets")  # fmt: skip
 
 
 def _compute_to_go(cells: list[PlannedCell], scan: StoreScan) -> str:
@@ -263,7 +278,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_adaptive(args, spec, cells, store)
     todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)
     print(f"sweep {spec.sweep}: {len(cells)} cells, {len(cells) - len(todo)} already stored, {len(todo)} to run")
+    _note_unfittable(cells)
     _note_other_sweeps(spec.sweep, args.config, scan)
+    running = {c.cell_id for c in todo}
+    waiting = sum(1 for c in cells if c.cell_id not in running and scan.status.get(c.cell_id) == "failed")
+    if waiting:
+        print(f"{waiting} stored cells failed and are not rerun; rerun them with --retry-failed (`steerscale status` shows their errors)")
     if not args.address:
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             _prepare_locally(model)
@@ -479,9 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = ladder_sub.add_parser("build", help="pretrain (or find cached) ladder models")
     b.add_argument("--recipe", default="default")
     b.add_argument("--sizes", nargs="*", help="sizes to build (default: all of the recipe)")
-    b.add_argument("--jobs", type=int, help="parallel builds (default: one per CPU core)")
+    b.add_argument("--jobs", type=_positive_int, help="parallel builds (default: one per CPU core)")
     b.set_defaults(func=cmd_ladder_build)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for counts of things to run at once: 0 would mean "as many as CPUs", silently."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

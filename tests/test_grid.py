@@ -202,3 +202,13 @@ def test_overrides_after_a_flag_apply_as_before_it(write_sweep, capsys):
     with pytest.raises(SystemExit):
         parse(["run", path, "--retry-failed", "--no-such-flag"])
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_ladder_build_refuses_zero_parallel_builds(capsys):
+    """`--jobs 0` read as "unset" and quietly ran one build per core."""
+    from orchestrator.cli import parse
+
+    assert parse(["ladder", "build", "--jobs", "2"]).jobs == 2
+    with pytest.raises(SystemExit):
+        parse(["ladder", "build", "--jobs", "0"])
+    assert "argument --jobs: must be at least 1, got 0" in capsys.readouterr().err

@@ -88,6 +88,8 @@ def test_plan_and_status_read_the_store(sweep):
     path, results, _ = sweep
     plan = steerscale("plan", str(path))
     assert plan.returncode == 0 and "grid: 15 cells" in plan.stdout and "done 10 · failed 5 · to run 0" in plan.stdout
+    # two budgets per trained method: said before anything runs, not first by `fit`
+    assert "needs at least 4 distinct budgets > 0; these methods have fewer: lora (2), steer_mean (2)" in plan.stdout
     for where in (results, path):  # the results directory, or the sweep's YAML naming it
         status = steerscale("status", str(where))
         assert status.returncode == 0 and "10 ok, 5 failed, 0 remaining" in status.stdout, status.stdout + status.stderr
@@ -109,6 +111,9 @@ def test_plan_estimates_the_compute_to_go_from_stored_cells(sweep):
 def test_retry_failed_reruns_only_the_failed_cells(sweep):
     path, results, _ = sweep
     ok_before = {p.name: p.stat().st_mtime_ns for p in (results / "cells").iterdir()}
+    rerun = steerscale("run", str(path), "--no-progress", "--no-dashboard")  # without the flag: nothing runs, and it says why
+    assert rerun.returncode == 0 and "0 to run" in rerun.stdout, rerun.stdout + rerun.stderr[-2000:]
+    assert "5 stored cells failed and are not rerun; rerun them with --retry-failed" in rerun.stdout
     retry = steerscale("run", str(path), "--retry-failed", "--no-progress", "--no-dashboard")
     assert retry.returncode == 0 and "5 to run" in retry.stdout, retry.stdout + retry.stderr[-2000:]
     table = pq.read_table(results / "cells").to_pandas()
