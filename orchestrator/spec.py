@@ -265,8 +265,20 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
         check_names(spec, models=check_models)
         check_results_dir(spec.results_dir, os.getcwd())
     except ConfigError as err:
-        raise ConfigError(f"{path}:\n{err}") from None
+        given = f" with {' '.join(overrides)}" if overrides else ""
+        lines = [_with_override(line, list(overrides)) for line in str(err).splitlines()]
+        raise ConfigError(f"{path}{given}:\n" + "\n".join(lines)) from None
     return spec
+
+
+def _with_override(line: str, overrides: list[str]) -> str:
+    """An error line naming the override that set its key: the YAML file does not hold that value."""
+    where = line.partition(":")[0]
+    for override in overrides:
+        key = override.partition("=")[0]
+        if where == key or where.startswith(key + ".") or key.startswith(where + "."):
+            return f"{line} [set by the override {override}]"
+    return line
 
 
 URI_SAFE = "/:?&=%@+,;~!$'()*[]#"  # characters a URI may hold as they are (RFC 3986, with '%' for escapes)

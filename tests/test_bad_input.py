@@ -35,6 +35,7 @@ CASES = {
         {**GOOD, "eval": {"test_size": 5000}},
         f"eval.test_size: 5000 exceeds the {get_task('facts').pool_size('test')} distinct test examples of task 'facts'",
     ),
+    "a setting for a method that takes none": ({**GOOD, "methods": {"base": {"rank": 4}}}, "methods.base.rank: unknown key; it takes no settings (give it {})"),
     "unknown method setting": ({**GOOD, "methods": {"lora": {"train": {"lr": 1e-3, "epoch": 2}}}}, "methods.lora.train.epoch: unknown key (did you mean 'epochs'?)"),
 }
 

@@ -56,6 +56,19 @@ def test_overrides_parse_yaml_values_and_are_validated(write_sweep):
         load_spec(write_sweep(BASE), ["eval.test_sise=5"])
 
 
+def test_an_invalid_value_from_an_override_is_blamed_on_the_override_not_the_file(write_sweep):
+    """The YAML holds budgets [4, 16]; an error saying only "sweep.yaml: budgets must be >= 0" sent users to the file."""
+    path = write_sweep(BASE)
+    with pytest.raises(ConfigError) as err:
+        load_spec(path, ["seeds=[0]", "budgets=[-1]"])
+    header, line = str(err.value).splitlines()
+    assert header == f"{path} with seeds=[0] budgets=[-1]:"
+    assert line.startswith("budgets:") and line.endswith("[set by the override budgets=[-1]]")
+    with pytest.raises(ConfigError) as err:  # an error in the file itself is not blamed on an unrelated override
+        load_spec(write_sweep({**BASE, "budgets": [-1]}), ["seeds=[1]"])
+    assert "[set by" not in str(err.value)
+
+
 def test_override_into_list_and_malformed_override():
     data = apply_overrides({"models": [{"id": "a"}]}, ["models.0.id=b"])
     assert data["models"][0]["id"] == "b"

@@ -101,7 +101,8 @@ def format_errors(cls: type[BaseModel], err: ValidationError, prefix: str = "") 
         path = ".".join(str(p) for p in (prefix, *loc) if p != "")
         if e["type"] == "extra_forbidden":
             valid = _fields_at(cls, loc[:-1])
-            lines.append(f"{path}: unknown key{did_you_mean(str(loc[-1]), valid)}; valid keys: {', '.join(valid)}")
+            keys = f"valid keys: {', '.join(valid)}" if valid else "it takes no settings (give it {})"
+            lines.append(f"{path}: unknown key{did_you_mean(str(loc[-1]), valid)}; {keys}")
         else:
             about = _description_at(cls, loc)
             lines.append(f"{path or '<root>'}: {e['msg']}" + (f" ({about[0]}: {about[1]})" if about else ""))
