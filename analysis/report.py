@@ -153,7 +153,7 @@ def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
     left_out = sorted(set(budgets) - {m for _, m, _ in levels})
     where = (f"at the largest budget all its methods share (D={budget:g})" if not left_out else
              f"at D={budget:g}, the largest budget shared by {len(levels)} of its {len(cells)} methods ({', '.join(left_out)} not measured there)")  # fmt: skip
-    sentence = f"{intro}, {who} {where}: {metric} {value:.3g} (mean of {n_cells} cells)"
+    sentence = f"{intro}, {who} {where}: {metric} {value:.3g} ({f'mean of {n_cells} cells' if n_cells > 1 else 'one cell'})"
     if rest:
         runner_up = rest[0][1]
         sentence += f", {_lead(at(method, budget), at(runner_up, budget), runner_up)}"

@@ -184,6 +184,9 @@ def test_the_best_measured_method_is_judged_at_a_budget_every_compared_method_ha
     rows += synthetic_rows({("t", "steer_mean", "m"): STEER}, {"m": 10**6}, (8, 16, 32, 64), seeds=2, noise=0.005, rng=rng)
     sentence = best_measured("t", pd.DataFrame(rows), "score")
     assert "steer_mean measured best at the largest budget all its methods share (D=64): score 0.53" in sentence, sentence
+    assert "(mean of 2 cells)" in sentence, sentence
+    one_seed = best_measured("t", pd.DataFrame([r for r in rows if r["seed"] == 0]), "score")
+    assert "(one cell)" in one_seed and "mean of 1" not in one_seed, one_seed
     assert "; then lora 0.48" in sentence, sentence
     assert "ahead of lora by 0.0" in sentence and "(clear of 0: 95 % Welch interval over their cells)" in sentence, sentence
     late = synthetic_rows({("t", "full_ft", "m"): TUNE}, {"m": 10**6}, (2048, 4096, 8192), seeds=2, noise=0.005, rng=rng)
