@@ -10,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+from matplotlib.axis import Axis  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from analysis.capability import AXES  # noqa: E402
@@ -19,6 +20,42 @@ from analysis.decisions import Decisions  # noqa: E402
 from analysis.summary import Analysis  # noqa: E402
 
 BAND = (2.5, 97.5)
+LOG_PAD = 0.1  # of a log axis' span in ln units, and at least this much (±10 %) around a lone value
+
+
+def _log_limits(values: np.ndarray) -> tuple[float, float]:
+    """Log-axis limits padded around `values` in log space: no point sits on the edge, and a lone value
+    (one model) gets a range instead of a degenerate one."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    pad = max(LOG_PAD * np.log(hi / lo), LOG_PAD)
+    return lo * np.exp(-pad), hi * np.exp(pad)
+
+
+def _tick_label(value: float, _pos: int | None = None) -> str:
+    """A plain number where one reads well (4, 0.65, 1024), a power of ten beyond (3.8×10⁷): matplotlib's
+    log labels write "4×10⁰"."""
+    if value <= 0:
+        return ""
+    if 1e-3 <= value < 1e5:
+        return f"{value:.6g}"
+    exponent = int(np.floor(np.log10(value)))
+    mantissa = round(value / 10.0**exponent, 3)
+    return f"$10^{{{exponent}}}$" if mantissa == 1 else f"${mantissa:g}\\times10^{{{exponent}}}$"
+
+
+def _readable_log_ticks(axis: Axis) -> None:
+    """Labelled ticks on a log axis for its current limits. Matplotlib's log locator has at most one major tick
+    under a decade and labels the minor ones instead, crowded, as "4×10⁰": there, round linear steps (a log
+    axis over less than a factor 5 is near linear); up to 2 decades, 1-2-5 steps; wider, the decades."""
+    lo, hi = axis.get_view_interval()
+    decades = np.log10(hi / lo)
+    if decades < np.log10(5):
+        locator = MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10])
+    else:
+        locator = LogLocator(subs=(1.0, 2.0, 5.0) if decades < 2 else (1.0,))
+    axis.set_major_locator(locator)
+    axis.set_major_formatter(FuncFormatter(_tick_label))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -50,6 +87,7 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
             else:
                 ax.plot([], [], color=colour, label=f"{f.model}: not fitted")
         ax.set(xscale="log", title=method, xlabel="budget (examples)")
+        _readable_log_ticks(ax.xaxis)
         ax.legend(fontsize=7)
     values = np.concatenate([f.points.value for f in curves])
     pad = 0.1 * (values.max() - values.min()) or 0.05
@@ -60,15 +98,18 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
 
 
 def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
-    """D* against each axis (parameters and capabilities) with bootstrap CIs, log-log, one panel per
-    axis that has values; marker = model family, colour = steering × fine-tuning pair, line = the
-    least-squares trend D* ∝ x^gamma as the analysis states it: over every family pooled (the point of a
-    capability axis), one line per family on parameters when there are several, and only through three
-    models with a finite D* or more (crossover.MIN_TREND_MODELS), as the text states it.
-    An interval end outside the measured range (a censored D*) is drawn to the range's edge."""
+    """D* against each axis (parameters and capabilities) with bootstrap CIs, log-log, one panel per axis
+    on which a model with a D* has a value; marker = model family, colour = steering × fine-tuning pair,
+    line = the least-squares trend D* ∝ x^gamma as the analysis states it: over every family pooled (the
+    point of a capability axis), one line per family on parameters when there are several, and only
+    through three models with a finite D* or more (crossover.MIN_TREND_MODELS), as the text states it.
+    An interval end outside the measured range (a censored D*) is drawn to the range's edge. Each panel's
+    x-range is its points', padded (one model's too); the title explains the held-out error only where a
+    trend's legend shows one, as with fewer than three models there is none."""
     found = [c for c in analysis.crossovers if c.task == task and c.outcome == "crosses"]
     table = analysis.capabilities[analysis.capabilities["task"] == task].set_index("model")
-    axes = [a for a in AXES.values() if a.name in table and np.isfinite(table[a.name].to_numpy(float)).any()]
+    x_of = {a.name: table[a.name].reindex([c.model for c in found]).to_numpy(float) for a in AXES.values() if a.name in table}
+    axes = [AXES[name] for name, x in x_of.items() if np.isfinite(x).any()]  # an axis no D* has a value on: an empty panel
     if not found or not axes:
         return None
     pairs = sorted({(c.steering, c.finetuning) for c in found})
@@ -80,6 +121,7 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
         if s.task == task and s.enough_models:
             trends.setdefault((s.x, s.steering, s.finetuning), []).append(s)
     fig, panels = plt.subplots(1, len(axes), figsize=(4.6 * len(axes), 3.9), squeeze=False, sharey=True)
+    held_out = False
     for ax, axis in zip(panels[0], axes):
         for pair in pairs:
             cs = [c for c in found if (c.steering, c.finetuning) == pair and np.isfinite(table[axis.name].get(c.model, np.nan))]
@@ -90,33 +132,35 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
                     ax.vlines(xi, *np.clip([c.d_star_lo, c.d_star_hi], c.d_min, c.d_max), color=colours[pair], lw=1)
                 ax.plot([xi], [di], marker=markers[table.loc[c.model, "family"]], color=colours[pair], ls="none")
             for trend in trends.get((axis.name, *pair), []):
-                _trend_line(ax, trend, x, d, [table.loc[c.model, "family"] for c in cs], colours[pair])
-        ax.set(xscale="log", yscale="log", xlabel=axis.label, title=f"x = {axis.name}")
-        known = table[axis.name].to_numpy(float)
-        ticks = np.geomspace(np.nanmin(known), np.nanmax(known), 4)  # capability axes span less than a decade
-        ax.set_xticks(ticks, labels=[f"{t:.3g}" for t in ticks])
-        ax.xaxis.set_minor_formatter(NullFormatter())
+                held_out |= _trend_line(ax, trend, x, d, [table.loc[c.model, "family"] for c in cs], colours[pair])
+        known = x_of[axis.name]
+        ax.set(xscale="log", yscale="log", xlabel=axis.label, title=f"x = {axis.name}", xlim=_log_limits(known[np.isfinite(known)]))
+        _readable_log_ticks(ax.xaxis)
+    _readable_log_ticks(panels[0][0].yaxis)  # shared: every panel's D* axis
     for family, marker in markers.items():
         panels[0][0].plot([], [], marker=marker, color="grey", ls="none", label=f"family {family}")
     for ax in panels[0]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6)
     panels[0][0].set_ylabel("crossover budget D*")
-    fig.suptitle(f"{task}: crossover budget against model size and capability (held-out: mean |ln D*|, each model left out)")
+    held = " (held-out: mean |ln D*| missed, each model left out)" if held_out else ""
+    fig.suptitle(f"{task}: crossover budget against model size and capability{held}")
     return _save(fig, path)
 
 
-def _trend_line(ax: plt.Axes, trend: CrossoverScaling, x: np.ndarray, d: np.ndarray, families: list[str], colour: object) -> None:
-    """The trend's line through the D* it was fitted to: its family's only, where it is one family's."""
+def _trend_line(ax: plt.Axes, trend: CrossoverScaling, x: np.ndarray, d: np.ndarray, families: list[str], colour: object) -> bool:
+    """The trend's line through the D* it was fitted to: its family's only, where it is one family's.
+    True where its label shows a held-out error, so the title explains it only then."""
     mine = np.array([not trend.family or f == trend.family for f in families], dtype=bool)
     if len(np.unique(x[mine])) < 2:
-        return
+        return False
     slope, intercept = np.polyfit(np.log(x[mine]), np.log(d[mine]), 1)
     grid = np.geomspace(x[mine].min(), x[mine].max(), 50)
     held = f", held-out {trend.holdout_error:.2f}" if np.isfinite(trend.holdout_error) else ""
     within = f" ({trend.family})" if trend.family else ""
     label = f"{trend.finetuning} over {trend.steering}{within}: γ={slope:.2f}{held}"
     ax.plot(grid, np.exp(intercept) * grid**slope, color=colour, lw=1, label=label)
+    return bool(held)
 
 
 def frontier_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
@@ -130,6 +174,7 @@ def frontier_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     front = points[points["on_frontier"]]
     ax.step(front["post_train_flops"], front[analysis.metric], where="post", color="black", lw=1, label="frontier")
     ax.set(xscale="log", xlabel="post-training FLOPs", ylabel=analysis.metric, title=f"{task}: compute frontier")
+    _readable_log_ticks(ax.xaxis)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -167,6 +212,9 @@ def adaptive_plot(decisions: Decisions, path: Path) -> Path | None:
             line = ax.plot(flops, width, marker="o", ms=3, label=name)[0]
             ax.axhline(goals[(name, u)], color=line.get_color(), ls=":", lw=1)
         spent = [f for points in history.values() for f, _ in points]
-        ax.set(xscale="log" if max(spent) > 10 * min(spent) else "linear", xlabel="post-training FLOPs spent", ylabel=f"95 % interval width ({unit})", title=f"{unit}: interval per round (dotted: goal)")
+        log = max(spent) > 10 * min(spent)
+        ax.set(xscale="log" if log else "linear", xlabel="post-training FLOPs spent", ylabel=f"95 % interval width ({unit})", title=f"{unit}: interval per round (dotted: goal)")
+        if log:
+            _readable_log_ticks(ax.xaxis)
         ax.legend(fontsize=6)
     return _save(fig, path)

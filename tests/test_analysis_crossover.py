@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 import analysis
 import analysis.plots as plots
@@ -121,6 +125,61 @@ def test_the_plot_draws_a_d_star_trend_only_where_the_text_states_one(crossing: 
     labels = [line.get_label() for line in figures[0].axes[0].get_lines() if "γ=" in line.get_label()]
     assert len(labels) == (crossing >= 3), labels
     assert ("a line through 2 points, not a finding" in trends[0].describe()) == (crossing < 3)
+
+
+def _assert_ticks_read(fig: Figure) -> None:
+    """On each panel's x-axis and the first panel's y-axis (shared): at least two labelled ticks in view, distinct,
+    not overlapping, and those below 10⁵ plain numbers (matplotlib's log labels wrote "6×10⁰")."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for axis in [ax.xaxis for ax in fig.axes] + [fig.axes[0].yaxis]:
+        at = int(axis.axis_name == "y")
+        lo, hi = sorted(axis.get_view_interval())
+        shown = [t for t in axis.get_ticklabels() + axis.get_ticklabels(minor=True) if t.get_text() and lo <= t.get_position()[at] <= hi]
+        texts = [t.get_text() for t in shown]
+        assert len(shown) >= 2 and len(set(texts)) == len(texts), (axis.axis_name, texts)
+        plain = [t for t in shown if t.get_position()[at] < 1e5]
+        assert all(re.fullmatch(r"[0-9.]+", t.get_text()) and float(t.get_text()) == pytest.approx(t.get_position()[at]) for t in plain), texts
+        boxes = [t.get_window_extent(renderer) for t in shown]
+        assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2)), (axis.axis_name, texts)
+
+
+@pytest.mark.parametrize("crossing", [1, 3])
+def test_the_crossover_plot_reads_with_one_model_or_several(crossing: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fine-tuning overtakes on one model or on all three, D* between 5 and 12. Each panel's x-range was the
+    models' range, so the outer points sat on its edges, and with one D* its ticks crowded or fell outside the
+    view; the D* axis read "6×10⁰"; and the title explained a held-out error that, with one model, nothing showed."""
+    sizes, d_stars = {"a": 1e6, "b": 4e6, "c": 16e6}, {"a": 5.0, "b": 8.0, "c": 12.0}
+    found = [_crossover(m, d_stars[m], 0.7 * d_stars[m], 1.5 * d_stars[m], sizes[m]) for m in list(sizes)[3 - crossing :]]
+    capabilities = pd.DataFrame({"task": "t", "model": list(sizes), "family": "f", "params": list(sizes.values()),
+                                 "neutral_loss": [0.6, 0.65, 0.7], "task_score": np.nan})  # fmt: skip
+    trends = [t for x in ("params", "neutral_loss") for t in crossover_scaling(found, capabilities, get_axis(x))]
+    assert len(trends) == (2 if crossing == 3 else 0) and all(np.isfinite(t.holdout_error) for t in trends)
+    a = SimpleNamespace(crossovers=found, capabilities=capabilities, axes=SimpleNamespace(trends=trends))
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    assert plots.crossover_plot(a, "t", tmp_path / "x.png") is not None
+    (fig,) = figures
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        points = [x for line in ax.get_lines() if line.get_linestyle() == "None" for x in line.get_xdata()]
+        assert len(points) == crossing and all(lo * 1.05 < x < hi / 1.05 for x in points), (lo, points, hi)
+    _assert_ticks_read(fig)
+    texts = [t.get_text() for t in fig.findobj(Text)]
+    shown = [t for t in texts if re.search(r"held-out \d", t)]
+    assert len(shown) == (2 if crossing == 3 else 0), texts  # one trend per panel, its held-out error in the legend
+    assert any("held-out" in t for t in texts) == bool(shown), texts
+
+
+def test_the_budget_plot_labels_a_narrow_budget_range_in_plain_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Budgets 4 to 32, under a decade: matplotlib labelled them "4×10⁰ 6×10⁰ 10¹ 2×10¹"."""
+    rows = synthetic_rows({("t", "lora", "m1"): EARLY}, {"m1": 10**6}, (4, 8, 16, 32), seeds=1, noise=0.02, rng=np.random.default_rng(0))
+    a = SimpleNamespace(fits=fit_curves(pd.DataFrame(rows), metric="score", bootstrap=0, seed=0), metric="score")
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    assert plots.budget_curves_plot(a, "t", tmp_path / "x.png") is not None
+    _assert_ticks_read(figures[0])
 
 
 def test_no_axis_error_says_why_when_there_were_three_models(tmp_path: Path) -> None:
