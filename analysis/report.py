@@ -249,14 +249,16 @@ def _fits_table(a: Analysis) -> list[Block]:
         lost = f.unidentified()
         exponents = ", ".join(f"{p} not identified" if p in lost else f"{p} {_ci(r[p], r[p + '_lo'], r[p + '_hi'])}" for p in f.law.exponents) if f.ok else "-"
         rows.append((f.task, f.method, f.model, f.law.name if f.x is None else f"{f.law.name}[{f.x}]", exponents, _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]),
-                     str(r["n_points"]), f"{r['n_failed']}/{r['n_nan']}/{r['n_no_x']}", _num(r["holdout_error"]), f.note or "ok"))  # fmt: skip
-    header = ("task", "method", "model", "law", "exponents", "asymptote", "n", "failed/NaN/no N", "holdout err", "status")
+                     str(r["n_points"]), f"{r['n_failed']}/{r['n_nan']}/{r['n_no_x']}/{r['n_no_budget']}", _num(r["holdout_error"]), f.note or "ok"))  # fmt: skip
+    header = ("task", "method", "model", "law", "exponents", "asymptote", "n", "left out: failed/NaN/no N/D=0", "holdout err", "status")
     per_family = any(f.family for f in a.fits)
     rows_are = ("`* (family)` rows are joint laws in (N, D) fitted within one family (parameters do not compare across families)"
                 if per_family else "`*` rows are joint laws in (N, D)")  # fmt: skip
     note = Paragraph(f"Budget laws are fitted per model; {rows_are} with N = `{a.x}`, "
                      f"validated by leaving out the {get_axis(a.x).held_out}{' of the family' if per_family else ''} "
                      "(named in the holdout column of fits.parquet); a budget law's holdout leaves out its largest budget. "
+                     "Rows a law cannot use are counted under \"left out\"; D=0 rows (the model before post-training) "
+                     "have no place on a log-budget axis. "
                      "A holdout error of - means what was left could not fit the law (a budget law needs 5 budgets for one: "
                      "the 3 left by 4 cannot pin down 3 parameters). A joint law's intervals redraw seeds and keep its models: "
                      "they carry seed noise, not how far each model sits off the law, and with 3–5 models are narrower than "

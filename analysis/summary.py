@@ -90,7 +90,7 @@ class FitSummary:
         lines += [f"  skipped {s.path}: {s.reason}" for s in a.loaded.skipped]
         if a.loaded.unplanned or a.loaded.superseded:
             lines.append(f"  {unplanned_note(a.loaded)}")
-        header = ("task", "method", "model", "law", "exponent", "asymptote", "n", "failed", "nan", "no N", "holdout err", "note")
+        header = ("task", "method", "model", "law", "exponent", "asymptote", "n", "failed", "nan", "no N", "D=0", "holdout err", "note")
         table = [header]
         for f in a.fits:
             r = f.record()
@@ -99,7 +99,7 @@ class FitSummary:
             table.append((
                 f.task, f.method, f.model, f.law.name if f.x is None else f"{f.law.name}[{f.x}]", " ".join(exponents),
                 _ci(r["asymptote"], r["asymptote_lo"], r["asymptote_hi"]), str(r["n_points"]), str(r["n_failed"]),
-                str(r["n_nan"]), str(r["n_no_x"]), "-" if not np.isfinite(r["holdout_error"]) else f"{r['holdout_error']:.3g}", f.note,
+                str(r["n_nan"]), str(r["n_no_x"]), str(r["n_no_budget"]), "-" if not np.isfinite(r["holdout_error"]) else f"{r['holdout_error']:.3g}", f.note,
             ))  # fmt: skip
         lines += _aligned(table)
         if a.crossovers:

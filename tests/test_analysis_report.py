@@ -226,3 +226,16 @@ def test_a_table_cell_with_a_pipe_or_a_line_break_stays_one_cell():
     text = render_markdown([Table(("model", "note"), [("m1", "all 2 cells failed (first error: x | y\nmore)")])])
     row = next(line for line in text.splitlines() if line.startswith("| m1"))
     assert row == "| m1 | all 2 cells failed (first error: x \\| y more) |"
+
+
+def test_rows_left_out_of_a_curve_are_counted_in_its_row_budget_zero_included(tmp_path: Path) -> None:
+    """lora measured at D=0 too (the model before post-training): 2 of its 10 rows have no place on a log-budget
+    axis. The table said n 8 and left out 0/0/0, so 2 rows went missing without a word."""
+    rows = synthetic_rows({("t", "lora", "m"): TUNE}, {"m": 10**6}, (8, 16, 32, 64), seeds=2, noise=0.01, rng=np.random.default_rng(0))
+    rows += [dict(r, budget=0, cell_id=f"{r['cell_id']}-d0") for r in rows if r["budget"] == 8]
+    write_cells(tmp_path, rows)
+    summary = analysis.write_report(str(tmp_path), bootstrap=0)
+    (line,) = [ln for ln in summary.report_page.with_name("report.md").read_text().splitlines() if "| power_D |" in ln]
+    assert "| 8 | 0/0/0/2 |" in line, line
+    (text,) = [ln for ln in summary.to_text().splitlines() if " power_D " in ln]
+    assert re.search(r"\b8\s+0\s+0\s+0\s+2\b", text), text
