@@ -64,9 +64,14 @@ class LoadedResults:
 
 def resolve(results_dir: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and base path for a local directory or a URI (file://, s3://, gs://)."""
-    if "://" in results_dir:
-        return pafs.FileSystem.from_uri(results_dir)
-    return pafs.LocalFileSystem(), Path(results_dir).resolve().as_posix()
+    if "://" not in results_dir:
+        return pafs.LocalFileSystem(), Path(results_dir).resolve().as_posix()
+    try:  # an unknown scheme, or a bucket that cannot be reached: said here, not as a traceback mid-read
+        fs, root = pafs.FileSystem.from_uri(results_dir)
+        fs.get_file_info(root)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise NoResultsError(f"cannot reach {results_dir} ({err})") from None
+    return fs, root
 
 
 def _read_cell(fs: pafs.FileSystem, path: str) -> pa.Table | SkippedFile:

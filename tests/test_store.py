@@ -255,3 +255,19 @@ def test_a_run_into_a_directory_holding_another_sweeps_rows_says_so(tmp_path, ca
     store.write({**_row("a"), "sweep": "mine"})
     _note_other_sweeps("mine", "mine.yaml", store.scan())
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("uri", ["nosuch://bucket/results", "s3://bucket/results?endpoint_override=127.0.0.1:{port}&scheme=http"])
+@pytest.mark.parametrize("command", ["status", "fit"])
+def test_a_results_uri_that_cannot_be_reached_is_a_clean_error(uri, command, capsys):
+    """An unknown scheme or an object store that does not answer (here a closed port on this machine) was
+    pyarrow's OSError / ArrowInvalid traceback; now exit 2 with the URI and pyarrow's reason."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: bound, then released
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = uri.format(port=port)
+    assert main([command, uri]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach {uri} (" in err or f"results_dir {uri}: cannot reach it (" in err, err
