@@ -260,7 +260,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from orchestrator.driver import run_cells  # imported here: `plan` and `status` need no Ray
+    from orchestrator.driver import check_listening, run_cells  # imported here: `plan` and `status` need no Ray
 
     spec = _load_spec(args)
     planned_at = time.time()  # before the store is read: a row another driver stores after it is not run again
@@ -270,6 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_grid(cells)  # a grid the adaptive design cannot fit: ConfigError (exit 2) before anything is written
     _report_quarantine(scan, set_aside=True)
+    if args.address:  # before the plan is written: an address where nothing listens leaves results_dir as it was
+        check_listening(args.address)
     try:
         write_manifest(store, _manifest_entries(cells))  # the run's first write: a directory it cannot write stops it here
     except OSError as err:

@@ -399,3 +399,36 @@ def test_an_address_with_no_cluster_is_a_clean_error_with_the_clusters_exit_code
                                       "tasks": ["facts"], "methods": {"base": {}}, "budgets": [0]}))  # fmt: skip
     assert main(["run", str(config), "--address", "auto"]) == 3
     assert "no Ray cluster to join" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("listener", ["none", "silent"])
+def test_an_address_where_nothing_listens_fails_in_seconds(tmp_path, listener):
+    """`run --address host:port` with no cluster there retried Ray's GCS connection for over 10 minutes,
+    printing only Ray's warnings. Now it stops with the cluster's clean error (exit 3) at once when the
+    port refuses, and within JOIN_TIMEOUT_SECONDS when nothing answers (a listener whose backlog is full
+    drops the SYN, as a firewall would), before it writes the sweep's plan."""
+    from orchestrator.driver import JOIN_TIMEOUT_SECONDS
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"sweep": "unreachable", "results_dir": str(tmp_path / "r"), "models": [{"id": "ladder:test/xs"}],
+                                      "tasks": ["facts"], "methods": {"base": {}}, "budgets": [0]}))  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        if listener == "silent":
+            server = stack.enter_context(socket.create_server(("127.0.0.1", 0), backlog=0))
+            port = server.getsockname()[1]
+            for _ in range(3):  # queued, never accepted: they fill the backlog
+                filler = stack.enter_context(socket.socket())
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+        else:
+            port = _free_port()
+        started = time.monotonic()
+        run = subprocess.run(_cli("run", str(config), "--no-progress", "--address", f"127.0.0.1:{port}"),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        took = time.monotonic() - started
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert f"no Ray cluster to join at --address 127.0.0.1:{port}" in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+    reason = f"within {JOIN_TIMEOUT_SECONDS:g} s" if listener == "silent" else "Connection refused"
+    assert reason in run.stderr, run.stderr[-3000:]
+    assert took < JOIN_TIMEOUT_SECONDS + 60, f"took {took:.0f} s"  # Ray's own retries: over 600 s
+    assert not (tmp_path / "r" / "plan.json").exists(), "a run that never started must not leave a plan for `status` to report"
