@@ -304,6 +304,9 @@ def acquisition_choices(
     cov = np.cov(samples, rowvar=False) * ((incidence @ incidence.T) > 0)
     n_targets = len(targets)
     weight = np.array([0.0 if t.resolved else (2 * Z / t.goal) ** 2 for t in targets])
+    # Reasons quote each target's own (percentile) width, narrowed as its variance is: the normal width
+    # 2·Z·sd of a skewed or winsorised sample differs from it, and the two numbers would disagree in the log.
+    per_sd = np.array([t.width / np.sqrt(cov[i, i]) if cov[i, i] > 0 else 0.0 for i, t in enumerate(targets)])
     slot_keys = list(slots)
     choices: list[Choice] = []
     while len(choices) < size:
@@ -324,8 +327,8 @@ def acquisition_choices(
         removed = cov[:n_targets, col] ** 2 / (cov[col, col] + noise)
         helped = [i for i in np.argsort(-weight * removed) if weight[i] > 0 and removed[i] > 0][:2]
         effects = "; ".join(
-            f"{targets[i].unit} {targets[i].name} width ≈{2 * Z * np.sqrt(cov[i, i]):.3g}→"
-            f"{2 * Z * np.sqrt(max(cov[i, i] - removed[i], 0.0)):.3g} (goal {targets[i].goal:.3g})"
+            f"{targets[i].unit} {targets[i].name} width ≈{per_sd[i] * np.sqrt(cov[i, i]):.3g}→"
+            f"{per_sd[i] * np.sqrt(max(cov[i, i] - removed[i], 0.0)):.3g} (goal {targets[i].goal:.3g})"
             for i in helped
         )
         flops = cost.post_train(cell.config)

@@ -369,3 +369,22 @@ def test_crossover_samples_count_d_star_as_the_report_does():
     d_star = 10 ** samples[1]
     assert 4 < d_star < 1024 and 0.05 + 2 / d_star == pytest.approx(0.3 + 0.2 * d_star**-0.3, abs=2e-3)
     assert share == 0.5
+
+
+def test_a_choices_reason_starts_from_the_width_its_round_recorded(adaptive):
+    """A round logs each target's percentile-interval width; its first acquisition choice quoted a normal
+    2·Z·sd width of the same samples instead, so the log read "[1.2, 1.9] width 0.7" then "width ≈0.55→0.5"."""
+    store, *_ = adaptive
+    checked = 0
+    widths: dict[str, float] = {}
+    first_in_round = False
+    for record in DecisionLog(store).read():
+        if record["event"] == "round":
+            widths = {f"{t['unit']} {t['target']}": t["width"] for t in record["targets"] if t.get("width") is not None}
+            first_in_round = True
+        elif record["event"] == "choice" and record["phase"] == "acquisition" and first_in_round:
+            first_in_round = False
+            name, quoted = record["reason"].removeprefix("expected to narrow ").split(" width ≈")[0], record["reason"].split("≈")[1].split("→")[0]
+            assert quoted == f"{widths[name]:.3g}", (record["reason"], widths[name])
+            checked += 1
+    assert checked >= 1
