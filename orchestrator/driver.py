@@ -44,6 +44,7 @@ ANNOUNCE_WAIT_SECONDS = 60.0  # a worker not started by then is waiting for a no
 # retries an address with nothing there for over 10 minutes (20 tries of ~40 s), while a head that is up
 # answers in well under a second; 10 s still allows three lost SYNs (Linux resends at 1, 3 and 7 s).
 JOIN_TIMEOUT_SECONDS = 10.0
+RAY_ADDRESS_WORDS = ("auto", "local")  # what ray.init takes besides an address: find the running cluster / start one
 
 
 @dataclass
@@ -89,10 +90,14 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
 def check_listening(address: str) -> None:
     """Stop within JOIN_TIMEOUT_SECONDS when nothing accepts a TCP connection at a "host:port" or
     "ray://host:port" address, where `ray.init` would retry for over 10 minutes (a ray:// client for 30 s).
-    "auto", and forms without a port, are left to Ray: they name no port to try."""
+    "auto" and "local" are left to Ray: they name no port to try. Any other form is refused (Ray's
+    ValueError traceback otherwise)."""
+    if address in RAY_ADDRESS_WORDS:
+        return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        return
+        raise ConfigError(f"--address {address}: give the head's host:port (as `ray start --head` prints it), "
+                          f"ray://host:port for a Ray client server, or {' / '.join(RAY_ADDRESS_WORDS)}")  # fmt: skip
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT_SECONDS).close()
     except TimeoutError as err:

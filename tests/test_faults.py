@@ -20,6 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from workers.config import ConfigError
+
 pytestmark = pytest.mark.slow  # ~10 minutes on 2 cores: CI runs them after `make test`
 
 RAY_BIN = str(Path(sys.executable).parent / "ray")
@@ -432,3 +434,13 @@ def test_an_address_where_nothing_listens_fails_in_seconds(tmp_path, listener):
     assert reason in run.stderr, run.stderr[-3000:]
     assert took < JOIN_TIMEOUT_SECONDS + 60, f"took {took:.0f} s"  # Ray's own retries: over 600 s
     assert not (tmp_path / "r" / "plan.json").exists(), "a run that never started must not leave a plan for `status` to report"
+
+
+@pytest.mark.parametrize("address", ["bogus", "ray://headnode"])
+def test_an_address_without_a_port_is_refused_before_ray_is_asked(address):
+    """`--address bogus` reached ray.init, whose ValueError ("Invalid address format") was a traceback, exit 1."""
+    from orchestrator.driver import check_listening
+
+    with pytest.raises(ConfigError, match=rf"--address {address}: give the head's host:port .* or auto / local"):
+        check_listening(address)
+    check_listening("auto")  # left to Ray: no port to try
