@@ -48,7 +48,8 @@ class DataEfficiency:
 
 def examples_to_reach(params: dict[str, np.ndarray], base_loss: float, fraction: float) -> np.ndarray:
     """D_x per parameter set; NaN where the asymptote does not beat the base model by more than a
-    negligible share of its loss (an asymptote equal to it, up to rounding, would put D_x anywhere)."""
+    negligible share of its loss (an asymptote equal to it, up to rounding, would put D_x anywhere);
+    +inf where it does but D_x is past float range (an exponent near 0)."""
     e, b, beta = (np.atleast_1d(np.asarray(params[name], dtype=float)) for name in ("E", "B", "beta"))
     gain = base_loss - e
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # invalid cases masked below
@@ -78,7 +79,7 @@ def data_efficiency(fits: list[LawFit], ok: pd.DataFrame, fractions: tuple[float
             point = float(examples_to_reach(curve.fit.params, base_loss, fraction)[0])
             samples = examples_to_reach(curve.boot.params(), base_loss, fraction) if curve.boot else np.array([])
             lo, hi = censored_interval(np.where(np.isnan(samples), np.inf, samples))
-            share = float(np.isfinite(samples).mean()) if len(samples) else np.nan
+            share = float((~np.isnan(samples)).mean()) if len(samples) else np.nan  # inf: a D_x past float range, still one
             result.append(DataEfficiency(curve.task, curve.method, curve.model, curve.n_params, fraction, point, lo, hi, share,
                                          float(curve.points.d.min()), float(curve.points.d.max())))  # fmt: skip
     return result

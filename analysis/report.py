@@ -312,7 +312,7 @@ def _examples_needed(e: DataEfficiency) -> str:
     """D_x with its interval; outside the measured budgets it is marked extrapolated, and below the smallest
     or past EXTRAPOLATION_LIMIT × the largest only the side is said (the law's number there means nothing)."""
     share = f"; D_x exists in {e.finite_share:.0%} of resamples" if 0 < e.finite_share < 1 else ""  # NaN: no resamples
-    if not np.isfinite(e.examples):
+    if np.isnan(e.examples):  # +inf (past float range) is a D_x, said as the side it is on below
         return f"none: the asymptote does not beat the base model{share}"
     limit = EXTRAPOLATION_LIMIT * e.largest_budget
     if e.examples > limit:

@@ -139,6 +139,8 @@ def _efficiency(examples: float, lo: float, hi: float, share: float = 1.0) -> Da
     (2000.0, 1.0, 2e5, 0.62, "2e+03 [< 4, > 1.02e+05] (extrapolated past the largest budget measured, 1024); D_x exists in 62% of resamples", "nan"),
     (100.0, 50.0, 200.0, 1.0, "100 [50, 200]", "extrapolated"),
     (float("nan"), float("nan"), float("nan"), 0.0, "none: the asymptote does not beat the base model", "resamples"),
+    # β ≈ 0.001: D_x overflows to inf, which is past the limit, not "does not beat the base model"
+    (float("inf"), float("inf"), float("inf"), 1.0, "> 100× the largest budget measured (1024): not measurable here", "none"),
 ])  # fmt: skip
 def test_examples_needed_outside_the_measured_budgets_is_marked(examples, lo, hi, share, words, absent) -> None:
     """Only a D_x inside [smallest, largest budget] is measured; below it the law's number (0.068, 1e-182)
@@ -146,7 +148,7 @@ def test_examples_needed_outside_the_measured_budgets_is_marked(examples, lo, hi
     e = _efficiency(examples, lo, hi, share)
     text = _examples_needed(e)
     assert words in text and absent not in text, text
-    assert e.extrapolated == (np.isfinite(examples) and not 4 <= examples <= 1024)
+    assert e.extrapolated == (not np.isnan(examples) and not 4 <= examples <= 1024)
 
 
 def _composition_cells(seeds: int, spread: float) -> pd.DataFrame:

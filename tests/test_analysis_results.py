@@ -310,3 +310,18 @@ def test_a_data_efficiency_outside_the_measured_budgets_is_extrapolated(summary:
     assert below.examples < 8 and below.extrapolated and below.smallest_budget == 8 and below.finite_share == 1
     assert not found[("facts", "lora", "m1", 0.5)].extrapolated
     assert np.isnan(examples_to_reach({"E": 0.8 - 1e-15, "B": 1e-13, "beta": 1.75}, 0.8, 0.5)).all()  # flat at the base level
+
+
+def test_a_d_x_past_float_range_is_counted_as_one_not_as_none() -> None:
+    """β = 0.00145 (a curve that barely rises) puts 90 % of the gain at 10^(hundreds): inf in floats. The
+    report said "none: the asymptote does not beat the base model" of an asymptote of 0 against a base of 0.775."""
+    d = examples_to_reach({"E": 0.0, "B": 0.78, "beta": 0.00145}, 0.775, 0.9)
+    assert np.isposinf(d).all()
+    params = {"E": np.zeros(10), "B": np.full(10, 0.78), "beta": np.full(10, 0.00145)}
+    curve = SimpleNamespace(ok=True, joint=False, task="t", method="lora", model="m", n_params=1e6, metric="score",
+                            fit=SimpleNamespace(params={k: v[0] for k, v in params.items()}), boot=SimpleNamespace(params=lambda: params),
+                            points=SimpleNamespace(d=np.array([4.0, 256.0])))  # fmt: skip
+    base = pd.DataFrame({"task": ["t"], "model": ["m"], "method": ["base"], "score_base": [0.225]})
+    (ninety,) = data_efficiency([curve], base, fractions=(0.9,))
+    assert ninety.finite_share == 1.0
+    assert _examples_needed(ninety).startswith("> 100× the largest budget measured (256)"), _examples_needed(ninety)
