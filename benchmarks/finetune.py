@@ -122,6 +122,16 @@ def ours_train(lm: LanguageModel, examples: list[Example], s: Settings, lr: floa
     return train(lm, params, examples, config, s.seed)
 
 
+def ours_train_adapter_free(lm: LanguageModel, examples: list[Example], s: Settings) -> TrainResult:
+    """A LoRA step with its adapters free: every weight frozen but the input embeddings, so the backward
+    still runs each linear's input gradient through every block (as LoRA's does) and no weight gradient."""
+    config = TrainConfig(lr=s.lr_lora, epochs=1, min_steps=s.steps, max_steps=s.steps, batch_size=s.batch_size, checkpoints=0)
+    embeddings = lm.model.get_input_embeddings().weight
+    for p in lm.model.parameters():
+        p.requires_grad_(p is embeddings)
+    return train(lm, [embeddings], examples, config, s.seed)
+
+
 def mm_peak(size: int, repeats: int = 5) -> float:
     """This machine's dense fp32 matmul rate (FLOP/s): the best of a few torch.mm at `size`."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -223,6 +233,18 @@ def run(quick: bool) -> Result:
                 "activations, autograd; the profile below)",
                 f"{100 * mm_rate_at_shapes(ours_lm.model, round(ran / s.steps), weight_grads=not lora) / peak:.1f} %", "", "", ""),
         ]  # fmt: skip
+        if lora:
+            def run_adapter_free() -> None:
+                ours_train_adapter_free(ours_lm, examples, s)
+                restore()
+
+            free = time_alternating({"free": run_adapter_free}, warmup=s.warmup, repeats=s.repeats)["free"]
+            result.rows.append(Row(
+                f"{name}: the same steps with the adapters free (every weight frozen but the input embeddings: each "
+                "linear's input gradient still runs, no weight gradient, no adapter op) at LoRA's billed FLOPs ÷ the same "
+                "peak: a ceiling on steerscale's LoRA row for any adapter implementation on this model",
+                f"{100 * flops / free.median / peak:.2f} %  ({fmt_time(free)})", "", "", "",
+            ))  # fmt: skip
         result.notes.append(
             f"{name}: each side is timed from its set-up to the end of training, fixed costs included: the Trainer's "
             "construction (on examples tokenized once, outside the timing) and train(); steerscale's `train` (its "
