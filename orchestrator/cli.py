@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
@@ -543,6 +544,21 @@ def main(argv: list[str] | None = None) -> int:
         done = "; every finished row is stored: rerun the same command to resume" if args.command == "run" else ""
         print(f"\ninterrupted{done}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
+    finally:
+        _disconnect_ray()
+
+
+def _disconnect_ray() -> None:
+    """Stop the private Ray a run started (or leave a joined cluster) here, with Ctrl-C held off: left to
+    Ray's exit hook, a Ctrl-C during its ~2 s shutdown printed a traceback and left its agents running."""
+    ray = sys.modules.get("ray")  # imported only by commands that run cells
+    if ray is None or not ray.is_initialized():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

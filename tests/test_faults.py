@@ -444,3 +444,38 @@ def test_an_address_without_a_port_is_refused_before_ray_is_asked(address):
     with pytest.raises(ConfigError, match=rf"--address {address}: give the head's host:port .* or auto / local"):
         check_listening(address)
     check_listening("auto")  # left to Ray: no port to try
+
+
+def test_ctrl_c_as_a_run_ends_leaves_no_traceback_and_no_ray_behind(tmp_path, test_ladder):
+    """Ctrl-C just after the last row was stored, during Ray's ~2 s shutdown (left to its exit hook), printed
+    "Exception ignored in atexit callback ... KeyboardInterrupt" and left Ray's agents running, orphaned."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"sweep": "late-ctrl-c", "results_dir": str(tmp_path / "r"), "models": [{"id": "ladder:test/xs"}],
+                                      "tasks": ["facts"], "methods": {"base": {}}, "budgets": [0],
+                                      "eval": {"test_size": 4, "validation_size": 0, "neutral_size": 2}}))  # fmt: skip
+    before = set(psutil.pids())
+    driver = subprocess.Popen(_cli("run", str(config), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    assert driver.stdout is not None
+    for line in driver.stdout:
+        if line.startswith("results:"):  # the run's last line: what follows is Ray's shutdown
+            break
+    driver.send_signal(signal.SIGINT)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode in (0, 130), err[-3000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+    assert len(_rows(tmp_path / "r")) == 1
+
+    def ray_left() -> list[str]:
+        found = []
+        for pid in set(psutil.pids()) - before:
+            with contextlib.suppress(psutil.Error):
+                command = " ".join(psutil.Process(pid).cmdline())
+                if "ray" in command:
+                    found.append(command[:200])
+        return found
+
+    deadline = time.time() + 30
+    while ray_left() and time.time() < deadline:
+        time.sleep(1)
+    assert not ray_left(), ray_left()
