@@ -17,7 +17,7 @@ from workers.config import ConfigError
 from workers.registry import UnknownNameError
 
 from orchestrator.errors import SweepStoppedError
-from orchestrator.store import ResultsStore, StoreScan, read_manifest, write_manifest
+from orchestrator.store import ResultsStore, StoredCell, StoreScan, read_manifest, write_manifest
 
 if TYPE_CHECKING:
     from analysis.io import Plan
@@ -324,7 +324,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if unplanned and known:
         print(f"{len(unplanned)} stored rows are from cells not in the plan (an earlier config, another sweep?); they are in the table")
     print(_status_table(entries, scan.status))
+    _print_failures(scan)
     return 0
+
+
+def _print_failures(scan: StoreScan, shown: int = 5) -> None:
+    """Failed cells grouped by their error's first line, most common first: why they failed, without pandas."""
+    by_error: dict[str, list[StoredCell]] = defaultdict(list)
+    for cell in scan.cells.values():
+        if cell.status == "failed":
+            by_error[cell.error or "(no error recorded)"].append(cell)
+    if not by_error:
+        return
+    print("failed cells, by error (rerun them with `steerscale run CONFIG --retry-failed`):")
+    for error, cells in sorted(by_error.items(), key=lambda item: -len(item[1]))[:shown]:
+        methods = ", ".join(sorted({f"{c.method} on {c.model}" for c in cells}))
+        print(f"  {len(cells)} × {methods}: {error}")
+    if len(by_error) > shown:
+        print(f"  … and {len(by_error) - shown} other errors (each row's `error` column has the whole message)")
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:

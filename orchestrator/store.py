@@ -37,6 +37,7 @@ class StoredCell(NamedTuple):
     method: str
     seconds: float | None  # train + eval seconds, where recorded
     sweep: str = ""  # the sweep that stored it (cell ids leave the sweep's name out: another sweep's identical cell is this one)
+    error: str = ""  # a failed cell's error, its first line (what `status` lists)
 
 
 @dataclass
@@ -116,14 +117,15 @@ class ResultsStore:
             data = source.read()
         try:
             parquet = pq.ParquetFile(pa.BufferReader(data))
-            timed = [name for name in SECONDS if name in parquet.schema_arrow.names]
-            row = parquet.read(columns=["cell_id", "status", "model", "method", "sweep", *timed]).to_pylist()[0]
-            cell = StoredCell(row["cell_id"], row["status"], row["model"], row["method"], None, row["sweep"])
+            optional = [name for name in (*SECONDS, "error") if name in parquet.schema_arrow.names]
+            row = parquet.read(columns=["cell_id", "status", "model", "method", "sweep", *optional]).to_pylist()[0]
+            error = (row.get("error") or "").strip().split("\n", 1)[0]
+            cell = StoredCell(row["cell_id"], row["status"], row["model"], row["method"], None, row["sweep"], error)
             if f"{cell.cell_id}.parquet" != info.base_name:
                 raise ValueError(f"row's cell_id {cell.cell_id} does not match its file name")
         except Exception as err:  # any parse failure is the file's content (I/O errors raised above)
             return err
-        seconds = [row[name] for name in timed if row[name] is not None]
+        seconds = [row[name] for name in SECONDS if row.get(name) is not None]
         return cell._replace(seconds=sum(seconds)) if len(seconds) == len(SECONDS) else cell
 
     def read(self, *, set_aside: bool = True) -> pa.Table:

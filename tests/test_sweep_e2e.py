@@ -93,6 +93,9 @@ def test_plan_and_status_read_the_store(sweep):
     for where in (results, path):  # the results directory, or the sweep's YAML naming it
         status = steerscale("status", str(where))
         assert status.returncode == 0 and "10 ok, 5 failed, 0 remaining" in status.stdout, status.stdout + status.stderr
+        # why they failed, without pandas: the five cells of the model that cannot load share one error
+        failures = status.stdout.split("failed cells, by error")[1].splitlines()[1:]
+        assert len(failures) == 1 and failures[0].startswith("  5 × ") and "Error" in failures[0], status.stdout
 
 
 def test_plan_estimates_the_compute_to_go_from_stored_cells(sweep):
