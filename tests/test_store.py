@@ -151,11 +151,14 @@ def test_status_counts_what_remains_of_the_plan_and_shows_rows_from_outside_it(t
     for cell_id in ["p0", "p1", "p2", "p3", "p4"]:
         store.write(_row(cell_id, model="ladder:xs", method="lora"))
     for cell_id in ["old0", "old1", "old2"]:  # an earlier config's cells
-        store.write(_row(cell_id, status="failed" if cell_id == "old2" else "ok", model="gpt2", method="prompt"))
+        failed = cell_id == "old2"
+        store.write(_row(cell_id, status="failed" if failed else "ok", model="gpt2", method="prompt",
+                         error="OSError: gpt2 is not on this machine\nTraceback ..." if failed else None))  # fmt: skip
     assert main(["status", str(tmp_path / "r")]) == 0
-    out = capsys.readouterr().out
+    out, failures = capsys.readouterr().out.split("failed cells, by error")
     assert ": 7 ok, 1 failed, 5 remaining" in out
     assert "3 stored rows are from cells not in the plan" in out
+    assert failures.splitlines()[1:] == ["  1 × prompt on gpt2: OSError: gpt2 is not on this machine"]
     table = [line.split() for line in out.splitlines()[3:]]  # after the summary, the note, the header and its rule
     assert table[1:] == [  # the plan's models in its order (smallest first), not alphabetical; then the unplanned rows
         ["ladder:xs", "lora", "5", "0", "0", "5"],
