@@ -3,6 +3,11 @@
 Only the measured budget range is searched — a power law extrapolated past the data says little
 about where two methods cross — so "no crossover within the measured range" is a real answer.
 The CI comes from evaluating both fitted curves for every bootstrap resample at once.
+
+The two curves count as apart only where they differ by more than the cells can resolve: half the
+step the measured metric moves in (a score over 40 test questions moves in steps of 1/40). Seeds that
+score alike give the bootstrap nothing to redraw, so without this a fitted difference of a fraction
+of one question was stated as a crossover that every resample agreed on.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from analysis.bootstrap import CI_LEVEL, percentile_interval
 from analysis.capability import Axis, family_of, split_by_family
 from analysis.curves import LawFit
 from analysis.methods import method_kind
-from analysis.metrics import HIGHER_IS_BETTER, from_loss
+from analysis.metrics import HIGHER_IS_BETTER, from_loss, step
 
 GRID_POINTS = 512
 MIN_TREND_MODELS = 3  # models with a finite D* before a trend is stated or drawn: a line through two fits them exactly
@@ -40,6 +45,7 @@ class Crossover:
     outcome: str  # one of OUTCOMES, "no_overlap" (the two methods share no budget range) or "not_finite"
     verdict: str
     d_star_2: float = np.nan  # "crosses_twice": where they swap back (d_star is the first crossing)
+    tolerance: float = np.nan  # differences up to this (metric units) are within the cells' resolution (`tolerance`)
     overtakes: np.ndarray = field(default_factory=lambda: np.array([]), repr=False, compare=False)  # per resample: D*
     # where fine-tuning overtakes, NaN where it does not (what the trend's interval resamples)
 
@@ -66,12 +72,34 @@ def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> 
 
 
 OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied", "crosses_twice")  # codes 0..5 of `outcomes` (-1: not finite)
-TIE = 1e-6  # in metric units: curves closer than this everywhere (both doing nothing, say) are the same curve
+TIE = 1e-6  # in metric units: the least difference that counts where the metric has no step (an NLL, say)
 
 
-def _flip(advantage: np.ndarray, d: np.ndarray, last: bool = True) -> np.ndarray:
-    """Per row: the budget of the last (or first) change of sign, interpolated linearly in log D; NaN without one."""
-    ahead = advantage >= 0
+def tolerance(values: np.ndarray) -> float:
+    """The largest difference, in metric units, that the measured `values` cannot resolve: half their step
+    (metrics.step; rounded to it, two values closer than that read the same), at least TIE."""
+    return max(TIE, step(values) / 2)
+
+
+def _ahead(advantage: np.ndarray, tol: float) -> np.ndarray:
+    """Per point: whether fine-tuning counts as ahead. Where the two differ by more than `tol`, the side that
+    leads; where they are level (within it), the side of the decided points around, so a level stretch
+    neither starts nor ends a lead, except between points decided opposite ways, where the sign of the
+    advantage places the change of side. A row with no decided point is all False (`outcomes`: tied)."""
+    side = np.where(advantage > tol, 1, np.where(advantage < -tol, -1, 0))
+    rows, at = np.arange(len(side))[:, None], np.arange(side.shape[1])
+    decided = side != 0
+    last = np.maximum.accumulate(np.where(decided, at, -1), axis=1)  # the decided point at or before each point
+    first = side.shape[1] - 1 - np.maximum.accumulate(np.where(decided[:, ::-1], at, -1), axis=1)[:, ::-1]  # at or after
+    prev = np.where(last >= 0, side[rows, np.maximum(last, 0)], 0)
+    next_ = np.where(first < side.shape[1], side[rows, np.minimum(first, side.shape[1] - 1)], 0)
+    filled = np.select([decided, (prev == next_) | (next_ == 0), prev == 0], [side, prev, next_], default=np.where(advantage >= 0, 1, -1))
+    return filled > 0
+
+
+def _flip(advantage: np.ndarray, ahead: np.ndarray, d: np.ndarray, last: bool = True) -> np.ndarray:
+    """Per row: the budget of the last (or first) change of `ahead`, interpolated linearly in log D where the
+    advantage crosses 0; NaN without one."""
     flips = ahead[:, :-1] != ahead[:, 1:]
     i = flips.shape[1] - 1 - np.argmax(flips[:, ::-1], axis=1) if last else np.argmax(flips, axis=1)
     rows = np.arange(len(advantage))
@@ -82,7 +110,7 @@ def _flip(advantage: np.ndarray, d: np.ndarray, last: bool = True) -> np.ndarray
     return np.where(flips.any(axis=1), d_star, np.nan)
 
 
-def outcomes(advantage: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def outcomes(advantage: np.ndarray, d: np.ndarray, tol: float = TIE) -> tuple[np.ndarray, np.ndarray]:
     """Per row of `advantage` (fine-tuning minus steering, in "better" units, over budgets `d`): the
     outcome (an index into OUTCOMES) and the crossing budget, NaN unless the two curves swap places.
 
@@ -90,29 +118,30 @@ def outcomes(advantage: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarr
     (fine-tuning overtakes), the reverse is "steering_overtakes"; D* is that change of sign,
     interpolated linearly in log D. Two curves E + B·D^-β can also swap places twice (one leads in
     the middle of the range only): "crosses_twice", whatever the ends say, with no single D*.
-    Curves within TIE of each other over the whole range are "tied" (a zero advantage would
-    otherwise count as fine-tuning ahead).
+    Sides are taken where the curves differ by more than `tol` (`_ahead`): curves within it over the
+    whole range are "tied", and a stretch within it (at an end, say) does not change the outcome.
     """
-    ahead = advantage >= 0
+    ahead = _ahead(advantage, tol)
     start, end = ahead[:, 0], ahead[:, -1]
-    tied = np.abs(advantage).max(axis=1) <= TIE
+    tied = (np.abs(advantage) <= tol).all(axis=1)
     broken = ~np.isfinite(advantage).all(axis=1)  # a resample whose fit went non-finite agrees with no outcome
     twice = (ahead[:, :-1] != ahead[:, 1:]).sum(axis=1) >= 2
     code = np.select([broken, tied, twice, ~start & end, start & ~end, start & end], [-1, 4, 5, 0, 1, 2], default=3)
-    return code, np.where((code == 0) | (code == 1), _flip(advantage, d), np.nan)
+    return code, np.where((code == 0) | (code == 1), _flip(advantage, ahead, d), np.nan)
 
 
-def lead_from(advantage: np.ndarray, d: np.ndarray) -> np.ndarray:
+def lead_from(advantage: np.ndarray, d: np.ndarray, tol: float = TIE) -> np.ndarray:
     """Per row: the budget from which the side `advantage` favours stays ahead to the end of the range,
     censored at the ends: −inf when it is ahead throughout (D* below the range), +inf when it is behind
-    at the largest budget (D* above it, if anywhere); NaN where the row is tied or not finite.
+    at the largest budget (D* above it, if anywhere); NaN where the row is tied or not finite. Ahead
+    and behind as `outcomes` takes them with the same `tol`.
 
     Every resample gets a value on one scale, so an interval over them counts the resamples that do
     not cross inside the range instead of leaving them out.
     """
-    ahead = advantage >= 0
-    censored = np.select([~ahead[:, -1], ahead.all(axis=1)], [np.inf, -np.inf], default=_flip(advantage, d))
-    void = ~np.isfinite(advantage).all(axis=1) | (np.abs(advantage).max(axis=1) <= TIE)
+    ahead = _ahead(advantage, tol)
+    censored = np.select([~ahead[:, -1], ahead.all(axis=1)], [np.inf, -np.inf], default=_flip(advantage, ahead, d))
+    void = ~np.isfinite(advantage).all(axis=1) | (np.abs(advantage) <= tol).all(axis=1)
     return np.where(void, np.nan, censored)
 
 
@@ -139,31 +168,36 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     metric = steer.metric
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0  # advantage of fine-tuning, in "better" units
     fitted = sign * (budget_curves(tune.fit.params, d, metric) - budget_curves(steer.fit.params, d, metric))
-    code, d_star = (v[0] for v in outcomes(fitted, d))
+    tol = tolerance(np.concatenate([steer.points.value, tune.points.value]))
+    code, d_star = (v[0] for v in outcomes(fitted, d, tol))
     if code < 0:
         return Crossover(*identity, np.nan, np.nan, np.nan, np.nan, "not_finite", "no verdict: a fitted curve is not finite over the range")
     if steer.boot is not None and tune.boot is not None:
         advantage = sign * (budget_curves(tune.boot.params(), d, metric) - budget_curves(steer.boot.params(), d, metric))
-        codes, samples = outcomes(advantage, d)
+        codes, samples = outcomes(advantage, d, tol)
         share = float(np.mean(codes == code))
         winner = 1.0 if code == 0 else -1.0  # the side ahead at the largest budget
-        lo, hi = censored_interval(lead_from(winner * advantage, d)) if code in (0, 1) else (np.nan, np.nan)
+        lo, hi = censored_interval(lead_from(winner * advantage, d, tol)) if code in (0, 1) else (np.nan, np.nan)
         overtakes = np.where(codes == 0, samples, np.nan)
     else:
         share, lo, hi, overtakes = np.nan, np.nan, np.nan, np.array([])
     outcome = OUTCOMES[code]
-    first, second = (float(_flip(fitted, d, last)[0]) if code == 5 else np.nan for last in (False, True))
-    leader, middle = (tune.method, steer.method) if fitted[0, 0] >= 0 else (steer.method, tune.method)
+    ahead = _ahead(fitted, tol)
+    first, second = (float(_flip(fitted, ahead, d, last)[0]) if code == 5 else np.nan for last in (False, True))
+    leader, middle = (tune.method, steer.method) if ahead[0, 0] else (steer.method, tune.method)
+    level = (f"stay within {tol:.2g} of each other over the measured range, half the step of the measured {metric} ({2 * tol:.2g}): "
+             "too close to tell apart" if tol > TIE else "fit the same curve over the measured range")  # fmt: skip
+    ends = "at both ends" if (np.abs(fitted[0, [0, -1]]) > tol).all() else f"wherever they differ by more than {tol:.2g}"
     verdict = {
         "crosses": f"{tune.method} overtakes {steer.method} at D* ≈ {d_star:.3g}",
         "steering_overtakes": f"{steer.method} overtakes {tune.method} at D* ≈ {d_star:.3g}",
-        "finetuning_ahead": f"no crossover within the measured range: {tune.method} is ahead of {steer.method} at both ends",
+        "finetuning_ahead": f"no crossover within the measured range: {tune.method} is ahead of {steer.method} {ends}",
         "steering_ahead": f"no crossover within the measured range: {steer.method} stays ahead of {tune.method}",
-        "tied": f"no crossover: {steer.method} and {tune.method} fit the same curve over the measured range",
+        "tied": f"no crossover: {steer.method} and {tune.method} {level}",
         "crosses_twice": f"the curves cross twice: {leader} is ahead below D ≈ {first:.3g} and above D ≈ {second:.3g}, {middle} in between",
     }[outcome]
     d_star = first if code == 5 else d_star
-    return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, overtakes=overtakes)
+    return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, tolerance=tol, overtakes=overtakes)
 
 
 def find_crossovers(fits: list[LawFit]) -> list[Crossover]:

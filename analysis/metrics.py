@@ -11,6 +11,7 @@ import numpy as np
 HIGHER_IS_BETTER = {"score": True, "score_elicited": True, "nll": False}
 BASE_COLUMN = {"score": "score_base", "score_elicited": "score_base", "nll": "nll_base"}
 LOSS_FLOOR = 1e-3
+STEP_DIVISORS = 100  # `step`: how many steps the smallest gap between measured values may span
 
 
 def check_metric(metric: str) -> None:
@@ -33,3 +34,21 @@ def improvement(values: np.ndarray, reference: np.ndarray, metric: str) -> np.nd
     """How much better `values` are than `reference`, positive when better whatever the direction."""
     diff = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
     return diff if HIGHER_IS_BETTER[metric] else -diff
+
+
+def step(values: np.ndarray) -> float:
+    """The step the measured values move in (a score over n test questions: 1/n), 0 where they have none.
+
+    The largest d, the smallest gap between two distinct values divided by 1..STEP_DIVISORS, of which
+    every gap is a whole multiple: with only a few distinct values the smallest gap can be several steps.
+    A continuous metric (an NLL) has no such d, and is 0; so is a metric with one value.
+    """
+    distinct = np.unique(np.asarray(values, dtype=float)[np.isfinite(values)])
+    gaps = np.diff(distinct)
+    if len(gaps) == 0:
+        return 0.0
+    for k in range(1, STEP_DIVISORS + 1):
+        multiples = gaps / (gaps.min() / k)
+        if np.abs(multiples - np.round(multiples)).max() < 1e-6:
+            return float(gaps.min() / k)
+    return 0.0

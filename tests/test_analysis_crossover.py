@@ -17,12 +17,13 @@ from matplotlib.text import Text
 import analysis
 import analysis.plots as plots
 from analysis.capability import get_axis
-from analysis.crossover import Crossover, CrossoverScaling, crossover, crossover_scaling, find_crossovers, lead_from
+from analysis.crossover import OUTCOMES, Crossover, CrossoverScaling, crossover, crossover_scaling, find_crossovers, lead_from, outcomes
 from analysis.curves import fit_curves
+from analysis.metrics import step
 from analysis.report import _capability, _findings
 from analysis.synthetic import TrueCurve, synthetic_rows
 from test_analysis_capability import MODELS
-from test_analysis_results import STEER, TUNE, write_cells
+from test_analysis_results import STEER, TRUE_D_STAR, TUNE, write_cells
 
 AHEAD = TrueCurve(e=0.1, b=0.2, beta=0.4)  # a steering curve below TUNE's loss over every budget
 
@@ -261,7 +262,8 @@ def test_a_d_star_trend_is_stated_only_with_an_interval(lo: float, hi: float, st
 def _budget_curve(method: str, e: float, b: float, beta: float) -> SimpleNamespace:
     """Just what `crossover` reads of a fitted budget curve, without resamples."""
     return SimpleNamespace(task="t", model="m", n_params=1e6, method=method, metric="score", boot=None,
-                           points=SimpleNamespace(d=np.array([8.0, 4096.0])), fit=SimpleNamespace(params={"E": e, "B": b, "beta": beta}))  # fmt: skip
+                           points=SimpleNamespace(d=np.array([8.0, 4096.0]), value=np.array([np.nan, np.nan])),
+                           fit=SimpleNamespace(params={"E": e, "B": b, "beta": beta}))  # fmt: skip
 
 
 def test_curves_that_cross_twice_are_said_to_instead_of_judged_by_their_ends() -> None:
@@ -274,3 +276,66 @@ def test_curves_that_cross_twice_are_said_to_instead_of_judged_by_their_ends() -
     assert c.outcome == "crosses_twice" and 8 < c.d_star < c.d_star_2 < 4096 and np.abs(gap).max() < 1e-3
     assert c.verdict.startswith(f"the curves cross twice: steer_mean is ahead below D ≈ {c.d_star:.3g} and above D ≈ {c.d_star_2:.3g}, lora in between")
     assert "steering stays ahead" not in c.verdict and np.isnan([c.d_star_lo, c.share]).all()
+
+
+def _measured(scores: dict[str, dict[int, tuple[float, ...]]]) -> Crossover:
+    """steer_mean against lora on one model, each cell's score given per method, budget and seed; 200 resamples."""
+    curves = {("t", method, "m1"): TrueCurve(0.5, 0.1, 0.5) for method in scores}  # placeholders: the scores replace them
+    budgets = tuple(scores["lora"])
+    rows = synthetic_rows(curves, {"m1": 10**6}, budgets, seeds=len(scores["lora"][budgets[0]]), noise=0.0, rng=np.random.default_rng(0))
+    frame = pd.DataFrame([dict(row, score=scores[row["method"]][row["budget"]][row["seed"]]) for row in rows])
+    (c,) = find_crossovers(fit_curves(frame, metric="score", bootstrap=200, seed=0))
+    return c
+
+
+FLAT = {d: (0.225, 0.225) for d in (4, 16, 64, 256)}  # 9 of 40 test questions at every budget, in both seeds
+
+
+def test_curves_apart_by_less_than_the_scores_can_resolve_are_tied() -> None:
+    """A user journey's results: steer_mean 9/40 everywhere; lora the same at 4 and 16, one question fewer at 64,
+    and 12 and 10 at 256. The fitted lora curve rises from .2249 to .229, a sixth of a question, and the report said
+    "lora overtakes steer_mean at D* ≈ 8.01 CI [8, 8.01], 100% of resamples agree": both seeds scoring alike gave the
+    bootstrap nothing to redraw, and the curves counted as apart from 1e-6 on."""
+    c = _measured({"steer_mean": FLAT, "lora": {4: (0.225, 0.225), 16: (0.225, 0.225), 64: (0.2, 0.2), 256: (0.3, 0.25)}})
+    assert c.outcome == "tied" and np.isnan(c.d_star) and c.interval() == "", c.verdict
+    assert c.tolerance == pytest.approx(0.0125) and "too close to tell apart" in c.verdict and c.share > 0.5
+
+
+def test_one_question_ahead_at_every_budget_is_not_a_tie() -> None:
+    """lora 10/40 at every budget in both seeds, steer_mean 9/40: a whole step apart, more than the half step that ties."""
+    c = _measured({"steer_mean": FLAT, "lora": {d: (0.25, 0.25) for d in FLAT}})
+    assert c.outcome == "finetuning_ahead" and c.verdict.endswith("is ahead of steer_mean at both ends"), c.verdict
+
+
+def test_a_crossing_measured_in_steps_of_one_question_is_still_found() -> None:
+    """STEER and TUNE cross near D* = 88, scored on 200 questions (scores rounded to steps of 0.005): the half-step
+    tolerance leaves a crossing whose curves are far apart at both ends where it was, D* and all."""
+    curves = {("t", "steer_mean", "m1"): STEER, ("t", "lora", "m1"): TUNE}
+    rows = synthetic_rows(curves, {"m1": 10**6}, (8, 32, 128, 512, 2048), seeds=3, noise=0.02, rng=np.random.default_rng(0))
+    frame = pd.DataFrame([dict(row, score=round(row["score"] * 200) / 200) for row in rows])
+    (c,) = find_crossovers(fit_curves(frame, metric="score", bootstrap=200, seed=0))
+    assert c.tolerance == pytest.approx(0.0025) and c.outcome == "crosses"
+    assert c.d_star == pytest.approx(TRUE_D_STAR, rel=0.15) and c.d_star_lo <= TRUE_D_STAR <= c.d_star_hi
+
+
+def test_a_level_stretch_neither_starts_nor_ends_a_lead() -> None:
+    """With a tolerance of 0.01: apart by under it throughout (tied, though the sign flips); level, then fine-tuning
+    ahead (ahead wherever they differ: no D*); behind, then level (steering ahead); behind, level, ahead (a crossing,
+    at the change of sign inside the level stretch). With TIE, a level stretch took the side of its sign: all four crossed."""
+    d = np.geomspace(4, 1024, 256)
+    tiny = 0.005 * np.log(d / 64) / np.log(256)  # −0.005 … +0.0025, changing sign at 64
+    advantage = np.stack([tiny, np.where(d < 64, tiny, 0.1), np.where(d < 64, -0.1, tiny), np.where(d < 16, -0.1, np.where(d < 256, tiny, 0.1))])
+    code, d_star = outcomes(advantage, d, tol=0.01)
+    assert [OUTCOMES[i] for i in code] == ["tied", "finetuning_ahead", "steering_ahead", "crosses"]
+    assert np.isnan(d_star[:3]).all() and d_star[3] == pytest.approx(64, rel=0.03)
+    lead = lead_from(advantage, d, tol=0.01)
+    assert np.isnan(lead[0]) and lead[1:3].tolist() == [-np.inf, np.inf] and lead[3] == pytest.approx(64, rel=0.03)
+    assert [OUTCOMES[i] for i in outcomes(advantage, d)[0]] == ["crosses"] * 4
+
+
+def test_the_step_of_a_score_is_one_question() -> None:
+    """9, 8, 12 and 10 of 40 questions: steps of 1/40; 9 and 12 of 40 only: a gap of 3 steps, but still 1/40 (a
+    divisor of every gap); a continuous metric, or one value, has no step."""
+    assert step(np.array([0.225, 0.2, 0.3, 0.25])) == pytest.approx(0.025)
+    assert step(np.array([0.225, 0.3, 0.325])) == pytest.approx(0.025)
+    assert step(np.random.default_rng(0).random(16)) == 0 and step(np.full(4, 0.225)) == 0
