@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from workers.cell import LADDER_PREFIX, CellConfig, ModelSpec
 from workers.config import ConfigError
-from workers.methods import resolve_config, training_configs
+from workers.methods import get_method, resolve_config, training_configs, validation_choice
 from workers.run_cell import model_revision
 from workers.tasks import get_task
 
@@ -97,12 +97,26 @@ def check_training_covers_budgets(spec: SweepSpec, methods: dict[str, BaseModel]
         raise ConfigError("\n".join(problems))
 
 
+def check_validation_choices(spec: SweepSpec, methods: dict[str, BaseModel]) -> None:
+    """Refuse a method that must choose on the validation set when the sweep gives none: each of its
+    cells would fail at its fit, and `--retry-failed` fail again."""
+    if spec.eval.validation_size:
+        return
+    needs = [(name, choice) for name, config in methods.items() if (choice := validation_choice(get_method(name), config))]
+    if needs:
+        raise ConfigError("\n".join(
+            f"methods.{name}: {choice} on the shared validation set, but eval.validation_size is 0; "
+            "give a validation set (eval.validation_size > 0) or a single candidate" for name, choice in needs
+        ))  # fmt: skip
+
+
 def expand(spec: SweepSpec) -> list[PlannedCell]:
     """Every (model, task, method, budget, seed) cell, in a stable order, with resolved configs."""
     check_budgets(spec)
     check_eval_sizes(spec)
     resolved = {name: resolve_config(name, raw, f"methods.{name}") for name, raw in spec.methods.items()}
     check_training_covers_budgets(spec, resolved)
+    check_validation_choices(spec, resolved)
     methods = {name: config.model_dump(mode="json") for name, config in resolved.items()}
     cells = []
     for entry in spec.models:

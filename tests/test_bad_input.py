@@ -36,6 +36,10 @@ CASES = {
         f"eval.test_size: 5000 exceeds the {get_task('facts').pool_size('test')} distinct test examples of task 'facts'",
     ),
     "a setting for a method that takes none": ({**GOOD, "methods": {"base": {"rank": 4}}}, "methods.base.rank: unknown key; it takes no settings (give it {})"),
+    "a choice on the validation set without one": (
+        {**GOOD, "methods": {"steer_mean": {"scales": [0.0, 1.0]}, "lora+steer_mean": {}}, "eval": {"validation_size": 0}},
+        "methods.steer_mean: steer_mean chooses a scale among [0.0, 1.0] on the shared validation set, but eval.validation_size is 0",
+    ),
     "unknown method setting": ({**GOOD, "methods": {"lora": {"train": {"lr": 1e-3, "epoch": 2}}}}, "methods.lora.train.epoch: unknown key (did you mean 'epochs'?)"),
 }
 

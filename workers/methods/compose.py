@@ -18,7 +18,7 @@ from typing import Iterator
 from pydantic import Field, create_model, model_validator
 
 from workers.config import StrictConfig
-from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, PeftUse, peft_use
+from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, PeftUse, peft_use, validation_choice
 
 
 @dataclass
@@ -68,6 +68,10 @@ class Composition:
         """A's layers are in the model while B fits; both parts' while applied."""
         first, second = peft_use(self.first, config.first), peft_use(self.second, config.second)  # type: ignore[attr-defined]
         return PeftUse(fitting=first.fitting or first.applied or second.fitting, applied=first.applied or second.applied)
+
+    def validation_choice(self, config: StrictConfig) -> str | None:
+        parts = [validation_choice(self.first, config.first), validation_choice(self.second, config.second)]  # type: ignore[attr-defined]
+        return "; ".join(p for p in parts if p) or None
 
     def _refuse_nested_peft(self, config: StrictConfig) -> StrictConfig:
         """Refused when the config is resolved (so `steerscale plan` says so), not half-way through a cell:

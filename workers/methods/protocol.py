@@ -97,7 +97,8 @@ class Method(Protocol, Generic[ConfigT_contra]):
 
     def fit(self, ctx: FitContext, config: ConfigT_contra) -> Adapter: ...
 
-    # Optional: `peft_use(config) -> PeftUse`, for a method that puts PEFT layers into the model.
+    # Optional: `peft_use(config) -> PeftUse`, for a method that puts PEFT layers into the model;
+    # `validation_choice(config) -> str | None`, for one that must choose on the shared validation set.
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,14 @@ def peft_use(method: Method, config: StrictConfig) -> PeftUse:
     """`method`'s PeftUse under `config`; none for a method that does not declare one."""
     declared: Callable[[StrictConfig], PeftUse] | None = getattr(method, "peft_use", None)
     return declared(config) if declared is not None else PeftUse()
+
+
+def validation_choice(method: Method, config: StrictConfig) -> str | None:
+    """What `method` under `config` must choose on the shared validation set ("a scale among [0, 1]"),
+    whatever the model; None when it needs none. Planning refuses such a config without a validation set,
+    which would otherwise fail every one of its cells."""
+    declared: Callable[[StrictConfig], str | None] | None = getattr(method, "validation_choice", None)
+    return declared(config) if declared is not None else None
 
 
 # Analytic post-training cost, with N = `matmul_params(model)` and T = tokens through the model:

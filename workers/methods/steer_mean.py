@@ -129,6 +129,11 @@ class SteerMean:
     kind: MethodKind = "steering"
     config_class = SteerMeanConfig
 
+    def validation_choice(self, config: SteerMeanConfig) -> str | None:
+        """A choice among scales whatever the depth (layer fractions may meet in one layer of a shallow model)."""
+        scales = list(dict.fromkeys(config.scales))
+        return f"steer_mean chooses a scale among {scales}" if len(scales) > 1 else None
+
     def fit(self, ctx: FitContext, config: SteerMeanConfig) -> SteeringVector:
         pairs = ctx.task.contrast_pairs(ctx.train)
         candidates = layer_indices(config.layers, len(decoder_layers(ctx.lm.model)))

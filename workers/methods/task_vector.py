@@ -131,6 +131,10 @@ class TaskVector:
         source = peft_use(SOURCES[config.finetune].method, config.source_config())
         return PeftUse(fitting=source.fitting or source.applied)
 
+    def validation_choice(self, config: TaskVectorConfig) -> str | None:
+        candidates = list(dict.fromkeys(config.lambdas))
+        return f"task_vector chooses λ among {candidates}" if len(candidates) > 1 else None
+
     def fit(self, ctx: FitContext, config: TaskVectorConfig) -> WeightArithmetic:
         candidates = list(dict.fromkeys(config.lambdas))
         validate = ctx.validator()
