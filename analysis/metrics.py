@@ -43,7 +43,8 @@ def step(values: np.ndarray) -> float:
     every gap is a whole multiple: with only a few distinct values the smallest gap can be several steps.
     A continuous metric (an NLL) has no such d, and is 0; so is a metric with one value.
     """
-    distinct = np.unique(np.asarray(values, dtype=float)[np.isfinite(values)])
+    values = np.asarray(values, dtype=float)
+    distinct = np.unique(np.round(values[np.isfinite(values)], 9))  # 0.225 and 1 − (1 − 0.225) are one value
     gaps = np.diff(distinct)
     if len(gaps) == 0:
         return 0.0

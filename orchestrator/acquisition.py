@@ -50,11 +50,11 @@ from scipy.stats import norm
 import pandas as pd
 
 from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval
-from analysis.crossover import GRID_POINTS, budget_curves, lead_from
+from analysis.crossover import GRID_POINTS, budget_curves, lead_from, tolerance
 from analysis.fitting import Fit, FitError, LawData, fit_law, min_inputs
 from analysis.laws import POWER_D
 from analysis.methods import method_kind
-from analysis.metrics import HIGHER_IS_BETTER, to_loss
+from analysis.metrics import HIGHER_IS_BETTER, from_loss, to_loss
 
 from orchestrator.cellcost import CostModel, Planned
 from workers.config import ConfigError
@@ -237,7 +237,8 @@ def crossover_samples(steer: CurveFit, tune: CurveFit) -> tuple[np.ndarray, floa
     d = np.geomspace(d_min, d_max, GRID_POINTS)
     sign = 1.0 if HIGHER_IS_BETTER[METRIC] else -1.0
     advantage = sign * (budget_curves(tune.boot.params(), d, METRIC) - budget_curves(steer.boot.params(), d, METRIC))
-    lead = lead_from(advantage, d)
+    measured = from_loss(np.concatenate([steer.loss, tune.loss]), METRIC)
+    lead = lead_from(advantage, d, tolerance(measured))  # as the report judges a lead: apart by more than half a step
     censored = np.where(np.isnan(lead), np.where(advantage[:, 0] >= 0, d_min, d_max), np.clip(lead, d_min, d_max))
     return np.log10(censored), float(np.mean(np.isfinite(lead)))
 

@@ -360,7 +360,7 @@ def test_crossover_samples_count_d_star_as_the_report_does():
 
     def curve(e: list[float], b: list[float], beta: list[float]) -> SimpleNamespace:
         params = {"E": np.array(e), "B": np.array(b), "beta": np.array(beta)}
-        return SimpleNamespace(d=np.array([4.0, 1024.0]), boot=SimpleNamespace(params=lambda: params))
+        return SimpleNamespace(d=np.array([4.0, 1024.0]), loss=np.full(2, 0.5), boot=SimpleNamespace(params=lambda: params))
 
     steer = curve([0.1, 0.3], [1.0, 0.2], [0.3, 0.3])  # loss = E + B·D^-beta (the score's 1 − score)
     tune = curve([0.3, 0.05], [0.5, 2.0], [1.0, 1.0])  # resample 0: ahead, then overtaken; 1: behind, then ahead

@@ -339,3 +339,10 @@ def test_the_step_of_a_score_is_one_question() -> None:
     assert step(np.array([0.225, 0.2, 0.3, 0.25])) == pytest.approx(0.025)
     assert step(np.array([0.225, 0.3, 0.325])) == pytest.approx(0.025)
     assert step(np.random.default_rng(0).random(16)) == 0 and step(np.full(4, 0.225)) == 0
+
+
+def test_the_step_survives_a_round_trip_through_the_loss() -> None:
+    """The adaptive loop holds scores as losses (1 − score): 1 − (1 − 0.025) is not 0.025 in floats, and a
+    spurious 1e-17 gap beside the value itself made the step 0 (the tie tolerance back at 1e-6)."""
+    scores = np.array([1, 8, 9, 12]) / 40
+    assert step(np.concatenate([scores, 1.0 - (1.0 - scores)])) == pytest.approx(0.025)
