@@ -47,6 +47,8 @@ def _is_sweep_yaml(given: str) -> bool:
 
 def _results_dir(given: str) -> str:
     """A results directory or URI as given, or a sweep YAML's `results_dir` (`status configs/x.yaml` works too)."""
+    if given.endswith((".yaml", ".yml")) and "://" not in given and not os.path.exists(given):
+        raise ConfigError(f"{given}: no such sweep config")
     if _is_sweep_yaml(given):
         from orchestrator.spec import load_spec
 
@@ -178,7 +180,8 @@ def _print_cell(spec: SweepSpec, wanted: str) -> int:
     found = [c for c in planned if wanted in (c.config.slug, c.cell_id)]
     if not found:
         slugs = [c.config.slug for c in planned]
-        raise ConfigError(f"--cell {wanted}: no such cell in {spec.sweep}{did_you_mean(wanted, slugs)}; `steerscale plan` lists the grid")
+        raise ConfigError(f"--cell {wanted}: no such cell in {spec.sweep}{did_you_mean(wanted, slugs)}; slugs look like "
+                          f"'{slugs[0]}' (model__task__method__budget__seed; a run's plan.json lists every one)")  # fmt: skip
     if len(found) > 1:
         which = ", ".join(f"{c.cell_id} ({c.config.model.id})" for c in found)
         raise ConfigError(f"--cell {wanted}: {len(found)} cells share that slug; give one of their ids: {which}")
@@ -344,6 +347,21 @@ def _print_failures(scan: StoreScan, shown: int = 5) -> None:
         print(f"  … and {len(by_error) - shown} other errors (each row's `error` column has the whole message)")
 
 
+# Fewest resamples a 95 % percentile interval is read from: below 40 its 2.5 % end is the smallest resample
+# itself, or nothing (1 resample put D* outside its own "interval").
+MIN_RESAMPLES = 40
+
+
+def _resamples(text: str) -> int:
+    value = _int_at_least(0)(text)
+    if 0 < value < MIN_RESAMPLES:
+        raise argparse.ArgumentTypeError(f"{value} resamples cannot give a 95 % interval; give 0 (no intervals) or at least {MIN_RESAMPLES}")
+    return value
+
+
+_resamples.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+
+
 def _int_at_least(minimum: int) -> Callable[[str], int]:
     """An argparse type: an integer no smaller than `minimum`."""
 
@@ -372,7 +390,7 @@ RESULTS_DIR_HELP = "a sweep's results directory or URI (its results_dir), or the
 
 def _with_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("results_dir", help=RESULTS_DIR_HELP)
-    p.add_argument("--bootstrap", type=_int_at_least(0), default=200, help="bootstrap resamples for confidence intervals (0: none)")
+    p.add_argument("--bootstrap", type=_resamples, default=200, help=f"bootstrap resamples for confidence intervals (0: none; else at least {MIN_RESAMPLES})")
     p.add_argument("--workers", type=_int_at_least(1), default=None, help="groups fitted at once, in worker processes (default: every core, up to 8)")
     p.add_argument(
         "--x", type=_x_axis, default="params",
@@ -519,17 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = ladder_sub.add_parser("build", help="pretrain (or find cached) ladder models")
     b.add_argument("--recipe", default="default")
     b.add_argument("--sizes", nargs="*", help="sizes to build (default: all of the recipe)")
-    b.add_argument("--jobs", type=_positive_int, help="parallel builds (default: one per CPU core)")
+    b.add_argument("--jobs", type=_int_at_least(1), help="parallel builds (default: one per CPU core)")
     b.set_defaults(func=cmd_ladder_build)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    """argparse type for counts of things to run at once: 0 would mean "as many as CPUs", silently."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

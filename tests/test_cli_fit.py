@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from analysis.synthetic import TrueCurve, synthetic_rows
 from orchestrator.cli import main
@@ -92,3 +93,17 @@ def test_status_of_a_file_and_plan_of_a_directory_are_clean_errors(tmp_path: Pat
     assert "is a file: give a sweep's results_dir" in capsys.readouterr().err
     assert main(["plan", str(tmp_path)]) == 2
     assert "a directory; give a sweep config" in capsys.readouterr().err
+
+
+def test_too_few_resamples_and_a_missing_sweep_yaml_are_refused(capsys):
+    """`--bootstrap 1` printed "D* ≈ 4.14 CI [4.22, 4.22]": a point outside its own interval. `status nope.yaml`
+    said "no sweep at nope.yaml", as if a results folder were missing."""
+    from orchestrator.cli import parse
+
+    assert parse(["fit", "r", "--bootstrap", "40"]).bootstrap == 40 and parse(["fit", "r", "--bootstrap", "0"]).bootstrap == 0
+    with pytest.raises(SystemExit):
+        parse(["fit", "r", "--bootstrap", "5"])
+    assert "5 resamples cannot give a 95 % interval; give 0 (no intervals) or at least 40" in capsys.readouterr().err
+    for command in ("status", "fit"):
+        assert main([command, "nope.yaml"]) == 2
+        assert "error: nope.yaml: no such sweep config" in capsys.readouterr().err
