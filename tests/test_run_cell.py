@@ -10,7 +10,7 @@ import torch
 from workers.cache import WorkerCache
 from workers.cell import CellConfig, EvalConfig, ModelSpec
 from workers.methods import resolve_config
-from workers.run_cell import CellRun, model_revision, run_cell
+from workers.run_cell import CellRun, main, model_revision, run_cell
 
 MEASURED = ("score", "score_base", "nll", "nll_base", "neutral_kl", "neutral_ppl_ratio", "offtask_score_delta",
             "trainable_params", "post_train_flops", "train_tokens", "layer", "alpha", "hparams")
@@ -198,3 +198,16 @@ def test_a_rows_base_columns_are_the_base_models_and_its_deltas_are_adapted_minu
     assert (row["nll_base"], row["score_base"]) == (base["nll"], base["score"]) and row["nll"] != row["nll_base"]
     assert len(scores) == 2 and scores[0].score != scores[1].score, "the LoRA must move the off-task score for the sign to show"
     assert row["offtask_score_delta"] == pytest.approx(scores[1].score - scores[0].score)
+
+
+def test_a_cell_file_that_is_missing_or_not_a_cell_is_a_clean_error(tmp_path, capsys):
+    """`python -m workers.run_cell` on a missing or malformed cell.json was a FileNotFoundError or a 30-line
+    pydantic traceback; now exit 2 naming the file and, for a bad key, its path and the nearest valid one."""
+    assert main([str(tmp_path / "none.json"), str(tmp_path / "out.parquet")]) == 2
+    assert "none.json: [Errno 2] No such file or directory" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"sweep": "x", "modle": {}}')
+    assert main([str(bad), str(tmp_path / "out.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "cell.modle: unknown key (did you mean 'model'?)" in err and "Traceback" not in err
+    assert not (tmp_path / "out.parquet").exists()

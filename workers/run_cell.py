@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params
 from workers.cell import CellConfig, ModelSpec
+from workers.config import format_errors
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import NeutralReference, neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
@@ -344,7 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("cell", type=Path, help="JSON file with a resolved CellConfig")
     parser.add_argument("out", type=Path, help="Parquet file to write the row to (atomically)")
     args = parser.parse_args(argv)
-    cell = CellConfig.model_validate_json(args.cell.read_text())
+    try:
+        cell = CellConfig.model_validate_json(args.cell.read_text())
+    except (OSError, ValidationError) as err:  # a missing file, or not a cell's JSON: say which key, no traceback
+        problem = format_errors(CellConfig, err, "cell") if isinstance(err, ValidationError) else err
+        print(f"error: {args.cell}: {problem}\n(`steerscale plan CONFIG --cell SLUG > cell.json` writes one)", file=sys.stderr)
+        return 2
     torch.set_num_threads(int(os.environ.get("STEERSCALE_THREADS", torch.get_num_threads())))
     if torch.cuda.is_available():
         deterministic_cuda()
