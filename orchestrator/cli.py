@@ -140,11 +140,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _note_unfittable(cells: list[PlannedCell]) -> None:
     """Say, before anything runs, which methods' loss(D) curves the fitter will refuse for too few budgets."""
+    from analysis.methods import method_kind
     from orchestrator.acquisition import MIN_BUDGETS, curves_of
 
-    budgets: dict[str, set[int]] = defaultdict(set)
+    budgets: dict[str, set[int]] = {c.config.method: set() for c in cells if method_kind(c.config.method) != "reference"}
     for (_task, method, _model), group in curves_of(cells).items():
-        budgets[method] |= {c.config.budget for c in group}
+        budgets.setdefault(method, set()).update(c.config.budget for c in group)
     short = {method: len(b) for method, b in budgets.items() if len(b) < MIN_BUDGETS}
     if short:
         listed = ", ".join(f"{method} ({n})" for method, n in sorted(short.items()))

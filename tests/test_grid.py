@@ -212,3 +212,13 @@ def test_ladder_build_refuses_zero_parallel_builds(capsys):
     with pytest.raises(SystemExit):
         parse(["ladder", "build", "--jobs", "0"])
     assert "argument --jobs: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_plan_says_when_a_trained_method_has_no_budget_to_fit(write_sweep, capsys):
+    """Budgets [0] only: lora's cells measure the untrained model, and no loss(D) curve can come of them;
+    base (a reference, with no curve to fit) is not named."""
+    from orchestrator.cli import main
+
+    path = write_sweep({**SPEC, "models": [{"id": "ladder:test/xs"}], "methods": {"base": {}, "lora": {}}, "budgets": [0], "method_budgets": {}})
+    assert main(["plan", str(path)]) == 0
+    assert "these methods have fewer: lora (0)." in capsys.readouterr().out
