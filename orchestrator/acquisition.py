@@ -54,7 +54,7 @@ from analysis.crossover import GRID_POINTS, budget_curves, lead_from, tolerance
 from analysis.fitting import Fit, FitError, LawData, fit_law, min_inputs
 from analysis.laws import POWER_D
 from analysis.methods import method_kind
-from analysis.metrics import HIGHER_IS_BETTER, from_loss, to_loss
+from analysis.metrics import HIGHER_IS_BETTER, to_loss
 
 from orchestrator.cellcost import CostModel, Planned
 from workers.config import ConfigError
@@ -104,6 +104,7 @@ class CurveFit:
     loss: np.ndarray
     fit: Fit
     boot: Bootstrap
+    measured: np.ndarray  # the metric as stored (the loss is floored: a score of 1 would come back as 0.999)
 
 
 def fit_curve(key: CurveKey, rows: pd.DataFrame, bootstrap: int, rng: np.random.Generator) -> CurveFit | None:
@@ -111,11 +112,12 @@ def fit_curve(key: CurveKey, rows: pd.DataFrame, bootstrap: int, rng: np.random.
     task, method, model = key
     usable = rows[(rows["task"] == task) & (rows["method"] == method) & (rows["model"] == model) & (rows["status"] == "ok")]
     usable = usable[np.isfinite(usable[METRIC].astype(float)) & (usable["budget"].astype(float) > 0)]
-    d, loss = usable["budget"].to_numpy(float), to_loss(usable[METRIC].to_numpy(float), METRIC)
+    measured = usable[METRIC].to_numpy(float)
+    d, loss = usable["budget"].to_numpy(float), to_loss(measured, METRIC)
     try:
         data = LawData.build(POWER_D, {"D": d}, loss)
         fit = fit_law(data)
-        return CurveFit(key, d, loss, fit, bootstrap_fit(fit, data, bootstrap, rng, strata=np.zeros(data.n)))
+        return CurveFit(key, d, loss, fit, bootstrap_fit(fit, data, bootstrap, rng, strata=np.zeros(data.n)), measured)
     except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError):  # as fit_group: the curve waits for more cells
         return None
 
@@ -237,8 +239,7 @@ def crossover_samples(steer: CurveFit, tune: CurveFit) -> tuple[np.ndarray, floa
     d = np.geomspace(d_min, d_max, GRID_POINTS)
     sign = 1.0 if HIGHER_IS_BETTER[METRIC] else -1.0
     advantage = sign * (budget_curves(tune.boot.params(), d, METRIC) - budget_curves(steer.boot.params(), d, METRIC))
-    measured = from_loss(np.concatenate([steer.loss, tune.loss]), METRIC)
-    lead = lead_from(advantage, d, tolerance(measured))  # as the report judges a lead: apart by more than half a step
+    lead = lead_from(advantage, d, tolerance(np.concatenate([steer.measured, tune.measured])))  # as the report judges a lead: apart by more than half a step
     censored = np.where(np.isnan(lead), np.where(advantage[:, 0] >= 0, d_min, d_max), np.clip(lead, d_min, d_max))
     return np.log10(censored), float(np.mean(np.isfinite(lead)))
 

@@ -7,6 +7,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -268,6 +269,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.driver import check_listening, run_cells  # imported here: `plan` and `status` need no Ray
 
     spec = _load_spec(args)
+    if args.address:  # before the store is read: an address where nothing listens leaves results_dir as it was
+        check_listening(args.address)
     planned_at = time.time()  # before the store is read: a row another driver stores after it is not run again
     cells, store, scan = _plan(spec, set_aside=True)
     if args.adaptive:
@@ -275,8 +278,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_grid(cells)  # a grid the adaptive design cannot fit: ConfigError (exit 2) before anything is written
     _report_quarantine(scan, set_aside=True)
-    if args.address:  # before the plan is written: an address where nothing listens leaves results_dir as it was
-        check_listening(args.address)
     try:
         write_manifest(store, _manifest_entries(cells))  # the run's first write: a directory it cannot write stops it here
     except OSError as err:
@@ -557,6 +558,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    ray = sys.modules.get("ray")
+    ray_was_up = ray is not None and ray.is_initialized()  # a caller's Ray (a notebook's) is the caller's to stop
     try:
         return args.func(args)
     except BrokenPipeError:  # `steerscale status DIR | head`: the reader has gone, so stop quietly
@@ -573,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted{done}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
     finally:
-        _disconnect_ray()
+        if not ray_was_up:
+            _disconnect_ray()
 
 
 def _disconnect_ray() -> None:
@@ -581,6 +585,9 @@ def _disconnect_ray() -> None:
     Ray's exit hook, a Ctrl-C during its ~2 s shutdown printed a traceback and left its agents running."""
     ray = sys.modules.get("ray")  # imported only by commands that run cells
     if ray is None or not ray.is_initialized():
+        return
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        ray.shutdown()
         return
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

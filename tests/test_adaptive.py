@@ -360,7 +360,7 @@ def test_crossover_samples_count_d_star_as_the_report_does():
 
     def curve(e: list[float], b: list[float], beta: list[float]) -> SimpleNamespace:
         params = {"E": np.array(e), "B": np.array(b), "beta": np.array(beta)}
-        return SimpleNamespace(d=np.array([4.0, 1024.0]), loss=np.full(2, 0.5), boot=SimpleNamespace(params=lambda: params))
+        return SimpleNamespace(d=np.array([4.0, 1024.0]), measured=np.array([0.2, 0.2]), boot=SimpleNamespace(params=lambda: params))
 
     steer = curve([0.1, 0.3], [1.0, 0.2], [0.3, 0.3])  # loss = E + B·D^-beta (the score's 1 − score)
     tune = curve([0.3, 0.05], [0.5, 2.0], [1.0, 1.0])  # resample 0: ahead, then overtaken; 1: behind, then ahead
@@ -388,3 +388,21 @@ def test_a_choices_reason_starts_from_the_width_its_round_recorded(adaptive):
             assert quoted == f"{widths[name]:.3g}", (record["reason"], widths[name])
             checked += 1
     assert checked >= 1
+
+
+def test_crossover_samples_call_curves_within_half_a_question_tied() -> None:
+    """Curves 0.005 apart (a fifth of a question out of 40) do not cross for the report, so the loop must not count
+    a crossing either; a perfect score among the cells (1.0, floored to 0.999 as a loss) must not shrink the step."""
+    from types import SimpleNamespace
+
+    from orchestrator.acquisition import crossover_samples
+
+    measured = np.array([9, 10, 40]) / 40
+
+    def curve(e: float, b: float, beta: float) -> SimpleNamespace:
+        params = {"E": np.array([e]), "B": np.array([b]), "beta": np.array([beta])}
+        return SimpleNamespace(d=np.array([4.0, 1024.0]), measured=measured, boot=SimpleNamespace(params=lambda: params))
+
+    steer, tune = curve(0.5, 0.0, 1.0), curve(0.495, 0.02, 0.5)  # tune behind by 0.005 at D=4, ahead by 0.004 at 1024
+    _, share = crossover_samples(steer, tune)
+    assert share == 0.0

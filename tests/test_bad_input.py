@@ -38,7 +38,11 @@ CASES = {
     "a setting for a method that takes none": ({**GOOD, "methods": {"base": {"rank": 4}}}, "methods.base.rank: unknown key; it takes no settings (give it {})"),
     "a choice on the validation set without one": (
         {**GOOD, "methods": {"steer_mean": {"scales": [0.0, 1.0]}, "lora+steer_mean": {}}, "eval": {"validation_size": 0}},
-        "methods.steer_mean: steer_mean chooses a scale among [0.0, 1.0] on the shared validation set, but eval.validation_size is 0",
+        "methods.steer_mean: steer_mean chooses a layer among the fractions [0.25, 0.5, 0.75] and a scale among [0.0, 1.0]",
+    ),
+    "a choice of layer on the validation set without one": (  # one scale, the default three layers: still a choice
+        {**GOOD, "methods": {"steer_mean": {"scales": [1.0]}}, "eval": {"validation_size": 0}},
+        "methods.steer_mean: steer_mean chooses a layer among the fractions [0.25, 0.5, 0.75] and a scale among [1.0]",
     ),
     "unknown method setting": ({**GOOD, "methods": {"lora": {"train": {"lr": 1e-3, "epoch": 2}}}}, "methods.lora.train.epoch: unknown key (did you mean 'epochs'?)"),
 }

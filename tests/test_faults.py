@@ -479,3 +479,19 @@ def test_ctrl_c_as_a_run_ends_leaves_no_traceback_and_no_ray_behind(tmp_path, te
     while ray_left() and time.time() < deadline:
         time.sleep(1)
     assert not ray_left(), ray_left()
+
+
+def test_a_ray_the_caller_started_is_left_running(tmp_path):
+    """`main` stops the Ray it started; one a notebook (or a script) had up before calling it is the caller's."""
+    import ray
+
+    from orchestrator.cli import main
+
+    if ray.is_initialized():
+        pytest.skip("a Ray is already up in this process")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert main(["status", str(tmp_path / "none.yaml")]) == 2
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()

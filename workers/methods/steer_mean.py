@@ -130,9 +130,11 @@ class SteerMean:
     config_class = SteerMeanConfig
 
     def validation_choice(self, config: SteerMeanConfig) -> str | None:
-        """A choice among scales whatever the depth (layer fractions may meet in one layer of a shallow model)."""
-        scales = list(dict.fromkeys(config.scales))
-        return f"steer_mean chooses a scale among {scales}" if len(scales) > 1 else None
+        """A choice among layers or scales (layer fractions meet in one layer only on a model too shallow to study)."""
+        layers, scales = list(dict.fromkeys(config.layers)), list(dict.fromkeys(config.scales))
+        if len(layers) == 1 and len(scales) == 1:
+            return None
+        return f"steer_mean chooses a layer among the fractions {layers} and a scale among {scales} (give one of each to fix them)"
 
     def fit(self, ctx: FitContext, config: SteerMeanConfig) -> SteeringVector:
         pairs = ctx.task.contrast_pairs(ctx.train)
