@@ -31,10 +31,10 @@ class DataEfficiency:
     model: str
     n_params: float
     fraction: float
-    examples: float  # NaN when the asymptote does not beat the base model
+    examples: float  # NaN when the asymptote does not beat the base model; +inf when it does, past float range
     examples_lo: float  # over every resample: one without a D_x counts as +inf
     examples_hi: float
-    finite_share: float  # resamples with a D_x (their asymptote beats the base model); NaN without resamples
+    finite_share: float  # resamples with a D_x (their asymptote beats the base model; +inf counts); NaN without resamples
     smallest_budget: float  # the curve's measured budgets: outside them D_x is the law's guess
     largest_budget: float
 
