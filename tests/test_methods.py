@@ -291,15 +291,20 @@ def test_lora_flops_and_params():
 def test_steer_mean_flops_count_every_forward_token_through_the_layers_it_ran():
     lm = language_model()
     tokens = lm.forward_tokens
-    _, adapter = fit("steer_mean", lm, CONFIGS["steer_mean"])
+    ctx, adapter = fit("steer_mean", lm, CONFIGS["steer_mean"])
     report = adapter.report
     extraction = report.hparams["extraction_forward_tokens"]
     assert 0 < extraction < lm.forward_tokens - tokens
-    # layer 0.5 of 3 is block 1: extraction runs blocks 0 and 1 only; the selection passes run everything
+    # layer 0.5 of 3 is block 1: extraction runs blocks 0 and 1 only, block 1's MLP on each distinct
+    # text's last token alone; the selection passes run everything
+    texts = len({text for pair in ctx.task.contrast_pairs(ctx.train) for text in pair})
     blocks = lm.model.model.layers
+    mlp = sum(p.numel() for p in blocks[1].mlp.parameters())
     through = sum(p.numel() for block in blocks[:2] for p in block.parameters())
-    assert report.layer == 1 and through < matmul_params(lm.model)
-    assert report.post_train_flops == 2 * through * extraction + 2 * matmul_params(lm.model) * (lm.forward_tokens - tokens - extraction)
+    assert report.layer == 1 and through < matmul_params(lm.model) and texts < extraction
+    assert report.post_train_flops == (
+        2 * (through - mlp) * extraction + 2 * mlp * texts + 2 * matmul_params(lm.model) * (lm.forward_tokens - tokens - extraction)
+    )
 
 
 def test_prompt_uses_as_many_demonstrations_as_fit():

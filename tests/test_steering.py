@@ -54,13 +54,19 @@ def test_reading_some_layers_stops_the_forward_after_the_deepest(arch):
     ran = []
     handles = [layer.register_forward_hook(lambda _m, _i, _o, i=i: ran.append(i)) for i, layer in enumerate(decoder_layers(lm.model))]
     handles.append(lm.model.get_output_embeddings().register_forward_hook(lambda *_: ran.append("head")))
+    mlp_input_shapes = []
+    deepest_mlp = decoder_layers(lm.model)[1].mlp
+    handles.append(deepest_mlp.register_forward_hook(lambda _m, args, _o: mlp_input_shapes.append(tuple(args[0].shape))))
     try:
         some = last_token_states(lm.model, b.input_ids, b.attention_mask, [1, 0])
     finally:
         for handle in handles:
             handle.remove()
+    # `full` ran block 1 whole (block 2 was its deepest); here block 1 is the deepest and its MLP ran on the last tokens alone
     assert torch.equal(some, full[[1, 0]])
+    assert mlp_input_shapes == [(b.input_ids.shape[0], 1, lm.model.config.hidden_size)]
     assert ran == [0, 1], "layer 2 and the vocabulary projection must not run"
+    assert not deepest_mlp._forward_pre_hooks
     assert not any(layer._forward_hooks for layer in decoder_layers(lm.model))
 
 

@@ -176,9 +176,24 @@ class _StopForward(Exception):
 
 
 def matmul_params_through(model: nn.Module, layer: int) -> int:
-    """N for the FLOP formula of a forward that `last_token_states` stops after decoder layer `layer`:
-    the blocks up to it (the embedding lookup costs nothing; nothing after the block runs)."""
+    """Parameters a token multiplies through in the decoder layers up to `layer` (the embedding lookup
+    costs nothing): N for the FLOP formula of a forward, or a backward, that ends at that layer."""
     return sum(p.numel() for block in decoder_layers(model)[: layer + 1] for p in block.parameters())
+
+
+def _last_token_mlp(block: nn.Module) -> nn.Module | None:
+    """The block's position-wise MLP, which `last_token_states` runs on each text's last token alone
+    when the block is the deepest one read; None where the block names it otherwise (OPT's fc1/fc2)."""
+    mlp = getattr(block, "mlp", None)
+    return mlp if isinstance(mlp, nn.Module) else None
+
+
+def last_token_flops(model: nn.Module, layer: int, tokens: int, texts: int) -> float:
+    """FLOPs of `last_token_states` reading up to decoder layer `layer` over `texts` texts of `tokens`
+    tokens in all: 2 · N · tokens through the blocks, but the deepest block's MLP counts `texts` only."""
+    mlp = _last_token_mlp(decoder_layers(model)[layer])
+    mlp_params = 0 if mlp is None else sum(p.numel() for p in mlp.parameters())
+    return 2.0 * (matmul_params_through(model, layer) - mlp_params) * tokens + 2.0 * mlp_params * texts
 
 
 @torch.inference_mode()  # cheaper per op than no_grad; results used outside it become ordinary tensors
@@ -191,7 +206,9 @@ def last_token_states(
     `output_hidden_states`, whose last entry is after the final norm in most architectures: this is
     exactly what a steering hook adds to. The forward stops (raised from the hook) once the deepest
     wanted layer has run, so the blocks after it, the final norm and the vocabulary projection —
-    often the largest matmul of all — are never computed.
+    often the largest matmul of all — are never computed. Nothing reads the deepest block's other
+    positions either, so its MLP (position-wise, the larger half of a block) runs on the last tokens
+    alone; the residual add broadcasts that one row over the sequence, right at the read column.
     """
     blocks = decoder_layers(model)
     wanted = list(range(len(blocks))) if layers is None else [range(len(blocks))[i] for i in layers]
@@ -210,7 +227,14 @@ def last_token_states(
 
         return hook
 
+    def last_rows_only(_m: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        return (hidden[rows.to(hidden.device), last.to(hidden.device)].unsqueeze(1), *args[1:])
+
     handles = [blocks[i].register_forward_hook(read(i)) for i in set(wanted)]
+    mlp = _last_token_mlp(blocks[deepest])
+    if mlp is not None:
+        handles.append(mlp.register_forward_pre_hook(last_rows_only))
     try:
         # The texts are read at their last token, which is where an `after_prompt` vector already on
         # the model (a composition's first part) acts on a prompt at evaluation: there only, not at every position.

@@ -18,7 +18,7 @@ from pydantic import Field
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
-from workers.steering import Positions, decoder_layers, last_token_states, matmul_params_through, steer
+from workers.steering import Positions, decoder_layers, last_token_flops, last_token_states, steer
 
 
 # A layer is named by its place in the stack, so one config serves every rung of a ladder; an
@@ -155,6 +155,7 @@ class SteerMean:
         extraction_forward = ctx.lm.forward_tokens - tokens_before  # forwards stopped after the deepest candidate
         # the data's tokens, repeats included (the extraction forwards each distinct text once)
         extraction_tokens = sum(map(len, ctx.lm.encode([text for pair in pairs for text in pair], prompt=True)))
+        distinct_texts = {text for pair in pairs for text in pair}  # the extraction's forwards read one row each
         norms = dict(zip(candidates, mean_norm.tolist()))
         units = {layer: (d / d.norm().clamp(min=1e-12)).to(ctx.lm.device) for layer, d in zip(candidates, diff)}
         scores: dict[tuple[int, float], float] = {}
@@ -170,7 +171,7 @@ class SteerMean:
             train_tokens=extraction_tokens,
             # extraction (a forward over both sides of every pair, up to the deepest candidate layer)
             # + selection (a full validation pass per candidate)
-            post_train_flops=forward_flops(matmul_params_through(ctx.lm.model, max(candidates)), extraction_forward)
+            post_train_flops=last_token_flops(ctx.lm.model, max(candidates), extraction_forward, len(distinct_texts))
             + forward_flops(matmul_params(ctx.lm.model), ctx.lm.forward_tokens - tokens_before - extraction_forward),
             layer=layer,
             alpha=scale,
