@@ -91,6 +91,7 @@ def run(quick: bool) -> Result:
     result.notes.append(
         "steerscale: positives and negatives of a batch in one forward, texts sorted by length (little padding), "
         "each distinct text once, the forward stopped (raised from a hook) after the deepest layer read, so the "
-        "later blocks, final norm and vocabulary projection never run; one tokenizer call for all texts."
+        "later blocks, final norm and vocabulary projection never run, and that layer's MLP run on the last tokens "
+        "alone; one tokenizer call for all texts."
     )
     return result
