@@ -53,3 +53,16 @@ def step(values: np.ndarray) -> float:
         if np.abs(multiples - np.round(multiples)).max() < 1e-6:
             return float(gaps.min() / k)
     return 0.0
+
+
+def question_sampling_sd(values: np.ndarray) -> tuple[int, float] | None:
+    """(n, sd) for a score that moves in steps of 1/n — n test questions, the same for every cell —
+    with the binomial sd √(p(1 − p)/n) at the scores' mean p: how far a cell's score would move on
+    another draw of n questions, noise that redrawing seeds does not carry. None for a metric with
+    no step (an NLL); n may be too small where every gap is a multiple of a larger step (see `step`)."""
+    d = step(values)
+    if d <= 0 or d > 0.5:
+        return None
+    p = float(np.clip(np.nanmean(values), 0.0, 1.0))
+    n = int(round(1 / d))
+    return n, float(np.sqrt(p * (1 - p) / n))

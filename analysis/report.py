@@ -24,7 +24,7 @@ from analysis.crossover import Crossover
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, resolve, unplanned_note
-from analysis.metrics import HIGHER_IS_BETTER
+from analysis.metrics import HIGHER_IS_BETTER, question_sampling_sd
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, save_fits
 
@@ -77,12 +77,32 @@ def _overview(a: Analysis) -> list[Block]:
            if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
+    if a.bootstrap and (noise := _test_noise(a)):
+        blocks.append(Paragraph(noise))
     if a.loaded.unplanned or a.loaded.superseded:
         blocks.append(Paragraph(unplanned_note(a.loaded)))
     if a.loaded.skipped:
         blocks.append(Paragraph(f"{len(a.loaded.skipped)} unreadable file(s) were skipped:"))
         blocks.append(Table(("file", "reason"), [(s.path, s.reason) for s in a.loaded.skipped]))
     return blocks
+
+
+def _test_noise(a: Analysis) -> str | None:
+    """What the seed bootstrap leaves out: every cell of a task is scored on the same test questions."""
+    ok = a.loaded.ok
+    if a.metric == "nll" or not len(ok):
+        return None
+    parts = []
+    for task, scores in ok.groupby("task")[a.metric]:
+        noise = question_sampling_sd(scores.to_numpy(dtype=float))
+        if noise is not None:
+            parts.append(f"`{task}` about {noise[0]} questions, ±{noise[1]:.2g} sd at its mean score")
+    if not parts:
+        return None
+    return ("The intervals redraw seeds, and every seed is scored on the same test questions, so they leave out how far the "
+            "scores would move on another draw of questions from the task (binomial, judged from the step the scores move in: "
+            + "; ".join(parts) + "). Methods share the questions, so that noise moves their curves partly together; "
+            "a larger eval.test_size shrinks it. An interval narrower than it is a statement about these questions.")
 
 
 def _findings(a: Analysis) -> list[Block]:

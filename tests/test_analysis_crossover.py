@@ -19,7 +19,7 @@ import analysis.plots as plots
 from analysis.capability import get_axis
 from analysis.crossover import OUTCOMES, Crossover, CrossoverScaling, crossover, crossover_scaling, find_crossovers, lead_from, outcomes
 from analysis.curves import fit_curves
-from analysis.metrics import step
+from analysis.metrics import step, question_sampling_sd
 from analysis.report import _capability, _findings
 from analysis.synthetic import TrueCurve, synthetic_rows
 from test_analysis_capability import MODELS
@@ -339,6 +339,13 @@ def test_the_step_of_a_score_is_one_question() -> None:
     assert step(np.array([0.225, 0.2, 0.3, 0.25])) == pytest.approx(0.025)
     assert step(np.array([0.225, 0.3, 0.325])) == pytest.approx(0.025)
     assert step(np.random.default_rng(0).random(16)) == 0 and step(np.full(4, 0.225)) == 0
+
+
+def test_a_score_s_test_sampling_noise_is_binomial_over_the_questions_its_step_implies() -> None:
+    """9, 8, 12 and 10 of 40 questions (mean .24375): n 40, sd √(p(1 − p)/40); an NLL, or one value, has none."""
+    n, sd = question_sampling_sd(np.array([9, 8, 12, 10]) / 40)
+    assert n == 40 and sd == pytest.approx(np.sqrt(0.24375 * 0.75625 / 40))
+    assert question_sampling_sd(np.random.default_rng(0).random(16)) is None and question_sampling_sd(np.full(4, 0.225)) is None
 
 
 def test_the_step_survives_a_round_trip_through_the_loss() -> None:

@@ -17,7 +17,7 @@ from analysis.composition import CompositionGain, composition_gains
 from analysis.efficiency import DataEfficiency
 from analysis.report import _examples_needed, _findings, best_measured, composition_finding, composition_gain
 from analysis.synthetic import TrueCurve, synthetic_rows
-from test_analysis_results import STEER, TUNE, build_results, write_cells
+from test_analysis_results import BUDGETS, STEER, TUNE, build_results, write_cells
 
 
 def test_report_on_a_full_grid(tmp_path: Path) -> None:
@@ -45,6 +45,20 @@ def test_report_on_a_full_grid(tmp_path: Path) -> None:
     assert "On never, on the largest model measured (m1), steer_mean measured best" in markdown
     # selectivity at the largest budget on the largest model: lora's .906 over the base model's .2
     assert re.search(r"\| facts \| m3 \| lora \| 2048 \| 0\.(69|70|71)\d* \|", markdown), markdown.split("## Selectivity")[1][:800]
+
+
+def test_the_report_says_the_seed_intervals_leave_out_the_test_questions_own_noise(tmp_path: Path) -> None:
+    """Scores that move in steps of 1/40 were measured on 40 questions: the report gives their binomial sd, which
+    redrawing seeds (all scored on those questions) cannot carry; a continuous metric gets no such paragraph."""
+    rows = synthetic_rows({("facts", "steer_mean", "m1"): STEER, ("facts", "lora", "m1"): TUNE}, {"m1": 1_000_000}, BUDGETS,
+                          seeds=2, noise=0.01, rng=np.random.default_rng(0))  # fmt: skip
+    write_cells(tmp_path, [dict(row, score=round(row["score"] * 40) / 40) for row in rows])
+    analysis.write_report(str(tmp_path), bootstrap=20)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    mean = np.mean([round(row["score"] * 40) / 40 for row in rows])
+    assert f"`facts` about 40 questions, ±{np.sqrt(mean * (1 - mean) / 40):.2g} sd at its mean score" in markdown
+    analysis.write_report(str(tmp_path), bootstrap=20, metric="nll")
+    assert "same test questions" not in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_the_report_saves_the_fits_it_reports(tmp_path: Path) -> None:
