@@ -10,6 +10,13 @@ A point measured once has nothing to redraw and would stay fixed in every resamp
 everywhere, every resample would be the point fit: intervals of zero width), so a design with any
 such point is resampled over the whole curve, as an unstratified bootstrap (`design_strata`).
 
+Every cell of a task is scored on the same test questions, so redrawing seeds leaves out how far
+the scores would move on other questions of the task (with seeds that agree, intervals of zero
+width). Where rows store each question's outcome (`score_outcomes`), a resample also redraws the
+questions (`question_counts`) — one draw per resample for every curve of the task, so two methods
+compared resample by resample were scored on the same redrawn questions — and refits each
+resample to its own scores.
+
 A resample is the same points with counts as weights, so every resample can start from the
 full-data optimum (it is close) and all of them are refined together by the fitter's batched
 Levenberg-Marquardt (`fitting.refine`) instead of B separate grid searches. The close start is not
@@ -19,6 +26,7 @@ over the exponents' range, and keeps its lowest optimum (`refit_weighted`).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +96,15 @@ def resample_weights(strata: np.ndarray, n_resamples: int, rng: np.random.Genera
     return np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n).astype(float)
 
 
+def question_counts(task: str, questions: int, n_resamples: int, seed: int) -> np.ndarray:
+    """Counts (B, questions): each row one redraw of the task's test questions with replacement, from a
+    stream of the study's seed and the task alone, so every curve of the task gets the same draws."""
+    rng = np.random.default_rng([seed, zlib.crc32(f"questions/{task}".encode()), questions])
+    drawn = rng.integers(0, questions, size=(n_resamples, questions))
+    flat = (np.arange(n_resamples)[:, None] * questions + drawn).ravel()
+    return np.bincount(flat, minlength=n_resamples * questions).reshape(n_resamples, questions).astype(float)
+
+
 def design_strata(xs: dict[str, np.ndarray]) -> np.ndarray:
     """The strata `bootstrap_fit` draws within: each cell's design point when every point holds two
     or more cells, else one stratum for the whole curve (see the module docstring)."""
@@ -96,10 +113,10 @@ def design_strata(xs: dict[str, np.ndarray]) -> np.ndarray:
     return points if counts.min() >= 2 else np.zeros(len(points), dtype=int)
 
 
-def refit_weighted(fit: Fit, data: LawData, weights: np.ndarray) -> np.ndarray:
-    """Every resample's fit (B, p): refined from the full-data optimum and, where it helps, from the
-    fitter's exponent scan at `SPREAD` cells per exponent (coefficients fitted to the full data there),
-    keeping each resample's lowest optimum.
+def refit_weighted(fit: Fit, data: LawData, weights: np.ndarray, logy: np.ndarray | None = None) -> np.ndarray:
+    """Every resample's fit (B, p), to its own log targets `logy` (B, n) where given: refined from the
+    full-data optimum and, where it helps, from the fitter's exponent scan at `SPREAD` cells per
+    exponent (coefficients fitted to the full data there), keeping each resample's lowest optimum.
 
     From the optimum alone a resample stayed in its basin: on budget curves that a step at the
     smallest budget and a slow power law with no floor fit about equally well, 5 % of the resamples
@@ -109,33 +126,39 @@ def refit_weighted(fit: Fit, data: LawData, weights: np.ndarray) -> np.ndarray:
     well-determined law, whose resamples all share one basin, pays SPREAD^m × `SCREEN` extra resample
     fits (m exponents: 150 for a budget law, 450 for a joint law).
     """
-    best = refine(data, np.tile(fit.theta, (len(weights), 1)), weights)
-    best_loss = _losses(data, best, weights)
+    targets = np.tile(data.logy, (len(weights), 1)) if logy is None else logy
+    best = refine(data, np.tile(fit.theta, (len(weights), 1)), weights, logy=logy)
+    best_loss = _losses(data, best, weights, targets)
     screen = np.arange(min(SCREEN, len(weights)))
     for start in scan(data, cells=SPREAD)[0]:
-        tried = _improve(data, start, weights, best, best_loss, screen)
+        tried = _improve(data, start, weights, targets, best, best_loss, screen)
         if tried.any() and len(weights) > len(screen):
-            _improve(data, start, weights, best, best_loss, np.arange(len(screen), len(weights)))
+            _improve(data, start, weights, targets, best, best_loss, np.arange(len(screen), len(weights)))
     return best
 
 
-def _improve(data: LawData, start: np.ndarray, weights: np.ndarray, best: np.ndarray, best_loss: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def _improve(
+    data: LawData, start: np.ndarray, weights: np.ndarray, logy: np.ndarray, best: np.ndarray, best_loss: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
     """Refine `rows`' resamples from `start`; where that ends lower, replace their `best` in place. Returns where it did."""
-    thetas = refine(data, np.tile(start, (len(rows), 1)), weights[rows])
-    loss = _losses(data, thetas, weights[rows])
+    thetas = refine(data, np.tile(start, (len(rows), 1)), weights[rows], logy=logy[rows])
+    loss = _losses(data, thetas, weights[rows], logy[rows])
     lower = loss < best_loss[rows] * (1 - LOWER)
     best[rows[lower]], best_loss[rows[lower]] = thetas[lower], loss[lower]
     return lower
 
 
-def _losses(data: LawData, thetas: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return np.einsum("bn,bn->b", weights, point_losses(data, thetas))
+def _losses(data: LawData, thetas: np.ndarray, weights: np.ndarray, logy: np.ndarray) -> np.ndarray:
+    return np.einsum("bn,bn->b", weights, point_losses(data, thetas, logy))
 
 
 def bootstrap_fit(
-    fit: Fit, data: LawData, n_resamples: int, rng: np.random.Generator, *, strata: np.ndarray | None = None
+    fit: Fit, data: LawData, n_resamples: int, rng: np.random.Generator, *, strata: np.ndarray | None = None,
+    resampled_y: np.ndarray | None = None,
 ) -> Bootstrap:
     """Bootstrap over cells within each stratum, by default `design_strata` (see the module docstring),
-    refitting every resample in one batch."""
+    refitting every resample in one batch; to `resampled_y` (B, n), each resample's own targets (the
+    points' losses on its redrawn questions), where given."""
     weights = resample_weights(design_strata(data.x) if strata is None else strata, n_resamples, rng)
-    return Bootstrap(fit, refit_weighted(fit, data, weights), data.x)
+    logy = None if resampled_y is None else np.log(resampled_y)
+    return Bootstrap(fit, refit_weighted(fit, data, weights, logy), data.x)

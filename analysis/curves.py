@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval
+from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval, question_counts
 from analysis.capability import X_COLUMN, Axis, family_of, get_axis, split_by_family, with_x
 from analysis.fitting import LOG_COEF_BOUNDS, NEGLIGIBLE_SHARE, Fit, FitError, LawData, fit_law, negligible_terms, unidentified
 from analysis.laws import LAWS, POWER_D, Law
@@ -249,6 +249,32 @@ class GroupJob:
         return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
 
 
+OUTCOMES = {"score": "score_outcomes"}  # metric -> the column of each test question's outcome behind it
+
+
+def outcome_matrix(rows: pd.DataFrame, metric: str) -> np.ndarray | None:
+    """The rows' test-question outcomes behind `metric` (rows, questions), 1 solved / 0 not; None where a
+    row lacks them (an older row, a metric that has none) or the rows disagree on the number of questions."""
+    column = OUTCOMES.get(metric)
+    if column is None or column not in rows or not len(rows):
+        return None
+    outcomes = [o if isinstance(o, (list, tuple, np.ndarray)) else None for o in rows[column]]
+    sizes = {len(o) for o in outcomes if o is not None}
+    if any(o is None for o in outcomes) or len(sizes) != 1 or 0 in sizes:
+        return None
+    return np.stack([np.asarray(o, dtype=float) for o in outcomes])
+
+
+def question_resampled_losses(job: GroupJob, usable: pd.DataFrame) -> np.ndarray | None:
+    """Each bootstrap resample's losses of the usable cells (B, cells) on its redrawn test questions, the
+    same draws for every group of the task (`question_counts`); None where `outcome_matrix` has none."""
+    outcomes = outcome_matrix(usable, job.metric)
+    if outcomes is None:
+        return None
+    counts = question_counts(job.task, outcomes.shape[1], job.bootstrap, job.seed)
+    return to_loss(counts @ outcomes.T / outcomes.shape[1], job.metric)
+
+
 def fit_group(job: GroupJob) -> LawFit:
     """Fit `job.law` to a group of rows, with bootstrap CIs and a leave-the-top-out error.
 
@@ -286,7 +312,8 @@ def fit_group(job: GroupJob) -> LawFit:
         return unfitted(str(err))
     try:
         fit = fit_law(data)
-        boot = bootstrap_fit(fit, data, job.bootstrap, job.rng()) if job.bootstrap > 0 else None
+        resampled = question_resampled_losses(job, usable) if job.bootstrap > 0 else None
+        boot = bootstrap_fit(fit, data, job.bootstrap, job.rng(), resampled_y=resampled) if job.bootstrap > 0 else None
     except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError) as err:  # one bad group must not sink the rest
         return unfitted(f"fit failed: {err}")
     error = _holdout_error(law, points, metric, held)

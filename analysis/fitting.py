@@ -299,8 +299,11 @@ class _Inputs:
         return np.add.reduceat(x, self.starts, axis=-1)
 
 
-def refine(data: LawData, thetas: np.ndarray, weights: np.ndarray | None = None, iterations: int = 400) -> np.ndarray:
-    """Minimise the (weighted) approach-3 loss from each row of `thetas` (B, p), all at once.
+def refine(
+    data: LawData, thetas: np.ndarray, weights: np.ndarray | None = None, iterations: int = 400, logy: np.ndarray | None = None
+) -> np.ndarray:
+    """Minimise the (weighted) approach-3 loss from each row of `thetas` (B, p), all at once; against
+    `logy` (B, n), each resample's own log targets, where given, else the data's.
 
     Levenberg-Marquardt with a per-resample damping that only accepts steps that lower that
     resample's Huber loss, so every resample ends no worse than its start. Each step solves two
@@ -315,26 +318,29 @@ def refine(data: LawData, thetas: np.ndarray, weights: np.ndarray | None = None,
     lo, hi = np.array(theta_bounds(data.law)).T
     k = len(data.law.coefs)
     inputs = _Inputs.of(data)
-    logy = data.logy[inputs.order]
+    targets = (data.logy[None, :] if logy is None else np.asarray(logy, dtype=float))[:, inputs.order]
     weights = np.ones((len(thetas), data.n)) if weights is None else np.asarray(weights, dtype=float)[:, inputs.order]
 
-    def residuals(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logp, soft = log_predict(theta, inputs.g, k)
-        return logp[:, inputs.index] - logy, soft
+    def of(rows: np.ndarray) -> np.ndarray:  # the targets of these resamples: one shared row, or each its own
+        return targets if len(targets) == 1 else targets[rows]
 
-    def losses_at(theta: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return np.einsum("bn,bn->b", w, huber(residuals(theta)[0]))
+    def residuals(theta: np.ndarray, ly: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logp, soft = log_predict(theta, inputs.g, k)
+        return logp[:, inputs.index] - ly, soft
+
+    def losses_at(theta: np.ndarray, w: np.ndarray, ly: np.ndarray) -> np.ndarray:
+        return np.einsum("bn,bn->b", w, huber(residuals(theta, ly)[0]))
 
     thetas = np.array(thetas, dtype=float)
-    losses = losses_at(thetas, weights)
+    losses = losses_at(thetas, weights, targets)
     damping = np.full(len(weights), 1e-3)
     active = np.arange(len(weights))  # resamples still improving
     eye = np.eye(thetas.shape[1])
     for _ in range(iterations):
         if len(active) == 0:
             break
-        theta, w = thetas[active], weights[active]
-        r, soft = residuals(theta)
+        theta, w, ly = thetas[active], weights[active], of(active)
+        r, soft = residuals(theta, ly)
         jac = jacobian(soft, inputs.g)  # (b, U, p)
         a = np.abs(r)
         grad = np.einsum("bup,bu->bp", jac, inputs.per_input(w * np.clip(r, -HUBER_DELTA, HUBER_DELTA)))
@@ -352,7 +358,7 @@ def refine(data: LawData, thetas: np.ndarray, weights: np.ndarray | None = None,
             diag = np.einsum("bpp->bp", jtj)[:, :, None] * eye
             step = _solve(jtj + lam * (diag + 1e-12 * eye), -grad[..., None])[..., 0]
             candidate = np.clip(theta + step, lo, hi)
-            candidate_loss = losses_at(candidate, w)
+            candidate_loss = losses_at(candidate, w, ly)
             take = candidate_loss < best_loss
             best_theta = np.where(take[:, None], candidate, best_theta)
             best_loss = np.where(take, candidate_loss, best_loss)
@@ -389,9 +395,10 @@ def scan(data: LawData, *, cells: int = 30, chunk: int = 256) -> tuple[np.ndarra
     return np.concatenate([log_coefs, exps], axis=1), np.concatenate(losses)
 
 
-def point_losses(data: LawData, thetas: np.ndarray) -> np.ndarray:
-    """Each point's Huber loss under each of `thetas` (B, p): (B, n). A weight vector's loss is then one product."""
-    return huber(log_predict(thetas, data.g, len(data.law.coefs))[0] - data.logy)
+def point_losses(data: LawData, thetas: np.ndarray, logy: np.ndarray | None = None) -> np.ndarray:
+    """Each point's Huber loss under each of `thetas` (B, p): (B, n), against `logy` (B, n) where given.
+    A weight vector's loss is then one product."""
+    return huber(log_predict(thetas, data.g, len(data.law.coefs))[0] - (data.logy if logy is None else logy))
 
 
 def fit_law(data: LawData, *, cells: int = 30, polish: int = 4) -> Fit:

@@ -21,6 +21,7 @@ from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
 from analysis.composition import CompositionGain, Welch, holm
 from analysis.crossover import Crossover
+from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, resolve, unplanned_note
@@ -73,7 +74,9 @@ def _overview(a: Analysis) -> list[Block]:
         f"N in the joint laws is `{a.x}`. "
         + ("Intervals are 95 % percentile bootstrap intervals over cells, redrawn within each budget (each (N, D) for the joint "
            "laws) where every one has two or more seeds — with n seeds per point they carry about (n − 1)/n of the sampling "
-           "variance — and over the whole curve where some point was measured once; composition gains have Welch t-intervals over seeds."
+           "variance — and over the whole curve where some point was measured once; where the rows store each test question's "
+           "outcome, every resample also redraws the task's test questions (one draw per resample for all its cells, so methods "
+           "compared on it stay paired) and refits to the scores on them; composition gains have Welch t-intervals over seeds."
            if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
@@ -88,21 +91,24 @@ def _overview(a: Analysis) -> list[Block]:
 
 
 def _test_noise(a: Analysis) -> str | None:
-    """What the seed bootstrap leaves out: every cell of a task is scored on the same test questions."""
+    """What the bootstrap leaves out for tasks whose rows do not store their questions' outcomes (older
+    rows, a task that records none): every cell of a task is scored on the same test questions."""
     ok = a.loaded.ok
     if a.metric == "nll" or not len(ok):
         return None
     parts = []
-    for task, scores in ok.groupby("task")[a.metric]:
-        noise = question_sampling_sd(scores.to_numpy(dtype=float))
-        if noise is not None:
+    for task, rows in ok.groupby("task"):
+        noise = question_sampling_sd(rows[a.metric].to_numpy(dtype=float))
+        if noise is not None and outcome_matrix(rows, a.metric) is None:
             parts.append(f"`{task}` about {noise[0]} questions, ±{noise[1]:.2g} sd at its mean score")
     if not parts:
         return None
-    return ("The intervals redraw seeds, and every seed is scored on the same test questions, so they leave out how far the "
-            "scores would move on another draw of questions from the task (binomial, judged from the step the scores move in: "
-            + "; ".join(parts) + "). Methods share the questions, so that noise moves their curves partly together; "
-            "a larger eval.test_size shrinks it. An interval narrower than it is a statement about these questions.")
+    return ("These rows do not store their test questions' outcomes (rows from before schema 3, or a task that records none), "
+            "so the intervals redraw seeds only, and every seed is "
+            "scored on the same questions: they leave out how far the scores would move on another draw of questions from the "
+            "task (binomial, judged from the step the scores move in: " + "; ".join(parts) + "). Methods share the questions, "
+            "so that noise moves their curves partly together; a larger eval.test_size shrinks it. An interval narrower "
+            "than it is a statement about these questions.")
 
 
 def _findings(a: Analysis) -> list[Block]:

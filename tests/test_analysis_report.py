@@ -48,8 +48,9 @@ def test_report_on_a_full_grid(tmp_path: Path) -> None:
 
 
 def test_the_report_says_the_seed_intervals_leave_out_the_test_questions_own_noise(tmp_path: Path) -> None:
-    """Scores that move in steps of 1/40 were measured on 40 questions: the report gives their binomial sd, which
-    redrawing seeds (all scored on those questions) cannot carry; a continuous metric gets no such paragraph."""
+    """Rows without their questions' outcomes, scores in steps of 1/40: measured on 40 questions, whose binomial sd
+    the report gives, as redrawing seeds (all scored on those questions) cannot carry it; a continuous metric gets
+    no such paragraph (tests/test_question_bootstrap.py: rows with outcomes get their questions redrawn)."""
     rows = synthetic_rows({("facts", "steer_mean", "m1"): STEER, ("facts", "lora", "m1"): TUNE}, {"m1": 1_000_000}, BUDGETS,
                           seeds=2, noise=0.01, rng=np.random.default_rng(0))  # fmt: skip
     write_cells(tmp_path, [dict(row, score=round(row["score"] * 40) / 40) for row in rows])
@@ -58,7 +59,7 @@ def test_the_report_says_the_seed_intervals_leave_out_the_test_questions_own_noi
     mean = np.mean([round(row["score"] * 40) / 40 for row in rows])
     assert f"`facts` about 40 questions, ±{np.sqrt(mean * (1 - mean) / 40):.2g} sd at its mean score" in markdown
     analysis.write_report(str(tmp_path), bootstrap=20, metric="nll")
-    assert "same test questions" not in (tmp_path / "report" / "report.md").read_text()
+    assert "about 40 questions" not in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_the_report_saves_the_fits_it_reports(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from workers.cell import CellConfig, EvalConfig, ModelSpec
 from workers.methods import resolve_config
 from workers.run_cell import CellRun, main, model_revision, run_cell
 
-MEASURED = ("score", "score_base", "nll", "nll_base", "neutral_kl", "neutral_ppl_ratio", "offtask_score_delta",
+MEASURED = ("score", "score_outcomes", "score_base", "nll", "nll_base", "neutral_kl", "neutral_ppl_ratio", "offtask_score_delta",
             "trainable_params", "post_train_flops", "train_tokens", "layer", "alpha", "hparams")
 
 
@@ -196,6 +196,8 @@ def test_a_rows_base_columns_are_the_base_models_and_its_deltas_are_adapted_minu
     monkeypatch.setattr(arith, "evaluate", lambda self, lm, examples: scores.append(evaluate(self, lm, examples)) or scores[-1])
     row = _measured(run_cell(lora, CellRun(cache=WorkerCache())))
     assert (row["nll_base"], row["score_base"]) == (base["nll"], base["score"]) and row["nll"] != row["nll_base"]
+    # the test questions' own outcomes, in order, behind the score: what analysis redraws (analysis/bootstrap.py)
+    assert len(row["score_outcomes"]) == 40 and sum(row["score_outcomes"]) / 40 == row["score"]
     assert len(scores) == 2 and scores[0].score != scores[1].score, "the LoRA must move the off-task score for the sign to show"
     assert row["offtask_score_delta"] == pytest.approx(scores[1].score - scores[0].score)
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from workers.config import StrictConfig
-from workers.schema import SCHEMA_VERSION
+from workers.schema import ID_SCHEMA_VERSION
 
 LADDER_PREFIX = "ladder:"
 
@@ -115,7 +115,7 @@ class CellConfig(StrictConfig):
     seed: int
     eval: EvalConfig = EvalConfig()
     offtask: tuple[str, ...] = Field((), description="the sweep's other tasks, scored for selectivity")
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = ID_SCHEMA_VERSION  # in the id: see workers/schema.py
 
     @property
     def cell_id(self) -> str:

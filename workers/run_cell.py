@@ -227,6 +227,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "task_type": task.task_type,
         "train_tokens": report.train_tokens,
         "score": result.score,
+        "score_outcomes": list(result.outcomes) or None,
         "score_base": base.test.score,
         "score_elicited": base.elicited.score if base.elicited else None,
         "nll": result.nll,

@@ -2,15 +2,20 @@
 
 Every package agrees on these column names; `analysis` reads them by name from Parquet, the
 orchestrator writes them through `orchestrator.store`, and `workers.run_cell` fills them in.
-Bump SCHEMA_VERSION whenever a column is added, removed or changes meaning: it is part of every
-cell id, so a new schema never silently mixes with rows written under the old one.
+Bump SCHEMA_VERSION whenever a column is added, removed or changes meaning, and ID_SCHEMA_VERSION,
+which is part of every cell id, with it unless rows written under the old one stay valid for every
+reader: then a stored sweep resumes instead of running every cell again, and its old rows never
+silently mix with rows whose columns mean something else.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2  # 2: base_neutral_nll, base_neutral_nll_per_byte
+SCHEMA_VERSION = 3  # 2: base_neutral_nll, base_neutral_nll_per_byte; 3: score_outcomes
+# 3 only added a column analysis does without where a row lacks it (its intervals then redraw seeds
+# only, and the report says so), so the cells of a sweep stored under 2 keep their ids.
+ID_SCHEMA_VERSION = 2
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -32,6 +37,9 @@ RESULT_SCHEMA = pa.schema(
         pa.field("train_tokens", pa.int64()),
         pa.field("seed", pa.int64()),
         pa.field("score", pa.float64()),
+        # each test example's result behind `score` (True: solved), in the test split's order: the same
+        # examples for every cell of a task, so analysis redraws them together with the seeds
+        pa.field("score_outcomes", pa.list_(pa.bool_())),
         pa.field("score_base", pa.float64()),
         pa.field("score_elicited", pa.float64()),
         pa.field("nll", pa.float64()),

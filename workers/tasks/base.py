@@ -37,10 +37,22 @@ class Example:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """A model's result on a list of examples: task score in [0, 1] and mean target NLL (nats/token)."""
+    """A model's result on a list of examples: task score in [0, 1] and mean target NLL (nats/token).
+
+    `outcomes` are the examples' own results (True: solved), in order, where the score is their
+    mean: every cell of a task is scored on the same test examples, so analysis can redraw the
+    examples themselves, the same draw for every cell, and its intervals carry the test set's noise.
+    """
 
     score: float
     nll: float
+    outcomes: tuple[bool, ...] = ()
+
+    @classmethod
+    def of(cls, outcomes: Sequence[bool], nll: float) -> Evaluation:
+        """The score is the share of `outcomes` that are True (0 for no examples)."""
+        solved = tuple(bool(o) for o in outcomes)
+        return cls(score=sum(solved) / max(len(solved), 1), nll=nll, outcomes=solved)
 
 
 class Task(Protocol):
@@ -88,7 +100,7 @@ def score_choices(lm: LanguageModel, examples: Sequence[Example], *, elicited: b
     """Accuracy of argmax-likelihood over each example's choices, plus the target's NLL."""
     logprobs = lm.choice_logprobs(prompts_of(examples, elicited=elicited), [ex.choices for ex in examples])
     correct = [ex.choices[max(range(len(lp)), key=lp.__getitem__)] == ex.target for ex, lp in zip(examples, logprobs)]
-    return Evaluation(score=sum(correct) / max(len(correct), 1), nll=target_nll(lm, examples, elicited=elicited))
+    return Evaluation.of(correct, target_nll(lm, examples, elicited=elicited))
 
 
 def answer_contrast(examples: Sequence[Example]) -> list[tuple[str, str]]:

@@ -75,4 +75,4 @@ class FunctionCalling:
     def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
         outputs = lm.generate(prompts_of(examples, elicited=elicited), MAX_NEW_TOKENS)
         correct = [canonical_calls(out) == frozenset(ex.meta["calls"]) for out, ex in zip(outputs, examples)]
-        return Evaluation(score=sum(correct) / max(len(correct), 1), nll=target_nll(lm, examples, elicited=elicited))
+        return Evaluation.of(correct, target_nll(lm, examples, elicited=elicited))

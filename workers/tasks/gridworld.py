@@ -179,7 +179,7 @@ class Gridworld:
 
     def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
         wins = run_episodes(lm_policy(lm), examples, elicited=elicited)
-        return Evaluation(score=sum(wins) / max(len(wins), 1), nll=target_nll(lm, examples, elicited=elicited))
+        return Evaluation.of(wins, target_nll(lm, examples, elicited=elicited))
 
     def documents(self, n: int, rng: random.Random, min_words: int = 96) -> list[str]:
         """Pretraining documents: one persona each, several episodes."""

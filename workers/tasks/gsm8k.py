@@ -70,4 +70,4 @@ class GSM8K:
     def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
         outputs = lm.generate(prompts_of(examples, elicited=elicited), MAX_NEW_TOKENS)
         correct = [final_answer(out) == ex.meta["answer"] for out, ex in zip(outputs, examples)]
-        return Evaluation(score=sum(correct) / max(len(correct), 1), nll=target_nll(lm, examples, elicited=elicited))
+        return Evaluation.of(correct, target_nll(lm, examples, elicited=elicited))

@@ -1,0 +1,94 @@
+"""The bootstrap redraws the test questions too: every cell of a task is scored on the same ones.
+
+Redrawing seeds alone, cells that agree across seeds (a deterministic model, greedy decoding) give
+intervals of zero width around whatever this test set happened to say; a test set drawn from the
+task is what an interval has to cover.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_analysis_results import write_cells
+
+import analysis
+from analysis.bootstrap import percentile_interval, question_counts
+from analysis.curves import GroupJob, fit_group, outcome_matrix
+from analysis.laws import POWER_D
+
+BUDGETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+QUESTIONS = 40
+
+
+def population_score(budget: np.ndarray) -> np.ndarray:
+    """The task's true score: the share of all its questions solved at a budget (S∞ = 0.65)."""
+    return 0.65 - 0.6 * np.asarray(budget, dtype=float) ** -0.4
+
+
+def rows_on_one_test_set(rng: np.random.Generator, *, outcomes: bool) -> pd.DataFrame:
+    """Two seeds per budget that agree: a question is solved once the budget's score passes its difficulty,
+    drawn uniform, so each cell's score is this test set's estimate of `population_score`."""
+    difficulty = rng.random(QUESTIONS)
+    rows = []
+    for budget in BUDGETS:
+        solved = difficulty < population_score(budget)
+        for seed in (0, 1):
+            rows.append({"status": "ok", "task": "t", "method": "lora", "model": "m", "budget": budget, "seed": seed,
+                         "params_nonembed": 1e6, "score": solved.mean(), "score_outcomes": list(solved) if outcomes else None})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def asymptote_interval(rows: pd.DataFrame, seed: int) -> tuple[float, float]:
+    fitted = fit_group(GroupJob("t", "lora", "m", POWER_D, rows, "score", None, 200, seed))
+    return percentile_interval(fitted.asymptote_samples())
+
+
+def test_every_curve_of_a_task_gets_the_same_question_draws() -> None:
+    """One draw per resample for the whole task: methods compared resample by resample stay paired."""
+    draws = question_counts("facts", QUESTIONS, 50, seed=3)
+    assert np.array_equal(draws, question_counts("facts", QUESTIONS, 50, seed=3))
+    assert (draws.sum(axis=1) == QUESTIONS).all() and draws.max() > 1  # with replacement
+    assert not np.array_equal(draws, question_counts("arith", QUESTIONS, 50, seed=3))
+
+
+def test_redrawn_questions_give_seeds_that_agree_an_interval_that_covers_the_task() -> None:
+    """20 test sets of 40 questions: S∞'s 95 % interval covers the task's 0.65 for most of them when the
+    questions are redrawn; from the seeds alone it has zero width and covers it by luck only."""
+    rng = np.random.default_rng(0)
+    covered = {True: 0, False: 0}
+    widths = []
+    for rep in range(20):
+        with_outcomes = rows_on_one_test_set(rng, outcomes=True)
+        for redraw in (True, False):
+            rows = with_outcomes if redraw else with_outcomes.assign(score_outcomes=None)
+            lo, hi = asymptote_interval(rows, rep)
+            covered[redraw] += lo <= 0.65 <= hi
+            if redraw:
+                widths.append(hi - lo)
+            else:
+                assert hi - lo < 1e-6
+    assert covered[True] >= 16 and covered[False] <= 4, covered
+    # about 2 × 1.96 binomial sds of a score near .6 on 40 questions (0.3), more where S∞ is extrapolated
+    assert 0.1 < np.median(widths) < 0.6
+
+
+def test_rows_without_every_outcome_or_with_different_test_sizes_are_not_redrawn() -> None:
+    rows = rows_on_one_test_set(np.random.default_rng(1), outcomes=True)
+    assert outcome_matrix(rows, "score").shape == (len(rows), QUESTIONS)
+    assert outcome_matrix(rows, "nll") is None  # a metric with no outcomes behind it
+    assert outcome_matrix(rows.assign(score_outcomes=[None] + list(rows["score_outcomes"][1:])), "score") is None
+    shorter = list(rows["score_outcomes"])
+    shorter[0] = shorter[0][:-1]
+    assert outcome_matrix(rows.assign(score_outcomes=shorter), "score") is None
+    assert np.allclose(outcome_matrix(rows, "score").mean(axis=1), rows["score"]) or pytest.fail("outcomes disagree with scores")
+
+
+def test_the_report_states_the_questions_noise_only_where_it_could_not_redraw_them(tmp_path) -> None:
+    """Rows with every outcome: the intervals carry the questions' noise, and no caveat is printed for them."""
+    rows = rows_on_one_test_set(np.random.default_rng(2), outcomes=True)
+    rows = rows.assign(cell_id=[f"c{i}" for i in range(len(rows))], slug=lambda f: f["cell_id"], sweep="s", schema_version=3)
+    write_cells(tmp_path, rows.to_dict("records"))
+    analysis.write_report(str(tmp_path), bootstrap=20)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "redraws the task's test questions" in markdown and "questions, ±" not in markdown
