@@ -70,6 +70,21 @@ def test_reading_some_layers_stops_the_forward_after_the_deepest(arch):
     assert not any(layer._forward_hooks for layer in decoder_layers(lm.model))
 
 
+def test_an_architecture_not_known_to_allow_it_runs_the_deepest_mlp_whole(monkeypatch):
+    """Falcon adds the attention output into the MLP's output in place: a one-row MLP output would not take it."""
+    lm = language_model("llama")
+    b = batch(lm)
+    expected = last_token_states(lm.model, b.input_ids, b.attention_mask, [1])
+    monkeypatch.setattr(lm.model.config, "model_type", "falcon")
+    shapes = []
+    handle = decoder_layers(lm.model)[1].mlp.register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
+    try:
+        got = last_token_states(lm.model, b.input_ids, b.attention_mask, [1])
+    finally:
+        handle.remove()
+    assert shapes == [(*b.input_ids.shape, lm.model.config.hidden_size)] and torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_mean_difference_is_independent_of_batching_and_order(arch):
     """Sorted, deduplicated, mixed positive/negative batches give the plain per-side means of one text at a time."""

@@ -181,17 +181,29 @@ def matmul_params_through(model: nn.Module, layer: int) -> int:
     return sum(p.numel() for block in decoder_layers(model)[: layer + 1] for p in block.parameters())
 
 
-def _last_token_mlp(block: nn.Module) -> nn.Module | None:
-    """The block's position-wise MLP, which `last_token_states` runs on each text's last token alone
-    when the block is the deepest one read; None where the block names it otherwise (OPT's fc1/fc2)."""
-    mlp = getattr(block, "mlp", None)
+# Model types whose decoder layer adds its MLP's output to the residual out of place, position by
+# position (read in transformers' modeling files), so `last_token_states` can run the deepest block's
+# MLP on the last tokens alone. Elsewhere it runs whole: Falcon adds the attention output into the
+# MLP's output in place, which a one-row output cannot take.
+_LAST_TOKEN_MLP_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "gemma3_text",
+    "phi", "phi3", "olmo2", "gpt2", "gpt_neox", "gptj",
+})  # fmt: skip
+
+
+def _last_token_mlp(model: nn.Module, layer: int) -> nn.Module | None:
+    """Decoder layer `layer`'s position-wise MLP where the model's type is known to allow running it on
+    the last tokens alone (`_LAST_TOKEN_MLP_TYPES`); None where it must run whole."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in _LAST_TOKEN_MLP_TYPES:
+        return None
+    mlp = getattr(decoder_layers(model)[layer], "mlp", None)
     return mlp if isinstance(mlp, nn.Module) else None
 
 
 def last_token_flops(model: nn.Module, layer: int, tokens: int, texts: int) -> float:
     """FLOPs of `last_token_states` reading up to decoder layer `layer` over `texts` texts of `tokens`
     tokens in all: 2 · N · tokens through the blocks, but the deepest block's MLP counts `texts` only."""
-    mlp = _last_token_mlp(decoder_layers(model)[layer])
+    mlp = _last_token_mlp(model, layer)
     mlp_params = 0 if mlp is None else sum(p.numel() for p in mlp.parameters())
     return 2.0 * (matmul_params_through(model, layer) - mlp_params) * tokens + 2.0 * mlp_params * texts
 
@@ -232,7 +244,7 @@ def last_token_states(
         return (hidden[rows.to(hidden.device), last.to(hidden.device)].unsqueeze(1), *args[1:])
 
     handles = [blocks[i].register_forward_hook(read(i)) for i in set(wanted)]
-    mlp = _last_token_mlp(blocks[deepest])
+    mlp = _last_token_mlp(model, deepest)
     if mlp is not None:
         handles.append(mlp.register_forward_pre_hook(last_rows_only))
     try:
