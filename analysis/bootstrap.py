@@ -46,6 +46,8 @@ class Bootstrap:
     fit: Fit
     thetas: np.ndarray
     x: dict[str, np.ndarray]  # the points' inputs: over them a term must matter for its exponent to mean anything
+    questions: int = 0  # test questions each resample redrew (`question_counts`); 0: seeds only
+    question_seed: int = 0  # the study seed those draws came from: the base level redraws the same ones
 
     def params(self) -> dict[str, np.ndarray]:
         """Natural parameters per resample: coefficients exponentiated, exponents as they are."""
@@ -152,13 +154,23 @@ def _losses(data: LawData, thetas: np.ndarray, weights: np.ndarray, logy: np.nda
     return np.einsum("bn,bn->b", weights, point_losses(data, thetas, logy))
 
 
+@dataclass(frozen=True)
+class QuestionDraws:
+    """The points' losses on each resample's redrawn questions (B, n), and the draws they came from."""
+
+    losses: np.ndarray
+    questions: int
+    seed: int
+
+
 def bootstrap_fit(
     fit: Fit, data: LawData, n_resamples: int, rng: np.random.Generator, *, strata: np.ndarray | None = None,
-    resampled_y: np.ndarray | None = None,
+    redrawn: QuestionDraws | None = None,
 ) -> Bootstrap:
     """Bootstrap over cells within each stratum, by default `design_strata` (see the module docstring),
-    refitting every resample in one batch; to `resampled_y` (B, n), each resample's own targets (the
-    points' losses on its redrawn questions), where given."""
+    refitting every resample in one batch; each to its own targets on its redrawn questions, where given."""
     weights = resample_weights(design_strata(data.x) if strata is None else strata, n_resamples, rng)
-    logy = None if resampled_y is None else np.log(resampled_y)
-    return Bootstrap(fit, refit_weighted(fit, data, weights, logy), data.x)
+    if redrawn is None:
+        return Bootstrap(fit, refit_weighted(fit, data, weights), data.x)
+    thetas = refit_weighted(fit, data, weights, np.log(redrawn.losses))
+    return Bootstrap(fit, thetas, data.x, redrawn.questions, redrawn.seed)

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval, question_counts
+from analysis.bootstrap import CI_LEVEL, Bootstrap, QuestionDraws, bootstrap_fit, percentile_interval, question_counts
 from analysis.capability import X_COLUMN, Axis, family_of, get_axis, split_by_family, with_x
 from analysis.fitting import LOG_COEF_BOUNDS, NEGLIGIBLE_SHARE, Fit, FitError, LawData, fit_law, negligible_terms, unidentified
 from analysis.laws import LAWS, POWER_D, Law
@@ -265,14 +265,21 @@ def outcome_matrix(rows: pd.DataFrame, metric: str) -> np.ndarray | None:
     return np.stack([np.asarray(o, dtype=float) for o in outcomes])
 
 
-def question_resampled_losses(job: GroupJob, usable: pd.DataFrame) -> np.ndarray | None:
-    """Each bootstrap resample's losses of the usable cells (B, cells) on its redrawn test questions, the
-    same draws for every group of the task (`question_counts`); None where `outcome_matrix` has none."""
-    outcomes = outcome_matrix(usable, job.metric)
+def redrawn_scores(rows: pd.DataFrame, metric: str, task: str, n_resamples: int, seed: int) -> np.ndarray | None:
+    """Each row's metric on each resample's redrawn test questions (B, rows), the same draws for every
+    group of the task (`question_counts`); None where `outcome_matrix` has no outcomes."""
+    outcomes = outcome_matrix(rows, metric)
     if outcomes is None:
         return None
-    counts = question_counts(job.task, outcomes.shape[1], job.bootstrap, job.seed)
-    return to_loss(counts @ outcomes.T / outcomes.shape[1], job.metric)
+    return question_counts(task, outcomes.shape[1], n_resamples, seed) @ outcomes.T / outcomes.shape[1]
+
+
+def question_draws(job: GroupJob, usable: pd.DataFrame) -> QuestionDraws | None:
+    """The usable cells' losses on each resample's redrawn questions, for `bootstrap_fit`."""
+    scores = redrawn_scores(usable, job.metric, job.task, job.bootstrap, job.seed)
+    if scores is None:
+        return None
+    return QuestionDraws(to_loss(scores, job.metric), len(usable[OUTCOMES[job.metric]].iloc[0]), job.seed)
 
 
 def fit_group(job: GroupJob) -> LawFit:
@@ -312,8 +319,7 @@ def fit_group(job: GroupJob) -> LawFit:
         return unfitted(str(err))
     try:
         fit = fit_law(data)
-        resampled = question_resampled_losses(job, usable) if job.bootstrap > 0 else None
-        boot = bootstrap_fit(fit, data, job.bootstrap, job.rng(), resampled_y=resampled) if job.bootstrap > 0 else None
+        boot = bootstrap_fit(fit, data, job.bootstrap, job.rng(), redrawn=question_draws(job, usable)) if job.bootstrap > 0 else None
     except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError) as err:  # one bad group must not sink the rest
         return unfitted(f"fit failed: {err}")
     error = _holdout_error(law, points, metric, held)

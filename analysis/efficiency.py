@@ -5,7 +5,9 @@ the asymptotic gain is L0 − E and x % of it is reached at D_x = (B / ((1 − x
 A method whose asymptote is no better than the base model has no D_x. A D_x outside the measured
 budgets is the law's extrapolation (a flat curve puts it at 1e-180), so it is marked as such. A
 resample that never reaches the gain counts as needing more than any budget, as D* counts a
-resample that does not cross: leaving it out would pull the interval's upper end down.
+resample that does not cross: leaving it out would pull the interval's upper end down. Where the
+curve's resamples redrew the test questions, the base level is the `base` cells' score on the same
+redrawn questions in each resample (it moves with them); else the measured one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.crossover import censored_interval
-from analysis.curves import LawFit
+from analysis.curves import OUTCOMES, LawFit, redrawn_scores
 from analysis.fitting import NEGLIGIBLE_SHARE
 from analysis.metrics import BASE_COLUMN, to_loss
 
@@ -68,6 +70,19 @@ def base_level(ok: pd.DataFrame, task: str, model: str, metric: str) -> float:
     return float(values.mean()) if len(values) else np.nan
 
 
+def redrawn_base_loss(ok: pd.DataFrame, curve: LawFit) -> np.ndarray | None:
+    """The base model's loss on each of the curve's resamples' redrawn questions (B,): the mean over its
+    `base` cells; None where the curve redrew none or the base cells lack the same questions' outcomes."""
+    boot = curve.boot
+    if boot is None or not boot.questions:
+        return None
+    rows = ok[(ok["task"] == curve.task) & (ok["model"] == curve.model) & (ok["method"] == "base")]
+    scores = redrawn_scores(rows, curve.metric, curve.task, len(boot.thetas), boot.question_seed)
+    if scores is None or len(rows[OUTCOMES[curve.metric]].iloc[0]) != boot.questions:
+        return None
+    return to_loss(scores.mean(axis=1), curve.metric)
+
+
 def data_efficiency(fits: list[LawFit], ok: pd.DataFrame, fractions: tuple[float, ...] = FRACTIONS) -> list[DataEfficiency]:
     result = []
     for curve in (f for f in fits if f.ok and not f.joint):
@@ -75,9 +90,11 @@ def data_efficiency(fits: list[LawFit], ok: pd.DataFrame, fractions: tuple[float
         if not np.isfinite(base):
             continue
         base_loss = float(to_loss(np.array([base]), curve.metric)[0])
+        redrawn = redrawn_base_loss(ok, curve)
         for fraction in fractions:
             point = float(examples_to_reach(curve.fit.params, base_loss, fraction)[0])
-            samples = examples_to_reach(curve.boot.params(), base_loss, fraction) if curve.boot else np.array([])
+            resampled_base = base_loss if redrawn is None else redrawn
+            samples = examples_to_reach(curve.boot.params(), resampled_base, fraction) if curve.boot else np.array([])
             lo, hi = censored_interval(np.where(np.isnan(samples), np.inf, samples))
             share = float((~np.isnan(samples)).mean()) if len(samples) else np.nan  # inf: a D_x past float range, still one
             result.append(DataEfficiency(curve.task, curve.method, curve.model, curve.n_params, fraction, point, lo, hi, share,

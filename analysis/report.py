@@ -21,7 +21,6 @@ from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
 from analysis.composition import CompositionGain, Welch, holm
 from analysis.crossover import Crossover
-from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, resolve, unplanned_note
@@ -91,24 +90,25 @@ def _overview(a: Analysis) -> list[Block]:
 
 
 def _test_noise(a: Analysis) -> str | None:
-    """What the bootstrap leaves out for tasks whose rows do not store their questions' outcomes (older
+    """What the bootstrap leaves out for fits whose rows do not all store their questions' outcomes (older
     rows, a task that records none): every cell of a task is scored on the same test questions."""
     ok = a.loaded.ok
     if a.metric == "nll" or not len(ok):
         return None
     parts = []
     for task, rows in ok.groupby("task"):
+        boots = [f.boot for f in a.fits if f.task == task and f.boot is not None]
+        seeds_only = sum(not boot.questions for boot in boots)
         noise = question_sampling_sd(rows[a.metric].to_numpy(dtype=float))
-        if noise is not None and outcome_matrix(rows, a.metric) is None:
-            parts.append(f"`{task}` about {noise[0]} questions, ±{noise[1]:.2g} sd at its mean score")
+        if seeds_only and noise is not None:
+            parts.append(f"`{task}` ({seeds_only} of its {len(boots)} fits) about {noise[0]} questions, ±{noise[1]:.2g} sd at its mean score")
     if not parts:
         return None
-    return ("These rows do not store their test questions' outcomes (rows from before schema 3, or a task that records none), "
-            "so the intervals redraw seeds only, and every seed is "
-            "scored on the same questions: they leave out how far the scores would move on another draw of questions from the "
-            "task (binomial, judged from the step the scores move in: " + "; ".join(parts) + "). Methods share the questions, "
-            "so that noise moves their curves partly together; a larger eval.test_size shrinks it. An interval narrower "
-            "than it is a statement about these questions.")
+    return ("Some fits' rows do not all store their test questions' outcomes (rows from before schema 3, or a task that records "
+            "none), so their intervals redraw seeds only, and every seed is scored on the same questions: they leave out how far "
+            "the scores would move on another draw of questions from the task (binomial, judged from the step the scores move in: "
+            + "; ".join(parts) + "). Methods share the questions, so that noise moves their curves partly together; a larger "
+            "eval.test_size shrinks it. An interval narrower than it is a statement about these questions.")
 
 
 def _findings(a: Analysis) -> list[Block]:

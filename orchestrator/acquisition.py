@@ -16,7 +16,10 @@ Both phases are pure functions of the planned cells, the stored rows and the cur
    asked, every curve's exponent β. Each target's uncertainty comes from the bootstrap resamples
    of the fits: per resample, D\\* is where that resample's two curves cross (censored at the end
    of the budget range when they do not, so "no crossover" is an answer with a width too). A
-   target is resolved when its 95% percentile interval is narrower than its goal.
+   target is resolved when its 95% percentile interval is narrower than its goal. The resamples
+   redraw seeds only, not the test questions as the report's do (analysis/bootstrap.py): the
+   questions' noise is the same whatever cells run next (only a larger test set shrinks it), so
+   it would only put a floor under every width that no choice of cells can move.
 
    A candidate cell measures one curve's loss at one budget. The bootstrap resamples form an
    ensemble: the same resamples give the curve's predicted log-loss f(D) at every budget and

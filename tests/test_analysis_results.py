@@ -293,7 +293,7 @@ def test_the_data_efficiency_interval_counts_the_resamples_that_never_reach_the_
     rng = np.random.default_rng(0)
     params = {"E": np.where(np.arange(100) < 20, 0.85, 0.3), "B": rng.uniform(0.8, 1.2, 100), "beta": np.full(100, 0.5)}
     curve = SimpleNamespace(ok=True, joint=False, task="t", method="lora", model="m", n_params=1e6, metric="score",
-                            fit=SimpleNamespace(params={"E": 0.3, "B": 1.0, "beta": 0.5}), boot=SimpleNamespace(params=lambda: params),
+                            fit=SimpleNamespace(params={"E": 0.3, "B": 1.0, "beta": 0.5}), boot=SimpleNamespace(params=lambda: params, questions=0),
                             points=SimpleNamespace(d=np.array([4.0, 1024.0])))  # fmt: skip
     base = pd.DataFrame({"task": ["t"], "model": ["m"], "method": ["base"], "score_base": [0.2]})  # base loss 0.8
     (half,) = data_efficiency([curve], base, fractions=(0.5,))
@@ -319,7 +319,7 @@ def test_a_d_x_past_float_range_is_counted_as_one_not_as_none() -> None:
     assert np.isposinf(d).all()
     params = {"E": np.zeros(10), "B": np.full(10, 0.78), "beta": np.full(10, 0.00145)}
     curve = SimpleNamespace(ok=True, joint=False, task="t", method="lora", model="m", n_params=1e6, metric="score",
-                            fit=SimpleNamespace(params={k: v[0] for k, v in params.items()}), boot=SimpleNamespace(params=lambda: params),
+                            fit=SimpleNamespace(params={k: v[0] for k, v in params.items()}), boot=SimpleNamespace(params=lambda: params, questions=0),
                             points=SimpleNamespace(d=np.array([4.0, 256.0])))  # fmt: skip
     base = pd.DataFrame({"task": ["t"], "model": ["m"], "method": ["base"], "score_base": [0.225]})
     (ninety,) = data_efficiency([curve], base, fractions=(0.9,))

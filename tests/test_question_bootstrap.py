@@ -14,7 +14,8 @@ from test_analysis_results import write_cells
 
 import analysis
 from analysis.bootstrap import percentile_interval, question_counts
-from analysis.curves import GroupJob, fit_group, outcome_matrix
+from analysis.curves import GroupJob, LawFit, fit_group, outcome_matrix
+from analysis.efficiency import data_efficiency, redrawn_base_loss
 from analysis.laws import POWER_D
 
 BUDGETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -39,9 +40,12 @@ def rows_on_one_test_set(rng: np.random.Generator, *, outcomes: bool) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def fitted(rows: pd.DataFrame, seed: int) -> LawFit:
+    return fit_group(GroupJob("t", "lora", "m", POWER_D, rows, "score", None, 200, seed))
+
+
 def asymptote_interval(rows: pd.DataFrame, seed: int) -> tuple[float, float]:
-    fitted = fit_group(GroupJob("t", "lora", "m", POWER_D, rows, "score", None, 200, seed))
-    return percentile_interval(fitted.asymptote_samples())
+    return percentile_interval(fitted(rows, seed).asymptote_samples())
 
 
 def test_every_curve_of_a_task_gets_the_same_question_draws() -> None:
@@ -92,3 +96,21 @@ def test_the_report_states_the_questions_noise_only_where_it_could_not_redraw_th
     analysis.write_report(str(tmp_path), bootstrap=20)
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "redraws the task's test questions" in markdown and "questions, ±" not in markdown
+
+
+def test_the_base_level_of_data_efficiency_moves_with_the_redrawn_questions() -> None:
+    """D_x measures the gain over the base model, scored on the same questions: each resample's base level is the
+    base cells' score on that resample's redrawn questions, not the one measured on these."""
+    rng = np.random.default_rng(3)
+    rows = rows_on_one_test_set(rng, outcomes=True)
+    base_solved = rows["score_outcomes"].iloc[0]  # the base model solves what the smallest budget does
+    base = rows.iloc[:2].assign(method="base", budget=0, score=np.mean(base_solved))
+    ok = pd.concat([rows, base], ignore_index=True)
+    curve = fitted(rows, seed=5)
+    assert curve.boot.questions == QUESTIONS and fitted(rows.assign(score_outcomes=None), seed=5).boot.questions == 0
+    by_hand = 1 - question_counts("t", QUESTIONS, 200, 5) @ np.asarray(base_solved, dtype=float) / QUESTIONS
+    assert np.allclose(redrawn_base_loss(ok, curve), by_hand) and by_hand.std() > 0.02
+    (redrawn,) = data_efficiency([curve], ok, fractions=(0.5,))
+    (fixed,) = data_efficiency([curve], ok.assign(score_outcomes=lambda f: [None if m == "base" else o for m, o in zip(f["method"], f["score_outcomes"])]), fractions=(0.5,))
+    assert redrawn.examples == fixed.examples  # the point estimate uses the measured base level
+    assert (redrawn.examples_lo, redrawn.examples_hi) != (fixed.examples_lo, fixed.examples_hi)
