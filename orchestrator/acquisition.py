@@ -236,14 +236,16 @@ def crossover_samples(steer: CurveFit, tune: CurveFit) -> tuple[np.ndarray, floa
 
     D* is where fine-tuning goes ahead to stay, as the report's interval counts it (`lead_from`): a
     resample in which it leads throughout is censored at the smallest budget, one in which it is behind
-    at the largest (steering overtaking included) at the largest; a tied resample at the end it leads at.
+    at the largest (steering overtaking included) at the largest, and so is a resample in which the two
+    are tied throughout: fine-tuning never goes ahead there either. (Put at the end its sub-tolerance
+    advantage pointed to, tied resamples split between the two ends and a tie never resolved.)
     """
     d_min, d_max = max(steer.d.min(), tune.d.min()), min(steer.d.max(), tune.d.max())
     d = np.geomspace(d_min, d_max, GRID_POINTS)
     sign = 1.0 if HIGHER_IS_BETTER[METRIC] else -1.0
     advantage = sign * (budget_curves(tune.boot.params(), d, METRIC) - budget_curves(steer.boot.params(), d, METRIC))
     lead = lead_from(advantage, d, tolerance(np.concatenate([steer.measured, tune.measured])))  # as the report judges a lead: apart by more than half a step
-    censored = np.where(np.isnan(lead), np.where(advantage[:, 0] >= 0, d_min, d_max), np.clip(lead, d_min, d_max))
+    censored = np.where(np.isnan(lead), d_max, np.clip(lead, d_min, d_max))
     return np.log10(censored), float(np.mean(np.isfinite(lead)))
 
 

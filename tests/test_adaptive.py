@@ -406,3 +406,20 @@ def test_crossover_samples_call_curves_within_half_a_question_tied() -> None:
     steer, tune = curve(0.5, 0.0, 1.0), curve(0.495, 0.02, 0.5)  # tune behind by 0.005 at D=4, ahead by 0.004 at 1024
     _, share = crossover_samples(steer, tune)
     assert share == 0.0
+
+
+def test_resamples_tied_throughout_resolve_as_fine_tuning_never_ahead() -> None:
+    """Two curves within a fifth of a question of each other in every resample, fine-tuning a hair ahead in some
+    and behind in others: each is a tie, D* at the largest budget (fine-tuning never goes ahead to stay), so the
+    target's interval closes. Censored at the end each hair pointed to, they split between 4 and 1024: width 2.4."""
+    from types import SimpleNamespace
+
+    from orchestrator.acquisition import crossover_samples
+
+    def curve(e: list[float]) -> SimpleNamespace:
+        params = {"E": np.array(e), "B": np.zeros(len(e)), "beta": np.ones(len(e))}
+        return SimpleNamespace(d=np.array([4.0, 1024.0]), measured=np.array([9, 10, 12]) / 40, boot=SimpleNamespace(params=lambda: params))
+
+    steer, tune = curve([0.5] * 4), curve([0.498, 0.502, 0.499, 0.501])
+    samples, share = crossover_samples(steer, tune)
+    assert share == 0.0 and np.allclose(samples, np.log10(1024.0))
