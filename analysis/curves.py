@@ -176,6 +176,7 @@ class LawFit:
             "n_failed": self.excluded.failed, "n_nan": self.excluded.nan, "n_no_x": self.excluded.no_x, "n_no_budget": self.excluded.no_budget,
             "objective": self.fit.objective if self.fit else np.nan,
             "n_bootstrap": len(self.boot.thetas) if self.boot else 0,
+            "n_questions_redrawn": self.boot.questions if self.boot else 0,  # 0: the resamples redrew seeds only
             "holdout": self.holdout, "holdout_error": self.holdout_error,
         }  # fmt: skip
         params = self.fit.params if self.fit else {}

@@ -108,6 +108,7 @@ def test_the_base_level_of_data_efficiency_moves_with_the_redrawn_questions() ->
     ok = pd.concat([rows, base], ignore_index=True)
     curve = fitted(rows, seed=5)
     assert curve.boot.questions == QUESTIONS and fitted(rows.assign(score_outcomes=None), seed=5).boot.questions == 0
+    assert curve.record()["n_questions_redrawn"] == QUESTIONS  # fits.parquet says which fits redrew them
     by_hand = 1 - question_counts("t", QUESTIONS, 200, 5) @ np.asarray(base_solved, dtype=float) / QUESTIONS
     assert np.allclose(redrawn_base_loss(ok, curve), by_hand) and by_hand.std() > 0.02
     (redrawn,) = data_efficiency([curve], ok, fractions=(0.5,))
