@@ -9,6 +9,11 @@ fifth of cases), so the interval is Welch's t over the seeds: one per part, at l
 chosen as "the better" in advance, so the choice cannot favour either side. `p_value` is the
 interval's dual (the level at which it would just touch 0): the report corrects it for the number
 of gains it could state (Holm).
+
+Every seed is scored on the same test questions, so the seeds carry no test-set noise. Where the
+rows store each question's outcome, the variance the questions add to a difference of two methods
+on them is added to Welch's (`question_noise`): the variance over questions of the per-question
+difference, over their number — paired, as both sides answered the same questions.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis.bootstrap import CI_LEVEL
+from analysis.curves import outcome_matrix
 from analysis.methods import components, method_kind
 from analysis.metrics import improvement
 
@@ -46,19 +52,37 @@ class CompositionGain:
 
 
 @dataclass(frozen=True)
+class QuestionNoise:
+    """The variance the test questions add to a difference of two cell means, and their number."""
+
+    variance: float = 0.0
+    questions: int = 0
+
+
+def question_noise(a: np.ndarray | None, b: np.ndarray | None) -> QuestionNoise:
+    """For the outcome matrices (cells, questions) of two sides scored on the same questions: the
+    variance over questions of (side a's mean outcome − side b's), over their number; none without both."""
+    if a is None or b is None or a.shape[1] != b.shape[1] or a.shape[1] < 2:
+        return QuestionNoise()
+    per_question = a.mean(axis=0) - b.mean(axis=0)
+    return QuestionNoise(float(per_question.var(ddof=1) / len(per_question)), len(per_question))
+
+
+@dataclass(frozen=True)
 class Welch:
-    """Difference of two means, its standard error and Welch–Satterthwaite degrees of freedom."""
+    """Difference of two means, its standard error and Welch–Satterthwaite degrees of freedom, over the
+    seeds and, where given, the test questions (`QuestionNoise`, one more term of the sum)."""
 
     diff: float
     se: float
     df: float
 
     @classmethod
-    def of(cls, a: np.ndarray, b: np.ndarray) -> Welch:
-        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-        se2 = va + vb
+    def of(cls, a: np.ndarray, b: np.ndarray, questions: QuestionNoise = QuestionNoise()) -> Welch:
+        va, vb, vq = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b), questions.variance
+        se2 = va + vb + vq
         with np.errstate(invalid="ignore", divide="ignore"):  # no spread: se 0, df NaN, refused by the caller
-            df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+            df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1) + (vq**2 / (questions.questions - 1) if vq else 0.0))
         return cls(float(a.mean() - b.mean()), float(np.sqrt(se2)), float(df))
 
     def interval(self, level: float) -> tuple[float, float]:
@@ -69,12 +93,15 @@ class Welch:
         return float(2 * stats.t.sf(abs(self.diff) / self.se, self.df))
 
 
-def gain_interval(composition: np.ndarray, parts: list[np.ndarray], level: float = CI_LEVEL) -> tuple[float, float, float]:
+def gain_interval(
+    composition: np.ndarray, parts: list[np.ndarray], noise: list[QuestionNoise] | None = None, level: float = CI_LEVEL
+) -> tuple[float, float, float]:
     """Interval for min over parts of (mean composition − mean part), values in "better" units, and its
-    two-sided p-value: the parts' Welch intervals at level 1 − (1 − level)/k hold together with
-    probability ≥ level (Bonferroni), and the minimum of the differences lies between their minima."""
+    two-sided p-value: the parts' Welch intervals (with each comparison's question `noise`) at level
+    1 − (1 − level)/k hold together with probability ≥ level (Bonferroni), and the minimum of the
+    differences lies between their minima."""
     k = len(parts)
-    tests = [Welch.of(composition, part) for part in parts]
+    tests = [Welch.of(composition, part, questions) for part, questions in zip(parts, noise or [QuestionNoise()] * k)]
     ends = np.array([t.interval(1 - (1 - level) / k) for t in tests])
     p = np.array([t.p_value() for t in tests])
     diffs = np.array([t.diff for t in tests])
@@ -100,6 +127,7 @@ def composition_gains(ok: pd.DataFrame, *, metric: str, intervals: bool = True) 
     gains = []
     for (task, model, budget), cells in usable.groupby(["task", "model", "budget"], sort=True):
         by_method = {m: improvement(g[metric].to_numpy(float), 0.0, metric) for m, g in cells.groupby("method")}
+        outcomes = {m: outcome_matrix(g, metric) for m, g in cells.groupby("method")}
         for comp in sorted(m for m in by_method if method_kind(m) == "composition"):
             parts = list(dict.fromkeys(components(comp)))
             if not all(p in by_method for p in parts):
@@ -107,10 +135,12 @@ def composition_gains(ok: pd.DataFrame, *, metric: str, intervals: bool = True) 
             best = max(parts, key=lambda p: by_method[p].mean())
             sides = [by_method[m] for m in [comp, *parts]]
             seeds = min(len(v) for v in sides)
-            spread = all(np.ptp(by_method[comp]) > 0 or np.ptp(by_method[q]) > 0 for q in parts)  # each comparison needs a variance
+            noise = [question_noise(outcomes[comp], outcomes[q]) for q in parts]
+            # each comparison needs a variance: from the seeds, or from the questions they answered differently
+            spread = all(np.ptp(by_method[comp]) > 0 or np.ptp(by_method[q]) > 0 or n.variance > 0 for q, n in zip(parts, noise))
             note = "" if not intervals else f"no interval: {seeds} seed(s) on a side, {MIN_SEEDS} needed" if seeds < MIN_SEEDS else \
                    "" if spread else "no interval: the seeds of a compared pair all scored the same, so they say nothing about the noise"  # fmt: skip
-            lo, hi, p = gain_interval(by_method[comp], [by_method[q] for q in parts]) if intervals and not note else (np.nan,) * 3
+            lo, hi, p = gain_interval(by_method[comp], [by_method[q] for q in parts], noise) if intervals and not note else (np.nan,) * 3
             gain = float(by_method[comp].mean() - by_method[best].mean())
             gains.append(CompositionGain(task, model, float(budget), comp, best, gain, lo, hi, sum(map(len, sides)), seeds, p, note))
     return gains

@@ -19,8 +19,9 @@ import pandas as pd
 from analysis.axis_choice import TREND
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
-from analysis.composition import CompositionGain, Welch, holm
+from analysis.composition import CompositionGain, Welch, holm, question_noise
 from analysis.crossover import Crossover
+from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, resolve, unplanned_note
@@ -75,7 +76,9 @@ def _overview(a: Analysis) -> list[Block]:
            "laws) where every one has two or more seeds — with n seeds per point they carry about (n − 1)/n of the sampling "
            "variance — and over the whole curve where some point was measured once; where the rows store each test question's "
            "outcome, every resample also redraws the task's test questions (one draw per resample for all its cells, so methods "
-           "compared on it stay paired) and refits to the scores on them; composition gains have Welch t-intervals over seeds."
+           "compared on it stay paired) and refits to the scores on them; composition gains and the best method's lead have Welch "
+           "t-intervals over seeds, with the questions' own variance added where the rows store their outcomes (paired: both sides "
+           "answered the same questions)."
            if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
@@ -164,8 +167,11 @@ def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
     budget = max(shared, key=lambda d: (shared[d], d))
     intro = f"On {task}, on the largest model measured ({largest})"
 
+    def rows_at(method: str, d: float) -> pd.DataFrame:
+        return cells[method][cells[method]["budget"].astype(float) == d]
+
     def at(method: str, d: float) -> pd.Series:
-        return cells[method].loc[cells[method]["budget"].astype(float) == d, metric].astype(float)
+        return rows_at(method, d)[metric].astype(float)
 
     if shared[budget] < min(2, len(cells)):
         own = ", ".join(f"{m} {at(m, max(budgets[m])).mean():.3g} at D={max(budgets[m]):g}" for m in cells)
@@ -182,24 +188,28 @@ def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
     sentence = f"{intro}, {who} {where}: {metric} {value:.3g} ({f'mean of {n_cells} cells' if n_cells > 1 else 'one cell'})"
     if rest:
         runner_up = rest[0][1]
-        sentence += f", {_lead(at(method, budget), at(runner_up, budget), runner_up)}"
+        sentence += f", {_lead(rows_at(method, budget), rows_at(runner_up, budget), runner_up, metric)}"
         sentence += "; then " + ", ".join(f"{m} {v:.3g}" for v, m, _ in rest[:3])
     return sentence + "."
 
 
-def _lead(best: pd.Series, runner_up: pd.Series, name: str) -> str:
-    """The best method's lead over the runner-up with a Welch interval over their cells (seeds), and
-    whether that interval tells them apart: a lead of .01 with 100 test questions and 2 seeds often does not."""
+def _lead(best_rows: pd.DataFrame, runner_up_rows: pd.DataFrame, name: str, metric: str) -> str:
+    """The best method's lead over the runner-up with a Welch interval over their cells (seeds) and, where
+    the rows store them, the test questions both answered, and whether that interval tells them apart:
+    a lead of .01 with 100 test questions and 2 seeds often does not."""
+    best, runner_up = best_rows[metric].astype(float), runner_up_rows[metric].astype(float)
     lead = abs(float(best.mean()) - float(runner_up.mean()))
     if min(len(best), len(runner_up)) < 2:
         return f"ahead of {name} by {lead:.3g} (one cell on a side: no interval)"
-    welch = Welch.of(best.to_numpy(), runner_up.to_numpy())
+    noise = question_noise(outcome_matrix(best_rows, metric), outcome_matrix(runner_up_rows, metric))
+    welch = Welch.of(best.to_numpy(), runner_up.to_numpy(), noise)
     if not welch.se > 0:
         return f"ahead of {name} by {lead:.3g} (every cell of both the same: no interval)"
     sign = 1.0 if welch.diff >= 0 else -1.0  # a loss metric's best is the lower: report the lead as a size
     lo, hi = sorted(sign * bound for bound in welch.interval(CI_LEVEL))
     verdict = "within noise" if lo <= 0 else "clear of 0"
-    return f"ahead of {name} by {lead:.3g} [{lo:.3g}, {hi:.3g}] ({verdict}: {100 * CI_LEVEL:.0f} % Welch interval over their cells)"
+    over = "their cells and questions" if noise.questions else "their cells"
+    return f"ahead of {name} by {lead:.3g} [{lo:.3g}, {hi:.3g}] ({verdict}: {100 * CI_LEVEL:.0f} % Welch interval over {over})"
 
 
 CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead", "tied": "tied", "no_overlap": "no shared budgets", "not_finite": "not finite"}
@@ -380,8 +390,9 @@ def _compositions(a: Analysis) -> list[Block]:
     if not rows:
         return [Heading("Composition gain"), Paragraph("No composition was run alongside all of its parts.")]
     note = Paragraph("Gain of the composition over its better part, cell mean against cell mean, with a 95 % interval from Welch's t "
-                     "over the seeds of each side (one per part, Bonferroni over the parts, so no part is picked as the better one in "
-                     "advance); it needs two seeds a side and some spread among them. p: for a gain of 0, corrected for the parts, not across gains; only gains "
+                     "over the seeds of each side, plus the test questions' paired variance where the rows store their outcomes (one per "
+                     "part, Bonferroni over the parts, so no part is picked as the better one in advance); it needs two seeds a side and "
+                     "some spread among them or among the questions. p: for a gain of 0, corrected for the parts, not across gains; only gains "
                      "that stay clear of 0 after Holm's correction over every gain with an interval are stated in \"What the fits say\".")  # fmt: skip
     return [Heading("Composition gain"), note, Table(("task", "model", "budget", "composition", "best part", "gain", "p"), rows)]
 

@@ -14,8 +14,10 @@ from test_analysis_results import write_cells
 
 import analysis
 from analysis.bootstrap import percentile_interval, question_counts
+from analysis.composition import QuestionNoise, composition_gains, question_noise
 from analysis.curves import GroupJob, LawFit, fit_group, outcome_matrix
 from analysis.efficiency import data_efficiency, redrawn_base_loss
+from analysis.report import best_measured
 from analysis.laws import POWER_D
 
 BUDGETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -115,3 +117,48 @@ def test_the_base_level_of_data_efficiency_moves_with_the_redrawn_questions() ->
     (fixed,) = data_efficiency([curve], ok.assign(score_outcomes=lambda f: [None if m == "base" else o for m, o in zip(f["method"], f["score_outcomes"])]), fractions=(0.5,))
     assert redrawn.examples == fixed.examples  # the point estimate uses the measured base level
     assert (redrawn.examples_lo, redrawn.examples_hi) != (fixed.examples_lo, fixed.examples_hi)
+
+
+def test_a_difference_of_two_methods_on_the_same_questions_gets_their_paired_variance() -> None:
+    """Both sides answered the same 40 questions: the variance of the difference of their means over question draws
+    is that of the per-question difference over 40 — a question both solve (or both miss) adds nothing."""
+    rng = np.random.default_rng(4)
+    a = (rng.random((2, QUESTIONS)) < 0.6).astype(float)
+    b = a.copy()
+    b[:, :6] = 1 - b[:, :6]  # the sides differ on 6 questions only
+    noise = question_noise(a, b)
+    per_question = a.mean(axis=0) - b.mean(axis=0)
+    assert noise.questions == QUESTIONS and noise.variance == pytest.approx(per_question.var(ddof=1) / QUESTIONS)
+    assert noise.variance < question_noise(a, 1 - a).variance  # disagreeing on every question: far noisier
+    assert question_noise(a, None) == QuestionNoise() and question_noise(a, b[:, :-1]) == QuestionNoise()
+
+
+def test_a_composition_whose_seeds_agree_gets_an_interval_from_the_questions(tmp_path) -> None:
+    """Seeds that score alike said nothing about the noise, and the gain had no interval; the questions the
+    composition and its part answered differently do, and its interval is Welch's t over them."""
+    rng = np.random.default_rng(5)
+    part = rng.random(QUESTIONS) < 0.5
+    composition = part.copy()
+    composition[:8] = True  # solves 8 more of the first questions, where the part missed some
+    rows = [{"task": "t", "model": "m", "budget": 64, "method": method, "seed": seed, "status": "ok", "score": solved.mean(),
+             "score_outcomes": list(solved)} for method, solved in (("steer_mean", part), ("lora", part), ("steer_mean+lora", composition))
+            for seed in (0, 1)]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    (gain,) = composition_gains(frame, metric="score")
+    assert gain.note == "" and gain.gain_lo < gain.gain < gain.gain_hi
+    (without,) = composition_gains(frame.assign(score_outcomes=None), metric="score")
+    assert np.isnan(without.gain_lo) and "all scored the same" in without.note
+
+
+def test_the_best_methods_lead_counts_the_questions_too() -> None:
+    """Two seeds a side that score alike: from the seeds alone the lead had no interval; the questions give it one."""
+    rng = np.random.default_rng(6)
+    runner_up = rng.random(QUESTIONS) < 0.4
+    best = runner_up.copy()
+    best[:10] = True
+    rows = pd.DataFrame([{"task": "t", "model": "m", "budget": 64, "method": method, "seed": seed, "status": "ok",
+                          "params_nonembed": 1e6, "score": solved.mean(), "score_outcomes": list(solved)}
+                         for method, solved in (("lora", best), ("steer_mean", runner_up)) for seed in (0, 1)])  # fmt: skip
+    sentence = best_measured("t", rows, "score")
+    assert "lora measured best" in sentence and "Welch interval over their cells and questions" in sentence, sentence
+    assert "no interval" in best_measured("t", rows.assign(score_outcomes=None), "score")
