@@ -111,7 +111,8 @@ def _test_noise(a: Analysis) -> str | None:
             "none), so their intervals redraw seeds only, and every seed is scored on the same questions: they leave out how far "
             "the scores would move on another draw of questions from the task (binomial, judged from the step the scores move in: "
             + "; ".join(parts) + "). Methods share the questions, so that noise moves their curves partly together; a larger "
-            "eval.test_size shrinks it. An interval narrower than it is a statement about these questions.")
+            "eval.test_size shrinks it, and `steerscale run CONFIG --force` reruns the cells to store the outcomes. An interval "
+            "narrower than it is a statement about these questions.")
 
 
 def _findings(a: Analysis) -> list[Block]:
