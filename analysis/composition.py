@@ -60,12 +60,25 @@ class QuestionNoise:
 
 
 def question_noise(a: np.ndarray | None, b: np.ndarray | None) -> QuestionNoise:
-    """For the outcome matrices (cells, questions) of two sides scored on the same questions: the
-    variance over questions of (side a's mean outcome − side b's), over their number; none without both."""
+    """For the outcome matrices (cells, questions) of two sides scored on the same questions: the variance
+    over questions of (side a's mean outcome − side b's), over their number; none without both.
+
+    A side's mean outcome on a question also carries its seeds' disagreement there, which Welch's seed
+    term already counts (a seed's score is its outcomes' mean), so that part, each question's variance
+    over the side's seeds over their number, averaged over questions, is taken out once.
+    """
     if a is None or b is None or a.shape[1] != b.shape[1] or a.shape[1] < 2:
         return QuestionNoise()
     per_question = a.mean(axis=0) - b.mean(axis=0)
-    return QuestionNoise(float(per_question.var(ddof=1) / len(per_question)), len(per_question))
+    seeds = sum(float(side.var(axis=0, ddof=1).mean()) / len(side) for side in (a, b) if len(side) > 1)
+    variance = max(float(per_question.var(ddof=1)) - seeds, 0.0) / len(per_question)
+    return QuestionNoise(variance, len(per_question)) if np.isfinite(variance) else QuestionNoise()
+
+
+def same_on_every_question(outcomes: np.ndarray | None) -> bool:
+    """Every cell (seed) of a side answered every question alike: a method the seeds do not move, whose
+    seed variance of 0 is a measurement, not a tie by chance that would leave the seeds' noise out."""
+    return outcomes is not None and bool((outcomes == outcomes[0]).all())
 
 
 @dataclass(frozen=True)
@@ -136,8 +149,11 @@ def composition_gains(ok: pd.DataFrame, *, metric: str, intervals: bool = True) 
             sides = [by_method[m] for m in [comp, *parts]]
             seeds = min(len(v) for v in sides)
             noise = [question_noise(outcomes[comp], outcomes[q]) for q in parts]
-            # each comparison needs a variance: from the seeds, or from the questions they answered differently
-            spread = all(np.ptp(by_method[comp]) > 0 or np.ptp(by_method[q]) > 0 or n.variance > 0 for q, n in zip(parts, noise))
+            # each comparison needs a variance: from the seeds, or, where no seed of either side answered any
+            # question differently (a tie of scores by chance would leave the seeds' noise out), from the questions
+            spread = all(np.ptp(by_method[comp]) > 0 or np.ptp(by_method[q]) > 0
+                         or (n.variance > 0 and same_on_every_question(outcomes[comp]) and same_on_every_question(outcomes[q]))
+                         for q, n in zip(parts, noise))  # fmt: skip
             note = "" if not intervals else f"no interval: {seeds} seed(s) on a side, {MIN_SEEDS} needed" if seeds < MIN_SEEDS else \
                    "" if spread else "no interval: the seeds of a compared pair all scored the same, so they say nothing about the noise"  # fmt: skip
             lo, hi, p = gain_interval(by_method[comp], [by_method[q] for q in parts], noise) if intervals and not note else (np.nan,) * 3

@@ -263,7 +263,8 @@ def outcome_matrix(rows: pd.DataFrame, metric: str) -> np.ndarray | None:
     sizes = {len(o) for o in outcomes if o is not None}
     if any(o is None for o in outcomes) or len(sizes) != 1 or 0 in sizes:
         return None
-    return np.stack([np.asarray(o, dtype=float) for o in outcomes])
+    matrix = np.stack([np.asarray(o, dtype=float) for o in outcomes])
+    return matrix if np.isfinite(matrix).all() else None  # a null among a row's outcomes: none to redraw
 
 
 def redrawn_scores(rows: pd.DataFrame, metric: str, task: str, n_resamples: int, seed: int) -> np.ndarray | None:

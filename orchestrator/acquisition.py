@@ -234,11 +234,13 @@ def crossover_samples(steer: CurveFit, tune: CurveFit) -> tuple[np.ndarray, floa
     """log10 D* per bootstrap resample, on the measured budget range as `analysis.crossover` searches it,
     and the share of resamples that cross inside it.
 
-    D* is where fine-tuning goes ahead to stay, as the report's interval counts it (`lead_from`): a
-    resample in which it leads throughout is censored at the smallest budget, one in which it is behind
-    at the largest (steering overtaking included) at the largest, and so is a resample in which the two
-    are tied throughout: fine-tuning never goes ahead there either. (Put at the end its sub-tolerance
-    advantage pointed to, tied resamples split between the two ends and a tie never resolved.)
+    D* is where fine-tuning goes ahead to stay (`lead_from`, as the report finds it): a resample in which
+    it leads throughout is censored at the smallest budget, one in which it is behind at the largest
+    (steering overtaking included) at the largest, and so is a resample in which the two are tied
+    throughout: fine-tuning never goes ahead there either. (Put at the end its sub-tolerance advantage
+    pointed to, tied resamples split between the two ends and a tie never resolved.) The report's
+    interval leaves tied resamples out and calls a mostly tied pair "tied"; here they count, so such a
+    target resolves at the largest budget.
     """
     d_min, d_max = max(steer.d.min(), tune.d.min()), min(steer.d.max(), tune.d.max())
     d = np.geomspace(d_min, d_max, GRID_POINTS)

@@ -87,7 +87,10 @@ def test_rows_without_every_outcome_or_with_different_test_sizes_are_not_redrawn
     shorter = list(rows["score_outcomes"])
     shorter[0] = shorter[0][:-1]
     assert outcome_matrix(rows.assign(score_outcomes=shorter), "score") is None
-    assert np.allclose(outcome_matrix(rows, "score").mean(axis=1), rows["score"]) or pytest.fail("outcomes disagree with scores")
+    assert np.allclose(outcome_matrix(rows, "score").mean(axis=1), rows["score"])
+    with_a_null = list(rows["score_outcomes"])
+    with_a_null[0] = [None, *with_a_null[0][1:]]
+    assert outcome_matrix(rows.assign(score_outcomes=with_a_null), "score") is None
 
 
 def test_the_report_states_the_questions_noise_only_where_it_could_not_redraw_them(tmp_path) -> None:
@@ -121,9 +124,11 @@ def test_the_base_level_of_data_efficiency_moves_with_the_redrawn_questions() ->
 
 def test_a_difference_of_two_methods_on_the_same_questions_gets_their_paired_variance() -> None:
     """Both sides answered the same 40 questions: the variance of the difference of their means over question draws
-    is that of the per-question difference over 40 — a question both solve (or both miss) adds nothing."""
+    is that of the per-question difference over 40 — a question both solve (or both miss) adds nothing — less the
+    seeds' disagreement on each question, which Welch's seed term already counts."""
     rng = np.random.default_rng(4)
-    a = (rng.random((2, QUESTIONS)) < 0.6).astype(float)
+    solved = (rng.random(QUESTIONS) < 0.6).astype(float)
+    a = np.stack([solved, solved])  # two seeds that answer alike
     b = a.copy()
     b[:, :6] = 1 - b[:, :6]  # the sides differ on 6 questions only
     noise = question_noise(a, b)
@@ -131,6 +136,10 @@ def test_a_difference_of_two_methods_on_the_same_questions_gets_their_paired_var
     assert noise.questions == QUESTIONS and noise.variance == pytest.approx(per_question.var(ddof=1) / QUESTIONS)
     assert noise.variance < question_noise(a, 1 - a).variance  # disagreeing on every question: far noisier
     assert question_noise(a, None) == QuestionNoise() and question_noise(a, b[:, :-1]) == QuestionNoise()
+    noisy = (rng.random((3, QUESTIONS)) < 0.6).astype(float)  # seeds that disagree on single questions
+    seeds = noisy.var(axis=0, ddof=1).mean() / 3 + b.var(axis=0, ddof=1).mean() / 2
+    expected = max((noisy.mean(axis=0) - b.mean(axis=0)).var(ddof=1) - seeds, 0) / QUESTIONS
+    assert question_noise(noisy, b).variance == pytest.approx(expected) and seeds > 0
 
 
 def test_a_composition_whose_seeds_agree_gets_an_interval_from_the_questions(tmp_path) -> None:
@@ -162,3 +171,19 @@ def test_the_best_methods_lead_counts_the_questions_too() -> None:
     sentence = best_measured("t", rows, "score")
     assert "lora measured best" in sentence and "Welch interval over their cells and questions" in sentence, sentence
     assert "no interval" in best_measured("t", rows.assign(score_outcomes=None), "score")
+
+
+def test_seeds_tied_by_chance_get_no_interval_from_the_questions_alone() -> None:
+    """Two seeds a side with equal scores but different answers: their noise is unknown, not 0, so the questions
+    alone (df 39) would give too narrow an interval; the gain stays without one, as before."""
+    rng = np.random.default_rng(7)
+    first = rng.random(QUESTIONS) < 0.5
+    better = first.copy()
+    better[:8] = True
+    part, composition = (np.stack([v, np.roll(v, 1)]) for v in (first, better))  # each side's seeds: one score, other questions
+    rows = pd.DataFrame([{"task": "t", "model": "m", "budget": 64, "method": method, "seed": seed, "status": "ok",
+                          "score": solved[seed].mean(), "score_outcomes": list(solved[seed])}
+                         for method, solved in (("steer_mean", part), ("lora", part), ("steer_mean+lora", composition)) for seed in (0, 1)])  # fmt: skip
+    assert rows.groupby("method")["score"].nunique().max() == 1  # every side's seeds tie
+    (gain,) = composition_gains(rows, metric="score")
+    assert np.isnan(gain.gain_lo) and "all scored the same" in gain.note
