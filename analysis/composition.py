@@ -83,6 +83,14 @@ def same_on_every_question(outcomes: np.ndarray | None) -> bool:
     return outcomes is not None and bool((outcomes == outcomes[0]).all())
 
 
+def paired_noise(a: np.ndarray, b: np.ndarray, a_outcomes: np.ndarray | None, b_outcomes: np.ndarray | None) -> QuestionNoise:
+    """`question_noise` for two sides' scores and outcomes, except where every seed of both scored alike
+    without answering alike: a tie by chance, whose seeds' noise is unknown, not 0, and which the
+    questions alone (Q − 1 degrees of freedom) would hide behind a narrow interval."""
+    tied_by_chance = np.ptp(a) == 0 and np.ptp(b) == 0 and not (same_on_every_question(a_outcomes) and same_on_every_question(b_outcomes))
+    return QuestionNoise() if tied_by_chance else question_noise(a_outcomes, b_outcomes)
+
+
 @dataclass(frozen=True)
 class Welch:
     """Difference of two means, its standard error and Welch–Satterthwaite degrees of freedom, over the
@@ -150,12 +158,9 @@ def composition_gains(ok: pd.DataFrame, *, metric: str, intervals: bool = True) 
             best = max(parts, key=lambda p: by_method[p].mean())
             sides = [by_method[m] for m in [comp, *parts]]
             seeds = min(len(v) for v in sides)
-            noise = [question_noise(outcomes[comp], outcomes[q]) for q in parts]
-            # each comparison needs a variance: from the seeds, or, where no seed of either side answered any
-            # question differently (a tie of scores by chance would leave the seeds' noise out), from the questions
-            spread = all(np.ptp(by_method[comp]) > 0 or np.ptp(by_method[q]) > 0
-                         or (n.variance > 0 and same_on_every_question(outcomes[comp]) and same_on_every_question(outcomes[q]))
-                         for q, n in zip(parts, noise))  # fmt: skip
+            noise = [paired_noise(by_method[comp], by_method[q], outcomes[comp], outcomes[q]) for q in parts]
+            # each comparison needs a variance: from the seeds, or from the questions (`paired_noise`)
+            spread = all(np.ptp(by_method[comp]) > 0 or np.ptp(by_method[q]) > 0 or n.variance > 0 for q, n in zip(parts, noise))
             note = "" if not intervals else f"no interval: {seeds} seed(s) on a side, {MIN_SEEDS} needed" if seeds < MIN_SEEDS else \
                    "" if spread else "no interval: the seeds of a compared pair all scored the same, so they say nothing about the noise"  # fmt: skip
             lo, hi, p = gain_interval(by_method[comp], [by_method[q] for q in parts], noise) if intervals and not note else (np.nan,) * 3

@@ -250,13 +250,13 @@ class GroupJob:
         return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
 
 
-OUTCOMES = {"score": "score_outcomes"}  # metric -> the column of each test question's outcome behind it
+OUTCOME_COLUMNS = {"score": "score_outcomes"}  # metric -> the column of each test question's outcome behind it
 
 
 def outcome_matrix(rows: pd.DataFrame, metric: str) -> np.ndarray | None:
     """The rows' test-question outcomes behind `metric` (rows, questions), 1 solved / 0 not; None where a
     row lacks them (an older row, a metric that has none) or the rows disagree on the number of questions."""
-    column = OUTCOMES.get(metric)
+    column = OUTCOME_COLUMNS.get(metric)
     if column is None or column not in rows or not len(rows):
         return None
     outcomes = [o if isinstance(o, (list, tuple, np.ndarray)) else None for o in rows[column]]
@@ -267,21 +267,23 @@ def outcome_matrix(rows: pd.DataFrame, metric: str) -> np.ndarray | None:
     return matrix if np.isfinite(matrix).all() else None  # a null among a row's outcomes: none to redraw
 
 
-def redrawn_scores(rows: pd.DataFrame, metric: str, task: str, n_resamples: int, seed: int) -> np.ndarray | None:
+def redrawn_scores(rows: pd.DataFrame, metric: str, task: str, n_resamples: int, seed: int) -> tuple[np.ndarray, int] | None:
     """Each row's metric on each resample's redrawn test questions (B, rows), the same draws for every
-    group of the task (`question_counts`); None where `outcome_matrix` has no outcomes."""
+    group of the task (`question_counts`), and the number of questions; None where `outcome_matrix` has none."""
     outcomes = outcome_matrix(rows, metric)
     if outcomes is None:
         return None
-    return question_counts(task, outcomes.shape[1], n_resamples, seed) @ outcomes.T / outcomes.shape[1]
+    questions = outcomes.shape[1]
+    return question_counts(task, questions, n_resamples, seed) @ outcomes.T / questions, questions
 
 
 def question_draws(job: GroupJob, usable: pd.DataFrame) -> QuestionDraws | None:
     """The usable cells' losses on each resample's redrawn questions, for `bootstrap_fit`."""
-    scores = redrawn_scores(usable, job.metric, job.task, job.bootstrap, job.seed)
-    if scores is None:
+    redrawn = redrawn_scores(usable, job.metric, job.task, job.bootstrap, job.seed)
+    if redrawn is None:
         return None
-    return QuestionDraws(to_loss(scores, job.metric), len(usable[OUTCOMES[job.metric]].iloc[0]), job.seed)
+    scores, questions = redrawn
+    return QuestionDraws(to_loss(scores, job.metric), questions, job.seed)
 
 
 def fit_group(job: GroupJob) -> LawFit:

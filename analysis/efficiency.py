@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.crossover import censored_interval
-from analysis.curves import OUTCOMES, LawFit, redrawn_scores
+from analysis.curves import LawFit, redrawn_scores
 from analysis.fitting import NEGLIGIBLE_SHARE
 from analysis.metrics import BASE_COLUMN, to_loss
 
@@ -77,10 +77,10 @@ def redrawn_base_loss(ok: pd.DataFrame, curve: LawFit) -> np.ndarray | None:
     if boot is None or not boot.questions:
         return None
     rows = ok[(ok["task"] == curve.task) & (ok["model"] == curve.model) & (ok["method"] == "base")]
-    scores = redrawn_scores(rows, curve.metric, curve.task, len(boot.thetas), boot.question_seed)
-    if scores is None or len(rows[OUTCOMES[curve.metric]].iloc[0]) != boot.questions:
+    redrawn = redrawn_scores(rows, curve.metric, curve.task, len(boot.thetas), boot.question_seed)
+    if redrawn is None or redrawn[1] != boot.questions:
         return None
-    return to_loss(scores.mean(axis=1), curve.metric)
+    return to_loss(redrawn[0].mean(axis=1), curve.metric)
 
 
 def data_efficiency(fits: list[LawFit], ok: pd.DataFrame, fractions: tuple[float, ...] = FRACTIONS) -> list[DataEfficiency]:

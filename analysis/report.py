@@ -19,7 +19,7 @@ import pandas as pd
 from analysis.axis_choice import TREND
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
-from analysis.composition import CompositionGain, QuestionNoise, Welch, holm, question_noise, same_on_every_question
+from analysis.composition import CompositionGain, Welch, holm, paired_noise
 from analysis.crossover import Crossover
 from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
@@ -202,10 +202,7 @@ def _lead(best_rows: pd.DataFrame, runner_up_rows: pd.DataFrame, name: str, metr
     lead = abs(float(best.mean()) - float(runner_up.mean()))
     if min(len(best), len(runner_up)) < 2:
         return f"ahead of {name} by {lead:.3g} (one cell on a side: no interval)"
-    outcomes = outcome_matrix(best_rows, metric), outcome_matrix(runner_up_rows, metric)
-    noise = question_noise(*outcomes)
-    if np.ptp(best) == 0 and np.ptp(runner_up) == 0 and not all(map(same_on_every_question, outcomes)):
-        noise = QuestionNoise()  # seeds tied by chance: their noise is unknown, not 0, and the questions alone would hide it
+    noise = paired_noise(best.to_numpy(), runner_up.to_numpy(), outcome_matrix(best_rows, metric), outcome_matrix(runner_up_rows, metric))
     welch = Welch.of(best.to_numpy(), runner_up.to_numpy(), noise)
     if not welch.se > 0:
         return f"ahead of {name} by {lead:.3g} (every cell of both the same: no interval)"
