@@ -12,10 +12,11 @@ the Parquet files are, with no cluster (DESIGN.md: it imports neither workers no
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import signal
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
+from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Callable, Iterator, Sequence, TypeVar
 
 from tqdm.auto import tqdm
@@ -39,14 +40,16 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
     """Processes for `parallel_map`, shared by every stage of one analysis (each spawned process
     imports numpy, scipy and pandas again, about a second); None, run here, for `workers` ≤ 1.
 
-    On an error or Ctrl-C the groups not yet started are cancelled instead of fitted first.
+    On an error or Ctrl-C the groups not yet started are cancelled instead of fitted first. Ctrl-C
+    reaches the parent alone: a terminal sends it to every process of the foreground group, and each
+    worker printed its own KeyboardInterrupt traceback over the caller's one-line message.
     """
     if workers <= 1:
         yield None
         return
     saved = {name: os.environ.get(name) for name in BLAS_THREADS}
     os.environ.update({name: "1" for name in BLAS_THREADS})  # read by each worker as it starts
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_SpawnLeavingInterruptsToParent())
     failed = False
     try:
         yield pool
@@ -60,6 +63,23 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+class _ProcessLeavingInterruptsToParent(SpawnProcess):
+    """A spawned process that starts with SIGINT blocked: the mask survives the exec, so the child
+    never sees it, from its first import on (an initializer runs only after the imports, and Ctrl-C
+    came in during them); the parent's own SIGINT, held while it spawns, arrives once it is done."""
+
+    def start(self) -> None:
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+class _SpawnLeavingInterruptsToParent(SpawnContext):
+    Process = _ProcessLeavingInterruptsToParent
 
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, pool: Executor | None, desc: str) -> list[R]:

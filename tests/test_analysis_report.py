@@ -256,3 +256,30 @@ def test_rows_left_out_of_a_curve_are_counted_in_its_row_budget_zero_included(tm
     assert "| 8 | 0/0/0/2 |" in line, line
     (text,) = [ln for ln in summary.to_text().splitlines() if " power_D " in ln]
     assert re.search(r"\b8\s+0\s+0\s+0\s+2\b", text), text
+
+
+def test_ctrl_c_during_a_report_prints_one_line_and_leaves_no_worker(tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the terminal's foreground group: the fit workers, still importing
+    (matplotlib, scipy: seconds), each printed a KeyboardInterrupt traceback under the report's line."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    build_results(tmp_path)
+    report = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "report", str(tmp_path), "--bootstrap", "2000", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own group, as a terminal's job
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(workers := psutil.Process(report.pid).children()) < 2 and report.poll() is None:
+        assert time.monotonic() < deadline, "the report never started its fit workers"
+        time.sleep(0.05)
+    time.sleep(0.5)  # the workers are importing
+    os.killpg(report.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    _, err = report.communicate(timeout=120)
+    assert report.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-3000:]
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
