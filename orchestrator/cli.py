@@ -17,6 +17,7 @@ from tqdm import tqdm
 from workers.config import ConfigError
 from workers.registry import UnknownNameError
 
+from orchestrator.address import check_listening
 from orchestrator.errors import SweepStoppedError
 from orchestrator.store import ResultsStore, StoredCell, StoreScan, read_manifest, write_manifest
 
@@ -266,7 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from orchestrator.driver import check_listening, run_cells  # imported here: `plan` and `status` need no Ray
+    from orchestrator.driver import run_cells  # imported here: `plan` and `status` need no Ray
 
     spec = _load_spec(args)
     if args.address:  # before the store is read: an address where nothing listens leaves results_dir as it was

@@ -14,7 +14,6 @@ for a node. The driver is the only writer of the store.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -28,9 +27,10 @@ from workers.cell import CellConfig
 from workers.config import ConfigError
 from workers.run_cell import identity_columns
 
+from orchestrator.address import check_listening, unreachable
 from orchestrator.cellcost import longest_first
 from orchestrator.claims import Claims
-from orchestrator.errors import ClusterShrankError, ClusterUnreachableError, WorkersNotStartingError
+from orchestrator.errors import ClusterShrankError, WorkersNotStartingError
 from orchestrator.grid import PlannedCell
 from orchestrator.pool import POOL, CellResult, Shape, Worker, live_nodes, next_model, node_capacity
 from orchestrator.spec import Resources
@@ -40,11 +40,6 @@ HEARTBEAT_SECONDS = 60.0
 START_POLL_SECONDS = 5.0  # how often a driver waiting on workers to start looks again (a node lost, the timeout)
 START_FAILURES = 3  # workers of a shape in a row that die while starting, none of it running: the run stops
 ANNOUNCE_WAIT_SECONDS = 60.0  # a worker not started by then is waiting for a node: say so once
-# How long --address host:port may take to accept a TCP connection before the run stops: Ray's own join
-# retries an address with nothing there for over 10 minutes (20 tries of ~40 s), while a head that is up
-# answers in well under a second; 10 s still allows three lost SYNs (Linux resends at 1, 3 and 7 s).
-JOIN_TIMEOUT_SECONDS = 10.0
-RAY_ADDRESS_WORDS = ("auto", "local")  # what ray.init takes besides an address: find the running cluster / start one
 
 
 @dataclass
@@ -81,36 +76,10 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
         try:
             context = ray.init(address=address, log_to_driver=False)
         except ConnectionError as err:
-            raise _unreachable(address, err) from err
+            raise unreachable(address, err) from err
     else:
         context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
     return context.dashboard_url or None
-
-
-def check_listening(address: str) -> None:
-    """Stop within JOIN_TIMEOUT_SECONDS when nothing accepts a TCP connection at a "host:port" or
-    "ray://host:port" address, where `ray.init` would retry for over 10 minutes (a ray:// client for 30 s).
-    "auto" and "local" are left to Ray: they name no port to try. Any other form is refused (Ray's
-    ValueError traceback otherwise)."""
-    if address in RAY_ADDRESS_WORDS:
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--address {address}: give the head's host:port (as `ray start --head` prints it), "
-                          f"ray://host:port for a Ray client server, or {' / '.join(RAY_ADDRESS_WORDS)}")  # fmt: skip
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT_SECONDS).close()
-    except TimeoutError as err:
-        raise _unreachable(address, f"no answer from {host}:{port} within {JOIN_TIMEOUT_SECONDS:g} s") from err
-    except OSError as err:  # refused, or a host name that does not resolve
-        raise _unreachable(address, err) from err
-
-
-def _unreachable(address: str, reason: object) -> ClusterUnreachableError:
-    return ClusterUnreachableError(
-        f"no Ray cluster to join at --address {address} ({reason}); start one (`ray start --head`), or leave "
-        "--address out to run on a private local Ray. Nothing ran; rerun the same command once it is up"
-    )
 
 
 def check_fits(cells: list[PlannedCell], resources: Resources) -> None:

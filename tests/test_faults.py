@@ -409,7 +409,7 @@ def test_an_address_where_nothing_listens_fails_in_seconds(tmp_path, listener):
     printing only Ray's warnings. Now it stops with the cluster's clean error (exit 3) at once when the
     port refuses, and within JOIN_TIMEOUT_SECONDS when nothing answers (a listener whose backlog is full
     drops the SYN, as a firewall would), before it writes the sweep's plan."""
-    from orchestrator.driver import JOIN_TIMEOUT_SECONDS
+    from orchestrator.address import JOIN_TIMEOUT_SECONDS
 
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({"sweep": "unreachable", "results_dir": str(tmp_path / "r"), "models": [{"id": "ladder:test/xs"}],
@@ -439,7 +439,7 @@ def test_an_address_where_nothing_listens_fails_in_seconds(tmp_path, listener):
 @pytest.mark.parametrize("address", ["bogus", "ray://headnode"])
 def test_an_address_without_a_port_is_refused_before_ray_is_asked(address):
     """`--address bogus` reached ray.init, whose ValueError ("Invalid address format") was a traceback, exit 1."""
-    from orchestrator.driver import check_listening
+    from orchestrator.address import check_listening
 
     with pytest.raises(ConfigError, match=rf"--address {address}: give the head's host:port .* or auto / local"):
         check_listening(address)

@@ -1,0 +1,91 @@
+"""`--address` checked before Ray is asked: Ray's own join retries for over 10 minutes where no head answers.
+
+A real head (gRPC) is asked in tests/test_job_submit.py and tests/test_faults.py (slow tier); here,
+the listeners a user may point at by mistake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator import address
+from orchestrator.errors import ClusterUnreachableError
+from workers.config import ConfigError
+
+
+@contextlib.contextmanager
+def _serving(reply: bytes | None) -> Iterator[int]:
+    """A TCP listener on 127.0.0.1 that sends `reply` to whoever connects and keeps the line open
+    (None: sends nothing; b"": closes at once)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    held = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while not stop.is_set():
+                connection, _ = server.accept()
+                if reply:
+                    connection.sendall(reply)
+                if reply == b"":
+                    connection.close()
+                else:
+                    held.append(connection)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        server.close()
+        for connection in held:
+            connection.close()
+
+
+def test_an_http_server_is_named_as_such_in_seconds():
+    """The dashboard's port (8265) is the address `ray job submit` takes; given to `run`, Ray's join retried it for 10 minutes."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ClusterUnreachableError, match=r"answers, but not as Ray does: an HTTP/1 server, such as the Ray dashboard"):
+            address.check_listening(f"127.0.0.1:{server.server_address[1]}")
+        assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()
+
+
+def test_a_listener_that_never_answers_stops_within_the_join_timeout(monkeypatch):
+    monkeypatch.setattr(address, "JOIN_TIMEOUT_SECONDS", 1.0)
+    with _serving(None) as port:
+        started = time.monotonic()
+        with pytest.raises(ClusterUnreachableError, match=rf"no answer from 127.0.0.1:{port} within 1 s"):
+            address.check_listening(f"127.0.0.1:{port}")
+        assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(("reply", "words"), [(b"-ERR unknown command 'PRI'\r\n", "it sent b'-ERR unkn"), (b"", "closed the connection")])
+def test_other_servers_are_refused_with_what_they_sent(reply, words):
+    with _serving(reply) as port, pytest.raises(ClusterUnreachableError, match=words):
+        address.check_listening(f"127.0.0.1:{port}")
+
+
+def test_an_http2_server_passes():
+    """What a gRPC server (a Ray head, a Ray client server) sends first: its SETTINGS frame (here with one setting)."""
+    settings = bytes([0, 0, 6, address.HTTP2_SETTINGS, 0, 0, 0, 0, 0]) + bytes([0, 3, 0, 0, 0, 100])
+    with _serving(settings) as port:
+        address.check_listening(f"127.0.0.1:{port}")
+        address.check_listening(f"ray://127.0.0.1:{port}")
+
+
+def test_a_dashboard_url_is_refused_with_what_to_give_instead():
+    with pytest.raises(ConfigError, match=r"is a dashboard URL.*port 6379 by default.*--address auto"):
+        address.check_listening("http://127.0.0.1:8265")
