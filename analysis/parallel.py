@@ -12,6 +12,7 @@ the Parquet files are, with no cluster (DESIGN.md: it imports neither workers no
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -40,9 +41,10 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
     """Processes for `parallel_map`, shared by every stage of one analysis (each spawned process
     imports numpy, scipy and pandas again, about a second); None, run here, for `workers` ≤ 1.
 
-    On an error or Ctrl-C the groups not yet started are cancelled instead of fitted first. Ctrl-C
-    reaches the parent alone: a terminal sends it to every process of the foreground group, and each
-    worker printed its own KeyboardInterrupt traceback over the caller's one-line message.
+    On an error or Ctrl-C the groups not yet started are cancelled and the workers stopped (SIGTERM:
+    a fit running is not waited for). Ctrl-C reaches the parent alone: a terminal sends it to every
+    process of the foreground group, and each worker printed its own KeyboardInterrupt traceback over
+    the caller's one-line message.
     """
     if workers <= 1:
         yield None
@@ -57,7 +59,12 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
         failed = True
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=failed)  # once: a second call would reset the cancelling
+        if failed:
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in multiprocessing.active_children():  # a worker Ctrl-C caught starting is the pool's no more
+                if isinstance(process, _ProcessLeavingInterruptsToParent):
+                    process.terminate()
+        pool.shutdown(wait=True, cancel_futures=failed)  # joins what is left (cancel again: the flag is per call)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -68,7 +75,9 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
 class _ProcessLeavingInterruptsToParent(SpawnProcess):
     """A spawned process that starts with SIGINT blocked: the mask survives the exec, so the child
     never sees it, from its first import on (an initializer runs only after the imports, and Ctrl-C
-    came in during them); the parent's own SIGINT, held while it spawns, arrives once it is done."""
+    came in during them). The parent still gets its own: at once in another thread, or as the mask
+    is restored — which can raise KeyboardInterrupt before the pool has recorded this process, so
+    `worker_pool` stops its workers by class, not from the pool's list."""
 
     def start(self) -> None:
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

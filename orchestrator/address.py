@@ -29,7 +29,9 @@ HTTP2_SETTINGS = 4  # a frame header's type byte (its 4th) for SETTINGS
 
 
 def check_listening(address: str) -> None:
-    """Stop within seconds unless a gRPC server answers at a "host:port" or "ray://host:port" address.
+    """Stop within seconds unless a gRPC server answers at a "host:port" or "ray://host:port" address:
+    ClusterUnreachableError (exit 3: rerun once it is up) where nothing answers, ConfigError (exit 2:
+    a wrong address) where something else does.
 
     "auto" and "local" are left to Ray: they name no port to try. A dashboard URL (http://…) and any
     other form are refused with what to give instead (Ray's ValueError traceback otherwise).
@@ -44,22 +46,22 @@ def check_listening(address: str) -> None:
     if not host or not port.isdigit():
         raise ConfigError(f"--address {address}: give the head's host:port (as `ray start --head` prints it), "
                           f"ray://host:port for a Ray client server, or {' / '.join(RAY_ADDRESS_WORDS)}")  # fmt: skip
-    host = host.strip("[]")
     try:
-        with socket.create_connection((host, int(port)), timeout=JOIN_TIMEOUT_SECONDS) as connection:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_TIMEOUT_SECONDS) as connection:
             if _tls():  # a head that takes TLS only would close on the plain preface: the port's answer is enough
                 return
             try:
                 connection.sendall(HTTP2_PREFACE)
-                reply = _first_bytes(connection, 9)
-            except ConnectionResetError:  # it closed on us while the preface was on its way
+                reply = _first_bytes(connection, 4)  # a frame header's type is its 4th byte
+            except (ConnectionResetError, BrokenPipeError):  # it closed on us while the preface was on its way
                 reply = b""
     except TimeoutError as err:
         raise unreachable(address, f"no answer from {host}:{port} within {JOIN_TIMEOUT_SECONDS:g} s") from err
-    except OSError as err:  # refused, reset, or a host name that does not resolve
+    except OSError as err:  # refused, or a host name that does not resolve
         raise unreachable(address, err) from err
-    if len(reply) < 4 or reply[3] != HTTP2_SETTINGS:
-        raise unreachable(address, f"{host}:{port} answers, but not as Ray does: {_describe(reply)}")
+    if len(reply) < 4 or reply[3] != HTTP2_SETTINGS:  # something is up there, but not a head: waiting will not help
+        raise ConfigError(f"--address {address} answers, but not as a Ray head does: {_describe(reply)}. Give the "
+                          "address `ray start --head` printed (the head's GCS port, 6379 by default). Nothing ran")  # fmt: skip
 
 
 def unreachable(address: str, reason: object) -> ClusterUnreachableError:
@@ -74,11 +76,11 @@ def _tls() -> bool:
     return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
-def _first_bytes(connection: socket.socket, count: int) -> bytes:
-    """Up to `count` bytes the server sends first; fewer where it closes the connection."""
+def _first_bytes(connection: socket.socket, at_least: int) -> bytes:
+    """What the server sends first, read until `at_least` bytes have come (fewer where it closes)."""
     reply = b""
-    while len(reply) < count:
-        chunk = connection.recv(count - len(reply))
+    while len(reply) < at_least:
+        chunk = connection.recv(64)
         if not chunk:
             break
         reply += chunk
@@ -92,4 +94,6 @@ def _describe(reply: bytes) -> str:
                 "a driver joins at the head's GCS port, 6379 by default")  # fmt: skip
     if not reply:
         return "it closed the connection without a word"
+    if reply[0] in (0x15, 0x16):  # a TLS record: an alert, or a handshake
+        return "it speaks TLS; if the cluster does, set RAY_USE_TLS=1 and Ray's certificate variables here too"
     return f"it sent {reply[:9]!r}"

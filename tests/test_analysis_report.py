@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -274,12 +275,28 @@ def test_ctrl_c_during_a_report_prints_one_line_and_leaves_no_worker(tmp_path: P
         [sys.executable, "-m", "orchestrator.cli", "report", str(tmp_path), "--bootstrap", "2000", "--workers", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own group, as a terminal's job
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while len(workers := psutil.Process(report.pid).children()) < 2 and report.poll() is None:
-        assert time.monotonic() < deadline, "the report never started its fit workers"
-        time.sleep(0.05)
-    time.sleep(0.5)  # the workers are importing
-    os.killpg(report.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-    _, err = report.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _fit_workers(report.pid)) < 2 and report.poll() is None:
+            assert time.monotonic() < deadline, "the report never started its fit workers"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the workers are importing (seconds)
+        os.killpg(report.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        _, err = report.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(report.pid, signal.SIGKILL)  # a failed test leaves nothing running
     assert report.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-3000:]
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+def _fit_workers(pid: int) -> list:
+    """The process pool's workers among `pid`'s children (not multiprocessing's resource tracker)."""
+    import psutil
+
+    workers = []
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
+            if "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child)
+    return workers
