@@ -32,7 +32,7 @@ class Settings:
 
 
 QUICK = Settings("ladder:test/s", "facts", examples=64, generate_prompts=16, new_tokens=8, batch_size=64, warmup=2, repeats=41)
-FULL = Settings("ladder:default/xl", "facts", examples=256, generate_prompts=64, new_tokens=16, batch_size=64, warmup=2, repeats=31)
+FULL = Settings("ladder:default/xl", "facts", examples=256, generate_prompts=64, new_tokens=16, batch_size=64, warmup=2, repeats=101)
 
 
 def run(quick: bool) -> Result:
