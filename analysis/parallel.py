@@ -91,12 +91,12 @@ class _SpawnLeavingInterruptsToParent(SpawnContext):
     Process = _ProcessLeavingInterruptsToParent
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, pool: Executor | None, desc: str) -> list[R]:
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, pool: Executor | None, desc: str, unit: str = "group") -> list[R]:
     """`[fn(item) for item in items]`, on `pool` if there is one, with a progress bar on a terminal.
 
     `fn` must be a module-level function and items and results picklable (a process pool sends them).
     """
-    bar = tqdm(total=len(items), desc=desc, unit="group", disable=None, leave=False)
+    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=None, leave=False)
     try:
         if pool is None:
             results = []

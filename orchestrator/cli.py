@@ -448,10 +448,8 @@ def _build_rung(size: str, recipe: str) -> str:
 
 
 def cmd_ladder_build(args: argparse.Namespace) -> int:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     import workers.models.ladder as ladder
+    from analysis.parallel import parallel_map, worker_pool  # its pool leaves Ctrl-C to this process, and stops the builds
 
     sizes = args.sizes or ladder.sizes(args.recipe)
     for size in sizes:  # every name checked before any build starts
@@ -464,12 +462,11 @@ def cmd_ladder_build(args: argparse.Namespace) -> int:
     workers = max(1, min(len(missing), args.jobs or os.cpu_count() or 1))
     # Largest rungs first, so the longest build starts at once and the small ones fill the other cores.
     order = sorted(missing, key=sizes.index, reverse=True)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_build_rung, size, args.recipe): size for size in order}
-        with tqdm(total=len(futures), desc=f"ladder {args.recipe} ({workers} parallel builds)", unit="model") as bar:
-            for future in as_completed(futures):
-                bar.write(f"{futures[future]}: {future.result()}")
-                bar.update()
+    with worker_pool(workers) as pool:  # one rung: built here (pretraining runs on one thread either way)
+        built = parallel_map(functools.partial(_build_rung, recipe=args.recipe), order, pool=pool,
+                             desc=f"ladder {args.recipe} ({workers} parallel builds)", unit="model")  # fmt: skip
+    for size, path in zip(order, built):
+        print(f"{size}: {path}")
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
@@ -18,6 +17,7 @@ from analysis.composition import CompositionGain, composition_gains
 from analysis.efficiency import DataEfficiency
 from analysis.report import _examples_needed, _findings, best_measured, composition_finding, composition_gain
 from analysis.synthetic import TrueCurve, synthetic_rows
+from interrupts import interrupt_as_workers_start, still_running
 from test_analysis_results import BUDGETS, STEER, TUNE, build_results, write_cells
 
 
@@ -262,41 +262,7 @@ def test_rows_left_out_of_a_curve_are_counted_in_its_row_budget_zero_included(tm
 def test_ctrl_c_during_a_report_prints_one_line_and_leaves_no_worker(tmp_path: Path) -> None:
     """Ctrl-C reaches every process of the terminal's foreground group: the fit workers, still importing
     (matplotlib, scipy: seconds), each printed a KeyboardInterrupt traceback under the report's line."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-
     build_results(tmp_path)
-    report = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "report", str(tmp_path), "--bootstrap", "2000", "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own group, as a terminal's job
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while len(workers := _fit_workers(report.pid)) < 2 and report.poll() is None:
-            assert time.monotonic() < deadline, "the report never started its fit workers"
-            time.sleep(0.05)
-        time.sleep(0.5)  # the workers are importing (seconds)
-        os.killpg(report.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-        _, err = report.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(report.pid, signal.SIGKILL)  # a failed test leaves nothing running
-    assert report.returncode == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-3000:]
-    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
-
-
-def _fit_workers(pid: int) -> list:
-    """The process pool's workers among `pid`'s children (not multiprocessing's resource tracker)."""
-    import psutil
-
-    workers = []
-    for child in psutil.Process(pid).children():
-        with contextlib.suppress(psutil.Error):  # gone meanwhile
-            if "spawn_main" in " ".join(child.cmdline()):
-                workers.append(child)
-    return workers
+    code, err, workers = interrupt_as_workers_start(["report", str(tmp_path), "--bootstrap", "2000", "--workers", "2"], workers=2)
+    assert code == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-3000:]
+    assert not still_running(workers)

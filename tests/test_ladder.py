@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from interrupts import interrupt_as_workers_start, still_running
 
 from workers.lm import LanguageModel
 from workers.models import ladder
@@ -82,6 +85,16 @@ def test_an_interrupted_build_is_replaced_by_the_same_model(
 
 
 @pytest.mark.slow
+def test_ctrl_c_during_a_ladder_build_prints_one_line_and_leaves_no_half_model(tmp_path: Path) -> None:
+    """`make demo` spends its first minutes here: Ctrl-C printed one KeyboardInterrupt traceback per parallel build."""
+    env = {**os.environ, "STEERSCALE_CACHE": str(tmp_path)}
+    code, err, workers = interrupt_as_workers_start(["ladder", "build", "--recipe", "test", "--jobs", "2"], workers=2, env=env)
+    assert code == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-3000:]
+    assert not still_running(workers)
+    left = [p.name for p in (tmp_path / "ladder").glob("test-*/*") if p.suffix != ".lock" and not (p / ladder.BUILD_INFO).exists()]
+    assert not left, f"half-built models or temporary directories: {left}"
+
+
 def test_default_ladder_heldout_loss_falls_with_size(default_ladder: list[str]) -> None:
     """Every rung of the default ladder beats the one below it on held-out pretraining text."""
     infos = [ladder.build_info(size, "default") for size in default_ladder]

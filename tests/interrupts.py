@@ -1,0 +1,46 @@
+"""Ctrl-C as a terminal sends it: to every process of a command's foreground group, here while the
+process pool the command spawned is still starting (its workers import for seconds)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+
+def interrupt_as_workers_start(args: list[str], *, workers: int, env: dict[str, str] | None = None) -> tuple[int, str, list[psutil.Process]]:
+    """Run `python -m orchestrator.cli *args` in its own process group, send the group SIGINT once
+    `workers` pool workers exist, and return its exit code, its stderr and those workers."""
+    command = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(started := pool_workers(command.pid)) < workers and command.poll() is None:
+            assert time.monotonic() < deadline, "the command never started its pool's workers"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the workers are importing
+        os.killpg(command.pid, signal.SIGINT)
+        _, err = command.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(command.pid, signal.SIGKILL)  # a failed test leaves nothing running
+    return command.returncode, err, started
+
+
+def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def pool_workers(pid: int) -> list[psutil.Process]:
+    """A process pool's workers among `pid`'s children (not multiprocessing's resource tracker)."""
+    workers = []
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
+            if "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child)
+    return workers
