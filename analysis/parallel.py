@@ -12,7 +12,6 @@ the Parquet files are, with no cluster (DESIGN.md: it imports neither workers no
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -51,7 +50,8 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
         return
     saved = {name: os.environ.get(name) for name in BLAS_THREADS}
     os.environ.update({name: "1" for name in BLAS_THREADS})  # read by each worker as it starts
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_SpawnLeavingInterruptsToParent())
+    context = _SpawnLeavingInterruptsToParent()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
     failed = False
     try:
         yield pool
@@ -59,12 +59,11 @@ def worker_pool(workers: int) -> Iterator[Executor | None]:
         failed = True
         raise
     finally:
-        if failed:
-            pool.shutdown(wait=False, cancel_futures=True)
-            for process in multiprocessing.active_children():  # a worker Ctrl-C caught starting is the pool's no more
-                if isinstance(process, _ProcessLeavingInterruptsToParent):
+        if failed:  # the pool would wait for the fits running; a worker Ctrl-C caught starting is not even in its list
+            for process in context.started:
+                if process.is_alive():
                     process.terminate()
-        pool.shutdown(wait=True, cancel_futures=failed)  # joins what is left (cancel again: the flag is per call)
+        pool.shutdown(wait=True, cancel_futures=failed)  # once: a second call would no longer join the pool's manager thread
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -77,7 +76,7 @@ class _ProcessLeavingInterruptsToParent(SpawnProcess):
     never sees it, from its first import on (an initializer runs only after the imports, and Ctrl-C
     came in during them). The parent still gets its own: at once in another thread, or as the mask
     is restored — which can raise KeyboardInterrupt before the pool has recorded this process, so
-    `worker_pool` stops its workers by class, not from the pool's list."""
+    `worker_pool` stops what its context started, not what the pool lists."""
 
     def start(self) -> None:
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -88,15 +87,26 @@ class _ProcessLeavingInterruptsToParent(SpawnProcess):
 
 
 class _SpawnLeavingInterruptsToParent(SpawnContext):
-    Process = _ProcessLeavingInterruptsToParent
+    """One pool's spawn context: its processes leave Ctrl-C to the parent, and it keeps them (`started`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[_ProcessLeavingInterruptsToParent] = []
+
+    def Process(  # noqa: N802: the name multiprocessing calls
+        self, *, target: Callable[..., object], args: tuple
+    ) -> _ProcessLeavingInterruptsToParent:
+        process = _ProcessLeavingInterruptsToParent(target=target, args=args)
+        self.started.append(process)
+        return process
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, pool: Executor | None, desc: str, unit: str = "group") -> list[R]:
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], *, pool: Executor | None, desc: str) -> list[R]:
     """`[fn(item) for item in items]`, on `pool` if there is one, with a progress bar on a terminal.
 
     `fn` must be a module-level function and items and results picklable (a process pool sends them).
     """
-    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=None, leave=False)
+    bar = tqdm(total=len(items), desc=desc, unit="group", disable=None, leave=False)
     try:
         if pool is None:
             results = []

@@ -441,7 +441,7 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
 
 
 def _build_rung(size: str, recipe: str) -> str:
-    """One ladder rung in its own process (pretraining runs on one thread: rungs build side by side)."""
+    """One ladder rung, in a pool worker (pretraining runs on one thread: rungs build side by side)."""
     import workers.models.ladder as ladder
 
     return str(ladder.ensure_built(size, recipe, progress=False))
@@ -449,7 +449,6 @@ def _build_rung(size: str, recipe: str) -> str:
 
 def cmd_ladder_build(args: argparse.Namespace) -> int:
     import workers.models.ladder as ladder
-    from analysis.parallel import parallel_map, worker_pool  # its pool leaves Ctrl-C to this process, and stops the builds
 
     sizes = args.sizes or ladder.sizes(args.recipe)
     for size in sizes:  # every name checked before any build starts
@@ -459,14 +458,23 @@ def cmd_ladder_build(args: argparse.Namespace) -> int:
         print(f"{size}: {ladder.model_dir(size, args.recipe)} (cached)")
     if not missing:
         return 0
+    from concurrent.futures import as_completed
+
+    from analysis.parallel import worker_pool  # its workers leave Ctrl-C to this process, which stops them
+
     workers = max(1, min(len(missing), args.jobs or os.cpu_count() or 1))
     # Largest rungs first, so the longest build starts at once and the small ones fill the other cores.
     order = sorted(missing, key=sizes.index, reverse=True)
-    with worker_pool(workers) as pool:  # one rung: built here (pretraining runs on one thread either way)
-        built = parallel_map(functools.partial(_build_rung, recipe=args.recipe), order, pool=pool,
-                             desc=f"ladder {args.recipe} ({workers} parallel builds)", unit="model")  # fmt: skip
-    for size, path in zip(order, built):
-        print(f"{size}: {path}")
+    bar = tqdm(total=len(order), desc=f"ladder {args.recipe} ({workers} parallel builds)", unit="model")
+    with worker_pool(workers) as pool, bar:
+        if pool is None:  # one build at a time: here (pretraining runs on one thread either way)
+            built = ((size, _build_rung(size, args.recipe)) for size in order)
+        else:
+            futures = {pool.submit(_build_rung, size, args.recipe): size for size in order}
+            built = ((futures[future], future.result()) for future in as_completed(futures))
+        for size, path in built:
+            bar.write(f"{size}: {path}")
+            bar.update()
     return 0
 
 

@@ -15,7 +15,7 @@ import psutil
 
 def interrupt_as_workers_start(args: list[str], *, workers: int, env: dict[str, str] | None = None) -> tuple[int, str, list[psutil.Process]]:
     """Run `python -m orchestrator.cli *args` in its own process group, send the group SIGINT once
-    `workers` pool workers exist, and return its exit code, its stderr and those workers."""
+    `workers` pool workers exist, and return its exit code, its stderr and those of the workers still running after it."""
     command = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env, start_new_session=True)  # fmt: skip
     try:
@@ -26,14 +26,25 @@ def interrupt_as_workers_start(args: list[str], *, workers: int, env: dict[str, 
         time.sleep(0.5)  # the workers are importing
         os.killpg(command.pid, signal.SIGINT)
         _, err = command.communicate(timeout=120)
+        survivors = _still_running(started, within=10.0)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(command.pid, signal.SIGKILL)  # a failed test leaves nothing running
-    return command.returncode, err, started
+    return command.returncode, err, survivors
 
 
-def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
-    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+def _still_running(processes: list[psutil.Process], within: float) -> list[psutil.Process]:
+    """Those of `processes` that have not ended (zombies count as ended) `within` seconds from now."""
+    deadline = time.monotonic() + within
+    while True:
+        running = []
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):  # gone meanwhile
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    running.append(process)
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.1)
 
 
 def pool_workers(pid: int) -> list[psutil.Process]:

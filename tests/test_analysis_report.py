@@ -17,7 +17,7 @@ from analysis.composition import CompositionGain, composition_gains
 from analysis.efficiency import DataEfficiency
 from analysis.report import _examples_needed, _findings, best_measured, composition_finding, composition_gain
 from analysis.synthetic import TrueCurve, synthetic_rows
-from interrupts import interrupt_as_workers_start, still_running
+from interrupts import interrupt_as_workers_start
 from test_analysis_results import BUDGETS, STEER, TUNE, build_results, write_cells
 
 
@@ -263,6 +263,6 @@ def test_ctrl_c_during_a_report_prints_one_line_and_leaves_no_worker(tmp_path: P
     """Ctrl-C reaches every process of the terminal's foreground group: the fit workers, still importing
     (matplotlib, scipy: seconds), each printed a KeyboardInterrupt traceback under the report's line."""
     build_results(tmp_path)
-    code, err, workers = interrupt_as_workers_start(["report", str(tmp_path), "--bootstrap", "2000", "--workers", "2"], workers=2)
+    code, err, survivors = interrupt_as_workers_start(["report", str(tmp_path), "--bootstrap", "2000", "--workers", "2"], workers=2)
     assert code == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-3000:]
-    assert not still_running(workers)
+    assert not survivors

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from interrupts import interrupt_as_workers_start, still_running
+from interrupts import interrupt_as_workers_start
 
 from workers.lm import LanguageModel
 from workers.models import ladder
@@ -84,17 +84,30 @@ def test_an_interrupted_build_is_replaced_by_the_same_model(
         torch.testing.assert_close(a, b)  # builds are deterministic: every machine gets the same ladder
 
 
-@pytest.mark.slow
-def test_ctrl_c_during_a_ladder_build_prints_one_line_and_leaves_no_half_model(tmp_path: Path) -> None:
+def test_ctrl_c_during_a_ladder_build_prints_one_line_and_stops_the_builds(tmp_path: Path) -> None:
     """`make demo` spends its first minutes here: Ctrl-C printed one KeyboardInterrupt traceback per parallel build."""
     env = {**os.environ, "STEERSCALE_CACHE": str(tmp_path)}
-    code, err, workers = interrupt_as_workers_start(["ladder", "build", "--recipe", "test", "--jobs", "2"], workers=2, env=env)
+    code, err, survivors = interrupt_as_workers_start(["ladder", "build", "--recipe", "test", "--jobs", "2"], workers=2, env=env)
     assert code == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-3000:]
-    assert not still_running(workers)
-    left = [p.name for p in (tmp_path / "ladder").glob("test-*/*") if p.suffix != ".lock" and not (p / ladder.BUILD_INFO).exists()]
-    assert not left, f"half-built models or temporary directories: {left}"
+    assert not survivors
 
 
+def test_a_build_killed_while_saving_leaves_no_temporary_directory_behind(built: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    """A builder stopped by SIGTERM (how a Ctrl-C'd `ladder build` stops its workers) runs no `finally`: the
+    next build of that size clears the save it left."""
+    monkeypatch.setenv("STEERSCALE_CACHE", str(tmp_path))
+    final = ladder.model_dir("xs", "test")
+    final.parent.mkdir(parents=True)
+    stale = final.parent / ".xs-k1lled"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    other = final.parent / ".s-k1lled"  # another size's: maybe being saved right now
+    other.mkdir()
+    assert ladder.ensure_built("xs", "test", progress=False) == final
+    assert not stale.exists() and other.exists()
+
+
+@pytest.mark.slow
 def test_default_ladder_heldout_loss_falls_with_size(default_ladder: list[str]) -> None:
     """Every rung of the default ladder beats the one below it on held-out pretraining text."""
     infos = [ladder.build_info(size, "default") for size in default_ladder]

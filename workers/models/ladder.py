@@ -233,6 +233,8 @@ def ensure_built(size: str, recipe: str = "default", *, progress: bool = True) -
     with FileLock(str(final.parent / f"{size}.lock")):
         if (final / BUILD_INFO).exists():  # another process built it while we waited
             return final
+        for stale in final.parent.glob(f".{size}-*"):  # a save killed midway (SIGTERM runs no `finally`); ours to clear under the lock
+            shutil.rmtree(stale, ignore_errors=True)
         started, cpu_started = time.perf_counter(), time.process_time()
         model = pretrain(size, recipe, progress=progress)
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
