@@ -441,7 +441,7 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
 
 
 def _build_rung(size: str, recipe: str) -> str:
-    """One ladder rung, in a pool worker (pretraining runs on one thread: rungs build side by side)."""
+    """One ladder rung, in a pool worker or, built alone, in the CLI (pretraining runs on one thread: rungs build side by side)."""
     import workers.models.ladder as ladder
 
     return str(ladder.ensure_built(size, recipe, progress=False))
