@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,44 @@ def unplanned_note(loaded: LoadedResults) -> str:
         unplanned = (f"{loaded.unplanned} stored rows are of cells not in {loaded.plan_name}{which}: fitted too; if they come "
                      "from an earlier config of a method or another sweep (not just other seeds or budgets), --planned-only leaves them out")
     return "; ".join(filter(None, [unplanned, superseded]))
+
+
+# What a row's `versions` records about the weights (workers.models.loading.weights_provenance).
+WEIGHTS_KEYS = ("model_commit", "model_weights_sha256")
+
+
+def _weights_of(versions: object) -> str | None:
+    """A row's weights as "<key> <first 12 hex>", or None where its `versions` records none (older rows)."""
+    try:
+        recorded = json.loads(versions) if isinstance(versions, str) else None
+    except ValueError:
+        return None
+    if not isinstance(recorded, dict):
+        return None
+    return next((f"{key} {recorded[key][:12]}" for key in WEIGHTS_KEYS if isinstance(recorded.get(key), str)), None)
+
+
+def weights_per_model(frame: pd.DataFrame) -> dict[str, Counter[str]]:
+    """For each model whose ok rows ran on more than one set of weights: how many rows ran on each."""
+    ok = frame[frame["status"] == "ok"]
+    if "versions" not in ok or not len(ok):
+        return {}
+    weights = ok["versions"].map(_weights_of)
+    counts = {model: Counter(w for w in group if w) for model, group in weights.groupby(ok["model"])}
+    return {model: c for model, c in counts.items() if len(c) > 1}
+
+
+def mixed_weights_note(frame: pd.DataFrame) -> str | None:
+    """A warning when one model's fits mix rows computed with different weights; None when none do."""
+    mixed = weights_per_model(frame)
+    if not mixed:
+        return None
+    models = "; ".join(f"{model}: {', '.join(f'{w}… in {n} rows' for w, n in c.most_common())}" for model, c in mixed.items())
+    return (f"The rows of {len(mixed)} model(s) were computed with different weights, and their fits mix them ({models}). "
+            "A hub id without a revision follows `main`, which moved between cells; a ladder rung is rebuilt from its recipe "
+            "on each node whose cache lacks it, and CPUs of different kinds round its pretraining differently. Pin the "
+            "revision, or build the ladder once where every node reads it ($STEERSCALE_CACHE on shared storage); "
+            "`steerscale run CONFIG --force` reruns the cells.")  # fmt: skip
 
 
 PLAN_NAME = "plan.json"  # the planned cells (id, slug, model, method), written by `steerscale run`

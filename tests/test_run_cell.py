@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +183,44 @@ def test_a_hub_model_row_records_the_commit_its_weights_came_from(model_id, tmp_
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     row = pq.read_table(tmp_path / "row.parquet").to_pylist()[0]
     assert row["status"] == "ok" and json.loads(row["versions"])["model_commit"] == commit
+
+
+def test_a_ladder_row_records_its_weights_and_the_fit_names_a_model_whose_rows_mix_two_builds(model_id, ladder_cache, tmp_path, monkeypatch):
+    """A rung's id names its recipe, not its weights: a node of another CPU kind rebuilds it with other
+    floats under the same id (here: one weight nudged by 1e-6 in a second cache). Each row records a
+    digest of the weights it ran on, and `steerscale fit` names a model whose rows mix two."""
+    import hashlib
+    import shutil
+
+    import pyarrow.parquet as pq
+    from safetensors.torch import load_file, save_file
+
+    import analysis
+    from workers.models.loading import resolve_path
+    from workers.schema import to_table
+
+    built = Path(resolve_path(ModelSpec(id=model_id)))
+    first = run_cell(_cell(model_id, "base"), CellRun(cache=WorkerCache()))
+    rebuilt = tmp_path / "other-node" / built.relative_to(ladder_cache)
+    shutil.copytree(built, rebuilt)
+    weights = load_file(rebuilt / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-6
+    save_file(weights, rebuilt / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setenv("STEERSCALE_CACHE", str(tmp_path / "other-node"))
+    second = run_cell(_cell(model_id, "base").model_copy(update={"seed": 4}), CellRun(cache=WorkerCache()))
+    digests = [json.loads(row["versions"])["model_weights_sha256"] for row in (first, second)]
+    assert digests[0] == hashlib.sha256(b"model.safetensors" + (built / "model.safetensors").read_bytes()).hexdigest()
+    assert digests[1] != digests[0] and first["score"] is not None and second["score"] is not None
+
+    results = tmp_path / "results"
+    (results / "cells").mkdir(parents=True)
+    pq.write_table(to_table([first]), results / "cells" / "first.parquet")
+    assert "different weights" not in analysis.fit_results(str(results), bootstrap=0).to_text()
+    pq.write_table(to_table([second]), results / "cells" / "second.parquet")
+    text = analysis.fit_results(str(results), bootstrap=0).to_text()
+    assert "The rows of 1 model(s) were computed with different weights" in text
+    assert all(f"model_weights_sha256 {d[:12]}… in 1 rows" in text for d in digests), text
 
 
 def test_a_rows_base_columns_are_the_base_models_and_its_deltas_are_adapted_minus_base(model_id, monkeypatch):

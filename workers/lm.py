@@ -11,7 +11,7 @@ import functools
 import inspect
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
@@ -107,7 +107,7 @@ class LanguageModel:
     max_length: int | None = None  # tokens per sequence; None: the model's own position limit (`context_window`)
     forward_tokens: int = 0  # every token this wrapper has run through the model: the basis of FLOP counts
     prefix: str = ""  # text put before every prompt (few-shot demonstrations); see `prefixed`
-    commit: str | None = None  # the hub commit the weights were loaded from (None: a ladder rung or a local directory)
+    provenance: dict[str, str] = field(default_factory=dict)  # what pins the weights: see models.loading.weights_provenance
 
     def __post_init__(self) -> None:
         if self.max_length is None:

@@ -23,7 +23,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -53,10 +53,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def versions_json(model_commit: str | None = None) -> str:
-    """The row's `versions`: the libraries, and the hub commit the weights came from once they are loaded
-    (a hub id without a revision follows `main`, which can move between a sweep's cells)."""
-    return json.dumps({**library_versions(), **({"model_commit": model_commit} if model_commit else {})}, sort_keys=True)
+def versions_json(provenance: Mapping[str, str] | None = None) -> str:
+    """The row's `versions`: the libraries, and once the model is loaded what pins its weights
+    (`weights_provenance`: a hub commit, a ladder rung's weights digest)."""
+    return json.dumps({**library_versions(), **(provenance or {})}, sort_keys=True)
 
 
 @functools.cache  # once per process: versions do not change between cells
@@ -249,7 +249,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "selection": report.selection,
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
-        "versions": versions_json(lm.commit),
+        "versions": versions_json(lm.provenance),
     }
     neutral = ("base_neutral_nll", "neutral_kl", "neutral_ppl_ratio") if cell.eval.neutral_size else ()
     check_finite(measured, ("score", "nll", "score_base", "nll_base", *neutral, *(("offtask_score_delta",) if offtask else ())))

@@ -1,12 +1,14 @@
 """Load any causal LM the same way: `from_pretrained` on a hub id, a local directory or a ladder rung.
 
 Weights load from safetensors only, and `trust_remote_code` stays off unless the model's config
-asks for it by name. Ladder rungs are built on first use (deterministically, from their recipe),
-so a fresh worker on a cluster node needs nothing copied to it.
+asks for it by name. Ladder rungs are built on first use (from their recipe, seeded), so a fresh
+worker on a cluster node needs nothing copied to it; CPUs of different kinds round the pretraining
+differently, though, so every row records a digest of the weights it used (`weights_provenance`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import TYPE_CHECKING
@@ -77,6 +79,33 @@ def hub_commit(spec: ModelSpec) -> str | None:
     return match.group(1) if match else None
 
 
+def safetensors_sha256(directory: str) -> str:
+    """SHA-256 over a directory's safetensors files, in name order: what identifies a ladder rung's weights."""
+    digest = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
+        digest.update(name.encode())
+        with open(os.path.join(directory, name), "rb") as weights:
+            for block in iter(lambda: weights.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_provenance(spec: ModelSpec, path: str) -> dict[str, str]:
+    """What pins the weights a row was computed with, for its `versions`.
+
+    A hub model: the commit its files came from (`main` can move between a sweep's cells). A ladder
+    rung: a digest of its weights, because its id names a recipe, and a rung rebuilt on a node of
+    another CPU kind is not the same model bit for bit (an AMD EPYC's build of the default ladder's
+    `l` has another held-out loss than a Xeon's); `steerscale fit` says when one model's rows mix
+    them. A local directory: nothing (its path is its identity; hashing a 15 GB checkpoint at every
+    load would cost more than the cell).
+    """
+    if spec.id.startswith(LADDER_PREFIX):
+        return {"model_weights_sha256": safetensors_sha256(path)}
+    commit = hub_commit(spec)
+    return {"model_commit": commit} if commit else {}
+
+
 def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
     """(total, non-embedding) parameter counts; tied input/output embeddings are counted once."""
     seen: set[int] = set()
@@ -130,4 +159,4 @@ def load_language_model(spec: ModelSpec, batch_size: int = 32, *, shard: bool = 
         raise MemoryError(f"{spec.id} does not fit the GPUs reserved for it (accelerate placed layers on {', '.join(offloaded)}); raise gpus_per_cell")
     model.eval()
     # read right after the load: a later look at the hub cache could find `main` moved by another worker's download
-    return LanguageModel(model=model, tokenizer=tokenizer, batch_size=batch_size, commit=hub_commit(spec))
+    return LanguageModel(model=model, tokenizer=tokenizer, batch_size=batch_size, provenance=weights_provenance(spec, path))
