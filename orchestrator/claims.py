@@ -5,7 +5,9 @@ worker and deletes the claim once the row is stored, so two drivers split a swee
 driver's process is gone (same host, pid not alive: e.g. a SIGKILLed driver, so an immediate rerun
 resumes at once) or when its heartbeat is older than `ttl` (a driver on another host that died).
 Exclusive creation is atomic on local and shared POSIX filesystems; on object stores it is
-best effort (check, then write), which the docs say.
+best effort (check, then write), which the docs say. Taking over a stale claim goes through a
+second exclusive file, `<claim>.takeover`: drivers that find the same claim stale at once (two
+resumed after a crash walk the cells in the same order) do not each delete the other's fresh claim.
 """
 
 from __future__ import annotations
@@ -42,8 +44,22 @@ def _write_local(path: str, payload: bytes, *, exclusive: bool) -> bool:
         os.link(temp, path)
     except FileExistsError:
         return False
+    except OSError:  # no hard links here (a FUSE mount of a bucket, SMB): create it exclusively, then write
+        return _create_then_write(path, payload)
     finally:
         os.unlink(temp)
+    return True
+
+
+def _create_then_write(path: str, payload: bytes) -> bool:
+    """Exclusive creation where links are not to be had; for the instant the claim is empty, a reader
+    judges it by its age alone (`Claims._is_stale`), so it is not taken for a dead driver's."""
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return False
+    with os.fdopen(handle, "wb") as claim:
+        claim.write(payload)
     return True
 
 
@@ -76,15 +92,49 @@ class Claims:
 
     def _is_stale(self, path: str) -> bool:
         try:
+            info = self.store.filesystem.get_file_info(path)
+            if info.type == fs.FileType.NotFound:
+                return True  # released meanwhile
             with self.store.filesystem.open_input_stream(path) as stream:
                 claim = json.loads(stream.read().decode())
-            info = self.store.filesystem.get_file_info(path)
-        except (FileNotFoundError, ValueError, OSError):
-            return True  # vanished or unreadable: nobody holds it usefully
+        except FileNotFoundError:
+            return True
+        except (ValueError, OSError):
+            claim = {}  # empty or half written (see `_create_then_write`), or a read that failed: judged by its age alone
         if claim.get("host") == self.owner["host"] and not _alive(int(claim.get("pid", -1))):
             return True
         age = time.time() - (info.mtime.timestamp() if info.mtime else 0)
         return age > self.ttl_seconds
+
+    def _delete(self, path: str) -> None:
+        try:
+            self.store.filesystem.delete_file(path)
+        except FileNotFoundError:
+            pass  # released or taken over by another driver meanwhile
+
+    def _take_over(self, path: str) -> bool:
+        """Replace the stale claim at `path` with this driver's; False when another driver got there first.
+
+        Whoever creates `<claim>.takeover` first checks the claim again and replaces it; a driver that
+        judged the same claim stale a moment earlier then finds the guard, or the new claim, and backs
+        off, where deleting and creating straight away let both delete, create and run the cell.
+        """
+        guard = f"{path}.takeover"
+        for _ in range(2):  # a guard left by a driver that died mid-takeover is cleared, then taken once
+            if self._create(guard):
+                break
+            if not self._is_stale(guard):
+                return False  # another driver is taking it over now
+            self._delete(guard)
+        else:
+            return False
+        try:
+            if not self._is_stale(path):
+                return False
+            self._delete(path)
+            return self._create(path)
+        finally:
+            self._delete(guard)
 
     def _create(self, path: str) -> bool:
         payload = json.dumps({**self.owner, "claimed_at": time.time()}).encode()
@@ -106,12 +156,8 @@ class Claims:
             self.store.filesystem.create_dir(self.directory, recursive=True)
             self._directory_made = True
         path = self._path(cell_id)
-        if not self._create(path):
-            if not self._is_stale(path):
-                return False
-            self.store.filesystem.delete_file(path)
-            if not self._create(path):  # another driver took over the stale claim first
-                return False
+        if not self._create(path) and not (self._is_stale(path) and self._take_over(path)):
+            return False
         self.held.add(cell_id)
         if self.store.written_since(cell_id, planned_at):
             self.release(cell_id)
@@ -120,10 +166,7 @@ class Claims:
 
     def release(self, cell_id: str) -> None:
         self.held.discard(cell_id)
-        try:
-            self.store.filesystem.delete_file(self._path(cell_id))
-        except FileNotFoundError:
-            pass
+        self._delete(self._path(cell_id))
 
     def heartbeat(self) -> None:
         """Refresh the mtime of every held claim, so long cells are not taken over by other hosts

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -68,3 +71,82 @@ def test_a_cell_another_driver_stored_after_this_one_planned_is_not_claimed(tmp_
     a.store.write({**row, "cell_id": "new"})
     assert _claim(a, ["old", "new", "never"], planned_at) == {"old", "never"}
     assert a.held == {"old", "never"}
+
+
+
+def _exited_pid() -> int:
+    """The pid of a process that has exited and been reaped: what a SIGKILLed driver's claims name."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _resumed_drivers(tmp_path, cells: list[str]) -> tuple[Claims, Claims]:
+    """Two drivers on this host started after a driver that held `cells` was killed."""
+    store = ResultsStore(str(tmp_path / "r"))
+    dead = Claims(store, owner={"host": socket.gethostname(), "pid": _exited_pid(), "run": "dead"})
+    assert _claim(dead, cells) == set(cells)
+    return Claims(store, owner={**OWNER, "run": "b"}), Claims(store, owner={**OWNER, "run": "c"})
+
+
+OWNER = {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def test_two_drivers_taking_over_the_same_stale_claim_do_not_both_run_the_cell(tmp_path):
+    """Resumed after a crash, both walk the cells in the same order and find the dead driver's claim
+    stale at once. C judged it stale; before C replaces it, B takes it over. C used to delete B's
+    fresh claim and write its own: both ran the cell."""
+    b, c = _resumed_drivers(tmp_path, ["c1"])
+    judged = c._is_stale
+
+    def b_takes_it_over_meanwhile(path: str) -> bool:
+        verdict = judged(path)
+        if path.endswith("c1.json") and not b.held:
+            assert b.acquire("c1", planned_at=time.time())
+        return verdict
+
+    c._is_stale = b_takes_it_over_meanwhile
+    assert not c.acquire("c1", planned_at=time.time())
+    assert b.held == {"c1"} and not c.held
+
+
+def test_resumed_drivers_taking_over_side_by_side_split_the_cells(tmp_path):
+    cells = [f"c{i}" for i in range(300)]
+    b, c = _resumed_drivers(tmp_path, cells)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda claims: _claim(claims, cells), (b, c)))
+    assert not got[0] & got[1] and got[0] | got[1] == set(cells)
+    assert not list((tmp_path / "r" / "claims").glob("*.takeover"))
+
+
+def test_a_claim_released_while_another_driver_looks_at_it_is_taken_not_a_crash(tmp_path):
+    """The holder stores the row and releases between the other driver's failed create and its look
+    at the claim: the claim is gone, so the other takes the cell (and `written_since` then decides),
+    where deleting the vanished file raised FileNotFoundError out of the driver."""
+    holder, other = _drivers(tmp_path)
+    assert holder.acquire("c1", planned_at=time.time())
+    judged = other._is_stale
+
+    def released_meanwhile(path: str) -> bool:
+        holder.release("c1")
+        return judged(path)
+
+    other._is_stale = released_meanwhile
+    assert other.acquire("c1", planned_at=time.time())
+
+
+def test_claims_stay_exclusive_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    """A bucket mounted with FUSE or an SMB share refuses os.link: claims are then created with
+    O_EXCL and written after, and a claim caught empty in between is judged by its age, not taken."""
+
+    def no_links(_source: str, _target: str) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    cells = [f"c{i}" for i in range(300)]
+    a, b = _drivers(tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda claims: _claim(claims, cells), (a, b)))
+    assert not got[0] & got[1] and got[0] | got[1] == set(cells)
+    (tmp_path / "r" / "claims" / "empty.json").write_bytes(b"")  # created, not yet written
+    assert not a.acquire("empty", planned_at=time.time())
