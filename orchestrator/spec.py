@@ -163,6 +163,15 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
     problems += [f"{name}.{i}: {values[i]} is listed twice" for name, values in lists.items() for i in repeated(values)]
     model_keys = [m.model_dump_json(exclude={"gpus_per_cell"}) for m in spec.models]  # a scheduling field: not the cell's
     problems += [f"models.{i}: {spec.models[i].id} is listed twice with the same settings" for i in repeated(model_keys)]
+    # Entries of one id that differ in what they compute (revision, dtype; placement alone is grid.py's to refuse):
+    # rows name a model by its id, so their fits would pool the two as one model's seeds.
+    computed = [(m.id, m.model_dump_json(exclude={"gpus_per_cell", "device"})) for m in spec.models]
+    problems += [
+        f"models.{i}: {model_id} is listed again (as models.{[m for m, _ in computed].index(model_id)}) with other settings: rows "
+        "name a model by its id, so a fit would pool the two as one model's seeds; give each its own sweep (results_dir)"
+        for i, (model_id, key) in enumerate(computed)
+        if any(m == model_id and k != key for m, k in computed[:i]) and key not in [k for _, k in computed[:i]]
+    ]  # fmt: skip
     if problems:
         raise ConfigError("\n".join(problems))
 
