@@ -52,6 +52,37 @@ def test_a_prompt_prefix_is_compared_on_the_text_tokens_only():
     assert kl > 0 and ratio != 1.0
 
 
+def test_without_a_bos_a_prompt_prefix_is_compared_on_the_tokens_both_sides_predict():
+    """GPT-2, Pythia and Qwen add no BOS: the plain model cannot predict a text's first token, the
+    prefixed one can. Both must score the same tokens (the second to the last of each text), as
+    computed here by hand; the shapes used to differ and every `prompt` cell on such a model failed."""
+    from tokenizers import processors
+
+    lm = language_model()
+    lm.tokenizer._tokenizer.post_processor = processors.Sequence([])  # no BOS added, as GPT-2's tokenizer
+    assert not lm.tokenizer("")["input_ids"]
+    reference = neutral_reference(lm, TEXTS)
+    prefix = "q: a0 b0 = 3 ; "
+    with lm.prefixed(prefix):
+        kl, ratio = neutral_shift(lm, reference)
+    kls, nll_base, nll_prefixed, count = 0.0, 0.0, 0.0, 0
+    for text in TEXTS:
+        ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
+        both = lm.tokenizer(prefix + text, return_tensors="pt")["input_ids"]
+        assert torch.equal(both[0, -ids.shape[1] :], ids[0])  # the prefix ends on a token boundary
+        with torch.no_grad():
+            p = F.log_softmax(lm.model(input_ids=ids).logits[0, :-1], -1)  # predicting text tokens 1..n-1
+            q = F.log_softmax(lm.model(input_ids=both).logits[0, -ids.shape[1] : -1], -1)
+        kls += float((p.exp() * (p - q)).sum())
+        targets = ids[0, 1:, None]
+        nll_base -= float(p.gather(-1, targets).sum())
+        nll_prefixed -= float(q.gather(-1, targets).sum())
+        count += ids.shape[1] - 1
+    assert kl > 1e-3
+    assert kl == pytest.approx(kls / count, rel=1e-4)
+    assert ratio == pytest.approx(float(torch.exp(torch.tensor((nll_prefixed - nll_base) / count))), rel=1e-4)
+
+
 @pytest.mark.skipif(not reset_rss_peak(), reason="this system does not let a process reset its RSS peak")
 def test_a_cells_cpu_peak_memory_does_not_inherit_an_earlier_cells():
     big = 400 * 2**20

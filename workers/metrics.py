@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import sys
 from dataclasses import dataclass
 from math import exp, inf, nan
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from workers.lm import LanguageModel
+from workers.lm import Batch, LanguageModel
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,21 @@ class NeutralReference:
         return sum(t.numel() * t.element_size() for t in self.logprobs)
 
 
-def _neutral_batches(lm: LanguageModel, texts: Sequence[str]):
-    # Neutral texts are scored as continuations of an empty prompt: every token after BOS counts.
-    # Keeping only those positions makes the comparison independent of anything put before the
-    # text (a `prompt` method's demonstrations) and drops padding from what the reference stores.
-    return lm.batches([""] * len(texts), list(texts))
+def _neutral_batches(lm: LanguageModel, texts: Sequence[str]) -> Iterator[Batch]:
+    """The texts as continuations of an empty prompt, scored at each text token that the plain model
+    predicts: all of them after a BOS. Keeping only those positions makes the comparison independent
+    of anything put before the text (a `prompt` method's demonstrations) and drops padding from what
+    the reference stores. A tokenizer that adds no BOS (GPT-2, Pythia, Qwen) leaves a text's first token
+    unpredicted by the plain model, where demonstrations before it predict it: left out there too, so
+    both sides score the same tokens (a `prompt` cell on such a model failed on mismatched shapes)."""
+    batches = lm.batches([""] * len(texts), list(texts))
+    if lm.tokenizer("")["input_ids"] or not lm.encode([""], prompt=True)[0]:
+        yield from batches  # a BOS predicts the first token on both sides, or nothing does on either
+        return
+    for batch in batches:
+        first_predicted = batch.target_mask.clone()
+        first_predicted[torch.arange(len(first_predicted)), batch.prompt_last] = False  # the prompt's last column predicts token 0
+        yield dataclasses.replace(batch, target_mask=first_predicted)
 
 
 @torch.no_grad()
