@@ -157,6 +157,17 @@ def test_a_model_whose_outputs_go_nan_is_a_failed_row_not_an_ok_one(model_id, tm
     assert re.search(r"(^|[ ,])nll=nan", row["error"]) and row.get("score") is None  # the test NLL itself, not only base_neutral_nll
 
 
+def test_a_perplexity_ratio_past_floats_is_an_ok_row_with_inf(model_id, monkeypatch):
+    """neutral_shift returns +inf for a rise of over 709 nats a token (exp overflows): a measured
+    collapse of the neutral text, stored as such; it used to fail the cell as a non-finite metric."""
+    import workers.run_cell
+
+    monkeypatch.setattr(workers.run_cell, "neutral_shift", lambda lm, reference: (812.5, float("inf")))
+    row = run_cell(_cell(model_id, "base"), CellRun(cache=WorkerCache()))
+    assert row["status"] == "ok", row["error"]
+    assert row["neutral_ppl_ratio"] == float("inf") and row["neutral_kl"] == 812.5
+
+
 def test_a_hub_model_row_records_the_commit_its_weights_came_from(model_id, tmp_path):
     """A hub id without a revision follows `main`: the row says which commit it got. Loaded offline
     from a hub cache laid out as huggingface_hub lays it out, through `python -m workers.run_cell`."""
