@@ -223,6 +223,32 @@ def test_a_model_without_a_verdict_does_not_take_the_trends_interval_away() -> N
     assert "which excludes 0" in trend.describe()
 
 
+def _measured_crossings(d_stars: dict[str, float], params: dict[str, float]) -> tuple[list[Crossover], pd.DataFrame]:
+    """Each model's D*, resampled with 5 % noise: curves measured precisely."""
+    rng = np.random.default_rng(1)
+    found = [dataclasses.replace(_crossover(m, d, d * 0.9, d * 1.1, params[m]), overtakes=d * np.exp(rng.normal(0, 0.05, 400)))
+             for m, d in d_stars.items()]  # fmt: skip
+    return found, pd.DataFrame({"task": "t", "model": list(params), "params": list(params.values())})
+
+
+def test_d_stars_measured_precisely_but_off_any_line_are_no_trend() -> None:
+    """D* 46, 297, 109 over three sizes (up, then down): the resamples alone gave γ = 0.19 an interval of
+    [0.16, 0.22], "which excludes 0", though the line misses each model left out by 11×. The models'
+    scatter about the line (a t-interval on one degree of freedom) belongs in it."""
+    params = {"s": 1e7, "m": 1e8, "l": 1e9}
+    (trend,) = crossover_scaling(*_measured_crossings({"s": 46.0, "m": 297.0, "l": 109.0}, params), get_axis("params"))
+    assert trend.gamma == pytest.approx(0.19, abs=0.01) and trend.holdout_error > 2
+    assert trend.gamma_lo < 0 < trend.gamma_hi and "includes 0: no clear trend" in trend.describe()
+
+
+def test_d_stars_close_to_a_power_law_keep_a_trend_that_excludes_0() -> None:
+    """Four models within ±3 % of D* ∝ params^0.5: the scatter's interval stays narrow, and the trend is stated."""
+    params = {"a": 1e6, "b": 1e7, "c": 1e8, "d": 1e9}
+    d_stars = {m: 10 * (n / 1e6) ** 0.5 * f for (m, n), f in zip(params.items(), (1.03, 0.97, 1.02, 0.98))}
+    (trend,) = crossover_scaling(*_measured_crossings(d_stars, params), get_axis("params"))
+    assert trend.gamma_lo > 0.4 and trend.gamma_hi < 0.6 and "which excludes 0" in trend.describe()
+
+
 def _three_crossing(resamples: int) -> tuple[list[Crossover], pd.DataFrame]:
     """`_trend_pairs`'s three models that cross, D* ∝ params^0.5, without the non-finite one."""
     found, capabilities = _trend_pairs(resamples)
