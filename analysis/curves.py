@@ -156,10 +156,26 @@ class LawFit:
         notes += [f"{name} not identified in {share:.0%} of resamples: no interval" for name, share in self.unidentified_in_resamples().items()]
         return notes
 
+    def asymptote_notes(self) -> list[str]:
+        """A budget curve whose asymptote E lies farther beyond the data than the data's own range: still
+        further from E at 100× the largest budget than it moved over the measured budgets. A flat curve
+        fits about as well with a far floor and a tiny exponent, and its "asymptote" then read as a score
+        near 1, interval and all, for scores level at .5 (β = 0.003, just clear of the bound note)."""
+        if not self.fit or self.joint or not len(self.points.d):
+            return []
+        budgets = np.array([self.points.d.min(), self.points.d.max(), 100 * self.points.d.max()])
+        first, last, far = self.fit.predict({"N": np.full(3, self.n_params), "D": budgets})
+        e = self.fit.params["E"]
+        if abs(far - e) <= abs(first - last):
+            return []
+        value = from_loss(np.array([far]), self.metric).item()
+        return [f"asymptote far past the data (at 100× the largest budget the curve is at {value:.3g})"]
+
     @property
     def note(self) -> str:
-        """Why the group was not fitted, what the data cannot identify, or which parameters sit at a bound ('' for a clean fit)."""
-        return self.message or "; ".join([*self.identification_notes(), *self.bound_notes()])
+        """Why the group was not fitted, what the data cannot identify, which parameters sit at a bound, or
+        an asymptote far past the data ('' for a clean fit)."""
+        return self.message or "; ".join([*self.identification_notes(), *self.bound_notes(), *self.asymptote_notes()])
 
     def predict(self, n: np.ndarray, d: np.ndarray) -> np.ndarray:
         """The fitted metric (not loss) at (N, D)."""
@@ -172,7 +188,8 @@ class LawFit:
             "model": self.model, "n_params": self.n_params, "x": self.x, "law": self.law.name,
             "formula": self.law.formula, "metric": self.metric, "status": "ok" if self.ok else "not fitted",
             "message": self.message, "bounds": "; ".join(self.bound_notes()),
-            "identification": "; ".join(self.identification_notes()), "n_points": len(self.points.value),
+            "identification": "; ".join(self.identification_notes()), "asymptote_note": "; ".join(self.asymptote_notes()),
+            "n_points": len(self.points.value),
             "n_failed": self.excluded.failed, "n_nan": self.excluded.nan, "n_no_x": self.excluded.no_x, "n_no_budget": self.excluded.no_budget,
             "objective": self.fit.objective if self.fit else np.nan,
             "n_bootstrap": len(self.boot.thetas) if self.boot else 0,

@@ -109,3 +109,23 @@ def test_a_model_whose_every_cell_failed_is_said_to_have_failed(tmp_path: Path) 
     markdown = summary.report_page.with_name("report.md").read_text()
     for text in (summary.to_text(), markdown):
         assert said in text and "distinct budgets, got 0" not in text and "Traceback" not in text
+
+
+def test_an_asymptote_far_past_the_data_is_said_and_a_reached_one_is_not() -> None:
+    """Scores level at .5 over 8–256 examples (40 questions, 2 seeds) fit about as well with a far floor and
+    a tiny exponent (β = 0.003, clear of the bound note): the fits table showed asymptote 0.998 [0.99, 1]
+    with no note, for a curve still at .51 at 100× the largest budget."""
+    from analysis.curves import GroupJob, fit_group
+    from analysis.laws import POWER_D
+    from analysis.synthetic import TrueCurve, synthetic_rows
+
+    def fitted(curve: TrueCurve) -> object:
+        rows = pd.DataFrame(synthetic_rows({("t", "m1", "m"): curve}, {"m": 10**8}, (8, 16, 32, 64, 128, 256), 2, 0.05, np.random.default_rng(0)))
+        rows["score"] = np.round(rows["score"] * 40) / 40
+        return fit_group(GroupJob("t", "m1", "m", POWER_D, rows, "score", None, 100, 0))
+
+    flat = fitted(TrueCurve(e=0.5, b=0.0, beta=0.5))
+    assert flat.record()["asymptote"] > 0.9 and not flat.bound_notes()
+    assert "asymptote far past the data (at 100× the largest budget the curve is at 0.51" in flat.note
+    rising = fitted(TrueCurve(e=0.05, b=3.0, beta=0.45))
+    assert rising.asymptote_notes() == [] and "asymptote" not in rising.note
