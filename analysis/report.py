@@ -366,7 +366,8 @@ def _examples_needed(e: DataEfficiency) -> str:
 
     lo, hi = end(e.examples_lo), end(e.examples_hi)
     interval = "" if not np.isfinite(e.examples_lo) else f" [{lo}]" if lo == hi else f" [{lo}, {hi}]"
-    past = f" (extrapolated past the largest budget measured, {e.largest_budget:g})" if e.extrapolated else ""
+    past = (f" (extrapolated past the largest budget measured, {e.largest_budget:g})" if e.extrapolated else
+            f" (the interval reaches past the largest budget measured, {e.largest_budget:g})" if e.examples_hi > e.largest_budget else "")  # fmt: skip
     return f"{_num(e.examples)}{interval}{past}{share}"
 
 

@@ -299,7 +299,7 @@ def test_the_data_efficiency_interval_counts_the_resamples_that_never_reach_the_
     (half,) = data_efficiency([curve], base, fractions=(0.5,))
     assert half.examples == pytest.approx(16.0) and half.finite_share == 0.8
     assert 10 < half.examples_lo < 16 and half.examples_hi == np.inf
-    assert _examples_needed(half).startswith(f"16 [{half.examples_lo:.3g}, > 1.02e+05]")
+    assert _examples_needed(half).startswith(f"16 [{half.examples_lo:.3g}, > 1.02e+05] (the interval reaches past the largest budget measured, 1024)")
 
 
 def test_a_data_efficiency_outside_the_measured_budgets_is_extrapolated(summary: analysis.FitSummary) -> None:
