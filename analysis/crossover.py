@@ -333,7 +333,7 @@ def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, a
                   if len(resamples) == 1 and resamples != {0} else np.array([]))  # fmt: skip
         share = float(np.isfinite(slopes).mean()) if len(slopes) else np.nan
         # resamples in which a model of the line does not cross have no slope: past 1 − CI_LEVEL of them, no interval;
-        # else the wider of the resampled interval (each D*'s precision) and the scatter's (how well a line fits the models)
+        # else the span of the resampled interval (each D*'s precision) and the scatter's (how well a line fits the models)
         lo, hi = percentile_interval(slopes) if share >= CI_LEVEL else (np.nan, np.nan)
         scatter_lo, scatter_hi = _scatter_interval(logx, logd, gamma)
         if np.isfinite(lo) and np.isfinite(scatter_lo):

@@ -52,8 +52,10 @@ def _write_local(path: str, payload: bytes, *, exclusive: bool) -> bool:
 
 
 def _create_then_write(path: str, payload: bytes) -> bool:
-    """Exclusive creation where links are not to be had; for the instant the claim is empty, a reader
-    judges it by its age alone (`Claims._is_stale`), so it is not taken for a dead driver's."""
+    """Exclusive creation where links are not to be had (best effort across hosts on a FUSE mount of a
+    bucket, as on object stores); for the instant the claim is empty, a reader judges it by its age
+    alone (`Claims._is_stale`), so it is not taken for a dead driver's (a driver killed in that instant
+    leaves a claim taken over only after `ttl_seconds`)."""
     try:
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     except FileExistsError:
@@ -97,6 +99,8 @@ class Claims:
                 return True  # released meanwhile
             with self.store.filesystem.open_input_stream(path) as stream:
                 claim = json.loads(stream.read().decode())
+            if not isinstance(claim, dict):
+                raise ValueError("not a claim")
         except FileNotFoundError:
             return True
         except (ValueError, OSError):

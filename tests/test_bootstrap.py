@@ -106,6 +106,20 @@ def test_a_points_redrawn_seeds_vary_as_much_as_new_seeds_would(seeds: int) -> N
     assert widened_targets(data, np.zeros(len(strata), dtype=int)) is None  # one stratum over the curve: its spread is the curve
 
 
+def test_the_bootstrap_refits_the_widened_targets() -> None:
+    """`bootstrap_fit`'s resamples are fits to `widened_targets` under the resample counts (and differ
+    from fits to the cells' own values): the widening is not only a function nobody calls."""
+    rng = np.random.default_rng(3)
+    x = {"D": np.repeat([4.0, 16.0, 64.0, 256.0, 1024.0], 2)}
+    data = LawData.build(POWER_D, x, POWER_D.predict({"E": 0.2, "B": 1.0, "beta": 0.5}, x) * np.exp(rng.normal(0, 0.05, 10)))
+    fit = fit_law(data)
+    boot = bootstrap_fit(fit, data, 50, np.random.default_rng(7))
+    weights = resample_weights(design_strata(data.x), 50, np.random.default_rng(7))
+    widened = refit_weighted(fit, data, weights, np.tile(widened_targets(data, design_strata(data.x)), (50, 1)))
+    np.testing.assert_allclose(boot.thetas, widened, rtol=1e-9, atol=1e-12)
+    assert np.abs(boot.thetas - refit_weighted(fit, data, weights)).max() > 1e-3
+
+
 def test_seeds_that_agree_make_every_resample_the_point_fit() -> None:
     """4 budgets × 2 seeds off the law but equal at each budget: every stratified resample is the data itself.
     Drawn from the whole curve, a budget went missing in ~38 % of the resamples, which then fitted 3 parameters

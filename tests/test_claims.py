@@ -150,3 +150,14 @@ def test_claims_stay_exclusive_where_the_filesystem_has_no_hard_links(tmp_path, 
     assert not got[0] & got[1] and got[0] | got[1] == set(cells)
     (tmp_path / "r" / "claims" / "empty.json").write_bytes(b"")  # created, not yet written
     assert not a.acquire("empty", planned_at=time.time())
+
+
+
+def test_a_claim_holding_json_that_is_not_a_claim_is_judged_by_its_age(tmp_path):
+    """`[]` where a claim's object should be raised AttributeError out of `acquire`; fresh, it is held."""
+    a, _ = _drivers(tmp_path)
+    a.store.filesystem.create_dir(a.directory, recursive=True)
+    (tmp_path / "r" / "claims" / "odd.json").write_text("[]")
+    assert not a.acquire("odd", planned_at=time.time())
+    a.ttl_seconds = 0.0  # as old as a dead driver's
+    assert a.acquire("odd", planned_at=time.time())

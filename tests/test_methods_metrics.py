@@ -83,6 +83,21 @@ def test_without_a_bos_a_prompt_prefix_is_compared_on_the_tokens_both_sides_pred
     assert ratio == pytest.approx(float(torch.exp(torch.tensor((nll_prefixed - nll_base) / count))), rel=1e-4)
 
 
+def test_without_a_bos_texts_filling_the_context_window_lose_the_prefix_on_both_sides():
+    """A text as long as the window keeps its last tokens and loses the prefix, as on the plain side:
+    the same tokens scored from the same context, so no shift (it used to drop a column there too)."""
+    from tokenizers import processors
+
+    lm = language_model()
+    lm.tokenizer._tokenizer.post_processor = processors.Sequence([])
+    lm.max_length = 4
+    assert all(len(ids) > 4 for ids in lm.encode(TEXTS, prompt=True))
+    reference = neutral_reference(lm, TEXTS)
+    with lm.prefixed("q: a0 b0 = 3 ; "):
+        kl, ratio = neutral_shift(lm, reference)
+    assert kl == pytest.approx(0.0, abs=1e-7) and ratio == pytest.approx(1.0, abs=1e-6)
+
+
 @pytest.mark.skipif(not reset_rss_peak(), reason="this system does not let a process reset its RSS peak")
 def test_a_cells_cpu_peak_memory_does_not_inherit_an_earlier_cells():
     big = 400 * 2**20

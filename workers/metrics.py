@@ -38,14 +38,18 @@ def _neutral_batches(lm: LanguageModel, texts: Sequence[str]) -> Iterator[Batch]
     the reference stores. A tokenizer that adds no BOS (GPT-2, Pythia, Qwen) leaves a text's first token
     unpredicted by the plain model, where demonstrations before it predict it: left out there too, so
     both sides score the same tokens (a `prompt` cell on such a model failed on mismatched shapes)."""
-    batches = lm.batches([""] * len(texts), list(texts))
-    if lm.tokenizer("")["input_ids"] or not lm.encode([""], prompt=True)[0]:
-        yield from batches  # a BOS predicts the first token on both sides, or nothing does on either
-        return
-    for batch in batches:
-        first_predicted = batch.target_mask.clone()
-        first_predicted[torch.arange(len(first_predicted)), batch.prompt_last] = False  # the prompt's last column predicts token 0
-        yield dataclasses.replace(batch, target_mask=first_predicted)
+    pairs = lm.encode_pairs([""] * len(texts), list(texts))
+    without_bos = not lm.tokenizer("")["input_ids"]
+    for start in range(0, len(pairs), lm.batch_size):
+        chunk = pairs[start : start + lm.batch_size]
+        batch = lm.collate(chunk)
+        # rows whose prompt kept tokens (a text filling the context window loses them, as on the plain side)
+        prefixed = [i for i, pair in enumerate(chunk) if pair.continuation_start > 0]
+        if without_bos and prefixed:
+            unpredicted = batch.target_mask.clone()
+            unpredicted[prefixed, [chunk[i].continuation_start - 1 for i in prefixed]] = False  # the column predicting token 0
+            batch = dataclasses.replace(batch, target_mask=unpredicted)
+        yield batch
 
 
 @torch.no_grad()
