@@ -82,6 +82,10 @@ def test_gsm8k_scores_the_generated_final_number() -> None:
     assert final_answer("so 3 + 4 = 7 then 1,200 apples") == "1200"
     assert final_answer("#### 12.0 and then 5") == "12"
     assert final_answer("no number") is None
+    assert final_answer("The answer is 18.\n\nQuestion: Tom has 3 apples and buys 4 more") == "18"  # not its own next problem's
+    assert final_answer("#### 18\n\nQuestion: Ann has #### 25") == "18"
+    assert final_answer("#### 18.00") == final_answer("#### 18") == "18" and final_answer("#### 1,800") == "1800"
+    assert final_answer("#### .5") == "0.5" != final_answer("#### 5") and final_answer("#### -0.0") == "0"
 
 
 def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:
@@ -95,6 +99,30 @@ def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:
     assert task.evaluate(ScriptedLM({}), examples).score == 0.0
     assert canonical_calls('[{"name": "f", "arguments": {"a": 1}}]') == canonical_calls('[{"arguments": {"a": 1}, "name": "f"}]')
     assert canonical_calls('[{"name": "f"}]') is None and canonical_calls("[oops") is None
+    roll = '{"name": "roll", "arguments": {}}'
+    assert canonical_calls(f"[{roll}]") != canonical_calls(f"[{roll}, {roll}]") != canonical_calls(f"[{roll}, {roll}, {roll}]")
+    assert canonical_calls('[{"name": "pay", "arguments": {"amount": 20}}]') == canonical_calls('[{"name": "pay", "arguments": {"amount": 20.0}}]')
+    assert canonical_calls('[{"name": "pay", "arguments": {"amount": 20.5}}]') != canonical_calls('[{"name": "pay", "arguments": {"amount": 20}}]')
+    assert canonical_calls("[1, 2]") is None
+
+
+def test_function_calling_reads_json_columns_already_parsed_and_refuses_a_reference_it_cannot_score(tmp_path) -> None:
+    """Another export of the data stores `tools` and `answers` as lists; a reference that does not parse
+    as calls used to become "no calls", which an empty generation then matched."""
+    from workers.tasks.function_calling import FunctionCalling
+
+    rows = [{"query": f"q{i}", "tools": [{"name": "roll", "parameters": {}}], "answers": [{"name": "roll", "arguments": {"n": i}}]}
+            for i in range(40)]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = FunctionCalling(HubSource(str(tmp_path)))
+    examples = task.examples("test", 5, seed=0)
+    assert examples and all(ex.prompt.startswith('Tools: [{"name": "roll"') for ex in examples)
+    assert task.evaluate(ScriptedLM({ex.prompt: ex.target for ex in examples}), examples).score == 1.0
+    broken = tmp_path / "broken"  # another directory: rows are cached per source
+    broken.mkdir()
+    (broken / "train.jsonl").write_text("".join(json.dumps({**r, "answers": [{"name": "roll"}]}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="a reference answer is not a list of"):
+        FunctionCalling(HubSource(str(broken))).examples("test", 5, seed=0)
 
 
 def test_a_budget_above_the_split_fails_the_cell_instead_of_training_on_fewer() -> None:

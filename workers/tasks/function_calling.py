@@ -3,8 +3,8 @@
 Hub `Salesforce/xlam-function-calling-60k`: `query`, `tools` and `answers`, the latter two JSON
 strings (tools: name, description, parameters; answers: a list of {name, arguments}). The model
 sees the tools and the query and must emit the calls as JSON; the score parses the generation
-and requires the same set of calls (names and argument values), not the same string. The hub has
-one split, so validation and test are carved from it by hash.
+and requires the same calls, each as often (names and argument values; 20 and 20.0 are one value),
+not the same string. The hub has one split, so validation and test are carved from it by hash.
 """
 
 from __future__ import annotations
@@ -20,19 +20,34 @@ INSTRUCTION = "Answer with a JSON list of function calls, each {\"name\": ..., \
 MAX_NEW_TOKENS = 128
 
 
-def prompt(tools: str, query: str) -> str:
-    return f"Tools: {json.dumps(json.loads(tools), sort_keys=True)}\nQuery: {query.strip()}\nCalls:"
+def _decoded(value: str | list | dict) -> list | dict:
+    """A JSON column's value: the hub stores a string, other exports of the data the parsed list."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
-def canonical_calls(text: str) -> frozenset[str] | None:
-    """The calls in `text` (its first JSON list) as a set of canonical strings; None if unparseable."""
+def prompt(tools: str | list, query: str) -> str:
+    return f"Tools: {json.dumps(_decoded(tools), sort_keys=True)}\nQuery: {query.strip()}\nCalls:"
+
+
+def _same_number_once(value: object) -> object:
+    """`value` with every float that is a whole number written as an int: 20.0 and 20 are one argument."""
+    if isinstance(value, dict):
+        return {k: _same_number_once(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_same_number_once(v) for v in value]
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def canonical_calls(text: str) -> tuple[str, ...] | None:
+    """The calls in `text` (its first JSON list) as canonical strings, sorted, repeats kept (two calls
+    of `roll()` are not one); None if unparseable."""
     start = text.find("[")
     if start < 0:
         return None
     try:
         calls, _ = json.JSONDecoder().raw_decode(text[start:])
-        return frozenset(json.dumps({"name": c["name"], "arguments": c["arguments"]}, sort_keys=True) for c in calls)
-    except (ValueError, KeyError, TypeError):
+        return tuple(sorted(json.dumps(_same_number_once({"name": c["name"], "arguments": c["arguments"]}), sort_keys=True) for c in calls))
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -51,14 +66,17 @@ class FunctionCalling:
         rows = sample(self.plan.rows(self.name, self.source, split, "query"), self.name, split, n, seed)
         examples = []
         for row in rows:
-            calls = json.loads(row["answers"])
+            calls = _decoded(row["answers"])
+            expected = canonical_calls(json.dumps(calls))
+            if expected is None:  # scored as "no calls", an empty generation would count as right
+                raise ValueError(f"function_calling: a reference answer is not a list of {{name, arguments}} calls: {json.dumps(calls)[:300]}")
             text = prompt(row["tools"], row["query"])
             examples.append(
                 Example(
                     prompt=text,
                     target=" " + json.dumps(calls, sort_keys=True),
                     elicited_prompt=INSTRUCTION + text,
-                    meta={"calls": sorted(canonical_calls(json.dumps(calls)) or ())},
+                    meta={"calls": list(expected)},
                 )
             )
         return examples
@@ -74,5 +92,5 @@ class FunctionCalling:
 
     def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
         outputs = lm.generate(prompts_of(examples, elicited=elicited), MAX_NEW_TOKENS)
-        correct = [canonical_calls(out) == frozenset(ex.meta["calls"]) for out, ex in zip(outputs, examples)]
+        correct = [canonical_calls(out) == tuple(ex.meta["calls"]) for out, ex in zip(outputs, examples)]
         return Evaluation.of(correct, target_nll(lm, examples, elicited=elicited))

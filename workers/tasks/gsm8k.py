@@ -3,12 +3,14 @@
 Hub `openai/gsm8k` (config `main`): `question`, and `answer` = worked solution ending in
 `#### <number>`. The target is the whole solution (fine-tuning learns to reason and to end with the
 marker); the score is exact match of the number after `####` in a greedy generation (or its last
-number when the marker is missing). Validation is carved from the hub's train split.
+number when the marker is missing), read before the generation starts a "Question:" of its own and
+compared as a number (18.00 is 18). Validation is carved from the hub's train split.
 """
 
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from typing import Sequence
 
 from workers.lm import LanguageModel
@@ -17,7 +19,7 @@ from workers.tasks.hub import HubSource, SplitPlan, sample
 
 INSTRUCTION = "Solve the problem step by step, then give the final number after '####'.\n"
 MAX_NEW_TOKENS = 256
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 def prompt(question: str) -> str:
@@ -25,13 +27,16 @@ def prompt(question: str) -> str:
 
 
 def final_answer(text: str) -> str | None:
-    """The number after '####' (else the last number), without commas or a trailing '.0'."""
+    """The number after '####' (else the last number), read before the text starts a new "Question:"
+    (a model that answered goes on writing the format's next problem, numbers and all), written
+    canonically: no commas, no trailing zeros (18.00 -> 18, .5 -> 0.5)."""
+    text = text.split("\nQuestion:", 1)[0]
     marked = text.split("####", 1)[1] if "####" in text else text
     numbers = _NUMBER.findall(marked)
     if not numbers:
         return None
-    value = (numbers[0] if "####" in text else numbers[-1]).replace(",", "")
-    return value[:-2] if value.endswith(".0") else value
+    value = Decimal((numbers[0] if "####" in text else numbers[-1]).replace(",", ""))
+    return format(value.normalize(), "f") if value else "0"
 
 
 class GSM8K:
