@@ -21,6 +21,7 @@ from workers.config import ConfigError, StrictConfig, validate_config
 from workers.methods import resolve_config
 from workers.registry import UnknownNameError
 from workers.tasks import get_task
+from workers.tasks.hub import HubSource
 
 
 class ModelEntry(ModelSpec):
@@ -139,11 +140,17 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
     for commands that only read a sweep's results, which may be read away from the cluster's disks.
     """
     problems = []
+    rungs = [m.id for m in spec.models if m.id.startswith(LADDER_PREFIX)]
     for i, task in enumerate(spec.tasks):
         try:
-            get_task(task)
+            found = get_task(task)
         except UnknownNameError as err:
             problems.append(f"tasks.{i}: {err}")
+            continue
+        if rungs and isinstance(getattr(found, "source", None), HubSource):
+            problems.append(f"tasks.{i}: {task} is real text, and the ladder's tokenizer knows the synthetic world's words only "
+                            f"({', '.join(rungs)} would read it as <unk> and tie on every choice); run it on hub or local models, "
+                            "in a sweep of their own")  # fmt: skip
     for name, settings in spec.methods.items():
         try:
             resolve_config(name, settings, f"methods.{name}")
