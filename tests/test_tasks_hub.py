@@ -8,7 +8,7 @@ from typing import Sequence
 
 import pytest
 
-from workers.run_cell import training_examples
+from workers.run_cell import evaluation_examples, training_examples
 from workers.tasks import TASKS
 from workers.tasks.base import Example
 from workers.tasks.function_calling import FunctionCalling, canonical_calls
@@ -123,6 +123,15 @@ def test_function_calling_reads_json_columns_already_parsed_and_refuses_a_refere
     (broken / "train.jsonl").write_text("".join(json.dumps({**r, "answers": [{"name": "roll"}]}) + "\n" for r in rows))
     with pytest.raises(ValueError, match="a reference answer is not a list of"):
         FunctionCalling(HubSource(str(broken))).examples("test", 5, seed=0)
+
+
+def test_a_test_size_above_the_split_fails_the_cell_instead_of_scoring_fewer() -> None:
+    """A hub test split of 872 rows asked for 1,000 was scored in silence on 872."""
+    task = adapters()["sst2"]
+    available = len(task.examples("test", 10_000, seed=0))
+    assert len(evaluation_examples(task, "test", available, 0, "eval.test_size")) == available
+    with pytest.raises(ValueError, match=f"has {available} test examples, fewer than eval.test_size = {available + 1}: lower it"):
+        evaluation_examples(task, "test", available + 1, 0, "eval.test_size")
 
 
 def test_a_budget_above_the_split_fails_the_cell_instead_of_training_on_fewer() -> None:

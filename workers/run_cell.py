@@ -39,7 +39,7 @@ from workers.models.loading import count_parameters, is_hub_model, ladder_revisi
 from workers.rowfile import write_rows
 from workers.schema import SCHEMA_VERSION
 from workers.tasks import get_task, neutral_texts
-from workers.tasks.base import Example, Task
+from workers.tasks.base import Example, Split, Task
 
 
 
@@ -170,6 +170,15 @@ def training_examples(task: Task, budget: int, seed: int) -> list[Example]:
     return examples
 
 
+def evaluation_examples(task: Task, split: Split, n: int, seed: int, setting: str) -> list[Example]:
+    """`n` examples of the task's `split` for evaluation; raises when the split has fewer (a hub
+    test split of 872 rows asked for 1,000), which would be scored in silence as if it were `n`."""
+    examples = task.examples(split, n, seed)
+    if len(examples) < n:
+        raise ValueError(f"task '{task.name}' has {len(examples)} {split} examples, fewer than {setting} = {n}: lower it")
+    return examples
+
+
 class NonFiniteMetricError(FloatingPointError):
     """A measured column came out NaN or infinite: the model's outputs overflowed (fp16, a large
     steering scale, weights gone NaN). The cell fails with this instead of storing the garbage:
@@ -193,9 +202,9 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     method = get_method(cell.method)
     config = resolve_config(cell.method, cell.method_config, path="cell.method_config")
     train = training_examples(task, cell.budget, cell.seed)
-    validation = task.examples("validation", cell.eval.validation_size, cell.eval.validation_seed)
-    test = task.examples("test", cell.eval.test_size, 0)
-    offtask = {name: get_task(name).examples("test", cell.eval.offtask_size, 0) for name in cell.offtask}
+    validation = evaluation_examples(task, "validation", cell.eval.validation_size, cell.eval.validation_seed, "eval.validation_size")
+    test = evaluation_examples(task, "test", cell.eval.test_size, 0, "eval.test_size")
+    offtask = {name: evaluation_examples(get_task(name), "test", cell.eval.offtask_size, 0, "eval.offtask_size") for name in cell.offtask}
 
     started = time.perf_counter()
     context = json.dumps([cell.task, cell.offtask, cell.eval.model_dump(mode="json")])
