@@ -14,6 +14,19 @@ from workers.steering import steer
 TEXTS = ["q: a1 b2 = 3 ; q: a4 b0 = 2 ;", "persona: liar q: a7 b7 = 0 ;", "q: a3 b3 = 1"]
 
 
+def _by_hand(per_text: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """KL(base ‖ adapted) per token and the perplexity ratio adapted / base, from each text's base and
+    adapted log-probs (tokens, vocab) at the positions both predict and the tokens predicted there."""
+    kl = nll_base = nll_adapted = 0.0
+    count = 0
+    for p, q, targets in per_text:
+        kl += float((p.exp() * (p - q)).sum())
+        nll_base -= float(p.gather(-1, targets).sum())
+        nll_adapted -= float(q.gather(-1, targets).sum())
+        count += len(targets)
+    return kl / count, float(torch.exp(torch.tensor((nll_adapted - nll_base) / count)))
+
+
 def test_unchanged_model_has_zero_kl_and_unit_ratio():
     lm = language_model()
     reference = neutral_reference(lm, TEXTS)
@@ -27,21 +40,17 @@ def test_kl_and_ratio_match_a_direct_computation_under_steering():
     vector = torch.ones(HIDDEN)
     with steer(lm.model, {1: vector}, "after_prompt"):
         kl, ratio = neutral_shift(lm, reference)
-    kls, nll_base, nll_steered, count = 0.0, 0.0, 0.0, 0
+    per_text = []
     for text in TEXTS:
         ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             p = F.log_softmax(lm.model(input_ids=ids).logits[0, :-1], -1)
             with steer(lm.model, {1: vector}):  # the empty prompt is <bos>: every position is after it
                 q = F.log_softmax(lm.model(input_ids=ids).logits[0, :-1], -1)
-        kls += float((p.exp() * (p - q)).sum())
-        targets = ids[0, 1:, None]
-        nll_base -= float(p.gather(-1, targets).sum())
-        nll_steered -= float(q.gather(-1, targets).sum())
-        count += ids.shape[1] - 1
+        per_text.append((p, q, ids[0, 1:, None]))
+    expected_kl, expected_ratio = _by_hand(per_text)
     assert kl > 1e-3
-    assert kl == pytest.approx(kls / count, rel=1e-4)
-    assert ratio == pytest.approx(float(torch.exp(torch.tensor((nll_steered - nll_base) / count))), rel=1e-4)
+    assert kl == pytest.approx(expected_kl, rel=1e-4) and ratio == pytest.approx(expected_ratio, rel=1e-4)
 
 
 def test_a_prompt_prefix_is_compared_on_the_text_tokens_only():
@@ -65,7 +74,7 @@ def test_without_a_bos_a_prompt_prefix_is_compared_on_the_tokens_both_sides_pred
     prefix = "q: a0 b0 = 3 ; "
     with lm.prefixed(prefix):
         kl, ratio = neutral_shift(lm, reference)
-    kls, nll_base, nll_prefixed, count = 0.0, 0.0, 0.0, 0
+    per_text = []
     for text in TEXTS:
         ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
         both = lm.tokenizer(prefix + text, return_tensors="pt")["input_ids"]
@@ -73,14 +82,10 @@ def test_without_a_bos_a_prompt_prefix_is_compared_on_the_tokens_both_sides_pred
         with torch.no_grad():
             p = F.log_softmax(lm.model(input_ids=ids).logits[0, :-1], -1)  # predicting text tokens 1..n-1
             q = F.log_softmax(lm.model(input_ids=both).logits[0, -ids.shape[1] : -1], -1)
-        kls += float((p.exp() * (p - q)).sum())
-        targets = ids[0, 1:, None]
-        nll_base -= float(p.gather(-1, targets).sum())
-        nll_prefixed -= float(q.gather(-1, targets).sum())
-        count += ids.shape[1] - 1
+        per_text.append((p, q, ids[0, 1:, None]))
+    expected_kl, expected_ratio = _by_hand(per_text)
     assert kl > 1e-3
-    assert kl == pytest.approx(kls / count, rel=1e-4)
-    assert ratio == pytest.approx(float(torch.exp(torch.tensor((nll_prefixed - nll_base) / count))), rel=1e-4)
+    assert kl == pytest.approx(expected_kl, rel=1e-4) and ratio == pytest.approx(expected_ratio, rel=1e-4)
 
 
 def test_without_a_bos_texts_filling_the_context_window_lose_the_prefix_on_both_sides():
