@@ -134,7 +134,8 @@ class SweepSpec(StrictConfig):
 
 
 def check_names(spec: SweepSpec, *, models: bool = True) -> None:
-    """Every task and method name known and every method's settings valid, all reported at once.
+    """Every task and method name known and every method's settings valid, all reported at once; with
+    `models`, also no hub task (real text) in a sweep with ladder rungs, whose tokenizer reads it as <unk>.
 
     `models`: also that every model can be found from here (ladder names, local directories); off
     for commands that only read a sweep's results, which may be read away from the cluster's disks.
@@ -147,7 +148,7 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
         except UnknownNameError as err:
             problems.append(f"tasks.{i}: {err}")
             continue
-        if rungs and isinstance(getattr(found, "source", None), HubSource):
+        if models and rungs and isinstance(getattr(found, "source", None), HubSource):  # reading stored results needs no refusal
             problems.append(f"tasks.{i}: {task} is real text, and the ladder's tokenizer knows the synthetic world's words only "
                             f"({', '.join(rungs)} would read it as <unk> and tie on every choice); run it on hub or local models, "
                             "in a sweep of their own")  # fmt: skip

@@ -139,6 +139,8 @@ def test_reading_a_sweeps_results_through_its_yaml_does_not_need_its_models(writ
     with pytest.raises(ConfigError, match="no model directory at /mnt/cluster/models/m1"):
         load_spec(path)
     assert load_spec(path, check_models=False).results_dir.endswith("results/unit")
+    mixed = write_sweep({**BASE, "tasks": ["facts", "sst2"]})  # refused to run on ladder rungs, still readable
+    assert load_spec(mixed, check_models=False).tasks == ["facts", "sst2"]
 
 
 @pytest.mark.parametrize("results_dir", ["results/x", "./out", "s3://bucket/x", "/shared/x"])

@@ -86,6 +86,7 @@ def test_gsm8k_scores_the_generated_final_number() -> None:
     assert final_answer("#### 18\n\nQuestion: Ann has #### 25") == "18"
     assert final_answer("#### 18.00") == final_answer("#### 18") == "18" and final_answer("#### 1,800") == "1800"
     assert final_answer("#### .5") == "0.5" != final_answer("#### 5") and final_answer("#### -0.0") == "0"
+    assert final_answer("He had...5 apples") == final_answer("so 3 apples.5") == "5"
 
 
 def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:
@@ -106,23 +107,30 @@ def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:
     assert canonical_calls("[1, 2]") is None
 
 
-def test_function_calling_reads_json_columns_already_parsed_and_refuses_a_reference_it_cannot_score(tmp_path) -> None:
-    """Another export of the data stores `tools` and `answers` as lists; a reference that does not parse
-    as calls used to become "no calls", which an empty generation then matched."""
+def _function_calling_rows(directory: Path, rows: list[dict]) -> object:
     from workers.tasks.function_calling import FunctionCalling
 
-    rows = [{"query": f"q{i}", "tools": [{"name": "roll", "parameters": {}}], "answers": [{"name": "roll", "arguments": {"n": i}}]}
-            for i in range(40)]  # fmt: skip
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = FunctionCalling(HubSource(str(tmp_path)))
+    directory.mkdir()  # a directory per source: rows are cached per source
+    (directory / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return FunctionCalling(HubSource(str(directory)))
+
+
+def test_function_calling_refuses_list_columns_and_a_reference_it_cannot_score(tmp_path) -> None:
+    """An export storing `tools` and `answers` as lists crashed with a TypeError; read through Arrow, each
+    call would gain the other rows' argument keys as null. A reference that does not parse as calls used
+    to become "no calls", which an empty generation then matched."""
+    rows = [{"query": f"q{i}", "tools": json.dumps([{"name": "roll", "parameters": {}}]),
+             "answers": json.dumps([{"name": "roll", "arguments": {"n": i} if i % 2 else {"sides": 6}}])} for i in range(40)]  # fmt: skip
+    task = _function_calling_rows(tmp_path / "strings", rows)
     examples = task.examples("test", 5, seed=0)
-    assert examples and all(ex.prompt.startswith('Tools: [{"name": "roll"') for ex in examples)
-    assert task.evaluate(ScriptedLM({ex.prompt: ex.target for ex in examples}), examples).score == 1.0
-    broken = tmp_path / "broken"  # another directory: rows are cached per source
-    broken.mkdir()
-    (broken / "train.jsonl").write_text("".join(json.dumps({**r, "answers": [{"name": "roll"}]}) + "\n" for r in rows))
+    assert examples and task.evaluate(ScriptedLM({ex.prompt: ex.target for ex in examples}), examples).score == 1.0
+    assert all("null" not in ex.target for ex in examples)
+    listed = _function_calling_rows(tmp_path / "lists", [{**r, "tools": json.loads(r["tools"]), "answers": json.loads(r["answers"])} for r in rows])
+    with pytest.raises(ValueError, match="reads `tools` and `answers` as JSON strings"):
+        listed.examples("test", 5, seed=0)
+    broken = _function_calling_rows(tmp_path / "broken", [{**r, "answers": json.dumps([{"name": "roll"}])} for r in rows])
     with pytest.raises(ValueError, match="a reference answer is not a list of"):
-        FunctionCalling(HubSource(str(broken))).examples("test", 5, seed=0)
+        broken.examples("test", 5, seed=0)
 
 
 def test_a_test_size_above_the_split_fails_the_cell_instead_of_scoring_fewer() -> None:

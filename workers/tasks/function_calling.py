@@ -20,12 +20,17 @@ INSTRUCTION = "Answer with a JSON list of function calls, each {\"name\": ..., \
 MAX_NEW_TOKENS = 128
 
 
-def _decoded(value: str | list | dict) -> list | dict:
-    """A JSON column's value: the hub stores a string, other exports of the data the parsed list."""
-    return json.loads(value) if isinstance(value, str) else value
+def _decoded(value: object) -> list | dict:
+    """A JSON column's value, which the hub stores as a string. An export holding the parsed lists is
+    refused by name: read through Arrow, each call's arguments gain every other row's keys as null,
+    and a right call would score wrong."""
+    if not isinstance(value, str):
+        raise ValueError(f"function_calling reads `tools` and `answers` as JSON strings, as the hub stores them; got a "
+                         f"{type(value).__name__} (a list column gives every call the other rows' argument keys, as null)")  # fmt: skip
+    return json.loads(value)
 
 
-def prompt(tools: str | list, query: str) -> str:
+def prompt(tools: str, query: str) -> str:
     return f"Tools: {json.dumps(_decoded(tools), sort_keys=True)}\nQuery: {query.strip()}\nCalls:"
 
 

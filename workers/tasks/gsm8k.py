@@ -19,7 +19,7 @@ from workers.tasks.hub import HubSource, SplitPlan, sample
 
 INSTRUCTION = "Solve the problem step by step, then give the final number after '####'.\n"
 MAX_NEW_TOKENS = 256
-_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")  # ".5", but not the 5 of "...5" or "apples.5"
 
 
 def prompt(question: str) -> str:
