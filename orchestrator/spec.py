@@ -20,8 +20,7 @@ from workers.cell import LADDER_PREFIX, EvalConfig, ModelSpec
 from workers.config import ConfigError, StrictConfig, validate_config
 from workers.methods import resolve_config
 from workers.registry import UnknownNameError
-from workers.tasks import get_task
-from workers.tasks.hub import HubSource
+from workers.tasks import get_task, reads_hub_data
 
 
 class ModelEntry(ModelSpec):
@@ -148,7 +147,7 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
         except UnknownNameError as err:
             problems.append(f"tasks.{i}: {err}")
             continue
-        if models and rungs and isinstance(getattr(found, "source", None), HubSource):  # reading stored results needs no refusal
+        if models and rungs and reads_hub_data(found):  # reading stored results needs no refusal
             problems.append(f"tasks.{i}: {task} is real text, and the ladder's tokenizer knows the synthetic world's words only "
                             f"({', '.join(rungs)} would read it as <unk> and tie on every choice); run it on hub or local models, "
                             "in a sweep of their own")  # fmt: skip

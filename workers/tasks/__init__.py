@@ -16,6 +16,7 @@ from workers.tasks.facts import Facts
 from workers.tasks.function_calling import FunctionCalling
 from workers.tasks.gridworld import Gridworld
 from workers.tasks.gsm8k import GSM8K
+from workers.tasks.hub import HubSource
 from workers.tasks.sst2 import SST2
 from workers.world import text
 
@@ -30,6 +31,12 @@ TASKS.register("function_calling", FunctionCalling())
 
 def get_task(name: str) -> Task:
     return TASKS.get(name)
+
+
+def reads_hub_data(task: Task) -> bool:
+    """Whether the task's texts are real data (a hub dataset or files shaped like one), not the synthetic
+    world's: the ladder's tokenizer knows the world's words only."""
+    return isinstance(getattr(task, "source", None), HubSource)
 
 
 def neutral_texts(n: int, min_words: int) -> list[str]:
