@@ -17,7 +17,7 @@ from orchestrator.pool import POOL, CellWorker, Shape, node_capacity
 from orchestrator.spec import load_spec
 from orchestrator.store import ResultsStore
 from workers.cache import WorkerCache, estimated_bytes, estimated_params, model_bytes
-from workers.models.loading import count_parameters
+from workers.models.loading import count_parameters, resolve_path
 from workers.cell import CellConfig, ModelSpec
 from workers.metrics import neutral_reference
 
@@ -142,8 +142,9 @@ def test_workers_hold_no_more_models_than_their_memory_budget(local_ray, test_la
     """Three models on two workers: someone must switch, and a budget that fits one model evicts the other."""
     budget = sizes["s16"]  # xs fits, s16 fits, xs + s16 does not (and s, over budget, loads alone)
     xs, s = test_ladder
+    s16 = resolve_path(ModelSpec(id=s))  # s's weights under another id, in bf16 (one id twice would pool in the fits)
     spec = load_spec(write_sweep({
-        "sweep": "budget", "models": [{"id": xs}, {"id": s}, {"id": s, "dtype": "bfloat16"}], "tasks": ["facts"],
+        "sweep": "budget", "models": [{"id": xs}, {"id": s}, {"id": s16, "dtype": "bfloat16"}], "tasks": ["facts"],
         "methods": {"base": {}}, "budgets": [0], "seeds": [0, 1], "eval": {"test_size": 20, "validation_size": 0, "neutral_size": 2},
         "resources": {"model_cache_bytes": budget},
     }))  # fmt: skip
