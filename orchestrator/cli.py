@@ -588,7 +588,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _disconnect_ray() -> None:
     """Stop the private Ray a run started (or leave a joined cluster) here, with Ctrl-C held off: left to
-    Ray's exit hook, a Ctrl-C during its ~2 s shutdown printed a traceback and left its agents running."""
+    Ray's exit hook, a Ctrl-C during its ~2 s shutdown printed a traceback and left its agents running.
+    A Ctrl-C landing just before it is held off (inside `signal.signal` itself, once in a CI run) is
+    taken as the interrupt it is, and the shutdown runs all the same."""
+    try:
+        _shutdown_ray_holding_off_ctrl_c()
+    except KeyboardInterrupt:
+        _shutdown_ray_holding_off_ctrl_c()
+
+
+def _shutdown_ray_holding_off_ctrl_c() -> None:
     ray = sys.modules.get("ray")  # imported only by commands that run cells
     if ray is None or not ray.is_initialized():
         return
