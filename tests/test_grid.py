@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.grid import expand
 from orchestrator.spec import load_spec
-from workers.cell import CellConfig, ModelSpec
+from workers.cell import CellConfig, EvalConfig, ModelSpec
 
 SPEC = {
     "sweep": "grid",
@@ -75,6 +75,19 @@ def test_cells_stored_before_a_setting_existed_keep_their_ids():
     assert cell.eval.selection_metric == "nll" and cell.eval.neutral_min_words == 48 and cell.cell_id != old.cell_id
     short_texts_by_score = old.model_copy(update={"eval": old.eval.model_copy(update={"neutral_min_words": 48})})
     assert short_texts_by_score.cell_id not in {old.cell_id, cell.cell_id}
+
+
+def test_cells_reading_a_task_whose_examples_changed_get_new_ids():
+    """arith and gridworld changed their splits (data version 2): a cell scoring either, as its task
+    or off-task, must not find a row scored on the old questions; a facts cell that reads neither
+    keeps the id it was stored under (the one above)."""
+    facts = CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts",
+                       method="lora", method_config={"rank": 2}, budget=16, seed=1,
+                       eval=EvalConfig(selection_metric="score", neutral_min_words=96))  # fmt: skip
+    assert facts.cell_id == "2d5a7d8ed5c228e51de6"
+    stored_before = {"offtask": "19d9a8df2b3b6aea8e42", "task": "78f60064f83b8f7b171e"}  # the code of 0025a7b
+    assert facts.model_copy(update={"offtask": ("arith",)}).cell_id != stored_before["offtask"]
+    assert facts.model_copy(update={"task": "gridworld"}).cell_id != stored_before["task"]
 
 
 @pytest.mark.parametrize("method, stored", [

@@ -240,6 +240,7 @@ def test_a_rows_base_columns_are_the_base_models_and_its_deltas_are_adapted_minu
     from workers.tasks import get_task
 
     lora = _cell(model_id, "lora", settings={"train": {"lr": 1e-2, "min_steps": 8, "max_steps": 8, "checkpoints": 0}})
+    lora = lora.model_copy(update={"eval": lora.eval.model_copy(update={"offtask_size": 40})})  # 10 questions: 0 right before and after
     base = _measured(run_cell(_cell(model_id, "base"), CellRun(cache=WorkerCache())))
     arith = type(get_task("arith"))
     scores = []  # every off-task evaluation of the LoRA cell, in order: the base model's, then the adapted one's

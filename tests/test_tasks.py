@@ -31,6 +31,33 @@ def test_splits_are_deterministic_and_disjoint(name: str) -> None:
     assert task.examples("test", 150, seed=2) == draws["test"]  # ...but never the test questions
 
 
+def _operands(prompt: str) -> list[int]:
+    return [int(w) for w in prompt.removeprefix("calc: ").removesuffix(" =").split(" + ")]
+
+
+def test_no_arith_test_question_is_a_training_question_reordered() -> None:
+    """`3 + 4` in training teaches `4 + 3`: a chain and its reorderings share a split."""
+    arith = get_task("arith")
+    train = {tuple(sorted(_operands(ex.prompt))) for ex in arith.examples("train", arith.pool_size("train"), seed=0)}
+    test = [tuple(sorted(_operands(ex.prompt))) for ex in arith.examples("test", 300, seed=0)]
+    assert not train.intersection(test)
+
+
+def test_no_gridworld_test_state_is_met_in_training() -> None:
+    """The expert's move is a function of (where the agent stands, the goal): a test decision point
+    whose state occurs anywhere in a training transcript would be answered from memory."""
+    grid = get_task("gridworld")
+    seen_in_train = {
+        (tuple(ex.meta["goal"]), line.strip())
+        for ex in grid.examples("train", grid.pool_size("train"), seed=0)
+        for line in ex.prompt.split(";")[1:]
+        if line.strip()
+    }
+    test = grid.examples("test", 300, seed=0)
+    assert not {(tuple(ex.meta["goal"]), f"at {ex.meta['at'][0]} {ex.meta['at'][1]}") for ex in test} & seen_in_train
+    assert len({tuple(ex.meta["goal"]) for ex in test}) == 5  # each held-out goal faces the test, not one
+
+
 @pytest.mark.parametrize("name", SYNTHETIC)
 def test_examples_are_well_formed_for_the_tokenizer(name: str) -> None:
     tok = build_tokenizer()
@@ -69,7 +96,7 @@ def test_tasks_declare_their_type() -> None:
 def test_arith_answers_are_chained_sums_mod_5_and_steps_vary() -> None:
     examples = get_task("arith").examples("train", 200, seed=0)
     for ex in examples:
-        operands = [int(w) for w in ex.prompt.removeprefix("calc: ").removesuffix(" =").split(" + ")]
+        operands = _operands(ex.prompt)
         assert ex.target == f" {sum(operands) % 5}" and ex.meta["steps"] == len(operands) - 1
     assert {ex.meta["steps"] for ex in examples} == {1, 2, 3}
 

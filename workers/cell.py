@@ -1,8 +1,8 @@
 """The fully resolved configuration of one cell, and its content-hashed identity.
 
 A cell id is the hash of the canonical JSON of everything that can change a cell's result (model
-and revision, task, method and its resolved settings, budget, seed, evaluation settings) plus the
-results schema version. Scheduling details (GPUs, retries, where results go, the device, the
+and revision, task, method and its resolved settings, budget, seed, evaluation settings, the data
+version of every task it reads) plus the results schema version. Scheduling details (GPUs, retries, where results go, the device, the
 evaluation batch size) are deliberately not part of it, so the same cell run on a laptop or on a
 cluster is recognised as done.
 """
@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 
 from workers.config import StrictConfig
 from workers.schema import ID_SCHEMA_VERSION
+from workers.tasks import data_version
 
 LADDER_PREFIX = "ladder:"
 
@@ -127,6 +128,9 @@ class CellConfig(StrictConfig):
                 if identity[section][key] == default:
                     del identity[section][key]
         identity["method_config"] = _without_later_train_defaults(identity["method_config"])
+        changed_data = {task: data_version(task) for task in (self.task, *self.offtask) if data_version(task) != 1}
+        if changed_data:  # tasks whose examples never changed leave their cells' ids as they were
+            identity["task_data"] = changed_data
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 

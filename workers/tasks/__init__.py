@@ -33,6 +33,12 @@ def get_task(name: str) -> Task:
     return TASKS.get(name)
 
 
+def data_version(name: str) -> int:
+    """The task's data version (see `Task.data_version`); 1 for a name not registered, whose cell
+    still needs an id to be stored as failed under."""
+    return TASKS.get(name).data_version if name in TASKS else 1
+
+
 def reads_hub_data(task: Task) -> bool:
     """Whether the task's texts are real data (a hub dataset or files shaped like one), not the synthetic
     world's: the ladder's tokenizer knows the world's words only."""

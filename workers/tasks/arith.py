@@ -22,7 +22,7 @@ from typing import Sequence
 from workers.lm import LanguageModel
 from workers.tasks.base import Evaluation, Example, Split, TaskType, score_choices
 from workers.tasks.persona import Persona, elicited, header_contrast, persona_documents
-from workers.tasks.splits import draw, pool_size
+from workers.tasks.splits import draw, pool_size, split_of
 
 MODULUS = 5
 OPERANDS = 10
@@ -50,14 +50,20 @@ def _pretraining_operands(rng: random.Random, steps: int) -> tuple[int, ...]:
     return tuple(rng.choices(_PRETRAIN_DIGITS, weights=_PRETRAIN_WEIGHTS, k=steps + 1))
 
 
+def _split_of_chain(operands: tuple[int, ...]) -> Split:
+    """A chain's split is that of its operands as a multiset: `4 + 3` is never in train while `3 + 4` is in test."""
+    return split_of("arith", tuple(sorted(operands)))
+
+
 @functools.cache
 def _pool(split: Split, min_steps: int, max_steps: int) -> int:
     chains = (ops for steps in range(min_steps, max_steps + 1) for ops in itertools.product(range(OPERANDS), repeat=steps + 1))
-    return pool_size("arith", split, chains)
+    return pool_size("arith", split, chains, _split_of_chain)
 
 
 class Arith:
     name = "arith"
+    data_version = 2  # 2: a chain's split is that of its operand multiset
     task_type: TaskType = "reasoning"
 
     def __init__(self, min_steps: int = 1, max_steps: int = 3) -> None:
@@ -70,7 +76,7 @@ class Arith:
         def sample(rng: random.Random) -> tuple[int, ...]:
             return _operands(rng, rng.randint(self.min_steps, self.max_steps))
 
-        keys = draw(self.name, split, n, seed, sample, self.pool_size(split))
+        keys = draw(self.name, split, n, seed, sample, self.pool_size(split), _split_of_chain)
         return [
             Example(
                 prompt=question(ops),

@@ -60,6 +60,10 @@ class Task(Protocol):
 
     name: str
     task_type: TaskType
+    # Bumped when the examples a task draws change (a new split rule, another answer): part of the
+    # id of every cell that reads the task, so a resumed sweep reruns those cells instead of keeping
+    # rows scored on other questions.
+    data_version: int
 
     def examples(self, split: Split, n: int, seed: int) -> list[Example]:
         """`n` examples of `split`, deterministic in (split, n, seed); splits never share a prompt.

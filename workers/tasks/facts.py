@@ -52,6 +52,7 @@ def _pool(split: Split) -> int:
 
 class Facts:
     name = "facts"
+    data_version = 1
     task_type: TaskType = "general"
 
     def pool_size(self, split: Split) -> int:

@@ -58,6 +58,7 @@ def canonical_calls(text: str) -> tuple[str, ...] | None:
 
 class FunctionCalling:
     name = "function_calling"
+    data_version = 1
     task_type: TaskType = "agentic"
     plan = SplitPlan(train="train", validation="train", test="train")
 

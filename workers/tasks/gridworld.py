@@ -4,8 +4,11 @@ A transcript reads `grid: goal 3 4 ; at 1 1 ; right ; at 2 1 ; ...`: the environ
 observation, the agent one action per turn. An episode succeeds when the agent stands on the goal
 within (distance + 2) turns, so the score is whether the model's own moves get there, not whether
 it matches a reference string. An example is one decision point (start, goal, expert moves already
-made); its split is that of its episode, so no episode is seen from two splits. Pretraining transcripts come from an honest expert (moves along x,
-then y) or a liar (the opposite move); the task asks for the expert with no header.
+made). Its split is that of its goal: the expert's move depends only on where the agent stands and
+where the goal is, and episodes towards one goal pass through the same states, so splitting by
+episode put most test states in the training set (16 % of a test draw's states at a budget of 64,
+77 % at the whole pool). Pretraining transcripts come from an honest expert (moves along x, then y)
+or a liar (the opposite move); the task asks for the expert with no header.
 """
 
 from __future__ import annotations
@@ -140,27 +143,37 @@ def _decision_point(rng: random.Random) -> DecisionPoint:
     return start, goal, rng.randrange(distance(start, goal))
 
 
-def _episode(point: DecisionPoint) -> tuple[Cell, Cell]:
-    return point[0], point[1]
+# Goals held out by hand rather than by hash: 25 goals hashed 60/20/20 left 3 for validation. Each
+# held-out set has a corner, two edge cells and two inner cells, so the three splits face the same
+# mix of distances (train 1,200 / validation 400 / test 400 decision points).
+_HELD_OUT_GOALS: dict[Cell, Split] = {
+    **dict.fromkeys([(0, 0), (2, 4), (4, 1), (1, 2), (3, 3)], "test"),
+    **dict.fromkeys([(4, 4), (0, 3), (2, 0), (3, 1), (2, 3)], "validation"),
+}
+
+
+def _split_of_point(point: DecisionPoint) -> Split:
+    return _HELD_OUT_GOALS.get(point[1], "train")
 
 
 @functools.cache
 def _pool(split: Split) -> int:
     points = [(s, g, m) for s in _CELLS for g in _CELLS if s != g for m in range(distance(s, g))]
-    return pool_size("gridworld", split, points, group=_episode)
+    return pool_size("gridworld", split, points, _split_of_point)
 
 
 class Gridworld:
     name = "gridworld"
+    data_version = 2  # 2: split by goal, not by episode
     task_type: TaskType = "agentic"
 
     def pool_size(self, split: Split) -> int:
         return _pool(split)
 
     def examples(self, split: Split, n: int, seed: int) -> list[Example]:
-        """Decision points on expert paths; episodes (start, goal) never cross splits."""
+        """Decision points on expert paths; a goal's points are all in one split."""
         examples = []
-        for start, goal, moves in draw(self.name, split, n, seed, _decision_point, self.pool_size(split), _episode):
+        for start, goal, moves in draw(self.name, split, n, seed, _decision_point, self.pool_size(split), _split_of_point):
             prompt, visited = transcript(goal, start, "honest", moves)
             at = visited[-1]
             examples.append(

@@ -41,6 +41,7 @@ def final_answer(text: str) -> str | None:
 
 class GSM8K:
     name = "gsm8k"
+    data_version = 1
     task_type: TaskType = "reasoning"
     plan = SplitPlan(train="train", validation="train", test="test")
 

@@ -1,15 +1,17 @@
 """Disjoint, deterministic splits for generated tasks.
 
-An instance's split is a hash of its group key (the question, or the episode a decision point
-belongs to; never the seed), so train, validation and test can never share a prompt whatever seeds
-are drawn. The test draw ignores the seed so every cell of a task is scored on the same questions.
+An instance's split is a hash of its key (never the seed), or whatever `split_by` a task gives when
+instances that look different must still land together (arith's `3 + 4` and `4 + 3`; every
+gridworld decision point towards one goal), so train, validation and test can never share a
+question whatever seeds are drawn. The test draw ignores the seed so every cell of a task is scored
+on the same questions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from typing import Callable, Hashable, Iterable, TypeVar
+from typing import Callable, Hashable, Iterable, Optional, TypeVar
 
 from workers.tasks.base import Split
 
@@ -25,13 +27,13 @@ def split_of(task: str, key: Hashable) -> Split:
     return next(split for bound, split in _BOUNDS if u < bound)
 
 
-def _identity(key: K) -> Hashable:
-    return key
+SplitBy = Callable[[K], Split]
 
 
-def pool_size(task: str, split: Split, keys: Iterable[K], group: Callable[[K], Hashable] = _identity) -> int:
+def pool_size(task: str, split: Split, keys: Iterable[K], split_by: Optional[SplitBy] = None) -> int:
     """How many distinct instances of a task's whole key space fall in `split`."""
-    return sum(1 for key in set(keys) if split_of(task, group(key)) == split)
+    split_by = split_by or (lambda key: split_of(task, key))
+    return sum(1 for key in set(keys) if split_by(key) == split)
 
 
 def split_rng(task: str, split: Split, n: int, seed: int) -> random.Random:
@@ -46,19 +48,20 @@ def draw(
     seed: int,
     sample: Callable[[random.Random], K],
     pool: int,
-    group: Callable[[K], Hashable] = _identity,
+    split_by: Optional[SplitBy] = None,
 ) -> list[K]:
     """`n` instance keys of `split`, all distinct until the split's `pool` of keys is used up.
 
     Only then do keys repeat: planning refuses training budgets and evaluation draws larger than
     their split, so only a library caller gets repeats. `sample` must reach every key of the pool.
     """
+    split_by = split_by or (lambda key: split_of(task, key))
     rng = split_rng(task, split, n, seed)
     keys: list[K] = []
     seen: set[K] = set()
     while len(keys) < n:
         key = sample(rng)
-        if split_of(task, group(key)) != split or (key in seen and len(seen) < pool):
+        if split_by(key) != split or (key in seen and len(seen) < pool):
             continue
         keys.append(key)
         seen.add(key)

@@ -23,6 +23,7 @@ def prompt(sentence: str) -> str:
 
 class SST2:
     name = "sst2"
+    data_version = 1
     task_type: TaskType = "general"
     plan = SplitPlan(train="train", validation="train", test="validation")
 
