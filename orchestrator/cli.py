@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every cell that has no stored row yet")
     with_config(p)
     p.add_argument("--retry-failed", action="store_true", help="also rerun cells stored as failed")
-    p.add_argument("--force", action="store_true", help="rerun every cell, replacing stored rows")
+    p.add_argument("--force", action="store_true", help="rerun every cell, replacing stored rows (a failed rerun keeps an ok row)")
     p.add_argument("--address", help="join an existing Ray cluster ('auto' inside `ray job submit`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-dashboard", action="store_true", help="start the local Ray without its dashboard")

@@ -251,7 +251,11 @@ def run_cells(
             start_failures[worker.shape] = 0
 
     def store_row(cell: PlannedCell, row: dict) -> None:
-        store.write(row)
+        # A failed rerun of a cell that has an ok row (`--force`, or another driver that finished it
+        # first) is reported but never replaces the result: a flaky node must not erase good data.
+        kept = row["status"] != "ok" and store.holds_ok_row(cell.cell_id)
+        if not kept:
+            store.write(row)
         claims.release(cell.cell_id)
         dashboard_metrics.record(row)
         outcome.cell_seconds += (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
@@ -259,7 +263,7 @@ def run_cells(
             outcome.ok += 1
         else:
             outcome.failed += 1
-            bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}")
+            bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}" + (" (its stored ok row is kept)" if kept else ""))
         show_counts(refresh=False)  # the bar's count and its ok/failed move together
         bar.update()
 

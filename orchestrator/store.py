@@ -69,6 +69,14 @@ class ResultsStore:
     def write(self, row: dict) -> None:
         write_rows_at(self.filesystem, f"{self.cells_dir}/{row['cell_id']}.parquet", [row])
 
+    def holds_ok_row(self, cell_id: str) -> bool:
+        """Whether the cell's stored row is a readable `ok` one (what a failed rerun must not replace)."""
+        info = self.filesystem.get_file_info(f"{self.cells_dir}/{cell_id}.parquet")
+        if info.type != fs.FileType.File:
+            return False
+        stored = self._status_of(info)
+        return not isinstance(stored, Exception) and stored.status == "ok"
+
     def written_since(self, cell_id: str, since: float) -> bool:
         """Whether the cell's row was stored at or after `since` (epoch seconds): by another driver,
         between this one's plan and its claim."""

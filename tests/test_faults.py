@@ -382,6 +382,22 @@ def test_the_sweep_goes_on_past_failed_cells_and_a_rerun_adds_nothing(failing_sw
     assert _cell_files(results) == before
 
 
+def test_a_forced_rerun_that_fails_keeps_the_ok_row_it_would_replace(failing_sweep, test_ladder):
+    """`--force` on a day the model no longer loads: the failure is said, the stored result stays."""
+    path, results, _, rows, env = failing_sweep
+    xs = test_ladder[0]
+    stored = rows[(rows.model == xs) & (rows.status == "ok")]
+    assert len(stored) == 1
+    env = {**env, "STEERSCALE_TEST_LOAD_FAULTS": json.dumps({xs: "MemoryError"})}
+    again = subprocess.run(_cli("run", str(path), "--no-progress", "--no-dashboard", "--force"), capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(its stored ok row is kept)" in again.stdout + again.stderr
+    after = _rows(results).set_index("cell_id")
+    kept = after.loc[stored.cell_id.iloc[0]]
+    assert kept.status == "ok" and kept.finished_at == stored.finished_at.iloc[0] and kept.score == stored.score.iloc[0]
+    assert len(after) == FAULT_CELLS
+
+
 def test_an_address_with_no_cluster_is_a_clean_error_with_the_clusters_exit_code(tmp_path, capsys):
     """`run --address auto` with no cluster up printed Ray's ConnectionError traceback, exit 1."""
     import ray
