@@ -305,7 +305,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if outcome.skipped_claimed:
         print(f"{outcome.skipped_claimed} cells were left alone: another live driver has claimed them")
     print(f"results: {store.uri}/cells/  (one Parquet file per cell)")
-    if outcome.failed:
+    if outcome.kept_ok:
+        print(f"{outcome.kept_ok} of the failed cells had an ok row, which was kept (their errors are above)")
+    if outcome.failed > outcome.kept_ok:
         print("failed cells are stored with their error; rerun them with --retry-failed")
     return 0
 

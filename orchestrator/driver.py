@@ -46,6 +46,7 @@ ANNOUNCE_WAIT_SECONDS = 60.0  # a worker not started by then is waiting for a no
 class SweepOutcome:
     ok: int = 0
     failed: int = 0
+    kept_ok: int = 0  # of the failed: reruns of cells with a stored ok row, which was kept
     skipped_claimed: int = 0  # cells another live driver was running
     wall_seconds: float = 0.0
     cell_seconds: float = 0.0  # sum over cells of their own run time
@@ -263,6 +264,7 @@ def run_cells(
             outcome.ok += 1
         else:
             outcome.failed += 1
+            outcome.kept_ok += kept
             bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}" + (" (its stored ok row is kept)" if kept else ""))
         show_counts(refresh=False)  # the bar's count and its ok/failed move together
         bar.update()

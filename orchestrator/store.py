@@ -74,7 +74,10 @@ class ResultsStore:
         info = self.filesystem.get_file_info(f"{self.cells_dir}/{cell_id}.parquet")
         if info.type != fs.FileType.File:
             return False
-        stored = self._status_of(info)
+        try:
+            stored = self._status_of(info)
+        except FileNotFoundError:  # set aside or replaced since the listing: nothing to keep
+            return False
         return not isinstance(stored, Exception) and stored.status == "ok"
 
     def written_since(self, cell_id: str, since: float) -> bool:

@@ -392,6 +392,7 @@ def test_a_forced_rerun_that_fails_keeps_the_ok_row_it_would_replace(failing_swe
     again = subprocess.run(_cli("run", str(path), "--no-progress", "--no-dashboard", "--force"), capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(its stored ok row is kept)" in again.stdout + again.stderr
+    assert "1 of the failed cells had an ok row, which was kept" in again.stdout
     after = _rows(results).set_index("cell_id")
     kept = after.loc[stored.cell_id.iloc[0]]
     assert kept.status == "ok" and kept.finished_at == stored.finished_at.iloc[0] and kept.score == stored.score.iloc[0]
