@@ -11,7 +11,7 @@ import json
 import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -56,6 +56,7 @@ class LoadedResults:
     unplanned: int = 0  # stored rows of cells the plan does not list (see `load_rows_to_fit`)
     planned_only: bool = False  # whether those rows were left out
     superseded: int = 0  # unplanned rows left out because the plan's cell of the same slug has a row
+    stale_data: int = 0  # rows left out because they were scored on an older version of their task's data
     plan_name: str = "plan.json"  # the plan those counts are against
 
     @property
@@ -150,6 +151,8 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan
         raise NoResultsError(f"no sweep at {results_dir}: neither a plan ({PLAN_NAME}) nor a cells/ folder; give a sweep's results_dir "
                              "(the folder holding cells/), or its YAML")  # fmt: skip
     loaded = load_results(results_dir)
+    current = _on_current_task_data(loaded.frame)
+    loaded = replace(loaded, frame=loaded.frame[current].reset_index(drop=True), stale_data=int((~current).sum()))
     if plan is None:
         stored_plan = planned_cells(fs, root)
         plan = None if stored_plan is None else Plan(PLAN_NAME, frozenset(stored_plan))
@@ -160,22 +163,48 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan
     superseded = ~listed & frame["slug"].isin(set(frame.loc[listed, "slug"]))
     keep = listed if planned_only else ~superseded
     return LoadedResults(frame[keep].reset_index(drop=True), loaded.skipped, int((~listed & ~superseded).sum()), planned_only,
-                         int(superseded.sum()), plan.name)  # fmt: skip
+                         int(superseded.sum()), loaded.stale_data, plan.name)  # fmt: skip
+
+
+def _task_data_version(versions: object, task: str) -> int:
+    """The data version of `task` a row recorded in its `versions` (workers.run_cell.versions_json);
+    1 for rows from before tasks had versions."""
+    try:
+        recorded = json.loads(versions) if isinstance(versions, str) else {}
+    except ValueError:
+        recorded = {}
+    task_data = recorded.get("task_data") if isinstance(recorded, dict) else None
+    version = task_data.get(task) if isinstance(task_data, dict) else None
+    return version if isinstance(version, int) else 1
+
+
+def _on_current_task_data(frame: pd.DataFrame) -> pd.Series:
+    """Rows scored on the newest version of their task's questions found in the store. A task whose
+    examples changed (`Task.data_version`) gave its cells new ids, so the old rows stay beside the new
+    ones until the sweep's rerun supersedes them; until then a curve would mix two test sets."""
+    if not len(frame):
+        return pd.Series(True, index=frame.index)
+    versions = frame["versions"] if "versions" in frame else pd.Series(None, index=frame.index)
+    recorded = pd.Series([_task_data_version(v, task) for v, task in zip(versions, frame["task"])], index=frame.index)
+    return recorded == recorded.groupby(frame["task"]).transform("max")
 
 
 def unplanned_note(loaded: LoadedResults) -> str:
-    """What the fit did with rows of cells the latest plan does not list, and how to do the other thing."""
+    """What the fit did with rows of cells the latest plan does not list, or scored on older task data,
+    and how to do the other thing."""
     superseded = (f"{loaded.superseded} stored rows left out: the plan's cell of the same model, task, method, budget and seed "
                   "has its own row (an earlier config's row, superseded)") if loaded.superseded else ""  # fmt: skip
+    stale = (f"{loaded.stale_data} stored rows left out: scored on an older version of their task's questions (task_data in "
+             "`versions`; the task's splits changed) — rerun the sweep to replace them") if loaded.stale_data else ""  # fmt: skip
     if not loaded.unplanned:
-        return superseded
+        return "; ".join(filter(None, [superseded, stale]))
     if loaded.planned_only:
         unplanned = f"left out {loaded.unplanned} stored rows of cells not in {loaded.plan_name} (drop --planned-only to fit them)"
     else:
         which = ", the latest run's plan" if loaded.plan_name == PLAN_NAME else ""
         unplanned = (f"{loaded.unplanned} stored rows are of cells not in {loaded.plan_name}{which}: fitted too; if they come "
                      "from an earlier config of a method or another sweep (not just other seeds or budgets), --planned-only leaves them out")
-    return "; ".join(filter(None, [unplanned, superseded]))
+    return "; ".join(filter(None, [unplanned, superseded, stale]))
 
 
 # What a row's `versions` records about the weights (workers.models.loading.weights_provenance).

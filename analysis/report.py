@@ -85,7 +85,7 @@ def _overview(a: Analysis) -> list[Block]:
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
     if a.bootstrap and (noise := _test_noise(a)):
         blocks.append(Paragraph(noise))
-    if a.loaded.unplanned or a.loaded.superseded:
+    if a.loaded.unplanned or a.loaded.superseded or a.loaded.stale_data:
         blocks.append(Paragraph(unplanned_note(a.loaded)))
     if mixed := mixed_weights_note(a.loaded.frame):
         blocks.append(Paragraph(mixed))

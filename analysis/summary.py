@@ -88,7 +88,7 @@ class FitSummary:
         lines = [f"{len(frame)} rows ({n_failed} failed), {len(a.loaded.skipped)} unreadable files skipped; metric {a.metric}, "
                  f"N = {a.x} in the joint laws, " + ("95% bootstrap CIs" if a.bootstrap else "no CIs (--bootstrap 0)")]
         lines += [f"  skipped {s.path}: {s.reason}" for s in a.loaded.skipped]
-        if a.loaded.unplanned or a.loaded.superseded:
+        if a.loaded.unplanned or a.loaded.superseded or a.loaded.stale_data:
             lines.append(f"  {unplanned_note(a.loaded)}")
         if mixed := mixed_weights_note(a.loaded.frame):
             lines.append(f"  {mixed}")

@@ -207,6 +207,23 @@ def test_rows_outside_the_latest_plan_are_fitted_and_said_or_left_out_when_asked
     assert f"left out {len(extra)} stored rows of cells not in plan.json" in planned.to_text()
 
 
+def test_rows_scored_on_an_older_version_of_their_tasks_data_are_left_out_and_said(tmp_path: Path) -> None:
+    """A task whose splits changed gives its cells new ids; until the rerun has replaced every old
+    row, the store holds rows scored on two test sets. Only the newest version's rows are fitted."""
+    rng = np.random.default_rng(0)
+    new = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, BUDGETS[:5], seeds=2, noise=0.01, rng=rng)
+    old = synthetic_rows({("t", "lora", "m1"): WORSE}, {"m1": 10**6}, BUDGETS, seeds=2, noise=0.01, rng=rng)
+    other = synthetic_rows({("u", "lora", "m1"): TUNE}, {"m1": 10**6}, BUDGETS, seeds=1, noise=0.01, rng=rng)
+    new = [dict(r, versions=json.dumps({"task_data": {"t": 2}})) for r in new]  # the rerun so far: the smaller budgets
+    old = [dict(r, cell_id=f"v1-{r['cell_id']}") for r in old]  # rows from before tasks recorded versions: 1
+    write_cells(tmp_path, new + old + other)
+    summary = analysis.fit_results(str(tmp_path), bootstrap=0)
+    (fit,) = [f for f in summary.analysis.fits if f.task == "t" and f.model == "m1"]
+    (untouched,) = [f for f in summary.analysis.fits if f.task == "u" and f.model == "m1"]
+    assert len(fit.points.value) == len(new) and len(untouched.points.value) == len(other)
+    assert f"{len(old)} stored rows left out: scored on an older version of their task's questions" in summary.to_text()
+
+
 def test_empty_results_dir_does_not_crash(tmp_path: Path) -> None:
     (tmp_path / "cells").mkdir()  # a sweep's folder, no row in it yet
     summary = analysis.fit_results(str(tmp_path))

@@ -38,7 +38,7 @@ from workers.metrics import NeutralReference, neutral_reference, neutral_shift, 
 from workers.models.loading import count_parameters, is_hub_model, ladder_revision, resolve_device, resolve_path
 from workers.rowfile import write_rows
 from workers.schema import SCHEMA_VERSION
-from workers.tasks import get_task, neutral_texts
+from workers.tasks import data_version, get_task, neutral_texts
 from workers.tasks.base import Example, Split, Task
 
 
@@ -53,10 +53,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def versions_json(provenance: Mapping[str, str] | None = None) -> str:
-    """The row's `versions`: the libraries, and once the model is loaded what pins its weights
-    (`weights_provenance`: a hub commit, a ladder rung's weights digest)."""
-    return json.dumps({**library_versions(), **(provenance or {})}, sort_keys=True)
+def versions_json(cell: CellConfig, provenance: Mapping[str, str] | None = None) -> str:
+    """The row's `versions`: the libraries, the data version of every task the cell reads (analysis
+    leaves out rows scored on questions a newer version replaced), and once the model is loaded what
+    pins its weights (`weights_provenance`: a hub commit, a ladder rung's weights digest)."""
+    task_data = {task: data_version(task) for task in (cell.task, *cell.offtask)}
+    return json.dumps({**library_versions(), "task_data": task_data, **(provenance or {})}, sort_keys=True)
 
 
 @functools.cache  # once per process: versions do not change between cells
@@ -129,7 +131,7 @@ def identity_columns(cell: CellConfig, attempt: int) -> dict[str, Any]:
         "method": cell.method,
         "budget": cell.budget,
         "seed": cell.seed,
-        "versions": versions_json(),
+        "versions": versions_json(cell),
         "git_sha": git_sha(),
         "device": resolve_device(cell.model),
     }
@@ -258,7 +260,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "selection": report.selection,
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
-        "versions": versions_json(lm.provenance),
+        "versions": versions_json(cell, lm.provenance),
     }
     # not the perplexity ratio: past a rise of 709 nats a token it is +inf by design (metrics.neutral_shift), a
     # measured collapse; a NaN there comes with a NaN KL, which is checked
