@@ -6,8 +6,8 @@ within (distance + 2) turns, so the score is whether the model's own moves get t
 it matches a reference string. An example is one decision point (start, goal, expert moves already
 made). Its split is that of its goal: the expert's move depends only on where the agent stands and
 where the goal is, and episodes towards one goal pass through the same states, so splitting by
-episode put most test states in the training set (16 % of a test draw's states at a budget of 64,
-77 % at the whole pool). Pretraining transcripts come from an honest expert (moves along x, then y)
+episode put most test states in the training set (of the quickstart's 100 test questions, 28 % at a
+budget of 64, 77 % at 1,024). Pretraining transcripts come from an honest expert (moves along x, then y)
 or a liar (the opposite move); the task asks for the expert with no header.
 """
 
