@@ -40,6 +40,7 @@ from orchestrator.acquisition import (
     noise_variance, targets_from,
 )  # fmt: skip
 from orchestrator.cellcost import CostModel, Planned
+from orchestrator.errors import StoreUnreadableError
 from orchestrator.store import ResultsStore
 
 Executor = Callable[[list[Planned], float], None]  # runs cells chosen from the store as read at the time given; stores their rows
@@ -97,9 +98,21 @@ class DecisionLog:
 
 
 def stored_rows(store: ResultsStore, cells: Sequence[Planned]) -> pd.DataFrame:
-    """The rows of this grid's cells (a results directory may hold others)."""
-    frame = load_results(store.uri).frame
-    return frame[frame["cell_id"].isin({c.cell_id for c in cells})].reset_index(drop=True)
+    """The rows of this grid's cells (a results directory may hold others).
+
+    The run set unreadable files aside before its first round and writes atomically, so a grid cell's
+    file that cannot be read now is a read that failed (a remote store's hiccup): the run stops rather
+    than choose that cell again and run it over its row.
+    """
+    ids = {c.cell_id for c in cells}
+    loaded = load_results(store.uri)
+    unread = [s for s in loaded.skipped if s.path.rsplit("/", 1)[-1].removesuffix(".parquet") in ids]
+    if unread:
+        others = f" and {len(unread) - 1} other rows" if len(unread) > 1 else ""
+        raise StoreUnreadableError(f"could not read the stored row {unread[0].path} ({unread[0].reason}){others}; every row is "
+                                   "kept — rerun the same command to resume")  # fmt: skip
+    frame = loaded.frame
+    return frame[frame["cell_id"].isin(ids)].reset_index(drop=True)
 
 
 def fit_budget_curves(

@@ -273,11 +273,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.address:  # before the store is read: an address where nothing listens leaves results_dir as it was
         check_listening(args.address)
     planned_at = time.time()  # before the store is read: a row another driver stores after it is not run again
-    cells, store, scan = _plan(spec, set_aside=True)
     if args.adaptive:
         from orchestrator.acquisition import check_grid
+        from orchestrator.grid import expand
 
-        check_grid(cells)  # a grid the adaptive design cannot fit: ConfigError (exit 2) before anything is written
+        check_grid(expand(spec))  # a grid the adaptive design cannot fit: ConfigError (exit 2) before the store is touched
+    cells, store, scan = _plan(spec, set_aside=True)
     _report_quarantine(scan, set_aside=True)
     try:
         write_manifest(store, _manifest_entries(cells))  # the run's first write: a directory it cannot write stops it here
@@ -324,13 +325,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     known = {e["cell_id"] for e in entries}
     remaining = sum(e["cell_id"] not in scan.cells for e in entries)
     unplanned = set(scan.cells) - known
-    for cell_id in sorted(unplanned):  # rows from cells no longer in the plan (an earlier config): show them too
-        stored = scan.cells[cell_id]
-        entries.append({"cell_id": cell_id, "model": stored.model, "method": stored.method})
-    counts = scan.counts()
+    # The headline is the plan's (all rows where there is no plan); rows outside it get their own table
+    # rows, so a (model, method) of the plan never counts more cells than the plan has.
+    counts = Counter(scan.cells[c].status for c in (known & set(scan.cells) if known else unplanned))
     print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {remaining} remaining")
     if unplanned and known:
-        print(f"{len(unplanned)} stored rows are from cells not in the plan (an earlier config, another sweep?); they are in the table")
+        outside = Counter(scan.cells[c].status for c in unplanned)
+        print(f"{len(unplanned)} more stored rows ({outside['ok']} ok, {outside['failed']} failed) are from cells not in the plan "
+              "(an earlier config, another sweep?); the table lists them as (unplanned)")
+    for cell_id in sorted(unplanned):  # rows from cells no longer in the plan (an earlier config): show them too
+        stored = scan.cells[cell_id]
+        entries.append({"cell_id": cell_id, "model": stored.model, "method": f"{stored.method} (unplanned)" if known else stored.method})
     print(_status_table(entries, scan.status))
     _print_failures(scan)
     return 0

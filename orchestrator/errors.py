@@ -14,5 +14,10 @@ class WorkersNotStartingError(SweepStoppedError):
     """Cells wait on workers that do not start: no node for them arrived in time, or they die starting."""
 
 
+class StoreUnreadableError(SweepStoppedError):
+    """A stored row of the sweep could not be read mid-run (an object store's hiccup): its cell must not
+    look unrun, or it would run again over the row."""
+
+
 class ClusterUnreachableError(SweepStoppedError):
     """`--address` names no Ray cluster this driver can join; nothing ran."""

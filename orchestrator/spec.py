@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from workers.cell import LADDER_PREFIX, EvalConfig, ModelSpec
 from workers.config import ConfigError, StrictConfig, validate_config
 from workers.methods import resolve_config
-from workers.registry import UnknownNameError
+from workers.registry import UnknownNameError, did_you_mean
 from workers.tasks import get_task, reads_hub_data
 
 
@@ -159,7 +159,7 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
         except ConfigError as err:
             problems.append(str(err))
     problems += [
-        f"method_budgets.{name}: not one of the sweep's methods ({', '.join(spec.methods)})"
+        f"method_budgets.{name}: not one of the sweep's methods{did_you_mean(name, list(spec.methods))} ({', '.join(spec.methods)})"
         for name in spec.method_budgets
         if name not in spec.methods
     ]

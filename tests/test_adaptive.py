@@ -325,6 +325,33 @@ def test_bad_adaptive_flags_exit_2_with_a_clear_message(tmp_path, capsys, flags,
     assert not (tmp_path / "r").exists()
 
 
+def test_a_grid_cells_row_that_cannot_be_read_mid_run_stops_the_run_instead_of_rerunning_it(tmp_path):
+    from orchestrator.errors import StoreUnreadableError
+
+    store, cells = ResultsStore(str(tmp_path / "r")), grid()
+    World(store)(cells[:3])
+    assert len(stored_rows(store, cells)) == 3
+    (tmp_path / "r" / "other.parquet").write_bytes(b"not this grid's")  # not a cell file of the grid: no matter
+    (tmp_path / "r" / "cells" / f"{cells[1].cell_id}.parquet").write_bytes(b"a read that failed")
+    with pytest.raises(StoreUnreadableError, match=cells[1].cell_id):
+        stored_rows(store, cells)
+
+
+def test_an_adaptive_grid_refused_leaves_the_store_as_it_was(tmp_path, capsys):
+    """The refusal (exit 2) comes before the store is read for the run, which sets unreadable files aside."""
+    from orchestrator.cli import main
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"sweep": "flags", "models": [{"id": "ladder:test/xs"}], "tasks": ["facts"],
+                                      "methods": {"lora": {}}, "budgets": [4], "results_dir": str(tmp_path / "r")}))  # fmt: skip
+    broken = tmp_path / "r" / "cells" / "broken.parquet"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not parquet")
+    assert main(["run", str(config), "--adaptive", "--max-cells", "4"]) == 2
+    assert "over 4 distinct budgets > 0" in capsys.readouterr().err
+    assert broken.exists() and not (tmp_path / "r" / "quarantine").exists()
+
+
 @pytest.mark.slow  # real Ray and fourteen real cells: about 30 s on two cores
 def test_cli_adaptive_run_on_the_test_ladder_stores_at_most_k_cells_and_its_log(tmp_path, test_ladder, write_sweep):
     config = write_sweep({

@@ -49,6 +49,12 @@ def test_unknown_method_and_task_get_did_you_mean(write_sweep):
     assert "tasks.0" in message and "did you mean 'facts'?" in message
 
 
+def test_a_mistyped_method_under_method_budgets_gets_did_you_mean(write_sweep):
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep({**BASE, "method_budgets": {"lroa": [4]}}))
+    assert "method_budgets.lroa: not one of the sweep's methods (did you mean 'lora'?) (base, lora)" in str(err.value)
+
+
 def test_overrides_parse_yaml_values_and_are_validated(write_sweep):
     spec = load_spec(write_sweep(BASE), ["methods.lora.rank=8", "budgets=[1, 2]", "eval.test_size=5"])
     assert spec.methods["lora"]["rank"] == 8 and spec.budgets == [1, 2] and spec.eval.test_size == 5

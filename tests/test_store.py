@@ -156,15 +156,30 @@ def test_status_counts_what_remains_of_the_plan_and_shows_rows_from_outside_it(t
                          error="OSError: gpt2 is not on this machine\nTraceback ..." if failed else None))  # fmt: skip
     assert main(["status", str(tmp_path / "r")]) == 0
     out, failures = capsys.readouterr().out.split("failed cells, by error")
-    assert ": 7 ok, 1 failed, 5 remaining" in out
-    assert "3 stored rows are from cells not in the plan" in out
+    assert ": 5 ok, 0 failed, 5 remaining" in out
+    assert "3 more stored rows (2 ok, 1 failed) are from cells not in the plan" in out
     assert failures.splitlines()[1:] == ["  1 × prompt on gpt2: OSError: gpt2 is not on this machine"]
     table = [line.split() for line in out.splitlines()[3:]]  # after the summary, the note, the header and its rule
     assert table[1:] == [  # the plan's models in its order (smallest first), not alphabetical; then the unplanned rows
         ["ladder:xs", "lora", "5", "0", "0", "5"],
         ["ladder:l", "lora", "0", "0", "5", "5"],
-        ["gpt2", "prompt", "2", "1", "0", "3"],
+        ["gpt2", "prompt", "(unplanned)", "2", "1", "0", "3"],
     ], out
+
+
+def test_status_never_counts_rows_outside_the_plan_under_its_cells(tmp_path, capsys):
+    """Another sweep's rows of the same model and method in the same directory: the plan's 2 lora cells
+    stay 2 in the headline and in their table row."""
+    store = ResultsStore(str(tmp_path / "r"))
+    write_manifest(store, [{"cell_id": f"p{i}", "slug": f"p{i}", "model": "ladder:xs", "method": "lora"} for i in range(2)])
+    store.write(_row("p0", model="ladder:xs", method="lora"))
+    for i in range(5):
+        store.write(_row(f"other{i}", model="ladder:xs", method="lora"))
+    assert main(["status", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert ": 1 ok, 0 failed, 1 remaining" in out and "5 more stored rows (5 ok, 0 failed)" in out, out
+    table = [line.split() for line in out.splitlines()[4:]]
+    assert table == [["ladder:xs", "lora", "1", "0", "1", "2"], ["ladder:xs", "lora", "(unplanned)", "5", "0", "0", "5"]], out
 
 
 def test_status_of_a_sweep_yaml_counts_that_yamls_grid_not_the_latest_runs_plan(write_sweep, capsys):
