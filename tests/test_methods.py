@@ -251,6 +251,24 @@ def test_steer_trained_lowers_the_training_loss_and_trains_d_model_per_layer():
     assert sorted(adapter.vectors) == [0, 2]
 
 
+def test_steering_vectors_are_as_wide_as_the_residual_stream_not_the_embeddings():
+    """OPT-350m's embeddings are 512 wide and project into a 1024-wide stream: a vector the embeddings'
+    width failed to add to any block's output."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from conftest_methods import tokenizer
+    from workers.lm import LanguageModel
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=len(tokenizer()), hidden_size=32, word_embed_proj_dim=16, ffn_dim=64, num_hidden_layers=2,
+                       num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0)  # fmt: skip
+    lm = LanguageModel(model=OPTForCausalLM(config).eval(), tokenizer=tokenizer(), batch_size=8)
+    _, trained = fit("steer_trained", lm, {"layers": [1.0], "train": {**FAST, "checkpoints": 0}})
+    assert [v.shape[-1] for v in trained.vectors.values()] == [32]
+    no_pairs = get_method("steer_mean").fit(fit_context(lm, n_train=0), resolve_config("steer_mean", {"scales": [0.0, 1.0]}))
+    assert no_pairs.report.selection == "no_pairs" and no_pairs.vector.shape[-1] == 32
+
+
 def test_steer_trained_flops_count_the_backward_only_after_the_earliest_steered_layer():
     """The model is frozen: a step's backward runs from the loss to the earliest vector, not through the blocks before it."""
     lm = language_model()

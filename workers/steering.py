@@ -48,6 +48,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find decoder layers in {type(model).__name__}; known layouts: {', '.join(_LAYER_PATHS)}")
 
 
+def residual_width(model: nn.Module) -> int:
+    """The width of the residual stream the decoder blocks write: a steering vector's size. Not the
+    embedding's (OPT-350m projects 512-wide embeddings into a 1024-wide stream), and read from the
+    text config where a multimodal config (Gemma 3's) keeps it."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # transformers < 4.45 has no text config
+    return text.hidden_size
+
+
 def _hidden(output: torch.Tensor | tuple) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 

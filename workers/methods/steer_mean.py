@@ -18,7 +18,7 @@ from pydantic import Field
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
-from workers.steering import Positions, decoder_layers, last_token_flops, last_token_states, steer
+from workers.steering import Positions, decoder_layers, last_token_flops, last_token_states, residual_width, steer
 
 
 # A layer is named by its place in the stack, so one config serves every rung of a ladder; an
@@ -140,7 +140,7 @@ class SteerMean:
         pairs = ctx.task.contrast_pairs(ctx.train)
         candidates = layer_indices(config.layers, len(decoder_layers(ctx.lm.model)))
         if not pairs:  # nothing to contrast (e.g. budget too small): the honest answer is "do nothing"
-            zero = torch.zeros(ctx.lm.model.config.hidden_size, device=ctx.lm.device)
+            zero = torch.zeros(residual_width(ctx.lm.model), device=ctx.lm.device)
             report = FitReport(layer=candidates[0], alpha=0.0, selection="no_pairs", hparams={"pairs": 0})
             return SteeringVector(ctx.lm, candidates[0], zero, config.positions, report)
         trials = candidate_trials(candidates, config.scales)

@@ -18,7 +18,7 @@ from workers.config import StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
 from workers.methods.steer_mean import DepthFraction, layer_indices
-from workers.steering import Positions, decoder_layers, matmul_params_through, steer
+from workers.steering import Positions, decoder_layers, matmul_params_through, residual_width, steer
 from workers.training import TrainConfig, train
 
 
@@ -64,7 +64,7 @@ class SteerTrained:
     def fit(self, ctx: FitContext, config: SteerTrainedConfig) -> TrainedVectors:
         model = ctx.lm.model
         layers = layer_indices(config.layers, len(decoder_layers(model)))
-        d_model = model.get_input_embeddings().weight.shape[-1]
+        d_model = residual_width(model)
         vectors = {i: torch.nn.Parameter(torch.zeros(d_model, device=ctx.lm.device)) for i in layers}
         with frozen(model), steer(model, vectors, config.positions):
             result = train(ctx.lm, list(vectors.values()), ctx.train, config.train, ctx.seed, ctx.validator())
