@@ -2,9 +2,9 @@
 
 A cell id is the hash of the canonical JSON of everything that can change a cell's result (model
 and revision, task, method and its resolved settings, budget, seed, evaluation settings, the data
-version of every task it reads) plus the results schema version. Scheduling details (GPUs, retries, where results go, the device, the
-evaluation batch size) are deliberately not part of it, so the same cell run on a laptop or on a
-cluster is recognised as done.
+version of every task it reads) plus the results schema version. Scheduling details (GPUs, retries,
+where results go, the device, the evaluation batch size) are deliberately not part of it, so the
+same cell run on a laptop or on a cluster is recognised as done.
 """
 
 from __future__ import annotations
