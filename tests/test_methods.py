@@ -254,11 +254,15 @@ def test_steer_trained_lowers_the_training_loss_and_trains_d_model_per_layer():
 def test_steering_vectors_are_as_wide_as_the_residual_stream_not_the_embeddings():
     """OPT-350m's embeddings are 512 wide and project into a 1024-wide stream: a vector the embeddings'
     width failed to add to any block's output."""
+    import inspect
+
     from transformers import OPTConfig, OPTForCausalLM
 
     from conftest_methods import tokenizer
     from workers.lm import LanguageModel
 
+    if "position_ids" not in inspect.signature(OPTForCausalLM.forward).parameters:
+        pytest.skip("this transformers' OPT takes no position_ids, which the LanguageModel passes (4.44 does not)")
     torch.manual_seed(0)
     config = OPTConfig(vocab_size=len(tokenizer()), hidden_size=32, word_embed_proj_dim=16, ffn_dim=64, num_hidden_layers=2,
                        num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0)  # fmt: skip
