@@ -12,6 +12,7 @@ from packaging.version import Version
 from conftest_methods import fit_context, language_model
 from workers.methods import get_method, resolve_config
 from workers.lm import _logit_selection, shareable_cache
+from workers.models.loading import count_parameters
 from workers.metrics import neutral_reference
 from workers.steering import steer
 
@@ -64,6 +65,37 @@ def test_batched_equals_one_at_a_time(arch):
         sum(lm.target_nll([p], [t]) * len(t.split()) for p, t in zip(PROMPTS, targets)) / 6, abs=1e-5
     )
     assert lm.generate(PROMPTS, 4) == [lm.generate([p], 4)[0] for p in PROMPTS]
+
+
+def greedy_by_hand(lm, prompt: str, new_tokens: int) -> str:
+    """The reference: argmax of the next-token logits, one full forward per token."""
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    start = ids.shape[1]
+    for _ in range(new_tokens):
+        ids = torch.cat([ids, lm.model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return lm.tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generation_is_greedy_whatever_decoding_settings_the_checkpoint_ships(arch):
+    lm = language_model(arch, batch_size=3)
+    expected = [greedy_by_hand(lm, p, 6) for p in PROMPTS]
+    assert lm.generate(PROMPTS, 6) == expected
+    shipped = lm.model.generation_config
+    shipped.repetition_penalty, shipped.no_repeat_ngram_size = 5.0, 1  # as an instruct checkpoint's json may set
+    assert lm.generate(PROMPTS, 6) == expected
+    assert lm.model.generation_config is shipped and shipped.repetition_penalty == 5.0  # handed back as it was
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gemma2", "opt"])
+def test_non_embedding_parameters_leave_out_every_lookup_table_and_the_head(arch):
+    """Kaplan et al.'s N: token and learned-position tables and the output head are not counted (OPT's
+    positions live at model.decoder.embed_positions, GPT-2's at transformer.wpe); OPT's projections
+    between its narrower embeddings and the residual stream are matmuls, and are."""
+    model = language_model(arch).model
+    tables = ("embed_tokens", "embed_positions", "wte", "wpe", "embed_in", "embed_out", "lm_head")
+    by_name = sum(p.numel() for name, p in model.named_parameters() if not any(t in name.split(".") for t in tables))
+    assert count_parameters(model) == (sum(p.numel() for p in model.parameters()), by_name)
 
 
 def test_prefix_applies_to_every_entry_point_and_is_restored_on_error():

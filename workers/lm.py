@@ -22,6 +22,26 @@ if TYPE_CHECKING:  # annotations only: importing them loads transformers' modeli
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+@contextmanager
+def greedy_decoding(model: PreTrainedModel) -> Iterator[None]:
+    """Plain greedy decoding, whatever decoding settings the checkpoint ships (an instruct model's
+    generation_config.json often sets a repetition penalty): only its special tokens are kept.
+
+    Passing a fresh `GenerationConfig` to `generate` is not enough: transformers fills the fields such
+    a config leaves at their defaults from the model's own, so the model's is swapped out meanwhile.
+    """
+    from transformers import GenerationConfig  # here, not at the top: importing workers.lm stays quick
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id, do_sample=False
+    )
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
 @dataclass
 class Batch:
     """Right-padded token ids with a mask over the continuation tokens (the ones that are scored)."""
@@ -357,13 +377,9 @@ class LanguageModel:
                 ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
                 width = ids.shape[1]
                 last = torch.full((len(texts),), width - 1, dtype=torch.long, device=self.device)  # left padding
-                with prompt_boundary(last):
+                with prompt_boundary(last), greedy_decoding(self.model):
                     gen = self.model.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        max_new_tokens=max_new_tokens,
-                        do_sample=False,
-                        pad_token_id=tok.pad_token_id,
+                        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id
                     )
                 self.forward_tokens += int(gen.shape[0] * gen.shape[1])  # upper bound: padding included
                 outs.extend(tok.batch_decode(gen[:, width:], skip_special_tokens=True))

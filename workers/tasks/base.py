@@ -60,9 +60,9 @@ class Task(Protocol):
 
     name: str
     task_type: TaskType
-    # Bumped when the examples a task draws change (a new split rule, another answer): part of the
-    # id of every cell that reads the task, so a resumed sweep reruns those cells instead of keeping
-    # rows scored on other questions.
+    # Bumped when the examples a task draws change (a new split rule, another answer) or how its
+    # answers are scored does: part of the id of every cell that reads the task, so a resumed sweep
+    # reruns those cells instead of keeping rows scored on other questions or by another rule.
     data_version: int
 
     def examples(self, split: Split, n: int, seed: int) -> list[Example]:

@@ -41,7 +41,7 @@ def final_answer(text: str) -> str | None:
 
 class GSM8K:
     name = "gsm8k"
-    data_version = 1
+    data_version = 2  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings
     task_type: TaskType = "reasoning"
     plan = SplitPlan(train="train", validation="train", test="test")
 
