@@ -64,6 +64,14 @@ def _gemma3() -> PreTrainedModel:
     return Gemma3ForCausalLM(Gemma3TextConfig(**_IDS, **_DECODER, num_key_value_heads=2, head_dim=8))
 
 
+def _opt() -> PreTrainedModel:
+    """OPT-350m's layout: learned positions, and embeddings half the residual width projected in and out."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(**_IDS, hidden_size=HIDDEN, word_embed_proj_dim=HIDDEN // 2, ffn_dim=64,
+                                    num_hidden_layers=LAYERS, num_attention_heads=4, dropout=0.0))  # fmt: skip
+
+
 ARCHITECTURES: dict[str, Callable[[], PreTrainedModel]] = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**_IDS, **_DECODER, num_key_value_heads=2)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**_IDS, **_DECODER, num_key_value_heads=2)),
@@ -75,6 +83,7 @@ ARCHITECTURES: dict[str, Callable[[], PreTrainedModel]] = {
     ),
     "gemma2": _gemma2,
     "gemma3": _gemma3,
+    "opt": _opt,
 }
 
 

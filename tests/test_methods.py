@@ -256,17 +256,12 @@ def test_steering_vectors_are_as_wide_as_the_residual_stream_not_the_embeddings(
     width failed to add to any block's output."""
     import inspect
 
-    from transformers import OPTConfig, OPTForCausalLM
-
-    from conftest_methods import tokenizer
-    from workers.lm import LanguageModel
+    from transformers import OPTForCausalLM
 
     if "position_ids" not in inspect.signature(OPTForCausalLM.forward).parameters:
         pytest.skip("this transformers' OPT takes no position_ids, which the LanguageModel passes (4.44 does not)")
-    torch.manual_seed(0)
-    config = OPTConfig(vocab_size=len(tokenizer()), hidden_size=32, word_embed_proj_dim=16, ffn_dim=64, num_hidden_layers=2,
-                       num_attention_heads=4, pad_token_id=0, bos_token_id=1, eos_token_id=2, dropout=0.0)  # fmt: skip
-    lm = LanguageModel(model=OPTForCausalLM(config).eval(), tokenizer=tokenizer(), batch_size=8)
+    lm = language_model("opt")
+    assert lm.model.get_input_embeddings().weight.shape[-1] == 16
     _, trained = fit("steer_trained", lm, {"layers": [1.0], "train": {**FAST, "checkpoints": 0}})
     assert [v.shape[-1] for v in trained.vectors.values()] == [32]
     no_pairs = get_method("steer_mean").fit(fit_context(lm, n_train=0), resolve_config("steer_mean", {"scales": [0.0, 1.0]}))

@@ -114,14 +114,12 @@ def count_parameters(model: PreTrainedModel) -> tuple[int, int]:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    embedding_ids = {id(model.get_input_embeddings().weight)}
+    # every lookup table (tokens; learned positions: GPT-2's wpe, OPT's embed_positions), and the output head
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     output = model.get_output_embeddings()
     if output is not None:
         embedding_ids.add(id(output.weight))
     embedding = sum(p.numel() for p in model.parameters() if id(p) in embedding_ids)
-    position = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2's learned positions
-    if position is not None:
-        embedding += position.weight.numel()
     return total, total - embedding
 
 
