@@ -17,8 +17,8 @@ def test_step_count_and_checkpoints():
     assert checkpoint_steps(2, 4) == [0, 1, 2]
 
 
-def _setup(**overrides):
-    lm = language_model()
+def _setup(arch: str = "llama", **overrides):
+    lm = language_model(arch)
     ctx = fit_context(lm, n_train=8)
     param = torch.nn.Parameter(torch.zeros(lm.model.config.hidden_size))
     head = lm.model.get_output_embeddings()
@@ -141,19 +141,26 @@ def test_training_whose_every_fp16_step_overflows_raises_instead_of_reporting_an
     assert 0 < result.skipped_steps < 20 and result.summary()["skipped_steps"] == result.skipped_steps  # the scale came down far enough
 
 
-def test_a_learning_rate_search_keeps_the_best_run_exactly_and_bills_every_run():
-    """Each rate trains from the same start on the same batches: the kept parameters are those a run
-    at the winning rate alone leaves, and the cost (sequence and validation tokens) is every run's."""
-    lm, ctx, params, handle, config = _setup(checkpoints=2)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_learning_rate_search_keeps_the_best_run_exactly_and_bills_every_run(dropout):
+    """Each rate trains from the same start on the same batches (and, in a model with dropout, the same
+    dropout masks): the kept parameters are those a run at the winning rate alone leaves, and the cost
+    (sequence and validation tokens) is every run's."""
+    lm, ctx, params, handle, config = _setup("gpt2", checkpoints=2)
+    for module in lm.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = dropout
     validate = ctx.validator()
     try:
         alone = {}
         for lr in (1e-6, 0.1):
             for p in params:
                 p.data.zero_()
+            torch.manual_seed(7)
             alone[lr] = (train(lm, params, ctx.train, config.model_copy(update={"lr": lr}), 3, validate), [p.detach().clone() for p in params])
         for p in params:
             p.data.zero_()
+        torch.manual_seed(7)
         searched = train(lm, params, ctx.train, config.model_copy(update={"lr": 1e-6, "lr_search": (0.1,)}), 3, validate)
     finally:
         handle.remove()

@@ -211,10 +211,12 @@ def train(
     diverged: dict[float, NonFiniteLossError] = {}
     best: tuple[float, float, list[torch.Tensor]] | None = None  # (validation score, lr, its parameters)
     start_score: float | None = None  # every rate starts from the same parameters: step 0 is validated once
+    random_start = RandomState.now()  # and with the same random stream (dropout masks)
     for lr in rates:
         with torch.no_grad():
             for param, first in zip(params, start):
                 param.copy_(first)
+        random_start.restore()
         try:
             result = results[lr] = _train_at(lm, params, examples, config, lr, seed, validate, start_score)
         except NonFiniteLossError as err:  # a rate too high for this model: the search goes on without it
@@ -238,6 +240,23 @@ def train(
         chosen_lr=best[1],
         lr_diverged={lr: str(err) for lr, err in diverged.items()},
     )
+
+
+@dataclass(frozen=True)
+class RandomState:
+    """torch's random generators (the CPU's and each CUDA device's), to replay a stream from a point."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor]
+
+    @classmethod
+    def now(cls) -> RandomState:
+        return cls(torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+    def restore(self) -> None:
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.cuda)
 
 
 def _train_at(
