@@ -13,9 +13,11 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pyarrow import fs
 
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore, write_manifest
+from workers.rowfile import write_atomically
 from workers.schema import COLUMNS, SCHEMA_VERSION
 
 
@@ -82,6 +84,16 @@ def test_write_killed_halfway_leaves_no_readable_partial_file(tmp_path):
     store = ResultsStore(str(results))
     scan = store.scan()
     assert scan.status == {} and scan.quarantined == [] and store.read().num_rows == 0, "a write in flight is not a broken file"
+
+
+def test_a_write_that_fails_raises_and_leaves_no_temp_file(tmp_path):
+    """Not a kill but an error (here the final name is taken by a folder; a full disk alike): it is raised,
+    and its temp file does not linger in the results folder."""
+    blocked = tmp_path / "cells" / "k1.parquet"
+    (blocked / "inside").mkdir(parents=True)
+    with pytest.raises(OSError):
+        write_atomically(fs.LocalFileSystem(), str(blocked), b"row bytes")
+    assert sorted(os.listdir(tmp_path / "cells")) == ["k1.parquet"]
 
 
 def test_truncated_and_foreign_files_are_set_aside_and_reported(tmp_path):

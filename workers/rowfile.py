@@ -6,6 +6,7 @@ killed mid-write leaves at most a `.tmp-*` file that readers ignore, never half 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -44,12 +45,27 @@ def write_atomically(filesystem: fs.FileSystem, path: str, data: bytes) -> None:
     filesystem.create_dir(directory, recursive=True)
     temp = f"{directory}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
     if isinstance(filesystem, fs.LocalFileSystem):
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)  # atomic on POSIX
+        try:
+            with open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, path)  # atomic on POSIX
+        except BaseException:
+            with contextlib.suppress(OSError):  # the write's own error is the one to report
+                os.remove(temp)
+            raise
+        _sync_directory(directory)
     else:  # object stores publish an object only when its upload completes; the move keeps that true elsewhere
         with filesystem.open_output_stream(temp) as stream:
             stream.write(data)
         filesystem.move(temp, path)
+
+
+def _sync_directory(directory: str) -> None:
+    """Make a rename in `directory` survive a power loss (the entry lives in the directory, not the file)."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
