@@ -13,6 +13,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pyarrow as pa
@@ -211,38 +212,57 @@ def unplanned_note(loaded: LoadedResults) -> str:
 WEIGHTS_KEYS = ("model_commit", "model_weights_sha256")
 
 
-def _weights_of(versions: object) -> str | None:
-    """A row's weights as "<key> <first 12 hex>", or None where its `versions` records none (older rows)."""
+def _recorded(versions: object) -> dict:
+    """A row's `versions` as a dict; empty where it is missing or unreadable (older rows)."""
     try:
         recorded = json.loads(versions) if isinstance(versions, str) else None
     except ValueError:
-        return None
-    if not isinstance(recorded, dict):
-        return None
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _weights_of(recorded: dict, model: str) -> str | None:
+    """A row's weights as "<key> <first 12 hex>", or None where it records none."""
     return next((f"{key} {recorded[key][:12]}" for key in WEIGHTS_KEYS if isinstance(recorded.get(key), str)), None)
 
 
-def weights_per_model(frame: pd.DataFrame) -> dict[str, Counter[str]]:
-    """For each model whose ok rows ran on more than one set of weights: how many rows ran on each."""
+def _task_rows_of(recorded: dict, task: str) -> str | None:
+    """The digest of the hub rows a row's own task was scored on (workers.tasks.hub_data_digest), first 12 hex."""
+    digests = recorded.get("task_rows")
+    digest = digests.get(task) if isinstance(digests, dict) else None
+    return f"rows {digest[:12]}" if isinstance(digest, str) else None
+
+
+def pins_per_group(frame: pd.DataFrame, column: str, pin: Callable[[dict, str], str | None]) -> dict[str, Counter[str]]:
+    """For each value of `column` (a model, a task) whose ok rows record more than one `pin` (the
+    weights, the data) in their `versions`: how many rows recorded each."""
     ok = frame[frame["status"] == "ok"]
     if "versions" not in ok or not len(ok):
         return {}
-    weights = ok["versions"].map(_weights_of)
-    counts = {model: Counter(w for w in group if w) for model, group in weights.groupby(ok["model"])}
-    return {model: c for model, c in counts.items() if len(c) > 1}
+    pins = pd.Series([pin(_recorded(v), g) for v, g in zip(ok["versions"], ok[column])], index=ok.index)
+    counts = {group: Counter(p for p in values if isinstance(p, str)) for group, values in pins.groupby(ok[column])}  # not None/NaN
+    return {group: c for group, c in counts.items() if len(c) > 1}
 
 
-def mixed_weights_note(frame: pd.DataFrame) -> str | None:
-    """A warning when one model's fits mix rows computed with different weights; None when none do."""
-    mixed = weights_per_model(frame)
-    if not mixed:
-        return None
-    models = "; ".join(f"{model}: {', '.join(f'{w}… in {n} rows' for w, n in c.most_common())}" for model, c in mixed.items())
-    return (f"The rows of {len(mixed)} model(s) were computed with different weights, and their fits mix them ({models}). "
-            "A hub id without a revision follows `main`, which moved between cells; a ladder rung is rebuilt from its recipe "
-            "on each node whose cache lacks it, and CPUs of different kinds round its pretraining differently. Pin the "
-            "revision, or build the ladder once where every node reads it ($STEERSCALE_CACHE on shared storage); "
-            "`steerscale run CONFIG --force` reruns the cells.")  # fmt: skip
+def _listed(mixed: dict[str, Counter[str]]) -> str:
+    return "; ".join(f"{group}: {', '.join(f'{p}… in {n} rows' for p, n in c.most_common())}" for group, c in mixed.items())
+
+
+def mixed_pins_note(frame: pd.DataFrame) -> str | None:
+    """A warning when one model's fits mix rows computed with different weights, or one task's rows
+    scored on different hub data; None when neither does."""
+    notes = []
+    if weights := pins_per_group(frame, "model", _weights_of):
+        notes.append(f"The rows of {len(weights)} model(s) were computed with different weights, and their fits mix them ({_listed(weights)}). "
+                     "A hub id without a revision follows `main`, which moved between cells; a ladder rung is rebuilt from its recipe "
+                     "on each node whose cache lacks it, and CPUs of different kinds round its pretraining differently. Pin the "
+                     "revision, or build the ladder once where every node reads it ($STEERSCALE_CACHE on shared storage); "
+                     "`steerscale run CONFIG --force` reruns the cells.")  # fmt: skip
+    if data := pins_per_group(frame, "task", _task_rows_of):
+        notes.append(f"The rows of {len(data)} task(s) were scored on different versions of their hub dataset, and their fits mix them "
+                     f"({_listed(data)}): the dataset's `main` moved between cells, or nodes read different local copies; "
+                     "`steerscale run CONFIG --force` reruns the cells on what the nodes read now.")  # fmt: skip
+    return " ".join(notes) or None
 
 
 PLAN_NAME = "plan.json"  # the planned cells (id, slug, model, method), written by `steerscale run`

@@ -24,7 +24,7 @@ from analysis.crossover import Crossover
 from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
-from analysis.io import Plan, load_rows_to_fit, mixed_weights_note, resolve, unplanned_note
+from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, unplanned_note
 from analysis.metrics import HIGHER_IS_BETTER, question_sampling_sd
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, save_fits
@@ -87,7 +87,7 @@ def _overview(a: Analysis) -> list[Block]:
         blocks.append(Paragraph(noise))
     if a.loaded.unplanned or a.loaded.superseded or a.loaded.stale_data:
         blocks.append(Paragraph(unplanned_note(a.loaded)))
-    if mixed := mixed_weights_note(a.loaded.frame):
+    if mixed := mixed_pins_note(a.loaded.frame):
         blocks.append(Paragraph(mixed))
     if a.loaded.skipped:
         blocks.append(Paragraph(f"{len(a.loaded.skipped)} unreadable file(s) were skipped:"))

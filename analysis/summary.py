@@ -15,7 +15,7 @@ from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, f
 from analysis.curves import LawFit, fit_curves
 from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
-from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_weights_note, unplanned_note, write_json, write_table
+from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, unplanned_note, write_json, write_table
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric
 from analysis.parallel import worker_pool
@@ -90,7 +90,7 @@ class FitSummary:
         lines += [f"  skipped {s.path}: {s.reason}" for s in a.loaded.skipped]
         if a.loaded.unplanned or a.loaded.superseded or a.loaded.stale_data:
             lines.append(f"  {unplanned_note(a.loaded)}")
-        if mixed := mixed_weights_note(a.loaded.frame):
+        if mixed := mixed_pins_note(a.loaded.frame):
             lines.append(f"  {mixed}")
         header = ("task", "method", "model", "law", "exponent", "asymptote", "n", "failed", "nan", "no N", "D=0", "holdout err", "note")
         table = [header]

@@ -129,3 +129,22 @@ def test_an_asymptote_far_past_the_data_is_said_and_a_reached_one_is_not() -> No
     assert "asymptote far past the data (at 100× the largest budget the curve is at 0.51" in flat.note
     rising = fitted(TrueCurve(e=0.05, b=3.0, beta=0.45))
     assert rising.asymptote_notes() == [] and "asymptote" not in rising.note
+
+
+def test_fits_say_when_a_tasks_rows_were_scored_on_different_hub_data():
+    import json
+
+    import pandas as pd
+
+    from analysis.io import mixed_pins_note
+
+    def row(task: str, digest: str | None) -> dict:
+        versions = {"task_data": {task: 1}, **({"task_rows": {task: digest, "facts": "f" * 64}} if digest else {})}
+        return {"status": "ok", "model": "m", "task": task, "versions": json.dumps(versions)}
+
+    same = pd.DataFrame([row("sst2", "a" * 64), row("sst2", "a" * 64), row("sst2", None), row("facts", None)])
+    assert mixed_pins_note(same) is None  # a row from before digests were recorded says nothing either way
+    moved = pd.concat([same, pd.DataFrame([row("sst2", "b" * 64)])])
+    note = mixed_pins_note(moved)
+    assert note is not None and "1 task(s) were scored on different versions of their hub dataset" in note
+    assert f"sst2: rows {'a' * 12}… in 2 rows, rows {'b' * 12}… in 1 rows" in note and "different weights" not in note

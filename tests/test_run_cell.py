@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from workers.cache import WorkerCache
 from workers.cell import CellConfig, EvalConfig, ModelSpec
 from workers.methods import resolve_config
-from workers.run_cell import CellRun, main, model_revision, run_cell
+from workers.run_cell import CellRun, git_sha, main, model_revision, run_cell
 
 MEASURED = ("score", "score_outcomes", "score_base", "nll", "nll_base", "neutral_kl", "neutral_ppl_ratio", "offtask_score_delta",
             "trainable_params", "post_train_flops", "train_tokens", "layer", "alpha", "hparams")
@@ -267,3 +268,21 @@ def test_a_cell_file_that_is_missing_or_not_a_cell_is_a_clean_error(tmp_path, ca
     err = capsys.readouterr().err
     assert "cell.modle: unknown key (did you mean 'model'?)" in err and "Traceback" not in err
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_a_row_from_an_edited_tree_does_not_claim_its_commits_code(tmp_path):
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    assert git_sha(tmp_path) is None  # not a checkout yet
+    git("init", "-q")
+    (tmp_path / "method.py").write_text("SCALE = 1\n")
+    (tmp_path / "notes.md").write_text("draft\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    sha = git("rev-parse", "HEAD")
+    (tmp_path / "notes.md").write_text("edited, not code\n")
+    (tmp_path / "scratch.py").write_text("untracked\n")
+    assert git_sha.__wrapped__(tmp_path) == sha
+    (tmp_path / "method.py").write_text("SCALE = 2\n")
+    assert git_sha.__wrapped__(tmp_path) == f"{sha}-dirty"

@@ -152,3 +152,28 @@ def test_a_budget_above_the_split_fails_the_cell_instead_of_training_on_fewer() 
     facts = TASKS.get("facts")  # a synthetic pool would repeat examples instead: refused the same way
     with pytest.raises(ValueError, match="fewer than the cell's budget"):
         training_examples(facts, facts.pool_size("train") + 1, seed=0)
+
+
+def test_a_hub_tasks_rows_are_pinned_by_a_digest_that_moves_with_its_data(tmp_path, monkeypatch) -> None:
+    """A hub id loads its `main`, which can move between a sweep's cells: each row records a digest of
+    the task's rows, which changes when one label does and not when nothing does."""
+    import shutil
+
+    from workers.tasks import hub_data_digest
+    from workers.tasks.hub import load_rows, rows_digest
+
+    copy = tmp_path / "sst2"
+    shutil.copytree(FIXTURES / "sst2", copy)
+    monkeypatch.setitem(TASKS._items, "sst2", SST2(HubSource(str(copy))))
+    first = hub_data_digest("sst2")
+    assert hub_data_digest("facts") is None  # the synthetic world's data is pinned by its code and data_version
+    lines = (copy / "validation.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    lines[0] = json.dumps({**row, "label": 1 - row["label"]})
+    (copy / "validation.jsonl").write_text("\n".join(lines) + "\n")
+    load_rows.cache_clear(), rows_digest.cache_clear()  # a new worker process, reading the moved data
+    second = hub_data_digest("sst2")
+    assert first and second and len(first) == 64 and second != first
+    monkeypatch.setitem(TASKS._items, "sst2", SST2(HubSource(str(copy))))
+    load_rows.cache_clear(), rows_digest.cache_clear()
+    assert hub_data_digest("sst2") == second

@@ -38,7 +38,7 @@ from workers.metrics import NeutralReference, neutral_reference, neutral_shift, 
 from workers.models.loading import count_parameters, is_hub_model, ladder_revision, resolve_device, resolve_path
 from workers.rowfile import write_rows
 from workers.schema import SCHEMA_VERSION
-from workers.tasks import data_version, get_task, neutral_texts
+from workers.tasks import data_version, get_task, hub_data_digest, neutral_texts
 from workers.tasks.base import Example, Split, Task
 
 
@@ -53,12 +53,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def versions_json(cell: CellConfig, provenance: Mapping[str, str] | None = None) -> str:
+def versions_json(cell: CellConfig, provenance: Mapping[str, str] | None = None, task_rows: Mapping[str, str] | None = None) -> str:
     """The row's `versions`: the libraries, the data version of every task the cell reads (analysis
-    leaves out rows scored on questions a newer version replaced), and once the model is loaded what
-    pins its weights (`weights_provenance`: a hub commit, a ladder rung's weights digest)."""
+    leaves out rows scored on questions a newer version replaced), and once the cell has run what pins
+    its weights (`weights_provenance`: a hub commit, a ladder rung's weights digest) and, for hub tasks,
+    their rows (`hub_data_digest`)."""
     task_data = {task: data_version(task) for task in (cell.task, *cell.offtask)}
-    return json.dumps({**library_versions(), "task_data": task_data, **(provenance or {})}, sort_keys=True)
+    pins = {**(provenance or {}), **({"task_rows": dict(task_rows)} if task_rows else {})}
+    return json.dumps({**library_versions(), "task_data": task_data, **pins}, sort_keys=True)
 
 
 @functools.cache  # once per process: versions do not change between cells
@@ -76,14 +78,22 @@ def library_versions() -> dict[str, str]:
 
 
 @functools.cache
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
+def git_sha(checkout: Path = Path(__file__).parent) -> str | None:
+    """The commit of the code a row came from, "-dirty" when its Python files differ from that commit
+    (a row from a tree being edited does not claim the commit's code); None outside a git checkout
+    (e.g. a Ray job's uploaded working directory)."""
+
+    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=checkout, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done if done.returncode == 0 else None
+
+    head, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no", "--", ":/*.py")
+    if head is None or not head.stdout.strip():
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return head.stdout.strip() + ("-dirty" if changes is None or changes.stdout.strip() else "")
 
 
 def model_revision(spec: ModelSpec) -> str | None:
@@ -194,6 +204,12 @@ def check_finite(measured: dict[str, Any], expected: tuple[str, ...]) -> None:
         raise NonFiniteMetricError(", ".join(f"{name}={measured[name]}" for name in bad) + " (the model's outputs are not finite)")
 
 
+def task_rows(cell: CellConfig) -> dict[str, str]:
+    """The digest of every hub task's rows the cell read (loaded by now: computed once per worker)."""
+    digests = {name: hub_data_digest(name) for name in (cell.task, *cell.offtask)}
+    return {name: digest for name, digest in digests.items() if digest is not None}
+
+
 def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     """The measured columns of an ok row. Raises on any failure; `run_cell` turns that into a row."""
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
@@ -260,7 +276,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "selection": report.selection,
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
-        "versions": versions_json(cell, lm.provenance),
+        "versions": versions_json(cell, lm.provenance, task_rows(cell)),
     }
     # not the perplexity ratio: past a rise of 709 nats a token it is +inf by design (metrics.neutral_shift), a
     # measured collapse; a NaN there comes with a NaN KL, which is checked

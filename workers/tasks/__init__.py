@@ -16,7 +16,7 @@ from workers.tasks.facts import Facts
 from workers.tasks.function_calling import FunctionCalling
 from workers.tasks.gridworld import Gridworld
 from workers.tasks.gsm8k import GSM8K
-from workers.tasks.hub import HubSource
+from workers.tasks.hub import HubSource, rows_digest
 from workers.tasks.sst2 import SST2
 from workers.world import text
 
@@ -43,6 +43,15 @@ def reads_hub_data(task: Task) -> bool:
     """Whether the task's texts are real data (a hub dataset or files shaped like one), not the synthetic
     world's: the ladder's tokenizer knows the world's words only."""
     return isinstance(getattr(task, "source", None), HubSource)
+
+
+def hub_data_digest(name: str) -> str | None:
+    """A digest of the rows a hub task reads (`hub.rows_digest`), for a row's `versions`; None for the
+    synthetic world's tasks, whose examples their code and `data_version` pin."""
+    task = TASKS.get(name)
+    if not reads_hub_data(task):
+        return None
+    return rows_digest(getattr(task, "source"), getattr(task, "plan").hub_splits())
 
 
 def neutral_texts(n: int, min_words: int) -> list[str]:

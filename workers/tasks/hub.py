@@ -10,6 +10,8 @@ whatever seed a cell draws with.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,23 @@ class SplitPlan:
         if len(sharing) == 1:
             return list(rows)
         return [row for row in rows if _carve(task, str(row[key]), sharing) == split]
+
+
+    def hub_splits(self) -> tuple[str, ...]:
+        """The hub splits our three are drawn from, each once, in a fixed order."""
+        return tuple(dict.fromkeys((self.train, self.validation, self.test)))
+
+
+@functools.lru_cache(maxsize=16)
+def rows_digest(source: HubSource, splits: tuple[str, ...]) -> str:
+    """SHA-256 over the rows of `splits`: what pins the data a hub task's cells read. A hub id loads its
+    `main`, which can move between a sweep's cells (models have their commit recorded; datasets get this)."""
+    digest = hashlib.sha256()
+    for split in splits:
+        digest.update(split.encode())
+        for row in load_rows(source, split):
+            digest.update(json.dumps(row, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def _carve(task: str, text: str, sharing: list[str]) -> str:
