@@ -54,7 +54,9 @@ def _results_dir(given: str) -> str:
     if _is_sweep_yaml(given):
         from orchestrator.spec import load_spec
 
-        return load_spec(given, [], check_models=False).results_dir  # its results may be read away from its models
+        found = load_spec(given, [], check_models=False).results_dir  # its results may be read away from its models
+        # named in full: a relative results_dir is read from the current directory, which messages should show
+        return found if "://" in found else os.path.abspath(found)
     if "://" not in given and os.path.isfile(given):
         raise ConfigError(f"{given} is a file: give a sweep's results_dir, or its YAML")
     return given
@@ -329,6 +331,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     # rows, so a (model, method) of the plan never counts more cells than the plan has.
     counts = Counter(scan.cells[c].status for c in (known & set(scan.cells) if known else unplanned))
     print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {remaining} remaining")
+    if not scan.cells and not store.exists():
+        print(f"nothing is stored at {store.uri} yet (a relative results_dir is read from the current directory, {os.getcwd()})")
     if unplanned and known:
         outside = Counter(scan.cells[c].status for c in unplanned)
         print(f"{len(unplanned)} more stored rows ({outside['ok']} ok, {outside['failed']} failed) are from cells not in the plan "
@@ -383,6 +387,16 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
     return parse
+
+
+def _directory_name(text: str) -> str:
+    """An argparse type: a non-empty path (`--out "$OUT"` with OUT unset would write into the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty directory name; give the folder to write to")
+    return text
+
+
+_directory_name.__name__ = "directory"  # argparse names the type in "invalid directory value: ''"
 
 
 def _x_axis(name: str) -> str:
@@ -544,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="fit (writing what `fit` writes), then plots, report.md and a self-contained report.html")
     _with_fit_options(p)
-    p.add_argument("--out", metavar="DIR", help="local directory for the report (default: <results_dir>/report; needed for remote results)")
+    p.add_argument("--out", metavar="DIR", type=_directory_name,
+                   help="local directory for the report (default: <results_dir>/report; needed for remote results)")  # fmt: skip
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ladder", help="the offline model ladder")

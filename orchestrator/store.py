@@ -66,6 +66,10 @@ class ResultsStore:
             raise ConfigError(f"results_dir {self.uri}: cannot reach it ({err})") from None
         self.cells_dir = f"{self.root}/cells"
 
+    def exists(self) -> bool:
+        """Whether the results directory is there (an object store's prefix exists once a row is written under it)."""
+        return self.filesystem.get_file_info(self.root).type == fs.FileType.Directory
+
     def write(self, row: dict) -> None:
         write_rows_at(self.filesystem, f"{self.cells_dir}/{row['cell_id']}.parquet", [row])
 
@@ -163,9 +167,17 @@ def read_manifest(store: ResultsStore) -> list[dict]:
     try:
         with store.filesystem.open_input_stream(f"{store.root}/{MANIFEST}") as stream:
             entries = json.loads(stream.read().decode())
+        if not _is_manifest(entries):
+            raise ValueError("not a list of planned cells (cell_id, model, method)")
     except FileNotFoundError:
         return []
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError: a file damaged outside steerscale
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, the wrong shape: a file damaged or written outside steerscale
         print(f"note: {store.root}/{MANIFEST} is unreadable ({err}); going by the stored rows alone", file=sys.stderr)
         return []
     return entries
+
+
+def _is_manifest(entries: object) -> bool:
+    """Whether `entries` has the shape `write_manifest` gives: a list of objects naming cell_id, model, method."""
+    keys = ("cell_id", "model", "method")
+    return isinstance(entries, list) and all(isinstance(e, dict) and all(isinstance(e.get(k), str) for k in keys) for e in entries)

@@ -107,3 +107,31 @@ def test_too_few_resamples_and_a_missing_sweep_yaml_are_refused(capsys):
     for command in ("status", "fit"):
         assert main([command, "nope.yaml"]) == 2
         assert "error: nope.yaml: no such sweep config" in capsys.readouterr().err
+
+
+def test_a_sweep_yamls_relative_results_dir_is_named_in_full_when_nothing_is_there(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`status` of a YAML run from another directory read "res: 0 ok, 0 failed, 8 remaining" (exit 0), and
+    `fit` "no results directory res": neither said where it had looked."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(Path("configs/quickstart.yaml").read_text() + "results_dir: res\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["status", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{elsewhere / 'res'}: 0 ok, 0 failed, ")
+    assert f"nothing is stored at {elsewhere / 'res'} yet (a relative results_dir is read from the current directory, {elsewhere})" in out
+    assert main(["fit", str(config)]) == 2
+    assert f"no results directory {elsewhere / 'res'}" in capsys.readouterr().err
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_directory(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`report r --out "$OUT"` with OUT unset wrote report.md, report.html and the plots over the current directory's."""
+    from orchestrator.cli import parse
+
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "  "):
+        with pytest.raises(SystemExit):
+            parse(["report", "r", "--out", empty])
+        assert "argument --out: an empty directory name" in capsys.readouterr().err
+    assert parse(["report", "r", "--out", "rep"]).out == "rep" and list(tmp_path.iterdir()) == []

@@ -245,12 +245,14 @@ def test_rows_are_written_through_the_stores_own_filesystem(tmp_path, monkeypatc
     assert store.scan().status == {"a1": "ok"}
 
 
-def test_status_goes_by_the_rows_when_the_plan_file_is_damaged(tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["cut short", '{"a": 1}', '[{"cell_id": "x"}]', "[1, 2]"])
+def test_status_goes_by_the_rows_when_the_plan_file_is_damaged(tmp_path, capsys, damage):
+    """Cut short outside steerscale, or valid JSON of another shape (which ended in a TypeError / KeyError traceback)."""
     store = ResultsStore(str(tmp_path / "r"))
     write_manifest(store, [{"cell_id": "p0", "slug": "p0", "model": "ladder:xs", "method": "lora"}])
     store.write(_row("p0", model="ladder:xs", method="lora"))
     plan = tmp_path / "r" / "plan.json"
-    plan.write_bytes(plan.read_bytes()[:-7])  # cut short outside steerscale
+    plan.write_bytes(plan.read_bytes()[:-7] if damage == "cut short" else damage.encode())
     assert main(["status", str(tmp_path / "r")]) == 0
     captured = capsys.readouterr()
     assert "plan.json is unreadable" in captured.err and ": 1 ok, 0 failed, 0 remaining" in captured.out
