@@ -37,10 +37,23 @@ def _table(header: Sequence[str], rows: list[Sequence[object]]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
 
 
-def _load_spec(args: argparse.Namespace) -> SweepSpec:
+def _load_grid(args: argparse.Namespace) -> tuple[SweepSpec, list[PlannedCell]]:
+    """The sweep and its cells; a grid the config cannot run (a budget past a task's pool, too few
+    steps for a budget) is named with the file and the override that set it, as a bad key is."""
     from orchestrator.spec import load_spec
 
-    return load_spec(args.config, args.overrides)
+    spec = load_spec(args.config, args.overrides)
+    return spec, _expanded(spec, args.config, args.overrides)
+
+
+def _expanded(spec: SweepSpec, path: str, overrides: Sequence[str]) -> list[PlannedCell]:
+    from orchestrator.grid import expand
+    from orchestrator.spec import in_config
+
+    try:
+        return expand(spec)
+    except ConfigError as err:
+        raise in_config(err, path, overrides) from None
 
 
 def _is_sweep_yaml(given: str) -> bool:
@@ -64,10 +77,9 @@ def _results_dir(given: str) -> str:
 
 def _yaml_grid(path: str) -> list[dict]:
     """A sweep YAML's own planned cells, as plan.json lists them."""
-    from orchestrator.grid import expand
     from orchestrator.spec import load_spec
 
-    return _manifest_entries(expand(load_spec(path, [], check_models=False)))
+    return _manifest_entries(_expanded(load_spec(path, [], check_models=False), path, []))
 
 
 def _planned_entries(given: str, store: ResultsStore) -> list[dict]:
@@ -85,12 +97,9 @@ def _plan_to_fit(given: str) -> Plan | None:
     return Plan(f"{given}'s grid", frozenset(e["cell_id"] for e in _yaml_grid(given)))
 
 
-def _plan(spec: SweepSpec, *, set_aside: bool) -> tuple[list[PlannedCell], ResultsStore, StoreScan]:
-    from orchestrator.grid import expand
-
-    cells = expand(spec)
+def _stored(spec: SweepSpec, *, set_aside: bool) -> tuple[ResultsStore, StoreScan]:
     store = ResultsStore(spec.results_dir)
-    return cells, store, store.scan(set_aside=set_aside)
+    return store, store.scan(set_aside=set_aside)
 
 
 def _report_quarantine(scan: StoreScan, *, set_aside: bool) -> None:
@@ -122,10 +131,10 @@ def _manifest_entries(cells: list[PlannedCell]) -> list[dict]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    spec = _load_spec(args)
+    spec, cells = _load_grid(args)
     if args.cell:
-        return _print_cell(spec, args.cell)
-    cells, store, scan = _plan(spec, set_aside=False)
+        return _print_cell(spec, cells, args.cell)
+    store, scan = _stored(spec, set_aside=False)
     _report_quarantine(scan, set_aside=False)
     status = scan.status
     statuses = [status.get(c.cell_id) for c in cells]
@@ -176,12 +185,10 @@ def _compute_to_go(cells: list[PlannedCell], scan: StoreScan) -> str:
             f"of its model and method; divide by the workers for wall time){rest}")  # fmt: skip
 
 
-def _print_cell(spec: SweepSpec, wanted: str) -> int:
+def _print_cell(spec: SweepSpec, planned: list[PlannedCell], wanted: str) -> int:
     """One planned cell's CellConfig JSON: what a worker runs, to run it alone (`python -m workers.run_cell`)."""
-    from orchestrator.grid import expand
     from workers.registry import did_you_mean
 
-    planned = expand(spec)
     found = [c for c in planned if wanted in (c.config.slug, c.cell_id)]
     if not found:
         slugs = [c.config.slug for c in planned]
@@ -271,16 +278,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     from orchestrator.driver import run_cells  # imported here: `plan` and `status` need no Ray
 
-    spec = _load_spec(args)
+    spec, cells = _load_grid(args)
     if args.address:  # before the store is read: an address where nothing listens leaves results_dir as it was
         check_listening(args.address)
     planned_at = time.time()  # before the store is read: a row another driver stores after it is not run again
     if args.adaptive:
         from orchestrator.acquisition import check_grid
-        from orchestrator.grid import expand
 
-        check_grid(expand(spec))  # a grid the adaptive design cannot fit: ConfigError (exit 2) before the store is touched
-    cells, store, scan = _plan(spec, set_aside=True)
+        check_grid(cells)  # a grid the adaptive design cannot fit: ConfigError (exit 2) before the store is touched
+    store, scan = _stored(spec, set_aside=True)
     _report_quarantine(scan, set_aside=True)
     try:
         write_manifest(store, _manifest_entries(cells))  # the run's first write: a directory it cannot write stops it here

@@ -11,7 +11,7 @@ import math
 import os
 from urllib.parse import quote
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -281,10 +281,15 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
         check_names(spec, models=check_models)
         check_results_dir(spec.results_dir, os.getcwd())
     except ConfigError as err:
-        given = f" with {' '.join(overrides)}" if overrides else ""
-        lines = [_with_override(line, list(overrides)) for line in str(err).splitlines()]
-        raise ConfigError(f"{path}{given}:\n" + "\n".join(lines)) from None
+        raise in_config(err, path, overrides) from None
     return spec
+
+
+def in_config(err: ConfigError, path: str | Path, overrides: Sequence[str]) -> ConfigError:
+    """`err` placed: the config file, the overrides given, and on each line the override that set its key."""
+    given = f" with {' '.join(overrides)}" if overrides else ""
+    lines = [_with_override(line, list(overrides)) for line in str(err).splitlines()]
+    return ConfigError(f"{path}{given}:\n" + "\n".join(lines))
 
 
 def _with_override(line: str, overrides: list[str]) -> str:

@@ -67,6 +67,17 @@ def test_malformed_config_is_a_clean_error(case, tmp_path):
     assert not (tmp_path / "r").exists(), "nothing may be written for a config that does not validate"
 
 
+def test_a_grid_error_names_the_config_and_the_override_that_caused_it(tmp_path):
+    """Errors found when the grid is laid out (too few steps for a budget, a budget past a task's pool) said
+    neither the file nor that the offending value came from an override, as key errors do."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "budgets": [64], "results_dir": str(tmp_path / "r")}))
+    override = "methods.lora.train.max_steps=1"
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", str(path), override], capture_output=True, text=True, timeout=120)
+    _assert_clean_error(out, f"error: {path} with {override}:\nmethods.lora.train: a budget of 64 needs ")
+    assert out.stderr.rstrip().endswith(f"[set by the override {override}]"), out.stderr
+
+
 def test_bad_yaml_syntax(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text("sweep: bad\nmodels: [ {id: x\n")
