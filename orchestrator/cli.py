@@ -464,6 +464,10 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     print(summary.to_text())
     if report:
         print(f"report: {summary.report_page}")
+    frame = summary.analysis.loaded.frame
+    if not len(frame) or not (frame["status"] == "ok").any():  # a script (CI) must not read "nothing to fit" as success
+        print(f"error: {args.results_dir} holds no ok rows to fit (see above: failed rows, unreadable files)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -135,3 +135,21 @@ def test_an_empty_out_is_refused_not_read_as_the_current_directory(tmp_path: Pat
             parse(["report", "r", "--out", empty])
         assert "argument --out: an empty directory name" in capsys.readouterr().err
     assert parse(["report", "r", "--out", "rep"]).out == "rep" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["fit", "report"])
+def test_fit_and_report_of_rows_with_nothing_to_fit_exit_non_zero(tmp_path: Path, command: str, capsys) -> None:
+    """A sweep whose every cell failed (or whose files are all unreadable) printed "0 cells …" and exited 0,
+    which a script running `steerscale report` read as success."""
+    from datetime import datetime, timezone
+
+    from orchestrator.store import ResultsStore
+    from workers.schema import SCHEMA_VERSION
+
+    now = datetime.now(timezone.utc)
+    ResultsStore(str(tmp_path / "r")).write({"schema_version": SCHEMA_VERSION, "sweep": "s", "cell_id": "a", "slug": "a",
+                                             "status": "failed", "error": "boom", "started_at": now, "finished_at": now})  # fmt: skip
+    (tmp_path / "r" / "cells" / "junk.parquet").write_bytes(b"not parquet")
+    out = ["--out", str(tmp_path / "rep")] if command == "report" else []
+    assert main([command, str(tmp_path / "r"), "--bootstrap", "0", *out]) == 1
+    assert f"error: {tmp_path / 'r'} holds no ok rows to fit" in capsys.readouterr().err
