@@ -164,7 +164,10 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
         if name not in spec.methods
     ]
     if models:
-        problems += [f"models.{i}.id: {err}" for i, err in enumerate(map(model_problem, spec.models)) if err]
+        found = list(map(model_problem, spec.models))
+        problems += [f"models.{i}.id: {err}" for i, err in enumerate(found) if err]
+        problems += [f"models.{i}.revision: {err}" for i, (entry, problem) in enumerate(zip(spec.models, found))
+                     if not problem and (err := ladder_revision_problem(entry))]  # fmt: skip
     lists = {"tasks": spec.tasks, "budgets": spec.budgets, "seeds": spec.seeds,
              **{f"method_budgets.{name}": values for name, values in spec.method_budgets.items()}}  # fmt: skip
     problems += [f"{name}.{i}: {values[i]} is listed twice" for name, values in lists.items() for i in repeated(values)]
@@ -201,6 +204,20 @@ def model_problem(entry: ModelEntry) -> str | None:
         if not (path / "config.json").is_file():
             return f"{entry.id} holds no config.json, so it is not a saved model (`save_pretrained` writes one)"
     return None
+
+
+def ladder_revision_problem(entry: ModelEntry) -> str | None:
+    """A ladder rung's revision is the hash of the recipe it pins (`plan` fills it in): any other value
+    could never load, and re-planning would not change it."""
+    if not entry.id.startswith(LADDER_PREFIX) or entry.revision is None:
+        return None
+    import workers.models.ladder as ladder
+
+    current = ladder.recipe_hash(ladder.parse_ladder_id(entry.id)[0])
+    if entry.revision == current:
+        return None
+    return (f"{entry.revision} is not the hash of {entry.id}'s recipe ({current}); a ladder rung's revision pins "
+            "its recipe's hash: leave it out to use the recipe as it is")  # fmt: skip
 
 
 def repeated(values: list) -> list[int]:

@@ -44,6 +44,10 @@ CASES = {
         {**GOOD, "methods": {"steer_mean": {"scales": [1.0]}}, "eval": {"validation_size": 0}},
         "methods.steer_mean: steer_mean chooses a layer among the fractions [0.25, 0.5, 0.75] and a scale among [1.0]",
     ),
+    "a ladder revision that is not its recipe's hash": (  # it could never load, and re-planning kept it
+        {**GOOD, "models": [{"id": "ladder:test/xs", "revision": "main"}]},
+        "models.0.revision: main is not the hash of ladder:test/xs's recipe (",
+    ),
     "unknown method setting": ({**GOOD, "methods": {"lora": {"train": {"lr": 1e-3, "epoch": 2}}}}, "methods.lora.train.epoch: unknown key (did you mean 'epochs'?)"),
 }
 
