@@ -143,7 +143,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"budgets {spec.budgets} × {len(spec.seeds)} seeds"
     )
     print(f"sweep {spec.sweep} -> {spec.results_dir}")
-    print(f"grid: {len(cells)} cells ({dims}; per-method budgets: {spec.method_budgets or 'none'})")
+    own = "; ".join(f"{method}: {', '.join(map(str, budgets))}" for method, budgets in spec.method_budgets.items())
+    print(f"grid: {len(cells)} cells ({dims}; per-method budgets: {own or 'none'})")
     print(f"done {statuses.count('ok')} · failed {statuses.count('failed')} · to run {statuses.count(None)}")
     print(_status_table(_manifest_entries(cells), status))
     print(_compute_to_go(cells, scan))
@@ -575,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ladder", help="the offline model ladder")
     ladder_sub = p.add_subparsers(dest="ladder_command", required=True, parser_class=parser_class)
     b = ladder_sub.add_parser("build", help="pretrain (or find cached) ladder models")
-    b.add_argument("--recipe", default="default")
+    b.add_argument("--recipe", default="default", help="the ladder to build (default: default; the tests' is test)")
     b.add_argument("--sizes", nargs="*", help="sizes to build (default: all of the recipe)")
     b.add_argument("--jobs", type=_int_at_least(1), help="parallel builds (default: one per CPU core)")
     b.set_defaults(func=cmd_ladder_build)

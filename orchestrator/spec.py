@@ -79,7 +79,11 @@ class Resources(StrictConfig):
 
 
 class SweepSpec(StrictConfig):
-    sweep: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    sweep: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the sweep's name: letters, digits, '_', '.', '-' (no spaces), starting with a letter or digit; "
+        "the default results_dir is results/<sweep>",
+    )
     results_dir: str = Field(description="local directory or URI (file://, s3://, gs://); default results/<sweep>")
     models: list[ModelEntry] = Field(min_length=1)
     tasks: list[str] = Field(min_length=1)
@@ -291,8 +295,7 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     data = apply_overrides(data, list(overrides))
-    if "sweep" in data:
-        data.setdefault("results_dir", f"results/{data['sweep']}")
+    data.setdefault("results_dir", f"results/{data.get('sweep', '<sweep>')}")  # without a sweep, that one error says it
     try:
         spec = validate_config(SweepSpec, data)
         check_names(spec, models=check_models)

@@ -48,6 +48,10 @@ CASES = {
         {**GOOD, "models": [{"id": "ladder:test/xs", "revision": "main"}]},
         "models.0.revision: main is not the hash of ladder:test/xs's recipe (",
     ),
+    "no sweep name": (  # said once, with what a name may hold: not also "results_dir: Field required"
+        {k: v for k, v in GOOD.items() if k != "sweep"},
+        "sweep: Field required (sweep: the sweep's name: letters, digits, '_', '.', '-' (no spaces)",
+    ),
     "unknown method setting": ({**GOOD, "methods": {"lora": {"train": {"lr": 1e-3, "epoch": 2}}}}, "methods.lora.train.epoch: unknown key (did you mean 'epochs'?)"),
 }
 
