@@ -160,8 +160,10 @@ class LawFit:
         """A budget curve whose asymptote E lies farther beyond the data than the data's own range: still
         further from E at 100× the largest budget than it moved over the measured budgets. A flat curve
         fits about as well with a far floor and a tiny exponent, and its "asymptote" then read as a score
-        near 1, interval and all, for scores level at .5 (β = 0.003, just clear of the bound note)."""
-        if not self.fit or self.joint or not len(self.points.d):
+        near 1, interval and all, for scores level at .5 (β = 0.003, just clear of the bound note). A curve
+        whose B term is ≈ 0 over the data, or whose data do not move, is at its level throughout: there both
+        distances are rounding errors, and comparing them noted a far asymptote of a flat curve."""
+        if not self.fit or self.joint or not len(self.points.d) or self.unidentified() or self.no_spread():
             return []
         budgets = np.array([self.points.d.min(), self.points.d.max(), 100 * self.points.d.max()])
         first, last, far = self.fit.predict({"N": np.full(3, self.n_params), "D": budgets})

@@ -2,8 +2,9 @@
 
 The gain is measured from the base model: with loss(D) = E + B·D^-β and the base model's loss L0,
 the asymptotic gain is L0 − E and x % of it is reached at D_x = (B / ((1 − x)(L0 − E)))^(1/β).
-A method whose asymptote is no better than the base model has no D_x. A D_x outside the measured
-budgets is the law's extrapolation (a flat curve puts it at 1e-180), so it is marked as such. A
+A method whose asymptote is no better than the base model has no D_x; a flat curve better than it
+(β = 0, where the curve is the constant E + B, or B ≈ 0) reaches it at every budget, D_x = 0. A D_x
+outside the measured budgets is the law's extrapolation, so it is marked as such. A
 resample that never reaches the gain counts as needing more than any budget, as D* counts a
 resample that does not cross: leaving it out would pull the interval's upper end down. Where the
 curve's resamples redrew the test questions, the base level is the `base` cells' score on the same
@@ -49,14 +50,17 @@ class DataEfficiency:
 
 
 def examples_to_reach(params: dict[str, np.ndarray], base_loss: float, fraction: float) -> np.ndarray:
-    """D_x per parameter set; NaN where the asymptote does not beat the base model by more than a
-    negligible share of its loss (an asymptote equal to it, up to rounding, would put D_x anywhere);
-    +inf where it does but D_x is past float range (an exponent near 0)."""
+    """D_x per parameter set; NaN where the curve's level does not beat the base model by more than a
+    negligible share of its loss (a level equal to it, up to rounding, would put D_x anywhere); 0 where it
+    does and the curve is flat, reaching its level at every budget: β = 0 (the curve is the constant E + B,
+    its level) or a B term negligible from D = 1 on; +inf where D_x is past float range (an exponent near 0).
+    Masking β = 0 instead said of scores far above the base model that they never beat it."""
     e, b, beta = (np.atleast_1d(np.asarray(params[name], dtype=float)) for name in ("E", "B", "beta"))
-    gain = base_loss - e
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # invalid cases masked below
-        d = (b / ((1.0 - fraction) * gain)) ** (1.0 / beta)
-    return np.where((gain > NEGLIGIBLE_SHARE * base_loss) & (b > 0) & (beta > 0), d, np.nan)
+    flat = (beta <= 0) | (b < NEGLIGIBLE_SHARE * e)
+    gain = base_loss - np.where(beta > 0, e, e + b)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # flat and invalid cases replaced below
+        d = np.where(flat, 0.0, (b / ((1.0 - fraction) * gain)) ** (1.0 / beta))
+    return np.where(gain > NEGLIGIBLE_SHARE * base_loss, d, np.nan)
 
 
 def base_level(ok: pd.DataFrame, task: str, model: str, metric: str) -> float:

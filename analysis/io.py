@@ -56,7 +56,7 @@ class LoadedResults:
     skipped: tuple[SkippedFile, ...]
     unplanned: int = 0  # stored rows of cells the plan does not list (see `load_rows_to_fit`)
     planned_only: bool = False  # whether those rows were left out
-    superseded: int = 0  # unplanned rows left out because the plan's cell of the same slug has a row
+    superseded: int = 0  # unplanned rows left out because the plan's cell of the same model, task, method, budget, seed has a row
     stale_data: int = 0  # rows left out because they were scored on an older version of their task's data
     plan_name: str = "plan.json"  # the plan those counts are against
 
@@ -137,9 +137,9 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan
     `steerscale run`) does not list are counted, and left out with `planned_only`: they come from an earlier config (another
     LoRA rank: a curve should not mix the two) or from a run that planned fewer seeds or budgets
     (rows a curve should keep), which only the user can tell apart. One case is not ambiguous: an
-    unplanned row whose slug (model, task, method, budget, seed) belongs to a planned cell that has its
-    own row is that cell under an earlier config, superseded; it is always left out, or the fit would
-    count the cell twice.
+    unplanned row of the model, task, method, budget and seed of a planned cell that has its own row is
+    that cell under an earlier config, superseded; it is always left out, or the fit would count the cell
+    twice (`_same_cell_as`: the planned cell's key is read from its stored row, as a plan lists ids only).
     """
     fs, root = resolve(results_dir)
     kind = fs.get_file_info(root).type
@@ -161,10 +161,21 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan
         return loaded
     frame = loaded.frame
     listed = frame["cell_id"].isin(plan.cell_ids)
-    superseded = ~listed & frame["slug"].isin(set(frame.loc[listed, "slug"]))
+    superseded = ~listed & _same_cell_as(frame, listed)
     keep = listed if planned_only else ~superseded
     return LoadedResults(frame[keep].reset_index(drop=True), loaded.skipped, int((~listed & ~superseded).sum()), planned_only,
                          int(superseded.sum()), loaded.stale_data, plan.name)  # fmt: skip
+
+
+CELL_KEY = ("model", "task", "method", "budget", "seed")  # what two configs of one cell share
+
+
+def _same_cell_as(frame: pd.DataFrame, rows: pd.Series) -> pd.Series:
+    """Rows whose model, task, method, budget and seed are those of one of `rows` (a mask). Matched on the
+    columns, not the slugs: a slug names the model by its id's tail, which /ckpt/x/pythia-160m shares with
+    EleutherAI/pythia-160m, and ladder:a/xs with ladder:b/xs."""
+    keys = pd.MultiIndex.from_frame(frame[list(CELL_KEY)])
+    return pd.Series(keys.isin(keys[rows.to_numpy()]), index=frame.index)
 
 
 def _task_data_version(versions: object, task: str) -> int:
@@ -269,12 +280,17 @@ PLAN_NAME = "plan.json"  # the planned cells (id, slug, model, method), written 
 
 
 def planned_cells(fs: pafs.FileSystem, root: str) -> set[str] | None:
-    """The cell ids of the sweep's plan, or None when there is no plan (rows written some other way)."""
+    """The cell ids of the sweep's plan, or None when there is no plan (rows written some other way) or it
+    is damaged: not JSON, or JSON other than a list of entries with a cell id (edited or written by
+    something else), which raised a TypeError out of `steerscale fit`. Only the ids are read."""
     try:
         with fs.open_input_stream(f"{root}/{PLAN_NAME}") as stream:
-            return {entry["cell_id"] for entry in json.loads(stream.read().decode())}
+            entries = json.loads(stream.read().decode())
     except (FileNotFoundError, ValueError):  # no plan, or one damaged (JSONDecodeError, UnicodeDecodeError)
         return None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("cell_id"), str) for e in entries):
+        return None
+    return {entry["cell_id"] for entry in entries}
 
 
 def write_bytes(results_dir: str, name: str, data: bytes) -> str:

@@ -3,6 +3,7 @@ nothing to draw, so the report can say so instead of showing an empty axis."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,7 @@ import numpy as np  # noqa: E402
 
 from analysis.capability import AXES  # noqa: E402
 from analysis.crossover import CrossoverScaling, budget_curves  # noqa: E402
+from analysis.curves import LawFit  # noqa: E402
 from analysis.decisions import Decisions  # noqa: E402
 from analysis.summary import Analysis  # noqa: E402
 
@@ -65,18 +67,25 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _models_by_size(curves: list[LawFit]) -> list[str]:
+    """The curves' models, smallest first (unknown sizes last, ties by name), each once."""
+    size = {f.model: f.n_params for f in curves}
+    return sorted(size, key=lambda model: (np.isnan(size[model]), np.nan_to_num(size[model]), model))
+
+
 def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
-    """Metric against budget per model size, one panel per method, fitted curve with 95 % band."""
+    """Metric against budget per model, one panel per method, fitted curve with 95 % band. A colour per
+    model, in order of size: two families' models of one size are two curves to tell apart."""
     curves = [f for f in analysis.fits if f.task == task and not f.joint and len(f.points.value)]
     methods = sorted({f.method for f in curves})
     if not methods:
         return None
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False, sharey=True)
-    sizes = sorted({f.n_params for f in curves})
-    colours = plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))
+    models = _models_by_size(curves)
+    colours = dict(zip(models, plt.cm.viridis(np.linspace(0, 0.9, len(models)))))
     for ax, method in zip(axes[0], methods):
-        for f in sorted((f for f in curves if f.method == method), key=lambda f: f.n_params):
-            colour = colours[sizes.index(f.n_params)]
+        for f in sorted((f for f in curves if f.method == method), key=lambda f: models.index(f.model)):
+            colour = colours[f.model]
             ax.scatter(f.points.d, f.points.value, s=10, color=colour, alpha=0.6)
             if f.ok:
                 d = np.geomspace(f.points.d.min(), f.points.d.max(), 100)
@@ -114,8 +123,8 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
         return None
     pairs = sorted({(c.steering, c.finetuning) for c in found})
     families = sorted(table["family"].unique())
-    colours = dict(zip(pairs, plt.cm.tab10.colors))
-    markers = dict(zip(families, "osD^vPX<>*" * 3))
+    colours = dict(zip(pairs, itertools.cycle(plt.cm.tab10.colors)))  # past ten pairs colours repeat (they stopped: KeyError)
+    markers = dict(zip(families, itertools.cycle("osD^vPX<>*")))
     trends: dict[tuple[str, str, str], list[CrossoverScaling]] = {}
     for s in analysis.axes.trends:
         if s.task == task and s.enough_models:

@@ -169,7 +169,7 @@ def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
     budgets = {method: set(g["budget"].astype(float)) for method, g in cells.items()}
     shared = {d: sum(d in b for b in budgets.values()) for d in set().union(*budgets.values())}
     budget = max(shared, key=lambda d: (shared[d], d))
-    intro = f"On {task}, on the largest model measured ({largest})"
+    intro = f"On {task}, {_which_model(largest, size)}"
 
     def rows_at(method: str, d: float) -> pd.DataFrame:
         return cells[method][cells[method]["budget"].astype(float) == d]
@@ -195,6 +195,14 @@ def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
         sentence += f", {_lead(rows_at(method, budget), rows_at(runner_up, budget), runner_up, metric)}"
         sentence += "; then " + ", ".join(f"{m} {v:.3g}" for v, m, _ in rest[:3])
     return sentence + "."
+
+
+def _which_model(model: str, size: dict[str, float]) -> str:
+    """The model `best_measured` compared, named as what it is: the largest, or where no row recorded a size
+    (params_nonembed) the last by name, which was called the largest all the same."""
+    if np.isfinite(size[model]):
+        return f"on the largest model measured ({model})"
+    return f"on the model {model} (sizes unknown" + (f": the last of {len(size)} models by name)" if len(size) > 1 else ")")
 
 
 def _lead(best_rows: pd.DataFrame, runner_up_rows: pd.DataFrame, name: str, metric: str) -> str:

@@ -183,6 +183,34 @@ def test_the_budget_plot_labels_a_narrow_budget_range_in_plain_numbers(tmp_path:
     _assert_ticks_read(figures[0])
 
 
+def test_the_crossover_plot_draws_more_pairs_than_colours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eleven steering × fine-tuning pairs cross: the colours stopped at tab10's ten, the eleventh pair raised a
+    KeyError and took the whole report down. Colours repeat instead."""
+    found = [dataclasses.replace(_crossover("a", 10.0 + i, 5.0, 100.0), steering=f"steer_{i:02d}") for i in range(11)]
+    capabilities = pd.DataFrame({"task": "t", "model": ["a"], "family": "f", "params": [1e6], "neutral_loss": np.nan, "task_score": np.nan})
+    a = SimpleNamespace(crossovers=found, capabilities=capabilities, axes=SimpleNamespace(trends=[]))
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    assert plots.crossover_plot(a, "t", tmp_path / "x.png") is not None
+    points = {y: line.get_color() for line in figures[0].axes[0].get_lines() if line.get_linestyle() == "None" for y in line.get_ydata()}
+    assert sorted(points) == [10.0 + i for i in range(11)]
+    assert points[20.0] == points[10.0] != points[11.0]  # the eleventh pair takes the first's colour
+
+
+def test_the_budget_plot_gives_two_models_of_one_size_their_own_colours(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two families' models of the same size were coloured by size, so their curves could not be told apart."""
+    sizes = {"pythia-1b": 10**9, "qwen-1b": 10**9, "pythia-2b": 2 * 10**9}
+    truth = {("t", "lora", model): TrueCurve(TUNE.e * (1 + i / 10), TUNE.b, TUNE.beta) for i, model in enumerate(sizes)}
+    rows = synthetic_rows(truth, sizes, (8, 32, 128, 512, 2048), seeds=1, noise=0.005, rng=np.random.default_rng(0))
+    fits = [f for f in fit_curves(pd.DataFrame(rows), metric="score", bootstrap=0, seed=0) if not f.joint]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    assert plots.budget_curves_plot(SimpleNamespace(fits=fits, metric="score"), "t", tmp_path / "x.png") is not None
+    colour = {line.get_label().split(" (")[0]: line.get_color() for line in figures[0].axes[0].get_lines()}
+    assert sorted(colour) == sorted(sizes)
+    assert len({tuple(c) for c in colour.values()}) == 3, colour
+
+
 def test_no_axis_error_says_why_when_there_were_three_models(tmp_path: Path) -> None:
     """Three models fit a joint law, but leaving out the top one leaves two; fine-tuning overtakes on two of
     them, and a trend through two D* has no leave-one-out error. The report said "they need three models"."""

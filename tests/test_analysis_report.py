@@ -212,6 +212,18 @@ def test_the_best_measured_method_is_judged_at_a_budget_every_compared_method_ha
     assert "at D=2048, the largest budget shared by 2 of its 3 methods (steer_mean not measured there)" in sentence, sentence
 
 
+def test_the_best_measured_model_is_not_called_the_largest_when_no_size_was_recorded() -> None:
+    """Without params_nonembed the model compared is the last by name: "zeta-small" was called "the largest model
+    measured" while "alpha-huge" may be far larger; where sizes are known it is the largest."""
+    rows = [{"task": "t", "model": model, "params_nonembed": np.nan, "budget": 64, "method": method, "seed": 0, "score": score}
+            for model in ("alpha-huge", "zeta-small") for method, score in (("lora", 0.6), ("steer_mean", 0.5))]  # fmt: skip
+    sentence = best_measured("t", pd.DataFrame(rows), "score")
+    assert sentence.startswith("On t, on the model zeta-small (sizes unknown: the last of 2 models by name), lora measured best"), sentence
+    assert "largest" not in sentence.split(", lora")[0], sentence
+    sized = best_measured("t", pd.DataFrame(rows).assign(params_nonembed=[2e9, 2e9, 1e8, 1e8]), "score")
+    assert sized.startswith("On t, on the largest model measured (alpha-huge), lora measured best"), sized
+
+
 def test_a_lead_the_seeds_cannot_resolve_is_said_to_be_within_noise() -> None:
     """Two methods .01 apart on means of 2 cells that scatter by .1: an order the report must not state as a finding."""
     rows = [{"task": "t", "model": "m", "params_nonembed": 1e6, "budget": 64, "method": method, "seed": seed, "score": score}

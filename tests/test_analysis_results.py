@@ -342,3 +342,72 @@ def test_a_d_x_past_float_range_is_counted_as_one_not_as_none() -> None:
     (ninety,) = data_efficiency([curve], base, fractions=(0.9,))
     assert ninety.finite_share == 1.0
     assert _examples_needed(ninety).startswith("> 100× the largest budget measured (256)"), _examples_needed(ninety)
+
+
+def _falling_rows(scores: tuple[float, ...]) -> pd.DataFrame:
+    """One steering curve over budgets 8–2048, 2 seeds .005 apart, far above the base model's .2."""
+    return pd.DataFrame([{"status": "ok", "task": "t", "method": "steer_mean", "model": "m", "params_nonembed": 1e6, "budget": budget,
+                          "seed": seed, "score": score + 0.005 * seed, "score_base": 0.2}
+                         for budget, score in zip((8, 32, 128, 512, 2048), scores) for seed in (0, 1)])  # fmt: skip
+
+
+@pytest.mark.parametrize("scores", [(0.62, 0.60, 0.58, 0.56, 0.55), (0.6,) * 5], ids=["falling", "level"])
+def test_a_curve_above_the_base_model_with_a_flat_exponent_reaches_its_gain_at_every_budget(scores: tuple[float, ...]) -> None:
+    """Scores of .55 to .62 against a base model's .2. Falling, they fit β = 0 at its bound (the curve is the constant
+    E + B): D_x read "none: the asymptote does not beat the base model" and every resample counted as never reaching
+    it (finite share 0), while level scores (β = 2.35, B = e^-30) read "< 8": the verdict flipped with the noise."""
+    from analysis.curves import GroupJob, fit_group
+    from analysis.laws import POWER_D
+
+    rows = _falling_rows(scores)
+    curve = fit_group(GroupJob("t", "steer_mean", "m", POWER_D, rows, "score", None, 50, 0))
+    found = data_efficiency([curve], rows)
+    assert [e.fraction for e in found] == [0.5, 0.9]
+    for e in found:
+        assert (e.examples, e.examples_lo, e.finite_share) == (0, 0, 1), e  # every resample reaches it, some at once
+        assert _examples_needed(e) == "< 8, the smallest budget measured: reached before the data start (extrapolated)"
+
+
+def test_a_constant_curve_is_judged_by_its_level_e_plus_b() -> None:
+    """β = 0: the curve is E + B at every budget, so that, not E, is what must beat the base model's loss."""
+    assert examples_to_reach({"E": 0.3, "B": 0.1, "beta": 0.0}, 0.8, 0.5).tolist() == [0.0]
+    assert np.isnan(examples_to_reach({"E": 0.3, "B": 0.1, "beta": 0.0}, 0.35, 0.5)).all()  # level .4: worse than the base's .35
+
+
+def _cell(cell_id: str, model: str, seed: int = 0) -> dict:
+    slug = f"{model.rstrip('/').split('/')[-1]}__t__lora__n64__s{seed}"  # as workers/cell.py builds it: the id's tail only
+    return {"schema_version": 1, "sweep": "s", "cell_id": cell_id, "slug": slug, "status": "ok", "model": model, "task": "t",
+            "method": "lora", "budget": 64, "seed": seed, "score": 0.5}  # fmt: skip
+
+
+def test_an_unplanned_model_sharing_a_planned_cells_slug_is_not_superseded(tmp_path: Path) -> None:
+    """Slugs name a model by the tail of its id: a local checkpoint .../pythia-160m and EleutherAI/pythia-160m share
+    `pythia-160m__t__lora__n64__s0`, as do ladder:recipeA/xs and ladder:recipeB/xs. The checkpoint's row was left
+    out as the planned hub model's, "superseded"; only an earlier row of the same model, task, method, budget and
+    seed is."""
+    from analysis.io import Plan, load_rows_to_fit
+
+    rows = [_cell("new", "EleutherAI/pythia-160m"), _cell("ckpt", "/ckpt/my-finetuned/pythia-160m"),
+            _cell("earlier", "EleutherAI/pythia-160m"), _cell("seed1", "EleutherAI/pythia-160m", seed=1),
+            _cell("ladder-a", "ladder:recipeA/xs"), _cell("ladder-b", "ladder:recipeB/xs")]  # fmt: skip
+    write_cells(tmp_path, rows)
+    (tmp_path / "plan.json").write_text(json.dumps([{"cell_id": r["cell_id"], "slug": r["slug"], "model": r["model"], "method": "lora"}
+                                                    for r in rows if r["cell_id"] in ("new", "ladder-a")]))  # fmt: skip
+    loaded = load_rows_to_fit(str(tmp_path))
+    assert sorted(loaded.frame["cell_id"]) == ["ckpt", "ladder-a", "ladder-b", "new", "seed1"]
+    assert (loaded.superseded, loaded.unplanned) == (1, 3)
+    yaml_grid = load_rows_to_fit(str(tmp_path), plan=Plan("x.yaml's grid", frozenset({"new", "ladder-b"})))
+    assert sorted(yaml_grid.frame["cell_id"]) == ["ckpt", "ladder-a", "ladder-b", "new", "seed1"] and yaml_grid.superseded == 1
+
+
+@pytest.mark.parametrize("plan", ['{"a": 1}', '[{"slug": "x"}]', "[1, 2]", '"cells"', "null", '[{"cell_id": ["x"]}]'])
+def test_a_plan_of_the_wrong_shape_is_read_as_no_plan(tmp_path: Path, plan: str) -> None:
+    """plan.json that is JSON but not a list of cells with ids (a file edited or written by something else) raised a
+    TypeError or KeyError out of `steerscale fit`; like a damaged one, it is no plan: every row is fitted."""
+    rows = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, BUDGETS[:4], seeds=1, noise=0.01, rng=np.random.default_rng(0))
+    write_cells(tmp_path, rows)
+    (tmp_path / "plan.json").write_text(plan)
+    for planned_only in (False, True):
+        summary = analysis.fit_results(str(tmp_path), bootstrap=0, planned_only=planned_only)
+        (curve,) = [f for f in summary.analysis.fits if f.model == "m1"]
+        assert len(curve.points.value) == 4 and summary.analysis.loaded.unplanned == 0

@@ -131,6 +131,24 @@ def test_an_asymptote_far_past_the_data_is_said_and_a_reached_one_is_not() -> No
     assert rising.asymptote_notes() == [] and "asymptote" not in rising.note
 
 
+def test_a_curve_flat_over_the_data_has_no_asymptote_far_past_it() -> None:
+    """Scores falling from .62 to .55 fit β = 0 and B = e^-30: the curve is its level at every budget, but the check
+    compared two rounding errors (the curve's distance from E at 100× the largest budget against its rise over the
+    data) and noted "asymptote far past the data (at 100× the largest budget the curve is at 0.585)"; so it did of
+    scores level at .9."""
+    from analysis.curves import GroupJob, fit_group
+    from analysis.laws import POWER_D
+
+    rows = pd.DataFrame([{"status": "ok", "task": "t", "method": "steer_mean", "model": "m", "params_nonembed": 1e6, "budget": budget,
+                          "seed": seed, "score": score + 0.005 * seed, "score_base": 0.2}
+                         for budget, score in zip((8, 32, 128, 512, 2048), (0.62, 0.60, 0.58, 0.56, 0.55)) for seed in (0, 1)])  # fmt: skip
+    curve = fit_group(GroupJob("t", "steer_mean", "m", POWER_D, rows, "score", None, 0, 0))
+    assert curve.unidentified() == ["beta"] and curve.record()["asymptote"] == pytest.approx(0.585, abs=1e-3)
+    assert curve.asymptote_notes() == [] and curve.note == "B≈0: beta not identified; beta=0 at its lower bound", curve.note
+    level = fit_group(GroupJob("t", "steer_mean", "m", POWER_D, rows.assign(score=0.9), "score", None, 0, 0))  # noted "… at 0.9"
+    assert level.asymptote_notes() == [] and "asymptote" not in level.note, level.note
+
+
 def test_fits_say_when_a_tasks_rows_were_scored_on_different_hub_data():
     import json
 
