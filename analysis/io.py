@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pandas as pd
 import pyarrow as pa
@@ -71,10 +72,29 @@ def resolve(results_dir: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), Path(results_dir).resolve().as_posix()
     try:  # an unknown scheme, or a bucket that cannot be reached: said here, not as a traceback mid-read
         fs, root = pafs.FileSystem.from_uri(results_dir)
-        fs.get_file_info(root)
+        probe(results_dir)
     except (OSError, pa.ArrowInvalid) as err:
         raise NoResultsError(f"cannot reach {results_dir} ({err})") from None
     return fs, root
+
+
+PROBE_RETRY_SECONDS = 10  # how long asking whether a gs:// results_dir is there may retry
+
+
+def probe(uri: str) -> None:
+    """Raise OSError (or ArrowInvalid) unless the filesystem of `uri` answers for its path. Google Cloud
+    Storage's client retries for 15 minutes by default, so a bucket without credentials looked like a
+    hang; the probe asks with a short retry limit (the filesystem that reads and writes keeps the default)."""
+    fs, root = pafs.FileSystem.from_uri(probe_uri(uri))
+    fs.get_file_info(root)
+
+
+def probe_uri(uri: str) -> str:
+    """`uri`, for a gs:// one with a retry limit of PROBE_RETRY_SECONDS unless it sets its own."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("gs", "gcs") or "retry_limit_seconds" in parse_qs(parts.query):
+        return uri
+    return urlunsplit(parts._replace(query=urlencode([*parse_qsl(parts.query), ("retry_limit_seconds", str(PROBE_RETRY_SECONDS))])))
 
 
 def _read_cell(fs: pafs.FileSystem, path: str) -> pa.Table | SkippedFile:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs
 
+from analysis.io import probe
 from workers.config import ConfigError
 from workers.rowfile import TEMP_PREFIX, filesystem_and_path, write_atomically, write_rows_at
 from workers.schema import RESULT_SCHEMA
@@ -61,7 +62,10 @@ class ResultsStore:
         self.uri = uri.rstrip("/")
         try:  # an unknown scheme, or a bucket that cannot be reached: said here, not as a traceback mid-scan
             self.filesystem, self.root = filesystem_and_path(self.uri)
-            self.filesystem.get_file_info(self.root)
+            if "://" in self.uri:
+                probe(self.uri)  # a gs:// bucket without credentials answers in seconds, not 15 minutes
+            else:
+                self.filesystem.get_file_info(self.root)
         except (OSError, pa.ArrowInvalid) as err:
             raise ConfigError(f"results_dir {self.uri}: cannot reach it ({err})") from None
         self.cells_dir = f"{self.root}/cells"

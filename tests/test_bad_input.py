@@ -157,3 +157,18 @@ def test_a_hub_model_that_cannot_be_fetched_stops_a_local_run_before_any_cell(tm
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     _assert_clean_error(out, "model nobody-here/no-such-model cannot be loaded here: LocalEntryNotFoundError")
     assert not (tmp_path / "r" / "cells").exists(), "no cell may have run"
+
+
+def test_an_unreachable_gcs_bucket_is_a_clean_error_in_seconds_not_a_quarter_hour(tmp_path):
+    """Google Cloud Storage's client retries for 15 minutes by default: `status gs://…` without credentials sat
+    silent that long. The reachability probe asks with a short retry limit, unless the URI sets one."""
+    from analysis.io import probe_uri
+
+    assert probe_uri("gs://b/r?project_id=p") == "gs://b/r?project_id=p&retry_limit_seconds=10"
+    assert probe_uri("gs://b/r?retry_limit_seconds=60") == "gs://b/r?retry_limit_seconds=60"
+    assert probe_uri("s3://b/r") == "s3://b/r"
+    for command in ("status", "fit"):
+        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", command, "gs://steerscale-no-such-bucket/r"],
+                             capture_output=True, text=True, timeout=150)  # fmt: skip
+        _assert_clean_error(out, "gs://steerscale-no-such-bucket/r")
+        assert "cannot reach" in out.stderr
