@@ -268,7 +268,7 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
     settings = Settings(**{name: getattr(args, name) for name in ADAPTIVE_FLAGS if getattr(args, name) is not None})
     outcome = run_adaptive(cells, store, execute, settings, params)
     print(f"adaptive: {outcome.cells_stored} of {len(cells)} cells stored, {outcome.flops_spent:.3g} post-training FLOPs")
-    print(f"choices and their reasons: {store.uri}/adaptive.jsonl; results: {store.uri}/cells/")
+    print(f"choices and their reasons: {store.where('adaptive.jsonl')}; results: {store.where('cells/')}")
     return 0
 
 
@@ -314,7 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if outcome.skipped_claimed:
         print(f"{outcome.skipped_claimed} cells were left alone: another live driver has claimed them")
-    print(f"results: {store.uri}/cells/  (one Parquet file per cell)")
+    print(f"results: {store.where('cells/')}  (one Parquet file per cell)")
     if outcome.kept_ok:
         print(f"{outcome.kept_ok} of the failed cells had an ok row, which was kept (their errors are above)")
     if outcome.failed > outcome.kept_ok:

@@ -14,6 +14,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,16 +71,23 @@ class ResultsStore:
             raise ConfigError(f"results_dir {self.uri}: cannot reach it ({err})") from None
         self.cells_dir = f"{self.root}/cells"
 
+    def cell_path(self, cell_id: str) -> str:
+        """Where the cell's row is stored, inside `self.filesystem`."""
+        return f"{self.cells_dir}/{cell_id}.parquet"
+
+    def where(self, name: str) -> str:
+        return shown_inside(self.uri, name)
+
     def exists(self) -> bool:
         """Whether the results directory is there (an object store's prefix exists once a row is written under it)."""
         return self.filesystem.get_file_info(self.root).type == fs.FileType.Directory
 
     def write(self, row: dict) -> None:
-        write_rows_at(self.filesystem, f"{self.cells_dir}/{row['cell_id']}.parquet", [row])
+        write_rows_at(self.filesystem, self.cell_path(row["cell_id"]), [row])
 
     def holds_ok_row(self, cell_id: str) -> bool:
         """Whether the cell's stored row is a readable `ok` one (what a failed rerun must not replace)."""
-        info = self.filesystem.get_file_info(f"{self.cells_dir}/{cell_id}.parquet")
+        info = self.filesystem.get_file_info(self.cell_path(cell_id))
         if info.type != fs.FileType.File:
             return False
         try:
@@ -91,7 +99,7 @@ class ResultsStore:
     def written_since(self, cell_id: str, since: float) -> bool:
         """Whether the cell's row was stored at or after `since` (epoch seconds): by another driver,
         between this one's plan and its claim."""
-        info = self.filesystem.get_file_info(f"{self.cells_dir}/{cell_id}.parquet")
+        info = self.filesystem.get_file_info(self.cell_path(cell_id))
         return info.type == fs.FileType.File and info.mtime is not None and info.mtime.timestamp() >= since
 
     def _cell_files(self) -> list[fs.FileInfo]:
@@ -155,6 +163,13 @@ class ResultsStore:
         if not tables:
             return RESULT_SCHEMA.empty_table()
         return pa.concat_tables(tables, promote_options="default")
+
+
+def shown_inside(uri: str, name: str) -> str:
+    """`name` inside the results directory `uri`, as a user would write it: a URI's query (?region=…) left off,
+    where it read "s3://b/r?region=x/cells/"."""
+    base = urlsplit(uri)._replace(query="").geturl() if "://" in uri else uri
+    return f"{base}/{name}"
 
 
 MANIFEST = "plan.json"  # analysis.io.PLAN_NAME reads it too (the fit leaves out cells no longer planned)

@@ -303,3 +303,11 @@ def test_a_results_uri_that_cannot_be_reached_is_a_clean_error(uri, command, cap
     assert main([command, uri]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach {uri} (" in err or f"results_dir {uri}: cannot reach it (" in err, err
+
+
+def test_paths_inside_a_results_uri_are_shown_without_its_query():
+    from orchestrator.store import shown_inside
+
+    assert shown_inside("s3://bucket/sweeps/q?region=eu-west-1", "cells/") == "s3://bucket/sweeps/q/cells/"
+    assert shown_inside("results/q", "adaptive.jsonl") == "results/q/adaptive.jsonl"
+    assert shown_inside("/tmp/what?/q", "cells/") == "/tmp/what?/q/cells/"  # a local name may hold a '?'
