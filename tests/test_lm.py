@@ -57,7 +57,7 @@ def test_mixed_length_choices_take_the_general_path():
         assert a == pytest.approx(b, abs=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "gemma3", "opt"])
 def test_batched_equals_one_at_a_time(arch):
     lm = language_model(arch, batch_size=3)
     targets = [" 1 2", " 3", " 0 ; q:"]
@@ -189,7 +189,7 @@ def test_half_precision_paths_run(dtype):
 DEMOS = "q: a0 b0 = 3 ; q: a1 b1 = 4 ; q: a2 b2 = 0 ; q: a3 b3 = 1 ; q: a4 b4 = 2 ; q: a5 b5 = 3 ; "  # 42 shared tokens
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "gemma3", "opt"])
 @pytest.mark.parametrize("steering", [None, "after_prompt", "all"])
 def test_shared_demonstrations_run_once_with_the_same_scores(arch, steering, monkeypatch):
     """Rows that begin with the same demonstrations (a `prompt` method's) run them once, as a

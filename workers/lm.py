@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from workers.steering import prompt_boundary
+from workers.steering import position_ids_argument, prompt_boundary
 
 if TYPE_CHECKING:  # annotations only: importing them loads transformers' modeling code (seconds), see workers/__init__.py
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -211,7 +211,8 @@ class LanguageModel:
         self.forward_tokens += int(batch.attention_mask.sum())
         with prompt_boundary(batch.prompt_last):
             return self.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, **(keep or {})
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, **position_ids_argument(self.model, batch.position_ids),
+                **(keep or {}),
             ).logits
 
     def scored_logits(self, batch: Batch) -> torch.Tensor:
@@ -265,7 +266,7 @@ class LanguageModel:
         with prompt_boundary(batch.prompt_last.min().view(1)):  # nothing shared is after any row's prompt
             out = self.model(
                 input_ids=batch.input_ids[:1, shared], attention_mask=batch.attention_mask[:1, shared],
-                position_ids=batch.position_ids[:1, shared], use_cache=True, **no_logits,
+                use_cache=True, **position_ids_argument(self.model, batch.position_ids[:1, shared]), **no_logits,
             )  # fmt: skip
         self.forward_tokens += start
         cache = shareable_cache(out.cache if "cache" in out else out.past_key_values)  # renamed in transformers 5.2x
@@ -278,7 +279,7 @@ class LanguageModel:
         with prompt_boundary(batch.prompt_last):
             logits = self.model(
                 input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids[:, start:], use_cache=True, **{_cache_argument(type(base)): cache}, **keep,
+                use_cache=True, **position_ids_argument(self.model, batch.position_ids[:, start:]), **{_cache_argument(type(base)): cache}, **keep,
             ).logits  # fmt: skip
         return pick(logits)
 

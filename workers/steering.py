@@ -13,6 +13,8 @@ attention-mask width); the second is declared by the caller with `prompt_boundar
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -260,10 +262,22 @@ def last_token_states(
         # The texts are read at their last token, which is where an `after_prompt` vector already on
         # the model (a composition's first part) acts on a prompt at evaluation: there only, not at every position.
         with prompt_boundary(last):
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **position_ids_argument(model, positions))
     except _StopForward:
         pass
     finally:
         for handle in handles:
             handle.remove()
     return torch.stack([captured[i] for i in wanted])
+
+
+def position_ids_argument(model: nn.Module, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`position_ids` for a forward that takes them; none for one that derives them from the attention mask
+    (OPT before transformers 4.5x), which gives right-padded rows and a cached prefix's continuation the same."""
+    return {"position_ids": positions} if _takes_position_ids(type(model)) else {}
+
+
+@functools.cache
+def _takes_position_ids(model_class: type) -> bool:
+    parameters = inspect.signature(model_class.forward).parameters.values()  # a wrapper's **kwargs passes them on
+    return any(p.name == "position_ids" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
