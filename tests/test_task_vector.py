@@ -121,10 +121,17 @@ def test_lambda_is_chosen_on_the_shared_validation_set(cells):
     lm = cells.cache.model(_cell(cells.model_id, "base", {}).model, EVAL.batch_size)
     before = lm.forward_tokens
     task = get_task("arith")
-    target_nll(lm, task.examples("validation", EVAL.validation_size, EVAL.validation_seed))  # what a choice by NLL runs
+    head = lm.model.get_output_embeddings()
+    positions = []  # where the output head ran, by a hook: its share of the pass's FLOPs
+    handle = head.register_forward_hook(lambda _m, _i, out: positions.append(out.shape[:-1].numel()))
+    try:
+        target_nll(lm, task.examples("validation", EVAL.validation_size, EVAL.validation_seed))  # what a choice by NLL runs
+    finally:
+        handle.remove()
     assert hparams["lambda_tokens"] == len(grid) * (lm.forward_tokens - before)
-    n = matmul_params(lm.model)
-    assert chosen["post_train_flops"] == pytest.approx(fixed["post_train_flops"] + forward_flops(n, hparams["lambda_tokens"]))
+    n, n_head = matmul_params(lm.model), head.weight.numel()
+    per_pass = forward_flops(n - n_head, lm.forward_tokens - before) + forward_flops(n_head, sum(positions))
+    assert chosen["post_train_flops"] == pytest.approx(fixed["post_train_flops"] + len(grid) * per_pass)
 
 
 class Lookup(ToyTask):

@@ -22,6 +22,29 @@ if TYPE_CHECKING:  # annotations only: importing them loads transformers' modeli
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+def body_and_head_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(N_body, N_head) for FLOP counts: every parameter a token multiplies through, split into the output head's
+    and the rest. Embedding lookups (token, learned position) cost nothing and are left out; an output head tied
+    to the input embedding is a real matmul and is counted (as the head)."""
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_weight = output.weight if output is not None else None
+    head = 0 if head_weight is None else head_weight.numel()
+    body = sum(p.numel() for p in model.parameters() if id(p) not in lookups and p is not head_weight)
+    return body, head
+
+
+def _head_rows(keep: dict[str, torch.Tensor] | None, attention_mask: torch.Tensor, tokens: int) -> int:
+    """Positions the output head runs at under `keep` (`LanguageModel._head_positions`): the kept entries
+    of a (rows, columns) mask, every row at kept columns, or (no selection) every token."""
+    if not keep:
+        return tokens
+    kept = keep["logits_to_keep"]
+    if kept.dtype == torch.bool:
+        return int(kept.sum())
+    return attention_mask.shape[0] * kept.numel()
+
+
 @contextmanager
 def greedy_decoding(model: PreTrainedModel) -> Iterator[None]:
     """Plain greedy decoding, whatever decoding settings the checkpoint ships (an instruct model's
@@ -125,13 +148,21 @@ class LanguageModel:
     tokenizer: PreTrainedTokenizerBase
     batch_size: int = 32
     max_length: int | None = None  # tokens per sequence; None: the model's own position limit (`context_window`)
-    forward_tokens: int = 0  # every token this wrapper has run through the model: the basis of FLOP counts
+    forward_tokens: int = 0  # every token this wrapper has run through the model
+    flops_run: float = 0.0  # the forward FLOPs of those passes, as run: 2·N_body per token + 2·N_head per position the head ran at
     prefix: str = ""  # text put before every prompt (few-shot demonstrations); see `prefixed`
     provenance: dict[str, str] = field(default_factory=dict)  # what pins the weights: see models.loading.weights_provenance
 
     def __post_init__(self) -> None:
         if self.max_length is None:
             self.max_length = context_window(getattr(self.model, "config", None))
+        # the model's own, before any method adds modules (LoRA's adapters are billed by LoRA)
+        self._body_params, self._head_params = body_and_head_params(self.model)
+
+    def _ran(self, tokens: int, head_rows: int) -> None:
+        """Count a pass: `tokens` through the blocks, the output head at `head_rows` positions."""
+        self.forward_tokens += tokens
+        self.flops_run += 2.0 * (self._body_params * tokens + self._head_params * head_rows)
 
     @property
     def device(self) -> torch.device:
@@ -208,7 +239,8 @@ class LanguageModel:
 
     def forward(self, batch: Batch, keep: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The model's logits for `batch`: at every position, or where `keep` (see `_head_positions`) says."""
-        self.forward_tokens += int(batch.attention_mask.sum())
+        tokens = int(batch.attention_mask.sum())
+        self._ran(tokens, _head_rows(keep, batch.attention_mask, tokens))
         with prompt_boundary(batch.prompt_last):
             return self.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, **position_ids_argument(self.model, batch.position_ids),
@@ -268,13 +300,14 @@ class LanguageModel:
                 input_ids=batch.input_ids[:1, shared], attention_mask=batch.attention_mask[:1, shared],
                 use_cache=True, **position_ids_argument(self.model, batch.position_ids[:1, shared]), **no_logits,
             )  # fmt: skip
-        self.forward_tokens += start
+        self._ran(start, 1 if no_logits else start)
         cache = shareable_cache(out.cache if "cache" in out else out.past_key_values)  # renamed in transformers 5.2x
         if cache is None:
             return self.scored_logits(batch)
         cache.batch_repeat_interleave(batch.input_ids.shape[0])
-        self.forward_tokens += int(batch.attention_mask[:, start:].sum())
         keep, pick = self._head_positions(batch.target_mask[:, start:])
+        tokens = int(batch.attention_mask[:, start:].sum())
+        self._ran(tokens, _head_rows(keep, batch.attention_mask[:, start:], tokens))
         base = self._base_model()  # a peft wrapper passes it on
         with prompt_boundary(batch.prompt_last):
             logits = self.model(
@@ -382,7 +415,8 @@ class LanguageModel:
                     gen = self.model.generate(
                         input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id
                     )
-                self.forward_tokens += int(gen.shape[0] * gen.shape[1])  # upper bound: padding included
+                # upper bounds: padding included, and the head counted at the prompt's last position and every new token
+                self._ran(int(gen.shape[0] * gen.shape[1]), int(gen.shape[0]) * (max_new_tokens + 1))
                 outs.extend(tok.batch_decode(gen[:, width:], skip_special_tokens=True))
             return outs
         finally:

@@ -22,13 +22,27 @@ from workers.lm import LanguageModel
 from workers.tasks.base import Example
 
 
+@dataclass(frozen=True)
+class Passes:
+    """What a training put through the model: its steps' and its validations' tokens, and their forward
+    FLOPs as run (`LanguageModel.flops_run`), which the methods' cost formulas scale."""
+
+    sequence_tokens: int = 0
+    validation_tokens: int = 0
+    sequence_flops: float = 0.0
+    validation_flops: float = 0.0
+
+    def __add__(self, other: Passes) -> Passes:
+        return Passes(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; the cell fails with this instead of storing garbage.
 
-    `spent`: the (sequence, validation) tokens the run had put through the model by then, which a
-    learning-rate search that goes on without this rate still bills."""
+    `spent`: what the run had put through the model by then, which a learning-rate search that goes on
+    without this rate still bills."""
 
-    def __init__(self, message: str, spent: tuple[int, int] = (0, 0)) -> None:
+    def __init__(self, message: str, spent: Passes = Passes()) -> None:
         super().__init__(message)
         self.spent = spent
 
@@ -66,9 +80,11 @@ class TrainConfig(StrictConfig):
 class TrainResult:
     losses: list[float]  # one per optimizer step actually run
     tokens: int  # continuation tokens the optimizer saw (what the loss was computed on)
-    sequence_tokens: int  # all tokens that went through the model in training (what the FLOPs are computed on)
+    sequence_tokens: int  # all tokens that went through the model in training
     chosen_step: int  # the step whose parameters were kept (== steps without checkpoints)
     validation_tokens: int = 0  # tokens the checkpoint validations ran through the model
+    sequence_flops: float = 0.0  # the training forwards' FLOPs as run (what the methods' formulas scale)
+    validation_flops: float = 0.0  # the checkpoint validations' FLOPs as run
     validation_scores: dict[int, float] | None = None  # step -> validation score, when checkpoints ran
     skipped_steps: int = 0  # fp16 steps whose gradients overflowed: not taken (their losses are still listed)
     lr_scores: dict[float, float] | None = None  # with lr_search: each learning rate's best validation score
@@ -78,6 +94,10 @@ class TrainResult:
     @property
     def steps(self) -> int:
         return len(self.losses)
+
+    @property
+    def passes(self) -> Passes:
+        return Passes(self.sequence_tokens, self.validation_tokens, self.sequence_flops, self.validation_flops)
 
     @property
     def chosen_score(self) -> float:
@@ -92,6 +112,8 @@ class TrainResult:
             "losses": self.losses,
             "sequence_tokens": self.sequence_tokens,
             "validation_tokens": self.validation_tokens,
+            "sequence_flops": self.sequence_flops,
+            "validation_flops": self.validation_flops,
             "validation_scores": self.validation_scores,
             "skipped_steps": self.skipped_steps,
             **({"lr_scores": self.lr_scores, "chosen_lr": self.chosen_lr, "lr_diverged": self.lr_diverged} if self.lr_scores is not None else {}),
@@ -225,17 +247,16 @@ def train(
         start_score = (result.validation_scores or {})[0]  # checkpoints >= 1: TrainConfig checks
         if best is None or result.chosen_score > best[0]:  # strictly better: ties keep the earlier rate, `lr` first
             best = (result.chosen_score, lr, [p.detach().to("cpu", copy=True) for p in params])
-    spent = [(r.sequence_tokens, r.validation_tokens) for r in results.values()] + [err.spent for err in diverged.values()]
+    spent = sum([r.passes for r in results.values()] + [err.spent for err in diverged.values()], Passes())
     if best is None:
         reasons = "; ".join(f"lr {lr:g}: {err}" for lr, err in diverged.items())
-        raise NonFiniteLossError(f"every learning rate of train.lr_search diverged ({reasons})", tuple(map(sum, zip(*spent))))
+        raise NonFiniteLossError(f"every learning rate of train.lr_search diverged ({reasons})", spent)
     with torch.no_grad():
         for param, value in zip(params, best[2]):
             param.copy_(value)
     return dataclasses.replace(
         results[best[1]],
-        sequence_tokens=sum(sequence for sequence, _ in spent),
-        validation_tokens=sum(validation for _, validation in spent),
+        **dataclasses.asdict(spent),
         lr_scores={lr: r.chosen_score for lr, r in results.items()},
         chosen_lr=best[1],
         lr_diverged={lr: str(err) for lr, err in diverged.items()},
@@ -282,19 +303,23 @@ def _train_at(
     checks = checkpoint_steps(steps, config.checkpoints) if validate is not None and config.checkpoints else []
     scores: dict[int, float] = {}
     best: tuple[float, int, list[torch.Tensor]] | None = None  # (score, step, parameters)
-    validation_tokens = 0
+    validation = sequence = Passes()
     was_training = lm.model.training
     losses: list[float] = []
-    tokens = sequence_tokens = skipped = 0
+    tokens = skipped = 0
+
+    def ran_since(before: tuple[int, float]) -> tuple[int, float]:
+        return lm.forward_tokens - before[0], lm.flops_run - before[1]
 
     def checkpoint(step: int) -> None:
-        nonlocal best, validation_tokens
-        before = lm.forward_tokens
+        nonlocal best, validation
+        before = lm.forward_tokens, lm.flops_run
         lm.model.eval()
         with torch.no_grad():
             scores[step] = start_score if step == 0 and start_score is not None else validate()
         lm.model.train()
-        validation_tokens += lm.forward_tokens - before
+        ran, flops = ran_since(before)
+        validation += Passes(validation_tokens=ran, validation_flops=flops)
         if best is None or scores[step] > best[0]:  # strictly better: ties keep the earlier step
             best = (scores[step], step, [p.detach().clone() for p in params])  # in their own dtype: what is restored
 
@@ -305,11 +330,12 @@ def _train_at(
             if step in checks:
                 checkpoint(step)
             batch = lm.collate([pairs[i] for i in take])
-            before = lm.forward_tokens
+            before = lm.forward_tokens, lm.flops_run
             loss = lm.loss(batch)
-            sequence_tokens += lm.forward_tokens - before  # what ran: a batch's last column (labels only) does not
+            ran, flops = ran_since(before)  # what ran: a batch's last column (labels only) does not
+            sequence += Passes(sequence_tokens=ran, sequence_flops=flops)
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss became {loss.item()} at step {step}", (sequence_tokens, validation_tokens))
+                raise NonFiniteLossError(f"loss became {loss.item()} at step {step}", sequence + validation)
             optimizer.zero_grad(set_to_none=True)
             weights.backward(loss)
             if weights.gradients_to_masters():  # an fp16 overflow skips the step, and the schedule with it
@@ -323,7 +349,7 @@ def _train_at(
         if skipped == steps:  # the model never changed: a row would report an untrained model as trained
             raise NonFiniteLossError(
                 f"every one of {steps} steps overflowed in fp16 (loss scale down to {weights.scale:g}); train in bf16 or fp32",
-                (sequence_tokens, validation_tokens),
+                sequence + validation,
             )
         chosen = steps
         if checks:
@@ -341,9 +367,11 @@ def _train_at(
     return TrainResult(
         losses=losses,
         tokens=tokens,
-        sequence_tokens=sequence_tokens,
+        sequence_tokens=sequence.sequence_tokens,
         chosen_step=chosen,
-        validation_tokens=validation_tokens,
+        validation_tokens=validation.validation_tokens,
+        sequence_flops=sequence.sequence_flops,
+        validation_flops=validation.validation_flops,
         validation_scores=scores or None,
         skipped_steps=skipped,
     )

@@ -16,7 +16,7 @@ from torch import nn
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind
 from workers.training import TrainConfig, train
 
 
@@ -64,12 +64,11 @@ class FullFt:
             _swap(params, trained)
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
-        n = matmul_params(ctx.lm.model)
         report = FitReport(
             trainable_params=sum(p.numel() for p in params),
             train_tokens=result.tokens,
             # 6·N·T for training (see protocol.py), plus 2·N·T per validation token
-            post_train_flops=3 * forward_flops(n, result.sequence_tokens) + forward_flops(n, result.validation_tokens),
+            post_train_flops=3 * result.sequence_flops + result.validation_flops,  # see protocol.py
             selection=ctx.selection if result.validation_scores else "fixed",
             val_labels=len(ctx.validation) if result.validation_scores else 0,
             hparams={

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, MethodKind, PeftUse, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind, PeftUse, forward_flops
 from workers.training import TrainConfig, train
 
 if TYPE_CHECKING:
@@ -80,7 +80,6 @@ class Lora:
         return PeftUse(fitting=True, applied=True)
 
     def fit(self, ctx: FitContext, config: LoraConfig) -> LoraAdapter:
-        n_base = matmul_params(ctx.lm.model)
         torch.manual_seed(ctx.seed)  # LoRA's A matrices are initialised randomly
         from peft import get_peft_model_state_dict  # imported late, as in lora_injected
 
@@ -93,9 +92,8 @@ class Lora:
         report = FitReport(
             trainable_params=n_lora,
             train_tokens=result.tokens,
-            # 4·N·T + 6·P·T for training (see protocol.py), plus 2·N·T per validation token
-            post_train_flops=2 * forward_flops(n_base, t) + 3 * forward_flops(n_lora, t)
-            + forward_flops(n_base, result.validation_tokens),
+            # 2·F + 6·P·T for training (see protocol.py), plus the validations' F
+            post_train_flops=2 * result.sequence_flops + 3 * forward_flops(n_lora, t) + result.validation_flops,
             selection=ctx.selection if result.validation_scores else "fixed",
             val_labels=len(ctx.validation) if result.validation_scores else 0,
             hparams={

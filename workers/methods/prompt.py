@@ -19,7 +19,7 @@ from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind
 
 
 class PromptConfig(StrictConfig):
@@ -76,7 +76,7 @@ class Prompt:
         validate = ctx.validator() if config.choose_shots else None
         candidates = shot_counts(fitting) if validate is not None else [fitting]
         values: dict[int, float] = {}
-        before = lm.forward_tokens
+        before = lm.flops_run
         if len(candidates) > 1:
             assert validate is not None
             for k in candidates:
@@ -87,7 +87,7 @@ class Prompt:
         prefix_tokens = lm.token_count(prefix, prompt=False) if shots else 0
         report = FitReport(
             train_tokens=prefix_tokens,  # what the model reads of the budget
-            post_train_flops=forward_flops(matmul_params(lm.model), lm.forward_tokens - before),  # the choice's passes
+            post_train_flops=lm.flops_run - before,  # the choice's passes
             selection=ctx.selection if values else "fixed",
             val_labels=len(ctx.validation) if values else 0,
             hparams={

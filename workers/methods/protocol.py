@@ -16,7 +16,7 @@ from typing import Any, Callable, ContextManager, Generic, Literal, Protocol, Ty
 from torch import nn
 
 from workers.config import StrictConfig
-from workers.lm import LanguageModel
+from workers.lm import LanguageModel, body_and_head_params
 from workers.tasks.base import Example, Task, target_nll
 
 ConfigT = TypeVar("ConfigT", bound=StrictConfig)
@@ -125,16 +125,18 @@ def validation_choice(method: Method, config: StrictConfig) -> str | None:
     return declared(config) if declared is not None else None
 
 
-# Analytic post-training cost, with N = `matmul_params(model)` and T = tokens through the model:
-#   forward (inference, steering extraction, validation passes)  ≈ 2·N·T  (one multiply-add per weight per token)
-#   full fine-tuning                                           ≈ 6·N·T  (forward 2 + backward 4: activation and weight grads)
-#   LoRA with P adapter parameters                             ≈ 4·N·T + 6·P·T  (the frozen base needs activation
-#                                                                 grads (2·N·T) but no weight grads; the adapters
-#                                                                 are trained like full FT)
-#   trained steering vectors                                   ≈ 2·N·T + 2·N_after·T  (activation grads through the
-#                                                                 frozen blocks after the earliest steered layer and the
-#                                                                 head, N_after of N; none before it; the vector's own
-#                                                                 gradient is an O(d·T) sum)
+# Analytic post-training cost. A forward pass costs F = 2·N_body·T + 2·N_head·H (`LanguageModel.flops_run`):
+# T tokens through the blocks, and the output head (N_head of N = `matmul_params(model)`) at the H positions it
+# ran at — the scored ones, where the model takes `logits_to_keep`; every token where it does not.
+#   forward (inference, validation passes)   F
+#   full fine-tuning                         3·F  (forward 1 + backward 2: activation and weight grads)
+#   LoRA with P adapter parameters           2·F + 6·P·T  (the frozen base needs activation grads (F) but no
+#                                                           weight grads; the adapters are trained like full FT)
+#   trained steering vectors                 F + (F − 2·N_before·T)  (activation grads through the blocks after
+#                                                           the earliest steered layer and the head; none through
+#                                                           the N_before parameters up to it; the vector's own
+#                                                           gradient is an O(d·T) sum)
+#   steering extraction                      exact: the blocks up to the deepest read (`last_token_flops`)
 # Attention's sequence-length term (2·n_layer·ctx·d per token) is left out, as in Kaplan et al.
 
 
@@ -144,14 +146,6 @@ def forward_flops(params: int, tokens: int) -> float:
 
 
 def matmul_params(model: nn.Module) -> int:
-    """N for the FLOP formulas: every parameter a token multiplies through.
-
-    Embedding lookups (token, learned position) cost nothing and are left out; an output head tied
-    to the input embedding is a real matmul and is counted.
-    """
-    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    n = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and id(head.weight) in lookups:
-        n += head.weight.numel()
-    return n
+    """N for the FLOP formulas: every parameter a token multiplies through (`body_and_head_params`: embedding
+    lookups left out, an output head tied to the input embedding counted)."""
+    return sum(body_and_head_params(model))

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind
 from workers.steering import Positions, decoder_layers, last_token_flops, last_token_states, residual_width, steer
 
 
@@ -150,7 +150,7 @@ class SteerMean:
                 f"steer_mean chooses a layer among {candidates} and a scale among {list(config.scales)} on the shared "
                 "validation set, but this cell has none (eval.validation_size = 0); give one layer and one scale"
             )
-        tokens_before = ctx.lm.forward_tokens
+        tokens_before, flops_before = ctx.lm.forward_tokens, ctx.lm.flops_run
         diff, mean_norm = mean_difference(ctx.lm, pairs, candidates)
         extraction_forward = ctx.lm.forward_tokens - tokens_before  # forwards stopped after the deepest candidate
         # the data's tokens, repeats included (the extraction forwards each distinct text once)
@@ -172,7 +172,7 @@ class SteerMean:
             # extraction (a forward over both sides of every pair, up to the deepest candidate layer)
             # + selection (a full validation pass per candidate)
             post_train_flops=last_token_flops(ctx.lm.model, max(candidates), extraction_forward, len(distinct_texts))
-            + forward_flops(matmul_params(ctx.lm.model), ctx.lm.forward_tokens - tokens_before - extraction_forward),
+            + ctx.lm.flops_run - flops_before,  # the extraction adds nothing there: it stops before the head
             layer=layer,
             alpha=scale,
             selection=ctx.selection if scores else "fixed",

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
-from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops, matmul_params
+from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops
 from workers.methods.steer_mean import DepthFraction, layer_indices
 from workers.steering import Positions, decoder_layers, matmul_params_through, residual_width, steer
 from workers.training import TrainConfig, train
@@ -68,14 +68,14 @@ class SteerTrained:
         vectors = {i: torch.nn.Parameter(torch.zeros(d_model, device=ctx.lm.device)) for i in layers}
         with frozen(model), steer(model, vectors, config.positions):
             result = train(ctx.lm, list(vectors.values()), ctx.train, config.train, ctx.seed, ctx.validator())
-        n = matmul_params(model)
         # gradients flow back only as far as the earliest steered layer's output: the blocks up to it need none
-        n_backward = n - matmul_params_through(model, min(layers))
+        n_before = matmul_params_through(model, min(layers))
+        backward = result.sequence_flops - forward_flops(n_before, result.sequence_tokens)
         report = FitReport(
             trainable_params=d_model * len(layers),
             train_tokens=result.tokens,
-            # 2·N·T + 2·N_after·T for training (see protocol.py), plus 2·N·T per validation token
-            post_train_flops=forward_flops(n + n_backward, result.sequence_tokens) + forward_flops(n, result.validation_tokens),
+            # F + (F − 2·N_before·T) for training (see protocol.py), plus the validations' F
+            post_train_flops=result.sequence_flops + backward + result.validation_flops,
             layer=layers[0] if len(layers) == 1 else None,
             selection=ctx.selection if result.validation_scores else "fixed",
             val_labels=len(ctx.validation) if result.validation_scores else 0,

@@ -22,7 +22,7 @@ from workers.config import StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.full_ft import FullFt, FullFtConfig, TrainedWeights
 from workers.methods.lora import Lora, LoraAdapter, LoraConfig, lora_injected
-from workers.methods.protocol import FitContext, FitReport, MethodKind, PeftUse, forward_flops, matmul_params, peft_use
+from workers.methods.protocol import FitContext, FitReport, MethodKind, PeftUse, peft_use
 
 Deltas = dict[str, torch.Tensor]  # parameter name (as in `model.named_parameters()`) -> Δθ of that parameter
 
@@ -147,7 +147,7 @@ class TaskVector:
         tuned = source.method.fit(ctx, config.source_config())  # type: ignore[arg-type]
         deltas = source.deltas(ctx.lm, tuned)
         scores: dict[float, float] = {}
-        before = ctx.lm.forward_tokens
+        before = ctx.lm.forward_tokens, ctx.lm.flops_run
         if len(candidates) > 1:
             assert validate is not None
             for scale in candidates:
@@ -155,13 +155,13 @@ class TaskVector:
                     scores[scale] = validate()
         # ties go to the smaller |λ| (0, "do nothing", first), then to adding over removing
         scale = max(candidates, key=lambda s: (scores.get(s, 0.0), -abs(s), s))
-        selection_tokens = ctx.lm.forward_tokens - before
+        selection_tokens, selection_flops = ctx.lm.forward_tokens - before[0], ctx.lm.flops_run - before[1]
         inner = tuned.report
         report = FitReport(
             trainable_params=inner.trainable_params,
             train_tokens=inner.train_tokens,
-            # the fine-tune's own cost (see protocol.py) + 2·N·T per λ validation token
-            post_train_flops=inner.post_train_flops + forward_flops(matmul_params(ctx.lm.model), selection_tokens),
+            # the fine-tune's own cost (see protocol.py) + the λ validations' forwards
+            post_train_flops=inner.post_train_flops + selection_flops,
             alpha=scale,
             selection=ctx.selection if scores or inner.selection == ctx.selection else "fixed",
             val_labels=len(ctx.validation) if scores else inner.val_labels,
