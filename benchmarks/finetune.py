@@ -30,7 +30,7 @@ from workers.tasks import get_task
 from workers.tasks.base import Example
 from workers.training import TrainConfig, TrainResult, batch_order, train
 
-LOSS_ATOL = 2e-3  # per-step loss agreement; fp32, same data, init and fused AdamW
+LOSS_ATOL = 1e-4  # per-step loss agreement; fp32, same data, init and fused AdamW agree to ~2e-7 (a learning rate 1.5× off: 7e-3)
 
 
 @dataclass(frozen=True)

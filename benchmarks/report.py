@@ -36,7 +36,8 @@ def versions() -> dict[str, str]:
 
 
 def git_sha() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False)
+    # "-dirty": a run on an edited tree is not credited to the clean commit
+    done = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, cwd=Path(__file__).parent, check=False)
     return done.stdout.strip() or "unknown"
 
 
