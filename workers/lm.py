@@ -243,9 +243,9 @@ class LanguageModel:
         self._ran(tokens, _head_rows(keep, batch.attention_mask, tokens))
         with prompt_boundary(batch.prompt_last):
             return self.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, **position_ids_argument(self.model, batch.position_ids),
-                **(keep or {}),
-            ).logits
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                **position_ids_argument(self.model, batch.position_ids), **(keep or {}),
+            ).logits  # fmt: skip
 
     def scored_logits(self, batch: Batch) -> torch.Tensor:
         """Logits (scored tokens, vocab) at the positions that predict a continuation token, row by
@@ -415,8 +415,10 @@ class LanguageModel:
                     gen = self.model.generate(
                         input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id
                     )
-                # upper bounds: padding included, and the head counted at the prompt's last position and every new token
-                self._ran(int(gen.shape[0] * gen.shape[1]), int(gen.shape[0]) * (max_new_tokens + 1))
+                # tokens: an upper bound, padding included; the head: at each new token (generate asks the prompt's
+                # forward for its last position's logits alone where the model takes logits_to_keep, else for all)
+                head = max_new_tokens + (1 if _logit_selection(type(self._base_model())) else width)
+                self._ran(int(gen.shape[0] * gen.shape[1]), int(gen.shape[0]) * head)
                 outs.extend(tok.batch_decode(gen[:, width:], skip_special_tokens=True))
             return outs
         finally:
