@@ -34,11 +34,12 @@ def body_and_head_params(model: torch.nn.Module) -> tuple[int, int]:
     return body, head
 
 
-def _head_rows(keep: dict[str, torch.Tensor] | None, attention_mask: torch.Tensor, tokens: int) -> int:
+def _head_rows(keep: dict[str, torch.Tensor] | None, attention_mask: torch.Tensor) -> int:
     """Positions the output head runs at under `keep` (`LanguageModel._head_positions`): the kept entries
-    of a (rows, columns) mask, every row at kept columns, or (no selection) every token."""
+    of a (rows, columns) mask, every row at kept columns, or (no selection) every position, padding
+    included (as in `generate`'s count: the head runs there too)."""
     if not keep:
-        return tokens
+        return attention_mask.numel()
     kept = keep["logits_to_keep"]
     if kept.dtype == torch.bool:
         return int(kept.sum())
@@ -240,7 +241,7 @@ class LanguageModel:
     def forward(self, batch: Batch, keep: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The model's logits for `batch`: at every position, or where `keep` (see `_head_positions`) says."""
         tokens = int(batch.attention_mask.sum())
-        self._ran(tokens, _head_rows(keep, batch.attention_mask, tokens))
+        self._ran(tokens, _head_rows(keep, batch.attention_mask))
         with prompt_boundary(batch.prompt_last):
             return self.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -307,7 +308,7 @@ class LanguageModel:
         cache.batch_repeat_interleave(batch.input_ids.shape[0])
         keep, pick = self._head_positions(batch.target_mask[:, start:])
         tokens = int(batch.attention_mask[:, start:].sum())
-        self._ran(tokens, _head_rows(keep, batch.attention_mask[:, start:], tokens))
+        self._ran(tokens, _head_rows(keep, batch.attention_mask[:, start:]))
         base = self._base_model()  # a peft wrapper passes it on
         with prompt_boundary(batch.prompt_last):
             logits = self.model(

@@ -127,7 +127,7 @@ def validation_choice(method: Method, config: StrictConfig) -> str | None:
 
 # Analytic post-training cost. A forward pass costs F = 2·N_body·T + 2·N_head·H (`LanguageModel.flops_run`):
 # T tokens through the blocks, and the output head (N_head of N = `matmul_params(model)`) at the H positions it
-# ran at — the scored ones, where the model takes `logits_to_keep`; every token where it does not.
+# ran at — the scored ones, where the model takes `logits_to_keep`; every position (padding included) where it does not.
 #   forward (inference, validation passes)   F
 #   full fine-tuning                         3·F  (forward 1 + backward 2: activation and weight grads)
 #   LoRA with P adapter parameters           2·F + 6·P·T  (the frozen base needs activation grads (F) but no
