@@ -118,6 +118,11 @@ def fmt_time(t: Timing) -> str:
     return f"{t.median:.3g} s [{t.spread}{cpu}]"
 
 
+def fmt_paired(slow: Timing, fast: Timing) -> str:
+    """`paired_ratio` of wall and of CPU time, as a table's ratio cell."""
+    return f"{paired_ratio(slow, fast):.2f}× (median paired; CPU time {paired_ratio(slow, fast, cpu=True):.2f}×)"
+
+
 def fmt_speedup(slow: Timing, fast: Timing) -> str:
     """How many times faster `fast` is: wall medians, and CPU medians where both sides have them."""
     text = f"{slow.median / fast.median:.2f}×"

@@ -5,13 +5,17 @@ steerscale's loop draws; the Trainer gets it through a sequential sampler), with
 cosine schedule, LoRA initialisation and no gradient clipping, so their loss trajectories must
 agree step for step before their speeds are compared. The Trainer side is what a user would glue
 together: a pre-tokenised dataset, a padding collator with -100 labels, `Trainer.train()`.
+
+Each side runs at two step counts: a run's time is fixed costs (set-up, tear-down) plus steps ×
+a step's time, so the difference of the two gives the steady per-step rate and the fixed cost
+apart; a ratio per run alone mixes them in proportions that depend on the step count.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -20,7 +24,7 @@ from peft import get_peft_model
 from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainingArguments
 
-from benchmarks.common import Check, Result, Row, Timing, fmt_time, paired_ratio, time_alternating, time_call
+from benchmarks.common import Check, Result, Row, Timing, fmt_paired, fmt_time, time_alternating, time_call
 from workers.cell import ModelSpec
 from workers.lm import LanguageModel
 from workers.methods.lora import LoraConfig, lora_injected
@@ -44,14 +48,21 @@ class Settings:
     lora_rank: int
     warmup: int
     repeats: int
-    mm_size: int
+    long_steps: int  # the second run's steps: (long − short) ÷ its extra steps is a step's time
+    mm_sizes: tuple[int, ...]  # the peak is the fastest of these square products
     seed: int = 0
 
 
-QUICK = Settings("ladder:test/s", "arith", steps=6, batch_size=8, lr_lora=3e-3, lr_full=1e-4, lora_rank=4, warmup=1, repeats=2, mm_size=1024)
+QUICK = Settings(
+    "ladder:test/s", "arith", steps=6, batch_size=8, lr_lora=3e-3, lr_full=1e-4, lora_rank=4, warmup=1, repeats=2,
+    long_steps=12, mm_sizes=(256, 512),
+)  # fmt: skip
 # batch 64: at the ladder's widths (d_model ≤ 96) a step of 16 short sequences is mostly per-op
 # overhead; 64 lifts full FT on xl from ~20 % to ~30 % of the torch.mm peak (see RESULTS.md)
-FULL = Settings("ladder:default/xl", "arith", steps=30, batch_size=64, lr_lora=3e-3, lr_full=1e-4, lora_rank=4, warmup=1, repeats=5, mm_size=2048)
+FULL = Settings(
+    "ladder:default/xl", "arith", steps=30, batch_size=64, lr_lora=3e-3, lr_full=1e-4, lora_rank=4, warmup=1, repeats=5,
+    long_steps=90, mm_sizes=(128, 256, 512, 1024, 2048),
+)  # fmt: skip
 
 
 class _InOrderTrainer(Trainer):
@@ -137,15 +148,33 @@ def ours_train_adapter_free(lm: LanguageModel, examples: list[Example], s: Setti
         hook.remove()
 
 
-def mm_peak(size: int, repeats: int = 5) -> float:
-    """This machine's dense fp32 matmul rate (FLOP/s): the best of a few torch.mm at `size`."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = math.inf
-    for _ in range(repeats):
-        t = time_alternating({"mm": lambda: torch.mm(a, b)}, warmup=0, repeats=1)["mm"].median
-        best = min(best, t)
-    return 2.0 * size**3 / best
+def mm_peak(sizes: tuple[int, ...], repeats: int = 7) -> dict[int, float]:
+    """This machine's dense fp32 matmul rate (FLOP/s) at each square `size`: the best of a few torch.mm.
+    The peak is the fastest of them: one large size alone understates it where smaller operands stay in
+    cache (on this box 256² beat 2048² by ~30 %), and that would flatter every fraction of it."""
+    rates = {}
+    for size in sizes:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        best = min(time_call(lambda: torch.mm(a, b), warmup=2, repeats=repeats).seconds)
+        rates[size] = 2.0 * size**3 / best
+    return rates
+
+
+def per_step(short: Timing, long: Timing, extra_steps: int) -> Timing:
+    """A step's wall and CPU seconds, repeat by repeat: (long run − short run) ÷ the steps between them
+    (each repeat's two runs are adjacent in `time_alternating`, so they share the machine's load)."""
+    def diff(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, ...]:
+        return tuple((y - x) / extra_steps for x, y in zip(a, b))
+
+    return Timing(diff(short.seconds, long.seconds), diff(short.cpu_seconds, long.cpu_seconds))
+
+
+def fixed_cost(run: Timing, step: Timing, steps: int) -> Timing:
+    """What a run costs beyond `steps` steady steps, repeat by repeat (set-up, tear-down, the first steps' warm-up)."""
+    return Timing(
+        tuple(r - steps * t for r, t in zip(run.seconds, step.seconds)),
+        tuple(r - steps * t for r, t in zip(run.cpu_seconds, step.cpu_seconds)),
+    )  # fmt: skip
 
 
 def mm_rate_at_shapes(model: torch.nn.Module, rows: int, *, weight_grads: bool) -> float:
@@ -195,66 +224,95 @@ def run(quick: bool) -> Result:
         **s.__dict__, "matmul_params": n, "examples": len(examples), "threads": torch.get_num_threads(),
         "output_head_params": head, "hf_optim": "Trainer default (adamw_torch_fused)", "ours_optim": "torch.optim.AdamW (fused)",
     })  # fmt: skip
-    peak = mm_peak(s.mm_size)
+    rates = mm_peak(s.mm_sizes)
+    peak = max(rates.values())
+    result.settings["mm_gflops_by_size"] = {size: round(rate / 1e9, 1) for size, rate in rates.items()}
     result.settings["mm_peak_gflops"] = round(peak / 1e9, 2)
+    long = replace(s, steps=s.long_steps)
+    order_long = [i for take in batch_order(len(examples), long.steps, s.batch_size, s.seed) for i in take]
+    extra = long.steps - s.steps
     for name, lora, lr in (("LoRA", True, s.lr_lora), ("full FT", False, s.lr_full)):
-        ours = ours_train(ours_lm, examples, s, lr, lora)
-        restore()
-        theirs = hf_train(hf_lm, rows, order, s, lr, lora)
-        restore()
-        diff = max(abs(a - b) for a, b in zip(ours.losses, theirs)) if len(theirs) == len(ours.losses) else math.inf
-        result.checks.append(Check(f"{name}: per-step loss, max |ours − Trainer| over {s.steps} steps", f"{diff:.2e} (tol {LOSS_ATOL})", diff <= LOSS_ATOL))
+        trained = {}  # steps -> steerscale's TrainResult, for the tokens each run ran
+        for run_s, run_order in ((s, order), (long, order_long)):
+            ours = trained[run_s.steps] = ours_train(ours_lm, examples, run_s, lr, lora)
+            restore()
+            theirs = hf_train(hf_lm, rows, run_order, run_s, lr, lora)
+            restore()
+            diff = max(abs(a - b) for a, b in zip(ours.losses, theirs)) if len(theirs) == len(ours.losses) else math.inf
+            result.checks.append(Check(
+                f"{name}: per-step loss, max |ours − Trainer| over {run_s.steps} steps", f"{diff:.2e} (tol {LOSS_ATOL})", diff <= LOSS_ATOL
+            ))  # fmt: skip
 
-        def run_ours() -> None:
-            ours_train(ours_lm, examples, s, lr, lora)
+        def run_ours(run_s: Settings = s) -> None:
+            ours_train(ours_lm, examples, run_s, lr, lora)
             restore()
 
-        def run_hf() -> None:
-            hf_train(hf_lm, rows, order, s, lr, lora)
+        def run_hf(run_s: Settings = s, run_order: list[int] = order) -> None:
+            hf_train(hf_lm, rows, run_order, run_s, lr, lora)
             restore()
 
-        times: dict[str, Timing] = time_alternating({"ours": run_ours, "hf": run_hf}, warmup=s.warmup, repeats=s.repeats)
-        tokens = sum(len(rows[i]["prompt"]) + len(rows[i]["target"]) for i in order)  # the data's, padding aside
-        ran = ours.sequence_tokens  # less each batch's last column, labels only, which steerscale does not run
+        times: dict[str, Timing] = time_alternating({
+            "ours": run_ours, "hf": run_hf,
+            "ours_long": lambda: run_ours(long), "hf_long": lambda: run_hf(long, order_long),
+        }, warmup=s.warmup, repeats=s.repeats)  # fmt: skip
+        step = {side: per_step(times[side], times[f"{side}_long"], extra) for side in ("ours", "hf")}
+        fixed = {side: fixed_cost(times[side], step[side], s.steps) for side in ("ours", "hf")}
+
+        def data_tokens(run_order: list[int]) -> int:  # the data's, padding aside
+            return sum(len(rows[i]["prompt"]) + len(rows[i]["target"]) for i in run_order)
+
+        tokens, step_tokens = data_tokens(order), (data_tokens(order_long) - data_tokens(order)) / extra
+        short, longer = trained[s.steps], trained[long.steps]
+        # per step in the steady state: the extra steps' tokens run (less each batch's last column, labels
+        # only, which steerscale does not run) and scored
+        ran = (longer.sequence_tokens - short.sequence_tokens) / extra
+        scored = (longer.tokens - short.tokens) / extra
         # The analytic counts of workers/methods/protocol.py (6·N·T full, 4·N·T + 6·P·T LoRA) on the
         # tokens the loss needs run, with the output head counted only at the scored tokens. The
         # Trainer also runs the last column, and the head at every position (steerscale only where
         # scored: `LanguageModel.scored_logits`); that work is not counted for either side.
-        forward = forward_flops(n - head, ran) + forward_flops(head, ours.tokens)
+        forward = forward_flops(n - head, ran) + forward_flops(head, scored)
         flops = 2 * forward + 3 * forward_flops(n_lora, ran) if lora else 3 * forward
-        tps = {k: tokens / t.median for k, t in times.items()}
         result.rows += [
-            Row(f"{name}: tokens/s ({tokens} tokens, {s.steps} steps)", f"{tps['ours']:.0f}  ({fmt_time(times['ours'])})",
-                f"{tps['hf']:.0f}  ({fmt_time(times['hf'])})",
-                f"{paired_ratio(times['hf'], times['ours']):.2f}× (median paired; CPU time {paired_ratio(times['hf'], times['ours'], cpu=True):.2f}×)", "≥ 1.2×"),
-            Row(f"{name}: achieved FLOP/s ÷ one core's torch.mm peak (each side trains on one thread, as a cell does), "
-                f"{s.model}, {ran / s.steps:.0f} tokens run per step of {tokens / s.steps:.0f} "
-                f"({ours.tokens / s.steps:.0f} scored; the output head counted at those only)",
-                f"{100 * flops / times['ours'].median / peak:.2f} %", f"{100 * flops / times['hf'].median / peak:.2f} %", "",
+            Row(f"{name}: tokens/s per {s.steps}-step run, fixed costs included ({tokens} tokens)",
+                f"{tokens / times['ours'].median:.0f}  ({fmt_time(times['ours'])})",
+                f"{tokens / times['hf'].median:.0f}  ({fmt_time(times['hf'])})", fmt_paired(times["hf"], times["ours"]), "≥ 1.2×"),
+            Row(f"{name}: tokens/s in the steady state, per step: the {long.steps}- and {s.steps}-step runs' difference "
+                f"÷ {extra} steps ({step_tokens:.0f} tokens a step)",
+                f"{step_tokens / step['ours'].median:.0f}  ({fmt_time(step['ours'])})",
+                f"{step_tokens / step['hf'].median:.0f}  ({fmt_time(step['hf'])})", fmt_paired(step["hf"], step["ours"]), "≥ 1.2×"),
+            Row(f"{name}: fixed cost of a run (set-up, tear-down, warm-up of the first steps): the {s.steps}-step run "
+                f"less {s.steps} steady steps", fmt_time(fixed["ours"]), fmt_time(fixed["hf"]), "", ""),
+            Row(f"{name}: achieved FLOP/s in the steady state ÷ one core's torch.mm peak (each side trains on one thread, "
+                f"as a cell does), {s.model}, {ran:.0f} tokens run a step ({scored:.0f} scored; the output head counted at "
+                "those only)",
+                f"{100 * flops / step['ours'].median / peak:.2f} %", f"{100 * flops / step['hf'].median / peak:.2f} %", "",
                 "≥ 25 % on the largest rung (full run; the quick run's model is far narrower)"),
             Row(f"{name}: torch.mm alone at this step's matmul shapes (each decoder linear's forward, input gradient"
-                f"{' and weight gradient' if not lora else ''} at {ran / s.steps:.0f} rows, warm cache) ÷ the same peak: "
+                f"{' and weight gradient' if not lora else ''} at {ran:.0f} rows, warm cache) ÷ the same peak: "
                 "what the step's matmuls could reach; the gap to the row above is its other work (norms, rotary, attention, "
                 "activations, autograd; the profile below)",
-                f"{100 * mm_rate_at_shapes(ours_lm.model, round(ran / s.steps), weight_grads=not lora) / peak:.1f} %", "", "", ""),
+                f"{100 * mm_rate_at_shapes(ours_lm.model, round(ran), weight_grads=not lora) / peak:.1f} %", "", "", ""),
         ]  # fmt: skip
         if lora:
-            def run_adapter_free() -> None:
-                ours_train_adapter_free(ours_lm, examples, s)
+            def run_adapter_free(run_s: Settings = s) -> None:
+                ours_train_adapter_free(ours_lm, examples, run_s)
                 restore()
 
-            free = time_alternating({"free": run_adapter_free}, warmup=s.warmup, repeats=s.repeats)["free"]
+            free_runs = time_alternating({"short": run_adapter_free, "long": lambda: run_adapter_free(long)}, warmup=s.warmup, repeats=s.repeats)
+            free = per_step(free_runs["short"], free_runs["long"], extra)
             result.rows.append(Row(
                 f"{name}: the same steps with the adapters free (every weight frozen, the gradient started at the "
-                "embeddings' output: each linear's input gradient still runs, no weight gradient, no adapter op) at LoRA's billed FLOPs ÷ the same "
-                "peak: a ceiling on steerscale's LoRA row for any adapter implementation on this model",
+                "embeddings' output: each linear's input gradient still runs, no weight gradient, no adapter op), per step "
+                "in the steady state, at LoRA's billed FLOPs ÷ the same peak: a ceiling on steerscale's LoRA row for any "
+                "adapter implementation on this model",
                 f"{100 * flops / free.median / peak:.2f} %  ({fmt_time(free)})", "", "", "",
             ))  # fmt: skip
         result.notes.append(
-            f"{name}: each side is timed from its set-up to the end of training, fixed costs included: the Trainer's "
-            "construction (on examples tokenized once, outside the timing) and train(); steerscale's `train` (its "
-            "encoding of the examples inside). Both sides' timings include injecting and removing the LoRA layers and "
-            "restoring both models' weights."
+            f"{name}: each run is timed from its set-up to the end of training: the Trainer's construction (on examples "
+            "tokenized once, outside the timing) and train(); steerscale's `train` (its encoding of the examples inside). "
+            "Both sides' timings include injecting and removing the LoRA layers and restoring both models' weights; the "
+            "steady-state rows take those out with the difference of two step counts, repeat by repeat."
         )
         if not quick:
             result.notes.append(f"{name} profile of one steerscale run (top self-CPU operators): {_profile(run_ours)}")

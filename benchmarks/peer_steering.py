@@ -48,13 +48,13 @@ def main() -> None:
     sides = {
         "ours_every": lambda: ours(every),
         "theirs_every": lambda: theirs(every, texts),
-        "ours_candidates": lambda: ours(candidates),
         "ours_forwards_every": lambda: ours_forwards(every),
-        "theirs_candidates": lambda: theirs(candidates, texts),
     }
-    if args["peer_default_batch"]:  # one pair per step: slow, so only in the full run
-        sides["theirs_every_default_batch"] = lambda: theirs(every, 1)
+    if candidates != every:  # on a rung as shallow as the ladder's, steer_mean reads every layer: the same work
+        sides |= {"ours_candidates": lambda: ours(candidates), "theirs_candidates": lambda: theirs(candidates, texts)}
     times = time_alternating(sides, warmup=args["warmup"], repeats=args["repeats"])
+    if args["peer_default_batch"]:  # one pair per step: ~10× slower, so a few repeats, and only in the full run
+        times |= time_alternating({"theirs_every_default_batch": lambda: theirs(every, 1)}, warmup=0, repeats=3)
     json.dump({
         "cosines": cosines, "max_abs_diff": float((a - b).abs().max()), "max_abs": float(a.abs().max()), "candidates": candidates,
         "seconds": {k: [list(t.seconds), list(t.cpu_seconds)] for k, t in times.items()},
