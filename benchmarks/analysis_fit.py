@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-
 import time
 from dataclasses import asdict, dataclass
 
