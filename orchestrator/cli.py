@@ -599,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     ray = sys.modules.get("ray")
     ray_was_up = ray is not None and ray.is_initialized()  # a caller's Ray (a notebook's) is the caller's to stop
+    ctrl_c = _CtrlC()
+    previous = signal.signal(signal.SIGINT, ctrl_c) if threading.current_thread() is threading.main_thread() else None
     try:
         return args.func(args)
     except BrokenPipeError:  # `steerscale status DIR | head`: the reader has gone, so stop quietly
@@ -615,33 +617,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted{done}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
     finally:
+        ctrl_c.held = True  # first, and not a call: see _CtrlC
         if not ray_was_up:
             _disconnect_ray()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _CtrlC:
+    """The SIGINT handler while a command runs: Ctrl-C raises KeyboardInterrupt, as Python's own handler
+    does, until `held` is set as the command ends; then it is dropped, so that it cannot break off the
+    Ray shutdown that follows (a traceback, and Ray's agents left running, orphaned).
+
+    A flag, not a swap to SIG_IGN: Python runs a handler at its next check for signals (a call, a function's
+    entry, a loop's jump back), so a Ctrl-C landing just before the swap was raised inside `signal.signal`
+    or at the entry of the function making it (both seen in CI runs); an attribute store makes no check, and
+    every check after it finds the flag set."""
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.held:
+            raise KeyboardInterrupt
 
 
 def _disconnect_ray() -> None:
-    """Stop the private Ray a run started (or leave a joined cluster) here, with Ctrl-C held off: left to
-    Ray's exit hook, a Ctrl-C during its ~2 s shutdown printed a traceback and left its agents running.
-    A Ctrl-C landing just before it is held off (inside `signal.signal` itself, once in a CI run) is
-    taken as the interrupt it is, and the shutdown runs all the same."""
-    try:
-        _shutdown_ray_holding_off_ctrl_c()
-    except KeyboardInterrupt:
-        _shutdown_ray_holding_off_ctrl_c()
-
-
-def _shutdown_ray_holding_off_ctrl_c() -> None:
+    """Stop the private Ray a run started (or leave a joined cluster) here rather than in Ray's exit hook,
+    where Ctrl-C is no longer held off (`_CtrlC`)."""
     ray = sys.modules.get("ray")  # imported only by commands that run cells
-    if ray is None or not ray.is_initialized():
-        return
-    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        ray.shutdown()
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -479,7 +479,9 @@ def test_ctrl_c_as_a_run_ends_leaves_no_traceback_and_no_ray_behind(tmp_path, te
             break
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=120)
-    assert driver.returncode in (0, 130), err[-3000:]
+    # 0 once Ctrl-C is held off; 130 if it broke off the run; or killed by it (what a shell reports as 130) if it
+    # landed in the interpreter's teardown, where Python has given SIGINT back to the system's default action
+    assert driver.returncode in (0, 130, -signal.SIGINT), err[-3000:]
     assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
     assert len(_rows(tmp_path / "r")) == 1
 
