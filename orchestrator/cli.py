@@ -600,7 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     ray = sys.modules.get("ray")
     ray_was_up = ray is not None and ray.is_initialized()  # a caller's Ray (a notebook's) is the caller's to stop
     ctrl_c = _CtrlC()
-    previous = signal.signal(signal.SIGINT, ctrl_c) if threading.current_thread() is threading.main_thread() else None
+    # only in place of Python's own handler: an ignored SIGINT (nohup) or a host's handler is left as it is
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, ctrl_c) if ours else None
     try:
         return args.func(args)
     except BrokenPipeError:  # `steerscale status DIR | head`: the reader has gone, so stop quietly
