@@ -245,6 +245,26 @@ def _prepare_locally(model: ModelSpec) -> None:
         raise ConfigError(f"model {model.id} cannot be loaded here: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
 
+def _refuse_what_models_lack(cells: list[PlannedCell]) -> None:
+    """Refuse, before any cell, a method config naming parts a model lacks (a mistyped LoRA target):
+    each of its cells would fail, or with PEFT quietly adapt fewer modules than the config says. A hub
+    model whose config this driver cannot read (a cluster run) is left to its workers, which refuse the same."""
+    from workers.run_cell import method_problems
+
+    by_model: dict[str, tuple[ModelSpec, dict[str, dict]]] = {}
+    for cell in cells:
+        model = cell.config.model
+        by_model.setdefault(model.model_dump_json(), (model, {}))[1][cell.config.method] = cell.config.method_config
+    problems = []
+    for model, methods in by_model.values():
+        try:
+            problems += method_problems(model, methods)
+        except OSError:
+            continue
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[PlannedCell], store: ResultsStore) -> int:
     """Run the grid as an adaptive sweep (orchestrator/adaptive.py), one `run_cells` call per batch."""
     from orchestrator.adaptive import Settings, run_adaptive
@@ -259,6 +279,7 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
             params[model.id] = float(estimated_params(model))
         except OSError as err:  # a hub config this driver cannot fetch: the cost model learns that model's cost from its cells
             print(f"note: no size prior for {model.id} ({err})", file=sys.stderr)
+    _refuse_what_models_lack(cells)
 
     def execute(batch: list[PlannedCell], planned_at: float) -> None:
         outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress,
@@ -306,6 +327,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.address:
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             _prepare_locally(model)
+    _refuse_what_models_lack(todo)
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,
                         dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
     print(

@@ -172,3 +172,17 @@ def test_an_unreachable_gcs_bucket_is_a_clean_error_in_seconds_not_a_quarter_hou
                              capture_output=True, text=True, timeout=150)  # fmt: skip
         _assert_clean_error(out, "gs://steerscale-no-such-bucket/r")
         assert "cannot reach" in out.stderr
+
+
+@pytest.mark.parametrize("methods", [
+    {"lora": {"target_modules": ["q_proj", "v_porj"]}},
+    {"steer_mean+task_vector": {"second": {"finetune": "lora", "lora": {"target_modules": ["v_porj"]}}}},
+])  # fmt: skip
+def test_a_lora_target_the_model_lacks_stops_the_run_before_any_cell(methods, tmp_path, test_ladder):
+    """Each cell would fail on it (PEFT itself would adapt q_proj alone): refused once, up front, naming the entry."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "models": [{"id": test_ladder[0]}], "methods": methods, "results_dir": str(tmp_path / "r")}))
+    name = next(iter(methods))
+    expected = f"methods.{name} on {test_ladder[0]}: lora target_modules: 'v_porj' matches no module of LlamaForCausalLM (did you mean 'v_proj'?)"
+    _assert_clean_error(_cli("run", str(path), "--no-progress", "--no-dashboard"), expected)
+    assert not (tmp_path / "r" / "cells").exists(), "no cell may have run"

@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest_methods import fit_context, language_model, logits
+from conftest_methods import ARCHITECTURES, fit_context, language_model, logits
 from workers.config import ConfigError
 from workers.methods import get_method, resolve_config
 from workers.methods import protocol
@@ -453,3 +453,44 @@ def test_nan_loss_fails_the_fit_and_leaves_the_model_restored(name):
     assert all(torch.equal(weights[k], v) or torch.isnan(v).any() for k, v in state[0].items())
     assert [(n, type(m)) for n, m in lm.model.named_modules()] == state[2]
     assert {k: p.requires_grad for k, p in lm.model.named_parameters()} == state[1]
+
+
+TARGETS = [("q_proj", "v_proj"), ("self_attn.q_proj", "mlp.up_proj"), ("c_attn",), ("fc1", "dense"), (r".*\.(q_proj|v_proj)",), ("q_proj",), ("layers.0.mlp.down_proj",)]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_lora_target_matching_is_pefts_own(arch):
+    """Planning checks targets without importing peft: its rule must pick the modules PEFT picks, by name."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from workers.methods.lora import _targets
+
+    names = [name for name, _ in ARCHITECTURES[arch]().named_modules() if name]
+    for target in [*TARGETS, *(t[0] for t in TARGETS)]:  # a tuple is a list of names; a single string, a pattern
+        config = LoraConfig(target_modules=list(target) if isinstance(target, tuple) else target)
+        assert [bool(check_target_module_exists(config, n)) for n in names] == [_targets(n, target) for n in names], (arch, target)
+
+
+@pytest.mark.parametrize(("name", "raw"), [
+    ("lora", {**CONFIGS["lora"], "target_modules": ["q_proj", "v_porj"]}),
+    ("task_vector", {"finetune": "lora", "lora": {**CONFIGS["lora"], "target_modules": ["v_porj"]}, "lambdas": [1.0]}),
+])  # fmt: skip
+def test_a_lora_target_the_model_lacks_is_refused_not_dropped(name, raw):
+    """PEFT refuses a target list none of whose entries match, but adapts the rest of one with a typo: a run
+    that adapts q_proj alone while its row says q_proj and v_proj. The cell must fail, naming the entry."""
+    lm = language_model()
+    before = logits(lm)
+    with pytest.raises(ValueError, match=r"'v_porj' matches no module of LlamaForCausalLM \(did you mean 'v_proj'\?\)"):
+        fit(name, lm, raw)
+    assert torch.equal(logits(lm), before) and not any("lora" in n for n, _ in lm.model.named_modules())
+    assert protocol.model_problem(get_method(name), resolve_config(name, raw), lm.model) is not None  # what planning asks
+
+
+def test_a_single_target_string_is_a_pattern_and_the_refusal_says_so():
+    lm = language_model()
+    problem = protocol.model_problem(get_method("lora"), resolve_config("lora", {"target_modules": "q_proj"}), lm.model)
+    assert problem is not None and "write [q_proj] for every module of that name" in problem
+    assert protocol.model_problem(get_method("lora"), resolve_config("lora", {"target_modules": r".*q_proj"}), lm.model) is None
+    with pytest.raises(ConfigError, match=r"methods.lora.target_modules: .*'q_proj\[' is not one"):
+        resolve_config("lora", {"target_modules": "q_proj["})

@@ -19,13 +19,14 @@ import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import transformers
 
 from workers.cell import LADDER_PREFIX, ModelSpec
 from workers.lm import LanguageModel
+from workers.methods import get_method, model_problem, resolve_config
 from workers.metrics import NeutralReference
 from workers.models.loading import DTYPES, count_parameters, load_language_model, parse_ladder_id
 from workers.tasks.base import Evaluation
@@ -68,6 +69,18 @@ def _meta_model(spec: ModelSpec) -> torch.nn.Module:
 def estimated_params(spec: ModelSpec) -> int:
     """`spec`'s parameter count as its rows' `params_total` will record it, from its config alone."""
     return count_parameters(_meta_model(spec))[0]
+
+
+def method_problems(spec: ModelSpec, methods: Mapping[str, dict]) -> list[str]:
+    """Why each of `methods` (name -> config) cannot run on `spec` as configured, from its architecture
+    alone (`model_problem`: e.g. a LoRA target the model lacks), one line each; [] when all can."""
+    model = _meta_model(spec)
+    problems = []
+    for name, raw in methods.items():
+        problem = model_problem(get_method(name), resolve_config(name, raw), model)
+        if problem is not None:
+            problems.append(f"methods.{name} on {spec.id}: {problem}")
+    return problems
 
 
 def estimated_bytes(spec: ModelSpec) -> int:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params
+from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params, method_problems
 from workers.cell import CellConfig, ModelSpec
 from workers.config import format_errors
 from workers.lm import LanguageModel

@@ -14,7 +14,7 @@ from workers.methods.compose import Composition
 from workers.methods.full_ft import FullFt
 from workers.methods.lora import Lora
 from workers.methods.prompt import Prompt
-from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, validation_choice
+from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, model_problem, validation_choice
 from workers.methods.steer_mean import SteerMean
 from workers.methods.steer_trained import SteerTrained
 from workers.methods.task_vector import TaskVector
@@ -40,4 +40,4 @@ def resolve_config(name: str, raw: dict[str, Any] | None, path: str = "") -> Str
     return validate_config(get_method(name).config_class, raw or {}, path or f"methods.{name}")
 
 
-__all__ = ["METHODS", "Adapter", "FitContext", "FitReport", "Method", "MethodKind", "TrainConfig", "get_method", "resolve_config", "steps_for", "training_configs", "validation_choice"]
+__all__ = ["METHODS", "Adapter", "FitContext", "FitReport", "Method", "MethodKind", "TrainConfig", "get_method", "model_problem", "resolve_config", "steps_for", "training_configs", "validation_choice"]

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from pydantic import Field, create_model, model_validator
+from torch import nn
 
 from workers.config import StrictConfig
-from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, PeftUse, peft_use, validation_choice
+from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, PeftUse, model_problem, peft_use, validation_choice
 
 
 @dataclass
@@ -71,6 +72,10 @@ class Composition:
 
     def validation_choice(self, config: StrictConfig) -> str | None:
         parts = [validation_choice(self.first, config.first), validation_choice(self.second, config.second)]  # type: ignore[attr-defined]
+        return "; ".join(p for p in parts if p) or None
+
+    def model_problem(self, config: StrictConfig, model: nn.Module) -> str | None:
+        parts = [model_problem(self.first, config.first, model), model_problem(self.second, config.second, model)]  # type: ignore[attr-defined]
         return "; ".join(p for p in parts if p) or None
 
     def _refuse_nested_peft(self, config: StrictConfig) -> StrictConfig:

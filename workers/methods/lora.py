@@ -8,16 +8,19 @@ LoRA layer, so a second injection cannot run inside this one: compositions refus
 
 from __future__ import annotations
 
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
+from torch import nn
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
+from workers.registry import did_you_mean
 from workers.methods.protocol import FitContext, FitReport, MethodKind, PeftUse, forward_flops
 from workers.training import TrainConfig, train
 
@@ -25,14 +28,64 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
 
+ALL_LINEAR = "all-linear"
+
+
 class LoraConfig(StrictConfig):
     rank: int = Field(4, ge=1)
     alpha: float = Field(8.0, gt=0, description="LoRA scaling numerator: the update is (alpha / rank) · B A")
     target_modules: str | tuple[str, ...] = Field(
-        "all-linear",
-        description="module names to adapt, or 'all-linear' (every Linear/Conv1D but the output head: any architecture)",
+        ALL_LINEAR,
+        description="module names to adapt (a list: each takes every module of that name), a regular expression whole module names must match, or 'all-linear' (every Linear/Conv1D but the output head: any architecture)",
     )
     train: TrainConfig = TrainConfig()
+
+    @field_validator("target_modules")
+    @classmethod
+    def _a_string_is_a_pattern(cls, target: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        if isinstance(target, str) and target != ALL_LINEAR:
+            try:
+                re.compile(target)
+            except re.error as err:
+                raise ValueError(f"a single string is a regular expression of module names (PEFT's rule), and {target!r} is not one: {err}") from None
+        return target
+
+
+def _targets(name: str, target: str | tuple[str, ...]) -> bool:
+    """PEFT's rule for whether `target_modules` takes the module called `name` (`check_target_module_exists`):
+    a string other than 'all-linear' is a regular expression the whole name must match; a list entry
+    takes the module of that name, at any depth. Restated here because planning checks targets
+    without importing peft (seconds); tests/test_methods.py holds it to PEFT's own function."""
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return name in target or any(name.endswith(f".{entry}") for entry in target)
+
+
+def target_problem(config: LoraConfig, model: nn.Module) -> str | None:
+    """What in `target_modules` names no module of `model`, or None. PEFT refuses targets of which none
+    matches, but adapts the rest of a list where one entry is mistyped: a run that adapts fewer
+    modules than its config (and its rows) say, so every target must take some module."""
+    target = config.target_modules
+    if target == ALL_LINEAR:
+        return None
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(target, str):
+        missing = [] if any(_targets(name, target) for name in names) else [target]
+    else:
+        missing = [entry for entry in dict.fromkeys(target) if not any(_targets(name, (entry,)) for name in names)]
+    if not missing:
+        return None
+    # what a target would usually name: the layers holding a weight matrix (Linear, GPT-2's Conv1D, embeddings)
+    leaves = {name.rpartition(".")[2] for name, module in model.named_modules() if getattr(module, "weight", None) is not None and module.weight.dim() == 2}
+    hints = []
+    for entry in missing:
+        hint = f"'{entry}' matches no module of {type(model).__name__}"
+        if isinstance(target, str) and any(_targets(name, (entry,)) for name in names):
+            hint += f": a single string is a regular expression the whole module name must match (PEFT's rule); write [{entry}] for every module of that name"
+        else:
+            hint += did_you_mean(entry, leaves)
+        hints.append(hint)
+    return f"lora target_modules: {'; '.join(hints)}. Its weight matrices are named {', '.join(sorted(leaves))}; or use '{ALL_LINEAR}'"
 
 
 @contextmanager
@@ -40,6 +93,9 @@ def lora_injected(lm: LanguageModel, config: LoraConfig, state: dict[str, torch.
     """LoRA layers in `lm.model` (fresh, or loaded from `state`) for the duration; base restored after."""
     import peft  # here, not at the top: planning imports this module, and peft takes seconds (workers/__init__.py)
 
+    problem = target_problem(config, lm.model)
+    if problem is not None:
+        raise ValueError(problem)
     targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
     peft_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0)
     requires_grad = {name: p.requires_grad for name, p in lm.model.named_parameters()}
@@ -78,6 +134,9 @@ class Lora:
 
     def peft_use(self, config: LoraConfig) -> PeftUse:
         return PeftUse(fitting=True, applied=True)
+
+    def model_problem(self, config: LoraConfig, model: nn.Module) -> str | None:
+        return target_problem(config, model)
 
     def fit(self, ctx: FitContext, config: LoraConfig) -> LoraAdapter:
         torch.manual_seed(ctx.seed)  # LoRA's A matrices are initialised randomly

@@ -98,7 +98,8 @@ class Method(Protocol, Generic[ConfigT_contra]):
     def fit(self, ctx: FitContext, config: ConfigT_contra) -> Adapter: ...
 
     # Optional: `peft_use(config) -> PeftUse`, for a method that puts PEFT layers into the model;
-    # `validation_choice(config) -> str | None`, for one that must choose on the shared validation set.
+    # `validation_choice(config) -> str | None`, for one that must choose on the shared validation set;
+    # `model_problem(config, model) -> str | None`, for one whose config names parts of the model.
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,14 @@ def validation_choice(method: Method, config: StrictConfig) -> str | None:
     which would otherwise fail every one of its cells."""
     declared: Callable[[StrictConfig], str | None] | None = getattr(method, "validation_choice", None)
     return declared(config) if declared is not None else None
+
+
+def model_problem(method: Method, config: StrictConfig, model: nn.Module) -> str | None:
+    """Why `method` under `config` cannot run as configured on `model` (e.g. a module name it targets that
+    the architecture lacks), or None. `model` may be on the meta device: only its structure is read, so
+    planning asks this before any cell, of the architecture built from the model's config."""
+    declared: Callable[[StrictConfig, nn.Module], str | None] | None = getattr(method, "model_problem", None)
+    return declared(config, model) if declared is not None else None
 
 
 # Analytic post-training cost. A forward pass costs F = 2·N_body·T + 2·N_head·H (`LanguageModel.flops_run`):

@@ -17,12 +17,13 @@ from typing import Any, Callable, ContextManager, Iterator, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import nn
 
 from workers.config import StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.full_ft import FullFt, FullFtConfig, TrainedWeights
 from workers.methods.lora import Lora, LoraAdapter, LoraConfig, lora_injected
-from workers.methods.protocol import FitContext, FitReport, MethodKind, PeftUse, peft_use
+from workers.methods.protocol import FitContext, FitReport, MethodKind, PeftUse, model_problem, peft_use
 
 Deltas = dict[str, torch.Tensor]  # parameter name (as in `model.named_parameters()`) -> Δθ of that parameter
 
@@ -130,6 +131,9 @@ class TaskVector:
         """The fine-tune's layers while fitting (Δθ is read off them too); applied, Δθ is plain weights."""
         source = peft_use(SOURCES[config.finetune].method, config.source_config())
         return PeftUse(fitting=source.fitting or source.applied)
+
+    def model_problem(self, config: TaskVectorConfig, model: nn.Module) -> str | None:
+        return model_problem(SOURCES[config.finetune].method, config.source_config(), model)
 
     def validation_choice(self, config: TaskVectorConfig) -> str | None:
         candidates = list(dict.fromkeys(config.lambdas))
