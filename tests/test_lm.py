@@ -160,11 +160,29 @@ def test_pairs_encoded_once_collate_to_the_same_batches():
     assert collated.input_ids.shape[1] == 9 and collated.target_tokens == 6  # truncated, every continuation kept
 
 
-def test_truncation_keeps_the_continuation():
+def test_truncation_keeps_the_continuation_and_the_bos():
     lm = language_model()
     lm.max_length = 4
     b = next(lm.batches(["persona: honest q: a1 b2 ="], [" 3"]))
     assert b.input_ids.shape[1] == 4 and b.target_tokens == 1 and int(b.prompt_last[0]) == 2
+    assert b.input_ids[0].tolist() == [lm.tokenizer.bos_token_id, *lm.encode(["b2 = 3"], prompt=False)[0]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("limit", [2, 5, 40])
+def test_a_long_prompt_is_clipped_as_the_tokenizer_truncates_it(arch, limit):
+    """`clipped` (scoring, training, extraction) drops a long prompt's oldest text and keeps what the tokenizer
+    puts first, as the tokenizer's own left truncation (`generate`'s) does: the BOS stayed there only."""
+    lm = language_model(arch)
+    lm.max_length = limit
+    text = "persona: honest q: a1 b2 = 3 ; q: a4 b0 ="
+    tok = lm.tokenizer
+    tok.truncation_side, side = "left", tok.truncation_side
+    try:
+        theirs = tok(text, truncation=True, max_length=limit)["input_ids"]
+    finally:
+        tok.truncation_side = side
+    assert lm.clipped(lm.encode([text], prompt=True)[0]) == theirs
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

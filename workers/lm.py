@@ -192,6 +192,23 @@ class LanguageModel:
         texts = [self.prefix + t for t in texts] if prompt else list(texts)
         return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=prompt)["input_ids"]]
 
+    @functools.cached_property
+    def _leading_specials(self) -> int:
+        """How many special tokens the tokenizer puts before a prompt's text (a BOS: 1; GPT-2's: none)."""
+        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("x", add_special_tokens=True)["input_ids"]
+        return next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+
+    def clipped(self, ids: list[int]) -> list[int]:
+        """A prompt's ids (`encode(..., prompt=True)`, perhaps with more after) cut to `max_length` by
+        dropping its oldest text, not the special tokens the tokenizer put first: a model trained with a
+        BOS reads every sequence from one, and without it scores worse (as the tokenizer's own left
+        truncation, used by `generate`, keeps it)."""
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids
+        lead = min(self._leading_specials, self.max_length - 1)
+        return ids[:lead] + ids[len(ids) - (self.max_length - lead) :]
+
     def token_count(self, text: str, *, prompt: bool) -> int:
         """Tokens `text` takes as a prompt (with special tokens and the current prefix) or as a continuation."""
         return len(self._ids(text, prompt=prompt))
@@ -213,9 +230,7 @@ class LanguageModel:
         """
         pairs = []
         for p, c in zip(self.encode(prompts, prompt=True), self.encode(continuations, prompt=False)):
-            ids = p + c
-            if self.max_length is not None and len(ids) > self.max_length:
-                ids = ids[-self.max_length :]  # keep the continuation; drop the oldest context
+            ids = self.clipped(p + c)  # keep the continuation; drop the oldest context
             pairs.append(EncodedPair(ids, max(len(ids) - len(c), 0)))
         return pairs
 

@@ -74,9 +74,7 @@ def contrast_batches(lm: LanguageModel, pairs: list[tuple[str, str]]) -> Contras
             w[0] += sign
             w[1] += 1
     texts = list(weight)
-    ids = lm.encode(texts, prompt=True)
-    if lm.max_length is not None:
-        ids = [row[-lm.max_length :] for row in ids]
+    ids = [lm.clipped(row) for row in lm.encode(texts, prompt=True)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     batches = []
     for start in range(0, len(order), 2 * lm.batch_size):
