@@ -484,13 +484,24 @@ def test_a_lora_target_the_model_lacks_is_refused_not_dropped(name, raw):
     with pytest.raises(ValueError, match=r"'v_porj' matches no module of LlamaForCausalLM \(did you mean 'v_proj'\?\)"):
         fit(name, lm, raw)
     assert torch.equal(logits(lm), before) and not any("lora" in n for n, _ in lm.model.named_modules())
-    assert protocol.model_problem(get_method(name), resolve_config(name, raw), lm.model) is not None  # what planning asks
+    assert protocol.model_problem(get_method(name), resolve_config(name, raw), lambda: lm.model) is not None  # what planning asks
 
 
 def test_a_single_target_string_is_a_pattern_and_the_refusal_says_so():
     lm = language_model()
-    problem = protocol.model_problem(get_method("lora"), resolve_config("lora", {"target_modules": "q_proj"}), lm.model)
+    problem = protocol.model_problem(get_method("lora"), resolve_config("lora", {"target_modules": "q_proj"}), lambda: lm.model)
     assert problem is not None and "write [q_proj] for every module of that name" in problem
-    assert protocol.model_problem(get_method("lora"), resolve_config("lora", {"target_modules": r".*q_proj"}), lm.model) is None
+    assert protocol.model_problem(get_method("lora"), resolve_config("lora", {"target_modules": r".*q_proj"}), lambda: lm.model) is None
     with pytest.raises(ConfigError, match=r"methods.lora.target_modules: .*'q_proj\[' is not one"):
         resolve_config("lora", {"target_modules": "q_proj["})
+
+
+@pytest.mark.parametrize("name", ["lora", "steer_mean+lora", "task_vector", "base"])
+def test_default_configs_are_checked_without_building_the_architecture(name):
+    """`run` asks every method before its cells; a config that names no module must not make the driver load
+    transformers' model code (seconds) to build the model on the meta device."""
+
+    def architecture():
+        raise AssertionError("the architecture was built for a config that names no module")
+
+    assert protocol.model_problem(get_method(name), resolve_config(name, {}), architecture) is None

@@ -15,6 +15,7 @@ a CPU box, nor torch's (CUDA) OutOfMemoryError. Leave it unset in real use.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import OrderedDict
@@ -73,11 +74,12 @@ def estimated_params(spec: ModelSpec) -> int:
 
 def method_problems(spec: ModelSpec, methods: Mapping[str, dict]) -> list[str]:
     """Why each of `methods` (name -> config) cannot run on `spec` as configured, from its architecture
-    alone (`model_problem`: e.g. a LoRA target the model lacks), one line each; [] when all can."""
-    model = _meta_model(spec)
+    alone (`model_problem`: e.g. a LoRA target the model lacks), one line each; [] when all can. The
+    architecture is built (from the model's config, on the meta device) only if a method asks for it."""
+    architecture = functools.cache(lambda: _meta_model(spec))
     problems = []
     for name, raw in methods.items():
-        problem = model_problem(get_method(name), resolve_config(name, raw), model)
+        problem = model_problem(get_method(name), resolve_config(name, raw), architecture)
         if problem is not None:
             problems.append(f"methods.{name} on {spec.id}: {problem}")
     return problems

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pydantic import Field, create_model, model_validator
 from torch import nn
@@ -74,8 +74,8 @@ class Composition:
         parts = [validation_choice(self.first, config.first), validation_choice(self.second, config.second)]  # type: ignore[attr-defined]
         return "; ".join(p for p in parts if p) or None
 
-    def model_problem(self, config: StrictConfig, model: nn.Module) -> str | None:
-        parts = [model_problem(self.first, config.first, model), model_problem(self.second, config.second, model)]  # type: ignore[attr-defined]
+    def model_problem(self, config: StrictConfig, architecture: Callable[[], nn.Module]) -> str | None:
+        parts = [model_problem(self.first, config.first, architecture), model_problem(self.second, config.second, architecture)]  # type: ignore[attr-defined]
         return "; ".join(p for p in parts if p) or None
 
     def _refuse_nested_peft(self, config: StrictConfig) -> StrictConfig:

@@ -12,7 +12,7 @@ import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from pydantic import Field, field_validator
@@ -135,8 +135,8 @@ class Lora:
     def peft_use(self, config: LoraConfig) -> PeftUse:
         return PeftUse(fitting=True, applied=True)
 
-    def model_problem(self, config: LoraConfig, model: nn.Module) -> str | None:
-        return target_problem(config, model)
+    def model_problem(self, config: LoraConfig, architecture: Callable[[], nn.Module]) -> str | None:
+        return None if config.target_modules == ALL_LINEAR else target_problem(config, architecture())
 
     def fit(self, ctx: FitContext, config: LoraConfig) -> LoraAdapter:
         torch.manual_seed(ctx.seed)  # LoRA's A matrices are initialised randomly

@@ -99,7 +99,7 @@ class Method(Protocol, Generic[ConfigT_contra]):
 
     # Optional: `peft_use(config) -> PeftUse`, for a method that puts PEFT layers into the model;
     # `validation_choice(config) -> str | None`, for one that must choose on the shared validation set;
-    # `model_problem(config, model) -> str | None`, for one whose config names parts of the model.
+    # `model_problem(config, architecture) -> str | None`, for one whose config names parts of the model.
 
 
 @dataclass(frozen=True)
@@ -126,12 +126,13 @@ def validation_choice(method: Method, config: StrictConfig) -> str | None:
     return declared(config) if declared is not None else None
 
 
-def model_problem(method: Method, config: StrictConfig, model: nn.Module) -> str | None:
-    """Why `method` under `config` cannot run as configured on `model` (e.g. a module name it targets that
-    the architecture lacks), or None. `model` may be on the meta device: only its structure is read, so
-    planning asks this before any cell, of the architecture built from the model's config."""
-    declared: Callable[[StrictConfig, nn.Module], str | None] | None = getattr(method, "model_problem", None)
-    return declared(config, model) if declared is not None else None
+def model_problem(method: Method, config: StrictConfig, architecture: Callable[[], nn.Module]) -> str | None:
+    """Why `method` under `config` cannot run as configured on a model (e.g. a module name it targets that
+    the architecture lacks), or None. `architecture()` builds the model on the meta device from its
+    config; a method calls it only when its config names parts of the model, so planning pays for
+    transformers' model code only then."""
+    declared: Callable[[StrictConfig, Callable[[], nn.Module]], str | None] | None = getattr(method, "model_problem", None)
+    return declared(config, architecture) if declared is not None else None
 
 
 # Analytic post-training cost. A forward pass costs F = 2·N_body·T + 2·N_head·H (`LanguageModel.flops_run`):

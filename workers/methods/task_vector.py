@@ -132,8 +132,8 @@ class TaskVector:
         source = peft_use(SOURCES[config.finetune].method, config.source_config())
         return PeftUse(fitting=source.fitting or source.applied)
 
-    def model_problem(self, config: TaskVectorConfig, model: nn.Module) -> str | None:
-        return model_problem(SOURCES[config.finetune].method, config.source_config(), model)
+    def model_problem(self, config: TaskVectorConfig, architecture: Callable[[], nn.Module]) -> str | None:
+        return model_problem(SOURCES[config.finetune].method, config.source_config(), architecture)
 
     def validation_choice(self, config: TaskVectorConfig) -> str | None:
         candidates = list(dict.fromkeys(config.lambdas))
