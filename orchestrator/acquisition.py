@@ -173,8 +173,9 @@ def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: Co
         if cell.config.budget == 0:
             references[curve_key(cell)].append(cell)
     for key, group in references.items():
-        if not any(c.cell_id in status for c in group):
-            cell = min(group, key=lambda c: c.config.seed)
+        left = [c for c in group if c.cell_id not in status]  # a failed seed is passed over for the next, as on a curve
+        if left and not any(status.get(c.cell_id) == "ok" for c in group):
+            cell = min(left, key=lambda c: c.config.seed)
             reason = f"reference level: {label(key)} has no budget axis; one cell per model and task"
             choices.append(Choice(cell, "design", reason, cost.post_train(cell.config), float("nan")))
     models = list(dict.fromkeys(c.config.model.id for c in cells))

@@ -264,6 +264,23 @@ def test_the_design_asks_for_the_budget_a_failed_cell_left_missing(tmp_path):
     assert sorted((c.cell.config.budget, c.cell.config.seed) for c in chosen) == [(BUDGETS[3], 1)] * len(curves_of(cells))
 
 
+def test_the_design_takes_the_next_seed_of_a_reference_cell_that_failed(tmp_path):
+    """A failed base cell counted as the model's reference level: no other seed was ever chosen, and the report
+    lacked that model's base level. Its next seed is chosen instead, until one is ok or every seed has failed."""
+    evaluation = EvalConfig(test_size=100, validation_size=32, neutral_size=16)
+    base = [SimCell(CellConfig(sweep="sim", model=ModelSpec(id="sim-s"), task="facts", method="base", budget=0, seed=seed, eval=evaluation))
+            for seed in SEEDS]  # fmt: skip
+    cost = CostModel.calibrate(base, stored_rows(ResultsStore(str(tmp_path)), base), MODELS)
+
+    def chosen(status: dict[str, str]) -> list[int]:
+        return [c.cell.config.seed for c in design_choices(base, status, cost)]
+
+    assert chosen({}) == [0]
+    assert chosen({base[0].cell_id: "failed"}) == [1]
+    assert chosen({base[0].cell_id: "failed", base[1].cell_id: "ok"}) == []
+    assert chosen({c.cell_id: "failed" for c in base}) == []
+
+
 def test_cost_model_learns_the_worlds_cost_from_stored_rows(tmp_path):
     cells = grid()
     store = ResultsStore(str(tmp_path))
