@@ -39,7 +39,7 @@ from orchestrator.store import ResultsStore
 HEARTBEAT_SECONDS = 60.0
 START_POLL_SECONDS = 5.0  # how often a driver waiting on workers to start looks again (a node lost, the timeout)
 START_FAILURES = 3  # workers of a shape in a row that die while starting, none of it running: the run stops
-ANNOUNCE_WAIT_SECONDS = 60.0  # a worker not started by then is waiting for a node: say so once
+ANNOUNCE_WAIT_SECONDS = 60.0  # a worker not started by then waits for a node or is still being set up: say so once
 
 
 @dataclass
@@ -301,8 +301,9 @@ def run_cells(
                 )
             if waited > ANNOUNCE_WAIT_SECONDS and shape not in announced:
                 announced.add(shape)
-                bar.write(f"waiting for Ray to place workers with {what}: no live node has room yet "
-                          f"(an autoscaler adds one; resources.start_timeout_s {resources.start_timeout_s:g} s)")  # fmt: skip
+                bar.write(f"waiting for workers with {what} to start: no live node has room yet (an autoscaler adds one), "
+                          "or they are still being set up (a runtime env's pip install, first imports); "
+                          f"resources.start_timeout_s {resources.start_timeout_s:g} s")  # fmt: skip
 
     for cell in longest_first(cells):
         enqueue(cell, 1)
