@@ -57,6 +57,15 @@ def test_mixed_length_choices_take_the_general_path():
         assert a == pytest.approx(b, abs=1e-5)
 
 
+def test_choices_the_tokenizer_cannot_tell_apart_are_refused():
+    """Words a tokenizer lacks all become <unk>: an SST-2 cell on a ladder model scored " negative" and " positive"
+    alike, so the argmax always took the first label and the score was the share of negatives."""
+    lm = language_model()
+    with pytest.raises(ValueError, match=r"the choices ' negative' and ' positive' encode to the same tokens \[3\]"):
+        lm.choice_logprobs(PROMPTS[:1], [(" negative", " positive")])
+    assert len(lm.choice_logprobs(PROMPTS[:1], [(" 1", " 1", " 2")])[0]) == 3  # a choice listed twice is the same choice
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "qwen2", "gemma2", "gemma3", "opt"])
 def test_batched_equals_one_at_a_time(arch):
     lm = language_model(arch, batch_size=3)

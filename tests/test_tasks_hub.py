@@ -138,8 +138,13 @@ def test_a_test_size_above_the_split_fails_the_cell_instead_of_scoring_fewer() -
     task = adapters()["sst2"]
     available = len(task.examples("test", 10_000, seed=0))
     assert len(evaluation_examples(task, "test", available, 0, "eval.test_size")) == available
-    with pytest.raises(ValueError, match=f"has {available} test examples, fewer than eval.test_size = {available + 1}: lower it"):
+    with pytest.raises(ValueError, match=f"has {available} distinct test examples, fewer than eval.test_size = {available + 1}: lower it"):
         evaluation_examples(task, "test", available + 1, 0, "eval.test_size")
+    gridworld = TASKS.get("gridworld")  # a synthetic draw would repeat questions instead (a cell.json run by hand): refused alike
+    pool = gridworld.pool_size("validation")
+    assert len({ex.prompt for ex in evaluation_examples(gridworld, "validation", pool, 0, "eval.validation_size")}) == pool
+    with pytest.raises(ValueError, match=f"has {pool} distinct validation examples, fewer than eval.validation_size = {pool + 1}"):
+        evaluation_examples(gridworld, "validation", pool + 1, 0, "eval.validation_size")
 
 
 def test_a_budget_above_the_split_fails_the_cell_instead_of_training_on_fewer() -> None:

@@ -378,6 +378,15 @@ class LanguageModel:
         """
         flat = iter(self.encode([c for cs in choices for c in cs], prompt=False))
         ids = [[next(flat) for _ in cs] for cs in choices]
+        for cs, encoded in zip(choices, ids):
+            seen: dict[tuple[int, ...], str] = {}
+            for choice, tokens in zip(cs, encoded):
+                if seen.setdefault(tuple(tokens), choice) != choice:
+                    raise ValueError(
+                        f"the choices {seen[tuple(tokens)]!r} and {choice!r} encode to the same tokens {tokens}: this tokenizer "
+                        "cannot tell them apart (words it does not have, e.g. a ladder model on a hub task), so every "
+                        "argmax over them would pick the first"
+                    )
         if all(cs and all(len(c) == 1 for c in cs) for cs in ids):
             return self._single_token_logprobs(prompts, choices, ids)
         flat_prompts = [p for p, cs in zip(prompts, choices) for _ in cs]

@@ -167,6 +167,14 @@ def cached_neutral(cell: CellConfig, run: CellRun, lm: LanguageModel) -> Neutral
     return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, neutral_texts(size, words)))
 
 
+def drawn(task: Task, split: Split, n: int, seed: int) -> tuple[list[Example], int]:
+    """`n` examples of the task's `split` and how many of them are distinct: a synthetic draw repeats
+    its pool past the end, a hub split stops short of `n`."""
+    examples = task.examples(split, n, seed)
+    pool = task.pool_size(split)
+    return examples, len(examples) if pool is None else min(len(examples), pool)
+
+
 def training_examples(task: Task, budget: int, seed: int) -> list[Example]:
     """The cell's `budget` training examples; raises when the task has fewer distinct ones.
 
@@ -174,20 +182,19 @@ def training_examples(task: Task, budget: int, seed: int) -> list[Example]:
     row claims the full budget, putting the cell at the wrong place on every fit's data axis.
     Planning refuses the pools it can count; this catches the rest (hub ids, cells run by hand).
     """
-    examples = task.examples("train", budget, seed)
-    pool = task.pool_size("train")
-    distinct = len(examples) if pool is None else min(len(examples), pool)
+    examples, distinct = drawn(task, "train", budget, seed)
     if distinct < budget:
         raise ValueError(f"task '{task.name}' has {distinct} distinct training examples, fewer than the cell's budget of {budget}")
     return examples
 
 
 def evaluation_examples(task: Task, split: Split, n: int, seed: int, setting: str) -> list[Example]:
-    """`n` examples of the task's `split` for evaluation; raises when the split has fewer (a hub
-    test split of 872 rows asked for 1,000), which would be scored in silence as if it were `n`."""
-    examples = task.examples(split, n, seed)
-    if len(examples) < n:
-        raise ValueError(f"task '{task.name}' has {len(examples)} {split} examples, fewer than {setting} = {n}: lower it")
+    """`n` examples of the task's `split` for evaluation; raises when the split has fewer distinct ones
+    (a hub test split of 872 rows asked for 1,000; a synthetic draw past its pool, which repeats
+    questions), which would be scored in silence as if it were `n`."""
+    examples, distinct = drawn(task, split, n, seed)
+    if distinct < n:
+        raise ValueError(f"task '{task.name}' has {distinct} distinct {split} examples, fewer than {setting} = {n}: lower it")
     return examples
 
 
