@@ -65,7 +65,17 @@ def test_planning_a_sweep_loads_neither_transformers_models_nor_peft():
 
 
 def test_status_loads_no_torch(tmp_path):
-    loaded = modules_loaded_by(f"from orchestrator.cli import main\nassert main(['status', {str(tmp_path)!r}]) == 2")
+    """`status` of a results directory holding rows, a failed one among them: its table and its failures' errors."""
+    from datetime import datetime, timezone
+
+    from orchestrator.store import ResultsStore
+    from workers.schema import SCHEMA_VERSION
+
+    now, store = datetime.now(timezone.utc), ResultsStore(str(tmp_path))
+    common = {"schema_version": SCHEMA_VERSION, "sweep": "s", "model": "ladder:xs", "method": "lora", "started_at": now, "finished_at": now}
+    store.write({**common, "cell_id": "a", "slug": "a", "status": "ok", "score": 0.5})
+    store.write({**common, "cell_id": "b", "slug": "b", "status": "failed", "error": "ValueError: the loss went NaN"})
+    loaded = modules_loaded_by(f"from orchestrator.cli import main\nassert main(['status', {str(tmp_path)!r}]) == 0")
     assert "orchestrator.store" in loaded and "torch" not in loaded
 
 
