@@ -54,10 +54,24 @@ def test_cache_is_reused_and_leaves_no_temporary_dirs(built: dict[str, Path]) ->
     assert path.parent.name == f"test-{ladder.recipe_hash('test')}"
 
 
+@torch.no_grad()
 def test_tasks_score_through_a_ladder_model(built: dict[str, Path]) -> None:
-    lm = LanguageModel(AutoModelForCausalLM.from_pretrained(built["s"]), AutoTokenizer.from_pretrained(built["s"]))
-    result = get_task("facts").evaluate(lm, get_task("facts").examples("test", 40, seed=0))
-    assert 0.0 <= result.score <= 1.0 and 0.0 < result.nll < 10.0
+    """A saved rung, loaded with the auto classes, scores as a plain one-sequence-at-a-time HF loop does:
+    accuracy of the most likely choice, and the target's NLL pooled over its tokens."""
+    model, tok = AutoModelForCausalLM.from_pretrained(built["s"]).eval(), AutoTokenizer.from_pretrained(built["s"])
+    examples = get_task("facts").examples("test", 40, seed=0)
+    result = get_task("facts").evaluate(LanguageModel(model, tok), examples)
+
+    def logprobs(prompt: str, continuation: str) -> torch.Tensor:
+        start = len(tok(prompt)["input_ids"])
+        ids = tok(prompt)["input_ids"] + tok(continuation, add_special_tokens=False)["input_ids"]
+        log_softmax = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+        return torch.stack([log_softmax[i - 1, ids[i]] for i in range(start, len(ids))])
+
+    picks = [max(ex.choices, key=lambda c: float(logprobs(ex.prompt, c).sum())) for ex in examples]
+    targets = torch.cat([logprobs(ex.prompt, ex.target) for ex in examples])
+    assert result.score == sum(p == ex.target for p, ex in zip(picks, examples)) / len(examples)
+    assert result.nll == pytest.approx(float(-targets.mean()), rel=1e-5)
 
 
 def test_recipes_span_the_required_sizes() -> None:
