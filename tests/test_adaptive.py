@@ -349,9 +349,14 @@ def test_a_grid_cells_row_that_cannot_be_read_mid_run_stops_the_run_instead_of_r
     World(store)(cells[:3])
     assert len(stored_rows(store, cells)) == 3
     (tmp_path / "r" / "other.parquet").write_bytes(b"not this grid's")  # not a cell file of the grid: no matter
-    (tmp_path / "r" / "cells" / f"{cells[1].cell_id}.parquet").write_bytes(b"a read that failed")
+    damaged = tmp_path / "r" / "cells" / f"{cells[1].cell_id}.parquet"
+    damaged.write_bytes(b"a read that failed")
     with pytest.raises(StoreUnreadableError, match=cells[1].cell_id):
         stored_rows(store, cells)
+    world = World(store)
+    with pytest.raises(StoreUnreadableError, match=cells[1].cell_id):
+        run_adaptive(cells, store, world, Settings(budget_flops=1e30, batch_size=12, bootstrap=100), MODELS, echo=lambda _: None)
+    assert world.ran == [] and damaged.read_bytes() == b"a read that failed"  # nothing rerun, the file left for a look
 
 
 def test_an_adaptive_grid_refused_leaves_the_store_as_it_was(tmp_path, capsys):
