@@ -94,14 +94,17 @@ class LawFit:
 
         An exponent at its bound is a flat curve (0) or a step (the upper bound); a floor E at the
         loss floor is a curve still falling where the data end, whose asymptote is the metric's limit.
+        An exponent that is not identified (`unidentified`) is noted as that instead: any value fits as
+        well, so where it landed says nothing, and its flat curve's level is measured.
         """
         if not self.fit:
             return []
+        lost = set(self.unidentified())
         notes = [
             f"{name}={self.fit.params[name]:.3g} at its {'lower' if side == 0 else 'upper'} bound"
             for name, bounds in zip(self.law.exponents, self.law.exponent_bounds)
             for side in (0, 1)
-            if abs(self.fit.params[name] - bounds[side]) <= BOUND_TOLERANCE
+            if name not in lost and abs(self.fit.params[name] - bounds[side]) <= BOUND_TOLERANCE
         ]
         if self.fit.params["E"] <= LOSS_FLOOR:
             notes.append("E at the loss floor (asymptote = the metric's limit)")

@@ -24,13 +24,15 @@ def operating_points(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def compute_frontier(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Operating points with positive FLOPs, flagged `on_frontier` if nothing cheaper is as good.
+    """Operating points, flagged `on_frontier` if nothing cheaper is as good.
 
     Pareto per task: walking up in compute, a point is on the frontier when it beats every point
-    that costs no more than it.
+    that costs no more than it. Points of no post-training compute (the base model; pretraining is
+    not counted) are where the walk starts: the best of them is on the frontier at 0 FLOPs, and a
+    paid point is only on it if it beats that.
     """
     points = operating_points(ok, metric)
-    points = points[np.isfinite(points["post_train_flops"]) & (points["post_train_flops"] > 0)]
+    points = points[np.isfinite(points["post_train_flops"]) & (points["post_train_flops"] >= 0)]
     frames = []
     for _, task_points in points.groupby("task", sort=True):
         better = improvement(task_points[metric].to_numpy(), 0.0, metric)
@@ -42,11 +44,17 @@ def compute_frontier(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def frontier_by_compute(frontier: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """For each power-of-ten compute level, the best operating point affordable at that level."""
+    """For each power-of-ten level of post-training compute, the best operating point affordable at that
+    level (a free one, the base model, where no paid point yet beats it)."""
     rows = []
-    for task, points in frontier[frontier["on_frontier"]].groupby("task", sort=True):
+    for task, all_points in frontier.groupby("task", sort=True):
+        paid = all_points["post_train_flops"].to_numpy()
+        paid = paid[paid > 0]
+        if not len(paid):
+            continue
+        points = all_points[all_points["on_frontier"]]
         flops = points["post_train_flops"].to_numpy()
-        for level in 10.0 ** np.arange(np.ceil(np.log10(flops.min())), np.ceil(np.log10(flops.max())) + 1):
+        for level in 10.0 ** np.arange(np.ceil(np.log10(paid.min())), np.ceil(np.log10(paid.max())) + 1):
             affordable = points[flops <= level]
             best = affordable.iloc[-1]  # frontier points are in increasing compute and quality
             rows.append({"task": task, "flops_level": level, "method": best["method"], "model": best["model"], "budget": best["budget"], metric: best[metric]})

@@ -146,6 +146,8 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
         ax.set(xscale="log", yscale="log", xlabel=axis.label, title=f"x = {axis.name}", xlim=_log_limits(known[np.isfinite(known)]))
         _readable_log_ticks(ax.xaxis)
     _readable_log_ticks(panels[0][0].yaxis)  # shared: every panel's D* axis
+    for steering, finetuning in pairs:  # which colour is which pair, though no trend line is drawn for it
+        panels[0][0].plot([], [], marker="s", color=colours[steering, finetuning], ls="none", label=f"{finetuning} over {steering}")
     for family, marker in markers.items():
         panels[0][0].plot([], [], marker=marker, color="grey", ls="none", label=f"family {family}")
     for ax in panels[0]:
@@ -167,9 +169,18 @@ def _trend_line(ax: plt.Axes, trend: CrossoverScaling, x: np.ndarray, d: np.ndar
     grid = np.geomspace(x[mine].min(), x[mine].max(), 50)
     held = f", held-out {trend.holdout_error:.2f}" if np.isfinite(trend.holdout_error) else ""
     within = f" ({trend.family})" if trend.family else ""
-    label = f"{trend.finetuning} over {trend.steering}{within}: γ={slope:.2f}{held}"
-    ax.plot(grid, np.exp(intercept) * grid**slope, color=colour, lw=1, label=label)
+    # the text states no trend without an interval: the line is drawn dotted and says so, not as a law
+    found = "" if trend.has_interval else " (no interval: not a finding)"
+    label = f"{trend.finetuning} over {trend.steering}{within}: γ={slope:.2f}{held}{found}"
+    ax.plot(grid, np.exp(intercept) * grid**slope, color=colour, lw=1, ls="-" if trend.has_interval else ":", label=label)
     return bool(held)
+
+
+def method_colours(analysis: Analysis) -> dict[str, object]:
+    """One colour per method of the whole analysis, so a method looks the same in every plot of the report
+    (each plot's own colour cycle gave lora one colour where base was plotted and another where it was not)."""
+    methods = sorted(analysis.loaded.frame["method"].unique()) if len(analysis.loaded.frame) else []
+    return dict(zip(methods, itertools.cycle(plt.cm.tab10.colors)))
 
 
 def frontier_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
@@ -177,11 +188,21 @@ def frontier_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     points = analysis.frontier[analysis.frontier["task"] == task]
     if points.empty:
         return None
+    paid, free = points[points["post_train_flops"] > 0], points[points["post_train_flops"] == 0]
+    if paid.empty:
+        return None
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for method, group in points.groupby("method"):
-        ax.scatter(group["post_train_flops"], group[analysis.metric], s=14, label=method)
-    front = points[points["on_frontier"]]
-    ax.step(front["post_train_flops"], front[analysis.metric], where="post", color="black", lw=1, label="frontier")
+    colours = method_colours(analysis)
+    for method, group in paid.groupby("method"):
+        ax.scatter(group["post_train_flops"], group[analysis.metric], s=14, color=colours[method], label=method)
+    front = paid[paid["on_frontier"]]
+    x, y = front["post_train_flops"].to_numpy(), front[analysis.metric].to_numpy()
+    start = free[free["on_frontier"]]
+    if not start.empty:  # no post-training compute: off a log axis, drawn as the level the frontier starts from
+        level = start.iloc[0]
+        ax.axhline(level[analysis.metric], color="grey", ls="--", lw=1, label=f"{level['method']} {level['model']} (no post-training)")
+        x, y = np.r_[paid["post_train_flops"].min(), x], np.r_[level[analysis.metric], y]
+    ax.step(x, y, where="post", color="black", lw=1, label="frontier")
     ax.set(xscale="log", xlabel="post-training FLOPs", ylabel=analysis.metric, title=f"{task}: compute frontier")
     _readable_log_ticks(ax.xaxis)
     ax.legend(fontsize=7)
@@ -195,9 +216,10 @@ def selectivity_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     if points.empty or not damage or not np.isfinite(points["gain"]).any():
         return None
     fig, axes = plt.subplots(1, len(damage), figsize=(4.5 * len(damage), 3.6), squeeze=False, sharey=True)
+    colours = method_colours(analysis)
     for ax, column in zip(axes[0], damage):
         for method, group in points.groupby("method"):
-            ax.scatter(group[column], group["gain"], s=14, label=method)
+            ax.scatter(group[column], group["gain"], s=14, color=colours[method], label=method)
         ax.set(xlabel=column, title=f"{task}: effectiveness vs {column}")
     axes[0][0].set_ylabel("score − score_base")
     axes[0][0].legend(fontsize=7)

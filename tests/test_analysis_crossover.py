@@ -171,6 +171,10 @@ def test_the_crossover_plot_reads_with_one_model_or_several(crossing: int, tmp_p
     shown = [t for t in texts if re.search(r"held-out \d", t)]
     assert len(shown) == (2 if crossing == 3 else 0), texts  # one trend per panel, its held-out error in the legend
     assert any("held-out" in t for t in texts) == bool(shown), texts
+    assert "lora over steer_mean" in texts  # which colour is which pair, with or without a trend line (it was never said)
+    # no resamples here: the lines are drawn, dotted, but not as laws the text withholds
+    assert all(t.endswith("(no interval: not a finding)") for t in shown), shown
+    assert all(line.get_linestyle() == ":" for ax in fig.axes for line in ax.get_lines() if "γ=" in line.get_label())
 
 
 def test_the_budget_plot_labels_a_narrow_budget_range_in_plain_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

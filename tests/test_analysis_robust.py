@@ -144,7 +144,8 @@ def test_a_curve_flat_over_the_data_has_no_asymptote_far_past_it() -> None:
                          for budget, score in zip((8, 32, 128, 512, 2048), (0.62, 0.60, 0.58, 0.56, 0.55)) for seed in (0, 1)])  # fmt: skip
     curve = fit_group(GroupJob("t", "steer_mean", "m", POWER_D, rows, "score", None, 0, 0))
     assert curve.unidentified() == ["beta"] and curve.record()["asymptote"] == pytest.approx(0.585, abs=1e-3)
-    assert curve.asymptote_notes() == [] and curve.note == "B≈0: beta not identified; beta=0 at its lower bound", curve.note
+    # not also "beta=0 at its lower bound": counted among the fits at a bound, its level was called "not a finding"
+    assert curve.asymptote_notes() == [] and curve.bound_notes() == [] and curve.note == "B≈0: beta not identified", curve.note
     level = fit_group(GroupJob("t", "steer_mean", "m", POWER_D, rows.assign(score=0.9), "score", None, 0, 0))  # noted "… at 0.9"
     assert level.asymptote_notes() == [] and "asymptote" not in level.note, level.note
 

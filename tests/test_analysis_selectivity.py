@@ -1,4 +1,4 @@
-"""The share of the elicitation gap a method closes is reported only where the gap is more than noise."""
+"""Trade-offs: the share of the elicitation gap a method closes (only where the gap is more than noise), and the compute frontier."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.frontier import FALLBACK_RESOLUTION, score_resolution, selectivity
+from analysis.frontier import FALLBACK_RESOLUTION, compute_frontier, frontier_by_compute, score_resolution, selectivity
 
 
 def test_one_question_is_read_off_the_scores() -> None:
@@ -26,3 +26,41 @@ def test_gap_closed_needs_a_positive_gap_of_more_than_a_question() -> None:
     closed = selectivity(pd.DataFrame(rows), "score").set_index("model")["gap_closed"]
     assert np.isnan(closed["below"]) and np.isnan(closed["one"])
     assert closed["wide"] == pytest.approx(8 / 20)
+
+
+POINTS = [("base", "xl", 0, 0.0, 0.63), ("base", "xs", 0, 0.0, 0.40), ("prompt", "xs", 16, 3e7, 0.40),
+          ("steer_mean", "s", 32, 4e8, 0.61), ("lora", "xl", 1024, 5e10, 0.80)]  # fmt: skip
+
+
+def _operating_rows() -> pd.DataFrame:
+    return pd.DataFrame([{"task": "t", "model": model, "method": method, "budget": budget, "seed": seed, "score": score, "score_base": 0.4,
+                          "score_elicited": np.nan, "post_train_flops": flops, "neutral_kl": 0.01 * seed, "offtask_score_delta": 0.0,
+                          "neutral_ppl_ratio": 1.0} for method, model, budget, flops, score in POINTS for seed in range(2)])  # fmt: skip
+
+
+def test_the_compute_frontier_starts_from_the_free_base_model() -> None:
+    """Base cells cost no post-training FLOPs and were left out, so a paid point below the best base model was
+    "the best affordable" at the low levels (the quickstart's gridworld: prompt xs .40 where base xl scores .63)."""
+    frontier = compute_frontier(_operating_rows(), "score")
+    assert frontier[frontier["on_frontier"]][["method", "model"]].values.tolist() == [["base", "xl"], ["lora", "xl"]]
+    levels = frontier_by_compute(frontier, "score")
+    assert levels["flops_level"].tolist() == [1e8, 1e9, 1e10, 1e11]
+    assert levels["method"].tolist() == ["base", "base", "base", "lora"] and levels["score"].tolist() == [0.63, 0.63, 0.63, 0.80]
+
+
+def test_a_method_has_one_colour_in_every_plot(tmp_path, monkeypatch) -> None:
+    """Each plot took its own colour cycle: lora was one colour where base was plotted (selectivity) and another
+    where it was not (the frontier, which draws base as a level)."""
+    from types import SimpleNamespace
+
+    from analysis import plots
+
+    frame = _operating_rows()
+    a = SimpleNamespace(loaded=SimpleNamespace(frame=frame), metric="score", frontier=compute_frontier(frame, "score"),
+                        selectivity=selectivity(frame, "score"))  # fmt: skip
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    assert plots.frontier_plot(a, "t", tmp_path / "f.png") and plots.selectivity_plot(a, "t", tmp_path / "s.png")
+    colours = [{c.get_label(): tuple(c.get_facecolor()[0]) for ax in fig.axes for c in ax.collections} for fig in figures]
+    assert "base" not in colours[0] and "base" in colours[1]
+    assert all(colours[0][method] == colours[1][method] for method in ("prompt", "steer_mean", "lora")), colours
