@@ -1,8 +1,10 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
-# GPU machines: `make demo TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+# GPU machines: `make demo TORCH_INDEX=https://download.pytorch.org/whl/cu128` (torch's CUDA 12.8 wheels).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_FROM := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.steerscale-installed
 CONFIG ?= configs/quickstart.yaml
@@ -19,7 +21,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" $(TORCH_FROM)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
@@ -41,11 +43,11 @@ test-slow: setup peers-venv
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 peers-venv:
-	test -x .venv-peers/bin/python || TORCH="$(TORCH)" bash tests/peers/run_peer_tests.sh -q
+	test -x .venv-peers/bin/python || TORCH="$(TORCH)" TORCH_INDEX="$(TORCH_INDEX)" bash tests/peers/run_peer_tests.sh -q
 
 # Parity against peers that pin old versions (steering-vectors needs transformers<5) runs in its own venv.
 test-peers:
-	TORCH="$(TORCH)" bash tests/peers/run_peer_tests.sh
+	TORCH="$(TORCH)" TORCH_INDEX="$(TORCH_INDEX)" bash tests/peers/run_peer_tests.sh
 
 # The oldest transformers and peft that pyproject.toml admits, in their own venv: the quick tier
 # passes there too (legacy tuple caches, no Gemma 3, HybridCache), not just on today's releases.
@@ -53,7 +55,7 @@ OLDEST ?= transformers==4.44.2 peft==0.12.0
 OLDEST_STAMP := .venv-oldest/.steerscale-installed
 $(OLDEST_STAMP): pyproject.toml
 	test -x .venv-oldest/bin/python || $(PYTHON) -m venv .venv-oldest
-	.venv-oldest/bin/python -m pip install --quiet "$(TORCH)"
+	.venv-oldest/bin/python -m pip install --quiet "$(TORCH)" $(TORCH_FROM)
 	.venv-oldest/bin/python -m pip install --quiet -e ".[dev]" $(OLDEST)
 	touch $(OLDEST_STAMP)
 

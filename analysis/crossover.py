@@ -60,7 +60,8 @@ class Crossover:
             return ""
 
         def end(value: float) -> str:
-            return f"< {self.d_min:.3g}" if value < self.d_min else f"> {self.d_max:.3g}" if value > self.d_max else f"{value:.3g}"
+            # the range's ends are measured budgets, printed whole (1024, not 1.02e+03)
+            return f"< {self.d_min:g}" if value < self.d_min else f"> {self.d_max:g}" if value > self.d_max else f"{value:.3g}"
 
         lo, hi = end(self.d_star_lo), end(self.d_star_hi)
         return f"[{lo}]" if lo == hi and not np.isfinite(self.d_star_lo) else f"[{lo}, {hi}]"

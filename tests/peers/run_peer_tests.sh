@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 VENV=.venv-peers
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import steering_vectors" 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q "${TORCH:-torch==2.13.0}"
+  "$VENV/bin/pip" install -q "${TORCH:-torch==2.13.0}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
   "$VENV/bin/pip" install -q 'transformers<5' steering-vectors peft pydantic pyarrow pytest pytest-timeout
 fi
 PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -q -p no:cacheprovider -W ignore::FutureWarning \
