@@ -27,9 +27,9 @@ def compute_frontier(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Operating points, flagged `on_frontier` if nothing cheaper is as good.
 
     Pareto per task: walking up in compute, a point is on the frontier when it beats every point
-    that costs no more than it. Points of no post-training compute (the base model; pretraining is
-    not counted) are where the walk starts: the best of them is on the frontier at 0 FLOPs, and a
-    paid point is only on it if it beats that.
+    that costs no more than it. Points of no post-training compute (the base model, prompting with a
+    fixed number of demonstrations; pretraining is not counted) are where the walk starts: the best of
+    them is on the frontier at 0 FLOPs, and a paid point is only on it if it beats that.
     """
     points = operating_points(ok, metric)
     points = points[np.isfinite(points["post_train_flops"]) & (points["post_train_flops"] >= 0)]
@@ -45,7 +45,7 @@ def compute_frontier(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def frontier_by_compute(frontier: pd.DataFrame, metric: str) -> pd.DataFrame:
     """For each power-of-ten level of post-training compute, the best operating point affordable at that
-    level (a free one, the base model, where no paid point yet beats it)."""
+    level (a free one, such as the base model, where no paid point yet beats it)."""
     rows = []
     for task, all_points in frontier.groupby("task", sort=True):
         paid = all_points["post_train_flops"].to_numpy()

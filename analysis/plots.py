@@ -198,7 +198,7 @@ def frontier_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     front = paid[paid["on_frontier"]]
     x, y = front["post_train_flops"].to_numpy(), front[analysis.metric].to_numpy()
     start = free[free["on_frontier"]]
-    if not start.empty:  # no post-training compute: off a log axis, drawn as the level the frontier starts from
+    if not start.empty:  # the best point of no post-training compute: off a log axis, drawn as the level the frontier starts from
         level = start.iloc[0]
         ax.axhline(level[analysis.metric], color="grey", ls="--", lw=1, label=f"{level['method']} {level['model']} (no post-training)")
         x, y = np.r_[paid["post_train_flops"].min(), x], np.r_[level[analysis.metric], y]

@@ -450,8 +450,8 @@ def _frontier(a: Analysis) -> list[Block]:
     if levels.empty:
         return [Heading("Compute frontier"), Paragraph("No cells record positive post-training FLOPs.")]
     rows = [(r["task"], f"{r['flops_level']:.0e}", r["method"], r["model"], f"{r['budget']:g}", _num(r[a.metric])) for _, r in levels.iterrows()]
-    return [Heading("Compute frontier"), Paragraph("Best operating point affordable at each level of post-training compute (a base "
-                                                   "model costs none: pretraining is not counted), means over seeds."),
+    return [Heading("Compute frontier"), Paragraph("Best operating point affordable at each level of post-training compute (the base "
+                                                   "model, or a fixed number of demonstrations, costs none: pretraining is not counted), means over seeds."),
             Table(("task", "FLOPs ≤", "method", "model", "budget", a.metric), rows)]  # fmt: skip
 
 

@@ -246,9 +246,11 @@ def _prepare_locally(model: ModelSpec) -> None:
 
 
 def _refuse_what_models_lack(cells: list[PlannedCell]) -> None:
-    """Refuse, before any cell, a method config naming parts a model lacks (a mistyped LoRA target):
-    each of its cells would fail, or with PEFT quietly adapt fewer modules than the config says. A hub
-    model whose config this driver cannot read (a cluster run) is left to its workers, which refuse the same."""
+    """Refuse, before the store is touched or any model fetched, a method config naming parts a model lacks
+    (a mistyped LoRA target): each of its cells would fail, or with PEFT quietly adapt fewer modules than
+    the config says. Only a model's config is read (a ladder's recipe, a hub model's config.json). A model
+    this driver cannot build (a config it cannot fetch, an architecture its transformers does not know,
+    remote code) is left to its workers, which refuse the same target at injection."""
     from workers.run_cell import method_problems
 
     by_model: dict[str, tuple[ModelSpec, dict[str, dict]]] = {}
@@ -259,7 +261,7 @@ def _refuse_what_models_lack(cells: list[PlannedCell]) -> None:
     for model, methods in by_model.values():
         try:
             problems += method_problems(model, methods)
-        except OSError:
+        except Exception:  # noqa: BLE001 - see the docstring: the workers check it where the model loads
             continue
     if problems:
         raise ConfigError("\n".join(problems))
@@ -279,7 +281,6 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
             params[model.id] = float(estimated_params(model))
         except OSError as err:  # a hub config this driver cannot fetch: the cost model learns that model's cost from its cells
             print(f"note: no size prior for {model.id} ({err})", file=sys.stderr)
-    _refuse_what_models_lack(cells)
 
     def execute(batch: list[PlannedCell], planned_at: float) -> None:
         outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress,
@@ -301,6 +302,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.driver import run_cells  # imported here: `plan` and `status` need no Ray
 
     spec, cells = _load_grid(args)
+    _refuse_what_models_lack(cells)
     if args.address:  # before the store is read: an address where nothing listens leaves results_dir as it was
         check_listening(args.address)
     planned_at = time.time()  # before the store is read: a row another driver stores after it is not run again
@@ -327,7 +329,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.address:
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             _prepare_locally(model)
-    _refuse_what_models_lack(todo)
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,
                         dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
     print(

@@ -185,4 +185,17 @@ def test_a_lora_target_the_model_lacks_stops_the_run_before_any_cell(methods, tm
     name = next(iter(methods))
     expected = f"methods.{name} on {test_ladder[0]}: lora target_modules: 'v_porj' matches no module of LlamaForCausalLM (did you mean 'v_proj'?)"
     _assert_clean_error(_cli("run", str(path), "--no-progress", "--no-dashboard"), expected)
-    assert not (tmp_path / "r" / "cells").exists(), "no cell may have run"
+    assert not (tmp_path / "r").exists(), "refused before the store is touched (no plan.json replaced, no cell run)"
+
+
+def test_a_model_the_driver_cannot_build_leaves_the_target_check_to_the_workers(tmp_path):
+    """An architecture this driver's transformers does not know (workers may run a newer one) or remote code:
+    the up-front check is skipped for it, not a traceback."""
+    from orchestrator.cli import _refuse_what_models_lack
+    from orchestrator.grid import PlannedCell
+    from workers.cell import CellConfig, EvalConfig, ModelSpec
+
+    (tmp_path / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    cell = CellConfig(sweep="s", model=ModelSpec(id=str(tmp_path)), task="facts", method="lora",
+                      method_config={"target_modules": ["q_proj"]}, budget=4, seed=0, eval=EvalConfig())  # fmt: skip
+    assert _refuse_what_models_lack([PlannedCell(cell, 0.0)]) is None

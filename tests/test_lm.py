@@ -177,15 +177,20 @@ def test_truncation_keeps_the_continuation_and_the_bos():
     assert b.input_ids[0].tolist() == [lm.tokenizer.bos_token_id, *lm.encode(["b2 = 3"], prompt=False)[0]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("limit", [2, 5, 40])
-def test_a_long_prompt_is_clipped_as_the_tokenizer_truncates_it(arch, limit):
+@pytest.mark.parametrize("template", ["$A", "<bos> $A", "<bos> <bos> $A", "<bos> $A <eos>"])
+@pytest.mark.parametrize("limit", [3, 5, 40])
+def test_a_long_prompt_is_clipped_as_the_tokenizer_truncates_it(template, limit):
     """`clipped` (scoring, training, extraction) drops a long prompt's oldest text and keeps what the tokenizer
-    puts first, as the tokenizer's own left truncation (`generate`'s) does: the BOS stayed there only."""
-    lm = language_model(arch)
+    puts first, as the tokenizer's own left truncation (`generate`'s) does: the BOS stayed there only. Tokenizers
+    with no BOS (GPT-2's), two, or one and an EOS after the text."""
+    from tokenizers.processors import TemplateProcessing
+
+    lm = language_model()
     lm.max_length = limit
     text = "persona: honest q: a1 b2 = 3 ; q: a4 b0 ="
     tok = lm.tokenizer
+    specials = [(name, tok.convert_tokens_to_ids(name)) for name in ("<bos>", "<eos>")]
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=template, special_tokens=specials)
     tok.truncation_side, side = "left", tok.truncation_side
     try:
         theirs = tok(text, truncation=True, max_length=limit)["input_ids"]

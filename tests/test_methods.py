@@ -494,6 +494,10 @@ def test_a_single_target_string_is_a_pattern_and_the_refusal_says_so():
     assert protocol.model_problem(get_method("lora"), resolve_config("lora", {"target_modules": r".*q_proj"}), lambda: lm.model) is None
     with pytest.raises(ConfigError, match=r"methods.lora.target_modules: .*'q_proj\[' is not one"):
         resolve_config("lora", {"target_modules": "q_proj["})
+    with pytest.raises(ConfigError, match="methods.lora.target_modules: .*no module to adapt"):  # PEFT would refuse it in every cell
+        resolve_config("lora", {"target_modules": []})
+    # PEFT takes its shorthand in any case: not a pattern to refuse
+    assert protocol.model_problem(get_method("lora"), resolve_config("lora", {"target_modules": "ALL-LINEAR"}), lambda: lm.model) is None
 
 
 @pytest.mark.parametrize("name", ["lora", "steer_mean+lora", "task_vector", "base"])

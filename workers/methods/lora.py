@@ -43,12 +43,19 @@ class LoraConfig(StrictConfig):
     @field_validator("target_modules")
     @classmethod
     def _a_string_is_a_pattern(cls, target: str | tuple[str, ...]) -> str | tuple[str, ...]:
-        if isinstance(target, str) and target != ALL_LINEAR:
+        if not target:
+            raise ValueError(f"no module to adapt: give module names, a regular expression, or '{ALL_LINEAR}'")
+        if isinstance(target, str) and not is_all_linear(target):
             try:
                 re.compile(target)
             except re.error as err:
                 raise ValueError(f"a single string is a regular expression of module names (PEFT's rule), and {target!r} is not one: {err}") from None
         return target
+
+
+def is_all_linear(target: str | tuple[str, ...]) -> bool:
+    """PEFT's shorthand for every linear layer but the output head, which it takes in any case."""
+    return isinstance(target, str) and target.lower() == ALL_LINEAR
 
 
 def _targets(name: str, target: str | tuple[str, ...]) -> bool:
@@ -66,7 +73,7 @@ def target_problem(config: LoraConfig, model: nn.Module) -> str | None:
     matches, but adapts the rest of a list where one entry is mistyped: a run that adapts fewer
     modules than its config (and its rows) say, so every target must take some module."""
     target = config.target_modules
-    if target == ALL_LINEAR:
+    if is_all_linear(target):
         return None
     names = [name for name, _ in model.named_modules() if name]
     if isinstance(target, str):
@@ -136,7 +143,7 @@ class Lora:
         return PeftUse(fitting=True, applied=True)
 
     def model_problem(self, config: LoraConfig, architecture: Callable[[], nn.Module]) -> str | None:
-        return None if config.target_modules == ALL_LINEAR else target_problem(config, architecture())
+        return None if is_all_linear(config.target_modules) else target_problem(config, architecture())
 
     def fit(self, ctx: FitContext, config: LoraConfig) -> LoraAdapter:
         torch.manual_seed(ctx.seed)  # LoRA's A matrices are initialised randomly
