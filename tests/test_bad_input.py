@@ -44,6 +44,15 @@ CASES = {
         {**GOOD, "methods": {"steer_mean": {"scales": [1.0]}}, "eval": {"validation_size": 0}},
         "methods.steer_mean: steer_mean chooses a layer among the fractions [0.25, 0.5, 0.75] and a scale among [1.0]",
     ),
+    "a learning-rate search without a validation set": (  # it chooses on validation checkpoints: every cell failed
+        {**GOOD, "methods": {"lora": {"train": {"lr_search": [1e-2]}}}, "eval": {"validation_size": 0}},
+        "methods.lora: train.lr_search chooses a learning rate among [0.001, 0.01] on the shared validation set",
+    ),
+    "a nested learning-rate search without a validation set": (  # named by its path inside the composition
+        {**GOOD, "methods": {"steer_mean+lora": {"first": {"layers": [0.5], "scales": [1.0]}, "second": {"train": {"lr_search": [1e-2]}}}},
+         "eval": {"validation_size": 0}},  # fmt: skip
+        "methods.steer_mean+lora: second.train.lr_search chooses a learning rate among [0.001, 0.01] on the shared validation set",
+    ),
     "a ladder revision that is not its recipe's hash": (  # it could never load, and re-planning kept it
         {**GOOD, "models": [{"id": "ladder:test/xs", "revision": "main"}]},
         "models.0.revision: main is not the hash of ladder:test/xs's recipe (",

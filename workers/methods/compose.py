@@ -19,7 +19,7 @@ from pydantic import Field, create_model, model_validator
 from torch import nn
 
 from workers.config import StrictConfig
-from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, PeftUse, model_problem, peft_use, validation_choice
+from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, PeftUse, declared_validation_choice, model_problem, peft_use
 
 
 @dataclass
@@ -71,7 +71,8 @@ class Composition:
         return PeftUse(fitting=first.fitting or first.applied or second.fitting, applied=first.applied or second.applied)
 
     def validation_choice(self, config: StrictConfig) -> str | None:
-        parts = [validation_choice(self.first, config.first), validation_choice(self.second, config.second)]  # type: ignore[attr-defined]
+        """The parts' own choices; `protocol.validation_choice` adds the learning rates, with their paths here."""
+        parts = [declared_validation_choice(self.first, config.first), declared_validation_choice(self.second, config.second)]  # type: ignore[attr-defined]
         return "; ".join(p for p in parts if p) or None
 
     def model_problem(self, config: StrictConfig, architecture: Callable[[], nn.Module]) -> str | None:

@@ -18,6 +18,7 @@ from torch import nn
 from workers.config import StrictConfig
 from workers.lm import LanguageModel, body_and_head_params
 from workers.tasks.base import Example, Task, target_nll
+from workers.training import training_configs
 
 ConfigT = TypeVar("ConfigT", bound=StrictConfig)
 ConfigT_contra = TypeVar("ConfigT_contra", bound=StrictConfig, contravariant=True)
@@ -122,8 +123,22 @@ def validation_choice(method: Method, config: StrictConfig) -> str | None:
     """What `method` under `config` must choose on the shared validation set ("a scale among [0, 1]"),
     whatever the model; None when it needs none. Planning refuses such a config without a validation set,
     which would otherwise fail every one of its cells."""
+    choices = [declared_validation_choice(method, config), learning_rate_choice(config)]
+    return "; ".join(choice for choice in choices if choice) or None
+
+
+def declared_validation_choice(method: Method, config: StrictConfig) -> str | None:
+    """The choice `method` itself declares (its `validation_choice`), without its configs' learning rates."""
     declared: Callable[[StrictConfig], str | None] | None = getattr(method, "validation_choice", None)
     return declared(config) if declared is not None else None
+
+
+def learning_rate_choice(config: StrictConfig) -> str | None:
+    """The learning rates a `train.lr_search` anywhere in `config` chooses among (on validation
+    checkpoints), whichever method nests the TrainConfig; None when every training has one rate."""
+    searches = [f"{path.lstrip('.')}.lr_search chooses a learning rate among {list(train.learning_rates)}"
+                for path, train in training_configs(config) if len(train.learning_rates) > 1]  # fmt: skip
+    return "; ".join(searches) or None
 
 
 def model_problem(method: Method, config: StrictConfig, architecture: Callable[[], nn.Module]) -> str | None:
