@@ -71,6 +71,27 @@ def test_nan_loss_raises():
     assert lm.model.training is False  # mode restored
 
 
+@pytest.mark.parametrize("checkpoints", [0, 3])
+def test_a_gradient_that_overflows_under_a_finite_loss_at_the_last_step_raises(checkpoints):
+    """No later loss shows NaN weights written by the last update: with checkpoints, the final one scored
+    -inf and an earlier one was kept in silence (the row said ok)."""
+    lm, ctx, params, handle, config = _setup(checkpoints=checkpoints)
+    steps = []
+    params[0].register_hook(lambda grad: grad + (float("inf") if len(steps) == 6 else 0.0))
+    hook = lm.model.register_forward_pre_hook(lambda *_: steps.append(None) if lm.model.training else None)
+
+    def validate() -> float:
+        return float(-params[0].detach().abs().sum())
+
+    try:
+        with pytest.raises(NonFiniteLossError, match="non-finite at step 5"):
+            train(lm, params, ctx.train, config, seed=0, validate=validate if checkpoints else None)
+    finally:
+        handle.remove()
+        hook.remove()
+    assert len(steps) == 6
+
+
 def test_no_examples_trains_nothing():
     lm, ctx, params, handle, config = _setup()
     result = train(lm, params, [], config, seed=0)

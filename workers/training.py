@@ -351,6 +351,14 @@ def _train_at(
                 f"every one of {steps} steps overflowed in fp16 (loss scale down to {weights.scale:g}); train in bf16 or fp32",
                 sequence + validation,
             )
+        # A gradient can overflow under a finite loss (no loss scale checks it outside fp16): the update then
+        # writes NaN into the weights, which the next step's loss shows, but after the last step nothing
+        # would, and a final checkpoint scoring -inf would quietly hand the cell an earlier one.
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise NonFiniteLossError(
+                f"a trained parameter became non-finite at step {steps - 1} (its gradient overflowed under a finite loss)",
+                sequence + validation,
+            )
         chosen = steps
         if checks:
             checkpoint(steps)
