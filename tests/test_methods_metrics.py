@@ -61,10 +61,11 @@ def test_a_prompt_prefix_is_compared_on_the_text_tokens_only():
     assert kl > 0 and ratio != 1.0
 
 
-def test_without_a_bos_a_prompt_prefix_is_compared_on_the_tokens_both_sides_predict():
-    """GPT-2, Pythia and Qwen add no BOS: the plain model cannot predict a text's first token, the
-    prefixed one can. Both must score the same tokens (the second to the last of each text), as
-    computed here by hand; the shapes used to differ and every `prompt` cell on such a model failed."""
+def test_without_a_bos_every_text_token_is_scored_after_the_end_of_text_token():
+    """GPT-2, Pythia and Qwen add no BOS: a neutral text follows the tokenizer's end-of-text token (as in
+    lm-eval), so the plain model predicts every text token, as after a BOS. Its first token, the hardest,
+    used to be left out while its bytes still counted: nats per byte read low on BOS-less families. A
+    prompt prefix goes before that token, and both sides score the same tokens (computed by hand here)."""
     from tokenizers import processors
 
     lm = language_model()
@@ -74,18 +75,31 @@ def test_without_a_bos_a_prompt_prefix_is_compared_on_the_tokens_both_sides_pred
     prefix = "q: a0 b0 = 3 ; "
     with lm.prefixed(prefix):
         kl, ratio = neutral_shift(lm, reference)
+    eos = torch.tensor([[lm.tokenizer.eos_token_id]])
     per_text = []
     for text in TEXTS:
         ids = lm.tokenizer(text, return_tensors="pt")["input_ids"]
-        both = lm.tokenizer(prefix + text, return_tensors="pt")["input_ids"]
-        assert torch.equal(both[0, -ids.shape[1] :], ids[0])  # the prefix ends on a token boundary
+        before = lm.tokenizer(prefix, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            p = F.log_softmax(lm.model(input_ids=ids).logits[0, :-1], -1)  # predicting text tokens 1..n-1
-            q = F.log_softmax(lm.model(input_ids=both).logits[0, -ids.shape[1] : -1], -1)
-        per_text.append((p, q, ids[0, 1:, None]))
+            p = F.log_softmax(lm.model(input_ids=torch.cat([eos, ids], 1)).logits[0, :-1], -1)  # predicting text tokens 0..n-1
+            q = F.log_softmax(lm.model(input_ids=torch.cat([before, eos, ids], 1)).logits[0, -ids.shape[1] - 1 : -1], -1)
+        per_text.append((p, q, ids[0, :, None]))
     expected_kl, expected_ratio = _by_hand(per_text)
     assert kl > 1e-3
     assert kl == pytest.approx(expected_kl, rel=1e-4) and ratio == pytest.approx(expected_ratio, rel=1e-4)
+    nll = -sum(float(p.gather(-1, targets).sum()) for p, _, targets in per_text)
+    assert reference.nll == pytest.approx(nll / sum(len(targets) for *_, targets in per_text), rel=1e-5)
+    assert reference.nll_per_byte == pytest.approx(nll / sum(len(t.encode()) for t in TEXTS), rel=1e-5)
+
+
+def test_a_tokenizer_with_neither_bos_nor_end_of_text_token_is_refused_with_the_way_out():
+    from tokenizers import processors
+
+    lm = language_model()
+    lm.tokenizer._tokenizer.post_processor = processors.Sequence([])
+    lm.tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="no end-of-text token to start a neutral text with.*eval.neutral_size: 0"):
+        neutral_reference(lm, TEXTS)
 
 
 def test_without_a_bos_texts_filling_the_context_window_lose_the_prefix_on_both_sides():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import resource
 import sys
@@ -31,25 +30,31 @@ class NeutralReference:
         return sum(t.numel() * t.element_size() for t in self.logprobs)
 
 
+def neutral_context(lm: LanguageModel) -> str:
+    """What every neutral text follows, so that the plain model predicts each of its tokens: nothing after
+    a tokenizer's BOS; where a tokenizer adds none (GPT-2, Pythia, Qwen), its end-of-text token, as
+    lm-eval's rolling log-likelihood does. Scoring every token on every family keeps nats per byte
+    comparable across them (without it, a BOS-less model left out its hardest token, a text's first,
+    and looked more capable on the `neutral_loss` axis), and a `prompt` method's demonstrations
+    before the context change what predicts the text, not which of its tokens are scored."""
+    if lm.tokenizer("")["input_ids"]:
+        return ""
+    eos = lm.tokenizer.eos_token
+    if eos is None or lm.tokenizer(eos, add_special_tokens=False)["input_ids"] != [lm.tokenizer.eos_token_id]:
+        raise ValueError(
+            f"{type(lm.tokenizer).__name__} adds no BOS and has no end-of-text token to start a neutral text with, "
+            "so a text's first token could not be scored; set eval.neutral_size: 0 to measure no neutral shift"
+        )
+    return eos
+
+
 def _neutral_batches(lm: LanguageModel, texts: Sequence[str]) -> Iterator[Batch]:
-    """The texts as continuations of an empty prompt, scored at each text token that the plain model
-    predicts: all of them after a BOS. Keeping only those positions makes the comparison independent
-    of anything put before the text (a `prompt` method's demonstrations) and drops padding from what
-    the reference stores. A tokenizer that adds no BOS (GPT-2, Pythia, Qwen) leaves a text's first token
-    unpredicted by the plain model, where demonstrations before it predict it: left out there too, so
-    both sides score the same tokens (a `prompt` cell on such a model failed on mismatched shapes)."""
-    pairs = lm.encode_pairs([""] * len(texts), list(texts))
-    without_bos = not lm.tokenizer("")["input_ids"]
+    """The texts as continuations of `neutral_context`, scored at every text token. Keeping only those
+    positions makes the comparison independent of anything put before the text (a `prompt` method's
+    demonstrations) and drops padding from what the reference stores."""
+    pairs = lm.encode_pairs([neutral_context(lm)] * len(texts), list(texts))
     for start in range(0, len(pairs), lm.batch_size):
-        chunk = pairs[start : start + lm.batch_size]
-        batch = lm.collate(chunk)
-        # rows whose prompt kept tokens (a text filling the context window loses them, as on the plain side)
-        prefixed = [i for i, pair in enumerate(chunk) if pair.continuation_start > 0]
-        if without_bos and prefixed:
-            unpredicted = batch.target_mask.clone()
-            unpredicted[prefixed, [chunk[i].continuation_start - 1 for i in prefixed]] = False  # the column predicting token 0
-            batch = dataclasses.replace(batch, target_mask=unpredicted)
-        yield batch
+        yield lm.collate(pairs[start : start + lm.batch_size])
 
 
 @torch.no_grad()
