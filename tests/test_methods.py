@@ -415,6 +415,17 @@ def test_composition_config_names_and_metrics():
     assert report.hparams["first"]["method"] == "steer_mean" and report.hparams["second"]["method"] == "lora"
 
 
+def test_a_compositions_row_keeps_the_scale_of_whichever_part_has_one():
+    """A task vector's λ has no layer: `task_vector+lora` used to take lora's empty scale instead."""
+    from workers.methods.compose import combined_report
+
+    task_vector, lora = protocol.FitReport(alpha=1.5), protocol.FitReport(trainable_params=8)
+    assert combined_report(("task_vector", task_vector), ("lora", lora)).alpha == 1.5
+    assert combined_report(("lora", lora), ("task_vector", task_vector)).alpha == 1.5
+    steer = protocol.FitReport(layer=2, alpha=0.5)
+    assert (combined_report(("steer_mean", steer), ("task_vector", task_vector)).alpha, combined_report(("task_vector", task_vector), ("steer_mean", steer)).layer) == (0.5, None)
+
+
 @pytest.mark.parametrize("name, raw", [
     ("lora+lora", {}),
     ("lora+task_vector", {"second": {"finetune": "lora"}}),

@@ -35,9 +35,10 @@ class Stacked:
 
 
 def combined_report(first: tuple[str, FitReport], second: tuple[str, FitReport]) -> FitReport:
-    """Costs add up; the steering layer/scale come from whichever part has one (the first if both)."""
+    """Costs add up; the layer and scale (`alpha`: a steering scale, a task vector's λ) come from whichever
+    part has one (the first if both)."""
     (a_name, a), (b_name, b) = first, second
-    steering = a if a.layer is not None else b
+    steering = a if a.layer is not None or a.alpha is not None else b
     return FitReport(
         trainable_params=a.trainable_params + b.trainable_params,
         train_tokens=a.train_tokens + b.train_tokens,
