@@ -235,7 +235,9 @@ def _nnls_batch(a: np.ndarray, t: np.ndarray, w: np.ndarray) -> np.ndarray:
             gain = np.einsum("gk,gk->g", c, atb[:, idx])
             better = np.all(c >= 0, axis=-1) & (gain > best_gain)
             best_gain = np.where(better, gain, best_gain)
-            best_c[np.ix_(better, idx)] = c[better]
+            on_support = np.zeros_like(best_c)
+            on_support[:, idx] = c
+            best_c = np.where(better[:, None], on_support, best_c)  # whole rows: an earlier support's entries go
     return best_c / scale
 
 
@@ -401,10 +403,25 @@ def point_losses(data: LawData, thetas: np.ndarray, logy: np.ndarray | None = No
     return huber(log_predict(thetas, data.g, len(data.law.coefs))[0] - (data.logy if logy is None else logy))
 
 
+def polish_starts(loss: np.ndarray, exponents: int, cells: int, lowest: int) -> np.ndarray:
+    """Indices of the scan cells to polish: the `lowest` cells, and the lowest cell on each face of
+    the exponent box (one exponent at its least or greatest cell).
+
+    The lowest cells alone are mostly neighbours in one basin. An optimum with an exponent at its
+    bound (a term that keeps falling faster than the grid reaches) can sit in another basin whose
+    scan cells look worse before polishing: one additive law's fit stopped at an 8 % higher loss.
+    """
+    grid = np.arange(loss.size).reshape((cells,) * exponents)
+    faces = [np.take(grid, end, axis=axis).ravel() for axis in range(exponents) for end in (0, cells - 1)]
+    edge_best = [face[np.argmin(loss[face])] for face in faces]
+    return np.array(list(dict.fromkeys([*np.argsort(loss, kind="stable")[:lowest].tolist(), *map(int, edge_best)])))
+
+
 def fit_law(data: LawData, *, cells: int = 30, polish: int = 4) -> Fit:
-    """Variable-projection fit: scan exponents, project coefficients, polish the best by L-BFGS-B."""
+    """Variable-projection fit: scan exponents, project coefficients, polish the best (and the best at
+    each exponent bound) by L-BFGS-B."""
     starts, loss = scan(data, cells=cells)
-    refined = refine(data, starts[np.argsort(loss)[:polish]])
+    refined = refine(data, starts[polish_starts(loss, len(data.law.exponents), cells, polish)])
     losses = [objective(theta, data)[0] for theta in refined]
     # Finish with approach 3's own optimiser; from here it needs only a few iterations.
     theta, f = _lbfgs(refined[int(np.argmin(losses))], data)
