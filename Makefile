@@ -63,7 +63,7 @@ test-oldest: $(OLDEST_STAMP)
 	.venv-oldest/bin/python -m pytest -q -m "not slow" -p no:cacheprovider -W ignore::FutureWarning $(PYTEST_ARGS)
 
 # Side-by-side timings against the peers (HF Trainer+PEFT, steering-vectors, Ray Tune, scipy);
-# writes benchmarks/RESULTS.md. `make bench BENCH_ARGS=--quick` for the 5-minute version.
+# writes benchmarks/RESULTS.md. `make bench BENCH_ARGS=--quick` for the 5-minute version (into RESULTS-partial.md).
 BENCH_ARGS ?=
 bench: setup peers-venv
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small settings (< 5 min on 2 cores); for the test")
     parser.add_argument("--only", nargs="*", choices=sorted(COMPARISONS), help="run only these comparisons")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "RESULTS.md")
+    parser.add_argument("--out", type=Path, help="where to write the table (default: RESULTS.md for a full run of every "
+                        "comparison; RESULTS-partial.md for --quick or --only, which must not overwrite it)")
     args = parser.parse_args(argv)
+    partial = args.quick or bool(args.only)
+    out = args.out or Path(__file__).parent / ("RESULTS-partial.md" if partial else "RESULTS.md")
     sha = git_sha()
     import torch
 
@@ -59,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in result.rows:
             print(f"  {row.measure}: steerscale {row.steerscale} | peer {row.peer} | {row.ratio} (goal {row.goal or '-'})")
         print(f"  ({seconds:.0f} s)", flush=True)
-    write_results(args.out, results, quick=args.quick, sha=sha)
-    print(f"[bench] wrote {args.out}")
+    write_results(out, results, quick=args.quick, sha=sha)
+    print(f"[bench] wrote {out}")
     return 0 if all(r.checks_ok for r, _ in results) else 1
 
 

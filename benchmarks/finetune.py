@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch.utils.data import SequentialSampler
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from benchmarks.common import Check, Result, Row, Timing, fmt_paired, fmt_time, time_alternating, time_call
 from workers.cell import ModelSpec
@@ -58,7 +58,7 @@ QUICK = Settings(
     long_steps=12, mm_sizes=(256, 512),
 )  # fmt: skip
 # batch 64: at the ladder's widths (d_model ≤ 96) a step of 16 short sequences is mostly per-op
-# overhead; 64 lifts full FT on xl from ~20 % to ~30 % of the torch.mm peak (see RESULTS.md)
+# overhead, which a larger batch spreads over more tokens (benchmarks/CHANGES.md, session 20)
 FULL = Settings(
     "ladder:default/xl", "arith", steps=30, batch_size=64, lr_lora=3e-3, lr_full=1e-4, lora_rank=4, warmup=1, repeats=5,
     long_steps=90, mm_sizes=(128, 256, 512, 1024, 2048),
@@ -114,6 +114,7 @@ def hf_train(lm: LanguageModel, rows: list[dict[str, list[int]]], order: list[in
             dataloader_pin_memory=False, seed=s.seed,
         )  # fmt: skip
         trainer = _InOrderTrainer(model=model, args=args, train_dataset=data, data_collator=_collate(tok.pad_token_id))
+        trainer.remove_callback(PrinterCallback)  # logging_steps=1 is for the loss check; printing each step is not the peer's work
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if lora:
@@ -148,21 +149,25 @@ def ours_train_adapter_free(lm: LanguageModel, examples: list[Example], s: Setti
         hook.remove()
 
 
-def mm_peak(sizes: tuple[int, ...], repeats: int = 7) -> dict[int, float]:
-    """This machine's dense fp32 matmul rate (FLOP/s) at each square `size`: the best of a few torch.mm.
-    The peak is the fastest of them: one large size alone understates it where smaller operands stay in
-    cache (on this box 256² beat 2048² by ~30 %), and that would flatter every fraction of it."""
+MM_WARMUP, MM_REPEATS = 3, 20  # the peak and the step's shapes alike: a best of fewer runs reads lower
+
+
+def mm_peak(sizes: tuple[int, ...]) -> dict[int, float]:
+    """This machine's dense fp32 matmul rate (FLOP/s) at each square `size`: the best of `MM_REPEATS`
+    torch.mm. The peak is the fastest of them: one large size alone understates it where smaller
+    operands stay in cache (which size wins varies from run to run), and that would flatter every
+    fraction of it."""
     rates = {}
     for size in sizes:
         a, b = torch.randn(size, size), torch.randn(size, size)
-        best = min(time_call(lambda: torch.mm(a, b), warmup=2, repeats=repeats).seconds)
+        best = min(time_call(lambda: torch.mm(a, b), warmup=MM_WARMUP, repeats=MM_REPEATS).seconds)
         rates[size] = 2.0 * size**3 / best
     return rates
 
 
 def per_step(short: Timing, long: Timing, extra_steps: int) -> Timing:
     """A step's wall and CPU seconds, repeat by repeat: (long run − short run) ÷ the steps between them
-    (each repeat's two runs are adjacent in `time_alternating`, so they share the machine's load)."""
+    (each repeat of `time_alternating` runs every side once, back to back, so its runs share the machine's load)."""
     def diff(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, ...]:
         return tuple((y - x) / extra_steps for x, y in zip(a, b))
 
@@ -190,7 +195,7 @@ def mm_rate_at_shapes(model: torch.nn.Module, rows: int, *, weight_grads: bool) 
     flops = seconds = 0.0
     for (m, k, n), count in shapes.items():
         a, b = torch.randn(m, k), torch.randn(k, n)
-        seconds += count * min(time_call(lambda: torch.mm(a, b), warmup=3, repeats=20).seconds)
+        seconds += count * min(time_call(lambda: torch.mm(a, b), warmup=MM_WARMUP, repeats=MM_REPEATS).seconds)
         flops += count * 2.0 * m * k * n
     return flops / seconds
 
@@ -311,8 +316,9 @@ def run(quick: bool) -> Result:
         result.notes.append(
             f"{name}: each run is timed from its set-up to the end of training: the Trainer's construction (on examples "
             "tokenized once, outside the timing) and train(); steerscale's `train` (its encoding of the examples inside). "
-            "Both sides' timings include injecting and removing the LoRA layers and restoring both models' weights; the "
-            "steady-state rows take those out with the difference of two step counts, repeat by repeat."
+            f"Both sides' timings include {'injecting and removing the LoRA layers and ' if lora else ''}restoring both "
+            "models' weights; the steady-state rows take those out with the difference of two step counts, repeat by "
+            "repeat. The Trainer logs every step's loss (for the check above) without printing it."
         )
         if not quick:
             result.notes.append(f"{name} profile of one steerscale run (top self-CPU operators): {_profile(run_ours)}")

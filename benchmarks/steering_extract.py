@@ -66,7 +66,7 @@ def run(quick: bool) -> Result:
         capture_output=True, text=True, cwd=ROOT, check=False,
     )  # fmt: skip
     if out.returncode != 0:
-        result.checks.append(Check("peer run", out.stderr.strip().splitlines()[-1] if out.stderr else "failed", False))
+        result.checks.append(Check("peer run", (out.stderr.strip().splitlines() or ["failed"])[-1], False))
         return result
     data = json.loads(out.stdout)
     result.settings.update(pairs=len(pairs), peer_versions=data["versions"], main_torch=torch.__version__)
