@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # Small L-BFGS problems in the fitter run ~30x slower when OpenBLAS spreads them over busy cores.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-slow test-peers test-oldest peers-venv bench clean-results
+.PHONY: setup demo test test-slow test-gpu test-peers test-oldest peers-venv bench clean-results
 
 # torch goes in first, on its own: a bare `torch` requirement with no torch installed pulls a
 # multi-GB CUDA build. The stamp makes a second `make` reuse the venv until pyproject.toml changes.
@@ -36,6 +36,12 @@ demo: setup
 # The suite: unit tests, real tiny models, and a real local-Ray sweep end to end (~4-6 min on 2 cores).
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The CUDA paths (fp32 parity with the CPU, bf16/fp16 training, reruns, quarter-GPU workers, an
+# out-of-memory cell): on a GPU machine, e.g. `make test-gpu TORCH=torch TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
+# `make test` runs them too where a GPU is visible, and skips them where none is (CI).
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu -rs $(PYTEST_ARGS)
 
 # Fault injection with real processes (kill -9 workers and drivers, a `ray start --head` cluster),
 # and the quick benchmarks (which compare against steering-vectors in .venv-peers).

@@ -26,7 +26,7 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 
 from workers.cell import CellConfig
-from workers.run_cell import CellRun, WorkerCache, deterministic_cuda, git_sha, library_versions, run_cell
+from workers.run_cell import CellRun, WorkerCache, fit_process_to, git_sha, library_versions, run_cell
 
 CACHE_FRACTION = 0.5  # of the worker's memory share kept for cached models; the rest is for the cell's work
 
@@ -85,17 +85,7 @@ class CellWorker:
     """Runs cells one at a time in one process, keeping loaded models between them."""
 
     def __init__(self, shape: Shape) -> None:
-        if shape.gpus == 0:
-            # Ray >= 2.48 no longer hides GPUs from an actor that reserved none: every such worker on a
-            # GPU node would pick `cuda` (device auto) and crowd onto GPU 0 unreserved. Set before
-            # anything here initialises CUDA.
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        else:
-            deterministic_cuda()
-            if shape.gpus < 1 and torch.cuda.is_available():  # a fractional worker keeps to its share of the GPU
-                torch.cuda.set_per_process_memory_fraction(shape.gpus)
-        # Two torch processes with all threads each on 2 cores were ~9x slower (shared/notes/offline-world.md).
-        torch.set_num_threads(max(1, int(shape.cpus)))
+        fit_process_to(shape.cpus, shape.gpus)
         library_versions(), git_sha()  # paid once here (imports, a git call), not in the first cell
         self.shard = shape.gpus > 1
         self.cache = WorkerCache(default_cache_bytes(shape) if shape.cache_bytes is None else shape.cache_bytes)

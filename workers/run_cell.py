@@ -366,6 +366,24 @@ def deterministic_cuda() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def fit_process_to(cpus: float, gpus: float) -> None:
+    """Keep this worker process to what its cell reserved, before anything here starts CUDA.
+
+    No GPU reserved: hide the GPUs (Ray >= 2.48 no longer hides them from an actor that reserved
+    none, and every such worker on a GPU node would pick `cuda` under device auto and crowd onto GPU 0
+    unreserved). A fraction of one: cap the caching allocator at that share, so that workers packed
+    onto one GPU fail their own cells with out-of-memory rather than each other's. Threads: one per
+    reserved core (two torch processes with all threads each on 2 cores were ~9x slower,
+    shared/notes/offline-world.md)."""
+    if gpus == 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    else:
+        deterministic_cuda()
+        if gpus < 1 and torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(gpus)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
 def release_gpu_memory() -> None:
     """Return a failed cell's cached GPU blocks, so that an out-of-memory cell does not keep them from
     the GPU's other workers. A broken CUDA context refuses; the worker finds that out next (CellWorker.device_usable)."""
