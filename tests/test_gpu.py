@@ -123,6 +123,20 @@ def test_a_rerun_on_the_gpu_gives_the_same_row(model_id, method):
     assert first["peak_mem_bytes"] > 0  # read from the GPU allocator, not the host
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_attention_backward_repeats_bit_for_bit(dtype):
+    """Training's attention backward (flash in bf16, memory-efficient in fp32) accumulates with atomics
+    unless deterministic algorithms are on strictly: at a long sequence its gradients then differ
+    from run to run. Under deterministic_cuda they must repeat bit for bit."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 2048, 64, device="cuda", dtype=dtype, generator=generator).requires_grad_() for _ in range(3))
+    runs = []
+    for _ in range(4):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        runs.append(torch.autograd.grad(out.float().square().sum(), (q, k, v)))
+    assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+
+
 def test_sharded_placement_on_one_gpu_gives_the_same_numbers(model_id):
     """`gpus_per_cell > 1` loads through accelerate's device_map="auto"; on one GPU every layer lands
     on it (none offloaded: the loader refuses that), and the numbers are the plain load's."""
