@@ -68,6 +68,9 @@ METRIC = "score"  # the study's main metric: the crossover is where fine-tuning'
 # for 3 parameters, resampled intervals came out narrow and missed the truth in the simulated world).
 DESIGN_POINTS = 2 * len(POWER_D.params)
 MIN_BUDGETS = min_inputs(POWER_D)  # distinct budgets the fitter refuses a curve without
+# Failed cells after which the design stops walking a curve: a config that fails every cell, or a model
+# that does not fit its GPU, would otherwise take its whole sub-grid while no other curve is fitted.
+GIVE_UP_FAILURES = DESIGN_POINTS
 Z = float(norm.ppf(0.5 + CI_LEVEL / 2))  # a normal interval at the bootstrap's level is 2·Z·sd wide
 
 
@@ -125,8 +128,10 @@ def fit_curve(key: CurveKey, rows: pd.DataFrame, bootstrap: int, rng: np.random.
         return None
 
 
-def check_grid(cells: Sequence[Planned]) -> None:
-    """Refuse grids whose curves could never be fitted: every curve needs DESIGN_POINTS cells over MIN_BUDGETS budgets."""
+def check_grid(cells: Sequence[Planned], exponent_goal: float | None = None) -> None:
+    """Refuse grids whose curves could never be fitted (every curve needs DESIGN_POINTS cells over
+    MIN_BUDGETS budgets), and grids with nothing to pin down: without an exponent goal, the targets are
+    crossovers, which need a steering and a fine-tuning curve of one task and model over shared budgets."""
     curves = curves_of(cells)
     short = sorted({k[1] for k, group in curves.items() if not fittable(group)})
     if short:
@@ -134,6 +139,26 @@ def check_grid(cells: Sequence[Planned]) -> None:
             f"an adaptive sweep fits loss(D) per task × method × model, which needs at least {DESIGN_POINTS} cells "
             f"over {MIN_BUDGETS} distinct budgets > 0; not so for: {', '.join(short)} (add budgets or seeds)"
         )
+    ranges = {key: [c.config.budget for c in group] for key, group in curves.items()}
+    if exponent_goal is None and not any(shared_range(ranges[steer], ranges[tune]) for steer, tune in curve_pairs(ranges)):
+        raise ConfigError(
+            "an adaptive sweep without --target-exponent-width narrows crossovers D*, which need a steering and a "
+            "fine-tuning method on the same task and model over overlapping budget ranges; this grid has none "
+            "(add such a pair, or give --target-exponent-width)"
+        )
+
+
+def curve_pairs(curves: Mapping[CurveKey, object]) -> list[tuple[CurveKey, CurveKey]]:
+    """(steering curve, fine-tuning curve) of one task and model: the pairs whose crossover is a target."""
+    return [(steer, tune) for steer in curves for tune in curves
+            if steer[0::2] == tune[0::2] and method_kind(steer[1]) == "steering" and method_kind(tune[1]) == "finetuning"]  # fmt: skip
+
+
+def shared_range(steer_budgets: Sequence[float], tune_budgets: Sequence[float]) -> tuple[float, float] | None:
+    """The budgets both curves span, where their crossover is searched; None when it is a point or empty
+    (a crossover there would be clipped to one budget, a zero-width interval that says nothing)."""
+    low, high = max(min(steer_budgets), min(tune_budgets)), min(max(steer_budgets), max(tune_budgets))
+    return (low, high) if low < high else None
 
 
 def fittable(cells: Sequence[Planned]) -> bool:
@@ -165,8 +190,16 @@ def design_order(cells: Sequence[Planned], rank: float) -> list[Planned]:
     return sorted(cells, key=lambda c: (seeds.index(c.config.seed), preferred.index(c.config.budget)))
 
 
+def given_up(cells: Sequence[Planned], status: Mapping[str, str]) -> dict[CurveKey, int]:
+    """Curves the design no longer walks, with their failed cells: GIVE_UP_FAILURES or more failed."""
+    failed = {key: sum(status.get(c.cell_id) == "failed" for c in group) for key, group in curves_of(cells).items()}
+    return {key: n for key, n in failed.items() if n >= GIVE_UP_FAILURES}
+
+
 def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: CostModel) -> list[Choice]:
-    """Cells still missing from the design (see the module docstring); empty once every curve can be fitted."""
+    """Cells still missing from the design (see the module docstring); empty once every curve can be
+    fitted or has been given up (`given_up`). Curves take turns, one cell each, so that a cell or
+    compute budget too small for the whole design still spreads it over every curve."""
     choices = []
     references: dict[CurveKey, list[Planned]] = defaultdict(list)
     for cell in cells:
@@ -179,9 +212,14 @@ def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: Co
             reason = f"reference level: {label(key)} has no budget axis; one cell per model and task"
             choices.append(Choice(cell, "design", reason, cost.post_train(cell.config), float("nan")))
     models = list(dict.fromkeys(c.config.model.id for c in cells))
+    abandoned = given_up(cells, status)
+    per_curve = []
     for key, group in curves_of(cells).items():
+        if key in abandoned:
+            continue
         ok = [c for c in group if status.get(c.cell_id) == "ok"]
         n_ok, budgets = len(ok), {c.config.budget for c in ok}
+        missing = []
         for cell in design_order(group, (models.index(key[2]) + 0.5) / len(models)):
             if n_ok >= DESIGN_POINTS and len(budgets) >= MIN_BUDGETS:
                 break
@@ -191,9 +229,11 @@ def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: Co
                 f"design: {label(key)} has {n_ok} ok cells over {len(budgets)} budgets; its curve needs {DESIGN_POINTS} "
                 f"over {MIN_BUDGETS} before its bootstrap is trusted (order: range ends, staggered interior, more seeds)"
             )
-            choices.append(Choice(cell, "design", reason, cost.post_train(cell.config), float("nan")))
+            missing.append(Choice(cell, "design", reason, cost.post_train(cell.config), float("nan")))
             n_ok, budgets = n_ok + 1, budgets | {cell.config.budget}
-    return choices
+        per_curve.append(missing)
+    turns = max(map(len, per_curve), default=0)
+    return choices + [missing[turn] for turn in range(turns) for missing in per_curve if turn < len(missing)]
 
 
 @dataclass(frozen=True)
@@ -253,22 +293,27 @@ def crossover_samples(steer: CurveFit, tune: CurveFit) -> tuple[np.ndarray, floa
 
 
 def targets_from(fits: Mapping[CurveKey, CurveFit], crossover_goal: float | None, exponent_goal: float | None) -> list[Target]:
-    """Every steering × fine-tuning pair of fitted curves, and (when asked) every curve's exponent."""
+    """Every steering × fine-tuning pair of fitted curves over shared budgets, and (when asked) every
+    curve's exponent where it is identified."""
     targets = []
     if crossover_goal is not None:
-        for (task, steering, model), steer in fits.items():
-            if method_kind(steering) != "steering":
+        for steer_key, tune_key in curve_pairs(fits):
+            steer, tune = fits[steer_key], fits[tune_key]
+            if shared_range(steer.d, tune.d) is None:  # measured budgets that do not overlap: no crossover to narrow
                 continue
-            for (task2, tuning, model2), tune in fits.items():
-                if (task2, model2) == (task, model) and method_kind(tuning) == "finetuning":
-                    samples, share = crossover_samples(steer, tune)
-                    name = f"{task}/{model} {steering}->{tuning}"
-                    curves = ((task, steering, model), (task, tuning, model))
-                    note = f"; {share:.0%} of resamples cross inside the range"
-                    targets.append(Target(name, "log10 D*", curves, samples, crossover_goal, note))
+            samples, share = crossover_samples(steer, tune)
+            (task, steering, model), tuning = steer_key, tune_key[1]
+            note = f"; {share:.0%} of resamples cross inside the range"
+            targets.append(Target(f"{task}/{model} {steering}->{tuning}", "log10 D*", (steer_key, tune_key), samples, crossover_goal, note))
     if exponent_goal is not None:
         for key, fit in fits.items():
-            targets.append(Target(label(key), "beta", (key,), fit.boot.params()["beta"], exponent_goal))
+            # As the report's interval (Bootstrap.intervals): resamples whose B·D^-β term is ~0 leave β arbitrary
+            # and are left out; a curve where more than 1 − level are such has no exponent to narrow.
+            beta = fit.boot.params()["beta"]
+            lost = fit.boot.unidentified_resamples().get("beta", np.zeros(len(beta), dtype=bool))
+            if lost.mean() <= 1 - CI_LEVEL:
+                note = f"; {lost.mean():.0%} of resamples leave it unidentified" if lost.any() else ""
+                targets.append(Target(label(key), "beta", (key,), beta[~lost], exponent_goal, note))
     return targets
 
 

@@ -36,8 +36,8 @@ from analysis.decisions import LOG_NAME, parse_events
 from analysis.io import jsonable, load_results
 
 from orchestrator.acquisition import (
-    Choice, CurveFit, CurveKey, Target, acquisition_choices, check_grid, curves_of, design_choices, fit_curve,
-    noise_variance, targets_from,
+    Choice, CurveFit, CurveKey, Target, acquisition_choices, check_grid, curves_of, design_choices, fit_curve, given_up,
+    label, noise_variance, targets_from,
 )  # fmt: skip
 from orchestrator.cellcost import CostModel, Planned
 from orchestrator.errors import StoreUnreadableError
@@ -162,7 +162,7 @@ def run_adaptive(
     params_prior: Mapping[str, float], *, echo: Callable[[str], None] = print,
 ) -> Outcome:  # fmt: skip
     """The loop of the module docstring; `params_prior` maps model id -> parameter count for unrun models."""
-    check_grid(cells)
+    check_grid(cells, settings.target_exponent_width)
     log = DecisionLog(store)
     history = log.read()
     round_ = 1 + max((r.get("round", -1) for r in history), default=-1)
@@ -177,11 +177,14 @@ def run_adaptive(
         read_at = time.time()  # a cell another driver stores after this is not run again (run_cells' planned_at)
         rows = stored_rows(store, cells)
         status = dict(zip(rows["cell_id"], rows["status"]))
+        abandoned = given_up(cells, status)
+        failing = ", ".join(f"{label(key)} ({n} cells failed)" for key, n in abandoned.items())
+        unfitted = f"; given up, left unfitted: {failing}" if abandoned else ""  # the design walks these no further
         cost = CostModel.calibrate(cells, rows, params_prior)
         spent = cost.spent(cells, rows)
         if submitted and not any(choice.cell.cell_id in status for choice in submitted):
             reason = "no progress: none of the chosen cells was stored (claimed by another driver?)"
-            return _stop(log, echo, round_, reason, status, spent, [])
+            return _stop(log, echo, round_, reason + unfitted, status, spent, [])
         flops_left, cells_left = flops_budget - spent, cells_budget - len(status)
         candidates = [c for c in cells if c.cell_id not in status]
         targets: list[Target] = []
@@ -207,9 +210,11 @@ def run_adaptive(
             for target in targets:
                 echo(f"  {target.describe()}")
             if not targets:
-                return _stop(log, echo, round_, "no target: no curve pair (steering × fine-tuning) could be fitted, and no exponent goal was given", status, spent, targets)
+                reason = ("no target: no curve could be fitted with an identified exponent" if settings.target_exponent_width is not None
+                          else "no target: no steering × fine-tuning pair of curves over shared budgets could be fitted")  # fmt: skip
+                return _stop(log, echo, round_, reason + unfitted, status, spent, targets)
             if all(t.resolved for t in targets):
-                return _stop(log, echo, round_, "every target interval is narrower than its goal", status, spent, targets)
+                return _stop(log, echo, round_, "every target interval is narrower than its goal" + unfitted, status, spent, targets)
             size = int(min(settings.batch_size, cells_left))
             choices = acquisition_choices(targets, fits, candidates, cost, noise, size=size, flops_left=flops_left)
         if not choices:
@@ -223,7 +228,7 @@ def run_adaptive(
                 reason = "no remaining cell is expected to narrow an open target"
             if design:
                 reason += "; the design is incomplete, so nothing could be fitted"
-            return _stop(log, echo, round_, reason, status, spent, targets)
+            return _stop(log, echo, round_, reason + unfitted, status, spent, targets)
         log.append([_choice_record(round_, choice) for choice in choices])
         for choice in choices:
             echo(f"  + {choice.cell.config.slug} (≈{choice.flops:.3g} FLOPs): {choice.reason}")

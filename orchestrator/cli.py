@@ -309,7 +309,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.adaptive:
         from orchestrator.acquisition import check_grid
 
-        check_grid(cells)  # a grid the adaptive design cannot fit: ConfigError (exit 2) before the store is touched
+        check_grid(cells, args.target_exponent_width)  # a grid the adaptive design cannot fit: ConfigError (exit 2) before the store is touched
     store, scan = _stored(spec, set_aside=True)
     _report_quarantine(scan, set_aside=True)
     try:
@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--target-width", type=_positive(float), metavar="W",
                    help="stop when every D* 95%% CI is narrower than W in log10 (default 0.3: a factor of 2)")
     a.add_argument("--target-exponent-width", type=_positive(float), metavar="W", help="also require every curve's beta CI narrower than W")
-    a.add_argument("--batch-size", type=_positive(int), metavar="B", help="cells chosen per round (default 8)")
+    a.add_argument("--batch-size", type=_positive(int), metavar="B", help="cells chosen per acquisition round (default 8; the design rounds before it take what every curve needs)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / failed / remaining per model and method, from the store alone")
