@@ -182,3 +182,23 @@ def test_a_hub_tasks_rows_are_pinned_by_a_digest_that_moves_with_its_data(tmp_pa
     monkeypatch.setitem(TASKS._items, "sst2", SST2(HubSource(str(copy))))
     load_rows.cache_clear(), rows_digest.cache_clear()
     assert hub_data_digest("sst2") == second
+
+
+def test_a_reference_without_a_final_number_or_a_hidden_label_is_refused_by_name(tmp_path) -> None:
+    """gsm8k: a reference with no number after '####' read as None, and every output with no number then
+    matched it ("I don't know" scored 1.0). sst2: label -1 (the hub's hidden test labels) indexed LABELS
+    from the end and became " positive"."""
+    gsm = tmp_path / "gsm8k"
+    gsm.mkdir()
+    for split in ("train", "test"):
+        rows = [{"question": f"How many apples in basket {i}?", "answer": f"Count them.\n#### {i}" if i else "Too many.\n#### many"} for i in range(6)]
+        (gsm / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"gsm8k: the reference answer has no final number after '####' for question 'How many apples in basket 0\?'"):
+        GSM8K(HubSource(str(gsm))).examples("test", 6, seed=0)
+    sst = tmp_path / "sst2"
+    sst.mkdir()
+    for split, label in (("train", 0), ("validation", -1)):
+        rows = [{"sentence": f"film {split} {i}", "label": label if i == 0 else i % 2} for i in range(6)]
+        (sst / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="sst2: label must be 0 .negative. or 1 .positive., got -1 for 'film validation 0'"):
+        SST2(HubSource(str(sst))).examples("test", 6, seed=0)

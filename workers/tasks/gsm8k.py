@@ -58,7 +58,7 @@ class GSM8K:
                 prompt=prompt(row["question"]),
                 target=" " + row["answer"].strip(),
                 elicited_prompt=INSTRUCTION + prompt(row["question"]),
-                meta={"answer": final_answer(row["answer"])},
+                meta={"answer": reference_answer(row)},
             )
             for row in rows
         ]
@@ -77,3 +77,11 @@ class GSM8K:
         outputs = lm.generate(prompts_of(examples, elicited=elicited), MAX_NEW_TOKENS)
         correct = [final_answer(out) == ex.meta["answer"] for out, ex in zip(outputs, examples)]
         return Evaluation.of(correct, target_nll(lm, examples, elicited=elicited))
+
+
+def reference_answer(row: dict) -> str:
+    """The reference's final number; a reference without one would count every number-less output solved."""
+    answer = final_answer(row["answer"])
+    if answer is None:
+        raise ValueError(f"gsm8k: the reference answer has no final number after '####' for question {row['question'][:80]!r}; fix or drop that row")
+    return answer
