@@ -23,14 +23,15 @@ class Decisions:
     choices: list[dict]
     rounds: list[dict]
     stops: list[dict]
+    stopped: bool = False  # the log ends at a stop: no round, choice or resume came after the last one
 
     @property
     def final_targets(self) -> list[dict]:
-        """The intervals at the last stop that fitted anything, else at the last fitted round."""
-        for event in reversed(self.stops + self.rounds):
-            if event.get("targets"):
-                return event["targets"]
-        return []
+        """The intervals of the latest round or stop that fitted anything (a stop repeats its round's;
+        after a resume, the new rounds' are the latest)."""
+        fitted = [event for event in self.rounds + self.stops if event.get("targets")]
+        latest = max(fitted, key=lambda event: (event["round"], event["event"] == "stop"), default=None)
+        return latest["targets"] if latest else []
 
     def width_history(self) -> dict[tuple[str, str], list[tuple[float, float]]]:
         """(target, unit) -> [(post-training FLOPs spent, interval width)] over the fitted rounds."""
@@ -60,6 +61,8 @@ def parse_events(text: str) -> list[dict]:
 
 def parse_decisions(text: str) -> Decisions:
     by_kind: dict[str, list[dict]] = {"choice": [], "round": [], "stop": []}
-    for event in parse_events(text):
+    events = parse_events(text)
+    for event in events:
         by_kind.get(event.get("event", ""), []).append(event)
-    return Decisions(by_kind["choice"], by_kind["round"], by_kind["stop"])
+    stopped = bool(events) and events[-1].get("event") == "stop"
+    return Decisions(by_kind["choice"], by_kind["round"], by_kind["stop"], stopped)

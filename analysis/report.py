@@ -55,8 +55,9 @@ class Image:
 Block = Heading | Paragraph | Table | Image
 
 
-def _num(value: float) -> str:
-    return f"{value:.3g}" if np.isfinite(value) else "-"
+def _num(value: float | None) -> str:
+    """A number for a table; NaN, inf and None (a NaN that went through JSON, as in adaptive.jsonl) as "-"."""
+    return f"{value:.3g}" if value is not None and np.isfinite(value) else "-"
 
 
 def _ci(value: float, lo: float, hi: float) -> str:
@@ -123,7 +124,7 @@ def _findings(a: Analysis) -> list[Block]:
     lines = []
     ok = a.loaded.ok
     for task in sorted({f.task for f in a.fits} | set(ok["task"] if len(ok) else ())):
-        lines.append(best_measured(task, ok, a.metric))
+        lines.append(best_measured(task, a.loaded.frame, a.metric))
     fitted = [f for f in a.fits if f.ok]
     bounded = sum(bool(f.bound_notes()) for f in fitted)
     if bounded:
@@ -152,15 +153,17 @@ def _findings(a: Analysis) -> list[Block]:
     return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]
 
 
-def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
+def best_measured(task: str, stored: pd.DataFrame, metric: str) -> str:
     """Which method measured best on the largest model: cell means of every method measured there (ok rows at
-    a positive budget), fitted or not, and not an extrapolated asymptote.
+    a positive budget), fitted or not, and not an extrapolated asymptote. `stored` holds every row, ok or
+    failed: a method none of whose cells there is ok is named as such, not left out in silence.
 
     Methods are compared at one budget, the largest every method on that model was measured at (each
     at its own largest would credit whichever had the larger budget). Where no budget is shared by
     all, the largest shared by the most methods, naming those it leaves out.
     """
-    rows = ok[(ok["task"] == task) & (ok["budget"].astype(float) > 0) & np.isfinite(ok[metric].astype(float))] if len(ok) else ok
+    attempted = stored[(stored["task"] == task) & (stored["budget"].astype(float) > 0)] if len(stored) else stored
+    rows = attempted[(attempted["status"] == "ok") & np.isfinite(attempted[metric].astype(float))] if len(attempted) else attempted
     if rows.empty:
         return f"On {task}, no cell is ok with a finite {metric} at a positive budget, so no method is compared."
     size = {m: float(pd.to_numeric(g["params_nonembed"], errors="coerce").median()) for m, g in rows.groupby("model")}
@@ -170,12 +173,18 @@ def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
     shared = {d: sum(d in b for b in budgets.values()) for d in set().union(*budgets.values())}
     budget = max(shared, key=lambda d: (shared[d], d))
     intro = f"On {task}, {_which_model(largest, size)}"
+    lost = attempted[(attempted["model"] == largest) & ~attempted["method"].isin(list(cells))]
+    unmeasured = "".join(f"; {m}: none of its {len(g)} cells there is ok with a finite {metric}" for m, g in lost.groupby("method"))
+    if len(cells) == 1:
+        only = next(iter(cells))
+        d = max(budgets[only])
+        return f"{intro}, only {only} was measured ({metric} {at_budget(cells[only], metric, d).mean():.3g} at D={d:g}){unmeasured}."
 
     def rows_at(method: str, d: float) -> pd.DataFrame:
         return cells[method][cells[method]["budget"].astype(float) == d]
 
     def at(method: str, d: float) -> pd.Series:
-        return rows_at(method, d)[metric].astype(float)
+        return at_budget(cells[method], metric, d)
 
     if shared[budget] < min(2, len(cells)):
         own = ", ".join(f"{m} {at(m, max(budgets[m])).mean():.3g} at D={max(budgets[m]):g}" for m in cells)
@@ -183,8 +192,8 @@ def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
     levels = [(float(at(m, budget).mean()), m, len(at(m, budget))) for m in cells if budget in budgets[m]]
     levels.sort(key=lambda level: (-level[0] if HIGHER_IS_BETTER[metric] else level[0], level[1]))
     (value, method, n_cells), *rest = levels
-    tied = [m for v, m, _ in rest if v == value]
-    rest = [level for level in rest if level[0] != value]
+    tied = [m for v, m, _ in rest if _level(v, value)]
+    rest = [level for level in rest if not _level(level[0], value)]
     who = f"{method} measured best" if not tied else f"{' and '.join([method, *tied])} measured best (tied)"
     left_out = sorted(set(budgets) - {m for _, m, _ in levels})
     where = (f"at the largest budget all its methods share (D={budget:g})" if not left_out else
@@ -194,7 +203,17 @@ def best_measured(task: str, ok: pd.DataFrame, metric: str) -> str:
         runner_up = rest[0][1]
         sentence += f", {_lead(rows_at(method, budget), rows_at(runner_up, budget), runner_up, metric)}"
         sentence += "; then " + ", ".join(f"{m} {v:.3g}" for v, m, _ in rest[:3])
-    return sentence + "."
+    return sentence + unmeasured + "."
+
+
+def _level(a: float, b: float) -> bool:
+    """Equal means, up to float rounding: means of k/n scores that are equal can differ in the last bit."""
+    return bool(np.isclose(a, b, rtol=0, atol=1e-9))
+
+
+def at_budget(cells: pd.DataFrame, metric: str, budget: float) -> pd.Series:
+    """`metric` of the cells at one budget."""
+    return cells[cells["budget"].astype(float) == budget][metric].astype(float)
 
 
 def _which_model(model: str, size: dict[str, float]) -> str:
@@ -360,7 +379,9 @@ def axis_caveat(a: Analysis) -> str:
 def _examples_needed(e: DataEfficiency) -> str:
     """D_x with its interval; outside the measured budgets it is marked extrapolated, and below the smallest
     or past EXTRAPOLATION_LIMIT × the largest only the side is said (the law's number there means nothing)."""
-    share = f"; D_x exists in {e.finite_share:.0%} of resamples" if 0 < e.finite_share < 1 else ""  # NaN: no resamples
+    # NaN: no resamples; 0 beside a point D_x: the point fit beats the base model but no resample does, so it is no finding
+    shown = 0 < e.finite_share < 1 or (e.finite_share == 0 and not np.isnan(e.examples))
+    share = f"; D_x exists in {e.finite_share:.0%} of resamples" if shown else ""
     if np.isnan(e.examples):  # +inf (past float range) is a D_x, said as the side it is on below
         return f"none: the asymptote does not beat the base model{share}"
     limit = EXTRAPOLATION_LIMIT * e.largest_budget
@@ -375,7 +396,7 @@ def _examples_needed(e: DataEfficiency) -> str:
     lo, hi = end(e.examples_lo), end(e.examples_hi)
     interval = "" if not np.isfinite(e.examples_lo) else f" [{lo}]" if lo == hi else f" [{lo}, {hi}]"
     past = (f" (extrapolated past the largest budget measured, {e.largest_budget:g})" if e.extrapolated else
-            f" (the interval reaches past the largest budget measured, {e.largest_budget:g})" if e.examples_hi > e.largest_budget else "")  # fmt: skip
+            f" (the interval reaches past the largest budget measured, {e.largest_budget:g})" if interval and e.examples_hi > e.largest_budget else "")  # fmt: skip
     return f"{_num(e.examples)}{interval}{past}{share}"
 
 
@@ -473,8 +494,11 @@ def _adaptive(decisions: Decisions | None, a: Analysis, out: Path) -> list[Block
     chosen = [c for c in choices if c["cell_id"] in stored.index]
     phases = {phase: sum(c["phase"] == phase for c in choices) for phase in sorted({c["phase"] for c in choices})}
     stop = decisions.stops[-1] if decisions.stops else None
+    not_stopped = "running, or interrupted: rerunning the command resumes"
     ending = (f"It stopped after round {stop['round']} with {stop['cells_stored']} cells stored and {_num(stop['flops_spent'])} "
-              f"post-training FLOPs spent: {stop['reason']}." if stop else "It has not stopped yet (running, or interrupted: rerunning the command resumes).")  # fmt: skip
+              f"post-training FLOPs spent: {stop['reason']}." if stop and decisions.stopped else
+              f"It stopped after round {stop['round']} ({stop['reason']}), was resumed, and has not stopped since ({not_stopped})." if stop else
+              f"It has not stopped yet ({not_stopped}).")  # fmt: skip
     blocks: list[Block] = [heading, Paragraph(
         f"{len(choices)} cells chosen ({', '.join(f'{n} {p}' for p, n in phases.items()) or 'none'}), "
         f"{len(chosen)} of them stored. "

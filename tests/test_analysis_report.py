@@ -155,6 +155,8 @@ def _efficiency(examples: float, lo: float, hi: float, share: float = 1.0) -> Da
     (2000.0, 1.0, 2e5, 0.62, "2e+03 [< 4, > 1.02e+05] (extrapolated past the largest budget measured, 1024); D_x exists in 62% of resamples", "nan"),
     (100.0, 50.0, 200.0, 1.0, "100 [50, 200]", "extrapolated"),
     (float("nan"), float("nan"), float("nan"), 0.0, "none: the asymptote does not beat the base model", "resamples"),
+    # the point fit beats the base model but no resample does: said, and no "interval reaches past" of no interval
+    (50.0, float("inf"), float("inf"), 0.0, "50; D_x exists in 0% of resamples", "reaches past"),
     # β ≈ 0.001: D_x overflows to inf, which is past the limit, not "does not beat the base model"
     (float("inf"), float("inf"), float("inf"), 1.0, "> 100× the largest budget measured (1024): not measurable here", "none"),
 ])  # fmt: skip
@@ -215,7 +217,7 @@ def test_the_best_measured_method_is_judged_at_a_budget_every_compared_method_ha
 def test_the_best_measured_model_is_not_called_the_largest_when_no_size_was_recorded() -> None:
     """Without params_nonembed the model compared is the last by name: "zeta-small" was called "the largest model
     measured" while "alpha-huge" may be far larger; where sizes are known it is the largest."""
-    rows = [{"task": "t", "model": model, "params_nonembed": np.nan, "budget": 64, "method": method, "seed": 0, "score": score}
+    rows = [{"task": "t", "model": model, "status": "ok", "params_nonembed": np.nan, "budget": 64, "method": method, "seed": 0, "score": score}
             for model in ("alpha-huge", "zeta-small") for method, score in (("lora", 0.6), ("steer_mean", 0.5))]  # fmt: skip
     sentence = best_measured("t", pd.DataFrame(rows), "score")
     assert sentence.startswith("On t, on the model zeta-small (sizes unknown: the last of 2 models by name), lora measured best"), sentence
@@ -224,9 +226,45 @@ def test_the_best_measured_model_is_not_called_the_largest_when_no_size_was_reco
     assert sized.startswith("On t, on the largest model measured (alpha-huge), lora measured best"), sized
 
 
+def test_a_method_that_failed_on_the_largest_model_is_named_and_rounding_is_no_lead() -> None:
+    """Every full_ft cell on the largest model failed (out of memory): it vanished from the headline, and steer_mean,
+    alone there, "measured best". Equal means of k/n scores that differ in the last bit named a winner "ahead by 5.55e-17"."""
+    rows = [{"task": "t", "model": model, "status": "ok" if (model, method) != ("big", "full_ft") else "failed", "params_nonembed": size,
+             "budget": budget, "method": method, "seed": seed, "score": score + 0.01 * seed}
+            for model, size in (("small", 1e6), ("big", 1e8)) for method, score in (("steer_mean", 0.6), ("full_ft", 0.8))
+            for budget in (8, 32, 128) for seed in (0, 1)]  # fmt: skip
+    sentence = best_measured("t", pd.DataFrame(rows), "score")
+    assert "on the largest model measured (big), only steer_mean was measured (score 0.605 at D=128); full_ft: none of its 6 cells there is ok" in sentence, sentence
+    assert "measured best" not in sentence, sentence
+    scores = {"lora": (0.40, 0.42), "steer_mean": (0.41, 0.41), "prompt": (0.30, 0.32)}
+    rows = [{"task": "t", "model": "m", "status": "ok", "params_nonembed": 1e6, "budget": 64, "method": method, "seed": seed, "score": score}
+            for method, pair in scores.items() for seed, score in enumerate(pair)]  # fmt: skip
+    sentence = best_measured("t", pd.DataFrame(rows), "score")
+    assert "lora and steer_mean measured best (tied)" in sentence and "e-17" not in sentence, sentence
+
+
+def test_the_adaptive_log_of_a_run_resumed_after_its_stop_has_not_stopped_and_shows_its_latest_targets() -> None:
+    """A run that stopped, then was resumed (a raised budget) and is running or interrupted: the report said "It stopped
+    after round 1" beside round 2's choices. A NaN interval end logged as null broke the report's table."""
+    from analysis.decisions import parse_decisions
+    from analysis.report import _num
+
+    def targets(width: float | None) -> list[dict]:
+        return [{"target": "t/m steer_mean->lora", "unit": "log10 D*", "lo": 1.0, "hi": None if width is None else 1.0 + width, "width": width}]
+
+    events = [{"event": "round", "round": 0, "targets": targets(0.9)}, {"event": "choice", "round": 0},
+              {"event": "stop", "round": 1, "targets": targets(0.8)}, {"event": "resume", "round": 2},
+              {"event": "round", "round": 2, "targets": targets(None)}, {"event": "choice", "round": 2}]  # fmt: skip
+    log = parse_decisions("\n".join(json.dumps(e) for e in events))
+    assert not log.stopped and log.final_targets[0]["width"] is None
+    assert _num(log.final_targets[0]["hi"]) == "-"
+    finished = parse_decisions("\n".join(json.dumps(e) for e in events[:3]))
+    assert finished.stopped and finished.final_targets[0]["width"] == 0.8
+
+
 def test_a_lead_the_seeds_cannot_resolve_is_said_to_be_within_noise() -> None:
     """Two methods .01 apart on means of 2 cells that scatter by .1: an order the report must not state as a finding."""
-    rows = [{"task": "t", "model": "m", "params_nonembed": 1e6, "budget": 64, "method": method, "seed": seed, "score": score}
+    rows = [{"task": "t", "model": "m", "status": "ok", "params_nonembed": 1e6, "budget": 64, "method": method, "seed": seed, "score": score}
             for method, scores in (("lora", (0.45, 0.57)), ("steer_mean", (0.40, 0.60))) for seed, score in enumerate(scores)]
     sentence = best_measured("t", pd.DataFrame(rows), "score")
     assert "lora measured best" in sentence and "ahead of steer_mean by 0.01 [" in sentence, sentence
