@@ -76,6 +76,30 @@ def test_a_discarded_model_reloads_but_keeps_its_baselines(specs):
     assert cache.baseline(specs["xs"], "ctx", lambda: computed.append(1) or "again") == "baseline" and computed == [1]
 
 
+def test_a_reload_that_brings_other_weights_drops_the_baselines_kept_for_it(specs, monkeypatch):
+    """A hub model reloaded after a failed cell can come back at another commit (its branch moved): the
+    baselines kept across the discard were scored on the old weights, and a base cell would then show a shift."""
+    import workers.cache
+
+    cache = WorkerCache(max_bytes=10**9)
+    cache.model(specs["xs"], 8)
+    cache.baseline(specs["xs"], "ctx", lambda: "scored on c1")
+    cache.discard(specs["xs"])
+    load = workers.cache.load_language_model
+
+    def moved(*args, **kwargs):
+        lm = load(*args, **kwargs)
+        lm.provenance = {**lm.provenance, "model_commit": "c2"}
+        return lm
+
+    monkeypatch.setattr(workers.cache, "load_language_model", moved)
+    cache.model(specs["xs"], 8)
+    assert cache.baseline(specs["xs"], "ctx", lambda: "scored on c2") == "scored on c2"
+    cache.discard(specs["xs"])
+    cache.model(specs["xs"], 8)  # the same weights again: what was scored on them is kept
+    assert cache.baseline(specs["xs"], "ctx", lambda: "again") == "scored on c2"
+
+
 def test_neutral_references_count_against_the_budget_and_leave_with_their_model(specs, sizes):
     """A reference is full-vocabulary log-probs in host memory (gigabytes at a 150k vocabulary):
     it counts against the budget, and one of a model no longer loaded is dropped."""

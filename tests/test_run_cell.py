@@ -54,6 +54,17 @@ def test_a_reused_model_gives_the_same_rows_as_a_fresh_load(model_id):
     assert fresh["neutral_kl"] > 0, "the LoRA in this test must really change the model"
 
 
+def test_a_cell_that_fails_on_its_own_settings_keeps_the_workers_model(model_id):
+    """A budget past the task's data, an unknown task: the cell failed only after loading its model (evicting the
+    worker's others for it), and every failure discarded the model, so the next cell loaded it again."""
+    cache = WorkerCache(max_bytes=10**9)
+    assert run_cell(_cell(model_id, "steer_mean"), CellRun(cache=cache))["status"] == "ok"
+    too_big = run_cell(_cell(model_id, "steer_mean", budget=10**7), CellRun(cache=cache))
+    assert too_big["status"] == "failed" and "budget" in too_big["error"]
+    assert run_cell(_cell(model_id, "lora"), CellRun(cache=cache))["status"] == "ok"
+    assert cache.loads == 1
+
+
 def test_cells_of_different_tasks_share_one_neutral_reference(model_id, monkeypatch):
     """The neutral texts do not depend on the task: a worker computes and holds their full-vocabulary
     reference once per model, and the KL measured against it is the same as with a reference of its own."""
@@ -87,8 +98,7 @@ def test_a_cell_that_raises_is_a_failed_row_with_the_error(model_id):
     assert row["status"] == "failed" and row["attempt"] == 2
     assert "unknown task 'no_such_task'" in row["error"]
     assert row["cell_id"] == cell.cell_id and row.get("score") is None
-    # a failed cell may have left its model half-changed: whoever runs the next cell loads it afresh
-    assert run_cell(_cell(model_id, "base"), CellRun(cache=cache))["status"] == "ok" and cache.loads == 2
+    assert cache.loads == 0  # it failed on its own settings, before loading a model
 
 
 def test_an_error_inside_a_model_forward_names_the_phase_it_happened_in(model_id):
@@ -112,6 +122,8 @@ def test_an_error_inside_a_model_forward_names_the_phase_it_happened_in(model_id
     assert "workers/methods/lora.py" in error and "workers/training.py" in error
     assert "in broken_in_training\n" in error  # the innermost frame stays
     assert "library frames left out" in error and len(error) <= 4000
+    # a cell that failed in its fit may have left its model half-changed (here: a hook): the next cell loads it afresh
+    assert cache.held() == [] and run_cell(_cell(model_id, "base"), CellRun(cache=cache))["status"] == "ok" and cache.loads == 2
 
 
 def test_a_long_error_keeps_both_ends_within_the_bound():

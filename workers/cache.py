@@ -117,6 +117,7 @@ class WorkerCache:
         self._bytes: dict[tuple[str, bool], int] = {}
         self._baselines: dict[tuple[str, str], Baseline] = {}
         self._neutral: dict[tuple[str, str], NeutralReference] = {}
+        self._weights: dict[str, str] = {}  # spec -> provenance of the weights its baselines and neutral references scored
 
     @property
     def resident_bytes(self) -> int:
@@ -145,6 +146,10 @@ class WorkerCache:
                 self._forget_unloaded(besides=key[0])  # its baselines and neutral reference go with it
             _raise_injected_fault(spec)
             lm = load_language_model(spec, batch_size, shard=shard)
+            weights = json.dumps(lm.provenance, sort_keys=True)
+            if self._weights.setdefault(key[0], weights) != weights:  # a reload brought other weights (a hub branch moved)
+                self._weights[key[0]] = weights
+                self._forget_scored(key[0])  # what was kept across the reload was scored on the old ones
             self._models[key], self._bytes[key] = lm, model_bytes(lm.model)
             self.loads += 1
         self._models.move_to_end(key)
@@ -162,8 +167,14 @@ class WorkerCache:
         after a failed cell and not reloaded since), except `besides`'s, about to load: kept only for
         a reload, they would stay for the worker's lifetime otherwise."""
         loaded = {k[0] for k in self._models} | {besides}
-        self._baselines = {k: v for k, v in self._baselines.items() if k[0] in loaded}
-        self._neutral = {k: v for k, v in self._neutral.items() if k[0] in loaded}
+        for spec in {k[0] for k in (*self._baselines, *self._neutral)} - loaded:
+            self._forget_scored(spec)
+        self._weights = {spec: weights for spec, weights in self._weights.items() if spec in loaded}
+
+    def _forget_scored(self, spec: str) -> None:
+        """Drop the baselines and neutral references of one model (spec JSON)."""
+        self._baselines = {k: v for k, v in self._baselines.items() if k[0] != spec}
+        self._neutral = {k: v for k, v in self._neutral.items() if k[0] != spec}
 
     def baseline(self, spec: ModelSpec, context: str, compute: Callable[[], Baseline]) -> Baseline:
         """The cached baseline for `spec` under `context` (task + eval settings), computed once."""

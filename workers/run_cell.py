@@ -219,10 +219,8 @@ def task_rows(cell: CellConfig) -> dict[str, str]:
 
 def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     """The measured columns of an ok row. Raises on any failure; `run_cell` turns that into a row."""
-    lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
-    device = str(lm.device)
-    others = run.cache.others_bytes(cell.model, lm.device)  # resident in the peak below, not this cell's
-    reset_peak_memory(device)
+    # The cell's own problems (a bad config, an unknown task, a budget past the data) first: they fail
+    # the cell before it loads a model, or evicts the worker's others for it.
     task = get_task(cell.task)
     method = get_method(cell.method)
     config = resolve_config(cell.method, cell.method_config, path="cell.method_config")
@@ -230,6 +228,11 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     validation = evaluation_examples(task, "validation", cell.eval.validation_size, cell.eval.validation_seed, "eval.validation_size")
     test = evaluation_examples(task, "test", cell.eval.test_size, 0, "eval.test_size")
     offtask = {name: evaluation_examples(get_task(name), "test", cell.eval.offtask_size, 0, "eval.offtask_size") for name in cell.offtask}
+
+    lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
+    device = str(lm.device)
+    others = run.cache.others_bytes(cell.model, lm.device)  # resident in the peak below, not this cell's
+    reset_peak_memory(device)
 
     started = time.perf_counter()
     context = json.dumps([cell.task, cell.offtask, cell.eval.model_dump(mode="json")])
@@ -243,14 +246,19 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     fit_context = FitContext(
         lm=lm, task=task, train=train, validation=validation, seed=cell.seed, selection_metric=cell.eval.selection_metric
     )
-    adapter = method.fit(fit_context, config)
-    train_seconds = time.perf_counter() - started
-
-    started = time.perf_counter()
-    with adapter.applied():
-        result = task.evaluate(lm, test)
-        kl, ppl_ratio = neutral_shift(lm, base.neutral)
-        offtask_scores = {name: get_task(name).evaluate(lm, examples).score for name, examples in offtask.items()}
+    try:
+        adapter = method.fit(fit_context, config)
+        train_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        with adapter.applied():
+            result = task.evaluate(lm, test)
+            kl, ppl_ratio = neutral_shift(lm, base.neutral)
+            offtask_scores = {name: get_task(name).evaluate(lm, examples).score for name, examples in offtask.items()}
+    except BaseException:
+        # The method may have died half-way through changing the model: the next cell loads it afresh. (A
+        # failure before this, in the load or the baseline, leaves the cached weights as they were.)
+        run.cache.discard(cell.model)
+        raise
     eval_seconds = time.perf_counter() - started + base_seconds
 
     total, nonembed = count_parameters(lm.model)
@@ -350,7 +358,6 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
         row.update(evaluate_cell(cell, run), status="ok", error=None)
     except Exception as exc:  # a failed cell is data: keep the error, let the sweep go on
         row.update(status="failed", error=error_text(exc))
-        run.cache.discard(cell.model)  # the cell may have died half-way through changing its model
     if row["status"] == "failed":
         release_gpu_memory()  # here, not in the except block: its traceback still holds the failed cell's tensors
     row.update(started_at=started_at, finished_at=_now())
