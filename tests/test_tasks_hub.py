@@ -42,6 +42,9 @@ class ScriptedLM:
     def target_nll(self, prompts: Sequence[str], targets: Sequence[str]) -> float:
         return 0.5
 
+    def token_count(self, text: str, *, prompt: bool) -> int:
+        return len(text.split())
+
 
 def test_adapters_are_registered_under_hub_names_with_their_types() -> None:
     assert {TASKS.get(n).task_type for n in ("sst2", "gsm8k", "function_calling")} == {"general", "reasoning", "agentic"}
@@ -202,3 +205,35 @@ def test_a_reference_without_a_final_number_or_a_hidden_label_is_refused_by_name
         (sst / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="sst2: label must be 0 .negative. or 1 .positive., got -1 for 'film validation 0'"):
         SST2(HubSource(str(sst))).examples("test", 6, seed=0)
+
+
+def test_no_prompt_is_in_two_splits_and_a_repeated_row_counts_once(tmp_path) -> None:
+    """Splits were carved on the raw text while prompts strip it: "film 0 is fine" and "film 0 is fine " could land
+    in train and validation as one prompt; a sentence in the hub's validation file (our test) could also be in
+    the hub's train file (our train); and a repeated row counted twice towards a budget."""
+    sst = tmp_path / "sst2"
+    sst.mkdir()
+    train = [{"sentence": f"film number {i} is fine" + " " * (k % 2), "label": i % 2} for i in range(60) for k in range(2)]
+    train += [{"sentence": f"held out review {i}", "label": 0} for i in range(5)]  # also in the test file
+    test = [{"sentence": f"held out review {i} ", "label": 0} for i in range(5)] + [{"sentence": f"other review {i}", "label": 1} for i in range(5)]
+    for name, rows in (("train", train), ("validation", test)):
+        (sst / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = SST2(HubSource(str(sst)))
+    prompts = {split: [ex.prompt for ex in task.examples(split, 1000, seed=0)] for split in ("train", "validation", "test")}
+    assert all(len(p) == len(set(p)) for p in prompts.values())
+    assert len(prompts["train"]) + len(prompts["validation"]) == 60 == task.pool_size("train") + task.pool_size("validation")
+    assert not set(prompts["train"]) & set(prompts["validation"]) and not (set(prompts["train"]) | set(prompts["validation"])) & set(prompts["test"])
+    assert len(prompts["test"]) == 10
+
+
+def test_the_calls_are_read_past_a_bracket_in_prose_and_generation_has_room_for_the_longest_reference() -> None:
+    assert canonical_calls('Calls: [see below]\n[{"name": "f", "arguments": {}}]') == ('{"arguments": {}, "name": "f"}',)
+    assert canonical_calls("[see below] and [nothing else]") is None
+    long_call = [{"name": "search", "arguments": {"query": " ".join(["word"] * 300)}}]
+    example = Example(prompt="p", target=" " + json.dumps(long_call), meta={"calls": list(canonical_calls(json.dumps(long_call)))})
+
+    class Budgeted(ScriptedLM):
+        def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+            return [" ".join(example.target.split()[:max_new_tokens]) for _ in prompts]  # cut at the budget, as a model's is
+
+    assert FunctionCalling(HubSource("unused")).evaluate(Budgeted({}), [example]).score == 1.0

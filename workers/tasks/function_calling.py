@@ -17,7 +17,7 @@ from workers.tasks.base import Evaluation, Example, Split, TaskType, prompts_of,
 from workers.tasks.hub import HubSource, SplitPlan, sample
 
 INSTRUCTION = "Answer with a JSON list of function calls, each {\"name\": ..., \"arguments\": {...}}.\n"
-MAX_NEW_TOKENS = 128
+MAX_NEW_TOKENS = 128  # at least; more where a reference is longer (several calls with string arguments)
 
 
 def _decoded(value: object) -> list | dict:
@@ -44,21 +44,23 @@ def _same_number_once(value: object) -> object:
 
 
 def canonical_calls(text: str) -> tuple[str, ...] | None:
-    """The calls in `text` (its first JSON list) as canonical strings, sorted, repeats kept (two calls
-    of `roll()` are not one); None if unparseable."""
+    """The calls in `text` (the first JSON list in it that parses as calls: a bracket in prose before
+    it is passed over) as canonical strings, sorted, repeats kept (two calls of `roll()` are not one);
+    None if there is none."""
     start = text.find("[")
-    if start < 0:
-        return None
-    try:
-        calls, _ = json.JSONDecoder().raw_decode(text[start:])
-        return tuple(sorted(json.dumps(_same_number_once({"name": c["name"], "arguments": c["arguments"]}), sort_keys=True) for c in calls))
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+    while start >= 0:
+        try:
+            calls, _ = json.JSONDecoder().raw_decode(text[start:])
+            return tuple(sorted(json.dumps(_same_number_once({"name": c["name"], "arguments": c["arguments"]}), sort_keys=True) for c in calls))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            start = text.find("[", start + 1)
+    return None
 
 
 class FunctionCalling:
     name = "function_calling"
-    data_version = 2  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings
+    data_version = 3  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
+    # 3: one row per stripped query, carved by it; generations long enough for the longest reference; the first list of calls found
     task_type: TaskType = "agentic"
     plan = SplitPlan(train="train", validation="train", test="train")
 
@@ -97,6 +99,8 @@ class FunctionCalling:
         return pairs
 
     def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
-        outputs = lm.generate(prompts_of(examples, elicited=elicited), MAX_NEW_TOKENS)
+        # A generation cut short of its closing bracket cannot parse: room for the longest reference, and some
+        longest = max((lm.token_count(ex.target, prompt=False) for ex in examples), default=0)
+        outputs = lm.generate(prompts_of(examples, elicited=elicited), max(MAX_NEW_TOKENS, longest + 16))
         correct = [canonical_calls(out) == tuple(ex.meta["calls"]) for out, ex in zip(outputs, examples)]
         return Evaluation.of(correct, target_nll(lm, examples, elicited=elicited))

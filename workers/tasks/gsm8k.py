@@ -41,7 +41,8 @@ def final_answer(text: str) -> str | None:
 
 class GSM8K:
     name = "gsm8k"
-    data_version = 2  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings
+    data_version = 3  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
+    # 3: one row per stripped question, none of the test split's in train or validation
     task_type: TaskType = "reasoning"
     plan = SplitPlan(train="train", validation="train", test="test")
 

@@ -15,6 +15,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from workers.tasks.base import Split
 from workers.tasks.splits import split_of
@@ -40,7 +41,13 @@ def load_rows(source: HubSource, split: str) -> tuple[dict, ...]:
 
 @dataclass(frozen=True)
 class SplitPlan:
-    """Which hub split feeds each of ours; rows of a shared hub split are divided by hash."""
+    """Which hub split feeds each of ours; rows of a shared hub split are divided by hash.
+
+    Rows are told apart by their `key` text stripped, as the prompts strip it: a split holds one row
+    per text (a repeated row would count twice towards a budget), rows of a shared hub split are
+    carved by it, and where the test split is a hub split of its own, train and validation keep none
+    of its texts. So no prompt is in two of our splits.
+    """
 
     train: str
     validation: str
@@ -50,14 +57,17 @@ class SplitPlan:
         """Rows of our `split` when the source is local; None for a hub id (counting would download it)."""
         return len(self.rows(task, source, split, key)) if Path(source.path).is_dir() else None
 
-    def rows(self, task: str, source: HubSource, split: Split, key: str) -> list[dict]:
+    @functools.lru_cache(maxsize=32)  # per worker: a cell asks for its splits' sizes and rows more than once
+    def rows(self, task: str, source: HubSource, split: Split, key: str) -> tuple[dict, ...]:
         hub = getattr(self, split)
         sharing = [s for s in ("train", "validation", "test") if getattr(self, s) == hub]
-        rows = load_rows(source, hub)
-        if len(sharing) == 1:
-            return list(rows)
-        return [row for row in rows if _carve(task, str(row[key]), sharing) == split]
-
+        rows = list({_text(row, key): row for row in reversed(load_rows(source, hub))}.values())[::-1]  # first of each text
+        if len(sharing) > 1:
+            rows = [row for row in rows if _carve(task, _text(row, key), sharing) == split]
+        if split != "test" and self.test != hub:
+            tested = {_text(row, key) for row in load_rows(source, self.test)}
+            rows = [row for row in rows if _text(row, key) not in tested]
+        return tuple(rows)
 
     def hub_splits(self) -> tuple[str, ...]:
         """The hub splits our three are drawn from, each once, in a fixed order."""
@@ -76,13 +86,17 @@ def rows_digest(source: HubSource, splits: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
+def _text(row: dict, key: str) -> str:
+    return str(row[key]).strip()
+
+
 def _carve(task: str, text: str, sharing: list[str]) -> str:
     """The split a row of a shared hub split belongs to: validation/test take a fifth each."""
     ours = split_of(task, text)
     return ours if ours in sharing else "train"
 
 
-def sample(rows: list[dict], task: str, split: Split, n: int, seed: int) -> list[dict]:
+def sample(rows: Sequence[dict], task: str, split: Split, n: int, seed: int) -> list[dict]:
     """`n` rows (all of them when the split is smaller); the test draw ignores the seed."""
     rng = random.Random(f"{task}/{split}/{seed if split != 'test' else 0}")
     return rng.sample(rows, min(n, len(rows)))

@@ -23,7 +23,7 @@ def prompt(sentence: str) -> str:
 
 class SST2:
     name = "sst2"
-    data_version = 1
+    data_version = 2  # 2: one row per stripped sentence, none of the test split's in train or validation
     task_type: TaskType = "general"
     plan = SplitPlan(train="train", validation="train", test="validation")
 
