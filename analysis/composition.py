@@ -143,6 +143,20 @@ def holm(p_values: np.ndarray, alpha: float = 1 - CI_LEVEL) -> np.ndarray:
     return rejected
 
 
+def unmatched_compositions(ok: pd.DataFrame, *, metric: str) -> list[str]:
+    """The compositions `composition_gains` passes over, each with the parts that have no ok cell with a
+    finite `metric` beside it (same task, model and budget): said in the report, not dropped in silence."""
+    usable = ok[np.isfinite(ok[metric].astype(float))]
+    unmatched = []
+    for (task, model, budget), cells in usable.groupby(["task", "model", "budget"], sort=True):
+        present = set(cells["method"])
+        for comp in sorted(m for m in present if method_kind(m) == "composition"):
+            lacking = [p for p in dict.fromkeys(components(comp)) if p not in present]
+            if lacking:
+                unmatched.append(f"{comp} on {task}/{model} at D={float(budget):g} (no ok {' or '.join(lacking)} cell there)")
+    return unmatched
+
+
 def composition_gains(ok: pd.DataFrame, *, metric: str, intervals: bool = True) -> list[CompositionGain]:
     """Gain of every composition over its best part wherever all parts were run; `intervals` False
     (--bootstrap 0) gives the point estimates only."""

@@ -19,7 +19,7 @@ import pandas as pd
 from analysis.axis_choice import TREND
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
-from analysis.composition import CompositionGain, Welch, holm, paired_noise
+from analysis.composition import CompositionGain, Welch, holm, paired_noise, unmatched_compositions
 from analysis.crossover import Crossover
 from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
@@ -421,14 +421,17 @@ def composition_gain(g: CompositionGain) -> str:
 def _compositions(a: Analysis) -> list[Block]:
     rows = [(g.task, g.model, f"{g.budget:g}", g.composition, g.best_single, composition_gain(g), f"{g.p_value:.2g}" if np.isfinite(g.p_value) else "-")
             for g in a.compositions]  # fmt: skip
+    unmatched = unmatched_compositions(a.loaded.ok, metric=a.metric) if len(a.loaded.ok) else []
+    passed_over = ([Paragraph(f"Not compared, {len(unmatched)} composition cell group(s) without all of their parts beside them: "
+                              + "; ".join(unmatched[:8]) + ("; …" if len(unmatched) > 8 else "") + ".")] if unmatched else [])  # fmt: skip
     if not rows:
-        return [Heading("Composition gain"), Paragraph("No composition was run alongside all of its parts.")]
+        return [Heading("Composition gain"), Paragraph("No composition was run alongside all of its parts."), *passed_over]
     note = Paragraph("Gain of the composition over its better part, cell mean against cell mean, with a 95 % interval from Welch's t "
                      "over the seeds of each side, plus the test questions' paired variance where the rows store their outcomes (one per "
                      "part, Bonferroni over the parts, so no part is picked as the better one in advance); it needs two seeds a side and "
                      "some spread among them or among the questions. p: for a gain of 0, corrected for the parts, not across gains; only gains "
                      "that stay clear of 0 after Holm's correction over every gain with an interval are stated in \"What the fits say\".")  # fmt: skip
-    return [Heading("Composition gain"), note, Table(("task", "model", "budget", "composition", "best part", "gain", "p"), rows)]
+    return [Heading("Composition gain"), note, Table(("task", "model", "budget", "composition", "best part", "gain", "p"), rows), *passed_over]
 
 
 def _links(a: Analysis) -> list[Block]:

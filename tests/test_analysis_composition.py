@@ -62,3 +62,16 @@ def test_gains_clear_of_zero_only_by_chance_among_many_are_not_findings() -> Non
     assert text.count("is better than lora alone") == 1 and "t, big, D=64: lora+steer_mean is better" in text, text
     assert "Holm's correction over the 11 composition comparison(s)" in text
     assert "10 more composition gain(s) have a 95 % interval that excludes 0 but do not survive Holm's correction" in text
+
+
+def test_a_composition_without_all_of_its_parts_beside_it_is_named_not_dropped() -> None:
+    """At D=32 steer_mean's cells failed: the composition there had no gain to show and vanished without a word
+    while another budget's was in the table."""
+    from analysis.composition import unmatched_compositions
+
+    rows = [{"task": "arith", "model": "s", "budget": budget, "method": method, "seed": seed, "score": 0.3 + 0.01 * seed}
+            for budget in (8, 32) for method in ("lora", "steer_mean", "steer_mean+lora") for seed in (0, 1)
+            if (budget, method) != (32, "steer_mean")]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    assert [g.budget for g in composition_gains(frame, metric="score")] == [8.0]
+    assert unmatched_compositions(frame, metric="score") == ["steer_mean+lora on arith/s at D=32 (no ok steer_mean cell there)"]
