@@ -40,6 +40,7 @@ from orchestrator.acquisition import (
     label, noise_variance, targets_from,
 )  # fmt: skip
 from orchestrator.cellcost import CostModel, Planned
+from orchestrator.claims import Claims
 from orchestrator.errors import StoreUnreadableError
 from orchestrator.store import ResultsStore
 
@@ -71,11 +72,16 @@ class DecisionLog:
     """`<results>/adaptive.jsonl`: one JSON object per event, rewritten whole through a temp file and a move.
 
     Object stores cannot append, so each write rewrites the (small) log; the move publishes it whole.
+    The read and the rewrite happen under a lock file beside it: two drivers on one results directory
+    (claims split the cells between them) would otherwise each rewrite the log without the other's events.
     """
+
+    LOCK_TTL_SECONDS = 60.0  # a rewrite takes well under a second: a lock this old was left by a driver that died
 
     def __init__(self, store: ResultsStore) -> None:
         self.filesystem, self.path = store.filesystem, f"{store.root}/{LOG_NAME}"
         self.directory = store.root
+        self.claims = Claims(store, ttl_seconds=self.LOCK_TTL_SECONDS)
 
     def read(self) -> list[dict]:
         try:
@@ -88,13 +94,14 @@ class DecisionLog:
     def append(self, records: Sequence[dict]) -> None:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         lines = [json.dumps(jsonable({"time": now, **r}), allow_nan=False) for r in records]
-        existing = self.read()
-        text = "".join(json.dumps(r) + "\n" for r in existing) + "".join(line + "\n" for line in lines)
         self.filesystem.create_dir(self.directory, recursive=True)
-        temp = f"{self.directory}/.tmp-{uuid.uuid4().hex}-{LOG_NAME}"
-        with self.filesystem.open_output_stream(temp) as stream:
-            stream.write(text.encode())
-        self.filesystem.move(temp, self.path)
+        with self.claims.exclusive(f"{self.path}.lock"):
+            existing = self.read()
+            text = "".join(json.dumps(r) + "\n" for r in existing) + "".join(line + "\n" for line in lines)
+            temp = f"{self.directory}/.tmp-{uuid.uuid4().hex}-{LOG_NAME}"
+            with self.filesystem.open_output_stream(temp) as stream:
+                stream.write(text.encode())
+            self.filesystem.move(temp, self.path)
 
 
 def stored_rows(store: ResultsStore, cells: Sequence[Planned]) -> pd.DataFrame:

@@ -18,7 +18,9 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from pyarrow import fs
 
@@ -186,6 +188,21 @@ class Claims:
 
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
             list(pool.map(refresh, list(self.held)))
+
+    @contextmanager
+    def exclusive(self, path: str, wait_seconds: float = 120.0) -> Iterator[None]:
+        """Hold the lock file `path` while the block runs: a short critical section among drivers (the
+        adaptive log's read, append and rewrite, which two drivers at once would each write over the
+        other's). Waits for a live holder; a stale one (dead process, or older than `ttl_seconds`) is taken over."""
+        deadline = time.monotonic() + wait_seconds
+        while not (self._create(path) or (self._is_stale(path) and self._take_over(path))):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path} has been held by another driver for over {wait_seconds:g}s; if none is running, delete it")
+            time.sleep(0.05)
+        try:
+            yield
+        finally:
+            self._delete(path)
 
     def release_all(self) -> None:
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:

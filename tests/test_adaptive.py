@@ -533,3 +533,22 @@ def test_resamples_tied_throughout_resolve_as_fine_tuning_never_ahead() -> None:
     steer, tune = curve([0.5] * 4), curve([0.498, 0.502, 0.499, 0.501])
     samples, share = crossover_samples(steer, tune)
     assert share == 0.0 and np.allclose(samples, np.log10(1024.0))
+
+
+def test_two_drivers_appending_to_the_decision_log_keep_each_others_events(tmp_path):
+    """Each append reads the log, adds its events and rewrites it: two drivers on one results directory (claims
+    split the cells) overwrote each other's choices. The rewrite now happens under a lock file beside the log."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = ResultsStore(str(tmp_path))
+
+    def driver(name: str) -> None:
+        log = DecisionLog(store)
+        for i in range(40):
+            log.append([{"event": "choice", "round": i, "cell_id": f"{name}-{i}"}])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(driver, ["a", "b"]))
+    ids = [event["cell_id"] for event in DecisionLog(store).read()]
+    assert sorted(ids) == sorted(f"{name}-{i}" for name in "ab" for i in range(40))
+    assert not (tmp_path / "adaptive.jsonl.lock").exists()
