@@ -118,6 +118,16 @@ def test_neutral_references_count_against_the_budget_and_leave_with_their_model(
     assert cache.resident_bytes == sizes["xs"]
 
 
+def test_a_new_neutral_reference_makes_the_other_models_make_way(specs, sizes):
+    """A reference computed for a loaded model (new neutral settings) went over the budget and stayed there
+    until the next load: the least recently used other model is evicted for it, never the model in use."""
+    cache = WorkerCache(max_bytes=sizes["xs"] + sizes["s"])
+    cache.model(specs["xs"], 8)
+    lm = cache.model(specs["s"], 8)  # both fit exactly
+    reference = cache.neutral(specs["s"], "n", lambda: neutral_reference(lm, ["the river runs past the old mill"] * 4))
+    assert cache.held() == [specs["s"].model_dump_json()] and cache.resident_bytes == sizes["s"] + reference.nbytes
+
+
 def test_a_cells_memory_peak_leaves_out_the_other_models_its_worker_holds(specs, sizes):
     cache = WorkerCache(max_bytes=10**9)
     cache.model(specs["xs"], 8), cache.model(specs["s"], 8)

@@ -138,12 +138,8 @@ class WorkerCache:
     def model(self, spec: ModelSpec, batch_size: int, *, shard: bool = False) -> LanguageModel:
         key = (spec.model_dump_json(), shard)
         if key not in self._models:
-            needed = estimated_bytes(spec)
             self._forget_unloaded(besides=key[0])
-            while self._models and self.resident_bytes + needed > self.max_bytes:
-                oldest = next(iter(self._models))
-                del self._models[oldest], self._bytes[oldest]
-                self._forget_unloaded(besides=key[0])  # its baselines and neutral reference go with it
+            self._make_room(estimated_bytes(spec), keep=key[0])
             _raise_injected_fault(spec)
             lm = load_language_model(spec, batch_size, shard=shard)
             weights = json.dumps(lm.provenance, sort_keys=True)
@@ -156,6 +152,15 @@ class WorkerCache:
         lm = self._models[key]
         lm.batch_size = batch_size
         return lm
+
+    def _make_room(self, needed: int, keep: str) -> None:
+        """Evict the least recently used models other than `keep` (spec JSON) until `needed` more bytes fit."""
+        while self.resident_bytes + needed > self.max_bytes:
+            others = [k for k in self._models if k[0] != keep]
+            if not others:
+                return
+            del self._models[others[0]], self._bytes[others[0]]
+            self._forget_unloaded(besides=keep)  # its baselines and neutral reference go with it
 
     def discard(self, spec: ModelSpec) -> None:
         """Forget `spec`'s loaded copies (sharded or not), e.g. after a cell that may have left it modified."""
@@ -192,6 +197,7 @@ class WorkerCache:
         key = (spec.model_dump_json(), settings)
         if key not in self._neutral:
             self._neutral[key] = compute()
+            self._make_room(0, keep=key[0])  # a new reference of a loaded model counts too: others make way for it
         return self._neutral[key]
 
 
