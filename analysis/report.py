@@ -188,7 +188,7 @@ def best_measured(task: str, stored: pd.DataFrame, metric: str) -> str:
 
     if shared[budget] < min(2, len(cells)):
         own = ", ".join(f"{m} {at(m, max(budgets[m])).mean():.3g} at D={max(budgets[m]):g}" for m in cells)
-        return f"{intro}, no two methods were measured at the same budget, so none is compared: {own}."
+        return f"{intro}, no two methods were measured at the same budget, so none is compared: {own}{unmeasured}."
     levels = [(float(at(m, budget).mean()), m, len(at(m, budget))) for m in cells if budget in budgets[m]]
     levels.sort(key=lambda level: (-level[0] if HIGHER_IS_BETTER[metric] else level[0], level[1]))
     (value, method, n_cells), *rest = levels

@@ -191,9 +191,14 @@ def design_order(cells: Sequence[Planned], rank: float) -> list[Planned]:
 
 
 def given_up(cells: Sequence[Planned], status: Mapping[str, str]) -> dict[CurveKey, int]:
-    """Curves the design no longer walks, with their failed cells: GIVE_UP_FAILURES or more failed."""
-    failed = {key: sum(status.get(c.cell_id) == "failed" for c in group) for key, group in curves_of(cells).items()}
-    return {key: n for key, n in failed.items() if n >= GIVE_UP_FAILURES}
+    """Curves the design no longer walks, with their failed cells: GIVE_UP_FAILURES or more failed before
+    the curve had its DESIGN_POINTS ok cells (one that has them is fitted, and failures later are its cells' own)."""
+    given = {}
+    for key, group in curves_of(cells).items():
+        outcomes = [status.get(c.cell_id) for c in group]
+        if outcomes.count("failed") >= GIVE_UP_FAILURES and outcomes.count("ok") < DESIGN_POINTS:
+            given[key] = outcomes.count("failed")
+    return given
 
 
 def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: CostModel) -> list[Choice]:
@@ -311,9 +316,9 @@ def targets_from(fits: Mapping[CurveKey, CurveFit], crossover_goal: float | None
             # and are left out; a curve where more than 1 − level are such has no exponent to narrow.
             beta = fit.boot.params()["beta"]
             lost = fit.boot.unidentified_resamples().get("beta", np.zeros(len(beta), dtype=bool))
-            if lost.mean() <= 1 - CI_LEVEL:
+            if lost.mean() <= 1 - CI_LEVEL:  # NaN, not dropped: the samples stay aligned with the curves' resamples
                 note = f"; {lost.mean():.0%} of resamples leave it unidentified" if lost.any() else ""
-                targets.append(Target(label(key), "beta", (key,), beta[~lost], exponent_goal, note))
+                targets.append(Target(label(key), "beta", (key,), np.where(lost, np.nan, beta), exponent_goal, note))
     return targets
 
 

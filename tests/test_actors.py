@@ -375,12 +375,13 @@ def test_a_gpu_worker_asks_cuda_for_deterministic_kernels_before_cuda_starts(mon
     Strictly: under warn_only the fused attention backward stays non-deterministic (tests/test_gpu.py)."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     threads = torch.get_num_threads()
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         CellWorker(Shape(1.0, 1.0, 1 << 20))
         assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-    finally:
-        torch.use_deterministic_algorithms(False)  # this is the test process
+    finally:  # this is the test process: as it was (on a GPU machine tests/test_gpu.py turned them on at import)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.set_num_threads(threads)
 
 

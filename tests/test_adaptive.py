@@ -552,3 +552,38 @@ def test_two_drivers_appending_to_the_decision_log_keep_each_others_events(tmp_p
     ids = [event["cell_id"] for event in DecisionLog(store).read()]
     assert sorted(ids) == sorted(f"{name}-{i}" for name in "ab" for i in range(40))
     assert not (tmp_path / "adaptive.jsonl.lock").exists()
+
+
+def test_an_exponent_target_partly_unidentified_keeps_its_samples_aligned_with_the_curves_resamples(tmp_path, monkeypatch):
+    """Leaving out the resamples where β is unidentified shortened the target's samples, and the acquisition step,
+    which sets them beside each curve's per-resample predictions, crashed on the mismatch (4 of 200 lost)."""
+    from analysis.bootstrap import Bootstrap
+    from orchestrator.acquisition import acquisition_choices, noise_variance
+
+    cells = grid()
+    design = {c.cell_id for group in curves_of(cells).values() for c in design_order(group, 0.5)[:8]}
+    store = ResultsStore(str(tmp_path))
+    World(store)([c for c in cells if c.cell_id in design])
+    rows = stored_rows(store, cells)
+    fits = fit_budget_curves(cells, rows, 200, seed=3)
+    lost = np.arange(200) < 4
+    unidentified = Bootstrap.unidentified_resamples
+    monkeypatch.setattr(Bootstrap, "unidentified_resamples", lambda self: {**unidentified(self), "beta": lost})
+    targets = targets_from(fits, None, 1e-6)
+    assert targets and all(len(t.samples) == 200 and np.isnan(t.samples).sum() == 4 for t in targets)
+    cost = CostModel.calibrate(cells, rows, MODELS)
+    candidates = [c for c in cells if c.cell_id not in design]
+    chosen = acquisition_choices(targets, fits, candidates, cost, noise_variance(fits), size=4, flops_left=float("inf"))
+    assert len(chosen) == 4
+
+
+def test_a_fitted_curve_whose_later_cells_fail_is_not_called_given_up():
+    """Six failed cells on a curve that already has its design's ok cells (a larger budget out of memory, say):
+    the stop reason called it "left unfitted" beside its own crossover target."""
+    from orchestrator.acquisition import given_up
+
+    cells = [c for c in grid() if (c.config.method, c.config.model.id) == ("lora", "sim-l")]
+    ok = {c.cell_id: "ok" for c in cells[:DESIGN_POINTS]}
+    failed = {c.cell_id: "failed" for c in cells[-GIVE_UP_FAILURES:]}
+    assert given_up(cells, {**ok, **failed}) == {}
+    assert given_up(cells, failed) == {("facts", "lora", "sim-l"): GIVE_UP_FAILURES}

@@ -236,6 +236,10 @@ def test_a_method_that_failed_on_the_largest_model_is_named_and_rounding_is_no_l
     sentence = best_measured("t", pd.DataFrame(rows), "score")
     assert "on the largest model measured (big), only steer_mean was measured (score 0.605 at D=128); full_ft: none of its 6 cells there is ok" in sentence, sentence
     assert "measured best" not in sentence, sentence
+    apart = [r for r in rows if not (r["model"] == "big" and r["method"] == "steer_mean" and r["budget"] != 8)]
+    apart += [{**r, "method": "lora", "budget": 16} for r in rows if r["model"] == "big" and r["method"] == "steer_mean" and r["budget"] == 8]
+    sentence = best_measured("t", pd.DataFrame(apart), "score")
+    assert "no two methods were measured at the same budget" in sentence and "full_ft: none of its 6 cells there is ok" in sentence, sentence
     scores = {"lora": (0.40, 0.42), "steer_mean": (0.41, 0.41), "prompt": (0.30, 0.32)}
     rows = [{"task": "t", "model": "m", "status": "ok", "params_nonembed": 1e6, "budget": 64, "method": method, "seed": seed, "score": score}
             for method, pair in scores.items() for seed, score in enumerate(pair)]  # fmt: skip

@@ -42,6 +42,8 @@ class ScriptedLM:
     def target_nll(self, prompts: Sequence[str], targets: Sequence[str]) -> float:
         return 0.5
 
+    max_length = None
+
     def token_count(self, text: str, *, prompt: bool) -> int:
         return len(text.split())
 
@@ -232,8 +234,14 @@ def test_the_calls_are_read_past_a_bracket_in_prose_and_generation_has_room_for_
     long_call = [{"name": "search", "arguments": {"query": " ".join(["word"] * 300)}}]
     example = Example(prompt="p", target=" " + json.dumps(long_call), meta={"calls": list(canonical_calls(json.dumps(long_call)))})
 
+    short = Example(prompt="q", target=' [{"name": "f", "arguments": {}}]', meta={"calls": list(canonical_calls('[{"name": "f", "arguments": {}}]'))})
+    budgets = []
+
     class Budgeted(ScriptedLM):
         def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-            return [" ".join(example.target.split()[:max_new_tokens]) for _ in prompts]  # cut at the budget, as a model's is
+            budgets.append((len(prompts), max_new_tokens))
+            target = {"p": example.target, "q": short.target}
+            return [" ".join(target[p].split()[:max_new_tokens]) for p in prompts]  # cut at the budget, as a model's is
 
-    assert FunctionCalling(HubSource("unused")).evaluate(Budgeted({}), [example]).score == 1.0
+    assert FunctionCalling(HubSource("unused")).evaluate(Budgeted({}), [example, short, short]).score == 1.0
+    assert budgets == [(2, 128), (1, 384)]  # the long reference lengthens only its own generation

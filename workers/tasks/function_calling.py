@@ -17,7 +17,7 @@ from workers.tasks.base import Evaluation, Example, Split, TaskType, prompts_of,
 from workers.tasks.hub import HubSource, SplitPlan, sample
 
 INSTRUCTION = "Answer with a JSON list of function calls, each {\"name\": ..., \"arguments\": {...}}.\n"
-MAX_NEW_TOKENS = 128  # at least; more where a reference is longer (several calls with string arguments)
+MAX_NEW_TOKENS = 128  # at least, and the step of `generation_budget` where a reference is longer
 
 
 def _decoded(value: object) -> list | dict:
@@ -55,6 +55,15 @@ def canonical_calls(text: str) -> tuple[str, ...] | None:
         except (ValueError, KeyError, TypeError, AttributeError):
             start = text.find("[", start + 1)
     return None
+
+
+def generation_budget(lm: LanguageModel, target: str) -> int:
+    """New tokens an example may generate: a generation cut short of its closing bracket cannot parse, so
+    room for its reference and some, in steps of MAX_NEW_TOKENS (few distinct budgets: few generate calls),
+    and at most half the model's context (the prompt keeps the rest)."""
+    needed = lm.token_count(target, prompt=False) + 16
+    budget = MAX_NEW_TOKENS * -(-needed // MAX_NEW_TOKENS)
+    return budget if lm.max_length is None else max(1, min(budget, lm.max_length // 2))
 
 
 class FunctionCalling:
@@ -99,8 +108,13 @@ class FunctionCalling:
         return pairs
 
     def evaluate(self, lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:
-        # A generation cut short of its closing bracket cannot parse: room for the longest reference, and some
-        longest = max((lm.token_count(ex.target, prompt=False) for ex in examples), default=0)
-        outputs = lm.generate(prompts_of(examples, elicited=elicited), max(MAX_NEW_TOKENS, longest + 16))
+        prompts = prompts_of(examples, elicited=elicited)
+        outputs = [""] * len(examples)
+        by_budget: dict[int, list[int]] = {}
+        for i, example in enumerate(examples):
+            by_budget.setdefault(generation_budget(lm, example.target), []).append(i)
+        for budget, indices in sorted(by_budget.items()):  # one generate per budget: a long reference lengthens only its own
+            for i, output in zip(indices, lm.generate([prompts[i] for i in indices], budget)):
+                outputs[i] = output
         correct = [canonical_calls(out) == tuple(ex.meta["calls"]) for out, ex in zip(outputs, examples)]
         return Evaluation.of(correct, target_nll(lm, examples, elicited=elicited))
