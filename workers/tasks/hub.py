@@ -61,7 +61,10 @@ class SplitPlan:
     def rows(self, task: str, source: HubSource, split: Split, key: str) -> tuple[dict, ...]:
         hub = getattr(self, split)
         sharing = [s for s in ("train", "validation", "test") if getattr(self, s) == hub]
-        rows = list({_text(row, key): row for row in reversed(load_rows(source, hub))}.values())[::-1]  # first of each text
+        first: dict[str, dict] = {}
+        for row in load_rows(source, hub):
+            first.setdefault(_text(row, key), row)
+        rows = list(first.values())
         if len(sharing) > 1:
             rows = [row for row in rows if _carve(task, _text(row, key), sharing) == split]
         if split != "test" and self.test != hub:
