@@ -53,6 +53,10 @@ CASES = {
          "eval": {"validation_size": 0}},  # fmt: skip
         "methods.steer_mean+lora: second.train.lr_search chooses a learning rate among [0.001, 0.01] on the shared validation set",
     ),
+    "a choice of demonstrations without a validation set": (  # it used all that fit, reported as choose_shots: true
+        {**GOOD, "methods": {"prompt": {}}, "eval": {"validation_size": 0}},
+        "methods.prompt: prompt chooses how many demonstrations among 0, 1, 2, 4, … and all that fit (set choose_shots: false",
+    ),
     "a ladder revision that is not its recipe's hash": (  # it could never load, and re-planning kept it
         {**GOOD, "models": [{"id": "ladder:test/xs", "revision": "main"}]},
         "models.0.revision: main is not the hash of ladder:test/xs's recipe (",

@@ -390,6 +390,15 @@ def test_prompt_chooses_how_many_demonstrations_on_validation(monkeypatch, best,
     assert report.post_train_flops == pytest.approx(forward_cost(lm, lm.forward_tokens, h[0]), rel=1e-12)  # the seven passes that chose
 
 
+def test_prompt_refuses_to_choose_its_demonstrations_without_a_validation_set():
+    """With no validation set the choice fell back to all that fit while the row said choose_shots: true."""
+    lm = language_model()
+    with pytest.raises(ValueError, match="set choose_shots: false to use all that fit"):
+        fit("prompt", lm, {"separator": " ; "}, n_train=8, n_val=0)
+    _, adapter = fit("prompt", lm, {"separator": " ; ", "choose_shots": False}, n_train=8, n_val=0)
+    assert adapter.report.hparams["shots"] == 8 and adapter.report.selection == "fixed"
+
+
 def test_composition_config_names_and_metrics():
     config = resolve_config("steer_mean+lora", {"first": {"scales": [0.5]}, "second": {"rank": 2}})
     assert config.first.scales == (0.5,) and config.second.rank == 2 and config.second.alpha == 8.0

@@ -7,6 +7,10 @@ methods compose without a module per pair. Its config nests the parts' own confi
 
 each defaulting to the part's defaults, and validated with the part's own strict class (so a wrong
 key reports a path like `methods.steer_mean+lora.second.rank`). `A+B+C` reads as `A+(B+C)`.
+
+B sees the same training examples as A, through A: in `prompt+X`, X trains with the demonstrations in
+front of each example, its own among them wherever they fit (at small budgets, all of them), so X
+can learn to copy from its context; its validation-chosen checkpoint is what guards against that.
 """
 
 from __future__ import annotations

@@ -56,6 +56,12 @@ class Prompt:
     kind: MethodKind = "reference"
     config_class = PromptConfig
 
+    def validation_choice(self, config: PromptConfig) -> str | None:
+        """How many demonstrations, unless `choose_shots` is off (then all that fit)."""
+        if not config.choose_shots:
+            return None
+        return "prompt chooses how many demonstrations among 0, 1, 2, 4, … and all that fit (set choose_shots: false to use all that fit)"
+
     def fit(self, ctx: FitContext, config: PromptConfig) -> Demonstrations:
         lm = ctx.lm
         limit = context_limit(lm, config.max_context_tokens)
@@ -74,6 +80,11 @@ class Prompt:
             shots -= 1
         fitting = shots
         validate = ctx.validator() if config.choose_shots else None
+        if config.choose_shots and validate is None:  # the choice would silently become "all that fit"
+            raise ValueError(
+                "prompt chooses how many demonstrations on the shared validation set, but this cell has none "
+                "(eval.validation_size = 0); set choose_shots: false to use all that fit"
+            )
         candidates = shot_counts(fitting) if validate is not None else [fitting]
         values: dict[int, float] = {}
         before = lm.flops_run
