@@ -283,6 +283,20 @@ def test_a_worker_whose_device_broke_is_replaced_and_the_last_attempt_keeps_the_
     assert not POOL.workers, "both workers that ran it were retired"
 
 
+def _wait_until_dead(actor: ray.actor.ActorHandle, timeout_s: float = 30.0) -> None:
+    """Until a call on `actor` fails: a ping sent in the instant after `ray.kill` can still be answered."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ready.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.1)
+    raise AssertionError(f"the killed actor still answered after {timeout_s:g}s")
+
+
 @pytest.mark.slow  # ~30 s: one worker, then its replacement
 def test_an_idle_worker_that_died_is_not_handed_a_cell(local_ray, test_ladder, write_sweep):
     """A worker whose node died while it sat idle (between an adaptive loop's batches) must not
@@ -293,6 +307,7 @@ def test_an_idle_worker_that_died_is_not_handed_a_cell(local_ray, test_ladder, w
     assert run_cells(cells[:2], store, spec.resources, progress=False, dashboard=False).ok == 2
     [idle] = POOL.workers
     ray.kill(idle.actor, no_restart=True)  # the driver is not told, as when a node goes away
+    _wait_until_dead(idle.actor)  # died while idle, before the next batch (ray.kill lands asynchronously)
     outcome = run_cells(cells[2:], store, spec.resources, progress=False, dashboard=False)
     assert (outcome.ok, outcome.failed) == (2, 0), outcome
     assert idle not in POOL.workers
