@@ -69,7 +69,7 @@ def generation_budget(lm: LanguageModel, target: str) -> int:
 class FunctionCalling:
     name = "function_calling"
     data_version = 3  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
-    # 3: one row per stripped query, carved by it; generations long enough for the longest reference; the first list of calls found
+    # 3: one row per stripped query, carved by it; each generation long enough for its own reference; the first list of calls found
     task_type: TaskType = "agentic"
     plan = SplitPlan(train="train", validation="train", test="train")
 
