@@ -269,6 +269,28 @@ def test_a_rows_base_columns_are_the_base_models_and_its_deltas_are_adapted_minu
     assert row["offtask_score_delta"] == pytest.approx(scores[1].score - scores[0].score)
 
 
+def test_prompts_demonstrations_leave_room_for_the_offtask_questions(model_id, monkeypatch):
+    """The demonstrations fit the off-task evaluation's longer questions too: sized from the task's own
+    (facts), 40 of them left a gridworld question no room, and it was cut into the first demonstration."""
+    from workers.lm import LanguageModel
+
+    cut: list[int] = []  # tokens dropped from an encoded row that had demonstrations in front of it
+    clipped = LanguageModel.clipped
+    monkeypatch.setattr(
+        LanguageModel, "clipped",
+        lambda lm, ids: (cut.append(len(ids) - lm.max_length) if lm.prefix and len(ids) > lm.max_length else None) or clipped(lm, ids),
+    )  # fmt: skip
+    cell = _cell(model_id, "prompt", budget=64, settings={"separator": " ; ", "choose_shots": False})
+    alone = run_cell(cell.model_copy(update={"offtask": ()}), CellRun(cache=WorkerCache()))
+    cut.clear()  # the neutral texts, longer than any question, may push the oldest demonstrations out (metrics.neutral_shift)
+    with_gridworld = cell.model_copy(update={"offtask": ("gridworld",), "eval": cell.eval.model_copy(update={"offtask_size": 100})})
+    row = run_cell(with_gridworld, CellRun(cache=WorkerCache()))
+    assert row["status"] == "ok", row["error"]
+    assert alone["status"] == "ok", alone["error"]
+    shots_alone, shots = (json.loads(r["hparams"])["shots"] for r in (alone, row))
+    assert 0 < shots < shots_alone and cut == []
+
+
 def test_a_cell_file_that_is_missing_or_not_a_cell_is_a_clean_error(tmp_path, capsys):
     """`python -m workers.run_cell` on a missing or malformed cell.json was a FileNotFoundError or a 30-line
     pydantic traceback; now exit 2 naming the file and, for a bad key, its path and the nearest valid one."""

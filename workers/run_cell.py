@@ -244,7 +244,13 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     seed_everything(cell.seed)
     started = time.perf_counter()
     fit_context = FitContext(
-        lm=lm, task=task, train=train, validation=validation, seed=cell.seed, selection_metric=cell.eval.selection_metric
+        lm=lm,
+        task=task,
+        train=train,
+        validation=validation,
+        seed=cell.seed,
+        selection_metric=cell.eval.selection_metric,
+        offtask=[example for examples in offtask.values() for example in examples],
     )
     try:
         adapter = method.fit(fit_context, config)

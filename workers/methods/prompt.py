@@ -4,9 +4,12 @@ No weight changes: the adapter puts the demonstrations before each prompt the mo
 `LanguageModel.prefixed`), so every task scores it without knowing; scoring runs the shared
 demonstrations once per batch, not once per question (`LanguageModel.scoring_logits`). At most as
 many demonstrations as fit the context are used, in the budget's (seeded) order, leaving room for
-twice the longest question seen; how many is chosen on the shared validation set like every other
-method's settings (0, "do nothing", included), since more demonstrations are not always better — a
-small model pretrained on short documents gets worse once they run past its documents' length.
+twice the longest question it will be shown (the off-task evaluation's included); how many is
+chosen on the shared validation set like every other method's settings (0, "do nothing",
+included), since more demonstrations are not always better — a small model pretrained on short
+documents gets worse once they run past its documents' length. The neutral texts
+(`metrics.neutral_shift`) are documents, not questions: one longer than the room left pushes the
+oldest demonstration tokens out, as a sliding window would, and is scored whole.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ class Prompt:
     def fit(self, ctx: FitContext, config: PromptConfig) -> Demonstrations:
         lm = ctx.lm
         limit = context_limit(lm, config.max_context_tokens)
-        queries = [ex.prompt + ex.target for ex in [*ctx.train, *ctx.validation]]
+        # every question shown under the demonstrations, the off-task evaluation's too: a longer off-task
+        # prompt would otherwise be cut into the first demonstration (`LanguageModel.clipped`)
+        queries = [ex.prompt + ex.target for ex in [*ctx.train, *ctx.validation, *ctx.offtask]]
         reserve = 2 * max((lm.token_count(q, prompt=True) for q in queries), default=0)
         demos = [ex.prompt + ex.target + config.separator for ex in ctx.train[: config.max_shots]]
         # Sum per-demonstration counts to find the candidate, then check the joined text exactly

@@ -39,6 +39,9 @@ class FitContext:
     validation: list[Example]
     seed: int
     selection_metric: Literal["nll", "score"] = "nll"  # the sweep's eval.selection_metric
+    # The off-task evaluation's examples, which the adapted model is shown after the fit: a method that
+    # takes context (`prompt`) leaves room for them. Not for training or choosing.
+    offtask: list[Example] = field(default_factory=list)
 
     def validator(self) -> Callable[[], float] | None:
         """The model as it is now on the shared validation set, higher is better (−NLL, or the task
