@@ -228,6 +228,9 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     validation = evaluation_examples(task, "validation", cell.eval.validation_size, cell.eval.validation_seed, "eval.validation_size")
     test = evaluation_examples(task, "test", cell.eval.test_size, 0, "eval.test_size")
     offtask = {name: evaluation_examples(get_task(name), "test", cell.eval.offtask_size, 0, "eval.offtask_size") for name in cell.offtask}
+    # as many of each off-task task's training questions: what a method that takes context sizes its room by
+    # (the test questions' own lengths stay out of every choice the method makes)
+    offtask_like = [example for name in cell.offtask for example in get_task(name).examples("train", cell.eval.offtask_size, 0)]
 
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
     device = str(lm.device)
@@ -250,7 +253,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         validation=validation,
         seed=cell.seed,
         selection_metric=cell.eval.selection_metric,
-        offtask=[example for examples in offtask.values() for example in examples],
+        offtask=offtask_like,
     )
     try:
         adapter = method.fit(fit_context, config)

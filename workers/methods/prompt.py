@@ -68,8 +68,8 @@ class Prompt:
     def fit(self, ctx: FitContext, config: PromptConfig) -> Demonstrations:
         lm = ctx.lm
         limit = context_limit(lm, config.max_context_tokens)
-        # every question shown under the demonstrations, the off-task evaluation's too: a longer off-task
-        # prompt would otherwise be cut into the first demonstration (`LanguageModel.clipped`)
+        # every kind of question shown under the demonstrations, the off-task evaluation's too: a longer
+        # off-task prompt would otherwise be cut into the first demonstration (`LanguageModel.clipped`)
         queries = [ex.prompt + ex.target for ex in [*ctx.train, *ctx.validation, *ctx.offtask]]
         reserve = 2 * max((lm.token_count(q, prompt=True) for q in queries), default=0)
         demos = [ex.prompt + ex.target + config.separator for ex in ctx.train[: config.max_shots]]

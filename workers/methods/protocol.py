@@ -39,8 +39,9 @@ class FitContext:
     validation: list[Example]
     seed: int
     selection_metric: Literal["nll", "score"] = "nll"  # the sweep's eval.selection_metric
-    # The off-task evaluation's examples, which the adapted model is shown after the fit: a method that
-    # takes context (`prompt`) leaves room for them. Not for training or choosing.
+    # Examples like the off-task evaluation's (its tasks' training questions, as many), which the adapted
+    # model is shown after the fit: a method that takes context (`prompt`) leaves room for their kind.
+    # Not for training or choosing.
     offtask: list[Example] = field(default_factory=list)
 
     def validator(self) -> Callable[[], float] | None:
