@@ -424,6 +424,40 @@ def test_composition_config_names_and_metrics():
     assert report.hparams["first"]["method"] == "steer_mean" and report.hparams["second"]["method"] == "lora"
 
 
+def test_a_compositions_second_part_is_fitted_on_the_model_with_the_first_applied():
+    """Its vector is the mean difference read through the LoRA, not the base model's (fitting the second
+    part on the base model kept every assertion of the test above true)."""
+    from workers.methods.steer_mean import mean_difference
+
+    lm = language_model()
+    ctx = fit_context(lm)
+    stacked = get_method("lora+steer_mean").fit(ctx, resolve_config("lora+steer_mean", COMPOSITIONS["lora+steer_mean"]))
+    pairs = ctx.task.contrast_pairs(ctx.train)
+    with stacked.first.applied():
+        through_lora = mean_difference(lm, pairs, [stacked.second.layer])[0][0]
+    on_base = mean_difference(lm, pairs, [stacked.second.layer])[0][0]
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(stacked.second.vector, through_lora, dim=0) > 1 - 1e-6
+    assert cosine(stacked.second.vector, on_base, dim=0) < 1 - 1e-4
+
+
+def test_a_compositions_costs_are_its_parts_and_prompt_demonstrations_count_once():
+    """`prompt+steer_mean` counted the demonstrations again in front of every contrast text (16 pairs, a
+    96-token prefix: 3,360 tokens where the parts read 96 + 192)."""
+    lm = language_model()
+    prompt, steer = {"separator": " ; ", "choose_shots": False}, CONFIGS_CHANGING["steer_mean"]
+    _, alone = fit("prompt", lm, prompt)
+    _, steered = fit("steer_mean", lm, steer)
+    _, both = fit("prompt+steer_mean", lm, {"first": prompt, "second": steer})
+    assert alone.report.train_tokens > 0 and steered.report.train_tokens > 0
+    assert both.report.train_tokens == alone.report.train_tokens + steered.report.train_tokens
+    # the extraction's forwards did run with the demonstrations in front: its FLOPs say so
+    assert both.report.post_train_flops > alone.report.post_train_flops + steered.report.post_train_flops
+    _, chosen = fit("steer_mean", lm, CONFIGS["steer_mean"])  # a choice among two scales: both values recorded
+    scores = chosen.report.hparams["scores"]
+    assert len(scores) == 2 and scores[f"{chosen.layer}:{chosen.report.alpha}"] == max(scores.values())
+
+
 def test_a_compositions_row_keeps_the_scale_of_whichever_part_has_one():
     """A task vector's λ has no layer: `task_vector+lora` used to take lora's empty scale instead."""
     from workers.methods.compose import combined_report

@@ -12,7 +12,7 @@ import inspect
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -169,10 +169,17 @@ class LanguageModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @contextmanager
-    def prefixed(self, text: str) -> Iterator[None]:
+    def prefixed(self, text: str) -> ContextManager[None]:
         """Put `text` before every prompt inside the block (restored on exit, even on error)."""
-        previous, self.prefix = self.prefix, text + self.prefix
+        return self._prefix_is(text + self.prefix)
+
+    def unprefixed(self) -> ContextManager[None]:
+        """No prefix inside the block: to count a text's own tokens under a `prompt` part."""
+        return self._prefix_is("")
+
+    @contextmanager
+    def _prefix_is(self, prefix: str) -> Iterator[None]:
+        previous, self.prefix = self.prefix, prefix
         try:
             yield
         finally:

@@ -151,8 +151,10 @@ class SteerMean:
         tokens_before, flops_before = ctx.lm.forward_tokens, ctx.lm.flops_run
         diff, mean_norm = mean_difference(ctx.lm, pairs, candidates)
         extraction_forward = ctx.lm.forward_tokens - tokens_before  # forwards stopped after the deepest candidate
-        # the data's tokens, repeats included (the extraction forwards each distinct text once)
-        extraction_tokens = sum(map(len, ctx.lm.encode([text for pair in pairs for text in pair], prompt=True)))
+        # the data's tokens, repeats included (the extraction forwards each distinct text once); a `prompt` part's
+        # demonstrations in front of every text are its own budget, counted once in its own train_tokens
+        with ctx.lm.unprefixed():
+            extraction_tokens = sum(map(len, ctx.lm.encode([text for pair in pairs for text in pair], prompt=True)))
         distinct_texts = {text for pair in pairs for text in pair}  # the extraction's forwards read one row each
         norms = dict(zip(candidates, mean_norm.tolist()))
         units = {layer: (d / d.norm().clamp(min=1e-12)).to(ctx.lm.device) for layer, d in zip(candidates, diff)}
@@ -183,6 +185,7 @@ class SteerMean:
                 "extraction_forward_tokens": extraction_forward,
                 "vector_norm": float(vector.norm()),
                 "mean_norm": norms[layer],
+                "scores": {f"{trial_layer}:{trial_scale}": value for (trial_layer, trial_scale), value in scores.items()},
             },
         )
         return SteeringVector(ctx.lm, layer, vector, config.positions, report)
