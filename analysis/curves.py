@@ -97,25 +97,36 @@ class LawFit:
         An exponent that is not identified (`unidentified`) is noted as that instead: any value fits as
         well, so where it landed says nothing, and its flat curve's level is measured.
         """
-        if not self.fit:
-            return []
-        lost = set(self.unidentified())
         notes = [
-            f"{name}={self.fit.params[name]:.3g} at its {'lower' if side == 0 else 'upper'} bound"
+            f"{name}={self.fit.params[name]:.3g} at its {'lower' if side == 0 else 'upper'} bound" for name, side in self.exponents_at_bounds().items()
+        ]
+        if self.floor_asymptote():
+            notes.append("E at the loss floor (asymptote = the metric's limit)")
+        notes += [f"{name} at its upper bound (e^{LOG_COEF_BOUNDS[1]:g}; the exponent with it is capped)" for name in self.capped_coefficients()]
+        return notes
+
+    def exponents_at_bounds(self) -> dict[str, int]:
+        """Identified exponents the fit left at a bound: 0 the lower (a flat curve), 1 the upper (a step)."""
+        if not self.fit:
+            return {}
+        lost = set(self.unidentified())
+        return {
+            name: side
             for name, bounds in zip(self.law.exponents, self.law.exponent_bounds)
             for side in (0, 1)
             if name not in lost and abs(self.fit.params[name] - bounds[side]) <= BOUND_TOLERANCE
-        ]
-        if self.fit.params["E"] <= LOSS_FLOOR:
-            notes.append("E at the loss floor (asymptote = the metric's limit)")
-        # A coefficient at e^30 caps the exponent it multiplies: at N ≈ 1e9 the multiplicative law's
-        # ln A ≈ 20.7·alpha + ..., so alpha stops near 1.3 whatever the data say.
-        notes += [
-            f"{name} at its upper bound (e^{LOG_COEF_BOUNDS[1]:g}; the exponent with it is capped)"
-            for name, log_coef in zip(self.law.coefs, self.fit.theta)
-            if log_coef >= LOG_COEF_BOUNDS[1] - BOUND_TOLERANCE
-        ]
-        return notes
+        }
+
+    def floor_asymptote(self) -> bool:
+        """E at the loss floor: the curve still falls where the data end, and its asymptote is the metric's limit."""
+        return bool(self.fit) and self.fit.params["E"] <= LOSS_FLOOR
+
+    def capped_coefficients(self) -> list[str]:
+        """Coefficients at e^30, which caps the exponent they multiply: at N ≈ 1e9 the multiplicative law's
+        ln A ≈ 20.7·alpha + ..., so alpha stops near 1.3 whatever the data say."""
+        if not self.fit:
+            return []
+        return [name for name, log_coef in zip(self.law.coefs, self.fit.theta) if log_coef >= LOG_COEF_BOUNDS[1] - BOUND_TOLERANCE]
 
     def unidentified(self) -> list[str]:
         """Exponents whose every term is ~0 over the data (fitting.negligible_terms): any value fits as well,

@@ -4,7 +4,8 @@ The gain is measured from the base model: with loss(D) = E + B·D^-β and the ba
 the asymptotic gain is L0 − E and x % of it is reached at D_x = (B / ((1 − x)(L0 − E)))^(1/β).
 A method whose asymptote is no better than the base model has no D_x; a flat curve better than it
 (β = 0, where the curve is the constant E + B, or B ≈ 0) reaches it at every budget, D_x = 0. A D_x
-outside the measured budgets is the law's extrapolation, so it is marked as such. A
+outside the measured budgets is the law's extrapolation, so it is marked as such; one that a bound of
+the fit sets rather than the data (`caveat`) is marked as no finding. A
 resample that never reaches the gain counts as needing more than any budget, as D* counts a
 resample that does not cross: leaving it out would pull the interval's upper end down. Where the
 curve's resamples redrew the test questions, the base level is the `base` cells' score on the same
@@ -40,13 +41,30 @@ class DataEfficiency:
     finite_share: float  # resamples with a D_x (their asymptote beats the base model; +inf counts); NaN without resamples
     smallest_budget: float  # the curve's measured budgets: outside them D_x is the law's guess
     largest_budget: float
+    caveat: str = ""  # why the fit's bounds, not the data, set D_x ('' when nothing does): see `bound_caveat`
 
     @property
-    def extrapolated(self) -> bool:
-        return bool(self.examples < self.smallest_budget or self.examples > self.largest_budget)
+    def extrapolated(self) -> bool | None:
+        """Outside the measured budgets; None where there is no D_x."""
+        return None if np.isnan(self.examples) else bool(self.examples < self.smallest_budget or self.examples > self.largest_budget)
 
     def record(self) -> dict[str, object]:
         return {**self.__dict__, "extrapolated": self.extrapolated}
+
+
+def bound_caveat(curve: LawFit) -> str:
+    """What of the fit sits at a bound that D_x reads: β at its upper bound is a step somewhere between two
+    budgets, placed by the bound (D_x = (B/…)^(1/3) whatever the scores between them); E at the loss floor
+    makes the asymptote, and so the gain D_x is a share of, the metric's limit, assumed, not measured; B at
+    its cap caps β. β at its lower bound is a flat curve, whose level is measured: no caveat."""
+    reasons = []
+    if curve.exponents_at_bounds().get("beta") == 1:
+        reasons.append("beta at its upper bound (a step between two budgets, placed by the bound)")
+    if curve.floor_asymptote():
+        reasons.append("E at the loss floor (the gain is assumed to reach the metric's limit)")
+    if "B" in curve.capped_coefficients():
+        reasons.append("B at its upper bound (beta capped)")
+    return "; ".join(reasons)
 
 
 def examples_to_reach(params: dict[str, np.ndarray], base_loss: float, fraction: float) -> np.ndarray:
@@ -102,5 +120,5 @@ def data_efficiency(fits: list[LawFit], ok: pd.DataFrame, fractions: tuple[float
             lo, hi = censored_interval(np.where(np.isnan(samples), np.inf, samples))
             share = float((~np.isnan(samples)).mean()) if len(samples) else np.nan  # inf: a D_x past float range, still one
             result.append(DataEfficiency(curve.task, curve.method, curve.model, curve.n_params, fraction, point, lo, hi, share,
-                                         float(curve.points.d.min()), float(curve.points.d.max())))  # fmt: skip
+                                         float(curve.points.d.min()), float(curve.points.d.max()), bound_caveat(curve)))  # fmt: skip
     return result

@@ -330,17 +330,20 @@ def write_table(results_dir: str, name: str, frame: pd.DataFrame) -> str:
 
 
 def write_json(results_dir: str, name: str, payload: object) -> str:
-    return write_bytes(results_dir, name, json.dumps(jsonable(payload), indent=2, allow_nan=False).encode())
+    """`payload` as strict JSON; an infinite value (an interval end past every budget) as the text "inf" or
+    "-inf", which `float()` reads back, so that it stays apart from a missing one (NaN, null)."""
+    return write_bytes(results_dir, name, json.dumps(jsonable(payload, infinity="inf"), indent=2, allow_nan=False).encode())
 
 
-def jsonable(value: object) -> object:
-    """Plain JSON values: NumPy scalars unwrapped, NaN/inf as null (strict JSON has no NaN)."""
+def jsonable(value: object, infinity: str | None = None) -> object:
+    """Plain JSON values: NumPy scalars unwrapped, NaN as null (strict JSON has no NaN); ±inf as null too, or as
+    `infinity` with its sign."""
     if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v, infinity) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
+        return [jsonable(v, infinity) for v in value]
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return None if math.isnan(value) or infinity is None else ("-" if value < 0 else "") + infinity
     return value

@@ -378,26 +378,29 @@ def axis_caveat(a: Analysis) -> str:
 
 def _examples_needed(e: DataEfficiency) -> str:
     """D_x with its interval; outside the measured budgets it is marked extrapolated, and below the smallest
-    or past EXTRAPOLATION_LIMIT × the largest only the side is said (the law's number there means nothing)."""
+    or past EXTRAPOLATION_LIMIT × the largest only the side is said (the law's number there means nothing);
+    one the fit's bounds set is said to be no finding."""
     # NaN: no resamples; 0 beside a point D_x: the point fit beats the base model but no resample does, so it is no finding
     shown = 0 < e.finite_share < 1 or (e.finite_share == 0 and not np.isnan(e.examples))
     share = f"; D_x exists in {e.finite_share:.0%} of resamples" if shown else ""
     if np.isnan(e.examples):  # +inf (past float range) is a D_x, said as the side it is on below
         return f"none: the asymptote does not beat the base model{share}"
     limit = EXTRAPOLATION_LIMIT * e.largest_budget
+    caveat = f" — not a finding: {e.caveat}" if e.caveat else ""
     if e.examples > limit:
-        return f"> {EXTRAPOLATION_LIMIT:g}× the largest budget measured ({e.largest_budget:g}): not measurable here{share}"
-    if e.examples < e.smallest_budget:
-        return f"< {e.smallest_budget:g}, the smallest budget measured: reached before the data start (extrapolated){share}"
+        return f"> {EXTRAPOLATION_LIMIT:g}× the largest budget measured ({e.largest_budget:g}): not measurable here{share}{caveat}"
 
     def end(value: float) -> str:  # an interval end outside what the report prints, as a side: the order is kept
         return f"< {e.smallest_budget:g}" if value < e.smallest_budget else f"> {_num(limit)}" if value > limit else _num(value)
 
     lo, hi = end(e.examples_lo), end(e.examples_hi)
     interval = "" if not np.isfinite(e.examples_lo) else f" [{lo}]" if lo == hi else f" [{lo}, {hi}]"
+    if e.examples < e.smallest_budget:  # its interval, unless that is below the data too
+        interval = "" if hi == end(e.examples) else interval
+        return f"< {e.smallest_budget:g}{interval}, the smallest budget measured: reached before the data start (extrapolated){share}{caveat}"
     past = (f" (extrapolated past the largest budget measured, {e.largest_budget:g})" if e.extrapolated else
             f" (the interval reaches past the largest budget measured, {e.largest_budget:g})" if interval and e.examples_hi > e.largest_budget else "")  # fmt: skip
-    return f"{_num(e.examples)}{interval}{past}{share}"
+    return f"{_num(e.examples)}{interval}{past}{share}{caveat}"
 
 
 def _efficiency(a: Analysis) -> list[Block]:

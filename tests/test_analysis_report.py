@@ -149,6 +149,8 @@ def _efficiency(examples: float, lo: float, hi: float, share: float = 1.0) -> Da
 
 @pytest.mark.parametrize("examples, lo, hi, share, words, absent", [
     (0.068, 0.01, 3.0, 1.0, "< 4, the smallest budget measured: reached before the data start (extrapolated)", "0.068"),
+    # below the data with an interval reaching into it and past it: the interval is kept (it was dropped)
+    (0.5, 0.1, 2e5, 0.9, "< 4 [< 4, > 1.02e+05], the smallest budget measured: reached before the data start (extrapolated); D_x exists in 90%", "0.5"),
     (7.9e-182, 1e-200, 1e-150, 1.0, "< 4, the smallest budget measured", "e-182"),
     (float("nan"), 10.0, 50.0, 0.3, "none: the asymptote does not beat the base model; D_x exists in 30% of resamples", "["),
     (500.0, 2e5, 3e5, 1.0, "500 [> 1.02e+05]", "[2e+05"),  # the point below its own interval: no "[2e+05, > 1.02e+05]"
@@ -166,7 +168,7 @@ def test_examples_needed_outside_the_measured_budgets_is_marked(examples, lo, hi
     e = _efficiency(examples, lo, hi, share)
     text = _examples_needed(e)
     assert words in text and absent not in text, text
-    assert e.extrapolated == (not np.isnan(examples) and not 4 <= examples <= 1024)
+    assert e.extrapolated == (None if np.isnan(examples) else not 4 <= examples <= 1024)
 
 
 def _composition_cells(seeds: int, spread: float) -> pd.DataFrame:

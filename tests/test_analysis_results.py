@@ -304,6 +304,10 @@ def test_rows_without_params_still_make_budget_curves(tmp_path: Path) -> None:
     assert "On t, on the largest model measured (m3)" in best_measured("t", frame[frame["status"] == "ok"], "score")
 
 
+# what a fitted LawFit says of its bounds, for the hand-made curves below: nothing at a bound
+UNBOUNDED = {"exponents_at_bounds": dict, "floor_asymptote": lambda: False, "capped_coefficients": list}
+
+
 def test_the_data_efficiency_interval_counts_the_resamples_that_never_reach_the_gain() -> None:
     """A fifth of the resamples put the asymptote above the base model's loss: they never reach half the gain,
     so they need more than any budget. Left out, the interval read [10.8, 22.8], as if those did not exist."""
@@ -311,7 +315,7 @@ def test_the_data_efficiency_interval_counts_the_resamples_that_never_reach_the_
     params = {"E": np.where(np.arange(100) < 20, 0.85, 0.3), "B": rng.uniform(0.8, 1.2, 100), "beta": np.full(100, 0.5)}
     curve = SimpleNamespace(ok=True, joint=False, task="t", method="lora", model="m", n_params=1e6, metric="score",
                             fit=SimpleNamespace(params={"E": 0.3, "B": 1.0, "beta": 0.5}), boot=SimpleNamespace(params=lambda: params, questions=0),
-                            points=SimpleNamespace(d=np.array([4.0, 1024.0])))  # fmt: skip
+                            points=SimpleNamespace(d=np.array([4.0, 1024.0])), **UNBOUNDED)  # fmt: skip
     base = pd.DataFrame({"task": ["t"], "model": ["m"], "method": ["base"], "score_base": [0.2]})  # base loss 0.8
     (half,) = data_efficiency([curve], base, fractions=(0.5,))
     assert half.examples == pytest.approx(16.0) and half.finite_share == 0.8
@@ -337,7 +341,7 @@ def test_a_d_x_past_float_range_is_counted_as_one_not_as_none() -> None:
     params = {"E": np.zeros(10), "B": np.full(10, 0.78), "beta": np.full(10, 0.00145)}
     curve = SimpleNamespace(ok=True, joint=False, task="t", method="lora", model="m", n_params=1e6, metric="score",
                             fit=SimpleNamespace(params={k: v[0] for k, v in params.items()}), boot=SimpleNamespace(params=lambda: params, questions=0),
-                            points=SimpleNamespace(d=np.array([4.0, 256.0])))  # fmt: skip
+                            points=SimpleNamespace(d=np.array([4.0, 256.0])), **UNBOUNDED)  # fmt: skip
     base = pd.DataFrame({"task": ["t"], "model": ["m"], "method": ["base"], "score_base": [0.225]})
     (ninety,) = data_efficiency([curve], base, fractions=(0.9,))
     assert ninety.finite_share == 1.0
@@ -365,7 +369,29 @@ def test_a_curve_above_the_base_model_with_a_flat_exponent_reaches_its_gain_at_e
     assert [e.fraction for e in found] == [0.5, 0.9]
     for e in found:
         assert (e.examples, e.examples_lo, e.finite_share) == (0, 0, 1), e  # every resample reaches it, some at once
-        assert _examples_needed(e) == "< 8, the smallest budget measured: reached before the data start (extrapolated)"
+        text = _examples_needed(e)  # with its interval where resamples reach past the data (the level case)
+        assert text.startswith("< 8") and text.endswith("the smallest budget measured: reached before the data start (extrapolated)"), text
+
+
+def test_a_d_x_that_the_exponents_bound_sets_is_no_finding(tmp_path) -> None:
+    """Scores at the base level at D=4, then a jump by D=32: the fit puts β at its upper bound (a step), and D_x at
+    4·2^(1/3) or so whatever the scores after the jump: it read "4.99 [4.97, 5.11]", a tight interval of the bound's."""
+    from analysis.curves import GroupJob, fit_group
+    from analysis.io import write_json
+    from analysis.laws import POWER_D
+
+    level = {32: 0.60, 256: 0.55, 1024: 0.50}
+    rows = pd.DataFrame([{"task": "t", "model": "m", "method": "full_ft", "budget": b, "seed": s, "status": "ok", "score_base": 0.2,
+                          "params_nonembed": 1e6, "score": (0.2 if b == 4 else level[b]) + (0.01 if s else -0.01)}
+                         for b in (4, 32, 256, 1024) for s in (0, 1)])  # fmt: skip
+    curve = fit_group(GroupJob("t", "full_ft", "m", POWER_D, rows, "score", None, 50, 0))
+    assert curve.exponents_at_bounds() == {"beta": 1}
+    for e in data_efficiency([curve], rows):
+        assert 4 < e.examples < 32 and e.caveat.startswith("beta at its upper bound")
+        assert _examples_needed(e).endswith(f"— not a finding: {e.caveat}")
+    # a resample past every budget stays apart from a missing interval in fits.json: "inf", not null
+    saved = json.loads(Path(write_json(str(tmp_path), "e.json", [{"hi": np.inf, "lo": -np.inf, "none": np.nan}])).read_text())
+    assert saved == [{"hi": "inf", "lo": "-inf", "none": None}] and float(saved[0]["hi"]) == np.inf
 
 
 def test_a_constant_curve_is_judged_by_its_level_e_plus_b() -> None:
