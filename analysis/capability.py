@@ -16,8 +16,9 @@ Why the reciprocal of a loss: `A/x^alpha` becomes `A·ℓ^alpha`, post-training 
 base-model loss — a loss-to-loss law (Brandfonbrener et al. 2024) with the base loss's irreducible
 part taken as 0, because the neutral text's entropy is not known. The exponent is then an
 elasticity (1 % less base loss, alpha % less reducible post-training loss), free of the loss's
-units (nats or bits). Base losses span far less than parameter counts (a 34x ladder moves neutral
-loss by ~15 %), so capability exponents may run to CAPABILITY_EXPONENT_MAX rather than 3.
+units (nats or bits). Base losses span far less than parameter counts (the default ladder's 35×
+in parameters moves neutral loss by a few per cent), so capability exponents may run to
+CAPABILITY_EXPONENT_MAX rather than 3.
 """
 
 from __future__ import annotations

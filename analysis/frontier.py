@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import improvement
+from analysis.metrics import ROUNDING, improvement
 
 KEYS = ["task", "model", "method", "budget"]
 
@@ -27,7 +27,8 @@ def compute_frontier(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Operating points, flagged `on_frontier` if nothing cheaper is as good.
 
     Pareto per task: walking up in compute, a point is on the frontier when it beats every point
-    that costs no more than it. Points of no post-training compute (the base model, prompting with a
+    that costs no more than it by more than float rounding (`ROUNDING`: a mean of k/n scores one bit
+    above a cheaper equal one does not buy its cost). Points of no post-training compute (the base model, prompting with a
     fixed number of demonstrations; pretraining is not counted) are where the walk starts: the best of
     them is on the frontier at 0 FLOPs, and a paid point is only on it if it beats that.
     """
@@ -39,7 +40,7 @@ def compute_frontier(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
         order = np.lexsort((-better, task_points["post_train_flops"].to_numpy()))
         ordered = task_points.iloc[order].assign(_better=better[order])
         previous_best = ordered["_better"].cummax().shift(fill_value=-np.inf)
-        frames.append(ordered.assign(on_frontier=ordered["_better"] > previous_best).drop(columns="_better"))
+        frames.append(ordered.assign(on_frontier=ordered["_better"] > previous_best + ROUNDING).drop(columns="_better"))
     return pd.concat(frames, ignore_index=True) if frames else points.assign(on_frontier=pd.Series(dtype=bool))
 
 
@@ -69,7 +70,8 @@ MIN_INFERRED_TEST_SIZE = 10
 
 def score_resolution(values: np.ndarray) -> float:
     """One question of the test set: 1/n for the smallest n (up to MAX_TEST_SIZE) of which every score is
-    a multiple, as accuracies over n questions are k/n (a larger divisor only makes the gap's bar higher);
+    a multiple, as accuracies over n questions are k/n (where the test set is larger than that n, the
+    question read is coarser than the real one, which only raises the gap's bar);
     FALLBACK_RESOLUTION where the scores are not such fractions, or where the divisor is below
     MIN_INFERRED_TEST_SIZE: scores that all sit on 0, ½ and 1 say more about the task than about
     the test set's size, and would make any gap "one question"."""
@@ -94,5 +96,5 @@ def selectivity(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
     gap = points["score_elicited"] - points["score_base"]
     columns = ["score", "score_base", "score_elicited"]
     resolution = {task: score_resolution(rows[columns].to_numpy(float).ravel()) for task, rows in ok.groupby("task")}
-    enough = gap >= MIN_GAP_QUESTIONS * points["task"].map(resolution).astype(float) - 1e-9  # float: an empty map keeps the task's string type
+    enough = gap >= MIN_GAP_QUESTIONS * points["task"].map(resolution).astype(float) - ROUNDING  # float: an empty map keeps the task's string type
     return points.assign(gain=gain, gap_closed=(gain / gap).where(enough))

@@ -11,6 +11,7 @@ import numpy as np
 HIGHER_IS_BETTER = {"score": True, "score_elicited": True, "nll": False}
 BASE_COLUMN = {"score": "score_base", "score_elicited": "score_base", "nll": "nll_base"}
 LOSS_FLOOR = 1e-3
+ROUNDING = 1e-9  # means of k/n scores that are equal can differ in their last bits: closer than this they are level
 STEP_DIVISORS = 100  # `step`: how many steps the smallest gap between measured values may span
 
 

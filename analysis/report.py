@@ -25,7 +25,7 @@ from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, unplanned_note
-from analysis.metrics import HIGHER_IS_BETTER, question_sampling_sd
+from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, question_sampling_sd
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, save_fits
 
@@ -206,9 +206,14 @@ def best_measured(task: str, stored: pd.DataFrame, metric: str) -> str:
     return sentence + unmeasured + "."
 
 
+def _unrounded(value: float) -> float:
+    """0 for a mean difference within float rounding of it (an off-task Δ of -1.39e-17 read as damage)."""
+    return 0.0 if abs(value) < ROUNDING else value
+
+
 def _level(a: float, b: float) -> bool:
     """Equal means, up to float rounding: means of k/n scores that are equal can differ in the last bit."""
-    return bool(np.isclose(a, b, rtol=0, atol=1e-9))
+    return bool(np.isclose(a, b, rtol=0, atol=ROUNDING))
 
 
 def at_budget(cells: pd.DataFrame, metric: str, budget: float) -> pd.Series:
@@ -451,7 +456,9 @@ def _links(a: Analysis) -> list[Block]:
 
 
 def _selectivity(a: Analysis) -> list[Block]:
-    """What each method buys and what it costs elsewhere, at its largest budget on each task's largest model."""
+    """What each method buys and what it costs elsewhere on each task's largest model, at the largest budget
+    every method there was measured at (each method's own largest where they share none: the budget column
+    says which), so that no method is credited with a larger budget than another's."""
     heading = Heading("Selectivity and the elicitation gap")
     points = a.selectivity
     if points.empty:
@@ -460,10 +467,14 @@ def _selectivity(a: Analysis) -> list[Block]:
     rows = []
     for task, on_task in points.groupby("task", sort=True):
         model = max(on_task["model"].unique(), key=lambda m: (np.nan_to_num(size.get(m, np.nan), nan=-1.0), m))
-        for method, at in on_task[on_task["model"] == model].groupby("method", sort=True):
-            r = at.loc[at["budget"].idxmax()]
-            rows.append((task, model, method, f"{r['budget']:g}", _num(r["gain"]), _num(r["gap_closed"]), _num(r["neutral_kl"]),
-                         _num(r["offtask_score_delta"])))  # fmt: skip
+        on_model = on_task[on_task["model"] == model]
+        paid = on_model[on_model["budget"] > 0].groupby("method")["budget"]  # base/prompt-free points have budget 0
+        shared = set.intersection(*map(set, paid.unique())) if paid.ngroups else set()
+        for method, at in on_model.groupby("method", sort=True):
+            at_shared = at[at["budget"] == max(shared)] if shared else at.iloc[:0]
+            pick = at_shared if len(at_shared) else at
+            r = pick.loc[pick["budget"].idxmax()]
+            rows.append((task, model, method, f"{r['budget']:g}", *(_num(_unrounded(r[c])) for c in ("gain", "gap_closed", "neutral_kl", "offtask_score_delta"))))
     note = Paragraph("Gain: score over the base model. Gap closed: that gain over what the base model scores when asked "
                      "explicitly (the elicited prompt), 1 = all of it (past 1: beyond it); - when the task has no elicited prompt or that gap is "
                      "negative or under two questions of the test set (a share of it would be noise). Neutral KL: "

@@ -64,3 +64,31 @@ def test_a_method_has_one_colour_in_every_plot(tmp_path, monkeypatch) -> None:
     colours = [{c.get_label(): tuple(c.get_facecolor()[0]) for ax in fig.axes for c in ax.collections} for fig in figures]
     assert "base" not in colours[0] and "base" in colours[1]
     assert all(colours[0][method] == colours[1][method] for method in ("prompt", "steer_mean", "lora")), colours
+
+
+def test_a_costlier_point_level_with_a_cheaper_one_up_to_rounding_is_not_on_the_frontier() -> None:
+    """B's scores (0, .01, .14) average 0.05000000000000001, a bit above A's single 0.05 at a thousandth of B's
+    FLOPs: B was "the best operating point" from 1e12 FLOPs on."""
+    rows = [{"task": "t", "model": "m", "method": "a", "budget": 8, "seed": 0, "score": 0.05, "post_train_flops": 1e9}]
+    rows += [{"task": "t", "model": "m", "method": "b", "budget": 8, "seed": s, "score": v, "post_train_flops": 1e12} for s, v in enumerate((0, 0.01, 0.14))]
+    frame = pd.DataFrame(rows).assign(score_base=0.0, score_elicited=np.nan, neutral_kl=0.0, offtask_score_delta=0.0, neutral_ppl_ratio=1.0)
+    frontier = compute_frontier(frame, "score").set_index("method")
+    assert frontier.loc["b", "score"] > frontier.loc["a", "score"]  # by float rounding alone
+    assert frontier["on_frontier"].to_dict() == {"a": True, "b": False}
+    assert set(frontier_by_compute(frontier.reset_index(), "score")["method"]) == {"a"}
+
+
+def test_the_selectivity_table_compares_methods_at_a_budget_they_share() -> None:
+    """lora measured up to 1024 and steer_mean up to 256 were each shown at its own largest budget, crediting lora
+    with four times the data; and an off-task Δ of float residue (-1.39e-17) was printed as damage."""
+    from types import SimpleNamespace
+
+    from analysis.report import _selectivity
+
+    rows = [{"task": "t", "model": "m", "method": method, "budget": budget, "seed": 0, "score": 0.5 + budget / 1e4, "score_base": 0.4,
+             "score_elicited": np.nan, "post_train_flops": 1.0, "neutral_kl": 0.0, "offtask_score_delta": -1.39e-17, "neutral_ppl_ratio": 1.0,
+             "params_nonembed": 1e6} for method, budgets in (("lora", (64, 256, 1024)), ("steer_mean", (64, 256))) for budget in budgets]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    a = SimpleNamespace(selectivity=selectivity(frame, "score"), loaded=SimpleNamespace(ok=frame))
+    table = _selectivity(a)[-1]
+    assert [(r[2], r[3], r[-1]) for r in table.rows] == [("lora", "256", "0"), ("steer_mean", "256", "0")]
