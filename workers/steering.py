@@ -260,7 +260,11 @@ def last_token_states(
         handles.append(mlp.register_forward_pre_hook(last_rows_only))
     try:
         # The texts are read at their last token, which is where an `after_prompt` vector already on
-        # the model (a composition's first part) acts on a prompt at evaluation: there only, not at every position.
+        # the model (a composition's first part) acts on a prompt at evaluation: there only, not at every
+        # position. That holds for texts that end at the prompt (persona-header contrasts); an answer
+        # contrast (prompt + answer: sst2, gsm8k, function_calling) is steered at its last token only, where
+        # evaluation steers from the prompt's last token on: a gap for a steering part then `steer_mean`
+        # on those tasks, which needs each text's prompt end from `contrast_pairs` to close.
         with prompt_boundary(last):
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **position_ids_argument(model, positions))
     except _StopForward:
