@@ -127,10 +127,19 @@ def test_after_prompt_leaves_prompt_positions_alone(arch):
         after = lm.forward(b)
     with steer(lm.model, {0: vector()}, "all"):
         everywhere = lm.forward(b)
+    # the vector added by hand at each row's prompt_last and every position after it, and nowhere else: a hook
+    # that steered prompt_last alone also changed every later logit (attention carries it forward)
+    from_last = (torch.arange(b.input_ids.shape[1])[None, :] >= b.prompt_last[:, None].cpu()).float()[..., None]
+    handle = decoder_layers(lm.model)[0].register_forward_hook(lambda _m, _i, out: _add(out, vector(), from_last))
+    try:
+        by_hand = lm.forward(b)
+    finally:
+        handle.remove()
     for row, last in enumerate(b.prompt_last.tolist()):
         n = int(b.attention_mask[row].sum())
         assert torch.allclose(after[row, :last], plain[row, :last], atol=1e-6)
         assert not torch.allclose(after[row, last:n], plain[row, last:n], atol=1e-4)
+        assert torch.allclose(after[row, :n], by_hand[row, :n], atol=1e-5)
         assert not torch.allclose(everywhere[row, :last], plain[row, :last], atol=1e-4)
 
 
