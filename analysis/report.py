@@ -393,7 +393,7 @@ def _examples_needed(e: DataEfficiency) -> str:
     limit = EXTRAPOLATION_LIMIT * e.largest_budget
     caveat = f" — not a finding: {e.caveat}" if e.caveat else ""
     if e.examples > limit:
-        return f"> {EXTRAPOLATION_LIMIT:g}× the largest budget measured ({e.largest_budget:g}): not measurable here{share}{caveat}"
+        return f"> {EXTRAPOLATION_LIMIT:g}× the largest budget measured ({e.largest_budget:g}): not measurable here{share}"
 
     def end(value: float) -> str:  # an interval end outside what the report prints, as a side: the order is kept
         return f"< {e.smallest_budget:g}" if value < e.smallest_budget else f"> {_num(limit)}" if value > limit else _num(value)
