@@ -52,11 +52,20 @@ class CellResult:
     broken: bool = False
 
 
+def on_gpus(shape: Shape) -> bool:
+    return shape.gpus > 0 and torch.cuda.is_available()
+
+
 def default_cache_bytes(shape: Shape) -> int:
     """Half of the worker's share of memory: of its GPUs (part of one for a fractional cell), else of RAM."""
-    if shape.gpus > 0 and torch.cuda.is_available():
+    if on_gpus(shape):
         visible = sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
         return int(CACHE_FRACTION * visible * min(shape.gpus, 1.0))
+    return host_cache_bytes(shape)
+
+
+def host_cache_bytes(shape: Shape) -> int:
+    """Half of the worker's share of RAM (its CPUs' share of the node's)."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(CACHE_FRACTION * ram * min(1.0, shape.cpus / (os.cpu_count() or 1)))
 
@@ -88,7 +97,11 @@ class CellWorker:
         fit_process_to(shape.cpus, shape.gpus)
         library_versions(), git_sha()  # paid once here (imports, a git call), not in the first cell
         self.shard = shape.gpus > 1
-        self.cache = WorkerCache(default_cache_bytes(shape) if shape.cache_bytes is None else shape.cache_bytes)
+        # a GPU worker's host memory (neutral references) has a budget of its own, apart from its GPUs'
+        self.cache = WorkerCache(
+            default_cache_bytes(shape) if shape.cache_bytes is None else shape.cache_bytes,
+            host_bytes=host_cache_bytes(shape) if on_gpus(shape) else None,
+        )
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def ready(self) -> str:

@@ -128,6 +128,26 @@ def test_a_new_neutral_reference_makes_the_other_models_make_way(specs, sizes):
     assert cache.held() == [specs["s"].model_dump_json()] and cache.resident_bytes == sizes["s"] + reference.nbytes
 
 
+def test_on_a_gpu_worker_host_memory_and_the_gpus_have_budgets_of_their_own(specs, sizes, monkeypatch):
+    """A neutral reference (host RAM) counted against the GPU models' budget: one over what was left evicted a GPU
+    model that fit its GPU. Models on an accelerator count against
+    `max_bytes`, references and CPU models against `host_bytes`."""
+    from workers.metrics import NeutralReference
+
+    # no GPU here: a model whose spec says device "auto" stands for one loaded on the GPU
+    monkeypatch.setattr(WorkerCache, "_in_host_memory", lambda self, key: ModelSpec.model_validate_json(key[0]).device == "cpu")
+    reference = NeutralReference(("text",), [torch.zeros(1000)], 1.0, 0.1)
+    cache = WorkerCache(max_bytes=sizes["xs"] + sizes["s"], host_bytes=reference.nbytes)
+    cache.model(specs["xs"], 8), cache.model(specs["s"], 8)  # both fit the GPU budget exactly
+    cache.neutral(specs["s"], "n", lambda: reference)  # fits the host budget: no GPU model makes way for it
+    assert cache.held() == [specs["xs"].model_dump_json(), specs["s"].model_dump_json()]
+    cache.neutral(specs["xs"], "n", lambda: reference)  # past the host budget: s's reference goes, with s
+    assert cache.held() == [specs["xs"].model_dump_json()]
+    on_cpu = specs["s"].model_copy(update={"device": "cpu"})
+    cache.model(on_cpu, 8)  # host memory: xs (its reference) makes way; the GPU budget has room but is not the one
+    assert cache.held() == [on_cpu.model_dump_json()]
+
+
 def test_a_cells_memory_peak_leaves_out_the_other_models_its_worker_holds(specs, sizes):
     cache = WorkerCache(max_bytes=10**9)
     cache.model(specs["xs"], 8), cache.model(specs["s"], 8)

@@ -107,11 +107,16 @@ class WorkerCache:
     """Loaded models, least recently used evicted past `max_bytes`, and each model's baselines.
 
     `max_bytes=0` keeps only the model in use. A model bigger than the whole budget still loads
-    (its cell needs it), with every other model evicted first.
+    (its cell needs it), with every other model evicted first. Without `host_bytes` everything kept
+    counts against `max_bytes` (a CPU worker: all of it is host memory). With it (a GPU worker), the
+    models on an accelerator count against `max_bytes` and what stays in host memory — the neutral
+    references, models placed on the CPU — against `host_bytes`: a large vocabulary's reference
+    (gigabytes of host RAM) no longer evicts GPU models that fit, nor do GPU models crowd out RAM.
     """
 
-    def __init__(self, max_bytes: int = 0) -> None:
+    def __init__(self, max_bytes: int = 0, host_bytes: int | None = None) -> None:
         self.max_bytes = max_bytes
+        self.host_bytes = host_bytes
         self.loads = 0
         self._models: OrderedDict[tuple[str, bool], LanguageModel] = OrderedDict()  # (spec, sharded), MRU last
         self._bytes: dict[tuple[str, bool], int] = {}
@@ -124,6 +129,22 @@ class WorkerCache:
         """Loaded models plus their neutral references (host memory, counted too: at a 150k vocabulary
         a reference is gigabytes, and eight workers' worth is what gets a node's workers killed)."""
         return sum(self._bytes.values()) + sum(ref.nbytes for ref in self._neutral.values())
+
+    def _in_host_memory(self, key: tuple[str, bool]) -> bool:
+        return self._models[key].device.type == "cpu"
+
+    def _kept_bytes(self, host: bool) -> int:
+        """What counts against the host budget (`host`) or the accelerators' one; everything without `host_bytes`."""
+        if self.host_bytes is None:
+            return self.resident_bytes
+        models = sum(size for key, size in self._bytes.items() if self._in_host_memory(key) == host)
+        return models + (sum(ref.nbytes for ref in self._neutral.values()) if host else 0)
+
+    def _frees(self, key: tuple[str, bool], host: bool) -> bool:
+        """Whether evicting a loaded model gives back memory of that kind (its neutral references are host memory)."""
+        if self.host_bytes is None or self._in_host_memory(key) == host:
+            return True
+        return host and any(spec == key[0] for spec, _ in self._neutral)
 
     def others_bytes(self, spec: ModelSpec, device: torch.device) -> int:
         """Bytes of the loaded models other than `spec` on `device`'s kind: resident while `spec`'s
@@ -139,7 +160,7 @@ class WorkerCache:
         key = (spec.model_dump_json(), shard)
         if key not in self._models:
             self._forget_unloaded(besides=key[0])
-            self._make_room(estimated_bytes(spec), keep=key[0])
+            self._make_room(estimated_bytes(spec), keep=key[0], host=self.host_bytes is None or spec.device == "cpu")
             _raise_injected_fault(spec)
             lm = load_language_model(spec, batch_size, shard=shard)
             weights = json.dumps(lm.provenance, sort_keys=True)
@@ -153,10 +174,12 @@ class WorkerCache:
         lm.batch_size = batch_size
         return lm
 
-    def _make_room(self, needed: int, keep: str) -> None:
-        """Evict the least recently used models other than `keep` (spec JSON) until `needed` more bytes fit."""
-        while self.resident_bytes + needed > self.max_bytes:
-            others = [k for k in self._models if k[0] != keep]
+    def _make_room(self, needed: int, keep: str, host: bool) -> None:
+        """Evict the least recently used models other than `keep` (spec JSON) until `needed` more bytes of
+        host memory (`host`) or of the accelerators' fit their budget."""
+        budget = self.host_bytes if host and self.host_bytes is not None else self.max_bytes
+        while self._kept_bytes(host) + needed > budget:
+            others = [k for k in self._models if k[0] != keep and self._frees(k, host)]
             if not others:
                 return
             del self._models[others[0]], self._bytes[others[0]]
@@ -197,7 +220,7 @@ class WorkerCache:
         key = (spec.model_dump_json(), settings)
         if key not in self._neutral:
             self._neutral[key] = compute()
-            self._make_room(0, keep=key[0])  # a new reference of a loaded model counts too: others make way for it
+            self._make_room(0, keep=key[0], host=True)  # a new reference of a loaded model counts too: others make way for it
         return self._neutral[key]
 
 
