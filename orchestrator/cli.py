@@ -37,13 +37,19 @@ def _table(header: Sequence[str], rows: list[Sequence[object]]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
 
 
-def _load_grid(args: argparse.Namespace) -> tuple[SweepSpec, list[PlannedCell]]:
+def _load_grid(args: argparse.Namespace, *, fetch_configs: bool) -> tuple[SweepSpec, list[PlannedCell]]:
     """The sweep and its cells; a grid the config cannot run (a budget past a task's pool, too few
-    steps for a budget) is named with the file and the override that set it, as a bad key is."""
-    from orchestrator.spec import load_spec
+    steps for a budget, a LoRA target a model lacks) is named with the file and the override that set
+    it, as a bad key is. `fetch_configs`: as `_refuse_what_models_lack` (off for `plan`: no downloads)."""
+    from orchestrator.spec import in_config, load_spec
 
     spec = load_spec(args.config, args.overrides)
-    return spec, _expanded(spec, args.config, args.overrides)
+    cells = _expanded(spec, args.config, args.overrides)
+    try:
+        _refuse_what_models_lack(cells, fetch_configs=fetch_configs)
+    except ConfigError as err:
+        raise in_config(err, args.config, args.overrides) from None
+    return spec, cells
 
 
 def _expanded(spec: SweepSpec, path: str, overrides: Sequence[str]) -> list[PlannedCell]:
@@ -131,7 +137,7 @@ def _manifest_entries(cells: list[PlannedCell]) -> list[dict]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    spec, cells = _load_grid(args)
+    spec, cells = _load_grid(args, fetch_configs=False)  # what `run` would refuse, without fetching a hub model's config
     if args.cell:
         return _print_cell(spec, cells, args.cell)
     store, scan = _stored(spec, set_aside=False)
@@ -245,17 +251,25 @@ def _prepare_locally(model: ModelSpec) -> None:
         raise ConfigError(f"model {model.id} cannot be loaded here: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
 
-def _refuse_what_models_lack(cells: list[PlannedCell]) -> None:
+def _refuse_what_models_lack(cells: list[PlannedCell], *, fetch_configs: bool = True) -> None:
     """Refuse, before the store is touched or any model fetched, a method config naming parts a model lacks
     (a mistyped LoRA target): each of its cells would fail, or with PEFT quietly adapt fewer modules than
     the config says. Only a model's config is read (a ladder's recipe, a hub model's config.json). A model
     this driver cannot build (a config it cannot fetch, an architecture its transformers does not know,
-    remote code) is left to its workers, which refuse the same target at injection."""
+    remote code) is left to its workers, which refuse the same target at injection.
+
+    Without `fetch_configs` (`plan`, which downloads and runs nothing) only the models whose config is here
+    are checked: ladder rungs and local directories, not those whose code ships with them. Either way a
+    model is built (and transformers' modeling code imported) only for a method that names parts of it."""
+    from workers.cell import LADDER_PREFIX
     from workers.run_cell import method_problems
 
     by_model: dict[str, tuple[ModelSpec, dict[str, dict]]] = {}
     for cell in cells:
         model = cell.config.model
+        here = model.id.startswith(LADDER_PREFIX) or os.path.isdir(model.id)  # not a hub id: nothing to download
+        if not fetch_configs and (not here or model.trust_remote_code):
+            continue
         by_model.setdefault(model.model_dump_json(), (model, {}))[1][cell.config.method] = cell.config.method_config
     problems = []
     for model, methods in by_model.values():
@@ -301,15 +315,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     from orchestrator.driver import run_cells  # imported here: `plan` and `status` need no Ray
 
-    spec, cells = _load_grid(args)
-    _refuse_what_models_lack(cells)
+    spec, cells = _load_grid(args, fetch_configs=True)
     if args.address:  # before the store is read: an address where nothing listens leaves results_dir as it was
         check_listening(args.address)
     planned_at = time.time()  # before the store is read: a row another driver stores after it is not run again
     if args.adaptive:
         from orchestrator.acquisition import check_grid
+        from orchestrator.spec import in_config
 
-        check_grid(cells, args.target_exponent_width)  # a grid the adaptive design cannot fit: ConfigError (exit 2) before the store is touched
+        try:  # a grid the adaptive design cannot fit: ConfigError (exit 2) before the store is touched
+            check_grid(cells, args.target_exponent_width)
+        except ConfigError as err:
+            raise in_config(err, args.config, args.overrides) from None
     store, scan = _stored(spec, set_aside=True)
     _report_quarantine(scan, set_aside=True)
     try:
@@ -478,8 +495,11 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
             print(f"error: --out {args.out}: cannot write there ({err})", file=sys.stderr)
             return 2
     analyse = functools.partial(write_report, out_dir=args.out) if report else fit_results
+    results_dir = _results_dir(args.results_dir)
+    if "://" not in results_dir:  # a folder this user may not read: said here, not as a traceback from inside the fit
+        ResultsStore(results_dir).check_readable()
     try:
-        summary = analyse(_results_dir(args.results_dir), metric=args.metric, bootstrap=args.bootstrap, x=args.x,
+        summary = analyse(results_dir, metric=args.metric, bootstrap=args.bootstrap, x=args.x,
                           workers=args.workers or default_workers(), planned_only=args.planned_only,
                           plan=_plan_to_fit(args.results_dir))  # fmt: skip
     except (NoResultsError, ReportLocationError) as err:
@@ -557,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="sweep YAML, e.g. configs/quickstart.yaml")
-        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override a config value (YAML-parsed)")
+        # default=[]: without it argparse lists this optional positional as required when `config` is missing
+        p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override a config value (YAML-parsed)")
 
     p = sub.add_parser("plan", help="show the grid and what is done, run nothing")
     with_config(p)
@@ -611,10 +632,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     argparse ends a `nargs="*"` positional at the first flag, and its intermixed parsing refuses subcommands."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+    takes_overrides = hasattr(args, "overrides")
+    wrong = [e for e in extra if not (takes_overrides and "=" in e and not e.startswith("-"))]
+    if wrong:  # only those: `seeds=[3] --bogus` names --bogus alone
+        parser.error(f"unrecognized arguments: {' '.join(wrong)}")
+    if extra:
         args.overrides = [*args.overrides, *extra]
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
 
 

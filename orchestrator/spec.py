@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from urllib.parse import quote
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -23,12 +24,28 @@ from workers.registry import UnknownNameError, did_you_mean
 from workers.tasks import get_task, reads_hub_data
 
 
+# Where GPUs and CPUs are set, for the keys written where the other is (`resources.gpus_per_cell` is
+# one letter from cpus_per_cell, but no "did you mean" should send a GPU setting there).
+GPUS_PER_MODEL = "GPUs are reserved per model: set models.N.gpus_per_cell"
+CPUS_FOR_EVERY_CELL = "CPUs are set for every cell at once: resources.cpus_per_cell"
+
+
 class ModelEntry(ModelSpec):
     """A model of the sweep: what to load, plus how many GPUs each of its cells reserves."""
+
+    misplaced_keys: ClassVar[dict[str, str]] = {
+        "gpus": "a model's cells reserve GPUs with gpus_per_cell", "cpus_per_cell": CPUS_FOR_EVERY_CELL
+    }  # fmt: skip
 
     gpus_per_cell: float = Field(
         0.0, ge=0, description="0 runs on CPU (GPUs hidden from the cell); fractional packs small models on one GPU; >1 shards"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_bare_id(cls, data: Any) -> Any:
+        """`models: [ladder:xs, ladder:s]` is shorthand for `[{id: ladder:xs}, {id: ladder:s}]`: the same entries."""
+        return {"id": data} if isinstance(data, str) else data
 
     @field_validator("gpus_per_cell")
     @classmethod
@@ -49,6 +66,8 @@ class ModelEntry(ModelSpec):
 
 
 class Resources(StrictConfig):
+    misplaced_keys: ClassVar[dict[str, str]] = {"gpus_per_cell": GPUS_PER_MODEL, "gpus": GPUS_PER_MODEL}
+
     cpus_per_cell: float = Field(1.0, gt=0, description="also the torch thread count inside the cell")
     max_retries: int = Field(1, ge=0, description="re-runs of a cell whose worker process died")
     model_cache_bytes: int | None = Field(
@@ -79,6 +98,10 @@ class Resources(StrictConfig):
 
 
 class SweepSpec(StrictConfig):
+    misplaced_keys: ClassVar[dict[str, str]] = {
+        "gpus_per_cell": GPUS_PER_MODEL, "gpus": GPUS_PER_MODEL, "cpus_per_cell": CPUS_FOR_EVERY_CELL
+    }  # fmt: skip
+
     sweep: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="the sweep's name: letters, digits, '_', '.', '-' (no spaces), starting with a letter or digit; "
@@ -289,7 +312,13 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
     if path.is_dir():
         raise ConfigError(f"{path}: a directory; give a sweep config (a YAML file)")
     try:
-        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
+        text = path.read_text(encoding="utf-8")  # YAML's own encoding, whatever the locale's
+    except UnicodeDecodeError as err:  # e.g. saved as UTF-16 (bytes ff fe) by an editor or a shell's `>`
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+    except OSError as err:  # permission denied, an unreadable network mount
+        raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
+    try:
+        data = yaml.load(text, Loader=UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -313,11 +342,18 @@ def in_config(err: ConfigError, path: str | Path, overrides: Sequence[str]) -> C
 
 
 def _with_override(line: str, overrides: list[str]) -> str:
-    """An error line naming the override that set its key: the YAML file does not hold that value."""
-    where = line.partition(":")[0]
+    """An error line naming the override that set its key: the YAML file does not hold that value.
+
+    An override at or above the line's key set it. One below it (a line about a whole entry or section)
+    is blamed only when the line names the key it set: `models.0: device: cuda needs ... gpus_per_cell`
+    is the file's, not `models.0.dtype=...`'s; `methods.lora.train: ... max_steps is 1` is `...max_steps=1`'s.
+    """
+    where = line.partition(":")[0].split(" ")[0]  # "methods.lora on ladder:xs: ..." is about methods.lora
     for override in overrides:
         key = override.partition("=")[0]
-        if where == key or where.startswith(key + ".") or key.startswith(where + "."):
+        named = next((part for part in reversed(key.split(".")) if not part.isdigit()), key)
+        below = key.startswith(where + ".") and re.search(rf"\b{re.escape(named)}\b", line[len(where):]) is not None
+        if where == key or where.startswith(key + ".") or below:
             return f"{line} [set by the override {override}]"
     return line
 
@@ -327,9 +363,14 @@ RAY_JOB_COPY = "/runtime_resources/working_dir_files/"  # where `ray job submit 
 
 
 def check_results_dir(results_dir: str, cwd: str) -> None:
-    """Refuse a relative results_dir in a Ray job: it would resolve inside Ray's temporary copy of
+    """Refuse a local results_dir that is a file (nothing could be stored in it; `plan` would show an
+    empty sweep), and a relative one in a Ray job: it would resolve inside Ray's temporary copy of
     the working dir, which Ray deletes, and which a resubmission after any edit gets afresh (the
     sweep would start over, its earlier rows out of sight)."""
+    local = os.path.join(cwd, results_dir) if "://" not in results_dir else None
+    if local is not None and os.path.exists(local) and not os.path.isdir(local):
+        raise ConfigError(f"results_dir: {results_dir} exists and is not a directory; give the sweep's own folder "
+                          "(default results/<sweep>)")  # fmt: skip
     if RAY_JOB_COPY in cwd and "://" not in results_dir and not os.path.isabs(results_dir):
         raise ConfigError(
             f"results_dir: {results_dir} is relative, and this runs as a Ray job in Ray's temporary copy of the "

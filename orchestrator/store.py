@@ -3,7 +3,8 @@
 It is a plain Parquet dataset (any reader — pandas, polars, duckdb — can open `cells/`), on a local
 disk or any `pyarrow.fs` URI. Writes are atomic (see `workers.rowfile`); a file whose content cannot
 be read (truncated, foreign) is reported, and moved to `quarantine/` by `run` (not by the read-only
-`plan` and `status`), so reading and fitting go on. An I/O error reading the store raises instead.
+`plan` and `status`), so reading and fitting go on. An I/O error reading the store raises instead;
+a permission denied as a ConfigError naming the results directory (the user's to fix, not a bug).
 """
 
 from __future__ import annotations
@@ -78,6 +79,20 @@ class ResultsStore:
     def where(self, name: str) -> str:
         return shown_inside(self.uri, name)
 
+    def check_readable(self) -> None:
+        """Refuse a directory (or its cells/) this user may not list, before a command reads half of it.
+        Local stores only: where a permission denied comes from (a remote store's access is `probe`'s)."""
+        if self.filesystem.type_name != "local":
+            return
+        try:
+            for folder in (self.root, self.cells_dir):
+                self.filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True))
+        except PermissionError as err:
+            raise self._unreadable(err) from None
+
+    def _unreadable(self, err: PermissionError) -> ConfigError:
+        return ConfigError(f"results_dir {self.uri}: cannot read it ({err})")
+
     def exists(self) -> bool:
         """Whether the results directory is there (an object store's prefix exists once a row is written under it)."""
         return self.filesystem.get_file_info(self.root).type == fs.FileType.Directory
@@ -122,9 +137,12 @@ class ResultsStore:
         aside would run its cell again. `set_aside=False` only reports (read-only commands).
         """
         scan = StoreScan()
-        files = self._cell_files()
-        with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # Arrow releases the GIL; a remote read is a round trip
-            read = list(pool.map(self._status_of, files))
+        try:  # not the files' fault either: a cell file this user may not read is not set aside
+            files = self._cell_files()
+            with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # Arrow releases the GIL; a remote read is a round trip
+                read = list(pool.map(self._status_of, files))
+        except PermissionError as err:
+            raise self._unreadable(err) from None
         for info, found in zip(files, read):
             if isinstance(found, Exception):
                 scan.quarantined.append((info.base_name, f"{type(found).__name__}: {found}"))
@@ -190,7 +208,8 @@ def read_manifest(store: ResultsStore) -> list[dict]:
             raise ValueError("not a list of planned cells (cell_id, model, method)")
     except FileNotFoundError:
         return []
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, the wrong shape: a file damaged or written outside steerscale
+    # JSONDecodeError, UnicodeDecodeError, the wrong shape: a file damaged or written outside steerscale; or one not ours to read
+    except (ValueError, PermissionError) as err:
         print(f"note: {store.root}/{MANIFEST} is unreadable ({err}); going by the stored rows alone", file=sys.stderr)
         return []
     return entries

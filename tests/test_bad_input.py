@@ -212,3 +212,88 @@ def test_a_model_the_driver_cannot_build_leaves_the_target_check_to_the_workers(
     cell = CellConfig(sweep="s", model=ModelSpec(id=str(tmp_path)), task="facts", method="lora",
                       method_config={"target_modules": ["q_proj"]}, budget=4, seed=0, eval=EvalConfig())  # fmt: skip
     assert _refuse_what_models_lack([PlannedCell(cell, 0.0)]) is None
+
+
+def _main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    """`steerscale ARGV` in this process: (exit status, stderr)."""
+    from orchestrator.cli import main
+
+    try:
+        status = main(list(argv))
+    except SystemExit as exit:  # argparse's errors
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+def test_plan_refuses_a_lora_target_the_model_lacks_as_run_does(tmp_path, capsys, test_ladder):
+    """`plan` said nothing (exit 0) where `run` refused; the refusal names the file and the override, as other config errors do."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "models": [{"id": test_ladder[0]}], "results_dir": str(tmp_path / "r")}))
+    override = "methods.lora.target_modules=[q_projj]"
+    for command in ("plan", "run"):
+        status, err = _main(capsys, command, str(path), override)
+        assert status == 2 and "Traceback" not in err, err
+        assert err.startswith(f"error: {path} with {override}:\nmethods.lora on {test_ladder[0]}: lora target_modules: 'q_projj' matches no "
+                              "module of LlamaForCausalLM (did you mean 'q_proj'?)"), err  # fmt: skip
+        assert err.rstrip().endswith(f"[set by the override {override}]"), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_adaptive_grid_error_names_the_config(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "results_dir": str(tmp_path / "r")}))
+    status, err = _main(capsys, "run", str(path), "--adaptive", "--max-cells", "3")
+    assert status == 2 and err.startswith(f"error: {path}:\nan adaptive sweep fits loss(D)"), err
+
+
+class _Locked:
+    """A local filesystem on which `folder` cannot be listed nor anything inside it read: a directory of
+    mode 000, which root (who runs CI containers) could read anyway, so chmod cannot stand in for it."""
+
+    def __init__(self, local: object, folder: str) -> None:
+        self._local, self._folder = local, folder
+
+    def _check(self, path: str) -> None:
+        if path.startswith(self._folder + "/"):
+            raise PermissionError(13, "Permission denied", path)
+
+    def get_file_info(self, what: object) -> object:
+        from pyarrow import fs
+
+        if isinstance(what, fs.FileSelector):
+            self._check(what.base_dir + "/")
+        else:
+            self._check(str(what))
+        return self._local.get_file_info(what)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._local, name)
+
+
+@pytest.mark.parametrize("command", ["plan", "status", "fit"])
+def test_a_results_dir_that_cannot_be_read_is_a_clean_error(command, tmp_path, capsys, monkeypatch):
+    """It was a PermissionError traceback (exit 1)."""
+    from pyarrow import fs
+
+    results = tmp_path / "r"
+    (results / "cells").mkdir(parents=True)
+    (results / "plan.json").write_text("[]")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "results_dir": str(results)}))
+    local = fs.LocalFileSystem()
+    monkeypatch.setattr(fs, "LocalFileSystem", lambda: _Locked(local, str(results)))
+    status, err = _main(capsys, command, str(path) if command == "plan" else str(results))
+    assert status == 2 and "Traceback" not in err, err
+    assert err.startswith(f"error: results_dir {results}: cannot read it (") and "Permission denied" in err, err
+
+
+def test_plan_without_a_config_asks_for_the_config_alone(capsys):
+    """It said "the following arguments are required: config, key.sub=value": overrides are optional."""
+    status, err = _main(capsys, "plan")
+    assert status == 2 and err.rstrip().endswith("the following arguments are required: config"), err
+
+
+def test_an_unknown_flag_after_an_override_is_named_alone(tmp_path, capsys):
+    """`run X.yaml --retry-failed seeds=[3] --bogus` said "unrecognized arguments: seeds=[3] --bogus"."""
+    status, err = _main(capsys, "run", str(tmp_path / "sweep.yaml"), "--retry-failed", "seeds=[3]", "--bogus")
+    assert status == 2 and err.rstrip().endswith("unrecognized arguments: --bogus"), err

@@ -203,3 +203,87 @@ def test_a_relative_model_directory_is_checked_like_a_local_one(write_sweep, tmp
     (tmp_path / "models" / "x").mkdir(parents=True)
     with pytest.raises(ConfigError, match="models.0.id: models/x holds no config.json"):
         load_spec(write_sweep({**BASE, "models": [{"id": "models/x"}]}))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("resources.gpus_per_cell=1", "resources.gpus_per_cell: unknown key (GPUs are reserved per model: set models.N.gpus_per_cell)"),
+    ("resources.gpus=1", "resources.gpus: unknown key (GPUs are reserved per model: set models.N.gpus_per_cell)"),
+    ("models.0.gpus=1", "models.0.gpus: unknown key (a model's cells reserve GPUs with gpus_per_cell)"),
+    ("models.0.cpus_per_cell=2", "models.0.cpus_per_cell: unknown key (CPUs are set for every cell at once: resources.cpus_per_cell)"),
+])  # fmt: skip
+def test_a_gpu_or_cpu_setting_in_the_wrong_place_says_where_it_goes(override, message, write_sweep):
+    """`resources.gpus_per_cell` got "did you mean 'cpus_per_cell'?", the nearest spelling but another setting."""
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep(BASE), [override])
+    assert message in str(err.value) and "did you mean" not in str(err.value)
+
+
+def test_models_may_be_given_as_bare_ids(write_sweep):
+    """`models=[ladder:test/xs]` is `[{id: ladder:test/xs}]`, the same entries and so the same cells."""
+    from orchestrator.grid import expand
+
+    bare, full = load_spec(write_sweep({**BASE, "models": ["ladder:test/xs"]})), load_spec(write_sweep(BASE))
+    assert bare.models == full.models and [c.cell_id for c in expand(bare)] == [c.cell_id for c in expand(full)]
+    assert load_spec(write_sweep(BASE), ["models=[ladder:test/xs]"]).models == full.models
+
+
+def test_a_config_that_cannot_be_read_is_a_clean_error(tmp_path, monkeypatch):
+    """Not UTF-8 (an editor's or a shell's UTF-16: bytes ff fe) or not readable (mode 000) was a traceback."""
+    from pathlib import Path
+
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_bytes("sweep: unit\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"utf16.yaml: not UTF-8 text \(invalid start byte at byte 0\); save it as UTF-8"):
+        load_spec(utf16)
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("sweep: unit\n")
+
+    def denied(self: Path, *args: object, **kwargs: object) -> str:  # chmod 000 is no bar to root, who runs CI
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError, match="locked.yaml: cannot read it \\(Permission denied\\)"):
+        load_spec(locked)
+
+
+def test_a_union_fields_error_names_its_key_not_pydantics_type_names(write_sweep):
+    """`target_modules=5` gave `methods.lora.target_modules.str: ...` and `....tuple[str, ...]: ...`."""
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep(BASE), ["methods.lora.target_modules=5"])
+    message = str(err.value)
+    assert "methods.lora.target_modules: Input should be a valid string, or input should be a valid tuple (target_modules:" in message
+    assert ".str:" not in message and "tuple[" not in message and len(message.splitlines()) == 2  # the header, one line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep=2025-01-15", "sweep: Input should be a valid string (YAML read 2025-01-15 as a date: quote it to keep it text, '2025-01-15')"),
+    ("sweep=2024", "sweep: Input should be a valid string (YAML read 2024 as a number: quote it"),
+    ("budgets=[true, 4]", "budgets: Value error, [true, 4] holds a boolean where a number is expected"),
+    ("seeds=[no]", "seeds: Value error, [false] holds a boolean where a number is expected"),
+    ("methods.lora.rank=true", "methods.lora.rank: Value error, true is a boolean where a number is expected"),
+    ("methods.lora.train.lr=on", "methods.lora.train.lr: Value error, true is a boolean where a number is expected"),
+])  # fmt: skip
+def test_what_yaml_read_as_another_type_is_refused_with_why(override, message, write_sweep):
+    """A date or number where text belongs got no hint to quote it; a boolean where a number belongs passed as 1
+    (a budget of 1, a LoRA rank of 1)."""
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep(BASE), [override])
+    assert message in str(err.value)
+
+
+def test_an_error_in_the_file_is_not_blamed_on_an_override_beneath_its_key(write_sweep):
+    """`device: cuda` without gpus_per_cell is the file's: `models.0.dtype=bfloat16` changed another key of the entry."""
+    cuda = write_sweep({**BASE, "models": [{"id": "ladder:test/xs", "device": "cuda"}]})
+    with pytest.raises(ConfigError) as err:
+        load_spec(cuda, ["models.0.dtype=bfloat16"])
+    assert "device: cuda needs a GPU reserved" in str(err.value) and "[set by" not in str(err.value)
+    with pytest.raises(ConfigError) as err:  # an override the error names is still blamed
+        load_spec(write_sweep(BASE), ["models.0.device=cuda"])
+    assert str(err.value).endswith("[set by the override models.0.device=cuda]")
+
+
+def test_a_results_dir_that_is_a_file_is_refused(write_sweep, tmp_path):
+    """`results_dir=quickstart.yaml` planned an empty sweep there, exit 0."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="results_dir: .*a-file exists and is not a directory"):
+        load_spec(write_sweep({**BASE, "results_dir": str(tmp_path / "a-file")}))
