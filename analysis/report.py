@@ -148,6 +148,7 @@ def _findings(a: Analysis) -> list[Block]:
         lines.append(f"{bare} D* trend(s) across models have no interval ({'--bootstrap 0' if not a.bootstrap else f'fewer than {CI_LEVEL:.0%} of the resamples give a slope'}), "
                      "so they are not stated here (see the fit's text and fits.json).")  # fmt: skip
     lines += composition_findings(a.compositions)
+    lines += [u.describe() for u in a.unchanged]
     if not a.crossovers:
         lines.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
     return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.axis_choice import AxisComparison, compare_axes
+from analysis.bootstrap import CI_LEVEL
 from analysis.capability import capability_table, get_axis
 from analysis.composition import CompositionGain, composition_gains
 from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, find_crossovers
@@ -19,6 +20,7 @@ from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, 
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric
 from analysis.parallel import worker_pool
+from analysis.unchanged import Unchanged, unchanged_cells
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Analysis:
     links: list[SigmoidLink]
     capabilities: pd.DataFrame  # per (task, model): family and the value on every axis
     axes: AxisComparison
+    unchanged: list[Unchanged]  # methods that mostly chose to do nothing, per task
 
     def fits_frame(self) -> pd.DataFrame:
         return pd.DataFrame([f.record() for f in self.fits])
@@ -63,7 +66,7 @@ def analyse(
         compositions=composition_gains(ok, metric=metric, intervals=bootstrap > 0),
         efficiency=data_efficiency(fits, ok), frontier=frontier,
         frontier_levels=frontier_by_compute(frontier, metric), selectivity=selectivity(ok, metric),
-        links=fit_links(ok) if len(ok) else [], capabilities=capabilities, axes=axes,
+        links=fit_links(ok) if len(ok) else [], capabilities=capabilities, axes=axes, unchanged=unchanged_cells(ok),
     )  # fmt: skip
 
 
@@ -108,8 +111,10 @@ class FitSummary:
             lines.append("crossovers (where fine-tuning and steering swap places):")
             for c in a.crossovers:
                 ci = f" CI {c.interval()}" if c.interval() else ""
-                agree = f", {c.share:.0%} of resamples agree" if np.isfinite(c.share) else ""
+                firm = "" if c.share >= CI_LEVEL else f" (under {CI_LEVEL:.0%}: not a finding)"
+                agree = f", {c.share:.0%} of resamples agree{firm}" if np.isfinite(c.share) else ""
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}")
+        lines += [f"  {u.describe()}" for u in a.unchanged]
         for s in a.scaling:
             held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
             lines.append(f"  {s.describe()}{held}")
@@ -182,6 +187,8 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
         "sigmoid_links": [k.record() for k in analysis.links],
         "capabilities": analysis.capabilities.to_dict(orient="records"),
         "axis_comparison": analysis.axes.record(),
+        "unchanged": [{"task": u.task, "method": u.method, "by_model": [dict(zip(("model", "unchanged", "cells"), m)) for m in u.by_model]}
+                      for u in analysis.unchanged],  # fmt: skip
     }
     return {"fits.parquet": write_table(results_dir, "fits.parquet", frame), "fits.json": write_json(results_dir, "fits.json", payload)}
 

@@ -310,7 +310,7 @@ def test_a_resample_where_a_model_of_the_trend_does_not_cross_gives_no_slope() -
 @pytest.mark.parametrize("lo, hi, stated", [(np.nan, np.nan, None), (0.3, 0.7, "which excludes 0"), (-0.2, 0.7, "includes 0: no clear trend")])
 def test_a_d_star_trend_is_stated_only_with_an_interval(lo: float, hi: float, stated: str | None) -> None:
     trend = CrossoverScaling("t", "steer_mean", "lora", "params", 0.5, lo, hi, 3, 3, 0.1)
-    a = SimpleNamespace(fits=[], scaling=[trend], crossovers=[], compositions=[], metric="score", loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))
+    a = SimpleNamespace(fits=[], scaling=[trend], crossovers=[], compositions=[], unchanged=[], metric="score", loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))
     text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
     assert ("D* ∝ params^0.50" in text) == (stated is not None), text
     assert stated is None or stated in text

@@ -1,0 +1,44 @@
+"""A method that chose to do nothing is named: its curve is the base model's, and "steering stays ahead" there
+means the fine-tuning fell short of doing nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import analysis
+from analysis.unchanged import Unchanged, unchanged_cells
+from test_analysis_results import write_cells
+
+
+def _row(method: str, model: str, budget: int, seed: int, nll: float, score: float) -> dict:
+    cell = f"{model}__t__{method}__n{budget}__s{seed}"
+    return {"schema_version": 3, "sweep": "s", "cell_id": cell, "slug": cell, "status": "ok", "model": model, "params_nonembed": 1e6,
+            "params_total": 2e6, "task": "t", "task_type": "classification", "method": method, "budget": budget, "seed": seed,
+            "score": score, "score_base": 0.225, "nll": nll, "nll_base": 1.953798, "post_train_flops": 1e9 * budget}  # fmt: skip
+
+
+def test_the_models_a_method_left_as_they_were_are_named() -> None:
+    """Cells whose test NLL is the base model's to the bit (validation chose scale 0, no step, no demonstrations)."""
+    rows = [_row("steer_mean", "s", b, 0, 1.953798 if b < 64 else 1.9, 0.3) for b in (4, 16, 32, 64)]  # 3 of 4 did nothing
+    rows += [_row("steer_mean", "l", b, 0, 1.953798 if b == 4 else 1.8, 0.4) for b in (4, 16, 32, 64)]  # 1 of 4: not mostly
+    rows += [_row("lora", "s", b, 0, 1.953798 + 1e-12, 0.2) for b in (4, 16)]  # a hair off is a change
+    rows += [_row("base", "s", 0, 0, 1.953798, 0.225)]  # never changes it: not news
+    (found,) = unchanged_cells(pd.DataFrame(rows))
+    assert found == Unchanged("t", "steer_mean", (("s", 3, 4),))
+    assert "steer_mean left the model as it was" in found.describe() and "3 of 4 cells on s" in found.describe()
+
+
+def test_the_fit_says_when_steering_is_doing_nothing_and_when_few_resamples_agree(tmp_path: Path) -> None:
+    """A new user's sweep: steer_mean chose scale 0 in every cell and LoRA scored about the base model's; `fit` said
+    "steer_mean stays ahead of lora, 56% of resamples agree" and nothing else."""
+    rng = np.random.default_rng(0)
+    rows = [_row("steer_mean", "xs", b, s, 1.953798, 0.225) for b in (4, 16, 64, 256) for s in (0, 1)]
+    rows += [_row("lora", "xs", b, s, 2.1, 0.22 + 0.03 * rng.standard_normal()) for b in (4, 16, 64, 256) for s in (0, 1)]
+    write_cells(tmp_path, rows)
+    text = analysis.fit_results(str(tmp_path), bootstrap=50, seed=0).to_text()
+    assert "On t, steer_mean left the model as it was" in text and "8 of 8 cells on xs" in text
+    (line,) = [line for line in text.splitlines() if "of resamples agree" in line]
+    assert line.endswith("74% of resamples agree (under 95%: not a finding)"), line
