@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        done = "; every finished row is stored: rerun the same command to resume" if args.command == "run" else ""
+        done = "; every finished row is stored: " + _how_to_resume(args) if args.command == "run" else ""
         print(f"\ninterrupted{done}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
     finally:
@@ -670,6 +670,14 @@ def main(argv: list[str] | None = None) -> int:
             _disconnect_ray()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+def _how_to_resume(args: argparse.Namespace) -> str:
+    """What a rerun after Ctrl-C does: a forced run cannot resume (nothing marks which rows it replaced)."""
+    if not args.force:
+        return "rerun the same command to resume"
+    return ("rerun without --force to keep what this run replaced and leave the cells it did not reach with their earlier "
+            "rows, or with --force to rerun every cell again")  # fmt: skip
 
 
 class _CtrlC:

@@ -297,3 +297,14 @@ def test_an_unknown_flag_after_an_override_is_named_alone(tmp_path, capsys):
     """`run X.yaml --retry-failed seeds=[3] --bogus` said "unrecognized arguments: seeds=[3] --bogus"."""
     status, err = _main(capsys, "run", str(tmp_path / "sweep.yaml"), "--retry-failed", "seeds=[3]", "--bogus")
     assert status == 2 and err.rstrip().endswith("unrecognized arguments: --bogus"), err
+
+
+def test_ctrl_c_in_a_forced_run_does_not_say_the_same_command_resumes():
+    """Rerunning `run --force` after Ctrl-C redid every cell, as --force says: "rerun the same command to resume" was wrong there."""
+    import argparse
+
+    from orchestrator.cli import _how_to_resume
+
+    assert _how_to_resume(argparse.Namespace(force=False)) == "rerun the same command to resume"
+    forced = _how_to_resume(argparse.Namespace(force=True))
+    assert "rerun without --force" in forced and "resume" not in forced
