@@ -382,8 +382,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"nothing is stored at {store.uri} yet (a relative results_dir is read from the current directory, {os.getcwd()})")
     if unplanned and known:
         outside = Counter(scan.cells[c].status for c in unplanned)
-        print(f"{len(unplanned)} more stored rows ({outside['ok']} ok, {outside['failed']} failed) are from cells not in the plan "
-              "(an earlier config, another sweep?); the table lists them as (unplanned)")
+        print(f"{len(unplanned)} more stored rows ({outside['ok']} ok, {outside['failed']} failed) are from cells not in the latest "
+              "run's plan: an earlier run with other seeds, budgets or models (kept, and fitted with the rest), an earlier config "
+              "of a method, or another sweep; the table lists them as (unplanned)")  # fmt: skip
     for cell_id in sorted(unplanned):  # rows from cells no longer in the plan (an earlier config): show them too
         stored = scan.cells[cell_id]
         entries.append({"cell_id": cell_id, "model": stored.model, "method": f"{stored.method} (unplanned)" if known else stored.method})
