@@ -145,8 +145,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     status = scan.status
     statuses = [status.get(c.cell_id) for c in cells]
     dims = (
-        f"{len(spec.models)} models × {len(spec.tasks)} tasks × {len(spec.methods)} methods × "
-        f"budgets {spec.budgets} × {len(spec.seeds)} seeds"
+        f"{_count(len(spec.models), 'model')} × {_count(len(spec.tasks), 'task')} × {_count(len(spec.methods), 'method')} × "
+        f"budgets {spec.budgets} × {_count(len(spec.seeds), 'seed')}"
     )
     print(f"sweep {spec.sweep} -> {spec.results_dir}")
     own = "; ".join(f"{method}: {', '.join(map(str, budgets))}" for method, budgets in spec.method_budgets.items())
@@ -188,8 +188,14 @@ def _compute_to_go(cells: list[PlannedCell], scan: StoreScan) -> str:
         return "cell compute to go: unknown until a cell of each model and method is stored"
     unknown = len(to_run) - len(known)
     rest = f"; {unknown} cells have no stored cell of their model and method to go by" if unknown else ""
-    return (f"cell compute to go: ≈ {sum(known) / 60:.1f} min over {len(known)} cells (each at the mean of the stored cells "
+    total = sum(known)
+    amount = f"{total / 60:.1f} min" if total >= 60 else f"{total:.0f} s"
+    return (f"cell compute to go: ≈ {amount} over {len(known)} cells (each at the mean of the stored cells "
             f"of its model and method; divide by the workers for wall time){rest}")  # fmt: skip
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _print_cell(spec: SweepSpec, planned: list[PlannedCell], wanted: str) -> int:
@@ -462,7 +468,7 @@ RESULTS_DIR_HELP = "a sweep's results directory or URI (its results_dir), or the
 
 def _with_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("results_dir", help=RESULTS_DIR_HELP)
-    p.add_argument("--bootstrap", type=_resamples, default=200, help=f"bootstrap resamples for confidence intervals (0: none; else at least {MIN_RESAMPLES})")
+    p.add_argument("--bootstrap", type=_resamples, default=200, help=f"bootstrap resamples for confidence intervals (default 200; 0: none; else at least {MIN_RESAMPLES})")
     p.add_argument("--workers", type=_int_at_least(1), default=None, help="groups fitted at once, in worker processes (default: every core, up to 8)")
     p.add_argument(
         "--x", type=_x_axis, default="params",

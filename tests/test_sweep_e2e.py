@@ -107,7 +107,8 @@ def test_plan_estimates_the_compute_to_go_from_stored_cells(sweep):
     expected = sum(mean[(model, method)] * n for model in ok.model.unique() for method, n in cells_per_seed.items())
     plan = steerscale("plan", str(path), "seeds=[0, 1]")
     assert plan.returncode == 0, plan.stderr
-    assert f"cell compute to go: ≈ {expected / 60:.1f} min over 10 cells" in plan.stdout, plan.stdout
+    amount = f"{expected / 60:.1f} min" if expected >= 60 else f"{expected:.0f} s"  # tiny cells: seconds, not "0.0 min"
+    assert f"cell compute to go: ≈ {amount} over 10 cells" in plan.stdout, plan.stdout
     assert "5 cells have no stored cell of their model and method" in plan.stdout  # the broken model has no ok cell
 
 
