@@ -18,7 +18,7 @@ import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -37,20 +37,22 @@ def _write_local(path: str, payload: bytes, *, exclusive: bool) -> bool:
     driver read an empty claim, took it for stale, and ran the cell too.
     """
     temp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(temp, "wb") as handle:
-        handle.write(payload)
-    if not exclusive:
-        os.replace(temp, path)
+    try:  # the temp goes however this ends (a Ctrl-C mid-write left one in claims/)
+        with open(temp, "wb") as handle:
+            handle.write(payload)
+        if not exclusive:
+            os.replace(temp, path)
+            return True
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links here (a FUSE mount of a bucket, SMB): create it exclusively, then write
+            return _create_then_write(path, payload)
         return True
-    try:
-        os.link(temp, path)
-    except FileExistsError:
-        return False
-    except OSError:  # no hard links here (a FUSE mount of a bucket, SMB): create it exclusively, then write
-        return _create_then_write(path, payload)
     finally:
-        os.unlink(temp)
-    return True
+        with suppress(FileNotFoundError):  # renamed into place, or never created
+            os.unlink(temp)
 
 
 def _create_then_write(path: str, payload: bytes) -> bool:

@@ -10,6 +10,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
+import pytest
+
 from orchestrator.claims import Claims
 from orchestrator.store import ResultsStore
 from workers.schema import SCHEMA_VERSION
@@ -161,3 +163,21 @@ def test_a_claim_holding_json_that_is_not_a_claim_is_judged_by_its_age(tmp_path)
     assert not a.acquire("odd", planned_at=time.time())
     a.ttl_seconds = 0.0  # as old as a dead driver's
     assert a.acquire("odd", planned_at=time.time())
+
+
+def test_a_claim_write_cut_short_leaves_no_temp_file(tmp_path, monkeypatch):
+    """Ctrl-C while a claim was written left `<claim>.<hex>.tmp` in claims/ for good."""
+    import os
+
+    from orchestrator import claims
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "link", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        claims._write_local(str(tmp_path / "cell.json"), b"{}", exclusive=True)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        claims._write_local(str(tmp_path / "cell.json"), b"{}", exclusive=False)
+    assert list(tmp_path.iterdir()) == []
