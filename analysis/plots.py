@@ -62,9 +62,17 @@ def _readable_log_ticks(axis: Axis) -> None:
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": a legend beside the axes is kept in the image
     plt.close(fig)
     return path
+
+
+PANELS_PER_ROW = 4
+
+
+def _legend_beside(ax: plt.Axes, fontsize: int = 7) -> None:
+    """The legend right of the axes, where it covers no point (inside, it sat on the data)."""
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _models_by_size(curves: list[LawFit]) -> list[str]:
@@ -80,10 +88,15 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
     methods = sorted({f.method for f in curves})
     if not methods:
         return None
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False, sharey=True)
+    columns = min(len(methods), PANELS_PER_ROW)
+    rows = -(-len(methods) // columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.6 * rows), squeeze=False, sharey=True)
+    panels = grid.ravel()[: len(methods)]  # a row of seven panels was 3,000 pixels wide: four a row at most
+    for spare in grid.ravel()[len(methods) :]:
+        spare.set_visible(False)
     models = _models_by_size(curves)
     colours = dict(zip(models, plt.cm.viridis(np.linspace(0, 0.9, len(models)))))
-    for ax, method in zip(axes[0], methods):
+    for ax, method in zip(panels, methods):
         for f in sorted((f for f in curves if f.method == method), key=lambda f: models.index(f.model)):
             colour = colours[f.model]
             ax.scatter(f.points.d, f.points.value, s=10, color=colour, alpha=0.6)
@@ -92,16 +105,19 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
                 ax.plot(d, budget_curves(f.fit.params, d, f.metric)[0], color=colour, label=f"{f.model} (N={f.n_params:.3g})")
                 if f.boot is not None:
                     lo, hi = np.percentile(budget_curves(f.boot.params(), d, f.metric), BAND, axis=0)
-                    ax.fill_between(d, lo, hi, color=colour, alpha=0.2)
+                    ax.fill_between(d, lo, hi, color=colour, alpha=0.12, lw=0)
             else:
                 ax.plot([], [], color=colour, label=f"{f.model}: not fitted")
         ax.set(xscale="log", title=method, xlabel="budget (examples)")
         _readable_log_ticks(ax.xaxis)
-        ax.legend(fontsize=7)
+    # one legend for every panel (the models are the same), beside the first row, where it covers no point
+    shown = {label: handle for ax in panels for handle, label in zip(*ax.get_legend_handles_labels())}
+    grid[0][-1].legend(shown.values(), shown.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     values = np.concatenate([f.points.value for f in curves])
     pad = 0.1 * (values.max() - values.min()) or 0.05
-    axes[0][0].set_ylim(values.min() - pad, values.max() + pad)  # the data's range: a wide band must not flatten it
-    axes[0][0].set_ylabel(analysis.metric)
+    panels[0].set_ylim(values.min() - pad, values.max() + pad)  # the data's range: a wide band must not flatten it
+    for row in grid:
+        row[0].set_ylabel(analysis.metric)
     fig.suptitle(f"{task}: {analysis.metric} vs post-training budget")
     return _save(fig, path)
 
@@ -191,7 +207,7 @@ def frontier_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     paid, free = points[points["post_train_flops"] > 0], points[points["post_train_flops"] == 0]
     if paid.empty:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = plt.subplots(figsize=(7.2, 3.8))  # room for the legend beside the axes
     colours = method_colours(analysis)
     for method, group in paid.groupby("method"):
         ax.scatter(group["post_train_flops"], group[analysis.metric], s=14, color=colours[method], label=method)
@@ -202,10 +218,12 @@ def frontier_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
         level = start.iloc[0]
         ax.axhline(level[analysis.metric], color="grey", ls="--", lw=1, label=f"{level['method']} {level['model']} (no post-training)")
         x, y = np.r_[paid["post_train_flops"].min(), x], np.r_[level[analysis.metric], y]
+    # on to the costliest point: a frontier no paid point joins (the free level beats them all) is a line too
+    x, y = np.r_[x, paid["post_train_flops"].max()], np.r_[y, y[-1]]
     ax.step(x, y, where="post", color="black", lw=1, label="frontier")
     ax.set(xscale="log", xlabel="post-training FLOPs", ylabel=analysis.metric, title=f"{task}: compute frontier")
     _readable_log_ticks(ax.xaxis)
-    ax.legend(fontsize=7)
+    _legend_beside(ax)
     return _save(fig, path)
 
 
@@ -215,14 +233,14 @@ def selectivity_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     damage = [c for c in ("neutral_kl", "offtask_score_delta") if np.isfinite(points[c]).any()]
     if points.empty or not damage or not np.isfinite(points["gain"]).any():
         return None
-    fig, axes = plt.subplots(1, len(damage), figsize=(4.5 * len(damage), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(damage), figsize=(4.5 * len(damage) + 1.6, 3.6), squeeze=False, sharey=True)  # + the legend
     colours = method_colours(analysis)
     for ax, column in zip(axes[0], damage):
         for method, group in points.groupby("method"):
             ax.scatter(group[column], group["gain"], s=14, color=colours[method], label=method)
         ax.set(xlabel=column, title=f"{task}: effectiveness vs {column}")
     axes[0][0].set_ylabel("score − score_base")
-    axes[0][0].legend(fontsize=7)
+    _legend_beside(axes[0][-1])
     return _save(fig, path)
 
 

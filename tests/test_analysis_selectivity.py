@@ -92,3 +92,20 @@ def test_the_selectivity_table_compares_methods_at_a_budget_they_share() -> None
     a = SimpleNamespace(selectivity=selectivity(frame, "score"), loaded=SimpleNamespace(ok=frame))
     table = _selectivity(a)[-1]
     assert [(r[2], r[3], r[-1]) for r in table.rows] == [("lora", "256", "0"), ("steer_mean", "256", "0")]
+
+
+def test_a_frontier_the_free_base_model_holds_alone_is_still_drawn(tmp_path, monkeypatch) -> None:
+    """Where no paid point beats the base model, the frontier was one point: its legend said "frontier", no line showed."""
+    from types import SimpleNamespace
+
+    from analysis import plots
+
+    frame = _operating_rows()
+    frame = frame[frame["method"] != "lora"]  # base xl's .63 beats every paid point left
+    a = SimpleNamespace(loaded=SimpleNamespace(frame=frame), metric="score", frontier=compute_frontier(frame, "score"),
+                        selectivity=selectivity(frame, "score"))  # fmt: skip
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    plots.frontier_plot(a, "t", tmp_path / "f.png")
+    (line,) = [line for line in figures[0].axes[0].lines if line.get_label() == "frontier"]
+    assert (min(line.get_xdata()), max(line.get_xdata())) == (3e7, 4e8) and set(line.get_ydata()) == {0.63}
