@@ -33,7 +33,7 @@ def test_grid_size_order_and_scheduling_fields(write_sweep):
     cells = expand(load_spec(write_sweep(SPEC)))
     # per model: base 1 budget + 2 methods x 2 budgets, each x 2 seeds = 10
     assert len(cells) == 2 * 1 * (1 + 2 + 2) * 2
-    assert [c.config.slug for c in cells][:2] == ["ladder-xs__facts__base__n0__s0", "ladder-xs__facts__base__n0__s1"]
+    assert [c.config.slug for c in cells][:2] == ["ladder-test-xs__facts__base__n0__s0", "ladder-test-xs__facts__base__n0__s1"]
     assert {c.gpus for c in cells} == {0.0, 0.5}
     assert all(c.config.model.revision for c in cells), "ladder recipe hash must be pinned in every cell"
 
@@ -182,10 +182,11 @@ def test_a_budget_of_exactly_the_tasks_pool_is_planned(write_sweep):
 
 
 def test_a_slug_two_models_share_is_refused_with_each_ids_model(write_sweep, capsys):
-    """`ladder:test/xs` and `ladder:xs` both slug as ladder-xs: `plan --cell` must say which id is which."""
+    """Two hub models of one name from two organisations slug alike: `plan --cell` must say which id is which."""
     from orchestrator.cli import main
 
-    spec = {**SPEC, "models": [{"id": "ladder:test/xs"}, {"id": "ladder:xs"}], "methods": {"base": {}}, "method_budgets": {}, "budgets": [0], "seeds": [0]}
+    models = [{"id": "org-a/tiny-lm"}, {"id": "org-b/tiny-lm"}]
+    spec = {**SPEC, "models": models, "methods": {"base": {}}, "method_budgets": {}, "budgets": [0], "seeds": [0]}
     path = write_sweep(spec)
     cells = expand(load_spec(path))
     assert cells[0].config.slug == cells[1].config.slug

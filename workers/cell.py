@@ -42,9 +42,11 @@ class ModelSpec(StrictConfig):
 
     @property
     def label(self) -> str:
-        """A short readable name for slugs and tables."""
-        tail = self.id.removeprefix(LADDER_PREFIX).rstrip("/").split("/")[-1]
-        return ("ladder-" if self.id.startswith(LADDER_PREFIX) else "") + tail
+        """A short readable name for slugs and tables: a hub id's last part; a ladder rung with its recipe
+        unless that is the default (`ladder:test/xs` is ladder-test-xs, `ladder:xs` ladder-xs)."""
+        if self.id.startswith(LADDER_PREFIX):
+            return "ladder-" + self.id.removeprefix(LADDER_PREFIX).strip("/").replace("/", "-")
+        return self.id.rstrip("/").split("/")[-1]
 
     @property
     def family_name(self) -> str:
