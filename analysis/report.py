@@ -27,7 +27,7 @@ from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, unplanned_note
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, question_sampling_sd
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
-from analysis.summary import Analysis, FitSummary, analyse, save_fits
+from analysis.summary import Analysis, FitSummary, analyse, keeps_earlier, save_fits, saved_before
 
 
 @dataclass(frozen=True)
@@ -609,8 +609,10 @@ def write_report(
     if out_dir is None and fs.type_name != "local":
         raise ReportLocationError(f"{results_dir} is not on a local disk: give a local directory for the report's plots and pages (--out DIR)")
     a = analyse(load_rows_to_fit(results_dir, planned_only=planned_only, plan=plan), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
-    paths = save_fits(results_dir, a)
     out = Path(out_dir) if out_dir is not None else Path(root) / "report"
+    if keeps_earlier(a, (out / "report.md").exists() or saved_before(results_dir, "fits.json")):
+        return FitSummary(a, {})
+    paths = save_fits(results_dir, a)
     out.mkdir(parents=True, exist_ok=True)
     earlier_report = (out / "report.md").exists()  # plots are only cleaned up where a report was before (--out may be any dir)
     decisions = read_decisions(results_dir)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pyarrow import fs as pafs
 
 from analysis.axis_choice import AxisComparison, compare_axes
 from analysis.bootstrap import CI_LEVEL
@@ -16,7 +17,7 @@ from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, f
 from analysis.curves import LawFit, fit_curves
 from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
-from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, unplanned_note, write_json, write_table
+from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, resolve, unplanned_note, write_json, write_table
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric
 from analysis.parallel import worker_pool
@@ -206,4 +207,17 @@ def fit_results(
     """
     get_axis(x)  # a wrong name fails before any file is read
     analysis = analyse(load_rows_to_fit(results_dir, planned_only=planned_only, plan=plan), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
-    return FitSummary(analysis, save_fits(results_dir, analysis))
+    keep = keeps_earlier(analysis, saved_before(results_dir, "fits.json"))
+    return FitSummary(analysis, {} if keep else save_fits(results_dir, analysis))
+
+
+def keeps_earlier(analysis: Analysis, earlier: bool) -> bool:
+    """Whether an earlier fit's files (or report) stay as they were: nothing to fit (every row failed, the cells
+    unreadable) does not replace what was fitted before with an empty one. Where there is none, the empty one
+    is written: a sweep just started has a report that says so."""
+    return earlier and not len(analysis.loaded.ok)
+
+
+def saved_before(results_dir: str, name: str) -> bool:
+    fs, root = resolve(results_dir)
+    return fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound

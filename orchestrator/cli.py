@@ -513,12 +513,13 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary.to_text())
-    if report:
-        print(f"report: {summary.report_page}")
     frame = summary.analysis.loaded.frame
     if not len(frame) or not (frame["status"] == "ok").any():  # a script (CI) must not read "nothing to fit" as success
-        print(f"error: {args.results_dir} holds no ok rows to fit (see above: failed rows, unreadable files)", file=sys.stderr)
+        print(f"error: {args.results_dir} holds no ok rows to fit (see above: failed rows, unreadable files); any earlier "
+              "fit and report are kept as they were", file=sys.stderr)  # fmt: skip
         return 1
+    if report:
+        print(f"report: {summary.report_page}")
     return 0
 
 

@@ -150,6 +150,12 @@ def test_fit_and_report_of_rows_with_nothing_to_fit_exit_non_zero(tmp_path: Path
     ResultsStore(str(tmp_path / "r")).write({"schema_version": SCHEMA_VERSION, "sweep": "s", "cell_id": "a", "slug": "a",
                                              "status": "failed", "error": "boom", "started_at": now, "finished_at": now})  # fmt: skip
     (tmp_path / "r" / "cells" / "junk.parquet").write_bytes(b"not parquet")
+    earlier = {tmp_path / "r" / "fits.json": "{}", tmp_path / "rep" / "report.md": "# an earlier report"}
+    (tmp_path / "rep").mkdir()
+    for path, text in earlier.items():
+        path.write_text(text)
     out = ["--out", str(tmp_path / "rep")] if command == "report" else []
     assert main([command, str(tmp_path / "r"), "--bootstrap", "0", *out]) == 1
     assert f"error: {tmp_path / 'r'} holds no ok rows to fit" in capsys.readouterr().err
+    # nothing to fit does not replace an earlier fit or report with an empty one
+    assert all(path.read_text() == text for path, text in earlier.items()) and not (tmp_path / "r" / "fits.parquet").exists()
