@@ -74,7 +74,8 @@ class Resources(StrictConfig):
         None,
         ge=0,
         description="base models a worker keeps loaded between cells (least recently used evicted); "
-        "default: half of the worker's share of its GPUs' memory, or of RAM on CPU-only workers",
+        "default: half of the worker's share of its GPUs' memory, or of RAM on CPU-only workers (a GPU worker's "
+        "neutral references, in host memory, have half its RAM share apart)",
     )
     max_workers: int | None = Field(
         None,
