@@ -90,6 +90,24 @@ def test_cells_reading_a_task_whose_examples_changed_get_new_ids():
     assert facts.model_copy(update={"task": "gridworld"}).cell_id != stored_before["task"]
 
 
+def test_cells_of_a_method_whose_computation_changed_get_new_ids(monkeypatch):
+    """prompt 2 leaves room for the off-task questions (fewer demonstrations fit): its cells, and a composition's
+    with it, must not find the rows of version 1; a method still at version 1 keeps its cells' ids (above)."""
+    from workers.methods import method_versions, resolve_config
+
+    def cell(method: str) -> CellConfig:
+        return CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts", method=method,
+                          method_config=resolve_config(method, {}).model_dump(mode="json"), budget=16, seed=1)  # fmt: skip
+
+    assert method_versions("prompt") == {"prompt": 2} == method_versions("prompt+steer_mean") and method_versions("lora") == {}
+    stored_by_version_1 = {"prompt": "799592699c89db75431d", "prompt+steer_mean": "3aa7d29b9a2c43c9b03d"}  # the code of ce3dada
+    assert all(cell(method).cell_id != stored for method, stored in stored_by_version_1.items())
+    from workers.methods.prompt import Prompt
+
+    monkeypatch.setattr(Prompt, "version", 1)  # the version alone moved them
+    assert all(cell(method).cell_id == stored for method, stored in stored_by_version_1.items())
+
+
 @pytest.mark.parametrize("method, stored", [
     ("lora", "7c096e346bc775c84f7a"), ("steer_mean+lora", "4361540782a0f3a84a6d"), ("task_vector", "3bff0bea3b91fe105b2f"),
 ])  # fmt: skip

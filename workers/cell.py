@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from workers.config import StrictConfig
+from workers.methods import method_versions
 from workers.schema import ID_SCHEMA_VERSION
 from workers.tasks import data_version
 
@@ -133,6 +134,9 @@ class CellConfig(StrictConfig):
         changed_data = {task: data_version(task) for task in (self.task, *self.offtask) if data_version(task) != 1}
         if changed_data:  # tasks whose examples never changed leave their cells' ids as they were
             identity["task_data"] = changed_data
+        changed_methods = method_versions(self.method)
+        if changed_methods:  # so do methods whose computation never changed (`version` in methods/protocol.py)
+            identity["method_version"] = changed_methods
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 

@@ -35,9 +35,15 @@ def get_method(name: str) -> Method:
     return METHODS.get(name)
 
 
+def method_versions(name: str) -> dict[str, int]:
+    """The versions other than 1 of the method's parts (`A+B`: A's and B's): what a cell's id carries."""
+    parts = [METHODS.get(part) for part in name.split("+") if part in METHODS]  # an unknown name's cell is stored failed: version 1
+    return {method.name: version for method in parts if (version := getattr(method, "version", 1)) != 1}
+
+
 def resolve_config(name: str, raw: dict[str, Any] | None, path: str = "") -> StrictConfig:
     """The method's own config with defaults filled in; unknown keys fail with their path."""
     return validate_config(get_method(name).config_class, raw or {}, path or f"methods.{name}")
 
 
-__all__ = ["METHODS", "Adapter", "FitContext", "FitReport", "Method", "MethodKind", "TrainConfig", "get_method", "model_problem", "resolve_config", "steps_for", "training_configs", "validation_choice"]
+__all__ = ["METHODS", "Adapter", "FitContext", "FitReport", "Method", "MethodKind", "TrainConfig", "get_method", "method_versions", "model_problem", "resolve_config", "steps_for", "training_configs", "validation_choice"]

@@ -58,6 +58,7 @@ class Prompt:
     name = "prompt"
     kind: MethodKind = "reference"
     config_class = PromptConfig
+    version = 2  # 2: the room after the demonstrations fits the off-task evaluation's questions too
 
     def validation_choice(self, config: PromptConfig) -> str | None:
         """How many demonstrations, unless `choose_shots` is off (then all that fit)."""

@@ -102,7 +102,9 @@ class Method(Protocol, Generic[ConfigT_contra]):
 
     def fit(self, ctx: FitContext, config: ConfigT_contra) -> Adapter: ...
 
-    # Optional: `peft_use(config) -> PeftUse`, for a method that puts PEFT layers into the model;
+    # Optional: `version`, an int (1 where absent) raised when a change moves what the method computes, as a
+    # task's data_version: part of its cells' ids from 2 on, so a resumed sweep reruns them;
+    # `peft_use(config) -> PeftUse`, for a method that puts PEFT layers into the model;
     # `validation_choice(config) -> str | None`, for one that must choose on the shared validation set;
     # `model_problem(config, architecture) -> str | None`, for one whose config names parts of the model.
 
