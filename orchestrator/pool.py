@@ -97,11 +97,12 @@ class CellWorker:
         fit_process_to(shape.cpus, shape.gpus)
         library_versions(), git_sha()  # paid once here (imports, a git call), not in the first cell
         self.shard = shape.gpus > 1
-        # a GPU worker's host memory (neutral references) has a budget of its own, apart from its GPUs'
-        self.cache = WorkerCache(
-            default_cache_bytes(shape) if shape.cache_bytes is None else shape.cache_bytes,
-            host_bytes=host_cache_bytes(shape) if on_gpus(shape) else None,
-        )
+        # A GPU worker's host memory (neutral references) has a budget of its own, apart from its GPUs': its
+        # RAM share, but never less than the GPU budget the references shared before (a node of many CPUs gives
+        # a one-CPU worker a small share of RAM that its GPU's neighbours do not use).
+        device_bytes = default_cache_bytes(shape) if shape.cache_bytes is None else shape.cache_bytes
+        host_bytes = max(host_cache_bytes(shape), device_bytes) if on_gpus(shape) else None
+        self.cache = WorkerCache(device_bytes, host_bytes=host_bytes)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def ready(self) -> str:
