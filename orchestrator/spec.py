@@ -43,7 +43,7 @@ class ModelEntry(ModelSpec):
 
     @model_validator(mode="before")
     @classmethod
-    def _a_bare_id(cls, data: Any) -> Any:
+    def from_bare_id(cls, data: Any) -> Any:
         """`models: [ladder:xs, ladder:s]` is shorthand for `[{id: ladder:xs}, {id: ladder:s}]`: the same entries."""
         return {"id": data} if isinstance(data, str) else data
 
@@ -324,6 +324,8 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    if isinstance(data.get("models"), list):  # bare ids as entries first, so that `models.0.gpus_per_cell=1` has a mapping to set
+        data["models"] = [ModelEntry.from_bare_id(entry) for entry in data["models"]]
     data = apply_overrides(data, list(overrides))
     data.setdefault("results_dir", f"results/{data.get('sweep', '<sweep>')}")  # without a sweep, that one error says it
     try:

@@ -225,6 +225,8 @@ def test_models_may_be_given_as_bare_ids(write_sweep):
     bare, full = load_spec(write_sweep({**BASE, "models": ["ladder:test/xs"]})), load_spec(write_sweep(BASE))
     assert bare.models == full.models and [c.cell_id for c in expand(bare)] == [c.cell_id for c in expand(full)]
     assert load_spec(write_sweep(BASE), ["models=[ladder:test/xs]"]).models == full.models
+    # an override sets a key of a bare entry (it said "models.0 is a value, not a mapping or list")
+    assert load_spec(write_sweep({**BASE, "models": ["ladder:test/xs"]}), ["models.0.dtype=bfloat16"]).models[0].dtype == "bfloat16"
 
 
 def test_a_config_that_cannot_be_read_is_a_clean_error(tmp_path, monkeypatch):
@@ -256,8 +258,8 @@ def test_a_union_fields_error_names_its_key_not_pydantics_type_names(write_sweep
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sweep=2025-01-15", "sweep: Input should be a valid string (YAML read 2025-01-15 as a date: quote it to keep it text, '2025-01-15')"),
-    ("sweep=2024", "sweep: Input should be a valid string (YAML read 2024 as a number: quote it"),
+    ("sweep=2025-01-15", "sweep: Input should be a valid string (YAML read it as a date, 2025-01-15: quote it as written to keep it text)"),
+    ("sweep=0755", "sweep: Input should be a valid string (YAML read it as a number, 493: quote it as written"),
     ("budgets=[true, 4]", "budgets: Value error, [true, 4] holds a boolean where a number is expected"),
     ("seeds=[no]", "seeds: Value error, [false] holds a boolean where a number is expected"),
     ("methods.lora.rank=true", "methods.lora.rank: Value error, true is a boolean where a number is expected"),

@@ -229,7 +229,8 @@ def format_errors(cls: type[BaseModel], err: ValidationError, prefix: str = "") 
             continue
         read_as = _yaml_read_as(e.get("input")) if e["type"] == "string_type" and not tagged else None
         given = _as_yaml(e["input"]) if read_as else ""
-        quote = f" (YAML read {given} as {read_as}: quote it to keep it text, '{given}')" if read_as else ""
+        # the value as written is not to be had here (0755 arrives as 493): say to quote it, not what to write
+        quote = f" (YAML read it as {read_as}, {given}: quote it as written to keep it text)" if read_as else ""
         described = _description_at(cls, loc)
         after = f" ({described[0]}: {described[1]})" if described else ""
         found, _ = lines.setdefault((loc, "union" if tagged else i), ([], after))
