@@ -193,7 +193,7 @@ CELL_KEY = ("model", "task", "method", "budget", "seed")  # what two configs of 
 def _same_cell_as(frame: pd.DataFrame, rows: pd.Series) -> pd.Series:
     """Rows whose model, task, method, budget and seed are those of one of `rows` (a mask). Matched on the
     columns, not the slugs: a slug names the model by its id's tail, which /ckpt/x/pythia-160m shares with
-    EleutherAI/pythia-160m, and ladder:a/xs with ladder:b/xs."""
+    EleutherAI/pythia-160m."""
     keys = pd.MultiIndex.from_frame(frame[list(CELL_KEY)])
     return pd.Series(keys.isin(keys[rows.to_numpy()]), index=frame.index)
 

@@ -311,7 +311,8 @@ def _crossover_table(a: Analysis) -> list[Block]:
         "metric is measured in (half a test question for a score) of each other: too close to tell apart; "
         "`no shared budgets`: the two were measured on budget ranges that do not "
         "overlap; blank: one of the two curves could not be fitted. In brackets, the share of bootstrap resamples with "
-        "the same outcome: near one half, the outcome is a coin flip (the curves are tied), not only where D* falls."
+        "the same outcome: under 95 % the outcome is not a finding (as `steerscale fit` marks it), and near one half it is a coin "
+        "flip (the curves are tied), not only where D* falls."
     )
     return [Table(("task", "steering → fine-tuning", *models), rows), legend]
 
@@ -602,7 +603,8 @@ def write_report(
     """Analyse the cells once, save the fits (as `fit_results` does, beside the cells, remote too)
     and write the report to `out_dir`: a local directory, by default `<results_dir>/report` when
     the results are local. `x` is what stands for N in the joint laws: "params", "neutral_loss" or
-    "task_score"; `workers` and `plan` as for `fit_results`. The returned summary's `paths` include "report.html".
+    "task_score"; `workers` and `plan` as for `fit_results`. The returned summary's `paths` include "report.html";
+    none where nothing was written (`keeps_earlier`: no ok row, and an earlier fit or report to keep).
     """
     get_axis(x)  # a wrong name fails before any file is read or written
     fs, root = resolve(results_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,9 +114,11 @@ class FitSummary:
             for c in a.crossovers:
                 ci = f" CI {c.interval()}" if c.interval() else ""
                 firm = "" if c.share >= CI_LEVEL else f" (under {CI_LEVEL:.0%}: not a finding)"
-                agree = f", {c.share:.0%} of resamples agree{firm}" if np.isfinite(c.share) else ""
+                agree = f", {math.floor(100 * c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else ""  # 94.75 % is not "95%"
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}")
-        lines += [f"  {u.describe()}" for u in a.unchanged]
+        if a.unchanged:
+            lines.append("methods that left the model as it was:")
+            lines += [f"  {u.describe()}" for u in a.unchanged]
         for s in a.scaling:
             held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
             lines.append(f"  {s.describe()}{held}")
@@ -198,7 +201,8 @@ def fit_results(
     results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
     planned_only: bool = False, plan: Plan | None = None,
 ) -> FitSummary:
-    """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json.
+    """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json (unless there is
+    nothing to fit and an earlier fit to keep: `keeps_earlier`).
 
     `x` names what stands for N in the joint laws and the crossover trend: "params",
     "neutral_loss" or "task_score" (analysis/capability.py); every axis is compared regardless.

@@ -1,4 +1,4 @@
-"""Cells whose method left the model as it was: validation chose "do nothing".
+"""Cells whose method left the model as it was: it chose, or was set, to do nothing.
 
 Every method may choose to do nothing on the shared validation set (a steering scale of 0, no
 training step kept, no demonstrations, λ = 0), and then its cell scores exactly the base model's
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-MOSTLY = 0.5  # a method that did nothing in at least this share of its cells on a model is named
+MOSTLY = 0.5  # a method that did nothing in at least half of its cells on a model is named
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,8 @@ class Unchanged:
 
     def describe(self) -> str:
         where = ", ".join(f"{n} of {total} cells on {model}" for model, n, total in self.by_model)
-        return (f"On {self.task}, {self.method} left the model as it was (validation chose to do nothing: its test NLL is the base "
-                f"model's to the bit) in {where}: there its curve is the base model's, and a lead it holds is the other "
+        return (f"On {self.task}, {self.method} left the model as it was (its test NLL is the base model's to the bit: it chose, "
+                f"or was set, to do nothing) in {where}: there its curve is the base model's, and a lead it holds is the other "
                 "method's shortfall against doing nothing.")  # fmt: skip
 
 
