@@ -116,12 +116,12 @@ class FitSummary:
                 firm = "" if c.share >= CI_LEVEL else f" (under {CI_LEVEL:.0%}: not a finding)"
                 agree = f", {math.floor(100 * c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else ""  # 94.75 % is not "95%"
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}")
-        if a.unchanged:
-            lines.append("methods that left the model as it was:")
-            lines += [f"  {u.describe()}" for u in a.unchanged]
         for s in a.scaling:
             held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
             lines.append(f"  {s.describe()}{held}")
+        if a.unchanged:  # after the crossovers and their trends, which are listed under the crossovers' header
+            lines.append("methods that left the model as it was:")
+            lines += [f"  {u.describe()}" for u in a.unchanged]
         if a.compositions:
             lines.append("composition gains (over the best single part):")
             for g in a.compositions:
