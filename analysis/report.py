@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,7 +298,7 @@ def _crossover_table(a: Analysis) -> list[Block]:
         elif np.isfinite(c.d_star):
             interval = f" {c.interval()}" if c.interval() else ""
             text = ("steering from " if c.outcome == "steering_overtakes" else "") + _num(c.d_star) + interval
-        agree = f" ({c.share:.0%})" if np.isfinite(c.share) else ""  # NaN: no resamples (--bootstrap 0)
+        agree = f" ({math.floor(100 * c.share)}%)" if np.isfinite(c.share) else ""  # NaN: no resamples (--bootstrap 0); 94.75 % is not 95 %
         return text + agree
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
@@ -481,7 +482,8 @@ def _selectivity(a: Analysis) -> list[Block]:
                      "explicitly (the elicited prompt), 1 = all of it (past 1: beyond it); - when the task has no elicited prompt or that gap is "
                      "negative or under two questions of the test set (a share of it would be noise). Neutral KL: "
                      "shift of the next-token distribution on neutral text (nats per token). Off-task: score change on the "
-                     "sweep's other tasks. Means over seeds; every budget is in the selectivity plots.")  # fmt: skip
+                     "sweep's other tasks. Means over seeds, each method at the largest budget all of them share on that model (else its "
+                     "own largest); every budget is in the selectivity plots.")  # fmt: skip
     return [heading, note, Table(("task", "model", "method", "budget", "gain", "gap closed", "neutral KL", "off-task Δ"), rows)]
 
 

@@ -388,9 +388,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"nothing is stored at {store.uri} yet (a relative results_dir is read from the current directory, {os.getcwd()})")
     if unplanned and known:
         outside = Counter(scan.cells[c].status for c in unplanned)
-        print(f"{len(unplanned)} more stored rows ({outside['ok']} ok, {outside['failed']} failed) are from cells not in the latest "
-              "run's plan: an earlier run with other seeds, budgets or models (kept, and fitted with the rest), an earlier config "
-              "of a method, or another sweep; the table lists them as (unplanned)")  # fmt: skip
+        plan = f"{args.results_dir}'s grid" if _is_sweep_yaml(args.results_dir) else "the latest run's plan"
+        print(f"{len(unplanned)} more stored rows ({outside['ok']} ok, {outside['failed']} failed) are from cells not in {plan}: "
+              "an earlier run with other seeds, budgets or models (fitted with the rest unless --planned-only), an earlier "
+              "config of a method, or another sweep; the table lists them as (unplanned)")  # fmt: skip
     for cell_id in sorted(unplanned):  # rows from cells no longer in the plan (an earlier config): show them too
         stored = scan.cells[cell_id]
         entries.append({"cell_id": cell_id, "model": stored.model, "method": f"{stored.method} (unplanned)" if known else stored.method})
@@ -615,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results_dir", help=RESULTS_DIR_HELP)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json")
+    p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json (an earlier fit is kept when no row is ok)")
     _with_fit_options(p)
     p.set_defaults(func=cmd_fit)
 

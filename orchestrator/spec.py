@@ -75,7 +75,7 @@ class Resources(StrictConfig):
         ge=0,
         description="base models a worker keeps loaded between cells (least recently used evicted); "
         "default: half of the worker's share of its GPUs' memory, or of RAM on CPU-only workers (a GPU worker's "
-        "neutral references, in host memory, have a budget apart: half its RAM share, at least this one)",
+        "host memory — neutral references, CPU-placed models — has a budget apart: half its RAM share, at least this one)",
     )
     max_workers: int | None = Field(
         None,

@@ -4,8 +4,8 @@ No weight changes: the adapter puts the demonstrations before each prompt the mo
 `LanguageModel.prefixed`), so every task scores it without knowing; scoring runs the shared
 demonstrations once per batch, not once per question (`LanguageModel.scoring_logits`). At most as
 many demonstrations as fit the context are used, in the budget's (seeded) order, leaving room for
-twice the longest question it will be shown (the off-task evaluation's included); how many is
-chosen on the shared validation set like every other method's settings (0, "do nothing",
+twice the longest of its task's training and validation questions and of the off-task tasks'
+training questions (standing in for the test questions it will be shown); how many is chosen on the shared validation set like every other method's settings (0, "do nothing",
 included), since more demonstrations are not always better — a small model pretrained on short
 documents gets worse once they run past its documents' length. The neutral texts
 (`metrics.neutral_shift`) are documents, not questions: one longer than the room left pushes the
