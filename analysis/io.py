@@ -329,6 +329,12 @@ def write_table(results_dir: str, name: str, frame: pd.DataFrame) -> str:
     return path
 
 
+def saved_before(results_dir: str, name: str) -> bool:
+    """Whether `name` is already there beside the cells (local or remote)."""
+    fs, root = resolve(results_dir)
+    return fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound
+
+
 def write_json(results_dir: str, name: str, payload: object) -> str:
     """`payload` as strict JSON; an infinite value (an interval end past every budget) as the text "inf" or
     "-inf", which `float()` reads back, so that it stays apart from a missing one (NaN, null)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -70,9 +71,11 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 PANELS_PER_ROW = 4
 
 
-def _legend_beside(ax: plt.Axes, fontsize: int = 7) -> None:
-    """The legend right of the axes, where it covers no point (inside, it sat on the data)."""
-    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+def _legend_beside(ax: plt.Axes, shown: dict[str, Any] | None = None) -> None:
+    """The legend right of the axes, where it covers no point (inside, it sat on the data); `shown`
+    (label -> handle) in place of the axes' own entries."""
+    entries = (list(shown.values()), list(shown.keys())) if shown is not None else ()
+    ax.legend(*entries, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _models_by_size(curves: list[LawFit]) -> list[str]:
@@ -112,7 +115,7 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
         _readable_log_ticks(ax.xaxis)
     # one legend for every panel (the models are the same), beside the first row, where it covers no point
     shown = {label: handle for ax in panels for handle, label in zip(*ax.get_legend_handles_labels())}
-    grid[0][-1].legend(shown.values(), shown.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    _legend_beside(grid[0][-1], shown)
     values = np.concatenate([f.points.value for f in curves])
     pad = 0.1 * (values.max() - values.min()) or 0.05
     panels[0].set_ylim(values.min() - pad, values.max() + pad)  # the data's range: a wide band must not flatten it

@@ -25,10 +25,10 @@ from analysis.crossover import Crossover
 from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
-from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, unplanned_note
+from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, saved_before, unplanned_note
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, question_sampling_sd
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
-from analysis.summary import Analysis, FitSummary, analyse, keeps_earlier, save_fits, saved_before
+from analysis.summary import Analysis, FitSummary, analyse, keeps_earlier, save_fits
 
 
 @dataclass(frozen=True)

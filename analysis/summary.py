@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pyarrow import fs as pafs
 
 from analysis.axis_choice import AxisComparison, compare_axes
 from analysis.bootstrap import CI_LEVEL
@@ -18,7 +17,7 @@ from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, f
 from analysis.curves import LawFit, fit_curves
 from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
-from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, resolve, unplanned_note, write_json, write_table
+from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, saved_before, unplanned_note, write_json, write_table
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric
 from analysis.parallel import worker_pool
@@ -221,7 +220,3 @@ def keeps_earlier(analysis: Analysis, earlier: bool) -> bool:
     is written: a sweep just started has a report that says so."""
     return earlier and not len(analysis.loaded.ok)
 
-
-def saved_before(results_dir: str, name: str) -> bool:
-    fs, root = resolve(results_dir)
-    return fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound
