@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 
 from workers.cell import LADDER_PREFIX, EvalConfig, ModelSpec
 from workers.config import ConfigError, StrictConfig, validate_config
-from workers.methods import resolve_config
+from workers.methods import reads_examples, resolve_config
 from workers.registry import UnknownNameError, did_you_mean
 from workers.tasks import get_task, reads_hub_data
 
@@ -114,7 +114,7 @@ class SweepSpec(StrictConfig):
     methods: dict[str, dict[str, Any]] = Field(min_length=1, description="method name -> that method's settings")
     budgets: list[int] = Field(min_length=1, description="post-training examples per cell")
     method_budgets: dict[str, list[int]] = Field(
-        default_factory=dict, description="per-method budgets, e.g. base: [0] since it learns nothing"
+        default_factory=dict, description="per-method budgets, in place of `budgets`; a method that reads no examples (base) has [0] unless given"
     )
     seeds: list[int] = Field([0], min_length=1)
     eval: EvalConfig = EvalConfig()
@@ -157,7 +157,11 @@ class SweepSpec(StrictConfig):
         return budgets
 
     def budgets_for(self, method: str) -> list[int]:
-        return self.method_budgets.get(method, self.budgets)
+        """The method's own budgets where given; else the sweep's, or [0] for a method that reads no examples
+        (`base`: its cells at 4 and at 1,024 examples would compute the same thing twice)."""
+        if method in self.method_budgets:
+            return self.method_budgets[method]
+        return self.budgets if reads_examples(method) else [0]
 
 
 def check_names(spec: SweepSpec, *, models: bool = True) -> None:

@@ -38,6 +38,18 @@ def test_grid_size_order_and_scheduling_fields(write_sweep):
     assert all(c.config.model.revision for c in cells), "ladder recipe hash must be pinned in every cell"
 
 
+def test_a_method_that_reads_no_examples_runs_at_budget_0_alone(write_sweep):
+    """base without method_budgets ran once per budget, the same cell computed again at each; an explicit
+    method_budgets entry still wins."""
+    spec = {**SPEC, "models": SPEC["models"][:1], "method_budgets": {}}
+    budgets = {(c.config.method, c.config.budget) for c in expand(load_spec(write_sweep(spec)))}
+    assert {b for m, b in budgets if m == "base"} == {0}
+    assert {b for m, b in budgets if m == "lora"} == {4, 16}
+    assert {b for m, b in budgets if m == "lora+steer_mean"} == set()
+    explicit = expand(load_spec(write_sweep({**spec, "method_budgets": {"base": [4]}})))
+    assert {c.config.budget for c in explicit if c.config.method == "base"} == {4}
+
+
 def test_ids_are_stable_across_processes(write_sweep):
     path = write_sweep(SPEC)
     here = [c.cell_id for c in expand(load_spec(path))]

@@ -41,9 +41,14 @@ def method_versions(name: str) -> dict[str, int]:
     return {method.name: version for method in parts if (version := getattr(method, "version", 1)) != 1}
 
 
+def reads_examples(name: str) -> bool:
+    """Whether the method (a composition: any of its parts) reads the budget's examples (`reads_examples`, True where absent)."""
+    return any(getattr(METHODS.get(part), "reads_examples", True) for part in name.split("+"))
+
+
 def resolve_config(name: str, raw: dict[str, Any] | None, path: str = "") -> StrictConfig:
     """The method's own config with defaults filled in; unknown keys fail with their path."""
     return validate_config(get_method(name).config_class, raw or {}, path or f"methods.{name}")
 
 
-__all__ = ["METHODS", "Adapter", "FitContext", "FitReport", "Method", "MethodKind", "TrainConfig", "get_method", "method_versions", "model_problem", "resolve_config", "steps_for", "training_configs", "validation_choice"]
+__all__ = ["METHODS", "Adapter", "FitContext", "FitReport", "Method", "MethodKind", "TrainConfig", "get_method", "method_versions", "model_problem", "reads_examples", "resolve_config", "steps_for", "training_configs", "validation_choice"]

@@ -26,6 +26,7 @@ class Base:
     name = "base"
     kind: MethodKind = "reference"
     config_class = BaseConfig
+    reads_examples = False  # its cells are the same at every budget: a sweep plans it at budget 0 alone
 
     def fit(self, ctx: FitContext, config: BaseConfig) -> Untouched:
         return Untouched()

@@ -105,6 +105,8 @@ class Method(Protocol, Generic[ConfigT_contra]):
     # Optional: `version`, an int (1 where absent) raised when a change moves what the method computes, as a
     # task's data_version: part of its cells' ids from 2 on, so a resumed sweep reruns them (a composition's
     # cells carry each part's);
+    # `reads_examples`, False for a method whose fit reads none of the budget's examples (`base`): a sweep plans
+    # it at budget 0 alone unless its method_budgets say otherwise;
     # `peft_use(config) -> PeftUse`, for a method that puts PEFT layers into the model;
     # `validation_choice(config) -> str | None`, for one that must choose on the shared validation set;
     # `model_problem(config, architecture) -> str | None`, for one whose config names parts of the model.
