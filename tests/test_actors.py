@@ -66,6 +66,32 @@ def test_a_model_bigger_than_the_budget_still_loads_alone(specs):
     assert [ModelSpec.model_validate_json(s) for s in cache.held()] == [specs["s"]] and cache.loads == 2
 
 
+def test_an_evicted_or_discarded_model_in_a_reference_cycle_is_freed_at_once(specs):
+    """accelerate's hooks on a model split over GPUs put a bound forward on each module: a cycle that `del`
+    leaves alive until Python's collector runs, holding the model's GPU memory while the next one is placed."""
+    import gc
+    import weakref
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    def loaded_in_a_cycle(cache: WorkerCache, spec: ModelSpec) -> weakref.ref:
+        model = cache.model(spec, 8).model
+        add_hook_to_module(model, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+        return weakref.ref(model)
+
+    gc.disable()  # the collector running by itself during a load would free it too, by chance
+    try:
+        cache = WorkerCache(max_bytes=0)
+        evicted = loaded_in_a_cycle(cache, specs["xs"])
+        cache.model(specs["s"], 8)  # no room for two: xs goes before s loads
+        assert evicted() is None
+        discarded = loaded_in_a_cycle(cache, specs["s"])
+        cache.discard(specs["s"])
+        assert discarded() is None
+    finally:
+        gc.enable()
+
+
 def test_a_discarded_model_reloads_but_keeps_its_baselines(specs):
     cache = WorkerCache(max_bytes=10**9)
     first = cache.model(specs["xs"], 8)

@@ -156,6 +156,25 @@ def test_token_nll_and_training_loss_match_log_softmax_gather_mask(arch):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+def test_a_model_split_over_gpus_gets_its_logits_mask_on_the_cpu():
+    """accelerate's hook on a model split over GPUs moves every keyword tensor to the first GPU; the
+    `logits_to_keep` mask, handed over on the CPU, must reach the head's hidden states (on the last GPU)
+    as it is. Checked on the hook itself, with "meta" standing for the first GPU (no GPUs here)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from workers.models.loading import leave_on_cpu
+
+    model = language_model().model
+    add_hook_to_module(model, AlignDevicesHook(execution_device="meta", io_same_device=True, skip_keys="past_key_values"))
+    leave_on_cpu(model, "logits_to_keep")
+    leave_on_cpu(model, "logits_to_keep")  # a second call adds nothing
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    _, moved = model._hf_hook.pre_forward(model, input_ids=torch.ones(1, 3, dtype=torch.long), logits_to_keep=mask)
+    assert moved["input_ids"].device.type == "meta"  # the rest still goes to the first GPU
+    assert moved["logits_to_keep"] is mask
+    assert model._hf_hook.skip_keys == ["past_key_values", "logits_to_keep"]
+
+
 def test_pairs_encoded_once_collate_to_the_same_batches():
     """The training loop encodes its examples once and collates each step from the ids."""
     lm = language_model()

@@ -16,6 +16,7 @@ a CPU box, nor torch's (CUDA) OutOfMemoryError. Leave it unset in real use.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 from collections import OrderedDict
@@ -31,6 +32,21 @@ from workers.methods import get_method, model_problem, resolve_config
 from workers.metrics import NeutralReference
 from workers.models.loading import DTYPES, count_parameters, load_language_model, parse_ladder_id
 from workers.tasks.base import Evaluation
+
+
+def release_memory() -> None:
+    """Free what dropped models and a failed cell's tensors held, now: a reference cycle keeps a model alive
+    past `del` (accelerate's hooks on a model split over GPUs keep a bound forward on each module), and then
+    the next load's placement, and the GPU's other workers, would find its memory taken. CUDA's cached
+    blocks go back to the GPU after; a broken CUDA context refuses, which the worker finds out next
+    (`CellWorker.device_usable`)."""
+    gc.collect()
+    if not torch.cuda.is_initialized():
+        return
+    try:
+        torch.cuda.empty_cache()
+    except RuntimeError:
+        pass
 
 
 LOAD_FAULTS_ENV = "STEERSCALE_TEST_LOAD_FAULTS"
@@ -184,11 +200,13 @@ class WorkerCache:
                 return
             del self._models[others[0]], self._bytes[others[0]]
             self._forget_unloaded(besides=keep)  # its baselines and neutral reference go with it
+            release_memory()  # before the newcomer loads into the room made
 
     def discard(self, spec: ModelSpec) -> None:
         """Forget `spec`'s loaded copies (sharded or not), e.g. after a cell that may have left it modified."""
         for key in [k for k in self._models if k[0] == spec.model_dump_json()]:
             del self._models[key], self._bytes[key]  # its baselines stay: they were scored before the cell ran
+        release_memory()
 
     def _forget_unloaded(self, besides: str) -> None:
         """Drop the baselines and neutral references of models no longer loaded (evicted, or discarded

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import os
 import platform
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params, method_problems
+from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params, method_problems, release_memory
 from workers.cell import CellConfig, ModelSpec
 from workers.config import format_errors
 from workers.lm import LanguageModel
@@ -368,7 +367,7 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
     except Exception as exc:  # a failed cell is data: keep the error, let the sweep go on
         row.update(status="failed", error=error_text(exc))
     if row["status"] == "failed":
-        release_gpu_memory()  # here, not in the except block: its traceback still holds the failed cell's tensors
+        release_memory()  # here, not in the except block: its traceback still holds the failed cell's tensors
     row.update(started_at=started_at, finished_at=_now())
     return row
 
@@ -401,18 +400,6 @@ def fit_process_to(cpus: float, gpus: float) -> None:
         if gpus < 1 and torch.cuda.is_available():
             torch.cuda.set_per_process_memory_fraction(gpus)
     torch.set_num_threads(max(1, int(cpus)))
-
-
-def release_gpu_memory() -> None:
-    """Return a failed cell's cached GPU blocks, so that an out-of-memory cell does not keep them from
-    the GPU's other workers. A broken CUDA context refuses; the worker finds that out next (CellWorker.device_usable)."""
-    if not torch.cuda.is_initialized():
-        return
-    gc.collect()
-    try:
-        torch.cuda.empty_cache()
-    except RuntimeError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,6 +129,18 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
+def leave_on_cpu(model: torch.nn.Module, key: str) -> None:
+    """Have accelerate pass the keyword argument `key` of a model split over GPUs as it is. Its hook on
+    the whole model moves every keyword tensor to the first GPU, but `logits_to_keep` indexes the hidden
+    states on the last one, which a tensor on another GPU cannot (`LanguageModel._head_positions` hands
+    it over on the CPU for that reason). A model on one device has no such hook: nothing to do."""
+    hook = getattr(model, "_hf_hook", None)
+    if hook is None or not hasattr(hook, "skip_keys"):
+        return
+    skipped = [hook.skip_keys] if isinstance(hook.skip_keys, str) else list(hook.skip_keys or [])
+    hook.skip_keys = [*skipped, key] if key not in skipped else skipped
+
+
 def load_language_model(spec: ModelSpec, batch_size: int = 32, *, shard: bool = False) -> LanguageModel:
     """Load tokenizer and model; `shard` spreads the layers over every visible GPU with accelerate.
 
@@ -152,6 +164,8 @@ def load_language_model(spec: ModelSpec, batch_size: int = 32, *, shard: bool = 
         device_map=placement,
         **{_dtype_kwarg(): DTYPES[spec.dtype]},
     )
+    if shard:
+        leave_on_cpu(model, "logits_to_keep")
     offloaded = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values() if str(d) in ("cpu", "disk")})
     if shard and torch.cuda.is_available() and offloaded:  # layers put off the GPUs: full_ft's and task_vector's weight swaps break on them, or crawl
         raise MemoryError(f"{spec.id} does not fit the GPUs reserved for it (accelerate placed layers on {', '.join(offloaded)}); raise gpus_per_cell")
