@@ -54,6 +54,19 @@ def test_a_reused_model_gives_the_same_rows_as_a_fresh_load(model_id):
     assert fresh["neutral_kl"] > 0, "the LoRA in this test must really change the model"
 
 
+def test_the_peak_memory_window_opens_after_the_base_models_passes(model_id, monkeypatch):
+    """The base model's reference passes run in a worker's first cell of a model and task only: inside the
+    peak's window, that cell's peak_mem_bytes would be larger than the same cell's run later."""
+    import workers.run_cell as module
+
+    events: list[str] = []
+    real_baseline, real_reset = module.baseline, module.reset_peak_memory
+    monkeypatch.setattr(module, "baseline", lambda *args: events.append("base passes") or real_baseline(*args))
+    monkeypatch.setattr(module, "reset_peak_memory", lambda device: events.append("peak reset") or real_reset(device))
+    assert run_cell(_cell(model_id, "base", budget=0), CellRun(cache=WorkerCache()))["status"] == "ok"
+    assert events == ["base passes", "peak reset"]
+
+
 def test_a_cell_that_fails_on_its_own_settings_keeps_the_workers_model(model_id):
     """A budget past the task's data, an unknown task: the cell failed only after loading its model (evicting the
     worker's others for it), and every failure discarded the model, so the next cell loaded it again."""

@@ -234,12 +234,14 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
     device = str(lm.device)
     others = run.cache.others_bytes(cell.model, lm.device)  # resident in the peak below, not this cell's
-    reset_peak_memory(device)
 
     started = time.perf_counter()
     context = json.dumps([cell.task, cell.offtask, cell.eval.model_dump(mode="json")])
     base = run.cache.baseline(cell.model, context, lambda: baseline(lm, task, test, offtask, cached_neutral(cell, run, lm)))
     base_seconds = time.perf_counter() - started
+    # the peak from here: the base model's passes run in the first cell of a worker only, and a cell's figure
+    # must not depend on which cell ran first
+    reset_peak_memory(device)
 
     # Seeded here, after the model load and the baseline: whether those came from the worker's cache
     # (and drew random numbers, as building a ladder rung does) must not change what the method draws.
