@@ -157,8 +157,18 @@ class LanguageModel:
     def __post_init__(self) -> None:
         if self.max_length is None:
             self.max_length = context_window(getattr(self.model, "config", None))
-        # the model's own, before any method adds modules (LoRA's adapters are billed by LoRA)
+        # the model's own; a method that adds modules to it (LoRA's adapters) adds theirs while they are in
         self._body_params, self._head_params = body_and_head_params(self.model)
+
+    @contextmanager
+    def running_added(self, params: int) -> Iterator[None]:
+        """Count `params` more parameters per token in `flops_run` inside the block: modules a method put into
+        the blocks (LoRA's adapters) run on every token of every pass there, a part fitted after it included."""
+        self._body_params += params
+        try:
+            yield
+        finally:
+            self._body_params -= params
 
     def _ran(self, tokens: int, head_rows: int) -> None:
         """Count a pass: `tokens` through the blocks, the output head at `head_rows` positions."""

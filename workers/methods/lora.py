@@ -106,6 +106,7 @@ def lora_injected(lm: LanguageModel, config: LoraConfig, state: dict[str, torch.
     targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
     peft_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0)
     requires_grad = {name: p.requires_grad for name, p in lm.model.named_parameters()}
+    base_params = sum(p.numel() for p in lm.model.parameters())
     with warnings.catch_warnings():
         # PEFT (<= 0.21) reads transformers' deprecated `is_gradient_checkpointing` on every wrap; the
         # FutureWarning is about PEFT's code, not the user's, and would print once per LoRA cell
@@ -114,7 +115,8 @@ def lora_injected(lm: LanguageModel, config: LoraConfig, state: dict[str, torch.
     try:
         if state is not None:
             peft.set_peft_model_state_dict(peft_model, state)
-        yield peft_model
+        with lm.running_added(sum(p.numel() for p in lm.model.parameters()) - base_params):  # injected in place
+            yield peft_model
     finally:
         peft_model.unload()
         for name, param in lm.model.named_parameters():
@@ -158,8 +160,8 @@ class Lora:
         report = FitReport(
             trainable_params=n_lora,
             train_tokens=result.tokens,
-            # 2·F + 6·P·T for training (see protocol.py), plus the validations' F
-            post_train_flops=2 * result.sequence_flops + 3 * forward_flops(n_lora, t) + result.validation_flops,
+            # 2·F + 2·P·T for training, F counting the adapters (see protocol.py), plus the validations' F
+            post_train_flops=2 * result.sequence_flops + forward_flops(n_lora, t) + result.validation_flops,
             selection=ctx.selection if result.validation_scores else "fixed",
             val_labels=len(ctx.validation) if result.validation_scores else 0,
             hparams={
