@@ -454,12 +454,15 @@ def test_reported_flops_are_what_a_counter_measures_alone_and_under_a_lora(name)
     raw = {"lora": {"rank": 2, "train": {**train, "lr": 0.05}}, "steer_trained": {"train": {**train, "lr": 0.5}},
            "full_ft": {"train": {**train, "lr": 0.01}}}  # fmt: skip
     lora = get_method("lora").fit(ctx, resolve_config("lora", raw["lora"]))
-    ratios = []
+    ratios, counts = [], []
     for under in [contextlib.nullcontext()] + ([lora.applied()] if name != "lora" else []):  # one PEFT injection at a time
         with under, FlopCounterMode(display=False) as counter:
             report = get_method(name).fit(ctx, resolve_config(name, raw[name])).report
         ratios.append(report.post_train_flops / counter.get_total_flops())
+        counts.append(report.trainable_params)
     assert all(0.97 < ratio < 1.05 for ratio in ratios), ratios
+    # under a LoRA, full_ft trains the adapters too, but they are the LoRA part's to count (lora+full_ft counted them twice)
+    assert len(set(counts)) == 1 and lora.report.trainable_params > 0
 
 
 def test_a_compositions_costs_are_its_parts_and_prompt_demonstrations_count_once():

@@ -152,6 +152,7 @@ class LanguageModel:
     forward_tokens: int = 0  # every token this wrapper has run through the model
     flops_run: float = 0.0  # the forward FLOPs of those passes, as run: 2·N_body per token + 2·N_head per position the head ran at
     prefix: str = ""  # text put before every prompt (few-shot demonstrations); see `prefixed`
+    added_params: int = 0  # parameters a method has put into the model for now (LoRA's adapters): `running_added`
     provenance: dict[str, str] = field(default_factory=dict)  # what pins the weights: see models.loading.weights_provenance
 
     def __post_init__(self) -> None:
@@ -165,10 +166,12 @@ class LanguageModel:
         """Count `params` more parameters per token in `flops_run` inside the block: modules a method put into
         the blocks (LoRA's adapters) run on every token of every pass there, a part fitted after it included."""
         self._body_params += params
+        self.added_params += params
         try:
             yield
         finally:
             self._body_params -= params
+            self.added_params -= params
 
     def _ran(self, tokens: int, head_rows: int) -> None:
         """Count a pass: `tokens` through the blocks, the output head at `head_rows` positions."""

@@ -65,7 +65,8 @@ class FullFt:
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
         report = FitReport(
-            trainable_params=sum(p.numel() for p in params),
+            # a first part's adapters (lora+full_ft), trained here too, are counted by that part
+            trainable_params=sum(p.numel() for p in params) - ctx.lm.added_params,
             train_tokens=result.tokens,
             # 6·N·T for training (see protocol.py), plus 2·N·T per validation token
             post_train_flops=3 * result.sequence_flops + result.validation_flops,  # see protocol.py
