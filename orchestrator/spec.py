@@ -108,10 +108,16 @@ class SweepSpec(StrictConfig):
         description="the sweep's name: letters, digits, '_', '.', '-' (no spaces), starting with a letter or digit; "
         "the default results_dir is results/<sweep>",
     )
-    results_dir: str = Field(description="local directory or URI (file://, s3://, gs://); default results/<sweep>")
+    results_dir: str = Field(min_length=1, description="local directory or URI (file://, s3://, gs://); default results/<sweep>")
     models: list[ModelEntry] = Field(min_length=1)
     tasks: list[str] = Field(min_length=1)
     methods: dict[str, dict[str, Any]] = Field(min_length=1, description="method name -> that method's settings")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _no_settings_is_defaults(cls, methods: Any) -> Any:
+        """`base:` with nothing under it (YAML's null) is `base: {}`: the method at its defaults."""
+        return {name: {} if settings is None else settings for name, settings in methods.items()} if isinstance(methods, dict) else methods
     budgets: list[int] = Field(min_length=1, description="post-training examples per cell")
     method_budgets: dict[str, list[int]] = Field(
         default_factory=dict, description="per-method budgets, in place of `budgets`; a method that reads no examples (base) has [0] unless given"
@@ -263,12 +269,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{override}' is not of the form key.sub=value")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override '{override}': the value is not valid YAML ({err.problem})") from None
-        node: Any = data
         parts = key.split(".")
+        if "" in parts:
+            raise ConfigError(f"override '{override}': {key} has an empty key between its dots; write key.sub=value")
+        try:
+            value = yaml.load(raw, Loader=UniqueKeyLoader)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{override}': the value is not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        node: Any = data
         for depth, part in enumerate(parts):
             path = ".".join(parts[: depth + 1])
             if isinstance(node, list):
@@ -282,15 +290,19 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if depth == len(parts) - 1:
                 node[index] = value
             else:
-                node = node.setdefault(index, {}) if isinstance(node, dict) else node[index]
+                if isinstance(node, dict) and node.get(index) is None:  # absent, or written with nothing under it
+                    node[index] = {}
+                node = node[index]
     return data
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """`yaml.safe_load`'s loader, refusing a key given twice in one mapping.
+    """`yaml.safe_load`'s loader, refusing a key given twice in one mapping, and reading `1e3` as a number.
 
     PyYAML keeps the last of two equal keys without a word, so a second `lora:` under `methods`
-    (or a second `budgets:`) would silently replace the first.
+    (or a second `budgets:`) would silently replace the first. And it follows YAML 1.1, whose floats
+    need a dot: `1e3` and `8e9` were text, which an integer field refused ("unable to parse string
+    as an integer"); they read as YAML 1.2 reads them.
     """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -307,6 +319,17 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 )  # fmt: skip
             lines[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_implicit_resolver(  # after the int and 1.1 float resolvers: `10` stays an int, `1.5` as it was
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+.0123456789")
+)
+
+
+def _bare_ids_as_entries(data: dict[str, Any]) -> None:
+    """`models: [ladder:xs]` as `[{id: ladder:xs}]`, so that an override `models.0.gpus_per_cell=1` has a mapping to set."""
+    if isinstance(data.get("models"), list):
+        data["models"] = [ModelEntry.from_bare_id(entry) for entry in data["models"]]
 
 
 def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool = True) -> SweepSpec:
@@ -328,10 +351,12 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    if isinstance(data.get("models"), list):  # bare ids as entries first, so that `models.0.gpus_per_cell=1` has a mapping to set
-        data["models"] = [ModelEntry.from_bare_id(entry) for entry in data["models"]]
-    data = apply_overrides(data, list(overrides))
-    data.setdefault("results_dir", f"results/{data.get('sweep', '<sweep>')}")  # without a sweep, that one error says it
+    for override in overrides:  # one at a time: an override may itself list bare ids (`models=[ladder:xs]`)
+        _bare_ids_as_entries(data)
+        apply_overrides(data, [override])
+    _bare_ids_as_entries(data)
+    if data.get("results_dir") is None:  # left out, or written with nothing after it
+        data["results_dir"] = f"results/{data.get('sweep', '<sweep>')}"  # without a sweep, that one error says it
     try:
         spec = validate_config(SweepSpec, data)
         check_names(spec, models=check_models)

@@ -289,3 +289,44 @@ def test_a_results_dir_that_is_a_file_is_refused(write_sweep, tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match="results_dir: .*a-file exists and is not a directory"):
         load_spec(write_sweep({**BASE, "results_dir": str(tmp_path / "a-file")}))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("methods.lora.train.lr=.nan", "methods.lora.train.lr: Input should be a finite number"),
+    ("models.0.gpus_per_cell=.inf", "models.0.gpus_per_cell: Input should be a finite number"),  # was an OverflowError traceback
+    (".eval.test_size=3", "override '.eval.test_size=3': .eval.test_size has an empty key between its dots"),
+    ("eval.=3", "override 'eval.=3': eval. has an empty key between its dots"),
+    ("methods={base: {}, lora: {rank: 2}, lora: {rank: 8}}", "key 'lora' is given twice in one mapping"),  # kept rank 8 in silence
+    ("results_dir=''", "results_dir: String should have at least 1 character"),  # stored into the working directory
+])  # fmt: skip
+def test_values_and_overrides_that_mean_nothing_are_refused(override, message, write_sweep):
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep(BASE), [override])
+    assert message in str(err.value)
+
+
+def test_numbers_with_an_exponent_read_as_numbers(write_sweep, tmp_path):
+    """YAML 1.1 reads 1e3 as text (its floats need a dot): an integer field refused it as 'unable to parse string'."""
+    spec = load_spec(write_sweep(BASE), ["budgets=[1e1, 16]", "resources.model_cache_bytes=8e9", "methods.lora.train.lr=2E-3"])
+    assert spec.budgets == [10, 16] and spec.resources.model_cache_bytes == 8 * 10**9
+    assert spec.methods["lora"]["train"]["lr"] == 0.002
+    path = tmp_path / "exponents.yaml"
+    path.write_text("sweep: unit\nmodels: [ladder:test/xs]\ntasks: [facts]\nmethods: {base: {}}\nbudgets: [1e2, 16]\n"
+                    "resources: {model_cache_bytes: 1.5e9}\n")  # fmt: skip
+    assert load_spec(path).budgets == [100, 16] and load_spec(path).resources.model_cache_bytes == 1_500_000_000
+    assert load_spec(path, ["seeds=[10]"]).seeds == [10]  # an integer stays one
+
+
+def test_sections_written_with_nothing_under_them_take_their_defaults(tmp_path):
+    """`base:` (YAML's null) was 'Input should be a valid dictionary'; an override under a null `eval:` said
+    'eval is a value'; an override listing bare ids left the next override no mapping to set."""
+    from workers.cell import EvalConfig
+
+    path = tmp_path / "nulls.yaml"
+    path.write_text("sweep: unit\nmodels: [ladder:test/xs]\ntasks: [facts]\nmethods:\n  base:\n  lora:\n    train:\n"
+                    "budgets: [4, 16]\neval:\nresults_dir:\n")  # fmt: skip
+    spec = load_spec(path)
+    assert spec.methods == {"base": {}, "lora": {"train": None}} and spec.eval == EvalConfig()
+    assert spec.results_dir == "results/unit"
+    spec = load_spec(path, ["eval.test_size=5", "models=[ladder:test/s]", "models.0.dtype=bfloat16"])
+    assert spec.eval.test_size == 5 and [(m.id, m.dtype) for m in spec.models] == [("ladder:test/s", "bfloat16")]

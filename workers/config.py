@@ -20,7 +20,8 @@ C = TypeVar("C", bound=BaseModel)
 
 
 class StrictConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `lr: .nan` would read as "greater than 0" failing, `.inf` GPUs as a traceback
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     # Keys written here that belong elsewhere -> where they go: said in place of "did you mean", which
     # would offer the nearest spelling here (`resources.gpus_per_cell` -> 'cpus_per_cell').
     misplaced_keys: ClassVar[dict[str, str]] = {}
@@ -50,9 +51,16 @@ class StrictConfig(BaseModel):
             return data
         merged = dict(data)
         for name, field in cls.model_fields.items():
-            if isinstance(field.default, BaseModel) and isinstance(data.get(name), dict):
+            if name in data and data[name] is None and not field.is_required() and not _takes_none(field.annotation):
+                del merged[name]  # `eval:` or `train:` written with nothing under it: its default, as if left out
+            elif isinstance(field.default, BaseModel) and isinstance(data.get(name), dict):
                 merged[name] = _deep_merge(field.default.model_dump(exclude_unset=True), data[name])
         return merged
+
+
+def _takes_none(annotation: Any) -> bool:
+    """Whether None is a value of the annotation (Optional[X]), not a key left empty."""
+    return annotation is None or type(None) in typing.get_args(annotation)
 
 
 def _holds_bool(value: Any) -> bool:
