@@ -50,6 +50,17 @@ def test_a_method_that_reads_no_examples_runs_at_budget_0_alone(write_sweep):
     assert {c.config.budget for c in explicit if c.config.method == "base"} == {4}
 
 
+def test_a_family_written_as_the_inferred_one_keeps_the_ids(write_sweep):
+    """`family: ladder-test` on ladder:test rungs named what was inferred, and gave every cell a new id."""
+    spec = {**SPEC, "models": [{"id": "ladder:test/xs"}]}
+    plain = [c.cell_id for c in expand(load_spec(write_sweep(spec)))]
+    named = {**spec, "models": [{"id": "ladder:test/xs", "family": "ladder-test"}]}
+    assert [c.cell_id for c in expand(load_spec(write_sweep(named)))] == plain
+    other = {**spec, "models": [{"id": "ladder:test/xs", "family": "mine"}]}  # a family of one's own labels the rows
+    cells = expand(load_spec(write_sweep(other)))
+    assert cells[0].config.model.family_name == "mine" and cells[0].cell_id not in plain
+
+
 def test_ids_are_stable_across_processes(write_sweep):
     path = write_sweep(SPEC)
     here = [c.cell_id for c in expand(load_spec(path))]

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from workers.config import StrictConfig
 from workers.methods import method_versions
@@ -40,6 +40,13 @@ class ModelSpec(StrictConfig):
     def _one_spelling_per_rung(cls, model_id: str) -> str:
         """`ladder:default/xs` is `ladder:xs`: one spelling, so one cell id and one slug per rung."""
         return model_id.replace(f"{LADDER_PREFIX}default/", LADDER_PREFIX, 1) if model_id.startswith(LADDER_PREFIX) else model_id
+
+    @model_validator(mode="after")
+    def _inferred_family_as_left_out(self) -> "ModelSpec":
+        """A family written as the one inferred from the id is left out: the same cells, one id."""
+        if self.family is not None and self.family == self.model_copy(update={"family": None}).family_name:
+            return self.model_copy(update={"family": None})
+        return self
 
     @property
     def label(self) -> str:
