@@ -12,11 +12,21 @@ import types
 import typing
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from workers.registry import did_you_mean
 
 C = TypeVar("C", bound=BaseModel)
+T = TypeVar("T")
+
+
+def _distinct(values: tuple[T, ...]) -> tuple[T, ...]:
+    return tuple(dict.fromkeys(values))
+
+
+# A list whose repeats mean nothing (candidate scales, layers to steer): kept once each, in the order given,
+# so that `[0, 0, 1]` and `[0, 1]` are one config and one cell id, as they are one computation.
+Distinct = AfterValidator(_distinct)
 
 
 class StrictConfig(BaseModel):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Annotated, Callable, Iterator, Sequence
 
 import torch
 from pydantic import BaseModel, Field, PositiveFloat, model_validator
 
-from workers.config import StrictConfig
+from workers.config import Distinct, StrictConfig
 from workers.lm import LanguageModel
 from workers.tasks.base import Example
 
@@ -59,13 +59,15 @@ class TrainConfig(StrictConfig):
     checkpoints: int = Field(
         4, ge=0, description="validation checkpoints besides step 0; the best is kept (0 = keep the last step, no validation)"
     )
-    lr_search: tuple[PositiveFloat, ...] = Field(
+    lr_search: Annotated[tuple[PositiveFloat, ...], Distinct] = Field(
         (), description="more learning rates to try besides `lr`, each from the same start; the best validation "
         "checkpoint of any wins, and the cell's cost counts every try (tunes training as steering tunes its layer and scale)"
     )
 
     @model_validator(mode="after")
     def _a_search_needs_checkpoints(self) -> "TrainConfig":
+        if self.lr in self.lr_search:  # tried first in any case: the same search, one cell id
+            return self.model_copy(update={"lr_search": tuple(lr for lr in self.lr_search if lr != self.lr)})._a_search_needs_checkpoints()
         if self.lr_search and not self.checkpoints:
             raise ValueError("lr_search chooses on validation checkpoints: set checkpoints >= 1")
         return self

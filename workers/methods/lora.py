@@ -45,11 +45,14 @@ class LoraConfig(StrictConfig):
     def _a_string_is_a_pattern(cls, target: str | tuple[str, ...]) -> str | tuple[str, ...]:
         if not target:
             raise ValueError(f"no module to adapt: give module names, a regular expression, or '{ALL_LINEAR}'")
-        if isinstance(target, str) and not is_all_linear(target):
-            try:
-                re.compile(target)
-            except re.error as err:
-                raise ValueError(f"a single string is a regular expression of module names (PEFT's rule), and {target!r} is not one: {err}") from None
+        if is_all_linear(target):
+            return ALL_LINEAR  # one spelling, one cell id
+        if not isinstance(target, str):
+            return tuple(dict.fromkeys(target))  # a name listed twice takes the same modules
+        try:
+            re.compile(target)
+        except re.error as err:
+            raise ValueError(f"a single string is a regular expression of module names (PEFT's rule), and {target!r} is not one: {err}") from None
         return target
 
 

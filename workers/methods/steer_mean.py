@@ -15,7 +15,7 @@ from typing import Annotated, Iterator, Sequence
 import torch
 from pydantic import Field
 
-from workers.config import StrictConfig
+from workers.config import Distinct, StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.protocol import FitContext, FitReport, MethodKind
 from workers.steering import Positions, decoder_layers, last_token_flops, last_token_states, residual_width, steer
@@ -27,10 +27,10 @@ DepthFraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class SteerMeanConfig(StrictConfig):
-    layers: tuple[DepthFraction, ...] = Field(
+    layers: Annotated[tuple[DepthFraction, ...], Distinct] = Field(
         (0.25, 0.5, 0.75), min_length=1, description="candidate layers, as fractions of depth (0 = first block, 1 = last)"
     )
-    scales: tuple[float, ...] = Field(
+    scales: Annotated[tuple[float, ...], Distinct] = Field(
         (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
         min_length=1,
         description="candidate |v| / mean residual norm at the layer; 0 = do nothing",

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import torch
 from pydantic import Field
 
-from workers.config import StrictConfig
+from workers.config import Distinct, StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.protocol import FitContext, FitReport, MethodKind, forward_flops
 from workers.methods.steer_mean import DepthFraction, layer_indices
@@ -23,7 +23,7 @@ from workers.training import TrainConfig, train
 
 
 class SteerTrainedConfig(StrictConfig):
-    layers: tuple[DepthFraction, ...] = Field(
+    layers: Annotated[tuple[DepthFraction, ...], Distinct] = Field(
         (0.5,), min_length=1, description="layers to steer, as fractions of depth; one vector is trained per layer"
     )
     positions: Positions = Field("after_prompt", description="steer from the prompt's last token on, or every position")

@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator, Literal
+from typing import Annotated, Any, Callable, ContextManager, Iterator, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from workers.config import StrictConfig
+from workers.config import Distinct, StrictConfig
 from workers.lm import LanguageModel
 from workers.methods.full_ft import FullFt, FullFtConfig, TrainedWeights
 from workers.methods.lora import Lora, LoraAdapter, LoraConfig, lora_injected
@@ -64,7 +64,7 @@ class TaskVectorConfig(StrictConfig):
     finetune: Literal["full_ft", "lora"] = Field("full_ft", description="the fine-tune Δθ comes from")
     full_ft: FullFtConfig | None = Field(None, description="its settings when finetune is full_ft (full_ft's defaults if left out)")
     lora: LoraConfig | None = Field(None, description="its settings when finetune is lora (lora's defaults if left out)")
-    lambdas: tuple[float, ...] = Field(
+    lambdas: Annotated[tuple[float, ...], Distinct] = Field(
         (-1.0, 0.0, 0.5, 1.0, 1.5, 2.0),
         min_length=1,
         description="candidate λ in θ_base + λ·Δθ, chosen on the shared validation set: 0 = do nothing, "
