@@ -330,3 +330,17 @@ def test_sections_written_with_nothing_under_them_take_their_defaults(tmp_path):
     assert spec.results_dir == "results/unit"
     spec = load_spec(path, ["eval.test_size=5", "models=[ladder:test/s]", "models.0.dtype=bfloat16"])
     assert spec.eval.test_size == 5 and [(m.id, m.dtype) for m in spec.models] == [("ladder:test/s", "bfloat16")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("test_size=5", "test_size: unknown key (it goes at eval.test_size)"),  # was "did you mean 'results_dir'?"
+    ("methods.lora.lr=0.1", "methods.lora.lr: unknown key (it goes at methods.lora.train.lr)"),
+    ("models.0.dtype=float32", None),  # a key where it belongs is no error
+])  # fmt: skip
+def test_a_key_of_the_config_written_in_the_wrong_section_says_where_it_goes(override, message, write_sweep):
+    if message is None:
+        load_spec(write_sweep(BASE), [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep(BASE), [override])
+    assert message in str(err.value)

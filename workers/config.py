@@ -167,6 +167,30 @@ def _misplaced_hint(cls: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
     return next(filter(None, hints), None)
 
 
+def _field_paths(cls: type[BaseModel], depth: int = 0) -> list[tuple[str, ...]]:
+    """Every key path the config class takes, a list's items as N (`models.N.gpus_per_cell`, `eval.test_size`)."""
+    paths = []
+    for name, field in cls.model_fields.items():
+        paths.append((name,))
+        annotation = field.annotation
+        while typing.get_origin(annotation) is typing.Annotated or (typing.get_origin(annotation) in (typing.Union, types.UnionType) and not _is_union(annotation)):
+            annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+        item = ("N",) if typing.get_origin(annotation) in (list, tuple) else ()
+        for sub in _model_classes(annotation) if depth < 4 else []:
+            paths += [(name, *item, *path) for path in _field_paths(sub, depth + 1)]
+    return paths
+
+
+def _elsewhere(cls: type[BaseModel], loc: tuple[Any, ...], prefix: str) -> str | None:
+    """Where a key of this name goes when it is one of the config's, elsewhere (`test_size` at the top is
+    eval.test_size; `lr` under a method goes in its train section)."""
+    here = tuple("N" if isinstance(part, int) else str(part) for part in loc[:-1])
+    found = sorted({path for path in _field_paths(cls) if path[-1] == str(loc[-1]) and path[:-1] != here})
+    if not found:
+        return None
+    return " or ".join(".".join(p for p in (prefix, *path) if p) for path in found)
+
+
 def _is_union(annotation: Any) -> bool:
     """A union of two or more types besides None: pydantic's error paths name the member it tried."""
     if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
@@ -241,7 +265,8 @@ def format_errors(cls: type[BaseModel], err: ValidationError, prefix: str = "") 
             continue  # the list came out short because an item failed: that item's error says why
         if e["type"] == "extra_forbidden":
             valid = _fields_at(cls, loc[:-1])
-            hint = _misplaced_hint(cls, loc)
+            where = _elsewhere(cls, loc, prefix)
+            hint = _misplaced_hint(cls, loc) or (f"it goes at {where}" if where else None)
             keys = f"; valid keys: {', '.join(valid)}" if valid else "; it takes no settings (give it {})"
             lines[(loc, i)] = ([f"unknown key{f' ({hint})' if hint else did_you_mean(str(loc[-1]), valid)}"], keys)
             continue
