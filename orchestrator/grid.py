@@ -46,15 +46,17 @@ def check_budgets(spec: SweepSpec) -> None:
     problems = []
     for task in spec.tasks:
         pool = get_task(task).pool_size("train")
-        over = sorted({b for method in spec.methods for b in spec.budgets_for(method) if pool is not None and b > pool})
-        if over:
-            asked = f"a budget of {over[0]}" if len(over) == 1 else f"budgets of {', '.join(map(str, over))}"
-            problems.append(f"task '{task}' has only {pool} distinct training examples, but the sweep asks for {asked}.")
+        if pool is None:
+            continue
+        keys = {method: f"method_budgets.{method}" if method in spec.method_budgets else "budgets" for method in spec.methods}
+        for key in dict.fromkeys(keys.values()):  # the key each too-large budget was written under
+            over = sorted({b for method in spec.methods if keys[method] == key for b in spec.budgets_for(method) if b > pool})
+            if over:
+                asked = f"a budget of {over[0]}" if len(over) == 1 else f"budgets of {', '.join(map(str, over))}"
+                problems.append(f"{key}: task '{task}' has only {pool} distinct training examples, but the sweep asks for {asked}; "
+                                "a larger budget would repeat examples while its rows claim the full budget: lower it to at most the pool")  # fmt: skip
     if problems:
-        raise ConfigError(
-            "budgets: " + " ".join(problems) + " A larger budget would repeat examples while its rows claim the full"
-            " budget; lower `budgets` (or `method_budgets`) to at most each task's pool."
-        )
+        raise ConfigError("\n".join(problems))
 
 
 def check_eval_sizes(spec: SweepSpec) -> None:

@@ -29,7 +29,11 @@ CASES = {
     "empty grid": ({**GOOD, "models": []}, "models: List should have at least 1 item"),
     "budget larger than the dataset": (
         {**GOOD, "budgets": [4, 5000]},
-        f"task 'facts' has only {get_task('facts').pool_size('train')} distinct training examples, but the sweep asks for a budget of 5000.",
+        f"budgets: task 'facts' has only {get_task('facts').pool_size('train')} distinct training examples, but the sweep asks for a budget of 5000;",
+    ),
+    "a method's budget larger than the dataset": (  # named `budgets`, the key the value was not under
+        {**GOOD, "method_budgets": {"lora": [4, 6000]}},
+        f"method_budgets.lora: task 'facts' has only {get_task('facts').pool_size('train')} distinct training examples, but the sweep asks for a budget of 6000;",
     ),
     "test draw larger than the test split": (
         {**GOOD, "eval": {"test_size": 5000}},

@@ -119,9 +119,9 @@ def test_an_override_that_cannot_apply_names_itself(override, message, write_swe
         ({"models": [{"id": "./no/such/dir"}]}, "models.0.id: no model directory at ./no/such/dir"),
         ({"models": [{"id": "."}]}, "models.0.id: . holds no config.json, so it is not a saved model"),
         ({"models": [{"id": "~/models/x"}]}, "models.0.id: ~/models/x: '~' is not expanded when a model loads"),
-        ({"models": [{"id": "ladder:test/xs", "device": "cuda"}]}, "models.0: Value error, device: cuda needs a GPU reserved"),
-        ({"models": [{"id": "ladder:test/xs", "gpus_per_cell": 1.5}]}, "models.0.gpus_per_cell: Value error, 1.5 GPUs: above 1, a cell reserves whole GPUs"),
-        ({"models": [{"id": "ladder:test/xs", "device": "cpu", "gpus_per_cell": 2}]}, "models.0: Value error, device: cpu runs on CPUs, but gpus_per_cell 2"),
+        ({"models": [{"id": "ladder:test/xs", "device": "cuda"}]}, "models.0: device: cuda needs a GPU reserved"),
+        ({"models": [{"id": "ladder:test/xs", "gpus_per_cell": 1.5}]}, "models.0.gpus_per_cell: 1.5 GPUs: above 1, a cell reserves whole GPUs"),
+        ({"models": [{"id": "ladder:test/xs", "device": "cpu", "gpus_per_cell": 2}]}, "models.0: device: cpu runs on CPUs, but gpus_per_cell 2"),
     ],
 )
 def test_a_grid_that_cannot_run_fails_at_load_naming_the_entry(change, message, write_sweep):
@@ -255,15 +255,19 @@ def test_a_union_fields_error_names_its_key_not_pydantics_type_names(write_sweep
     message = str(err.value)
     assert "methods.lora.target_modules: Input should be a valid string, or input should be a valid tuple (target_modules:" in message
     assert ".str:" not in message and "tuple[" not in message and len(message.splitlines()) == 2  # the header, one line
+    with pytest.raises(ConfigError) as err:  # a list with a bad item: that item's line alone, not "a valid string" too
+        load_spec(write_sweep(BASE), ["methods.lora.target_modules=[q_proj, 5]"])
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2 and lines[1].startswith("methods.lora.target_modules.1: Input should be a valid string (")
 
 
 @pytest.mark.parametrize("override, message", [
     ("sweep=2025-01-15", "sweep: Input should be a valid string (YAML read it as a date, 2025-01-15: quote it as written to keep it text)"),
     ("sweep=0755", "sweep: Input should be a valid string (YAML read it as a number, 493: quote it as written"),
-    ("budgets=[true, 4]", "budgets: Value error, [true, 4] holds a boolean where a number is expected"),
-    ("seeds=[no]", "seeds: Value error, [false] holds a boolean where a number is expected"),
-    ("methods.lora.rank=true", "methods.lora.rank: Value error, true is a boolean where a number is expected"),
-    ("methods.lora.train.lr=on", "methods.lora.train.lr: Value error, true is a boolean where a number is expected"),
+    ("budgets=[true, 4]", "budgets: [true, 4] holds a boolean where a number is expected"),
+    ("seeds=[no]", "seeds: [false] holds a boolean where a number is expected"),
+    ("methods.lora.rank=true", "methods.lora.rank: true is a boolean where a number is expected"),
+    ("methods.lora.train.lr=on", "methods.lora.train.lr: true is a boolean where a number is expected"),
 ])  # fmt: skip
 def test_what_yaml_read_as_another_type_is_refused_with_why(override, message, write_sweep):
     """A date or number where text belongs got no hint to quote it; a boolean where a number belongs passed as 1

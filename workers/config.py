@@ -260,9 +260,12 @@ def format_errors(cls: type[BaseModel], err: ValidationError, prefix: str = "") 
     # One line per problem, but one for all of a union's members failing at one key ("a valid string, or a valid
     # tuple"): (loc, "union" or the error's index) -> (the problems, what follows them on the line)
     lines: dict[tuple[tuple[Any, ...], object], tuple[list[str], str]] = {}
+    tagged_locs = [loc for loc, tagged in untagged if tagged]
     for i, (e, (loc, tagged)) in enumerate(zip(errors, untagged)):
         if e["type"] == "too_short" and any(other[: len(loc)] == loc and len(other) > len(loc) for other in locs):
             continue  # the list came out short because an item failed: that item's error says why
+        if tagged and any(other[: len(loc)] == loc and len(other) > len(loc) for other in tagged_locs):
+            continue  # a union member that failed at an item (`[q_proj, 5]`: item 1) says more than one refusing the whole
         if e["type"] == "extra_forbidden":
             valid = _fields_at(cls, loc[:-1])
             where = _elsewhere(cls, loc, prefix)
@@ -277,7 +280,7 @@ def format_errors(cls: type[BaseModel], err: ValidationError, prefix: str = "") 
         described = _description_at(cls, loc)
         after = f" ({described[0]}: {described[1]})" if described else ""
         found, _ = lines.setdefault((loc, "union" if tagged else i), ([], after))
-        found.append(e["msg"] + quote)
+        found.append(e["msg"].removeprefix("Value error, ") + quote)  # pydantic's prefix to our own messages
     shown = []
     for (loc, _), (found, after) in lines.items():
         path = ".".join(str(p) for p in (prefix, *loc) if p != "") or "<root>"
