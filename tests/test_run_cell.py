@@ -150,6 +150,32 @@ def test_a_long_error_keeps_both_ends_within_the_bound():
     assert "in test_a_long_error_keeps_both_ends_within_the_bound" in error
 
 
+def test_a_cell_out_of_memory_beside_the_workers_other_models_runs_again_alone(test_ladder, monkeypatch):
+    """The cache budgets the models' bytes, not a cell's working memory: a cell that runs out beside a neighbour
+    would fit alone, and was stored failed. Alone from the start, an out-of-memory cell is not run twice."""
+    import workers.methods.steer_mean as steer_mean
+
+    xs, s = test_ladder
+    cache = WorkerCache(max_bytes=10**9)
+    fits: list[int] = []
+    real_fit = steer_mean.SteerMean.fit
+
+    def fit_needing_the_room(self, ctx, config):
+        fits.append(len(cache.held()))
+        if len(cache.held()) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (a neighbour holds the room)")
+        return real_fit(self, ctx, config)
+
+    monkeypatch.setattr(steer_mean.SteerMean, "fit", fit_needing_the_room)
+    assert run_cell(_cell(xs, "base", budget=0), CellRun(cache=cache))["status"] == "ok"
+    row = run_cell(_cell(s, "steer_mean"), CellRun(cache=cache))
+    assert row["status"] == "ok" and row["error"] is None and fits == [2, 1]
+    assert [ModelSpec.model_validate_json(held).id for held in cache.held()] == [s] and cache.loads == 3
+    monkeypatch.setattr(steer_mean.SteerMean, "fit", lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("alone too")))
+    row = run_cell(_cell(s, "steer_mean"), CellRun(cache=cache))
+    assert row["status"] == "failed" and row["error"].startswith("OutOfMemoryError: alone too") and cache.loads == 3  # no reload: run once
+
+
 def test_an_error_raised_while_handling_another_keeps_the_first():
     """A restore failing after an out-of-memory must not hide the out-of-memory."""
     from workers.run_cell import error_text

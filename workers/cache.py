@@ -202,6 +202,17 @@ class WorkerCache:
             self._forget_unloaded(besides=keep)  # its baselines and neutral reference go with it
             release_memory()  # before the newcomer loads into the room made
 
+    def evict_others(self, spec: ModelSpec) -> bool:
+        """Drop every loaded model but `spec`'s (a cell that ran out of memory beside them runs again alone);
+        whether there were any."""
+        others = [k for k in self._models if k[0] != spec.model_dump_json()]
+        for key in others:
+            del self._models[key], self._bytes[key]
+        if others:
+            self._forget_unloaded(besides=spec.model_dump_json())
+            release_memory()
+        return bool(others)
+
     def discard(self, spec: ModelSpec) -> None:
         """Forget `spec`'s loaded copies (sharded or not), e.g. after a cell that may have left it modified."""
         for key in [k for k in self._models if k[0] == spec.model_dump_json()]:

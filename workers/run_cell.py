@@ -364,12 +364,20 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
     run = run or CellRun()
     started_at = _now()
     row = identity_columns(cell, run.attempt)
-    try:
-        row.update(evaluate_cell(cell, run), status="ok", error=None)
-    except Exception as exc:  # a failed cell is data: keep the error, let the sweep go on
-        row.update(status="failed", error=error_text(exc))
-    if row["status"] == "failed":
+    for alone in (False, True):
+        out_of_memory = False
+        try:
+            row.update(evaluate_cell(cell, run), status="ok", error=None)
+        except Exception as exc:  # a failed cell is data: keep the error, let the sweep go on
+            row.update(status="failed", error=error_text(exc))
+            out_of_memory = isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+        if row["status"] == "ok":
+            break
         release_memory()  # here, not in the except block: its traceback still holds the failed cell's tensors
+        # Out of memory beside the other models this worker keeps (their bytes are budgeted, the cell's working
+        # memory is not): once more with them evicted, as the cell would run on a worker of its own.
+        if alone or not (out_of_memory and run.cache.evict_others(cell.model)):
+            break
     row.update(started_at=started_at, finished_at=_now())
     return row
 

@@ -323,7 +323,10 @@ def _train_at(
         ran, flops = ran_since(before)
         validation += Passes(validation_tokens=ran, validation_flops=flops)
         if best is None or scores[step] > best[0]:  # strictly better: ties keep the earlier step
-            best = (scores[step], step, [p.detach().clone() for p in params])  # in their own dtype: what is restored
+            # in host memory (on a GPU, full fine-tuning's copy would be another model's worth beside the optimiser's
+            # state), in their own dtype: what is restored; the copy it replaces let go of first
+            best = None
+            best = (scores[step], step, [p.detach().to("cpu", copy=True) for p in params])
 
     pairs = lm.encode_pairs([ex.prompt for ex in examples], [ex.target for ex in examples])  # once, not every step
     lm.model.train()
