@@ -137,7 +137,7 @@ def steer(model: nn.Module, vectors: Mapping[int, torch.Tensor], positions: Posi
     (every step of cached generation), and the add is one kernel.
     """
     layers = decoder_layers(model)
-    dtype, device = _dtype_device(model)
+    dtype = _dtype_device(model)[0]
     state: list[torch.Tensor | None] = [None]  # the current forward's mask, (batch, seq, 1) in `dtype`
     columns: dict[tuple[int, int, torch.device], torch.Tensor] = {}  # arange is slow to build, a width recurs
 
@@ -157,9 +157,10 @@ def steer(model: nn.Module, vectors: Mapping[int, torch.Tensor], positions: Posi
             columns[key] = torch.arange(offset, offset + width, device=at).view(1, width, 1)
         state[0] = (columns[key] >= boundary.last.to(at).view(batch, 1, 1)).to(dtype)
 
-    def hook(vector: torch.Tensor) -> Any:
+    def hook(vector: torch.Tensor, layer: nn.Module) -> Any:
         if not vector.requires_grad:  # a trained vector must stay the leaf the optimiser updates
-            vector = vector.detach().to(dtype=dtype, device=device)
+            # on the layer's own device: a model split over GPUs has its layers on several
+            vector = vector.detach().to(dtype=dtype, device=_dtype_device(layer)[1])
         return lambda _m, _i, out: _add(out, vector, state[0])
 
     handles = []
@@ -167,7 +168,7 @@ def steer(model: nn.Module, vectors: Mapping[int, torch.Tensor], positions: Posi
         if positions == "after_prompt":
             handles.append(model.register_forward_pre_hook(set_mask, with_kwargs=True))
         for index, vector in vectors.items():
-            handles.append(layers[index].register_forward_hook(hook(vector)))
+            handles.append(layers[index].register_forward_hook(hook(vector, layers[index])))
         yield
     finally:
         for handle in handles:
