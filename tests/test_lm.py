@@ -175,6 +175,16 @@ def test_a_model_split_over_gpus_gets_its_logits_mask_on_the_cpu():
     assert model._hf_hook.skip_keys == ["past_key_values", "logits_to_keep"]
 
 
+def test_the_loss_of_half_precision_logits_is_computed_in_fp32():
+    """A bf16 model's logits: the cross-entropy (log-sum-exp over the vocabulary) in bf16 keeps ~3 digits."""
+    lm = language_model()
+    batch = next(lm.batches(PROMPTS, [" 1", " 2", " 3"]))
+    logits = lm.scored_logits(batch).bfloat16()
+    per_token = lm.token_nll(batch, logits)
+    assert per_token.dtype == torch.float32
+    assert torch.equal(per_token, lm.token_nll(batch, logits.float()))
+
+
 def test_pairs_encoded_once_collate_to_the_same_batches():
     """The training loop encodes its examples once and collates each step from the ids."""
     lm = language_model()
