@@ -149,7 +149,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"budgets {spec.budgets} × {_count(len(spec.seeds), 'seed')}"
     )
     print(f"sweep {spec.sweep} -> {spec.results_dir}")
-    own = "; ".join(f"{method}: {', '.join(map(str, budgets))}" for method, budgets in spec.method_budgets.items())
+    own = "; ".join(f"{method}: {', '.join(map(str, spec.budgets_for(method)))}" for method in spec.methods
+                    if spec.budgets_for(method) != spec.budgets)  # fmt: skip
     print(f"grid: {len(cells)} cells ({dims}; per-method budgets: {own or 'none'})")
     print(f"done {statuses.count('ok')} · failed {statuses.count('failed')} · to run {statuses.count(None)}")
     print(_status_table(_manifest_entries(cells), status))

@@ -269,6 +269,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{override}' is not of the form key.sub=value")
+        if not raw.strip():  # `lr=$LR` with LR unset: a default in its place would run a sweep nobody asked for
+            raise ConfigError(f"override '{override}': no value after '='")
         parts = key.split(".")
         if "" in parts:
             raise ConfigError(f"override '{override}': {key} has an empty key between its dots; write key.sub=value")
@@ -322,7 +324,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 UniqueKeyLoader.add_implicit_resolver(  # after the int and 1.1 float resolvers: `10` stays an int, `1.5` as it was
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+.0123456789")
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]{1,3}$"), list("-+.0123456789")
 )
 
 

@@ -66,7 +66,7 @@ def test_a_model_bigger_than_the_budget_still_loads_alone(specs):
     assert [ModelSpec.model_validate_json(s) for s in cache.held()] == [specs["s"]] and cache.loads == 2
 
 
-def test_an_evicted_or_discarded_model_in_a_reference_cycle_is_freed_at_once(specs):
+def test_an_evicted_model_in_a_reference_cycle_is_freed_at_once(specs):
     """accelerate's hooks on a model split over GPUs put a bound forward on each module: a cycle that `del`
     leaves alive until Python's collector runs, holding the model's GPU memory while the next one is placed."""
     import gc
@@ -85,9 +85,6 @@ def test_an_evicted_or_discarded_model_in_a_reference_cycle_is_freed_at_once(spe
         evicted = loaded_in_a_cycle(cache, specs["xs"])
         cache.model(specs["s"], 8)  # no room for two: xs goes before s loads
         assert evicted() is None
-        discarded = loaded_in_a_cycle(cache, specs["s"])
-        cache.discard(specs["s"])
-        assert discarded() is None
     finally:
         gc.enable()
 

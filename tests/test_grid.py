@@ -77,6 +77,19 @@ def test_settings_that_compute_the_same_get_one_id(method, written, plain, write
     assert ids[0] == ids[1]
 
 
+def test_settings_built_in_code_are_normalised_as_loaded_ones():
+    """An after-validator returning a copy is ignored when a config is built with its constructor."""
+    import warnings
+
+    from workers.training import TrainConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert TrainConfig(lr=1e-3, lr_search=[1e-3, 3e-3]).lr_search == (3e-3,)
+        assert ModelSpec(id="ladder:test/xs", family="ladder-test").family is None
+        assert ModelSpec(id="EleutherAI/pythia-70m", family="pythia").family is None
+
+
 def test_ids_are_stable_across_processes(write_sweep):
     path = write_sweep(SPEC)
     here = [c.cell_id for c in expand(load_spec(path))]

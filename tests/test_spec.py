@@ -302,6 +302,8 @@ def test_a_results_dir_that_is_a_file_is_refused(write_sweep, tmp_path):
     ("eval.=3", "override 'eval.=3': eval. has an empty key between its dots"),
     ("methods={base: {}, lora: {rank: 2}, lora: {rank: 8}}", "key 'lora' is given twice in one mapping"),  # kept rank 8 in silence
     ("results_dir=''", "results_dir: String should have at least 1 character"),  # stored into the working directory
+    ("methods.lora.train.lr=", "override 'methods.lora.train.lr=': no value after '='"),  # `lr=$LR` with LR unset
+    ("seeds=~", "seeds: Input should be a valid list"),  # a null where a value goes is not its default
 ])  # fmt: skip
 def test_values_and_overrides_that_mean_nothing_are_refused(override, message, write_sweep):
     with pytest.raises(ConfigError) as err:

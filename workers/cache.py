@@ -217,7 +217,7 @@ class WorkerCache:
         """Forget `spec`'s loaded copies (sharded or not), e.g. after a cell that may have left it modified."""
         for key in [k for k in self._models if k[0] == spec.model_dump_json()]:
             del self._models[key], self._bytes[key]  # its baselines stay: they were scored before the cell ran
-        release_memory()
+        # memory is released by the caller: a failed cell's traceback still holds the model here (run_cell)
 
     def _forget_unloaded(self, besides: str) -> None:
         """Drop the baselines and neutral references of models no longer loaded (evicted, or discarded

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from workers.config import StrictConfig
 from workers.methods import method_versions
@@ -41,12 +41,12 @@ class ModelSpec(StrictConfig):
         """`ladder:default/xs` is `ladder:xs`: one spelling, so one cell id and one slug per rung."""
         return model_id.replace(f"{LADDER_PREFIX}default/", LADDER_PREFIX, 1) if model_id.startswith(LADDER_PREFIX) else model_id
 
-    @model_validator(mode="after")
-    def _inferred_family_as_left_out(self) -> "ModelSpec":
+    @field_validator("family")
+    @classmethod
+    def _inferred_family_as_left_out(cls, family: str | None, info: ValidationInfo) -> str | None:
         """A family written as the one inferred from the id is left out: the same cells, one id."""
-        if self.family is not None and self.family == self.model_copy(update={"family": None}).family_name:
-            return self.model_copy(update={"family": None})
-        return self
+        model_id = info.data.get("id")
+        return None if model_id is not None and family == _inferred_family(model_id) else family
 
     @property
     def label(self) -> str:
@@ -60,13 +60,16 @@ class ModelSpec(StrictConfig):
     def family_name(self) -> str:
         """The models trained alike at different sizes: the name without its size (`Qwen2.5-0.5B` ->
         `qwen2.5`, `pythia-160m-deduped` -> `pythia-deduped`); a ladder's family is its recipe."""
-        if self.family:
-            return self.family
-        if self.id.startswith(LADDER_PREFIX):
-            recipe = self.id.removeprefix(LADDER_PREFIX).rpartition("/")[0]
-            return f"ladder-{recipe}" if recipe else "ladder"
-        words = self.id.rstrip("/").split("/")[-1].lower().split("-")
-        return "-".join(word for word in words if not _SIZE_WORD.fullmatch(word)) or words[0]
+        return self.family or _inferred_family(self.id)
+
+
+def _inferred_family(model_id: str) -> str:
+    """`ModelSpec.family_name` for a spec that names no family."""
+    if model_id.startswith(LADDER_PREFIX):
+        recipe = model_id.removeprefix(LADDER_PREFIX).rpartition("/")[0]
+        return f"ladder-{recipe}" if recipe else "ladder"
+    words = model_id.rstrip("/").split("/")[-1].lower().split("-")
+    return "-".join(word for word in words if not _SIZE_WORD.fullmatch(word)) or words[0]
 
 
 class EvalConfig(StrictConfig):

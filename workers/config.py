@@ -61,16 +61,12 @@ class StrictConfig(BaseModel):
             return data
         merged = dict(data)
         for name, field in cls.model_fields.items():
-            if name in data and data[name] is None and not field.is_required() and not _takes_none(field.annotation):
-                del merged[name]  # `eval:` or `train:` written with nothing under it: its default, as if left out
+            if name in data and data[name] is None and isinstance(field.default, BaseModel):
+                del merged[name]  # a section (`eval:`, `train:`) written with nothing under it: its defaults, as if left out
             elif isinstance(field.default, BaseModel) and isinstance(data.get(name), dict):
                 merged[name] = _deep_merge(field.default.model_dump(exclude_unset=True), data[name])
         return merged
 
-
-def _takes_none(annotation: Any) -> bool:
-    """Whether None is a value of the annotation (Optional[X]), not a key left empty."""
-    return annotation is None or type(None) in typing.get_args(annotation)
 
 
 def _holds_bool(value: Any) -> bool:

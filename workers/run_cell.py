@@ -351,12 +351,21 @@ def error_text(exc: BaseException, innermost: int = 4, limit: int = 4000) -> str
 def _chain(exc: BaseException) -> list[str]:
     """The exception, then what it was raised from or while handling (a restore failing after an
     out-of-memory must not hide the out-of-memory)."""
-    lines, seen = [f"{type(exc).__name__}: {exc}"], {id(exc)}
+    links = _links(exc)
+    return [f"{type(exc).__name__}: {exc}"] + [
+        f"  {'raised from' if link is before.__cause__ else 'while handling'} {type(link).__name__}: {link}"
+        for before, link in zip(links, links[1:])
+    ]
+
+
+def _links(exc: BaseException) -> list[BaseException]:
+    """The exception and, in turn, what each was raised from or raised while handling."""
+    links, seen = [exc], {id(exc)}
     while (link := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None and id(link) not in seen:
         seen.add(id(link))
-        lines.append(f"  {'raised from' if link is exc.__cause__ else 'while handling'} {type(link).__name__}: {link}")
+        links.append(link)
         exc = link
-    return lines
+    return links
 
 
 def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
@@ -370,7 +379,7 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
             row.update(evaluate_cell(cell, run), status="ok", error=None)
         except Exception as exc:  # a failed cell is data: keep the error, let the sweep go on
             row.update(status="failed", error=error_text(exc))
-            out_of_memory = isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+            out_of_memory = any(isinstance(link, (MemoryError, torch.OutOfMemoryError)) for link in _links(exc))
         if row["status"] == "ok":
             break
         release_memory()  # here, not in the except block: its traceback still holds the failed cell's tensors

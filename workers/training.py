@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Callable, Iterator, Sequence
 
 import torch
-from pydantic import BaseModel, Field, PositiveFloat, model_validator
+from pydantic import BaseModel, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
 from workers.config import Distinct, StrictConfig
 from workers.lm import LanguageModel
@@ -64,10 +64,14 @@ class TrainConfig(StrictConfig):
         "checkpoint of any wins, and the cell's cost counts every try (tunes training as steering tunes its layer and scale)"
     )
 
+    @field_validator("lr_search")
+    @classmethod
+    def _not_lr_again(cls, rates: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
+        """`lr` is tried first in any case: listed here too, it is the same search, one cell id."""
+        return tuple(rate for rate in rates if rate != info.data.get("lr"))
+
     @model_validator(mode="after")
     def _a_search_needs_checkpoints(self) -> "TrainConfig":
-        if self.lr in self.lr_search:  # tried first in any case: the same search, one cell id
-            return self.model_copy(update={"lr_search": tuple(lr for lr in self.lr_search if lr != self.lr)})._a_search_needs_checkpoints()
         if self.lr_search and not self.checkpoints:
             raise ValueError("lr_search chooses on validation checkpoints: set checkpoints >= 1")
         return self
@@ -248,6 +252,7 @@ def train(
             continue
         start_score = (result.validation_scores or {})[0]  # checkpoints >= 1: TrainConfig checks
         if best is None or result.chosen_score > best[0]:  # strictly better: ties keep the earlier rate, `lr` first
+            best = None  # the copy it replaces let go of first
             best = (result.chosen_score, lr, [p.detach().to("cpu", copy=True) for p in params])
     spent = sum([r.passes for r in results.values()] + [err.spent for err in diverged.values()], Passes())
     if best is None:
