@@ -68,7 +68,6 @@ class StrictConfig(BaseModel):
         return merged
 
 
-
 def _holds_bool(value: Any) -> bool:
     """Whether `value` is a boolean or a list / tuple / mapping holding one (at any depth)."""
     if isinstance(value, bool):
