@@ -43,12 +43,12 @@ def check_budgets(spec: SweepSpec) -> None:
     data axis of every fit would be wrong. Tasks whose pool is unknown until their data is
     downloaded (hub datasets) are not checked here.
     """
+    keys = {method: f"method_budgets.{method}" if method in spec.method_budgets else "budgets" for method in spec.methods}
     problems = []
     for task in spec.tasks:
         pool = get_task(task).pool_size("train")
         if pool is None:
             continue
-        keys = {method: f"method_budgets.{method}" if method in spec.method_budgets else "budgets" for method in spec.methods}
         for key in dict.fromkeys(keys.values()):  # the key each too-large budget was written under
             over = sorted({b for method in spec.methods if keys[method] == key for b in spec.budgets_for(method) if b > pool})
             if over:

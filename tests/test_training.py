@@ -6,15 +6,24 @@ import pytest
 import torch
 
 from conftest_methods import fit_context, language_model
-from workers.training import MasterWeights, NonFiniteLossError, TrainConfig, checkpoint_steps, steps_for, train
+from workers.training import MasterWeights, NonFiniteLossError, TrainConfig, batch_order, checkpoint_steps, steps_for, train
 
 
 def test_step_count_and_checkpoints():
     config = TrainConfig(epochs=2, batch_size=4, min_steps=3, max_steps=10)
     assert steps_for(1, config) == 3 and steps_for(12, config) == 6 and steps_for(100, config) == 10
-    assert steps_for(13, config) == 8  # a last, partial batch is a step of its own: 2 epochs of ceil(13/4)
+    assert steps_for(13, config) == 7  # batches span shuffles: 26 examples in full batches of 4 (was 2·ceil(13/4) = 8)
     assert checkpoint_steps(10, 4) == [0, 2, 5, 8, 10]
     assert checkpoint_steps(2, 4) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("n_examples", [3, 16, 17, 100, 250])
+def test_epochs_are_passes_over_the_examples(n_examples):
+    """The steps draw `epochs` times the examples, short of one batch: rounding each epoch up to whole
+    batches trained budget 100 for 4.48 epochs instead of 4."""
+    config = TrainConfig(epochs=4, batch_size=16, min_steps=0, max_steps=10_000)
+    drawn = sum(len(take) for take in batch_order(n_examples, steps_for(n_examples, config), config.batch_size, seed=0))
+    assert 4 * n_examples <= drawn < 4 * n_examples + config.batch_size
 
 
 def _setup(arch: str = "llama", **overrides):

@@ -138,7 +138,10 @@ def training_configs(config: BaseModel, path: str = "") -> Iterator[tuple[str, T
 
 
 def steps_for(n_examples: int, config: TrainConfig) -> int:
-    return min(config.max_steps, max(config.min_steps, config.epochs * math.ceil(n_examples / config.batch_size)))
+    """`epochs` passes over the examples in `batch_order`'s batches, which are full (a batch spans two
+    shuffles; below a batch, a step draws every example): 4 epochs of 100 in batches of 16 are 25 steps."""
+    per_step = min(config.batch_size, max(n_examples, 1))
+    return min(config.max_steps, max(config.min_steps, math.ceil(config.epochs * n_examples / per_step)))
 
 
 def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> Iterator[list[int]]:
