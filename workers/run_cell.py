@@ -374,19 +374,24 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
     started_at = _now()
     row = identity_columns(cell, run.attempt)
     for alone in (False, True):
-        out_of_memory = False
+        out_of_memory: str | None = None  # its first line: the exception itself would pin the cell's tensors
         try:
             row.update(evaluate_cell(cell, run), status="ok", error=None)
         except Exception as exc:  # a failed cell is data: keep the error, let the sweep go on
             row.update(status="failed", error=error_text(exc))
-            out_of_memory = any(isinstance(link, (MemoryError, torch.OutOfMemoryError)) for link in _links(exc))
+            out_of_memory = next((f"{type(link).__name__}: {link}".partition("\n")[0] for link in _links(exc)
+                                  if isinstance(link, (MemoryError, torch.OutOfMemoryError))), None)  # fmt: skip
         if row["status"] == "ok":
             break
         release_memory()  # here, not in the except block: its traceback still holds the failed cell's tensors
         # Out of memory beside the other models this worker keeps (their bytes are budgeted, the cell's working
         # memory is not): once more with them evicted, as the cell would run on a worker of its own.
-        if alone or not (out_of_memory and run.cache.evict_others(cell.model)):
+        if alone or out_of_memory is None or not run.cache.evict_others(cell.model):
             break
+        first_run = out_of_memory
+    if alone:  # the row says what the first run met, ok or not: a retry must not look like a first run
+        note = f"ran again alone after running out of memory beside the worker's other cached models ({first_run})"
+        row["error"] = note if row["status"] == "ok" else f"{row['error']}\n{note}"
     row.update(started_at=started_at, finished_at=_now())
     return row
 
