@@ -47,6 +47,7 @@ class Crossover:
     verdict: str
     d_star_2: float = np.nan  # "crosses_twice": where they swap back (d_star is the first crossing)
     tolerance: float = np.nan  # differences up to this (metric units) are within the cells' resolution (`tolerance`)
+    disputed: str = ""  # where the measured means either side of D* do not show the swap (`measured_check`): not a finding
     overtakes: np.ndarray = field(default_factory=lambda: np.array([]), repr=False, compare=False)  # per resample: D*
     # where fine-tuning overtakes, NaN where it does not (what the trend's interval resamples)
 
@@ -157,6 +158,28 @@ def censored_interval(values: np.ndarray, level: float = CI_LEVEL) -> tuple[floa
     return float(np.percentile(values, tail, method="lower")), float(np.percentile(values, 100 - tail, method="higher"))
 
 
+def measured_check(steer: LawFit, tune: LawFit, d_star: float, winner: float, sign: float, tol: float) -> tuple[str, str]:
+    """The measured budgets either side of D* (measured for both methods) as text, and where the means
+    measured there do not show the swap the laws place between them ('' where they do).
+
+    D* is the laws' interpolation between measured budgets. Where a law does not describe its data (a
+    flat fit to a falling curve, a fine-tune at chance until a threshold), the bootstrap redraws noise
+    around the same wrong curve and agrees with it in every resample; the means measured either side
+    are the check that does not depend on the law. `winner` is +1 where fine-tuning leads after D*.
+    """
+    means = [pd.Series(f.points.value).groupby(f.points.d).mean() for f in (steer, tune)]
+    advantage = winner * sign * (means[1] - means[0]).dropna()  # the later leader's lead at each shared budget
+    below, above = advantage[advantage.index < d_star], advantage[advantage.index > d_star]
+    bracket = f" (between the measured budgets {below.index.max():g} and {above.index.min():g})" if len(below) and len(above) else ""
+    later, earlier = (tune.method, steer.method) if winner > 0 else (steer.method, tune.method)
+    disputes = []
+    if len(below) and below.iloc[-1] > tol:
+        disputes.append(f"at D={below.index.max():g} {later} is already ahead by {below.iloc[-1]:.3g}")
+    if len(above) and above.iloc[0] < -tol:
+        disputes.append(f"at D={above.index.min():g} {earlier} is still ahead by {-above.iloc[0]:.3g}")
+    return bracket, "; ".join(disputes)
+
+
 def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     """Where `tune` (a fine-tuning budget curve) and `steer` swap places on the same task and model."""
     d_min = max(steer.points.d.min(), tune.points.d.min())
@@ -198,8 +221,13 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
         "tied": f"no crossover: {steer.method} and {tune.method} {level}",
         "crosses_twice": f"the curves cross twice: {leader} is ahead below D ≈ {first:.3g} and above D ≈ {second:.3g}, {middle} in between",
     }[outcome]
+    disputed = ""
+    if code in (0, 1):
+        bracket, disputed = measured_check(steer, tune, d_star, 1.0 if code == 0 else -1.0, sign, tol)
+        verdict += bracket + (f"; the measured means do not show it: {disputed}" if disputed else "")
     d_star = first if code == 5 else d_star
-    return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, tolerance=tol, overtakes=overtakes)
+    return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, tolerance=tol, disputed=disputed,
+                     overtakes=overtakes)  # fmt: skip
 
 
 def find_crossovers(fits: list[LawFit]) -> list[Crossover]:

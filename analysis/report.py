@@ -299,7 +299,7 @@ def _crossover_table(a: Analysis) -> list[Block]:
             interval = f" {c.interval()}" if c.interval() else ""
             text = ("steering from " if c.outcome == "steering_overtakes" else "") + _num(c.d_star) + interval
         agree = f" ({math.floor(100 * c.share)}%)" if np.isfinite(c.share) else ""  # NaN: no resamples (--bootstrap 0); 94.75 % is not 95 %
-        return text + agree
+        return text + agree + (" †" if c.disputed else "")
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
     legend = Paragraph(
@@ -313,7 +313,9 @@ def _crossover_table(a: Analysis) -> list[Block]:
         "`no shared budgets`: the two were measured on budget ranges that do not "
         "overlap; blank: one of the two curves could not be fitted. In brackets, the share of bootstrap resamples with "
         "the same outcome: under 95 % the outcome is not a finding (as `steerscale fit` marks it), and near one half it is a coin "
-        "flip (the curves are tied), not only where D* falls."
+        "flip (the curves are tied), not only where D* falls. †: the means measured at the budgets either side of D* do not "
+        "show the swap the fitted curves place between them (`steerscale fit` says where): a law that does not describe its "
+        "data gives a D* every resample agrees with, so such a D* is not a finding whatever its share."
     )
     return [Table(("task", "steering → fine-tuning", *models), rows), legend]
 

@@ -112,7 +112,7 @@ class FitSummary:
             lines.append("crossovers (where fine-tuning and steering swap places):")
             for c in a.crossovers:
                 ci = f" CI {c.interval()}" if c.interval() else ""
-                firm = "" if c.share >= CI_LEVEL else f" (under {CI_LEVEL:.0%}: not a finding)"
+                firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: the measured means disagree)" if c.disputed else ""
                 agree = f", {math.floor(100 * c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else ""  # 94.75 % is not "95%"
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}")
         for s in a.scaling:

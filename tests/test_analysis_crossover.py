@@ -411,3 +411,34 @@ def test_the_step_survives_a_round_trip_through_the_loss() -> None:
     spurious 1e-17 gap beside the value itself made the step 0 (the tie tolerance back at 1e-6)."""
     scores = np.array([1, 8, 9, 12]) / 40
     assert step(np.concatenate([scores, 1.0 - (1.0 - scores)])) == pytest.approx(0.025)
+
+
+
+def _measured_rows(steering, finetuning, budgets=(4, 16, 64, 256, 1024)) -> list[dict]:
+    """steer_mean and lora on one model, each cell its curve's value at its budget plus a little noise (2 seeds)."""
+    rng = np.random.default_rng(0)
+    return [{"schema_version": 3, "sweep": "s", "cell_id": f"{method}-{b}-{s}", "slug": f"{method}-{b}-{s}", "status": "ok", "task": "t",
+             "model": "m", "params_nonembed": 10**6, "budget": b, "seed": s, "method": method, "score": curve(b) + rng.normal(0, 0.01)}
+            for b in budgets for s in range(2) for method, curve in (("steer_mean", steering), ("lora", finetuning))]  # fmt: skip
+
+
+def test_a_d_star_the_measured_means_contradict_is_not_a_finding(tmp_path: Path) -> None:
+    """Steering that falls with data (0.65 → 0.45) is fitted as a flat line, and lora was placed past it at D* ≈ 14 in every
+    resample (the bootstrap redraws noise around the same wrong curve), while at D=16 steering's measured mean is still ahead."""
+    write_cells(tmp_path, _measured_rows(steering=lambda b: 0.70 - 0.025 * np.log2(b), finetuning=lambda b: 0.95 - 0.9 * b**-0.3))
+    summary = analysis.fit_results(str(tmp_path), bootstrap=100, seed=0)
+    (c,) = summary.analysis.crossovers
+    assert c.outcome == "crosses" and c.share == 1.0 and 4 < c.d_star < 16
+    assert c.disputed.startswith("at D=16 steer_mean is still ahead by 0.0") and "do not show it: at D=16" in c.verdict
+    assert "between the measured budgets 4 and 16" in c.verdict
+    (line,) = [line for line in summary.to_text().splitlines() if "of resamples agree" in line]
+    assert line.endswith("100% of resamples agree (not a finding: the measured means disagree)"), line
+
+
+def test_a_d_star_says_which_measured_budgets_bracket_it() -> None:
+    """Between two measured budgets D* is the laws' interpolation: the data only say it lies between them."""
+    levels = {4: 0.5, 32: 0.85, 256: 0.86, 1024: 0.87}
+    rows = _measured_rows(steering=lambda b: 0.70 - 0.1 * b**-0.5, finetuning=levels.get, budgets=tuple(levels))
+    (c,) = find_crossovers(fit_curves(pd.DataFrame(rows), metric="score", bootstrap=100, seed=0))
+    assert c.outcome == "crosses" and 4 < c.d_star < 32 and c.disputed == ""
+    assert c.verdict.endswith("(between the measured budgets 4 and 32)")
