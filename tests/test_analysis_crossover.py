@@ -317,6 +317,13 @@ def test_a_d_star_trend_is_stated_only_with_an_interval(lo: float, hi: float, st
     assert ("1 D* trend(s) across models have no interval" in text) == (stated is None), text
 
 
+def test_a_trend_does_not_say_fine_tuning_never_overtakes_on_the_models_it_leaves_out() -> None:
+    """Left out are models tied or crossing twice too, where fine-tuning does overtake (in the middle of the range)."""
+    trend = CrossoverScaling("t", "steer_mean", "lora", "params", 0.5, 0.3, 0.7, 3, 5, 0.1)
+    assert "the other 2 have no single crossing where it overtakes inside the range (ahead or behind throughout, tied" in trend.describe()
+    assert "does not overtake" not in trend.describe()
+
+
 def _budget_curve(method: str, e: float, b: float, beta: float) -> SimpleNamespace:
     """Just what `crossover` reads of a fitted budget curve, without resamples."""
     return SimpleNamespace(task="t", model="m", n_params=1e6, method=method, metric="score", boot=None,
