@@ -99,25 +99,35 @@ def _overview(a: Analysis) -> list[Block]:
 
 def _test_noise(a: Analysis) -> str | None:
     """What the bootstrap leaves out for fits whose rows do not all store their questions' outcomes (older
-    rows, a task that records none): every cell of a task is scored on the same test questions."""
+    rows, a task that records none; every cell of a task is scored on the same test questions), or store
+    them for test sets of different sizes (rows of two eval.test_size settings)."""
     ok = a.loaded.ok
     if a.metric == "nll" or not len(ok):
         return None
-    parts = []
+    parts, mixed = [], []
     for task, rows in ok.groupby("task"):
         boots = [f.boot for f in a.fits if f.task == task and f.boot is not None]
         seeds_only = sum(not boot.questions for boot in boots)
+        sizes = sorted({len(o) for o in rows.get("score_outcomes", pd.Series(dtype=object)) if isinstance(o, (list, tuple, np.ndarray))})
         noise = question_sampling_sd(rows[a.metric].to_numpy(dtype=float))
-        if seeds_only and noise is not None:
+        if seeds_only and len(sizes) > 1:
+            mixed.append(f"`{task}` ({seeds_only} of its {len(boots)} fits; {' and '.join(map(str, sizes))} questions)")
+        elif seeds_only and noise is not None:
             parts.append(f"`{task}` ({seeds_only} of its {len(boots)} fits) about {noise[0]} questions, ±{noise[1]:.2g} sd at its mean score")
-    if not parts:
-        return None
-    return ("Some fits' rows do not all store their test questions' outcomes (rows from before schema 3, or a task that records "
-            "none), so their intervals redraw seeds only, and every seed is scored on the same questions: they leave out how far "
-            "the scores would move on another draw of questions from the task (binomial, judged from the step the scores move in: "
-            + "; ".join(parts) + "). Methods share the questions, so that noise moves their curves partly together; a larger "
-            "eval.test_size shrinks it, and `steerscale run CONFIG --force` reruns the cells to store the outcomes. An interval "
-            "narrower than it is a statement about these questions.")
+    text = []
+    if mixed:
+        text.append("Some fits mix rows scored on test sets of different sizes (rows of another eval.test_size): "
+                    + "; ".join(mixed) + ". Their curves pool scores on different questions, and their intervals redraw "
+                    "seeds only (a resample cannot redraw two test sets as one); fit one setting's rows (`--planned-only`), or "
+                    "rerun the others at one eval.test_size.")  # fmt: skip
+    if parts:
+        text.append("Some fits' rows do not all store their test questions' outcomes (rows from before schema 3, or a task that records "
+                    "none), so their intervals redraw seeds only, and every seed is scored on the same questions: they leave out how far "
+                    "the scores would move on another draw of questions from the task (binomial, judged from the step the scores move in: "
+                    + "; ".join(parts) + "). Methods share the questions, so that noise moves their curves partly together; a larger "
+                    "eval.test_size shrinks it, and `steerscale run CONFIG --force` reruns the cells to store the outcomes. An interval "
+                    "narrower than it is a statement about these questions.")  # fmt: skip
+    return " ".join(text) or None
 
 
 def _findings(a: Analysis) -> list[Block]:

@@ -103,6 +103,21 @@ def test_the_report_states_the_questions_noise_only_where_it_could_not_redraw_th
     assert "redraws the task's test questions" in markdown and "questions, ±" not in markdown
 
 
+def test_the_report_names_test_sets_of_two_sizes_as_the_reason_it_could_not_redraw_them(tmp_path) -> None:
+    """Rows of a rerun at another eval.test_size beside the earlier ones: every row stores its outcomes, so
+    "rows from before schema 3 … about 60 questions … rerun to store the outcomes" was wrong on every count."""
+    rows = rows_on_one_test_set(np.random.default_rng(2), outcomes=True)
+    shorter = [o[:20] for o in rows["score_outcomes"][:4]]
+    rows["score_outcomes"] = shorter + list(rows["score_outcomes"][4:])
+    rows.loc[:3, "score"] = [np.mean(o) for o in shorter]
+    rows = rows.assign(cell_id=[f"c{i}" for i in range(len(rows))], slug=lambda f: f["cell_id"], sweep="s", schema_version=3)
+    write_cells(tmp_path, rows.to_dict("records"))
+    analysis.write_report(str(tmp_path), bootstrap=20)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "mix rows scored on test sets of different sizes" in markdown and "`t` (1 of its 1 fits; 20 and 40 questions)" in markdown
+    assert "before schema 3" not in markdown
+
+
 def test_the_base_level_of_data_efficiency_moves_with_the_redrawn_questions() -> None:
     """D_x measures the gain over the base model, scored on the same questions: each resample's base level is the
     base cells' score on that resample's redrawn questions, not the one measured on these."""
