@@ -237,6 +237,14 @@ def cells_to_run(cells: list[PlannedCell], scan: StoreScan, *, force: bool, retr
     return [c for c in cells if c.cell_id not in scan.cells or (retry_failed and scan.cells[c.cell_id].status == "failed")]
 
 
+def count_line(sweep: str, cells: list[PlannedCell], scan: StoreScan, todo: list[PlannedCell]) -> str:
+    """What a run is about to do: with --force or --retry-failed some cells to run are stored already (it said
+    "0 already stored, 8 to run" for 8 stored cells that --force replaced)."""
+    stored = sum(c.cell_id in scan.cells for c in cells)
+    again = sum(c.cell_id in scan.cells for c in todo)
+    return f"sweep {sweep}: {len(cells)} cells, {stored} already stored, {len(todo)} to run" + (f" ({again} of them stored ones, run again)" if again else "")
+
+
 def _note_other_sweeps(sweep: str, config: str, scan: StoreScan) -> None:
     """Say when the results directory holds another sweep's rows: `fit DIR` fits every row there together."""
     others = Counter(cell.sweep for cell in scan.cells.values() if cell.sweep != sweep)
@@ -246,14 +254,14 @@ def _note_other_sweeps(sweep: str, config: str, scan: StoreScan) -> None:
               f"not rerun; `fit`/`report` of the directory fit every row together, `fit {config} --planned-only` this sweep's grid alone")  # fmt: skip
 
 
-def _prepare_locally(model: ModelSpec) -> None:
+def _prepare_locally(model: ModelSpec, *, progress: bool) -> None:
     """A local run builds each ladder rung and downloads each hub model here, once, instead of in
     every worker at once; one that cannot be had stops the run before any cell, naming it. (On a
     cluster, `--address`, the driver's machine may not be where the models are read.)"""
     from workers.run_cell import prepare_model
 
     try:
-        prepare_model(model)
+        prepare_model(model, progress=progress)
     except Exception as err:  # noqa: BLE001 - hub, network and build errors alike: re-raised as the config's problem
         raise ConfigError(f"model {model.id} cannot be loaded here: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
@@ -297,7 +305,7 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
     params = {}  # model sizes: the cost model's prior, from configs alone (ladder rungs: their recipes)
     for model in {c.config.model.id: c.config.model for c in cells}.values():
         if not args.address:
-            _prepare_locally(model)
+            _prepare_locally(model, progress=not args.no_progress)
         try:
             params[model.id] = float(estimated_params(model))
         except OSError as err:  # a hub config this driver cannot fetch: the cost model learns that model's cost from its cells
@@ -343,7 +351,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.adaptive:
         return _run_adaptive(args, spec, cells, store)
     todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)
-    print(f"sweep {spec.sweep}: {len(cells)} cells, {len(cells) - len(todo)} already stored, {len(todo)} to run")
+    print(count_line(spec.sweep, cells, scan, todo))
     _note_unfittable(cells)
     _note_other_sweeps(spec.sweep, args.config, scan)
     running = {c.cell_id for c in todo}
@@ -352,7 +360,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{waiting} stored cells failed and are not rerun; rerun them with --retry-failed (`steerscale status` shows their errors)")
     if not args.address:
         for model in {c.config.model.id: c.config.model for c in todo}.values():
-            _prepare_locally(model)
+            _prepare_locally(model, progress=not args.no_progress)
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,
                         dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
     print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -312,3 +313,16 @@ def test_ctrl_c_in_a_forced_run_does_not_say_the_same_command_resumes():
     assert _how_to_resume(argparse.Namespace(force=False)) == "rerun the same command to resume"
     forced = _how_to_resume(argparse.Namespace(force=True))
     assert "rerun without --force" in forced and "resume" not in forced
+
+
+def test_a_forced_run_counts_the_stored_cells_it_runs_again():
+    """`run --force` over 8 stored cells said "0 already stored, 8 to run"."""
+    from orchestrator.cli import count_line
+    from orchestrator.store import StoreScan
+
+    cells = [SimpleNamespace(cell_id=f"c{i}") for i in range(8)]
+    scan = StoreScan(cells={f"c{i}": SimpleNamespace(status="ok" if i < 5 else "failed") for i in range(8)})
+    assert count_line("s", cells, scan, cells) == "sweep s: 8 cells, 8 already stored, 8 to run (8 of them stored ones, run again)"
+    assert count_line("s", cells, scan, cells[5:]) == "sweep s: 8 cells, 8 already stored, 3 to run (3 of them stored ones, run again)"
+    assert count_line("s", [*cells, SimpleNamespace(cell_id="new")], scan, cells[8:] + [SimpleNamespace(cell_id="new")]) == \
+        "sweep s: 9 cells, 8 already stored, 1 to run"

@@ -132,3 +132,16 @@ def test_default_ladder_heldout_loss_falls_with_size(default_ladder: list[str]) 
     assert [info["params_nonembed"] for info in infos] == sorted(info["params_nonembed"] for info in infos)
     assert losses[-1] < losses[0], losses
     assert spearmanr(range(len(losses)), losses).statistic <= -0.8, losses
+
+
+def test_a_run_that_builds_a_rung_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`steerscale run` pretrains a rung that is not cached before its cells (minutes on the default ladder): it did so
+    without a word or a bar, so a user saw the run hang after "N to run"."""
+    from workers.cell import ModelSpec
+    from workers.run_cell import prepare_model
+
+    monkeypatch.setenv("STEERSCALE_CACHE", str(tmp_path))
+    prepare_model(ModelSpec(id="ladder:test/xs"), progress=True)
+    assert "ladder test/xs: not cached in" in capsys.readouterr().err
+    prepare_model(ModelSpec(id="ladder:test/xs"), progress=True)
+    assert "not cached" not in capsys.readouterr().err  # built once: nothing more to say

@@ -104,12 +104,12 @@ def model_revision(spec: ModelSpec) -> str | None:
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
-def prepare_model(spec: ModelSpec) -> str:
+def prepare_model(spec: ModelSpec, *, progress: bool = False) -> str:
     """Make the model available before cells need it: build a ladder rung, or download a hub model's
     files into the local hub cache, once, here (a local run's driver) instead of in every worker at
     once. A hub model that cannot be fetched fails here, once, instead of in each of its cells after
     a network timeout. Returns the path `from_pretrained` reads."""
-    path = resolve_path(spec)
+    path = resolve_path(spec, progress=progress)
     if is_hub_model(spec):
         from huggingface_hub import snapshot_download
 

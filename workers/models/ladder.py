@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -235,6 +236,8 @@ def ensure_built(size: str, recipe: str = "default", *, progress: bool = True) -
             return final
         for stale in final.parent.glob(f".{size}-*"):  # a save killed midway (SIGTERM runs no `finally`); ours to clear under the lock
             shutil.rmtree(stale, ignore_errors=True)
+        if progress:  # the bar goes when it ends: say what the minutes were for
+            print(f"ladder {recipe}/{size}: not cached in {final.parent}, pretraining it once (minutes)", file=sys.stderr)
         started, cpu_started = time.perf_counter(), time.process_time()
         model = pretrain(size, recipe, progress=progress)
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started

@@ -47,8 +47,9 @@ def ladder_revision(spec: ModelSpec) -> str | None:
     return ladder.recipe_hash(parse_ladder_id(spec.id)[0])
 
 
-def resolve_path(spec: ModelSpec) -> str:
-    """Where `from_pretrained` should look: a built ladder directory, or the id itself."""
+def resolve_path(spec: ModelSpec, *, progress: bool = False) -> str:
+    """Where `from_pretrained` should look: a built ladder directory, or the id itself (a rung not cached
+    is pretrained first, with a progress bar if asked: minutes)."""
     if not spec.id.startswith(LADDER_PREFIX):
         return spec.id
     from workers.models import ladder  # imported here: hub models need no ladder code
@@ -59,7 +60,7 @@ def resolve_path(spec: ModelSpec) -> str:
             f"{spec.id}: the cell was planned for ladder recipe hash {spec.revision}, but the recipe "
             f"now hashes to {ladder.recipe_hash(recipe)}; re-plan the sweep"
         )
-    return str(ladder.ensure_built(size, recipe, progress=False))
+    return str(ladder.ensure_built(size, recipe, progress=progress))
 
 
 def is_hub_model(spec: ModelSpec) -> bool:
