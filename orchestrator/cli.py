@@ -520,7 +520,9 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
                           workers=args.workers or default_workers(), planned_only=args.planned_only,
                           plan=_plan_to_fit(args.results_dir))  # fmt: skip
     except (NoResultsError, ReportLocationError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        relative = isinstance(err, NoResultsError) and _is_sweep_yaml(args.results_dir) and results_dir.startswith(os.getcwd() + os.sep)
+        where = f" ({args.results_dir}'s results_dir is read from the current directory, {os.getcwd()}: run from where the sweep ran)"
+        print(f"error: {err}{where if relative else ''}", file=sys.stderr)
         return 2
     print(summary.to_text())
     frame = summary.analysis.loaded.frame

@@ -122,7 +122,8 @@ def test_a_sweep_yamls_relative_results_dir_is_named_in_full_when_nothing_is_the
     assert out.startswith(f"{elsewhere / 'res'}: 0 ok, 0 failed, ")
     assert f"nothing is stored at {elsewhere / 'res'} yet (a relative results_dir is read from the current directory, {elsewhere})" in out
     assert main(["fit", str(config)]) == 2
-    assert f"no results directory {elsewhere / 'res'}" in capsys.readouterr().err
+    err = capsys.readouterr().err  # given the YAML, "give a sweep's results_dir, or its YAML" alone read as a wrong argument
+    assert f"no results directory {elsewhere / 'res'}" in err and f"results_dir is read from the current directory, {elsewhere}" in err
 
 
 def test_an_empty_out_is_refused_not_read_as_the_current_directory(tmp_path: Path, monkeypatch, capsys) -> None:
