@@ -626,9 +626,10 @@ def write_report(
         raise ReportLocationError(f"{results_dir} is not on a local disk: give a local directory for the report's plots and pages (--out DIR)")
     a = analyse(load_rows_to_fit(results_dir, planned_only=planned_only, plan=plan), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
     out = Path(out_dir) if out_dir is not None else Path(root) / "report"
-    if keeps_earlier(a, (out / "report.md").exists() or saved_before(results_dir, "fits.json")):
+    if keeps_earlier(a, (out / "report.md").exists()):
         return FitSummary(a, {})
-    paths = save_fits(results_dir, a)
+    # the fits apart from the report: an empty fits.json that `fit` wrote first must not keep a first report from being written
+    paths = {} if keeps_earlier(a, saved_before(results_dir, "fits.json")) else save_fits(results_dir, a)
     out.mkdir(parents=True, exist_ok=True)
     earlier_report = (out / "report.md").exists()  # plots are only cleaned up where a report was before (--out may be any dir)
     decisions = read_decisions(results_dir)

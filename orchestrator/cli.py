@@ -527,8 +527,8 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     print(summary.to_text())
     frame = summary.analysis.loaded.frame
     if not len(frame) or not (frame["status"] == "ok").any():  # a script (CI) must not read "nothing to fit" as success
-        print(f"error: {args.results_dir} holds no ok rows to fit (see above: failed rows, unreadable files); any earlier "
-              "fit and report are kept as they were", file=sys.stderr)  # fmt: skip
+        kept = "; the earlier fit and report are kept as they were" if not summary.paths else ""
+        print(f"error: {args.results_dir} holds no ok rows to fit (see above: failed rows, unreadable files){kept}", file=sys.stderr)
         return 1
     if report:
         print(f"report: {summary.report_page}")

@@ -160,3 +160,23 @@ def test_fit_and_report_of_rows_with_nothing_to_fit_exit_non_zero(tmp_path: Path
     assert f"error: {tmp_path / 'r'} holds no ok rows to fit" in capsys.readouterr().err
     # nothing to fit does not replace an earlier fit or report with an empty one
     assert all(path.read_text() == text for path, text in earlier.items()) and not (tmp_path / "r" / "fits.parquet").exists()
+
+
+def test_a_sweep_that_only_failed_gets_its_empty_report_after_fit_ran_first(tmp_path: Path, capsys) -> None:
+    """`fit` wrote the empty fits.json, which `report` then took for an earlier fit to keep: no report at all, and
+    `fit` said "any earlier fit and report are kept" right after "wrote …/fits.json"."""
+    from datetime import datetime, timezone
+
+    from orchestrator.store import ResultsStore
+    from workers.schema import SCHEMA_VERSION
+
+    now = datetime.now(timezone.utc)
+    ResultsStore(str(tmp_path / "r")).write({"schema_version": SCHEMA_VERSION, "sweep": "s", "cell_id": "a", "slug": "a",
+                                             "status": "failed", "error": "boom", "started_at": now, "finished_at": now})  # fmt: skip
+    assert main(["fit", str(tmp_path / "r"), "--bootstrap", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "holds no ok rows to fit" in err and "kept" not in err and (tmp_path / "r" / "fits.json").exists()
+    assert main(["report", str(tmp_path / "r"), "--bootstrap", "0"]) == 1
+    assert (tmp_path / "r" / "report" / "report.md").exists() and "kept" not in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "r"), "--bootstrap", "0"]) == 1  # now there is one to keep
+    assert "the earlier fit and report are kept as they were" in capsys.readouterr().err
