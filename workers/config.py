@@ -162,6 +162,12 @@ def _misplaced_hint(cls: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
     return next(filter(None, hints), None)
 
 
+def _colon_hint(key: str, valid: list[str]) -> str | None:
+    """`{max_steps:40}` is one key to YAML, `max_steps:40`: a colon needs a space after it to end a key."""
+    name, colon, value = key.partition(":")
+    return f"YAML read '{key}' as one key: write '{name}: {value}', a space after the colon" if colon and name.strip() in valid else None
+
+
 def _field_paths(cls: type[BaseModel], depth: int = 0) -> list[tuple[str, ...]]:
     """Every key path the config class takes, a list's items as N (`models.N.gpus_per_cell`, `eval.test_size`)."""
     paths = []
@@ -264,7 +270,7 @@ def format_errors(cls: type[BaseModel], err: ValidationError, prefix: str = "") 
         if e["type"] == "extra_forbidden":
             valid = _fields_at(cls, loc[:-1])
             where = _elsewhere(cls, loc, prefix)
-            hint = _misplaced_hint(cls, loc) or (f"it goes at {where}" if where else None)
+            hint = _misplaced_hint(cls, loc) or (f"it goes at {where}" if where else None) or _colon_hint(str(loc[-1]), valid)
             keys = f"; valid keys: {', '.join(valid)}" if valid else "; it takes no settings (give it {})"
             lines[(loc, i)] = ([f"unknown key{f' ({hint})' if hint else did_you_mean(str(loc[-1]), valid)}"], keys)
             continue
