@@ -14,6 +14,7 @@ for a node. The driver is the only writer of the store.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -307,7 +308,9 @@ def run_cells(
 
     for cell in longest_first(cells):
         enqueue(cell, 1)
-    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True)
+    # Into a log file (not a terminal) every redraw is kept, thousands per sweep: there, one every half minute.
+    terminal = sys.stderr.isatty()
+    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True, mininterval=0.1 if terminal else 30)
     last_heartbeat = time.monotonic()
     try:
         dispatch()
@@ -360,7 +363,7 @@ def run_cells(
             stop_overdue()
             check_waits()
             dispatch()
-            show_counts()
+            show_counts(refresh=terminal)  # in a log, with the next update instead
         unplaced = sum(len(q) for by_model in queues.values() for q in by_model.values())
         if unplaced:  # check_fits passed, so the cluster shrank (a node or the local raylet died); never return as if they had run
             raise ClusterShrankError(
