@@ -494,8 +494,9 @@ def _selectivity(a: Analysis) -> list[Block]:
                      "explicitly (the elicited prompt), 1 = all of it (past 1: beyond it); - when the task has no elicited prompt or that gap is "
                      "negative or under two questions of the test set (a share of it would be noise). Neutral KL: "
                      "shift of the next-token distribution on neutral text (nats per token). Off-task: score change on the "
-                     "sweep's other tasks. Means over seeds, each method at the largest budget all of them share on that model (else its "
-                     "own largest); every budget is in the selectivity plots.")  # fmt: skip
+                     "sweep's other tasks. Means over seeds, on each task's largest model only (the model column), each method at "
+                     "the largest budget all of them share on that model (else its own largest); every model and budget is in the "
+                     "selectivity plots.")  # fmt: skip
     return [heading, note, Table(("task", "model", "method", "budget", "gain", "gap closed", "neutral KL", "off-task Δ"), rows)]
 
 
