@@ -199,6 +199,9 @@ def run_adaptive(
         if design:
             choices = _within(design, flops_left, cells_left)
             echo(f"round {round_}: design, {len(design)} cells needed before every curve can be fitted")
+            if len(design) > cells_left:  # said now, not after the run has spent what it may
+                echo(f"  note: --max-cells {settings.max_cells:g} leaves room for {max(0, int(cells_left))} of them: nothing can be "
+                     f"fitted within it (it needs at least {len(status) + len(design)})")  # fmt: skip
         else:
             resamples = settings.bootstrap
             fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -294,6 +295,16 @@ def test_a_curve_whose_cells_all_fail_is_given_up_and_the_other_curves_are_fitte
     assert sum(c.cell_id in world.ran for c in broken) == GIVE_UP_FAILURES
     assert sorted(t.name for t in outcome.targets) == ["facts/sim-m steer_mean->lora", "facts/sim-s steer_mean->lora"]
     assert "given up, left unfitted: facts/lora/sim-l (6 cells failed)" in outcome.stop_reason, outcome.stop_reason
+
+
+def test_a_cell_budget_below_the_design_says_so_before_it_runs(tmp_path):
+    """`--max-cells 20` when the design needs more ran its 20 cells and only then said nothing could be fitted."""
+    cells, store, lines = grid(), ResultsStore(str(tmp_path)), []
+    world = World(store)
+    outcome = run_adaptive(cells, store, world, Settings(max_cells=20, target_width=0.05, batch_size=6, bootstrap=200), MODELS, echo=lines.append)
+    needed = int(re.search(r"design, (\d+) cells needed", lines[0]).group(1))
+    assert needed > 20 and lines[1] == f"  note: --max-cells 20 leaves room for 20 of them: nothing can be fitted within it (it needs at least {needed})"
+    assert "the design is incomplete" in outcome.stop_reason
 
 
 def test_a_grid_whose_steering_and_fine_tuning_budgets_do_not_overlap_has_no_crossover_to_narrow(tmp_path):
