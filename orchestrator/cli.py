@@ -666,9 +666,11 @@ def main(argv: list[str] | None = None) -> int:
     ray = sys.modules.get("ray")
     ray_was_up = ray is not None and ray.is_initialized()  # a caller's Ray (a notebook's) is the caller's to stop
     ctrl_c = _CtrlC()
-    # only in place of Python's own handler: an ignored SIGINT (nohup) or a host's handler is left as it is
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # only in place of Python's own handlers: an ignored SIGINT (nohup) or a host's handler is left as it is
+    main_thread = threading.current_thread() is threading.main_thread()
+    ours = main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     previous = signal.signal(signal.SIGINT, ctrl_c) if ours else None
+    previous_term = signal.signal(signal.SIGTERM, ctrl_c) if main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else None
     try:
         return args.func(args)
     except BrokenPipeError:  # `steerscale status DIR | head`: the reader has gone, so stop quietly
@@ -680,16 +682,19 @@ def main(argv: list[str] | None = None) -> int:
     except SweepStoppedError as err:  # an expected outcome on a real cluster, not a bug: no traceback
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         done = "; every finished row is stored: " + _how_to_resume(args) if args.command == "run" else ""
-        print(f"\ninterrupted{done}", file=sys.stderr)
-        return 130  # 128 + SIGINT, as a shell reports it
+        terminated = isinstance(stop, _Terminated)
+        print(f"\n{'terminated' if terminated else 'interrupted'}{done}", file=sys.stderr)
+        return 143 if terminated else 130  # 128 + the signal, as a shell reports it
     finally:
         ctrl_c.held = True  # first, and not a call: see _CtrlC
         if not ray_was_up:
             _disconnect_ray()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 def _how_to_resume(args: argparse.Namespace) -> str:
@@ -700,10 +705,15 @@ def _how_to_resume(args: argparse.Namespace) -> str:
             "rows, or with --force to rerun every cell again")  # fmt: skip
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, Slurm, Kubernetes stopping a run): handled as Ctrl-C is, exit status 143."""
+
+
 class _CtrlC:
-    """The SIGINT handler while a command runs: Ctrl-C raises KeyboardInterrupt, as Python's own handler
-    does, until `held` is set as the command ends; then it is dropped, so that it cannot break off the
-    Ray shutdown that follows (a traceback, and Ray's agents left running, orphaned).
+    """The SIGINT and SIGTERM handler while a command runs: Ctrl-C raises KeyboardInterrupt, as Python's own
+    handler does (SIGTERM, whose default ends the process on the spot, `_Terminated`), until `held` is set as the
+    command ends; then it is dropped, so that it cannot break off the Ray shutdown that follows (a traceback,
+    and Ray's agents left running, orphaned).
 
     A flag, not a swap to SIG_IGN: Python runs a handler at its next check for signals (a call, a function's
     entry, a loop's jump back), so a Ctrl-C landing just before the swap was raised inside `signal.signal`
@@ -715,7 +725,7 @@ class _CtrlC:
 
     def __call__(self, signum: int, frame: object) -> None:
         if not self.held:
-            raise KeyboardInterrupt
+            raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def _disconnect_ray() -> None:

@@ -14,7 +14,9 @@ for a node. The driver is the only writer of the store.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -73,14 +75,22 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
     """
     if ray.is_initialized():
         return None
-    if address:
-        check_listening(address)
-        try:
-            context = ray.init(address=address, log_to_driver=False)
-        except ConnectionError as err:
-            raise unreachable(address, err) from err
-    else:
-        context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
+    # ray.init puts its own SIGTERM handler in (sys.exit, after a C++ stack dump on stderr): the caller's
+    # stays, so that `timeout`, Slurm or Kubernetes stopping a run ends it as Ctrl-C does (cli.main)
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    sigterm = sigterm if callable(sigterm) else None  # the default would end the process before Ray's shutdown: Ray's then
+    try:
+        if address:
+            check_listening(address)
+            try:
+                context = ray.init(address=address, log_to_driver=False)
+            except ConnectionError as err:
+                raise unreachable(address, err) from err
+        else:
+            context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
     return context.dashboard_url or None
 
 

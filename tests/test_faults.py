@@ -131,14 +131,17 @@ def test_driver_sigkilled_mid_sweep_resumes_without_duplicates(tmp_path, test_la
     assert rows.cell_id.is_unique and len(rows) == 16 and (rows.status == "ok").all()
 
 
-def test_ctrl_c_mid_sweep_says_how_to_resume_and_a_rerun_finishes(tmp_path, test_ladder):
+@pytest.mark.parametrize("sent, status, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_mid_sweep_says_how_to_resume_and_a_rerun_finishes(tmp_path, test_ladder, sent, status, said):
+    """SIGTERM too (`timeout`, Slurm, Kubernetes): Ray's handler printed a C++ stack dump and exited 15, saying nothing."""
     path = _spec(tmp_path, test_ladder)
     results = tmp_path / "results"
     driver = _driver_past_three_rows(path, results, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(sent)
     out, err = driver.communicate(timeout=120)
-    assert driver.returncode == 130, err[-3000:]
-    assert "interrupted; every finished row is stored: rerun the same command to resume" in err and "Traceback" not in err, err[-3000:]
+    assert driver.returncode == status, err[-3000:]
+    assert f"{said}; every finished row is stored: rerun the same command to resume" in err and "Traceback" not in err, err[-3000:]
+    assert "SIGTERM received" not in err, err[-3000:]
     again = subprocess.run(_cli("run", str(path), "--no-progress", "--no-dashboard"), capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "were left alone" not in again.stdout, again.stdout + again.stderr[-3000:]  # no claim left behind
     rows = _rows(results)
