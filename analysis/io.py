@@ -218,7 +218,7 @@ def _on_current_task_data(frame: pd.DataFrame) -> pd.Series:
         return pd.Series(True, index=frame.index)
     versions = frame["versions"] if "versions" in frame else pd.Series(None, index=frame.index)
     recorded = pd.Series([_task_data_version(v, task) for v, task in zip(versions, frame["task"])], index=frame.index)
-    return recorded == recorded.groupby(frame["task"]).transform("max")
+    return recorded == recorded.groupby(frame["task"], dropna=False).transform("max")  # a row naming no task (a failed one) is not older
 
 
 def unplanned_note(loaded: LoadedResults) -> str:
