@@ -273,7 +273,8 @@ class Target:
     def describe(self) -> str:
         lo, hi = self.interval
         mark = "done" if self.resolved else "open"
-        return f"{self.unit} {self.name}: [{lo:.3g}, {hi:.3g}] width {self.width:.3g} (goal {self.goal:.3g}, {mark}){self.note}"
+        budgets = f" (D* {10**lo:.3g} to {10**hi:.3g} examples)" if self.unit == "log10 D*" else ""  # what [0.602, 2.11] means
+        return f"{self.unit} {self.name}: [{lo:.3g}, {hi:.3g}]{budgets} width {self.width:.3g} (goal {self.goal:.3g}, {mark}){self.note}"
 
 
 def crossover_samples(steer: CurveFit, tune: CurveFit) -> tuple[np.ndarray, float]:

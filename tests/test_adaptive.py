@@ -598,3 +598,12 @@ def test_a_fitted_curve_whose_later_cells_fail_is_not_called_given_up():
     failed = {c.cell_id: "failed" for c in cells[-GIVE_UP_FAILURES:]}
     assert given_up(cells, {**ok, **failed}) == {}
     assert given_up(cells, failed) == {("facts", "lora", "sim-l"): GIVE_UP_FAILURES}
+
+
+def test_a_crossover_target_says_its_interval_in_examples_too():
+    """`log10 D* …: [0.602, 2.11]` left the user to work out 10^0.602 = 4 and 10^2.11 = 128 examples."""
+    from orchestrator.acquisition import Target
+
+    target = Target("facts/sim-s steer_mean->lora", "log10 D*", (), np.log10(np.array([4.0, 16.0, 128.0] * 40)), goal=0.3)
+    assert "[0.602, 2.11] (D* 4 to 128 examples) width 1.51 (goal 0.3, open)" in target.describe()
+    assert "examples" not in Target("x", "beta", (), np.array([0.2, 0.4] * 40), goal=0.3).describe()
