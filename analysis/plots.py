@@ -134,7 +134,7 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     An interval end outside the measured range (a censored D*) is drawn to the range's edge. Each panel's
     x-range is its points', padded (one model's too); the title explains the held-out error only where a
     trend's legend shows one, as with fewer than three models there is none."""
-    found = [c for c in analysis.crossovers if c.task == task and c.outcome == "crosses"]
+    found = [c for c in analysis.crossovers if c.task == task and c.outcome == "crosses" and not c.disputed]  # as the trends take them
     table = analysis.capabilities[analysis.capabilities["task"] == task].set_index("model")
     x_of = {a.name: table[a.name].reindex([c.model for c in found]).to_numpy(float) for a in AXES.values() if a.name in table}
     axes = [AXES[name] for name, x in x_of.items() if np.isfinite(x).any()]  # an axis no D* has a value on: an empty panel

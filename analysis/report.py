@@ -155,7 +155,8 @@ def _findings(a: Analysis) -> list[Block]:
     shared = [c for c in a.crossovers if np.isfinite(c.share)]
     if len(shared) >= 10:  # a family of comparisons: say what the per-pair threshold means across it
         firm = sum(c.share >= CI_LEVEL and not c.disputed for c in shared)
-        lines.append(f"{firm} of the {len(shared)} crossover outcomes have {CI_LEVEL:.0%} of the resamples agreeing. The share is each "
+        lines.append(f"{firm} of the {len(shared)} crossover outcomes are firm ({CI_LEVEL:.0%} of the resamples agreeing, the measured "
+                     "means not disputing them). The share is each "
                      "pair's own, not corrected for the number of pairs (composition gains are, with Holm's correction): where "
                      "the truth is a tie, roughly one pair in ten to twenty still reaches it by chance (either side can), so a lone "
                      "firm outcome among many pairs is weaker evidence than its share says.")  # fmt: skip

@@ -199,7 +199,7 @@ def run_adaptive(
         if design:
             choices = _within(design, flops_left, cells_left)
             echo(f"round {round_}: design, {len(design)} cells needed before every curve can be fitted")
-            if len(design) > cells_left:  # said now, not after the run has spent what it may
+            if 0 < cells_left < len(design):  # said now, not after the run has spent what it may (at 0 the stop says it)
                 echo(f"  note: --max-cells {settings.max_cells:g} leaves room for {max(0, int(cells_left))} of them: nothing can be "
                      f"fitted within it (it needs at least {len(status) + len(design)})")  # fmt: skip
         else:

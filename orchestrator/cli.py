@@ -81,6 +81,16 @@ def _results_dir(given: str) -> str:
     return given
 
 
+def _relative_results_dir(given: str) -> bool:
+    """Whether `given` is a sweep YAML whose results_dir is a relative path (read from the current directory)."""
+    if not _is_sweep_yaml(given):
+        return False
+    from orchestrator.spec import load_spec
+
+    found = load_spec(given, [], check_models=False).results_dir
+    return "://" not in found and not os.path.isabs(found)
+
+
 def _yaml_grid(path: str) -> list[dict]:
     """A sweep YAML's own planned cells, as plan.json lists them."""
     from orchestrator.spec import load_spec
@@ -520,14 +530,14 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
                           workers=args.workers or default_workers(), planned_only=args.planned_only,
                           plan=_plan_to_fit(args.results_dir))  # fmt: skip
     except (NoResultsError, ReportLocationError) as err:
-        relative = isinstance(err, NoResultsError) and _is_sweep_yaml(args.results_dir) and results_dir.startswith(os.getcwd() + os.sep)
-        where = f" ({args.results_dir}'s results_dir is read from the current directory, {os.getcwd()}: run from where the sweep ran)"
-        print(f"error: {err}{where if relative else ''}", file=sys.stderr)
+        where = f" ({args.results_dir}'s results_dir is relative, so read from the current directory, {os.getcwd()})"
+        print(f"error: {err}{where if isinstance(err, NoResultsError) and _relative_results_dir(args.results_dir) else ''}", file=sys.stderr)
         return 2
     print(summary.to_text())
     frame = summary.analysis.loaded.frame
     if not len(frame) or not (frame["status"] == "ok").any():  # a script (CI) must not read "nothing to fit" as success
-        kept = "; the earlier fit and report are kept as they were" if not summary.paths else ""
+        old = [what for what, file in (("fit", "fits.json"), ("report", "report.html")) if file not in summary.paths and (report or what == "fit")]
+        kept = f"; the earlier {' and '.join(old)} {'is' if len(old) == 1 else 'are'} kept as {'it was' if len(old) == 1 else 'they were'}" if old else ""
         print(f"error: {args.results_dir} holds no ok rows to fit (see above: failed rows, unreadable files){kept}", file=sys.stderr)
         return 1
     if report:

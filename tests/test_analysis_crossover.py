@@ -287,6 +287,16 @@ def _three_crossing(resamples: int) -> tuple[list[Crossover], pd.DataFrame]:
     return found[:3], capabilities
 
 
+def test_a_disputed_d_star_is_left_out_of_the_trend() -> None:
+    """A D* the measured means contradict is no finding, so no line through it is one either."""
+    found, capabilities = _three_crossing(200)
+    (trend,) = crossover_scaling(found, capabilities, get_axis("params"))
+    assert (trend.n_models, trend.n_pairs) == (3, 3)
+    found[1] = dataclasses.replace(found[1], disputed="at D=16 steer_mean is still ahead by 0.04")
+    (trend,) = crossover_scaling(found, capabilities, get_axis("params"))
+    assert (trend.n_models, trend.n_pairs) == (2, 3) and not trend.enough_models
+
+
 def test_a_model_the_point_trend_leaves_out_stays_out_of_every_resample() -> None:
     """A fourth model on which steering stays ahead (so γ leaves it out) whose resampled curves all cross at D* = 4:
     each resample's line went through it too, and the interval came out [−0.19, −0.11], nowhere near γ = 0.5."""
@@ -331,7 +341,7 @@ def test_many_crossovers_come_with_what_their_shares_mean_across_them(pairs: int
     a = SimpleNamespace(fits=[], scaling=[], crossovers=found, compositions=[], unchanged=[], metric="score",
                         loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))  # fmt: skip
     text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
-    assert (f"{pairs - pairs // 3} of the {pairs} crossover outcomes have 95% of the resamples agreeing" in text) == (pairs >= 10), text
+    assert (f"{pairs - pairs // 3} of the {pairs} crossover outcomes are firm (95% of the resamples agreeing" in text) == (pairs >= 10), text
 
 
 def _budget_curve(method: str, e: float, b: float, beta: float) -> SimpleNamespace:
@@ -439,14 +449,20 @@ def _measured_rows(steering, finetuning, budgets=(4, 16, 64, 256, 1024)) -> list
             for b in budgets for s in range(2) for method, curve in (("steer_mean", steering), ("lora", finetuning))]  # fmt: skip
 
 
-def test_a_d_star_the_measured_means_contradict_is_not_a_finding(tmp_path: Path) -> None:
-    """Steering that falls with data (0.65 → 0.45) is fitted as a flat line, and lora was placed past it at D* ≈ 14 in every
-    resample (the bootstrap redraws noise around the same wrong curve), while at D=16 steering's measured mean is still ahead."""
-    write_cells(tmp_path, _measured_rows(steering=lambda b: 0.70 - 0.025 * np.log2(b), finetuning=lambda b: 0.95 - 0.9 * b**-0.3))
+FALLING, RISING = (lambda b: 0.70 - 0.025 * np.log2(b)), (lambda b: 0.95 - 0.9 * b**-0.3)
+
+
+@pytest.mark.parametrize("steering, finetuning, outcome, ahead", [
+    (FALLING, RISING, "crosses", "steer_mean"), (RISING, FALLING, "steering_overtakes", "lora"),
+])  # fmt: skip
+def test_a_d_star_the_measured_means_contradict_is_not_a_finding(tmp_path: Path, steering, finetuning, outcome, ahead) -> None:
+    """A curve that falls with data (0.65 → 0.45) is fitted as a flat line, and the other was placed past it at D* ≈ 14 in every
+    resample (the bootstrap redraws noise around the same wrong curve), while at D=16 the falling one's measured mean is still ahead."""
+    write_cells(tmp_path, _measured_rows(steering=steering, finetuning=finetuning))
     summary = analysis.fit_results(str(tmp_path), bootstrap=100, seed=0)
     (c,) = summary.analysis.crossovers
-    assert c.outcome == "crosses" and c.share == 1.0 and 4 < c.d_star < 16
-    assert c.disputed.startswith("at D=16 steer_mean is still ahead by 0.0") and "do not show it: at D=16" in c.verdict
+    assert c.outcome == outcome and c.share == 1.0 and 4 < c.d_star < 16
+    assert c.disputed.startswith(f"at D=16 {ahead} is still ahead by 0.0") and "do not show it: at D=16" in c.verdict
     assert "between the measured budgets 4 and 16" in c.verdict
     (line,) = [line for line in summary.to_text().splitlines() if "of resamples agree" in line]
     assert line.endswith("100% of resamples agree (not a finding: the measured means disagree)"), line

@@ -343,6 +343,7 @@ def test_sections_written_with_nothing_under_them_take_their_defaults(tmp_path):
     ("methods.lora.lr=0.1", "methods.lora.lr: unknown key (it goes at methods.lora.train.lr)"),
     ("models.0.dtype=float32", None),  # a key where it belongs is no error
     ("methods.lora.train={max_steps:40}", "YAML read 'max_steps:40' as one key: write 'max_steps: 40', a space after the colon"),
+    ("methods.lora.train=max_steps:40", "YAML read 'max_steps:40' as text: write 'max_steps: 40', a space after the colon"),  # block style
 ])  # fmt: skip
 def test_a_key_of_the_config_written_in_the_wrong_section_says_where_it_goes(override, message, write_sweep):
     if message is None:

@@ -278,6 +278,9 @@ def format_errors(cls: type[BaseModel], err: ValidationError, prefix: str = "") 
         given = _as_yaml(e["input"]) if read_as else ""
         # the value as written is not to be had here (0755 arrives as 493): say to quote it, not what to write
         quote = f" (YAML read it as {read_as}, {given}: quote it as written to keep it text)" if read_as else ""
+        if e["type"] in ("dict_type", "model_type") and isinstance(e.get("input"), str) and ":" in e["input"]:
+            name, _, value = e["input"].partition(":")  # `train:` then `  max_steps:40`: one string to YAML, not a mapping
+            quote = f" (YAML read '{e['input']}' as text: write '{name}: {value}', a space after the colon)"
         described = _description_at(cls, loc)
         after = f" ({described[0]}: {described[1]})" if described else ""
         found, _ = lines.setdefault((loc, "union" if tagged else i), ([], after))
