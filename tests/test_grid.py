@@ -119,33 +119,20 @@ def test_id_changes_when_any_setting_changes(write_sweep):
 def test_cells_stored_before_a_setting_existed_keep_their_ids():
     """eval.selection_metric came later (cells chose on the score before): asked for by name, `score`
     gives the id such a cell was stored under (computed with the code of d7d4784), so a rerun skips
-    it; the new default (nll) is a different cell. The same for eval.neutral_min_words (96 before). (A method
-    whose computation changed since has a new id: lora's with `rank: 2` was 2d5a7d8ed5c228e51de6 until lora 2.)"""
+    it; the new default (nll) is a different cell. The same for eval.neutral_min_words (96 before)."""
     cell = CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts",
-                      method="steer_mean", method_config={"layers": [0.5]}, budget=16, seed=1)  # fmt: skip
+                      method="lora", method_config={"rank": 2}, budget=16, seed=1)  # fmt: skip
     old = cell.model_copy(update={"eval": cell.eval.model_copy(update={"selection_metric": "score", "neutral_min_words": 96})})
-    assert old.cell_id == "e4d083d7a05c914f49e3"
+    assert old.cell_id == "2d5a7d8ed5c228e51de6"
     assert cell.eval.selection_metric == "nll" and cell.eval.neutral_min_words == 48 and cell.cell_id != old.cell_id
     short_texts_by_score = old.model_copy(update={"eval": old.eval.model_copy(update={"neutral_min_words": 48})})
     assert short_texts_by_score.cell_id not in {old.cell_id, cell.cell_id}
 
 
-def _gradient_methods_at_version_1(monkeypatch) -> None:
-    """The gradient methods as they were before version 2 (`epochs` in full batches): ids stored before then."""
-    from workers.methods.full_ft import FullFt
-    from workers.methods.lora import Lora
-    from workers.methods.steer_trained import SteerTrained
-    from workers.methods.task_vector import TaskVector
-
-    for method in (Lora, FullFt, SteerTrained, TaskVector):
-        monkeypatch.setattr(method, "version", 1)
-
-
-def test_cells_reading_a_task_whose_examples_changed_get_new_ids(monkeypatch):
+def test_cells_reading_a_task_whose_examples_changed_get_new_ids():
     """arith and gridworld changed their splits (data version 2): a cell scoring either, as its task
     or off-task, must not find a row scored on the old questions; a facts cell that reads neither
-    keeps the id it was stored under (lora's before its version 2)."""
-    _gradient_methods_at_version_1(monkeypatch)
+    keeps the id it was stored under (the one above)."""
     facts = CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts",
                        method="lora", method_config={"rank": 2}, budget=16, seed=1,
                        eval=EvalConfig(selection_metric="score", neutral_min_words=96))  # fmt: skip
@@ -164,27 +151,23 @@ def test_cells_of_a_method_whose_computation_changed_get_new_ids(monkeypatch):
         return CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts", method=method,
                           method_config=resolve_config(method, {}).model_dump(mode="json"), budget=16, seed=1)  # fmt: skip
 
-    assert method_versions("prompt") == {"prompt": 2} == method_versions("prompt+steer_mean") and method_versions("steer_mean") == {}
-    assert method_versions("lora") == {"lora": 2} and method_versions("steer_mean+lora") == {"lora": 2}
+    assert method_versions("prompt") == {"prompt": 2} == method_versions("prompt+steer_mean") and method_versions("lora") == {}
     stored_by_version_1 = {"prompt": "799592699c89db75431d", "prompt+steer_mean": "3aa7d29b9a2c43c9b03d"}  # the code of ce3dada
-    stored_by_version_1["lora"] = "9876df6b0aa97279d789"  # lora 1 (steps rounded up per epoch), the code of 2bfe7ce^
     assert all(cell(method).cell_id != stored for method, stored in stored_by_version_1.items())
     from workers.methods.prompt import Prompt
 
     monkeypatch.setattr(Prompt, "version", 1)  # the version alone moved them
-    _gradient_methods_at_version_1(monkeypatch)
     assert all(cell(method).cell_id == stored for method, stored in stored_by_version_1.items())
 
 
 @pytest.mark.parametrize("method, stored", [
     ("lora", "7c096e346bc775c84f7a"), ("steer_mean+lora", "4361540782a0f3a84a6d"), ("task_vector", "3bff0bea3b91fe105b2f"),
 ])  # fmt: skip
-def test_gradient_cells_stored_before_lr_search_existed_keep_their_ids(method, stored, monkeypatch):
+def test_gradient_cells_stored_before_lr_search_existed_keep_their_ids(method, stored):
     """train.lr_search came later: at its default (no search) a cell has the id it was stored under
     (computed with the code of 6baea49), wherever its training sits; asking for a search is another cell."""
     from workers.methods import resolve_config
 
-    _gradient_methods_at_version_1(monkeypatch)
     def cell(raw):
         config = resolve_config(method, raw).model_dump(mode="json")
         return CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts",
@@ -323,3 +306,19 @@ def test_plan_says_when_a_trained_method_has_no_budget_to_fit(write_sweep, capsy
     path = write_sweep({**SPEC, "models": [{"id": "ladder:test/xs"}], "methods": {"base": {}, "lora": {}}, "budgets": [0], "method_budgets": {}})
     assert main(["plan", str(path)]) == 0
     assert "these methods have fewer: lora (0)." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method, at_100, at_1024", [  # ids of the code of 2bfe7ce^, before the step rule changed
+    ("lora", "6e51cb6be058bb34745d", "0e3456f0d4af817c0ead"), ("steer_mean+lora", "5e4d0c97f64c050caa7f", "124f5b2fc62582c90685"),
+    ("task_vector", "8b6c7fff9f07d5080903", "6b8abe2a53d849e5a03c"), ("steer_trained", "f8bc2844eb9d2c30411d", "94a57f9ba1ed8ac2ee7c"),
+])  # fmt: skip
+def test_only_cells_whose_step_count_changed_get_new_ids(method, at_100, at_1024):
+    """`epochs` became passes in full batches (budget 100 in 16s: 25 steps, was 28): those cells compute something
+    new and must not find their old rows, while budget 1024 (64 steps a pass either way) keeps its id and rows."""
+    from workers.methods import resolve_config
+
+    def cell(budget: int) -> CellConfig:
+        return CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts", method=method,
+                          method_config=resolve_config(method, {}).model_dump(mode="json"), budget=budget, seed=1)  # fmt: skip
+
+    assert cell(1024).cell_id == at_1024 and cell(100).cell_id != at_100

@@ -144,6 +144,14 @@ def steps_for(n_examples: int, config: TrainConfig) -> int:
     return min(config.max_steps, max(config.min_steps, math.ceil(config.epochs * n_examples / per_step)))
 
 
+def steps_changed(n_examples: int, config: TrainConfig) -> bool:
+    """Whether `steps_for` trains another number of steps than the rule before session 30 (2026-12-04), which rounded
+    each epoch up to whole batches (`epochs · ceil(n / batch)`): only such cells compute something new
+    and get new ids (workers.cell); every other cell, the quickstart's included, keeps the id of its row."""
+    before = min(config.max_steps, max(config.min_steps, config.epochs * math.ceil(n_examples / config.batch_size)))
+    return before != steps_for(n_examples, config)
+
+
 def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> Iterator[list[int]]:
     """Each step's example indices: seeded reshuffles of the examples, drawn `batch_size` at a time
     (a batch may span two shuffles). Public so a reference loop can feed its batches in this order."""

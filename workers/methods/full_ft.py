@@ -50,7 +50,6 @@ class FullFt:
     name = "full_ft"
     kind: MethodKind = "finetuning"
     config_class = FullFtConfig
-    version = 2  # 2: `epochs` passes in full batches (budget 100 in 16s: 25 steps, was 28; `steps_for`)
 
     def fit(self, ctx: FitContext, config: FullFtConfig) -> TrainedWeights:
         params = list(ctx.lm.model.parameters())

@@ -143,7 +143,6 @@ class Lora:
     name = "lora"
     kind: MethodKind = "finetuning"
     config_class = LoraConfig
-    version = 2  # 2: `epochs` passes in full batches (budget 100 in 16s: 25 steps, was 28; `steps_for`)
 
     def peft_use(self, config: LoraConfig) -> PeftUse:
         return PeftUse(fitting=True, applied=True)

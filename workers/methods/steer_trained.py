@@ -60,7 +60,6 @@ class SteerTrained:
     name = "steer_trained"
     kind: MethodKind = "steering"
     config_class = SteerTrainedConfig
-    version = 2  # 2: `epochs` passes in full batches (budget 100 in 16s: 25 steps, was 28; `steps_for`)
 
     def fit(self, ctx: FitContext, config: SteerTrainedConfig) -> TrainedVectors:
         model = ctx.lm.model

@@ -126,7 +126,6 @@ class TaskVector:
     name = "task_vector"
     kind: MethodKind = "finetuning"
     config_class = TaskVectorConfig
-    version = 2  # 2: `epochs` passes in full batches (budget 100 in 16s: 25 steps, was 28; `steps_for`)
 
     def peft_use(self, config: TaskVectorConfig) -> PeftUse:
         """The fine-tune's layers while fitting (Δθ is read off them too); applied, Δθ is plain weights."""
