@@ -326,3 +326,21 @@ def test_a_forced_run_counts_the_stored_cells_it_runs_again():
     assert count_line("s", cells, scan, cells[5:]) == "sweep s: 8 cells, 8 already stored, 3 to run (3 of them stored ones, run again)"
     assert count_line("s", [*cells, SimpleNamespace(cell_id="new")], scan, cells[8:] + [SimpleNamespace(cell_id="new")]) == \
         "sweep s: 9 cells, 8 already stored, 1 to run"
+
+
+def test_sigterm_while_ray_starts_is_a_clean_stop_too(monkeypatch, capsys):
+    """While ray.init runs, Ray's own SIGTERM handler is in (sys.exit(15)): that exit is the same stop, said the same way."""
+    import argparse
+    import signal
+
+    from orchestrator import cli
+
+    def ray_init_terminated(args):
+        raise SystemExit(signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "parse", lambda argv: argparse.Namespace(func=ray_init_terminated, command="run", force=False))
+    assert cli.main([]) == 143
+    assert capsys.readouterr().err.strip() == "terminated; every finished row is stored: rerun the same command to resume"
+    monkeypatch.setattr(cli, "parse", lambda argv: argparse.Namespace(func=lambda args: sys.exit(2), command="run", force=False))
+    with pytest.raises(SystemExit, match="2"):  # any other exit is left alone
+        cli.main([])
