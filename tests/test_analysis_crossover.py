@@ -468,6 +468,17 @@ def test_a_d_star_the_measured_means_contradict_is_not_a_finding(tmp_path: Path,
     assert line.endswith("100% of resamples agree (not a finding: the measured means disagree)"), line
 
 
+def test_a_law_that_misses_its_budgets_means_says_so() -> None:
+    """A falling curve fitted as a flat line (B ≈ 0) was noted only "beta not identified", its asymptote given a narrow interval."""
+    rows = _measured_rows(steering=FALLING, finetuning=RISING)
+    fits = {f.method: f for f in fit_curves(pd.DataFrame(rows), metric="score", bootstrap=0, seed=0) if not f.joint}
+    f_steer, p_steer = fits["steer_mean"].lack_of_fit()
+    assert p_steer < 1e-4 and "the law misses the budgets' means by more than their seeds spread (lack of fit F=" in fits["steer_mean"].note
+    assert fits["lora"].lack_of_fit()[1] > 0.01 and "lack of fit" not in fits["lora"].note  # a power law it is
+    one_seed = pd.DataFrame(rows).query("seed == 0")  # nothing to judge a miss by
+    assert all(f.lack_of_fit() is None for f in fit_curves(one_seed, metric="score", bootstrap=0, seed=0))
+
+
 def test_a_d_star_says_which_measured_budgets_bracket_it() -> None:
     """Between two measured budgets D* is the laws' interpolation: the data only say it lies between them."""
     levels = {4: 0.5, 32: 0.85, 256: 0.86, 1024: 0.87}
