@@ -184,22 +184,27 @@ def measured_check(steer: LawFit, tune: LawFit, d_star: float, winner: float, si
     if not len(below) or not len(above):
         return " (no budget measured for both on one side of it)" if len(budgets) else " (no budget measured for both methods)", ""
     spreads = [_seed_spread(f) for f in (tune, steer)]
+    bracket = f" (between the measured budgets {below.max():g} and {above.min():g})"
+    if any(dof < 1 for _, dof in spreads):  # one cell a budget: no noise to judge a contradiction against
+        return bracket[:-1] + "; one seed a budget, so the means measured there were not checked against it)", ""
     later, earlier = (tune.method, steer.method) if winner > 0 else (steer.method, tune.method)
     disputes = []
     for budget, expected in ((below.max(), -1.0), (above.min(), 1.0)):  # the later leader behind below D*, ahead above
         cells = [f.points.value[f.points.d == budget] for f in (tune, steer)]
         lead = winner * sign * (cells[0].mean() - cells[1].mean())  # the later leader's
+        if -expected * lead <= tol:
+            continue
         terms = [variance / len(c) for (variance, _), c in zip(spreads, cells)]
         se = float(np.sqrt(sum(terms)))
-        if -expected * lead <= tol or not se > 0:  # no contradiction, or no spread to judge one by
-            continue
-        df = se**4 / sum(term**2 / dof for term, (_, dof) in zip(terms, spreads) if term > 0)
-        half = float(stats.t.ppf(0.5 + CI_LEVEL / 2, df)) * se
+        half = 0.0  # seeds that agree exactly on every budget of both curves: the contradiction is measured without noise
+        if se > 0:
+            df = se**4 / sum(term**2 / dof for term, (_, dof) in zip(terms, spreads) if term > 0)
+            half = float(stats.t.ppf(0.5 + CI_LEVEL / 2, df)) * se
         if abs(lead) > half:
             who, by = (later, lead) if expected < 0 else (earlier, -lead)
             disputes.append(f"at D={budget:g} {who} is {'already' if expected < 0 else 'still'} ahead by {by:.3g} ± {half:.2g} "
                             "(95 % Welch interval, seed variance pooled over budgets)")  # fmt: skip
-    return f" (between the measured budgets {below.max():g} and {above.min():g})", "; ".join(disputes)
+    return bracket, "; ".join(disputes)
 
 
 def crossover(steer: LawFit, tune: LawFit) -> Crossover:

@@ -692,12 +692,9 @@ def main(argv: list[str] | None = None) -> int:
     except SweepStoppedError as err:  # an expected outcome on a real cluster, not a bug: no traceback
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (KeyboardInterrupt, SystemExit) as stop:
-        if isinstance(stop, SystemExit) and stop.code != signal.SIGTERM:
-            raise
-        # SystemExit(15): SIGTERM while ray.init had its own handler in (driver.connect puts ours back after)
+    except KeyboardInterrupt as stop:
         done = "; every finished row is stored: " + _how_to_resume(args) if args.command == "run" else ""
-        terminated = isinstance(stop, (_Terminated, SystemExit))
+        terminated = isinstance(stop, _Terminated)
         print(f"\n{'terminated' if terminated else 'interrupted'}{done}", file=sys.stderr)
         return 143 if terminated else 130  # 128 + the signal, as a shell reports it
     finally:

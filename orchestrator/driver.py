@@ -76,9 +76,10 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
     if ray.is_initialized():
         return None
     # ray.init puts its own SIGTERM handler in (sys.exit, after a C++ stack dump on stderr): the caller's
-    # stays, so that `timeout`, Slurm or Kubernetes stopping a run ends it as Ctrl-C does (cli.main)
+    # stays, so that `timeout`, Slurm or Kubernetes stopping a run ends it as Ctrl-C does (cli.main), and an
+    # ignored SIGTERM stays ignored. The default would end the process before Ray's shutdown: Ray's stays then.
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    sigterm = sigterm if callable(sigterm) else None  # the default would end the process before Ray's shutdown: Ray's then
+    sigterm = None if sigterm in (signal.SIG_DFL, None) else sigterm
     try:
         if address:
             check_listening(address)
@@ -88,6 +89,11 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
                 raise unreachable(address, err) from err
         else:
             context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
+    except SystemExit as stop:  # a SIGTERM while Ray's handler was in: the caller's handles it, as it would have
+        if stop.code != signal.SIGTERM or not callable(sigterm):
+            raise
+        sigterm(signal.SIGTERM, None)
+        raise
     finally:
         if sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)

@@ -479,6 +479,21 @@ def test_a_law_that_misses_its_budgets_means_says_so() -> None:
     assert all(f.lack_of_fit() is None for f in fit_curves(one_seed, metric="score", bootstrap=0, seed=0))
 
 
+def test_one_seed_a_budget_says_the_d_star_was_not_checked() -> None:
+    """With one cell a budget there is no noise to judge a contradiction by: the check said nothing at all."""
+    one_seed = pd.DataFrame(_measured_rows(steering=FALLING, finetuning=RISING)).query("seed == 0")
+    (c,) = find_crossovers(fit_curves(one_seed, metric="score", bootstrap=0, seed=0))
+    assert c.disputed == "" and c.verdict.endswith("; one seed a budget, so the means measured there were not checked against it)")
+
+
+def test_a_contradiction_between_seeds_that_agree_exactly_is_disputed() -> None:
+    """No spread at all (every seed alike on both curves) is a contradiction measured without noise, not one left unjudged."""
+    rows = pd.DataFrame(_measured_rows(steering=FALLING, finetuning=RISING))
+    rows["score"] = rows.groupby(["method", "budget"])["score"].transform("first")
+    (c,) = find_crossovers(fit_curves(rows, metric="score", bootstrap=0, seed=0))
+    assert c.disputed.startswith("at D=16 steer_mean is still ahead by 0.0") and "± 0" in c.disputed
+
+
 def test_a_d_star_says_which_measured_budgets_bracket_it() -> None:
     """Between two measured budgets D* is the laws' interpolation: the data only say it lies between them."""
     levels = {4: 0.5, 32: 0.85, 256: 0.86, 1024: 0.87}

@@ -328,19 +328,37 @@ def test_a_forced_run_counts_the_stored_cells_it_runs_again():
         "sweep s: 9 cells, 8 already stored, 1 to run"
 
 
-def test_sigterm_while_ray_starts_is_a_clean_stop_too(monkeypatch, capsys):
-    """While ray.init runs, Ray's own SIGTERM handler is in (sys.exit(15)): that exit is the same stop, said the same way."""
-    import argparse
+def test_sigterm_while_ray_starts_is_a_clean_stop_too(monkeypatch):
+    """While ray.init runs, Ray's own SIGTERM handler is in (sys.exit(15)): the caller's handler takes that stop as its
+    own (the CLI's: a clean exit 143), other exits pass, and an ignored SIGTERM stays ignored after ray.init."""
     import signal
 
-    from orchestrator import cli
+    from orchestrator import driver
 
-    def ray_init_terminated(args):
-        raise SystemExit(signal.SIGTERM)
+    class Stopped(Exception):
+        pass
 
-    monkeypatch.setattr(cli, "parse", lambda argv: argparse.Namespace(func=ray_init_terminated, command="run", force=False))
-    assert cli.main([]) == 143
-    assert capsys.readouterr().err.strip() == "terminated; every finished row is stored: rerun the same command to resume"
-    monkeypatch.setattr(cli, "parse", lambda argv: argparse.Namespace(func=lambda args: sys.exit(2), command="run", force=False))
-    with pytest.raises(SystemExit, match="2"):  # any other exit is left alone
-        cli.main([])
+    def callers(signum, frame):
+        raise Stopped
+
+    monkeypatch.setattr(driver.ray, "is_initialized", lambda: False)
+    previous = signal.signal(signal.SIGTERM, callers)
+    try:
+        monkeypatch.setattr(driver.ray, "init", lambda **_: sys.exit(signal.SIGTERM))
+        with pytest.raises(Stopped):
+            driver.connect(None)
+        assert signal.getsignal(signal.SIGTERM) is callers
+        monkeypatch.setattr(driver.ray, "init", lambda **_: sys.exit(3))
+        with pytest.raises(SystemExit, match="3"):
+            driver.connect(None)
+
+        def ray_init(**_):
+            signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))  # as Ray's does
+            return SimpleNamespace(dashboard_url="")
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        monkeypatch.setattr(driver.ray, "init", ray_init)
+        driver.connect(None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -14,10 +14,11 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from workers.config import StrictConfig
-from workers.methods import TrainConfig, method_versions, steps_changed
+from workers.config import ConfigError, StrictConfig
+from workers.methods import method_versions, resolve_config, steps_changed, training_configs
+from workers.registry import UnknownNameError
 from workers.schema import ID_SCHEMA_VERSION
 from workers.tasks import data_version
 
@@ -110,19 +111,15 @@ def _without_later_train_defaults(config: Any) -> Any:
     return out
 
 
-def _trains_other_steps(config: Any, budget: int) -> bool:
-    """Whether a `train` section anywhere in `config` (a method config as JSON) trains another number of
-    steps at `budget` than before the step rule changed: those cells alone compute something new. (A
-    section that is no valid TrainConfig fails its cell when it runs; here it changes nothing.)"""
-    if not isinstance(config, dict):
-        return False
-    train = config.get("train")
+def _trains_other_steps(method: str, config: dict[str, Any], budget: int) -> bool:
+    """Whether any training of the method, its config resolved (a hand-written cell may give `{rank: 2}`
+    alone), trains another number of steps at `budget` than before the step rule changed: those cells
+    alone compute something new."""
     try:
-        if isinstance(train, dict) and steps_changed(budget, TrainConfig.model_validate(train)):
-            return True
-    except ValidationError:
-        pass
-    return any(_trains_other_steps(value, budget) for value in config.values())
+        resolved = resolve_config(method, config)
+    except (ConfigError, UnknownNameError):  # such a cell fails when it runs, on the same error
+        return False
+    return any(steps_changed(budget, train) for _, train in training_configs(resolved))
 
 
 # Settings that change where or how fast a cell runs, not what it computes (batched equals unbatched;
@@ -160,7 +157,7 @@ class CellConfig(StrictConfig):
         changed_data = {task: data_version(task) for task in (self.task, *self.offtask) if data_version(task) != 1}
         if changed_data:  # tasks whose examples never changed leave their cells' ids as they were
             identity["task_data"] = changed_data
-        if _trains_other_steps(self.method_config, self.budget):  # the step rule of session 30 (`steps_changed`)
+        if _trains_other_steps(self.method, self.method_config, self.budget):  # the step rule of session 30 (`steps_changed`)
             identity["step_rule"] = 2
         changed_methods = method_versions(self.method)
         if changed_methods:  # so do methods whose computation never changed (`version` in methods/protocol.py)
