@@ -693,6 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as stop:
+        ctrl_c.held = True  # a second Ctrl-C or SIGTERM must not break off the message either
         done = "; every finished row is stored: " + _how_to_resume(args) if args.command == "run" else ""
         terminated = isinstance(stop, _Terminated)
         print(f"\n{'terminated' if terminated else 'interrupted'}{done}", file=sys.stderr)
