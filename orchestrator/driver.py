@@ -326,7 +326,8 @@ def run_cells(
         enqueue(cell, 1)
     # Into a log file (not a terminal) every redraw is kept, thousands per sweep: there, one every half minute.
     terminal = sys.stderr.isatty()
-    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True, mininterval=0.1 if terminal else 30)
+    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True,
+               mininterval=0.1 if terminal else 30, maxinterval=10 if terminal else 30)  # tqdm's monitor redraws past maxinterval
     last_heartbeat = time.monotonic()
     try:
         dispatch()
