@@ -162,7 +162,7 @@ def _seed_spread(fit: LawFit) -> tuple[float, int]:
     """The variance of a curve's cells about their budget's mean, pooled over its budgets (the pure error of
     a lack-of-fit test), and its degrees of freedom: with two seeds a budget alone has one."""
     values = pd.Series(fit.points.value)
-    residuals = values - values.groupby(fit.points.d).transform("mean")
+    residuals = (values - values.groupby(fit.points.d).transform("mean")).round(12)  # equal seeds leave ~1e-16, not 0
     df = len(values) - len(np.unique(fit.points.d))
     return (float((residuals**2).sum()) / df if df > 0 else np.nan), df
 
@@ -187,6 +187,8 @@ def measured_check(steer: LawFit, tune: LawFit, d_star: float, winner: float, si
     bracket = f" (between the measured budgets {below.max():g} and {above.min():g})"
     if any(dof < 1 for _, dof in spreads):  # one cell a budget: no noise to judge a contradiction against
         return bracket[:-1] + "; one seed a budget, so the means measured there were not checked against it)", ""
+    if all(variance == 0 for variance, _ in spreads):  # the questions' noise, which every cell shares, is not in the seeds
+        return bracket[:-1] + "; the seeds agree exactly, so the means measured there were not checked against it)", ""
     later, earlier = (tune.method, steer.method) if winner > 0 else (steer.method, tune.method)
     disputes = []
     for budget, expected in ((below.max(), -1.0), (above.min(), 1.0)):  # the later leader behind below D*, ahead above
@@ -196,10 +198,8 @@ def measured_check(steer: LawFit, tune: LawFit, d_star: float, winner: float, si
             continue
         terms = [variance / len(c) for (variance, _), c in zip(spreads, cells)]
         se = float(np.sqrt(sum(terms)))
-        half = 0.0  # seeds that agree exactly on every budget of both curves: the contradiction is measured without noise
-        if se > 0:
-            df = se**4 / sum(term**2 / dof for term, (_, dof) in zip(terms, spreads) if term > 0)
-            half = float(stats.t.ppf(0.5 + CI_LEVEL / 2, df)) * se
+        df = se**4 / sum(term**2 / dof for term, (_, dof) in zip(terms, spreads) if term > 0)
+        half = float(stats.t.ppf(0.5 + CI_LEVEL / 2, df)) * se
         if abs(lead) > half:
             who, by = (later, lead) if expected < 0 else (earlier, -lead)
             disputes.append(f"at D={budget:g} {who} is {'already' if expected < 0 else 'still'} ahead by {by:.3g} ± {half:.2g} "

@@ -18,7 +18,6 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from analysis.bootstrap import CI_LEVEL, Bootstrap, QuestionDraws, bootstrap_fit, percentile_interval, question_counts
 from analysis.capability import X_COLUMN, Axis, family_of, get_axis, split_by_family, with_x
@@ -29,7 +28,6 @@ from analysis.metrics import LOSS_FLOOR, from_loss, to_loss
 from analysis.parallel import parallel_map
 
 BOUND_TOLERANCE = 1e-3  # an exponent this close to its bound is at it
-LACK_OF_FIT_P = 0.01  # a budget curve's law that misses its budgets' means past this p-value is noted as not describing them
 ALL_PARAMS = tuple(dict.fromkeys(p for law in LAWS.values() for p in law.params))
 JOINT = "*"  # the model label of a joint law over models
 
@@ -189,36 +187,11 @@ class LawFit:
         value = from_loss(np.array([far]), self.metric).item()
         return [f"asymptote far past the data (at 100× the largest budget the curve is at {value:.3g})"]
 
-    def lack_of_fit(self) -> tuple[float, float] | None:
-        """F and its p-value for lack of fit of a budget curve: how far the law misses each budget's mean
-        against how far the budget's own cells (seeds) spread about it, pooled over budgets. None where it
-        cannot be judged: a joint law, no more budgets than the law has parameters, one cell a budget, or
-        seeds that agree exactly (no spread to judge by). A law that misses its data, a flat fit to a
-        falling curve say, still gets narrow intervals, as the bootstrap redraws noise around the same curve."""
-        if not self.fit or self.joint or self.no_spread():
-            return None
-        values = pd.Series(self.points.value)
-        by_budget = values.groupby(self.points.d)
-        budgets, means, counts = by_budget.mean().index.to_numpy(float), by_budget.mean().to_numpy(), by_budget.size().to_numpy()
-        df_miss, df_seeds = len(budgets) - len(self.fit.params), len(values) - len(budgets)
-        pure = float(((values - by_budget.transform("mean")) ** 2).sum())
-        if df_miss < 1 or df_seeds < 1 or not pure > 0:
-            return None
-        missed = float((counts * (means - self.predict(np.full(len(budgets), self.n_params), budgets)) ** 2).sum())
-        f = (missed / df_miss) / (pure / df_seeds)
-        return f, float(stats.f.sf(f, df_miss, df_seeds))
-
-    def lack_of_fit_notes(self) -> list[str]:
-        judged = self.lack_of_fit()
-        if judged is None or judged[1] >= LACK_OF_FIT_P:
-            return []
-        return [f"the law misses the budgets' means by more than their seeds spread (lack of fit F={judged[0]:.3g}, p={judged[1]:.2g})"]
-
     @property
     def note(self) -> str:
-        """Why the group was not fitted, what the data cannot identify, which parameters sit at a bound, an
-        asymptote far past the data, or a law that misses its data ('' for a clean fit)."""
-        return self.message or "; ".join([*self.identification_notes(), *self.bound_notes(), *self.asymptote_notes(), *self.lack_of_fit_notes()])
+        """Why the group was not fitted, what the data cannot identify, which parameters sit at a bound, or
+        an asymptote far past the data ('' for a clean fit)."""
+        return self.message or "; ".join([*self.identification_notes(), *self.bound_notes(), *self.asymptote_notes()])
 
     def predict(self, n: np.ndarray, d: np.ndarray) -> np.ndarray:
         """The fitted metric (not loss) at (N, D)."""

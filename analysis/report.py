@@ -148,11 +148,6 @@ def _findings(a: Analysis) -> list[Block]:
         lines.append(f"In {unidentified} of the {len(fitted)} fits a term is ≈ 0 over the data (marked 'not identified'): any value of its "
                      "exponent fits as well, so that exponent has no interval and is not a finding"
                      + (f"; in {flat} of them the metric does not move at all, so only its level is measured." if flat else "."))
-    missing = sum(bool(f.lack_of_fit_notes()) for f in fitted)
-    if missing:
-        lines.append(f"In {missing} of the {len(fitted)} fits the law misses the budgets' means by more than their seeds spread (marked "
-                     "'lack of fit'): the law does not describe those data, so their parameters, intervals and the D* they give are "
-                     "the law's shape, not the data's (the bootstrap redraws noise around the same curve).")  # fmt: skip
     shaky = sum(bool(f.unidentified_in_resamples()) for f in fitted)
     if shaky:
         lines.append(f"In {shaky} of the {len(fitted)} fits a term is ≈ 0 in over {1 - CI_LEVEL:.0%} of the bootstrap resamples (marked "

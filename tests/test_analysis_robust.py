@@ -145,9 +145,7 @@ def test_a_curve_flat_over_the_data_has_no_asymptote_far_past_it() -> None:
     curve = fit_group(GroupJob("t", "steer_mean", "m", POWER_D, rows, "score", None, 0, 0))
     assert curve.unidentified() == ["beta"] and curve.record()["asymptote"] == pytest.approx(0.585, abs=1e-3)
     # not also "beta=0 at its lower bound": counted among the fits at a bound, its level was called "not a finding"
-    assert curve.asymptote_notes() == [] and curve.bound_notes() == [], curve.note
-    # the scores fall .62 → .55 while the seeds differ by .005: a flat line misses them, and says so
-    assert curve.note.startswith("B≈0: beta not identified; the law misses the budgets' means by more than their seeds spread"), curve.note
+    assert curve.asymptote_notes() == [] and curve.bound_notes() == [] and curve.note == "B≈0: beta not identified", curve.note
     level = fit_group(GroupJob("t", "steer_mean", "m", POWER_D, rows.assign(score=0.9), "score", None, 0, 0))  # noted "… at 0.9"
     assert level.asymptote_notes() == [] and "asymptote" not in level.note, level.note
 
