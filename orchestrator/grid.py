@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ class PlannedCell:
     config: CellConfig
     gpus: float
 
-    @property
+    @functools.cached_property  # once per planned cell: the driver reads it on every claim, store and lookup
     def cell_id(self) -> str:
         return self.config.cell_id
 
