@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest_methods import ARCHITECTURES, fit_context, language_model, logits
+from workers import last_row_attention
 from workers.config import ConfigError
 from workers.methods import get_method, resolve_config
 from workers.methods import protocol
@@ -335,11 +336,14 @@ def test_steer_mean_flops_count_every_forward_token_through_the_layers_it_ran():
     report = adapter.report
     extraction = report.hparams["extraction_forward_tokens"]
     assert 0 < extraction < lm.forward_tokens - tokens
-    # layer 0.5 of 3 is block 1: extraction runs blocks 0 and 1 only, block 1's MLP on each distinct
-    # text's last token alone; the selection passes run everything
+    # layer 0.5 of 3 is block 1: extraction runs blocks 0 and 1 only, block 1's MLP and its attention's
+    # query and output projections on each distinct text's last token alone; the selection passes run everything
     texts = len({text for pair in ctx.task.contrast_pairs(ctx.train) for text in pair})
     blocks = lm.model.model.layers
-    mlp = sum(p.numel() for p in blocks[1].mlp.parameters())
+    last_only = [blocks[1].mlp]
+    if last_row_attention.supported(lm.model, blocks[1].self_attn):  # transformers >= 4.48
+        last_only += [blocks[1].self_attn.q_proj, blocks[1].self_attn.o_proj]
+    mlp = sum(p.numel() for module in last_only for p in module.parameters())
     through = sum(p.numel() for block in blocks[:2] for p in block.parameters())
     assert report.layer == 1 and through < matmul_params(lm.model) and texts < extraction
     assert report.post_train_flops == pytest.approx(

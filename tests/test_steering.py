@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest_methods import ARCHITECTURES, HIDDEN, language_model
 from workers.methods.steer_mean import mean_difference
-from workers.steering import _add, decoder_layers, last_token_states, prompt_boundary, steer
+from workers import last_row_attention
+from workers.steering import _add, decoder_layers, last_token_flops, last_token_states, prompt_boundary, steer
 
 ARCHS = list(ARCHITECTURES)
 TEXTS = ["q: a1 b2 = 3 ; q: a4 b0 =", "persona: liar q: a7 =", "q: a3 b3 ="]
@@ -85,6 +87,37 @@ def test_an_architecture_not_known_to_allow_it_runs_the_deepest_mlp_whole(monkey
         handle.remove()
     assert shapes == [(*b.input_ids.shape, lm.model.config.hidden_size)]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # see above: equal but for the order of a sum
+
+
+@pytest.mark.skipif(not last_row_attention._returns_two(), reason="transformers < 4.48: the attention's own forward runs")
+def test_llama_deepest_attention_computes_queries_and_output_at_the_last_tokens_alone(monkeypatch):
+    """Its keys and values at every position, its queries, scores and output projection at the read
+    column only: the same states as the whole attention, on right-padded texts with grouped key heads."""
+    lm = language_model("llama")
+    b = batch(lm)  # texts of unequal length: right padding
+    attention = decoder_layers(lm.model)[1].self_attn
+    shapes: dict[str, list] = {"q": [], "k": [], "o": []}
+    handles = [
+        getattr(attention, f"{name}_proj").register_forward_hook(lambda _m, args, _o, name=name: shapes[name].append(tuple(args[0].shape)))
+        for name in shapes
+    ]
+    try:
+        with FlopCounterMode(display=False) as counted:
+            got = last_token_states(lm.model, b.input_ids, b.attention_mask, [1, 0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows, width = b.input_ids.shape
+    assert shapes["q"] == [(rows, 1, HIDDEN)] and shapes["o"] == [(rows, 1, HIDDEN)] and shapes["k"] == [(rows, width, HIDDEN)]
+    assert "forward" not in vars(attention), "the attention's own forward must be back"
+    matmul_flops = sum(n for op, n in counted.get_flop_counts()["Global"].items() if "attention" not in str(op))
+    norm_weights = sum(p.numel() for block in decoder_layers(lm.model)[:2] for name, p in block.named_parameters() if "norm" in name)
+    # the formula's N is every parameter of the blocks (Kaplan's): the norms' weights too, billed as a matmul at every token
+    assert last_token_flops(lm.model, 1, rows * width, rows) - matmul_flops == 2 * norm_weights * rows * width
+    monkeypatch.setattr(last_row_attention, "_LLAMA_ATTENTION_TYPES", frozenset())
+    whole = last_token_states(lm.model, b.input_ids, b.attention_mask, [1, 0])
+    torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+    assert last_token_flops(lm.model, 1, rows * width, rows) > matmul_flops  # counted with q and o at every token
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from workers import last_row_attention as last_row
 
 Positions = Literal["all", "after_prompt"]
 
@@ -212,12 +214,22 @@ def _last_token_mlp(model: nn.Module, layer: int) -> nn.Module | None:
     return mlp if isinstance(mlp, nn.Module) else None
 
 
+def _last_row_attention(model: nn.Module, layer: int) -> nn.Module | None:
+    """Decoder layer `layer`'s attention where `last_row_attention` can compute it for the last tokens
+    alone (`workers.last_row_attention.supported`); None where it must run whole."""
+    attention = getattr(decoder_layers(model)[layer], "self_attn", None)
+    return attention if isinstance(attention, nn.Module) and last_row.supported(model, attention) else None
+
+
 def last_token_flops(model: nn.Module, layer: int, tokens: int, texts: int) -> float:
     """FLOPs of `last_token_states` reading up to decoder layer `layer` over `texts` texts of `tokens`
-    tokens in all: 2 · N · tokens through the blocks, but the deepest block's MLP counts `texts` only."""
+    tokens in all: 2 · N · tokens through the blocks, but the deepest block's MLP (and, where its
+    attention runs on the last rows, its query and output projections) count `texts` only."""
     mlp = _last_token_mlp(model, layer)
-    mlp_params = 0 if mlp is None else sum(p.numel() for p in mlp.parameters())
-    return 2.0 * (matmul_params_through(model, layer) - mlp_params) * tokens + 2.0 * mlp_params * texts
+    attention = _last_row_attention(model, layer)
+    last_only = ([] if mlp is None else [mlp]) + ([] if attention is None else [attention.q_proj, attention.o_proj])
+    once = sum(p.numel() for module in last_only for p in module.parameters())
+    return 2.0 * (matmul_params_through(model, layer) - once) * tokens + 2.0 * once * texts
 
 
 @torch.inference_mode()  # cheaper per op than no_grad; results used outside it become ordinary tensors
@@ -232,7 +244,9 @@ def last_token_states(
     wanted layer has run, so the blocks after it, the final norm and the vocabulary projection —
     often the largest matmul of all — are never computed. Nothing reads the deepest block's other
     positions either, so its MLP (position-wise, the larger half of a block) runs on the last tokens
-    alone; the residual add broadcasts that one row over the sequence, right at the read column.
+    alone; the residual add broadcasts that one row over the sequence, right at the read column. For
+    Llama's attention the block's queries and output projection are also computed at the last tokens
+    alone (`workers.last_row_attention`).
     """
     blocks = decoder_layers(model)
     wanted = list(range(len(blocks))) if layers is None else [range(len(blocks))[i] for i in layers]
@@ -257,6 +271,7 @@ def last_token_states(
 
     handles = [blocks[i].register_forward_hook(read(i)) for i in set(wanted)]
     mlp = _last_token_mlp(model, deepest)
+    attention = _last_row_attention(model, deepest)
     if mlp is not None:
         handles.append(mlp.register_forward_pre_hook(last_rows_only))
     try:
@@ -266,7 +281,7 @@ def last_token_states(
         # contrast (prompt + answer: sst2, gsm8k, function_calling) is steered at its last token only, where
         # evaluation steers from the prompt's last token on: a gap for a steering part then `steer_mean`
         # on those tasks, which needs each text's prompt end from `contrast_pairs` to close.
-        with prompt_boundary(last):
+        with prompt_boundary(last), last_row.last_row_attention(attention, last) if attention is not None else nullcontext():
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **position_ids_argument(model, positions))
     except _StopForward:
         pass
