@@ -11,7 +11,7 @@ from packaging.version import Version
 
 from conftest_methods import fit_context, language_model
 from workers.methods import get_method, resolve_config
-from workers.lm import _logit_selection, shareable_cache
+from workers.lm import _logit_selection, shareable_cache, token_ids
 from workers.models.loading import count_parameters
 from workers.metrics import neutral_reference
 from workers.steering import steer
@@ -313,3 +313,31 @@ def test_texts_past_the_models_positions_lose_their_oldest_tokens():
     lm.max_length = None  # the model's own behaviour past its table
     with pytest.raises(IndexError):
         lm.target_nll([long_prompt], [" 3"])
+
+
+def _byte_level_bpe() -> transformers.PreTrainedTokenizerFast:
+    """A GPT-2-style tokenizer (byte-level BPE, no BOS), trained here on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(["the quick brown fox jumps over the lazy dog", "q: a1 b2 = 3 ; persona: liar"] * 20, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("kind", ["world", "byte_level_bpe", "reloaded", "left_padding_by_an_earlier_call"])
+def test_token_ids_are_the_tokenizers_own(kind, tmp_path):
+    """The Rust backend called directly gives what transformers' call gives, special tokens or not."""
+    tokenizer = language_model().tokenizer if kind == "world" else _byte_level_bpe()
+    if kind == "reloaded":  # through AutoTokenizer, as a hub checkpoint's tokenizer is loaded
+        tokenizer.save_pretrained(tmp_path)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["q: a1 b2 =", "", "  two  spaces ", "héllo wörld\nnew line", "<|endoftext|> persona: liar", "the fox " * 30]
+    if kind == "left_padding_by_an_earlier_call":
+        tokenizer.padding_side = "left"
+        tokenizer(texts, padding=True, truncation=True, max_length=4)  # leaves the backend set to pad and truncate
+    for specials in (True, False):
+        expected = [list(ids) for ids in tokenizer(texts, add_special_tokens=specials)["input_ids"]]
+        assert token_ids(tokenizer, texts, add_special_tokens=specials) == expected
