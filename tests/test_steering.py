@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest_methods import ARCHITECTURES, HIDDEN, language_model
 from workers.methods.steer_mean import mean_difference
 from workers import last_row_attention
-from workers.steering import _add, decoder_layers, last_token_flops, last_token_states, prompt_boundary, steer
+from workers.steering import _add, _padding_arguments, decoder_layers, last_token_flops, last_token_states, prompt_boundary, steer
 
 ARCHS = list(ARCHITECTURES)
 TEXTS = ["q: a1 b2 = 3 ; q: a4 b0 =", "persona: liar q: a7 =", "q: a3 b3 ="]
@@ -110,7 +110,8 @@ def test_llama_deepest_attention_computes_queries_and_output_at_the_last_tokens_
     rows, width = b.input_ids.shape
     assert shapes["q"] == [(rows, 1, HIDDEN)] and shapes["o"] == [(rows, 1, HIDDEN)] and shapes["k"] == [(rows, width, HIDDEN)]
     assert "forward" not in vars(attention), "the attention's own forward must be back"
-    matmul_flops = sum(n for op, n in counted.get_flop_counts()["Global"].items() if "attention" not in str(op))
+    per_module = counted.get_flop_counts()  # the blocks' only: the rotary tables are a matmul too in transformers 4.5x
+    matmul_flops = sum(n for i in (0, 1) for op, n in per_module[f"LlamaForCausalLM.model.layers.{i}"].items() if "attention" not in str(op))
     norm_weights = sum(p.numel() for block in decoder_layers(lm.model)[:2] for name, p in block.named_parameters() if "norm" in name)
     # the formula's N is every parameter of the blocks (Kaplan's): the norms' weights too, billed as a matmul at every token
     assert last_token_flops(lm.model, 1, rows * width, rows) - matmul_flops == 2 * norm_weights * rows * width
@@ -118,6 +119,26 @@ def test_llama_deepest_attention_computes_queries_and_output_at_the_last_tokens_
     whole = last_token_states(lm.model, b.input_ids, b.attention_mask, [1, 0])
     torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
     assert last_token_flops(lm.model, 1, rows * width, rows) > matmul_flops  # counted with q and o at every token
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_right_padded_read_runs_with_no_padding_masked_and_reads_each_text_as_alone(arch):
+    """Padding after a text's last token is never seen by a query that is read: the forward masks none
+    and passes no position ids (the columns are the real tokens' positions)."""
+    lm = language_model(arch)
+    ids, mask = lm.pad(lm.encode(TEXTS, prompt=True))
+    assert not mask.all(), "the texts must be of unequal length"
+    masks = []
+    handle = lm.model.register_forward_pre_hook(lambda _m, _a, kwargs: masks.append((kwargs.get("attention_mask"), kwargs.get("position_ids"))), with_kwargs=True)
+    try:
+        padded = last_token_states(lm.model, ids, mask)
+    finally:
+        handle.remove()
+    alone = torch.cat([last_token_states(lm.model, *lm.pad(lm.encode([text], prompt=True))) for text in TEXTS], dim=1)
+    assert len(masks) == 1 and masks[0][0].all() and masks[0][1] is None
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+    shifted = torch.cat([mask[:, 1:], mask[:, :1]], dim=1)  # a row with padding first is not right-padded: its mask is kept
+    assert _padding_arguments(lm.model, shifted, shifted.sum(-1) - 1)["attention_mask"] is shifted
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

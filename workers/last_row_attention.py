@@ -76,7 +76,8 @@ def _forward_last_rows(
     query = attention.q_proj(hidden[rows, last].unsqueeze(1)).view(batch, 1, -1, head_dim).transpose(1, 2)
     key = attention.k_proj(hidden).view(batch, width, -1, head_dim).transpose(1, 2)
     value = attention.v_proj(hidden).view(batch, width, -1, head_dim).transpose(1, 2)
-    cos, sin = position_embeddings  # (batch, width, head_dim)
+    # (batch, width, head_dim), or (1, width, head_dim) for the positions a forward without position ids assumes
+    cos, sin = (table.expand(batch, -1, -1) for table in position_embeddings)
     query = query * cos[rows, last][:, None, None] + _rotate_half(query) * sin[rows, last][:, None, None]
     key = key * cos.unsqueeze(1) + _rotate_half(key) * sin.unsqueeze(1)
     groups = attention.num_key_value_groups  # HF's repeat_kv: each key head serves `groups` query heads in a row

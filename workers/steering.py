@@ -251,7 +251,6 @@ def last_token_states(
     blocks = decoder_layers(model)
     wanted = list(range(len(blocks))) if layers is None else [range(len(blocks))[i] for i in layers]
     deepest = max(wanted)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     last = attention_mask.sum(-1) - 1
     captured: dict[int, torch.Tensor] = {}
@@ -282,13 +281,27 @@ def last_token_states(
         # evaluation steers from the prompt's last token on: a gap for a steering part then `steer_mean`
         # on those tasks, which needs each text's prompt end from `contrast_pairs` to close.
         with prompt_boundary(last), last_row.last_row_attention(attention, last) if attention is not None else nullcontext():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **position_ids_argument(model, positions))
+            model(input_ids=input_ids, use_cache=False, **_padding_arguments(model, attention_mask, last))
     except _StopForward:
         pass
     finally:
         for handle in handles:
             handle.remove()
     return torch.stack([captured[i] for i in wanted])
+
+
+def _padding_arguments(model: nn.Module, attention_mask: torch.Tensor, last: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The attention mask and position ids a read at each row's last token needs. Right-padded rows
+    need no padding mask: a real token's query sees only the columns before it, all real, and its
+    position is its column, as the model assumes without position ids; the padding after it changes
+    nothing that is read. So they get an all-ones mask, with which the model takes its causal-only
+    attention: no padding mask built (a vmap in transformers 4.5x, 5 ms a batch) and a faster kernel.
+    (All ones, not none: without a mask transformers 4.5x builds one to find packed sequences.)"""
+    columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    if torch.equal(attention_mask, (columns <= last.unsqueeze(-1)).to(attention_mask.dtype)):
+        return {"attention_mask": torch.ones_like(attention_mask)}
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {"attention_mask": attention_mask, **position_ids_argument(model, positions)}
 
 
 def position_ids_argument(model: nn.Module, positions: torch.Tensor) -> dict[str, torch.Tensor]:
