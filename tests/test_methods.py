@@ -166,6 +166,49 @@ def test_lora_matches_a_plain_peft_training_loop():
     assert ref_losses[-1] < ref_losses[0]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_layers_add_their_update_in_one_matmul_with_pefts_numbers(arch, monkeypatch):
+    """`FusedLoraLinear` (a plain adapter added by one addmm) gives PEFT's own forward's loss and
+    gradients, at a scaling that is not a power of two; GPT-2's Conv1D layers stay PEFT's."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from workers.methods.lora import LoraConfig, lora_injected
+    from workers.methods.lora_layer import FusedLoraLinear
+
+    lm = language_model(arch)
+    b = next(lm.batches(["q: a1 b2 =", "persona: liar q: a7 ="], [" 1 2", " 3"]))
+    torch.manual_seed(0)
+    with lora_injected(lm, LoraConfig(rank=2, alpha=3.0), None) as peft_model:  # scaling 1.5
+        layers = [m for m in peft_model.modules() if isinstance(m, PeftLinear)]
+        fused = [m for m in layers if isinstance(m, FusedLoraLinear)]
+        assert layers and (fused == layers if arch == "llama" else fused == [])  # GPT-2's Conv1D: PEFT's class
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        for p in trainable:
+            torch.nn.init.normal_(p, std=0.3)  # B starts at zero: the update must be nonzero to be tested
+
+        def loss_and_grads():
+            for p in trainable:
+                p.grad = None
+            loss = lm.loss(b)
+            loss.backward()
+            return loss.detach(), [p.grad.clone() for p in trainable]
+
+        plain_calls = []
+        real = FusedLoraLinear._plain_adapter
+        monkeypatch.setattr(FusedLoraLinear, "_plain_adapter", lambda self, dtype: plain_calls.append(real(self, dtype)) or plain_calls[-1])
+        ours = loss_and_grads()
+        assert plain_calls == ["default"] * len(fused)  # each fused layer once, on its addmm path
+        monkeypatch.setattr(FusedLoraLinear, "_plain_adapter", lambda self, dtype: None)  # PEFT's forward
+        peft = loss_and_grads()
+        torch.testing.assert_close(ours[0], peft[0], rtol=1e-6, atol=1e-6)
+        for got, expected in zip(ours[1], peft[1]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        with peft_model.disable_adapter():  # not plain: PEFT's forward, the base model's numbers
+            monkeypatch.setattr(FusedLoraLinear, "_plain_adapter", real)
+            disabled = lm.loss(b).detach()
+    assert torch.equal(disabled, lm.loss(b).detach())
+
+
 def test_steer_mean_vector_is_the_difference_of_layer_means():
     lm = language_model()
     ctx, adapter = fit("steer_mean", lm, {"layers": [0.5], "scales": [1.0]})

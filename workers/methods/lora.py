@@ -107,7 +107,10 @@ def lora_injected(lm: LanguageModel, config: LoraConfig, state: dict[str, torch.
     if problem is not None:
         raise ValueError(problem)
     targets = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+    from workers.methods.lora_layer import FusedLoraLinear  # imports peft
+
     peft_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0)
+    peft_config._register_custom_module({nn.Linear: FusedLoraLinear})  # PEFT's (experimental) hook for its own layer classes
     requires_grad = {name: p.requires_grad for name, p in lm.model.named_parameters()}
     base_params = sum(p.numel() for p in lm.model.parameters())
     with warnings.catch_warnings():
