@@ -9,12 +9,13 @@ import torch
 import transformers
 from packaging.version import Version
 
-from conftest_methods import fit_context, language_model
+from conftest_methods import ARCHITECTURES, fit_context, language_model
+import workers.lm
 from workers.methods import get_method, resolve_config
 from workers.lm import _logit_selection, shareable_cache, token_ids
 from workers.models.loading import count_parameters
 from workers.metrics import neutral_reference
-from workers.steering import steer
+from workers.steering import POSITION_WISE_MLP_TYPES, decoder_layers, steer
 
 PROMPTS = ["q: a1 b2 =", "persona: honest q: a4 b0 = 2 ; q: a5 b5 =", "q: a3 ="]
 DIGITS = [tuple(f" {d}" for d in range(5))] * 3
@@ -341,3 +342,36 @@ def test_token_ids_are_the_tokenizers_own(kind, tmp_path):
     for specials in (True, False):
         expected = [list(ids) for ids in tokenizer(texts, add_special_tokens=specials)["input_ids"]]
         assert token_ids(tokenizer, texts, add_special_tokens=specials) == expected
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_the_last_blocks_mlp_runs_at_the_scored_positions_alone_with_the_same_loss_and_gradients(arch, monkeypatch):
+    """A training step's loss reads the logits at the answer's tokens: the last block's MLP runs there
+    alone (`workers.last_block`), and the loss and every gradient are those of the whole MLP."""
+    lm = language_model(arch)
+    for p in lm.model.parameters():
+        p.requires_grad_(True)
+    b = next(lm.batches(PROMPTS, [" 1 2", " 3", " 4 4 4"]))
+    mlp = getattr(decoder_layers(lm.model)[-1], "mlp", lm.model)  # OPT's block has no MLP module: count the model's forwards
+    rows: list[int] = []
+    handle = mlp.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[:-1].numel() if args else -1))
+
+    def loss_and_grads():
+        lm.model.zero_grad(set_to_none=True)
+        loss = lm.loss(b)
+        loss.backward()
+        return loss.detach(), [None if p.grad is None else p.grad.clone() for p in lm.model.parameters()]
+
+    try:
+        ours = loss_and_grads()
+        monkeypatch.setattr(workers.lm, "read_positions_mlp", lambda _model: None)
+        whole = loss_and_grads()
+    finally:
+        handle.remove()
+    scored = int(b.target_mask.sum())
+    assert rows == ([scored, b.input_ids[:, :-1].numel()] if arch in POSITION_WISE_MLP_TYPES else [rows[1]] * 2)
+    torch.testing.assert_close(ours[0], whole[0], rtol=1e-5, atol=1e-6)
+    for got, expected in zip(ours[1], whole[1]):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

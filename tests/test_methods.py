@@ -50,21 +50,30 @@ def fit(name: str, lm, raw: dict, **ctx_args):
 
 @contextlib.contextmanager
 def head_positions(lm) -> Iterator[list[int]]:
-    """Counts, by a hook on the output head, the positions it runs at: the FLOP formulas' H, measured apart
-    from the wrapper's own count (the scored positions where the model takes logits_to_keep, else all)."""
-    counted = [0]
+    """Counts, by hooks, the positions the output head runs at (the FLOP formulas' H, measured apart from
+    the wrapper's own count: the scored positions where the model takes logits_to_keep, else all) and
+    those the last block's MLP runs at (the scored ones: `workers.last_block`)."""
+    counted = [0, 0]
     head = lm.model.get_output_embeddings()
-    handle = head.register_forward_hook(lambda _m, _i, out: counted.__setitem__(0, counted[0] + out.shape[:-1].numel()))
+    mlp = decoder_layers(lm.model)[-1].mlp
+    handles = [
+        head.register_forward_hook(lambda _m, _i, out: counted.__setitem__(0, counted[0] + out.shape[:-1].numel())),
+        mlp.register_forward_hook(lambda _m, args, _o: counted.__setitem__(1, counted[1] + args[0].shape[:-1].numel())),
+    ]
     try:
         yield counted
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
-def forward_cost(lm, tokens: int, head_rows: int) -> float:
-    """F = 2·N_body·T + 2·N_head·H, with the head's parameters read off the model."""
+def forward_cost(lm, tokens: int, counted: list[int]) -> float:
+    """F = 2·N_body·T + 2·N_head·H, with the head's parameters read off the model, less the last block's
+    MLP at the tokens it did not run at (`counted` from `head_positions`: H and the MLP's positions)."""
     n_head = lm.model.get_output_embeddings().weight.numel()
-    return 2 * (matmul_params(lm.model) - n_head) * tokens + 2 * n_head * head_rows
+    n_mlp = sum(p.numel() for p in decoder_layers(lm.model)[-1].mlp.parameters())
+    head_rows, mlp_rows = counted
+    return 2 * (matmul_params(lm.model) - n_head) * tokens + 2 * n_head * head_rows - 2 * n_mlp * (tokens - mlp_rows)
 
 
 def model_state(lm) -> tuple[dict, dict, list]:
@@ -337,7 +346,7 @@ def test_steer_trained_flops_count_the_backward_only_after_the_earliest_steered_
     # layer 1 of 3 is the earliest steered: blocks 0 and 1 need no gradient, counted here by hand
     before = sum(p.numel() for block in decoder_layers(lm.model)[:2] for p in block.parameters())
     assert 0 < before < n and before == matmul_params_through(lm.model, 1)
-    forward = forward_cost(lm, t, h[0])
+    forward = forward_cost(lm, t, h)
     assert adapter.report.post_train_flops == pytest.approx(2 * forward - 2 * before * t, rel=1e-12)
 
 
@@ -355,7 +364,7 @@ def test_full_ft_lowers_the_training_loss_and_counts_three_forwards():
     seq_tokens = report.hparams["sequence_tokens"]
     if _logit_selection(type(lm.model)) == "mask":  # transformers 5: the head runs at the scored tokens alone
         assert 0 < h[0] == report.train_tokens < seq_tokens
-    assert report.post_train_flops == pytest.approx(3 * forward_cost(lm, seq_tokens, h[0]), rel=1e-12)  # no validation: checkpoints=0
+    assert report.post_train_flops == pytest.approx(3 * forward_cost(lm, seq_tokens, h), rel=1e-12)  # no validation: checkpoints=0
 
 
 def test_lora_flops_and_params():
@@ -368,7 +377,9 @@ def test_lora_flops_and_params():
     assert adapter.report.trainable_params == layers * per_layer
     t = adapter.report.hparams["sequence_tokens"]
     p = adapter.report.trainable_params
-    assert adapter.report.post_train_flops == pytest.approx(2 * forward_cost(lm, t, h[0]) + 6 * p * t, rel=1e-12)
+    p_last_mlp = r * (d + ff) * 3  # in F, the last block's MLP adapters run at the scored positions alone, as it does
+    forward = forward_cost(lm, t, h) + 2 * p * t - 2 * p_last_mlp * (t - h[1])
+    assert adapter.report.post_train_flops == pytest.approx(2 * forward + 2 * p * t, rel=1e-12)
 
 
 def test_steer_mean_flops_count_every_forward_token_through_the_layers_it_ran():
@@ -390,7 +401,7 @@ def test_steer_mean_flops_count_every_forward_token_through_the_layers_it_ran():
     through = sum(p.numel() for block in blocks[:2] for p in block.parameters())
     assert report.layer == 1 and through < matmul_params(lm.model) and texts < extraction
     assert report.post_train_flops == pytest.approx(
-        2 * (through - mlp) * extraction + 2 * mlp * texts + forward_cost(lm, lm.forward_tokens - tokens - extraction, h[0]), rel=1e-12
+        2 * (through - mlp) * extraction + 2 * mlp * texts + forward_cost(lm, lm.forward_tokens - tokens - extraction, h), rel=1e-12
     )  # the extraction never reaches the head: every head position counted is the selection passes
 
 
@@ -434,7 +445,7 @@ def test_prompt_chooses_how_many_demonstrations_on_validation(monkeypatch, best,
         for k in tried:
             with lm.prefixed(" ; ".join(f"{ex.prompt}{ex.target}" for ex in ctx.train[:k]) + " ; " * bool(k)):
                 target_nll(lm, ctx.validation)
-    assert report.post_train_flops == pytest.approx(forward_cost(lm, lm.forward_tokens, h[0]), rel=1e-12)  # the seven passes that chose
+    assert report.post_train_flops == pytest.approx(forward_cost(lm, lm.forward_tokens, h), rel=1e-12)  # the seven passes that chose
 
 
 def test_prompt_refuses_to_choose_its_demonstrations_without_a_validation_set():

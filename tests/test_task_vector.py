@@ -19,6 +19,7 @@ from workers.cache import WorkerCache
 from workers.cell import CellConfig, EvalConfig, ModelSpec
 from workers.config import ConfigError
 from workers.lm import LanguageModel
+from workers.steering import decoder_layers
 from workers.methods import FitContext, get_method, resolve_config
 from workers.methods.protocol import forward_flops, matmul_params
 from workers.methods.task_vector import added
@@ -122,15 +123,21 @@ def test_lambda_is_chosen_on_the_shared_validation_set(cells):
     before = lm.forward_tokens
     task = get_task("arith")
     head = lm.model.get_output_embeddings()
-    positions = []  # where the output head ran, by a hook: its share of the pass's FLOPs
-    handle = head.register_forward_hook(lambda _m, _i, out: positions.append(out.shape[:-1].numel()))
+    positions, mlp_rows = [], []  # where the output head and the last block's MLP ran, by hooks: their share of the FLOPs
+    mlp = decoder_layers(lm.model)[-1].mlp
+    handles = [
+        head.register_forward_hook(lambda _m, _i, out: positions.append(out.shape[:-1].numel())),
+        mlp.register_forward_hook(lambda _m, args, _o: mlp_rows.append(args[0].shape[:-1].numel())),
+    ]
     try:
         target_nll(lm, task.examples("validation", EVAL.validation_size, EVAL.validation_seed))  # what a choice by NLL runs
     finally:
-        handle.remove()
-    assert hparams["lambda_tokens"] == len(grid) * (lm.forward_tokens - before)
-    n, n_head = matmul_params(lm.model), head.weight.numel()
-    per_pass = forward_flops(n - n_head, lm.forward_tokens - before) + forward_flops(n_head, sum(positions))
+        for handle in handles:
+            handle.remove()
+    tokens = lm.forward_tokens - before
+    assert hparams["lambda_tokens"] == len(grid) * tokens
+    n, n_head, n_mlp = matmul_params(lm.model), head.weight.numel(), sum(p.numel() for p in mlp.parameters())
+    per_pass = forward_flops(n - n_head, tokens) + forward_flops(n_head, sum(positions)) - forward_flops(n_mlp, tokens - sum(mlp_rows))
     assert chosen["post_train_flops"] == pytest.approx(fixed["post_train_flops"] + len(grid) * per_pass)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from workers.last_block import mlp_at, read_positions_mlp
 from workers.steering import position_ids_argument, prompt_boundary
 
 if TYPE_CHECKING:  # annotations only: importing them loads transformers' modeling code (seconds), see workers/__init__.py
@@ -288,11 +289,16 @@ class LanguageModel:
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in rows], dtype=torch.long)
         return input_ids, (torch.arange(width) < lengths.unsqueeze(1)).long()
 
-    def forward(self, batch: Batch, keep: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The model's logits for `batch`: at every position, or where `keep` (see `_head_positions`) says."""
+    def forward(self, batch: Batch, keep: dict[str, torch.Tensor] | None = None, read: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits for `batch`: at every position, or where `keep` (see `_head_positions`) says.
+        Given `read`, the positions (rows, columns) whose logits are used, the last block's MLP runs there
+        alone where the architecture allows (`workers.last_block`): elsewhere the logits lack its part."""
         tokens = int(batch.attention_mask.sum())
+        mlp = None if read is None else read_positions_mlp(self.model)
         self._ran(tokens, _head_rows(keep, batch.attention_mask))
-        with prompt_boundary(batch.prompt_last):
+        if mlp is not None:  # what did not run: its parameters (adapters in it too) at the positions not read
+            self.flops_run -= 2.0 * sum(p.numel() for p in mlp.parameters()) * (tokens - int(read.sum()))
+        with prompt_boundary(batch.prompt_last), mlp_at(mlp, read) if mlp is not None else nullcontext():
             return self.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 **position_ids_argument(self.model, batch.position_ids), **(keep or {}),
@@ -309,7 +315,7 @@ class LanguageModel:
         """
         inputs = batch.without_last_column()
         keep, pick = self._head_positions(inputs.target_mask)
-        return pick(self.forward(inputs, keep))
+        return pick(self.forward(inputs, keep, read=inputs.target_mask))
 
     def _head_positions(self, mask: torch.Tensor) -> tuple[dict[str, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
         """The forward's `logits_to_keep` for the True entries of `mask` (rows, columns), and how to

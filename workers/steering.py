@@ -197,18 +197,19 @@ def matmul_params_through(model: nn.Module, layer: int) -> int:
 
 # Model types whose decoder layer adds its MLP's output to the residual out of place, position by
 # position (read in transformers' modeling files), so `last_token_states` can run the deepest block's
-# MLP on the last tokens alone. Elsewhere it runs whole: Falcon adds the attention output into the
-# MLP's output in place, which a one-row output cannot take.
-_LAST_TOKEN_MLP_TYPES = frozenset({
+# MLP on the last tokens alone (and `workers.last_block` the last block's on the scored positions).
+# Elsewhere it runs whole: Falcon adds the attention output into the MLP's output in place, which a
+# one-row output cannot take.
+POSITION_WISE_MLP_TYPES = frozenset({
     "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3", "gemma3_text",
     "phi", "phi3", "olmo2", "gpt2", "gpt_neox", "gptj",
 })  # fmt: skip
 
 
-def _last_token_mlp(model: nn.Module, layer: int) -> nn.Module | None:
+def position_wise_mlp(model: nn.Module, layer: int) -> nn.Module | None:
     """Decoder layer `layer`'s position-wise MLP where the model's type is known to allow running it on
-    the last tokens alone (`_LAST_TOKEN_MLP_TYPES`); None where it must run whole."""
-    if getattr(getattr(model, "config", None), "model_type", None) not in _LAST_TOKEN_MLP_TYPES:
+    some positions alone (`POSITION_WISE_MLP_TYPES`); None where it must run whole."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in POSITION_WISE_MLP_TYPES:
         return None
     mlp = getattr(decoder_layers(model)[layer], "mlp", None)
     return mlp if isinstance(mlp, nn.Module) else None
@@ -225,7 +226,7 @@ def last_token_flops(model: nn.Module, layer: int, tokens: int, texts: int) -> f
     """FLOPs of `last_token_states` reading up to decoder layer `layer` over `texts` texts of `tokens`
     tokens in all: 2 · N · tokens through the blocks, but the deepest block's MLP (and, where its
     attention runs on the last rows, its query and output projections) count `texts` only."""
-    mlp = _last_token_mlp(model, layer)
+    mlp = position_wise_mlp(model, layer)
     attention = _last_row_attention(model, layer)
     last_only = ([] if mlp is None else [mlp]) + ([] if attention is None else [attention.q_proj, attention.o_proj])
     once = sum(p.numel() for module in last_only for p in module.parameters())
@@ -269,7 +270,7 @@ def last_token_states(
         return (hidden[rows.to(hidden.device), last.to(hidden.device)].unsqueeze(1), *args[1:])
 
     handles = [blocks[i].register_forward_hook(read(i)) for i in set(wanted)]
-    mlp = _last_token_mlp(model, deepest)
+    mlp = position_wise_mlp(model, deepest)
     attention = _last_row_attention(model, deepest)
     if mlp is not None:
         handles.append(mlp.register_forward_pre_hook(last_rows_only))
