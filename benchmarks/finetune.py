@@ -26,6 +26,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from benchmarks.common import Check, Result, Row, Timing, fmt_paired, fmt_time, time_alternating, time_call
 from workers.cell import ModelSpec
+from workers.last_block import read_positions_mlp
 from workers.lm import LanguageModel
 from workers.methods.lora import LoraConfig, lora_injected
 from workers.methods.protocol import forward_flops, matmul_params
@@ -182,15 +183,19 @@ def fixed_cost(run: Timing, step: Timing, steps: int) -> Timing:
     )  # fmt: skip
 
 
-def mm_rate_at_shapes(model: torch.nn.Module, rows: int, *, weight_grads: bool) -> float:
+def mm_rate_at_shapes(model: torch.nn.Module, rows: int, scored: int, *, weight_grads: bool) -> float:
     """FLOP/s of torch.mm alone at a training step's matmul shapes: each decoder linear's forward
-    (rows × in @ in × out), its input gradient and, with `weight_grads` (full FT), its weight gradient.
-    How far a step's FLOP/s is below this says how much of it is work other than its matmuls."""
+    (rows × in @ in × out; the last block's MLP at the `scored` rows), its input gradient and, with
+    `weight_grads` (full FT), its weight gradient. How far a step's FLOP/s is below this says how much
+    of it is work other than its matmuls."""
+    last_mlp = read_positions_mlp(model)
+    at_scored = set() if last_mlp is None else {id(m) for m in last_mlp.modules()}
     shapes: dict[tuple[int, int, int], int] = {}  # (m, k, n) -> how many matmuls of it a step runs
     for module in model.get_decoder().modules():
         if isinstance(module, torch.nn.Linear):
             d_in, d_out = module.in_features, module.out_features
-            for shape in [(rows, d_in, d_out), (rows, d_out, d_in)] + ([(d_out, rows, d_in)] if weight_grads else []):
+            rows_here = scored if id(module) in at_scored else rows
+            for shape in [(rows_here, d_in, d_out), (rows_here, d_out, d_in)] + ([(d_out, rows_here, d_in)] if weight_grads else []):
                 shapes[shape] = shapes.get(shape, 0) + 1
     flops = seconds = 0.0
     for (m, k, n), count in shapes.items():
@@ -219,7 +224,9 @@ def run(quick: bool) -> Result:
     rows = tokenized(hf_lm, examples)  # outside the timing, as steerscale's encoding is outside its own
     n = matmul_params(ours_lm.model)
     head = ours_lm.model.get_output_embeddings().weight.numel()  # in n, tied or not
-    n_lora = _lora_params(ours_lm, s)
+    n_lora, n_lora_last_mlp = _lora_params(ours_lm, s)
+    last_mlp = read_positions_mlp(ours_lm.model)  # what a scored forward runs at the scored tokens alone
+    n_last_mlp = 0 if last_mlp is None else sum(p.numel() for p in last_mlp.parameters())
 
     def restore() -> None:
         for lm in (ours_lm, hf_lm):
@@ -273,11 +280,14 @@ def run(quick: bool) -> Result:
         ran = (longer.sequence_tokens - short.sequence_tokens) / extra
         scored = (longer.tokens - short.tokens) / extra
         # The analytic counts of workers/methods/protocol.py (6·N·T full, 4·N·T + 6·P·T LoRA) on the
-        # tokens the loss needs run, with the output head counted only at the scored tokens. The
-        # Trainer also runs the last column, and the head at every position (steerscale only where
-        # scored: `LanguageModel.scored_logits`); that work is not counted for either side.
-        forward = forward_flops(n - head, ran) + forward_flops(head, scored)
-        flops = 2 * forward + 3 * forward_flops(n_lora, ran) if lora else 3 * forward
+        # tokens the loss needs run, with the output head and the last block's MLP (its adapters too)
+        # counted only at the scored tokens. The Trainer also runs the last column, and the head and that
+        # MLP at every position (steerscale only where scored: `LanguageModel.scored_logits`,
+        # workers/last_block.py); that work is not counted for either side.
+        unscored = ran - scored
+        forward = forward_flops(n - head, ran) + forward_flops(head, scored) - forward_flops(n_last_mlp, unscored)
+        adapters = forward_flops(n_lora, ran) - forward_flops(n_lora_last_mlp, unscored)
+        flops = 2 * forward + 3 * adapters if lora else 3 * forward
         result.rows += [
             Row(f"{name}: tokens/s per {s.steps}-step run, fixed costs included ({tokens} tokens)",
                 f"{tokens / times['ours'].median:.0f}  ({fmt_time(times['ours'])})",
@@ -289,15 +299,16 @@ def run(quick: bool) -> Result:
             Row(f"{name}: fixed cost of a run (set-up, tear-down, warm-up of the first steps): the {s.steps}-step run "
                 f"less {s.steps} steady steps", fmt_time(fixed["ours"]), fmt_time(fixed["hf"]), "", ""),
             Row(f"{name}: achieved FLOP/s in the steady state ÷ one core's torch.mm peak (each side trains on one thread, "
-                f"as a cell does), {s.model}, {ran:.0f} tokens run a step ({scored:.0f} scored; the output head counted at "
-                "those only)",
+                f"as a cell does), {s.model}, {ran:.0f} tokens run a step ({scored:.0f} scored; the output head and the last "
+                "block's MLP counted at those only)",
                 f"{100 * flops / step['ours'].median / peak:.2f} %", f"{100 * flops / step['hf'].median / peak:.2f} %", "",
                 "≥ 25 % on the largest rung (full run; the quick run's model is far narrower)"),
             Row(f"{name}: torch.mm alone at this step's matmul shapes (each decoder linear's forward, input gradient"
-                f"{' and weight gradient' if not lora else ''} at {ran:.0f} rows, warm cache) ÷ the same peak: "
+                f"{' and weight gradient' if not lora else ''} at {ran:.0f} rows, the last block's MLP's at {scored:.0f}, warm "
+                "cache) ÷ the same peak: "
                 "what the step's matmuls could reach; the gap to the row above is its other work (norms, rotary, attention, "
                 "activations, autograd; the profile below)",
-                f"{100 * mm_rate_at_shapes(ours_lm.model, round(ran), weight_grads=not lora) / peak:.1f} %", "", "", ""),
+                f"{100 * mm_rate_at_shapes(ours_lm.model, round(ran), round(scored), weight_grads=not lora) / peak:.1f} %", "", "", ""),
         ]  # fmt: skip
         if lora:
             def run_adapter_free(run_s: Settings = s) -> None:
@@ -325,6 +336,10 @@ def run(quick: bool) -> Result:
     return result
 
 
-def _lora_params(lm: LanguageModel, s: Settings) -> int:
+def _lora_params(lm: LanguageModel, s: Settings) -> tuple[int, int]:
+    """LoRA's trainable parameters: all of them, and those in the last block's MLP (which runs at the scored tokens alone)."""
     with lora_injected(lm, LoraConfig(rank=s.lora_rank, alpha=2.0 * s.lora_rank), None) as peft_model:
-        return sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        trainable = {id(p) for p in peft_model.parameters() if p.requires_grad}
+        mlp = read_positions_mlp(lm.model)
+        in_mlp = 0 if mlp is None else sum(p.numel() for p in mlp.parameters() if id(p) in trainable)
+        return sum(p.numel() for p in peft_model.parameters() if p.requires_grad), in_mlp
