@@ -328,7 +328,7 @@ def _byte_level_bpe() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-@pytest.mark.parametrize("kind", ["world", "byte_level_bpe", "reloaded", "left_padding_by_an_earlier_call"])
+@pytest.mark.parametrize("kind", ["world", "byte_level_bpe", "reloaded", "left_padding_by_an_earlier_call", "specials_split_by_an_earlier_call"])
 def test_token_ids_are_the_tokenizers_own(kind, tmp_path):
     """The Rust backend called directly gives what transformers' call gives, special tokens or not."""
     tokenizer = language_model().tokenizer if kind == "world" else _byte_level_bpe()
@@ -339,6 +339,8 @@ def test_token_ids_are_the_tokenizers_own(kind, tmp_path):
     if kind == "left_padding_by_an_earlier_call":
         tokenizer.padding_side = "left"
         tokenizer(texts, padding=True, truncation=True, max_length=4)  # leaves the backend set to pad and truncate
+    if kind == "specials_split_by_an_earlier_call":
+        tokenizer(texts, split_special_tokens=True)  # may leave the backend encoding special tokens as text
     for specials in (True, False):
         expected = [list(ids) for ids in tokenizer(texts, add_special_tokens=specials)["input_ids"]]
         assert token_ids(tokenizer, texts, add_special_tokens=specials) == expected
@@ -375,3 +377,25 @@ def test_the_last_blocks_mlp_runs_at_the_scored_positions_alone_with_the_same_lo
         assert (got is None) == (expected is None)
         if got is not None:
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_last_mlp_with_dropout_runs_whole_while_training(monkeypatch):
+    """GPT-2's MLP drops out inside: run at fewer positions, its mask and every later draw would move."""
+    lm = language_model("gpt2")
+    lm.model.config.resid_pdrop = 0.1
+    for module in lm.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.1
+    lm.model.train()
+    b = next(lm.batches(PROMPTS, [" 1 2", " 3", " 4 4 4"]))
+
+    def seeded_loss():
+        torch.manual_seed(0)
+        return lm.loss(b).detach()
+
+    ours = seeded_loss()
+    monkeypatch.setattr(workers.lm, "read_positions_mlp", lambda _model: None)
+    assert torch.equal(ours, seeded_loss())
+    lm.model.eval()
+    monkeypatch.undo()
+    assert workers.lm.read_positions_mlp(lm.model) is not None  # in eval, dropout off: the MLP runs at the scored positions

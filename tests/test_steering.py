@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest_methods import ARCHITECTURES, HIDDEN, language_model
 from workers.methods.steer_mean import mean_difference
 from workers import last_row_attention
-from workers.steering import _add, _padding_arguments, decoder_layers, last_token_flops, last_token_states, prompt_boundary, steer
+from workers.steering import _add, decoder_layers, last_token_flops, last_token_states, needed_attention_mask, prompt_boundary, steer
 
 ARCHS = list(ARCHITECTURES)
 TEXTS = ["q: a1 b2 = 3 ; q: a4 b0 =", "persona: liar q: a7 =", "q: a3 b3 ="]
@@ -101,14 +101,17 @@ def test_llama_deepest_attention_computes_queries_and_output_at_the_last_tokens_
         getattr(attention, f"{name}_proj").register_forward_hook(lambda _m, args, _o, name=name: shapes[name].append(tuple(args[0].shape)))
         for name in shapes
     ]
+    rows, width = b.input_ids.shape
+    left = torch.cat([b.attention_mask[:, 1:], b.attention_mask[:, :1]], dim=1)  # not right-padded: the model's own attention
     try:
         with FlopCounterMode(display=False) as counted:
             got = last_token_states(lm.model, b.input_ids, b.attention_mask, [1, 0])
+        last_token_states(lm.model, b.input_ids, left, [1, 0])
     finally:
         for handle in handles:
             handle.remove()
-    rows, width = b.input_ids.shape
-    assert shapes["q"] == [(rows, 1, HIDDEN)] and shapes["o"] == [(rows, 1, HIDDEN)] and shapes["k"] == [(rows, width, HIDDEN)]
+    assert shapes["q"] == [(rows, 1, HIDDEN), (rows, width, HIDDEN)] and shapes["o"][0] == (rows, 1, HIDDEN)
+    assert shapes["k"] == [(rows, width, HIDDEN)] * 2
     assert "forward" not in vars(attention), "the attention's own forward must be back"
     per_module = counted.get_flop_counts()  # the blocks' only: the rotary tables are a matmul too in transformers 4.5x
     matmul_flops = sum(n for i in (0, 1) for op, n in per_module[f"LlamaForCausalLM.model.layers.{i}"].items() if "attention" not in str(op))
@@ -122,23 +125,22 @@ def test_llama_deepest_attention_computes_queries_and_output_at_the_last_tokens_
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_a_right_padded_read_runs_with_no_padding_masked_and_reads_each_text_as_alone(arch):
-    """Padding after a text's last token is never seen by a query that is read: the forward masks none
-    and passes no position ids (the columns are the real tokens' positions)."""
+def test_a_right_padded_read_masks_no_padding_and_reads_each_text_as_alone(arch):
+    """Padding after a text's last token is never seen by a query that is read: the forward masks none."""
     lm = language_model(arch)
     ids, mask = lm.pad(lm.encode(TEXTS, prompt=True))
     assert not mask.all(), "the texts must be of unequal length"
     masks = []
-    handle = lm.model.register_forward_pre_hook(lambda _m, _a, kwargs: masks.append((kwargs.get("attention_mask"), kwargs.get("position_ids"))), with_kwargs=True)
+    handle = lm.model.register_forward_pre_hook(lambda _m, _a, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
     try:
         padded = last_token_states(lm.model, ids, mask)
     finally:
         handle.remove()
     alone = torch.cat([last_token_states(lm.model, *lm.pad(lm.encode([text], prompt=True))) for text in TEXTS], dim=1)
-    assert len(masks) == 1 and masks[0][0].all() and masks[0][1] is None
+    assert len(masks) == 1 and masks[0].all()
     torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
-    shifted = torch.cat([mask[:, 1:], mask[:, :1]], dim=1)  # a row with padding first is not right-padded: its mask is kept
-    assert _padding_arguments(lm.model, shifted, shifted.sum(-1) - 1)["attention_mask"] is shifted
+    left = torch.cat([mask[:, 1:], mask[:, :1]], dim=1)  # a row with padding first is not right-padded: its mask is kept
+    assert needed_attention_mask(left) is left
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -26,10 +26,15 @@ _ROUTED_MLP_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 
 
 def read_positions_mlp(model: nn.Module) -> nn.Module | None:
-    """The last block's MLP where it can run at the read positions alone; None where it runs whole."""
+    """The last block's MLP where it can run at the read positions alone; None where it runs whole.
+    Whole too while it trains with a dropout inside (GPT-2's): the dropout would draw its mask over
+    other positions, and every later draw of the random stream would move."""
     if getattr(getattr(model, "config", None), "model_type", None) in _ROUTED_MLP_TYPES:
         return None
-    return position_wise_mlp(model, -1)
+    mlp = position_wise_mlp(model, -1)
+    if mlp is not None and mlp.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in mlp.modules()):
+        return None
+    return mlp
 
 
 @contextmanager

@@ -39,8 +39,9 @@ def _returns_two() -> bool:
 def supported(model: nn.Module, attention: nn.Module) -> bool:
     """Whether `attention` (a decoder block's) can be swapped for the last-row forward."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    transformers_own = type(attention).__module__.startswith("transformers.models.")  # not a remote-code model's attention
     # an instance `forward` is accelerate's device hook (a model split over GPUs): keep it
-    return model_type in _LLAMA_ATTENTION_TYPES and _returns_two() and "forward" not in vars(attention)
+    return model_type in _LLAMA_ATTENTION_TYPES and transformers_own and _returns_two() and "forward" not in vars(attention)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

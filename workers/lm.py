@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from workers.last_block import mlp_at, read_positions_mlp
-from workers.steering import position_ids_argument, prompt_boundary
+from workers.steering import needed_attention_mask, position_ids_argument, prompt_boundary
 
 if TYPE_CHECKING:  # annotations only: importing them loads transformers' modeling code (seconds), see workers/__init__.py
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,10 +44,25 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], *, add_speci
     where that call would neither truncate nor pad, which is how steerscale calls it: a backend left
     set to pad or truncate (by a padded call elsewhere) goes through transformers' call, which resets it.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is None or not hasattr(backend, "encode_batch_fast") or backend.truncation or backend.padding:
+    backend = getattr(tokenizer, "backend_tokenizer", None) if _encodes_in_backend(type(tokenizer)) else None
+    if (
+        backend is None or not hasattr(backend, "encode_batch_fast") or backend.truncation or backend.padding
+        or getattr(backend, "encode_special_tokens", False)  # set by an earlier `split_special_tokens=` call
+    ):  # fmt: skip
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
     return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+
+@functools.cache
+def _encodes_in_backend(tokenizer_class: type) -> bool:
+    """Whether the class is a fast tokenizer that encodes as its Rust backend does: none of transformers'
+    encoding methods overridden (transformers 5's CodeLlama tokenizer overrides `_encode_plus`)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not issubclass(tokenizer_class, PreTrainedTokenizerFast):
+        return False
+    methods = ("__call__", "_call_one", "encode_plus", "batch_encode_plus", "_encode_plus", "_batch_encode_plus")
+    return all(getattr(tokenizer_class, name, None) is getattr(PreTrainedTokenizerFast, name, None) for name in methods)
 
 
 def _head_rows(keep: dict[str, torch.Tensor] | None, attention_mask: torch.Tensor) -> int:
@@ -273,11 +288,10 @@ class LanguageModel:
     def collate(self, pairs: Sequence[EncodedPair]) -> Batch:
         """One right-padded batch of encoded pairs, on the model's device."""
         input_ids, attention = self.pad([pair.ids for pair in pairs])
-        target = torch.zeros(input_ids.shape, dtype=torch.bool)
-        prompt_last = torch.zeros(len(pairs), dtype=torch.long)
-        for i, pair in enumerate(pairs):
-            target[i, max(pair.continuation_start - 1, 0) : len(pair.ids) - 1] = True
-            prompt_last[i] = max(pair.continuation_start - 1, 0)
+        prompt_last = torch.tensor([max(pair.continuation_start - 1, 0) for pair in pairs], dtype=torch.long)
+        columns = torch.arange(input_ids.shape[1])
+        # the positions from the prompt's last token to the one before the last: each predicts a continuation token
+        target = (columns >= prompt_last.unsqueeze(1)) & (columns < attention.sum(-1, keepdim=True) - 1)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         return Batch(*(t.to(self.device) for t in (input_ids, attention, positions, target, prompt_last)))
 
@@ -300,7 +314,7 @@ class LanguageModel:
             self.flops_run -= 2.0 * sum(p.numel() for p in mlp.parameters()) * (tokens - int(read.sum()))
         with prompt_boundary(batch.prompt_last), mlp_at(mlp, read) if mlp is not None else nullcontext():
             return self.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                input_ids=batch.input_ids, attention_mask=needed_attention_mask(batch.attention_mask),
                 **position_ids_argument(self.model, batch.position_ids), **(keep or {}),
             ).logits  # fmt: skip
 

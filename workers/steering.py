@@ -271,7 +271,8 @@ def last_token_states(
 
     handles = [blocks[i].register_forward_hook(read(i)) for i in set(wanted)]
     mlp = position_wise_mlp(model, deepest)
-    attention = _last_row_attention(model, deepest)
+    # its own mask for the read row (columns up to each row's last real token): right padding only
+    attention = _last_row_attention(model, deepest) if right_padded(attention_mask) else None
     if mlp is not None:
         handles.append(mlp.register_forward_pre_hook(last_rows_only))
     try:
@@ -282,7 +283,10 @@ def last_token_states(
         # evaluation steers from the prompt's last token on: a gap for a steering part then `steer_mean`
         # on those tasks, which needs each text's prompt end from `contrast_pairs` to close.
         with prompt_boundary(last), last_row.last_row_attention(attention, last) if attention is not None else nullcontext():
-            model(input_ids=input_ids, use_cache=False, **_padding_arguments(model, attention_mask, last))
+            model(
+                input_ids=input_ids, attention_mask=needed_attention_mask(attention_mask), use_cache=False,
+                **position_ids_argument(model, (attention_mask.cumsum(-1) - 1).clamp(min=0)),
+            )  # fmt: skip
     except _StopForward:
         pass
     finally:
@@ -291,18 +295,20 @@ def last_token_states(
     return torch.stack([captured[i] for i in wanted])
 
 
-def _padding_arguments(model: nn.Module, attention_mask: torch.Tensor, last: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The attention mask and position ids a read at each row's last token needs. Right-padded rows
-    need no padding mask: a real token's query sees only the columns before it, all real, and its
-    position is its column, as the model assumes without position ids; the padding after it changes
-    nothing that is read. So they get an all-ones mask, with which the model takes its causal-only
-    attention: no padding mask built (a vmap in transformers 4.5x, 5 ms a batch) and a faster kernel.
+def needed_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask of a forward (no cache) read at real tokens only: all ones for right-padded
+    rows. A real token's query sees only the columns before it, all real, so masking the padding after
+    the text changes nothing that is read, and with no padding masked the model takes its causal-only
+    attention: no padding mask to build (a vmap in transformers 4.5x, 5 ms a batch of 64) and a faster
+    kernel (0.6 ms against 0.9 for the ladder's xl at 64 × 11 tokens). Left padding keeps its mask.
     (All ones, not none: without a mask transformers 4.5x builds one to find packed sequences.)"""
+    return torch.ones_like(attention_mask) if right_padded(attention_mask) else attention_mask
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row's real tokens come first, its padding after."""
     columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    if torch.equal(attention_mask, (columns <= last.unsqueeze(-1)).to(attention_mask.dtype)):
-        return {"attention_mask": torch.ones_like(attention_mask)}
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {"attention_mask": attention_mask, **position_ids_argument(model, positions)}
+    return torch.equal(attention_mask, (columns < attention_mask.sum(-1, keepdim=True)).to(attention_mask.dtype))
 
 
 def position_ids_argument(model: nn.Module, positions: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,6 +8,9 @@ call): `result + (lora_A(x) · scaling) Bᵀ`. On the ladder's xl rung that cut 
 losses are bit-equal. Everything else — parameters, initialisation, state dicts, `unload()` — is
 PEFT's, and any call this path was not written for (merged or disabled adapters, several adapters,
 dropout, DoRA or another variant, a LoRA bias, mixed dtypes, extra arguments) runs PEFT's forward.
+So does a half-precision model: PEFT keeps its adapters in fp32 there (`autocast_adapter_dtype`).
+PEFT's dispatch asks for it on every `nn.Linear`, subclasses too: a quantized linear (bitsandbytes,
+torchao) would get this class instead of PEFT's quantized LoRA layer; steerscale loads none.
 """
 
 from __future__ import annotations
