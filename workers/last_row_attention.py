@@ -44,11 +44,6 @@ def supported(model: nn.Module, attention: nn.Module) -> bool:
     return model_type in _LLAMA_ATTENTION_TYPES and transformers_own and _returns_two() and "forward" not in vars(attention)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
 @contextmanager
 def last_row_attention(attention: nn.Module, last: torch.Tensor) -> Iterator[None]:
     """While open, `attention` returns, for each text b, its output at column `last[b]` alone:
@@ -71,6 +66,10 @@ def last_row_attention(attention: nn.Module, last: torch.Tensor) -> Iterator[Non
 def _forward_last_rows(
     attention: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], last: torch.Tensor
 ) -> torch.Tensor:
+    # Llama's own rotary half-turn; imported here, not at the top: steering imports this module, and
+    # transformers' modeling code takes seconds to import (workers/__init__.py)
+    from transformers.models.llama.modeling_llama import rotate_half
+
     batch, width, _ = hidden.shape
     head_dim = attention.head_dim
     rows = torch.arange(batch, device=hidden.device)
@@ -79,8 +78,8 @@ def _forward_last_rows(
     value = attention.v_proj(hidden).view(batch, width, -1, head_dim).transpose(1, 2)
     # (batch, width, head_dim), or (1, width, head_dim) for the positions a forward without position ids assumes
     cos, sin = (table.expand(batch, -1, -1) for table in position_embeddings)
-    query = query * cos[rows, last][:, None, None] + _rotate_half(query) * sin[rows, last][:, None, None]
-    key = key * cos.unsqueeze(1) + _rotate_half(key) * sin.unsqueeze(1)
+    query = query * cos[rows, last][:, None, None] + rotate_half(query) * sin[rows, last][:, None, None]
+    key = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
     groups = attention.num_key_value_groups  # HF's repeat_kv: each key head serves `groups` query heads in a row
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     # the last token sees every real token: columns 0..last, the padding after it masked out
