@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import ROUNDING, improvement
+from analysis.metrics import ROUNDING, improvement, test_questions
 
 KEYS = ["task", "model", "method", "budget"]
 
@@ -64,23 +64,18 @@ def frontier_by_compute(frontier: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 MIN_GAP_QUESTIONS = 2  # an elicitation gap of one question or less is noise: a share of it reads −4 or ±10×
 FALLBACK_RESOLUTION = 0.01  # one "question" for scores that are not fractions of a test set (partial credit, say)
-MAX_TEST_SIZE = 100_000
 MIN_INFERRED_TEST_SIZE = 10
 
 
 def score_resolution(values: np.ndarray) -> float:
-    """One question of the test set: 1/n for the smallest n (up to MAX_TEST_SIZE) of which every score is
-    a multiple, as accuracies over n questions are k/n (where the test set is larger than that n, the
+    """One question of the test set: 1/n for the smallest n of which every score is a multiple
+    (`metrics.test_questions`), as accuracies over n questions are k/n (where the test set is larger than that n, the
     question read is coarser than the real one, which only raises the gap's bar);
     FALLBACK_RESOLUTION where the scores are not such fractions, or where the divisor is below
     MIN_INFERRED_TEST_SIZE: scores that all sit on 0, ½ and 1 say more about the task than about
     the test set's size, and would make any gap "one question"."""
-    n = np.arange(1, MAX_TEST_SIZE + 1)
-    for v in np.unique(values[np.isfinite(values)]):
-        n = n[np.abs(v * n - np.round(v * n)) < 1e-6]
-        if len(n) == 0:
-            return FALLBACK_RESOLUTION
-    return 1.0 / n[0] if len(n) and n[0] >= MIN_INFERRED_TEST_SIZE else FALLBACK_RESOLUTION
+    n = test_questions(values)
+    return 1.0 / n if n is not None and n >= MIN_INFERRED_TEST_SIZE else FALLBACK_RESOLUTION
 
 
 def selectivity(ok: pd.DataFrame, metric: str) -> pd.DataFrame:

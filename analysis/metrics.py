@@ -12,7 +12,8 @@ HIGHER_IS_BETTER = {"score": True, "score_elicited": True, "nll": False}
 BASE_COLUMN = {"score": "score_base", "score_elicited": "score_base", "nll": "nll_base"}
 LOSS_FLOOR = 1e-3
 ROUNDING = 1e-9  # means of k/n scores that are equal can differ in their last bits: closer than this they are level
-STEP_DIVISORS = 100  # `step`: how many steps the smallest gap between measured values may span
+MAX_TEST_SIZE = 100_000  # `test_questions`: the largest test set a score's step is looked for in
+WHOLE = 1e-6  # `test_questions`: how far from a whole number of questions v · n may be (float error is ~1e-16 · n)
 
 
 def check_metric(metric: str) -> None:
@@ -37,30 +38,41 @@ def improvement(values: np.ndarray, reference: np.ndarray, metric: str) -> np.nd
     return diff if HIGHER_IS_BETTER[metric] else -diff
 
 
-def step(values: np.ndarray) -> float:
-    """The step the measured values move in (a score over n test questions: 1/n), 0 where they have none.
+def test_questions(values: np.ndarray) -> int | None:
+    """The n of scores counted over n test questions: the smallest n (up to MAX_TEST_SIZE) of which every
+    finite value is a multiple of 1/n; None where there is none (a continuous metric, such as an NLL).
 
-    The largest d, the smallest gap between two distinct values divided by 1..STEP_DIVISORS, of which
-    every gap is a whole multiple: with only a few distinct values the smallest gap can be several steps.
-    A continuous metric (an NLL) has no such d, and is 0; so is a metric with one value.
+    Searched over n rather than read off the gaps between values: a gap of k/n rounded to a fixed number
+    of decimals is no longer a whole multiple of 1/n once n has no short decimal (300, 1024, 1319), which
+    made the step 0 for most test-set sizes. Where every value shares a factor with n (only 0, ½ and 1
+    measured) the n found is a divisor of the real one.
     """
+    candidates = np.arange(1, MAX_TEST_SIZE + 1)
+    for v in np.unique(np.asarray(values, dtype=float)[np.isfinite(values)]):
+        product = v * candidates
+        candidates = candidates[np.abs(product - np.round(product)) < WHOLE]
+        if not len(candidates):
+            return None
+    return int(candidates[0]) if len(candidates) else None
+
+
+def step(values: np.ndarray) -> float:
+    """The step the measured values move in (a score over n test questions: 1/n, `test_questions`), 0 where
+    they have none: a continuous metric, or fewer than two distinct values (one value is a multiple of
+    many fractions, and says nothing of the step)."""
     values = np.asarray(values, dtype=float)
-    distinct = np.unique(np.round(values[np.isfinite(values)], 9))  # 0.225 and 1 − (1 − 0.225) are one value
-    gaps = np.diff(distinct)
-    if len(gaps) == 0:
+    finite = values[np.isfinite(values)]
+    if len(finite) == 0 or np.ptp(finite) <= ROUNDING:  # 0.225 and 1 − (1 − 0.225) are one value
         return 0.0
-    for k in range(1, STEP_DIVISORS + 1):
-        multiples = gaps / (gaps.min() / k)
-        if np.abs(multiples - np.round(multiples)).max() < 1e-6:
-            return float(gaps.min() / k)
-    return 0.0
+    n = test_questions(finite)
+    return 0.0 if n is None else 1.0 / n
 
 
 def question_sampling_sd(values: np.ndarray) -> tuple[int, float] | None:
     """(n, sd) for a score that moves in steps of 1/n — n test questions, the same for every cell —
     with the binomial sd √(p(1 − p)/n) at the scores' mean p: how far a cell's score would move on
     another draw of n questions, noise that redrawing seeds does not carry. None for a metric with
-    no step (an NLL); n may be too small where every gap is a multiple of a larger step (see `step`)."""
+    no step (an NLL); n may be a divisor of the real one where every score is (see `test_questions`)."""
     d = step(values)
     if d <= 0 or d > 0.5:
         return None

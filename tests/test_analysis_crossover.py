@@ -426,6 +426,19 @@ def test_the_step_of_a_score_is_one_question() -> None:
     assert step(np.random.default_rng(0).random(16)) == 0 and step(np.full(4, 0.225)) == 0
 
 
+@pytest.mark.parametrize("questions", [86, 300, 1024, 1319, 4999])
+def test_the_step_is_one_question_for_test_sets_whose_fractions_have_no_short_decimal(questions: int) -> None:
+    """Scores k/n with n of 300, 1024 or 1319 (GSM8K's test set): gaps rounded to 9 decimals were no whole
+    multiples of 1/n any more, so the step came out 0 and the crossovers' tie tolerance fell to 1e-6 (a fraction
+    of one question decided a crossing). Also after the round trip through the loss, 1 − (1 − score)."""
+    counts = np.random.default_rng(questions).integers(0, questions + 1, 20)
+    counts[:2] = (1, 2)  # two counts a question apart: no common factor with n
+    scores = counts / questions
+    assert step(scores) == pytest.approx(1 / questions, rel=1e-12)
+    assert step(1.0 - (1.0 - scores)) == pytest.approx(1 / questions, rel=1e-12)
+    assert question_sampling_sd(scores)[0] == questions
+
+
 def test_a_score_s_test_sampling_noise_is_binomial_over_the_questions_its_step_implies() -> None:
     """9, 8, 12 and 10 of 40 questions (mean .24375): n 40, sd √(p(1 − p)/40); an NLL, or one value, has none."""
     n, sd = question_sampling_sd(np.array([9, 8, 12, 10]) / 40)
