@@ -7,9 +7,12 @@ one the point fit saw. Drawn from the whole curve instead, 4 budgets × 2 seeds 
 fit refuses. Redrawn within a point, n seeds vary about (n − 1)/n as much as n new seeds would
 (half with 2 seeds: "95 %" intervals of budget curves then covered their truth 70–79 % of the time),
 so a resample's targets are its cells' own, spread about their point's mean by √(n/(n − 1))
-(`widened_targets`): the redraw's mean then varies as the mean of n new seeds does. A point measured once has nothing to redraw and would stay fixed in every resample (with one seed
-everywhere, every resample would be the point fit: intervals of zero width), so a design with any
-such point is resampled over the whole curve, as an unstratified bootstrap (`design_strata`).
+(`widened_targets`): the redraw's mean then varies as the mean of n new seeds does. A point measured
+once has nothing to redraw and would stay fixed in every resample, so its cell moves by a seed's
+deviation drawn from the other points' (widened alike: `singleton_noise`) — a failed seed at one
+budget used to send the whole curve to the unstratified bootstrap, which lost a budget in over half
+the resamples and doubled the intervals. Only with one cell at every point (one seed everywhere: no
+seed variance to draw from) is the curve resampled as a whole, an unstratified bootstrap (`design_strata`).
 
 Every cell of a task is scored on the same test questions, so redrawing seeds leaves out how far
 the scores would move on other questions of the task (with seeds that agree, intervals of zero
@@ -109,11 +112,34 @@ def question_counts(task: str, questions: int, n_resamples: int, seed: int) -> n
 
 
 def design_strata(xs: dict[str, np.ndarray]) -> np.ndarray:
-    """The strata `bootstrap_fit` draws within: each cell's design point when every point holds two
-    or more cells, else one stratum for the whole curve (see the module docstring)."""
+    """The strata `bootstrap_fit` draws within: each cell's design point where any point holds two or
+    more cells, else one stratum for the whole curve (see the module docstring)."""
     points = input_index(xs)
     _, counts = np.unique(points, return_counts=True)
-    return points if counts.min() >= 2 else np.zeros(len(points), dtype=int)
+    return points if counts.max() >= 2 else np.zeros(len(points), dtype=int)
+
+
+def seed_deviations(data: LawData, strata: np.ndarray) -> np.ndarray:
+    """Per cell, its log target's deviation from its stratum's mean, widened by √(n/(n − 1)) (n the
+    stratum's cells), so that each has a seed's variance; 0 for a cell alone in its stratum."""
+    _, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    means = np.bincount(inverse, weights=data.logy) / counts
+    widen = np.sqrt(counts / np.maximum(counts - 1, 1))
+    return widen[inverse] * (data.logy - means[inverse])
+
+
+def singleton_noise(data: LawData, strata: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray | None:
+    """(B, n) additions to the log targets: for each cell alone at its design point, in each resample, one
+    of the other points' `seed_deviations`, so it varies as a new seed of it would; 0 for the rest. None
+    where no point is measured once, or none twice (nothing to draw from)."""
+    _, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
+    alone, shared = counts[inverse] == 1, counts[inverse] >= 2
+    if not alone.any() or not shared.any():
+        return None
+    pool = seed_deviations(data, strata)[shared]
+    noise = np.zeros((n_resamples, data.n))
+    noise[:, alone] = pool[rng.integers(0, len(pool), size=(n_resamples, int(alone.sum())))]
+    return noise
 
 
 def refit_weighted(fit: Fit, data: LawData, weights: np.ndarray, logy: np.ndarray | None = None) -> np.ndarray:
@@ -171,10 +197,10 @@ def widened_targets(data: LawData, strata: np.ndarray) -> np.ndarray | None:
     deviations from a shared mean are the curve itself. None where nothing would change."""
     labels, inverse, counts = np.unique(strata, return_inverse=True, return_counts=True)
     points = input_index(data.x)
-    if len(np.unique(np.stack([inverse, points]), axis=1)[0]) != len(labels) or counts.min() < 2:
+    if len(np.unique(np.stack([inverse, points]), axis=1)[0]) != len(labels) or counts.max() < 2:
         return None
     means = np.bincount(inverse, weights=data.logy) / counts
-    return means[inverse] + np.sqrt(counts / (counts - 1))[inverse] * (data.logy - means[inverse])
+    return means[inverse] + seed_deviations(data, strata)
 
 
 def bootstrap_fit(
@@ -184,12 +210,16 @@ def bootstrap_fit(
     """Bootstrap over cells within each stratum, by default `design_strata` (see the module docstring),
     refitting every resample in one batch: to `widened_targets`, or each to its own targets on its redrawn
     questions, where given, unwidened (the questions' variance they add covered more than the seeds'
-    shortfall in simulation, 100 questions and 2 seeds: 98–100 %; with many questions it may not)."""
+    shortfall in simulation, 100 questions and 2 seeds: 98–100 %; with many questions it may not). Either
+    way a cell alone at its design point moves by `singleton_noise`."""
     strata = design_strata(data.x) if strata is None else strata
     weights = resample_weights(strata, n_resamples, rng)
+    noise = singleton_noise(data, strata, n_resamples, rng)
     if redrawn is None:
         widened = widened_targets(data, strata)
         targets = None if widened is None else np.tile(widened, (n_resamples, 1))
+        if noise is not None:
+            targets = noise + (data.logy if targets is None else targets)
         return Bootstrap(fit, refit_weighted(fit, data, weights, targets), data.x)
-    thetas = refit_weighted(fit, data, weights, np.log(redrawn.losses))
-    return Bootstrap(fit, thetas, data.x, redrawn.questions, redrawn.seed)
+    targets = np.log(redrawn.losses) + (0.0 if noise is None else noise)
+    return Bootstrap(fit, refit_weighted(fit, data, weights, targets), data.x, redrawn.questions, redrawn.seed)

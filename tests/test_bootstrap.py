@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from analysis.bootstrap import (
-    Bootstrap, bootstrap_fit, design_strata, percentile_interval, refit_weighted, resample_weights, widened_targets,
+    Bootstrap, bootstrap_fit, design_strata, percentile_interval, refit_weighted, resample_weights, singleton_noise,
+    widened_targets,
 )  # fmt: skip
 from analysis.fitting import LawData, _lbfgs, fit_law, input_index, objective, params_from_theta, refine
 from analysis.laws import ADDITIVE, MULTIPLICATIVE, POWER_D, Law
@@ -132,7 +133,7 @@ def test_seeds_that_agree_make_every_resample_the_point_fit() -> None:
     assert np.abs(boot.thetas - fit.theta).max() < 1e-6
 
 
-def test_a_design_with_a_point_measured_once_is_resampled_over_the_whole_curve() -> None:
+def test_a_design_with_one_cell_at_every_point_is_resampled_over_the_whole_curve() -> None:
     """Stratified, a one-seed design would make every resample the point fit: intervals of zero width."""
     x = {"D": np.array([4.0, 16.0, 64.0, 256.0, 1024.0])}
     y = POWER_D.predict({"E": 0.2, "B": 1.0, "beta": 0.5}, x) * np.exp([0.05, -0.04, 0.03, -0.05, 0.04])
@@ -141,6 +142,48 @@ def test_a_design_with_a_point_measured_once_is_resampled_over_the_whole_curve()
     assert (design_strata({"D": np.repeat(x["D"], 2)}) == input_index({"D": np.repeat(x["D"], 2)})).all()
     lo, hi = bootstrap_fit(fit_law(data), data, 200, np.random.default_rng(0)).intervals()["beta"]
     assert hi - lo > 0.05
+
+
+def _two_seeds(seed: int, budgets: tuple[float, ...]) -> LawData:
+    x = {"D": np.repeat(np.array(budgets), 2)}
+    noise = np.random.default_rng(seed).normal(0, 0.05, len(x["D"]))
+    return LawData.build(POWER_D, x, POWER_D.predict({"E": 0.1, "B": 2.0, "beta": 0.5}, x) * np.exp(noise))
+
+
+def _drop_first(data: LawData) -> LawData:
+    return LawData.build(POWER_D, {"D": data.x["D"][1:]}, np.exp(data.logy[1:]))
+
+
+def test_a_point_measured_once_keeps_the_design_and_varies_as_a_seed() -> None:
+    """4 budgets × 2 seeds, one seed failed at the smallest budget: the other points are still redrawn among
+    their own seeds (every resample keeps every budget), and the lone cell moves by the other points' seed
+    deviations (widened to a seed's variance), not at all where it has company. The whole curve used to be
+    redrawn as one: a budget went missing in over half the resamples."""
+    data = _drop_first(_two_seeds(0, (4.0, 16.0, 64.0, 256.0)))
+    strata = design_strata(data.x)
+    assert (strata == input_index(data.x)).all()
+    weights = resample_weights(strata, 2000, np.random.default_rng(0))
+    assert (np.add.reduceat(weights, [0, 1, 3, 5], axis=1) == [1, 2, 2, 2]).all()
+    noise = singleton_noise(data, strata, 40_000, np.random.default_rng(1))
+    assert (noise[:, 1:] == 0).all()
+    pairs = data.logy[1:].reshape(3, 2)
+    seed_variance = float(np.mean((pairs[:, 0] - pairs[:, 1]) ** 2) / 2)  # each point's s², pooled
+    assert noise[:, 0].mean() == pytest.approx(0, abs=0.01 * np.sqrt(seed_variance))
+    assert noise[:, 0].var() == pytest.approx(seed_variance, rel=0.05)
+
+
+def test_one_failed_cell_widens_an_interval_as_one_seed_less_does() -> None:
+    """5 budgets × 2 seeds with one cell dropped, on 8 draws of the noise: β's interval widens by about what one
+    seed less at one budget costs (median 1.2× here), where resampling the whole curve made it 3.9× as wide."""
+    ratios = []
+    for seed in range(8):
+        full = _two_seeds(seed, (16.0, 64.0, 256.0, 1024.0, 4096.0))
+        widths = []
+        for data in (full, _drop_first(full)):
+            lo, hi = bootstrap_fit(fit_law(data), data, 200, np.random.default_rng(seed)).intervals()["beta"]
+            widths.append(hi - lo)
+        ratios.append(widths[1] / widths[0])
+    assert 1.0 < np.median(ratios) < 1.6, ratios
 
 
 def test_resamples_where_a_term_vanishes_are_left_out_of_its_exponents_interval() -> None:
