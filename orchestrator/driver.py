@@ -14,14 +14,18 @@ for a node. The driver is the only writer of the store.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Iterator
 
+import psutil
 import ray
 from ray.util import metrics
 from tqdm import tqdm
@@ -88,7 +92,8 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
             except ConnectionError as err:
                 raise unreachable(address, err) from err
         else:
-            context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
+            with _stopped_if_interrupted():
+                context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
     except SystemExit as stop:  # a SIGTERM while Ray's handler was in: the caller's handles it, as it would have
         if stop.code != signal.SIGTERM or not callable(sigterm):
             raise
@@ -98,6 +103,44 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
         if sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)
     return context.dashboard_url or None
+
+
+RAY_STOP_SECONDS = 5.0  # how long to wait for the killed processes of an interrupted Ray start to be gone
+
+
+@contextmanager
+def _stopped_if_interrupted() -> Iterator[None]:
+    """A private Ray whose start is broken off (Ctrl-C, SIGTERM, an error) is stopped, processes and all.
+
+    ray.init records its node only once the node is up, so Ctrl-C in the seconds it takes to start one
+    left the GCS, raylet and agents running, orphaned, with nothing in ray.shutdown() that knew of them.
+    The processes this one started meanwhile (Ray's, with their children) are stopped here instead.
+    """
+    me = psutil.Process()
+    before = {child.pid for child in me.children()}
+    try:
+        yield
+    except BaseException:
+        ray.shutdown()  # the node, if ray.init got as far as recording it
+        _stop_trees([child for child in me.children() if child.pid not in before])
+        raise
+
+
+def _stop_trees(roots: list[psutil.Process]) -> None:
+    """Kill `roots` and every process under them. Each is frozen (SIGSTOP) before its children are listed, so
+    that none starts another unseen, then all are killed: a start broken off has nothing to save, and a raylet
+    sent SIGTERM went on to start its agents (queued before it) and left them orphaned."""
+    frozen, pending = [], list(roots)
+    while pending:
+        process = pending.pop()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.suspend()
+            frozen.append(process)
+            pending.extend(process.children())
+    for process in frozen:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(frozen, timeout=RAY_STOP_SECONDS)  # reaps this process's own children
 
 
 def check_fits(cells: list[PlannedCell], resources: Resources) -> None:

@@ -503,6 +503,51 @@ def test_ctrl_c_as_a_run_ends_leaves_no_traceback_and_no_ray_behind(tmp_path, te
     assert not ray_left(), ray_left()
 
 
+_INTERRUPTED_AS_RAY_STARTS = """
+import ray._private.node as node
+from orchestrator.driver import connect
+
+started = node.Node.start_ray_processes
+
+def interrupted(self):
+    started(self)
+    raise KeyboardInterrupt  # Ctrl-C once Ray's processes run, before ray.init has recorded its node
+
+node.Node.start_ray_processes = interrupted
+try:
+    connect(None, dashboard=False)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_ctrl_c_while_ray_starts_leaves_no_ray_behind():
+    """Ctrl-C in the seconds ray.init takes to start a private Ray left its GCS, raylet and agents running,
+    orphaned, in most tries: ray.init records the node only once it is up, so ray.shutdown() knew of none."""
+    before = set(psutil.pids())
+    done = subprocess.run([sys.executable, "-c", _INTERRUPTED_AS_RAY_STARTS], capture_output=True, text=True, timeout=180)
+    assert done.stdout.strip() == "interrupted", done.stderr[-3000:]
+
+    def ray_left() -> list[str]:
+        found = []
+        for pid in set(psutil.pids()) - before:
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if process.status() != psutil.STATUS_ZOMBIE and "ray" in " ".join(process.cmdline()):
+                    found.append(" ".join(process.cmdline())[:200])
+        return found
+
+    deadline = time.time() + 30
+    while ray_left() and time.time() < deadline:
+        time.sleep(1)
+    left = ray_left()
+    for pid in set(psutil.pids()) - before:  # a failing run leaves nothing behind for the next test
+        with contextlib.suppress(psutil.Error):
+            if "ray" in " ".join(psutil.Process(pid).cmdline()):
+                psutil.Process(pid).kill()
+    assert not left, left
+
+
 def test_a_ray_the_caller_started_is_left_running(tmp_path):
     """`main` stops the Ray it started; one a notebook (or a script) had up before calling it is the caller's."""
     import ray
