@@ -464,9 +464,12 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _directory_name(text: str) -> str:
-    """An argparse type: a non-empty path (`--out "$OUT"` with OUT unset would write into the current directory)."""
+    """An argparse type: a non-empty local path (`--out "$OUT"` with OUT unset would write into the current
+    directory; `--out s3://bucket/x`, read as a path, made a folder named `s3:` there)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty directory name; give the folder to write to")
+    if "://" in text:
+        raise argparse.ArgumentTypeError(f"{text} is a URI; the report is written to a local folder (copy it up afterwards)")
     return text
 
 

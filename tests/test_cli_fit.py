@@ -138,6 +138,17 @@ def test_an_empty_out_is_refused_not_read_as_the_current_directory(tmp_path: Pat
     assert parse(["report", "r", "--out", "rep"]).out == "rep" and list(tmp_path.iterdir()) == []
 
 
+def test_a_uri_out_is_refused_not_made_a_local_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`report r --out s3://bucket/rep` wrote ./s3:/bucket/rep/report.html and said so, exit 0."""
+    from orchestrator.cli import parse
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        parse(["report", "r", "--out", "s3://bucket/rep"])
+    assert "argument --out: s3://bucket/rep is a URI; the report is written to a local folder" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", ["fit", "report"])
 def test_fit_and_report_of_rows_with_nothing_to_fit_exit_non_zero(tmp_path: Path, command: str, capsys) -> None:
     """A sweep whose every cell failed (or whose files are all unreadable) printed "0 cells …" and exited 0,
