@@ -22,7 +22,7 @@ from orchestrator.errors import SweepStoppedError
 from orchestrator.store import ResultsStore, StoredCell, StoreScan, read_manifest, write_manifest
 
 if TYPE_CHECKING:
-    from analysis.io import Plan
+    from analysis.io import LoadedResults, Plan
     from orchestrator.grid import PlannedCell
     from orchestrator.spec import SweepSpec
     from workers.cell import ModelSpec
@@ -324,7 +324,7 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
     def execute(batch: list[PlannedCell], planned_at: float) -> None:
         outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress,
                             dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
-        print(f"  ran {outcome.ok + outcome.failed} cells in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed")
+        print(f"  ran {_count(outcome.ok + outcome.failed, 'cell')} in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed")
 
     settings = Settings(**{name: getattr(args, name) for name in ADAPTIVE_FLAGS if getattr(args, name) is not None})
     outcome = run_adaptive(cells, store, execute, settings, params)
@@ -374,8 +374,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,
                         dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
     print(
-        f"ran {outcome.ok + outcome.failed} cells in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed; "
-        f"{outcome.total_model_loads} model loads by {len(outcome.model_loads)} workers"
+        f"ran {_count(outcome.ok + outcome.failed, 'cell')} in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed; "
+        f"{_count(outcome.total_model_loads, 'model load')} by {_count(len(outcome.model_loads), 'worker')}"
     )
     if outcome.skipped_claimed:
         print(f"{outcome.skipped_claimed} cells were left alone: another live driver has claimed them")
@@ -541,11 +541,22 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     if not len(frame) or not (frame["status"] == "ok").any():  # a script (CI) must not read "nothing to fit" as success
         old = [what for what, file in (("fit", "fits.json"), ("report", "report.html")) if file not in summary.paths and (report or what == "fit")]
         kept = f"; the earlier {' and '.join(old)} {'is' if len(old) == 1 else 'are'} kept as {'it was' if len(old) == 1 else 'they were'}" if old else ""
-        print(f"error: {args.results_dir} holds no ok rows to fit (see above: failed rows, unreadable files){kept}", file=sys.stderr)
+        print(f"error: {args.results_dir} holds no ok rows to fit ({_why_none_to_fit(summary.analysis.loaded)}){kept}", file=sys.stderr)
         return 1
     if report:
         print(f"report: {summary.report_page}")
     return 0
+
+
+def _why_none_to_fit(loaded: LoadedResults) -> str:
+    """What became of the rows found, where none was fit: failed, unreadable, left out (and by what)."""
+    failed = int((loaded.frame["status"] != "ok").sum()) if len(loaded.frame) else 0
+    unlisted = loaded.unplanned + loaded.superseded if loaded.planned_only else 0
+    reasons = [_count(failed, "failed row") if failed else "",
+               _count(len(loaded.skipped), "unreadable file") if loaded.skipped else "",
+               f"{_count(unlisted, 'row')} of cells {loaded.plan_name} does not list, left out by --planned-only" if unlisted else "",
+               f"{_count(loaded.stale_data, 'row')} scored on an older version of their task's data, left out" if loaded.stale_data else ""]  # fmt: skip
+    return "; ".join(r for r in reasons if r) or "no rows stored"
 
 
 def _build_rung(size: str, recipe: str) -> str:

@@ -168,7 +168,7 @@ def test_fit_and_report_of_rows_with_nothing_to_fit_exit_non_zero(tmp_path: Path
         path.write_text(text)
     out = ["--out", str(tmp_path / "rep")] if command == "report" else []
     assert main([command, str(tmp_path / "r"), "--bootstrap", "0", *out]) == 1
-    assert f"error: {tmp_path / 'r'} holds no ok rows to fit" in capsys.readouterr().err
+    assert f"error: {tmp_path / 'r'} holds no ok rows to fit (1 failed row; 1 unreadable file)" in capsys.readouterr().err
     # nothing to fit does not replace an earlier fit or report with an empty one
     assert all(path.read_text() == text for path, text in earlier.items()) and not (tmp_path / "r" / "fits.parquet").exists()
 
@@ -193,3 +193,20 @@ def test_a_sweep_that_only_failed_gets_its_empty_report_after_fit_ran_first(tmp_
     assert "1 cells (1 failed)" in page and "older version" not in page, page
     assert main(["report", str(tmp_path / "r"), "--bootstrap", "0"]) == 1  # now there is one to keep
     assert "the earlier fit and report are kept as they were" in capsys.readouterr().err
+
+
+def test_fit_says_planned_only_left_every_row_out(tmp_path: Path, capsys) -> None:
+    """Every row ok but none in the plan: "holds no ok rows to fit (see above: failed rows, unreadable files)"
+    named two causes that were not there and not the one that was."""
+    import json
+    from datetime import datetime, timezone
+
+    from orchestrator.store import ResultsStore
+    from workers.schema import SCHEMA_VERSION
+
+    now = datetime.now(timezone.utc)
+    ResultsStore(str(tmp_path / "r")).write({"schema_version": SCHEMA_VERSION, "sweep": "s", "cell_id": "a", "slug": "a",
+                                             "status": "ok", "started_at": now, "finished_at": now})  # fmt: skip
+    (tmp_path / "r" / "plan.json").write_text(json.dumps([{"cell_id": "b", "slug": "b"}]))
+    assert main(["fit", str(tmp_path / "r"), "--bootstrap", "0", "--planned-only"]) == 1
+    assert "holds no ok rows to fit (1 row of cells plan.json does not list, left out by --planned-only)" in capsys.readouterr().err

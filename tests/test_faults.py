@@ -156,7 +156,7 @@ def test_two_drivers_never_run_the_same_cell(tmp_path, test_ladder):
     ]
     outputs = [d.communicate(timeout=900) for d in drivers]
     assert all(d.returncode == 0 for d in drivers), [o[1][-2000:] for o in outputs]
-    ran = [int(o[0].split("ran ")[1].split(" cells")[0]) for o in outputs]
+    ran = [int(re.search(r"ran (\d+) cells? in", o[0]).group(1)) for o in outputs]
     rows = _rows(tmp_path / "results")
     assert len(rows) == 16 and rows.cell_id.is_unique and (rows.attempt == 1).all()
     assert sum(ran) == 16, f"cells run per driver: {ran} (a cell run by both would make the sum exceed 16)"
