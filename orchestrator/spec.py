@@ -293,9 +293,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 node[index] = value
             else:
                 if isinstance(node, dict) and node.get(index) is None:  # absent, or written with nothing under it
+                    if depth == 1 and parts[0] == "methods" and index not in node:
+                        raise ConfigError(_adds_a_method(override, path, node))
                     node[index] = {}
                 node = node[index]
     return data
+
+
+def _adds_a_method(override: str, path: str, methods: dict[str, Any]) -> str:
+    """`methods.full_ft.train.lr=0.1` on a sweep without full_ft would add the method, cells and all, unsaid:
+    more likely a slip (the wrong method named) than a wish, which `methods.full_ft={...}` states."""
+    return (f"override '{override}': {path} is not a method of this sweep (its methods: {', '.join(methods) or 'none'}); "
+            f"to add it, give it whole: {path}={{}} for its defaults, or {path}={{key: value}}")
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

@@ -78,6 +78,8 @@ def test_an_invalid_value_from_an_override_is_blamed_on_the_override_not_the_fil
 def test_override_into_list_and_malformed_override():
     data = apply_overrides({"models": [{"id": "a"}]}, ["models.0.id=b"])
     assert data["models"][0]["id"] == "b"
+    added = apply_overrides({"methods": {"lora": None}}, ["methods.full_ft={train: {lr: 0.1}}", "methods.lora.rank=2", "eval.test_size=5"])
+    assert added == {"methods": {"lora": {"rank": 2}, "full_ft": {"train": {"lr": 0.1}}}, "eval": {"test_size": 5}}
     with pytest.raises(ConfigError, match="not of the form"):
         apply_overrides({}, ["novalue"])
 
@@ -94,6 +96,9 @@ def test_wrong_type_is_reported_with_path(write_sweep):
         ("budgets.x=5", "budgets.x is not an index of a list of 2"),
         ("models.7.id=x", "models.7 is not an index of a list of 1"),
         ("seeds=[0", "override 'seeds=[0': the value is not valid YAML"),
+        # a real method the sweep does not run: set inside, it added the method and its cells without a word
+        ("methods.full_ft.train.lr=0.1", "methods.full_ft is not a method of this sweep (its methods: base, lora); "
+                                         "to add it, give it whole: methods.full_ft={} for its defaults"),
     ],
 )
 def test_an_override_that_cannot_apply_names_itself(override, message, write_sweep):
