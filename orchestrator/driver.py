@@ -15,6 +15,7 @@ for a node. The driver is the only writer of the store.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import sys
 import threading
@@ -92,7 +93,7 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
             except ConnectionError as err:
                 raise unreachable(address, err) from err
         else:
-            with _stopped_if_interrupted():
+            with _stopped_if_interrupted(), _without_token_notice():
                 context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
     except SystemExit as stop:  # a SIGTERM while Ray's handler was in: the caller's handles it, as it would have
         if stop.code != signal.SIGTERM or not callable(sigterm):
@@ -103,6 +104,29 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
         if sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)
     return context.dashboard_url or None
+
+
+# Ray's logger for its token set-up (ray/_private/authentication/authentication_token_setup.py)
+_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _TokenNotice(logging.Filter):
+    """Drops Ray's warning that a new local cluster uses token authentication, "set RAY_AUTH_MODE=disabled to
+    opt out": printed on every run, it invited turning off the authentication a private Ray should keep (the
+    dashboard line says where its token is). A warning that authentication is off still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+@contextmanager
+def _without_token_notice() -> Iterator[None]:
+    logger, notice = logging.getLogger(_TOKEN_LOGGER), _TokenNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 RAY_STOP_SECONDS = 5.0  # how long to wait for the killed processes of an interrupted Ray start to be gone
