@@ -167,7 +167,7 @@ class LawFit:
             exponents = [name for _, name in term.powers if name in lost]
             if negligible and exponents:
                 notes.append(f"{term.coef}≈0: {', '.join(exponents)} not identified")
-        notes += [f"{name} not identified in {share:.0%} of resamples: no interval" for name, share in self.unidentified_in_resamples().items()]
+        notes += [f"{name} not identified in {share:.1%} of resamples: no interval" for name, share in self.unidentified_in_resamples().items()]
         return notes
 
     def asymptote_notes(self) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, saved_before, unplanned_note
-from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, question_sampling_sd
+from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, keeps_earlier, save_fits
 
@@ -317,7 +316,7 @@ def _crossover_table(a: Analysis) -> list[Block]:
         elif np.isfinite(c.d_star):
             interval = f" {c.interval()}" if c.interval() else ""
             text = ("steering from " if c.outcome == "steering_overtakes" else "") + _num(c.d_star) + interval
-        agree = f" ({math.floor(100 * c.share)}%)" if np.isfinite(c.share) else ""  # NaN: no resamples (--bootstrap 0); 94.75 % is not 95 %
+        agree = f" ({whole_percent(c.share)}%)" if np.isfinite(c.share) else ""  # NaN: no resamples (--bootstrap 0)
         return text + agree + (" †" if c.disputed else "")
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
@@ -411,7 +410,7 @@ def _examples_needed(e: DataEfficiency) -> str:
     one the fit's bounds set is said to be no finding."""
     # NaN: no resamples; 0 beside a point D_x: the point fit beats the base model but no resample does, so it is no finding
     shown = 0 < e.finite_share < 1 or (e.finite_share == 0 and not np.isnan(e.examples))
-    share = f"; D_x exists in {e.finite_share:.0%} of resamples" if shown else ""
+    share = f"; D_x exists in {whole_percent(e.finite_share)}% of resamples" if shown else ""  # 199 of 200 is not "100%"
     if np.isnan(e.examples):  # +inf (past float range) is a D_x, said as the side it is on below
         return f"none: the asymptote does not beat the base model{share}"
     limit = EXTRAPOLATION_LIMIT * e.largest_budget

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
 from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, saved_before, unplanned_note, write_json, write_table
 from analysis.link import SigmoidLink, fit_links
-from analysis.metrics import check_metric
+from analysis.metrics import check_metric, whole_percent
 from analysis.parallel import worker_pool
 from analysis.unchanged import Unchanged, unchanged_cells
 
@@ -113,7 +112,7 @@ class FitSummary:
             for c in a.crossovers:
                 ci = f" CI {c.interval()}" if c.interval() else ""
                 firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: the measured means disagree)" if c.disputed else ""
-                agree = f", {math.floor(100 * c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else ""  # 94.75 % is not "95%"
+                agree = f", {whole_percent(c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else ""
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}")
         for s in a.scaling:
             held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""

@@ -19,7 +19,7 @@ import analysis.plots as plots
 from analysis.capability import get_axis
 from analysis.crossover import OUTCOMES, Crossover, CrossoverScaling, crossover, crossover_scaling, find_crossovers, lead_from, outcomes
 from analysis.curves import fit_curves
-from analysis.metrics import step, question_sampling_sd
+from analysis.metrics import question_sampling_sd, step, whole_percent
 from analysis.report import _capability, _findings
 from analysis.synthetic import TrueCurve, synthetic_rows
 from test_analysis_capability import MODELS
@@ -437,6 +437,13 @@ def test_the_step_is_one_question_for_test_sets_whose_fractions_have_no_short_de
     assert step(scores) == pytest.approx(1 / questions, rel=1e-12)
     assert step(1.0 - (1.0 - scores)) == pytest.approx(1 / questions, rel=1e-12)
     assert question_sampling_sd(scores)[0] == questions
+
+
+def test_a_share_of_resamples_reads_as_its_whole_percent_rounded_down() -> None:
+    """The crossovers' "N% of resamples agree" floors (94.75 % is not 95 %), and floor(100 · 0.29) is 28 in floats:
+    58, 114 and 116 of 200 resamples (290, 570, 580 of 1,000) read a percent short."""
+    assert [whole_percent(k / 200) for k in (58, 114, 116, 189, 199, 200)] == [29, 57, 58, 94, 99, 100]
+    assert [whole_percent(k / 1000) for k in (290, 570, 580, 949)] == [29, 57, 58, 94]
 
 
 def test_a_score_s_test_sampling_noise_is_binomial_over_the_questions_its_step_implies() -> None:

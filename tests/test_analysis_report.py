@@ -155,6 +155,9 @@ def _efficiency(examples: float, lo: float, hi: float, share: float = 1.0) -> Da
     (float("nan"), 10.0, 50.0, 0.3, "none: the asymptote does not beat the base model; D_x exists in 30% of resamples", "["),
     (500.0, 2e5, 3e5, 1.0, "500 [> 1.02e+05]", "[2e+05"),  # the point below its own interval: no "[2e+05, > 1.02e+05]"
     (2000.0, 1.0, 2e5, 0.62, "2e+03 [< 4, > 1.02e+05] (extrapolated past the largest budget measured, 1024); D_x exists in 62% of resamples", "nan"),
+    # 199 of 200 resamples read "100%" (rounded), and 58 of 200 "28%" (floored in floats)
+    (100.0, 50.0, 200.0, 0.995, "100 [50, 200]; D_x exists in 99% of resamples", "100%"),
+    (100.0, 50.0, 200.0, 58 / 200, "100 [50, 200]; D_x exists in 29% of resamples", "28%"),
     (100.0, 50.0, 200.0, 1.0, "100 [50, 200]", "extrapolated"),
     (float("nan"), float("nan"), float("nan"), 0.0, "none: the asymptote does not beat the base model", "resamples"),
     # the point fit beats the base model but no resample does: said, and no "interval reaches past" of no interval
