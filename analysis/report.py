@@ -77,7 +77,7 @@ def _overview(a: Analysis) -> list[Block]:
            "laws) — where the questions are not redrawn (below), each resample's values "
            "spread about their point's mean by √(n/(n − 1)) for n seeds, so that they vary as much as n new seeds would (with 2 "
            "seeds a point, simulated 95 % intervals still covered the truth only 82–85 % of the time); a point measured once moves "
-           "by a seed deviation drawn from the other points', and a curve with one seed everywhere is redrawn as a whole; where the rows store each test question's "
+           "by a seed deviation drawn from the other points', and a curve with too few seeds to lend is redrawn as a whole; where the rows store each test question's "
            "outcome, every resample also redraws the task's test questions (one draw per resample for all its cells, so methods "
            "compared on it stay paired) and refits to the scores on them; composition gains and the best method's lead have Welch "
            "t-intervals over seeds, with the questions' own variance added where the rows store their outcomes (paired: both sides "
