@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -138,33 +139,46 @@ def _stopped_if_interrupted() -> Iterator[None]:
 
     ray.init records its node only once the node is up, so Ctrl-C in the seconds it takes to start one
     left the GCS, raylet and agents running, orphaned, with nothing in ray.shutdown() that knew of them.
-    The processes this one started meanwhile (Ray's, with their children) are stopped here instead.
+    The processes of Ray's that this one started meanwhile, with their children, are stopped here instead.
     """
     me = psutil.Process()
     before = {child.pid for child in me.children()}
     try:
         yield
     except BaseException:
-        ray.shutdown()  # the node, if ray.init got as far as recording it
-        _stop_trees([child for child in me.children() if child.pid not in before])
+        try:
+            ray.shutdown()  # the node, if ray.init got as far as recording it
+        finally:
+            _stop_trees([child for child in me.children() if child.pid not in before and _is_rays(child)])
         raise
+
+
+def _is_rays(process: psutil.Process) -> bool:
+    """One of the processes ray.init starts: Ray's binaries and scripts, all inside its package."""
+    try:
+        return f"{os.sep}ray{os.sep}" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
 
 
 def _stop_trees(roots: list[psutil.Process]) -> None:
     """Kill `roots` and every process under them. Each is frozen (SIGSTOP) before its children are listed, so
     that none starts another unseen, then all are killed: a start broken off has nothing to save, and a raylet
-    sent SIGTERM went on to start its agents (queued before it) and left them orphaned."""
+    sent SIGTERM went on to start its agents (queued before it) and left them orphaned. The kills run
+    whatever happens while freezing, so that no process is left stopped."""
     frozen, pending = [], list(roots)
-    while pending:
-        process = pending.pop()
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.suspend()
-            frozen.append(process)
-            pending.extend(process.children())
-    for process in frozen:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(frozen, timeout=RAY_STOP_SECONDS)  # reaps this process's own children
+    try:
+        while pending:
+            process = pending.pop()
+            with contextlib.suppress(psutil.Error):
+                process.suspend()
+                frozen.append(process)
+                pending.extend(process.children())
+    finally:
+        for process in frozen:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(frozen, timeout=RAY_STOP_SECONDS)  # reaps this process's own children
 
 
 def check_fits(cells: list[PlannedCell], resources: Resources) -> None:

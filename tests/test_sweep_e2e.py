@@ -38,7 +38,10 @@ def sweep(tmp_path_factory, test_ladder):
     }
     path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
-    first = steerscale("run", str(path), "--no-progress", "--no-dashboard")
+    # without RAY_AUTH_MODE, as a user's shell has it (a ray.init in this pytest process sets it to token, which
+    # every later subprocess would inherit: Ray's notice about it, checked below, is printed only where it is unset)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    first = steerscale("run", str(path), "--no-progress", "--no-dashboard", env=env)
     return path, root / "results", first
 
 
