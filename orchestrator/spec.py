@@ -293,7 +293,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 node[index] = value
             else:
                 if isinstance(node, dict) and node.get(index) is None:  # absent, or written with nothing under it
-                    if depth == 1 and parts[0] == "methods" and index not in node:
+                    if depth == 1 and parts[0] == "methods" and node and index not in node:  # a sweep with none: overrides choose them
                         raise ConfigError(_adds_a_method(override, path, node))
                     node[index] = {}
                 node = node[index]
@@ -303,8 +303,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def _adds_a_method(override: str, path: str, methods: dict[str, Any]) -> str:
     """`methods.full_ft.train.lr=0.1` on a sweep without full_ft would add the method, cells and all, unsaid:
     more likely a slip (the wrong method named) than a wish, which `methods.full_ft={...}` states."""
-    return (f"override '{override}': {path} is not a method of this sweep (its methods: {', '.join(methods) or 'none'}); "
-            f"to add it, give it whole: {path}={{}} for its defaults, or {path}={{key: value}}")
+    name = path.split(".", 1)[1]
+    return (f"override '{override}': {path} is not a method of this sweep{did_you_mean(name, set(methods))} (its methods: "
+            f"{', '.join(methods)}); to add it, give it whole: {path}={{}} for its defaults, or {path}={{key: value}}")
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

@@ -80,6 +80,8 @@ def test_override_into_list_and_malformed_override():
     assert data["models"][0]["id"] == "b"
     added = apply_overrides({"methods": {"lora": None}}, ["methods.full_ft={train: {lr: 0.1}}", "methods.lora.rank=2", "eval.test_size=5"])
     assert added == {"methods": {"lora": {"rank": 2}, "full_ft": {"train": {"lr": 0.1}}}, "eval": {"test_size": 5}}
+    chosen = apply_overrides({"methods": None}, ["methods.lora.rank=2"])  # a template whose methods the overrides choose
+    assert chosen == {"methods": {"lora": {"rank": 2}}}
     with pytest.raises(ConfigError, match="not of the form"):
         apply_overrides({}, ["novalue"])
 
@@ -99,6 +101,7 @@ def test_wrong_type_is_reported_with_path(write_sweep):
         # a real method the sweep does not run: set inside, it added the method and its cells without a word
         ("methods.full_ft.train.lr=0.1", "methods.full_ft is not a method of this sweep (its methods: base, lora); "
                                          "to add it, give it whole: methods.full_ft={} for its defaults"),
+        ("methods.lorra.rank=4", "methods.lorra is not a method of this sweep (did you mean 'lora'?) (its methods: base, lora)"),
     ],
 )
 def test_an_override_that_cannot_apply_names_itself(override, message, write_sweep):
