@@ -551,10 +551,11 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
 def _why_none_to_fit(loaded: LoadedResults) -> str:
     """What became of the rows found, where none was fit: failed, unreadable, left out (and by what)."""
     failed = int((loaded.frame["status"] != "ok").sum()) if len(loaded.frame) else 0
-    unlisted = loaded.unplanned + loaded.superseded if loaded.planned_only else 0
+    unlisted = loaded.unplanned if loaded.planned_only else 0
     reasons = [_count(failed, "failed row") if failed else "",
                _count(len(loaded.skipped), "unreadable file") if loaded.skipped else "",
                f"{_count(unlisted, 'row')} of cells {loaded.plan_name} does not list, left out by --planned-only" if unlisted else "",
+               f"{_count(loaded.superseded, 'row')} of an earlier config of a planned cell, left out" if loaded.superseded else "",
                f"{_count(loaded.stale_data, 'row')} scored on an older version of their task's data, left out" if loaded.stale_data else ""]  # fmt: skip
     return "; ".join(r for r in reasons if r) or "no rows stored"
 
