@@ -55,13 +55,19 @@ def test_questions(values: np.ndarray) -> int | None:
     made the step 0 for most test-set sizes. Where every value shares a factor with n (only 0, ½ and 1
     measured) the n found is a divisor of the real one.
     """
+    values = np.asarray(values, dtype=float)
+    finite = np.unique(values[np.isfinite(values)])
+    if not len(finite):
+        return None
     candidates = np.arange(1, MAX_TEST_SIZE + 1)
-    for v in np.unique(np.asarray(values, dtype=float)[np.isfinite(values)]):
+    for v in finite:
         product = v * candidates
-        candidates = candidates[np.abs(product - np.round(product)) < WHOLE]
+        counts = np.round(product)
+        # a whole count, and not 0 for a value that is not (1e-7 is within WHOLE of 0 questions of any n)
+        candidates = candidates[(np.abs(product - counts) < WHOLE) & ((counts != 0) | (v == 0))]
         if not len(candidates):
             return None
-    return int(candidates[0]) if len(candidates) else None
+    return int(candidates[0])
 
 
 def step(values: np.ndarray) -> float:

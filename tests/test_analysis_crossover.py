@@ -439,6 +439,13 @@ def test_the_step_is_one_question_for_test_sets_whose_fractions_have_no_short_de
     assert question_sampling_sd(scores)[0] == questions
 
 
+
+def test_values_with_no_step_have_none() -> None:
+    """Values all under 1e-6 were whole multiples of 1/1 within the tolerance: a step of 1, a tie tolerance of ½."""
+    assert step(np.random.default_rng(0).random(50) * 1e-7) == 0 and step(np.array([np.nan, np.nan])) == 0
+    assert step(np.array([0.0, 0.25, 0.5])) == pytest.approx(0.25)  # 0 itself is a whole count
+
+
 def test_a_share_of_resamples_reads_as_its_whole_percent_rounded_down() -> None:
     """The crossovers' "N% of resamples agree" floors (94.75 % is not 95 %), and floor(100 · 0.29) is 28 in floats:
     58, 114 and 116 of 200 resamples (290, 570, 580 of 1,000) read a percent short."""
