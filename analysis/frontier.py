@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.metrics import ROUNDING, improvement, test_questions
+from analysis.metrics import ROUNDING, improvement, questions_counted
 
 KEYS = ["task", "model", "method", "budget"]
 
@@ -69,12 +69,12 @@ MIN_INFERRED_TEST_SIZE = 10
 
 def score_resolution(values: np.ndarray) -> float:
     """One question of the test set: 1/n for the smallest n of which every score is a multiple
-    (`metrics.test_questions`), as accuracies over n questions are k/n (where the test set is larger than that n, the
+    (`metrics.questions_counted`), as accuracies over n questions are k/n (where the test set is larger than that n, the
     question read is coarser than the real one, which only raises the gap's bar);
     FALLBACK_RESOLUTION where the scores are not such fractions, or where the divisor is below
     MIN_INFERRED_TEST_SIZE: scores that all sit on 0, ½ and 1 say more about the task than about
     the test set's size, and would make any gap "one question"."""
-    n = test_questions(values)
+    n = questions_counted(values)
     return 1.0 / n if n is not None and n >= MIN_INFERRED_TEST_SIZE else FALLBACK_RESOLUTION
 
 

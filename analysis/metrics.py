@@ -14,8 +14,8 @@ HIGHER_IS_BETTER = {"score": True, "score_elicited": True, "nll": False}
 BASE_COLUMN = {"score": "score_base", "score_elicited": "score_base", "nll": "nll_base"}
 LOSS_FLOOR = 1e-3
 ROUNDING = 1e-9  # means of k/n scores that are equal can differ in their last bits: closer than this they are level
-MAX_TEST_SIZE = 100_000  # `test_questions`: the largest test set a score's step is looked for in
-WHOLE = 1e-6  # `test_questions`: how far from a whole number of questions v · n may be (float error is ~1e-16 · n)
+MAX_TEST_SIZE = 100_000  # `questions_counted`: the largest test set a score's step is looked for in
+WHOLE = 1e-6  # `questions_counted`: how far from a whole number of questions v · n may be (float error is ~1e-16 · n)
 
 
 def whole_percent(share: float) -> int:
@@ -46,7 +46,7 @@ def improvement(values: np.ndarray, reference: np.ndarray, metric: str) -> np.nd
     return diff if HIGHER_IS_BETTER[metric] else -diff
 
 
-def test_questions(values: np.ndarray) -> int | None:
+def questions_counted(values: np.ndarray) -> int | None:
     """The n of scores counted over n test questions: the smallest n (up to MAX_TEST_SIZE) of which every
     finite value is a multiple of 1/n; None where there is none (a continuous metric, such as an NLL).
 
@@ -71,14 +71,14 @@ def test_questions(values: np.ndarray) -> int | None:
 
 
 def step(values: np.ndarray) -> float:
-    """The step the measured values move in (a score over n test questions: 1/n, `test_questions`), 0 where
+    """The step the measured values move in (a score over n test questions: 1/n, `questions_counted`), 0 where
     they have none: a continuous metric, or fewer than two distinct values (one value is a multiple of
     many fractions, and says nothing of the step)."""
     values = np.asarray(values, dtype=float)
     finite = values[np.isfinite(values)]
     if len(finite) == 0 or np.ptp(finite) <= ROUNDING:  # 0.225 and 1 − (1 − 0.225) are one value
         return 0.0
-    n = test_questions(finite)
+    n = questions_counted(finite)
     return 0.0 if n is None else 1.0 / n
 
 
@@ -86,7 +86,7 @@ def question_sampling_sd(values: np.ndarray) -> tuple[int, float] | None:
     """(n, sd) for a score that moves in steps of 1/n — n test questions, the same for every cell —
     with the binomial sd √(p(1 − p)/n) at the scores' mean p: how far a cell's score would move on
     another draw of n questions, noise that redrawing seeds does not carry. None for a metric with
-    no step (an NLL); n may be a divisor of the real one where every score is (see `test_questions`)."""
+    no step (an NLL); n may be a divisor of the real one where every score is (see `questions_counted`)."""
     d = step(values)
     if d <= 0 or d > 0.5:
         return None
