@@ -113,7 +113,7 @@ def run(quick: bool) -> Result:
         started = time.perf_counter()
         theta, f = direct_fit(data, starts, None)
         grid_seconds += time.perf_counter() - started
-        strata = design_strata(data.x)
+        strata = design_strata(data)
         weights = resample_weights(strata, s.resamples, np.random.default_rng(i))  # the draws bootstrap_fit made
         widened = dataclasses.replace(data, y=np.exp(widened_targets(data, strata)))  # the targets it refits (seeds spread by √(n/(n−1)))
         started = time.perf_counter()
