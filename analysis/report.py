@@ -27,7 +27,7 @@ from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, saved_before, unplanned_note
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
-from analysis.summary import Analysis, FitSummary, analyse, keeps_earlier, save_fits
+from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, save_fits
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def _findings(a: Analysis) -> list[Block]:
     bare = sum(not s.has_interval for s in trends)
     if bare:
         lines.append(f"{bare} D* trend(s) across models have no interval ({'--bootstrap 0' if not a.bootstrap else f'fewer than {CI_LEVEL:.0%} of the resamples give a slope'}), "
-                     "so they are not stated here (see the fit's text and fits.json).")  # fmt: skip
+                     f"so they are not stated here (see the fit's text and {fit_file(a.metric, 'json')}).")  # fmt: skip
     lines += composition_findings(a.compositions)
     lines += [u.describe() for u in a.unchanged]
     if not a.crossovers:
@@ -352,7 +352,7 @@ def _fits_table(a: Analysis) -> list[Block]:
                 if per_family else "`*` rows are joint laws in (N, D)")  # fmt: skip
     note = Paragraph(f"Budget laws are fitted per model; {rows_are} with N = `{a.x}`, "
                      f"validated by leaving out the {get_axis(a.x).held_out}{' of the family' if per_family else ''} "
-                     "(named in the holdout column of fits.parquet); a budget law's holdout leaves out its largest budget. "
+                     f"(named in the holdout column of {fit_file(a.metric, 'parquet')}); a budget law's holdout leaves out its largest budget. "
                      "Rows a law cannot use are counted under \"left out\"; D=0 rows (the model before post-training) "
                      "have no place on a log-budget axis. "
                      "A holdout error of - means what was left could not fit the law (a budget law needs 5 budgets for one: "
@@ -619,13 +619,19 @@ class ReportLocationError(ValueError):
     """The report (plots and pages) needs a local directory, and none was given for remote results."""
 
 
+def report_folder(metric: str) -> str:
+    """The report's default folder beside the cells: `report`, or `report-<metric>` for a metric other than the
+    score (as `fit_file` names the fits), so a report on the NLL leaves the score's in place."""
+    return "report" if metric == "score" else f"report-{metric}"
+
+
 def write_report(
     results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
     planned_only: bool = False, plan: Plan | None = None, out_dir: str | None = None,
 ) -> FitSummary:
     """Analyse the cells once, save the fits (as `fit_results` does, beside the cells, remote too)
-    and write the report to `out_dir`: a local directory, by default `<results_dir>/report` when
-    the results are local. `x` is what stands for N in the joint laws: "params", "neutral_loss" or
+    and write the report to `out_dir`: a local directory, by default `<results_dir>/report` (`report_folder`)
+    when the results are local. `x` is what stands for N in the joint laws: "params", "neutral_loss" or
     "task_score"; `workers` and `plan` as for `fit_results`. The returned summary's `paths` include "report.html";
     none where nothing was written (`keeps_earlier`: no ok row, and an earlier fit or report to keep).
     """
@@ -634,11 +640,11 @@ def write_report(
     if out_dir is None and fs.type_name != "local":
         raise ReportLocationError(f"{results_dir} is not on a local disk: give a local directory for the report's plots and pages (--out DIR)")
     a = analyse(load_rows_to_fit(results_dir, planned_only=planned_only, plan=plan), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
-    out = Path(out_dir) if out_dir is not None else Path(root) / "report"
+    out = Path(out_dir) if out_dir is not None else Path(root) / report_folder(metric)
     if keeps_earlier(a, (out / "report.md").exists()):
         return FitSummary(a, {})
     # the fits apart from the report: an empty fits.json that `fit` wrote first must not keep a first report from being written
-    paths = {} if keeps_earlier(a, saved_before(results_dir, "fits.json")) else save_fits(results_dir, a)
+    paths = {} if keeps_earlier(a, saved_before(results_dir, fit_file(metric, "json"))) else save_fits(results_dir, a)
     out.mkdir(parents=True, exist_ok=True)
     earlier_report = (out / "report.md").exists()  # plots are only cleaned up where a report was before (--out may be any dir)
     decisions = read_decisions(results_dir)

@@ -172,8 +172,15 @@ def axes_text(a: Analysis) -> list[str]:
                     "reads the held-out model's base score off the test set)"]  # fmt: skip
 
 
+def fit_file(metric: str, extension: str) -> str:
+    """The name of a fit's file beside the cells: `fits.<extension>` for the score, `fits-<metric>.<extension>`
+    for another metric, so that fitting the NLL never overwrites the score's fits (nor the other way round)."""
+    return f"fits.{extension}" if metric == "score" else f"fits-{metric}.{extension}"
+
+
 def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
-    """fits.parquet (one row per law fit) and fits.json (those rows plus every derived answer)."""
+    """fits.parquet (one row per law fit) and fits.json (those rows plus every derived answer); named by
+    `fit_file` for a metric other than the score. Keyed by the score's names, whatever the metric."""
     frame = analysis.fits_frame()
     payload = {
         "metric": analysis.metric,
@@ -192,15 +199,17 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
         "unchanged": [{"task": u.task, "method": u.method, "by_model": [dict(zip(("model", "unchanged", "cells"), m)) for m in u.by_model]}
                       for u in analysis.unchanged],  # fmt: skip
     }
-    return {"fits.parquet": write_table(results_dir, "fits.parquet", frame), "fits.json": write_json(results_dir, "fits.json", payload)}
+    return {"fits.parquet": write_table(results_dir, fit_file(analysis.metric, "parquet"), frame),
+            "fits.json": write_json(results_dir, fit_file(analysis.metric, "json"), payload)}
 
 
 def fit_results(
     results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
     planned_only: bool = False, plan: Plan | None = None,
 ) -> FitSummary:
-    """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json (unless there is
-    nothing to fit and an earlier fit to keep: `keeps_earlier`).
+    """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json (`fit_file`'s
+    names for a metric other than the score) unless there is nothing to fit and an earlier fit to keep
+    (`keeps_earlier`).
 
     `x` names what stands for N in the joint laws and the crossover trend: "params",
     "neutral_loss" or "task_score" (analysis/capability.py); every axis is compared regardless.
@@ -209,7 +218,7 @@ def fit_results(
     """
     get_axis(x)  # a wrong name fails before any file is read
     analysis = analyse(load_rows_to_fit(results_dir, planned_only=planned_only, plan=plan), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
-    keep = keeps_earlier(analysis, saved_before(results_dir, "fits.json"))
+    keep = keeps_earlier(analysis, saved_before(results_dir, fit_file(metric, "json")))
     return FitSummary(analysis, {} if keep else save_fits(results_dir, analysis))
 
 

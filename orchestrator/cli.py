@@ -499,7 +499,8 @@ def _with_fit_options(p: argparse.ArgumentParser) -> None:
         "on neutral text) or task_score (base model's score on the task); every axis is compared either way",
     )  # fmt: skip
     p.add_argument("--metric", choices=("score", "nll"), default="score",
-                   help="what the laws describe: the task score (fitted as 1 - score) or the answers' NLL on the test set")  # fmt: skip
+                   help="what the laws describe: the task score (fitted as 1 - score) or the answers' NLL on the test set "
+                   "(its fits and report are fits-nll.* and report-nll/, beside the score's)")  # fmt: skip
     p.add_argument("--planned-only", action="store_true",
                    help="fit only the rows of the plan's cells (given a sweep YAML, its grid; else the latest run's "
                    "plan.json), leaving out an earlier config's or another sweep's")  # fmt: skip
@@ -652,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results_dir", help=RESULTS_DIR_HELP)
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json (an earlier fit is kept when no row is ok)")
+    p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json (fits-nll.* for --metric nll; "
+                       "an earlier fit is kept when no row is ok)")
     _with_fit_options(p)
     p.set_defaults(func=cmd_fit)
 
