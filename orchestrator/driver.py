@@ -321,7 +321,11 @@ def run_cells(
             # started first): withdraw that demand; without max_workers nothing adds a node for them
             POOL.drop_unplaceable(shape, keep=0 if resources.max_workers is None else queued(shape))
         needed = waiting()
-        short = {shape for shape in needed if queued(shape) > len(POOL.pending(shape))}  # cells the cluster had no room for
+        # cells the cluster had no room for; or whose workers were asked for but cannot be placed: the GPUs' free
+        # fractions, split by idle workers of other shapes, are each too small for one (0.6 + 0.6 on two GPUs, then 0.5)
+        now = time.monotonic()
+        short = {shape for shape in needed
+                 if queued(shape) > len(POOL.pending(shape)) or now - starved_since.get(shape, now) > START_POLL_SECONDS / 2}  # fmt: skip
         spare = [w for w in POOL.idle() if w.shape not in needed]  # resources no waiting cell can use
         if short and spare:
             for worker in spare:

@@ -12,7 +12,7 @@ import torch
 from orchestrator import pool
 from orchestrator.driver import run_cells, shutdown_workers, starved
 from orchestrator.errors import WorkersNotStartingError
-from orchestrator.grid import expand
+from orchestrator.grid import PlannedCell, expand
 from orchestrator.pool import POOL, CellWorker, Shape, node_capacity
 from orchestrator.spec import load_spec
 from orchestrator.store import ResultsStore
@@ -404,6 +404,27 @@ def test_a_cell_past_its_timeout_is_a_failed_row_and_the_sweep_goes_on(local_ray
     assert (rows.status[[1, 2]] == "ok").all()
     assert all(w.running is None for w in POOL.workers) and len(POOL.workers) == 1, "the hung worker was stopped"
     shutdown_workers()
+
+
+@pytest.mark.slow  # ~40 s: a Ray of two (declared) GPUs, three workers
+def test_idle_workers_of_another_shape_make_way_for_a_fraction_of_a_gpu_they_leave_too_small(local_ray, test_ladder, write_sweep):
+    """Two 0.6-GPU workers leave 0.4 of each GPU: the 0.5-GPU worker asked for the last cell can never be placed
+    while they stay, idle, with no cell of theirs left. They are retired for it (they held their GPUs until
+    resources.start_timeout_s stopped the run, one row short)."""
+    shutdown_workers()
+    ray.shutdown()
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        spec = _base_sweep(write_sweep, test_ladder, "fractions", 3, {"cpus_per_cell": 1, "start_timeout_s": 60})
+        cells = [PlannedCell(c.config, 0.5 if c.config.seed == 2 else 0.6) for c in expand(spec)]
+        store = ResultsStore(spec.results_dir)
+        outcome = run_cells(cells, store, spec.resources, progress=False, dashboard=False)
+        assert (outcome.ok, outcome.failed) == (3, 0), outcome
+        assert sorted(store.read().to_pandas().seed) == [0, 1, 2]
+    finally:
+        shutdown_workers()
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)  # local_ray's, for the tests after
 
 
 def test_node_capacity_counts_gpus_as_ray_places_them():
