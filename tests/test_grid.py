@@ -160,6 +160,16 @@ def test_cells_of_a_method_whose_computation_changed_get_new_ids(monkeypatch):
     assert all(cell(method).cell_id == stored for method, stored in stored_by_version_1.items())
 
 
+def test_half_precision_cells_scored_from_bf16_logits_get_new_ids():
+    """Half-precision models' scores come from fp32 logits (workers.lm.fp32_head): a bf16 cell must not find a row
+    scored from bf16 logits, whose ties all went to the first choice; an fp32 cell keeps its id (above)."""
+    cell = CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9", dtype="bfloat16"), task="facts",
+                      method="lora", method_config={"rank": 2}, budget=16, seed=1,
+                      eval=EvalConfig(selection_metric="score", neutral_min_words=96))  # fmt: skip
+    assert cell.model_copy(update={"model": cell.model.model_copy(update={"dtype": "float32"})}).cell_id == "2d5a7d8ed5c228e51de6"
+    assert cell.cell_id != "0e4d154f17431ef81e7f"  # its id under the code of acbc662
+
+
 @pytest.mark.parametrize("method, stored", [
     ("lora", "7c096e346bc775c84f7a"), ("steer_mean+lora", "4361540782a0f3a84a6d"), ("task_vector", "3bff0bea3b91fe105b2f"),
 ])  # fmt: skip

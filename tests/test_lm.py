@@ -186,6 +186,28 @@ def test_the_loss_of_half_precision_logits_is_computed_in_fp32():
     assert torch.equal(per_token, lm.token_nll(batch, logits.float()))
 
 
+def test_a_half_precision_models_scores_come_from_fp32_logits():
+    """bf16 logits keep 8 bits, so near choices tie and an argmax takes the first: scoring takes the head's product
+    in fp32. Reference: the same model with its head swapped for an fp32 copy fed the bf16 hidden states."""
+    lm = language_model()
+    lm.model.to(torch.bfloat16)
+    ours = lm.choice_logprobs(PROMPTS, DIGITS)
+    nll = lm.target_nll(PROMPTS, [" 1 2", " 3", " 0 ;"])
+    head = lm.model.get_output_embeddings()
+    fp32 = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    fp32.load_state_dict({name: value.float() for name, value in head.state_dict().items()})
+    fp32.register_forward_pre_hook(lambda module, args: (args[0].float(),))
+    lm.model.set_output_embeddings(fp32)
+    try:
+        reference = lm.choice_logprobs(PROMPTS, DIGITS)
+        assert lm.target_nll(PROMPTS, [" 1 2", " 3", " 0 ;"]) == pytest.approx(nll, abs=1e-5)
+    finally:
+        lm.model.set_output_embeddings(head)
+    for a, b in zip(ours, reference):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert not head._forward_hooks  # taken out again
+
+
 def test_pairs_encoded_once_collate_to_the_same_batches():
     """The training loop encodes its examples once and collates each step from the ids."""
     lm = language_model()

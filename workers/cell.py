@@ -159,6 +159,8 @@ class CellConfig(StrictConfig):
             identity["task_data"] = changed_data
         if _trains_other_steps(self.method, self.method_config, self.budget):  # the step rule of session 30 (`steps_changed`)
             identity["step_rule"] = 2
+        if self.model.dtype != "float32":  # scored from fp32 logits since session 33 (`workers.lm.fp32_head`): not bf16's ties
+            identity["half_scoring"] = 2
         changed_methods = method_versions(self.method)
         if changed_methods:  # so do methods whose computation never changed (`version` in methods/protocol.py)
             identity["method_version"] = changed_methods
