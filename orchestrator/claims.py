@@ -172,24 +172,43 @@ class Claims:
             return False
         return True
 
+    def _still_ours(self, cell_id: str) -> bool:
+        """Whether the cell's claim is still this driver's run's: another driver takes one over once it has gone
+        `ttl_seconds` without a heartbeat (a paused VM, a store unreachable that long), and this driver's
+        heartbeat or release must not then overwrite or delete the new owner's claim."""
+        try:
+            with self.store.filesystem.open_input_stream(self._path(cell_id)) as stream:
+                claim = json.loads(stream.read().decode())
+        except (FileNotFoundError, ValueError):
+            return False
+        return isinstance(claim, dict) and claim.get("run") == self.owner["run"]
+
     def release(self, cell_id: str) -> None:
         self.held.discard(cell_id)
-        self._delete(self._path(cell_id))
+        if self._still_ours(cell_id):
+            self._delete(self._path(cell_id))
 
-    def heartbeat(self) -> None:
+    def heartbeat(self) -> list[str]:
         """Refresh the mtime of every held claim, so long cells are not taken over by other hosts
-        (side by side: on an object store each is a round trip, and the driver schedules no cell while this runs)."""
+        (side by side: on an object store each is a round trip, and the driver schedules no cell while this runs).
+        Returns the cells whose claims another driver took over meanwhile (they are no longer held): both run them."""
         payload = json.dumps({**self.owner, "heartbeat_at": time.time()}).encode()
 
-        def refresh(cell_id: str) -> None:
+        def refresh(cell_id: str) -> bool:
+            if not self._still_ours(cell_id):
+                return False
             if isinstance(self.store.filesystem, fs.LocalFileSystem):  # never an empty claim another driver could read as stale
                 _write_local(self._path(cell_id), payload, exclusive=False)
-                return
+                return True
             with self.store.filesystem.open_output_stream(self._path(cell_id)) as stream:
                 stream.write(payload)
+            return True
 
+        held = list(self.held)
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-            list(pool.map(refresh, list(self.held)))
+            lost = [cell_id for cell_id, kept in zip(held, pool.map(refresh, held)) if not kept]
+        self.held.difference_update(lost)
+        return lost
 
     @contextmanager
     def exclusive(self, path: str, wait_seconds: float = 120.0) -> Iterator[None]:

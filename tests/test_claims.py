@@ -61,6 +61,23 @@ def test_a_claim_being_heartbeaten_is_never_taken_over(tmp_path):
     assert taken == [set()] * 20
 
 
+def test_a_claim_taken_over_is_left_to_its_new_owner(tmp_path):
+    """A's claim went a ttl without a heartbeat (a paused machine) and B took it over: A's next heartbeat used to
+    write A's claim over B's and A's release to delete B's, so a third driver ran the cell too. Now A's
+    heartbeat reports the claim lost and leaves it, as does A's release."""
+    a, b = _drivers(tmp_path)
+    assert _claim(a, ["c1", "c2"]) == {"c1", "c2"}
+    claim = tmp_path / "r" / "claims" / "c1.json"
+    os.utime(claim, (time.time() - 2 * a.ttl_seconds,) * 2)
+    assert _claim(b, ["c1", "c2"]) == {"c1"}
+    assert a.heartbeat() == ["c1"] and a.held == {"c2"}
+    assert '"run": "b"' in claim.read_text()
+    a.release("c1")
+    assert claim.exists() and '"run": "b"' in claim.read_text()
+    a.release("c2")
+    assert not (tmp_path / "r" / "claims" / "c2.json").exists()
+
+
 def test_a_cell_another_driver_stored_after_this_one_planned_is_not_claimed(tmp_path):
     """The other driver stores the row and then releases its claim; one that planned before that
     (while its Ray was starting) must not run the cell again. A row older than the plan is rerun
