@@ -27,6 +27,7 @@ from pyarrow import fs
 from orchestrator.store import ResultsStore
 
 IO_THREADS = 16  # claim files written or deleted at once (each a round trip on an object store)
+TAKEOVER_DEPTH = 2  # guards of guards (`Claims._take_over`): each level left stale needs a driver killed inside a takeover
 
 
 def _write_local(path: str, payload: bytes, *, exclusive: bool) -> bool:
@@ -120,22 +121,27 @@ class Claims:
         except FileNotFoundError:
             pass  # released or taken over by another driver meanwhile
 
-    def _take_over(self, path: str) -> bool:
+    def _take_over(self, path: str, depth: int = 0) -> bool:
         """Replace the stale claim at `path` with this driver's; False when another driver got there first.
 
         Whoever creates `<claim>.takeover` first checks the claim again and replaces it; a driver that
         judged the same claim stale a moment earlier then finds the guard, or the new claim, and backs
-        off, where deleting and creating straight away let both delete, create and run the cell.
+        off, where deleting and creating straight away let both delete, create and run the cell. A guard
+        left by a driver that died mid-takeover is stale itself: it is taken over the same way, under a
+        guard of its own (clearing it outright let a driver that judged it stale delete the guard another
+        had just made, and both took the claim); past `TAKEOVER_DEPTH` such leftovers, it is deleted.
         """
         guard = f"{path}.takeover"
-        for _ in range(2):  # a guard left by a driver that died mid-takeover is cleared, then taken once
-            if self._create(guard):
-                break
+        if not self._create(guard):
             if not self._is_stale(guard):
                 return False  # another driver is taking it over now
-            self._delete(guard)
-        else:
-            return False
+            if depth < TAKEOVER_DEPTH:
+                if not self._take_over(guard, depth + 1):
+                    return False
+            else:
+                self._delete(guard)
+                if not self._create(guard):
+                    return False
         try:
             if not self._is_stale(path):
                 return False

@@ -129,6 +129,30 @@ def test_two_drivers_taking_over_the_same_stale_claim_do_not_both_run_the_cell(t
     assert b.held == {"c1"} and not c.held
 
 
+def test_a_guard_left_by_a_driver_killed_mid_takeover_is_taken_over_by_one_driver(tmp_path):
+    """The dead driver also left `<claim>.takeover`. C judged that guard stale; before C cleared it, B did and made
+    its own to take the claim over. C used to delete B's fresh guard, and both took the claim; now C backs off."""
+    b, c = _resumed_drivers(tmp_path, ["c1"])
+    guard = c._path("c1") + ".takeover"
+    dead = Claims(b.store, owner={"host": socket.gethostname(), "pid": _exited_pid(), "run": "dead"})
+    assert dead._create(guard)
+    judged = c._is_stale
+
+    def b_clears_the_guard_meanwhile(path: str) -> bool:
+        verdict = judged(path)
+        if path == guard and '"run": "dead"' in open(path).read():
+            b._delete(guard)
+            assert b._create(guard)  # B, mid-takeover, holds the guard
+        return verdict
+
+    c._is_stale = b_clears_the_guard_meanwhile
+    assert not c.acquire("c1", planned_at=time.time()) and not c.held
+    assert '"run": "b"' in open(guard).read()
+    b._delete(guard)  # B's takeover goes on: the claim is B's alone
+    assert b.acquire("c1", planned_at=time.time()) and not c.acquire("c1", planned_at=time.time())
+    assert sorted(p.name for p in (tmp_path / "r" / "claims").iterdir()) == ["c1.json"]
+
+
 def test_resumed_drivers_taking_over_side_by_side_split_the_cells(tmp_path):
     cells = [f"c{i}" for i in range(300)]
     b, c = _resumed_drivers(tmp_path, cells)
