@@ -126,8 +126,19 @@ class ResultsStore:
         ]
 
     def _quarantine(self, info: fs.FileInfo) -> None:
-        self.filesystem.create_dir(f"{self.root}/quarantine", recursive=True)
-        self.filesystem.move(info.path, f"{self.root}/quarantine/{info.base_name}")
+        """Move a bad cell file to quarantine/, beside (not over) an earlier bad file of the same cell; one that
+        another driver scanning at the same time has moved already is left to it."""
+        folder = f"{self.root}/quarantine"
+        self.filesystem.create_dir(folder, recursive=True)
+        stem, taken = info.base_name.removesuffix(".parquet"), 0
+        target = f"{folder}/{info.base_name}"
+        while self.filesystem.get_file_info(target).type != fs.FileType.NotFound:
+            taken += 1
+            target = f"{folder}/{stem}.{taken}.parquet"
+        try:
+            self.filesystem.move(info.path, target)
+        except FileNotFoundError:
+            pass
 
     def scan(self, *, set_aside: bool = True) -> StoreScan:
         """Read the status column of every cell file; set aside what is unreadable or foreign.
@@ -140,10 +151,12 @@ class ResultsStore:
         try:  # not the files' fault either: a cell file this user may not read is not set aside
             files = self._cell_files()
             with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # Arrow releases the GIL; a remote read is a round trip
-                read = list(pool.map(self._status_of, files))
+                read = list(pool.map(self._status_if_there, files))
         except PermissionError as err:
             raise self._unreadable(err) from None
         for info, found in zip(files, read):
+            if found is None:
+                continue
             if isinstance(found, Exception):
                 scan.quarantined.append((info.base_name, f"{type(found).__name__}: {found}"))
                 if set_aside:
@@ -151,6 +164,13 @@ class ResultsStore:
             else:
                 scan.cells[found.cell_id] = found
         return scan
+
+    def _status_if_there(self, info: fs.FileInfo) -> StoredCell | Exception | None:
+        """`_status_of`, or None for a file gone since the listing (another driver's scan set it aside)."""
+        try:
+            return self._status_of(info)
+        except FileNotFoundError:
+            return None
 
     def _status_of(self, info: fs.FileInfo) -> StoredCell | Exception:
         """What `scan` needs of one cell file, or what is wrong with its content.

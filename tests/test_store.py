@@ -125,6 +125,26 @@ def test_a_damaged_footer_or_a_row_without_status_is_set_aside_not_raised(tmp_pa
     assert sorted(os.listdir(tmp_path / "r" / "quarantine")) == ["garbled.parquet", "nostatus.parquet"]
 
 
+def test_a_bad_file_another_driver_set_aside_first_is_not_an_error_and_none_is_overwritten(tmp_path):
+    """Two drivers starting on one directory both find the same bad file: the second's move raised FileNotFoundError
+    out of `run`. A later bad file of the same cell used to overwrite the first in quarantine/: both are kept."""
+    first, second = ResultsStore(str(tmp_path / "r")), ResultsStore(str(tmp_path / "r"))
+    first.write(_row("good"))
+    bad = tmp_path / "r" / "cells" / "cut.parquet"
+    bad.write_bytes(b"PAR1 cut short")
+    listed = second._cell_files()
+    assert [name for name, _ in first.scan().quarantined] == ["cut.parquet"]
+    monkeypatched = second._cell_files
+    second._cell_files = lambda: listed  # listed before the first driver moved the file
+    assert second.scan().status == {"good": "ok"}
+    second._cell_files = monkeypatched
+    bad.write_bytes(b"PAR1 cut short again")
+    assert [name for name, _ in first.scan().quarantined] == ["cut.parquet"]
+    quarantine = tmp_path / "r" / "quarantine"
+    assert sorted(os.listdir(quarantine)) == ["cut.1.parquet", "cut.parquet"]
+    assert (quarantine / "cut.parquet").read_bytes() == b"PAR1 cut short"
+
+
 def test_read_only_commands_report_unreadable_files_without_moving_them(tmp_path):
     store = ResultsStore(str(tmp_path / "r"))
     store.write(_row("good"))
