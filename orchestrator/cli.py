@@ -709,10 +709,10 @@ def main(argv: list[str] | None = None) -> int:
     except SweepStoppedError as err:  # an expected outcome on a real cluster, not a bug: no traceback
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt as stop:
+    except KeyboardInterrupt:
         ctrl_c.held = True  # a second Ctrl-C or SIGTERM must not break off the message either
         done = "; every finished row is stored: " + _how_to_resume(args) if args.command == "run" else ""
-        terminated = isinstance(stop, _Terminated)
+        terminated = ctrl_c.received == signal.SIGTERM
         print(f"\n{'terminated' if terminated else 'interrupted'}{done}", file=sys.stderr)
         return 143 if terminated else 130  # 128 + the signal, as a shell reports it
     finally:
@@ -733,15 +733,14 @@ def _how_to_resume(args: argparse.Namespace) -> str:
             "rows, or with --force to rerun every cell again")  # fmt: skip
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (`timeout`, Slurm, Kubernetes stopping a run): handled as Ctrl-C is, exit status 143."""
-
-
 class _CtrlC:
-    """The SIGINT and SIGTERM handler while a command runs: Ctrl-C raises KeyboardInterrupt, as Python's own
-    handler does (SIGTERM, whose default ends the process on the spot, `_Terminated`), until `held` is set as the
+    """The SIGINT and SIGTERM handler while a command runs: either raises KeyboardInterrupt, as Python's own
+    handler does for Ctrl-C (SIGTERM's default ends the process on the spot), until `held` is set as the
     command ends; then it is dropped, so that it cannot break off the Ray shutdown that follows (a traceback,
-    and Ray's agents left running, orphaned).
+    and Ray's agents left running, orphaned). `received` says which signal it was (SIGTERM: `timeout`, Slurm,
+    Kubernetes stopping a run, exit status 143): not a subclass of KeyboardInterrupt, which Ray's `ray.wait`
+    turns into a plain one when the handler runs inside it (a run stopped before its first row said
+    "interrupted", 130).
 
     A flag, not a swap to SIG_IGN: Python runs a handler at its next check for signals (a call, a function's
     entry, a loop's jump back), so a Ctrl-C landing just before the swap was raised inside `signal.signal`
@@ -750,10 +749,12 @@ class _CtrlC:
 
     def __init__(self) -> None:
         self.held = False
+        self.received: int | None = None
 
     def __call__(self, signum: int, frame: object) -> None:
         if not self.held:
-            raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            self.received = signum
+            raise KeyboardInterrupt
 
 
 def _disconnect_ray() -> None:

@@ -148,6 +148,31 @@ def test_ctrl_c_mid_sweep_says_how_to_resume_and_a_rerun_finishes(tmp_path, test
     assert rows.cell_id.is_unique and len(rows) == 16 and (rows.status == "ok").all()
 
 
+def test_sigterm_while_the_driver_waits_on_its_first_cell_exits_143(tmp_path, test_ladder):
+    """Handled inside `ray.wait` (where a driver spends a sweep of long cells), a SIGTERM reached the CLI as a plain
+    KeyboardInterrupt: the run said "interrupted" and exited 130, as if a user had pressed Ctrl-C."""
+    path = _spec(tmp_path, test_ladder, methods={"lora": {"rank": 2, "train": {"min_steps": 50000, "max_steps": 50000}}}, budgets=[16])
+    mark = f"sigterm-first-cell-{os.getpid()}-{time.time_ns()}"
+    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "STEERSCALE_TEST_MARK": mark})  # fmt: skip
+
+    def workers_up() -> bool:
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.environ().get("STEERSCALE_TEST_MARK") == mark and "CellWorker" in " ".join(process.cmdline()):
+                    return True
+        return False
+
+    deadline = time.time() + 180
+    while not workers_up() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3.0)  # the driver waits on its workers' start, then on their first cells: in ray.wait
+    assert not _cell_files(tmp_path / "results"), "a row stored already: the cell is not long enough for this test"
+    driver.send_signal(signal.SIGTERM)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 143 and "terminated; every finished row is stored" in err, err[-3000:]
+
+
 def test_two_drivers_never_run_the_same_cell(tmp_path, test_ladder):
     path = _spec(tmp_path, test_ladder)
     drivers = [
