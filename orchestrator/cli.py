@@ -66,14 +66,17 @@ def _is_sweep_yaml(given: str) -> bool:
     return given.endswith((".yaml", ".yml")) and os.path.isfile(given)
 
 
-def _results_dir(given: str) -> str:
-    """A results directory or URI as given, or a sweep YAML's `results_dir` (`status configs/x.yaml` works too)."""
+def _results_dir(given: str, overrides: list[str]) -> str:
+    """A results directory or URI as given, or a sweep YAML's `results_dir` (`status configs/x.yaml` works too),
+    with the `key=value` overrides it was run with."""
     if given.endswith((".yaml", ".yml")) and "://" not in given and not os.path.exists(given):
         raise ConfigError(f"{given}: no such sweep config")
+    if overrides and not _is_sweep_yaml(given):
+        raise ConfigError(f"key=value overrides ({' '.join(overrides)}) apply to a sweep YAML; {given} is a results directory")
     if _is_sweep_yaml(given):
         from orchestrator.spec import load_spec
 
-        found = load_spec(given, [], check_models=False).results_dir  # its results may be read away from its models
+        found = load_spec(given, overrides, check_models=False).results_dir  # its results may be read away from its models
         # named in full: a relative results_dir is read from the current directory, which messages should show
         return found if "://" in found else os.path.abspath(found)
     if "://" not in given and os.path.isfile(given):
@@ -81,36 +84,40 @@ def _results_dir(given: str) -> str:
     return given
 
 
-def _relative_results_dir(given: str) -> bool:
+def _relative_results_dir(given: str, overrides: list[str]) -> bool:
     """Whether `given` is a sweep YAML whose results_dir is a relative path (read from the current directory)."""
     if not _is_sweep_yaml(given):
         return False
     from orchestrator.spec import load_spec
 
-    found = load_spec(given, [], check_models=False).results_dir
+    found = load_spec(given, overrides, check_models=False).results_dir
     return "://" not in found and not os.path.isabs(found)
 
 
-def _yaml_grid(path: str) -> list[dict]:
-    """A sweep YAML's own planned cells, as plan.json lists them."""
+def _yaml_grid(path: str, overrides: list[str]) -> list[dict]:
+    """A sweep YAML's own planned cells (with the overrides it was run with), as plan.json lists them."""
     from orchestrator.spec import load_spec
 
-    return _manifest_entries(_expanded(load_spec(path, [], check_models=False), path, []))
+    return _manifest_entries(_expanded(load_spec(path, overrides, check_models=False), path, overrides))
 
 
-def _planned_entries(given: str, store: ResultsStore) -> list[dict]:
+def _grid_name(given: str, overrides: list[str]) -> str:
+    return f"{given}'s grid" + (f" (with {' '.join(overrides)})" if overrides else "")
+
+
+def _planned_entries(given: str, overrides: list[str], store: ResultsStore) -> list[dict]:
     """The cells a command given `given` asks about: a sweep YAML's own grid (not the plan of whichever
     run last wrote to its results directory, which may be another config's), else the store's plan.json."""
-    return _yaml_grid(given) if _is_sweep_yaml(given) else read_manifest(store)
+    return _yaml_grid(given, overrides) if _is_sweep_yaml(given) else read_manifest(store)
 
 
-def _plan_to_fit(given: str) -> Plan | None:
+def _plan_to_fit(given: str, overrides: list[str]) -> Plan | None:
     """For `fit`/`report` given a sweep YAML: its grid is the plan (default: the results' plan.json)."""
     if not _is_sweep_yaml(given):
         return None
     from analysis.io import Plan
 
-    return Plan(f"{given}'s grid", frozenset(e["cell_id"] for e in _yaml_grid(given)))
+    return Plan(_grid_name(given, overrides), frozenset(e["cell_id"] for e in _yaml_grid(given, overrides)))
 
 
 def _stored(spec: SweepSpec, *, set_aside: bool) -> tuple[ResultsStore, StoreScan]:
@@ -388,10 +395,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    store = ResultsStore(_results_dir(args.results_dir))
+    store = ResultsStore(_results_dir(args.results_dir, args.overrides))
     scan = store.scan(set_aside=False)
     _report_quarantine(scan, set_aside=False)
-    entries = _planned_entries(args.results_dir, store)
+    entries = _planned_entries(args.results_dir, args.overrides, store)
     if not entries and not scan.cells:
         print(f"error: no sweep at {store.uri}: neither a plan (plan.json) nor stored rows; `steerscale run CONFIG` makes both",
               file=sys.stderr)
@@ -407,7 +414,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"nothing is stored at {store.uri} yet (a relative results_dir is read from the current directory, {os.getcwd()})")
     if unplanned and known:
         outside = Counter(scan.cells[c].status for c in unplanned)
-        plan = f"{args.results_dir}'s grid" if _is_sweep_yaml(args.results_dir) else "the latest run's plan"
+        plan = _grid_name(args.results_dir, args.overrides) if _is_sweep_yaml(args.results_dir) else "the latest run's plan"
         print(f"{len(unplanned)} more stored rows ({outside['ok']} ok, {outside['failed']} failed) are from cells not in {plan}: "
               "an earlier run with other seeds, budgets or models (fitted with the rest unless --planned-only), an earlier "
               "config of a method, or another sweep; the table lists them as (unplanned)")  # fmt: skip
@@ -489,8 +496,14 @@ def _x_axis(name: str) -> str:
 RESULTS_DIR_HELP = "a sweep's results directory or URI (its results_dir), or the sweep YAML itself"
 
 
-def _with_fit_options(p: argparse.ArgumentParser) -> None:
+def _with_results(p: argparse.ArgumentParser) -> None:
     p.add_argument("results_dir", help=RESULTS_DIR_HELP)
+    p.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value",
+                   help="given a sweep YAML: the overrides it was run with, so that its grid is the one run")  # fmt: skip
+
+
+def _with_fit_options(p: argparse.ArgumentParser) -> None:
+    _with_results(p)
     p.add_argument("--bootstrap", type=_resamples, default=200, help=f"bootstrap resamples for confidence intervals (default 200; 0: none; else at least {MIN_RESAMPLES})")
     p.add_argument("--workers", type=_int_at_least(1), default=None, help="groups fitted at once, in worker processes (default: every core, up to 8)")
     p.add_argument(
@@ -526,16 +539,16 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
             print(f"error: --out {args.out}: cannot write there ({err})", file=sys.stderr)
             return 2
     analyse = functools.partial(write_report, out_dir=args.out) if report else fit_results
-    results_dir = _results_dir(args.results_dir)
+    results_dir = _results_dir(args.results_dir, args.overrides)
     if "://" not in results_dir:  # a folder this user may not read: said here, not as a traceback from inside the fit
         ResultsStore(results_dir).check_readable()
     try:
         summary = analyse(results_dir, metric=args.metric, bootstrap=args.bootstrap, x=args.x,
                           workers=args.workers or default_workers(), planned_only=args.planned_only,
-                          plan=_plan_to_fit(args.results_dir))  # fmt: skip
+                          plan=_plan_to_fit(args.results_dir, args.overrides))  # fmt: skip
     except (NoResultsError, ReportLocationError) as err:
         where = f" ({args.results_dir}'s results_dir is relative, so read from the current directory, {os.getcwd()})"
-        print(f"error: {err}{where if isinstance(err, NoResultsError) and _relative_results_dir(args.results_dir) else ''}", file=sys.stderr)
+        print(f"error: {err}{where if isinstance(err, NoResultsError) and _relative_results_dir(args.results_dir, args.overrides) else ''}", file=sys.stderr)
         return 2
     print(summary.to_text())
     frame = summary.analysis.loaded.frame
@@ -650,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / failed / remaining per model and method, from the store alone")
-    p.add_argument("results_dir", help=RESULTS_DIR_HELP)
+    _with_results(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json (fits-nll.* for --metric nll; "

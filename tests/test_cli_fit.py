@@ -68,6 +68,9 @@ def test_fit_of_a_sweep_yaml_with_planned_only_fits_that_yamls_grid_not_the_late
     assert f"left out 3 stored rows of cells not in {path}'s grid" in out, out
     (curve,) = [f for f in json.loads((Path(spec.results_dir) / "fits.json").read_text())["fits"] if f["law"] == "power_D"]
     assert curve["n_points"] == len(budgets) and np.isclose(curve["E"], 0.1, rtol=1e-3), curve
+    # run with overrides: the same overrides give the grid that ran
+    assert main(["fit", str(path), "budgets=[4,8,16]", "--planned-only", "--bootstrap", "0", "--workers", "1"]) == 0
+    assert f"left out 5 stored rows of cells not in {path}'s grid (with budgets=[4,8,16])" in capsys.readouterr().out
 
 
 def test_fit_of_a_folder_that_is_no_sweep_is_refused_and_writes_nothing(tmp_path: Path, capsys) -> None:

@@ -228,6 +228,11 @@ def test_status_of_a_sweep_yaml_counts_that_yamls_grid_not_the_latest_runs_plan(
     assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
     assert ": 1 ok, 0 failed, 2 remaining" in out, out
+    # run with overrides (`run THIS.yaml seeds=[0]`): the same overrides give the grid that ran; they were refused
+    assert main(["status", str(path), "seeds=[0]"]) == 0
+    assert ": 1 ok, 0 failed, 0 remaining" in capsys.readouterr().out
+    assert main(["status", spec.results_dir, "seeds=[0]"]) == 2
+    assert "apply to a sweep YAML" in capsys.readouterr().err
 
 
 def test_the_plan_the_driver_writes_is_the_one_the_fit_reads():
