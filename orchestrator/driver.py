@@ -209,12 +209,13 @@ def check_fits(cells: list[PlannedCell], resources: Resources) -> None:
             )
 
 
-def crashed_row(cell: CellConfig, error: BaseException, attempt: int) -> dict:
-    """The row for a cell whose worker died on its last attempt: identity, `failed`, and Ray's reason."""
-    now = datetime.now(timezone.utc)
+def crashed_row(cell: CellConfig, error: BaseException, attempt: int, handed_out: datetime) -> dict:
+    """The row for a cell whose worker died on its last attempt (or was stopped past its timeout): identity,
+    `failed`, and Ray's reason; it ran from when it was handed to the worker (`handed_out`) until now."""
     row = identity_columns(cell, attempt)
     # built on the driver: its device (a CPU head node's "cpu" for a GPU cell) says nothing of the worker's
-    row.update(status="failed", error=f"{type(error).__name__}: {error}"[-4000:], started_at=now, finished_at=now, device=None)
+    row.update(status="failed", error=f"{type(error).__name__}: {error}"[-4000:], started_at=handed_out,
+               finished_at=datetime.now(timezone.utc), device=None)  # fmt: skip
     return row
 
 
@@ -275,6 +276,7 @@ def run_cells(
     queues: dict[Shape, dict[str, deque[tuple[PlannedCell, int]]]] = {}
     in_flight: dict[ray.ObjectRef, tuple[Worker, PlannedCell, int]] = {}
     deadlines: dict[ray.ObjectRef, float] = {}  # with resources.cell_timeout_s: when each cell in flight is stopped
+    handed_out: dict[ray.ObjectRef, datetime] = {}  # when each cell in flight went to its worker (a crashed row's start)
 
     def enqueue(cell: PlannedCell, attempt: int) -> None:
         shape = Shape(resources.cpus_per_cell, cell.gpus, resources.model_cache_bytes)
@@ -292,6 +294,7 @@ def run_cells(
             ref = worker.actor.run.options(name=cell.config.slug).remote(cell.config.model_dump_json(), attempt)  # the dashboard's task name
             worker.running = model
             in_flight[ref] = (worker, cell, attempt)
+            handed_out[ref] = datetime.now(timezone.utc)
             if resources.cell_timeout_s is not None:
                 deadlines[ref] = time.monotonic() + resources.cell_timeout_s
             return True
@@ -380,9 +383,10 @@ def run_cells(
         for ref in [ref for ref, due in deadlines.items() if due <= now]:
             worker, cell, attempt = in_flight.pop(ref)
             del deadlines[ref]
+            since = handed_out.pop(ref)
             POOL.retire(worker)
             error = TimeoutError(f"the cell ran past resources.cell_timeout_s ({resources.cell_timeout_s:g} s); its worker was stopped")
-            store_row(cell, crashed_row(cell.config, error, attempt))
+            store_row(cell, crashed_row(cell.config, error, attempt, since))
 
     def check_waits() -> None:
         """Time each shape whose cells wait on workers asked for, none of which has started: say so
@@ -444,6 +448,7 @@ def run_cells(
                     continue
                 worker, cell, attempt = in_flight.pop(ref)
                 deadlines.pop(ref, None)
+                since = handed_out.pop(ref)
                 worker.running = None
                 try:
                     result: CellResult = ray.get(ref)
@@ -453,7 +458,7 @@ def run_cells(
                     if attempt <= resources.max_retries:
                         enqueue(cell, attempt + 1)
                         continue
-                    row = crashed_row(cell.config, err, attempt)
+                    row = crashed_row(cell.config, err, attempt, since)
                 else:
                     row, worker.held = result.row, list(result.held)
                     outcome.model_loads[result.worker] = outcome.model_loads.get(result.worker, 0) + result.loaded

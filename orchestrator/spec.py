@@ -88,7 +88,8 @@ class Resources(StrictConfig):
         gt=0,
         description="a cell still running after this long (a hang: a collective that never returns, an "
         "environment that never ends) has its worker stopped and is stored failed with a TimeoutError; "
-        "default: no limit. Not retried: `run --retry-failed` runs it again",
+        "default: no limit; counted from the cell's hand-out to its worker, a model load included. Not retried: "
+        "`run --retry-failed` runs it again",
     )
     start_timeout_s: float = Field(
         1800.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime, timezone
 
 import pytest
 import ray
@@ -401,6 +402,7 @@ def test_a_cell_past_its_timeout_is_a_failed_row_and_the_sweep_goes_on(local_ray
     rows = store.read().to_pandas().set_index("seed")
     assert (outcome.ok, outcome.failed) == (2, 1) and len(rows) == 3, outcome
     assert rows.status[0] == "failed" and rows.error[0].startswith("TimeoutError: the cell ran past resources.cell_timeout_s (15 s)")
+    assert (rows.finished_at[0] - rows.started_at[0]).total_seconds() >= 15  # from its hand-out to its stop (both were the stop)
     assert (rows.status[[1, 2]] == "ok").all()
     assert all(w.running is None for w in POOL.workers) and len(POOL.workers) == 1, "the hung worker was stopped"
     shutdown_workers()
@@ -481,5 +483,5 @@ def test_a_crashed_cells_row_does_not_claim_the_drivers_device(specs):
     from workers.cell import CellConfig
 
     cell = CellConfig(sweep="s", model=specs["xs"], task="facts", method="base", budget=0, seed=0)
-    row = crashed_row(cell, RuntimeError("worker died"), attempt=2)
+    row = crashed_row(cell, RuntimeError("worker died"), attempt=2, handed_out=datetime.now(timezone.utc))
     assert (row["status"], row["attempt"], row["device"]) == ("failed", 2, None) and "worker died" in row["error"]
