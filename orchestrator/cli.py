@@ -239,7 +239,7 @@ def _adaptive_flag_error(args: argparse.Namespace) -> str | None:
     """Why the adaptive flags do not go together (None when they do)."""
     given = [f"--{name.replace('_', '-')}" for name in ADAPTIVE_FLAGS if getattr(args, name) is not None]
     if not args.adaptive:
-        return f"{', '.join(given)} only apply with --adaptive" if given else None
+        return f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --adaptive" if given else None
     if args.budget_flops is None and args.max_cells is None:
         return "--adaptive needs a budget to stop at: --budget-flops X and/or --max-cells K"
     if args.force or args.retry_failed:

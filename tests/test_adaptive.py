@@ -390,7 +390,8 @@ def steerscale(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--budget-flops", "1e12"], "--budget-flops only apply with --adaptive"),
+        (["--budget-flops", "1e12"], "--budget-flops only applies with --adaptive"),
+        (["--budget-flops", "1e12", "--max-cells", "3"], "--budget-flops, --max-cells only apply with --adaptive"),
         (["--adaptive"], "--adaptive needs a budget to stop at"),
         (["--adaptive", "--budget-flops", "-5"], "argument --budget-flops: must be > 0, got -5"),
         (["--adaptive", "--max-cells", "0"], "argument --max-cells: must be > 0, got 0"),
