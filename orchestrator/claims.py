@@ -2,8 +2,8 @@
 
 A driver claims a cell by creating `claims/<cell_id>.json` exclusively when it hands the cell to a
 worker and deletes the claim once the row is stored, so two drivers split a sweep's cells between them. A claim is stale — and may be taken over — when its
-driver's process is gone (same host, pid not alive: e.g. a SIGKILLed driver, so an immediate rerun
-resumes at once) or when its heartbeat is older than `ttl` (a driver on another host that died).
+driver's process is gone (same host and pid namespace, that pid not alive or another process since: e.g. a
+SIGKILLed driver, so an immediate rerun resumes at once) or when its heartbeat is older than `ttl` (a driver on another host that died).
 Exclusive creation is atomic on local and shared POSIX filesystems; on object stores it is
 best effort (check, then write), which the docs say. Taking over a stale claim goes through a
 second exclusive file, `<claim>.takeover`: drivers that find the same claim stale at once (two
@@ -22,6 +22,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import psutil
 from pyarrow import fs
 
 from orchestrator.store import ResultsStore
@@ -70,23 +71,44 @@ def _create_then_write(path: str, payload: bytes) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: float | None) -> bool:
+    """Whether process `pid` runs, and is the one that started at `started` (epoch seconds, where the claim says:
+    a pid reused since by another process does not keep a dead driver's claims)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
+        pass
+    if started is None:
         return True
-    return True
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (Linux): containers sharing a host name (`docker --network host`) number their
+    processes apart, so a pid is looked up only in the namespace of the driver that wrote it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _owner() -> dict:
+    return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(),
+            "started": psutil.Process().create_time(), "run": uuid.uuid4().hex[:8]}  # fmt: skip
 
 
 @dataclass
 class Claims:
     store: ResultsStore
     ttl_seconds: float = 900.0
-    owner: dict = field(
-        default_factory=lambda: {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex[:8]}
-    )
+    owner: dict = field(default_factory=_owner)
     held: set[str] = field(default_factory=set)
     _directory_made: bool = False
 
@@ -110,7 +132,8 @@ class Claims:
             return True
         except (ValueError, OSError):
             claim = {}  # empty or half written (see `_create_then_write`), or a read that failed: judged by its age alone
-        if claim.get("host") == self.owner["host"] and not _alive(int(claim.get("pid", -1))):
+        same_processes = claim.get("host") == self.owner["host"] and claim.get("pidns") == self.owner.get("pidns")
+        if same_processes and not _alive(int(claim.get("pid", -1)), claim.get("started")):
             return True
         age = time.time() - (info.mtime.timestamp() if info.mtime else 0)
         return age > self.ttl_seconds

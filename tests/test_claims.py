@@ -153,6 +153,23 @@ def test_a_guard_left_by_a_driver_killed_mid_takeover_is_taken_over_by_one_drive
     assert sorted(p.name for p in (tmp_path / "r" / "claims").iterdir()) == ["c1.json"]
 
 
+def test_a_pid_is_looked_up_only_in_its_own_namespace_and_only_as_the_process_that_claimed(tmp_path):
+    """A driver in another container on this host (`docker --network host`: one host name, its own pids) is not
+    dead because its pid is not running here; a claim whose pid now belongs to another process is a dead driver's."""
+    import psutil
+
+    store = ResultsStore(str(tmp_path / "r"))
+    here = Claims(store)
+    elsewhere = Claims(store, owner={**here.owner, "pidns": "pid:[1]", "pid": _exited_pid(), "run": "other"})
+    assert elsewhere.acquire("c1", planned_at=time.time())
+    assert not here.acquire("c1", planned_at=time.time())  # by its age, as another host's
+    reused = Claims(store, owner={**here.owner, "pid": os.getppid(), "started": psutil.Process(os.getppid()).create_time() - 60, "run": "old"})
+    assert reused.acquire("c2", planned_at=time.time())
+    assert here.acquire("c2", planned_at=time.time())  # the pid runs, but not the process that claimed
+    alive = Claims(store, owner={**here.owner, "run": "alive"})  # this very process: alive, same start
+    assert alive.acquire("c4", planned_at=time.time()) and not here.acquire("c4", planned_at=time.time())
+
+
 def test_resumed_drivers_taking_over_side_by_side_split_the_cells(tmp_path):
     cells = [f"c{i}" for i in range(300)]
     b, c = _resumed_drivers(tmp_path, cells)
