@@ -254,6 +254,13 @@ class Claims:
         finally:
             self._delete(path)
 
+    def held_by_live_drivers(self) -> set[str]:
+        """The cells some driver holds a claim on now, a dead driver's stale claims left out: what runs (or waits
+        for a worker) in a sweep in progress, for `status`."""
+        listing = fs.FileSelector(self.directory, allow_not_found=True)
+        names = [info.base_name for info in self.store.filesystem.get_file_info(listing) if info.base_name.endswith(".json")]
+        return {name.removesuffix(".json") for name in names if not self._is_stale(f"{self.directory}/{name}")}
+
     def release_all(self) -> None:
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
             list(pool.map(self.release, list(self.held)))

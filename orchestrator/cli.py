@@ -18,6 +18,7 @@ from workers.config import ConfigError
 from workers.registry import UnknownNameError
 
 from orchestrator.address import check_listening
+from orchestrator.claims import Claims
 from orchestrator.errors import SweepStoppedError
 from orchestrator.store import ResultsStore, StoredCell, StoreScan, read_manifest, write_manifest
 
@@ -409,7 +410,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     # The headline is the plan's (all rows where there is no plan); rows outside it get their own table
     # rows, so a (model, method) of the plan never counts more cells than the plan has.
     counts = Counter(scan.cells[c].status for c in (known & set(scan.cells) if known else unplanned))
-    print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {remaining} remaining")
+    running = len(Claims(store).held_by_live_drivers() & known - set(scan.cells)) if known else 0
+    print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {remaining} remaining"
+          + (f" ({running} of them claimed by a running driver: running or next)" if running else ""))
     if not scan.cells and not store.exists():
         print(f"nothing is stored at {store.uri} yet (a relative results_dir is read from the current directory, {os.getcwd()})")
     if unplanned and known:

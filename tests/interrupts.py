@@ -1,5 +1,6 @@
 """Ctrl-C as a terminal sends it: to every process of a command's foreground group, here while the
-process pool the command spawned is still starting (its workers import for seconds)."""
+process pool the command spawned is still starting (its workers import for seconds). And the pid of a
+process gone, as a SIGKILLed driver's claims name it."""
 
 from __future__ import annotations
 
@@ -55,3 +56,10 @@ def pool_workers(pid: int) -> list[psutil.Process]:
             if "spawn_main" in " ".join(child.cmdline()):
                 workers.append(child)
     return workers
+
+
+def exited_pid() -> int:
+    """The pid of a process that has exited and been reaped: what a SIGKILLed driver's claims name."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from interrupts import exited_pid
 from orchestrator.claims import Claims
 from orchestrator.store import ResultsStore
 from workers.schema import SCHEMA_VERSION
@@ -93,17 +93,10 @@ def test_a_cell_another_driver_stored_after_this_one_planned_is_not_claimed(tmp_
 
 
 
-def _exited_pid() -> int:
-    """The pid of a process that has exited and been reaped: what a SIGKILLed driver's claims name."""
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def _resumed_drivers(tmp_path, cells: list[str]) -> tuple[Claims, Claims]:
     """Two drivers on this host started after a driver that held `cells` was killed."""
     store = ResultsStore(str(tmp_path / "r"))
-    dead = Claims(store, owner={"host": socket.gethostname(), "pid": _exited_pid(), "run": "dead"})
+    dead = Claims(store, owner={"host": socket.gethostname(), "pid": exited_pid(), "run": "dead"})
     assert _claim(dead, cells) == set(cells)
     return Claims(store, owner={**OWNER, "run": "b"}), Claims(store, owner={**OWNER, "run": "c"})
 
@@ -134,7 +127,7 @@ def test_a_guard_left_by_a_driver_killed_mid_takeover_is_taken_over_by_one_drive
     its own to take the claim over. C used to delete B's fresh guard, and both took the claim; now C backs off."""
     b, c = _resumed_drivers(tmp_path, ["c1"])
     guard = c._path("c1") + ".takeover"
-    dead = Claims(b.store, owner={"host": socket.gethostname(), "pid": _exited_pid(), "run": "dead"})
+    dead = Claims(b.store, owner={"host": socket.gethostname(), "pid": exited_pid(), "run": "dead"})
     assert dead._create(guard)
     judged = c._is_stale
 
@@ -160,7 +153,7 @@ def test_a_pid_is_looked_up_only_in_its_own_namespace_and_only_as_the_process_th
 
     store = ResultsStore(str(tmp_path / "r"))
     here = Claims(store)
-    elsewhere = Claims(store, owner={**here.owner, "pidns": "pid:[1]", "pid": _exited_pid(), "run": "other"})
+    elsewhere = Claims(store, owner={**here.owner, "pidns": "pid:[1]", "pid": exited_pid(), "run": "other"})
     assert elsewhere.acquire("c1", planned_at=time.time())
     assert not here.acquire("c1", planned_at=time.time())  # by its age, as another host's
     reused = Claims(store, owner={**here.owner, "pid": os.getppid(), "started": psutil.Process(os.getppid()).create_time() - 60, "run": "old"})

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs
 
+from interrupts import exited_pid
+from orchestrator.claims import Claims
 from orchestrator.cli import main
 from orchestrator.store import ResultsStore, write_manifest
 from workers.rowfile import write_atomically
@@ -227,7 +229,11 @@ def test_status_of_a_sweep_yaml_counts_that_yamls_grid_not_the_latest_runs_plan(
     store.write(_row(expand(spec)[0].cell_id, model="ladder:test/xs", method="base"))
     assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
-    assert ": 1 ok, 0 failed, 2 remaining" in out, out
+    assert ": 1 ok, 0 failed, 2 remaining\n" in out, out
+    running, dead = Claims(store), Claims(store, owner={**Claims(store).owner, "pid": exited_pid(), "run": "dead"})
+    assert running.acquire(expand(spec)[1].cell_id, planned_at=time.time()) and dead.acquire(expand(spec)[2].cell_id, planned_at=time.time())
+    assert main(["status", str(path)]) == 0  # a SIGKILLed driver's claim is no cell running
+    assert ": 1 ok, 0 failed, 2 remaining (1 of them claimed by a running driver: running or next)" in capsys.readouterr().out
     # run with overrides (`run THIS.yaml seeds=[0]`): the same overrides give the grid that ran; they were refused
     assert main(["status", str(path), "seeds=[0]"]) == 0
     assert ": 1 ok, 0 failed, 0 remaining" in capsys.readouterr().out
