@@ -384,6 +384,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"ran {_count(outcome.ok + outcome.failed, 'cell')} in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed; "
         f"{_count(outcome.total_model_loads, 'model load')} by {_count(len(outcome.model_loads), 'worker')}"
+        + (f" (and {_count(outcome.workers_lost, 'worker')} lost mid-cell, whose loads are not counted)" if outcome.workers_lost else "")
     )
     if outcome.skipped_claimed:
         print(f"{outcome.skipped_claimed} cells were left alone: another live driver has claimed them")

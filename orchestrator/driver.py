@@ -61,6 +61,7 @@ class SweepOutcome:
     cell_seconds: float = 0.0  # sum over cells of their own run time
     model_loads: dict[str, int] = field(default_factory=dict)  # worker -> models it loaded during this run
     loads: Counter[tuple[str, str]] = field(default_factory=Counter)  # (worker, model id) -> loads: reloads show here
+    workers_lost: int = 0  # died or stopped (a timeout) mid-cell: their model loads are not in model_loads
 
     @property
     def total_model_loads(self) -> int:
@@ -385,6 +386,7 @@ def run_cells(
             del deadlines[ref]
             since = handed_out.pop(ref)
             POOL.retire(worker)
+            outcome.workers_lost += 1
             error = TimeoutError(f"the cell ran past resources.cell_timeout_s ({resources.cell_timeout_s:g} s); its worker was stopped")
             store_row(cell, crashed_row(cell.config, error, attempt, since))
 
@@ -454,6 +456,7 @@ def run_cells(
                     result: CellResult = ray.get(ref)
                 except ray.exceptions.RayError as err:  # the worker died (killed, OOM-killed, node lost), not the cell's code
                     POOL.retire(worker)
+                    outcome.workers_lost += 1
                     POOL.forget_dead()  # idle workers on the same lost node
                     if attempt <= resources.max_retries:
                         enqueue(cell, attempt + 1)

@@ -405,6 +405,7 @@ def test_a_cell_past_its_timeout_is_a_failed_row_and_the_sweep_goes_on(local_ray
     assert (rows.finished_at[0] - rows.started_at[0]).total_seconds() >= 15  # from its hand-out to its stop (both were the stop)
     assert (rows.status[[1, 2]] == "ok").all()
     assert all(w.running is None for w in POOL.workers) and len(POOL.workers) == 1, "the hung worker was stopped"
+    assert outcome.workers_lost == 1
     shutdown_workers()
 
 
