@@ -20,9 +20,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
-import psutil
 from pyarrow import fs
 
 from orchestrator.store import ResultsStore
@@ -71,23 +71,30 @@ def _create_then_write(path: str, payload: bytes) -> bool:
     return True
 
 
-def _alive(pid: int, started: float | None) -> bool:
-    """Whether process `pid` runs, and is the one that started at `started` (epoch seconds, where the claim says:
-    a pid reused since by another process does not keep a dead driver's claims)."""
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started, as this boot's id and the start in clock ticks since boot (Linux's /proc), which
+    names one process for good: psutil's create_time adds the boot time in wall-clock seconds, which moves when
+    the clock is stepped (NTP, a VM resumed), and a live driver read as another process lost its claims. None
+    where /proc has no such entry (another OS; a pid hidden from this user)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, counted after the command name in parentheses
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """Whether process `pid` runs, and is the one that started at `started` (`_process_start`, where the claim says):
+    a pid reused since by another process does not keep a dead driver's claims."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # exists, owned by someone else
-        pass
-    if started is None:
+    except PermissionError:  # exists, another user's: not to be looked into further
         return True
-    try:
-        return abs(psutil.Process(pid).create_time() - started) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True
+    now = None if started is None else _process_start(pid)
+    return now is None or now == started
 
 
 def _pid_namespace() -> str | None:
@@ -101,7 +108,7 @@ def _pid_namespace() -> str | None:
 
 def _owner() -> dict:
     return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(),
-            "started": psutil.Process().create_time(), "run": uuid.uuid4().hex[:8]}  # fmt: skip
+            "started": _process_start(os.getpid()), "run": uuid.uuid4().hex[:8]}  # fmt: skip
 
 
 @dataclass
@@ -119,15 +126,20 @@ class Claims:
     def _path(self, cell_id: str) -> str:
         return f"{self.directory}/{cell_id}.json"
 
+    def _read(self, path: str) -> dict:
+        """The claim at `path`: FileNotFoundError if there is none; ValueError if it holds no claim (empty, half written)."""
+        with self.store.filesystem.open_input_stream(path) as stream:
+            claim = json.loads(stream.read().decode())
+        if not isinstance(claim, dict):
+            raise ValueError("not a claim")
+        return claim
+
     def _is_stale(self, path: str) -> bool:
         try:
             info = self.store.filesystem.get_file_info(path)
             if info.type == fs.FileType.NotFound:
                 return True  # released meanwhile
-            with self.store.filesystem.open_input_stream(path) as stream:
-                claim = json.loads(stream.read().decode())
-            if not isinstance(claim, dict):
-                raise ValueError("not a claim")
+            claim = self._read(path)
         except FileNotFoundError:
             return True
         except (ValueError, OSError):
@@ -206,11 +218,9 @@ class Claims:
         `ttl_seconds` without a heartbeat (a paused VM, a store unreachable that long), and this driver's
         heartbeat or release must not then overwrite or delete the new owner's claim."""
         try:
-            with self.store.filesystem.open_input_stream(self._path(cell_id)) as stream:
-                claim = json.loads(stream.read().decode())
+            return self._read(self._path(cell_id)).get("run") == self.owner["run"]
         except (FileNotFoundError, ValueError):
             return False
-        return isinstance(claim, dict) and claim.get("run") == self.owner["run"]
 
     def release(self, cell_id: str) -> None:
         self.held.discard(cell_id)
@@ -259,7 +269,9 @@ class Claims:
         for a worker) in a sweep in progress, for `status`."""
         listing = fs.FileSelector(self.directory, allow_not_found=True)
         names = [info.base_name for info in self.store.filesystem.get_file_info(listing) if info.base_name.endswith(".json")]
-        return {name.removesuffix(".json") for name in names if not self._is_stale(f"{self.directory}/{name}")}
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:  # on an object store each is two round trips
+            stale = list(pool.map(self._is_stale, [f"{self.directory}/{name}" for name in names]))
+        return {name.removesuffix(".json") for name, gone in zip(names, stale) if not gone}
 
     def release_all(self) -> None:
         with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:

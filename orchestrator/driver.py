@@ -437,9 +437,9 @@ def run_cells(
                 try:
                     lost = claims.heartbeat()
                     if lost:
-                        bar.write(f"warning: another driver took over {len(lost)} of this run's claims (none refreshed for "
-                                  f"{claims.ttl_seconds / 60:g} minutes: a paused machine?), so both run those cells; "
-                                  "the later ok row of each is kept")  # fmt: skip
+                        bar.write(f"warning: another driver took over {len(lost)} of this run's claims, judging this one gone "
+                                  f"(none refreshed for {claims.ttl_seconds / 60:g} minutes: a paused machine?), so both run "
+                                  "those cells; the later ok row of each is kept")  # fmt: skip
                 except OSError as err:  # a store hiccup: the next one, in HEARTBEAT_SECONDS / 2, tries again
                     bar.write(f"warning: could not refresh the claims ({err}); another driver takes a claim over only "
                               f"after {claims.ttl_seconds / 60:g} minutes without one")  # fmt: skip

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import pytest
 
 from interrupts import exited_pid
-from orchestrator.claims import Claims
+from orchestrator.claims import Claims, _process_start
 from orchestrator.store import ResultsStore
 from workers.schema import SCHEMA_VERSION
 
@@ -149,18 +149,18 @@ def test_a_guard_left_by_a_driver_killed_mid_takeover_is_taken_over_by_one_drive
 def test_a_pid_is_looked_up_only_in_its_own_namespace_and_only_as_the_process_that_claimed(tmp_path):
     """A driver in another container on this host (`docker --network host`: one host name, its own pids) is not
     dead because its pid is not running here; a claim whose pid now belongs to another process is a dead driver's."""
-    import psutil
-
     store = ResultsStore(str(tmp_path / "r"))
     here = Claims(store)
     elsewhere = Claims(store, owner={**here.owner, "pidns": "pid:[1]", "pid": exited_pid(), "run": "other"})
     assert elsewhere.acquire("c1", planned_at=time.time())
     assert not here.acquire("c1", planned_at=time.time())  # by its age, as another host's
-    reused = Claims(store, owner={**here.owner, "pid": os.getppid(), "started": psutil.Process(os.getppid()).create_time() - 60, "run": "old"})
+    reused = Claims(store, owner={**here.owner, "pid": os.getppid(), "started": "an earlier process's start", "run": "old"})
     assert reused.acquire("c2", planned_at=time.time())
     assert here.acquire("c2", planned_at=time.time())  # the pid runs, but not the process that claimed
     alive = Claims(store, owner={**here.owner, "run": "alive"})  # this very process: alive, same start
     assert alive.acquire("c4", planned_at=time.time()) and not here.acquire("c4", planned_at=time.time())
+    ticks = int(open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19])  # since boot: no wall clock in it
+    assert here.owner["started"] == _process_start(os.getpid()) and here.owner["started"].endswith(f":{ticks}")
 
 
 def test_resumed_drivers_taking_over_side_by_side_split_the_cells(tmp_path):
