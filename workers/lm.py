@@ -87,7 +87,8 @@ def fp32_head(model: PreTrainedModel) -> Iterator[None]:
     bf16 logits keep 8 bits: choices whose log-probabilities lie within one rounding step tie exactly, and an
     argmax gives every tie to the first choice (on the ladder's xl rung in bf16, 45 of 600 test questions).
     The head's inputs stay as the model computed them; its product is taken again in fp32, a slice of the
-    weight at a time, at the positions the forward kept only. A head that is not a plain `nn.Linear` (a peft
+    weight at a time, at the positions the forward kept only. For the log-likelihood scores (choices, NLL);
+    `generate`'s greedy argmax stays in the model's dtype. A head that is not a plain `nn.Linear` (a peft
     adapter on it) is left as it is.
     """
     head = model.get_output_embeddings()
@@ -96,9 +97,14 @@ def fp32_head(model: PreTrainedModel) -> Iterator[None]:
         return
 
     def in_fp32(module: torch.nn.Linear, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        hidden, weight, bias = args[0].float(), module.weight, module.bias
-        return torch.cat([F.linear(hidden, weight[i : i + HEAD_ROWS_UPCAST].float(), None if bias is None else bias[i : i + HEAD_ROWS_UPCAST].float())
-                          for i in range(0, weight.shape[0], HEAD_ROWS_UPCAST)], dim=-1)  # fmt: skip
+        weight, bias = module.weight, module.bias
+        # the input as given: accelerate's hook (a model sharded over GPUs) moves it to the weight's device inside forward
+        hidden = args[0].to(weight.device).float()
+        logits = torch.empty(*hidden.shape[:-1], weight.shape[0], dtype=torch.float32, device=weight.device)
+        for i in range(0, weight.shape[0], HEAD_ROWS_UPCAST):
+            rows = slice(i, i + HEAD_ROWS_UPCAST)
+            logits[..., rows] = F.linear(hidden, weight[rows].float(), None if bias is None else bias[rows].float())
+        return logits.to(output.device)
 
     handle = head.register_forward_hook(in_fp32)
     try:
