@@ -137,8 +137,9 @@ class ResultsStore:
             target = f"{folder}/{stem}.{taken}.parquet"
         try:
             self.filesystem.move(info.path, target)
-        except FileNotFoundError:
-            pass
+        except OSError:  # S3's move (copy, then delete) reports a missing source as a plain OSError
+            if self.filesystem.get_file_info(info.path).type != fs.FileType.NotFound:
+                raise
 
     def scan(self, *, set_aside: bool = True) -> StoreScan:
         """Read the status column of every cell file; set aside what is unreadable or foreign.
