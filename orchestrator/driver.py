@@ -48,6 +48,9 @@ from orchestrator.store import ResultsStore
 HEARTBEAT_SECONDS = 60.0
 START_POLL_SECONDS = 5.0  # how often a driver waiting on workers to start looks again (a node lost, the timeout)
 START_FAILURES = 3  # workers of a shape in a row that die while starting, none of it running: the run stops
+# a shape whose workers have not started this long takes the room of idle workers no waiting cell can use (their
+# models go with them): longer than a worker's imports, which an adaptive loop's next batch would otherwise pay in reloads
+MAKE_WAY_SECONDS = 30.0
 ANNOUNCE_WAIT_SECONDS = 60.0  # a worker not started by then waits for a node or is still being set up: say so once
 
 
@@ -329,7 +332,7 @@ def run_cells(
         # fractions, split by idle workers of other shapes, are each too small for one (0.6 + 0.6 on two GPUs, then 0.5)
         now = time.monotonic()
         short = {shape for shape in needed
-                 if queued(shape) > len(POOL.pending(shape)) or now - starved_since.get(shape, now) > START_POLL_SECONDS / 2}  # fmt: skip
+                 if queued(shape) > len(POOL.pending(shape)) or now - starved_since.get(shape, now) > MAKE_WAY_SECONDS}  # fmt: skip
         spare = [w for w in POOL.idle() if w.shape not in needed]  # resources no waiting cell can use
         if short and spare:
             for worker in spare:

@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from orchestrator import pool
+from orchestrator import driver, pool
 from orchestrator.driver import run_cells, shutdown_workers, starved
 from orchestrator.errors import WorkersNotStartingError
 from orchestrator.grid import PlannedCell, expand
@@ -410,10 +410,11 @@ def test_a_cell_past_its_timeout_is_a_failed_row_and_the_sweep_goes_on(local_ray
 
 
 @pytest.mark.slow  # ~40 s: a Ray of two (declared) GPUs, three workers
-def test_idle_workers_of_another_shape_make_way_for_a_fraction_of_a_gpu_they_leave_too_small(local_ray, test_ladder, write_sweep):
+def test_idle_workers_of_another_shape_make_way_for_a_fraction_of_a_gpu_they_leave_too_small(local_ray, test_ladder, write_sweep, monkeypatch):
     """Two 0.6-GPU workers leave 0.4 of each GPU: the 0.5-GPU worker asked for the last cell can never be placed
     while they stay, idle, with no cell of theirs left. They are retired for it (they held their GPUs until
     resources.start_timeout_s stopped the run, one row short)."""
+    monkeypatch.setattr(driver, "MAKE_WAY_SECONDS", 5.0)  # not the default's half minute of waiting
     shutdown_workers()
     ray.shutdown()
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
