@@ -1,4 +1,5 @@
-"""`write_report`: the fits, then report.md, a self-contained report.html and the PNGs under <results_dir>/report/.
+"""`write_report`: the fits, then report.md, a self-contained report.html and the PNGs under <results_dir>/report/
+(report-nll/ for the NLL).
 
 The report is built once as a list of blocks (headings, paragraphs, tables, images) and rendered
 twice, so the Markdown and the HTML cannot drift apart. It must say something useful about any
@@ -27,7 +28,7 @@ from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, saved_before, unplanned_note
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
-from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, save_fits
+from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, metric_suffix, save_fits
 
 
 @dataclass(frozen=True)
@@ -622,7 +623,7 @@ class ReportLocationError(ValueError):
 def report_folder(metric: str) -> str:
     """The report's default folder beside the cells: `report`, or `report-<metric>` for a metric other than the
     score (as `fit_file` names the fits), so a report on the NLL leaves the score's in place."""
-    return "report" if metric == "score" else f"report-{metric}"
+    return f"report{metric_suffix(metric)}"
 
 
 def write_report(

@@ -172,10 +172,15 @@ def axes_text(a: Analysis) -> list[str]:
                     "reads the held-out model's base score off the test set)"]  # fmt: skip
 
 
+def metric_suffix(metric: str) -> str:
+    """What the names of a metric's outputs add: nothing for the score, `-<metric>` for another, so that fitting
+    the NLL never overwrites the score's fits or report (nor the other way round)."""
+    return "" if metric == "score" else f"-{metric}"
+
+
 def fit_file(metric: str, extension: str) -> str:
-    """The name of a fit's file beside the cells: `fits.<extension>` for the score, `fits-<metric>.<extension>`
-    for another metric, so that fitting the NLL never overwrites the score's fits (nor the other way round)."""
-    return f"fits.{extension}" if metric == "score" else f"fits-{metric}.{extension}"
+    """The name of a fit's file beside the cells: `fits.<extension>`, or `fits-nll.<extension>` (`metric_suffix`)."""
+    return f"fits{metric_suffix(metric)}.{extension}"
 
 
 def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:

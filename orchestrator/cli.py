@@ -678,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="fit (writing what `fit` writes), then plots, report.md and a self-contained report.html")
     _with_fit_options(p)
     p.add_argument("--out", metavar="DIR", type=_directory_name,
-                   help="local directory for the report (default: <results_dir>/report; needed for remote results)")  # fmt: skip
+                   help="local directory for the report (default: <results_dir>/report, or report-nll for --metric nll; "
+                   "needed for remote results)")  # fmt: skip
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("ladder", help="the offline model ladder")
