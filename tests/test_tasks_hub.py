@@ -92,6 +92,10 @@ def test_gsm8k_scores_the_generated_final_number() -> None:
     assert final_answer("#### 18.00") == final_answer("#### 18") == "18" and final_answer("#### 1,800") == "1800"
     assert final_answer("#### .5") == "0.5" != final_answer("#### 5") and final_answer("#### -0.0") == "0"
     assert final_answer("He had...5 apples") == final_answer("so 3 apples.5") == "5"
+    # a next problem without the newline, or in the short format; a range's hyphen; a typeset minus (helper-104)
+    assert final_answer(" The answer is 18. Question: Tom has 3 apples") == final_answer("The answer is 18.\n\nQ: Sam has 4") == "18"
+    assert final_answer("between 7-10 cookies") == "10" and final_answer("#### \u22125") == final_answer("#### -5") == "-5"
+    assert final_answer("x = -3") == "-3" and final_answer("(-2.5)") == "-2.5"
 
 
 def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:

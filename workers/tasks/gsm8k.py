@@ -19,7 +19,10 @@ from workers.tasks.hub import HubSource, SplitPlan, sample
 
 INSTRUCTION = "Solve the problem step by step, then give the final number after '####'.\n"
 MAX_NEW_TOKENS = 256
-_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")  # ".5", but not the 5 of "...5" or "apples.5"
+# ".5", but not the 5 of "...5" or "apples.5"; a minus sign (or U+2212) only where a number can start, not the
+# hyphen of "7-10" (a range read as 7 and 10)
+_NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
+_NEXT_PROBLEM = re.compile(r"Question:|\nQ:")  # the prompt's format, or its short form, starting a problem of its own
 
 
 def prompt(question: str) -> str:
@@ -27,22 +30,23 @@ def prompt(question: str) -> str:
 
 
 def final_answer(text: str) -> str | None:
-    """The number after '####' (else the last number), read before the text starts a new "Question:"
-    (a model that answered goes on writing the format's next problem, numbers and all), written
+    """The number after '####' (else the last number), read before the text starts a new "Question:" (or "Q:" on a
+    line of its own: a model that answered goes on writing the format's next problem, numbers and all), written
     canonically: no commas, no trailing zeros (18.00 -> 18, .5 -> 0.5)."""
-    text = text.split("\nQuestion:", 1)[0]
+    text = _NEXT_PROBLEM.split(text, 1)[0]
     marked = text.split("####", 1)[1] if "####" in text else text
     numbers = _NUMBER.findall(marked)
     if not numbers:
         return None
-    value = Decimal((numbers[0] if "####" in text else numbers[-1]).replace(",", ""))
+    value = Decimal((numbers[0] if "####" in text else numbers[-1]).replace(",", "").replace("\u2212", "-"))
     return format(value.normalize(), "f") if value else "0"
 
 
 class GSM8K:
     name = "gsm8k"
-    data_version = 3  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
-    # 3: one row per stripped question, none of the test split's in train or validation
+    data_version = 4  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
+    # 3: one row per stripped question, none of the test split's in train or validation; 4: an answer is read before
+    # any "Question:" (or a line's "Q:"), and the hyphen of "7-10" is no minus sign
     task_type: TaskType = "reasoning"
     plan = SplitPlan(train="train", validation="train", test="test")
 
