@@ -142,6 +142,16 @@ def test_function_calling_refuses_list_columns_and_a_reference_it_cannot_score(t
         broken.examples("test", 5, seed=0)
 
 
+def test_function_calling_writes_tools_and_calls_in_their_own_characters(tmp_path) -> None:
+    """json.dumps' ASCII escapes made fine-tuning learn to write "S\\u00e3o Paulo" (and its NLL count the escapes' tokens)."""
+    rows = [{"query": f"weather in São Paulo, day {i}", "tools": json.dumps([{"name": "météo", "parameters": {}}]),
+             "answers": json.dumps([{"name": "météo", "arguments": {"city": "São Paulo", "day": i}}])} for i in range(40)]  # fmt: skip
+    task = _function_calling_rows(tmp_path / "accents", rows)
+    examples = task.examples("test", 5, seed=0)
+    assert all("São Paulo" in ex.target and "météo" in ex.prompt and "\\u" not in ex.target + ex.prompt for ex in examples)
+    assert task.evaluate(ScriptedLM({ex.prompt: ex.target for ex in examples}), examples).score == 1.0
+
+
 def test_a_test_size_above_the_split_fails_the_cell_instead_of_scoring_fewer() -> None:
     """A hub test split of 872 rows asked for 1,000 was scored in silence on 872."""
     task = adapters()["sst2"]

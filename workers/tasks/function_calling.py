@@ -31,7 +31,7 @@ def _decoded(value: object) -> list | dict:
 
 
 def prompt(tools: str, query: str) -> str:
-    return f"Tools: {json.dumps(_decoded(tools), sort_keys=True)}\nQuery: {query.strip()}\nCalls:"
+    return f"Tools: {json.dumps(_decoded(tools), sort_keys=True, ensure_ascii=False)}\nQuery: {query.strip()}\nCalls:"
 
 
 def _same_number_once(value: object) -> object:
@@ -68,8 +68,9 @@ def generation_budget(lm: LanguageModel, target: str) -> int:
 
 class FunctionCalling:
     name = "function_calling"
-    data_version = 3  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
-    # 3: one row per stripped query, carved by it; each generation long enough for its own reference; the first list of calls found
+    data_version = 4  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
+    # 3: one row per stripped query, carved by it; each generation long enough for its own reference; the first list of calls found;
+    # 4: tools and calls written with their own characters, not ASCII escapes (what fine-tuning learns to write)
     task_type: TaskType = "agentic"
     plan = SplitPlan(train="train", validation="train", test="train")
 
@@ -91,7 +92,7 @@ class FunctionCalling:
             examples.append(
                 Example(
                     prompt=text,
-                    target=" " + json.dumps(calls, sort_keys=True),
+                    target=" " + json.dumps(calls, sort_keys=True, ensure_ascii=False),  # "São Paulo", not "S\\u00e3o Paulo"
                     elicited_prompt=INSTRUCTION + text,
                     meta={"calls": list(expected)},
                 )
