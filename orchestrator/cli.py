@@ -284,6 +284,25 @@ def _prepare_locally(model: ModelSpec, *, progress: bool) -> None:
         raise ConfigError(f"model {model.id} cannot be loaded here: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
 
 
+def _prepare_task_data(names: set[str]) -> None:
+    """A local run downloads (or finds cached) each hub task's dataset here, once, before any cell: one that cannot
+    be had (offline with no cache, a gated dataset without a login) stops the run naming it, where every cell of
+    it would have failed with the same error."""
+    from workers.tasks import TASKS, reads_hub_data
+    from workers.tasks.hub import dataset
+
+    for name in sorted(names):
+        task = TASKS.get(name)
+        if not reads_hub_data(task):
+            continue
+        for split in task.plan.hub_splits():
+            try:
+                dataset(task.source, split)
+            except Exception as err:  # noqa: BLE001 - hub, network and file errors alike: re-raised as the config's problem
+                raise ConfigError(f"task {name}: its dataset {task.source.path} (split {split}) cannot be read here: "
+                                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err  # fmt: skip
+
+
 def _refuse_what_models_lack(cells: list[PlannedCell], *, fetch_configs: bool = True) -> None:
     """Refuse, before the store is touched or any model fetched, a method config naming parts a model lacks
     (a mistyped LoRA target): each of its cells would fail, or with PEFT quietly adapt fewer modules than
@@ -328,6 +347,8 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
             params[model.id] = float(estimated_params(model))
         except OSError as err:  # a hub config this driver cannot fetch: the cost model learns that model's cost from its cells
             print(f"note: no size prior for {model.id} ({err})", file=sys.stderr)
+    if not args.address:
+        _prepare_task_data({name for c in cells for name in (c.config.task, *c.config.offtask)})
 
     def execute(batch: list[PlannedCell], planned_at: float) -> None:
         outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress,
@@ -379,6 +400,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.address:
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             _prepare_locally(model, progress=not args.no_progress)
+        _prepare_task_data({name for c in todo for name in (c.config.task, *c.config.offtask)})
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,
                         dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
     print(

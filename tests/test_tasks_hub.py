@@ -152,6 +152,19 @@ def test_function_calling_writes_tools_and_calls_in_their_own_characters(tmp_pat
     assert task.evaluate(ScriptedLM({ex.prompt: ex.target for ex in examples}), examples).score == 1.0
 
 
+def test_a_dataset_that_cannot_be_had_stops_a_local_run_before_any_cell(tmp_path, monkeypatch) -> None:
+    """The driver reads each hub task's splits once, up front (`cli._prepare_task_data`): offline with no cache, every
+    cell failed with the same error, once per cell; the synthetic tasks are not looked at."""
+    from orchestrator.cli import _prepare_task_data
+    from workers.config import ConfigError
+
+    tasks = {**adapters(), "facts": TASKS.get("facts"), "gsm8k": GSM8K(HubSource(str(tmp_path / "not-here")))}
+    monkeypatch.setattr(TASKS, "get", tasks.__getitem__)
+    _prepare_task_data({"sst2", "function_calling", "facts"})
+    with pytest.raises(ConfigError, match=rf"task gsm8k: its dataset {tmp_path}/not-here \(split train\) cannot be read here: "):
+        _prepare_task_data({"sst2", "gsm8k"})
+
+
 def test_a_test_size_above_the_split_fails_the_cell_instead_of_scoring_fewer() -> None:
     """A hub test split of 872 rows asked for 1,000 was scored in silence on 872."""
     task = adapters()["sst2"]

@@ -15,9 +15,12 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from workers.tasks.base import Split
+
+if TYPE_CHECKING:
+    import datasets
 from workers.tasks.splits import split_of
 
 
@@ -27,16 +30,20 @@ class HubSource:
     config: str | None = None
 
 
-@functools.lru_cache(maxsize=16)
-def load_rows(source: HubSource, split: str) -> tuple[dict, ...]:
+def dataset(source: HubSource, split: str) -> datasets.Dataset:
+    """The split as a (memory-mapped) `datasets.Dataset`, downloaded or found in the cache; the driver calls it to
+    check, before any cell, that a hub dataset can be had, without reading its rows into memory."""
     import datasets  # imported on use: the synthetic world never needs it
 
     local = Path(source.path)
     if local.is_dir():
-        ds = datasets.load_dataset("json", data_files=str(local / f"{split}.jsonl"), split="train")
-    else:
-        ds = datasets.load_dataset(source.path, source.config, split=split)
-    return tuple(ds)
+        return datasets.load_dataset("json", data_files=str(local / f"{split}.jsonl"), split="train")
+    return datasets.load_dataset(source.path, source.config, split=split)
+
+
+@functools.lru_cache(maxsize=16)
+def load_rows(source: HubSource, split: str) -> tuple[dict, ...]:
+    return tuple(dataset(source, split))
 
 
 @dataclass(frozen=True)
