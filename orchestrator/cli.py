@@ -288,19 +288,14 @@ def _prepare_task_data(names: set[str]) -> None:
     """A local run downloads (or finds cached) each hub task's dataset here, once, before any cell: one that cannot
     be had (offline with no cache, a gated dataset without a login) stops the run naming it, where every cell of
     it would have failed with the same error."""
-    from workers.tasks import TASKS, reads_hub_data
-    from workers.tasks.hub import dataset
+    from workers.tasks import fetch_hub_data
 
     for name in sorted(names):
-        task = TASKS.get(name)
-        if not reads_hub_data(task):
-            continue
-        for split in task.plan.hub_splits():
-            try:
-                dataset(task.source, split)
-            except Exception as err:  # noqa: BLE001 - hub, network and file errors alike: re-raised as the config's problem
-                raise ConfigError(f"task {name}: its dataset {task.source.path} (split {split}) cannot be read here: "
-                                  f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err  # fmt: skip
+        try:
+            fetch_hub_data(name)
+        except Exception as err:  # noqa: BLE001 - hub, network and file errors alike: re-raised as the config's problem
+            raise ConfigError(f"task {name}: its dataset cannot be read here: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from err  # fmt: skip
 
 
 def _refuse_what_models_lack(cells: list[PlannedCell], *, fetch_configs: bool = True) -> None:

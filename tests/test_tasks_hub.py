@@ -161,7 +161,7 @@ def test_a_dataset_that_cannot_be_had_stops_a_local_run_before_any_cell(tmp_path
     tasks = {**adapters(), "facts": TASKS.get("facts"), "gsm8k": GSM8K(HubSource(str(tmp_path / "not-here")))}
     monkeypatch.setattr(TASKS, "get", tasks.__getitem__)
     _prepare_task_data({"sst2", "function_calling", "facts"})
-    with pytest.raises(ConfigError, match=rf"task gsm8k: its dataset {tmp_path}/not-here \(split train\) cannot be read here: "):
+    with pytest.raises(ConfigError, match=r"task gsm8k: its dataset cannot be read here: .*not-here"):
         _prepare_task_data({"sst2", "gsm8k"})
 
 

@@ -16,7 +16,7 @@ from workers.tasks.facts import Facts
 from workers.tasks.function_calling import FunctionCalling
 from workers.tasks.gridworld import Gridworld
 from workers.tasks.gsm8k import GSM8K
-from workers.tasks.hub import HubSource, rows_digest
+from workers.tasks.hub import HubSource, dataset, rows_digest
 from workers.tasks.sst2 import SST2
 from workers.world import text
 
@@ -52,6 +52,15 @@ def hub_data_digest(name: str) -> str | None:
     if not reads_hub_data(task):
         return None
     return rows_digest(getattr(task, "source"), getattr(task, "plan").hub_splits())
+
+
+def fetch_hub_data(name: str) -> None:
+    """Download (or find cached) each hub split the task reads, without reading its rows into memory: the driver's
+    check before any cell. Nothing for the synthetic world's tasks."""
+    task = TASKS.get(name)
+    if reads_hub_data(task):
+        for split in getattr(task, "plan").hub_splits():
+            dataset(getattr(task, "source"), split)
 
 
 def neutral_texts(n: int, min_words: int) -> list[str]:
