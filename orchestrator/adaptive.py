@@ -123,12 +123,14 @@ def stored_rows(store: ResultsStore, cells: Sequence[Planned]) -> pd.DataFrame:
 
 
 def fit_budget_curves(
-    cells: Sequence[Planned], rows: pd.DataFrame, bootstrap: int, seed: int, cache: dict | None = None
+    cells: Sequence[Planned], rows: pd.DataFrame, bootstrap: int, seed: int, cache: dict | None = None, *, confirming: bool = False
 ) -> dict[CurveKey, CurveFit]:
     """Every budget curve of the grid that its stored rows can support.
 
     Each curve's resamples are seeded by `seed` and the ids of its ok cells, so a fit is a function
     of its data alone: a rerun reproduces it, and `cache` can keep it until a new cell of the curve lands.
+    `confirming` draws from a stream of its own: the stop's check on more resamples, whose first ones would
+    otherwise be the very resamples it checks.
     """
     cache = {} if cache is None else cache
     fits = {}
@@ -136,11 +138,12 @@ def fit_budget_curves(
     for key in curves_of(cells):
         task, method, model = key
         ids = tuple(sorted(ok["cell_id"][(ok["task"] == task) & (ok["method"] == method) & (ok["model"] == model)]))
-        if (key, ids, bootstrap, seed) not in cache:
-            rng = np.random.default_rng([seed, int(hashlib.sha256("".join(ids).encode()).hexdigest()[:15], 16)])
-            cache[(key, ids, bootstrap, seed)] = fit_curve(key, rows, bootstrap, rng)
-        if cache[(key, ids, bootstrap, seed)] is not None:
-            fits[key] = cache[(key, ids, bootstrap, seed)]
+        entry = (key, ids, bootstrap, seed, confirming)
+        if entry not in cache:
+            stream = [seed, int(hashlib.sha256("".join(ids).encode()).hexdigest()[:15], 16)]
+            cache[entry] = fit_curve(key, rows, bootstrap, np.random.default_rng([*stream, 1] if confirming else stream))
+        if cache[entry] is not None:
+            fits[key] = cache[entry]
     return fits
 
 
@@ -208,9 +211,9 @@ def run_adaptive(
             targets = targets_from(fits, settings.target_width, settings.target_exponent_width)
             if targets and all(t.resolved for t in targets) and settings.confirm_bootstrap > resamples:
                 # A width from few resamples is noisy, and stopping on the first round whose estimate dips
-                # under the goal favours the low draws: the stop is confirmed on more resamples first.
+                # under the goal favours the low draws: the stop is confirmed on more resamples, drawn apart, first.
                 resamples = settings.confirm_bootstrap
-                fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache)
+                fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache, confirming=True)
                 targets = targets_from(fits, settings.target_width, settings.target_exponent_width)
             noise = noise_variance(fits)
             log.append([{"event": "round", "round": round_, "cells_stored": len(status), "flops_spent": spent,

@@ -321,6 +321,20 @@ def test_a_grid_whose_steering_and_fine_tuning_budgets_do_not_overlap_has_no_cro
     assert len(fits) == 6 and targets_from(fits, 0.3, None) == []
 
 
+def test_the_stops_confirmation_draws_resamples_of_its_own(tmp_path):
+    """The confirmation's 4,000 resamples began with the 1,000 that had just passed (one stream, drawn in order), so
+    it re-checked its own evidence; drawn apart, its first resamples are other draws than the round's."""
+    cells = [c for c in grid() if c.config.model.id == "sim-s"]
+    store = ResultsStore(str(tmp_path))
+    World(store)(cells)
+    rows = stored_rows(store, cells)
+    first, again = fit_budget_curves(cells, rows, 200, seed=1), fit_budget_curves(cells, rows, 400, seed=1)
+    confirming = fit_budget_curves(cells, rows, 400, seed=1, confirming=True)
+    for key, fit in first.items():
+        assert np.allclose(again[key].boot.thetas[:200], fit.boot.thetas, atol=1e-6)  # one stream: the same draws come first
+        assert np.isclose(confirming[key].boot.thetas[:200], fit.boot.thetas, atol=1e-6).all(axis=1).mean() < 0.1  # a chance match at most
+
+
 def test_an_exponent_target_leaves_out_resamples_where_beta_is_unidentified(tmp_path):
     """A flat curve's B·D^-β term is ~0 in nearly every resample, so β can be anything there: the report gives it
     no interval, while the loop's target counted those resamples and stayed open at [0, 3] for ever."""
@@ -365,9 +379,13 @@ def test_cost_model_learns_the_worlds_cost_from_stored_rows(tmp_path):
     assert measured.post_train(probe.config) == pytest.approx(true_flops)  # a model not yet run borrows its method's scale
     steer = next(c for c in cells if c.config.method == "steer_mean" and c.config.budget == 8)
     assert measured.post_train(steer.config) < measured.post_train(probe.config) / 100
-    assert measured.spent(cells, stored_rows(store, cells)) == pytest.approx(
-        sum(work_units(c.config) * MODELS["sim-s"] * TOKENS_PER_EXAMPLE for c in cells if c.config.model.id == "sim-s" and c.config.budget in (4, 64))
-    )
+    ran = sum(work_units(c.config) * MODELS["sim-s"] * TOKENS_PER_EXAMPLE for c in cells if c.config.model.id == "sim-s" and c.config.budget in (4, 64))
+    assert measured.spent(cells, stored_rows(store, cells)) == pytest.approx(ran)
+    failed = next(c for c in cells if c.config.model.id == "sim-l" and c.config.budget == 1024)
+    store.write({"schema_version": 1, "sweep": failed.config.sweep, "cell_id": failed.cell_id, "slug": failed.config.slug, "status": "failed",
+                 "model": "sim-l", "task": failed.config.task, "method": failed.config.method, "budget": 1024, "seed": failed.config.seed,
+                 "error": "OutOfMemoryError: at load"})  # fmt: skip
+    assert measured.spent(cells, stored_rows(store, cells)) == pytest.approx(ran)  # not charged the whole cell's prior
 
 
 @pytest.mark.parametrize("budget", [1, 4, 16, 100])
