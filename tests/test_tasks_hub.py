@@ -165,6 +165,18 @@ def test_a_dataset_that_cannot_be_had_stops_a_local_run_before_any_cell(tmp_path
         _prepare_task_data({"sst2", "gsm8k"})
 
 
+def test_each_budget_draws_its_own_examples_as_the_synthetic_tasks_do() -> None:
+    """One stream per (split, seed) nested a budget's examples in the next only while `random.sample` kept one
+    algorithm (on sst2's 53k rows, 4,096 in 8,192 not): now every budget is its own draw, repeatable."""
+    from workers.tasks.hub import sample
+
+    rows = [{"i": i} for i in range(60_000)]
+    draws = {n: {r["i"] for r in sample(rows, "sst2", "train", n, seed=0)} for n in (1024, 2048, 4096, 8192)}
+    assert all(not draws[n] <= draws[2 * n] for n in (1024, 2048, 4096))  # independent, not nested by chance
+    assert draws[1024] == {r["i"] for r in sample(rows, "sst2", "train", 1024, seed=0)}  # and the same again
+    assert sample(rows, "sst2", "test", 50, seed=0) == sample(rows, "sst2", "test", 50, seed=3)  # the test draw ignores the seed
+
+
 def test_a_test_size_above_the_split_fails_the_cell_instead_of_scoring_fewer() -> None:
     """A hub test split of 872 rows asked for 1,000 was scored in silence on 872."""
     task = adapters()["sst2"]

@@ -70,7 +70,8 @@ class FunctionCalling:
     name = "function_calling"
     data_version = 4  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
     # 3: one row per stripped query, carved by it; each generation long enough for its own reference; the first list of calls found;
-    # 4: tools and calls written with their own characters, not ASCII escapes (what fine-tuning learns to write)
+    # 4: tools and calls written with their own characters, not ASCII escapes (what fine-tuning learns to write); each budget's examples drawn
+    # for that budget alone (`hub.sample`)
     task_type: TaskType = "agentic"
     plan = SplitPlan(train="train", validation="train", test="train")
 

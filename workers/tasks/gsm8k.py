@@ -46,7 +46,8 @@ class GSM8K:
     name = "gsm8k"
     data_version = 4  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
     # 3: one row per stripped question, none of the test split's in train or validation; 4: an answer is read before
-    # any "Question:" (or a line's "Q:"), and the hyphen of "7-10" is no minus sign
+    # any "Question:" (or a line's "Q:"), and the hyphen of "7-10" is no minus sign; each budget's examples drawn
+    # for that budget alone (`hub.sample`)
     task_type: TaskType = "reasoning"
     plan = SplitPlan(train="train", validation="train", test="test")
 

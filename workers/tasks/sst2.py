@@ -23,7 +23,8 @@ def prompt(sentence: str) -> str:
 
 class SST2:
     name = "sst2"
-    data_version = 2  # 2: one row per stripped sentence, none of the test split's in train or validation
+    data_version = 3  # 2: one row per stripped sentence, none of the test split's in train or validation;
+    # 3: each budget's examples drawn for that budget alone (`hub.sample`)
     task_type: TaskType = "general"
     plan = SplitPlan(train="train", validation="train", test="validation")
 
