@@ -368,6 +368,35 @@ def test_token_ids_are_the_tokenizers_own(kind, tmp_path):
         assert token_ids(tokenizer, texts, add_special_tokens=specials) == expected
 
 
+def _legacy_sentencepiece() -> transformers.PreTrainedTokenizerFast:
+    """Llama 2's tokenizer.json as transformers 4.x loads it: a normalizer that prepends "▁" to every text it encodes."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    core.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    core.train_from_iterator(["Sentiment: negative", "Sentiment: positive", "the movie was a bad one"] * 50,
+                             trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))  # fmt: skip
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["legacy_sentencepiece", "byte_level_bpe", "world"])
+def test_a_continuation_gets_the_ids_it_has_after_a_prompt(kind):
+    """Encoded alone, " negative" is ['▁', '▁negative'] under a legacy SentencePiece normalizer: every choice was scored
+    after a stray token, and fine-tuning learned to write it. A continuation's ids are those the pair encoded whole
+    gives after the prompt's; a tokenizer that needs no help is left to encode continuations alone."""
+    lm = language_model()
+    if kind != "world":
+        lm.tokenizer = _legacy_sentencepiece() if kind == "legacy_sentencepiece" else _byte_level_bpe()
+    tok = lm.tokenizer
+    for prompt, continuation in [("Sentiment:", " negative"), ("the movie was", " a bad one"), ("q: a1 b2 =", " 3")]:
+        whole = tok(prompt + continuation, add_special_tokens=False)["input_ids"]
+        head = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert whole[: len(head)] == head
+        assert lm.encode([continuation], prompt=False) == [whole[len(head) :]], tok.convert_ids_to_tokens(lm.encode([continuation], prompt=False)[0])
+    assert (lm._continuation_lead is None) == (kind != "legacy_sentencepiece")
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_the_last_blocks_mlp_runs_at_the_scored_positions_alone_with_the_same_loss_and_gradients(arch, monkeypatch):
     """A training step's loss reads the logits at the answer's tokens: the last block's MLP runs there

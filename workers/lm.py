@@ -1,8 +1,9 @@
 """A causal LM with its tokenizer, and the three things tasks and methods ask of it.
 
 Everything here works for any Hugging Face causal LM: prompts and continuations are tokenized
-separately and concatenated (as lm-evaluation-harness does), batches are right-padded with
-explicit position ids, so a batched forward gives the same numbers as one example at a time.
+separately and concatenated, a continuation with the ids it has after a prompt (the pair encoded whole,
+as lm-evaluation-harness splits it: `_continuation_lead`), batches are right-padded with explicit
+position ids, so a batched forward gives the same numbers as one example at a time.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def _head_rows(keep: dict[str, torch.Tensor] | None, attention_mask: torch.Tenso
     return attention_mask.shape[0] * kept.numel()
 
 
+CONTINUATION_PROBE = "a"  # a text continuations are encoded after, where encoding one alone marks its start (`_continuation_lead`)
 HEAD_ROWS_UPCAST = 8192  # vocabulary rows of the head cast to fp32 at a time: a 150k x 4096 head at once would be 2.4 GB
 
 
@@ -276,8 +278,29 @@ class LanguageModel:
         """
         if not texts:
             return []
-        texts = [self.prefix + t for t in texts] if prompt else list(texts)
-        return token_ids(self.tokenizer, texts, add_special_tokens=prompt)
+        if prompt:
+            return token_ids(self.tokenizer, [self.prefix + t for t in texts], add_special_tokens=True)
+        if self._continuation_lead is None:
+            return token_ids(self.tokenizer, list(texts), add_special_tokens=False)
+        lead = self._continuation_lead
+        after = token_ids(self.tokenizer, [CONTINUATION_PROBE + t for t in texts], add_special_tokens=False)
+        alone = token_ids(self.tokenizer, list(texts), add_special_tokens=False)  # where the probe merged into the text
+        return [ids[len(lead) :] if ids[: len(lead)] == lead else own for ids, own in zip(after, alone)]
+
+    @functools.cached_property
+    def _continuation_lead(self) -> list[int] | None:
+        """The probe's ids, where a continuation must be encoded after it to get the ids it has after a prompt; None
+        where a text encodes alone as it does after another (byte-level BPE, word-level, transformers 5's Metaspace).
+
+        The legacy SentencePiece normalizer (Llama 2, Mistral v0.1, TinyLlama on transformers 4.x) prepends "▁" to
+        every text it encodes: " negative" alone is ['▁', '▁negative'], after a prompt ['▁negative'], so a choice
+        was scored after a stray token and fine-tuning taught the model to write it. lm-evaluation-harness encodes
+        the pair whole and splits it; this encodes the continuation after a fixed probe and drops the probe's ids.
+        """
+        lead = token_ids(self.tokenizer, [CONTINUATION_PROBE], add_special_tokens=False)[0]
+        alone = token_ids(self.tokenizer, [" a"], add_special_tokens=False)[0]
+        after = token_ids(self.tokenizer, [CONTINUATION_PROBE + " a"], add_special_tokens=False)[0]
+        return None if after == lead + alone else lead
 
     @functools.cached_property
     def _leading_specials(self) -> int:
