@@ -43,9 +43,8 @@ column is winsorised at its 2.5/97.5 percentiles first, so a few wild resamples 
 
 from __future__ import annotations
 
-import zlib
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -53,7 +52,7 @@ from scipy.stats import norm
 
 import pandas as pd
 
-from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval, refit_weighted
+from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval
 from analysis.crossover import GRID_POINTS, budget_curves, lead_from, tolerance
 from analysis.fitting import Fit, FitError, LawData, fit_law, min_inputs
 from analysis.laws import POWER_D
@@ -252,7 +251,6 @@ class Target:
     samples: np.ndarray
     goal: float
     note: str = ""
-    expected_width: float | None = None  # the width its curves' stored design gives on fresh noise (`with_expected_widths`)
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -265,20 +263,18 @@ class Target:
 
     @property
     def resolved(self) -> bool:
-        """Narrower than the goal on the stored data, and (where measured) on fresh noise around the same design."""
-        return bool(self.width <= self.goal and (self.expected_width is None or self.expected_width <= self.goal))
+        return bool(self.width <= self.goal)
 
     def record(self) -> dict[str, object]:
         lo, hi = self.interval
-        return {"target": self.name, "unit": self.unit, "lo": lo, "hi": hi, "width": self.width, "expected_width": self.expected_width,
+        return {"target": self.name, "unit": self.unit, "lo": lo, "hi": hi, "width": self.width,
                 "goal": self.goal, "resolved": self.resolved, "note": self.note}  # fmt: skip
 
     def describe(self) -> str:
         lo, hi = self.interval
         mark = "done" if self.resolved else "open"
         budgets = f" (D* {10**lo:.3g} to {10**hi:.3g} examples)" if self.unit == "log10 D*" else ""  # what [0.602, 2.11] means
-        fresh = "" if self.expected_width is None else f", {self.expected_width:.3g} on fresh noise"
-        return f"{self.unit} {self.name}: [{lo:.3g}, {hi:.3g}]{budgets} width {self.width:.3g}{fresh} (goal {self.goal:.3g}, {mark}){self.note}"
+        return f"{self.unit} {self.name}: [{lo:.3g}, {hi:.3g}]{budgets} width {self.width:.3g} (goal {self.goal:.3g}, {mark}){self.note}"
 
 
 def crossover_samples(steer: CurveFit, tune: CurveFit) -> tuple[np.ndarray, float]:
@@ -325,38 +321,6 @@ def targets_from(fits: Mapping[CurveKey, CurveFit], crossover_goal: float | None
                 note = f"; {lost.mean():.0%} of resamples leave it unidentified" if lost.any() else ""
                 targets.append(Target(label(key), "beta", (key,), np.where(lost, np.nan, beta), exponent_goal, note))
     return targets
-
-
-def fresh_noise_twin(curve: CurveFit, noise: float, n_resamples: int, rng: np.random.Generator) -> CurveFit:
-    """The curve with its resamples drawn anew around its fit: each resample's cells are the fitted curve at the
-    stored budgets times exp(N(0, `noise`)), the pooled noise of every curve. Its width is what the stored design
-    gives, not what its data happened to give: a target that dipped under its goal on lucky cells stayed there
-    (no more cells, and resamples seeded by the cells' ids repeat the width), so the loop stopped on its first
-    lucky width — in a simulation 0.125 from 17 cells where the same design on fresh noise gave 0.29."""
-    data = LawData.build(POWER_D, {"D": curve.d}, curve.loss)
-    logy = np.log(curve.fit.predict({"D": curve.d})) + rng.normal(0.0, np.sqrt(noise), size=(n_resamples, data.n))
-    thetas = refit_weighted(curve.fit, data, np.ones((n_resamples, data.n)), logy)
-    return CurveFit(curve.key, curve.d, curve.loss, curve.fit, Bootstrap(curve.fit, thetas, data.x), curve.measured)
-
-
-def with_expected_widths(targets: list[Target], fits: Mapping[CurveKey, CurveFit], noise: float, n_resamples: int,
-                         seed: int) -> list[Target]:  # fmt: skip
-    """The targets, those narrower than their goal on the stored data with the width their design gives on fresh
-    noise (`fresh_noise_twin`, seeded by `seed` and the curve's points): they are resolved only if that is too."""
-    twins: dict[CurveKey, CurveFit] = {}
-    out = []
-    for target in targets:
-        if target.width > target.goal:
-            out.append(target)
-            continue
-        for key in target.curves:
-            if key not in twins:
-                points = np.concatenate([fits[key].d, fits[key].loss]).tobytes()
-                twins[key] = fresh_noise_twin(fits[key], noise, n_resamples, np.random.default_rng([seed, 2, zlib.crc32(points)]))
-        goals = {"log10 D*": (target.goal, None), "beta": (None, target.goal)}[target.unit]
-        (again,) = [t for t in targets_from({k: twins[k] for k in target.curves}, *goals) if t.name == target.name]
-        out.append(replace(target, expected_width=again.width))
-    return out
 
 
 def noise_variance(fits: Mapping[CurveKey, CurveFit]) -> float:

@@ -37,7 +37,7 @@ from analysis.io import jsonable, load_results
 
 from orchestrator.acquisition import (
     Choice, CurveFit, CurveKey, Target, acquisition_choices, check_grid, curve_pairs, curves_of, design_choices, fit_curve,
-    given_up, label, noise_variance, targets_from, with_expected_widths,
+    given_up, label, noise_variance, targets_from,
 )  # fmt: skip
 from orchestrator.cellcost import CostModel, Planned
 from orchestrator.claims import Claims
@@ -216,7 +216,6 @@ def run_adaptive(
                 fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache, confirming=True)
                 targets = targets_from(fits, settings.target_width, settings.target_exponent_width)
             noise = noise_variance(fits)
-            targets = with_expected_widths(targets, fits, noise, settings.bootstrap, settings.seed)
             if settings.target_width is not None:  # a pair whose curve cannot be fitted has no D* target: said, not dropped
                 blind = [pair for pair in curve_pairs(curves_of(cells)) if any(k not in fits and k not in abandoned for k in pair)]
                 unfitted += "".join(f"; no D* for {label(steer)} × {tune[1]}: {', '.join(label(k) for k in (steer, tune) if k not in fits)} "

@@ -355,27 +355,6 @@ def test_the_stops_confirmation_draws_resamples_of_its_own(tmp_path):
         assert np.isclose(confirming[key].boot.thetas[:200], fit.boot.thetas, atol=1e-6).all(axis=1).mean() < 0.1  # a chance match at most
 
 
-def test_a_target_is_resolved_only_if_its_design_is_narrow_on_fresh_noise_too(tmp_path):
-    """Cells that happen to sit on their curves (here: exactly, no noise) give a D* interval of width ~0, and the
-    loop took that as done — a target that dipped under its goal by luck got no more cells and the run stopped on
-    it. The same design redrawn with the pooled noise of the sweep (sd 0.05) is ~0.3 wide: still open at 0.2."""
-    from orchestrator.acquisition import targets_from, with_expected_widths
-
-    cells = [c for c in grid() if c.config.model.id == "sim-s" and c.config.seed == 0 and c.config.budget in BUDGETS[::2]]
-    store = ResultsStore(str(tmp_path))
-    for cell in cells:
-        c = cell.config
-        store.write({"schema_version": 1, "sweep": c.sweep, "cell_id": cell.cell_id, "slug": c.slug, "status": "ok", "model": c.model.id,
-                     "task": c.task, "method": c.method, "budget": c.budget, "seed": c.seed, "score": truth(c.method, c.model.id).score(c.budget)})  # fmt: skip
-    fits = fit_budget_curves(cells, stored_rows(store, cells), 500, seed=1)
-    (target,) = targets_from(fits, 0.2, None)
-    assert target.width < 1e-6 and target.resolved  # on its own data
-    (fresh,) = with_expected_widths([target], fits, NOISE**2, 500, seed=1)
-    assert fresh.expected_width > 0.25 and not fresh.resolved
-    (quiet,) = with_expected_widths([target], fits, 1e-8, 500, seed=1)
-    assert quiet.expected_width < 0.05 and quiet.resolved  # the width comes from the noise, not from the fit
-
-
 def test_a_perfect_score_does_not_set_every_curves_noise(tmp_path):
     """A score of 1 is the loss floor, ~5 from its curve in log-loss: one such cell raised the pooled noise sd from
     ~0.05 to ~0.8 for every curve, and with it every acquisition value. Floored cells are left out of the pool."""
