@@ -328,14 +328,13 @@ def noise_variance(fits: Mapping[CurveKey, CurveFit]) -> float:
 
     Not a median-based estimate: the Huber fit (δ = 1e-3, nearly least absolute deviations) passes
     exactly through as many points as it has parameters, so most residuals of a small curve are 0.
-    Cells at the loss floor (a perfect score: its loss is the floor, not a measurement) are left out: in
-    log-loss one such cell sits ~5 away from its curve and raised the pooled sd of every curve 15-fold.
+    A curve with a cell at the loss floor (a perfect score: its loss is the floor, not a measurement) is left out:
+    in log-loss such a cell sits ~5 from its curve and pulls the fit off the others, and one raised the pooled sd of
+    every curve 15-fold (three: 40-fold, when only the floored cells themselves were left out).
     """
-    squares, dof = 0.0, 0
-    for f in fits.values():
-        measured = f.loss > LOSS_FLOOR
-        squares += float(np.sum((np.log(f.fit.predict({"D": f.d[measured]})) - np.log(f.loss[measured])) ** 2))
-        dof += int(measured.sum()) - len(POWER_D.params)
+    measured = [f for f in fits.values() if (f.loss > LOSS_FLOOR).all()]
+    squares = sum(float(np.sum((np.log(f.fit.predict({"D": f.d})) - np.log(f.loss)) ** 2)) for f in measured)
+    dof = sum(max(len(f.d) - len(POWER_D.params), 0) for f in measured)
     return max(squares / dof, 1e-8) if dof > 0 else 1e-2
 
 

@@ -357,7 +357,7 @@ def test_the_stops_confirmation_draws_resamples_of_its_own(tmp_path):
 
 def test_a_perfect_score_does_not_set_every_curves_noise(tmp_path):
     """A score of 1 is the loss floor, ~5 from its curve in log-loss: one such cell raised the pooled noise sd from
-    ~0.05 to ~0.8 for every curve, and with it every acquisition value. Floored cells are left out of the pool."""
+    ~0.05 to ~0.8 for every curve, and with it every acquisition value. Curves with floored cells are left out of the pool."""
     from orchestrator.acquisition import noise_variance
 
     cells = [c for c in grid() if c.config.model.id == "sim-s"]
@@ -365,9 +365,10 @@ def test_a_perfect_score_does_not_set_every_curves_noise(tmp_path):
     World(store)(cells)
     rows = stored_rows(store, cells)
     sd = np.sqrt(noise_variance(fit_budget_curves(cells, rows, 50, seed=1)))
-    perfect = rows.copy()
-    perfect.loc[(perfect["method"] == "lora") & (perfect["budget"] == perfect["budget"].max()), "score"] = 1.0
-    assert np.sqrt(noise_variance(fit_budget_curves(cells, perfect, 50, seed=1))) < 2 * sd < 0.2
+    for top in (1, 3, 5):  # the LoRA curve's top budgets perfect: its fit is pulled off its other cells too
+        perfect = rows.copy()
+        perfect.loc[(perfect["method"] == "lora") & perfect["budget"].isin(sorted(set(perfect["budget"]))[-top:]), "score"] = 1.0
+        assert np.sqrt(noise_variance(fit_budget_curves(cells, perfect, 50, seed=1))) < 2 * sd < 0.2, top
 
 
 def test_an_exponent_target_leaves_out_resamples_where_beta_is_unidentified(tmp_path):
