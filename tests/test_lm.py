@@ -395,6 +395,11 @@ def test_a_continuation_gets_the_ids_it_has_after_a_prompt(kind):
         assert whole[: len(head)] == head
         assert lm.encode([continuation], prompt=False) == [whole[len(head) :]], tok.convert_ids_to_tokens(lm.encode([continuation], prompt=False)[0])
     assert (lm._continuation_lead is None) == (kind != "legacy_sentencepiece")
+    # no space before it: the probe does not merge into it; after an empty prompt (a neutral text after a BOS) a text
+    # starts the document, and is encoded as one
+    assert tok.convert_ids_to_tokens(lm.encode(["negative"], prompt=False)[0])[0] != "▁"
+    (pair,) = lm.encode_pairs([""], ["Sentiment: negative"])
+    assert pair.ids[pair.continuation_start :] == tok("Sentiment: negative", add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))

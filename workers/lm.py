@@ -78,7 +78,9 @@ def _head_rows(keep: dict[str, torch.Tensor] | None, attention_mask: torch.Tenso
     return attention_mask.shape[0] * kept.numel()
 
 
-CONTINUATION_PROBE = "a"  # a text continuations are encoded after, where encoding one alone marks its start (`_continuation_lead`)
+# a text continuations are encoded after, where encoding one alone marks its start (`_continuation_lead`): a line
+# break, which no vocabulary merges with the letters after it (SentencePiece's byte fallback, BPE's pre-split)
+CONTINUATION_PROBE = "\n"
 HEAD_ROWS_UPCAST = 8192  # vocabulary rows of the head cast to fp32 at a time: a 150k x 4096 head at once would be 2.4 GB
 
 
@@ -339,7 +341,11 @@ class LanguageModel:
         the ids: tokenizing 64 pairs again each step cost ~6 % of a step on the ladder's models.
         """
         pairs = []
-        for p, c in zip(self.encode(prompts, prompt=True), self.encode(continuations, prompt=False)):
+        continued = self.encode(continuations, prompt=False)
+        if self._continuation_lead is not None:  # after an empty prompt a text starts the document: encoded alone, as there
+            for i in [i for i, p in enumerate(prompts) if not self.prefix + p]:
+                continued[i] = token_ids(self.tokenizer, [continuations[i]], add_special_tokens=False)[0]
+        for p, c in zip(self.encode(prompts, prompt=True), continued):
             ids = self.clipped(p + c)  # keep the continuation; drop the oldest context
             pairs.append(EncodedPair(ids, max(len(ids) - len(c), 0)))
         return pairs
