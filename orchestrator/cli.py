@@ -334,6 +334,8 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
     from orchestrator.driver import run_cells
     from workers.run_cell import estimated_params
 
+    if not args.address:
+        _prepare_task_data({name for c in cells for name in (c.config.task, *c.config.offtask)})
     params = {}  # model sizes: the cost model's prior, from configs alone (ladder rungs: their recipes)
     for model in {c.config.model.id: c.config.model for c in cells}.values():
         if not args.address:
@@ -342,8 +344,6 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
             params[model.id] = float(estimated_params(model))
         except OSError as err:  # a hub config this driver cannot fetch: the cost model learns that model's cost from its cells
             print(f"note: no size prior for {model.id} ({err})", file=sys.stderr)
-    if not args.address:
-        _prepare_task_data({name for c in cells for name in (c.config.task, *c.config.offtask)})
 
     def execute(batch: list[PlannedCell], planned_at: float) -> None:
         outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress,
@@ -392,10 +392,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     waiting = sum(1 for c in cells if c.cell_id not in running and scan.status.get(c.cell_id) == "failed")
     if waiting:
         print(f"{waiting} stored cells failed and are not rerun; rerun them with --retry-failed (`steerscale status` shows their errors)")
-    if not args.address:
+    if not args.address:  # the datasets first: a gated one stops the run before gigabytes of weights are fetched
+        _prepare_task_data({name for c in todo for name in (c.config.task, *c.config.offtask)})
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             _prepare_locally(model, progress=not args.no_progress)
-        _prepare_task_data({name for c in todo for name in (c.config.task, *c.config.offtask)})
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,
                         dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
     print(
