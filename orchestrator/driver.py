@@ -278,9 +278,9 @@ def run_cells(
     dashboard_metrics = _Metrics(cells[0].config.sweep)
     # cells waiting for a worker, by the worker shape they need, then by model: a worker takes its own model's next
     queues: dict[Shape, dict[str, deque[tuple[PlannedCell, int]]]] = {}
-    in_flight: dict[ray.ObjectRef, tuple[Worker, PlannedCell, int]] = {}
+    # each cell in flight: its worker, the cell, its attempt, and when it went to the worker (a crashed row's start)
+    in_flight: dict[ray.ObjectRef, tuple[Worker, PlannedCell, int, datetime]] = {}
     deadlines: dict[ray.ObjectRef, float] = {}  # with resources.cell_timeout_s: when each cell in flight is stopped
-    handed_out: dict[ray.ObjectRef, datetime] = {}  # when each cell in flight went to its worker (a crashed row's start)
 
     def enqueue(cell: PlannedCell, attempt: int) -> None:
         shape = Shape(resources.cpus_per_cell, cell.gpus, resources.model_cache_bytes)
@@ -297,8 +297,7 @@ def run_cells(
                 continue
             ref = worker.actor.run.options(name=cell.config.slug).remote(cell.config.model_dump_json(), attempt)  # the dashboard's task name
             worker.running = model
-            in_flight[ref] = (worker, cell, attempt)
-            handed_out[ref] = datetime.now(timezone.utc)
+            in_flight[ref] = (worker, cell, attempt, datetime.now(timezone.utc))
             if resources.cell_timeout_s is not None:
                 deadlines[ref] = time.monotonic() + resources.cell_timeout_s
             return True
@@ -385,9 +384,8 @@ def run_cells(
         """Store the cells past resources.cell_timeout_s as failed, stopping their workers."""
         now = time.monotonic()
         for ref in [ref for ref, due in deadlines.items() if due <= now]:
-            worker, cell, attempt = in_flight.pop(ref)
+            worker, cell, attempt, since = in_flight.pop(ref)
             del deadlines[ref]
-            since = handed_out.pop(ref)
             POOL.retire(worker)
             outcome.workers_lost += 1
             error = TimeoutError(f"the cell ran past resources.cell_timeout_s ({resources.cell_timeout_s:g} s); its worker was stopped")
@@ -451,9 +449,8 @@ def run_cells(
                 if ref in starting:
                     mark_started(starting[ref], ref)
                     continue
-                worker, cell, attempt = in_flight.pop(ref)
+                worker, cell, attempt, since = in_flight.pop(ref)
                 deadlines.pop(ref, None)
-                since = handed_out.pop(ref)
                 worker.running = None
                 try:
                     result: CellResult = ray.get(ref)
@@ -493,7 +490,7 @@ def run_cells(
         raise
     finally:
         bar.close()
-        for worker, _, _ in in_flight.values():  # interrupted: stop what still runs, it is no longer claimed
+        for worker, *_ in in_flight.values():  # interrupted: stop what still runs, it is no longer claimed
             POOL.retire(worker)
         for shape in {worker.shape for worker in POOL.pending()}:  # no cell waits for a node any more
             POOL.drop_unplaceable(shape)
