@@ -335,7 +335,7 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
     from workers.run_cell import estimated_params
 
     if not args.address:
-        _prepare_task_data({name for c in cells for name in (c.config.task, *c.config.offtask)})
+        _prepare_task_data({task for c in cells for task in c.config.tasks_read})
     params = {}  # model sizes: the cost model's prior, from configs alone (ladder rungs: their recipes)
     for model in {c.config.model.id: c.config.model for c in cells}.values():
         if not args.address:
@@ -393,7 +393,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if waiting:
         print(f"{waiting} stored cells failed and are not rerun; rerun them with --retry-failed (`steerscale status` shows their errors)")
     if not args.address:  # the datasets first: a gated one stops the run before gigabytes of weights are fetched
-        _prepare_task_data({name for c in todo for name in (c.config.task, *c.config.offtask)})
+        _prepare_task_data({task for c in todo for task in c.config.tasks_read})
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             _prepare_locally(model, progress=not args.no_progress)
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,

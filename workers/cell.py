@@ -145,6 +145,11 @@ class CellConfig(StrictConfig):
     schema_version: int = ID_SCHEMA_VERSION  # in the id: see workers/schema.py
 
     @property
+    def tasks_read(self) -> tuple[str, ...]:
+        """The tasks whose data the cell reads: its own, then the sweep's others it scores off-task."""
+        return (self.task, *self.offtask)
+
+    @property
     def cell_id(self) -> str:
         identity = self.model_dump(mode="json", exclude={"sweep"})
         for section, pinned in _PLACEMENT.items():
@@ -154,7 +159,7 @@ class CellConfig(StrictConfig):
                 if identity[section][key] == default:
                     del identity[section][key]
         identity["method_config"] = _without_later_train_defaults(identity["method_config"])
-        changed_data = {task: data_version(task) for task in (self.task, *self.offtask) if data_version(task) != 1}
+        changed_data = {task: data_version(task) for task in self.tasks_read if data_version(task) != 1}
         if changed_data:  # tasks whose examples never changed leave their cells' ids as they were
             identity["task_data"] = changed_data
         if _trains_other_steps(self.method, self.method_config, self.budget):  # the step rule of session 30 (`steps_changed`)

@@ -57,7 +57,7 @@ def versions_json(cell: CellConfig, provenance: Mapping[str, str] | None = None,
     leaves out rows scored on questions a newer version replaced), and once the cell has run what pins
     its weights (`weights_provenance`: a hub commit, a ladder rung's weights digest) and, for hub tasks,
     their rows (`hub_data_digest`)."""
-    task_data = {task: data_version(task) for task in (cell.task, *cell.offtask)}
+    task_data = {task: data_version(task) for task in cell.tasks_read}
     pins = {**(provenance or {}), **({"task_rows": dict(task_rows)} if task_rows else {})}
     return json.dumps({**library_versions(), "task_data": task_data, **pins}, sort_keys=True)
 
@@ -212,7 +212,7 @@ def check_finite(measured: dict[str, Any], expected: tuple[str, ...]) -> None:
 
 def task_rows(cell: CellConfig) -> dict[str, str]:
     """The digest of every hub task's rows the cell read (loaded by now: computed once per worker)."""
-    digests = {name: hub_data_digest(name) for name in (cell.task, *cell.offtask)}
+    digests = {name: hub_data_digest(name) for name in cell.tasks_read}
     return {name: digest for name, digest in digests.items() if digest is not None}
 
 
