@@ -286,8 +286,15 @@ class LanguageModel:
             return token_ids(self.tokenizer, list(texts), add_special_tokens=False)
         lead = self._continuation_lead
         after = token_ids(self.tokenizer, [CONTINUATION_PROBE + t for t in texts], add_special_tokens=False)
-        alone = token_ids(self.tokenizer, list(texts), add_special_tokens=False)  # where the probe merged into the text
-        return [ids[len(lead) :] if ids[: len(lead)] == lead else own for ids, own in zip(after, alone)]
+        merged = [i for i, ids in enumerate(after) if ids[: len(lead)] != lead]  # the probe merged into the text: alone
+        return self._encoded_alone([ids[len(lead) :] for ids in after], texts, merged)
+
+    def _encoded_alone(self, encoded: list[list[int]], texts: Sequence[str], indices: list[int]) -> list[list[int]]:
+        """`encoded`, with the texts at `indices` encoded on their own instead (one tokenizer call for them all)."""
+        if indices:
+            for i, ids in zip(indices, token_ids(self.tokenizer, [texts[i] for i in indices], add_special_tokens=False)):
+                encoded[i] = ids
+        return encoded
 
     @functools.cached_property
     def _continuation_lead(self) -> list[int] | None:
@@ -343,8 +350,7 @@ class LanguageModel:
         pairs = []
         continued = self.encode(continuations, prompt=False)
         if self._continuation_lead is not None:  # after an empty prompt a text starts the document: encoded alone, as there
-            for i in [i for i, p in enumerate(prompts) if not self.prefix + p]:
-                continued[i] = token_ids(self.tokenizer, [continuations[i]], add_special_tokens=False)[0]
+            continued = self._encoded_alone(continued, continuations, [i for i, p in enumerate(prompts) if not self.prefix + p])
         for p, c in zip(self.encode(prompts, prompt=True), continued):
             ids = self.clipped(p + c)  # keep the continuation; drop the oldest context
             pairs.append(EncodedPair(ids, max(len(ids) - len(c), 0)))

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from workers.tasks.base import Split
+from workers.tasks.splits import split_of, split_rng
 
 if TYPE_CHECKING:
     import datasets
-from workers.tasks.splits import split_of, split_rng
 
 
 @dataclass(frozen=True)
