@@ -16,14 +16,23 @@ Both phases are pure functions of the planned cells, the stored rows and the cur
    asked, every curve's exponent β. Each target's uncertainty comes from the bootstrap resamples
    of the fits: per resample, D\\* is where that resample's two curves cross (censored at the end
    of the budget range when they do not, so "no crossover" is an answer with a width too). A
-   target is resolved when its 95% percentile interval is narrower than its goal. The resamples
-   redraw seeds only, not the test questions as the report's do (analysis/bootstrap.py): the
-   questions' noise is the same whatever cells run next (only a larger test set shrinks it), so
-   it would only put a floor under every width that no choice of cells can move.
+   target is resolved when its 95% percentile interval is narrower than its goal, and so is the
+   interval its curves' *design* gives on fresh noise: the same budgets, each cell redrawn around
+   the fitted curve with the sweep's pooled noise (`fresh_noise_twins`). The stored resamples alone
+   judge a design by the noise its cells happened to get: a curve whose few cells sit close to it by
+   chance has resamples that barely differ, so its target looked done, got no more cells, and
+   repeated that width every round (its resamples are seeded by its cells) — each target's final
+   width was the first lucky value it reached (in a simulation 0.125 from 17 cells, where the same
+   design under fresh noise gave a median of 0.29). The resamples redraw seeds only, not the test
+   questions as the report's do (analysis/bootstrap.py): the questions' noise is the same whatever
+   cells run next (only a larger test set shrinks it), so it would only put a floor under every
+   width that no choice of cells can move.
 
-   A candidate cell measures one curve's loss at one budget. The bootstrap resamples form an
+   A candidate cell measures one curve's loss at one budget. The fresh-noise resamples form an
    ensemble: the same resamples give the curve's predicted log-loss f(D) at every budget and
-   every target's value, so their sample covariance says how the two move together. Observing
+   every target's value, so their sample covariance says how the two move together. (The stored
+   resamples of a curve whose cells line up by chance barely vary, so their covariances would
+   value every further cell of it at nothing, and the loop would stop with that target open.) Observing
    y = f(D) + ε, with ε the pooled residual noise of the fits (variance σ²), would remove
 
        Cov(t, f(D))² / (Var f(D) + σ²)
@@ -43,8 +52,9 @@ column is winsorised at its 2.5/97.5 percentiles first, so a few wild resamples 
 
 from __future__ import annotations
 
+import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -52,7 +62,7 @@ from scipy.stats import norm
 
 import pandas as pd
 
-from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval
+from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval, refit_weighted
 from analysis.crossover import GRID_POINTS, budget_curves, lead_from, tolerance
 from analysis.fitting import Fit, FitError, LawData, fit_law, min_inputs
 from analysis.laws import POWER_D
@@ -248,9 +258,10 @@ class Target:
     name: str
     unit: str  # "log10 D*" or "beta"
     curves: tuple[CurveKey, ...]
-    samples: np.ndarray
+    samples: np.ndarray  # one per stored resample of its curves (NaN where an exponent is unidentified)
     goal: float
     note: str = ""
+    fresh: np.ndarray | None = None  # one per fresh-noise resample of its curves (`on_fresh_noise`); None: not drawn
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -258,23 +269,38 @@ class Target:
 
     @property
     def width(self) -> float:
-        lo, hi = self.interval
-        return hi - lo
+        return _width(self.samples)
+
+    @property
+    def fresh_width(self) -> float | None:
+        """The width its curves' stored design gives on fresh noise; inf where the fresh resamples lose it (an
+        exponent unidentified in more than 1 − level of them, as `targets_from` would drop it)."""
+        if self.fresh is None:
+            return None
+        return float("inf") if np.isnan(self.fresh).mean() > 1 - CI_LEVEL else _width(self.fresh)
 
     @property
     def resolved(self) -> bool:
-        return bool(self.width <= self.goal)
+        """Narrower than the goal on the stored data and, where drawn, on fresh noise around the same design."""
+        fresh = self.fresh_width
+        return bool(self.width <= self.goal and (fresh is None or fresh <= self.goal))
 
     def record(self) -> dict[str, object]:
         lo, hi = self.interval
-        return {"target": self.name, "unit": self.unit, "lo": lo, "hi": hi, "width": self.width,
+        return {"target": self.name, "unit": self.unit, "lo": lo, "hi": hi, "width": self.width, "fresh_width": self.fresh_width,
                 "goal": self.goal, "resolved": self.resolved, "note": self.note}  # fmt: skip
 
     def describe(self) -> str:
         lo, hi = self.interval
         mark = "done" if self.resolved else "open"
         budgets = f" (D* {10**lo:.3g} to {10**hi:.3g} examples)" if self.unit == "log10 D*" else ""  # what [0.602, 2.11] means
-        return f"{self.unit} {self.name}: [{lo:.3g}, {hi:.3g}]{budgets} width {self.width:.3g} (goal {self.goal:.3g}, {mark}){self.note}"
+        fresh = "" if self.fresh_width is None else f", {self.fresh_width:.3g} on fresh noise"
+        return f"{self.unit} {self.name}: [{lo:.3g}, {hi:.3g}]{budgets} width {self.width:.3g}{fresh} (goal {self.goal:.3g}, {mark}){self.note}"
+
+
+def _width(samples: np.ndarray) -> float:
+    lo, hi = percentile_interval(samples)
+    return hi - lo
 
 
 def crossover_samples(steer: CurveFit, tune: CurveFit) -> tuple[np.ndarray, float]:
@@ -313,14 +339,54 @@ def targets_from(fits: Mapping[CurveKey, CurveFit], crossover_goal: float | None
             targets.append(Target(f"{task}/{model} {steering}->{tuning}", "log10 D*", (steer_key, tune_key), samples, crossover_goal, note))
     if exponent_goal is not None:
         for key, fit in fits.items():
-            # As the report's interval (Bootstrap.intervals): resamples whose B·D^-β term is ~0 leave β arbitrary
-            # and are left out; a curve where more than 1 − level are such has no exponent to narrow.
-            beta = fit.boot.params()["beta"]
-            lost = fit.boot.unidentified_resamples().get("beta", np.zeros(len(beta), dtype=bool))
-            if lost.mean() <= 1 - CI_LEVEL:  # NaN, not dropped: the samples stay aligned with the curves' resamples
-                note = f"; {lost.mean():.0%} of resamples leave it unidentified" if lost.any() else ""
-                targets.append(Target(label(key), "beta", (key,), np.where(lost, np.nan, beta), exponent_goal, note))
+            # As the report's interval (Bootstrap.intervals): a curve where more than 1 − level of the resamples
+            # leave β unidentified has no exponent to narrow.
+            beta = exponent_samples(fit)
+            lost = np.isnan(beta).mean()
+            if lost <= 1 - CI_LEVEL:
+                note = f"; {lost:.0%} of resamples leave it unidentified" if lost else ""
+                targets.append(Target(label(key), "beta", (key,), beta, exponent_goal, note))
     return targets
+
+
+def exponent_samples(fit: CurveFit) -> np.ndarray:
+    """β per resample, NaN where its B·D^-β term is ~0 and leaves β arbitrary (as the report's interval leaves those
+    out): NaN, not dropped, so the samples stay aligned with the curve's resamples."""
+    beta = fit.boot.params()["beta"]
+    return np.where(fit.boot.unidentified_resamples().get("beta", np.zeros(len(beta), dtype=bool)), np.nan, beta)
+
+
+def fresh_noise_twins(
+    fits: Mapping[CurveKey, CurveFit], noise: float, n_resamples: int, seed: int, *, confirming: bool = False
+) -> dict[CurveKey, CurveFit]:
+    """Every curve with its resamples drawn anew around its fit: a resample's cells are the fitted curve at the
+    stored budgets times exp(N(0, `noise`)), the pooled noise of every curve (`noise_variance`), each refitted.
+
+    Their spread is what the stored design gives, not what its cells happened to give (the module docstring).
+    Seeded by `seed` and the curve's points, so a rerun on the same rows draws the same resamples; `confirming`
+    (the stop's check on more resamples) draws from a stream of its own, as `adaptive.fit_budget_curves` does.
+    """
+    twins = {}
+    for key, curve in fits.items():
+        stream = [seed, 2, zlib.crc32(np.concatenate([curve.d, curve.loss]).tobytes())]
+        rng = np.random.default_rng([*stream, 1] if confirming else stream)
+        data = LawData.build(POWER_D, {"D": curve.d}, curve.loss)
+        logy = np.log(curve.fit.predict({"D": curve.d})) + rng.normal(0.0, np.sqrt(noise), size=(n_resamples, data.n))
+        thetas = refit_weighted(curve.fit, data, np.ones((n_resamples, data.n)), logy)
+        twins[key] = replace(curve, boot=Bootstrap(curve.fit, thetas, data.x))
+    return twins
+
+
+def on_fresh_noise(targets: Sequence[Target], twins: Mapping[CurveKey, CurveFit]) -> list[Target]:
+    """The targets with their values on their curves' fresh-noise resamples (`fresh_noise_twins`)."""
+    out = []
+    for target in targets:
+        if target.unit == "beta":
+            fresh = exponent_samples(twins[target.curves[0]])
+        else:
+            fresh, _ = crossover_samples(*(twins[key] for key in target.curves))
+        out.append(replace(target, fresh=fresh))
+    return out
 
 
 def noise_variance(fits: Mapping[CurveKey, CurveFit]) -> float:
@@ -338,6 +404,11 @@ def noise_variance(fits: Mapping[CurveKey, CurveFit]) -> float:
     return max(squares / dof, 1e-8) if dof > 0 else 1e-2
 
 
+def _filled(x: np.ndarray) -> np.ndarray:
+    """NaN (an unidentified exponent) as the column's median; a column of NaN alone as zeros: no variance, no value."""
+    return np.zeros_like(x) if np.isnan(x).all() else np.nan_to_num(x, nan=np.nanmedian(x))
+
+
 def _winsorise(x: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(x, [2.5, 97.5])
     return np.clip(x, lo, hi)
@@ -349,29 +420,32 @@ def predicted_log_loss(fit: CurveFit, budget: float) -> np.ndarray:
 
 
 def acquisition_choices(
-    targets: Sequence[Target], fits: Mapping[CurveKey, CurveFit], candidates: Sequence[Planned], cost: CostModel,
+    targets: Sequence[Target], twins: Mapping[CurveKey, CurveFit], candidates: Sequence[Planned], cost: CostModel,
     noise: float, *, size: int, flops_left: float,
 ) -> list[Choice]:  # fmt: skip
-    """Up to `size` cells, greedily by goal variances removed per FLOP (see the module docstring)."""
+    """Up to `size` cells, greedily by goal variances removed per FLOP (see the module docstring). The ensemble is
+    the fresh-noise one: `twins` are the curves' `fresh_noise_twins`, and each target's `fresh` samples come from them."""
+    if any(t.fresh is None for t in targets):
+        raise ValueError("acquisition reads the targets on fresh noise: pass them through on_fresh_noise first")
     slots: dict[tuple[CurveKey, int], list[Planned]] = defaultdict(list)  # (curve, budget) -> cells, seed order
     for cell in sorted(candidates, key=lambda c: c.config.seed):
-        if curve_key(cell) in fits:
+        if curve_key(cell) in twins:
             slots[(curve_key(cell), cell.config.budget)].append(cell)
     if not targets or not slots:
         return []
-    columns = [t.samples for t in targets] + [predicted_log_loss(fits[k], b) for k, b in slots]
+    columns = [t.fresh for t in targets] + [predicted_log_loss(twins[k], b) for k, b in slots]
     owners = [set(t.curves) for t in targets] + [{k} for k, _ in slots]
-    samples = np.column_stack([_winsorise(np.nan_to_num(c, nan=np.nanmedian(c))) for c in columns])
-    index = {key: i for i, key in enumerate(fits)}
+    samples = np.column_stack([_winsorise(_filled(c)) for c in columns])
+    index = {key: i for i, key in enumerate(twins)}
     incidence = np.zeros((len(owners), len(index)))
     for i, curves in enumerate(owners):
         incidence[i, [index[k] for k in curves]] = 1.0
     cov = np.cov(samples, rowvar=False) * ((incidence @ incidence.T) > 0)
     n_targets = len(targets)
     weight = np.array([0.0 if t.resolved else (2 * Z / t.goal) ** 2 for t in targets])
-    # Reasons quote each target's own (percentile) width, narrowed as its variance is: the normal width
+    # Reasons quote each target's own (percentile) width on fresh noise, narrowed as its variance is: the normal width
     # 2·Z·sd of a skewed or winsorised sample differs from it, and the two numbers would disagree in the log.
-    per_sd = np.array([t.width / np.sqrt(cov[i, i]) if cov[i, i] > 0 else 0.0 for i, t in enumerate(targets)])
+    per_sd = np.array([_width(t.fresh) / np.sqrt(cov[i, i]) if cov[i, i] > 0 else 0.0 for i, t in enumerate(targets)])
     slot_keys = list(slots)
     choices: list[Choice] = []
     while len(choices) < size:
@@ -392,7 +466,7 @@ def acquisition_choices(
         removed = cov[:n_targets, col] ** 2 / (cov[col, col] + noise)
         helped = [i for i in np.argsort(-weight * removed) if weight[i] > 0 and removed[i] > 0][:2]
         effects = "; ".join(
-            f"{targets[i].unit} {targets[i].name} width ≈{per_sd[i] * np.sqrt(cov[i, i]):.3g}→"
+            f"{targets[i].unit} {targets[i].name} width on fresh noise ≈{per_sd[i] * np.sqrt(cov[i, i]):.3g}→"
             f"{per_sd[i] * np.sqrt(max(cov[i, i] - removed[i], 0.0)):.3g} (goal {targets[i].goal:.3g})"
             for i in helped
         )

@@ -6,8 +6,9 @@ here runs a sweep's grid as a pool of candidates instead:
     read the stored rows -> fit every budget curve (with bootstrap) -> stop, or choose a batch
     (`orchestrator.acquisition`) -> log every choice and its reason -> run the batch -> repeat
 
-It stops when every target interval is narrower than its goal (checked again on more resamples
-before it believes so), at the compute budget (post-
+It stops when every target interval is narrower than its goal — on the stored cells' resamples and on
+fresh noise around the same design (`acquisition.fresh_noise_twins`), checked again on more resamples
+before it believes so — at the compute budget (post-
 training FLOPs, `orchestrator.cellcost`), at the cell budget, or when the grid is used up.
 
 Running a batch is the caller's `execute(cells)`: production passes one that calls
@@ -37,7 +38,7 @@ from analysis.io import jsonable, load_results
 
 from orchestrator.acquisition import (
     Choice, CurveFit, CurveKey, Target, acquisition_choices, check_grid, curve_pairs, curves_of, design_choices, fit_curve,
-    given_up, label, noise_variance, targets_from,
+    fresh_noise_twins, given_up, label, noise_variance, on_fresh_noise, targets_from,
 )  # fmt: skip
 from orchestrator.cellcost import CostModel, Planned
 from orchestrator.claims import Claims
@@ -208,14 +209,16 @@ def run_adaptive(
         else:
             resamples = settings.bootstrap
             fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache)
-            targets = targets_from(fits, settings.target_width, settings.target_exponent_width)
+            noise = noise_variance(fits)  # of the full-data fits: the same whatever the resamples
+            twins = fresh_noise_twins(fits, noise, resamples, settings.seed)
+            targets = on_fresh_noise(targets_from(fits, settings.target_width, settings.target_exponent_width), twins)
             if targets and all(t.resolved for t in targets) and settings.confirm_bootstrap > resamples:
                 # A width from few resamples is noisy, and stopping on the first round whose estimate dips
                 # under the goal favours the low draws: the stop is confirmed on more resamples, drawn apart, first.
                 resamples = settings.confirm_bootstrap
                 fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache, confirming=True)
-                targets = targets_from(fits, settings.target_width, settings.target_exponent_width)
-            noise = noise_variance(fits)
+                twins = fresh_noise_twins(fits, noise, resamples, settings.seed, confirming=True)
+                targets = on_fresh_noise(targets_from(fits, settings.target_width, settings.target_exponent_width), twins)
             if settings.target_width is not None:  # a pair whose curve cannot be fitted has no D* target: said, not dropped
                 blind = [pair for pair in curve_pairs(curves_of(cells)) if any(k not in fits and k not in abandoned for k in pair)]
                 unfitted += "".join(f"; no D* for {label(steer)} × {tune[1]}: {', '.join(label(k) for k in (steer, tune) if k not in fits)} "
@@ -233,7 +236,7 @@ def run_adaptive(
             if all(t.resolved for t in targets):
                 return _stop(log, echo, round_, "every target interval is narrower than its goal" + unfitted, status, spent, targets)
             size = int(min(settings.batch_size, cells_left))
-            choices = acquisition_choices(targets, fits, candidates, cost, noise, size=size, flops_left=flops_left)
+            choices = acquisition_choices(targets, twins, candidates, cost, noise, size=size, flops_left=flops_left)
         if not choices:
             if not candidates:
                 reason = "every cell of the grid is stored"

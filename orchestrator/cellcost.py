@@ -11,10 +11,18 @@ N · examples · tokens-per-example:
 
 with N the model's parameter count (from stored rows, else the prior the caller passes: the CLI
 counts it on the meta device with `workers.run_cell.estimated_params`) and T = 32 tokens per example until something is measured.
-Once rows exist, the prior's shape is kept and its scale replaced by the measured one:
-`post_train_flops / prior` of the stored rows, taken from the most specific group that has rows
-— the same (task, method, model) curve, else (task, method), else the method, else every row —
-so a curve's cost is right after its first cell and a new model borrows its method's scale.
+Once rows exist, the prior's shape is kept and its scale measured, with a fixed part beside it:
+
+    post_train_flops ≈ N · (a · units + c)
+
+where c is what a cell spends whatever its budget — the validation passes that choose a steering
+vector's layer and scale (18 of them by default: at budget 4 they are 94 % of the cell's FLOPs), a
+fine-tune's checkpoint validations, few-shot prompting's choice of shots. A and c are fitted to the
+stored rows (least squares on relative errors, both ≥ 0; a scale alone, c = 0, until a group has two
+budgets), taken from the most specific group that has rows — the same (task, method, model) curve,
+else (task, method), else the method, else every row — so a curve's cost is right after its first cell
+and a new model borrows its method's rate. (A scale alone, fitted to budgets 4 to 4,096, priced a
+mean-difference vector's small-budget cells at 0.06 of their FLOPs and its largest at 2.2 times.)
 
 The budget of an adaptive sweep counts post-training FLOPs only (measured where stored, as the
 compute frontier does). Ranking cells by value per FLOP also adds the forward cost of the cell's
@@ -23,11 +31,13 @@ evaluation, so methods that post-train for free (`base`, `prompt`) do not look i
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import nnls
 
 from workers.cell import CellConfig
 from workers.methods import resolve_config, steps_for, training_configs
@@ -74,11 +84,32 @@ def longest_first(cells: Sequence[P]) -> list[P]:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """Post-training FLOPs per parameter of a cell of `units` prior work: per_unit · units + fixed."""
+
+    per_unit: float
+    fixed: float = 0.0
+
+    def __call__(self, units: float) -> float:
+        return self.per_unit * units + self.fixed
+
+    @classmethod
+    def fitted(cls, units: Sequence[float], per_param: Sequence[float]) -> Rate:
+        """The rate closest to the measured FLOPs per parameter in relative error, both parts ≥ 0; a scale alone
+        (the median ratio) where the rows span one budget's work or some spent nothing (prompting: 0 FLOPs)."""
+        x, y = np.asarray(units, float), np.asarray(per_param, float)
+        if len(np.unique(x)) < 2 or (y <= 0).any():
+            return cls(float(np.median(y / x)))
+        (per_unit, fixed), _ = nnls(np.column_stack([x / y, 1 / y]), np.ones(len(y)))
+        return cls(float(per_unit), float(fixed))
+
+
+@dataclass(frozen=True)
 class CostModel:
-    """Prior cell costs with scales measured from stored rows (see the module docstring)."""
+    """Prior cell costs with rates measured from stored rows (see the module docstring)."""
 
     params: dict[str, float]  # model id -> N
-    scales: dict[tuple[str, ...], float]  # (), (method,), (task, method), (task, method, model) -> FLOPs per unit
+    rates: dict[tuple[str, ...], Rate]  # (), (method,), (task, method), (task, method, model) -> FLOPs per parameter
 
     @classmethod
     def calibrate(cls, cells: Sequence[Planned], rows: pd.DataFrame, params_prior: Mapping[str, float]) -> CostModel:
@@ -92,35 +123,36 @@ class CostModel:
         for cell in cells:
             params.setdefault(cell.config.model.id, fallback)
         by_id = {c.cell_id: c.config for c in cells}
-        ratios: dict[tuple[str, ...], list[float]] = {}
+        measured: dict[tuple[str, ...], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
         flops = rows[["cell_id", "post_train_flops"]].dropna() if len(rows) else rows
         for cell_id, value in zip(flops.get("cell_id", []), flops.get("post_train_flops", [])):
             config = by_id.get(cell_id)
             if config is None:
                 continue
-            units = work_units(config) * params[config.model.id]
+            units = work_units(config)
             if units <= 0:
                 continue
             keys = [(config.method,), (config.task, config.method), (config.task, config.method, config.model.id)]
             # A method that post-trains for free (prompting) says nothing about tokens per example.
             for key in keys + ([()] if value > 0 else []):
-                ratios.setdefault(key, []).append(float(value) / units)
-        scales = {key: float(np.median(values)) for key, values in ratios.items()}
-        return cls(params=params, scales=scales)
+                measured[key][0].append(units)
+                measured[key][1].append(float(value) / params[config.model.id])
+        return cls(params=params, rates={key: Rate.fitted(*points) for key, points in measured.items()})
 
-    def _scale(self, config: CellConfig) -> float:
+    def _rate(self, config: CellConfig) -> Rate:
         for key in ((config.task, config.method, config.model.id), (config.task, config.method), (config.method,), ()):
-            if key in self.scales:
-                return self.scales[key]
-        return TOKENS_PER_EXAMPLE
+            if key in self.rates:
+                return self.rates[key]
+        return Rate(TOKENS_PER_EXAMPLE)
 
     def post_train(self, config: CellConfig) -> float:
         """Expected post-training FLOPs of a cell not yet run."""
-        return work_units(config) * self.params[config.model.id] * self._scale(config)
+        return self._rate(config)(work_units(config)) * self.params[config.model.id]
 
     def ranking_cost(self, config: CellConfig) -> float:
         """Post-training FLOPs plus the evaluation's forward FLOPs: what running the cell really takes."""
-        tokens = self.scales.get((), TOKENS_PER_EXAMPLE) or TOKENS_PER_EXAMPLE
+        measured = self.rates.get(())
+        tokens = measured.per_unit if measured is not None and measured.per_unit > 0 else TOKENS_PER_EXAMPLE
         return self.post_train(config) + eval_units(config) * self.params[config.model.id] * tokens
 
     def spent(self, cells: Sequence[Planned], rows: pd.DataFrame) -> float:

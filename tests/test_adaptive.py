@@ -78,14 +78,17 @@ class World:
     def __init__(self, store: ResultsStore, *, interrupt_at_call: int | None = None) -> None:
         self.store, self.interrupt_at_call, self.calls, self.ran = store, interrupt_at_call, 0, []
 
+    def noise(self, cell: SimCell) -> float:
+        """The cell's log-normal noise: the same cell always gets the same answer."""
+        return float(np.random.default_rng(int(cell.cell_id[:12], 16)).normal(0, NOISE))
+
     def __call__(self, cells: list[SimCell], planned_at: float = 0.0) -> None:  # one driver: nothing to skip
         self.calls += 1
         for i, cell in enumerate(cells):
             if self.calls == self.interrupt_at_call and i == 2:
                 raise KeyboardInterrupt  # the driver is killed mid-batch: two cells stored, the rest not
             c = cell.config
-            rng = np.random.default_rng(int(cell.cell_id[:12], 16))  # the same cell always gets the same answer
-            loss = (1 - truth(c.method, c.model.id).score(c.budget)) * math.exp(rng.normal(0, NOISE))
+            loss = (1 - truth(c.method, c.model.id).score(c.budget)) * math.exp(self.noise(cell))
             n = MODELS[c.model.id]
             self.ran.append(cell.cell_id)
             self.store.write({
@@ -94,6 +97,17 @@ class World:
                 "task": c.task, "method": c.method, "budget": c.budget, "seed": c.seed, "score": 1 - loss,
                 "post_train_flops": work_units(c) * n * TOKENS_PER_EXAMPLE,
             })  # fmt: skip
+
+
+class ExactWorld(World):
+    """The world with the cells of some models exactly on their laws: a design whose cells happen to line up."""
+
+    def __init__(self, store: ResultsStore, *, exact: set[str]) -> None:
+        super().__init__(store)
+        self.exact = exact
+
+    def noise(self, cell: SimCell) -> float:
+        return 0.0 if cell.config.model.id in self.exact else super().noise(cell)
 
 
 def crossover_widths(store: ResultsStore, cells: list[SimCell]) -> dict[str, tuple[float, float, float]]:
@@ -355,6 +369,67 @@ def test_the_stops_confirmation_draws_resamples_of_its_own(tmp_path):
         assert np.isclose(confirming[key].boot.thetas[:200], fit.boot.thetas, atol=1e-6).all(axis=1).mean() < 0.1  # a chance match at most
 
 
+def test_a_target_is_resolved_only_if_its_design_is_narrow_on_fresh_noise_too(tmp_path):
+    """Cells that happen to sit on their curves (here: exactly, no noise) give a D* interval of width ~0, and the
+    loop took that as done — a target that dipped under its goal by luck got no more cells and the run stopped on
+    it. The same design redrawn with the pooled noise of the sweep (sd 0.05) is ~0.3 wide: still open at 0.2."""
+    from orchestrator.acquisition import fresh_noise_twins, on_fresh_noise
+
+    cells = [c for c in grid() if c.config.model.id == "sim-s" and c.config.seed == 0 and c.config.budget in BUDGETS[::2]]
+    ExactWorld(ResultsStore(str(tmp_path)), exact={"sim-s"})(cells)
+    fits = fit_budget_curves(cells, stored_rows(ResultsStore(str(tmp_path)), cells), 500, seed=1)
+    (target,) = targets_from(fits, 0.2, None)
+    assert target.width < 1e-6 and target.resolved and target.fresh_width is None  # on its own data
+    (fresh,) = on_fresh_noise([target], fresh_noise_twins(fits, NOISE**2, 500, seed=1))
+    assert fresh.width == target.width and fresh.fresh_width > 0.25 and not fresh.resolved
+    assert f"width {target.width:.3g}, {fresh.fresh_width:.3g} on fresh noise (goal 0.2, open)" in fresh.describe()
+    (quiet,) = on_fresh_noise([target], fresh_noise_twins(fits, 1e-8, 500, seed=1))
+    assert quiet.fresh_width < 0.05 and quiet.resolved  # the width comes from the noise, not from the fit
+
+
+def test_an_exponent_its_fresh_resamples_lose_is_open_and_still_ranks_cells(tmp_path, monkeypatch):
+    """An exponent identified on the stored resamples but not on fresh noise (β unidentified in > 5 % of them) has no
+    width there: it stays open (inf), where dropping it crashed the stop's check, and acquisition still reads it."""
+    from analysis.bootstrap import Bootstrap
+    from orchestrator.acquisition import acquisition_choices, fresh_noise_twins, noise_variance, on_fresh_noise
+
+    cells = grid()
+    design = {c.cell_id for group in curves_of(cells).values() for c in design_order(group, 0.5)[:8]}
+    store = ResultsStore(str(tmp_path))
+    World(store)([c for c in cells if c.cell_id in design])
+    rows = stored_rows(store, cells)
+    fits = fit_budget_curves(cells, rows, 200, seed=3)
+    targets = targets_from(fits, None, 10.0)
+    assert targets and all(t.resolved for t in targets)
+    unidentified = Bootstrap.unidentified_resamples
+    monkeypatch.setattr(Bootstrap, "unidentified_resamples", lambda self: {**unidentified(self), "beta": np.arange(len(self.thetas)) % 10 == 0})
+    twins = fresh_noise_twins(fits, noise_variance(fits), 200, seed=3)
+    fresh = on_fresh_noise(targets, twins)
+    assert all(t.fresh_width == float("inf") and not t.resolved and "inf on fresh noise" in t.describe() for t in fresh)
+    assert all(t.record()["fresh_width"] == float("inf") for t in fresh)  # null in adaptive.jsonl (jsonable)
+    candidates = [c for c in cells if c.cell_id not in design]
+    cost = CostModel.calibrate(cells, rows, MODELS)
+    assert len(acquisition_choices(fresh, twins, candidates, cost, noise_variance(fits), size=4, flops_left=float("inf"))) == 4
+    with pytest.raises(ValueError, match="on_fresh_noise"):
+        acquisition_choices(targets, fits, candidates, cost, noise_variance(fits), size=4, flops_left=float("inf"))
+
+
+def test_the_loop_goes_on_past_a_target_narrow_only_on_lucky_cells(tmp_path):
+    """sim-s's cells sit exactly on its curves: after the design its D* interval is ~0 wide on its own resamples, and the
+    loop gave it no more cells — it stopped once sim-m's target was narrow, with sim-s's design alone (12 cells) behind
+    an interval the same design gives ~0.2 wide on the sweep's noise. Now sim-s's target stays open until its design
+    is narrow on fresh noise too."""
+    cells = [c for c in grid() if c.config.model.id in ("sim-s", "sim-m")]
+    store = ResultsStore(str(tmp_path))
+    goal = 0.15
+    outcome = run_adaptive(cells, store, ExactWorld(store, exact={"sim-s"}), Settings(target_width=goal, batch_size=6, bootstrap=200),
+                           MODELS, echo=lambda _: None)  # fmt: skip
+    per_model = stored_rows(store, cells).groupby("model").size()
+    assert per_model["sim-s"] > 2 * DESIGN_POINTS, per_model.to_dict()
+    assert outcome.stop_reason == "every target interval is narrower than its goal"
+    assert all(t.fresh_width is not None and t.width <= goal and t.fresh_width <= goal for t in outcome.targets)
+
+
 def test_a_perfect_score_does_not_set_every_curves_noise(tmp_path):
     """A score of 1 is the loss floor, ~5 from its curve in log-loss: one such cell raised the pooled noise sd from
     ~0.05 to ~0.8 for every curve, and with it every acquisition value. Curves with floored cells are left out of the pool."""
@@ -384,6 +459,29 @@ def test_an_exponent_target_leaves_out_resamples_where_beta_is_unidentified(tmp_
     (fit,) = fit_budget_curves(cells, stored_rows(store, cells), 1000, seed=1).values()
     assert np.isnan(fit.boot.intervals()["beta"]).all()  # the report: not identified
     assert targets_from({fit.key: fit}, None, 0.2) == []
+
+
+def test_cost_model_learns_the_part_of_a_cells_cost_that_its_budget_does_not_set(tmp_path):
+    """A steering vector's cell spends its validation passes (choosing a layer and scale) at any budget: with one scale
+    per curve, fitted to every budget, the loop priced budget-4 cells at a small fraction of their FLOPs and the
+    largest at twice theirs. Rows at three budgets of one model fix both parts, for other budgets and other models."""
+    cells = [c for c in grid() if c.config.method == "steer_mean"]
+    fixed = 5000.0  # FLOPs per parameter, whatever the budget
+
+    def true_flops(cell: SimCell) -> float:
+        return (work_units(cell.config) * TOKENS_PER_EXAMPLE + fixed) * MODELS[cell.config.model.id]
+
+    store = ResultsStore(str(tmp_path))
+    for cell in cells:
+        c = cell.config
+        if c.model.id == "sim-s" and c.budget in (4, 64, 1024):
+            store.write({"schema_version": 1, "sweep": c.sweep, "cell_id": cell.cell_id, "slug": c.slug, "status": "ok", "model": c.model.id,
+                         "params_total": MODELS[c.model.id], "task": c.task, "method": c.method, "budget": c.budget, "seed": c.seed,
+                         "score": 0.5, "post_train_flops": true_flops(cell)})  # fmt: skip
+    cost = CostModel.calibrate(cells, stored_rows(store, cells), MODELS)
+    for model, budget in (("sim-s", 8), ("sim-s", 4096), ("sim-l", 4), ("sim-l", 512)):
+        probe = next(c for c in cells if (c.config.model.id, c.config.budget) == (model, budget))
+        assert cost.post_train(probe.config) == pytest.approx(true_flops(probe), rel=1e-6), (model, budget)
 
 
 def test_the_design_takes_the_next_seed_of_a_reference_cell_that_failed(tmp_path):
@@ -548,19 +646,20 @@ def test_crossover_samples_count_d_star_as_the_report_does():
 
 
 def test_a_choices_reason_starts_from_the_width_its_round_recorded(adaptive):
-    """A round logs each target's percentile-interval width; its first acquisition choice quoted a normal
-    2·Z·sd width of the same samples instead, so the log read "[1.2, 1.9] width 0.7" then "width ≈0.55→0.5"."""
+    """A round logs each target's percentile-interval widths; its first acquisition choice quoted a normal
+    2·Z·sd width of the same samples instead, so the log read "[1.2, 1.9] width 0.7" then "width ≈0.55→0.5".
+    The choices narrow the width on fresh noise (the ensemble acquisition reads), so that is the one quoted."""
     store, *_ = adaptive
     checked = 0
     widths: dict[str, float] = {}
     first_in_round = False
     for record in DecisionLog(store).read():
         if record["event"] == "round":
-            widths = {f"{t['unit']} {t['target']}": t["width"] for t in record["targets"] if t.get("width") is not None}
+            widths = {f"{t['unit']} {t['target']}": t["fresh_width"] for t in record["targets"] if t.get("fresh_width") is not None}
             first_in_round = True
         elif record["event"] == "choice" and record["phase"] == "acquisition" and first_in_round:
             first_in_round = False
-            name, quoted = record["reason"].removeprefix("expected to narrow ").split(" width ≈")[0], record["reason"].split("≈")[1].split("→")[0]
+            name, quoted = record["reason"].removeprefix("expected to narrow ").split(" width on fresh noise ≈")[0], record["reason"].split("≈")[1].split("→")[0]
             assert quoted == f"{widths[name]:.3g}", (record["reason"], widths[name])
             checked += 1
     assert checked >= 1
@@ -624,7 +723,7 @@ def test_an_exponent_target_partly_unidentified_keeps_its_samples_aligned_with_t
     """Leaving out the resamples where β is unidentified shortened the target's samples, and the acquisition step,
     which sets them beside each curve's per-resample predictions, crashed on the mismatch (4 of 200 lost)."""
     from analysis.bootstrap import Bootstrap
-    from orchestrator.acquisition import acquisition_choices, noise_variance
+    from orchestrator.acquisition import acquisition_choices, fresh_noise_twins, noise_variance, on_fresh_noise
 
     cells = grid()
     design = {c.cell_id for group in curves_of(cells).values() for c in design_order(group, 0.5)[:8]}
@@ -635,11 +734,12 @@ def test_an_exponent_target_partly_unidentified_keeps_its_samples_aligned_with_t
     lost = np.arange(200) < 4
     unidentified = Bootstrap.unidentified_resamples
     monkeypatch.setattr(Bootstrap, "unidentified_resamples", lambda self: {**unidentified(self), "beta": lost})
-    targets = targets_from(fits, None, 1e-6)
-    assert targets and all(len(t.samples) == 200 and np.isnan(t.samples).sum() == 4 for t in targets)
+    twins = fresh_noise_twins(fits, noise_variance(fits), 200, seed=3)
+    targets = on_fresh_noise(targets_from(fits, None, 1e-6), twins)
+    assert targets and all(len(t.samples) == len(t.fresh) == 200 and np.isnan(t.samples).sum() == np.isnan(t.fresh).sum() == 4 for t in targets)
     cost = CostModel.calibrate(cells, rows, MODELS)
     candidates = [c for c in cells if c.cell_id not in design]
-    chosen = acquisition_choices(targets, fits, candidates, cost, noise_variance(fits), size=4, flops_left=float("inf"))
+    chosen = acquisition_choices(targets, twins, candidates, cost, noise_variance(fits), size=4, flops_left=float("inf"))
     assert len(chosen) == 4
 
 
