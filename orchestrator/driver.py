@@ -9,7 +9,9 @@ raises comes back as a `failed` row from `workers.run_cell`; a worker that dies 
 node lost) is replaced and its cell run again, up to `max_retries` times with the attempt number
 recorded, then stored as `failed` with Ray's reason. Cells go only to workers that have started, so
 workers asked for on an autoscaling cluster (`resources.max_workers`) hold no cell while they wait
-for a node. The driver is the only writer of the store.
+for a node. The driver is the only writer of the store; a row the store refuses is written again after
+a wait (an object store's hiccup), and one it keeps refusing stops the run once the rows finished beside
+it are stored.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from workers.run_cell import identity_columns
 from orchestrator.address import check_listening, unreachable
 from orchestrator.cellcost import longest_first
 from orchestrator.claims import Claims
-from orchestrator.errors import ClusterShrankError, WorkersNotStartingError
+from orchestrator.errors import ClusterShrankError, StoreWriteError, WorkersNotStartingError
 from orchestrator.grid import PlannedCell
 from orchestrator.pool import POOL, CellResult, Shape, Worker, live_nodes, next_model, node_capacity
 from orchestrator.spec import Resources
@@ -52,6 +54,7 @@ START_FAILURES = 3  # workers of a shape in a row that die while starting, none 
 # models go with them): longer than a worker's imports, which an adaptive loop's next batch would otherwise pay in reloads
 MAKE_WAY_SECONDS = 30.0
 ANNOUNCE_WAIT_SECONDS = 60.0  # a worker not started by then waits for a node or is still being set up: say so once
+STORE_RETRY_SECONDS = (1.0, 4.0)  # the waits before a row's second and third write: an object store's hiccup passes
 
 
 @dataclass
@@ -281,6 +284,7 @@ def run_cells(
     # each cell in flight: its worker, the cell, its attempt, and when it went to the worker (a crashed row's start)
     in_flight: dict[ray.ObjectRef, tuple[Worker, PlannedCell, int, datetime]] = {}
     deadlines: dict[ray.ObjectRef, float] = {}  # with resources.cell_timeout_s: when each cell in flight is stopped
+    unstored: list[tuple[PlannedCell, OSError]] = []  # finished cells whose rows the store refused (`store_row`)
 
     def enqueue(cell: PlannedCell, attempt: int) -> None:
         shape = Shape(resources.cpus_per_cell, cell.gpus, resources.model_cache_bytes)
@@ -359,12 +363,27 @@ def run_cells(
             worker.started = True
             start_failures[worker.shape] = 0
 
-    def store_row(cell: PlannedCell, row: dict) -> None:
-        # A failed rerun of a cell that has an ok row (`--force`, or another driver that finished it
-        # first) is reported but never replaces the result: a flaky node must not erase good data.
+    def write(cell: PlannedCell, row: dict) -> bool:
+        """Store `row` unless it is a failure over a stored ok row (`--force`, or another driver that finished the
+        cell first: reported, but a flaky node must not erase good data); whether that ok row was kept."""
         kept = row["status"] != "ok" and store.holds_ok_row(cell.cell_id)
         if not kept:
             store.write(row)
+        return kept
+
+    def store_row(cell: PlannedCell, row: dict) -> None:
+        """Store a finished cell's row and count it; one the store refuses after STORE_RETRY_SECONDS' tries goes to
+        `unstored` (the run stops once the other rows it has are stored: `raise_unstored`)."""
+        for wait in (*STORE_RETRY_SECONDS, None):
+            try:
+                kept = write(cell, row)
+                break
+            except OSError as err:
+                if wait is None:
+                    unstored.append((cell, err))
+                    return
+                bar.write(f"warning: could not store {row['slug']} ({err}); trying again in {wait:g} s")
+                time.sleep(wait)
         claims.release(cell.cell_id)
         dashboard_metrics.record(row)
         outcome.cell_seconds += (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
@@ -376,6 +395,16 @@ def run_cells(
             bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}" + (" (its stored ok row is kept)" if kept else ""))
         show_counts(refresh=False)  # the bar's count and its ok/failed move together
         bar.update()
+
+    def raise_unstored() -> None:
+        if unstored:
+            (cell, err), more = unstored[0], len(unstored) - 1
+            others = f" (and {more} other rows)" if more else ""
+            raise StoreWriteError(
+                f"could not store the row of {cell.config.slug}{others} after {len(STORE_RETRY_SECONDS) + 1} tries: {err}; "
+                "every other finished row is stored — rerun the same command once the store takes writes to run "
+                f"{'them' if more else 'it'} again"
+            )
 
     def show_counts(refresh: bool = True) -> None:
         bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy(), starting=len(POOL.pending()), refresh=refresh)
@@ -475,6 +504,7 @@ def run_cells(
                             continue
                 store_row(cell, row)
             stop_overdue()
+            raise_unstored()  # after every row of the batch: one the store refuses must not lose the others
             check_waits()
             dispatch()
             show_counts(refresh=terminal)  # in a log, with the next update instead

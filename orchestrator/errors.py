@@ -19,5 +19,9 @@ class StoreUnreadableError(SweepStoppedError):
     look unrun, or it would run again over the row."""
 
 
+class StoreWriteError(SweepStoppedError):
+    """A finished cell's row could not be written, tried again after waits: the store is full, read-only or gone."""
+
+
 class ClusterUnreachableError(SweepStoppedError):
     """`--address` names no Ray cluster this driver can join; nothing ran."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from datetime import datetime, timezone
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from orchestrator import driver, pool
 from orchestrator.driver import run_cells, shutdown_workers, starved
-from orchestrator.errors import WorkersNotStartingError
+from orchestrator.errors import StoreWriteError, WorkersNotStartingError
 from orchestrator.grid import PlannedCell, expand
 from orchestrator.pool import POOL, CellWorker, Shape, node_capacity
 from orchestrator.spec import load_spec
@@ -262,6 +263,49 @@ def _base_sweep(write_sweep, test_ladder, name: str, seeds: int, resources: dict
         "sweep": name, "models": [{"id": test_ladder[0]}], "tasks": ["facts"], "methods": {"base": {}}, "budgets": [0],
         "seeds": list(range(seeds)), "eval": {"test_size": 8, "validation_size": 0, "neutral_size": 2}, "resources": resources,
     }))  # fmt: skip
+
+
+class RefusingStore(ResultsStore):
+    """A store that refuses the rows of the cells named, `times` times each (None: every time), as a bucket with
+    a hiccup or a disk that filled up would."""
+
+    def __init__(self, root: str, refuse: set[str], times: int | None) -> None:
+        super().__init__(root)
+        self.refuse, self.times, self.refused = refuse, times, Counter[str]()
+
+    def write(self, row: dict) -> None:
+        if row["cell_id"] in self.refuse and (self.times is None or self.refused[row["cell_id"]] < self.times):
+            self.refused[row["cell_id"]] += 1
+            raise OSError(f"the store refused {row['slug']}")
+        super().write(row)
+
+
+@pytest.mark.slow  # ~40 s: two runs on one worker, then a rerun
+def test_a_row_the_store_refuses_is_written_again_and_one_it_keeps_refusing_stops_the_run_with_the_rest_stored(
+    local_ray, test_ladder, write_sweep, monkeypatch
+):  # fmt: skip
+    """One refused write raised out of the run: the cells finished beside it were lost with their workers, and a
+    hiccup of an object store stopped a sweep. Now a row is written again after a wait; one the store keeps
+    refusing stops the run (exit 3) once the other finished rows are stored, and a rerun runs that cell alone."""
+    monkeypatch.setattr(driver, "STORE_RETRY_SECONDS", (0.1, 0.2))
+    spec = _base_sweep(write_sweep, test_ladder, "hiccup", 4, {"cpus_per_cell": 1})
+    cells = expand(spec)
+    hiccup = RefusingStore(spec.results_dir, {cells[1].cell_id}, times=2)
+    outcome = run_cells(cells, hiccup, spec.resources, progress=False, dashboard=False)
+    assert outcome.ok == 4 and hiccup.refused[cells[1].cell_id] == 2 and hiccup.read().num_rows == 4
+
+    spec = _base_sweep(write_sweep, test_ladder, "refused", 4, {"cpus_per_cell": 1})
+    cells = expand(spec)
+    refusing = RefusingStore(spec.results_dir, {cells[1].cell_id}, times=None)
+    with pytest.raises(StoreWriteError, match=rf"could not store the row of {cells[1].config.slug} after 3 tries: the store refused"):
+        run_cells(cells, refusing, spec.resources, progress=False, dashboard=False)
+    assert refusing.refused[cells[1].cell_id] == 3
+    stored = set(refusing.read().column("cell_id").to_pylist())
+    assert cells[1].cell_id not in stored
+    rerun = run_cells([c for c in cells if c.cell_id not in stored], ResultsStore(spec.results_dir), spec.resources, progress=False, dashboard=False)
+    assert rerun.skipped_claimed == 0, "the refused cell's claim must be released"
+    rows = ResultsStore(spec.results_dir).read().to_pandas()
+    assert sorted(rows.cell_id) == sorted(c.cell_id for c in cells) and (rows.status == "ok").all()
 
 
 @pytest.mark.slow  # ~30 s: one worker starts
