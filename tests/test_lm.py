@@ -14,7 +14,7 @@ import workers.lm
 from workers.methods import get_method, resolve_config
 from workers.lm import _logit_selection, shareable_cache, token_ids
 from workers.models.loading import count_parameters
-from workers.metrics import neutral_reference
+from workers.metrics import neutral_context, neutral_reference
 from workers.steering import POSITION_WISE_MLP_TYPES, decoder_layers, steer
 
 PROMPTS = ["q: a1 b2 =", "persona: honest q: a4 b0 = 2 ; q: a5 b5 =", "q: a3 ="]
@@ -244,11 +244,36 @@ def test_a_long_prompt_is_clipped_as_the_tokenizer_truncates_it(template, limit)
     specials = [(name, tok.convert_tokens_to_ids(name)) for name in ("<bos>", "<eos>")]
     tok.backend_tokenizer.post_processor = TemplateProcessing(single=template, special_tokens=specials)
     tok.truncation_side, side = "left", tok.truncation_side
+    appended = template.endswith("<eos>")  # a prompt goes without the EOS a tokenizer appends (the next test)
     try:
-        theirs = tok(text, truncation=True, max_length=limit)["input_ids"]
+        theirs = tok(text, truncation=True, max_length=limit + appended)["input_ids"]
     finally:
         tok.truncation_side = side
-    assert lm.clipped(lm.encode([text], prompt=True)[0]) == theirs
+    assert lm.clipped(lm.encode([text], prompt=True)[0]) == theirs[: len(theirs) - appended]
+
+
+def test_a_tokenizer_that_appends_an_eos_puts_none_between_a_prompt_and_its_answer():
+    """With `add_eos_token=True` (or a "$A </s>" template) every prompt was encoded with an EOS after it: each answer
+    was scored, trained on and generated after the end of the document. Scores, training pairs and generations are
+    now what the same tokenizer without the appended EOS gives; a neutral text still follows the BOS alone."""
+    from tokenizers.processors import TemplateProcessing
+
+    lm = language_model()
+    tok = lm.tokenizer
+    specials = [(name, tok.convert_tokens_to_ids(name)) for name in ("<bos>", "<eos>")]
+
+    def outputs() -> tuple:
+        lm.__dict__.pop("_trailing_specials", None)  # a cached property: the template changes under it here
+        pairs = [p.ids for p in lm.encode_pairs(PROMPTS, [" 3"] * 3)]
+        return pairs, lm.choice_logprobs(PROMPTS, DIGITS), lm.generate(PROMPTS, 4), neutral_context(lm)
+
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=specials)
+    plain = outputs()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A <eos>", special_tokens=specials)
+    assert tok("x")["input_ids"][-1] == tok.eos_token_id  # the tokenizer does append it
+    appending = outputs()
+    assert appending[0] == plain[0] and appending[2] == plain[2] and appending[3] == plain[3] == ""
+    assert torch.allclose(torch.tensor(appending[1]), torch.tensor(plain[1]), atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -37,8 +37,9 @@ def neutral_context(lm: LanguageModel) -> str:
     comparable across them (without it, a BOS-less model left out its hardest token, a text's first,
     and looked more capable on the `neutral_loss` axis), and a `prompt` method's demonstrations
     before the context change what predicts the text, not which of its tokens are scored."""
-    if lm.tokenizer("")["input_ids"]:
-        return ""
+    with lm.unprefixed():
+        if lm.encode([""], prompt=True)[0]:  # a BOS (an EOS a tokenizer appends is no context: `encode` leaves it out)
+            return ""
     eos = lm.tokenizer.eos_token
     if eos is None or lm.tokenizer(eos, add_special_tokens=False)["input_ids"] != [lm.tokenizer.eos_token_id]:
         raise ValueError(
