@@ -219,10 +219,14 @@ def run_adaptive(
                 fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache, confirming=True)
                 twins = fresh_noise_twins(fits, noise, resamples, settings.seed, confirming=True)
                 targets = on_fresh_noise(targets_from(fits, settings.target_width, settings.target_exponent_width), twins)
-            if settings.target_width is not None:  # a pair whose curve cannot be fitted has no D* target: said, not dropped
+            # a target whose curve cannot be fitted (and is not given up) is said, not dropped
+            if settings.target_width is not None:
                 blind = [pair for pair in curve_pairs(curves_of(cells)) if any(k not in fits and k not in abandoned for k in pair)]
                 unfitted += "".join(f"; no D* for {label(steer)} × {tune[1]}: {', '.join(label(k) for k in (steer, tune) if k not in fits)} "
                                     "not fitted (its ok cells do not support the law)" for steer, tune in blind)  # fmt: skip
+            if settings.target_exponent_width is not None:
+                unfitted += "".join(f"; no exponent for {label(key)}: not fitted (its ok cells do not support the law)"
+                                    for key in curves_of(cells) if key not in fits and key not in abandoned)  # fmt: skip
             log.append([{"event": "round", "round": round_, "cells_stored": len(status), "flops_spent": spent,
                          "noise_sd": float(np.sqrt(noise)), "resamples": resamples,
                          "targets": [t.record() for t in targets]}])  # fmt: skip

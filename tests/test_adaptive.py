@@ -314,10 +314,11 @@ def test_a_curve_whose_cells_all_fail_is_given_up_and_the_other_curves_are_fitte
     assert "given up, left unfitted: facts/lora/sim-l (6 cells failed)" in outcome.stop_reason, outcome.stop_reason
 
 
-def test_a_pair_whose_curve_cannot_be_fitted_is_named_not_dropped(tmp_path):
+@pytest.mark.parametrize("goal", ["crossover", "exponent"])
+def test_a_pair_whose_curve_cannot_be_fitted_is_named_not_dropped(tmp_path, goal):
     """4 budgets x 2 seeds, both sim-l LoRA cells at the top budget out of memory: that curve has 6 ok cells over 3
     budgets, too few budgets to fit and too few failures to give up. The run said "every target interval is narrower
-    than its goal", naming sim-s and sim-m, and sim-l's D* was nowhere."""
+    than its goal", naming sim-s and sim-m, and sim-l's D* (or, aiming at exponents, its β) was nowhere."""
 
     class TopBudgetBroken(BrokenCurveWorld):
         def fails(self, cell: SimCell) -> bool:
@@ -325,10 +326,15 @@ def test_a_pair_whose_curve_cannot_be_fitted_is_named_not_dropped(tmp_path):
 
     cells = [c for c in grid() if c.config.budget in BUDGETS[3:7] and c.config.seed < 2]
     store = ResultsStore(str(tmp_path))
-    outcome = run_adaptive(cells, store, TopBudgetBroken(store, ("lora", "sim-l")), Settings(max_cells=len(cells), target_width=50.0,
-                           batch_size=8, bootstrap=200), MODELS, echo=lambda line: None)  # fmt: skip
-    assert sorted(t.name for t in outcome.targets) == ["facts/sim-m steer_mean->lora", "facts/sim-s steer_mean->lora"]
-    assert "; no D* for facts/steer_mean/sim-l × lora: facts/lora/sim-l not fitted" in outcome.stop_reason, outcome.stop_reason
+    widths = {"target_width": 50.0} if goal == "crossover" else {"target_width": None, "target_exponent_width": 50.0}
+    outcome = run_adaptive(cells, store, TopBudgetBroken(store, ("lora", "sim-l")), Settings(max_cells=len(cells), batch_size=8, bootstrap=200,
+                           **widths), MODELS, echo=lambda line: None)  # fmt: skip
+    if goal == "crossover":
+        assert sorted(t.name for t in outcome.targets) == ["facts/sim-m steer_mean->lora", "facts/sim-s steer_mean->lora"]
+        assert "; no D* for facts/steer_mean/sim-l × lora: facts/lora/sim-l not fitted" in outcome.stop_reason, outcome.stop_reason
+    else:
+        assert "facts/lora/sim-l" not in {t.name for t in outcome.targets}
+        assert "; no exponent for facts/lora/sim-l: not fitted" in outcome.stop_reason, outcome.stop_reason
 
 
 def test_a_cell_budget_below_the_design_says_so_before_it_runs(tmp_path):
