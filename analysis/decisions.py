@@ -34,12 +34,14 @@ class Decisions:
         return latest["targets"] if latest else []
 
     def width_history(self) -> dict[tuple[str, str], list[tuple[float, float]]]:
-        """(target, unit) -> [(post-training FLOPs spent, interval width)] over the fitted rounds."""
+        """(target, unit) -> [(post-training FLOPs spent, interval width)] over the fitted rounds: the wider of its
+        stored and fresh-noise widths, both of which the stop holds to the goal (logs without the latter: the stored)."""
         history: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for event in self.rounds:
             for target in event["targets"]:
-                if target.get("width") is not None:
-                    history.setdefault((target["target"], target["unit"]), []).append((event["flops_spent"], target["width"]))
+                widths = [w for w in (target.get("width"), target.get("fresh_width")) if w is not None]
+                if widths:
+                    history.setdefault((target["target"], target["unit"]), []).append((event["flops_spent"], max(widths)))
         return history
 
 

@@ -265,7 +265,7 @@ def adaptive_plot(decisions: Decisions, path: Path) -> Path | None:
             ax.axhline(goals[(name, u)], color=line.get_color(), ls=":", lw=1)
         spent = [f for points in history.values() for f, _ in points]
         log = max(spent) > 10 * min(spent)
-        ax.set(xscale="log" if log else "linear", xlabel="post-training FLOPs spent", ylabel=f"95 % interval width ({unit})", title=f"{unit}: interval per round (dotted: goal)")
+        ax.set(xscale="log" if log else "linear", xlabel="post-training FLOPs spent", ylabel=f"95 % interval width ({unit}; the wider of stored and fresh-noise)", title=f"{unit}: interval per round (dotted: goal)")
         if log:
             _readable_log_ticks(ax.xaxis)
         ax.legend(fontsize=6)

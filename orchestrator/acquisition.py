@@ -18,7 +18,8 @@ Both phases are pure functions of the planned cells, the stored rows and the cur
    of the budget range when they do not, so "no crossover" is an answer with a width too). A
    target is resolved when its 95% percentile interval is narrower than its goal, and so is the
    interval its curves' *design* gives on fresh noise: the same budgets, each cell redrawn around
-   the fitted curve with the sweep's pooled noise (`fresh_noise_twins`). The stored resamples alone
+   the fitted curve with the sweep's pooled noise, its level drawn from what the residuals say of it
+   (`fresh_noise_twins`, `PooledNoise.draws`). The stored resamples alone
    judge a design by the noise its cells happened to get: a curve whose few cells sit close to it by
    chance has resamples that barely differ, so its target looked done, got no more cells, and
    repeated that width every round (its resamples are seeded by its cells) — each target's final
@@ -28,11 +29,13 @@ Both phases are pure functions of the planned cells, the stored rows and the cur
    cells run next (only a larger test set shrinks it), so it would only put a floor under every
    width that no choice of cells can move.
 
-   A candidate cell measures one curve's loss at one budget. The fresh-noise resamples form an
-   ensemble: the same resamples give the curve's predicted log-loss f(D) at every budget and
-   every target's value, so their sample covariance says how the two move together. (The stored
-   resamples of a curve whose cells line up by chance barely vary, so their covariances would
-   value every further cell of it at nothing, and the loop would stop with that target open.) Observing
+   A candidate cell measures one curve's loss at one budget. Each set of resamples — stored, and
+   fresh-noise — forms an ensemble: the same resamples give the curve's predicted log-loss f(D) at
+   every budget and every target's value, so their sample covariance says how the two move
+   together. A target is valued on the ensemble whose interval is the wider, the one that keeps
+   it open (the stored resamples of a curve whose cells line up by chance barely vary, and would
+   value every further cell of it at nothing; the fresh ones miss a cell the pooled noise does not
+   explain). Observing
    y = f(D) + ε, with ε the pooled residual noise of the fits (variance σ²), would remove
 
        Cov(t, f(D))² / (Var f(D) + σ²)
@@ -349,6 +352,12 @@ def targets_from(fits: Mapping[CurveKey, CurveFit], crossover_goal: float | None
     return targets
 
 
+def unidentified_exponents(fits: Mapping[CurveKey, CurveFit]) -> dict[CurveKey, float]:
+    """Curves whose exponent is no target (`targets_from`): the share of their resamples that leave it unidentified."""
+    shares = {key: float(np.isnan(exponent_samples(fit)).mean()) for key, fit in fits.items()}
+    return {key: share for key, share in shares.items() if share > 1 - CI_LEVEL}
+
+
 def exponent_samples(fit: CurveFit) -> np.ndarray:
     """β per resample, NaN where its B·D^-β term is ~0 and leaves β arbitrary (as the report's interval leaves those
     out): NaN, not dropped, so the samples stay aligned with the curve's resamples."""
@@ -357,21 +366,25 @@ def exponent_samples(fit: CurveFit) -> np.ndarray:
 
 
 def fresh_noise_twins(
-    fits: Mapping[CurveKey, CurveFit], noise: float, n_resamples: int, seed: int, *, confirming: bool = False
+    fits: Mapping[CurveKey, CurveFit], noise: PooledNoise, n_resamples: int, seed: int, *, confirming: bool = False
 ) -> dict[CurveKey, CurveFit]:
-    """Every curve with its resamples drawn anew around its fit: a resample's cells are the fitted curve at the
-    stored budgets times exp(N(0, `noise`)), the pooled noise of every curve (`noise_variance`), each refitted.
+    """The curves with their resamples drawn anew around their fits: in resample b every cell is its fitted curve at
+    its stored budget times exp(N(0, σ²_b)), each curve refitted; σ²_b is drawn from what the pooled residuals say
+    of the noise (`PooledNoise.draws`, one per resample for every curve: the crossover of two curves meets one σ).
 
-    Their spread is what the stored design gives, not what its cells happened to give (the module docstring).
-    Seeded by `seed` and the curve's points, so a rerun on the same rows draws the same resamples; `confirming`
-    (the stop's check on more resamples) draws from a stream of its own, as `adaptive.fit_budget_curves` does.
+    Their spread is what the stored design gives, not what its cells happened to give (the module docstring); the
+    σ² draws keep a pool of few residuals that happen to be small from passing as a quiet sweep. Seeded by `seed`,
+    the curve and its points, so a rerun on the same rows draws the same resamples; `confirming` (the stop's check
+    on more resamples) draws from streams of its own, as `adaptive.fit_budget_curves` does.
     """
+    tail = [1] if confirming else []
+    sd = np.sqrt(noise.draws(n_resamples, np.random.default_rng([seed, 3, *tail])))[:, None]
     twins = {}
     for key, curve in fits.items():
-        stream = [seed, 2, zlib.crc32(np.concatenate([curve.d, curve.loss]).tobytes())]
-        rng = np.random.default_rng([*stream, 1] if confirming else stream)
+        points = zlib.crc32(np.concatenate([curve.d, curve.loss]).tobytes())
+        rng = np.random.default_rng([seed, 2, zlib.crc32(label(key).encode()), points, *tail])
         data = LawData.build(POWER_D, {"D": curve.d}, curve.loss)
-        logy = np.log(curve.fit.predict({"D": curve.d})) + rng.normal(0.0, np.sqrt(noise), size=(n_resamples, data.n))
+        logy = np.log(curve.fit.predict({"D": curve.d})) + sd * rng.standard_normal((n_resamples, data.n))
         thetas = refit_weighted(curve.fit, data, np.ones((n_resamples, data.n)), logy)
         twins[key] = replace(curve, boot=Bootstrap(curve.fit, thetas, data.x))
     return twins
@@ -389,7 +402,27 @@ def on_fresh_noise(targets: Sequence[Target], twins: Mapping[CurveKey, CurveFit]
     return out
 
 
+@dataclass(frozen=True)
+class PooledNoise:
+    """One cell's log-loss variance around its curve, pooled over the curves (`pooled_noise`), and its degrees of freedom."""
+
+    variance: float
+    dof: int  # 0: no curve has more points than parameters, and `variance` is a prior
+
+    def draws(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n variances from the posterior of σ² given the residuals (scaled inverse χ², flat prior on log σ): an
+        estimate from 12 residuals is under 0.7 of the true sd in ~15 % of draws, and the fresh-noise widths scale with it."""
+        if self.dof <= 0:
+            return np.full(n, self.variance)
+        return self.dof * self.variance / rng.chisquare(self.dof, n)
+
+
 def noise_variance(fits: Mapping[CurveKey, CurveFit]) -> float:
+    """`pooled_noise(fits).variance`: the σ² a new cell's measurement adds (the acquisition's observation noise)."""
+    return pooled_noise(fits).variance
+
+
+def pooled_noise(fits: Mapping[CurveKey, CurveFit]) -> PooledNoise:
     """Pooled variance of one cell's log-loss around its curve: Σ residual² / Σ (points − parameters).
 
     Not a median-based estimate: the Huber fit (δ = 1e-3, nearly least absolute deviations) passes
@@ -401,7 +434,7 @@ def noise_variance(fits: Mapping[CurveKey, CurveFit]) -> float:
     measured = [f for f in fits.values() if (f.loss > LOSS_FLOOR).all()]
     squares = sum(float(np.sum((np.log(f.fit.predict({"D": f.d})) - np.log(f.loss)) ** 2)) for f in measured)
     dof = sum(max(len(f.d) - len(POWER_D.params), 0) for f in measured)
-    return max(squares / dof, 1e-8) if dof > 0 else 1e-2
+    return PooledNoise(max(squares / dof, 1e-8), dof) if dof > 0 else PooledNoise(1e-2, 0)
 
 
 def _filled(x: np.ndarray) -> np.ndarray:
@@ -420,32 +453,51 @@ def predicted_log_loss(fit: CurveFit, budget: float) -> np.ndarray:
 
 
 def acquisition_choices(
-    targets: Sequence[Target], twins: Mapping[CurveKey, CurveFit], candidates: Sequence[Planned], cost: CostModel,
-    noise: float, *, size: int, flops_left: float,
+    targets: Sequence[Target], fits: Mapping[CurveKey, CurveFit], twins: Mapping[CurveKey, CurveFit], candidates: Sequence[Planned],
+    cost: CostModel, noise: float, *, size: int, flops_left: float,
 ) -> list[Choice]:  # fmt: skip
-    """Up to `size` cells, greedily by goal variances removed per FLOP (see the module docstring). The ensemble is
-    the fresh-noise one: `twins` are the curves' `fresh_noise_twins`, and each target's `fresh` samples come from them."""
+    """Up to `size` cells, greedily by goal variances removed per FLOP (see the module docstring).
+
+    Each target is valued on the ensemble whose interval is the wider: its stored resamples (beside the predictions
+    of `fits`) or its fresh-noise ones (beside those of `twins`, the curves' `fresh_noise_twins`, from which its
+    `fresh` samples come). A target open on a design that lined up by chance is narrowed by the cells its design
+    lacks; one open on a cell the pooled noise does not explain (an outlier, a noisier curve), by the cells that pin
+    its own curve down — on the other ensemble it would look done, and no cell would be worth anything to it.
+    """
     if any(t.fresh is None for t in targets):
-        raise ValueError("acquisition reads the targets on fresh noise: pass them through on_fresh_noise first")
+        raise ValueError("acquisition reads the targets on fresh noise too: pass them through on_fresh_noise first")
     slots: dict[tuple[CurveKey, int], list[Planned]] = defaultdict(list)  # (curve, budget) -> cells, seed order
     for cell in sorted(candidates, key=lambda c: c.config.seed):
         if curve_key(cell) in twins:
             slots[(curve_key(cell), cell.config.budget)].append(cell)
     if not targets or not slots:
         return []
-    columns = [t.fresh for t in targets] + [predicted_log_loss(twins[k], b) for k, b in slots]
     owners = [set(t.curves) for t in targets] + [{k} for k, _ in slots]
-    samples = np.column_stack([_winsorise(_filled(c)) for c in columns])
     index = {key: i for i, key in enumerate(twins)}
     incidence = np.zeros((len(owners), len(index)))
     for i, curves in enumerate(owners):
         incidence[i, [index[k] for k in curves]] = 1.0
-    cov = np.cov(samples, rowvar=False) * ((incidence @ incidence.T) > 0)
+    shared = (incidence @ incidence.T) > 0
+
+    def covariance(target_columns: list[np.ndarray], curves: Mapping[CurveKey, CurveFit]) -> np.ndarray:
+        columns = target_columns + [predicted_log_loss(curves[k], b) for k, b in slots]
+        return np.cov(np.column_stack([_winsorise(_filled(c)) for c in columns]), rowvar=False) * shared
+
     n_targets = len(targets)
+    on_stored = np.array([t.width >= (t.fresh_width or 0.0) for t in targets])
+    ensembles = [covariance([t.samples for t in targets], fits), covariance([t.fresh for t in targets], twins)]
     weight = np.array([0.0 if t.resolved else (2 * Z / t.goal) ** 2 for t in targets])
-    # Reasons quote each target's own (percentile) width on fresh noise, narrowed as its variance is: the normal width
+    # Reasons quote each target's own (percentile) width on its ensemble, narrowed as its variance is: the normal width
     # 2·Z·sd of a skewed or winsorised sample differs from it, and the two numbers would disagree in the log.
-    per_sd = np.array([_width(t.fresh) / np.sqrt(cov[i, i]) if cov[i, i] > 0 else 0.0 for i, t in enumerate(targets)])
+    widths = np.array([t.width if stored else _width(t.fresh) for t, stored in zip(targets, on_stored)])
+    variance = np.where(on_stored, np.diag(ensembles[0])[:n_targets], np.diag(ensembles[1])[:n_targets])
+    per_sd = np.divide(widths, np.sqrt(variance), out=np.zeros(n_targets), where=variance > 0)
+
+    def removed_by(col: int) -> np.ndarray:
+        """Each target's variance removed by a cell of slot column `col`, on its own ensemble."""
+        stored, fresh = (cov[:n_targets, col] ** 2 / (cov[col, col] + noise) for cov in ensembles)
+        return np.where(on_stored, stored, fresh)
+
     slot_keys = list(slots)
     choices: list[Choice] = []
     while len(choices) < size:
@@ -453,9 +505,7 @@ def acquisition_choices(
         for j, key in enumerate(slot_keys):
             if not slots[key] or cost.post_train(slots[key][0].config) > flops_left:
                 continue
-            col = n_targets + j
-            removed = weight * cov[:n_targets, col] ** 2 / (cov[col, col] + noise)
-            value = removed.sum() / cost.ranking_cost(slots[key][0].config)
+            value = (weight * removed_by(n_targets + j)).sum() / cost.ranking_cost(slots[key][0].config)
             if value > 0 and (best is None or value > best[0]):
                 best = (value, j)
         if best is None:
@@ -463,16 +513,17 @@ def acquisition_choices(
         value, j = best
         col = n_targets + j
         cell = slots[slot_keys[j]].pop(0)
-        removed = cov[:n_targets, col] ** 2 / (cov[col, col] + noise)
+        removed = removed_by(col)
+        variance = np.where(on_stored, np.diag(ensembles[0])[:n_targets], np.diag(ensembles[1])[:n_targets])
         helped = [i for i in np.argsort(-weight * removed) if weight[i] > 0 and removed[i] > 0][:2]
         effects = "; ".join(
-            f"{targets[i].unit} {targets[i].name} width on fresh noise ≈{per_sd[i] * np.sqrt(cov[i, i]):.3g}→"
-            f"{per_sd[i] * np.sqrt(max(cov[i, i] - removed[i], 0.0)):.3g} (goal {targets[i].goal:.3g})"
+            f"{targets[i].unit} {targets[i].name} width{'' if on_stored[i] else ' on fresh noise'} ≈{per_sd[i] * np.sqrt(variance[i]):.3g}→"
+            f"{per_sd[i] * np.sqrt(max(variance[i] - removed[i], 0.0)):.3g} (goal {targets[i].goal:.3g})"
             for i in helped
         )
         flops = cost.post_train(cell.config)
         reason = f"expected to narrow {effects}; {value:.3g} goal-variances per FLOP"
         choices.append(Choice(cell, "acquisition", reason, flops, value))
         flops_left -= flops
-        cov = cov - np.outer(cov[:, col], cov[col, :]) / (cov[col, col] + noise)
+        ensembles = [cov - np.outer(cov[:, col], cov[col, :]) / (cov[col, col] + noise) for cov in ensembles]
     return choices

@@ -33,12 +33,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.bootstrap import CI_LEVEL
 from analysis.decisions import LOG_NAME, parse_events
 from analysis.io import jsonable, load_results
 
 from orchestrator.acquisition import (
     Choice, CurveFit, CurveKey, Target, acquisition_choices, check_grid, curve_pairs, curves_of, design_choices, fit_curve,
-    fresh_noise_twins, given_up, label, noise_variance, on_fresh_noise, targets_from,
+    PooledNoise, fresh_noise_twins, given_up, label, on_fresh_noise, pooled_noise, targets_from, unidentified_exponents,
 )  # fmt: skip
 from orchestrator.cellcost import CostModel, Planned
 from orchestrator.claims import Claims
@@ -148,6 +149,26 @@ def fit_budget_curves(
     return fits
 
 
+def _judged(fits: Mapping[CurveKey, CurveFit], noise: PooledNoise, resamples: int, settings: Settings, *,
+            confirming: bool = False) -> tuple[list[Target], dict[CurveKey, CurveFit], str]:  # fmt: skip
+    """The round's targets, each on its curves' stored resamples and on fresh noise around their fits, the fresh-noise
+    twins of the curves they read (what acquisition reads), and a note naming the exponents that are no target.
+
+    An exponent that more than 1 − level of either set of resamples leaves unidentified (its B·D^-β term vanishes) is
+    none: named in the note rather than kept open, where no cell is known to make it identified and it would take the
+    whole budget, or dropped without a word."""
+    stored = targets_from(fits, settings.target_width, settings.target_exponent_width)
+    twins = fresh_noise_twins({key: fits[key] for target in stored for key in target.curves}, noise, resamples, settings.seed,
+                              confirming=confirming)  # fmt: skip
+    judged = on_fresh_noise(stored, twins)
+    lost = {target.name for target in judged if target.fresh_width == float("inf")}
+    note = "".join(f"; the exponent of {label(key)} is no target: {share:.0%} of its resamples leave it unidentified"
+                   for key, share in unidentified_exponents(fits).items()) if settings.target_exponent_width is not None else ""  # fmt: skip
+    note += "".join(f"; the exponent of {name} is no target: fresh noise around its fit leaves it unidentified in over "
+                    f"{1 - CI_LEVEL:.0%} of resamples" for name in sorted(lost))  # fmt: skip
+    return [target for target in judged if target.name not in lost], twins, note
+
+
 def _choice_record(round_: int, choice: Choice) -> dict:
     c = choice.cell.config
     return {
@@ -209,16 +230,15 @@ def run_adaptive(
         else:
             resamples = settings.bootstrap
             fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache)
-            noise = noise_variance(fits)  # of the full-data fits: the same whatever the resamples
-            twins = fresh_noise_twins(fits, noise, resamples, settings.seed)
-            targets = on_fresh_noise(targets_from(fits, settings.target_width, settings.target_exponent_width), twins)
+            noise = pooled_noise(fits)  # of the full-data fits: the same whatever the resamples
+            targets, twins, unidentified = _judged(fits, noise, resamples, settings)
             if targets and all(t.resolved for t in targets) and settings.confirm_bootstrap > resamples:
                 # A width from few resamples is noisy, and stopping on the first round whose estimate dips
                 # under the goal favours the low draws: the stop is confirmed on more resamples, drawn apart, first.
                 resamples = settings.confirm_bootstrap
                 fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache, confirming=True)
-                twins = fresh_noise_twins(fits, noise, resamples, settings.seed, confirming=True)
-                targets = on_fresh_noise(targets_from(fits, settings.target_width, settings.target_exponent_width), twins)
+                targets, twins, unidentified = _judged(fits, noise, resamples, settings, confirming=True)
+            unfitted += unidentified
             # a target whose curve cannot be fitted (and is not given up) is said, not dropped
             if settings.target_width is not None:
                 blind = [pair for pair in curve_pairs(curves_of(cells)) if any(k not in fits and k not in abandoned for k in pair)]
@@ -228,9 +248,10 @@ def run_adaptive(
                 unfitted += "".join(f"; no exponent for {label(key)}: not fitted (its ok cells do not support the law)"
                                     for key in curves_of(cells) if key not in fits and key not in abandoned)  # fmt: skip
             log.append([{"event": "round", "round": round_, "cells_stored": len(status), "flops_spent": spent,
-                         "noise_sd": float(np.sqrt(noise)), "resamples": resamples,
+                         "noise_sd": float(np.sqrt(noise.variance)), "resamples": resamples,
                          "targets": [t.record() for t in targets]}])  # fmt: skip
-            echo(f"round {round_}: {len(status)} cells stored, {spent:.3g} post-training FLOPs, noise sd {np.sqrt(noise):.3g} (log loss), {resamples} resamples")
+            echo(f"round {round_}: {len(status)} cells stored, {spent:.3g} post-training FLOPs, noise sd {np.sqrt(noise.variance):.3g} "
+                 f"(log loss, {noise.dof} degrees of freedom), {resamples} resamples")  # fmt: skip
             for target in targets:
                 echo(f"  {target.describe()}")
             if not targets:
@@ -240,7 +261,7 @@ def run_adaptive(
             if all(t.resolved for t in targets):
                 return _stop(log, echo, round_, "every target interval is narrower than its goal" + unfitted, status, spent, targets)
             size = int(min(settings.batch_size, cells_left))
-            choices = acquisition_choices(targets, twins, candidates, cost, noise, size=size, flops_left=flops_left)
+            choices = acquisition_choices(targets, fits, twins, candidates, cost, noise.variance, size=size, flops_left=flops_left)
         if not choices:
             if not candidates:
                 reason = "every cell of the grid is stored"

@@ -18,11 +18,13 @@ Once rows exist, the prior's shape is kept and its scale measured, with a fixed 
 where c is what a cell spends whatever its budget — the validation passes that choose a steering
 vector's layer and scale (18 of them by default: at budget 4 they are 94 % of the cell's FLOPs), a
 fine-tune's checkpoint validations, few-shot prompting's choice of shots. A and c are fitted to the
-stored rows (least squares on relative errors, both ≥ 0; a scale alone, c = 0, until a group has two
-budgets), taken from the most specific group that has rows — the same (task, method, model) curve,
-else (task, method), else the method, else every row — so a curve's cost is right after its first cell
-and a new model borrows its method's rate. (A scale alone, fitted to budgets 4 to 4,096, priced a
-mean-difference vector's small-budget cells at 0.06 of their FLOPs and its largest at 2.2 times.)
+stored rows (least squares on relative errors, both ≥ 0), taken from the most specific group that has
+rows — the same (task, method, model) curve, else (task, method), else the method, else every row. A
+group whose rows span one budget (a curve's first cell) takes the shape — c over a — of the nearest
+broader group of its method and fits only its scale (without one, a scale alone, c = 0), so a curve's
+cost is right after its first cell where its method has been measured at two budgets, and a new model
+borrows its method's rate. (A scale alone, fitted to budgets 4 to 4,096, priced a mean-difference
+vector's small-budget cells at 0.06 of their FLOPs and its largest at 2.2 times.)
 
 The budget of an adaptive sweep counts post-training FLOPs only (measured where stored, as the
 compute frontier does). Ranking cells by value per FLOP also adds the forward cost of the cell's
@@ -94,14 +96,25 @@ class Rate:
         return self.per_unit * units + self.fixed
 
     @classmethod
-    def fitted(cls, units: Sequence[float], per_param: Sequence[float]) -> Rate:
-        """The rate closest to the measured FLOPs per parameter in relative error, both parts ≥ 0; a scale alone
-        (the median ratio) where the rows span one budget's work or some spent nothing (prompting: 0 FLOPs)."""
+    def fitted(cls, units: Sequence[float], per_param: Sequence[float], shape: Rate | None = None) -> Rate:
+        """The rate closest to the measured FLOPs per parameter in relative error, both parts ≥ 0, from the rows that
+        spent any (a steering vector with no pairs to contrast, a prompt with one choice: none). Where those span
+        fewer than two budgets' work (one budget says nothing of how cost grows) or leave nothing growing with the
+        budget, `shape` — the rate of a broader group of the same method — is scaled to them; without one, a scale
+        alone (the median ratio); rows that all spent nothing give a rate of 0."""
         x, y = np.asarray(units, float), np.asarray(per_param, float)
-        if len(np.unique(x)) < 2 or (y <= 0).any():
-            return cls(float(np.median(y / x)))
-        (per_unit, fixed), _ = nnls(np.column_stack([x / y, 1 / y]), np.ones(len(y)))
-        return cls(float(per_unit), float(fixed))
+        spent = y > 0
+        if not spent.any():
+            return cls(0.0)
+        x, y = x[spent], y[spent]
+        if len(np.unique(x)) >= 2:
+            (per_unit, fixed), _ = nnls(np.column_stack([x / y, 1 / y]), np.ones(len(y)))
+            if per_unit > 0:
+                return cls(float(per_unit), float(fixed))
+        if shape is not None and shape.per_unit > 0:
+            scale = float(np.median(y / shape(x)))
+            return cls(shape.per_unit * scale, shape.fixed * scale)
+        return cls(float(np.median(y / x)))
 
 
 @dataclass(frozen=True)
@@ -113,11 +126,11 @@ class CostModel:
 
     @classmethod
     def calibrate(cls, cells: Sequence[Planned], rows: pd.DataFrame, params_prior: Mapping[str, float]) -> CostModel:
-        """Scales from the stored rows of `cells` that report post-training FLOPs."""
+        """Rates from the stored rows of `cells` that report post-training FLOPs."""
         params = dict(params_prior)
         if len(rows):
-            measured = rows.dropna(subset=["params_total"]).groupby("model")["params_total"].median()
-            params.update({model: float(n) for model, n in measured.items() if n > 0})
+            counted = rows.dropna(subset=["params_total"]).groupby("model")["params_total"].median()
+            params.update({model: float(n) for model, n in counted.items() if n > 0})
         known = [n for n in params.values() if n > 0]
         fallback = float(np.exp(np.mean(np.log(known)))) if known else 1.0
         for cell in cells:
@@ -137,7 +150,11 @@ class CostModel:
             for key in keys + ([()] if value > 0 else []):
                 measured[key][0].append(units)
                 measured[key][1].append(float(value) / params[config.model.id])
-        return cls(params=params, rates={key: Rate.fitted(*points) for key, points in measured.items()})
+        rates: dict[tuple[str, ...], Rate] = {}
+        for key in sorted(measured, key=len):  # broad first: a narrower group may borrow its method's shape
+            broader = {3: [key[:2], key[1:2]], 2: [key[1:]]}.get(len(key), [])  # (task, method, model): (task, method), (method,)
+            rates[key] = Rate.fitted(*measured[key], shape=next((rates[k] for k in broader if k in rates), None))
+        return cls(params=params, rates=rates)
 
     def _rate(self, config: CellConfig) -> Rate:
         for key in ((config.task, config.method, config.model.id), (config.task, config.method), (config.method,), ()):

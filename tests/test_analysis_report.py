@@ -272,6 +272,18 @@ def test_the_adaptive_log_of_a_run_resumed_after_its_stop_has_not_stopped_and_sh
     assert finished.stopped and finished.final_targets[0]["width"] == 0.8
 
 
+def test_the_adaptive_plot_follows_the_wider_of_the_two_widths_the_stop_holds_to_its_goal() -> None:
+    """The plot drew the stored width alone: a target open on fresh noise sat under its goal line, looking done."""
+    from analysis.decisions import parse_decisions
+
+    def round_(i: int, width: float, fresh: float | None) -> dict:
+        target = {"target": "t/m steer_mean->lora", "unit": "log10 D*", "width": width, **({} if fresh is None else {"fresh_width": fresh})}
+        return {"event": "round", "round": i, "flops_spent": 10.0 * (i + 1), "targets": [target]}
+
+    log = parse_decisions("\n".join(json.dumps(e) for e in [round_(0, 0.1, 0.5), round_(1, 0.4, 0.2), round_(2, 0.3, None)]))
+    assert log.width_history() == {("t/m steer_mean->lora", "log10 D*"): [(10.0, 0.5), (20.0, 0.4), (30.0, 0.3)]}
+
+
 def test_a_lead_the_seeds_cannot_resolve_is_said_to_be_within_noise() -> None:
     """Two methods .01 apart on means of 2 cells that scatter by .1: an order the report must not state as a finding."""
     rows = [{"task": "t", "model": "m", "status": "ok", "params_nonembed": 1e6, "budget": 64, "method": method, "seed": seed, "score": score}
