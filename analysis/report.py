@@ -554,7 +554,7 @@ def _adaptive(decisions: Decisions | None, a: Analysis, out: Path) -> list[Block
                  "done" if t["resolved"] else "open") for t in targets]  # fmt: skip
         fresh = any("fresh_width" in t for t in targets)  # logs written before the stop held it to the goal too have none
         caption = ("Target intervals at the end (95 % bootstrap; \"on fresh noise\": the width the same design gives with every "
-                   "cell redrawn around its fitted curve, which must meet the goal too; - where lost):" if fresh else
+                   "cell redrawn around its fitted curve, which must meet the goal too):" if fresh else
                    "Target intervals at the end (95 % bootstrap):")  # fmt: skip
         blocks += [Paragraph(caption), Table(("target", "unit", "interval", "width", "on fresh noise", "goal", "status"), rows)]
     path = adaptive_plot(decisions, out / "adaptive.png")

@@ -48,9 +48,10 @@ Both phases are pure functions of the planned cells, the stored rows and the cur
    other curves keep their value), repeat. That update is the batch's diversity; no ad-hoc
    spacing rule is needed.
 
-Covariances between different curves are set to zero: their bootstraps are independent, so any
-sample covariance between them is noise (the "localisation" of ensemble Kalman filters). Every
-column is winsorised at its 2.5/97.5 percentiles first, so a few wild resamples do not dominate.
+Covariances between different curves are set to zero: their resamples are drawn apart (the fresh
+ones share only their σ² draw), so any sample covariance between them is noise (the "localisation"
+of ensemble Kalman filters). Every column is winsorised at its 2.5/97.5 percentiles first, so a few
+wild resamples do not dominate.
 """
 
 from __future__ import annotations
@@ -407,14 +408,17 @@ class PooledNoise:
     """One cell's log-loss variance around its curve, pooled over the curves (`pooled_noise`), and its degrees of freedom."""
 
     variance: float
-    dof: int  # 0: no curve has more points than parameters, and `variance` is a prior
+    dof: int  # 0: no curve has more measured cells than parameters, and `variance` is a prior
 
     def draws(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """n variances from the posterior of σ² given the residuals (scaled inverse χ², flat prior on log σ): an
-        estimate from 12 residuals is under 0.7 of the true sd in ~15 % of draws, and the fresh-noise widths scale with it."""
+        estimate from 6 residuals is under 0.7 of the true sd in ~18 % of draws, and the fresh-noise widths scale with
+        it. At least 3 degrees of freedom are assumed (with 1 or 2 the posterior's mean is infinite, and no design
+        would ever look narrow); the Huber fits' residuals already put the estimate a little high (~1.3× σ² at 3)."""
         if self.dof <= 0:
             return np.full(n, self.variance)
-        return self.dof * self.variance / rng.chisquare(self.dof, n)
+        dof = max(self.dof, 3)
+        return dof * self.variance / rng.chisquare(dof, n)
 
 
 def noise_variance(fits: Mapping[CurveKey, CurveFit]) -> float:
@@ -427,14 +431,33 @@ def pooled_noise(fits: Mapping[CurveKey, CurveFit]) -> PooledNoise:
 
     Not a median-based estimate: the Huber fit (δ = 1e-3, nearly least absolute deviations) passes
     exactly through as many points as it has parameters, so most residuals of a small curve are 0.
-    A curve with a cell at the loss floor (a perfect score: its loss is the floor, not a measurement) is left out:
-    in log-loss such a cell sits ~5 from its curve and pulls the fit off the others, and one raised the pooled sd of
-    every curve 15-fold (three: 40-fold, when only the floored cells themselves were left out).
+    A curve with cells at the loss floor (a perfect score: its loss is the floor, not a measurement) counts the
+    residuals of its other cells around a curve fitted to them alone: in log-loss a floored cell sits ~5 from its
+    curve and pulls the fit off the others, and one raised the pooled sd of every curve 15-fold (three: 40-fold, when
+    only the floored cells themselves were left out). With no residual at all, the variance is a prior (dof 0).
     """
-    measured = [f for f in fits.values() if (f.loss > LOSS_FLOOR).all()]
-    squares = sum(float(np.sum((np.log(f.fit.predict({"D": f.d})) - np.log(f.loss)) ** 2)) for f in measured)
-    dof = sum(max(len(f.d) - len(POWER_D.params), 0) for f in measured)
+    squares, dof = 0.0, 0
+    for curve in fits.values():
+        residuals = _measured_residuals(curve)
+        squares += float(np.sum(residuals**2))
+        dof += max(len(residuals) - len(POWER_D.params), 0)
     return PooledNoise(max(squares / dof, 1e-8), dof) if dof > 0 else PooledNoise(1e-2, 0)
+
+
+def _measured_residuals(curve: CurveFit) -> np.ndarray:
+    """Log residuals of a curve's cells above the loss floor, around its fit (refitted to them where it had floored
+    cells); none where those cells cannot support a fit of their own."""
+    measured = curve.loss > LOSS_FLOOR
+    fit = curve.fit
+    if not measured.all():
+        d, loss = curve.d[measured], curve.loss[measured]
+        if len(d) <= len(POWER_D.params) or len(np.unique(d)) < MIN_BUDGETS:
+            return np.zeros(0)
+        try:
+            fit = fit_law(LawData.build(POWER_D, {"D": d}, loss))
+        except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError):  # as fit_curve: no fit, no residuals
+            return np.zeros(0)
+    return np.log(fit.predict({"D": curve.d[measured]})) - np.log(curve.loss[measured])
 
 
 def _filled(x: np.ndarray) -> np.ndarray:
@@ -484,16 +507,21 @@ def acquisition_choices(
         return np.cov(np.column_stack([_winsorise(_filled(c)) for c in columns]), rowvar=False) * shared
 
     n_targets = len(targets)
-    on_stored = np.array([t.width >= (t.fresh_width or 0.0) for t in targets])
     ensembles = [covariance([t.samples for t in targets], fits), covariance([t.fresh for t in targets], twins)]
     weight = np.array([0.0 if t.resolved else (2 * Z / t.goal) ** 2 for t in targets])
-    # Reasons quote each target's own (percentile) width on its ensemble, narrowed as its variance is: the normal width
-    # 2·Z·sd of a skewed or winsorised sample differs from it, and the two numbers would disagree in the log.
-    widths = np.array([t.width if stored else _width(t.fresh) for t, stored in zip(targets, on_stored)])
-    variance = np.where(on_stored, np.diag(ensembles[0])[:n_targets], np.diag(ensembles[1])[:n_targets])
-    per_sd = np.divide(widths, np.sqrt(variance), out=np.zeros(n_targets), where=variance > 0)
+    # Widths are each target's own (percentile) widths, narrowed as its variance is: the normal width 2·Z·sd of a
+    # skewed or winsorised sample differs from it, and the two numbers would disagree in the log.
+    widths = [np.array([t.width for t in targets]), np.array([_width(t.fresh) for t in targets])]
+    per_sd = [np.divide(w, np.sqrt(np.diag(cov)[:n_targets]), out=np.zeros(n_targets), where=np.diag(cov)[:n_targets] > 0)
+              for w, cov in zip(widths, ensembles)]  # fmt: skip
 
-    def removed_by(col: int) -> np.ndarray:
+    def projected() -> tuple[np.ndarray, np.ndarray]:
+        """Each target's width as the cells chosen so far narrow it, and whether its stored one is the wider (the
+        ensemble it is valued on, looked at again after every choice)."""
+        stored, fresh = (sd * np.sqrt(np.maximum(np.diag(cov)[:n_targets], 0.0)) for sd, cov in zip(per_sd, ensembles))
+        return np.maximum(stored, fresh), stored >= fresh
+
+    def removed_by(col: int, on_stored: np.ndarray) -> np.ndarray:
         """Each target's variance removed by a cell of slot column `col`, on its own ensemble."""
         stored, fresh = (cov[:n_targets, col] ** 2 / (cov[col, col] + noise) for cov in ensembles)
         return np.where(on_stored, stored, fresh)
@@ -501,11 +529,12 @@ def acquisition_choices(
     slot_keys = list(slots)
     choices: list[Choice] = []
     while len(choices) < size:
+        width, on_stored = projected()
         best: tuple[float, int] | None = None
         for j, key in enumerate(slot_keys):
             if not slots[key] or cost.post_train(slots[key][0].config) > flops_left:
                 continue
-            value = (weight * removed_by(n_targets + j)).sum() / cost.ranking_cost(slots[key][0].config)
+            value = (weight * removed_by(n_targets + j, on_stored)).sum() / cost.ranking_cost(slots[key][0].config)
             if value > 0 and (best is None or value > best[0]):
                 best = (value, j)
         if best is None:
@@ -513,12 +542,13 @@ def acquisition_choices(
         value, j = best
         col = n_targets + j
         cell = slots[slot_keys[j]].pop(0)
-        removed = removed_by(col)
+        removed = removed_by(col, on_stored)
         variance = np.where(on_stored, np.diag(ensembles[0])[:n_targets], np.diag(ensembles[1])[:n_targets])
+        narrowed = np.where(on_stored, per_sd[0], per_sd[1]) * np.sqrt(np.maximum(variance - removed, 0.0))
         helped = [i for i in np.argsort(-weight * removed) if weight[i] > 0 and removed[i] > 0][:2]
         effects = "; ".join(
-            f"{targets[i].unit} {targets[i].name} width{'' if on_stored[i] else ' on fresh noise'} ≈{per_sd[i] * np.sqrt(variance[i]):.3g}→"
-            f"{per_sd[i] * np.sqrt(max(variance[i] - removed[i], 0.0)):.3g} (goal {targets[i].goal:.3g})"
+            f"{targets[i].unit} {targets[i].name} width{'' if on_stored[i] else ' on fresh noise'} ≈{width[i]:.3g}→"
+            f"{narrowed[i]:.3g} (goal {targets[i].goal:.3g})"
             for i in helped
         )
         flops = cost.post_train(cell.config)

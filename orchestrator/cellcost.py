@@ -101,17 +101,20 @@ class Rate:
         spent any (a steering vector with no pairs to contrast, a prompt with one choice: none). Where those span
         fewer than two budgets' work (one budget says nothing of how cost grows) or leave nothing growing with the
         budget, `shape` — the rate of a broader group of the same method — is scaled to them; without one, a scale
-        alone (the median ratio); rows that all spent nothing give a rate of 0."""
+        alone (the median ratio), or the fixed part alone where two budgets' work says cost does not grow. Rows that
+        all spent nothing (a curve's first cell, at a budget too small for a pair to contrast) take `shape` as it is,
+        else a rate of 0 (a method that never spends: prompting with nothing to choose)."""
         x, y = np.asarray(units, float), np.asarray(per_param, float)
         spent = y > 0
         if not spent.any():
-            return cls(0.0)
+            return shape if shape is not None else cls(0.0)
         x, y = x[spent], y[spent]
+        borrowable = shape is not None and bool((shape(x) > 0).all())
         if len(np.unique(x)) >= 2:
             (per_unit, fixed), _ = nnls(np.column_stack([x / y, 1 / y]), np.ones(len(y)))
-            if per_unit > 0:
+            if per_unit > 0 or not borrowable:
                 return cls(float(per_unit), float(fixed))
-        if shape is not None and shape.per_unit > 0:
+        if shape is not None and borrowable:
             scale = float(np.median(y / shape(x)))
             return cls(shape.per_unit * scale, shape.fixed * scale)
         return cls(float(np.median(y / x)))

@@ -371,20 +371,38 @@ def run_cells(
             store.write(row)
         return kept
 
-    def store_row(cell: PlannedCell, row: dict) -> None:
-        """Store a finished cell's row and count it; one the store refuses after STORE_RETRY_SECONDS' tries goes to
-        `unstored` (the run stops once the other rows it has are stored: `raise_unstored`)."""
-        for wait in (*STORE_RETRY_SECONDS, None):
+    def written(cell: PlannedCell, row: dict) -> bool | None:
+        """`write`, again after each of STORE_RETRY_SECONDS' waits while the store refuses it; None where it refused
+        every try (the cell goes to `unstored`). Once one row has been refused so, the others get one try each: a
+        store that is gone must not hold the run for seconds a row."""
+        waits = [] if unstored else list(STORE_RETRY_SECONDS)
+        while True:
             try:
-                kept = write(cell, row)
-                break
+                return write(cell, row)
             except OSError as err:
-                if wait is None:
+                if not waits:
                     unstored.append((cell, err))
-                    return
+                    return None
+                wait = waits.pop(0)
                 bar.write(f"warning: could not store {row['slug']} ({err}); trying again in {wait:g} s")
                 time.sleep(wait)
-        claims.release(cell.cell_id)
+
+    def store_row(cell: PlannedCell, row: dict) -> None:
+        """Store a finished cell's row and count it; one the store refuses goes to `unstored` (the run stops once the
+        other rows it has are stored: `raise_unstored`), one that does not fit the results schema becomes a failed row."""
+        try:
+            kept = written(cell, row)
+        except Exception as err:  # noqa: BLE001 - not the store's refusal: the row itself (a worker's bug); the sweep goes on
+            started_at = row.get("started_at") or datetime.now(timezone.utc)
+            row = crashed_row(cell.config, err, row.get("attempt") or 1, started_at)
+            row["error"] = f"the cell's row could not be stored: {row['error']}"
+            kept = written(cell, row)
+        if kept is None:
+            return
+        try:
+            claims.release(cell.cell_id)
+        except OSError as err:  # the row is stored: a claim left behind goes stale, and its cell is not run again
+            bar.write(f"warning: could not release the claim of {row['slug']} ({err})")
         dashboard_metrics.record(row)
         outcome.cell_seconds += (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
         if row["status"] == "ok":
@@ -474,10 +492,7 @@ def run_cells(
                     bar.write(f"warning: could not refresh the claims ({err}); another driver takes a claim over only "
                               f"after {claims.ttl_seconds / 60:g} minutes without one")  # fmt: skip
                 last_heartbeat = time.monotonic()
-            for ref in sorted(done, key=lambda ref: ref in starting):  # rows first: a start failure may stop the run
-                if ref in starting:
-                    mark_started(starting[ref], ref)
-                    continue
+            for ref in [ref for ref in done if ref not in starting]:  # rows first: a start failure stops the run
                 worker, cell, attempt, since = in_flight.pop(ref)
                 deadlines.pop(ref, None)
                 worker.running = None
@@ -505,6 +520,8 @@ def run_cells(
                 store_row(cell, row)
             stop_overdue()
             raise_unstored()  # after every row of the batch: one the store refuses must not lose the others
+            for ref in [ref for ref in done if ref in starting]:
+                mark_started(starting[ref], ref)
             check_waits()
             dispatch()
             show_counts(refresh=terminal)  # in a log, with the next update instead
@@ -524,7 +541,11 @@ def run_cells(
             POOL.retire(worker)
         for shape in {worker.shape for worker in POOL.pending()}:  # no cell waits for a node any more
             POOL.drop_unplaceable(shape)
-        claims.release_all()  # cells still running or waiting when we were interrupted go back to the pool
+        try:
+            claims.release_all()  # cells still running or waiting when we were interrupted go back to the pool
+        except OSError as err:  # a store that refuses writes refuses this too: the error that stopped the run is the one to see
+            print(f"warning: could not release this run's claims ({err}); a later run takes them over (at once on this "
+                  f"host, after {claims.ttl_seconds / 60:g} minutes elsewhere)", file=sys.stderr)  # fmt: skip
     outcome.wall_seconds = time.perf_counter() - started
     return outcome
 

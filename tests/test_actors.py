@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -269,14 +270,14 @@ class RefusingStore(ResultsStore):
     """A store that refuses the rows of the cells named, `times` times each (None: every time), as a bucket with
     a hiccup or a disk that filled up would."""
 
-    def __init__(self, root: str, refuse: set[str], times: int | None) -> None:
+    def __init__(self, root: str, refuse: set[str], times: int | None, error: type[Exception] = OSError) -> None:
         super().__init__(root)
-        self.refuse, self.times, self.refused = refuse, times, Counter[str]()
+        self.refuse, self.times, self.error, self.refused = refuse, times, error, Counter[str]()
 
     def write(self, row: dict) -> None:
-        if row["cell_id"] in self.refuse and (self.times is None or self.refused[row["cell_id"]] < self.times):
+        if row["cell_id"] in self.refuse and row["status"] == "ok" and (self.times is None or self.refused[row["cell_id"]] < self.times):
             self.refused[row["cell_id"]] += 1
-            raise OSError(f"the store refused {row['slug']}")
+            raise self.error(f"the store refused {row['slug']}")
         super().write(row)
 
 
@@ -306,6 +307,16 @@ def test_a_row_the_store_refuses_is_written_again_and_one_it_keeps_refusing_stop
     assert rerun.skipped_claimed == 0, "the refused cell's claim must be released"
     rows = ResultsStore(spec.results_dir).read().to_pandas()
     assert sorted(rows.cell_id) == sorted(c.cell_id for c in cells) and (rows.status == "ok").all()
+
+    # a row that does not fit the results schema (a worker's bug, not the store) is stored failed, and the sweep goes on
+    spec = _base_sweep(write_sweep, test_ladder, "unfit", 4, {"cpus_per_cell": 1})
+    cells = expand(spec)
+    unfit = RefusingStore(spec.results_dir, {cells[1].cell_id}, times=None, error=pa.ArrowInvalid)
+    outcome = run_cells(cells, unfit, spec.resources, progress=False, dashboard=False)
+    rows = unfit.read().to_pandas().set_index("cell_id")
+    assert outcome.ok == 3 and outcome.failed == 1 and len(rows) == 4
+    assert rows.loc[cells[1].cell_id, "status"] == "failed"
+    assert rows.loc[cells[1].cell_id, "error"].startswith("the cell's row could not be stored: ArrowInvalid: the store refused")
 
 
 @pytest.mark.slow  # ~30 s: one worker starts

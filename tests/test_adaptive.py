@@ -394,6 +394,11 @@ def test_a_target_is_resolved_only_if_its_design_is_narrow_on_fresh_noise_too(tm
     assert f"width {target.width:.3g}, {fresh.fresh_width:.3g} on fresh noise (goal 0.2, open)" in fresh.describe()
     (quiet,) = on_fresh_noise([target], fresh_noise_twins(fits, PooledNoise(1e-8, noise.dof), 500, seed=1))
     assert quiet.fresh_width < 0.01 and quiet.resolved  # the width comes from the noise, not from the fit
+    # two curves with the same points are still drawn apart (their crossover would otherwise be a tie in every resample)
+    steer, tune = target.curves
+    same = {steer: fits[steer], tune: replace(fits[steer], key=tune)}
+    twins = fresh_noise_twins(same, noise, 50, seed=1)
+    assert not np.allclose(twins[steer].boot.thetas, twins[tune].boot.thetas)
     # a noise level known from few residuals may be larger than it looked: its draws widen the interval
     (known,), (few,) = (on_fresh_noise([target], fresh_noise_twins(fits, PooledNoise(noise.variance, dof), 500, seed=1)) for dof in (10_000, 3))
     assert known.fresh_width < fresh.fresh_width < few.fresh_width and few.fresh_width > 1.3 * known.fresh_width
@@ -461,6 +466,14 @@ def test_a_perfect_score_does_not_set_every_curves_noise(tmp_path):
         perfect = rows.copy()
         perfect.loc[(perfect["method"] == "lora") & perfect["budget"].isin(sorted(set(perfect["budget"]))[-top:]), "score"] = 1.0
         assert np.sqrt(noise_variance(fit_budget_curves(cells, perfect, 50, seed=1))) < 2 * sd < 0.2, top
+    # every curve with a perfect cell: the noise came from a fixed prior (sd 0.1, no degrees of freedom) whatever was
+    # stored; it comes from the cells above the floor, around curves fitted to them
+    from orchestrator.acquisition import pooled_noise
+
+    everywhere = rows.copy()
+    everywhere.loc[everywhere["budget"] == max(everywhere["budget"]), "score"] = 1.0
+    noise = pooled_noise(fit_budget_curves(cells, everywhere, 50, seed=1))
+    assert noise.dof == 2 * (30 - 3) and 0.5 * sd < np.sqrt(noise.variance) < 2 * sd, (noise, sd)
 
 
 def test_an_exponent_target_leaves_out_resamples_where_beta_is_unidentified(tmp_path):
@@ -506,6 +519,9 @@ def test_cost_model_learns_the_part_of_a_cells_cost_that_its_budget_does_not_set
         store_row("sim-s", budget)
     for model, budget in (("sim-s", 8), ("sim-s", 4096), ("sim-l", 4), ("sim-l", 512)):
         assert priced(model, budget) == pytest.approx(true_flops_at(model, budget), rel=1e-6), (model, budget)
+    # sim-m's first cell spent nothing (too few examples for a pair to contrast): its curve is priced as its method, not at 0
+    store_row("sim-m", 4, flops=0.0)
+    assert priced("sim-m", 4096) == pytest.approx(true_flops_at("sim-m", 4096), rel=1e-6)
     # sim-l's first cell, at a budget where the fixed part is most of it: sim-l's one-budget curve borrows the method's
     # shape (alone, its one scale priced sim-l's largest cells at 20 times their FLOPs)
     store_row("sim-l", 4)
