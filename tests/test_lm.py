@@ -265,15 +265,23 @@ def test_a_tokenizer_that_appends_an_eos_puts_none_between_a_prompt_and_its_answ
     def outputs() -> tuple:
         lm.__dict__.pop("_trailing_specials", None)  # a cached property: the template changes under it here
         pairs = [p.ids for p in lm.encode_pairs(PROMPTS, [" 3"] * 3)]
-        return pairs, lm.choice_logprobs(PROMPTS, DIGITS), lm.generate(PROMPTS, 4), neutral_context(lm)
+        lm.max_length, length = 9, lm.max_length  # 5 prompt tokens beside 4 new ones: the long prompt loses its oldest
+        try:
+            clipped = lm.generate(PROMPTS, 4)
+        finally:
+            lm.max_length = length
+        return pairs, lm.choice_logprobs(PROMPTS, DIGITS), lm.generate(PROMPTS, 4), neutral_context(lm), clipped
 
     tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=specials)
     plain = outputs()
     tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A <eos>", special_tokens=specials)
     assert tok("x")["input_ids"][-1] == tok.eos_token_id  # the tokenizer does append it
     appending = outputs()
-    assert appending[0] == plain[0] and appending[2] == plain[2] and appending[3] == plain[3] == ""
+    assert appending[0] == plain[0] and appending[2] == plain[2] and appending[3] == plain[3] == "" and appending[4] == plain[4]
     assert torch.allclose(torch.tensor(appending[1]), torch.tensor(plain[1]), atol=1e-6)
+    # the tokenizer changed under a measured count: only the specials themselves are cut, never a text's last token
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=specials)
+    assert lm.encode(PROMPTS, prompt=True) == [tok(p)["input_ids"] for p in PROMPTS]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -282,7 +282,7 @@ class LanguageModel:
             return []
         if prompt:
             encoded = token_ids(self.tokenizer, [self.prefix + t for t in texts], add_special_tokens=True)
-            return [ids[: len(ids) - self._trailing_specials] for ids in encoded] if self._trailing_specials else encoded
+            return [self._without_trailing(ids) for ids in encoded] if self._trailing_specials else encoded
         if self._continuation_lead is None:
             return token_ids(self.tokenizer, list(texts), add_special_tokens=False)
         lead = self._continuation_lead
@@ -320,13 +320,19 @@ class LanguageModel:
         return next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
 
     @functools.cached_property
-    def _trailing_specials(self) -> int:
-        """How many special tokens the tokenizer puts after a prompt's text, which a prompt goes without: a tokenizer
-        that appends an EOS to every text (`add_eos_token=True`, a "$A </s>" template) would put it between a prompt
-        and its answer, scored and trained on as the end of the document (lm-eval likewise encodes a context without)."""
+    def _trailing_specials(self) -> list[int]:
+        """The special tokens the tokenizer puts after a prompt's text, which a prompt goes without: a tokenizer that
+        appends an EOS to every text (`add_eos_token=True`, a "$A </s>" template) would put it between a prompt and
+        its answer, scored and trained on as the end of the document (lm-eval likewise encodes a context without)."""
         plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
         full = self.tokenizer("x", add_special_tokens=True)["input_ids"]
-        return max(len(full) - self._leading_specials - len(plain), 0)
+        return list(full[self._leading_specials + len(plain) :])
+
+    def _without_trailing(self, ids: list[int]) -> list[int]:
+        """`ids` less the trailing specials, where they end with them (only those: a count alone would cut a text's
+        own last token from a tokenizer whose template changed since it was measured)."""
+        k = len(self._trailing_specials)
+        return ids[:-k] if k and ids[-k:] == self._trailing_specials else ids
 
     def clipped(self, ids: list[int]) -> list[int]:
         """A prompt's ids (`encode(..., prompt=True)`, perhaps with more after) cut to `max_length` by
@@ -574,10 +580,14 @@ class LanguageModel:
             outs: list[str] = []
             for start in range(0, len(prompts), self.batch_size):
                 texts = [self.prefix + p for p in prompts[start : start + self.batch_size]]
-                enc = tok(texts, return_tensors="pt", padding=True, truncation=limit is not None, max_length=limit)
+                trailing = self._trailing_specials  # truncated with them, so that the prompt keeps `limit` tokens without
+                enc = tok(texts, return_tensors="pt", padding=True, truncation=limit is not None,
+                          max_length=None if limit is None else limit + len(trailing))  # fmt: skip
                 # only ids and mask: some tokenizers also return token_type_ids, which GPT-2 would embed; without the
                 # specials a tokenizer appends (left-padded, every row ends with them): the answer follows the prompt
-                end = enc["input_ids"].shape[1] - self._trailing_specials
+                end = enc["input_ids"].shape[1]
+                if trailing and (enc["input_ids"][:, -len(trailing) :] == torch.tensor(trailing)).all():
+                    end -= len(trailing)
                 ids, mask = enc["input_ids"][:, :end].to(self.device), enc["attention_mask"][:, :end].to(self.device)
                 width = ids.shape[1]
                 last = torch.full((len(texts),), width - 1, dtype=torch.long, device=self.device)  # left padding
