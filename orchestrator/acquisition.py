@@ -421,11 +421,6 @@ class PooledNoise:
         return dof * self.variance / rng.chisquare(dof, n)
 
 
-def noise_variance(fits: Mapping[CurveKey, CurveFit]) -> float:
-    """`pooled_noise(fits).variance`: the σ² a new cell's measurement adds (the acquisition's observation noise)."""
-    return pooled_noise(fits).variance
-
-
 def pooled_noise(fits: Mapping[CurveKey, CurveFit]) -> PooledNoise:
     """Pooled variance of one cell's log-loss around its curve: Σ residual² / Σ (points − parameters).
 

@@ -678,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--budget-flops", type=_positive(float), metavar="X", help="stop at X post-training FLOPs over the sweep's stored cells")
     a.add_argument("--max-cells", type=_positive(int), metavar="K", help="stop at K stored cells (ok or failed)")
     a.add_argument("--target-width", type=_positive(float), metavar="W",
-                   help="stop when every D* 95%% CI is narrower than W in log10 (default 0.3: a factor of 2)")
+                   help="stop when every D* 95%% CI is narrower than W in log10 (default 0.3: a factor of 2), on the stored "
+                        "cells and on fresh noise around their design")
     a.add_argument("--target-exponent-width", type=_positive(float), metavar="W", help="also require every curve's beta CI narrower than W")
     a.add_argument("--batch-size", type=_positive(int), metavar="B", help="cells chosen per acquisition round (default 8; the design rounds before it take what every curve needs)")
     p.set_defaults(func=cmd_run)

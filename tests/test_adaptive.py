@@ -454,22 +454,21 @@ def test_the_loop_goes_on_past_a_target_narrow_only_on_lucky_cells(tmp_path):
 
 def test_a_perfect_score_does_not_set_every_curves_noise(tmp_path):
     """A score of 1 is the loss floor, ~5 from its curve in log-loss: one such cell raised the pooled noise sd from
-    ~0.05 to ~0.8 for every curve, and with it every acquisition value. Curves with floored cells are left out of the pool."""
-    from orchestrator.acquisition import noise_variance
+    ~0.05 to ~0.8 for every curve, and with it every acquisition value. A curve with floored cells gives the pool its
+    other cells' residuals, around a curve fitted to them alone."""
+    from orchestrator.acquisition import pooled_noise
 
     cells = [c for c in grid() if c.config.model.id == "sim-s"]
     store = ResultsStore(str(tmp_path))
     World(store)(cells)
     rows = stored_rows(store, cells)
-    sd = np.sqrt(noise_variance(fit_budget_curves(cells, rows, 50, seed=1)))
+    sd = np.sqrt(pooled_noise(fit_budget_curves(cells, rows, 50, seed=1)).variance)
     for top in (1, 3, 5):  # the LoRA curve's top budgets perfect: its fit is pulled off its other cells too
         perfect = rows.copy()
         perfect.loc[(perfect["method"] == "lora") & perfect["budget"].isin(sorted(set(perfect["budget"]))[-top:]), "score"] = 1.0
-        assert np.sqrt(noise_variance(fit_budget_curves(cells, perfect, 50, seed=1))) < 2 * sd < 0.2, top
+        assert np.sqrt(pooled_noise(fit_budget_curves(cells, perfect, 50, seed=1)).variance) < 2 * sd < 0.2, top
     # every curve with a perfect cell: the noise came from a fixed prior (sd 0.1, no degrees of freedom) whatever was
     # stored; it comes from the cells above the floor, around curves fitted to them
-    from orchestrator.acquisition import pooled_noise
-
     everywhere = rows.copy()
     everywhere.loc[everywhere["budget"] == max(everywhere["budget"]), "score"] = 1.0
     noise = pooled_noise(fit_budget_curves(cells, everywhere, 50, seed=1))
@@ -773,7 +772,7 @@ def test_an_exponent_target_partly_unidentified_keeps_its_samples_aligned_with_t
     """Leaving out the resamples where β is unidentified shortened the target's samples, and the acquisition step,
     which sets them beside each curve's per-resample predictions, crashed on the mismatch (4 of 200 lost)."""
     from analysis.bootstrap import Bootstrap
-    from orchestrator.acquisition import acquisition_choices, fresh_noise_twins, noise_variance, on_fresh_noise, pooled_noise
+    from orchestrator.acquisition import acquisition_choices, fresh_noise_twins, on_fresh_noise, pooled_noise
 
     cells = grid()
     design = {c.cell_id for group in curves_of(cells).values() for c in design_order(group, 0.5)[:8]}
@@ -789,10 +788,10 @@ def test_an_exponent_target_partly_unidentified_keeps_its_samples_aligned_with_t
     assert targets and all(len(t.samples) == len(t.fresh) == 200 and np.isnan(t.samples).sum() == np.isnan(t.fresh).sum() == 4 for t in targets)
     cost = CostModel.calibrate(cells, rows, MODELS)
     candidates = [c for c in cells if c.cell_id not in design]
-    chosen = acquisition_choices(targets, fits, twins, candidates, cost, noise_variance(fits), size=4, flops_left=float("inf"))
+    chosen = acquisition_choices(targets, fits, twins, candidates, cost, pooled_noise(fits).variance, size=4, flops_left=float("inf"))
     assert len(chosen) == 4
     with pytest.raises(ValueError, match="on_fresh_noise"):
-        acquisition_choices(targets_from(fits, None, 1e-6), fits, twins, candidates, cost, noise_variance(fits), size=4, flops_left=float("inf"))
+        acquisition_choices(targets_from(fits, None, 1e-6), fits, twins, candidates, cost, pooled_noise(fits).variance, size=4, flops_left=float("inf"))
 
 
 def test_a_target_open_on_its_stored_resamples_alone_is_still_narrowed(tmp_path):
@@ -800,7 +799,7 @@ def test_a_target_open_on_its_stored_resamples_alone_is_still_narrowed(tmp_path)
     noise does not explain): valued on the fresh ensemble alone it looked done — its samples barely vary there, so no
     cell removed any of its variance, and the loop stopped "nothing narrows an open target". It is valued on the
     ensemble that keeps it open."""
-    from orchestrator.acquisition import acquisition_choices, fresh_noise_twins, noise_variance, on_fresh_noise, pooled_noise
+    from orchestrator.acquisition import acquisition_choices, fresh_noise_twins, on_fresh_noise, pooled_noise
 
     cells = [c for c in grid() if c.config.model.id == "sim-s"]
     design = {c.cell_id for group in curves_of(cells).values() for c in design_order(group, 0.5)[:6]}
@@ -814,7 +813,7 @@ def test_a_target_open_on_its_stored_resamples_alone_is_still_narrowed(tmp_path)
     assert steady.fresh_width == 0 and steady.width > steady.goal and not steady.resolved
     cost = CostModel.calibrate(cells, rows, MODELS)
     candidates = [c for c in cells if c.cell_id not in design]
-    chosen = acquisition_choices([steady], fits, twins, candidates, cost, noise_variance(fits), size=3, flops_left=float("inf"))
+    chosen = acquisition_choices([steady], fits, twins, candidates, cost, pooled_noise(fits).variance, size=3, flops_left=float("inf"))
     assert len(chosen) == 3 and all(" width ≈" in c.reason for c in chosen)  # its stored width, not "on fresh noise"
 
 
