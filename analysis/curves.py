@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis.bootstrap import CI_LEVEL, Bootstrap, QuestionDraws, bootstrap_fit, percentile_interval, question_counts
 from analysis.capability import X_COLUMN, Axis, family_of, get_axis, split_by_family, with_x
-from analysis.fitting import LOG_COEF_BOUNDS, NEGLIGIBLE_SHARE, Fit, FitError, LawData, fit_law, negligible_terms, unidentified
+from analysis.fitting import FIT_FAILURES, LOG_COEF_BOUNDS, NEGLIGIBLE_SHARE, Fit, FitError, LawData, fit_law, negligible_terms, unidentified
 from analysis.laws import LAWS, POWER_D, Law
 from analysis.methods import method_kind
 from analysis.metrics import LOSS_FLOOR, from_loss, to_loss
@@ -357,7 +357,7 @@ def fit_group(job: GroupJob) -> LawFit:
     try:
         fit = fit_law(data)
         boot = bootstrap_fit(fit, data, job.bootstrap, job.rng(), redrawn=question_draws(job, usable)) if job.bootstrap > 0 else None
-    except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError) as err:  # one bad group must not sink the rest
+    except FIT_FAILURES as err:  # one bad group must not sink the rest
         return unfitted(f"fit failed: {err}")
     error = _holdout_error(law, points, metric, held)
     return LawFit(task, method, model, n_params, x, law, metric, points, excluded, fit, boot, "", holdout, error, job.family)

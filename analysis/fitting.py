@@ -31,6 +31,11 @@ class FitError(ValueError):
     """The points cannot support this law (too few, too few distinct inputs)."""
 
 
+# What a fit (and its bootstrap) of points that cannot support a law raises: a caller fitting many curves leaves that
+# one unfitted and goes on
+FIT_FAILURES = (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError)
+
+
 def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
     a = np.abs(r)
     m = np.minimum(a, delta)

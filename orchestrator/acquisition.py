@@ -68,7 +68,7 @@ import pandas as pd
 
 from analysis.bootstrap import CI_LEVEL, Bootstrap, bootstrap_fit, percentile_interval, refit_weighted
 from analysis.crossover import GRID_POINTS, budget_curves, lead_from, tolerance
-from analysis.fitting import Fit, FitError, LawData, fit_law, min_inputs
+from analysis.fitting import FIT_FAILURES, Fit, LawData, fit_law, min_inputs
 from analysis.laws import POWER_D
 from analysis.methods import method_kind
 from analysis.metrics import HIGHER_IS_BETTER, LOSS_FLOOR, to_loss
@@ -138,7 +138,7 @@ def fit_curve(key: CurveKey, rows: pd.DataFrame, bootstrap: int, rng: np.random.
         data = LawData.build(POWER_D, {"D": d}, loss)
         fit = fit_law(data)
         return CurveFit(key, d, loss, fit, bootstrap_fit(fit, data, bootstrap, rng, strata=np.zeros(data.n)), measured)
-    except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError):  # as fit_group: the curve waits for more cells
+    except FIT_FAILURES:  # as fit_group: the curve waits for more cells
         return None
 
 
@@ -445,12 +445,9 @@ def _measured_residuals(curve: CurveFit) -> np.ndarray:
     measured = curve.loss > LOSS_FLOOR
     fit = curve.fit
     if not measured.all():
-        d, loss = curve.d[measured], curve.loss[measured]
-        if len(d) <= len(POWER_D.params) or len(np.unique(d)) < MIN_BUDGETS:
-            return np.zeros(0)
-        try:
-            fit = fit_law(LawData.build(POWER_D, {"D": d}, loss))
-        except (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError):  # as fit_curve: no fit, no residuals
+        try:  # LawData refuses fewer than MIN_BUDGETS distinct budgets
+            fit = fit_law(LawData.build(POWER_D, {"D": curve.d[measured]}, curve.loss[measured]))
+        except FIT_FAILURES:  # as fit_curve: no fit, no residuals
             return np.zeros(0)
     return np.log(fit.predict({"D": curve.d[measured]})) - np.log(curve.loss[measured])
 
