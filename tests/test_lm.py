@@ -263,7 +263,8 @@ def test_a_tokenizer_that_appends_an_eos_puts_none_between_a_prompt_and_its_answ
     specials = [(name, tok.convert_tokens_to_ids(name)) for name in ("<bos>", "<eos>")]
 
     def outputs() -> tuple:
-        lm.__dict__.pop("_trailing_specials", None)  # a cached property: the template changes under it here
+        for cached in ("_marked_probe", "_leading_specials", "_trailing_specials"):  # the template changes under them here
+            lm.__dict__.pop(cached, None)
         pairs = [p.ids for p in lm.encode_pairs(PROMPTS, [" 3"] * 3)]
         lm.max_length, length = 9, lm.max_length  # 5 prompt tokens beside 4 new ones: the long prompt loses its oldest
         try:

@@ -313,10 +313,15 @@ class LanguageModel:
         return None if after == lead + alone else lead
 
     @functools.cached_property
+    def _marked_probe(self) -> tuple[list[int], list[int]]:
+        """A one-letter text's ids without and with the special tokens the tokenizer puts around a prompt."""
+        return (list(self.tokenizer("x", add_special_tokens=False)["input_ids"]),
+                list(self.tokenizer("x", add_special_tokens=True)["input_ids"]))  # fmt: skip
+
+    @functools.cached_property
     def _leading_specials(self) -> int:
         """How many special tokens the tokenizer puts before a prompt's text (a BOS: 1; GPT-2's: none)."""
-        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("x", add_special_tokens=True)["input_ids"]
+        plain, full = self._marked_probe
         return next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
 
     @functools.cached_property
@@ -324,9 +329,8 @@ class LanguageModel:
         """The special tokens the tokenizer puts after a prompt's text, which a prompt goes without: a tokenizer that
         appends an EOS to every text (`add_eos_token=True`, a "$A </s>" template) would put it between a prompt and
         its answer, scored and trained on as the end of the document (lm-eval likewise encodes a context without)."""
-        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("x", add_special_tokens=True)["input_ids"]
-        return list(full[self._leading_specials + len(plain) :])
+        plain, full = self._marked_probe
+        return full[self._leading_specials + len(plain) :]
 
     def _without_trailing(self, ids: list[int]) -> list[int]:
         """`ids` less the trailing specials, where they end with them (only those: a count alone would cut a text's
