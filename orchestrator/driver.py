@@ -27,7 +27,7 @@ from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psutil
 import ray
@@ -135,6 +135,50 @@ def _without_token_notice() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(notice)
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _held_until_stored(say: Callable[[str], None]) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while a batch of finished rows is being stored waits until they are, then stops the run
+    as it would have: a row the store refuses is written again after seconds of waiting, and an interrupt in that
+    wait lost the row where the command's last line says every finished row is stored. A second one stops at once.
+
+    The signals are re-delivered (`signal.raise_signal`) to the handlers they found, whatever those are: the CLI's,
+    Python's KeyboardInterrupt, SIGTERM's default end; an ignored one stays ignored. Only the main thread can set
+    handlers: elsewhere (a notebook's background thread) nothing is held.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in HELD_SIGNALS}
+    held = [signum for signum, handler in previous.items() if handler not in (signal.SIG_IGN, None)]
+
+    def restore() -> None:
+        for signum in held:
+            signal.signal(signum, previous[signum])
+
+    def hold(signum: int, frame: object) -> None:
+        if received:  # a second one: the caller means it
+            say("stopping now: the finished rows not yet stored are lost (their cells run again on a rerun)")
+            received.clear()  # re-delivered here, not again on the way out
+            restore()
+            signal.raise_signal(signum)
+            return
+        received.append(signum)
+        say("storing the rows already finished first (again to stop at once)")
+
+    for signum in held:
+        signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        restore()
+        if received:
+            signal.raise_signal(received[0])
 
 
 RAY_STOP_SECONDS = 5.0  # how long to wait for the killed processes of an interrupted Ray start to be gone
@@ -438,6 +482,35 @@ def run_cells(
             error = TimeoutError(f"the cell ran past resources.cell_timeout_s ({resources.cell_timeout_s:g} s); its worker was stopped")
             store_row(cell, crashed_row(cell.config, error, attempt, since))
 
+    def collect(finished: list[ray.ObjectRef]) -> None:
+        """Store the rows of the cells in `finished`; a cell whose worker died runs again while it has retries left."""
+        for ref in finished:
+            worker, cell, attempt, since = in_flight.pop(ref)
+            deadlines.pop(ref, None)
+            worker.running = None
+            try:
+                result: CellResult = ray.get(ref)
+            except ray.exceptions.RayError as err:  # the worker died (killed, OOM-killed, node lost), not the cell's code
+                POOL.retire(worker)
+                outcome.workers_lost += 1
+                POOL.forget_dead()  # idle workers on the same lost node
+                if attempt <= resources.max_retries:
+                    enqueue(cell, attempt + 1)
+                    continue
+                row = crashed_row(cell.config, err, attempt, since)
+            else:
+                row, worker.held = result.row, list(result.held)
+                outcome.model_loads[result.worker] = outcome.model_loads.get(result.worker, 0) + result.loaded
+                outcome.loads[(result.worker, cell.config.model.id)] += result.loaded
+                if result.broken:
+                    bar.write(f"{result.worker}: CUDA unusable after {cell.config.slug} "
+                              f"({str(row['error']).splitlines()[0]}); the worker is replaced")  # fmt: skip
+                    POOL.retire(worker)
+                    if attempt <= resources.max_retries:
+                        enqueue(cell, attempt + 1)
+                        continue
+            store_row(cell, row)
+
     def check_waits() -> None:
         """Time each shape whose cells wait on workers asked for, none of which has started: say so
         once after a minute, stop past `start_timeout_s`."""
@@ -452,14 +525,14 @@ def run_cells(
             if waited > resources.start_timeout_s:
                 raise WorkersNotStartingError(
                     f"no worker with {what} started within resources.start_timeout_s ({resources.start_timeout_s:g} s): "
-                    "no node could take one (an autoscaler without such a node type, or at its maximum?); "
-                    "every finished row is stored — rerun the same command when the cluster has room"
+                    "no node could take one (other jobs holding the cluster, an autoscaler without such a node type, or at its "
+                    f"maximum?); {POOL.usage()}; every finished row is stored — rerun the same command when the cluster has room"
                 )
             if waited > ANNOUNCE_WAIT_SECONDS and shape not in announced:
                 announced.add(shape)
-                bar.write(f"waiting for workers with {what} to start: no live node has room yet (an autoscaler adds one), "
-                          "or they are still being set up (a runtime env's pip install, first imports); "
-                          f"resources.start_timeout_s {resources.start_timeout_s:g} s")  # fmt: skip
+                bar.write(f"waiting for workers with {what} to start: no live node has room yet (other jobs hold it, or an "
+                          "autoscaler adds a node), or they are still being set up (a runtime env's pip install, first imports); "
+                          f"{POOL.usage()}; resources.start_timeout_s {resources.start_timeout_s:g} s")  # fmt: skip
 
     for cell in longest_first(cells):
         enqueue(cell, 1)
@@ -492,33 +565,9 @@ def run_cells(
                     bar.write(f"warning: could not refresh the claims ({err}); another driver takes a claim over only "
                               f"after {claims.ttl_seconds / 60:g} minutes without one")  # fmt: skip
                 last_heartbeat = time.monotonic()
-            for ref in [ref for ref in done if ref not in starting]:  # rows first: a start failure stops the run
-                worker, cell, attempt, since = in_flight.pop(ref)
-                deadlines.pop(ref, None)
-                worker.running = None
-                try:
-                    result: CellResult = ray.get(ref)
-                except ray.exceptions.RayError as err:  # the worker died (killed, OOM-killed, node lost), not the cell's code
-                    POOL.retire(worker)
-                    outcome.workers_lost += 1
-                    POOL.forget_dead()  # idle workers on the same lost node
-                    if attempt <= resources.max_retries:
-                        enqueue(cell, attempt + 1)
-                        continue
-                    row = crashed_row(cell.config, err, attempt, since)
-                else:
-                    row, worker.held = result.row, list(result.held)
-                    outcome.model_loads[result.worker] = outcome.model_loads.get(result.worker, 0) + result.loaded
-                    outcome.loads[(result.worker, cell.config.model.id)] += result.loaded
-                    if result.broken:
-                        bar.write(f"{result.worker}: CUDA unusable after {cell.config.slug} "
-                                  f"({str(row['error']).splitlines()[0]}); the worker is replaced")  # fmt: skip
-                        POOL.retire(worker)
-                        if attempt <= resources.max_retries:
-                            enqueue(cell, attempt + 1)
-                            continue
-                store_row(cell, row)
-            stop_overdue()
+            with _held_until_stored(bar.write):  # Ctrl-C here waits for the batch's rows to be stored
+                collect([ref for ref in done if ref not in starting])  # rows first: a start failure stops the run
+                stop_overdue()
             raise_unstored()  # after every row of the batch: one the store refuses must not lose the others
             for ref in [ref for ref in done if ref in starting]:
                 mark_started(starting[ref], ref)

@@ -193,6 +193,18 @@ class WorkerPool:
             return False
         return sum(w.shape == shape for w in self.workers) < node_capacity(shape, live_nodes())
 
+    def usage(self) -> str:
+        """What of the cluster is in use now, and how much of it by this driver's started workers: a run waiting
+        for room on a cluster other jobs fill is told so, not only that an autoscaler may add a node."""
+        total, free = ray.cluster_resources(), ray.available_resources()
+        parts = []
+        started = [w.shape for w in self.workers if w.started]
+        for key, unit, ours in (("CPU", "CPUs", sum(s.cpus for s in started)), ("GPU", "GPUs", sum(s.gpus for s in started))):
+            if total.get(key) or key == "CPU":
+                used = total.get(key, 0) - free.get(key, 0)
+                parts.append(f"{used:g} of {total.get(key, 0):g} {unit} ({ours:g} by this run's workers)")
+        return "in use now: " + ", ".join(parts) + "; `ray status` shows the demand"
+
     def start(self, shape: Shape) -> Worker:
         actor = _RemoteCellWorker.options(num_cpus=shape.cpus, num_gpus=shape.gpus, max_restarts=0, max_task_retries=0).remote(shape)
         worker = Worker(actor, shape, actor.ready.remote())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -317,6 +318,91 @@ def test_a_row_the_store_refuses_is_written_again_and_one_it_keeps_refusing_stop
     assert outcome.ok == 3 and outcome.failed == 1 and len(rows) == 4
     assert rows.loc[cells[1].cell_id, "status"] == "failed"
     assert rows.loc[cells[1].cell_id, "error"].startswith("the cell's row could not be stored: ArrowInvalid: the store refused")
+
+
+class InterruptedStore(RefusingStore):
+    """Gets Ctrl-C as the driver writes a cell's row, and refuses that row once: the driver then waits to write it
+    again."""
+
+    def write(self, row: dict) -> None:
+        if row["cell_id"] in self.refuse and not self.refused[row["cell_id"]]:
+            os.kill(os.getpid(), signal.SIGINT)
+        super().write(row)
+
+
+@pytest.mark.slow  # ~10 s on a started worker
+def test_ctrl_c_while_a_refused_row_waits_to_be_written_again_stops_the_run_once_the_row_is_stored(
+    local_ray, test_ladder, write_sweep, monkeypatch
+):  # fmt: skip
+    """Ctrl-C in the wait before a refused row's next write raised there and lost the row, where the command's last
+    line says every finished row is stored. Now the batch's rows are stored first, then the run stops."""
+    monkeypatch.setattr(driver, "STORE_RETRY_SECONDS", (0.5, 0.5))
+    spec = _base_sweep(write_sweep, test_ladder, "interrupted", 2, {"cpus_per_cell": 1, "max_workers": 1})
+    cells = expand(spec)
+    store = InterruptedStore(spec.results_dir, {cells[0].cell_id}, times=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_cells(cells, store, spec.resources, progress=False, dashboard=False)
+    assert cells[0].cell_id in set(store.read().column("cell_id").to_pylist()), "the interrupted row must be stored"
+    assert store.refused[cells[0].cell_id] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_held_signal_is_delivered_to_the_handler_it_found_once_the_block_ends():
+    """SIGTERM and Ctrl-C wait for the block (its rows stored), then reach the handlers in place before it, whatever
+    those are; a second one breaks off the block at once; an ignored one stays ignored."""
+    said, got = [], []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with driver._held_until_stored(said.append):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert got == [], "held while the block runs"
+        assert got == [signal.SIGTERM] and len(said) == 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with driver._held_until_stored(said.append):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            finished.append("first")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            finished.append("second")
+    assert finished == ["first"] and said[-1].startswith("stopping now")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with driver._held_until_stored(said.append):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.slow  # seconds, on the module's Ray
+def test_a_run_waiting_for_room_is_told_how_much_of_the_cluster_others_hold(local_ray):
+    """A second sweep on a cluster another job fills waited with a message that an autoscaler adds a node; it now
+    says what is in use and how little of it is its own."""
+    shutdown_workers()
+
+    @ray.remote(num_cpus=1)
+    class OtherJob:
+        def ping(self) -> int:
+            return 1
+
+    other = OtherJob.remote()
+    ray.get(other.ping.remote())
+    try:
+        deadline = time.monotonic() + 20  # Ray's resource view catches up within its report period
+        while (usage := POOL.usage()) != "in use now: 1 of 2 CPUs (0 by this run's workers); `ray status` shows the demand":
+            assert time.monotonic() < deadline, usage
+            time.sleep(0.2)
+    finally:
+        ray.kill(other)
 
 
 @pytest.mark.slow  # ~30 s: one worker starts
