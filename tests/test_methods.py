@@ -523,6 +523,21 @@ def test_reported_flops_are_what_a_counter_measures_alone_and_under_a_lora(name)
     assert len(set(counts)) == 1 and lora.report.trainable_params > 0
 
 
+@pytest.mark.parametrize("layers", [[0.0], [1.0]])
+def test_a_trained_vector_on_the_first_or_last_block_bills_what_a_counter_measures(layers):
+    """Steering the last block, the backward runs through the head alone; billed as the forward less 2·N_before·T,
+    where the forward had run that block's MLP at the scored positions only, it was 0.7 of what ran on the ladder's
+    m rung and below zero on a one-block model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lm = language_model()
+    ctx = fit_context(lm, n_train=16)
+    config = resolve_config("steer_trained", {"layers": layers, "train": {"min_steps": 8, "max_steps": 8, "batch_size": 4, "checkpoints": 2, "lr": 0.5}})
+    with FlopCounterMode(display=False) as counter:
+        report = get_method("steer_trained").fit(ctx, config).report
+    assert 0.97 < report.post_train_flops / counter.get_total_flops() < 1.05, (report.post_train_flops, counter.get_total_flops())
+
+
 def test_a_compositions_costs_are_its_parts_and_prompt_demonstrations_count_once():
     """`prompt+steer_mean` counted the demonstrations again in front of every contrast text (16 pairs, a
     96-token prefix: 3,360 tokens where the parts read 96 + 192)."""

@@ -222,6 +222,7 @@ class LanguageModel:
     max_length: int | None = None  # tokens per sequence; None: the model's own position limit (`context_window`)
     forward_tokens: int = 0  # every token this wrapper has run through the model
     flops_run: float = 0.0  # the forward FLOPs of those passes, as run: 2·N_body per token + 2·N_head per position the head ran at
+    head_flops_run: float = 0.0  # of flops_run, the output head's: what a backward that ends at the last block runs through
     prefix: str = ""  # text put before every prompt (few-shot demonstrations); see `prefixed`
     added_params: int = 0  # parameters a method has put into the model for now (LoRA's adapters): `running_added`
     provenance: dict[str, str] = field(default_factory=dict)  # what pins the weights: see models.loading.weights_provenance
@@ -248,6 +249,7 @@ class LanguageModel:
         """Count a pass: `tokens` through the blocks, the output head at `head_rows` positions."""
         self.forward_tokens += tokens
         self.flops_run += 2.0 * (self._body_params * tokens + self._head_params * head_rows)
+        self.head_flops_run += 2.0 * self._head_params * head_rows
 
     @property
     def device(self) -> torch.device:

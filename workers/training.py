@@ -31,6 +31,7 @@ class Passes:
     validation_tokens: int = 0
     sequence_flops: float = 0.0
     validation_flops: float = 0.0
+    sequence_head_flops: float = 0.0  # of sequence_flops, the output head's (`LanguageModel.head_flops_run`)
 
     def __add__(self, other: Passes) -> Passes:
         return Passes(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
@@ -91,6 +92,7 @@ class TrainResult:
     validation_tokens: int = 0  # tokens the checkpoint validations ran through the model
     sequence_flops: float = 0.0  # the training forwards' FLOPs as run (what the methods' formulas scale)
     validation_flops: float = 0.0  # the checkpoint validations' FLOPs as run
+    sequence_head_flops: float = 0.0  # of sequence_flops, the output head's
     validation_scores: dict[int, float] | None = None  # step -> validation score, when checkpoints ran
     skipped_steps: int = 0  # fp16 steps whose gradients overflowed: not taken (their losses are still listed)
     lr_scores: dict[float, float] | None = None  # with lr_search: each learning rate's best validation score
@@ -103,7 +105,7 @@ class TrainResult:
 
     @property
     def passes(self) -> Passes:
-        return Passes(self.sequence_tokens, self.validation_tokens, self.sequence_flops, self.validation_flops)
+        return Passes(self.sequence_tokens, self.validation_tokens, self.sequence_flops, self.validation_flops, self.sequence_head_flops)
 
     @property
     def chosen_score(self) -> float:
@@ -326,17 +328,20 @@ def _train_at(
     losses: list[float] = []
     tokens = skipped = 0
 
-    def ran_since(before: tuple[int, float]) -> tuple[int, float]:
-        return lm.forward_tokens - before[0], lm.flops_run - before[1]
+    def counters() -> tuple[int, float, float]:
+        return lm.forward_tokens, lm.flops_run, lm.head_flops_run
+
+    def ran_since(before: tuple[int, float, float]) -> tuple[int, float, float]:
+        return tuple(now - then for now, then in zip(counters(), before))  # type: ignore[return-value]
 
     def checkpoint(step: int) -> None:
         nonlocal best, validation
-        before = lm.forward_tokens, lm.flops_run
+        before = counters()
         lm.model.eval()
         with torch.no_grad():
             scores[step] = start_score if step == 0 and start_score is not None else validate()
         lm.model.train()
-        ran, flops = ran_since(before)
+        ran, flops, _ = ran_since(before)
         validation += Passes(validation_tokens=ran, validation_flops=flops)
         if best is None or scores[step] > best[0]:  # strictly better: ties keep the earlier step
             # in host memory (on a GPU, full fine-tuning's copy would be another model's worth beside the optimiser's
@@ -351,10 +356,10 @@ def _train_at(
             if step in checks:
                 checkpoint(step)
             batch = lm.collate([pairs[i] for i in take])
-            before = lm.forward_tokens, lm.flops_run
+            before = counters()
             loss = lm.loss(batch)
-            ran, flops = ran_since(before)  # what ran: a batch's last column (labels only) does not
-            sequence += Passes(sequence_tokens=ran, sequence_flops=flops)
+            ran, flops, head = ran_since(before)  # what ran: a batch's last column (labels only) does not
+            sequence += Passes(sequence_tokens=ran, sequence_flops=flops, sequence_head_flops=head)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss became {loss.item()} at step {step}", sequence + validation)
             optimizer.zero_grad(set_to_none=True)
@@ -401,6 +406,7 @@ def _train_at(
         validation_tokens=validation.validation_tokens,
         sequence_flops=sequence.sequence_flops,
         validation_flops=validation.validation_flops,
+        sequence_head_flops=sequence.sequence_head_flops,
         validation_scores=scores or None,
         skipped_steps=skipped,
     )

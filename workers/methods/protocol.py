@@ -173,7 +173,9 @@ def model_problem(method: Method, config: StrictConfig, architecture: Callable[[
 #   trained steering vectors                 F + (F − 2·N_before·T)  (activation grads through the blocks after
 #                                                           the earliest steered layer and the head; none through
 #                                                           the N_before parameters up to it; the vector's own
-#                                                           gradient is an O(d·T) sum)
+#                                                           gradient is an O(d·T) sum; steering the last block, the
+#                                                           head's part of F alone: that block's MLP ran at the scored
+#                                                           positions only)
 #   steering extraction                      exact: the blocks up to the deepest read (`last_token_flops`)
 # Attention's sequence-length term (2·n_layer·ctx·d per token) is left out, as in Kaplan et al.
 

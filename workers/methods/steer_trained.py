@@ -68,13 +68,19 @@ class SteerTrained:
         vectors = {i: torch.nn.Parameter(torch.zeros(d_model, device=ctx.lm.device)) for i in layers}
         with frozen(model), steer(model, vectors, config.positions):
             result = train(ctx.lm, list(vectors.values()), ctx.train, config.train, ctx.seed, ctx.validator())
-        # gradients flow back only as far as the earliest steered layer's output: the blocks up to it need none
-        n_before = matmul_params_through(model, min(layers))
-        backward = result.sequence_flops - forward_flops(n_before, result.sequence_tokens)
+        # gradients flow back only as far as the earliest steered layer's output: the blocks up to it need none.
+        # Those blocks' forward, as it ran: 2·N_before a token; where they are all of them, everything but the head
+        # (the last block's MLP ran at the scored positions alone, `workers/last_block.py`: 2·N_before·T billed a
+        # backward below zero on a one-block model)
+        if min(layers) == len(decoder_layers(model)) - 1:
+            before = result.sequence_flops - result.sequence_head_flops
+        else:
+            before = forward_flops(matmul_params_through(model, min(layers)), result.sequence_tokens)
+        backward = result.sequence_flops - before
         report = FitReport(
             trainable_params=d_model * len(layers),
             train_tokens=result.tokens,
-            # F + (F − 2·N_before·T) for training (see protocol.py), plus the validations' F
+            # F + (F − the blocks up to it) for training (see protocol.py), plus the validations' F
             post_train_flops=result.sequence_flops + backward + result.validation_flops,
             layer=layers[0] if len(layers) == 1 else None,
             selection=ctx.selection if result.validation_scores else "fixed",
