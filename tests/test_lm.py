@@ -434,6 +434,9 @@ def test_a_continuation_gets_the_ids_it_has_after_a_prompt(kind):
     assert tok.convert_ids_to_tokens(lm.encode(["negative"], prompt=False)[0])[0] != "▁"
     (pair,) = lm.encode_pairs([""], ["Sentiment: negative"])
     assert pair.ids[pair.continuation_start :] == tok("Sentiment: negative", add_special_tokens=False)["input_ids"]
+    with lm.prefixed("the movie was a bad one "):  # a `prompt` method's demonstrations: the same tokens scored after them
+        (after_demonstrations,) = lm.encode_pairs([""], ["Sentiment: negative"])
+    assert after_demonstrations.ids[after_demonstrations.continuation_start :] == pair.ids[pair.continuation_start :]
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))

@@ -371,8 +371,10 @@ class LanguageModel:
         """
         pairs = []
         continued = self.encode(continuations, prompt=False)
-        if self._continuation_lead is not None:  # after an empty prompt a text starts the document: encoded alone, as there
-            continued = self._encoded_alone(continued, continuations, [i for i, p in enumerate(prompts) if not self.prefix + p])
+        if self._continuation_lead is not None:  # after an empty prompt a text starts the document: encoded alone, as there,
+            # whatever prefix is in front (a `prompt` method's demonstrations before a neutral text: the tokens its
+            # reference scored without them, or their KL compared different tokens)
+            continued = self._encoded_alone(continued, continuations, [i for i, p in enumerate(prompts) if not p])
         for p, c in zip(self.encode(prompts, prompt=True), continued):
             ids = self.clipped(p + c)  # keep the continuation; drop the oldest context
             pairs.append(EncodedPair(ids, max(len(ids) - len(c), 0)))
