@@ -317,7 +317,7 @@ def _crossover_table(a: Analysis) -> list[Block]:
         elif np.isfinite(c.d_star):
             interval = f" {c.interval()}" if c.interval() else ""
             text = ("steering from " if c.outcome == "steering_overtakes" else "") + _num(c.d_star) + interval
-        agree = f" ({whole_percent(c.share)}%)" if np.isfinite(c.share) else ""  # NaN: no resamples (--bootstrap 0)
+        agree = f" ({whole_percent(c.share)}%)" if np.isfinite(c.share) else " (no resamples: not a finding)"  # --bootstrap 0
         return text + agree + (" †" if c.disputed else "")
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
@@ -573,7 +573,7 @@ def _adaptive(decisions: Decisions | None, a: Analysis, out: Path) -> list[Block
 
 def _plots(a: Analysis, out: Path) -> list[Block]:
     blocks: list[Block] = [Heading("Plots")]
-    makers = (("budget", budget_curves_plot, "score vs budget"), ("crossover", crossover_plot, "crossover budget D* against size and capability"),
+    makers = (("budget", budget_curves_plot, f"{a.metric} vs budget"), ("crossover", crossover_plot, "crossover budget D* against size and capability"),
               ("frontier", frontier_plot, "compute frontier"), ("selectivity", selectivity_plot, "selectivity vs effectiveness"))  # fmt: skip
     for task in sorted(a.loaded.ok["task"].unique()):
         for stem, make, caption in makers:

@@ -112,7 +112,7 @@ class FitSummary:
             for c in a.crossovers:
                 ci = f" CI {c.interval()}" if c.interval() else ""
                 firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: the measured means disagree)" if c.disputed else ""
-                agree = f", {whole_percent(c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else ""
+                agree = f", {whole_percent(c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else " (no resamples: not a finding)"
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}")
         for s in a.scaling:
             held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
