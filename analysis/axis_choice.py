@@ -29,6 +29,9 @@ from analysis.curves import LawFit, joint_fits
 from analysis.fitting import MIN_DISTINCT
 
 TREND = "D* ∝ x^gamma"
+# held-out errors within this fraction of each other are a tie: two axes whose laws fit the same curve (an exponent at
+# 0, x unused) differ in the 13th digit, and a win on that named the tighter axis
+TIE_FRACTION = 1e-3
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class AxisScore:
 class AxisVerdict:
     x: str
     fitted: int  # groups where this axis produced a held-out error
-    wins: int  # groups (with two or more axes fitted) where its error was the smallest
+    wins: int  # groups (with two or more axes fitted) where its error was the smallest, by more than TIE_FRACTION
     median_error: float  # over the joint-law groups every usable axis fitted; metric units
     note: str  # why an axis could not be used at all
 
@@ -86,7 +89,13 @@ class AxisComparison:
             errors = groups.setdefault((s.task, s.subject, s.law), {})
             if np.isfinite(s.holdout_error):
                 errors[s.x] = s.holdout_error
-        return [(*key, e, min(e, key=e.get) if len(e) >= 2 else "-") for key, e in groups.items() if e]
+        return [(*key, e, _tightest(e)) for key, e in groups.items() if e]
+
+    def why_no_best(self) -> str:
+        """Why there is no verdict: too few axes to compare, or every comparison a tie."""
+        if any(len(errors) >= 2 for *_, errors, _ in self.error_table()):
+            return f"no axis beats another by more than {TIE_FRACTION:.1%} of the held-out error in any group (ties)"
+        return "nothing to compare (needs two usable axes)"
 
     def why_no_errors(self) -> str:
         """Why no law or trend has a held-out error, in the sweep's own counts: with three models a joint law
@@ -104,6 +113,14 @@ class AxisComparison:
         trend = (f"the D* trend has {finite} with a finite D* (fine-tuning overtaking inside the measured range), "
                  f"and leaving each out needs {MIN_TREND_MODELS}")  # fmt: skip
         return f"{law}; {trend}"
+
+
+def _tightest(errors: dict[str, float]) -> str:
+    """The axis with the smallest error, where it beats the runner-up by more than TIE_FRACTION; else "-"."""
+    if len(errors) < 2:
+        return "-"
+    best, runner_up = sorted(errors, key=errors.get)[:2]
+    return best if errors[runner_up] - errors[best] > TIE_FRACTION * errors[runner_up] else "-"
 
 
 def _law_score(f: LawFit) -> AxisScore:

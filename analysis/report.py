@@ -386,7 +386,7 @@ def _capability(a: Analysis) -> list[Block]:
     for v in a.axes.verdicts:
         blocks.append(Paragraph(f"`{v.x}`: not usable ({v.note})." if v.note else
                                 f"`{v.x}`: tightest in {v.wins} of the {v.fitted} groups it fits; median law error {_num(v.median_error)}."))  # fmt: skip
-    verdict = f"Verdict: `{a.axes.best}` gives the tighter law." if a.axes.best else "Verdict: nothing to compare (needs two usable axes)."
+    verdict = f"Verdict: `{a.axes.best}` gives the tighter law." if a.axes.best else f"Verdict: {a.axes.why_no_best()}."
     return [*blocks, Paragraph(verdict), *([Paragraph(axis_caveat(a))] if a.axes.best else [])]
 
 

@@ -167,7 +167,7 @@ def axes_text(a: Analysis) -> list[str]:
         median = f", median law error {v.median_error:.3g}" if np.isfinite(v.median_error) else ""
         lines.append(f"  {v.x}: not usable ({v.note})" if v.note else f"  {v.x}: tightest in {v.wins} of the groups it fits ({v.fitted}){median}")
     if not a.axes.best:
-        return [*lines, "  tighter law: nothing to compare (needs two usable axes)"]
+        return [*lines, f"  tighter law: {a.axes.why_no_best()}"]
     return [*lines, f"  tighter law: x = {a.axes.best} (not like-for-like: each axis leaves out its own top model, and task_score "
                     "reads the held-out model's base score off the test set)"]  # fmt: skip
 

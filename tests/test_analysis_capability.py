@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import analysis
-from analysis.axis_choice import TREND
+from analysis.axis_choice import TREND, AxisComparison, AxisScore, _verdicts
 from analysis.synthetic import BaseModel, CapabilityLaw, capability_rows, synthetic_rows
 from test_analysis_results import write_cells
 
@@ -151,3 +151,17 @@ def test_cli_fit_takes_the_axis_by_name(tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", str(tmp_path), "--x", "neutral"])
     assert exit_info.value.code == 2 and "did you mean 'neutral_loss'" in capsys.readouterr().err
+
+
+def test_held_out_errors_equal_but_for_rounding_are_no_win() -> None:
+    """A law that does not use x (its exponent at 0) fits the same curve on every axis: held-out errors 13 digits
+    alike named `neutral_loss` the tighter axis, the verdict in the report. A real margin still wins."""
+    def compared(errors: dict[str, float]) -> AxisComparison:
+        scores = [AxisScore("t", "lora", "additive", x, 0.0, "top", e, "", 6) for x, e in errors.items()]
+        return AxisComparison(scores, *_verdicts(scores, {}), [], [])
+
+    alike = compared({"params": 0.2304030336654171, "neutral_loss": 0.2304030336653077, "task_score": 0.23040303367389284})
+    assert alike.error_table()[0][-1] == "-" and alike.best is None
+    assert all(v.wins == 0 for v in alike.verdicts) and "(ties)" in alike.why_no_best()
+    apart = compared({"params": 0.2281, "neutral_loss": 0.2267, "task_score": 0.2308})
+    assert apart.error_table()[0][-1] == "neutral_loss" and apart.best == "neutral_loss"
