@@ -19,7 +19,7 @@ from workers.registry import UnknownNameError
 
 from orchestrator.address import check_listening
 from orchestrator.claims import Claims
-from orchestrator.errors import SweepStoppedError
+from orchestrator.errors import ROWS_LOST_NOTE, SweepStoppedError
 from orchestrator.store import ResultsStore, StoredCell, StoreScan, read_manifest, write_manifest
 
 if TYPE_CHECKING:
@@ -745,9 +745,10 @@ def main(argv: list[str] | None = None) -> int:
     except SweepStoppedError as err:  # an expected outcome on a real cluster, not a bug: no traceback
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         ctrl_c.held = True  # a second Ctrl-C or SIGTERM must not break off the message either
-        done = "; every finished row is stored: " + _how_to_resume(args) if args.command == "run" else ""
+        stored = "some " + ROWS_LOST_NOTE if ROWS_LOST_NOTE in getattr(stop, "__notes__", ()) else "every finished row is stored"
+        done = f"; {stored}: " + _how_to_resume(args) if args.command == "run" else ""
         terminated = ctrl_c.received == signal.SIGTERM
         print(f"\n{'terminated' if terminated else 'interrupted'}{done}", file=sys.stderr)
         return 143 if terminated else 130  # 128 + the signal, as a shell reports it

@@ -41,7 +41,7 @@ from workers.run_cell import identity_columns
 from orchestrator.address import check_listening, unreachable
 from orchestrator.cellcost import longest_first
 from orchestrator.claims import Claims
-from orchestrator.errors import ClusterShrankError, StoreWriteError, WorkersNotStartingError
+from orchestrator.errors import ROWS_LOST_NOTE, ClusterShrankError, StoreWriteError, WorkersNotStartingError
 from orchestrator.grid import PlannedCell
 from orchestrator.pool import POOL, CellResult, Shape, Worker, live_nodes, next_model, node_capacity
 from orchestrator.spec import Resources
@@ -144,26 +144,33 @@ HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def _held_until_stored(say: Callable[[str], None]) -> Iterator[None]:
     """Ctrl-C or SIGTERM while a batch of finished rows is being stored waits until they are, then stops the run
     as it would have: a row the store refuses is written again after seconds of waiting, and an interrupt in that
-    wait lost the row where the command's last line says every finished row is stored. A second one stops at once.
+    wait lost the row where the command's last line says every finished row is stored. A second one stops at once,
+    its KeyboardInterrupt noted with ROWS_LOST_NOTE.
 
-    The signals are re-delivered (`signal.raise_signal`) to the handlers they found, whatever those are: the CLI's,
-    Python's KeyboardInterrupt, SIGTERM's default end; an ignored one stays ignored. Only the main thread can set
-    handlers: elsewhere (a notebook's background thread) nothing is held.
+    A held signal is re-delivered (`signal.raise_signal`) to the handler it found, whatever that is: the CLI's,
+    Python's KeyboardInterrupt, SIGTERM's default end; an ignored one stays ignored. Where the block raises (the
+    store refused a row for good: StoreWriteError) the run stops with that error, which says what was lost, and
+    the signal is dropped. Only the main thread can set handlers: elsewhere (a notebook's background thread)
+    nothing is held.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
+    broken_off = False  # by a second signal
     previous = {signum: signal.getsignal(signum) for signum in HELD_SIGNALS}
-    held = [signum for signum, handler in previous.items() if handler not in (signal.SIG_IGN, None)]
+    swapped: list[int] = []
 
     def restore() -> None:
-        for signum in held:
+        while swapped:
+            signum = swapped.pop()
             signal.signal(signum, previous[signum])
 
     def hold(signum: int, frame: object) -> None:
+        nonlocal broken_off
         if received:  # a second one: the caller means it
             say("stopping now: the finished rows not yet stored are lost (their cells run again on a rerun)")
+            broken_off = True
             received.clear()  # re-delivered here, not again on the way out
             restore()
             signal.raise_signal(signum)
@@ -171,14 +178,23 @@ def _held_until_stored(say: Callable[[str], None]) -> Iterator[None]:
         received.append(signum)
         say("storing the rows already finished first (again to stop at once)")
 
-    for signum in held:
-        signal.signal(signum, hold)
     try:
+        for signum, handler in previous.items():
+            if handler not in (signal.SIG_IGN, None):  # None: a handler set outside Python, left alone
+                signal.signal(signum, hold)
+                swapped.append(signum)
         yield
-    finally:
+    except KeyboardInterrupt as stop:
         restore()
-        if received:
-            signal.raise_signal(received[0])
+        if broken_off:
+            stop.add_note(ROWS_LOST_NOTE)
+        raise
+    except BaseException:
+        restore()
+        raise
+    restore()
+    if received:
+        signal.raise_signal(received[0])
 
 
 RAY_STOP_SECONDS = 5.0  # how long to wait for the killed processes of an interrupted Ray start to be gone
@@ -511,6 +527,22 @@ def run_cells(
                         continue
             store_row(cell, row)
 
+    def refresh_claims() -> None:
+        """Refresh this run's claims every HEARTBEAT_SECONDS / 2, so no other driver takes them over."""
+        nonlocal last_heartbeat
+        if time.monotonic() - last_heartbeat <= HEARTBEAT_SECONDS / 2:
+            return
+        try:
+            lost = claims.heartbeat()
+            if lost:
+                bar.write(f"warning: another driver took over {len(lost)} of this run's claims, judging this one gone "
+                          f"(none refreshed for {claims.ttl_seconds / 60:g} minutes: a paused machine?), so both run "
+                          "those cells; the later ok row of each is kept")  # fmt: skip
+        except OSError as err:  # a store hiccup: the next one, in HEARTBEAT_SECONDS / 2, tries again
+            bar.write(f"warning: could not refresh the claims ({err}); another driver takes a claim over only "
+                      f"after {claims.ttl_seconds / 60:g} minutes without one")  # fmt: skip
+        last_heartbeat = time.monotonic()
+
     def check_waits() -> None:
         """Time each shape whose cells wait on workers asked for, none of which has started: say so
         once after a minute, stop past `start_timeout_s`."""
@@ -554,21 +586,11 @@ def run_cells(
                 first = set(done)
                 rest = [ref for ref in refs if ref not in first]
                 done += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
-            if time.monotonic() - last_heartbeat > HEARTBEAT_SECONDS / 2:
-                try:
-                    lost = claims.heartbeat()
-                    if lost:
-                        bar.write(f"warning: another driver took over {len(lost)} of this run's claims, judging this one gone "
-                                  f"(none refreshed for {claims.ttl_seconds / 60:g} minutes: a paused machine?), so both run "
-                                  "those cells; the later ok row of each is kept")  # fmt: skip
-                except OSError as err:  # a store hiccup: the next one, in HEARTBEAT_SECONDS / 2, tries again
-                    bar.write(f"warning: could not refresh the claims ({err}); another driver takes a claim over only "
-                              f"after {claims.ttl_seconds / 60:g} minutes without one")  # fmt: skip
-                last_heartbeat = time.monotonic()
-            with _held_until_stored(bar.write):  # Ctrl-C here waits for the batch's rows to be stored
+            with _held_until_stored(bar.write):  # Ctrl-C from here waits for the batch's rows to be stored
+                refresh_claims()
                 collect([ref for ref in done if ref not in starting])  # rows first: a start failure stops the run
                 stop_overdue()
-            raise_unstored()  # after every row of the batch: one the store refuses must not lose the others
+                raise_unstored()  # after every row of the batch: one the store refuses must not lose the others
             for ref in [ref for ref in done if ref in starting]:
                 mark_started(starting[ref], ref)
             check_waits()

@@ -25,3 +25,8 @@ class StoreWriteError(SweepStoppedError):
 
 class ClusterUnreachableError(SweepStoppedError):
     """`--address` names no Ray cluster this driver can join; nothing ran."""
+
+
+# added to the KeyboardInterrupt of a second Ctrl-C while finished rows were being stored (driver._held_until_stored):
+# the CLI's last line must not say every finished row is stored
+ROWS_LOST_NOTE = "finished rows were not stored (a second interrupt while storing them; their cells run again)"

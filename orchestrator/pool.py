@@ -198,11 +198,13 @@ class WorkerPool:
         for room on a cluster other jobs fill is told so, not only that an autoscaler may add a node."""
         total, free = ray.cluster_resources(), ray.available_resources()
         parts = []
-        started = [w.shape for w in self.workers if w.started]
-        for key, unit, ours in (("CPU", "CPUs", sum(s.cpus for s in started)), ("GPU", "GPUs", sum(s.gpus for s in started))):
+        for key, unit, share in (("CPU", "CPUs", lambda shape: shape.cpus), ("GPU", "GPUs", lambda shape: shape.gpus)):
             if total.get(key) or key == "CPU":
                 used = total.get(key, 0) - free.get(key, 0)
-                parts.append(f"{used:g} of {total.get(key, 0):g} {unit} ({ours:g} by this run's workers)")
+                started = sum(share(w.shape) for w in self.workers if w.started)
+                starting = sum(share(w.shape) for w in self.pending())  # a placed one holds its share while it imports
+                parts.append(f"{used:g} of {total.get(key, 0):g} {unit} ({started:g} by this run's workers, up to {starting:g} "
+                             "more by those starting)")  # fmt: skip
         return "in use now: " + ", ".join(parts) + "; `ray status` shows the demand"
 
     def start(self, shape: Shape) -> Worker:

@@ -15,7 +15,7 @@ import torch
 
 from orchestrator import driver, pool
 from orchestrator.driver import run_cells, shutdown_workers, starved
-from orchestrator.errors import StoreWriteError, WorkersNotStartingError
+from orchestrator.errors import ROWS_LOST_NOTE, StoreWriteError, WorkersNotStartingError
 from orchestrator.grid import PlannedCell, expand
 from orchestrator.pool import POOL, CellWorker, Shape, node_capacity
 from orchestrator.spec import load_spec
@@ -362,7 +362,7 @@ def test_a_held_signal_is_delivered_to_the_handler_it_found_once_the_block_ends(
         signal.signal(signal.SIGTERM, previous)
 
     finished = []
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as broken_off:
         with driver._held_until_stored(said.append):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
@@ -371,6 +371,16 @@ def test_a_held_signal_is_delivered_to_the_handler_it_found_once_the_block_ends(
             time.sleep(0.05)
             finished.append("second")
     assert finished == ["first"] and said[-1].startswith("stopping now")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert ROWS_LOST_NOTE in broken_off.value.__notes__  # the CLI's last line then says rows were lost
+
+    # the block stopping with an error of its own (a row the store refused for good) keeps it: that error says
+    # what was lost, where the interrupt's message would say every finished row is stored
+    with pytest.raises(StoreWriteError):
+        with driver._held_until_stored(said.append):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise StoreWriteError("refused")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -398,7 +408,7 @@ def test_a_run_waiting_for_room_is_told_how_much_of_the_cluster_others_hold(loca
     ray.get(other.ping.remote())
     try:
         deadline = time.monotonic() + 20  # Ray's resource view catches up within its report period
-        while (usage := POOL.usage()) != "in use now: 1 of 2 CPUs (0 by this run's workers); `ray status` shows the demand":
+        while (usage := POOL.usage()) != "in use now: 1 of 2 CPUs (0 by this run's workers, up to 0 more by those starting); `ray status` shows the demand":
             assert time.monotonic() < deadline, usage
             time.sleep(0.2)
     finally:

@@ -315,6 +315,22 @@ def test_ctrl_c_in_a_forced_run_does_not_say_the_same_command_resumes():
     assert "rerun without --force" in forced and "resume" not in forced
 
 
+def test_ctrl_c_twice_while_rows_are_stored_does_not_say_every_finished_row_is(tmp_path, capsys, monkeypatch):
+    """A second Ctrl-C while finished rows are being stored stops at once and loses them (driver._held_until_stored);
+    the last line said "every finished row is stored" all the same."""
+    from orchestrator import cli
+    from orchestrator.errors import ROWS_LOST_NOTE
+
+    def broken_off(args):
+        stop = KeyboardInterrupt()
+        stop.add_note(ROWS_LOST_NOTE)
+        raise stop
+
+    monkeypatch.setattr(cli, "cmd_run", broken_off)
+    status, err = _main(capsys, "run", str(tmp_path / "sweep.yaml"))
+    assert status == 130 and "interrupted; some finished rows were not stored" in err and "every finished row is stored" not in err, err
+
+
 def test_a_forced_run_counts_the_stored_cells_it_runs_again():
     """`run --force` over 8 stored cells said "0 already stored, 8 to run"."""
     from orchestrator.cli import count_line
