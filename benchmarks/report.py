@@ -82,5 +82,7 @@ def render(results: list[tuple[Result, float]], *, quick: bool, sha: str) -> str
 
 
 def write_results(path: Path, results: list[tuple[Result, float]], *, quick: bool, sha: str) -> None:
-    """`sha`: read when the run began, so a commit made while it runs is not credited with its numbers."""
+    """`sha`: read when the run began, so a commit made while it runs is not credited with its numbers. The folder is
+    made if missing: a run of many minutes must not end on a typo'd --out."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(results, quick=quick, sha=sha))

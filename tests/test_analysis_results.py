@@ -152,6 +152,9 @@ def test_steering_overtaking_and_budgets_that_do_not_overlap(summary: analysis.F
     moved = dataclasses.replace(tune, points=dataclasses.replace(tune.points, d=tune.points.d * 10_000))
     apart = crossover(steer, moved)
     assert apart.outcome == "no_overlap" and np.isnan(apart.d_star) and "no shared budget range" in apart.verdict
+    # no verdict to doubt: not blamed on resamples the fits had (its share is NaN for want of shared budgets)
+    text = dataclasses.replace(summary, analysis=dataclasses.replace(summary.analysis, crossovers=[apart])).to_text()
+    assert "no shared budget range" in text and "no resamples" not in text
 
 
 def test_outputs_and_text(summary: analysis.FitSummary, results: Path) -> None:
