@@ -388,8 +388,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(count_line(spec.sweep, cells, scan, todo))
     _note_unfittable(cells)
     _note_other_sweeps(spec.sweep, args.config, scan)
-    running = {c.cell_id for c in todo}
-    waiting = sum(1 for c in cells if c.cell_id not in running and scan.status.get(c.cell_id) == "failed")
+    running, stored = {c.cell_id for c in todo}, scan.status  # a property that builds its dict each read: once
+    waiting = sum(1 for c in cells if c.cell_id not in running and stored.get(c.cell_id) == "failed")
     if waiting:
         print(f"{waiting} stored cells failed and are not rerun; rerun them with --retry-failed (`steerscale status` shows their errors)")
     if not args.address:  # the datasets first: a gated one stops the run before gigabytes of weights are fetched

@@ -309,6 +309,17 @@ def _adds_a_method(override: str, path: str, methods: dict[str, Any]) -> str:
             f"{', '.join(methods)}); to add it, give it whole: {path}={{}} for its defaults, or {path}={{key: value}}")
 
 
+def _unshared(node: object) -> object:
+    """`node` with every mapping and list its own: YAML's anchors and merge keys (`second: {<<: *lora, rank: 8}`) give
+    two places one object, and an override of one (`methods.lora.train.lr=0.01`) changed the other's cells too.
+    (`copy.deepcopy` keeps the sharing.)"""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return node
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """`yaml.safe_load`'s loader, refusing a key given twice in one mapping, and reading `1e3` as a number.
 
@@ -359,7 +370,7 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
     except OSError as err:  # permission denied, an unreadable network mount
         raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
     try:
-        data = yaml.load(text, Loader=UniqueKeyLoader) or {}
+        data = _unshared(yaml.load(text, Loader=UniqueKeyLoader) or {})
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):

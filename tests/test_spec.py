@@ -62,6 +62,24 @@ def test_overrides_parse_yaml_values_and_are_validated(write_sweep):
         load_spec(write_sweep(BASE), ["eval.test_sise=5"])
 
 
+def test_an_override_changes_only_its_own_key_where_yaml_anchors_share_a_part(tmp_path):
+    """`second: {<<: *lora, rank: 8}` made the composition's training lora's own dict, so `methods.lora.train.lr=0.01`
+    changed steer_mean+lora's cells too (new ids: their rows left unplanned and run again)."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(f"""
+sweep: anchors
+results_dir: {tmp_path / "results"}
+models: [{{id: ladder:test/xs}}]
+tasks: [facts]
+budgets: [4, 16]
+methods:
+  lora: &lora {{rank: 2, train: {{lr: 0.003}}}}
+  steer_mean+lora: {{second: {{<<: *lora, rank: 8}}}}
+""")
+    spec = load_spec(path, ["methods.lora.train.lr=0.01"])
+    assert spec.methods["lora"]["train"]["lr"] == 0.01 and spec.methods["steer_mean+lora"]["second"]["train"]["lr"] == 0.003
+
+
 def test_an_invalid_value_from_an_override_is_blamed_on_the_override_not_the_file(write_sweep):
     """The YAML holds budgets [4, 16]; an error saying only "sweep.yaml: budgets must be >= 0" sent users to the file."""
     path = write_sweep(BASE)

@@ -98,6 +98,30 @@ def test_a_write_that_fails_raises_and_leaves_no_temp_file(tmp_path):
     assert sorted(os.listdir(tmp_path / "cells")) == ["k1.parquet"]
 
 
+def test_a_row_renamed_into_place_after_another_driver_planned_counts_as_written_since_then(tmp_path, monkeypatch):
+    """A row's time was its temp file's: written (and synced, slowly on a busy NFS) before another driver planned, renamed
+    into place after that driver had listed the store, it read as older than the plan, so that driver ran the cell
+    again and replaced the row. The row's time is now when it appeared."""
+    import threading
+
+    store, synced, real_fsync = ResultsStore(str(tmp_path)), threading.Event(), os.fsync
+
+    def slow_fsync(descriptor: int) -> None:
+        synced.set()
+        time.sleep(0.3)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    writer = threading.Thread(target=store.write, args=(_row("c1"),))
+    writer.start()
+    synced.wait(10)
+    time.sleep(0.05)
+    planned_at = time.time()  # the other driver reads the store: the row is not there yet
+    assert not os.path.exists(store.cell_path("c1"))
+    writer.join()
+    assert store.written_since("c1", planned_at)
+
+
 def test_truncated_and_foreign_files_are_set_aside_and_reported(tmp_path):
     store = ResultsStore(str(tmp_path / "r"))
     store.write(_row("good"))

@@ -51,6 +51,9 @@ def write_atomically(filesystem: fs.FileSystem, path: str, data: bytes) -> None:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temp, path)  # atomic on POSIX
+            # the time it appeared, not the temp file's: another driver that listed the store meanwhile and planned
+            # after the write began reads the row's mtime to tell it was stored since (ResultsStore.written_since)
+            os.utime(path)
         except BaseException:
             with contextlib.suppress(OSError):  # the write's own error is the one to report
                 os.remove(temp)
