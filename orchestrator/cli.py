@@ -160,7 +160,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _print_cell(spec, cells, args.cell)
     store, scan = _stored(spec, set_aside=False)
     _report_quarantine(scan, set_aside=False)
-    status = scan.status
+    status = scan.statuses()
     statuses = [status.get(c.cell_id) for c in cells]
     dims = (
         f"{_count(len(spec.models), 'model')} × {_count(len(spec.tasks), 'task')} × {_count(len(spec.methods), 'method')} × "
@@ -388,7 +388,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(count_line(spec.sweep, cells, scan, todo))
     _note_unfittable(cells)
     _note_other_sweeps(spec.sweep, args.config, scan)
-    running, stored = {c.cell_id for c in todo}, scan.status  # a property that builds its dict each read: once
+    running, stored = {c.cell_id for c in todo}, scan.statuses()
     waiting = sum(1 for c in cells if c.cell_id not in running and stored.get(c.cell_id) == "failed")
     if waiting:
         print(f"{waiting} stored cells failed and are not rerun; rerun them with --retry-failed (`steerscale status` shows their errors)")
@@ -442,7 +442,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for cell_id in sorted(unplanned):  # rows from cells no longer in the plan (an earlier config): show them too
         stored = scan.cells[cell_id]
         entries.append({"cell_id": cell_id, "model": stored.model, "method": f"{stored.method} (unplanned)" if known else stored.method})
-    print(_status_table(entries, scan.status))
+    print(_status_table(entries, scan.statuses()))
     _print_failures(scan)
     return 0
 

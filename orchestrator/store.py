@@ -50,9 +50,8 @@ class StoreScan:
     cells: dict[str, StoredCell] = field(default_factory=dict)  # by cell_id
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
 
-    @property
-    def status(self) -> dict[str, str]:
-        """cell_id -> "ok" | "failed"."""
+    def statuses(self) -> dict[str, str]:
+        """cell_id -> "ok" | "failed", built on each call (a method, so a loop does not rebuild it unseen)."""
         return {cell_id: cell.status for cell_id, cell in self.cells.items()}
 
     def counts(self) -> Counter:

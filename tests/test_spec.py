@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from orchestrator.grid import expand
 from orchestrator.spec import apply_overrides, check_results_dir, load_spec
 from workers.config import ConfigError
 
@@ -154,6 +155,17 @@ def test_a_grid_that_cannot_run_fails_at_load_naming_the_entry(change, message, 
     with pytest.raises(ConfigError) as err:
         load_spec(write_sweep({**BASE, **change}))
     assert message in str(err.value)
+
+
+def test_a_ladder_rung_listed_with_and_without_its_pinned_revision_is_one_model_listed_twice(write_sweep):
+    """Its only valid revision is its recipe's hash, which planning fills in anyway: not "other settings" to give their own
+    sweep (what load said), but the same cells planned twice."""
+    import workers.models.ladder as ladder
+
+    pinned = {"id": "ladder:test/xs", "revision": ladder.recipe_hash("test")}
+    spec = load_spec(write_sweep({**BASE, "models": [{"id": "ladder:test/xs"}, pinned]}))
+    with pytest.raises(ConfigError, match="ladder:test/xs listed twice .* list each model once"):
+        expand(spec)
 
 
 def test_a_value_out_of_range_says_what_the_setting_means(write_sweep):

@@ -38,7 +38,7 @@ def test_rows_round_trip_with_every_schema_column(tmp_path):
     table = store.read()
     assert table.column_names == list(COLUMNS)
     assert sorted(table.column("cell_id").to_pylist()) == ["a1", "b2"]
-    assert store.scan().status == {"a1": "ok", "b2": "failed"}
+    assert store.scan().statuses() == {"a1": "ok", "b2": "failed"}
     meta = pq.read_schema(tmp_path / "r" / "cells" / "a1.parquet").metadata
     assert meta[b"steerscale.schema_version"] == str(SCHEMA_VERSION).encode()
 
@@ -47,14 +47,14 @@ def test_rewriting_a_cell_replaces_its_row_instead_of_duplicating(tmp_path):
     store = ResultsStore(str(tmp_path / "r"))
     store.write(_row("a1", status="failed", error="first try"))
     store.write(_row("a1", status="ok"))
-    assert store.read().num_rows == 1 and store.scan().status == {"a1": "ok"}
+    assert store.read().num_rows == 1 and store.scan().statuses() == {"a1": "ok"}
 
 
 def test_file_uri_works_like_a_path(tmp_path):
     store = ResultsStore(f"file://{tmp_path}/uri")
     store.write(_row("c3"))
     assert (tmp_path / "uri" / "cells" / "c3.parquet").exists()
-    assert store.scan().status == {"c3": "ok"}
+    assert store.scan().statuses() == {"c3": "ok"}
 
 
 def test_write_killed_halfway_leaves_no_readable_partial_file(tmp_path):
@@ -85,7 +85,7 @@ def test_write_killed_halfway_leaves_no_readable_partial_file(tmp_path):
     assert any(name.startswith(".tmp-") for name in leftovers), "the kill should have hit the temp file"
     store = ResultsStore(str(results))
     scan = store.scan()
-    assert scan.status == {} and scan.quarantined == [] and store.read().num_rows == 0, "a write in flight is not a broken file"
+    assert scan.statuses() == {} and scan.quarantined == [] and store.read().num_rows == 0, "a write in flight is not a broken file"
 
 
 def test_a_write_that_fails_raises_and_leaves_no_temp_file(tmp_path):
@@ -131,7 +131,7 @@ def test_truncated_and_foreign_files_are_set_aside_and_reported(tmp_path):
     (cells / "foreign.parquet").write_bytes(b"not parquet at all")
     (cells / "renamed.parquet").write_bytes(data)  # a whole row under another cell's name: `good`'s row twice
     scan = store.scan()
-    assert scan.status == {"good": "ok"}
+    assert scan.statuses() == {"good": "ok"}
     assert sorted(name for name, _ in scan.quarantined) == ["foreign.parquet", "renamed.parquet", "trunc.parquet"]
     assert sorted(os.listdir(tmp_path / "r" / "quarantine")) == ["foreign.parquet", "renamed.parquet", "trunc.parquet"]
     assert store.read().num_rows == 1
@@ -146,7 +146,7 @@ def test_a_damaged_footer_or_a_row_without_status_is_set_aside_not_raised(tmp_pa
     (cells / "garbled.parquet").write_bytes(data[:-60] + b"\x07" * 52 + data[-8:])
     pq.write_table(pa.table({"cell_id": ["nostatus"]}), cells / "nostatus.parquet")
     scan = store.scan()
-    assert scan.status == {"good": "ok"}
+    assert scan.statuses() == {"good": "ok"}
     assert sorted(name for name, _ in scan.quarantined) == ["garbled.parquet", "nostatus.parquet"]
     assert sorted(os.listdir(tmp_path / "r" / "quarantine")) == ["garbled.parquet", "nostatus.parquet"]
 
@@ -162,7 +162,7 @@ def test_a_bad_file_another_driver_set_aside_first_is_not_an_error_and_none_is_o
     assert [name for name, _ in first.scan().quarantined] == ["cut.parquet"]
     monkeypatched = second._cell_files
     second._cell_files = lambda: listed  # listed before the first driver moved the file
-    assert second.scan().status == {"good": "ok"}
+    assert second.scan().statuses() == {"good": "ok"}
     second._cell_files = monkeypatched
     bad.write_bytes(b"PAR1 cut short again")
     assert [name for name, _ in first.scan().quarantined] == ["cut.parquet"]
@@ -176,7 +176,7 @@ def test_read_only_commands_report_unreadable_files_without_moving_them(tmp_path
     store.write(_row("good"))
     (tmp_path / "r" / "cells" / "trunc.parquet").write_bytes(b"PAR1 cut short")
     scan = store.scan(set_aside=False)
-    assert scan.status == {"good": "ok"} and [name for name, _ in scan.quarantined] == ["trunc.parquet"]
+    assert scan.statuses() == {"good": "ok"} and [name for name, _ in scan.quarantined] == ["trunc.parquet"]
     assert store.read(set_aside=False).num_rows == 1
     assert sorted(os.listdir(tmp_path / "r" / "cells")) == ["good.parquet", "trunc.parquet"]
     assert not (tmp_path / "r" / "quarantine").exists()
@@ -297,7 +297,7 @@ def test_rows_are_written_through_the_stores_own_filesystem(tmp_path, monkeypatc
 
     monkeypatch.setattr("workers.rowfile.filesystem_and_path", no_reparsing)
     store.write(_row("a1"))
-    assert store.scan().status == {"a1": "ok"}
+    assert store.scan().statuses() == {"a1": "ok"}
 
 
 @pytest.mark.parametrize("damage", ["cut short", '{"a": 1}', '[{"cell_id": "x"}]', "[1, 2]"])
