@@ -33,7 +33,7 @@ demo: setup
 	$(BIN)/steerscale report $(RESULTS)
 	@echo "results: $(RESULTS)/cells/   fits: $(RESULTS)/fits.json   report: $(RESULTS)/report/report.html"
 
-# The suite: unit tests, real tiny models, and a real local-Ray sweep end to end (~4-12 min on 2 cores).
+# The suite: unit tests, real tiny models, and a real local-Ray sweep end to end (~12-16 min on 2 cores).
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

@@ -67,6 +67,11 @@ class Crossover:
         lo, hi = end(self.d_star_lo), end(self.d_star_hi)
         return f"[{lo}]" if lo == hi and not np.isfinite(self.d_star_lo) else f"[{lo}, {hi}]"
 
+    def unresampled_note(self) -> str:
+        """What a reader must know of a verdict no resample checked (`--bootstrap 0`); '' otherwise, and for outcomes that
+        are no verdict at all (no_overlap, not_finite)."""
+        return " (no resamples: not a finding)" if not np.isfinite(self.share) and self.outcome in OUTCOMES else ""
+
 
 def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> np.ndarray:
     """Metric of the budget law for each parameter set (rows) at each budget in `d` (columns)."""

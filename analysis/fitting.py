@@ -43,10 +43,10 @@ class FitError(ValueError):
 FIT_FAILURES = (FitError, np.linalg.LinAlgError, FloatingPointError, ValueError)
 
 
-def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
-    """Each residual's loss: Huber's, with the `TIE_BREAK` least-squares term."""
+def huber(r: np.ndarray) -> np.ndarray:
+    """Each residual's loss: Huber's (δ = `HUBER_DELTA`), with the `TIE_BREAK` least-squares term."""
     a = np.abs(r)
-    m = np.minimum(a, delta)
+    m = np.minimum(a, HUBER_DELTA)
     return m * (a - 0.5 * m) + 0.5 * TIE_BREAK * r * r
 
 
@@ -60,9 +60,9 @@ def huber_curvature(r: np.ndarray) -> np.ndarray:
     return (np.abs(r) < HUBER_DELTA) + TIE_BREAK
 
 
-def huber_weight(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+def huber_weight(r: np.ndarray) -> np.ndarray:
     """ψ(r)/r: the IRLS weight whose weighted least squares majorises the Huber loss."""
-    return np.minimum(1.0, delta / np.maximum(np.abs(r), 1e-300)) + TIE_BREAK
+    return np.minimum(1.0, HUBER_DELTA / np.maximum(np.abs(r), 1e-300)) + TIE_BREAK
 
 
 @dataclass(frozen=True)

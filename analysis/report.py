@@ -21,7 +21,7 @@ from analysis.axis_choice import TREND
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
 from analysis.composition import CompositionGain, Welch, holm, paired_noise, unmatched_compositions
-from analysis.crossover import OUTCOMES, Crossover
+from analysis.crossover import Crossover
 from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
@@ -317,7 +317,7 @@ def _crossover_table(a: Analysis) -> list[Block]:
         elif np.isfinite(c.d_star):
             interval = f" {c.interval()}" if c.interval() else ""
             text = ("steering from " if c.outcome == "steering_overtakes" else "") + _num(c.d_star) + interval
-        agree = f" ({whole_percent(c.share)}%)" if np.isfinite(c.share) else " (no resamples: not a finding)" if c.outcome in OUTCOMES else ""
+        agree = f" ({whole_percent(c.share)}%)" if np.isfinite(c.share) else c.unresampled_note()
         return text + agree + (" †" if c.disputed else "")
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]

@@ -12,7 +12,7 @@ from analysis.axis_choice import AxisComparison, compare_axes
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import capability_table, get_axis
 from analysis.composition import CompositionGain, composition_gains
-from analysis.crossover import OUTCOMES, Crossover, CrossoverScaling, crossover_scaling, find_crossovers
+from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, find_crossovers
 from analysis.curves import LawFit, fit_curves
 from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
@@ -112,8 +112,7 @@ class FitSummary:
             for c in a.crossovers:
                 ci = f" CI {c.interval()}" if c.interval() else ""
                 firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: the measured means disagree)" if c.disputed else ""
-                agree = (f", {whole_percent(c.share)}% of resamples agree{firm}" if np.isfinite(c.share)
-                         else " (no resamples: not a finding)" if c.outcome in OUTCOMES else "")  # not fitted on shared budgets: no verdict to doubt
+                agree = f", {whole_percent(c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else c.unresampled_note()
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}")
         for s in a.scaling:
             held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
