@@ -99,6 +99,22 @@ def test_a_resample_refit_reaches_the_optimum_along_a_tie_break_direction() -> N
         assert params_from_theta(ADDITIVE, theta)[name] == pytest.approx(value, rel=1e-3), name
 
 
+def test_a_resample_refit_does_not_stretch_a_descent_into_a_vanished_term() -> None:
+    """Stretching every step that gained about as much as the last ran log E from −7.5 to −30 in two steps of this
+    resample's descent (helper-115), where E's gradient vanishes: the refit stopped at E ≈ 0, above the optimum."""
+    rng = np.random.default_rng(2)
+    truth = {"E": 0.4, "A": 120.0, "B": 50.0, "alpha": 0.34, "beta": 0.35}
+    n, d = np.meshgrid(np.geomspace(1e5, 1e8, 4), np.geomspace(4, 2048, 6), indexing="ij")
+    x = {"N": np.repeat(n.ravel(), 3), "D": np.repeat(d.ravel(), 3)}
+    data = LawData.build(ADDITIVE, x, ADDITIVE.predict(truth, x) * np.exp(rng.normal(0, 0.1, len(x["N"]))))
+    fit = fit_law(data)
+    weights = resample_weights(design_strata(data), 40, np.random.default_rng(2))[16]
+    logy = widened_targets(data, design_strata(data))
+    (theta,) = refine(data, fit.theta[None], weights[None], logy=logy[None])
+    assert params_from_theta(ADDITIVE, theta)["E"] == pytest.approx(0.19, abs=0.01)
+    assert objective(theta, LawData.build(ADDITIVE, x, np.exp(logy)), weights)[0] == pytest.approx(0.0066235, rel=1e-4)
+
+
 def test_variable_projection_matches_plain_approach3() -> None:
     data = chinchilla_data(drop_highest_loss=5)
     starts = start_grid(ADDITIVE)
