@@ -78,19 +78,24 @@ def test_a_two_seed_curve_has_one_optimum() -> None:
         assert abs(params_from_theta(POWER_D, theta)["E"] - fit.params["E"]) < 1e-3, (e, theta, fit.params)
 
 
+def resample_of_additive_data(models: int, budgets: int, seeds: int, noise: float, resamples: int, which: int):
+    """An additive law's cells with noise (as benchmark 5 draws them, seed 2), their fit, one bootstrap resample's
+    weights, its widened log targets, and the data at those targets."""
+    rng = np.random.default_rng(2)
+    truth = {"E": 0.4, "A": 120.0, "B": 50.0, "alpha": 0.34, "beta": 0.35}
+    n, d = np.meshgrid(np.geomspace(1e5, 1e8, models), np.geomspace(4, 2048, budgets), indexing="ij")
+    x = {"N": np.repeat(n.ravel(), seeds), "D": np.repeat(d.ravel(), seeds)}
+    data = LawData.build(ADDITIVE, x, ADDITIVE.predict(truth, x) * np.exp(rng.normal(0, noise, len(x["N"]))))
+    weights = resample_weights(design_strata(data), resamples, np.random.default_rng(2))[which]
+    logy = widened_targets(data, design_strata(data))
+    return data, fit_law(data), weights, logy, LawData.build(ADDITIVE, x, np.exp(logy))
+
+
 def test_a_resample_refit_reaches_the_optimum_along_a_tie_break_direction() -> None:
     """Benchmark 5's quick data (an additive law, 4 seeds a budget): in one resample the optimum lies where the loss falls
     almost linearly (only the tie-break curves it) until one more residual enters δ. Both Gauss-Newton models stepped a
     fraction of the way there each time, and the 400-step cap left E at 0.289 where L-BFGS-B finds 0.292."""
-    rng = np.random.default_rng(2)
-    truth = {"E": 0.4, "A": 120.0, "B": 50.0, "alpha": 0.34, "beta": 0.35}
-    n, d = np.meshgrid(np.geomspace(1e5, 1e8, 5), np.geomspace(4, 2048, 5), indexing="ij")
-    x = {"N": np.repeat(n.ravel(), 4), "D": np.repeat(d.ravel(), 4)}
-    data = LawData.build(ADDITIVE, x, ADDITIVE.predict(truth, x) * np.exp(rng.normal(0, 0.02, len(x["N"]))))
-    fit = fit_law(data)
-    weights = resample_weights(design_strata(data), 50, np.random.default_rng(2))[4]
-    logy = widened_targets(data, design_strata(data))
-    widened = LawData.build(ADDITIVE, x, np.exp(logy))
+    data, fit, weights, logy, widened = resample_of_additive_data(5, 5, 4, noise=0.02, resamples=50, which=4)
     expected = minimize(objective, fit.theta, args=(widened, weights), jac=True, method="L-BFGS-B", bounds=theta_bounds(ADDITIVE),
                         options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-12, "maxcor": 20})  # fmt: skip
     (theta,) = refine(data, fit.theta[None], weights[None], logy=logy[None])
@@ -102,17 +107,10 @@ def test_a_resample_refit_reaches_the_optimum_along_a_tie_break_direction() -> N
 def test_a_resample_refit_does_not_stretch_a_descent_into_a_vanished_term() -> None:
     """Stretching every step that gained about as much as the last ran log E from −7.5 to −30 in two steps of this
     resample's descent (helper-115), where E's gradient vanishes: the refit stopped at E ≈ 0, above the optimum."""
-    rng = np.random.default_rng(2)
-    truth = {"E": 0.4, "A": 120.0, "B": 50.0, "alpha": 0.34, "beta": 0.35}
-    n, d = np.meshgrid(np.geomspace(1e5, 1e8, 4), np.geomspace(4, 2048, 6), indexing="ij")
-    x = {"N": np.repeat(n.ravel(), 3), "D": np.repeat(d.ravel(), 3)}
-    data = LawData.build(ADDITIVE, x, ADDITIVE.predict(truth, x) * np.exp(rng.normal(0, 0.1, len(x["N"]))))
-    fit = fit_law(data)
-    weights = resample_weights(design_strata(data), 40, np.random.default_rng(2))[16]
-    logy = widened_targets(data, design_strata(data))
+    data, fit, weights, logy, widened = resample_of_additive_data(4, 6, 3, noise=0.1, resamples=40, which=16)
     (theta,) = refine(data, fit.theta[None], weights[None], logy=logy[None])
     assert params_from_theta(ADDITIVE, theta)["E"] == pytest.approx(0.19, abs=0.01)
-    assert objective(theta, LawData.build(ADDITIVE, x, np.exp(logy)), weights)[0] == pytest.approx(0.0066235, rel=1e-4)
+    assert objective(theta, widened, weights)[0] == pytest.approx(0.0066235, rel=1e-4)
 
 
 def test_variable_projection_matches_plain_approach3() -> None:
