@@ -38,7 +38,7 @@ from analysis.decisions import LOG_NAME, parse_events
 from analysis.io import jsonable, load_results
 
 from orchestrator.acquisition import (
-    Choice, CurveFit, CurveKey, Target, acquisition_choices, check_grid, curve_pairs, curves_of, design_choices, fit_curve,
+    Choice, CurveFit, CurveKey, Target, acquisition_choices, check_grid, curve_key, curve_pairs, curves_of, design_choices, fit_curve,
     PooledNoise, fresh_noise_twins, given_up, label, on_fresh_noise, pooled_noise, targets_from, unidentified_exponents,
 )  # fmt: skip
 from orchestrator.cellcost import CostModel, Planned
@@ -179,13 +179,16 @@ def _choice_record(round_: int, choice: Choice) -> dict:
 
 
 def _within(choices: list[Choice], flops_left: float, cells_left: float) -> list[Choice]:
-    """The prefix of `choices` that the remaining budgets allow."""
+    """The design's cells, in order, that the remaining budgets allow: a cell the FLOPs left cannot pay for is passed
+    over, not an end (one curve's costliest cell, near the front of the design's turns, held back every cell after it,
+    the other curves' cheap ones too, and the run stopped with curves it could have fitted unfitted)."""
     kept, flops = [], 0.0
     for choice in choices:
-        if len(kept) >= cells_left or flops + choice.flops > flops_left:
+        if len(kept) >= cells_left:
             break
-        kept.append(choice)
-        flops += choice.flops
+        if flops + choice.flops <= flops_left:
+            kept.append(choice)
+            flops += choice.flops
     return kept
 
 
@@ -221,32 +224,37 @@ def run_adaptive(
         candidates = [c for c in cells if c.cell_id not in status]
         targets: list[Target] = []
         design = design_choices(cells, status, cost)
+        choices = _within(design, flops_left, cells_left)
+        unaffordable = {curve_key(choice.cell) for choice in design} if design and not choices and cells_left > 0 else set()
+        if unaffordable:  # what is left of the design costs more than the FLOPs left: fit and narrow the other curves
+            unfitted += "".join(f"; the compute budget cannot finish the design of {label(key)}" for key in sorted(unaffordable))
+            design = []
         if design:
-            choices = _within(design, flops_left, cells_left)
             echo(f"round {round_}: design, {len(design)} cells needed before every curve can be fitted")
             if 0 < cells_left < len(design):  # said now, not after the run has spent what it may (at 0 the stop says it)
                 echo(f"  note: --max-cells {settings.max_cells:g} leaves room for {max(0, int(cells_left))} of them: nothing can be "
                      f"fitted within it (it needs at least {len(status) + len(design)})")  # fmt: skip
         else:
             resamples = settings.bootstrap
-            fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache)
+            fits = _without(fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache), unaffordable)
             noise = pooled_noise(fits)  # of the full-data fits: the same whatever the resamples
             targets, twins, unidentified = _judged(fits, noise, resamples, settings)
             if targets and all(t.resolved for t in targets) and settings.confirm_bootstrap > resamples:
                 # A width from few resamples is noisy, and stopping on the first round whose estimate dips
                 # under the goal favours the low draws: the stop is confirmed on more resamples, drawn apart, first.
                 resamples = settings.confirm_bootstrap
-                fits = fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache, confirming=True)
+                fits = _without(fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache, confirming=True), unaffordable)
                 targets, twins, unidentified = _judged(fits, noise, resamples, settings, confirming=True)
             unfitted += unidentified
-            # a target whose curve cannot be fitted (and is not given up) is said, not dropped
+            # a target whose curve cannot be fitted (and is not given up, or its design unaffordable) is said, not dropped
+            said = set(abandoned) | unaffordable
             if settings.target_width is not None:
-                blind = [pair for pair in curve_pairs(curves_of(cells)) if any(k not in fits and k not in abandoned for k in pair)]
+                blind = [pair for pair in curve_pairs(curves_of(cells)) if any(k not in fits and k not in said for k in pair)]
                 unfitted += "".join(f"; no D* for {label(steer)} × {tune[1]}: {', '.join(label(k) for k in (steer, tune) if k not in fits)} "
                                     "not fitted (its ok cells do not support the law)" for steer, tune in blind)  # fmt: skip
             if settings.target_exponent_width is not None:
                 unfitted += "".join(f"; no exponent for {label(key)}: not fitted (its ok cells do not support the law)"
-                                    for key in curves_of(cells) if key not in fits and key not in abandoned)  # fmt: skip
+                                    for key in curves_of(cells) if key not in fits and key not in said)  # fmt: skip
             log.append([{"event": "round", "round": round_, "cells_stored": len(status), "flops_spent": spent,
                          "noise_sd": float(np.sqrt(noise.variance)), "resamples": resamples,
                          "targets": [t.record() for t in targets]}])  # fmt: skip
@@ -267,7 +275,7 @@ def run_adaptive(
                 reason = "every cell of the grid is stored"
             elif cells_left <= 0:
                 reason = f"cell budget reached ({len(status)} of --max-cells {settings.max_cells:g})"
-            elif design or min(cost.post_train(c.config) for c in candidates) > flops_left:
+            elif design or _out_of_flops(targets, candidates, cost, flops_left):
                 reason = f"compute budget reached ({spent:.3g} of --budget-flops {flops_budget:.3g}; the next cell would exceed it)"
             else:
                 reason = "no remaining cell is expected to narrow an open target"
@@ -280,6 +288,20 @@ def run_adaptive(
         execute([choice.cell for choice in choices], read_at)
         submitted = choices
         round_ += 1
+
+
+def _without(fits: dict[CurveKey, CurveFit], curves: set[CurveKey]) -> dict[CurveKey, CurveFit]:
+    """The fits of every curve but `curves` (those whose design is unfinished: their bootstrap is not trusted)."""
+    return {key: fit for key, fit in fits.items() if key not in curves}
+
+
+def _out_of_flops(targets: Sequence[Target], candidates: Sequence[Planned], cost: CostModel, flops_left: float) -> bool:
+    """Whether every candidate on an open target's curves costs more than the FLOPs left (False without one). Asked of
+    every candidate, a `base` seed (free) or a curve no target reads made a run that had spent its budget stop with
+    "no remaining cell is expected to narrow an open target"."""
+    open_curves = {key for target in targets if not target.resolved for key in target.curves}
+    narrowing = [cost.post_train(c.config) for c in candidates if curve_key(c) in open_curves]
+    return bool(narrowing) and min(narrowing) > flops_left
 
 
 def _stop(log: DecisionLog, echo: Callable[[str], None], round_: int, reason: str, status: Mapping[str, str],

@@ -166,8 +166,10 @@ class CostModel:
         return Rate(TOKENS_PER_EXAMPLE)
 
     def post_train(self, config: CellConfig) -> float:
-        """Expected post-training FLOPs of a cell not yet run."""
-        return self._rate(config)(work_units(config)) * self.params[config.model.id]
+        """Expected post-training FLOPs of a cell not yet run; none for a cell with no post-training work (budget 0:
+        `base`), which the rates' fixed part — fitted to the methods that do work — priced like a steering cell."""
+        units = work_units(config)
+        return self._rate(config)(units) * self.params[config.model.id] if units > 0 else 0.0
 
     def ranking_cost(self, config: CellConfig) -> float:
         """Post-training FLOPs plus the evaluation's forward FLOPs: what running the cell really takes."""

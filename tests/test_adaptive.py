@@ -337,6 +337,40 @@ def test_a_pair_whose_curve_cannot_be_fitted_is_named_not_dropped(tmp_path, goal
         assert "; no exponent for facts/lora/sim-l: not fitted" in outcome.stop_reason, outcome.stop_reason
 
 
+class WorldWithBase(World):
+    """The simulated world with a `base` reference level per model and seed: free to post-train, scored at 0.3."""
+
+    def __call__(self, cells: list[SimCell], planned_at: float = 0.0) -> None:
+        super().__call__([c for c in cells if c.config.method != "base"], planned_at)
+        for cell in (c for c in cells if c.config.method == "base"):
+            c = cell.config
+            self.ran.append(cell.cell_id)
+            self.store.write({"schema_version": 1, "sweep": c.sweep, "cell_id": cell.cell_id, "slug": c.slug, "status": "ok",
+                              "model": c.model.id, "params_total": MODELS[c.model.id], "task": c.task, "method": c.method,
+                              "budget": 0, "seed": c.seed, "score": 0.3, "post_train_flops": 0.0})  # fmt: skip
+
+
+def test_a_compute_budget_too_small_for_one_curves_design_narrows_the_other_curves(tmp_path, full_grid):
+    """--budget-flops at a tenth of the full grid: the design's turns put sim-l LoRA's costliest cell near the front,
+    and the design stopped at the first cell it could not pay for, every cheaper cell after it held back; each round
+    ran a few cells of the other curves until the run stopped with no target ("nothing could be fitted" at a fifth),
+    four curves fittable. The cell it cannot afford is now passed over; once only such cells are left of the design,
+    the curves they belong to are named and the others fitted and narrowed until the FLOPs run out. And base cells
+    (free) are priced at 0: the rates' fixed part priced each like a steering cell, and the cheapest cell left was a
+    base seed, so a run that spent its budget said "no remaining cell is expected to narrow an open target"."""
+    evaluation = EvalConfig(test_size=100, validation_size=32, neutral_size=16)
+    base = [SimCell(CellConfig(sweep="sim", model=ModelSpec(id=model), task="facts", method="base", budget=0, seed=seed, eval=evaluation))
+            for model in MODELS for seed in SEEDS]  # fmt: skip
+    cells, store = grid() + base, ResultsStore(str(tmp_path))
+    budget = 0.1 * full_grid[2]
+    outcome = run_adaptive(cells, store, WorldWithBase(store), Settings(budget_flops=budget, target_width=0.3, batch_size=12, bootstrap=200),
+                           MODELS, echo=lambda line: None)  # fmt: skip
+    assert sorted(t.name for t in outcome.targets) == ["facts/sim-m steer_mean->lora", "facts/sim-s steer_mean->lora"]
+    assert outcome.stop_reason.startswith(("compute budget reached", "every target interval is narrower")), outcome.stop_reason
+    assert outcome.stop_reason.endswith("; the compute budget cannot finish the design of facts/lora/sim-l"), outcome.stop_reason
+    assert CostModel.calibrate(cells, stored_rows(store, cells), MODELS).post_train(base[0].config) == 0.0
+
+
 def test_a_cell_budget_below_the_design_says_so_before_it_runs(tmp_path):
     """`--max-cells 20` when the design needs more ran its 20 cells and only then said nothing could be fitted."""
     cells, store, lines = grid(), ResultsStore(str(tmp_path)), []
