@@ -405,7 +405,7 @@ def refine(
             best_loss = np.where(take, candidate_loss, best_loss)
         step_gain = losses[active] - best_loss
         crawling = np.flatnonzero((step_gain > 0) & (step_gain >= 0.5 * last_gain[active]) & (step_gain <= STRETCH_BELOW * losses[active]))
-        last_gain[active] = step_gain
+        last_gain[active] = np.where(step_gain > 0, step_gain, last_gain[active])  # a rejected step is not a "step before"
         base, step = theta[crawling], best_theta[crawling] - theta[crawling]
         for stretch in STEP_STRETCHES:
             candidate = np.clip(base + stretch * step, lo, hi)

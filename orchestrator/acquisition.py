@@ -215,10 +215,12 @@ def given_up(cells: Sequence[Planned], status: Mapping[str, str]) -> dict[CurveK
     return given
 
 
-def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: CostModel) -> list[Choice]:
+def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: CostModel, flops_left: float = float("inf")) -> list[Choice]:
     """Cells still missing from the design (see the module docstring); empty once every curve can be
     fitted or has been given up (`given_up`). Curves take turns, one cell each, so that a cell or
-    compute budget too small for the whole design still spreads it over every curve."""
+    compute budget too small for the whole design still spreads it over every curve. A cell costing more
+    than `flops_left` is passed over for the next in its curve's order (a curve whose top budgets the
+    budget cannot pay for is designed on the budgets it can)."""
     choices = []
     references: dict[CurveKey, list[Planned]] = defaultdict(list)
     for cell in cells:
@@ -242,7 +244,7 @@ def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: Co
         for cell in design_order(group, (models.index(key[2]) + 0.5) / len(models)):
             if n_ok >= DESIGN_POINTS and len(budgets) >= MIN_BUDGETS:
                 break
-            if cell.cell_id in status:
+            if cell.cell_id in status or cost.post_train(cell.config) > flops_left:
                 continue
             reason = (
                 f"design: {label(key)} has {n_ok} ok cells over {len(budgets)} budgets; its curve needs {DESIGN_POINTS} "

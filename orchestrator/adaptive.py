@@ -224,10 +224,15 @@ def run_adaptive(
         candidates = [c for c in cells if c.cell_id not in status]
         targets: list[Target] = []
         design = design_choices(cells, status, cost)
-        choices = _within(design, flops_left, cells_left)
-        unaffordable = {curve_key(choice.cell) for choice in design} if design and not choices and cells_left > 0 else set()
-        if unaffordable:  # what is left of the design costs more than the FLOPs left: fit and narrow the other curves
-            unfitted += "".join(f"; the compute budget cannot finish the design of {label(key)}" for key in sorted(unaffordable))
+        affordable = design_choices(cells, status, cost, flops_left)
+        # Before any row is measured the prices are the prior's guess (32 tokens an example; a world's may be 40): a design
+        # batch then spends at most half the FLOPs left, at least one cell, so a guess 20 % low does not overspend them.
+        choices = _within(affordable, flops_left if cost.rates else flops_left / 2, cells_left) or (affordable[:1] if cells_left >= 1 else [])
+        # Every cell left of these curves' designs costs more than the FLOPs left: fit and narrow the other curves. (At no
+        # FLOPs left, or no cells, the run stops instead: the budget is spent.)
+        unaffordable = {curve_key(choice.cell) for choice in design} if design and not affordable and cells_left > 0 and flops_left > 0 else set()
+        if unaffordable:
+            unfitted += f"; the compute budget cannot finish the design of {', '.join(label(key) for key in sorted(unaffordable))}"
             design = []
         if design:
             echo(f"round {round_}: design, {len(design)} cells needed before every curve can be fitted")
@@ -265,6 +270,8 @@ def run_adaptive(
             if not targets:
                 reason = ("no target: no curve could be fitted with an identified exponent" if settings.target_exponent_width is not None
                           else "no target: no steering × fine-tuning pair of curves over shared budgets could be fitted")  # fmt: skip
+                if unaffordable:
+                    reason = f"{_budget_reached(spent, flops_budget)}; {reason}"
                 return _stop(log, echo, round_, reason + unfitted, status, spent, targets)
             if all(t.resolved for t in targets):
                 return _stop(log, echo, round_, "every target interval is narrower than its goal" + unfitted, status, spent, targets)
@@ -276,7 +283,7 @@ def run_adaptive(
             elif cells_left <= 0:
                 reason = f"cell budget reached ({len(status)} of --max-cells {settings.max_cells:g})"
             elif design or _out_of_flops(targets, candidates, cost, flops_left):
-                reason = f"compute budget reached ({spent:.3g} of --budget-flops {flops_budget:.3g}; the next cell would exceed it)"
+                reason = _budget_reached(spent, flops_budget)
             else:
                 reason = "no remaining cell is expected to narrow an open target"
             if design:
@@ -288,6 +295,10 @@ def run_adaptive(
         execute([choice.cell for choice in choices], read_at)
         submitted = choices
         round_ += 1
+
+
+def _budget_reached(spent: float, flops_budget: float) -> str:
+    return f"compute budget reached ({spent:.3g} of --budget-flops {flops_budget:.3g}; the next cell would exceed it)"
 
 
 def _without(fits: dict[CurveKey, CurveFit], curves: set[CurveKey]) -> dict[CurveKey, CurveFit]:

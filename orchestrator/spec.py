@@ -214,9 +214,10 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
     problems += [f"models.{i}: {spec.models[i].id} is listed twice with the same settings" for i in repeated(model_keys)]
     # Entries of one id that differ in what they compute (revision, dtype; placement alone is grid.py's to refuse):
     # rows name a model by its id, so their fits would pool the two as one model's seeds.
-    # A ladder rung's revision can only be its recipe's hash (any other is refused above), so it is not a setting here:
-    # the same rung with and without it is one model listed twice, grid.check_unique's to refuse with the right advice.
-    computed = [(m.id, m.model_dump_json(exclude={"gpus_per_cell", "device", *(["revision"] if m.id.startswith(LADDER_PREFIX) else [])}))
+    # Where models are checked, a ladder rung's revision can only be its recipe's hash (any other is refused above), so
+    # it is not a setting here: the same rung with and without it is one model listed twice, grid.check_unique's to
+    # refuse with the right advice. (Unchecked, two revisions of one id are two settings.)
+    computed = [(m.id, m.model_dump_json(exclude={"gpus_per_cell", "device", *(["revision"] if models and m.id.startswith(LADDER_PREFIX) else [])}))
                 for m in spec.models]  # fmt: skip
     problems += [
         f"models.{i}: {model_id} is listed again (as models.{[m for m, _ in computed].index(model_id)}) with other settings: rows "

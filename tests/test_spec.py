@@ -166,6 +166,10 @@ def test_a_ladder_rung_listed_with_and_without_its_pinned_revision_is_one_model_
     spec = load_spec(write_sweep({**BASE, "models": [{"id": "ladder:test/xs"}, pinned]}))
     with pytest.raises(ConfigError, match="ladder:test/xs listed twice .* list each model once"):
         expand(spec)
+    # where models are not checked (fit, report), a revision may be anything: two of them are two settings
+    other = write_sweep({**BASE, "models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/xs", "revision": "000000000000"}]})
+    with pytest.raises(ConfigError, match="models.1: ladder:test/xs is listed again .* with other settings"):
+        load_spec(other, check_models=False)
 
 
 def test_a_value_out_of_range_says_what_the_setting_means(write_sweep):
