@@ -378,8 +378,11 @@ def test_lora_flops_and_params():
     t = adapter.report.hparams["sequence_tokens"]
     p = adapter.report.trainable_params
     p_last_mlp = r * (d + ff) * 3  # in F, the last block's MLP adapters run at the scored positions alone, as it does
+    h = [h[0] - 1, h[1] - 1]  # less the unbilled one-token probe of which layers need input gradients
     forward = forward_cost(lm, t, h) + 2 * p * t - 2 * p_last_mlp * (t - h[1])
-    assert adapter.report.post_train_flops == pytest.approx(2 * forward + 2 * p * t, rel=1e-12)
+    # block 0's q, k, v (and their LoRA A) read the frozen embeddings: backward runs no activation gradient through them
+    no_input_grad = d * d + 2 * d * (d // 2) + 3 * r * d
+    assert adapter.report.post_train_flops == pytest.approx(2 * forward - 2 * no_input_grad * t + 2 * p * t, rel=1e-12)
 
 
 def test_steer_mean_flops_count_every_forward_token_through_the_layers_it_ran():
@@ -518,7 +521,7 @@ def test_reported_flops_are_what_a_counter_measures_alone_and_under_a_lora(name)
             report = get_method(name).fit(ctx, resolve_config(name, raw[name])).report
         ratios.append(report.post_train_flops / counter.get_total_flops())
         counts.append(report.trainable_params)
-    assert all(0.97 < ratio < 1.05 for ratio in ratios), ratios
+    assert all(0.97 < ratio < 1.025 for ratio in ratios), ratios  # LoRA billed 1.041: backward through block 0's q/k/v
     # under a LoRA, full_ft trains the adapters too, but they are the LoRA part's to count (lora+full_ft counted them twice)
     assert len(set(counts)) == 1 and lora.report.trainable_params > 0
 

@@ -167,7 +167,9 @@ def model_problem(method: Method, config: StrictConfig, architecture: Callable[[
 #   forward (inference, validation passes)   F
 #   full fine-tuning                         3·F  (forward 1 + backward 2: activation and weight grads)
 #   LoRA with P adapter parameters           2·F + 2·P·T  (F with the adapters in; the frozen base needs activation
-#                                                           grads (F) but no weight grads; the adapters' weight grads 2·P·T,
+#                                                           grads (F, less 2·N'·T for the N' linear parameters whose input
+#                                                           needs none: `lora.linear_params_without_input_grad`) but no
+#                                                           weight grads; the adapters' weight grads 2·P·T,
 #                                                           billed at every token, though those in the last block's MLP run
 #                                                           at the scored ones alone: < 0.5 % of a ladder xl step too much)
 #   trained steering vectors                 F + (F − 2·N_before·T)  (activation grads through the blocks after
