@@ -47,6 +47,7 @@ from orchestrator.errors import StoreUnreadableError
 from orchestrator.store import ResultsStore
 
 Executor = Callable[[list[Planned], float], None]  # runs cells chosen from the store as read at the time given; stores their rows
+CLAIM_POLL_SECONDS = 10.0  # how often a run whose chosen cells another driver holds looks again (`_waited_for_claims`)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,7 @@ def run_adaptive(
     cells_budget = settings.max_cells if settings.max_cells is not None else float("inf")
     fit_cache: dict = {}
     submitted: list[Choice] = []
+    cell_claims = Claims(store)  # the drivers' claims on cells (`run_cells`), read here, never taken
     while True:
         read_at = time.time()  # a cell another driver stores after this is not run again (run_cells' planned_at)
         rows = stored_rows(store, cells)
@@ -218,8 +220,10 @@ def run_adaptive(
         cost = CostModel.calibrate(cells, rows, params_prior)
         spent = cost.spent(cells, rows)
         if submitted and not any(choice.cell.cell_id in status for choice in submitted):
-            reason = "no progress: none of the chosen cells was stored (claimed by another driver?)"
-            return _stop(log, echo, round_, reason + unfitted, status, spent, [])
+            if _waited_for_claims(cell_claims, {choice.cell.cell_id for choice in submitted}, echo):
+                submitted = []  # stored meanwhile, or free to take over: chosen again from what is stored now
+                continue
+            return _stop(log, echo, round_, "no progress: none of the chosen cells was stored" + unfitted, status, spent, [])
         flops_left, cells_left = flops_budget - spent, cells_budget - len(status)
         candidates = [c for c in cells if c.cell_id not in status]
         targets: list[Target] = []
@@ -228,17 +232,19 @@ def run_adaptive(
         # Before any row is measured the prices are the prior's guess (32 tokens an example; a world's may be 40): a design
         # batch then spends at most half the FLOPs left, at least one cell, so a guess 20 % low does not overspend them.
         choices = _within(affordable, flops_left if cost.rates else flops_left / 2, cells_left) or (affordable[:1] if cells_left >= 1 else [])
-        # Every cell left of these curves' designs costs more than the FLOPs left: fit and narrow the other curves. (At no
-        # FLOPs left, or no cells, the run stops instead: the budget is spent.)
-        unaffordable = {curve_key(choice.cell) for choice in design} if design and not affordable and cells_left > 0 and flops_left > 0 else set()
+        # No design cell left can be run (each costs more than the FLOPs left, or no cells are left): the curves whose
+        # designs are finished are fitted (and narrowed while the budgets allow), the others named. A run that stopped
+        # here said "nothing could be fitted" though curves that had finished their designs could be.
+        unaffordable = {curve_key(choice.cell) for choice in design} if design and not choices else set()
         if unaffordable:
-            unfitted += f"; the compute budget cannot finish the design of {', '.join(label(key) for key in sorted(unaffordable))}"
+            spent_budget = "cell" if cells_left <= 0 else "compute"
+            unfitted += f"; the {spent_budget} budget cannot finish the design of {', '.join(label(key) for key in sorted(unaffordable))}"
             design = []
         if design:
             echo(f"round {round_}: design, {len(design)} cells needed before every curve can be fitted")
             if 0 < cells_left < len(design):  # said now, not after the run has spent what it may (at 0 the stop says it)
-                echo(f"  note: --max-cells {settings.max_cells:g} leaves room for {max(0, int(cells_left))} of them: nothing can be "
-                     f"fitted within it (it needs at least {len(status) + len(design)})")  # fmt: skip
+                echo(f"  note: --max-cells {settings.max_cells:g} leaves room for {max(0, int(cells_left))} of them: the curves whose "
+                     f"designs it cannot finish will not be fitted (all of them need {len(status) + len(design)} cells)")  # fmt: skip
         else:
             resamples = settings.bootstrap
             fits = _without(fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache), unaffordable)
@@ -271,7 +277,7 @@ def run_adaptive(
                 reason = ("no target: no curve could be fitted with an identified exponent" if settings.target_exponent_width is not None
                           else "no target: no steering × fine-tuning pair of curves over shared budgets could be fitted")  # fmt: skip
                 if unaffordable:
-                    reason = f"{_budget_reached(spent, flops_budget)}; {reason}"
+                    reason = f"{_cells_reached(status, settings) if cells_left <= 0 else _budget_reached(spent, flops_budget)}; {reason}"
                 return _stop(log, echo, round_, reason + unfitted, status, spent, targets)
             if all(t.resolved for t in targets):
                 return _stop(log, echo, round_, "every target interval is narrower than its goal" + unfitted, status, spent, targets)
@@ -281,13 +287,11 @@ def run_adaptive(
             if not candidates:
                 reason = "every cell of the grid is stored"
             elif cells_left <= 0:
-                reason = f"cell budget reached ({len(status)} of --max-cells {settings.max_cells:g})"
-            elif design or _out_of_flops(targets, candidates, cost, flops_left):
+                reason = _cells_reached(status, settings)
+            elif _out_of_flops(targets, candidates, cost, flops_left):
                 reason = _budget_reached(spent, flops_budget)
             else:
                 reason = "no remaining cell is expected to narrow an open target"
-            if design:
-                reason += "; the design is incomplete, so nothing could be fitted"
             return _stop(log, echo, round_, reason + unfitted, status, spent, targets)
         log.append([_choice_record(round_, choice) for choice in choices])
         for choice in choices:
@@ -297,8 +301,26 @@ def run_adaptive(
         round_ += 1
 
 
+def _waited_for_claims(claims: Claims, cell_ids: set[str], echo: Callable[[str], None]) -> bool:
+    """Wait while another driver holds claims on any of `cell_ids`; False if none does. Choices are deterministic, so
+    a run resumed on another host soon after its driver died chose the dead driver's claimed cells again, ran none and
+    stopped ("no progress"): it now waits for them to be stored, released, or stale (`Claims.ttl_seconds`)."""
+    held = claims.held_by_live_drivers() & cell_ids
+    if not held:
+        return False
+    echo(f"adaptive: waiting for {len(held)} chosen cells another driver has claimed: until it stores them, or its claims "
+         f"lapse {claims.ttl_seconds / 60:g} minutes after its last heartbeat if it died on another host")  # fmt: skip
+    while claims.held_by_live_drivers() & held:
+        time.sleep(CLAIM_POLL_SECONDS)
+    return True
+
+
 def _budget_reached(spent: float, flops_budget: float) -> str:
     return f"compute budget reached ({spent:.3g} of --budget-flops {flops_budget:.3g}; the next cell would exceed it)"
+
+
+def _cells_reached(status: Mapping[str, str], settings: Settings) -> str:
+    return f"cell budget reached ({len(status)} of --max-cells {settings.max_cells:g})"
 
 
 def _without(fits: dict[CurveKey, CurveFit], curves: set[CurveKey]) -> dict[CurveKey, CurveFit]:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -24,8 +27,10 @@ import yaml
 from analysis.report import write_report
 from analysis.synthetic import TrueCurve
 from orchestrator.acquisition import DESIGN_POINTS, GIVE_UP_FAILURES, check_grid, curves_of, design_choices, design_order, targets_from
+from orchestrator import adaptive as adaptive_loop
 from orchestrator.adaptive import DecisionLog, Settings, fit_budget_curves, run_adaptive, stored_rows
 from orchestrator.cellcost import CostModel, work_units
+from orchestrator.claims import Claims
 from orchestrator.store import ResultsStore
 from workers.cell import CellConfig, EvalConfig, ModelSpec
 from workers.config import ConfigError
@@ -337,6 +342,41 @@ def test_a_pair_whose_curve_cannot_be_fitted_is_named_not_dropped(tmp_path, goal
         assert "; no exponent for facts/lora/sim-l: not fitted" in outcome.stop_reason, outcome.stop_reason
 
 
+class ClaimRespectingWorld(World):
+    """The world run as `run_cells` runs a batch: a cell another live driver holds a claim on is skipped."""
+
+    def __call__(self, cells: list[SimCell], planned_at: float = 0.0) -> None:
+        held = Claims(self.store).held_by_live_drivers()
+        super().__call__([c for c in cells if c.cell_id not in held], planned_at)
+
+
+def test_a_run_resumed_while_a_dead_drivers_claims_live_waits_for_them(tmp_path, monkeypatch):
+    """A driver on another host died holding claims on every cell, and the run was resumed here at once: it chose those
+    cells (choices are deterministic), ran none, and stopped with "no progress". It now waits until the claims lapse
+    (no heartbeat for the TTL; aged here by a thread a second in) and runs the cells."""
+    monkeypatch.setattr(adaptive_loop, "CLAIM_POLL_SECONDS", 0.05)
+    cells = [c for c in grid() if c.config.budget in BUDGETS[3:7] and c.config.seed < 2]
+    store = ResultsStore(str(tmp_path))
+    (tmp_path / "claims").mkdir()
+    dead = {"host": "another-host", "pidns": None, "pid": 1, "started": None, "run": "deadbeef", "claimed_at": time.time()}
+    claims = [tmp_path / "claims" / f"{cell.cell_id}.json" for cell in cells]
+    for claim in claims:
+        claim.write_text(json.dumps(dead))
+
+    def lapse() -> None:
+        time.sleep(1.0)
+        for claim in claims:
+            os.utime(claim, (time.time() - 2 * Claims.ttl_seconds,) * 2)
+
+    threading.Thread(target=lapse, daemon=True).start()
+    lines: list[str] = []
+    outcome = run_adaptive(cells, store, ClaimRespectingWorld(store), Settings(max_cells=len(cells), target_width=50.0, batch_size=8,
+                           bootstrap=200), MODELS, echo=lines.append)  # fmt: skip
+    assert any(line.startswith("adaptive: waiting for ") and "another driver has claimed" in line for line in lines), lines
+    assert outcome.stop_reason == "every target interval is narrower than its goal", outcome.stop_reason
+    assert len(outcome.targets) == 3
+
+
 class WorldWithBase(World):
     """The simulated world with a `base` reference level per model and seed: free to post-train, scored at 0.3."""
 
@@ -379,8 +419,24 @@ def test_a_cell_budget_below_the_design_says_so_before_it_runs(tmp_path):
     world = World(store)
     outcome = run_adaptive(cells, store, world, Settings(max_cells=20, target_width=0.05, batch_size=6, bootstrap=200), MODELS, echo=lines.append)
     needed = int(re.search(r"design, (\d+) cells needed", lines[0]).group(1))
-    assert needed > 20 and lines[1] == f"  note: --max-cells 20 leaves room for 20 of them: nothing can be fitted within it (it needs at least {needed})"
-    assert "the design is incomplete" in outcome.stop_reason
+    assert needed > 20 and lines[1] == (f"  note: --max-cells 20 leaves room for 20 of them: the curves whose designs it cannot finish will not "
+                                        f"be fitted (all of them need {needed} cells)")  # fmt: skip
+    every_curve = ", ".join(f"facts/{method}/{model}" for method in ("lora", "steer_mean") for model in ("sim-l", "sim-m", "sim-s"))
+    assert outcome.stop_reason == ("cell budget reached (20 of --max-cells 20); no target: no steering × fine-tuning pair of curves over shared "
+                                   f"budgets could be fitted; the cell budget cannot finish the design of {every_curve}"), outcome.stop_reason  # fmt: skip
+
+
+def test_a_cell_budget_that_finishes_some_curves_designs_fits_them(tmp_path):
+    """Room for every design cell but one (curves take turns, so sim-l's LoRA curve is the one left short): the run
+    stopped with "the design is incomplete, so nothing could be fitted" though five of six curves had their designs
+    and two crossovers could be fitted. Now those are fitted and reported, and the short curve is named."""
+    cells, store = grid(), ResultsStore(str(tmp_path))
+    cells_for_design = 6 * DESIGN_POINTS - 1
+    outcome = run_adaptive(cells, store, World(store), Settings(max_cells=cells_for_design, target_width=0.05, batch_size=6, bootstrap=200),
+                           MODELS, echo=lambda line: None)  # fmt: skip
+    assert sorted(t.name for t in outcome.targets) == ["facts/sim-m steer_mean->lora", "facts/sim-s steer_mean->lora"]
+    assert outcome.stop_reason == (f"cell budget reached ({cells_for_design} of --max-cells {cells_for_design}); the cell budget cannot finish "
+                                   "the design of facts/lora/sim-l"), outcome.stop_reason  # fmt: skip
 
 
 def test_a_grid_whose_steering_and_fine_tuning_budgets_do_not_overlap_has_no_crossover_to_narrow(tmp_path):
