@@ -172,6 +172,38 @@ def _seed_spread(fit: LawFit) -> tuple[float, int]:
     return (float((residuals**2).sum()) / df if df > 0 else np.nan), df
 
 
+def _unchecked(steer: LawFit, tune: LawFit) -> str:
+    """Why the means measured cannot be held against the laws ('' where they can): with one seed a budget there is no
+    noise to judge a contradiction against; seeds that agree exactly carry none of the questions' noise, which every
+    cell shares."""
+    spreads = [_seed_spread(f) for f in (tune, steer)]
+    if any(dof < 1 for _, dof in spreads):
+        return "one seed a budget, so the means measured there were not checked against it"
+    if all(variance == 0 for variance, _ in spreads):
+        return "the seeds agree exactly, so the means measured there were not checked against it"
+    return ""
+
+
+def _mean_lead(steer: LawFit, tune: LawFit, budget: float, sign: float) -> float:
+    """Fine-tuning's lead over steering in the means of the cells measured at `budget`, in "better" units."""
+    tuned, steered = (f.points.value[f.points.d == budget].mean() for f in (tune, steer))
+    return sign * float(tuned - steered)
+
+
+def _measured_lead(steer: LawFit, tune: LawFit, budget: float, sign: float) -> tuple[float, float]:
+    """`_mean_lead`, and the half-width of its 95 % Welch interval, each curve's seed variance pooled over its budgets
+    (`_seed_spread`)."""
+    spreads = [_seed_spread(f) for f in (tune, steer)]
+    terms = [variance / np.sum(f.points.d == budget) for (variance, _), f in zip(spreads, (tune, steer))]
+    se = float(np.sqrt(sum(terms)))
+    df = se**4 / sum(term**2 / dof for term, (_, dof) in zip(terms, spreads) if term > 0)
+    return _mean_lead(steer, tune, budget, sign), float(stats.t.ppf(0.5 + CI_LEVEL / 2, df)) * se
+
+
+def _ahead_by(leader: str, budget: float, lead: float, half: float, when: str = "") -> str:
+    return f"at D={budget:g} {leader} is {when}ahead by {lead:.3g} ± {half:.2g} (95 % Welch interval, seed variance pooled over budgets)"
+
+
 def measured_check(steer: LawFit, tune: LawFit, d_star: float, winner: float, sign: float, tol: float) -> tuple[str, str]:
     """The budgets measured for both methods either side of D* as text, and where the cells measured there
     contradict the swap the laws place between them ('' where they do not).
@@ -180,36 +212,42 @@ def measured_check(steer: LawFit, tune: LawFit, d_star: float, winner: float, si
     flat fit to a falling curve, a fine-tune at chance until a threshold), the bootstrap redraws noise
     around the same wrong curve and agrees with it in every resample; the cells measured either side are
     the check that does not depend on the law. A contradiction counts where the side the laws put behind
-    leads by more than `tol` and by more than noise: a Welch interval on the two means there, with each
-    curve's seed variance pooled over its budgets (`_seed_spread`), excludes 0. Next to D* the true gap is
-    small, and seeds alone move the means past it. `winner` is +1 where fine-tuning leads after D*.
+    leads by more than `tol` and by more than noise (`_measured_lead`'s interval excludes 0). Next to D* the
+    true gap is small, and seeds alone move the means past it. `winner` is +1 where fine-tuning leads after D*.
     """
     budgets = np.intersect1d(steer.points.d, tune.points.d)
     below, above = budgets[budgets < d_star], budgets[budgets > d_star]
     if not len(below) or not len(above):
         return " (no budget measured for both on one side of it)" if len(budgets) else " (no budget measured for both methods)", ""
-    spreads = [_seed_spread(f) for f in (tune, steer)]
     bracket = f" (between the measured budgets {below.max():g} and {above.min():g})"
-    if any(dof < 1 for _, dof in spreads):  # one cell a budget: no noise to judge a contradiction against
-        return bracket[:-1] + "; one seed a budget, so the means measured there were not checked against it)", ""
-    if all(variance == 0 for variance, _ in spreads):  # the questions' noise, which every cell shares, is not in the seeds
-        return bracket[:-1] + "; the seeds agree exactly, so the means measured there were not checked against it)", ""
+    if unchecked := _unchecked(steer, tune):
+        return f"{bracket[:-1]}; {unchecked})", ""
     later, earlier = (tune.method, steer.method) if winner > 0 else (steer.method, tune.method)
     disputes = []
     for budget, expected in ((below.max(), -1.0), (above.min(), 1.0)):  # the later leader behind below D*, ahead above
-        cells = [f.points.value[f.points.d == budget] for f in (tune, steer)]
-        lead = winner * sign * (cells[0].mean() - cells[1].mean())  # the later leader's
-        if -expected * lead <= tol:
-            continue
-        terms = [variance / len(c) for (variance, _), c in zip(spreads, cells)]
-        se = float(np.sqrt(sum(terms)))
-        df = se**4 / sum(term**2 / dof for term, (_, dof) in zip(terms, spreads) if term > 0)
-        half = float(stats.t.ppf(0.5 + CI_LEVEL / 2, df)) * se
-        if abs(lead) > half:
+        lead, half = _measured_lead(steer, tune, budget, sign)
+        lead *= winner  # the later leader's
+        if -expected * lead > tol and abs(lead) > half:
             who, by = (later, lead) if expected < 0 else (earlier, -lead)
-            disputes.append(f"at D={budget:g} {who} is {'already' if expected < 0 else 'still'} ahead by {by:.3g} ± {half:.2g} "
-                            "(95 % Welch interval, seed variance pooled over budgets)")  # fmt: skip
+            disputes.append(_ahead_by(who, budget, by, half, "already " if expected < 0 else "still "))
     return bracket, "; ".join(disputes)
+
+
+def measured_check_without_crossing(steer: LawFit, tune: LawFit, outcome: str, sign: float, tol: float) -> str:
+    """Where the cells measured at a budget both methods share contradict an outcome with no crossing ('' where they
+    do not): the side the laws put behind throughout ("finetuning_ahead", "steering_ahead") leads there, or either
+    leads where the laws are "tied" — by more than `tol` and past noise, as `measured_check` judges a D*. A flat fit
+    to a steering curve that falls put fine-tuning "ahead at both ends" over budgets where every steering seed led,
+    and every resample agreed (firm)."""
+    if _unchecked(steer, tune):
+        return ""
+    disputes = []
+    for budget in np.intersect1d(steer.points.d, tune.points.d):
+        lead, half = _measured_lead(steer, tune, budget, sign)
+        behind = {"finetuning_ahead": lead < -tol, "steering_ahead": lead > tol, "tied": abs(lead) > tol}[outcome]
+        if behind and abs(lead) > half:
+            disputes.append(_ahead_by(tune.method if lead > 0 else steer.method, budget, abs(lead), half))
+    return "; ".join(disputes)
 
 
 def crossover(steer: LawFit, tune: LawFit) -> Crossover:
@@ -244,7 +282,10 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     leader, middle = (tune.method, steer.method) if ahead[0, 0] else (steer.method, tune.method)
     level = (f"stay within {tol:.2g} of each other over the measured range, half the step of the measured {metric} ({2 * tol:.2g}): "
              "too close to tell apart" if tol > TIE else "fit the same curve over the measured range")  # fmt: skip
-    ends = "at both ends" if (np.abs(fitted[0, [0, -1]]) > tol).all() else f"wherever they differ by more than {tol:.2g}"
+    shared = np.intersect1d(steer.points.d, tune.points.d)
+    measured_ends = [_mean_lead(steer, tune, budget, sign) for budget in shared[[0, -1]]] if len(shared) else [np.nan]
+    # "at both ends" where the cells measured at the shared ends show it too: a flat fit put it over a measured tie
+    ends = "at both ends" if (fitted[0, [0, -1]] > tol).all() and (np.array(measured_ends) > tol).all() else f"wherever they differ by more than {tol:.2g}"
     verdict = {
         "crosses": f"{tune.method} overtakes {steer.method} at D* ≈ {d_star:.3g}",
         "steering_overtakes": f"{steer.method} overtakes {tune.method} at D* ≈ {d_star:.3g}",
@@ -256,7 +297,10 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     disputed = ""
     if code in (0, 1):
         bracket, disputed = measured_check(steer, tune, d_star, 1.0 if code == 0 else -1.0, sign, tol)
-        verdict += bracket + (f"; the measured means do not show it: {disputed}" if disputed else "")
+        verdict += bracket
+    elif outcome in ("finetuning_ahead", "steering_ahead", "tied"):
+        disputed = measured_check_without_crossing(steer, tune, outcome, sign, tol)
+    verdict += f"; the measured means do not show it: {disputed}" if disputed else ""
     d_star = first if code == 5 else d_star
     return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, tolerance=tol, disputed=disputed,
                      overtakes=overtakes)  # fmt: skip

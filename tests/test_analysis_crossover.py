@@ -528,3 +528,15 @@ def test_a_d_star_says_which_measured_budgets_bracket_it() -> None:
     (c,) = find_crossovers(fit_curves(pd.DataFrame(rows), metric="score", bootstrap=100, seed=0))
     assert c.outcome == "crosses" and 4 < c.d_star < 32 and c.disputed == ""
     assert c.verdict.endswith("(between the measured budgets 4 and 32)")
+
+
+def test_fine_tuning_ahead_at_both_ends_that_the_measured_means_contradict_is_not_a_finding() -> None:
+    """Steering falls with data (0.70 → 0.45) and is fitted as a flat line below its first budget's cells; LoRA rises from
+    0.64: every resample put LoRA "ahead of steer_mean at both ends" (firm), though at D=4 every steering seed led.
+    Only crossings were checked against the measured means."""
+    falling = dict(zip((4, 16, 64, 256, 1024), (0.70, 0.62, 0.55, 0.50, 0.45))).get
+    rising = dict(zip((4, 16, 64, 256, 1024), (0.64, 0.69, 0.75, 0.82, 0.88))).get
+    (c,) = find_crossovers(fit_curves(pd.DataFrame(_measured_rows(steering=falling, finetuning=rising)), metric="score", bootstrap=100, seed=0))
+    assert c.outcome == "finetuning_ahead" and c.share >= CI_LEVEL, (c.outcome, c.share)
+    assert c.disputed.startswith("at D=4 steer_mean is ahead by 0.0"), c.disputed
+    assert "at both ends" not in c.verdict and "; the measured means do not show it: at D=4" in c.verdict, c.verdict
