@@ -40,7 +40,7 @@ class Crossover:
     d_min: float
     d_max: float
     d_star: float  # where the curves swap places; NaN when they do not within [d_min, d_max]
-    d_star_lo: float  # over every resample: −inf where the winner leads throughout (D* below d_min),
+    d_star_lo: float  # over every resample not tied throughout: −inf where the winner leads throughout (D* below d_min),
     d_star_hi: float  # +inf where it is behind at d_max (D* above it, if anywhere)
     share: float  # fraction of bootstrap resamples with the same outcome (near one half: a coin flip)
     outcome: str  # one of OUTCOMES, "no_overlap" (the two methods share no budget range) or "not_finite"

@@ -323,7 +323,7 @@ def _crossover_table(a: Analysis) -> list[Block]:
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
     legend = Paragraph(
         "D*: the budget (training examples) at which the fine-tuning method overtakes the steering method, with its 95 % "
-        "bootstrap interval over every resample, an end `< D` or `> D` where resamples put it outside the measured range "
+        "bootstrap interval over every resample not tied over the whole range, an end `< D` or `> D` where resamples put it outside the measured range "
         "(the winner ahead throughout, or still behind at the largest budget); `steering from D*`: the reverse, fine-tuning is ahead at the smallest shared budget and "
         "steering overtakes it; `FT ahead`: fine-tuning is ahead of steering wherever they differ over the measured range; `steering ahead`: "
         "fine-tuning never catches up there; `crosses twice: D1, D2`: one method is ahead only between D1 and D2, the "
