@@ -2,7 +2,7 @@
 
 A driver claims a cell by creating `claims/<cell_id>.json` exclusively when it hands the cell to a
 worker and deletes the claim once the row is stored, so two drivers split a sweep's cells between them. A claim is stale — and may be taken over — when its
-driver's process is gone (same host and pid namespace, that pid not alive or another process since: e.g. a
+driver's process is gone (same host, machine id and pid namespace, that pid not alive or another process since: e.g. a
 SIGKILLed driver, so an immediate rerun resumes at once) or when its heartbeat is older than `ttl` (a driver on another host that died).
 Exclusive creation is atomic on local and shared POSIX filesystems; on object stores it is
 best effort (check, then write), which the docs say. Taking over a stale claim goes through a
@@ -71,30 +71,54 @@ def _create_then_write(path: str, payload: bytes) -> bool:
     return True
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """Process `pid`'s fields in Linux's /proc/<pid>/stat from its state on (field 3), counted after the command name
+    in parentheses (which may hold spaces); None where /proc has no such entry (another OS; a pid hidden from this user)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _process_start(pid: int) -> str | None:
     """When process `pid` started, as this boot's id and the start in clock ticks since boot (Linux's /proc), which
     names one process for good: psutil's create_time adds the boot time in wall-clock seconds, which moves when
     the clock is stepped (NTP, a VM resumed), and a live driver read as another process lost its claims. None
-    where /proc has no such entry (another OS; a pid hidden from this user)."""
+    where /proc has no such entry."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, counted after the command name in parentheses
+    fields = _stat_fields(pid)
+    return None if fields is None else f"{boot}:{fields[19]}"  # field 22
 
 
 def _alive(pid: int, started: str | None) -> bool:
     """Whether process `pid` runs, and is the one that started at `started` (`_process_start`, where the claim says):
-    a pid reused since by another process does not keep a dead driver's claims."""
+    a pid reused since by another process does not keep a dead driver's claims, nor does a killed driver its parent
+    has not reaped yet (a zombie: a notebook's `Popen`, a container's init that reaps nothing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, another user's: not to be looked into further
         return True
+    fields = _stat_fields(pid)
+    if fields is not None and fields[0] in ("Z", "X"):
+        return False
     now = None if started is None else _process_start(pid)
     return now is None or now == started
+
+
+def _machine_id() -> str | None:
+    """This machine's id (systemd's /etc/machine-id, or D-Bus's), None where it has none: host names repeat across
+    machines, and the pid namespace outside containers is the same constant on every Linux kernel, so a live driver
+    on another machine of the same name had its claims judged by a pid looked up here."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        with suppress(OSError):
+            if machine := Path(path).read_text().strip():
+                return machine
+    return None
 
 
 def _pid_namespace() -> str | None:
@@ -107,7 +131,7 @@ def _pid_namespace() -> str | None:
 
 
 def _owner() -> dict:
-    return {"host": socket.gethostname(), "pidns": _pid_namespace(), "pid": os.getpid(),
+    return {"host": socket.gethostname(), "machine": _machine_id(), "pidns": _pid_namespace(), "pid": os.getpid(),
             "started": _process_start(os.getpid()), "run": uuid.uuid4().hex[:8]}  # fmt: skip
 
 
@@ -144,7 +168,7 @@ class Claims:
             return True
         except (ValueError, OSError):
             claim = {}  # empty or half written (see `_create_then_write`), or a read that failed: judged by its age alone
-        same_processes = claim.get("host") == self.owner["host"] and claim.get("pidns") == self.owner.get("pidns")
+        same_processes = all(claim.get(key) == self.owner.get(key) for key in ("host", "machine", "pidns"))
         if same_processes and not _alive(int(claim.get("pid", -1)), claim.get("started")):
             return True
         age = time.time() - (info.mtime.timestamp() if info.mtime else 0)

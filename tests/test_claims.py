@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -232,3 +234,30 @@ def test_a_claim_write_cut_short_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         claims._write_local(str(tmp_path / "cell.json"), b"{}", exclusive=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_live_driver_on_another_machine_of_the_same_name_keeps_its_claims(tmp_path):
+    """Host names repeat, and outside containers every kernel's pid namespace reads the same: a fresh claim of a live
+    driver on another machine named alike was judged by its pid looked up here (not running), and taken over at once."""
+    store = ResultsStore(str(tmp_path / "r"))
+    here = Claims(store)
+    twin = Claims(store, owner={**here.owner, "machine": "another machine's id", "pid": exited_pid(), "run": "twin"})
+    assert twin.acquire("c1", planned_at=time.time())
+    assert not here.acquire("c1", planned_at=time.time())  # by its age, as another host's
+    assert here.owner["machine"]  # this machine has an id to tell it by (else the host name and pids alone decide)
+
+
+def test_a_killed_driver_its_parent_has_not_reaped_holds_no_claims(tmp_path):
+    """A driver SIGKILLed under a parent that does not wait() for it (a notebook's Popen) is a zombie: its pid answers
+    signals and its start time reads as before, so a rerun left its cells alone for 15 minutes."""
+    store = ResultsStore(str(tmp_path / "r"))
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)
+        here = Claims(store)
+        killed = Claims(store, owner={**here.owner, "pid": child.pid, "started": _process_start(child.pid), "run": "killed"})
+        assert killed.acquire("c1", planned_at=time.time())
+        assert here.acquire("c1", planned_at=time.time())
+    finally:
+        child.wait()
