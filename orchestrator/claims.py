@@ -229,9 +229,10 @@ class Claims:
             self.store.filesystem.create_dir(self.directory, recursive=True)
             self._directory_made = True
         path = self._path(cell_id)
-        if not self._create(path) and not (self._is_stale(path) and self._take_over(path)):
-            return False
-        self.held.add(cell_id)
+        if cell_id not in self.held:  # held: a try the store's check below failed in (the driver tries again), ours still
+            if not self._create(path) and not (self._is_stale(path) and self._take_over(path)):
+                return False
+            self.held.add(cell_id)
         if self.store.written_since(cell_id, planned_at):
             self.release(cell_id)
             return False

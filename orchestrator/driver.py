@@ -27,7 +27,8 @@ from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterator
+from functools import partial
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import psutil
 import ray
@@ -54,7 +55,8 @@ START_FAILURES = 3  # workers of a shape in a row that die while starting, none 
 # models go with them): longer than a worker's imports, which an adaptive loop's next batch would otherwise pay in reloads
 MAKE_WAY_SECONDS = 30.0
 ANNOUNCE_WAIT_SECONDS = 60.0  # a worker not started by then waits for a node or is still being set up: say so once
-STORE_RETRY_SECONDS = (1.0, 4.0)  # the waits before a row's second and third write: an object store's hiccup passes
+STORE_RETRY_SECONDS = (1.0, 4.0)  # the waits before a row's (or claim's) second and third write: an object store's hiccup passes
+T = TypeVar("T")
 
 
 @dataclass
@@ -345,17 +347,37 @@ def run_cells(
     in_flight: dict[ray.ObjectRef, tuple[Worker, PlannedCell, int, datetime]] = {}
     deadlines: dict[ray.ObjectRef, float] = {}  # with resources.cell_timeout_s: when each cell in flight is stopped
     unstored: list[tuple[PlannedCell, OSError]] = []  # finished cells whose rows the store refused (`store_row`)
+    unclaimed: list[tuple[PlannedCell, OSError, int]] = []  # a cell whose claim the store refused, and the cells left then
 
     def enqueue(cell: PlannedCell, attempt: int) -> None:
         shape = Shape(resources.cpus_per_cell, cell.gpus, resources.model_cache_bytes)
         queues.setdefault(shape, {}).setdefault(cell.config.model.model_dump_json(), deque()).append((cell, attempt))
+
+    def claim(cell: PlannedCell) -> bool | None:
+        """`claims.acquire`, retried (`store_retries`); None where the store refused every try: then no cell starts any
+        more and the run stops once the cells running are stored (`raise_unclaimed`). It raised out of the run, and
+        the cells running were stopped and lost."""
+        acquire = partial(claims.acquire, cell.cell_id, planned_at=planned_at)
+        claimed = store_retries(acquire, f"claim {cell.config.slug}", STORE_RETRY_SECONDS)
+        if not isinstance(claimed, OSError):
+            return claimed
+        left = 1 + sum(len(q) for by_model in queues.values() for q in by_model.values())
+        unclaimed.append((cell, claimed, left))
+        for by_model in queues.values():
+            for waiting_cells in by_model.values():
+                waiting_cells.clear()
+        bar.total -= left
+        return None
 
     def submit(worker: Worker, model: str) -> bool:
         """Hand `worker` the next cell of `model` this driver can claim; False when none is left."""
         queue = queues[worker.shape][model]
         while queue:
             cell, attempt = queue.popleft()
-            if attempt == 1 and not claims.acquire(cell.cell_id, planned_at=planned_at):  # a retry keeps its claim
+            claimed = claim(cell) if attempt == 1 else True  # a retry keeps its claim
+            if claimed is None:
+                return False
+            if not claimed:
                 outcome.skipped_claimed += 1  # another driver runs it, or has stored it since we read the store
                 bar.total -= 1
                 continue
@@ -431,21 +453,29 @@ def run_cells(
             store.write(row)
         return kept
 
-    def written(cell: PlannedCell, row: dict) -> bool | None:
-        """`write`, again after each of STORE_RETRY_SECONDS' waits while the store refuses it; None where it refused
-        every try (the cell goes to `unstored`). Once one row has been refused so, the others get one try each: a
-        store that is gone must not hold the run for seconds a row."""
-        waits = [] if unstored else list(STORE_RETRY_SECONDS)
+    def store_retries(attempt: Callable[[], T], what: str, waits: Sequence[float]) -> T | OSError:
+        """`attempt()`, again after each of `waits` while the store refuses it (an object store's hiccup passes); the
+        last refusal where it refused every try."""
+        waits = list(waits)
         while True:
             try:
-                return write(cell, row)
+                return attempt()
             except OSError as err:
                 if not waits:
-                    unstored.append((cell, err))
-                    return None
+                    return err
                 wait = waits.pop(0)
-                bar.write(f"warning: could not store {row['slug']} ({err}); trying again in {wait:g} s")
+                bar.write(f"warning: could not {what} ({err}); trying again in {wait:g} s")
                 time.sleep(wait)
+
+    def written(cell: PlannedCell, row: dict) -> bool | None:
+        """`write`, retried (`store_retries`); None where the store refused every try (the cell goes to `unstored`).
+        Once one row has been refused so, the others get one try each: a store that is gone must not hold the run
+        for seconds a row."""
+        kept = store_retries(lambda: write(cell, row), f"store {row['slug']}", () if unstored else STORE_RETRY_SECONDS)
+        if isinstance(kept, OSError):
+            unstored.append((cell, kept))
+            return None
+        return kept
 
     def store_row(cell: PlannedCell, row: dict) -> None:
         """Store a finished cell's row and count it; one the store refuses goes to `unstored` (the run stops once the
@@ -482,6 +512,15 @@ def run_cells(
                 f"could not store the row of {cell.config.slug}{others} after {len(STORE_RETRY_SECONDS) + 1} tries: {err}; "
                 "every other finished row is stored — rerun the same command once the store takes writes to run "
                 f"{'them' if more else 'it'} again"
+            )
+
+    def raise_unclaimed() -> None:
+        if unclaimed:
+            ((cell, err, left),) = unclaimed
+            raise StoreWriteError(
+                f"could not claim {cell.config.slug} after {len(STORE_RETRY_SECONDS) + 1} tries: {err}; "
+                f"{left} cell{'s' if left != 1 else ''} not started; every finished row is stored — rerun the same command "
+                "once the store takes writes to run the rest"
             )
 
     def show_counts(refresh: bool = True) -> None:
@@ -602,6 +641,7 @@ def run_cells(
                 f"{unplaced} cells found no worker: the cluster has no room for their resources any more "
                 "(did a Ray node die?); every finished row is stored — rerun the same command to run the rest"
             )
+        raise_unclaimed()
     except BaseException:
         for worker in POOL.pending():  # the run stopped: nothing will give them cells
             POOL.retire(worker)

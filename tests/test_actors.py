@@ -14,6 +14,7 @@ import ray
 import torch
 
 from orchestrator import driver, pool
+from orchestrator.claims import Claims
 from orchestrator.driver import run_cells, shutdown_workers, starved
 from orchestrator.errors import ROWS_LOST_NOTE, StoreWriteError, WorkersNotStartingError
 from orchestrator.grid import PlannedCell, expand
@@ -318,6 +319,45 @@ def test_a_row_the_store_refuses_is_written_again_and_one_it_keeps_refusing_stop
     assert outcome.ok == 3 and outcome.failed == 1 and len(rows) == 4
     assert rows.loc[cells[1].cell_id, "status"] == "failed"
     assert rows.loc[cells[1].cell_id, "error"].startswith("the cell's row could not be stored: ArrowInvalid: the store refused")
+
+
+class RefusingClaims(Claims):
+    """Claims whose store refuses the `refuse`-th acquire calls (counted from 1) of one run."""
+
+    refuse: set[int] = set()
+    calls = 0
+
+    def acquire(self, cell_id: str, *, planned_at: float) -> bool:
+        type(self).calls += 1
+        if type(self).calls in self.refuse:
+            raise OSError(f"the store refused the claim (call {type(self).calls})")
+        return super().acquire(cell_id, planned_at=planned_at)
+
+
+@pytest.mark.slow  # ~30 s: two runs on two workers, then a rerun
+def test_a_claim_the_store_refuses_is_tried_again_and_one_it_keeps_refusing_stops_the_run_with_what_ran_stored(
+    local_ray, test_ladder, write_sweep, monkeypatch
+):  # fmt: skip
+    """An OSError from claiming a cell raised out of the run: the cells running beside it were stopped and lost, and the
+    CLI printed a traceback. Now a claim is tried again after a wait; one the store keeps refusing starts no more cells
+    and stops the run (StoreWriteError, exit 3) once the cells running are stored, and a rerun runs the rest."""
+    monkeypatch.setattr(driver, "STORE_RETRY_SECONDS", (0.1, 0.2))
+    monkeypatch.setattr(driver, "Claims", RefusingClaims)
+    monkeypatch.setattr(RefusingClaims, "refuse", {2})
+    spec = _base_sweep(write_sweep, test_ladder, "claim-hiccup", 4, {"cpus_per_cell": 1})
+    outcome = run_cells(expand(spec), ResultsStore(spec.results_dir), spec.resources, progress=False, dashboard=False)
+    assert outcome.ok == 4 and RefusingClaims.calls == 5 and outcome.skipped_claimed == 0
+
+    monkeypatch.setattr(RefusingClaims, "calls", 0)
+    monkeypatch.setattr(RefusingClaims, "refuse", {3, 4, 5})  # the third cell's, every try
+    spec = _base_sweep(write_sweep, test_ladder, "claim-refused", 4, {"cpus_per_cell": 1})
+    cells, store = expand(spec), ResultsStore(spec.results_dir)
+    with pytest.raises(StoreWriteError, match=r"could not claim \S+ after 3 tries: the store refused the claim \(call 5\); 2 cells not started"):
+        run_cells(cells, store, spec.resources, progress=False, dashboard=False)
+    assert store.read().num_rows == 2 and set(store.read().column("status").to_pylist()) == {"ok"}  # both cells that ran
+    rerun = run_cells([c for c in cells if c.cell_id not in set(store.read().column("cell_id").to_pylist())], store,
+                      spec.resources, progress=False, dashboard=False)  # fmt: skip
+    assert rerun.ok == 2 and rerun.skipped_claimed == 0 and store.read().num_rows == 4
 
 
 class InterruptedStore(RefusingStore):

@@ -261,3 +261,22 @@ def test_a_killed_driver_its_parent_has_not_reaped_holds_no_claims(tmp_path):
         assert here.acquire("c1", planned_at=time.time())
     finally:
         child.wait()
+
+
+def test_a_claim_whose_stored_row_check_failed_is_still_this_drivers_on_the_next_try(tmp_path):
+    """The store's "stored since?" check failed after the claim was made; the driver tries again (a hiccup), and the
+    claim, now on file and this live driver's own, read as another live driver's: the cell was skipped as claimed."""
+
+    class HiccupStore(ResultsStore):
+        hiccups = 1
+
+        def written_since(self, cell_id: str, since: float) -> bool:
+            if self.hiccups:
+                self.hiccups -= 1
+                raise OSError("the store did not answer")
+            return super().written_since(cell_id, since)
+
+    claims = Claims(HiccupStore(str(tmp_path / "r")))
+    with pytest.raises(OSError, match="did not answer"):
+        claims.acquire("c1", planned_at=time.time())
+    assert claims.acquire("c1", planned_at=time.time()) and claims.held == {"c1"}
