@@ -325,13 +325,26 @@ def _unshared(node: object) -> object:
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """`yaml.safe_load`'s loader, refusing a key given twice in one mapping, and reading `1e3` as a number.
+    """`yaml.safe_load`'s loader, refusing a key given twice in one mapping, and reading numbers as YAML 1.2 does.
 
     PyYAML keeps the last of two equal keys without a word, so a second `lora:` under `methods`
     (or a second `budgets:`) would silently replace the first. And it follows YAML 1.1, whose floats
     need a dot: `1e3` and `8e9` were text, which an integer field refused ("unable to parse string
-    as an integer"); they read as YAML 1.2 reads them.
+    as an integer"); whose `032` is octal (26) and `1:30` base 60 (90), so `budgets: [004, 032]` ran
+    budgets 4 and 26 unsaid. Here `1e3` is a number, `032` is 32, and `1:30` is text (which a number field refuses).
     """
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
+        text = self.construct_scalar(node).replace("_", "")
+        if ":" in text:
+            return self.construct_scalar(node)
+        digits = text.lstrip("+-")
+        if len(digits) > 1 and digits[0] == "0" and digits.isdigit():  # YAML 1.2: decimal, leading zeros and all
+            return int(text, 10)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float | str:
+        return self.construct_scalar(node) if ":" in self.construct_scalar(node) else super().construct_yaml_float(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         lines: dict[Any, int] = {}
@@ -349,6 +362,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", UniqueKeyLoader.construct_yaml_float)
 UniqueKeyLoader.add_implicit_resolver(  # after the int and 1.1 float resolvers: `10` stays an int, `1.5` as it was
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]{1,3}$"), list("-+.0123456789")
 )

@@ -305,7 +305,7 @@ def test_a_union_fields_error_names_its_key_not_pydantics_type_names(write_sweep
 
 @pytest.mark.parametrize("override, message", [
     ("sweep=2025-01-15", "sweep: Input should be a valid string (YAML read it as a date, 2025-01-15: quote it as written to keep it text)"),
-    ("sweep=0755", "sweep: Input should be a valid string (YAML read it as a number, 493: quote it as written"),
+    ("sweep=0755", "sweep: Input should be a valid string (YAML read it as a number, 755: quote it as written"),
     ("budgets=[true, 4]", "budgets: [true, 4] holds a boolean where a number is expected"),
     ("seeds=[no]", "seeds: [false] holds a boolean where a number is expected"),
     ("methods.lora.rank=true", "methods.lora.rank: true is a boolean where a number is expected"),
@@ -363,6 +363,16 @@ def test_numbers_with_an_exponent_read_as_numbers(write_sweep, tmp_path):
                     "resources: {model_cache_bytes: 1.5e9}\n")  # fmt: skip
     assert load_spec(path).budgets == [100, 16] and load_spec(path).resources.model_cache_bytes == 1_500_000_000
     assert load_spec(path, ["seeds=[10]"]).seeds == [10]  # an integer stays one
+
+
+def test_numbers_with_leading_zeros_are_decimal_and_base_60_is_text(write_sweep):
+    """YAML 1.1 reads `032` as octal and `1:30` as base 60: `budgets=[004, 032]` planned budgets 4 and 26, `1:30` a
+    budget of 90, `eval.test_size=0100` 64 test questions, all unsaid. YAML 1.2 reads them as 32 and as text."""
+    spec = load_spec(write_sweep(BASE), ["budgets=[004, 032, 256]", "eval.test_size=0100", "methods.lora.train.lr=01.5e-3"])
+    assert spec.budgets == [4, 32, 256] and spec.eval.test_size == 100 and spec.methods["lora"]["train"]["lr"] == 0.0015
+    with pytest.raises(ConfigError, match=r"budgets\.1: Input should be a valid integer"):
+        load_spec(write_sweep(BASE), ["budgets=[4, 1:30]"])
+    assert load_spec(write_sweep(BASE), ["budgets=[0x10, 1_024]"]).budgets == [16, 1024]  # still numbers, as written
 
 
 def test_sections_written_with_nothing_under_them_take_their_defaults(tmp_path):
