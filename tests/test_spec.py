@@ -346,6 +346,8 @@ def test_a_results_dir_that_is_a_file_is_refused(write_sweep, tmp_path):
     ("results_dir=''", "results_dir: String should have at least 1 character"),  # stored into the working directory
     ("methods.lora.train.lr=", "override 'methods.lora.train.lr=': no value after '='"),  # `lr=$LR` with LR unset
     ("seeds=~", "seeds: Input should be a valid list"),  # a null where a value goes is not its default
+    # a minimum the maximum caps: new cell ids, the same work
+    ("methods.lora.train={min_steps: 500, max_steps: 150}", "methods.lora.train: min_steps 500 is above max_steps 150, which caps it"),
 ])  # fmt: skip
 def test_values_and_overrides_that_mean_nothing_are_refused(override, message, write_sweep):
     with pytest.raises(ConfigError) as err:

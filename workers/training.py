@@ -77,6 +77,15 @@ class TrainConfig(StrictConfig):
             raise ValueError("lr_search chooses on validation checkpoints: set checkpoints >= 1")
         return self
 
+    @model_validator(mode="after")
+    def _min_steps_within_max_steps(self) -> "TrainConfig":
+        """`max_steps` caps `min_steps` (`steps_for`): one set above it did nothing but change the cells' ids. (The
+        default `min_steps` above a `max_steps` set lower is that cap at work, not a slip.)"""
+        if "min_steps" in self.model_fields_set and self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps {self.min_steps} is above max_steps {self.max_steps}, which caps it: "
+                             "lower min_steps or raise max_steps")  # fmt: skip
+        return self
+
     @property
     def learning_rates(self) -> tuple[float, ...]:
         """The learning rates one training tries, `lr` first (it wins ties)."""
