@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from interrupts import interrupt_as_workers_start
 
+from workers.config import ConfigError
 from workers.lm import LanguageModel
 from workers.models import ladder
 from workers.models.loading import count_parameters
@@ -145,3 +146,18 @@ def test_a_run_that_builds_a_rung_says_so(tmp_path: Path, monkeypatch: pytest.Mo
     assert "ladder test/xs: not cached in" in capsys.readouterr().err
     prepare_model(ModelSpec(id="ladder:test/xs"), progress=True)
     assert "not cached" not in capsys.readouterr().err  # built once: nothing more to say
+
+
+def test_an_empty_cache_variable_is_unset_and_a_relative_one_is_not_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`STEERSCALE_CACHE=` (a script's `$X` with X unset) or `XDG_CACHE_HOME=` put the cache in the working directory: a
+    run rebuilt the whole ladder there. A relative STEERSCALE_CACHE names another cache in each worker's directory."""
+    monkeypatch.setenv("STEERSCALE_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert ladder.cache_root() == Path.home() / ".cache" / "steerscale"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec: ignored
+    assert ladder.cache_root() == Path.home() / ".cache" / "steerscale"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert ladder.cache_root() == tmp_path / "steerscale"
+    monkeypatch.setenv("STEERSCALE_CACHE", "cache")
+    with pytest.raises(ConfigError, match="STEERSCALE_CACHE=cache: give an absolute path"):
+        ladder.cache_root()

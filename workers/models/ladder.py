@@ -31,6 +31,7 @@ import transformers
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from workers.config import ConfigError
 from workers.models.loading import count_parameters, parse_ladder_id
 from workers.models.tokenizer import build_tokenizer
 from workers.registry import UnknownNameError, did_you_mean
@@ -130,9 +131,17 @@ def recipe_hash(recipe: str) -> str:
 
 
 def cache_root() -> Path:
-    if "STEERSCALE_CACHE" in os.environ:
-        return Path(os.environ["STEERSCALE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "steerscale"
+    """`$STEERSCALE_CACHE`, else `$XDG_CACHE_HOME/steerscale`, else `~/.cache/steerscale`. An empty variable is unset
+    (`STEERSCALE_CACHE=$X` with X unset built the whole ladder into the working directory); a relative one is
+    refused — Ray's workers start in other directories, where it names another cache — or, for XDG's, ignored, as
+    the XDG spec says."""
+    if chosen := os.environ.get("STEERSCALE_CACHE"):
+        path = Path(chosen).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(f"STEERSCALE_CACHE={chosen}: give an absolute path (a cell's worker runs in another directory)")
+        return path
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or "")
+    return (xdg if xdg.is_absolute() else Path.home() / ".cache") / "steerscale"
 
 
 def model_dir(size: str, recipe: str = "default") -> Path:
