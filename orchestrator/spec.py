@@ -280,7 +280,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "" in parts:
             raise ConfigError(f"override '{override}': {key} has an empty key between its dots; write key.sub=value")
         try:
-            value = yaml.load(raw, Loader=UniqueKeyLoader)
+            value = _plain(raw)
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{override}': the value is not valid YAML ({getattr(err, 'problem', None) or err})") from None
         node: Any = data
@@ -322,6 +322,15 @@ def _unshared(node: object) -> object:
     if isinstance(node, list):
         return [_unshared(value) for value in node]
     return node
+
+
+def _plain(text: str) -> Any:
+    """YAML text as plain data: read by `UniqueKeyLoader`, every mapping and list its own (`_unshared`). An alias
+    inside the node it names (`seeds: &s [0, *s]`) would be endless: a RecursionError's traceback, now a YAML error."""
+    try:
+        return _unshared(yaml.load(text, Loader=UniqueKeyLoader))
+    except RecursionError:
+        raise yaml.YAMLError("an alias (*name) is used inside the node its anchor (&name) marks, which would never end") from None
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -389,7 +398,7 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
     except OSError as err:  # permission denied, an unreadable network mount
         raise ConfigError(f"{path}: cannot read it ({err.strerror or err})") from None
     try:
-        data = _unshared(yaml.load(text, Loader=UniqueKeyLoader) or {})
+        data = _plain(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):

@@ -346,6 +346,7 @@ def test_a_results_dir_that_is_a_file_is_refused(write_sweep, tmp_path):
     ("results_dir=''", "results_dir: String should have at least 1 character"),  # stored into the working directory
     ("methods.lora.train.lr=", "override 'methods.lora.train.lr=': no value after '='"),  # `lr=$LR` with LR unset
     ("seeds=~", "seeds: Input should be a valid list"),  # a null where a value goes is not its default
+    ("seeds=&s [0, *s]", "the value is not valid YAML (an alias (*name) is used inside the node its anchor"),  # a RecursionError
     # a minimum the maximum caps: new cell ids, the same work
     ("methods.lora.train={min_steps: 500, max_steps: 150}", "methods.lora.train: min_steps 500 is above max_steps 150, which caps it"),
 ])  # fmt: skip
@@ -365,6 +366,14 @@ def test_numbers_with_an_exponent_read_as_numbers(write_sweep, tmp_path):
                     "resources: {model_cache_bytes: 1.5e9}\n")  # fmt: skip
     assert load_spec(path).budgets == [100, 16] and load_spec(path).resources.model_cache_bytes == 1_500_000_000
     assert load_spec(path, ["seeds=[10]"]).seeds == [10]  # an integer stays one
+
+
+def test_an_alias_inside_its_own_anchor_is_refused_as_yaml(tmp_path):
+    """`methods: &m {base: {}, lora: *m}` would be endless: a RecursionError traceback, exit 1."""
+    path = tmp_path / "endless.yaml"
+    path.write_text("sweep: unit\nmodels: [ladder:test/xs]\ntasks: [facts]\nmethods: &m {base: {}, lora: *m}\nbudgets: [4]\n")
+    with pytest.raises(ConfigError, match=r"endless.yaml: not valid YAML: an alias \(\*name\) is used inside the node"):
+        load_spec(path)
 
 
 def test_numbers_with_leading_zeros_are_decimal_and_base_60_is_text(write_sweep):
