@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import signal
 import sys
@@ -634,15 +635,16 @@ def cmd_ladder_build(args: argparse.Namespace) -> int:
 
 
 def _positive(kind: type) -> Callable[[str], float]:
-    """An argparse type: a number > 0 (argparse reports anything else and exits 2)."""
+    """An argparse type: a finite number > 0 (argparse reports anything else and exits 2; `--budget-flops inf` was
+    a budget that never stops a run, which `--adaptive` requires one to)."""
 
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-        if not value > 0:  # NaN fails this too
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not 0 < value < math.inf:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         return value
 
     parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"

@@ -683,8 +683,9 @@ def steerscale(*args: str) -> subprocess.CompletedProcess:
         (["--budget-flops", "1e12"], "--budget-flops only applies with --adaptive"),
         (["--budget-flops", "1e12", "--max-cells", "3"], "--budget-flops, --max-cells only apply with --adaptive"),
         (["--adaptive"], "--adaptive needs a budget to stop at"),
-        (["--adaptive", "--budget-flops", "-5"], "argument --budget-flops: must be > 0, got -5"),
-        (["--adaptive", "--max-cells", "0"], "argument --max-cells: must be > 0, got 0"),
+        (["--adaptive", "--budget-flops", "-5"], "argument --budget-flops: must be a finite number > 0, got -5"),
+        (["--adaptive", "--budget-flops", "inf"], "argument --budget-flops: must be a finite number > 0, got inf"),  # was a budget
+        (["--adaptive", "--max-cells", "0"], "argument --max-cells: must be a finite number > 0, got 0"),
         (["--adaptive", "--max-cells", "three"], "argument --max-cells: expected an integer, got 'three'"),
         (["--adaptive", "--max-cells", "4", "--force"], "does not combine with --force"),
         (["--adaptive", "--max-cells", "4"], "over 4 distinct budgets > 0; not so for: lora"),  # one budget: no curve
