@@ -194,24 +194,36 @@ def _note_unfittable(cells: list[PlannedCell]) -> None:
 
 
 def _compute_to_go(cells: list[PlannedCell], scan: StoreScan) -> str:
-    """Cell compute the cells still to run will take, from the stored cells of the same model and method."""
-    seconds: dict[tuple[str, str], list[float]] = defaultdict(list)
+    """Cell compute the cells still to run will take, from the stored cells of the same model and method: their
+    seconds fitted against each cell's prior work (`cellcost.work_units` + `eval_units`) as a fixed part and a part
+    that grows with it (`cellcost.Rate`), a model and method stored at one budget borrowing its method's shape. (The
+    mean of the stored cells priced a budget-4096 cell as the mean of what ran: run `budgets=[4096]` first, as the hub
+    configs suggest, and every cell left was priced at a top-budget cell's time.)"""
+    from orchestrator.cellcost import Rate, eval_units, work_units
+
+    def work(cell: PlannedCell) -> float:
+        return work_units(cell.config) + eval_units(cell.config)
+
+    measured: dict[tuple[str, str], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
     for cell in cells:
         stored = scan.cells.get(cell.cell_id)
         if stored is not None and stored.status == "ok" and stored.seconds is not None:
-            seconds[(cell.config.model.id, cell.config.method)].append(stored.seconds)
+            for key in ((cell.config.method, ""), (cell.config.method, cell.config.model.id)):  # the method's first: the shape
+                measured[key][0].append(work(cell))
+                measured[key][1].append(stored.seconds)
     to_run = [c for c in cells if c.cell_id not in scan.cells]
     if not to_run:
         return "nothing to run"
-    known = [sum(seconds[key]) / len(seconds[key]) for c in to_run if (key := (c.config.model.id, c.config.method)) in seconds]
+    rates = {key: Rate.fitted(*measured[key], shape=Rate.fitted(*measured[(key[0], "")])) for key in measured if key[1]}
+    known = [rates[key](work(c)) for c in to_run if (key := (c.config.method, c.config.model.id)) in rates]
     if not known:
         return "cell compute to go: unknown until a cell of each model and method is stored"
     unknown = len(to_run) - len(known)
     rest = f"; {unknown} cells have no stored cell of their model and method to go by" if unknown else ""
     total = sum(known)
     amount = f"{total / 60:.1f} min" if total >= 60 else f"{total:.0f} s"
-    return (f"cell compute to go: ≈ {amount} over {len(known)} cells (each at the mean of the stored cells "
-            f"of its model and method; divide by the workers for wall time){rest}")  # fmt: skip
+    return (f"cell compute to go: ≈ {amount} over {len(known)} cells (from the stored cells of each one's model and method, "
+            f"scaled to its budget; divide by the workers for wall time){rest}")  # fmt: skip
 
 
 def _count(n: int, noun: str) -> str:

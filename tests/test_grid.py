@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -332,3 +333,25 @@ def test_only_cells_whose_step_count_changed_get_new_ids(method, at_100, at_1024
                           method_config=resolve_config(method, {}).model_dump(mode="json"), budget=budget, seed=1)  # fmt: skip
 
     assert cell(1024).cell_id == at_1024 and cell(100).cell_id != at_100
+
+
+def test_plan_prices_the_cells_to_go_by_their_work(write_sweep):
+    """Seed 0's LoRA cells at budgets 4 and 64 stored, taking 1 s + 1 ms per unit of prior work: the cells to go are
+    priced on that line. The mean of the stored cells priced a budget-1024 cell (26 s here) like those two (~1.5 s)."""
+    from orchestrator.cellcost import eval_units, work_units
+    from orchestrator.cli import _compute_to_go
+    from orchestrator.store import StoredCell, StoreScan
+
+    spec = load_spec(write_sweep({"sweep": "cost", "models": [{"id": "ladder:test/xs"}], "tasks": ["facts"], "methods": {"lora": {"rank": 2}},
+                                  "budgets": [4, 64, 256, 1024], "seeds": [0, 1]}))  # fmt: skip
+    cells = expand(spec)
+
+    def seconds(cell) -> float:
+        return 1.0 + 0.001 * (work_units(cell.config) + eval_units(cell.config))
+
+    first = [c for c in cells if c.config.seed == 0 and c.config.budget in (4, 64)]
+    stored = {c.cell_id: StoredCell(c.cell_id, "ok", c.config.model.id, "lora", seconds(c)) for c in first}
+    line = _compute_to_go(cells, StoreScan(cells=stored))
+    amount, unit = re.search(r"≈ ([\d.]+) (s|min) over 6 cells", line).groups()
+    expected = sum(seconds(c) for c in cells if c.cell_id not in stored)
+    assert float(amount) * (60 if unit == "min" else 1) == pytest.approx(expected, rel=0.05), (line, expected)

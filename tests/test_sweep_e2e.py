@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -102,16 +103,15 @@ def test_plan_and_status_read_the_store(sweep):
 
 
 def test_plan_estimates_the_compute_to_go_from_stored_cells(sweep):
-    """A second seed doubles the grid: its cells should take what the first seed's took, model and method alike."""
+    """A second seed doubles the grid: its cells should take about what the first seed's took, model, method and budget
+    alike (each priced on the line through its model and method's stored cells; tiny cells' times are noisy)."""
     path, results, _ = sweep
     ok = pq.read_table(results / "cells").to_pandas().query("status == 'ok'")
-    mean = (ok.train_seconds + ok.eval_seconds).groupby([ok.model, ok.method]).mean()
-    cells_per_seed = {"base": 1, "steer_mean": 2, "lora": 2}  # budgets per method
-    expected = sum(mean[(model, method)] * n for model in ok.model.unique() for method, n in cells_per_seed.items())
+    expected = float((ok.train_seconds + ok.eval_seconds).sum())
     plan = steerscale("plan", str(path), "seeds=[0, 1]")
     assert plan.returncode == 0, plan.stderr
-    amount = f"{expected / 60:.1f} min" if expected >= 60 else f"{expected:.0f} s"  # tiny cells: seconds, not "0.0 min"
-    assert f"cell compute to go: ≈ {amount} over 10 cells" in plan.stdout, plan.stdout
+    amount, unit = re.search(r"cell compute to go: ≈ ([\d.]+) (s|min) over 10 cells", plan.stdout).groups()
+    assert float(amount) * (60 if unit == "min" else 1) == pytest.approx(expected, rel=0.3, abs=1.0), (plan.stdout, expected)
     assert "5 cells have no stored cell of their model and method" in plan.stdout  # the broken model has no ok cell
 
 
