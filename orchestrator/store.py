@@ -28,6 +28,7 @@ from workers.schema import RESULT_SCHEMA
 
 
 READ_THREADS = 8  # cell files read at once by `scan`
+MTIME_SLACK_SECONDS = 2.0  # a stored row's time may read this much early (`ResultsStore.written_since`)
 SECONDS = ("train_seconds", "eval_seconds")  # a cell's own compute, summed by `scan` for `plan`'s estimate
 
 
@@ -112,9 +113,12 @@ class ResultsStore:
 
     def written_since(self, cell_id: str, since: float) -> bool:
         """Whether the cell's row was stored at or after `since` (epoch seconds): by another driver,
-        between this one's plan and its claim."""
+        between this one's plan and its claim. Judged with `MTIME_SLACK_SECONDS` to spare: S3 keeps whole seconds
+        (a row stored 7 ms after `since` read as 78 ms before it, and its cell ran again over it), and a shared
+        filesystem's clock is its server's. Erring early costs only this run's try at a cell whose row was stored
+        just before it planned (a failed row it would retry): a rerun takes it."""
         info = self.filesystem.get_file_info(self.cell_path(cell_id))
-        return info.type == fs.FileType.File and info.mtime is not None and info.mtime.timestamp() >= since
+        return info.type == fs.FileType.File and info.mtime is not None and info.mtime.timestamp() >= since - MTIME_SLACK_SECONDS
 
     def _cell_files(self) -> list[fs.FileInfo]:
         selector = fs.FileSelector(self.cells_dir, allow_not_found=True)

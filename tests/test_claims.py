@@ -15,7 +15,7 @@ import pytest
 
 from interrupts import exited_pid
 from orchestrator.claims import Claims, _process_start
-from orchestrator.store import ResultsStore
+from orchestrator.store import MTIME_SLACK_SECONDS, ResultsStore
 from workers.schema import SCHEMA_VERSION
 
 
@@ -89,6 +89,8 @@ def test_a_cell_another_driver_stored_after_this_one_planned_is_not_claimed(tmp_
     row = {"schema_version": SCHEMA_VERSION, "sweep": "s", "slug": "x", "status": "ok", "started_at": now, "finished_at": now}
     a.store.write({**row, "cell_id": "old"})
     planned_at = time.time()
+    stored_at = planned_at - MTIME_SLACK_SECONDS - 1  # older than the store's times may read early (`written_since`)
+    os.utime(a.store.cell_path("old"), (stored_at, stored_at))
     a.store.write({**row, "cell_id": "new"})
     assert _claim(a, ["old", "new", "never"], planned_at) == {"old", "never"}
     assert a.held == {"old", "never"}

@@ -18,7 +18,7 @@ from pyarrow import fs
 from interrupts import exited_pid
 from orchestrator.claims import Claims
 from orchestrator.cli import main
-from orchestrator.store import ResultsStore, write_manifest
+from orchestrator.store import MTIME_SLACK_SECONDS, ResultsStore, write_manifest
 from workers.rowfile import write_atomically
 from workers.schema import COLUMNS, SCHEMA_VERSION
 
@@ -366,3 +366,14 @@ def test_paths_inside_a_results_uri_are_shown_without_its_query():
     assert shown_inside("s3://bucket/sweeps/q?region=eu-west-1", "cells/") == "s3://bucket/sweeps/q/cells/"
     assert shown_inside("results/q", "adaptive.jsonl") == "results/q/adaptive.jsonl"
     assert shown_inside("/tmp/what?/q", "cells/") == "/tmp/what?/q/cells/"  # a local name may hold a '?'
+
+
+def test_a_row_whose_time_reads_a_little_early_counts_as_written_since(tmp_path):
+    """S3 keeps whole seconds: a row another driver stored 7 ms after this one planned read as 78 ms before the plan,
+    and the cell was claimed and run again over it. Times within MTIME_SLACK_SECONDS before the plan count."""
+    store = ResultsStore(str(tmp_path))
+    store.write(_row("c1"))
+    stored_at = os.stat(store.cell_path("c1")).st_mtime
+    assert store.written_since("c1", stored_at + 0.5)  # the store's time truncated by half a second
+    assert not store.written_since("c1", stored_at + MTIME_SLACK_SECONDS + 0.5)
+    assert not store.written_since("c2", stored_at)
