@@ -1,4 +1,5 @@
-"""`--address` checked before Ray is asked: Ray's own join retries for over 10 minutes where no head answers.
+"""`--address` checked before Ray is asked: Ray's own join retries for over 10 minutes where no head answers; and the
+local Ray a run starts without one listens on 127.0.0.1 alone.
 
 A real head (gRPC) is asked in tests/test_job_submit.py and tests/test_faults.py (slow tier); here,
 the listeners a user may point at by mistake.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -97,3 +101,38 @@ def test_an_http2_server_passes():
 def test_a_dashboard_url_is_refused_with_what_to_give_instead():
     with pytest.raises(ConfigError, match=r"is a dashboard URL.*port 6379 by default.*--address auto"):
         address.check_listening("http://127.0.0.1:8265")
+
+
+LISTENERS = """
+import json, psutil, ray
+from orchestrator.driver import connect
+
+connect(None, dashboard=True)  # the local cluster `steerscale run` starts
+try:
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ready(self) -> bool:
+            return True
+
+    ray.get(Probe.remote().ready.remote(), timeout=120)  # a worker too
+    listening = []
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            listening += [[process.name(), c.laddr.ip, c.laddr.port] for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            pass
+    print(json.dumps(listening))
+finally:
+    ray.shutdown()
+"""
+
+
+def test_the_local_ray_a_run_starts_listens_on_loopback_alone():
+    """`dashboard_host="127.0.0.1"` moved the dashboard alone: GCS, raylet, the workers, the dashboard's agents and
+    three metrics ports (which answer /metrics without Ray's token) listened on every interface."""
+    run = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    listening = json.loads(run.stdout.splitlines()[-1])
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names and names & {"ray::Probe", "ray::IDLE"}, listening  # a worker too (titled late)
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip, _ in listening), listening
