@@ -392,27 +392,29 @@ def refine(
         free = ~(((theta <= lo) & (grad > 0)) | ((theta >= hi) & (grad < 0)))
         pinned = eye * ~free[:, :, None]
         grad = grad * free
-        best_theta, best_loss = theta, np.full(len(active), np.inf)
+        best_theta, best_loss = theta.copy(), np.full(len(active), np.inf)
+
+        def keep_lower(rows: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+            """Take `candidate` (for `rows` of the active resamples) where its loss is below the best so far; which did."""
+            candidate = np.clip(candidate, lo, hi)
+            candidate_loss = losses_at(candidate, w[rows], of(active[rows]))
+            take = candidate_loss < best_loss[rows]
+            best_theta[rows[take]] = candidate[take]
+            best_loss[rows[take]] = candidate_loss[take]
+            return take
+
+        every = np.arange(len(active))
         for h in (w * huber_curvature(r), w * huber_weight(r)):  # exact Huber curvature, then the IRLS majoriser
             jtj = np.swapaxes(jac * inputs.per_input(h)[..., None], 1, 2) @ jac
             jtj = jtj * (free[:, :, None] & free[:, None, :]) + pinned
             diag = np.einsum("bpp->bp", jtj)[:, :, None] * eye
-            step = _solve(jtj + lam * (diag + 1e-12 * eye), -grad[..., None])[..., 0]
-            candidate = np.clip(theta + step, lo, hi)
-            candidate_loss = losses_at(candidate, w, ly)
-            take = candidate_loss < best_loss
-            best_theta = np.where(take[:, None], candidate, best_theta)
-            best_loss = np.where(take, candidate_loss, best_loss)
+            keep_lower(every, theta + _solve(jtj + lam * (diag + 1e-12 * eye), -grad[..., None])[..., 0])
         step_gain = losses[active] - best_loss
         crawling = np.flatnonzero((step_gain > 0) & (step_gain >= 0.5 * last_gain[active]) & (step_gain <= STRETCH_BELOW * losses[active]))
         last_gain[active] = np.where(step_gain > 0, step_gain, last_gain[active])  # a rejected step is not a "step before"
         base, step = theta[crawling], best_theta[crawling] - theta[crawling]
         for stretch in STEP_STRETCHES:
-            candidate = np.clip(base + stretch * step, lo, hi)
-            candidate_loss = losses_at(candidate, w[crawling], of(active[crawling]))
-            take = candidate_loss < best_loss[crawling]
-            best_theta[crawling[take]] = candidate[take]
-            best_loss[crawling[take]] = candidate_loss[take]
+            take = keep_lower(crawling, base + stretch * step)
             crawling, base, step = crawling[take], base[take], step[take]  # longer only while longer is better
         better = best_loss < losses[active]
         gain = np.where(better, losses[active] - best_loss, 0.0)
