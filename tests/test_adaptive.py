@@ -95,13 +95,15 @@ class World:
             c = cell.config
             loss = (1 - truth(c.method, c.model.id).score(c.budget)) * math.exp(self.noise(cell))
             n = MODELS[c.model.id]
-            self.ran.append(cell.cell_id)
-            self.store.write({
-                "schema_version": 1, "sweep": c.sweep, "cell_id": cell.cell_id, "slug": c.slug, "status": "ok",
-                "model": c.model.id, "family": "sim", "params_total": int(n), "params_nonembed": int(0.9 * n),
-                "task": c.task, "method": c.method, "budget": c.budget, "seed": c.seed, "score": 1 - loss,
-                "post_train_flops": work_units(c) * n * TOKENS_PER_EXAMPLE,
-            })  # fmt: skip
+            self.store_row(cell, status="ok", family="sim", params_total=int(n), params_nonembed=int(0.9 * n), score=1 - loss,
+                           post_train_flops=work_units(c) * n * TOKENS_PER_EXAMPLE)  # fmt: skip
+
+    def store_row(self, cell: SimCell, **columns: object) -> None:
+        """Store the cell's row: its identity from its config, `columns` beside it."""
+        c = cell.config
+        self.ran.append(cell.cell_id)
+        self.store.write({"schema_version": 1, "sweep": c.sweep, "cell_id": cell.cell_id, "slug": c.slug, "model": c.model.id,
+                          "task": c.task, "method": c.method, "budget": c.budget, "seed": c.seed, **columns})  # fmt: skip
 
 
 class ExactWorld(World):
@@ -298,11 +300,7 @@ class BrokenCurveWorld(World):
         failing = [c for c in cells if self.fails(c)]
         super().__call__([c for c in cells if c not in failing], planned_at)
         for cell in failing:
-            c = cell.config
-            self.ran.append(cell.cell_id)
-            self.store.write({"schema_version": 1, "sweep": c.sweep, "cell_id": cell.cell_id, "slug": c.slug, "status": "failed",
-                              "error": "OutOfMemoryError: CUDA out of memory", "model": c.model.id, "task": c.task,
-                              "method": c.method, "budget": c.budget, "seed": c.seed})  # fmt: skip
+            self.store_row(cell, status="failed", error="OutOfMemoryError: CUDA out of memory")
 
 
 def test_a_curve_whose_cells_all_fail_is_given_up_and_the_other_curves_are_fitted(tmp_path):
@@ -383,11 +381,7 @@ class WorldWithBase(World):
     def __call__(self, cells: list[SimCell], planned_at: float = 0.0) -> None:
         super().__call__([c for c in cells if c.config.method != "base"], planned_at)
         for cell in (c for c in cells if c.config.method == "base"):
-            c = cell.config
-            self.ran.append(cell.cell_id)
-            self.store.write({"schema_version": 1, "sweep": c.sweep, "cell_id": cell.cell_id, "slug": c.slug, "status": "ok",
-                              "model": c.model.id, "params_total": MODELS[c.model.id], "task": c.task, "method": c.method,
-                              "budget": 0, "seed": c.seed, "score": 0.3, "post_train_flops": 0.0})  # fmt: skip
+            self.store_row(cell, status="ok", params_total=MODELS[cell.config.model.id], score=0.3, post_train_flops=0.0)
 
 
 def test_a_compute_budget_too_small_for_some_curves_designs_narrows_the_other_curves(tmp_path, full_grid):
