@@ -355,3 +355,16 @@ def test_plan_prices_the_cells_to_go_by_their_work(write_sweep):
     amount, unit = re.search(r"≈ ([\d.]+) (s|min) over 6 cells", line).groups()
     expected = sum(seconds(c) for c in cells if c.cell_id not in stored)
     assert float(amount) * (60 if unit == "min" else 1) == pytest.approx(expected, rel=0.05), (line, expected)
+
+
+def test_a_sweep_that_lowers_max_steps_alone_plans_and_prices_its_cells(write_sweep):
+    """`lora.train: {max_steps: 10}` under the default min_steps (20): the spec passed, but each cell's stored config
+    spells min_steps 20 out, and reading it back (pricing, the worker) refused it as 'min_steps above max_steps'."""
+    from orchestrator.cellcost import longest_first
+    from workers.methods import resolve_config
+
+    spec = load_spec(write_sweep({"sweep": "capped", "models": [{"id": "ladder:test/xs"}], "tasks": ["facts"],
+                                  "methods": {"lora": {"train": {"max_steps": 10}}}, "budgets": [4, 64]}))  # fmt: skip
+    cells = longest_first(expand(spec))
+    stored = CellConfig.model_validate_json(cells[0].config.model_dump_json())
+    assert resolve_config(stored.method, stored.method_config).train.max_steps == 10

@@ -79,9 +79,10 @@ class TrainConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _min_steps_within_max_steps(self) -> "TrainConfig":
-        """`max_steps` caps `min_steps` (`steps_for`): one set above it did nothing but change the cells' ids. (The
-        default `min_steps` above a `max_steps` set lower is that cap at work, not a slip.)"""
-        if "min_steps" in self.model_fields_set and self.min_steps > self.max_steps:
+        """`max_steps` caps `min_steps` (`steps_for`): one set above it did nothing but change the cells' ids. The
+        default `min_steps` above a `max_steps` set lower is that cap at work, not a slip — however it is written: a
+        cell's stored config spells every default out, and is validated again wherever it is read."""
+        if self.min_steps > self.max_steps and self.min_steps != type(self).model_fields["min_steps"].default:
             raise ValueError(f"min_steps {self.min_steps} is above max_steps {self.max_steps}, which caps it: "
                              "lower min_steps or raise max_steps")  # fmt: skip
         return self
