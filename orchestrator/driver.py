@@ -103,8 +103,7 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
             except ConnectionError as err:
                 raise unreachable(address, err) from err
         else:
-            _on_loopback_only()
-            with _stopped_if_interrupted(), _without_token_notice():
+            with _on_loopback_only(), _stopped_if_interrupted(), _without_token_notice():
                 context = ray.init(include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
     except SystemExit as stop:  # a SIGTERM while Ray's handler was in: the caller's handles it, as it would have
         if stop.code != signal.SIGTERM or not callable(sigterm):
@@ -120,20 +119,32 @@ def connect(address: str | None, *, dashboard: bool = True) -> str | None:
 MULTI_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for a node IP other than 127.0.0.1
 
 
-def _on_loopback_only() -> None:
-    """Make the local cluster `connect` starts listen on 127.0.0.1 alone: GCS, raylet, workers, agents and their
+@contextmanager
+def _on_loopback_only() -> Iterator[None]:
+    """Make the local cluster started inside listen on 127.0.0.1 alone: GCS, raylet, workers, agents and their
     metrics ports (three of which answer /metrics without the token) listened on every interface, `dashboard_host`
     moving the dashboard alone. Each binds loopback exactly when the node IP is 127.0.0.1, which Ray picks only with
     its multi-node mode off (`services.get_node_ip_address`; `_node_ip_address="127.0.0.1"` is resolved to the
     machine's address): `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, which Ray reads into `ray_constants` when imported —
-    before this module runs, so the constant is set too. Set to 1 by the user, it is left alone. No other machine can
-    join such a cluster: one a run starts for itself is this machine's alone."""
+    before this module runs, so the constant is set too; the processes Ray starts inherit the variable. Both are put
+    back after (a later `ray start` this process runs refuses to join a cluster with the variable at 0), and left alone
+    where the user set the variable to 1. No other machine can join such a cluster: one a run starts is its own."""
     from ray._private import ray_constants
 
-    if os.environ.get(MULTI_NODE_ENV, "0").lower() not in ("0", "false"):
+    before = os.environ.get(MULTI_NODE_ENV)
+    if (before or "0").lower() not in ("0", "false"):
+        yield
         return
-    os.environ[MULTI_NODE_ENV] = "0"  # for processes started from this one that join it: Ray rewrites 127.0.0.1 without it
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[MULTI_NODE_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = flag
+        if before is None:
+            os.environ.pop(MULTI_NODE_ENV, None)
+        else:
+            os.environ[MULTI_NODE_ENV] = before
 
 
 # Ray's logger for its token set-up (ray/_private/authentication/authentication_token_setup.py)

@@ -104,11 +104,13 @@ def test_a_dashboard_url_is_refused_with_what_to_give_instead():
 
 
 LISTENERS = """
-import json, psutil, ray
+import json, os, psutil, ray
+from ray._private import ray_constants
 from orchestrator.driver import connect
 
 connect(None, dashboard=True)  # the local cluster `steerscale run` starts
 try:
+    print(json.dumps([os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER]))
     @ray.remote(num_cpus=0)
     class Probe:
         def ready(self) -> bool:
@@ -133,6 +135,7 @@ def test_the_local_ray_a_run_starts_listens_on_loopback_alone():
     run = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     listening = json.loads(run.stdout.splitlines()[-1])
+    assert json.loads(run.stdout.splitlines()[-2]) == [None, True]  # put back: a later `ray start` from here would refuse to join
     names = {name for name, _, _ in listening}
     assert {"gcs_server", "raylet"} <= names and names & {"ray::Probe", "ray::IDLE"}, listening  # a worker too (titled late)
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1", "::1") for _, ip, _ in listening), listening
