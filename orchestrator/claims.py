@@ -113,7 +113,8 @@ def _alive(pid: int, started: str | None) -> bool:
 def _machine_id() -> str | None:
     """This machine's id (systemd's /etc/machine-id, or D-Bus's), None where it has none: host names repeat across
     machines, and the pid namespace outside containers is the same constant on every Linux kernel, so a live driver
-    on another machine of the same name had its claims judged by a pid looked up here."""
+    on another machine of the same name had its claims judged by a pid looked up here. (Machines cloned from one
+    image may share an id: then the host name and pids decide, as before; a claim without one is judged by its age.)"""
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         with suppress(OSError):
             if machine := Path(path).read_text().strip():
@@ -229,10 +230,12 @@ class Claims:
             self.store.filesystem.create_dir(self.directory, recursive=True)
             self._directory_made = True
         path = self._path(cell_id)
-        if cell_id not in self.held:  # held: a try the store's check below failed in (the driver tries again), ours still
-            if not self._create(path) and not (self._is_stale(path) and self._take_over(path)):
-                return False
-            self.held.add(cell_id)
+        # A claim on file that is this run's own is a try that failed after making it (the stored-row check below, or
+        # a write that landed though it reported an error) and the driver tries again: read as another live driver's,
+        # its cell was skipped, and the claim, not held, outlived the run
+        if not self._create(path) and not self._still_ours(cell_id) and not (self._is_stale(path) and self._take_over(path)):
+            return False
+        self.held.add(cell_id)
         if self.store.written_since(cell_id, planned_at):
             self.release(cell_id)
             return False

@@ -385,18 +385,21 @@ def run_cells(
         queues.setdefault(shape, {}).setdefault(cell.config.model.model_dump_json(), deque()).append((cell, attempt))
 
     def claim(cell: PlannedCell) -> bool | None:
-        """`claims.acquire`, retried (`store_retries`); None where the store refused every try: then no cell starts any
-        more and the run stops once the cells running are stored (`raise_unclaimed`). It raised out of the run, and
-        the cells running were stopped and lost."""
+        """`claims.acquire`, retried (`store_retries`); None where the store refused every try: then no new cell starts
+        (a retry, whose claim is held, still does) and the run stops once the cells running are stored
+        (`raise_unclaimed`). It raised out of the run, and the cells running were stopped and lost."""
         acquire = partial(claims.acquire, cell.cell_id, planned_at=planned_at)
         claimed = store_retries(acquire, f"claim {cell.config.slug}", STORE_RETRY_SECONDS)
         if not isinstance(claimed, OSError):
             return claimed
-        left = 1 + sum(len(q) for by_model in queues.values() for q in by_model.values())
-        unclaimed.append((cell, claimed, left))
+        left = 1
         for by_model in queues.values():
             for waiting_cells in by_model.values():
+                retries = [(c, attempt) for c, attempt in waiting_cells if attempt > 1]  # they hold their claims: they run
+                left += len(waiting_cells) - len(retries)
                 waiting_cells.clear()
+                waiting_cells.extend(retries)
+        unclaimed.append((cell, claimed, left))
         bar.total -= left
         return None
 

@@ -242,11 +242,10 @@ def test_a_live_driver_on_another_machine_of_the_same_name_keeps_its_claims(tmp_
     """Host names repeat, and outside containers every kernel's pid namespace reads the same: a fresh claim of a live
     driver on another machine named alike was judged by its pid looked up here (not running), and taken over at once."""
     store = ResultsStore(str(tmp_path / "r"))
-    here = Claims(store)
+    here = Claims(store, owner={**Claims(store).owner, "machine": "this machine's id"})  # whether or not this box has one
     twin = Claims(store, owner={**here.owner, "machine": "another machine's id", "pid": exited_pid(), "run": "twin"})
     assert twin.acquire("c1", planned_at=time.time())
     assert not here.acquire("c1", planned_at=time.time())  # by its age, as another host's
-    assert here.owner["machine"]  # this machine has an id to tell it by (else the host name and pids alone decide)
 
 
 def test_a_killed_driver_its_parent_has_not_reaped_holds_no_claims(tmp_path):
@@ -282,3 +281,25 @@ def test_a_claim_whose_stored_row_check_failed_is_still_this_drivers_on_the_next
     with pytest.raises(OSError, match="did not answer"):
         claims.acquire("c1", planned_at=time.time())
     assert claims.acquire("c1", planned_at=time.time()) and claims.held == {"c1"}
+
+
+def test_a_claim_written_though_its_write_reported_an_error_is_this_drivers_on_the_next_try(tmp_path):
+    """A write that landed but raised (an object store's PUT timing out client-side): the next try read the claim as
+    another live driver's, skipped the cell, and never released the claim (not held), which outlived the run."""
+
+    class LandedThenRaised(Claims):
+        failures = 1
+
+        def _create(self, path: str) -> bool:
+            created = super()._create(path)
+            if self.failures:
+                self.failures -= 1
+                raise OSError("the store timed out")
+            return created
+
+    claims = LandedThenRaised(ResultsStore(str(tmp_path / "r")))
+    with pytest.raises(OSError, match="timed out"):
+        claims.acquire("c1", planned_at=time.time())
+    assert claims.acquire("c1", planned_at=time.time()) and claims.held == {"c1"}
+    claims.release_all()
+    assert not claims.held_by_live_drivers()
