@@ -333,8 +333,9 @@ def _crossover_table(a: Analysis) -> list[Block]:
         "overlap; blank: one of the two curves could not be fitted. In brackets, the share of bootstrap resamples with "
         "the same outcome: under 95 % the outcome is not a finding (as `steerscale fit` marks it), and near one half it is a coin "
         "flip (the curves are tied), not only where D* falls. †: the means measured at the budgets either side of D* do not "
-        "show the swap the fitted curves place between them (`steerscale fit` says where): a law that does not describe its "
-        "data gives a D* every resample agrees with, so such a D* is not a finding whatever its share."
+        "show the swap the fitted curves place between them — or, with no crossing (ahead throughout, tied), the means at a "
+        "budget both measured contradict the outcome (`steerscale fit` says where): a law that does not describe its "
+        "data gives an outcome every resample agrees with, so such an outcome is not a finding whatever its share."
     )
     return [Table(("task", "steering → fine-tuning", *models), rows), legend]
 

@@ -417,7 +417,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         + (f" (and {_count(outcome.workers_lost, 'worker')} lost mid-cell, whose loads are not counted)" if outcome.workers_lost else "")
     )
     if outcome.skipped_claimed:
-        print(f"{outcome.skipped_claimed} cells were left alone: another live driver has claimed them")
+        print(f"{outcome.skipped_claimed} cells were left alone: another live driver has claimed them, or stored their rows "
+              "since this run read the store (within seconds of it, as a store's clock may read: rerun to run them)")  # fmt: skip
     print(f"results: {store.where('cells/')}  (one Parquet file per cell)")
     if outcome.kept_ok:
         print(f"{outcome.kept_ok} of the failed cells had an ok row, which was kept (their errors are above)")
