@@ -679,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--cell", metavar="SLUG_OR_ID",
                    help="print that cell's resolved config as JSON instead (input of `python -m workers.run_cell`)")  # fmt: skip
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, subparser=p)
 
     p = sub.add_parser("run", help="run every cell that has no stored row yet")
     with_config(p)
@@ -697,23 +697,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "cells and on fresh noise around their design")
     a.add_argument("--target-exponent-width", type=_positive(float), metavar="W", help="also require every curve's beta CI narrower than W")
     a.add_argument("--batch-size", type=_positive(int), metavar="B", help="cells chosen per acquisition round (default 8; the design rounds before it take what every curve needs)")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, subparser=p)
 
     p = sub.add_parser("status", help="done / failed / remaining per model and method, from the store alone")
     _with_results(p)
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=cmd_status, subparser=p)
 
     p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json (fits-nll.* for --metric nll; "
                        "an earlier fit is kept when no row is ok)")
     _with_fit_options(p)
-    p.set_defaults(func=cmd_fit)
+    p.set_defaults(func=cmd_fit, subparser=p)
 
     p = sub.add_parser("report", help="fit (writing what `fit` writes), then plots, report.md and a self-contained report.html")
     _with_fit_options(p)
     p.add_argument("--out", metavar="DIR", type=_directory_name,
                    help="local directory for the report (default: <results_dir>/report, or report-nll for --metric nll; "
                    "needed for remote results)")  # fmt: skip
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=cmd_report, subparser=p)
 
     p = sub.add_parser("ladder", help="the offline model ladder")
     ladder_sub = p.add_subparsers(dest="ladder_command", required=True, parser_class=parser_class)
@@ -721,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recipe", default="default", help="the ladder to build (default: default; the tests' is test)")
     b.add_argument("--sizes", nargs="*", help="sizes to build (default: all of the recipe)")
     b.add_argument("--jobs", type=_int_at_least(1), help="parallel builds (default: one per CPU core)")
-    b.set_defaults(func=cmd_ladder_build)
+    b.set_defaults(func=cmd_ladder_build, subparser=b)
     return parser
 
 
@@ -732,8 +732,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     takes_overrides = hasattr(args, "overrides")
     wrong = [e for e in extra if not (takes_overrides and "=" in e and not e.startswith("-"))]
-    if wrong:  # only those: `seeds=[3] --bogus` names --bogus alone
-        parser.error(f"unrecognized arguments: {' '.join(wrong)}")
+    if wrong:  # only those: `seeds=[3] --bogus` names --bogus alone; with the usage of the subcommand they were given to
+        args.subparser.error(f"unrecognized arguments: {' '.join(wrong)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args

@@ -209,9 +209,9 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
                      if not problem and (err := ladder_revision_problem(entry))]  # fmt: skip
     lists = {"tasks": spec.tasks, "budgets": spec.budgets, "seeds": spec.seeds,
              **{f"method_budgets.{name}": values for name, values in spec.method_budgets.items()}}  # fmt: skip
-    problems += [f"{name}.{i}: {values[i]} is listed twice" for name, values in lists.items() for i in repeated(values)]
+    problems += [f"{name}.{i}: {values[i]} is listed twice (also {name}.{j})" for name, values in lists.items() for i, j in repeated(values)]
     model_keys = [m.model_dump_json(exclude={"gpus_per_cell"}) for m in spec.models]  # a scheduling field: not the cell's
-    problems += [f"models.{i}: {spec.models[i].id} is listed twice with the same settings" for i in repeated(model_keys)]
+    problems += [f"models.{i}: {spec.models[i].id} is listed twice with the same settings (also models.{j})" for i, j in repeated(model_keys)]
     # Entries of one id that differ in what they compute (revision, dtype; placement alone is grid.py's to refuse):
     # rows name a model by its id, so their fits would pool the two as one model's seeds.
     # Where models are checked, a ladder rung's revision can only be its recipe's hash (any other is refused above), so
@@ -220,7 +220,7 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
     computed = [(m.id, m.model_dump_json(exclude={"gpus_per_cell", "device", *(["revision"] if models and m.id.startswith(LADDER_PREFIX) else [])}))
                 for m in spec.models]  # fmt: skip
     problems += [
-        f"models.{i}: {model_id} is listed again (as models.{[m for m, _ in computed].index(model_id)}) with other settings: rows "
+        f"models.{i}: {model_id} is listed again (also models.{[m for m, _ in computed].index(model_id)}) with other settings: rows "
         "name a model by its id, so a fit would pool the two as one model's seeds; give each its own sweep (results_dir)"
         for i, (model_id, key) in enumerate(computed)
         if any(m == model_id and k != key for m, k in computed[:i]) and key not in [k for _, k in computed[:i]]
@@ -263,9 +263,10 @@ def ladder_revision_problem(entry: ModelEntry) -> str | None:
             "its recipe's hash: leave it out to use the recipe as it is")  # fmt: skip
 
 
-def repeated(values: list) -> list[int]:
-    """Indices of the values that equal an earlier one (such a sweep would plan the same cell twice)."""
-    return [i for i, value in enumerate(values) if value in values[:i]]
+def repeated(values: list) -> list[tuple[int, int]]:
+    """(index, index of its first listing) of each value that equals an earlier one (such a sweep would plan the same
+    cell twice)."""
+    return [(i, values.index(value)) for i, value in enumerate(values) if value in values[:i]]
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -428,16 +429,19 @@ def in_config(err: ConfigError, path: str | Path, overrides: Sequence[str]) -> C
 def _with_override(line: str, overrides: list[str]) -> str:
     """An error line naming the override that set its key: the YAML file does not hold that value.
 
+    A line about a value listed twice names both places (`models.1: ... (also models.0)`): either may be the override's.
+
     An override at or above the line's key set it. One below it (a line about a whole entry or section)
     is blamed only when the line names the key it set: `models.0: device: cuda needs ... gpus_per_cell`
     is the file's, not `models.0.dtype=...`'s; `methods.lora.train: ... max_steps is 1` is `...max_steps=1`'s.
     """
     where = line.partition(":")[0].split(" ")[0]  # "methods.lora on ladder:xs: ..." is about methods.lora
+    also = re.findall(r"\(also ([\w.]+)\)", line)
     for override in overrides:
         key = override.partition("=")[0]
         named = next((part for part in reversed(key.split(".")) if not part.isdigit()), key)
         below = key.startswith(where + ".") and re.search(rf"\b{re.escape(named)}\b", line[len(where):]) is not None
-        if where == key or where.startswith(key + ".") or below:
+        if below or any(place == key or place.startswith(key + ".") for place in [where, *also]):
             return f"{line} [set by the override {override}]"
     return line
 

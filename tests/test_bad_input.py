@@ -299,9 +299,13 @@ def test_plan_without_a_config_asks_for_the_config_alone(capsys):
 
 
 def test_an_unknown_flag_after_an_override_is_named_alone(tmp_path, capsys):
-    """`run X.yaml --retry-failed seeds=[3] --bogus` said "unrecognized arguments: seeds=[3] --bogus"."""
+    """`run X.yaml --retry-failed seeds=[3] --bogus` said "unrecognized arguments: seeds=[3] --bogus", under the usage of
+    `steerscale` itself ({plan,run,...}) rather than of `run`, whose flags the user needs to see."""
     status, err = _main(capsys, "run", str(tmp_path / "sweep.yaml"), "--retry-failed", "seeds=[3]", "--bogus")
     assert status == 2 and err.rstrip().endswith("unrecognized arguments: --bogus"), err
+    assert err.startswith("usage: steerscale run ") and "--retry-failed" in err, err
+    status, err = _main(capsys, "ladder", "build", "--bogus")
+    assert status == 2 and err.startswith("usage: steerscale ladder build ") and "--recipe" in err, err
 
 
 def test_ctrl_c_in_a_forced_run_does_not_say_the_same_command_resumes():

@@ -94,6 +94,19 @@ def test_an_invalid_value_from_an_override_is_blamed_on_the_override_not_the_fil
     assert "[set by" not in str(err.value)
 
 
+def test_a_value_an_override_makes_a_repeat_of_a_later_entry_is_blamed_on_the_override(write_sweep):
+    """`budgets.0=16` on budgets [4, 16] repeats the file's budgets.1, where the repeat is reported: the line named
+    neither the earlier entry nor the override that set it."""
+    path = write_sweep(BASE)
+    with pytest.raises(ConfigError) as err:
+        load_spec(path, ["budgets.0=16"])
+    assert str(err.value).splitlines()[1] == "budgets.1: 16 is listed twice (also budgets.0) [set by the override budgets.0=16]"
+    with pytest.raises(ConfigError) as err:  # a repeat in the file itself is not blamed on an override elsewhere
+        load_spec(write_sweep({**BASE, "budgets": [4, 4, 8]}), ["budgets.2=16"])
+    assert "budgets.1: 4 is listed twice (also budgets.0)" in str(err.value)
+    assert "[set by" not in str(err.value)
+
+
 def test_override_into_list_and_malformed_override():
     data = apply_overrides({"models": [{"id": "a"}]}, ["models.0.id=b"])
     assert data["models"][0]["id"] == "b"
@@ -138,7 +151,7 @@ def test_an_override_that_cannot_apply_names_itself(override, message, write_swe
         ({"models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/xs", "gpus_per_cell": 0.5}]}, "models.1: ladder:test/xs is listed twice"),
         ({"tasks": ["facts", "sst2"]}, "tasks.1: sst2 is real text, and the ladder's tokenizer knows the synthetic world's words only"),
         ({"models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/xs", "dtype": "bfloat16"}]},
-         "models.1: ladder:test/xs is listed again (as models.0) with other settings: rows name a model by its id"),
+         "models.1: ladder:test/xs is listed again (also models.0) with other settings: rows name a model by its id"),
         ({"method_budgets": {"lora": [-5]}}, "method_budgets.lora must list budgets >= 0"),
         ({"budgets": [-1]}, "budgets must be >= 0"),
         ({"models": [{"id": "ladder:test/xxs"}]}, "models.0.id: unknown size 'xxs' in ladder 'test' (did you mean 'xs'?)"),
