@@ -85,11 +85,15 @@ def _process_start(pid: int) -> str | None:
     names one process for good: psutil's create_time adds the boot time in wall-clock seconds, which moves when
     the clock is stepped (NTP, a VM resumed), and a live driver read as another process lost its claims. None
     where /proc has no such entry."""
+    return _start_in(_stat_fields(pid))
+
+
+def _start_in(fields: list[str] | None) -> str | None:
+    """`_process_start` from a process's `_stat_fields`, read once where its state is wanted too."""
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return None
-    fields = _stat_fields(pid)
     return None if fields is None else f"{boot}:{fields[19]}"  # field 22
 
 
@@ -106,7 +110,7 @@ def _alive(pid: int, started: str | None) -> bool:
     fields = _stat_fields(pid)
     if fields is not None and fields[0] in ("Z", "X"):
         return False
-    now = None if started is None else _process_start(pid)
+    now = None if started is None else _start_in(fields)
     return now is None or now == started
 
 

@@ -214,7 +214,8 @@ def _compute_to_go(cells: list[PlannedCell], scan: StoreScan) -> str:
     to_run = [c for c in cells if c.cell_id not in scan.cells]
     if not to_run:
         return "nothing to run"
-    rates = {key: Rate.fitted(*measured[key], shape=Rate.fitted(*measured[(key[0], "")])) for key in measured if key[1]}
+    shapes = {method: Rate.fitted(*measured[(method, model)]) for method, model in measured if not model}
+    rates = {key: Rate.fitted(*measured[key], shape=shapes[key[0]]) for key in measured if key[1]}
     known = [rates[key](work(c)) for c in to_run if (key := (c.config.method, c.config.model.id)) in rates]
     if not known:
         return "cell compute to go: unknown until a cell of each model and method is stored"

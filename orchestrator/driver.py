@@ -378,7 +378,7 @@ def run_cells(
     in_flight: dict[ray.ObjectRef, tuple[Worker, PlannedCell, int, datetime]] = {}
     deadlines: dict[ray.ObjectRef, float] = {}  # with resources.cell_timeout_s: when each cell in flight is stopped
     unstored: list[tuple[PlannedCell, OSError]] = []  # finished cells whose rows the store refused (`store_row`)
-    unclaimed: list[tuple[PlannedCell, OSError, int]] = []  # a cell whose claim the store refused, and the cells left then
+    unclaimed: tuple[PlannedCell, OSError, int] | None = None  # a cell whose claim the store refused, and the cells left then
 
     def enqueue(cell: PlannedCell, attempt: int) -> None:
         shape = Shape(resources.cpus_per_cell, cell.gpus, resources.model_cache_bytes)
@@ -388,6 +388,7 @@ def run_cells(
         """`claims.acquire`, retried (`store_retries`); None where the store refused every try: then no new cell starts
         (a retry, whose claim is held, still does) and the run stops once the cells running are stored
         (`raise_unclaimed`). It raised out of the run, and the cells running were stopped and lost."""
+        nonlocal unclaimed
         acquire = partial(claims.acquire, cell.cell_id, planned_at=planned_at)
         claimed = store_retries(acquire, f"claim {cell.config.slug}", STORE_RETRY_SECONDS)
         if not isinstance(claimed, OSError):
@@ -399,7 +400,7 @@ def run_cells(
                 left += len(waiting_cells) - len(retries)
                 waiting_cells.clear()
                 waiting_cells.extend(retries)
-        unclaimed.append((cell, claimed, left))
+        unclaimed = (cell, claimed, left)
         bar.total -= left
         return None
 
@@ -549,8 +550,8 @@ def run_cells(
             )
 
     def raise_unclaimed() -> None:
-        if unclaimed:
-            ((cell, err, left),) = unclaimed
+        if unclaimed is not None:
+            cell, err, left = unclaimed
             raise StoreWriteError(
                 f"could not claim {cell.config.slug} after {len(STORE_RETRY_SECONDS) + 1} tries: {err}; "
                 f"{left} cell{'s' if left != 1 else ''} not started; every finished row is stored — rerun the same command "
