@@ -178,9 +178,9 @@ def _unchecked(steer: LawFit, tune: LawFit) -> str:
     cell shares."""
     spreads = [_seed_spread(f) for f in (tune, steer)]
     if any(dof < 1 for _, dof in spreads):
-        return "one seed a budget, so the means measured there were not checked against it"
+        return "one seed a budget"
     if all(variance == 0 for variance, _ in spreads):
-        return "the seeds agree exactly, so the means measured there were not checked against it"
+        return "the seeds agree exactly"
     return ""
 
 
@@ -221,7 +221,7 @@ def measured_check(steer: LawFit, tune: LawFit, d_star: float, winner: float, si
         return " (no budget measured for both on one side of it)" if len(budgets) else " (no budget measured for both methods)", ""
     bracket = f" (between the measured budgets {below.max():g} and {above.min():g})"
     if unchecked := _unchecked(steer, tune):
-        return f"{bracket[:-1]}; {unchecked})", ""
+        return f"{bracket[:-1]}; {unchecked}, so the means measured there were not checked against it)", ""
     later, earlier = (tune.method, steer.method) if winner > 0 else (steer.method, tune.method)
     disputes = []
     for budget, expected in ((below.max(), -1.0), (above.min(), 1.0)):  # the later leader behind below D*, ahead above
@@ -233,21 +233,22 @@ def measured_check(steer: LawFit, tune: LawFit, d_star: float, winner: float, si
     return bracket, "; ".join(disputes)
 
 
-def measured_check_without_crossing(steer: LawFit, tune: LawFit, outcome: str, sign: float, tol: float) -> str:
-    """Where the cells measured at a budget both methods share contradict an outcome with no crossing ('' where they
-    do not): the side the laws put behind throughout ("finetuning_ahead", "steering_ahead") leads there, or either
-    leads where the laws are "tied" — by more than `tol` and past noise, as `measured_check` judges a D*. A flat fit
-    to a steering curve that falls put fine-tuning "ahead at both ends" over budgets where every steering seed led,
-    and every resample agreed (firm)."""
-    if _unchecked(steer, tune):
-        return ""
+def measured_check_without_crossing(steer: LawFit, tune: LawFit, outcome: str, sign: float, tol: float) -> tuple[str, str]:
+    """Why the means measured were not checked ('' where they were, as text to add to the verdict), and where the cells
+    measured at a budget both methods share contradict an outcome with no crossing ('' where they do not): the side
+    the laws put behind throughout ("finetuning_ahead", "steering_ahead") leads there, or either leads where the laws
+    are "tied" — by more than `tol` and past noise, as `measured_check` judges a D*. A flat fit to a steering curve
+    that falls put fine-tuning "ahead at both ends" over budgets where every steering seed led, and every resample
+    agreed (firm)."""
+    if unchecked := _unchecked(steer, tune):
+        return f" ({unchecked}, so the means measured at the shared budgets were not checked against it)", ""
     disputes = []
     for budget in np.intersect1d(steer.points.d, tune.points.d):
         lead, half = _measured_lead(steer, tune, budget, sign)
         behind = {"finetuning_ahead": lead < -tol, "steering_ahead": lead > tol, "tied": abs(lead) > tol}[outcome]
         if behind and abs(lead) > half:
             disputes.append(_ahead_by(tune.method if lead > 0 else steer.method, budget, abs(lead), half))
-    return "; ".join(disputes)
+    return "", "; ".join(disputes)
 
 
 def crossover(steer: LawFit, tune: LawFit) -> Crossover:
@@ -299,7 +300,8 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
         bracket, disputed = measured_check(steer, tune, d_star, 1.0 if code == 0 else -1.0, sign, tol)
         verdict += bracket
     elif outcome in ("finetuning_ahead", "steering_ahead", "tied"):
-        disputed = measured_check_without_crossing(steer, tune, outcome, sign, tol)
+        note, disputed = measured_check_without_crossing(steer, tune, outcome, sign, tol)
+        verdict += note
     verdict += f"; the measured means do not show it: {disputed}" if disputed else ""
     d_star = first if code == 5 else d_star
     return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, tolerance=tol, disputed=disputed,

@@ -397,7 +397,9 @@ def test_a_crossing_at_the_smallest_budget_the_scores_cannot_place_is_not_stated
 def test_one_question_ahead_at_every_budget_is_not_a_tie() -> None:
     """lora 10/40 at every budget in both seeds, steer_mean 9/40: a whole step apart, more than the half step that ties."""
     c = _measured({"steer_mean": FLAT, "lora": {d: (0.25, 0.25) for d in FLAT}})
-    assert c.outcome == "finetuning_ahead" and c.verdict.endswith("is ahead of steer_mean at both ends"), c.verdict
+    assert c.outcome == "finetuning_ahead" and "is ahead of steer_mean at both ends" in c.verdict, c.verdict
+    # every seed alike: nothing to judge the means by, and the verdict says so, as a D*'s does
+    assert c.verdict.endswith(" at both ends (the seeds agree exactly, so the means measured at the shared budgets were not checked against it)")
 
 
 def test_a_crossing_measured_in_steps_of_one_question_is_still_found() -> None:
@@ -519,6 +521,17 @@ def test_seeds_that_agree_exactly_leave_the_d_star_unchecked_not_disputed(seeds:
     rows["score"] = rows.groupby(["method", "budget"])["score"].transform("first") + 0.1  # + 0.1: not exactly representable
     (c,) = find_crossovers(fit_curves(rows, metric="score", bootstrap=0, seed=0))
     assert c.disputed == "" and c.verdict.endswith("; the seeds agree exactly, so the means measured there were not checked against it)")
+
+
+def test_an_outcome_without_a_crossing_says_when_the_means_were_not_checked() -> None:
+    """Session 37 held "ahead", "tied" against the means measured; with one seed a budget they cannot be, and the
+    verdict read as if they had been (a D* says "not checked")."""
+    falling = dict(zip((4, 16, 64, 256, 1024), (0.70, 0.62, 0.55, 0.50, 0.45))).get
+    rising = dict(zip((4, 16, 64, 256, 1024), (0.64, 0.69, 0.75, 0.82, 0.88))).get
+    one_seed = pd.DataFrame(_measured_rows(steering=falling, finetuning=rising)).query("seed == 0")
+    (c,) = find_crossovers(fit_curves(one_seed, metric="score", bootstrap=0, seed=0))
+    assert c.outcome == "finetuning_ahead" and c.disputed == "", (c.outcome, c.disputed)
+    assert c.verdict.endswith(" (one seed a budget, so the means measured at the shared budgets were not checked against it)"), c.verdict
 
 
 def test_a_d_star_says_which_measured_budgets_bracket_it() -> None:
