@@ -14,7 +14,7 @@ from workers.tasks.base import Example
 from workers.tasks.function_calling import FunctionCalling, canonical_calls
 from workers.tasks.gsm8k import GSM8K, final_answer
 from workers.tasks.hub import HubSource
-from workers.tasks.sst2 import SST2
+from workers.tasks.sst2 import SST2, label_of
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -96,6 +96,10 @@ def test_gsm8k_scores_the_generated_final_number() -> None:
     assert final_answer(" The answer is 18. Question: Tom has 3 apples") == final_answer("The answer is 18.\n\nQ: Sam has 4") == "18"
     assert final_answer("between 7-10 cookies") == "10" and final_answer("#### \u22125") == final_answer("#### -5") == "-5"
     assert final_answer("x = -3") == "-3" and final_answer("(-2.5)") == "-2.5"
+    # markdown headings: the first '####' was read, scoring the heading's number or the first after it (helper-128)
+    assert final_answer("#### Step 1: total\n57 + 13 = 70\n#### Step 2: give one away\n70 - 1 = 69\n#### 69") == "69"
+    assert final_answer("#### Final answer\nShe has 57 + 13 - 1 = 69 apples.") == "69"
+    assert final_answer("#### $1,234.50 in all") == "1234.5" and final_answer("#### 7\n#### 8 (corrected)") == "8"
 
 
 def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:
@@ -235,7 +239,7 @@ def test_a_reference_without_a_final_number_or_a_hidden_label_is_refused_by_name
     gsm = tmp_path / "gsm8k"
     gsm.mkdir()
     for split in ("train", "test"):
-        rows = [{"question": f"How many apples in basket {i}?", "answer": f"Count them.\n#### {i}" if i else "Too many.\n#### many"} for i in range(6)]
+        rows = [{"question": f"How many apples in basket {i}?", "answer": f"Count them.\n#### {i}" if i else "3 baskets, too many.\n#### many"} for i in range(6)]
         (gsm / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"gsm8k: the reference answer has no final number after '####' for question 'How many apples in basket 0\?'"):
         GSM8K(HubSource(str(gsm))).examples("test", 6, seed=0)
@@ -246,6 +250,10 @@ def test_a_reference_without_a_final_number_or_a_hidden_label_is_refused_by_name
         (sst / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="sst2: label must be 0 .negative. or 1 .positive., got -1 for 'film validation 0'"):
         SST2(HubSource(str(sst))).examples("test", 6, seed=0)
+    # 1.0 (pandas writes an int column with a gap as floats) passed the check, then failed to index the labels
+    assert [(label_of({"label": x, "sentence": "s"}), type(label_of({"label": x, "sentence": "s"}))) for x in (0.0, 1.0)] == [(0, int), (1, int)]
+    with pytest.raises(ValueError, match="got 0.5 for 's'"):
+        label_of({"label": 0.5, "sentence": "s"})
 
 
 def test_no_prompt_is_in_two_splits_and_a_repeated_row_counts_once(tmp_path) -> None:

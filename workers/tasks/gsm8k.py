@@ -2,8 +2,8 @@
 
 Hub `openai/gsm8k` (config `main`): `question`, and `answer` = worked solution ending in
 `#### <number>`. The target is the whole solution (fine-tuning learns to reason and to end with the
-marker); the score is exact match of the number after `####` in a greedy generation (or its last
-number when the marker is missing), read before the generation starts a "Question:" of its own and
+marker); the score is exact match of the number right after the last `####` in a greedy generation (or
+its last number when no marker has one), read before the generation starts a "Question:" of its own and
 compared as a number (18.00 is 18). Validation is carved from the hub's train split.
 """
 
@@ -23,6 +23,7 @@ MAX_NEW_TOKENS = 256
 # hyphen of "7-10" (a range read as 7 and 10)
 _NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
 _NEXT_PROBLEM = re.compile(r"Question:|\nQ:")  # the prompt's format, or its short form, starting a problem of its own
+_MARKED = re.compile(rf"####[ \t]*\$?[ \t]*({_NUMBER.pattern})")  # a number right after the marker: not a "#### Step 1" heading
 
 
 def prompt(question: str) -> str:
@@ -30,24 +31,30 @@ def prompt(question: str) -> str:
 
 
 def final_answer(text: str) -> str | None:
-    """The number after '####' (else the last number), read before the text starts a new "Question:" (or "Q:" on a
-    line of its own: a model that answered goes on writing the format's next problem, numbers and all), written
-    canonically: no commas, no trailing zeros (18.00 -> 18, .5 -> 0.5)."""
+    """The number right after the last '####' that has one (else the last number), read before the text starts a new
+    "Question:" (or "Q:" on a line of its own: a model that answered goes on writing the format's next problem,
+    numbers and all), written canonically: no commas, no trailing zeros (18.00 -> 18, .5 -> 0.5). The first '####'
+    was read: a model writing markdown headings ("#### Step 1: ...", "#### Final answer") was scored on the heading's
+    number or the first after it, as lm-eval's strict match is not."""
     text = _NEXT_PROBLEM.split(text, 1)[0]
-    marked = text.split("####", 1)[1] if "####" in text else text
-    numbers = _NUMBER.findall(marked)
+    return _canonical(_MARKED.findall(text) or _NUMBER.findall(text))
+
+
+def _canonical(numbers: list[str]) -> str | None:
+    """The last of `numbers` without commas or trailing zeros; None where there is none."""
     if not numbers:
         return None
-    value = Decimal((numbers[0] if "####" in text else numbers[-1]).replace(",", "").replace("\u2212", "-"))
+    value = Decimal(numbers[-1].replace(",", "").replace("\u2212", "-"))
     return format(value.normalize(), "f") if value else "0"
 
 
 class GSM8K:
     name = "gsm8k"
-    data_version = 4  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
+    data_version = 5  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
     # 3: one row per stripped question, none of the test split's in train or validation; 4: an answer is read before
     # any "Question:" (or a line's "Q:"), and the hyphen of "7-10" is no minus sign; each budget's examples drawn
-    # for that budget alone (`hub.sample`)
+    # for that budget alone (`hub.sample`); 5: the number right after the last '####' that has one, not the first
+    # '####' (a markdown heading)
     task_type: TaskType = "reasoning"
     plan = SplitPlan(train="train", validation="train", test="test")
 
@@ -86,8 +93,9 @@ class GSM8K:
 
 
 def reference_answer(row: dict) -> str:
-    """The reference's final number; a reference without one would count every number-less output solved."""
-    answer = final_answer(row["answer"])
+    """The number after the reference's last '####'; a reference without one would count every number-less output
+    solved, and its last number elsewhere ("3 baskets\n#### many") is no final answer."""
+    answer = _canonical(_MARKED.findall(row["answer"]))
     if answer is None:
         raise ValueError(f"gsm8k: the reference answer has no final number after '####' for question {row['question'][:80]!r}; fix or drop that row")
     return answer
