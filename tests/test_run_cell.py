@@ -221,6 +221,28 @@ def test_a_model_whose_outputs_go_nan_is_a_failed_row_not_an_ok_one(model_id, tm
     assert re.search(r"(^|[ ,])nll=nan", row["error"]) and row.get("score") is None  # the test NLL itself, not only base_neutral_nll
 
 
+def test_outputs_gone_nan_on_the_off_task_questions_alone_fail_the_cell(model_id, monkeypatch):
+    """An overflow only the off-task prompts trigger (fp16, a large scale on longer prompts) scored every off-task
+    question as its first choice: offtask_score_delta stayed finite and the row was ok (helper-126)."""
+    from workers.tasks.arith import Arith
+
+    cache = WorkerCache()
+    assert run_cell(_cell(model_id, "base"), CellRun(cache=cache))["status"] == "ok"  # the base model's passes, cached
+    evaluate = Arith.evaluate
+
+    def nan_logits(self, lm, examples, *, elicited=False):
+        handle = lm.model.model.norm.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+        try:
+            return evaluate(self, lm, examples, elicited=elicited)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(Arith, "evaluate", nan_logits)
+    row = run_cell(_cell(model_id, "lora", budget=8), CellRun(cache=cache))
+    assert row["status"] == "failed" and "NonFiniteMetricError" in row["error"], row.get("error")
+    assert "arith off-task nll=nan" in row["error"] and "base model" not in row["error"], row["error"]
+
+
 def test_a_perplexity_ratio_past_floats_is_an_ok_row_with_inf(model_id, monkeypatch):
     """neutral_shift returns +inf for a rise of over 709 nats a token (exp overflows): a measured
     collapse of the neutral text, stored as such; it used to fail the cell as a non-finite metric."""

@@ -263,7 +263,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         with adapter.applied():
             result = task.evaluate(lm, test)
             kl, ppl_ratio = neutral_shift(lm, base.neutral)
-            offtask_scores = {name: get_task(name).evaluate(lm, examples).score for name, examples in offtask.items()}
+            offtask_results = {name: get_task(name).evaluate(lm, examples) for name, examples in offtask.items()}
     except BaseException:
         # The method may have died half-way through changing the model: the next cell loads it afresh. (A
         # failure before this, in the load or the baseline, leaves the cached weights as they were.)
@@ -287,7 +287,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "base_neutral_nll": base.neutral.nll,
         "base_neutral_nll_per_byte": base.neutral.nll_per_byte,
         "offtask_score_delta": (
-            float(np.mean([offtask_scores[name] - base.offtask[name].score for name in offtask])) if offtask else None
+            float(np.mean([offtask_results[name].score - base.offtask[name].score for name in offtask])) if offtask else None
         ),
         "neutral_kl": kl,
         "neutral_ppl_ratio": ppl_ratio,
@@ -306,7 +306,11 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     # not the perplexity ratio: past a rise of 709 nats a token it is +inf by design (metrics.neutral_shift), a
     # measured collapse; a NaN there comes with a NaN KL, which is checked
     neutral = ("base_neutral_nll", "neutral_kl") if cell.eval.neutral_size else ()
-    check_finite(measured, ("score", "nll", "score_base", "nll_base", *neutral, *(("offtask_score_delta",) if offtask else ())))
+    # the off-task NLLs too, though no column keeps them: NaN log-probs score every question as its first choice, so a
+    # NaN off-task pass gave a finite offtask_score_delta and an ok row
+    offtask_nll = {f"{name} off-task nll{side}": result.nll for name in offtask
+                   for side, result in (("", offtask_results[name]), (" (base model)", base.offtask[name]))}  # fmt: skip
+    check_finite({**measured, **offtask_nll}, ("score", "nll", "score_base", "nll_base", *neutral, *offtask_nll))
     return measured
 
 
