@@ -140,8 +140,10 @@ def linear_params_without_input_grad(model: nn.Module) -> int:
         if not args[0].requires_grad:
             without[id(module)] = module.weight.numel()
 
+    from transformers.pytorch_utils import Conv1D  # GPT-2's projections: linear layers by another name
+
     device = next(model.parameters()).device
-    hooks = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks = [m.register_forward_pre_hook(note) for m in model.modules() if isinstance(m, (nn.Linear, Conv1D))]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
             model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
