@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from analysis.bootstrap import CI_LEVEL, Bootstrap, QuestionDraws, bootstrap_fit, percentile_interval, question_counts
 from analysis.capability import X_COLUMN, Axis, family_of, get_axis, split_by_family, with_x
@@ -168,7 +169,23 @@ class LawFit:
             if negligible and exponents:
                 notes.append(f"{term.coef}≈0: {', '.join(exponents)} not identified")
         notes += [f"{name} not identified in {share:.1%} of resamples: no interval" for name, share in self.unidentified_in_resamples().items()]
-        return notes
+        return [*filter(None, [self.worsening()]), *notes]
+
+    def worsening(self) -> str:
+        """Why the law does not describe a budget curve whose metric worsens with the budget ('' where it does not: the
+        cells' least-squares slope against log D is not past its 95 % t interval on the worse side). The law only
+        improves with data, so it fits such cells as a flat line at their mean, its asymptote's interval the seeds'
+        noise about it; data efficiency then said the whole gain was "reached before the data start" (helper-127)."""
+        d, loss = self.points.d, to_loss(self.points.value, self.metric)
+        if not self.fit or self.joint or len(np.unique(d)) < 3 or len(d) < 4 or not (d > 0).all():
+            return ""
+        slope = stats.linregress(np.log10(d), loss)
+        low = slope.slope - stats.t.ppf(0.5 + CI_LEVEL / 2, len(d) - 2) * slope.stderr
+        if not low > 0:
+            return ""
+        first, last = (float(np.mean(self.points.value[d == budget])) for budget in (d.min(), d.max()))
+        return (f"{self.metric} worsens as the budget grows ({first:.3g} at D={d.min():g}, {last:.3g} at D={d.max():g}; past "
+                "noise): the law only improves with data, so it does not describe these cells")
 
     def asymptote_notes(self) -> list[str]:
         """A budget curve whose asymptote E lies farther beyond the data than the data's own range: still

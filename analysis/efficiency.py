@@ -56,8 +56,10 @@ def bound_caveat(curve: LawFit) -> str:
     """What of the fit sits at a bound that D_x reads: β at its upper bound is a step somewhere between two
     budgets, placed by the bound (D_x = (B/…)^(1/3) whatever the scores between them); E at the loss floor
     makes the asymptote, and so the gain D_x is a share of, the metric's limit, assumed, not measured; B at
-    its cap caps β. β at its lower bound is a flat curve, whose level is measured: no caveat."""
-    reasons = []
+    its cap caps β. β at its lower bound is a flat curve, whose level is measured: no caveat. A curve that worsens with
+    the budget (`LawFit.worsening`) is fitted as a flat line that reaches its "gain" at every budget: D_x = 0 is no
+    finding there."""
+    reasons = [worse] if (worse := curve.worsening()) else []
     if curve.exponents_at_bounds().get("beta") == 1:
         reasons.append("beta at its upper bound (a step between two budgets, placed by the bound)")
     if curve.floor_asymptote():
