@@ -76,6 +76,9 @@ def test_fits_json_text_and_report_carry_the_comparison(by_capability: analysis.
     assert {c["family"] for c in payload["capabilities"]} == {"a", "b"}
     text = by_capability.to_text()
     assert "tighter law: x = neutral_loss" in text and "additive[neutral_loss]" in text
+    # a joint law's resamples keep its models: its "95 %" intervals leave their scatter out, and the header says so
+    assert text.splitlines()[0].endswith("N = neutral_loss in the joint laws, 95% bootstrap CIs (a joint law's redraw seeds and "
+                                         "questions, not its models: narrower than its uncertainty across models)")
     page = analysis.write_report(str(results), bootstrap=10, x="task_score").report_page
     markdown = page.with_name("report.md").read_text()
     assert "## Capability as the x-axis" in markdown and "Verdict: `neutral_loss` gives the tighter law." in markdown
