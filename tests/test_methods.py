@@ -679,3 +679,18 @@ def test_default_configs_are_checked_without_building_the_architecture(name):
         raise AssertionError("the architecture was built for a config that names no module")
 
     assert protocol.model_problem(get_method(name), resolve_config(name, {}), architecture) is None
+
+
+def test_a_depth_fraction_halfway_between_two_blocks_goes_the_same_way_at_every_depth():
+    """Python's `round` sent a half to the even block: 0.5 was block 2 of 6 (40 % of the depth) and block 6 of 12 (55 %),
+    so one setting steered at depths that moved with model size. Now the middle's tie goes down at every depth, a tie
+    off the middle towards its own end (mirror fractions give mirror blocks), and the ladder's blocks stay as they were."""
+    from workers.methods.steer_mean import layer_indices
+
+    assert [layer_indices((0.5,), depth)[0] for depth in (2, 4, 6, 8, 12, 16)] == [0, 1, 2, 3, 5, 7]
+    for depth in range(1, 40):
+        for fraction in (0.1, 0.25, 1 / 3, 0.375, 0.45):
+            (low,), (high,) = layer_indices((fraction,), depth), layer_indices((1 - fraction,), depth)
+            assert low + high == depth - 1, (depth, fraction, low, high)
+    # the default ladder's 2- and 3-block rungs: the blocks the quickstart's cells steered
+    assert layer_indices((0.25, 0.5, 0.75), 2) == [0, 1] and layer_indices((0.25, 0.5, 0.75), 3) == [0, 1, 2]

@@ -8,6 +8,7 @@ layer and relative scale are chosen on the shared validation set, scale 0 ("do n
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Iterator, Sequence
@@ -53,7 +54,15 @@ class SteeringVector:
 
 
 def layer_indices(fractions: tuple[float, ...], depth: int) -> list[int]:
-    return sorted({min(depth - 1, max(0, round(f * (depth - 1)))) for f in fractions})
+    """The block nearest each fraction of the depth; one halfway between two blocks goes to the block nearer the end
+    of the stack its fraction is on (the middle's, down). Python's `round` sent it to the even block: 0.5 was block 2
+    of 6 (40 %) but block 6 of 12 (55 %), one setting at depths that differ with model size (helper-126)."""
+
+    def nearest(fraction: float) -> int:
+        position = fraction * (depth - 1)
+        return math.ceil(position - 0.5) if fraction <= 0.5 else math.floor(position + 0.5)
+
+    return sorted({min(depth - 1, max(0, nearest(f))) for f in fractions})
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,7 @@ def candidate_trials(layers: list[int], scales: Sequence[float]) -> list[tuple[i
 
 class SteerMean:
     name = "steer_mean"
+    version = 2  # 2: a fraction halfway between two blocks no longer goes to the even one (`layer_indices`)
     kind: MethodKind = "steering"
     config_class = SteerMeanConfig
 
