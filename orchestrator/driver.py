@@ -309,6 +309,12 @@ def check_fits(cells: list[PlannedCell], resources: Resources) -> None:
             )
 
 
+class OtherCodeError(RuntimeError):
+    """A worker computed another id for its cell than the driver planned: it runs other code (edited on disk during
+    the run, a `git pull`, another steerscale on a node). Its row, stored under the planned id by nothing, landed
+    under an id no plan held: an adaptive run chose the cell again and again and overshot --max-cells."""
+
+
 def crashed_row(cell: CellConfig, error: BaseException, attempt: int, handed_out: datetime) -> dict:
     """The row for a cell whose worker died on its last attempt (or was stopped past its timeout): identity,
     `failed`, and Ray's reason; it ran from when it was handed to the worker (`handed_out`) until now."""
@@ -514,7 +520,19 @@ def run_cells(
 
     def store_row(cell: PlannedCell, row: dict) -> None:
         """Store a finished cell's row and count it; one the store refuses goes to `unstored` (the run stops once the
-        other rows it has are stored: `raise_unstored`), one that does not fit the results schema becomes a failed row."""
+        other rows it has are stored: `raise_unstored`), one that does not fit the results schema becomes a failed row.
+        A row under another id than planned (`OtherCodeError`) is stored as it is, its compute kept for a rerun with
+        that code, and the planned cell gets a failed row that says so."""
+        if row.get("cell_id") != cell.cell_id:
+            other, started_at = row, row.get("started_at") or datetime.now(timezone.utc)
+            if isinstance(store_retries(lambda: store.write(other), f"store {other.get('slug')}", STORE_RETRY_SECONDS), OSError):
+                bar.write(f"warning: could not store the row of {other.get('slug')} under the id its worker computed")
+            row = crashed_row(cell.config, OtherCodeError(
+                f"the worker computed this cell's id as {other.get('cell_id')}, not the planned {cell.cell_id}: it runs other "
+                "code than this driver (edited on disk during the run, or another steerscale on that node); its row is "
+                "stored under its own id, which a run planned with that code finds done — rerun the same command"),
+                other.get("attempt") or 1, started_at)  # fmt: skip
+            row["cell_id"] = cell.cell_id  # the plan's, which this driver's code gives the cell
         try:
             kept = written(cell, row)
         except Exception as err:  # noqa: BLE001 - not the store's refusal: the row itself (a worker's bug); the sweep goes on

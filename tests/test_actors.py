@@ -321,6 +321,23 @@ def test_a_row_the_store_refuses_is_written_again_and_one_it_keeps_refusing_stop
     assert rows.loc[cells[1].cell_id, "error"].startswith("the cell's row could not be stored: ArrowInvalid: the store refused")
 
 
+def test_a_worker_running_other_code_than_the_driver_stores_its_row_and_fails_the_planned_cell(local_ray, test_ladder, write_sweep):
+    """The driver planned with one code and a worker ran another (a method's version bumped on disk mid-run): the row
+    landed under an id no plan held, an adaptive run chose that cell again and again and overshot --max-cells
+    (helper-129). Now the row is kept under its own id and the planned cell gets a failed row that says why."""
+    spec = _base_sweep(write_sweep, test_ladder, "othercode", 2, {"cpus_per_cell": 1})
+    cells = expand(spec)
+    planned = cells[1].__dict__["cell_id"] = "0123456789abcdef0123"  # the id the driver's (older) code gave the cell
+    store = ResultsStore(spec.results_dir)
+    outcome = run_cells(cells, store, spec.resources, progress=False, dashboard=False)
+    rows = store.read().to_pandas().set_index("cell_id")
+    assert outcome.ok == 1 and outcome.failed == 1 and len(rows) == 3, rows[["slug", "status"]]
+    assert rows.loc[cells[1].config.cell_id, "status"] == "ok"  # the worker's compute, under the id its code gave
+    assert rows.loc[planned, "status"] == "failed" and rows.loc[planned, "error"].startswith(
+        f"OtherCodeError: the worker computed this cell's id as {cells[1].config.cell_id}, not the planned {planned}"
+    )
+
+
 class RefusingClaims(Claims):
     """Claims whose store refuses the `refuse`-th acquire calls (counted from 1) of one run."""
 
