@@ -377,6 +377,22 @@ def test_a_cell_file_that_is_missing_or_not_a_cell_is_a_clean_error(tmp_path, ca
     assert not (tmp_path / "out.parquet").exists()
 
 
+def test_an_output_path_that_cannot_take_the_row_is_refused_before_the_cell_runs(tmp_path, capsys, monkeypatch):
+    """A directory as the output, or a file where a directory above it must be: the cell ran (hours on a GPU), then
+    the write failed with IsADirectoryError / FileExistsError and the row was lost (helper-129)."""
+    import workers.run_cell
+
+    cell = tmp_path / "cell.json"
+    cell.write_text(_cell("ladder:test/xs", "base").model_dump_json())
+    monkeypatch.setattr(workers.run_cell, "run_cell", lambda cell: pytest.fail("the cell ran"))
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "afile").write_text("")
+    assert main([str(cell), str(tmp_path / "dir")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'dir'}: is a directory; give the Parquet file to write the row to (e.g. row.parquet)"
+    assert main([str(cell), str(tmp_path / "afile" / "sub" / "row.parquet")]) == 2
+    assert f"{tmp_path / 'afile'} is a file, so nothing can be written under it" in capsys.readouterr().err
+
+
 def test_a_row_from_an_edited_tree_does_not_claim_its_commits_code(tmp_path):
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()

@@ -430,6 +430,17 @@ def fit_process_to(cpus: float, gpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why the row could not be written to `out` (None where it can): a directory there, or a file where a directory
+    above it must be. Found after the cell had run, the row was lost with its compute (helper-129)."""
+    if out.is_dir():
+        return "is a directory; give the Parquet file to write the row to (e.g. row.parquet)"
+    existing = next((parent for parent in out.parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        return f"{existing} is a file, so nothing can be written under it"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.run_cell", description=__doc__.split("\n")[0])
     parser.add_argument("cell", type=Path, help="JSON file with a resolved CellConfig")
@@ -440,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValidationError) as err:  # a missing file, or not a cell's JSON: say which key, no traceback
         problem = format_errors(CellConfig, err, "cell") if isinstance(err, ValidationError) else err
         print(f"error: {args.cell}: {problem}\n(`steerscale plan CONFIG --cell SLUG > cell.json` writes one)", file=sys.stderr)
+        return 2
+    if problem := _out_problem(args.out):  # before the cell runs (hours on a GPU), not when its row is written
+        print(f"error: {args.out}: {problem}", file=sys.stderr)
         return 2
     torch.set_num_threads(int(os.environ.get("STEERSCALE_THREADS", torch.get_num_threads())))
     if torch.cuda.is_available():
