@@ -240,14 +240,16 @@ def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: Co
             continue
         ok = [c for c in group if status.get(c.cell_id) == "ok"]
         n_ok, budgets = len(ok), {c.config.budget for c in ok}
+        stored = f"{n_ok} ok cells over {len(budgets)} budgets"  # the reasons count the cells chosen before them apart
         missing = []
         for cell in design_order(group, (models.index(key[2]) + 0.5) / len(models)):
             if n_ok >= DESIGN_POINTS and len(budgets) >= MIN_BUDGETS:
                 break
             if cell.cell_id in status or cost.post_train(cell.config) > flops_left:
                 continue
+            chosen = f" (+{len(missing)} chosen before this one)" if missing else ""
             reason = (
-                f"design: {label(key)} has {n_ok} ok cells over {len(budgets)} budgets; its curve needs {DESIGN_POINTS} "
+                f"design: {label(key)} has {stored}{chosen}; its curve needs {DESIGN_POINTS} "
                 f"over {MIN_BUDGETS} before its bootstrap is trusted (order: range ends, staggered interior, more seeds)"
             )
             missing.append(Choice(cell, "design", reason, cost.post_train(cell.config), float("nan")))

@@ -27,7 +27,7 @@ import yaml
 
 from analysis.report import write_report
 from analysis.synthetic import TrueCurve
-from orchestrator.acquisition import DESIGN_POINTS, GIVE_UP_FAILURES, check_grid, curves_of, design_choices, design_order, targets_from
+from orchestrator.acquisition import DESIGN_POINTS, GIVE_UP_FAILURES, check_grid, curve_key, curves_of, design_choices, design_order, label, targets_from
 from orchestrator import adaptive as adaptive_loop
 from orchestrator.adaptive import DecisionLog, Settings, fit_budget_curves, run_adaptive, stored_rows
 from orchestrator.cellcost import CostModel, work_units
@@ -286,6 +286,17 @@ def test_the_design_asks_for_the_budget_a_failed_cell_left_missing(tmp_path):
     cost = CostModel.calibrate(cells, stored_rows(ResultsStore(str(tmp_path)), cells), MODELS)
     chosen = design_choices(cells, status, cost)
     assert sorted((c.cell.config.budget, c.cell.config.seed) for c in chosen) == [(BUDGETS[3], 1)] * len(curves_of(cells))
+
+
+def test_a_design_reason_counts_the_stored_cells_apart_from_those_chosen_with_it(tmp_path):
+    """Round 0, nothing run: the log said "design: … has 1 ok cells over 1 budgets", then "2 ok", of cells only queued
+    in the same batch (helper-129)."""
+    cells = grid()
+    cost = CostModel.calibrate(cells, stored_rows(ResultsStore(str(tmp_path)), cells), MODELS)
+    key = next(iter(curves_of(cells)))
+    reasons = [c.reason for c in design_choices(cells, {}, cost) if curve_key(c.cell) == key]
+    assert reasons[0].startswith(f"design: {label(key)} has 0 ok cells over 0 budgets; its curve needs"), reasons[0]
+    assert reasons[2].startswith(f"design: {label(key)} has 0 ok cells over 0 budgets (+2 chosen before this one); "), reasons[2]
 
 
 class BrokenCurveWorld(World):
