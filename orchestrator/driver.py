@@ -518,27 +518,42 @@ def run_cells(
             return None
         return kept
 
+    def other_code_row(cell: PlannedCell, other: dict) -> dict:
+        """The planned cell's failed row for `other`, a row its worker stored under another id (`OtherCodeError`);
+        `other` itself is stored as it is where it can be (a failed one not over an ok row, as `write` keeps one), so
+        a run planned with the worker's code finds its compute."""
+
+        def keep() -> str:
+            if other["status"] != "ok" and store.holds_ok_row(other["cell_id"]):
+                return "a failed row, not stored over the ok row under its id"
+            store.write(other)
+            return "stored under its own id, which a run planned with that code finds done"
+
+        try:  # a row of other code may not fit this driver's schema: that must not stop the run
+            kept = store_retries(keep, f"store {other.get('slug')}", () if unstored else STORE_RETRY_SECONDS) if other.get("cell_id") else "without an id"
+        except Exception as err:  # noqa: BLE001 - reported in the failed row
+            kept = err
+        said = f"not stored ({kept})" if isinstance(kept, Exception) else kept
+        row = crashed_row(cell.config, OtherCodeError(
+            f"the worker computed this cell's id as {other.get('cell_id')}, not the planned {cell.cell_id}: it runs other code "
+            f"than this driver (edited on disk during the run, or another steerscale on that node); its row is {said} — rerun "
+            "once the driver and every worker run the same code"), other.get("attempt") or 1, other.get("started_at") or datetime.now(timezone.utc))  # fmt: skip
+        row["cell_id"] = cell.cell_id  # the plan's, which this driver's code gives the cell
+        return row
+
     def store_row(cell: PlannedCell, row: dict) -> None:
         """Store a finished cell's row and count it; one the store refuses goes to `unstored` (the run stops once the
         other rows it has are stored: `raise_unstored`), one that does not fit the results schema becomes a failed row.
         A row under another id than planned (`OtherCodeError`) is stored as it is, its compute kept for a rerun with
         that code, and the planned cell gets a failed row that says so."""
         if row.get("cell_id") != cell.cell_id:
-            other, started_at = row, row.get("started_at") or datetime.now(timezone.utc)
-            if isinstance(store_retries(lambda: store.write(other), f"store {other.get('slug')}", STORE_RETRY_SECONDS), OSError):
-                bar.write(f"warning: could not store the row of {other.get('slug')} under the id its worker computed")
-            row = crashed_row(cell.config, OtherCodeError(
-                f"the worker computed this cell's id as {other.get('cell_id')}, not the planned {cell.cell_id}: it runs other "
-                "code than this driver (edited on disk during the run, or another steerscale on that node); its row is "
-                "stored under its own id, which a run planned with that code finds done — rerun the same command"),
-                other.get("attempt") or 1, started_at)  # fmt: skip
-            row["cell_id"] = cell.cell_id  # the plan's, which this driver's code gives the cell
+            row = other_code_row(cell, row)
         try:
             kept = written(cell, row)
         except Exception as err:  # noqa: BLE001 - not the store's refusal: the row itself (a worker's bug); the sweep goes on
             started_at = row.get("started_at") or datetime.now(timezone.utc)
             row = crashed_row(cell.config, err, row.get("attempt") or 1, started_at)
-            row["error"] = f"the cell's row could not be stored: {row['error']}"
+            row.update(cell_id=cell.cell_id, error=f"the cell's row could not be stored: {row['error']}")  # the plan's id
             kept = written(cell, row)
         if kept is None:
             return

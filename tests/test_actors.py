@@ -336,6 +336,16 @@ def test_a_worker_running_other_code_than_the_driver_stores_its_row_and_fails_th
     assert rows.loc[planned, "status"] == "failed" and rows.loc[planned, "error"].startswith(
         f"OtherCodeError: the worker computed this cell's id as {cells[1].config.cell_id}, not the planned {planned}"
     )
+    assert "its row is stored under its own id, which a run planned with that code finds done" in rows.loc[planned, "error"]
+    # a row of other code this driver's schema cannot hold (here: refused as such) does not stop the run
+    spec = _base_sweep(write_sweep, test_ladder, "othercode-unfit", 2, {"cpus_per_cell": 1})
+    cells = expand(spec)
+    cells[1].__dict__["cell_id"] = planned
+    unfit = RefusingStore(spec.results_dir, {cells[1].config.cell_id}, times=None, error=pa.ArrowInvalid)
+    outcome = run_cells(cells, unfit, spec.resources, progress=False, dashboard=False)
+    rows = unfit.read().to_pandas().set_index("cell_id")
+    assert outcome.ok == 1 and outcome.failed == 1 and sorted(rows.index) == sorted([cells[0].cell_id, planned])
+    assert f"its row is not stored (the store refused {cells[1].config.slug}) — rerun once" in rows.loc[planned, "error"], rows.loc[planned, "error"]
 
 
 class RefusingClaims(Claims):
