@@ -25,7 +25,7 @@ from analysis.capability import X_COLUMN, Axis, family_of, get_axis, split_by_fa
 from analysis.fitting import FIT_FAILURES, LOG_COEF_BOUNDS, NEGLIGIBLE_SHARE, Fit, FitError, LawData, fit_law, negligible_terms, unidentified
 from analysis.laws import LAWS, POWER_D, Law
 from analysis.methods import method_kind
-from analysis.metrics import LOSS_FLOOR, from_loss, to_loss
+from analysis.metrics import LOSS_FLOOR, from_loss, step, to_loss
 from analysis.parallel import parallel_map
 
 BOUND_TOLERANCE = 1e-3  # an exponent this close to its bound is at it
@@ -172,18 +172,21 @@ class LawFit:
         return [*filter(None, [self.worsening()]), *notes]
 
     def worsening(self) -> str:
-        """Why the law does not describe a budget curve whose metric worsens with the budget ('' where it does not: the
-        cells' least-squares slope against log D is not past its 95 % t interval on the worse side). The law only
-        improves with data, so it fits such cells as a flat line at their mean, its asymptote's interval the seeds'
-        noise about it; data efficiency then said the whole gain was "reached before the data start" (helper-127)."""
+        """Why the law does not describe a budget curve whose metric worsens with the budget ('' where it does: the
+        cells' least-squares slope against log D is not past its 95 % t interval on the worse side, or the fit misses
+        the means at the ends by no more than the metric's step, a question). The law only improves with data, so
+        it fits such cells as a flat line at their mean, its asymptote's interval the seeds' noise about it; data
+        efficiency then said the whole gain was "reached before the data start" (helper-127)."""
         d, loss = self.points.d, to_loss(self.points.value, self.metric)
-        if not self.fit or self.joint or len(np.unique(d)) < 3 or len(d) < 4 or not (d > 0).all():
+        if not self.fit or self.joint or len(np.unique(d)) < 3 or len(d) < 4 or not (d > 0).all() or self.no_spread():
             return ""
         slope = stats.linregress(np.log10(d), loss)
         low = slope.slope - stats.t.ppf(0.5 + CI_LEVEL / 2, len(d) - 2) * slope.stderr
-        if not low > 0:
+        ends = np.array([d.min(), d.max()])
+        first, last = (float(np.mean(self.points.value[d == budget])) for budget in ends)
+        missed = np.abs(np.array([first, last]) - self.predict(np.full(2, self.n_params), ends)).max()
+        if not low > 0 or missed <= step(self.points.value):
             return ""
-        first, last = (float(np.mean(self.points.value[d == budget])) for budget in (d.min(), d.max()))
         return (f"{self.metric} worsens as the budget grows ({first:.3g} at D={d.min():g}, {last:.3g} at D={d.max():g}; past "
                 "noise): the law only improves with data, so it does not describe these cells")
 
