@@ -152,16 +152,12 @@ def test_cells_of_a_method_whose_computation_changed_get_new_ids(monkeypatch):
         return CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts", method=method,
                           method_config=resolve_config(method, {}).model_dump(mode="json"), budget=16, seed=1)  # fmt: skip
 
-    assert method_versions("prompt") == {"prompt": 2} and method_versions("lora") == {}
-    assert method_versions("prompt+steer_mean") == {"prompt": 2, "steer_mean": 2}  # steer_mean 2: `layer_indices`' halves
+    assert method_versions("prompt") == {"prompt": 2} == method_versions("prompt+steer_mean") and method_versions("lora") == {}
     stored_by_version_1 = {"prompt": "799592699c89db75431d", "prompt+steer_mean": "3aa7d29b9a2c43c9b03d"}  # the code of ce3dada
     assert all(cell(method).cell_id != stored for method, stored in stored_by_version_1.items())
     from workers.methods.prompt import Prompt
-    from workers.methods.steer_mean import SteerMean
 
-    monkeypatch.setattr(Prompt, "version", 1)  # the versions alone moved them
-    assert cell("prompt").cell_id == stored_by_version_1["prompt"] and cell("prompt+steer_mean").cell_id != stored_by_version_1["prompt+steer_mean"]
-    monkeypatch.setattr(SteerMean, "version", 1)
+    monkeypatch.setattr(Prompt, "version", 1)  # the version alone moved them
     assert all(cell(method).cell_id == stored for method, stored in stored_by_version_1.items())
 
 
@@ -175,21 +171,10 @@ def test_half_precision_cells_scored_from_bf16_logits_get_new_ids():
     assert cell.cell_id != "0e4d154f17431ef81e7f"  # its id under the code of acbc662
 
 
-@pytest.fixture
-def steering_at_version_1(monkeypatch):
-    """The steering methods as they were before version 2 (`layer_indices`' halves), which moved their cells' ids on
-    purpose: the tests that check an id other changes kept were written against version 1."""
-    from workers.methods.steer_mean import SteerMean
-    from workers.methods.steer_trained import SteerTrained
-
-    for method in (SteerMean, SteerTrained):
-        monkeypatch.setattr(method, "version", 1)
-
-
 @pytest.mark.parametrize("method, stored", [
     ("lora", "7c096e346bc775c84f7a"), ("steer_mean+lora", "4361540782a0f3a84a6d"), ("task_vector", "3bff0bea3b91fe105b2f"),
 ])  # fmt: skip
-def test_gradient_cells_stored_before_lr_search_existed_keep_their_ids(method, stored, steering_at_version_1):
+def test_gradient_cells_stored_before_lr_search_existed_keep_their_ids(method, stored):
     """train.lr_search came later: at its default (no search) a cell has the id it was stored under
     (computed with the code of 6baea49), wherever its training sits; asking for a search is another cell."""
     from workers.methods import resolve_config
@@ -338,7 +323,7 @@ def test_plan_says_when_a_trained_method_has_no_budget_to_fit(write_sweep, capsy
     ("lora", "6e51cb6be058bb34745d", "0e3456f0d4af817c0ead"), ("steer_mean+lora", "5e4d0c97f64c050caa7f", "124f5b2fc62582c90685"),
     ("task_vector", "8b6c7fff9f07d5080903", "6b8abe2a53d849e5a03c"), ("steer_trained", "f8bc2844eb9d2c30411d", "94a57f9ba1ed8ac2ee7c"),
 ])  # fmt: skip
-def test_only_cells_whose_step_count_changed_get_new_ids(method, at_100, at_1024, steering_at_version_1):
+def test_only_cells_whose_step_count_changed_get_new_ids(method, at_100, at_1024):
     """`epochs` became passes in full batches (budget 100 in 16s: 25 steps, was 28): those cells compute something
     new and must not find their old rows, while budget 1024 (64 steps a pass either way) keeps its id and rows."""
     from workers.methods import resolve_config

@@ -694,3 +694,7 @@ def test_a_depth_fraction_halfway_between_two_blocks_goes_the_same_way_at_every_
             assert low + high == depth - 1, (depth, fraction, low, high)
     # the default ladder's 2- and 3-block rungs: the blocks the quickstart's cells steered
     assert layer_indices((0.25, 0.5, 0.75), 2) == [0, 1] and layer_indices((0.25, 0.5, 0.75), 3) == [0, 1, 2]
+    # rungs of 1-3 blocks map as `round` did for every fraction (their cells keep their ids, no version moved)
+    assert all(layer_indices((k / 1000,), depth) == [round(k / 1000 * (depth - 1))] for depth in (1, 2, 3) for k in range(1001))
+    # a tie a float misses by an ulp is still a tie: 0.7 of 46 blocks is 31.499999999999996 (Gemma-2-27B)
+    assert layer_indices((0.7,), 46) == [32] and layer_indices((0.3,), 46) == [13] and layer_indices((0.14,), 26) == [3]

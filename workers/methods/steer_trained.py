@@ -58,7 +58,6 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
 
 class SteerTrained:
     name = "steer_trained"
-    version = 2  # 2: a fraction halfway between two blocks no longer goes to the even one (`layer_indices`)
     kind: MethodKind = "steering"
     config_class = SteerTrainedConfig
 
