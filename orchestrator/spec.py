@@ -441,7 +441,9 @@ def _with_override(line: str, overrides: list[str]) -> str:
         key = override.partition("=")[0]
         named = next((part for part in reversed(key.split(".")) if not part.isdigit()), key)
         below = key.startswith(where + ".") and re.search(rf"\b{re.escape(named)}\b", line[len(where):]) is not None
-        if below or any(place == key or place.startswith(key + ".") for place in [where, *also]):
+        # a repeat is of a whole entry: an override inside either listing (`models.0.id=...`) set it too
+        inside = bool(also) and any(key.startswith(place + ".") for place in [where, *also])
+        if below or inside or any(place == key or place.startswith(key + ".") for place in [where, *also]):
             return f"{line} [set by the override {override}]"
     return line
 

@@ -101,6 +101,9 @@ def test_a_value_an_override_makes_a_repeat_of_a_later_entry_is_blamed_on_the_ov
     with pytest.raises(ConfigError) as err:
         load_spec(path, ["budgets.0=16"])
     assert str(err.value).splitlines()[1] == "budgets.1: 16 is listed twice (also budgets.0) [set by the override budgets.0=16]"
+    with pytest.raises(ConfigError) as err:  # an override inside an entry: models.0.id set the repeat as models.0= would
+        load_spec(write_sweep({**BASE, "models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/s"}]}), ["models.0.id=ladder:test/s"])
+    assert str(err.value).splitlines()[1].endswith("(also models.0) [set by the override models.0.id=ladder:test/s]"), str(err.value)
     with pytest.raises(ConfigError) as err:  # a repeat in the file itself is not blamed on an override elsewhere
         load_spec(write_sweep({**BASE, "budgets": [4, 4, 8]}), ["budgets.2=16"])
     assert "budgets.1: 4 is listed twice (also budgets.0)" in str(err.value)

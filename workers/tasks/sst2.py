@@ -58,6 +58,6 @@ def label_of(row: dict) -> int:
     would otherwise index LABELS from the end and read as positive. 0.0 and 1.0 (a JSONL written by pandas from a
     column with a gap) are 0 and 1: they passed the check and then failed to index LABELS."""
     label = row["label"]
-    if label not in (0, 1) or isinstance(label, bool):
+    if label not in (0, 1):
         raise ValueError(f"sst2: label must be 0 (negative) or 1 (positive), got {label!r} for {row['sentence'][:80]!r}; splits with hidden labels cannot be used")
     return int(label)
