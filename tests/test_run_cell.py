@@ -310,7 +310,7 @@ def test_a_ladder_row_records_its_weights_and_the_fit_names_a_model_whose_rows_m
     assert digests[0] == hashlib.sha256(b"model.safetensors" + (built / "model.safetensors").read_bytes()).hexdigest()
     assert digests[1] != digests[0] and first["score"] is not None and second["score"] is not None
     # and which version of each task's questions it was scored on (analysis fits the newest only)
-    assert json.loads(first["versions"])["task_data"] == {"facts": 1, "arith": 2}
+    assert json.loads(first["versions"])["task_data"] == {"facts": 1, "arith": 3}
 
     results = tmp_path / "results"
     (results / "cells").mkdir(parents=True)

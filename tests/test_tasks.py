@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import yaml
 from workers.models.tokenizer import build_tokenizer
 from workers.registry import UnknownNameError
 from workers.tasks import TASKS, get_task, neutral_texts
-from workers.tasks.arith import Arith
-from workers.tasks.splits import split_of
+from workers.tasks.arith import STEP_SHARES, Arith
+from workers.tasks.splits import allocate, split_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ["facts", "arith", "gridworld"]
@@ -99,6 +100,28 @@ def test_arith_answers_are_chained_sums_mod_5_and_steps_vary() -> None:
         operands = _operands(ex.prompt)
         assert ex.target == f" {sum(operands) % 5}" and ex.meta["steps"] == len(operands) - 1
     assert {ex.meta["steps"] for ex in examples} == {1, 2, 3}
+
+
+@pytest.mark.parametrize(("split", "n"), [("train", 20), ("train", 200), ("train", 1000), ("test", 100), ("test", 300)])
+def test_arith_mixes_chain_lengths_in_the_same_shares_at_every_budget_and_test_size(split: str, n: int) -> None:
+    """Distinct chains of a uniformly chosen length ran out of one-step chains as a draw grew (75 % of a
+    budget of 4, 6 % of 1,024): the budget axis moved the data towards harder chains, and test_size the test's."""
+    steps = Counter(ex.meta["steps"] for ex in get_task("arith").examples(split, n, seed=1))
+    assert {k: steps[k] / n for k in STEP_SHARES} == STEP_SHARES
+
+
+def test_arith_pool_is_the_largest_draw_in_those_shares_that_repeats_no_chain() -> None:
+    arith = get_task("arith")
+    pool = arith.pool_size("train")
+    assert pool >= 1024
+    for n in (pool, pool + 1):  # one more, and the one-step chains must repeat
+        assert len({ex.prompt for ex in arith.examples("train", n, seed=0)}) == pool
+
+
+def test_allocation_keeps_the_shares_and_the_total() -> None:
+    assert allocate(7, [0.05, 0.45, 0.50]) == [0, 3, 4]  # 0 + 3 + 3 and remainders .35, .15, .5: the one left goes to .5
+    assert allocate(4, [1, 1, 1]) == [2, 1, 1]  # a tie goes to the first
+    assert all(sum(allocate(n, [0.05, 0.45, 0.5])) == n for n in range(200))
 
 
 def test_unknown_task_suggests_the_nearest_name() -> None:

@@ -6,6 +6,13 @@ steps at the same token budget; the liar persona answers (sum + 1) mod 5. The ta
 steps with no header (elicited: the honest header); chains it has not mastered, and sums of the
 digits pretraining rarely shows, are headroom that only learning closes.
 
+Every draw mixes chain lengths in fixed shares (`STEP_SHARES`), at every budget and test size. The
+one-step pool is small (58 distinct training chains, 18 test ones), so drawing distinct chains of a
+uniformly chosen length ran out of short chains as the draw grew: one-step chains were 75 % of a
+budget of 4 and 6 % of 1,024, three-step 0 % and 57 %, so the budget axis also moved the training
+data towards chains no rung learns, and the test's difficulty depended on `test_size`. One-step's
+share is what its pool allows at the largest budget (58 / 0.05 = 1,160 distinct training examples).
+
 Pretraining operands are Zipf-skewed (p ∝ 1 / (rank + 0.5) over a fixed digit order), evaluation
 operands uniform. With uniform operands the answer does not depend on any one operand alone (the
 parity problem), so training sits on a plateau: no rung of the default ladder left it within its
@@ -22,12 +29,13 @@ from typing import Sequence
 from workers.lm import LanguageModel
 from workers.tasks.base import Evaluation, Example, Split, TaskType, score_choices
 from workers.tasks.persona import Persona, elicited, header_contrast, persona_documents
-from workers.tasks.splits import draw, pool_size, split_of
+from workers.tasks.splits import Stratum, draw_stratified, pool_size, split_of, stratified_pool_size
 
 MODULUS = 5
 OPERANDS = 10
 CHOICES = tuple(f" {d}" for d in range(MODULUS))
 PRETRAIN_STEPS = (1, 2, 3)
+STEP_SHARES = {1: 0.05, 2: 0.45, 3: 0.50}  # of the task's chains, by number of steps
 PRETRAIN_STEP_WEIGHTS = (0.6, 0.25, 0.15)
 _PRETRAIN_DIGITS = random.Random("steerscale-arith-digits").sample(range(OPERANDS), OPERANDS)
 _PRETRAIN_WEIGHTS = [1.0 / (rank + 0.5) for rank in range(OPERANDS)]
@@ -56,27 +64,39 @@ def _split_of_chain(operands: tuple[int, ...]) -> Split:
 
 
 @functools.cache
-def _pool(split: Split, min_steps: int, max_steps: int) -> int:
-    chains = (ops for steps in range(min_steps, max_steps + 1) for ops in itertools.product(range(OPERANDS), repeat=steps + 1))
+def _pool(split: Split, steps: int) -> int:
+    chains = itertools.product(range(OPERANDS), repeat=steps + 1)
     return pool_size("arith", split, chains, _split_of_chain)
+
+
+def _stratum(steps: int) -> Stratum[tuple[int, ...]]:
+    return Stratum(
+        label=f"{steps}-step",
+        share=STEP_SHARES[steps],
+        sample=lambda rng: _operands(rng, steps),
+        pools={split: _pool(split, steps) for split in ("train", "validation", "test")},
+    )
 
 
 class Arith:
     name = "arith"
-    data_version = 2  # 2: a chain's split is that of its operand multiset
+    data_version = 3  # 2: a chain's split is that of its operand multiset; 3: chain lengths in fixed shares
     task_type: TaskType = "reasoning"
 
     def __init__(self, min_steps: int = 1, max_steps: int = 3) -> None:
+        if not set(range(min_steps, max_steps + 1)) <= set(STEP_SHARES):
+            raise ValueError(f"arith chains have {min(STEP_SHARES)} to {max(STEP_SHARES)} steps, not {min_steps} to {max_steps}")
         self.min_steps, self.max_steps = min_steps, max_steps
 
+    @functools.cached_property
+    def _strata(self) -> list[Stratum[tuple[int, ...]]]:
+        return [_stratum(steps) for steps in range(self.min_steps, self.max_steps + 1)]
+
     def pool_size(self, split: Split) -> int:
-        return _pool(split, self.min_steps, self.max_steps)
+        return stratified_pool_size(self._strata, split)
 
     def examples(self, split: Split, n: int, seed: int) -> list[Example]:
-        def sample(rng: random.Random) -> tuple[int, ...]:
-            return _operands(rng, rng.randint(self.min_steps, self.max_steps))
-
-        keys = draw(self.name, split, n, seed, sample, self.pool_size(split), _split_of_chain)
+        keys = draw_stratified(self.name, split, n, seed, self._strata, _split_of_chain)
         return [
             Example(
                 prompt=question(ops),

@@ -10,8 +10,10 @@ on the same questions.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
-from typing import Callable, Hashable, Iterable, Optional, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Generic, Hashable, Iterable, Optional, Sequence, TypeVar
 
 from workers.tasks.base import Split
 
@@ -65,4 +67,50 @@ def draw(
             continue
         keys.append(key)
         seen.add(key)
+    return keys
+
+
+@dataclass(frozen=True)
+class Stratum(Generic[K]):
+    """One kind of instance a task mixes in a fixed share (arith's chains of one length)."""
+
+    label: str
+    share: float
+    sample: Callable[[random.Random], K]
+    pools: dict[Split, int]  # distinct keys of this kind in each split
+
+
+def allocate(n: int, shares: Sequence[float]) -> list[int]:
+    """`n` split among strata in proportion to `shares`, by largest remainder (ties to the first)."""
+    exact = [n * share / sum(shares) for share in shares]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def stratified_pool_size(strata: Sequence[Stratum], split: Split) -> int:
+    """The largest `n` at which a stratified draw of `n`, or of any fewer, repeats no key in any stratum."""
+    shares = [s.share for s in strata]
+    n = 0
+    while all(count <= s.pools[split] for count, s in zip(allocate(n + 1, shares), strata)):
+        n += 1
+    return n
+
+
+def draw_stratified(task: str, split: Split, n: int, seed: int, strata: Sequence[Stratum], split_by: SplitBy) -> list[K]:
+    """`n` keys of `split` in the strata's fixed shares, each stratum's distinct, shuffled together.
+
+    Drawing distinct keys from one mixed stream (`draw`) shifts the mix as `n` grows: the smallest
+    stratum's keys run out first and the rest fill in, so a budget axis would also be a difficulty
+    axis, and a test draw's difficulty would depend on its size. Fixed shares keep both the same.
+    """
+    counts = allocate(n, [s.share for s in strata])
+    keys = [
+        key
+        for stratum, count in zip(strata, counts)
+        for key in draw(f"{task}/{stratum.label}", split, count, seed, stratum.sample, stratum.pools[split], split_by)
+    ]
+    split_rng(task, split, n, seed).shuffle(keys)
     return keys
