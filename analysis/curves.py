@@ -11,6 +11,7 @@ Groups that cannot support a law get a row that says why instead of an exception
 
 from __future__ import annotations
 
+import functools
 import zlib
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -169,8 +170,9 @@ class LawFit:
             if negligible and exponents:
                 notes.append(f"{term.coef}≈0: {', '.join(exponents)} not identified")
         notes += [f"{name} not identified in {share:.1%} of resamples: no interval" for name, share in self.unidentified_in_resamples().items()]
-        return [*filter(None, [self.worsening()]), *notes]
+        return [*filter(None, [self.worsening]), *notes]
 
+    @functools.cached_property
     def worsening(self) -> str:
         """Why the law does not describe a budget curve whose metric worsens with the budget ('' where it does: the
         cells' least-squares slope against log D is not past its 95 % t interval on the worse side, or the fit misses

@@ -59,7 +59,7 @@ def bound_caveat(curve: LawFit) -> str:
     its cap caps β. β at its lower bound is a flat curve, whose level is measured: no caveat. A curve that worsens with
     the budget (`LawFit.worsening`) is fitted as a flat line that reaches its "gain" at every budget: D_x = 0 is no
     finding there."""
-    reasons = [worse] if (worse := curve.worsening()) else []
+    reasons = [worse] if (worse := curve.worsening) else []
     if curve.exponents_at_bounds().get("beta") == 1:
         reasons.append("beta at its upper bound (a step between two budgets, placed by the bound)")
     if curve.floor_asymptote():

@@ -486,10 +486,10 @@ def run_cells(
             worker.started = True
             start_failures[worker.shape] = 0
 
-    def write(cell: PlannedCell, row: dict) -> bool:
+    def write(row: dict) -> bool:
         """Store `row` unless it is a failure over a stored ok row (`--force`, or another driver that finished the
         cell first: reported, but a flaky node must not erase good data); whether that ok row was kept."""
-        kept = row["status"] != "ok" and store.holds_ok_row(cell.cell_id)
+        kept = row["status"] != "ok" and store.holds_ok_row(row["cell_id"])
         if not kept:
             store.write(row)
         return kept
@@ -512,7 +512,7 @@ def run_cells(
         """`write`, retried (`store_retries`); None where the store refused every try (the cell goes to `unstored`).
         Once one row has been refused so, the others get one try each: a store that is gone must not hold the run
         for seconds a row."""
-        kept = store_retries(lambda: write(cell, row), f"store {row['slug']}", () if unstored else STORE_RETRY_SECONDS)
+        kept = store_retries(lambda: write(row), f"store {row['slug']}", () if unstored else STORE_RETRY_SECONDS)
         if isinstance(kept, OSError):
             unstored.append((cell, kept))
             return None
@@ -520,13 +520,12 @@ def run_cells(
 
     def other_code_row(cell: PlannedCell, other: dict) -> dict:
         """The planned cell's failed row for `other`, a row its worker stored under another id (`OtherCodeError`);
-        `other` itself is stored as it is where it can be (a failed one not over an ok row, as `write` keeps one), so
-        a run planned with the worker's code finds its compute."""
+        `other` itself is stored as it is where it can be (by `write`: a failed one not over an ok row), so a run
+        planned with the worker's code finds its compute."""
 
         def keep() -> str:
-            if other["status"] != "ok" and store.holds_ok_row(other["cell_id"]):
+            if write(other):
                 return "a failed row, not stored over the ok row under its id"
-            store.write(other)
             return "stored under its own id, which a run planned with that code finds done"
 
         try:  # a row of other code may not fit this driver's schema: that must not stop the run

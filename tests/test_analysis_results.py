@@ -308,7 +308,7 @@ def test_rows_without_params_still_make_budget_curves(tmp_path: Path) -> None:
 
 
 # what a fitted LawFit says of its bounds, for the hand-made curves below: nothing at a bound
-UNBOUNDED = {"exponents_at_bounds": dict, "floor_asymptote": lambda: False, "capped_coefficients": list, "worsening": str}
+UNBOUNDED = {"exponents_at_bounds": dict, "floor_asymptote": lambda: False, "capped_coefficients": list, "worsening": ""}
 
 
 def test_the_data_efficiency_interval_counts_the_resamples_that_never_reach_the_gain() -> None:

@@ -151,7 +151,7 @@ def test_a_curve_flat_over_the_data_has_no_asymptote_far_past_it() -> None:
                           "with data, so it does not describe these cells; B≈0: beta not identified"), curve.note
     # a drift of one question (seeds alike: no noise to judge it by) is within what a flat line misses: not noted
     drift = rows.assign(score=rows["budget"].map({8: 0.6, 32: 0.6, 128: 0.6, 512: 0.59, 2048: 0.59}))
-    assert fit_group(GroupJob("t", "steer_mean", "m", POWER_D, drift, "score", None, 0, 0)).worsening() == ""
+    assert fit_group(GroupJob("t", "steer_mean", "m", POWER_D, drift, "score", None, 0, 0)).worsening == ""
     level = fit_group(GroupJob("t", "steer_mean", "m", POWER_D, rows.assign(score=0.9), "score", None, 0, 0))  # noted "… at 0.9"
     assert level.asymptote_notes() == [] and "asymptote" not in level.note, level.note
 
