@@ -148,6 +148,15 @@ def load_results(results_dir: str) -> LoadedResults:
     return LoadedResults(frame.reset_index(drop=True), tuple(skipped))
 
 
+def cells_folder_hint(results_dir: str) -> str:
+    """'; … give its parent' where `results_dir` is a sweep's own cells/ folder (tab completion stops there), else ''."""
+    fs, root = resolve(results_dir)
+    parent = root.rstrip("/").rpartition("/")[0]
+    if not root.rstrip("/").endswith("/cells") or fs.get_file_info(f"{parent}/{PLAN_NAME}").type != pafs.FileType.File:
+        return ""
+    return f"; that is a sweep's cells/ folder: give the folder holding it, {results_dir.rstrip('/').removesuffix('cells').rstrip('/')}"
+
+
 def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan | None = None) -> LoadedResults:
     """`load_results` for the fit and the report: a directory that does not exist is a mistyped path.
 
@@ -170,7 +179,7 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan
     if fs.get_file_info(f"{root}/{PLAN_NAME}").type != pafs.FileType.File and fs.get_file_info(f"{root}/cells").type != pafs.FileType.Directory:
         # the parent of results dirs, or a sweep's cells/ itself: fitting it would write fits files in there
         raise NoResultsError(f"no sweep at {results_dir}: neither a plan ({PLAN_NAME}) nor a cells/ folder; give a sweep's results_dir "
-                             "(the folder holding cells/), or its YAML")  # fmt: skip
+                             f"(the folder holding cells/), or its YAML{cells_folder_hint(results_dir)}")  # fmt: skip
     loaded = load_results(results_dir)
     current = _on_current_task_data(loaded.frame)
     loaded = replace(loaded, frame=loaded.frame[current].reset_index(drop=True), stale_data=int((~current).sum()))

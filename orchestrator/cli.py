@@ -96,6 +96,12 @@ def _relative_results_dir(given: str, overrides: list[str]) -> bool:
     return "://" not in found and not os.path.isabs(found)
 
 
+def _relative_hint(given: str, overrides: list[str]) -> str:
+    """Where a relative results directory, given or a YAML's, was read from ('' for an absolute one or a URI)."""
+    relative = _relative_results_dir(given, overrides) if _is_sweep_yaml(given) else "://" not in given and not os.path.isabs(given)
+    return f" (a relative results_dir is read from the current directory, {os.getcwd()})" if relative else ""
+
+
 def _yaml_grid(path: str, overrides: list[str]) -> list[dict]:
     """A sweep YAML's own planned cells (with the overrides it was run with), as plan.json lists them."""
     from orchestrator.spec import load_spec
@@ -434,8 +440,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     _report_quarantine(scan, set_aside=False)
     entries = _planned_entries(args.results_dir, args.overrides, store)
     if not entries and not scan.cells:
-        print(f"error: no sweep at {store.uri}: neither a plan (plan.json) nor stored rows; `steerscale run CONFIG` makes both",
-              file=sys.stderr)
+        from analysis.io import cells_folder_hint
+
+        print(f"error: no sweep at {store.uri}: neither a plan (plan.json) nor stored rows; `steerscale run CONFIG` makes both"
+              f"{cells_folder_hint(store.uri)}", file=sys.stderr)  # fmt: skip
         return 2
     known = {e["cell_id"] for e in entries}
     remaining = sum(e["cell_id"] not in scan.cells for e in entries)
@@ -447,7 +455,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{store.uri}: {counts['ok']} ok, {counts['failed']} failed, {remaining} remaining"
           + (f" ({running} of them claimed by a running driver: running or next)" if running else ""))
     if not scan.cells and not store.exists():
-        print(f"nothing is stored at {store.uri} yet (a relative results_dir is read from the current directory, {os.getcwd()})")
+        print(f"nothing is stored at {store.uri} yet{_relative_hint(args.results_dir, args.overrides)}")
     if unplanned and known:
         outside = Counter(scan.cells[c].status for c in unplanned)
         plan = _grid_name(args.results_dir, args.overrides) if _is_sweep_yaml(args.results_dir) else "the latest run's plan"
@@ -576,6 +584,10 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
             return 2
     analyse = functools.partial(write_report, out_dir=args.out) if report else fit_results
     results_dir = _results_dir(args.results_dir, args.overrides)
+    if _is_sweep_yaml(args.results_dir) and "://" not in results_dir and not os.path.exists(results_dir):
+        print(f"error: nothing is stored at {results_dir} yet: `steerscale run {args.results_dir}` stores its sweep's rows there"
+              f"{_relative_hint(args.results_dir, args.overrides)}", file=sys.stderr)  # fmt: skip
+        return 2
     if "://" not in results_dir:  # a folder this user may not read: said here, not as a traceback from inside the fit
         ResultsStore(results_dir).check_readable()
     try:
@@ -583,8 +595,7 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
                           workers=args.workers or default_workers(), planned_only=args.planned_only,
                           plan=_plan_to_fit(args.results_dir, args.overrides))  # fmt: skip
     except (NoResultsError, ReportLocationError) as err:
-        where = f" ({args.results_dir}'s results_dir is relative, so read from the current directory, {os.getcwd()})"
-        print(f"error: {err}{where if isinstance(err, NoResultsError) and _relative_results_dir(args.results_dir, args.overrides) else ''}", file=sys.stderr)
+        print(f"error: {err}{_relative_hint(args.results_dir, args.overrides) if isinstance(err, NoResultsError) else ''}", file=sys.stderr)
         return 2
     print(summary.to_text())
     frame = summary.analysis.loaded.frame

@@ -127,9 +127,27 @@ def test_a_sweep_yamls_relative_results_dir_is_named_in_full_when_nothing_is_the
     out = capsys.readouterr().out
     assert out.startswith(f"{elsewhere / 'res'}: 0 ok, 0 failed, ")
     assert f"nothing is stored at {elsewhere / 'res'} yet (a relative results_dir is read from the current directory, {elsewhere})" in out
+    for command in ("fit", "report"):
+        assert main([command, str(config)]) == 2
+        err = capsys.readouterr().err  # given the YAML, "give a sweep's results_dir, or its YAML" read as a wrong argument
+        assert f"nothing is stored at {elsewhere / 'res'} yet: `steerscale run {config}` stores its sweep's rows there" in err
+        assert f"(a relative results_dir is read from the current directory, {elsewhere})" in err
+
+
+def test_an_absolute_results_dir_gets_no_relative_hint_and_a_cells_folder_names_its_parent(tmp_path: Path, capsys) -> None:
+    """`status` of a YAML whose absolute results_dir was never run said a relative one is read from the current
+    directory; `status`/`fit` of a sweep's cells/ folder said "no sweep" without naming the folder holding it."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(Path("configs/quickstart.yaml").read_text() + f"results_dir: {tmp_path / 'res'}\n")
+    assert main(["status", str(config)]) == 0
+    assert f"nothing is stored at {tmp_path / 'res'} yet\n" in capsys.readouterr().out
     assert main(["fit", str(config)]) == 2
-    err = capsys.readouterr().err  # given the YAML, "give a sweep's results_dir, or its YAML" alone read as a wrong argument
-    assert f"no results directory {elsewhere / 'res'}" in err and f"results_dir is relative, so read from the current directory, {elsewhere}" in err
+    assert "relative" not in capsys.readouterr().err
+    (tmp_path / "sweep" / "cells").mkdir(parents=True)
+    (tmp_path / "sweep" / "plan.json").write_text("{}")
+    for command in ("status", "fit"):
+        assert main([command, str(tmp_path / "sweep" / "cells")]) == 2
+        assert f"that is a sweep's cells/ folder: give the folder holding it, {tmp_path / 'sweep'}" in capsys.readouterr().err
 
 
 def test_an_empty_out_is_refused_not_read_as_the_current_directory(tmp_path: Path, monkeypatch, capsys) -> None:
