@@ -154,7 +154,8 @@ def cells_folder_hint(results_dir: str) -> str:
     parent = root.rstrip("/").rpartition("/")[0]
     if not root.rstrip("/").endswith("/cells") or fs.get_file_info(f"{parent}/{PLAN_NAME}").type != pafs.FileType.File:
         return ""
-    return f"; that is a sweep's cells/ folder: give the folder holding it, {results_dir.rstrip('/').removesuffix('cells').rstrip('/')}"
+    shown = parent if "://" not in results_dir else results_dir.rstrip("/").removesuffix("cells").rstrip("/")
+    return f"; that is a sweep's cells/ folder: give the folder holding it, {shown}"
 
 
 def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan | None = None) -> LoadedResults:

@@ -6,6 +6,7 @@ import argparse
 import functools
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -585,7 +586,8 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     analyse = functools.partial(write_report, out_dir=args.out) if report else fit_results
     results_dir = _results_dir(args.results_dir, args.overrides)
     if _is_sweep_yaml(args.results_dir) and "://" not in results_dir and not os.path.exists(results_dir):
-        print(f"error: nothing is stored at {results_dir} yet: `steerscale run {args.results_dir}` stores its sweep's rows there"
+        run = shlex.join(["steerscale", "run", args.results_dir, *args.overrides])
+        print(f"error: nothing is stored at {results_dir} yet: `{run}` stores its sweep's rows there"
               f"{_relative_hint(args.results_dir, args.overrides)}", file=sys.stderr)  # fmt: skip
         return 2
     if "://" not in results_dir:  # a folder this user may not read: said here, not as a traceback from inside the fit

@@ -84,7 +84,8 @@ def starved(shape: Shape, queued: int, pending: int, started: bool, running: set
 
 
 def connect(address: str | None, *, dashboard: bool = True) -> str | None:
-    """Join `address` (e.g. "auto"), or start a private local Ray with the dashboard on 127.0.0.1.
+    """Join `address` (e.g. "auto"), or start a local Ray with the dashboard on 127.0.0.1 (where RAY_ADDRESS is set,
+    or `ray start` left a cluster running on this machine, `ray.init` joins that instead, as Ray does).
 
     Returns the dashboard's URL when there is one.
     """

@@ -134,7 +134,7 @@ def test_a_sweep_yamls_relative_results_dir_is_named_in_full_when_nothing_is_the
         assert f"(a relative results_dir is read from the current directory, {elsewhere})" in err
 
 
-def test_an_absolute_results_dir_gets_no_relative_hint_and_a_cells_folder_names_its_parent(tmp_path: Path, capsys) -> None:
+def test_an_absolute_results_dir_gets_no_relative_hint_and_a_cells_folder_names_its_parent(tmp_path: Path, monkeypatch, capsys) -> None:
     """`status` of a YAML whose absolute results_dir was never run said a relative one is read from the current
     directory; `status`/`fit` of a sweep's cells/ folder said "no sweep" without naming the folder holding it."""
     config = tmp_path / "sweep.yaml"
@@ -148,6 +148,17 @@ def test_an_absolute_results_dir_gets_no_relative_hint_and_a_cells_folder_names_
     for command in ("status", "fit"):
         assert main([command, str(tmp_path / "sweep" / "cells")]) == 2
         assert f"that is a sweep's cells/ folder: give the folder holding it, {tmp_path / 'sweep'}" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "sweep")  # `fit cells` from inside the sweep: the folder holding it is named in full
+    assert main(["fit", "cells"]) == 2
+    assert f"give the folder holding it, {tmp_path / 'sweep'}" in capsys.readouterr().err
+
+
+def test_the_command_that_would_store_a_yamls_rows_keeps_its_overrides(tmp_path: Path, capsys) -> None:
+    """`fit q.yaml results_dir=X` said to run `steerscale run q.yaml`, which stores the rows in q.yaml's own folder."""
+    config = tmp_path / "sweep.yaml"
+    config.write_text(Path("configs/quickstart.yaml").read_text())
+    assert main(["fit", str(config), f"results_dir={tmp_path / 'my results'}"]) == 2
+    assert f"`steerscale run {config} 'results_dir={tmp_path / 'my results'}'` stores" in capsys.readouterr().err
 
 
 def test_an_empty_out_is_refused_not_read_as_the_current_directory(tmp_path: Path, monkeypatch, capsys) -> None:

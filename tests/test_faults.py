@@ -25,7 +25,8 @@ from workers.config import ConfigError
 pytestmark = pytest.mark.slow  # ~10 minutes on 2 cores: CI runs them after `make test`
 
 RAY_BIN = str(Path(sys.executable).parent / "ray")
-TOKEN_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}  # joining by address sends the head's token (~/.ray/auth_token)
+TOKEN_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+OWN_RAY_ENV = {**os.environ, "RAY_ADDRESS": "local"}  # a driver starts its own Ray, whose workers are its descendants  # joining by address sends the head's token (~/.ray/auth_token)
 
 
 def _spec(root: Path, test_ladder: list[str], **changes) -> Path:
@@ -60,18 +61,29 @@ def _cell_files(results: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in files if not p.name.startswith(".tmp-")}  # not a write in flight
 
 
-def _running_cell_pids() -> list[int]:
-    """Ray workers titled after a running cell's slug (`ray::ladder-...`)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ray::ladder-" in line]
+def _running_cell_pids(driver: subprocess.Popen) -> list[int]:
+    """The driver's Ray workers titled after a running cell's slug (`ray::ladder-...`): only its own, so a
+    sweep that another Ray on the machine runs (a `make demo` beside the tests) loses no worker. The driver
+    must start its own Ray (`OWN_RAY_ENV`): one that joined a `ray start` cluster has no workers below it."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        own = psutil.Process(driver.pid).children(recursive=True)
+        return [p.pid for p in own if _title(p).startswith("ray::ladder-")]
+    return []
+
+
+def _title(process: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(process.cmdline())
+    return ""
 
 
 def test_worker_killed_mid_cell_is_retried_and_recorded(tmp_path, test_ladder):
     path = _spec(tmp_path, test_ladder)
-    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=OWN_RAY_ENV)  # fmt: skip
     deadline, killed = time.time() + 300, None
     while killed is None and time.time() < deadline and driver.poll() is None:
-        pids = _running_cell_pids()
+        pids = _running_cell_pids(driver)
         if pids:
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
@@ -87,11 +99,12 @@ def test_worker_killed_mid_cell_is_retried_and_recorded(tmp_path, test_ladder):
 
 def test_worker_dying_on_every_attempt_becomes_a_failed_row(tmp_path, test_ladder):
     path = _spec(tmp_path, test_ladder[:1], methods={"steer_mean": {}}, budgets=[16], seeds=[0], resources={"max_retries": 1})
-    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(_cli("run", str(path), "--no-progress", "--no-dashboard"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=OWN_RAY_ENV)  # fmt: skip
     kills = 0
     deadline = time.time() + 300
     while driver.poll() is None and time.time() < deadline:
-        for pid in _running_cell_pids():
+        for pid in _running_cell_pids(driver):
             try:
                 os.kill(pid, signal.SIGKILL)
                 kills += 1

@@ -104,7 +104,7 @@ def test_arith_answers_are_chained_sums_mod_5_and_steps_vary() -> None:
 
 @pytest.mark.parametrize(("split", "n"), [("train", 20), ("train", 200), ("train", 1000), ("test", 100), ("test", 300)])
 def test_arith_mixes_chain_lengths_in_the_same_shares_at_every_budget_and_test_size(split: str, n: int) -> None:
-    """Distinct chains of a uniformly chosen length ran out of one-step chains as a draw grew (75 % of a
+    """Distinct chains of a uniformly chosen length ran out of one-step chains as a draw grew (a third of a
     budget of 4, 6 % of 1,024): the budget axis moved the data towards harder chains, and test_size the test's."""
     steps = Counter(ex.meta["steps"] for ex in get_task("arith").examples(split, n, seed=1))
     assert {k: steps[k] / n for k in STEP_SHARES} == STEP_SHARES
@@ -132,6 +132,16 @@ def test_a_gridworld_draw_has_its_pools_mix_of_distances_to_the_goal(split: str,
     assert one_move_left(grid.examples(split, n, seed=0)) == pytest.approx(
         one_move_left(grid.examples(split, grid.pool_size(split), seed=0)), abs=0.05
     )
+
+
+def test_a_draw_from_nothing_and_an_empty_range_of_chain_lengths_are_refused() -> None:
+    """Neither returns: a draw loops until it has its keys, and no n fits a range with no lengths."""
+    from workers.tasks.splits import draw
+
+    with pytest.raises(ValueError, match="no test instance to draw 3 from"):
+        draw("t", "test", 3, 0, lambda rng: rng.random(), pool=0)
+    with pytest.raises(ValueError, match="not 3 to 1"):
+        Arith(3, 1)
 
 
 def test_allocation_keeps_the_shares_and_the_total() -> None:

@@ -57,6 +57,8 @@ def draw(
     Only then do keys repeat: planning refuses training budgets and evaluation draws larger than
     their split, so only a library caller gets repeats. `sample` must reach every key of the pool.
     """
+    if n and not pool:
+        raise ValueError(f"{task}: no {split} instance to draw {n} from")
     split_by = split_by or (lambda key: split_of(task, key))
     rng = split_rng(task, split, n, seed)
     keys: list[K] = []
