@@ -29,7 +29,7 @@ from scipy import stats
 from analysis.bootstrap import CI_LEVEL
 from analysis.curves import outcome_matrix
 from analysis.methods import components, method_kind
-from analysis.metrics import improvement
+from analysis.metrics import clip_difference, improvement
 
 MIN_SEEDS = 2  # cells of the composition and of each part before the gain gets an interval (a variance needs two)
 
@@ -178,6 +178,7 @@ def composition_gains(ok: pd.DataFrame, *, metric: str, intervals: bool = True) 
             note = "" if not intervals else f"no interval: {seeds} seed(s) on a side, {MIN_SEEDS} needed" if seeds < MIN_SEEDS else \
                    "" if spread else "no interval: the seeds of a compared pair all scored the same, so they say nothing about the noise"  # fmt: skip
             lo, hi, p = gain_interval(by_method[comp], [by_method[q] for q in parts], noise) if intervals and not note else (np.nan,) * 3
+            lo, hi = clip_difference(lo, hi, metric)
             gain = float(by_method[comp].mean() - by_method[best].mean())
             gains.append(CompositionGain(task, model, float(budget), comp, best, gain, lo, hi, sum(map(len, sides)), seeds, p, note))
     return gains

@@ -26,7 +26,7 @@ from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, saved_before, unplanned_note
-from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, question_sampling_sd, whole_percent
+from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, metric_suffix, save_fits
 
@@ -263,7 +263,7 @@ def _lead(best_rows: pd.DataFrame, runner_up_rows: pd.DataFrame, name: str, metr
     if not welch.se > 0:
         return f"ahead of {name} by {lead:.3g} (every cell of both the same: no interval)"
     sign = 1.0 if welch.diff >= 0 else -1.0  # a loss metric's best is the lower: report the lead as a size
-    lo, hi = sorted(sign * bound for bound in welch.interval(CI_LEVEL))
+    lo, hi = clip_difference(*sorted(sign * bound for bound in welch.interval(CI_LEVEL)), metric)
     verdict = "within noise" if lo <= 0 else "clear of 0"
     over = "their cells and questions" if noise.questions else "their cells"
     return f"ahead of {name} by {lead:.3g} [{lo:.3g}, {hi:.3g}] ({verdict}: {100 * CI_LEVEL:.0f} % Welch interval over {over})"

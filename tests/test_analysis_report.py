@@ -339,3 +339,15 @@ def test_ctrl_c_during_a_report_prints_one_line_and_leaves_no_worker(tmp_path: P
     code, err, survivors = interrupt_as_workers_start(["report", str(tmp_path), "--bootstrap", "2000", "--workers", "2"], workers=2)
     assert code == 130 and err.strip().endswith("interrupted") and "Traceback" not in err, err[-3000:]
     assert not survivors
+
+
+def test_a_lead_between_scores_has_an_interval_inside_the_differences_scores_can_take() -> None:
+    """Two seeds a side that disagree widely (.57 and .87) give Welch ~1 degree of freedom, t ≈ 12.7: the lead's
+    interval read "0.14 [-1.86, 2.14]" on scores in [0, 1]; a composition's gain likewise."""
+    rows = [{"task": "t", "model": "m", "status": "ok", "params_nonembed": 1e6, "budget": 64, "method": method, "seed": seed, "score": score}
+            for method, scores in (("lora", (0.85, 0.87)), ("full_ft", (0.57, 0.87)), ("steer_mean", (0.2, 0.9)), ("steer_mean+lora", (0.1, 0.95)))
+            for seed, score in enumerate(scores)]  # fmt: skip
+    sentence = best_measured("t", pd.DataFrame(rows), "score")
+    assert "ahead of full_ft by 0.14 [-1, 1] (within noise" in sentence, sentence
+    (gain,) = composition_gains(pd.DataFrame(rows), metric="score")
+    assert (gain.gain_lo, gain.gain_hi) == (-1.0, 1.0) and gain.p_value > 0.05
