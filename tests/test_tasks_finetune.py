@@ -4,7 +4,7 @@ whole (the mean over its rungs) and on its largest rung.
 
 Not on every rung: measured on world v4 under task data version 3 (workers/world/NOTES.md; the EPYC
 build, 2026-12-06), 10 of the 15 rung × task cells gain 0.05-0.29 (mean gain arith .06, facts .08,
-gridworld .12), while xs and m arith lose .06 and .03 (neither composes two steps, half of arith's
+gridworld .12), while xs and m arith lose .06 and .03 (neither composes two steps, 45 % of arith's
 test), s arith stays at .11 and s facts and gridworld gain .01-.02 at 100 test questions — inside the
 noise of one seed. The per-cell table is printed (`pytest -s`).
 
