@@ -20,7 +20,7 @@ from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, 
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric, whole_percent
 from analysis.parallel import worker_pool
-from analysis.unchanged import Unchanged, unchanged_cells
+from analysis.unchanged import Unchanged, both_unchanged, unchanged_cells
 
 # A joint law's resamples redraw seeds (and questions) and keep its models, so they leave out how far each model sits
 # off the law: at a 5 % scatter between 5 models, α's "95 %" interval held the truth in 25 % of simulations (helper-127)
@@ -117,7 +117,8 @@ class FitSummary:
                 ci = f" CI {c.interval()}" if c.interval() else ""
                 firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: the measured means disagree)" if c.disputed else ""
                 agree = f", {whole_percent(c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else c.unresampled_note()
-                lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}")
+                idle = "; both methods mostly left the model as it was" if both_unchanged(a.unchanged, c.task, c.model, (c.steering, c.finetuning)) else ""
+                lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}{idle}")
         for s in a.scaling:
             held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
             lines.append(f"  {s.describe()}{held}")

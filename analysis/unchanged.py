@@ -30,6 +30,14 @@ class Unchanged:
                 "method's shortfall against doing nothing.")  # fmt: skip
 
 
+def both_unchanged(unchanged: list[Unchanged], task: str, model: str, methods: tuple[str, ...]) -> bool:
+    """Whether every one of `methods` left the model as it was in MOSTLY of its cells on `model`: an outcome
+    between them then mostly compares the base model with itself (a firm "tied" of two methods that both
+    declined to act read as a finding about steering and fine-tuning)."""
+    mostly = {(u.task, u.method, model_name) for u in unchanged for model_name, _, _ in u.by_model}
+    return all((task, method, model) in mostly for method in methods)
+
+
 def unchanged_cells(ok: pd.DataFrame) -> list[Unchanged]:
     """Per (task, method), the models on which the method left the model unchanged in at least MOSTLY of its
     ok cells at a positive budget (the `base` method, which never changes it, aside)."""

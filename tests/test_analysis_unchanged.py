@@ -42,3 +42,17 @@ def test_the_fit_says_when_steering_is_doing_nothing_and_when_few_resamples_agre
     assert "On t, steer_mean left the model as it was" in text and "8 of 8 cells on xs" in text
     (line,) = [line for line in text.splitlines() if "of resamples agree" in line]
     assert line.endswith("74% of resamples agree (under 95%: not a finding)"), line
+
+
+def test_an_outcome_between_two_methods_that_both_did_nothing_is_marked(tmp_path: Path) -> None:
+    """steer_trained and full_ft both kept the base model in most cells of s's arith (session 39's quickstart): their
+    "tied (99 %)" was counted among the firm crossover outcomes as if it said something about either method."""
+    rows = [_row(method, "xs", b, s, 1.953798, 0.225) for method in ("steer_mean", "lora") for b in (4, 16, 64, 256) for s in (0, 1)]
+    write_cells(tmp_path, rows)
+    text = analysis.fit_results(str(tmp_path), bootstrap=50, seed=0).to_text()
+    (line,) = [line for line in text.splitlines() if "of resamples agree" in line]
+    assert line.endswith("; both methods mostly left the model as it was"), line
+    analysis.write_report(str(tmp_path), bootstrap=50, seed=0)
+    page = (tmp_path / "report" / "report.md").read_text()
+    (row,) = [line for line in page.splitlines() if line.startswith("| t | steer_mean → lora |")]
+    assert row.endswith(" ‡ |") and "‡: both methods left the model as it was" in page, row
