@@ -48,6 +48,7 @@ class Crossover:
     d_star_2: float = np.nan  # "crosses_twice": where they swap back (d_star is the first crossing)
     tolerance: float = np.nan  # differences up to this (metric units) are within the cells' resolution (`tolerance`)
     disputed: str = ""  # where the measured means either side of D* do not show the swap (`measured_check`): not a finding
+    idle: bool = False  # both methods left the model as it was in most cells both measured (`unchanged.idle_pairs`)
     overtakes: np.ndarray = field(default_factory=lambda: np.array([]), repr=False, compare=False)  # per resample: D*
     # where fine-tuning overtakes, NaN where it does not (what the trend's interval resamples)
 
@@ -430,7 +431,8 @@ def crossover_scaling(crossovers: list[Crossover], capabilities: pd.DataFrame, a
             pairs.setdefault((c.task, c.steering, c.finetuning, family_at.get((c.task, c.model), "")), []).append((float(np.log(x)), c))
     result = []
     for (task, steering, finetuning, family), found in sorted(pairs.items()):
-        crossing = [(logx, c) for logx, c in found if c.outcome == "crosses" and not c.disputed]  # a disputed D* is no finding to draw a line through
+        # a disputed D* is no finding to draw a line through, nor one between two methods that mostly did nothing
+        crossing = [(logx, c) for logx, c in found if c.outcome == "crosses" and not c.disputed and not c.idle]
         logx = np.array([lx for lx, _ in crossing])
         if len(np.unique(logx)) < 2:
             continue

@@ -29,7 +29,6 @@ from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, saved_
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, metric_suffix, save_fits
-from analysis.unchanged import both_unchanged
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ def _findings(a: Analysis) -> list[Block]:
     shared = [c for c in a.crossovers if np.isfinite(c.share)]
     if len(shared) >= 10:  # a family of comparisons: say what the per-pair threshold means across it
         firm = [c for c in shared if c.share >= CI_LEVEL and not c.disputed]
-        idle = sum(both_unchanged(a.unchanged, c.task, c.model, (c.steering, c.finetuning)) for c in firm)
+        idle = sum(c.idle for c in firm)
         idle_note = f", {idle} of them between two methods that mostly left the model as it was (‡)" if idle else ""
         lines.append(f"{len(firm)} of the {len(shared)} crossover outcomes are firm ({CI_LEVEL:.0%} of the resamples agreeing, the measured "
                      f"means not disputing them{idle_note}). The share is each "
@@ -321,8 +320,7 @@ def _crossover_table(a: Analysis) -> list[Block]:
             interval = f" {c.interval()}" if c.interval() else ""
             text = ("steering from " if c.outcome == "steering_overtakes" else "") + _num(c.d_star) + interval
         agree = f" ({whole_percent(c.share)}%)" if np.isfinite(c.share) else c.unresampled_note()
-        idle = both_unchanged(a.unchanged, c.task, c.model, (c.steering, c.finetuning))
-        return text + agree + (" †" if c.disputed else "") + (" ‡" if idle else "")
+        return text + agree + (" †" if c.disputed else "") + (" ‡" if c.idle else "")
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
     legend = Paragraph(
@@ -340,8 +338,9 @@ def _crossover_table(a: Analysis) -> list[Block]:
         "show the swap the fitted curves place between them — or, with no crossing (ahead throughout, tied), the means at a "
         "budget both measured contradict the outcome (`steerscale fit` says where): a law that does not describe its "
         "data gives an outcome every resample agrees with, so such an outcome is not a finding whatever its share. "
-        "‡: both methods left the model as it was (chose, or were set, to do nothing) in at least half of their cells on "
-        "that model: the outcome mostly compares the base model with itself, not steering with fine-tuning."
+        "‡: both methods left the model as it was (chose, or were set, to do nothing) in at least half of the cells "
+        "(budget and seed) both measured on that model: the outcome mostly compares the base model with itself, not "
+        "steering with fine-tuning, and a D* there joins no trend."
     )
     return [Table(("task", "steering → fine-tuning", *models), rows), legend]
 

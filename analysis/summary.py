@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, 
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric, whole_percent
 from analysis.parallel import worker_pool
-from analysis.unchanged import Unchanged, both_unchanged, unchanged_cells
+from analysis.unchanged import Unchanged, idle_pairs, unchanged_cells
 
 # A joint law's resamples redraw seeds (and questions) and keep its models, so they leave out how far each model sits
 # off the law: at a 5 % scatter between 5 models, α's "95 %" interval held the truth in 25 % of simulations (helper-127)
@@ -62,7 +62,8 @@ def analyse(
     capabilities = capability_table(loaded.frame)
     with worker_pool(workers) as pool:
         fits = fit_curves(loaded.frame, metric=metric, bootstrap=bootstrap, seed=seed, x=x, pool=pool)
-        crossovers = find_crossovers(fits)
+        both_idle = idle_pairs(ok)
+        crossovers = [replace(c, idle=both_idle(c.task, c.model, c.steering, c.finetuning)) for c in find_crossovers(fits)]
         axes = compare_axes(loaded.frame, metric=metric, fits=fits, crossovers=crossovers, capabilities=capabilities, seed=seed, pool=pool)
     frontier = compute_frontier(ok, metric)
     return Analysis(
@@ -117,7 +118,7 @@ class FitSummary:
                 ci = f" CI {c.interval()}" if c.interval() else ""
                 firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: the measured means disagree)" if c.disputed else ""
                 agree = f", {whole_percent(c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else c.unresampled_note()
-                idle = "; both methods mostly left the model as it was" if both_unchanged(a.unchanged, c.task, c.model, (c.steering, c.finetuning)) else ""
+                idle = "; both methods left the model as it was in most cells both measured" if c.idle else ""
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}{idle}")
         for s in a.scaling:
             held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""

@@ -10,6 +10,7 @@ beats this LoRA", which a reader of the crossover table alone would not guess.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -30,23 +31,42 @@ class Unchanged:
                 "method's shortfall against doing nothing.")  # fmt: skip
 
 
-def both_unchanged(unchanged: list[Unchanged], task: str, model: str, methods: tuple[str, ...]) -> bool:
-    """Whether every one of `methods` left the model as it was in MOSTLY of its cells on `model`: an outcome
-    between them then mostly compares the base model with itself (a firm "tied" of two methods that both
-    declined to act read as a finding about steering and fine-tuning)."""
-    mostly = {(u.task, u.method, model_name) for u in unchanged for model_name, _, _ in u.by_model}
-    return all((task, method, model) in mostly for method in methods)
+def idle_pairs(ok: pd.DataFrame) -> Callable[[str, str, str, str], bool]:
+    """Whether two methods (task, model, a, b) both left the model as it was in at least MOSTLY of the (budget,
+    seed) cells both measured: an outcome between them then mostly compares the base model with itself (a firm
+    "tied" of two methods that both declined to act read as a finding about steering and fine-tuning). Counted
+    on matched cells: two methods each idle in half their own cells, but at other budgets, are no such pair."""
+    rows = _positive_budget_rows(ok)
+    idle = {} if rows is None else {
+        key: dict(zip(zip(cells["budget"].astype(float), cells["seed"]), cells["_same"]))
+        for key, cells in rows.groupby(["task", "model", "method"], sort=False)
+    }  # fmt: skip
+
+    def both(task: str, model: str, a: str, b: str) -> bool:
+        left, right = idle.get((task, model, a), {}), idle.get((task, model, b), {})
+        shared = left.keys() & right.keys()
+        return bool(shared) and sum(left[k] and right[k] for k in shared) >= MOSTLY * len(shared)
+
+    return both
+
+
+def _positive_budget_rows(ok: pd.DataFrame) -> pd.DataFrame | None:
+    """The ok rows of methods that may change the model (budget > 0, not `base`), each with `_same`: its test NLL
+    is the base model's to the bit; None without the columns to tell."""
+    needed = {"task", "method", "model", "budget", "seed", "nll", "nll_base"}
+    if ok.empty or not needed <= set(ok.columns):
+        return None
+    rows = ok[(ok["method"] != "base") & (ok["budget"].astype(float) > 0)]
+    nll, base = rows["nll"].astype(float).to_numpy(), rows["nll_base"].astype(float).to_numpy()
+    return rows.assign(_same=np.isfinite(nll) & (nll == base))[np.isfinite(nll) & np.isfinite(base)]
 
 
 def unchanged_cells(ok: pd.DataFrame) -> list[Unchanged]:
     """Per (task, method), the models on which the method left the model unchanged in at least MOSTLY of its
     ok cells at a positive budget (the `base` method, which never changes it, aside)."""
-    needed = {"task", "method", "model", "budget", "nll", "nll_base"}
-    if ok.empty or not needed <= set(ok.columns):
+    rows = _positive_budget_rows(ok)
+    if rows is None:
         return []
-    rows = ok[(ok["method"] != "base") & (ok["budget"].astype(float) > 0)]
-    nll, base = rows["nll"].astype(float).to_numpy(), rows["nll_base"].astype(float).to_numpy()
-    rows = rows.assign(_same=np.isfinite(nll) & (nll == base))[np.isfinite(nll) & np.isfinite(base)]
     found = []
     for (task, method), cells in rows.groupby(["task", "method"], sort=True):
         counts = cells.groupby("model", sort=True)["_same"].agg(["sum", "size"])
