@@ -25,8 +25,8 @@ from workers.config import ConfigError
 pytestmark = pytest.mark.slow  # ~10 minutes on 2 cores: CI runs them after `make test`
 
 RAY_BIN = str(Path(sys.executable).parent / "ray")
-TOKEN_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
-OWN_RAY_ENV = {**os.environ, "RAY_ADDRESS": "local"}  # a driver starts its own Ray, whose workers are its descendants  # joining by address sends the head's token (~/.ray/auth_token)
+TOKEN_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}  # joining by address sends the head's token (~/.ray/auth_token)
+OWN_RAY_ENV = {**os.environ, "RAY_ADDRESS": "local"}  # a driver starts its own Ray, whose workers are its descendants
 
 
 def _spec(root: Path, test_ladder: list[str], **changes) -> Path:
