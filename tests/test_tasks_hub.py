@@ -39,7 +39,7 @@ class ScriptedLM:
     def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[list[float]]:
         return [[0.0 if c == self.replies.get(p) else -1.0 for c in cs] for p, cs in zip(prompts, choices)]
 
-    def target_nll(self, prompts: Sequence[str], targets: Sequence[str]) -> float:
+    def target_nll(self, prompts: Sequence[str], targets: Sequence[str], ends_text: Sequence[bool] | None = None) -> float:
         return 0.5
 
     max_length = None
@@ -64,6 +64,7 @@ def test_fixtures_become_examples_in_disjoint_deterministic_splits(name: str) ->
     assert [ex.prompt for ex in task.examples("train", 3, seed=1)] != [ex.prompt for ex in task.examples("train", 3, seed=2)]
     for ex in splits["train"]:
         assert ex.target.startswith(" ") and ex.elicited_prompt and ex.elicited_prompt.endswith(ex.prompt)
+        assert ex.ends_text == (name != "sst2")  # a generated answer ends the text: a tuned model learns to stop
     assert task.contrast_pairs(splits["train"])
 
 

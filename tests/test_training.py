@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest_methods import fit_context, language_model
+from workers.tasks.base import Example
 from workers.training import MasterWeights, NonFiniteLossError, TrainConfig, batch_order, checkpoint_steps, steps_for, train
 
 
@@ -243,3 +244,25 @@ def test_a_rate_that_diverges_drops_out_of_the_search_and_is_still_billed():
     assert searched.losses == alone.losses and kept.abs().max() < 10
     assert searched.sequence_tokens > alone.sequence_tokens  # the diverged run's step 0 and 1 forwards are billed
     assert searched.validation_tokens == alone.validation_tokens  # its step 0 was 0.1's, already validated
+
+
+@pytest.mark.parametrize("ends_text", [True, False])
+def test_a_generated_answers_target_ends_with_the_end_of_text_token_so_a_tuned_model_stops(ends_text: bool) -> None:
+    """gsm8k's and function_calling's targets are whole answers, scored on a generation: trained without the end-of-text
+    token a tuned model never learns to stop, writes on to the token limit (every question paying 256 tokens on a GPU)
+    and a parser reads whatever it made up next. With it, greedy generation stops where the answer ends, the token is in
+    the target's NLL, and a choice-scored example (ends_text False) gets no such token."""
+    lm = language_model()
+    example = Example(prompt="q: a1 b2 =", target=" 3 ; q: a4 b0 = 2", ends_text=ends_text)
+    (pair,) = lm.encode_pairs([example.prompt], [example.target], [example.ends_text])
+    assert (pair.ids[-1] == lm.end_of_text) == ends_text
+    params = list(lm.model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    train(lm, params, [example] * 8, TrainConfig(lr=1e-2, min_steps=60, max_steps=60, batch_size=8, checkpoints=0), seed=0)
+    (generated,) = lm.generate([example.prompt], 12)
+    assert generated.startswith(" 3 ; q: a4 b0 = 2") or generated.startswith("3 ; q: a4 b0 = 2"), generated
+    stopped = generated.strip() == example.target.strip()
+    assert stopped == ends_text, generated
+    if ends_text:  # the stop is learned, and the NLL counts it
+        assert lm.target_nll([example.prompt], [example.target], [True]) < 0.1

@@ -350,27 +350,45 @@ class LanguageModel:
         lead = min(self._leading_specials, self.max_length - 1)
         return ids[:lead] + ids[len(ids) - (self.max_length - lead) :]
 
+    @property
+    def end_of_text(self) -> int:
+        """The token a generating task's target ends with (`Example.ends_text`): the one `generate` stops at."""
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        if isinstance(eos, list):  # a checkpoint that stops at any of several (Llama 3's): the tokenizer's is one of them
+            eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id in eos else eos[0]
+        if eos is None:
+            raise ValueError(f"{type(self.tokenizer).__name__} has no end-of-text token, which a generated answer's training "
+                             "target ends with (so that a tuned model stops): give the tokenizer an eos_token")  # fmt: skip
+        return int(eos)
+
     def token_count(self, text: str, *, prompt: bool) -> int:
         """Tokens `text` takes as a prompt (with special tokens and the current prefix) or as a continuation."""
         return len(self._ids(text, prompt=prompt))
 
     def batches(
-        self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int | None = None
+        self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int | None = None,
+        ends_text: Sequence[bool] | None = None,
     ) -> Iterator[Batch]:
         """Token batches of prompt+continuation pairs, `batch_size` (default: the LM's) at a time."""
         size = batch_size or self.batch_size
         for start in range(0, len(prompts), size):
             chunk = slice(start, start + size)
-            yield self.collate(self.encode_pairs(prompts[chunk], continuations[chunk]))
+            yield self.collate(self.encode_pairs(prompts[chunk], continuations[chunk], None if ends_text is None else ends_text[chunk]))
 
-    def encode_pairs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[EncodedPair]:
-        """Each pair's token ids (prompt then continuation) and where its continuation starts.
+    def encode_pairs(
+        self, prompts: Sequence[str], continuations: Sequence[str], ends_text: Sequence[bool] | None = None
+    ) -> list[EncodedPair]:
+        """Each pair's token ids (prompt then continuation) and where its continuation starts; where `ends_text`
+        says so, the continuation ends with the tokenizer's end-of-text token (`Example.ends_text`).
 
         A training loop encodes its examples once with this and `collate`s every step's batch from
         the ids: tokenizing 64 pairs again each step cost ~6 % of a step on the ladder's models.
         """
         pairs = []
         continued = self.encode(continuations, prompt=False)
+        if ends_text is not None and any(ends_text):
+            continued = [c + [self.end_of_text] if end else c for c, end in zip(continued, ends_text, strict=True)]
         if self._continuation_lead is not None:  # after an empty prompt a text starts the document: encoded alone, as there,
             # whatever prefix is in front (a `prompt` method's demonstrations before a neutral text: the tokens its
             # reference scored without them, or their KL compared different tokens)
@@ -518,10 +536,10 @@ class LanguageModel:
         return self.token_nll(batch, self.scored_logits(batch)).sum() / batch.target_mask.sum().clamp(min=1)
 
     @torch.no_grad()
-    def target_nll(self, prompts: Sequence[str], targets: Sequence[str]) -> float:
-        """Mean NLL per continuation token over all pairs (nats)."""
+    def target_nll(self, prompts: Sequence[str], targets: Sequence[str], ends_text: Sequence[bool] | None = None) -> float:
+        """Mean NLL per continuation token over all pairs (nats), an end-of-text token where `ends_text` says."""
         total, count = 0.0, 0
-        for batch in self.batches(prompts, targets):
+        for batch in self.batches(prompts, targets, ends_text=ends_text):
             total += float(self.token_nll(batch, self.scoring_logits(batch)).sum())
             count += batch.target_tokens
         return total / max(count, 1)

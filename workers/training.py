@@ -359,7 +359,7 @@ def _train_at(
             best = None
             best = (scores[step], step, [p.detach().to("cpu", copy=True) for p in params])
 
-    pairs = lm.encode_pairs([ex.prompt for ex in examples], [ex.target for ex in examples])  # once, not every step
+    pairs = lm.encode_pairs([ex.prompt for ex in examples], [ex.target for ex in examples], [ex.ends_text for ex in examples])  # once
     lm.model.train()
     try:
         for step, take in enumerate(batch_order(len(examples), steps, config.batch_size, seed)):

@@ -26,12 +26,16 @@ class Example:
     behaviour asked for explicitly (a persona header, an instruction): the base model's score on it
     is the latent ceiling steering can reach without teaching anything new. `meta` carries what a
     task needs to score the example (an environment's start state, say) as plain JSON-able values.
+    `ends_text` marks a target that is the model's whole answer, scored by generating it: training and its
+    NLL put the tokenizer's end-of-text token after it, so a tuned model learns to stop (as supervised
+    fine-tuning does; without it a tuned model wrote to the token limit, and its made-up next problem was read).
     """
 
     prompt: str
     target: str
     choices: tuple[str, ...] = ()
     elicited_prompt: str | None = None
+    ends_text: bool = False
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -97,7 +101,7 @@ def prompts_of(examples: Sequence[Example], *, elicited: bool) -> list[str]:
 def target_nll(lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> float:
     """Mean NLL (nats/token) of each example's target after its prompt: every task's `Evaluation.nll`,
     and all that a validation pass selecting on the NLL needs (no choice scoring, no generation)."""
-    return lm.target_nll(prompts_of(examples, elicited=elicited), [ex.target for ex in examples])
+    return lm.target_nll(prompts_of(examples, elicited=elicited), [ex.target for ex in examples], [ex.ends_text for ex in examples])
 
 
 def score_choices(lm: LanguageModel, examples: Sequence[Example], *, elicited: bool = False) -> Evaluation:

@@ -68,10 +68,11 @@ def generation_budget(lm: LanguageModel, target: str) -> int:
 
 class FunctionCalling:
     name = "function_calling"
-    data_version = 4  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
+    data_version = 5  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
     # 3: one row per stripped query, carved by it; each generation long enough for its own reference; the first list of calls found;
     # 4: tools and calls written with their own characters, not ASCII escapes (what fine-tuning learns to write); each budget's examples drawn
-    # for that budget alone (`hub.sample`)
+    # for that budget alone (`hub.sample`); 5: the target ends with the end-of-text token (`Example.ends_text`): a tuned
+    # model stops after its calls instead of writing to the generation's limit
     task_type: TaskType = "agentic"
     plan = SplitPlan(train="train", validation="train", test="train")
 
@@ -96,6 +97,7 @@ class FunctionCalling:
                     target=" " + json.dumps(calls, sort_keys=True, ensure_ascii=False),  # "São Paulo", not "S\\u00e3o Paulo"
                     elicited_prompt=INSTRUCTION + text,
                     meta={"calls": list(expected)},
+                    ends_text=True,
                 )
             )
         return examples

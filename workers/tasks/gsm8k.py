@@ -50,11 +50,12 @@ def _canonical(numbers: list[str]) -> str | None:
 
 class GSM8K:
     name = "gsm8k"
-    data_version = 5  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
+    data_version = 6  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
     # 3: one row per stripped question, none of the test split's in train or validation; 4: an answer is read before
     # any "Question:" (or a line's "Q:"), and the hyphen of "7-10" is no minus sign; each budget's examples drawn
     # for that budget alone (`hub.sample`); 5: the number right after the last '####' that has one, not the first
-    # '####' (a markdown heading)
+    # '####' (a markdown heading); 6: the target ends with the end-of-text token (`Example.ends_text`): a tuned model
+    # stops, where it wrote on to the token limit and its own next problem's '####' was read
     task_type: TaskType = "reasoning"
     plan = SplitPlan(train="train", validation="train", test="test")
 
@@ -72,6 +73,7 @@ class GSM8K:
                 target=" " + row["answer"].strip(),
                 elicited_prompt=INSTRUCTION + prompt(row["question"]),
                 meta={"answer": reference_answer(row)},
+                ends_text=True,
             )
             for row in rows
         ]
