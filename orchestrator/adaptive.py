@@ -232,6 +232,8 @@ def run_adaptive(
         # Before any row is measured the prices are the prior's guess (32 tokens an example; a world's may be 40): a design
         # batch then spends at most half the FLOPs left, at least one cell, so a guess 20 % low does not overspend them.
         choices = _within(affordable, flops_left if cost.rates else flops_left / 2, cells_left) or (affordable[:1] if cells_left >= 1 else [])
+        if cost.unsized and settings.budget_flops is not None:
+            choices = _one_per_unsized_model(choices, cost.unsized, echo)
         # No design cell left can be run (each costs more than the FLOPs left, or no cells are left): the curves whose
         # designs are finished are fitted (and narrowed while the budgets allow), the others named. A run that stopped
         # here said "nothing could be fitted" though curves that had finished their designs could be.
@@ -247,14 +249,17 @@ def run_adaptive(
                      f"designs it cannot finish will not be fitted (all of them need {len(status) + len(design)} cells)")  # fmt: skip
         else:
             resamples = settings.bootstrap
-            fits = _without(fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache), unaffordable)
+            # a given-up curve is left unfitted, as the stop says: fitted from the 4–5 ok cells it had, it became a target,
+            # acquisition chose more of its cells, and a run could stop on its width (helper-134)
+            untrusted = unaffordable | set(abandoned)
+            fits = _without(fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache), untrusted)
             noise = pooled_noise(fits)  # of the full-data fits: the same whatever the resamples
             targets, twins, unidentified = _judged(fits, noise, resamples, settings)
             if targets and all(t.resolved for t in targets) and settings.confirm_bootstrap > resamples:
                 # A width from few resamples is noisy, and stopping on the first round whose estimate dips
                 # under the goal favours the low draws: the stop is confirmed on more resamples, drawn apart, first.
                 resamples = settings.confirm_bootstrap
-                fits = _without(fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache, confirming=True), unaffordable)
+                fits = _without(fit_budget_curves(cells, rows, resamples, settings.seed, fit_cache, confirming=True), untrusted)
                 targets, twins, unidentified = _judged(fits, noise, resamples, settings, confirming=True)
             unfitted += unidentified
             # a target whose curve cannot be fitted (and is not given up, or its design unaffordable) is said, not dropped
@@ -323,8 +328,23 @@ def _cells_reached(status: Mapping[str, str], settings: Settings) -> str:
     return f"cell budget reached ({len(status)} of --max-cells {settings.max_cells:g})"
 
 
+def _one_per_unsized_model(choices: list[Choice], unsized: frozenset[str], echo: Callable[[str], None]) -> list[Choice]:
+    """The choices of models with a size, and one cell of each model without (no size prior, no stored row): its price
+    is a guess at N, and a first batch priced at N = 1 spent 13× --budget-flops (helper-134). Its row's size prices the
+    rest of that model's cells from the next round on."""
+    kept, probed = [], set()
+    for choice in choices:
+        model = choice.cell.config.model.id
+        if model not in unsized or model not in probed:
+            kept.append(choice)
+            probed.add(model)
+    if held := sorted({c.cell.config.model.id for c in choices} & unsized):
+        echo(f"  no size known for {', '.join(held)}: one cell of each runs first, and its row prices the rest")
+    return kept
+
+
 def _without(fits: dict[CurveKey, CurveFit], curves: set[CurveKey]) -> dict[CurveKey, CurveFit]:
-    """The fits of every curve but `curves` (those whose design is unfinished: their bootstrap is not trusted)."""
+    """The fits of every curve but `curves` (given up, or their design unfinished: their bootstrap is not trusted)."""
     return {key: fit for key, fit in fits.items() if key not in curves}
 
 

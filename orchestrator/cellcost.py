@@ -126,6 +126,7 @@ class CostModel:
 
     params: dict[str, float]  # model id -> N
     rates: dict[tuple[str, ...], Rate]  # (), (method,), (task, method), (task, method, model) -> FLOPs per parameter
+    unsized: frozenset[str] = frozenset()  # models priced at a guessed N: no size prior, no stored row
 
     @classmethod
     def calibrate(cls, cells: Sequence[Planned], rows: pd.DataFrame, params_prior: Mapping[str, float]) -> CostModel:
@@ -136,6 +137,7 @@ class CostModel:
             params.update({model: float(n) for model, n in counted.items() if n > 0})
         known = [n for n in params.values() if n > 0]
         fallback = float(np.exp(np.mean(np.log(known)))) if known else 1.0
+        unsized = frozenset(cell.config.model.id for cell in cells if cell.config.model.id not in params)
         for cell in cells:
             params.setdefault(cell.config.model.id, fallback)
         by_id = {c.cell_id: c.config for c in cells}
@@ -157,7 +159,7 @@ class CostModel:
         for key in sorted(measured, key=len):  # broad first: a narrower group may borrow its method's shape
             broader = {3: [key[:2], key[1:2]], 2: [key[1:]]}.get(len(key), [])  # (task, method, model): (task, method), (method,)
             rates[key] = Rate.fitted(*measured[key], shape=next((rates[k] for k in broader if k in rates), None))
-        return cls(params=params, rates=rates)
+        return cls(params=params, rates=rates, unsized=unsized)
 
     def _rate(self, config: CellConfig) -> Rate:
         for key in ((config.task, config.method, config.model.id), (config.task, config.method), (config.method,), ()):

@@ -330,6 +330,53 @@ def test_a_curve_whose_cells_all_fail_is_given_up_and_the_other_curves_are_fitte
     assert "given up, left unfitted: facts/lora/sim-l (6 cells failed)" in outcome.stop_reason, outcome.stop_reason
 
 
+class LargeBudgetsFailWorld(BrokenCurveWorld):
+    """One curve's cells fail from a budget on (a fine-tune past `cell_timeout_s` at 64 examples and more)."""
+
+    def fails(self, cell: SimCell) -> bool:
+        return super().fails(cell) and cell.config.budget >= 64
+
+
+def test_a_curve_given_up_with_a_few_ok_cells_is_not_fitted_nor_narrowed(tmp_path):
+    """sim-s's LoRA fails at every budget from 64: 6 failed cells beside 4 ok ones give the curve up, and the stop
+    said "given up, left unfitted" while the loop fitted it from those 4 cells, made its D* a target and chose more
+    of its cells to narrow it (helper-134)."""
+    cells = [c for c in grid() if c.config.model.id == "sim-s"]
+    store = ResultsStore(str(tmp_path))
+    world = LargeBudgetsFailWorld(store, ("lora", "sim-s"))
+    outcome = run_adaptive(cells, store, world, Settings(max_cells=24, target_width=0.05, bootstrap=200), MODELS, echo=lambda _: None)
+    assert outcome.targets == []
+    assert "given up, left unfitted: facts/lora/sim-s (6 cells failed)" in outcome.stop_reason, outcome.stop_reason
+    lora = [c for c in cells if c.config.method == "lora" and c.cell_id in world.ran]
+    assert len(lora) == 4 + GIVE_UP_FAILURES, sorted(c.config.slug for c in lora)  # the design's (4 ok, 6 failed), none after
+
+
+def test_a_model_without_a_size_runs_one_cell_before_its_others_are_priced(tmp_path):
+    """No size prior (a hub config the driver cannot fetch): every cell was priced at N = 1, about a millionth of its
+    cost, and the first design batch spent 13× a --budget-flops of 2 % of the grid (helper-134). One cell per such
+    model runs first; its row's size prices the rest, and the run keeps within the budget."""
+
+    class Batches(World):
+        def __init__(self, store: ResultsStore) -> None:
+            super().__init__(store)
+            self.batches: list[list[SimCell]] = []
+
+        def __call__(self, cells: list[SimCell], planned_at: float = 0.0) -> None:
+            self.batches.append(list(cells))
+            super().__call__(cells, planned_at)
+
+    cells = grid()
+    full = sum(work_units(c.config) * MODELS[c.config.model.id] * TOKENS_PER_EXAMPLE for c in cells)
+    store, lines = ResultsStore(str(tmp_path)), []
+    world = Batches(store)
+    run_adaptive(cells, store, world, Settings(budget_flops=0.02 * full, target_width=0.05, bootstrap=100), {}, echo=lines.append)
+    first = world.batches[0]
+    assert sorted(c.config.model.id for c in first) == sorted(MODELS), [c.config.slug for c in first]
+    assert "  no size known for sim-l, sim-m, sim-s: one cell of each runs first, and its row prices the rest" in lines
+    rows = stored_rows(store, cells)
+    assert CostModel.calibrate(cells, rows, {}).spent(cells, rows) <= 0.02 * full
+
+
 @pytest.mark.parametrize("goal", ["crossover", "exponent"])
 def test_a_pair_whose_curve_cannot_be_fitted_is_named_not_dropped(tmp_path, goal):
     """4 budgets x 2 seeds, both sim-l LoRA cells at the top budget out of memory: that curve has 6 ok cells over 3
