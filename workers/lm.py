@@ -387,12 +387,12 @@ class LanguageModel:
         """
         pairs = []
         continued = self.encode(continuations, prompt=False)
-        if ends_text is not None and any(ends_text):
-            continued = [c + [self.end_of_text] if end else c for c, end in zip(continued, ends_text, strict=True)]
         if self._continuation_lead is not None:  # after an empty prompt a text starts the document: encoded alone, as there,
             # whatever prefix is in front (a `prompt` method's demonstrations before a neutral text: the tokens its
             # reference scored without them, or their KL compared different tokens)
             continued = self._encoded_alone(continued, continuations, [i for i, p in enumerate(prompts) if not p])
+        if ends_text is not None and any(ends_text):
+            continued = [c + [self.end_of_text] if end else c for c, end in zip(continued, ends_text, strict=True)]
         for p, c in zip(self.encode(prompts, prompt=True), continued):
             ids = self.clipped(p + c)  # keep the continuation; drop the oldest context
             pairs.append(EncodedPair(ids, max(len(ids) - len(c), 0)))
