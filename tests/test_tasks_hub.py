@@ -68,12 +68,17 @@ def test_fixtures_become_examples_in_disjoint_deterministic_splits(name: str) ->
     assert task.contrast_pairs(splits["train"])
 
 
-def test_sst2_targets_follow_labels() -> None:
+def test_sst2_targets_follow_labels_and_validation_shares_no_phrase_source_with_train() -> None:
+    """Validation and test are carved from the hub's validation sentences. Validation carved from the hub's train
+    split (phrases cut from the same sentences' parse trees) held a parent or child phrase of a training phrase: the
+    settings chosen on it rewarded memorising (helper-135)."""
     rows = [json.loads(line) for line in (FIXTURES / "sst2" / "validation.jsonl").read_text().splitlines()]
     by_prompt = {f"Review: {r['sentence'].strip()}\nSentiment:": r["label"] for r in rows}
     examples = adapters()["sst2"].examples("test", 100, seed=0)
-    assert len(examples) == len(rows)
-    assert all(ex.target == (" positive" if by_prompt[ex.prompt] else " negative") for ex in examples)
+    validation = adapters()["sst2"].examples("validation", 100, seed=0)
+    assert examples and validation and len(examples) > len(validation)  # four fifths and one fifth, by hash
+    assert sorted(ex.prompt for ex in examples + validation) == sorted(by_prompt)
+    assert all(ex.target == (" positive" if by_prompt[ex.prompt] else " negative") for ex in examples + validation)
     right = ScriptedLM({ex.prompt: ex.target for ex in examples})
     assert adapters()["sst2"].evaluate(right, examples).score == 1.0
 

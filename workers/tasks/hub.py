@@ -100,9 +100,10 @@ def _text(row: dict, key: str) -> str:
 
 
 def _carve(task: str, text: str, sharing: list[str]) -> str:
-    """The split a row of a shared hub split belongs to: validation/test take a fifth each."""
+    """The split a row of a shared hub split belongs to: validation and test take a fifth each and train the rest, or
+    test the rest where train is a hub split of its own (sst2: validation and test carved from the hub's validation)."""
     ours = split_of(task, text)
-    return ours if ours in sharing else "train"
+    return ours if ours in sharing else ("train" if "train" in sharing else "test")
 
 
 def sample(rows: Sequence[dict], task: str, split: Split, n: int, seed: int) -> list[dict]:

@@ -1,7 +1,7 @@
 """`sst2` (general, real data): binary sentiment of movie-review sentences (GLUE SST-2).
 
-Hub `stanfordnlp/sst2` has hidden test labels, so our test split is its validation split and our
-validation is carved from its train split. Scored by likelihood of " negative" vs " positive";
+Hub `stanfordnlp/sst2` has hidden test labels, so our test and validation splits are carved from its
+validation split (four fifths and one fifth, by a hash of the sentence), and train is its train split. Scored by likelihood of " negative" vs " positive";
 the elicited prompt states the task as an instruction.
 """
 
@@ -23,10 +23,15 @@ def prompt(sentence: str) -> str:
 
 class SST2:
     name = "sst2"
-    data_version = 3  # 2: one row per stripped sentence, none of the test split's in train or validation;
-    # 3: each budget's examples drawn for that budget alone (`hub.sample`)
+    data_version = 4  # 2: one row per stripped sentence, none of the test split's in train or validation;
+    # 3: each budget's examples drawn for that budget alone (`hub.sample`); 4: validation carved from the hub's validation
+    # sentences with test, not from train (see `plan`)
     task_type: TaskType = "general"
-    plan = SplitPlan(train="train", validation="train", test="validation")
+    # The hub's train split is 67k phrases cut from ~6.9k sentences' parse trees: validation carved from it by a hash
+    # of each phrase put a phrase's parent or child on the other side ("a dull , lifeless mess" in train, "it 's a dull ,
+    # lifeless mess" in validation), so choosing on it rewarded memorising. The hub's validation split (872 whole
+    # sentences, none in train) gives validation a fifth (~174) and test the rest (~698).
+    plan = SplitPlan(train="train", validation="validation", test="validation")
 
     def __init__(self, source: HubSource = HubSource("stanfordnlp/sst2")) -> None:
         self.source = source
