@@ -425,6 +425,22 @@ def test_prompt_uses_as_many_demonstrations_as_fit():
     assert everything.report.hparams["shots"] == 32
 
 
+def test_a_generated_answers_demonstrations_end_with_the_end_of_text_token_its_nll_reads():
+    """gsm8k's and function_calling's targets end with the end-of-text token in their NLL (`Example.ends_text`): their
+    demonstrations ended with the separator alone, so every shot taught the model to write on after an answer and the
+    NLL the shots are chosen on charged it for that. A choice-scored example's demonstration gets no such token."""
+    lm = language_model()
+    ctx = fit_context(lm, n_train=4)
+    ended = dataclasses.replace(ctx, train=[dataclasses.replace(ex, ends_text=True) for ex in ctx.train])
+    config = resolve_config("prompt", {"separator": " ; ", "choose_shots": False})
+    plain, generated = (get_method("prompt").fit(c, config) for c in (ctx, ended))
+    eos = lm.tokenizer.eos_token
+    assert plain.prefix.count(eos) == 0 and generated.prefix.count(eos) == generated.report.hparams["shots"] == 4
+    assert generated.prefix.startswith(ctx.train[0].prompt + ctx.train[0].target + eos + " ; ")
+    # read back as the token itself, not as its characters
+    assert lm.token_count(generated.prefix, prompt=False) == lm.token_count(plain.prefix, prompt=False) + 4
+
+
 @pytest.mark.parametrize("best, chosen", [(4, 4), (None, 0)])
 def test_prompt_chooses_how_many_demonstrations_on_validation(monkeypatch, best, chosen):
     """Among 0, 1, 2, 4, … and all that fit, the count with the best validation value; ties go to fewer."""

@@ -266,3 +266,5 @@ def test_a_generated_answers_target_ends_with_the_end_of_text_token_so_a_tuned_m
     assert stopped == ends_text, generated
     if ends_text:  # the stop is learned, and the NLL counts it
         assert lm.target_nll([example.prompt], [example.target], [True]) < 0.1
+        lm.model.generation_config.eos_token_id = None  # a checkpoint whose generation config names no stop token
+        assert lm.generate([example.prompt], 12)[0].strip() == example.target.strip()  # stops at the tokenizer's, trained on

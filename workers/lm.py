@@ -362,6 +362,20 @@ class LanguageModel:
                              "target ends with (so that a tuned model stops): give the tokenizer an eos_token")  # fmt: skip
         return int(eos)
 
+    @property
+    def _stop_at(self) -> dict[str, int]:
+        """`generate`'s stop token where the checkpoint's generation config has none: the tokenizer's, which a generated
+        answer's training target ends with (`end_of_text`); a model trained to stop there would otherwise write on."""
+        config = self.model.generation_config
+        if (config is None or config.eos_token_id is None) and self.tokenizer.eos_token_id is not None:
+            return {"eos_token_id": self.tokenizer.eos_token_id}
+        return {}
+
+    @property
+    def end_of_text_string(self) -> str:
+        """`end_of_text` as text, which the tokenizer reads back as that token (a demonstration's end)."""
+        return self.tokenizer.decode([self.end_of_text])
+
     def token_count(self, text: str, *, prompt: bool) -> int:
         """Tokens `text` takes as a prompt (with special tokens and the current prefix) or as a continuation."""
         return len(self._ids(text, prompt=prompt))
@@ -618,9 +632,8 @@ class LanguageModel:
                 width = ids.shape[1]
                 last = torch.full((len(texts),), width - 1, dtype=torch.long, device=self.device)  # left padding
                 with prompt_boundary(last), greedy_decoding(self.model):
-                    gen = self.model.generate(
-                        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id
-                    )
+                    gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                              pad_token_id=tok.pad_token_id, **self._stop_at)  # fmt: skip
                 # tokens: an upper bound, padding included; the head: at each new token (generate asks the prompt's
                 # forward for its last position's logits alone where the model takes logits_to_keep, else for all)
                 head = max_new_tokens + (1 if _logit_selection(type(self._base_model())) else width)

@@ -73,7 +73,10 @@ class Prompt:
         # off-task prompt would otherwise be cut into the first demonstration (`LanguageModel.clipped`)
         queries = [ex.prompt + ex.target for ex in [*ctx.train, *ctx.validation, *ctx.offtask]]
         reserve = 2 * max((lm.token_count(q, prompt=True) for q in queries), default=0)
-        demos = [ex.prompt + ex.target + config.separator for ex in ctx.train[: config.max_shots]]
+        # a whole generated answer ends with the end-of-text token, as the NLL it is chosen on reads it (`Example.ends_text`):
+        # demonstrations without it taught the model to write on, and charged every shot for that
+        demos = [ex.prompt + ex.target + (lm.end_of_text_string if ex.ends_text else "") + config.separator
+                 for ex in ctx.train[: config.max_shots]]  # fmt: skip
         # Sum per-demonstration counts to find the candidate, then check the joined text exactly
         # (tokenizers may merge across the seams) and drop demonstrations until it fits.
         shots, used = 0, 0
