@@ -13,7 +13,7 @@ from typing import Literal
 
 MethodKind = Literal["reference", "steering", "finetuning", "composition"]
 REFERENCE_METHODS = ("base", "prompt")
-PROMPT_METHODS = ("prompt",)  # change no weight: the budget's examples go in front of every text the model reads
+PROMPT_METHODS = ("prompt",)  # the budget's examples go in front of every text the model reads (alone or in a composition)
 
 
 def method_kind(method: str) -> MethodKind:

@@ -26,7 +26,7 @@ from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, saved_before, unplanned_note
-from analysis.methods import PROMPT_METHODS
+from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, metric_suffix, save_fits
@@ -514,12 +514,12 @@ def _selectivity(a: Analysis) -> list[Block]:
                      "the largest budget all of them share on that model (else its own largest); every model and budget is in the "
                      "selectivity plots.")  # fmt: skip
     blocks: list[Block] = [heading, note, Table(("task", "model", "method", "budget", "gain", "gap closed", "neutral KL", "off-task Δ"), rows)]
-    if prompted := sorted({row[2] for row in rows} & set(PROMPT_METHODS)):
+    if prompted := sorted({row[2] for row in rows if set(components(row[2])) & set(PROMPT_METHODS)}):
         blocks.append(Paragraph(
-            f"{', '.join(prompted)} changes no weight: its neutral text is read after its demonstrations, so its neutral KL "
-            "is what that context does to the text after it, not a change of the model. A model pretrained on single "
-            "documents (the offline ladder's) reads any text after a few examples badly; a model pretrained on packed "
-            "documents does not (workers/world/NOTES.md)."))  # fmt: skip
+            f"{', '.join(prompted)}: the neutral text is read after the demonstrations, so the neutral KL includes what that "
+            "context does to the text after it, beside any change of the model (few-shot prompting changes none). A model "
+            "pretrained on single documents (the offline ladder's) reads any text after a few examples badly; a model "
+            "pretrained on packed documents does not (workers/world/NOTES.md)."))  # fmt: skip
     return blocks
 
 
