@@ -220,7 +220,7 @@ def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: Co
     fitted or has been given up (`given_up`). Curves take turns, one cell each, so that a cell or
     compute budget too small for the whole design still spreads it over every curve. A cell costing more
     than `flops_left` is passed over for the next in its curve's order (a curve whose top budgets the
-    budget cannot pay for is designed on the budgets it can)."""
+    budget cannot pay for is designed on the budgets it can, where they are MIN_BUDGETS or more)."""
     choices = []
     references: dict[CurveKey, list[Planned]] = defaultdict(list)
     for cell in cells:
@@ -254,6 +254,8 @@ def design_choices(cells: Sequence[Planned], status: Mapping[str, str], cost: Co
             )
             missing.append(Choice(cell, "design", reason, cost.post_train(cell.config), float("nan")))
             n_ok, budgets = n_ok + 1, budgets | {cell.config.budget}
+        if len(budgets) < MIN_BUDGETS:  # even with all of them the fitter would refuse the curve: none is bought (more seeds
+            missing = []  # at the 2 budgets `flops_left` paid for were, and the run then said the design could not be finished)
         per_curve.append(missing)
     turns = max(map(len, per_curve), default=0)
     return choices + [missing[turn] for turn in range(turns) for missing in per_curve if turn < len(missing)]

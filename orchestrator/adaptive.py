@@ -229,11 +229,11 @@ def run_adaptive(
         targets: list[Target] = []
         design = design_choices(cells, status, cost)
         affordable = design_choices(cells, status, cost, flops_left)
+        if cost.unsized and settings.budget_flops is not None:  # before the budget is shared out: what it drops spends none
+            affordable = _one_per_unsized_model(affordable, cost.unsized, echo)
         # Before any row is measured the prices are the prior's guess (32 tokens an example; a world's may be 40): a design
         # batch then spends at most half the FLOPs left, at least one cell, so a guess 20 % low does not overspend them.
         choices = _within(affordable, flops_left if cost.rates else flops_left / 2, cells_left) or (affordable[:1] if cells_left >= 1 else [])
-        if cost.unsized and settings.budget_flops is not None:
-            choices = _one_per_unsized_model(choices, cost.unsized, echo)
         # No design cell left can be run (each costs more than the FLOPs left, or no cells are left): the curves whose
         # designs are finished are fitted (and narrowed while the budgets allow), the others named. A run that stopped
         # here said "nothing could be fitted" though curves that had finished their designs could be.
@@ -329,7 +329,7 @@ def _cells_reached(status: Mapping[str, str], settings: Settings) -> str:
 
 
 def _one_per_unsized_model(choices: list[Choice], unsized: frozenset[str], echo: Callable[[str], None]) -> list[Choice]:
-    """The choices of models with a size, and one cell of each model without (no size prior, no stored row): its price
+    """The choices of models with a size, and one cell of each model without (no size prior, no row with its size): its price
     is a guess at N, and a first batch priced at N = 1 spent 13× --budget-flops (helper-134). Its row's size prices the
     rest of that model's cells from the next round on."""
     kept, probed = [], set()

@@ -271,6 +271,19 @@ def test_design_covers_the_range_ends_and_staggers_the_interior():
     assert interior_taken == set(BUDGETS[1:-1])  # three models × four staggered picks cover all nine
 
 
+def test_the_design_buys_no_cell_of_a_curve_the_flops_left_cannot_bring_to_enough_budgets(tmp_path):
+    """The FLOPs left pay for LoRA at budgets 4 and 8 only: the fitter needs MIN_BUDGETS distinct budgets, so every seed
+    at those two was bought for a curve that could never be fitted (helper-134 #4). The steering curve, affordable
+    throughout, keeps its design."""
+    cells = [c for c in grid() if c.config.model.id == "sim-s"]
+    cost = CostModel.calibrate(cells, stored_rows(ResultsStore(str(tmp_path)), cells), MODELS)
+    lora_at_8 = next(c for c in cells if (c.config.method, c.config.budget) == ("lora", 8))
+    flops_left = cost.post_train(lora_at_8.config) * 1.01
+    methods = [choice.cell.config.method for choice in design_choices(cells, {}, cost, flops_left)]
+    assert "lora" not in methods and methods.count("steer_mean") >= DESIGN_POINTS, methods
+    assert "lora" in [choice.cell.config.method for choice in design_choices(cells, {}, cost)]
+
+
 def test_a_grid_of_three_budgets_is_refused_before_anything_runs():
     """The budget law has 3 parameters and the fitter needs 4 distinct budgets: 3 budgets × 2 seeds passed the check
     (6 cells over 3 budgets), and the loop then fitted nothing and stopped with "no target"."""
