@@ -118,9 +118,9 @@ def fp32_head(model: PreTrainedModel) -> Iterator[None]:
 
 
 @contextmanager
-def greedy_decoding(model: PreTrainedModel) -> Iterator[None]:
-    """Plain greedy decoding, whatever decoding settings the checkpoint ships (an instruct model's
-    generation_config.json often sets a repetition penalty): only its special tokens are kept.
+def greedy_decoding(model: PreTrainedModel, stop_at: int | list[int] | None) -> Iterator[None]:
+    """Plain greedy decoding up to `stop_at`, whatever decoding settings the checkpoint ships (an instruct
+    model's generation_config.json often sets a repetition penalty): only its special tokens are kept.
 
     Passing a fresh `GenerationConfig` to `generate` is not enough: transformers fills the fields such
     a config leaves at their defaults from the model's own, so the model's is swapped out meanwhile.
@@ -129,7 +129,7 @@ def greedy_decoding(model: PreTrainedModel) -> Iterator[None]:
 
     own = model.generation_config
     model.generation_config = GenerationConfig(
-        bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id, do_sample=False
+        bos_token_id=own.bos_token_id, eos_token_id=stop_at, pad_token_id=own.pad_token_id, do_sample=False
     )
     try:
         yield
@@ -351,25 +351,23 @@ class LanguageModel:
         return ids[:lead] + ids[len(ids) - (self.max_length - lead) :]
 
     @property
+    def _stop_at(self) -> int | list[int] | None:
+        """The token(s) `generate` stops at: the checkpoint's generation config's, else the tokenizer's (a model trained to
+        stop at that one, `end_of_text`, would otherwise write on)."""
+        config = self.model.generation_config
+        eos = config.eos_token_id if config is not None else None
+        return self.tokenizer.eos_token_id if eos is None else eos
+
+    @property
     def end_of_text(self) -> int:
-        """The token a generating task's target ends with (`Example.ends_text`): the one `generate` stops at."""
-        eos = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
-        eos = self.tokenizer.eos_token_id if eos is None else eos
+        """The token a generating task's target ends with (`Example.ends_text`): one `generate` stops at."""
+        eos = self._stop_at
         if isinstance(eos, list):  # a checkpoint that stops at any of several (Llama 3's): the tokenizer's is one of them
             eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id in eos else eos[0]
         if eos is None:
             raise ValueError(f"{type(self.tokenizer).__name__} has no end-of-text token, which a generated answer's training "
                              "target ends with (so that a tuned model stops): give the tokenizer an eos_token")  # fmt: skip
         return int(eos)
-
-    @property
-    def _stop_at(self) -> dict[str, int]:
-        """`generate`'s stop token where the checkpoint's generation config has none: the tokenizer's, which a generated
-        answer's training target ends with (`end_of_text`); a model trained to stop there would otherwise write on."""
-        config = self.model.generation_config
-        if (config is None or config.eos_token_id is None) and self.tokenizer.eos_token_id is not None:
-            return {"eos_token_id": self.tokenizer.eos_token_id}
-        return {}
 
     @property
     def end_of_text_string(self) -> str:
@@ -631,9 +629,9 @@ class LanguageModel:
                 ids, mask = enc["input_ids"][:, :end].to(self.device), enc["attention_mask"][:, :end].to(self.device)
                 width = ids.shape[1]
                 last = torch.full((len(texts),), width - 1, dtype=torch.long, device=self.device)  # left padding
-                with prompt_boundary(last), greedy_decoding(self.model):
+                with prompt_boundary(last), greedy_decoding(self.model, self._stop_at):
                     gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                              pad_token_id=tok.pad_token_id, **self._stop_at)  # fmt: skip
+                                              pad_token_id=tok.pad_token_id)  # fmt: skip
                 # tokens: an upper bound, padding included; the head: at each new token (generate asks the prompt's
                 # forward for its last position's logits alone where the model takes logits_to_keep, else for all)
                 head = max_new_tokens + (1 if _logit_selection(type(self._base_model())) else width)

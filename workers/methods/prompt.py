@@ -69,14 +69,15 @@ class Prompt:
     def fit(self, ctx: FitContext, config: PromptConfig) -> Demonstrations:
         lm = ctx.lm
         limit = context_limit(lm, config.max_context_tokens)
-        # every kind of question shown under the demonstrations, the off-task evaluation's too: a longer
-        # off-task prompt would otherwise be cut into the first demonstration (`LanguageModel.clipped`)
-        queries = [ex.prompt + ex.target for ex in [*ctx.train, *ctx.validation, *ctx.offtask]]
-        reserve = 2 * max((lm.token_count(q, prompt=True) for q in queries), default=0)
         # a whole generated answer ends with the end-of-text token, as the NLL it is chosen on reads it (`Example.ends_text`):
         # demonstrations without it taught the model to write on, and charged every shot for that
-        demos = [ex.prompt + ex.target + (lm.end_of_text_string if ex.ends_text else "") + config.separator
-                 for ex in ctx.train[: config.max_shots]]  # fmt: skip
+        shown = [*ctx.train, *ctx.validation, *ctx.offtask]
+        ends = lm.end_of_text_string if any(ex.ends_text for ex in shown) else ""
+        # every kind of question shown under the demonstrations, the off-task evaluation's too: a longer
+        # off-task prompt would otherwise be cut into the first demonstration (`LanguageModel.clipped`)
+        queries = [ex.prompt + ex.target + (ends if ex.ends_text else "") for ex in shown]
+        reserve = 2 * max((lm.token_count(q, prompt=True) for q in queries), default=0)
+        demos = [ex.prompt + ex.target + (ends if ex.ends_text else "") + config.separator for ex in ctx.train[: config.max_shots]]
         # Sum per-demonstration counts to find the candidate, then check the joined text exactly
         # (tokenizers may merge across the seams) and drop demonstrations until it fits.
         shots, used = 0, 0
