@@ -219,7 +219,10 @@ def test_a_hub_tasks_rows_are_pinned_by_a_digest_that_moves_with_its_data(tmp_pa
     import shutil
 
     from workers.tasks import hub_data_digest
-    from workers.tasks.hub import load_rows, rows_digest
+    from workers.tasks.hub import SplitPlan, load_rows, rows_digest
+
+    def new_worker() -> None:  # a new worker process starts with none of the rows read before
+        load_rows.cache_clear(), rows_digest.cache_clear(), SplitPlan.rows.cache_clear()
 
     copy = tmp_path / "sst2"
     shutil.copytree(FIXTURES / "sst2", copy)
@@ -230,11 +233,11 @@ def test_a_hub_tasks_rows_are_pinned_by_a_digest_that_moves_with_its_data(tmp_pa
     row = json.loads(lines[0])
     lines[0] = json.dumps({**row, "label": 1 - row["label"]})
     (copy / "validation.jsonl").write_text("\n".join(lines) + "\n")
-    load_rows.cache_clear(), rows_digest.cache_clear()  # a new worker process, reading the moved data
+    new_worker()  # reading the moved data
     second = hub_data_digest("sst2")
     assert first and second and len(first) == 64 and second != first
     monkeypatch.setitem(TASKS._items, "sst2", SST2(HubSource(str(copy))))
-    load_rows.cache_clear(), rows_digest.cache_clear()
+    new_worker()
     assert hub_data_digest("sst2") == second
 
 
