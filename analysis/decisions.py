@@ -35,13 +35,18 @@ class Decisions:
 
     def width_history(self) -> dict[tuple[str, str], list[tuple[float, float]]]:
         """(target, unit) -> [(post-training FLOPs spent, interval width)] over the fitted rounds: the wider of its
-        stored and fresh-noise widths, both of which the stop holds to the goal (logs without the latter: the stored)."""
+        stored and fresh-noise widths, both of which the stop holds to the goal (logs without the latter: the stored).
+        A round at the FLOPs of the point before it (a stopped run rerun: it fits the same rows again) replaces it."""
         history: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for event in self.rounds:
             for target in event["targets"]:
                 widths = [w for w in (target.get("width"), target.get("fresh_width")) if w is not None]
-                if widths:
-                    history.setdefault((target["target"], target["unit"]), []).append((event["flops_spent"], max(widths)))
+                if not widths:
+                    continue
+                points = history.setdefault((target["target"], target["unit"]), [])
+                if points and points[-1][0] == event["flops_spent"]:
+                    points.pop()
+                points.append((event["flops_spent"], max(widths)))
         return history
 
 

@@ -283,6 +283,11 @@ def test_the_adaptive_plot_follows_the_wider_of_the_two_widths_the_stop_holds_to
 
     log = parse_decisions("\n".join(json.dumps(e) for e in [round_(0, 0.1, 0.5), round_(1, 0.4, 0.2), round_(2, 0.3, None)]))
     assert log.width_history() == {("t/m steer_mean->lora", "log10 D*"): [(10.0, 0.5), (20.0, 0.4), (30.0, 0.3)]}
+    # a stopped run rerun logs another round on the same rows (helper-134 #5): one point there, the latest round's
+    rerun = [round_(0, 0.1, 0.5), round_(1, 0.4, 0.2), {"event": "stop", "round": 1}, {"event": "resume", "round": 2},
+             {**round_(1, 0.35, None), "round": 2}]  # fmt: skip
+    log = parse_decisions("\n".join(json.dumps(e) for e in rerun))
+    assert log.width_history() == {("t/m steer_mean->lora", "log10 D*"): [(10.0, 0.5), (20.0, 0.35)]}
 
 
 def test_a_lead_the_seeds_cannot_resolve_is_said_to_be_within_noise() -> None:
