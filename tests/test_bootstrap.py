@@ -197,6 +197,16 @@ def test_lone_points_do_not_borrow_from_seeds_that_agree() -> None:
     assert hi - lo > 0.05
 
 
+def test_seeds_that_agree_on_scores_whose_mean_misses_them_by_a_rounding_are_seeds_that_agree() -> None:
+    """Three seeds scoring .17 at a budget: their mean log loss misses each by ~1e-17, which read as seeds that varied,
+    so the lone point (two seeds failed) borrowed a pool of ±1e-17 and every resample was the point fit (helper-139)."""
+    scores = np.repeat([0.17, 0.22, 0.29, 0.35, 0.38], (3, 3, 3, 3, 1))
+    data = LawData.build(POWER_D, {"D": np.repeat([4.0, 16.0, 64.0, 256.0, 1024.0], (3, 3, 3, 3, 1))}, 1 - scores)
+    assert (design_strata(data) == 0).all()
+    lo, hi = bootstrap_fit(fit_law(data), data, 200, np.random.default_rng(0)).intervals()["beta"]
+    assert hi - lo > 0.05
+
+
 def test_one_failed_cell_widens_an_interval_as_one_seed_less_does() -> None:
     """5 budgets × 2 seeds with one cell dropped, on 8 draws of the noise: β's interval widens by about what one
     seed less at one budget costs (median 1.2× here), where resampling the whole curve made it 3.9× as wide."""
