@@ -366,7 +366,7 @@ class CrossoverScaling:
     def describe(self) -> str:
         """The trend in words, with its interval (whether it excludes 0) and the models it leaves out."""
         others = (f"; the other {self.n_pairs - self.n_models} have no single crossing where it overtakes inside the range "
-                  "(ahead or behind throughout, tied, steering overtaking, crossing twice, or a disputed D*)" if self.n_pairs > self.n_models else "")  # fmt: skip
+                  "(ahead or behind throughout, tied, steering overtaking, crossing twice, a disputed D*, or both methods idle)" if self.n_pairs > self.n_models else "")  # fmt: skip
         if not self.enough_models:
             ci = f"; a line through {self.n_models} points, not a finding (it needs {MIN_TREND_MODELS} models with a finite D*)"
         elif not self.has_interval:

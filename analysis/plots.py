@@ -134,7 +134,8 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
     An interval end outside the measured range (a censored D*) is drawn to the range's edge. Each panel's
     x-range is its points', padded (one model's too); the title explains the held-out error only where a
     trend's legend shows one, as with fewer than three models there is none."""
-    found = [c for c in analysis.crossovers if c.task == task and c.outcome == "crosses" and not c.disputed]  # as the trends take them
+    # as the trends take them: an idle pair's D* drawn beside them turned a line through the others the other way (helper-139)
+    found = [c for c in analysis.crossovers if c.task == task and c.outcome == "crosses" and not c.disputed and not c.idle]
     table = analysis.capabilities[analysis.capabilities["task"] == task].set_index("model")
     x_of = {a.name: table[a.name].reindex([c.model for c in found]).to_numpy(float) for a in AXES.values() if a.name in table}
     axes = [AXES[name] for name, x in x_of.items() if np.isfinite(x).any()]  # an axis no D* has a value on: an empty panel
@@ -179,12 +180,13 @@ def crossover_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
 
 
 def _trend_line(ax: plt.Axes, trend: CrossoverScaling, x: np.ndarray, d: np.ndarray, families: list[str], colour: object) -> bool:
-    """The trend's line through the D* it was fitted to: its family's only, where it is one family's.
+    """The trend's line, its stated γ, through the D* it was fitted to: its family's only, where it is one family's.
     True where its label shows a held-out error, so the title explains it only then."""
     mine = np.array([not trend.family or f == trend.family for f in families], dtype=bool)
     if len(np.unique(x[mine])) < 2:
         return False
-    slope, intercept = np.polyfit(np.log(x[mine]), np.log(d[mine]), 1)
+    slope = trend.gamma
+    intercept = float(np.mean(np.log(d[mine]) - slope * np.log(x[mine])))  # least squares at that slope (polyfit's, same points)
     grid = np.geomspace(x[mine].min(), x[mine].max(), 50)
     held = f", held-out {trend.holdout_error:.2f}" if np.isfinite(trend.holdout_error) else ""
     within = f" ({trend.family})" if trend.family else ""

@@ -128,6 +128,28 @@ def test_the_plot_draws_a_d_star_trend_only_where_the_text_states_one(crossing: 
     assert ("a line through 2 points, not a finding" in trends[0].describe()) == (crossing < 3)
 
 
+def test_the_plot_draws_the_trend_the_text_states_without_an_idle_pairs_d_star(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """D* ∝ N^0.5 on three models and an idle pair's D* of 5 on a fourth: the text states γ 0.50 over three models (idle
+    pairs are no finding), the plot drew four points and a line through them, "γ=-0.10" (helper-139)."""
+    sizes = {"a": 1e6, "b": 4e6, "c": 16e6, "d": 64e6}
+    found = [_crossover(m, 10 * (n / 1e6) ** 0.5, 5.0, 100.0, n) for m, n in list(sizes.items())[:3]]
+    found.append(dataclasses.replace(_crossover("d", 5.0, 4.5, 6.0, 64e6), idle=True))
+    capabilities = pd.DataFrame({"task": "t", "model": list(sizes), "family": "f", "params": list(sizes.values()),
+                                 "neutral_loss": np.nan, "task_score": np.nan})  # fmt: skip
+    (trend,) = crossover_scaling(found, capabilities, get_axis("params"))
+    assert trend.n_models == 3 and trend.gamma == pytest.approx(0.5) and "or both methods idle" in trend.describe()
+    a = SimpleNamespace(crossovers=found, capabilities=capabilities, axes=SimpleNamespace(trends=[trend]))
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    assert plots.crossover_plot(a, "t", tmp_path / "x.png") is not None
+    ax = figures[0].axes[0]
+    assert sum(len(line.get_xdata()) for line in ax.get_lines() if line.get_linestyle() == "None") == 3
+    (line,) = [line for line in ax.get_lines() if "γ=" in line.get_label()]
+    assert "γ=0.50" in line.get_label()
+    slope = np.diff(np.log(line.get_ydata()[[0, -1]])) / np.diff(np.log(line.get_xdata()[[0, -1]]))
+    assert slope == pytest.approx(0.5)
+
+
 def _assert_ticks_read(fig: Figure) -> None:
     """On each panel's x-axis and the first panel's y-axis (shared): at least two labelled ticks in view, distinct,
     not overlapping, and those below 10⁵ plain numbers (matplotlib's log labels wrote "6×10⁰")."""
