@@ -73,11 +73,13 @@ def examples_to_reach(params: dict[str, np.ndarray], base_loss: float, fraction:
     """D_x per parameter set; NaN where the curve's level does not beat the base model by more than a
     negligible share of its loss (a level equal to it, up to rounding, would put D_x anywhere); 0 where it
     does and the curve is flat, reaching its level at every budget: β = 0 (the curve is the constant E + B,
-    its level) or a B term negligible from D = 1 on; +inf where D_x is past float range (an exponent near 0).
-    Masking β = 0 instead said of scores far above the base model that they never beat it."""
+    its level) or a B term negligible from D = 1 on, next to the loss and to the gain (a gain of a fraction of a
+    question with B negligible next to E alone was said reached at D = 0 where the law put it at 1024; helper-139);
+    +inf where D_x is past float range (an exponent near 0). Masking β = 0 instead said of scores far above the
+    base model that they never beat it."""
     e, b, beta = (np.atleast_1d(np.asarray(params[name], dtype=float)) for name in ("E", "B", "beta"))
-    flat = (beta <= 0) | (b < NEGLIGIBLE_SHARE * e)
     gain = base_loss - np.where(beta > 0, e, e + b)
+    flat = (beta <= 0) | (b < NEGLIGIBLE_SHARE * np.minimum(e, gain))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # flat and invalid cases replaced below
         d = np.where(flat, 0.0, (b / ((1.0 - fraction) * gain)) ** (1.0 / beta))
     return np.where(gain > NEGLIGIBLE_SHARE * base_loss, d, np.nan)

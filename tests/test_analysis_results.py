@@ -406,6 +406,13 @@ def test_a_constant_curve_is_judged_by_its_level_e_plus_b() -> None:
     assert np.isnan(examples_to_reach({"E": 0.3, "B": 0.1, "beta": 0.0}, 0.35, 0.5)).all()  # level .4: worse than the base's .35
 
 
+def test_a_small_gain_is_not_reached_before_the_data_where_b_is_negligible_next_to_e_alone() -> None:
+    """E .5, B 4e-4 (under a thousandth of E), β .1, base .502: the law reaches 90 % of the .002 gain at D = 1024; the
+    B term was called negligible next to E and D_90 said 0, reached before the data start (helper-139)."""
+    assert examples_to_reach({"E": 0.5, "B": 4e-4, "beta": 0.1}, 0.502, 0.9) == pytest.approx(1024)
+    assert examples_to_reach({"E": 0.5, "B": 1e-7, "beta": 0.1}, 0.8, 0.9).tolist() == [0.0]  # negligible next to both
+
+
 def _cell(cell_id: str, model: str, seed: int = 0) -> dict:
     slug = f"{model.rstrip('/').split('/')[-1]}__t__lora__n64__s{seed}"  # as workers/cell.py builds it: the id's tail only
     return {"schema_version": 1, "sweep": "s", "cell_id": cell_id, "slug": slug, "status": "ok", "model": model, "task": "t",
