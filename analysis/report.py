@@ -78,7 +78,7 @@ def _overview(a: Analysis) -> list[Block]:
         + ("Intervals are 95 % percentile bootstrap intervals over cells, redrawn within each budget (each (N, D) for the joint "
            "laws) — where the questions are not redrawn (below), each resample's values "
            "spread about their point's mean by √(n/(n − 1)) for n seeds, so that they vary as much as n new seeds would (with 2 "
-           "seeds a point, simulated 95 % intervals still covered the truth only 82–85 % of the time); a point measured once moves "
+           "seeds a point, simulated 95 % intervals still covered the truth only 82–91 % of the time); a point measured once moves "
            "by a seed deviation drawn from the other points', and a curve with too few seeds to lend is redrawn as a whole; where the rows store each test question's "
            "outcome, every resample also redraws the task's test questions (one draw per resample for all its cells, so methods "
            "compared on it stay paired) and refits to the scores on them; composition gains and the best method's lead have Welch "
@@ -102,10 +102,15 @@ def _overview(a: Analysis) -> list[Block]:
 def _test_noise(a: Analysis) -> str | None:
     """What the bootstrap leaves out for fits whose rows do not all store their questions' outcomes (older
     rows, a task that records none; every cell of a task is scored on the same test questions), or store
-    them for test sets of different sizes (rows of two eval.test_size settings)."""
+    them for test sets of different sizes (rows of two eval.test_size settings); of NLL fits, that no row stores
+    its questions' NLLs."""
     ok = a.loaded.ok
-    if a.metric == "nll" or not len(ok):
+    if not len(ok):
         return None
+    if a.metric == "nll":  # rows keep no per-question NLLs: no fit can redraw its questions (helper-139)
+        return ("The rows store no per-question NLLs, so every NLL interval redraws seeds only, and every seed is scored on the "
+                "same test questions: the intervals leave out how far the NLLs would move on another draw of questions from the "
+                "task, and seeds that agree give an interval of no width. An interval is a statement about these questions.")  # fmt: skip
     parts, mixed = [], []
     for task, rows in ok.groupby("task"):
         boots = [f.boot for f in a.fits if f.task == task and f.boot is not None]
