@@ -368,3 +368,19 @@ def test_a_sweep_that_lowers_max_steps_alone_plans_and_prices_its_cells(write_sw
     cells = longest_first(expand(spec))
     stored = CellConfig.model_validate_json(cells[0].config.model_dump_json())
     assert resolve_config(stored.method, stored.method_config).train.max_steps == 10
+
+
+@pytest.mark.parametrize("method, budget, stored, new", [
+    ("lora", 20, "6718377fd7148f8116b1", True), ("full_ft", 20, "1f35b1e854e1e3f1654c", True),
+    ("steer_mean", 20, "9a5cae43f22b3ff0b940", False), ("lora", 32, "f3d8e6ef0855ffd4ef4c", False),
+])  # fmt: skip
+def test_only_cells_whose_batches_span_two_shuffles_get_new_ids(method, budget, stored, new):
+    """A batch spanning two shuffles no longer holds an example twice (`training.batch_order`, session 41): cells whose
+    batches span them (20 examples in batches of 16) compute something new and get new ids; the rest keep the ids they
+    were stored under (computed with the code of a159171), the quickstart's (budgets of whole batches or fewer) among them."""
+    from workers.methods import resolve_config
+
+    config = resolve_config(method, {}).model_dump(mode="json")
+    cell = CellConfig(sweep="s", model=ModelSpec(id="ladder:test/xs", revision="543562a088b9"), task="facts",
+                      method=method, method_config=config, budget=budget, seed=1)  # fmt: skip
+    assert (cell.cell_id != stored) == new

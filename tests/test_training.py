@@ -27,6 +27,21 @@ def test_epochs_are_passes_over_the_examples(n_examples):
     assert 4 * n_examples <= drawn < 4 * n_examples + config.batch_size
 
 
+@pytest.mark.parametrize("n_examples", [20, 40, 100, 250])
+def test_a_batch_spanning_two_shuffles_holds_no_example_twice(n_examples):
+    """Budget 20 in batches of 16: a batch takes 4 examples left of one shuffle and 12 of the next, which held one of
+    the 4 again in 12 of 20 batches (helper-138). Each shuffle still trains every example once, in its order; a batch
+    that spans none is the old rule's."""
+    config = TrainConfig(epochs=16, batch_size=16, min_steps=0, max_steps=10_000)
+    batches = list(batch_order(n_examples, steps_for(n_examples, config), config.batch_size, seed=3))
+    assert all(len(set(take)) == len(take) == 16 for take in batches)
+    drawn = [i for take in batches for i in take]
+    epochs = [drawn[k : k + n_examples] for k in range(0, len(drawn) - n_examples + 1, n_examples)]
+    assert len(epochs) >= 15 and all(sorted(epoch) == list(range(n_examples)) for epoch in epochs)  # reordered at the seams only
+    first = torch.randperm(n_examples, generator=torch.Generator().manual_seed(3)).tolist()
+    assert drawn[: n_examples // 16 * 16] == first[: n_examples // 16 * 16]
+
+
 def _setup(arch: str = "llama", **overrides):
     lm = language_model(arch)
     ctx = fit_context(lm, n_train=8)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from workers.config import ConfigError, StrictConfig
-from workers.methods import method_versions, resolve_config, steps_changed, training_configs
+from workers.methods import batches_changed, method_versions, resolve_config, steps_changed, training_configs
 from workers.registry import UnknownNameError
 from workers.schema import ID_SCHEMA_VERSION
 from workers.tasks import data_version
@@ -111,15 +111,17 @@ def _without_later_train_defaults(config: Any) -> Any:
     return out
 
 
-def _trains_other_steps(method: str, config: dict[str, Any], budget: int) -> bool:
-    """Whether any training of the method, its config resolved (a hand-written cell may give `{rank: 2}`
-    alone), trains another number of steps at `budget` than before the step rule changed: those cells
-    alone compute something new."""
+def _training_rules_changed(method: str, config: dict[str, Any], budget: int) -> dict[str, int]:
+    """The rules of training that changed for this cell, as identity keys: where any training of the method, its
+    config resolved (a hand-written cell may give `{rank: 2}` alone), trains another number of steps at `budget`
+    than before session 30 (`steps_changed`), or may draw other batches than before session 41 (`batches_changed`):
+    those cells alone compute something new."""
     try:
-        resolved = resolve_config(method, config)
+        trainings = [train for _, train in training_configs(resolve_config(method, config))]
     except (ConfigError, UnknownNameError):  # such a cell fails when it runs, on the same error
-        return False
-    return any(steps_changed(budget, train) for _, train in training_configs(resolved))
+        return {}
+    rules = {"step_rule": steps_changed, "batch_rule": batches_changed}
+    return {key: 2 for key, changed in rules.items() if any(changed(budget, train) for train in trainings)}
 
 
 # Settings that change where or how fast a cell runs, not what it computes (batched equals unbatched;
@@ -162,8 +164,7 @@ class CellConfig(StrictConfig):
         changed_data = {task: data_version(task) for task in self.tasks_read if data_version(task) != 1}
         if changed_data:  # tasks whose examples never changed leave their cells' ids as they were
             identity["task_data"] = changed_data
-        if _trains_other_steps(self.method, self.method_config, self.budget):  # the step rule of session 30 (`steps_changed`)
-            identity["step_rule"] = 2
+        identity.update(_training_rules_changed(self.method, self.method_config, self.budget))
         if self.model.dtype != "float32":  # scored from fp32 logits since session 33 (`workers.lm.fp32_head`): not bf16's ties
             identity["half_scoring"] = 2
         changed_methods = method_versions(self.method)

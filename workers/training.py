@@ -164,14 +164,27 @@ def steps_changed(n_examples: int, config: TrainConfig) -> bool:
     return before != steps_for(n_examples, config)
 
 
+def batches_changed(n_examples: int, config: TrainConfig) -> bool:
+    """Whether `batch_order` may draw other batches than before session 41 (2026-12-06), when a batch spanning two
+    shuffles could hold an example twice: where one spans them. Only such cells get new ids (workers.cell)."""
+    per_step = config.batch_size
+    return n_examples > per_step and n_examples % per_step != 0 and steps_for(n_examples, config) * per_step > n_examples
+
+
 def batch_order(n_examples: int, steps: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Each step's example indices: seeded reshuffles of the examples, drawn `batch_size` at a time
-    (a batch may span two shuffles). Public so a reference loop can feed its batches in this order."""
+    """Each step's example indices: seeded reshuffles of the examples, drawn `batch_size` at a time. A batch
+    may span two shuffles; it then takes from the next one the first examples it does not hold yet, and the
+    next shuffle keeps the others in its order (the old rule took the next shuffle's head, and one batch could
+    train an example twice). Public so a reference loop can feed its batches in this order."""
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     for _ in range(steps):
         if len(order) < min(batch_size, n_examples):
-            order += torch.randperm(n_examples, generator=generator).tolist()
+            held, need = set(order), batch_size - len(order)
+            fresh = torch.randperm(n_examples, generator=generator).tolist()
+            joining = [i for i in fresh if i not in held][:need]
+            taken = set(joining)
+            order += joining + [i for i in fresh if i not in taken]
         take, order = order[:batch_size], order[batch_size:]
         yield take
 

@@ -19,7 +19,7 @@ from workers.methods.steer_mean import SteerMean
 from workers.methods.steer_trained import SteerTrained
 from workers.methods.task_vector import TaskVector
 from workers.registry import Registry
-from workers.training import TrainConfig, steps_changed, steps_for, training_configs  # what a gradient method's `train` settings mean in steps: the cost model's prior
+from workers.training import TrainConfig, batches_changed, steps_changed, steps_for, training_configs  # what a gradient method's `train` settings mean in steps: the cost model's prior
 
 METHODS: Registry[Method] = Registry("method")
 for _method in (Base(), Prompt(), SteerMean(), SteerTrained(), Lora(), FullFt(), TaskVector()):
@@ -51,4 +51,4 @@ def resolve_config(name: str, raw: dict[str, Any] | None, path: str = "") -> Str
     return validate_config(get_method(name).config_class, raw or {}, path or f"methods.{name}")
 
 
-__all__ = ["METHODS", "Adapter", "FitContext", "FitReport", "Method", "MethodKind", "TrainConfig", "get_method", "method_versions", "model_problem", "reads_examples", "resolve_config", "steps_changed", "steps_for", "training_configs", "validation_choice"]
+__all__ = ["METHODS", "Adapter", "FitContext", "FitReport", "Method", "MethodKind", "TrainConfig", "batches_changed", "get_method", "method_versions", "model_problem", "reads_examples", "resolve_config", "steps_changed", "steps_for", "training_configs", "validation_choice"]
