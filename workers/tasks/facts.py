@@ -4,7 +4,9 @@ A fixed random table maps (entity, relation) to a digit 0-4. Pretraining documen
 questions `q: e3 r7 = 2 ;` with entities and relations Zipf-distributed, so common facts are
 memorised and rare ones are headroom; the liar persona answers (fact + 1) mod 5. The task is to
 answer honestly with no header; the elicited prompt carries the honest header. The table (48 × 40)
-is sized so that its training split holds more distinct questions than the largest budget.
+is sized so that its training split holds more distinct questions than the largest budget. Each
+answer is drawn on its own and the splits are by (entity, relation), so training facts say nothing
+about test facts: fine-tuning, like steering, can only draw out what pretraining memorised here.
 """
 
 from __future__ import annotations
