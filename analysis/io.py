@@ -187,6 +187,9 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan
     if plan is None:
         stored_plan = planned_cells(fs, root)
         plan = None if stored_plan is None else Plan(PLAN_NAME, frozenset(stored_plan))
+    if plan is None and planned_only:  # fitting every row instead would leave out nothing the flag asked to leave out
+        raise NoResultsError(f"--planned-only needs the sweep's plan: {results_dir} has no readable {PLAN_NAME}; "
+                             "give the sweep's YAML instead of its results_dir, or leave the flag off to fit every row")  # fmt: skip
     if plan is None or not len(loaded.frame):
         return loaded
     frame = loaded.frame

@@ -349,6 +349,15 @@ def _refuse_what_models_lack(cells: list[PlannedCell], *, fetch_configs: bool = 
         raise ConfigError("\n".join(problems))
 
 
+def _record_plan(store: ResultsStore, cells: list[PlannedCell]) -> None:
+    """The run's plan, for `status` and `fit --planned-only`: written once its models and data are ready, so that a run
+    refused while preparing them (a misspelled hub id) leaves the plan of the run before it, and its rows planned."""
+    try:
+        write_manifest(store, _manifest_entries(cells))
+    except OSError as err:
+        raise ConfigError(f"results_dir {store.uri}: cannot write there ({err})") from err
+
+
 def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[PlannedCell], store: ResultsStore) -> int:
     """Run the grid as an adaptive sweep (orchestrator/adaptive.py), one `run_cells` call per batch."""
     from orchestrator.adaptive import Settings, run_adaptive
@@ -365,6 +374,7 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
             params[model.id] = float(estimated_params(model))
         except OSError as err:  # a hub config this driver cannot fetch: the cost model learns that model's cost from its cells
             print(f"note: no size prior for {model.id} ({err})", file=sys.stderr)
+    _record_plan(store, cells)
 
     def execute(batch: list[PlannedCell], planned_at: float) -> None:
         outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress,
@@ -399,10 +409,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise in_config(err, args.config, args.overrides) from None
     store, scan = _stored(spec, set_aside=True)
     _report_quarantine(scan, set_aside=True)
-    try:
-        write_manifest(store, _manifest_entries(cells))  # the run's first write: a directory it cannot write stops it here
-    except OSError as err:
-        raise ConfigError(f"results_dir {store.uri}: cannot write there ({err})") from err
+    store.check_writable()  # a directory it cannot write stops the run here, before models are fetched
     if args.adaptive:
         return _run_adaptive(args, spec, cells, store)
     todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)
@@ -417,6 +424,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _prepare_task_data({task for c in todo for task in c.config.tasks_read})
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             _prepare_locally(model, progress=not args.no_progress)
+    _record_plan(store, cells)
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,
                         dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
     print(
@@ -577,12 +585,6 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     from analysis import NoResultsError, ReportLocationError, fit_results, write_report
     from analysis.parallel import default_workers
 
-    if report and args.out:
-        try:
-            os.makedirs(args.out, exist_ok=True)  # checked before the fit, not after minutes of it
-        except OSError as err:
-            print(f"error: --out {args.out}: cannot write there ({err})", file=sys.stderr)
-            return 2
     analyse = functools.partial(write_report, out_dir=args.out) if report else fit_results
     results_dir = _results_dir(args.results_dir, args.overrides)
     if _is_sweep_yaml(args.results_dir) and "://" not in results_dir and not os.path.exists(results_dir):
@@ -590,8 +592,19 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
         print(f"error: nothing is stored at {results_dir} yet: `{run}` stores its sweep's rows there"
               f"{_relative_hint(args.results_dir, args.overrides)}", file=sys.stderr)  # fmt: skip
         return 2
+    store = ResultsStore(results_dir)
     if "://" not in results_dir:  # a folder this user may not read: said here, not as a traceback from inside the fit
-        ResultsStore(results_dir).check_readable()
+        store.check_readable()
+    # where to write, checked before the fit, not after minutes of it; only where there are rows (else the fit says so,
+    # and an --out made first was left behind empty)
+    if store.exists():
+        store.check_writable()  # the fits are written beside the rows
+        if report and args.out:
+            try:
+                os.makedirs(args.out, exist_ok=True)
+            except OSError as err:
+                print(f"error: --out {args.out}: cannot write there ({err})", file=sys.stderr)
+                return 2
     try:
         summary = analyse(results_dir, metric=args.metric, bootstrap=args.bootstrap, x=args.x,
                           workers=args.workers or default_workers(), planned_only=args.planned_only,

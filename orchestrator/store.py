@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -89,6 +90,16 @@ class ResultsStore:
                 self.filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True))
         except PermissionError as err:
             raise self._unreadable(err) from None
+
+    def check_writable(self) -> None:
+        """Refuse a directory this user may not write to, before a command spends minutes on what it would write
+        there: a probe file written and removed (a run's plan is written once its models and data are ready)."""
+        probe = f"{self.root}/{TEMP_PREFIX}probe-{uuid.uuid4().hex}"
+        try:
+            write_atomically(self.filesystem, probe, b"")
+            self.filesystem.delete_file(probe)
+        except OSError as err:
+            raise ConfigError(f"results_dir {self.uri}: cannot write there ({err})") from None
 
     def _unreadable(self, err: PermissionError) -> ConfigError:
         return ConfigError(f"results_dir {self.uri}: cannot read it ({err})")

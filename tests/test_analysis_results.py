@@ -442,11 +442,13 @@ def test_an_unplanned_model_sharing_a_planned_cells_slug_is_not_superseded(tmp_p
 @pytest.mark.parametrize("plan", ['{"a": 1}', '[{"slug": "x"}]', "[1, 2]", '"cells"', "null", '[{"cell_id": ["x"]}]'])
 def test_a_plan_of_the_wrong_shape_is_read_as_no_plan(tmp_path: Path, plan: str) -> None:
     """plan.json that is JSON but not a list of cells with ids (a file edited or written by something else) raised a
-    TypeError or KeyError out of `steerscale fit`; like a damaged one, it is no plan: every row is fitted."""
+    TypeError or KeyError out of `steerscale fit`; like a damaged one, it is no plan: every row is fitted, and
+    --planned-only, which would then leave out nothing it asked to, is refused (it fitted every row, silently)."""
     rows = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, BUDGETS[:4], seeds=1, noise=0.01, rng=np.random.default_rng(0))
     write_cells(tmp_path, rows)
     (tmp_path / "plan.json").write_text(plan)
-    for planned_only in (False, True):
-        summary = analysis.fit_results(str(tmp_path), bootstrap=0, planned_only=planned_only)
-        (curve,) = [f for f in summary.analysis.fits if f.model == "m1"]
-        assert len(curve.points.value) == 4 and summary.analysis.loaded.unplanned == 0
+    summary = analysis.fit_results(str(tmp_path), bootstrap=0)
+    (curve,) = [f for f in summary.analysis.fits if f.model == "m1"]
+    assert len(curve.points.value) == 4 and summary.analysis.loaded.unplanned == 0
+    with pytest.raises(analysis.NoResultsError, match="--planned-only needs the sweep's plan: .* has no readable plan.json"):
+        analysis.fit_results(str(tmp_path), bootstrap=0, planned_only=True)

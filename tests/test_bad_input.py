@@ -159,6 +159,37 @@ def test_a_report_directory_that_cannot_be_written_is_refused_before_the_fit(tmp
     assert not (results / "fits.json").exists(), "the fit must not have run"
 
 
+def test_fitting_rows_in_a_folder_that_cannot_be_written_is_refused_before_the_fit(tmp_path, monkeypatch, capsys):
+    """A colleague's results, read-only: the fits are written beside the rows, and `fit` raised an OSError traceback after
+    the whole analysis; `report nowhere --out DIR` left an empty DIR behind (helper-141). (The tests run as root, which
+    mode bits do not stop: the store's writes are made to fail as a read-only mount's do.)"""
+    from datetime import datetime, timezone
+
+    import analysis
+    import orchestrator.store
+    from orchestrator.cli import main
+    from orchestrator.store import ResultsStore
+    from workers.schema import SCHEMA_VERSION
+
+    results, now = tmp_path / "results", datetime.now(timezone.utc)
+    ResultsStore(str(results)).write({"schema_version": SCHEMA_VERSION, "sweep": "s", "cell_id": "a", "slug": "a", "status": "ok",
+                                      "score": 0.5, "started_at": now, "finished_at": now})  # fmt: skip
+
+    def read_only(filesystem, path, data):
+        raise OSError(30, "Read-only file system", path)
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the fit ran before the folder was found unwritable")
+
+    monkeypatch.setattr(orchestrator.store, "write_atomically", read_only)
+    monkeypatch.setattr(analysis, "fit_results", no_fit)
+    assert main(["fit", str(results), "--bootstrap", "0"]) == 2
+    assert f"results_dir {results}: cannot write there ([Errno 30] Read-only file system" in capsys.readouterr().err
+    monkeypatch.undo()
+    _assert_clean_error(_cli("report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")), "no results directory")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_abbreviated_flag_is_refused(tmp_path):
     out = _cli("run", str(tmp_path / "sweep.yaml"), "--max-cell", "3")
     assert out.returncode == 2 and "unrecognized arguments: --max-cell 3" in out.stderr, out.stderr
@@ -171,10 +202,15 @@ def test_a_hub_model_that_cannot_be_fetched_stops_a_local_run_before_any_cell(tm
     path = tmp_path / "sweep.yaml"
     data = {**GOOD, "models": [{"id": "nobody-here/no-such-model"}], "methods": {"base": {}}, "budgets": [0], "results_dir": str(tmp_path / "r")}
     path.write_text(yaml.safe_dump(data))
+    earlier = '[{"cell_id": "a", "slug": "a", "model": "m", "method": "lora"}]'  # the plan of the run before: its rows stay planned
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "plan.json").write_text(earlier)
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path), "--no-progress", "--no-dashboard"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     _assert_clean_error(out, "model nobody-here/no-such-model cannot be loaded here: LocalEntryNotFoundError")
     assert not (tmp_path / "r" / "cells").exists(), "no cell may have run"
+    assert (tmp_path / "r" / "plan.json").read_text() == earlier, "a refused run replaced the plan: `status` called 870 ok rows unplanned"
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["plan.json"], "the writability probe is left behind"
 
 
 def test_an_unreachable_gcs_bucket_is_a_clean_error_in_seconds_not_a_quarter_hour(tmp_path):
