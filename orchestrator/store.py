@@ -90,6 +90,8 @@ class ResultsStore:
                 self.filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True))
         except PermissionError as err:
             raise self._unreadable(err) from None
+        except NotADirectoryError:
+            raise self._cells_not_a_folder() from None
 
     def check_writable(self) -> None:
         """Refuse a directory this user may not write to, before a command spends minutes on what it would write
@@ -100,6 +102,10 @@ class ResultsStore:
             self.filesystem.delete_file(probe)
         except OSError as err:
             raise ConfigError(f"results_dir {self.uri}: cannot write there ({err})") from None
+
+    def _cells_not_a_folder(self) -> ConfigError:
+        return ConfigError(f"results_dir {self.uri}: {self.where('cells')} is a file, not the folder of the cells' rows; "
+                           "move it aside, or give another results_dir")  # fmt: skip
 
     def _unreadable(self, err: PermissionError) -> ConfigError:
         return ConfigError(f"results_dir {self.uri}: cannot read it ({err})")
@@ -132,10 +138,13 @@ class ResultsStore:
         return info.type == fs.FileType.File and info.mtime is not None and info.mtime.timestamp() >= since - MTIME_SLACK_SECONDS
 
     def _cell_files(self) -> list[fs.FileInfo]:
-        selector = fs.FileSelector(self.cells_dir, allow_not_found=True)
+        try:
+            listed = self.filesystem.get_file_info(fs.FileSelector(self.cells_dir, allow_not_found=True))
+        except NotADirectoryError:  # a traceback from `plan`, `run` and `status` (helper-141)
+            raise self._cells_not_a_folder() from None
         return [
             info
-            for info in self.filesystem.get_file_info(selector)
+            for info in listed
             if info.type == fs.FileType.File and info.base_name.endswith(".parquet") and not info.base_name.startswith(TEMP_PREFIX)
         ]
 

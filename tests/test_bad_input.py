@@ -418,3 +418,11 @@ def test_sigterm_while_ray_starts_is_a_clean_stop_too(monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("command", ["status", "fit"])
+def test_a_cells_folder_that_is_a_file_is_a_clean_error(tmp_path, command):
+    """`status`, `fit`, `plan` and `run` met a results_dir whose cells/ is a file with a NotADirectoryError traceback (helper-141)."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "cells").write_text("")
+    _assert_clean_error(_cli(command, str(tmp_path / "r")), f"{tmp_path / 'r' / 'cells'} is a file, not the folder of the cells' rows")
