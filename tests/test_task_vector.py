@@ -261,7 +261,10 @@ def test_config_is_strict_and_holds_only_the_chosen_finetune():
     assert config.lora == resolve_config("lora", {}) and config.full_ft is None and 0.0 in config.lambdas
     with pytest.raises(ConfigError, match=r"methods\.task_vector\.lora\.rnak: unknown key \(did you mean 'rank'\?\)"):
         resolve_config("task_vector", {"finetune": "lora", "lora": {"rnak": 2}})
-    with pytest.raises(ConfigError, match="'full_ft' settings given but finetune is 'lora'"):
+    with pytest.raises(ConfigError, match="'full_ft' settings given but finetune is 'lora': remove the 'full_ft' settings"):
         resolve_config("task_vector", {"finetune": "lora", "full_ft": {}})
+    with pytest.raises(ConfigError, match=r"methods\.task_vector\.finetune: .*'full_ft' or 'lora'") as typo:  # not "settings given"
+        resolve_config("task_vector", {"finetune": "ful_ft", "full_ft": {}})
+    assert "settings given" not in str(typo.value)
     with pytest.raises(ConfigError, match=r"methods\.task_vector\.lambdas"):
         resolve_config("task_vector", {"lambdas": []})

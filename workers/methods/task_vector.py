@@ -79,10 +79,13 @@ class TaskVectorConfig(StrictConfig):
         if not isinstance(data, dict):
             return data
         chosen = data.get("finetune", "full_ft")
+        if chosen not in SOURCES:  # the field's own error names the choices ('ful_ft' was reported as settings given)
+            return data
         for other in SOURCES:
             if other != chosen and data.get(other) is not None:
-                raise ValueError(f"'{other}' settings given but finetune is '{chosen}'")
-        return {**data, chosen: data.get(chosen) or {}} if chosen in SOURCES else data
+                raise ValueError(f"'{other}' settings given but finetune is '{chosen}': remove the '{other}' settings, "
+                                 f"or give '{chosen}' settings instead")  # fmt: skip
+        return {**data, chosen: data.get(chosen) or {}}
 
     def source_config(self) -> FullFtConfig | LoraConfig:
         config = {"full_ft": self.full_ft, "lora": self.lora}[self.finetune]
