@@ -393,6 +393,19 @@ def test_an_output_path_that_cannot_take_the_row_is_refused_before_the_cell_runs
     assert f"{tmp_path / 'afile'} is a file, so nothing can be written under it" in capsys.readouterr().err
 
 
+def test_a_misspelled_method_key_in_a_cell_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """`rnak` in a cell.json's method_config: the model loaded, the cell wrote a failed row, then a ConfigError traceback (helper-141)."""
+    import workers.run_cell
+
+    cell = _cell("ladder:test/xs", "lora")
+    path = tmp_path / "cell.json"
+    path.write_text(cell.model_copy(update={"method_config": {**cell.method_config, "rnak": 2}}).model_dump_json())
+    monkeypatch.setattr(workers.run_cell, "run_cell", lambda cell: pytest.fail("the cell ran"))
+    assert main([str(path), str(tmp_path / "row.parquet")]) == 2
+    assert "cell.method_config.rnak: unknown key (did you mean 'rank'?)" in capsys.readouterr().err
+    assert not (tmp_path / "row.parquet").exists()
+
+
 def test_a_row_from_an_edited_tree_does_not_claim_its_commits_code(tmp_path):
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()

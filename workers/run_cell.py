@@ -30,11 +30,12 @@ from pydantic import ValidationError
 
 from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params, method_problems, release_memory
 from workers.cell import CellConfig, ModelSpec
-from workers.config import format_errors
+from workers.config import ConfigError, format_errors
 from workers.lm import LanguageModel
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import NeutralReference, neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
 from workers.models.loading import count_parameters, is_hub_model, ladder_revision, resolve_device, resolve_path
+from workers.registry import UnknownNameError
 from workers.rowfile import write_rows
 from workers.schema import SCHEMA_VERSION
 from workers.tasks import data_version, get_task, hub_data_digest, neutral_texts
@@ -454,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if problem := _out_problem(args.out):  # before the cell runs (hours on a GPU), not when its row is written
         print(f"error: {args.out}: {problem}", file=sys.stderr)
+        return 2
+    try:  # before the model loads: a misspelled key wrote a failed row after the load, with a traceback (helper-141)
+        resolve_config(cell.method, cell.method_config, path="cell.method_config")
+    except (ConfigError, UnknownNameError) as err:
+        print(f"error: {args.cell}: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(int(os.environ.get("STEERSCALE_THREADS", torch.get_num_threads())))
     if torch.cuda.is_available():
