@@ -743,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report, subparser=p)
 
     p = sub.add_parser("ladder", help="the offline model ladder")
-    ladder_sub = p.add_subparsers(dest="ladder_command", required=True, parser_class=parser_class)
+    ladder_sub = p.add_subparsers(dest="ladder_command", metavar="build", required=True, parser_class=parser_class)
     b = ladder_sub.add_parser("build", help="pretrain (or find cached) ladder models")
     b.add_argument("--recipe", default="default", help="the ladder to build (default: default; the tests' is test)")
     b.add_argument("--sizes", nargs="*", help="sizes to build (default: all of the recipe)")

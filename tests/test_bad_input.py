@@ -426,3 +426,9 @@ def test_a_cells_folder_that_is_a_file_is_a_clean_error(tmp_path, command):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "cells").write_text("")
     _assert_clean_error(_cli(command, str(tmp_path / "r")), f"{tmp_path / 'r' / 'cells'} is a file, not the folder of the cells' rows")
+
+
+def test_ladder_without_its_subcommand_names_it():
+    """`steerscale ladder` said "the following arguments are required: ladder_command", an internal name (helper-141)."""
+    out = _cli("ladder")
+    assert out.returncode == 2 and "the following arguments are required: build" in out.stderr, out.stderr
