@@ -1,5 +1,5 @@
 """`write_report`: the fits, then report.md, a self-contained report.html and the PNGs under <results_dir>/report/
-(report-nll/ for the NLL).
+(report-nll/ for the NLL, report-<x>/ for another axis than params).
 
 The report is built once as a list of blocks (headings, paragraphs, tables, images) and rendered
 twice, so the Markdown and the HTML cannot drift apart. It must say something useful about any
@@ -29,7 +29,7 @@ from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, saved_
 from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
-from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, metric_suffix, save_fits
+from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, save_fits
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def _findings(a: Analysis) -> list[Block]:
     bare = sum(not s.has_interval for s in trends)
     if bare:
         lines.append(f"{bare} D* trend(s) across models have no interval ({'--bootstrap 0' if not a.bootstrap else f'fewer than {CI_LEVEL:.0%} of the resamples give a slope'}), "
-                     f"so they are not stated here (see the fit's text and {fit_file(a.metric, 'json')}).")  # fmt: skip
+                     f"so they are not stated here (see the fit's text and {fit_file(a.metric, a.x, 'json')}).")  # fmt: skip
     lines += composition_findings(a.compositions)
     lines += [u.describe() for u in a.unchanged]
     if not a.crossovers:
@@ -365,7 +365,7 @@ def _fits_table(a: Analysis) -> list[Block]:
                 if per_family else "`*` rows are joint laws in (N, D)")  # fmt: skip
     note = Paragraph(f"Budget laws are fitted per model; {rows_are} with N = `{a.x}`, "
                      f"validated by leaving out the {get_axis(a.x).held_out}{' of the family' if per_family else ''} "
-                     f"(named in the holdout column of {fit_file(a.metric, 'parquet')}); a budget law's holdout leaves out its largest budget. "
+                     f"(named in the holdout column of {fit_file(a.metric, a.x, 'parquet')}); a budget law's holdout leaves out its largest budget. "
                      "Rows a law cannot use are counted under \"left out\"; D=0 rows (the model before post-training) "
                      "have no place on a log-budget axis. "
                      "A holdout error of - means what was left could not fit the law (a budget law needs 5 budgets for one: "
@@ -644,10 +644,10 @@ class ReportLocationError(ValueError):
     """The report (plots and pages) needs a local directory, and none was given for remote results."""
 
 
-def report_folder(metric: str) -> str:
-    """The report's default folder beside the cells: `report`, or `report-<metric>` for a metric other than the
-    score (as `fit_file` names the fits), so a report on the NLL leaves the score's in place."""
-    return f"report{metric_suffix(metric)}"
+def report_folder(metric: str, x: str) -> str:
+    """The report's default folder beside the cells: `report`, or e.g. `report-nll` for a metric other than the score
+    (as `fit_file` names the fits, `output_suffix`), so a report on the NLL leaves the score's in place."""
+    return f"report{output_suffix(metric, x)}"
 
 
 def write_report(
@@ -665,11 +665,11 @@ def write_report(
     if out_dir is None and fs.type_name != "local":
         raise ReportLocationError(f"{results_dir} is not on a local disk: give a local directory for the report's plots and pages (--out DIR)")
     a = analyse(load_rows_to_fit(results_dir, planned_only=planned_only, plan=plan), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
-    out = Path(out_dir) if out_dir is not None else Path(root) / report_folder(metric)
+    out = Path(out_dir) if out_dir is not None else Path(root) / report_folder(metric, x)
     if keeps_earlier(a, (out / "report.md").exists()):
         return FitSummary(a, {})
     # the fits apart from the report: an empty fits.json that `fit` wrote first must not keep a first report from being written
-    paths = {} if keeps_earlier(a, saved_before(results_dir, fit_file(metric, "json"))) else save_fits(results_dir, a)
+    paths = {} if keeps_earlier(a, saved_before(results_dir, fit_file(metric, x, "json"))) else save_fits(results_dir, a)
     out.mkdir(parents=True, exist_ok=True)
     earlier_report = (out / "report.md").exists()  # plots are only cleaned up where a report was before (--out may be any dir)
     decisions = read_decisions(results_dir)

@@ -178,20 +178,21 @@ def axes_text(a: Analysis) -> list[str]:
                     "reads the held-out model's base score off the test set)"]  # fmt: skip
 
 
-def metric_suffix(metric: str) -> str:
-    """What the names of a metric's outputs add: nothing for the score, `-<metric>` for another, so that fitting
-    the NLL never overwrites the score's fits or report (nor the other way round)."""
-    return "" if metric == "score" else f"-{metric}"
+def output_suffix(metric: str, x: str) -> str:
+    """What the names of a fit's outputs add: nothing for the score on parameters, `-<metric>` for another metric and
+    `-<x>` for another axis, so that fitting the NLL, or on another axis, never overwrites the default fits or report
+    (nor the other way round: `fit --x neutral_loss` replaced the fits.json a report had been written from)."""
+    return ("" if metric == "score" else f"-{metric}") + ("" if x == "params" else f"-{x}")
 
 
-def fit_file(metric: str, extension: str) -> str:
-    """The name of a fit's file beside the cells: `fits.<extension>`, or `fits-nll.<extension>` (`metric_suffix`)."""
-    return f"fits{metric_suffix(metric)}.{extension}"
+def fit_file(metric: str, x: str, extension: str) -> str:
+    """The name of a fit's file beside the cells: `fits.<extension>`, or e.g. `fits-nll.<extension>` (`output_suffix`)."""
+    return f"fits{output_suffix(metric, x)}.{extension}"
 
 
 def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
     """fits.parquet (one row per law fit) and fits.json (those rows plus every derived answer); named by
-    `fit_file` for a metric other than the score. Keyed by the score's names, whatever the metric."""
+    `fit_file` for a metric other than the score or an axis other than params. Keyed by the score's names, whatever the metric."""
     frame = analysis.fits_frame()
     payload = {
         "metric": analysis.metric,
@@ -210,8 +211,8 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
         "unchanged": [{"task": u.task, "method": u.method, "by_model": [dict(zip(("model", "unchanged", "cells"), m)) for m in u.by_model]}
                       for u in analysis.unchanged],  # fmt: skip
     }
-    return {"fits.parquet": write_table(results_dir, fit_file(analysis.metric, "parquet"), frame),
-            "fits.json": write_json(results_dir, fit_file(analysis.metric, "json"), payload)}
+    return {"fits.parquet": write_table(results_dir, fit_file(analysis.metric, analysis.x, "parquet"), frame),
+            "fits.json": write_json(results_dir, fit_file(analysis.metric, analysis.x, "json"), payload)}
 
 
 def fit_results(
@@ -229,7 +230,7 @@ def fit_results(
     """
     get_axis(x)  # a wrong name fails before any file is read
     analysis = analyse(load_rows_to_fit(results_dir, planned_only=planned_only, plan=plan), metric=metric, bootstrap=bootstrap, seed=seed, x=x, workers=workers)
-    keep = keeps_earlier(analysis, saved_before(results_dir, fit_file(metric, "json")))
+    keep = keeps_earlier(analysis, saved_before(results_dir, fit_file(metric, x, "json")))
     return FitSummary(analysis, {} if keep else save_fits(results_dir, analysis))
 
 

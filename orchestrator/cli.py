@@ -562,7 +562,8 @@ def _with_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--x", type=_x_axis, default="params",
         help="what stands for model scale N: params (non-embedding parameters), neutral_loss (base model's loss "
-        "on neutral text) or task_score (base model's score on the task); every axis is compared either way",
+        "on neutral text) or task_score (base model's score on the task); every axis is compared either way "
+        "(another than params writes fits-<x>.* and report-<x>/, beside the default's)",
     )  # fmt: skip
     p.add_argument("--metric", choices=("score", "nll"), default="score",
                    help="what the laws describe: the task score (fitted as 1 - score) or the answers' NLL on the test set "
@@ -730,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     _with_results(p)
     p.set_defaults(func=cmd_status, subparser=p)
 
-    p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json (fits-nll.* for --metric nll; "
+    p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet and fits.json (fits-nll.* for --metric nll, fits-<x>.* for --x; "
                        "an earlier fit is kept when no row is ok)")
     _with_fit_options(p)
     p.set_defaults(func=cmd_fit, subparser=p)
@@ -738,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="fit (writing what `fit` writes), then plots, report.md and a self-contained report.html")
     _with_fit_options(p)
     p.add_argument("--out", metavar="DIR", type=_directory_name,
-                   help="local directory for the report (default: <results_dir>/report, or report-nll for --metric nll; "
+                   help="local directory for the report (default: <results_dir>/report, or report-nll for --metric nll, report-<x> for --x; "
                    "needed for remote results)")  # fmt: skip
     p.set_defaults(func=cmd_report, subparser=p)
 

@@ -36,6 +36,10 @@ def test_fit_metric_nll_fits_the_nll_column(tmp_path: Path, capsys) -> None:
     assert set(pq.read_table(tmp_path / "fits-nll.parquet").column("E").to_pylist()) != set(pq.read_table(tmp_path / "fits.parquet").column("E").to_pylist())
     assert np.isclose(score["E"], 0.1, rtol=1e-3) and np.isclose(nll["E"], 0.2, rtol=1e-3)
     assert np.isclose(nll["B"], 2 * score["B"], rtol=1e-3) and np.isclose(nll["beta"], score["beta"], rtol=1e-3)
+    # another axis has its own files too: `fit --x neutral_loss` replaced the fits.json a report had been written from (helper-141)
+    assert main(["fit", str(tmp_path), "--x", "neutral_loss", "--bootstrap", "0", "--workers", "1"]) == 0
+    assert json.loads((tmp_path / "fits-neutral_loss.json").read_text())["x"] == "neutral_loss"
+    assert json.loads((tmp_path / "fits.json").read_text())["x"] == "params"
     capsys.readouterr()
 
 
