@@ -220,7 +220,7 @@ def fit_results(
     planned_only: bool = False, plan: Plan | None = None,
 ) -> FitSummary:
     """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json (`fit_file`'s
-    names for a metric other than the score) unless there is nothing to fit and an earlier fit to keep
+    names for a metric other than the score or an axis other than params) unless there is nothing to fit and an earlier fit to keep
     (`keeps_earlier`).
 
     `x` names what stands for N in the joint laws and the crossover trend: "params",

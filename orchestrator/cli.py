@@ -451,7 +451,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not entries and not scan.cells:
         from analysis.io import cells_folder_hint
 
-        print(f"error: no sweep at {store.uri}: neither a plan (plan.json) nor stored rows; `steerscale run CONFIG` makes both"
+        print(f"error: no sweep at {store.uri}: neither a plan (plan.json) nor stored rows; `steerscale run CONFIG` makes both "
+              "(once its models and data are ready: a run may still be preparing them)"
               f"{cells_folder_hint(store.uri)}", file=sys.stderr)  # fmt: skip
         return 2
     known = {e["cell_id"] for e in entries}
@@ -567,7 +568,7 @@ def _with_fit_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--metric", choices=("score", "nll"), default="score",
                    help="what the laws describe: the task score (fitted as 1 - score) or the answers' NLL on the test set "
-                   "(its fits and report are fits-nll.* and report-nll/, beside the score's)")  # fmt: skip
+                   "(its fits and report are fits-nll.* and report-nll/, beside the score's; with --x, fits-nll-<x>.*)")  # fmt: skip
     p.add_argument("--planned-only", action="store_true",
                    help="fit only the rows of the plan's cells (given a sweep YAML, its grid; else the latest run's "
                    "plan.json), leaving out an earlier config's or another sweep's")  # fmt: skip
@@ -596,10 +597,12 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
     store = ResultsStore(results_dir)
     if "://" not in results_dir:  # a folder this user may not read: said here, not as a traceback from inside the fit
         store.check_readable()
-    # where to write, checked before the fit, not after minutes of it; only where there are rows (else the fit says so,
-    # and an --out made first was left behind empty)
-    if store.exists():
-        store.check_writable()  # the fits are written beside the rows
+    # where to write, checked before the fit, not after minutes of it; only where there is a sweep (else the fit says so,
+    # and an --out made first was left behind empty). Local stores only: a probe of a bucket would need more rights
+    # (delete, create) than the fit's own writes do
+    if store.holds_sweep():
+        if "://" not in results_dir:
+            store.check_writable()  # the fits are written beside the rows
         if report and args.out:
             try:
                 os.makedirs(args.out, exist_ok=True)

@@ -114,6 +114,10 @@ class ResultsStore:
         """Whether the results directory is there (an object store's prefix exists once a row is written under it)."""
         return self.filesystem.get_file_info(self.root).type == fs.FileType.Directory
 
+    def holds_sweep(self) -> bool:
+        """Whether there is a sweep here: a plan or a cells/ folder (a run's writability probe leaves the folder alone)."""
+        return any(self.filesystem.get_file_info(path).type != fs.FileType.NotFound for path in (f"{self.root}/{MANIFEST}", self.cells_dir))
+
     def write(self, row: dict) -> None:
         write_rows_at(self.filesystem, self.cell_path(row["cell_id"]), [row])
 

@@ -145,12 +145,14 @@ def test_run_cell_records_the_base_models_neutral_loss(test_ladder: list[str]) -
 
 
 def test_cli_fit_takes_the_axis_by_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`steerscale fit --x NAME` reaches fits.json; a wrong name is a usage error (exit 2) that suggests the right one."""
+    """`steerscale fit --x NAME` reaches fits-NAME.json (fits.json is the default axis's); a wrong name is a usage error
+    (exit 2) that suggests the right one."""
     from orchestrator.cli import main
 
     write_cells(tmp_path, capability_rows({("facts", "lora"): TUNE}, MODELS, "task_score", BUDGETS, seeds=1, noise=0.01, rng=np.random.default_rng(2)))
     assert main(["fit", str(tmp_path), "--x", "task_score", "--bootstrap", "0"]) == 0
-    assert json.loads((tmp_path / "fits.json").read_text())["x"] == "task_score"
+    assert json.loads((tmp_path / "fits-task_score.json").read_text())["x"] == "task_score"
+    assert not (tmp_path / "fits.json").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", str(tmp_path), "--x", "neutral"])
     assert exit_info.value.code == 2 and "did you mean 'neutral_loss'" in capsys.readouterr().err

@@ -187,6 +187,8 @@ def test_fitting_rows_in_a_folder_that_cannot_be_written_is_refused_before_the_f
     assert f"results_dir {results}: cannot write there ([Errno 30] Read-only file system" in capsys.readouterr().err
     monkeypatch.undo()
     _assert_clean_error(_cli("report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")), "no results directory")
+    (tmp_path / "empty").mkdir()  # what a run refused while preparing leaves (its writability probe made the folder)
+    _assert_clean_error(_cli("report", str(tmp_path / "empty"), "--out", str(tmp_path / "out")), "no sweep at")
     assert not (tmp_path / "out").exists()
 
 

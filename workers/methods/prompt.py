@@ -75,7 +75,7 @@ class Prompt:
         ends = lm.end_of_text_string if any(ex.ends_text for ex in shown) else ""
         # every kind of question shown under the demonstrations, the off-task evaluation's too: a longer
         # off-task prompt would otherwise be cut into the first demonstration (`LanguageModel.clipped`)
-        queries = [ex.prompt + ex.target + (ends if ex.ends_text else "") for ex in shown]
+        queries = [ex.prompt + ex.target for ex in shown]  # the end-of-text token is one short: the reserve is twice the longest
         reserve = 2 * max((lm.token_count(q, prompt=True) for q in queries), default=0)
         demos = [ex.prompt + ex.target + (ends if ex.ends_text else "") + config.separator for ex in ctx.train[: config.max_shots]]
         # Sum per-demonstration counts to find the candidate, then check the joined text exactly
