@@ -57,7 +57,7 @@ def test_gains_clear_of_zero_only_by_chance_among_many_are_not_findings() -> Non
     gives, so none is stated, and one with p = 1e-5 still is."""
     gains = [CompositionGain("t", f"m{i}", 64.0, "lora+steer_mean", "lora", 0.01, 0.002, 0.02, 6, 3, 0.02) for i in range(10)]
     clear = CompositionGain("t", "big", 64.0, "lora+steer_mean", "lora", 0.05, 0.04, 0.06, 6, 3, 1e-5)
-    a = SimpleNamespace(fits=[], scaling=[], crossovers=[], compositions=[*gains, clear], unchanged=[], metric="score", loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))
+    a = SimpleNamespace(fits=[], scaling=[], crossovers=[], compositions=[*gains, clear], unchanged=[], metric="score", x="params", loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))
     text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
     assert text.count("is better than lora alone") == 1 and "t, big, D=64: lora+steer_mean is better" in text, text
     assert "Holm's correction over the 11 composition comparison(s)" in text

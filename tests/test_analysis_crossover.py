@@ -342,7 +342,7 @@ def test_a_resample_where_a_model_of_the_trend_does_not_cross_gives_no_slope() -
 @pytest.mark.parametrize("lo, hi, stated", [(np.nan, np.nan, None), (0.3, 0.7, "which excludes 0"), (-0.2, 0.7, "includes 0: no clear trend")])
 def test_a_d_star_trend_is_stated_only_with_an_interval(lo: float, hi: float, stated: str | None) -> None:
     trend = CrossoverScaling("t", "steer_mean", "lora", "params", 0.5, lo, hi, 3, 3, 0.1)
-    a = SimpleNamespace(fits=[], scaling=[trend], crossovers=[], compositions=[], unchanged=[], metric="score", loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))
+    a = SimpleNamespace(fits=[], scaling=[trend], crossovers=[], compositions=[], unchanged=[], metric="score", x="params", loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))
     text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
     assert ("D* ∝ params^0.50" in text) == (stated is not None), text
     assert stated is None or stated in text
@@ -360,7 +360,7 @@ def test_a_trend_does_not_say_fine_tuning_never_overtakes_on_the_models_it_leave
 def test_many_crossovers_come_with_what_their_shares_mean_across_them(pairs: int) -> None:
     """90 pairs in the quickstart, each a finding at 95 % of its own resamples with no correction for the rest."""
     found = [dataclasses.replace(_crossover(f"m{i}", 50.0, 20.0, 80.0), share=0.96 if i % 3 else 0.5) for i in range(pairs)]
-    a = SimpleNamespace(fits=[], scaling=[], crossovers=found, compositions=[], unchanged=[], metric="score",
+    a = SimpleNamespace(fits=[], scaling=[], crossovers=found, compositions=[], unchanged=[], metric="score", x="params",
                         loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))  # fmt: skip
     text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
     assert (f"{pairs - pairs // 3} of the {pairs} crossover outcomes are firm (95% of the resamples agreeing" in text) == (pairs >= 10), text

@@ -197,7 +197,7 @@ def test_a_composition_gain_needs_two_seeds_a_side_and_some_spread_for_an_interv
     (unasked,) = composition_gains(_composition_cells(3, 0.001), metric="score", intervals=False)
     assert np.isnan(unasked.gain_lo) and composition_gain(unasked) == "-0.01"  # --bootstrap 0: no intervals anywhere, no note
     for gain, stated in ((same, False), (noisy, True)):
-        a = SimpleNamespace(fits=[], scaling=[], crossovers=[], compositions=[gain], unchanged=[], metric="score", loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))
+        a = SimpleNamespace(fits=[], scaling=[], crossovers=[], compositions=[gain], unchanged=[], metric="score", x="params", loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))
         text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
         assert ("steer_mean+lora is worse than lora alone" in text) == stated, text
         assert ("composition gains have no interval" in text) != stated, text

@@ -65,7 +65,7 @@ def test_an_exponent_lost_in_many_resamples_has_a_value_but_no_interval(tmp_path
     assert any(n.startswith("beta not identified in ") and n.endswith("% of resamples: no interval") for n in curve.identification_notes()), curve.note
     record = curve.record()
     assert np.isfinite(record["beta"]) and np.isnan([record["beta_lo"], record["beta_hi"]]).all()
-    a = SimpleNamespace(fits=[curve], scaling=[], crossovers=[], compositions=[], unchanged=[], metric="score", bootstrap=200, loaded=fitted.loaded)
+    a = SimpleNamespace(fits=[curve], scaling=[], crossovers=[], compositions=[], unchanged=[], metric="score", x="params", bootstrap=200, loaded=fitted.loaded)
     findings = " ".join(getattr(b, "text", "") for b in _findings(a))
     assert "In 1 of the 1 fits a term is ≈ 0 in over 5% of the bootstrap resamples" in findings, findings
 

@@ -56,7 +56,7 @@ def test_a_method_has_one_colour_in_every_plot(tmp_path, monkeypatch) -> None:
     from analysis import plots
 
     frame = _operating_rows()
-    a = SimpleNamespace(loaded=SimpleNamespace(frame=frame), metric="score", frontier=compute_frontier(frame, "score"),
+    a = SimpleNamespace(loaded=SimpleNamespace(frame=frame), metric="score", x="params", frontier=compute_frontier(frame, "score"),
                         selectivity=selectivity(frame, "score"))  # fmt: skip
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
@@ -102,7 +102,7 @@ def test_a_frontier_the_free_base_model_holds_alone_is_still_drawn(tmp_path, mon
 
     frame = _operating_rows()
     frame = frame[frame["method"] != "lora"]  # base xl's .63 beats every paid point left
-    a = SimpleNamespace(loaded=SimpleNamespace(frame=frame), metric="score", frontier=compute_frontier(frame, "score"),
+    a = SimpleNamespace(loaded=SimpleNamespace(frame=frame), metric="score", x="params", frontier=compute_frontier(frame, "score"),
                         selectivity=selectivity(frame, "score"))  # fmt: skip
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
