@@ -81,6 +81,12 @@ def resolve(results_dir: str) -> tuple[pafs.FileSystem, str]:
 PROBE_RETRY_SECONDS = 10  # how long asking whether a gs:// results_dir is there may retry
 
 
+def holds_sweep(fs: pafs.FileSystem, root: str) -> bool:
+    """Whether `root` is a sweep's results_dir: it holds a plan or a cells/ folder (a run's writability probe leaves
+    neither behind, so a folder only probed is still no sweep)."""
+    return fs.get_file_info(f"{root}/{PLAN_NAME}").type == pafs.FileType.File or fs.get_file_info(f"{root}/cells").type == pafs.FileType.Directory
+
+
 def probe(uri: str) -> None:
     """Raise OSError (or ArrowInvalid) unless the filesystem of `uri` answers for its path. Google Cloud
     Storage's client retries for 15 minutes by default, so a bucket without credentials looked like a
@@ -177,8 +183,7 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan
         raise NoResultsError(f"no results directory {results_dir}: give a sweep's results_dir, or its YAML")
     if kind != pafs.FileType.Directory:
         raise NoResultsError(f"{results_dir} is a file: give a sweep's results_dir, or its YAML")
-    if fs.get_file_info(f"{root}/{PLAN_NAME}").type != pafs.FileType.File and fs.get_file_info(f"{root}/cells").type != pafs.FileType.Directory:
-        # the parent of results dirs, or a sweep's cells/ itself: fitting it would write fits files in there
+    if not holds_sweep(fs, root):  # the parent of results dirs, or a sweep's cells/ itself: fitting it would write fits files in there
         raise NoResultsError(f"no sweep at {results_dir}: neither a plan ({PLAN_NAME}) nor a cells/ folder; give a sweep's results_dir "
                              f"(the folder holding cells/), or its YAML{cells_folder_hint(results_dir)}")  # fmt: skip
     loaded = load_results(results_dir)

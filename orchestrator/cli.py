@@ -355,7 +355,7 @@ def _record_plan(store: ResultsStore, cells: list[PlannedCell]) -> None:
     try:
         write_manifest(store, _manifest_entries(cells))
     except OSError as err:
-        raise ConfigError(f"results_dir {store.uri}: cannot write there ({err})") from err
+        raise store.unwritable(err) from err
 
 
 def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[PlannedCell], store: ResultsStore) -> int:
@@ -595,13 +595,14 @@ def _fit_and_print(args: argparse.Namespace, *, report: bool) -> int:
               f"{_relative_hint(args.results_dir, args.overrides)}", file=sys.stderr)  # fmt: skip
         return 2
     store = ResultsStore(results_dir)
-    if "://" not in results_dir:  # a folder this user may not read: said here, not as a traceback from inside the fit
+    local = "://" not in results_dir
+    if local:  # a folder this user may not read: said here, not as a traceback from inside the fit
         store.check_readable()
     # where to write, checked before the fit, not after minutes of it; only where there is a sweep (else the fit says so,
     # and an --out made first was left behind empty). Local stores only: a probe of a bucket would need more rights
     # (delete, create) than the fit's own writes do
     if store.holds_sweep():
-        if "://" not in results_dir:
+        if local:
             store.check_writable()  # the fits are written beside the rows
         if report and args.out:
             try:

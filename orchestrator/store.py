@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs
 
-from analysis.io import probe
+from analysis.io import holds_sweep, probe
 from workers.config import ConfigError
 from workers.rowfile import TEMP_PREFIX, filesystem_and_path, write_atomically, write_rows_at
 from workers.schema import RESULT_SCHEMA
@@ -96,12 +96,16 @@ class ResultsStore:
     def check_writable(self) -> None:
         """Refuse a directory this user may not write to, before a command spends minutes on what it would write
         there: a probe file written and removed (a run's plan is written once its models and data are ready)."""
-        probe = f"{self.root}/{TEMP_PREFIX}probe-{uuid.uuid4().hex}"
+        probe_file = f"{self.root}/{TEMP_PREFIX}probe-{uuid.uuid4().hex}"
         try:
-            write_atomically(self.filesystem, probe, b"")
-            self.filesystem.delete_file(probe)
+            write_atomically(self.filesystem, probe_file, b"")
+            self.filesystem.delete_file(probe_file)
         except OSError as err:
-            raise ConfigError(f"results_dir {self.uri}: cannot write there ({err})") from None
+            raise self.unwritable(err) from None
+
+    def unwritable(self, err: OSError) -> ConfigError:
+        """The error for a write to this store refused (the user's to fix: another results_dir, or its rights)."""
+        return ConfigError(f"results_dir {self.uri}: cannot write there ({err})")
 
     def _cells_not_a_folder(self) -> ConfigError:
         return ConfigError(f"results_dir {self.uri}: {self.where('cells')} is a file, not the folder of the cells' rows; "
@@ -115,8 +119,8 @@ class ResultsStore:
         return self.filesystem.get_file_info(self.root).type == fs.FileType.Directory
 
     def holds_sweep(self) -> bool:
-        """Whether there is a sweep here: a plan or a cells/ folder (a run's writability probe leaves the folder alone)."""
-        return any(self.filesystem.get_file_info(path).type != fs.FileType.NotFound for path in (f"{self.root}/{MANIFEST}", self.cells_dir))
+        """Whether there is a sweep here (`analysis.io.holds_sweep`: the fit refuses a folder that holds none)."""
+        return holds_sweep(self.filesystem, self.root)
 
     def write(self, row: dict) -> None:
         write_rows_at(self.filesystem, self.cell_path(row["cell_id"]), [row])
@@ -248,7 +252,7 @@ def write_manifest(store: ResultsStore, cells: list[dict]) -> None:
 
 def read_manifest(store: ResultsStore) -> list[dict]:
     """The planned cells, or [] when there is no plan or it cannot be read (the rows are what counts;
-    the next `run` or `plan` writes the plan again)."""
+    the next `run` writes the plan again)."""
     try:
         with store.filesystem.open_input_stream(f"{store.root}/{MANIFEST}") as stream:
             entries = json.loads(stream.read().decode())
