@@ -326,6 +326,9 @@ def test_a_union_fields_error_names_its_key_not_pydantics_type_names(write_sweep
     ("seeds=[no]", "seeds: [false] holds a boolean where a number is expected"),
     ("methods.lora.rank=true", "methods.lora.rank: true is a boolean where a number is expected"),
     ("methods.lora.train.lr=on", "methods.lora.train.lr: true is a boolean where a number is expected"),
+    ("budgets=32", "budgets: Input should be a valid list (a list of one is written [32])"),
+    ("tasks=facts", "tasks: Input should be a valid list (a list of one is written [facts])"),
+    ("methods.steer_mean={layers: 0.5}", "methods.steer_mean.layers: Input should be a valid tuple (a list of one is written [0.5])"),
 ])  # fmt: skip
 def test_what_yaml_read_as_another_type_is_refused_with_why(override, message, write_sweep):
     """A date or number where text belongs got no hint to quote it; a boolean where a number belongs passed as 1

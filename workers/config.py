@@ -281,6 +281,8 @@ def format_errors(cls: type[BaseModel], err: ValidationError, prefix: str = "") 
         if e["type"] in ("dict_type", "model_type") and isinstance(e.get("input"), str) and ":" in e["input"]:
             name, _, value = e["input"].partition(":")  # `train:` then `  max_steps:40`: one string to YAML, not a mapping
             quote = f" (YAML read '{e['input']}' as text: write '{name}: {value}', a space after the colon)"
+        if e["type"] in ("list_type", "tuple_type") and not tagged and isinstance(e.get("input"), (int, float, str)) and not isinstance(e["input"], bool):
+            quote = f" (a list of one is written [{_as_yaml(e['input'])}])"  # `budgets: 32`, a one-value grid
         described = _description_at(cls, loc)
         after = f" ({described[0]}: {described[1]})" if described else ""
         found, _ = lines.setdefault((loc, "union" if tagged else i), ([], after))
