@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-import uuid
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,12 +24,14 @@ from pyarrow import fs
 
 from analysis.io import holds_sweep, probe
 from workers.config import ConfigError
-from workers.rowfile import TEMP_PREFIX, filesystem_and_path, write_atomically, write_rows_at
+from workers.rowfile import TEMP_PREFIX, check_writable_at, filesystem_and_path, write_atomically, write_rows_at
 from workers.schema import RESULT_SCHEMA
 
 
 READ_THREADS = 8  # cell files read at once by `scan`
 MTIME_SLACK_SECONDS = 2.0  # a stored row's time may read this much early (`ResultsStore.written_since`)
+# A temp file of a row this old is a killed writer's (a write takes seconds), not one in flight: `run` clears it
+STALE_TEMP_SECONDS = 3600.0
 SECONDS = ("train_seconds", "eval_seconds")  # a cell's own compute, summed by `scan` for `plan`'s estimate
 
 
@@ -96,10 +98,8 @@ class ResultsStore:
     def check_writable(self) -> None:
         """Refuse a directory this user may not write to, before a command spends minutes on what it would write
         there: a probe file written and removed (a run's plan is written once its models and data are ready)."""
-        probe_file = f"{self.root}/{TEMP_PREFIX}probe-{uuid.uuid4().hex}"
         try:
-            write_atomically(self.filesystem, probe_file, b"")
-            self.filesystem.delete_file(probe_file)
+            check_writable_at(self.filesystem, self.root)
         except OSError as err:
             raise self.unwritable(err) from None
 
@@ -145,16 +145,27 @@ class ResultsStore:
         info = self.filesystem.get_file_info(self.cell_path(cell_id))
         return info.type == fs.FileType.File and info.mtime is not None and info.mtime.timestamp() >= since - MTIME_SLACK_SECONDS
 
-    def _cell_files(self) -> list[fs.FileInfo]:
+    def _listing(self) -> list[fs.FileInfo]:
         try:
             listed = self.filesystem.get_file_info(fs.FileSelector(self.cells_dir, allow_not_found=True))
         except NotADirectoryError:  # a traceback from `plan`, `run` and `status` (helper-141)
             raise self._cells_not_a_folder() from None
-        return [
-            info
-            for info in listed
-            if info.type == fs.FileType.File and info.base_name.endswith(".parquet") and not info.base_name.startswith(TEMP_PREFIX)
-        ]
+        return [info for info in listed if info.type == fs.FileType.File]
+
+    @staticmethod
+    def _cell_files(listed: list[fs.FileInfo]) -> list[fs.FileInfo]:
+        return [info for info in listed if info.base_name.endswith(".parquet") and not info.base_name.startswith(TEMP_PREFIX)]
+
+    def _clear_stale_temps(self, listed: list[fs.FileInfo]) -> None:
+        """Delete the temp files of writes killed long ago: only steerscale skips them (a complete one is a second copy
+        of its row to a reader that takes hidden files). One deleted meanwhile by another driver is left to it."""
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        for info in listed:
+            if info.base_name.startswith(TEMP_PREFIX) and info.mtime is not None and info.mtime.timestamp() < cutoff:
+                try:
+                    self.filesystem.delete_file(info.path)
+                except FileNotFoundError:
+                    pass
 
     def _quarantine(self, info: fs.FileInfo) -> None:
         """Move a bad cell file to quarantine/, beside (not over) an earlier bad file of the same cell; one that
@@ -181,7 +192,10 @@ class ResultsStore:
         """
         scan = StoreScan()
         try:  # not the files' fault either: a cell file this user may not read is not set aside
-            files = self._cell_files()
+            listed = self._listing()
+            files = self._cell_files(listed)
+            if set_aside:
+                self._clear_stale_temps(listed)
             with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:  # Arrow releases the GIL; a remote read is a round trip
                 read = list(pool.map(self._status_if_there, files))
         except PermissionError as err:
@@ -228,7 +242,7 @@ class ResultsStore:
     def read(self, *, set_aside: bool = True) -> pa.Table:
         """All rows, in the current schema (older files' missing columns become null)."""
         unreadable = {name for name, _ in self.scan(set_aside=set_aside).quarantined}
-        files = [info for info in self._cell_files() if info.base_name not in unreadable]
+        files = [info for info in self._cell_files(self._listing()) if info.base_name not in unreadable]
         tables = [pq.read_table(info.path, filesystem=self.filesystem) for info in files]
         if not tables:
             return RESULT_SCHEMA.empty_table()

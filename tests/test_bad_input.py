@@ -166,7 +166,7 @@ def test_fitting_rows_in_a_folder_that_cannot_be_written_is_refused_before_the_f
     from datetime import datetime, timezone
 
     import analysis
-    import orchestrator.store
+    import workers.rowfile
     from orchestrator.cli import main
     from orchestrator.store import ResultsStore
     from workers.schema import SCHEMA_VERSION
@@ -181,7 +181,7 @@ def test_fitting_rows_in_a_folder_that_cannot_be_written_is_refused_before_the_f
     def no_fit(*args, **kwargs):
         raise AssertionError("the fit ran before the folder was found unwritable")
 
-    monkeypatch.setattr(orchestrator.store, "write_atomically", read_only)
+    monkeypatch.setattr(workers.rowfile, "write_atomically", read_only)
     monkeypatch.setattr(analysis, "fit_results", no_fit)
     assert main(["fit", str(results), "--bootstrap", "0"]) == 2
     assert f"results_dir {results}: cannot write there ([Errno 30] Read-only file system" in capsys.readouterr().err

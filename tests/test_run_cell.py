@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from workers.cache import WorkerCache
 from workers.cell import CellConfig, EvalConfig, ModelSpec
 from workers.methods import resolve_config
 from workers.run_cell import CellRun, git_sha, main, model_revision, run_cell
+from workers.schema import SCHEMA_VERSION
 
 MEASURED = ("score", "score_outcomes", "score_base", "nll", "nll_base", "neutral_kl", "neutral_ppl_ratio", "offtask_score_delta",
             "trainable_params", "post_train_flops", "train_tokens", "layer", "alpha", "hparams")
@@ -391,6 +394,33 @@ def test_an_output_path_that_cannot_take_the_row_is_refused_before_the_cell_runs
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'dir'}: is a directory; give the Parquet file to write the row to (e.g. row.parquet)"
     assert main([str(cell), str(tmp_path / "afile" / "sub" / "row.parquet")]) == 2
     assert f"{tmp_path / 'afile'} is a file, so nothing can be written under it" in capsys.readouterr().err
+
+
+def test_an_output_uri_is_written_where_it_points_and_an_unwritable_place_is_refused_first(tmp_path, capsys, monkeypatch):
+    """The output went through `Path`, which made `s3://b/row.parquet` the local `s3:/b/row.parquet`: the row landed in
+    a folder named `s3:`. And a place the user may not write was found only after the cell had run, as a traceback
+    with the row lost (helper-144). (The tests run as root, which mode bits do not stop: the write is made to fail.)"""
+    import workers.rowfile
+    import workers.run_cell
+
+    cell = tmp_path / "cell.json"
+    cell.write_text(_cell("ladder:test/xs", "base").model_dump_json())
+    now = datetime.now(timezone.utc)
+    stored = {"schema_version": SCHEMA_VERSION, "sweep": "s", "cell_id": "c", "slug": "c", "status": "ok", "score": 0.5,
+              "started_at": now, "finished_at": now}  # fmt: skip
+    monkeypatch.setattr(workers.run_cell, "run_cell", lambda cell: stored)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(cell), f"file://{tmp_path}/out/row.parquet"]) == 0
+    assert pq.read_table(tmp_path / "out" / "row.parquet").column("score").to_pylist() == [0.5]
+    assert not (tmp_path / "file:").exists()
+
+    def read_only(filesystem, path, data):
+        raise OSError(30, "Read-only file system", path)
+
+    monkeypatch.setattr(workers.run_cell, "run_cell", lambda cell: pytest.fail("the cell ran"))
+    monkeypatch.setattr(workers.rowfile, "write_atomically", read_only)
+    assert main([str(cell), str(tmp_path / "ro" / "row.parquet")]) == 2
+    assert f"error: {tmp_path / 'ro' / 'row.parquet'}: cannot write there ([Errno 30] Read-only file system" in capsys.readouterr().err
 
 
 def test_a_misspelled_method_key_in_a_cell_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

@@ -83,6 +83,8 @@ def test_write_killed_halfway_leaves_no_readable_partial_file(tmp_path):
     leftovers = os.listdir(results / "cells")
     assert "k1.parquet" not in leftovers
     assert any(name.startswith(".tmp-") for name in leftovers), "the kill should have hit the temp file"
+    # DuckDB's and Polars' `cells/*.parquet` take hidden files too: a truncated one stopped their read (helper-144)
+    assert not [name for name in leftovers if name.endswith(".parquet")], "a write in flight must not look like a row file"
     store = ResultsStore(str(results))
     scan = store.scan()
     assert scan.statuses() == {} and scan.quarantined == [] and store.read().num_rows == 0, "a write in flight is not a broken file"
@@ -95,6 +97,32 @@ def test_a_write_that_fails_raises_and_leaves_no_temp_file(tmp_path):
     (blocked / "inside").mkdir(parents=True)
     with pytest.raises(OSError):
         write_atomically(fs.LocalFileSystem(), str(blocked), b"row bytes")
+    assert sorted(os.listdir(tmp_path / "cells")) == ["k1.parquet"]
+
+
+def test_run_clears_temp_files_of_writes_killed_long_ago_and_leaves_recent_ones(tmp_path):
+    """A killed write's temp file stayed for good: a whole one is a second copy of its row to readers that take hidden
+    files. A scan that may set files aside (run's) deletes those an hour old; a recent one may be a write in flight."""
+    store = ResultsStore(str(tmp_path))
+    store.write(_row("c1"))
+    cells = tmp_path / "cells"
+    old, recent = cells / ".tmp-aa-c2.parquet.partial", cells / ".tmp-bb-c3.parquet.partial"
+    for path in (old, recent):
+        path.write_bytes((cells / "c1.parquet").read_bytes())
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    assert store.scan(set_aside=False).statuses() == {"c1": "ok"} and old.exists(), "status and plan only read"
+    assert store.scan().statuses() == {"c1": "ok"}
+    assert sorted(os.listdir(cells)) == [".tmp-bb-c3.parquet.partial", "c1.parquet"]
+
+
+def test_a_write_to_an_object_store_that_fails_leaves_no_temp_file(tmp_path):
+    """The object-store path (an upload, then a move: on S3 and GCS a copy and a delete) kept its temp object when the
+    move failed, a whole second copy of the row under a hidden name. A filesystem that is not LocalFileSystem takes it."""
+    blocked = tmp_path / "cells" / "k1.parquet"
+    (blocked / "inside").mkdir(parents=True)
+    with pytest.raises(OSError):
+        write_atomically(fs.SubTreeFileSystem(str(tmp_path), fs.LocalFileSystem()), "cells/k1.parquet", b"row bytes")
     assert sorted(os.listdir(tmp_path / "cells")) == ["k1.parquet"]
 
 
@@ -158,12 +186,12 @@ def test_a_bad_file_another_driver_set_aside_first_is_not_an_error_and_none_is_o
     first.write(_row("good"))
     bad = tmp_path / "r" / "cells" / "cut.parquet"
     bad.write_bytes(b"PAR1 cut short")
-    listed = second._cell_files()
+    listed = second._listing()
     assert [name for name, _ in first.scan().quarantined] == ["cut.parquet"]
-    monkeypatched = second._cell_files
-    second._cell_files = lambda: listed  # listed before the first driver moved the file
+    monkeypatched = second._listing
+    second._listing = lambda: listed  # listed before the first driver moved the file
     assert second.scan().statuses() == {"good": "ok"}
-    second._cell_files = monkeypatched
+    second._listing = monkeypatched
     bad.write_bytes(b"PAR1 cut short again")
     assert [name for name, _ in first.scan().quarantined] == ["cut.parquet"]
     quarantine = tmp_path / "r" / "quarantine"

@@ -17,6 +17,9 @@ from pyarrow import fs
 from workers.schema import to_table
 
 TEMP_PREFIX = ".tmp-"
+# A write in flight (or one a kill cut short) ends in this, not in `.parquet`: readers that glob `cells/*.parquet`
+# (DuckDB, Polars) take hidden files too, and a truncated one stopped their read, a whole one doubled a row.
+TEMP_SUFFIX = ".partial"
 
 
 def filesystem_and_path(uri: str) -> tuple[fs.FileSystem, str]:
@@ -43,7 +46,7 @@ def write_atomically(filesystem: fs.FileSystem, path: str, data: bytes) -> None:
     """`data` at `path`, whole or not at all: written to a temp name, synced, then renamed."""
     directory, name = path.rsplit("/", 1)
     filesystem.create_dir(directory, recursive=True)
-    temp = f"{directory}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    temp = f"{directory}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}{TEMP_SUFFIX}"
     if isinstance(filesystem, fs.LocalFileSystem):
         try:
             with open(temp, "wb") as handle:
@@ -60,9 +63,23 @@ def write_atomically(filesystem: fs.FileSystem, path: str, data: bytes) -> None:
             raise
         _sync_directory(directory)
     else:  # object stores publish an object only when its upload completes; the move keeps that true elsewhere
-        with filesystem.open_output_stream(temp) as stream:
-            stream.write(data)
-        filesystem.move(temp, path)
+        try:
+            with filesystem.open_output_stream(temp) as stream:
+                stream.write(data)
+            filesystem.move(temp, path)  # a copy and a delete on S3 and GCS: a failed delete leaves a whole copy
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if filesystem.get_file_info(temp).type != fs.FileType.NotFound:
+                    filesystem.delete_file(temp)
+            raise
+
+
+def check_writable_at(filesystem: fs.FileSystem, directory: str) -> None:
+    """Raise the OSError that writing a row into `directory` would (made if missing): a probe file written and
+    removed, before hours of compute whose row the write would then lose."""
+    probe = f"{directory}/{TEMP_PREFIX}probe-{uuid.uuid4().hex}{TEMP_SUFFIX}"
+    write_atomically(filesystem, probe, b"")
+    filesystem.delete_file(probe)
 
 
 def _sync_directory(directory: str) -> None:

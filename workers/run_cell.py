@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from pyarrow import fs
 from pydantic import ValidationError
 
 from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params, method_problems, release_memory
@@ -36,7 +37,7 @@ from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import NeutralReference, neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
 from workers.models.loading import count_parameters, is_hub_model, ladder_revision, resolve_device, resolve_path
 from workers.registry import UnknownNameError
-from workers.rowfile import write_rows
+from workers.rowfile import check_writable_at, filesystem_and_path, write_rows
 from workers.schema import SCHEMA_VERSION
 from workers.tasks import data_version, get_task, hub_data_digest, neutral_texts
 from workers.tasks.base import Example, Split, Task
@@ -431,21 +432,28 @@ def fit_process_to(cpus: float, gpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
-def _out_problem(out: Path) -> str | None:
-    """Why the row could not be written to `out` (None where it can): a directory there, or a file where a directory
-    above it must be. Found after the cell had run, the row was lost with its compute (helper-129)."""
-    if out.is_dir():
+def _out_problem(out: str) -> str | None:
+    """Why the row could not be written to `out`, a path or URI (None where it can): a directory there, a file where a
+    directory above it must be, or a place this user may not write. Found after the cell had run, the row was lost
+    with its compute (helper-129, helper-144)."""
+    filesystem, path = filesystem_and_path(out)
+    if filesystem.get_file_info(path).type == fs.FileType.Directory:
         return "is a directory; give the Parquet file to write the row to (e.g. row.parquet)"
-    existing = next((parent for parent in out.parents if parent.exists()), None)
-    if existing is not None and not existing.is_dir():
-        return f"{existing} is a file, so nothing can be written under it"
+    if "://" not in out:
+        existing = next((parent for parent in Path(path).parents if parent.exists()), None)
+        if existing is not None and not existing.is_dir():
+            return f"{existing} is a file, so nothing can be written under it"
+    try:
+        check_writable_at(filesystem, path.rsplit("/", 1)[0])
+    except OSError as err:
+        return f"cannot write there ({err})"
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.run_cell", description=__doc__.split("\n")[0])
     parser.add_argument("cell", type=Path, help="JSON file with a resolved CellConfig")
-    parser.add_argument("out", type=Path, help="Parquet file to write the row to (atomically)")
+    parser.add_argument("out", help="Parquet file to write the row to (atomically): a path, or a URI such as s3://bucket/row.parquet")
     args = parser.parse_args(argv)
     try:
         cell = CellConfig.model_validate_json(args.cell.read_text())
@@ -465,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         deterministic_cuda()
     row = run_cell(cell)
-    write_rows(str(args.out), [row])
+    write_rows(args.out, [row])
     print(f"{row['slug']}: {row['status']}" + (f" score={row.get('score'):.3f}" if row["status"] == "ok" else f"\n{row['error']}"))
     return 0 if row["status"] == "ok" else 1
 
