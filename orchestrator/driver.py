@@ -595,9 +595,13 @@ def run_cells(
         bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy(), starting=len(POOL.pending()), refresh=refresh)
 
     def stop_overdue() -> None:
-        """Store the cells past resources.cell_timeout_s as failed, stopping their workers."""
+        """Store the cells past resources.cell_timeout_s as failed, stopping their workers. One that finished since the
+        loop's wait (while the batch's rows were stored) is collected instead: its row is there, not a timeout."""
         now = time.monotonic()
-        for ref in [ref for ref, due in deadlines.items() if due <= now]:
+        overdue = [ref for ref, due in deadlines.items() if due <= now]
+        if overdue:
+            collect(ray.wait(overdue, num_returns=len(overdue), timeout=0)[0])
+        for ref in [ref for ref in overdue if ref in deadlines]:
             worker, cell, attempt, since = in_flight.pop(ref)
             del deadlines[ref]
             POOL.retire(worker)
