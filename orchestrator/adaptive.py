@@ -35,7 +35,7 @@ import pandas as pd
 
 from analysis.bootstrap import CI_LEVEL
 from analysis.decisions import LOG_NAME, parse_events
-from analysis.io import jsonable, load_results
+from analysis.io import ReadCache, jsonable, load_results
 
 from orchestrator.acquisition import (
     Choice, CurveFit, CurveKey, Target, acquisition_choices, check_grid, curve_key, curve_pairs, curves_of, design_choices, fit_curve,
@@ -107,7 +107,7 @@ class DecisionLog:
             self.filesystem.move(temp, self.path)
 
 
-def stored_rows(store: ResultsStore, cells: Sequence[Planned]) -> pd.DataFrame:
+def stored_rows(store: ResultsStore, cells: Sequence[Planned], reread: ReadCache | None = None) -> pd.DataFrame:
     """The rows of this grid's cells (a results directory may hold others).
 
     The run set unreadable files aside before its first round and writes atomically, so a grid cell's
@@ -115,7 +115,7 @@ def stored_rows(store: ResultsStore, cells: Sequence[Planned]) -> pd.DataFrame:
     than choose that cell again and run it over its row.
     """
     ids = {c.cell_id for c in cells}
-    loaded = load_results(store.uri)
+    loaded = load_results(store.uri, reread)  # the files read in earlier rounds, unchanged since, are not read again
     unread = [s for s in loaded.skipped if s.path.rsplit("/", 1)[-1].removesuffix(".parquet") in ids]
     if unread:
         others = f" and {len(unread) - 1} other rows" if len(unread) > 1 else ""
@@ -208,11 +208,12 @@ def run_adaptive(
     flops_budget = settings.budget_flops if settings.budget_flops is not None else float("inf")
     cells_budget = settings.max_cells if settings.max_cells is not None else float("inf")
     fit_cache: dict = {}
+    read_cache: ReadCache = {}
     submitted: list[Choice] = []
     cell_claims = Claims(store)  # the drivers' claims on cells (`run_cells`), read here, never taken
     while True:
         read_at = time.time()  # a cell another driver stores after this is not run again (run_cells' planned_at)
-        rows = stored_rows(store, cells)
+        rows = stored_rows(store, cells, read_cache)
         status = dict(zip(rows["cell_id"], rows["status"]))
         abandoned = given_up(cells, status)
         failing = ", ".join(f"{label(key)} ({n} cells failed)" for key, n in abandoned.items())

@@ -264,8 +264,8 @@ def _adaptive_flag_error(args: argparse.Namespace) -> str | None:
         return f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --adaptive" if given else None
     if args.budget_flops is None and args.max_cells is None:
         return "--adaptive needs a budget to stop at: --budget-flops X and/or --max-cells K"
-    if args.force or args.retry_failed:
-        return "--adaptive chooses among cells without a stored row; it does not combine with --force or --retry-failed"
+    if args.force:
+        return "--adaptive chooses among cells without a stored row; it does not combine with --force"
     return None
 
 
@@ -358,8 +358,10 @@ def _record_plan(store: ResultsStore, cells: list[PlannedCell]) -> None:
         raise store.unwritable(err) from err
 
 
-def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[PlannedCell], store: ResultsStore) -> int:
-    """Run the grid as an adaptive sweep (orchestrator/adaptive.py), one `run_cells` call per batch."""
+def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[PlannedCell], store: ResultsStore, scan: StoreScan) -> int:
+    """Run the grid as an adaptive sweep (orchestrator/adaptive.py), one `run_cells` call per batch. With --retry-failed
+    the grid's failed cells (chosen by earlier rounds; a lost node, a timeout) run again first, as one batch: the
+    loop itself never reruns a stored cell, and counts failed ones against --max-cells and towards giving a curve up."""
     from orchestrator.adaptive import Settings, run_adaptive
     from orchestrator.driver import run_cells
     from workers.run_cell import estimated_params
@@ -381,6 +383,12 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
                             dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
         print(f"  ran {_count(outcome.ok + outcome.failed, 'cell')} in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed")
 
+    if args.retry_failed:
+        stored = scan.statuses()
+        failed = [c for c in cells if stored.get(c.cell_id) == "failed"]
+        print(f"--retry-failed: {_count(len(failed), 'failed cell')} of the grid run again before the adaptive rounds")
+        if failed:
+            execute(failed, time.time())
     settings = Settings(**{name: getattr(args, name) for name in ADAPTIVE_FLAGS if getattr(args, name) is not None})
     outcome = run_adaptive(cells, store, execute, settings, params)
     print(f"adaptive: {outcome.cells_stored} of {len(cells)} cells stored, {outcome.flops_spent:.3g} post-training FLOPs")
@@ -411,7 +419,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _report_quarantine(scan, set_aside=True)
     store.check_writable()  # a directory it cannot write stops the run here, before models are fetched
     if args.adaptive:
-        return _run_adaptive(args, spec, cells, store)
+        return _run_adaptive(args, spec, cells, store, scan)
     todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)
     print(count_line(spec.sweep, cells, scan, todo))
     _note_unfittable(cells)
@@ -715,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every cell that has no stored row yet")
     with_config(p)
-    p.add_argument("--retry-failed", action="store_true", help="also rerun cells stored as failed")
+    p.add_argument("--retry-failed", action="store_true", help="also rerun cells stored as failed (with --adaptive: first, then the rounds go on)")
     p.add_argument("--force", action="store_true", help="rerun every cell, replacing stored rows (a failed rerun keeps an ok row)")
     p.add_argument("--address", help="join an existing Ray cluster ('auto' inside `ray job submit`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -21,6 +21,7 @@ import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -826,9 +827,17 @@ def test_cli_adaptive_run_on_the_test_ladder_stores_at_most_k_cells_and_its_log(
     assert {r["cell_id"] for r in choices} == set(rows.cell_id) and all(r["reason"] for r in choices)
     assert log[-1]["event"] == "stop" and log[-1]["reason"].startswith("cell budget reached (10 of --max-cells 10)")
     assert "adaptive: stopped after round 1" in first.stdout
-    again = steerscale("run", str(config), *flags)  # resumes from the store, finds the cell budget spent
+    # a cell the rounds chose failed (a node lost): --adaptive refused --retry-failed, and the rounds never rerun a stored
+    # cell, so it stayed failed for good (helper-144). It runs again first now; the rounds then resume as before.
+    lost = results / "cells" / f"{rows.cell_id[0]}.parquet"
+    table = pq.read_table(lost)
+    pq.write_table(table.set_column(table.schema.get_field_index("status"), "status", pa.array(["failed"])), lost)
+    again = steerscale("run", str(config), *flags, "--retry-failed")  # resumes from the store, finds the cell budget spent
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming at round 2" in again.stdout and len(pq.read_table(results / "cells").to_pandas()) == 10
+    assert "--retry-failed: 1 failed cell of the grid run again before the adaptive rounds" in again.stdout
+    assert "resuming at round 2" in again.stdout
+    rows = pq.read_table(results / "cells").to_pandas()
+    assert len(rows) == 10 and (rows.status == "ok").all()
 
 
 def test_crossover_samples_count_d_star_as_the_report_does():

@@ -89,6 +89,28 @@ def test_uri_results_dir_reads_the_same(tmp_path: Path) -> None:
     assert len(by_uri) == 4 and by_uri["cell_id"].tolist() == analysis.load_results(str(tmp_path)).frame["cell_id"].tolist()
 
 
+def test_a_reread_reads_only_files_new_or_changed_since_and_drops_those_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adaptive loop read every stored row again each round: O(cells²) reads over a run (helper-144)."""
+    import os
+
+    import analysis.io
+
+    rows = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, (8, 64), seeds=2, noise=0.01, rng=np.random.default_rng(0))
+    write_cells(tmp_path, rows[:3])
+    cache: analysis.io.ReadCache = {}
+    assert len(analysis.load_results(str(tmp_path), cache).frame) == 3 and len(cache) == 3
+    read, real_read = [], analysis.io._read_cell
+    monkeypatch.setattr(analysis.io, "_read_cell", lambda fs, path: read.append(Path(path).name) or real_read(fs, path))
+    write_cells(tmp_path, [rows[3], dict(rows[0], score=0.99)])  # one new, one replaced
+    cells = tmp_path / "cells"
+    os.utime(cells / f"{rows[0]['cell_id']}.parquet", ns=(1, 1))  # a replacement within the clock's tick still differs
+    (cells / f"{rows[1]['cell_id']}.parquet").unlink()
+    frame = analysis.load_results(str(tmp_path), cache).frame.set_index("cell_id")
+    assert sorted(read) == sorted(f"{row['cell_id']}.parquet" for row in (rows[0], rows[3]))
+    assert sorted(frame.index) == sorted(row["cell_id"] for row in (rows[0], rows[2], rows[3]))
+    assert frame.loc[rows[0]["cell_id"], "score"] == 0.99 and len(cache) == 3
+
+
 def test_failed_and_nan_rows_are_excluded_and_counted(summary: analysis.FitSummary) -> None:
     fits = pd.read_parquet(summary.paths["fits.parquet"])
     row = fits[(fits.task == "facts") & (fits.method == "lora") & (fits.model == "m1")].iloc[0]
