@@ -49,6 +49,10 @@ class Crossover:
     tolerance: float = np.nan  # differences up to this (metric units) are within the cells' resolution (`tolerance`)
     disputed: str = ""  # where the measured means either side of D* do not show the swap (`measured_check`): not a finding
     idle: bool = False  # both methods left the model as it was in most cells both measured (`unchanged.idle_pairs`)
+    # the outcome most resamples give, and their share, where it is not `outcome` ("tied (6 %)" alone hid that 80 %
+    # of resamples put fine-tuning ahead); "" where the point outcome is also the resamples' (or none were drawn)
+    resampled_outcome: str = ""
+    resampled_share: float = np.nan
     overtakes: np.ndarray = field(default_factory=lambda: np.array([]), repr=False, compare=False)  # per resample: D*
     # where fine-tuning overtakes, NaN where it does not (what the trend's interval resamples)
 
@@ -264,6 +268,7 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     d = np.geomspace(d_min, d_max, GRID_POINTS)
     metric = steer.metric
     sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0  # advantage of fine-tuning, in "better" units
+    mode, mode_share = "", np.nan
     fitted = sign * (budget_curves(tune.fit.params, d, metric) - budget_curves(steer.fit.params, d, metric))
     tol = tolerance(np.concatenate([steer.points.value, tune.points.value]))
     code, d_star = (v[0] for v in outcomes(fitted, d, tol))
@@ -273,6 +278,9 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
         advantage = sign * (budget_curves(tune.boot.params(), d, metric) - budget_curves(steer.boot.params(), d, metric))
         codes, samples = outcomes(advantage, d, tol)
         share = float(np.mean(codes == code))
+        counts = np.bincount(codes[codes >= 0], minlength=len(OUTCOMES))
+        if counts.any() and counts.argmax() != code and counts.max() > share * len(codes):
+            mode, mode_share = OUTCOMES[int(counts.argmax())], float(counts.max() / len(codes))
         winner = 1.0 if code == 0 else -1.0  # the side ahead at the largest budget
         lo, hi = censored_interval(lead_from(winner * advantage, d, tol)) if code in (0, 1) else (np.nan, np.nan)
         overtakes = np.where(codes == 0, samples, np.nan)
@@ -306,7 +314,7 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     verdict += f"; the measured means do not show it: {disputed}" if disputed else ""
     d_star = first if code == 5 else d_star
     return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, tolerance=tol, disputed=disputed,
-                     overtakes=overtakes)  # fmt: skip
+                     resampled_outcome=mode, resampled_share=mode_share, overtakes=overtakes)  # fmt: skip
 
 
 def find_crossovers(fits: list[LawFit]) -> list[Crossover]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from analysis.axis_choice import TREND
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
 from analysis.composition import CompositionGain, Welch, holm, paired_noise, unmatched_compositions
-from analysis.crossover import Crossover
+from analysis.crossover import MIN_TREND_MODELS, Crossover
+from analysis.fitting import HUBER_DELTA
 from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
@@ -175,6 +177,9 @@ def _findings(a: Analysis) -> list[Block]:
     if bare:
         lines.append(f"{bare} D* trend(s) across models have no interval ({'--bootstrap 0' if not a.bootstrap else f'fewer than {CI_LEVEL:.0%} of the resamples give a slope'}), "
                      f"so they are not stated here (see the fit's text and {fit_file(a.metric, a.x, 'json')}).")  # fmt: skip
+    if few := len(a.scaling) - len(trends):
+        lines.append(f"{few} D* trend(s) go through fewer than {MIN_TREND_MODELS} models with a finite D* (a line through two fits them "
+                     f"exactly), so they are not stated here either ({fit_file(a.metric, a.x, 'json')} keeps them).")  # fmt: skip
     lines += composition_findings(a.compositions)
     lines += [u.describe() for u in a.unchanged]
     if not a.crossovers:
@@ -278,6 +283,8 @@ def _lead(best_rows: pd.DataFrame, runner_up_rows: pd.DataFrame, name: str, metr
 
 
 CROSSOVER_CELLS = {"finetuning_ahead": "FT ahead", "steering_ahead": "steering ahead", "tied": "tied", "no_overlap": "no shared budgets", "not_finite": "not finite"}
+# an outcome in few words, for "most resamples: …" where the resamples' commonest outcome is not the fit's
+RESAMPLED_WORDS = {**CROSSOVER_CELLS, "crosses": "FT overtakes", "steering_overtakes": "steering overtakes", "crosses_twice": "cross twice"}
 
 
 def composition_finding(g: CompositionGain, compared: int) -> str:
@@ -325,7 +332,8 @@ def _crossover_table(a: Analysis) -> list[Block]:
         elif np.isfinite(c.d_star):
             interval = f" {c.interval()}" if c.interval() else ""
             text = ("steering from " if c.outcome == "steering_overtakes" else "") + _num(c.d_star) + interval
-        agree = f" ({whole_percent(c.share)}%)" if np.isfinite(c.share) else c.unresampled_note()
+        mode = f"; most resamples: {RESAMPLED_WORDS[c.resampled_outcome]}, {whole_percent(c.resampled_share)}%" if c.resampled_outcome else ""
+        agree = f" ({whole_percent(c.share)}%{mode})" if np.isfinite(c.share) else c.unresampled_note()
         return text + agree + (" †" if c.disputed else "") + (" ‡" if c.idle else "")
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
@@ -340,7 +348,9 @@ def _crossover_table(a: Analysis) -> list[Block]:
         "`no shared budgets`: the two were measured on budget ranges that do not "
         "overlap; blank: one of the two curves could not be fitted. In brackets, the share of bootstrap resamples with "
         "the same outcome: under 95 % the outcome is not a finding (as `steerscale fit` marks it), and near one half it is a coin "
-        "flip (the curves are tied), not only where D* falls. †: the means measured at the budgets either side of D* do not "
+        "flip (the curves are tied), not only where D* falls; where most resamples give another outcome, that one follows with "
+        "its share (`tied (6%; most resamples: FT ahead, 80%)`: the fitted curves tie, but resamples of the cells mostly do not). "
+        "†: the means measured at the budgets either side of D* do not "
         "show the swap the fitted curves place between them — or, with no crossing (ahead throughout, tied), the means at a "
         "budget both measured contradict the outcome (`steerscale fit` says where): a law that does not describe its "
         "data gives an outcome every resample agrees with, so such an outcome is not a finding whatever its share. "
@@ -363,7 +373,10 @@ def _fits_table(a: Analysis) -> list[Block]:
     per_family = any(f.family for f in a.fits)
     rows_are = ("`* (family)` rows are joint laws in (N, D) fitted within one family (parameters do not compare across families)"
                 if per_family else "`*` rows are joint laws in (N, D)")  # fmt: skip
-    note = Paragraph(f"Budget laws are fitted per model; {rows_are} with N = `{a.x}`, "
+    note = Paragraph(f"Budget laws are fitted per model to every cell (not to seed means) with Huber loss on log loss (δ = "
+                     f"{HUBER_DELTA:g}, as Chinchilla's approach 3): near a median fit, so where two seeds of a budget differ "
+                     "widely a curve may pass by one of them rather than their mean (the budget plots show each cell); "
+                     f"{rows_are} with N = `{a.x}`, "
                      f"validated by leaving out the {get_axis(a.x).held_out}{' of the family' if per_family else ''} "
                      f"(named in the holdout column of {fit_file(a.metric, a.x, 'parquet')}); a budget law's holdout leaves out its largest budget. "
                      "Rows a law cannot use are counted under \"left out\"; D=0 rows (the model before post-training) "
@@ -387,6 +400,7 @@ def _capability(a: Analysis) -> list[Block]:
     if len(caps):
         rows = [(r["task"], r["model"], r["family"], *(_num(r[name]) for name in AXES)) for _, r in caps.iterrows()]
         blocks.append(Table(("task", "model", "family", *AXES), rows))
+        blocks += [Paragraph(line) for line in capability_out_of_size_order(caps)]
     groups = a.axes.error_table()
     if not groups:
         return [*blocks, Paragraph(f"No axis has a held-out error to compare: {a.axes.why_no_errors()}.")]
@@ -400,6 +414,25 @@ def _capability(a: Analysis) -> list[Block]:
                                 f"`{v.x}`: tightest in {v.wins} of the {v.fitted} groups it fits; median law error {_num(v.median_error)}."))  # fmt: skip
     verdict = f"Verdict: `{a.axes.best}` gives the tighter law." if a.axes.best else f"Verdict: {a.axes.why_no_best()}."
     return [*blocks, Paragraph(verdict), *([Paragraph(axis_caveat(a))] if a.axes.best else [])]
+
+
+def capability_out_of_size_order(caps: pd.DataFrame) -> list[str]:
+    """Per family, where a larger model is less capable on neutral text than the next smaller one: there `params` and
+    `neutral_loss` order the models differently, so a law or D* trend over N says different things on the two axes.
+    A reader of the table alone would take "bigger" for "better" (the offline ladder's `l` sits below `m` as built on
+    some CPUs: README)."""
+    lines = []
+    models = caps.drop_duplicates("model").dropna(subset=["params", "neutral_loss"])
+    for family, group in models.groupby("family", sort=True):
+        group = group.sort_values("params")
+        inverted = [f"{big} ({_num(big_cap)}) below {small} ({_num(small_cap)})"
+                    for (small, small_cap), (big, big_cap) in itertools.pairwise(zip(group["model"], group["neutral_loss"])) if big_cap < small_cap]
+        if inverted:
+            lines.append(f"On {family}, capability on neutral text does not rise with size at every step: {'; '.join(inverted)} "
+                         "(neutral_loss, the larger model first). Ordered by `params` and by `neutral_loss` these models stand in "
+                         "different places, so a law or D* trend over N reads differently on the two axes; fit with `--x neutral_loss` "
+                         "to see it by capability.")  # fmt: skip
+    return lines
 
 
 def axis_caveat(a: Analysis) -> str:
@@ -463,8 +496,8 @@ def composition_gain(g: CompositionGain) -> str:
 
 
 def _compositions(a: Analysis) -> list[Block]:
-    rows = [(g.task, g.model, f"{g.budget:g}", g.composition, g.best_single, composition_gain(g), f"{g.p_value:.2g}" if np.isfinite(g.p_value) else "-")
-            for g in a.compositions]  # fmt: skip
+    rows = [(g.task, g.model, f"{g.budget:g}", g.composition, g.best_single, composition_gain(g), f"{g.p_value:.2g}" if np.isfinite(g.p_value) else "-",
+             f"{g.as_a_part} of {g.composition_cells}") for g in a.compositions]  # fmt: skip
     unmatched = unmatched_compositions(a.loaded.ok, metric=a.metric) if len(a.loaded.ok) else []
     passed_over = ([Paragraph(f"Not compared, {len(unmatched)} composition cell group(s) without all of their parts beside them: "
                               + "; ".join(unmatched[:8]) + ("; …" if len(unmatched) > 8 else "") + ".")] if unmatched else [])  # fmt: skip
@@ -474,8 +507,23 @@ def _compositions(a: Analysis) -> list[Block]:
                      "over the seeds of each side, plus the test questions' paired variance where the rows store their outcomes (one per "
                      "part, Bonferroni over the parts, so no part is picked as the better one in advance); it needs two seeds a side and "
                      "some spread among them or among the questions. p: for a gain of 0, corrected for the parts, not across gains; only gains "
-                     "that stay clear of 0 after Holm's correction over every gain with an interval are stated in \"What the fits say\".")  # fmt: skip
-    return [Heading("Composition gain"), note, Table(("task", "model", "budget", "composition", "best part", "gain", "p"), rows), *passed_over]
+                     "that stay clear of 0 after Holm's correction over every gain with an interval are stated in \"What the fits say\". "
+                     "As a part: the composition's cells whose numbers are, to the bit, those of one of its parts alone on the same seed.")  # fmt: skip
+    return [Heading("Composition gain"), note, *_copies_of_a_part(a.compositions),
+            Table(("task", "model", "budget", "composition", "best part", "gain", "p", "as a part"), rows), *passed_over]
+
+
+def _copies_of_a_part(gains: list[CompositionGain]) -> list[Block]:
+    """How many composition cells are one part alone (`copies_of_a_part`): a gain of 0 there is that part compared with
+    itself, which the table's "tied" gains would otherwise pass off as a finding about combining."""
+    copies, cells = sum(g.as_a_part for g in gains), sum(g.composition_cells for g in gains)
+    if not copies:
+        return []
+    whole = sum(g.as_a_part == g.composition_cells for g in gains)
+    return [Paragraph(f"In {copies} of the {cells} composition cells the composition scored, to the bit, as one of its parts alone on "
+                      "the same seed: a part chose to do nothing there on validation (a steering scale of 0, say), so the composition is its "
+                      f"other part on the unchanged model. In {whole} of the {len(gains)} comparisons every cell is such a copy: their "
+                      "gain of 0 compares that part with itself and says nothing about combining the two.")]  # fmt: skip
 
 
 def _links(a: Analysis) -> list[Block]:
@@ -533,8 +581,9 @@ def _frontier(a: Analysis) -> list[Block]:
     if levels.empty:
         return [Heading("Compute frontier"), Paragraph("No cells record positive post-training FLOPs.")]
     rows = [(r["task"], f"{r['flops_level']:.0e}", r["method"], r["model"], f"{r['budget']:g}", _num(r[a.metric])) for _, r in levels.iterrows()]
-    return [Heading("Compute frontier"), Paragraph("Best operating point affordable at each level of post-training compute (the base "
-                                                   "model, or a fixed number of demonstrations, costs none: pretraining is not counted), means over seeds."),
+    return [Heading("Compute frontier"), Paragraph("Best operating point affordable at each level of post-training compute, means over seeds. "
+                                                   "Pretraining is not counted: the base model costs none, and so would demonstrations in a fixed "
+                                                   "number; `prompt` chooses how many on the validation set, and that choice's passes are its cost."),
             Table(("task", "FLOPs ≤", "method", "model", "budget", a.metric), rows)]  # fmt: skip
 
 

@@ -170,3 +170,22 @@ def test_held_out_errors_equal_but_for_rounding_are_no_win() -> None:
     assert all(v.wins == 0 for v in alike.verdicts) and "(ties)" in alike.why_no_best()
     apart = compared({"params": 0.2281, "neutral_loss": 0.2267, "task_score": 0.2308})
     assert apart.error_table()[0][-1] == "neutral_loss" and apart.best == "neutral_loss"
+
+
+def test_a_larger_model_less_capable_than_a_smaller_one_is_said() -> None:
+    """The demo's ladder: `l` (2.03e5 parameters) at 3.85 below `m` (9.02e4) at 4.09, and `s` below `xs`, in a table
+    that did not say so; a reader took "bigger" for "better" (helper-143). A family in size order says nothing."""
+    import pandas as pd
+
+    from analysis.report import capability_out_of_size_order
+
+    caps = pd.DataFrame({
+        "task": ["t"] * 7, "family": ["ladder"] * 5 + ["other"] * 2,
+        "model": ["xs", "s", "m", "l", "xl", "o1", "o2"],
+        "params": [1.39e4, 2.68e4, 9.02e4, 2.03e5, 4.9e5, 1e6, 2e6],
+        "neutral_loss": [3.98, 3.87, 4.09, 3.85, 4.10, 3.0, 3.5], "task_score": [1.0] * 7,
+    })  # fmt: skip
+    (line,) = capability_out_of_size_order(pd.concat([caps, caps.assign(task="u")]))
+    assert line.startswith("On ladder, capability on neutral text does not rise with size at every step: s (3.87) below xs (3.98); "
+                           "l (3.85) below m (4.09) (neutral_loss, the larger model first)")
+    assert capability_out_of_size_order(caps[caps.family == "other"]) == []

@@ -349,6 +349,14 @@ def test_a_d_star_trend_is_stated_only_with_an_interval(lo: float, hi: float, st
     assert ("1 D* trend(s) across models have no interval" in text) == (stated is None), text
 
 
+def test_trends_through_two_models_are_counted_not_dropped_in_silence() -> None:
+    """fits.json held three D* trends and the report spoke of one: two went through two models each (helper-143)."""
+    trends = [CrossoverScaling("t", "steer_mean", f, "params", 0.5, 0.3, 0.7, n, n, 0.1) for f, n in (("lora", 3), ("full_ft", 2), ("task_vector", 2))]
+    a = SimpleNamespace(fits=[], scaling=trends, crossovers=[], compositions=[], unchanged=[], metric="score", x="params", loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))
+    text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
+    assert "D* ∝ params^0.50" in text and "2 D* trend(s) go through fewer than 3 models with a finite D*" in text
+
+
 def test_a_trend_does_not_say_fine_tuning_never_overtakes_on_the_models_it_leaves_out() -> None:
     """Left out are models tied or crossing twice too, where fine-tuning does overtake (in the middle of the range)."""
     trend = CrossoverScaling("t", "steer_mean", "lora", "params", 0.5, 0.3, 0.7, 3, 5, 0.1)
@@ -575,3 +583,28 @@ def test_fine_tuning_ahead_at_both_ends_that_the_measured_means_contradict_is_no
     assert c.outcome == "finetuning_ahead" and c.share >= CI_LEVEL, (c.outcome, c.share)
     assert c.disputed.startswith("at D=4 steer_mean is ahead by 0.0"), c.disputed
     assert "at both ends" not in c.verdict and "; the measured means do not show it: at D=4" in c.verdict, c.verdict
+
+
+def test_an_outcome_most_resamples_do_not_give_names_the_one_they_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"tied (6%)" said only that 94 % of resamples disagreed, not that most put fine-tuning ahead (helper-143): the
+    resamples' commonest outcome, where it is not the fit's, is kept with its share and shown in the table."""
+    import analysis.crossover as crossover_module
+    from analysis.report import _crossover_table
+
+    real = crossover_module.outcomes
+
+    def mostly_ahead(advantage: np.ndarray, d: np.ndarray, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+        codes, samples = real(advantage, d, tol)
+        if len(codes) > 1:  # the resamples: 80 % fine-tuning ahead, the rest as drawn
+            codes = np.where(np.arange(len(codes)) < 0.8 * len(codes), OUTCOMES.index("finetuning_ahead"), codes)
+        return codes, samples
+
+    monkeypatch.setattr(crossover_module, "outcomes", mostly_ahead)
+    c = _one_crossover(steering=LATE, finetuning=EARLY, seeds=3, noise=0.12)
+    assert c.outcome == "crosses" and c.resampled_outcome == "finetuning_ahead" and c.resampled_share >= 0.8
+    assert c.share <= 0.2
+    (table, _) = _crossover_table(SimpleNamespace(crossovers=[c]))
+    assert table.rows[0][2].endswith(f"({whole_percent(c.share)}%; most resamples: FT ahead, {whole_percent(c.resampled_share)}%)")
+    monkeypatch.undo()
+    agreeing = _one_crossover(steering=LATE, finetuning=EARLY, seeds=3, noise=0.12)
+    assert agreeing.resampled_outcome == "" and np.isnan(agreeing.resampled_share)
