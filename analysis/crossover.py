@@ -22,7 +22,7 @@ from analysis.bootstrap import CI_LEVEL, percentile_interval
 from analysis.capability import Axis, family_of, split_by_family
 from analysis.curves import LawFit
 from analysis.methods import method_kind
-from analysis.metrics import HIGHER_IS_BETTER, from_loss, step
+from analysis.metrics import HIGHER_IS_BETTER, from_loss, step, whole_percent
 
 GRID_POINTS = 512
 MIN_TREND_MODELS = 3  # models with a finite D* before a trend is stated or drawn: a line through two fits them exactly
@@ -71,6 +71,15 @@ class Crossover:
 
         lo, hi = end(self.d_star_lo), end(self.d_star_hi)
         return f"[{lo}]" if lo == hi and not np.isfinite(self.d_star_lo) else f"[{lo}, {hi}]"
+
+    def resampled_note(self) -> str:
+        """'; most resamples (80%): lora ahead throughout' where the resamples' commonest outcome is not the fit's, else ''."""
+        if not self.resampled_outcome:
+            return ""
+        said = {"crosses": f"{self.finetuning} overtakes {self.steering}", "steering_overtakes": f"{self.steering} overtakes {self.finetuning}",
+                "finetuning_ahead": f"{self.finetuning} ahead throughout", "steering_ahead": f"{self.steering} ahead throughout",
+                "tied": "tied", "crosses_twice": "the curves cross twice"}[self.resampled_outcome]  # fmt: skip
+        return f"; most resamples ({whole_percent(self.resampled_share)}%): {said}"
 
     def unresampled_note(self) -> str:
         """What a reader must know of a verdict no resample checked (`--bootstrap 0`); '' otherwise, and for outcomes that

@@ -117,7 +117,7 @@ class FitSummary:
             for c in a.crossovers:
                 ci = f" CI {c.interval()}" if c.interval() else ""
                 firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: the measured means disagree)" if c.disputed else ""
-                agree = f", {whole_percent(c.share)}% of resamples agree{firm}" if np.isfinite(c.share) else c.unresampled_note()
+                agree = f", {whole_percent(c.share)}% of resamples agree{firm}{c.resampled_note()}" if np.isfinite(c.share) else c.unresampled_note()
                 idle = "; both methods left the model as it was in most cells both measured" if c.idle else ""
                 lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}{idle}")
         for s in a.scaling:

@@ -74,3 +74,17 @@ def unchanged_cells(ok: pd.DataFrame) -> list[Unchanged]:
         if mostly:
             found.append(Unchanged(str(task), str(method), mostly))
     return found
+
+
+def unchanged_share(ok: pd.DataFrame) -> str:
+    """One sentence: per method, how many of its ok cells at a positive budget left the model as it was, over every task
+    and model ('' where none did). The per-(task, method) sentences name only models where it is half or more, and a
+    reader of those alone missed that steer_mean, full_ft and task_vector did nothing in over half of all their cells."""
+    rows = _positive_budget_rows(ok)
+    if rows is None or not rows["_same"].any():
+        return ""
+    counts = rows.groupby("method", sort=True)["_same"].agg(["sum", "size"])
+    counts = counts[counts["sum"] > 0].sort_values("sum", ascending=False, kind="stable")
+    listed = ", ".join(f"{method} {int(c['sum'])} of {int(c['size'])}" for method, c in counts.iterrows())
+    return (f"Cells that left the model as it was (test NLL the base model's to the bit: the method chose, or was set, to do "
+            f"nothing), per method over every task, model and positive budget: {listed}.")

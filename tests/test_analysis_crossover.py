@@ -605,6 +605,7 @@ def test_an_outcome_most_resamples_do_not_give_names_the_one_they_do(monkeypatch
     assert c.share <= 0.2
     (table, _) = _crossover_table(SimpleNamespace(crossovers=[c]))
     assert table.rows[0][2].endswith(f"({whole_percent(c.share)}%; most resamples: FT ahead, {whole_percent(c.resampled_share)}%)")
+    assert c.resampled_note() == f"; most resamples ({whole_percent(c.resampled_share)}%): lora ahead throughout"  # `fit`'s text
     monkeypatch.undo()
     agreeing = _one_crossover(steering=LATE, finetuning=EARLY, seeds=3, noise=0.12)
     assert agreeing.resampled_outcome == "" and np.isnan(agreeing.resampled_share)
