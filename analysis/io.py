@@ -137,7 +137,8 @@ def load_results(results_dir: str, reread: ReadCache | None = None) -> LoadedRes
     cost O(cells) a round, O(cells²) a run (2.7 s a round at 2,000 rows here, more on an object store)."""
     fs, root = resolve(results_dir)
     infos = fs.get_file_info(pafs.FileSelector(f"{root}/cells", allow_not_found=True))
-    # Hidden files are writes in flight (`.tmp-*`, see workers/rowfile.py), ignored as Parquet datasets do.
+    # Hidden files are writes in flight (`.tmp-*.partial`, see workers/rowfile.py; older ones end in .parquet), ignored as
+    # Parquet datasets do.
     listed = sorted(
         (i for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not i.base_name.startswith((".", "_"))),
         key=lambda i: i.path,

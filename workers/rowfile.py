@@ -1,7 +1,8 @@
 """Write result rows as one Parquet file, atomically, to a local path or a `pyarrow.fs` URI.
 
 The file appears under its final name only once complete (temp file + fsync + rename), so a process
-killed mid-write leaves at most a `.tmp-*` file that readers ignore, never half a row.
+killed mid-write leaves at most a `.tmp-*.partial` file that readers ignore (not `*.parquet`, which DuckDB's and
+Polars' globs would take, hidden or not), never half a row; `steerscale run` deletes such files an hour old.
 """
 
 from __future__ import annotations
