@@ -401,7 +401,7 @@ def _capability(a: Analysis) -> list[Block]:
     if len(caps):
         rows = [(r["task"], r["model"], r["family"], *(_num(r[name]) for name in AXES)) for _, r in caps.iterrows()]
         blocks.append(Table(("task", "model", "family", *AXES), rows))
-        blocks += [Paragraph(line) for line in capability_out_of_size_order(caps)]
+        blocks += [Paragraph(line) for line in [*capability_out_of_size_order(caps), synthetic_neutral_text(a.loaded.ok)] if line]
     groups = a.axes.error_table()
     if not groups:
         return [*blocks, Paragraph(f"No axis has a held-out error to compare: {a.axes.why_no_errors()}.")]
@@ -415,6 +415,18 @@ def _capability(a: Analysis) -> list[Block]:
                                 f"`{v.x}`: tightest in {v.wins} of the {v.fitted} groups it fits; median law error {_num(v.median_error)}."))  # fmt: skip
     verdict = f"Verdict: `{a.axes.best}` gives the tighter law." if a.axes.best else f"Verdict: {a.axes.why_no_best()}."
     return [*blocks, Paragraph(verdict), *([Paragraph(axis_caveat(a))] if a.axes.best else [])]
+
+
+def synthetic_neutral_text(ok: pd.DataFrame) -> str:
+    """Where the rows hold models other than the offline ladder's: their neutral text is the offline world's grammar
+    (`workers.tasks.neutral_texts`), so their neutral KL, perplexity ratio and `neutral_loss` are not measured on
+    natural text ('' for the ladder alone, which was pretrained on that grammar)."""
+    models = sorted(m for m in ok.get("model", pd.Series(dtype=str)).dropna().unique() if not str(m).startswith("ladder:"))
+    if not models:
+        return ""
+    return (f"Neutral text is the offline world's general-text grammar for every model, so for {', '.join(models[:4])}"
+            f"{' and others' if len(models) > 4 else ''} the neutral KL, the perplexity ratio and `neutral_loss` are measured "
+            "on synthetic text these models were not trained on, not on natural text: read them as a shift on that text alone.")
 
 
 def capability_out_of_size_order(caps: pd.DataFrame) -> list[str]:
@@ -567,7 +579,8 @@ def _selectivity(a: Analysis) -> list[Block]:
                      "sweep's other tasks. Means over seeds, on each task's largest model only (the model column), each method at "
                      "the largest budget all of them share on that model (else its own largest); every model and budget is in the "
                      "selectivity plots.")  # fmt: skip
-    blocks: list[Block] = [heading, note, Table(("task", "model", "method", "budget", "gain", "gap closed", "neutral KL", "off-task Δ"), rows)]
+    blocks: list[Block] = [heading, note, *[Paragraph(line) for line in [synthetic_neutral_text(a.loaded.ok)] if line],
+                           Table(("task", "model", "method", "budget", "gain", "gap closed", "neutral KL", "off-task Δ"), rows)]
     if prompted := sorted({row[2] for row in rows if set(components(row[2])) & set(PROMPT_METHODS)}):
         blocks.append(Paragraph(
             f"{', '.join(prompted)}: the neutral text is read after the demonstrations, so the neutral KL includes what that "

@@ -189,3 +189,16 @@ def test_a_larger_model_less_capable_than_a_smaller_one_is_said() -> None:
     assert line.startswith("On ladder, capability on neutral text does not rise with size at every step: s (3.87) below xs (3.98); "
                            "l (3.85) below m (4.09) (neutral_loss, the larger model first)")
     assert capability_out_of_size_order(caps[caps.family == "other"]) == []
+
+
+def test_hub_models_neutral_figures_are_said_to_be_on_the_worlds_synthetic_text() -> None:
+    """Every model's neutral text is the offline grammar's: a Pythia's neutral KL read as a shift on natural text
+    (helper-145). The ladder, pretrained on that grammar, needs no such note."""
+    import pandas as pd
+
+    from analysis.report import synthetic_neutral_text
+
+    assert synthetic_neutral_text(pd.DataFrame({"model": ["ladder:xs", "ladder:s"]})) == ""
+    said = synthetic_neutral_text(pd.DataFrame({"model": ["ladder:xs", "EleutherAI/pythia-160m", "EleutherAI/pythia-410m"]}))
+    assert said.startswith("Neutral text is the offline world's general-text grammar for every model, so for "
+                           "EleutherAI/pythia-160m, EleutherAI/pythia-410m the neutral KL")
