@@ -421,6 +421,8 @@ def test_an_output_uri_is_written_where_it_points_and_an_unwritable_place_is_ref
     monkeypatch.setattr(workers.rowfile, "write_atomically", read_only)
     assert main([str(cell), str(tmp_path / "ro" / "row.parquet")]) == 2
     assert f"error: {tmp_path / 'ro' / 'row.parquet'}: cannot write there ([Errno 30] Read-only file system" in capsys.readouterr().err
+    assert main([str(cell), "nosuch://bucket/row.parquet"]) == 2  # a traceback from pyarrow's URI parser before
+    assert "cannot write there (Unrecognized filesystem type in URI: nosuch://bucket/row.parquet)" in capsys.readouterr().err
 
 
 def test_a_misspelled_method_key_in_a_cell_file_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

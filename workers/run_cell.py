@@ -436,16 +436,16 @@ def _out_problem(out: str) -> str | None:
     """Why the row could not be written to `out`, a path or URI (None where it can): a directory there, a file where a
     directory above it must be, or a place this user may not write. Found after the cell had run, the row was lost
     with its compute (helper-129, helper-144)."""
-    filesystem, path = filesystem_and_path(out)
-    if filesystem.get_file_info(path).type == fs.FileType.Directory:
-        return "is a directory; give the Parquet file to write the row to (e.g. row.parquet)"
-    if "://" not in out:
-        existing = next((parent for parent in Path(path).parents if parent.exists()), None)
-        if existing is not None and not existing.is_dir():
-            return f"{existing} is a file, so nothing can be written under it"
-    try:
+    try:  # an unknown scheme, or a bucket this user cannot reach, as a message (ArrowInvalid is a ValueError)
+        filesystem, path = filesystem_and_path(out)
+        if filesystem.get_file_info(path).type == fs.FileType.Directory:
+            return "is a directory; give the Parquet file to write the row to (e.g. row.parquet)"
+        if "://" not in out:
+            existing = next((parent for parent in Path(path).parents if parent.exists()), None)
+            if existing is not None and not existing.is_dir():
+                return f"{existing} is a file, so nothing can be written under it"
         check_writable_at(filesystem, path.rsplit("/", 1)[0])
-    except OSError as err:
+    except (OSError, ValueError) as err:
         return f"cannot write there ({err})"
     return None
 
