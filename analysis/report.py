@@ -23,10 +23,10 @@ from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
 from analysis.composition import CompositionGain, Welch, holm, paired_noise, unmatched_compositions
 from analysis.crossover import MIN_TREND_MODELS, Crossover
-from analysis.fitting import HUBER_DELTA
 from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
+from analysis.fitting import HUBER_DELTA
 from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, saved_before, unplanned_note
 from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
