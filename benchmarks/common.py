@@ -72,10 +72,15 @@ def time_alternating(
     return {name: Timing(tuple(w for w, _ in r), tuple(c for _, c in r)) for name, r in runs.items()}
 
 
-def paired_ratio(slow: Timing, fast: Timing, *, cpu: bool = False) -> float:
-    """Median over repeats of slow/fast, repeat by repeat: adjacent runs share the machine's load."""
+def paired_ratios(slow: Timing, fast: Timing, *, cpu: bool = False) -> list[float]:
+    """slow/fast repeat by repeat: adjacent runs share the machine's load."""
     a, b = (slow.cpu_seconds, fast.cpu_seconds) if cpu else (slow.seconds, fast.seconds)
-    return statistics.median(x / y for x, y in zip(a, b))
+    return [x / y for x, y in zip(a, b)]
+
+
+def paired_ratio(slow: Timing, fast: Timing, *, cpu: bool = False) -> float:
+    """Median over repeats of `paired_ratios`."""
+    return statistics.median(paired_ratios(slow, fast, cpu=cpu))
 
 
 @dataclass(frozen=True)
@@ -119,8 +124,10 @@ def fmt_time(t: Timing) -> str:
 
 
 def fmt_paired(slow: Timing, fast: Timing) -> str:
-    """`paired_ratio` of wall and of CPU time, as a table's ratio cell."""
-    return f"{paired_ratio(slow, fast):.2f}× (median paired; CPU time {paired_ratio(slow, fast, cpu=True):.2f}×)"
+    """`paired_ratio` of wall (with the pairs' range: a median near a goal says little without it) and of CPU time."""
+    ratios = paired_ratios(slow, fast)
+    return (f"{statistics.median(ratios):.2f}× (median paired, pairs {min(ratios):.2f}–{max(ratios):.2f}×, n={len(ratios)}; "
+            f"CPU time {paired_ratio(slow, fast, cpu=True):.2f}×)")
 
 
 def fmt_speedup(slow: Timing, fast: Timing) -> str:

@@ -315,7 +315,10 @@ def run(quick: bool) -> Result:
         "first; its row shows the median run (by wall). The loop ran once, as one process with one torch thread, the Ray sides "
         "two single-thread workers. Cell compute excludes model loading, so a side that reloads shows it as lost efficiency; "
         "it includes the base model's reference passes, which steerscale's workers run once per (model, task) and the loop "
-        "in every cell (so the loop's efficiency counts that repeated work as useful)."
+        "in every cell (so the loop's efficiency counts that repeated work as useful). The loop is the issue's: it loads the "
+        "model for every cell, as a fresh process per cell would, but pays no process's imports; a loop keeping one process "
+        "cache (two loads, baselines scored once) would need about Σ cell compute less the repeated reference passes, "
+        "≈ steerscale's Σ cell compute, so loop÷ours would fall from the row's ratio towards its Σ compute ÷ ours' wall."
     )
     return result
 
