@@ -49,8 +49,8 @@ class Crossover:
     tolerance: float = np.nan  # differences up to this (metric units) are within the cells' resolution (`tolerance`)
     disputed: str = ""  # where the measured means either side of D* do not show the swap (`measured_check`): not a finding
     idle: bool = False  # both methods left the model as it was in most cells both measured (`unchanged.idle_pairs`)
-    # the outcome most resamples give, and their share, where it is not `outcome` ("tied (6 %)" alone hid that 80 %
-    # of resamples put fine-tuning ahead); "" where the point outcome is also the resamples' (or none were drawn)
+    # the outcome more than half the resamples give, and their share, where it is not `outcome` ("tied (6 %)" alone hid
+    # that 80 % of resamples put fine-tuning ahead); "" where no other outcome has a majority (or none were drawn)
     resampled_outcome: str = ""
     resampled_share: float = np.nan
     overtakes: np.ndarray = field(default_factory=lambda: np.array([]), repr=False, compare=False)  # per resample: D*
@@ -288,7 +288,7 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
         codes, samples = outcomes(advantage, d, tol)
         share = float(np.mean(codes == code))
         counts = np.bincount(codes[codes >= 0], minlength=len(OUTCOMES))
-        if counts.any() and counts.argmax() != code and counts.max() > share * len(codes):
+        if counts.argmax() != code and counts.max() > len(codes) / 2:  # a majority, or "most resamples" would be untrue
             mode, mode_share = OUTCOMES[int(counts.argmax())], float(counts.max() / len(codes))
         winner = 1.0 if code == 0 else -1.0  # the side ahead at the largest budget
         lo, hi = censored_interval(lead_from(winner * advantage, d, tol)) if code in (0, 1) else (np.nan, np.nan)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -126,6 +127,7 @@ def _frame(tables: list[pa.Table]) -> pd.DataFrame:
 
 
 # path -> ((mtime, size) when read, what it read): files read by an earlier call, for `load_results(..., reread=)`
+REREAD_SLACK_SECONDS = 3.0  # a file's stamp is trusted once its mtime is this old: past S3's whole seconds, clock skew
 ReadCache = dict[str, tuple[tuple[object, int | None], "pa.Table | SkippedFile"]]
 
 
@@ -144,12 +146,16 @@ def load_results(results_dir: str, reread: ReadCache | None = None) -> LoadedRes
         key=lambda i: i.path,
     )
     cache: ReadCache = reread if reread is not None else {}
+    settled = time.time_ns() - int(REREAD_SLACK_SECONDS * 1e9)
 
     def read_once(info: pafs.FileInfo) -> pa.Table | SkippedFile:
         stamp = (info.mtime_ns, info.size)
         known = cache.get(info.path)
-        # a file unreadable last time is read again (a remote hiccup passes), as is one whose filesystem gives no time
-        if known is not None and info.mtime_ns is not None and known[0] == stamp and isinstance(known[1], pa.Table):
+        # Read again: a file unreadable last time (a remote hiccup passes), one whose filesystem gives no time, and one
+        # modified within the slack of now — a row replaced by one of the same size within the clock's tick (S3 keeps
+        # whole seconds) has the stamp it had, so a stamp is trusted only once that tick is past.
+        if (known is not None and info.mtime_ns is not None and info.mtime_ns < settled and known[0] == stamp
+                and isinstance(known[1], pa.Table)):  # fmt: skip
             return known[1]
         cache[info.path] = (stamp, _read_cell(fs, info.path))
         return cache[info.path][1]

@@ -158,13 +158,14 @@ class ResultsStore:
 
     def _clear_stale_temps(self, listed: list[fs.FileInfo]) -> None:
         """Delete the temp files of writes killed long ago: only steerscale skips them (a complete one is a second copy
-        of its row to a reader that takes hidden files). One deleted meanwhile by another driver is left to it."""
+        of its row to a reader that takes hidden files). One deleted meanwhile by another driver, or one this user may
+        not delete, is left as it is."""
         cutoff = time.time() - STALE_TEMP_SECONDS
         for info in listed:
             if info.base_name.startswith(TEMP_PREFIX) and info.mtime is not None and info.mtime.timestamp() < cutoff:
-                try:
+                try:  # best effort: a store this user may not delete in is the writability check's to report
                     self.filesystem.delete_file(info.path)
-                except FileNotFoundError:
+                except OSError:
                     pass
 
     def _quarantine(self, info: fs.FileInfo) -> None:

@@ -92,6 +92,8 @@ def test_composition_cells_that_are_one_part_alone_are_counted_and_said() -> Non
     rows[-1]["nll"] = 1.05
     (copy,) = composition_gains(pd.DataFrame(rows), metric="score")
     assert (copy.as_a_part, copy.composition_cells) == (3, 3)
+    (unsure,) = composition_gains(pd.DataFrame(rows).drop(columns="nll"), metric="score")
+    assert unsure.as_a_part == 0, "a score alone, a count of questions, matches by chance: no copy is claimed without the NLL"
     (said,) = _copies_of_a_part([gain, copy])
     assert said.text.startswith("In 5 of the 6 composition cells the composition scored, to the bit, as one of its parts alone")
     assert "In 1 of the 2 comparisons every cell is such a copy" in said.text

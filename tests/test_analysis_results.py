@@ -92,6 +92,7 @@ def test_uri_results_dir_reads_the_same(tmp_path: Path) -> None:
 def test_a_reread_reads_only_files_new_or_changed_since_and_drops_those_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The adaptive loop read every stored row again each round: O(cells²) reads over a run (helper-144)."""
     import os
+    import time
 
     import analysis.io
 
@@ -99,16 +100,27 @@ def test_a_reread_reads_only_files_new_or_changed_since_and_drops_those_gone(tmp
     write_cells(tmp_path, rows[:3])
     cache: analysis.io.ReadCache = {}
     assert len(analysis.load_results(str(tmp_path), cache).frame) == 3 and len(cache) == 3
+    cells = tmp_path / "cells"
+    settled = time.time_ns() - 60 * 10**9  # the rows read above, as if written a minute ago
+    for row in rows[:3]:
+        os.utime(cells / f"{row['cell_id']}.parquet", ns=(settled, settled))
+    assert len(analysis.load_results(str(tmp_path), cache).frame) == 3
     read, real_read = [], analysis.io._read_cell
     monkeypatch.setattr(analysis.io, "_read_cell", lambda fs, path: read.append(Path(path).name) or real_read(fs, path))
     write_cells(tmp_path, [rows[3], dict(rows[0], score=0.99)])  # one new, one replaced
-    cells = tmp_path / "cells"
-    os.utime(cells / f"{rows[0]['cell_id']}.parquet", ns=(1, 1))  # a replacement within the clock's tick still differs
     (cells / f"{rows[1]['cell_id']}.parquet").unlink()
     frame = analysis.load_results(str(tmp_path), cache).frame.set_index("cell_id")
-    assert sorted(read) == sorted(f"{row['cell_id']}.parquet" for row in (rows[0], rows[3]))
+    assert sorted(read) == sorted(f"{row['cell_id']}.parquet" for row in (rows[0], rows[3])), "rows[2] unchanged: not read again"
     assert sorted(frame.index) == sorted(row["cell_id"] for row in (rows[0], rows[2], rows[3]))
     assert frame.loc[rows[0]["cell_id"], "score"] == 0.99 and len(cache) == 3
+    # a row replaced within its clock's tick by one of the same size has the stamp it had: trusted only once settled
+    replaced = cells / f"{rows[3]['cell_id']}.parquet"
+    stamp = replaced.stat()
+    size = stamp.st_size
+    write_cells(tmp_path, [dict(rows[3], score=0.01)])
+    os.utime(replaced, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert replaced.stat().st_size == size, "a same-size replacement (a float changed)"
+    assert analysis.load_results(str(tmp_path), cache).frame.set_index("cell_id").loc[rows[3]["cell_id"], "score"] == 0.01
 
 
 def test_failed_and_nan_rows_are_excluded_and_counted(summary: analysis.FitSummary) -> None:
