@@ -212,8 +212,16 @@ def test_lora_layers_add_their_update_in_one_matmul_with_pefts_numbers(arch, mon
         torch.testing.assert_close(ours[0], peft[0], rtol=1e-6, atol=1e-6)
         for got, expected in zip(ours[1], peft[1]):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        monkeypatch.setattr(FusedLoraLinear, "_plain_adapter", real)
+        if fused:  # a hook on a base layer (accelerate's, a probe's) still fires: that layer runs PEFT's forward
+            seen = []
+            handle = fused[0].get_base_layer().register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
+            try:
+                torch.testing.assert_close(lm.loss(b).detach(), ours[0], rtol=1e-6, atol=1e-6)
+            finally:
+                handle.remove()
+            assert len(seen) == 1
         with peft_model.disable_adapter():  # not plain: PEFT's forward, the base model's numbers
-            monkeypatch.setattr(FusedLoraLinear, "_plain_adapter", real)
             disabled = lm.loss(b).detach()
     assert torch.equal(disabled, lm.loss(b).detach())
 

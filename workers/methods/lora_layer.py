@@ -1,16 +1,20 @@
-"""PEFT's LoRA linear layer with its update added in one matmul: `lora_injected` asks PEFT for it.
+"""PEFT's LoRA linear layer with its update added in one matmul and a backward of its own:
+`lora_injected` asks PEFT for it.
 
 PEFT computes `result + lora_B(lora_A(x)) * scaling`: a multiply and an add over the layer's whole
 output (tokens × d_out), forward and backward, for an update of rank r. The same numbers come from
 scaling the rank-r activations instead and letting B's matmul add into the result (`addmm`, one BLAS
 call): `result + (lora_A(x) · scaling) Bᵀ`. On the ladder's xl rung that cut a LoRA training step by
 7–12 % (benchmarks/CHANGES.md, session 31); with the ladder's scaling of 2 (a power of two) the
-losses are bit-equal. Everything else — parameters, initialisation, state dicts, `unload()` — is
-PEFT's, and any call this path was not written for (merged or disabled adapters, several adapters,
-dropout, DoRA or another variant, a LoRA bias, mixed dtypes, extra arguments) runs PEFT's forward.
-So does a half-precision model: PEFT keeps its adapters in fp32 there (`autocast_adapter_dtype`).
-PEFT's dispatch asks for it on every `nn.Linear`, subclasses too: a quantized linear (bitsandbytes,
-torchao) would get this class instead of PEFT's quantized LoRA layer; steerscale loads none.
+losses are bit-equal. The backward (`_LoraLinear`) takes the rank-r products in BLAS's fast
+orientation and sums the input's two gradients in one call: another 12–14 % of the step (session 43).
+Everything else — parameters, initialisation, state dicts, `unload()` — is PEFT's, and any call this
+path was not written for (merged or disabled adapters, several adapters, dropout, DoRA or another
+variant, a LoRA bias, mixed dtypes, extra arguments, a base layer that is hooked, trained or not a
+plain `nn.Linear`) runs PEFT's forward. So does a half-precision model: PEFT keeps its adapters in
+fp32 there (`autocast_adapter_dtype`). PEFT's dispatch asks for this class on every `nn.Linear`,
+subclasses too: a quantized linear (bitsandbytes, torchao) would get this class (running PEFT's
+plain forward) instead of PEFT's quantized LoRA layer; steerscale loads none.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear
 from torch import nn
 
@@ -29,10 +34,12 @@ class FusedLoraLinear(Linear):
         adapter = None if args or kwargs else self._plain_adapter(x.dtype)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
-        low = self.lora_A[adapter](x) * self.scaling[adapter]
-        fused = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), self.lora_B[adapter].weight.t())
-        return fused.view(result.shape)
+        base = self.get_base_layer()
+        rows = _LoraLinear.apply(
+            x.reshape(-1, x.shape[-1]), base.weight, base.bias,
+            self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter],
+        )  # fmt: skip
+        return rows.view(*x.shape[:-1], rows.shape[-1])
 
     def _plain_adapter(self, dtype: torch.dtype) -> str | None:
         """The one active adapter, if it is plain LoRA in `dtype` throughout; None for anything else."""
@@ -45,5 +52,47 @@ class FusedLoraLinear(Linear):
         variant = name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False)  # PEFT >= 0.15 / before
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         plain = not variant and isinstance(self.lora_dropout[name], nn.Identity) and lora_b.bias is None
-        same_dtype = lora_a.weight.dtype == lora_b.weight.dtype == self.get_base_layer().weight.dtype == dtype
-        return name if plain and same_dtype else None
+        base = self.get_base_layer()
+        same_dtype = lora_a.weight.dtype == lora_b.weight.dtype == base.weight.dtype == dtype
+        return name if plain and same_dtype and _frozen_plain_linear(base) else None
+
+
+def _frozen_plain_linear(layer: nn.Module) -> bool:
+    """Whether `layer` is an `nn.Linear` whose forward is `F.linear` alone (no hooks: accelerate's
+    placement or offloading hooks, a user's) with nothing in it trained: `_LoraLinear` stands in for it."""
+    hooked = layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook")
+    trained = any(p.requires_grad for p in layer.parameters())
+    return type(layer) is nn.Linear and not hooked and not trained
+
+
+class _LoraLinear(torch.autograd.Function):
+    """A frozen linear layer plus its LoRA update on 2-D rows, `x Wᵀ + b + scaling · (x Aᵀ) Bᵀ`,
+    with a backward written out by hand.
+
+    Autograd's own backward of the same forward computes the rank-r products as `g B` (rows × d_out
+    @ d_out × r) and `gᵀ low`: BLAS runs a product with an output r columns wide 4–5× slower than its
+    transpose, one r rows high (72 µs against 16 µs at 602 × 112, rank 4, on one core). Here each is
+    taken as the transpose of the fast one, `(Bᵀ gᵀ)ᵀ`; the scaling multiplies rank-r activations
+    only; and the input's two gradients (through W and through the adapter) are summed inside one
+    `addmm`, where autograd would copy the first and add the second. The values are the same sums
+    in another order (the parity test in tests/test_methods.py holds them to PEFT's gradients).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        low = torch.mm(x, a.t()) * scaling  # rows × r
+        ctx.save_for_backward(x, weight, a, b, low)
+        ctx.scaling = scaling
+        return torch.addmm(F.linear(x, weight, bias), low, b.t())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, a, b, low = ctx.saved_tensors
+        need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        grad_b = torch.mm(low.t(), grad).t() if need_b else None  # (lowᵀ g)ᵀ = gᵀ low
+        grad_low_t = torch.mm(b.t(), grad.t()) * ctx.scaling  # r × rows: (g B)ᵀ, scaled as low was
+        grad_a = torch.mm(grad_low_t, x) if need_a else None
+        grad_x = torch.addmm(torch.mm(grad_low_t.t(), a), grad, weight) if need_x else None  # not addmm_: FLOP counters skip in-place ops
+        return grad_x, None, None, grad_a, grad_b, None
