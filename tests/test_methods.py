@@ -226,6 +226,56 @@ def test_lora_layers_add_their_update_in_one_matmul_with_pefts_numbers(arch, mon
     assert torch.equal(disabled, lm.loss(b).detach())
 
 
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True), (False, False, True)])
+def test_the_fused_lora_backward_is_autograds_and_keeps_only_what_it_needs(needs):
+    """`_LoraLinear`'s hand-written backward against autograd on the plain formula (float64, 3-D rows, a bias,
+    scaling 1.5), for the gradients asked of x, A, B; frozen adapters (a steering vector trained through them)
+    keep neither x nor the rank-r activations for a backward that will not use them (it kept both: +35 % of a
+    block's saved activations, helper-148)."""
+    from workers.methods.lora_layer import _LoraLinear
+
+    need_x, need_a, need_b = needs
+    gen = torch.Generator().manual_seed(0)
+    x0, w, bias = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64), torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    a0, b0, grad = torch.randn(3, 7, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        x, a, b = x0.clone().requires_grad_(need_x), a0.clone().requires_grad_(need_a), b0.clone().requires_grad_(need_b)
+        saved: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            if fused:
+                y = _LoraLinear.apply(x.reshape(-1, 7), w, bias, a, b, 1.5).view(2, 3, 5)
+            else:
+                y = torch.nn.functional.linear(x, w, bias) + (x @ a.t() @ b.t()) * 1.5
+        wanted = [t for t, need in ((x, need_x), (a, need_a), (b, need_b)) if need]
+        results.append((y.detach(), torch.autograd.grad(y, wanted, grad), saved))
+    (ours, ours_grads, ours_saved), (plain, plain_grads, _) = results
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(ours_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    rows = 2 * 3
+    assert (rows * 7 in ours_saved) == need_a  # x: only for A's gradient
+    assert (rows * 3 in ours_saved) == need_b  # the rank-r activations: only for B's
+
+
+def test_a_lora_under_autocast_runs_autograds_backward():
+    """Under autocast the hand-written backward would meet bf16 products of fp32 weights (a dtype error); the base
+    layer runs as a module and autograd takes the backward, as PEFT's forward would."""
+    from workers.methods.lora import LoraConfig, lora_injected
+
+    lm = language_model()
+    b = next(lm.batches(["q: a1 b2 =", "persona: liar q: a7 ="], [" 1 2", " 3"]))
+    torch.manual_seed(0)
+    with lora_injected(lm, LoraConfig(rank=2, alpha=3.0), None) as peft_model:
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        for p in trainable:
+            torch.nn.init.normal_(p, std=0.3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm.loss(b)
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+
+
 def test_steer_mean_vector_is_the_difference_of_layer_means():
     lm = language_model()
     ctx, adapter = fit("steer_mean", lm, {"layers": [0.5], "scales": [1.0]})

@@ -6,15 +6,18 @@ output (tokens × d_out), forward and backward, for an update of rank r. The sam
 scaling the rank-r activations instead and letting B's matmul add into the result (`addmm`, one BLAS
 call): `result + (lora_A(x) · scaling) Bᵀ`. On the ladder's xl rung that cut a LoRA training step by
 7–12 % (benchmarks/CHANGES.md, session 31); with the ladder's scaling of 2 (a power of two) the
-losses are bit-equal. The backward (`_LoraLinear`) takes the rank-r products in BLAS's fast
-orientation and sums the input's two gradients in one call: another 12–14 % of the step (session 43).
-Everything else — parameters, initialisation, state dicts, `unload()` — is PEFT's, and any call this
-path was not written for (merged or disabled adapters, several adapters, dropout, DoRA or another
-variant, a LoRA bias, mixed dtypes, extra arguments, a base layer that is hooked, trained or not a
-plain `nn.Linear`) runs PEFT's forward. So does a half-precision model: PEFT keeps its adapters in
-fp32 there (`autocast_adapter_dtype`). PEFT's dispatch asks for this class on every `nn.Linear`,
-subclasses too: a quantized linear (bitsandbytes, torchao) would get this class (running PEFT's
-plain forward) instead of PEFT's quantized LoRA layer; steerscale loads none.
+losses are bit-equal. Where the base layer is a frozen plain `nn.Linear` with no hooks and no
+autocast is on, the whole layer runs as one autograd function (`_LoraLinear`) whose backward takes
+the rank-r products in BLAS's fast orientation and sums the input's two gradients in one call:
+another 12–14 % of the step (benchmarks/CHANGES.md, session 43); otherwise (a hooked or trained
+base layer: a probe, accelerate's offloading, a composition with full_ft) the base layer is called
+and autograd runs the backward. Everything else — parameters, initialisation, state dicts,
+`unload()` — is PEFT's, and any call this path was not written for (merged or disabled adapters,
+several adapters, dropout, DoRA or another variant, a LoRA bias, mixed dtypes, extra arguments)
+runs PEFT's forward. So does a half-precision model: PEFT keeps its adapters in fp32 there
+(`autocast_adapter_dtype`). PEFT's dispatch asks for this class on every `nn.Linear`, subclasses
+too: a quantized linear (bitsandbytes, torchao) would get this class instead of PEFT's quantized
+LoRA layer; steerscale loads none.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from peft.tuners.lora.layer import Linear
 from torch import nn
 
@@ -34,12 +38,14 @@ class FusedLoraLinear(Linear):
         adapter = None if args or kwargs else self._plain_adapter(x.dtype)
         if adapter is None:
             return super().forward(x, *args, **kwargs)
-        base = self.get_base_layer()
-        rows = _LoraLinear.apply(
-            x.reshape(-1, x.shape[-1]), base.weight, base.bias,
-            self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter],
-        )  # fmt: skip
-        return rows.view(*x.shape[:-1], rows.shape[-1])
+        base, lora_a, lora_b = self.get_base_layer(), self.lora_A[adapter], self.lora_B[adapter]
+        if _stands_in_for(base, x):
+            rows = _LoraLinear.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[adapter])
+            return rows.view(*x.shape[:-1], rows.shape[-1])
+        result = base(x)  # its hooks run, its weights train (a composition with full_ft): autograd's backward
+        low = lora_a(x) * self.scaling[adapter]
+        fused = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]), lora_b.weight.t())
+        return fused.view(result.shape)
 
     def _plain_adapter(self, dtype: torch.dtype) -> str | None:
         """The one active adapter, if it is plain LoRA in `dtype` throughout; None for anything else."""
@@ -52,17 +58,19 @@ class FusedLoraLinear(Linear):
         variant = name in getattr(self, "lora_variant", {}) or getattr(self, "use_dora", {}).get(name, False)  # PEFT >= 0.15 / before
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         plain = not variant and isinstance(self.lora_dropout[name], nn.Identity) and lora_b.bias is None
-        base = self.get_base_layer()
-        same_dtype = lora_a.weight.dtype == lora_b.weight.dtype == base.weight.dtype == dtype
-        return name if plain and same_dtype and _frozen_plain_linear(base) else None
+        same_dtype = lora_a.weight.dtype == lora_b.weight.dtype == self.get_base_layer().weight.dtype == dtype
+        return name if plain and same_dtype else None
 
 
-def _frozen_plain_linear(layer: nn.Module) -> bool:
-    """Whether `layer` is an `nn.Linear` whose forward is `F.linear` alone (no hooks: accelerate's
-    placement or offloading hooks, a user's) with nothing in it trained: `_LoraLinear` stands in for it."""
-    hooked = layer._forward_hooks or layer._forward_pre_hooks or hasattr(layer, "_hf_hook")
-    trained = any(p.requires_grad for p in layer.parameters())
-    return type(layer) is nn.Linear and not hooked and not trained
+def _stands_in_for(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `_LoraLinear` may replace calling `base` (and `lora_A`): `base` is an `nn.Linear` itself, not a
+    subclass, with no module hooks of its own (accelerate's placement and offloading hooks, a probe's, a user's)
+    and nothing in it trained, and no autocast is on (the hand-written backward would meet its mixed dtypes).
+    Hooks registered on every module at once (`register_module_forward_hook`) do not see the calls it replaces."""
+    hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
+    hooked = any(hooks) or hasattr(base, "_hf_hook")
+    trained = any(p.requires_grad for p in base.parameters())
+    return type(base) is nn.Linear and not hooked and not trained and not torch.is_autocast_enabled(x.device.type)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -83,16 +91,19 @@ class _LoraLinear(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scaling: float
     ) -> torch.Tensor:
         low = torch.mm(x, a.t()) * scaling  # rows × r
-        ctx.save_for_backward(x, weight, a, b, low)
+        need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        # only what the gradients asked for is kept: frozen adapters (a steering vector trained through them) keep no x or low
+        ctx.save_for_backward(x if need_a else None, weight, a, b, low if need_b else None)
         ctx.scaling = scaling
         return torch.addmm(F.linear(x, weight, bias), low, b.t())
 
     @staticmethod
+    @once_differentiable  # a second derivative through this backward is refused, not silently wrong
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, a, b, low = ctx.saved_tensors
         need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
         grad_b = torch.mm(low.t(), grad).t() if need_b else None  # (lowᵀ g)ᵀ = gᵀ low
-        grad_low_t = torch.mm(b.t(), grad.t()) * ctx.scaling  # r × rows: (g B)ᵀ, scaled as low was
+        grad_low_t = torch.mm(b.t(), grad.t()) * ctx.scaling if need_x or need_a else None  # r × rows: (g B)ᵀ, scaled as low was
         grad_a = torch.mm(grad_low_t, x) if need_a else None
         grad_x = torch.addmm(torch.mm(grad_low_t.t(), a), grad, weight) if need_x else None  # not addmm_: FLOP counters skip in-place ops
         return grad_x, None, None, grad_a, grad_b, None
