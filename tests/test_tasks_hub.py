@@ -106,6 +106,8 @@ def test_gsm8k_scores_the_generated_final_number() -> None:
     assert final_answer("#### Step 1: total\n57 + 13 = 70\n#### Step 2: give one away\n70 - 1 = 69\n#### 69") == "69"
     assert final_answer("#### Final answer\nShe has 57 + 13 - 1 = 69 apples.") == "69"
     assert final_answer("#### $1,234.50 in all") == "1234.5" and final_answer("#### 7\n#### 8 (corrected)") == "8"
+    # commas as thousands separators only: a list "1,2,3" read as 123 (session 42's notes)
+    assert final_answer("the numbers are 1,2,3") == "3" and final_answer("it costs 1,000, then 2,500,000.") == "2500000"
 
 
 def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:

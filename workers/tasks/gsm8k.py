@@ -21,7 +21,8 @@ INSTRUCTION = "Solve the problem step by step, then give the final number after 
 MAX_NEW_TOKENS = 256
 # ".5", but not the 5 of "...5" or "apples.5"; a minus sign (or U+2212) only where a number can start, not the
 # hyphen of "7-10" (a range read as 7 and 10)
-_NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
+# commas only as thousands separators: "1,200" is 1200, where "1,2,3" is three numbers (it read 123)
+_NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)|\d+)(?:\.\d+)?|(?<![\w.])\.\d+)")
 _NEXT_PROBLEM = re.compile(r"Question:|\nQ:")  # the prompt's format, or its short form, starting a problem of its own
 _MARKED = re.compile(rf"####[ \t]*\$?[ \t]*({_NUMBER.pattern})")  # a number right after the marker: not a "#### Step 1" heading
 
@@ -50,12 +51,13 @@ def _canonical(numbers: list[str]) -> str | None:
 
 class GSM8K:
     name = "gsm8k"
-    data_version = 6  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
+    data_version = 7  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
     # 3: one row per stripped question, none of the test split's in train or validation; 4: an answer is read before
     # any "Question:" (or a line's "Q:"), and the hyphen of "7-10" is no minus sign; each budget's examples drawn
     # for that budget alone (`hub.sample`); 5: the number right after the last '####' that has one, not the first
     # '####' (a markdown heading); 6: the target ends with the end-of-text token (`Example.ends_text`): a tuned model
     # stops, where it wrote on to the token limit and its own next problem's '####' was read
+    # 7: commas read as thousands separators only ("1,2,3" is three numbers, not 123)
     task_type: TaskType = "reasoning"
     plan = SplitPlan(train="train", validation="train", test="test")
 
