@@ -182,7 +182,7 @@ def test_lora_layers_add_their_update_in_one_matmul_with_pefts_numbers(arch, mon
     from peft.tuners.lora.layer import Linear as PeftLinear
 
     from workers.methods.lora import LoraConfig, lora_injected
-    from workers.methods.lora_layer import FusedLoraLinear
+    from workers.methods.lora_layer import FusedLoraLinear, _LoraLinear
 
     lm = language_model(arch)
     b = next(lm.batches(["q: a1 b2 =", "persona: liar q: a7 ="], [" 1 2", " 3"]))
@@ -202,18 +202,20 @@ def test_lora_layers_add_their_update_in_one_matmul_with_pefts_numbers(arch, mon
             loss.backward()
             return loss.detach(), [p.grad.clone() for p in trainable]
 
-        plain_calls = []
-        real = FusedLoraLinear._plain_adapter
+        plain_calls, whole_layer_calls = [], []
+        real, real_apply = FusedLoraLinear._plain_adapter, _LoraLinear.apply
         monkeypatch.setattr(FusedLoraLinear, "_plain_adapter", lambda self, dtype: plain_calls.append(real(self, dtype)) or plain_calls[-1])
+        monkeypatch.setattr(_LoraLinear, "apply", lambda *args: whole_layer_calls.append(1) or real_apply(*args))
         ours = loss_and_grads()
         assert plain_calls == ["default"] * len(fused)  # each fused layer once, on its addmm path
+        assert len(whole_layer_calls) == len(fused)  # and as one function with the hand-written backward
         monkeypatch.setattr(FusedLoraLinear, "_plain_adapter", lambda self, dtype: None)  # PEFT's forward
         peft = loss_and_grads()
         torch.testing.assert_close(ours[0], peft[0], rtol=1e-6, atol=1e-6)
         for got, expected in zip(ours[1], peft[1]):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         monkeypatch.setattr(FusedLoraLinear, "_plain_adapter", real)
-        if fused:  # a hook on a base layer (accelerate's, a probe's) still fires: that layer runs PEFT's forward
+        if fused:  # a hook on a base layer (accelerate's, a probe's) still fires: that layer calls it as a module
             seen = []
             handle = fused[0].get_base_layer().register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
             try:

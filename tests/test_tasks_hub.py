@@ -106,8 +106,10 @@ def test_gsm8k_scores_the_generated_final_number() -> None:
     assert final_answer("#### Step 1: total\n57 + 13 = 70\n#### Step 2: give one away\n70 - 1 = 69\n#### 69") == "69"
     assert final_answer("#### Final answer\nShe has 57 + 13 - 1 = 69 apples.") == "69"
     assert final_answer("#### $1,234.50 in all") == "1234.5" and final_answer("#### 7\n#### 8 (corrected)") == "8"
-    # commas as thousands separators only: a list "1,2,3" read as 123 (session 42's notes)
-    assert final_answer("the numbers are 1,2,3") == "3" and final_answer("it costs 1,000, then 2,500,000.") == "2500000"
+    # a comma before a single digit separates numbers: a list "1,2,3" read as 123 (session 42's notes); other groupings
+    # stay one number, a trailing comma is punctuation (helper-149)
+    assert final_answer("the numbers are 1,2,3") == "3" and final_answer("it costs 1,000, then more") == "1000"
+    assert final_answer("#### 12,34,567") == "1234567" and final_answer("#### 1,0000") == "10000" and final_answer("-1,234.5") == "-1234.5"
 
 
 def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:

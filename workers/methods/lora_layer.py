@@ -39,7 +39,7 @@ class FusedLoraLinear(Linear):
         if adapter is None:
             return super().forward(x, *args, **kwargs)
         base, lora_a, lora_b = self.get_base_layer(), self.lora_A[adapter], self.lora_B[adapter]
-        if _stands_in_for(base, x):
+        if _stands_in_for(base, lora_a, x):
             rows = _LoraLinear.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[adapter])
             return rows.view(*x.shape[:-1], rows.shape[-1])
         result = base(x)  # its hooks run, its weights train (a composition with full_ft): autograd's backward
@@ -62,13 +62,14 @@ class FusedLoraLinear(Linear):
         return name if plain and same_dtype else None
 
 
-def _stands_in_for(base: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `_LoraLinear` may replace calling `base` (and `lora_A`): `base` is an `nn.Linear` itself, not a
-    subclass, with no module hooks of its own (accelerate's placement and offloading hooks, a probe's, a user's)
-    and nothing in it trained, and no autocast is on (the hand-written backward would meet its mixed dtypes).
-    Hooks registered on every module at once (`register_module_forward_hook`) do not see the calls it replaces."""
-    hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
-    hooked = any(hooks) or hasattr(base, "_hf_hook")
+def _stands_in_for(base: nn.Module, lora_a: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `_LoraLinear` may replace calling `base` and `lora_A` as modules: `base` is an `nn.Linear` itself, not
+    a subclass, with nothing in it trained; neither has module hooks of its own (accelerate's placement and offloading
+    hooks, a probe's, a user's); and no autocast is on (the hand-written backward would meet its mixed dtypes). Hooks
+    registered on every module at once (`register_module_forward_hook`) do not see the calls it replaces; `lora_B`
+    was never called as a module (its weight goes into the `addmm`)."""
+    hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or hasattr(m, "_hf_hook")
+                 for m in (base, lora_a))  # fmt: skip
     trained = any(p.requires_grad for p in base.parameters())
     return type(base) is nn.Linear and not hooked and not trained and not torch.is_autocast_enabled(x.device.type)
 

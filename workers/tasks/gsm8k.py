@@ -21,8 +21,9 @@ INSTRUCTION = "Solve the problem step by step, then give the final number after 
 MAX_NEW_TOKENS = 256
 # ".5", but not the 5 of "...5" or "apples.5"; a minus sign (or U+2212) only where a number can start, not the
 # hyphen of "7-10" (a range read as 7 and 10)
-# commas only as thousands separators: "1,200" is 1200, where "1,2,3" is three numbers (it read 123)
-_NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)|\d+)(?:\.\d+)?|(?<![\w.])\.\d+)")
+# a comma before a single digit separates numbers ("1,2,3" is three: it read 123); any other joins digit groups,
+# however grouped ("1,200", "12,34,567", a typo's "1,0000")
+_NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:\d+(?:,\d{2,})*(?:\.\d+)?|(?<![\w.])\.\d+)")
 _NEXT_PROBLEM = re.compile(r"Question:|\nQ:")  # the prompt's format, or its short form, starting a problem of its own
 _MARKED = re.compile(rf"####[ \t]*\$?[ \t]*({_NUMBER.pattern})")  # a number right after the marker: not a "#### Step 1" heading
 
@@ -57,7 +58,7 @@ class GSM8K:
     # for that budget alone (`hub.sample`); 5: the number right after the last '####' that has one, not the first
     # '####' (a markdown heading); 6: the target ends with the end-of-text token (`Example.ends_text`): a tuned model
     # stops, where it wrote on to the token limit and its own next problem's '####' was read
-    # 7: commas read as thousands separators only ("1,2,3" is three numbers, not 123)
+    # 7: a comma before a single digit separates numbers ("1,2,3" is three numbers, not 123)
     task_type: TaskType = "reasoning"
     plan = SplitPlan(train="train", validation="train", test="test")
 
