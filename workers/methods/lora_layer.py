@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from peft.tuners.lora.layer import Linear
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class FusedLoraLinear(Linear):
@@ -92,7 +92,7 @@ class _LoraLinear(torch.autograd.Function):
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scaling: float
     ) -> torch.Tensor:
         low = torch.mm(x, a.t()) * scaling  # rows × r
-        need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        _, _, _, need_a, need_b, _ = ctx.needs_input_grad
         # only what the gradients asked for is kept: frozen adapters (a steering vector trained through them) keep no x or low
         ctx.save_for_backward(x if need_a else None, weight, a, b, low if need_b else None)
         ctx.scaling = scaling
