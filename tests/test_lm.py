@@ -14,7 +14,7 @@ import workers.lm
 from workers.methods import get_method, resolve_config
 from workers.lm import _logit_selection, shareable_cache, token_ids
 from workers.models.loading import count_parameters
-from workers.metrics import neutral_context, neutral_reference
+from workers.metrics import neutral_context, neutral_reference, neutral_shift
 from workers.steering import POSITION_WISE_MLP_TYPES, decoder_layers, steer
 
 PROMPTS = ["q: a1 b2 =", "persona: honest q: a4 b0 = 2 ; q: a5 b5 =", "q: a3 ="]
@@ -492,3 +492,61 @@ def test_a_last_mlp_with_dropout_runs_whole_while_training(monkeypatch):
     lm.model.eval()
     monkeypatch.undo()
     assert workers.lm.read_positions_mlp(lm.model) is not None  # in eval, dropout off: the MLP runs at the scored positions
+
+
+@contextlib.contextmanager
+def out_of_memory_past(lm, rows: int):
+    """The model runs out of accelerator memory on a batch of more than `rows` rows, as a card does on
+    a 150k vocabulary's logits: a real torch.OutOfMemoryError cannot be caused on a CPU box."""
+
+    def check(module, args, kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        if ids.shape[0] > rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (a batch of {ids.shape[0]})")
+
+    handle = lm.model.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_a_batch_that_runs_out_of_memory_runs_again_halved_with_the_same_numbers_and_flops(capfd):
+    prompts = PROMPTS * 3
+    mixed = [(" 0", " 1 2"), (" 3", " 4"), (" 0 ;", " 1")] * 3
+    targets = [" 1 2", " 3", " 0 ; q:"] * 3
+
+    def scores(lm):
+        before = lm.flops_run, lm.forward_tokens
+        with torch.no_grad():
+            out = lm.target_nll(prompts, targets), lm.choice_logprobs(prompts, DIGITS * 3), lm.choice_logprobs(prompts, mixed)
+        return out, lm.flops_run - before[0], lm.forward_tokens - before[1], lm.generate(prompts, 3)
+
+    # what the cell below ends up running: every batch 2 rows (FLOPs depend on the batching: a batch drops its
+    # last column, only a label, so its longest rows' last tokens do not run)
+    (nll, single, general), flops, tokens, generated = scores(language_model(batch_size=2))
+    lm = language_model(batch_size=8)
+    with out_of_memory_past(lm, 3):
+        (nll_halved, single_halved, general_halved), flops_halved, tokens_halved, generated_halved = scores(lm)
+    assert lm.batch_size == 2  # 8 ran out, then 4; the rest of the cell ran 2 at a time
+    assert "out of accelerator memory on a batch of 8; scoring 4 at a time" in capfd.readouterr().err
+    assert nll_halved == pytest.approx(nll, abs=1e-6) and generated_halved == generated
+    for a, b in zip(single_halved + general_halved, single + general, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert (flops_halved, tokens_halved) == (flops, tokens)  # the failed tries' passes are not billed
+    with out_of_memory_past(lm, 0), pytest.raises(torch.OutOfMemoryError, match="a batch of 1"):
+        lm.target_nll(prompts, targets)  # one row that does not fit fails the cell
+
+
+def test_a_neutral_reference_serves_a_shift_at_another_batch_size():
+    """The reference is kept per text: a shift whose batches were halved (out of memory) or set
+    otherwise compares the same tokens, not misaligned batches."""
+    lm = language_model(batch_size=3)
+    texts = ["a1 b2 = 3 ; q: a4", "q: a1 b2 = 3", "persona: liar q: a7 b7 = 0 ;", "q: a3"]
+    reference = neutral_reference(lm, texts)
+    lm.batch_size = 2
+    kl, ratio = neutral_shift(lm, reference)
+    assert kl == pytest.approx(0.0, abs=1e-6) and ratio == pytest.approx(1.0, abs=1e-6)
+    lm.batch_size = 4
+    with out_of_memory_past(lm, 1):
+        assert neutral_shift(lm, reference) == pytest.approx((kl, ratio), abs=1e-6)

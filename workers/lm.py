@@ -13,12 +13,14 @@ import inspect
 import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 from workers.last_block import mlp_at, read_positions_mlp
 from workers.steering import needed_attention_mask, position_ids_argument, prompt_boundary
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # annotations only: importing them loads transformers' modeling code (seconds), see workers/__init__.py
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -214,6 +216,18 @@ def context_window(config: object) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
+def _unless_out_of_memory(run: Callable[[slice], list[T]], rows: slice) -> list[T] | None:
+    """`run(rows)`, or None where it ran out of accelerator memory on more than one row (see `in_batches`).
+    Returning from the handler drops the error, and with its traceback the tensors the failed frames held,
+    before the retry allocates again."""
+    try:
+        return run(rows)
+    except torch.OutOfMemoryError:
+        if rows.stop - rows.start == 1:
+            raise
+        return None
+
+
 @dataclass
 class LanguageModel:
     model: PreTrainedModel
@@ -385,8 +399,42 @@ class LanguageModel:
         """Token batches of prompt+continuation pairs, `batch_size` (default: the LM's) at a time."""
         size = batch_size or self.batch_size
         for start in range(0, len(prompts), size):
-            chunk = slice(start, start + size)
-            yield self.collate(self.encode_pairs(prompts[chunk], continuations[chunk], None if ends_text is None else ends_text[chunk]))
+            yield self.batch(prompts, continuations, ends_text, slice(start, start + size))
+
+    def batch(
+        self, prompts: Sequence[str], continuations: Sequence[str], ends_text: Sequence[bool] | None = None,
+        rows: slice = slice(None),
+    ) -> Batch:
+        """One batch of the prompt+continuation pairs in `rows` (default: all)."""
+        return self.collate(self.encode_pairs(prompts[rows], continuations[rows], None if ends_text is None else ends_text[rows]))
+
+    def in_batches(self, count: int, run: Callable[[slice], list[T]]) -> list[T]:
+        """`run` over `count` items, `batch_size` at a time, its lists joined in order.
+
+        A batch that runs out of accelerator memory runs again as two halves, and the rest of the cell
+        keeps the smaller size (`WorkerCache.model` sets the configured one again for the next cell): at a
+        150k vocabulary one batch's fp32 logits can outgrow a card that holds the model, and a smaller
+        batch changes no score but by float rounding. A batch of one that runs out fails the cell, as
+        any error does. What the failed try had counted in `forward_tokens` and the FLOPs is taken back:
+        a row bills the batches that ran.
+        """
+        out: list[T] = []
+        start = 0
+        while start < count:
+            rows = slice(start, min(start + self.batch_size, count))
+            counted = self.forward_tokens, self.flops_run, self.head_flops_run
+            done = _unless_out_of_memory(run, rows)
+            if done is not None:
+                out.extend(done)
+                start = rows.stop
+                continue
+            self.forward_tokens, self.flops_run, self.head_flops_run = counted
+            self.batch_size = (rows.stop - rows.start) // 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the failed try's blocks, back to the card for the smaller batch's
+            print(f"steerscale: out of accelerator memory on a batch of {rows.stop - rows.start}; "
+                  f"scoring {self.batch_size} at a time for the rest of this cell", file=sys.stderr)  # fmt: skip
+        return out
 
     def encode_pairs(
         self, prompts: Sequence[str], continuations: Sequence[str], ends_text: Sequence[bool] | None = None
@@ -550,11 +598,13 @@ class LanguageModel:
     @torch.no_grad()
     def target_nll(self, prompts: Sequence[str], targets: Sequence[str], ends_text: Sequence[bool] | None = None) -> float:
         """Mean NLL per continuation token over all pairs (nats), an end-of-text token where `ends_text` says."""
-        total, count = 0.0, 0
-        for batch in self.batches(prompts, targets, ends_text=ends_text):
-            total += float(self.token_nll(batch, self.scoring_logits(batch)).sum())
-            count += batch.target_tokens
-        return total / max(count, 1)
+
+        def summed(rows: slice) -> list[tuple[float, int]]:
+            batch = self.batch(prompts, targets, ends_text, rows)
+            return [(float(self.token_nll(batch, self.scoring_logits(batch)).sum()), batch.target_tokens)]
+
+        sums = self.in_batches(len(prompts), summed)
+        return sum(total for total, _ in sums) / max(sum(count for _, count in sums), 1)
 
     @torch.no_grad()
     def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -578,9 +628,12 @@ class LanguageModel:
             return self._single_token_logprobs(prompts, choices, ids)
         flat_prompts = [p for p, cs in zip(prompts, choices) for _ in cs]
         flat_choices = [c for cs in choices for c in cs]
-        scores: list[float] = []
-        for batch in self.batches(flat_prompts, flat_choices):
-            scores.extend((-self.row_sums(batch, self.token_nll(batch, self.scoring_logits(batch)))).tolist())
+
+        def scored(rows: slice) -> list[float]:
+            batch = self.batch(flat_prompts, flat_choices, rows=rows)
+            return (-self.row_sums(batch, self.token_nll(batch, self.scoring_logits(batch)))).tolist()
+
+        scores = self.in_batches(len(flat_prompts), scored)
         out, i = [], 0
         for cs in choices:
             out.append(scores[i : i + len(cs)])
@@ -593,17 +646,17 @@ class LanguageModel:
         # Each prompt runs with its first choice appended, so truncation and token ids are exactly
         # those of the per-choice path; its one scored position is the prompt's last column, whose
         # logits give every choice's.
-        out: list[list[float]] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            batch = next(self.batches(prompts[chunk], [cs[0] for cs in choices[chunk]], batch_size=self.batch_size))
+        firsts = [cs[0] for cs in choices]
+
+        def scored(rows: slice) -> list[list[float]]:
+            batch = self.batch(prompts, firsts, rows=rows)
             logits = self.scoring_logits(batch)
             if logits.shape[0] != batch.input_ids.shape[0]:
                 raise ValueError("a choice needs at least one prompt token before it (an empty prompt, and no BOS token?)")
             logp = F.log_softmax(logits.float(), dim=-1)
-            for row, cs in zip(logp, ids[chunk]):
-                out.append(row[[c[0] for c in cs]].tolist())
-        return out
+            return [row[[c[0] for c in cs]].tolist() for row, cs in zip(logp, ids[rows])]
+
+        return self.in_batches(len(prompts), scored)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
@@ -612,31 +665,32 @@ class LanguageModel:
         limit = None if self.max_length is None else self.max_length - max_new_tokens
         if limit is not None and limit < 1:
             raise ValueError(f"{max_new_tokens} new tokens leave no room for a prompt in the model's {self.max_length} positions")
+
+        def continued(rows: slice) -> list[str]:
+            texts = [self.prefix + p for p in prompts[rows]]
+            trailing = self._trailing_specials  # truncated with them, so that the prompt keeps `limit` tokens without
+            enc = tok(texts, return_tensors="pt", padding=True, truncation=limit is not None,
+                      max_length=None if limit is None else limit + len(trailing))  # fmt: skip
+            # only ids and mask: some tokenizers also return token_type_ids, which GPT-2 would embed; without the
+            # specials a tokenizer appends (left-padded, every row ends with them): the answer follows the prompt
+            end = enc["input_ids"].shape[1]
+            if trailing and (enc["input_ids"][:, -len(trailing) :] == torch.tensor(trailing)).all():
+                end -= len(trailing)
+            ids, mask = enc["input_ids"][:, :end].to(self.device), enc["attention_mask"][:, :end].to(self.device)
+            width = ids.shape[1]
+            last = torch.full((len(texts),), width - 1, dtype=torch.long, device=self.device)  # left padding
+            with prompt_boundary(last), greedy_decoding(self.model, self._stop_at):
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          pad_token_id=tok.pad_token_id)  # fmt: skip
+            # tokens: an upper bound, padding included; the head: at each new token (generate asks the prompt's
+            # forward for its last position's logits alone where the model takes logits_to_keep, else for all)
+            head = max_new_tokens + (1 if _logit_selection(type(self._base_model())) else width)
+            self._ran(int(gen.shape[0] * gen.shape[1]), int(gen.shape[0]) * head)
+            return tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+
         sides = tok.padding_side, tok.truncation_side
         tok.padding_side = tok.truncation_side = "left"  # a long prompt loses its oldest tokens, as in `encode_pairs`
         try:
-            outs: list[str] = []
-            for start in range(0, len(prompts), self.batch_size):
-                texts = [self.prefix + p for p in prompts[start : start + self.batch_size]]
-                trailing = self._trailing_specials  # truncated with them, so that the prompt keeps `limit` tokens without
-                enc = tok(texts, return_tensors="pt", padding=True, truncation=limit is not None,
-                          max_length=None if limit is None else limit + len(trailing))  # fmt: skip
-                # only ids and mask: some tokenizers also return token_type_ids, which GPT-2 would embed; without the
-                # specials a tokenizer appends (left-padded, every row ends with them): the answer follows the prompt
-                end = enc["input_ids"].shape[1]
-                if trailing and (enc["input_ids"][:, -len(trailing) :] == torch.tensor(trailing)).all():
-                    end -= len(trailing)
-                ids, mask = enc["input_ids"][:, :end].to(self.device), enc["attention_mask"][:, :end].to(self.device)
-                width = ids.shape[1]
-                last = torch.full((len(texts),), width - 1, dtype=torch.long, device=self.device)  # left padding
-                with prompt_boundary(last), greedy_decoding(self.model, self._stop_at):
-                    gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                              pad_token_id=tok.pad_token_id)  # fmt: skip
-                # tokens: an upper bound, padding included; the head: at each new token (generate asks the prompt's
-                # forward for its last position's logits alone where the model takes logits_to_keep, else for all)
-                head = max_new_tokens + (1 if _logit_selection(type(self._base_model())) else width)
-                self._ran(int(gen.shape[0] * gen.shape[1]), int(gen.shape[0]) * head)
-                outs.extend(tok.batch_decode(gen[:, width:], skip_special_tokens=True))
-            return outs
+            return self.in_batches(len(prompts), continued)
         finally:
             tok.padding_side, tok.truncation_side = sides

@@ -7,12 +7,12 @@ import resource
 import sys
 from dataclasses import dataclass
 from math import exp, inf, nan
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from workers.lm import Batch, LanguageModel
+from workers.lm import EncodedPair, LanguageModel
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class NeutralReference:
     """The base model's next-token log-probabilities on the neutral texts, kept to compare against."""
 
     texts: tuple[str, ...]
-    logprobs: list[torch.Tensor]  # per batch, (text tokens, vocab) on CPU: only where a text token is predicted
+    logprobs: list[torch.Tensor]  # per text, (text tokens, vocab) on CPU: only where a text token is predicted
     nll: float  # nats per token; NaN without texts
     nll_per_byte: float  # nats per UTF-8 byte: comparable across tokenizers, so across model families
 
@@ -49,25 +49,34 @@ def neutral_context(lm: LanguageModel) -> str:
     return eos
 
 
-def _neutral_batches(lm: LanguageModel, texts: Sequence[str]) -> Iterator[Batch]:
+def _neutral_pairs(lm: LanguageModel, texts: Sequence[str]) -> list[EncodedPair]:
     """The texts as continuations of `neutral_context`, scored at every text token. Keeping only those
     positions makes the comparison independent of anything put before the text (a `prompt` method's
     demonstrations) and drops padding from what the reference stores."""
-    pairs = lm.encode_pairs([neutral_context(lm)] * len(texts), list(texts))
-    for start in range(0, len(pairs), lm.batch_size):
-        yield lm.collate(pairs[start : start + lm.batch_size])
+    return lm.encode_pairs([neutral_context(lm)] * len(texts), list(texts))
+
+
+def _scored(lm: LanguageModel, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The pairs' log-probs (text tokens, vocab) on the model's device, summed NLL per text, tokens per text."""
+    batch = lm.collate(pairs)
+    logits = lm.scoring_logits(batch)
+    return F.log_softmax(logits.float(), dim=-1), lm.row_sums(batch, lm.token_nll(batch, logits)), batch.target_mask.sum(-1).tolist()
 
 
 @torch.no_grad()
 def neutral_reference(lm: LanguageModel, texts: Sequence[str]) -> NeutralReference:
-    logprobs, total, count = [], 0.0, 0
-    for batch in _neutral_batches(lm, texts):
-        logits = lm.scoring_logits(batch)
-        logprobs.append(F.log_softmax(logits.float(), dim=-1).cpu())
-        total += float(lm.token_nll(batch, logits).sum())
-        count += batch.target_tokens
+    """The base model's reference, kept per text so that `neutral_shift` may batch the texts otherwise
+    (`LanguageModel.in_batches` halves a batch that runs out of memory)."""
+    pairs = _neutral_pairs(lm, texts)
+
+    def per_text(rows: slice) -> list[tuple[torch.Tensor, float, int]]:
+        logprobs, nll, tokens = _scored(lm, pairs[rows])
+        return list(zip(logprobs.cpu().split(tokens), nll.tolist(), tokens))
+
+    scores = lm.in_batches(len(pairs), per_text)
+    total, count = sum(nll for _, nll, _ in scores), sum(tokens for _, _, tokens in scores)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return NeutralReference(tuple(texts), logprobs, total / count if count else nan, total / n_bytes if n_bytes else nan)
+    return NeutralReference(tuple(texts), [logp for logp, _, _ in scores], total / count if count else nan, total / n_bytes if n_bytes else nan)
 
 
 @torch.no_grad()
@@ -75,16 +84,17 @@ def neutral_shift(lm: LanguageModel, reference: NeutralReference) -> tuple[float
     """(mean KL(base ‖ adapted) per token, perplexity ratio adapted / base) on the neutral texts."""
     if not reference.texts:
         return float("nan"), float("nan")
-    kl_total, nll_total, count = 0.0, 0.0, 0
-    for batch, base_logp in zip(_neutral_batches(lm, reference.texts), reference.logprobs):
-        logits = lm.scoring_logits(batch)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        if logp.shape != base_logp.shape:
-            raise ValueError(f"neutral text tokens differ from the reference's: {tuple(logp.shape)} vs {tuple(base_logp.shape)}")
-        base = base_logp.to(logp.device)
-        kl_total += float((base.exp() * (base - logp)).sum())
-        nll_total += float(lm.token_nll(batch, logits).sum())
-        count += batch.target_tokens
+    pairs = _neutral_pairs(lm, reference.texts)
+
+    def summed(rows: slice) -> list[tuple[float, float, int]]:
+        logp, nll, tokens = _scored(lm, pairs[rows])
+        base = torch.cat(reference.logprobs[rows]).to(logp.device)
+        if logp.shape != base.shape:
+            raise ValueError(f"neutral text tokens differ from the reference's: {tuple(logp.shape)} vs {tuple(base.shape)}")
+        return [(float((base.exp() * (base - logp)).sum()), float(nll.sum()), sum(tokens))]
+
+    sums = lm.in_batches(len(pairs), summed)
+    kl_total, nll_total, count = (sum(column) for column in zip(*sums))
     nll = nll_total / max(count, 1)
     rise = nll - reference.nll  # in Python floats: torch's fp32 exp overflowed past 88 nats, math.exp raises past 709
     return kl_total / max(count, 1), exp(rise) if rise < 709 else inf

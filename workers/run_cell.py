@@ -162,9 +162,9 @@ def baseline(
 
 def cached_neutral(cell: CellConfig, run: CellRun, lm: LanguageModel) -> NeutralReference:
     """The base model's neutral reference, one per worker for the cells of every task: the texts depend
-    only on their number, and the batches `neutral_shift` zips it with on the batch size."""
+    only on their number and length, and the reference is kept per text, whatever the batch size."""
     size, words = cell.eval.neutral_size, cell.eval.neutral_min_words
-    settings = json.dumps([size, words, cell.eval.batch_size])
+    settings = json.dumps([size, words])
     return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, neutral_texts(size, words)))
 
 
