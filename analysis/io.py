@@ -310,6 +310,19 @@ def _task_rows_of(recorded: dict, task: str) -> str | None:
     return f"rows {digest[:12]}" if isinstance(digest, str) else None
 
 
+def neutral_text_of(recorded: dict) -> str:
+    """What a row measured neutral text on (workers.tasks.neutral_text_digest): its source's rows, first 12 hex,
+    or the offline world's grammar (rows from before `eval.neutral_source` existed too)."""
+    digest = recorded.get("neutral_rows")
+    return f"rows {digest[:12]}" if isinstance(digest, str) else "the world's grammar"
+
+
+def neutral_texts_of(ok: pd.DataFrame) -> pd.Series:
+    """`neutral_text_of` for each row of `ok`."""
+    versions = ok["versions"] if "versions" in ok else pd.Series(None, index=ok.index, dtype=object)
+    return pd.Series([neutral_text_of(_recorded(v)) for v in versions], index=ok.index, dtype=object)
+
+
 def pins_per_group(frame: pd.DataFrame, column: str, pin: Callable[[dict, str], str | None]) -> dict[str, Counter[str]]:
     """For each value of `column` (a model, a task) whose ok rows record more than one `pin` (the
     weights, the data) in their `versions`: how many rows recorded each."""
@@ -326,8 +339,8 @@ def _listed(mixed: dict[str, Counter[str]]) -> str:
 
 
 def mixed_pins_note(frame: pd.DataFrame) -> str | None:
-    """A warning when one model's fits mix rows computed with different weights, or one task's rows
-    scored on different hub data; None when neither does."""
+    """A warning when one model's fits mix rows computed with different weights, one task's rows were
+    scored on different hub data, or the rows measured neutral text on different texts; None when none does."""
     notes = []
     if weights := pins_per_group(frame, "model", _weights_of):
         notes.append(f"The rows of {len(weights)} model(s) were computed with different weights, and their fits mix them ({_listed(weights)}). "
@@ -339,6 +352,11 @@ def mixed_pins_note(frame: pd.DataFrame) -> str | None:
         notes.append(f"The rows of {len(data)} task(s) were scored on different versions of their hub dataset, and their fits mix them "
                      f"({_listed(data)}): the dataset's `main` moved between cells, or nodes read different local copies; "
                      "`steerscale run CONFIG --force` reruns the cells on what the nodes read now.")  # fmt: skip
+    ok = frame[frame["status"] == "ok"]
+    if len(texts := neutral_texts_of(ok).value_counts()) > 1:
+        notes.append(f"The rows measured neutral text (neutral KL, perplexity ratio, `neutral_loss`) on different texts "
+                     f"({', '.join(f'{text} in {n} rows' for text, n in texts.items())}): `eval.neutral_source` differs "
+                     "between cells, or its dataset's `main` moved; those figures compare only within one text.")  # fmt: skip
     return " ".join(notes) or None
 
 

@@ -27,7 +27,7 @@ from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
 from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.fitting import HUBER_DELTA
-from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, resolve, saved_before, unplanned_note
+from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, neutral_texts_of, resolve, saved_before, unplanned_note
 from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
@@ -418,15 +418,17 @@ def _capability(a: Analysis) -> list[Block]:
 
 
 def synthetic_neutral_text(ok: pd.DataFrame) -> str:
-    """Where the rows hold models other than the offline ladder's: their neutral text is the offline world's grammar
-    (`workers.tasks.neutral_texts`), so their neutral KL, perplexity ratio and `neutral_loss` are not measured on
-    natural text ('' for the ladder alone, which was pretrained on that grammar)."""
-    models = sorted(m for m in ok.get("model", pd.Series(dtype=str)).dropna().unique() if not str(m).startswith("ladder:"))
+    """Where rows of models other than the offline ladder's measured neutral text on the offline world's grammar
+    (`workers.tasks.neutral_texts` without `eval.neutral_source`): their neutral KL, perplexity ratio and
+    `neutral_loss` are not measured on natural text ('' where none did: the ladder was pretrained on that grammar)."""
+    on_grammar = ok[neutral_texts_of(ok) == "the world's grammar"]
+    models = sorted(m for m in on_grammar.get("model", pd.Series(dtype=str)).dropna().unique() if not str(m).startswith("ladder:"))
     if not models:
         return ""
-    return (f"Neutral text is the offline world's general-text grammar for every model, so for {', '.join(models[:4])}"
-            f"{' and others' if len(models) > 4 else ''} the neutral KL, the perplexity ratio and `neutral_loss` are measured "
-            "on synthetic text these models were not trained on, not on natural text: read them as a shift on that text alone.")
+    return (f"Neutral text is the offline world's general-text grammar for {', '.join(models[:4])}"
+            f"{' and others' if len(models) > 4 else ''}, so their neutral KL, perplexity ratio and `neutral_loss` are measured "
+            "on synthetic text these models were not trained on, not on natural text: read them as a shift on that text alone "
+            "(`eval.neutral_source` names natural text to measure on).")
 
 
 def capability_out_of_size_order(caps: pd.DataFrame) -> list[str]:

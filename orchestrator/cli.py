@@ -302,21 +302,29 @@ def _prepare_locally(model: ModelSpec, *, progress: bool) -> None:
     try:
         prepare_model(model, progress=progress)
     except Exception as err:  # noqa: BLE001 - hub, network and build errors alike: re-raised as the config's problem
-        raise ConfigError(f"model {model.id} cannot be loaded here: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        raise ConfigError(f"model {model.id} cannot be loaded here: {_first_line(err)}") from err
 
 
-def _prepare_task_data(names: set[str]) -> None:
-    """A local run downloads (or finds cached) each hub task's dataset here, once, before any cell: one that cannot
-    be had (offline with no cache, a gated dataset without a login) stops the run naming it, where every cell of
-    it would have failed with the same error."""
-    from workers.tasks import fetch_hub_data
+def _prepare_data(cells: list[PlannedCell]) -> None:
+    """A local run downloads (or finds cached) each hub task's dataset, and each natural neutral text's, here, once,
+    before any cell: one that cannot be had (offline with no cache, a gated dataset without a login) stops the run
+    naming it, where every cell of it would have failed with the same error."""
+    from workers.tasks import fetch_hub_data, fetch_neutral_text
 
-    for name in sorted(names):
+    for name in sorted({task for c in cells for task in c.config.tasks_read}):
         try:
             fetch_hub_data(name)
         except Exception as err:  # noqa: BLE001 - hub, network and file errors alike: re-raised as the config's problem
-            raise ConfigError(f"task {name}: its dataset cannot be read here: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}") from err  # fmt: skip
+            raise ConfigError(f"task {name}: its dataset cannot be read here: {_first_line(err)}") from err
+    for source in {c.config.eval.neutral_source for c in cells} - {None}:
+        try:
+            fetch_neutral_text(source)
+        except Exception as err:  # noqa: BLE001 - as above
+            raise ConfigError(f"eval.neutral_source: {source.dataset} ({source.split}) cannot be read here: {_first_line(err)}") from err
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _refuse_what_models_lack(cells: list[PlannedCell], *, fetch_configs: bool = True) -> None:
@@ -367,7 +375,7 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
     from workers.run_cell import estimated_params
 
     if not args.address:
-        _prepare_task_data({task for c in cells for task in c.config.tasks_read})
+        _prepare_data(cells)
     params = {}  # model sizes: the cost model's prior, from configs alone (ladder rungs: their recipes)
     for model in {c.config.model.id: c.config.model for c in cells}.values():
         if not args.address:
@@ -429,7 +437,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if waiting:
         print(f"{waiting} stored cells failed and are not rerun; rerun them with --retry-failed (`steerscale status` shows their errors)")
     if not args.address:  # the datasets first: a gated one stops the run before gigabytes of weights are fetched
-        _prepare_task_data({task for c in todo for task in c.config.tasks_read})
+        _prepare_data(todo)
         for model in {c.config.model.id: c.config.model for c in todo}.values():
             _prepare_locally(model, progress=not args.no_progress)
     _record_plan(store, cells)

@@ -192,7 +192,7 @@ def test_a_larger_model_less_capable_than_a_smaller_one_is_said() -> None:
 
 
 def test_hub_models_neutral_figures_are_said_to_be_on_the_worlds_synthetic_text() -> None:
-    """Every model's neutral text is the offline grammar's: a Pythia's neutral KL read as a shift on natural text
+    """A hub model's neutral text read from the offline grammar: its neutral KL is not a shift on natural text
     (helper-145). The ladder, pretrained on that grammar, needs no such note."""
     import pandas as pd
 
@@ -200,5 +200,10 @@ def test_hub_models_neutral_figures_are_said_to_be_on_the_worlds_synthetic_text(
 
     assert synthetic_neutral_text(pd.DataFrame({"model": ["ladder:xs", "ladder:s"]})) == ""
     said = synthetic_neutral_text(pd.DataFrame({"model": ["ladder:xs", "EleutherAI/pythia-160m", "EleutherAI/pythia-410m"]}))
-    assert said.startswith("Neutral text is the offline world's general-text grammar for every model, so for "
-                           "EleutherAI/pythia-160m, EleutherAI/pythia-410m the neutral KL")
+    assert said.startswith("Neutral text is the offline world's general-text grammar for EleutherAI/pythia-160m, "
+                           "EleutherAI/pythia-410m, so their neutral KL")
+    # a model whose rows read natural text (`eval.neutral_source`, pinned in `versions`) is not listed
+    natural = json.dumps({"neutral_rows": "d" * 64})
+    said = synthetic_neutral_text(pd.DataFrame({"model": ["EleutherAI/pythia-160m", "EleutherAI/pythia-410m"], "versions": [natural, "{}"]}))
+    assert "for EleutherAI/pythia-410m, so" in said and "160m" not in said
+    assert synthetic_neutral_text(pd.DataFrame({"model": ["EleutherAI/pythia-160m"], "versions": [natural]})) == ""

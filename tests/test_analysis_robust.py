@@ -173,3 +173,21 @@ def test_fits_say_when_a_tasks_rows_were_scored_on_different_hub_data():
     note = mixed_pins_note(moved)
     assert note is not None and "1 task(s) were scored on different versions of their hub dataset" in note
     assert f"sst2: rows {'a' * 12}… in 2 rows, rows {'b' * 12}… in 1 rows" in note and "different weights" not in note
+    assert "neutral text" not in note  # every row read the world's grammar
+
+
+def test_fits_say_when_rows_measured_neutral_text_on_different_texts():
+    """eval.neutral_source set for some cells and not others: their neutral KL and `neutral_loss` are not comparable."""
+    import json
+
+    import pandas as pd
+
+    from analysis.io import mixed_pins_note
+
+    def row(neutral: str | None) -> dict:
+        return {"status": "ok", "model": "m", "task": "facts", "versions": json.dumps({"neutral_rows": neutral} if neutral else {})}
+
+    assert mixed_pins_note(pd.DataFrame([row("c" * 64), row("c" * 64)])) is None
+    note = mixed_pins_note(pd.DataFrame([row("c" * 64), row(None), row("c" * 64), {"status": "failed", "model": "m", "task": "facts"}]))
+    assert note is not None and note.startswith("The rows measured neutral text (neutral KL, perplexity ratio, `neutral_loss`) "
+                                                f"on different texts (rows {'c' * 12} in 2 rows, the world's grammar in 1 rows)")

@@ -128,6 +128,10 @@ def test_cells_stored_before_a_setting_existed_keep_their_ids():
     assert cell.eval.selection_metric == "nll" and cell.eval.neutral_min_words == 48 and cell.cell_id != old.cell_id
     short_texts_by_score = old.model_copy(update={"eval": old.eval.model_copy(update={"neutral_min_words": 48})})
     assert short_texts_by_score.cell_id not in {old.cell_id, cell.cell_id}
+    # eval.neutral_source came later still: unset (the world's grammar, as before) it leaves the id as it was
+    natural = {"dataset": "Salesforce/wikitext", "config": "wikitext-103-raw-v1"}
+    on_natural_text = old.model_copy(update={"eval": EvalConfig(**{**old.eval.model_dump(), "neutral_source": natural})})
+    assert on_natural_text.cell_id != old.cell_id and old.eval.neutral_source is None
 
 
 def test_cells_reading_a_task_whose_examples_changed_get_new_ids():

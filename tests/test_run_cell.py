@@ -98,6 +98,26 @@ def test_cells_of_different_tasks_share_one_neutral_reference(model_id, monkeypa
     assert together == alone and all(row["neutral_kl"] > 0 for row in together)
 
 
+def test_a_cell_measures_selectivity_on_the_natural_text_it_names(model_id):
+    """eval.neutral_source: the base model's neutral NLL is its NLL on that source's texts, a cell reading the
+    world's grammar beside it gets its own reference, and the row pins the source's rows in `versions`."""
+    from workers.cell import NeutralTextSource
+    from workers.metrics import neutral_reference
+    from workers.tasks import neutral_text_digest, neutral_texts
+
+    source = NeutralTextSource(dataset=str(Path(__file__).parent / "fixtures" / "neutral"))
+    world = _cell(model_id, "steer_mean")
+    natural = world.model_copy(update={"eval": EvalConfig(**{**world.eval.model_dump(), "neutral_min_words": 20, "neutral_source": source})})
+    cache = WorkerCache()
+    rows = [run_cell(cell, CellRun(cache=cache)) for cell in (world, natural)]
+    assert [row["status"] for row in rows] == ["ok", "ok"] and cache.loads == 1
+    expected = neutral_reference(cache.model(natural.model, 4), neutral_texts(4, 20, source))
+    assert rows[1]["base_neutral_nll_per_byte"] == pytest.approx(expected.nll_per_byte, rel=1e-6)
+    assert rows[1]["base_neutral_nll_per_byte"] != pytest.approx(rows[0]["base_neutral_nll_per_byte"], rel=1e-3)
+    versions = [json.loads(row["versions"]) for row in rows]
+    assert "neutral_rows" not in versions[0] and versions[1]["neutral_rows"] == neutral_text_digest(source)
+
+
 def test_sharded_placement_gives_the_same_numbers(model_id):
     """`gpus_per_cell > 1` loads with accelerate's device_map; on a CPU box every layer lands on CPU."""
     cell = _cell(model_id, "steer_mean")

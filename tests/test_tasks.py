@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from workers.cell import NeutralTextSource
 from workers.models.tokenizer import build_tokenizer
 from workers.registry import UnknownNameError
 from workers.tasks import TASKS, get_task, neutral_texts
@@ -160,6 +161,19 @@ def test_neutral_texts_are_deterministic_and_not_task_text() -> None:
     texts = neutral_texts(5, 48)
     assert texts == neutral_texts(5, 48) and len(set(texts)) == 5
     assert not any("persona:" in t or "=" in t for t in texts)
+
+
+def test_neutral_texts_from_a_source_are_its_first_rows_that_long_cut_to_length() -> None:
+    """A natural source (here a local directory shaped like wikitext): headings, blank and short rows are skipped,
+    each text is its row's first `min_words` words, in the split's order."""
+    source = NeutralTextSource(dataset=str(Path(__file__).parent / "fixtures" / "neutral"))
+    texts = neutral_texts(3, 20, source)
+    assert [t.split()[:3] for t in texts] == [["The", "lighthouse", "at"], ["Stone", "for", "the"], ["A", "fog", "signal"]]
+    assert all(len(t.split()) == 20 for t in texts) and texts[0].endswith("channel . Its")
+    with pytest.raises(ValueError, match="has 4 rows of 20 words or more, not the 5 of eval.neutral_size"):
+        neutral_texts(5, 20, source)
+    with pytest.raises(ValueError, match="no field 'body'.*set eval.neutral_source.field"):
+        neutral_texts(1, 20, source.model_copy(update={"field": "body"}))
 
 
 def test_neutral_texts_by_default_fit_the_context_the_ladder_was_pretrained_in() -> None:

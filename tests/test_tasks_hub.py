@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 import pytest
@@ -167,16 +168,23 @@ def test_function_calling_writes_tools_and_calls_in_their_own_characters(tmp_pat
 
 
 def test_a_dataset_that_cannot_be_had_stops_a_local_run_before_any_cell(tmp_path, monkeypatch) -> None:
-    """The driver reads each hub task's splits once, up front (`cli._prepare_task_data`): offline with no cache, every
-    cell failed with the same error, once per cell; the synthetic tasks are not looked at."""
-    from orchestrator.cli import _prepare_task_data
+    """The driver reads each hub task's splits, and each natural neutral text's, once, up front (`cli._prepare_data`):
+    offline with no cache, every cell failed with the same error, once per cell; the synthetic tasks are not looked at."""
+    from orchestrator.cli import _prepare_data
+    from workers.cell import EvalConfig, NeutralTextSource
     from workers.config import ConfigError
+
+    def cells(*tasks: str, neutral: str | None = None) -> list[SimpleNamespace]:  # what the driver reads of a planned cell
+        source = NeutralTextSource(dataset=neutral) if neutral else None
+        return [SimpleNamespace(config=SimpleNamespace(tasks_read=tasks, eval=EvalConfig(neutral_source=source)))]
 
     tasks = {**adapters(), "facts": TASKS.get("facts"), "gsm8k": GSM8K(HubSource(str(tmp_path / "not-here")))}
     monkeypatch.setattr(TASKS, "get", tasks.__getitem__)
-    _prepare_task_data({"sst2", "function_calling", "facts"})
+    _prepare_data(cells("sst2", "function_calling", "facts", neutral=str(FIXTURES / "neutral")))
     with pytest.raises(ConfigError, match=r"task gsm8k: its dataset cannot be read here: .*not-here"):
-        _prepare_task_data({"sst2", "gsm8k"})
+        _prepare_data(cells("sst2", "gsm8k"))
+    with pytest.raises(ConfigError, match=r"eval.neutral_source: .*not-here \(test\) cannot be read here: .*not-here"):
+        _prepare_data(cells("sst2", neutral=str(tmp_path / "not-here")))
 
 
 def test_each_budget_draws_its_own_examples_as_the_synthetic_tasks_do() -> None:

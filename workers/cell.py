@@ -73,6 +73,17 @@ def _inferred_family(model_id: str) -> str:
     return "-".join(word for word in words if not _SIZE_WORD.fullmatch(word)) or words[0]
 
 
+class NeutralTextSource(StrictConfig):
+    """Natural text to measure selectivity and `neutral_loss` on, for models pretrained on it (the offline
+    world's grammar means nothing to Pythia or Qwen): a hub dataset, or a local directory of `<split>.jsonl`
+    files shaped like one, as a hub task reads (`workers.tasks.hub`)."""
+
+    dataset: str = Field(description="hub id (e.g. 'Salesforce/wikitext') or a local directory of <split>.jsonl files")
+    config: str | None = Field(None, description="the dataset's configuration (e.g. 'wikitext-103-raw-v1')")
+    split: str = "test"
+    field: str = Field("text", description="the column holding the text")
+
+
 class EvalConfig(StrictConfig):
     test_size: int = Field(200, ge=1, description="test examples per cell (the same questions for every cell)")
     validation_size: int = Field(64, ge=0, description="the shared validation set every method selects on")
@@ -81,6 +92,10 @@ class EvalConfig(StrictConfig):
     neutral_min_words: int = Field(
         48, ge=1, description="words per neutral text, at least: 48 keeps each within the 64 tokens the ladder was "
         "pretrained on (at 96, a third of the scored tokens sat at positions no rung had trained at)"
+    )
+    neutral_source: NeutralTextSource | None = Field(
+        None, description="where neutral texts come from: their first `neutral_min_words` words each, in the split's "
+        "order, from rows that long; none: documents of the offline world's general-text grammar"
     )
     offtask_size: int = Field(0, ge=0, description="test examples per other task of the sweep (0: skip off-task)")
     batch_size: int = Field(64, ge=1)
@@ -95,7 +110,7 @@ class EvalConfig(StrictConfig):
 # Settings added after results were first stored, left out of a cell's identity at the value cells
 # had before the setting existed: those cells keep their ids, so a rerun that asks for the old
 # behaviour by name skips them instead of redoing them.
-_ADDED_LATER: dict[str, dict[str, object]] = {"eval": {"selection_metric": "score", "neutral_min_words": 96}}
+_ADDED_LATER: dict[str, dict[str, object]] = {"eval": {"selection_metric": "score", "neutral_min_words": 96, "neutral_source": None}}
 # The same for a method's training settings, wherever a `train` section sits in its config (a
 # composition's parts, a task vector's fine-tune): at these values they are left out of the id.
 _TRAIN_ADDED_LATER: dict[str, object] = {"lr_search": []}

@@ -39,7 +39,7 @@ from workers.models.loading import count_parameters, is_hub_model, ladder_revisi
 from workers.registry import UnknownNameError
 from workers.rowfile import check_writable_at, filesystem_and_path, write_rows
 from workers.schema import SCHEMA_VERSION
-from workers.tasks import data_version, get_task, hub_data_digest, neutral_texts
+from workers.tasks import data_version, get_task, hub_data_digest, neutral_text_digest, neutral_texts
 from workers.tasks.base import Example, Split, Task
 
 
@@ -54,13 +54,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def versions_json(cell: CellConfig, provenance: Mapping[str, str] | None = None, task_rows: Mapping[str, str] | None = None) -> str:
+def versions_json(
+    cell: CellConfig, provenance: Mapping[str, str] | None = None, task_rows: Mapping[str, str] | None = None,
+    neutral_rows: str | None = None,
+) -> str:
     """The row's `versions`: the libraries, the data version of every task the cell reads (analysis
     leaves out rows scored on questions a newer version replaced), and once the cell has run what pins
-    its weights (`weights_provenance`: a hub commit, a ladder rung's weights digest) and, for hub tasks,
-    their rows (`hub_data_digest`)."""
+    its weights (`weights_provenance`: a hub commit, a ladder rung's weights digest), for hub tasks
+    their rows (`hub_data_digest`), and for a natural neutral text its source's (`neutral_text_digest`)."""
     task_data = {task: data_version(task) for task in cell.tasks_read}
-    pins = {**(provenance or {}), **({"task_rows": dict(task_rows)} if task_rows else {})}
+    pins = {**(provenance or {}), **({"task_rows": dict(task_rows)} if task_rows else {}), **({"neutral_rows": neutral_rows} if neutral_rows else {})}
     return json.dumps({**library_versions(), "task_data": task_data, **pins}, sort_keys=True)
 
 
@@ -162,10 +165,10 @@ def baseline(
 
 def cached_neutral(cell: CellConfig, run: CellRun, lm: LanguageModel) -> NeutralReference:
     """The base model's neutral reference, one per worker for the cells of every task: the texts depend
-    only on their number and length, and the reference is kept per text, whatever the batch size."""
-    size, words = cell.eval.neutral_size, cell.eval.neutral_min_words
-    settings = json.dumps([size, words])
-    return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, neutral_texts(size, words)))
+    only on their number, length and source, and the reference is kept per text, whatever the batch size."""
+    size, words, source = cell.eval.neutral_size, cell.eval.neutral_min_words, cell.eval.neutral_source
+    settings = json.dumps([size, words, source and source.model_dump(mode="json")])
+    return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, neutral_texts(size, words, source)))
 
 
 def drawn(task: Task, split: Split, n: int, seed: int) -> tuple[list[Example], int]:
@@ -303,7 +306,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "selection": report.selection,
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
-        "versions": versions_json(cell, lm.provenance, task_rows(cell)),
+        "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(cell.eval.neutral_source)),
     }
     # not the perplexity ratio: past a rise of 709 nats a token it is +inf by design (metrics.neutral_shift), a
     # measured collapse; a NaN there comes with a NaN KL, which is checked

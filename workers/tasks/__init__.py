@@ -8,6 +8,8 @@ datasets, or local files shaped like them.
 from __future__ import annotations
 
 import random
+import re
+from typing import TYPE_CHECKING
 
 from workers.registry import Registry
 from workers.tasks.arith import Arith
@@ -16,9 +18,12 @@ from workers.tasks.facts import Facts
 from workers.tasks.function_calling import FunctionCalling
 from workers.tasks.gridworld import Gridworld
 from workers.tasks.gsm8k import GSM8K
-from workers.tasks.hub import HubSource, dataset, rows_digest
+from workers.tasks.hub import HubSource, dataset, load_rows, rows_digest
 from workers.tasks.sst2 import SST2
 from workers.world import text
+
+if TYPE_CHECKING:  # the cell's config imports this registry
+    from workers.cell import NeutralTextSource
 
 TASKS: Registry[Task] = Registry("task")
 TASKS.register("facts", Facts())
@@ -63,6 +68,38 @@ def fetch_hub_data(name: str) -> None:
             dataset(getattr(task, "source"), split)
 
 
-def neutral_texts(n: int, min_words: int) -> list[str]:
-    """General-text documents from the pretraining grammar, on a stream pretraining never draws."""
-    return text.documents(n, random.Random("steerscale-neutral-text"), min_words)
+def neutral_texts(n: int, min_words: int, source: NeutralTextSource | None = None) -> list[str]:
+    """`n` neutral texts of `min_words` words: from `source`, the first `min_words` words of each of its
+    first `n` rows that long (headings and blank rows are shorter); without one, general-text documents
+    of the pretraining grammar, on a stream pretraining never draws, of at least `min_words` words."""
+    if source is None:
+        return text.documents(n, random.Random("steerscale-neutral-text"), min_words)
+    texts: list[str] = []
+    for row in load_rows(_hub_source(source), source.split):
+        if len(texts) == n:
+            break
+        if source.field not in row:
+            raise ValueError(f"neutral text source {source.dataset}: its rows have no field {source.field!r} "
+                             f"(they have {sorted(row)}); set eval.neutral_source.field")  # fmt: skip
+        words = [match.end() for match in re.finditer(r"\S+", str(row[source.field]))]
+        if len(words) >= min_words:
+            texts.append(str(row[source.field])[: words[min_words - 1]].strip())
+    if len(texts) < n:
+        raise ValueError(f"neutral text source {source.dataset} ({source.split}) has {len(texts)} rows of "
+                         f"{min_words} words or more, not the {n} of eval.neutral_size")  # fmt: skip
+    return texts
+
+
+def neutral_text_digest(source: NeutralTextSource | None) -> str | None:
+    """A digest of the rows neutral texts come from (`hub.rows_digest`), for a row's `versions`; None for the
+    offline world's, which its code pins."""
+    return None if source is None else rows_digest(_hub_source(source), (source.split,))
+
+
+def fetch_neutral_text(source: NeutralTextSource) -> None:
+    """Download (or find cached) the split neutral texts come from: the driver's check before any cell."""
+    dataset(_hub_source(source), source.split)
+
+
+def _hub_source(source: NeutralTextSource) -> HubSource:
+    return HubSource(source.dataset, source.config)
