@@ -6,6 +6,7 @@ plain module so that tests/conftest.py stays the lead's. Nothing here downloads 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import pytest
@@ -138,3 +139,20 @@ def logits(lm: LanguageModel, texts: Sequence[str] = ("q: a1 b2 = 3 ; q: a4 b0 =
     """The model's logits on a fixed batch, through the wrapper (so prefixes and steering apply)."""
     with torch.no_grad():
         return lm.forward(next(lm.batches(list(texts), [" 1"] * len(texts))))
+
+
+@contextlib.contextmanager
+def out_of_memory_past(lm, rows: int):
+    """The model runs out of accelerator memory on a batch of more than `rows` rows, as a card does on
+    a 150k vocabulary's logits: a real torch.OutOfMemoryError cannot be caused on a CPU box."""
+
+    def check(module, args, kwargs):
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        if ids.shape[0] > rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (a batch of {ids.shape[0]})")
+
+    handle = lm.model.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from packaging.version import Version
 
-from conftest_methods import ARCHITECTURES, fit_context, language_model
+from conftest_methods import ARCHITECTURES, fit_context, language_model, out_of_memory_past
 import workers.lm
 from workers.methods import get_method, resolve_config
 from workers.lm import _logit_selection, shareable_cache, token_ids
@@ -494,46 +495,44 @@ def test_a_last_mlp_with_dropout_runs_whole_while_training(monkeypatch):
     assert workers.lm.read_positions_mlp(lm.model) is not None  # in eval, dropout off: the MLP runs at the scored positions
 
 
-@contextlib.contextmanager
-def out_of_memory_past(lm, rows: int):
-    """The model runs out of accelerator memory on a batch of more than `rows` rows, as a card does on
-    a 150k vocabulary's logits: a real torch.OutOfMemoryError cannot be caused on a CPU box."""
-
-    def check(module, args, kwargs):
-        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
-        if ids.shape[0] > rows:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (a batch of {ids.shape[0]})")
-
-    handle = lm.model.register_forward_pre_hook(check, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def test_a_batch_that_runs_out_of_memory_runs_again_halved_with_the_same_numbers_and_flops(capfd):
     prompts = PROMPTS * 3
     mixed = [(" 0", " 1 2"), (" 3", " 4"), (" 0 ;", " 1")] * 3
     targets = [" 1 2", " 3", " 0 ; q:"] * 3
+    texts = ["a1 b2 = 3 ; q: a4", "q: a1 b2 = 3", "persona: liar q: a7 b7 = 0 ;", "q: a3"] * 2
+    calls = {"target_nll": lambda lm: lm.target_nll(prompts, targets), "single": lambda lm: lm.choice_logprobs(prompts, DIGITS * 3),
+             "general": lambda lm: lm.choice_logprobs(prompts, mixed), "generate": lambda lm: lm.generate(prompts, 3),
+             "neutral": lambda lm: neutral_reference(lm, texts).logprobs}  # fmt: skip
 
-    def scores(lm):
-        before = lm.flops_run, lm.forward_tokens
-        with torch.no_grad():
-            out = lm.target_nll(prompts, targets), lm.choice_logprobs(prompts, DIGITS * 3), lm.choice_logprobs(prompts, mixed)
-        return out, lm.flops_run - before[0], lm.forward_tokens - before[1], lm.generate(prompts, 3)
+    def run(lm, batch_size):
+        out = {}
+        for name, call in calls.items():
+            lm.batch_size, before = batch_size, (lm.flops_run, lm.forward_tokens)
+            with torch.no_grad():
+                out[name] = call(lm), lm.flops_run - before[0], lm.forward_tokens - before[1]
+        return out
 
-    # what the cell below ends up running: every batch 2 rows (FLOPs depend on the batching: a batch drops its
-    # last column, only a label, so its longest rows' last tokens do not run)
-    (nll, single, general), flops, tokens, generated = scores(language_model(batch_size=2))
-    lm = language_model(batch_size=8)
+    # what every call below ends up running: each batch 2 rows (FLOPs depend on the batching: a batch drops its last
+    # column, only a label, so its longest rows' last tokens do not run)
+    clean = run(language_model(), 2)
+    lm = language_model()
     with out_of_memory_past(lm, 3):
-        (nll_halved, single_halved, general_halved), flops_halved, tokens_halved, generated_halved = scores(lm)
-    assert lm.batch_size == 2  # 8 ran out, then 4; the rest of the cell ran 2 at a time
-    assert "out of accelerator memory on a batch of 8; scoring 4 at a time" in capfd.readouterr().err
-    assert nll_halved == pytest.approx(nll, abs=1e-6) and generated_halved == generated
-    for a, b in zip(single_halved + general_halved, single + general, strict=True):
-        assert a == pytest.approx(b, abs=1e-5)
-    assert (flops_halved, tokens_halved) == (flops, tokens)  # the failed tries' passes are not billed
+        halved = run(lm, 8)
+    assert lm.halved_to == 2
+    said = capfd.readouterr().err
+    assert said.count("out of accelerator memory on a batch of 8; scoring 4 at a time") == len(calls)  # every call, from 8
+    assert said.count("out of accelerator memory on a batch of 4; scoring 2 at a time") == len(calls)
+    assert (lm.tokenizer.padding_side, lm.tokenizer.truncation_side) == ("right", "right")  # generate's left, undone
+    for name in calls:
+        (ours, flops, tokens), (theirs, clean_flops, clean_tokens) = halved[name], clean[name]
+        assert (flops, tokens) == (clean_flops, clean_tokens), name  # the failed tries' passes are not billed
+        if name == "generate":
+            assert ours == theirs
+        elif name == "neutral":
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs, strict=True))
+        else:
+            assert np.allclose(np.array(ours, dtype=object).astype(float), np.array(theirs, dtype=object).astype(float), atol=1e-5), name
+    lm.batch_size = 8
     with out_of_memory_past(lm, 0), pytest.raises(torch.OutOfMemoryError, match="a batch of 1"):
         lm.target_nll(prompts, targets)  # one row that does not fit fails the cell
 

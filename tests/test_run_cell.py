@@ -17,6 +17,7 @@ from workers.cell import CellConfig, EvalConfig, ModelSpec
 from workers.methods import resolve_config
 from workers.run_cell import CellRun, git_sha, main, model_revision, run_cell
 from workers.schema import SCHEMA_VERSION
+import workers.run_cell
 
 MEASURED = ("score", "score_outcomes", "score_base", "nll", "nll_base", "neutral_kl", "neutral_ppl_ratio", "offtask_score_delta",
             "trainable_params", "post_train_flops", "train_tokens", "layer", "alpha", "hparams")
@@ -116,6 +117,32 @@ def test_a_cell_measures_selectivity_on_the_natural_text_it_names(model_id):
     assert rows[1]["base_neutral_nll_per_byte"] != pytest.approx(rows[0]["base_neutral_nll_per_byte"], rel=1e-3)
     versions = [json.loads(row["versions"]) for row in rows]
     assert "neutral_rows" not in versions[0] and versions[1]["neutral_rows"] == neutral_text_digest(source)
+
+
+def test_a_cell_whose_scoring_runs_out_of_memory_halves_its_batches_and_says_so(model_id, capfd):
+    """At a 150k vocabulary one scoring batch's logits can outgrow the card: the cell goes on in smaller batches, with
+    the same numbers up to rounding, and its ok row says so; the fit's halving does not carry into the evaluation."""
+    from conftest_methods import out_of_memory_past
+
+    cell = _cell(model_id, "prompt")  # its fit scores too (choosing how many demonstrations)
+    clean = _measured(run_cell(cell, CellRun(cache=WorkerCache())))
+    cache = WorkerCache()
+    lm = cache.model(cell.model, cell.eval.batch_size)
+    method, at_fit = workers.run_cell.get_method(cell.method), []
+    fit = method.fit
+    capfd.readouterr()
+    with out_of_memory_past(lm, 10), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(method, "fit", lambda ctx, config: at_fit.append(lm.batch_size) or fit(ctx, config))
+        row = run_cell(cell, CellRun(cache=cache))
+    assert row["status"] == "ok", row["error"]
+    assert row["error"] == ("scoring batches ran out of accelerator memory and were halved, down to 10 (eval.batch_size 64): "
+                            "scores move by float rounding only, peak_mem_bytes includes the failed try")
+    # the 40 test questions: 40 > 20 > 10 for the baseline, whose size the fit keeps; the evaluation starts at 64 again
+    assert at_fit == [10] and capfd.readouterr().err.count("out of accelerator memory on a batch of 40;") == 2
+    halved = _measured(row)
+    # (not its FLOPs: a smaller batch runs the demonstrations, a prefix its rows share, once per batch, so more often)
+    assert halved["score"] == clean["score"] and json.loads(halved["hparams"])["shots"] == json.loads(clean["hparams"])["shots"]
+    assert halved["nll"] == pytest.approx(clean["nll"], rel=1e-5) and halved["neutral_kl"] == pytest.approx(clean["neutral_kl"], rel=1e-4, abs=1e-7)
 
 
 def test_sharded_placement_gives_the_same_numbers(model_id):

@@ -16,7 +16,6 @@ a CPU box, nor torch's (CUDA) OutOfMemoryError. Leave it unset in real use.
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import os
 from collections import OrderedDict
@@ -28,25 +27,11 @@ import transformers
 
 from workers.cell import LADDER_PREFIX, ModelSpec
 from workers.lm import LanguageModel
+from workers.memory import release_memory
 from workers.methods import get_method, model_problem, resolve_config
 from workers.metrics import NeutralReference
 from workers.models.loading import DTYPES, count_parameters, load_language_model, parse_ladder_id
 from workers.tasks.base import Evaluation
-
-
-def release_memory() -> None:
-    """Free what dropped models and a failed cell's tensors held, now: a reference cycle keeps a model alive
-    past `del` (accelerate's hooks on a model split over GPUs keep a bound forward on each module), and then
-    the next load's placement, and the GPU's other workers, would find its memory taken. CUDA's cached
-    blocks go back to the GPU after; a broken CUDA context refuses, which the worker finds out next
-    (`CellWorker.device_usable`)."""
-    gc.collect()
-    if not torch.cuda.is_initialized():
-        return
-    try:
-        torch.cuda.empty_cache()
-    except RuntimeError:
-        pass
 
 
 LOAD_FAULTS_ENV = "STEERSCALE_TEST_LOAD_FAULTS"
@@ -187,7 +172,7 @@ class WorkerCache:
             self.loads += 1
         self._models.move_to_end(key)
         lm = self._models[key]
-        lm.batch_size = batch_size
+        lm.batch_size, lm.halved_to = batch_size, None
         return lm
 
     def _make_room(self, needed: int, keep: str, host: bool) -> None:

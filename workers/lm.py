@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence, 
 import torch
 import torch.nn.functional as F
 from workers.last_block import mlp_at, read_positions_mlp
+from workers.memory import release_memory
 from workers.steering import needed_attention_mask, position_ids_argument, prompt_boundary
 
 T = TypeVar("T")
@@ -233,6 +234,7 @@ class LanguageModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     batch_size: int = 32
+    halved_to: int | None = None  # the smallest batch `in_batches` halved to after running out of memory; None: none did
     max_length: int | None = None  # tokens per sequence; None: the model's own position limit (`context_window`)
     forward_tokens: int = 0  # every token this wrapper has run through the model
     flops_run: float = 0.0  # the forward FLOPs of those passes, as run: 2·N_body per token + 2·N_head per position the head ran at
@@ -411,8 +413,9 @@ class LanguageModel:
     def in_batches(self, count: int, run: Callable[[slice], list[T]]) -> list[T]:
         """`run` over `count` items, `batch_size` at a time, its lists joined in order.
 
-        A batch that runs out of accelerator memory runs again as two halves, and the rest of the cell
-        keeps the smaller size (`WorkerCache.model` sets the configured one again for the next cell): at a
+        A batch that runs out of accelerator memory runs again as two halves, and the rest of the cell's
+        training, or of its evaluation, keeps the smaller size (`halved_to`; `WorkerCache.model` sets the
+        configured one again for the next cell, `evaluate_cell` after a method's fit): at a
         150k vocabulary one batch's fp32 logits can outgrow a card that holds the model, and a smaller
         batch changes no score but by float rounding. A batch of one that runs out fails the cell, as
         any error does. What the failed try had counted in `forward_tokens` and the FLOPs is taken back:
@@ -429,9 +432,8 @@ class LanguageModel:
                 start = rows.stop
                 continue
             self.forward_tokens, self.flops_run, self.head_flops_run = counted
-            self.batch_size = (rows.stop - rows.start) // 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # the failed try's blocks, back to the card for the smaller batch's
+            self.batch_size = self.halved_to = (rows.stop - rows.start) // 2
+            release_memory()  # the failed try's blocks, back to the card for the smaller batch's
             print(f"steerscale: out of accelerator memory on a batch of {rows.stop - rows.start}; "
                   f"scoring {self.batch_size} at a time for the rest of this cell", file=sys.stderr)  # fmt: skip
         return out

@@ -87,11 +87,14 @@ def neutral_shift(lm: LanguageModel, reference: NeutralReference) -> tuple[float
     pairs = _neutral_pairs(lm, reference.texts)
 
     def summed(rows: slice) -> list[tuple[float, float, int]]:
-        logp, nll, tokens = _scored(lm, pairs[rows])
-        base = torch.cat(reference.logprobs[rows]).to(logp.device)
-        if logp.shape != base.shape:
-            raise ValueError(f"neutral text tokens differ from the reference's: {tuple(logp.shape)} vs {tuple(base.shape)}")
-        return [(float((base.exp() * (base - logp)).sum()), float(nll.sum()), sum(tokens))]
+        logprobs, nll, tokens = _scored(lm, pairs[rows])
+        kl = 0.0
+        for logp, base in zip(logprobs.split(tokens), reference.logprobs[rows], strict=True):  # text by text: no copy of the batch's
+            if logp.shape != base.shape:
+                raise ValueError(f"neutral text tokens differ from the reference's: {tuple(logp.shape)} vs {tuple(base.shape)}")
+            base = base.to(logp.device)
+            kl += float((base.exp() * (base - logp)).sum())
+        return [(kl, float(nll.sum()), sum(tokens))]
 
     sums = lm.in_batches(len(pairs), summed)
     kl_total, nll_total, count = (sum(column) for column in zip(*sums))

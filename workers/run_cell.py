@@ -29,7 +29,8 @@ import torch
 from pyarrow import fs
 from pydantic import ValidationError
 
-from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params, method_problems, release_memory
+from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params, method_problems
+from workers.memory import release_memory
 from workers.cell import CellConfig, ModelSpec
 from workers.config import ConfigError, format_errors
 from workers.lm import LanguageModel
@@ -264,6 +265,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     try:
         adapter = method.fit(fit_context, config)
         train_seconds = time.perf_counter() - started
+        lm.batch_size = cell.eval.batch_size  # a halving beside training's gradients and optimiser state need not hold now
         started = time.perf_counter()
         with adapter.applied():
             result = task.evaluate(lm, test)
@@ -307,6 +309,10 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
         "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(cell.eval.neutral_source)),
+        "error": None if lm.halved_to is None else (
+            f"scoring batches ran out of accelerator memory and were halved, down to {lm.halved_to} "
+            f"(eval.batch_size {cell.eval.batch_size}): scores move by float rounding only, peak_mem_bytes includes the failed try"
+        ),
     }
     # not the perplexity ratio: past a rise of 709 nats a token it is +inf by design (metrics.neutral_shift), a
     # measured collapse; a NaN there comes with a NaN KL, which is checked
@@ -385,7 +391,7 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
     for alone in (False, True):
         out_of_memory: str | None = None  # its first line: the exception itself would pin the cell's tensors
         try:
-            row.update(evaluate_cell(cell, run), status="ok", error=None)
+            row.update({"error": None, **evaluate_cell(cell, run)}, status="ok")  # an ok row's `error` is a note, if any
         except Exception as exc:  # a failed cell is data: keep the error, let the sweep go on
             row.update(status="failed", error=error_text(exc))
             out_of_memory = next((f"{type(link).__name__}: {link}".partition("\n")[0] for link in _links(exc)
@@ -400,7 +406,7 @@ def run_cell(cell: CellConfig, run: CellRun | None = None) -> dict[str, Any]:
         first_run = out_of_memory
     if alone:  # the row says what the first run met, ok or not: a retry must not look like a first run
         note = f"ran again alone after running out of memory beside the worker's other cached models ({first_run})"
-        row["error"] = note if row["status"] == "ok" else f"{row['error']}\n{note}"
+        row["error"] = "\n".join(filter(None, (row["error"], note)))
     row.update(started_at=started_at, finished_at=_now())
     return row
 
