@@ -311,10 +311,10 @@ def _task_rows_of(recorded: dict, task: str) -> str | None:
 
 
 def neutral_text_of(recorded: dict) -> str:
-    """What a row measured neutral text on (workers.tasks.neutral_text_digest): its source's rows, first 12 hex,
-    or the offline world's grammar (rows from before `eval.neutral_source` existed too)."""
-    digest = recorded.get("neutral_rows")
-    return f"rows {digest[:12]}" if isinstance(digest, str) else "the world's grammar"
+    """What a row measured neutral text on (workers.tasks.neutral_text_digest): natural texts, by the first 12 hex of
+    their digest, or the offline world's grammar (rows from before `eval.neutral_source` existed too)."""
+    digest = recorded.get("neutral_texts")
+    return f"texts {digest[:12]}" if isinstance(digest, str) else "the world's grammar"
 
 
 def neutral_texts_of(ok: pd.DataFrame) -> pd.Series:

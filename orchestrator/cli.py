@@ -306,21 +306,21 @@ def _prepare_locally(model: ModelSpec, *, progress: bool) -> None:
 
 
 def _prepare_data(cells: list[PlannedCell]) -> None:
-    """A local run downloads (or finds cached) each hub task's dataset, and each natural neutral text's, here, once,
-    before any cell: one that cannot be had (offline with no cache, a gated dataset without a login) stops the run
-    naming it, where every cell of it would have failed with the same error."""
-    from workers.tasks import fetch_hub_data, fetch_neutral_text
+    """A local run downloads (or finds cached) each hub task's dataset, and cuts each natural neutral text, here, once,
+    before any cell: one that cannot be had (offline with no cache, a gated dataset without a login, a field or rows
+    it lacks) stops the run naming it, where every cell of it would have failed with the same error."""
+    from workers.tasks import fetch_hub_data, neutral_texts
 
     for name in sorted({task for c in cells for task in c.config.tasks_read}):
         try:
             fetch_hub_data(name)
         except Exception as err:  # noqa: BLE001 - hub, network and file errors alike: re-raised as the config's problem
             raise ConfigError(f"task {name}: its dataset cannot be read here: {_first_line(err)}") from err
-    for source in {c.config.eval.neutral_source for c in cells} - {None}:
+    for size, words, source in {(c.config.eval.neutral_size, c.config.eval.neutral_min_words, c.config.eval.neutral_source) for c in cells}:
         try:
-            fetch_neutral_text(source)
-        except Exception as err:  # noqa: BLE001 - as above
-            raise ConfigError(f"eval.neutral_source: {source.dataset} ({source.split}) cannot be read here: {_first_line(err)}") from err
+            neutral_texts(size, words, source)
+        except ValueError as err:  # its message names the setting
+            raise ConfigError(str(err)) from err
 
 
 def _first_line(err: Exception) -> str:

@@ -190,6 +190,9 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
             problems.append(f"tasks.{i}: {task} is real text, and the ladder's tokenizer knows the synthetic world's words only "
                             f"({', '.join(rungs)} would read it as <unk> and tie on every choice); run it on hub or local models, "
                             "in a sweep of their own")  # fmt: skip
+    if models and rungs and spec.eval.neutral_source and spec.eval.neutral_size:
+        problems.append(f"eval.neutral_source: {spec.eval.neutral_source.dataset} is real text, and the ladder's tokenizer knows the "
+                        f"synthetic world's words only ({', '.join(rungs)} would read it as <unk>); leave it unset for the ladder")  # fmt: skip
     for name, settings in spec.methods.items():
         try:
             resolve_config(name, settings, f"methods.{name}")

@@ -203,7 +203,7 @@ def test_hub_models_neutral_figures_are_said_to_be_on_the_worlds_synthetic_text(
     assert said.startswith("Neutral text is the offline world's general-text grammar for EleutherAI/pythia-160m, "
                            "EleutherAI/pythia-410m, so their neutral KL")
     # a model whose rows read natural text (`eval.neutral_source`, pinned in `versions`) is not listed
-    natural = json.dumps({"neutral_rows": "d" * 64})
+    natural = json.dumps({"neutral_texts": "d" * 64})
     said = synthetic_neutral_text(pd.DataFrame({"model": ["EleutherAI/pythia-160m", "EleutherAI/pythia-410m"], "versions": [natural, "{}"]}))
     assert "for EleutherAI/pythia-410m, so" in said and "160m" not in said
     assert synthetic_neutral_text(pd.DataFrame({"model": ["EleutherAI/pythia-160m"], "versions": [natural]})) == ""

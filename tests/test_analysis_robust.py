@@ -185,9 +185,9 @@ def test_fits_say_when_rows_measured_neutral_text_on_different_texts():
     from analysis.io import mixed_pins_note
 
     def row(neutral: str | None) -> dict:
-        return {"status": "ok", "model": "m", "task": "facts", "versions": json.dumps({"neutral_rows": neutral} if neutral else {})}
+        return {"status": "ok", "model": "m", "task": "facts", "versions": json.dumps({"neutral_texts": neutral} if neutral else {})}
 
     assert mixed_pins_note(pd.DataFrame([row("c" * 64), row("c" * 64)])) is None
     note = mixed_pins_note(pd.DataFrame([row("c" * 64), row(None), row("c" * 64), {"status": "failed", "model": "m", "task": "facts"}]))
     assert note is not None and note.startswith("The rows measured neutral text (neutral KL, perplexity ratio, `neutral_loss`) "
-                                                f"on different texts (rows {'c' * 12} in 2 rows, the world's grammar in 1 rows)")
+                                                f"on different texts (texts {'c' * 12} in 2 rows, the world's grammar in 1 rows)")

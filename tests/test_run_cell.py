@@ -116,7 +116,7 @@ def test_a_cell_measures_selectivity_on_the_natural_text_it_names(model_id):
     assert rows[1]["base_neutral_nll_per_byte"] == pytest.approx(expected.nll_per_byte, rel=1e-6)
     assert rows[1]["base_neutral_nll_per_byte"] != pytest.approx(rows[0]["base_neutral_nll_per_byte"], rel=1e-3)
     versions = [json.loads(row["versions"]) for row in rows]
-    assert "neutral_rows" not in versions[0] and versions[1]["neutral_rows"] == neutral_text_digest(source)
+    assert "neutral_texts" not in versions[0] and versions[1]["neutral_texts"] == neutral_text_digest(neutral_texts(4, 20, source))
 
 
 def test_a_cell_whose_scoring_runs_out_of_memory_halves_its_batches_and_says_so(model_id, capfd):

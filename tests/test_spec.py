@@ -153,6 +153,8 @@ def test_an_override_that_cannot_apply_names_itself(override, message, write_swe
         ({"models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/xs"}]}, "models.1: ladder:test/xs is listed twice"),
         ({"models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/xs", "gpus_per_cell": 0.5}]}, "models.1: ladder:test/xs is listed twice"),
         ({"tasks": ["facts", "sst2"]}, "tasks.1: sst2 is real text, and the ladder's tokenizer knows the synthetic world's words only"),
+        ({"eval": {"neutral_source": {"dataset": "Salesforce/wikitext"}}},
+         "eval.neutral_source: Salesforce/wikitext is real text, and the ladder's tokenizer knows the synthetic world's words only"),
         ({"models": [{"id": "ladder:test/xs"}, {"id": "ladder:test/xs", "dtype": "bfloat16"}]},
          "models.1: ladder:test/xs is listed again (also models.0) with other settings: rows name a model by its id"),
         ({"method_budgets": {"lora": [-5]}}, "method_budgets.lora must list budgets >= 0"),

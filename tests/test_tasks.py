@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -163,17 +164,33 @@ def test_neutral_texts_are_deterministic_and_not_task_text() -> None:
     assert not any("persona:" in t or "=" in t for t in texts)
 
 
-def test_neutral_texts_from_a_source_are_its_first_rows_that_long_cut_to_length() -> None:
+def test_neutral_texts_from_a_source_are_rows_that_long_spread_over_the_split_and_cut_to_length() -> None:
     """A natural source (here a local directory shaped like wikitext): headings, blank and short rows are skipped,
-    each text is its row's first `min_words` words, in the split's order."""
+    each text is its row's first `min_words` words, the rows evenly spaced over those long enough."""
     source = NeutralTextSource(dataset=str(Path(__file__).parent / "fixtures" / "neutral"))
-    texts = neutral_texts(3, 20, source)
-    assert [t.split()[:3] for t in texts] == [["The", "lighthouse", "at"], ["Stone", "for", "the"], ["A", "fog", "signal"]]
+    firsts = [["The", "lighthouse", "at"], ["Stone", "for", "the"], ["A", "fog", "signal"], ["The", "station", "was"]]
+    assert [t.split()[:3] for t in neutral_texts(4, 20, source)] == firsts
+    texts = neutral_texts(2, 20, source)
+    assert [t.split()[:3] for t in texts] == [firsts[0], firsts[2]]  # not the first two: one document's opening
     assert all(len(t.split()) == 20 for t in texts) and texts[0].endswith("channel . Its")
-    with pytest.raises(ValueError, match="has 4 rows of 20 words or more, not the 5 of eval.neutral_size"):
+    with pytest.raises(ValueError, match=r"eval.neutral_source .*neutral \(test\) has 4 rows of 20 words or more, not the 5 of eval.neutral_size"):
         neutral_texts(5, 20, source)
     with pytest.raises(ValueError, match="no field 'body'.*set eval.neutral_source.field"):
         neutral_texts(1, 20, source.model_copy(update={"field": "body"}))
+    with pytest.raises(ValueError, match=r"eval.neutral_source .*not-here \(test\) cannot be read here: "):
+        neutral_texts(1, 20, source.model_copy(update={"dataset": str(Path(__file__).parent / "not-here")}))
+
+
+def test_wikitexts_tokenisation_is_undone_as_lm_evaluation_harness_does(tmp_path) -> None:
+    raw = (" The tower , 26 @.@ 5 m tall , has a first @-@ order lens ( made in Paris ) ; its 40 @,@ 000 candela "
+           "reach the ships ' decks . It is \" the brightest \" on the coast , at 9 ° east . = = History = = \n")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": raw}) + "\n")
+    source = NeutralTextSource(dataset=str(tmp_path))
+    assert neutral_texts(1, 14, source) == ["The tower , 26 @.@ 5 m tall , has a first @-@ order"]  # raw: 14 "words"
+    assert neutral_texts(1, 31, source.model_copy(update={"detokenizer": "wikitext"})) == [
+        'The tower, 26.5 m tall, has a first-order lens (made in Paris); its 40,000 candela reach the ships\' decks. '
+        'It is "the brightest" on the coast, at 9°east. == History =='
+    ]
 
 
 def test_neutral_texts_by_default_fit_the_context_the_ladder_was_pretrained_in() -> None:

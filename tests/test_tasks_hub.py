@@ -174,17 +174,24 @@ def test_a_dataset_that_cannot_be_had_stops_a_local_run_before_any_cell(tmp_path
     from workers.cell import EvalConfig, NeutralTextSource
     from workers.config import ConfigError
 
-    def cells(*tasks: str, neutral: str | None = None) -> list[SimpleNamespace]:  # what the driver reads of a planned cell
-        source = NeutralTextSource(dataset=neutral) if neutral else None
-        return [SimpleNamespace(config=SimpleNamespace(tasks_read=tasks, eval=EvalConfig(neutral_source=source)))]
+    def cells(*tasks: str, neutral: str | None = None, size: int = 3, field: str = "text") -> list[SimpleNamespace]:
+        source = NeutralTextSource(dataset=neutral, field=field) if neutral else None  # what the driver reads of a planned cell:
+        return [SimpleNamespace(config=SimpleNamespace(tasks_read=tasks, eval=EvalConfig(neutral_source=source, neutral_size=size,
+                                                                                          neutral_min_words=20)))]  # fmt: skip
 
     tasks = {**adapters(), "facts": TASKS.get("facts"), "gsm8k": GSM8K(HubSource(str(tmp_path / "not-here")))}
     monkeypatch.setattr(TASKS, "get", tasks.__getitem__)
     _prepare_data(cells("sst2", "function_calling", "facts", neutral=str(FIXTURES / "neutral")))
     with pytest.raises(ConfigError, match=r"task gsm8k: its dataset cannot be read here: .*not-here"):
         _prepare_data(cells("sst2", "gsm8k"))
-    with pytest.raises(ConfigError, match=r"eval.neutral_source: .*not-here \(test\) cannot be read here: .*not-here"):
+    with pytest.raises(ConfigError, match=r"eval.neutral_source .*not-here \(test\) cannot be read here: .*not-here"):
         _prepare_data(cells("sst2", neutral=str(tmp_path / "not-here")))
+    # the rows it would cut: a field they lack, or too few long enough, fail here too, not in every cell after its model loads
+    with pytest.raises(ConfigError, match=r"eval.neutral_source .*neutral \(test\): its rows have no field 'body'"):
+        _prepare_data(cells("sst2", neutral=str(FIXTURES / "neutral"), field="body"))
+    with pytest.raises(ConfigError, match=r"has 4 rows of 20 words or more, not the 32 of eval.neutral_size"):
+        _prepare_data(cells("sst2", neutral=str(FIXTURES / "neutral"), size=32))
+    _prepare_data(cells("sst2", neutral=str(tmp_path / "not-here"), size=0))  # no neutral texts: nothing to read
 
 
 def test_each_budget_draws_its_own_examples_as_the_synthetic_tasks_do() -> None:

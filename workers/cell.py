@@ -78,10 +78,15 @@ class NeutralTextSource(StrictConfig):
     world's grammar means nothing to Pythia or Qwen): a hub dataset, or a local directory of `<split>.jsonl`
     files shaped like one, as a hub task reads (`workers.tasks.hub`)."""
 
-    dataset: str = Field(description="hub id (e.g. 'Salesforce/wikitext') or a local directory of <split>.jsonl files")
+    dataset: str = Field(description="hub id (e.g. 'Salesforce/wikitext') or a local directory of <split>.jsonl files "
+                         "(a relative path is read from each worker's working directory)")
     config: str | None = Field(None, description="the dataset's configuration (e.g. 'wikitext-103-raw-v1')")
     split: str = "test"
     field: str = Field("text", description="the column holding the text")
+    detokenizer: Literal["wikitext"] | None = Field(
+        None, description="undo a dataset's tokenisation first: 'wikitext' joins its ' @-@ ' and spaced punctuation, as "
+        "lm-evaluation-harness does"
+    )
 
 
 class EvalConfig(StrictConfig):
@@ -94,8 +99,8 @@ class EvalConfig(StrictConfig):
         "pretrained on (at 96, a third of the scored tokens sat at positions no rung had trained at)"
     )
     neutral_source: NeutralTextSource | None = Field(
-        None, description="where neutral texts come from: their first `neutral_min_words` words each, in the split's "
-        "order, from rows that long; none: documents of the offline world's general-text grammar"
+        None, description="where neutral texts come from: the first `neutral_min_words` words of `neutral_size` rows that "
+        "long, evenly spaced over the split; none: documents of the offline world's general-text grammar"
     )
     offtask_size: int = Field(0, ge=0, description="test examples per other task of the sweep (0: skip off-task)")
     batch_size: int = Field(64, ge=1)

@@ -57,14 +57,14 @@ def seed_everything(seed: int) -> None:
 
 def versions_json(
     cell: CellConfig, provenance: Mapping[str, str] | None = None, task_rows: Mapping[str, str] | None = None,
-    neutral_rows: str | None = None,
+    neutral_texts: str | None = None,
 ) -> str:
     """The row's `versions`: the libraries, the data version of every task the cell reads (analysis
     leaves out rows scored on questions a newer version replaced), and once the cell has run what pins
     its weights (`weights_provenance`: a hub commit, a ladder rung's weights digest), for hub tasks
-    their rows (`hub_data_digest`), and for a natural neutral text its source's (`neutral_text_digest`)."""
+    their rows (`hub_data_digest`), and for natural neutral texts theirs (`neutral_text_digest`)."""
     task_data = {task: data_version(task) for task in cell.tasks_read}
-    pins = {**(provenance or {}), **({"task_rows": dict(task_rows)} if task_rows else {}), **({"neutral_rows": neutral_rows} if neutral_rows else {})}
+    pins = {**(provenance or {}), **({"task_rows": dict(task_rows)} if task_rows else {}), **({"neutral_texts": neutral_texts} if neutral_texts else {})}
     return json.dumps({**library_versions(), "task_data": task_data, **pins}, sort_keys=True)
 
 
@@ -164,12 +164,12 @@ def baseline(
     )
 
 
-def cached_neutral(cell: CellConfig, run: CellRun, lm: LanguageModel) -> NeutralReference:
-    """The base model's neutral reference, one per worker for the cells of every task: the texts depend
-    only on their number, length and source, and the reference is kept per text, whatever the batch size."""
-    size, words, source = cell.eval.neutral_size, cell.eval.neutral_min_words, cell.eval.neutral_source
-    settings = json.dumps([size, words, source and source.model_dump(mode="json")])
-    return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, neutral_texts(size, words, source)))
+def cached_neutral(cell: CellConfig, run: CellRun, lm: LanguageModel, texts: list[str]) -> NeutralReference:
+    """The base model's reference on the cell's neutral `texts`, one per worker for the cells of every task: the
+    texts depend only on their number, length and source, and the reference is kept per text, whatever the batch size."""
+    source = cell.eval.neutral_source
+    settings = json.dumps([cell.eval.neutral_size, cell.eval.neutral_min_words, source and source.model_dump(mode="json")])
+    return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, texts))
 
 
 def drawn(task: Task, split: Split, n: int, seed: int) -> tuple[list[Example], int]:
@@ -236,6 +236,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     # as many of each off-task task's training questions: what a method that takes context sizes its room by
     # (the test questions' own lengths stay out of every choice the method makes)
     offtask_like = [example for name in cell.offtask for example in get_task(name).examples("train", cell.eval.offtask_size, 0)]
+    neutral = neutral_texts(cell.eval.neutral_size, cell.eval.neutral_min_words, cell.eval.neutral_source)
 
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
     device = str(lm.device)
@@ -243,7 +244,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
 
     started = time.perf_counter()
     context = json.dumps([cell.task, cell.offtask, cell.eval.model_dump(mode="json")])
-    base = run.cache.baseline(cell.model, context, lambda: baseline(lm, task, test, offtask, cached_neutral(cell, run, lm)))
+    base = run.cache.baseline(cell.model, context, lambda: baseline(lm, task, test, offtask, cached_neutral(cell, run, lm, neutral)))
     base_seconds = time.perf_counter() - started
     # the peak from here: the base model's passes run in the first cell of a worker only, and a cell's figure
     # must not depend on which cell ran first
@@ -308,7 +309,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "selection": report.selection,
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
-        "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(cell.eval.neutral_source)),
+        "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(neutral) if cell.eval.neutral_source and neutral else None),
         "error": None if lm.halved_to is None else (
             f"scoring batches ran out of accelerator memory and were halved, down to {lm.halved_to} "
             f"(eval.batch_size {cell.eval.batch_size}): scores move by float rounding only, peak_mem_bytes includes the failed try"

@@ -7,6 +7,8 @@ datasets, or local files shaped like them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 from typing import TYPE_CHECKING
@@ -69,36 +71,55 @@ def fetch_hub_data(name: str) -> None:
 
 
 def neutral_texts(n: int, min_words: int, source: NeutralTextSource | None = None) -> list[str]:
-    """`n` neutral texts of `min_words` words: from `source`, the first `min_words` words of each of its
-    first `n` rows that long (headings and blank rows are shorter); without one, general-text documents
-    of the pretraining grammar, on a stream pretraining never draws, of at least `min_words` words."""
+    """`n` neutral texts of `min_words` words: from `source`, the first `min_words` words of `n` of its rows that
+    long (headings and blank rows are shorter), evenly spaced over the split so that they span its documents
+    (its first rows would be one article's); without one, general-text documents of the pretraining grammar,
+    on a stream pretraining never draws, of at least `min_words` words."""
     if source is None:
         return text.documents(n, random.Random("steerscale-neutral-text"), min_words)
-    texts: list[str] = []
-    for row in load_rows(_hub_source(source), source.split):
-        if len(texts) == n:
-            break
-        if source.field not in row:
-            raise ValueError(f"neutral text source {source.dataset}: its rows have no field {source.field!r} "
-                             f"(they have {sorted(row)}); set eval.neutral_source.field")  # fmt: skip
-        words = [match.end() for match in re.finditer(r"\S+", str(row[source.field]))]
-        if len(words) >= min_words:
-            texts.append(str(row[source.field])[: words[min_words - 1]].strip())
-    if len(texts) < n:
-        raise ValueError(f"neutral text source {source.dataset} ({source.split}) has {len(texts)} rows of "
-                         f"{min_words} words or more, not the {n} of eval.neutral_size")  # fmt: skip
-    return texts
+    if n == 0:
+        return []
+    named = f"eval.neutral_source {source.dataset} ({source.split})"
+    try:
+        rows = load_rows(_hub_source(source), source.split)
+    except Exception as err:  # noqa: BLE001 - hub, network and file errors alike: re-raised naming the setting
+        raise ValueError(f"{named} cannot be read here: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    if rows and source.field not in rows[0]:
+        raise ValueError(f"{named}: its rows have no field {source.field!r} (they have {sorted(rows[0])}); set eval.neutral_source.field")
+    clean = WIKITEXT_DETOKENIZER if source.detokenizer == "wikitext" else ()
+    long_enough = [cut for row in rows if (cut := _first_words(_undone(str(row[source.field]), clean), min_words))]
+    if len(long_enough) < n:
+        raise ValueError(f"{named} has {len(long_enough)} rows of {min_words} words or more, not the {n} of eval.neutral_size")
+    return [long_enough[i * len(long_enough) // n] for i in range(n)]
 
 
-def neutral_text_digest(source: NeutralTextSource | None) -> str | None:
-    """A digest of the rows neutral texts come from (`hub.rows_digest`), for a row's `versions`; None for the
-    offline world's, which its code pins."""
-    return None if source is None else rows_digest(_hub_source(source), (source.split,))
+def _first_words(text: str, words: int) -> str | None:
+    """`text` up to the end of its `words`-th word; None where it has fewer."""
+    ends = [match.end() for match in re.finditer(r"\S+", text)]
+    return text[: ends[words - 1]].strip() if len(ends) >= words else None
 
 
-def fetch_neutral_text(source: NeutralTextSource) -> None:
-    """Download (or find cached) the split neutral texts come from: the driver's check before any cell."""
-    dataset(_hub_source(source), source.split)
+# wikitext's tokenisation undone, in order: the rules of lm-evaluation-harness's `wikitext_detokenizer`
+# (its perplexity task reads the raw files so), as (pattern, replacement) regular expressions
+WIKITEXT_DETOKENIZER: tuple[tuple[str, str], ...] = (
+    (r"s '", "s'"), (r" @([-,.])@ ", r"\1"), (r" ([:;.!?,]) ", r"\1 "),
+    (r"\(\s*([^)]*?)\s*\)", r"(\1)"), (r"\[\s*([^\]]*?)\s*\]", r"[\1]"), (r"{\s*([^}]*?)\s*}", r"{\1}"),
+    (r'"\s*([^"]*?)\s*"', r'"\1"'), (r"'\s*([^']*?)\s*'", r"'\1'"),
+    (r"= = = =", "===="), (r"= = =", "==="), (r"= =", "=="), (" \u00b0 ", "\u00b0"), (r" \n", "\n"), (r"\n ", "\n"),
+    (r" N ", " 1 "), (r" 's", "'s"),
+)  # fmt: skip
+
+
+def _undone(text: str, rules: tuple[tuple[str, str], ...]) -> str:
+    for pattern, replacement in rules:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def neutral_text_digest(texts: list[str]) -> str:
+    """A digest of the neutral texts a cell measured on, for its row's `versions` where they are natural text:
+    what they were cut from can move (a hub dataset's `main`), and rows measured on other texts do not compare."""
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()
 
 
 def _hub_source(source: NeutralTextSource) -> HubSource:
