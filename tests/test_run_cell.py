@@ -135,14 +135,31 @@ def test_a_cell_whose_scoring_runs_out_of_memory_halves_its_batches_and_says_so(
         patch.setattr(method, "fit", lambda ctx, config: at_fit.append(lm.batch_size) or fit(ctx, config))
         row = run_cell(cell, CellRun(cache=cache))
     assert row["status"] == "ok", row["error"]
-    assert row["error"] == ("scoring batches ran out of accelerator memory and were halved, down to 10 (eval.batch_size 64): "
-                            "scores move by float rounding only, peak_mem_bytes includes the failed try")
+    assert row["error"] == ("ran out of accelerator memory, and went on smaller: scoring batches were halved, down to 10 "
+                            "(eval.batch_size 64: scores move by float rounding only); peak_mem_bytes includes the failed try")
     # the 40 test questions: 40 > 20 > 10 for the baseline, whose size the fit keeps; the evaluation starts at 64 again
     assert at_fit == [10] and capfd.readouterr().err.count("out of accelerator memory on a batch of 40;") == 2
     halved = _measured(row)
     # (not its FLOPs: a smaller batch runs the demonstrations, a prefix its rows share, once per batch, so more often)
     assert halved["score"] == clean["score"] and json.loads(halved["hparams"])["shots"] == json.loads(clean["hparams"])["shots"]
     assert halved["nll"] == pytest.approx(clean["nll"], rel=1e-5) and halved["neutral_kl"] == pytest.approx(clean["neutral_kl"], rel=1e-4, abs=1e-7)
+
+
+def test_a_cell_whose_training_runs_out_of_memory_goes_on_in_micro_batches_and_says_so(model_id):
+    from conftest_methods import out_of_memory_past
+
+    cell = _cell(model_id, "lora", settings={"train": {"lr": 3e-3, "min_steps": 4, "max_steps": 4, "checkpoints": 0}})
+    cache = WorkerCache()
+    lm = cache.model(cell.model, cell.eval.batch_size)
+    with out_of_memory_past(lm, 10):  # training batches of 16 examples: 2 micro-batches of 8
+        row = run_cell(cell, CellRun(cache=cache))
+    assert row["status"] == "ok", row["error"]
+    assert row["error"] == ("ran out of accelerator memory, and went on smaller: scoring batches were halved, down to 10 (eval.batch_size 64: "
+                            "scores move by float rounding only); training steps ran in 2 micro-batches each (the same gradients, "
+                            "summed, up to float rounding; a model's dropout draws other masks); peak_mem_bytes includes the failed try")
+    clean = _measured(run_cell(cell, CellRun(cache=WorkerCache())))
+    assert _measured(row)["score"] == clean["score"] and _measured(row)["nll"] == pytest.approx(clean["nll"], rel=1e-4)
+    assert cache.model(cell.model, cell.eval.batch_size).train_parts == 1  # the next cell starts whole again
 
 
 def test_sharded_placement_gives_the_same_numbers(model_id):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from conftest_methods import fit_context, language_model
 from workers.tasks.base import Example
-from workers.training import MasterWeights, NonFiniteLossError, TrainConfig, batch_order, checkpoint_steps, steps_for, train
+from workers.training import (
+    MasterWeights, NonFiniteLossError, TrainConfig, accumulated_step, batch_order, checkpoint_steps, steps_for, train,
+)
 
 
 def test_step_count_and_checkpoints():
@@ -283,3 +287,72 @@ def test_a_generated_answers_target_ends_with_the_end_of_text_token_so_a_tuned_m
         assert lm.target_nll([example.prompt], [example.target], [True]) < 0.1
         lm.model.generation_config.eos_token_id = None  # a checkpoint whose generation config names no stop token
         assert lm.generate([example.prompt], 12)[0].strip() == example.target.strip()  # stops at the tokenizer's, trained on
+
+
+@contextlib.contextmanager
+def out_of_memory_at_call(lm, call: int):
+    """The model's `call`-th forward (from 1) runs out of accelerator memory, once: in a step of micro-batches,
+    the second one fails after the first one's backward, whose gradients must not count."""
+    calls = 0
+
+    def check(module, args, kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    handle = lm.model.register_forward_pre_hook(check, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_a_step_that_runs_out_of_memory_runs_again_as_if_split_from_the_start(capfd):
+    """At a 150k vocabulary a training batch's logits can outgrow the card: the step runs again in twice the
+    micro-batches, and the rest keep them. What the failed try did (gradients of the parts before, dropout draws,
+    forward counts) leaves no trace: the run equals one split so from its first step, bit for bit."""
+
+    def trained(parts: int, failing_call: int | None = None):
+        lm = language_model("gpt2")
+        for module in lm.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.1  # the masks a retry must draw again, not after the failed try's
+        lm.train_parts = parts
+        ctx = fit_context(lm, n_train=8)
+        config = TrainConfig(lr=1e-3, min_steps=4, max_steps=4, batch_size=8, checkpoints=0)
+        with out_of_memory_at_call(lm, failing_call) if failing_call else contextlib.nullcontext():
+            result = train(lm, list(lm.model.parameters()), ctx.train, config, seed=0)
+        return lm, result, [p.detach().clone() for p in lm.model.parameters()]
+
+    lm, split, params = trained(2, failing_call=2)  # step 0's second part, after the first part's backward
+    assert lm.train_parts == 4 and "out of accelerator memory in a training step; 4 micro-batches a step" in capfd.readouterr().err
+    clean_lm, clean, clean_params = trained(4)
+    assert split.losses == clean.losses and all(torch.equal(a, b) for a, b in zip(params, clean_params, strict=True))
+    assert (lm.forward_tokens, lm.flops_run, split.sequence_tokens) == (clean_lm.forward_tokens, clean_lm.flops_run, clean.sequence_tokens)
+    assert all(p.grad is None for p in lm.model.parameters())
+    lm.train_parts = 8
+    with out_of_memory_at_call(lm, 1), pytest.raises(torch.OutOfMemoryError):  # one example that does not fit fails the cell
+        train(lm, list(lm.model.parameters()), fit_context(lm, n_train=8).train, TrainConfig(min_steps=1, max_steps=1, batch_size=8, checkpoints=0), seed=0)
+
+
+@pytest.mark.parametrize("parts", [2, 3, 8])
+def test_micro_batches_sum_to_the_whole_batchs_loss_and_gradients(parts):
+    lm = language_model()
+    targets = [" 1", " 2 3 ; q:", " 0", " 4 4", " 3 ; q: a1", " 2", " 1 0 0", " 4"]  # of different lengths: tokens, not rows, weigh
+    pairs = lm.encode_pairs([f"q: a{i} b{i} =" for i in range(len(targets))], targets)
+    params = list(lm.model.parameters())
+    weights = MasterWeights(params, fp16_model=False)
+
+    def step(n: int) -> tuple[float, int, list[torch.Tensor]]:
+        for p in params:
+            p.grad = None
+        loss, tokens = accumulated_step(lm, weights, pairs, n)
+        return float(loss), tokens, [p.grad.clone() for p in params]
+
+    (whole, tokens, grads), (split, split_tokens, split_grads) = step(1), step(parts)
+    assert float(lm.loss(lm.collate(pairs))) == pytest.approx(whole, rel=1e-6)  # the plain step's loss
+    assert split_tokens == tokens and split == pytest.approx(whole, rel=1e-6)
+    for a, b in zip(split_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+

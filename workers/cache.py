@@ -172,7 +172,7 @@ class WorkerCache:
             self.loads += 1
         self._models.move_to_end(key)
         lm = self._models[key]
-        lm.batch_size, lm.halved_to = batch_size, None
+        lm.batch_size, lm.halved_to, lm.train_parts = batch_size, None, 1
         return lm
 
     def _make_room(self, needed: int, keep: str, host: bool) -> None:

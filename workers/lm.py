@@ -235,6 +235,7 @@ class LanguageModel:
     tokenizer: PreTrainedTokenizerBase
     batch_size: int = 32
     halved_to: int | None = None  # the smallest batch `in_batches` halved to after running out of memory; None: none did
+    train_parts: int = 1  # micro-batches a training step runs in: more after a step ran out of memory (`workers.training`)
     max_length: int | None = None  # tokens per sequence; None: the model's own position limit (`context_window`)
     forward_tokens: int = 0  # every token this wrapper has run through the model
     flops_run: float = 0.0  # the forward FLOPs of those passes, as run: 2·N_body per token + 2·N_head per position the head ran at

@@ -222,6 +222,16 @@ def task_rows(cell: CellConfig) -> dict[str, str]:
     return {name: digest for name, digest in digests.items() if digest is not None}
 
 
+def out_of_memory_note(cell: CellConfig, lm: LanguageModel) -> str | None:
+    """What an ok row says of batches that ran out of accelerator memory and went on smaller (`LanguageModel.in_batches`,
+    `workers.training.accumulated_step`): its numbers move by float rounding only; None where none did."""
+    smaller = [f"scoring batches were halved, down to {lm.halved_to} (eval.batch_size {cell.eval.batch_size}: scores move by "
+               "float rounding only)"] if lm.halved_to else []  # fmt: skip
+    smaller += [f"training steps ran in {lm.train_parts} micro-batches each (the same gradients, summed, up to float rounding; "
+                "a model's dropout draws other masks)"] if lm.train_parts > 1 else []  # fmt: skip
+    return f"ran out of accelerator memory, and went on smaller: {'; '.join(smaller)}; peak_mem_bytes includes the failed try" if smaller else None
+
+
 def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     """The measured columns of an ok row. Raises on any failure; `run_cell` turns that into a row."""
     # The cell's own problems (a bad config, an unknown task, a budget past the data) first: they fail
@@ -310,10 +320,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
         "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(neutral) if cell.eval.neutral_source and neutral else None),
-        "error": None if lm.halved_to is None else (
-            f"scoring batches ran out of accelerator memory and were halved, down to {lm.halved_to} "
-            f"(eval.batch_size {cell.eval.batch_size}): scores move by float rounding only, peak_mem_bytes includes the failed try"
-        ),
+        "error": out_of_memory_note(cell, lm),
     }
     # not the perplexity ratio: past a rise of 709 nats a token it is +inf by design (metrics.neutral_shift), a
     # measured collapse; a NaN there comes with a NaN KL, which is checked

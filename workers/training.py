@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from typing import Annotated, Callable, Iterator, Sequence
 
@@ -18,7 +19,8 @@ import torch
 from pydantic import BaseModel, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
 from workers.config import Distinct, StrictConfig
-from workers.lm import LanguageModel
+from workers.lm import EncodedPair, LanguageModel
+from workers.memory import release_memory
 from workers.tasks.base import Example
 
 
@@ -195,6 +197,22 @@ def checkpoint_steps(steps: int, checkpoints: int) -> list[int]:
 
 
 Validator = Callable[[], float]  # score of the model as it is now on the shared validation set (higher is better)
+
+
+def accumulated_step(lm: LanguageModel, weights: MasterWeights, pairs: Sequence[EncodedPair], parts: int) -> tuple[torch.Tensor, int]:
+    """One step's forward and backward over `pairs` in `parts` micro-batches whose gradients add up to the whole
+    batch's (each part's NLL summed over the whole batch's target tokens), up to float rounding and, in a model
+    with dropout, its masks: the step's mean loss, detached, and its target tokens. With `parts` 1, the plain step."""
+    size = math.ceil(len(pairs) / parts)
+    batches = [lm.collate(pairs[start : start + size]) for start in range(0, len(pairs), size)]
+    tokens = sum(batch.target_tokens for batch in batches)
+    loss: torch.Tensor | None = None
+    for batch in batches:
+        part = lm.token_nll(batch, lm.scored_logits(batch)).sum() / max(tokens, 1)
+        weights.backward(part)
+        loss = part.detach() if loss is None else loss + part.detach()
+    assert loss is not None  # `pairs` is a step's: never empty
+    return loss, tokens
 
 
 class MasterWeights:
@@ -378,15 +396,27 @@ def _train_at(
         for step, take in enumerate(batch_order(len(examples), steps, config.batch_size, seed)):
             if step in checks:
                 checkpoint(step)
-            batch = lm.collate([pairs[i] for i in take])
-            before = counters()
-            loss = lm.loss(batch)
+            _drop_gradients(optimizer, params)
+            while True:  # a step that runs out of accelerator memory runs again in twice the micro-batches, as do the rest
+                before, random_state = counters(), RandomState.now()
+                try:
+                    loss, step_tokens = accumulated_step(lm, weights, [pairs[i] for i in take], lm.train_parts)
+                    break
+                except torch.OutOfMemoryError:
+                    if lm.train_parts >= len(take):
+                        raise
+                # out of the handler: the error's traceback, and the tensors its frames held, are gone
+                lm.forward_tokens, lm.flops_run, lm.head_flops_run = before  # the failed try is not billed,
+                random_state.restore()  # nor draws the dropout masks of the steps after
+                _drop_gradients(optimizer, params)
+                lm.train_parts = min(2 * lm.train_parts, len(take))
+                release_memory()
+                print(f"steerscale: out of accelerator memory in a training step; {lm.train_parts} micro-batches a step from now on",
+                      file=sys.stderr)  # fmt: skip
             ran, flops, head = ran_since(before)  # what ran: a batch's last column (labels only) does not
             sequence += Passes(sequence_tokens=ran, sequence_flops=flops, sequence_head_flops=head)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss became {loss.item()} at step {step}", sequence + validation)
-            optimizer.zero_grad(set_to_none=True)
-            weights.backward(loss)
             if weights.gradients_to_masters():  # an fp16 overflow skips the step, and the schedule with it
                 optimizer.step()
                 weights.masters_to_params()
@@ -394,7 +424,7 @@ def _train_at(
             else:
                 skipped += 1
             losses.append(loss.item())
-            tokens += batch.target_tokens
+            tokens += step_tokens
         if skipped == steps:  # the model never changed: a row would report an untrained model as trained
             raise NonFiniteLossError(
                 f"every one of {steps} steps overflowed in fp16 (loss scale down to {weights.scale:g}); train in bf16 or fp32",
@@ -417,9 +447,7 @@ def _train_at(
                 for param, kept in zip(params, best[2]):
                     param.copy_(kept)
     finally:
-        optimizer.zero_grad(set_to_none=True)
-        for param in params:
-            param.grad = None  # a half-precision parameter's gradient is moved to its master, unless a step raised first
+        _drop_gradients(optimizer, params)
         lm.model.train(was_training)
     return TrainResult(
         losses=losses,
@@ -433,3 +461,11 @@ def _train_at(
         validation_scores=scores or None,
         skipped_steps=skipped,
     )
+
+
+def _drop_gradients(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]) -> None:
+    """No gradient left anywhere: on the masters, and on a half-precision parameter whose gradient a step
+    that raised (or ran out of memory) did not move to its master."""
+    optimizer.zero_grad(set_to_none=True)
+    for param in params:
+        param.grad = None
