@@ -318,7 +318,10 @@ def neutral_text_of(recorded: dict) -> str:
 
 
 def neutral_texts_of(ok: pd.DataFrame) -> pd.Series:
-    """`neutral_text_of` for each row of `ok`."""
+    """`neutral_text_of` for each row of `ok` that measured neutral text (`eval.neutral_size` 0 leaves
+    `base_neutral_nll` empty, and no digest: such a row read no text at all)."""
+    if "base_neutral_nll" in ok:
+        ok = ok[ok["base_neutral_nll"].notna()]
     versions = ok["versions"] if "versions" in ok else pd.Series(None, index=ok.index, dtype=object)
     return pd.Series([neutral_text_of(_recorded(v)) for v in versions], index=ok.index, dtype=object)
 

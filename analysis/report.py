@@ -421,7 +421,8 @@ def synthetic_neutral_text(ok: pd.DataFrame) -> str:
     """Where rows of models other than the offline ladder's measured neutral text on the offline world's grammar
     (`workers.tasks.neutral_texts` without `eval.neutral_source`): their neutral KL, perplexity ratio and
     `neutral_loss` are not measured on natural text ('' where none did: the ladder was pretrained on that grammar)."""
-    on_grammar = ok[neutral_texts_of(ok) == "the world's grammar"]
+    texts = neutral_texts_of(ok)
+    on_grammar = ok.loc[texts.index[texts == "the world's grammar"]]
     models = sorted(m for m in on_grammar.get("model", pd.Series(dtype=str)).dropna().unique() if not str(m).startswith("ladder:"))
     if not models:
         return ""

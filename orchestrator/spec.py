@@ -173,7 +173,8 @@ class SweepSpec(StrictConfig):
 
 def check_names(spec: SweepSpec, *, models: bool = True) -> None:
     """Every task and method name known and every method's settings valid, all reported at once; with
-    `models`, also no hub task (real text) in a sweep with ladder rungs, whose tokenizer reads it as <unk>.
+    `models`, also no hub task and no natural neutral text (real text) in a sweep with ladder rungs, whose tokenizer
+    reads it as <unk>.
 
     `models`: also that every model can be found from here (ladder names, local directories); off
     for commands that only read a sweep's results, which may be read away from the cluster's disks.

@@ -226,7 +226,7 @@ class WorkerCache:
         return self._baselines[key]
 
     def neutral(self, spec: ModelSpec, settings: str, compute: Callable[[], NeutralReference]) -> NeutralReference:
-        """The cached neutral-text reference for `spec` under `settings` (which texts, how batched), computed once.
+        """The cached neutral-text reference for `spec` on the texts `settings` names (a digest of them), computed once.
 
         Keyed apart from the baselines because the neutral texts do not depend on the task: the
         reference (full-vocabulary fp32 log-probs, the largest thing a baseline holds) is kept once per

@@ -395,14 +395,10 @@ class LanguageModel:
         """Tokens `text` takes as a prompt (with special tokens and the current prefix) or as a continuation."""
         return len(self._ids(text, prompt=prompt))
 
-    def batches(
-        self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int | None = None,
-        ends_text: Sequence[bool] | None = None,
-    ) -> Iterator[Batch]:
-        """Token batches of prompt+continuation pairs, `batch_size` (default: the LM's) at a time."""
-        size = batch_size or self.batch_size
-        for start in range(0, len(prompts), size):
-            yield self.batch(prompts, continuations, ends_text, slice(start, start + size))
+    def batches(self, prompts: Sequence[str], continuations: Sequence[str]) -> Iterator[Batch]:
+        """Token batches of prompt+continuation pairs, `batch_size` at a time (no halving: see `in_batches`)."""
+        for start in range(0, len(prompts), self.batch_size):
+            yield self.batch(prompts, continuations, rows=slice(start, start + self.batch_size))
 
     def batch(
         self, prompts: Sequence[str], continuations: Sequence[str], ends_text: Sequence[bool] | None = None,
@@ -433,7 +429,8 @@ class LanguageModel:
                 start = rows.stop
                 continue
             self.forward_tokens, self.flops_run, self.head_flops_run = counted
-            self.batch_size = self.halved_to = (rows.stop - rows.start) // 2
+            self.batch_size = (rows.stop - rows.start) // 2
+            self.halved_to = min(self.halved_to or self.batch_size, self.batch_size)
             release_memory()  # the failed try's blocks, back to the card for the smaller batch's
             print(f"steerscale: out of accelerator memory on a batch of {rows.stop - rows.start}; "
                   f"scoring {self.batch_size} at a time for the rest of this cell", file=sys.stderr)  # fmt: skip
@@ -595,7 +592,8 @@ class LanguageModel:
         return torch.zeros(batch.input_ids.shape[0], dtype=per_token.dtype, device=per_token.device).index_add_(0, rows, per_token)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        """Mean continuation NLL over the batch's target tokens: the training loss of every method."""
+        """Mean continuation NLL over the batch's target tokens: the training loss (`workers.training.accumulated_step`
+        computes it in parts)."""
         return self.token_nll(batch, self.scored_logits(batch)).sum() / batch.target_mask.sum().clamp(min=1)
 
     @torch.no_grad()

@@ -30,10 +30,10 @@ from pyarrow import fs
 from pydantic import ValidationError
 
 from workers.cache import PROCESS_CACHE, Baseline, WorkerCache, estimated_params, method_problems
-from workers.memory import release_memory
 from workers.cell import CellConfig, ModelSpec
 from workers.config import ConfigError, format_errors
 from workers.lm import LanguageModel
+from workers.memory import release_memory
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import NeutralReference, neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
 from workers.models.loading import count_parameters, is_hub_model, ladder_revision, resolve_device, resolve_path
@@ -165,11 +165,9 @@ def baseline(
 
 
 def cached_neutral(cell: CellConfig, run: CellRun, lm: LanguageModel, texts: list[str]) -> NeutralReference:
-    """The base model's reference on the cell's neutral `texts`, one per worker for the cells of every task: the
-    texts depend only on their number, length and source, and the reference is kept per text, whatever the batch size."""
-    source = cell.eval.neutral_source
-    settings = json.dumps([cell.eval.neutral_size, cell.eval.neutral_min_words, source and source.model_dump(mode="json")])
-    return run.cache.neutral(cell.model, settings, lambda: neutral_reference(lm, texts))
+    """The base model's reference on the cell's neutral `texts`, one per worker for the cells of every task: keyed by
+    the texts themselves (a hub source's `main` may move between cells), kept per text, whatever the batch size."""
+    return run.cache.neutral(cell.model, neutral_text_digest(texts), lambda: neutral_reference(lm, texts))
 
 
 def drawn(task: Task, split: Split, n: int, seed: int) -> tuple[list[Example], int]:
@@ -257,8 +255,9 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     base = run.cache.baseline(cell.model, context, lambda: baseline(lm, task, test, offtask, cached_neutral(cell, run, lm, neutral)))
     base_seconds = time.perf_counter() - started
     # the peak from here: the base model's passes run in the first cell of a worker only, and a cell's figure
-    # must not depend on which cell ran first
+    # must not depend on which cell ran first; nor a halving those passes met (`LanguageModel.in_batches`)
     reset_peak_memory(device)
+    lm.batch_size, lm.halved_to = cell.eval.batch_size, None
 
     # Seeded here, after the model load and the baseline: whether those came from the worker's cache
     # (and drew random numbers, as building a ladder rung does) must not change what the method draws.
@@ -319,7 +318,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "selection": report.selection,
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
-        "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(neutral) if cell.eval.neutral_source and neutral else None),
+        "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(list(base.neutral.texts)) if cell.eval.neutral_source and neutral else None),
         "error": out_of_memory_note(cell, lm),
     }
     # not the perplexity ratio: past a rise of 709 nats a token it is +inf by design (metrics.neutral_shift), a

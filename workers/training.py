@@ -203,8 +203,9 @@ def accumulated_step(lm: LanguageModel, weights: MasterWeights, pairs: Sequence[
     """One step's forward and backward over `pairs` in `parts` micro-batches whose gradients add up to the whole
     batch's (each part's NLL summed over the whole batch's target tokens), up to float rounding and, in a model
     with dropout, its masks: the step's mean loss, detached, and its target tokens. With `parts` 1, the plain step."""
-    size = math.ceil(len(pairs) / parts)
-    batches = [lm.collate(pairs[start : start + size]) for start in range(0, len(pairs), size)]
+    parts = min(parts, len(pairs))
+    bounds = [i * len(pairs) // parts for i in range(parts + 1)]  # `parts` of them, sizes one apart
+    batches = [lm.collate(pairs[start:stop]) for start, stop in zip(bounds, bounds[1:])]
     tokens = sum(batch.target_tokens for batch in batches)
     loss: torch.Tensor | None = None
     for batch in batches:

@@ -84,8 +84,9 @@ def neutral_texts(n: int, min_words: int, source: NeutralTextSource | None = Non
         rows = load_rows(_hub_source(source), source.split)
     except Exception as err:  # noqa: BLE001 - hub, network and file errors alike: re-raised naming the setting
         raise ValueError(f"{named} cannot be read here: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
-    if rows and source.field not in rows[0]:
-        raise ValueError(f"{named}: its rows have no field {source.field!r} (they have {sorted(rows[0])}); set eval.neutral_source.field")
+    lacking = next((row for row in rows if source.field not in row), None)
+    if lacking is not None:
+        raise ValueError(f"{named}: its rows have no field {source.field!r} (one has {sorted(lacking)}); set eval.neutral_source.field")
     clean = WIKITEXT_DETOKENIZER if source.detokenizer == "wikitext" else ()
     long_enough = [cut for row in rows if (cut := _first_words(_undone(str(row[source.field]), clean), min_words))]
     if len(long_enough) < n:
