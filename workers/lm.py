@@ -217,14 +217,14 @@ def context_window(config: object) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def _unless_out_of_memory(run: Callable[[slice], list[T]], rows: slice) -> list[T] | None:
-    """`run(rows)`, or None where it ran out of accelerator memory on more than one row (see `in_batches`).
-    Returning from the handler drops the error, and with its traceback the tensors the failed frames held,
-    before the retry allocates again."""
+def unless_out_of_memory(attempt: Callable[[], T], *, last: bool) -> T | None:
+    """`attempt()`, or None where it ran out of accelerator memory and a smaller try is left (not `last`): see
+    `LanguageModel.in_batches`, `workers.training`. Returning from the handler drops the error, and with its
+    traceback the tensors the failed frames held, before the retry allocates again."""
     try:
-        return run(rows)
+        return attempt()
     except torch.OutOfMemoryError:
-        if rows.stop - rows.start == 1:
+        if last:
             raise
         return None
 
@@ -423,7 +423,7 @@ class LanguageModel:
         while start < count:
             rows = slice(start, min(start + self.batch_size, count))
             counted = self.forward_tokens, self.flops_run, self.head_flops_run
-            done = _unless_out_of_memory(run, rows)
+            done = unless_out_of_memory(lambda: run(rows), last=rows.stop - rows.start == 1)
             if done is not None:
                 out.extend(done)
                 start = rows.stop

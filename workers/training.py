@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, Field, PositiveFloat, ValidationInfo, field_validator, model_validator
 
 from workers.config import Distinct, StrictConfig
-from workers.lm import EncodedPair, LanguageModel
+from workers.lm import EncodedPair, LanguageModel, unless_out_of_memory
 from workers.memory import release_memory
 from workers.tasks.base import Example
 
@@ -398,15 +398,12 @@ def _train_at(
             if step in checks:
                 checkpoint(step)
             _drop_gradients(optimizer, params)
+            step_pairs = [pairs[i] for i in take]
             while True:  # a step that runs out of accelerator memory runs again in twice the micro-batches, as do the rest
                 before, random_state = counters(), RandomState.now()
-                try:
-                    loss, step_tokens = accumulated_step(lm, weights, [pairs[i] for i in take], lm.train_parts)
+                done = unless_out_of_memory(lambda: accumulated_step(lm, weights, step_pairs, lm.train_parts), last=lm.train_parts >= len(take))
+                if done is not None:
                     break
-                except torch.OutOfMemoryError:
-                    if lm.train_parts >= len(take):
-                        raise
-                # out of the handler: the error's traceback, and the tensors its frames held, are gone
                 lm.forward_tokens, lm.flops_run, lm.head_flops_run = before  # the failed try is not billed,
                 random_state.restore()  # nor draws the dropout masks of the steps after
                 _drop_gradients(optimizer, params)
@@ -414,6 +411,7 @@ def _train_at(
                 release_memory()
                 print(f"steerscale: out of accelerator memory in a training step; {lm.train_parts} micro-batches a step from now on",
                       file=sys.stderr)  # fmt: skip
+            loss, step_tokens = done
             ran, flops, head = ran_since(before)  # what ran: a batch's last column (labels only) does not
             sequence += Passes(sequence_tokens=ran, sequence_flops=flops, sequence_head_flops=head)
             if not torch.isfinite(loss):
