@@ -18,16 +18,20 @@ import tempfile
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from unittest import mock
+
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from torch.utils.data import SequentialSampler
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from benchmarks.common import Check, Result, Row, Timing, fmt_paired, fmt_time, time_alternating, time_call
 from workers.cell import ModelSpec
 from workers.last_block import read_positions_mlp
 from workers.lm import LanguageModel
+from workers.methods import lora_layer
 from workers.methods.lora import LoraConfig, lora_injected
 from workers.methods.protocol import forward_flops, matmul_params
 from workers.models.loading import load_language_model
@@ -205,6 +209,18 @@ def mm_rate_at_shapes(model: torch.nn.Module, rows: int, scored: int, *, weight_
     return flops / seconds
 
 
+def ran_share_merged(run: Callable[[], object]) -> float:
+    """The FLOPs a run of steerscale's LoRA ran, with each layer's update merged into its weight where the
+    batch has rows enough (`lora_layer.merges`), as a share of the same run with every update added to the
+    output (PEFT's computation, which the FLOP/s rows bill both sides for): torch's FLOP counter on both."""
+    counted = []
+    for merging in (False, True):
+        with mock.patch.object(lora_layer, "merges", lora_layer.merges if merging else lambda x, weight: False), FlopCounterMode(display=False) as counter:
+            run()
+        counted.append(counter.get_total_flops())
+    return counted[1] / counted[0]
+
+
 def _profile(fn: Callable[[], object], top: int = 6) -> str:
     """The top operators by self CPU time of one run: where a low FLOP/s fraction goes."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -290,6 +306,7 @@ def run(quick: bool) -> Result:
         flops = 2 * forward + 3 * adapters if lora else 3 * forward
         # the step's own matmul shapes ran faster than any square size (104 % of that peak): the peak is the best of both,
         # or every fraction below reads high (helper-146)
+        ran_share = ran_share_merged(run_ours) if lora else 1.0
         shapes_rate = mm_rate_at_shapes(ours_lm.model, round(ran), round(scored), weight_grads=not lora)
         step_peak = max(peak, shapes_rate)
         result.rows += [
@@ -306,7 +323,10 @@ def run(quick: bool) -> Result:
                 "the square sizes and this step's own shapes; each side trains on one thread, "
                 f"as a cell does), {s.model}, {ran:.0f} tokens run a step ({scored:.0f} scored; the output head and the last "
                 "block's MLP counted at those only)",
-                f"{100 * flops / step['ours'].median / step_peak:.2f} %", f"{100 * flops / step['hf'].median / step_peak:.2f} %", "",
+                f"{100 * flops / step['ours'].median / step_peak:.2f} %" + (
+                    f" (at the FLOPs it ran, {100 * ran_share:.1f} % of the bill: {100 * ran_share * flops / step['ours'].median / step_peak:.2f} %)"
+                    if ran_share < 1 else ""),
+                f"{100 * flops / step['hf'].median / step_peak:.2f} %", "",
                 "≥ 25 % on the largest rung (full run; the quick run's model is far narrower)"),
             Row(f"{name}: torch.mm alone at this step's matmul shapes (each decoder linear's forward, input gradient"
                 f"{' and weight gradient' if not lora else ''} at {ran:.0f} rows, the last block's MLP's at {scored:.0f}, warm "

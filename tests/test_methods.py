@@ -228,34 +228,40 @@ def test_lora_layers_add_their_update_in_one_matmul_with_pefts_numbers(arch, mon
     assert torch.equal(disabled, lm.loss(b).detach())
 
 
+@pytest.mark.parametrize("sequences, merged", [(2, False), (4, True)])  # 6 rows < the weight's 7 columns; 12 rows merge
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True), (False, False, True)])
-def test_the_fused_lora_backward_is_autograds_and_keeps_only_what_it_needs(needs):
+def test_the_fused_lora_backward_is_autograds_and_keeps_only_what_it_needs(needs, sequences, merged, monkeypatch):
     """`_LoraLinear`'s hand-written backward against autograd on the plain formula (float64, 3-D rows, a bias,
-    scaling 1.5), for the gradients asked of x, A, B; frozen adapters (a steering vector trained through them)
+    scaling 1.5), for the gradients asked of x, A, B, with the update added to the output (fewer rows than the
+    weight is wide) and merged into the weight (more); frozen adapters (a steering vector trained through them)
     keep neither x nor the rank-r activations for a backward that will not use them (it kept both: +35 % of a
     block's saved activations, helper-148)."""
     from workers.methods.lora_layer import _LoraLinear
 
     need_x, need_a, need_b = needs
     gen = torch.Generator().manual_seed(0)
-    x0, w, bias = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64), torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
-    a0, b0, grad = torch.randn(3, 7, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    x0, w, bias = torch.randn(sequences, 3, 7, generator=gen, dtype=torch.float64), torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    a0, b0, grad = torch.randn(3, 7, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(sequences, 3, 5, generator=gen, dtype=torch.float64)
+    merges: list[bool] = []
+    real_forward = _LoraLinear.forward
+    monkeypatch.setattr(_LoraLinear, "forward", staticmethod(lambda ctx, *args: (real_forward(ctx, *args), merges.append(ctx.merged))[0]))
     results = []
     for fused in (True, False):
         x, a, b = x0.clone().requires_grad_(need_x), a0.clone().requires_grad_(need_a), b0.clone().requires_grad_(need_b)
         saved: list[int] = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
             if fused:
-                y = _LoraLinear.apply(x.reshape(-1, 7), w, bias, a, b, 1.5).view(2, 3, 5)
+                y = _LoraLinear.apply(x.reshape(-1, 7), w, bias, a, b, 1.5).view(sequences, 3, 5)
             else:
                 y = torch.nn.functional.linear(x, w, bias) + (x @ a.t() @ b.t()) * 1.5
         wanted = [t for t, need in ((x, need_x), (a, need_a), (b, need_b)) if need]
         results.append((y.detach(), torch.autograd.grad(y, wanted, grad), saved))
+    assert merges == [merged]
     (ours, ours_grads, ours_saved), (plain, plain_grads, _) = results
     torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)
     for got, expected in zip(ours_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    rows = 2 * 3
+    rows = sequences * 3
     assert (rows * 7 in ours_saved) == need_a  # x: only for A's gradient
     assert (rows * 3 in ours_saved) == need_b  # the rank-r activations: only for B's
 
@@ -579,11 +585,15 @@ def test_a_compositions_second_part_is_fitted_on_the_model_with_the_first_applie
 
 
 @pytest.mark.parametrize("name", ["lora", "steer_trained", "full_ft"])
-def test_reported_flops_are_what_a_counter_measures_alone_and_under_a_lora(name):
+def test_reported_flops_are_what_a_counter_measures_alone_and_under_a_lora(name, monkeypatch):
     """post_train_flops against torch's FLOP counter, within the attention term the formulas leave out. Fitted
     under a LoRA, steer_trained reported 0.88 and full_ft 0.91 of what ran: passes billed the base model's
-    parameters only, while the adapters ran on every token (LoRA's own validations left them out too)."""
+    parameters only, while the adapters ran on every token (LoRA's own validations left them out too). The bill
+    is PEFT's computation, the update added to the output: merged into the weight (`lora_layer.merges`, batches
+    with more rows than a layer is wide) fewer FLOPs run, never more."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from workers.methods import lora_layer
 
     lm = language_model()
     ctx = fit_context(lm, n_train=16)
@@ -591,13 +601,21 @@ def test_reported_flops_are_what_a_counter_measures_alone_and_under_a_lora(name)
     raw = {"lora": {"rank": 2, "train": {**train, "lr": 0.05}}, "steer_trained": {"train": {**train, "lr": 0.5}},
            "full_ft": {"train": {**train, "lr": 0.01}}}  # fmt: skip
     lora = get_method("lora").fit(ctx, resolve_config("lora", raw["lora"]))
-    ratios, counts = [], []
-    for under in [contextlib.nullcontext()] + ([lora.applied()] if name != "lora" else []):  # one PEFT injection at a time
-        with under, FlopCounterMode(display=False) as counter:
-            report = get_method(name).fit(ctx, resolve_config(name, raw[name])).report
-        ratios.append(report.post_train_flops / counter.get_total_flops())
+    ratios, counts, merged_ran = [], [], []
+    merges = lora_layer.merges
+    for under in [contextlib.nullcontext] + ([lora.applied] if name != "lora" else []):  # one PEFT injection at a time
+        ran = {}
+        for merging in (False, True):
+            monkeypatch.setattr(lora_layer, "merges", merges if merging else lambda x, weight: False)
+            with under(), FlopCounterMode(display=False) as counter:
+                report = get_method(name).fit(ctx, resolve_config(name, raw[name])).report
+            ran[merging] = counter.get_total_flops()
+        ratios.append(report.post_train_flops / ran[False])
         counts.append(report.trainable_params)
+        merged_ran.append(ran[True] / ran[False])
     assert all(0.97 < ratio < 1.025 for ratio in ratios), ratios  # LoRA billed 1.041: backward through block 0's q/k/v
+    # steer_trained's batches through frozen adapters are the ones with rows enough to merge on this model
+    assert all(share <= 1 for share in merged_ran) and (name != "steer_trained" or merged_ran[-1] < 1), merged_ran
     # under a LoRA, full_ft trains the adapters too, but they are the LoRA part's to count (lora+full_ft counted them twice)
     assert len(set(counts)) == 1 and lora.report.trainable_params > 0
 

@@ -407,6 +407,16 @@ class LanguageModel:
         """One batch of the prompt+continuation pairs in `rows` (default: all)."""
         return self.collate(self.encode_pairs(prompts[rows], continuations[rows], None if ends_text is None else ends_text[rows]))
 
+    @property
+    def counters(self) -> tuple[int, float, float]:
+        """`forward_tokens`, `flops_run`, `head_flops_run`: taken before a try that may run out of memory, and
+        set back after one that did (a row bills what ran to the end)."""
+        return self.forward_tokens, self.flops_run, self.head_flops_run
+
+    @counters.setter
+    def counters(self, counted: tuple[int, float, float]) -> None:
+        self.forward_tokens, self.flops_run, self.head_flops_run = counted
+
     def in_batches(self, count: int, run: Callable[[slice], list[T]]) -> list[T]:
         """`run` over `count` items, `batch_size` at a time, its lists joined in order.
 
@@ -422,13 +432,13 @@ class LanguageModel:
         start = 0
         while start < count:
             rows = slice(start, min(start + self.batch_size, count))
-            counted = self.forward_tokens, self.flops_run, self.head_flops_run
+            counted = self.counters
             done = unless_out_of_memory(lambda: run(rows), last=rows.stop - rows.start == 1)
             if done is not None:
                 out.extend(done)
                 start = rows.stop
                 continue
-            self.forward_tokens, self.flops_run, self.head_flops_run = counted
+            self.counters = counted
             self.batch_size = (rows.stop - rows.start) // 2
             self.halved_to = min(self.halved_to or self.batch_size, self.batch_size)
             release_memory()  # the failed try's blocks, back to the card for the smaller batch's

@@ -370,15 +370,12 @@ def _train_at(
     losses: list[float] = []
     tokens = skipped = 0
 
-    def counters() -> tuple[int, float, float]:
-        return lm.forward_tokens, lm.flops_run, lm.head_flops_run
-
     def ran_since(before: tuple[int, float, float]) -> tuple[int, float, float]:
-        return tuple(now - then for now, then in zip(counters(), before))  # type: ignore[return-value]
+        return tuple(now - then for now, then in zip(lm.counters, before))  # type: ignore[return-value]
 
     def checkpoint(step: int) -> None:
         nonlocal best, validation
-        before = counters()
+        before = lm.counters
         lm.model.eval()
         with torch.no_grad():
             scores[step] = start_score if step == 0 and start_score is not None else validate()
@@ -400,11 +397,11 @@ def _train_at(
             _drop_gradients(optimizer, params)
             step_pairs = [pairs[i] for i in take]
             while True:  # a step that runs out of accelerator memory runs again in twice the micro-batches, as do the rest
-                before, random_state = counters(), RandomState.now()
+                before, random_state = lm.counters, RandomState.now()
                 done = unless_out_of_memory(lambda: accumulated_step(lm, weights, step_pairs, lm.train_parts), last=lm.train_parts >= len(take))
                 if done is not None:
                     break
-                lm.forward_tokens, lm.flops_run, lm.head_flops_run = before  # the failed try is not billed,
+                lm.counters = before  # the failed try is not billed,
                 random_state.restore()  # nor draws the dropout masks of the steps after
                 _drop_gradients(optimizer, params)
                 lm.train_parts = min(2 * lm.train_parts, len(take))

@@ -74,6 +74,14 @@ def _stands_in_for(base: nn.Module, lora_a: nn.Module, x: torch.Tensor) -> bool:
     return type(base) is nn.Linear and not hooked and not trained and not torch.is_autocast_enabled(x.device.type)
 
 
+def merges(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `_LoraLinear` merges the update into the weight for these rows: at least as many as the weight
+    is wide or high, in full precision. It runs fewer FLOPs than the update added to the output; rows bill
+    the latter (PEFT's computation, 2·r·(d_in + d_out) a row forward): what a cell costs does not depend on
+    its batch's shape or on this choice."""
+    return x.shape[0] >= max(weight.shape) and weight.dtype in (torch.float32, torch.float64)
+
+
 class _LoraLinear(torch.autograd.Function):
     """A frozen linear layer plus its LoRA update on 2-D rows, `x Wᵀ + b + scaling · (x Aᵀ) Bᵀ`,
     with a backward written out by hand.
@@ -81,21 +89,30 @@ class _LoraLinear(torch.autograd.Function):
     Autograd's own backward of the same forward computes the rank-r products as `g B` (rows × d_out
     @ d_out × r) and `gᵀ low`: BLAS runs a product with an output r columns wide 4–5× slower than its
     transpose, one r rows high (72 µs against 16 µs at 602 × 112, rank 4, on one core). Here each is
-    taken as the transpose of the fast one, `(Bᵀ gᵀ)ᵀ`; the scaling multiplies rank-r activations
-    only; and the input's two gradients (through W and through the adapter) are summed inside one
-    `addmm`, where autograd would copy the first and add the second. The values are the same sums
-    in another order (the parity test in tests/test_methods.py holds them to PEFT's gradients).
+    taken as the transpose of the fast one, `(Bᵀ gᵀ)ᵀ`, and the scaling multiplies rank-r activations
+    only. Where there are at least as many rows as the weight is wide or high (a training batch on a
+    narrow model), the update is merged into the weight, `x (W + scaling · B A)ᵀ`, forward and backward:
+    a d_out × d_in sum replaces a rows × d_out one in the forward and a rows × d_in one in the backward
+    (−3 % of a LoRA step on the ladder's xl rung, benchmarks/CHANGES.md, session 45). Otherwise the
+    update is added to the output and the input's two gradients summed inside one `addmm`. The merge is
+    done in full precision only (fp32, fp64): in half precision the sum would round a small update
+    away. The values are the same sums in another order (the parity test in tests/test_methods.py holds
+    them to autograd's on the plain formula).
     """
 
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scaling: float
     ) -> torch.Tensor:
-        low = torch.mm(x, a.t()) * scaling  # rows × r
         _, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        ctx.merged = merges(x, weight)
+        # the rank-r activations: the output's (unmerged) and B's gradient's
+        low = torch.mm(x, a.t()) * scaling if need_b or not ctx.merged else None
         # only what the gradients asked for is kept: frozen adapters (a steering vector trained through them) keep no x or low
         ctx.save_for_backward(x if need_a else None, weight, a, b, low if need_b else None)
         ctx.scaling = scaling
+        if ctx.merged:
+            return F.linear(x, torch.addmm(weight, b, a, alpha=scaling), bias)
         return torch.addmm(F.linear(x, weight, bias), low, b.t())
 
     @staticmethod
@@ -104,7 +121,13 @@ class _LoraLinear(torch.autograd.Function):
         x, weight, a, b, low = ctx.saved_tensors
         need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
         grad_b = torch.mm(low.t(), grad).t() if need_b else None  # (lowᵀ g)ᵀ = gᵀ low
-        grad_low_t = torch.mm(b.t(), grad.t()) * ctx.scaling if need_x or need_a else None  # r × rows: (g B)ᵀ, scaled as low was
+        through_low = need_a or (need_x and not ctx.merged)
+        grad_low_t = torch.mm(b.t(), grad.t()) * ctx.scaling if through_low else None  # r × rows: (g B)ᵀ, scaled as low was
         grad_a = torch.mm(grad_low_t, x) if need_a else None
-        grad_x = torch.addmm(torch.mm(grad_low_t.t(), a), grad, weight) if need_x else None  # not addmm_: FLOP counters skip in-place ops
+        if not need_x:
+            grad_x = None
+        elif ctx.merged:  # the merged weight again (recomputed: d_out × d_in, where keeping it would double the layer's)
+            grad_x = torch.mm(grad, torch.addmm(weight, b, a, alpha=ctx.scaling))
+        else:
+            grad_x = torch.addmm(torch.mm(grad_low_t.t(), a), grad, weight)  # not addmm_: FLOP counters skip in-place ops
         return grad_x, None, None, grad_a, grad_b, None
