@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from benchmarks.common import time_alternating
 from workers.lm import LanguageModel
-from workers.methods.steer_mean import SteerMeanConfig, contrast_batches, layer_indices, mean_difference, run_contrast_batches
+from workers.methods.steer_mean import SteerMeanConfig, contrast_texts, layer_indices, mean_difference, run_contrast_texts
 from workers.models.tokenizer import build_tokenizer
 
 
@@ -35,10 +35,10 @@ def main() -> None:
         vector = sv.train_steering_vector(model, lm.tokenizer, pairs, layers=layers, read_token_index=-1, batch_size=batch_size)
         return torch.stack([vector.layer_activations[i].float() for i in layers])
 
-    planned = contrast_batches(lm, pairs)  # ours with its texts already encoded, deduplicated, sorted and padded
+    planned = contrast_texts(lm, pairs)  # ours with its texts already encoded, deduplicated and sorted
 
     def ours_forwards(layers: list[int]) -> torch.Tensor:
-        return run_contrast_batches(lm, planned, layers)[0]
+        return run_contrast_texts(lm, planned, layers)[0]
 
     texts = 2 * args["batch_size"]  # ours runs a batch's positives and negatives in one forward: the peer as many texts
     a, b = ours(every), theirs(every, texts)

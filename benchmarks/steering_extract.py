@@ -81,7 +81,7 @@ def run(quick: bool) -> Result:
         ("ours_every", "theirs_every_default_batch", f"every layer; peer batch_size=1 (its default), ours {s.batch_size} pairs: "
          "not the goal's test (the settings differ), what a user who keeps the peer's default gets", ""),
         ("ours_forwards_every", "theirs_every", f"every layer; {same}; ours timed over its forwards alone (texts encoded, "
-         "deduplicated, sorted and padded beforehand): the ratio were all else free, a ceiling on the first row's", ""),
+         "deduplicated and sorted beforehand; each batch padded in it): the ratio were all else free, a ceiling on the first row's", ""),
     ]
     for ours, theirs, label, goal in rows:
         if theirs in times:

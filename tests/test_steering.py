@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest_methods import ARCHITECTURES, HIDDEN, language_model
+from conftest_methods import ARCHITECTURES, HIDDEN, language_model, out_of_memory_past
 from workers.methods.steer_mean import mean_difference
 from workers import last_row_attention
 from workers.steering import _add, decoder_layers, last_token_flops, last_token_states, needed_attention_mask, prompt_boundary, steer
@@ -163,6 +163,23 @@ def test_mean_difference_is_independent_of_batching_and_order(arch):
     assert lm.forward_tokens - tokens == sum(map(len, lm.encode(sorted(distinct), prompt=True)))  # each text once
     some, some_norm = mean_difference(lm, pairs, [2, 0])
     assert torch.allclose(some, diff[[2, 0]], atol=1e-6) and torch.allclose(some_norm, norm[[2, 0]], atol=1e-6)
+
+
+def test_contrast_forwards_that_run_out_of_memory_run_again_halved(capfd):
+    """steer_mean's extraction forwards (two texts a pair) went out with the cell on an out-of-memory: they
+    now halve as scoring batches do, down to one pair, to the same means and the same forward tokens."""
+    pairs = [(f"persona: honest q: a{i} b{i % 3} =", f"persona: liar q: a{i} =" + " 1 ;" * (i % 3)) for i in range(9)]
+    clean = language_model(batch_size=1)  # one pair a forward: what the halving ends at
+    expected, expected_norm = mean_difference(clean, pairs)
+    lm = language_model(batch_size=4)  # eight texts a forward
+    with out_of_memory_past(lm, 2):
+        diff, norm = mean_difference(lm, pairs)
+    assert torch.allclose(diff, expected, atol=1e-6) and torch.allclose(norm, expected_norm, atol=1e-6)
+    assert (lm.forward_tokens, lm.batch_size, lm.halved_to) == (clean.forward_tokens, 1, 1)  # failed tries not counted
+    said = capfd.readouterr().err
+    assert "out of accelerator memory on a batch of 8" in said and "out of accelerator memory on a batch of 4" in said
+    with out_of_memory_past(lm, 1), pytest.raises(torch.OutOfMemoryError):  # a pair that does not fit fails the cell
+        mean_difference(lm, pairs)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -417,29 +417,30 @@ class LanguageModel:
     def counters(self, counted: tuple[int, float, float]) -> None:
         self.forward_tokens, self.flops_run, self.head_flops_run = counted
 
-    def in_batches(self, count: int, run: Callable[[slice], list[T]]) -> list[T]:
-        """`run` over `count` items, `batch_size` at a time, its lists joined in order.
+    def in_batches(self, count: int, run: Callable[[slice], list[T]], *, width: int = 1) -> list[T]:
+        """`run` over `count` items, `width` × `batch_size` at a time, its lists joined in order (`width` 2: a pair's
+        two texts in one forward).
 
         A batch that runs out of accelerator memory runs again as two halves, and the rest of the cell's
         training, or of its evaluation, keeps the smaller size (`halved_to`; `WorkerCache.model` sets the
         configured one again for the next cell, `evaluate_cell` after a method's fit): at a
         150k vocabulary one batch's fp32 logits can outgrow a card that holds the model, and a smaller
-        batch changes no score but by float rounding. A batch of one that runs out fails the cell, as
-        any error does. What the failed try had counted in `forward_tokens` and the FLOPs is taken back:
+        batch changes no score but by float rounding. A batch of one (`width` items) that runs out fails
+        the cell, as any error does. What the failed try had counted in `forward_tokens` and the FLOPs is taken back:
         a row bills the batches that ran.
         """
         out: list[T] = []
         start = 0
         while start < count:
-            rows = slice(start, min(start + self.batch_size, count))
+            rows = slice(start, min(start + width * self.batch_size, count))
             counted = self.counters
-            done = unless_out_of_memory(lambda: run(rows), last=rows.stop - rows.start == 1)
+            done = unless_out_of_memory(lambda: run(rows), last=rows.stop - rows.start <= width)
             if done is not None:
                 out.extend(done)
                 start = rows.stop
                 continue
             self.counters = counted
-            self.batch_size = (rows.stop - rows.start) // 2
+            self.batch_size = max(1, (rows.stop - rows.start) // width // 2)
             self.halved_to = min(self.halved_to or self.batch_size, self.batch_size)
             release_memory()  # the failed try's blocks, back to the card for the smaller batch's
             print(f"steerscale: out of accelerator memory on a batch of {rows.stop - rows.start}; "

@@ -69,16 +69,16 @@ def layer_indices(fractions: tuple[float, ...], depth: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class ContrastBatches:
-    """The forwards `mean_difference` runs: each distinct text of the pairs once, sorted by length and padded."""
+class ContrastTexts:
+    """The texts `mean_difference` runs: each distinct text of the pairs once, encoded, shortest first."""
 
     weights: torch.Tensor  # (texts, 2): count as positive − count as negative, count on either side
-    batches: list[tuple[list[int], torch.Tensor, torch.Tensor]]  # (rows of `weights`, input ids, attention mask)
+    ids: list[list[int]]
     pairs: int
 
 
-def contrast_batches(lm: LanguageModel, pairs: list[tuple[str, str]]) -> ContrastBatches:
-    """Encode the pairs' distinct texts (one tokenizer call) into right-padded batches of `lm.batch_size` pairs."""
+def contrast_texts(lm: LanguageModel, pairs: list[tuple[str, str]]) -> ContrastTexts:
+    """Encode the pairs' distinct texts (one tokenizer call), sorted by length: a batch of neighbours pads little."""
     weight: dict[str, list[int]] = {}  # text -> [count as positive - count as negative, count on either side]
     for pair in pairs:
         for text, sign in zip(pair, (1, -1)):
@@ -88,11 +88,7 @@ def contrast_batches(lm: LanguageModel, pairs: list[tuple[str, str]]) -> Contras
     texts = list(weight)
     ids = [lm.clipped(row) for row in lm.encode(texts, prompt=True)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    batches = []
-    for start in range(0, len(order), 2 * lm.batch_size):
-        take = order[start : start + 2 * lm.batch_size]
-        batches.append((take, *lm.pad([ids[i] for i in take])))
-    return ContrastBatches(torch.tensor([weight[t] for t in texts], dtype=torch.float32), batches, len(pairs))
+    return ContrastTexts(torch.tensor([weight[texts[i]] for i in order], dtype=torch.float32), [ids[i] for i in order], len(pairs))
 
 
 def mean_difference(
@@ -107,21 +103,24 @@ def mean_difference(
     as it computes no logits, most of a scoring forward's memory at a real vocabulary — and stops
     after the deepest layer read.
     """
-    return run_contrast_batches(lm, contrast_batches(lm, pairs), layers)
+    return run_contrast_texts(lm, contrast_texts(lm, pairs), layers)
 
 
-def run_contrast_batches(
-    lm: LanguageModel, planned: ContrastBatches, layers: Sequence[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forwards of `contrast_batches`, summed into `mean_difference`'s means."""
+def run_contrast_texts(lm: LanguageModel, planned: ContrastTexts, layers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forwards of `contrast_texts`, 2 × `lm.batch_size` texts at a time (`LanguageModel.in_batches`: halved
+    on running out of accelerator memory), summed into `mean_difference`'s means."""
+
+    def run(rows: slice) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        input_ids, attention = lm.pad(planned.ids[rows])
+        states = last_token_states(lm.model, input_ids.to(lm.device), attention.to(lm.device), layers)  # (L, B, d)
+        w = planned.weights[rows].to(states.device)
+        lm.forward_tokens += int(attention.sum())
+        return [(torch.einsum("lbd,b->ld", states, w[:, 0]), states.norm(dim=-1) @ w[:, 1])]
+
     diff_sum: torch.Tensor | float = 0.0
     norm_sum: torch.Tensor | float = 0.0
-    for take, input_ids, attention in planned.batches:
-        states = last_token_states(lm.model, input_ids.to(lm.device), attention.to(lm.device), layers)  # (L, B, d)
-        w = planned.weights[take].to(states.device)
-        diff_sum = diff_sum + torch.einsum("lbd,b->ld", states, w[:, 0])
-        norm_sum = norm_sum + states.norm(dim=-1) @ w[:, 1]
-        lm.forward_tokens += int(attention.sum())
+    for diff, norm in lm.in_batches(len(planned.ids), run, width=2):
+        diff_sum, norm_sum = diff_sum + diff, norm_sum + norm
     return diff_sum / planned.pairs, norm_sum / (2 * planned.pairs)
 
 
