@@ -144,6 +144,30 @@ def test_half_precision_weights_train_through_fp32_masters(dtype):
     assert result.losses[-1] < result.losses[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_step_in_micro_batches_sums_its_parts_in_fp32(dtype):
+    """Each part's gradient (in the parameters' own dtype) goes into the fp32 master before the next part's: the
+    parts summed into a bf16 gradient put it 0.71 % off fp32's at 32 parts, against 0.47 % unsplit (helper-152)."""
+    lm = language_model()
+    lm.model.to(dtype)
+    targets = [" 1", " 2 3 ; q:", " 0", " 4 4", " 3 ; q: a1", " 2", " 1 0 0", " 4"]
+    pairs = lm.encode_pairs([f"q: a{i} b{i} =" for i in range(len(targets))], targets)
+    params = list(lm.model.parameters())
+    weights = MasterWeights(params, fp16_model=dtype == torch.float16)
+    tokens = lm.collate(pairs).target_tokens
+    expected = [torch.zeros_like(master) for master in weights.masters]
+    for batch in (lm.collate(pairs[i : i + 2]) for i in range(0, len(pairs), 2)):  # the four parts, one by one
+        (lm.token_nll(batch, lm.scored_logits(batch)).sum() / tokens * weights.scale).backward()
+        for total, param in zip(expected, params, strict=True):
+            total.add_(param.grad.float())
+            param.grad = None
+    accumulated_step(lm, weights, pairs, 4)
+    assert weights.gradients_to_masters()
+    for master, total in zip(weights.masters, expected, strict=True):
+        assert torch.equal(master.grad, total / weights.scale)
+    assert all(p.grad is None for p in params)
+
+
 def test_an_fp16_overflow_skips_the_step_and_halves_the_loss_scale():
     weight = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
     weights = MasterWeights([weight], fp16_model=True)

@@ -211,6 +211,7 @@ def accumulated_step(lm: LanguageModel, weights: MasterWeights, pairs: Sequence[
     for batch in batches:
         part = lm.token_nll(batch, lm.scored_logits(batch)).sum() / max(tokens, 1)
         weights.backward(part)
+        weights.gather_gradients()  # the parts summed in fp32, not in a half-precision parameter's own gradient
         loss = part.detach() if loss is None else loss + part.detach()
     assert loss is not None  # `pairs` is a step's: never empty
     return loss, tokens
@@ -238,17 +239,23 @@ class MasterWeights:
     def backward(self, loss: torch.Tensor) -> None:
         (loss * self.scale if self.scale != 1.0 else loss).backward()
 
+    def gather_gradients(self) -> None:
+        """Add each half-precision parameter's gradient into its fp32 master's, and clear it: a step run in
+        micro-batches sums its parts in fp32 (in bf16, 32 parts put a gradient 0.71 % off fp32's, against 0.47 %
+        for the whole batch at once: helper-152)."""
+        for param, master in zip(self.params, self.masters):
+            if master is not param and param.grad is not None:
+                gradient, param.grad = param.grad.float(), None
+                master.grad = gradient if master.grad is None else master.grad.add_(gradient)
+
     def gradients_to_masters(self) -> bool:
         """Move the (unscaled) gradients to the masters; False when they overflowed (skip the step)."""
-        for param, master in zip(self.params, self.masters):
-            if param.grad is None:
-                continue
-            if master is not param:
-                master.grad, param.grad = param.grad.float(), None
-            if self.scale != 1.0:
-                master.grad.div_(self.scale)
+        self.gather_gradients()
         if self.scale == 1.0:
             return True
+        for master in self.masters:
+            if master.grad is not None:
+                master.grad.div_(self.scale)
         finite = all(bool(torch.isfinite(m.grad).all()) for m in self.masters if m.grad is not None)
         self._good_steps = self._good_steps + 1 if finite else 0
         if not finite:
