@@ -17,7 +17,6 @@ import math
 import tempfile
 from dataclasses import dataclass, replace
 from typing import Callable
-
 from unittest import mock
 
 import torch
@@ -209,16 +208,16 @@ def mm_rate_at_shapes(model: torch.nn.Module, rows: int, scored: int, *, weight_
     return flops / seconds
 
 
-def ran_share_merged(run: Callable[[], object]) -> float:
-    """The FLOPs a run of steerscale's LoRA ran, with each layer's update merged into its weight where the
-    batch has rows enough (`lora_layer.merges`), as a share of the same run with every update added to the
-    output (PEFT's computation, which the FLOP/s rows bill both sides for): torch's FLOP counter on both."""
+def flops_merging_saves(run: Callable[[], object]) -> float:
+    """The FLOPs a run of steerscale's LoRA did not run by merging each layer's update into its weight where the
+    batch has rows enough (`lora_layer.merges`), against the same run with every update added to the output
+    (PEFT's computation, which the FLOP/s rows bill both sides for): torch's FLOP counter on both."""
     counted = []
     for merging in (False, True):
         with mock.patch.object(lora_layer, "merges", lora_layer.merges if merging else lambda x, weight: False), FlopCounterMode(display=False) as counter:
             run()
         counted.append(counter.get_total_flops())
-    return counted[1] / counted[0]
+    return counted[0] - counted[1]
 
 
 def _profile(fn: Callable[[], object], top: int = 6) -> str:
@@ -306,7 +305,7 @@ def run(quick: bool) -> Result:
         flops = 2 * forward + 3 * adapters if lora else 3 * forward
         # the step's own matmul shapes ran faster than any square size (104 % of that peak): the peak is the best of both,
         # or every fraction below reads high (helper-146)
-        ran_share = ran_share_merged(run_ours) if lora else 1.0
+        saved = flops_merging_saves(run_ours) / s.steps if lora else 0.0  # a step's, counted by torch
         shapes_rate = mm_rate_at_shapes(ours_lm.model, round(ran), round(scored), weight_grads=not lora)
         step_peak = max(peak, shapes_rate)
         result.rows += [
@@ -324,8 +323,8 @@ def run(quick: bool) -> Result:
                 f"as a cell does), {s.model}, {ran:.0f} tokens run a step ({scored:.0f} scored; the output head and the last "
                 "block's MLP counted at those only)",
                 f"{100 * flops / step['ours'].median / step_peak:.2f} %" + (
-                    f" (at the FLOPs it ran, {100 * ran_share:.1f} % of the bill: {100 * ran_share * flops / step['ours'].median / step_peak:.2f} %)"
-                    if ran_share < 1 else ""),
+                    f" (at the FLOPs it ran, the bill less {100 * saved / flops:.1f} % its merged LoRA layers saved: "
+                    f"{100 * (flops - saved) / step['ours'].median / step_peak:.2f} %)" if saved > 0 else ""),
                 f"{100 * flops / step['hf'].median / step_peak:.2f} %", "",
                 "≥ 25 % on the largest rung (full run; the quick run's model is far narrower)"),
             Row(f"{name}: torch.mm alone at this step's matmul shapes (each decoder linear's forward, input gradient"

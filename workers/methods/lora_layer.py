@@ -6,10 +6,11 @@ output (tokens × d_out), forward and backward, for an update of rank r. The sam
 scaling the rank-r activations instead and letting B's matmul add into the result (`addmm`, one BLAS
 call): `result + (lora_A(x) · scaling) Bᵀ`. On the ladder's xl rung that cut a LoRA training step by
 7–12 % (benchmarks/CHANGES.md, session 31); with the ladder's scaling of 2 (a power of two) the
-losses are bit-equal. Where the base layer is a frozen plain `nn.Linear` with no hooks and no
+losses were bit-equal (they are not where the update is merged into the weight, below). Where the base layer is a frozen plain `nn.Linear` with no hooks and no
 autocast is on, the whole layer runs as one autograd function (`_LoraLinear`) whose backward takes
 the rank-r products in BLAS's fast orientation and sums the input's two gradients in one call:
-another 12–14 % of the step (benchmarks/CHANGES.md, session 43); otherwise (a hooked or trained
+another 12–14 % of the step (benchmarks/CHANGES.md, session 43), and a batch with as many rows as the
+weight is wide and high merges the update into the weight (3 %, session 45); otherwise (a hooked or trained
 base layer: a probe, accelerate's offloading, a composition with full_ft) the base layer is called
 and autograd runs the backward. Everything else — parameters, initialisation, state dicts,
 `unload()` — is PEFT's, and any call this path was not written for (merged or disabled adapters,
@@ -40,7 +41,9 @@ class FusedLoraLinear(Linear):
             return super().forward(x, *args, **kwargs)
         base, lora_a, lora_b = self.get_base_layer(), self.lora_A[adapter], self.lora_B[adapter]
         if _stands_in_for(base, lora_a, x):
-            rows = _LoraLinear.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[adapter])
+            rows = _LoraLinear.apply(
+                x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[adapter], torch.is_grad_enabled()
+            )
             return rows.view(*x.shape[:-1], rows.shape[-1])
         result = base(x)  # its hooks run, its weights train (a composition with full_ft): autograd's backward
         low = lora_a(x) * self.scaling[adapter]
@@ -76,10 +79,12 @@ def _stands_in_for(base: nn.Module, lora_a: nn.Module, x: torch.Tensor) -> bool:
 
 def merges(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `_LoraLinear` merges the update into the weight for these rows: at least as many as the weight
-    is wide or high, in full precision. It runs fewer FLOPs than the update added to the output; rows bill
-    the latter (PEFT's computation, 2·r·(d_in + d_out) a row forward): what a cell costs does not depend on
-    its batch's shape or on this choice."""
-    return x.shape[0] >= max(weight.shape) and weight.dtype in (torch.float32, torch.float64)
+    is wide and high (from there the merged weight is the smaller sum both ways), in full precision: fp64, or
+    fp32 with matmuls in full fp32 (TF32's 10-bit mantissa, like half precision, would round a small update
+    away). It runs fewer FLOPs than the update added to the output; rows bill the latter (PEFT's computation,
+    2·r·(d_in + d_out) a row forward): what a cell costs does not depend on its batch's shape or on this choice."""
+    full = weight.dtype == torch.float64 or (weight.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest")
+    return x.shape[0] >= max(weight.shape) and full
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -90,21 +95,29 @@ class _LoraLinear(torch.autograd.Function):
     @ d_out × r) and `gᵀ low`: BLAS runs a product with an output r columns wide 4–5× slower than its
     transpose, one r rows high (72 µs against 16 µs at 602 × 112, rank 4, on one core). Here each is
     taken as the transpose of the fast one, `(Bᵀ gᵀ)ᵀ`, and the scaling multiplies rank-r activations
-    only. Where there are at least as many rows as the weight is wide or high (a training batch on a
+    only. Where there are at least as many rows as the weight is wide and high (a training batch on a
     narrow model), the update is merged into the weight, `x (W + scaling · B A)ᵀ`, forward and backward:
     a d_out × d_in sum replaces a rows × d_out one in the forward and a rows × d_in one in the backward
     (−3 % of a LoRA step on the ladder's xl rung, benchmarks/CHANGES.md, session 45). Otherwise the
     update is added to the output and the input's two gradients summed inside one `addmm`. The merge is
-    done in full precision only (fp32, fp64): in half precision the sum would round a small update
-    away. The values are the same sums in another order (the parity test in tests/test_methods.py holds
+    done in full precision only (`merges`). Without a graph (`graph` False: validation, scoring) the
+    merged path skips the rank-r activations, which only B's gradient reads. The values are the same sums in another order (the parity test in tests/test_methods.py holds
     them to autograd's on the plain formula).
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scaling: float
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+        graph: bool,
     ) -> torch.Tensor:
-        _, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        _, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
+        need_a, need_b = need_a and graph, need_b and graph  # apply() under no_grad still says the adapters need them
         ctx.merged = merges(x, weight)
         # the rank-r activations: the output's (unmerged) and B's gradient's
         low = torch.mm(x, a.t()) * scaling if need_b or not ctx.merged else None
@@ -119,7 +132,7 @@ class _LoraLinear(torch.autograd.Function):
     @once_differentiable  # a second derivative through this backward is refused, not silently wrong
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, a, b, low = ctx.saved_tensors
-        need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
+        need_x, _, _, need_a, need_b, _, _ = ctx.needs_input_grad
         grad_b = torch.mm(low.t(), grad).t() if need_b else None  # (lowᵀ g)ᵀ = gᵀ low
         through_low = need_a or (need_x and not ctx.merged)
         grad_low_t = torch.mm(b.t(), grad.t()) * ctx.scaling if through_low else None  # r × rows: (g B)ᵀ, scaled as low was
@@ -130,4 +143,4 @@ class _LoraLinear(torch.autograd.Function):
             grad_x = torch.mm(grad, torch.addmm(weight, b, a, alpha=ctx.scaling))
         else:
             grad_x = torch.addmm(torch.mm(grad_low_t.t(), a), grad, weight)  # not addmm_: FLOP counters skip in-place ops
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, None, None, grad_a, grad_b, None, None
