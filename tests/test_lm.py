@@ -520,8 +520,8 @@ def test_a_batch_that_runs_out_of_memory_runs_again_halved_with_the_same_numbers
         halved = run(lm, 8)
     assert lm.halved_to == 2
     said = capfd.readouterr().err
-    assert said.count("out of accelerator memory on a batch of 8; scoring 4 at a time") == len(calls)  # every call, from 8
-    assert said.count("out of accelerator memory on a batch of 4; scoring 2 at a time") == len(calls)
+    assert said.count("out of accelerator memory on a batch of 8; 4 at a time") == len(calls)  # every call, from 8
+    assert said.count("out of accelerator memory on a batch of 4; 2 at a time") == len(calls)
     assert (lm.tokenizer.padding_side, lm.tokenizer.truncation_side) == ("right", "right")  # generate's left, undone
     for name in calls:
         (ours, flops, tokens), (theirs, clean_flops, clean_tokens) = halved[name], clean[name]

@@ -136,7 +136,8 @@ def test_a_cell_whose_scoring_runs_out_of_memory_halves_its_batches_and_says_so(
         row = run_cell(cell, CellRun(cache=cache))
     assert row["status"] == "ok", row["error"]
     assert row["error"] == ("ran out of accelerator memory, and went on smaller: scoring batches were halved, down to 8 "
-                            "(eval.batch_size 64: scores move by float rounding only); peak_mem_bytes includes the failed try")
+                            "(eval.batch_size 64; steer_mean's contrast forwards count pairs of texts: scores move by float rounding only); "
+                            "peak_mem_bytes includes the failed try")
     # the 40 test questions: 40 > 20 > 10 for the baseline (cached per worker: not this cell's to report, nor to carry
     # into its fit); the 16 validation questions 16 > 8 in the fit; the evaluation starts at 64 again: 40 > 20 > 10
     said = capfd.readouterr().err
@@ -156,8 +157,8 @@ def test_a_cell_whose_training_runs_out_of_memory_goes_on_in_micro_batches_and_s
     with out_of_memory_past(lm, 10):  # training batches of 16 examples: 2 micro-batches of 8
         row = run_cell(cell, CellRun(cache=cache))
     assert row["status"] == "ok", row["error"]
-    assert row["error"] == ("ran out of accelerator memory, and went on smaller: scoring batches were halved, down to 10 (eval.batch_size 64: "
-                            "scores move by float rounding only); training steps ran in 2 micro-batches each (the same gradients, "
+    assert row["error"] == ("ran out of accelerator memory, and went on smaller: scoring batches were halved, down to 10 (eval.batch_size 64; "
+                            "steer_mean's contrast forwards count pairs of texts: scores move by float rounding only); training steps ran in 2 micro-batches each (the same gradients, "
                             "summed, up to float rounding; a model's dropout draws other masks); peak_mem_bytes includes the failed try")
     clean = _measured(run_cell(cell, CellRun(cache=WorkerCache())))
     assert _measured(row)["score"] == clean["score"] and _measured(row)["nll"] == pytest.approx(clean["nll"], rel=1e-4)

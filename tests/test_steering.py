@@ -166,8 +166,8 @@ def test_mean_difference_is_independent_of_batching_and_order(arch):
 
 
 def test_contrast_forwards_that_run_out_of_memory_run_again_halved(capfd):
-    """steer_mean's extraction forwards (two texts a pair) went out with the cell on an out-of-memory: they
-    now halve as scoring batches do, down to one pair, to the same means and the same forward tokens."""
+    """steer_mean's extraction forwards (2 × batch_size texts) went out with the cell on an out-of-memory: they
+    now halve as scoring batches do, down to two texts, to the same means and the same forward tokens."""
     pairs = [(f"persona: honest q: a{i} b{i % 3} =", f"persona: liar q: a{i} =" + " 1 ;" * (i % 3)) for i in range(9)]
     clean = language_model(batch_size=1)  # one pair a forward: what the halving ends at
     expected, expected_norm = mean_difference(clean, pairs)

@@ -146,8 +146,9 @@ def test_half_precision_weights_train_through_fp32_masters(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_step_in_micro_batches_sums_its_parts_in_fp32(dtype):
-    """Each part's gradient (in the parameters' own dtype) goes into the fp32 master before the next part's: the
-    parts summed into a bf16 gradient put it 0.71 % off fp32's at 32 parts, against 0.47 % unsplit (helper-152)."""
+    """Each part's gradient (in the parameters' own dtype) goes into the fp32 master as the backward computes it: the
+    parts summed into a bf16 gradient put it 0.71 % off fp32's at 32 parts, against 0.47 % unsplit (helper-152);
+    gathered after each part, a part's bf16 gradients were all held beside the fp32 sums (helper-155)."""
     lm = language_model()
     lm.model.to(dtype)
     targets = [" 1", " 2 3 ; q:", " 0", " 4 4", " 3 ; q: a1", " 2", " 1 0 0", " 4"]
@@ -161,7 +162,11 @@ def test_a_half_precision_step_in_micro_batches_sums_its_parts_in_fp32(dtype):
         for total, param in zip(expected, params, strict=True):
             total.add_(param.grad.float())
             param.grad = None
+    held = []  # half-precision gradients alive whenever a backward hands one over: one at a time, none kept beside the sums
+    for param in params:
+        param.register_post_accumulate_grad_hook(lambda _p: held.append(sum(q.grad is not None for q in params)))
     accumulated_step(lm, weights, pairs, 4)
+    assert held and max(held) == 1
     assert weights.gradients_to_masters()
     for master, total in zip(weights.masters, expected, strict=True):
         assert torch.equal(master.grad, total / weights.scale)

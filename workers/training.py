@@ -9,7 +9,9 @@ always a candidate and ties go to fewer steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -208,11 +210,12 @@ def accumulated_step(lm: LanguageModel, weights: MasterWeights, pairs: Sequence[
     batches = [lm.collate(pairs[start:stop]) for start, stop in zip(bounds, bounds[1:])]
     tokens = sum(batch.target_tokens for batch in batches)
     loss: torch.Tensor | None = None
-    for batch in batches:
-        part = lm.token_nll(batch, lm.scored_logits(batch)).sum() / max(tokens, 1)
-        weights.backward(part)
-        weights.gather_gradients()  # the parts summed in fp32, not in a half-precision parameter's own gradient
-        loss = part.detach() if loss is None else loss + part.detach()
+    # the parts summed in the fp32 masters as each gradient is computed, not in a half-precision parameter's own
+    with weights.gathering() if parts > 1 else contextlib.nullcontext():
+        for batch in batches:
+            part = lm.token_nll(batch, lm.scored_logits(batch)).sum() / max(tokens, 1)
+            weights.backward(part)
+            loss = part.detach() if loss is None else loss + part.detach()
     assert loss is not None  # `pairs` is a step's: never empty
     return loss, tokens
 
@@ -239,18 +242,30 @@ class MasterWeights:
     def backward(self, loss: torch.Tensor) -> None:
         (loss * self.scale if self.scale != 1.0 else loss).backward()
 
-    def gather_gradients(self) -> None:
-        """Add each half-precision parameter's gradient into its fp32 master's, and clear it: a step run in
-        micro-batches sums its parts in fp32 (in bf16, 32 parts put a gradient 0.71 % off fp32's, against 0.47 %
-        for the whole batch at once: helper-152)."""
-        for param, master in zip(self.params, self.masters):
-            if master is not param and param.grad is not None:
-                gradient, param.grad = param.grad.float(), None
-                master.grad = gradient if master.grad is None else master.grad.add_(gradient)
+    @contextlib.contextmanager
+    def gathering(self) -> Iterator[None]:
+        """Each half-precision parameter's gradient added into its fp32 master's as soon as a backward has it,
+        and let go of: a step run in micro-batches sums its parts in fp32 (in bf16, 32 parts put a gradient
+        0.71 % off fp32's, against 0.47 % for the whole batch at once: helper-152), and no part's half-precision
+        gradients are held beside the masters' sums (a model's worth more, on the path that ran out of memory)."""
+
+        def gather(param: torch.nn.Parameter, master: torch.Tensor) -> None:
+            master.grad = param.grad.float() if master.grad is None else master.grad.add_(param.grad)
+            param.grad = None
+
+        hooks = [param.register_post_accumulate_grad_hook(functools.partial(gather, master=master))
+                 for param, master in zip(self.params, self.masters) if master is not param]  # fmt: skip
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def gradients_to_masters(self) -> bool:
         """Move the (unscaled) gradients to the masters; False when they overflowed (skip the step)."""
-        self.gather_gradients()
+        for param, master in zip(self.params, self.masters):
+            if master is not param and param.grad is not None:  # a step in one part: its gradients are still the params'
+                master.grad, param.grad = param.grad.float(), None
         if self.scale == 1.0:
             return True
         for master in self.masters:
@@ -399,9 +414,9 @@ def _train_at(
     lm.model.train()
     try:
         for step, take in enumerate(batch_order(len(examples), steps, config.batch_size, seed)):
+            _drop_gradients(optimizer, params)  # before a checkpoint's validation: the last step's are not kept through it
             if step in checks:
                 checkpoint(step)
-            _drop_gradients(optimizer, params)
             step_pairs = [pairs[i] for i in take]
             while True:  # a step that runs out of accelerator memory runs again in twice the micro-batches, as do the rest
                 before, random_state = lm.counters, RandomState.now()
@@ -443,6 +458,7 @@ def _train_at(
             )
         chosen = steps
         if checks:
+            _drop_gradients(optimizer, params)
             checkpoint(steps)
             assert best is not None
             chosen = best[1]
