@@ -119,6 +119,18 @@ def test_a_cell_measures_selectivity_on_the_natural_text_it_names(model_id):
     assert "neutral_texts" not in versions[0] and versions[1]["neutral_texts"] == neutral_text_digest(neutral_texts(4, 20, source))
 
 
+@pytest.mark.parametrize("method, says_pairs", [("steer_mean", True), ("prompt+steer_mean", True), ("lora", False)])
+def test_the_out_of_memory_note_says_pairs_only_where_steer_mean_ran(method, says_pairs):
+    """A halving in steer_mean's contrast forwards counts pairs of texts; a row of another method said so too (helper-156)."""
+    from types import SimpleNamespace
+
+    from workers.run_cell import out_of_memory_note
+
+    note = out_of_memory_note(_cell("ladder:test/s", method), SimpleNamespace(halved_to=4, train_parts=1))
+    assert note is not None and note.startswith("ran out of accelerator memory, and went on smaller: scoring batches were halved, down to 4")
+    assert ("steer_mean's contrast forwards count pairs of texts" in note) == says_pairs
+
+
 def test_a_cell_whose_scoring_runs_out_of_memory_halves_its_batches_and_says_so(model_id, capfd):
     """At a 150k vocabulary one scoring batch's logits can outgrow the card: the cell goes on in smaller batches, with
     the same numbers up to rounding, and its ok row says so; the fit's halving does not carry into the evaluation."""
@@ -136,8 +148,7 @@ def test_a_cell_whose_scoring_runs_out_of_memory_halves_its_batches_and_says_so(
         row = run_cell(cell, CellRun(cache=cache))
     assert row["status"] == "ok", row["error"]
     assert row["error"] == ("ran out of accelerator memory, and went on smaller: scoring batches were halved, down to 8 "
-                            "(eval.batch_size 64; steer_mean's contrast forwards count pairs of texts: scores move by float rounding only); "
-                            "peak_mem_bytes includes the failed try")
+                            "(eval.batch_size 64: scores move by float rounding only); peak_mem_bytes includes the failed try")
     # the 40 test questions: 40 > 20 > 10 for the baseline (cached per worker: not this cell's to report, nor to carry
     # into its fit); the 16 validation questions 16 > 8 in the fit; the evaluation starts at 64 again: 40 > 20 > 10
     said = capfd.readouterr().err
@@ -157,8 +168,8 @@ def test_a_cell_whose_training_runs_out_of_memory_goes_on_in_micro_batches_and_s
     with out_of_memory_past(lm, 10):  # training batches of 16 examples: 2 micro-batches of 8
         row = run_cell(cell, CellRun(cache=cache))
     assert row["status"] == "ok", row["error"]
-    assert row["error"] == ("ran out of accelerator memory, and went on smaller: scoring batches were halved, down to 10 (eval.batch_size 64; "
-                            "steer_mean's contrast forwards count pairs of texts: scores move by float rounding only); training steps ran in 2 micro-batches each (the same gradients, "
+    assert row["error"] == ("ran out of accelerator memory, and went on smaller: scoring batches were halved, down to 10 (eval.batch_size 64: "
+                            "scores move by float rounding only); training steps ran in 2 micro-batches each (the same gradients, "
                             "summed, up to float rounding; a model's dropout draws other masks); peak_mem_bytes includes the failed try")
     clean = _measured(run_cell(cell, CellRun(cache=WorkerCache())))
     assert _measured(row)["score"] == clean["score"] and _measured(row)["nll"] == pytest.approx(clean["nll"], rel=1e-4)

@@ -418,16 +418,16 @@ class LanguageModel:
         self.forward_tokens, self.flops_run, self.head_flops_run = counted
 
     def in_batches(self, count: int, run: Callable[[slice], list[T]], *, width: int = 1) -> list[T]:
-        """`run` over `count` items, `width` × `batch_size` at a time, its lists joined in order (`width` 2: steer_mean's
-        contrast texts, two per pair of its batch).
+        """`run` over `count` items, `width` × `batch_size` at a time, its lists joined in order (`width` 2:
+        steer_mean's contrast texts, two per pair of its batch).
 
         A batch that runs out of accelerator memory runs again as two halves, and the rest of the cell's
         training, or of its evaluation, keeps the smaller size (`halved_to`; `WorkerCache.model` sets the
         configured one again for the next cell, `evaluate_cell` after a method's fit): at a
         150k vocabulary one batch's fp32 logits can outgrow a card that holds the model, and a smaller
-        batch changes no score but by float rounding. A batch of one (`width` items, the last at most) that
-        runs out fails the cell, as any error does. What the failed try had counted in `forward_tokens` and the FLOPs is taken back:
-        a row bills the batches that ran.
+        batch changes no score but by float rounding. A batch of one (`width` items, the last at most)
+        that runs out fails the cell, as any error does. What the failed try had counted in
+        `forward_tokens` and the FLOPs is taken back: a row bills the batches that ran.
         """
         out: list[T] = []
         start = 0

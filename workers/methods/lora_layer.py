@@ -6,13 +6,14 @@ output (tokens × d_out), forward and backward, for an update of rank r. The sam
 scaling the rank-r activations instead and letting B's matmul add into the result (`addmm`, one BLAS
 call): `result + (lora_A(x) · scaling) Bᵀ`. On the ladder's xl rung that cut a LoRA training step by
 7–12 % (benchmarks/CHANGES.md, session 31); with the ladder's scaling of 2 (a power of two) the
-losses were bit-equal (they are not where the update is merged into the weight, below). Where the base layer is a frozen plain `nn.Linear` with no hooks and no
-autocast is on, the whole layer runs as one autograd function (`_LoraLinear`) whose backward takes
-the rank-r products in BLAS's fast orientation and sums the input's two gradients in one call:
-another 12–14 % of the step (benchmarks/CHANGES.md, session 43), and a batch with as many rows as the
-weight is wide and high merges the update into the weight (3 %, session 45); otherwise (a hooked or trained
-base layer: a probe, accelerate's offloading, a composition with full_ft) the base layer is called
-and autograd runs the backward. Everything else — parameters, initialisation, state dicts,
+losses were bit-equal (they are not where the update is merged into the weight, below). Where the
+base layer is a frozen plain `nn.Linear` with no hooks and no autocast is on, the whole layer runs
+as one autograd function (`_LoraLinear`) whose backward takes the rank-r products in BLAS's fast
+orientation and sums the input's two gradients in one call: another 12–14 % of the step
+(benchmarks/CHANGES.md, session 43), and a batch with as many rows as the weight is wide and high
+merges the update into the weight (3 %, session 45); otherwise (a hooked or trained base layer: a
+probe, accelerate's offloading, a composition with full_ft) the base layer is called and autograd
+runs the backward. Everything else — parameters, initialisation, state dicts,
 `unload()` — is PEFT's, and any call this path was not written for (merged or disabled adapters,
 several adapters, dropout, DoRA or another variant, a LoRA bias, mixed dtypes, extra arguments)
 runs PEFT's forward. So does a half-precision model: PEFT keeps its adapters in fp32 there
@@ -101,8 +102,9 @@ class _LoraLinear(torch.autograd.Function):
     (−3 % of a LoRA step on the ladder's xl rung, benchmarks/CHANGES.md, session 45). Otherwise the
     update is added to the output and the input's two gradients summed inside one `addmm`. The merge is
     done in full precision only (`merges`). Without a graph (`graph` False: validation, scoring) the
-    merged path skips the rank-r activations, which only B's gradient reads. The values are the same sums in another order (the parity test in tests/test_methods.py holds
-    them to autograd's on the plain formula).
+    merged path skips the rank-r activations, which only B's gradient reads. The values are the same
+    sums in another order (the parity test in tests/test_methods.py holds them to autograd's on the
+    plain formula).
     """
 
     @staticmethod

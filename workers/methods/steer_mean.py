@@ -109,20 +109,22 @@ def mean_difference(
 def run_contrast_texts(lm: LanguageModel, planned: ContrastTexts, layers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forwards of `contrast_texts`, 2 × `lm.batch_size` texts at a time (`LanguageModel.in_batches`: halved
     on running out of accelerator memory), summed into `mean_difference`'s means."""
-
-    sums: list[torch.Tensor | float] = [0.0, 0.0]  # the difference's and the norms', batch by batch: none kept apart
+    diff_sum: torch.Tensor | float = 0.0  # batch by batch: no batch's result kept apart
+    norm_sum: torch.Tensor | float = 0.0
 
     def run(rows: slice) -> list[None]:
+        nonlocal diff_sum, norm_sum
         input_ids, attention = lm.pad(planned.ids[rows])
         states = last_token_states(lm.model, input_ids.to(lm.device), attention.to(lm.device), layers)  # (L, B, d)
         w = planned.weights[rows].to(states.device)
-        diff, norm = torch.einsum("lbd,b->ld", states, w[:, 0]), states.norm(dim=-1) @ w[:, 1]
-        sums[:] = sums[0] + diff, sums[1] + norm  # after the forward: a batch that ran out of memory added nothing
+        # added after the forward: a batch that ran out of memory adds nothing
+        diff_sum = diff_sum + torch.einsum("lbd,b->ld", states, w[:, 0])
+        norm_sum = norm_sum + states.norm(dim=-1) @ w[:, 1]
         lm.forward_tokens += int(attention.sum())
         return []
 
     lm.in_batches(len(planned.ids), run, width=2)
-    return sums[0] / planned.pairs, sums[1] / (2 * planned.pairs)
+    return diff_sum / planned.pairs, norm_sum / (2 * planned.pairs)
 
 
 def candidate_trials(layers: list[int], scales: Sequence[float]) -> list[tuple[int, float]]:
