@@ -111,6 +111,8 @@ def test_gsm8k_scores_the_generated_final_number() -> None:
     # stay one number, a trailing comma is punctuation (helper-149)
     assert final_answer("the numbers are 1,2,3") == "3" and final_answer("it costs 1,000, then more") == "1000"
     assert final_answer("#### 12,34,567") == "1234567" and final_answer("#### 1,0000") == "10000" and final_answer("-1,234.5") == "-1234.5"
+    # a last group of two digits is a list's too: "10,20,30" was read as 102030 (session 44's notes)
+    assert final_answer("the multiples are 10,20,30") == "30" and final_answer("#### 1,00,000") == "100000"
 
 
 def test_function_calls_are_compared_as_parsed_calls_not_strings() -> None:

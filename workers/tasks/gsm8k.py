@@ -23,7 +23,9 @@ MAX_NEW_TOKENS = 256
 # hyphen of "7-10" (a range read as 7 and 10)
 # a comma before a single digit separates numbers ("1,2,3" is three: it read 123); any other joins digit groups,
 # however grouped ("1,200", "12,34,567", a typo's "1,0000")
-_NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:\d+(?:,\d{2,})*(?:\.\d+)?|(?<![\w.])\.\d+)")
+# commas group digits where the last group has three or more ("1,234", India's "12,34,567", "1,0000"); before a shorter
+# last group they separate numbers ("1,2,3", "10,20,30": a list)
+_NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:\d+(?:(?:,\d{2,})*,\d{3,})?(?:\.\d+)?|(?<![\w.])\.\d+)")
 _NEXT_PROBLEM = re.compile(r"Question:|\nQ:")  # the prompt's format, or its short form, starting a problem of its own
 _MARKED = re.compile(rf"####[ \t]*\$?[ \t]*({_NUMBER.pattern})")  # a number right after the marker: not a "#### Step 1" heading
 
@@ -52,13 +54,14 @@ def _canonical(numbers: list[str]) -> str | None:
 
 class GSM8K:
     name = "gsm8k"
-    data_version = 7  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
+    data_version = 8  # 2: answers decoded plain greedy, not with the checkpoint's shipped decoding settings;
     # 3: one row per stripped question, none of the test split's in train or validation; 4: an answer is read before
     # any "Question:" (or a line's "Q:"), and the hyphen of "7-10" is no minus sign; each budget's examples drawn
     # for that budget alone (`hub.sample`); 5: the number right after the last '####' that has one, not the first
     # '####' (a markdown heading); 6: the target ends with the end-of-text token (`Example.ends_text`): a tuned model
     # stops, where it wrote on to the token limit and its own next problem's '####' was read
-    # 7: a comma before a single digit separates numbers ("1,2,3" is three numbers, not 123)
+    # 7: a comma before a single digit separates numbers ("1,2,3" is three numbers, not 123); 8: so do commas whose
+    # last group has fewer than three digits ("10,20,30" is three numbers, not 102030)
     task_type: TaskType = "reasoning"
     plan = SplitPlan(train="train", validation="train", test="test")
 
