@@ -21,10 +21,8 @@ INSTRUCTION = "Solve the problem step by step, then give the final number after 
 MAX_NEW_TOKENS = 256
 # ".5", but not the 5 of "...5" or "apples.5"; a minus sign (or U+2212) only where a number can start, not the
 # hyphen of "7-10" (a range read as 7 and 10)
-# a comma before a single digit separates numbers ("1,2,3" is three: it read 123); any other joins digit groups,
-# however grouped ("1,200", "12,34,567", a typo's "1,0000")
-# commas group digits where the last group has three or more ("1,234", India's "12,34,567", "1,0000"); before a shorter
-# last group they separate numbers ("1,2,3", "10,20,30": a list)
+# commas join digit groups where the last group has three digits or more ("1,234", India's "12,34,567", a typo's
+# "1,0000"); before a shorter last group they separate numbers ("1,2,3" read 123, "10,20,30" 102030: lists)
 _NUMBER = re.compile(r"(?:(?<![\w.])[-\u2212])?(?:\d+(?:(?:,\d{2,})*,\d{3,})?(?:\.\d+)?|(?<![\w.])\.\d+)")
 _NEXT_PROBLEM = re.compile(r"Question:|\nQ:")  # the prompt's format, or its short form, starting a problem of its own
 _MARKED = re.compile(rf"####[ \t]*\$?[ \t]*({_NUMBER.pattern})")  # a number right after the marker: not a "#### Step 1" heading
