@@ -249,12 +249,7 @@ class MasterWeights:
         0.71 % off fp32's, against 0.47 % for the whole batch at once: helper-152). The price: the fp32 sums
         (2 bytes a parameter more than a bf16 sum) are held through the later parts' forwards; gathered part by
         part instead, a part's bf16 gradients would sit beside them too."""
-
-        def gather(param: torch.nn.Parameter, master: torch.Tensor) -> None:
-            master.grad = param.grad.float() if master.grad is None else master.grad.add_(param.grad)
-            param.grad = None
-
-        hooks = [param.register_post_accumulate_grad_hook(functools.partial(gather, master=master))
+        hooks = [param.register_post_accumulate_grad_hook(functools.partial(_move_gradient, master=master))
                  for param, master in zip(self.params, self.masters) if master is not param]  # fmt: skip
         try:
             yield
@@ -266,7 +261,7 @@ class MasterWeights:
         """Move the (unscaled) gradients to the masters; False when they overflowed (skip the step)."""
         for param, master in zip(self.params, self.masters):
             if master is not param and param.grad is not None:  # a step in one part: its gradients are still the params'
-                master.grad, param.grad = param.grad.float(), None
+                _move_gradient(param, master)
         if self.scale == 1.0:
             return True
         for master in self.masters:
@@ -285,6 +280,12 @@ class MasterWeights:
         for param, master in zip(self.params, self.masters):
             if master is not param:
                 param.copy_(master)
+
+
+def _move_gradient(param: torch.nn.Parameter, master: torch.Tensor) -> None:
+    """A half-precision parameter's gradient, added into its fp32 master's (or made it), and let go of."""
+    master.grad = param.grad.float() if master.grad is None else master.grad.add_(param.grad)
+    param.grad = None
 
 
 def train(
