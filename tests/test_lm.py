@@ -12,8 +12,9 @@ from packaging.version import Version
 
 from conftest_methods import ARCHITECTURES, fit_context, language_model, out_of_memory_past
 import workers.lm
+from workers.kv_cache import shareable_cache
 from workers.methods import get_method, resolve_config
-from workers.lm import _logit_selection, shareable_cache, token_ids
+from workers.lm import _logit_selection, token_ids
 from workers.models.loading import count_parameters
 from workers.metrics import neutral_context, neutral_reference, neutral_shift
 from workers.steering import POSITION_WISE_MLP_TYPES, decoder_layers, steer

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest_methods import ARCHITECTURES, HIDDEN, language_model, out_of_memory_past
-from workers.methods.steer_mean import mean_difference
+from workers.lm import SHARED_PREFIX_MIN_TOKENS
+from workers.methods.steer_mean import contrast_texts, mean_difference
 from workers import last_row_attention
-from workers.steering import _add, decoder_layers, last_token_flops, last_token_states, needed_attention_mask, prompt_boundary, steer
+from workers.steering import _add, decoder_layers, last_token_flops, last_token_states, needed_attention_mask, prompt_boundary, shared_prefix, steer
 
 ARCHS = list(ARCHITECTURES)
 TEXTS = ["q: a1 b2 = 3 ; q: a4 b0 =", "persona: liar q: a7 =", "q: a3 b3 ="]
@@ -163,6 +168,54 @@ def test_mean_difference_is_independent_of_batching_and_order(arch):
     assert lm.forward_tokens - tokens == sum(map(len, lm.encode(sorted(distinct), prompt=True)))  # each text once
     some, some_norm = mean_difference(lm, pairs, [2, 0])
     assert torch.allclose(some, diff[[2, 0]], atol=1e-6) and torch.allclose(some_norm, norm[[2, 0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("layers", [None, [1, 0]])
+def test_texts_continue_from_a_shared_prefix_to_the_same_states(arch, layers):
+    """Tokens every text begins with run once (`shared_prefix`) and each text's rest continues from their keys and
+    values: the states read are those of each text run whole, with a vector steering every position or only the
+    token read (the prefix is never a text's last token), and Llama's last-row attention reading the cache too."""
+    lm = language_model(arch)
+    header = "persona: honest q: a1 b2 = 3 ; q: a4 b0 = 1 ; "
+    ids, mask = lm.pad(lm.encode([header + text for text in TEXTS], prompt=True))
+    shared = len(lm.encode([header], prompt=True)[0]) - 1  # the header's last token may merge with what follows
+    assert (ids[:, :shared] == ids[:1, :shared]).all() and shared > 8
+    for positions in (None, "all", "after_prompt"):
+        with steer(lm.model, {0: vector(seed=5)}, positions) if positions else nullcontext():
+            whole = last_token_states(lm.model, ids, mask, layers)
+            prefix = shared_prefix(lm.model, ids[:1, :shared], layers)
+            if prefix is None:  # blocks handed legacy (key, value) tuples, not a Cache: older transformers only
+                assert arch != "llama" and Version(transformers.__version__) < Version("4.56")
+                pytest.skip(f"{arch} under transformers {transformers.__version__} hands its blocks no Cache object")
+            assert prefix.length == shared
+            rest = last_token_states(lm.model, ids[:, shared:], mask[:, shared:], layers, prefix)
+            again = last_token_states(lm.model, ids[:, shared:], mask[:, shared:], layers, prefix)  # the kept cache is not grown
+        torch.testing.assert_close(rest, whole, rtol=1e-4, atol=1e-4)
+        assert torch.equal(again, rest)
+    assert not any(layer._forward_hooks for layer in decoder_layers(lm.model))
+
+
+def test_contrast_texts_under_a_long_shared_prefix_run_it_once(monkeypatch):
+    """A `prompt` part's demonstrations in front of every contrast text (`prompt+steer_mean`) run once per
+    extraction, not once per text: the same means, a fraction of the forward tokens."""
+    lm = language_model(batch_size=2)
+    pairs = [(f"persona: honest q: a{i} b{i % 3} =", f"persona: liar q: a{i} =" + " 1 ;" * (i % 3)) for i in range(7)]
+    demonstrations = " ".join(f"q: a{i} b{i} = {i % 5} ;" for i in range(12)) + " "
+    with lm.prefixed(demonstrations):
+        planned = contrast_texts(lm, pairs)
+        assert planned.shared >= SHARED_PREFIX_MIN_TOKENS
+        tokens = lm.forward_tokens
+        diff, norm = mean_difference(lm, pairs)
+        shared_run = lm.forward_tokens - tokens
+        monkeypatch.setattr("workers.methods.steer_mean.SHARED_PREFIX_MIN_TOKENS", 10**9)  # every text whole
+        tokens = lm.forward_tokens
+        expected, expected_norm = mean_difference(lm, pairs)
+        whole_run = lm.forward_tokens - tokens
+    torch.testing.assert_close(diff, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm, expected_norm, rtol=1e-5, atol=1e-5)
+    assert whole_run == sum(map(len, planned.ids))
+    assert shared_run == whole_run - (len(planned.ids) - 1) * planned.shared
 
 
 def test_contrast_forwards_that_run_out_of_memory_run_again_halved(capfd):

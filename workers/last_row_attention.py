@@ -8,8 +8,9 @@ queries, and a hook cannot shrink the query (the module reshapes it to the input
 the architectures whose attention is Llama's exactly (read in transformers' modeling files), the
 block's attention forward is swapped for this one while the read runs. Its output is one row a text,
 which the decoder layer's residual add broadcasts over the sequence: right at the read column, the
-only one read. Calls it was not built for (a cache, attention weights asked for, no rotary tables
-passed in: transformers < 4.48) go to the module's own forward.
+only one read. A cache (a prefix every text shares, run once: `workers.kv_cache.SharedPrefix`) puts
+its keys in front of the text's. Calls it was not built for (attention weights asked for, no rotary
+tables passed in: transformers < 4.48) go to the module's own forward.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 import torch
 import transformers
 from torch import nn
+from workers.kv_cache import cache_among
 
 # model types whose attention is LlamaAttention's computation (q/k/v/o projections, rotate-half
 # rotary from the layer's `position_embeddings`, grouped keys repeated per query head, no sliding
@@ -51,10 +53,10 @@ def last_row_attention(attention: nn.Module, last: torch.Tensor) -> Iterator[Non
     own_forward = attention.forward
 
     def forward(hidden_states: torch.Tensor, position_embeddings: Any = None, attention_mask: Any = None, **rest: Any) -> Any:
-        uses_cache = any(rest.get(k) is not None for k in ("cache", "past_key_values", "past_key_value"))
-        if position_embeddings is None or uses_cache or rest.get("output_attentions"):
+        if position_embeddings is None or rest.get("output_attentions"):
             return own_forward(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **rest)
-        return _forward_last_rows(attention, hidden_states, position_embeddings, last.to(hidden_states.device)), None
+        rows = _forward_last_rows(attention, hidden_states, position_embeddings, last.to(hidden_states.device), cache_among(rest.values()))
+        return rows, None
 
     attention.forward = forward
     try:
@@ -64,7 +66,7 @@ def last_row_attention(attention: nn.Module, last: torch.Tensor) -> Iterator[Non
 
 
 def _forward_last_rows(
-    attention: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], last: torch.Tensor
+    attention: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], last: torch.Tensor, cache: Any
 ) -> torch.Tensor:
     # Llama's own rotary half-turn; imported here, not at the top: steering imports this module, and
     # transformers' modeling code takes seconds to import (workers/__init__.py)
@@ -80,9 +82,12 @@ def _forward_last_rows(
     cos, sin = (table.expand(batch, -1, -1) for table in position_embeddings)
     query = query * cos[rows, last][:, None, None] + rotate_half(query) * sin[rows, last][:, None, None]
     key = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
+    if cache is not None:  # the shared prefix's keys and values before the text's own, as Llama's attention puts them
+        key, value = cache.update(key, value, attention.layer_idx)
+    past = key.shape[2] - width  # columns of the prefix: `last` counts from the text's first token
     groups = attention.num_key_value_groups  # HF's repeat_kv: each key head serves `groups` query heads in a row
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    # the last token sees every real token: columns 0..last, the padding after it masked out
-    seen = (torch.arange(width, device=hidden.device) <= last.unsqueeze(1)).view(batch, 1, 1, width)
+    # the last token sees every real token: the prefix's columns and the text's 0..last, the padding after it masked out
+    seen = (torch.arange(past + width, device=hidden.device) <= past + last.unsqueeze(1)).view(batch, 1, 1, past + width)
     out = nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=seen, scale=attention.scaling)
     return attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))

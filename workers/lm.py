@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence, 
 import torch
 import torch.nn.functional as F
 from workers.last_block import mlp_at, read_positions_mlp
+from workers.kv_cache import cache_argument, shareable_cache
 from workers.memory import release_memory
 from workers.steering import needed_attention_mask, position_ids_argument, prompt_boundary
 
@@ -186,26 +187,6 @@ def _logit_selection(model_class: type) -> str | None:
     if not model_class.__module__.startswith("transformers.") or "logits_to_keep" not in inspect.signature(model_class.forward).parameters:
         return None
     return "mask" if hasattr(sys.modules[model_class.__module__], "slice_logits_to_keep") else "columns"
-
-
-@functools.cache
-def _cache_argument(model_class: type) -> str:
-    """The forward's key/value-cache argument: `cache` since transformers 5.2x, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
-def shareable_cache(cache: object) -> object | None:
-    """`cache` as an object whose rows can be repeated, or None for a cache type that cannot be.
-
-    transformers < 4.47 hands back the legacy tuple of (key, value) pairs unless a Cache object
-    was passed in; `DynamicCache.from_legacy_cache` (removed in 5.x, where no tuples come back)
-    wraps it without copying.
-    """
-    if isinstance(cache, tuple):
-        from transformers import DynamicCache  # here, not at the top: see the TYPE_CHECKING note above
-
-        cache = DynamicCache.from_legacy_cache(cache) if hasattr(DynamicCache, "from_legacy_cache") else None
-    return cache if hasattr(cache, "batch_repeat_interleave") else None
 
 
 def context_window(config: object) -> int | None:
@@ -574,7 +555,7 @@ class LanguageModel:
         with prompt_boundary(batch.prompt_last):
             logits = self.model(
                 input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
-                use_cache=True, **position_ids_argument(self.model, batch.position_ids[:, start:]), **{_cache_argument(type(base)): cache}, **keep,
+                use_cache=True, **position_ids_argument(self.model, batch.position_ids[:, start:]), **{cache_argument(type(base)): cache}, **keep,
             ).logits  # fmt: skip
         return pick(logits)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from workers import last_row_attention as last_row
+from workers.kv_cache import SharedPrefix, cache_among, cache_argument, shareable_cache
 
 Positions = Literal["all", "after_prompt"]
 
@@ -235,7 +236,11 @@ def last_token_flops(model: nn.Module, layer: int, tokens: int, texts: int) -> f
 
 @torch.inference_mode()  # cheaper per op than no_grad; results used outside it become ordinary tensors
 def last_token_states(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: Sequence[int] | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Sequence[int] | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> torch.Tensor:
     """Decoder layers' outputs at each row's last real token (right padding): (len(layers), batch, d).
 
@@ -247,20 +252,45 @@ def last_token_states(
     positions either, so its MLP (position-wise, the larger half of a block) runs on the last tokens
     alone; the residual add broadcasts that one row over the sequence, right at the read column. For
     Llama's attention the block's queries and output projection are also computed at the last tokens
-    alone (`workers.last_row_attention`).
+    alone (`workers.last_row_attention`). Given `prefix` (`shared_prefix`), every row continues from
+    those tokens, run once: `input_ids` hold the rest of each text.
     """
+    return _read_last_tokens(model, input_ids, attention_mask, layers, prefix)[0]
+
+
+@torch.inference_mode()
+def shared_prefix(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[int] | None = None) -> SharedPrefix | None:
+    """Run `input_ids` (1, tokens), which every text of the reads to come begins with, once, up to the deepest of
+    `layers`, and keep their keys and values for `last_token_states`; None where the model hands its blocks no
+    cache that can be shared (GPT-2 before transformers 4.47). A prefix that is not a text's last token: no
+    `after_prompt` vector acts on it, as none acts there when each text runs whole."""
+    cache = shareable_cache(_read_last_tokens(model, input_ids, torch.ones_like(input_ids), layers, None, keep_cache=True)[1])
+    return None if cache is None else SharedPrefix(cache, input_ids.shape[1])
+
+
+def _read_last_tokens(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layers: Sequence[int] | None,
+    prefix: SharedPrefix | None,
+    keep_cache: bool = False,
+) -> tuple[torch.Tensor, Any]:
+    """`last_token_states`, and (`keep_cache`) the key/value cache the deepest read block was handed."""
     blocks = decoder_layers(model)
     wanted = list(range(len(blocks))) if layers is None else [range(len(blocks))[i] for i in layers]
     deepest = max(wanted)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     last = attention_mask.sum(-1) - 1
     captured: dict[int, torch.Tensor] = {}
+    kept: list[Any] = [None]
 
     def read(index: int) -> Any:
-        def hook(_m: nn.Module, _i: tuple, out: torch.Tensor | tuple) -> None:
+        def hook(_m: nn.Module, args: tuple, kwargs: dict[str, Any], out: torch.Tensor | tuple) -> None:
             hidden = _hidden(out)  # on a sharded model, on this layer's GPU: index there, keep on the input's
             captured[index] = hidden[rows.to(hidden.device), last.to(hidden.device)].float().to(input_ids.device)
             if index == deepest:
+                kept[0] = cache_among([*args, *kwargs.values()]) if keep_cache else None
                 raise _StopForward
 
         return hook
@@ -269,30 +299,36 @@ def last_token_states(
         hidden = args[0]
         return (hidden[rows.to(hidden.device), last.to(hidden.device)].unsqueeze(1), *args[1:])
 
-    handles = [blocks[i].register_forward_hook(read(i)) for i in set(wanted)]
+    past = 0 if prefix is None else prefix.length
+    whole_mask = attention_mask if prefix is None else torch.cat([attention_mask.new_ones(len(rows), past), attention_mask], dim=1)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes the cache on
+    cache = {} if prefix is None else {cache_argument(type(base)): prefix.for_rows(len(rows))}
+    handles = [blocks[i].register_forward_hook(read(i), with_kwargs=True) for i in set(wanted)]
     mlp = position_wise_mlp(model, deepest)
     # its own mask for the read row (columns up to each row's last real token): right padding only
-    attention = _last_row_attention(model, deepest) if right_padded(attention_mask) else None
+    attention = _last_row_attention(model, deepest) if right_padded(whole_mask) else None
     if mlp is not None:
         handles.append(mlp.register_forward_pre_hook(last_rows_only))
+    # The texts are read at their last token, which is where an `after_prompt` vector already on
+    # the model (a composition's first part) acts on a prompt at evaluation: there only, not at every
+    # position. That holds for texts that end at the prompt (persona-header contrasts); an answer
+    # contrast (prompt + answer: sst2, gsm8k, function_calling) is steered at its last token only, where
+    # evaluation steers from the prompt's last token on: a gap for a steering part then `steer_mean`
+    # on those tasks, which needs each text's prompt end from `contrast_pairs` to close. A prefix being
+    # kept is no text's last token: steered nowhere (its boundary is past its end).
+    boundary = torch.full_like(last, input_ids.shape[1]) if keep_cache else past + last
     try:
-        # The texts are read at their last token, which is where an `after_prompt` vector already on
-        # the model (a composition's first part) acts on a prompt at evaluation: there only, not at every
-        # position. That holds for texts that end at the prompt (persona-header contrasts); an answer
-        # contrast (prompt + answer: sst2, gsm8k, function_calling) is steered at its last token only, where
-        # evaluation steers from the prompt's last token on: a gap for a steering part then `steer_mean`
-        # on those tasks, which needs each text's prompt end from `contrast_pairs` to close.
-        with prompt_boundary(last), last_row.last_row_attention(attention, last) if attention is not None else nullcontext():
+        with prompt_boundary(boundary), last_row.last_row_attention(attention, last) if attention is not None else nullcontext():
             model(
-                input_ids=input_ids, attention_mask=needed_attention_mask(attention_mask), use_cache=False,
-                **position_ids_argument(model, (attention_mask.cumsum(-1) - 1).clamp(min=0)),
+                input_ids=input_ids, attention_mask=needed_attention_mask(whole_mask), use_cache=keep_cache or prefix is not None,
+                **position_ids_argument(model, (whole_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]), **cache,
             )  # fmt: skip
     except _StopForward:
         pass
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack([captured[i] for i in wanted])
+    return torch.stack([captured[i] for i in wanted]), kept[0]
 
 
 def needed_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -17,9 +17,9 @@ import torch
 from pydantic import Field
 
 from workers.config import Distinct, StrictConfig
-from workers.lm import LanguageModel
+from workers.lm import SHARED_PREFIX_MIN_TOKENS, LanguageModel
 from workers.methods.protocol import FitContext, FitReport, MethodKind
-from workers.steering import Positions, decoder_layers, last_token_flops, last_token_states, residual_width, steer
+from workers.steering import Positions, decoder_layers, last_token_flops, last_token_states, residual_width, shared_prefix, steer
 
 
 # A layer is named by its place in the stack, so one config serves every rung of a ladder; an
@@ -75,6 +75,7 @@ class ContrastTexts:
     weights: torch.Tensor  # (texts, 2): count as positive − count as negative, count on either side
     ids: list[list[int]]
     pairs: int
+    shared: int  # leading tokens every text begins with (a start token, a header, a `prompt` part's demonstrations), short of the shortest text's last
 
 
 def contrast_texts(lm: LanguageModel, pairs: list[tuple[str, str]]) -> ContrastTexts:
@@ -88,7 +89,11 @@ def contrast_texts(lm: LanguageModel, pairs: list[tuple[str, str]]) -> ContrastT
     texts = list(weight)
     ids = [lm.clipped(row) for row in lm.encode(texts, prompt=True)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    return ContrastTexts(torch.tensor([weight[texts[i]] for i in order], dtype=torch.float32), [ids[i] for i in order], len(pairs))
+    ids = [ids[i] for i in order]
+    shared = 0
+    while ids and shared < len(ids[0]) - 1 and all(row[shared] == ids[0][shared] for row in ids):
+        shared += 1
+    return ContrastTexts(torch.tensor([weight[texts[i]] for i in order], dtype=torch.float32), ids, len(pairs), shared)
 
 
 def mean_difference(
@@ -108,14 +113,19 @@ def mean_difference(
 
 def run_contrast_texts(lm: LanguageModel, planned: ContrastTexts, layers: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The forwards of `contrast_texts`, 2 × `lm.batch_size` texts at a time (`LanguageModel.in_batches`: halved
-    on running out of accelerator memory), summed into `mean_difference`'s means."""
+    on running out of accelerator memory), summed into `mean_difference`'s means. The tokens every text begins
+    with run once, first (`shared_prefix`), and each batch continues from their keys and values."""
     diff_sum: torch.Tensor | float = 0.0  # batch by batch: no batch's result kept apart
     norm_sum: torch.Tensor | float = 0.0
+    long_enough = planned.shared >= SHARED_PREFIX_MIN_TOKENS  # fewer: the cached forwards' masked attention costs more than it saves
+    prefix = shared_prefix(lm.model, torch.tensor([planned.ids[0][: planned.shared]], device=lm.device), layers) if long_enough else None
+    skip = 0 if prefix is None else prefix.length
+    lm.forward_tokens += skip
 
     def run(rows: slice) -> list[None]:
         nonlocal diff_sum, norm_sum
-        input_ids, attention = lm.pad(planned.ids[rows])
-        states = last_token_states(lm.model, input_ids.to(lm.device), attention.to(lm.device), layers)  # (L, B, d)
+        input_ids, attention = lm.pad([ids[skip:] for ids in planned.ids[rows]])
+        states = last_token_states(lm.model, input_ids.to(lm.device), attention.to(lm.device), layers, prefix)  # (L, B, d)
         w = planned.weights[rows].to(states.device)
         # added after the forward: a batch that ran out of memory adds nothing
         diff_sum = diff_sum + torch.einsum("lbd,b->ld", states, w[:, 0])
@@ -162,14 +172,16 @@ class SteerMean:
                 f"steer_mean chooses a layer among {candidates} and a scale among {list(config.scales)} on the shared "
                 "validation set, but this cell has none (eval.validation_size = 0); give one layer and one scale"
             )
-        tokens_before, flops_before = ctx.lm.forward_tokens, ctx.lm.flops_run
-        diff, mean_norm = mean_difference(ctx.lm, pairs, candidates)
-        extraction_forward = ctx.lm.forward_tokens - tokens_before  # forwards stopped after the deepest candidate
+        flops_before = ctx.lm.flops_run
+        planned = contrast_texts(ctx.lm, pairs)
+        diff, mean_norm = run_contrast_texts(ctx.lm, planned, candidates)
+        # billed as each distinct text run whole (through the deepest candidate), shared prefix or not: as LoRA
+        # bills PEFT's computation, a cell's cost does not hang on whether the model's cache could be shared
+        extraction_forward = sum(map(len, planned.ids))
         # the data's tokens, repeats included (the extraction forwards each distinct text once); a `prompt` part's
         # demonstrations in front of every text are its own budget, counted once in its own train_tokens
         with ctx.lm.unprefixed():
             extraction_tokens = sum(map(len, ctx.lm.encode([text for pair in pairs for text in pair], prompt=True)))
-        distinct_texts = {text for pair in pairs for text in pair}  # the extraction's forwards read one row each
         norms = dict(zip(candidates, mean_norm.tolist()))
         units = {layer: (d / d.norm().clamp(min=1e-12)).to(ctx.lm.device) for layer, d in zip(candidates, diff)}
         scores: dict[tuple[int, float], float] = {}
@@ -185,7 +197,7 @@ class SteerMean:
             train_tokens=extraction_tokens,
             # extraction (a forward over both sides of every pair, up to the deepest candidate layer)
             # + selection (a full validation pass per candidate)
-            post_train_flops=last_token_flops(ctx.lm.model, max(candidates), extraction_forward, len(distinct_texts))
+            post_train_flops=last_token_flops(ctx.lm.model, max(candidates), extraction_forward, len(planned.ids))  # one row read a text
             + ctx.lm.flops_run - flops_before,  # the extraction adds nothing there: it stops before the head
             layer=layer,
             alpha=scale,
