@@ -31,8 +31,8 @@ def main() -> None:
     def ours(layers: list[int]) -> torch.Tensor:
         return mean_difference(lm, pairs, layers)[0]
 
-    def theirs(layers: list[int], batch_size: int) -> torch.Tensor:
-        vector = sv.train_steering_vector(model, lm.tokenizer, pairs, layers=layers, read_token_index=-1, batch_size=batch_size)
+    def theirs(layers: list[int], batch_size: int, on: list[tuple[str, str]] = pairs) -> torch.Tensor:
+        vector = sv.train_steering_vector(model, lm.tokenizer, on, layers=layers, read_token_index=-1, batch_size=batch_size)
         return torch.stack([vector.layer_activations[i].float() for i in layers])
 
     planned = contrast_texts(lm, pairs)  # ours with its texts already encoded, deduplicated and sorted
@@ -55,8 +55,17 @@ def main() -> None:
     times = time_alternating(sides, warmup=args["warmup"], repeats=args["repeats"])
     if args["peer_default_batch"]:  # one pair per step: ~10× slower, so a few repeats, and only in the full run
         times |= time_alternating({"theirs_every_default_batch": lambda: theirs(every, 1)}, warmup=0, repeats=3)
+    # a `prompt` part's demonstrations in front of every text (prompt+steer_mean): ours runs them once
+    prefixed = [tuple(p) for p in args["prefixed_pairs"]]
+    a_prefixed, b_prefixed = mean_difference(lm, prefixed, every)[0], theirs(every, texts, prefixed)
+    times |= time_alternating({
+        "ours_prefixed": lambda: mean_difference(lm, prefixed, every)[0], "theirs_prefixed": lambda: theirs(every, texts, prefixed),
+    }, warmup=1, repeats=args["prefixed_repeats"])  # fmt: skip
     json.dump({
         "cosines": cosines, "max_abs_diff": float((a - b).abs().max()), "max_abs": float(a.abs().max()), "candidates": candidates,
+        "prefixed_cosines": torch.nn.functional.cosine_similarity(a_prefixed, b_prefixed, dim=-1).tolist(),
+        "prefixed_max_abs_diff": float((a_prefixed - b_prefixed).abs().max()), "prefixed_max_abs": float(a_prefixed.abs().max()),
+        "prefixed_shared": contrast_texts(lm, prefixed).shared,
         "seconds": {k: [list(t.seconds), list(t.cpu_seconds)] for k, t in times.items()},
         "versions": {"transformers": __import__("transformers").__version__, "steering_vectors": _version("steering-vectors")},
     }, sys.stdout)  # fmt: skip
