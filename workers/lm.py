@@ -174,7 +174,9 @@ class EncodedPair:
 
 
 # Scoring runs the tokens every row of a batch begins with once, when there are at least this many
-# (few-shot demonstrations, shared instructions); for fewer, the second forward costs more than it saves.
+# (few-shot demonstrations, shared instructions), as steer_mean's extraction does those every contrast text
+# begins with; for fewer, the second forward and the cached forwards' masked attention cost more than they
+# save (the extraction of 512 arith pairs on the ladder's xl rung, 2 shared tokens: 0.19 s → 0.25 s).
 SHARED_PREFIX_MIN_TOKENS = 32
 
 
