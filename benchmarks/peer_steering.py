@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from unittest import mock
 
 import steering_vectors as sv
 import torch
@@ -15,6 +16,7 @@ from transformers import LlamaForCausalLM
 
 from benchmarks.common import time_alternating
 from workers.lm import LanguageModel
+from workers.methods import steer_mean
 from workers.methods.steer_mean import SteerMeanConfig, contrast_texts, layer_indices, mean_difference, run_contrast_texts
 from workers.models.tokenizer import build_tokenizer
 
@@ -58,6 +60,8 @@ def main() -> None:
     # a `prompt` part's demonstrations in front of every text (prompt+steer_mean): ours runs them once
     prefixed = [tuple(p) for p in args["prefixed_pairs"]]
     a_prefixed, b_prefixed = mean_difference(lm, prefixed, every)[0], theirs(every, texts, prefixed)
+    with mock.patch.object(steer_mean, "SHARED_PREFIX_MIN_TOKENS", 10**9):  # ours with every text run whole
+        whole = mean_difference(lm, prefixed, every)[0]
     times |= time_alternating({
         "ours_prefixed": lambda: mean_difference(lm, prefixed, every)[0], "theirs_prefixed": lambda: theirs(every, texts, prefixed),
     }, warmup=1, repeats=args["prefixed_repeats"])  # fmt: skip
@@ -65,7 +69,7 @@ def main() -> None:
         "cosines": cosines, "max_abs_diff": float((a - b).abs().max()), "max_abs": float(a.abs().max()), "candidates": candidates,
         "prefixed_cosines": torch.nn.functional.cosine_similarity(a_prefixed, b_prefixed, dim=-1).tolist(),
         "prefixed_max_abs_diff": float((a_prefixed - b_prefixed).abs().max()), "prefixed_max_abs": float(a_prefixed.abs().max()),
-        "prefixed_shared": contrast_texts(lm, prefixed).shared,
+        "prefixed_shared": contrast_texts(lm, prefixed).shared, "prefixed_vs_whole": float((a_prefixed - whole).abs().max() / whole.abs().max()),
         "seconds": {k: [list(t.seconds), list(t.cpu_seconds)] for k, t in times.items()},
         "versions": {"transformers": __import__("transformers").__version__, "steering_vectors": _version("steering-vectors")},
     }, sys.stdout)  # fmt: skip

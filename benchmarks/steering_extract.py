@@ -91,6 +91,9 @@ def run(quick: bool) -> Result:
     result.checks.append(Check(f"same vectors: max |Δ| ÷ max |v| ≤ {MAX_RELATIVE_DIFF}", f"{relative:.1e}", relative <= MAX_RELATIVE_DIFF))
     worst = min(data["prefixed_cosines"])
     result.checks.append(Check(f"prefixed row: cosine per layer, min ≥ {MIN_COSINE}", f"{worst:.7f}", worst >= MIN_COSINE))
+    shared = data["prefixed_vs_whole"]  # ours against itself: the prefix run once, or in front of every text
+    result.checks.append(Check(f"prefixed row, ours: prefix run once vs every text whole, max |Δ| ÷ max |v| ≤ {MAX_RELATIVE_DIFF}",
+                               f"{shared:.1e}", shared <= MAX_RELATIVE_DIFF))  # fmt: skip
     relative = data["prefixed_max_abs_diff"] / data["prefixed_max_abs"]
     result.checks.append(Check(
         f"prefixed row: max |Δ| ÷ max |v| ≤ {MAX_RELATIVE_DIFF_PREFIXED}", f"{relative:.1e}", relative <= MAX_RELATIVE_DIFF_PREFIXED

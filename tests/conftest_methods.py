@@ -52,10 +52,11 @@ _IDS = dict(vocab_size=len(WORDS), pad_token_id=0, bos_token_id=1, eos_token_id=
 _DECODER = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4)
 
 
-def _gemma2() -> PreTrainedModel:
+def _gemma2(sliding_window: int = 4096) -> PreTrainedModel:
+    """Gemma 2's layout; its even layers attend within `sliding_window` positions (Gemma 2's own default: wider than any test text)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    return Gemma2ForCausalLM(Gemma2Config(**_IDS, **_DECODER, num_key_value_heads=2, head_dim=8))
+    return Gemma2ForCausalLM(Gemma2Config(**_IDS, **_DECODER, num_key_value_heads=2, head_dim=8, sliding_window=sliding_window))
 
 
 def _gemma3() -> PreTrainedModel:
@@ -88,9 +89,15 @@ ARCHITECTURES: dict[str, Callable[[], PreTrainedModel]] = {
 }
 
 
+# not in every architecture's tests: for the few that need them
+VARIANTS: dict[str, Callable[[], PreTrainedModel]] = {
+    "gemma2-window4": lambda: _gemma2(sliding_window=4),  # a window narrower than the test texts
+}
+
+
 def model(arch: str = "llama", seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
-    return ARCHITECTURES[arch]().eval()
+    return {**ARCHITECTURES, **VARIANTS}[arch]().eval()
 
 
 def language_model(arch: str = "llama", seed: int = 0, batch_size: int = 8) -> LanguageModel:

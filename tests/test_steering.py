@@ -11,6 +11,7 @@ from packaging.version import Version
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest_methods import ARCHITECTURES, HIDDEN, language_model, out_of_memory_past
+from workers.kv_cache import cache_among, layer_tensors
 from workers.lm import SHARED_PREFIX_MIN_TOKENS
 from workers.methods.steer_mean import contrast_texts, mean_difference
 from workers import last_row_attention
@@ -170,30 +171,49 @@ def test_mean_difference_is_independent_of_batching_and_order(arch):
     assert torch.allclose(some, diff[[2, 0]], atol=1e-6) and torch.allclose(some_norm, norm[[2, 0]], atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "gemma2-window4"])
 @pytest.mark.parametrize("layers", [None, [1, 0]])
 def test_texts_continue_from_a_shared_prefix_to_the_same_states(arch, layers):
     """Tokens every text begins with run once (`shared_prefix`) and each text's rest continues from their keys and
     values: the states read are those of each text run whole, with a vector steering every position or only the
-    token read (the prefix is never a text's last token), and Llama's last-row attention reading the cache too."""
+    token read (the prefix is never a text's last token), Llama's last-row attention reading the cache too, and
+    Gemma 2's sliding window (4 positions: the prefix's keys partly out of sight) kept."""
     lm = language_model(arch)
     header = "persona: honest q: a1 b2 = 3 ; q: a4 b0 = 1 ; "
     ids, mask = lm.pad(lm.encode([header + text for text in TEXTS], prompt=True))
     shared = len(lm.encode([header], prompt=True)[0]) - 1  # the header's last token may merge with what follows
     assert (ids[:, :shared] == ids[:1, :shared]).all() and shared > 8
+    if arch == "gemma2-window4":  # the window is in force: the same weights read otherwise with Gemma 2's default one
+        wide = language_model("gemma2")
+        wide.model.load_state_dict(lm.model.state_dict())
+        assert not torch.allclose(last_token_states(wide.model, ids, mask), last_token_states(lm.model, ids, mask), atol=1e-3)
     for positions in (None, "all", "after_prompt"):
         with steer(lm.model, {0: vector(seed=5)}, positions) if positions else nullcontext():
             whole = last_token_states(lm.model, ids, mask, layers)
             prefix = shared_prefix(lm.model, ids[:1, :shared], layers)
             if prefix is None:  # blocks handed legacy (key, value) tuples, not a Cache: older transformers only
                 assert arch != "llama" and Version(transformers.__version__) < Version("4.56")
-                pytest.skip(f"{arch} under transformers {transformers.__version__} hands its blocks no Cache object")
+                pytest.skip(f"{arch} under transformers {transformers.__version__} hands its blocks no DynamicCache")
             assert prefix.length == shared
             rest = last_token_states(lm.model, ids[:, shared:], mask[:, shared:], layers, prefix)
             again = last_token_states(lm.model, ids[:, shared:], mask[:, shared:], layers, prefix)  # the kept cache is not grown
         torch.testing.assert_close(rest, whole, rtol=1e-4, atol=1e-4)
         assert torch.equal(again, rest)
-    assert not any(layer._forward_hooks for layer in decoder_layers(lm.model))
+    # by the deepest block read, the layers before it have let go of their keys and values (one layer's held at a time)
+    deepest = 2 if layers is None else max(layers)
+    held: list[list[bool]] = []
+    blocks = decoder_layers(lm.model)
+    handle = blocks[deepest].register_forward_pre_hook(
+        lambda _m, args, kwargs: held.append([layer_tensors(cache_among([*args, *kwargs.values()]), i) is not None for i in range(deepest + 1)]),
+        with_kwargs=True,
+    )  # fmt: skip
+    try:
+        last_token_states(lm.model, ids[:, shared:], mask[:, shared:], layers, prefix)
+    finally:
+        handle.remove()
+    assert held == [[False] * deepest + [True]]
+    assert all(layer_tensors(prefix.cache, i) is not None for i in range(deepest + 1)), "the kept prefix is untouched"
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in blocks)
 
 
 def test_contrast_texts_under_a_long_shared_prefix_run_it_once(monkeypatch):

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence, 
 import torch
 import torch.nn.functional as F
 from workers.last_block import mlp_at, read_positions_mlp
-from workers.kv_cache import cache_argument, shareable_cache
+from workers.kv_cache import SharedPrefix, cache_argument, shareable_cache
 from workers.memory import release_memory
-from workers.steering import needed_attention_mask, position_ids_argument, prompt_boundary
+from workers.steering import cache_released_block_by_block, needed_attention_mask, position_ids_argument, prompt_boundary
 
 T = TypeVar("T")
 
@@ -546,15 +546,15 @@ class LanguageModel:
                 use_cache=True, **position_ids_argument(self.model, batch.position_ids[:1, shared]), **no_logits,
             )  # fmt: skip
         self._ran(start, 1 if no_logits else start)
-        cache = shareable_cache(out.cache if "cache" in out else out.past_key_values)  # renamed in transformers 5.2x
-        if cache is None:
+        shared_cache = shareable_cache(out.cache if "cache" in out else out.past_key_values)  # renamed in transformers 5.2x
+        if shared_cache is None:
             return self.scored_logits(batch)
-        cache.batch_repeat_interleave(batch.input_ids.shape[0])
+        cache = SharedPrefix(shared_cache, start).for_rows(batch.input_ids.shape[0])
         keep, pick = self._head_positions(batch.target_mask[:, start:])
         tokens = int(batch.attention_mask[:, start:].sum())
         self._ran(tokens, _head_rows(keep, batch.attention_mask[:, start:]))
         base = self._base_model()  # a peft wrapper passes it on
-        with prompt_boundary(batch.prompt_last):
+        with prompt_boundary(batch.prompt_last), cache_released_block_by_block(self.model, cache):
             logits = self.model(
                 input_ids=batch.input_ids[:, start:], attention_mask=batch.attention_mask,
                 use_cache=True, **position_ids_argument(self.model, batch.position_ids[:, start:]), **{cache_argument(type(base)): cache}, **keep,

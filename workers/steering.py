@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from workers import last_row_attention as last_row
-from workers.kv_cache import SharedPrefix, cache_among, cache_argument, shareable_cache
+from workers.kv_cache import SharedPrefix, cache_among, cache_argument, release_layer, shareable_cache
 
 Positions = Literal["all", "after_prompt"]
 
@@ -262,10 +262,28 @@ def last_token_states(
 def shared_prefix(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[int] | None = None) -> SharedPrefix | None:
     """Run `input_ids` (1, tokens), which every text of the reads to come begins with, once, up to the deepest of
     `layers`, and keep their keys and values for `last_token_states`; None where the model hands its blocks no
-    cache that can be shared (GPT-2 before transformers 4.47). A prefix that is not a text's last token: no
-    `after_prompt` vector acts on it, as none acts there when each text runs whole."""
+    DynamicCache (legacy tuples: GPT-2, GPT-NeoX and OPT under transformers 4.44; Gemma 2's hybrid cache before
+    4.53), found by running it: one text's forward, against the many a shared prefix saves. A prefix that is not a
+    text's last token: no `after_prompt` vector acts on it, as none acts there when each text runs whole."""
     cache = shareable_cache(_read_last_tokens(model, input_ids, torch.ones_like(input_ids), layers, None, keep_cache=True)[1])
     return None if cache is None else SharedPrefix(cache, input_ids.shape[1])
+
+
+@contextmanager
+def cache_released_block_by_block(model: nn.Module, cache: Any) -> Iterator[None]:
+    """While open, each decoder block's keys and values in `cache` are let go of as soon as the block has run
+    (`workers.kv_cache.release_layer`): for a forward that continues from a shared prefix and reads no layer's
+    cache again."""
+    handles = [block.register_forward_hook(functools.partial(_release_after, cache, index)) for index, block in enumerate(decoder_layers(model))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _release_after(cache: Any, index: int, *_hook_arguments: Any) -> None:
+    release_layer(cache, index)
 
 
 def _read_last_tokens(
@@ -302,7 +320,7 @@ def _read_last_tokens(
     past = 0 if prefix is None else prefix.length
     whole_mask = attention_mask if prefix is None else torch.cat([attention_mask.new_ones(len(rows), past), attention_mask], dim=1)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes the cache on
-    cache = {} if prefix is None else {cache_argument(type(base)): prefix.for_rows(len(rows))}
+    cache = None if prefix is None else prefix.for_rows(len(rows))
     handles = [blocks[i].register_forward_hook(read(i), with_kwargs=True) for i in set(wanted)]
     mlp = position_wise_mlp(model, deepest)
     # its own mask for the read row (columns up to each row's last real token): right padding only
@@ -318,10 +336,15 @@ def _read_last_tokens(
     # kept is no text's last token: steered nowhere (its boundary is past its end).
     boundary = torch.full_like(last, input_ids.shape[1]) if keep_cache else past + last
     try:
-        with prompt_boundary(boundary), last_row.last_row_attention(attention, last) if attention is not None else nullcontext():
+        with (
+            prompt_boundary(boundary),
+            last_row.last_row_attention(attention, last) if attention is not None else nullcontext(),
+            cache_released_block_by_block(model, cache) if cache is not None else nullcontext(),
+        ):
             model(
-                input_ids=input_ids, attention_mask=needed_attention_mask(whole_mask), use_cache=keep_cache or prefix is not None,
-                **position_ids_argument(model, (whole_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]), **cache,
+                input_ids=input_ids, attention_mask=needed_attention_mask(whole_mask), use_cache=keep_cache or cache is not None,
+                **position_ids_argument(model, (whole_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]),
+                **({} if cache is None else {cache_argument(type(base)): cache}),
             )  # fmt: skip
     except _StopForward:
         pass

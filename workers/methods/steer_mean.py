@@ -176,7 +176,8 @@ class SteerMean:
         planned = contrast_texts(ctx.lm, pairs)
         diff, mean_norm = run_contrast_texts(ctx.lm, planned, candidates)
         # billed as each distinct text run whole (through the deepest candidate), shared prefix or not: as LoRA
-        # bills PEFT's computation, a cell's cost does not hang on whether the model's cache could be shared
+        # bills PEFT's computation, the extraction's bill does not hang on whether the model's cache could be
+        # shared (the validation passes' does: scoring bills a batch's shared columns once where they run once)
         extraction_forward = sum(map(len, planned.ids))
         # the data's tokens, repeats included (the extraction forwards each distinct text once); a `prompt` part's
         # demonstrations in front of every text are its own budget, counted once in its own train_tokens
