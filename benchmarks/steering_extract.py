@@ -7,6 +7,8 @@ steer_mean reads by default. "Same batch" means the same texts per forward: ours
 `batch_size` pairs (positives and negatives) as one forward of 2 × batch_size texts; the peer,
 which runs its positives and its negatives as separate forwards, gets batch_size 2 × batch_size.
 (It used to get batch_size pairs, so half the texts per forward: 2.1× where equal texts give ~1.6×.)
+A last row puts every text behind the same demonstrations (a prompt+steer_mean cell's contrast texts), which
+steerscale runs once: the same texts on both sides, its vector checked against the peer's and its own whole-text one.
 """
 
 from __future__ import annotations

@@ -89,9 +89,17 @@ ARCHITECTURES: dict[str, Callable[[], PreTrainedModel]] = {
 }
 
 
+def _lfm2() -> PreTrainedModel:
+    """LFM2's layout: a short convolution in its first block, whose cache state is updated in place."""
+    transformers = pytest.importorskip("transformers", minversion="4.54", reason="LFM2 arrived in transformers 4.54")
+    config = transformers.Lfm2Config(**_IDS, **_DECODER, num_key_value_heads=2, layer_types=["conv", "full_attention", "full_attention"])
+    return transformers.Lfm2ForCausalLM(config)
+
+
 # not in every architecture's tests: for the few that need them
 VARIANTS: dict[str, Callable[[], PreTrainedModel]] = {
     "gemma2-window4": lambda: _gemma2(sliding_window=4),  # a window narrower than the test texts
+    "lfm2": _lfm2,
 }
 
 

@@ -212,8 +212,26 @@ def test_texts_continue_from_a_shared_prefix_to_the_same_states(arch, layers):
     finally:
         handle.remove()
     assert held == [[False] * deepest + [True]]
+    if layers is not None:  # a prefix run to layer 1 has no keys further down: a deeper read is refused, not run without it
+        with pytest.raises(ValueError, match="the shared prefix was run to layer 1"):
+            last_token_states(lm.model, ids[:, shared:], mask[:, shared:], [2], prefix)
     assert all(layer_tensors(prefix.cache, i) is not None for i in range(deepest + 1)), "the kept prefix is untouched"
     assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in blocks)
+
+
+def test_a_cache_holding_more_than_keys_and_values_is_not_shared(monkeypatch):
+    """LFM2's convolution layer keeps a state it updates in place (transformers 4.56+: one DynamicCache with layers of
+    several kinds): its prefix is not shared, and the extraction runs every text whole to the same means."""
+    lm = language_model("lfm2", batch_size=2)
+    pairs = [(f"persona: honest q: a{i} b{i % 3} =", f"persona: liar q: a{i} =") for i in range(5)]
+    with lm.prefixed(" ".join(f"q: a{i} b{i} = {i % 5} ;" for i in range(12)) + " "):
+        planned = contrast_texts(lm, pairs)
+        assert planned.shared >= SHARED_PREFIX_MIN_TOKENS
+        assert shared_prefix(lm.model, torch.tensor([planned.ids[0][: planned.shared]])) is None
+        diff, norm = mean_difference(lm, pairs)
+        monkeypatch.setattr("workers.methods.steer_mean.SHARED_PREFIX_MIN_TOKENS", 10**9)
+        expected, expected_norm = mean_difference(lm, pairs)
+    assert torch.equal(diff, expected) and torch.equal(norm, expected_norm)
 
 
 def test_contrast_texts_under_a_long_shared_prefix_run_it_once(monkeypatch):

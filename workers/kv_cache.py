@@ -28,13 +28,22 @@ def shareable_cache(cache: object) -> object | None:
     transformers < 4.47 hands back the legacy tuple of (key, value) pairs unless a Cache object
     was passed in; `DynamicCache.from_legacy_cache` (removed in 5.x, where no tuples come back)
     wraps it without copying. A static or hybrid cache (Gemma 2 before transformers 4.53) writes into
-    tensors allocated for a maximum length: not one whose rows `SharedPrefix` can share.
+    tensors allocated for a maximum length, and since 4.56 a DynamicCache may hold layers of other kinds
+    (convolution and linear-attention states updated in place: LFM2, Qwen3-Next; DeepSeek's indexer keys):
+    none of them a cache whose rows `SharedPrefix` can share.
     """
     from transformers import DynamicCache  # here, not at the top: importing transformers takes seconds (workers/__init__.py)
 
     if isinstance(cache, tuple):
         cache = DynamicCache.from_legacy_cache(cache) if hasattr(DynamicCache, "from_legacy_cache") else None
-    return cache if isinstance(cache, DynamicCache) else None
+    if not isinstance(cache, DynamicCache):
+        return None
+    return cache if all(type(layer).__name__ in _KEYS_AND_VALUES_ONLY for layer in getattr(cache, "layers", ())) else None
+
+
+# A DynamicCache's layer kinds (transformers 4.56+) that hold keys and values alone, grown by concatenation
+# (DummyLayer: a layer that keeps nothing).
+_KEYS_AND_VALUES_ONLY = frozenset({"DynamicLayer", "DynamicSlidingWindowLayer", "DummyLayer"})
 
 
 def cache_among(arguments: Iterable[Any]) -> Any:
@@ -71,6 +80,7 @@ class SharedPrefix:
 
     cache: Any  # a DynamicCache (`shareable_cache`)
     length: int
+    depth: int  # the deepest decoder layer whose keys and values it holds (the run stopped there)
 
     def for_rows(self, rows: int) -> Any:
         """A cache for a forward of `rows` rows, which appends its own keys to it: the prefix's keys and values
@@ -93,4 +103,4 @@ def release_layer(cache: Any, index: int) -> None:
     model). An empty tensor of the same rank, newly allocated: a slice would keep the storage."""
     if (tensors := layer_tensors(cache, index)) is not None:
         keys, values = tensors
-        _set_layer_tensors(cache, index, keys.new_empty((*keys.shape[:2], 0, keys.shape[3])), values.new_empty((*values.shape[:2], 0, values.shape[3])))
+        _set_layer_tensors(cache, index, *(t.new_empty((*t.shape[:2], 0, t.shape[3])) for t in (keys, values)))

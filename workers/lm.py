@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from workers.last_block import mlp_at, read_positions_mlp
 from workers.kv_cache import SharedPrefix, cache_argument, shareable_cache
 from workers.memory import release_memory
-from workers.steering import cache_released_block_by_block, needed_attention_mask, position_ids_argument, prompt_boundary
+from workers.steering import cache_released_block_by_block, decoder_layers, needed_attention_mask, position_ids_argument, prompt_boundary
 
 T = TypeVar("T")
 
@@ -549,7 +549,7 @@ class LanguageModel:
         shared_cache = shareable_cache(out.cache if "cache" in out else out.past_key_values)  # renamed in transformers 5.2x
         if shared_cache is None:
             return self.scored_logits(batch)
-        cache = SharedPrefix(shared_cache, start).for_rows(batch.input_ids.shape[0])
+        cache = SharedPrefix(shared_cache, start, len(decoder_layers(self.model)) - 1).for_rows(batch.input_ids.shape[0])  # every layer run
         keep, pick = self._head_positions(batch.target_mask[:, start:])
         tokens = int(batch.attention_mask[:, start:].sum())
         self._ran(tokens, _head_rows(keep, batch.attention_mask[:, start:]))

@@ -266,7 +266,13 @@ def shared_prefix(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[in
     4.53), found by running it: one text's forward, against the many a shared prefix saves. A prefix that is not a
     text's last token: no `after_prompt` vector acts on it, as none acts there when each text runs whole."""
     cache = shareable_cache(_read_last_tokens(model, input_ids, torch.ones_like(input_ids), layers, None, keep_cache=True)[1])
-    return None if cache is None else SharedPrefix(cache, input_ids.shape[1])
+    return None if cache is None else SharedPrefix(cache, input_ids.shape[1], max(_wanted(model, layers)))
+
+
+def _wanted(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    """The decoder layers a read asks for (all by default), negative indices counted from the end."""
+    depth = len(decoder_layers(model))
+    return list(range(depth)) if layers is None else [range(depth)[i] for i in layers]
 
 
 @contextmanager
@@ -274,7 +280,8 @@ def cache_released_block_by_block(model: nn.Module, cache: Any) -> Iterator[None
     """While open, each decoder block's keys and values in `cache` are let go of as soon as the block has run
     (`workers.kv_cache.release_layer`): for a forward that continues from a shared prefix and reads no layer's
     cache again."""
-    handles = [block.register_forward_hook(functools.partial(_release_after, cache, index)) for index, block in enumerate(decoder_layers(model))]
+    blocks = decoder_layers(model)
+    handles = [block.register_forward_hook(functools.partial(_release_after, cache, index)) for index, block in enumerate(blocks)]
     try:
         yield
     finally:
@@ -296,7 +303,7 @@ def _read_last_tokens(
 ) -> tuple[torch.Tensor, Any]:
     """`last_token_states`, and (`keep_cache`) the key/value cache the deepest read block was handed."""
     blocks = decoder_layers(model)
-    wanted = list(range(len(blocks))) if layers is None else [range(len(blocks))[i] for i in layers]
+    wanted = _wanted(model, layers)
     deepest = max(wanted)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     last = attention_mask.sum(-1) - 1
@@ -317,16 +324,15 @@ def _read_last_tokens(
         hidden = args[0]
         return (hidden[rows.to(hidden.device), last.to(hidden.device)].unsqueeze(1), *args[1:])
 
+    if prefix is not None and prefix.depth < deepest:  # the layers past its depth would attend without the prefix
+        raise ValueError(f"the shared prefix was run to layer {prefix.depth}; this read goes to layer {deepest}")
     past = 0 if prefix is None else prefix.length
     whole_mask = attention_mask if prefix is None else torch.cat([attention_mask.new_ones(len(rows), past), attention_mask], dim=1)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes the cache on
     cache = None if prefix is None else prefix.for_rows(len(rows))
-    handles = [blocks[i].register_forward_hook(read(i), with_kwargs=True) for i in set(wanted)]
     mlp = position_wise_mlp(model, deepest)
     # its own mask for the read row (columns up to each row's last real token): right padding only
     attention = _last_row_attention(model, deepest) if right_padded(whole_mask) else None
-    if mlp is not None:
-        handles.append(mlp.register_forward_pre_hook(last_rows_only))
     # The texts are read at their last token, which is where an `after_prompt` vector already on
     # the model (a composition's first part) acts on a prompt at evaluation: there only, not at every
     # position. That holds for texts that end at the prompt (persona-header contrasts); an answer
@@ -335,7 +341,11 @@ def _read_last_tokens(
     # on those tasks, which needs each text's prompt end from `contrast_pairs` to close. A prefix being
     # kept is no text's last token: steered nowhere (its boundary is past its end).
     boundary = torch.full_like(last, input_ids.shape[1]) if keep_cache else past + last
-    try:
+    handles: list[Any] = []
+    try:  # the hooks registered inside: one left behind would stop every later forward of the model
+        handles += [blocks[i].register_forward_hook(read(i), with_kwargs=True) for i in set(wanted)]
+        if mlp is not None:
+            handles.append(mlp.register_forward_pre_hook(last_rows_only))
         with (
             prompt_boundary(boundary),
             last_row.last_row_attention(attention, last) if attention is not None else nullcontext(),
@@ -355,8 +365,8 @@ def _read_last_tokens(
 
 
 def needed_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The attention mask of a forward (no cache) read at real tokens only: all ones for right-padded
-    rows. A real token's query sees only the columns before it, all real, so masking the padding after
+    """The attention mask of a forward read at real tokens only (a cached prefix's columns included): all ones for
+    right-padded rows. A real token's query sees only the columns before it, all real, so masking the padding after
     the text changes nothing that is read, and with no padding masked the model takes its causal-only
     attention: no padding mask to build (a vmap in transformers 4.5x, 5 ms a batch of 64) and a faster
     kernel (0.6 ms against 0.9 for the ladder's xl at 64 × 11 tokens). Left padding keeps its mask.

@@ -9,6 +9,7 @@ layer and relative scale are chosen on the shared validation set, scale 0 ("do n
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Iterator, Sequence
@@ -75,7 +76,9 @@ class ContrastTexts:
     weights: torch.Tensor  # (texts, 2): count as positive − count as negative, count on either side
     ids: list[list[int]]
     pairs: int
-    shared: int  # leading tokens every text begins with (a start token, a header, a `prompt` part's demonstrations), short of the shortest text's last
+    # leading tokens every text begins with (a start token, a header, a `prompt` part's demonstrations), short of
+    # the shortest text's last: no text is read inside them
+    shared: int
 
 
 def contrast_texts(lm: LanguageModel, pairs: list[tuple[str, str]]) -> ContrastTexts:
@@ -90,9 +93,7 @@ def contrast_texts(lm: LanguageModel, pairs: list[tuple[str, str]]) -> ContrastT
     ids = [lm.clipped(row) for row in lm.encode(texts, prompt=True)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     ids = [ids[i] for i in order]
-    shared = 0
-    while ids and shared < len(ids[0]) - 1 and all(row[shared] == ids[0][shared] for row in ids):
-        shared += 1
+    shared = min(len(os.path.commonprefix(ids)), len(ids[0]) - 1) if ids else 0  # the shortest text keeps its last token
     return ContrastTexts(torch.tensor([weight[texts[i]] for i in order], dtype=torch.float32), ids, len(pairs), shared)
 
 
@@ -119,8 +120,8 @@ def run_contrast_texts(lm: LanguageModel, planned: ContrastTexts, layers: Sequen
     norm_sum: torch.Tensor | float = 0.0
     long_enough = planned.shared >= SHARED_PREFIX_MIN_TOKENS  # fewer: the cached forwards' masked attention costs more than it saves
     prefix = shared_prefix(lm.model, torch.tensor([planned.ids[0][: planned.shared]], device=lm.device), layers) if long_enough else None
+    lm.forward_tokens += planned.shared if long_enough else 0  # run, even where its cache turned out not to be shareable
     skip = 0 if prefix is None else prefix.length
-    lm.forward_tokens += skip
 
     def run(rows: slice) -> list[None]:
         nonlocal diff_sum, norm_sum
