@@ -262,9 +262,10 @@ def last_token_states(
 def shared_prefix(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[int] | None = None) -> SharedPrefix | None:
     """Run `input_ids` (1, tokens), which every text of the reads to come begins with, once, up to the deepest of
     `layers`, and keep their keys and values for `last_token_states`; None where the model hands its blocks no
-    DynamicCache (legacy tuples: GPT-2, GPT-NeoX and OPT under transformers 4.44; Gemma 2's hybrid cache before
-    4.53), found by running it: one text's forward, against the many a shared prefix saves. A prefix that is not a
-    text's last token: no `after_prompt` vector acts on it, as none acts there when each text runs whole."""
+    cache of keys and values alone (`shareable_cache`: legacy tuples, as GPT-2, GPT-NeoX and OPT under transformers
+    4.44; Gemma 2's hybrid cache before 4.53; LFM2's convolution state), found by running it: one text's forward,
+    against the many a shared prefix saves. A prefix that is not a text's last token: no `after_prompt` vector acts
+    on it, as none acts there when each text runs whole."""
     cache = shareable_cache(_read_last_tokens(model, input_ids, torch.ones_like(input_ids), layers, None, keep_cache=True)[1])
     return None if cache is None else SharedPrefix(cache, input_ids.shape[1], max(_wanted(model, layers)))
 
