@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -269,7 +270,9 @@ def test_a_learning_rate_search_needs_validation():
 
 def test_a_rate_that_diverges_drops_out_of_the_search_and_is_still_billed():
     """A high rate in the search going NaN must not fail the cell when another rate trains: it is recorded
-    and its tokens counted; only every rate diverging fails the training."""
+    and its tokens counted, and nothing of its run is kept (its error's traceback held the optimiser, a
+    cycle only the garbage collector broke, while the next rate trained); only every rate diverging fails
+    the training."""
     lm = language_model()
     ctx = fit_context(lm, n_train=8)
     head = lm.model.get_output_embeddings()
@@ -280,7 +283,13 @@ def test_a_rate_that_diverges_drops_out_of_the_search_and_is_still_billed():
     try:
         alone = train(lm, [bias], ctx.train, config, 3, ctx.validator())
         bias.data.zero_()
-        searched = train(lm, [bias], ctx.train, config.model_copy(update={"lr_search": (100.0,)}), 3, ctx.validator())
+        gc.collect()
+        gc.disable()  # what the search leaves alive is freed by reference counts alone, as a GPU needs it freed at once
+        try:
+            searched = train(lm, [bias], ctx.train, config.model_copy(update={"lr_search": (100.0,)}), 3, ctx.validator())
+            optimisers_alive = sum(isinstance(o, torch.optim.Optimizer) for o in gc.get_objects())
+        finally:
+            gc.enable()
         kept = bias.detach().clone()
         bias.data.zero_()
         with pytest.raises(NonFiniteLossError, match=r"every learning rate of train.lr_search diverged \(lr 100: loss became nan at step 1; lr 200"):
@@ -288,6 +297,7 @@ def test_a_rate_that_diverges_drops_out_of_the_search_and_is_still_billed():
     finally:
         handle.remove()
     assert searched.chosen_lr == 0.1 and list(searched.lr_scores) == [0.1] and list(searched.lr_diverged) == [100.0]
+    assert optimisers_alive == 0  # the diverged rate's optimiser (its state: 2 copies of the trained weights) let go of
     assert "loss became nan at step 1" in searched.lr_diverged[100.0]
     assert searched.losses == alone.losses and kept.abs().max() < 10
     assert searched.sequence_tokens > alone.sequence_tokens  # the diverged run's step 0 and 1 forwards are billed

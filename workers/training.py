@@ -327,7 +327,9 @@ def train(
         try:
             result = results[lr] = _train_at(lm, params, examples, config, lr, seed, validate, start_score)
         except NonFiniteLossError as err:  # a rate too high for this model: the search goes on without it
-            diverged[lr] = err
+            # its message and bill only: the error's traceback holds the failed run's frames (its optimiser's state,
+            # two copies of the trained weights), in a cycle through this frame that only the garbage collector breaks
+            diverged[lr] = NonFiniteLossError(str(err), err.spent)
             continue
         start_score = (result.validation_scores or {})[0]  # checkpoints >= 1: TrainConfig checks
         if best is None or result.chosen_score > best[0]:  # strictly better: ties keep the earlier rate, `lr` first
