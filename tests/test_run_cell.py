@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import workers.run_cell
-from workers.cache import WorkerCache
+from workers.cache import WorkerCache, estimated_bytes
 from workers.cell import CellConfig, EvalConfig, ModelSpec
 from workers.methods import resolve_config
 from workers.run_cell import CellRun, git_sha, main, model_revision, run_cell
@@ -69,6 +69,24 @@ def test_the_peak_memory_window_opens_after_the_base_models_passes(model_id, mon
     monkeypatch.setattr(module, "reset_peak_memory", lambda device: events.append("peak reset") or real_reset(device))
     assert run_cell(_cell(model_id, "base", budget=0), CellRun(cache=WorkerCache()))["status"] == "ok"
     assert events == ["base passes", "peak reset"]
+
+
+def test_a_cells_peak_leaves_out_the_models_its_worker_holds_when_the_window_opens(test_ladder, monkeypatch):
+    """The worker's other models were counted before the base model's passes, whose new neutral reference can make
+    them make way: one evicted before the peak's window opened was still taken off the peak (too low, even < 0)."""
+    xs, s = test_ladder
+    monkeypatch.setattr(workers.run_cell, "peak_memory_bytes", lambda device: 10**9)  # the subtraction alone is tested
+    cache = WorkerCache(max_bytes=10**12)
+    assert run_cell(_cell(xs, "base", budget=0), CellRun(cache=cache))["status"] == "ok"
+    only_xs = cache.resident_bytes  # its weights and neutral reference
+    beside = run_cell(_cell(s, "base", budget=0), CellRun(cache=cache))
+    xs_weights = cache.others_bytes(_cell(s, "base").model, torch.device("cpu"))
+    assert len(cache.held()) == 2 and beside["peak_mem_bytes"] == 10**9 - xs_weights > 0
+    cache = WorkerCache(max_bytes=only_xs + estimated_bytes(_cell(s, "base").model) + 10)  # s loads beside xs; its reference does not fit
+    assert run_cell(_cell(xs, "base", budget=0), CellRun(cache=cache))["status"] == "ok"
+    alone = run_cell(_cell(s, "base", budget=0), CellRun(cache=cache))
+    assert [ModelSpec.model_validate_json(held).id for held in cache.held()] == [s]  # xs made way for s's reference
+    assert alone["peak_mem_bytes"] == 10**9
 
 
 def test_a_cell_that_fails_on_its_own_settings_keeps_the_workers_model(model_id):

@@ -250,7 +250,6 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
 
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
     device = str(lm.device)
-    others = run.cache.others_bytes(cell.model, lm.device)  # resident in the peak below, not this cell's
 
     started = time.perf_counter()
     context = json.dumps([cell.task, cell.offtask, cell.eval.model_dump(mode="json")])
@@ -259,6 +258,9 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     # the peak from here: the base model's passes run in the first cell of a worker only, and a cell's figure
     # must not depend on which cell ran first; nor a halving those passes met (`LanguageModel.in_batches`)
     reset_peak_memory(device)
+    # resident in that peak, not this cell's: counted as the window opens (the baseline's new neutral reference may
+    # have made some of them make way)
+    others = run.cache.others_bytes(cell.model, lm.device)
     lm.batch_size, lm.halved_to = cell.eval.batch_size, None
 
     # Seeded here, after the model load and the baseline: whether those came from the worker's cache
