@@ -467,25 +467,51 @@ def run_cells(
             dispatch()
 
     start_failures: dict[Shape, int] = Counter()  # workers of a shape that died starting since one last started
+    given_up: list[tuple[str, int]] = []  # shapes none of whose workers would start: the last error, the cells not run
     starved_since: dict[Shape, float] = {}  # shapes whose cells wait on workers asked for, none started
     announced: set[Shape] = set()
 
     def mark_started(worker: Worker, ref: ray.ObjectRef) -> None:
         """A worker's start resolved: it takes cells from now on, or it died starting. Three of a
-        shape in a row, with no worker of that shape running, stop the run (a broken environment)."""
+        shape in a row, with no worker of that shape running, give that shape up (a broken environment)."""
         try:
             ray.get(ref)
         except ray.exceptions.RayError as err:
             POOL.retire(worker)
             start_failures[worker.shape] += 1
             if start_failures[worker.shape] >= START_FAILURES and not started_any(worker.shape):
-                raise WorkersNotStartingError(
-                    f"{START_FAILURES} workers in a row died while starting; the last: {str(err)[-2000:]}\n"
-                    "every finished row is stored — fix the cause and rerun the same command to run the rest"
-                ) from err
+                give_up(worker.shape, str(err)[-2000:])
         else:
             worker.started = True
             start_failures[worker.shape] = 0
+
+    def give_up(shape: Shape, error: str) -> None:
+        """No cell of `shape` waits for a worker any more; the run stops with `error` once the cells of other shapes
+        (whose workers started: another node group's, another GPU fraction's) have run and been stored. It stopped at
+        once before, their cells cut off with the rest of their queues."""
+        left = queued(shape)
+        for waiting_cells in queues.pop(shape, {}).values():
+            for cell, attempt in waiting_cells:
+                if attempt > 1:  # a retry holds its claim: another driver may run it now
+                    with contextlib.suppress(OSError):  # then release_all tries again, at the end
+                        claims.release(cell.cell_id)
+        for worker in POOL.pending(shape):
+            POOL.retire(worker)
+        bar.total -= left
+        given_up.append((error, left))
+        if in_flight:
+            bar.write(f"{START_FAILURES} workers with {shape.cpus:g} CPUs and {shape.gpus:g} GPUs in a row died while starting "
+                      f"({error.strip().splitlines()[-1] if error.strip() else 'no error text'}): their {left} cells are not run; "
+                      f"the {len(in_flight)} running go on, then the run stops")  # fmt: skip
+
+    def raise_given_up() -> None:
+        if given_up:
+            not_run = sum(left for _, left in given_up)
+            raise WorkersNotStartingError(
+                f"{START_FAILURES} workers in a row died while starting; the last: {given_up[-1][0]}\n"
+                f"{not_run} cell{'s' if not_run != 1 else ''} not run; every finished row is stored — fix the cause and rerun "
+                "the same command to run the rest"
+            )
 
     def write(row: dict) -> bool:
         """Store `row` unless it is a failure over a stored ok row (`--force`, or another driver that finished the
@@ -713,6 +739,7 @@ def run_cells(
                 f"{unplaced} cells found no worker: the cluster has no room for their resources any more "
                 "(did a Ray node die?); every finished row is stored — rerun the same command to run the rest"
             )
+        raise_given_up()
         raise_unclaimed()
     except BaseException:
         for worker in POOL.pending():  # the run stopped: nothing will give them cells
