@@ -366,10 +366,13 @@ def _record_plan(store: ResultsStore, cells: list[PlannedCell]) -> None:
         raise store.unwritable(err) from err
 
 
-def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[PlannedCell], store: ResultsStore, scan: StoreScan) -> int:
+def _run_adaptive(
+    args: argparse.Namespace, spec: SweepSpec, cells: list[PlannedCell], store: ResultsStore, scan: StoreScan, planned_at: float
+) -> int:
     """Run the grid as an adaptive sweep (orchestrator/adaptive.py), one `run_cells` call per batch. With --retry-failed
-    the grid's failed cells (chosen by earlier rounds; a lost node, a timeout) run again first, as one batch: the
-    loop itself never reruns a stored cell, and counts failed ones against --max-cells and towards giving a curve up."""
+    the grid's failed cells (chosen by earlier rounds; a lost node, a timeout) run again first, as one batch, planned
+    when `scan` was read (`planned_at`: a row another driver stores after it is not run again): the loop itself never
+    reruns a stored cell, and counts failed ones against --max-cells and towards giving a curve up."""
     from orchestrator.adaptive import Settings, run_adaptive
     from orchestrator.driver import run_cells
     from workers.run_cell import estimated_params
@@ -396,7 +399,7 @@ def _run_adaptive(args: argparse.Namespace, spec: SweepSpec, cells: list[Planned
         failed = [c for c in cells if stored.get(c.cell_id) == "failed"]
         print(f"--retry-failed: {_count(len(failed), 'failed cell')} of the grid run again before the adaptive rounds")
         if failed:
-            execute(failed, time.time())
+            execute(failed, planned_at)
     settings = Settings(**{name: getattr(args, name) for name in ADAPTIVE_FLAGS if getattr(args, name) is not None})
     outcome = run_adaptive(cells, store, execute, settings, params)
     print(f"adaptive: {outcome.cells_stored} of {len(cells)} cells stored, {outcome.flops_spent:.3g} post-training FLOPs")
@@ -427,7 +430,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _report_quarantine(scan, set_aside=True)
     store.check_writable()  # a directory it cannot write stops the run here, before models are fetched
     if args.adaptive:
-        return _run_adaptive(args, spec, cells, store, scan)
+        return _run_adaptive(args, spec, cells, store, scan, planned_at)
     todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)
     print(count_line(spec.sweep, cells, scan, todo))
     _note_unfittable(cells)

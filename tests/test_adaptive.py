@@ -19,6 +19,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -1005,3 +1006,37 @@ def test_a_crossover_target_says_its_interval_in_examples_too():
     target = Target("facts/sim-s steer_mean->lora", "log10 D*", (), np.log10(np.array([4.0, 16.0, 128.0] * 40)), goal=0.3)
     assert "[0.602, 2.11] (D* 4 to 128 examples) width 1.51 (goal 0.3, open)" in target.describe()
     assert "examples" not in Target("x", "beta", (), np.array([0.2, 0.4] * 40), goal=0.3).describe()
+
+
+def test_adaptive_retry_failed_runs_its_batch_as_planned_when_the_store_was_read(tmp_path, test_ladder, monkeypatch):
+    """--retry-failed's batch was planned at its own start, after the data and models were prepared (minutes of a
+    download): a failed cell another driver stored ok in between was not found by the claim check and ran again."""
+    from orchestrator import cli, driver
+    from orchestrator.driver import SweepOutcome, crashed_row
+    from orchestrator.grid import expand
+    from orchestrator.spec import load_spec
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({
+        "sweep": "retry", "models": [{"id": test_ladder[0]}], "tasks": ["facts"], "methods": {"steer_mean": {}},
+        "budgets": [4, 8, 16, 32], "seeds": [0, 1], "eval": {"test_size": 8, "validation_size": 8, "neutral_size": 2},
+        "results_dir": str(tmp_path / "r"),
+    }))  # fmt: skip
+    cell = expand(load_spec(str(config)))[0]
+    store = ResultsStore(str(tmp_path / "r"))
+    store.write(crashed_row(cell.config, RuntimeError("a node was lost"), 1, datetime.now(timezone.utc)))
+    read_at: list[float] = []
+    real_stored, real_prepare = cli._stored, cli._prepare_data
+    monkeypatch.setattr(cli, "_stored", lambda *a, **k: read_at.append(time.time()) or real_stored(*a, **k))
+    monkeypatch.setattr(cli, "_prepare_data", lambda cells: time.sleep(0.05) or real_prepare(cells))  # a download's minutes
+    batches: list[tuple[list[str], float]] = []
+
+    def run_cells(batch, store, resources, *, address, progress, dashboard, planned_at):
+        batches.append(([c.cell_id for c in batch], planned_at))
+        return SweepOutcome()
+
+    monkeypatch.setattr(driver, "run_cells", run_cells)
+    assert cli.main(["run", str(config), "--adaptive", "--max-cells", "1", "--target-exponent-width", "0.5", "--retry-failed", "--no-progress"]) == 0
+    (retried, planned_at), *_ = batches
+    assert retried == [cell.cell_id]
+    assert planned_at <= read_at[0]  # before the store was read, as a plain run's
