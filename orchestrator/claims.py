@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from pyarrow import fs
 
@@ -163,21 +163,23 @@ class Claims:
             raise ValueError("not a claim")
         return claim
 
-    def _is_stale(self, path: str) -> bool:
+    def _is_stale(self, path: str) -> Literal["gone", "stale"] | None:
+        """Why the claim at `path` may be taken: "gone" (released meanwhile: nothing to delete) or "stale" (its driver
+        is dead, or silent past `ttl_seconds`); None while a live driver holds it."""
         try:
             info = self.store.filesystem.get_file_info(path)
             if info.type == fs.FileType.NotFound:
-                return True  # released meanwhile
+                return "gone"
             claim = self._read(path)
         except FileNotFoundError:
-            return True
+            return "gone"
         except (ValueError, OSError):
             claim = {}  # empty or half written (see `_create_then_write`), or a read that failed: judged by its age alone
         same_processes = all(claim.get(key) == self.owner.get(key) for key in ("host", "machine", "pidns"))
         if same_processes and not _alive(int(claim.get("pid", -1)), claim.get("started")):
-            return True
+            return "stale"
         age = time.time() - (info.mtime.timestamp() if info.mtime else 0)
-        return age > self.ttl_seconds
+        return "stale" if age > self.ttl_seconds else None
 
     def _delete(self, path: str) -> None:
         try:
@@ -207,9 +209,11 @@ class Claims:
                 if not self._create(guard):
                     return False
         try:
-            if not self._is_stale(path):
+            why = self._is_stale(path)
+            if why is None:
                 return False
-            self._delete(path)
+            if why == "stale":  # gone: a claim made since is a third driver's, made plainly, and must not be deleted
+                self._delete(path)
             return self._create(path)
         finally:
             self._delete(guard)

@@ -192,6 +192,27 @@ def test_a_claim_released_while_another_driver_looks_at_it_is_taken_not_a_crash(
     assert other.acquire("c1", planned_at=time.time())
 
 
+def test_a_claim_released_during_a_takeover_is_not_deleted_from_under_a_third_driver(tmp_path):
+    """C takes over the dead driver's claim; as C looks again under its guard, the claim has just gone (released) and
+    B, with a plain create, claims the cell. C used to delete what was there, B's fresh claim, and make its own:
+    both ran the cell. Gone, there is nothing to delete: C's create fails on B's claim."""
+    b, c = _resumed_drivers(tmp_path, ["c1"])
+    judged, looks = c._is_stale, []
+
+    def released_and_claimed_meanwhile(path: str):
+        looks.append(path)
+        if path.endswith("c1.json") and len(looks) == 2:  # the look under the guard
+            os.remove(path)  # released (its row stored) by whoever held it
+            verdict = judged(path)
+            assert b.acquire("c1", planned_at=time.time())  # B finds no claim: its plain create succeeds
+            return verdict
+        return judged(path)
+
+    c._is_stale = released_and_claimed_meanwhile
+    assert not c.acquire("c1", planned_at=time.time()) and not c.held
+    assert b.held == {"c1"} and '"run": "b"' in (tmp_path / "r" / "claims" / "c1.json").read_text()
+
+
 def test_claims_stay_exclusive_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
     """A bucket mounted with FUSE or an SMB share refuses os.link: claims are then created with
     O_EXCL and written after, and a claim caught empty in between is judged by its age, not taken."""
