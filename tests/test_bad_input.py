@@ -330,6 +330,39 @@ def test_a_results_dir_that_cannot_be_read_is_a_clean_error(command, tmp_path, c
     assert err.startswith(f"error: results_dir {results}: cannot read it (") and "Permission denied" in err, err
 
 
+class _ReadOnly(_Locked):
+    """`folder` can be read but nothing made or moved in it (read-only credentials on a bucket)."""
+
+    def create_dir(self, path: str, recursive: bool = True) -> None:
+        self._check(path)
+        self._local.create_dir(path, recursive=recursive)
+
+    def move(self, source: str, target: str) -> None:
+        self._check(target)
+        self._local.move(source, target)
+
+    def get_file_info(self, what: object) -> object:
+        return self._local.get_file_info(what)
+
+
+def test_run_on_a_results_dir_it_can_read_but_not_write_is_a_clean_error_even_with_a_bad_file_in_it(tmp_path, capsys, monkeypatch):
+    """Setting the bad file aside (to quarantine/) came before the check that the store takes writes: a
+    PermissionError traceback (exit 1), not the clean refusal (exit 2) an empty read-only store gets."""
+    from pyarrow import fs
+
+    results = tmp_path / "r"
+    (results / "cells").mkdir(parents=True)
+    (results / "cells" / "cut.parquet").write_bytes(b"PAR1 cut short")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "results_dir": str(results)}))
+    local = fs.LocalFileSystem()
+    monkeypatch.setattr(fs, "LocalFileSystem", lambda: _ReadOnly(local, str(results)))
+    status, err = _main(capsys, "run", str(path))
+    assert status == 2 and "Traceback" not in err, err
+    assert err.startswith(f"error: results_dir {results}: cannot write there (") and "Permission denied" in err, err
+    assert (results / "cells" / "cut.parquet").exists()
+
+
 def test_plan_without_a_config_asks_for_the_config_alone(capsys):
     """It said "the following arguments are required: config, key.sub=value": overrides are optional."""
     status, err = _main(capsys, "plan")
