@@ -342,6 +342,26 @@ def test_outputs_gone_nan_on_the_off_task_questions_alone_fail_the_cell(model_id
     assert "arith off-task nll=nan" in row["error"] and "base model" not in row["error"], row["error"]
 
 
+def test_outputs_gone_nan_on_the_elicited_prompts_alone_fail_the_cell(model_id, monkeypatch):
+    """The elicited prompts (the task's instruction in front) are the longest the base model scores: NaN there alone
+    stored score_elicited as every question's first choice, in an ok row the latent-gap analysis reads."""
+    from workers.tasks.facts import Facts
+
+    evaluate = Facts.evaluate
+
+    def nan_when_elicited(self, lm, examples, *, elicited=False):
+        handle = lm.model.model.norm.register_forward_hook(lambda module, inputs, out: out * float("nan")) if elicited else None
+        try:
+            return evaluate(self, lm, examples, elicited=elicited)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    monkeypatch.setattr(Facts, "evaluate", nan_when_elicited)
+    row = run_cell(_cell(model_id, "base", budget=0), CellRun(cache=WorkerCache()))
+    assert row["status"] == "failed" and "NonFiniteMetricError: elicited nll (base model)=nan" in row["error"], row.get("error")
+
+
 def test_a_perplexity_ratio_past_floats_is_an_ok_row_with_inf(model_id, monkeypatch):
     """neutral_shift returns +inf for a rise of over 709 nats a token (exp overflows): a measured
     collapse of the neutral text, stored as such; it used to fail the cell as a non-finite metric."""

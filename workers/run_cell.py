@@ -332,6 +332,9 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     # NaN off-task pass gave a finite offtask_score_delta and an ok row
     offtask_nll = {f"{name} off-task nll{side}": result.nll for name in offtask
                    for side, result in (("", offtask_results[name]), (" (base model)", base.offtask[name]))}  # fmt: skip
+    # and the elicited prompts' (an instruction or header in front: longer, so first to overflow in fp16), or
+    # score_elicited is a first-choice score stored as the base model's latent ability
+    offtask_nll |= {"elicited nll (base model)": base.elicited.nll} if base.elicited else {}
     check_finite({**measured, **offtask_nll}, ("score", "nll", "score_base", "nll_base", *neutral, *offtask_nll))
     return measured
 
