@@ -48,7 +48,7 @@ class LoraConfig(StrictConfig):
         if is_all_linear(target):
             return ALL_LINEAR  # one spelling, one cell id
         if not isinstance(target, str):
-            return tuple(dict.fromkeys(target))  # a name listed twice takes the same modules
+            return tuple(sorted(set(target)))  # a name listed twice, or in another order, takes the same modules
         try:
             re.compile(target)
         except re.error as err:
