@@ -207,3 +207,11 @@ def test_hub_models_neutral_figures_are_said_to_be_on_the_worlds_synthetic_text(
     said = synthetic_neutral_text(pd.DataFrame({"model": ["EleutherAI/pythia-160m", "EleutherAI/pythia-410m"], "versions": [natural, "{}"]}))
     assert "for EleutherAI/pythia-410m, so" in said and "160m" not in said
     assert synthetic_neutral_text(pd.DataFrame({"model": ["EleutherAI/pythia-160m"], "versions": [natural]})) == ""
+
+
+def test_synthetic_rows_give_each_model_its_own_elicitation_gap():
+    """capability_rows set each model's score_base but kept synthetic_rows' elicited score (0.2 + 0.3): a model
+    scoring 0.6 before post-training had an elicited score below it, a negative gap for the frontier to divide by."""
+    rows = capability_rows({("facts", "lora"): TUNE}, MODELS, "task_score", BUDGETS, seeds=1, noise=0.0, rng=np.random.default_rng(0))
+    gaps = {row["model"]: round(row["score_elicited"] - row["score_base"], 9) for row in rows}
+    assert gaps == {m.name: 0.3 for m in MODELS}
