@@ -322,3 +322,20 @@ def test_the_calls_are_read_past_a_bracket_in_prose_and_generation_has_room_for_
 
     assert FunctionCalling(HubSource("unused")).evaluate(Budgeted({}), [example, short, short]).score == 1.0
     assert budgets == [(2, 128), (1, 384)]  # the long reference lengthens only its own generation
+
+
+def test_splits_from_three_hub_splits_keep_no_text_in_two_of_ours(tmp_path) -> None:
+    """A dataset shipping train, validation and test: train dropped the test split's texts but kept the validation
+    split's, so a text the hub's train and validation share was trained on and validated on."""
+    from workers.tasks.hub import SplitPlan
+
+    source = tmp_path / "three"
+    source.mkdir()
+    texts = {"train": ["a", "b", "shared by all", "train and validation"], "validation": ["c", "shared by all", "train and validation",
+             "validation and test"], "test": ["d", "shared by all", "validation and test"]}  # fmt: skip
+    for split, rows in texts.items():
+        (source / f"{split}.jsonl").write_text("".join(json.dumps({"sentence": text}) + "\n" for text in rows))
+    plan = SplitPlan(train="train", validation="validation", test="test")
+    ours = {split: [row["sentence"] for row in plan.rows("three", HubSource(str(source)), split, "sentence")]
+            for split in ("train", "validation", "test")}  # fmt: skip
+    assert ours == {"train": ["a", "b"], "validation": ["c", "train and validation"], "test": texts["test"]}

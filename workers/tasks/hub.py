@@ -45,14 +45,18 @@ def load_rows(source: HubSource, split: str) -> tuple[dict, ...]:
     return tuple(dataset(source, split))
 
 
+KEPT_BEFORE: dict[Split, tuple[Split, ...]] = {"train": ("validation", "test"), "validation": ("test",), "test": ()}  # who keeps a text two share
+
+
 @dataclass(frozen=True)
 class SplitPlan:
     """Which hub split feeds each of ours; rows of a shared hub split are divided by hash.
 
     Rows are told apart by their `key` text stripped, as the prompts strip it: a split holds one row
     per text (a repeated row would count twice towards a budget), rows of a shared hub split are
-    carved by it, and where the test split is a hub split of its own, train and validation keep none
-    of its texts. So no prompt is in two of our splits.
+    carved by it, and where one of ours is a hub split of its own, the splits after it in `KEPT_BEFORE`
+    keep none of its texts (train none of validation's nor test's, validation none of test's). So no
+    prompt is in two of our splits.
     """
 
     train: str
@@ -73,9 +77,12 @@ class SplitPlan:
         rows = list(first.values())
         if len(sharing) > 1:
             rows = [row for row in rows if _carve(task, _text(row, key), sharing) == split]
-        if split != "test" and self.test != hub:
-            tested = {_text(row, key) for row in load_rows(source, self.test)}
-            rows = [row for row in rows if _text(row, key) not in tested]
+        # another of ours drawn from a hub split of its own keeps its texts: test all of them, validation all but
+        # test's; train gives up both's (a hub's validation sharing texts with its train left them in both of ours)
+        kept_by_others = {getattr(self, other) for other in KEPT_BEFORE[split]} - {hub}
+        for other_hub in sorted(kept_by_others):
+            taken = {_text(row, key) for row in load_rows(source, other_hub)}
+            rows = [row for row in rows if _text(row, key) not in taken]
         return tuple(rows)
 
     def hub_splits(self) -> tuple[str, ...]:
