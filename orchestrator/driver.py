@@ -474,6 +474,8 @@ def run_cells(
     def mark_started(worker: Worker, ref: ray.ObjectRef) -> None:
         """A worker's start resolved: it takes cells from now on, or it died starting. Three of a
         shape in a row, with no worker of that shape running, give that shape up (a broken environment)."""
+        if worker not in POOL.workers:  # retired while its start was in flight (`give_up`, earlier in this batch)
+            return
         try:
             ray.get(ref)
         except ray.exceptions.RayError as err:
@@ -487,8 +489,8 @@ def run_cells(
 
     def give_up(shape: Shape, error: str) -> None:
         """No cell of `shape` waits for a worker any more; the run stops with `error` once the cells of other shapes
-        (whose workers started: another node group's, another GPU fraction's) have run and been stored. It stopped at
-        once before, their cells cut off with the rest of their queues."""
+        (another node group's, another GPU fraction's), running or queued, have run and been stored. It stopped at
+        once before, their cells cut off, hours of them perhaps."""
         left = queued(shape)
         for waiting_cells in queues.pop(shape, {}).values():
             for cell, attempt in waiting_cells:
@@ -499,10 +501,11 @@ def run_cells(
             POOL.retire(worker)
         bar.total -= left
         given_up.append((error, left))
-        if in_flight:
+        others = sum(queued(other) for other in queues) + len(in_flight)
+        if others:  # else the run stops now, with the error itself
             bar.write(f"{START_FAILURES} workers with {shape.cpus:g} CPUs and {shape.gpus:g} GPUs in a row died while starting "
                       f"({error.strip().splitlines()[-1] if error.strip() else 'no error text'}): their {left} cells are not run; "
-                      f"the {len(in_flight)} running go on, then the run stops")  # fmt: skip
+                      f"the other {others} cells ({len(in_flight)} running) go on, then the run stops with this error")  # fmt: skip
 
     def raise_given_up() -> None:
         if given_up:
