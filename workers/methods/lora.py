@@ -48,7 +48,9 @@ class LoraConfig(StrictConfig):
         if is_all_linear(target):
             return ALL_LINEAR  # one spelling, one cell id
         if not isinstance(target, str):
-            return tuple(sorted(set(target)))  # a name listed twice, or in another order, takes the same modules
+            # a name listed twice takes the same modules; the order is kept, though PEFT's does not matter: sorting would
+            # give every stored cell of an unsorted list (q, k, v, o) a new id, and its rerun costs more than it saves
+            return tuple(dict.fromkeys(target))
         try:
             re.compile(target)
         except re.error as err:
