@@ -426,9 +426,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             check_grid(cells, args.target_exponent_width)
         except ConfigError as err:
             raise in_config(err, args.config, args.overrides) from None
-    store, scan = _stored(spec, set_aside=True)
+    store = ResultsStore(spec.results_dir)
+    # a directory it cannot write stops the run here, before models are fetched; and before the scan, which moves bad
+    # files to quarantine/ (read-only bucket credentials refuse that with a plain OSError, no PermissionError)
+    store.check_writable()
+    scan = store.scan(set_aside=True)
     _report_quarantine(scan, set_aside=True)
-    store.check_writable()  # a directory it cannot write stops the run here, before models are fetched
     if args.adaptive:
         return _run_adaptive(args, spec, cells, store, scan, planned_at)
     todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)

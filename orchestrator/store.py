@@ -207,10 +207,7 @@ class ResultsStore:
             if isinstance(found, Exception):
                 scan.quarantined.append((info.base_name, f"{type(found).__name__}: {found}"))
                 if set_aside:
-                    try:
-                        self._quarantine(info)
-                    except PermissionError as err:  # a store this user may read but not write (read-only credentials)
-                        raise self.unwritable(err) from None
+                    self._quarantine(info)
             else:
                 scan.cells[found.cell_id] = found
         return scan

@@ -331,7 +331,12 @@ def test_a_results_dir_that_cannot_be_read_is_a_clean_error(command, tmp_path, c
 
 
 class _ReadOnly(_Locked):
-    """`folder` can be read but nothing made or moved in it (read-only credentials on a bucket)."""
+    """`folder` can be read but nothing made, written or moved in it: read-only credentials on a bucket, which
+    refuse with a plain OSError (S3's ACCESS_DENIED carries no errno: no PermissionError)."""
+
+    def _check(self, path: str) -> None:
+        if path.startswith(self._folder + "/"):
+            raise OSError(f"When creating key '{path}': AWS Error ACCESS_DENIED during PutObject operation")
 
     def create_dir(self, path: str, recursive: bool = True) -> None:
         self._check(path)
@@ -340,6 +345,10 @@ class _ReadOnly(_Locked):
     def move(self, source: str, target: str) -> None:
         self._check(target)
         self._local.move(source, target)
+
+    def open_output_stream(self, path: str, *args: object, **options: object) -> object:
+        self._check(path)
+        return self._local.open_output_stream(path, *args, **options)
 
     def get_file_info(self, what: object) -> object:
         return self._local.get_file_info(what)
@@ -356,10 +365,15 @@ def test_run_on_a_results_dir_it_can_read_but_not_write_is_a_clean_error_even_wi
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({**GOOD, "results_dir": str(results)}))
     local = fs.LocalFileSystem()
-    monkeypatch.setattr(fs, "LocalFileSystem", lambda: _ReadOnly(local, str(results)))
+
+    class Bucket:  # a type still (writes check `isinstance(filesystem, fs.LocalFileSystem)`), whose instances are not it
+        def __new__(cls) -> _ReadOnly:
+            return _ReadOnly(local, str(results))
+
+    monkeypatch.setattr(fs, "LocalFileSystem", Bucket)
     status, err = _main(capsys, "run", str(path))
     assert status == 2 and "Traceback" not in err, err
-    assert err.startswith(f"error: results_dir {results}: cannot write there (") and "Permission denied" in err, err
+    assert err.startswith(f"error: results_dir {results}: cannot write there (") and "ACCESS_DENIED" in err, err
     assert (results / "cells" / "cut.parquet").exists()
 
 
