@@ -78,7 +78,7 @@ def _overview(a: Analysis) -> list[Block]:
         f"{len(frame)} cells ({failed} failed) over {frame['task'].nunique()} task(s), "
         f"{frame['method'].nunique()} method(s) and {frame['model'].nunique()} model size(s); metric `{a.metric}`; "
         f"N in the joint laws is `{a.x}`. "
-        + ("Intervals are 95 % percentile bootstrap intervals over cells, redrawn within each budget (each (N, D) for the joint "
+        + (f"Intervals are 95 % percentile bootstrap intervals over cells ({a.bootstrap} resamples), redrawn within each budget (each (N, D) for the joint "
            "laws) — where the questions are not redrawn (below), each resample's values "
            "spread about their point's mean by √(n/(n − 1)) for n seeds, so that they vary as much as n new seeds would (with 2 "
            "seeds a point, simulated 95 % intervals still covered the truth only 82–91 % of the time); a point measured once moves "
@@ -173,7 +173,10 @@ def _findings(a: Analysis) -> list[Block]:
                      f"means not disputing them{idle_note}). The share is each "
                      "pair's own, not corrected for the number of pairs (composition gains are, with Holm's correction): where "
                      "the truth is a tie, roughly one pair in ten to twenty still reaches it by chance (either side can), so a lone "
-                     "firm outcome among many pairs is weaker evidence than its share says.")  # fmt: skip
+                     "firm outcome among many pairs is weaker evidence than its share says. "
+                     f"The shares come from {a.bootstrap} resamples, so one near {CI_LEVEL:.0%} is itself uncertain by "
+                     f"±{100 * (CI_LEVEL * (1 - CI_LEVEL) / a.bootstrap) ** 0.5:.1f} points (one standard error): refit with "
+                     "more (`--bootstrap 1000`) before citing an outcome at the line.")  # fmt: skip
     trends = [s for s in a.scaling if s.enough_models]
     lines += [s.describe() + "." for s in trends if s.has_interval]
     bare = sum(not s.has_interval for s in trends)

@@ -94,7 +94,7 @@ class FitSummary:
         frame = a.loaded.frame
         n_failed = int((frame["status"] != "ok").sum()) if len(frame) else 0
         lines = [f"{len(frame)} rows ({n_failed} failed), {len(a.loaded.skipped)} unreadable files skipped; metric {a.metric}, "
-                 f"N = {a.x} in the joint laws, " + (JOINT_CI_NOTE if a.bootstrap else "no CIs (--bootstrap 0)")]
+                 f"N = {a.x} in the joint laws, " + (f"{a.bootstrap} resamples, {JOINT_CI_NOTE}" if a.bootstrap else "no CIs (--bootstrap 0)")]
         lines += [f"  skipped {s.path}: {s.reason}" for s in a.loaded.skipped]
         if a.loaded.unplanned or a.loaded.superseded or a.loaded.stale_data:
             lines.append(f"  {unplanned_note(a.loaded)}")
@@ -197,6 +197,8 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
     payload = {
         "metric": analysis.metric,
         "x": analysis.x,
+        "bootstrap": analysis.bootstrap,  # what else can differ between two fits of one directory, so that a reader can tell
+        "planned_only": analysis.loaded.planned_only,
         "rows": len(analysis.loaded.frame),
         "skipped_files": [s.__dict__ for s in analysis.loaded.skipped],
         "fits": frame.to_dict(orient="records"),

@@ -73,11 +73,13 @@ def test_crossover_trend_is_tighter_in_capability(by_capability: analysis.FitSum
 def test_fits_json_text_and_report_carry_the_comparison(by_capability: analysis.FitSummary, results: Path) -> None:
     payload = json.loads(Path(by_capability.paths["fits.json"]).read_text())
     assert payload["x"] == "neutral_loss" and payload["axis_comparison"]["best"] == "neutral_loss"
+    assert payload["bootstrap"] == by_capability.analysis.bootstrap > 0  # how many resamples its intervals rest on
     assert {c["family"] for c in payload["capabilities"]} == {"a", "b"}
     text = by_capability.to_text()
     assert "tighter law: x = neutral_loss" in text and "additive[neutral_loss]" in text
     # a joint law's resamples keep its models: its "95 %" intervals leave their scatter out, and the header says so
-    assert text.splitlines()[0].endswith("N = neutral_loss in the joint laws, 95% bootstrap CIs (a joint law's redraw seeds and "
+    assert text.splitlines()[0].endswith(f"N = neutral_loss in the joint laws, {by_capability.analysis.bootstrap} resamples, "
+                                         "95% bootstrap CIs (a joint law's redraw seeds and "
                                          "questions, not its models: narrower than its uncertainty across models)")
     page = analysis.write_report(str(results), bootstrap=10, x="task_score").report_page
     markdown = page.with_name("report.md").read_text()

@@ -366,12 +366,15 @@ def test_a_trend_does_not_say_fine_tuning_never_overtakes_on_the_models_it_leave
 
 @pytest.mark.parametrize("pairs", [9, 12])
 def test_many_crossovers_come_with_what_their_shares_mean_across_them(pairs: int) -> None:
-    """90 pairs in the quickstart, each a finding at 95 % of its own resamples with no correction for the rest."""
+    """90 pairs in the quickstart, each a finding at 95 % of its own resamples with no correction for the rest, nor for
+    how few resamples a share near the line was read from."""
     found = [dataclasses.replace(_crossover(f"m{i}", 50.0, 20.0, 80.0), share=0.96 if i % 3 else 0.5) for i in range(pairs)]
     a = SimpleNamespace(fits=[], scaling=[], crossovers=found, compositions=[], unchanged=[], metric="score", x="params",
                         loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))  # fmt: skip
     text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
     assert (f"{pairs - pairs // 3} of the {pairs} crossover outcomes are firm (95% of the resamples agreeing" in text) == (pairs >= 10), text
+    # a share of 200 resamples near 95 % is itself uncertain by √(.95 · .05 / 200) = 1.5 points: 96 % is not clear of the line
+    assert ("The shares come from 200 resamples, so one near 95% is itself uncertain by ±1.5 points" in text) == (pairs >= 10), text
 
 
 def _budget_curve(method: str, e: float, b: float, beta: float) -> SimpleNamespace:

@@ -27,7 +27,7 @@ def test_fit_metric_nll_fits_the_nll_column(tmp_path: Path, capsys) -> None:
     def fitted(metric: str) -> dict:
         assert main(["fit", str(tmp_path), "--metric", metric, "--bootstrap", "0", "--workers", "1"]) == 0
         saved = json.loads((tmp_path / ("fits.json" if metric == "score" else f"fits-{metric}.json")).read_text())
-        assert saved["metric"] == metric
+        assert saved["metric"] == metric and saved["bootstrap"] == 0 and saved["planned_only"] is False  # how it was fitted
         (curve,) = [f for f in saved["fits"] if f["method"] == "lora" and f["law"] == "power_D"]
         return curve
 
