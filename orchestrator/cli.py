@@ -491,28 +491,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     if unplanned and known:
         outside = Counter(scan.cells[c].status for c in unplanned)
         plan = _grid_name(args.results_dir, args.overrides) if _is_sweep_yaml(args.results_dir) else "the latest run's plan"
-        print(f"{len(unplanned)} more stored rows ({outside['ok']} ok, {outside['failed']} failed) are from cells not in {plan}: "
+        print(f"{_count(len(unplanned), 'more stored row')} ({outside['ok']} ok, {outside['failed']} failed) "
+              f"{'are' if len(unplanned) != 1 else 'is'} from cells not in {plan}: "
               "an earlier run with other seeds, budgets or models (fitted with the rest unless --planned-only), an earlier "
               "config of a method, or another sweep; the table lists them as (unplanned)")  # fmt: skip
     for cell_id in sorted(unplanned):  # rows from cells no longer in the plan (an earlier config): show them too
         stored = scan.cells[cell_id]
         entries.append({"cell_id": cell_id, "model": stored.model, "method": f"{stored.method} (unplanned)" if known else stored.method})
     print(_status_table(entries, scan.statuses()))
-    _print_failures(scan)
+    _print_failures(scan, unplanned if known else set())
     return 0
 
 
-def _print_failures(scan: StoreScan, shown: int = 5) -> None:
-    """Failed cells grouped by their error's first line, most common first: why they failed, without pandas."""
+def _print_failures(scan: StoreScan, unplanned: set[str], shown: int = 5) -> None:
+    """Failed cells grouped by their error's first line, most common first: why they failed, without pandas. Those of
+    cells `unplanned` (not in the plan) are marked: `run CONFIG --retry-failed` reruns the plan's cells only."""
     by_error: dict[str, list[StoredCell]] = defaultdict(list)
     for cell in scan.cells.values():
         if cell.status == "failed":
             by_error[cell.error or "(no error recorded)"].append(cell)
     if not by_error:
         return
-    print("failed cells, by error (rerun them with `steerscale run CONFIG --retry-failed`):")
+    outside = sum(cell.cell_id in unplanned for cells in by_error.values() for cell in cells)
+    rerun = ("the plan's with `steerscale run CONFIG --retry-failed`; those marked (unplanned) only with the config that "
+             "planned them") if outside else "them with `steerscale run CONFIG --retry-failed`"  # fmt: skip
+    print(f"failed cells, by error (rerun {rerun}):")
     for error, cells in sorted(by_error.items(), key=lambda item: -len(item[1]))[:shown]:
-        methods = ", ".join(sorted({f"{c.method} on {c.model}" for c in cells}))
+        methods = ", ".join(sorted({f"{c.method} on {c.model}{' (unplanned)' if c.cell_id in unplanned else ''}" for c in cells}))
         print(f"  {len(cells)} × {methods}: {error}")
     if len(by_error) > shown:
         print(f"  … and {len(by_error) - shown} other errors (each row's `error` column has the whole message)")
