@@ -175,8 +175,8 @@ def _findings(a: Analysis) -> list[Block]:
                      "the truth is a tie, roughly one pair in ten to twenty still reaches it by chance (either side can), so a lone "
                      "firm outcome among many pairs is weaker evidence than its share says. "
                      f"The shares come from {a.bootstrap} resamples, so one near {CI_LEVEL:.0%} is itself uncertain by "
-                     f"±{100 * (CI_LEVEL * (1 - CI_LEVEL) / a.bootstrap) ** 0.5:.1f} points (one standard error): refit with "
-                     "more (`--bootstrap 1000`) before citing an outcome at the line.")  # fmt: skip
+                     f"±{100 * (CI_LEVEL * (1 - CI_LEVEL) / a.bootstrap) ** 0.5:.1f} points (one standard error)"
+                     + (": refit with more (`--bootstrap 1000`) before citing an outcome at the line." if a.bootstrap < 1000 else "."))  # fmt: skip
     trends = [s for s in a.scaling if s.enough_models]
     lines += [s.describe() + "." for s in trends if s.has_interval]
     bare = sum(not s.has_interval for s in trends)

@@ -61,7 +61,8 @@ class BaseModel:
 
     def columns(self) -> dict[str, object]:
         """Its per-model results columns (per-token neutral NLL as if 4 bytes a token: the axes read per byte; the
-        elicited score 0.3 over its own base score, as `synthetic_rows` writes it, so no model's gap is negative)."""
+        elicited score 0.3 over its own base score, as `synthetic_rows` writes it but at most 1, so no model's gap is
+        negative)."""
         return {"family": self.family, "params_nonembed": self.params, "params_total": self.params * 2,
                 "score_base": self.score_base, "score_elicited": min(self.score_base + 0.3, 1.0),
                 "base_neutral_nll": self.neutral_nll_per_byte * 4.0, "base_neutral_nll_per_byte": self.neutral_nll_per_byte}  # fmt: skip

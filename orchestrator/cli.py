@@ -492,7 +492,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         outside = Counter(scan.cells[c].status for c in unplanned)
         plan = _grid_name(args.results_dir, args.overrides) if _is_sweep_yaml(args.results_dir) else "the latest run's plan"
         print(f"{_count(len(unplanned), 'more stored row')} ({outside['ok']} ok, {outside['failed']} failed) "
-              f"{'are' if len(unplanned) != 1 else 'is'} from cells not in {plan}: "
+              f"{'are from cells' if len(unplanned) != 1 else 'is from a cell'} not in {plan}: "
               "an earlier run with other seeds, budgets or models (fitted with the rest unless --planned-only), an earlier "
               "config of a method, or another sweep; the table lists them as (unplanned)")  # fmt: skip
     for cell_id in sorted(unplanned):  # rows from cells no longer in the plan (an earlier config): show them too
@@ -512,15 +512,20 @@ def _print_failures(scan: StoreScan, unplanned: set[str], shown: int = 5) -> Non
             by_error[cell.error or "(no error recorded)"].append(cell)
     if not by_error:
         return
-    outside = sum(cell.cell_id in unplanned for cells in by_error.values() for cell in cells)
-    rerun = ("the plan's with `steerscale run CONFIG --retry-failed`; those marked (unplanned) only with the config that "
-             "planned them") if outside else "them with `steerscale run CONFIG --retry-failed`"  # fmt: skip
+    failed = [cell for cells in by_error.values() for cell in cells]
+    outside = sum(cell.cell_id in unplanned for cell in failed)
+    if not outside:
+        rerun = "them with `steerscale run CONFIG --retry-failed`"
+    elif outside == len(failed):
+        rerun = "them with the config that planned them, `--retry-failed`: none is in the plan"
+    else:
+        rerun = "the plan's with `steerscale run CONFIG --retry-failed`; those marked (unplanned) only with the config that planned them"
     print(f"failed cells, by error (rerun {rerun}):")
     for error, cells in sorted(by_error.items(), key=lambda item: -len(item[1]))[:shown]:
         methods = ", ".join(sorted({f"{c.method} on {c.model}{' (unplanned)' if c.cell_id in unplanned else ''}" for c in cells}))
         print(f"  {len(cells)} × {methods}: {error}")
     if len(by_error) > shown:
-        print(f"  … and {len(by_error) - shown} other errors (each row's `error` column has the whole message)")
+        print(f"  … and {_count(len(by_error) - shown, 'other error')} (each row's `error` column has the whole message)")
 
 
 # Fewest resamples a 95 % percentile interval is read from: below 40 its 2.5 % end is the smallest resample

@@ -50,7 +50,7 @@ from orchestrator.store import ResultsStore
 
 HEARTBEAT_SECONDS = 60.0
 START_POLL_SECONDS = 5.0  # how often a driver waiting on workers to start looks again (a node lost, the timeout)
-START_FAILURES = 3  # workers of a shape in a row that die while starting, none of it running: the run stops
+START_FAILURES = 3  # workers of a shape in a row that die while starting, none of it running: the shape is given up
 # a shape whose workers have not started this long takes the room of idle workers no waiting cell can use (their
 # models go with them): longer than a worker's imports, which an adaptive loop's next batch would otherwise pay in reloads
 MAKE_WAY_SECONDS = 30.0
@@ -316,6 +316,10 @@ class OtherCodeError(RuntimeError):
     under an id no plan held: an adaptive run chose the cell again and again and overshot --max-cells."""
 
 
+def _cells(count: int) -> str:
+    return f"{count} cell{'s' if count != 1 else ''}"
+
+
 def crashed_row(cell: CellConfig, error: BaseException, attempt: int, handed_out: datetime) -> dict:
     """The row for a cell whose worker died on its last attempt (or was stopped past its timeout): identity,
     `failed`, and Ray's reason; it ran from when it was handed to the worker (`handed_out`) until now."""
@@ -489,8 +493,8 @@ def run_cells(
 
     def give_up(shape: Shape, error: str) -> None:
         """No cell of `shape` waits for a worker any more; the run stops with `error` once the cells of other shapes
-        (another node group's, another GPU fraction's), running or queued, have run and been stored. It stopped at
-        once before, their cells cut off, hours of them perhaps."""
+        (those reserving another number of GPUs: another model's gpus_per_cell), running or queued, have run and been
+        stored. It stopped at once before, their cells cut off, hours of them perhaps."""
         left = queued(shape)
         for waiting_cells in queues.pop(shape, {}).values():
             for cell, attempt in waiting_cells:
@@ -504,15 +508,14 @@ def run_cells(
         others = sum(queued(other) for other in queues) + len(in_flight)
         if others:  # else the run stops now, with the error itself
             bar.write(f"{START_FAILURES} workers with {shape.cpus:g} CPUs and {shape.gpus:g} GPUs in a row died while starting "
-                      f"({error.strip().splitlines()[-1] if error.strip() else 'no error text'}): their {left} cells are not run; "
-                      f"the other {others} cells ({len(in_flight)} running) go on, then the run stops with this error")  # fmt: skip
+                      f"({error.strip().splitlines()[-1] if error.strip() else 'no error text'}): {_cells(left)} of theirs not run; "
+                      f"the other {_cells(others)} ({len(in_flight)} running) go on, then the run stops with this error")  # fmt: skip
 
     def raise_given_up() -> None:
         if given_up:
-            not_run = sum(left for _, left in given_up)
             raise WorkersNotStartingError(
                 f"{START_FAILURES} workers in a row died while starting; the last: {given_up[-1][0]}\n"
-                f"{not_run} cell{'s' if not_run != 1 else ''} not run; every finished row is stored — fix the cause and rerun "
+                f"{_cells(sum(left for _, left in given_up))} not run; every finished row is stored — fix the cause and rerun "
                 "the same command to run the rest"
             )
 

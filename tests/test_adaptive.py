@@ -1026,8 +1026,8 @@ def test_adaptive_retry_failed_runs_its_batch_as_planned_when_the_store_was_read
     store = ResultsStore(str(tmp_path / "r"))
     store.write(crashed_row(cell.config, RuntimeError("a node was lost"), 1, datetime.now(timezone.utc)))
     read_at: list[float] = []
-    real_stored, real_prepare = cli._stored, cli._prepare_data
-    monkeypatch.setattr(cli, "_stored", lambda *a, **k: read_at.append(time.time()) or real_stored(*a, **k))
+    real_scan, real_prepare = ResultsStore.scan, cli._prepare_data
+    monkeypatch.setattr(ResultsStore, "scan", lambda self, **options: read_at.append(time.time()) or real_scan(self, **options))
     monkeypatch.setattr(cli, "_prepare_data", lambda cells: time.sleep(0.05) or real_prepare(cells))  # a download's minutes
     batches: list[tuple[list[str], float]] = []
 

@@ -245,7 +245,7 @@ def test_status_counts_what_remains_of_the_plan_and_shows_rows_from_outside_it(t
     assert ": 5 ok, 0 failed, 5 remaining" in out
     assert "3 more stored rows (2 ok, 1 failed) are from cells not in the latest run's plan" in out
     # the plan's config with --retry-failed would never rerun it: said so, not "rerun them with --retry-failed"
-    assert failures.splitlines()[0].startswith(" (rerun the plan's with `steerscale run CONFIG --retry-failed`; those marked (unplanned) only")
+    assert failures.splitlines()[0] == " (rerun them with the config that planned them, `--retry-failed`: none is in the plan):"
     assert failures.splitlines()[1:] == ["  1 × prompt on gpt2 (unplanned): OSError: gpt2 is not on this machine"]
     table = [line.split() for line in out.splitlines()[3:]]  # after the summary, the note, the header and its rule
     assert table[1:] == [  # the plan's models in its order (smallest first), not alphabetical; then the unplanned rows

@@ -54,9 +54,9 @@ class SplitPlan:
 
     Rows are told apart by their `key` text stripped, as the prompts strip it: a split holds one row
     per text (a repeated row would count twice towards a budget), rows of a shared hub split are
-    carved by it, and where one of ours is a hub split of its own, the splits after it in `KEPT_BEFORE`
-    keep none of its texts (train none of validation's nor test's, validation none of test's). So no
-    prompt is in two of our splits.
+    carved by it, and each of ours keeps none of the texts of the other hub splits that `KEPT_BEFORE` says win
+    over it (train none of validation's nor test's, validation none of test's). So no prompt is in two
+    of our splits.
     """
 
     train: str
