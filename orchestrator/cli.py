@@ -21,7 +21,7 @@ from workers.registry import UnknownNameError
 
 from orchestrator.address import check_listening
 from orchestrator.claims import Claims
-from orchestrator.errors import ROWS_LOST_NOTE, SweepStoppedError
+from orchestrator.errors import ROWS_LOST_NOTE, SweepStoppedError, counted
 from orchestrator.store import ResultsStore, StoredCell, StoreScan, read_manifest, write_manifest
 
 if TYPE_CHECKING:
@@ -171,8 +171,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     status = scan.statuses()
     statuses = [status.get(c.cell_id) for c in cells]
     dims = (
-        f"{_count(len(spec.models), 'model')} × {_count(len(spec.tasks), 'task')} × {_count(len(spec.methods), 'method')} × "
-        f"budgets {spec.budgets} × {_count(len(spec.seeds), 'seed')}"
+        f"{counted(len(spec.models), 'model')} × {counted(len(spec.tasks), 'task')} × {counted(len(spec.methods), 'method')} × "
+        f"budgets {spec.budgets} × {counted(len(spec.seeds), 'seed')}"
     )
     print(f"sweep {spec.sweep} -> {spec.results_dir}")
     own = "; ".join(f"{method}: {', '.join(map(str, spec.budgets_for(method)))}" for method in spec.methods
@@ -232,10 +232,6 @@ def _compute_to_go(cells: list[PlannedCell], scan: StoreScan) -> str:
     amount = f"{total / 60:.1f} min" if total >= 60 else f"{total:.0f} s"
     return (f"cell compute to go: ≈ {amount} over {len(known)} cells (from the stored cells of each one's model and method, "
             f"scaled to its budget; divide by the workers for wall time){rest}")  # fmt: skip
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _print_cell(spec: SweepSpec, planned: list[PlannedCell], wanted: str) -> int:
@@ -392,12 +388,12 @@ def _run_adaptive(
     def execute(batch: list[PlannedCell], planned_at: float) -> None:
         outcome = run_cells(batch, store, spec.resources, address=args.address, progress=not args.no_progress,
                             dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
-        print(f"  ran {_count(outcome.ok + outcome.failed, 'cell')} in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed")
+        print(f"  ran {counted(outcome.ok + outcome.failed, 'cell')} in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed")
 
     if args.retry_failed:
         stored = scan.statuses()
         failed = [c for c in cells if stored.get(c.cell_id) == "failed"]
-        print(f"--retry-failed: {_count(len(failed), 'failed cell')} of the grid run again before the adaptive rounds")
+        print(f"--retry-failed: {counted(len(failed), 'failed cell')} of the grid run again before the adaptive rounds")
         if failed:
             execute(failed, planned_at)
     settings = Settings(**{name: getattr(args, name) for name in ADAPTIVE_FLAGS if getattr(args, name) is not None})
@@ -450,9 +446,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = run_cells(todo, store, spec.resources, address=args.address, progress=not args.no_progress,
                         dashboard=not args.no_dashboard, planned_at=planned_at)  # fmt: skip
     print(
-        f"ran {_count(outcome.ok + outcome.failed, 'cell')} in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed; "
-        f"{_count(outcome.total_model_loads, 'model load')} by {_count(len(outcome.model_loads), 'worker')}"
-        + (f" (and {_count(outcome.workers_lost, 'worker')} lost mid-cell, whose loads are not counted)" if outcome.workers_lost else "")
+        f"ran {counted(outcome.ok + outcome.failed, 'cell')} in {outcome.wall_seconds:.0f}s: {outcome.ok} ok, {outcome.failed} failed; "
+        f"{counted(outcome.total_model_loads, 'model load')} by {counted(len(outcome.model_loads), 'worker')}"
+        + (f" (and {counted(outcome.workers_lost, 'worker')} lost mid-cell, whose loads are not counted)" if outcome.workers_lost else "")
     )
     if outcome.skipped_claimed:
         print(f"{outcome.skipped_claimed} cells were left alone: another live driver has claimed them, or stored their rows "
@@ -491,7 +487,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if unplanned and known:
         outside = Counter(scan.cells[c].status for c in unplanned)
         plan = _grid_name(args.results_dir, args.overrides) if _is_sweep_yaml(args.results_dir) else "the latest run's plan"
-        print(f"{_count(len(unplanned), 'more stored row')} ({outside['ok']} ok, {outside['failed']} failed) "
+        print(f"{counted(len(unplanned), 'more stored row')} ({outside['ok']} ok, {outside['failed']} failed) "
               f"{'are from cells' if len(unplanned) != 1 else 'is from a cell'} not in {plan}: "
               "an earlier run with other seeds, budgets or models (fitted with the rest unless --planned-only), an earlier "
               "config of a method, or another sweep; the table lists them as (unplanned)")  # fmt: skip
@@ -525,7 +521,7 @@ def _print_failures(scan: StoreScan, unplanned: set[str], shown: int = 5) -> Non
         methods = ", ".join(sorted({f"{c.method} on {c.model}{' (unplanned)' if c.cell_id in unplanned else ''}" for c in cells}))
         print(f"  {len(cells)} × {methods}: {error}")
     if len(by_error) > shown:
-        print(f"  … and {_count(len(by_error) - shown, 'other error')} (each row's `error` column has the whole message)")
+        print(f"  … and {counted(len(by_error) - shown, 'other error')} (each row's `error` column has the whole message)")
 
 
 # Fewest resamples a 95 % percentile interval is read from: below 40 its 2.5 % end is the smallest resample
@@ -665,11 +661,11 @@ def _why_none_to_fit(loaded: LoadedResults) -> str:
     """What became of the rows found, where none was fit: failed, unreadable, left out (and by what)."""
     failed = int((loaded.frame["status"] != "ok").sum()) if len(loaded.frame) else 0
     unlisted = loaded.unplanned if loaded.planned_only else 0
-    reasons = [_count(failed, "failed row") if failed else "",
-               _count(len(loaded.skipped), "unreadable file") if loaded.skipped else "",
-               f"{_count(unlisted, 'row')} of cells {loaded.plan_name} does not list, left out by --planned-only" if unlisted else "",
-               f"{_count(loaded.superseded, 'row')} of an earlier config of a planned cell, left out" if loaded.superseded else "",
-               f"{_count(loaded.stale_data, 'row')} scored on an older version of their task's data, left out" if loaded.stale_data else ""]  # fmt: skip
+    reasons = [counted(failed, "failed row") if failed else "",
+               counted(len(loaded.skipped), "unreadable file") if loaded.skipped else "",
+               f"{counted(unlisted, 'row')} of cells {loaded.plan_name} does not list, left out by --planned-only" if unlisted else "",
+               f"{counted(loaded.superseded, 'row')} of an earlier config of a planned cell, left out" if loaded.superseded else "",
+               f"{counted(loaded.stale_data, 'row')} scored on an older version of their task's data, left out" if loaded.stale_data else ""]  # fmt: skip
     return "; ".join(r for r in reasons if r) or "no rows stored"
 
 

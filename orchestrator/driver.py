@@ -42,7 +42,7 @@ from workers.run_cell import identity_columns
 from orchestrator.address import check_listening, unreachable
 from orchestrator.cellcost import longest_first
 from orchestrator.claims import Claims
-from orchestrator.errors import ROWS_LOST_NOTE, ClusterShrankError, StoreWriteError, WorkersNotStartingError
+from orchestrator.errors import ROWS_LOST_NOTE, ClusterShrankError, StoreWriteError, WorkersNotStartingError, counted
 from orchestrator.grid import PlannedCell
 from orchestrator.pool import POOL, CellResult, Shape, Worker, live_nodes, next_model, node_capacity
 from orchestrator.spec import Resources
@@ -316,10 +316,6 @@ class OtherCodeError(RuntimeError):
     under an id no plan held: an adaptive run chose the cell again and again and overshot --max-cells."""
 
 
-def _cells(count: int) -> str:
-    return f"{count} cell{'s' if count != 1 else ''}"
-
-
 def crashed_row(cell: CellConfig, error: BaseException, attempt: int, handed_out: datetime) -> dict:
     """The row for a cell whose worker died on its last attempt (or was stopped past its timeout): identity,
     `failed`, and Ray's reason; it ran from when it was handed to the worker (`handed_out`) until now."""
@@ -508,14 +504,14 @@ def run_cells(
         others = sum(queued(other) for other in queues) + len(in_flight)
         if others:  # else the run stops now, with the error itself
             bar.write(f"{START_FAILURES} workers with {shape.cpus:g} CPUs and {shape.gpus:g} GPUs in a row died while starting "
-                      f"({error.strip().splitlines()[-1] if error.strip() else 'no error text'}): {_cells(left)} of theirs not run; "
-                      f"the other {_cells(others)} ({len(in_flight)} running) go on, then the run stops with this error")  # fmt: skip
+                      f"({error.strip().splitlines()[-1] if error.strip() else 'no error text'}): {counted(left, 'cell')} of theirs not run; "
+                      f"the other {counted(others, 'cell')} ({len(in_flight)} running) go on, then the run stops with this error")  # fmt: skip
 
     def raise_given_up() -> None:
         if given_up:
             raise WorkersNotStartingError(
                 f"{START_FAILURES} workers in a row died while starting; the last: {given_up[-1][0]}\n"
-                f"{_cells(sum(left for _, left in given_up))} not run; every finished row is stored — fix the cause and rerun "
+                f"{counted(sum(left for _, left in given_up), 'cell')} not run; every finished row is stored — fix the cause and rerun "
                 "the same command to run the rest"
             )
 
@@ -619,7 +615,7 @@ def run_cells(
             cell, err, left = unclaimed
             raise StoreWriteError(
                 f"could not claim {cell.config.slug} after {len(STORE_RETRY_SECONDS) + 1} tries: {err}; "
-                f"{left} cell{'s' if left != 1 else ''} not started; every finished row is stored — rerun the same command "
+                f"{counted(left, 'cell')} not started; every finished row is stored — rerun the same command "
                 "once the store takes writes to run the rest"
             )
 

@@ -2,6 +2,11 @@
 the CLI can turn them into a message and an exit code without importing the driver."""
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 cell', '2 cells': the driver's and the CLI's messages count in one grammar."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 class SweepStoppedError(RuntimeError):
     """Cells are left that cannot run now; what finished is stored and a rerun resumes."""
 

@@ -330,12 +330,12 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     neutral = ("base_neutral_nll", "neutral_kl") if cell.eval.neutral_size else ()
     # the off-task NLLs too, though no column keeps them: NaN log-probs score every question as its first choice, so a
     # NaN off-task pass gave a finite offtask_score_delta and an ok row
-    offtask_nll = {f"{name} off-task nll{side}": result.nll for name in offtask
-                   for side, result in (("", offtask_results[name]), (" (base model)", base.offtask[name]))}  # fmt: skip
+    unstored_nll = {f"{name} off-task nll{side}": result.nll for name in offtask
+                    for side, result in (("", offtask_results[name]), (" (base model)", base.offtask[name]))}  # fmt: skip
     # and the elicited prompts' (an instruction or header in front: longer, so first to overflow in fp16), or
     # score_elicited is a first-choice score stored as the base model's latent ability
-    offtask_nll |= {"elicited nll (base model)": base.elicited.nll} if base.elicited else {}
-    check_finite({**measured, **offtask_nll}, ("score", "nll", "score_base", "nll_base", *neutral, *offtask_nll))
+    unstored_nll |= {"elicited nll (base model)": base.elicited.nll} if base.elicited else {}
+    check_finite({**measured, **unstored_nll}, ("score", "nll", "score_base", "nll_base", *neutral, *unstored_nll))
     return measured
 
 

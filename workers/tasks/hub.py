@@ -80,10 +80,8 @@ class SplitPlan:
         # another of ours drawn from a hub split of its own keeps its texts: test all of them, validation all but
         # test's; train gives up both's (a hub's validation sharing texts with its train left them in both of ours)
         kept_by_others = {getattr(self, other) for other in KEPT_BEFORE[split]} - {hub}
-        for other_hub in sorted(kept_by_others):
-            taken = {_text(row, key) for row in load_rows(source, other_hub)}
-            rows = [row for row in rows if _text(row, key) not in taken]
-        return tuple(rows)
+        taken = {_text(row, key) for other_hub in kept_by_others for row in load_rows(source, other_hub)}
+        return tuple(row for row in rows if _text(row, key) not in taken)
 
     def hub_splits(self) -> tuple[str, ...]:
         """The hub splits our three are drawn from, each once, in a fixed order."""
