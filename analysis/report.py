@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -692,22 +693,27 @@ def render_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _inline(text: str) -> str:
+    """Escaped text for the page, where the markdown's `code` spans (commands, names) become <code>: the page showed the backticks."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def render_html(blocks: list[Block]) -> str:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>steerscale report</title>",
              "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body><h1>steerscale report</h1>"]  # fmt: skip
+             "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}</style></head><body><h1>steerscale report</h1>"]  # fmt: skip
     for b in blocks:
         if isinstance(b, Heading):
-            parts.append(f"<h2>{html.escape(b.text)}</h2>")
+            parts.append(f"<h2>{_inline(b.text)}</h2>")
         elif isinstance(b, Paragraph):
-            parts.append(f"<p>{html.escape(b.text)}</p>")
+            parts.append(f"<p>{_inline(b.text)}</p>")
         elif isinstance(b, Table):
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+            head = "".join(f"<th>{_inline(h)}</th>" for h in b.header)
+            body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b.rows)
             parts.append(f"<table><tr>{head}</tr>{body}</table>")
         else:
             data = base64.b64encode(b.path.read_bytes()).decode()
-            parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b.caption)}'><figcaption>{html.escape(b.caption)}</figcaption></figure>")
+            parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b.caption)}'><figcaption>{_inline(b.caption)}</figcaption></figure>")
     return "\n".join(parts) + "</body></html>\n"
 
 

@@ -325,6 +325,16 @@ def test_a_table_cell_with_a_pipe_or_a_line_break_stays_one_cell():
     assert row == "| m1 | all 2 cells failed (first error: x \\| y more) |"
 
 
+def test_the_page_shows_code_spans_as_code_and_escapes_the_rest():
+    """report.html showed the markdown's backticks around commands; text inside and outside them stays escaped."""
+    from analysis.report import Paragraph, Table, render_html
+
+    page = render_html([Paragraph("rerun with `steerscale fit --bootstrap 1000` if a < b"), Table(("note",), [("`<x>` & `y`",)])])
+    assert "rerun with <code>steerscale fit --bootstrap 1000</code> if a &lt; b" in page
+    assert "<td><code>&lt;x&gt;</code> &amp; <code>y</code></td>" in page
+    assert "`" not in page
+
+
 def test_rows_left_out_of_a_curve_are_counted_in_its_row_budget_zero_included(tmp_path: Path) -> None:
     """lora measured at D=0 too (the model before post-training): 2 of its 10 rows have no place on a log-budget
     axis. The table said n 8 and left out 0/0/0, so 2 rows went missing without a word."""
