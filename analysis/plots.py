@@ -20,9 +20,11 @@ from analysis.capability import AXES  # noqa: E402
 from analysis.crossover import CrossoverScaling, budget_curves  # noqa: E402
 from analysis.curves import LawFit  # noqa: E402
 from analysis.decisions import Decisions  # noqa: E402
+from analysis.metrics import BASE_COLUMN  # noqa: E402
 from analysis.summary import Analysis  # noqa: E402
 
 BAND = (2.5, 97.5)
+BEFORE_LABEL = "dotted: before post-training (D=0)"
 LOG_PAD = 0.1  # of a log axis' span in ln units, and at least this much (±10 %) around a lone value
 
 
@@ -84,9 +86,21 @@ def _models_by_size(curves: list[LawFit]) -> list[str]:
     return sorted(size, key=lambda model: (np.isnan(size[model]), np.nan_to_num(size[model]), model))
 
 
+def _before_post_training(analysis: Analysis, task: str) -> dict[str, float]:
+    """Each model's metric before any post-training (the base model on the test set: `score_base`, `nll_base`),
+    the median over the task's ok rows; what a budget curve starts from, which a log budget axis has no D=0 for."""
+    ok = analysis.loaded.ok
+    column = BASE_COLUMN[analysis.metric]
+    if column not in ok:
+        return {}
+    rows = ok[(ok["task"] == task) & np.isfinite(ok[column].to_numpy(float))]
+    return {str(model): float(value) for model, value in rows.groupby("model")[column].median().items()}
+
+
 def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None:
-    """Metric against budget per model, one panel per method, fitted curve with 95 % band. A colour per
-    model, in order of size: two families' models of one size are two curves to tell apart."""
+    """Metric against budget per model, one panel per method, fitted curve with 95 % band, and a dotted line at
+    the model's metric before post-training (D=0). A colour per model, in order of size: two families' models
+    of one size are two curves to tell apart."""
     curves = [f for f in analysis.fits if f.task == task and not f.joint and len(f.points.value)]
     methods = sorted({f.method for f in curves})
     if not methods:
@@ -99,9 +113,12 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
         spare.set_visible(False)
     models = _models_by_size(curves)
     colours = dict(zip(models, plt.cm.viridis(np.linspace(0, 0.9, len(models)))))
+    base = _before_post_training(analysis, task)
     for ax, method in zip(panels, methods):
         for f in sorted((f for f in curves if f.method == method), key=lambda f: models.index(f.model)):
             colour = colours[f.model]
+            if f.model in base:
+                ax.axhline(base[f.model], color=colour, ls=":", lw=1, label=BEFORE_LABEL)
             ax.scatter(f.points.d, f.points.value, s=10, color=colour, alpha=0.6)
             if f.ok:
                 d = np.geomspace(f.points.d.min(), f.points.d.max(), 100)
@@ -115,8 +132,10 @@ def budget_curves_plot(analysis: Analysis, task: str, path: Path) -> Path | None
         _readable_log_ticks(ax.xaxis)
     # one legend for every panel (the models are the same), beside the first row, where it covers no point
     shown = {label: handle for ax in panels for handle, label in zip(*ax.get_legend_handles_labels())}
+    if dotted := shown.pop(BEFORE_LABEL, None):  # last, in grey: it stands for every model's
+        shown[BEFORE_LABEL] = plt.Line2D([], [], color="grey", ls=dotted.get_linestyle(), lw=1)
     _legend_beside(grid[0][-1], shown)
-    values = np.concatenate([f.points.value for f in curves])
+    values = np.concatenate([f.points.value for f in curves] + [np.array([base[m] for m in models if m in base])])
     pad = 0.1 * (values.max() - values.min()) or 0.05
     panels[0].set_ylim(values.min() - pad, values.max() + pad)  # the data's range: a wide band must not flatten it
     for row in grid:

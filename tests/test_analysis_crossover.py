@@ -202,7 +202,7 @@ def test_the_crossover_plot_reads_with_one_model_or_several(crossing: int, tmp_p
 def test_the_budget_plot_labels_a_narrow_budget_range_in_plain_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Budgets 4 to 32, under a decade: matplotlib labelled them "4×10⁰ 6×10⁰ 10¹ 2×10¹"."""
     rows = synthetic_rows({("t", "lora", "m1"): EARLY}, {"m1": 10**6}, (4, 8, 16, 32), seeds=1, noise=0.02, rng=np.random.default_rng(0))
-    a = SimpleNamespace(fits=fit_curves(pd.DataFrame(rows), metric="score", bootstrap=0, seed=0), metric="score")
+    a = SimpleNamespace(fits=fit_curves(pd.DataFrame(rows), metric="score", bootstrap=0, seed=0), metric="score", loaded=SimpleNamespace(ok=pd.DataFrame(rows)))
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
     assert plots.budget_curves_plot(a, "t", tmp_path / "x.png") is not None
@@ -231,10 +231,17 @@ def test_the_budget_plot_gives_two_models_of_one_size_their_own_colours(tmp_path
     fits = [f for f in fit_curves(pd.DataFrame(rows), metric="score", bootstrap=0, seed=0) if not f.joint]
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
-    assert plots.budget_curves_plot(SimpleNamespace(fits=fits, metric="score"), "t", tmp_path / "x.png") is not None
-    colour = {line.get_label().split(" (")[0]: line.get_color() for line in figures[0].axes[0].get_lines()}
+    frame = pd.DataFrame(rows).assign(score_base=lambda f: f["model"].map({"pythia-1b": 0.1, "qwen-1b": 0.2, "pythia-2b": 0.3}))
+    loaded = SimpleNamespace(ok=pd.concat([frame, frame.iloc[:1].assign(task="other", score_base=0.9)]))  # another task's base: not drawn
+    assert plots.budget_curves_plot(SimpleNamespace(fits=fits, metric="score", loaded=loaded), "t", tmp_path / "x.png") is not None
+    lines = figures[0].axes[0].get_lines()
+    colour = {line.get_label().split(" (")[0]: line.get_color() for line in lines if line.get_label() != plots.BEFORE_LABEL}
     assert sorted(colour) == sorted(sizes)
     assert len({tuple(c) for c in colour.values()}) == 3, colour
+    # each model's score before post-training, a dotted line across the panel in the model's colour (a log budget axis has no D=0)
+    base = {line.get_ydata()[0]: line.get_color() for line in lines if line.get_label() == plots.BEFORE_LABEL}
+    assert base == {0.1: colour["pythia-1b"], 0.2: colour["qwen-1b"], 0.3: colour["pythia-2b"]}
+    assert figures[0].axes[0].get_ylim()[0] < 0.1  # the lines are in view
 
 
 def test_no_axis_error_says_why_when_there_were_three_models(tmp_path: Path) -> None:
