@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -214,7 +214,15 @@ def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
                       for u in analysis.unchanged],  # fmt: skip
     }
     return {"fits.parquet": write_table(results_dir, fit_file(analysis.metric, analysis.x, "parquet"), frame),
+            "crossovers.parquet": write_table(results_dir, f"crossovers{output_suffix(analysis.metric, analysis.x)}.parquet", crossover_frame(analysis.crossovers)),
             "fits.json": write_json(results_dir, fit_file(analysis.metric, analysis.x, "json"), payload)}
+
+
+def crossover_frame(crossovers: list[Crossover]) -> pd.DataFrame:
+    """One row per (task, model, steering, fine-tuning) pair: D*, its interval (±inf kept as floats, where fits.json
+    writes "inf"), the share of resamples that agree and the verdict: the study's answer as a table to load."""
+    columns = [f.name for f in fields(Crossover) if f.name != "overtakes"]
+    return pd.DataFrame([c.record() for c in crossovers], columns=columns)
 
 
 def fit_results(

@@ -63,6 +63,19 @@ def test_the_d_star_interval_counts_resamples_where_the_curves_do_not_cross() ->
     assert c.interval().startswith("[< 4, ") and "inf" not in c.interval()
 
 
+def test_the_crossovers_table_keeps_every_field_and_its_infinite_ends(tmp_path: Path) -> None:
+    """crossovers.parquet beside fits.json: the study's answer as a table to load; an interval end below every budget
+    stays -inf there (fits.json can only write it as the text "-inf"), and a sweep with no pair still has the columns."""
+    from analysis.io import write_table
+    from analysis.summary import crossover_frame
+
+    c = _one_crossover(steering=LATE, finetuning=EARLY, seeds=3, noise=0.12)
+    (row,) = pd.read_parquet(write_table(str(tmp_path), "c.parquet", crossover_frame([c]))).to_dict(orient="records")
+    assert row["d_star_lo"] == -np.inf and row["outcome"] == "crosses" and row["d_star"] == pytest.approx(c.d_star)
+    assert row.keys() == c.record().keys() and all(row[k] == v or (v != v and row[k] != row[k]) for k, v in c.record().items())
+    assert list(crossover_frame([]).columns) == list(row)
+
+
 def test_the_interval_of_steering_overtaking_is_where_steering_leads_from() -> None:
     """The methods swapped: steer_mean overtakes lora, and its D* interval counts the resamples from steering's
     side, around D*; counted from fine-tuning's side (behind at the largest budget: +inf) it was [> 1.02e+03]."""

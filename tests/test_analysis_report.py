@@ -72,8 +72,9 @@ def test_the_report_saves_the_fits_it_reports(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "fits.json").read_text())
     fitted = analysis.fit_results(str(tmp_path), bootstrap=20, seed=3)
     assert written == json.loads((tmp_path / "fits.json").read_text())
-    assert set(reported.paths) == {"fits.parquet", "fits.json", "report.html"} and set(fitted.paths) == {"fits.parquet", "fits.json"}
-    assert reported.to_text().splitlines()[:-3] == fitted.to_text().splitlines()[:-2]  # the same table, then what each wrote
+    assert set(reported.paths) == {"fits.parquet", "crossovers.parquet", "fits.json", "report.html"}
+    assert set(fitted.paths) == {"fits.parquet", "crossovers.parquet", "fits.json"}
+    assert reported.to_text().splitlines()[:-4] == fitted.to_text().splitlines()[:-3]  # the same table, then what each wrote
 
 
 @pytest.mark.parametrize("case", ["one_model_few_budgets", "only_failed", "empty"])
