@@ -33,7 +33,7 @@ from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, save_fits
-from analysis.unchanged import unchanged_share
+from analysis.unchanged import unchanged_counts, unchanged_share
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ def _overview(a: Analysis) -> list[Block]:
            "outcome, every resample also redraws the task's test questions (one draw per resample for all its cells, so methods "
            "compared on it stay paired) and refits to the scores on them; composition gains and the best method's lead have Welch "
            "t-intervals over seeds, with the questions' own variance added where the rows store their outcomes (paired: both sides "
-           "answered the same questions)."
+           "answered the same questions) — which also adds its degrees of freedom, so with 2 seeds a side such an interval is "
+           "often narrower than the seeds' alone, and covered the truth about 93 % of the time in simulations (95 % with 3 seeds)."
            if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
@@ -235,7 +236,8 @@ def best_measured(task: str, stored: pd.DataFrame, metric: str) -> str:
     (value, method, n_cells), *rest = levels
     tied = [m for v, m, _ in rest if _level(v, value)]
     rest = [level for level in rest if not _level(level[0], value)]
-    who = f"{method} measured best" if not tied else f"{' and '.join([method, *tied])} measured best (tied)"
+    copies = "".join(_copy_note(m, method, rows_at(m, budget), rows_at(method, budget), metric) for m in tied)
+    who = f"{method} measured best" if not tied else f"{' and '.join([method, *tied])} measured best (tied{copies})"
     left_out = sorted(set(budgets) - {m for _, m, _ in levels})
     where = (f"at the largest budget all its methods share (D={budget:g})" if not left_out else
              f"at D={budget:g}, the largest budget shared by {len(levels)} of its {len(cells)} methods ({', '.join(left_out)} not measured there)")  # fmt: skip
@@ -245,6 +247,15 @@ def best_measured(task: str, stored: pd.DataFrame, metric: str) -> str:
         sentence += f", {_lead(rows_at(method, budget), rows_at(runner_up, budget), runner_up, metric)}"
         sentence += "; then " + ", ".join(f"{m} {v:.3g}" for v, m, _ in rest[:3])
     return sentence + unmeasured + "."
+
+
+def _copy_note(method: str, other: str, cells: pd.DataFrame, others: pd.DataFrame, metric: str) -> str:
+    """'; a scored as b, to the bit, in 2 of 2 cells' where `method`'s cells equal `other`'s on the same seed in
+    `metric` and the NLL: a tie of a composition with its part that chose to add nothing is one method's result, not two."""
+    columns = [c for c in dict.fromkeys((metric, "nll")) if c in cells and c in others]
+    paired = cells.merge(others, on="seed", suffixes=("", "_other"))
+    same = int(np.logical_and.reduce([paired[c].to_numpy(float) == paired[f"{c}_other"].to_numpy(float) for c in columns]).sum()) if len(paired) else 0
+    return f"; {method} scored as {other}, to the bit, in {same} of {len(paired)} cells on the same seeds" if same else ""
 
 
 def _unrounded(value: float) -> float:
@@ -357,9 +368,10 @@ def _crossover_table(a: Analysis) -> list[Block]:
         "the same outcome: under 95 % the outcome is not a finding (as `steerscale fit` marks it), and near one half it is a coin "
         "flip (the curves are tied), not only where D* falls; where most resamples give another outcome, that one follows with "
         "its share (`tied (6%; most resamples: FT ahead, 80%)`: the fitted curves tie, but resamples of the cells mostly do not). "
-        "†: the means measured at the budgets either side of D* do not "
-        "show the swap the fitted curves place between them — or, with no crossing (ahead throughout, tied), the means at a "
-        "budget both measured contradict the outcome (`steerscale fit` says where): a law that does not describe its "
+        "†: at a budget measured either side of D*, the side the fitted curves put behind leads by more than the scores' "
+        "resolution and past its 95 % Welch interval — or, with no crossing (ahead throughout, tied), the means at a "
+        "budget both measured contradict the outcome so (`steerscale fit` says where); a lead within noise is no † (means "
+        "that merely fail to show a swap, on 2 seeds, are the rule near D*): a law that does not describe its "
         "data gives an outcome every resample agrees with, so such an outcome is not a finding whatever its share. "
         "‡: both methods left the model as it was (chose, or were set, to do nothing) in at least half of the cells "
         "(budget and seed) both measured on that model: the outcome mostly compares the base model with itself, not "
@@ -570,6 +582,7 @@ def _selectivity(a: Analysis) -> list[Block]:
     if points.empty:
         return [heading, Paragraph("No ok cells.")]
     size = a.loaded.ok.groupby("model")["params_nonembed"].max()
+    idle = unchanged_counts(a.loaded.ok)
     rows = []
     for task, on_task in points.groupby("task", sort=True):
         model = max(on_task["model"].unique(), key=lambda m: (np.nan_to_num(size.get(m, np.nan), nan=-1.0), m))
@@ -580,16 +593,19 @@ def _selectivity(a: Analysis) -> list[Block]:
             at_shared = at[at["budget"] == max(shared)] if shared else at.iloc[:0]
             pick = at_shared if len(at_shared) else at
             r = pick.loc[pick["budget"].idxmax()]
-            rows.append((task, model, method, f"{r['budget']:g}", *(_num(_unrounded(r[c])) for c in ("gain", "gap_closed", "neutral_kl", "offtask_score_delta"))))
+            same, cells = idle.get((task, model, method, float(r["budget"])), (0, 0))
+            rows.append((task, model, method, f"{r['budget']:g}", *(_num(_unrounded(r[c])) for c in ("gain", "gap_closed", "neutral_kl", "offtask_score_delta")),
+                         f"{same}/{cells}" if cells else "-"))  # fmt: skip
     note = Paragraph("Gain: score over the base model. Gap closed: that gain over what the base model scores when asked "
                      "explicitly (the elicited prompt), 1 = all of it (past 1: beyond it); - when the task has no elicited prompt or that gap is "
                      "negative or under two questions of the test set (a share of it would be noise). Neutral KL: "
                      "shift of the next-token distribution on neutral text (nats per token). Off-task: score change on the "
                      "sweep's other tasks. Means over seeds, on each task's largest model only (the model column), each method at "
                      "the largest budget all of them share on that model (else its own largest); every model and budget is in the "
-                     "selectivity plots.")  # fmt: skip
+                     "selectivity plots. Unchanged: of those cells, how many left the model as it was (test NLL the base model's to the "
+                     "bit: the method chose to do nothing), whose 0 gain, KL and off-task Δ are no sign of a selective method.")  # fmt: skip
     blocks: list[Block] = [heading, note, *[Paragraph(line) for line in [synthetic_neutral_text(a.loaded.ok)] if line],
-                           Table(("task", "model", "method", "budget", "gain", "gap closed", "neutral KL", "off-task Δ"), rows)]
+                           Table(("task", "model", "method", "budget", "gain", "gap closed", "neutral KL", "off-task Δ", "unchanged"), rows)]
     if prompted := sorted({row[2] for row in rows if set(components(row[2])) & set(PROMPT_METHODS)}):
         blocks.append(Paragraph(
             f"{', '.join(prompted)}: the neutral text is read after the demonstrations, so the neutral KL includes what that "

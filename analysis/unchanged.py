@@ -50,6 +50,16 @@ def idle_pairs(ok: pd.DataFrame) -> Callable[[str, str, str, str], bool]:
     return both
 
 
+def unchanged_counts(ok: pd.DataFrame) -> dict[tuple[str, str, str, float], tuple[int, int]]:
+    """(task, model, method, budget) → (cells that left the model as it was, ok cells), at positive budgets: a table of
+    means (gain 0, KL 0, off-task 0) otherwise reads do-nothing cells as a perfectly selective method."""
+    rows = _positive_budget_rows(ok)
+    if rows is None:
+        return {}
+    counts = rows.groupby(["task", "model", "method", rows["budget"].astype(float)], sort=False)["_same"].agg(["sum", "size"])
+    return {(str(t), str(m), str(meth), float(b)): (int(c["sum"]), int(c["size"])) for (t, m, meth, b), c in counts.iterrows()}
+
+
 def _positive_budget_rows(ok: pd.DataFrame) -> pd.DataFrame | None:
     """The ok rows of methods that may change the model (budget > 0, not `base`), each with `_same`: its test NLL
     is the base model's to the bit; None without the columns to tell."""

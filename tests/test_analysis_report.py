@@ -254,6 +254,12 @@ def test_a_method_that_failed_on_the_largest_model_is_named_and_rounding_is_no_l
             for method, pair in scores.items() for seed, score in enumerate(pair)]  # fmt: skip
     sentence = best_measured("t", pd.DataFrame(rows), "score")
     assert "lora and steer_mean measured best (tied)" in sentence and "e-17" not in sentence, sentence
+    # a composition whose steering chose scale 0 on every seed: its tie with lora is lora's result, not a second method's
+    rows = [{"task": "t", "model": "m", "status": "ok", "params_nonembed": 1e6, "budget": 64, "method": method, "seed": seed,
+             "score": 0.5 + 0.1 * seed, "nll": 1.0 - 0.1 * seed + (0.001 if (method, seed) == ("steer_mean+lora", 2) else 0.0)}
+            for method in ("lora", "steer_mean+lora") for seed in (0, 1, 2)]  # fmt: skip
+    sentence = best_measured("t", pd.DataFrame(rows), "score")
+    assert "lora and steer_mean+lora measured best (tied; steer_mean+lora scored as lora, to the bit, in 2 of 3 cells on the same seeds)" in sentence, sentence
 
 
 def test_the_adaptive_log_of_a_run_resumed_after_its_stop_has_not_stopped_and_shows_its_latest_targets() -> None:

@@ -87,11 +87,14 @@ def test_the_selectivity_table_compares_methods_at_a_budget_they_share() -> None
 
     rows = [{"task": "t", "model": "m", "method": method, "budget": budget, "seed": 0, "score": 0.5 + budget / 1e4, "score_base": 0.4,
              "score_elicited": np.nan, "post_train_flops": 1.0, "neutral_kl": 0.0, "offtask_score_delta": -1.39e-17, "neutral_ppl_ratio": 1.0,
-             "params_nonembed": 1e6} for method, budgets in (("lora", (64, 256, 1024)), ("steer_mean", (64, 256))) for budget in budgets]  # fmt: skip
+             "params_nonembed": 1e6, "nll_base": 2.0, "nll": 2.0 if method == "lora" else 1.9}
+            for method, budgets in (("lora", (64, 256, 1024)), ("steer_mean", (64, 256))) for budget in budgets]  # fmt: skip
     frame = pd.DataFrame(rows)
     a = SimpleNamespace(selectivity=selectivity(frame, "score"), loaded=SimpleNamespace(ok=frame))
     table = _selectivity(a)[-1]
-    assert [(r[2], r[3], r[-1]) for r in table.rows] == [("lora", "256", "0"), ("steer_mean", "256", "0")]
+    assert [(r[2], r[3], r[7]) for r in table.rows] == [("lora", "256", "0"), ("steer_mean", "256", "0")]
+    # lora's cell there left the model as it was (its NLL the base model's): its 0 KL and off-task Δ are no selectivity
+    assert table.header[-1] == "unchanged" and [r[-1] for r in table.rows] == ["1/1", "0/1"]
 
 
 def test_a_frontier_the_free_base_model_holds_alone_is_still_drawn(tmp_path, monkeypatch) -> None:
