@@ -451,22 +451,33 @@ def synthetic_neutral_text(ok: pd.DataFrame) -> str:
 
 
 def capability_out_of_size_order(caps: pd.DataFrame) -> list[str]:
-    """Per family, where a larger model is less capable on neutral text than the next smaller one: there `params` and
-    `neutral_loss` order the models differently, so a law or D* trend over N says different things on the two axes.
+    """Per family, where a larger model is less capable on neutral text than the next smaller one (and per task, where
+    its base score is lower): there `params` and `neutral_loss` (`task_score`) order the models differently, so a law or D* trend over N says different things on the two axes.
     A reader of the table alone would take "bigger" for "better" (the offline ladder's `l` sits below `m` as built on
     some CPUs: README)."""
     lines = []
     models = caps.drop_duplicates("model").dropna(subset=["params", "neutral_loss"])
     for family, group in models.groupby("family", sort=True):
-        group = group.sort_values("params")
-        inverted = [f"{big} ({_num(big_cap)}) below {small} ({_num(small_cap)})"
-                    for (small, small_cap), (big, big_cap) in itertools.pairwise(zip(group["model"], group["neutral_loss"])) if big_cap < small_cap]
-        if inverted:
+        if inverted := _inversions(group, "neutral_loss"):
             lines.append(f"On {family}, capability on neutral text does not rise with size at every step: {'; '.join(inverted)} "
                          "(neutral_loss, the larger model first). Ordered by `params` and by `neutral_loss` these models stand in "
                          "different places, so a law or D* trend over N reads differently on the two axes; fit with `--x neutral_loss` "
                          "to see it by capability.")  # fmt: skip
+    # and per task, the base models' own scores: "on the largest model" is then not where the task is done best
+    scores = caps.dropna(subset=["params", "task_score"]).assign(score_base=lambda c: 1.0 - 1.0 / c["task_score"])
+    for (task, family), group in scores.groupby(["task", "family"], sort=True):
+        if inverted := _inversions(group, "score_base"):
+            lines.append(f"On {task}, the {family} base models' score does not rise with size at every step: {'; '.join(inverted)} "
+                         "(score_base, the larger model first): there a law over `params` and one over `task_score` order the models "
+                         "differently, and the largest model is not the one that does the task best before post-training.")  # fmt: skip
     return lines
+
+
+def _inversions(group: pd.DataFrame, column: str) -> list[str]:
+    """'l (3.85) below m (4.09)' for each step up in `params` where `column` falls."""
+    group = group.sort_values("params")
+    return [f"{big} ({_num(big_value)}) below {small} ({_num(small_value)})"
+            for (small, small_value), (big, big_value) in itertools.pairwise(zip(group["model"], group[column])) if big_value < small_value]
 
 
 def axis_caveat(a: Analysis) -> str:

@@ -191,6 +191,10 @@ def test_a_larger_model_less_capable_than_a_smaller_one_is_said() -> None:
     assert line.startswith("On ladder, capability on neutral text does not rise with size at every step: s (3.87) below xs (3.98); "
                            "l (3.85) below m (4.09) (neutral_loss, the larger model first)")
     assert capability_out_of_size_order(caps[caps.family == "other"]) == []
+    # the base models' task scores out of size order on one task (helper-165: arith's s at 0.11 below xs at 0.29)
+    scores = caps.assign(neutral_loss=np.arange(7.0), task_score=1.0 / (1.0 - np.array([0.29, 0.11, 0.17, 0.30, 0.33, 0.5, 0.6])))
+    (line,) = capability_out_of_size_order(pd.concat([scores, scores.assign(task="u", task_score=2.0)]))
+    assert line.startswith("On t, the ladder base models' score does not rise with size at every step: s (0.11) below xs (0.29) (score_base")
 
 
 def test_hub_models_neutral_figures_are_said_to_be_on_the_worlds_synthetic_text() -> None:
