@@ -33,7 +33,7 @@ from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, save_fits
-from analysis.unchanged import unchanged_counts, unchanged_share
+from analysis.unchanged import alike_pairs, unchanged_counts, unchanged_share
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,7 @@ def _findings(a: Analysis) -> list[Block]:
                      f"exactly), so they are not stated here either ({fit_file(a.metric, a.x, 'json')} keeps them).")  # fmt: skip
     lines += composition_findings(a.compositions)
     lines += [line for line in [unchanged_share(a.loaded.ok)] if line] + [u.describe() for u in a.unchanged]
+    lines += [line for line in [alike_pairs(a.loaded.ok)] if line]
     if not a.crossovers:
         lines.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
     return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]

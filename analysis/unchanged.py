@@ -9,11 +9,14 @@ beats this LoRA", which a reader of the crossover table alone would not guess.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import pandas as pd
+
+from analysis.methods import components
 
 MOSTLY = 0.5  # a method that did nothing in at least half of its cells on a model is named
 
@@ -98,3 +101,31 @@ def unchanged_share(ok: pd.DataFrame) -> str:
     listed = ", ".join(f"{method} {int(c['sum'])} of {int(c['size'])}" for method, c in counts.iterrows())
     return (f"Cells that left the model as it was (test NLL the base model's to the bit: the method chose, or was set, to do "
             f"nothing), per method over every task, model and positive budget: {listed}.")
+
+
+def alike_pairs(ok: pd.DataFrame) -> str:
+    """One sentence naming the pairs of methods that scored alike to the bit (test score and NLL, on the same task,
+    model, positive budget and seed) in at least MOSTLY of the cells both measured, and changed the model alike in one
+    of them at least (alike only where both left it as it was is what `idle_pairs` marks), '' where none did. Their rows
+    against a third method repeat each other: task_vector's λ chosen at 0 or 1 made it full_ft's copy in most quickstart
+    cells, and its crossovers with steering counted as findings of their own (helper-165). A composition and its parts
+    are left to the composition gains, which count those copies."""
+    rows = _positive_budget_rows(ok)
+    if rows is None or "score" not in rows:
+        return ""
+    keys = ["task", "model", "budget", "seed"]
+    cells = {method: g[[*keys, "score", "nll", "_same"]] for method, g in rows.groupby("method", sort=True)}
+    found = []
+    for a, b in itertools.combinations(cells, 2):
+        if set(components(a)) & set(components(b)):
+            continue
+        both = cells[a].merge(cells[b], on=keys, suffixes=("_a", "_b"))
+        alike = (both["score_a"].to_numpy(float) == both["score_b"].to_numpy(float)) & (both["nll_a"].to_numpy(float) == both["nll_b"].to_numpy(float))
+        idle = int((alike & both["_same_a"].to_numpy(bool) & both["_same_b"].to_numpy(bool)).sum())
+        if alike.sum() > idle and alike.sum() >= MOSTLY * len(both):  # alike only where both did nothing: the ‡ pairs say so
+            found.append(f"{a} and {b} in {int(alike.sum())} of the {len(both)} cells both measured ({idle} of them where both left the model as it was)")
+    if not found:
+        return ""
+    return (f"Methods that scored alike to the bit (test score and NLL, same task, model, budget and seed) in at least half the "
+            f"cells both measured: {'; '.join(found)}. Their rows against a third method largely repeat each other: count such "
+            "outcomes once.")

@@ -82,3 +82,21 @@ def test_two_methods_idle_at_different_budgets_are_no_base_against_base_pair() -
     assert not both("t", "xs", "steer_mean", "lora")  # idle at other budgets
     assert both("t", "xs", "steer_mean", "full_ft")  # idle together in 4 of 8 cells: half
     assert not both("t", "xs", "steer_mean", "prompt") and not both("t", "m", "steer_mean", "full_ft")  # nothing measured
+
+
+def test_methods_that_scored_alike_to_the_bit_are_named_once_as_a_pair() -> None:
+    """The quickstart's task_vector scored as full_ft to the bit in 75 of 120 cells (λ chosen at 0 or 1, or both idle),
+    so its crossovers with steering repeated full_ft's as findings of their own (helper-165). A composition and its
+    part alike are the composition gains' to count; a pair alike in under half its cells, or only where both did
+    nothing (the ‡ pairs), is not named."""
+    from analysis.unchanged import alike_pairs
+
+    rows = [_row("full_ft", "s", b, 0, nll, 0.3) for b, nll in ((4, 1.953798), (16, 1.953798), (32, 1.7), (64, 1.6))]
+    rows += [_row("task_vector", "s", b, 0, nll, 0.3) for b, nll in ((4, 1.953798), (16, 1.953798), (32, 1.7), (64, 1.65))]
+    rows += [_row("lora", "s", b, 0, nll, 0.3) for b, nll in ((4, 1.8), (16, 1.953798), (32, 1.71), (64, 1.5))]  # 1 of 4 as full_ft
+    rows += [_row("steer_mean", "s", b, 0, 1.953798, 0.3 if b < 32 else 0.31) for b in (4, 16, 32, 64)]  # as full_ft only where both idle
+    rows += [_row("steer_mean+lora", "s", b, 0, nll, 0.3) for b, nll in ((4, 1.8), (16, 1.953798), (32, 1.71), (64, 1.5))]  # lora's copy
+    sentence = alike_pairs(pd.DataFrame(rows))
+    assert "full_ft and task_vector in 3 of the 4 cells both measured (2 of them where both left the model as it was)" in sentence, sentence
+    assert sentence.count("cells both measured (") == 1, sentence
+    assert alike_pairs(pd.DataFrame([r for r in rows if r["method"] != "task_vector"])) == ""
