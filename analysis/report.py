@@ -432,7 +432,7 @@ def _capability(a: Analysis) -> list[Block]:
     for v in a.axes.verdicts:
         blocks.append(Paragraph(f"`{v.x}`: not usable ({v.note})." if v.note else
                                 f"`{v.x}`: tightest in {v.wins} of the {v.fitted} groups it fits; median law error {_num(v.median_error)}."))  # fmt: skip
-    verdict = f"Verdict: `{a.axes.best}` gives the tighter law." if a.axes.best else f"Verdict: {a.axes.why_no_best()}."
+    verdict = f"Most wins: `{a.axes.best}` (not a verdict; below)." if a.axes.best else f"Verdict: {a.axes.why_no_best()}."
     return [*blocks, Paragraph(verdict), *([Paragraph(axis_caveat(a))] if a.axes.best else [])]
 
 
@@ -491,9 +491,18 @@ def axis_caveat(a: Analysis) -> str:
     named = "; ".join(f"{x}: {', '.join(sorted(models))}" for x, models in held.items())
     where = (f"the held-out model differs between axes ({named}), so their errors are on different models"
              if len({frozenset(m) for m in held.values()}) > 1 else "each axis leaves out the model at its own top, which can differ between axes")
+    idle = {(u.task, u.method, model) for u in a.unchanged for model, *_ in u.by_model}
+    won = [(task, subject, law) for task, subject, law, _, tightest in a.axes.error_table() if tightest == a.axes.best and law != TREND]
+    held_of = {(s.task, s.subject, s.law): s.held_out for s in a.axes.scores if s.x == a.axes.best}
+    on_idle = sum((task, subject, held_of.get((task, subject, law))) in idle for task, subject, law in won)
+    idle_note = (f" In {on_idle} of its {len(won)} wins among the laws the method left the held-out model as it was in half its cells "
+                 "or more: there a law's error is how well it predicts the base model's score, which `task_score` is made of."
+                 if on_idle and a.axes.best == "task_score" else "")
+    laws = {law for _, _, law in won}
+    twice = f" Each method's group counts once per law ({', '.join(sorted(laws))}), so a method can give a win twice." if len(laws) > 1 else ""
     return (f"Not a like-for-like comparison, so not stated as a finding: {where}; and `task_score` places the held-out model by its "
             "own base score on the task's test set, the set its post-trained cells are scored on, so that law is told part of what it "
-            "predicts.")  # fmt: skip
+            f"predicts.{idle_note}{twice}")  # fmt: skip
 
 
 def _examples_needed(e: DataEfficiency) -> str:
