@@ -15,12 +15,14 @@ KEYS = ["task", "model", "method", "budget"]
 
 
 def operating_points(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Cell means per (task, model, method, budget) of the metric and the cost/selectivity columns."""
+    """Cell means per (task, model, method, budget) of the metric and the cost/selectivity columns; the metric's
+    lowest and highest cell and the cells' number beside them."""
     columns = [metric, "post_train_flops", "score", "score_base", "score_elicited", "neutral_kl", "offtask_score_delta", "neutral_ppl_ratio"]
     columns = list(dict.fromkeys(columns))
     usable = ok[np.isfinite(ok[metric].astype(float))]
     points = usable.groupby(KEYS, sort=True)[columns].mean().reset_index()
-    return points.assign(n_cells=usable.groupby(KEYS, sort=True).size().to_numpy())
+    spread = usable.groupby(KEYS, sort=True)[metric].agg(["min", "max", "size"])  # a best point's mean of 2 seeds may be 0.83 and 0.56
+    return points.assign(n_cells=spread["size"].to_numpy(), lowest=spread["min"].to_numpy(), highest=spread["max"].to_numpy())
 
 
 def compute_frontier(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -58,7 +60,8 @@ def frontier_by_compute(frontier: pd.DataFrame, metric: str) -> pd.DataFrame:
         for level in 10.0 ** np.arange(np.ceil(np.log10(paid.min())), np.ceil(np.log10(paid.max())) + 1):
             affordable = points[flops <= level]
             best = affordable.iloc[-1]  # frontier points are in increasing compute and quality
-            rows.append({"task": task, "flops_level": level, "method": best["method"], "model": best["model"], "budget": best["budget"], metric: best[metric]})
+            rows.append({"task": task, "flops_level": level, "method": best["method"], "model": best["model"], "budget": best["budget"], metric: best[metric],
+                         "n_cells": best["n_cells"], "lowest": best["lowest"], "highest": best["highest"]})  # fmt: skip
     return pd.DataFrame(rows)
 
 

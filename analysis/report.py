@@ -640,11 +640,14 @@ def _frontier(a: Analysis) -> list[Block]:
     levels = a.frontier_levels
     if levels.empty:
         return [Heading("Compute frontier"), Paragraph("No cells record positive post-training FLOPs.")]
-    rows = [(r["task"], f"{r['flops_level']:.0e}", r["method"], r["model"], f"{r['budget']:g}", _num(r[a.metric])) for _, r in levels.iterrows()]
-    return [Heading("Compute frontier"), Paragraph("Best operating point affordable at each level of post-training compute, means over seeds. "
+    rows = [(r["task"], f"{r['flops_level']:.0e}", r["method"], r["model"], f"{r['budget']:g}", _num(r[a.metric]), f"{r['n_cells']:g}",
+             f"{_num(r['lowest'])} – {_num(r['highest'])}" if r["n_cells"] > 1 else "-") for _, r in levels.iterrows()]  # fmt: skip
+    return [Heading("Compute frontier"), Paragraph("Best operating point affordable at each level of post-training compute, means over seeds "
+                                                   "(their number and range beside: the best of many means of few seeds is partly the luckiest, "
+                                                   "so a point whose range overlaps a cheaper one's is no clear step up). "
                                                    "Pretraining is not counted: the base model costs none, and so would demonstrations in a fixed "
                                                    "number; `prompt` chooses how many on the validation set, and that choice's passes are its cost."),
-            Table(("task", "FLOPs ≤", "method", "model", "budget", a.metric), rows)]  # fmt: skip
+            Table(("task", "FLOPs ≤", "method", "model", "budget", a.metric, "cells", "cells' range"), rows)]  # fmt: skip
 
 
 def _latest_choices(choices: list[dict]) -> list[dict]:

@@ -46,6 +46,16 @@ def test_the_compute_frontier_starts_from_the_free_base_model() -> None:
     levels = frontier_by_compute(frontier, "score")
     assert levels["flops_level"].tolist() == [1e8, 1e9, 1e10, 1e11]
     assert levels["method"].tolist() == ["base", "base", "base", "lora"] and levels["score"].tolist() == [0.63, 0.63, 0.63, 0.80]
+    # each level's point with its cells and their range: a mean of two seeds at 0.83 and 0.56 read as a clear best (helper-165 #6)
+    spread = _operating_rows().assign(score=lambda f: f["score"] + np.where(f["seed"] == 1, 0.1, -0.1))
+    top = frontier_by_compute(compute_frontier(spread, "score"), "score").iloc[-1]
+    assert (top["method"], top["n_cells"], top["lowest"], top["highest"]) == ("lora", 2, pytest.approx(0.70), pytest.approx(0.90))
+    from types import SimpleNamespace
+
+    from analysis.report import _frontier
+
+    table = _frontier(SimpleNamespace(frontier_levels=frontier_by_compute(compute_frontier(spread, "score"), "score"), metric="score"))[-1]
+    assert table.header[-2:] == ("cells", "cells' range") and table.rows[-1][-2:] == ("2", "0.7 – 0.9")
 
 
 def test_a_method_has_one_colour_in_every_plot(tmp_path, monkeypatch) -> None:
