@@ -468,9 +468,12 @@ def capability_out_of_size_order(caps: pd.DataFrame) -> list[str]:
     scores = caps.dropna(subset=["params", "task_score"]).assign(score_base=lambda c: 1.0 - 1.0 / c["task_score"])
     for (task, family), group in scores.groupby(["task", "family"], sort=True):
         if inverted := _inversions(group, "score_base"):
+            largest, best = group.loc[group["params"].idxmax()], group.loc[group["score_base"].idxmax()]
+            not_largest = (f"; and {best['model']} ({_num(best['score_base'])}), not the largest model ({largest['model']}, "
+                           f"{_num(largest['score_base'])}), does the task best before post-training") if best["score_base"] > largest["score_base"] else ""
             lines.append(f"On {task}, the {family} base models' score does not rise with size at every step: {'; '.join(inverted)} "
                          "(score_base, the larger model first): there a law over `params` and one over `task_score` order the models "
-                         "differently, and the largest model is not the one that does the task best before post-training.")  # fmt: skip
+                         f"differently{not_largest}.")  # fmt: skip
     return lines
 
 

@@ -195,6 +195,10 @@ def test_a_larger_model_less_capable_than_a_smaller_one_is_said() -> None:
     scores = caps.assign(neutral_loss=np.arange(7.0), task_score=1.0 / (1.0 - np.array([0.29, 0.11, 0.17, 0.30, 0.33, 0.5, 0.6])))
     (line,) = capability_out_of_size_order(pd.concat([scores, scores.assign(task="u", task_score=2.0)]))
     assert line.startswith("On t, the ladder base models' score does not rise with size at every step: s (0.11) below xs (0.29) (score_base")
+    assert "does the task best" not in line  # xl, the largest of its family, scores best (0.33)
+    scores = scores.assign(task_score=1.0 / (1.0 - np.array([0.29, 0.38, 0.23, 0.30, 0.35, 0.5, 0.6])))  # facts: s above xl
+    (line,) = capability_out_of_size_order(scores)
+    assert line.endswith("differently; and s (0.38), not the largest model (xl, 0.35), does the task best before post-training."), line
 
 
 def test_hub_models_neutral_figures_are_said_to_be_on_the_worlds_synthetic_text() -> None:
