@@ -497,7 +497,7 @@ def axis_caveat(a: Analysis) -> str:
     idle = {(u.task, u.method, model) for u in a.unchanged for model, *_ in u.by_model}
     won = [(task, subject, law) for task, subject, law, _, tightest in a.axes.error_table() if tightest == a.axes.best and law != TREND]
     held_of = {(s.task, s.subject, s.law): s.held_out for s in a.axes.scores if s.x == a.axes.best}
-    on_idle = sum((task, subject, held_of.get((task, subject, law))) in idle for task, subject, law in won)
+    on_idle = sum(any((task, subject, model) in idle for model in _held_models(held_of.get((task, subject, law), ""))) for task, subject, law in won)
     idle_note = (f" In {on_idle} of its {len(won)} wins among the laws the method left the held-out model as it was in half its cells "
                  "or more: there a law's error is how well it predicts the base model's score, which `task_score` is made of."
                  if on_idle and a.axes.best == "task_score" else "")
@@ -506,6 +506,12 @@ def axis_caveat(a: Analysis) -> str:
     return (f"Not a like-for-like comparison, so not stated as a finding: {where}; and `task_score` places the held-out model by its "
             "own base score on the task's test set, the set its post-trained cells are scored on, so that law is told part of what it "
             f"predicts.{idle_note}{twice}")  # fmt: skip
+
+
+def _held_models(held_out: str) -> list[str]:
+    """The models a joint law's `holdout` names: 'most capable model (ladder:m)' → ['ladder:m'] (ties: 'a, b')."""
+    inside = re.search(r"\((.*)\)$", held_out)
+    return inside.group(1).split(", ") if inside else []
 
 
 def _examples_needed(e: DataEfficiency) -> str:

@@ -237,7 +237,7 @@ def test_the_axis_caveat_counts_task_score_wins_on_a_held_out_model_the_method_l
     from analysis.report import axis_caveat
     from analysis.unchanged import Unchanged
 
-    scores = [AxisScore("t", method, law, x, 0.3, "xl", error, "", 5)
+    scores = [AxisScore("t", method, law, x, 0.3, "most capable model (xl)", error, "", 5)
               for method in ("lora", "full_ft") for law in ("additive", "multiplicative")
               for x, error in (("params", 0.02), ("task_score", 0.01))]  # fmt: skip
     a = SimpleNamespace(axes=AxisComparison(scores, [], "task_score", []), unchanged=[Unchanged("t", "full_ft", (("xl", 2, 2),), )])
