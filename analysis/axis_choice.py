@@ -17,6 +17,7 @@ model. The plotted trends (`AxisComparison.trends`) are the ones the analysis st
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -50,6 +51,12 @@ class AxisScore:
 
     def record(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+    def held_models(self) -> list[str]:
+        """The models a joint law's `held_out` names: 'most capable model (ladder:m)' → ['ladder:m'] (ties: 'a, b');
+        none for a trend ('each model')."""
+        inside = re.search(r"\((.*)\)$", self.held_out)
+        return inside.group(1).split(", ") if inside else []
 
 
 @dataclass(frozen=True)

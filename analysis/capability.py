@@ -113,19 +113,20 @@ def split_by_family(axis: Axis, rows: pd.DataFrame) -> bool:
 
 
 def capability_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (task, model): its family and its value on every axis (median over its ok rows).
+    """One row per (task, model): its family, its value on every axis and its base score as measured (`score_base`,
+    which `task_score` is floored from: 1.0 and 0.9995 both read 0.999 back), each the median over its ok rows.
 
     A model has one capability per task (the task axis differs by task), so every cell of a
     (task, model) shares it even where eval settings made a row's own number differ slightly.
     """
-    columns = ["task", "model", "family", *AXES]
+    columns = ["task", "model", "family", *AXES, "score_base"]
     ok = frame[frame["status"] == "ok"] if len(frame) else frame
     if ok.empty:
         return pd.DataFrame(columns=columns)
     values = ok.assign(**{name: axis.values(ok) for name, axis in AXES.items()})
-    values = values.assign(family=family_of(values))
+    values = values.assign(family=family_of(values), score_base=pd.to_numeric(values.get("score_base", np.nan), errors="coerce"))
     table = values.groupby(["task", "model"], sort=True).agg(
-        family=("family", "first"), **{name: (name, "median") for name in AXES}
+        family=("family", "first"), **{name: (name, "median") for name in [*AXES, "score_base"]}
     )
     return table.reset_index()[columns]
 

@@ -32,8 +32,8 @@ from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, neutral_texts_o
 from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
-from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, save_fits
-from analysis.unchanged import alike_pairs, unchanged_counts, unchanged_share
+from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, save_fits, wins_on_idle_models
+from analysis.unchanged import alike_pairs, one_row_per_cell, unchanged_counts, unchanged_share
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ def _copy_note(method: str, other: str, cells: pd.DataFrame, others: pd.DataFram
     """'; a scored as b, to the bit, in 2 of 2 cells' where `method`'s cells equal `other`'s on the same seed in
     `metric` and the NLL: a tie of a composition with its part that chose to add nothing is one method's result, not two."""
     columns = [c for c in dict.fromkeys((metric, "nll")) if c in cells and c in others]
-    paired = cells.merge(others, on="seed", suffixes=("", "_other"))
+    paired = one_row_per_cell(cells, ["seed"], columns).merge(one_row_per_cell(others, ["seed"], columns), on="seed", suffixes=("", "_other"))
     same = int(np.logical_and.reduce([paired[c].to_numpy(float) == paired[f"{c}_other"].to_numpy(float) for c in columns]).sum()) if len(paired) else 0
     return f"; {method} scored as {other}, to the bit, in {same} of {len(paired)} cells on the same seeds" if same else ""
 
@@ -465,11 +465,10 @@ def capability_out_of_size_order(caps: pd.DataFrame) -> list[str]:
                          "different places, so a law or D* trend over N reads differently on the two axes; fit with `--x neutral_loss` "
                          "to see it by capability.")  # fmt: skip
     # and per task, the base models' own scores: "on the largest model" is then not where the task is done best
-    scores = caps.dropna(subset=["params", "task_score"]).assign(score_base=lambda c: 1.0 - 1.0 / c["task_score"])
-    for (task, family), group in scores.groupby(["task", "family"], sort=True):
+    for (task, family), group in caps.dropna(subset=["params", "score_base"]).groupby(["task", "family"], sort=True):
         if inverted := _inversions(group, "score_base"):
             largest, best = group.loc[group["params"].idxmax()], group.loc[group["score_base"].idxmax()]
-            not_largest = (f"; and {best['model']} ({_num(best['score_base'])}), not the largest model ({largest['model']}, "
+            not_largest = (f"; and {best['model']} ({_num(best['score_base'])}), not the largest model measured ({largest['model']}, "
                            f"{_num(largest['score_base'])}), does the task best before post-training") if best["score_base"] > largest["score_base"] else ""
             lines.append(f"On {task}, the {family} base models' score does not rise with size at every step: {'; '.join(inverted)} "
                          "(score_base, the larger model first): there a law over `params` and one over `task_score` order the models "
@@ -488,30 +487,22 @@ def axis_caveat(a: Analysis) -> str:
     """Why the axis verdict is not a finding: each axis leaves out its own top model, and `task_score` reads
     the held-out model's base score off the test set its post-trained cells are scored on."""
     held: dict[str, set[str]] = {}
+    models: dict[str, set[str]] = {}  # compared by model: "largest model (xl)" and "most capable model (xl)" are one
     for s in a.axes.scores:
         if s.law != TREND and np.isfinite(s.holdout_error):
             held.setdefault(s.x, set()).add(s.held_out)
-    named = "; ".join(f"{x}: {', '.join(sorted(models))}" for x, models in held.items())
+            models.setdefault(s.x, set()).update(s.held_models())
+    named = "; ".join(f"{x}: {', '.join(sorted(texts))}" for x, texts in held.items())
     where = (f"the held-out model differs between axes ({named}), so their errors are on different models"
-             if len({frozenset(m) for m in held.values()}) > 1 else "each axis leaves out the model at its own top, which can differ between axes")
-    idle = {(u.task, u.method, model) for u in a.unchanged for model, *_ in u.by_model}
-    won = [(task, subject, law) for task, subject, law, _, tightest in a.axes.error_table() if tightest == a.axes.best and law != TREND]
-    held_of = {(s.task, s.subject, s.law): s.held_out for s in a.axes.scores if s.x == a.axes.best}
-    on_idle = sum(any((task, subject, model) in idle for model in _held_models(held_of.get((task, subject, law), ""))) for task, subject, law in won)
-    idle_note = (f" In {on_idle} of its {len(won)} wins among the laws the method left the held-out model as it was in half its cells "
+             if len({frozenset(m) for m in models.values()}) > 1 else "each axis leaves out the model at its own top, which can differ between axes")
+    on_idle, won, laws = wins_on_idle_models(a)
+    idle_note = (f" In {on_idle} of its {won} wins among the laws the method left the held-out model as it was in half its cells "
                  "or more: there a law's error is how well it predicts the base model's score, which `task_score` is made of."
                  if on_idle and a.axes.best == "task_score" else "")
-    laws = {law for _, _, law in won}
-    twice = f" Each method's group counts once per law ({', '.join(sorted(laws))}), so a method can give a win twice." if len(laws) > 1 else ""
+    twice = f" Each method's group counts once per law ({', '.join(laws)}), so a method can give a win twice." if len(laws) > 1 else ""
     return (f"Not a like-for-like comparison, so not stated as a finding: {where}; and `task_score` places the held-out model by its "
             "own base score on the task's test set, the set its post-trained cells are scored on, so that law is told part of what it "
             f"predicts.{idle_note}{twice}")  # fmt: skip
-
-
-def _held_models(held_out: str) -> list[str]:
-    """The models a joint law's `holdout` names: 'most capable model (ladder:m)' → ['ladder:m'] (ties: 'a, b')."""
-    inside = re.search(r"\((.*)\)$", held_out)
-    return inside.group(1).split(", ") if inside else []
 
 
 def _examples_needed(e: DataEfficiency) -> str:
@@ -744,7 +735,7 @@ def render_markdown(blocks: list[Block]) -> str:
 
 def _inline(text: str) -> str:
     """Escaped text for the page, where the markdown's `code` spans (commands, names) become <code>: the page showed the backticks."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    return re.sub(r"(?<!`)`([^`\n]+)`(?!`)", r"<code>\1</code>", html.escape(text))
 
 
 def render_html(blocks: list[Block]) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.axis_choice import AxisComparison, compare_axes
+from analysis.axis_choice import TREND, AxisComparison, compare_axes
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import capability_table, get_axis
 from analysis.composition import CompositionGain, composition_gains
@@ -157,7 +157,7 @@ def _aligned(table: list[tuple[str, ...]]) -> list[str]:
 
 
 def axes_text(a: Analysis) -> list[str]:
-    """Which x gives the tighter law: held-out error per group and axis, then the verdict."""
+    """Which x gives the tighter law: held-out error per group and axis, then the axis with the most wins (not a finding)."""
     groups = a.axes.error_table()
     if not groups:
         return [f"x-axis comparison: no axis has a held-out error to compare: {a.axes.why_no_errors()}"]
@@ -174,8 +174,21 @@ def axes_text(a: Analysis) -> list[str]:
         lines.append(f"  {v.x}: not usable ({v.note})" if v.note else f"  {v.x}: tightest in {v.wins} of the groups it fits ({v.fitted}){median}")
     if not a.axes.best:
         return [*lines, f"  tighter law: {a.axes.why_no_best()}"]
-    return [*lines, f"  tighter law: x = {a.axes.best} (not like-for-like: each axis leaves out its own top model, and task_score "
-                    "reads the held-out model's base score off the test set)"]  # fmt: skip
+    on_idle, won, _ = wins_on_idle_models(a)
+    idle = (f"; {on_idle} of its {won} wins among the laws are on a held-out model the method left as it was, where the law "
+            "predicts the base score task_score is made of") if on_idle and a.axes.best == "task_score" else ""
+    return [*lines, f"  most wins: x = {a.axes.best} (not a finding: not like-for-like, each axis leaves out its own top model, and "
+                    f"task_score reads the held-out model's base score off the test set{idle})"]  # fmt: skip
+
+
+def wins_on_idle_models(a: Analysis) -> tuple[int, int, list[str]]:
+    """Of the most-winning axis' wins among the joint laws: how many are on a held-out model the method left as it was in
+    half its cells or more (`unchanged`), out of how many, and the laws they span (a method wins once per law)."""
+    idle = {(u.task, u.method, model) for u in a.unchanged for model, *_ in u.by_model}
+    won = [(task, subject, law) for task, subject, law, _, tightest in a.axes.error_table() if tightest == a.axes.best and law != TREND]
+    held = {(s.task, s.subject, s.law): s.held_models() for s in a.axes.scores if s.x == a.axes.best}
+    on_idle = sum(any((task, subject, model) in idle for model in held.get((task, subject, law), [])) for task, subject, law in won)
+    return on_idle, len(won), sorted({law for _, _, law in won})
 
 
 def output_suffix(metric: str, x: str) -> str:
@@ -191,8 +204,9 @@ def fit_file(metric: str, x: str, extension: str) -> str:
 
 
 def save_fits(results_dir: str, analysis: Analysis) -> dict[str, str]:
-    """fits.parquet (one row per law fit) and fits.json (those rows plus every derived answer); named by
-    `fit_file` for a metric other than the score or an axis other than params. Keyed by the score's names, whatever the metric."""
+    """fits.parquet (one row per law fit), crossovers.parquet (one row per steering × fine-tuning pair) and fits.json
+    (the fits plus every derived answer); named with `output_suffix` for a metric other than the score or an axis other
+    than params (fits-nll.json, crossovers-nll.parquet). Keyed by the score's names, whatever the metric."""
     frame = analysis.fits_frame()
     payload = {
         "metric": analysis.metric,
@@ -222,15 +236,16 @@ def crossover_frame(crossovers: list[Crossover]) -> pd.DataFrame:
     """One row per (task, model, steering, fine-tuning) pair: D*, its interval (±inf kept as floats, where fits.json
     writes "inf"), the share of resamples that agree and the verdict: the study's answer as a table to load."""
     columns = [f.name for f in fields(Crossover) if f.name != "overtakes"]
-    return pd.DataFrame([c.record() for c in crossovers], columns=columns)
+    numbers = {f.name: float for f in fields(Crossover) if f.type == "float"}  # typed even with no row (object columns read back)
+    return pd.DataFrame([c.record() for c in crossovers], columns=columns).astype(numbers)
 
 
 def fit_results(
     results_dir: str, *, metric: str = "score", bootstrap: int = 200, seed: int = 0, x: str = "params", workers: int = 1,
     planned_only: bool = False, plan: Plan | None = None,
 ) -> FitSummary:
-    """Load the cells, fit every curve and derived answer, write fits.parquet and fits.json (`fit_file`'s
-    names for a metric other than the score or an axis other than params) unless there is nothing to fit and an earlier fit to keep
+    """Load the cells, fit every curve and derived answer, write fits.parquet, crossovers.parquet and fits.json (`save_fits`;
+    other names for a metric other than the score or an axis other than params) unless there is nothing to fit and an earlier fit to keep
     (`keeps_earlier`).
 
     `x` names what stands for N in the joint laws and the crossover trend: "params",

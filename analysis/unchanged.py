@@ -114,10 +114,10 @@ def alike_pairs(ok: pd.DataFrame) -> str:
     if rows is None or "score" not in rows:
         return ""
     keys = ["task", "model", "budget", "seed"]
-    cells = {method: g[[*keys, "score", "nll", "_same"]] for method, g in rows.groupby("method", sort=True)}
+    cells = {method: one_row_per_cell(g[[*keys, "score", "nll", "_same"]], keys, ["score", "nll"]) for method, g in rows.groupby("method", sort=True)}
     found = []
     for a, b in itertools.combinations(cells, 2):
-        if set(components(a)) & set(components(b)):
+        if a in components(b) or b in components(a):  # a composition and its own part: the composition gains count those
             continue
         both = cells[a].merge(cells[b], on=keys, suffixes=("_a", "_b"))
         alike = (both["score_a"].to_numpy(float) == both["score_b"].to_numpy(float)) & (both["nll_a"].to_numpy(float) == both["nll_b"].to_numpy(float))
@@ -129,3 +129,11 @@ def alike_pairs(ok: pd.DataFrame) -> str:
     return (f"Methods that scored alike to the bit (test score and NLL, same task, model, budget and seed) in at least half the "
             f"cells both measured: {'; '.join(found)}. Their rows against a third method largely repeat each other: count such "
             "outcomes once.")
+
+
+def one_row_per_cell(rows: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
+    """`rows` with one row per `keys`: repeats of one result kept once, and keys whose rows disagree (two configs of one
+    method stored side by side, with no plan to tell the current one) left out, so that a pairing of two methods
+    counts each cell once: merged as they were, two rows a side made one cell "4 of 4 alike"."""
+    unique = rows.drop_duplicates([*keys, *values])
+    return unique[~unique.duplicated(keys, keep=False)]

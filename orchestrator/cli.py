@@ -763,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     _with_results(p)
     p.set_defaults(func=cmd_status, subparser=p)
 
-    p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet, crossovers.parquet and fits.json (fits-nll.* for --metric nll, fits-<x>.* for --x; "
+    p = sub.add_parser("fit", help="fit scaling laws to the stored rows; writes fits.parquet, crossovers.parquet and fits.json (fits-nll.*, crossovers-nll.parquet for --metric nll; -<x> for --x; "
                        "an earlier fit is kept when no row is ok)")
     _with_fit_options(p)
     p.set_defaults(func=cmd_fit, subparser=p)

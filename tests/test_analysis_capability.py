@@ -76,7 +76,7 @@ def test_fits_json_text_and_report_carry_the_comparison(by_capability: analysis.
     assert payload["bootstrap"] == by_capability.analysis.bootstrap > 0  # how many resamples its intervals rest on
     assert {c["family"] for c in payload["capabilities"]} == {"a", "b"}
     text = by_capability.to_text()
-    assert "tighter law: x = neutral_loss" in text and "additive[neutral_loss]" in text
+    assert "most wins: x = neutral_loss" in text and "additive[neutral_loss]" in text
     # a joint law's resamples keep its models: its "95 %" intervals leave their scatter out, and the header says so
     assert text.splitlines()[0].endswith(f"N = neutral_loss in the joint laws, {by_capability.analysis.bootstrap} resamples, "
                                          "95% bootstrap CIs (a joint law's redraw seeds and "
@@ -185,20 +185,23 @@ def test_a_larger_model_less_capable_than_a_smaller_one_is_said() -> None:
         "task": ["t"] * 7, "family": ["ladder"] * 5 + ["other"] * 2,
         "model": ["xs", "s", "m", "l", "xl", "o1", "o2"],
         "params": [1.39e4, 2.68e4, 9.02e4, 2.03e5, 4.9e5, 1e6, 2e6],
-        "neutral_loss": [3.98, 3.87, 4.09, 3.85, 4.10, 3.0, 3.5], "task_score": [1.0] * 7,
+        "neutral_loss": [3.98, 3.87, 4.09, 3.85, 4.10, 3.0, 3.5], "task_score": [1.0] * 7, "score_base": [0.0] * 7,
     })  # fmt: skip
     (line,) = capability_out_of_size_order(pd.concat([caps, caps.assign(task="u")]))
     assert line.startswith("On ladder, capability on neutral text does not rise with size at every step: s (3.87) below xs (3.98); "
                            "l (3.85) below m (4.09) (neutral_loss, the larger model first)")
     assert capability_out_of_size_order(caps[caps.family == "other"]) == []
     # the base models' task scores out of size order on one task (helper-165: arith's s at 0.11 below xs at 0.29)
-    scores = caps.assign(neutral_loss=np.arange(7.0), task_score=1.0 / (1.0 - np.array([0.29, 0.11, 0.17, 0.30, 0.33, 0.5, 0.6])))
-    (line,) = capability_out_of_size_order(pd.concat([scores, scores.assign(task="u", task_score=2.0)]))
+    scores = caps.assign(neutral_loss=np.arange(7.0), score_base=[0.29, 0.11, 0.17, 0.30, 0.33, 0.5, 0.6])
+    (line,) = capability_out_of_size_order(pd.concat([scores, scores.assign(task="u", score_base=0.5)]))
     assert line.startswith("On t, the ladder base models' score does not rise with size at every step: s (0.11) below xs (0.29) (score_base")
     assert "does the task best" not in line  # xl, the largest of its family, scores best (0.33)
-    scores = scores.assign(task_score=1.0 / (1.0 - np.array([0.29, 0.38, 0.23, 0.30, 0.35, 0.5, 0.6])))  # facts: s above xl
-    (line,) = capability_out_of_size_order(scores)
-    assert line.endswith("differently; and s (0.38), not the largest model (xl, 0.35), does the task best before post-training."), line
+    (line,) = capability_out_of_size_order(scores.assign(score_base=[0.29, 0.38, 0.23, 0.30, 0.35, 0.5, 0.6]))  # facts: s above xl
+    assert line.endswith("differently; and s (0.38), not the largest model measured (xl, 0.35), does the task best before post-training."), line
+    # the measured score, not one read back from task_score's floored 1 / (1 − s): 1.0 and 0.9995 both read 0.999 there
+    (line,) = capability_out_of_size_order(scores.assign(score_base=[1.0, 0.9995, 0.5, 0.6, 0.7, 0.5, 0.6]))
+    assert line.startswith("On t, the ladder base models' score does not rise with size at every step: s (1) below xs (1); m (0.5)"), line
+    assert "xs (1), not the largest model measured (xl, 0.7)" in line, line
 
 
 def test_hub_models_neutral_figures_are_said_to_be_on_the_worlds_synthetic_text() -> None:
@@ -235,13 +238,18 @@ def test_the_axis_caveat_counts_task_score_wins_on_a_held_out_model_the_method_l
 
     from analysis.axis_choice import AxisComparison, AxisScore
     from analysis.report import axis_caveat
+    from analysis.summary import axes_text
     from analysis.unchanged import Unchanged
 
-    scores = [AxisScore("t", method, law, x, 0.3, "most capable model (xl)", error, "", 5)
+    scores = [AxisScore("t", method, law, x, 0.3, held_out, error, "", 5)
               for method in ("lora", "full_ft") for law in ("additive", "multiplicative")
-              for x, error in (("params", 0.02), ("task_score", 0.01))]  # fmt: skip
+              for x, held_out, error in (("params", "largest model (xl)", 0.02), ("task_score", "most capable model (xl)", 0.01))]  # fmt: skip
     a = SimpleNamespace(axes=AxisComparison(scores, [], "task_score", []), unchanged=[Unchanged("t", "full_ft", (("xl", 2, 2),), )])
     text = axis_caveat(a)
     assert "In 2 of its 4 wins among the laws the method left the held-out model as it was in half its cells or more" in text, text
     assert "Each method's group counts once per law (additive, multiplicative)" in text, text
     assert "In 2 of its" not in axis_caveat(SimpleNamespace(axes=a.axes, unchanged=[]))
+    # both axes left out xl: their labels differ ("largest", "most capable"), the model does not
+    assert "differs between axes" not in text and "each axis leaves out the model at its own top" in text, text
+    fitted = " ".join(axes_text(SimpleNamespace(axes=a.axes, unchanged=a.unchanged, metric="score")))
+    assert "most wins: x = task_score (not a finding" in fitted and "2 of its 4 wins among the laws are on a held-out model" in fitted, fitted

@@ -73,7 +73,8 @@ def test_the_crossovers_table_keeps_every_field_and_its_infinite_ends(tmp_path: 
     (row,) = pd.read_parquet(write_table(str(tmp_path), "c.parquet", crossover_frame([c]))).to_dict(orient="records")
     assert row["d_star_lo"] == -np.inf and row["outcome"] == "crosses" and row["d_star"] == pytest.approx(c.d_star)
     assert row.keys() == c.record().keys() and all(row[k] == v or (v != v and row[k] != row[k]) for k, v in c.record().items())
-    assert list(crossover_frame([]).columns) == list(row)
+    empty = crossover_frame([])
+    assert list(empty.columns) == list(row) and empty["d_star"].dtype == float and empty["share"].dtype == float
 
 
 def test_the_interval_of_steering_overtaking_is_where_steering_leads_from() -> None:

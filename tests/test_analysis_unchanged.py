@@ -100,3 +100,11 @@ def test_methods_that_scored_alike_to_the_bit_are_named_once_as_a_pair() -> None
     assert "full_ft and task_vector in 3 of the 4 cells both measured (2 of them where both left the model as it was)" in sentence, sentence
     assert sentence.count("cells both measured (") == 1, sentence
     assert alike_pairs(pd.DataFrame([r for r in rows if r["method"] != "task_vector"])) == ""
+    # two configs of each method stored at one cell (no plan to tell the current one): one cell, not "4 of 4"
+    doubled = [_row(m, "s", 64, 0, nll, 0.3) for m in ("full_ft", "task_vector") for nll in (1.6, 1.5)]
+    assert alike_pairs(pd.DataFrame(doubled)) == ""  # each side's two rows disagree: no cell to compare
+    repeated = doubled + [_row(m, "s", 32, 0, 1.7, 0.3) for m in ("full_ft", "task_vector") for _ in range(2)]  # a row stored twice
+    assert "full_ft and task_vector in 1 of the 1 cells both measured" in alike_pairs(pd.DataFrame(repeated))
+    # two compositions alike, neither the other's part, are a pair
+    both = [_row(m, "s", b, 0, 1.7 + b / 1e3, 0.3) for m in ("steer_mean+lora", "steer_trained+lora") for b in (4, 16)]
+    assert "steer_mean+lora and steer_trained+lora in 2 of the 2 cells" in alike_pairs(pd.DataFrame(both))
