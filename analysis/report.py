@@ -14,6 +14,7 @@ import html
 import itertools
 import re
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -466,7 +467,7 @@ def capability_out_of_size_order(caps: pd.DataFrame) -> list[str]:
                          "to see it by capability.")  # fmt: skip
     # and per task, the base models' own scores: "on the largest model" is then not where the task is done best
     for (task, family), group in caps.dropna(subset=["params", "score_base"]).groupby(["task", "family"], sort=True):
-        if inverted := _inversions(group, "score_base"):
+        if inverted := _inversions(group, "score_base", lambda score: f"{score:.4g}"):  # 0.9995 below 1, not "1 below 1"
             largest, best = group.loc[group["params"].idxmax()], group.loc[group["score_base"].idxmax()]
             not_largest = (f"; and {best['model']} ({_num(best['score_base'])}), not the largest model measured ({largest['model']}, "
                            f"{_num(largest['score_base'])}), does the task best before post-training") if best["score_base"] > largest["score_base"] else ""
@@ -476,10 +477,10 @@ def capability_out_of_size_order(caps: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _inversions(group: pd.DataFrame, column: str) -> list[str]:
-    """'l (3.85) below m (4.09)' for each step up in `params` where `column` falls."""
+def _inversions(group: pd.DataFrame, column: str, show: Callable[[float], str] = _num) -> list[str]:
+    """'l (3.85) below m (4.09)' for each step up in `params` where `column` falls, each value as `show` writes it."""
     group = group.sort_values("params")
-    return [f"{big} ({_num(big_value)}) below {small} ({_num(small_value)})"
+    return [f"{big} ({show(big_value)}) below {small} ({show(small_value)})"
             for (small, small_value), (big, big_value) in itertools.pairwise(zip(group["model"], group[column])) if big_value < small_value]
 
 
@@ -487,14 +488,14 @@ def axis_caveat(a: Analysis) -> str:
     """Why the axis verdict is not a finding: each axis leaves out its own top model, and `task_score` reads
     the held-out model's base score off the test set its post-trained cells are scored on."""
     held: dict[str, set[str]] = {}
-    models: dict[str, set[str]] = {}  # compared by model: "largest model (xl)" and "most capable model (xl)" are one
+    by_group: dict[tuple[str, str, str], set[frozenset[str]]] = {}  # per group, each axis' held-out models: labels aside
     for s in a.axes.scores:
         if s.law != TREND and np.isfinite(s.holdout_error):
             held.setdefault(s.x, set()).add(s.held_out)
-            models.setdefault(s.x, set()).update(s.held_models())
+            by_group.setdefault((s.task, s.subject, s.law), set()).add(frozenset(s.held_models()))
     named = "; ".join(f"{x}: {', '.join(sorted(texts))}" for x, texts in held.items())
     where = (f"the held-out model differs between axes ({named}), so their errors are on different models"
-             if len({frozenset(m) for m in models.values()}) > 1 else "each axis leaves out the model at its own top, which can differ between axes")
+             if any(len(models) > 1 for models in by_group.values()) else "each axis leaves out the model at its own top, which can differ between axes")
     on_idle, won, laws = wins_on_idle_models(a)
     idle_note = (f" In {on_idle} of its {won} wins among the laws the method left the held-out model as it was in half its cells "
                  "or more: there a law's error is how well it predicts the base model's score, which `task_score` is made of."
@@ -735,7 +736,10 @@ def render_markdown(blocks: list[Block]) -> str:
 
 def _inline(text: str) -> str:
     """Escaped text for the page, where the markdown's `code` spans (commands, names) become <code>: the page showed the backticks."""
-    return re.sub(r"(?<!`)`([^`\n]+)`(?!`)", r"<code>\1</code>", html.escape(text))
+    escaped = html.escape(text)
+    if escaped.count("`") % 2:  # a stray backtick (in an error message) would pair with a span's and swap code and text
+        return escaped
+    return re.sub(r"(?<!`)`([^`\n]+)`(?!`)", r"<code>\1</code>", escaped)
 
 
 def render_html(blocks: list[Block]) -> str:

@@ -236,7 +236,8 @@ def crossover_frame(crossovers: list[Crossover]) -> pd.DataFrame:
     """One row per (task, model, steering, fine-tuning) pair: D*, its interval (±inf kept as floats, where fits.json
     writes "inf"), the share of resamples that agree and the verdict: the study's answer as a table to load."""
     columns = [f.name for f in fields(Crossover) if f.name != "overtakes"]
-    numbers = {f.name: float for f in fields(Crossover) if f.type == "float"}  # typed even with no row (object columns read back)
+    kinds = {"float": float, "bool": bool}  # typed even with no row (object columns read back); the annotations are strings here
+    numbers = {f.name: kinds[f.type] for f in fields(Crossover) if f.type in kinds}
     return pd.DataFrame([c.record() for c in crossovers], columns=columns).astype(numbers)
 
 

@@ -200,7 +200,7 @@ def test_a_larger_model_less_capable_than_a_smaller_one_is_said() -> None:
     assert line.endswith("differently; and s (0.38), not the largest model measured (xl, 0.35), does the task best before post-training."), line
     # the measured score, not one read back from task_score's floored 1 / (1 − s): 1.0 and 0.9995 both read 0.999 there
     (line,) = capability_out_of_size_order(scores.assign(score_base=[1.0, 0.9995, 0.5, 0.6, 0.7, 0.5, 0.6]))
-    assert line.startswith("On t, the ladder base models' score does not rise with size at every step: s (1) below xs (1); m (0.5)"), line
+    assert line.startswith("On t, the ladder base models' score does not rise with size at every step: s (0.9995) below xs (1); m (0.5)"), line
     assert "xs (1), not the largest model measured (xl, 0.7)" in line, line
 
 
@@ -251,5 +251,10 @@ def test_the_axis_caveat_counts_task_score_wins_on_a_held_out_model_the_method_l
     assert "In 2 of its" not in axis_caveat(SimpleNamespace(axes=a.axes, unchanged=[]))
     # both axes left out xl: their labels differ ("largest", "most capable"), the model does not
     assert "differs between axes" not in text and "each axis leaves out the model at its own top" in text, text
+    # xl and s left out by turns on two tasks: the same models over all, a different one in each group
+    swapped = [AxisScore(task, "lora", "additive", x, 0.3, f"model ({held})", 0.01, "", 5)
+               for task, pairs in (("t", (("params", "xl"), ("task_score", "s"))), ("u", (("params", "s"), ("task_score", "xl"))))
+               for x, held in pairs]  # fmt: skip
+    assert "the held-out model differs between axes" in axis_caveat(SimpleNamespace(axes=AxisComparison(swapped, [], "task_score", []), unchanged=[]))
     fitted = " ".join(axes_text(SimpleNamespace(axes=a.axes, unchanged=a.unchanged, metric="score")))
     assert "most wins: x = task_score (not a finding" in fitted and "2 of its 4 wins among the laws are on a held-out model" in fitted, fitted

@@ -74,7 +74,7 @@ def test_the_crossovers_table_keeps_every_field_and_its_infinite_ends(tmp_path: 
     assert row["d_star_lo"] == -np.inf and row["outcome"] == "crosses" and row["d_star"] == pytest.approx(c.d_star)
     assert row.keys() == c.record().keys() and all(row[k] == v or (v != v and row[k] != row[k]) for k, v in c.record().items())
     empty = crossover_frame([])
-    assert list(empty.columns) == list(row) and empty["d_star"].dtype == float and empty["share"].dtype == float
+    assert list(empty.columns) == list(row) and empty["d_star"].dtype == float and empty["share"].dtype == float and empty["idle"].dtype == bool
 
 
 def test_the_interval_of_steering_overtaking_is_where_steering_leads_from() -> None:
