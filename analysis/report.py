@@ -23,7 +23,7 @@ import pandas as pd
 from analysis.axis_choice import TREND
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import AXES, get_axis
-from analysis.composition import CompositionGain, Welch, holm, paired_noise, unmatched_compositions
+from analysis.composition import CompositionGain, Welch, copies_of_a_part, holm, paired_noise, unmatched_compositions
 from analysis.crossover import MIN_TREND_MODELS, Crossover
 from analysis.curves import outcome_matrix
 from analysis.decisions import Decisions, read_decisions
@@ -34,7 +34,7 @@ from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, save_fits, wins_on_idle_models
-from analysis.unchanged import alike_pairs, one_row_per_cell, unchanged_counts, unchanged_share
+from analysis.unchanged import alike_pairs, unchanged_counts, unchanged_share
 
 
 @dataclass(frozen=True)
@@ -252,12 +252,11 @@ def best_measured(task: str, stored: pd.DataFrame, metric: str) -> str:
 
 
 def _copy_note(method: str, other: str, cells: pd.DataFrame, others: pd.DataFrame, metric: str) -> str:
-    """'; a scored as b, to the bit, in 2 of 2 cells' where `method`'s cells equal `other`'s on the same seed in
-    `metric` and the NLL: a tie of a composition with its part that chose to add nothing is one method's result, not two."""
-    columns = [c for c in dict.fromkeys((metric, "nll")) if c in cells and c in others]
-    paired = one_row_per_cell(cells, ["seed"], columns).merge(one_row_per_cell(others, ["seed"], columns), on="seed", suffixes=("", "_other"))
-    same = int(np.logical_and.reduce([paired[c].to_numpy(float) == paired[f"{c}_other"].to_numpy(float) for c in columns]).sum()) if len(paired) else 0
-    return f"; {method} scored as {other}, to the bit, in {same} of {len(paired)} cells on the same seeds" if same else ""
+    """'; a scored as b, to the bit, in 2 of 2 cells' where `method`'s cells equal `other`'s on the same seed in `metric`
+    and the NLL (`copies_of_a_part`): a tie of a composition with its part that chose to add nothing is one method's
+    result, not two."""
+    same = copies_of_a_part(pd.concat([cells, others]), method, [other], metric)
+    return f"; {method} scored as {other}, to the bit, in {same} of {len(cells)} cells on the same seeds" if same else ""
 
 
 def _unrounded(value: float) -> float:

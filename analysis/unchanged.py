@@ -114,7 +114,7 @@ def alike_pairs(ok: pd.DataFrame) -> str:
     if rows is None or "score" not in rows:
         return ""
     keys = ["task", "model", "budget", "seed"]
-    cells = {method: one_row_per_cell(g[[*keys, "score", "nll", "_same"]], keys, ["score", "nll"]) for method, g in rows.groupby("method", sort=True)}
+    cells = {method: _one_row_per_cell(g[[*keys, "score", "nll", "_same"]], keys, ["score", "nll"]) for method, g in rows.groupby("method", sort=True)}
     found = []
     for a, b in itertools.combinations(cells, 2):
         if a in components(b) or b in components(a):  # a composition and its own part: the composition gains count those
@@ -131,7 +131,7 @@ def alike_pairs(ok: pd.DataFrame) -> str:
             "outcomes once.")
 
 
-def one_row_per_cell(rows: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
+def _one_row_per_cell(rows: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:
     """`rows` with one row per `keys`: repeats of one result kept once, and keys whose rows disagree (two configs of one
     method stored side by side, with no plan to tell the current one) left out, so that a pairing of two methods
     counts each cell once: merged as they were, two rows a side made one cell "4 of 4 alike"."""
