@@ -72,6 +72,11 @@ class Crossover:
         lo, hi = end(self.d_star_lo), end(self.d_star_hi)
         return f"[{lo}]" if lo == hi and not np.isfinite(self.d_star_lo) else f"[{lo}, {hi}]"
 
+    def claim(self) -> str:
+        """The verdict less its dispute (`DISPUTE` and what follows), which a line prints after D*'s interval: the
+        interval after it read as the Welch interval's."""
+        return self.verdict.removesuffix(f"{DISPUTE}{self.disputed}") if self.disputed else self.verdict
+
     def resampled_note(self) -> str:
         """'; most resamples (80%): lora ahead throughout' where the resamples' commonest outcome is not the fit's, else ''."""
         if not self.resampled_outcome:
@@ -93,6 +98,7 @@ def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> 
     return from_loss(e + b * d[None, :] ** -beta, metric)
 
 
+DISPUTE = "; the measured means do not show it: "  # a verdict's last clause where they do not (`Crossover.disputed`)
 OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied", "crosses_twice")  # codes 0..5 of `outcomes` (-1: not finite)
 TIE = 1e-6  # in metric units: the least difference that counts where the metric has no step (an NLL, say)
 
@@ -320,7 +326,7 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     elif outcome in ("finetuning_ahead", "steering_ahead", "tied"):
         note, disputed = measured_check_without_crossing(steer, tune, outcome, sign, tol)
         verdict += note
-    verdict += f"; the measured means do not show it: {disputed}" if disputed else ""
+    verdict += f"{DISPUTE}{disputed}" if disputed else ""
     d_star = first if code == 5 else d_star
     return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, tolerance=tol, disputed=disputed,
                      resampled_outcome=mode, resampled_share=mode_share, overtakes=overtakes)  # fmt: skip

@@ -14,8 +14,8 @@ import html
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -419,7 +419,7 @@ def _capability(a: Analysis) -> list[Block]:
     caps = a.capabilities
     if len(caps):
         rows = [(r["task"], r["model"], r["family"], *(_num(r[name]) for name in AXES)) for _, r in caps.iterrows()]
-        blocks.append(Table(("task", "model", "family", *AXES), rows))
+        blocks.append(Table(("task", "model", "family", *(f"{name} ({axis.label})" for name, axis in AXES.items())), rows))
         blocks += [Paragraph(line) for line in [*capability_out_of_size_order(caps), synthetic_neutral_text(a.loaded.ok)] if line]
     groups = a.axes.error_table()
     if not groups:

@@ -12,7 +12,7 @@ from analysis.axis_choice import TREND, AxisComparison, compare_axes
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import capability_table, get_axis
 from analysis.composition import CompositionGain, composition_gains
-from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, find_crossovers
+from analysis.crossover import DISPUTE, Crossover, CrossoverScaling, crossover_scaling, find_crossovers
 from analysis.curves import LawFit, fit_curves
 from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
@@ -24,7 +24,7 @@ from analysis.unchanged import Unchanged, idle_pairs, unchanged_cells
 
 # A joint law's resamples redraw seeds (and questions) and keep its models, so they leave out how far each model sits
 # off the law: at a 5 % scatter between 5 models, α's "95 %" interval held the truth in 25 % of simulations (helper-127)
-JOINT_CI_NOTE = "95% bootstrap CIs (a joint law's redraw seeds and questions, not its models: narrower than its uncertainty across models)"
+JOINT_CI_NOTE = "95% bootstrap CIs (a joint law's resamples redraw seeds and questions, not its models: narrower than its uncertainty across models)"
 
 
 @dataclass(frozen=True)
@@ -114,12 +114,7 @@ class FitSummary:
         lines += _aligned(table)
         if a.crossovers:
             lines.append("crossovers (where fine-tuning and steering swap places):")
-            for c in a.crossovers:
-                ci = f" CI {c.interval()}" if c.interval() else ""
-                firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: the measured means disagree)" if c.disputed else ""
-                agree = f", {whole_percent(c.share)}% of resamples agree{firm}{c.resampled_note()}" if np.isfinite(c.share) else c.unresampled_note()
-                idle = "; both methods left the model as it was in most cells both measured" if c.idle else ""
-                lines.append(f"  {c.task} {c.model}: {c.verdict}{ci}{agree}{idle}")
+            lines += [f"  {crossover_line(c)}" for c in a.crossovers]
         for s in a.scaling:
             held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
             lines.append(f"  {s.describe()}{held}")
@@ -179,6 +174,17 @@ def axes_text(a: Analysis) -> list[str]:
             "predicts the base score task_score is made of") if on_idle and a.axes.best == "task_score" else ""
     return [*lines, f"  most wins: x = {a.axes.best} (not a finding: not like-for-like, each axis leaves out its own top model, and "
                     f"task_score reads the held-out model's base score off the test set{idle})"]  # fmt: skip
+
+
+def crossover_line(c: Crossover) -> str:
+    """One crossover as `fit` prints it: the claim, D*'s interval and the resamples' share, then what the measured
+    means dispute (after the interval, which read as the Welch interval's where it followed the dispute)."""
+    ci = f" CI {c.interval()}" if c.interval() else ""
+    firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: the measured means disagree)" if c.disputed else ""
+    agree = f", {whole_percent(c.share)}% of resamples agree{firm}{c.resampled_note()}" if np.isfinite(c.share) else c.unresampled_note()
+    idle = "; both methods left the model as it was in most cells both measured" if c.idle else ""
+    dispute = f"{DISPUTE}{c.disputed}" if c.disputed else ""
+    return f"{c.task} {c.model}: {c.claim()}{ci}{agree}{idle}{dispute}"
 
 
 def wins_on_idle_models(a: Analysis) -> tuple[int, int, list[str]]:

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from tqdm import tqdm
@@ -182,6 +183,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(_status_table(_manifest_entries(cells), status))
     print(_compute_to_go(cells, scan))
     _note_unfittable(cells)
+    _note_unlike_parts(spec)
+    _note_rows_outside(spec.sweep, args.config, cells, scan)
     return 0
 
 
@@ -198,6 +201,13 @@ def _note_unfittable(cells: list[PlannedCell]) -> None:
         listed = ", ".join(f"{method} ({n})" for method, n in sorted(short.items()))
         print(f"note: a loss(D) curve needs at least {MIN_BUDGETS} distinct budgets > 0; these methods have fewer: {listed}. "
               "Their cells run and are stored, but `fit` will fit no curve (and no crossover) for them; add budgets")  # fmt: skip
+
+
+def _note_unlike_parts(spec: SweepSpec) -> None:
+    from orchestrator.spec import unlike_parts
+
+    for line in unlike_parts(spec):
+        print(f"note: {line}")
 
 
 def _compute_to_go(cells: list[PlannedCell], scan: StoreScan) -> str:
@@ -280,13 +290,20 @@ def count_line(sweep: str, cells: list[PlannedCell], scan: StoreScan, todo: list
     return f"sweep {sweep}: {len(cells)} cells, {stored} already stored, {len(todo)} to run" + (f" ({again} of them stored ones, run again)" if again else "")
 
 
-def _note_other_sweeps(sweep: str, config: str, scan: StoreScan) -> None:
-    """Say when the results directory holds another sweep's rows: `fit DIR` fits every row there together."""
+def _note_rows_outside(sweep: str, config: str, cells: list[PlannedCell], scan: StoreScan) -> None:
+    """Say when the results directory holds rows this grid does not plan (another sweep's, or this sweep's under an
+    earlier config): `fit DIR` fits every row there together. `plan` says it too, before the run it previews."""
     others = Counter(cell.sweep for cell in scan.cells.values() if cell.sweep != sweep)
-    if others:
-        names = ", ".join(f"'{name}' ({count})" for name, count in others.most_common())
-        print(f"note: this results_dir also holds rows of other sweeps: {names}. A cell both grids share is stored once and "
-              f"not rerun; `fit`/`report` of the directory fit every row together, `fit {config} --planned-only` this sweep's grid alone")  # fmt: skip
+    planned = {c.cell_id for c in cells}
+    earlier = sum(cell.sweep == sweep and cell_id not in planned for cell_id, cell in scan.cells.items())
+    if not others and not earlier:
+        return
+    names = ", ".join(f"'{name}' ({count})" for name, count in others.most_common())
+    held = "; ".join(part for part in (f"rows of other sweeps: {names}. A cell both grids share is stored once and not rerun" if others else "",
+                                       f"{counted(earlier, 'row')} of '{sweep}' from cells this grid does not plan (an earlier "
+                                       "config, or grid values since removed)" if earlier else "") if part)  # fmt: skip
+    print(f"note: this results_dir also holds {held}; `fit`/`report` of the directory fit every row together, "
+          f"`fit {config} --planned-only` this grid alone")
 
 
 def _prepare_locally(model: ModelSpec, *, progress: bool) -> None:
@@ -429,11 +446,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     scan = store.scan(set_aside=True)
     _report_quarantine(scan, set_aside=True)
     if args.adaptive:
+        _note_unlike_parts(spec)
+        _note_rows_outside(spec.sweep, args.config, cells, scan)
         return _run_adaptive(args, spec, cells, store, scan, planned_at)
     todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)
     print(count_line(spec.sweep, cells, scan, todo))
     _note_unfittable(cells)
-    _note_other_sweeps(spec.sweep, args.config, scan)
+    _note_unlike_parts(spec)
+    _note_rows_outside(spec.sweep, args.config, cells, scan)
     running, stored = {c.cell_id for c in todo}, scan.statuses()
     waiting = sum(1 for c in cells if c.cell_id not in running and stored.get(c.cell_id) == "failed")
     if waiting:
@@ -589,9 +609,10 @@ def _with_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=_resamples, default=200, help=f"bootstrap resamples for confidence intervals (default 200; 0: none; else at least {MIN_RESAMPLES})")
     p.add_argument("--workers", type=_int_at_least(1), default=None, help="groups fitted at once, in worker processes (default: every core, up to 8)")
     p.add_argument(
-        "--x", type=_x_axis, default="params",
-        help="what stands for model scale N: params (non-embedding parameters), neutral_loss (base model's loss "
-        "on neutral text) or task_score (base model's score on the task); every axis is compared either way "
+        "--x", type=_x_axis, default="params", metavar="{params,neutral_loss,task_score}",
+        help="what stands for model scale N: params (non-embedding parameters), neutral_loss (1 / the base model's "
+        "NLL per byte on neutral text: higher is more capable) or task_score (1 / (1 - the base model's score on the task)); "
+        "every axis is compared either way "
         "(another than params writes fits-<x>.* and report-<x>/, beside the default's)",
     )  # fmt: skip
     p.add_argument("--metric", choices=("score", "nll"), default="score",
@@ -728,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     # no abbreviated flags: `--max-cell 3` silently meaning --max-cells hides typos in scripts
     parser_class = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
     parser = parser_class(prog="steerscale", description="Scaling-law sweeps: steering vs fine-tuning, on Ray.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -779,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     ladder_sub = p.add_subparsers(dest="ladder_command", metavar="build", required=True, parser_class=parser_class)
     b = ladder_sub.add_parser("build", help="pretrain (or find cached) ladder models")
     b.add_argument("--recipe", default="default", help="the ladder to build (default: default; the tests' is test)")
-    b.add_argument("--sizes", nargs="*", help="sizes to build (default: all of the recipe)")
+    b.add_argument("--sizes", nargs="+", help="sizes to build (default: all of the recipe)")
     b.add_argument("--jobs", type=_int_at_least(1), help="parallel builds (default: one per CPU core)")
     b.set_defaults(func=cmd_ladder_build, subparser=b)
     return parser
@@ -797,6 +819,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args
+
+
+def _version() -> str:
+    """The installed package's version; a checkout run without installing (`PYTHONPATH=. python -m orchestrator.cli`) has none."""
+    try:
+        return version("steerscale")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

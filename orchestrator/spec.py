@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 
 from workers.cell import LADDER_PREFIX, EvalConfig, ModelSpec
 from workers.config import ConfigError, StrictConfig, validate_config
-from workers.methods import reads_examples, resolve_config
+from workers.methods import get_method, reads_examples, resolve_config
 from workers.registry import UnknownNameError, did_you_mean
 from workers.tasks import get_task, reads_hub_data
 
@@ -233,6 +233,65 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
         raise ConfigError("\n".join(problems))
 
 
+def unlike_parts(spec: SweepSpec) -> list[str]:
+    """Where a composition's part is set otherwise than the sweep's standalone method of that name: its gain over
+    that method (the report's composition table) is then not like for like. An override of the standalone
+    (`methods.lora.rank=8`) does not reach the part (`_unshared`), and nothing said so (helper-169). `A+B+C` is
+    `A+(B+C)`: its parts sit at `first`, `second.first` and `second.second`."""
+    notes = []
+    for name, raw in spec.methods.items():
+        parts = name.split("+")
+        if len(parts) < 2:
+            continue
+        config = resolve_config(name, raw).model_dump(mode="json")
+        for i, part in enumerate(parts):
+            if part not in spec.methods:
+                continue
+            slots = ["second"] * i + (["first"] if i < len(parts) - 1 else [])
+            inside = config
+            for slot in slots:
+                inside = inside[slot]
+            alone = resolve_config(part, spec.methods[part]).model_dump(mode="json")
+            differ = _differences(_flat(inside), _flat(alone), part)
+            if differ:
+                notes.append(f"methods.{name}.{'.'.join(slots)} differs from methods.{part} ({'; '.join(differ)}), so the "
+                             f"composition's gain over {part} compares unlike settings; give both the same settings, unless that is meant")  # fmt: skip
+    return notes
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}; a block left unset (None) stays one key."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def _differences(inside: dict[str, Any], alone: dict[str, Any], part: str) -> list[str]:
+    """The keys where a part's flat settings differ from its standalone method's; a block set on one side and unset on
+    the other (task_vector's `lora` once `finetune: lora`) is named once, not key by key."""
+    shown = lambda value: f"{value:g}" if isinstance(value, float) else repr(value)  # noqa: E731 - 3e-4, not 0.0003 beside 1e-05
+    found: dict[str, str] = {}
+    for key in [*alone, *(k for k in inside if k not in alone)]:
+        here, there = inside.get(key, _UNSET), alone.get(key, _UNSET)
+        if here == there:
+            continue
+        if here is _UNSET or there is _UNSET:
+            prefixes = [".".join(key.split(".")[:n]) for n in range(1, key.count(".") + 2)]
+            block = next(p for p in prefixes if p in inside or p in alone)
+            found.setdefault(block, f"{block}: {_set_or_not(inside, block)} vs {_set_or_not(alone, block)} in {part}")
+        else:
+            found[key] = f"{key}: {shown(here)} vs {shown(there)} in {part}"
+    return list(found.values())
+
+
+_UNSET = object()
+
+
+def _set_or_not(flat: dict[str, Any], block: str) -> str:
+    return "set" if flat.get(block) is not None or any(key.startswith(f"{block}.") for key in flat) else "unset"
+
+
 def model_problem(entry: ModelEntry) -> str | None:
     """Why the sweep cannot load `entry`, when that is knowable before any worker tries (ladder names, local paths)."""
     if entry.id.startswith(LADDER_PREFIX):
@@ -314,8 +373,13 @@ def _adds_a_method(override: str, path: str, methods: dict[str, Any]) -> str:
     """`methods.full_ft.train.lr=0.1` on a sweep without full_ft would add the method, cells and all, unsaid:
     more likely a slip (the wrong method named) than a wish, which `methods.full_ft={...}` states."""
     name = path.split(".", 1)[1]
-    return (f"override '{override}': {path} is not a method of this sweep{did_you_mean(name, set(methods))} (its methods: "
-            f"{', '.join(methods)}); to add it, give it whole: {path}={{}} for its defaults, or {path}={{key: value}}")
+    try:
+        get_method(name)
+    except UnknownNameError:  # no method by that name at all: "to add it" led to "unknown method" (helper-169)
+        addable = ""
+    else:
+        addable = f"; to add it, give it whole: {path}={{}} for its defaults, or {path}={{key: value}}"
+    return f"override '{override}': {path} is not a method of this sweep{did_you_mean(name, set(methods))} (its methods: {', '.join(methods)}){addable}"
 
 
 def _unshared(node: object) -> object:

@@ -556,7 +556,7 @@ def test_a_d_star_the_measured_means_contradict_is_not_a_finding(tmp_path: Path,
     assert c.disputed.startswith(f"at D=16 {ahead} is still ahead by 0.0") and "do not show it: at D=16" in c.verdict
     assert "between the measured budgets 4 and 16" in c.verdict
     (line,) = [line for line in summary.to_text().splitlines() if "of resamples agree" in line]
-    assert line.endswith("100% of resamples agree (not a finding: the measured means disagree)"), line
+    assert "100% of resamples agree (not a finding: the measured means disagree); the measured means do not show it: at D=16" in line, line
 
 
 def test_one_seed_a_budget_says_the_d_star_was_not_checked() -> None:
@@ -633,3 +633,17 @@ def test_an_outcome_most_resamples_do_not_give_names_the_one_they_do(monkeypatch
     monkeypatch.undo()
     agreeing = _one_crossover(steering=LATE, finetuning=EARLY, seeds=3, noise=0.12)
     assert agreeing.resampled_outcome == "" and np.isnan(agreeing.resampled_share)
+
+
+def test_a_disputed_crossover_prints_its_interval_before_the_dispute() -> None:
+    """`fit` printed "…the measured means do not show it: at D=32 … (95 % Welch interval …) CI [< 4, > 1024], 44% …": the
+    D* interval read as the Welch interval's (helper-169). The claim, its interval and share come first, then the dispute."""
+    from analysis.crossover import DISPUTE
+    from analysis.summary import crossover_line
+
+    dispute = "at D=32 lora is behind by 0.02 [-0.05, 0.01] (95 % Welch interval over 4 seeds)"
+    c = Crossover("facts", "ladder:xs", 1e5, "steer_mean", "lora", 4.0, 1024.0, 19.4, 2.0, 2000.0, 0.44, "crosses",
+                  f"lora overtakes steer_mean at D* ≈ 19.4{DISPUTE}{dispute}", disputed=dispute)
+    assert c.claim() == "lora overtakes steer_mean at D* ≈ 19.4"
+    assert crossover_line(c) == ("facts ladder:xs: lora overtakes steer_mean at D* ≈ 19.4 CI [< 4, > 1024], 44% of resamples "
+                                 f"agree (under 95%: not a finding){DISPUTE}{dispute}")

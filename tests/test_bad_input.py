@@ -223,11 +223,17 @@ def test_an_unreachable_gcs_bucket_is_a_clean_error_in_seconds_not_a_quarter_hou
     assert probe_uri("gs://b/r?project_id=p") == "gs://b/r?project_id=p&retry_limit_seconds=10"
     assert probe_uri("gs://b/r?retry_limit_seconds=60") == "gs://b/r?retry_limit_seconds=60"
     assert probe_uri("s3://b/r") == "s3://b/r"
-    for command in ("status", "fit"):
-        out = subprocess.run([sys.executable, "-m", "orchestrator.cli", command, "gs://steerscale-no-such-bucket/r"],
-                             capture_output=True, text=True, timeout=150)  # fmt: skip
-        _assert_clean_error(out, "gs://steerscale-no-such-bucket/r")
-        assert "cannot reach" in out.stderr
+    # both commands at once: each waits out the retry limit (~20 s), which is the test's time
+    running = [subprocess.Popen([sys.executable, "-m", "orchestrator.cli", command, "gs://steerscale-no-such-bucket/r"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in ("status", "fit")]  # fmt: skip
+    try:
+        for process in running:
+            stdout, stderr = process.communicate(timeout=150)
+            _assert_clean_error(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), "gs://steerscale-no-such-bucket/r")
+            assert "cannot reach" in stderr
+    finally:
+        for process in running:
+            process.kill()  # after a timeout or a failed check: no process left behind
 
 
 @pytest.mark.parametrize("methods", [
@@ -481,3 +487,19 @@ def test_ladder_without_its_subcommand_names_it():
     """`steerscale ladder` said "the following arguments are required: ladder_command", an internal name (helper-141)."""
     out = _cli("ladder")
     assert out.returncode == 2 and "the following arguments are required: build" in out.stderr, out.stderr
+
+
+def test_ladder_build_sizes_given_none_is_refused_not_read_as_all(capsys):
+    """`--sizes` with nothing after it built every rung of the recipe, the most a slip could cost (helper-169)."""
+    status, err = _main(capsys, "ladder", "build", "--sizes")
+    assert status == 2 and "argument --sizes: expected at least one argument" in err
+
+
+def test_the_version_is_asked_for_as_usual(capsys):
+    from importlib.metadata import version
+
+    from orchestrator.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"steerscale {version('steerscale')}"

@@ -143,6 +143,8 @@ def test_an_override_that_cannot_apply_names_itself(override, message, write_swe
     with pytest.raises(ConfigError) as err:
         load_spec(write_sweep(BASE), [override])
     assert message in str(err.value)
+    # "to add it" only for a real method: for `lorra` it led to "unknown method 'lorra'" (helper-169)
+    assert ("to add it" in str(err.value)) == override.startswith("methods.full_ft.")
 
 
 @pytest.mark.parametrize(
@@ -436,3 +438,26 @@ def test_a_key_of_the_config_written_in_the_wrong_section_says_where_it_goes(ove
     with pytest.raises(ConfigError) as err:
         load_spec(write_sweep(BASE), [override])
     assert message in str(err.value)
+
+
+def test_a_composition_part_set_otherwise_than_its_standalone_method_is_named(write_sweep):
+    """`methods.lora.rank=8` does not reach steer_mean+lora's LoRA (each method's settings are its own), so the report's
+    gain of the composition over lora compared unlike settings, unsaid (helper-169). `plan` and `run` name the keys."""
+    from orchestrator.spec import unlike_parts
+
+    like = {**BASE, "methods": {"steer_mean": {}, "lora": {"rank": 2}, "steer_mean+lora": {"second": {"rank": 2}}}}
+    assert unlike_parts(load_spec(write_sweep(like))) == []
+    (note,) = unlike_parts(load_spec(write_sweep(like), ["methods.lora.rank=8", "methods.lora.train.lr=0.01"]))
+    assert note.startswith("methods.steer_mean+lora.second differs from methods.lora (rank: 2 vs 8 in lora; train.lr: ")
+    assert "vs 0.01 in lora)" in note
+    # the first part too, and a part the sweep does not run alone has nothing to differ from
+    (note,) = unlike_parts(load_spec(write_sweep(like), ["methods.steer_mean.layers=[0.5]"]))
+    assert note.startswith("methods.steer_mean+lora.first differs from methods.steer_mean (layers: ")
+    alone = {**BASE, "methods": {"steer_mean+lora": {"second": {"rank": 8}}}}
+    assert unlike_parts(load_spec(write_sweep(alone))) == []
+    # A+B+C is A+(B+C): the last part sits at second.second, and is compared with the sweep's own C (helper-170)
+    (note,) = unlike_parts(load_spec(write_sweep({**BASE, "methods": {"lora": {"rank": 8}, "steer_mean+prompt+lora": {}}})))
+    assert note.startswith("methods.steer_mean+prompt+lora.second.second differs from methods.lora (rank: 4 vs 8 in lora)")
+    # a settings block set on one side only is named once, not key by key
+    (note,) = unlike_parts(load_spec(write_sweep({**BASE, "methods": {"task_vector": {}, "task_vector+lora": {"first": {"finetune": "lora"}}}})))
+    assert "(finetune: 'lora' vs 'full_ft' in task_vector; full_ft: unset vs set in task_vector; lora: set vs unset in task_vector)" in note

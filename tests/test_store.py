@@ -359,19 +359,39 @@ def test_a_rerun_runs_the_unstored_cells_and_failed_ones_only_when_asked(tmp_pat
     assert ids(force=True, retry_failed=False) == ["ok", "failed", "new"]
 
 
-def test_a_run_into_a_directory_holding_another_sweeps_rows_says_so(tmp_path, capsys):
-    from orchestrator.cli import _note_other_sweeps
+def test_a_run_into_a_directory_holding_rows_it_does_not_plan_says_so(tmp_path, capsys):
+    from types import SimpleNamespace
 
+    from orchestrator.cli import _note_rows_outside
+
+    planned = lambda *ids: [SimpleNamespace(cell_id=i) for i in ids]  # noqa: E731 - what the note reads of a planned cell
     store = ResultsStore(str(tmp_path / "r"))
     store.write(_row("a"))  # sweep "s"
     store.write({**_row("b"), "sweep": "mine"})
-    _note_other_sweeps("mine", "mine.yaml", store.scan())
+    _note_rows_outside("mine", "mine.yaml", planned("a", "b"), store.scan())
     assert "also holds rows of other sweeps: 's' (1)" in capsys.readouterr().out
-    _note_other_sweeps("s", "s.yaml", ResultsStore(str(tmp_path / "r")).scan())
+    _note_rows_outside("s", "s.yaml", planned("a", "b"), ResultsStore(str(tmp_path / "r")).scan())
     assert "'mine' (1)" in capsys.readouterr().out
     store.write({**_row("a"), "sweep": "mine"})
-    _note_other_sweeps("mine", "mine.yaml", store.scan())
+    _note_rows_outside("mine", "mine.yaml", planned("a", "b"), store.scan())
     assert capsys.readouterr().out == ""
+    # the same sweep, its config changed (eval.test_size=60: every cell id new): `plan` was silent about the 2 stored rows
+    # a plain `fit` would mix in with the new ones
+    _note_rows_outside("mine", "mine.yaml", planned("c", "d"), store.scan())
+    out = capsys.readouterr().out
+    assert "2 rows of 'mine' from cells this grid does not plan" in out and "other sweeps" not in out
+    assert "`fit mine.yaml --planned-only` this grid alone" in out
+
+
+def test_plan_says_which_stored_rows_its_grid_does_not_plan(tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"sweep: mine\nresults_dir: {tmp_path / 'r'}\nmodels: [ladder:xs]\ntasks: [facts]\nmethods: {{base: {{}}}}\nbudgets: [0]\nseeds: [0]\n")
+    store = ResultsStore(str(tmp_path / "r"))
+    store.write(_row("x"))  # sweep "s"
+    store.write({**_row("y"), "sweep": "mine"})  # this sweep's, from a cell of an earlier config
+    assert main(["plan", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "also holds rows of other sweeps: 's' (1)" in out and "1 row of 'mine' from cells this grid does not plan" in out
 
 
 @pytest.mark.parametrize("uri", ["nosuch://bucket/results", "s3://bucket/results?endpoint_override=127.0.0.1:{port}&scheme=http"])
