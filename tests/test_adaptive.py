@@ -392,7 +392,8 @@ def test_a_model_without_a_size_runs_one_cell_before_its_others_are_priced(tmp_p
     assert CostModel.calibrate(cells, rows, {}).spent(cells, rows) <= 0.02 * full
 
 
-@pytest.mark.parametrize("goal", ["crossover", "exponent"])
+# ~45 s each on two cores (its bootstraps' refits): the exponent goal runs with the slow tests, in CI too
+@pytest.mark.parametrize("goal", ["crossover", pytest.param("exponent", marks=pytest.mark.slow)])
 def test_a_pair_whose_curve_cannot_be_fitted_is_named_not_dropped(tmp_path, goal):
     """4 budgets x 2 seeds, both sim-l LoRA cells at the top budget out of memory: that curve has 6 ok cells over 3
     budgets, too few budgets to fit and too few failures to give up. The run said "every target interval is narrower
@@ -423,6 +424,7 @@ class ClaimRespectingWorld(World):
         super().__call__([c for c in cells if c.cell_id not in held], planned_at)
 
 
+@pytest.mark.slow  # ~60 s on two cores, in its rounds' bootstrap refits
 def test_a_run_resumed_while_a_dead_drivers_claims_live_waits_for_them(tmp_path, monkeypatch):
     """A driver on another host died holding claims on every cell, and the run was resumed here at once: it chose those
     cells (choices are deterministic), ran none, and stopped with "no progress". It now waits until the claims lapse

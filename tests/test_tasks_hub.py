@@ -234,6 +234,15 @@ def test_a_budget_above_the_split_fails_the_cell_instead_of_training_on_fewer() 
         training_examples(facts, facts.pool_size("train") + 1, seed=0)
 
 
+def test_a_budget_past_a_known_pool_is_refused_without_drawing_it(monkeypatch) -> None:
+    """A budget of 10^7 on facts' pool of 1,158 drew ten million examples (75 s) before counting them short."""
+    facts = TASKS.get("facts")
+    pool = facts.pool_size("train")
+    monkeypatch.setattr(type(facts), "examples", lambda *args: pytest.fail("drew the examples of a budget past the pool"))
+    with pytest.raises(ValueError, match=f"has {pool} distinct training examples, fewer than the cell's budget of 10000000"):
+        training_examples(facts, 10**7, seed=0)
+
+
 def test_a_hub_tasks_rows_are_pinned_by_a_digest_that_moves_with_its_data(tmp_path, monkeypatch) -> None:
     """A hub id loads its `main`, which can move between a sweep's cells: each row records a digest of
     the task's rows, which changes when one label does and not when nothing does."""

@@ -172,9 +172,12 @@ def cached_neutral(cell: CellConfig, run: CellRun, lm: LanguageModel, texts: lis
 
 def drawn(task: Task, split: Split, n: int, seed: int) -> tuple[list[Example], int]:
     """`n` examples of the task's `split` and how many of them are distinct: a synthetic draw repeats
-    its pool past the end, a hub split stops short of `n`."""
-    examples = task.examples(split, n, seed)
+    its pool past the end, a hub split stops short of `n`. None drawn where the pool is known to be short:
+    the callers refuse the cell, and a budget of 10^7 spent 75 s drawing it first."""
     pool = task.pool_size(split)
+    if pool is not None and pool < n:
+        return [], pool
+    examples = task.examples(split, n, seed)
     return examples, len(examples) if pool is None else min(len(examples), pool)
 
 
