@@ -17,7 +17,6 @@ model. The plotted trends (`AxisComparison.trends`) are the ones the analysis st
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -48,15 +47,10 @@ class AxisScore:
     holdout_error: float  # metric units for a law; mean |ln D*| missed for a trend
     message: str  # why a law was not fitted
     models: int  # models a law had usable cells of; for a trend, models with a finite D*
+    held_models: tuple[str, ...] = ()  # the models `held_out` names (ties: several); none for a trend ('each model')
 
     def record(self) -> dict[str, object]:
         return dict(self.__dict__)
-
-    def held_models(self) -> list[str]:
-        """The models a joint law's `held_out` names: 'most capable model (ladder:m)' → ['ladder:m'] (ties: 'a, b');
-        none for a trend ('each model')."""
-        inside = re.search(r"\((.*)\)$", self.held_out)
-        return inside.group(1).split(", ") if inside else []
 
 
 @dataclass(frozen=True)
@@ -133,7 +127,7 @@ def _tightest(errors: dict[str, float]) -> str:
 def _law_score(f: LawFit) -> AxisScore:
     exponent = f.fit.params["alpha"] if f.ok else np.nan
     models = len(np.unique(f.points.n))
-    return AxisScore(f.task, f.method, f.law.name, str(f.x), exponent, f.holdout, f.holdout_error, f.message, models)
+    return AxisScore(f.task, f.method, f.law.name, str(f.x), exponent, f.holdout, f.holdout_error, f.message, models, f.held_models)
 
 
 def compare_axes(

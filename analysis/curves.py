@@ -77,6 +77,7 @@ class LawFit:
     holdout: str
     holdout_error: float
     family: str = ""  # the family a joint law was fitted within; "" when pooled, and for a budget curve
+    held_models: tuple[str, ...] = ()  # a joint law's models at the top of its axis, which its holdout error leaves out
 
     @property
     def ok(self) -> bool:
@@ -358,14 +359,14 @@ def fit_group(job: GroupJob) -> LawFit:
     n_params = float(np.median(known)) if not joint and len(known) else np.nan
     top_of = points.n if joint else points.d
     held = top_of == top_of.max() if len(top_of) else np.zeros(0, bool)
+    top = tuple(sorted(usable.loc[held, "model"].astype(str).unique())) if joint else ()
     if joint:
-        top = ", ".join(sorted(usable.loc[held, "model"].astype(str).unique()))
-        holdout = f"{axis.held_out} ({top})" if top else axis.held_out
+        holdout = f"{axis.held_out} ({', '.join(top)})" if top else axis.held_out
     else:
         holdout = "largest budget"
 
     def unfitted(message: str) -> LawFit:
-        return LawFit(task, method, model, n_params, x, law, metric, points, excluded, None, None, message, holdout, np.nan, job.family)
+        return LawFit(task, method, model, n_params, x, law, metric, points, excluded, None, None, message, holdout, np.nan, job.family, top)
 
     ok = rows["status"] == "ok"
     if len(rows) and not ok.any():  # "needs at least 4 distinct budgets, got 0" hid why: a model that never loaded, say
@@ -382,7 +383,7 @@ def fit_group(job: GroupJob) -> LawFit:
     except FIT_FAILURES as err:  # one bad group must not sink the rest
         return unfitted(f"fit failed: {err}")
     error = _holdout_error(law, points, metric, held)
-    return LawFit(task, method, model, n_params, x, law, metric, points, excluded, fit, boot, "", holdout, error, job.family)
+    return LawFit(task, method, model, n_params, x, law, metric, points, excluded, fit, boot, "", holdout, error, job.family, top)
 
 
 def fitted_groups(frame: pd.DataFrame) -> Iterator[tuple[str, str, pd.DataFrame]]:

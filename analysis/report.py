@@ -491,7 +491,7 @@ def axis_caveat(a: Analysis) -> str:
     for s in a.axes.scores:
         if s.law != TREND and np.isfinite(s.holdout_error):
             held.setdefault(s.x, set()).add(s.held_out)
-            by_group.setdefault((s.task, s.subject, s.law), set()).add(frozenset(s.held_models()))
+            by_group.setdefault((s.task, s.subject, s.law), set()).add(frozenset(s.held_models))
     named = "; ".join(f"{x}: {', '.join(sorted(texts))}" for x, texts in held.items())
     where = (f"the held-out model differs between axes ({named}), so their errors are on different models"
              if any(len(models) > 1 for models in by_group.values()) else "each axis leaves out the model at its own top, which can differ between axes")

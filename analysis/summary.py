@@ -192,7 +192,7 @@ def wins_on_idle_models(a: Analysis) -> tuple[int, int, list[str]]:
     half its cells or more (`unchanged`), out of how many, and the laws they span (a method wins once per law)."""
     idle = {(u.task, u.method, model) for u in a.unchanged for model, *_ in u.by_model}
     won = [(task, subject, law) for task, subject, law, _, tightest in a.axes.error_table() if tightest == a.axes.best and law != TREND]
-    held = {(s.task, s.subject, s.law): s.held_models() for s in a.axes.scores if s.x == a.axes.best}
+    held = {(s.task, s.subject, s.law): s.held_models for s in a.axes.scores if s.x == a.axes.best}
     on_idle = sum(any((task, subject, model) in idle for model in held.get((task, subject, law), [])) for task, subject, law in won)
     return on_idle, len(won), sorted({law for _, _, law in won})
 

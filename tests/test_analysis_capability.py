@@ -91,6 +91,8 @@ def test_fits_json_text_and_report_carry_the_comparison(by_capability: analysis.
     assert "Not a like-for-like comparison, so not stated as a finding: the held-out model differs between axes" in capability
     assert "(params: largest model (a-8m); neutral_loss: most capable model (b-2m);" in capability, capability
     assert "`task_score` places the held-out model by its own base score on the task's test set" in capability
+    # neutral_loss is a reciprocal: a column named bare read as the lowest loss where it is the highest (helper-169)
+    assert "| neutral_loss (1 / base NLL per byte on neutral text) | task_score (1 / (1 − base task score)) |" in capability
     assert "additive[task_score]" in markdown
     assert (page.parent / "crossover_facts.png").stat().st_size > 0
 
@@ -241,7 +243,7 @@ def test_the_axis_caveat_counts_task_score_wins_on_a_held_out_model_the_method_l
     from analysis.summary import axes_text
     from analysis.unchanged import Unchanged
 
-    scores = [AxisScore("t", method, law, x, 0.3, held_out, error, "", 5)
+    scores = [AxisScore("t", method, law, x, 0.3, held_out, error, "", 5, ("xl",))
               for method in ("lora", "full_ft") for law in ("additive", "multiplicative")
               for x, held_out, error in (("params", "largest model (xl)", 0.02), ("task_score", "most capable model (xl)", 0.01))]  # fmt: skip
     a = SimpleNamespace(axes=AxisComparison(scores, [], "task_score", []), unchanged=[Unchanged("t", "full_ft", (("xl", 2, 2),), )])
@@ -252,7 +254,7 @@ def test_the_axis_caveat_counts_task_score_wins_on_a_held_out_model_the_method_l
     # both axes left out xl: their labels differ ("largest", "most capable"), the model does not
     assert "differs between axes" not in text and "each axis leaves out the model at its own top" in text, text
     # xl and s left out by turns on two tasks: the same models over all, a different one in each group
-    swapped = [AxisScore(task, "lora", "additive", x, 0.3, f"model ({held})", 0.01, "", 5)
+    swapped = [AxisScore(task, "lora", "additive", x, 0.3, f"model ({held})", 0.01, "", 5, (held,))
                for task, pairs in (("t", (("params", "xl"), ("task_score", "s"))), ("u", (("params", "s"), ("task_score", "xl"))))
                for x, held in pairs]  # fmt: skip
     assert "the held-out model differs between axes" in axis_caveat(SimpleNamespace(axes=AxisComparison(swapped, [], "task_score", []), unchanged=[]))
