@@ -256,7 +256,8 @@ def _copy_note(method: str, other: str, cells: pd.DataFrame, others: pd.DataFram
     and the NLL (`copies_of_a_part`): a tie of a composition with its part that chose to add nothing is one method's
     result, not two."""
     same = copies_of_a_part(pd.concat([cells, others]), method, [other], metric)
-    return f"; {method} scored as {other}, to the bit, in {same} of {len(cells)} cells on the same seeds" if same else ""
+    paired = int(cells["seed"].isin(others["seed"]).sum())  # a seed only one of them ran cannot be a copy, nor counted as one
+    return f"; {method} scored as {other}, to the bit, in {same} of {paired} cells on the same seeds" if same else ""
 
 
 def _unrounded(value: float) -> float:

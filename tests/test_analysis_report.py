@@ -260,6 +260,10 @@ def test_a_method_that_failed_on_the_largest_model_is_named_and_rounding_is_no_l
             for method in ("lora", "steer_mean+lora") for seed in (0, 1, 2)]  # fmt: skip
     sentence = best_measured("t", pd.DataFrame(rows), "score")
     assert "lora and steer_mean+lora measured best (tied; steer_mean+lora scored as lora, to the bit, in 2 of 3 cells on the same seeds)" in sentence, sentence
+    # seeds lora did not run are no cells "on the same seeds": counted, they made it "2 of 5"
+    rows += [{**rows[-1], "seed": seed, "score": score, "nll": 0.5} for seed, score in ((3, 0.5), (4, 0.7))]
+    sentence = best_measured("t", pd.DataFrame(rows), "score")
+    assert "(tied; steer_mean+lora scored as lora, to the bit, in 2 of 3 cells on the same seeds)" in sentence, sentence
 
 
 def test_the_adaptive_log_of_a_run_resumed_after_its_stop_has_not_stopped_and_shows_its_latest_targets() -> None:
