@@ -16,6 +16,10 @@ import pandas as pd
 from scipy.optimize import least_squares
 
 MIN_POINTS = 6
+# The loss span of a sigmoid's 10–90 % rise is 2·ln 9 / slope: a link with fewer cells than MIN_IN_RISE inside it is
+# a step or a tail the cells do not resolve (fitted on 9 rows, a slope of 3.98e+04 was printed as if measured: helper-169).
+RISE = 2 * np.log(9)
+MIN_IN_RISE = 2
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class SigmoidLink:
     midpoint: float
     n_points: int
     rmse: float
+    in_rise: int  # cells whose loss lies within the 10–90 % rise: fewer than MIN_IN_RISE and its steepness is not measured
 
     @property
     def inverted(self) -> bool:
@@ -42,11 +47,15 @@ class SigmoidLink:
 
     @property
     def note(self) -> str:
-        """Why the link must not be used ('' when it may)."""
-        if not self.inverted:
-            return ""
-        return (f"inverted: the score rises with the loss across these cells (floor {self.floor:.3g} above ceiling {self.ceiling:.3g}), "
-                "not lower loss → higher score; do not use it to translate a loss into a score")  # fmt: skip
+        """Why the link must not be used, or how far it may be read ('' where it may be, as it is)."""
+        if self.inverted:
+            return (f"inverted: the score rises with the loss across these cells (floor {self.floor:.3g} above ceiling {self.ceiling:.3g}), "
+                    "not lower loss → higher score; do not use it to translate a loss into a score")  # fmt: skip
+        if self.in_rise < MIN_IN_RISE:
+            rise = f"{self.midpoint - RISE / 2 / self.slope:.3g}–{self.midpoint + RISE / 2 / self.slope:.3g}"
+            return (f"its rise is not measured: {self.in_rise} of {self.n_points} cells lie within its 10–90 % rise (losses {rise}), "
+                    "so its slope, and what a loss there translates to, are not the cells' but the fit's guess")  # fmt: skip
+        return ""
 
     def score(self, loss: np.ndarray | float) -> np.ndarray:
         if self.inverted:
@@ -85,7 +94,8 @@ def fit_sigmoid_link(loss: np.ndarray, score: np.ndarray, task: str = "") -> Sig
                 best = fit
     floor, ceiling, slope, midpoint = best.x
     rmse = float(np.sqrt(np.mean(best.fun**2)))
-    return SigmoidLink(task, float(floor), float(ceiling), float(slope), float(midpoint), len(loss), rmse)
+    in_rise = int((np.abs(loss - midpoint) <= RISE / 2 / slope).sum())
+    return SigmoidLink(task, float(floor), float(ceiling), float(slope), float(midpoint), len(loss), rmse, in_rise)
 
 
 def fit_links(ok: pd.DataFrame, loss_column: str = "nll", score_column: str = "score") -> list[SigmoidLink]:

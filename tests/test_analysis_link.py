@@ -54,4 +54,20 @@ def test_a_link_where_the_score_rises_with_the_loss_is_flagged_and_not_used():
     (table,) = [b for b in _links(SimpleNamespace(links=[link])) if hasattr(b, "rows")]
     assert "do not use it to translate a loss into a score" in table.rows[0][-1]
     assert link.inverted and link.record()["note"] == link.note == table.rows[0][-1]
-    assert fit_sigmoid_link(loss, sigmoid_score(loss, **TRUE), "t").note == ""
+    spread = rng.uniform(0.4, 2.2, 60)
+    assert fit_sigmoid_link(spread, sigmoid_score(spread, **TRUE), "t").note == ""
+
+
+def test_a_rise_no_cell_lies_inside_is_named_as_unmeasured():
+    """9 cells on two plateaus (a score jump between two neighbouring losses) fit any slope past the gap: a slope of
+    3.98e+04 was printed as if measured (helper-169). Cells inside the rise resolve it."""
+    loss = np.array([0.8, 0.85, 0.9, 0.95, 1.0, 1.6, 1.65, 1.7, 1.75])
+    step = np.where(loss < 1.3, 0.8, 0.3)
+    link = fit_sigmoid_link(loss, step, "t")
+    assert link.in_rise < 2 and link.note.startswith(f"its rise is not measured: {link.in_rise} of 9 cells lie within its 10–90 % rise")
+    assert link.score(0.5) == pytest.approx(0.8, abs=0.01)  # a step is still a link: not refused as an inverted one is
+    tail = np.linspace(1.6, 2.6, 40)  # only the flat tail past the rise, which the fit puts below the cells' losses
+    assert fit_sigmoid_link(tail, sigmoid_score(tail, **TRUE), "t").note.startswith("its rise is not measured: 0 of 40 cells")
+    spread = np.random.default_rng(3).uniform(0.4, 2.2, 60)
+    resolved = fit_sigmoid_link(spread, sigmoid_score(spread, **TRUE), "t")
+    assert resolved.in_rise >= 10 and resolved.note == ""
