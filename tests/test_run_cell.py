@@ -241,6 +241,36 @@ def test_an_error_inside_a_model_forward_names_the_phase_it_happened_in(model_id
     assert cache.held() == [] and run_cell(_cell(model_id, "base"), CellRun(cache=cache))["status"] == "ok" and cache.loads == 2
 
 
+@pytest.mark.parametrize("leak", ["weight", "hook", "prefix"])
+def test_a_method_that_leaves_the_model_changed_fails_its_cell_and_the_next_cell_gets_a_fresh_model(model_id, monkeypatch, leak):
+    """One loaded model serves many cells only if every method restores it (methods/protocol.py): a method that zeroed a
+    weight made every later cell of its worker one of a changed model, a `base` row "gaining" 0.375 over its own
+    score_base, and every row said ok (helper-172)."""
+    from workers.methods.steer_mean import SteerMean
+
+    cache = WorkerCache()
+    clean = _measured(run_cell(_cell(model_id, "base"), CellRun(cache=cache)))
+    fit = SteerMean.fit
+
+    def leaky_fit(self, ctx, config):
+        if leak == "weight":
+            with torch.no_grad():
+                ctx.lm.model.get_input_embeddings().weight[5].zero_()
+        elif leak == "hook":
+            ctx.lm.model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out * 0.5)
+        else:
+            ctx.lm.prefix = "tom: "
+        return fit(self, ctx, config)
+
+    monkeypatch.setattr(SteerMean, "fit", leaky_fit)
+    row = run_cell(_cell(model_id, "steer_mean"), CellRun(cache=cache))
+    assert row["status"] == "failed" and row["error"].startswith("ModelLeftChangedError: method steer_mean left the model changed"), row.get("error")
+    named = {"weight": ".weight's values changed", "hook": "+1 hooks", "prefix": "the text put before every prompt"}[leak]
+    assert named in row["error"], row["error"]
+    again = _measured(run_cell(_cell(model_id, "base"), CellRun(cache=cache)))
+    assert cache.loads == 2 and again["score"] == clean["score"] and again["nll"] == clean["nll"]
+
+
 def test_a_long_error_keeps_both_ends_within_the_bound():
     from workers.run_cell import error_text
 

@@ -36,6 +36,7 @@ from workers.lm import LanguageModel
 from workers.memory import release_memory
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import NeutralReference, neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
+from workers.model_state import check_unchanged, model_state
 from workers.models.loading import count_parameters, is_hub_model, ladder_revision, resolve_device, resolve_path
 from workers.registry import UnknownNameError
 from workers.rowfile import check_writable_at, filesystem_and_path, write_rows
@@ -279,6 +280,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         selection_metric=cell.eval.selection_metric,
         offtask=offtask_like,
     )
+    as_given = model_state(lm)
     try:
         adapter = method.fit(fit_context, config)
         train_seconds = time.perf_counter() - started
@@ -288,6 +290,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
             result = task.evaluate(lm, test)
             kl, ppl_ratio = neutral_shift(lm, base.neutral)
             offtask_results = {name: get_task(name).evaluate(lm, examples) for name, examples in offtask.items()}
+        check_unchanged(as_given, lm, cell.method)
     except BaseException:
         # The method may have died half-way through changing the model: the next cell loads it afresh. (A
         # failure before this, in the load or the baseline, leaves the cached weights as they were.)
