@@ -197,6 +197,7 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
     for name, settings in spec.methods.items():
         try:
             resolve_config(name, settings, f"methods.{name}")
+            problems += [f"methods.{name}: {wrong}" for wrong in sides_misread(name)]
         except UnknownNameError as err:
             problems.append(f"methods.{name}: {err}")
         except ConfigError as err:
@@ -231,6 +232,22 @@ def check_names(spec: SweepSpec, *, models: bool = True) -> None:
     ]  # fmt: skip
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def sides_misread(name: str) -> list[str]:
+    """Where a method (a composition: a part) declares another side of the study than the analysis reads off its name
+    (`analysis.methods.method_kind`, which imports no workers): a steering method named `caa_fixed` would pair with
+    fine-tuning in every crossover, and none would be drawn between it and the steering side (helper-172)."""
+    from analysis.methods import REFERENCE_METHODS, method_kind  # imported here: analysis' package loads pandas
+
+    parts = [get_method(part) for part in name.split("+")]
+    return [
+        f"{part.name} declares itself {part.kind}, but the analysis reads a method's side from its name alone ('steer' in it: "
+        f"steering; {', '.join(REFERENCE_METHODS)}: reference; any other: fine-tuning) and would put it with {method_kind(part.name)}; "
+        "rename it so that its name says its side"
+        for part in parts
+        if part.kind != method_kind(part.name)
+    ]
 
 
 def unlike_parts(spec: SweepSpec) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -21,16 +21,26 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
-class Registry(Generic[T]):
-    """Maps names to implementations; `kind` names what is registered in error messages."""
+def origin(item: object) -> str:
+    """Where an implementation's class is defined, for messages about it: `workers.methods.lora.Lora`."""
+    return f"{type(item).__module__}.{type(item).__qualname__}"
 
-    def __init__(self, kind: str) -> None:
+
+class Registry(Generic[T]):
+    """Maps names to implementations; `kind` names what is registered in error messages. `check` lists what
+    is wrong with an item (its protocol's rules that a type hint cannot enforce): a new plugin that breaks one
+    fails as it registers, not with wrong rows later."""
+
+    def __init__(self, kind: str, check: Callable[[str, T], list[str]] | None = None) -> None:
         self.kind = kind
+        self._check = check
         self._items: dict[str, T] = {}
 
     def register(self, name: str, item: T) -> T:
         if name in self._items:
-            raise ValueError(f"{self.kind} '{name}' is registered twice")
+            raise ValueError(f"{self.kind} '{name}' is registered twice: by {origin(self._items[name])} and by {origin(item)}")
+        if self._check and (problems := self._check(name, item)):
+            raise TypeError(f"{self.kind} '{name}' ({origin(item)}) cannot be registered: {'; '.join(problems)}")
         self._items[name] = item
         return item
 

@@ -14,14 +14,14 @@ from workers.methods.compose import Composition
 from workers.methods.full_ft import FullFt
 from workers.methods.lora import Lora
 from workers.methods.prompt import Prompt
-from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, model_problem, validation_choice
+from workers.methods.protocol import Adapter, FitContext, FitReport, Method, MethodKind, model_problem, registration_problems, validation_choice
 from workers.methods.steer_mean import SteerMean
 from workers.methods.steer_trained import SteerTrained
 from workers.methods.task_vector import TaskVector
 from workers.registry import Registry
 from workers.training import TrainConfig, batches_changed, steps_changed, steps_for, training_configs  # what a gradient method's `train` settings mean in steps: the cost model's prior
 
-METHODS: Registry[Method] = Registry("method")
+METHODS: Registry[Method] = Registry("method", registration_problems)
 for _method in (Base(), Prompt(), SteerMean(), SteerTrained(), Lora(), FullFt(), TaskVector()):
     METHODS.register(_method.name, _method)
 

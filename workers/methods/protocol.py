@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Generic, Literal, Protocol, TypeVar
+from typing import Any, Callable, ContextManager, Generic, Literal, Protocol, TypeVar, get_args
 
 from torch import nn
 
@@ -110,6 +110,25 @@ class Method(Protocol, Generic[ConfigT_contra]):
     # `peft_use(config) -> PeftUse`, for a method that puts PEFT layers into the model;
     # `validation_choice(config) -> str | None`, for one that must choose on the shared validation set;
     # `model_problem(config, architecture) -> str | None`, for one whose config names parts of the model.
+
+
+def registration_problems(name: str, method: object) -> list[str]:
+    """What keeps `method` from being registered under `name`: the rules of `Method` that nothing else checks, a
+    method breaking them would run and store wrong rows (a plain pydantic config drops a mistyped key in silence)."""
+    problems = [f"it has no {member}" for member in ("name", "kind", "config_class", "fit") if not hasattr(method, member)]
+    if problems:
+        return problems
+    config_class, kinds = getattr(method, "config_class"), get_args(MethodKind)
+    if getattr(method, "name") != name:
+        problems.append(f"its name is {getattr(method, 'name')!r}")
+    if "+" in name:
+        problems.append("'+' joins a composition's parts (A+B), so no method's own name may hold it")
+    if getattr(method, "kind") not in kinds:
+        problems.append(f"its kind {getattr(method, 'kind')!r} is none of {', '.join(kinds)}")
+    if not (isinstance(config_class, type) and issubclass(config_class, StrictConfig)):
+        problems.append(f"its config_class {config_class!r} is no workers.config.StrictConfig: a key mistyped in a sweep would be "
+                        "dropped in silence, and its cells run with the default")  # fmt: skip
+    return problems
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from workers.registry import Registry
 from workers.tasks.arith import Arith
-from workers.tasks.base import Task
+from workers.tasks.base import Task, registration_problems
 from workers.tasks.facts import Facts
 from workers.tasks.function_calling import FunctionCalling
 from workers.tasks.gridworld import Gridworld
@@ -27,7 +27,7 @@ from workers.world import text
 if TYPE_CHECKING:  # the cell's config imports this registry
     from workers.cell import NeutralTextSource
 
-TASKS: Registry[Task] = Registry("task")
+TASKS: Registry[Task] = Registry("task", registration_problems)
 TASKS.register("facts", Facts())
 TASKS.register("arith", Arith())
 TASKS.register("gridworld", Gridworld())

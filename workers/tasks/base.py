@@ -93,6 +93,18 @@ class Task(Protocol):
         ...
 
 
+def registration_problems(name: str, task: object) -> list[str]:
+    """What keeps `task` from being registered under `name`: a member of `Task` it lacks failed planning with a
+    traceback (`pool_size`) or every steering cell at run time (`contrast_pairs`)."""
+    members = ("name", "task_type", "data_version", "examples", "pool_size", "contrast_pairs", "evaluate")
+    problems = [f"it has no {member}" for member in members if not hasattr(task, member)]
+    if not problems and getattr(task, "name") != name:
+        problems.append(f"its name is {getattr(task, 'name')!r}")
+    if not problems and not (isinstance(task.data_version, int) and task.data_version >= 1):  # type: ignore[attr-defined]
+        problems.append(f"its data_version {task.data_version!r} is no int >= 1")  # type: ignore[attr-defined]
+    return problems
+
+
 def prompts_of(examples: Sequence[Example], *, elicited: bool) -> list[str]:
     """Each example's prompt, or with `elicited` its elicited prompt where it has one."""
     return [(ex.elicited_prompt or ex.prompt) if elicited else ex.prompt for ex in examples]
