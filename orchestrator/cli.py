@@ -486,6 +486,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     scan = store.scan(set_aside=False)
     _report_quarantine(scan, set_aside=False)
     entries = _planned_entries(args.results_dir, args.overrides, store)
+    if not entries and not scan.cells and scan.quarantined:  # a sweep whose every row file is unreadable is still one
+        print(f"error: no readable row at {store.uri}: its {counted(len(scan.quarantined), 'cell file')} (above) cannot be read, "
+              "and there is no plan (plan.json)", file=sys.stderr)  # fmt: skip
+        return 2
     if not entries and not scan.cells:
         from analysis.io import cells_folder_hint
 

@@ -503,3 +503,16 @@ def test_the_version_is_asked_for_as_usual(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])
     assert exit.value.code == 0 and capsys.readouterr().out.strip() == f"steerscale {version('steerscale')}"
+
+
+def test_status_of_a_sweep_whose_only_row_file_is_unreadable_says_so(tmp_path, capsys):
+    """It said "no sweep at …: neither a plan nor stored rows" under the unreadable file's own warning, while `fit` of the
+    same folder counted the file (helper-169)."""
+    from orchestrator.cli import main
+
+    (tmp_path / "r" / "cells").mkdir(parents=True)
+    (tmp_path / "r" / "cells" / "cut.parquet").write_bytes(b"PAR1 cut short")
+    assert main(["status", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable results file cut.parquet" in err and f"error: no readable row at {tmp_path / 'r'}: its 1 cell file (above) cannot be read" in err
+    assert "no sweep at" not in err and (tmp_path / "r" / "cells" / "cut.parquet").exists()  # status sets nothing aside
