@@ -197,6 +197,48 @@ def _findings(a: Analysis) -> list[Block]:
     return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]
 
 
+MEASURED_FILE = "measured.csv"
+
+
+def measured_points(ok: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Every measured point: `metric`'s mean, seed standard deviation, count, min and max over the ok cells of each
+    (task, model, method, budget), models smallest first — what the fits were fitted to, for a reader's own plot or
+    table without reading the cells back (one CSV beside the report: `MEASURED_FILE`)."""
+    columns = ["task", "model", "params_nonembed", "method", "budget", "cells", "mean", "sd", "min", "max"]
+    rows = ok[np.isfinite(ok[metric].astype(float))] if len(ok) else ok
+    if not len(rows):
+        return pd.DataFrame(columns=columns)
+    rows = rows.assign(value=rows[metric].astype(float), budget=rows["budget"].astype(float),
+                       params_nonembed=pd.to_numeric(rows["params_nonembed"], errors="coerce"))  # fmt: skip
+    size = rows.groupby("model")["params_nonembed"].median().rename("params_nonembed")
+    points = rows.groupby(["task", "model", "method", "budget"])["value"].agg(cells="count", mean="mean", sd="std", min="min", max="max")
+    points = points.reset_index().join(size, on="model")
+    return points.sort_values(["task", "params_nonembed", "model", "method", "budget"], na_position="last")[columns].reset_index(drop=True)
+
+
+def _measured(a: Analysis) -> list[Block]:
+    """Per task, each method's mean at each budget on the largest model (the one `best_measured` compares on); the
+    other models' are in the CSV."""
+    points = measured_points(a.loaded.ok, a.metric)
+    blocks: list[Block] = [Heading("Measured"), Paragraph(
+        f"Every measured point — `{a.metric}`'s mean, seed standard deviation, count, min and max per task, model, method and "
+        f"budget, {len(points)} in all — is in `{MEASURED_FILE}` beside this report. Below, each task's largest model: the "
+        "mean over its cells (seeds) at each budget; — where the method was not measured.")]  # fmt: skip
+    for task, group in points.groupby("task", sort=True):
+        largest = group.sort_values(["params_nonembed", "model"], na_position="first")["model"].iloc[-1]
+        on = group[group["model"] == largest]
+        means = {(m, d): v for m, d, v in zip(on["method"], on["budget"], on["mean"])}
+        alone = sorted(set(on["method"]) - set(on.loc[on["budget"] > 0, "method"]))  # measured at D=0 only (base): in the title
+        rows = on[~on["method"].isin(alone)]
+        budgets = sorted(rows["budget"].unique())
+        title = "".join(f", {m} {means[(m, 0.0)]:.3g}" for m in alone)
+        blocks.append(Paragraph(f"{task}, on {largest}{title}:"))
+        if len(rows):
+            blocks.append(Table(("method", *(f"D={d:g}" for d in budgets)),
+                                [(m, *(f"{means[(m, d)]:.3g}" if (m, d) in means else "—" for d in budgets)) for m in sorted(rows["method"].unique())]))  # fmt: skip
+    return blocks
+
+
 def best_measured(task: str, stored: pd.DataFrame, metric: str) -> str:
     """Which method measured best on the largest model: cell means of every method measured there (ok rows at
     a positive budget), fitted or not, and not an extrapolated asymptote. `stored` holds every row, ok or
@@ -794,7 +836,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     earlier_report = (out / "report.md").exists()  # plots are only cleaned up where a report was before (--out may be any dir)
     decisions = read_decisions(results_dir)
-    blocks = [*_overview(a), *_findings(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_selectivity(a), *_links(a), *_frontier(a),
+    blocks = [*_overview(a), *_findings(a), *_measured(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_selectivity(a), *_links(a), *_frontier(a),
               *_adaptive(decisions, a, out), *_plots(a, out)]  # fmt: skip
     drawn = {b.path for b in blocks if isinstance(b, Image)}
     ours = {path for pattern in ("budget_*.png", "crossover_*.png", "frontier_*.png", "selectivity_*.png", "adaptive.png") for path in out.glob(pattern)}
@@ -803,4 +845,6 @@ def write_report(
     (out / "report.md").write_text(render_markdown(blocks))
     page = out / "report.html"
     page.write_text(render_html(blocks))
-    return FitSummary(a, {**paths, "report.html": str(page)})
+    measured = out / MEASURED_FILE
+    measured_points(a.loaded.ok, a.metric).to_csv(measured, index=False)
+    return FitSummary(a, {**paths, MEASURED_FILE: str(measured), "report.html": str(page)})

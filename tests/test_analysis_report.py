@@ -72,9 +72,30 @@ def test_the_report_saves_the_fits_it_reports(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "fits.json").read_text())
     fitted = analysis.fit_results(str(tmp_path), bootstrap=20, seed=3)
     assert written == json.loads((tmp_path / "fits.json").read_text())
-    assert set(reported.paths) == {"fits.parquet", "crossovers.parquet", "fits.json", "report.html"}
+    assert set(reported.paths) == {"fits.parquet", "crossovers.parquet", "fits.json", "measured.csv", "report.html"}
     assert set(fitted.paths) == {"fits.parquet", "crossovers.parquet", "fits.json"}
-    assert reported.to_text().splitlines()[:-4] == fitted.to_text().splitlines()[:-3]  # the same table, then what each wrote
+    assert reported.to_text().splitlines()[:-5] == fitted.to_text().splitlines()[:-3]  # the same table, then what each wrote
+
+
+def test_the_report_writes_every_measured_point_and_tables_the_largest_models(tmp_path: Path) -> None:
+    """What the fits were fitted to, per (task, model, method, budget), without reading the cells back: a failed row and
+    a NaN score are left out as the fits leave them out; the largest model's means are in the report, base in its title."""
+    build_results(tmp_path)
+    analysis.write_report(str(tmp_path), bootstrap=0)
+    points = pd.read_csv(tmp_path / "report" / "measured.csv")
+    cells = analysis.load_results(str(tmp_path)).frame
+    lora = cells[(cells["task"] == "facts") & (cells["model"] == "m1") & (cells["method"] == "lora") & (cells["budget"] == BUDGETS[0])]
+    lora = lora[(lora["status"] == "ok") & np.isfinite(lora["score"].astype(float))]["score"].astype(float)
+    (point,) = points[(points["task"] == "facts") & (points["model"] == "m1") & (points["method"] == "lora") & (points["budget"] == BUDGETS[0])].itertuples()
+    assert point.cells == 3 == len(lora) and point.mean == pytest.approx(lora.mean()) and point.sd == pytest.approx(lora.std())
+    assert (point.min, point.max) == (lora.min(), lora.max())
+    assert list(points.drop_duplicates("model")["model"]) == ["m1", "m2", "m3"]  # smallest first
+    assert len(points) == 3 * 2 * len(BUDGETS) + 2 * len(BUDGETS) + 3  # facts: 3 models x 2 methods; never: m1; base on each
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    section = markdown.split("## Measured", 1)[1].split("\n## ", 1)[0]
+    assert "facts, on m3, base 0.2:" in section and "never, on m1:" in section and "| D=0 |" not in section
+    m3 = points[(points["task"] == "facts") & (points["model"] == "m3") & (points["method"] == "lora")]
+    assert "| lora | " + " | ".join(f"{v:.3g}" for v in m3["mean"]) + " |" in section, section
 
 
 @pytest.mark.parametrize("case", ["one_model_few_budgets", "only_failed", "empty"])
