@@ -228,7 +228,7 @@ def out_of_memory_note(cell: CellConfig, lm: LanguageModel) -> str | None:
     """What an ok row says of batches that ran out of accelerator memory and went on smaller (`LanguageModel.in_batches`,
     `workers.training.accumulated_step`): scores and losses move by float rounding only (a dropout model draws other
     masks), seconds and peak memory include the failed tries; None where none did."""
-    pairs = "; steer_mean's contrast forwards count pairs of texts" if "steer_mean" in cell.method.split("+") else ""
+    pairs = "".join(f"; {note}" for part in cell.method.split("+") if (note := getattr(get_method(part), "batch_note", None)))
     smaller = [f"scoring batches were halved, down to {lm.halved_to} (eval.batch_size {cell.eval.batch_size}{pairs}: scores move by "
                "float rounding only)"] if lm.halved_to else []  # fmt: skip
     smaller += [f"training steps ran in {lm.train_parts} micro-batches each (the same gradients, summed, up to float rounding; "

@@ -109,7 +109,9 @@ class Method(Protocol, Generic[ConfigT_contra]):
     # it at budget 0 alone unless its method_budgets say otherwise;
     # `peft_use(config) -> PeftUse`, for a method that puts PEFT layers into the model;
     # `validation_choice(config) -> str | None`, for one that must choose on the shared validation set;
-    # `model_problem(config, architecture) -> str | None`, for one whose config names parts of the model.
+    # `model_problem(config, architecture) -> str | None`, for one whose config names parts of the model;
+    # `batch_note`, what `eval.batch_size` counts in the method's own passes where not texts (a row that ran out of
+    # memory says so beside the batch it was halved to).
 
 
 def registration_problems(name: str, method: object) -> list[str]:

@@ -151,6 +151,7 @@ class SteerMean:
     name = "steer_mean"
     kind: MethodKind = "steering"
     config_class = SteerMeanConfig
+    batch_note = "steer_mean's contrast forwards count pairs of texts"  # what eval.batch_size counts in its own passes
 
     def validation_choice(self, config: SteerMeanConfig) -> str | None:
         """A choice among layers or scales (layer fractions meet in one layer only on a model too shallow to study)."""
