@@ -633,7 +633,8 @@ def _links(a: Analysis) -> list[Block]:
             Paragraph("score = floor + (ceiling − floor) / (1 + exp(slope · (nll − midpoint))), fitted per task over every ok cell: "
                       "how a fitted NLL curve translates into the bounded score, and how tightly score follows loss (rmse). "
                       "A link with its floor above its ceiling is inverted (the score rises with the loss over these cells) and "
-                      "is marked: it does not translate a loss into a score."),
+                      "is marked: it does not translate a loss into a score. One with fewer than 2 cells inside its 10–90 % rise "
+                      "is marked too: its slope, a step's or a tail's, is the fit's guess, not the cells'."),
             Table(("task", "floor", "ceiling", "slope", "midpoint", "n", "rmse", "status"), rows)]  # fmt: skip
 
 
