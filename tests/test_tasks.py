@@ -69,10 +69,15 @@ def test_no_gridworld_test_state_is_met_in_training() -> None:
 @pytest.mark.parametrize("name", SYNTHETIC)
 def test_examples_are_well_formed_for_the_tokenizer(name: str) -> None:
     tok = build_tokenizer()
-    for ex in get_task(name).examples("train", 50, seed=0):
+    task = get_task(name)
+    examples = task.examples("train", 50, seed=0)
+    for ex in examples:
         assert ex.target.startswith(" ")
         assert ex.target in ex.choices or not ex.choices
-        for text in (ex.prompt, ex.target, ex.elicited_prompt or ""):
+        for text in (ex.prompt, ex.target, ex.elicited_prompt or "", *ex.choices):
+            assert tok.unk_token_id not in tok(text)["input_ids"], text
+    for pair in task.contrast_pairs(examples):  # what steer_mean reads its vector from
+        for text in pair:
             assert tok.unk_token_id not in tok(text)["input_ids"], text
 
 

@@ -36,7 +36,7 @@ from workers.lm import LanguageModel
 from workers.memory import release_memory
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import NeutralReference, neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
-from workers.model_state import check_unchanged, model_state
+from workers.model_state import ModelLeftChangedError, check_unchanged, state_as_loaded
 from workers.models.loading import count_parameters, is_hub_model, ladder_revision, resolve_device, resolve_path
 from workers.registry import UnknownNameError
 from workers.rowfile import check_writable_at, filesystem_and_path, write_rows
@@ -254,6 +254,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
 
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
     device = str(lm.device)
+    as_given = state_as_loaded(lm)  # what the method must leave as it found it: taken outside the measured seconds and peak
 
     started = time.perf_counter()
     context = json.dumps([cell.task, cell.offtask, cell.eval.model_dump(mode="json")])
@@ -280,7 +281,6 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         selection_metric=cell.eval.selection_metric,
         offtask=offtask_like,
     )
-    as_given = model_state(lm)
     try:
         adapter = method.fit(fit_context, config)
         train_seconds = time.perf_counter() - started
@@ -290,7 +290,6 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
             result = task.evaluate(lm, test)
             kl, ppl_ratio = neutral_shift(lm, base.neutral)
             offtask_results = {name: get_task(name).evaluate(lm, examples) for name, examples in offtask.items()}
-        check_unchanged(as_given, lm, cell.method)
     except BaseException:
         # The method may have died half-way through changing the model: the next cell loads it afresh. (A
         # failure before this, in the load or the baseline, leaves the cached weights as they were.)
@@ -331,6 +330,11 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(list(base.neutral.texts)) if cell.eval.neutral_source and neutral else None),
         "error": out_of_memory_note(cell, lm),
     }
+    try:  # after the seconds and the peak are read: the check's own pass over the weights is no part of the cell's
+        check_unchanged(as_given, lm, cell.method)
+    except ModelLeftChangedError:
+        run.cache.discard(cell.model)
+        raise
     # not the perplexity ratio: past a rise of 709 nats a token it is +inf by design (metrics.neutral_shift), a
     # measured collapse; a NaN there comes with a NaN KL, which is checked
     neutral = ("base_neutral_nll", "neutral_kl") if cell.eval.neutral_size else ()

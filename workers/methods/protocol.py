@@ -120,7 +120,7 @@ def registration_problems(name: str, method: object) -> list[str]:
     problems = [f"it has no {member}" for member in ("name", "kind", "config_class", "fit") if not hasattr(method, member)]
     if problems:
         return problems
-    config_class, kinds = getattr(method, "config_class"), get_args(MethodKind)
+    config_class, kinds = getattr(method, "config_class"), [kind for kind in get_args(MethodKind) if kind != "composition"]  # `A+B`'s alone
     if getattr(method, "name") != name:
         problems.append(f"its name is {getattr(method, 'name')!r}")
     if "+" in name:
