@@ -234,14 +234,27 @@ def _compute_to_go(cells: list[PlannedCell], scan: StoreScan) -> str:
     shapes = {method: Rate.fitted(*measured[(method, model)]) for method, model in measured if not model}
     rates = {key: Rate.fitted(*measured[key], shape=shapes[key[0]]) for key in measured if key[1]}
     known = [rates[key](work(c)) for c in to_run if (key := (c.config.method, c.config.model.id)) in rates]
-    if not known:
+    # A model and method with no cell of this grid stored, but cells of another config (eval.test_size changed, say):
+    # their mean, which the scan can give without their configs, unscaled to each cell's budget (helper-169: "unknown")
+    planned = {c.cell_id for c in cells}
+    earlier: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for stored in scan.cells.values():
+        if stored.cell_id not in planned and stored.status == "ok" and stored.seconds is not None:
+            earlier[(stored.method, stored.model)].append(stored.seconds)
+    guessed = [sum(earlier[key]) / len(earlier[key]) for c in to_run if (key := (c.config.method, c.config.model.id)) not in rates and key in earlier]
+    if not known and not guessed:
         return "cell compute to go: unknown until a cell of each model and method is stored"
-    unknown = len(to_run) - len(known)
+    unknown = len(to_run) - len(known) - len(guessed)
+    parts = [f"{_minutes(sum(known))} over {len(known)} cells from the stored cells of each one's model and method, scaled to its budget"] if known else []
+    parts += [f"{_minutes(sum(guessed))} over {len(guessed)} cells from the mean of their model and method's stored cells of another "
+              "config, not scaled to their budgets (a rough guide)"] if guessed else []  # fmt: skip
     rest = f"; {unknown} cells have no stored cell of their model and method to go by" if unknown else ""
-    total = sum(known)
-    amount = f"{total / 60:.1f} min" if total >= 60 else f"{total:.0f} s"
-    return (f"cell compute to go: ≈ {amount} over {len(known)} cells (from the stored cells of each one's model and method, "
-            f"scaled to its budget; divide by the workers for wall time){rest}")  # fmt: skip
+    total = f"≈ {_minutes(sum(known) + sum(guessed))}: " if known and guessed else "≈ "
+    return f"cell compute to go: {total}{'; '.join(parts)} (divide by the workers for wall time){rest}"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _print_cell(spec: SweepSpec, planned: list[PlannedCell], wanted: str) -> int:

@@ -361,6 +361,28 @@ def test_plan_prices_the_cells_to_go_by_their_work(write_sweep):
     assert float(amount) * (60 if unit == "min" else 1) == pytest.approx(expected, rel=0.05), (line, expected)
 
 
+def test_plan_prices_cells_whose_config_changed_by_the_stored_cells_of_the_earlier_one(write_sweep):
+    """After `eval.test_size=60`, no cell of the grid is stored, but every model and method's cells of the earlier config
+    are: the estimate said "unknown" (helper-169). It now prices each at its model and method's mean, and says so."""
+    from orchestrator.cli import _compute_to_go
+    from orchestrator.store import StoredCell, StoreScan
+
+    sweep = {"sweep": "cost", "models": [{"id": "ladder:test/xs"}], "tasks": ["facts"], "methods": {"lora": {"rank": 2}, "steer_mean": {}},
+             "budgets": [4, 64]}  # fmt: skip
+    earlier = expand(load_spec(write_sweep(sweep)))
+    cells = expand(load_spec(write_sweep({**sweep, "eval": {"test_size": 60}}, name="changed.yaml")))
+    assert not {c.cell_id for c in cells} & {c.cell_id for c in earlier}
+    stored = {c.cell_id: StoredCell(c.cell_id, "ok", c.config.model.id, c.config.method, {"lora": 10.0, "steer_mean": 2.0}[c.config.method] * (1 + c.config.budget / 64))
+              for c in earlier if c.config.method == "lora"}  # fmt: skip
+    line = _compute_to_go(cells, StoreScan(cells=stored))
+    assert line == ("cell compute to go: ≈ 31 s over 2 cells from the mean of their model and method's stored cells of another config, not "
+                    "scaled to their budgets (a rough guide) (divide by the workers for wall time); 2 cells have no stored cell of their "
+                    "model and method to go by"), line  # fmt: skip
+    mixed = {**stored, cells[-1].cell_id: StoredCell(cells[-1].cell_id, "ok", cells[-1].config.model.id, cells[-1].config.method, 3.0)}
+    assert re.search(r"≈ \d+ s: \d+ s over 1 cells from the stored cells of each one's model and method, scaled to its budget; \d+ s over \d cells from the mean",
+                     _compute_to_go(cells, StoreScan(cells=mixed))), cells[-1].config.method  # fmt: skip
+
+
 def test_a_sweep_that_lowers_max_steps_alone_plans_and_prices_its_cells(write_sweep):
     """`lora.train: {max_steps: 10}` under the default min_steps (20): the spec passed, but each cell's stored config
     spells min_steps 20 out, and reading it back (pricing, the worker) refused it as 'min_steps above max_steps'."""
