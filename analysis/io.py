@@ -286,7 +286,7 @@ def unplanned_note(loaded: LoadedResults) -> str:
 
 
 # What a row's `versions` records about the weights (workers.models.loading.weights_provenance).
-WEIGHTS_KEYS = ("model_commit", "model_weights_sha256")
+WEIGHTS_KEYS = ("model_commit", "model_weights_sha256", "model_weights_sample_sha256")
 
 
 def _recorded(versions: object) -> dict:
@@ -348,7 +348,8 @@ def mixed_pins_note(frame: pd.DataFrame) -> str | None:
     if weights := pins_per_group(frame, "model", _weights_of):
         notes.append(f"The rows of {len(weights)} model(s) were computed with different weights, and their fits mix them ({_listed(weights)}). "
                      "A hub id without a revision follows `main`, which moved between cells; a ladder rung is rebuilt from its recipe "
-                     "on each node whose cache lacks it, and CPUs of different kinds round its pretraining differently. Pin the "
+                     "on each node whose cache lacks it, and CPUs of different kinds round its pretraining differently; a local "
+                     "directory's weights were saved over, or nodes read different copies. Pin the "
                      "revision, or build the ladder once where every node reads it ($STEERSCALE_CACHE on shared storage); "
                      "`steerscale run CONFIG --force` reruns the cells.")  # fmt: skip
     if data := pins_per_group(frame, "task", _task_rows_of):

@@ -335,13 +335,16 @@ def _prepare_data(cells: list[PlannedCell]) -> None:
     """A local run downloads (or finds cached) each hub task's dataset, and cuts each natural neutral text, here, once,
     before any cell: one that cannot be had (offline with no cache, a gated dataset without a login, a field or rows
     it lacks) stops the run naming it, where every cell of it would have failed with the same error."""
-    from workers.tasks import fetch_hub_data, neutral_texts
+    from workers.tasks import fetch_hub_data, get_task, neutral_texts
 
     for name in sorted({task for c in cells for task in c.config.tasks_read}):
         try:
             fetch_hub_data(name)
         except Exception as err:  # noqa: BLE001 - hub, network and file errors alike: re-raised as the config's problem
-            raise ConfigError(f"task {name}: its dataset cannot be read here: {_first_line(err)}") from err
+            path = get_task(name).source.path  # type: ignore[attr-defined]  (a task that reads hub data has a source)
+            local = "" if os.path.isabs(path) or os.path.isdir(path) else (f" (offline, a copy of its files at ./{path}/<split>.jsonl, relative to where the "
+                                                    "run starts, is read instead: tests/fixtures/ shows them)")  # fmt: skip
+            raise ConfigError(f"task {name}: its dataset cannot be read here: {_first_line(err)}{local}") from err
     for size, words, source in {(c.config.eval.neutral_size, c.config.eval.neutral_min_words, c.config.eval.neutral_source) for c in cells}:
         try:
             neutral_texts(size, words, source)

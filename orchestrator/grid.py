@@ -37,6 +37,15 @@ def resolved_model(entry: ModelEntry) -> ModelSpec:
     return spec
 
 
+def pool_size(task: str, split: str) -> int | None:
+    """The task's pool of distinct `split` examples; a local dataset that cannot be read (a split's file missing, a
+    column it lacks) is the config's problem, said in a line, not a traceback out of `plan` (helper-174)."""
+    try:
+        return get_task(task).pool_size(split)  # type: ignore[arg-type]
+    except (OSError, KeyError, ValueError) as err:
+        raise ConfigError(f"task {task}: its data cannot be read: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+
+
 def check_budgets(spec: SweepSpec) -> None:
     """Refuse budgets above a task's pool of distinct training examples.
 
@@ -47,7 +56,7 @@ def check_budgets(spec: SweepSpec) -> None:
     keys = {method: f"method_budgets.{method}" if method in spec.method_budgets else "budgets" for method in spec.methods}
     problems = []
     for task in spec.tasks:
-        pool = get_task(task).pool_size("train")
+        pool = pool_size(task, "train")
         if pool is None:
             continue
         for key in dict.fromkeys(keys.values()):  # the key each too-large budget was written under
@@ -73,7 +82,7 @@ def check_eval_sizes(spec: SweepSpec) -> None:
     problems = []
     for key, split, size, tasks in draws:
         for task in tasks:
-            pool = get_task(task).pool_size(split)
+            pool = pool_size(task, split)
             if pool is not None and size > pool:
                 problems.append(
                     f"eval.{key}: {size} exceeds the {pool} distinct {split} examples of task '{task}'; "

@@ -323,10 +323,40 @@ def model_problem(entry: ModelEntry) -> str | None:
     elif entry.id.startswith((".", "/")) or Path(entry.id).exists():  # a local directory (loading prefers one to a hub id)
         path = Path(entry.id)
         if not path.is_dir():
-            return f"no model directory at {entry.id}"
-        if not (path / "config.json").is_file():
-            return f"{entry.id} holds no config.json, so it is not a saved model (`save_pretrained` writes one)"
+            return f"no model directory at {entry.id}{_sibling_hint(path)}"
+        return local_model_problem(path)
+    elif _sibling_hint(Path(entry.id)):  # `models/tiny-mm` beside `models/tiny-m`: a typo, not a hub id to try for minutes
+        return f"no model directory at {entry.id}{_sibling_hint(Path(entry.id))}, and it would be looked up on the hub as a model id"
     return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def local_model_problem(path: Path) -> str | None:
+    """What keeps a saved model directory from loading, said before any cell (each cell failed with its own
+    traceback: a missing tokenizer as 'install sentencepiece or tiktoken'; helper-174)."""
+    if not (path / "config.json").is_file():
+        return f"{path} holds no config.json, so it is not a saved model (`save_pretrained` writes one)"
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickled:
+            return (f"{path} holds its weights as {', '.join(pickled)} only: pickle files, which can run code as they load, so "
+                    "steerscale loads safetensors alone; convert them once, where you trust them: "
+                    "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)` writes model.safetensors")  # fmt: skip
+        return f"{path} holds no weights (*.safetensors)"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): save it beside the model, `tokenizer.save_pretrained(dir)`"
+    return None
+
+
+def _sibling_hint(path: Path) -> str:
+    """' (did you mean <sibling>?)' where the directory above `path` exists and holds one of a close name; else ''."""
+    parent = path.parent
+    if str(parent) in ("", ".") or not parent.is_dir():
+        return ""
+    close = did_you_mean(path.name, [p.name for p in parent.iterdir() if p.is_dir()])
+    return close.replace("'", "'" + str(parent) + "/", 1) if close else ""
 
 
 def ladder_revision_problem(entry: ModelEntry) -> str | None:

@@ -585,7 +585,8 @@ def test_a_worker_whose_device_broke_is_replaced_and_the_last_attempt_keeps_the_
 
     shutdown_workers()
     (tmp_path / "broken-checkpoint").mkdir()
-    (tmp_path / "broken-checkpoint" / "config.json").write_text("{}")  # plans, and fails to load in the cell
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):  # plans, and fails to load in the cell
+        (tmp_path / "broken-checkpoint" / name).write_text("{}")
     spec = load_spec(write_sweep({
         "sweep": "device", "models": [{"id": str(tmp_path / "broken-checkpoint")}], "tasks": ["facts"], "methods": {"base": {}},
         "budgets": [0], "seeds": [0], "eval": {"test_size": 8, "validation_size": 0, "neutral_size": 2},

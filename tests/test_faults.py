@@ -362,7 +362,8 @@ def failing_sweep(tmp_path_factory, test_ladder):
     rung = resolve_path(ModelSpec(id=xs))
     oom_python, oom_torch = root / "too-big-python", root / "too-big-torch"
     (root / "not-a-model").mkdir()  # a broken checkpoint: it passes planning, and loading it raises in every cell
-    (root / "not-a-model" / "config.json").write_text("{}")
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (root / "not-a-model" / name).write_text("{}")
     oom_python.symlink_to(rung, target_is_directory=True)
     oom_torch.symlink_to(rung, target_is_directory=True)
     path = _spec(

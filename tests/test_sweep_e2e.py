@@ -23,7 +23,8 @@ def sweep(tmp_path_factory, test_ladder):
     import yaml
 
     (root / "broken-model").mkdir()  # a broken checkpoint: it passes planning, and loading it fails in every cell
-    (root / "broken-model" / "config.json").write_text("{}")
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):  # every file plan looks for, none loadable
+        (root / "broken-model" / name).write_text("{}")
 
     spec = {
         "sweep": "e2e",

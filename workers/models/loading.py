@@ -98,13 +98,36 @@ def weights_provenance(spec: ModelSpec, path: str) -> dict[str, str]:
     rung: a digest of its weights, because its id names a recipe, and a rung rebuilt on a node of
     another CPU kind is not the same model bit for bit (an AMD EPYC's build of the default ladder's
     `l` has another held-out loss than a Xeon's); `steerscale fit` says when one model's rows mix
-    them. A local directory: nothing (its path is its identity; hashing a 15 GB checkpoint at every
-    load would cost more than the cell).
+    them. A local directory: a digest of a sample of its weight files (`sampled_weights_sha256`), as its
+    path stays the same when its weights are saved over (rows of the old and new weights were fitted
+    together, unsaid: helper-174).
     """
     if spec.id.startswith(LADDER_PREFIX):
         return {"model_weights_sha256": safetensors_sha256(path)}
+    if os.path.isdir(path):
+        return {"model_weights_sample_sha256": sampled_weights_sha256(path)}
     commit = hub_commit(spec)
     return {"model_commit": commit} if commit else {}
+
+
+SAMPLE_BYTES = 1 << 20
+
+
+def sampled_weights_sha256(directory: str) -> str:
+    """SHA-256 over each safetensors file's name, size, first and last MiB (its header, which names every tensor's
+    shape and place, is in the first): 2 MiB read a file where a whole 15 GB checkpoint would cost more than a cell,
+    and from the contents, so a copy on another node matches. Weights saved over the old ones change their first
+    tensors' bytes, and so the digest, unless they are equal there."""
+    digest = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
+        file = os.path.join(directory, name)
+        size = os.path.getsize(file)
+        digest.update(f"{name}\0{size}\0".encode())
+        with open(file, "rb") as weights:
+            digest.update(weights.read(SAMPLE_BYTES))
+            weights.seek(max(size - SAMPLE_BYTES, 0))
+            digest.update(weights.read(SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def count_parameters(model: PreTrainedModel) -> tuple[int, int]:

@@ -36,7 +36,13 @@ def dataset(source: HubSource, split: str) -> datasets.Dataset:
 
     local = Path(source.path)
     if local.is_dir():
-        return datasets.load_dataset("json", data_files=str(local / f"{split}.jsonl"), split="train")
+        file = local / f"{split}.jsonl"
+        if not file.is_file():  # datasets' own error is a traceback from deep inside its builder
+            found = ", ".join(sorted(p.name for p in local.glob("*.jsonl"))) or "no .jsonl file"
+            raise FileNotFoundError(f"{local} holds no {file.name} (found: {found}); a local copy of a hub dataset holds one "
+                                    "<split>.jsonl per split the task reads, in the hub's columns (tests/fixtures/ shows them)")  # fmt: skip
+        datasets.disable_progress_bars()  # "Generating train split" bars between the CLI's own lines, for a local file
+        return datasets.load_dataset("json", data_files=str(file), split="train")
     return datasets.load_dataset(source.path, source.config, split=split)
 
 

@@ -1,0 +1,77 @@
+"""A user's own model directories and dataset files, offline: what is wrong with them is said at `plan`, in a line, and
+weights saved over a directory are told apart in the rows (helper-174)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from orchestrator.grid import check_budgets
+from orchestrator.spec import load_spec
+from workers.config import ConfigError
+from workers.models.loading import sampled_weights_sha256
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BASE = {"sweep": "own", "tasks": ["facts"], "methods": {"base": {}}, "budgets": [4]}
+
+
+def _model_dir(path: Path, files: dict[str, bytes]) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for name, data in files.items():
+        (path / name).write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"pytorch_model.bin": b"pickle", "tokenizer.json": b"{}"},
+         "holds its weights as pytorch_model.bin only: pickle files, which can run code as they load, so steerscale loads safetensors alone"),
+        ({"tokenizer.json": b"{}"}, r"holds no weights \(\*.safetensors\)"),
+        ({"model.safetensors": b"weights"}, r"holds no tokenizer \(tokenizer.json, tokenizer_config.json"),
+    ],
+)  # fmt: skip
+def test_a_model_directory_that_cannot_load_is_refused_at_plan(write_sweep, tmp_path, files, message):
+    """Each of these passed plan and run, and failed every cell: the tokenizer's as 'install sentencepiece or tiktoken'."""
+    model = _model_dir(tmp_path / "models" / "mine", files)
+    with pytest.raises(ConfigError, match=f"models.0.id: {model} {message}"):
+        load_spec(write_sweep({**BASE, "models": [{"id": str(model)}]}))
+
+
+def test_a_mistyped_relative_model_directory_is_not_sent_to_the_hub(write_sweep, tmp_path, monkeypatch):
+    """`models/tiny-mm` (beside `models/tiny-m`) was looked up as a hub id: a connection error, after retries."""
+    monkeypatch.chdir(tmp_path)
+    _model_dir(tmp_path / "models" / "tiny-m", {"model.safetensors": b"w", "tokenizer.json": b"{}"})
+    with pytest.raises(ConfigError, match=r"models.0.id: no model directory at models/tiny-mm \(did you mean 'models/tiny-m'\?\)"):
+        load_spec(write_sweep({**BASE, "models": [{"id": "models/tiny-mm"}]}))
+    load_spec(write_sweep({**BASE, "models": [{"id": "models/tiny-m"}, {"id": "EleutherAI/pythia-70m"}]}))  # a hub id stays one
+
+
+def test_weights_saved_over_a_directory_change_its_digest_and_a_copy_keeps_it(tmp_path):
+    header = b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a": "tensor"} '
+    model = _model_dir(tmp_path / "m", {"model.safetensors": header + bytes(range(256)) * 9000, "tokenizer.json": b"{}"})
+    before = sampled_weights_sha256(str(model))
+    copy = shutil.copytree(model, tmp_path / "copy")
+    assert sampled_weights_sha256(str(copy)) == before  # from the contents: another node's copy is the same model
+    (model / "model.safetensors").write_bytes(header + bytes(reversed(range(256))) * 9000)  # same size and header, new values
+    assert sampled_weights_sha256(str(model)) != before
+
+
+def test_a_local_dataset_missing_a_split_is_refused_at_plan_in_a_line(tmp_path, monkeypatch, write_sweep):
+    """A folder with dev.jsonl for validation.jsonl: a 59-line traceback out of `plan`."""
+    from workers.tasks import TASKS
+    from workers.tasks.hub import HubSource
+    from workers.tasks.sst2 import SST2
+
+    data = tmp_path / "sst2"
+    data.mkdir()
+    shutil.copy(FIXTURES / "sst2" / "train.jsonl", data / "train.jsonl")
+    shutil.copy(FIXTURES / "sst2" / "validation.jsonl", data / "dev.jsonl")
+    monkeypatch.setitem(TASKS._items, "sst2", SST2(HubSource(str(data))))
+    spec = load_spec(write_sweep({**BASE, "tasks": ["sst2"], "models": [{"id": "EleutherAI/pythia-70m"}]}))
+    with pytest.raises(ConfigError, match=rf"task sst2: its data cannot be read: {data} holds no validation.jsonl \(found: dev.jsonl, train.jsonl\)"):
+        check_budgets(spec)
