@@ -6,6 +6,7 @@ import argparse
 import functools
 import math
 import os
+from pathlib import Path
 import shlex
 import signal
 import sys
@@ -323,12 +324,16 @@ def _prepare_locally(model: ModelSpec, *, progress: bool) -> None:
     """A local run builds each ladder rung and downloads each hub model here, once, instead of in
     every worker at once; one that cannot be had stops the run before any cell, naming it. (On a
     cluster, `--address`, the driver's machine may not be where the models are read.)"""
+    from orchestrator.spec import sibling_hint
     from workers.run_cell import prepare_model
 
     try:
         prepare_model(model, progress=progress)
     except Exception as err:  # noqa: BLE001 - hub, network and build errors alike: re-raised as the config's problem
-        raise ConfigError(f"model {model.id} cannot be loaded here: {_first_line(err)}") from err
+        # `models/tiny-mm` beside `models/tiny-m`: read as a hub id (as it must be: `EleutherAI/pythia-410m` beside a local
+        # `EleutherAI/pythia-160m` is one), so the hint comes only once the hub had no such model
+        local = f" (no local directory {model.id} either{hint})" if (hint := sibling_hint(Path(model.id))) else ""
+        raise ConfigError(f"model {model.id} cannot be loaded here: {_first_line(err)}{local}") from err
 
 
 def _prepare_data(cells: list[PlannedCell]) -> None:

@@ -323,10 +323,8 @@ def model_problem(entry: ModelEntry) -> str | None:
     elif entry.id.startswith((".", "/")) or Path(entry.id).exists():  # a local directory (loading prefers one to a hub id)
         path = Path(entry.id)
         if not path.is_dir():
-            return f"no model directory at {entry.id}{_sibling_hint(path)}"
+            return f"no model directory at {entry.id}{sibling_hint(path)}"
         return local_model_problem(path)
-    elif _sibling_hint(Path(entry.id)):  # `models/tiny-mm` beside `models/tiny-m`: a typo, not a hub id to try for minutes
-        return f"no model directory at {entry.id}{_sibling_hint(Path(entry.id))}, and it would be looked up on the hub as a model id"
     return None
 
 
@@ -350,7 +348,7 @@ def local_model_problem(path: Path) -> str | None:
     return None
 
 
-def _sibling_hint(path: Path) -> str:
+def sibling_hint(path: Path) -> str:
     """' (did you mean <sibling>?)' where the directory above `path` exists and holds one of a close name; else ''."""
     parent = path.parent
     if str(parent) in ("", ".") or not parent.is_dir():

@@ -42,13 +42,28 @@ def test_a_model_directory_that_cannot_load_is_refused_at_plan(write_sweep, tmp_
         load_spec(write_sweep({**BASE, "models": [{"id": str(model)}]}))
 
 
-def test_a_mistyped_relative_model_directory_is_not_sent_to_the_hub(write_sweep, tmp_path, monkeypatch):
-    """`models/tiny-mm` (beside `models/tiny-m`) was looked up as a hub id: a connection error, after retries."""
+def test_a_mistyped_model_directory_gets_the_close_name_beside_it(write_sweep, tmp_path, monkeypatch):
+    """`models/tiny-mm` (beside `models/tiny-m`) failed as a hub id, with a connection error and no word of the typo. A
+    relative id that is no directory is still a hub id (`EleutherAI/pythia-410m` beside a local `EleutherAI/pythia-160m`
+    is one), so the hint comes once the hub had none; an absolute path is refused at plan."""
+    import workers.run_cell
+    from orchestrator.cli import _prepare_locally
+    from workers.cell import ModelSpec
+
     monkeypatch.chdir(tmp_path)
     _model_dir(tmp_path / "models" / "tiny-m", {"model.safetensors": b"w", "tokenizer.json": b"{}"})
-    with pytest.raises(ConfigError, match=r"models.0.id: no model directory at models/tiny-mm \(did you mean 'models/tiny-m'\?\)"):
-        load_spec(write_sweep({**BASE, "models": [{"id": "models/tiny-mm"}]}))
-    load_spec(write_sweep({**BASE, "models": [{"id": "models/tiny-m"}, {"id": "EleutherAI/pythia-70m"}]}))  # a hub id stays one
+    with pytest.raises(ConfigError, match=rf"models.0.id: no model directory at {tmp_path}/models/tiny-mm \(did you mean '{tmp_path}/models/tiny-m'\?\)$"):
+        load_spec(write_sweep({**BASE, "models": [{"id": str(tmp_path / "models" / "tiny-mm")}]}))
+    load_spec(write_sweep({**BASE, "models": [{"id": "models/tiny-mm"}, {"id": "models/tiny-m"}]}))  # a relative one may be a hub id
+
+    def offline(model, progress):
+        raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {model.id}.")
+
+    monkeypatch.setattr(workers.run_cell, "prepare_model", offline)
+    with pytest.raises(ConfigError, match=r"model models/tiny-mm cannot be loaded here: OSError: We couldn't connect .* \(no local directory models/tiny-mm either \(did you mean 'models/tiny-m'\?\)\)$"):
+        _prepare_locally(ModelSpec(id="models/tiny-mm"), progress=False)
+    with pytest.raises(ConfigError, match=r"cannot be loaded here: OSError: We couldn't connect [^(]*$"):
+        _prepare_locally(ModelSpec(id="EleutherAI/pythia-70m"), progress=False)  # no directory of a close name: no hint
 
 
 def test_weights_saved_over_a_directory_change_its_digest_and_a_copy_keeps_it(tmp_path):
