@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -12,7 +13,7 @@ from workers.cell import LADDER_PREFIX, CellConfig, ModelSpec
 from workers.config import ConfigError
 from workers.methods import get_method, resolve_config, training_configs, validation_choice
 from workers.run_cell import model_revision
-from workers.tasks import get_task
+from workers.tasks import get_task, reads_hub_data
 
 from orchestrator.spec import ModelEntry, SweepSpec
 
@@ -38,12 +39,23 @@ def resolved_model(entry: ModelEntry) -> ModelSpec:
 
 
 def pool_size(task: str, split: str) -> int | None:
-    """The task's pool of distinct `split` examples; a local dataset that cannot be read (a split's file missing, a
-    column it lacks) is the config's problem, said in a line, not a traceback out of `plan` (helper-174)."""
+    """The task's pool of distinct `split` examples; a local copy of a hub dataset that cannot be read (a split's file
+    missing, a line not JSON, a column it lacks) is the config's problem, said in a line, not a traceback out of `plan`
+    (helper-174). Any other task's error is a bug, and raised as one."""
+    found = get_task(task)
     try:
-        return get_task(task).pool_size(split)  # type: ignore[arg-type]
-    except (OSError, KeyError, ValueError) as err:
-        raise ConfigError(f"task {task}: its data cannot be read: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        return found.pool_size(split)  # type: ignore[arg-type]
+    except Exception as err:  # noqa: BLE001 - file, JSON and datasets' own errors alike, for a local copy: the data's problem
+        source = getattr(found, "source", None)
+        if not (reads_hub_data(found) and os.path.isdir(source.path)):  # type: ignore[union-attr]
+            raise
+        if isinstance(err, KeyError):
+            raise ConfigError(f"task {task}: its data cannot be read: a row of {source.path} has no column {err}") from err  # type: ignore[union-attr]
+        first = str(err).splitlines()[0] if str(err) else ""
+        said = first if isinstance(err, FileNotFoundError) else f"{type(err).__name__}: {first}"  # ours names the file already
+        if err.__cause__ is not None:  # datasets' "An error occurred while generating the dataset" wraps what it met
+            said += f" ({type(err.__cause__).__name__}: {str(err.__cause__).splitlines()[0] if str(err.__cause__) else ''})"
+        raise ConfigError(f"task {task}: its data cannot be read: {said}") from err
 
 
 def check_budgets(spec: SweepSpec) -> None:

@@ -337,13 +337,13 @@ def local_model_problem(path: Path) -> str | None:
     if not (path / "config.json").is_file():
         return f"{path} holds no config.json, so it is not a saved model (`save_pretrained` writes one)"
     if not any(path.glob("*.safetensors")):
-        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        pickled = sorted(p.name for p in path.iterdir() if re.fullmatch(r"(pytorch_model|model|consolidated)[^/]*\.(bin|pt|pth|ckpt)", p.name))
         if pickled:
             return (f"{path} holds its weights as {', '.join(pickled)} only: pickle files, which can run code as they load, so "
                     "steerscale loads safetensors alone; convert them once, where you trust them: "
                     "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir)` writes model.safetensors")  # fmt: skip
         return f"{path} holds no weights (*.safetensors)"
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.model")) and not any(path.glob("*.tiktoken")):
         return f"{path} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): save it beside the model, `tokenizer.save_pretrained(dir)`"
     return None
 

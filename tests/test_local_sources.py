@@ -33,6 +33,7 @@ def _model_dir(path: Path, files: dict[str, bytes]) -> Path:
          "holds its weights as pytorch_model.bin only: pickle files, which can run code as they load, so steerscale loads safetensors alone"),
         ({"tokenizer.json": b"{}"}, r"holds no weights \(\*.safetensors\)"),
         ({"model.safetensors": b"weights"}, r"holds no tokenizer \(tokenizer.json, tokenizer_config.json"),
+        ({"optimizer.pt": b"pickle", "training_args.bin": b"pickle", "tokenizer.json": b"{}"}, r"holds no weights \(\*.safetensors\)$"),
     ],
 )  # fmt: skip
 def test_a_model_directory_that_cannot_load_is_refused_at_plan(write_sweep, tmp_path, files, message):
@@ -40,6 +41,11 @@ def test_a_model_directory_that_cannot_load_is_refused_at_plan(write_sweep, tmp_
     model = _model_dir(tmp_path / "models" / "mine", files)
     with pytest.raises(ConfigError, match=f"models.0.id: {model} {message}"):
         load_spec(write_sweep({**BASE, "models": [{"id": str(model)}]}))
+
+
+def test_a_model_directory_with_a_sentencepiece_tokenizer_alone_plans(write_sweep, tmp_path):
+    model = _model_dir(tmp_path / "sp", {"model.safetensors": b"w", "sentencepiece.bpe.model": b"sp"})
+    load_spec(write_sweep({**BASE, "models": [{"id": str(model)}]}))
 
 
 def test_a_mistyped_model_directory_gets_the_close_name_beside_it(write_sweep, tmp_path, monkeypatch):
@@ -76,17 +82,31 @@ def test_weights_saved_over_a_directory_change_its_digest_and_a_copy_keeps_it(tm
     assert sampled_weights_sha256(str(model)) != before
 
 
-def test_a_local_dataset_missing_a_split_is_refused_at_plan_in_a_line(tmp_path, monkeypatch, write_sweep):
-    """A folder with dev.jsonl for validation.jsonl: a 59-line traceback out of `plan`."""
+@pytest.mark.parametrize(
+    ("train", "validation", "message"),
+    [
+        (None, "dev.jsonl", r"{data} holds no validation.jsonl \(found: dev.jsonl, train.jsonl\); a local copy of a hub dataset holds one"),
+        ('"text"', "validation.jsonl", r"a row of {data} has no column 'sentence'$"),
+        ("{oops", "validation.jsonl", r"DatasetGenerationError: .* \(ArrowInvalid: JSON parse error"),
+        (None, "validation.jsonl", None),
+    ],
+)  # fmt: skip
+def test_a_local_dataset_that_cannot_be_read_is_refused_at_plan_in_a_line(tmp_path, monkeypatch, write_sweep, train, validation, message):
+    """dev.jsonl for validation.jsonl: a 59-line traceback out of `plan`; a line not JSON another; a column missing, a
+    bare `'sentence'`. (Rows are cached per process by path: each case its own folder.)"""
     from workers.tasks import TASKS
     from workers.tasks.hub import HubSource
     from workers.tasks.sst2 import SST2
 
     data = tmp_path / "sst2"
     data.mkdir()
-    shutil.copy(FIXTURES / "sst2" / "train.jsonl", data / "train.jsonl")
-    shutil.copy(FIXTURES / "sst2" / "validation.jsonl", data / "dev.jsonl")
+    rows = (FIXTURES / "sst2" / "train.jsonl").read_text()
+    (data / "train.jsonl").write_text(rows if train is None else rows.replace('"sentence"', train) if train.startswith('"') else train + "\n")
+    shutil.copy(FIXTURES / "sst2" / "validation.jsonl", data / validation)
     monkeypatch.setitem(TASKS._items, "sst2", SST2(HubSource(str(data))))
     spec = load_spec(write_sweep({**BASE, "tasks": ["sst2"], "models": [{"id": "EleutherAI/pythia-70m"}]}))
-    with pytest.raises(ConfigError, match=rf"task sst2: its data cannot be read: {data} holds no validation.jsonl \(found: dev.jsonl, train.jsonl\)"):
+    if message is None:
+        check_budgets(spec)  # the files as they should be: planned
+        return
+    with pytest.raises(ConfigError, match="task sst2: its data cannot be read: " + message.replace("{data}", str(data))):
         check_budgets(spec)

@@ -36,7 +36,7 @@ from workers.lm import LanguageModel
 from workers.memory import release_memory
 from workers.methods import FitContext, get_method, resolve_config
 from workers.metrics import NeutralReference, neutral_reference, neutral_shift, peak_memory_bytes, reset_peak_memory
-from workers.model_state import ModelLeftChangedError, check_unchanged, state_as_loaded
+from workers.model_state import check_unchanged, state_as_loaded
 from workers.models.loading import count_parameters, is_hub_model, ladder_revision, resolve_device, resolve_path
 from workers.registry import UnknownNameError
 from workers.rowfile import check_writable_at, filesystem_and_path, write_rows
@@ -296,6 +296,12 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         run.cache.discard(cell.model)
         raise
     eval_seconds = time.perf_counter() - started + base_seconds
+    peak = peak_memory_bytes(device) - others
+    try:  # after the seconds and the peak are read: the check's own pass over the weights is no part of the cell's
+        check_unchanged(as_given, lm, cell.method)
+    except BaseException:  # a changed model must not serve the next cell, which would be blamed for it
+        run.cache.discard(cell.model)
+        raise
 
     total, nonembed = count_parameters(lm.model)
     report = adapter.report
@@ -321,7 +327,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "post_train_flops": report.post_train_flops,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
-        "peak_mem_bytes": peak_memory_bytes(device) - others,
+        "peak_mem_bytes": peak,
         "layer": report.layer,
         "alpha": report.alpha,
         "selection": report.selection,
@@ -330,11 +336,6 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(list(base.neutral.texts)) if cell.eval.neutral_source and neutral else None),
         "error": out_of_memory_note(cell, lm),
     }
-    try:  # after the seconds and the peak are read: the check's own pass over the weights is no part of the cell's
-        check_unchanged(as_given, lm, cell.method)
-    except ModelLeftChangedError:
-        run.cache.discard(cell.model)
-        raise
     # not the perplexity ratio: past a rise of 709 nats a token it is +inf by design (metrics.neutral_shift), a
     # measured collapse; a NaN there comes with a NaN KL, which is checked
     neutral = ("base_neutral_nll", "neutral_kl") if cell.eval.neutral_size else ()

@@ -110,23 +110,27 @@ def weights_provenance(spec: ModelSpec, path: str) -> dict[str, str]:
     return {"model_commit": commit} if commit else {}
 
 
-SAMPLE_BYTES = 1 << 20
+HEAD_BYTES, WINDOWS, WINDOW_BYTES = 1 << 20, 64, 1 << 14
 
 
 def sampled_weights_sha256(directory: str) -> str:
-    """SHA-256 over each safetensors file's name, size, first and last MiB (its header, which names every tensor's
-    shape and place, is in the first): 2 MiB read a file where a whole 15 GB checkpoint would cost more than a cell,
-    and from the contents, so a copy on another node matches. Weights saved over the old ones change their first
-    tensors' bytes, and so the digest, unless they are equal there."""
+    """SHA-256 over each safetensors file's name, size, first MiB (its header names every tensor's shape and place)
+    and 64 windows of 16 KiB spread evenly over the rest, its last bytes included: 2 MiB read a file where hashing a whole 15 GB checkpoint
+    would cost more than a cell, and from the contents, so a copy on another node matches. A sample: weights saved over
+    the old ones are told apart unless they differ only between its windows (a change to one small tensor can be)."""
     digest = hashlib.sha256()
     for name in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
         file = os.path.join(directory, name)
         size = os.path.getsize(file)
         digest.update(f"{name}\0{size}\0".encode())
         with open(file, "rb") as weights:
-            digest.update(weights.read(SAMPLE_BYTES))
-            weights.seek(max(size - SAMPLE_BYTES, 0))
-            digest.update(weights.read(SAMPLE_BYTES))
+            digest.update(weights.read(HEAD_BYTES))
+            rest = size - HEAD_BYTES - WINDOW_BYTES  # the windows' span: from the head's end to the file's last window
+            if rest <= 0:
+                digest.update(weights.read())
+            for i in range(WINDOWS if rest > 0 else 0):
+                weights.seek(HEAD_BYTES + rest * i // (WINDOWS - 1))
+                digest.update(weights.read(WINDOW_BYTES))
     return digest.hexdigest()
 
 
