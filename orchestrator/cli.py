@@ -23,7 +23,7 @@ from workers.registry import UnknownNameError
 
 from orchestrator.address import check_listening
 from orchestrator.claims import Claims
-from orchestrator.errors import ROWS_LOST_NOTE, SweepStoppedError, counted
+from orchestrator.errors import ROWS_LOST_NOTE, SweepStoppedError, counted, first_line
 from orchestrator.store import ResultsStore, StoredCell, StoreScan, read_manifest, write_manifest
 
 if TYPE_CHECKING:
@@ -333,7 +333,7 @@ def _prepare_locally(model: ModelSpec, *, progress: bool) -> None:
         # `models/tiny-mm` beside `models/tiny-m`: read as a hub id (as it must be: `EleutherAI/pythia-410m` beside a local
         # `EleutherAI/pythia-160m` is one), so the hint comes only once the hub had no such model
         local = f" (no local directory {model.id} either{hint})" if (hint := sibling_hint(Path(model.id))) else ""
-        raise ConfigError(f"model {model.id} cannot be loaded here: {_first_line(err)}{local}") from err
+        raise ConfigError(f"model {model.id} cannot be loaded here: {first_line(err)}{local}") from err
 
 
 def _prepare_data(cells: list[PlannedCell]) -> None:
@@ -349,16 +349,12 @@ def _prepare_data(cells: list[PlannedCell]) -> None:
             path = get_task(name).source.path  # type: ignore[attr-defined]  (a task that reads hub data has a source)
             local = "" if os.path.isabs(path) or os.path.isdir(path) else (f" (offline, a copy of its files at ./{path}/<split>.jsonl, relative to where the "
                                                     "run starts, is read instead: tests/fixtures/ shows them)")  # fmt: skip
-            raise ConfigError(f"task {name}: its dataset cannot be read here: {_first_line(err)}{local}") from err
+            raise ConfigError(f"task {name}: its dataset cannot be read here: {first_line(err)}{local}") from err
     for size, words, source in {(c.config.eval.neutral_size, c.config.eval.neutral_min_words, c.config.eval.neutral_source) for c in cells}:
         try:
             neutral_texts(size, words, source)
         except ValueError as err:  # its message names the setting
             raise ConfigError(str(err)) from err
-
-
-def _first_line(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _refuse_what_models_lack(cells: list[PlannedCell], *, fetch_configs: bool = True) -> None:

@@ -2,6 +2,11 @@
 the CLI can turn them into a message and an exit code without importing the driver."""
 
 
+def first_line(err: BaseException) -> str:
+    """'Type: the message's first line': an error said in one line of a CLI message."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 def counted(n: int, noun: str) -> str:
     """'1 cell', '2 cells': the driver's and the CLI's messages count in one grammar."""
     return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -15,6 +15,7 @@ from workers.methods import get_method, resolve_config, training_configs, valida
 from workers.run_cell import model_revision
 from workers.tasks import get_task, reads_hub_data
 
+from orchestrator.errors import first_line
 from orchestrator.spec import ModelEntry, SweepSpec
 
 
@@ -51,10 +52,9 @@ def pool_size(task: str, split: str) -> int | None:
             raise
         if isinstance(err, KeyError):
             raise ConfigError(f"task {task}: its data cannot be read: a row of {source.path} has no column {err}") from err  # type: ignore[union-attr]
-        first = str(err).splitlines()[0] if str(err) else ""
-        said = first if isinstance(err, FileNotFoundError) else f"{type(err).__name__}: {first}"  # ours names the file already
+        said = first_line(err).removeprefix("FileNotFoundError: ")  # ours names the file already
         if err.__cause__ is not None:  # datasets' "An error occurred while generating the dataset" wraps what it met
-            said += f" ({type(err.__cause__).__name__}: {str(err.__cause__).splitlines()[0] if str(err.__cause__) else ''})"
+            said += f" ({first_line(err.__cause__)})"
         raise ConfigError(f"task {task}: its data cannot be read: {said}") from err
 
 
