@@ -52,7 +52,7 @@ def pool_size(task: str, split: str) -> int | None:
             raise
         if isinstance(err, KeyError):
             raise ConfigError(f"task {task}: its data cannot be read: a row of {source.path} has no column {err}") from err  # type: ignore[union-attr]
-        said = first_line(err).removeprefix("FileNotFoundError: ")  # ours names the file already
+        said = first_line(err).removeprefix("FileNotFoundError: ").removeprefix("ValueError: ")  # ours name the file already
         if err.__cause__ is not None:  # datasets' "An error occurred while generating the dataset" wraps what it met
             said += f" ({first_line(err.__cause__)})"
         raise ConfigError(f"task {task}: its data cannot be read: {said}") from err

@@ -86,14 +86,15 @@ def test_weights_saved_over_a_directory_change_its_digest_and_a_copy_keeps_it(tm
     ("train", "validation", "message"),
     [
         (None, "dev.jsonl", r"{data} holds no validation.jsonl \(found: dev.jsonl, train.jsonl\); a local copy of a hub dataset holds one"),
-        ('"text"', "validation.jsonl", r"a row of {data} has no column 'sentence'$"),
+        (("sentence", "text"), "validation.jsonl", r"{data}/train.jsonl has no column 'sentence' \(its columns: idx, text, label\); the task reads sentence, label$"),
+        (("label", "sentiment"), "validation.jsonl", r"{data}/train.jsonl has no column 'label' \(its columns: idx, sentence, sentiment\)"),
         ("{oops", "validation.jsonl", r"DatasetGenerationError: .* \(ArrowInvalid: JSON parse error"),
         (None, "validation.jsonl", None),
     ],
 )  # fmt: skip
 def test_a_local_dataset_that_cannot_be_read_is_refused_at_plan_in_a_line(tmp_path, monkeypatch, write_sweep, train, validation, message):
     """dev.jsonl for validation.jsonl: a 59-line traceback out of `plan`; a line not JSON another; a column missing, a
-    bare `'sentence'`. (Rows are cached per process by path: each case its own folder.)"""
+    bare `'sentence'` (the text's) or none at plan and `KeyError: 'label'` in every cell (any other's). (Rows are cached per process by path: each case its own folder.)"""
     from workers.tasks import TASKS
     from workers.tasks.hub import HubSource
     from workers.tasks.sst2 import SST2
@@ -101,7 +102,7 @@ def test_a_local_dataset_that_cannot_be_read_is_refused_at_plan_in_a_line(tmp_pa
     data = tmp_path / "sst2"
     data.mkdir()
     rows = (FIXTURES / "sst2" / "train.jsonl").read_text()
-    (data / "train.jsonl").write_text(rows if train is None else rows.replace('"sentence"', train) if train.startswith('"') else train + "\n")
+    (data / "train.jsonl").write_text(rows if train is None else train + "\n" if isinstance(train, str) else rows.replace(f'"{train[0]}"', f'"{train[1]}"'))
     shutil.copy(FIXTURES / "sst2" / "validation.jsonl", data / validation)
     monkeypatch.setitem(TASKS._items, "sst2", SST2(HubSource(str(data))))
     spec = load_spec(write_sweep({**BASE, "tasks": ["sst2"], "models": [{"id": "EleutherAI/pythia-70m"}]}))

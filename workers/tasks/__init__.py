@@ -63,11 +63,12 @@ def hub_data_digest(name: str) -> str | None:
 
 def fetch_hub_data(name: str) -> None:
     """Download (or find cached) each hub split the task reads, without reading its rows into memory: the driver's
-    check before any cell. Nothing for the synthetic world's tasks."""
+    check before any cell, with the columns the task reads. Nothing for the synthetic world's tasks."""
     task = TASKS.get(name)
     if reads_hub_data(task):
-        for split in getattr(task, "plan").hub_splits():
-            dataset(getattr(task, "source"), split)
+        plan, source = getattr(task, "plan"), getattr(task, "source")
+        for split in plan.hub_splits():
+            plan.check_columns(source, split, dataset(source, split).column_names)
 
 
 def neutral_texts(n: int, min_words: int, source: NeutralTextSource | None = None) -> list[str]:

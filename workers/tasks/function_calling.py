@@ -74,7 +74,7 @@ class FunctionCalling:
     # for that budget alone (`hub.sample`); 5: the target ends with the end-of-text token (`Example.ends_text`): a tuned
     # model stops after its calls instead of writing to the generation's limit
     task_type: TaskType = "agentic"
-    plan = SplitPlan(train="train", validation="train", test="train")
+    plan = SplitPlan(train="train", validation="train", test="train", columns=("query", "tools", "answers"))
 
     def __init__(self, source: HubSource = HubSource("Salesforce/xlam-function-calling-60k")) -> None:
         self.source = source

@@ -61,7 +61,7 @@ class GSM8K:
     # 7: a comma before a single digit separates numbers ("1,2,3" is three numbers, not 123); 8: so do commas whose
     # last group has fewer than three digits ("10,20,30" is three numbers, not 102030)
     task_type: TaskType = "reasoning"
-    plan = SplitPlan(train="train", validation="train", test="test")
+    plan = SplitPlan(train="train", validation="train", test="test", columns=("question", "answer"))
 
     def __init__(self, source: HubSource = HubSource("openai/gsm8k", "main")) -> None:
         self.source = source

@@ -68,6 +68,17 @@ class SplitPlan:
     train: str
     validation: str
     test: str
+    columns: tuple[str, ...] = ()  # every column the task reads from a row: a file lacking one is refused in a line
+
+    def check_columns(self, source: HubSource, split: str, present: Sequence[str]) -> None:
+        """Refuse a hub split whose rows lack a column the task reads: a local copy with `sentiment` for `label`
+        passed the driver's check (it loads the files, not their columns) and failed every cell with a bare
+        `KeyError: 'label'` (helper-174)."""
+        missing = [column for column in self.columns if column not in present]
+        if missing:
+            where = f"{Path(source.path) / f'{split}.jsonl'}" if Path(source.path).is_dir() else f"{source.path} (split {split})"
+            raise ValueError(f"{where} has no column {', '.join(map(repr, missing))} (its columns: {', '.join(present) or 'none'}); "
+                             f"the task reads {', '.join(self.columns)}")  # fmt: skip
 
     def pool_size(self, task: str, source: HubSource, split: Split, key: str) -> int | None:
         """Rows of our `split` when the source is local; None for a hub id (counting would download it)."""
@@ -78,7 +89,7 @@ class SplitPlan:
         hub = getattr(self, split)
         sharing = [s for s in ("train", "validation", "test") if getattr(self, s) == hub]
         first: dict[str, dict] = {}
-        for row in load_rows(source, hub):
+        for row in self._checked_rows(source, hub):
             first.setdefault(_text(row, key), row)
         rows = list(first.values())
         if len(sharing) > 1:
@@ -86,8 +97,13 @@ class SplitPlan:
         # another of ours drawn from a hub split of its own keeps its texts: test all of them, validation all but
         # test's; train gives up both's (a hub's validation sharing texts with its train left them in both of ours)
         kept_by_others = {getattr(self, other) for other in KEPT_BEFORE[split]} - {hub}
-        taken = {_text(row, key) for other_hub in kept_by_others for row in load_rows(source, other_hub)}
+        taken = {_text(row, key) for other_hub in kept_by_others for row in self._checked_rows(source, other_hub)}
         return tuple(row for row in rows if _text(row, key) not in taken)
+
+    def _checked_rows(self, source: HubSource, split: str) -> tuple[dict, ...]:
+        rows = load_rows(source, split)
+        self.check_columns(source, split, list(rows[0]) if rows else list(self.columns))  # JSON lines: one row's keys are all
+        return rows
 
     def hub_splits(self) -> tuple[str, ...]:
         """The hub splits our three are drawn from, each once, in a fixed order."""

@@ -31,7 +31,7 @@ class SST2:
     # of each phrase put a phrase's parent or child on the other side ("a dull , lifeless mess" in train, "it 's a dull ,
     # lifeless mess" in validation), so choosing on it rewarded memorising. The hub's validation split (872 whole
     # sentences, none in train) gives validation a fifth (~174) and test the rest (~698).
-    plan = SplitPlan(train="train", validation="validation", test="validation")
+    plan = SplitPlan(train="train", validation="validation", test="validation", columns=("sentence", "label"))
 
     def __init__(self, source: HubSource = HubSource("stanfordnlp/sst2")) -> None:
         self.source = source
