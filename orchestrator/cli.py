@@ -184,7 +184,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(_status_table(_manifest_entries(cells), status))
     print(_compute_to_go(cells, scan))
     _note_unfittable(cells)
-    _note_unlike_parts(spec)
+    _note_spec(spec)
     _note_rows_outside(spec.sweep, args.config, cells, scan)
     return 0
 
@@ -204,10 +204,11 @@ def _note_unfittable(cells: list[PlannedCell]) -> None:
               "Their cells run and are stored, but `fit` will fit no curve (and no crossover) for them; add budgets")  # fmt: skip
 
 
-def _note_unlike_parts(spec: SweepSpec) -> None:
-    from orchestrator.spec import unlike_parts
+def _note_spec(spec: SweepSpec) -> None:
+    """What the config asks for that the analysis will not read as its writer likely meant."""
+    from orchestrator.spec import lone_families, unlike_parts
 
-    for line in unlike_parts(spec):
+    for line in lone_families(spec) + unlike_parts(spec):
         print(f"note: {line}")
 
 
@@ -463,13 +464,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     scan = store.scan(set_aside=True)
     _report_quarantine(scan, set_aside=True)
     if args.adaptive:
-        _note_unlike_parts(spec)
+        _note_spec(spec)
         _note_rows_outside(spec.sweep, args.config, cells, scan)
         return _run_adaptive(args, spec, cells, store, scan, planned_at)
     todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)
     print(count_line(spec.sweep, cells, scan, todo))
     _note_unfittable(cells)
-    _note_unlike_parts(spec)
+    _note_spec(spec)
     _note_rows_outside(spec.sweep, args.config, cells, scan)
     running, stored = {c.cell_id for c in todo}, scan.statuses()
     waiting = sum(1 for c in cells if c.cell_id not in running and stored.get(c.cell_id) == "failed")

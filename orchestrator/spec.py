@@ -250,6 +250,20 @@ def sides_misread(name: str) -> list[str]:
     ]
 
 
+def lone_families(spec: SweepSpec) -> list[str]:
+    """Where every model of the sweep is alone in its family: laws over parameters are fitted within a family (sizes
+    of two families do not compare), so none forms, and `fit` had nothing to say why. A family is read off a model's
+    id less its size words: local `models/tiny-s` and `models/tiny-m` were families `s` and `m` (helper-174)."""
+    models = {model.id: model for model in spec.models}
+    families = {model.family_name for model in models.values()}
+    if len(models) < 2 or len(families) < len(models):
+        return []
+    named = "; ".join(f"{model_id}: {model.family_name}" for model_id, model in models.items())
+    return [f"each model is alone in its family ({named}), and laws over parameters (fit's default --x params) are "
+            "fitted within a family: no law over model size will form. If they are one family trained alike at different "
+            "sizes, give each the same `family:` (models.N.family)"]  # fmt: skip
+
+
 def unlike_parts(spec: SweepSpec) -> list[str]:
     """Where a composition's part is set otherwise than the sweep's standalone method of that name: its gain over
     that method (the report's composition table) is then not like for like. An override of the standalone

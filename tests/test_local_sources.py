@@ -72,6 +72,20 @@ def test_a_mistyped_model_directory_gets_the_close_name_beside_it(write_sweep, t
         _prepare_locally(ModelSpec(id="EleutherAI/pythia-70m"), progress=False)  # no directory of a close name: no hint
 
 
+def test_models_each_alone_in_its_family_are_noted_at_plan(write_sweep, tmp_path):
+    """`models/tiny-s` and `models/tiny-m` are families `s` and `m` (the id less its size words): no law over model size
+    formed, and nothing said why (helper-174)."""
+    from orchestrator.spec import lone_families
+
+    small, medium = (str(_model_dir(tmp_path / "models" / name, {"model.safetensors": b"w", "tokenizer.json": b"{}"})) for name in ("tiny-s", "tiny-m"))
+    (note,) = lone_families(load_spec(write_sweep({**BASE, "models": [{"id": small}, {"id": medium}]})))
+    assert note.startswith(f"each model is alone in its family ({small}: s; {medium}: m)") and "give each the same `family:`" in note
+    named = [{"id": small, "family": "tiny"}, {"id": medium, "family": "tiny"}]
+    assert lone_families(load_spec(write_sweep({**BASE, "models": named}))) == []
+    assert lone_families(load_spec(write_sweep({**BASE, "models": [{"id": small}]}))) == []  # one model: no law over size asked for
+    assert lone_families(load_spec(write_sweep({**BASE, "models": [{"id": "EleutherAI/pythia-70m"}, {"id": "EleutherAI/pythia-160m"}]}))) == []
+
+
 def test_weights_saved_over_a_directory_change_its_digest_and_a_copy_keeps_it(tmp_path):
     header = b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a": "tensor"} '
     model = _model_dir(tmp_path / "m", {"model.safetensors": header + bytes(range(256)) * 9000, "tokenizer.json": b"{}"})
