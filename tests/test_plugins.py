@@ -91,3 +91,17 @@ def test_a_name_registered_twice_names_both_implementations():
 
     with pytest.raises(ValueError, match=r"task 'facts' is registered twice: by workers.tasks.facts.Facts and by .*test_plugins.*Copied$"):
         TASKS.register("facts", Copied())
+
+
+def test_a_task_writing_documents_cannot_take_the_corpus_text_name():
+    """A task named `text` that writes documents clashed with the ladder corpus's general text only when a ladder was
+    built (helper-172); a task writing none may have the name."""
+
+    class Text(Facts):
+        name = "text"
+
+    with pytest.raises(TypeError, match=r"task 'text' .* cannot be registered: it writes documents for the ladder's corpus, where 'text' is"):
+        Registry("task", TASKS._check).register("text", Text())
+    from workers.tasks.sst2 import SST2
+
+    Registry("task", TASKS._check).register("text", type("Reviews", (SST2,), {"name": "text"})())  # real data: no documents

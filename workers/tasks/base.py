@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, Sequence
 
 from workers.lm import LanguageModel
+from workers.world.text import CORPUS_SOURCE
 
 Split = Literal["train", "validation", "test"]
 TaskType = Literal["general", "reasoning", "agentic"]
@@ -102,6 +103,8 @@ def registration_problems(name: str, task: object) -> list[str]:
         problems.append(f"its name is {getattr(task, 'name')!r}")
     if not problems and not (isinstance(task.data_version, int) and task.data_version >= 1):  # type: ignore[attr-defined]
         problems.append(f"its data_version {task.data_version!r} is no int >= 1")  # type: ignore[attr-defined]
+    if name == CORPUS_SOURCE and hasattr(task, "documents"):  # else a clash only once a ladder is built, far from here
+        problems.append(f"it writes documents for the ladder's corpus, where {CORPUS_SOURCE!r} is the general text's name")
     return problems
 
 

@@ -32,7 +32,7 @@ def sources() -> Registry[DocumentSource]:
     from workers.tasks import TASKS  # the task registry imports this package's grammar
 
     registry: Registry[DocumentSource] = Registry("corpus source")
-    registry.register("text", _Text())
+    registry.register(text.CORPUS_SOURCE, _Text())
     for name in TASKS:
         task = TASKS.get(name)
         if hasattr(task, "documents"):

@@ -12,6 +12,8 @@ import random
 
 from workers.world.vocab import ADJECTIVES, NOUNS, VERBS
 
+CORPUS_SOURCE = "text"  # this grammar's name among the ladder corpus's sources, beside the tasks that write documents
+
 _TABLES = random.Random("steerscale-text-grammar")
 VERBS_OF = {n: tuple(_TABLES.sample(VERBS, 3)) for n in NOUNS}
 OBJECTS_OF = {v: tuple(_TABLES.sample(NOUNS, 4)) for v in VERBS}
