@@ -206,9 +206,9 @@ def _note_unfittable(cells: list[PlannedCell]) -> None:
 
 def _note_spec(spec: SweepSpec) -> None:
     """What the config asks for that the analysis will not read as its writer likely meant."""
-    from orchestrator.spec import lone_families, unlike_parts
+    from orchestrator.spec import lone_families, own_code_unrun, unlike_parts
 
-    for line in lone_families(spec) + unlike_parts(spec):
+    for line in lone_families(spec) + own_code_unrun(spec) + unlike_parts(spec):
         print(f"note: {line}")
 
 

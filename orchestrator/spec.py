@@ -7,6 +7,7 @@ reported with its full path and the nearest valid key before anything runs.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -262,6 +263,26 @@ def lone_families(spec: SweepSpec) -> list[str]:
     return [f"each model is alone in its family ({named}), and laws over parameters (fit's default --x params) are "
             "fitted within a family: no law over model size will form. If they are one family trained alike at different "
             "sizes, give each the same `family:` (models.N.family)"]  # fmt: skip
+
+
+def own_code_unrun(spec: SweepSpec) -> list[str]:
+    """Local model directories whose config.json names code of their own (`auto_map`) while their entry does not ask to
+    run it: transformers loads the weights into its own class for the `model_type` (where it has one), not theirs,
+    and said nothing (helper-174). A checkpoint whose code transformers since took in (Phi-3's) means that; a model
+    whose code differs does not, so it is said, not refused."""
+    notes = []
+    for model in {m.id: m for m in spec.models if not m.trust_remote_code}.values():
+        config = Path(model.id) / "config.json"
+        if not config.is_file():
+            continue
+        try:
+            read = json.loads(config.read_text())
+        except (OSError, ValueError):
+            continue  # the load says what is wrong with the file
+        if isinstance(read, dict) and read.get("auto_map"):
+            notes.append(f"{model.id}'s config.json names code of its own (auto_map), which runs only with `trust_remote_code: "
+                         f"true` on its entry: its weights load into transformers' own {read.get('model_type')!r} class instead")  # fmt: skip
+    return notes
 
 
 def unlike_parts(spec: SweepSpec) -> list[str]:

@@ -86,6 +86,20 @@ def test_models_each_alone_in_its_family_are_noted_at_plan(write_sweep, tmp_path
     assert lone_families(load_spec(write_sweep({**BASE, "models": [{"id": "EleutherAI/pythia-70m"}, {"id": "EleutherAI/pythia-160m"}]}))) == []
 
 
+def test_a_local_model_naming_code_of_its_own_is_noted_unless_its_entry_runs_it(write_sweep, tmp_path):
+    """transformers loads a known model_type's own class where the config names other code (auto_map) and remote code is
+    off: another model than the directory's, in silence (helper-174)."""
+    from orchestrator.spec import own_code_unrun
+
+    model = _model_dir(tmp_path / "mine", {"model.safetensors": b"w", "tokenizer.json": b"{}"})
+    assert own_code_unrun(load_spec(write_sweep({**BASE, "models": [{"id": str(model)}]}))) == []
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "modeling_mine.Mine"}}))
+    (note,) = own_code_unrun(load_spec(write_sweep({**BASE, "models": [{"id": str(model)}]})))
+    assert note == (f"{model}'s config.json names code of its own (auto_map), which runs only with `trust_remote_code: true` on its "
+                    "entry: its weights load into transformers' own 'llama' class instead")  # fmt: skip
+    assert own_code_unrun(load_spec(write_sweep({**BASE, "models": [{"id": str(model), "trust_remote_code": True}]}))) == []
+
+
 def test_weights_saved_over_a_directory_change_its_digest_and_a_copy_keeps_it(tmp_path):
     header = b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a": "tensor"} '
     model = _model_dir(tmp_path / "m", {"model.safetensors": header + bytes(range(256)) * 9000, "tokenizer.json": b"{}"})
