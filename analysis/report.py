@@ -34,7 +34,7 @@ from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, save_fits, wins_on_idle_models
-from analysis.unchanged import alike_pairs, unchanged_counts, unchanged_share
+from analysis.unchanged import MOSTLY, Unchanged, alike_pairs, unchanged_counts, unchanged_share
 
 
 @dataclass(frozen=True)
@@ -190,11 +190,26 @@ def _findings(a: Analysis) -> list[Block]:
         lines.append(f"{few} D* trend(s) go through fewer than {MIN_TREND_MODELS} models with a finite D* (a line through two fits them "
                      f"exactly), so they are not stated here either ({fit_file(a.metric, a.x, 'json')} keeps them).")  # fmt: skip
     lines += composition_findings(a.compositions)
-    lines += [line for line in [unchanged_share(a.loaded.ok)] if line] + [u.describe() for u in a.unchanged]
-    lines += [line for line in [alike_pairs(a.loaded.ok)] if line]
+    lines += [line for line in [unchanged_share(a.loaded.ok)] if line]
+    after = [line for line in [alike_pairs(a.loaded.ok)] if line]
     if not a.crossovers:
-        lines.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
-    return [Heading("What the fits say"), *_crossover_table(a), *[Paragraph(line) for line in lines]]
+        after.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
+    return [Heading("What the fits say"), *_crossover_table(a), *map(Paragraph, lines), *_unchanged_table(a.unchanged, a.loaded.ok), *map(Paragraph, after)]
+
+
+def _unchanged_table(unchanged: list[Unchanged], ok: pd.DataFrame) -> list[Block]:
+    """The (task, method)s that left the model as it was in half or more of their cells on a model, one row each and a
+    column per model: the quickstart's seventeen sentences of the same form made the page's summary a wall of text."""
+    if not unchanged:
+        return []
+    sizes = pd.to_numeric(ok["params_nonembed"], errors="coerce").groupby(ok["model"]).median() if "params_nonembed" in ok else pd.Series(dtype=float)
+    models = sorted({model for u in unchanged for model, *_ in u.by_model}, key=lambda m: (np.nan_to_num(sizes.get(m, np.nan), nan=np.inf), m))
+    rows = [(u.task, u.method, *(next((f"{n} of {total}" for m, n, total in u.by_model if m == model), "") for model in models))
+            for u in unchanged]  # fmt: skip
+    return [Paragraph(f"Where a method left the model as it was (its test NLL the base model's to the bit: it chose, or was set, "
+                      f"to do nothing) in {MOSTLY:.0%} or more of its cells on a model (positive budgets), the table counts them: there its curve is the base model's, and a lead it holds is the other method's "
+                      "shortfall against doing nothing."),
+            Table(("task", "method", *models), rows)]  # fmt: skip
 
 
 MEASURED_FILE = "measured.csv"

@@ -20,7 +20,7 @@ from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, 
 from analysis.link import SigmoidLink, fit_links
 from analysis.metrics import check_metric, whole_percent
 from analysis.parallel import worker_pool
-from analysis.unchanged import Unchanged, idle_pairs, unchanged_cells
+from analysis.unchanged import MOSTLY, Unchanged, idle_pairs, unchanged_cells
 
 # A joint law's resamples redraw seeds (and questions) and keep its models, so they leave out how far each model sits
 # off the law: at a 5 % scatter between 5 models, α's "95 %" interval held the truth in 25 % of simulations (helper-127)
@@ -119,8 +119,9 @@ class FitSummary:
             held = f"; each model left out misses ln D* by {s.holdout_error:.2f} on average" if np.isfinite(s.holdout_error) else ""
             lines.append(f"  {s.describe()}{held}")
         if a.unchanged:  # after the crossovers and their trends, which are listed under the crossovers' header
-            lines.append("methods that left the model as it was:")
-            lines += [f"  {u.describe()}" for u in a.unchanged]
+            lines.append(f"methods that left the model as it was (test NLL the base model's to the bit) in {MOSTLY:.0%} or more of their "
+                         "cells on a model: there the curve is the base model's, and a lead it holds is the other method's shortfall")  # fmt: skip
+            lines += [f"  {u.task} {u.method}: {u.where()}" for u in a.unchanged]
         if a.compositions:
             lines.append("composition gains (over the best single part):")
             for g in a.compositions:

@@ -28,7 +28,7 @@ def test_the_models_a_method_left_as_they_were_are_named() -> None:
     rows += [_row("base", "s", 0, 0, 1.953798, 0.225)]  # never changes it: not news
     (found,) = unchanged_cells(pd.DataFrame(rows))
     assert found == Unchanged("t", "steer_mean", (("s", 3, 4),))
-    assert "steer_mean left the model as it was" in found.describe() and "3 of 4 cells on s" in found.describe()
+    assert found.where() == "3 of 4 cells on s"
 
 
 def test_how_many_cells_each_method_left_as_they_were_is_counted_over_every_model() -> None:
@@ -50,7 +50,8 @@ def test_the_fit_says_when_steering_is_doing_nothing_and_when_few_resamples_agre
     rows += [_row("lora", "xs", b, s, 2.1, 0.22 + 0.03 * rng.standard_normal()) for b in (4, 16, 64, 256) for s in (0, 1)]
     write_cells(tmp_path, rows)
     text = analysis.fit_results(str(tmp_path), bootstrap=50, seed=0).to_text()
-    assert "On t, steer_mean left the model as it was" in text and "8 of 8 cells on xs" in text
+    assert "methods that left the model as it was (test NLL the base model's to the bit) in 50% or more" in text
+    assert "\n  t steer_mean: 8 of 8 cells on xs\n" in text
     (line,) = [line for line in text.splitlines() if "of resamples agree" in line]
     assert line.endswith("74% of resamples agree (under 95%: not a finding)"), line
 
@@ -108,3 +109,17 @@ def test_methods_that_scored_alike_to_the_bit_are_named_once_as_a_pair() -> None
     # two compositions alike, neither the other's part, are a pair
     both = [_row(m, "s", b, 0, 1.7 + b / 1e3, 0.3) for m in ("steer_mean+lora", "steer_trained+lora") for b in (4, 16)]
     assert "steer_mean+lora and steer_trained+lora in 2 of the 2 cells" in alike_pairs(pd.DataFrame(both))
+
+
+def test_the_report_lists_the_methods_that_did_nothing_in_one_table_by_model_size(tmp_path: Path) -> None:
+    """The quickstart's report said it in seventeen sentences of one form, one per (task, method)."""
+    rows = [_row(method, model, b, s, 1.953798 if (method, model) != ("lora", "xl") else 1.8, 0.225)
+            for method in ("steer_mean", "lora") for model in ("xl", "xs") for b in (4, 16, 64, 256) for s in (0, 1)]
+    for row in rows:
+        row["params_nonembed"] = 1e7 if row["model"] == "xl" else 1e6
+    write_cells(tmp_path, rows)
+    analysis.write_report(str(tmp_path), bootstrap=0, seed=0)
+    page = (tmp_path / "report" / "report.md").read_text().splitlines()
+    start = page.index("| task | method | xs | xl |")  # smallest model first, not by name
+    assert page[start + 2: start + 4] == ["| t | lora | 8 of 8 |  |", "| t | steer_mean | 8 of 8 | 8 of 8 |"]
+    assert not any(line.startswith("On t, steer_mean left the model as it was") for line in page)
