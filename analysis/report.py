@@ -48,6 +48,13 @@ class Paragraph:
 
 
 @dataclass(frozen=True)
+class Bullets:
+    """A list: a legend of several terms is read term by term, and as one paragraph it was a 2,000-character block."""
+
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Table:
     header: tuple[str, ...]
     rows: list[tuple[str, ...]]
@@ -59,7 +66,7 @@ class Image:
     caption: str
 
 
-Block = Heading | Paragraph | Table | Image
+Block = Heading | Paragraph | Bullets | Table | Image
 
 
 def _num(value: float | None) -> str:
@@ -414,28 +421,32 @@ def _crossover_table(a: Analysis) -> list[Block]:
         return text + agree + (" †" if c.disputed else "") + (" ‡" if c.idle else "")
 
     rows = [(task, f"{s} → {f}", *(cell(cells.get((task, s, f, m))) for m in models)) for task, s, f in pairs]
-    legend = Paragraph(
-        "D*: the budget (training examples) at which the fine-tuning method overtakes the steering method, with its 95 % "
-        "bootstrap interval over every resample not tied over the whole range, an end `< D` or `> D` where resamples put it outside the measured range "
-        "(the winner ahead throughout, or still behind at the largest budget); `steering from D*`: the reverse, fine-tuning is ahead at the smallest shared budget and "
-        "steering overtakes it; `FT ahead`: fine-tuning is ahead of steering wherever they differ over the measured range; `steering ahead`: "
-        "fine-tuning never catches up there; `crosses twice: D1, D2`: one method is ahead only between D1 and D2, the "
-        "other below and above (see the fit's text for which); `tied`: the two fitted curves stay within half the step the "
-        "metric is measured in (half a test question for a score) of each other: too close to tell apart; "
-        "`no shared budgets`: the two were measured on budget ranges that do not "
-        "overlap; blank: one of the two curves could not be fitted. In brackets, the share of bootstrap resamples with "
-        "the same outcome: under 95 % the outcome is not a finding (as `steerscale fit` marks it), and near one half it is a coin "
-        "flip (the curves are tied), not only where D* falls; where most resamples give another outcome, that one follows with "
-        "its share (`tied (6%; most resamples: FT ahead, 80%)`: the fitted curves tie, but resamples of the cells mostly do not). "
+    legend = Bullets((
+        "a number — D*: the budget (training examples) at which the fine-tuning method overtakes the steering method, with "
+        "its 95 % bootstrap interval over every resample not tied over the whole range, an end `< D` or `> D` where resamples "
+        "put it outside the measured range (the winner ahead throughout, or still behind at the largest budget)",
+        "`steering from D*`: the reverse, fine-tuning is ahead at the smallest shared budget and steering overtakes it",
+        "`FT ahead`: fine-tuning is ahead of steering wherever they differ over the measured range; `steering ahead`: "
+        "fine-tuning never catches up there",
+        "`crosses twice: D1, D2`: one method is ahead only between D1 and D2, the other below and above (see the fit's text "
+        "for which)",
+        "`tied`: the two fitted curves stay within half the step the metric is measured in (half a test question for a "
+        "score) of each other: too close to tell apart",
+        "`no shared budgets`: the two were measured on budget ranges that do not overlap; blank: one of the two curves "
+        "could not be fitted",
+        "in brackets, the share of bootstrap resamples with the same outcome: under 95 % the outcome is not a finding (as "
+        "`steerscale fit` marks it), and near one half it is a coin flip (the curves are tied), not only where D* falls; "
+        "where most resamples give another outcome, that one follows with its share (`tied (6%; most resamples: FT ahead, "
+        "80%)`: the fitted curves tie, but resamples of the cells mostly do not)",
         "†: at a budget measured either side of D*, the side the fitted curves put behind leads by more than the scores' "
         "resolution and past its 95 % Welch interval — or, with no crossing (ahead throughout, tied), the means at a "
         "budget both measured contradict the outcome so (`steerscale fit` says where); a lead within noise is no † (means "
         "that merely fail to show a swap, on 2 seeds, are the rule near D*): a law that does not describe its "
-        "data gives an outcome every resample agrees with, so such an outcome is not a finding whatever its share. "
+        "data gives an outcome every resample agrees with, so such an outcome is not a finding whatever its share",
         "‡: both methods left the model as it was (chose, or were set, to do nothing) in at least half of the cells "
         "(budget and seed) both measured on that model: the outcome mostly compares the base model with itself, not "
-        "steering with fine-tuning, and a D* there joins no trend."
-    )
+        "steering with fine-tuning, and a D* there joins no trend",
+    ))
     return [Table(("task", "steering → fine-tuning", *models), rows), legend]
 
 
@@ -784,6 +795,8 @@ def render_markdown(blocks: list[Block]) -> str:
             parts.append(f"## {b.text}")
         elif isinstance(b, Paragraph):
             parts.append(b.text)
+        elif isinstance(b, Bullets):
+            parts.append("\n".join(f"- {item}" for item in b.items))
         elif isinstance(b, Table):
             lines = ["| " + " | ".join(map(_cell, b.header)) + " |", "|" + "---|" * len(b.header)]
             parts.append("\n".join(lines + ["| " + " | ".join(map(_cell, r)) + " |" for r in b.rows]))
@@ -809,6 +822,8 @@ def render_html(blocks: list[Block]) -> str:
             parts.append(f"<h2>{_inline(b.text)}</h2>")
         elif isinstance(b, Paragraph):
             parts.append(f"<p>{_inline(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in b.items) + "</ul>")
         elif isinstance(b, Table):
             head = "".join(f"<th>{_inline(h)}</th>" for h in b.header)
             body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b.rows)

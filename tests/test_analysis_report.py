@@ -370,6 +370,15 @@ def test_the_page_shows_code_spans_as_code_and_escapes_the_rest():
     assert "<code>" not in page and "``y`` and a ` stray" in page and "a ` stray and `code`" in page
 
 
+def test_a_legend_is_a_list_on_both_pages():
+    """The crossover table's legend was one 2,000-character paragraph; its terms are items of a list, a line each."""
+    from analysis.report import Bullets, Paragraph, render_html, render_markdown
+
+    blocks = [Paragraph("D* per pair:"), Bullets(("`tied`: within half a question", "a < b"))]
+    assert render_markdown(blocks).endswith("D* per pair:\n\n- `tied`: within half a question\n- a < b\n")
+    assert "<ul><li><code>tied</code>: within half a question</li><li>a &lt; b</li></ul>" in render_html(blocks)
+
+
 def test_rows_left_out_of_a_curve_are_counted_in_its_row_budget_zero_included(tmp_path: Path) -> None:
     """lora measured at D=0 too (the model before post-training): 2 of its 10 rows have no place on a log-budget
     axis. The table said n 8 and left out 0/0/0, so 2 rows went missing without a word."""
