@@ -201,7 +201,7 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan
     `steerscale run`) does not list are counted, and left out with `planned_only`: they come from an earlier config (another
     LoRA rank: a curve should not mix the two) or from a run that planned fewer seeds or budgets
     (rows a curve should keep), which only the user can tell apart. One case is not ambiguous: an
-    unplanned row of the model, task, method, budget and seed of a planned cell that has its own row is
+    unplanned row of the model, task, method, budget and seed of a planned cell that has its own ok row is
     that cell under an earlier config, superseded; it is always left out, or the fit would count the cell
     twice (`_same_cell_as`: the planned cell's key is read from its stored row, as a plan lists ids only).
     """
@@ -227,7 +227,9 @@ def load_rows_to_fit(results_dir: str, *, planned_only: bool = False, plan: Plan
         return loaded
     frame = loaded.frame
     listed = frame["cell_id"].isin(plan.cell_ids)
-    superseded = ~listed & _same_cell_as(frame, listed)
+    # only a planned cell's ok row replaces its earlier config's: one that failed is a cell not run yet, whose earlier
+    # row is fitted as an unrun cell's is (the failed row left that point with no data at all, helper-177)
+    superseded = ~listed & _same_cell_as(frame, listed & (frame["status"] == "ok"))
     keep = listed if planned_only else ~superseded
     return LoadedResults(frame[keep].reset_index(drop=True), loaded.skipped, int((~listed & ~superseded).sum()), planned_only,
                          int(superseded.sum()), loaded.stale_data, plan.name)  # fmt: skip
@@ -271,7 +273,7 @@ def unplanned_note(loaded: LoadedResults) -> str:
     """What the fit did with rows of cells the latest plan does not list, or scored on older task data,
     and how to do the other thing."""
     superseded = (f"{loaded.superseded} stored rows left out: the plan's cell of the same model, task, method, budget and seed "
-                  "has its own row (an earlier config's row, superseded)") if loaded.superseded else ""  # fmt: skip
+                  "has its own ok row (an earlier config's row, superseded)") if loaded.superseded else ""  # fmt: skip
     stale = (f"{loaded.stale_data} stored rows left out: scored on an older version of their task's questions (task_data in "
              "`versions`; the task's splits changed) — rerun the sweep to replace them") if loaded.stale_data else ""  # fmt: skip
     if not loaded.unplanned:

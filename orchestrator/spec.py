@@ -280,8 +280,10 @@ def own_code_unrun(spec: SweepSpec) -> list[str]:
         except (OSError, ValueError):
             continue  # the load says what is wrong with the file
         if isinstance(read, dict) and read.get("auto_map"):
+            instead = (f"its weights load into transformers' own {read['model_type']!r} class instead" if read.get("model_type")
+                       else "it names no model_type, so without that code it does not load at all")  # fmt: skip
             notes.append(f"{model.id}'s config.json names code of its own (auto_map), which runs only with `trust_remote_code: "
-                         f"true` on its entry: its weights load into transformers' own {read.get('model_type')!r} class instead")  # fmt: skip
+                         f"true` on its entry: {instead}")  # fmt: skip
     return notes
 
 

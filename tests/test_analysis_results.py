@@ -244,6 +244,24 @@ def test_rows_outside_the_latest_plan_are_fitted_and_said_or_left_out_when_asked
     assert f"left out {len(extra)} stored rows of cells not in plan.json" in planned.to_text()
 
 
+def test_a_planned_cell_that_failed_leaves_its_earlier_configs_row_in_the_fit(tmp_path: Path) -> None:
+    """A changed config whose rerun of a cell failed: its earlier row was left out as superseded and the failed row kept,
+    so the point had no data, where a planned cell not yet run keeps its earlier row (helper-177)."""
+    rng = np.random.default_rng(0)
+    current = synthetic_rows({("t", "lora", "m1"): TUNE}, {"m1": 10**6}, BUDGETS, seeds=1, noise=0.01, rng=rng)
+    earlier = [dict(r, cell_id=f"earlier-{r['cell_id']}") for r in current]
+    current[0] = dict(current[0], status="failed", error="RuntimeError: boom", score=None)
+    write_cells(tmp_path, current + earlier)
+    (tmp_path / "plan.json").write_text(json.dumps([{"cell_id": r["cell_id"], "slug": r["slug"], "model": "m1", "method": "lora"}
+                                                    for r in current]))  # fmt: skip
+    from analysis.io import load_rows_to_fit
+
+    loaded = load_rows_to_fit(str(tmp_path))
+    assert (loaded.superseded, loaded.unplanned) == (len(current) - 1, 1)
+    kept = loaded.frame[loaded.frame["status"] == "ok"]
+    assert f"earlier-{current[0]['cell_id']}" in set(kept["cell_id"]) and len(kept) == len(current)
+
+
 def test_rows_scored_on_an_older_version_of_their_tasks_data_are_left_out_and_said(tmp_path: Path) -> None:
     """A task whose splits changed gives its cells new ids; until the rerun has replaced every old
     row, the store holds rows scored on two test sets. Only the newest version's rows are fitted."""

@@ -103,7 +103,8 @@ def git_sha(checkout: Path = Path(__file__).parent) -> str | None:
 
 
 def model_revision(spec: ModelSpec) -> str | None:
-    """What pins a model's weights (a ladder recipe hash); part of every cell id that uses it."""
+    """What pins a model's weights (a ladder rung's recipe hash, or the revision its entry names); part of every cell id
+    that uses it."""
     return ladder_revision(spec)
 
 

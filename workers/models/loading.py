@@ -39,7 +39,8 @@ def parse_ladder_id(model_id: str) -> tuple[str, str]:
 
 
 def ladder_revision(spec: ModelSpec) -> str | None:
-    """The recipe hash a ladder model is pinned to (None for hub models and local directories)."""
+    """The revision a model is pinned to: a ladder rung's recipe hash; a hub model's or a directory's entry's own
+    `revision` (None where it names none)."""
     if not spec.id.startswith(LADDER_PREFIX):
         return spec.revision
     from workers.models import ladder
