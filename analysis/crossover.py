@@ -326,6 +326,11 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     elif outcome in ("finetuning_ahead", "steering_ahead", "tied"):
         note, disputed = measured_check_without_crossing(steer, tune, outcome, sign, tol)
         verdict += note
+    # a curve whose cells worsen with the budget past noise is one its law cannot follow (`LawFit.worsening`): the fit
+    # says so, and an outcome drawn from it, however many resamples agree, is no finding (helper-176: gridworld's xl
+    # steer_mean, 0.65 at D=4 on both seeds, fitted flat at 0.56, "tied" with full_ft, which scored 0.56 there)
+    unfollowed = [f"{f.method}'s cells worsen as the budget grows past noise, which its law cannot follow" for f in (steer, tune) if f.worsening]
+    disputed = "; ".join(filter(None, [disputed, *unfollowed]))
     verdict += f"{DISPUTE}{disputed}" if disputed else ""
     d_star = first if code == 5 else d_star
     return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, tolerance=tol, disputed=disputed,

@@ -87,18 +87,8 @@ def _overview(a: Analysis) -> list[Block]:
         f"{len(frame)} cells ({failed} failed) over {frame['task'].nunique()} task(s), "
         f"{frame['method'].nunique()} method(s) and {frame['model'].nunique()} model size(s); metric `{a.metric}`; "
         f"N in the joint laws is `{a.x}`. "
-        + (f"Intervals are 95 % percentile bootstrap intervals over cells ({a.bootstrap} resamples), redrawn within each budget (each (N, D) for the joint "
-           "laws) — where the questions are not redrawn (below), each resample's values "
-           "spread about their point's mean by √(n/(n − 1)) for n seeds, so that they vary as much as n new seeds would (with 2 "
-           "seeds a point, simulated 95 % intervals still covered the truth only 82–91 % of the time); a point measured once moves "
-           "by a seed deviation drawn from the other points', and a curve with too few seeds to lend is redrawn as a whole (one seed at "
-           "each of 4 budgets: a resample then loses a budget 9 times in 10, and in simulations the exponent's intervals covered the "
-           "truth 77–86 % of the time, 97–100 % at 7 budgets); where the rows store each test question's "
-           "outcome, every resample also redraws the task's test questions (one draw per resample for all its cells, so methods "
-           "compared on it stay paired) and refits to the scores on them; composition gains and the best method's lead have Welch "
-           "t-intervals over seeds, with the questions' own variance added where the rows store their outcomes (paired: both sides "
-           "answered the same questions) — which also adds its degrees of freedom, so with 2 seeds a side such an interval is "
-           "often narrower than the seeds' alone, and covered the truth about 93 % of the time in simulations (95 % with 3 seeds)."
+        + (f"Intervals are 95 % percentile bootstrap intervals over cells ({a.bootstrap} resamples): how they are drawn, and how "
+           "often such intervals covered the truth in simulations, is under \"How the intervals are drawn\" at the end."
            if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
@@ -112,6 +102,25 @@ def _overview(a: Analysis) -> list[Block]:
         blocks.append(Paragraph(f"{len(a.loaded.skipped)} unreadable file(s) were skipped:"))
         blocks.append(Table(("file", "reason"), [(s.path, s.reason) for s in a.loaded.skipped]))
     return blocks
+
+
+def _intervals(a: Analysis) -> list[Block]:
+    """How the intervals were drawn, at the end of the page: the overview's first paragraph was 1,600 characters of it."""
+    if not a.bootstrap:
+        return []
+    return [Heading("How the intervals are drawn"), Paragraph(
+        "Each resample redraws the cells within each budget (each (N, D) for the joint laws). Where the questions are not "
+        "redrawn (the overview names such fits), each resample's values spread about their point's mean by √(n/(n − 1)) for n seeds, so that they "
+        "vary as much as n new seeds would (with 2 seeds a point, simulated 95 % intervals still covered the truth only "
+        "82–91 % of the time); a point measured once moves by a seed deviation drawn from the other points', and a curve "
+        "with too few seeds to lend is redrawn as a whole (one seed at each of 4 budgets: a resample then loses a budget 9 "
+        "times in 10, and in simulations the exponent's intervals covered the truth 77–86 % of the time, 97–100 % at 7 "
+        "budgets). Where the rows store each test question's outcome, every resample also redraws the task's test questions "
+        "(one draw per resample for all its cells, so methods compared on it stay paired) and refits to the scores on them."),
+        Paragraph("Composition gains and the best method's lead have Welch t-intervals over seeds, with the questions' own "
+                  "variance added where the rows store their outcomes (paired: both sides answered the same questions) — "
+                  "which also adds its degrees of freedom, so with 2 seeds a side such an interval is often narrower than the "
+                  "seeds' alone, and covered the truth about 93 % of the time in simulations (95 % with 3 seeds).")]  # fmt: skip
 
 
 def _test_noise(a: Analysis) -> str | None:
@@ -441,7 +450,8 @@ def _crossover_table(a: Analysis) -> list[Block]:
         "†: at a budget measured either side of D*, the side the fitted curves put behind leads by more than the scores' "
         "resolution and past its 95 % Welch interval — or, with no crossing (ahead throughout, tied), the means at a "
         "budget both measured contradict the outcome so (`steerscale fit` says where); a lead within noise is no † (means "
-        "that merely fail to show a swap, on 2 seeds, are the rule near D*): a law that does not describe its "
+        "that merely fail to show a swap, on 2 seeds, are the rule near D*); or one of the two curves worsens with the "
+        "budget past noise, which its law cannot follow (the table of fits says so): a law that does not describe its "
         "data gives an outcome every resample agrees with, so such an outcome is not a finding whatever its share",
         "‡: both methods left the model as it was (chose, or were set, to do nothing) in at least half of the cells "
         "(budget and seed) both measured on that model: the outcome mostly compares the base model with itself, not "
@@ -868,7 +878,7 @@ def write_report(
     earlier_report = (out / "report.md").exists()  # plots are only cleaned up where a report was before (--out may be any dir)
     decisions = read_decisions(results_dir)
     blocks = [*_overview(a), *_findings(a), *_measured(a), *_fits_table(a), *_capability(a), *_efficiency(a), *_compositions(a), *_selectivity(a), *_links(a), *_frontier(a),
-              *_adaptive(decisions, a, out), *_plots(a, out)]  # fmt: skip
+              *_adaptive(decisions, a, out), *_intervals(a), *_plots(a, out)]  # fmt: skip
     drawn = {b.path for b in blocks if isinstance(b, Image)}
     ours = {path for pattern in ("budget_*.png", "crossover_*.png", "frontier_*.png", "selectivity_*.png", "adaptive.png") for path in out.glob(pattern)}
     for stale in ours - drawn if earlier_report else ():  # an earlier report's plot of something this one has no data for
