@@ -34,7 +34,7 @@ from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, save_fits, wins_on_idle_models
-from analysis.unchanged import MOSTLY, Unchanged, alike_pairs, unchanged_counts, unchanged_share
+from analysis.unchanged import MOSTLY, Unchanged, alike_method_pairs, alike_pairs, one_of_alike, unchanged_counts, unchanged_share
 
 
 @dataclass(frozen=True)
@@ -183,13 +183,17 @@ def _findings(a: Analysis) -> list[Block]:
     if shaky:
         lines.append(f"In {shaky} of the {len(fitted)} fits a term is ≈ 0 in over {1 - CI_LEVEL:.0%} of the bootstrap resamples (marked "
                      "'not identified in … of resamples'): the exponent's value is shown, without an interval.")
+    alike = alike_method_pairs(ok)
     shared = [c for c in a.crossovers if np.isfinite(c.share)]
     if len(shared) >= 10:  # a family of comparisons: say what the per-pair threshold means across it
         firm = [c for c in shared if c.share >= CI_LEVEL and not c.disputed]
         idle = sum(c.idle for c in firm)
         idle_note = f", {idle} of them between two methods that mostly left the model as it was (‡)" if idle else ""
+        stand_in = one_of_alike(alike)  # an outcome repeated through a method's copy (task_vector as full_ft) is one finding
+        distinct = len({(c.task, c.model, stand_in(c.steering), stand_in(c.finetuning), c.outcome) for c in firm})
+        repeats = f"; {len(firm) - distinct} of them repeat another through a method that scored alike to the bit (below)" if distinct < len(firm) else ""
         lines.append(f"{len(firm)} of the {len(shared)} crossover outcomes are firm ({CI_LEVEL:.0%} of the resamples agreeing, the measured "
-                     f"means not disputing them{idle_note}). The share is each "
+                     f"means not disputing them{idle_note}{repeats}). The share is each "
                      "pair's own, not corrected for the number of pairs (composition gains are, with Holm's correction): where "
                      "the truth is a tie, roughly one pair in ten to twenty still reaches it by chance (either side can), so a lone "
                      "firm outcome among many pairs is weaker evidence than its share says. "
@@ -207,7 +211,7 @@ def _findings(a: Analysis) -> list[Block]:
                      f"exactly), so they are not stated here either ({fit_file(a.metric, a.x, 'json')} keeps them).")  # fmt: skip
     lines += composition_findings(a.compositions)
     lines += [line for line in [unchanged_share(a.loaded.ok)] if line]
-    after = [line for line in [alike_pairs(a.loaded.ok)] if line]
+    after = [line for line in [alike_pairs(alike)] if line]
     if not a.crossovers:
         after.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
     return [Heading("What the fits say"), *_crossover_table(a), *map(Paragraph, lines), *_unchanged_table(a.unchanged, a.loaded.ok), *map(Paragraph, after)]

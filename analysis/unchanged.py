@@ -101,16 +101,25 @@ def unchanged_share(ok: pd.DataFrame) -> str:
             f"nothing), per method over every task, model and positive budget: {listed}.")
 
 
-def alike_pairs(ok: pd.DataFrame) -> str:
-    """One sentence naming the pairs of methods that scored alike to the bit (test score and NLL, on the same task,
-    model, positive budget and seed) in at least MOSTLY of the cells both measured, and changed the model alike in one
-    of them at least (alike only where both left it as it was is what `idle_pairs` marks), '' where none did. Their rows
-    against a third method repeat each other: task_vector's λ chosen at 0 or 1 made it full_ft's copy in most quickstart
-    cells, and its crossovers with steering counted as findings of their own (helper-165). A composition and its parts
-    are left to the composition gains, which count those copies."""
+@dataclass(frozen=True)
+class AlikePair:
+    a: str
+    b: str
+    alike: int  # cells both measured in which they scored alike to the bit
+    cells: int  # cells both measured
+    idle: int  # of the alike cells, those where both left the model as it was
+
+
+def alike_method_pairs(ok: pd.DataFrame) -> list[AlikePair]:
+    """The pairs of methods that scored alike to the bit (test score and NLL, on the same task, model, positive budget
+    and seed) in at least MOSTLY of the cells both measured, and changed the model alike in one of them at least (alike
+    only where both left it as it was is what `idle_pairs` marks). Their rows against a third method repeat each other:
+    task_vector's λ chosen at 0 or 1 made it full_ft's copy in most quickstart cells, and its crossovers with steering
+    counted as findings of their own (helper-165). A composition and its parts are left to the composition gains, which
+    count those copies."""
     rows = _positive_budget_rows(ok)
     if rows is None or "score" not in rows:
-        return ""
+        return []
     keys = ["task", "model", "budget", "seed"]
     cells = {method: _one_row_per_cell(g[[*keys, "score", "nll", "_same"]], keys, ["score", "nll"]) for method, g in rows.groupby("method", sort=True)}
     found = []
@@ -121,12 +130,35 @@ def alike_pairs(ok: pd.DataFrame) -> str:
         alike = (both["score_a"].to_numpy(float) == both["score_b"].to_numpy(float)) & (both["nll_a"].to_numpy(float) == both["nll_b"].to_numpy(float))
         idle = int((alike & both["_same_a"].to_numpy(bool) & both["_same_b"].to_numpy(bool)).sum())
         if alike.sum() > idle and alike.sum() >= MOSTLY * len(both):  # alike only where both did nothing: the ‡ pairs say so
-            found.append(f"{a} and {b} in {int(alike.sum())} of the {len(both)} cells both measured ({idle} of them where both left the model as it was)")
-    if not found:
+            found.append(AlikePair(a, b, int(alike.sum()), len(both), idle))
+    return found
+
+
+def alike_pairs(pairs: list[AlikePair]) -> str:
+    """One sentence naming `alike_method_pairs`, '' where there are none."""
+    if not pairs:
         return ""
+    listed = "; ".join(f"{p.a} and {p.b} in {p.alike} of the {p.cells} cells both measured ({p.idle} of them where both left the "
+                       "model as it was)" for p in pairs)  # fmt: skip
     return (f"Methods that scored alike to the bit (test score and NLL, same task, model, budget and seed) in at least half the "
-            f"cells both measured: {'; '.join(found)}. Their rows against a third method largely repeat each other: count such "
+            f"cells both measured: {listed}. Their rows against a third method largely repeat each other: count such "
             "outcomes once.")
+
+
+def one_of_alike(pairs: list[AlikePair]) -> Callable[[str], str]:
+    """Each method's stand-in among the methods it scored alike with (`alike_method_pairs`, joined through shared
+    members): the first by name, so that outcomes repeated through a copy are counted once."""
+    stand_in: dict[str, str] = {}
+
+    def find(method: str) -> str:
+        while stand_in.get(method, method) != method:
+            method = stand_in[method]
+        return method
+
+    for pair in pairs:
+        first, second = sorted((find(pair.a), find(pair.b)))
+        stand_in[second] = first
+    return find
 
 
 def _one_row_per_cell(rows: pd.DataFrame, keys: list[str], values: list[str]) -> pd.DataFrame:

@@ -662,3 +662,20 @@ def test_a_disputed_crossover_prints_its_interval_before_the_dispute() -> None:
     assert c.claim() == "lora overtakes steer_mean at D* ≈ 19.4"
     assert crossover_line(c) == ("facts ladder:xs: lora overtakes steer_mean at D* ≈ 19.4 CI [< 4, > 1024], 44% of resamples "
                                  f"agree (under 95%: not a finding){DISPUTE}{dispute}")
+
+
+def test_firm_outcomes_repeated_through_a_methods_copy_are_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quickstart's "4 of the 90 crossover outcomes are firm" held steer_trained → full_ft and → task_vector on arith's
+    s, both 99.5 %, where task_vector scored as full_ft to the bit in 7 of 8 cells: one finding, counted twice (helper-176)."""
+    import analysis.report
+    from analysis.unchanged import AlikePair
+
+    monkeypatch.setattr(analysis.report, "alike_method_pairs", lambda ok: [AlikePair("full_ft", "task_vector", 75, 120, 67)])
+    found = [dataclasses.replace(_crossover(f"m{i}", 50.0, 20.0, 80.0), finetuning=tuned, share=0.99 if i < 3 else 0.5)
+             for i in range(6) for tuned in ("full_ft", "task_vector")]  # fmt: skip
+    a = SimpleNamespace(fits=[], scaling=[], crossovers=found, compositions=[], unchanged=[], metric="score", x="params",
+                        loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))  # fmt: skip
+    text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
+    assert ("6 of the 12 crossover outcomes are firm (95% of the resamples agreeing, the measured means not disputing them; 3 of "
+            "them repeat another through a method that scored alike to the bit (below))") in text, text
+    assert "Methods that scored alike to the bit" in text and "full_ft and task_vector in 75 of the 120 cells" in text

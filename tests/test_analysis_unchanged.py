@@ -90,7 +90,11 @@ def test_methods_that_scored_alike_to_the_bit_are_named_once_as_a_pair() -> None
     so its crossovers with steering repeated full_ft's as findings of their own (helper-165). A composition and its
     part alike are the composition gains' to count; a pair alike in under half its cells, or only where both did
     nothing (the ‡ pairs), is not named."""
-    from analysis.unchanged import alike_pairs
+    from analysis.unchanged import alike_method_pairs
+    from analysis.unchanged import alike_pairs as sentence_of
+
+    def alike_pairs(rows: pd.DataFrame) -> str:
+        return sentence_of(alike_method_pairs(rows))
 
     rows = [_row("full_ft", "s", b, 0, nll, 0.3) for b, nll in ((4, 1.953798), (16, 1.953798), (32, 1.7), (64, 1.6))]
     rows += [_row("task_vector", "s", b, 0, nll, 0.3) for b, nll in ((4, 1.953798), (16, 1.953798), (32, 1.7), (64, 1.65))]
@@ -123,3 +127,11 @@ def test_the_report_lists_the_methods_that_did_nothing_in_one_table_by_model_siz
     start = page.index("| task | method | xs | xl |")  # smallest model first, not by name
     assert page[start + 2: start + 4] == ["| t | lora | 8 of 8 |  |", "| t | steer_mean | 8 of 8 | 8 of 8 |"]
     assert not any(line.startswith("On t, steer_mean left the model as it was") for line in page)
+
+
+def test_methods_alike_through_a_shared_member_have_one_stand_in() -> None:
+    from analysis.unchanged import AlikePair, one_of_alike
+
+    stand_in = one_of_alike([AlikePair("task_vector", "full_ft", 3, 4, 1), AlikePair("task_vector", "x", 3, 4, 0)])
+    assert {m: stand_in(m) for m in ("full_ft", "task_vector", "x", "lora")} == {"full_ft": "full_ft", "task_vector": "full_ft",
+                                                                                   "x": "full_ft", "lora": "lora"}  # fmt: skip
