@@ -244,6 +244,23 @@ def test_the_best_measured_method_is_judged_at_a_budget_every_compared_method_ha
     assert "at D=2048, the largest budget shared by 2 of its 3 methods (steer_mean not measured there)" in sentence, sentence
 
 
+def test_the_best_measured_method_is_held_against_the_base_model() -> None:
+    """The quickstart's facts on ladder:s: every method's mean was below the base model's 0.38, and the findings named a
+    best method as if it had gained (helper-176); level with the base model is said too, and a gain says nothing."""
+    def rows(steer: float, lora: float, base: float = 0.38) -> pd.DataFrame:
+        return pd.DataFrame([{"task": "t", "model": "m", "status": "ok", "params_nonembed": 1e6, "budget": 64, "method": method,
+                              "seed": seed, "score": score + 0.01 * seed, "score_base": base}
+                             for method, score in (("steer_mean", steer), ("lora", lora)) for seed in (0, 1)])  # fmt: skip
+
+    below = best_measured("t", rows(0.29, 0.33), "score")
+    assert "lora measured best at the largest budget all its methods share (D=64): score 0.335 (mean of 2 cells), below the base model's 0.38: every method" in below, below
+    level = best_measured("t", rows(0.29, 0.375), "score")
+    assert "score 0.38 (mean of 2 cells), the base model's own 0.38: no method measured there improved on it" in level, level
+    gained = best_measured("t", rows(0.29, 0.45), "score")
+    assert "base model" not in gained, gained
+    assert "base model" not in best_measured("t", rows(0.29, 0.33).drop(columns="score_base"), "score")  # rows without it
+
+
 def test_the_best_measured_model_is_not_called_the_largest_when_no_size_was_recorded() -> None:
     """Without params_nonembed the model compared is the last by name: "zeta-small" was called "the largest model
     measured" while "alpha-huge" may be far larger; where sizes are known it is the largest."""
@@ -427,3 +444,19 @@ def test_the_selectivity_table_says_a_prompt_methods_neutral_kl_is_its_contexts(
     assert bool(caveats) == bool(said), [type(b).__name__ for b in blocks]
     if said:  # a composition with prompt reads its neutral text after them too
         assert caveats[0].startswith(f"{said}: the neutral text is read after the demonstrations"), caveats
+
+
+def test_the_overview_is_short_and_how_intervals_are_drawn_is_at_the_end(tmp_path: Path) -> None:
+    """The overview's first paragraph was 1,600 characters on how the bootstrap draws: a reader's first sight."""
+    rows = synthetic_rows({("facts", "steer_mean", "m1"): STEER, ("facts", "lora", "m1"): TUNE}, {"m1": 1_000_000}, BUDGETS,
+                          seeds=2, noise=0.01, rng=np.random.default_rng(0))  # fmt: skip
+    write_cells(tmp_path, rows)
+    analysis.write_report(str(tmp_path), bootstrap=20, seed=0)
+    page = (tmp_path / "report" / "report.md").read_text()
+    overview = page.split("## Overview\n\n")[1].split("\n\n")[0]
+    assert len(overview) < 400 and 'under "How the intervals are drawn" at the end' in overview, overview
+    headings = [line for line in page.splitlines() if line.startswith("## ")]
+    assert headings[-2:] == ["## How the intervals are drawn", "## Plots"], headings
+    assert "√(n/(n − 1))" in page.split("## How the intervals are drawn")[1]
+    analysis.write_report(str(tmp_path), bootstrap=0, seed=0)
+    assert "## How the intervals are drawn" not in (tmp_path / "report" / "report.md").read_text()  # none drawn
