@@ -389,9 +389,13 @@ def _lead(best_rows: pd.DataFrame, runner_up_rows: pd.DataFrame, name: str, metr
     if not welch.se > 0:
         return f"ahead of {name} by {lead:.3g} (every cell of both the same: no interval)"
     sign = 1.0 if welch.diff >= 0 else -1.0  # a loss metric's best is the lower: report the lead as a size
-    lo, hi = clip_difference(*sorted(sign * bound for bound in welch.interval(CI_LEVEL)), metric)
-    verdict = "within noise" if lo <= 0 else "clear of 0"
+    raw = sorted(sign * bound for bound in welch.interval(CI_LEVEL))
+    lo, hi = clip_difference(*raw, metric)
     over = "their cells and questions" if noise.questions else "their cells"
+    if (lo, hi) != tuple(raw) and lo <= -1 and hi >= 1:  # every difference a score can take: "[-1, 1]" read as an interval
+        return (f"ahead of {name} by {lead:.3g} (no information: the {100 * CI_LEVEL:.0f} % Welch interval over {over}, "
+                f"{len(best)} and {len(runner_up)} cells, spans every difference a {metric} can take)")  # fmt: skip
+    verdict = "within noise" if lo <= 0 else "clear of 0"
     return f"ahead of {name} by {lead:.3g} [{lo:.3g}, {hi:.3g}] ({verdict}: {100 * CI_LEVEL:.0f} % Welch interval over {over})"
 
 

@@ -261,6 +261,18 @@ def test_the_best_measured_method_is_held_against_the_base_model() -> None:
     assert "base model" not in best_measured("t", rows(0.29, 0.33).drop(columns="score_base"), "score")  # rows without it
 
 
+def test_a_lead_whose_interval_spans_every_possible_difference_says_it_tells_nothing() -> None:
+    """gridworld's xl: "ahead of full_ft by 0.14 [-1, 1]", a t interval on ~1 degree of freedom (full_ft's seeds 0.56 and
+    0.88) cut to the scores' range, printed as if it were one (helper-176)."""
+    from analysis.report import _lead
+
+    best, runner_up = pd.DataFrame({"score": [0.86, 0.86], "seed": [0, 1]}), pd.DataFrame({"score": [0.56, 0.88], "seed": [0, 1]})
+    assert _lead(best, runner_up, "full_ft", "score") == ("ahead of full_ft by 0.14 (no information: the 95 % Welch interval over "
+                                                          "their cells, 2 and 2 cells, spans every difference a score can take)")  # fmt: skip
+    close = pd.DataFrame({"score": [0.60, 0.62], "seed": [0, 1]})
+    assert re.fullmatch(r"ahead of full_ft by 0\.25 \[0\.\d+, 0\.\d+\] \(clear of 0: .*\)", _lead(best, close, "full_ft", "score"))
+
+
 def test_the_best_measured_model_is_not_called_the_largest_when_no_size_was_recorded() -> None:
     """Without params_nonembed the model compared is the last by name: "zeta-small" was called "the largest model
     measured" while "alpha-huge" may be far larger; where sizes are known it is the largest."""
@@ -420,12 +432,13 @@ def test_ctrl_c_during_a_report_prints_one_line_and_leaves_no_worker(tmp_path: P
 
 def test_a_lead_between_scores_has_an_interval_inside_the_differences_scores_can_take() -> None:
     """Two seeds a side that disagree widely (.57 and .87) give Welch ~1 degree of freedom, t ≈ 12.7: the lead's
-    interval read "0.14 [-1.86, 2.14]" on scores in [0, 1]; a composition's gain likewise."""
+    interval read "0.14 [-1.86, 2.14]" on scores in [0, 1]; a composition's gain likewise (cut to [-1, 1]; the lead, cut so,
+    says it tells nothing)."""
     rows = [{"task": "t", "model": "m", "status": "ok", "params_nonembed": 1e6, "budget": 64, "method": method, "seed": seed, "score": score}
             for method, scores in (("lora", (0.85, 0.87)), ("full_ft", (0.57, 0.87)), ("steer_mean", (0.2, 0.9)), ("steer_mean+lora", (0.1, 0.95)))
             for seed, score in enumerate(scores)]  # fmt: skip
     sentence = best_measured("t", pd.DataFrame(rows), "score")
-    assert "ahead of full_ft by 0.14 [-1, 1] (within noise" in sentence, sentence
+    assert "ahead of full_ft by 0.14 (no information: the 95 % Welch interval over their cells, 2 and 2 cells, spans every" in sentence, sentence
     (gain,) = composition_gains(pd.DataFrame(rows), metric="score")
     assert (gain.gain_lo, gain.gain_hi) == (-1.0, 1.0) and gain.p_value > 0.05
 
