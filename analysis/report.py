@@ -191,7 +191,9 @@ def _findings(a: Analysis) -> list[Block]:
         idle_note = f", {idle} of them between two methods that mostly left the model as it was (‡)" if idle else ""
         stand_in = one_of_alike(alike)  # an outcome repeated through a method's copy (task_vector as full_ft) is one finding
         distinct = len({(c.task, c.model, stand_in(c.steering), stand_in(c.finetuning), c.outcome) for c in firm})
-        repeats = f"; {len(firm) - distinct} of them repeat another through a method that scored alike to the bit (below)" if distinct < len(firm) else ""
+        repeated = len(firm) - distinct
+        repeats = (f"; {repeated} of them {'repeats' if repeated == 1 else 'repeat'} another through a method that scored alike to the "
+                   "bit (below)") if repeated else ""  # fmt: skip
         lines.append(f"{len(firm)} of the {len(shared)} crossover outcomes are firm ({CI_LEVEL:.0%} of the resamples agreeing, the measured "
                      f"means not disputing them{idle_note}{repeats}). The share is each "
                      "pair's own, not corrected for the number of pairs (composition gains are, with Holm's correction): where "
