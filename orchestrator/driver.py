@@ -366,9 +366,8 @@ def run_cells(
     Callable again and again in one process (an adaptive loop submitting batch after batch): the
     workers, and the models they hold, carry over from one call to the next.
     """
-    outcome = SweepOutcome()
     if not cells:
-        return outcome
+        return SweepOutcome()
     started = time.perf_counter()
     planned_at = time.time() if planned_at is None else planned_at
     url = connect(address, dashboard=dashboard)
@@ -377,155 +376,29 @@ def run_cells(
     check_fits(cells, resources)
     POOL.attach()
     POOL.forget_dead()
-    claims = Claims(store)
-    dashboard_metrics = _Metrics(cells[0].config.sweep)
-    # cells waiting for a worker, by the worker shape they need, then by model: a worker takes its own model's next
-    queues: dict[Shape, dict[str, deque[tuple[PlannedCell, int]]]] = {}
-    # each cell in flight: its worker, the cell, its attempt, and when it went to the worker (a crashed row's start)
-    in_flight: dict[ray.ObjectRef, tuple[Worker, PlannedCell, int, datetime]] = {}
-    deadlines: dict[ray.ObjectRef, float] = {}  # with resources.cell_timeout_s: when each cell in flight is stopped
-    unstored: list[tuple[PlannedCell, OSError]] = []  # finished cells whose rows the store refused (`store_row`)
-    unclaimed: tuple[PlannedCell, OSError, int] | None = None  # a cell whose claim the store refused, and the cells left then
+    # Into a log file (not a terminal) every redraw is kept, thousands per sweep: there, one every half minute.
+    terminal = sys.stderr.isatty()
+    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True,
+               mininterval=0.1 if terminal else 30, maxinterval=10 if terminal else 30)  # tqdm's monitor redraws past maxinterval
+    sweep = _Sweep(resources, Claims(store), _RowWriter(store, bar.write), _Metrics(cells[0].config.sweep), bar, planned_at)
+    for cell in longest_first(cells):
+        sweep.enqueue(cell, 1)
+    sweep.run(terminal)
+    sweep.outcome.wall_seconds = time.perf_counter() - started
+    return sweep.outcome
 
-    def enqueue(cell: PlannedCell, attempt: int) -> None:
-        shape = Shape(resources.cpus_per_cell, cell.gpus, resources.model_cache_bytes)
-        queues.setdefault(shape, {}).setdefault(cell.config.model.model_dump_json(), deque()).append((cell, attempt))
 
-    def claim(cell: PlannedCell) -> bool | None:
-        """`claims.acquire`, retried (`store_retries`); None where the store refused every try: then no new cell starts
-        (a retry, whose claim is held, still does) and the run stops once the cells running are stored
-        (`raise_unclaimed`). It raised out of the run, and the cells running were stopped and lost."""
-        nonlocal unclaimed
-        acquire = partial(claims.acquire, cell.cell_id, planned_at=planned_at)
-        claimed = store_retries(acquire, f"claim {cell.config.slug}", STORE_RETRY_SECONDS)
-        if not isinstance(claimed, OSError):
-            return claimed
-        left = 1
-        for by_model in queues.values():
-            for waiting_cells in by_model.values():
-                retries = [(c, attempt) for c, attempt in waiting_cells if attempt > 1]  # they hold their claims: they run
-                left += len(waiting_cells) - len(retries)
-                waiting_cells.clear()
-                waiting_cells.extend(retries)
-        unclaimed = (cell, claimed, left)
-        bar.total -= left
-        return None
+class _RowWriter:
+    """Writes finished cells' rows: again after a wait while the store refuses (an object store's hiccup passes), never
+    a failure over a stored ok row, and a row of other code under its own id; the rows the store refused for good are
+    kept in `unstored` (the run stops once the others it has are stored: `raise_unstored`)."""
 
-    def submit(worker: Worker, model: str) -> bool:
-        """Hand `worker` the next cell of `model` this driver can claim; False when none is left."""
-        queue = queues[worker.shape][model]
-        while queue:
-            cell, attempt = queue.popleft()
-            claimed = claim(cell) if attempt == 1 else True  # a retry keeps its claim
-            if claimed is None:
-                return False
-            if not claimed:
-                outcome.skipped_claimed += 1  # another driver runs it, or has stored it since we read the store
-                bar.total -= 1
-                continue
-            ref = worker.actor.run.options(name=cell.config.slug).remote(cell.config.model_dump_json(), attempt)  # the dashboard's task name
-            worker.running = model
-            in_flight[ref] = (worker, cell, attempt, datetime.now(timezone.utc))
-            if resources.cell_timeout_s is not None:
-                deadlines[ref] = time.monotonic() + resources.cell_timeout_s
-            return True
-        return False
+    def __init__(self, store: ResultsStore, say: Callable[[str], None]) -> None:
+        self.store, self.say = store, say
+        self.unstored: list[tuple[PlannedCell, OSError]] = []
 
-    def queued(shape: Shape) -> int:
-        return sum(map(len, queues.get(shape, {}).values()))
-
-    def waiting() -> set[Shape]:
-        """The shapes some cell waits for a worker of."""
-        return {shape for shape in queues if queued(shape)}
-
-    def started_any(shape: Shape) -> bool:
-        return any(w.started for w in POOL.workers if w.shape == shape)
-
-    def dispatch() -> None:
-        """Give every idle worker a cell, then ask for workers while more cells wait than workers are starting."""
-        for shape, by_model in queues.items():
-            for worker in POOL.idle(shape):
-                others = [w for w in POOL.workers if w is not worker]
-                while any(by_model.values()) and not submit(worker, next_model(worker, by_model, others)):
-                    pass  # every cell of that model was another driver's: try the next model
-            while queued(shape) > len(POOL.pending(shape)) and POOL.has_room(shape, resources.max_workers):
-                POOL.start(shape)
-        for shape in {worker.shape for worker in POOL.pending()}:
-            # workers waiting for a node beyond the cells left for them (theirs went to workers that
-            # started first): withdraw that demand; without max_workers nothing adds a node for them
-            POOL.drop_unplaceable(shape, keep=0 if resources.max_workers is None else queued(shape))
-        needed = waiting()
-        # cells the cluster had no room for; or whose workers were asked for but cannot be placed: the GPUs' free
-        # fractions, split by idle workers of other shapes, are each too small for one (0.6 + 0.6 on two GPUs, then 0.5)
-        now = time.monotonic()
-        short = {shape for shape in needed
-                 if queued(shape) > len(POOL.pending(shape)) or now - starved_since.get(shape, now) > MAKE_WAY_SECONDS}  # fmt: skip
-        spare = [w for w in POOL.idle() if w.shape not in needed]  # resources no waiting cell can use
-        if short and spare:
-            for worker in spare:
-                POOL.retire(worker)
-            dispatch()
-
-    start_failures: dict[Shape, int] = Counter()  # workers of a shape that died starting since one last started
-    given_up: list[tuple[str, int]] = []  # shapes none of whose workers would start: the last error, the cells not run
-    starved_since: dict[Shape, float] = {}  # shapes whose cells wait on workers asked for, none started
-    announced: set[Shape] = set()
-
-    def mark_started(worker: Worker, ref: ray.ObjectRef) -> None:
-        """A worker's start resolved: it takes cells from now on, or it died starting. Three of a
-        shape in a row, with no worker of that shape running, give that shape up (a broken environment)."""
-        if worker not in POOL.workers:  # retired while its start was in flight (`give_up`, earlier in this batch)
-            return
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayError as err:
-            POOL.retire(worker)
-            start_failures[worker.shape] += 1
-            if start_failures[worker.shape] >= START_FAILURES and not started_any(worker.shape):
-                give_up(worker.shape, str(err)[-2000:])
-        else:
-            worker.started = True
-            start_failures[worker.shape] = 0
-
-    def give_up(shape: Shape, error: str) -> None:
-        """No cell of `shape` waits for a worker any more; the run stops with `error` once the cells of other shapes
-        (those reserving another number of GPUs: another model's gpus_per_cell), running or queued, have run and been
-        stored. It stopped at once before, their cells cut off, hours of them perhaps."""
-        left = queued(shape)
-        for waiting_cells in queues.pop(shape, {}).values():
-            for cell, attempt in waiting_cells:
-                if attempt > 1:  # a retry holds its claim: another driver may run it now
-                    with contextlib.suppress(OSError):  # then release_all tries again, at the end
-                        claims.release(cell.cell_id)
-        for worker in POOL.pending(shape):
-            POOL.retire(worker)
-        bar.total -= left
-        given_up.append((error, left))
-        others = sum(queued(other) for other in queues) + len(in_flight)
-        if others:  # else the run stops now, with the error itself
-            bar.write(f"{START_FAILURES} workers with {shape.cpus:g} CPUs and {shape.gpus:g} GPUs in a row died while starting "
-                      f"({error.strip().splitlines()[-1] if error.strip() else 'no error text'}): {counted(left, 'cell')} of theirs not run; "
-                      f"the other {counted(others, 'cell')} ({len(in_flight)} running) go on, then the run stops with this error")  # fmt: skip
-
-    def raise_given_up() -> None:
-        if given_up:
-            raise WorkersNotStartingError(
-                f"{START_FAILURES} workers in a row died while starting; the last: {given_up[-1][0]}\n"
-                f"{counted(sum(left for _, left in given_up), 'cell')} not run; every finished row is stored — fix the cause and rerun "
-                "the same command to run the rest"
-            )
-
-    def write(row: dict) -> bool:
-        """Store `row` unless it is a failure over a stored ok row (`--force`, or another driver that finished the
-        cell first: reported, but a flaky node must not erase good data); whether that ok row was kept."""
-        kept = row["status"] != "ok" and store.holds_ok_row(row["cell_id"])
-        if not kept:
-            store.write(row)
-        return kept
-
-    def store_retries(attempt: Callable[[], T], what: str, waits: Sequence[float]) -> T | OSError:
-        """`attempt()`, again after each of `waits` while the store refuses it (an object store's hiccup passes); the
-        last refusal where it refused every try."""
+    def retried(self, attempt: Callable[[], T], what: str, waits: Sequence[float]) -> T | OSError:
+        """`attempt()`, again after each of `waits` while the store refuses it; the last refusal where it refused every try."""
         waits = list(waits)
         while True:
             try:
@@ -534,31 +407,42 @@ def run_cells(
                 if not waits:
                     return err
                 wait = waits.pop(0)
-                bar.write(f"warning: could not {what} ({err}); trying again in {wait:g} s")
+                self.say(f"warning: could not {what} ({err}); trying again in {wait:g} s")
                 time.sleep(wait)
 
-    def written(cell: PlannedCell, row: dict) -> bool | None:
-        """`write`, retried (`store_retries`); None where the store refused every try (the cell goes to `unstored`).
-        Once one row has been refused so, the others get one try each: a store that is gone must not hold the run
-        for seconds a row."""
-        kept = store_retries(lambda: write(row), f"store {row['slug']}", () if unstored else STORE_RETRY_SECONDS)
+    def _write(self, row: dict) -> bool:
+        """Store `row` unless it is a failure over a stored ok row (`--force`, or another driver that finished the
+        cell first: reported, but a flaky node must not erase good data); whether that ok row was kept."""
+        kept = row["status"] != "ok" and self.store.holds_ok_row(row["cell_id"])
+        if not kept:
+            self.store.write(row)
+        return kept
+
+    def _waits(self) -> Sequence[float]:
+        """Once one row has been refused for good, the others get one try each: a store that is gone must not hold the
+        run for seconds a row."""
+        return () if self.unstored else STORE_RETRY_SECONDS
+
+    def _written(self, cell: PlannedCell, row: dict) -> bool | None:
+        """`_write`, retried; None where the store refused every try (the cell goes to `unstored`)."""
+        kept = self.retried(lambda: self._write(row), f"store {row['slug']}", self._waits())
         if isinstance(kept, OSError):
-            unstored.append((cell, kept))
+            self.unstored.append((cell, kept))
             return None
         return kept
 
-    def other_code_row(cell: PlannedCell, other: dict) -> dict:
+    def _other_code_row(self, cell: PlannedCell, other: dict) -> dict:
         """The planned cell's failed row for `other`, a row its worker stored under another id (`OtherCodeError`);
-        `other` itself is stored as it is where it can be (by `write`: a failed one not over an ok row), so a run
+        `other` itself is stored as it is where it can be (by `_write`: a failed one not over an ok row), so a run
         planned with the worker's code finds its compute."""
 
         def keep() -> str:
-            if write(other):
+            if self._write(other):
                 return "a failed row, not stored over the ok row under its id"
             return "stored under its own id, which a run planned with that code finds done"
 
         try:  # a row of other code may not fit this driver's schema: that must not stop the run
-            kept = store_retries(keep, f"store {other.get('slug')}", () if unstored else STORE_RETRY_SECONDS) if other.get("cell_id") else "without an id"
+            kept = self.retried(keep, f"store {other.get('slug')}", self._waits()) if other.get("cell_id") else "without an id"
         except Exception as err:  # noqa: BLE001 - reported in the failed row
             kept = err
         said = f"not stored ({kept})" if isinstance(kept, Exception) else kept
@@ -569,40 +453,25 @@ def run_cells(
         row["cell_id"] = cell.cell_id  # the plan's, which this driver's code gives the cell
         return row
 
-    def store_row(cell: PlannedCell, row: dict) -> None:
-        """Store a finished cell's row and count it; one the store refuses goes to `unstored` (the run stops once the
-        other rows it has are stored: `raise_unstored`), one that does not fit the results schema becomes a failed row.
-        A row under another id than planned (`OtherCodeError`) is stored as it is, its compute kept for a rerun with
-        that code, and the planned cell gets a failed row that says so."""
+    def stored(self, cell: PlannedCell, row: dict) -> tuple[dict, bool] | None:
+        """Store a finished cell's row: the row stored and whether a stored ok row was kept over it; None where the store
+        refused it (`unstored`). One that does not fit the results schema becomes a failed row; one under another id
+        than planned (`OtherCodeError`) is stored as it is, its compute kept for a rerun with that code, and the
+        planned cell gets a failed row that says so."""
         if row.get("cell_id") != cell.cell_id:
-            row = other_code_row(cell, row)
+            row = self._other_code_row(cell, row)
         try:
-            kept = written(cell, row)
+            kept = self._written(cell, row)
         except Exception as err:  # noqa: BLE001 - not the store's refusal: the row itself (a worker's bug); the sweep goes on
             started_at = row.get("started_at") or datetime.now(timezone.utc)
             row = crashed_row(cell.config, err, row.get("attempt") or 1, started_at)
             row.update(cell_id=cell.cell_id, error=f"the cell's row could not be stored: {row['error']}")  # the plan's id
-            kept = written(cell, row)
-        if kept is None:
-            return
-        try:
-            claims.release(cell.cell_id)
-        except OSError as err:  # the row is stored: a claim left behind goes stale, and its cell is not run again
-            bar.write(f"warning: could not release the claim of {row['slug']} ({err})")
-        dashboard_metrics.record(row)
-        outcome.cell_seconds += (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
-        if row["status"] == "ok":
-            outcome.ok += 1
-        else:
-            outcome.failed += 1
-            outcome.kept_ok += kept
-            bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}" + (" (its stored ok row is kept)" if kept else ""))
-        show_counts(refresh=False)  # the bar's count and its ok/failed move together
-        bar.update()
+            kept = self._written(cell, row)
+        return None if kept is None else (row, kept)
 
-    def raise_unstored() -> None:
-        if unstored:
-            (cell, err), more = unstored[0], len(unstored) - 1
+    def raise_unstored(self) -> None:
+        if self.unstored:
+            (cell, err), more = self.unstored[0], len(self.unstored) - 1
             others = f" (and {more} other rows)" if more else ""
             raise StoreWriteError(
                 f"could not store the row of {cell.config.slug}{others} after {len(STORE_RETRY_SECONDS) + 1} tries: {err}; "
@@ -610,156 +479,324 @@ def run_cells(
                 f"{'them' if more else 'it'} again"
             )
 
-    def raise_unclaimed() -> None:
-        if unclaimed is not None:
-            cell, err, left = unclaimed
-            raise StoreWriteError(
-                f"could not claim {cell.config.slug} after {len(STORE_RETRY_SECONDS) + 1} tries: {err}; "
-                f"{counted(left, 'cell')} not started; every finished row is stored — rerun the same command "
-                "once the store takes writes to run the rest"
-            )
 
-    def show_counts(refresh: bool = True) -> None:
-        bar.set_postfix(ok=outcome.ok, failed=outcome.failed, running=POOL.busy(), starting=len(POOL.pending()), refresh=refresh)
+class _Sweep:
+    """One `run_cells` call: the cells waiting for a worker, those in flight, and what became of them."""
 
-    def stop_overdue() -> None:
-        """Store the cells past resources.cell_timeout_s as failed, stopping their workers. One that finished since the
-        loop's wait (while the batch's rows were stored) is collected instead: its row is there, not a timeout."""
+    def __init__(self, resources: Resources, claims: Claims, rows: _RowWriter, dashboard_metrics: _Metrics, bar: tqdm,
+                 planned_at: float) -> None:  # fmt: skip
+        self.resources, self.claims, self.rows, self.dashboard_metrics, self.bar = resources, claims, rows, dashboard_metrics, bar
+        self.planned_at = planned_at
+        self.outcome = SweepOutcome()
+        # cells waiting for a worker, by the worker shape they need, then by model: a worker takes its own model's next
+        self.queues: dict[Shape, dict[str, deque[tuple[PlannedCell, int]]]] = {}
+        # each cell in flight: its worker, the cell, its attempt, and when it went to the worker (a crashed row's start)
+        self.in_flight: dict[ray.ObjectRef, tuple[Worker, PlannedCell, int, datetime]] = {}
+        self.deadlines: dict[ray.ObjectRef, float] = {}  # with resources.cell_timeout_s: when each cell in flight is stopped
+        self.unclaimed: tuple[PlannedCell, OSError, int] | None = None  # a cell whose claim the store refused, and the cells left then
+        self.start_failures: Counter[Shape] = Counter()  # workers of a shape that died starting since one last started
+        self.given_up: list[tuple[str, int]] = []  # shapes none of whose workers would start: the last error, the cells not run
+        self.starved_since: dict[Shape, float] = {}  # shapes whose cells wait on workers asked for, none started
+        self.announced: set[Shape] = set()
+        self.last_heartbeat = time.monotonic()
+
+    # -- the loop
+
+    def run(self, terminal: bool) -> None:
+        """Hand cells to workers and store their rows as they finish, until none is left; on the way out (done, stopped
+        or interrupted) stop what still runs and release this run's claims."""
+        try:
+            self.dispatch()
+            while self.in_flight or (POOL.pending() and self.waiting()):  # workers still importing stay for the next call
+                starting = {worker.ready_ref: worker for worker in POOL.pending()}
+                refs = [*self.in_flight, *starting]
+                timeout = START_POLL_SECONDS if starting else HEARTBEAT_SECONDS
+                if self.deadlines:
+                    timeout = max(0.0, min(timeout, min(self.deadlines.values()) - time.monotonic()))
+                done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+                if done:  # drain everything else already finished, so the loop costs one turn per batch, not per cell
+                    first = set(done)
+                    rest = [ref for ref in refs if ref not in first]
+                    done += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
+                with _held_until_stored(self.bar.write):  # Ctrl-C from here waits for the batch's rows to be stored
+                    self.refresh_claims()
+                    self.collect([ref for ref in done if ref not in starting])  # rows first: a start failure stops the run
+                    self.stop_overdue()
+                    self.rows.raise_unstored()  # after every row of the batch: one the store refuses must not lose the others
+                for ref in [ref for ref in done if ref in starting]:
+                    self.mark_started(starting[ref], ref)
+                self.check_waits()
+                self.dispatch()
+                self.show_counts(refresh=terminal)  # in a log, with the next update instead
+            unplaced = sum(len(q) for by_model in self.queues.values() for q in by_model.values())
+            if unplaced:  # check_fits passed, so the cluster shrank (a node or the local raylet died); never return as if they had run
+                raise ClusterShrankError(
+                    f"{unplaced} cells found no worker: the cluster has no room for their resources any more "
+                    "(did a Ray node die?); every finished row is stored — rerun the same command to run the rest"
+                )
+            self.raise_given_up()
+            self.raise_unclaimed()
+        except BaseException:
+            for worker in POOL.pending():  # the run stopped: nothing will give them cells
+                POOL.retire(worker)
+            raise
+        finally:
+            self.bar.close()
+            for worker, *_ in self.in_flight.values():  # interrupted: stop what still runs, it is no longer claimed
+                POOL.retire(worker)
+            for shape in {worker.shape for worker in POOL.pending()}:  # no cell waits for a node any more
+                POOL.drop_unplaceable(shape)
+            try:
+                self.claims.release_all()  # cells still running or waiting when we were interrupted go back to the pool
+            except OSError as err:  # a store that refuses writes refuses this too: the error that stopped the run is the one to see
+                print(f"warning: could not release this run's claims ({err}); a later run takes them over (at once on this "
+                      f"host, after {self.claims.ttl_seconds / 60:g} minutes elsewhere)", file=sys.stderr)  # fmt: skip
+
+    # -- cells waiting, and handing them out
+
+    def enqueue(self, cell: PlannedCell, attempt: int) -> None:
+        shape = Shape(self.resources.cpus_per_cell, cell.gpus, self.resources.model_cache_bytes)
+        self.queues.setdefault(shape, {}).setdefault(cell.config.model.model_dump_json(), deque()).append((cell, attempt))
+
+    def queued(self, shape: Shape) -> int:
+        return sum(map(len, self.queues.get(shape, {}).values()))
+
+    def waiting(self) -> set[Shape]:
+        """The shapes some cell waits for a worker of."""
+        return {shape for shape in self.queues if self.queued(shape)}
+
+    def claim(self, cell: PlannedCell) -> bool | None:
+        """`claims.acquire`, retried (`_RowWriter.retried`); None where the store refused every try: then no new cell
+        starts (a retry, whose claim is held, still does) and the run stops once the cells running are stored
+        (`raise_unclaimed`). It raised out of the run, and the cells running were stopped and lost."""
+        acquire = partial(self.claims.acquire, cell.cell_id, planned_at=self.planned_at)
+        claimed = self.rows.retried(acquire, f"claim {cell.config.slug}", STORE_RETRY_SECONDS)
+        if not isinstance(claimed, OSError):
+            return claimed
+        left = 1
+        for by_model in self.queues.values():
+            for waiting_cells in by_model.values():
+                retries = [(c, attempt) for c, attempt in waiting_cells if attempt > 1]  # they hold their claims: they run
+                left += len(waiting_cells) - len(retries)
+                waiting_cells.clear()
+                waiting_cells.extend(retries)
+        self.unclaimed = (cell, claimed, left)
+        self.bar.total -= left
+        return None
+
+    def submit(self, worker: Worker, model: str) -> bool:
+        """Hand `worker` the next cell of `model` this driver can claim; False when none is left."""
+        queue = self.queues[worker.shape][model]
+        while queue:
+            cell, attempt = queue.popleft()
+            claimed = self.claim(cell) if attempt == 1 else True  # a retry keeps its claim
+            if claimed is None:
+                return False
+            if not claimed:
+                self.outcome.skipped_claimed += 1  # another driver runs it, or has stored it since we read the store
+                self.bar.total -= 1
+                continue
+            ref = worker.actor.run.options(name=cell.config.slug).remote(cell.config.model_dump_json(), attempt)  # the dashboard's task name
+            worker.running = model
+            self.in_flight[ref] = (worker, cell, attempt, datetime.now(timezone.utc))
+            if self.resources.cell_timeout_s is not None:
+                self.deadlines[ref] = time.monotonic() + self.resources.cell_timeout_s
+            return True
+        return False
+
+    def dispatch(self) -> None:
+        """Give every idle worker a cell, then ask for workers while more cells wait than workers are starting."""
+        for shape, by_model in self.queues.items():
+            for worker in POOL.idle(shape):
+                others = [w for w in POOL.workers if w is not worker]
+                while any(by_model.values()) and not self.submit(worker, next_model(worker, by_model, others)):
+                    pass  # every cell of that model was another driver's: try the next model
+            while self.queued(shape) > len(POOL.pending(shape)) and POOL.has_room(shape, self.resources.max_workers):
+                POOL.start(shape)
+        for shape in {worker.shape for worker in POOL.pending()}:
+            # workers waiting for a node beyond the cells left for them (theirs went to workers that
+            # started first): withdraw that demand; without max_workers nothing adds a node for them
+            POOL.drop_unplaceable(shape, keep=0 if self.resources.max_workers is None else self.queued(shape))
+        needed = self.waiting()
+        # cells the cluster had no room for; or whose workers were asked for but cannot be placed: the GPUs' free
+        # fractions, split by idle workers of other shapes, are each too small for one (0.6 + 0.6 on two GPUs, then 0.5)
         now = time.monotonic()
-        overdue = [ref for ref, due in deadlines.items() if due <= now]
-        if overdue:
-            collect(ray.wait(overdue, num_returns=len(overdue), timeout=0)[0])
-        for ref in [ref for ref in overdue if ref in deadlines]:
-            worker, cell, attempt, since = in_flight.pop(ref)
-            del deadlines[ref]
-            POOL.retire(worker)
-            outcome.workers_lost += 1
-            error = TimeoutError(f"the cell ran past resources.cell_timeout_s ({resources.cell_timeout_s:g} s); its worker was stopped")
-            store_row(cell, crashed_row(cell.config, error, attempt, since))
+        short = {shape for shape in needed
+                 if self.queued(shape) > len(POOL.pending(shape)) or now - self.starved_since.get(shape, now) > MAKE_WAY_SECONDS}  # fmt: skip
+        spare = [w for w in POOL.idle() if w.shape not in needed]  # resources no waiting cell can use
+        if short and spare:
+            for worker in spare:
+                POOL.retire(worker)
+            self.dispatch()
 
-    def collect(finished: list[ray.ObjectRef]) -> None:
+    # -- workers starting
+
+    def started_any(self, shape: Shape) -> bool:
+        return any(w.started for w in POOL.workers if w.shape == shape)
+
+    def mark_started(self, worker: Worker, ref: ray.ObjectRef) -> None:
+        """A worker's start resolved: it takes cells from now on, or it died starting. Three of a
+        shape in a row, with no worker of that shape running, give that shape up (a broken environment)."""
+        if worker not in POOL.workers:  # retired while its start was in flight (`give_up`, earlier in this batch)
+            return
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as err:
+            POOL.retire(worker)
+            self.start_failures[worker.shape] += 1
+            if self.start_failures[worker.shape] >= START_FAILURES and not self.started_any(worker.shape):
+                self.give_up(worker.shape, str(err)[-2000:])
+        else:
+            worker.started = True
+            self.start_failures[worker.shape] = 0
+
+    def give_up(self, shape: Shape, error: str) -> None:
+        """No cell of `shape` waits for a worker any more; the run stops with `error` once the cells of other shapes
+        (those reserving another number of GPUs: another model's gpus_per_cell), running or queued, have run and been
+        stored. It stopped at once before, their cells cut off, hours of them perhaps."""
+        left = self.queued(shape)
+        for waiting_cells in self.queues.pop(shape, {}).values():
+            for cell, attempt in waiting_cells:
+                if attempt > 1:  # a retry holds its claim: another driver may run it now
+                    with contextlib.suppress(OSError):  # then release_all tries again, at the end
+                        self.claims.release(cell.cell_id)
+        for worker in POOL.pending(shape):
+            POOL.retire(worker)
+        self.bar.total -= left
+        self.given_up.append((error, left))
+        others = sum(self.queued(other) for other in self.queues) + len(self.in_flight)
+        if others:  # else the run stops now, with the error itself
+            self.bar.write(f"{START_FAILURES} workers with {shape.cpus:g} CPUs and {shape.gpus:g} GPUs in a row died while starting "
+                           f"({error.strip().splitlines()[-1] if error.strip() else 'no error text'}): {counted(left, 'cell')} of theirs not run; "
+                           f"the other {counted(others, 'cell')} ({len(self.in_flight)} running) go on, then the run stops with this error")  # fmt: skip
+
+    def check_waits(self) -> None:
+        """Time each shape whose cells wait on workers asked for, none of which has started: say so
+        once after a minute, stop past `start_timeout_s`."""
+        now = time.monotonic()
+        running = {worker.shape for worker in POOL.workers if worker.running is not None}
+        timeout = self.resources.start_timeout_s
+        for shape in list(self.queues):
+            if not starved(shape, self.queued(shape), len(POOL.pending(shape)), self.started_any(shape), running):
+                self.starved_since.pop(shape, None)
+                continue
+            waited = now - self.starved_since.setdefault(shape, now)
+            what = f"{shape.cpus:g} CPUs and {shape.gpus:g} GPUs"
+            if waited > timeout:
+                raise WorkersNotStartingError(
+                    f"no worker with {what} started within resources.start_timeout_s ({timeout:g} s): "
+                    "no node could take one (other jobs holding the cluster, an autoscaler without such a node type, or at its "
+                    f"maximum?); {POOL.usage()}; every finished row is stored — rerun the same command when the cluster has room"
+                )
+            if waited > ANNOUNCE_WAIT_SECONDS and shape not in self.announced:
+                self.announced.add(shape)
+                self.bar.write(f"waiting for workers with {what} to start: no live node has room yet (other jobs hold it, or an "
+                               "autoscaler adds a node), or they are still being set up (a runtime env's pip install, first imports); "
+                               f"{POOL.usage()}; resources.start_timeout_s {timeout:g} s")  # fmt: skip
+
+    # -- cells finishing
+
+    def collect(self, finished: list[ray.ObjectRef]) -> None:
         """Store the rows of the cells in `finished`; a cell whose worker died runs again while it has retries left."""
         for ref in finished:
-            worker, cell, attempt, since = in_flight.pop(ref)
-            deadlines.pop(ref, None)
+            worker, cell, attempt, since = self.in_flight.pop(ref)
+            self.deadlines.pop(ref, None)
             worker.running = None
             try:
                 result: CellResult = ray.get(ref)
             except ray.exceptions.RayError as err:  # the worker died (killed, OOM-killed, node lost), not the cell's code
                 POOL.retire(worker)
-                outcome.workers_lost += 1
+                self.outcome.workers_lost += 1
                 POOL.forget_dead()  # idle workers on the same lost node
-                if attempt <= resources.max_retries:
-                    enqueue(cell, attempt + 1)
+                if attempt <= self.resources.max_retries:
+                    self.enqueue(cell, attempt + 1)
                     continue
                 row = crashed_row(cell.config, err, attempt, since)
             else:
                 row, worker.held = result.row, list(result.held)
-                outcome.model_loads[result.worker] = outcome.model_loads.get(result.worker, 0) + result.loaded
-                outcome.loads[(result.worker, cell.config.model.id)] += result.loaded
+                self.outcome.model_loads[result.worker] = self.outcome.model_loads.get(result.worker, 0) + result.loaded
+                self.outcome.loads[(result.worker, cell.config.model.id)] += result.loaded
                 if result.broken:
-                    bar.write(f"{result.worker}: CUDA unusable after {cell.config.slug} "
-                              f"({str(row['error']).splitlines()[0]}); the worker is replaced")  # fmt: skip
+                    self.bar.write(f"{result.worker}: CUDA unusable after {cell.config.slug} "
+                                   f"({str(row['error']).splitlines()[0]}); the worker is replaced")  # fmt: skip
                     POOL.retire(worker)
-                    if attempt <= resources.max_retries:
-                        enqueue(cell, attempt + 1)
+                    if attempt <= self.resources.max_retries:
+                        self.enqueue(cell, attempt + 1)
                         continue
-            store_row(cell, row)
+            self.store_row(cell, row)
 
-    def refresh_claims() -> None:
+    def stop_overdue(self) -> None:
+        """Store the cells past resources.cell_timeout_s as failed, stopping their workers. One that finished since the
+        loop's wait (while the batch's rows were stored) is collected instead: its row is there, not a timeout."""
+        now = time.monotonic()
+        overdue = [ref for ref, due in self.deadlines.items() if due <= now]
+        if overdue:
+            self.collect(ray.wait(overdue, num_returns=len(overdue), timeout=0)[0])
+        for ref in [ref for ref in overdue if ref in self.deadlines]:
+            worker, cell, attempt, since = self.in_flight.pop(ref)
+            del self.deadlines[ref]
+            POOL.retire(worker)
+            self.outcome.workers_lost += 1
+            error = TimeoutError(f"the cell ran past resources.cell_timeout_s ({self.resources.cell_timeout_s:g} s); its worker was stopped")
+            self.store_row(cell, crashed_row(cell.config, error, attempt, since))
+
+    def store_row(self, cell: PlannedCell, row: dict) -> None:
+        """Store a finished cell's row (`_RowWriter.stored`), release its claim and count it."""
+        stored = self.rows.stored(cell, row)
+        if stored is None:
+            return
+        row, kept = stored
+        try:
+            self.claims.release(cell.cell_id)
+        except OSError as err:  # the row is stored: a claim left behind goes stale, and its cell is not run again
+            self.bar.write(f"warning: could not release the claim of {row['slug']} ({err})")
+        self.dashboard_metrics.record(row)
+        self.outcome.cell_seconds += (row.get("train_seconds") or 0) + (row.get("eval_seconds") or 0)
+        if row["status"] == "ok":
+            self.outcome.ok += 1
+        else:
+            self.outcome.failed += 1
+            self.outcome.kept_ok += kept
+            self.bar.write(f"failed: {row['slug']}: {str(row['error']).splitlines()[0]}" + (" (its stored ok row is kept)" if kept else ""))
+        self.show_counts(refresh=False)  # the bar's count and its ok/failed move together
+        self.bar.update()
+
+    def refresh_claims(self) -> None:
         """Refresh this run's claims every HEARTBEAT_SECONDS / 2, so no other driver takes them over."""
-        nonlocal last_heartbeat
-        if time.monotonic() - last_heartbeat <= HEARTBEAT_SECONDS / 2:
+        if time.monotonic() - self.last_heartbeat <= HEARTBEAT_SECONDS / 2:
             return
         try:
-            lost = claims.heartbeat()
+            lost = self.claims.heartbeat()
             if lost:
-                bar.write(f"warning: another driver took over {len(lost)} of this run's claims, judging this one gone "
-                          f"(none refreshed for {claims.ttl_seconds / 60:g} minutes: a paused machine?), so both run "
-                          "those cells; the later ok row of each is kept")  # fmt: skip
+                self.bar.write(f"warning: another driver took over {len(lost)} of this run's claims, judging this one gone "
+                               f"(none refreshed for {self.claims.ttl_seconds / 60:g} minutes: a paused machine?), so both run "
+                               "those cells; the later ok row of each is kept")  # fmt: skip
         except OSError as err:  # a store hiccup: the next one, in HEARTBEAT_SECONDS / 2, tries again
-            bar.write(f"warning: could not refresh the claims ({err}); another driver takes a claim over only "
-                      f"after {claims.ttl_seconds / 60:g} minutes without one")  # fmt: skip
-        last_heartbeat = time.monotonic()
+            self.bar.write(f"warning: could not refresh the claims ({err}); another driver takes a claim over only "
+                           f"after {self.claims.ttl_seconds / 60:g} minutes without one")  # fmt: skip
+        self.last_heartbeat = time.monotonic()
 
-    def check_waits() -> None:
-        """Time each shape whose cells wait on workers asked for, none of which has started: say so
-        once after a minute, stop past `start_timeout_s`."""
-        now = time.monotonic()
-        running = {worker.shape for worker in POOL.workers if worker.running is not None}
-        for shape in list(queues):
-            if not starved(shape, queued(shape), len(POOL.pending(shape)), started_any(shape), running):
-                starved_since.pop(shape, None)
-                continue
-            waited = now - starved_since.setdefault(shape, now)
-            what = f"{shape.cpus:g} CPUs and {shape.gpus:g} GPUs"
-            if waited > resources.start_timeout_s:
-                raise WorkersNotStartingError(
-                    f"no worker with {what} started within resources.start_timeout_s ({resources.start_timeout_s:g} s): "
-                    "no node could take one (other jobs holding the cluster, an autoscaler without such a node type, or at its "
-                    f"maximum?); {POOL.usage()}; every finished row is stored — rerun the same command when the cluster has room"
-                )
-            if waited > ANNOUNCE_WAIT_SECONDS and shape not in announced:
-                announced.add(shape)
-                bar.write(f"waiting for workers with {what} to start: no live node has room yet (other jobs hold it, or an "
-                          "autoscaler adds a node), or they are still being set up (a runtime env's pip install, first imports); "
-                          f"{POOL.usage()}; resources.start_timeout_s {resources.start_timeout_s:g} s")  # fmt: skip
+    # -- how the run ends
 
-    for cell in longest_first(cells):
-        enqueue(cell, 1)
-    # Into a log file (not a terminal) every redraw is kept, thousands per sweep: there, one every half minute.
-    terminal = sys.stderr.isatty()
-    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True,
-               mininterval=0.1 if terminal else 30, maxinterval=10 if terminal else 30)  # tqdm's monitor redraws past maxinterval
-    last_heartbeat = time.monotonic()
-    try:
-        dispatch()
-        while in_flight or (POOL.pending() and waiting()):  # workers still importing stay for the next call
-            starting = {worker.ready_ref: worker for worker in POOL.pending()}
-            refs = [*in_flight, *starting]
-            timeout = START_POLL_SECONDS if starting else HEARTBEAT_SECONDS
-            if deadlines:
-                timeout = max(0.0, min(timeout, min(deadlines.values()) - time.monotonic()))
-            done, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-            if done:  # drain everything else already finished, so the loop costs one turn per batch, not per cell
-                first = set(done)
-                rest = [ref for ref in refs if ref not in first]
-                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
-            with _held_until_stored(bar.write):  # Ctrl-C from here waits for the batch's rows to be stored
-                refresh_claims()
-                collect([ref for ref in done if ref not in starting])  # rows first: a start failure stops the run
-                stop_overdue()
-                raise_unstored()  # after every row of the batch: one the store refuses must not lose the others
-            for ref in [ref for ref in done if ref in starting]:
-                mark_started(starting[ref], ref)
-            check_waits()
-            dispatch()
-            show_counts(refresh=terminal)  # in a log, with the next update instead
-        unplaced = sum(len(q) for by_model in queues.values() for q in by_model.values())
-        if unplaced:  # check_fits passed, so the cluster shrank (a node or the local raylet died); never return as if they had run
-            raise ClusterShrankError(
-                f"{unplaced} cells found no worker: the cluster has no room for their resources any more "
-                "(did a Ray node die?); every finished row is stored — rerun the same command to run the rest"
+    def show_counts(self, refresh: bool = True) -> None:
+        self.bar.set_postfix(ok=self.outcome.ok, failed=self.outcome.failed, running=POOL.busy(), starting=len(POOL.pending()), refresh=refresh)
+
+    def raise_given_up(self) -> None:
+        if self.given_up:
+            raise WorkersNotStartingError(
+                f"{START_FAILURES} workers in a row died while starting; the last: {self.given_up[-1][0]}\n"
+                f"{counted(sum(left for _, left in self.given_up), 'cell')} not run; every finished row is stored — fix the cause and rerun "
+                "the same command to run the rest"
             )
-        raise_given_up()
-        raise_unclaimed()
-    except BaseException:
-        for worker in POOL.pending():  # the run stopped: nothing will give them cells
-            POOL.retire(worker)
-        raise
-    finally:
-        bar.close()
-        for worker, *_ in in_flight.values():  # interrupted: stop what still runs, it is no longer claimed
-            POOL.retire(worker)
-        for shape in {worker.shape for worker in POOL.pending()}:  # no cell waits for a node any more
-            POOL.drop_unplaceable(shape)
-        try:
-            claims.release_all()  # cells still running or waiting when we were interrupted go back to the pool
-        except OSError as err:  # a store that refuses writes refuses this too: the error that stopped the run is the one to see
-            print(f"warning: could not release this run's claims ({err}); a later run takes them over (at once on this "
-                  f"host, after {claims.ttl_seconds / 60:g} minutes elsewhere)", file=sys.stderr)  # fmt: skip
-    outcome.wall_seconds = time.perf_counter() - started
-    return outcome
+
+    def raise_unclaimed(self) -> None:
+        if self.unclaimed is not None:
+            cell, err, left = self.unclaimed
+            raise StoreWriteError(
+                f"could not claim {cell.config.slug} after {len(STORE_RETRY_SECONDS) + 1} tries: {err}; "
+                f"{counted(left, 'cell')} not started; every finished row is stored — rerun the same command "
+                "once the store takes writes to run the rest"
+            )
 
 
 def shutdown_workers() -> None:
