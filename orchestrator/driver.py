@@ -302,10 +302,10 @@ def check_fits(cells: list[PlannedCell], resources: Resources) -> None:
     if resources.cpus_per_cell > cpus:
         raise ConfigError(f"resources.cpus_per_cell is {resources.cpus_per_cell:g} but the cluster has {cpus:g} CPUs")
     nodes = live_nodes()
-    for gpus in sorted({cell.gpus for cell in cells}):
-        if node_capacity(Shape(resources.cpus_per_cell, gpus, resources.model_cache_bytes), nodes) == 0:
+    for per_cell in sorted({cell.gpus for cell in cells}):
+        if node_capacity(Shape(resources.cpus_per_cell, per_cell, resources.model_cache_bytes), nodes) == 0:
             raise ConfigError(
-                f"no node of the cluster has room for one cell: {resources.cpus_per_cell:g} CPUs and {gpus:g} GPUs "
+                f"no node of the cluster has room for one cell: {resources.cpus_per_cell:g} CPUs and {per_cell:g} GPUs "
                 "(resources.cpus_per_cell, models.*.gpus_per_cell) must fit on a single node"
             )
 
@@ -317,8 +317,9 @@ class OtherCodeError(RuntimeError):
 
 
 def crashed_row(cell: CellConfig, error: BaseException, attempt: int, handed_out: datetime) -> dict:
-    """The row for a cell whose worker died on its last attempt (or was stopped past its timeout): identity,
-    `failed`, and Ray's reason; it ran from when it was handed to the worker (`handed_out`) until now."""
+    """The failed row the driver writes for a cell: its worker died on its last attempt or was stopped past its timeout
+    (Ray's reason), it ran other code (`OtherCodeError`), or its row could not be stored as it was; identity, `failed`
+    and the error; it ran from when it was handed to the worker (`handed_out`) until now."""
     row = identity_columns(cell, attempt)
     # built on the driver: its device (a CPU head node's "cpu" for a GPU cell) says nothing of the worker's
     row.update(status="failed", error=f"{type(error).__name__}: {error}"[-4000:], started_at=handed_out,

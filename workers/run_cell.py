@@ -45,7 +45,6 @@ from workers.tasks import data_version, get_task, hub_data_digest, neutral_text_
 from workers.tasks.base import Example, Split, Task
 
 
-
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
