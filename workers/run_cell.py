@@ -250,7 +250,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     # as many of each off-task task's training questions: what a method that takes context sizes its room by
     # (the test questions' own lengths stay out of every choice the method makes)
     offtask_like = [example for name in cell.offtask for example in get_task(name).examples("train", cell.eval.offtask_size, 0)]
-    neutral = neutral_texts(cell.eval.neutral_size, cell.eval.neutral_min_words, cell.eval.neutral_source)
+    neutral_cuts = neutral_texts(cell.eval.neutral_size, cell.eval.neutral_min_words, cell.eval.neutral_source)
 
     lm = run.cache.model(cell.model, cell.eval.batch_size, shard=run.shard)
     device = str(lm.device)
@@ -258,7 +258,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
 
     started = time.perf_counter()
     context = json.dumps([cell.task, cell.offtask, cell.eval.model_dump(mode="json")])
-    base = run.cache.baseline(cell.model, context, lambda: baseline(lm, task, test, offtask, cached_neutral(cell, run, lm, neutral)))
+    base = run.cache.baseline(cell.model, context, lambda: baseline(lm, task, test, offtask, cached_neutral(cell, run, lm, neutral_cuts)))
     base_seconds = time.perf_counter() - started
     # the peak from here: the base model's passes run in the first cell of a worker only, and a cell's figure
     # must not depend on which cell ran first; nor a halving those passes met (`LanguageModel.in_batches`)
@@ -333,12 +333,12 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
         "selection": report.selection,
         "val_labels": report.val_labels,
         "hparams": json.dumps(report.hparams, sort_keys=True, default=str),
-        "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(list(base.neutral.texts)) if cell.eval.neutral_source and neutral else None),
+        "versions": versions_json(cell, lm.provenance, task_rows(cell), neutral_text_digest(list(base.neutral.texts)) if cell.eval.neutral_source and neutral_cuts else None),
         "error": out_of_memory_note(cell, lm),
     }
     # not the perplexity ratio: past a rise of 709 nats a token it is +inf by design (metrics.neutral_shift), a
     # measured collapse; a NaN there comes with a NaN KL, which is checked
-    neutral = ("base_neutral_nll", "neutral_kl") if cell.eval.neutral_size else ()
+    neutral_columns = ("base_neutral_nll", "neutral_kl") if cell.eval.neutral_size else ()
     # the off-task NLLs too, though no column keeps them: NaN log-probs score every question as its first choice, so a
     # NaN off-task pass gave a finite offtask_score_delta and an ok row
     unstored_nll = {f"{name} off-task nll{side}": result.nll for name in offtask
@@ -346,7 +346,7 @@ def evaluate_cell(cell: CellConfig, run: CellRun) -> dict[str, Any]:
     # and the elicited prompts' (an instruction or header in front: longer, so first to overflow in fp16), or
     # score_elicited is a first-choice score stored as the base model's latent ability
     unstored_nll |= {"elicited nll (base model)": base.elicited.nll} if base.elicited else {}
-    check_finite({**measured, **unstored_nll}, ("score", "nll", "score_base", "nll_base", *neutral, *unstored_nll))
+    check_finite({**measured, **unstored_nll}, ("score", "nll", "score_base", "nll_base", *neutral_columns, *unstored_nll))
     return measured
 
 
