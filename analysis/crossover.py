@@ -47,7 +47,7 @@ class Crossover:
     verdict: str
     d_star_2: float = np.nan  # "crosses_twice": where they swap back (d_star is the first crossing)
     tolerance: float = np.nan  # differences up to this (metric units) are within the cells' resolution (`tolerance`)
-    disputed: str = ""  # where the measured means either side of D* do not show the swap (`measured_check`): not a finding
+    disputed: str = ""  # why the outcome is not a finding: the measured means do not show it (`measured_check`), or a curve's law cannot follow its cells
     idle: bool = False  # both methods left the model as it was in most cells both measured (`unchanged.idle_pairs`)
     # the outcome more than half the resamples give, and their share, where it is not `outcome` ("tied (6 %)" alone hid
     # that 80 % of resamples put fine-tuning ahead); "" where no other outcome has a majority (or none were drawn)
@@ -73,9 +73,9 @@ class Crossover:
         return f"[{lo}]" if lo == hi and not np.isfinite(self.d_star_lo) else f"[{lo}, {hi}]"
 
     def claim(self) -> str:
-        """The verdict less its dispute (`DISPUTE` and what follows), which a line prints after D*'s interval: the
+        """The verdict less its dispute (its last clause, `disputed`), which a line prints after D*'s interval: the
         interval after it read as the Welch interval's."""
-        return self.verdict.removesuffix(f"{DISPUTE}{self.disputed}") if self.disputed else self.verdict
+        return self.verdict.removesuffix(f"; {self.disputed}") if self.disputed else self.verdict
 
     def resampled_note(self) -> str:
         """'; most resamples (80%): lora ahead throughout' where the resamples' commonest outcome is not the fit's, else ''."""
@@ -98,7 +98,7 @@ def budget_curves(params: dict[str, np.ndarray], d: np.ndarray, metric: str) -> 
     return from_loss(e + b * d[None, :] ** -beta, metric)
 
 
-DISPUTE = "; the measured means do not show it: "  # a verdict's last clause where they do not (`Crossover.disputed`)
+MEANS_DISPUTE = "the measured means do not show it: "  # how `Crossover.disputed` begins where they do not
 OUTCOMES = ("crosses", "steering_overtakes", "finetuning_ahead", "steering_ahead", "tied", "crosses_twice")  # codes 0..5 of `outcomes` (-1: not finite)
 TIE = 1e-6  # in metric units: the least difference that counts where the metric has no step (an NLL, say)
 
@@ -329,9 +329,9 @@ def crossover(steer: LawFit, tune: LawFit) -> Crossover:
     # a curve whose cells worsen with the budget past noise is one its law cannot follow (`LawFit.worsening`): the fit
     # says so, and an outcome drawn from it, however many resamples agree, is no finding (helper-176: gridworld's xl
     # steer_mean, 0.65 at D=4 on both seeds, fitted flat at 0.56, "tied" with full_ft, which scored 0.56 there)
-    unfollowed = [f"{f.method}'s cells worsen as the budget grows past noise, which its law cannot follow" for f in (steer, tune) if f.worsening]
-    disputed = "; ".join(filter(None, [disputed, *unfollowed]))
-    verdict += f"{DISPUTE}{disputed}" if disputed else ""
+    unfollowed = [f"the law does not describe {f.method}'s cells: they worsen as the budget grows past noise" for f in (steer, tune) if f.worsening]
+    disputed = "; ".join([*([MEANS_DISPUTE + disputed] if disputed else []), *unfollowed])
+    verdict += f"; {disputed}" if disputed else ""
     d_star = first if code == 5 else d_star
     return Crossover(*identity, float(d_star), lo, hi, share, outcome, verdict, d_star_2=second, tolerance=tol, disputed=disputed,
                      resampled_outcome=mode, resampled_share=mode_share, overtakes=overtakes)  # fmt: skip

@@ -194,8 +194,8 @@ def _findings(a: Analysis) -> list[Block]:
         repeated = len(firm) - distinct
         repeats = (f"; {repeated} of them {'repeats' if repeated == 1 else 'repeat'} another through a method that scored alike to the "
                    "bit (below)") if repeated else ""  # fmt: skip
-        lines.append(f"{len(firm)} of the {len(shared)} crossover outcomes are firm ({CI_LEVEL:.0%} of the resamples agreeing, the measured "
-                     f"means not disputing them{idle_note}{repeats}). The share is each "
+        lines.append(f"{len(firm)} of the {len(shared)} crossover outcomes are firm ({CI_LEVEL:.0%} of the resamples agreeing, neither the "
+                     f"measured means nor a law that cannot follow its cells disputing them{idle_note}{repeats}). The share is each "
                      "pair's own, not corrected for the number of pairs (composition gains are, with Holm's correction): where "
                      "the truth is a tie, roughly one pair in ten to twenty still reaches it by chance (either side can), so a lone "
                      "firm outcome among many pairs is weaker evidence than its share says. "

@@ -12,7 +12,7 @@ from analysis.axis_choice import TREND, AxisComparison, compare_axes
 from analysis.bootstrap import CI_LEVEL
 from analysis.capability import capability_table, get_axis
 from analysis.composition import CompositionGain, composition_gains
-from analysis.crossover import DISPUTE, Crossover, CrossoverScaling, crossover_scaling, find_crossovers
+from analysis.crossover import Crossover, CrossoverScaling, crossover_scaling, find_crossovers
 from analysis.curves import LawFit, fit_curves
 from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
@@ -181,10 +181,10 @@ def crossover_line(c: Crossover) -> str:
     """One crossover as `fit` prints it: the claim, D*'s interval and the resamples' share, then what the measured
     means dispute (after the interval, which read as the Welch interval's where it followed the dispute)."""
     ci = f" CI {c.interval()}" if c.interval() else ""
-    firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: the measured means disagree)" if c.disputed else ""
+    firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: disputed)" if c.disputed else ""
     agree = f", {whole_percent(c.share)}% of resamples agree{firm}{c.resampled_note()}" if np.isfinite(c.share) else c.unresampled_note()
     idle = "; both methods left the model as it was in most cells both measured" if c.idle else ""
-    dispute = f"{DISPUTE}{c.disputed}" if c.disputed else ""
+    dispute = f"; {c.disputed}" if c.disputed else ""
     return f"{c.task} {c.model}: {c.claim()}{ci}{agree}{idle}{dispute}"
 
 

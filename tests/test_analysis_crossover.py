@@ -553,13 +553,13 @@ def test_a_d_star_the_measured_means_contradict_is_not_a_finding(tmp_path: Path,
     summary = analysis.fit_results(str(tmp_path), bootstrap=100, seed=0)
     (c,) = summary.analysis.crossovers
     assert c.outcome == outcome and c.share == 1.0 and 4 < c.d_star < 16
-    assert c.disputed.startswith(f"at D=16 {ahead} is still ahead by 0.0") and "do not show it: at D=16" in c.verdict
+    assert c.disputed.startswith(f"the measured means do not show it: at D=16 {ahead} is still ahead by 0.0") and "do not show it: at D=16" in c.verdict
     assert "between the measured budgets 4 and 16" in c.verdict
     (line,) = [line for line in summary.to_text().splitlines() if "of resamples agree" in line]
-    assert "100% of resamples agree (not a finding: the measured means disagree); the measured means do not show it: at D=16" in line, line
+    assert "100% of resamples agree (not a finding: disputed); the measured means do not show it: at D=16" in line, line
 
 
-FALLING_UNFOLLOWED = "steer_mean's cells worsen as the budget grows past noise, which its law cannot follow"  # the law's own check
+FALLING_UNFOLLOWED = "the law does not describe steer_mean's cells: they worsen as the budget grows past noise"  # the law's own check
 
 
 def test_an_outcome_drawn_from_a_curve_its_law_cannot_follow_is_no_finding() -> None:
@@ -569,7 +569,7 @@ def test_an_outcome_drawn_from_a_curve_its_law_cannot_follow_is_no_finding() -> 
     c = _measured({"steer_mean": {4: (0.65, 0.65), 16: (0.63, 0.62), 64: (0.60, 0.59), 256: (0.57, 0.57), 1024: (0.56, 0.56)},
                    "lora": {4: (0.56, 0.56), 16: (0.56, 0.57), 64: (0.57, 0.58), 256: (0.58, 0.59), 1024: (0.56, 0.88)}})
     assert c.disputed == FALLING_UNFOLLOWED, c.verdict  # the means alone dispute nothing here
-    assert c.verdict.endswith(f"; the measured means do not show it: {FALLING_UNFOLLOWED}")
+    assert c.verdict.endswith(f"; {FALLING_UNFOLLOWED}") and "measured means" not in c.verdict, c.verdict
 
 
 def test_one_seed_a_budget_says_the_d_star_was_not_checked() -> None:
@@ -620,7 +620,7 @@ def test_fine_tuning_ahead_at_both_ends_that_the_measured_means_contradict_is_no
     rising = dict(zip((4, 16, 64, 256, 1024), (0.64, 0.69, 0.75, 0.82, 0.88))).get
     (c,) = find_crossovers(fit_curves(pd.DataFrame(_measured_rows(steering=falling, finetuning=rising)), metric="score", bootstrap=100, seed=0))
     assert c.outcome == "finetuning_ahead" and c.share >= CI_LEVEL, (c.outcome, c.share)
-    assert c.disputed.startswith("at D=4 steer_mean is ahead by 0.0"), c.disputed
+    assert c.disputed.startswith("the measured means do not show it: at D=4 steer_mean is ahead by 0.0"), c.disputed
     assert "at both ends" not in c.verdict and "; the measured means do not show it: at D=4" in c.verdict, c.verdict
 
 
@@ -653,15 +653,14 @@ def test_an_outcome_most_resamples_do_not_give_names_the_one_they_do(monkeypatch
 def test_a_disputed_crossover_prints_its_interval_before_the_dispute() -> None:
     """`fit` printed "…the measured means do not show it: at D=32 … (95 % Welch interval …) CI [< 4, > 1024], 44% …": the
     D* interval read as the Welch interval's (helper-169). The claim, its interval and share come first, then the dispute."""
-    from analysis.crossover import DISPUTE
     from analysis.summary import crossover_line
 
-    dispute = "at D=32 lora is behind by 0.02 [-0.05, 0.01] (95 % Welch interval over 4 seeds)"
+    dispute = "the measured means do not show it: at D=32 lora is behind by 0.02 [-0.05, 0.01] (95 % Welch interval over 4 seeds)"
     c = Crossover("facts", "ladder:xs", 1e5, "steer_mean", "lora", 4.0, 1024.0, 19.4, 2.0, 2000.0, 0.44, "crosses",
-                  f"lora overtakes steer_mean at D* ≈ 19.4{DISPUTE}{dispute}", disputed=dispute)
+                  f"lora overtakes steer_mean at D* ≈ 19.4; {dispute}", disputed=dispute)
     assert c.claim() == "lora overtakes steer_mean at D* ≈ 19.4"
     assert crossover_line(c) == ("facts ladder:xs: lora overtakes steer_mean at D* ≈ 19.4 CI [< 4, > 1024], 44% of resamples "
-                                 f"agree (under 95%: not a finding){DISPUTE}{dispute}")
+                                 f"agree (under 95%: not a finding); {dispute}")
 
 
 def test_firm_outcomes_repeated_through_a_methods_copy_are_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -676,6 +675,6 @@ def test_firm_outcomes_repeated_through_a_methods_copy_are_counted_once(monkeypa
     a = SimpleNamespace(fits=[], scaling=[], crossovers=found, compositions=[], unchanged=[], metric="score", x="params",
                         loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))  # fmt: skip
     text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
-    assert ("6 of the 12 crossover outcomes are firm (95% of the resamples agreeing, the measured means not disputing them; 3 of "
+    assert ("6 of the 12 crossover outcomes are firm (95% of the resamples agreeing, neither the measured means nor a law that cannot follow its cells disputing them; 3 of "
             "them repeat another through a method that scored alike to the bit (below))") in text, text
     assert "Methods that scored alike to the bit" in text and "full_ft and task_vector in 75 of the 120 cells" in text
