@@ -189,8 +189,7 @@ def _findings(a: Analysis) -> list[Block]:
         firm = [c for c in shared if c.share >= CI_LEVEL and not c.disputed]
         idle = sum(c.idle for c in firm)
         idle_note = f", {idle} of them between two methods that mostly left the model as it was (‡)" if idle else ""
-        stand_in = one_of_alike(alike)  # an outcome repeated through a method's copy (task_vector as full_ft) is one finding
-        distinct = len({(c.task, c.model, stand_in(c.steering), stand_in(c.finetuning), c.outcome) for c in firm})
+        distinct = len(distinct_outcomes(firm, ok))
         repeated = len(firm) - distinct
         repeats = (f"; {repeated} of them {'repeats' if repeated == 1 else 'repeat'} another through a method that scored alike to the "
                    "bit (below)") if repeated else ""  # fmt: skip
@@ -217,6 +216,19 @@ def _findings(a: Analysis) -> list[Block]:
     if not a.crossovers:
         after.append("No crossover could be computed: it needs fitted budget curves for a steering and a fine-tuning method on the same task and model.")
     return [Heading("What the fits say"), *_crossover_table(a), *map(Paragraph, lines), *_unchanged_table(a.unchanged, a.loaded.ok), *map(Paragraph, after)]
+
+
+def distinct_outcomes(crossovers: list[Crossover], ok: pd.DataFrame) -> set[tuple[str, str, str, str, str]]:
+    """(task, model, steering, fine-tuning, outcome) of each crossover, a method standing for those it scored alike with
+    to the bit on that task and model (`alike_method_pairs` there, `one_of_alike`): an outcome repeated through a
+    method's copy (task_vector as full_ft on arith's s) is one finding. Pairs are judged per task and model: pooled,
+    two methods alike on one model were merged on another where they never scored alike (helper-178)."""
+    stand_ins = {}
+    for task, model in {(c.task, c.model) for c in crossovers}:
+        cells = ok[(ok["task"] == task) & (ok["model"] == model)] if {"task", "model"} <= set(ok.columns) else ok.iloc[:0]
+        stand_ins[(task, model)] = one_of_alike(alike_method_pairs(cells))
+    return {(c.task, c.model, stand_ins[(c.task, c.model)](c.steering), stand_ins[(c.task, c.model)](c.finetuning), c.outcome)
+            for c in crossovers}  # fmt: skip
 
 
 def _unchanged_table(unchanged: list[Unchanged], ok: pd.DataFrame) -> list[Block]:

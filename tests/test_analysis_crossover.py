@@ -663,18 +663,24 @@ def test_a_disputed_crossover_prints_its_interval_before_the_dispute() -> None:
                                  f"agree (under 95%: not a finding); {dispute}")
 
 
-def test_firm_outcomes_repeated_through_a_methods_copy_are_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_firm_outcomes_repeated_through_a_methods_copy_are_counted_once() -> None:
     """The quickstart's "4 of the 90 crossover outcomes are firm" held steer_trained → full_ft and → task_vector on arith's
-    s, both 99.5 %, where task_vector scored as full_ft to the bit in 7 of 8 cells: one finding, counted twice (helper-176)."""
-    import analysis.report
-    from analysis.unchanged import AlikePair
+    s, both 99.5 %, where task_vector scored as full_ft to the bit in 7 of 8 cells: one finding, counted twice (helper-176).
+    Alike is judged on each crossover's own task and model: pooled over models, two methods alike on m0–m2 were merged on
+    m3, where they never scored alike (helper-178)."""
 
-    monkeypatch.setattr(analysis.report, "alike_method_pairs", lambda ok: [AlikePair("full_ft", "task_vector", 75, 120, 67)])
-    found = [dataclasses.replace(_crossover(f"m{i}", 50.0, 20.0, 80.0), finetuning=tuned, share=0.99 if i < 3 else 0.5)
+    def cell(model: str, method: str, budget: int, nll: float) -> dict:
+        return {"task": "t", "model": model, "method": method, "budget": budget, "seed": 0, "score": 1 - nll / 4, "nll": nll,
+                "nll_base": 2.0, "status": "ok"}  # fmt: skip
+
+    ok = pd.DataFrame([cell(f"m{i}", method, b, 1.5 + b / 1e3 + (0.01 * i if method == "task_vector" and i >= 3 else 0))
+                       for i in range(6) for method in ("full_ft", "task_vector") for b in (4, 16, 64, 256)])  # fmt: skip
+    found = [dataclasses.replace(_crossover(f"m{i}", 50.0, 20.0, 80.0), finetuning=tuned, share=0.99 if i < 4 else 0.5)
              for i in range(6) for tuned in ("full_ft", "task_vector")]  # fmt: skip
     a = SimpleNamespace(fits=[], scaling=[], crossovers=found, compositions=[], unchanged=[], metric="score", x="params",
-                        loaded=SimpleNamespace(ok=pd.DataFrame()), bootstrap=200, axes=SimpleNamespace(best=None))  # fmt: skip
+                        loaded=SimpleNamespace(ok=ok, frame=ok.iloc[:0]), bootstrap=200, axes=SimpleNamespace(best=None))  # fmt: skip
     text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
-    assert ("6 of the 12 crossover outcomes are firm (95% of the resamples agreeing, neither the measured means nor a law that cannot follow its cells disputing them; 3 of "
-            "them repeat another through a method that scored alike to the bit (below))") in text, text
-    assert "Methods that scored alike to the bit" in text and "full_ft and task_vector in 75 of the 120 cells" in text
+    assert ("8 of the 12 crossover outcomes are firm (95% of the resamples agreeing, neither the measured means nor a law that "
+            "cannot follow its cells disputing them; 3 of them repeat another through a method that scored alike to the bit "
+            "(below))") in text, text  # m0–m2's pairs once each; m3's two are two findings
+    assert "full_ft and task_vector in 12 of the 24 cells both measured" in text, text
