@@ -31,7 +31,7 @@ from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.fitting import HUBER_DELTA
 from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, neutral_texts_of, resolve, saved_before, unplanned_note
 from analysis.methods import PROMPT_METHODS, components
-from analysis.metrics import BASE_COLUMN, HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
+from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
 from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, save_fits, wins_on_idle_models
 from analysis.unchanged import MOSTLY, Unchanged, alike_method_pairs, alike_pairs, one_of_alike, unchanged_counts, unchanged_share
@@ -335,27 +335,25 @@ def best_measured(task: str, stored: pd.DataFrame, metric: str) -> str:
     where = (f"at the largest budget all its methods share (D={budget:g})" if not left_out else
              f"at D={budget:g}, the largest budget shared by {len(levels)} of its {len(cells)} methods ({', '.join(left_out)} not measured there)")  # fmt: skip
     sentence = f"{intro}, {who} {where}: {metric} {value:.3g} ({f'mean of {n_cells} cells' if n_cells > 1 else 'one cell'})"
-    sentence += _against_base(value, rows_at(method, budget), metric)
     if rest:
         runner_up = rest[0][1]
         sentence += f", {_lead(rows_at(method, budget), rows_at(runner_up, budget), runner_up, metric)}"
         sentence += "; then " + ", ".join(f"{m} {v:.3g}" for v, m, _ in rest[:3])
-    return sentence + unmeasured + "."
+    return sentence + unmeasured + "." + _against_base(value, rows_at(method, budget), metric)
 
 
 def _against_base(best: float, cells: pd.DataFrame, metric: str) -> str:
-    """', below the base model's 0.38: …' where the best method measured did no better than the base model (its own
-    cells' base score): "FT ahead" on such a model means fine-tuning hurt less (helper-176: on the quickstart's
-    facts s every method's mean was below the base model's). '' where it did better, or the rows lack the column."""
-    column = BASE_COLUMN[metric]
+    """' No method measured there did better than the base model (0.38): …' where the best did no better than the base
+    model on its own cells' test questions: "FT ahead" on such a model means fine-tuning hurt less (helper-176: on the
+    quickstart's facts s every method's mean was below the base model's). '' where it did better, for a metric whose
+    base is no plain base model's number (score_elicited's is the prompted base model itself), or without the column."""
+    column = {"score": "score_base", "nll": "nll_base"}.get(metric)
     base = pd.to_numeric(cells[column], errors="coerce").mean() if column in cells else np.nan
-    if not np.isfinite(base):
+    if not np.isfinite(base) or (not _level(best, base) and (best > base) == HIGHER_IS_BETTER[metric]):
         return ""
-    if _level(best, base):
-        return f", the base model's own {base:.3g}: no method measured there improved on it"
-    if (best > base) == HIGHER_IS_BETTER[metric]:
-        return ""
-    return f", below the base model's {base:.3g}: every method measured there did worse than the model before post-training"
+    how = "as well as, not better than" if _level(best, base) else "worse than"
+    return (f" No method measured there did better than the base model: the best did {how} it ({metric} {base:.3g} on the "
+            "same questions), so a method ahead there is one that hurt less.")
 
 
 def _copy_note(method: str, other: str, cells: pd.DataFrame, others: pd.DataFrame, metric: str) -> str:

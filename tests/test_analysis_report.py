@@ -253,9 +253,17 @@ def test_the_best_measured_method_is_held_against_the_base_model() -> None:
                              for method, score in (("steer_mean", steer), ("lora", lora)) for seed in (0, 1)])  # fmt: skip
 
     below = best_measured("t", rows(0.29, 0.33), "score")
-    assert "lora measured best at the largest budget all its methods share (D=64): score 0.335 (mean of 2 cells), below the base model's 0.38: every method" in below, below
+    assert below.endswith("then steer_mean 0.295. No method measured there did better than the base model: the best did worse "
+                          "than it (score 0.38 on the same questions), so a method ahead there is one that hurt less."), below
     level = best_measured("t", rows(0.29, 0.375), "score")
-    assert "score 0.38 (mean of 2 cells), the base model's own 0.38: no method measured there improved on it" in level, level
+    assert "the best did as well as, not better than it (score 0.38 on the same questions)" in level, level
+    nll = pd.DataFrame([{"task": "t", "model": "m", "status": "ok", "params_nonembed": 1e6, "budget": 64, "method": method,
+                         "seed": seed, "nll": value + 0.01 * seed, "nll_base": 1.95} for method, value in (("steer_mean", 2.3), ("lora", 2.1))
+                        for seed in (0, 1)])  # fmt: skip
+    assert "the best did worse than it (nll 1.95 on the same questions)" in best_measured("t", nll, "nll")  # higher is worse
+    assert "base model" not in best_measured("t", nll.assign(nll_base=2.5), "nll")
+    elicited = rows(0.29, 0.33).rename(columns={"score": "score_elicited"})
+    assert "base model" not in best_measured("t", elicited, "score_elicited")  # the prompted base model is no post-training
     gained = best_measured("t", rows(0.29, 0.45), "score")
     assert "base model" not in gained, gained
     assert "base model" not in best_measured("t", rows(0.29, 0.33).drop(columns="score_base"), "score")  # rows without it
