@@ -280,11 +280,18 @@ def own_code_unrun(spec: SweepSpec) -> list[str]:
         except (OSError, ValueError):
             continue  # the load says what is wrong with the file
         if isinstance(read, dict) and read.get("auto_map"):
-            instead = (f"its weights load into transformers' own {read['model_type']!r} class instead" if read.get("model_type")
-                       else "it names no model_type, so without that code it does not load at all")  # fmt: skip
+            instead = (f"its weights load into transformers' own {read['model_type']!r} class instead" if _known_model_type(read.get("model_type"))
+                       else f"its model_type {read.get('model_type')!r} is none transformers knows, so without that code it does not load at all")  # fmt: skip
             notes.append(f"{model.id}'s config.json names code of its own (auto_map), which runs only with `trust_remote_code: "
                          f"true` on its entry: {instead}")  # fmt: skip
     return notes
+
+
+def _known_model_type(model_type: object) -> bool:
+    """Whether transformers has a class of its own for `model_type` (imported here, and only for a config naming code)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING_NAMES
 
 
 def unlike_parts(spec: SweepSpec) -> list[str]:
