@@ -58,7 +58,7 @@ class LoadedResults:
     skipped: tuple[SkippedFile, ...]
     unplanned: int = 0  # stored rows of cells the plan does not list (see `load_rows_to_fit`)
     planned_only: bool = False  # whether those rows were left out
-    superseded: int = 0  # unplanned rows left out because the plan's cell of the same model, task, method, budget, seed has a row
+    superseded: int = 0  # unplanned rows left out because the plan's cell of the same model, task, method, budget, seed has an ok row
     stale_data: int = 0  # rows left out because they were scored on an older version of their task's data
     plan_name: str = "plan.json"  # the plan those counts are against
 

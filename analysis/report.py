@@ -88,7 +88,7 @@ def _overview(a: Analysis) -> list[Block]:
         f"{frame['method'].nunique()} method(s) and {frame['model'].nunique()} model size(s); metric `{a.metric}`; "
         f"N in the joint laws is `{a.x}`. "
         + (f"Intervals are 95 % percentile bootstrap intervals over cells ({a.bootstrap} resamples): how they are drawn, and how "
-           "often such intervals covered the truth in simulations, is under \"How the intervals are drawn\" at the end."
+           "often such intervals covered the truth in simulations, is under \"How the intervals are drawn\", before the plots."
            if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]

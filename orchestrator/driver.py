@@ -377,14 +377,10 @@ def run_cells(
     check_fits(cells, resources)
     POOL.attach()
     POOL.forget_dead()
-    # Into a log file (not a terminal) every redraw is kept, thousands per sweep: there, one every half minute.
-    terminal = sys.stderr.isatty()
-    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, dynamic_ncols=True,
-               mininterval=0.1 if terminal else 30, maxinterval=10 if terminal else 30)  # tqdm's monitor redraws past maxinterval
-    sweep = _Sweep(resources, Claims(store), _RowWriter(store, bar.write), _Metrics(cells[0].config.sweep), bar, planned_at)
+    sweep = _Sweep(resources, Claims(store), _RowWriter(store, tqdm.write), _Metrics(cells[0].config.sweep), planned_at)
     for cell in longest_first(cells):
         sweep.enqueue(cell, 1)
-    sweep.run(terminal)
+    sweep.run(len(cells), progress)
     sweep.outcome.wall_seconds = time.perf_counter() - started
     return sweep.outcome
 
@@ -484,10 +480,10 @@ class _RowWriter:
 class _Sweep:
     """One `run_cells` call: the cells waiting for a worker, those in flight, and what became of them."""
 
-    def __init__(self, resources: Resources, claims: Claims, rows: _RowWriter, dashboard_metrics: _Metrics, bar: tqdm,
-                 planned_at: float) -> None:  # fmt: skip
-        self.resources, self.claims, self.rows, self.dashboard_metrics, self.bar = resources, claims, rows, dashboard_metrics, bar
+    def __init__(self, resources: Resources, claims: Claims, rows: _RowWriter, dashboard_metrics: _Metrics, planned_at: float) -> None:
+        self.resources, self.claims, self.rows, self.dashboard_metrics = resources, claims, rows, dashboard_metrics
         self.planned_at = planned_at
+        self.bar: tqdm  # the progress bar, for as long as `run` runs
         self.outcome = SweepOutcome()
         # cells waiting for a worker, by the worker shape they need, then by model: a worker takes its own model's next
         self.queues: dict[Shape, dict[str, deque[tuple[PlannedCell, int]]]] = {}
@@ -499,13 +495,18 @@ class _Sweep:
         self.given_up: list[tuple[str, int]] = []  # shapes none of whose workers would start: the last error, the cells not run
         self.starved_since: dict[Shape, float] = {}  # shapes whose cells wait on workers asked for, none started
         self.announced: set[Shape] = set()
-        self.last_heartbeat = time.monotonic()
+        self.last_heartbeat: float  # when the claims were last refreshed, from `run` on
 
     # -- the loop
 
-    def run(self, terminal: bool) -> None:
-        """Hand cells to workers and store their rows as they finish, until none is left; on the way out (done, stopped
-        or interrupted) stop what still runs and release this run's claims."""
+    def run(self, cells: int, progress: bool) -> None:
+        """Hand the `cells` queued to workers and store their rows as they finish, until none is left; on the way out
+        (done, stopped or interrupted) stop what still runs and release this run's claims."""
+        # Into a log file (not a terminal) every redraw is kept, thousands per sweep: there, one every half minute.
+        terminal = sys.stderr.isatty()
+        self.bar = tqdm(total=cells, desc="cells", unit="cell", disable=not progress, dynamic_ncols=True,
+                        mininterval=0.1 if terminal else 30, maxinterval=10 if terminal else 30)  # tqdm's monitor redraws past maxinterval
+        self.last_heartbeat = time.monotonic()
         try:
             self.dispatch()
             while self.in_flight or (POOL.pending() and self.waiting()):  # workers still importing stay for the next call

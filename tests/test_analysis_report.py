@@ -475,7 +475,7 @@ def test_the_overview_is_short_and_how_intervals_are_drawn_is_at_the_end(tmp_pat
     analysis.write_report(str(tmp_path), bootstrap=20, seed=0)
     page = (tmp_path / "report" / "report.md").read_text()
     overview = page.split("## Overview\n\n")[1].split("\n\n")[0]
-    assert len(overview) < 400 and 'under "How the intervals are drawn" at the end' in overview, overview
+    assert len(overview) < 400 and 'under "How the intervals are drawn", before the plots' in overview, overview
     headings = [line for line in page.splitlines() if line.startswith("## ")]
     assert headings[-2:] == ["## How the intervals are drawn", "## Plots"], headings
     assert "√(n/(n − 1))" in page.split("## How the intervals are drawn")[1]
