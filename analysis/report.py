@@ -658,15 +658,19 @@ def _efficiency(a: Analysis) -> list[Block]:
     return [Heading("Data efficiency"), note, Table(("task", "method", "model", "share of asymptotic gain", "examples needed"), rows)]
 
 
-def composition_gain(g: CompositionGain) -> str:
-    """The gain with its interval, or why it has none."""
+def composition_gain(g: CompositionGain, metric: str = "score") -> str:
+    """The gain with its interval, or why it has none; an interval cut to every difference a score can take says so
+    (a bare "[-1, 1]" read as a measured interval, as the best method's lead did: `_lead`)."""
     if g.note:
         return f"{_num(g.gain)} ({g.note})"
-    return _ci(g.gain, g.gain_lo, g.gain_hi) if np.isfinite(g.gain_lo) else _num(g.gain)  # --bootstrap 0: none asked for
+    if not np.isfinite(g.gain_lo):  # --bootstrap 0: none asked for
+        return _num(g.gain)
+    everything = HIGHER_IS_BETTER[metric] and g.gain_lo <= -1 and g.gain_hi >= 1
+    return _ci(g.gain, g.gain_lo, g.gain_hi) + (" (no information: every difference a score can take)" if everything else "")
 
 
 def _compositions(a: Analysis) -> list[Block]:
-    rows = [(g.task, g.model, f"{g.budget:g}", g.composition, g.best_single, composition_gain(g), f"{g.p_value:.2g}" if np.isfinite(g.p_value) else "-",
+    rows = [(g.task, g.model, f"{g.budget:g}", g.composition, g.best_single, composition_gain(g, a.metric), f"{g.p_value:.2g}" if np.isfinite(g.p_value) else "-",
              f"{g.as_a_part} of {g.composition_cells}") for g in a.compositions]  # fmt: skip
     unmatched = unmatched_compositions(a.loaded.ok, metric=a.metric) if len(a.loaded.ok) else []
     passed_over = ([Paragraph(f"Not compared, {len(unmatched)} composition cell group(s) without all of their parts beside them: "

@@ -449,6 +449,8 @@ def test_a_lead_between_scores_has_an_interval_inside_the_differences_scores_can
     assert "ahead of full_ft by 0.14 (no information: the 95 % Welch interval over their cells, 2 and 2 cells, spans every" in sentence, sentence
     (gain,) = composition_gains(pd.DataFrame(rows), metric="score")
     assert (gain.gain_lo, gain.gain_hi) == (-1.0, 1.0) and gain.p_value > 0.05
+    assert composition_gain(gain).endswith(" [-1, 1] (no information: every difference a score can take)")
+    assert "no information" not in composition_gain(gain, "nll")  # an NLL's differences have no such bound
 
 
 @pytest.mark.parametrize("methods, said", [(("lora", "prompt"), "prompt"), (("lora", "prompt+lora"), "prompt+lora"), (("lora", "steer_mean"), "")])
