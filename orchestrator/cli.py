@@ -341,6 +341,7 @@ def _prepare_data(cells: list[PlannedCell]) -> None:
     """A local run downloads (or finds cached) each hub task's dataset, and cuts each natural neutral text, here, once,
     before any cell: one that cannot be had (offline with no cache, a gated dataset without a login, a field or rows
     it lacks) stops the run naming it, where every cell of it would have failed with the same error."""
+    from orchestrator.grid import data_error_line
     from workers.tasks import fetch_hub_data, get_task, neutral_texts
 
     for name in sorted({task for c in cells for task in c.config.tasks_read}):
@@ -350,7 +351,7 @@ def _prepare_data(cells: list[PlannedCell]) -> None:
             path = get_task(name).source.path  # type: ignore[attr-defined]  (a task that reads hub data has a source)
             local = "" if os.path.isabs(path) or os.path.isdir(path) else (f" (offline, a copy of its files at ./{path}/<split>.jsonl, relative to where the "
                                                     "run starts, is read instead: tests/fixtures/ shows them)")  # fmt: skip
-            raise ConfigError(f"task {name}: its dataset cannot be read here: {first_line(err)}{local}") from err
+            raise ConfigError(f"task {name}: its dataset cannot be read here: {data_error_line(err)}{local}") from err
     for size, words, source in {(c.config.eval.neutral_size, c.config.eval.neutral_min_words, c.config.eval.neutral_source) for c in cells}:
         try:
             neutral_texts(size, words, source)

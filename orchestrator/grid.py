@@ -13,7 +13,7 @@ from workers.cell import LADDER_PREFIX, CellConfig, ModelSpec
 from workers.config import ConfigError
 from workers.methods import get_method, resolve_config, training_configs, validation_choice
 from workers.run_cell import model_revision
-from workers.tasks import get_task, reads_hub_data
+from workers.tasks import NAMED_DATA_ERRORS, get_task, reads_hub_data
 
 from orchestrator.errors import first_line
 from orchestrator.spec import ModelEntry, SweepSpec
@@ -52,10 +52,16 @@ def pool_size(task: str, split: str) -> int | None:
             raise
         if isinstance(err, KeyError):
             raise ConfigError(f"task {task}: its data cannot be read: a row of {source.path} has no column {err}") from err  # type: ignore[union-attr]
-        said = first_line(err).removeprefix("FileNotFoundError: ").removeprefix("ValueError: ")  # ours name the file already
+        said = data_error_line(err)
         if err.__cause__ is not None:  # datasets' "An error occurred while generating the dataset" wraps what it met
             said += f" ({first_line(err.__cause__)})"
         raise ConfigError(f"task {task}: its data cannot be read: {said}") from err
+
+
+def data_error_line(err: BaseException) -> str:
+    """An error reading a task's data in a line, as `plan` and `run` say it: a missing file's or column's message names
+    the file already (its type name left off), any other keeps its type."""
+    return str(err).splitlines()[0] if isinstance(err, NAMED_DATA_ERRORS) else first_line(err)
 
 
 def check_budgets(spec: SweepSpec) -> None:

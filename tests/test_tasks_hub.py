@@ -191,7 +191,7 @@ def test_a_dataset_that_cannot_be_had_stops_a_local_run_before_any_cell(tmp_path
     for split in ("train", "test"):
         (renamed / f"{split}.jsonl").write_text((FIXTURES / "gsm8k" / f"{split}.jsonl").read_text().replace('"answer"', '"solution"'))
     tasks["gsm8k"] = GSM8K(HubSource(str(renamed)))
-    with pytest.raises(ConfigError, match=rf"task gsm8k: its dataset cannot be read here: ValueError: {renamed}/train.jsonl has no column "
+    with pytest.raises(ConfigError, match=rf"task gsm8k: its dataset cannot be read here: {renamed}/train.jsonl has no column "
                                           r"'answer' \(its columns: question, solution\); the task reads question, answer$"):  # fmt: skip
         _prepare_data(cells("sst2", "gsm8k"))
     with pytest.raises(ConfigError, match=r"eval.neutral_source .*not-here \(test\) cannot be read here: .*not-here"):

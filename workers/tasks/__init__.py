@@ -20,7 +20,7 @@ from workers.tasks.facts import Facts
 from workers.tasks.function_calling import FunctionCalling
 from workers.tasks.gridworld import Gridworld
 from workers.tasks.gsm8k import GSM8K
-from workers.tasks.hub import HubSource, dataset, load_rows, rows_digest
+from workers.tasks.hub import HubSource, MissingColumnsError, dataset, load_rows, rows_digest
 from workers.tasks.sst2 import SST2
 from workers.world import text
 
@@ -44,6 +44,10 @@ def data_version(name: str) -> int:
     """The task's data version (see `Task.data_version`); 1 for a name not registered, whose cell
     still needs an id to be stored as failed under."""
     return TASKS.get(name).data_version if name in TASKS else 1
+
+
+# errors reading a hub task's data whose messages name the file (and what is wrong with it) in full
+NAMED_DATA_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, MissingColumnsError)
 
 
 def reads_hub_data(task: Task) -> bool:

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     import datasets
 
 
+class MissingColumnsError(ValueError):
+    """A dataset's rows lack a column its task reads (`SplitPlan.check_columns`); the message names the file and both."""
+
+
 @dataclass(frozen=True)
 class HubSource:
     path: str  # hub id, or a local directory of <split>.jsonl files shaped like it
@@ -77,7 +81,7 @@ class SplitPlan:
         missing = [column for column in self.columns if column not in present]
         if missing:
             where = f"{Path(source.path) / f'{split}.jsonl'}" if Path(source.path).is_dir() else f"{source.path} (split {split})"
-            raise ValueError(f"{where} has no column {', '.join(map(repr, missing))} (its columns: {', '.join(present) or 'none'}); "
+            raise MissingColumnsError(f"{where} has no column {', '.join(map(repr, missing))} (its columns: {', '.join(present) or 'none'}); "
                              f"the task reads {', '.join(self.columns)}")  # fmt: skip
 
     def pool_size(self, task: str, source: HubSource, split: Split, key: str) -> int | None:
