@@ -31,9 +31,9 @@ from analysis.efficiency import EXTRAPOLATION_LIMIT, DataEfficiency
 from analysis.fitting import HUBER_DELTA
 from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, neutral_texts_of, resolve, saved_before, unplanned_note
 from analysis.methods import PROMPT_METHODS, components
-from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, question_sampling_sd, whole_percent
+from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
-from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, save_fits, wins_on_idle_models
+from analysis.summary import Analysis, FitSummary, analyse, test_noise_note, fit_file, keeps_earlier, output_suffix, save_fits, wins_on_idle_models
 from analysis.unchanged import MOSTLY, Unchanged, alike_method_pairs, alike_pairs, one_of_alike, unchanged_counts, unchanged_share
 
 
@@ -92,7 +92,7 @@ def _overview(a: Analysis) -> list[Block]:
            if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
-    if a.bootstrap and (noise := _test_noise(a)):
+    if a.bootstrap and (noise := test_noise_note(a)):
         blocks.append(Paragraph(noise))
     if a.loaded.unplanned or a.loaded.superseded or a.loaded.stale_data:
         blocks.append(Paragraph(unplanned_note(a.loaded)))
@@ -121,44 +121,6 @@ def _intervals(a: Analysis) -> list[Block]:
                   "variance added where the rows store their outcomes (paired: both sides answered the same questions) — "
                   "which also adds its degrees of freedom, so with 2 seeds a side such an interval is often narrower than the "
                   "seeds' alone, and covered the truth about 93 % of the time in simulations (95 % with 3 seeds).")]  # fmt: skip
-
-
-def _test_noise(a: Analysis) -> str | None:
-    """What the bootstrap leaves out for fits whose rows do not all store their questions' outcomes (older
-    rows, a task that records none; every cell of a task is scored on the same test questions), or store
-    them for test sets of different sizes (rows of two eval.test_size settings); of NLL fits, that no row stores
-    its questions' NLLs."""
-    ok = a.loaded.ok
-    if not len(ok):
-        return None
-    if a.metric == "nll":  # rows keep no per-question NLLs: no fit can redraw its questions (helper-139)
-        return ("The rows store no per-question NLLs, so every NLL interval redraws seeds only, and every seed is scored on the "
-                "same test questions: the intervals leave out how far the NLLs would move on another draw of questions from the "
-                "task, and seeds that agree give an interval of no width. An interval is a statement about these questions.")  # fmt: skip
-    parts, mixed = [], []
-    for task, rows in ok.groupby("task"):
-        boots = [f.boot for f in a.fits if f.task == task and f.boot is not None]
-        seeds_only = sum(not boot.questions for boot in boots)
-        sizes = sorted({len(o) for o in rows.get("score_outcomes", pd.Series(dtype=object)) if isinstance(o, (list, tuple, np.ndarray))})
-        noise = question_sampling_sd(rows[a.metric].to_numpy(dtype=float))
-        if seeds_only and len(sizes) > 1:
-            mixed.append(f"`{task}` ({seeds_only} of its {len(boots)} fits; {' and '.join(map(str, sizes))} questions)")
-        elif seeds_only and noise is not None:
-            parts.append(f"`{task}` ({seeds_only} of its {len(boots)} fits) about {noise[0]} questions, ±{noise[1]:.2g} sd at its mean score")
-    text = []
-    if mixed:
-        text.append("Some fits mix rows scored on test sets of different sizes (rows of another eval.test_size): "
-                    + "; ".join(mixed) + ". Their curves pool scores on different questions, and their intervals redraw "
-                    "seeds only (a resample cannot redraw two test sets as one); fit one setting's rows (`--planned-only`), or "
-                    "rerun the others at one eval.test_size.")  # fmt: skip
-    if parts:
-        text.append("Some fits' rows do not all store their test questions' outcomes (rows from before schema 3, or a task that records "
-                    "none), so their intervals redraw seeds only, and every seed is scored on the same questions: they leave out how far "
-                    "the scores would move on another draw of questions from the task (binomial, judged from the step the scores move in: "
-                    + "; ".join(parts) + "). Methods share the questions, so that noise moves their curves partly together; a larger "
-                    "eval.test_size shrinks it, and `steerscale run CONFIG --force` reruns the cells to store the outcomes. An interval "
-                    "narrower than it is a statement about these questions.")  # fmt: skip
-    return " ".join(text) or None
 
 
 def _findings(a: Analysis) -> list[Block]:

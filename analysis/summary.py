@@ -18,13 +18,13 @@ from analysis.efficiency import DataEfficiency, data_efficiency
 from analysis.frontier import compute_frontier, frontier_by_compute, selectivity
 from analysis.io import LoadedResults, Plan, load_rows_to_fit, mixed_pins_note, saved_before, unplanned_note, write_json, write_table
 from analysis.link import SigmoidLink, fit_links
-from analysis.metrics import check_metric, whole_percent
+from analysis.metrics import check_metric, question_sampling_sd, whole_percent
 from analysis.parallel import worker_pool
 from analysis.unchanged import MOSTLY, Unchanged, idle_pairs, unchanged_cells
 
 # A joint law's resamples redraw seeds (and questions) and keep its models, so they leave out how far each model sits
 # off the law: at a 5 % scatter between 5 models, α's "95 %" interval held the truth in 25 % of simulations (helper-127)
-JOINT_CI_NOTE = "95% bootstrap CIs (a joint law's resamples redraw seeds and questions, not its models: narrower than its uncertainty across models)"
+JOINT_CI_NOTE = "95% bootstrap CIs (a joint law's resamples redraw its cells, not its models: narrower than its uncertainty across models)"
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,8 @@ class FitSummary:
             lines.append(f"  {unplanned_note(a.loaded)}")
         if mixed := mixed_pins_note(a.loaded.frame):
             lines.append(f"  {mixed}")
+        if a.bootstrap and (noise := test_noise_note(a)):
+            lines.append(f"  {noise}")
         header = ("task", "method", "model", "law", "exponent", "asymptote", "n", "failed", "nan", "no N", "D=0", "holdout err", "note")
         table = [header]
         for f in a.fits:
@@ -196,6 +198,44 @@ def wins_on_idle_models(a: Analysis) -> tuple[int, int, list[str]]:
     held = {(s.task, s.subject, s.law): s.held_models for s in a.axes.scores if s.x == a.axes.best}
     on_idle = sum(any((task, subject, model) in idle for model in held.get((task, subject, law), [])) for task, subject, law in won)
     return on_idle, len(won), sorted({law for _, _, law in won})
+
+
+def test_noise_note(a: Analysis) -> str | None:
+    """What the bootstrap leaves out for fits whose rows do not all store their questions' outcomes (older
+    rows, a task that records none; every cell of a task is scored on the same test questions), or store
+    them for test sets of different sizes (rows of two eval.test_size settings); of NLL fits, that no row stores
+    its questions' NLLs. `fit` prints it as the report does (helper-179: the report alone said so)."""
+    ok = a.loaded.ok
+    if not len(ok):
+        return None
+    if a.metric == "nll":  # rows keep no per-question NLLs: no fit can redraw its questions (helper-139)
+        return ("The rows store no per-question NLLs, so every NLL interval redraws seeds only, and every seed is scored on the "
+                "same test questions: the intervals leave out how far the NLLs would move on another draw of questions from the "
+                "task, and seeds that agree give an interval of no width. An interval is a statement about these questions.")  # fmt: skip
+    parts, mixed = [], []
+    for task, rows in ok.groupby("task"):
+        boots = [f.boot for f in a.fits if f.task == task and f.boot is not None]
+        seeds_only = sum(not boot.questions for boot in boots)
+        sizes = sorted({len(o) for o in rows.get("score_outcomes", pd.Series(dtype=object)) if isinstance(o, (list, tuple, np.ndarray))})
+        noise = question_sampling_sd(rows[a.metric].to_numpy(dtype=float))
+        if seeds_only and len(sizes) > 1:
+            mixed.append(f"`{task}` ({seeds_only} of its {len(boots)} fits; {' and '.join(map(str, sizes))} questions)")
+        elif seeds_only and noise is not None:
+            parts.append(f"`{task}` ({seeds_only} of its {len(boots)} fits) about {noise[0]} questions, ±{noise[1]:.2g} sd at its mean score")
+    text = []
+    if mixed:
+        text.append("Some fits mix rows scored on test sets of different sizes (rows of another eval.test_size): "
+                    + "; ".join(mixed) + ". Their curves pool scores on different questions, and their intervals redraw "
+                    "seeds only (a resample cannot redraw two test sets as one); fit one setting's rows (`--planned-only`), or "
+                    "rerun the others at one eval.test_size.")  # fmt: skip
+    if parts:
+        text.append("Some fits' rows do not all store their test questions' outcomes (rows from before schema 3, or a task that records "
+                    "none), so their intervals redraw seeds only, and every seed is scored on the same questions: they leave out how far "
+                    "the scores would move on another draw of questions from the task (binomial, judged from the step the scores move in: "
+                    + "; ".join(parts) + "). Methods share the questions, so that noise moves their curves partly together; a larger "
+                    "eval.test_size shrinks it, and `steerscale run CONFIG --force` reruns the cells to store the outcomes. An interval "
+                    "narrower than it is a statement about these questions.")  # fmt: skip
+    return " ".join(text) or None
 
 
 def output_suffix(metric: str, x: str) -> str:

@@ -112,10 +112,13 @@ def test_the_report_names_test_sets_of_two_sizes_as_the_reason_it_could_not_redr
     rows.loc[:3, "score"] = [np.mean(o) for o in shorter]
     rows = rows.assign(cell_id=[f"c{i}" for i in range(len(rows))], slug=lambda f: f["cell_id"], sweep="s", schema_version=3)
     write_cells(tmp_path, rows.to_dict("records"))
-    analysis.write_report(str(tmp_path), bootstrap=20)
+    summary = analysis.write_report(str(tmp_path), bootstrap=20)
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "mix rows scored on test sets of different sizes" in markdown and "`t` (1 of its 1 fits; 20 and 40 questions)" in markdown
     assert "before schema 3" not in markdown
+    # `fit` says it too: its header said the resamples redraw questions, and nothing said they had not (helper-179)
+    text = summary.to_text()
+    assert "\n  Some fits mix rows scored on test sets of different sizes" in text and "redraw seeds and questions" not in text
 
 
 def test_the_base_level_of_data_efficiency_moves_with_the_redrawn_questions() -> None:
