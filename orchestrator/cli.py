@@ -185,7 +185,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(_compute_to_go(cells, scan))
     _note_unfittable(cells)
     _note_spec(spec)
-    _note_rows_outside(spec.sweep, args.config, cells, scan)
+    _note_rows_outside(spec.sweep, [args.config, *args.overrides], cells, scan)
     return 0
 
 
@@ -305,9 +305,10 @@ def count_line(sweep: str, cells: list[PlannedCell], scan: StoreScan, todo: list
     return f"sweep {sweep}: {len(cells)} cells, {stored} already stored, {len(todo)} to run" + (f" ({again} of them stored ones, run again)" if again else "")
 
 
-def _note_rows_outside(sweep: str, config: str, cells: list[PlannedCell], scan: StoreScan) -> None:
+def _note_rows_outside(sweep: str, config: list[str], cells: list[PlannedCell], scan: StoreScan) -> None:
     """Say when the results directory holds rows this grid does not plan (another sweep's, or this sweep's under an
-    earlier config): `fit DIR` fits every row there together. `plan` says it too, before the run it previews."""
+    earlier config): `fit DIR` fits every row there together. `plan` says it too, before the run it previews. `config`
+    is the sweep's YAML and its overrides, repeated in the `fit` it suggests (without them it fitted another grid)."""
     others = Counter(cell.sweep for cell in scan.cells.values() if cell.sweep != sweep)
     planned = {c.cell_id for c in cells}
     earlier = sum(cell.sweep == sweep and cell_id not in planned for cell_id, cell in scan.cells.items())
@@ -318,7 +319,7 @@ def _note_rows_outside(sweep: str, config: str, cells: list[PlannedCell], scan: 
                                        f"{counted(earlier, 'row')} of '{sweep}' from cells this grid does not plan (an earlier "
                                        "config, or grid values since removed)" if earlier else "") if part)  # fmt: skip
     print(f"note: this results_dir also holds {held}; `fit`/`report` of the directory fit every row together, "
-          f"`fit {config} --planned-only` this grid alone")
+          f"`{shlex.join(['steerscale', 'fit', *config, '--planned-only'])}` this grid alone")
 
 
 def _prepare_locally(model: ModelSpec, *, progress: bool) -> None:
@@ -466,13 +467,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     _report_quarantine(scan, set_aside=True)
     if args.adaptive:
         _note_spec(spec)
-        _note_rows_outside(spec.sweep, args.config, cells, scan)
+        _note_rows_outside(spec.sweep, [args.config, *args.overrides], cells, scan)
         return _run_adaptive(args, spec, cells, store, scan, planned_at)
     todo = cells_to_run(cells, scan, force=args.force, retry_failed=args.retry_failed)
     print(count_line(spec.sweep, cells, scan, todo))
     _note_unfittable(cells)
     _note_spec(spec)
-    _note_rows_outside(spec.sweep, args.config, cells, scan)
+    _note_rows_outside(spec.sweep, [args.config, *args.overrides], cells, scan)
     running, stored = {c.cell_id for c in todo}, scan.statuses()
     waiting = sum(1 for c in cells if c.cell_id not in running and stored.get(c.cell_id) == "failed")
     if waiting:

@@ -368,19 +368,20 @@ def test_a_run_into_a_directory_holding_rows_it_does_not_plan_says_so(tmp_path, 
     store = ResultsStore(str(tmp_path / "r"))
     store.write(_row("a"))  # sweep "s"
     store.write({**_row("b"), "sweep": "mine"})
-    _note_rows_outside("mine", "mine.yaml", planned("a", "b"), store.scan())
+    _note_rows_outside("mine", ["mine.yaml"], planned("a", "b"), store.scan())
     assert "also holds rows of other sweeps: 's' (1)" in capsys.readouterr().out
-    _note_rows_outside("s", "s.yaml", planned("a", "b"), ResultsStore(str(tmp_path / "r")).scan())
+    _note_rows_outside("s", ["s.yaml"], planned("a", "b"), ResultsStore(str(tmp_path / "r")).scan())
     assert "'mine' (1)" in capsys.readouterr().out
     store.write({**_row("a"), "sweep": "mine"})
-    _note_rows_outside("mine", "mine.yaml", planned("a", "b"), store.scan())
+    _note_rows_outside("mine", ["mine.yaml"], planned("a", "b"), store.scan())
     assert capsys.readouterr().out == ""
     # the same sweep, its config changed (eval.test_size=60: every cell id new): `plan` was silent about the 2 stored rows
     # a plain `fit` would mix in with the new ones
-    _note_rows_outside("mine", "mine.yaml", planned("c", "d"), store.scan())
+    _note_rows_outside("mine", ["mine.yaml", "eval.test_size=60", "seeds=[0]"], planned("c", "d"), store.scan())
     out = capsys.readouterr().out
     assert "2 rows of 'mine' from cells this grid does not plan" in out and "other sweeps" not in out
-    assert "`fit mine.yaml --planned-only` this grid alone" in out
+    # the overrides repeated: without them the `fit` it named fitted the YAML's own grid, not this one (helper-179)
+    assert "`steerscale fit mine.yaml eval.test_size=60 'seeds=[0]' --planned-only` this grid alone" in out
 
 
 def test_plan_says_which_stored_rows_its_grid_does_not_plan(tmp_path, capsys):
