@@ -75,7 +75,9 @@ def _results_dir(given: str, overrides: list[str]) -> str:
     """A results directory or URI as given, or a sweep YAML's `results_dir` (`status configs/x.yaml` works too),
     with the `key=value` overrides it was run with."""
     if given.endswith((".yaml", ".yml")) and "://" not in given and not os.path.exists(given):
-        raise ConfigError(f"{given}: no such sweep config")
+        from orchestrator.spec import no_such_config
+
+        raise no_such_config(given)
     if overrides and not _is_sweep_yaml(given):
         raise ConfigError(f"key=value overrides ({' '.join(overrides)}) apply to a sweep YAML; {given} is a results directory")
     if _is_sweep_yaml(given):

@@ -392,13 +392,19 @@ def local_model_problem(path: Path) -> str | None:
     return None
 
 
-def sibling_hint(path: Path) -> str:
-    """' (did you mean <sibling>?)' where the directory above `path` exists and holds one of a close name; else ''."""
+def sibling_hint(path: Path, *, directories: bool = True) -> str:
+    """' (did you mean <sibling>?)' where the directory above `path` exists and holds a directory (or, without
+    `directories`, a file) of a close name; else ''."""
     parent = path.parent
     if str(parent) in ("", ".") or not parent.is_dir():
         return ""
-    close = did_you_mean(path.name, [p.name for p in parent.iterdir() if p.is_dir()])
+    close = did_you_mean(path.name, [p.name for p in parent.iterdir() if p.is_dir() == directories])
     return close.replace("'", "'" + str(parent) + "/", 1) if close else ""
+
+
+def no_such_config(path: str | Path) -> ConfigError:
+    """A sweep YAML that is not there, with the file of a close name beside it (`configs/quickstrat.yaml`)."""
+    return ConfigError(f"{path}: no such sweep config{sibling_hint(Path(path), directories=False)}")
 
 
 def ladder_revision_problem(entry: ModelEntry) -> str | None:
@@ -546,7 +552,7 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
     """Read a sweep YAML (safe_load only), apply overrides, validate (models too unless `check_models` is off)."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"{path}: no such sweep config")
+        raise no_such_config(path)
     if path.is_dir():
         raise ConfigError(f"{path}: a directory; give a sweep config (a YAML file)")
     try:

@@ -112,6 +112,8 @@ def test_bad_yaml_syntax(tmp_path):
 
 def test_missing_file(tmp_path):
     _assert_clean_error(_plan(tmp_path / "nope.yaml"), "no such sweep config")
+    (tmp_path / "quickstart.yaml").write_text("sweep: s\n")  # a mistyped name beside it is named (helper-179)
+    _assert_clean_error(_plan(tmp_path / "quickstrat.yaml"), f"no such sweep config (did you mean '{tmp_path}/quickstart.yaml'?)")
 
 
 @pytest.mark.parametrize("command", ["status", "fit", "report"])
