@@ -33,7 +33,7 @@ from analysis.io import Plan, load_rows_to_fit, mixed_pins_note, neutral_texts_o
 from analysis.methods import PROMPT_METHODS, components
 from analysis.metrics import HIGHER_IS_BETTER, ROUNDING, clip_difference, whole_percent
 from analysis.plots import adaptive_plot, budget_curves_plot, crossover_plot, frontier_plot, selectivity_plot
-from analysis.summary import Analysis, FitSummary, analyse, test_noise_note, fit_file, keeps_earlier, output_suffix, save_fits, wins_on_idle_models
+from analysis.summary import Analysis, FitSummary, analyse, fit_file, keeps_earlier, output_suffix, question_noise_note, save_fits, wins_on_idle_models
 from analysis.unchanged import MOSTLY, Unchanged, alike_method_pairs, alike_pairs, one_of_alike, unchanged_counts, unchanged_share
 
 
@@ -92,7 +92,7 @@ def _overview(a: Analysis) -> list[Block]:
            if a.bootstrap else "No intervals (--bootstrap 0).")
     )
     blocks: list[Block] = [Heading("Overview"), Paragraph(text)]
-    if a.bootstrap and (noise := test_noise_note(a)):
+    if a.bootstrap and (noise := question_noise_note(a)):
         blocks.append(Paragraph(noise))
     if a.loaded.unplanned or a.loaded.superseded or a.loaded.stale_data:
         blocks.append(Paragraph(unplanned_note(a.loaded)))
@@ -151,10 +151,9 @@ def _findings(a: Analysis) -> list[Block]:
         firm = [c for c in shared if c.share >= CI_LEVEL and not c.disputed]
         idle = sum(c.idle for c in firm)
         idle_note = f", {idle} of them between two methods that mostly left the model as it was (‡)" if idle else ""
-        distinct = len(distinct_outcomes(firm, ok))
-        repeated = len(firm) - distinct
-        repeats = (f"; {repeated} of them {'repeats' if repeated == 1 else 'repeat'} another through a method that scored alike to the "
-                   "bit (below)") if repeated else ""  # fmt: skip
+        repeated = repeated_outcomes(firm, ok)
+        repeats = (f"; {len(repeated)} of them {'repeats' if len(repeated) == 1 else 'repeat'} another through a method that scored "
+                   f"as another to the bit there: {'; '.join(repeated)}") if repeated else ""  # fmt: skip
         lines.append(f"{len(firm)} of the {len(shared)} crossover outcomes are firm ({CI_LEVEL:.0%} of the resamples agreeing, neither the "
                      f"measured means nor a law that cannot follow its cells disputing them{idle_note}{repeats}). The share is each "
                      "pair's own, not corrected for the number of pairs (composition gains are, with Holm's correction): where "
@@ -180,17 +179,27 @@ def _findings(a: Analysis) -> list[Block]:
     return [Heading("What the fits say"), *_crossover_table(a), *map(Paragraph, lines), *_unchanged_table(a.unchanged, a.loaded.ok), *map(Paragraph, after)]
 
 
-def distinct_outcomes(crossovers: list[Crossover], ok: pd.DataFrame) -> set[tuple[str, str, str, str, str]]:
-    """(task, model, steering, fine-tuning, outcome) of each crossover, a method standing for those it scored alike with
-    to the bit on that task and model (`alike_method_pairs` there, `one_of_alike`): an outcome repeated through a
-    method's copy (task_vector as full_ft on arith's s) is one finding. Pairs are judged per task and model: pooled,
-    two methods alike on one model were merged on another where they never scored alike (helper-178)."""
+def repeated_outcomes(crossovers: list[Crossover], ok: pd.DataFrame) -> list[str]:
+    """The crossovers whose outcome another of `crossovers` gives already through a method that scored as its copy, to
+    the bit, on that task and model (`alike_method_pairs` there, `one_of_alike`), each as 'task_vector as full_ft on
+    arith ladder:s': one finding, not two. Pairs are judged per task and model: pooled over every model, two methods
+    alike on some were merged on a model where they never scored alike (helper-178)."""
     stand_ins = {}
     for task, model in {(c.task, c.model) for c in crossovers}:
         cells = ok[(ok["task"] == task) & (ok["model"] == model)] if {"task", "model"} <= set(ok.columns) else ok.iloc[:0]
         stand_ins[(task, model)] = one_of_alike(alike_method_pairs(cells))
-    return {(c.task, c.model, stand_ins[(c.task, c.model)](c.steering), stand_ins[(c.task, c.model)](c.finetuning), c.outcome)
-            for c in crossovers}  # fmt: skip
+    first: dict[tuple[str, ...], Crossover] = {}
+    repeats = []
+    for c in crossovers:
+        stand_in = stand_ins[(c.task, c.model)]
+        key = (c.task, c.model, stand_in(c.steering), stand_in(c.finetuning), c.outcome)
+        if key not in first:
+            first[key] = c
+            continue
+        copies = [f"{copy} as {original}" for original, copy in ((first[key].steering, c.steering), (first[key].finetuning, c.finetuning))
+                  if copy != original]  # fmt: skip
+        repeats.append(f"{', '.join(copies)} on {c.task} {c.model}")
+    return repeats
 
 
 def _unchanged_table(unchanged: list[Unchanged], ok: pd.DataFrame) -> list[Block]:
@@ -305,8 +314,8 @@ def best_measured(task: str, stored: pd.DataFrame, metric: str) -> str:
 
 
 def _against_base(best: float, cells: pd.DataFrame, metric: str) -> str:
-    """' No method measured there did better than the base model (0.38): …' where the best did no better than the base
-    model on its own cells' test questions: "FT ahead" on such a model means fine-tuning hurt less (helper-176: on the
+    """' No method measured there did better than the base model: the best did worse than it (score 0.38 …) …' where
+    the best did no better than the base model on its own cells' test questions: "FT ahead" on such a model means fine-tuning hurt less (helper-176: on the
     quickstart's facts s every method's mean was below the base model's). '' where it did better, for a metric whose
     base is no plain base model's number (score_elicited's is the prompted base model itself), or without the column."""
     column = {"score": "score_base", "nll": "nll_base"}.get(metric)

@@ -100,7 +100,7 @@ class FitSummary:
             lines.append(f"  {unplanned_note(a.loaded)}")
         if mixed := mixed_pins_note(a.loaded.frame):
             lines.append(f"  {mixed}")
-        if a.bootstrap and (noise := test_noise_note(a)):
+        if a.bootstrap and (noise := question_noise_note(a)):
             lines.append(f"  {noise}")
         header = ("task", "method", "model", "law", "exponent", "asymptote", "n", "failed", "nan", "no N", "D=0", "holdout err", "note")
         table = [header]
@@ -180,8 +180,8 @@ def axes_text(a: Analysis) -> list[str]:
 
 
 def crossover_line(c: Crossover) -> str:
-    """One crossover as `fit` prints it: the claim, D*'s interval and the resamples' share, then what the measured
-    means dispute (after the interval, which read as the Welch interval's where it followed the dispute)."""
+    """One crossover as `fit` prints it: the claim, D*'s interval and the resamples' share, then its dispute
+    (`Crossover.disputed`; after the interval, which read as the Welch interval's where it followed the dispute)."""
     ci = f" CI {c.interval()}" if c.interval() else ""
     firm = f" (under {CI_LEVEL:.0%}: not a finding)" if c.share < CI_LEVEL else " (not a finding: disputed)" if c.disputed else ""
     agree = f", {whole_percent(c.share)}% of resamples agree{firm}{c.resampled_note()}" if np.isfinite(c.share) else c.unresampled_note()
@@ -200,7 +200,7 @@ def wins_on_idle_models(a: Analysis) -> tuple[int, int, list[str]]:
     return on_idle, len(won), sorted({law for _, _, law in won})
 
 
-def test_noise_note(a: Analysis) -> str | None:
+def question_noise_note(a: Analysis) -> str | None:
     """What the bootstrap leaves out for fits whose rows do not all store their questions' outcomes (older
     rows, a task that records none; every cell of a task is scored on the same test questions), or store
     them for test sets of different sizes (rows of two eval.test_size settings); of NLL fits, that no row stores

@@ -7,6 +7,7 @@ reported with its full path and the nearest valid key before anything runs.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -280,8 +281,10 @@ def own_code_unrun(spec: SweepSpec) -> list[str]:
         except (OSError, ValueError):
             continue  # the load says what is wrong with the file
         if isinstance(read, dict) and read.get("auto_map"):
-            instead = (f"its weights load into transformers' own {read['model_type']!r} class instead" if _known_model_type(read.get("model_type"))
-                       else f"its model_type {read.get('model_type')!r} is none transformers knows, so without that code it does not load at all")  # fmt: skip
+            model_type = read.get("model_type")
+            instead = (f"its weights load into transformers' own {model_type!r} class instead" if _known_model_type(model_type)
+                       else f"its model_type {model_type!r} is none transformers knows, so without that code it does not load at all"
+                       if model_type else "it names no model_type, so without that code it does not load at all")  # fmt: skip
             notes.append(f"{model.id}'s config.json names code of its own (auto_map), which runs only with `trust_remote_code: "
                          f"true` on its entry: {instead}")  # fmt: skip
     return notes
@@ -398,7 +401,12 @@ def sibling_hint(path: Path, *, directories: bool = True) -> str:
     parent = path.parent
     if str(parent) in ("", ".") or not parent.is_dir():
         return ""
-    close = did_you_mean(path.name, [p.name for p in parent.iterdir() if p.is_dir() == directories])
+    if directories:
+        close = did_you_mean(path.name, [p.name for p in parent.iterdir() if p.is_dir()])
+    else:  # files by their stems, of the same kind: `.yaml` alone made `full.yaml` "close" to `quickstart.yaml`
+        stems = {p.stem: p.name for p in parent.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml")}
+        found = difflib.get_close_matches(path.stem, sorted(stems), n=1, cutoff=0.5)  # did_you_mean's rule, on the stems
+        close = f" (did you mean '{stems[found[0]]}'?)" if found else ""
     return close.replace("'", "'" + str(parent) + "/", 1) if close else ""
 
 
@@ -574,12 +582,33 @@ def load_spec(path: str | Path, overrides: list[str] = (), *, check_models: bool
     if data.get("results_dir") is None:  # left out, or written with nothing after it
         data["results_dir"] = f"results/{data.get('sweep', '<sweep>')}"  # without a sweep, that one error says it
     try:
-        spec = validate_config(SweepSpec, data)
+        try:
+            spec = validate_config(SweepSpec, data)
+        except ConfigError as err:  # the methods' own keys are checked after the sweep's: said in the same message
+            said = str(err).splitlines()
+            keys = {line.split(":")[0] for line in said}  # a method the sweep's own check named already is not named twice
+            more = [line for line in _method_problems(data.get("methods"))
+                    if not any(key == said_key or key.startswith(said_key + ".") for said_key in keys for key in [line.split(":")[0]])]  # fmt: skip
+            raise ConfigError("\n".join([*said, *more])) from None
         check_names(spec, models=check_models)
         check_results_dir(spec.results_dir, os.getcwd())
     except ConfigError as err:
         raise in_config(err, path, overrides) from None
     return spec
+
+
+def _method_problems(methods: object) -> list[str]:
+    """Each method config's problems where the sweep's own fields failed validation, so that a typo in `eval` and one in
+    `methods.lora` come in one message, not one after the other's fix (helper-179)."""
+    problems = []
+    for name, settings in methods.items() if isinstance(methods, dict) else ():
+        try:
+            resolve_config(name, {} if settings is None else settings, f"methods.{name}")
+        except UnknownNameError as err:
+            problems.append(f"methods.{name}: {err}")
+        except (ConfigError, TypeError, ValueError) as err:
+            problems.extend(str(err).splitlines())
+    return problems
 
 
 def in_config(err: ConfigError, path: str | Path, overrides: Sequence[str]) -> ConfigError:

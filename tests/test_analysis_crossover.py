@@ -681,6 +681,7 @@ def test_firm_outcomes_repeated_through_a_methods_copy_are_counted_once() -> Non
                         loaded=SimpleNamespace(ok=ok, frame=ok.iloc[:0]), bootstrap=200, axes=SimpleNamespace(best=None))  # fmt: skip
     text = " ".join(b.text for b in _findings(a) if hasattr(b, "text"))
     assert ("8 of the 12 crossover outcomes are firm (95% of the resamples agreeing, neither the measured means nor a law that "
-            "cannot follow its cells disputing them; 3 of them repeat another through a method that scored alike to the bit "
-            "(below))") in text, text  # m0–m2's pairs once each; m3's two are two findings
+            "cannot follow its cells disputing them; 3 of them repeat another through a method that scored as another to the "
+            "bit there: task_vector as full_ft on t m0; task_vector as full_ft on t m1; task_vector as full_ft on t m2)") in text, text
+    # m0–m2's pairs once each; m3's two are two findings
     assert "full_ft and task_vector in 12 of the 24 cells both measured" in text, text

@@ -469,7 +469,7 @@ def test_the_selectivity_table_says_a_prompt_methods_neutral_kl_is_its_contexts(
         assert caveats[0].startswith(f"{said}: the neutral text is read after the demonstrations"), caveats
 
 
-def test_the_overview_is_short_and_how_intervals_are_drawn_is_at_the_end(tmp_path: Path) -> None:
+def test_the_overview_is_short_and_how_intervals_are_drawn_comes_before_the_plots(tmp_path: Path) -> None:
     """The overview's first paragraph was 1,600 characters on how the bootstrap draws: a reader's first sight."""
     rows = synthetic_rows({("facts", "steer_mean", "m1"): STEER, ("facts", "lora", "m1"): TUNE}, {"m1": 1_000_000}, BUDGETS,
                           seeds=2, noise=0.01, rng=np.random.default_rng(0))  # fmt: skip

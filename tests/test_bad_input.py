@@ -110,10 +110,31 @@ def test_bad_yaml_syntax(tmp_path):
     _assert_clean_error(_plan(path), "not valid YAML")
 
 
+def test_a_typo_in_a_method_and_one_in_the_sweep_come_in_one_message(write_sweep):
+    """`eval.tset_size` and `methods.lora.rnak`: the method's was said only once the sweep's was fixed (helper-179); a
+    method the sweep's own check names already (a settings value that is no mapping) is not named twice."""
+    from orchestrator.spec import load_spec
+    from workers.config import ConfigError
+
+    sweep = {"sweep": "s", "models": ["ladder:xs"], "tasks": ["facts"], "budgets": [4], "eval": {"tset_size": 3}}
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep({**sweep, "methods": {"lora": {"rnak": 4}, "base": {}}}))
+    lines = str(err.value).splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == ["eval.tset_size", "methods.lora.rnak"], lines
+    assert "(did you mean 'rank'?)" in lines[1]
+    with pytest.raises(ConfigError) as err:
+        load_spec(write_sweep({**sweep, "methods": {"lora": 5, "steer_men": {}}}))
+    keys = [line.split(":")[0] for line in str(err.value).splitlines()[1:]]
+    assert sorted(keys) == ["eval.tset_size", "methods.lora", "methods.steer_men"], keys
+
+
 def test_missing_file(tmp_path):
     _assert_clean_error(_plan(tmp_path / "nope.yaml"), "no such sweep config")
     (tmp_path / "quickstart.yaml").write_text("sweep: s\n")  # a mistyped name beside it is named (helper-179)
     _assert_clean_error(_plan(tmp_path / "quickstrat.yaml"), f"no such sweep config (did you mean '{tmp_path}/quickstart.yaml'?)")
+    from orchestrator.spec import no_such_config
+
+    assert str(no_such_config(tmp_path / "full.yaml")).endswith("no such sweep config")  # `.yaml` alone is no likeness (helper-180)
 
 
 @pytest.mark.parametrize("command", ["status", "fit", "report"])

@@ -100,7 +100,7 @@ def test_a_local_model_naming_code_of_its_own_is_noted_unless_its_entry_runs_it(
     assert own_code_unrun(load_spec(write_sweep({**BASE, "models": [{"id": str(model), "trust_remote_code": True}]}))) == []
     (model / "config.json").write_text(json.dumps({"auto_map": {"AutoModelForCausalLM": "modeling_mine.Mine"}}))
     (note,) = own_code_unrun(load_spec(write_sweep({**BASE, "models": [{"id": str(model)}]})))
-    assert note.endswith("on its entry: its model_type None is none transformers knows, so without that code it does not load at all")
+    assert note.endswith("on its entry: it names no model_type, so without that code it does not load at all")
     (model / "config.json").write_text(json.dumps({"model_type": "mine_custom", "auto_map": {"AutoModelForCausalLM": "modeling_mine.Mine"}}))
     (note,) = own_code_unrun(load_spec(write_sweep({**BASE, "models": [{"id": str(model)}]})))
     assert note.endswith("its model_type 'mine_custom' is none transformers knows, so without that code it does not load at all")
