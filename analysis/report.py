@@ -110,8 +110,8 @@ def _intervals(a: Analysis) -> list[Block]:
         return []
     return [Heading("How the intervals are drawn"), Paragraph(
         "Each resample redraws the cells within each budget (each (N, D) for the joint laws). Where the questions are not "
-        "redrawn (the overview names such fits), each resample's values spread about their point's mean by √(n/(n − 1)) for n seeds, so that they "
-        "vary as much as n new seeds would (with 2 seeds a point, simulated 95 % intervals still covered the truth only "
+        "redrawn (the overview names such fits), each resample's values spread about their point's mean by √(n/(n − 1)) for "
+        "n seeds, so that they vary as much as n new seeds would (with 2 seeds a point, simulated 95 % intervals still covered the truth only "
         "82–91 % of the time); a point measured once moves by a seed deviation drawn from the other points', and a curve "
         "with too few seeds to lend is redrawn as a whole (one seed at each of 4 budgets: a resample then loses a budget 9 "
         "times in 10, and in simulations the exponent's intervals covered the truth 77–86 % of the time, 97–100 % at 7 "
@@ -212,8 +212,8 @@ def _unchanged_table(unchanged: list[Unchanged], ok: pd.DataFrame) -> list[Block
     rows = [(u.task, u.method, *(next((f"{n} of {total}" for m, n, total in u.by_model if m == model), "") for model in models))
             for u in unchanged]  # fmt: skip
     return [Paragraph(f"Where a method left the model as it was (its test NLL the base model's to the bit: it chose, or was set, "
-                      f"to do nothing) in {MOSTLY:.0%} or more of its cells on a model (positive budgets), the table counts them: there its curve is the base model's, and a lead it holds is the other method's "
-                      "shortfall against doing nothing."),
+                      f"to do nothing) in {MOSTLY:.0%} or more of its cells on a model (positive budgets), the table counts them: "
+                      "there its curve is the base model's, and a lead it holds is the other method's shortfall against doing nothing."),
             Table(("task", "method", *models), rows)]  # fmt: skip
 
 
@@ -315,9 +315,10 @@ def best_measured(task: str, stored: pd.DataFrame, metric: str) -> str:
 
 def _against_base(best: float, cells: pd.DataFrame, metric: str) -> str:
     """' No method measured there did better than the base model: the best did worse than it (score 0.38 …) …' where
-    the best did no better than the base model on its own cells' test questions: "FT ahead" on such a model means fine-tuning hurt less (helper-176: on the
-    quickstart's facts s every method's mean was below the base model's). '' where it did better, for a metric whose
-    base is no plain base model's number (score_elicited's is the prompted base model itself), or without the column."""
+    the best did no better than the base model on its own cells' test questions: "FT ahead" on such a model means
+    fine-tuning hurt less (helper-176: on the quickstart's facts s every method's mean was below the base model's). ''
+    where it did better, for a metric whose base is no plain base model's number (score_elicited's is the prompted base
+    model itself), or without the column."""
     column = {"score": "score_base", "nll": "nll_base"}.get(metric)
     base = pd.to_numeric(cells[column], errors="coerce").mean() if column in cells else np.nan
     if not np.isfinite(base) or (not _level(best, base) and (best > base) == HIGHER_IS_BETTER[metric]):

@@ -79,8 +79,8 @@ def test_fits_json_text_and_report_carry_the_comparison(by_capability: analysis.
     assert "most wins: x = neutral_loss" in text and "additive[neutral_loss]" in text
     # a joint law's resamples keep its models: its "95 %" intervals leave their scatter out, and the header says so
     assert text.splitlines()[0].endswith(f"N = neutral_loss in the joint laws, {by_capability.analysis.bootstrap} resamples, "
-                                         "95% bootstrap CIs (a joint law's resamples redraw seeds and "
-                                         "questions, not its models: narrower than its uncertainty across models)")
+                                         "95% bootstrap CIs (a joint law's resamples redraw its cells, not its models: "
+                                         "narrower than its uncertainty across models)")
     page = analysis.write_report(str(results), bootstrap=10, x="task_score").report_page
     markdown = page.with_name("report.md").read_text()
     assert "## Capability as the x-axis" in markdown and "Most wins: `neutral_loss` (not a verdict; below)." in markdown
